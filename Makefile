@@ -1,0 +1,24 @@
+# The two entry points of the README. Everything else is plain CMake:
+#   cmake -S . -B build && cmake --build build && ctest --test-dir build
+BUILD ?= build
+JOBS ?= $(shell nproc)
+CMAKE_ARGS ?=
+GENERATOR := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
+
+.PHONY: run test build deps clean
+
+run: build
+	./$(BUILD)/flashgpt bench attention --device cpu --out results/attention_cpu
+
+test: build
+	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
+
+build: deps
+	@[ -f $(BUILD)/CMakeCache.txt ] || cmake -S . -B $(BUILD) $(GENERATOR) $(CMAKE_ARGS)
+	cmake --build $(BUILD) -j $(JOBS)
+
+deps:
+	@./scripts/install-deps.sh
+
+clean:
+	rm -rf $(BUILD)

@@ -1,0 +1,15 @@
+# Required dependencies come from Debian packages (scripts/install-deps.sh installs them).
+# Optional ones switch features on where present; the GPU machine lacks several of them.
+find_package(fmt REQUIRED)
+find_package(nlohmann_json 3.10 REQUIRED)
+find_package(CLI11 CONFIG REQUIRED)
+find_package(OpenMP REQUIRED COMPONENTS CXX)
+find_package(Threads REQUIRED)
+
+find_package(ZLIB)
+find_package(LibLZMA)
+find_package(BLAS)
+find_package(PkgConfig)
+if(PkgConfig_FOUND)
+  pkg_check_modules(PCRE2 IMPORTED_TARGET libpcre2-8)
+endif()

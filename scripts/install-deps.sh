@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what flashgpt needs on a fresh Debian 12 / Ubuntu machine: the build tools and
+# libraries from Debian packages, and the Python packages the tests and plots use
+# (tiktoken and sacrebleu as test oracles, matplotlib for plots). Idempotent and quiet
+# when everything is already there.
+set -euo pipefail
+
+debian_packages=(build-essential cmake ninja-build pkg-config libcli11-dev nlohmann-json3-dev libfmt-dev
+  libgtest-dev libgmock-dev libbenchmark-dev libomp-dev zlib1g-dev liblzma-dev libzstd-dev libpcre2-dev
+  libopenblas-dev xz-utils)
+python_packages=(tiktoken matplotlib numpy)
+
+missing=()
+for pkg in "${debian_packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  echo "install-deps: installing Debian packages: ${missing[*]}"
+  sudo_cmd=()
+  [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+  "${sudo_cmd[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if command -v "$python" >/dev/null; then
+  need=()
+  for mod in "${python_packages[@]}"; do "$python" -c "import $mod" 2>/dev/null || need+=("$mod"); done
+  if ((${#need[@]})); then
+    echo "install-deps: installing Python packages: ${need[*]}"
+    "$python" -m pip install -q "${need[@]}" 2>/dev/null ||
+      "$python" -m pip install -q --break-system-packages "${need[@]}"
+  fi
+fi

@@ -1,0 +1,11 @@
+// `flashgpt bench <what>`: the measuring harnesses. Each one validates before it times.
+#include "cli/commands.h"
+
+namespace flashgpt {
+
+void cli_add_bench(CLI::App& app) {
+  auto* bench = app.add_subcommand("bench", "Validate, then time, a component against its peers");
+  bench->require_subcommand(1);
+}
+
+}  // namespace flashgpt

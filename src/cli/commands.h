@@ -1,0 +1,12 @@
+// Each subcommand registers itself on the root app from its own file; main() lists them.
+// A subcommand owns one config struct filled by its option table and prints it at start.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+namespace flashgpt {
+
+void cli_add_version(CLI::App& app);
+void cli_add_bench(CLI::App& app);
+
+}  // namespace flashgpt

@@ -1,0 +1,28 @@
+#include "cli/commands.h"
+
+#include <flashgpt/error.h>
+
+#include <fmt/core.h>
+
+#include <cstdio>
+#include <exception>
+
+int main(int argc, char** argv) {
+  CLI::App app{"flashgpt: exact FlashAttention, a tiktoken-compatible tokenizer and GPT training"};
+  app.require_subcommand(1);
+  app.fallthrough();
+  flashgpt::cli_add_version(app);
+  flashgpt::cli_add_bench(app);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  } catch (const flashgpt::Error& e) {
+    fmt::print(stderr, "flashgpt: error: {}\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "flashgpt: unexpected error: {}\n", e.what());
+    return 1;
+  }
+  return 0;
+}
