@@ -1,0 +1,76 @@
+// A byte-level BPE tokenizer that reproduces tiktoken's encodings exactly
+// (r50k_base, cl100k_base, o200k_base).
+//
+// This header is the contract the data pipeline and generation code are written
+// against; the tokenizer component implements it (and may add to it).
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace flashgpt {
+
+using TokenId = uint32_t;
+
+// Which special tokens may appear in text given to encode(), with tiktoken's semantics:
+// allowed ones are encoded as their special id; a disallowed one found in the text is an
+// error naming it; the rest are encoded as ordinary text.
+struct SpecialTokenPolicy {
+  bool allow_all = false;
+  std::vector<std::string> allowed;     // used when allow_all is false
+  bool disallow_all_others = true;      // tiktoken's default disallowed_special="all"
+};
+
+enum class InvalidUtf8 { error, replace };  // replace: as bytes.decode(errors="replace")
+
+class Tokenizer {
+ public:
+  // Loads ENCODING.tiktoken and ENCODING.meta.json from `vocab_dir` (or, when empty,
+  // from FLASHGPT_TOKENIZER_DIR), verifying the rank file's sha256.
+  static Tokenizer load(std::string_view encoding_name, const std::filesystem::path& vocab_dir = {});
+
+  const std::string& name() const;
+  size_t vocab_size() const;  // max id + 1, specials included (the model's vocabulary)
+  std::optional<TokenId> special_token(std::string_view text) const;
+  TokenId end_of_text() const;  // <|endoftext|>
+
+  std::vector<TokenId> encode_ordinary(std::string_view text, InvalidUtf8 invalid = InvalidUtf8::error) const;
+  std::vector<TokenId> encode(std::string_view text, const SpecialTokenPolicy& policy = {},
+                              InvalidUtf8 invalid = InvalidUtf8::error) const;
+  // encode_ordinary over many documents on `threads` workers (0: all cores); the result
+  // is in input order and independent of the thread count.
+  std::vector<std::vector<TokenId>> encode_ordinary_batch(std::span<const std::string_view> texts,
+                                                          int threads = 0) const;
+  std::string decode(std::span<const TokenId> tokens) const;  // raw bytes, may be invalid UTF-8
+
+  Tokenizer(Tokenizer&&) noexcept;
+  Tokenizer& operator=(Tokenizer&&) noexcept;
+  ~Tokenizer();
+
+  struct Impl;
+
+ private:
+  explicit Tokenizer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// Turns a stream of ids into text for generation: emits only complete UTF-8 characters
+// and holds back an incomplete tail until the ids that complete it arrive.
+class StreamingDecoder {
+ public:
+  explicit StreamingDecoder(const Tokenizer& tokenizer);
+  std::string push(TokenId token);  // the newly completed text, possibly empty
+  std::string finish();             // whatever is held back, invalid bytes as U+FFFD
+
+ private:
+  const Tokenizer* tokenizer_;
+  std::string pending_;
+};
+
+}  // namespace flashgpt
