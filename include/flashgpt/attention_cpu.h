@@ -26,8 +26,8 @@ enum class CpuTileRule {
   // The paper's Algorithm 1: Bc = ceil(M / 4d), Br = min(Bc, d). Because Br stops at d, the
   // number of passes over K and V, and so the IO, stops falling once M > 4 d^2.
   paper,
-  // Br as large as the budget allows with a short Bc (<= 32): Q_i and O_i (2 Br d), K_j and
-  // V_j (2 Bc d) and the S row block (Br Bc) fit in M. The passes over K, V fall as
+  // Br as large as the budget allows with a short Bc = min(ceil(M / 16d), 32): Q_i and O_i
+  // (2 Br d), K_j and V_j (2 Bc d) and the S row block (Br Bc) fit in M. The passes over K, V fall as
   // N / Br = Theta(N d / M) for every M, the paper's Theta(N^2 d^2 / M) bound.
   max_rows,
 };

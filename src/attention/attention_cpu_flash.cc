@@ -44,8 +44,10 @@ using attention_cpu::CpuSequence;
 using attention_cpu::StridedTensor;
 
 // The max_rows rule keeps Bc short: the inner loops run over head_dim, so a long Bc buys
-// nothing on the CPU, and every float it takes from the budget is a query row fewer.
+// nothing on the CPU, and every float it takes from the budget is a query row fewer. K_j
+// and V_j get at most an eighth of M, and never more than 32 keys.
 constexpr int64_t kMaxRowsBlockCols = 32;
+constexpr int64_t kMaxRowsKvShare = 16;  // Bc = ceil(M / 16 d): 2 Bc d <= M / 8
 // Tiles larger than this only waste memory: no CPU cache is that big.
 constexpr int64_t kMaxBlock = 1 << 16;
 
@@ -345,7 +347,7 @@ CpuTileShape attention_cpu_tile_shape(const CpuTiling& tiling, int head_dim) {
       block_rows = std::min(block_cols, d);
       break;
     case CpuTileRule::max_rows:
-      block_cols = std::min(block_cols, kMaxRowsBlockCols);
+      block_cols = std::min(ceil_div(m, kMaxRowsKvShare * d), kMaxRowsBlockCols);
       // Q_i, O_i (2 Br d) + K_j, V_j (2 Bc d) + the S row block (Br Bc) <= M.
       block_rows = std::max<int64_t>(1, (m - 2 * block_cols * d) / (2 * d + block_cols));
       break;
