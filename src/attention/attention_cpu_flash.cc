@@ -50,6 +50,8 @@ constexpr int64_t kMaxRowsBlockCols = 32;
 constexpr int64_t kMaxRowsKvShare = 16;  // Bc = ceil(M / 16 d): 2 Bc d <= M / 8
 // Tiles larger than this only waste memory: no CPU cache is that big.
 constexpr int64_t kMaxBlock = 1 << 16;
+// Every supported head_dim (32, 64, 96, 128, 256) is a multiple of this unroll factor.
+constexpr int kHeadDimStep = 4;
 
 float dot(const float* __restrict a, const float* __restrict b, int n) {
   float acc = 0.0f;
@@ -69,6 +71,67 @@ void tile_load(const StridedTensor<const float>& src, const CpuSequence& seq, in
                int d, float* tile, bool keys) {
   const int64_t first = (keys ? seq.k_row0 : seq.q_row0) + row0;
   for (int r = 0; r < rows; ++r) std::memcpy(tile + int64_t{r} * d, src.at(seq.batch, first + r, head), sizeof(float) * d);
+}
+
+// Rows [row0, row0 + rows) of one head of `src` into a (D, ld) tile, transposed.
+void tile_load_transposed(const StridedTensor<const float>& src, const CpuSequence& seq, int64_t row0, int head,
+                          int rows, int d, int ld, float* tile) {
+  for (int r = 0; r < rows; ++r) {
+    const float* in = src.at(seq.batch, seq.k_row0 + row0 + r, head);
+    for (int x = 0; x < d; ++x) tile[int64_t{x} * ld + r] = in[x];
+  }
+}
+
+// s[c] = scale * q . K_j[c] for c in [0, end), from the transposed tile: vectorizes over c
+// with no horizontal sum per score.
+void score_row(const float* __restrict q_row, const float* __restrict k_t, int ld, int end, int d, float scale,
+               float* __restrict s) {
+  static_assert(kHeadDimStep == 4, "score_row unrolls head_dim by 4");
+  std::fill(s, s + end, 0.0f);
+  // Four head_dim columns per pass: one load and store of s per four multiply-adds.
+  for (int x = 0; x < d; x += kHeadDimStep) {
+    const float q0 = scale * q_row[x], q1 = scale * q_row[x + 1], q2 = scale * q_row[x + 2],
+                q3 = scale * q_row[x + 3];
+    const float* __restrict k0 = k_t + int64_t{x} * ld;
+    const float* __restrict k1 = k0 + ld;
+    const float* __restrict k2 = k1 + ld;
+    const float* __restrict k3 = k2 + ld;
+#pragma omp simd
+    for (int c = 0; c < end; ++c) s[c] += q0 * k0[c] + q1 * k1[c] + q2 * k2[c] + q3 * k3[c];
+  }
+}
+
+// o += sum_c p[c] V_j[c] for c in [0, end), four keys per pass over o.
+void accumulate_pv(const float* __restrict p, const float* __restrict v, int end, int d, float* __restrict o) {
+  int c = 0;
+  for (; c + 4 <= end; c += 4) {
+    const float* __restrict v0 = v + int64_t{c} * d;
+    const float* __restrict v1 = v0 + d;
+    const float* __restrict v2 = v1 + d;
+    const float* __restrict v3 = v2 + d;
+    const float p0 = p[c], p1 = p[c + 1], p2 = p[c + 2], p3 = p[c + 3];
+#pragma omp simd
+    for (int x = 0; x < d; ++x) o[x] += p0 * v0[x] + p1 * v1[x] + p2 * v2[x] + p3 * v3[x];
+  }
+  for (; c < end; ++c) axpy(p[c], v + int64_t{c} * d, o, d);
+}
+
+// out += sum_r coef[r * coef_stride] rows[r] over `count` rows of length d: a column of a
+// (count, Bc) tile times a (count, D) tile, four rows per pass over out.
+void accumulate_rows(const float* coef, int64_t coef_stride, const float* __restrict rows, int count, int d,
+                     float* __restrict out) {
+  int r = 0;
+  for (; r + 4 <= count; r += 4) {
+    const float c0 = coef[r * coef_stride], c1 = coef[(r + 1) * coef_stride], c2 = coef[(r + 2) * coef_stride],
+                c3 = coef[(r + 3) * coef_stride];
+    const float* __restrict r0 = rows + int64_t{r} * d;
+    const float* __restrict r1 = r0 + d;
+    const float* __restrict r2 = r1 + d;
+    const float* __restrict r3 = r2 + d;
+#pragma omp simd
+    for (int x = 0; x < d; ++x) out[x] += c0 * r0[x] + c1 * r1[x] + c2 * r2[x] + c3 * r3[x];
+  }
+  for (; r < count; ++r) axpy(coef[r * coef_stride], rows + int64_t{r} * d, out, d);
 }
 
 // scale * a contiguous (rows, D) tile into rows [row0, row0 + rows) of one head of `dst`.
@@ -91,7 +154,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct ForwardTiles {
   float* q;        // (Br, D)
   float* o;        // (Br, D): O_i before the division by l
-  float* k;        // (Bc, D)
+  float* k_t;      // (D, Bc): K_j transposed, so that a row of S is d vectorizable passes over Bc
   float* v;        // (Bc, D)
   float* s;        // (Bc): one row of S, then of exp(S - m')
   float* mult;     // (Bc): that row's dropout multipliers
@@ -103,31 +166,36 @@ struct ForwardTiles {
   }
   ForwardTiles(float* base, CpuTileShape t, int d) {
     const int64_t rd = int64_t{t.block_rows} * d, cd = int64_t{t.block_cols} * d;
-    q = base, o = q + rd, k = o + rd, v = k + cd, s = v + cd, mult = s + t.block_cols;
+    q = base, o = q + rd, k_t = o + rd, v = k_t + cd, s = v + cd, mult = s + t.block_cols;
     row_max = mult + t.block_cols, row_sum = row_max + t.block_rows;
   }
 };
 
-// One thread's on-chip buffers for the backward passes (A uses k..dv, q, d_o; B adds dq).
+// One thread's on-chip buffers for the backward passes: pass A uses all but dq and k,
+// pass B all but dk and dv.
 struct BackwardTiles {
   float* q;     // (Br, D)
   float* d_o;   // (Br, D)
   float* dq;    // (Br, D)
-  float* k;     // (Bc, D)
-  float* v;     // (Bc, D)
+  float* k;     // (Bc, D): for dQ_i += dS K_j
+  float* k_t;   // (D, Bc): K_j transposed, for rows of S
+  float* v_t;   // (D, Bc): V_j transposed, for rows of dP = dO V^T
   float* dk;    // (Bc, D)
   float* dv;    // (Bc, D)
   float* lse;   // (Br)
   float* dsum;  // (Br): D_i
-  float* mult;  // (Bc)
+  float* mult;  // (Bc): one row's dropout multipliers
+  float* p;     // (Br, Bc): dropout(P); pass B uses only its first row
+  float* ds;    // (Br, Bc): dS; pass B uses only its first row
   static int64_t floats(CpuTileShape t, int d) {
-    return 3 * int64_t{t.block_rows} * d + 4 * int64_t{t.block_cols} * d + 2 * int64_t{t.block_rows} +
-           int64_t{t.block_cols};
+    return 3 * int64_t{t.block_rows} * d + 5 * int64_t{t.block_cols} * d + 2 * int64_t{t.block_rows} +
+           int64_t{t.block_cols} + 2 * int64_t{t.block_rows} * t.block_cols;
   }
   BackwardTiles(float* base, CpuTileShape t, int d) {
     const int64_t rd = int64_t{t.block_rows} * d, cd = int64_t{t.block_cols} * d;
-    q = base, d_o = q + rd, dq = d_o + rd, k = dq + rd, v = k + cd, dk = v + cd, dv = dk + cd;
-    lse = dv + cd, dsum = lse + t.block_rows, mult = dsum + t.block_rows;
+    q = base, d_o = q + rd, dq = d_o + rd, k = dq + rd, k_t = k + cd, v_t = k_t + cd, dk = v_t + cd, dv = dk + cd;
+    lse = dv + cd, dsum = lse + t.block_rows, mult = dsum + t.block_rows, p = mult + t.block_cols;
+    ds = p + int64_t{t.block_rows} * t.block_cols;
   }
 };
 
@@ -179,7 +247,7 @@ void flash_forward_row_block(const FlashProblem& f, const CpuSequence& seq, int 
   const int col_end = seq.key_end(i0 + rows - 1);  // the last row sees the most keys
   for (int j0 = 0; j0 < col_end; j0 += f.tile.block_cols) {
     const int cols = std::min(f.tile.block_cols, col_end - j0);
-    tile_load(f.t.k, seq, j0, head_kv, cols, d, tl.k, kKeys);
+    tile_load_transposed(f.t.k, seq, j0, head_kv, cols, d, f.tile.block_cols, tl.k_t);
     tile_load(f.t.v, seq, j0, head_kv, cols, d, tl.v, kKeys);
     io.read += 2 * uint64_t(cols) * d;
     for (int r = 0; r < rows; ++r) {
@@ -187,11 +255,9 @@ void flash_forward_row_block(const FlashProblem& f, const CpuSequence& seq, int 
       if (end == 0) continue;
       const float* q_row = tl.q + int64_t{r} * d;
       float* o_row = tl.o + int64_t{r} * d;
+      score_row(q_row, tl.k_t, f.tile.block_cols, end, d, f.scale, tl.s);
       float block_max = -std::numeric_limits<float>::infinity();
-      for (int c = 0; c < end; ++c) {
-        tl.s[c] = f.scale * dot(q_row, tl.k + int64_t{c} * d, d);
-        block_max = std::max(block_max, tl.s[c]);
-      }
+      for (int c = 0; c < end; ++c) block_max = std::max(block_max, tl.s[c]);
       const float new_max = std::max(tl.row_max[r], block_max);
       const float rescale = std::exp(tl.row_max[r] - new_max);  // 0 on the first block: m = -inf
       float block_sum = 0.0f;
@@ -206,9 +272,7 @@ void flash_forward_row_block(const FlashProblem& f, const CpuSequence& seq, int 
         for (int c = 0; c < end; ++c) tl.s[c] *= tl.mult[c];
       }
       for (int x = 0; x < d; ++x) o_row[x] *= rescale;
-      for (int c = 0; c < end; ++c) {
-        if (tl.s[c] != 0.0f) axpy(tl.s[c], tl.v + int64_t{c} * d, o_row, d);
-      }
+      accumulate_pv(tl.s, tl.v, end, d, o_row);
     }
   }
 
@@ -229,21 +293,27 @@ void flash_forward_row_block(const FlashProblem& f, const CpuSequence& seq, int 
 
 // ---- backward ------------------------------------------------------------------------
 
-// The backward's per-element core: given the row's tiles, adds its dS (and what else the
-// caller wants) for keys [0, end) of the loaded column block. Returns nothing; `emit` gets
-// (c, p_dropped, ds) for every visible key.
-template <typename Emit>
-void flash_backward_row(const FlashProblem& f, const BackwardTiles& tl, int r, int end, int64_t batch_head,
-                        int64_t row, int j0, Emit&& emit) {
-  const int d = f.d;
-  const float* q_row = tl.q + int64_t{r} * d;
-  const float* do_row = tl.d_o + int64_t{r} * d;
-  if (f.drop.enabled) attention_cpu::dropout_row_multipliers(f.drop, batch_head, row, j0, j0 + end, tl.mult);
-  for (int c = 0; c < end; ++c) {
-    const float prob = std::exp(f.scale * dot(q_row, tl.k + int64_t{c} * d, d) - tl.lse[r]);
-    const float mult = f.drop.enabled ? tl.mult[c] : 1.0f;
-    const float dp = mult * dot(do_row, tl.v + int64_t{c} * d, d);  // dP~
-    emit(c, prob * mult, prob * (dp - tl.dsum[r]));
+// One row of the backward for keys [0, end) of the loaded column block: recomputes
+// P = exp(S - LSE) and fills p_out with dropout(P) and ds_out with dS = P (dP~ - D_i).
+void flash_backward_row(const FlashProblem& f, BackwardTiles& tl, int r, int end, int64_t batch_head, int64_t row,
+                        int j0, float* __restrict p_out, float* __restrict ds_out) {
+  const int d = f.d, ld = f.tile.block_cols;
+  score_row(tl.q + int64_t{r} * d, tl.k_t, ld, end, d, f.scale, p_out);  // S
+  score_row(tl.d_o + int64_t{r} * d, tl.v_t, ld, end, d, 1.0f, ds_out);  // dP = dO V^T
+  const float lse = tl.lse[r], dsum = tl.dsum[r];
+  if (f.drop.enabled) {
+    attention_cpu::dropout_row_multipliers(f.drop, batch_head, row, j0, j0 + end, tl.mult);
+    for (int c = 0; c < end; ++c) {
+      const float prob = std::exp(p_out[c] - lse);
+      ds_out[c] = prob * (tl.mult[c] * ds_out[c] - dsum);
+      p_out[c] = prob * tl.mult[c];
+    }
+  } else {
+    for (int c = 0; c < end; ++c) {
+      const float prob = std::exp(p_out[c] - lse);
+      ds_out[c] = prob * (ds_out[c] - dsum);
+      p_out[c] = prob;
+    }
   }
 }
 
@@ -265,8 +335,8 @@ void flash_backward_col_block(const FlashProblem& f, const CpuSequence& seq, int
                               const float* dsum, BackwardTiles& tl, IoTally& io) {
   const int d = f.d;
   const int cols = std::min(f.tile.block_cols, seq.len_k - j0);
-  tile_load(f.t.k, seq, j0, head_kv, cols, d, tl.k, kKeys);
-  tile_load(f.t.v, seq, j0, head_kv, cols, d, tl.v, kKeys);
+  tile_load_transposed(f.t.k, seq, j0, head_kv, cols, d, f.tile.block_cols, tl.k_t);
+  tile_load_transposed(f.t.v, seq, j0, head_kv, cols, d, f.tile.block_cols, tl.v_t);
   io.read += 2 * uint64_t(cols) * d;
   std::fill(tl.dk, tl.dk + int64_t{cols} * d, 0.0f);
   std::fill(tl.dv, tl.dv + int64_t{cols} * d, 0.0f);
@@ -276,15 +346,20 @@ void flash_backward_col_block(const FlashProblem& f, const CpuSequence& seq, int
     for (int i0 = first_row - first_row % f.tile.block_rows; i0 < seq.len_q; i0 += f.tile.block_rows) {
       const int rows = std::min(f.tile.block_rows, seq.len_q - i0);
       flash_backward_load_rows(f, seq, h, i0, rows, dsum, tl, io);
+      // The (Br, Bc) tiles of dropout(P) and dS, zero where masked, then
+      // dV_j += dropout(P)^T dO_i and dK_j += dS^T Q_i, key by key.
+      const int64_t ld = f.tile.block_cols;
       for (int r = 0; r < rows; ++r) {
         const int end = std::clamp(seq.key_end(i0 + r) - j0, 0, cols);
-        if (end == 0) continue;
-        const float* q_row = tl.q + int64_t{r} * d;
-        const float* do_row = tl.d_o + int64_t{r} * d;
-        flash_backward_row(f, tl, r, end, batch_head, i0 + r, j0, [&](int c, float p_dropped, float ds) {
-          if (p_dropped != 0.0f) axpy(p_dropped, do_row, tl.dv + int64_t{c} * d, d);
-          axpy(ds, q_row, tl.dk + int64_t{c} * d, d);
-        });
+        float* p_row = tl.p + r * ld;
+        float* ds_row = tl.ds + r * ld;
+        if (end > 0) flash_backward_row(f, tl, r, end, batch_head, i0 + r, j0, p_row, ds_row);
+        std::fill(p_row + end, p_row + cols, 0.0f);
+        std::fill(ds_row + end, ds_row + cols, 0.0f);
+      }
+      for (int c = 0; c < cols; ++c) {
+        accumulate_rows(tl.p + c, ld, tl.d_o, rows, d, tl.dv + int64_t{c} * d);
+        accumulate_rows(tl.ds + c, ld, tl.q, rows, d, tl.dk + int64_t{c} * d);
       }
     }
   }
@@ -304,15 +379,17 @@ void flash_backward_row_block(const FlashProblem& f, const CpuSequence& seq, int
   const int col_end = seq.key_end(i0 + rows - 1);
   for (int j0 = 0; j0 < col_end; j0 += f.tile.block_cols) {
     const int cols = std::min(f.tile.block_cols, col_end - j0);
-    tile_load(f.t.k, seq, j0, head_kv, cols, d, tl.k, kKeys);
-    tile_load(f.t.v, seq, j0, head_kv, cols, d, tl.v, kKeys);
+    tile_load(f.t.k, seq, j0, head_kv, cols, d, tl.k, kKeys);  // K_j once from slow memory,
+    for (int r = 0; r < cols; ++r) {                                // transposed from the tile
+      for (int x = 0; x < d; ++x) tl.k_t[int64_t{x} * f.tile.block_cols + r] = tl.k[int64_t{r} * d + x];
+    }
+    tile_load_transposed(f.t.v, seq, j0, head_kv, cols, d, f.tile.block_cols, tl.v_t);
     io.read += 2 * uint64_t(cols) * d;
     for (int r = 0; r < rows; ++r) {
       const int end = std::clamp(seq.key_end(i0 + r) - j0, 0, cols);
       if (end == 0) continue;
-      float* dq_row = tl.dq + int64_t{r} * d;
-      flash_backward_row(f, tl, r, end, batch_head, i0 + r, j0,
-                         [&](int c, float, float ds) { axpy(ds, tl.k + int64_t{c} * d, dq_row, d); });
+      flash_backward_row(f, tl, r, end, batch_head, i0 + r, j0, tl.p, tl.ds);
+      accumulate_pv(tl.ds, tl.k, end, d, tl.dq + int64_t{r} * d);
     }
   }
   tile_store(tl.dq, f.scale, f.t.dq, seq, i0, h, rows, d, kQueries);
