@@ -12,6 +12,9 @@
 
 #include <flashgpt/attention_cpu.h>
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -144,20 +147,27 @@ void reference_backward(const AttentionParams& p) {
           T* dq_out = t.dq.at(seq.batch, seq.q_row0 + i, h);
           for (int c = 0; c < d; ++c) dq_out[c] = static_cast<T>(scale * dq_row[c]);
         }
-        // dV_j += sum_i dropout(P)_ij dO_i and dK_j += scale sum_i dS_ij Q_i: split by key so
-        // that no two threads write the same row.
-#pragma omp parallel for schedule(static)
-        for (int j = 0; j < seq.len_k; ++j) {
-          double* dk_row = dk_acc + static_cast<size_t>(j) * d;
-          double* dv_row = dv_acc + static_cast<size_t>(j) * d;
-          for (int i = seq.first_row_seeing(j); i < seq.len_q; ++i) {
-            const double pij = probs[static_cast<size_t>(i) * seq.len_k + j];
-            const double dsij = grad_scores[static_cast<size_t>(i) * seq.len_k + j];
+        // dV_j += sum_i dropout(P)_ij dO_i and dK_j += scale sum_i dS_ij Q_i. Each thread owns
+        // a contiguous range of keys, so no two threads write the same row, and walks P and dS
+        // row by row (walking a column misses the cache on every element at large N). Every
+        // sum runs over i in order, whatever the thread count.
+#pragma omp parallel
+        {
+          const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+          const int key_begin = static_cast<int>(seq.len_k * thread / threads);
+          const int key_stop = static_cast<int>(seq.len_k * (thread + 1) / threads);
+          for (int i = seq.first_row_seeing(key_begin); i < seq.len_q; ++i) {
+            const double* p_row = probs + static_cast<size_t>(i) * seq.len_k;
+            const double* ds_row = grad_scores + static_cast<size_t>(i) * seq.len_k;
             const T* do_row = t.d_o.at(seq.batch, seq.q_row0 + i, h);
             const T* q_row = t.q.at(seq.batch, seq.q_row0 + i, h);
-            for (int c = 0; c < d; ++c) {
-              dv_row[c] += pij * static_cast<double>(do_row[c]);
-              dk_row[c] += scale * dsij * static_cast<double>(q_row[c]);
+            for (int j = key_begin; j < std::min(key_stop, seq.key_end(i)); ++j) {
+              double* dk_row = dk_acc + static_cast<size_t>(j) * d;
+              double* dv_row = dv_acc + static_cast<size_t>(j) * d;
+              for (int c = 0; c < d; ++c) {
+                dv_row[c] += p_row[j] * static_cast<double>(do_row[c]);
+                dk_row[c] += scale * ds_row[j] * static_cast<double>(q_row[c]);
+              }
             }
           }
         }

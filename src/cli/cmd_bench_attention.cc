@@ -43,6 +43,7 @@ struct BenchAttentionConfig {
   bool quick = false;
   int threads = 0;
   int64_t onchip_kib = 128;
+  std::string rule = "paper";  // tile rule of the timed tiled run: paper | max_rows
   std::vector<int64_t> io_onchip_kib = {16, 64, 256, 1024};
   double min_time_s = 0.3;  // repeat a measurement until this long, keep the fastest run
 };
@@ -102,6 +103,8 @@ double max_relative_error(const std::vector<float>& got, const std::vector<float
   return worst / scale;
 }
 
+CpuTileRule bench_rule(const std::string& name) { return name == "max_rows" ? CpuTileRule::max_rows : CpuTileRule::paper; }
+
 CpuTiling bench_tiling(const BenchAttentionConfig& c, int64_t kib, CpuTileRule rule) {
   CpuTiling t;
   t.onchip_bytes = kib * 1024;
@@ -116,16 +119,17 @@ void bench_validate(const BenchAttentionConfig& c, int n) {
   for (float dropout : {0.0f, 0.1f}) {
     BenchProblem want(c, n, 1), got(c, n, 1);
     want.params.dropout_p = got.params.dropout_p = dropout;
-    const CpuTiling tiling = bench_tiling(c, c.onchip_kib, CpuTileRule::paper);
+    const CpuTiling tiling = bench_tiling(c, c.onchip_kib, bench_rule(c.rule));
     attention_forward_reference(want.params);
     attention_forward_cpu(got.params, tiling);
-    want.o = got.o, want.lse = got.lse;  // the backward passes read O and LSE
+    const double o_error = max_relative_error(got.o, want.o), lse_error = max_relative_error(got.lse, want.lse);
+    want.o = got.o, want.lse = got.lse;  // both backward passes read the same O and LSE
     attention_backward_reference(want.params);
     attention_backward_cpu(got.params, tiling);
-    const double errors[] = {max_relative_error(got.o, want.o), max_relative_error(got.dq, want.dq),
+    const double errors[] = {o_error, lse_error, max_relative_error(got.dq, want.dq),
                              max_relative_error(got.dk, want.dk), max_relative_error(got.dv, want.dv)};
-    fmt::print("validate N={:<5} dropout={:.1f}: max error relative to max |ref|: O {:.1e} dQ {:.1e} dK {:.1e} dV {:.1e}\n",
-               n, dropout, errors[0], errors[1], errors[2], errors[3]);
+    fmt::print("validate N={:<5} dropout={:.1f}: max error relative to max |ref|: O {:.1e} LSE {:.1e} dQ {:.1e} "
+               "dK {:.1e} dV {:.1e}\n", n, dropout, errors[0], errors[1], errors[2], errors[3], errors[4]);
     for (double e : errors) {
       FLASHGPT_CHECK(e <= kTolerance, "bench attention: the tiled path disagrees with the reference at N={} "
                      "(error {:.2e} > {:.0e}); not timing a wrong kernel", n, e, kTolerance);
@@ -153,9 +157,10 @@ struct IoRow {
 
 void bench_print_config(const BenchAttentionConfig& c) {
   fmt::print("bench attention: device={} batch={} heads={} head_dim={} causal={} N={}..{} (naive up to {}, IO "
-             "sweep up to {}) threads={} M={} KiB (paper rule) IO sweep M={} KiB backward={} out='{}'\n",
+             "sweep up to {}) threads={} M={} KiB ({} rule) IO sweep M={} KiB backward={} out='{}'\n",
              c.device, c.batch, c.heads, c.head_dim, c.causal, c.min_seqlen, c.max_seqlen, c.naive_max_seqlen,
              c.io_max_seqlen, c.threads > 0 ? c.threads : omp_get_max_threads(), c.onchip_kib,
+             c.rule,
              fmt::join(c.io_onchip_kib, ","), c.backward, c.out_dir);
   fmt::print("times are the fastest of repeated runs (at least {:.1f} s per measurement)\n\n", c.min_time_s);
 }
@@ -179,7 +184,7 @@ void bench_attention_run(BenchAttentionConfig c) {
   fmt::print("\n");
 
   // ---- time and memory ----
-  const CpuTiling tiling = bench_tiling(c, c.onchip_kib, CpuTileRule::paper);
+  const CpuTiling tiling = bench_tiling(c, c.onchip_kib, bench_rule(c.rule));
   const CpuTileShape tile = attention_cpu_tile_shape(tiling, c.head_dim);
   fmt::print("naive = reference (S and P in double), tiled = FlashAttention (Br={}, Bc={}); peak = workspace "
              "allocated beyond inputs and outputs (max of forward and backward); IO = bytes between tensors and "
@@ -320,6 +325,9 @@ void cli_add_bench_attention(CLI::App& bench) {
   cmd->add_option("--threads", config->threads, "OpenMP threads (0: default)")->capture_default_str();
   cmd->add_option("--onchip-kib", config->onchip_kib, "On-chip budget M of the timed tiled run, KiB")
       ->check(CLI::PositiveNumber)
+      ->capture_default_str();
+  cmd->add_option("--rule", config->rule, "Tile rule of the timed tiled run: paper (Br = min(Bc, d)) or max_rows")
+      ->check(CLI::IsMember({"paper", "max_rows"}))
       ->capture_default_str();
   cmd->add_option("--io-onchip-kib", config->io_onchip_kib, "Budgets M of the IO sweep, KiB")
       ->capture_default_str();
