@@ -51,7 +51,8 @@ struct CpuTileShape {
 CpuTileShape attention_cpu_tile_shape(const CpuTiling& tiling, int head_dim);
 
 // Bytes moved between "slow" memory (the tensors) and the on-chip tile buffers, counted
-// by an instrumented run. Counted per element loaded or stored, sizeof(float) each.
+// by an instrumented run. Counted per element loaded or stored, sizeof(float) each; a run
+// adds to the counter, so one counter can total a forward and a backward.
 struct IoCounter {
   uint64_t bytes_read = 0;
   uint64_t bytes_written = 0;

@@ -66,10 +66,17 @@ void axpy(float alpha, const float* __restrict x, float* __restrict y, int n) {
   for (int c = 0; c < n; ++c) y[c] += alpha * x[c];
 }
 
+// Which token axis a tile's rows index: query rows (Q, O, dO, dQ) or keys (K, V, dK, dV).
+enum class TileRows { queries, keys };
+
+int64_t tile_first_row(const CpuSequence& seq, TileRows side, int64_t row0) {
+  return (side == TileRows::keys ? seq.k_row0 : seq.q_row0) + row0;
+}
+
 // Rows [row0, row0 + rows) of one head of `src` into a contiguous (rows, D) tile.
 void tile_load(const StridedTensor<const float>& src, const CpuSequence& seq, int64_t row0, int head, int rows,
-               int d, float* tile, bool keys) {
-  const int64_t first = (keys ? seq.k_row0 : seq.q_row0) + row0;
+               int d, float* tile, TileRows side) {
+  const int64_t first = tile_first_row(seq, side, row0);
   for (int r = 0; r < rows; ++r) std::memcpy(tile + int64_t{r} * d, src.at(seq.batch, first + r, head), sizeof(float) * d);
 }
 
@@ -136,15 +143,14 @@ void accumulate_rows(const float* coef, int64_t coef_stride, const float* __rest
 
 // scale * a contiguous (rows, D) tile into rows [row0, row0 + rows) of one head of `dst`.
 void tile_store(const float* tile, float scale, const StridedTensor<float>& dst, const CpuSequence& seq,
-                int64_t row0, int head, int rows, int d, bool keys) {
-  const int64_t first = (keys ? seq.k_row0 : seq.q_row0) + row0;
+                int64_t row0, int head, int rows, int d, TileRows side) {
+  const int64_t first = tile_first_row(seq, side, row0);
   for (int r = 0; r < rows; ++r) {
     float* out = dst.at(seq.batch, first + r, head);
     for (int c = 0; c < d; ++c) out[c] = scale * tile[int64_t{r} * d + c];
   }
 }
 
-constexpr bool kKeys = true, kQueries = false;
 
 int resolve_threads(const CpuTiling& tiling) { return tiling.threads > 0 ? tiling.threads : omp_get_max_threads(); }
 
@@ -238,7 +244,7 @@ void flash_forward_row_block(const FlashProblem& f, const CpuSequence& seq, int 
   const int d = f.d, head_kv = h / f.group;
   const int rows = std::min(f.tile.block_rows, seq.len_q - i0);
   const int64_t batch_head = int64_t{seq.index} * f.p.heads_q + h;
-  tile_load(f.t.q, seq, i0, h, rows, d, tl.q, kQueries);
+  tile_load(f.t.q, seq, i0, h, rows, d, tl.q, TileRows::queries);
   io.read += uint64_t(rows) * d;
   std::fill(tl.o, tl.o + int64_t{rows} * d, 0.0f);
   std::fill(tl.row_max, tl.row_max + rows, -std::numeric_limits<float>::infinity());
@@ -248,7 +254,7 @@ void flash_forward_row_block(const FlashProblem& f, const CpuSequence& seq, int 
   for (int j0 = 0; j0 < col_end; j0 += f.tile.block_cols) {
     const int cols = std::min(f.tile.block_cols, col_end - j0);
     tile_load_transposed(f.t.k, seq, j0, head_kv, cols, d, f.tile.block_cols, tl.k_t);
-    tile_load(f.t.v, seq, j0, head_kv, cols, d, tl.v, kKeys);
+    tile_load(f.t.v, seq, j0, head_kv, cols, d, tl.v, TileRows::keys);
     io.read += 2 * uint64_t(cols) * d;
     for (int r = 0; r < rows; ++r) {
       const int end = std::clamp(seq.key_end(i0 + r) - j0, 0, cols);
@@ -287,7 +293,7 @@ void flash_forward_row_block(const FlashProblem& f, const CpuSequence& seq, int 
     for (int x = 0; x < d; ++x) o_row[x] *= inv_sum;
     lse[r] = tl.row_max[r] + std::log(tl.row_sum[r]);
   }
-  tile_store(tl.o, 1.0f, f.t.o, seq, i0, h, rows, d, kQueries);
+  tile_store(tl.o, 1.0f, f.t.o, seq, i0, h, rows, d, TileRows::queries);
   io.written += uint64_t(rows) * d + rows;
 }
 
@@ -320,8 +326,8 @@ void flash_backward_row(const FlashProblem& f, BackwardTiles& tl, int r, int end
 // Loads the row-side tiles of rows [i0, i0 + rows) of query head h: Q, dO, LSE and D.
 void flash_backward_load_rows(const FlashProblem& f, const CpuSequence& seq, int h, int i0, int rows,
                               const float* dsum, BackwardTiles& tl, IoTally& io) {
-  tile_load(f.t.q, seq, i0, h, rows, f.d, tl.q, kQueries);
-  tile_load(f.t.d_o, seq, i0, h, rows, f.d, tl.d_o, kQueries);
+  tile_load(f.t.q, seq, i0, h, rows, f.d, tl.q, TileRows::queries);
+  tile_load(f.t.d_o, seq, i0, h, rows, f.d, tl.d_o, TileRows::queries);
   const float* lse = f.p.lse + seq.lse_offset + h * f.p.lse_head_stride + i0;
   std::copy(lse, lse + rows, tl.lse);
   const float* dsum_rows = dsum + h * f.total_q + seq.token0 + i0;
@@ -363,8 +369,8 @@ void flash_backward_col_block(const FlashProblem& f, const CpuSequence& seq, int
       }
     }
   }
-  tile_store(tl.dk, f.scale, f.t.dk, seq, j0, head_kv, cols, d, kKeys);
-  tile_store(tl.dv, 1.0f, f.t.dv, seq, j0, head_kv, cols, d, kKeys);
+  tile_store(tl.dk, f.scale, f.t.dk, seq, j0, head_kv, cols, d, TileRows::keys);
+  tile_store(tl.dv, 1.0f, f.t.dv, seq, j0, head_kv, cols, d, TileRows::keys);
   io.written += 2 * uint64_t(cols) * d;
 }
 
@@ -379,7 +385,7 @@ void flash_backward_row_block(const FlashProblem& f, const CpuSequence& seq, int
   const int col_end = seq.key_end(i0 + rows - 1);
   for (int j0 = 0; j0 < col_end; j0 += f.tile.block_cols) {
     const int cols = std::min(f.tile.block_cols, col_end - j0);
-    tile_load(f.t.k, seq, j0, head_kv, cols, d, tl.k, kKeys);  // K_j once from slow memory,
+    tile_load(f.t.k, seq, j0, head_kv, cols, d, tl.k, TileRows::keys);  // K_j once from slow memory,
     for (int r = 0; r < cols; ++r) {                                // transposed from the tile
       for (int x = 0; x < d; ++x) tl.k_t[int64_t{x} * f.tile.block_cols + r] = tl.k[int64_t{r} * d + x];
     }
@@ -392,7 +398,7 @@ void flash_backward_row_block(const FlashProblem& f, const CpuSequence& seq, int
       accumulate_pv(tl.ds, tl.k, end, d, tl.dq + int64_t{r} * d);
     }
   }
-  tile_store(tl.dq, f.scale, f.t.dq, seq, i0, h, rows, d, kQueries);
+  tile_store(tl.dq, f.scale, f.t.dq, seq, i0, h, rows, d, TileRows::queries);
   io.written += uint64_t(rows) * d;
 }
 

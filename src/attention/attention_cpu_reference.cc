@@ -26,6 +26,9 @@ using attention_cpu::AttentionTensors;
 using attention_cpu::CpuSequence;
 
 constexpr int kMaxHeadDim = 256;  // attention_validate admits no larger head_dim
+// Below this many multiply-adds per (sequence, head) a parallel region costs more than it
+// saves (and under load, waiting for a descheduled thread costs milliseconds).
+constexpr int64_t kMinParallelWork = int64_t{1} << 16;
 
 template <typename A, typename B>
 double dot_double(const A* a, const B* b, int n) {
@@ -83,7 +86,8 @@ void reference_forward(const AttentionParams& p) {
       const int head_kv = h / group;
       const int64_t batch_head = int64_t{b} * p.heads_q + h;
       float* lse = p.lse + seq.lse_offset + h * p.lse_head_stride;
-#pragma omp parallel for schedule(static)
+      const bool parallel = int64_t{seq.len_q} * seq.len_k * d >= kMinParallelWork;
+#pragma omp parallel for schedule(static) if (parallel)
       for (int i = 0; i < seq.len_q; ++i) {
         double* s = probs.data() + static_cast<size_t>(i) * seq.len_k;  // (len_k)
         const int key_end = seq.key_end(i);
@@ -124,7 +128,8 @@ void reference_backward(const AttentionParams& p) {
       std::fill(dv_acc, dv_acc + max_kv, 0.0);
       for (int h = head_kv * group; h < (head_kv + 1) * group; ++h) {
         const int64_t batch_head = int64_t{b} * p.heads_q + h;
-#pragma omp parallel for schedule(static)
+        const bool parallel = int64_t{seq.len_q} * seq.len_k * d >= kMinParallelWork;
+#pragma omp parallel for schedule(static) if (parallel)
         for (int i = 0; i < seq.len_q; ++i) {
           double* p_row = probs + static_cast<size_t>(i) * seq.len_k;
           double* ds_row = grad_scores + static_cast<size_t>(i) * seq.len_k;
@@ -151,7 +156,7 @@ void reference_backward(const AttentionParams& p) {
         // a contiguous range of keys, so no two threads write the same row, and walks P and dS
         // row by row (walking a column misses the cache on every element at large N). Every
         // sum runs over i in order, whatever the thread count.
-#pragma omp parallel
+#pragma omp parallel if (parallel)
         {
           const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
           const int key_begin = static_cast<int>(seq.len_k * thread / threads);

@@ -122,6 +122,39 @@ TEST(AttentionReference, BackwardMatchesFiniteDifferencesVarlenMaskedRows) {
   expect_backward_matches_finite_differences(varlen({3, 6, 0}, {4, 2, 3}, 2, 2, 32, kCausal, 0.25f));
 }
 
+// A case small enough to work out by hand, for both implementations: it pins the default
+// scale 1/sqrt(d), the softmax, LSE and the bottom-right causal alignment, which a shared
+// mistake would hide from the tiled-vs-reference comparisons.
+TEST(AttentionReference, MatchesAHandComputedExample) {
+  // seqlen_q 2, seqlen_k 3, d 32. q_i = (a_i, 0, ...), k_j = (j, 0, ...), V = identity rows:
+  // O[i, j] = P[i, j]. Causal bottom-right: row 0 sees keys 0, 1; row 1 sees keys 0, 1, 2.
+  for (bool tiled : {false, true}) {
+    AttentionBuffers<float> x(dense(1, 2, 3, 1, 1, 32, kCausal, 0.0f));
+    std::fill(x.q.begin(), x.q.end(), 0.0f);
+    std::fill(x.k.begin(), x.k.end(), 0.0f);
+    std::fill(x.v.begin(), x.v.end(), 0.0f);
+    const float a[2] = {2.0f, -3.0f};
+    for (int i = 0; i < 2; ++i) x.q[i * 32] = a[i];
+    for (int j = 0; j < 3; ++j) x.k[j * 32] = float(j), x.v[j * 32 + j] = 1.0f;
+    if (tiled) {
+      attention_forward_cpu(x.params(), tiles(1, 2));
+    } else {
+      attention_forward_reference(x.params());
+    }
+    const double scale = 1.0 / std::sqrt(32.0);
+    for (int i = 0; i < 2; ++i) {
+      const int visible = i == 0 ? 2 : 3;
+      double sum = 0.0;
+      for (int j = 0; j < visible; ++j) sum += std::exp(scale * a[i] * j);
+      EXPECT_NEAR(x.lse[i], std::log(sum), 1e-6) << "row " << i << " tiled " << tiled;
+      for (int j = 0; j < 3; ++j) {
+        const double want = j < visible ? std::exp(scale * a[i] * j) / sum : 0.0;
+        EXPECT_NEAR(x.o[i * 32 + j], want, 1e-6) << "row " << i << " key " << j << " tiled " << tiled;
+      }
+    }
+  }
+}
+
 // The fp32 reference and the tiled path against the double reference on the same inputs.
 TEST(AttentionReference, Fp32PathsMatchDoublePrecision) {
   for (float dropout : {0.0f, 0.2f}) {
@@ -545,11 +578,11 @@ TEST(AttentionIo, CountsTheLoadsAndStoresOfAlgorithm1) {
 // Theorem 2: Theta(N^2 d^2 / M) for d <= M <= N d. The max_rows rule stays within a
 // constant of it over the whole range; the paper's rule stops improving at M = 4 d^2.
 TEST(AttentionIo, MaxRowsRuleFollowsTheN2D2OverMBound) {
-  const int n = 4096, d = 64;  // N d = 1 MiB of floats
+  const int n = 2048, d = 64;  // N d = 512 KiB of floats
   AttentionBuffers<float> x(dense(1, n, n, 1, 1, d, kFull, 0.0f));
   x.fill_random(2);
   std::vector<uint64_t> paper_io;
-  for (int64_t kib : {16, 64, 256, 512}) {
+  for (int64_t kib : {16, 64, 128, 256}) {
     IoCounter io;
     attention_forward_cpu(x.params(), budget(kib * 1024, CpuTileRule::max_rows), &io);
     const double m = kib * 1024 / 4.0;                    // floats
