@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <limits>
 #include <numeric>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -160,6 +161,9 @@ struct TiledCase {
   CpuTiling tiling;
   bool backward = true;
 };
+
+// gtest prints a failing case by name rather than as a dump of its bytes.
+inline void PrintTo(const TiledCase& c, std::ostream* os) { *os << c.name; }
 
 inline std::string case_name(const ::testing::TestParamInfo<TiledCase>& info) { return info.param.name; }
 
