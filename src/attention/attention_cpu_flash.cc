@@ -50,8 +50,10 @@ constexpr int64_t kMaxRowsBlockCols = 32;
 constexpr int64_t kMaxRowsKvShare = 16;  // Bc = ceil(M / 16 d): 2 Bc d <= M / 8
 // Tiles larger than this only waste memory: no CPU cache is that big.
 constexpr int64_t kMaxBlock = 1 << 16;
-// Every supported head_dim (32, 64, 96, 128, 256) is a multiple of this unroll factor.
+// score_row steps over head_dim four columns at a time, with no remainder loop.
 constexpr int kHeadDimStep = 4;
+static_assert(32 % kHeadDimStep == 0 && 96 % kHeadDimStep == 0,
+              "every head_dim attention_validate admits (32, 64, 96, 128, 256) must be a multiple of kHeadDimStep");
 
 float dot(const float* __restrict a, const float* __restrict b, int n) {
   float acc = 0.0f;
@@ -80,7 +82,7 @@ void tile_load(const StridedTensor<const float>& src, const CpuSequence& seq, in
   for (int r = 0; r < rows; ++r) std::memcpy(tile + int64_t{r} * d, src.at(seq.batch, first + r, head), sizeof(float) * d);
 }
 
-// Rows [row0, row0 + rows) of one head of `src` into a (D, ld) tile, transposed.
+// Keys [row0, row0 + rows) of one head of `src` (K or V) into a (D, ld) tile, transposed.
 void tile_load_transposed(const StridedTensor<const float>& src, const CpuSequence& seq, int64_t row0, int head,
                           int rows, int d, int ld, float* tile) {
   for (int r = 0; r < rows; ++r) {
@@ -93,7 +95,6 @@ void tile_load_transposed(const StridedTensor<const float>& src, const CpuSequen
 // with no horizontal sum per score.
 void score_row(const float* __restrict q_row, const float* __restrict k_t, int ld, int end, int d, float scale,
                float* __restrict s) {
-  static_assert(kHeadDimStep == 4, "score_row unrolls head_dim by 4");
   std::fill(s, s + end, 0.0f);
   // Four head_dim columns per pass: one load and store of s per four multiply-adds.
   for (int x = 0; x < d; x += kHeadDimStep) {
