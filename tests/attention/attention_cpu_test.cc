@@ -8,6 +8,7 @@
 #include <flashgpt/error.h>
 
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <cmath>
 #include <string>
@@ -376,6 +377,25 @@ TEST(AttentionTiled, BitIdenticalForAnyThreadCount) {
   }
 }
 
+TEST(AttentionReference, BitIdenticalForAnyThreadCount) {
+  AttentionBuffers<float> one(dense(1, 300, 260, 2, 1, 32, kCausal, 0.1f));
+  one.fill_random(31);
+  AttentionBuffers<float> many = one;
+  const int saved_threads = omp_get_max_threads();
+  omp_set_num_threads(1);
+  attention_forward_reference(one.params());
+  attention_backward_reference(one.params());
+  omp_set_num_threads(3);
+  attention_forward_reference(many.params());
+  attention_backward_reference(many.params());
+  omp_set_num_threads(saved_threads);
+  EXPECT_EQ(one.o, many.o);
+  EXPECT_EQ(one.lse, many.lse);
+  EXPECT_EQ(one.dq, many.dq);
+  EXPECT_EQ(one.dk, many.dk);
+  EXPECT_EQ(one.dv, many.dv);
+}
+
 // Q, K, V as views into one packed QKV tensor (batch, seqlen, 3, heads, d), and O, dO, dQ,
 // dK, dV, LSE with padded strides: the results must equal those of contiguous tensors.
 TEST(AttentionTiled, StridedViewsGiveTheSameResultAsContiguousTensors) {
@@ -491,6 +511,7 @@ TEST(AttentionErrors, BadInputGetsAClearError) {
     const char* expected;
   };
   static const int32_t kDecreasing[] = {0, 5, 3};
+  static const int32_t kTooLong[] = {0, 2, 9};  // a sequence of 7 in a batch declared max 5
   const Case cases[] = {
       {[](AttentionParams& p) { p.dtype = DType::bf16; }, "dtype bfloat16 is not supported on the CPU"},
       {[](AttentionParams& p) { p.head_dim = 48; }, "head_dim 48 is not supported"},
@@ -499,6 +520,7 @@ TEST(AttentionErrors, BadInputGetsAClearError) {
       {[](AttentionParams& p) { p.dropout_p = -0.5f; }, "dropout_p must be in [0, 1)"},
       {[](AttentionParams& p) { p.k = nullptr; }, "q, k and v must not be null"},
       {[](AttentionParams& p) { p.cu_seqlens_q = p.cu_seqlens_k = kDecreasing; }, "must be non-decreasing"},
+      {[](AttentionParams& p) { p.cu_seqlens_q = p.cu_seqlens_k = kTooLong; }, "more than its max_seqlen 5"},
   };
   AttentionBuffers<float> x(dense(2, 5, 5, 4, 2, 32, kFull, 0.0f));
   for (Run run : runs) {
