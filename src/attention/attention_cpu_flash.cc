@@ -124,6 +124,54 @@ void accumulate_pv(const float* __restrict p, const float* __restrict v, int end
   for (; c < end; ++c) axpy(p[c], v + int64_t{c} * d, o, d);
 }
 
+// score_row for two query rows at once: each load of K^T serves both. Each row's sums run
+// in the same order as score_row's, so the scores are bit-identical to it (over the wider
+// of the two rows' key ranges; the caller ignores the extra scores).
+void score_rows2(const float* __restrict q0_row, const float* __restrict q1_row, const float* __restrict k_t, int ld,
+                 int end, int d, float scale, float* __restrict s0, float* __restrict s1) {
+  std::fill(s0, s0 + end, 0.0f);
+  std::fill(s1, s1 + end, 0.0f);
+  for (int x = 0; x < d; x += kHeadDimStep) {
+    const float a0 = scale * q0_row[x], a1 = scale * q0_row[x + 1], a2 = scale * q0_row[x + 2],
+                a3 = scale * q0_row[x + 3];
+    const float b0 = scale * q1_row[x], b1 = scale * q1_row[x + 1], b2 = scale * q1_row[x + 2],
+                b3 = scale * q1_row[x + 3];
+    const float* __restrict k0 = k_t + int64_t{x} * ld;
+    const float* __restrict k1 = k0 + ld;
+    const float* __restrict k2 = k1 + ld;
+    const float* __restrict k3 = k2 + ld;
+#pragma omp simd
+    for (int c = 0; c < end; ++c) {
+      s0[c] += a0 * k0[c] + a1 * k1[c] + a2 * k2[c] + a3 * k3[c];
+      s1[c] += b0 * k0[c] + b1 * k1[c] + b2 * k2[c] + b3 * k3[c];
+    }
+  }
+}
+
+// accumulate_pv for two query rows sharing each load of V. A row whose keys end before
+// `end` has zeros there, so it gets the same sum up to the grouping of its last keys.
+void accumulate_pv2(const float* __restrict p0, const float* __restrict p1, const float* __restrict v, int end, int d,
+                    float* __restrict o0, float* __restrict o1) {
+  int c = 0;
+  for (; c + 4 <= end; c += 4) {
+    const float* __restrict v0 = v + int64_t{c} * d;
+    const float* __restrict v1 = v0 + d;
+    const float* __restrict v2 = v1 + d;
+    const float* __restrict v3 = v2 + d;
+    const float a0 = p0[c], a1 = p0[c + 1], a2 = p0[c + 2], a3 = p0[c + 3];
+    const float b0 = p1[c], b1 = p1[c + 1], b2 = p1[c + 2], b3 = p1[c + 3];
+#pragma omp simd
+    for (int x = 0; x < d; ++x) {
+      o0[x] += a0 * v0[x] + a1 * v1[x] + a2 * v2[x] + a3 * v3[x];
+      o1[x] += b0 * v0[x] + b1 * v1[x] + b2 * v2[x] + b3 * v3[x];
+    }
+  }
+  for (; c < end; ++c) {
+    axpy(p0[c], v + int64_t{c} * d, o0, d);
+    axpy(p1[c], v + int64_t{c} * d, o1, d);
+  }
+}
+
 // out += sum_r coef[r * coef_stride] rows[r] over `count` rows of length d: a column of a
 // (count, Bc) tile times a (count, D) tile, four rows per pass over out.
 void accumulate_rows(const float* coef, int64_t coef_stride, const float* __restrict rows, int count, int d,
@@ -163,17 +211,17 @@ struct ForwardTiles {
   float* o;        // (Br, D): O_i before the division by l
   float* k_t;      // (D, Bc): K_j transposed, so that a row of S is d vectorizable passes over Bc
   float* v;        // (Bc, D)
-  float* s;        // (Bc): one row of S, then of exp(S - m')
-  float* mult;     // (Bc): that row's dropout multipliers
+  float* s;        // (2, Bc): rows of S of a pair of query rows, then of exp(S - m')
+  float* mult;     // (Bc): one row's dropout multipliers
   float* row_max;  // (Br): m
   float* row_sum;  // (Br): l
   static int64_t floats(CpuTileShape t, int d) {
-    return 2 * int64_t{t.block_rows} * d + 2 * int64_t{t.block_cols} * d + 2 * int64_t{t.block_cols} +
+    return 2 * int64_t{t.block_rows} * d + 2 * int64_t{t.block_cols} * d + 3 * int64_t{t.block_cols} +
            2 * int64_t{t.block_rows};
   }
   ForwardTiles(float* base, CpuTileShape t, int d) {
     const int64_t rd = int64_t{t.block_rows} * d, cd = int64_t{t.block_cols} * d;
-    q = base, o = q + rd, k_t = o + rd, v = k_t + cd, s = v + cd, mult = s + t.block_cols;
+    q = base, o = q + rd, k_t = o + rd, v = k_t + cd, s = v + cd, mult = s + 2 * t.block_cols;
     row_max = mult + t.block_cols, row_sum = row_max + t.block_rows;
   }
 };
@@ -239,6 +287,32 @@ struct IoTally {
 
 // ---- forward -------------------------------------------------------------------------
 
+// One online-softmax step of query row r over keys [0, end) of the loaded block: turns
+// s into dropout(exp(S - m')), updates m and l, and rescales O_r by exp(m - m'). s[end ..
+// width) becomes 0, so that a pass over `width` keys shared with the next row adds nothing.
+void online_softmax_row(const FlashProblem& f, ForwardTiles& tl, int r, int end, int width, int64_t batch_head,
+                        int64_t row, int j0, float* s) {
+  std::fill(s + end, s + width, 0.0f);
+  if (end == 0) return;
+  float block_max = -std::numeric_limits<float>::infinity();
+  for (int c = 0; c < end; ++c) block_max = std::max(block_max, s[c]);
+  const float new_max = std::max(tl.row_max[r], block_max);
+  const float rescale = std::exp(tl.row_max[r] - new_max);  // 0 on the first block: m = -inf
+  float block_sum = 0.0f;
+  for (int c = 0; c < end; ++c) {
+    s[c] = std::exp(s[c] - new_max);
+    block_sum += s[c];
+  }
+  tl.row_sum[r] = tl.row_sum[r] * rescale + block_sum;
+  tl.row_max[r] = new_max;
+  if (f.drop.enabled) {
+    attention_cpu::dropout_row_multipliers(f.drop, batch_head, row, j0, j0 + end, tl.mult);
+    for (int c = 0; c < end; ++c) s[c] *= tl.mult[c];
+  }
+  float* o_row = tl.o + int64_t{r} * f.d;
+  for (int x = 0; x < f.d; ++x) o_row[x] *= rescale;
+}
+
 // Algorithm 1 for one row block: rows [i0, i0 + Br) of query head h of sequence seq.
 void flash_forward_row_block(const FlashProblem& f, const CpuSequence& seq, int h, int i0, ForwardTiles& tl,
                              IoTally& io) {
@@ -257,29 +331,28 @@ void flash_forward_row_block(const FlashProblem& f, const CpuSequence& seq, int 
     tile_load_transposed(f.t.k, seq, j0, head_kv, cols, d, f.tile.block_cols, tl.k_t);
     tile_load(f.t.v, seq, j0, head_kv, cols, d, tl.v, TileRows::keys);
     io.read += 2 * uint64_t(cols) * d;
-    for (int r = 0; r < rows; ++r) {
-      const int end = std::clamp(seq.key_end(i0 + r) - j0, 0, cols);
-      if (end == 0) continue;
-      const float* q_row = tl.q + int64_t{r} * d;
-      float* o_row = tl.o + int64_t{r} * d;
-      score_row(q_row, tl.k_t, f.tile.block_cols, end, d, f.scale, tl.s);
-      float block_max = -std::numeric_limits<float>::infinity();
-      for (int c = 0; c < end; ++c) block_max = std::max(block_max, tl.s[c]);
-      const float new_max = std::max(tl.row_max[r], block_max);
-      const float rescale = std::exp(tl.row_max[r] - new_max);  // 0 on the first block: m = -inf
-      float block_sum = 0.0f;
-      for (int c = 0; c < end; ++c) {
-        tl.s[c] = std::exp(tl.s[c] - new_max);
-        block_sum += tl.s[c];
+    // Two query rows per pass, so that each load of K^T and V serves both. Causal ends
+    // only grow with the row, so the second row's end bounds the pair.
+    for (int r = 0; r < rows; r += 2) {
+      const bool pair = r + 1 < rows;
+      const int end0 = std::clamp(seq.key_end(i0 + r) - j0, 0, cols);
+      const int end1 = pair ? std::clamp(seq.key_end(i0 + r + 1) - j0, 0, cols) : 0;
+      const int width = std::max(end0, end1);
+      if (width == 0) continue;
+      float* s0 = tl.s;
+      float* s1 = tl.s + f.tile.block_cols;
+      float* o0 = tl.o + int64_t{r} * d;
+      if (pair) {
+        score_rows2(tl.q + int64_t{r} * d, tl.q + int64_t{r + 1} * d, tl.k_t, f.tile.block_cols, width, d, f.scale,
+                    s0, s1);
+        online_softmax_row(f, tl, r, end0, width, batch_head, i0 + r, j0, s0);
+        online_softmax_row(f, tl, r + 1, end1, width, batch_head, i0 + r + 1, j0, s1);
+        accumulate_pv2(s0, s1, tl.v, width, d, o0, o0 + d);
+      } else {
+        score_row(tl.q + int64_t{r} * d, tl.k_t, f.tile.block_cols, width, d, f.scale, s0);
+        online_softmax_row(f, tl, r, end0, width, batch_head, i0 + r, j0, s0);
+        accumulate_pv(s0, tl.v, width, d, o0);
       }
-      tl.row_sum[r] = tl.row_sum[r] * rescale + block_sum;
-      tl.row_max[r] = new_max;
-      if (f.drop.enabled) {
-        attention_cpu::dropout_row_multipliers(f.drop, batch_head, i0 + r, j0, j0 + end, tl.mult);
-        for (int c = 0; c < end; ++c) tl.s[c] *= tl.mult[c];
-      }
-      for (int x = 0; x < d; ++x) o_row[x] *= rescale;
-      accumulate_pv(tl.s, tl.v, end, d, o_row);
     }
   }
 
