@@ -73,7 +73,6 @@ void attention_backward_cpu(const AttentionParams& params, const CpuTiling& tili
 // O(seqlen_q * seqlen_k); the tiled forward O(threads * M); the tiled backward adds one
 // float per (query row, head) for D = rowsum(dO * O).
 int64_t attention_reference_workspace_bytes(const AttentionParams& params, AttentionPass pass);
-int64_t attention_cpu_workspace_bytes(const AttentionParams& params, AttentionPass pass,
-                                      const CpuTiling& tiling = {});
+int64_t attention_cpu_workspace_bytes(const AttentionParams& params, AttentionPass pass, const CpuTiling& tiling = {});
 
 }  // namespace flashgpt

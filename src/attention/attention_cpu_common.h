@@ -4,6 +4,7 @@
 #pragma once
 
 #include <flashgpt/attention.h>
+#include <flashgpt/error.h>
 #include <flashgpt/philox.h>
 
 #include <algorithm>
@@ -130,18 +131,14 @@ inline void dropout_row_multipliers(const CpuDropout& d, int64_t batch_head, int
   }
 }
 
-}  // namespace flashgpt::attention_cpu
+// The public API takes fp32 tensors; the reference's double twin for the tests ignores dtype.
+enum class DtypeCheck { require_f32, skip };
 
-#include <flashgpt/error.h>
-
-namespace flashgpt::attention_cpu {
-
-// The entry-point checks of every CPU routine: params, cumulative offsets, and (for the
-// public fp32 API) the dtype.
-inline void cpu_check_params(const AttentionParams& p, AttentionPass pass, const char* who, bool require_f32) {
+// The entry-point checks of every CPU routine: params, cumulative offsets, and the dtype.
+inline void cpu_check_params(const AttentionParams& p, AttentionPass pass, const char* who, DtypeCheck dtype) {
   attention_validate(p, pass);
-  FLASHGPT_CHECK(!require_f32 || p.dtype == DType::f32, "{}: dtype {} is not supported on the CPU (float32 only)",
-                 who, dtype_name(p.dtype));
+  FLASHGPT_CHECK(dtype == DtypeCheck::skip || p.dtype == DType::f32,
+                 "{}: dtype {} is not supported on the CPU (float32 only)", who, dtype_name(p.dtype));
   attention_validate_cu_seqlens_host(p);
 }
 

@@ -76,10 +76,11 @@ int64_t tile_first_row(const CpuSequence& seq, TileRows side, int64_t row0) {
 }
 
 // Rows [row0, row0 + rows) of one head of `src` into a contiguous (rows, D) tile.
-void tile_load(const StridedTensor<const float>& src, const CpuSequence& seq, int64_t row0, int head, int rows,
-               int d, float* tile, TileRows side) {
+void tile_load(const StridedTensor<const float>& src, const CpuSequence& seq, int64_t row0, int head, int rows, int d,
+               float* tile, TileRows side) {
   const int64_t first = tile_first_row(seq, side, row0);
-  for (int r = 0; r < rows; ++r) std::memcpy(tile + int64_t{r} * d, src.at(seq.batch, first + r, head), sizeof(float) * d);
+  for (int r = 0; r < rows; ++r)
+    std::memcpy(tile + int64_t{r} * d, src.at(seq.batch, first + r, head), sizeof(float) * d);
 }
 
 // Keys [row0, row0 + rows) of one head of `src` (K or V) into a (D, ld) tile, transposed.
@@ -98,8 +99,7 @@ void score_row(const float* __restrict q_row, const float* __restrict k_t, int l
   std::fill(s, s + end, 0.0f);
   // Four head_dim columns per pass: one load and store of s per four multiply-adds.
   for (int x = 0; x < d; x += kHeadDimStep) {
-    const float q0 = scale * q_row[x], q1 = scale * q_row[x + 1], q2 = scale * q_row[x + 2],
-                q3 = scale * q_row[x + 3];
+    const float q0 = scale * q_row[x], q1 = scale * q_row[x + 1], q2 = scale * q_row[x + 2], q3 = scale * q_row[x + 3];
     const float* __restrict k0 = k_t + int64_t{x} * ld;
     const float* __restrict k1 = k0 + ld;
     const float* __restrict k2 = k1 + ld;
@@ -191,15 +191,14 @@ void accumulate_rows(const float* coef, int64_t coef_stride, const float* __rest
 }
 
 // scale * a contiguous (rows, D) tile into rows [row0, row0 + rows) of one head of `dst`.
-void tile_store(const float* tile, float scale, const StridedTensor<float>& dst, const CpuSequence& seq,
-                int64_t row0, int head, int rows, int d, TileRows side) {
+void tile_store(const float* tile, float scale, const StridedTensor<float>& dst, const CpuSequence& seq, int64_t row0,
+                int head, int rows, int d, TileRows side) {
   const int64_t first = tile_first_row(seq, side, row0);
   for (int r = 0; r < rows; ++r) {
     float* out = dst.at(seq.batch, first + r, head);
     for (int c = 0; c < d; ++c) out[c] = scale * tile[int64_t{r} * d + c];
   }
 }
-
 
 int resolve_threads(const CpuTiling& tiling) { return tiling.threads > 0 ? tiling.threads : omp_get_max_threads(); }
 
@@ -262,7 +261,7 @@ struct FlashProblem {
   CpuTileShape tile;
   float scale;
   int d;
-  int group;  // query heads per kv head
+  int group;                   // query heads per kv head
   int row_blocks, col_blocks;  // of the longest sequence
   int64_t total_q;
 };
@@ -343,8 +342,8 @@ void flash_forward_row_block(const FlashProblem& f, const CpuSequence& seq, int 
       float* s1 = tl.s + f.tile.block_cols;
       float* o0 = tl.o + int64_t{r} * d;
       if (pair) {
-        score_rows2(tl.q + int64_t{r} * d, tl.q + int64_t{r + 1} * d, tl.k_t, f.tile.block_cols, width, d, f.scale,
-                    s0, s1);
+        score_rows2(tl.q + int64_t{r} * d, tl.q + int64_t{r + 1} * d, tl.k_t, f.tile.block_cols, width, d, f.scale, s0,
+                    s1);
         online_softmax_row(f, tl, r, end0, width, batch_head, i0 + r, j0, s0);
         online_softmax_row(f, tl, r + 1, end1, width, batch_head, i0 + r + 1, j0, s1);
         accumulate_pv2(s0, s1, tl.v, width, d, o0, o0 + d);
@@ -398,8 +397,8 @@ void flash_backward_row(const FlashProblem& f, BackwardTiles& tl, int r, int end
 }
 
 // Loads the row-side tiles of rows [i0, i0 + rows) of query head h: Q, dO, LSE and D.
-void flash_backward_load_rows(const FlashProblem& f, const CpuSequence& seq, int h, int i0, int rows,
-                              const float* dsum, BackwardTiles& tl, IoTally& io) {
+void flash_backward_load_rows(const FlashProblem& f, const CpuSequence& seq, int h, int i0, int rows, const float* dsum,
+                              BackwardTiles& tl, IoTally& io) {
   tile_load(f.t.q, seq, i0, h, rows, f.d, tl.q, TileRows::queries);
   tile_load(f.t.d_o, seq, i0, h, rows, f.d, tl.d_o, TileRows::queries);
   const float* lse = f.p.lse + seq.lse_offset + h * f.p.lse_head_stride + i0;
@@ -411,8 +410,8 @@ void flash_backward_load_rows(const FlashProblem& f, const CpuSequence& seq, int
 
 // Pass A: dK_j and dV_j of key block [j0, j0 + Bc) of kv head head_kv, over every query
 // head of its group and every row block that sees the keys.
-void flash_backward_col_block(const FlashProblem& f, const CpuSequence& seq, int head_kv, int j0,
-                              const float* dsum, BackwardTiles& tl, IoTally& io) {
+void flash_backward_col_block(const FlashProblem& f, const CpuSequence& seq, int head_kv, int j0, const float* dsum,
+                              BackwardTiles& tl, IoTally& io) {
   const int d = f.d;
   const int cols = std::min(f.tile.block_cols, seq.len_k - j0);
   tile_load_transposed(f.t.k, seq, j0, head_kv, cols, d, f.tile.block_cols, tl.k_t);
@@ -460,7 +459,7 @@ void flash_backward_row_block(const FlashProblem& f, const CpuSequence& seq, int
   for (int j0 = 0; j0 < col_end; j0 += f.tile.block_cols) {
     const int cols = std::min(f.tile.block_cols, col_end - j0);
     tile_load(f.t.k, seq, j0, head_kv, cols, d, tl.k, TileRows::keys);  // K_j once from slow memory,
-    for (int r = 0; r < cols; ++r) {                                // transposed from the tile
+    for (int r = 0; r < cols; ++r) {                                    // transposed from the tile
       for (int x = 0; x < d; ++x) tl.k_t[int64_t{x} * f.tile.block_cols + r] = tl.k[int64_t{r} * d + x];
     }
     tile_load_transposed(f.t.v, seq, j0, head_kv, cols, d, f.tile.block_cols, tl.v_t);
@@ -489,8 +488,7 @@ CpuTileShape attention_cpu_tile_shape(const CpuTiling& tiling, int head_dim) {
   FLASHGPT_CHECK(tiling.block_rows >= 0 && tiling.block_cols >= 0,
                  "CpuTiling: block_rows ({}) and block_cols ({}) must be >= 0 (0: from onchip_bytes)",
                  tiling.block_rows, tiling.block_cols);
-  FLASHGPT_CHECK(tiling.threads >= 0, "CpuTiling: threads must be >= 0 (0: OpenMP's default), got {}",
-                 tiling.threads);
+  FLASHGPT_CHECK(tiling.threads >= 0, "CpuTiling: threads must be >= 0 (0: OpenMP's default), got {}", tiling.threads);
   CpuTileShape shape{tiling.block_rows, tiling.block_cols};
   if (shape.block_rows > 0 && shape.block_cols > 0) return shape;
   FLASHGPT_CHECK(tiling.onchip_bytes >= int64_t{sizeof(float)} * 4 * head_dim,
@@ -523,7 +521,8 @@ int64_t attention_cpu_workspace_bytes(const AttentionParams& p, AttentionPass pa
 }
 
 void attention_forward_cpu(const AttentionParams& params, const CpuTiling& tiling, IoCounter* io) {
-  attention_cpu::cpu_check_params(params, AttentionPass::forward, "attention_forward_cpu", true);
+  attention_cpu::cpu_check_params(params, AttentionPass::forward, "attention_forward_cpu",
+                                  attention_cpu::DtypeCheck::require_f32);
   const FlashProblem f = flash_problem(params, tiling);
   const int threads = resolve_threads(tiling);
   std::vector<float> workspace(
@@ -549,7 +548,8 @@ void attention_forward_cpu(const AttentionParams& params, const CpuTiling& tilin
 }
 
 void attention_backward_cpu(const AttentionParams& params, const CpuTiling& tiling, IoCounter* io) {
-  attention_cpu::cpu_check_params(params, AttentionPass::backward, "attention_backward_cpu", true);
+  attention_cpu::cpu_check_params(params, AttentionPass::backward, "attention_backward_cpu",
+                                  attention_cpu::DtypeCheck::require_f32);
   const FlashProblem f = flash_problem(params, tiling);
   const int threads = resolve_threads(tiling);
   std::vector<float> workspace(

@@ -50,8 +50,7 @@ struct ReferenceDropout {
 };
 
 ReferenceDropout reference_dropout(const AttentionParams& p) {
-  return {p.dropout_p > 0.0f, dropout_threshold(p.dropout_p), 1.0 / (1.0 - static_cast<double>(p.dropout_p)),
-          p.rng};
+  return {p.dropout_p > 0.0f, dropout_threshold(p.dropout_p), 1.0 / (1.0 - static_cast<double>(p.dropout_p)), p.rng};
 }
 
 // Writes scale * q_row . K^T into s[0 .. key_end) and turns it into the pre-dropout
@@ -117,10 +116,10 @@ void reference_backward(const AttentionParams& p) {
   const size_t max_kv = static_cast<size_t>(p.seqlen_k) * d;
   std::vector<double> workspace(static_cast<size_t>(attention_reference_workspace_bytes(p, AttentionPass::backward)) /
                                 sizeof(double));
-  double* probs = workspace.data();             // (seqlen_q, seqlen_k): dropout(P)
-  double* grad_scores = probs + max_scores;     // (seqlen_q, seqlen_k): dS
-  double* dk_acc = grad_scores + max_scores;    // (seqlen_k, D): dK of one kv head, summed over its group
-  double* dv_acc = dk_acc + max_kv;             // (seqlen_k, D)
+  double* probs = workspace.data();           // (seqlen_q, seqlen_k): dropout(P)
+  double* grad_scores = probs + max_scores;   // (seqlen_q, seqlen_k): dS
+  double* dk_acc = grad_scores + max_scores;  // (seqlen_k, D): dK of one kv head, summed over its group
+  double* dv_acc = dk_acc + max_kv;           // (seqlen_k, D)
   for (int b = 0; b < p.batch; ++b) {
     const CpuSequence seq = attention_cpu::cpu_sequence(p, b);
     for (int head_kv = 0; head_kv < p.heads_kv; ++head_kv) {
@@ -198,22 +197,26 @@ int64_t attention_reference_workspace_bytes(const AttentionParams& p, AttentionP
 }
 
 void attention_forward_reference(const AttentionParams& params) {
-  attention_cpu::cpu_check_params(params, AttentionPass::forward, "attention_forward_reference", true);
+  attention_cpu::cpu_check_params(params, AttentionPass::forward, "attention_forward_reference",
+                                  attention_cpu::DtypeCheck::require_f32);
   reference_forward<float>(params);
 }
 
 void attention_backward_reference(const AttentionParams& params) {
-  attention_cpu::cpu_check_params(params, AttentionPass::backward, "attention_backward_reference", true);
+  attention_cpu::cpu_check_params(params, AttentionPass::backward, "attention_backward_reference",
+                                  attention_cpu::DtypeCheck::require_f32);
   reference_backward<float>(params);
 }
 
 void attention_forward_reference_f64(const AttentionParams& params) {
-  attention_cpu::cpu_check_params(params, AttentionPass::forward, "attention_forward_reference_f64", false);
+  attention_cpu::cpu_check_params(params, AttentionPass::forward, "attention_forward_reference_f64",
+                                  attention_cpu::DtypeCheck::skip);
   reference_forward<double>(params);
 }
 
 void attention_backward_reference_f64(const AttentionParams& params) {
-  attention_cpu::cpu_check_params(params, AttentionPass::backward, "attention_backward_reference_f64", false);
+  attention_cpu::cpu_check_params(params, AttentionPass::backward, "attention_backward_reference_f64",
+                                  attention_cpu::DtypeCheck::skip);
   reference_backward<double>(params);
 }
 

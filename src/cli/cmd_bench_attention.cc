@@ -103,7 +103,9 @@ double max_relative_error(const std::vector<float>& got, const std::vector<float
   return worst / scale;
 }
 
-CpuTileRule bench_rule(const std::string& name) { return name == "max_rows" ? CpuTileRule::max_rows : CpuTileRule::paper; }
+CpuTileRule bench_rule(const std::string& name) {
+  return name == "max_rows" ? CpuTileRule::max_rows : CpuTileRule::paper;
+}
 
 CpuTiling bench_tiling(const BenchAttentionConfig& c, int64_t kib, CpuTileRule rule) {
   CpuTiling t;
@@ -128,11 +130,15 @@ void bench_validate(const BenchAttentionConfig& c, int n) {
     attention_backward_cpu(got.params, tiling);
     const double errors[] = {o_error, lse_error, max_relative_error(got.dq, want.dq),
                              max_relative_error(got.dk, want.dk), max_relative_error(got.dv, want.dv)};
-    fmt::print("validate N={:<5} dropout={:.1f}: max error relative to max |ref|: O {:.1e} LSE {:.1e} dQ {:.1e} "
-               "dK {:.1e} dV {:.1e}\n", n, dropout, errors[0], errors[1], errors[2], errors[3], errors[4]);
+    fmt::print(
+        "validate N={:<5} dropout={:.1f}: max error relative to max |ref|: O {:.1e} LSE {:.1e} dQ {:.1e} "
+        "dK {:.1e} dV {:.1e}\n",
+        n, dropout, errors[0], errors[1], errors[2], errors[3], errors[4]);
     for (double e : errors) {
-      FLASHGPT_CHECK(e <= kTolerance, "bench attention: the tiled path disagrees with the reference at N={} "
-                     "(error {:.2e} > {:.0e}); not timing a wrong kernel", n, e, kTolerance);
+      FLASHGPT_CHECK(e <= kTolerance,
+                     "bench attention: the tiled path disagrees with the reference at N={} "
+                     "(error {:.2e} > {:.0e}); not timing a wrong kernel",
+                     n, e, kTolerance);
     }
   }
 }
@@ -142,9 +148,9 @@ struct TimingRow {
   bool naive_ran;
   double naive_fwd_s, naive_bwd_s, tiled_fwd_s, tiled_bwd_s;
   int64_t naive_fwd_bytes, naive_bwd_bytes, tiled_fwd_bytes, tiled_bwd_bytes;
-  uint64_t tiled_io_bytes;     // counted in the timed forward
+  uint64_t tiled_io_bytes;      // counted in the timed forward
   uint64_t tiled_bwd_io_bytes;  // counted in the timed backward
-  double standard_io_bytes;    // Algorithm 0's reads and writes, by formula
+  double standard_io_bytes;     // Algorithm 0's reads and writes, by formula
 };
 
 struct IoRow {
@@ -157,12 +163,12 @@ struct IoRow {
 };
 
 void bench_print_config(const BenchAttentionConfig& c) {
-  fmt::print("bench attention: device={} batch={} heads={} head_dim={} causal={} N={}..{} (naive up to {}, IO "
-             "sweep up to {}) threads={} M={} KiB ({} rule) IO sweep M={} KiB backward={} out='{}'\n",
-             c.device, c.batch, c.heads, c.head_dim, c.causal, c.min_seqlen, c.max_seqlen, c.naive_max_seqlen,
-             c.io_max_seqlen, c.threads > 0 ? c.threads : omp_get_max_threads(), c.onchip_kib,
-             c.rule,
-             fmt::join(c.io_onchip_kib, ","), c.backward, c.out_dir);
+  fmt::print(
+      "bench attention: device={} batch={} heads={} head_dim={} causal={} N={}..{} (naive up to {}, IO "
+      "sweep up to {}) threads={} M={} KiB ({} rule) IO sweep M={} KiB backward={} out='{}'\n",
+      c.device, c.batch, c.heads, c.head_dim, c.causal, c.min_seqlen, c.max_seqlen, c.naive_max_seqlen, c.io_max_seqlen,
+      c.threads > 0 ? c.threads : omp_get_max_threads(), c.onchip_kib, c.rule, fmt::join(c.io_onchip_kib, ","),
+      c.backward, c.out_dir);
   fmt::print("times are the fastest of repeated runs (at least {:.1f} s per measurement)\n\n", c.min_time_s);
 }
 
@@ -187,11 +193,12 @@ void bench_attention_run(BenchAttentionConfig c) {
   // ---- time and memory ----
   const CpuTiling tiling = bench_tiling(c, c.onchip_kib, bench_rule(c.rule));
   const CpuTileShape tile = attention_cpu_tile_shape(tiling, c.head_dim);
-  fmt::print("naive = reference (S and P in double), tiled = FlashAttention (Br={}, Bc={}); peak = workspace "
-             "allocated beyond inputs and outputs (max of forward and backward); IO = bytes between tensors and "
-             "tiles in the tiled passes (counted) vs standard attention's forward (Algorithm 0, 4N^2 + 4Nd "
-             "floats)\n",
-             tile.block_rows, tile.block_cols);
+  fmt::print(
+      "naive = reference (S and P in double), tiled = FlashAttention (Br={}, Bc={}); peak = workspace "
+      "allocated beyond inputs and outputs (max of forward and backward); IO = bytes between tensors and "
+      "tiles in the tiled passes (counted) vs standard attention's forward (Algorithm 0, 4N^2 + 4Nd "
+      "floats)\n",
+      tile.block_rows, tile.block_cols);
   fmt::print("{:>6} | {:>10} {:>10} {:>6} | {:>10} {:>10} {:>6} | {:>11} {:>11} | {:>11} {:>11} {:>11}\n", "N",
              "naive fwd", "tiled fwd", "ratio", "naive bwd", "tiled bwd", "ratio", "naive peak", "tiled peak",
              "tiled fwd", "tiled bwd", "standard");
@@ -251,8 +258,9 @@ void bench_attention_run(BenchAttentionConfig c) {
   }
 
   // ---- IO against the bound, several M ----
-  fmt::print("\nIO of the tiled forward against Theorem 2's bound N^2 d^2 / M (M in floats, x4 bytes, x batch*heads), "
-             "valid for d <= M <= N d\n");
+  fmt::print(
+      "\nIO of the tiled forward against Theorem 2's bound N^2 d^2 / M (M in floats, x4 bytes, x batch*heads), "
+      "valid for d <= M <= N d\n");
   fmt::print("{:>6} {:>9} {:>9} {:>11} {:>13} {:>13} {:>13}\n", "N", "M", "rule", "Br x Bc", "counted", "bound",
              "counted/bound");
   std::vector<IoRow> io_rows;
@@ -265,12 +273,15 @@ void bench_attention_run(BenchAttentionConfig c) {
         IoCounter io;
         attention_forward_cpu(x.params, t, &io);
         const double m_floats = kib * 1024 / 4.0;
-        IoRow r{n, kib * 1024, rule == CpuTileRule::paper ? "paper" : "max_rows",
-                attention_cpu_tile_shape(t, c.head_dim), io.total(),
+        IoRow r{n,
+                kib * 1024,
+                rule == CpuTileRule::paper ? "paper" : "max_rows",
+                attention_cpu_tile_shape(t, c.head_dim),
+                io.total(),
                 4.0 * c.batch * c.heads * double(n) * n * c.head_dim * c.head_dim / m_floats};
         fmt::print("{:>6} {:>9} {:>9} {:>11} {:>13} {:>13} {:>13.2f}{}\n", n, format_bytes(double(r.onchip_bytes)),
-                   r.rule, fmt::format("{}x{}", r.tile.block_rows, r.tile.block_cols), format_bytes(double(r.counted_bytes)),
-                   format_bytes(r.bound_bytes), r.counted_bytes / r.bound_bytes,
+                   r.rule, fmt::format("{}x{}", r.tile.block_rows, r.tile.block_cols),
+                   format_bytes(double(r.counted_bytes)), format_bytes(r.bound_bytes), r.counted_bytes / r.bound_bytes,
                    m_floats > double(n) * c.head_dim ? "  (M > N d: outside the bound's range)" : "");
         io_rows.push_back(r);
       }
@@ -285,7 +296,8 @@ void bench_attention_run(BenchAttentionConfig c) {
   {
     std::ofstream out(timing_csv);
     out << "n,batch,heads,head_dim,causal,naive_ran,naive_fwd_s,naive_bwd_s,tiled_fwd_s,tiled_bwd_s,"
-           "naive_fwd_bytes,naive_bwd_bytes,tiled_fwd_bytes,tiled_bwd_bytes,tiled_io_bytes,tiled_bwd_io_bytes,standard_io_bytes\n";
+           "naive_fwd_bytes,naive_bwd_bytes,tiled_fwd_bytes,tiled_bwd_bytes,tiled_io_bytes,tiled_bwd_io_bytes,standard_"
+           "io_bytes\n";
     for (const TimingRow& r : rows) {
       out << fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", r.n, c.batch, c.heads, c.head_dim,
                          int(c.causal), int(r.naive_ran), r.naive_fwd_s, r.naive_bwd_s, r.tiled_fwd_s, r.tiled_bwd_s,
@@ -344,8 +356,7 @@ void cli_add_bench_attention(CLI::App& bench) {
   cmd->add_option("--rule", config->rule, "Tile rule of the timed tiled run: paper (Br = min(Bc, d)) or max_rows")
       ->check(CLI::IsMember({"paper", "max_rows"}))
       ->capture_default_str();
-  cmd->add_option("--io-onchip-kib", config->io_onchip_kib, "Budgets M of the IO sweep, KiB")
-      ->capture_default_str();
+  cmd->add_option("--io-onchip-kib", config->io_onchip_kib, "Budgets M of the IO sweep, KiB")->capture_default_str();
   cmd->add_option("--min-time", config->min_time_s, "Seconds to repeat each measurement for")->capture_default_str();
   cmd->callback([config] { bench_attention_run(*config); });
 }

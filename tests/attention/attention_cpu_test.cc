@@ -39,32 +39,33 @@ TEST_P(TiledMatchesReference, ForwardAndBackward) { expect_tiled_matches_referen
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, TiledMatchesReference,
-    ::testing::Values(
-        TiledCase{"len1", dense(2, 1, 1, 2, 2, 64, kFull, 0.0f), {}},
-        TiledCase{"len1_causal_dropout", dense(1, 1, 1, 1, 1, 32, kCausal, 0.2f), {}},
-        TiledCase{"len17_d32", dense(2, 17, 17, 2, 1, 32, kFull, 0.0f), tiles(4, 5)},
-        TiledCase{"len17_d96_causal", dense(1, 17, 17, 3, 3, 96, kCausal, 0.0f), tiles(3, 7)},
-        TiledCase{"len128_d64_causal_dropout", dense(2, 128, 128, 4, 2, 64, kCausal, 0.1f), {}},
-        TiledCase{"len128_d128_gqa", dense(1, 128, 128, 4, 2, 128, kFull, 0.0f), budget(16 * 1024)},
-        TiledCase{"len128_d256", dense(1, 128, 128, 2, 2, 256, kFull, 0.3f), budget(64 * 1024)},
-        TiledCase{"len128_d256_mqa_causal", dense(1, 128, 128, 4, 1, 256, kCausal, 0.0f), {}},
-        TiledCase{"q100_k37_causal", dense(2, 100, 37, 2, 2, 64, kCausal, 0.0f), tiles(16, 8)},
-        TiledCase{"q37_k100_causal", dense(2, 37, 100, 2, 2, 64, kCausal, 0.1f), tiles(8, 16)},
-        TiledCase{"q1_k1000_causal", dense(1, 1, 1000, 2, 1, 32, kCausal, 0.0f), {}},
-        TiledCase{"q1000_k1_causal", dense(1, 1000, 1, 2, 1, 32, kCausal, 0.0f), {}},
-        TiledCase{"len1000_d64", dense(1, 1000, 1000, 2, 1, 64, kFull, 0.0f), budget(32 * 1024)},
-        TiledCase{"len1000_d128_causal_dropout", dense(1, 1000, 1000, 1, 1, 128, kCausal, 0.15f),
-                  budget(256 * 1024, CpuTileRule::max_rows)},
-        TiledCase{"len1000_d32_max_rows", dense(1, 1000, 1000, 2, 2, 32, kFull, 0.0f),
-                  budget(16 * 1024, CpuTileRule::max_rows)},
-        TiledCase{"q4097_k64_d64_causal", dense(1, 4097, 64, 1, 1, 64, kCausal, 0.1f), {}},
-        TiledCase{"q64_k4097_d64", dense(1, 64, 4097, 2, 1, 64, kFull, 0.0f), {}},
-        TiledCase{"len4097_d32_causal_forward", dense(1, 4097, 4097, 1, 1, 32, kCausal, 0.0f), {}, false},
-        TiledCase{"varlen_mixed", varlen({0, 1, 17, 128, 5, 3}, {3, 1, 17, 128, 0, 64}, 2, 1, 64, kFull, 0.0f),
-                  tiles(16, 16)},
-        TiledCase{"varlen_mixed_causal_dropout",
-                  varlen({0, 1, 17, 128, 40, 3}, {5, 1, 33, 100, 0, 64}, 4, 2, 32, kCausal, 0.2f), tiles(8, 12)},
-        TiledCase{"varlen_d256", varlen({1, 0, 77}, {1, 9, 60}, 2, 2, 256, kCausal, 0.0f), {}}),
+    ::testing::Values(TiledCase{"len1", dense(2, 1, 1, 2, 2, 64, kFull, 0.0f), {}},
+                      TiledCase{"len1_causal_dropout", dense(1, 1, 1, 1, 1, 32, kCausal, 0.2f), {}},
+                      TiledCase{"len17_d32", dense(2, 17, 17, 2, 1, 32, kFull, 0.0f), tiles(4, 5)},
+                      TiledCase{"len17_d96_causal", dense(1, 17, 17, 3, 3, 96, kCausal, 0.0f), tiles(3, 7)},
+                      TiledCase{"len128_d64_causal_dropout", dense(2, 128, 128, 4, 2, 64, kCausal, 0.1f), {}},
+                      TiledCase{"len128_d128_gqa", dense(1, 128, 128, 4, 2, 128, kFull, 0.0f), budget(16 * 1024)},
+                      TiledCase{"len128_d256", dense(1, 128, 128, 2, 2, 256, kFull, 0.3f), budget(64 * 1024)},
+                      TiledCase{"len128_d256_mqa_causal", dense(1, 128, 128, 4, 1, 256, kCausal, 0.0f), {}},
+                      TiledCase{"q100_k37_causal", dense(2, 100, 37, 2, 2, 64, kCausal, 0.0f), tiles(16, 8)},
+                      TiledCase{"q37_k100_causal", dense(2, 37, 100, 2, 2, 64, kCausal, 0.1f), tiles(8, 16)},
+                      TiledCase{"q1_k1000_causal", dense(1, 1, 1000, 2, 1, 32, kCausal, 0.0f), {}},
+                      TiledCase{"q1000_k1_causal", dense(1, 1000, 1, 2, 1, 32, kCausal, 0.0f), {}},
+                      TiledCase{"len1000_d64", dense(1, 1000, 1000, 2, 1, 64, kFull, 0.0f), budget(32 * 1024)},
+                      TiledCase{"len1000_d128_causal_dropout", dense(1, 1000, 1000, 1, 1, 128, kCausal, 0.15f),
+                                budget(256 * 1024, CpuTileRule::max_rows)},
+                      TiledCase{"len1000_d32_max_rows", dense(1, 1000, 1000, 2, 2, 32, kFull, 0.0f),
+                                budget(16 * 1024, CpuTileRule::max_rows)},
+                      TiledCase{"q4097_k64_d64_causal", dense(1, 4097, 64, 1, 1, 64, kCausal, 0.1f), {}},
+                      TiledCase{"q64_k4097_d64", dense(1, 64, 4097, 2, 1, 64, kFull, 0.0f), {}},
+                      TiledCase{"len4097_d32_causal_forward", dense(1, 4097, 4097, 1, 1, 32, kCausal, 0.0f), {}, false},
+                      TiledCase{"varlen_mixed",
+                                varlen({0, 1, 17, 128, 5, 3}, {3, 1, 17, 128, 0, 64}, 2, 1, 64, kFull, 0.0f),
+                                tiles(16, 16)},
+                      TiledCase{"varlen_mixed_causal_dropout",
+                                varlen({0, 1, 17, 128, 40, 3}, {5, 1, 33, 100, 0, 64}, 4, 2, 32, kCausal, 0.2f),
+                                tiles(8, 12)},
+                      TiledCase{"varlen_d256", varlen({1, 0, 77}, {1, 9, 60}, 2, 2, 256, kCausal, 0.0f), {}}),
     case_name);
 
 // ---- the reference itself -----------------------------------------------------------------
@@ -321,8 +322,12 @@ TEST(AttentionDropout, MaskIsTheSameForEveryTilingAndThreadCount) {
     for (int h = 0; h < heads; ++h) x.v[(t * heads + h) * d + (t - x.cu_k[t >= 2 * seqlen ? 2 : t >= seqlen])] = 1;
   }
   const uint32_t threshold = dropout_threshold(p);
-  const CpuTiling tilings[] = {tiles(1, 1, 1), tiles(7, 5, 2), tiles(64, 64, 3), budget(16 * 1024),
-                               budget(64 * 1024, CpuTileRule::max_rows), {}};
+  const CpuTiling tilings[] = {tiles(1, 1, 1),
+                               tiles(7, 5, 2),
+                               tiles(64, 64, 3),
+                               budget(16 * 1024),
+                               budget(64 * 1024, CpuTileRule::max_rows),
+                               {}};
   for (const CpuTiling& tiling : tilings) {
     x.clear_outputs();
     attention_forward_cpu(x.params(), tiling);
@@ -502,10 +507,9 @@ std::string error_of(void (*run)(const AttentionParams&), const AttentionParams&
 
 TEST(AttentionErrors, BadInputGetsAClearError) {
   using Run = void (*)(const AttentionParams&);
-  const Run runs[] = {
-      attention_forward_reference, attention_backward_reference,
-      [](const AttentionParams& p) { attention_forward_cpu(p); },
-      [](const AttentionParams& p) { attention_backward_cpu(p); }};
+  const Run runs[] = {attention_forward_reference, attention_backward_reference,
+                      [](const AttentionParams& p) { attention_forward_cpu(p); },
+                      [](const AttentionParams& p) { attention_backward_cpu(p); }};
   struct Case {
     void (*spoil)(AttentionParams&);
     const char* expected;
@@ -550,8 +554,8 @@ TEST(AttentionTiles, PaperRuleAndMaxRowsRuleFitTheBudget) {
   for (int64_t kib : {16, 64, 256, 1024}) {
     for (int d : {32, 64, 128, 256}) {
       const CpuTileShape t = attention_cpu_tile_shape(budget(kib * 1024, CpuTileRule::max_rows), d);
-      const int64_t used = 2 * int64_t{t.block_rows} * d + 2 * int64_t{t.block_cols} * d +
-                           int64_t{t.block_rows} * t.block_cols;
+      const int64_t used =
+          2 * int64_t{t.block_rows} * d + 2 * int64_t{t.block_cols} * d + int64_t{t.block_rows} * t.block_cols;
       EXPECT_LE(used, kib * 1024 / 4) << kib << " KiB, d " << d;
       EXPECT_GT(used, kib * 1024 / 4 * 3 / 4) << "the budget should be mostly used: " << kib << " KiB, d " << d;
     }
@@ -607,7 +611,7 @@ TEST(AttentionIo, MaxRowsRuleFollowsTheN2D2OverMBound) {
   for (int64_t kib : {16, 64, 128, 256}) {
     IoCounter io;
     attention_forward_cpu(x.params(), budget(kib * 1024, CpuTileRule::max_rows), &io);
-    const double m = kib * 1024 / 4.0;                    // floats
+    const double m = kib * 1024 / 4.0;                   // floats
     const double bound = double(n) * n * d * d / m * 4;  // bytes
     EXPECT_GT(io.total(), 1.0 * bound) << kib << " KiB";
     EXPECT_LT(io.total(), 8.0 * bound) << kib << " KiB";

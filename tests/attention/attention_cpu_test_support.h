@@ -42,9 +42,9 @@ struct AttentionBuffers {
   AttentionShape shape;
   int64_t total_q = 0, total_k = 0;
   std::vector<int32_t> cu_q, cu_k;
-  std::vector<T> q, k, v, d_o;          // inputs
-  std::vector<T> o, dq, dk, dv;         // outputs
-  std::vector<float> lse;               // (batch, heads_q, seqlen_q) or (heads_q, total_q)
+  std::vector<T> q, k, v, d_o;   // inputs
+  std::vector<T> o, dq, dk, dv;  // outputs
+  std::vector<float> lse;        // (batch, heads_q, seqlen_q) or (heads_q, total_q)
 
   explicit AttentionBuffers(AttentionShape s) : shape(std::move(s)) {
     if (shape.varlen()) {
@@ -168,7 +168,7 @@ inline void PrintTo(const TiledCase& c, std::ostream* os) { *os << c.name; }
 inline std::string case_name(const ::testing::TestParamInfo<TiledCase>& info) { return info.param.name; }
 
 inline AttentionShape dense(int batch, int seqlen_q, int seqlen_k, int heads_q, int heads_kv, int d, Mask mask,
-                     float dropout_p) {
+                            float dropout_p) {
   AttentionShape s;
   s.batch = batch, s.seqlen_q = seqlen_q, s.seqlen_k = seqlen_k, s.heads_q = heads_q, s.heads_kv = heads_kv;
   s.head_dim = d, s.mask = mask, s.dropout_p = dropout_p;
@@ -176,7 +176,7 @@ inline AttentionShape dense(int batch, int seqlen_q, int seqlen_k, int heads_q, 
 }
 
 inline AttentionShape varlen(std::vector<int32_t> lens_q, std::vector<int32_t> lens_k, int heads_q, int heads_kv, int d,
-                      Mask mask, float dropout_p) {
+                             Mask mask, float dropout_p) {
   AttentionShape s = dense(0, 0, 0, heads_q, heads_kv, d, mask, dropout_p);
   s.lens_q = std::move(lens_q), s.lens_k = std::move(lens_k);
   return s;
