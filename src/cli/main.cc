@@ -13,6 +13,8 @@ int main(int argc, char** argv) {
   app.fallthrough();
   flashgpt::cli_add_version(app);
   flashgpt::cli_add_bench(app);
+  flashgpt::cli_add_tokenize(app);
+  flashgpt::cli_add_bench_tokenizer(*app.get_subcommand("bench"));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
