@@ -285,7 +285,10 @@ std::vector<TokenId> Tokenizer::encode(std::string_view text, const SpecialToken
                                        InvalidUtf8 invalid) const {
   std::string storage;
   std::string_view valid = impl_->valid_text(text, invalid, storage);
+  // Like tiktoken: the leftmost disallowed special token in the text is an error.
   std::vector<const std::pair<std::string, TokenId>*> allowed;
+  size_t disallowed_at = std::string_view::npos;
+  const std::string* disallowed = nullptr;
   for (const auto& special : impl_->specials) {
     bool is_allowed = policy.allow_all ||
                       std::find(policy.allowed.begin(), policy.allowed.end(), special.first) != policy.allowed.end();
@@ -293,12 +296,13 @@ std::vector<TokenId> Tokenizer::encode(std::string_view text, const SpecialToken
       allowed.push_back(&special);
     } else if (policy.disallow_all_others) {
       size_t at = valid.find(special.first);
-      FLASHGPT_CHECK(at == std::string_view::npos,
-                     "the text contains the disallowed special token {} at byte offset {}; allow it to encode it as "
-                     "its special id, or stop disallowing it to encode it as ordinary text",
-                     special.first, at);
+      if (at < disallowed_at) disallowed_at = at, disallowed = &special.first;
     }
   }
+  FLASHGPT_CHECK(!disallowed,
+                 "the text contains the disallowed special token {} at byte offset {}; allow it to encode it as its "
+                 "special id, or stop disallowing it to encode it as ordinary text",
+                 *disallowed, disallowed_at);
   std::vector<TokenId> out;
   out.reserve(valid.size() / 4 + 16);
   size_t pos = 0;
