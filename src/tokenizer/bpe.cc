@@ -21,6 +21,12 @@ void RankMap::build(const std::vector<std::string_view>& tokens) {
     while (slots_[slot].rank != kNoRank) slot = (slot + 1) & mask_;
     slots_[slot] = Slot{static_cast<uint32_t>(h >> 32), static_cast<uint32_t>(rank)};
   }
+  pair_ranks_.assign(65536, kNoRank);
+  for (size_t rank = 0; rank < tokens.size(); ++rank) {
+    if (tokens[rank].size() != 2) continue;
+    auto bytes = reinterpret_cast<const uint8_t*>(tokens[rank].data());
+    pair_ranks_[size_t(bytes[0]) << 8 | bytes[1]] = uint32_t(rank);
+  }
 }
 
 namespace {
@@ -34,9 +40,11 @@ void bpe_scan(const RankMap& ranks, const uint8_t* p, size_t n, std::vector<Toke
     uint32_t start;
     uint32_t rank;
   };
-  thread_local std::vector<Part> parts;
-  parts.resize(n + 1);
-  for (size_t i = 0; i + 1 < n; ++i) parts[i] = {uint32_t(i), ranks.find(p + i, 2)};
+  Part stack_parts[kScanMaxBytes + 1];
+  std::vector<Part> heap_parts;  // only when the scan is forced on a long piece (tests)
+  if (n > kScanMaxBytes) heap_parts.resize(n + 1);
+  Part* parts = n > kScanMaxBytes ? heap_parts.data() : stack_parts;
+  for (size_t i = 0; i + 1 < n; ++i) parts[i] = {uint32_t(i), ranks.find_pair(p + i)};
   parts[n - 1] = {uint32_t(n - 1), kNoRank};
   parts[n] = {uint32_t(n), kNoRank};
   size_t count = n + 1;
@@ -52,7 +60,7 @@ void bpe_scan(const RankMap& ranks, const uint8_t* p, size_t n, std::vector<Toke
     if (min_rank == kNoRank) break;
     if (min_i > 0) parts[min_i - 1].rank = rank_after_merge(min_i - 1);
     parts[min_i].rank = rank_after_merge(min_i);
-    std::copy(parts.begin() + min_i + 2, parts.begin() + count, parts.begin() + min_i + 1);
+    std::copy(parts + min_i + 2, parts + count, parts + min_i + 1);
     --count;
   }
   for (size_t i = 0; i + 1 < count; ++i)
@@ -73,7 +81,7 @@ void bpe_heap(const RankMap& ranks, const uint8_t* p, size_t n, std::vector<Toke
   heap.clear();
   const uint32_t none = uint32_t(n);
   for (size_t i = 0; i < n; ++i) {
-    uint32_t rank = i + 1 < n ? ranks.find(p + i, 2) : kNoRank;
+    uint32_t rank = i + 1 < n ? ranks.find_pair(p + i) : kNoRank;
     nodes[i] = {uint32_t(i + 1), i == 0 ? none : uint32_t(i - 1), i + 1 < n ? uint32_t(i + 1) : none, rank, true};
     if (rank != kNoRank) heap.push_back(uint64_t(rank) << 32 | i);
   }

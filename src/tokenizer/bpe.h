@@ -35,6 +35,8 @@ class RankMap {
         return s.rank;
     }
   }
+  // The rank of a two-byte token, from a direct table (the first lookups of every merge).
+  uint32_t find_pair(const uint8_t* p) const { return pair_ranks_[size_t(p[0]) << 8 | p[1]]; }
   static uint64_t hash(const uint8_t* p, size_t n) {
     uint64_t h = 0x9E3779B97F4A7C15ull ^ (n * 0xFF51AFD7ED558CCDull);
     if (n >= 8) {
@@ -88,6 +90,7 @@ class RankMap {
     uint32_t rank = kNoRank;
   };
   std::vector<Slot> slots_;
+  std::vector<uint32_t> pair_ranks_;  // 65536 entries
   std::vector<std::string_view> tokens_;
   size_t mask_ = 0;
 };
