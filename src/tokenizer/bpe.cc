@@ -19,7 +19,8 @@ void RankMap::build(const std::vector<std::string_view>& tokens) {
     uint64_t h = hash(bytes, tokens[rank].size());
     size_t slot = h & mask_;
     while (slots_[slot].rank != kNoRank) slot = (slot + 1) & mask_;
-    slots_[slot] = Slot{static_cast<uint32_t>(h >> 32), static_cast<uint32_t>(rank)};
+    slots_[slot] = Slot{prefix8(bytes, tokens[rank].size()), static_cast<uint32_t>(rank),
+                        static_cast<uint32_t>(tokens[rank].size())};
   }
   pair_ranks_.assign(65536, kNoRank);
   for (size_t rank = 0; rank < tokens.size(); ++rank) {

@@ -75,7 +75,7 @@ class Pretokenizer {
   };
   static constexpr uint8_t kLetterNumberSpace = unicode::kLetter | unicode::kNumber | unicode::kSpace;
 
-  Char at(size_t i) const {
+  [[gnu::always_inline]] Char at(size_t i) const {
     uint8_t b = s_[i];
     if (b < 0x80) return {table_[b], 1};
     uint32_t cp;
@@ -93,7 +93,7 @@ class Pretokenizer {
   bool is_newline(size_t i) const { return s_[i] == '\r' || s_[i] == '\n'; }
 
   // End of the run of characters having any of `mask`, from i.
-  size_t run(size_t i, uint8_t mask) const {
+  [[gnu::always_inline]] size_t run(size_t i, uint8_t mask) const {
     while (i < n_) {
       if (s_[i] < 0x80) {
         if (!(table_[s_[i]] & mask)) break;

@@ -100,7 +100,7 @@ bool base64_decode(std::string_view in, std::string& out) {
 // words, and a hit costs one hash (already computed for the rank lookup) and one compare.
 // Direct-mapped, one 64-byte entry per slot; it belongs to one tokenizer at a time.
 struct PieceCache {
-  static constexpr size_t kSlots = 1 << 14;
+  static constexpr size_t kSlots = 1 << 15;
   static constexpr size_t kMaxKey = 22;
   static constexpr size_t kMaxIds = 8;
   struct Entry {
