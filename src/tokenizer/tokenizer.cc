@@ -114,13 +114,21 @@ struct PieceCache {
   uint64_t owner = 0;
   std::vector<Entry> entries;
 
+  uint64_t last_use = 0;
+
+  // This thread's cache for tokenizer `uid`: a thread keeps two, so that code alternating
+  // between two tokenizers does not clear one on every call.
   static PieceCache& for_tokenizer(uint64_t uid) {
-    thread_local PieceCache cache;
-    if (cache.owner != uid) {
-      cache.entries.assign(kSlots, Entry{});
-      cache.owner = uid;
+    thread_local PieceCache caches[2];
+    thread_local uint64_t clock = 0;
+    PieceCache* cache = caches[0].owner == uid ? &caches[0] : caches[1].owner == uid ? &caches[1] : nullptr;
+    if (!cache) {
+      cache = caches[0].last_use <= caches[1].last_use ? &caches[0] : &caches[1];
+      cache->entries.assign(kSlots, Entry{});
+      cache->owner = uid;
     }
-    return cache;
+    cache->last_use = ++clock;
+    return *cache;
   }
 };
 
