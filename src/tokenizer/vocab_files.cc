@@ -132,6 +132,10 @@ std::string vocab_rank_file_read(std::string_view name, const std::filesystem::p
   std::string where;
   for (const auto& path : looked) where += fmt::format("\n  {}", path.string());
 #ifdef FLASHGPT_WITH_CURL
+  const char* offline = std::getenv("FLASHGPT_OFFLINE");
+  FLASHGPT_CHECK(!offline || !*offline || std::string_view(offline) == "0",
+                 "the {} rank file is missing; looked in:{}\nand FLASHGPT_OFFLINE is set, so {} was not downloaded", name,
+                 where, known->url);
   std::string why;
   if (auto body = url_download(known->url, &why)) {
     rank_file_verify(*known, *body, known->url);

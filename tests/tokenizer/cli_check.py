@@ -69,7 +69,8 @@ def main():
         check([int(x) for x in sp.stdout.split()] == enc.encode("a<|endoftext|>", allowed_special="all"),
               "--allowed-special all")
         missing = subprocess.run([args.flashgpt, "tokenize", "-e", name, "--vocab-dir", tmp, "-"], input=b"x",
-                                 capture_output=True, env={**os.environ, "FLASHGPT_CACHE_DIR": tmp})
+                                 capture_output=True, env={**os.environ, "FLASHGPT_CACHE_DIR": tmp, "TIKTOKEN_CACHE_DIR": tmp,
+                                                                "FLASHGPT_OFFLINE": "1"})
         check(missing.returncode != 0 and b"missing" in missing.stderr and tmp.encode() in missing.stderr,
               "missing rank file: error naming where it looked")
         # No vocab dir, nothing in our cache: tiktoken's download cache (file named sha1(url)).
