@@ -66,6 +66,9 @@ def main():
     parser.add_argument("--encodings", default="cl100k_base")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternate tiktoken and flashgpt this many times, keep the best of each "
+                             "(on a shared, noisy machine)")
     parser.add_argument("--csv", type=Path, default=ROOT / "results" / "tokenizer_bench.csv")
     args = parser.parse_args()
     import tiktoken
@@ -95,14 +98,20 @@ def main():
                 ids.frombytes(out)
                 if ids.tolist() != expected:
                     sys.exit(f"{name}: flashgpt's ids differ from tiktoken's (threads={threads}); not timing")
-            t_single = best_seconds(args.repeat, lambda: enc.encode_ordinary(text))
-            t_batch = best_seconds(args.repeat, lambda: enc.encode_ordinary_batch(docs, num_threads=args.threads))
+            t_single = t_batch = float("inf")
             ours = {}
-            for threads in (1, args.threads):
-                run = subprocess.run([args.flashgpt, "bench", "tokenizer", "-e", name, "--vocab-dir", str(vocab_dir),
-                                      "--threads", str(threads), "--repeat", str(args.repeat), str(path)],
-                                     check=True, capture_output=True, text=True)
-                ours[threads] = json.loads(run.stdout)
+            for _ in range(args.rounds):
+                t_single = min(t_single, best_seconds(args.repeat, lambda: enc.encode_ordinary(text)))
+                t_batch = min(t_batch, best_seconds(
+                    args.repeat, lambda: enc.encode_ordinary_batch(docs, num_threads=args.threads)))
+                for threads in (1, args.threads):
+                    run = subprocess.run([args.flashgpt, "bench", "tokenizer", "-e", name, "--vocab-dir",
+                                          str(vocab_dir), "--threads", str(threads), "--repeat", str(args.repeat),
+                                          str(path)], check=True, capture_output=True, text=True)
+                    result = json.loads(run.stdout)
+                    best = ours.setdefault(threads, result)
+                    for key in ("single_mb_s", "parallel_mb_s", "batch_mb_s"):
+                        best[key] = max(best[key], result[key])
             rows.append({
                 "encoding": name, "bytes": len(raw), "tokens": len(expected), "threads": args.threads,
                 "tiktoken_single_mb_s": mb / t_single, "tiktoken_batch_mb_s": mb / t_batch,
@@ -125,7 +134,7 @@ def main():
         writer.writeheader()
         for r in rows:
             writer.writerow({**r, "machine": f"{cpu_name()} x{os.cpu_count()}"})
-    print(f"wrote {args.csv}")
+    print(f"wrote {args.csv} (best of {args.rounds} alternating rounds x {args.repeat} runs)")
 
 
 if __name__ == "__main__":
