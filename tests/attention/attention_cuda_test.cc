@@ -151,6 +151,9 @@ void reference_head(const RefSeq& s, double scale, bool causal, float dropout, D
   }
 }
 
+// ||out - ref|| / ||ref||, with ||ref|| floored at an RMS of 0.05: some gradients are
+// exactly zero in exact arithmetic (one key: dS = P (dP - D) = 0) and only rounding noise
+// on the GPU, where a pure relative error would be meaningless.
 double rel_error(const std::vector<float>& out, const std::vector<double>& ref) {
   double num = 0, den = 0;
   for (size_t i = 0; i < ref.size(); ++i) {
@@ -158,7 +161,7 @@ double rel_error(const std::vector<float>& out, const std::vector<double>& ref) 
     num += e * e;
     den += ref[i] * ref[i];
   }
-  return std::sqrt(num / std::max(den, 1e-30));
+  return std::sqrt(num / std::max(den, 0.05 * 0.05 * double(ref.size())));
 }
 
 bool all_finite(const std::vector<float>& v) {
