@@ -365,6 +365,20 @@ TEST(AttentionCuda, ForwardBackwardMatchReference) {
   }
 }
 
+// Small shapes covering every code path (masking, GQA, varlen, dropout, deterministic
+// semaphores) for compute-sanitizer memcheck / racecheck runs:
+//   compute-sanitizer --tool racecheck attention_cuda_test --gtest_filter=*SmallShapes*
+TEST(AttentionCuda, SmallShapesForSanitizer) {
+  const auto bf = DType::bf16;
+  for (int d : {64, 128}) {
+    if (!attention_cuda_head_dim_compiled(d)) continue;
+    run_case({"small causal gqa dropout", 2, 70, 90, 4, 2, d, Mask::causal, 0.2f, bf, {}, {}}, true,
+             Determinism::fast, 5, /*compare=*/false);
+    run_case({"small varlen", 0, 0, 0, 2, 1, d, Mask::causal, 0.0f, bf, {3, 0, 80}, {5, 2, 70}}, true,
+             Determinism::deterministic, 5, /*compare=*/false);
+  }
+}
+
 TEST(AttentionCuda, LongSequenceForward) {
   if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
   run_case({"d64 s4097 causal", 1, 4097, 4097, 1, 1, 64, Mask::causal, 0.0f, DType::bf16, {}, {}},
