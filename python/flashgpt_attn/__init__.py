@@ -45,11 +45,22 @@ def _extension():
             sources=[str(pathlib.Path(__file__).parent / "binding.cpp")],
             extra_include_paths=[str(_REPO / "include")],
             extra_cflags=["-O2", "-std=c++20"],
-            extra_ldflags=[str(lib), "-lfmt", "-lgomp"],
+            extra_ldflags=[str(lib), *_fmt_ldflags(build), "-lgomp"],
+            with_cuda=True,
             build_directory=str(_ensure_dir(build / "torch_ext")),
             verbose=bool(os.environ.get("FLASHGPT_VERBOSE_BUILD")),
         )
     return _ext
+
+
+def _fmt_ldflags(build):
+    """Link fmt from where the CMake build found it (its config sits in <libdir>/cmake/fmt)."""
+    cache = build / "CMakeCache.txt"
+    for line in cache.read_text().splitlines() if cache.exists() else []:
+        if line.startswith("fmt_DIR:"):
+            libdir = pathlib.Path(line.split("=", 1)[1]).parents[1]
+            return [f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lfmt"]
+    return ["-lfmt"]
 
 
 def _ensure_dir(path):
