@@ -11,16 +11,48 @@
 
 namespace flashgpt::attn {
 
-// Tile choices, one row per head dim. Forward: 16 query rows per warp; the key block
+// Tile choices, one row per head dim. Forward: 16 * kFwdMTiles query rows per warp; the key block
 // shrinks as head_dim grows so that S (kFwdBlockN / 2 floats a thread) and O (head_dim / 2
 // floats a thread) fit in registers. Backward: 16 keys per warp, kBwdBlockM queries per step.
 template <int kHeadDim>
 struct TileConfig;
-template <> struct TileConfig<32>  { static constexpr int kFwdBlockN = 128, kFwdWarps = 8, kBwdBlockM = 64, kBwdWarps = 4; };
-template <> struct TileConfig<64>  { static constexpr int kFwdBlockN = 128, kFwdWarps = 8, kBwdBlockM = 64, kBwdWarps = 4; };
-template <> struct TileConfig<96>  { static constexpr int kFwdBlockN = 64,  kFwdWarps = 8, kBwdBlockM = 64, kBwdWarps = 4; };
-template <> struct TileConfig<128> { static constexpr int kFwdBlockN = 64,  kFwdWarps = 8, kBwdBlockM = 64, kBwdWarps = 8; };
-template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwdWarps = 8, kBwdBlockM = 32, kBwdWarps = 8; };
+template <> struct TileConfig<32>  { static constexpr int kFwdBlockN = 128, kFwdWarps = 4, kFwdMTiles = 2, kBwdBlockM = 64, kBwdWarps = 4; };
+// Kernel lab hook: FLASHGPT_FWD<d>_BLOCK_N / _WARPS / _MTILES (d = 64, 128) override the
+// forward tiles of that head dim at compile time, so bench/attention_gpu/lab.sh can compare
+// variants. (Three macros, not one: nvcc splits -D values at commas.)
+#ifndef FLASHGPT_FWD64_BLOCK_N
+#define FLASHGPT_FWD64_BLOCK_N 64
+#endif
+#ifndef FLASHGPT_FWD64_WARPS
+#define FLASHGPT_FWD64_WARPS 4
+#endif
+#ifndef FLASHGPT_FWD64_MTILES
+#define FLASHGPT_FWD64_MTILES 2
+#endif
+#ifndef FLASHGPT_FWD128_BLOCK_N
+#define FLASHGPT_FWD128_BLOCK_N 32
+#endif
+#ifndef FLASHGPT_FWD128_WARPS
+#define FLASHGPT_FWD128_WARPS 4
+#endif
+#ifndef FLASHGPT_FWD128_MTILES
+#define FLASHGPT_FWD128_MTILES 2
+#endif
+template <> struct TileConfig<64> {
+  static constexpr int kFwdBlockN = FLASHGPT_FWD64_BLOCK_N, kFwdWarps = FLASHGPT_FWD64_WARPS,
+                       kFwdMTiles = FLASHGPT_FWD64_MTILES;
+  static constexpr int kBwdBlockM = 64, kBwdWarps = 4;
+};
+template <> struct TileConfig<96>  { static constexpr int kFwdBlockN = 64,  kFwdWarps = 4, kFwdMTiles = 2, kBwdBlockM = 64, kBwdWarps = 4; };
+template <> struct TileConfig<128> {
+  static constexpr int kFwdBlockN = FLASHGPT_FWD128_BLOCK_N, kFwdWarps = FLASHGPT_FWD128_WARPS,
+                       kFwdMTiles = FLASHGPT_FWD128_MTILES;
+  static constexpr int kBwdBlockM = 64, kBwdWarps = 8;
+};
+  static constexpr int kFwdBlockN = kFwd.block_n, kFwdWarps = kFwd.warps, kFwdMTiles = kFwd.m_tiles;
+  static constexpr int kBwdBlockM = 64, kBwdWarps = 8;
+};
+template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwdWarps = 8, kFwdMTiles = 1, kBwdBlockM = 32, kBwdWarps = 8; };
 
 // Workspace layout, all fp32 or int32, each part 256-byte aligned:
 //   dq_accum [batch, heads_q, seqlen_q, head_dim]  (seqlen_q = max length when varlen)

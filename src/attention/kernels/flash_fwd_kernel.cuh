@@ -10,14 +10,18 @@
 
 namespace flashgpt::attn {
 
-// Tile shape of one forward instance.
-template <int kHeadDim_, int kBlockN_, int kNWarps_, typename Element_>
+// Tile shape of one forward instance. Each warp owns kMTiles m16 tiles of query rows: the
+// K and V fragments it loads from shared memory then feed kMTiles MMAs each, which is what
+// bounds an mma.sync kernel (shared-memory bandwidth), at the price of registers.
+template <int kHeadDim_, int kBlockN_, int kNWarps_, int kMTiles_, typename Element_>
 struct FwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kNWarps = kNWarps_;
+  static constexpr int kMTiles = kMTiles_;
   static constexpr int kThreads = kNWarps * 32;
-  static constexpr int kBlockM = 16 * kNWarps;  // one m16 tile of query rows per warp
+  static constexpr int kWarpRows = 16 * kMTiles;
+  static constexpr int kBlockM = kWarpRows * kNWarps;
   static constexpr int kBlockN = kBlockN_;
   static constexpr int kStride = kHeadDim + 8;  // padded shared row, see flash_common.cuh
   static constexpr int kNTilesS = kBlockN / 8;  // n8 tiles of S per warp
@@ -69,12 +73,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const At
     n_blocks = min(n_blocks, last_col < 0 ? 0 : last_col / kBlockN + 1);
   }
 
-  // Rows of this thread: r0 = m0 + warp*16 + g and r0 + 8 (block-local: warp*16 + g).
-  const int row_local0 = warp * 16 + g;
-  float acc_o[kNTilesO][4];
+  // Rows of this thread: m0 + warp * kWarpRows + mt * 16 + g (+ 8), for mt < kMTiles.
+  constexpr int kMTiles = Traits::kMTiles;
+  const int row_local0 = warp * Traits::kWarpRows + g;
+  float acc_o[kMTiles][kNTilesO][4];
 #pragma unroll
-  for (int i = 0; i < kNTilesO; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.0f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+  for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+    for (int i = 0; i < kNTilesO; ++i) acc_o[mt][i][0] = acc_o[mt][i][1] = acc_o[mt][i][2] = acc_o[mt][i][3] = 0.0f;
+  float row_max[kMTiles][2], row_sum[kMTiles][2];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    row_max[mt][0] = row_max[mt][1] = -INFINITY;
+    row_sum[mt][0] = row_sum[mt][1] = 0.0f;
+  }
   const float scale_log2 = scale * kLog2e;
   const bool use_dropout = p.dropout_p > 0.0f;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
@@ -103,22 +115,29 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const At
     }
     cp_async_commit();
 
-    // S = Q K^T for this warp's 16 rows: kNTilesS n8 tiles.
-    float s[kNTilesS][4];
+    // S = Q K^T for this warp's rows: kMTiles x kNTilesS tiles of m16n8.
+    float s[kMTiles][kNTilesS][4];
 #pragma unroll
-    for (int i = 0; i < kNTilesS; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+    for (int mt = 0; mt < kMTiles; ++mt)
+#pragma unroll
+      for (int i = 0; i < kNTilesS; ++i) s[mt][i][0] = s[mt][i][1] = s[mt][i][2] = s[mt][i][3] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      uint32_t a[4];
-      ldmatrix_x4(a, smem_u32(sQ + (warp * 16 + ldm_row_pattern_row(lane)) * kStride + kk * 16 +
-                              ldm_row_pattern_col(lane)));
+      uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt)
+        ldmatrix_x4(a[mt], smem_u32(sQ + (warp * Traits::kWarpRows + mt * 16 + ldm_row_pattern_row(lane)) * kStride +
+                                    kk * 16 + ldm_row_pattern_col(lane)));
 #pragma unroll
       for (int np = 0; np < kNTilesS / 2; ++np) {
         uint32_t bk[4];
         ldmatrix_x4(bk, smem_u32(sKb + (np * 16 + ldm_pair_pattern_row(lane)) * kStride + kk * 16 +
                                  ldm_pair_pattern_col(lane)));
-        Ops::mma(s[2 * np], a, bk[0], bk[1]);
-        Ops::mma(s[2 * np + 1], a, bk[2], bk[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          Ops::mma(s[mt][2 * np], a[mt], bk[0], bk[1]);
+          Ops::mma(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+        }
       }
     }
 
@@ -126,53 +145,61 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const At
     const bool need_mask = n0 + kBlockN > seq.seqlen_k || (causal && n0 + kBlockN - 1 > m0 + diag);
     if (need_mask) {
 #pragma unroll
-      for (int nt = 0; nt < kNTilesS; ++nt) {
+      for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = n0 + nt * 8 + 2 * t + (e & 1);
-          const int row = m0 + row_local0 + (e >> 1) * 8;
-          if (col >= seq.seqlen_k || (causal && col > row + diag)) s[nt][e] = -INFINITY;
+        for (int nt = 0; nt < kNTilesS; ++nt) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = n0 + nt * 8 + 2 * t + (e & 1);
+            const int row = m0 + row_local0 + mt * 16 + (e >> 1) * 8;
+            if (col >= seq.seqlen_k || (causal && col > row + diag)) s[mt][nt][e] = -INFINITY;
+          }
         }
-      }
     }
 
-    // Online softmax, two rows per thread, four threads per row.
+    // Online softmax, two rows per thread and m tile, four threads per row.
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
+    for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-      for (int nt = 0; nt < kNTilesS; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = warp_quad_max(mx);
-      const float base = mx == -INFINITY ? 0.0f : mx * scale_log2;
-      const float correction = exp2f(row_max[r] * scale_log2 - base);  // 0 when the old max is -inf
-      row_max[r] = mx;
-      row_sum[r] *= correction;
+      for (int r = 0; r < 2; ++r) {
+        float mx = row_max[mt][r];
 #pragma unroll
-      for (int i = 0; i < kNTilesO; ++i) {
-        acc_o[i][2 * r] *= correction;
-        acc_o[i][2 * r + 1] *= correction;
+        for (int nt = 0; nt < kNTilesS; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        mx = warp_quad_max(mx);
+        const float base = mx == -INFINITY ? 0.0f : mx * scale_log2;
+        const float correction = exp2f(row_max[mt][r] * scale_log2 - base);  // 0 when the old max is -inf
+        row_max[mt][r] = mx;
+        row_sum[mt][r] *= correction;
+#pragma unroll
+        for (int i = 0; i < kNTilesO; ++i) {
+          acc_o[mt][i][2 * r] *= correction;
+          acc_o[mt][i][2 * r + 1] *= correction;
+        }
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < kNTilesS; ++nt) {
+          s[mt][nt][2 * r] = exp2f(s[mt][nt][2 * r] * scale_log2 - base);
+          s[mt][nt][2 * r + 1] = exp2f(s[mt][nt][2 * r + 1] * scale_log2 - base);
+          sum += s[mt][nt][2 * r] + s[mt][nt][2 * r + 1];
+        }
+        row_sum[mt][r] += sum;  // this thread's part; reduced across the quad at the end
       }
-      float sum = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < kNTilesS; ++nt) {
-        s[nt][2 * r] = exp2f(s[nt][2 * r] * scale_log2 - base);
-        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] * scale_log2 - base);
-        sum += s[nt][2 * r] + s[nt][2 * r + 1];
-      }
-      row_sum[r] += sum;  // this thread's part; reduced across the quad at the end
     }
 
     if (use_dropout) {
 #pragma unroll
-      for (int nt = 0; nt < kNTilesS; ++nt) {
+      for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          bool keep0, keep1;
-          dropout_keep_pair(p.rng, batch_head, m0 + row_local0 + 8 * r, n0 + nt * 8 + 2 * t, threshold, keep0, keep1);
-          if (!keep0) s[nt][2 * r] = 0.0f;
-          if (!keep1) s[nt][2 * r + 1] = 0.0f;
+        for (int nt = 0; nt < kNTilesS; ++nt) {
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            bool keep0, keep1;
+            dropout_keep_pair(p.rng, batch_head, m0 + row_local0 + mt * 16 + 8 * r, n0 + nt * 8 + 2 * t, threshold,
+                              keep0, keep1);
+            if (!keep0) s[mt][nt][2 * r] = 0.0f;
+            if (!keep1) s[mt][nt][2 * r + 1] = 0.0f;
+          }
         }
-      }
     }
 
     cp_async_wait<1>();  // V[n_block] has landed; K[n_block + 1] may still be in flight
@@ -187,18 +214,24 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const At
     // O += P V: P's C fragments become A fragments, one k16 tile per pair of n8 tiles.
 #pragma unroll
     for (int kt = 0; kt < kBlockN / 16; ++kt) {
-      uint32_t a[4];
-      a[0] = Ops::pack(s[2 * kt][0], s[2 * kt][1]);
-      a[1] = Ops::pack(s[2 * kt][2], s[2 * kt][3]);
-      a[2] = Ops::pack(s[2 * kt + 1][0], s[2 * kt + 1][1]);
-      a[3] = Ops::pack(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+      uint32_t a[kMTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        a[mt][0] = Ops::pack(s[mt][2 * kt][0], s[mt][2 * kt][1]);
+        a[mt][1] = Ops::pack(s[mt][2 * kt][2], s[mt][2 * kt][3]);
+        a[mt][2] = Ops::pack(s[mt][2 * kt + 1][0], s[mt][2 * kt + 1][1]);
+        a[mt][3] = Ops::pack(s[mt][2 * kt + 1][2], s[mt][2 * kt + 1][3]);
+      }
 #pragma unroll
       for (int dp = 0; dp < kNTilesO / 2; ++dp) {
         uint32_t bv[4];
         ldmatrix_x4_trans(bv, smem_u32(sVb + (kt * 16 + ldm_row_pattern_row(lane)) * kStride + dp * 16 +
                                        ldm_row_pattern_col(lane)));
-        Ops::mma(acc_o[2 * dp], a, bv[0], bv[1]);
-        Ops::mma(acc_o[2 * dp + 1], a, bv[2], bv[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          Ops::mma(acc_o[mt][2 * dp], a[mt], bv[0], bv[1]);
+          Ops::mma(acc_o[mt][2 * dp + 1], a[mt], bv[2], bv[3]);
+        }
       }
     }
   }
@@ -207,18 +240,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const At
   // Epilogue: O = acc / sum / (1 - p_drop), LSE = max * scale + ln(sum), +inf for empty rows.
   const float keep_scale = use_dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float sum = warp_quad_sum(row_sum[r]);
-    const int row_local = row_local0 + 8 * r;
-    const bool row_valid = m0 + row_local < seq.seqlen_q;
-    const float inv = sum > 0.0f ? keep_scale / sum : 0.0f;
-    if (row_valid) {
-      Element* out = gO + row_local * p.o_row_stride;
+  for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
-      for (int i = 0; i < kNTilesO; ++i) {
-        *reinterpret_cast<uint32_t*>(out + i * 8 + 2 * t) = Ops::pack(acc_o[i][2 * r] * inv, acc_o[i][2 * r + 1] * inv);
+    for (int r = 0; r < 2; ++r) {
+      const float sum = warp_quad_sum(row_sum[mt][r]);
+      const int row_local = row_local0 + mt * 16 + 8 * r;
+      const bool row_valid = m0 + row_local < seq.seqlen_q;
+      const float inv = sum > 0.0f ? keep_scale / sum : 0.0f;
+      if (row_valid) {
+        Element* out = gO + row_local * p.o_row_stride;
+#pragma unroll
+        for (int i = 0; i < kNTilesO; ++i) {
+          *reinterpret_cast<uint32_t*>(out + i * 8 + 2 * t) =
+              Ops::pack(acc_o[mt][i][2 * r] * inv, acc_o[mt][i][2 * r + 1] * inv);
+        }
+        if (t == 0) gLse[row_local] = sum > 0.0f ? row_max[mt][r] * scale + logf(sum) : INFINITY;
       }
-      if (t == 0) gLse[row_local] = sum > 0.0f ? row_max[r] * scale + logf(sum) : INFINITY;
     }
   }
 }

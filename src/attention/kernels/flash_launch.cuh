@@ -13,7 +13,8 @@
 namespace flashgpt::attn {
 
 template <int kHeadDim, typename Element>
-using FwdTraitsFor = FwdTraits<kHeadDim, TileConfig<kHeadDim>::kFwdBlockN, TileConfig<kHeadDim>::kFwdWarps, Element>;
+using FwdTraitsFor = FwdTraits<kHeadDim, TileConfig<kHeadDim>::kFwdBlockN, TileConfig<kHeadDim>::kFwdWarps,
+                               TileConfig<kHeadDim>::kFwdMTiles, Element>;
 template <int kHeadDim, typename Element>
 using BwdTraitsFor = BwdTraits<kHeadDim, TileConfig<kHeadDim>::kBwdBlockM, TileConfig<kHeadDim>::kBwdWarps, Element>;
 
