@@ -49,9 +49,6 @@ template <> struct TileConfig<128> {
                        kFwdMTiles = FLASHGPT_FWD128_MTILES;
   static constexpr int kBwdBlockM = 64, kBwdWarps = 8;
 };
-  static constexpr int kFwdBlockN = kFwd.block_n, kFwdWarps = kFwd.warps, kFwdMTiles = kFwd.m_tiles;
-  static constexpr int kBwdBlockM = 64, kBwdWarps = 8;
-};
 template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwdWarps = 8, kFwdMTiles = 1, kBwdBlockM = 32, kBwdWarps = 8; };
 
 // Workspace layout, all fp32 or int32, each part 256-byte aligned:
