@@ -38,10 +38,13 @@ template <> struct TileConfig<32>  { static constexpr int kFwdBlockN = 128, kFwd
 #ifndef FLASHGPT_FWD128_MTILES
 #define FLASHGPT_FWD128_MTILES 2
 #endif
+#ifndef FLASHGPT_BWD64_WARPS
+#define FLASHGPT_BWD64_WARPS 8
+#endif
 template <> struct TileConfig<64> {
   static constexpr int kFwdBlockN = FLASHGPT_FWD64_BLOCK_N, kFwdWarps = FLASHGPT_FWD64_WARPS,
                        kFwdMTiles = FLASHGPT_FWD64_MTILES;
-  static constexpr int kBwdBlockM = 64, kBwdWarps = 4;
+  static constexpr int kBwdBlockM = 64, kBwdWarps = FLASHGPT_BWD64_WARPS;
 };
 template <> struct TileConfig<96>  { static constexpr int kFwdBlockN = 64,  kFwdWarps = 4, kFwdMTiles = 2, kBwdBlockM = 64, kBwdWarps = 4; };
 template <> struct TileConfig<128> {

@@ -217,6 +217,25 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int64_t batch_head = int64_t{b} * p.heads_q + head;
 #pragma unroll
     for (int nt = 0; nt < kNTilesS; ++nt) {
+      // Dropout: this thread's 4 elements of the n-tile need 4 Philox calls (2 keys x 2
+      // queries), and so do the 3 other lanes whose keys share the same group of 4 columns
+      // (lanes differing in bits 2-3). Each of the 4 lanes computes one of the 4 calls and
+      // they swap words in 4 shuffles: one Philox per element becomes one per 4 elements.
+      uint32_t keep_bits = 0xF;
+      if (use_dropout) {
+        const int j = (lane >> 2) & 3;  // this lane computes call j = (key half j / 2, query j % 2)
+        const Philox4x32 w = dropout_random_words(p.rng, batch_head, m0 + nt * 8 + 2 * t + (j & 1),
+                                                  (n0 + warp * 16 + 8 * (j >> 1)) / 4 + (g >> 2));
+        keep_bits = 0;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int give = (j + r) & 3;  // the lane reading from us needs word `give` of our call
+          const uint32_t send = give == 0 ? w.x : give == 1 ? w.y : give == 2 ? w.z : w.w;
+          const int c = (j - r) & 3;  // we read call c, from the lane that computed it
+          const uint32_t got = __shfl_sync(0xffffffffu, send, (lane & ~12) | (c << 2));
+          keep_bits |= uint32_t(got >= threshold) << c;  // call c = element e = c of this thread
+        }
+      }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int q_local = nt * 8 + 2 * t + (e & 1);
@@ -227,7 +246,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         float dpv = dp[nt][e];
         float p_dropped = pv;
         if (use_dropout) {
-          const bool keep = dropout_keep(p.rng, batch_head, query, key, threshold);
+          const bool keep = (keep_bits >> e) & 1u;
           dpv = keep ? dpv * keep_scale : 0.0f;
           p_dropped = keep ? pv * keep_scale : 0.0f;
         }
@@ -310,8 +329,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #pragma unroll
         for (int i = 0; i < kDqNTiles; ++i) {
           float* dst = gdq + q_local * kHeadDim + cg * Traits::kDqCols + i * 8 + 2 * t;
-          atomicAdd(dst, dq[i][2 * r] * scale);
-          atomicAdd(dst + 1, dq[i][2 * r + 1] * scale);
+          // One 8-byte vector atomic (red.global.add.v2.f32, sm_90) instead of two scalar ones:
+          // dQ atomics are the backward's largest memory cost (every key block adds its part).
+          atomicAdd(reinterpret_cast<float2*>(dst), make_float2(dq[i][2 * r] * scale, dq[i][2 * r + 1] * scale));
         }
       }
     }

@@ -191,14 +191,21 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const At
       for (int mt = 0; mt < kMTiles; ++mt)
 #pragma unroll
         for (int nt = 0; nt < kNTilesS; ++nt) {
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {
-            bool keep0, keep1;
-            dropout_keep_pair(p.rng, batch_head, m0 + row_local0 + mt * 16 + 8 * r, n0 + nt * 8 + 2 * t, threshold,
-                              keep0, keep1);
-            if (!keep0) s[mt][nt][2 * r] = 0.0f;
-            if (!keep1) s[mt][nt][2 * r + 1] = 0.0f;
-          }
+          // Rows g and g + 8 need one Philox call each for columns 2t, 2t+1, and the lane
+          // t ^ 1 needs the same two calls (its columns are the other half of the group of
+          // 4): each of the two lanes computes one call and they swap the other's words.
+          const int mine = t & 1;  // this lane computes the call of row g + 8 * mine
+          const Philox4x32 w =
+              dropout_random_words(p.rng, batch_head, m0 + row_local0 + mt * 16 + 8 * mine, (n0 + nt * 8) / 4);
+          const uint32_t own0 = mine ? w.z : w.x, own1 = mine ? w.w : w.y;  // my columns, row g + 8 * mine
+          const uint32_t got0 = __shfl_xor_sync(0xffffffffu, mine ? w.x : w.z, 1);  // my columns, other row
+          const uint32_t got1 = __shfl_xor_sync(0xffffffffu, mine ? w.y : w.w, 1);
+          const uint32_t row0_w0 = mine ? got0 : own0, row0_w1 = mine ? got1 : own1;
+          const uint32_t row1_w0 = mine ? own0 : got0, row1_w1 = mine ? own1 : got1;
+          if (row0_w0 < threshold) s[mt][nt][0] = 0.0f;
+          if (row0_w1 < threshold) s[mt][nt][1] = 0.0f;
+          if (row1_w0 < threshold) s[mt][nt][2] = 0.0f;
+          if (row1_w1 < threshold) s[mt][nt][3] = 0.0f;
         }
     }
 
