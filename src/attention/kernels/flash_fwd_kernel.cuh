@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const At
           // 4): each of the two lanes computes one call and they swap the other's words.
           const int mine = t & 1;  // this lane computes the call of row g + 8 * mine
           const Philox4x32 w =
-              dropout_random_words(p.rng, batch_head, m0 + row_local0 + mt * 16 + 8 * mine, (n0 + nt * 8) / 4);
+              dropout_random_words(p.rng, batch_head, m0 + row_local0 + mt * 16 + 8 * mine, (n0 + nt * 8) / 4 + (t >> 1));
           const uint32_t own0 = mine ? w.z : w.x, own1 = mine ? w.w : w.y;  // my columns, row g + 8 * mine
           const uint32_t got0 = __shfl_xor_sync(0xffffffffu, mine ? w.x : w.z, 1);  // my columns, other row
           const uint32_t got1 = __shfl_xor_sync(0xffffffffu, mine ? w.y : w.w, 1);
