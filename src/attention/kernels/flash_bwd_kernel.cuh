@@ -322,18 +322,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       __syncthreads();
     }
     float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * p.seqlen_q + m0) * kHeadDim;
+    // dQ atomics are the backward's largest memory cost (every key block adds its part), so
+    // they are 16-byte vector atomics (red.global.add.v4.f32, sm_90): lanes t and t ^ 1 hold
+    // columns 2t..2t+1 of rows g and g + 8, i.e. 4 neighbouring columns of both rows; they
+    // swap halves so that the even lane adds row g's 4 columns and the odd lane row g + 8's.
+    const bool odd = (t & 1) != 0;
+    const int q_local = rg * 16 + g + (odd ? 8 : 0);
+    const bool q_valid = m0 + q_local < seq.seqlen_q;
+    float* dq_row = gdq + q_local * kHeadDim + cg * Traits::kDqCols + 4 * (t >> 1);
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int q_local = rg * 16 + g + 8 * r;
-      if (m0 + q_local < seq.seqlen_q) {
-#pragma unroll
-        for (int i = 0; i < kDqNTiles; ++i) {
-          float* dst = gdq + q_local * kHeadDim + cg * Traits::kDqCols + i * 8 + 2 * t;
-          // One 8-byte vector atomic (red.global.add.v2.f32, sm_90) instead of two scalar ones:
-          // dQ atomics are the backward's largest memory cost (every key block adds its part).
-          atomicAdd(reinterpret_cast<float2*>(dst), make_float2(dq[i][2 * r] * scale, dq[i][2 * r + 1] * scale));
-        }
-      }
+    for (int i = 0; i < kDqNTiles; ++i) {
+      const float a0 = dq[i][0] * scale, a1 = dq[i][1] * scale;  // row g, columns 2t, 2t + 1
+      const float b0 = dq[i][2] * scale, b1 = dq[i][3] * scale;  // row g + 8
+      const float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
+      const float r1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
+      const float4 v = odd ? make_float4(r0, r1, b0, b1) : make_float4(a0, a1, r0, r1);
+      if (q_valid) atomicAdd(reinterpret_cast<float4*>(dq_row + i * 8), v);
     }
     if constexpr (kDeterministic) {
       __threadfence();
