@@ -15,6 +15,10 @@
 #include "attention/attention_cuda_launch.h"
 #include "flash_common.cuh"
 
+#ifndef FLASHGPT_DQ_ATOMIC_WIDTH
+#define FLASHGPT_DQ_ATOMIC_WIDTH 2
+#endif
+
 namespace flashgpt::attn {
 
 template <int kHeadDim_, int kBlockM_, int kNWarps_, typename Element_>
@@ -215,6 +219,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // key = n0 + key_local0 + 8 * (e / 2), query = m0 + nt * 8 + 2 t + e % 2.
     const bool need_mask = n0 + kBlockN > seq.seqlen_k || (causal && n0 + kBlockN - 1 > m0 + diag);
     const int64_t batch_head = int64_t{b} * p.heads_q + head;
+    // This thread's queries are nt * 8 + 2t + {0, 1}: read their LSE and D once, as float2.
+    float2 lse_q[kNTilesS], dot_q[kNTilesS];
+#pragma unroll
+    for (int nt = 0; nt < kNTilesS; ++nt) {
+      lse_q[nt] = *reinterpret_cast<const float2*>(sLseb + nt * 8 + 2 * t);
+      dot_q[nt] = *reinterpret_cast<const float2*>(sDotb + nt * 8 + 2 * t);
+    }
 #pragma unroll
     for (int nt = 0; nt < kNTilesS; ++nt) {
       // Dropout: this thread's 4 elements of the n-tile need 4 Philox calls (2 keys x 2
@@ -241,7 +252,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         const int q_local = nt * 8 + 2 * t + (e & 1);
         const int key = n0 + key_local0 + 8 * (e >> 1);
         const int query = m0 + q_local;
-        float pv = exp2f(s[nt][e] * scale_log2 - sLseb[q_local]);
+        const float lse_e = (e & 1) ? lse_q[nt].y : lse_q[nt].x;
+        const float dot_e = (e & 1) ? dot_q[nt].y : dot_q[nt].x;
+        float pv = exp2f(s[nt][e] * scale_log2 - lse_e);
         if (need_mask && (key >= seq.seqlen_k || (causal && key > query + diag))) pv = 0.0f;
         float dpv = dp[nt][e];
         float p_dropped = pv;
@@ -251,7 +264,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           p_dropped = keep ? pv * keep_scale : 0.0f;
         }
         s[nt][e] = p_dropped;                     // s now holds (P Z)^T
-        dp[nt][e] = pv * (dpv - sDotb[q_local]);  // dp now holds dS^T (unscaled)
+        dp[nt][e] = pv * (dpv - dot_e);  // dp now holds dS^T (unscaled)
       }
     }
 
@@ -323,21 +336,36 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * p.seqlen_q + m0) * kHeadDim;
     // dQ atomics are the backward's largest memory cost (every key block adds its part), so
-    // they are 16-byte vector atomics (red.global.add.v4.f32, sm_90): lanes t and t ^ 1 hold
-    // columns 2t..2t+1 of rows g and g + 8, i.e. 4 neighbouring columns of both rows; they
-    // swap halves so that the even lane adds row g's 4 columns and the odd lane row g + 8's.
-    const bool odd = (t & 1) != 0;
-    const int q_local = rg * 16 + g + (odd ? 8 : 0);
-    const bool q_valid = m0 + q_local < seq.seqlen_q;
-    float* dq_row = gdq + q_local * kHeadDim + cg * Traits::kDqCols + 4 * (t >> 1);
+    // they are vector atomics (sm_90). Width 2: each lane adds its own column pair.
+    // Width 4: lanes t and t ^ 1 hold columns 2t..2t+1 of rows g and g + 8, i.e. 4
+    // neighbouring columns of both rows; they swap halves so that the even lane adds row g's
+    // 4 columns and the odd lane row g + 8's (FLASHGPT_DQ_ATOMIC_WIDTH picks, for the lab).
+    if constexpr (FLASHGPT_DQ_ATOMIC_WIDTH == 4) {
+      const bool odd = (t & 1) != 0;
+      const int q_local = rg * 16 + g + (odd ? 8 : 0);
+      const bool q_valid = m0 + q_local < seq.seqlen_q;
+      float* dq_row = gdq + q_local * kHeadDim + cg * Traits::kDqCols + 4 * (t >> 1);
 #pragma unroll
-    for (int i = 0; i < kDqNTiles; ++i) {
-      const float a0 = dq[i][0] * scale, a1 = dq[i][1] * scale;  // row g, columns 2t, 2t + 1
-      const float b0 = dq[i][2] * scale, b1 = dq[i][3] * scale;  // row g + 8
-      const float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
-      const float r1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
-      const float4 v = odd ? make_float4(r0, r1, b0, b1) : make_float4(a0, a1, r0, r1);
-      if (q_valid) atomicAdd(reinterpret_cast<float4*>(dq_row + i * 8), v);
+      for (int i = 0; i < kDqNTiles; ++i) {
+        const float a0 = dq[i][0] * scale, a1 = dq[i][1] * scale;  // row g, columns 2t, 2t + 1
+        const float b0 = dq[i][2] * scale, b1 = dq[i][3] * scale;  // row g + 8
+        const float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
+        const float r1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
+        const float4 v = odd ? make_float4(r0, r1, b0, b1) : make_float4(a0, a1, r0, r1);
+        if (q_valid) atomicAdd(reinterpret_cast<float4*>(dq_row + i * 8), v);
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int q_local = rg * 16 + g + 8 * r;
+        if (m0 + q_local < seq.seqlen_q) {
+#pragma unroll
+          for (int i = 0; i < kDqNTiles; ++i) {
+            float* dst = gdq + q_local * kHeadDim + cg * Traits::kDqCols + i * 8 + 2 * t;
+            atomicAdd(reinterpret_cast<float2*>(dst), make_float2(dq[i][2 * r] * scale, dq[i][2 * r + 1] * scale));
+          }
+        }
+      }
     }
     if constexpr (kDeterministic) {
       __threadfence();
