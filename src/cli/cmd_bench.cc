@@ -6,6 +6,7 @@ namespace flashgpt {
 void cli_add_bench(CLI::App& app) {
   auto* bench = app.add_subcommand("bench", "Validate, then time, a component against its peers");
   bench->require_subcommand(1);
+  cli_add_bench_attention(*bench);
 }
 
 }  // namespace flashgpt

@@ -8,5 +8,7 @@ namespace flashgpt {
 
 void cli_add_version(CLI::App& app);
 void cli_add_bench(CLI::App& app);
+// Subcommands of `bench`, each from its own file.
+void cli_add_bench_attention(CLI::App& bench);
 
 }  // namespace flashgpt
