@@ -9,8 +9,8 @@ bottom-right corner. Dropout draws its mask from Philox (include/flashgpt/philox
 seed taken from torch's CPU generator, so torch.manual_seed makes runs repeatable and the
 CPU reference can rebuild the same mask.
 
-CPU tensors take the CPU path: exact attention in the tensors' own dtype through PyTorch ops
-with the same Philox mask (the C++ CPU implementation is another component's work).
+CPU tensors take the CPU implementation (include/flashgpt/attention_cpu.h: tiled FlashAttention
+in fp32, same Philox mask); other dtypes are computed in float32 and cast back.
 
 The CUDA extension is compiled on first use with torch.utils.cpp_extension.load against the
 static library of a CMake build of this repository: FLASHGPT_BUILD_DIR (default: <repo>/build)
@@ -111,10 +111,15 @@ def attention_reference(q, k, v, causal=False, softmax_scale=None, dropout_p=0.0
 class _FlashAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, deterministic):
+        ctx.in_dtype = q.dtype
+        if not q.is_cuda:  # the CPU implementation works in float32
+            q, k, v = (t.float().contiguous() for t in (q, k, v))
         q, k, v = (_contiguous_last(t) for t in (q, k, v))
         seed, offset = _draw_seed() if dropout_p > 0 else (0, 0)
-        out, lse = _extension().forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, seed, offset)
+        run = _extension().forward if q.is_cuda else _extension().forward_cpu
+        out, lse = run(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, seed, offset)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        out = out.to(ctx.in_dtype)
         ctx.args = (max_q, max_k, dropout_p, scale, causal, seed, offset, deterministic)
         return out, lse
 
@@ -122,9 +127,15 @@ class _FlashAttnFunction(torch.autograd.Function):
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         max_q, max_k, dropout_p, scale, causal, seed, offset, deterministic = ctx.args
-        d_out = _contiguous_last(d_out)
-        dq, dk, dv = _extension().backward(d_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, scale,
-                                           causal, seed, offset, deterministic)
+        if q.is_cuda:
+            d_out = _contiguous_last(d_out)
+            dq, dk, dv = _extension().backward(d_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, scale,
+                                               causal, seed, offset, deterministic)
+        else:
+            d_out = d_out.float().contiguous()
+            dq, dk, dv = _extension().backward_cpu(d_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p,
+                                                   scale, causal, seed, offset)
+            dq, dk, dv = (t.to(ctx.in_dtype) for t in (dq, dk, dv))
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
@@ -133,10 +144,6 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, re
     """Attention over dense [batch, seqlen, heads, head_dim] tensors. Returns out, or
     (out, lse) with lse [batch, heads_q, seqlen_q] fp32 when return_lse."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if not q.is_cuda:
-        seed, offset = _draw_seed() if dropout_p > 0 else (0, 0)
-        out, lse = attention_reference(q, k, v, causal, scale, dropout_p, seed, offset, upcast=False)
-        return (out, lse) if return_lse else out
     out, lse = _FlashAttnFunction.apply(q, k, v, None, None, q.shape[1], k.shape[1], float(dropout_p), float(scale),
                                         bool(causal), bool(deterministic))
     return (out, lse) if return_lse else out
@@ -147,18 +154,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     """Attention over packed [total_tokens, heads, head_dim] tensors; sequence b owns rows
     cu_seqlens[b] .. cu_seqlens[b + 1]. lse is [heads_q, total_q]."""
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if not q.is_cuda:
-        seed, offset = _draw_seed() if dropout_p > 0 else (0, 0)
-        outs, lses = [], []
-        cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-        for bi in range(len(cq) - 1):
-            o, l = attention_reference(q[None, cq[bi]:cq[bi + 1]], k[None, ck[bi]:ck[bi + 1]],
-                                       v[None, ck[bi]:ck[bi + 1]], causal, scale, dropout_p, seed, offset,
-                                       batch_index_base=bi, upcast=False)
-            outs.append(o[0])
-            lses.append(l[0])
-        out, lse = torch.cat(outs), torch.cat(lses, dim=1)
-        return (out, lse) if return_lse else out
     cu_q = cu_seqlens_q.to(torch.int32).contiguous()
     cu_k = cu_seqlens_k.to(torch.int32).contiguous()
     out, lse = _FlashAttnFunction.apply(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), float(dropout_p),

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 
 #include <flashgpt/attention.h>
+#include <flashgpt/attention_cpu.h>
 #include <flashgpt/attention_cuda.h>
 #include <flashgpt/error.h>
 
@@ -14,6 +15,10 @@
 namespace {
 
 flashgpt::DType dtype_of(const at::Tensor& t) {
+  if (!t.is_cuda()) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "flashgpt_attn: CPU tensors must be float32 here");
+    return flashgpt::DType::f32;
+  }
   if (t.scalar_type() == at::kBFloat16) return flashgpt::DType::bf16;
   if (t.scalar_type() == at::kHalf) return flashgpt::DType::f16;
   TORCH_CHECK(false, "flashgpt_attn: CUDA tensors must be bfloat16 or float16, got ", t.scalar_type());
@@ -39,7 +44,7 @@ flashgpt::AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, 
                                       int64_t max_q, int64_t max_k, double dropout_p, double scale, bool causal,
                                       int64_t seed, int64_t offset) {
   const bool varlen = cu_q.has_value();
-  TORCH_CHECK(q.is_cuda() && k.is_cuda() && v.is_cuda(), "flashgpt_attn: q, k, v must be CUDA tensors");
+  TORCH_CHECK(q.device() == k.device() && q.device() == v.device(), "flashgpt_attn: q, k, v must be on one device");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
               "flashgpt_attn: q, k, v must have one dtype");
   TORCH_CHECK(q.dim() == (varlen ? 3 : 4), "flashgpt_attn: q must be ", varlen ? "[total, h, d]" : "[b, s, h, d]");
@@ -52,9 +57,10 @@ flashgpt::AttentionParams make_params(const at::Tensor& q, const at::Tensor& k, 
               "flashgpt_attn: k and v must have q's head_dim and the same number of heads");
   if (varlen) {
     TORCH_CHECK(cu_k.has_value(), "flashgpt_attn: varlen needs cu_seqlens_k");
-    TORCH_CHECK(cu_q->scalar_type() == at::kInt && cu_k->scalar_type() == at::kInt && cu_q->is_cuda() &&
-                    cu_k->is_cuda() && cu_q->is_contiguous() && cu_k->is_contiguous(),
-                "flashgpt_attn: cu_seqlens must be contiguous int32 CUDA tensors");
+    TORCH_CHECK(cu_q->scalar_type() == at::kInt && cu_k->scalar_type() == at::kInt &&
+                    cu_q->device() == q.device() && cu_k->device() == q.device() && cu_q->is_contiguous() &&
+                    cu_k->is_contiguous(),
+                "flashgpt_attn: cu_seqlens must be contiguous int32 tensors on q's device");
     TORCH_CHECK(cu_q->numel() == cu_k->numel() && cu_q->numel() >= 1, "flashgpt_attn: cu_seqlens sizes differ");
     p.batch = int(cu_q->numel() - 1);
     p.seqlen_q = int(max_q);
@@ -143,9 +149,56 @@ std::vector<at::Tensor> backward(const at::Tensor& d_o, const at::Tensor& q, con
   return {dq, dk, dv};
 }
 
+// The CPU implementation (attention_cpu.h, tiled FlashAttention in fp32) behind the same
+// interface, for float32 CPU tensors.
+std::vector<at::Tensor> forward_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                    std::optional<at::Tensor> cu_q, std::optional<at::Tensor> cu_k, int64_t max_q,
+                                    int64_t max_k, double dropout_p, double scale, bool causal, int64_t seed,
+                                    int64_t offset) {
+  at::Tensor o = at::empty_like(q, q.options().memory_format(at::MemoryFormat::Contiguous));
+  const bool varlen = cu_q.has_value();
+  at::Tensor lse = varlen ? at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat))
+                          : at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  auto p = make_params(q, k, v, o, lse, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, seed, offset);
+  try {
+    flashgpt::attention_forward_cpu(p);
+  } catch (const flashgpt::Error& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  return {o, lse};
+}
+
+std::vector<at::Tensor> backward_cpu(const at::Tensor& d_o, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& o, const at::Tensor& lse,
+                                     std::optional<at::Tensor> cu_q, std::optional<at::Tensor> cu_k, int64_t max_q,
+                                     int64_t max_k, double dropout_p, double scale, bool causal, int64_t seed,
+                                     int64_t offset) {
+  const bool varlen = cu_q.has_value();
+  at::Tensor dq = at::empty_like(q, q.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dk = at::empty_like(k, k.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dv = at::empty_like(v, v.options().memory_format(at::MemoryFormat::Contiguous));
+  auto p = make_params(q, k, v, o, lse, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, seed, offset);
+  strides_of(d_o, varlen, p.do_batch_stride, p.do_row_stride, p.do_head_stride);
+  strides_of(dq, varlen, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
+  strides_of(dk, varlen, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
+  strides_of(dv, varlen, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
+  p.d_o = d_o.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  try {
+    flashgpt::attention_backward_cpu(p);
+  } catch (const flashgpt::Error& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  return {dq, dk, dv};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "flashgpt attention forward (CUDA)");
   m.def("backward", &backward, "flashgpt attention backward (CUDA)");
+  m.def("forward_cpu", &forward_cpu, "flashgpt attention forward (CPU, float32)");
+  m.def("backward_cpu", &backward_cpu, "flashgpt attention backward (CPU, float32)");
 }

@@ -5,6 +5,7 @@
 // with empty sequences, GQA/MQA, awkward lengths (1, 17, 1000), and the entry points'
 // error messages. The 2x-PyTorch criterion lives in the pytest suite of the binding.
 #include <flashgpt/attention.h>
+#include <flashgpt/attention_cpu.h>
 #include <flashgpt/attention_cuda.h>
 #include <flashgpt/error.h>
 
@@ -174,8 +175,10 @@ struct Outputs {
 };
 
 // Runs forward (+ backward) on the GPU and the reference, compares. Returns the outputs.
+enum class Reference { in_test, library_cpu };
+
 Outputs run_case(const Case& c, bool backward, Determinism det = Determinism::fast, uint64_t seed = 7,
-                 bool compare = true) {
+                 bool compare = true, Reference reference = Reference::in_test) {
   const bool varlen = !c.varlen_q.empty();
   const int batch = varlen ? int(c.varlen_q.size()) : c.batch;
   std::vector<int> cu_q(batch + 1, 0), cu_k(batch + 1, 0);
@@ -281,7 +284,32 @@ Outputs run_case(const Case& c, bool backward, Determinism det = Determinism::fa
   std::vector<double> ro(nq, 0), rdq(nq, 0), rdk(nk, 0), rdv(nk, 0), rlse(lse_n, 0);
   const double scale = attention_softmax_scale(p);
   const int group = c.heads_q / c.heads_kv;
-  for (int b = 0; b < batch; ++b) {
+  if (reference == Reference::library_cpu) {
+    // flashgpt's own CPU reference (attention_cpu.h), fp32 on the same rounded inputs, same
+    // seed and offset: the dropout masks must agree for the outputs to.
+    AttentionParams pc = p;
+    pc.dtype = DType::f32;
+    std::vector<float> o(nq), lse(lse_n), dq(nq), dk(nk), dv(nk);
+    pc.q = q.values.data();
+    pc.k = k.values.data();
+    pc.v = v.values.data();
+    pc.d_o = d_o.values.data();
+    pc.o = o.data();
+    pc.lse = lse.data();
+    pc.dq = dq.data();
+    pc.dk = dk.data();
+    pc.dv = dv.data();
+    pc.cu_seqlens_q = varlen ? cu_q.data() : nullptr;
+    pc.cu_seqlens_k = varlen ? cu_k.data() : nullptr;
+    attention_forward_reference(pc);
+    if (backward) attention_backward_reference(pc);
+    ro.assign(o.begin(), o.end());
+    rlse.assign(lse.begin(), lse.end());
+    rdq.assign(dq.begin(), dq.end());
+    rdk.assign(dk.begin(), dk.end());
+    rdv.assign(dv.begin(), dv.end());
+  }
+  for (int b = 0; b < batch && reference == Reference::in_test; ++b) {
     const int sq = cu_q[b + 1] - cu_q[b], sk = cu_k[b + 1] - cu_k[b];
     for (int h = 0; h < c.heads_q; ++h) {
       const int hk = h / group;
@@ -376,6 +404,21 @@ TEST(AttentionCuda, SmallShapesForSanitizer) {
              Determinism::fast, 5, /*compare=*/false);
     run_case({"small varlen", 0, 0, 0, 2, 1, d, Mask::causal, 0.0f, bf, {3, 0, 80}, {5, 2, 70}}, true,
              Determinism::deterministic, 5, /*compare=*/false);
+  }
+}
+
+// Against the library's CPU reference (attention_forward_reference / backward_reference)
+// with the same seed: dropout on, causal with seqlen_q != seqlen_k, GQA, varlen.
+TEST(AttentionCuda, MatchesCpuReferenceWithSameSeed) {
+  const auto bf = DType::bf16;
+  const std::vector<Case> cases = compiled_cases({
+      {"cpu-ref d64 dropout causal", 2, 100, 140, 4, 2, 64, Mask::causal, 0.2f, bf, {}, {}},
+      {"cpu-ref d128 dropout", 1, 77, 77, 2, 2, 128, Mask::none, 0.1f, DType::f16, {}, {}},
+      {"cpu-ref d64 varlen dropout", 0, 0, 0, 2, 1, 64, Mask::causal, 0.15f, bf, {9, 0, 100}, {20, 5, 60}},
+  });
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    run_case(c, /*backward=*/true, Determinism::fast, 3, /*compare=*/true, Reference::library_cpu);
   }
 }
 

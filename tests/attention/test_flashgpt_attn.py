@@ -136,12 +136,30 @@ def test_deterministic_repeat_is_bitwise():
 
 
 def test_cpu_tensors_take_the_cpu_path():
+    """CPU tensors run the C++ CPU implementation; with the same seed its dropout mask, and so
+    its output and gradients, match the GPU kernels' up to bf16 rounding."""
     torch.manual_seed(2)
-    q, k, v = (torch.randn(1, 33, 2, 64) for _ in range(3))
-    out = flash_attn_func(q, k, v, causal=True)
-    ref, _ = attention_reference(q, k, v, causal=True)
-    torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
-    assert out.device.type == "cpu"
+    q, k, v = (torch.randn(1, 65, 4, 64) for _ in range(3))
+    k, v = k[:, :, :2], v[:, :, :2]
+    g = torch.randn(1, 65, 4, 64)
+    outs, grads = [], []
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
+        leaves = [t.to(device, dtype).requires_grad_() for t in (q, k, v)]
+        torch.manual_seed(5)  # the same dropout seed for both
+        out = flash_attn_func(*leaves, dropout_p=0.2, causal=True)
+        assert out.device.type == device and out.dtype == dtype
+        outs.append(out.float().cpu())
+        grads.append([t.float().cpu() for t in torch.autograd.grad(out, leaves, g.to(device, dtype))])
+    ref, _ = attention_reference(q, k, v, causal=True, dropout_p=0.2, seed=_seed_for(5))
+    torch.testing.assert_close(outs[0], ref.float(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs[1], outs[0], atol=3e-2, rtol=3e-2)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=6e-2, rtol=6e-2)
+
+
+def _seed_for(manual_seed):
+    torch.manual_seed(manual_seed)
+    return _seed_used()
 
 
 def test_bad_input_is_a_clear_error():
