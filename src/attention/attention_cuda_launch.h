@@ -16,7 +16,7 @@ namespace flashgpt::attn {
 // floats a thread) fit in registers. Backward: 16 keys per warp, kBwdBlockM queries per step.
 template <int kHeadDim>
 struct TileConfig;
-template <> struct TileConfig<32>  { static constexpr int kFwdBlockN = 128, kFwdWarps = 4, kFwdMTiles = 2, kBwdBlockM = 64, kBwdWarps = 4; };
+template <> struct TileConfig<32>  { static constexpr int kFwdBlockN = 64,  kFwdWarps = 4, kFwdMTiles = 2, kBwdBlockM = 64, kBwdWarps = 4; };
 // Kernel lab hook: FLASHGPT_FWD<d>_BLOCK_N / _WARPS / _MTILES (d = 64, 128) override the
 // forward tiles of that head dim at compile time, so bench/attention_gpu/lab.sh can compare
 // variants. (Three macros, not one: nvcc splits -D values at commas.)
@@ -46,7 +46,7 @@ template <> struct TileConfig<64> {
                        kFwdMTiles = FLASHGPT_FWD64_MTILES;
   static constexpr int kBwdBlockM = 64, kBwdWarps = FLASHGPT_BWD64_WARPS;
 };
-template <> struct TileConfig<96>  { static constexpr int kFwdBlockN = 64,  kFwdWarps = 4, kFwdMTiles = 2, kBwdBlockM = 64, kBwdWarps = 4; };
+template <> struct TileConfig<96>  { static constexpr int kFwdBlockN = 32,  kFwdWarps = 4, kFwdMTiles = 2, kBwdBlockM = 64, kBwdWarps = 4; };
 template <> struct TileConfig<128> {
   static constexpr int kFwdBlockN = FLASHGPT_FWD128_BLOCK_N, kFwdWarps = FLASHGPT_FWD128_WARPS,
                        kFwdMTiles = FLASHGPT_FWD128_MTILES;
