@@ -49,15 +49,9 @@ void run_flash_bwd(const AttentionParams& p, float scale, void* workspace, bool 
   }
   if (p.batch > 0 && p.seqlen_k > 0) {
     const dim3 grid((p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, p.heads_kv, p.batch);
-    if (deterministic) {
-      auto kernel = flash_bwd_main_kernel<Traits, /*kDeterministic=*/true>;
-      set_smem_limit(kernel, Traits::kSmemBytes);
-      kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scale, ws);
-    } else {
-      auto kernel = flash_bwd_main_kernel<Traits, /*kDeterministic=*/false>;
-      set_smem_limit(kernel, Traits::kSmemBytes);
-      kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scale, ws);
-    }
+    auto kernel = flash_bwd_main_kernel<Traits>;
+    set_smem_limit(kernel, Traits::kSmemBytes);
+    kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scale, ws, deterministic);
     FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_main_kernel");
   }
   if (p.batch > 0 && p.seqlen_q > 0) {
