@@ -41,7 +41,8 @@ void run_flash_bwd(const AttentionParams& p, float scale, void* workspace, bool 
   BwdWorkspace ws{};
   const size_t bytes = bwd_workspace_layout(p, Traits::kBlockM, static_cast<char*>(workspace), &ws);
   // The accumulator and the semaphores start at zero; D is written by the preprocess.
-  FLASHGPT_CUDA_CHECK(cudaMemsetAsync(workspace, 0, bytes, stream));
+  // (No queries: no workspace, but dK and dV must still be written, as zeros, below.)
+  if (bytes > 0) FLASHGPT_CUDA_CHECK(cudaMemsetAsync(workspace, 0, bytes, stream));
   if (p.batch > 0 && p.seqlen_q > 0) {
     const dim3 grid_pre((p.seqlen_q + 3) / 4, p.heads_q, p.batch);
     flash_bwd_preprocess_kernel<Element, kHeadDim><<<grid_pre, 128, 0, stream>>>(p, ws.dot_do_o);
