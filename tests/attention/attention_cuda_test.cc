@@ -422,7 +422,7 @@ TEST(AttentionCuda, MatchesCpuReferenceWithSameSeed) {
   }
 }
 
-TEST(AttentionCuda, LongSequenceForward) {
+TEST(AttentionCuda, LongSequence4097ForwardBackward) {
   if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
   run_case({"d64 s4097 causal", 1, 4097, 4097, 1, 1, 64, Mask::causal, 0.0f, DType::bf16, {}, {}},
            /*backward=*/true);
