@@ -12,6 +12,12 @@ if(NOT FLASHGPT_CUDA STREQUAL "OFF")
     enable_language(CUDA)
     set(CMAKE_CUDA_STANDARD 20)
     set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+    # CMake 3.25 predates nvcc 13 and does not know its C++20 flag ("CUDA20 dialect not
+    # supported"): tell it.
+    if(NOT CMAKE_CUDA20_STANDARD_COMPILE_OPTION)
+      set(CMAKE_CUDA20_STANDARD_COMPILE_OPTION "-std=c++20")
+      set(CMAKE_CUDA20_EXTENSION_COMPILE_OPTION "-std=c++20")
+    endif()
     find_package(CUDAToolkit REQUIRED)
     set(FLASHGPT_WITH_CUDA ON)
   elseif(FLASHGPT_CUDA STREQUAL "ON")

@@ -1,0 +1,50 @@
+// Attention on NVIDIA GPUs (bf16/fp16 inputs, fp32 accumulation), FlashAttention-2 style:
+// one fused forward kernel, and a backward pass of preprocess / main / convert kernels.
+// Conventions (layout, LSE, causal alignment, dropout) are those of attention.h.
+//
+// Every entry point validates the parameters (attention_validate plus the GPU-specific
+// rules below), throws flashgpt::Error with a readable message on a problem, and enqueues
+// its kernels on `stream` without synchronizing. Nothing is allocated: the backward pass
+// takes a caller-provided workspace of attention_backward_workspace_bytes() bytes.
+//
+// GPU-specific rules: dtype bf16 or f16; head_dim one of the compiled head dims
+// (attention_cuda_head_dim_compiled); q, k, v, o, d_o, dq, dk, dv 16-byte aligned and
+// every row/head/batch stride a multiple of 8 elements (16-byte vector copies); all
+// pointers (cu_seqlens too) in device memory. cu_seqlens are not read on the host: the
+// caller guarantees them (attention_validate_cu_seqlens_host checks a host copy).
+#pragma once
+
+#include <flashgpt/attention.h>
+
+#include <cstddef>
+
+#ifdef FLASHGPT_WITH_CUDA
+#include <cuda_runtime.h>
+#else
+using cudaStream_t = struct CUstream_st*;
+#endif
+
+namespace flashgpt {
+
+// Whether the kernels for this head dim were built (CMake option FLASHGPT_ATTENTION_HEAD_DIMS).
+bool attention_cuda_head_dim_compiled(int head_dim);
+
+// Writes o and lse.
+void attention_forward_cuda(const AttentionParams& params, cudaStream_t stream = nullptr);
+
+enum class Determinism {
+  fast,           // dQ accumulated with fp32 atomics in whatever order the CTAs arrive
+  deterministic,  // the same atomics, but in key-block order: identical bits on repeat
+};
+
+// Bytes of device workspace the backward pass needs for these params (dQ accumulator in
+// fp32, rowsum(dO * O), semaphores): about batch * heads_q * seqlen_q * (head_dim + 1) * 4.
+size_t attention_backward_workspace_bytes(const AttentionParams& params);
+
+// Reads q, k, v, o, lse, d_o; writes dq, dk, dv. `workspace` is device memory of at least
+// attention_backward_workspace_bytes(params) bytes, 256-byte aligned, not shared with any
+// concurrent call; its contents need not be initialized.
+void attention_backward_cuda(const AttentionParams& params, void* workspace, size_t workspace_bytes,
+                             Determinism determinism = Determinism::fast, cudaStream_t stream = nullptr);
+
+}  // namespace flashgpt

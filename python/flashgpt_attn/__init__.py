@@ -1,0 +1,161 @@
+"""flashgpt's FlashAttention kernels for PyTorch, with the flash-attn package's interface:
+
+    flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return_lse=False)
+    flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, ...)
+
+q [batch, seqlen_q, heads_q, head_dim], k/v [batch, seqlen_k, heads_kv, head_dim] (heads_q a
+multiple of heads_kv), bf16/fp16 on CUDA. Differentiable. Causal masks are aligned to the
+bottom-right corner. Dropout draws its mask from Philox (include/flashgpt/philox.h) with a
+seed taken from torch's CPU generator, so torch.manual_seed makes runs repeatable and the
+CPU reference can rebuild the same mask.
+
+CPU tensors take the CPU implementation (include/flashgpt/attention_cpu.h: tiled FlashAttention
+in fp32, same Philox mask); other dtypes are computed in float32 and cast back.
+
+The CUDA extension is compiled on first use with torch.utils.cpp_extension.load against the
+static library of a CMake build of this repository: FLASHGPT_BUILD_DIR (default: <repo>/build)
+must hold libflashgpt.a built with -DFLASHGPT_CUDA=ON.
+"""
+import math
+import os
+import pathlib
+
+import torch
+
+from . import philox
+
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "attention_reference"]
+
+_REPO = pathlib.Path(__file__).resolve().parents[2]
+_ext = None
+
+
+def _extension():
+    global _ext
+    if _ext is None:
+        from torch.utils.cpp_extension import load
+
+        build = pathlib.Path(os.environ.get("FLASHGPT_BUILD_DIR", _REPO / "build"))
+        lib = build / "libflashgpt.a"
+        if not lib.exists():
+            raise RuntimeError(f"flashgpt_attn: {lib} not found; build the library first: "
+                               f"cmake -S {_REPO} -B {build} -G Ninja -DFLASHGPT_CUDA=ON && cmake --build {build}")
+        _ext = load(
+            name="flashgpt_attn_ext",
+            sources=[str(pathlib.Path(__file__).parent / "binding.cpp")],
+            extra_include_paths=[str(_REPO / "include")],
+            extra_cflags=["-O2", "-std=c++20"],
+            extra_ldflags=[str(lib), *_fmt_ldflags(build), "-lgomp"],
+            with_cuda=True,
+            build_directory=str(_ensure_dir(build / "torch_ext")),
+            verbose=bool(os.environ.get("FLASHGPT_VERBOSE_BUILD")),
+        )
+    return _ext
+
+
+def _fmt_ldflags(build):
+    """Link fmt from where the CMake build found it (its config sits in <libdir>/cmake/fmt)."""
+    cache = build / "CMakeCache.txt"
+    for line in cache.read_text().splitlines() if cache.exists() else []:
+        if line.startswith("fmt_DIR:"):
+            libdir = pathlib.Path(line.split("=", 1)[1]).parents[1]
+            return [f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lfmt"]
+    return ["-lfmt"]
+
+
+def _ensure_dir(path):
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _contiguous_last(t):
+    # Kernels need a unit-stride head_dim, 16-byte aligned rows and 16-byte aligned base.
+    if t.stride(-1) != 1 or any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
+        return t.contiguous()
+    return t
+
+
+def _draw_seed():
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item()), 0
+
+
+def attention_reference(q, k, v, causal=False, softmax_scale=None, dropout_p=0.0, seed=0, offset=0,
+                        batch_index_base=0, upcast=True):
+    """Exact attention by the definition, dense [b, s, h, d]; returns (out, lse). Used for the
+    CPU path and by the tests. Fully masked rows give out 0 and lse +inf."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    dtype = torch.float64 if upcast else q.dtype
+    qf, kf, vf = (t.to(dtype).transpose(1, 2) for t in (q, k, v))  # [b, h, s, d]
+    if hkv != hq:
+        kf = kf.repeat_interleave(hq // hkv, dim=1)
+        vf = vf.repeat_interleave(hq // hkv, dim=1)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if causal:
+        i = torch.arange(sq, device=q.device)[:, None]
+        j = torch.arange(sk, device=q.device)[None, :]
+        s = s.masked_fill(j > i + sk - sq, float("-inf"))
+    lse = torch.logsumexp(s.float() if not upcast else s, dim=-1)
+    lse = lse.masked_fill(lse == float("-inf"), float("inf"))  # a row that sees no key: +inf
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    if dropout_p > 0:
+        masks = torch.stack([torch.stack([
+            torch.from_numpy(philox.keep_mask(seed, offset, (batch_index_base + bi) * hq + h, sq, sk, dropout_p))
+            for h in range(hq)]) for bi in range(b)]).to(q.device)
+        p = p * masks.to(p.dtype) / (1.0 - dropout_p)
+    out = torch.matmul(p, vf).transpose(1, 2).to(q.dtype)
+    return out, lse.float()
+
+
+class _FlashAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, deterministic):
+        ctx.in_dtype = q.dtype
+        if not q.is_cuda:  # the CPU implementation works in float32
+            q, k, v = (t.float().contiguous() for t in (q, k, v))
+        q, k, v = (_contiguous_last(t) for t in (q, k, v))
+        seed, offset = _draw_seed() if dropout_p > 0 else (0, 0)
+        run = _extension().forward if q.is_cuda else _extension().forward_cpu
+        out, lse = run(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, seed, offset)
+        ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+        out = out.to(ctx.in_dtype)
+        ctx.args = (max_q, max_k, dropout_p, scale, causal, seed, offset, deterministic)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, d_out, d_lse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        max_q, max_k, dropout_p, scale, causal, seed, offset, deterministic = ctx.args
+        if q.is_cuda:
+            d_out = _contiguous_last(d_out)
+            dq, dk, dv = _extension().backward(d_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, scale,
+                                               causal, seed, offset, deterministic)
+        else:
+            d_out = d_out.float().contiguous()
+            dq, dk, dv = _extension().backward_cpu(d_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p,
+                                                   scale, causal, seed, offset)
+            dq, dk, dv = (t.to(ctx.in_dtype) for t in (dq, dk, dv))
+        return dq, dk, dv, None, None, None, None, None, None, None, None
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return_lse=False,
+                    deterministic=False):
+    """Attention over dense [batch, seqlen, heads, head_dim] tensors. Returns out, or
+    (out, lse) with lse [batch, heads_q, seqlen_q] fp32 when return_lse."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out, lse = _FlashAttnFunction.apply(q, k, v, None, None, q.shape[1], k.shape[1], float(dropout_p), float(scale),
+                                        bool(causal), bool(deterministic))
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                           softmax_scale=None, causal=False, return_lse=False, deterministic=False):
+    """Attention over packed [total_tokens, heads, head_dim] tensors; sequence b owns rows
+    cu_seqlens[b] .. cu_seqlens[b + 1]. lse is [heads_q, total_q]."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    cu_q = cu_seqlens_q.to(torch.int32).contiguous()
+    cu_k = cu_seqlens_k.to(torch.int32).contiguous()
+    out, lse = _FlashAttnFunction.apply(q, k, v, cu_q, cu_k, int(max_seqlen_q), int(max_seqlen_k), float(dropout_p),
+                                        float(scale), bool(causal), bool(deterministic))
+    return (out, lse) if return_lse else out

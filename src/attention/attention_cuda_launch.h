@@ -1,0 +1,93 @@
+// The launch layer's interface, plain C++ (no kernels): the per-head-dim tile choices and
+// the launchers that each instance translation unit (src/attention/instances/) defines.
+// attention_cuda.cc, the validating entry points, calls these; nothing else should.
+#pragma once
+
+#include <flashgpt/attention.h>
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+namespace flashgpt::attn {
+
+// Tile choices, one row per head dim. Forward: 16 * kFwdMTiles query rows per warp; the key block
+// shrinks as head_dim grows so that S (kFwdBlockN / 2 floats a thread) and O (head_dim / 2
+// floats a thread) fit in registers. Backward: 16 keys per warp, kBwdBlockM queries per step.
+template <int kHeadDim>
+struct TileConfig;
+template <> struct TileConfig<32>  { static constexpr int kFwdBlockN = 64,  kFwdWarps = 4, kFwdMTiles = 2, kBwdBlockM = 64, kBwdWarps = 4; };
+// Kernel lab hook: FLASHGPT_FWD<d>_BLOCK_N / _WARPS / _MTILES (d = 64, 128) override the
+// forward tiles of that head dim at compile time, so bench/attention_gpu/lab.sh can compare
+// variants. (Three macros, not one: nvcc splits -D values at commas.)
+#ifndef FLASHGPT_FWD64_BLOCK_N
+#define FLASHGPT_FWD64_BLOCK_N 64
+#endif
+#ifndef FLASHGPT_FWD64_WARPS
+#define FLASHGPT_FWD64_WARPS 4
+#endif
+#ifndef FLASHGPT_FWD64_MTILES
+#define FLASHGPT_FWD64_MTILES 2
+#endif
+#ifndef FLASHGPT_FWD128_BLOCK_N
+#define FLASHGPT_FWD128_BLOCK_N 32
+#endif
+#ifndef FLASHGPT_FWD128_WARPS
+#define FLASHGPT_FWD128_WARPS 4
+#endif
+#ifndef FLASHGPT_FWD128_MTILES
+#define FLASHGPT_FWD128_MTILES 2
+#endif
+#ifndef FLASHGPT_BWD64_WARPS
+#define FLASHGPT_BWD64_WARPS 8
+#endif
+template <> struct TileConfig<64> {
+  static constexpr int kFwdBlockN = FLASHGPT_FWD64_BLOCK_N, kFwdWarps = FLASHGPT_FWD64_WARPS,
+                       kFwdMTiles = FLASHGPT_FWD64_MTILES;
+  static constexpr int kBwdBlockM = 64, kBwdWarps = FLASHGPT_BWD64_WARPS;
+};
+template <> struct TileConfig<96>  { static constexpr int kFwdBlockN = 32,  kFwdWarps = 4, kFwdMTiles = 2, kBwdBlockM = 64, kBwdWarps = 4; };
+template <> struct TileConfig<128> {
+  static constexpr int kFwdBlockN = FLASHGPT_FWD128_BLOCK_N, kFwdWarps = FLASHGPT_FWD128_WARPS,
+                       kFwdMTiles = FLASHGPT_FWD128_MTILES;
+  static constexpr int kBwdBlockM = 64, kBwdWarps = 8;
+};
+template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwdWarps = 8, kFwdMTiles = 1, kBwdBlockM = 32, kBwdWarps = 8; };
+
+// Workspace layout, all fp32 or int32, each part 256-byte aligned:
+//   dq_accum [batch, heads_q, seqlen_q, head_dim]  (seqlen_q = max length when varlen)
+//   dot_do_o [batch, heads_q, seqlen_q]
+//   semaphores [batch, heads_q, m_blocks]          (deterministic mode only)
+struct BwdWorkspace {
+  float* dq_accum;
+  float* dot_do_o;
+  int* semaphores;
+};
+
+inline std::size_t bwd_align(std::size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+inline std::size_t bwd_workspace_layout(const AttentionParams& p, int block_m, char* base, BwdWorkspace* ws) {
+  const std::size_t rows = std::size_t(p.batch) * p.heads_q * p.seqlen_q;
+  const std::size_t m_blocks = (std::size_t(p.seqlen_q) + block_m - 1) / block_m;
+  const std::size_t dq_bytes = bwd_align(rows * p.head_dim * sizeof(float));
+  const std::size_t d_bytes = bwd_align(rows * sizeof(float));
+  const std::size_t sem_bytes = bwd_align(std::size_t(p.batch) * p.heads_q * m_blocks * sizeof(int));
+  if (ws != nullptr) {
+    ws->dq_accum = reinterpret_cast<float*>(base);
+    ws->dot_do_o = reinterpret_cast<float*>(base + dq_bytes);
+    ws->semaphores = reinterpret_cast<int*>(base + dq_bytes + d_bytes);
+  }
+  return dq_bytes + d_bytes + sem_bytes;
+}
+
+inline std::size_t bwd_workspace_bytes(const AttentionParams& p, int block_m) {
+  return bwd_workspace_layout(p, block_m, nullptr, nullptr);
+}
+
+// Element is __nv_bfloat16 or __half; declared here without their headers.
+template <int kHeadDim, typename Element>
+void run_flash_fwd(const AttentionParams& p, float scale, cudaStream_t stream);
+template <int kHeadDim, typename Element>
+void run_flash_bwd(const AttentionParams& p, float scale, void* workspace, bool deterministic, cudaStream_t stream);
+
+}  // namespace flashgpt::attn

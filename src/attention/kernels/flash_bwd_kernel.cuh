@@ -1,0 +1,400 @@
+// The backward pass in the FlashAttention-2 manner, three kernels:
+//   1. preprocess: D[i] = rowsum(dO[i] * O[i]) (fp32) into the workspace;
+//   2. main: one CTA per (key block, kv head, batch entry). It keeps its K and V block in
+//      shared memory and dK, dV in registers, and walks over every query head of its GQA
+//      group and every query block that sees the key block. For each it recomputes
+//      P^T = exp(scale K Q^T - LSE) from the saved LSE (the warp owns 16 keys, so P^T's C
+//      fragments are directly the A fragments of dV += P^T dO), dP^T = V dO^T,
+//      dS^T = P^T * (dP^T - D), dK += dS^T Q, and dQ += dS K, the latter through shared
+//      memory and fp32 atomics into a workspace accumulator (in deterministic mode the
+//      CTAs of one query block add in key-block order behind a per-block semaphore);
+//   3. convert: dQ = accumulator, cast to the input type, strided.
+// With dropout Z = mask / (1 - p): dV += (P Z)^T dO and dS = P (dP Z - D).
+#pragma once
+
+#include "attention/attention_cuda_launch.h"
+#include "flash_common.cuh"
+
+#ifndef FLASHGPT_DQ_ATOMIC_WIDTH
+#define FLASHGPT_DQ_ATOMIC_WIDTH 2
+#endif
+
+namespace flashgpt::attn {
+
+template <int kHeadDim_, int kBlockM_, int kNWarps_, typename Element_>
+struct BwdTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kNWarps = kNWarps_;
+  static constexpr int kThreads = kNWarps * 32;
+  static constexpr int kBlockN = 16 * kNWarps;  // each warp owns 16 keys
+  static constexpr int kBlockM = kBlockM_;
+  static constexpr int kStride = kHeadDim + 8;
+  static constexpr int kStrideDs = kBlockM + 8;
+  static constexpr int kNTilesS = kBlockM / 8;   // n8 tiles of S^T (queries) per warp
+  static constexpr int kNTilesD = kHeadDim / 8;  // n8 tiles of dK, dV per warp
+  // dQ = dS K is a kBlockM x kHeadDim product: kBlockM / 16 row groups of warps, each row
+  // group splits the head dimension among kDqColGroups warps.
+  static constexpr int kDqRowGroups = kBlockM / 16;
+  static constexpr int kDqColGroups = kNWarps / kDqRowGroups;
+  static constexpr int kDqCols = kHeadDim / kDqColGroups;
+  static_assert(kHeadDim % 16 == 0 && kBlockM % 16 == 0, "tiles are made of m16n8k16 steps");
+  static_assert(kNWarps % kDqRowGroups == 0, "dQ rows must split evenly over the warps");
+  static_assert(kDqCols % 16 == 0, "each warp's dQ columns must be whole pairs of n8 tiles");
+  static_assert((kBlockM / 8) % 2 == 0, "padded dS rows must be an odd number of 16-byte units");
+  static constexpr int kSmemKV = kBlockN * kStride;
+  static constexpr int kSmemQ = kBlockM * kStride;
+  static constexpr int kSmemDs = kBlockN * kStrideDs;
+  // K, V, Q x2, dO x2, dS^T (elements), then LSE x2 and D x2 (floats).
+  static constexpr size_t kSmemBytes = sizeof(Element) * (2 * kSmemKV + 4 * kSmemQ + kSmemDs) + 4 * kBlockM * sizeof(float);
+};
+
+// D = rowsum(dO * O): one warp per row, grid (ceil(seqlen_q / kRowsPerCta), heads_q, batch).
+template <typename Element, int kHeadDim>
+__global__ void flash_bwd_preprocess_kernel(const AttentionParams p, float* dot_do_o) {
+  constexpr int kRowsPerCta = 4;  // 4 warps
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int head = blockIdx.y, b = blockIdx.z;
+  const int row = blockIdx.x * kRowsPerCta + warp;
+  const SeqInfo seq(p, b);
+  if (row >= seq.seqlen_q) return;
+  const Element* o = static_cast<const Element*>(p.o) +
+                     seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, head) + row * p.o_row_stride;
+  const Element* d_o = static_cast<const Element*>(p.d_o) +
+                       seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, head) + row * p.do_row_stride;
+  float acc = 0.0f;
+  for (int c = lane * 2; c < kHeadDim; c += 64) {
+    const float2 a = ElementOps<Element>::unpack(*reinterpret_cast<const uint32_t*>(o + c));
+    const float2 d = ElementOps<Element>::unpack(*reinterpret_cast<const uint32_t*>(d_o + c));
+    acc += a.x * d.x + a.y * d.y;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane == 0) dot_do_o[(int64_t(b) * p.heads_q + head) * p.seqlen_q + row] = acc;
+}
+
+// dQ = accumulator, cast and strided. One thread per 2 elements.
+template <typename Element, int kHeadDim>
+__global__ void flash_bwd_convert_dq_kernel(const AttentionParams p, const float* dq_accum) {
+  const int head = blockIdx.y, b = blockIdx.z;
+  const SeqInfo seq(p, b);
+  constexpr int kPairsPerRow = kHeadDim / 2;
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  const int row = idx / kPairsPerRow, c = (idx % kPairsPerRow) * 2;
+  if (row >= seq.seqlen_q) return;
+  const float* src = dq_accum + ((int64_t(b) * p.heads_q + head) * p.seqlen_q + row) * kHeadDim + c;
+  Element* dst = static_cast<Element*>(p.dq) +
+                 seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, head) + row * p.dq_row_stride + c;
+  *reinterpret_cast<uint32_t*>(dst) = ElementOps<Element>::pack(src[0], src[1]);
+}
+
+// `deterministic` is a run-time flag, not a template parameter: the semaphore wait costs a
+// uniform branch per iteration, and one kernel per instance halves CI's nvcc time.
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    flash_bwd_main_kernel(const AttentionParams p, float scale, BwdWorkspace ws, bool deterministic) {
+  using Element = typename Traits::Element;
+  using Ops = ElementOps<Element>;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
+  constexpr int kStride = Traits::kStride, kStrideDs = Traits::kStrideDs, kThreads = Traits::kThreads;
+  constexpr int kNTilesS = Traits::kNTilesS, kNTilesD = Traits::kNTilesD;
+
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Element* sK = reinterpret_cast<Element*>(smem_raw);  // [kBlockN][kStride]
+  Element* sV = sK + Traits::kSmemKV;                  // [kBlockN][kStride]
+  Element* sQ = sV + Traits::kSmemKV;                  // [2][kBlockM][kStride]
+  Element* sdO = sQ + 2 * Traits::kSmemQ;              // [2][kBlockM][kStride]
+  Element* sdS = sdO + 2 * Traits::kSmemQ;             // [kBlockN][kStrideDs], dS^T
+  float* sLse = reinterpret_cast<float*>(sdS + Traits::kSmemDs);  // [2][kBlockM], LSE * log2(e)
+  float* sDot = sLse + 2 * kBlockM;                                 // [2][kBlockM]
+
+  const int n_block = blockIdx.x, head_kv = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const SeqInfo seq(p, b);
+  const int n0 = n_block * kBlockN;
+  if (n0 >= seq.seqlen_k) return;
+  const int group = p.heads_q / p.heads_kv;
+  const bool causal = p.mask == Mask::causal;
+  const int diag = seq.seqlen_k - seq.seqlen_q;
+  const int m_blocks_total = (p.seqlen_q + kBlockM - 1) / kBlockM;  // semaphore row length
+
+  // Query blocks that see this key block: causal rows i >= j - diag for some j in the block.
+  const int m_end = (seq.seqlen_q + kBlockM - 1) / kBlockM;
+  int m_begin = 0;
+  if (causal) {
+    const int first_row = n0 - diag;
+    m_begin = first_row <= 0 ? 0 : first_row / kBlockM;
+  }
+  const int m_count = max(0, m_end - m_begin);
+  const int iterations = m_count * group;
+
+  const Element* gK = static_cast<const Element*>(p.k) +
+                      seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, head_kv) + n0 * p.k_row_stride;
+  const Element* gV = static_cast<const Element*>(p.v) +
+                      seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, head_kv) + n0 * p.v_row_stride;
+  const int valid_k = seq.seqlen_k - n0;
+
+  // Issues the copies of iteration `it` (query head, query block) into buffer `buf`.
+  auto load_q_block = [&](int it, int buf) {
+    const int head = head_kv * group + it / m_count;
+    const int m0 = (m_begin + it % m_count) * kBlockM;
+    const Element* gQ = static_cast<const Element*>(p.q) +
+                        seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, head) + m0 * p.q_row_stride;
+    const Element* gdO = static_cast<const Element*>(p.d_o) +
+                         seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, head) +
+                         m0 * p.do_row_stride;
+    const int valid_q = seq.seqlen_q - m0;
+    load_tile_async<kBlockM, kHeadDim, kStride, kThreads>(sQ + buf * Traits::kSmemQ, gQ, p.q_row_stride, valid_q, tid);
+    load_tile_async<kBlockM, kHeadDim, kStride, kThreads>(sdO + buf * Traits::kSmemQ, gdO, p.do_row_stride, valid_q,
+                                                          tid);
+    // LSE and D are small: plain loads into shared memory (made visible by the barrier).
+    const float* gLse = p.lse + (seq.varlen ? 0 : b * p.lse_batch_stride) + head * p.lse_head_stride + seq.q_start + m0;
+    const float* gDot = ws.dot_do_o + (int64_t(b) * p.heads_q + head) * p.seqlen_q + m0;
+    for (int i = tid; i < kBlockM; i += kThreads) {
+      const bool valid = i < valid_q;
+      sLse[buf * kBlockM + i] = valid ? gLse[i] * kLog2e : INFINITY;  // +inf: P = 0 for padding rows
+      sDot[buf * kBlockM + i] = valid ? gDot[i] : 0.0f;
+    }
+  };
+
+  float acc_dk[kNTilesD][4], acc_dv[kNTilesD][4];
+#pragma unroll
+  for (int i = 0; i < kNTilesD; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.0f;
+
+  const float scale_log2 = scale * kLog2e;
+  const bool use_dropout = p.dropout_p > 0.0f;
+  const uint32_t threshold = dropout_threshold(p.dropout_p);
+  const float keep_scale = use_dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  const int key_local0 = warp * 16 + g;  // this thread's keys: key_local0 and key_local0 + 8
+
+  if (iterations > 0) {
+    load_tile_async<kBlockN, kHeadDim, kStride, kThreads>(sK, gK, p.k_row_stride, valid_k, tid);
+    load_tile_async<kBlockN, kHeadDim, kStride, kThreads>(sV, gV, p.v_row_stride, valid_k, tid);
+    load_q_block(0, 0);
+    cp_async_commit();
+  }
+
+  for (int it = 0; it < iterations; ++it) {
+    const int buf = it & 1;
+    const int head = head_kv * group + it / m_count;
+    const int m_block = m_begin + it % m_count;
+    const int m0 = m_block * kBlockM;
+    cp_async_wait<0>();
+    __syncthreads();  // tiles of `it` visible; everyone is done with iteration it - 1
+    if (it + 1 < iterations) load_q_block(it + 1, buf ^ 1);
+    cp_async_commit();
+
+    const Element* sQb = sQ + buf * Traits::kSmemQ;
+    const Element* sdOb = sdO + buf * Traits::kSmemQ;
+    const float* sLseb = sLse + buf * kBlockM;
+    const float* sDotb = sDot + buf * kBlockM;
+
+    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x kBlockM queries.
+    float s[kNTilesS][4], dp[kNTilesS][4];
+#pragma unroll
+    for (int i = 0; i < kNTilesS; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      uint32_t ak[4], av[4];
+      const int a_off = (warp * 16 + ldm_row_pattern_row(lane)) * kStride + kk * 16 + ldm_row_pattern_col(lane);
+      ldmatrix_x4(ak, smem_u32(sK + a_off));
+      ldmatrix_x4(av, smem_u32(sV + a_off));
+#pragma unroll
+      for (int np = 0; np < kNTilesS / 2; ++np) {
+        const int b_off = (np * 16 + ldm_pair_pattern_row(lane)) * kStride + kk * 16 + ldm_pair_pattern_col(lane);
+        uint32_t bq[4], bdo[4];
+        ldmatrix_x4(bq, smem_u32(sQb + b_off));
+        ldmatrix_x4(bdo, smem_u32(sdOb + b_off));
+        Ops::mma(s[2 * np], ak, bq[0], bq[1]);
+        Ops::mma(s[2 * np + 1], ak, bq[2], bq[3]);
+        Ops::mma(dp[2 * np], av, bdo[0], bdo[1]);
+        Ops::mma(dp[2 * np + 1], av, bdo[2], bdo[3]);
+      }
+    }
+
+    // P^T (masked), dS^T, and the dropped P^T for dV. Element (key, query) of this thread:
+    // key = n0 + key_local0 + 8 * (e / 2), query = m0 + nt * 8 + 2 t + e % 2.
+    const bool need_mask = n0 + kBlockN > seq.seqlen_k || (causal && n0 + kBlockN - 1 > m0 + diag);
+    const int64_t batch_head = int64_t{b} * p.heads_q + head;
+    // This thread's queries are nt * 8 + 2t + {0, 1}: read their LSE and D once, as float2.
+    float2 lse_q[kNTilesS], dot_q[kNTilesS];
+#pragma unroll
+    for (int nt = 0; nt < kNTilesS; ++nt) {
+      lse_q[nt] = *reinterpret_cast<const float2*>(sLseb + nt * 8 + 2 * t);
+      dot_q[nt] = *reinterpret_cast<const float2*>(sDotb + nt * 8 + 2 * t);
+    }
+#pragma unroll
+    for (int nt = 0; nt < kNTilesS; ++nt) {
+      // Dropout: this thread's 4 elements of the n-tile need 4 Philox calls (2 keys x 2
+      // queries), and so do the 3 other lanes whose keys share the same group of 4 columns
+      // (lanes differing in bits 2-3). Each of the 4 lanes computes one of the 4 calls and
+      // they swap words in 4 shuffles: one Philox per element becomes one per 4 elements.
+      uint32_t keep_bits = 0xF;
+      if (use_dropout) {
+        const int j = (lane >> 2) & 3;  // this lane computes call j = (key half j / 2, query j % 2)
+        const Philox4x32 w = dropout_random_words(p.rng, batch_head, m0 + nt * 8 + 2 * t + (j & 1),
+                                                  (n0 + warp * 16 + 8 * (j >> 1)) / 4 + (g >> 2));
+        keep_bits = 0;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int give = (j + r) & 3;  // the lane reading from us needs word `give` of our call
+          const uint32_t send = give == 0 ? w.x : give == 1 ? w.y : give == 2 ? w.z : w.w;
+          const int c = (j - r) & 3;  // we read call c, from the lane that computed it
+          const uint32_t got = __shfl_sync(0xffffffffu, send, (lane & ~12) | (c << 2));
+          keep_bits |= uint32_t(got >= threshold) << c;  // call c = element e = c of this thread
+        }
+      }
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int q_local = nt * 8 + 2 * t + (e & 1);
+        const int key = n0 + key_local0 + 8 * (e >> 1);
+        const int query = m0 + q_local;
+        const float lse_e = (e & 1) ? lse_q[nt].y : lse_q[nt].x;
+        const float dot_e = (e & 1) ? dot_q[nt].y : dot_q[nt].x;
+        float pv = exp2f(s[nt][e] * scale_log2 - lse_e);
+        if (need_mask && (key >= seq.seqlen_k || (causal && key > query + diag))) pv = 0.0f;
+        float dpv = dp[nt][e];
+        float p_dropped = pv;
+        if (use_dropout) {
+          const bool keep = (keep_bits >> e) & 1u;
+          dpv = keep ? dpv * keep_scale : 0.0f;
+          p_dropped = keep ? pv * keep_scale : 0.0f;
+        }
+        s[nt][e] = p_dropped;                     // s now holds (P Z)^T
+        dp[nt][e] = pv * (dpv - dot_e);  // dp now holds dS^T (unscaled)
+      }
+    }
+
+    // dV += (P Z)^T dO and dK += dS^T Q: A from registers, B = dO, Q read transposed.
+#pragma unroll
+    for (int kt = 0; kt < kBlockM / 16; ++kt) {
+      uint32_t ap[4], ads[4];
+      ap[0] = Ops::pack(s[2 * kt][0], s[2 * kt][1]);
+      ap[1] = Ops::pack(s[2 * kt][2], s[2 * kt][3]);
+      ap[2] = Ops::pack(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+      ap[3] = Ops::pack(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+      ads[0] = Ops::pack(dp[2 * kt][0], dp[2 * kt][1]);
+      ads[1] = Ops::pack(dp[2 * kt][2], dp[2 * kt][3]);
+      ads[2] = Ops::pack(dp[2 * kt + 1][0], dp[2 * kt + 1][1]);
+      ads[3] = Ops::pack(dp[2 * kt + 1][2], dp[2 * kt + 1][3]);
+      {  // dS^T to shared memory for dQ = dS K (rows: keys, columns: queries).
+        Element* row0 = sdS + key_local0 * kStrideDs + kt * 16 + 2 * t;
+        *reinterpret_cast<uint32_t*>(row0) = ads[0];
+        *reinterpret_cast<uint32_t*>(row0 + 8 * kStrideDs) = ads[1];
+        *reinterpret_cast<uint32_t*>(row0 + 8) = ads[2];
+        *reinterpret_cast<uint32_t*>(row0 + 8 * kStrideDs + 8) = ads[3];
+      }
+#pragma unroll
+      for (int dpair = 0; dpair < kNTilesD / 2; ++dpair) {
+        const int off = (kt * 16 + ldm_row_pattern_row(lane)) * kStride + dpair * 16 + ldm_row_pattern_col(lane);
+        uint32_t bdo[4], bq[4];
+        ldmatrix_x4_trans(bdo, smem_u32(sdOb + off));
+        ldmatrix_x4_trans(bq, smem_u32(sQb + off));
+        Ops::mma(acc_dv[2 * dpair], ap, bdo[0], bdo[1]);
+        Ops::mma(acc_dv[2 * dpair + 1], ap, bdo[2], bdo[3]);
+        Ops::mma(acc_dk[2 * dpair], ads, bq[0], bq[1]);
+        Ops::mma(acc_dk[2 * dpair + 1], ads, bq[2], bq[3]);
+      }
+    }
+    __syncthreads();  // dS^T complete in shared memory
+
+    // dQ (kBlockM x kHeadDim) += dS K: warp (row group, column group).
+    constexpr int kDqNTiles = Traits::kDqCols / 8;
+    const int rg = warp % Traits::kDqRowGroups, cg = warp / Traits::kDqRowGroups;
+    float dq[kDqNTiles][4];
+#pragma unroll
+    for (int i = 0; i < kDqNTiles; ++i) dq[i][0] = dq[i][1] = dq[i][2] = dq[i][3] = 0.0f;
+#pragma unroll
+    for (int kt = 0; kt < kBlockN / 16; ++kt) {
+      uint32_t a[4];
+      ldmatrix_x4_trans(a, smem_u32(sdS + (kt * 16 + ldm_pair_pattern_row(lane)) * kStrideDs + rg * 16 +
+                                    ldm_pair_pattern_col(lane)));
+#pragma unroll
+      for (int dpair = 0; dpair < kDqNTiles / 2; ++dpair) {
+        uint32_t bk[4];
+        ldmatrix_x4_trans(bk, smem_u32(sK + (kt * 16 + ldm_row_pattern_row(lane)) * kStride + cg * Traits::kDqCols +
+                                       dpair * 16 + ldm_row_pattern_col(lane)));
+        Ops::mma(dq[2 * dpair], a, bk[0], bk[1]);
+        Ops::mma(dq[2 * dpair + 1], a, bk[2], bk[3]);
+      }
+    }
+
+    int* semaphore = nullptr;
+    if (deterministic) {
+      semaphore = ws.semaphores + (int64_t(b) * p.heads_q + head) * m_blocks_total + m_block;
+      if (tid == 0) {
+        // Key blocks 0 .. n_block - 1 of this query block add before us (causal: the key
+        // blocks that see a query block are always a prefix 0 .. k).
+        while (atomicAdd(semaphore, 0) != n_block) {
+        }
+        __threadfence();
+      }
+      __syncthreads();
+    }
+    float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * p.seqlen_q + m0) * kHeadDim;
+    // dQ atomics are the backward's largest memory cost (every key block adds its part), so
+    // they are vector atomics (sm_90). Width 2: each lane adds its own column pair.
+    // Width 4: lanes t and t ^ 1 hold columns 2t..2t+1 of rows g and g + 8, i.e. 4
+    // neighbouring columns of both rows; they swap halves so that the even lane adds row g's
+    // 4 columns and the odd lane row g + 8's (FLASHGPT_DQ_ATOMIC_WIDTH picks, for the lab).
+    if constexpr (FLASHGPT_DQ_ATOMIC_WIDTH == 4) {
+      const bool odd = (t & 1) != 0;
+      const int q_local = rg * 16 + g + (odd ? 8 : 0);
+      const bool q_valid = m0 + q_local < seq.seqlen_q;
+      float* dq_row = gdq + q_local * kHeadDim + cg * Traits::kDqCols + 4 * (t >> 1);
+#pragma unroll
+      for (int i = 0; i < kDqNTiles; ++i) {
+        const float a0 = dq[i][0] * scale, a1 = dq[i][1] * scale;  // row g, columns 2t, 2t + 1
+        const float b0 = dq[i][2] * scale, b1 = dq[i][3] * scale;  // row g + 8
+        const float r0 = __shfl_xor_sync(0xffffffffu, odd ? a0 : b0, 1);
+        const float r1 = __shfl_xor_sync(0xffffffffu, odd ? a1 : b1, 1);
+        const float4 v = odd ? make_float4(r0, r1, b0, b1) : make_float4(a0, a1, r0, r1);
+        if (q_valid) atomicAdd(reinterpret_cast<float4*>(dq_row + i * 8), v);
+      }
+    } else {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int q_local = rg * 16 + g + 8 * r;
+        if (m0 + q_local < seq.seqlen_q) {
+#pragma unroll
+          for (int i = 0; i < kDqNTiles; ++i) {
+            float* dst = gdq + q_local * kHeadDim + cg * Traits::kDqCols + i * 8 + 2 * t;
+            atomicAdd(reinterpret_cast<float2*>(dst), make_float2(dq[i][2 * r] * scale, dq[i][2 * r + 1] * scale));
+          }
+        }
+      }
+    }
+    if (deterministic) {
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) atomicAdd(semaphore, 1);
+    }
+  }
+  cp_async_wait<0>();
+
+  // dK = scale * dS^T Q, dV: rows of this warp, skipping keys past the sequence.
+  Element* gdK = static_cast<Element*>(p.dk) +
+                 seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, head_kv) + n0 * p.dk_row_stride;
+  Element* gdV = static_cast<Element*>(p.dv) +
+                 seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, head_kv) + n0 * p.dv_row_stride;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key_local = key_local0 + 8 * r;
+    if (key_local < valid_k) {
+#pragma unroll
+      for (int i = 0; i < kNTilesD; ++i) {
+        *reinterpret_cast<uint32_t*>(gdK + key_local * p.dk_row_stride + i * 8 + 2 * t) =
+            Ops::pack(acc_dk[i][2 * r] * scale, acc_dk[i][2 * r + 1] * scale);
+        *reinterpret_cast<uint32_t*>(gdV + key_local * p.dv_row_stride + i * 8 + 2 * t) =
+            Ops::pack(acc_dv[i][2 * r], acc_dv[i][2 * r + 1]);
+      }
+    }
+  }
+}
+
+}  // namespace flashgpt::attn

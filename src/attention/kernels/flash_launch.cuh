@@ -1,0 +1,66 @@
+// The launch layer: picks the tile traits of a (head_dim, dtype) instance, sizes the grid
+// and launches on the caller's stream. Each instance is explicitly instantiated in its
+// own translation unit under src/attention/instances/ so that nvcc runs in parallel.
+#pragma once
+
+#include "attention/attention_cuda_launch.h"
+#include "common/cuda_check.h"
+#include "flash_bwd_kernel.cuh"
+#include "flash_fwd_kernel.cuh"
+
+#include <cuda_runtime.h>
+
+namespace flashgpt::attn {
+
+template <int kHeadDim, typename Element>
+using FwdTraitsFor = FwdTraits<kHeadDim, TileConfig<kHeadDim>::kFwdBlockN, TileConfig<kHeadDim>::kFwdWarps,
+                               TileConfig<kHeadDim>::kFwdMTiles, Element>;
+template <int kHeadDim, typename Element>
+using BwdTraitsFor = BwdTraits<kHeadDim, TileConfig<kHeadDim>::kBwdBlockM, TileConfig<kHeadDim>::kBwdWarps, Element>;
+
+template <typename Kernel>
+void set_smem_limit(Kernel kernel, size_t bytes) {
+  if (bytes > 48 * 1024)
+    FLASHGPT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+}
+
+template <int kHeadDim, typename Element>
+void run_flash_fwd(const AttentionParams& p, float scale, cudaStream_t stream) {
+  using Traits = FwdTraitsFor<kHeadDim, Element>;
+  auto kernel = flash_fwd_kernel<Traits>;
+  set_smem_limit(kernel, Traits::kSmemBytes);
+  const dim3 grid((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, p.heads_q, p.batch);
+  if (grid.x == 0 || p.batch == 0) return;
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scale);
+  FLASHGPT_CUDA_CHECK_LAUNCH("flash_fwd_kernel");
+}
+
+template <int kHeadDim, typename Element>
+void run_flash_bwd(const AttentionParams& p, float scale, void* workspace, bool deterministic, cudaStream_t stream) {
+  using Traits = BwdTraitsFor<kHeadDim, Element>;
+  BwdWorkspace ws{};
+  const size_t bytes = bwd_workspace_layout(p, Traits::kBlockM, static_cast<char*>(workspace), &ws);
+  // The accumulator and the semaphores start at zero; D is written by the preprocess.
+  // (No queries: no workspace, but dK and dV must still be written, as zeros, below.)
+  if (bytes > 0) FLASHGPT_CUDA_CHECK(cudaMemsetAsync(workspace, 0, bytes, stream));
+  if (p.batch > 0 && p.seqlen_q > 0) {
+    const dim3 grid_pre((p.seqlen_q + 3) / 4, p.heads_q, p.batch);
+    flash_bwd_preprocess_kernel<Element, kHeadDim><<<grid_pre, 128, 0, stream>>>(p, ws.dot_do_o);
+    FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_preprocess_kernel");
+  }
+  if (p.batch > 0 && p.seqlen_k > 0) {
+    const dim3 grid((p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, p.heads_kv, p.batch);
+    auto kernel = flash_bwd_main_kernel<Traits>;
+    set_smem_limit(kernel, Traits::kSmemBytes);
+    kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scale, ws, deterministic);
+    FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_main_kernel");
+  }
+  if (p.batch > 0 && p.seqlen_q > 0) {
+    const int pairs = p.seqlen_q * (kHeadDim / 2);
+    const dim3 grid_conv((pairs + 255) / 256, p.heads_q, p.batch);
+    flash_bwd_convert_dq_kernel<Element, kHeadDim><<<grid_conv, 256, 0, stream>>>(p, ws.dq_accum);
+    FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_convert_dq_kernel");
+  }
+}
+
+}  // namespace flashgpt::attn

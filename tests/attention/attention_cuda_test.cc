@@ -1,0 +1,561 @@
+// GPU attention (forward and backward) against a plain double-precision reference written
+// here from the definition in attention.h, on random inputs rounded to bf16/fp16 first,
+// so the only differences are the kernels' own rounding. Also: the dropout mask bit for
+// bit against philox.h, deterministic mode bit for bit on repeat, variable-length batches
+// with empty sequences, GQA/MQA, awkward lengths (1, 17, 1000), and the entry points'
+// error messages. The 2x-PyTorch criterion lives in the pytest suite of the binding.
+#include <flashgpt/attention.h>
+#include <flashgpt/attention_cpu.h>
+#include <flashgpt/attention_cuda.h>
+#include <flashgpt/error.h>
+
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace flashgpt {
+namespace {
+
+#define CUDA_OK(call) ASSERT_EQ((call), cudaSuccess) << #call
+
+uint16_t float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+float bf16_to_float(uint16_t h) {
+  const uint32_t bits = uint32_t{h} << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+uint16_t float_to_fp16(float f) {
+  const _Float16 h = static_cast<_Float16>(f);
+  uint16_t bits;
+  std::memcpy(&bits, &h, 2);
+  return bits;
+}
+float fp16_to_float(uint16_t bits) {
+  _Float16 h;
+  std::memcpy(&h, &bits, 2);
+  return static_cast<float>(h);
+}
+
+// A tensor held as 16-bit host words plus their float values.
+struct HalfTensor {
+  DType dtype;
+  std::vector<uint16_t> bits;
+  std::vector<float> values;
+  HalfTensor(DType dt, size_t n) : dtype(dt), bits(n), values(n) {}
+  void set(size_t i, float f) {
+    bits[i] = dtype == DType::bf16 ? float_to_bf16(f) : float_to_fp16(f);
+    values[i] = dtype == DType::bf16 ? bf16_to_float(bits[i]) : fp16_to_float(bits[i]);
+  }
+  void from_bits(const std::vector<uint16_t>& b) {
+    bits = b;
+    for (size_t i = 0; i < b.size(); ++i) values[i] = dtype == DType::bf16 ? bf16_to_float(b[i]) : fp16_to_float(b[i]);
+  }
+};
+
+struct DeviceBuffer {
+  void* ptr = nullptr;
+  size_t bytes = 0;
+  explicit DeviceBuffer(size_t n) : bytes(n) {
+    if (n > 0) {
+      EXPECT_EQ(cudaMalloc(&ptr, n), cudaSuccess);
+    }
+  }
+  ~DeviceBuffer() { cudaFree(ptr); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+};
+
+struct Case {
+  std::string name;
+  int batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim;
+  Mask mask;
+  float dropout;
+  DType dtype;
+  std::vector<int> varlen_q, varlen_k;  // per-sequence lengths for a packed batch (empty: dense)
+};
+
+// Reference on one (sequence, head): rows [sq, d] with row strides. Accumulates dk, dv.
+struct RefSeq {
+  int sq, sk, d;
+  const float *q, *k, *v, *d_o;
+  int64_t q_rs, k_rs;
+  double *o, *lse, *dq, *dk, *dv;  // o, dq [sq, d]; dk, dv [sk, d]; lse [sq]
+};
+
+void reference_head(const RefSeq& s, double scale, bool causal, float dropout, DropoutRng rng, int64_t batch_head,
+                    bool backward) {
+  const uint32_t threshold = dropout_threshold(dropout);
+  const double keep_scale = dropout > 0 ? 1.0 / (1.0 - dropout) : 1.0;
+  std::vector<double> p(s.sk), z(s.sk), dp(s.sk);
+  for (int i = 0; i < s.sq; ++i) {
+    const float* qi = s.q + i * s.q_rs;
+    double mx = -std::numeric_limits<double>::infinity();
+    for (int j = 0; j < s.sk; ++j) {
+      const bool visible = !causal || j <= i + s.sk - s.sq;
+      if (!visible) {
+        p[j] = -std::numeric_limits<double>::infinity();
+        continue;
+      }
+      double acc = 0;
+      for (int c = 0; c < s.d; ++c) acc += double(qi[c]) * s.k[j * s.k_rs + c];
+      p[j] = acc * scale;
+      mx = std::max(mx, p[j]);
+    }
+    double sum = 0;
+    for (int j = 0; j < s.sk; ++j) {
+      p[j] = std::isinf(mx) ? 0.0 : std::exp(p[j] - mx);
+      sum += p[j];
+    }
+    s.lse[i] = sum > 0 ? mx + std::log(sum) : std::numeric_limits<double>::infinity();
+    for (int j = 0; j < s.sk; ++j) {
+      p[j] = sum > 0 ? p[j] / sum : 0.0;
+      z[j] = dropout > 0 ? (dropout_keep(rng, batch_head, i, j, threshold) ? keep_scale : 0.0) : 1.0;
+    }
+    for (int c = 0; c < s.d; ++c) {
+      double acc = 0;
+      for (int j = 0; j < s.sk; ++j) acc += p[j] * z[j] * s.v[j * s.k_rs + c];
+      s.o[i * s.d + c] = acc;
+    }
+    if (!backward) continue;
+    const float* doi = s.d_o + i * s.q_rs;
+    double dsum = 0;
+    for (int j = 0; j < s.sk; ++j) {
+      double acc = 0;
+      for (int c = 0; c < s.d; ++c) acc += double(doi[c]) * s.v[j * s.k_rs + c];
+      dp[j] = acc * z[j];
+      dsum += p[j] * dp[j];
+    }
+    for (int j = 0; j < s.sk; ++j) {
+      const double ds = p[j] * (dp[j] - dsum);
+      if (p[j] == 0.0 && z[j] == 0.0 && ds == 0.0) continue;
+      for (int c = 0; c < s.d; ++c) {
+        s.dq[i * s.d + c] += scale * ds * s.k[j * s.k_rs + c];
+        s.dk[j * s.d + c] += scale * ds * qi[c];
+        s.dv[j * s.d + c] += p[j] * z[j] * doi[c];
+      }
+    }
+  }
+}
+
+// ||out - ref|| / ||ref||, with ||ref|| floored at an RMS of 0.05: some gradients are
+// exactly zero in exact arithmetic (one key: dS = P (dP - D) = 0) and only rounding noise
+// on the GPU, where a pure relative error would be meaningless.
+double rel_error(const std::vector<float>& out, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double e = double(out[i]) - ref[i];
+    num += e * e;
+    den += ref[i] * ref[i];
+  }
+  return std::sqrt(num / std::max(den, 0.05 * 0.05 * double(ref.size())));
+}
+
+bool all_finite(const std::vector<float>& v) {
+  return std::all_of(v.begin(), v.end(), [](float x) { return std::isfinite(x); });
+}
+
+struct Outputs {
+  std::vector<float> o, lse, dq, dk, dv;
+  std::vector<uint16_t> dq_bits, dk_bits, dv_bits;
+};
+
+// Runs forward (+ backward) on the GPU and the reference, compares. Returns the outputs.
+enum class Reference { in_test, library_cpu };
+
+Outputs run_case(const Case& c, bool backward, Determinism det = Determinism::fast, uint64_t seed = 7,
+                 bool compare = true, Reference reference = Reference::in_test) {
+  const bool varlen = !c.varlen_q.empty();
+  const int batch = varlen ? int(c.varlen_q.size()) : c.batch;
+  std::vector<int> cu_q(batch + 1, 0), cu_k(batch + 1, 0);
+  for (int b = 0; b < batch; ++b) {
+    cu_q[b + 1] = cu_q[b] + (varlen ? c.varlen_q[b] : c.seqlen_q);
+    cu_k[b + 1] = cu_k[b] + (varlen ? c.varlen_k[b] : c.seqlen_k);
+  }
+  const int max_q = varlen ? *std::max_element(c.varlen_q.begin(), c.varlen_q.end()) : c.seqlen_q;
+  const int max_k = varlen ? *std::max_element(c.varlen_k.begin(), c.varlen_k.end()) : c.seqlen_k;
+  const int64_t total_q = cu_q[batch], total_k = cu_k[batch];
+  const int d = c.head_dim;
+  const size_t nq = size_t(total_q) * c.heads_q * d, nk = size_t(total_k) * c.heads_kv * d;
+
+  std::mt19937 gen(uint32_t(seed * 1000 + d + c.seqlen_q));
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  HalfTensor q(c.dtype, nq), k(c.dtype, nk), v(c.dtype, nk), d_o(c.dtype, nq);
+  for (size_t i = 0; i < nq; ++i) q.set(i, normal(gen));
+  for (size_t i = 0; i < nk; ++i) k.set(i, normal(gen));
+  for (size_t i = 0; i < nk; ++i) v.set(i, normal(gen));
+  for (size_t i = 0; i < nq; ++i) d_o.set(i, normal(gen));
+
+  AttentionParams p;
+  p.dtype = c.dtype;
+  p.batch = batch;
+  p.seqlen_q = max_q;
+  p.seqlen_k = max_k;
+  p.heads_q = c.heads_q;
+  p.heads_kv = c.heads_kv;
+  p.head_dim = d;
+  p.mask = c.mask;
+  p.dropout_p = c.dropout;
+  p.rng = {0x1234'5678'9abc'def0ull + seed, 42};
+  if (varlen) {
+    attention_set_varlen_strides(p, total_q, total_k);
+  } else {
+    attention_set_dense_strides(p);
+  }
+
+  const size_t lse_n = size_t(c.heads_q) * total_q;
+  DeviceBuffer dq_(nq * 2), dk_(nk * 2), dv_(nk * 2), do_(nq * 2), dq2(nq * 2), dk2(nk * 2), dv2(nk * 2),
+      dout(nq * 2), dlse(lse_n * 4), dcu_q(4 * (batch + 1)), dcu_k(4 * (batch + 1));
+  EXPECT_EQ(cudaMemcpy(dq_.ptr, q.bits.data(), nq * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(dk_.ptr, k.bits.data(), nk * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(dv_.ptr, v.bits.data(), nk * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  EXPECT_EQ(cudaMemcpy(do_.ptr, d_o.bits.data(), nq * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  // Poison the outputs: every element must be written.
+  cudaMemset(dout.ptr, 0xFF, nq * 2);
+  cudaMemset(dlse.ptr, 0xFF, lse_n * 4);
+  cudaMemset(dq2.ptr, 0xFF, nq * 2);
+  cudaMemset(dk2.ptr, 0xFF, nk * 2);
+  cudaMemset(dv2.ptr, 0xFF, nk * 2);
+  if (varlen) {
+    EXPECT_EQ(cudaMemcpy(dcu_q.ptr, cu_q.data(), 4 * (batch + 1), cudaMemcpyHostToDevice), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(dcu_k.ptr, cu_k.data(), 4 * (batch + 1), cudaMemcpyHostToDevice), cudaSuccess);
+    p.cu_seqlens_q = static_cast<const int32_t*>(dcu_q.ptr);
+    p.cu_seqlens_k = static_cast<const int32_t*>(dcu_k.ptr);
+  }
+  p.q = dq_.ptr;
+  p.k = dk_.ptr;
+  p.v = dv_.ptr;
+  p.o = dout.ptr;
+  p.lse = static_cast<float*>(dlse.ptr);
+  p.d_o = do_.ptr;
+  p.dq = dq2.ptr;
+  p.dk = dk2.ptr;
+  p.dv = dv2.ptr;
+
+  attention_forward_cuda(p, nullptr);
+  if (backward) {
+    const size_t ws_bytes = attention_backward_workspace_bytes(p);
+    DeviceBuffer ws(ws_bytes);
+    attention_backward_cuda(p, ws.ptr, ws_bytes, det, nullptr);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  }
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+
+  Outputs out;
+  HalfTensor o_h(c.dtype, nq), dq_h(c.dtype, nq), dk_h(c.dtype, nk), dv_h(c.dtype, nk);
+  std::vector<uint16_t> tmp(nq);
+  EXPECT_EQ(cudaMemcpy(tmp.data(), dout.ptr, nq * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+  o_h.from_bits(tmp);
+  out.o = o_h.values;
+  out.lse.resize(lse_n);
+  EXPECT_EQ(cudaMemcpy(out.lse.data(), dlse.ptr, lse_n * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  if (backward) {
+    EXPECT_EQ(cudaMemcpy(tmp.data(), dq2.ptr, nq * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    dq_h.from_bits(tmp);
+    out.dq = dq_h.values;
+    out.dq_bits = tmp;
+    std::vector<uint16_t> tk(nk);
+    EXPECT_EQ(cudaMemcpy(tk.data(), dk2.ptr, nk * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    dk_h.from_bits(tk);
+    out.dk = dk_h.values;
+    out.dk_bits = tk;
+    EXPECT_EQ(cudaMemcpy(tk.data(), dv2.ptr, nk * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    dv_h.from_bits(tk);
+    out.dv = dv_h.values;
+    out.dv_bits = tk;
+  }
+  if (!compare) return out;
+
+  // Reference.
+  std::vector<double> ro(nq, 0), rdq(nq, 0), rdk(nk, 0), rdv(nk, 0), rlse(lse_n, 0);
+  const double scale = attention_softmax_scale(p);
+  const int group = c.heads_q / c.heads_kv;
+  if (reference == Reference::library_cpu) {
+    // flashgpt's own CPU reference (attention_cpu.h), fp32 on the same rounded inputs, same
+    // seed and offset: the dropout masks must agree for the outputs to.
+    AttentionParams pc = p;
+    pc.dtype = DType::f32;
+    std::vector<float> o(nq), lse(lse_n), dq(nq), dk(nk), dv(nk);
+    pc.q = q.values.data();
+    pc.k = k.values.data();
+    pc.v = v.values.data();
+    pc.d_o = d_o.values.data();
+    pc.o = o.data();
+    pc.lse = lse.data();
+    pc.dq = dq.data();
+    pc.dk = dk.data();
+    pc.dv = dv.data();
+    pc.cu_seqlens_q = varlen ? cu_q.data() : nullptr;
+    pc.cu_seqlens_k = varlen ? cu_k.data() : nullptr;
+    attention_forward_reference(pc);
+    if (backward) attention_backward_reference(pc);
+    ro.assign(o.begin(), o.end());
+    rlse.assign(lse.begin(), lse.end());
+    rdq.assign(dq.begin(), dq.end());
+    rdk.assign(dk.begin(), dk.end());
+    rdv.assign(dv.begin(), dv.end());
+  }
+  for (int b = 0; b < batch && reference == Reference::in_test; ++b) {
+    const int sq = cu_q[b + 1] - cu_q[b], sk = cu_k[b + 1] - cu_k[b];
+    for (int h = 0; h < c.heads_q; ++h) {
+      const int hk = h / group;
+      std::vector<double> o(size_t(sq) * d), lse(sq), dqv(size_t(sq) * d, 0), dkv(size_t(sk) * d, 0),
+          dvv(size_t(sk) * d, 0);
+      const size_t qoff = (size_t(cu_q[b]) * c.heads_q + h) * d, koff = (size_t(cu_k[b]) * c.heads_kv + hk) * d;
+      RefSeq s{sq,  sk, d, q.values.data() + qoff, k.values.data() + koff, v.values.data() + koff,
+               d_o.values.data() + qoff, int64_t(c.heads_q) * d, int64_t(c.heads_kv) * d, o.data(), lse.data(),
+               dqv.data(), dkv.data(), dvv.data()};
+      reference_head(s, scale, c.mask == Mask::causal, c.dropout, p.rng, int64_t(b) * c.heads_q + h, backward);
+      for (int i = 0; i < sq; ++i) {
+        for (int e = 0; e < d; ++e) {
+          ro[qoff + size_t(i) * c.heads_q * d + e] = o[size_t(i) * d + e];
+          rdq[qoff + size_t(i) * c.heads_q * d + e] = dqv[size_t(i) * d + e];
+        }
+        const size_t li = varlen ? size_t(h) * total_q + cu_q[b] + i : (size_t(b) * c.heads_q + h) * max_q + i;
+        rlse[li] = lse[i];
+      }
+      for (int j = 0; j < sk; ++j)
+        for (int e = 0; e < d; ++e) {
+          rdk[koff + size_t(j) * c.heads_kv * d + e] += dkv[size_t(j) * d + e];
+          rdv[koff + size_t(j) * c.heads_kv * d + e] += dvv[size_t(j) * d + e];
+        }
+    }
+  }
+  const double tol = c.dtype == DType::bf16 ? 1.6e-2 : 4e-3;
+  EXPECT_TRUE(all_finite(out.o)) << c.name << ": O has non-finite or unwritten values";
+  EXPECT_LT(rel_error(out.o, ro), tol) << c.name << ": O";
+  int64_t lse_bad = 0, first_bad = -1;
+  for (size_t i = 0; i < lse_n; ++i) {
+    const bool ok = std::isinf(rlse[i]) ? (std::isinf(out.lse[i]) && out.lse[i] > 0)
+                                        : std::abs(out.lse[i] - rlse[i]) <= 2e-3 * std::max(1.0, std::abs(rlse[i]));
+    if (!ok && first_bad < 0) first_bad = int64_t(i);
+    lse_bad += !ok;
+  }
+  EXPECT_EQ(lse_bad, 0) << c.name << ": LSE wrong, first at " << first_bad << ": got "
+                        << (first_bad >= 0 ? out.lse[first_bad] : 0.f) << " want " << (first_bad >= 0 ? rlse[first_bad] : 0.);
+  if (backward) {
+    EXPECT_TRUE(all_finite(out.dq) && all_finite(out.dk) && all_finite(out.dv)) << c.name << ": gradients not finite";
+    const double gtol = tol * 1.5;
+    EXPECT_LT(rel_error(out.dq, rdq), gtol) << c.name << ": dQ";
+    EXPECT_LT(rel_error(out.dk, rdk), gtol) << c.name << ": dK";
+    EXPECT_LT(rel_error(out.dv, rdv), gtol) << c.name << ": dV";
+  }
+  return out;
+}
+
+std::vector<Case> compiled_cases(std::vector<Case> cases) {
+  std::vector<Case> out;
+  for (auto& c : cases)
+    if (attention_cuda_head_dim_compiled(c.head_dim)) out.push_back(std::move(c));
+  return out;
+}
+
+TEST(AttentionCuda, ForwardBackwardMatchReference) {
+  const auto bf = DType::bf16, fp = DType::f16;
+  const auto none = Mask::none, causal = Mask::causal;
+  const std::vector<Case> cases = compiled_cases({
+      {"d64 s1", 2, 1, 1, 2, 2, 64, none, 0.0f, bf, {}, {}},
+      {"d64 s17 causal", 2, 17, 17, 3, 3, 64, causal, 0.0f, bf, {}, {}},
+      {"d128 s17 fp16", 1, 17, 17, 2, 2, 128, none, 0.0f, fp, {}, {}},
+      {"d64 s200 causal fp16", 1, 200, 200, 2, 2, 64, causal, 0.0f, fp, {}, {}},
+      {"d128 s1000", 1, 1000, 1000, 2, 2, 128, none, 0.0f, bf, {}, {}},
+      {"d128 s1000 causal", 1, 1000, 1000, 2, 2, 128, causal, 0.0f, bf, {}, {}},
+      {"d64 sq 77 sk 300 causal", 2, 77, 300, 2, 2, 64, causal, 0.0f, bf, {}, {}},
+      {"d64 sq 300 sk 77 causal (empty rows)", 1, 300, 77, 2, 2, 64, causal, 0.0f, bf, {}, {}},
+      {"d128 sq 130 sk 33", 2, 130, 33, 2, 2, 128, none, 0.0f, bf, {}, {}},
+      {"d64 GQA 8/2", 2, 150, 150, 8, 2, 64, causal, 0.0f, bf, {}, {}},
+      {"d128 MQA 4/1", 1, 100, 260, 4, 1, 128, none, 0.0f, fp, {}, {}},
+      {"d64 dropout", 2, 130, 130, 2, 2, 64, none, 0.17f, bf, {}, {}},
+      {"d128 dropout causal GQA", 1, 97, 200, 4, 2, 128, causal, 0.3f, bf, {}, {}},
+      {"d64 varlen empty", 0, 0, 0, 2, 1, 64, causal, 0.0f, bf, {5, 0, 130, 1, 64}, {7, 3, 130, 0, 200}},
+      {"d128 varlen dropout", 0, 0, 0, 2, 2, 128, none, 0.1f, fp, {33, 0, 70}, {40, 9, 0}},
+      {"d32 s100", 1, 100, 100, 2, 2, 32, causal, 0.0f, bf, {}, {}},
+      {"d96 s100", 1, 100, 100, 2, 2, 96, causal, 0.0f, bf, {}, {}},
+      {"d256 s100", 1, 100, 100, 2, 2, 256, causal, 0.0f, bf, {}, {}},
+  });
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    run_case(c, /*backward=*/true);
+  }
+}
+
+// Small shapes covering every code path (masking, GQA, varlen, dropout, deterministic
+// semaphores) for compute-sanitizer memcheck / racecheck runs:
+//   compute-sanitizer --tool racecheck attention_cuda_test --gtest_filter=*SmallShapes*
+TEST(AttentionCuda, SmallShapesForSanitizer) {
+  const auto bf = DType::bf16;
+  for (int d : {64, 128}) {
+    if (!attention_cuda_head_dim_compiled(d)) continue;
+    run_case({"small causal gqa dropout", 2, 70, 90, 4, 2, d, Mask::causal, 0.2f, bf, {}, {}}, true,
+             Determinism::fast, 5, /*compare=*/false);
+    run_case({"small varlen", 0, 0, 0, 2, 1, d, Mask::causal, 0.0f, bf, {3, 0, 80}, {5, 2, 70}}, true,
+             Determinism::deterministic, 5, /*compare=*/false);
+  }
+}
+
+// Against the library's CPU reference (attention_forward_reference / backward_reference)
+// with the same seed: dropout on, causal with seqlen_q != seqlen_k, GQA, varlen.
+TEST(AttentionCuda, MatchesCpuReferenceWithSameSeed) {
+  const auto bf = DType::bf16;
+  const std::vector<Case> cases = compiled_cases({
+      {"cpu-ref d64 dropout causal", 2, 100, 140, 4, 2, 64, Mask::causal, 0.2f, bf, {}, {}},
+      {"cpu-ref d128 dropout", 1, 77, 77, 2, 2, 128, Mask::none, 0.1f, DType::f16, {}, {}},
+      {"cpu-ref d64 varlen dropout", 0, 0, 0, 2, 1, 64, Mask::causal, 0.15f, bf, {9, 0, 100}, {20, 5, 60}},
+  });
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    run_case(c, /*backward=*/true, Determinism::fast, 3, /*compare=*/true, Reference::library_cpu);
+  }
+}
+
+TEST(AttentionCuda, LongSequence4097ForwardBackward) {
+  if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
+  run_case({"d64 s4097 causal", 1, 4097, 4097, 1, 1, 64, Mask::causal, 0.0f, DType::bf16, {}, {}},
+           /*backward=*/true);
+}
+
+// With V = identity (seqlen_k <= head_dim), O[i, j] = P[i, j] * Z[i, j]: exactly zero
+// where the mask dropped (i, j) and positive elsewhere, so the kernel's mask is read off
+// O and compared bit for bit with philox.h's dropout_keep.
+TEST(AttentionCuda, DropoutMaskMatchesPhilox) {
+  if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
+  const int batch = 2, heads = 3, sq = 150, sk = 61, d = 64;
+  const float dropout = 0.25f;
+  AttentionParams p;
+  p.dtype = DType::bf16;
+  p.batch = batch;
+  p.seqlen_q = sq;
+  p.seqlen_k = sk;
+  p.heads_q = p.heads_kv = heads;
+  p.head_dim = d;
+  p.dropout_p = dropout;
+  p.rng = {0xdeadbeefcafef00dull, 0x100000003ull};
+  attention_set_dense_strides(p);
+  const size_t nq = size_t(batch) * sq * heads * d, nk = size_t(batch) * sk * heads * d;
+  std::vector<uint16_t> q(nq), k(nk), v(nk, 0);
+  std::mt19937 gen(3);
+  std::uniform_real_distribution<float> u(-0.5f, 0.5f);
+  for (auto& x : q) x = float_to_bf16(u(gen));
+  for (auto& x : k) x = float_to_bf16(u(gen));
+  for (int b = 0; b < batch; ++b)
+    for (int j = 0; j < sk; ++j)
+      for (int h = 0; h < heads; ++h) v[((size_t(b) * sk + j) * heads + h) * d + j] = float_to_bf16(1.0f);
+  DeviceBuffer dq(nq * 2), dk(nk * 2), dv(nk * 2), dout(nq * 2), dlse(size_t(batch) * heads * sq * 4);
+  CUDA_OK(cudaMemcpy(dq.ptr, q.data(), nq * 2, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(dk.ptr, k.data(), nk * 2, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(dv.ptr, v.data(), nk * 2, cudaMemcpyHostToDevice));
+  p.q = dq.ptr;
+  p.k = dk.ptr;
+  p.v = dv.ptr;
+  p.o = dout.ptr;
+  p.lse = static_cast<float*>(dlse.ptr);
+  attention_forward_cuda(p, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<uint16_t> o(nq);
+  CUDA_OK(cudaMemcpy(o.data(), dout.ptr, nq * 2, cudaMemcpyDeviceToHost));
+  const uint32_t threshold = dropout_threshold(dropout);
+  int64_t dropped = 0, mismatches = 0;
+  for (int b = 0; b < batch; ++b)
+    for (int h = 0; h < heads; ++h)
+      for (int i = 0; i < sq; ++i)
+        for (int j = 0; j < sk; ++j) {
+          const bool keep = dropout_keep(p.rng, int64_t(b) * heads + h, i, j, threshold);
+          const float val = bf16_to_float(o[((size_t(b) * sq + i) * heads + h) * d + j]);
+          dropped += !keep;
+          mismatches += keep != (val > 0.0f);
+        }
+  EXPECT_EQ(mismatches, 0);
+  const double rate = double(dropped) / (double(batch) * heads * sq * sk);
+  EXPECT_NEAR(rate, dropout, 0.01);
+}
+
+TEST(AttentionCuda, DeterministicBackwardIsBitwiseRepeatable) {
+  for (int d : {64, 128}) {
+    if (!attention_cuda_head_dim_compiled(d)) continue;
+    const Case c{"det", 2, 700, 700, 4, 2, d, Mask::causal, 0.1f, DType::bf16, {}, {}};
+    const Outputs a = run_case(c, true, Determinism::deterministic, 11, /*compare=*/false);
+    const Outputs b = run_case(c, true, Determinism::deterministic, 11, /*compare=*/false);
+    EXPECT_TRUE(a.dq_bits == b.dq_bits) << "dQ differs between two deterministic runs, d=" << d;
+    EXPECT_TRUE(a.dk_bits == b.dk_bits);
+    EXPECT_TRUE(a.dv_bits == b.dv_bits);
+  }
+}
+
+TEST(AttentionCuda, DeterministicBackwardMatchesReference) {
+  if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
+  run_case({"det ref", 2, 300, 300, 4, 2, 64, Mask::causal, 0.0f, DType::bf16, {}, {}}, true,
+           Determinism::deterministic);
+}
+
+TEST(AttentionCuda, EntryPointsRejectBadInput) {
+  if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
+  DeviceBuffer buf(1 << 20);
+  AttentionParams p;
+  p.dtype = DType::bf16;
+  p.batch = 1;
+  p.seqlen_q = p.seqlen_k = 16;
+  p.heads_q = p.heads_kv = 1;
+  p.head_dim = 64;
+  attention_set_dense_strides(p);
+  char* base = static_cast<char*>(buf.ptr);
+  p.q = base;
+  p.k = base + 4096;
+  p.v = base + 8192;
+  p.o = base + 16384;
+  p.lse = reinterpret_cast<float*>(base + 32768);
+  EXPECT_NO_THROW(attention_forward_cuda(p, nullptr));
+  auto expect_error = [](const AttentionParams& bad, const char* needle) {
+    try {
+      attention_forward_cuda(bad, nullptr);
+      ADD_FAILURE() << "expected an error mentioning '" << needle << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  AttentionParams bad = p;
+  bad.dtype = DType::f32;
+  expect_error(bad, "bfloat16 or float16");
+  bad = p;
+  bad.q = base + 2;
+  expect_error(bad, "16-byte aligned");
+  bad = p;
+  bad.k_row_stride = 68;
+  expect_error(bad, "multiples of 8");
+  bad = p;
+  bad.heads_q = 3;
+  bad.heads_kv = 2;
+  expect_error(bad, "multiple of heads_kv");
+  std::vector<char> host(1024);
+  bad = p;
+  bad.q = host.data();
+  expect_error(bad, "device memory");
+  const size_t need = attention_backward_workspace_bytes(p);
+  p.d_o = p.q;
+  p.dq = base + 49152;
+  p.dk = base + 57344;
+  p.dv = base + 65536;
+  try {
+    attention_backward_cuda(p, base + 131072, need - 1, Determinism::fast, nullptr);
+    ADD_FAILURE() << "a too-small workspace must be rejected";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("workspace"), std::string::npos) << e.what();
+  }
+  CUDA_OK(cudaDeviceSynchronize());
+}
+
+}  // namespace
+}  // namespace flashgpt
