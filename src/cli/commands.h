@@ -8,5 +8,6 @@ namespace flashgpt {
 
 void cli_add_version(CLI::App& app);
 void cli_add_bench(CLI::App& app);
+void cli_add_data(CLI::App& app);
 
 }  // namespace flashgpt
