@@ -393,8 +393,8 @@ void data_download(const DownloadConfig& config);
 // Unpacks a tar/tgz/tar.gz archive into `dest`, rejecting paths that escape it.
 void archive_unpack(const std::filesystem::path& archive, const std::filesystem::path& dest);
 
-std::string md5_hex(const std::filesystem::path& path);
-std::string sha256_hex(const std::filesystem::path& path);
+std::string md5_hex_file(const std::filesystem::path& path);
+std::string sha256_hex_file(const std::filesystem::path& path);
 std::string md5_hex(std::string_view bytes);
 std::string sha256_hex(std::string_view bytes);
 

@@ -168,7 +168,7 @@ std::string hash_file(const std::filesystem::path& path, bool big_endian_length)
 
 std::string md5_hex(std::string_view bytes) { return hash_bytes<Md5>(bytes, false); }
 std::string sha256_hex(std::string_view bytes) { return hash_bytes<Sha256>(bytes, true); }
-std::string md5_hex(const std::filesystem::path& path) { return hash_file<Md5>(path, false); }
-std::string sha256_hex(const std::filesystem::path& path) { return hash_file<Sha256>(path, true); }
+std::string md5_hex_file(const std::filesystem::path& path) { return hash_file<Md5>(path, false); }
+std::string sha256_hex_file(const std::filesystem::path& path) { return hash_file<Sha256>(path, true); }
 
 }  // namespace flashgpt

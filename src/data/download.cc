@@ -260,11 +260,11 @@ void data_download(const DownloadConfig& config) {
                        item.name, size, item.size);
       }
       if (!item.md5.empty()) {
-        const auto md5 = md5_hex(file);
+        const auto md5 = md5_hex_file(file);
         FLASHGPT_CHECK(md5 == item.md5, "{}: md5 {} does not match the published {}; the download is corrupt",
                        item.name, md5, item.md5);
       }
-      const auto actual = sha256_hex(file);
+      const auto actual = sha256_hex_file(file);
       FLASHGPT_CHECK(sha256.empty() || actual == sha256, "{}: sha256 {} does not match the expected {}", item.name,
                      actual, sha256);
       return std::pair{size, actual};
@@ -313,7 +313,7 @@ void data_download(const DownloadConfig& config) {
         throw;
       }
       if (!manifest.contains(item.name)) {
-        manifest[item.name] = {{"url", item.url}, {"sha256", sha256_hex(final_path)}};
+        manifest[item.name] = {{"url", item.url}, {"sha256", sha256_hex_file(final_path)}};
       }
       manifest[item.name]["unpacked"] = true;
       save_manifest();

@@ -315,11 +315,11 @@ struct PairReader::Impl {
   }
 
   [[noreturn]] void fail_unaligned(LineReader& shorter, LineReader& longer, std::string_view unit) {
-    uint64_t longer_count = longer.line_number() + 1;  // the line just read
+    uint64_t longer_count = longer.line_number();  // counts the line just read
     std::string scratch;
     while (longer.next(scratch)) ++longer_count;
-    FLASHGPT_FAIL("unaligned corpus: {} has {} {} but {} has {} (the files of a pair must match line for line)",
-                  shorter.path().string(), shorter.line_number(), unit, longer.path().string(), longer_count);
+    FLASHGPT_FAIL("unaligned corpus: {} has {} {} but {} has {} {} (the files of a pair must match line for line)",
+                  shorter.path().string(), shorter.line_number(), unit, longer.path().string(), longer_count, unit);
   }
 
   bool next_aligned(TextPair& pair) {
