@@ -38,6 +38,7 @@ class Tokenizer {
   const std::string& name() const;
   size_t vocab_size() const;  // max id + 1, specials included (the model's vocabulary)
   std::optional<TokenId> special_token(std::string_view text) const;
+  std::vector<std::string> special_tokens() const;  // their texts
   TokenId end_of_text() const;  // <|endoftext|>
 
   std::vector<TokenId> encode_ordinary(std::string_view text, InvalidUtf8 invalid = InvalidUtf8::error) const;
@@ -47,7 +48,13 @@ class Tokenizer {
   // is in input order and independent of the thread count.
   std::vector<std::vector<TokenId>> encode_ordinary_batch(std::span<const std::string_view> texts,
                                                           int threads = 0) const;
+  // encode_ordinary of one large text on `threads` workers (0: all cores), cut where a piece
+  // boundary is certain (a newline before an ASCII letter or digit): the same ids as
+  // encode_ordinary, any thread count.
+  std::vector<TokenId> encode_ordinary_parallel(std::string_view text, int threads = 0,
+                                                InvalidUtf8 invalid = InvalidUtf8::error) const;
   std::string decode(std::span<const TokenId> tokens) const;  // raw bytes, may be invalid UTF-8
+  std::string_view token_bytes(TokenId token) const;          // the bytes of one id (throws if unknown)
 
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;

@@ -63,6 +63,15 @@ std::string data_dir_or_default(const std::string& given) {
   return dir.string();
 }
 
+// --tokenizer-dir, else FLASHGPT_TOKENIZER_DIR, else DATA/tokenizers where it exists.
+std::filesystem::path tokenizer_dir_or_default(const std::string& given) {
+  if (!given.empty()) return given;
+  if (const char* env = std::getenv("FLASHGPT_TOKENIZER_DIR"); env && *env) return env;
+  const auto data = data_dir_default();
+  if (!data.empty() && std::filesystem::is_directory(data / "tokenizers")) return data / "tokenizers";
+  return {};
+}
+
 void run_download(const DownloadOptions& o) {
   fmt::print(stderr, "data download: dataset={} dest={} manifest={} only=[{}] retries={} timeout={} unpack={}\n",
              o.dataset, o.dest, o.manifest.empty() ? "(built-in)" : o.manifest, fmt::join(o.only, ","), o.retries,
@@ -112,8 +121,7 @@ void run_prepare(const PrepareOptions& o) {
              "val_fraction={} shard_tokens={} on_bad_line={}\n",
              fmt::join(names, ","), config.eval_dir.string(), o.out, o.encoding, o.seed, o.threads, o.bilingual_rate,
              o.val_fraction, o.shard_tokens, o.on_bad_line);
-#ifdef FLASHGPT_HAVE_TOKENIZER
-  const Tokenizer tokenizer = Tokenizer::load(o.encoding, o.tokenizer_dir);
+  const Tokenizer tokenizer = Tokenizer::load(o.encoding, tokenizer_dir_or_default(o.tokenizer_dir));
   const PrepareSummary summary = data_prepare(config, text_encoder_from(tokenizer));
   for (const auto& w : summary.warnings) fmt::print(stderr, "warning: {}\n", w);
   uint64_t tokens = summary.tokens_en + summary.tokens_fr + summary.tokens_bilingual + summary.tokens_eot;
@@ -124,16 +132,12 @@ void run_prepare(const PrepareOptions& o) {
              summary.tokens_bilingual, summary.train_shards.size(), summary.val_shards.size(),
              summary.raw_bytes / 1e6, summary.seconds_total, summary.raw_bytes / 1e6 / summary.seconds_total,
              summary.seconds_read, summary.seconds_tokenize, summary.seconds_write, o.out);
-#else
-  FLASHGPT_FAIL("this build has no tokenizer yet (src/tokenizer is missing), so prepare cannot encode");
-#endif
 }
 
 // Texts of a prepared dataset: its documents, decoded, in shard order.
 template <class Visit>
 void visit_dataset_texts(const AnalyzeOptions& o, uint64_t limit, Visit&& visit) {
-#ifdef FLASHGPT_HAVE_TOKENIZER
-  const Tokenizer tokenizer = Tokenizer::load(o.encoding, o.tokenizer_dir);
+  const Tokenizer tokenizer = Tokenizer::load(o.encoding, tokenizer_dir_or_default(o.tokenizer_dir));
   uint64_t seen = 0;
   for (const auto& path : shard_list(o.dataset, o.split)) {
     const ShardView shard(path);
@@ -149,9 +153,6 @@ void visit_dataset_texts(const AnalyzeOptions& o, uint64_t limit, Visit&& visit)
     }
     if (seen >= limit) return;
   }
-#else
-  FLASHGPT_FAIL("this build has no tokenizer yet, so it cannot decode {}; pass --input with text files", o.dataset);
-#endif
 }
 
 void run_analyze(const AnalyzeOptions& o) {

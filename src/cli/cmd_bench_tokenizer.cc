@@ -1,0 +1,103 @@
+// `flashgpt bench tokenizer`: times encode_ordinary on one thread, encode_ordinary_parallel
+// and encode_ordinary_batch on all cores, after checking that the three give the same ids.
+// bench/tokenizer_bench.py runs it beside tiktoken on the same bytes.
+#include "cli/commands.h"
+
+#include <flashgpt/error.h>
+#include <flashgpt/tokenizer.h>
+
+#include <fmt/core.h>
+#include <omp.h>
+
+#include <chrono>
+#include <fstream>
+#include <memory>
+#include <sstream>
+
+namespace flashgpt {
+
+namespace {
+
+struct BenchTokenizerConfig {
+  std::string encoding = "cl100k_base";
+  std::vector<std::string> inputs;
+  std::string vocab_dir;
+  int threads = 0;
+  int repeat = 3;
+  int doc_lines = 64;
+};
+
+// Documents for the batch API: every `lines` lines, newlines kept (the Python bench cuts
+// the same bytes the same way).
+std::vector<std::string_view> documents_split(std::string_view text, int lines) {
+  std::vector<std::string_view> docs;
+  size_t start = 0, pos = 0;
+  int count = 0;
+  while (pos < text.size()) {
+    size_t newline = text.find('\n', pos);
+    pos = newline == std::string_view::npos ? text.size() : newline + 1;
+    if (++count == lines || pos == text.size()) {
+      docs.push_back(text.substr(start, pos - start));
+      start = pos, count = 0;
+    }
+  }
+  return docs;
+}
+
+template <class F>
+double seconds_best(int repeat, F&& f) {
+  double best = 1e30;
+  for (int r = 0; r < repeat; ++r) {
+    auto t0 = std::chrono::steady_clock::now();
+    f();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+void bench_tokenizer_run(const BenchTokenizerConfig& config) {
+  int threads = config.threads > 0 ? config.threads : omp_get_num_procs();
+  fmt::print(stderr, "bench tokenizer: encoding={} inputs={} threads={} repeat={} doc_lines={}\n", config.encoding,
+             fmt::join(config.inputs, ","), threads, config.repeat, config.doc_lines);
+  Tokenizer tokenizer = Tokenizer::load(config.encoding, config.vocab_dir);
+  std::string text;
+  for (const auto& path : config.inputs) {
+    std::ifstream in(path, std::ios::binary);
+    FLASHGPT_CHECK(in, "cannot open {}", path);
+    std::ostringstream buffer;
+    buffer << in.rdbuf();
+    text += std::move(buffer).str();
+  }
+  auto docs = documents_split(text, config.doc_lines);
+
+  std::vector<TokenId> single, parallel;
+  std::vector<std::vector<TokenId>> batch;
+  double t_single = seconds_best(config.repeat, [&] { single = tokenizer.encode_ordinary(text); });
+  double t_parallel = seconds_best(config.repeat, [&] { parallel = tokenizer.encode_ordinary_parallel(text, threads); });
+  double t_batch = seconds_best(config.repeat, [&] { batch = tokenizer.encode_ordinary_batch(docs, threads); });
+  FLASHGPT_CHECK(parallel == single, "encode_ordinary_parallel differs from encode_ordinary");
+  size_t batch_tokens = 0;
+  for (const auto& ids : batch) batch_tokens += ids.size();
+  double mb = double(text.size()) / 1e6;
+  fmt::print(
+      "{{\"encoding\": \"{}\", \"bytes\": {}, \"tokens\": {}, \"documents\": {}, \"batch_tokens\": {}, "
+      "\"threads\": {}, \"single_mb_s\": {:.3f}, \"parallel_mb_s\": {:.3f}, \"batch_mb_s\": {:.3f}}}\n",
+      config.encoding, text.size(), single.size(), docs.size(), batch_tokens, threads, mb / t_single,
+      mb / t_parallel, mb / t_batch);
+}
+
+}  // namespace
+
+void cli_add_bench_tokenizer(CLI::App& bench) {
+  auto config = std::make_shared<BenchTokenizerConfig>();
+  auto* cmd = bench.add_subcommand("tokenizer", "Tokenizer throughput (MB/s) on one thread and on all cores");
+  cmd->add_option("-e,--encoding", config->encoding, "Encoding")->capture_default_str();
+  cmd->add_option("inputs", config->inputs, "Text files, joined into one text")->required();
+  cmd->add_option("--vocab-dir", config->vocab_dir, "Directory of the rank files (default: $FLASHGPT_TOKENIZER_DIR)");
+  cmd->add_option("--threads", config->threads, "Workers for the all-core runs (0: all cores)")->capture_default_str();
+  cmd->add_option("--repeat", config->repeat, "Timed runs of each; the best counts")->capture_default_str();
+  cmd->add_option("--doc-lines", config->doc_lines, "Lines per document for the batch API")->capture_default_str();
+  cmd->callback([config] { bench_tokenizer_run(*config); });
+}
+
+}  // namespace flashgpt

@@ -1,0 +1,127 @@
+#include "tokenizer/unicode.h"
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+
+namespace flashgpt::unicode {
+
+namespace {
+constexpr uint32_t kCodePointCount = 0x110000;
+}  // namespace
+
+const uint8_t* unicode_flag_table() {
+  static const std::unique_ptr<uint8_t[]> table = [] {
+    auto flags = std::make_unique<uint8_t[]>(kCodePointCount);
+    for (size_t i = 0; i < kUnicodeRangeCount; ++i) {
+      uint32_t end = i + 1 < kUnicodeRangeCount ? kUnicodeRanges[i + 1].first : kCodePointCount;
+      std::memset(flags.get() + kUnicodeRanges[i].first, kUnicodeRanges[i].flags, end - kUnicodeRanges[i].first);
+    }
+    return flags;
+  }();
+  return table.get();
+}
+
+uint8_t unicode_flags_slow(uint32_t code_point) {
+  if (code_point >= kCodePointCount) return 0;
+  const UnicodeRange* end = kUnicodeRanges + kUnicodeRangeCount;
+  const UnicodeRange* it = std::upper_bound(kUnicodeRanges, end, code_point,
+                                            [](uint32_t cp, const UnicodeRange& r) { return cp < r.first; });
+  return (it - 1)->flags;
+}
+
+// Well-formed UTF-8 (Unicode Table 3-7): the lead byte fixes the length and the range of
+// the second byte; later bytes are 80..BF.
+size_t utf8_sequence_length(std::string_view text, size_t pos, bool* truncated) {
+  *truncated = false;
+  auto byte = [&](size_t i) { return static_cast<uint8_t>(text[i]); };
+  uint8_t lead = byte(pos);
+  if (lead < 0x80) return 1;
+  size_t length;
+  uint8_t lo = 0x80, hi = 0xBF;
+  if (lead >= 0xC2 && lead <= 0xDF) {
+    length = 2;
+  } else if (lead >= 0xE0 && lead <= 0xEF) {
+    length = 3;
+    if (lead == 0xE0) lo = 0xA0;
+    if (lead == 0xED) hi = 0x9F;
+  } else if (lead >= 0xF0 && lead <= 0xF4) {
+    length = 4;
+    if (lead == 0xF0) lo = 0x90;
+    if (lead == 0xF4) hi = 0x8F;
+  } else {
+    return 0;
+  }
+  for (size_t k = 1; k < length; ++k) {
+    if (pos + k >= text.size()) {
+      *truncated = true;
+      return 0;
+    }
+    uint8_t b = byte(pos + k);
+    if (k == 1 ? (b < lo || b > hi) : (b < 0x80 || b > 0xBF)) return 0;
+  }
+  return length;
+}
+
+size_t utf8_find_invalid(std::string_view text) {
+  size_t pos = 0;
+  const size_t n = text.size();
+  while (pos < n) {
+    // ASCII fast path: eight bytes at a time.
+    while (pos + 8 <= n) {
+      uint64_t word;
+      std::memcpy(&word, text.data() + pos, 8);
+      if (word & 0x8080808080808080ull) break;
+      pos += 8;
+    }
+    if (pos >= n) break;
+    if (static_cast<uint8_t>(text[pos]) < 0x80) {
+      ++pos;
+      continue;
+    }
+    bool truncated;
+    size_t length = utf8_sequence_length(text, pos, &truncated);
+    if (length == 0) return pos;
+    pos += length;
+  }
+  return n;
+}
+
+size_t utf8_invalid_length(std::string_view text, size_t pos) {
+  size_t skip = 1;
+  uint8_t lead = static_cast<uint8_t>(text[pos]);
+  if (lead >= 0xC2 && lead <= 0xF4) {
+    uint8_t lo = lead == 0xE0 ? 0xA0 : lead == 0xF0 ? 0x90 : 0x80;
+    uint8_t hi = lead == 0xED ? 0x9F : lead == 0xF4 ? 0x8F : 0xBF;
+    size_t need = lead <= 0xDF ? 2 : lead <= 0xEF ? 3 : 4;
+    while (skip < need && pos + skip < text.size()) {
+      uint8_t b = static_cast<uint8_t>(text[pos + skip]);
+      bool ok = skip == 1 ? (b >= lo && b <= hi) : (b >= 0x80 && b <= 0xBF);
+      if (!ok) break;
+      ++skip;
+    }
+  }
+  return skip;
+}
+
+std::string utf8_replace_invalid(std::string_view text) {
+  static constexpr std::string_view kReplacement = "\xEF\xBF\xBD";
+  std::string out;
+  out.reserve(text.size() + 16);
+  size_t pos = 0;
+  while (pos < text.size()) {
+    bool truncated;
+    size_t length = utf8_sequence_length(text, pos, &truncated);
+    if (length > 0) {
+      out.append(text.substr(pos, length));
+      pos += length;
+      continue;
+    }
+    size_t skip = utf8_invalid_length(text, pos);
+    out.append(kReplacement);
+    pos += skip;
+  }
+  return out;
+}
+
+}  // namespace flashgpt::unicode

@@ -1,0 +1,31 @@
+// Finding, verifying and (where possible) downloading the .tiktoken rank files.
+#pragma once
+
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace flashgpt {
+
+struct KnownEncoding {
+  std::string_view name;
+  std::string_view url;
+  std::string_view sha256;  // published by tiktoken (tiktoken_ext/openai_public.py)
+};
+const KnownEncoding* encoding_known(std::string_view name);
+
+// The directory the rank files are read from: `vocab_dir`, else FLASHGPT_TOKENIZER_DIR,
+// else empty.
+std::filesystem::path vocab_dir_resolve(const std::filesystem::path& vocab_dir);
+// The download cache: FLASHGPT_CACHE_DIR, else TIKTOKEN_CACHE_DIR, else
+// $XDG_CACHE_HOME/flashgpt/tokenizers, else ~/.cache/flashgpt/tokenizers.
+std::filesystem::path vocab_cache_dir();
+
+// The verified contents of NAME.tiktoken: from the vocab dir, else the cache, else
+// downloaded into the cache (builds with libcurl only). Throws naming every place looked.
+std::string vocab_rank_file_read(std::string_view name, const std::filesystem::path& vocab_dir);
+// NAME.meta.json beside the rank file, or nullopt when it is not there.
+std::optional<std::string> vocab_meta_read(std::string_view name, const std::filesystem::path& vocab_dir);
+
+}  // namespace flashgpt
