@@ -80,13 +80,30 @@ void archive_unpack(const std::filesystem::path& archive_path, const std::filesy
   archive_read_support_filter_all(reader);
   archive_read_support_format_tar(reader);
   archive_read_support_format_gnutar(reader);
+  // Entries are written as DEST/NAME, so absolute names are refused by hand below and
+  // libarchive refuses ".." and writing through symlinks.
   archive_write_disk_set_options(writer, ARCHIVE_EXTRACT_TIME | ARCHIVE_EXTRACT_SECURE_NODOTDOT |
-                                             ARCHIVE_EXTRACT_SECURE_SYMLINKS | ARCHIVE_EXTRACT_SECURE_NOABSOLUTEPATHS);
+                                             ARCHIVE_EXTRACT_SECURE_SYMLINKS);
   auto fail = [&](struct archive* a, std::string_view what) {
     const std::string message = archive_error_string(a) ? archive_error_string(a) : "unknown error";
+    const bool reading = a == reader;
     cleanup();
-    FLASHGPT_FAIL("{}: corrupt or truncated archive ({}: {})", archive_path.string(), what, message);
+    if (reading) FLASHGPT_FAIL("{}: corrupt or truncated archive ({}: {})", archive_path.string(), what, message);
+    FLASHGPT_FAIL("cannot unpack {} into {} ({}: {})", archive_path.string(), dest.string(), what, message);
   };
+  // libarchive does not report a bad gzip/xz checksum, so the compressed stream is checked
+  // end to end first (zlib and liblzma verify CRC-32/CRC-64 and detect truncation).
+  try {
+    LineReader whole(archive_path);
+    std::string block;
+    if (whole.compression() != Compression::none) {
+      while (whole.next(block)) {
+      }
+    }
+  } catch (const Error& e) {
+    cleanup();
+    FLASHGPT_FAIL("{}: corrupt or truncated archive ({})", archive_path.string(), e.what());
+  }
   if (archive_read_open_filename(reader, archive_path.c_str(), 1 << 16) != ARCHIVE_OK) fail(reader, "open");
   std::filesystem::create_directories(dest);
   size_t entries = 0;
@@ -96,6 +113,10 @@ void archive_unpack(const std::filesystem::path& archive_path, const std::filesy
     if (rc == ARCHIVE_EOF) break;
     if (rc < ARCHIVE_WARN) fail(reader, "reading an entry header");
     const std::string name = archive_entry_pathname(entry);
+    if (std::filesystem::path(name).is_absolute()) {
+      cleanup();
+      FLASHGPT_FAIL("{}: refusing the absolute path {} in the archive", archive_path.string(), name);
+    }
     archive_entry_set_pathname(entry, (dest / name).c_str());
     if (archive_write_header(writer, entry) < ARCHIVE_WARN) fail(writer, "writing " + name);
     const void* block;
@@ -127,8 +148,6 @@ struct Transfer {
   FILE* file = nullptr;
   CURL* curl = nullptr;
   uint64_t resume_from = 0, written = 0;
-  bool restarted = false;
-  const std::filesystem::path* part = nullptr;
   std::string name;
   bool progress = false;
   std::chrono::steady_clock::time_point last_report = std::chrono::steady_clock::now();
@@ -136,24 +155,14 @@ struct Transfer {
 
 size_t write_body(char* data, size_t size, size_t count, void* user) {
   auto& t = *static_cast<Transfer*>(user);
-  if (t.written == 0 && t.resume_from > 0 && !t.restarted) {
-    long code = 0;
-    curl_easy_getinfo(t.curl, CURLINFO_RESPONSE_CODE, &code);
-    if (code == 200) {  // the server ignored our Range header: start the file over
-      t.file = std::freopen(t.part->c_str(), "wb", t.file);
-      if (!t.file) return 0;
-      t.restarted = true;
-    }
-  }
   const size_t n = std::fwrite(data, size, count, t.file) * size;
   t.written += n;
   if (t.progress && std::chrono::steady_clock::now() - t.last_report > std::chrono::seconds(2)) {
     t.last_report = std::chrono::steady_clock::now();
     curl_off_t total = 0;
     curl_easy_getinfo(t.curl, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &total);
-    fmt::print(stderr, "download {}: {:.1f} MB of {:.1f} MB\n", t.name,
-               static_cast<double>(t.written + (t.restarted ? 0 : t.resume_from)) / 1e6,
-               static_cast<double>(total + (t.restarted ? 0 : static_cast<curl_off_t>(t.resume_from))) / 1e6);
+    fmt::print(stderr, "download {}: {:.1f} MB of {:.1f} MB\n", t.name, static_cast<double>(t.written + t.resume_from) / 1e6,
+               static_cast<double>(total + static_cast<curl_off_t>(t.resume_from)) / 1e6);
   }
   return n;
 }
@@ -169,7 +178,6 @@ void fetch_resuming(const DownloadItem& item, const std::filesystem::path& part,
   for (int attempt = 0; attempt <= config.retries; ++attempt) {
     if (attempt > 0) std::this_thread::sleep_for(std::chrono::milliseconds(200 * attempt));
     Transfer t;
-    t.part = &part;
     t.name = item.name;
     t.progress = config.progress;
     t.resume_from = std::filesystem::exists(part) ? std::filesystem::file_size(part) : 0;
@@ -201,6 +209,12 @@ void fetch_resuming(const DownloadItem& item, const std::filesystem::path& part,
       return;
     }
     if (rc == CURLE_HTTP_RETURNED_ERROR && code == 416 && t.resume_from > 0) return;  // .part already complete
+    if (rc == CURLE_RANGE_ERROR) {  // the server cannot resume: start this file over
+      std::filesystem::remove(part);
+      last_error = "the server does not support resuming (HTTP Range)";
+      if (config.progress) fmt::print(stderr, "download {}: {}; starting over\n", item.name, last_error);
+      continue;
+    }
     last_error = fmt::format("{} (HTTP {})", error[0] ? error : curl_easy_strerror(rc), code);
     if (!retryable(rc)) break;
     if (config.progress) {
