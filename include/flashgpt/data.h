@@ -35,8 +35,8 @@ std::optional<size_t> utf8_first_invalid(std::string_view text);
 // included, as Python's `\s`) into one space. `text` must be valid UTF-8.
 std::string text_normalize_whitespace(std::string_view text);
 
-// Unicode 14 general categories L* (letters) and Nd (decimal digits): the characters of
-// a "word" in the keyword analysis.
+// Letters (general category L*, from the tokenizer's Unicode tables) and decimal digits
+// (Nd, Unicode 14): the characters of a "word" in the keyword analysis.
 bool unicode_is_word_char(char32_t c);
 // Unicode simple lowercase mapping (one code point to one code point): all of Unicode 14
 // where the mapping is 1:1 (U+0130 İ, whose lowercase is two code points, maps to itself).
