@@ -9,7 +9,16 @@ Rust regex crate inside tiktoken); with --source unicodedata it comes from the s
 library instead. The output is a list of ranges [first, next first) with one flags byte;
 the tests against the real tiktoken are the judge of whether the tables are right.
 
-Re-run: python3 scripts/gen_unicode_tables.py > src/tokenizer/unicode_tables.cc
+The `regex` module may know a newer Unicode than tiktoken's Rust regex crate (here regex
+2026.5 has Unicode 17, tiktoken 0.14 an older one), and no Unicode data file of the exact
+older version is at hand. So, with --tiktoken-vocab-dir, every code point that `regex`
+assigns but `unicodedata` (Unicode 14) does not (the ones added since) is probed with the
+real tiktoken: if tiktoken treats it as unassigned, its flags are dropped. The probes:
+cl100k splits CH + "'s" as [CH]['s] when CH is a letter or number and as [CH'][s] otherwise;
+o200k keeps CH + "'s" in one piece when CH is a mark.
+
+Re-run: python3 scripts/gen_unicode_tables.py --tiktoken-vocab-dir ../shared/data/tokenizers \
+            > src/tokenizer/unicode_tables.cc
 """
 import argparse
 import sys
@@ -64,11 +73,46 @@ def flags_from_unicodedata():
     return flags, f"unicodedata {unicodedata.unidata_version}"
 
 
+def drop_unknown_to_tiktoken(flags, vocab_dir):
+    """Clears the flags of recently added code points that tiktoken does not know yet."""
+    import json
+
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    def encoding(name):
+        meta = json.load(open(f"{vocab_dir}/{name}.meta.json"))
+        ranks = load_tiktoken_bpe(f"{vocab_dir}/{name}.tiktoken")
+        return tiktoken.Encoding(name=name, pat_str=meta["pat_str"], mergeable_ranks=ranks,
+                                 special_tokens=meta["special_tokens"])
+
+    cl100k, o200k = encoding("cl100k_base"), encoding("o200k_base")
+    cl_s, o_s = cl100k.encode_single_token("s"), o200k.encode_single_token("s")
+    dropped = []
+    for c in range(MAX_CODE_POINT):
+        if not flags[c] or 0xD800 <= c < 0xE000 or unicodedata.category(chr(c)) != "Cn":
+            continue
+        if flags[c] & (FLAG_LETTER | FLAG_NUMBER):
+            known = cl100k.encode_ordinary(chr(c) + "'s")[-1] != cl_s
+        elif flags[c] & FLAG_MARK:
+            known = o200k.encode_ordinary(chr(c) + "'s")[-1] != o_s
+        else:
+            continue
+        if not known:
+            dropped.append(c)
+            flags[c] = 0
+    return dropped, tiktoken.__version__
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", choices=["regex", "unicodedata"], default="regex")
+    parser.add_argument("--tiktoken-vocab-dir", help="probe new code points with tiktoken (rank files here)")
     args = parser.parse_args()
     flags, source = flags_from_regex() if args.source == "regex" else flags_from_unicodedata()
+    if args.tiktoken_vocab_dir:
+        dropped, version = drop_unknown_to_tiktoken(flags, args.tiktoken_vocab_dir)
+        source += f", less {len(dropped)} code points unknown to tiktoken {version}"
     ranges = []
     for c in range(MAX_CODE_POINT):
         if not ranges or ranges[-1][1] != flags[c]:

@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -22,31 +23,56 @@ class RankMap {
  public:
   // tokens[r] = the bytes of rank r (empty for ranks the file does not have).
   void build(const std::vector<std::string_view>& tokens);
-  uint32_t find(const uint8_t* bytes, size_t length) const {
-    uint64_t h = hash(bytes, length);
+  uint32_t find(const uint8_t* bytes, size_t length) const { return find(bytes, length, hash(bytes, length)); }
+  // With the hash already computed (the caller reuses it for its piece cache).
+  uint32_t find(const uint8_t* bytes, size_t length, uint64_t h) const {
     uint32_t tag = static_cast<uint32_t>(h >> 32);
     for (size_t slot = h & mask_;; slot = (slot + 1) & mask_) {
       const Slot& s = slots_[slot];
       if (s.rank == kNoRank) return kNoRank;
       if (s.tag == tag && tokens_[s.rank].size() == length &&
-          std::char_traits<char>::compare(tokens_[s.rank].data(), reinterpret_cast<const char*>(bytes), length) == 0)
+          bytes_equal(reinterpret_cast<const uint8_t*>(tokens_[s.rank].data()), bytes, length))
         return s.rank;
     }
   }
   static uint64_t hash(const uint8_t* p, size_t n) {
     uint64_t h = 0x9E3779B97F4A7C15ull ^ (n * 0xFF51AFD7ED558CCDull);
-    while (n >= 8) {
-      uint64_t w;
-      std::char_traits<char>::copy(reinterpret_cast<char*>(&w), reinterpret_cast<const char*>(p), 8);
-      h = mix(h ^ w);
-      p += 8, n -= 8;
+    if (n >= 8) {
+      size_t i = 0;
+      for (; i + 8 <= n; i += 8) h = mix(h ^ load64(p + i));
+      if (i < n) h = mix(h ^ load64(p + n - 8));  // the tail, overlapping the last full word
+      return h;
     }
-    if (n) {
-      uint64_t w = 0;
-      std::char_traits<char>::copy(reinterpret_cast<char*>(&w), reinterpret_cast<const char*>(p), n);
-      h = mix(h ^ w);
+    uint64_t w;
+    if (n >= 4) {
+      w = uint64_t(load32(p)) << 32 | load32(p + n - 4);
+    } else {
+      w = n == 0 ? 0 : uint64_t(p[0]) << 16 | uint64_t(p[n / 2]) << 8 | p[n - 1];
     }
-    return h;
+    return mix(h ^ w);
+  }
+  // Equality of short byte strings without a call to memcmp (all loads stay in bounds).
+  static bool bytes_equal(const uint8_t* a, const uint8_t* b, size_t n) {
+    if (n >= 8) {
+      size_t i = 0;
+      for (; i + 8 <= n; i += 8)
+        if (load64(a + i) != load64(b + i)) return false;
+      return i == n || load64(a + n - 8) == load64(b + n - 8);
+    }
+    if (n >= 4) return load32(a) == load32(b) && load32(a + n - 4) == load32(b + n - 4);
+    for (size_t i = 0; i < n; ++i)
+      if (a[i] != b[i]) return false;
+    return true;
+  }
+  static uint64_t load64(const uint8_t* p) {
+    uint64_t w;
+    std::memcpy(&w, p, 8);
+    return w;
+  }
+  static uint32_t load32(const uint8_t* p) {
+    uint32_t w;
+    std::memcpy(&w, p, 4);
+    return w;
   }
 
  private:

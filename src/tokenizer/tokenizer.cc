@@ -15,7 +15,9 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <charconv>
+#include <cstring>
 
 namespace flashgpt {
 
@@ -94,6 +96,36 @@ bool base64_decode(std::string_view in, std::string& out) {
   return true;
 }
 
+// A per-thread cache of piece -> ids for the pieces that need merging: text repeats its
+// words, and a hit costs one hash (already computed for the rank lookup) and one compare.
+// Direct-mapped, one 64-byte entry per slot; it belongs to one tokenizer at a time.
+struct PieceCache {
+  static constexpr size_t kSlots = 1 << 14;
+  static constexpr size_t kMaxKey = 22;
+  static constexpr size_t kMaxIds = 8;
+  struct Entry {
+    uint64_t hash;
+    uint8_t length;  // 0: empty
+    uint8_t count;
+    uint8_t key[kMaxKey];
+    TokenId ids[kMaxIds];
+  };
+  static_assert(sizeof(Entry) == 64, "one cache line per entry");
+  uint64_t owner = 0;
+  std::vector<Entry> entries;
+
+  static PieceCache& for_tokenizer(uint64_t uid) {
+    thread_local PieceCache cache;
+    if (cache.owner != uid) {
+      cache.entries.assign(kSlots, Entry{});
+      cache.owner = uid;
+    }
+    return cache;
+  }
+};
+
+std::atomic<uint64_t> g_tokenizer_uid{0};
+
 int threads_resolve(int threads) { return threads > 0 ? threads : std::max(1, omp_get_num_procs()); }
 
 }  // namespace
@@ -120,24 +152,46 @@ struct Tokenizer::Impl {
   std::array<TokenId, 256> byte_rank{};
   std::vector<std::pair<std::string, TokenId>> specials;
   TokenId end_of_text = 0;
+  uint64_t uid = ++g_tokenizer_uid;  // identifies this tokenizer to the per-thread piece caches
 
   std::string_view bytes_of(TokenId id) const { return {arena.data() + id_bytes[id].first, id_bytes[id].second}; }
 
   // encode_ordinary of valid UTF-8.
   void encode_valid(std::string_view text, std::vector<TokenId>& out) const {
     Pretokenizer pretokenizer(pattern, text);
+    PieceCache& cache = PieceCache::for_tokenizer(uid);
     auto p = reinterpret_cast<const uint8_t*>(text.data());
     pretokenizer.for_each_piece([&](size_t begin, size_t end) {
       size_t length = end - begin;
+      const uint8_t* piece = p + begin;
       if (length == 1) {
-        out.push_back(byte_rank[p[begin]]);
+        out.push_back(byte_rank[*piece]);
         return;
       }
-      if (uint32_t rank = ranks.find(p + begin, length); rank != kNoRank) {
+      uint64_t h = RankMap::hash(piece, length);
+      if (uint32_t rank = ranks.find(piece, length, h); rank != kNoRank) {
         out.push_back(rank);
         return;
       }
+      if (length > PieceCache::kMaxKey) {
+        bpe_encode_piece(ranks, text.substr(begin, length), out);
+        return;
+      }
+      PieceCache::Entry& entry = cache.entries[(h ^ (h >> 29)) & (PieceCache::kSlots - 1)];
+      if (entry.hash == h && entry.length == length && RankMap::bytes_equal(entry.key, piece, length)) {
+        out.insert(out.end(), entry.ids, entry.ids + entry.count);
+        return;
+      }
+      size_t first = out.size();
       bpe_encode_piece(ranks, text.substr(begin, length), out);
+      size_t count = out.size() - first;
+      if (count <= PieceCache::kMaxIds) {
+        entry.hash = h;
+        entry.length = uint8_t(length);
+        entry.count = uint8_t(count);
+        std::memcpy(entry.key, piece, length);
+        std::copy(out.begin() + first, out.end(), entry.ids);
+      }
     });
   }
 
@@ -285,7 +339,10 @@ std::vector<TokenId> Tokenizer::encode(std::string_view text, const SpecialToken
                                        InvalidUtf8 invalid) const {
   std::string storage;
   std::string_view valid = impl_->valid_text(text, invalid, storage);
+  // Like tiktoken: the leftmost disallowed special token in the text is an error.
   std::vector<const std::pair<std::string, TokenId>*> allowed;
+  size_t disallowed_at = std::string_view::npos;
+  const std::string* disallowed = nullptr;
   for (const auto& special : impl_->specials) {
     bool is_allowed = policy.allow_all ||
                       std::find(policy.allowed.begin(), policy.allowed.end(), special.first) != policy.allowed.end();
@@ -293,12 +350,13 @@ std::vector<TokenId> Tokenizer::encode(std::string_view text, const SpecialToken
       allowed.push_back(&special);
     } else if (policy.disallow_all_others) {
       size_t at = valid.find(special.first);
-      FLASHGPT_CHECK(at == std::string_view::npos,
-                     "the text contains the disallowed special token {} at byte offset {}; allow it to encode it as "
-                     "its special id, or stop disallowing it to encode it as ordinary text",
-                     special.first, at);
+      if (at < disallowed_at) disallowed_at = at, disallowed = &special.first;
     }
   }
+  FLASHGPT_CHECK(!disallowed,
+                 "the text contains the disallowed special token {} at byte offset {}; allow it to encode it as its "
+                 "special id, or stop disallowing it to encode it as ordinary text",
+                 *disallowed, disallowed_at);
   std::vector<TokenId> out;
   out.reserve(valid.size() / 4 + 16);
   size_t pos = 0;
