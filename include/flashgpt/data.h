@@ -34,6 +34,8 @@ std::optional<size_t> utf8_first_invalid(std::string_view text);
 // Strips, and collapses each run of whitespace (ASCII and Unicode White_Space, NBSP
 // included, as Python's `\s`) into one space. `text` must be valid UTF-8.
 std::string text_normalize_whitespace(std::string_view text);
+// Whether text_normalize_whitespace(text) == text, without allocating (bytewise).
+bool text_is_whitespace_normalized(std::string_view text);
 
 // Letters (general category L*, from the tokenizer's Unicode tables) and decimal digits
 // (Nd, Unicode 14): the characters of a "word" in the keyword analysis.

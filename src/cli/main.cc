@@ -16,6 +16,7 @@ int main(int argc, char** argv) {
   flashgpt::cli_add_data(app);
   flashgpt::cli_add_tokenize(app);
   flashgpt::cli_add_bench_tokenizer(*app.get_subcommand("bench"));
+  flashgpt::cli_add_bench_data(*app.get_subcommand("bench"));
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,8 +1,8 @@
 // prepare: parallel and monolingual corpora -> documents -> token shards.
 //
-// The pipeline runs in batches: read and build up to `batch_documents` documents (one
-// thread), encode them (the encoder's threads), append them in order to the train or val
-// shard. Every random choice for document d (side, template, held out or not) comes from
+// The pipeline runs in batches: read and build up to `batch_documents` documents (the
+// calling thread), encode them (a worker thread and the encoder's threads, overlapping
+// the reading of the next batch), append them in order to the train or val shard. Every random choice for document d (side, template, held out or not) comes from
 // Philox counter (d, kPrepareStream) under the seed, so the output depends on the seed
 // and the inputs, never on the thread count or the batch size.
 #include <flashgpt/data.h>
@@ -13,9 +13,15 @@
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
 #include <cstdlib>
 #include <fstream>
+#include <unordered_map>
 #include <unordered_set>
 
 namespace flashgpt {
@@ -38,13 +44,27 @@ struct Document {
   bool val;
 };
 
-uint64_t line_hash(std::string_view text) { return std::hash<std::string_view>{}(text_normalize_whitespace(text)); }
+// The hash of a line after whitespace normalisation; most lines are already normal, and
+// those skip the copy.
+uint64_t line_hash(std::string_view text) {
+  if (text_is_whitespace_normalized(text)) return std::hash<std::string_view>{}(text);
+  return std::hash<std::string_view>{}(text_normalize_whitespace(text));
+}
 uint64_t pair_hash(uint64_t en, uint64_t fr) { return en ^ (fr * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull); }
 
-// The lines of the WMT test and dev sets, to keep them out of training.
+// The lines of the WMT test and dev sets, to keep them out of training: one table of
+// line hash -> which set and side it occurs in, so each training line costs one lookup.
+enum : uint8_t { kTestEn = 1, kTestFr = 2, kDevEn = 4, kDevFr = 8 };
 struct EvalGuard {
-  std::unordered_set<uint64_t> test_pairs, test_en, test_fr, dev_en, dev_fr;
+  std::unordered_set<uint64_t> test_pairs;
+  std::unordered_map<uint64_t, uint8_t> lines;
   bool have_test = false;
+
+  uint8_t flags(uint64_t hash) const {
+    if (lines.empty()) return 0;
+    const auto it = lines.find(hash);
+    return it == lines.end() ? 0 : it->second;
+  }
 
   static std::filesystem::path find(const std::filesystem::path& dir, const std::string& stem) {
     for (const char* ext : {".xz", ".gz", ""}) {
@@ -65,8 +85,8 @@ struct EvalGuard {
       while (reader.next(pair)) {
         const uint64_t h_en = line_hash(pair.en), h_fr = line_hash(pair.fr);
         test_pairs.insert(pair_hash(h_en, h_fr));
-        test_en.insert(h_en);
-        test_fr.insert(h_fr);
+        lines[h_en] |= kTestEn;
+        lines[h_fr] |= kTestFr;
       }
       have_test = true;
     }
@@ -77,8 +97,8 @@ struct EvalGuard {
       PairReader reader(PairSource{PairFormat::aligned, dev_en_path, dev_fr_path}, BadLinePolicy::skip);
       TextPair pair;
       while (reader.next(pair)) {
-        dev_en.insert(line_hash(pair.en));
-        dev_fr.insert(line_hash(pair.fr));
+        lines[line_hash(pair.en)] |= kDevEn;
+        lines[line_hash(pair.fr)] |= kDevFr;
       }
     }
   }
@@ -126,10 +146,27 @@ DocKind mono_language(const std::filesystem::path& path) {
   return DocKind::fr;
 }
 
+// Reading and document building run on the calling thread; encoding and writing run on
+// one worker thread (which the encoder may fan out), one batch behind, so that reading
+// overlaps tokenizing. Batches are handed over in order through a queue of at most
+// kQueuedBatches, so the output is the same as a sequential run's.
 class Pipeline {
  public:
+  static constexpr size_t kQueuedBatches = 2;
+
   Pipeline(const PrepareConfig& config, const TextEncoder& encoder, PrepareSummary& summary)
-      : config_(config), encoder_(encoder), summary_(summary), start_(Clock::now()), last_progress_(start_) {}
+      : config_(config), encoder_(encoder), summary_(summary), start_(Clock::now()), last_progress_(start_),
+        worker_([this] { work(); }) {}
+
+  ~Pipeline() {  // on an error in the reading thread: stop the worker, drop what is queued
+    {
+      std::lock_guard lock(mutex_);
+      closing_ = true;
+      queue_.clear();
+    }
+    changed_.notify_all();
+    if (worker_.joinable()) worker_.join();
+  }
 
   void add(std::string text, DocKind kind) {
     const Philox4x32 r = draw(document_index_++);
@@ -144,43 +181,34 @@ class Pipeline {
   }
   uint64_t next_document() const { return document_index_; }
 
+  // Hands the current batch to the worker, waiting while kQueuedBatches are pending.
   void flush() {
     if (batch_.empty()) return;
     summary_.seconds_read += seconds_since(phase_start_);
-    auto t0 = Clock::now();
-    std::vector<std::string_view> texts;
-    texts.reserve(batch_.size());
-    for (const auto& doc : batch_) texts.emplace_back(doc.text);
-    const auto encoded = encoder_.encode_batch(texts, config_.threads);
-    FLASHGPT_CHECK(encoded.size() == batch_.size(), "the encoder returned {} results for {} texts", encoded.size(),
-                   batch_.size());
-    summary_.seconds_tokenize += seconds_since(t0);
-    t0 = Clock::now();
-    const TokenId eot = encoder_.end_of_text;
-    for (size_t i = 0; i < batch_.size(); ++i) {
-      auto& writer = writer_for(batch_[i].val);
-      writer.append(encoded[i]);
-      writer.append(std::span<const TokenId>(&eot, 1));
-      const uint64_t n = encoded[i].size();
-      (batch_[i].kind == DocKind::en ? summary_.tokens_en
-       : batch_[i].kind == DocKind::fr ? summary_.tokens_fr
-                                         : summary_.tokens_bilingual) += n;
-      ++summary_.tokens_eot;
-      ++(batch_[i].val ? summary_.val_documents : summary_.documents);
-      tokens_ += n + 1;
-      if (!batch_[i].val && writer.token_count() >= config_.shard_tokens) close(/*val=*/false);
-      if (batch_[i].val && writer.token_count() >= config_.shard_tokens) close(/*val=*/true);
+    {
+      std::unique_lock lock(mutex_);
+      changed_.wait(lock, [&] { return queue_.size() < kQueuedBatches || error_; });
+      if (error_) std::rethrow_exception(error_);
+      queue_.push_back(std::move(batch_));
     }
-    summary_.seconds_write += seconds_since(t0);
-    batch_.clear();
+    changed_.notify_all();
+    batch_ = {};
     progress(false);
     phase_start_ = Clock::now();
   }
 
   void finish() {
     flush();
-    close(false);
-    close(true);
+    summary_.seconds_read += seconds_since(phase_start_);
+    {
+      std::lock_guard lock(mutex_);
+      closing_ = true;
+    }
+    changed_.notify_all();
+    worker_.join();
+    if (error_) std::rethrow_exception(error_);
+    close(/*val=*/false);
+    close(/*val=*/true);
     progress(true);
     summary_.seconds_total = seconds_since(start_);
   }
@@ -192,12 +220,62 @@ class Pipeline {
     last_progress_ = now;
     const double mb = static_cast<double>(summary_.raw_bytes + pending_bytes) / 1e6;
     fmt::print(stderr, "prepare: {} documents, {:.1f} MB of text, {} tokens, {:.1f} MB/s{}\n", document_index_, mb,
-               tokens_, mb / std::max(seconds_since(start_), 1e-9), last ? " (done)" : "");
+               tokens_.load(), mb / std::max(seconds_since(start_), 1e-9), last ? " (done)" : "");
   }
 
   uint64_t pending_bytes = 0;  // raw bytes of the corpus being read (not yet in the summary)
 
  private:
+  void work() {
+    for (;;) {
+      std::vector<Document> batch;
+      {
+        std::unique_lock lock(mutex_);
+        changed_.wait(lock, [&] { return !queue_.empty() || closing_; });
+        if (queue_.empty()) return;
+        batch = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      changed_.notify_all();
+      try {
+        encode_and_write(batch);
+      } catch (...) {
+        std::lock_guard lock(mutex_);
+        error_ = std::current_exception();
+        queue_.clear();
+        changed_.notify_all();
+        return;
+      }
+    }
+  }
+
+  void encode_and_write(const std::vector<Document>& batch) {
+    auto t0 = Clock::now();
+    std::vector<std::string_view> texts;
+    texts.reserve(batch.size());
+    for (const auto& doc : batch) texts.emplace_back(doc.text);
+    const auto encoded = encoder_.encode_batch(texts, config_.threads);
+    FLASHGPT_CHECK(encoded.size() == batch.size(), "the encoder returned {} results for {} texts", encoded.size(),
+                   batch.size());
+    summary_.seconds_tokenize += seconds_since(t0);
+    t0 = Clock::now();
+    const TokenId eot = encoder_.end_of_text;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      auto& writer = writer_for(batch[i].val);
+      writer.append(encoded[i]);
+      writer.append(std::span<const TokenId>(&eot, 1));
+      const uint64_t n = encoded[i].size();
+      (batch[i].kind == DocKind::en ? summary_.tokens_en
+       : batch[i].kind == DocKind::fr ? summary_.tokens_fr
+                                        : summary_.tokens_bilingual) += n;
+      ++summary_.tokens_eot;
+      ++(batch[i].val ? summary_.val_documents : summary_.documents);
+      tokens_ += n + 1;
+      if (writer.token_count() >= config_.shard_tokens) close(batch[i].val);
+    }
+    summary_.seconds_write += seconds_since(t0);
+  }
+
   ShardWriter& writer_for(bool val) {
     auto& slot = val ? val_writer_ : train_writer_;
     if (!slot) {
@@ -221,11 +299,21 @@ class Pipeline {
 
   const PrepareConfig& config_;
   const TextEncoder& encoder_;
+  // Reading thread: corpora, warnings, raw_bytes, seconds_read. Worker: tokens, documents,
+  // shards, seconds_tokenize/write. Nothing is shared until finish() has joined.
   PrepareSummary& summary_;
   std::vector<Document> batch_;
-  std::optional<ShardWriter> train_writer_, val_writer_;
-  uint64_t document_index_ = 0, tokens_ = 0;
+  uint64_t document_index_ = 0;
+  std::atomic<uint64_t> tokens_ = 0;
   Clock::time_point start_, last_progress_, phase_start_ = Clock::now();
+
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::deque<std::vector<Document>> queue_;
+  bool closing_ = false;
+  std::exception_ptr error_;
+  std::optional<ShardWriter> train_writer_, val_writer_;  // worker only
+  std::thread worker_;  // last: starts once everything above is constructed
 };
 
 }  // namespace
@@ -296,14 +384,15 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
         continue;
       }
       const uint64_t h_en = line_hash(pair.en), h_fr = line_hash(pair.fr);
-      FLASHGPT_CHECK(!guard.test_pairs.contains(pair_hash(h_en, h_fr)),
+      const uint8_t f_en = guard.flags(h_en), f_fr = guard.flags(h_fr);
+      FLASHGPT_CHECK(!((f_en & kTestEn) && (f_fr & kTestFr) && guard.test_pairs.contains(pair_hash(h_en, h_fr))),
                      "{}:{}: this pair is a newstest2014 pair; refusing to put the WMT14 evaluation set into training",
                      source.en.string(), pair.line);
-      if (guard.test_en.contains(h_en) || guard.test_fr.contains(h_fr)) {
+      if ((f_en & kTestEn) || (f_fr & kTestFr)) {
         ++corpus.skipped["a side identical to a newstest2014 sentence"];
         continue;
       }
-      if (guard.dev_en.contains(h_en) || guard.dev_fr.contains(h_fr)) ++summary.dev_overlap;
+      if ((f_en & kDevEn) || (f_fr & kDevFr)) ++summary.dev_overlap;
       const Philox4x32 r = pipeline.draw(pipeline.next_document());
       if (unit_interval(r.x) < config.bilingual_rate) {
         pipeline.add(fill_template(kBilingualTemplates[r.y % kBilingualTemplates.size()], pair.en, pair.fr),
@@ -325,8 +414,7 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
   }
   for (const auto& path : config.mono) {
     const DocKind kind = mono_language(path);
-    const auto& test_lines = kind == DocKind::en ? guard.test_en : guard.test_fr;
-    const auto& dev_lines = kind == DocKind::en ? guard.dev_en : guard.dev_fr;
+    const uint8_t test_flag = kind == DocKind::en ? kTestEn : kTestFr, dev_flag = kind == DocKind::en ? kDevEn : kDevFr;
     PrepareSummary::Corpus corpus{path.filename().string(), 0, 0, {}};
     LineReader reader(path);
     std::string line;
@@ -343,12 +431,12 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
         ++corpus.skipped["empty line"];
         continue;
       }
-      const uint64_t h = line_hash(line);
-      if (test_lines.contains(h)) {
+      const uint8_t f = guard.flags(line_hash(line));
+      if (f & test_flag) {
         ++corpus.skipped["identical to a newstest2014 sentence"];
         continue;
       }
-      if (dev_lines.contains(h)) ++summary.dev_overlap;
+      if (f & dev_flag) ++summary.dev_overlap;
       pipeline.add(std::move(line), kind);
       ++corpus.used;
     }

@@ -84,6 +84,33 @@ std::string text_normalize_whitespace(std::string_view text) {
   return out;
 }
 
+bool text_is_whitespace_normalized(std::string_view text) {
+  // The non-ASCII whitespace of is_python_space in UTF-8: C2 85, C2 A0, E1 9A 80,
+  // E2 80 80..8A, E2 80 A8, E2 80 A9, E2 80 AF, E2 81 9F, E3 80 80.
+  const auto* s = reinterpret_cast<const unsigned char*>(text.data());
+  const size_t n = text.size();
+  if (n == 0) return true;
+  if (s[0] == ' ' || s[n - 1] == ' ') return false;
+  for (size_t i = 0; i < n; ++i) {
+    const unsigned char c = s[i];
+    if (c < 0x80) {
+      if (c == ' ') {
+        if (s[i + 1] == ' ') return false;  // i + 1 < n: the last byte is not a space
+      } else if ((c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x1F)) {
+        return false;
+      }
+      continue;
+    }
+    const unsigned char c1 = i + 1 < n ? s[i + 1] : 0, c2 = i + 2 < n ? s[i + 2] : 0;
+    if (c == 0xC2 && (c1 == 0x85 || c1 == 0xA0)) return false;
+    if (c == 0xE1 && c1 == 0x9A && c2 == 0x80) return false;
+    if (c == 0xE2 && c1 == 0x80 && ((c2 >= 0x80 && c2 <= 0x8A) || c2 == 0xA8 || c2 == 0xA9 || c2 == 0xAF)) return false;
+    if (c == 0xE2 && c1 == 0x81 && c2 == 0x9F) return false;
+    if (c == 0xE3 && c1 == 0x80 && c2 == 0x80) return false;
+  }
+  return true;
+}
+
 bool unicode_is_word_char(char32_t c) {
   if (c < 0x80) return (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z');
   if (c > 0x10FFFF) return false;

@@ -34,6 +34,24 @@ TEST(Text, NormalizesWhitespaceLikePythonSplit) {
   EXPECT_EQ(text_normalize_whitespace("no-change"), "no-change");
 }
 
+// The allocation-free check agrees with the reference normaliser on random mixes of
+// letters, ASCII spaces and every kind of Unicode whitespace (and near misses).
+TEST(Text, WhitespaceNormalizedCheckAgreesWithTheNormalizer) {
+  const std::vector<std::string> pieces = {"a", "é", " ", "  ", "\t", "\u00A0", "\u0085", "\u1680", "\u2000",
+                                           "\u200A", "\u200B", "\u2028", "\u202F", "\u205F", "\u3000", "\u3001",
+                                           "’", "\u2030", "\x1C", "\u00A1"};
+  uint64_t state = 12345;
+  for (int trial = 0; trial < 20000; ++trial) {
+    std::string text;
+    const int length = trial % 7;
+    for (int k = 0; k < length; ++k) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      text += pieces[(state >> 33) % pieces.size()];
+    }
+    ASSERT_EQ(text_is_whitespace_normalized(text), text_normalize_whitespace(text) == text) << "'" << text << "'";
+  }
+}
+
 TEST(Unicode, ClassifiesWordCharacters) {
   for (char32_t c : {U'a', U'Z', U'0', U'9', U'é', U'À', U'œ', U'ß', U'Ω', U'я', U'中', U'٣' /* Arabic-Indic 3 */}) {
     EXPECT_TRUE(unicode_is_word_char(c)) << static_cast<uint32_t>(c);
