@@ -21,6 +21,7 @@
 #include <thread>
 #include <cstdlib>
 #include <fstream>
+#include <tuple>
 #include <unordered_map>
 #include <unordered_set>
 
@@ -74,13 +75,28 @@ struct EvalGuard {
     return {};
   }
 
+  // The set under the names it has here (SOURCES.md), in a WMT release (plain text), or as
+  // unpacked by `data download` (test-full/*.sgm, dev/*).
+  static std::optional<PairSource> find_set(const std::filesystem::path& dir, const std::string& year) {
+    const std::string y = year;
+    const std::vector<std::tuple<std::string, std::string, PairFormat>> candidates = {
+        {"newstest" + y + ".fr-en.en", "newstest" + y + ".fr-en.fr", PairFormat::aligned},
+        {"newstest" + y + ".en", "newstest" + y + ".fr", PairFormat::aligned},
+        {"dev/newstest" + y + ".en", "dev/newstest" + y + ".fr", PairFormat::aligned},
+        {"test-full/newstest" + y + "-fren-src.en.sgm", "test-full/newstest" + y + "-fren-ref.fr.sgm", PairFormat::sgm},
+        {"test/newstest" + y + "-fren-src.en.sgm", "test/newstest" + y + "-fren-ref.fr.sgm", PairFormat::sgm},
+        {"dev/newstest" + y + "-src.en.sgm", "dev/newstest" + y + "-src.fr.sgm", PairFormat::sgm},
+    };
+    for (const auto& [en, fr, format] : candidates) {
+      const auto en_path = find(dir, en), fr_path = find(dir, fr);
+      if (!en_path.empty() && !fr_path.empty()) return PairSource{format, en_path, fr_path};
+    }
+    return std::nullopt;
+  }
+
   void load(const std::filesystem::path& dir, std::vector<std::string>& warnings) {
-    const auto en = find(dir, "newstest2014.fr-en.en"), fr = find(dir, "newstest2014.fr-en.fr");
-    if (en.empty() || fr.empty()) {
-      warnings.push_back(fmt::format("newstest2014.fr-en.{{en,fr}} not found in '{}': training text is checked "
-                                     "against the evaluation set by file name only (pass --eval-dir)", dir.string()));
-    } else {
-      PairReader reader(PairSource{PairFormat::aligned, en, fr}, BadLinePolicy::fail);
+    if (const auto test = find_set(dir, "2014")) {
+      PairReader reader(*test, BadLinePolicy::fail);
       TextPair pair;
       while (reader.next(pair)) {
         const uint64_t h_en = line_hash(pair.en), h_fr = line_hash(pair.fr);
@@ -89,12 +105,14 @@ struct EvalGuard {
         lines[h_fr] |= kTestFr;
       }
       have_test = true;
+    } else {
+      warnings.push_back(fmt::format("newstest2014.fr-en.{{en,fr}} not found in '{}': training text is checked "
+                                     "against the evaluation set by file name only (pass --eval-dir)", dir.string()));
     }
     for (const char* year : {"2012", "2013"}) {
-      const auto dev_en_path = find(dir, fmt::format("newstest{}.fr-en.en", year));
-      const auto dev_fr_path = find(dir, fmt::format("newstest{}.fr-en.fr", year));
-      if (dev_en_path.empty() || dev_fr_path.empty()) continue;
-      PairReader reader(PairSource{PairFormat::aligned, dev_en_path, dev_fr_path}, BadLinePolicy::skip);
+      const auto dev = find_set(dir, year);
+      if (!dev) continue;
+      PairReader reader(*dev, BadLinePolicy::skip);
       TextPair pair;
       while (reader.next(pair)) {
         lines[line_hash(pair.en)] |= kDevEn;
@@ -105,10 +123,13 @@ struct EvalGuard {
 };
 
 void check_input_name(const std::filesystem::path& path, std::vector<std::string>& warnings) {
+  // By file name, and by the folders a WMT release keeps newstest2014 in (test-full/,
+  // test-filtered/); other folder names are the user's business.
   std::string name = path.filename().string();
   std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
+  const std::string folder = path.parent_path().filename().string();
   FLASHGPT_CHECK(name.find("newstest2014") == std::string::npos && name.find("newstest14") == std::string::npos &&
-                     name.find("test-full") == std::string::npos && name.find("test-filtered") == std::string::npos,
+                     folder != "test-full" && folder != "test-filtered",
                  "refusing to train on {}: newstest2014 is the WMT14 evaluation set (BLEU on it would be meaningless "
                  "after training on it)", path.string());
   for (const char* dev : {"newstest2012", "newstest2013"}) {

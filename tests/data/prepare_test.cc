@@ -270,6 +270,25 @@ TEST(Prepare, RefusesNewstest2014ByContentAndWarnsAboutDevSets) {
       << warnings;
 }
 
+TEST(Prepare, FindsTheTestSetAsTheWmtReleaseUnpacksIt) {
+  TempDir dir;
+  std::filesystem::create_directories(dir / "eval" / "test-full");
+  write_file(dir / "eval" / "test-full" / "newstest2014-fren-src.en.sgm",
+             "<srcset>\n<doc docid=\"1\">\n<seg id=\"1\">Spectacular Wingsuit Jump</seg>\n</doc>\n</srcset>\n");
+  write_file(dir / "eval" / "test-full" / "newstest2014-fren-ref.fr.sgm",
+             "<refset>\n<doc docid=\"1\">\n<seg id=\"1\">Saut spectaculaire</seg>\n</doc>\n</refset>\n");
+  write_file(dir / "train.x.fr-en.en", "Spectacular Wingsuit Jump\n");
+  write_file(dir / "train.x.fr-en.fr", "Saut spectaculaire\n");
+  PrepareConfig config;
+  config.pairs.push_back(pair_source_from_path(dir / "train.x.fr-en.en"));
+  config.eval_dir = dir / "eval";
+  config.out_dir = dir / "out";
+  config.progress = false;
+  EXPECT_NE(error_of([&] { data_prepare(config, byte_encoder()); }).find("is a newstest2014 pair"), std::string::npos);
+  config.pairs = {pair_source_from_path(dir / "eval" / "test-full" / "newstest2014-fren-src.en.sgm")};
+  EXPECT_NE(error_of([&] { data_prepare(config, byte_encoder()); }).find("refusing to train on"), std::string::npos);
+}
+
 TEST(Prepare, WarnsWhenItCannotCheckContent) {
   TempDir dir;
   write_corpus(dir, "train.toy.fr-en", 3);
