@@ -389,83 +389,91 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
   EvalGuard guard;
   guard.load(config.eval_dir, summary.warnings);
   std::filesystem::create_directories(config.out_dir);
-  for (const char* prefix : {"train", "val"}) {  // a previous run's extra shards would be mixed in
-    for (const auto& stale : shard_list(config.out_dir, prefix)) std::filesystem::remove(stale);
-  }
-
-  Pipeline pipeline(config, encoder, summary);
-  for (const auto& source : config.pairs) {
-    PrepareSummary::Corpus corpus{source.name(), 0, 0, {}};
-    PairReader reader(source, config.bad_lines);
-    TextPair pair;
-    while (reader.next(pair)) {
-      pipeline.pending_bytes = reader.stats().bytes;
-      if (pair.en.empty() || pair.fr.empty()) {
-        ++corpus.skipped["empty side"];
-        continue;
-      }
-      const uint64_t h_en = line_hash(pair.en), h_fr = line_hash(pair.fr);
-      const uint8_t f_en = guard.flags(h_en), f_fr = guard.flags(h_fr);
-      FLASHGPT_CHECK(!((f_en & kTestEn) && (f_fr & kTestFr) && guard.test_pairs.contains(pair_hash(h_en, h_fr))),
-                     "{}:{}: this pair is a newstest2014 pair; refusing to put the WMT14 evaluation set into training",
-                     source.en.string(), pair.line);
-      if ((f_en & kTestEn) || (f_fr & kTestFr)) {
-        ++corpus.skipped["a side identical to a newstest2014 sentence"];
-        continue;
-      }
-      if ((f_en & kDevEn) || (f_fr & kDevFr)) ++summary.dev_overlap;
-      const Philox4x32 r = pipeline.draw(pipeline.next_document());
-      if (unit_interval(r.x) < config.bilingual_rate) {
-        pipeline.add(fill_template(kBilingualTemplates[r.y % kBilingualTemplates.size()], pair.en, pair.fr),
-                     DocKind::bilingual);
-      } else if (r.y & 1) {
-        pipeline.add(std::move(pair.fr), DocKind::fr);
-      } else {
-        pipeline.add(std::move(pair.en), DocKind::en);
-      }
-      ++corpus.used;
+  // A failed run leaves no shards behind: a half-written dataset would look complete.
+  auto remove_shards = [&] {
+    for (const char* prefix : {"train", "val"}) {
+      for (const auto& shard : shard_list(config.out_dir, prefix)) std::filesystem::remove(shard);
     }
-    const auto& stats = reader.stats();
-    corpus.read = stats.read;
-    if (stats.invalid_utf8) corpus.skipped["invalid UTF-8"] += stats.invalid_utf8;
-    if (stats.malformed) corpus.skipped["malformed line"] += stats.malformed;
-    summary.raw_bytes += stats.bytes;
-    pipeline.pending_bytes = 0;
-    summary.corpora.push_back(std::move(corpus));
-  }
-  for (const auto& path : config.mono) {
-    const DocKind kind = mono_language(path);
-    const uint8_t test_flag = kind == DocKind::en ? kTestEn : kTestFr, dev_flag = kind == DocKind::en ? kDevEn : kDevFr;
-    PrepareSummary::Corpus corpus{path.filename().string(), 0, 0, {}};
-    LineReader reader(path);
-    std::string line;
-    while (reader.next(line)) {
-      ++corpus.read;
-      pipeline.pending_bytes = reader.bytes_out();
-      if (const auto bad = utf8_first_invalid(line)) {
-        FLASHGPT_CHECK(config.bad_lines == BadLinePolicy::skip, "{}:{}: invalid UTF-8 at byte {}", path.string(),
-                       reader.line_number(), *bad);
-        ++corpus.skipped["invalid UTF-8"];
-        continue;
+  };
+  remove_shards();  // a previous run's extra shards would be mixed in
+  try {
+    Pipeline pipeline(config, encoder, summary);
+    for (const auto& source : config.pairs) {
+      PrepareSummary::Corpus corpus{source.name(), 0, 0, {}};
+      PairReader reader(source, config.bad_lines);
+      TextPair pair;
+      while (reader.next(pair)) {
+        pipeline.pending_bytes = reader.stats().bytes;
+        if (pair.en.empty() || pair.fr.empty()) {
+          ++corpus.skipped["empty side"];
+          continue;
+        }
+        const uint64_t h_en = line_hash(pair.en), h_fr = line_hash(pair.fr);
+        const uint8_t f_en = guard.flags(h_en), f_fr = guard.flags(h_fr);
+        FLASHGPT_CHECK(!((f_en & kTestEn) && (f_fr & kTestFr) && guard.test_pairs.contains(pair_hash(h_en, h_fr))),
+                       "{}:{}: this pair is a newstest2014 pair; refusing to put the WMT14 evaluation set into training",
+                       source.en.string(), pair.line);
+        if ((f_en & kTestEn) || (f_fr & kTestFr)) {
+          ++corpus.skipped["a side identical to a newstest2014 sentence"];
+          continue;
+        }
+        if ((f_en & kDevEn) || (f_fr & kDevFr)) ++summary.dev_overlap;
+        const Philox4x32 r = pipeline.draw(pipeline.next_document());
+        if (unit_interval(r.x) < config.bilingual_rate) {
+          pipeline.add(fill_template(kBilingualTemplates[r.y % kBilingualTemplates.size()], pair.en, pair.fr),
+                       DocKind::bilingual);
+        } else if (r.y & 1) {
+          pipeline.add(std::move(pair.fr), DocKind::fr);
+        } else {
+          pipeline.add(std::move(pair.en), DocKind::en);
+        }
+        ++corpus.used;
       }
-      if (line.empty()) {
-        ++corpus.skipped["empty line"];
-        continue;
-      }
-      const uint8_t f = guard.flags(line_hash(line));
-      if (f & test_flag) {
-        ++corpus.skipped["identical to a newstest2014 sentence"];
-        continue;
-      }
-      if (f & dev_flag) ++summary.dev_overlap;
-      pipeline.add(std::move(line), kind);
-      ++corpus.used;
+      const auto& stats = reader.stats();
+      corpus.read = stats.read;
+      if (stats.invalid_utf8) corpus.skipped["invalid UTF-8"] += stats.invalid_utf8;
+      if (stats.malformed) corpus.skipped["malformed line"] += stats.malformed;
+      summary.raw_bytes += stats.bytes;
+      pipeline.pending_bytes = 0;
+      summary.corpora.push_back(std::move(corpus));
     }
-    summary.raw_bytes += reader.bytes_out();
-    pipeline.pending_bytes = 0;
-    summary.corpora.push_back(std::move(corpus));
+    for (const auto& path : config.mono) {
+      const DocKind kind = mono_language(path);
+      const uint8_t test_flag = kind == DocKind::en ? kTestEn : kTestFr, dev_flag = kind == DocKind::en ? kDevEn : kDevFr;
+      PrepareSummary::Corpus corpus{path.filename().string(), 0, 0, {}};
+      LineReader reader(path);
+      std::string line;
+      while (reader.next(line)) {
+        ++corpus.read;
+        pipeline.pending_bytes = reader.bytes_out();
+        if (const auto bad = utf8_first_invalid(line)) {
+          FLASHGPT_CHECK(config.bad_lines == BadLinePolicy::skip, "{}:{}: invalid UTF-8 at byte {}", path.string(),
+                         reader.line_number(), *bad);
+          ++corpus.skipped["invalid UTF-8"];
+          continue;
+        }
+        if (line.empty()) {
+          ++corpus.skipped["empty line"];
+          continue;
+        }
+        const uint8_t f = guard.flags(line_hash(line));
+        if (f & test_flag) {
+          ++corpus.skipped["identical to a newstest2014 sentence"];
+          continue;
+        }
+        if (f & dev_flag) ++summary.dev_overlap;
+        pipeline.add(std::move(line), kind);
+        ++corpus.used;
+      }
+      summary.raw_bytes += reader.bytes_out();
+      pipeline.pending_bytes = 0;
+      summary.corpora.push_back(std::move(corpus));
+    }
+    pipeline.finish();
+  } catch (...) {
+    remove_shards();  // the pipeline has joined its worker by now
+    throw;
   }
-  pipeline.finish();
   if (summary.dev_overlap) {
     summary.warnings.push_back(fmt::format("{} training pairs/lines have a side identical to a newstest2012/2013 "
                                            "(dev set) sentence; they were kept", summary.dev_overlap));

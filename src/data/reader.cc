@@ -362,35 +362,37 @@ struct PairReader::Impl {
     return false;
   }
 
-  // The next <seg> of an SGM file, whitespace-normalised; false at the end.
-  bool next_segment(LineReader& reader, std::string& line, std::string& text) {
+  enum class Segment { end, ok, invalid };
+
+  // The next <seg> of an SGM file, whitespace-normalised.
+  Segment next_segment(LineReader& reader, std::string& line, std::string& text) {
     while (reader.next(line)) {
       stats.bytes += line.size() + 1;
       const auto seg = sgm_segment_text(line);
       if (!seg) continue;
-      const auto bad = utf8_first_invalid(*seg);
-      if (bad) {
+      if (const auto bad = utf8_first_invalid(*seg)) {
         FLASHGPT_CHECK(policy == BadLinePolicy::skip, "{}:{}: invalid UTF-8 at byte {}", reader.path().string(),
                        reader.line_number(), *bad);
-        text = "\xEF\xBF\xBD";  // keeps the pairing; the pair is dropped below
-        return true;
+        return Segment::invalid;  // still a segment: the other file's must be consumed with it
       }
       text = text_normalize_whitespace(*seg);
-      return true;
+      return Segment::ok;
     }
-    return false;
+    return Segment::end;
   }
 
   bool next_sgm(TextPair& pair) {
     for (;;) {
-      const bool has_en = next_segment(*en, en_line, pair.en);
-      const bool has_fr = next_segment(*fr, fr_line, pair.fr);
-      if (!has_en && !has_fr) return false;
-      FLASHGPT_CHECK(has_en == has_fr, "unaligned SGM pair: {} and {} have different numbers of <seg> ({} ended first)",
-                     en->path().string(), fr->path().string(), has_en ? fr->path().string() : en->path().string());
+      const Segment en_seg = next_segment(*en, en_line, pair.en);
+      const Segment fr_seg = next_segment(*fr, fr_line, pair.fr);
+      if (en_seg == Segment::end && fr_seg == Segment::end) return false;
+      FLASHGPT_CHECK((en_seg == Segment::end) == (fr_seg == Segment::end),
+                     "unaligned SGM pair: {} and {} have different numbers of <seg> ({} ended first)",
+                     en->path().string(), fr->path().string(),
+                     en_seg == Segment::end ? en->path().string() : fr->path().string());
       ++stats.read;
       pair.line = ++segment;
-      if (pair.en == "\xEF\xBF\xBD" || pair.fr == "\xEF\xBF\xBD") {
+      if (en_seg == Segment::invalid || fr_seg == Segment::invalid) {
         ++stats.invalid_utf8;
         continue;
       }

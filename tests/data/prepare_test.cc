@@ -248,8 +248,11 @@ TEST(Prepare, RefusesNewstest2014ByContentAndWarnsAboutDevSets) {
   config.eval_dir = dir / "eval";
   config.out_dir = dir / "out";
   config.progress = false;
+  config.batch_documents = 1;  // the first pair is already in a finished shard when the second is refused
+  config.shard_tokens = 1;
   const std::string message = error_of([&] { data_prepare(config, byte_encoder()); });
   EXPECT_NE(message.find("train.leak.fr-en.en:2: this pair is a newstest2014 pair"), std::string::npos) << message;
+  EXPECT_TRUE(shard_list(dir / "out", "train").empty()) << "a failed run must not leave shards";
 
   // One side identical to a test sentence: dropped and counted. Dev overlap: kept, warned.
   write_file(dir / "train.near.fr-en.en", "A test line\nA dev line\nFresh text\n");
