@@ -57,9 +57,14 @@ enum class BadLinePolicy { skip, fail };
 // Streams the lines of a text file, decompressing gzip (zlib) or xz (liblzma) as its first
 // bytes say. Lines lose their "\n" (and a "\r" before it). A compressed file that ends
 // before its stream does, or fails its integrity check, is an error naming the file.
+//
+// With Prefetch::yes a thread decodes blocks of lines ahead (a few thousand lines, bounded),
+// so decompression overlaps the caller's work; errors surface in order, at the line where
+// they happened.
+enum class Prefetch { no, yes };
 class LineReader {
  public:
-  explicit LineReader(const std::filesystem::path& path);
+  explicit LineReader(const std::filesystem::path& path, Prefetch prefetch = Prefetch::no);
   LineReader(LineReader&&) noexcept;
   LineReader& operator=(LineReader&&) noexcept;
   ~LineReader();

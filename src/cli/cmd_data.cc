@@ -168,7 +168,7 @@ void run_analyze(const AnalyzeOptions& o) {
   } else {
     std::string line;
     for (const auto& input : o.inputs) {
-      LineReader reader(input);
+      LineReader reader(input, Prefetch::yes);
       while (counter.texts() < o.limit && reader.next(line)) counter.add_text(line);
     }
   }

@@ -441,7 +441,7 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
       const DocKind kind = mono_language(path);
       const uint8_t test_flag = kind == DocKind::en ? kTestEn : kTestFr, dev_flag = kind == DocKind::en ? kDevEn : kDevFr;
       PrepareSummary::Corpus corpus{path.filename().string(), 0, 0, {}};
-      LineReader reader(path);
+      LineReader reader(path, Prefetch::yes);
       std::string line;
       while (reader.next(line)) {
         ++corpus.read;

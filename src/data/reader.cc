@@ -4,7 +4,12 @@
 #include <flashgpt/data.h>
 #include <flashgpt/error.h>
 
+#include <atomic>
 #include <cerrno>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -43,7 +48,21 @@ struct LineReader::Impl {
   std::string in, out;
   size_t in_len = 0, out_pos = 0, out_len = 0;
   bool input_eof = false, stream_end = false;
-  uint64_t line_number = 0, bytes_in = 0, bytes_out = 0;
+  uint64_t raw_line_number = 0;                  // lines decoded (by the prefetch thread if any)
+  std::atomic<uint64_t> bytes_in = 0, bytes_out = 0;
+  uint64_t line_number = 0;                      // lines returned to the caller
+
+  // Prefetch: a thread decodes blocks of lines ahead into a bounded queue.
+  static constexpr size_t kBlockLines = 2048, kQueuedBlocks = 4;
+  bool prefetch = false;
+  std::thread thread;
+  std::mutex mutex;
+  std::condition_variable changed;
+  std::deque<std::vector<std::string>> blocks;
+  bool done = false, stop = false;
+  std::exception_ptr error;
+  std::vector<std::string> current;
+  size_t current_pos = 0;
 #ifdef FLASHGPT_HAVE_ZLIB
   z_stream z{};
   bool z_init = false;
@@ -54,6 +73,14 @@ struct LineReader::Impl {
 #endif
 
   ~Impl() {
+    if (thread.joinable()) {
+      {
+        std::lock_guard lock(mutex);
+        stop = true;
+      }
+      changed.notify_all();
+      thread.join();
+    }
     if (file) std::fclose(file);
 #ifdef FLASHGPT_HAVE_ZLIB
     if (z_init) inflateEnd(&z);
@@ -155,9 +182,75 @@ struct LineReader::Impl {
                   "decompress it with `xz -d`)", path.string());
 #endif
   }
+
+  // One line from the decompressed stream; false at the end.
+  bool read_line(std::string& line) {
+    line.clear();
+    bool any = false;
+    for (;;) {
+      if (out_pos == out_len && !fill_output()) {
+        if (!any) return false;
+        break;
+      }
+      any = true;
+      const char* begin = out.data() + out_pos;
+      const size_t avail = out_len - out_pos;
+      const auto* newline = static_cast<const char*>(std::memchr(begin, '\n', avail));
+      const size_t take = newline ? static_cast<size_t>(newline - begin) : avail;
+      line.append(begin, take);
+      FLASHGPT_CHECK(line.size() <= kMaxLineBytes, "{}:{}: line longer than {} MiB; is this a text file?",
+                     path.string(), raw_line_number + 1, kMaxLineBytes >> 20);
+      out_pos += take + (newline ? 1 : 0);
+      if (newline) break;
+    }
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    ++raw_line_number;
+    return true;
+  }
+
+  void prefetch_loop() {
+    try {
+      for (bool more = true; more;) {
+        std::vector<std::string> block(kBlockLines);
+        size_t n = 0;
+        while (n < kBlockLines && (more = read_line(block[n]))) ++n;
+        block.resize(n);
+        std::unique_lock lock(mutex);
+        changed.wait(lock, [&] { return blocks.size() < kQueuedBlocks || stop; });
+        if (stop) return;
+        if (n) blocks.push_back(std::move(block));
+        done = !more;
+        lock.unlock();
+        changed.notify_all();
+      }
+    } catch (...) {
+      std::lock_guard lock(mutex);
+      error = std::current_exception();
+      done = true;
+      changed.notify_all();
+    }
+  }
+
+  bool next_prefetched(std::string& line) {
+    if (current_pos == current.size()) {
+      std::unique_lock lock(mutex);
+      changed.wait(lock, [&] { return !blocks.empty() || done; });
+      if (blocks.empty()) {
+        if (error) std::rethrow_exception(error);  // after every line decoded before it
+        return false;
+      }
+      current = std::move(blocks.front());
+      blocks.pop_front();
+      current_pos = 0;
+      lock.unlock();
+      changed.notify_all();
+    }
+    line = std::move(current[current_pos++]);
+    return true;
+  }
 };
 
-LineReader::LineReader(const std::filesystem::path& path) : impl_(std::make_unique<Impl>()) {
+LineReader::LineReader(const std::filesystem::path& path, Prefetch prefetch) : impl_(std::make_unique<Impl>()) {
   auto& s = *impl_;
   s.path = path;
   s.file = std::fopen(path.c_str(), "rb");
@@ -182,6 +275,10 @@ LineReader::LineReader(const std::filesystem::path& path) : impl_(std::make_uniq
     s.x_init = true;
   }
 #endif
+  if (prefetch == Prefetch::yes) {
+    s.prefetch = true;
+    s.thread = std::thread([impl = impl_.get()] { impl->prefetch_loop(); });
+  }
 }
 
 LineReader::LineReader(LineReader&&) noexcept = default;
@@ -190,27 +287,9 @@ LineReader::~LineReader() = default;
 
 bool LineReader::next(std::string& line) {
   auto& s = *impl_;
-  line.clear();
-  bool any = false;
-  for (;;) {
-    if (s.out_pos == s.out_len && !s.fill_output()) {
-      if (!any) return false;
-      break;
-    }
-    any = true;
-    const char* begin = s.out.data() + s.out_pos;
-    const size_t avail = s.out_len - s.out_pos;
-    const auto* newline = static_cast<const char*>(std::memchr(begin, '\n', avail));
-    const size_t take = newline ? static_cast<size_t>(newline - begin) : avail;
-    line.append(begin, take);
-    FLASHGPT_CHECK(line.size() <= kMaxLineBytes, "{}:{}: line longer than {} MiB; is this a text file?",
-                   s.path.string(), s.line_number + 1, kMaxLineBytes >> 20);
-    s.out_pos += take + (newline ? 1 : 0);
-    if (newline) break;
-  }
-  if (!line.empty() && line.back() == '\r') line.pop_back();
-  ++s.line_number;
-  return true;
+  const bool got = s.prefetch ? s.next_prefetched(line) : s.read_line(line);
+  s.line_number += got;
+  return got;
 }
 
 uint64_t LineReader::line_number() const { return impl_->line_number; }
@@ -404,8 +483,9 @@ struct PairReader::Impl {
 PairReader::PairReader(const PairSource& source, BadLinePolicy policy) : impl_(std::make_unique<Impl>()) {
   impl_->source = source;
   impl_->policy = policy;
-  impl_->en.emplace(source.en);
-  if (source.format != PairFormat::tsv) impl_->fr.emplace(source.fr);
+  // Two files decode in parallel, each on its own thread, ahead of the caller.
+  impl_->en.emplace(source.en, Prefetch::yes);
+  if (source.format != PairFormat::tsv) impl_->fr.emplace(source.fr, Prefetch::yes);
 }
 
 PairReader::PairReader(PairReader&&) noexcept = default;

@@ -13,8 +13,8 @@ using testing::TempDir;
 using testing::write_compressed;
 using testing::write_file;
 
-std::vector<std::string> read_all(const std::filesystem::path& path) {
-  LineReader reader(path);
+std::vector<std::string> read_all(const std::filesystem::path& path, Prefetch prefetch = Prefetch::no) {
+  LineReader reader(path, prefetch);
   std::vector<std::string> lines;
   std::string line;
   while (reader.next(line)) lines.push_back(line);
@@ -55,6 +55,32 @@ TEST(LineReader, GzipAndXzGiveTheSameLinesAsPlainText) {
   LineReader xz(write_compressed(dir / "x.txt.xz", text));
   EXPECT_EQ(xz.compression(), Compression::xz);
   EXPECT_EQ(read_all(dir / "x.txt.xz"), plain);
+}
+
+TEST(LineReader, PrefetchGivesTheSameLinesAndTheSameErrors) {
+  TempDir dir;
+  const std::string text = many_lines(30'000) + "last line without newline";
+  const auto path = write_compressed(dir / "p.txt.xz", text);
+  const auto lines = read_all(path, Prefetch::yes);
+  EXPECT_EQ(lines, read_all(path));
+  EXPECT_EQ(lines.back(), "last line without newline");
+  {
+    LineReader early(path, Prefetch::yes);  // destroyed while its thread is still ahead
+    std::string line;
+    ASSERT_TRUE(early.next(line));
+    EXPECT_EQ(early.line_number(), 1u);
+  }
+  const auto whole = testing::read_file_bytes(path);
+  const auto cut = write_file(dir / "cut.txt.xz", whole.substr(0, whole.size() / 2));
+  LineReader reader(cut, Prefetch::yes);
+  std::string line;
+  uint64_t read = 0;
+  const std::string message = error_of([&] {
+    while (reader.next(line)) ++read;
+  });
+  EXPECT_NE(message.find("truncated"), std::string::npos) << message;
+  EXPECT_GT(read, 1000u) << "lines decoded before the damage come first";
+  EXPECT_EQ(read, reader.line_number());
 }
 
 TEST(LineReader, ReadsConcatenatedGzipMembers) {
