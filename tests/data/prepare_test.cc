@@ -183,6 +183,25 @@ TEST(Prepare, HoldsOutAValidationSplitAndRollsShards) {
   ASSERT_GT(summary.train_shards.size(), 3u);
   for (size_t i = 0; i + 1 < summary.train_shards.size(); ++i) EXPECT_GE(summary.train_shards[i].tokens, 4000u);
   for (const auto& s : summary.train_shards) EXPECT_EQ(ShardView(s.path).header().payload_crc32, s.crc32);
+
+  // The loader reads what prepare wrote: every window is a contiguous run of some shard.
+  LoaderConfig loader_config;
+  for (const auto& s : summary.train_shards) loader_config.shards.emplace_back(s.path);
+  loader_config.context = 31;
+  loader_config.batch = 4;
+  DataLoader loader(loader_config);
+  std::string all;
+  for (const auto& s : summary.train_shards) {
+    const ShardView shard(s.path);
+    for (TokenId id : shard.tokens()) all.push_back(static_cast<char>(id == 256 ? '|' : id));
+  }
+  std::vector<TokenId> batch(4 * 32);
+  loader.next_batch(batch);
+  for (int b = 0; b < 4; ++b) {
+    std::string window;
+    for (int i = 0; i < 32; ++i) window.push_back(static_cast<char>(batch[b * 32 + i] == 256 ? '|' : batch[b * 32 + i]));
+    EXPECT_NE(all.find(window), std::string::npos) << window;
+  }
 }
 
 TEST(Prepare, SkipsAndCountsEmptyAndInvalidPairs) {
