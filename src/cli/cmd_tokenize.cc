@@ -7,6 +7,7 @@
 
 #include <fmt/core.h>
 
+#include <algorithm>
 #include <charconv>
 #include <cstdio>
 #include <fstream>
@@ -31,7 +32,7 @@ struct TokenizeConfig {
   bool count = false;
   int threads = 0;
   InvalidUtf8 invalid = InvalidUtf8::error;
-  std::vector<std::string> allowed_special;
+  std::string allowed_special;  // comma-separated, or "all"
   bool verbose = false;
 };
 
@@ -110,7 +111,7 @@ void tokenize_run(const TokenizeConfig& config) {
                "invalid_utf8={} allowed_special={}\n",
                config.encoding, config.input, config.output, config.vocab_dir,
                config.format == IdFormat::u32 ? "u32" : "text", config.decode, config.count, config.threads,
-               config.invalid == InvalidUtf8::replace ? "replace" : "error", fmt::join(config.allowed_special, ","));
+               config.invalid == InvalidUtf8::replace ? "replace" : "error", config.allowed_special);
   Tokenizer tokenizer = Tokenizer::load(config.encoding, config.vocab_dir);
   std::string input = input_read(config.input);
   if (config.decode) {
@@ -120,9 +121,12 @@ void tokenize_run(const TokenizeConfig& config) {
   std::vector<TokenId> ids;
   if (!config.allowed_special.empty()) {
     SpecialTokenPolicy policy;
-    bool all = config.allowed_special.size() == 1 && config.allowed_special[0] == "all";
-    policy.allow_all = all;
-    if (!all) policy.allowed = config.allowed_special;
+    policy.allow_all = config.allowed_special == "all";
+    for (size_t start = 0; !policy.allow_all && start <= config.allowed_special.size();) {
+      size_t comma = std::min(config.allowed_special.find(',', start), config.allowed_special.size());
+      policy.allowed.push_back(config.allowed_special.substr(start, comma - start));
+      start = comma + 1;
+    }
     ids = tokenizer.encode(input, policy, config.invalid);
   } else if (config.threads == 1) {
     ids = tokenizer.encode_ordinary(input, config.invalid);
@@ -148,17 +152,18 @@ void cli_add_tokenize(CLI::App& app) {
                   "Directory of ENCODING.tiktoken and ENCODING.meta.json (default: $FLASHGPT_TOKENIZER_DIR)");
   cmd->add_option("--format", config->format, "Token ids as 'text' (decimal, space-separated) or 'u32' (little-endian)")
       ->transform(CLI::CheckedTransformer(std::map<std::string, IdFormat>{{"text", IdFormat::text}, {"u32", IdFormat::u32}}))
-      ->capture_default_str();
+      ->option_text("text|u32 (default: text)");
   cmd->add_flag("--decode", config->decode, "Read token ids and write the text they stand for");
   cmd->add_flag("--count", config->count, "Print the number of tokens instead of the ids");
   cmd->add_option("--threads", config->threads, "Worker threads (0: all cores)")->capture_default_str();
   cmd->add_option("--invalid-utf8", config->invalid, "Invalid UTF-8 in the input: 'error' or 'replace' (with U+FFFD)")
       ->transform(CLI::CheckedTransformer(
           std::map<std::string, InvalidUtf8>{{"error", InvalidUtf8::error}, {"replace", InvalidUtf8::replace}}))
-      ->capture_default_str();
+      ->option_text("error|replace (default: error)");
   cmd->add_option("--allowed-special", config->allowed_special,
-                  "Special tokens to encode as their ids ('all' for every one); the others are an error, as in "
-                  "tiktoken's encode()");
+                  "Special tokens to encode as their ids, comma-separated ('all' for every one); the others are "
+                  "an error, as in tiktoken's encode()")
+;
   cmd->add_flag("-v,--verbose", config->verbose, "Print the configuration to stderr first");
   cmd->callback([config] { tokenize_run(*config); });
 }

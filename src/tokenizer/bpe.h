@@ -24,32 +24,36 @@ class RankMap {
   // tokens[r] = the bytes of rank r (empty for ranks the file does not have).
   void build(const std::vector<std::string_view>& tokens);
   uint32_t find(const uint8_t* bytes, size_t length) const { return find(bytes, length, hash(bytes, length)); }
-  // With the hash already computed (the caller reuses it for its piece cache).
+  // With the hash already computed (the caller reuses it for its piece cache). A slot keeps
+  // the key's first 8 bytes, so keys up to 8 bytes (most lookups) compare in the slot.
   uint32_t find(const uint8_t* bytes, size_t length, uint64_t h) const {
-    uint32_t tag = static_cast<uint32_t>(h >> 32);
+    uint64_t head = prefix8(bytes, length);
     for (size_t slot = h & mask_;; slot = (slot + 1) & mask_) {
       const Slot& s = slots_[slot];
       if (s.rank == kNoRank) return kNoRank;
-      if (s.tag == tag && tokens_[s.rank].size() == length &&
-          bytes_equal(reinterpret_cast<const uint8_t*>(tokens_[s.rank].data()), bytes, length))
+      if (s.head == head && s.length == length &&
+          (length <= 8 ||
+           bytes_equal(reinterpret_cast<const uint8_t*>(tokens_[s.rank].data()) + 8, bytes + 8, length - 8)))
         return s.rank;
     }
   }
+  // The rank of a two-byte token, from a direct table (the first lookups of every merge).
+  uint32_t find_pair(const uint8_t* p) const { return pair_ranks_[size_t(p[0]) << 8 | p[1]]; }
+  uint32_t find_byte(uint8_t b) const { return byte_ranks_[b]; }
+  // The first min(n, 8) bytes as a little-endian number, zero-padded; in-bounds loads only.
+  static uint64_t prefix8(const uint8_t* p, size_t n) {
+    if (n >= 8) return load64(p);
+    if (n >= 4) return uint64_t(load32(p)) | uint64_t(load32(p + n - 4)) << (8 * (n - 4));
+    if (n == 0) return 0;
+    return uint64_t(p[0]) | uint64_t(p[n / 2]) << (8 * (n / 2)) | uint64_t(p[n - 1]) << (8 * (n - 1));
+  }
   static uint64_t hash(const uint8_t* p, size_t n) {
     uint64_t h = 0x9E3779B97F4A7C15ull ^ (n * 0xFF51AFD7ED558CCDull);
-    if (n >= 8) {
-      size_t i = 0;
-      for (; i + 8 <= n; i += 8) h = mix(h ^ load64(p + i));
-      if (i < n) h = mix(h ^ load64(p + n - 8));  // the tail, overlapping the last full word
-      return h;
-    }
-    uint64_t w;
-    if (n >= 4) {
-      w = uint64_t(load32(p)) << 32 | load32(p + n - 4);
-    } else {
-      w = n == 0 ? 0 : uint64_t(p[0]) << 16 | uint64_t(p[n / 2]) << 8 | p[n - 1];
-    }
-    return mix(h ^ w);
+    if (n <= 8) return mix(h ^ prefix8(p, n));
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) h = mix(h ^ load64(p + i));
+    if (i < n) h = mix(h ^ load64(p + n - 8));  // the tail, overlapping the last full word
+    return h;
   }
   // Equality of short byte strings without a call to memcmp (all loads stay in bounds).
   static bool bytes_equal(const uint8_t* a, const uint8_t* b, size_t n) {
@@ -84,10 +88,13 @@ class RankMap {
     return x;
   }
   struct Slot {
-    uint32_t tag = 0;
+    uint64_t head = 0;  // prefix8 of the key
     uint32_t rank = kNoRank;
+    uint32_t length = 0;
   };
   std::vector<Slot> slots_;
+  std::vector<uint32_t> pair_ranks_;  // 65536 entries
+  uint32_t byte_ranks_[256] = {};
   std::vector<std::string_view> tokens_;
   size_t mask_ = 0;
 };

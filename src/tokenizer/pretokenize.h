@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string_view>
 
@@ -75,7 +76,7 @@ class Pretokenizer {
   };
   static constexpr uint8_t kLetterNumberSpace = unicode::kLetter | unicode::kNumber | unicode::kSpace;
 
-  Char at(size_t i) const {
+  [[gnu::always_inline]] Char at(size_t i) const {
     uint8_t b = s_[i];
     if (b < 0x80) return {table_[b], 1};
     uint32_t cp;
@@ -93,7 +94,8 @@ class Pretokenizer {
   bool is_newline(size_t i) const { return s_[i] == '\r' || s_[i] == '\n'; }
 
   // End of the run of characters having any of `mask`, from i.
-  size_t run(size_t i, uint8_t mask) const {
+  [[gnu::always_inline]] size_t run(size_t i, uint8_t mask) const {
+    if (mask & unicode::kLetter) i = run_ascii_letters(i);
     while (i < n_) {
       if (s_[i] < 0x80) {
         if (!(table_[s_[i]] & mask)) break;
@@ -103,6 +105,23 @@ class Pretokenizer {
       Char c = at(i);
       if (!(c.flags & mask)) break;
       i += c.length;
+    }
+    return i;
+  }
+  // Skips ASCII letters eight at a time (SWAR): with the case bit set, a byte is a letter
+  // when it is in 'a'..'z', i.e. adding 0x1F sets its high bit and adding 0x05 does not.
+  // No byte carries into the next because all are below 0x80.
+  [[gnu::always_inline]] size_t run_ascii_letters(size_t i) const {
+    constexpr uint64_t kHigh = 0x8080808080808080ull, kCase = 0x2020202020202020ull;
+    constexpr uint64_t kFromA = 0x1F1F1F1F1F1F1F1Full, kPastZ = 0x0505050505050505ull;
+    while (i + 8 <= n_) {
+      uint64_t w;
+      std::memcpy(&w, s_ + i, 8);
+      if (w & kHigh) return i;
+      uint64_t x = w | kCase;
+      uint64_t letters = (x + kFromA) & ~(x + kPastZ) & kHigh;
+      if (letters != kHigh) return i + size_t(__builtin_ctzll(~letters & kHigh)) / 8;
+      i += 8;
     }
     return i;
   }

@@ -100,7 +100,7 @@ bool base64_decode(std::string_view in, std::string& out) {
 // words, and a hit costs one hash (already computed for the rank lookup) and one compare.
 // Direct-mapped, one 64-byte entry per slot; it belongs to one tokenizer at a time.
 struct PieceCache {
-  static constexpr size_t kSlots = 1 << 14;
+  static constexpr size_t kSlots = 1 << 15;
   static constexpr size_t kMaxKey = 22;
   static constexpr size_t kMaxIds = 8;
   struct Entry {
@@ -114,13 +114,21 @@ struct PieceCache {
   uint64_t owner = 0;
   std::vector<Entry> entries;
 
+  uint64_t last_use = 0;
+
+  // This thread's cache for tokenizer `uid`: a thread keeps two, so that code alternating
+  // between two tokenizers does not clear one on every call.
   static PieceCache& for_tokenizer(uint64_t uid) {
-    thread_local PieceCache cache;
-    if (cache.owner != uid) {
-      cache.entries.assign(kSlots, Entry{});
-      cache.owner = uid;
+    thread_local PieceCache caches[2];
+    thread_local uint64_t clock = 0;
+    PieceCache* cache = caches[0].owner == uid ? &caches[0] : caches[1].owner == uid ? &caches[1] : nullptr;
+    if (!cache) {
+      cache = caches[0].last_use <= caches[1].last_use ? &caches[0] : &caches[1];
+      cache->entries.assign(kSlots, Entry{});
+      cache->owner = uid;
     }
-    return cache;
+    cache->last_use = ++clock;
+    return *cache;
   }
 };
 

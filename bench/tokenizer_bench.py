@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""flashgpt's tokenizer against tiktoken: same machine, same bytes, one run.
+
+Joins every WMT14 file of ../shared/data/wmt14 (xz, decompressed here) into one text,
+checks that `flashgpt tokenize` gives tiktoken's ids (one thread and all cores), then times:
+  tiktoken encode_ordinary (1 thread) and encode_ordinary_batch (all cores),
+  flashgpt encode_ordinary (1 thread), encode_ordinary_parallel and encode_ordinary_batch
+  (1 thread and all cores), through `flashgpt bench tokenizer`.
+The batch APIs get the same documents on both sides: every 64 lines. Prints a table and
+writes CSV (default results/tokenizer_bench.csv).
+
+  python3 bench/tokenizer_bench.py --flashgpt build/flashgpt [--encodings cl100k_base,o200k_base]
+"""
+import argparse
+import csv
+import json
+import lzma
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from array import array
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def best_seconds(repeat, f):
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def documents_split(text, lines):
+    docs, current = [], []
+    for line in text.split("\n"):
+        current.append(line)
+        if len(current) == lines:
+            docs.append("\n".join(current) + "\n")
+            current = []
+    if current:  # the last line has no newline after it (or is empty)
+        docs.append("\n".join(current))
+    return [d for d in docs if d]
+
+
+def cpu_name():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--flashgpt", default=str(ROOT / "build" / "flashgpt"))
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FLASHGPT_DATA_DIR", ROOT.parent / "shared" / "data")))
+    parser.add_argument("--vocab-dir", type=Path, default=None)
+    parser.add_argument("--encodings", default="cl100k_base")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--csv", type=Path, default=ROOT / "results" / "tokenizer_bench.csv")
+    args = parser.parse_args()
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    vocab_dir = args.vocab_dir or Path(os.environ.get("FLASHGPT_TOKENIZER_DIR", args.data_dir / "tokenizers"))
+    raw = b"".join(lzma.decompress(p.read_bytes()) for p in sorted((args.data_dir / "wmt14").glob("*.xz")))
+    text = raw.decode("utf-8")
+    docs = documents_split(text, 64)
+    assert "".join(docs) == text
+    mb = len(raw) / 1e6
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores; text: {len(raw)} bytes of WMT14 ({len(docs)} documents); "
+          f"tiktoken {tiktoken.__version__}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "wmt14.txt"
+        path.write_bytes(raw)
+        for name in args.encodings.split(","):
+            meta = json.loads((vocab_dir / f"{name}.meta.json").read_text())
+            enc = tiktoken.Encoding(name=name, pat_str=meta["pat_str"], special_tokens=meta["special_tokens"],
+                                    mergeable_ranks=load_tiktoken_bpe(str(vocab_dir / f"{name}.tiktoken")))
+            expected = enc.encode_ordinary(text)
+            for threads in (1, args.threads):
+                out = subprocess.run([args.flashgpt, "tokenize", "-e", name, "--vocab-dir", str(vocab_dir), "--format",
+                                      "u32", "--threads", str(threads), str(path)], check=True, capture_output=True).stdout
+                ids = array("I")
+                ids.frombytes(out)
+                if ids.tolist() != expected:
+                    sys.exit(f"{name}: flashgpt's ids differ from tiktoken's (threads={threads}); not timing")
+            t_single = best_seconds(args.repeat, lambda: enc.encode_ordinary(text))
+            t_batch = best_seconds(args.repeat, lambda: enc.encode_ordinary_batch(docs, num_threads=args.threads))
+            ours = {}
+            for threads in (1, args.threads):
+                run = subprocess.run([args.flashgpt, "bench", "tokenizer", "-e", name, "--vocab-dir", str(vocab_dir),
+                                      "--threads", str(threads), "--repeat", str(args.repeat), str(path)],
+                                     check=True, capture_output=True, text=True)
+                ours[threads] = json.loads(run.stdout)
+            rows.append({
+                "encoding": name, "bytes": len(raw), "tokens": len(expected), "threads": args.threads,
+                "tiktoken_single_mb_s": mb / t_single, "tiktoken_batch_mb_s": mb / t_batch,
+                "flashgpt_single_mb_s": ours[1]["single_mb_s"],
+                "flashgpt_parallel_mb_s": ours[args.threads]["parallel_mb_s"],
+                "flashgpt_batch_1thread_mb_s": ours[1]["batch_mb_s"],
+                "flashgpt_batch_mb_s": ours[args.threads]["batch_mb_s"],
+            })
+    header = (f"{'encoding':12} {'tiktoken 1t':>11} {'flashgpt 1t':>11} {'ratio':>6} | {'tiktoken batch':>14} "
+              f"{'flashgpt batch':>14} {'ratio':>6} {'scaling':>8} | {'flashgpt parallel':>17}   (MB/s, {args.threads} threads)")
+    print(header)
+    for r in rows:
+        print(f"{r['encoding']:12} {r['tiktoken_single_mb_s']:11.1f} {r['flashgpt_single_mb_s']:11.1f} "
+              f"{r['flashgpt_single_mb_s'] / r['tiktoken_single_mb_s']:5.1f}x | {r['tiktoken_batch_mb_s']:14.1f} "
+              f"{r['flashgpt_batch_mb_s']:14.1f} {r['flashgpt_batch_mb_s'] / r['tiktoken_batch_mb_s']:5.1f}x "
+              f"{r['flashgpt_batch_mb_s'] / r['flashgpt_batch_1thread_mb_s']:7.2f}x | {r['flashgpt_parallel_mb_s']:17.1f}")
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0].keys()) + ["machine"])
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({**r, "machine": f"{cpu_name()} x{os.cpu_count()}"})
+    print(f"wrote {args.csv}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+// Unit tests of the tokenizer's parts (sha256, UTF-8, Unicode tables, the two merge
+// methods, loading errors, specials, streaming decode, batch/parallel, linear time). The
+// id-for-id comparison with tiktoken is compare_tiktoken.py.
+#include <flashgpt/error.h>
+#include <flashgpt/tokenizer.h>
+
+#include "common/test_support.h"
+#include "tokenizer/bpe.h"
+#include "tokenizer/sha256.h"
+#include "tokenizer/unicode.h"
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <fstream>
+#include <random>
+
+namespace flashgpt {
+namespace {
+
+std::filesystem::path vocab_dir() {
+  auto dir = testing::tokenizer_dir();
+  if (!dir) throw Error("no tokenizer rank files: set FLASHGPT_TOKENIZER_DIR or provide ../shared/data/tokenizers");
+  return *dir;
+}
+
+const Tokenizer& cl100k() {
+  static Tokenizer tokenizer = Tokenizer::load("cl100k_base", vocab_dir());
+  return tokenizer;
+}
+
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Sha256, KnownVectors) {
+  EXPECT_EQ(sha256_hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+  EXPECT_EQ(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+  EXPECT_EQ(sha256_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
+            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+  EXPECT_EQ(sha256_hex(std::string(1000000, 'a')), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
+}
+
+TEST(Utf8, FindsTheFirstInvalidByte) {
+  EXPECT_EQ(unicode::utf8_find_invalid("plain ascii text, long enough for the fast path"), 47u);
+  EXPECT_EQ(unicode::utf8_find_invalid("h\xC3\xA9llo \xF0\x9F\x99\x82"), 11u);  // valid: size
+  EXPECT_EQ(unicode::utf8_find_invalid("abc\x80"), 3u);
+  EXPECT_EQ(unicode::utf8_find_invalid("ab\xED\xA0\x80"), 2u);   // surrogate
+  EXPECT_EQ(unicode::utf8_find_invalid("\xC0\xAF"), 0u);         // overlong
+  EXPECT_EQ(unicode::utf8_find_invalid("x\xF0\x9F\x99"), 1u);    // truncated at the end
+  EXPECT_EQ(unicode::utf8_find_invalid("x\xF4\x90\x80\x80"), 1u);  // above U+10FFFF
+}
+
+TEST(Utf8, ReplacesMaximalSubparts) {
+  const std::string r = "\xEF\xBF\xBD";
+  EXPECT_EQ(unicode::utf8_replace_invalid("a\x80z"), "a" + r + "z");
+  EXPECT_EQ(unicode::utf8_replace_invalid("a\xE2\x82z"), "a" + r + "z");           // one per truncated sequence
+  EXPECT_EQ(unicode::utf8_replace_invalid("\xED\xA0\x80"), r + r + r);              // surrogates: one per byte
+  EXPECT_EQ(unicode::utf8_replace_invalid("\xF0\x9F\x98"), r);
+  EXPECT_EQ(unicode::utf8_replace_invalid("\xC0\xAF"), r + r);
+}
+
+TEST(Invalid, EncodeNamesTheOffsetOrReplaces) {
+  std::string message = error_of([] { cl100k().encode_ordinary("abc\xFF" "def"); });
+  EXPECT_NE(message.find("byte offset 3"), std::string::npos) << message;
+  auto ids = cl100k().encode_ordinary("abc\xFF" "def", InvalidUtf8::replace);
+  EXPECT_EQ(cl100k().decode(ids), "abc\xEF\xBF\xBD" "def");
+}
+
+TEST(UnicodeTables, FlatTableMatchesRanges) {
+  const uint8_t* table = unicode::unicode_flag_table();
+  for (uint32_t cp = 0; cp < 0x110000; ++cp) ASSERT_EQ(table[cp], unicode::unicode_flags_slow(cp)) << cp;
+  EXPECT_EQ(table['a'], unicode::kLetter | unicode::kLower);
+  EXPECT_EQ(table['A'], unicode::kLetter | unicode::kUpper);
+  EXPECT_EQ(table['7'], unicode::kNumber);
+  EXPECT_EQ(table[' '], unicode::kSpace);
+  EXPECT_EQ(table[0x1C], 0) << "U+001C is not White_Space (Rust's \\s), unlike Python's str.isspace";
+  EXPECT_EQ(table[0x0301], unicode::kMark | unicode::kUpper | unicode::kLower);
+  EXPECT_EQ(table[0x3000], unicode::kSpace);
+}
+
+TEST(Load, ReportsUnknownMissingAndWrongFiles) {
+  EXPECT_NE(error_of([] { Tokenizer::load("no_such_base", vocab_dir()); }).find("unknown encoding"), std::string::npos);
+  auto empty = std::filesystem::temp_directory_path() / "flashgpt_tokenizer_test_empty";
+  std::filesystem::create_directories(empty);
+  ::setenv("FLASHGPT_CACHE_DIR", empty.c_str(), 1);
+  std::string missing = error_of([&] { Tokenizer::load("cl100k_base", empty); });
+  EXPECT_NE(missing.find("missing"), std::string::npos) << missing;
+  EXPECT_NE(missing.find((empty / "cl100k_base.tiktoken").string()), std::string::npos) << missing;
+
+  auto wrong = std::filesystem::temp_directory_path() / "flashgpt_tokenizer_test_wrong";
+  std::filesystem::create_directories(wrong);
+  {
+    std::ifstream in(vocab_dir() / "r50k_base.tiktoken", std::ios::binary);
+    std::string contents((std::istreambuf_iterator<char>(in)), {});
+    contents[10] ^= 1;
+    std::ofstream(wrong / "r50k_base.tiktoken", std::ios::binary) << contents;
+  }
+  std::string bad = error_of([&] { Tokenizer::load("r50k_base", wrong); });
+  EXPECT_NE(bad.find("sha256"), std::string::npos) << bad;
+  EXPECT_NE(bad.find("306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"), std::string::npos) << bad;
+  ::unsetenv("FLASHGPT_CACHE_DIR");
+}
+
+TEST(Load, VocabularySizesAndSpecials) {
+  auto r50k = Tokenizer::load("r50k_base", vocab_dir());
+  auto o200k = Tokenizer::load("o200k_base", vocab_dir());
+  EXPECT_EQ(r50k.vocab_size(), 50257u);
+  EXPECT_EQ(cl100k().vocab_size(), 100277u);
+  EXPECT_EQ(o200k.vocab_size(), 200019u);
+  EXPECT_EQ(r50k.end_of_text(), 50256u);
+  EXPECT_EQ(cl100k().end_of_text(), 100257u);
+  EXPECT_EQ(o200k.end_of_text(), 199999u);
+  EXPECT_EQ(cl100k().special_token("<|fim_middle|>"), 100259u);
+  EXPECT_FALSE(cl100k().special_token("<|nope|>"));
+  EXPECT_EQ(cl100k().decode(std::vector<TokenId>{100257}), "<|endoftext|>");
+  EXPECT_THROW(cl100k().decode(std::vector<TokenId>{100261}), Error);  // a gap in cl100k's ids
+  EXPECT_THROW(cl100k().decode(std::vector<TokenId>{100277}), Error);
+}
+
+TEST(Specials, FollowTiktokenSemantics) {
+  const Tokenizer& t = cl100k();
+  std::string text = "a<|endoftext|>b<|fim_prefix|>";
+  std::string message = error_of([&] { t.encode(text); });
+  EXPECT_NE(message.find("<|endoftext|>"), std::string::npos) << message;
+  auto all = t.encode(text, SpecialTokenPolicy{.allow_all = true, .allowed = {}});
+  EXPECT_EQ(std::count(all.begin(), all.end(), 100257u), 1);
+  EXPECT_EQ(all.back(), 100258u);
+  // Allowing one: the other is still disallowed (tiktoken's disallowed_special="all").
+  message = error_of([&] { t.encode(text, SpecialTokenPolicy{.allowed = {"<|endoftext|>"}}); });
+  EXPECT_NE(message.find("<|fim_prefix|>"), std::string::npos) << message;
+  // Not disallowed: encoded as ordinary text.
+  auto plain = t.encode(text, SpecialTokenPolicy{.allowed = {"<|endoftext|>"}, .disallow_all_others = false});
+  std::vector<TokenId> expected = t.encode_ordinary("a");
+  expected.push_back(100257);
+  auto rest = t.encode_ordinary("b<|fim_prefix|>");
+  expected.insert(expected.end(), rest.begin(), rest.end());
+  EXPECT_EQ(plain, expected);
+}
+
+TEST(Bpe, HeapMergesExactlyLikeTheScan) {
+  const Tokenizer& t = cl100k();
+  // A RankMap over the same tokens, to call both merge methods directly.
+  std::vector<std::string_view> tokens;
+  for (TokenId id = 0; id < 100256; ++id) tokens.push_back(t.token_bytes(id));
+  RankMap ranks;
+  ranks.build(tokens);
+  std::mt19937 rng(42);
+  const std::string alphabets[] = {"abcdefghijklmnopqrstuvwxyz", "aeiou", "ab", "a", " \n\t.,'0123456789e",
+                                   "\xC3\xA9\xE4\xB8\x96\xF0\x9F\x99\x82"};
+  for (int trial = 0; trial < 400; ++trial) {
+    const std::string& alphabet = alphabets[trial % 6];
+    size_t length = 2 + rng() % (trial < 300 ? 60 : 3000);
+    std::string piece;
+    for (size_t i = 0; i < length; ++i) piece += alphabet[rng() % alphabet.size()];
+    std::vector<TokenId> scan, heap;
+    bpe_encode_piece(ranks, piece, scan, BpeMethod::scan);
+    bpe_encode_piece(ranks, piece, heap, BpeMethod::heap);
+    ASSERT_EQ(scan, heap) << "piece: " << piece;
+    ASSERT_EQ(t.decode(heap), piece);
+  }
+}
+
+TEST(Bpe, LongPiecesTakeLinearishTime) {
+  const Tokenizer& t = cl100k();
+  std::mt19937 rng(7);
+  std::string same(50000, 'a'), random_letters;
+  for (int i = 0; i < 50000; ++i) random_letters += char('a' + rng() % 26);
+  for (const std::string* text : {&same, &random_letters}) {
+    auto t0 = std::chrono::steady_clock::now();
+    auto ids = t.encode_ordinary(*text);
+    double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    EXPECT_EQ(t.decode(ids), *text);
+    // tiktoken's O(n^2) merge takes many seconds here; ours takes milliseconds (seconds
+    // under the sanitizers at most).
+    EXPECT_LT(seconds, 5.0);
+  }
+}
+
+TEST(StreamingDecoder, HoldsBackIncompleteCharacters) {
+  const Tokenizer& t = cl100k();
+  // Single-byte tokens of a 4-byte emoji: nothing comes out until the last byte.
+  std::string emoji = "\xF0\x9F\x99\x82";
+  std::vector<TokenId> bytes;
+  for (char c : emoji) {
+    for (TokenId id = 0; id < 100256; ++id) {
+      if (t.token_bytes(id) == std::string_view(&c, 1)) {
+        bytes.push_back(id);
+        break;
+      }
+    }
+  }
+  ASSERT_EQ(bytes.size(), 4u);
+  StreamingDecoder decoder(t);
+  EXPECT_EQ(decoder.push(bytes[0]), "");
+  EXPECT_EQ(decoder.push(bytes[1]), "");
+  EXPECT_EQ(decoder.push(bytes[2]), "");
+  EXPECT_EQ(decoder.push(bytes[3]), emoji);
+  // An incomplete tail at the end becomes U+FFFD; a byte that cannot start a character
+  // is replaced at once.
+  EXPECT_EQ(decoder.push(bytes[0]), "");
+  EXPECT_EQ(decoder.finish(), "\xEF\xBF\xBD");
+  EXPECT_EQ(decoder.push(bytes[2]), "\xEF\xBF\xBD");
+  // Token by token over mixed text: every chunk is valid UTF-8, and they add up.
+  std::string text = "h\xC3\xA9llo \xF0\x9F\x91\xA8\xE2\x80\x8D\xF0\x9F\x91\xA9 \xE4\xB8\x96\xE7\x95\x8C!";
+  StreamingDecoder stream(t);
+  std::string joined;
+  for (TokenId id : t.encode_ordinary(text)) {
+    std::string chunk = stream.push(id);
+    EXPECT_EQ(unicode::utf8_find_invalid(chunk), chunk.size());
+    joined += chunk;
+  }
+  joined += stream.finish();
+  EXPECT_EQ(joined, text);
+}
+
+TEST(Parallel, BatchAndParallelMatchSingleThread) {
+  const Tokenizer& t = cl100k();
+  std::mt19937 rng(3);
+  const char* words[] = {"the ", "cat's ", "Größe ", "\n", "\r\n", "  ", "123456 ", "naïve\n", "\xF0\x9F\x99\x82 ", "x"};
+  std::string big;
+  while (big.size() < 600000) big += words[rng() % 10];
+  auto single = t.encode_ordinary(big);
+  for (int threads : {1, 2, 3, 8}) EXPECT_EQ(t.encode_ordinary_parallel(big, threads), single) << threads;
+  std::vector<std::string> docs;
+  for (size_t i = 0; i < big.size();) {  // documents of ~5000 bytes, cut after a newline
+    size_t end = big.find('\n', i + 5000);
+    end = end == std::string::npos ? big.size() : end + 1;
+    docs.push_back(big.substr(i, end - i));
+    i = end;
+  }
+  std::vector<std::string_view> views(docs.begin(), docs.end());
+  auto one = t.encode_ordinary_batch(views, 1);
+  auto many = t.encode_ordinary_batch(views, 4);
+  ASSERT_EQ(one.size(), docs.size());
+  EXPECT_EQ(one, many);
+  for (size_t i = 0; i < docs.size(); i += 17) EXPECT_EQ(one[i], t.encode_ordinary(docs[i]));
+}
+
+}  // namespace
+}  // namespace flashgpt
