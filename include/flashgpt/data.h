@@ -403,6 +403,6 @@ void archive_unpack(const std::filesystem::path& archive, const std::filesystem:
 std::string md5_hex_file(const std::filesystem::path& path);
 std::string sha256_hex_file(const std::filesystem::path& path);
 std::string md5_hex(std::string_view bytes);
-std::string sha256_hex(std::string_view bytes);
+std::string sha256_hex(std::string_view bytes);  // defined by the tokenizer (src/tokenizer/sha256.cc)
 
 }  // namespace flashgpt

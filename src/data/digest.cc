@@ -1,5 +1,6 @@
-// MD5 (RFC 1321) and SHA-256 (FIPS 180-4), for verifying downloads without a crypto
-// library. MD5 is here only because the published WMT checksums are MD5; it guards
+// MD5 (RFC 1321) and streaming SHA-256 (FIPS 180-4) of files, for verifying downloads
+// without a crypto library (sha256_hex of a string is the tokenizer's, src/tokenizer/
+// sha256.cc; the tests check that both agree). MD5 is here only because the published WMT checksums are MD5; it guards
 // against corruption, not tampering (the recorded sha256 does that better).
 #include <flashgpt/data.h>
 #include <flashgpt/error.h>
@@ -167,7 +168,6 @@ std::string hash_file(const std::filesystem::path& path, bool big_endian_length)
 }  // namespace
 
 std::string md5_hex(std::string_view bytes) { return hash_bytes<Md5>(bytes, false); }
-std::string sha256_hex(std::string_view bytes) { return hash_bytes<Sha256>(bytes, true); }
 std::string md5_hex_file(const std::filesystem::path& path) { return hash_file<Md5>(path, false); }
 std::string sha256_hex_file(const std::filesystem::path& path) { return hash_file<Sha256>(path, true); }
 

@@ -120,6 +120,7 @@ ShardWriter::~ShardWriter() = default;
 void ShardWriter::append(std::span<const TokenId> tokens) {
   auto& s = *impl_;
   FLASHGPT_CHECK(!s.finished, "{}: append after finish", s.path.string());
+  if (tokens.empty()) return;  // an empty span may have a null data(), which fwrite must not get
   for (TokenId id : tokens) {
     FLASHGPT_CHECK(id < s.header.vocab_size, "{}: token id {} is not below the vocabulary size {}", s.path.string(),
                    id, s.header.vocab_size);
