@@ -111,7 +111,8 @@ struct ReadStats {
 // SGM segments are whitespace-normalised as sacrebleu does.
 class PairReader {
  public:
-  explicit PairReader(const PairSource& source, BadLinePolicy policy = BadLinePolicy::skip);
+  explicit PairReader(const PairSource& source, BadLinePolicy policy = BadLinePolicy::skip,
+                      Prefetch prefetch = Prefetch::yes);
   PairReader(PairReader&&) noexcept;
   PairReader& operator=(PairReader&&) noexcept;
   ~PairReader();
@@ -239,6 +240,7 @@ struct PrepareConfig {
   uint64_t shard_tokens = 100'000'000;           // tokens per shard (the last one is shorter)
   BadLinePolicy bad_lines = BadLinePolicy::skip;
   size_t batch_documents = 16384;                // documents tokenized per batch
+  Prefetch prefetch = Prefetch::yes;             // decode input files on their own threads
   bool progress = true;                          // progress lines on stderr
 };
 

@@ -29,6 +29,7 @@ struct BenchDataConfig {
   std::string out = "results/bench_data.json";
   int threads = 0;
   int repeat = 1;
+  bool no_prefetch = false;
 };
 
 void run_bench_data(const BenchDataConfig& o) {
@@ -49,11 +50,12 @@ void run_bench_data(const BenchDataConfig& o) {
   config.out_dir = o.work;
   config.threads = o.threads;
   config.progress = false;
+  config.prefetch = o.no_prefetch ? Prefetch::no : Prefetch::yes;
   std::vector<std::string> names;
   for (const auto& p : config.pairs) names.push_back(p.name());
   const unsigned cores = std::thread::hardware_concurrency();
-  fmt::print(stderr, "bench data: inputs=[{}] encoding={} threads={} (cores: {}) repeat={} work={} out={}\n",
-             fmt::join(names, ","), o.encoding, o.threads, cores, o.repeat, o.work, o.out);
+  fmt::print(stderr, "bench data: inputs=[{}] encoding={} threads={} (cores: {}) repeat={} prefetch={} work={} out={}\n",
+             fmt::join(names, ","), o.encoding, o.threads, cores, o.repeat, !o.no_prefetch, o.work, o.out);
   std::filesystem::path vocab = o.tokenizer_dir;
   if (vocab.empty() && !std::getenv("FLASHGPT_TOKENIZER_DIR")) vocab = data / "tokenizers";
   const Tokenizer tokenizer = Tokenizer::load(o.encoding, vocab);
@@ -93,6 +95,7 @@ void run_bench_data(const BenchDataConfig& o) {
   nlohmann::ordered_json result;
   result["cores"] = cores;
   result["threads"] = o.threads;
+  result["prefetch"] = !o.no_prefetch;
   result["encoding"] = o.encoding;
   result["inputs"] = names;
   result["best_mb_per_second"] = mb / total;
@@ -114,6 +117,7 @@ void cli_add_bench_data(CLI::App& bench) {
   cmd->add_option("--tokenizer-dir", config->tokenizer_dir, "Rank files (default: DATA/tokenizers)");
   cmd->add_option("--threads", config->threads, "Tokenizer threads (0: all cores)")->capture_default_str();
   cmd->add_option("--repeat", config->repeat, "Runs; the fastest is reported")->capture_default_str();
+  cmd->add_flag("--no-prefetch", config->no_prefetch, "Decode the input files on the reading thread (the old way)");
   cmd->add_option("--work", config->work, "Where the shards go")->capture_default_str();
   cmd->add_option("--out", config->out, "Result JSON")->capture_default_str();
   cmd->callback([config] { run_bench_data(*config); });

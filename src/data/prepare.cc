@@ -400,7 +400,7 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
     Pipeline pipeline(config, encoder, summary);
     for (const auto& source : config.pairs) {
       PrepareSummary::Corpus corpus{source.name(), 0, 0, {}};
-      PairReader reader(source, config.bad_lines);
+      PairReader reader(source, config.bad_lines, config.prefetch);
       TextPair pair;
       while (reader.next(pair)) {
         pipeline.pending_bytes = reader.stats().bytes;
@@ -441,7 +441,7 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
       const DocKind kind = mono_language(path);
       const uint8_t test_flag = kind == DocKind::en ? kTestEn : kTestFr, dev_flag = kind == DocKind::en ? kDevEn : kDevFr;
       PrepareSummary::Corpus corpus{path.filename().string(), 0, 0, {}};
-      LineReader reader(path, Prefetch::yes);
+      LineReader reader(path, config.prefetch);
       std::string line;
       while (reader.next(line)) {
         ++corpus.read;

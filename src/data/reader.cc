@@ -480,12 +480,13 @@ struct PairReader::Impl {
   }
 };
 
-PairReader::PairReader(const PairSource& source, BadLinePolicy policy) : impl_(std::make_unique<Impl>()) {
+PairReader::PairReader(const PairSource& source, BadLinePolicy policy, Prefetch prefetch)
+    : impl_(std::make_unique<Impl>()) {
   impl_->source = source;
   impl_->policy = policy;
   // Two files decode in parallel, each on its own thread, ahead of the caller.
-  impl_->en.emplace(source.en, Prefetch::yes);
-  if (source.format != PairFormat::tsv) impl_->fr.emplace(source.fr, Prefetch::yes);
+  impl_->en.emplace(source.en, prefetch);
+  if (source.format != PairFormat::tsv) impl_->fr.emplace(source.fr, prefetch);
 }
 
 PairReader::PairReader(PairReader&&) noexcept = default;
