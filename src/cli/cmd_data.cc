@@ -59,7 +59,7 @@ struct AnalyzeOptions {
 std::string data_dir_or_default(const std::string& given) {
   if (!given.empty()) return given;
   const auto dir = data_dir_default();
-  FLASHGPT_CHECK(!dir.empty(), "no data directory: pass --data-dir or set FLASHGPT_DATA_DIR");
+  FLASHGPT_CHECK(!dir.empty(), "no data directory: pass --data-dir (with --pairs: --eval-dir) or set FLASHGPT_DATA_DIR");
   return dir.string();
 }
 
@@ -233,7 +233,7 @@ void cli_add_data(CLI::App& app) {
   p->add_option("--eval-dir", prepare->eval_dir, "Where newstest2012/13/14 are (default: DATA/wmt14)");
   p->add_option("--out", prepare->out, "Output directory")->capture_default_str();
   p->add_option("--encoding", prepare->encoding, "Tokenizer encoding")->capture_default_str();
-  p->add_option("--tokenizer-dir", prepare->tokenizer_dir, "Rank files (default: FLASHGPT_TOKENIZER_DIR)");
+  p->add_option("--tokenizer-dir", prepare->tokenizer_dir, "Rank files (default: FLASHGPT_TOKENIZER_DIR, else DATA/tokenizers)");
   p->add_option("--seed", prepare->seed, "Seed of every random choice")->capture_default_str();
   p->add_option("--threads", prepare->threads, "Tokenizer threads (0: all cores)")->capture_default_str();
   p->add_option("--bilingual-rate", prepare->bilingual_rate,
@@ -259,7 +259,7 @@ void cli_add_data(CLI::App& app) {
   a->add_option("--json", analyze->json, "Write {texts,total,counts} here");
   a->add_option("--plot", analyze->plot, "Bar chart PNG (python3 + matplotlib)");
   a->add_option("--encoding", analyze->encoding, "Encoding of --dataset")->capture_default_str();
-  a->add_option("--tokenizer-dir", analyze->tokenizer_dir, "Rank files (default: FLASHGPT_TOKENIZER_DIR)");
+  a->add_option("--tokenizer-dir", analyze->tokenizer_dir, "Rank files (default: FLASHGPT_TOKENIZER_DIR, else DATA/tokenizers)");
   a->callback([analyze] { run_analyze(*analyze); });
 }
 
