@@ -51,6 +51,8 @@ void utf8_append(std::string& out, char32_t c);
 // Readers.
 
 enum class Compression { none, gzip, xz };
+// Whether this build can read it (zlib and liblzma are optional build dependencies).
+bool compression_supported(Compression compression);
 // What to do with a line (or pair) that is not valid UTF-8 or not well formed.
 enum class BadLinePolicy { skip, fail };
 

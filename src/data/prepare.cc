@@ -394,6 +394,7 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
     for (const char* prefix : {"train", "val"}) {
       for (const auto& shard : shard_list(config.out_dir, prefix)) std::filesystem::remove(shard);
     }
+    std::filesystem::remove(config.out_dir / "summary.json");
   };
   remove_shards();  // a previous run's extra shards would be mixed in
   try {

@@ -41,6 +41,19 @@ std::string strip_compression_suffix(const std::string& name, std::string* suffi
 
 }  // namespace
 
+bool compression_supported(Compression compression) {
+  switch (compression) {
+    case Compression::none: return true;
+#ifdef FLASHGPT_HAVE_ZLIB
+    case Compression::gzip: return true;
+#endif
+#ifdef FLASHGPT_HAVE_LZMA
+    case Compression::xz: return true;
+#endif
+    default: return false;
+  }
+}
+
 struct LineReader::Impl {
   std::filesystem::path path;
   FILE* file = nullptr;

@@ -2,6 +2,8 @@
 // written from strings (compressed with the gzip/xz command-line tools).
 #pragma once
 
+#include <flashgpt/data.h>
+
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -42,6 +44,14 @@ inline std::string read_file_bytes(const std::filesystem::path& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
+
+// Skips the current test when this build cannot read gzip or xz (zlib and liblzma are
+// optional: the GPU machine has no liblzma).
+#define FLASHGPT_REQUIRE_COMPRESSION(kind)                                                          \
+  do {                                                                                              \
+    if (!::flashgpt::compression_supported(::flashgpt::Compression::kind))                          \
+      GTEST_SKIP() << "this build cannot read " #kind " (built without its library)";              \
+  } while (0)
 
 // Writes `bytes` to PATH (PATH must end in .gz or .xz) compressed with gzip or xz.
 inline std::filesystem::path write_compressed(const std::filesystem::path& path, const std::string& bytes) {

@@ -3,6 +3,9 @@
 
 #include <gtest/gtest.h>
 
+#include <functional>
+#include <tuple>
+
 #include "common/test_support.h"
 #include "data/fixtures.h"
 
@@ -45,6 +48,8 @@ TEST(LineReader, PlainTextLinesEndingsAndLastLine) {
 }
 
 TEST(LineReader, GzipAndXzGiveTheSameLinesAsPlainText) {
+  FLASHGPT_REQUIRE_COMPRESSION(gzip);
+  FLASHGPT_REQUIRE_COMPRESSION(xz);
   TempDir dir;
   const std::string text = many_lines(50'000);  // several output buffers
   const auto plain = read_all(write_file(dir / "p.txt", text));
@@ -58,6 +63,7 @@ TEST(LineReader, GzipAndXzGiveTheSameLinesAsPlainText) {
 }
 
 TEST(LineReader, PrefetchGivesTheSameLinesAndTheSameErrors) {
+  FLASHGPT_REQUIRE_COMPRESSION(xz);
   TempDir dir;
   const std::string text = many_lines(30'000) + "last line without newline";
   const auto path = write_compressed(dir / "p.txt.xz", text);
@@ -84,6 +90,7 @@ TEST(LineReader, PrefetchGivesTheSameLinesAndTheSameErrors) {
 }
 
 TEST(LineReader, ReadsConcatenatedGzipMembers) {
+  FLASHGPT_REQUIRE_COMPRESSION(gzip);
   TempDir dir;
   const auto a = testing::read_file_bytes(write_compressed(dir / "a.gz", "first\nsecond\n"));
   const auto b = testing::read_file_bytes(write_compressed(dir / "b.gz", "third\n"));
@@ -91,6 +98,8 @@ TEST(LineReader, ReadsConcatenatedGzipMembers) {
 }
 
 TEST(LineReader, TruncatedArchivesAreErrors) {
+  FLASHGPT_REQUIRE_COMPRESSION(gzip);
+  FLASHGPT_REQUIRE_COMPRESSION(xz);
   TempDir dir;
   const std::string text = many_lines(20'000);
   for (const char* name : {"t.txt.gz", "t.txt.xz"}) {
@@ -103,6 +112,8 @@ TEST(LineReader, TruncatedArchivesAreErrors) {
 }
 
 TEST(LineReader, CorruptArchivesAreErrors) {
+  FLASHGPT_REQUIRE_COMPRESSION(gzip);
+  FLASHGPT_REQUIRE_COMPRESSION(xz);
   TempDir dir;
   const std::string text = many_lines(20'000);
   for (const char* name : {"c.txt.gz", "c.txt.xz"}) {
@@ -114,12 +125,26 @@ TEST(LineReader, CorruptArchivesAreErrors) {
   }
 }
 
+TEST(LineReader, CompressedFilesWithoutTheirLibraryAreClearErrors) {
+  TempDir dir;
+  const std::string xz_magic("\xFD" "7zXZ\0", 6), gzip_magic("\x1F\x8B\x08\x00", 4);
+  for (const auto& [kind, magic, package] : {std::tuple{Compression::xz, xz_magic, "liblzma-dev"},
+                                             std::tuple{Compression::gzip, gzip_magic, "zlib1g-dev"}}) {
+    if (compression_supported(kind)) continue;
+    const auto path = write_file(dir / "f", magic + "rest");
+    const std::string message = error_of([&] { read_all(path); });
+    EXPECT_NE(message.find(package), std::string::npos) << message;
+  }
+}
+
 TEST(LineReader, MissingFileNamesIt) {
   const std::string message = error_of([] { LineReader("/nonexistent/corpus.en"); });
   EXPECT_NE(message.find("/nonexistent/corpus.en"), std::string::npos) << message;
 }
 
 TEST(PairReader, AlignedFilesInAnyCompression) {
+  FLASHGPT_REQUIRE_COMPRESSION(gzip);
+  FLASHGPT_REQUIRE_COMPRESSION(xz);
   TempDir dir;
   write_compressed(dir / "c.en.xz", "Hello\nThank you\n");
   write_compressed(dir / "c.fr.gz", "Bonjour\nMerci\n");
@@ -174,6 +199,7 @@ TEST(PairReader, InvalidUtf8IsSkippedAndCountedOrFailsByPolicy) {
 }
 
 TEST(PairReader, TabSeparatedPairs) {
+  FLASHGPT_REQUIRE_COMPRESSION(gzip);
   TempDir dir;
   write_compressed(dir / "p.tsv.gz", "Hello\tBonjour\nno tab here\nYes\tOui\textra\n");
   const PairSource source = pair_source_from_path(dir / "p.tsv.gz");
@@ -227,6 +253,7 @@ TEST(PairReader, UnknownNamesAreClearErrors) {
 // The shared newstest2014 files, read through the xz reader, match the sha256 recorded
 // in their SOURCES.md (of the decompressed bytes).
 TEST(SharedData, Newstest2014MatchesItsPublishedChecksums) {
+  FLASHGPT_REQUIRE_COMPRESSION(xz);
   const auto data = testing::shared_data_dir();
   if (!data) GTEST_SKIP() << "no shared data (set FLASHGPT_DATA_DIR)";
   PairReader reader(pair_source_from_path(*data / "wmt14" / "newstest2014.fr-en.en.xz"), BadLinePolicy::fail);
@@ -242,6 +269,7 @@ TEST(SharedData, Newstest2014MatchesItsPublishedChecksums) {
 }
 
 TEST(SharedData, EuroparlHeadKeepsItsEmptyLines) {
+  FLASHGPT_REQUIRE_COMPRESSION(xz);
   const auto data = testing::shared_data_dir();
   if (!data) GTEST_SKIP() << "no shared data (set FLASHGPT_DATA_DIR)";
   PairReader reader(pair_source_from_path(*data / "wmt14" / "train.europarl-v7-head3k.fr-en.en.xz"));
