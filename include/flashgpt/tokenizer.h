@@ -45,7 +45,8 @@ class Tokenizer {
   std::vector<TokenId> encode(std::string_view text, const SpecialTokenPolicy& policy = {},
                               InvalidUtf8 invalid = InvalidUtf8::error) const;
   // encode_ordinary over many documents on `threads` workers (0: all cores); the result
-  // is in input order and independent of the thread count.
+  // is in input order and independent of the thread count. A document that is not valid
+  // UTF-8 is an error naming its index.
   std::vector<std::vector<TokenId>> encode_ordinary_batch(std::span<const std::string_view> texts,
                                                           int threads = 0) const;
   // encode_ordinary of one large text on `threads` workers (0: all cores), cut where a piece
@@ -72,7 +73,9 @@ class Tokenizer {
 class StreamingDecoder {
  public:
   explicit StreamingDecoder(const Tokenizer& tokenizer);
-  std::string push(TokenId token);  // the newly completed text, possibly empty
+  // The newly completed text, possibly empty. Bytes that no later token can complete into a
+  // character (a stray continuation byte, an impossible sequence) come out as U+FFFD at once.
+  std::string push(TokenId token);
   std::string finish();             // whatever is held back, invalid bytes as U+FFFD
 
  private:

@@ -40,15 +40,38 @@ void sha256_block(std::array<uint32_t, 8>& state, const uint8_t* block) {
   state[4] += e, state[5] += f, state[6] += g, state[7] += h;
 }
 
-}  // namespace
+uint32_t rotl(uint32_t x, int n) { return (x << n) | (x >> (32 - n)); }
 
-std::string sha256_hex(std::string_view data) {
-  std::array<uint32_t, 8> state = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
-                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+void sha1_block(std::array<uint32_t, 5>& state, const uint8_t* block) {
+  uint32_t w[80];
+  for (int i = 0; i < 16; ++i)
+    w[i] = uint32_t(block[4 * i]) << 24 | uint32_t(block[4 * i + 1]) << 16 | uint32_t(block[4 * i + 2]) << 8 |
+           uint32_t(block[4 * i + 3]);
+  for (int i = 16; i < 80; ++i) w[i] = rotl(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+  uint32_t a = state[0], b = state[1], c = state[2], d = state[3], e = state[4];
+  for (int i = 0; i < 80; ++i) {
+    uint32_t f, k;
+    if (i < 20) {
+      f = (b & c) | (~b & d), k = 0x5A827999;
+    } else if (i < 40) {
+      f = b ^ c ^ d, k = 0x6ED9EBA1;
+    } else if (i < 60) {
+      f = (b & c) | (b & d) | (c & d), k = 0x8F1BBCDC;
+    } else {
+      f = b ^ c ^ d, k = 0xCA62C1D6;
+    }
+    uint32_t t = rotl(a, 5) + f + e + k + w[i];
+    e = d, d = c, c = rotl(b, 30), b = a, a = t;
+  }
+  state[0] += a, state[1] += b, state[2] += c, state[3] += d, state[4] += e;
+}
+
+// Both hashes pad alike: 0x80, zeros, the 64-bit big-endian bit length.
+template <class State, class Block>
+void hash_blocks(State& state, std::string_view data, Block block) {
   const auto* bytes = reinterpret_cast<const uint8_t*>(data.data());
   size_t full = data.size() / 64 * 64;
-  for (size_t i = 0; i < full; i += 64) sha256_block(state, bytes + i);
-  // The tail, the 0x80 terminator and the 64-bit big-endian bit length, in one or two blocks.
+  for (size_t i = 0; i < full; i += 64) block(state, bytes + i);
   uint8_t tail[128] = {};
   size_t rest = data.size() - full;
   for (size_t i = 0; i < rest; ++i) tail[i] = bytes[full + i];
@@ -56,12 +79,31 @@ std::string sha256_hex(std::string_view data) {
   size_t tail_size = rest + 9 <= 64 ? 64 : 128;
   uint64_t bits = uint64_t(data.size()) * 8;
   for (int i = 0; i < 8; ++i) tail[tail_size - 1 - i] = uint8_t(bits >> (8 * i));
-  for (size_t i = 0; i < tail_size; i += 64) sha256_block(state, tail + i);
+  for (size_t i = 0; i < tail_size; i += 64) block(state, tail + i);
+}
+
+template <class State>
+std::string words_hex(const State& state) {
   static constexpr char kHex[] = "0123456789abcdef";
   std::string hex;
   for (uint32_t word : state)
     for (int shift = 28; shift >= 0; shift -= 4) hex += kHex[(word >> shift) & 0xF];
   return hex;
+}
+
+}  // namespace
+
+std::string sha1_hex(std::string_view data) {
+  std::array<uint32_t, 5> state = {0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0};
+  hash_blocks(state, data, sha1_block);
+  return words_hex(state);
+}
+
+std::string sha256_hex(std::string_view data) {
+  std::array<uint32_t, 8> state = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a,
+                                   0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+  hash_blocks(state, data, sha256_block);
+  return words_hex(state);
 }
 
 }  // namespace flashgpt

@@ -85,8 +85,7 @@ std::filesystem::path vocab_dir_resolve(const std::filesystem::path& vocab_dir) 
 }
 
 std::filesystem::path vocab_cache_dir() {
-  for (const char* var : {"FLASHGPT_CACHE_DIR", "TIKTOKEN_CACHE_DIR"})
-    if (const char* env = std::getenv(var); env && *env) return env;
+  if (const char* env = std::getenv("FLASHGPT_CACHE_DIR"); env && *env) return env;
   if (const char* xdg = std::getenv("XDG_CACHE_HOME"); xdg && *xdg)
     return std::filesystem::path(xdg) / "flashgpt" / "tokenizers";
   if (const char* home = std::getenv("HOME"); home && *home)
@@ -115,9 +114,28 @@ std::string vocab_rank_file_read(std::string_view name, const std::filesystem::p
     rank_file_verify(*known, *contents, cached);
     return std::move(*contents);
   }
+  // tiktoken's own download cache names the file by the sha1 of its URL.
+  std::filesystem::path tiktoken_dir;
+  if (const char* env = std::getenv("TIKTOKEN_CACHE_DIR"); env && *env) {
+    tiktoken_dir = env;
+  } else if (const char* gym = std::getenv("DATA_GYM_CACHE_DIR"); gym && *gym) {
+    tiktoken_dir = gym;
+  } else {
+    std::error_code ec;
+    tiktoken_dir = std::filesystem::temp_directory_path(ec) / "data-gym-cache";
+  }
+  looked.push_back(tiktoken_dir / sha1_hex(known->url));
+  if (auto contents = file_read(looked.back())) {
+    rank_file_verify(*known, *contents, looked.back());
+    return std::move(*contents);
+  }
   std::string where;
   for (const auto& path : looked) where += fmt::format("\n  {}", path.string());
 #ifdef FLASHGPT_WITH_CURL
+  const char* offline = std::getenv("FLASHGPT_OFFLINE");
+  FLASHGPT_CHECK(!offline || !*offline || std::string_view(offline) == "0",
+                 "the {} rank file is missing; looked in:{}\nand FLASHGPT_OFFLINE is set, so {} was not downloaded", name,
+                 where, known->url);
   std::string why;
   if (auto body = url_download(known->url, &why)) {
     rank_file_verify(*known, *body, known->url);

@@ -69,9 +69,22 @@ def main():
         check([int(x) for x in sp.stdout.split()] == enc.encode("a<|endoftext|>", allowed_special="all"),
               "--allowed-special all")
         missing = subprocess.run([args.flashgpt, "tokenize", "-e", name, "--vocab-dir", tmp, "-"], input=b"x",
-                                 capture_output=True, env={**os.environ, "FLASHGPT_CACHE_DIR": tmp})
+                                 capture_output=True, env={**os.environ, "FLASHGPT_CACHE_DIR": tmp, "TIKTOKEN_CACHE_DIR": tmp,
+                                                                "FLASHGPT_OFFLINE": "1"})
         check(missing.returncode != 0 and b"missing" in missing.stderr and tmp.encode() in missing.stderr,
               "missing rank file: error naming where it looked")
+        # No vocab dir, nothing in our cache: tiktoken's download cache (file named sha1(url)).
+        import hashlib
+        url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+        cache = Path(tmp) / "tiktoken-cache"
+        cache.mkdir()
+        (cache / hashlib.sha1(url.encode()).hexdigest()).symlink_to((vocab / f"{name}.tiktoken").resolve())
+        env = {k: v for k, v in os.environ.items() if k != "FLASHGPT_TOKENIZER_DIR"}
+        env.update(FLASHGPT_CACHE_DIR=str(Path(tmp) / "empty"), TIKTOKEN_CACHE_DIR=str(cache))
+        cached = subprocess.run([args.flashgpt, "tokenize", "-e", name, "-"], input=b"hello world",
+                                capture_output=True, env=env)
+        check(cached.returncode == 0 and cached.stdout.split() == [b"15339", b"1917"],
+              "rank file found in tiktoken's cache (TIKTOKEN_CACHE_DIR/sha1(url))")
     print("OK" if not failures else f"{len(failures)} FAILURES")
     return 1 if failures else 0
 

@@ -47,6 +47,13 @@ TEST(Sha256, KnownVectors) {
   EXPECT_EQ(sha256_hex(std::string(1000000, 'a')), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
 }
 
+TEST(Sha1, KnownVectors) {
+  EXPECT_EQ(sha1_hex(""), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
+  EXPECT_EQ(sha1_hex("abc"), "a9993e364706816aba3e25717850c26c9cd0d89d");
+  EXPECT_EQ(sha1_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
+            "84983e441c3bd26ebaae4aa1f95129e5e54670f1");
+}
+
 TEST(Utf8, FindsTheFirstInvalidByte) {
   EXPECT_EQ(unicode::utf8_find_invalid("plain ascii text, long enough for the fast path"), 47u);
   EXPECT_EQ(unicode::utf8_find_invalid("h\xC3\xA9llo \xF0\x9F\x99\x82"), 11u);  // valid: size
@@ -90,6 +97,8 @@ TEST(Load, ReportsUnknownMissingAndWrongFiles) {
   auto empty = std::filesystem::temp_directory_path() / "flashgpt_tokenizer_test_empty";
   std::filesystem::create_directories(empty);
   ::setenv("FLASHGPT_CACHE_DIR", empty.c_str(), 1);
+  ::setenv("TIKTOKEN_CACHE_DIR", empty.c_str(), 1);
+  ::setenv("FLASHGPT_OFFLINE", "1", 1);  // CI has network: the file must stay missing
   std::string missing = error_of([&] { Tokenizer::load("cl100k_base", empty); });
   EXPECT_NE(missing.find("missing"), std::string::npos) << missing;
   EXPECT_NE(missing.find((empty / "cl100k_base.tiktoken").string()), std::string::npos) << missing;
@@ -106,6 +115,8 @@ TEST(Load, ReportsUnknownMissingAndWrongFiles) {
   EXPECT_NE(bad.find("sha256"), std::string::npos) << bad;
   EXPECT_NE(bad.find("306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"), std::string::npos) << bad;
   ::unsetenv("FLASHGPT_CACHE_DIR");
+  ::unsetenv("TIKTOKEN_CACHE_DIR");
+  ::unsetenv("FLASHGPT_OFFLINE");
 }
 
 TEST(Load, VocabularySizesAndSpecials) {
