@@ -13,5 +13,7 @@ find_package(PkgConfig)
 if(PkgConfig_FOUND)
   pkg_check_modules(PCRE2 IMPORTED_TARGET libpcre2-8)
 endif()
+# The data pipeline's `download` (libcurl) and archive unpacking (libarchive).
 find_package(CURL)
 find_package(LibArchive)
+message(STATUS "flashgpt data: zlib=${ZLIB_FOUND} liblzma=${LIBLZMA_FOUND} curl=${CURL_FOUND} libarchive=${LibArchive_FOUND}")

@@ -8,6 +8,7 @@ void cli_add_bench(CLI::App& app) {
   bench->require_subcommand(1);
   cli_add_bench_attention(*bench);
   cli_add_bench_tokenizer(*bench);
+  cli_add_bench_data(*bench);
 }
 
 }  // namespace flashgpt

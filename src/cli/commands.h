@@ -9,9 +9,11 @@ namespace flashgpt {
 void cli_add_version(CLI::App& app);
 void cli_add_bench(CLI::App& app);
 void cli_add_tokenize(CLI::App& app);
+void cli_add_data(CLI::App& app);
 
 // Subcommands of `bench`, each from its own file; cli_add_bench adds them.
 void cli_add_bench_attention(CLI::App& bench);
 void cli_add_bench_tokenizer(CLI::App& bench);
+void cli_add_bench_data(CLI::App& bench);
 
 }  // namespace flashgpt

@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
   app.fallthrough();
   flashgpt::cli_add_version(app);
   flashgpt::cli_add_bench(app);
+  flashgpt::cli_add_data(app);
   flashgpt::cli_add_tokenize(app);
   try {
     app.parse(argc, argv);

@@ -1,0 +1,266 @@
+// `flashgpt data download|prepare|analyze`: the WMT14 fr-en pipeline. Each subcommand has
+// one config struct filled by its option table and printed at start-up.
+#include "cli/commands.h"
+
+#include <flashgpt/data.h>
+#include <flashgpt/error.h>
+
+#include <fmt/core.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+
+namespace flashgpt {
+namespace {
+
+struct DownloadOptions {
+  std::string dataset = "wmt14";
+  std::string dest;
+  std::string manifest;             // JSON list replacing the built-in one (mirrors, tests)
+  std::vector<std::string> only;    // names to fetch; empty: all
+  int retries = 5;
+  double timeout = 0;
+  bool no_unpack = false;
+  bool quiet = false;
+};
+
+struct PrepareOptions {
+  std::string data_dir;
+  std::vector<std::string> pairs, mono;
+  std::string eval_dir;
+  std::string out = "data/wmt14_fren";
+  std::string encoding = "cl100k_base";
+  std::string tokenizer_dir;
+  uint64_t seed = 1234;
+  int threads = 0;
+  double bilingual_rate = 0.0;
+  double val_fraction = 0.005;
+  uint64_t shard_tokens = 100'000'000;
+  std::string on_bad_line = "skip";
+  bool quiet = false;
+};
+
+struct AnalyzeOptions {
+  std::vector<std::string> inputs;
+  std::string dataset;
+  std::string split = "train";
+  uint64_t limit = 100'000;
+  std::vector<std::string> keywords;
+  bool ignore_case = false;
+  std::string json, plot;
+  std::string encoding = "cl100k_base";
+  std::string tokenizer_dir;
+};
+
+std::string data_dir_or_default(const std::string& given) {
+  if (!given.empty()) return given;
+  const auto dir = data_dir_default();
+  FLASHGPT_CHECK(!dir.empty(), "no data directory: pass --data-dir (with --pairs: --eval-dir) or set FLASHGPT_DATA_DIR");
+  return dir.string();
+}
+
+// --tokenizer-dir, else FLASHGPT_TOKENIZER_DIR, else DATA/tokenizers where it exists.
+std::filesystem::path tokenizer_dir_or_default(const std::string& given) {
+  if (!given.empty()) return given;
+  if (const char* env = std::getenv("FLASHGPT_TOKENIZER_DIR"); env && *env) return env;
+  const auto data = data_dir_default();
+  if (!data.empty() && std::filesystem::is_directory(data / "tokenizers")) return data / "tokenizers";
+  return {};
+}
+
+void run_download(const DownloadOptions& o) {
+  fmt::print(stderr, "data download: dataset={} dest={} manifest={} only=[{}] retries={} timeout={} unpack={}\n",
+             o.dataset, o.dest, o.manifest.empty() ? "(built-in)" : o.manifest, fmt::join(o.only, ","), o.retries,
+             o.timeout, !o.no_unpack);
+  FLASHGPT_CHECK(o.dataset == "wmt14", "unknown dataset '{}' (known: wmt14)", o.dataset);
+  DownloadConfig config;
+  config.dest = o.dest;
+  config.items = o.manifest.empty() ? wmt14_download_items() : download_items_from_json(o.manifest);
+  if (!o.only.empty()) {
+    std::vector<DownloadItem> picked;
+    for (const auto& name : o.only) {
+      auto it = std::find_if(config.items.begin(), config.items.end(), [&](const auto& i) { return i.name == name; });
+      FLASHGPT_CHECK(it != config.items.end(), "--only {}: no such file in the manifest", name);
+      picked.push_back(*it);
+    }
+    config.items = std::move(picked);
+  }
+  config.retries = o.retries;
+  config.timeout_seconds = o.timeout;
+  config.unpack = !o.no_unpack;
+  config.progress = !o.quiet;
+  data_download(config);
+  fmt::print("downloaded {} file(s) into {}\n", config.items.size(), config.dest.string());
+}
+
+void run_prepare(const PrepareOptions& o) {
+  PrepareConfig config;
+  const bool explicit_inputs = !o.pairs.empty() || !o.mono.empty();
+  const std::string data_dir = explicit_inputs && !o.eval_dir.empty() ? o.data_dir : data_dir_or_default(o.data_dir);
+  for (const auto& p : o.pairs) config.pairs.push_back(pair_source_from_path(p));
+  for (const auto& m : o.mono) config.mono.emplace_back(m);
+  if (!explicit_inputs) config.pairs = default_pair_sources(data_dir);
+  config.eval_dir = o.eval_dir.empty() ? std::filesystem::path(data_dir) / "wmt14" : std::filesystem::path(o.eval_dir);
+  config.out_dir = o.out;
+  config.seed = o.seed;
+  config.threads = o.threads;
+  config.bilingual_rate = o.bilingual_rate;
+  config.val_fraction = o.val_fraction;
+  config.shard_tokens = o.shard_tokens;
+  config.bad_lines = o.on_bad_line == "fail" ? BadLinePolicy::fail : BadLinePolicy::skip;
+  config.progress = !o.quiet;
+  std::vector<std::string> names;
+  for (const auto& p : config.pairs) names.push_back(p.name());
+  for (const auto& m : config.mono) names.push_back(m.filename().string());
+  fmt::print(stderr,
+             "data prepare: inputs=[{}] eval_dir={} out={} encoding={} seed={} threads={} bilingual_rate={} "
+             "val_fraction={} shard_tokens={} on_bad_line={}\n",
+             fmt::join(names, ","), config.eval_dir.string(), o.out, o.encoding, o.seed, o.threads, o.bilingual_rate,
+             o.val_fraction, o.shard_tokens, o.on_bad_line);
+  const Tokenizer tokenizer = Tokenizer::load(o.encoding, tokenizer_dir_or_default(o.tokenizer_dir));
+  const PrepareSummary summary = data_prepare(config, text_encoder_from(tokenizer));
+  for (const auto& w : summary.warnings) fmt::print(stderr, "warning: {}\n", w);
+  uint64_t tokens = summary.tokens_en + summary.tokens_fr + summary.tokens_bilingual + summary.tokens_eot;
+  fmt::print("prepared {} train + {} val documents, {} tokens (en {}, fr {}, bilingual {}) in {} + {} shards; "
+             "{:.1f} MB in {:.1f} s = {:.2f} MB/s (read {:.1f} s, tokenize {:.1f} s, write {:.1f} s); "
+             "summary in {}/summary.json\n",
+             summary.documents, summary.val_documents, tokens, summary.tokens_en, summary.tokens_fr,
+             summary.tokens_bilingual, summary.train_shards.size(), summary.val_shards.size(),
+             summary.raw_bytes / 1e6, summary.seconds_total, summary.raw_bytes / 1e6 / summary.seconds_total,
+             summary.seconds_read, summary.seconds_tokenize, summary.seconds_write, o.out);
+}
+
+// Texts of a prepared dataset: its documents, decoded, in shard order.
+template <class Visit>
+void visit_dataset_texts(const AnalyzeOptions& o, uint64_t limit, Visit&& visit) {
+  const Tokenizer tokenizer = Tokenizer::load(o.encoding, tokenizer_dir_or_default(o.tokenizer_dir));
+  uint64_t seen = 0;
+  for (const auto& path : shard_list(o.dataset, o.split)) {
+    const ShardView shard(path);
+    FLASHGPT_CHECK(shard.header().encoding == tokenizer.name(), "{} is encoded with {}, not {} (pass --encoding)",
+                   path.string(), shard.header().encoding, tokenizer.name());
+    const auto tokens = shard.tokens();
+    size_t begin = 0;
+    for (size_t i = 0; i < tokens.size() && seen < limit; ++i) {
+      if (tokens[i] != shard.header().end_of_text) continue;
+      visit(tokenizer.decode(tokens.subspan(begin, i - begin)));
+      ++seen;
+      begin = i + 1;
+    }
+    if (seen >= limit) return;
+  }
+}
+
+void run_analyze(const AnalyzeOptions& o) {
+  std::vector<std::string> keywords = o.keywords;
+  if (keywords.empty()) keywords.assign(kDefaultFrenchKeywords.begin(), kDefaultFrenchKeywords.end());
+  fmt::print(stderr, "data analyze: inputs=[{}] dataset={} split={} limit={} ignore_case={} keywords=[{}] json={} "
+             "plot={}\n", fmt::join(o.inputs, ","), o.dataset, o.split, o.limit, o.ignore_case,
+             fmt::join(keywords, ","), o.json, o.plot);
+  FLASHGPT_CHECK(o.inputs.empty() != o.dataset.empty(), "give either --input FILE... or --dataset DIR");
+  KeywordCounter counter(keywords, o.ignore_case ? CaseMode::ignore : CaseMode::sensitive);
+  if (!o.dataset.empty()) {
+    visit_dataset_texts(o, o.limit, [&](const std::string& text) { counter.add_text(text); });
+  } else {
+    std::string line;
+    for (const auto& input : o.inputs) {
+      LineReader reader(input, Prefetch::yes);
+      while (counter.texts() < o.limit && reader.next(line)) counter.add_text(line);
+    }
+  }
+  auto counts = counter.counts();
+  std::stable_sort(counts.begin(), counts.end(), [](const auto& a, const auto& b) { return a.second > b.second; });
+  const uint64_t total = counter.total();
+  fmt::print("keyword counts over {} texts ({}):\n", counter.texts(), o.ignore_case ? "ignoring case" : "case-sensitive");
+  fmt::print("{:<10} {:>12} {:>7}\n", "keyword", "count", "share");
+  for (const auto& [word, n] : counts) {
+    fmt::print("{:<10} {:>12} {:>6.2f}%\n", word, n, total ? 100.0 * n / total : 0.0);
+  }
+  fmt::print("{:<10} {:>12}\n", "total", total);
+  nlohmann::ordered_json j;
+  j["texts"] = counter.texts();
+  j["total"] = total;
+  j["counts"] = nlohmann::ordered_json::object();
+  for (const auto& [word, n] : counts) j["counts"][word] = n;
+  std::string json_path = o.json;
+  if (json_path.empty() && !o.plot.empty()) json_path = o.plot + ".json";
+  if (!json_path.empty()) {
+    std::ofstream out(json_path);
+    FLASHGPT_CHECK(out, "cannot write {}", json_path);
+    out << j.dump(2) << "\n";
+  }
+  if (!o.plot.empty()) {
+    const char* source = std::getenv("FLASHGPT_SOURCE_DIR");
+    const std::string script = fmt::format("{}/scripts/plot_keywords.py", source ? source : FLASHGPT_SOURCE_DIR);
+    const std::string command = fmt::format("python3 '{}' '{}' '{}'", script, json_path, o.plot);
+    if (std::system(command.c_str()) != 0) {
+      fmt::print(stderr, "warning: plotting failed (needs python3 with matplotlib: {}); the counts are in {}\n",
+                 command, json_path);
+    }
+  }
+}
+
+}  // namespace
+
+void cli_add_data(CLI::App& app) {
+  auto* data = app.add_subcommand("data", "The WMT14 fr-en pipeline: download, prepare token shards, analyze");
+  data->require_subcommand(1);
+
+  auto download = std::make_shared<DownloadOptions>();
+  auto* d = data->add_subcommand("download", "Fetch, verify and unpack the WMT14 fr-en archives (needs libcurl)");
+  d->add_option("dataset", download->dataset, "Which dataset")->capture_default_str();
+  d->add_option("--dest", download->dest, "Where the archives go and are unpacked")->required();
+  d->add_option("--manifest", download->manifest, "JSON list of {name,url,md5?,sha256?,size?} replacing the built-in");
+  d->add_option("--only", download->only, "Fetch only these files (by name)");
+  d->add_option("--retries", download->retries, "Resumed attempts per file after a dropped connection")
+      ->capture_default_str();
+  d->add_option("--timeout", download->timeout, "Seconds per attempt (0: no limit)")->capture_default_str();
+  d->add_flag("--no-unpack", download->no_unpack, "Only fetch and verify");
+  d->add_flag("--quiet", download->quiet, "No progress lines");
+  d->callback([download] { run_download(*download); });
+
+  auto prepare = std::make_shared<PrepareOptions>();
+  auto* p = data->add_subcommand("prepare", "Build documents from the corpora and write token shards");
+  p->add_option("--data-dir", prepare->data_dir, "Corpora root (default: FLASHGPT_DATA_DIR or ../shared/data)");
+  p->add_option("--pairs", prepare->pairs,
+                "Parallel corpora: X.en[.xz|.gz] (finds X.fr), X.tsv or *-src.en.sgm (default: train.* in "
+                "DATA/wmt14 and DATA/extra)");
+  p->add_option("--mono", prepare->mono, "Monolingual files X.en / X.fr, one text per line");
+  p->add_option("--eval-dir", prepare->eval_dir, "Where newstest2012/13/14 are (default: DATA/wmt14)");
+  p->add_option("--out", prepare->out, "Output directory")->capture_default_str();
+  p->add_option("--encoding", prepare->encoding, "Tokenizer encoding")->capture_default_str();
+  p->add_option("--tokenizer-dir", prepare->tokenizer_dir, "Rank files (default: FLASHGPT_TOKENIZER_DIR, else DATA/tokenizers)");
+  p->add_option("--seed", prepare->seed, "Seed of every random choice")->capture_default_str();
+  p->add_option("--threads", prepare->threads, "Tokenizer threads (0: all cores)")->capture_default_str();
+  p->add_option("--bilingual-rate", prepare->bilingual_rate,
+                "Share of pairs turned into bilingual documents (0: the original one-side-per-pair recipe)")
+      ->capture_default_str()->check(CLI::Range(0.0, 1.0));
+  p->add_option("--val-fraction", prepare->val_fraction, "Share of documents held out")->capture_default_str()
+      ->check(CLI::Range(0.0, 0.999));
+  p->add_option("--shard-tokens", prepare->shard_tokens, "Tokens per shard")->capture_default_str();
+  p->add_option("--on-bad-line", prepare->on_bad_line, "Invalid UTF-8 or malformed lines: skip (and count) or fail")
+      ->capture_default_str()->check(CLI::IsMember({"skip", "fail"}));
+  p->add_flag("--quiet", prepare->quiet, "No progress lines");
+  p->callback([prepare] { run_prepare(*prepare); });
+
+  auto analyze = std::make_shared<AnalyzeOptions>();
+  auto* a = data->add_subcommand("analyze", "Count French keywords (whole words) in the first N texts");
+  a->add_option("--input", analyze->inputs, "Text files, one text per line (.xz/.gz fine)");
+  a->add_option("--dataset", analyze->dataset, "A prepared dataset directory (documents decoded)");
+  a->add_option("--split", analyze->split, "train or val")->capture_default_str()
+      ->check(CLI::IsMember({"train", "val"}));
+  a->add_option("--limit", analyze->limit, "Texts to read")->capture_default_str();
+  a->add_option("--keywords", analyze->keywords, "Keyword list (comma-separated)")->delimiter(',');
+  a->add_flag("--ignore-case", analyze->ignore_case, "Compare after Unicode simple lowercasing");
+  a->add_option("--json", analyze->json, "Write {texts,total,counts} here");
+  a->add_option("--plot", analyze->plot, "Bar chart PNG (python3 + matplotlib)");
+  a->add_option("--encoding", analyze->encoding, "Encoding of --dataset")->capture_default_str();
+  a->add_option("--tokenizer-dir", analyze->tokenizer_dir, "Rank files (default: FLASHGPT_TOKENIZER_DIR, else DATA/tokenizers)");
+  a->callback([analyze] { run_analyze(*analyze); });
+}
+
+}  // namespace flashgpt

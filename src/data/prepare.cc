@@ -1,0 +1,524 @@
+// prepare: parallel and monolingual corpora -> documents -> token shards.
+//
+// The pipeline runs in batches: read and build up to `batch_documents` documents (the
+// calling thread), encode them (a worker thread and the encoder's threads, overlapping
+// the reading of the next batch), append them in order to the train or val shard. Every random choice for document d (side, template, held out or not) comes from
+// Philox counter (d, kPrepareStream) under the seed, so the output depends on the seed
+// and the inputs, never on the thread count or the batch size.
+#include <flashgpt/data.h>
+#include <flashgpt/error.h>
+#include <flashgpt/philox.h>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <cstdlib>
+#include <fstream>
+#include <tuple>
+#include <unordered_map>
+#include <unordered_set>
+
+namespace flashgpt {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr uint32_t kPrepareStream = 0x70726570;  // "prep"
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+double unit_interval(uint32_t word) { return static_cast<double>(word) * (1.0 / 4294967296.0); }
+
+enum class DocKind { en, fr, bilingual };
+
+struct Document {
+  std::string text;
+  DocKind kind;
+  bool val;
+};
+
+// The hash of a line after whitespace normalisation; most lines are already normal, and
+// those skip the copy.
+uint64_t line_hash(std::string_view text) {
+  if (text_is_whitespace_normalized(text)) return std::hash<std::string_view>{}(text);
+  return std::hash<std::string_view>{}(text_normalize_whitespace(text));
+}
+uint64_t pair_hash(uint64_t en, uint64_t fr) { return en ^ (fr * 0x9E3779B97F4A7C15ull + 0x632BE59BD9B4E019ull); }
+
+// The lines of the WMT test and dev sets, to keep them out of training: one table of
+// line hash -> which set and side it occurs in, so each training line costs one lookup.
+enum : uint8_t { kTestEn = 1, kTestFr = 2, kDevEn = 4, kDevFr = 8 };
+struct EvalGuard {
+  std::unordered_set<uint64_t> test_pairs;
+  std::unordered_map<uint64_t, uint8_t> lines;
+  bool have_test = false;
+
+  uint8_t flags(uint64_t hash) const {
+    if (lines.empty()) return 0;
+    const auto it = lines.find(hash);
+    return it == lines.end() ? 0 : it->second;
+  }
+
+  static std::filesystem::path find(const std::filesystem::path& dir, const std::string& stem) {
+    for (const char* ext : {".xz", ".gz", ""}) {
+      auto candidate = dir / (stem + ext);
+      if (std::filesystem::exists(candidate)) return candidate;
+    }
+    return {};
+  }
+
+  // The set under the names it has here (SOURCES.md), in a WMT release (plain text), or as
+  // unpacked by `data download` (test-full/*.sgm, dev/*).
+  static std::optional<PairSource> find_set(const std::filesystem::path& dir, const std::string& year) {
+    const std::string y = year;
+    const std::vector<std::tuple<std::string, std::string, PairFormat>> candidates = {
+        {"newstest" + y + ".fr-en.en", "newstest" + y + ".fr-en.fr", PairFormat::aligned},
+        {"newstest" + y + ".en", "newstest" + y + ".fr", PairFormat::aligned},
+        {"dev/newstest" + y + ".en", "dev/newstest" + y + ".fr", PairFormat::aligned},
+        {"test-full/newstest" + y + "-fren-src.en.sgm", "test-full/newstest" + y + "-fren-ref.fr.sgm", PairFormat::sgm},
+        {"test/newstest" + y + "-fren-src.en.sgm", "test/newstest" + y + "-fren-ref.fr.sgm", PairFormat::sgm},
+        {"dev/newstest" + y + "-src.en.sgm", "dev/newstest" + y + "-src.fr.sgm", PairFormat::sgm},
+    };
+    for (const auto& [en, fr, format] : candidates) {
+      const auto en_path = find(dir, en), fr_path = find(dir, fr);
+      if (!en_path.empty() && !fr_path.empty()) return PairSource{format, en_path, fr_path};
+    }
+    return std::nullopt;
+  }
+
+  void load(const std::filesystem::path& dir, std::vector<std::string>& warnings) {
+    if (const auto test = find_set(dir, "2014")) {
+      PairReader reader(*test, BadLinePolicy::fail);
+      TextPair pair;
+      while (reader.next(pair)) {
+        const uint64_t h_en = line_hash(pair.en), h_fr = line_hash(pair.fr);
+        test_pairs.insert(pair_hash(h_en, h_fr));
+        lines[h_en] |= kTestEn;
+        lines[h_fr] |= kTestFr;
+      }
+      have_test = true;
+    } else {
+      warnings.push_back(fmt::format("newstest2014.fr-en.{{en,fr}} not found in '{}': training text is checked "
+                                     "against the evaluation set by file name only (pass --eval-dir)", dir.string()));
+    }
+    for (const char* year : {"2012", "2013"}) {
+      const auto dev = find_set(dir, year);
+      if (!dev) continue;
+      PairReader reader(*dev, BadLinePolicy::skip);
+      TextPair pair;
+      while (reader.next(pair)) {
+        lines[line_hash(pair.en)] |= kDevEn;
+        lines[line_hash(pair.fr)] |= kDevFr;
+      }
+    }
+  }
+};
+
+void check_input_name(const std::filesystem::path& path, std::vector<std::string>& warnings) {
+  // By file name, and by the folders a WMT release keeps newstest2014 in (test-full/,
+  // test-filtered/); other folder names are the user's business.
+  std::string name = path.filename().string();
+  std::transform(name.begin(), name.end(), name.begin(), [](unsigned char c) { return std::tolower(c); });
+  const std::string folder = path.parent_path().filename().string();
+  FLASHGPT_CHECK(name.find("newstest2014") == std::string::npos && name.find("newstest14") == std::string::npos &&
+                     folder != "test-full" && folder != "test-filtered",
+                 "refusing to train on {}: newstest2014 is the WMT14 evaluation set (BLEU on it would be meaningless "
+                 "after training on it)", path.string());
+  for (const char* dev : {"newstest2012", "newstest2013"}) {
+    if (name.find(dev) != std::string::npos) {
+      warnings.push_back(fmt::format("{} is a WMT14 dev set ({}): fine for training only if you do not tune or "
+                                     "select checkpoints on it", path.string(), dev));
+    }
+  }
+}
+
+std::string fill_template(std::string_view pattern, const std::string& en, const std::string& fr) {
+  std::string out;
+  out.reserve(pattern.size() + en.size() + fr.size());
+  for (size_t i = 0; i < pattern.size();) {
+    if (pattern.substr(i, 4) == "{en}") {
+      out += en, i += 4;
+    } else if (pattern.substr(i, 4) == "{fr}") {
+      out += fr, i += 4;
+    } else {
+      out.push_back(pattern[i++]);
+    }
+  }
+  return out;
+}
+
+// Language of a monolingual file from its name: X.en[.xz], X.fr[.gz].
+DocKind mono_language(const std::filesystem::path& path) {
+  std::string name = path.filename().string();
+  for (const char* ext : {".gz", ".xz"}) {
+    if (name.ends_with(ext)) name.resize(name.size() - 3);
+  }
+  if (name.ends_with(".en")) return DocKind::en;
+  FLASHGPT_CHECK(name.ends_with(".fr"), "{}: cannot tell the language of a monolingual file (name it X.en or X.fr)",
+                 path.string());
+  return DocKind::fr;
+}
+
+// Reading and document building run on the calling thread; encoding and writing run on
+// one worker thread (which the encoder may fan out), one batch behind, so that reading
+// overlaps tokenizing. Batches are handed over in order through a queue of at most
+// kQueuedBatches, so the output is the same as a sequential run's.
+class Pipeline {
+ public:
+  static constexpr size_t kQueuedBatches = 2;
+
+  Pipeline(const PrepareConfig& config, const TextEncoder& encoder, PrepareSummary& summary)
+      : config_(config), encoder_(encoder), summary_(summary), start_(Clock::now()), last_progress_(start_),
+        worker_([this] { work(); }) {}
+
+  ~Pipeline() {  // on an error in the reading thread: stop the worker, drop what is queued
+    {
+      std::lock_guard lock(mutex_);
+      closing_ = true;
+      queue_.clear();
+    }
+    changed_.notify_all();
+    if (worker_.joinable()) worker_.join();
+  }
+
+  void add(std::string text, DocKind kind) {
+    const Philox4x32 r = draw(document_index_++);
+    const bool val = unit_interval(r.z) < config_.val_fraction;
+    batch_.push_back({std::move(text), kind, val});
+    if (batch_.size() >= config_.batch_documents) flush();
+  }
+
+  Philox4x32 draw(uint64_t document) const {
+    return philox4x32_10({static_cast<uint32_t>(document), static_cast<uint32_t>(document >> 32), kPrepareStream, 0},
+                         static_cast<uint32_t>(config_.seed), static_cast<uint32_t>(config_.seed >> 32));
+  }
+  uint64_t next_document() const { return document_index_; }
+
+  // Hands the current batch to the worker, waiting while kQueuedBatches are pending.
+  void flush() {
+    if (batch_.empty()) return;
+    summary_.seconds_read += seconds_since(phase_start_);
+    {
+      std::unique_lock lock(mutex_);
+      changed_.wait(lock, [&] { return queue_.size() < kQueuedBatches || error_; });
+      if (error_) std::rethrow_exception(error_);
+      queue_.push_back(std::move(batch_));
+    }
+    changed_.notify_all();
+    batch_ = {};
+    progress(false);
+    phase_start_ = Clock::now();
+  }
+
+  void finish() {
+    flush();
+    summary_.seconds_read += seconds_since(phase_start_);
+    {
+      std::lock_guard lock(mutex_);
+      closing_ = true;
+    }
+    changed_.notify_all();
+    worker_.join();
+    if (error_) std::rethrow_exception(error_);
+    close(/*val=*/false);
+    close(/*val=*/true);
+    progress(true);
+    summary_.seconds_total = seconds_since(start_);
+  }
+
+  void progress(bool last) {
+    if (!config_.progress) return;
+    const auto now = Clock::now();
+    if (!last && now - last_progress_ < std::chrono::seconds(2)) return;
+    last_progress_ = now;
+    const double mb = static_cast<double>(summary_.raw_bytes + pending_bytes) / 1e6;
+    fmt::print(stderr, "prepare: {} documents, {:.1f} MB of text, {} tokens, {:.1f} MB/s{}\n", document_index_, mb,
+               tokens_.load(), mb / std::max(seconds_since(start_), 1e-9), last ? " (done)" : "");
+  }
+
+  uint64_t pending_bytes = 0;  // raw bytes of the corpus being read (not yet in the summary)
+
+ private:
+  void work() {
+    for (;;) {
+      std::vector<Document> batch;
+      {
+        std::unique_lock lock(mutex_);
+        changed_.wait(lock, [&] { return !queue_.empty() || closing_; });
+        if (queue_.empty()) return;
+        batch = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      changed_.notify_all();
+      try {
+        encode_and_write(batch);
+      } catch (...) {
+        std::lock_guard lock(mutex_);
+        error_ = std::current_exception();
+        queue_.clear();
+        changed_.notify_all();
+        return;
+      }
+    }
+  }
+
+  void encode_and_write(const std::vector<Document>& batch) {
+    auto t0 = Clock::now();
+    std::vector<std::string_view> texts;
+    texts.reserve(batch.size());
+    for (const auto& doc : batch) texts.emplace_back(doc.text);
+    const auto encoded = encoder_.encode_batch(texts, config_.threads);
+    FLASHGPT_CHECK(encoded.size() == batch.size(), "the encoder returned {} results for {} texts", encoded.size(),
+                   batch.size());
+    summary_.seconds_tokenize += seconds_since(t0);
+    t0 = Clock::now();
+    const TokenId eot = encoder_.end_of_text;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      auto& writer = writer_for(batch[i].val);
+      writer.append(encoded[i]);
+      writer.append(std::span<const TokenId>(&eot, 1));
+      const uint64_t n = encoded[i].size();
+      (batch[i].kind == DocKind::en ? summary_.tokens_en
+       : batch[i].kind == DocKind::fr ? summary_.tokens_fr
+                                        : summary_.tokens_bilingual) += n;
+      ++summary_.tokens_eot;
+      ++(batch[i].val ? summary_.val_documents : summary_.documents);
+      tokens_ += n + 1;
+      if (writer.token_count() >= config_.shard_tokens) close(batch[i].val);
+    }
+    summary_.seconds_write += seconds_since(t0);
+  }
+
+  ShardWriter& writer_for(bool val) {
+    auto& slot = val ? val_writer_ : train_writer_;
+    if (!slot) {
+      auto& list = val ? summary_.val_shards : summary_.train_shards;
+      const auto path = config_.out_dir / fmt::format("{}_{:06d}.bin", val ? "val" : "train", list.size());
+      slot.emplace(path, encoder_.name, encoder_.vocab_size, encoder_.end_of_text);
+      list.push_back({path.string(), 0, 0});
+    }
+    return *slot;
+  }
+
+  void close(bool val) {
+    auto& slot = val ? val_writer_ : train_writer_;
+    if (!slot) return;
+    const ShardHeader header = slot->finish();
+    auto& info = (val ? summary_.val_shards : summary_.train_shards).back();
+    info.tokens = header.token_count;
+    info.crc32 = header.payload_crc32;
+    slot.reset();
+  }
+
+  const PrepareConfig& config_;
+  const TextEncoder& encoder_;
+  // Reading thread: corpora, warnings, raw_bytes, seconds_read. Worker: tokens, documents,
+  // shards, seconds_tokenize/write. Nothing is shared until finish() has joined.
+  PrepareSummary& summary_;
+  std::vector<Document> batch_;
+  uint64_t document_index_ = 0;
+  std::atomic<uint64_t> tokens_ = 0;
+  Clock::time_point start_, last_progress_, phase_start_ = Clock::now();
+
+  std::mutex mutex_;
+  std::condition_variable changed_;
+  std::deque<std::vector<Document>> queue_;
+  bool closing_ = false;
+  std::exception_ptr error_;
+  std::optional<ShardWriter> train_writer_, val_writer_;  // worker only
+  std::thread worker_;  // last: starts once everything above is constructed
+};
+
+}  // namespace
+
+std::filesystem::path data_dir_default() {
+  if (const char* env = std::getenv("FLASHGPT_DATA_DIR"); env && *env) return env;
+  auto dir = std::filesystem::current_path();
+  for (int up = 0; up < 4 && !dir.empty(); ++up, dir = dir.parent_path()) {
+    if (std::filesystem::is_directory(dir / ".." / "shared" / "data")) {
+      return std::filesystem::weakly_canonical(dir / ".." / "shared" / "data");
+    }
+    if (dir == dir.parent_path()) break;
+  }
+  return {};
+}
+
+std::vector<PairSource> default_pair_sources(const std::filesystem::path& data_dir) {
+  std::vector<PairSource> out;
+  for (const char* sub : {"wmt14", "extra"}) {
+    const auto dir = data_dir / sub;
+    if (!std::filesystem::is_directory(dir)) continue;
+    std::vector<std::filesystem::path> files;
+    for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+      const std::string name = entry.path().filename().string();
+      if (name.starts_with("train.") && (name.ends_with(".en") || name.ends_with(".en.xz") || name.ends_with(".en.gz")))
+        files.push_back(entry.path());
+    }
+    std::sort(files.begin(), files.end());
+    for (const auto& f : files) out.push_back(pair_source_from_path(f));
+  }
+  FLASHGPT_CHECK(!out.empty(), "no train.*.en[.xz] files in {}/wmt14 or {}/extra", data_dir.string(), data_dir.string());
+  return out;
+}
+
+PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& encoder) {
+  FLASHGPT_CHECK(!config.pairs.empty() || !config.mono.empty(), "prepare: no input corpora");
+  FLASHGPT_CHECK(!config.out_dir.empty(), "prepare: no output directory");
+  FLASHGPT_CHECK(config.bilingual_rate >= 0 && config.bilingual_rate <= 1, "bilingual rate {} is not in [0, 1]",
+                 config.bilingual_rate);
+  FLASHGPT_CHECK(config.val_fraction >= 0 && config.val_fraction < 1, "validation fraction {} is not in [0, 1)",
+                 config.val_fraction);
+  FLASHGPT_CHECK(config.shard_tokens > 0 && config.batch_documents > 0, "shard size and batch size must be positive");
+  FLASHGPT_CHECK(encoder.encode_batch && encoder.vocab_size > encoder.end_of_text, "prepare: invalid encoder");
+
+  PrepareSummary summary;
+  for (const auto& source : config.pairs) {
+    check_input_name(source.en, summary.warnings);
+    if (!source.fr.empty()) check_input_name(source.fr, summary.warnings);
+  }
+  for (const auto& path : config.mono) check_input_name(path, summary.warnings);
+
+  EvalGuard guard;
+  guard.load(config.eval_dir, summary.warnings);
+  std::filesystem::create_directories(config.out_dir);
+  // A failed run leaves no shards behind: a half-written dataset would look complete.
+  auto remove_shards = [&] {
+    for (const char* prefix : {"train", "val"}) {
+      for (const auto& shard : shard_list(config.out_dir, prefix)) std::filesystem::remove(shard);
+    }
+    std::filesystem::remove(config.out_dir / "summary.json");
+  };
+  remove_shards();  // a previous run's extra shards would be mixed in
+  try {
+    Pipeline pipeline(config, encoder, summary);
+    for (const auto& source : config.pairs) {
+      PrepareSummary::Corpus corpus{source.name(), 0, 0, {}};
+      PairReader reader(source, config.bad_lines, config.prefetch);
+      TextPair pair;
+      while (reader.next(pair)) {
+        pipeline.pending_bytes = reader.stats().bytes;
+        if (pair.en.empty() || pair.fr.empty()) {
+          ++corpus.skipped["empty side"];
+          continue;
+        }
+        const uint64_t h_en = line_hash(pair.en), h_fr = line_hash(pair.fr);
+        const uint8_t f_en = guard.flags(h_en), f_fr = guard.flags(h_fr);
+        FLASHGPT_CHECK(!((f_en & kTestEn) && (f_fr & kTestFr) && guard.test_pairs.contains(pair_hash(h_en, h_fr))),
+                       "{}:{}: this pair is a newstest2014 pair; refusing to put the WMT14 evaluation set into training",
+                       source.en.string(), pair.line);
+        if ((f_en & kTestEn) || (f_fr & kTestFr)) {
+          ++corpus.skipped["a side identical to a newstest2014 sentence"];
+          continue;
+        }
+        if ((f_en & kDevEn) || (f_fr & kDevFr)) ++summary.dev_overlap;
+        const Philox4x32 r = pipeline.draw(pipeline.next_document());
+        if (unit_interval(r.x) < config.bilingual_rate) {
+          pipeline.add(fill_template(kBilingualTemplates[r.y % kBilingualTemplates.size()], pair.en, pair.fr),
+                       DocKind::bilingual);
+        } else if (r.y & 1) {
+          pipeline.add(std::move(pair.fr), DocKind::fr);
+        } else {
+          pipeline.add(std::move(pair.en), DocKind::en);
+        }
+        ++corpus.used;
+      }
+      const auto& stats = reader.stats();
+      corpus.read = stats.read;
+      if (stats.invalid_utf8) corpus.skipped["invalid UTF-8"] += stats.invalid_utf8;
+      if (stats.malformed) corpus.skipped["malformed line"] += stats.malformed;
+      summary.raw_bytes += stats.bytes;
+      pipeline.pending_bytes = 0;
+      summary.corpora.push_back(std::move(corpus));
+    }
+    for (const auto& path : config.mono) {
+      const DocKind kind = mono_language(path);
+      const uint8_t test_flag = kind == DocKind::en ? kTestEn : kTestFr, dev_flag = kind == DocKind::en ? kDevEn : kDevFr;
+      PrepareSummary::Corpus corpus{path.filename().string(), 0, 0, {}};
+      LineReader reader(path, config.prefetch);
+      std::string line;
+      while (reader.next(line)) {
+        ++corpus.read;
+        pipeline.pending_bytes = reader.bytes_out();
+        if (const auto bad = utf8_first_invalid(line)) {
+          FLASHGPT_CHECK(config.bad_lines == BadLinePolicy::skip, "{}:{}: invalid UTF-8 at byte {}", path.string(),
+                         reader.line_number(), *bad);
+          ++corpus.skipped["invalid UTF-8"];
+          continue;
+        }
+        if (line.empty()) {
+          ++corpus.skipped["empty line"];
+          continue;
+        }
+        const uint8_t f = guard.flags(line_hash(line));
+        if (f & test_flag) {
+          ++corpus.skipped["identical to a newstest2014 sentence"];
+          continue;
+        }
+        if (f & dev_flag) ++summary.dev_overlap;
+        pipeline.add(std::move(line), kind);
+        ++corpus.used;
+      }
+      summary.raw_bytes += reader.bytes_out();
+      pipeline.pending_bytes = 0;
+      summary.corpora.push_back(std::move(corpus));
+    }
+    pipeline.finish();
+  } catch (...) {
+    remove_shards();  // the pipeline has joined its worker by now
+    throw;
+  }
+  if (summary.dev_overlap) {
+    summary.warnings.push_back(fmt::format("{} training pairs/lines have a side identical to a newstest2012/2013 "
+                                           "(dev set) sentence; they were kept", summary.dev_overlap));
+  }
+  std::ofstream(config.out_dir / "summary.json") << prepare_summary_json(summary) << "\n";
+  return summary;
+}
+
+std::string prepare_summary_json(const PrepareSummary& s) {
+  nlohmann::ordered_json j;
+  auto& corpora = j["corpora"] = nlohmann::ordered_json::array();
+  uint64_t read = 0, used = 0;
+  std::map<std::string, uint64_t> skipped;
+  for (const auto& c : s.corpora) {
+    corpora.push_back({{"name", c.name}, {"read", c.read}, {"used", c.used}, {"skipped", c.skipped}});
+    read += c.read;
+    used += c.used;
+    for (const auto& [reason, n] : c.skipped) skipped[reason] += n;
+  }
+  j["read"] = read;
+  j["used"] = used;
+  j["skipped"] = skipped;
+  j["documents"] = {{"train", s.documents}, {"val", s.val_documents}};
+  j["tokens"] = {{"en", s.tokens_en},
+                 {"fr", s.tokens_fr},
+                 {"bilingual", s.tokens_bilingual},
+                 {"end_of_text", s.tokens_eot},
+                 {"total", s.tokens_en + s.tokens_fr + s.tokens_bilingual + s.tokens_eot}};
+  j["dev_overlap_kept"] = s.dev_overlap;
+  auto shards = [](const std::vector<ShardInfo>& list) {
+    auto a = nlohmann::ordered_json::array();
+    for (const auto& info : list) a.push_back({{"path", info.path}, {"tokens", info.tokens}, {"crc32", info.crc32}});
+    return a;
+  };
+  j["train_shards"] = shards(s.train_shards);
+  j["val_shards"] = shards(s.val_shards);
+  j["raw_bytes"] = s.raw_bytes;
+  j["seconds"] = {{"read", s.seconds_read},
+                  {"tokenize", s.seconds_tokenize},
+                  {"write", s.seconds_write},
+                  {"total", s.seconds_total}};
+  j["mb_per_second"] = s.seconds_total > 0 ? static_cast<double>(s.raw_bytes) / 1e6 / s.seconds_total : 0.0;
+  j["warnings"] = s.warnings;
+  return j.dump(2);
+}
+
+}  // namespace flashgpt

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""`flashgpt data analyze` and `flashgpt data prepare` as a user runs them, on generated
+fixtures: the JSON analyze writes, --ignore-case, --limit, the refusal of newstest2014,
+and (with the tokenizer rank files) prepare -> analyze --dataset.
+Usage: cli_test.py PATH/TO/flashgpt [TOKENIZER_DIR]"""
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+FLASHGPT = sys.argv[1]
+VOCAB = sys.argv[2] if len(sys.argv) > 2 and os.path.isdir(sys.argv[2]) else None
+FAILURES = []
+
+
+def check(condition, what, result=None):
+    print(("ok: " if condition else "FAIL: ") + what)
+    if not condition:
+        FAILURES.append(what)
+        if result is not None:
+            print(f"  stdout: {result.stdout}\n  stderr: {result.stderr}")
+
+
+def flashgpt(*args):
+    return subprocess.run([FLASHGPT, *args], capture_output=True, text=True, timeout=120)
+
+
+def main():
+    tmp = tempfile.mkdtemp(prefix="flashgpt_cli_")
+    texts = os.path.join(tmp, "texts.fr")
+    with open(texts, "w", encoding="utf-8") as f:
+        f.write("De la neige, de la pluie et de l'été.\n")   # de x3, la x2, et
+        f.write("À demain ! Oui, merci. Non merci.\n")        # merci x2; À, Oui, Non only with --ignore-case
+        f.write("de de de\n")                                 # never read with --limit 2
+    out = os.path.join(tmp, "counts.json")
+    r = flashgpt("data", "analyze", "--input", texts, "--limit", "2", "--json", out)
+    check(r.returncode == 0, "analyze runs", r)
+    j = json.load(open(out, encoding="utf-8"))
+    check(j["texts"] == 2 and j["counts"]["de"] == 2 and j["counts"]["la"] == 2 and j["counts"]["merci"] == 2
+          and j["counts"]["à"] == j["counts"]["oui"] == 0 and j["total"] == sum(j["counts"].values()) == 7, f"case-sensitive counts {j}")
+    check(list(j["counts"])[:2] == ["de", "la"] or list(j["counts"])[:2] == ["la", "de"], "JSON sorted by count")
+    check("total" in r.stdout and "de" in r.stdout, "table printed", r)
+
+    r = flashgpt("data", "analyze", "--input", texts, "--ignore-case", "--keywords", "de,à,oui", "--json", out)
+    j = json.load(open(out, encoding="utf-8"))
+    check(r.returncode == 0 and j["counts"] == {"de": 6, "à": 1, "oui": 1} and j["texts"] == 3,
+          f"--ignore-case and --keywords {j}", r)
+
+    r = flashgpt("data", "analyze", "--input", os.path.join(tmp, "missing.txt"))
+    check(r.returncode == 1 and "missing.txt" in r.stderr, "missing input names the file", r)
+
+    # prepare refuses the evaluation set by name, before reading anything.
+    for lang in ("en", "fr"):
+        with open(os.path.join(tmp, f"newstest2014.fr-en.{lang}"), "w") as f:
+            f.write("x\n")
+    r = flashgpt("data", "prepare", "--pairs", os.path.join(tmp, "newstest2014.fr-en.en"), "--out",
+                 os.path.join(tmp, "ds"), "--eval-dir", tmp, "--quiet")
+    check(r.returncode == 1 and "refusing to train on" in r.stderr, "prepare refuses newstest2014", r)
+
+    if VOCAB:
+        with open(os.path.join(tmp, "train.toy.fr-en.en"), "w") as en, \
+                open(os.path.join(tmp, "train.toy.fr-en.fr"), "w") as fr:
+            for i in range(300):
+                en.write(f"This is sentence {i} of the corpus.\n")
+                fr.write(f"C'est la phrase {i} du corpus, et de la suite.\n")
+        ds = os.path.join(tmp, "ds")
+        os.makedirs(os.path.join(tmp, "eval"))
+        r = flashgpt("data", "prepare", "--pairs", os.path.join(tmp, "train.toy.fr-en.en"), "--out", ds,
+                     "--eval-dir", os.path.join(tmp, "eval"), "--tokenizer-dir", VOCAB, "--val-fraction", "0",
+                     "--seed", "3")
+        check(r.returncode == 0 and "prepared 300 train" in r.stdout, "prepare writes a dataset", r)
+        s = json.load(open(os.path.join(ds, "summary.json")))
+        check(s["read"] == 300 and s["documents"]["train"] == 300 and s["tokens"]["fr"] > 0 and s["tokens"]["en"] > 0,
+              "summary.json counts pairs and tokens per language")
+        r = flashgpt("data", "analyze", "--dataset", ds, "--tokenizer-dir", VOCAB, "--json", out, "--keywords",
+                     "la,de,et")
+        j = json.load(open(out, encoding="utf-8"))
+        french = j["counts"]["et"]  # one "et" and "de", two "la" per French document, none in English
+        check(r.returncode == 0 and j["texts"] == 300 and 100 < french < 200
+              and j["counts"]["de"] == french and j["counts"]["la"] == 2 * french, f"analyze --dataset decodes documents {j}", r)
+    else:
+        print("skip: no tokenizer rank files for prepare -> analyze --dataset")
+
+    subprocess.run(["rm", "-rf", tmp])
+    if FAILURES:
+        sys.exit(f"{len(FAILURES)} check(s) failed")
+
+
+if __name__ == "__main__":
+    main()
