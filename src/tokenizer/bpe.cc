@@ -9,18 +9,27 @@ namespace flashgpt {
 
 void RankMap::build(const std::vector<std::string_view>& tokens) {
   tokens_ = tokens;
-  size_t capacity = std::bit_ceil(std::max<size_t>(16, tokens.size() * 2));
-  slots_.assign(capacity, Slot{});
+  FLASHGPT_CHECK(tokens.size() < kRankMask, "{} ranks: more than a rank map holds", tokens.size());
+  size_t capacity = std::bit_ceil(std::max<size_t>(16, tokens.size() + tokens.size() / 4));
+  heads_.assign(capacity, 0);
+  metas_.assign(capacity, kEmpty);
   mask_ = capacity - 1;
+  filter_.assign(kFilterWords, 0);
+  // Filled before the slots so that build's own duplicate check can use find().
+  for (const auto& token : tokens) {
+    if (token.empty()) continue;
+    uint64_t h = hash(reinterpret_cast<const uint8_t*>(token.data()), token.size());
+    filter_[h >> 26 & (kFilterWords - 1)] |= filter_bits(h);
+  }
   for (size_t rank = 0; rank < tokens.size(); ++rank) {
     if (tokens[rank].empty()) continue;
     auto bytes = reinterpret_cast<const uint8_t*>(tokens[rank].data());
     FLASHGPT_CHECK(find(bytes, tokens[rank].size()) == kNoRank, "the rank file has the token of rank {} twice", rank);
     uint64_t h = hash(bytes, tokens[rank].size());
     size_t slot = h & mask_;
-    while (slots_[slot].rank != kNoRank) slot = (slot + 1) & mask_;
-    slots_[slot] = Slot{prefix8(bytes, tokens[rank].size()), static_cast<uint32_t>(rank),
-                        static_cast<uint32_t>(tokens[rank].size())};
+    while (metas_[slot] != kEmpty) slot = (slot + 1) & mask_;
+    heads_[slot] = prefix8(bytes, tokens[rank].size());
+    metas_[slot] = uint32_t(rank) | uint32_t(std::min(tokens[rank].size(), kLongLength)) << kRankBits;
   }
   for (int b = 0; b < 256; ++b) {
     uint8_t byte = uint8_t(b);
@@ -39,38 +48,58 @@ namespace {
 // Above this many bytes a piece goes to the heap; below it tiktoken's scan is faster.
 constexpr size_t kScanMaxBytes = 128;
 
-// tiktoken's algorithm: parts[i] = (start, rank of merging part i with part i + 1).
+// tiktoken's algorithm: part i starts at start[i]; rank[i] is the rank of merging it with
+// part i + 1, token[i] its own rank. Written for the ~10-byte pieces that need it (a first
+// pass over text merges every distinct word once): the bytes are copied into a zero-padded
+// buffer so that every key is read with one 8-byte load, and the lowest rank (leftmost on
+// ties) is found without branches, as the minimum of rank << 32 | index.
 void bpe_scan(const RankMap& ranks, const uint8_t* p, size_t n, std::vector<TokenId>& out) {
-  struct Part {
-    uint32_t start;
-    uint32_t rank;   // of merging this part with the next
-    uint32_t token;  // this part's own rank
-  };
-  Part stack_parts[kScanMaxBytes + 1];
-  std::vector<Part> heap_parts;  // only when the scan is forced on a long piece (tests)
-  if (n > kScanMaxBytes) heap_parts.resize(n + 1);
-  Part* parts = n > kScanMaxBytes ? heap_parts.data() : stack_parts;
-  for (size_t i = 0; i + 1 < n; ++i) parts[i] = {uint32_t(i), ranks.find_pair(p + i), ranks.find_byte(p[i])};
-  parts[n - 1] = {uint32_t(n - 1), kNoRank, ranks.find_byte(p[n - 1])};
-  parts[n] = {uint32_t(n), kNoRank, kNoRank};
+  constexpr size_t kCapacity = kScanMaxBytes + 1;
+  uint32_t start_stack[kCapacity], rank_stack[kCapacity], token_stack[kCapacity];
+  uint8_t bytes_stack[kScanMaxBytes + 8];
+  std::vector<uint32_t> long_parts;  // only when the scan is forced on a long piece (tests)
+  std::vector<uint8_t> long_bytes;
+  uint32_t *start = start_stack, *rank = rank_stack, *token = token_stack;
+  uint8_t* bytes = bytes_stack;
+  if (n > kScanMaxBytes) {
+    long_parts.resize(3 * (n + 1));
+    start = long_parts.data(), rank = start + n + 1, token = rank + n + 1;
+    long_bytes.resize(n + 8);
+    bytes = long_bytes.data();
+  }
+  std::memcpy(bytes, p, n);
+  std::memset(bytes + n, 0, 8);
+  for (size_t i = 0; i + 1 < n; ++i) {
+    start[i] = uint32_t(i);
+    rank[i] = ranks.find_pair(bytes + i);
+    token[i] = ranks.find_byte(bytes[i]);
+  }
+  start[n - 1] = uint32_t(n - 1), rank[n - 1] = kNoRank, token[n - 1] = ranks.find_byte(bytes[n - 1]);
+  start[n] = uint32_t(n), rank[n] = kNoRank;
   size_t count = n + 1;
   auto rank_after_merge = [&](size_t i) {  // rank of parts i..i+2 (i, i+1 about to be merged)
-    return i + 3 < count ? ranks.find(p + parts[i].start, parts[i + 3].start - parts[i].start) : kNoRank;
+    if (i + 3 >= count) return kNoRank;
+    size_t length = start[i + 3] - start[i];
+    const uint8_t* key_bytes = bytes + start[i];
+    return ranks.find(key_bytes, length, RankMap::key_overread(key_bytes, length));
   };
   for (;;) {
-    uint32_t min_rank = kNoRank;
-    size_t min_i = 0;
-    for (size_t i = 0; i + 1 < count; ++i) {
-      if (parts[i].rank < min_rank) min_rank = parts[i].rank, min_i = i;
-    }
+    uint64_t best = ~uint64_t(0);
+    for (size_t i = 0; i + 1 < count; ++i) best = std::min(best, uint64_t(rank[i]) << 32 | i);
+    uint32_t min_rank = uint32_t(best >> 32);
     if (min_rank == kNoRank) break;
-    if (min_i > 0) parts[min_i - 1].rank = rank_after_merge(min_i - 1);
-    parts[min_i].rank = rank_after_merge(min_i);
-    parts[min_i].token = min_rank;
-    std::copy(parts + min_i + 2, parts + count, parts + min_i + 1);
+    size_t min_i = uint32_t(best);
+    if (min_i > 0) rank[min_i - 1] = rank_after_merge(min_i - 1);
+    rank[min_i] = rank_after_merge(min_i);
+    token[min_i] = min_rank;
     --count;
+    for (size_t i = min_i + 1; i < count; ++i) {
+      start[i] = start[i + 1];
+      rank[i] = rank[i + 1];
+      token[i] = token[i + 1];
+    }
   }
-  for (size_t i = 0; i + 1 < count; ++i) out.push_back(parts[i].token);
+  out.insert(out.end(), token, token + count - 1);
 }
 
 // The same merges in O(n log n): parts are a linked list indexed by their start byte (a
