@@ -8,7 +8,14 @@
 namespace flashgpt {
 
 void RankMap::build(const std::vector<std::string_view>& tokens) {
-  tokens_ = tokens;
+  arena_.clear();
+  offsets_.assign(tokens.size() + 1, 0);
+  for (size_t rank = 0; rank < tokens.size(); ++rank) {
+    offsets_[rank] = uint32_t(arena_.size());
+    arena_ += tokens[rank];
+    FLASHGPT_CHECK(arena_.size() < UINT32_MAX, "the rank file's tokens hold more than 4 GB");
+  }
+  offsets_[tokens.size()] = uint32_t(arena_.size());
   FLASHGPT_CHECK(tokens.size() < kRankMask, "{} ranks: more than a rank map holds", tokens.size());
   size_t capacity = std::bit_ceil(std::max<size_t>(16, tokens.size() + tokens.size() / 4));
   heads_.assign(capacity, 0);

@@ -53,9 +53,9 @@ class RankMap {
       if (heads_[slot] == k.head && (meta & ~kRankMask) == want) {
         uint32_t rank = meta & kRankMask;
         if (length <= 8) return rank;
-        std::string_view token = tokens_[rank];
-        if (token.size() == length &&
-            bytes_equal(reinterpret_cast<const uint8_t*>(token.data()) + 8, bytes + 8, length - 8))
+        uint32_t offset = offsets_[rank];
+        if ((length < kLongLength || offsets_[rank + 1] - offset == length) &&
+            bytes_equal(reinterpret_cast<const uint8_t*>(arena_.data()) + offset + 8, bytes + 8, length - 8))
           return rank;
       }
     }
@@ -128,7 +128,7 @@ class RankMap {
     return (word >> (h >> 40 & 63) & word >> (h >> 46 & 63) & 1) != 0;
   }
   // The slots, as two arrays: a key's prefix8, and its rank with its length above (lengths
-  // from kLongLength up share one value and are compared in tokens_). 12 bytes a slot at
+  // from kLongLength up share one value and are compared in offsets_). 12 bytes a slot at
   // 3/4 load: 1.5 MB for cl100k_base, which the CPU's L2 can mostly hold, where 16-byte
   // slots at half load took 4 MB and most lookups of rare tokens went to L3.
   static constexpr int kRankBits = 24;
@@ -140,7 +140,8 @@ class RankMap {
   std::vector<uint64_t> filter_ = std::vector<uint64_t>(kFilterWords, ~uint64_t(0));  // all-pass until built
   std::vector<uint32_t> pair_ranks_;  // 65536 entries
   uint32_t byte_ranks_[256] = {};
-  std::vector<std::string_view> tokens_;
+  std::string arena_;              // every token's bytes, in rank order
+  std::vector<uint32_t> offsets_;  // rank -> its bytes in arena_ (and rank + 1 -> their end)
   size_t mask_ = 0;
 };
 
