@@ -71,6 +71,8 @@ class RankMap {
   // The rank of a two-byte token, from a direct table (the first lookups of every merge).
   uint32_t find_pair(const uint8_t* p) const { return pair_ranks_[size_t(p[0]) << 8 | p[1]]; }
   uint32_t find_byte(uint8_t b) const { return byte_ranks_[b]; }
+  // One more than the highest rank.
+  size_t size() const { return offsets_.empty() ? 0 : offsets_.size() - 1; }
   // The first min(n, 8) bytes as a little-endian number, zero-padded; in-bounds loads only.
   static uint64_t prefix8(const uint8_t* p, size_t n) {
     if (n >= 8) return load64(p);
