@@ -5,11 +5,14 @@
 #include <flashgpt/error.h>
 
 #include "attention/attention_cuda_launch.h"
+#include "common/cuda_check.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace flashgpt {
 
@@ -105,6 +108,29 @@ int bwd_block_m_for(int head_dim) {
 }
 
 }  // namespace
+
+namespace attn {
+bool fwd_wgmma_selected() {
+#ifdef FLASHGPT_ATTN_SM90A
+  static const bool forced_off = [] {
+    const char* v = std::getenv("FLASHGPT_ATTN_FWD_KERNEL");
+    return v != nullptr && std::strcmp(v, "mma_sync") == 0;
+  }();
+  if (forced_off) return false;
+  int device = 0, major = 0, minor = 0;
+  FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
+  FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;  // sm_90a code runs on exactly compute capability 9.0
+#else
+  return false;
+#endif
+}
+}  // namespace attn
+
+const char* attention_cuda_forward_kernel(int head_dim) {
+  return (head_dim == 64 || head_dim == 128) && attn::fwd_wgmma_selected() ? "wgmma" : "mma.sync";
+}
 
 bool attention_cuda_head_dim_compiled(int head_dim) {
   switch (head_dim) {

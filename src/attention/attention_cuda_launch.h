@@ -54,6 +54,45 @@ template <> struct TileConfig<128> {
 };
 template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwdWarps = 8, kFwdMTiles = 1, kBwdBlockM = 32, kBwdWarps = 8; };
 
+// Hopper (wgmma) forward tiles, head dims 64 and 128 only: kWgmmaWarpgroups x 64 query rows
+// per CTA, kWgmmaBlockN keys per step, kWgmmaOverlap = issue the S GEMM of the next key block
+// with the P V GEMM of this one (softmax overlaps the tensor cores). Lab hooks as above:
+// FLASHGPT_WGMMA<d>_BLOCK_N / _WARPGROUPS / _OVERLAP.
+#ifndef FLASHGPT_WGMMA64_BLOCK_N
+#define FLASHGPT_WGMMA64_BLOCK_N 128
+#endif
+#ifndef FLASHGPT_WGMMA64_WARPGROUPS
+#define FLASHGPT_WGMMA64_WARPGROUPS 2
+#endif
+#ifndef FLASHGPT_WGMMA64_OVERLAP
+#define FLASHGPT_WGMMA64_OVERLAP 1
+#endif
+#ifndef FLASHGPT_WGMMA128_BLOCK_N
+#define FLASHGPT_WGMMA128_BLOCK_N 128
+#endif
+#ifndef FLASHGPT_WGMMA128_WARPGROUPS
+#define FLASHGPT_WGMMA128_WARPGROUPS 2
+#endif
+#ifndef FLASHGPT_WGMMA128_OVERLAP
+#define FLASHGPT_WGMMA128_OVERLAP 1
+#endif
+template <int kHeadDim>
+struct WgmmaTileConfig;
+template <> struct WgmmaTileConfig<64> {
+  static constexpr int kBlockN = FLASHGPT_WGMMA64_BLOCK_N, kWarpgroups = FLASHGPT_WGMMA64_WARPGROUPS;
+  static constexpr bool kOverlap = FLASHGPT_WGMMA64_OVERLAP != 0;
+};
+template <> struct WgmmaTileConfig<128> {
+  static constexpr int kBlockN = FLASHGPT_WGMMA128_BLOCK_N, kWarpgroups = FLASHGPT_WGMMA128_WARPGROUPS;
+  static constexpr bool kOverlap = FLASHGPT_WGMMA128_OVERLAP != 0;
+};
+
+// Which forward kernel the launcher uses on the current device: the wgmma kernel when the
+// build has sm_90a code (FLASHGPT_ATTN_SM90A), the device is compute capability 9.0, and the
+// environment variable FLASHGPT_ATTN_FWD_KERNEL is not "mma_sync"; the mma.sync kernel otherwise
+// (and for head dims other than 64 and 128). Defined in attention_cuda.cc.
+bool fwd_wgmma_selected();
+
 // Workspace layout, all fp32 or int32, each part 256-byte aligned:
 //   dq_accum [batch, heads_q, seqlen_q, head_dim]  (seqlen_q = max length when varlen)
 //   dot_do_o [batch, heads_q, seqlen_q]
