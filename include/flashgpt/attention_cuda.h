@@ -30,7 +30,8 @@ namespace flashgpt {
 bool attention_cuda_head_dim_compiled(int head_dim);
 
 // Which forward kernel runs for this head dim on the current device: "wgmma" (Hopper, sm_90a
-// builds) or "mma.sync". FLASHGPT_ATTN_FWD_KERNEL=mma_sync in the environment forces the latter.
+// builds) or "mma.sync". FLASHGPT_ATTN_FWD_KERNEL=wgmma / =mma_sync in the environment picks
+// one where both can run; the wgmma kernel is opt-in until it has been proven on a GPU.
 const char* attention_cuda_forward_kernel(int head_dim);
 
 // Writes o and lse.

@@ -88,9 +88,10 @@ template <> struct WgmmaTileConfig<128> {
 };
 
 // Which forward kernel the launcher uses on the current device: the wgmma kernel when the
-// build has sm_90a code (FLASHGPT_ATTN_SM90A), the device is compute capability 9.0, and the
-// environment variable FLASHGPT_ATTN_FWD_KERNEL is not "mma_sync"; the mma.sync kernel otherwise
-// (and for head dims other than 64 and 128). Defined in attention_cuda.cc.
+// build has sm_90a code (FLASHGPT_ATTN_SM90A), the device is compute capability 9.0, and it is
+// wanted (FLASHGPT_ATTN_FWD_KERNEL=wgmma or =mma_sync in the environment, else the default in
+// attention_cuda.cc, off until proven on a GPU); the mma.sync kernel otherwise (and for head
+// dims other than 64 and 128). Defined in attention_cuda.cc.
 bool fwd_wgmma_selected();
 
 // Workspace layout, all fp32 or int32, each part 256-byte aligned:

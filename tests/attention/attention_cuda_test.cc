@@ -365,8 +365,8 @@ std::vector<Case> compiled_cases(std::vector<Case> cases) {
   return out;
 }
 
-// Says which forward kernel the other tests exercise (wgmma on an H100 with an sm_90a build,
-// mma.sync elsewhere or with FLASHGPT_ATTN_FWD_KERNEL=mma_sync).
+// Says which forward kernel the other tests exercise (wgmma on an H100 with an sm_90a build when
+// FLASHGPT_ATTN_FWD_KERNEL=wgmma, as in the ctest attention_cuda_test_wgmma; mma.sync otherwise).
 TEST(AttentionCuda, ReportsForwardKernel) {
   for (int d : {64, 128})
     if (attention_cuda_head_dim_compiled(d))

@@ -6,7 +6,7 @@ the N lists below."""
 import pathlib
 
 HERE = pathlib.Path(__file__).parent
-SS_N = (64, 96, 128, 160, 176, 192, 256)  # S = Q K^T: N is the key block
+SS_N = (64, 80, 96, 112, 128, 144, 160, 176, 192, 256)  # S = Q K^T: N is the key block
 RS_N = (64, 128)                          # O += P V: N is the head dim
 TYPES = {"bf16": "__nv_bfloat16", "f16": "__half"}
 
