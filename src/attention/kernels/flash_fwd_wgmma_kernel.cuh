@@ -50,6 +50,11 @@ struct FwdWgmmaTraits {
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 block can have");
 };
 
+// Lab hook: 0 launches causal query blocks in index order (see the kernel).
+#ifndef FLASHGPT_WGMMA_CAUSAL_REVERSE
+#define FLASHGPT_WGMMA_CAUSAL_REVERSE 1
+#endif
+
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FLASHGPT_WGMMA_AVAILABLE 1
 #endif
@@ -214,13 +219,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
   constexpr int kNTilesS = Traits::kNTilesS, kNTilesO = Traits::kNTilesO;
   constexpr int kKSteps = kHeadDim / 16;  // k16 steps of the S GEMM
   constexpr uint32_t kSwizzleAtom = 1024;  // 8 rows x 128 bytes: the descriptors' stride byte offset
+  constexpr bool kCausalReverse = FLASHGPT_WGMMA_CAUSAL_REVERSE != 0;
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t sQ = (smem_u32(smem_raw) + 1023u) & ~1023u;
   const uint32_t sK = sQ + Traits::kTileQBytes;       // [2][kHeadDim / 64][kBlockN][64]
   const uint32_t sV = sK + 2 * Traits::kTileKVBytes;  // [2][kHeadDim / 64][kBlockN][64]
 
-  const int m_block = blockIdx.x, head = blockIdx.y, b = blockIdx.z;
+  const bool causal = p.mask == Mask::causal;
+  // Causal: the last query blocks see the most keys; handing them out first (CTAs start in
+  // blockIdx.x order) leaves the light blocks for the final wave instead of the heaviest ones.
+  const int m_block = causal && kCausalReverse ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  const int head = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   const int wg = tid / 128;  // warpgroup: query rows 64 wg .. 64 wg + 63 of the block
@@ -228,7 +238,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.seqlen_q) return;
   const int head_kv = head / (p.heads_q / p.heads_kv);
-  const bool causal = p.mask == Mask::causal;
   const int diag = seq.seqlen_k - seq.seqlen_q;  // row i sees col j iff j <= i + diag
 
   const Element* gQ = static_cast<const Element*>(p.q) +
