@@ -54,15 +54,17 @@ template <> struct TileConfig<128> {
 };
 template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwdWarps = 8, kFwdMTiles = 1, kBwdBlockM = 32, kBwdWarps = 8; };
 
-// Hopper (wgmma) forward tiles, head dims 64 and 128 only: kWgmmaWarpgroups x 64 query rows
-// per CTA, kWgmmaBlockN keys per step, kWgmmaOverlap = issue the S GEMM of the next key block
-// with the P V GEMM of this one (softmax overlaps the tensor cores). Lab hooks as above:
-// FLASHGPT_WGMMA<d>_BLOCK_N / _WARPGROUPS / _OVERLAP.
+// Hopper (wgmma) forward tiles, head dims 64 and 128 only: kWarpgroups x 64 query rows per
+// CTA, kBlockN keys per step, kOverlap = issue the S GEMM of the next key block with the P V
+// GEMM of this one (softmax overlaps the tensor cores). Lab hooks as above:
+// FLASHGPT_WGMMA<d>_BLOCK_N / _WARPGROUPS / _OVERLAP. Measured on the H100 (notes, v4 lab):
+// d64 with one warpgroup (two CTAs per SM, one hides the other's loads and epilogue) +2-10%;
+// d128 without the overlap +2-5% (the overlapped loop spills 144 B at 255 registers).
 #ifndef FLASHGPT_WGMMA64_BLOCK_N
 #define FLASHGPT_WGMMA64_BLOCK_N 128
 #endif
 #ifndef FLASHGPT_WGMMA64_WARPGROUPS
-#define FLASHGPT_WGMMA64_WARPGROUPS 2
+#define FLASHGPT_WGMMA64_WARPGROUPS 1
 #endif
 #ifndef FLASHGPT_WGMMA64_OVERLAP
 #define FLASHGPT_WGMMA64_OVERLAP 1
@@ -74,7 +76,7 @@ template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwd
 #define FLASHGPT_WGMMA128_WARPGROUPS 2
 #endif
 #ifndef FLASHGPT_WGMMA128_OVERLAP
-#define FLASHGPT_WGMMA128_OVERLAP 1
+#define FLASHGPT_WGMMA128_OVERLAP 0
 #endif
 template <int kHeadDim>
 struct WgmmaTileConfig;
@@ -87,12 +89,11 @@ template <> struct WgmmaTileConfig<128> {
   static constexpr bool kOverlap = FLASHGPT_WGMMA128_OVERLAP != 0;
 };
 
-// Which forward kernel the launcher uses on the current device: the wgmma kernel when the
-// build has sm_90a code (FLASHGPT_ATTN_SM90A), the device is compute capability 9.0, and it is
-// wanted (FLASHGPT_ATTN_FWD_KERNEL=wgmma or =mma_sync in the environment, else the default in
-// attention_cuda.cc, off until proven on a GPU); the mma.sync kernel otherwise (and for head
-// dims other than 64 and 128). Defined in attention_cuda.cc.
-bool fwd_wgmma_selected();
+// Whether the launcher uses the wgmma forward: the build has sm_90a code (FLASHGPT_ATTN_SM90A),
+// the device is compute capability 9.0, the head dim is 64 or 128, and either
+// FLASHGPT_ATTN_FWD_KERNEL=wgmma forces it or (automatic) there is no dropout; the mma.sync
+// kernel otherwise (FLASHGPT_ATTN_FWD_KERNEL=mma_sync forces it). Defined in attention_cuda.cc.
+bool fwd_wgmma_selected(int head_dim, float dropout_p);
 
 // Workspace layout, all fp32 or int32, each part 256-byte aligned:
 //   dq_accum [batch, heads_q, seqlen_q, head_dim]  (seqlen_q = max length when varlen)

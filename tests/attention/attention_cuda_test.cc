@@ -365,12 +365,14 @@ std::vector<Case> compiled_cases(std::vector<Case> cases) {
   return out;
 }
 
-// Says which forward kernel the other tests exercise (wgmma on an H100 with an sm_90a build when
-// FLASHGPT_ATTN_FWD_KERNEL=wgmma, as in the ctest attention_cuda_test_wgmma; mma.sync otherwise).
+// Says which forward kernel the other tests exercise: on an H100 with an sm_90a build, wgmma
+// without dropout and mma.sync with it, unless FLASHGPT_ATTN_FWD_KERNEL forces one (the ctests
+// attention_cuda_test_wgmma and attention_cuda_test_mma_sync); mma.sync everywhere else.
 TEST(AttentionCuda, ReportsForwardKernel) {
   for (int d : {64, 128})
     if (attention_cuda_head_dim_compiled(d))
-      std::printf("[ info ] head_dim %d forward kernel: %s\n", d, attention_cuda_forward_kernel(d));
+      std::printf("[ info ] head_dim %d forward kernel: %s, with dropout: %s\n", d, attention_cuda_forward_kernel(d),
+                  attention_cuda_forward_kernel(d, 0.1f));
 }
 
 TEST(AttentionCuda, ForwardBackwardMatchReference) {

@@ -32,7 +32,7 @@ void set_smem_limit(Kernel kernel, size_t bytes) {
 template <int kHeadDim, typename Element>
 void run_flash_fwd(const AttentionParams& p, float scale, cudaStream_t stream) {
   if constexpr (kHeadDim == 64 || kHeadDim == 128) {
-    if (fwd_wgmma_selected()) {
+    if (fwd_wgmma_selected(kHeadDim, p.dropout_p)) {
       using Traits = FwdWgmmaTraitsFor<kHeadDim, Element>;
       auto kernel = flash_fwd_wgmma_kernel<Traits>;
       set_smem_limit(kernel, Traits::kSmemBytes);
