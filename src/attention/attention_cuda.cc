@@ -112,8 +112,9 @@ int bwd_block_m_for(int head_dim) {
 namespace attn {
 // The wgmma forward is the default on Hopper since it passed the GPU tests on the H100 and beat
 // the mma.sync forward in every dropout-free row measured (docs/attention_gpu_notes.md, v4).
-// With dropout the mma.sync forward was faster on the one shape measured (the model's: d64,
-// s512, causal, p 0.1: 80 vs 76 TFLOP/s), so the automatic choice keeps it there.
+// With dropout at d64 the mma.sync forward was faster (model shape b64 h12 s512 causal p 0.1:
+// 79 vs 67 TFLOP/s; s4k p 0.1: 122 vs 116), at d128 slower (s4k p 0.1: 177 vs 186), so the
+// automatic choice keeps mma.sync for d64 with dropout only.
 constexpr bool kFwdWgmmaByDefault = true;
 
 enum class FwdKernelChoice { automatic, wgmma, mma_sync };
@@ -134,7 +135,8 @@ bool fwd_wgmma_selected([[maybe_unused]] int head_dim, [[maybe_unused]] float dr
   if (head_dim != 64 && head_dim != 128) return false;
   const FwdKernelChoice choice = fwd_kernel_choice();
   if (choice == FwdKernelChoice::mma_sync) return false;
-  if (choice == FwdKernelChoice::automatic && (!kFwdWgmmaByDefault || dropout_p > 0.0f)) return false;
+  if (choice == FwdKernelChoice::automatic && (!kFwdWgmmaByDefault || (head_dim == 64 && dropout_p > 0.0f)))
+    return false;
   int device = 0, major = 0, minor = 0;
   FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
   FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
