@@ -14,8 +14,9 @@
 // head_dim / 64 column blocks of [rows][64 elements] (128-byte rows), with the 128-byte
 // swizzle: 16-byte chunk c of row r lives at chunk c ^ (r % 8). Every tile starts on a 1024-byte
 // boundary (the swizzle repeats every 8 rows = 1024 bytes and is applied to address bits).
-// Loads are cp.async (all threads), one barrier per key block; the copy for block n + 1 (n + 2
-// for K when overlapping) is in flight while block n is computed.
+// Loads are cp.async (all threads); the copy for block n + 1 (n + 2 for K when overlapping) is
+// in flight while block n is computed; one barrier per key block (FLASHGPT_WGMMA_SPLIT_WAIT=1:
+// without the overlap K[n] and V[n] are waited for separately, two barriers per key block).
 //
 // kOverlap (FlashAttention-3's intra-warpgroup pipelining): the S GEMM of key block n + 1 and
 // the P V GEMM of block n are issued together, and the softmax of block n + 1 runs while the
@@ -53,6 +54,11 @@ struct FwdWgmmaTraits {
 // Lab hook: 0 launches causal query blocks in index order (see the kernel).
 #ifndef FLASHGPT_WGMMA_CAUSAL_REVERSE
 #define FLASHGPT_WGMMA_CAUSAL_REVERSE 1
+#endif
+// Lab hook: 1 waits for K[n] and V[n] separately (no overlap: two barriers per key block; with
+// the overlap only the first S GEMM waits for less). Off until measured.
+#ifndef FLASHGPT_WGMMA_SPLIT_WAIT
+#define FLASHGPT_WGMMA_SPLIT_WAIT 0
 #endif
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -220,6 +226,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
   constexpr int kKSteps = kHeadDim / 16;  // k16 steps of the S GEMM
   constexpr uint32_t kSwizzleAtom = 1024;  // 8 rows x 128 bytes: the descriptors' stride byte offset
   constexpr bool kCausalReverse = FLASHGPT_WGMMA_CAUSAL_REVERSE != 0;
+  constexpr bool kSplitWait = FLASHGPT_WGMMA_SPLIT_WAIT != 0;
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t sQ = (smem_u32(smem_raw) + 1023u) & ~1023u;
@@ -315,25 +322,42 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
     if (use_dropout) wg_apply_dropout(s, p.rng, batch_head, row0, n0, t, threshold);
   };
 
+  // kSplitWait: two copy groups, {Q, K[0]} first, so that the first S GEMM waits for those
+  // alone, then {V[0]} (+ K[1] when overlapping); otherwise one.
   if (n_blocks > 0) {
     load_tile_swizzled_async<kBlockM, kHeadDim, kThreads>(sQ, gQ, p.q_row_stride, seq.seqlen_q - m0, tid);
     load_k(0);
+    if constexpr (kSplitWait) cp_async_commit();
     load_v(0);
     if constexpr (Traits::kOverlap) {
       if (n_blocks > 1) load_k(1);
     }
     cp_async_commit();
   }
+  // The newest copy group may still be in flight; all older ones have landed and are visible.
+  auto wait_loads_but_newest = [&]() {
+    cp_async_wait<1>();
+    fence_proxy_async_smem();
+    __syncthreads();
+  };
 
   if constexpr (!Traits::kOverlap) {
     for (int n_block = 0; n_block < n_blocks; ++n_block) {
-      // K[n], V[n] landed; the other stage's K and V were consumed in the previous iteration.
-      wait_loads();
-      if (n_block + 1 < n_blocks) {
-        load_k(n_block + 1);
-        load_v(n_block + 1);
+      // The other stage's K and V were consumed in the previous iteration (every thread waited
+      // for its GEMMs before this barrier). Split waits: K[n] alone gates the S GEMM and V[n]
+      // the P V GEMM, each with the next block's copy of the same tensor in flight behind it.
+      if constexpr (kSplitWait) {
+        wait_loads_but_newest();  // Q, K[n]
+        if (n_block + 1 < n_blocks) load_k(n_block + 1);
+        cp_async_commit();
+      } else {
+        wait_loads();  // K[n], V[n]
+        if (n_block + 1 < n_blocks) {
+          load_k(n_block + 1);
+          load_v(n_block + 1);
+        }
+        cp_async_commit();
       }
-      cp_async_commit();
 
       float s[kNTilesS][4];
       wgmma_fence();
@@ -347,6 +371,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
       wg_scale_rows(acc_o, correction);
       uint32_t pa[kNTilesS / 2][4];
       wg_pack_p<Element>(s, pa);
+      if constexpr (kSplitWait) {
+        wait_loads_but_newest();  // V[n]; K[n + 1] may still be in flight
+        if (n_block + 1 < n_blocks) load_v(n_block + 1);
+        cp_async_commit();
+      }
 
       fence_operands(acc_o);
       wgmma_fence();
@@ -360,7 +389,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
     // Block 0's S and softmax first; then each iteration issues S[n + 1] and P[n] V[n] together.
     uint32_t pa[kNTilesS / 2][4];
     {
-      wait_loads();
+      if constexpr (kSplitWait) {
+        wait_loads_but_newest();  // Q, K[0]
+      } else {
+        wait_loads();
+      }
       float s[kNTilesS][4];
       wgmma_fence();
       issue_s_gemm(s, 0);
