@@ -57,9 +57,10 @@ template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwd
 // Hopper (wgmma) forward tiles, head dims 64 and 128 only: kWarpgroups x 64 query rows per
 // CTA, kBlockN keys per step, kOverlap = issue the S GEMM of the next key block with the P V
 // GEMM of this one (softmax overlaps the tensor cores). Lab hooks as above:
-// FLASHGPT_WGMMA<d>_BLOCK_N / _WARPGROUPS / _OVERLAP. Measured on the H100 (notes, v4 lab):
+// FLASHGPT_WGMMA<d>_BLOCK_N / _WARPGROUPS / _OVERLAP. Measured on the H100 (notes, v4 labs):
 // d64 with one warpgroup (two CTAs per SM, one hides the other's loads and epilogue) +2-10%;
-// d128 without the overlap +2-5% (the overlapped loop spills 144 B at 255 registers).
+// without the overlap d128 +2-5% (the overlapped loop spills 144 B at 255 registers) and d64
+// +1-10% (not profiled; likely the two co-resident CTAs already keep the tensor cores busy).
 #ifndef FLASHGPT_WGMMA64_BLOCK_N
 #define FLASHGPT_WGMMA64_BLOCK_N 128
 #endif
@@ -67,7 +68,7 @@ template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwd
 #define FLASHGPT_WGMMA64_WARPGROUPS 1
 #endif
 #ifndef FLASHGPT_WGMMA64_OVERLAP
-#define FLASHGPT_WGMMA64_OVERLAP 1
+#define FLASHGPT_WGMMA64_OVERLAP 0
 #endif
 #ifndef FLASHGPT_WGMMA128_BLOCK_N
 #define FLASHGPT_WGMMA128_BLOCK_N 128
