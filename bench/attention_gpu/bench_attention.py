@@ -108,6 +108,9 @@ def main():
     ap.add_argument("--methods", default="flashgpt,torch-fa2,torch-cudnn,torch-math")
     ap.add_argument("--math-max-seqlen", type=int, default=8192, help="skip the math backend above this (time)")
     ap.add_argument("--rep-ms", type=int, default=60)
+    ap.add_argument("--extra", default="", help="more rows: 'b,h,s,d,causal,dropout;...' ('none' for --seqlens "
+                    "and --no-model leave only these)")
+    ap.add_argument("--no-model", action="store_true", help="leave out the model shape row")
     args = ap.parse_args()
     out_dir = pathlib.Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,9 +118,13 @@ def main():
     configs = []
     for d in map(int, args.head_dims.split(",")):
         for causal in (False, True):
-            for s in map(int, args.seqlens.split(",")):
+            for s in map(int, args.seqlens.split(",")) if args.seqlens != "none" else ():
                 configs.append((16384 // s, 2048 // d, s, d, causal, 0.0, "paper"))
-    configs.append((64, 12, 512, 64, True, 0.1, "model"))
+    if not args.no_model:
+        configs.append((64, 12, 512, 64, True, 0.1, "model"))
+    for spec in filter(None, args.extra.split(";")):
+        b, h, s, d, causal, dropout = spec.split(",")
+        configs.append((int(b), int(h), int(s), int(d), bool(int(causal)), float(dropout), "extra"))
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     rows = []
     for b, h, s, d, causal, dropout, group in configs:

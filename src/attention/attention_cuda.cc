@@ -5,11 +5,14 @@
 #include <flashgpt/error.h>
 
 #include "attention/attention_cuda_launch.h"
+#include "common/cuda_check.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace flashgpt {
 
@@ -105,6 +108,49 @@ int bwd_block_m_for(int head_dim) {
 }
 
 }  // namespace
+
+namespace attn {
+// The wgmma forward is the default on Hopper since it passed the GPU tests on the H100 and beat
+// the mma.sync forward in every dropout-free row measured (docs/attention_gpu_notes.md, v4).
+// With dropout at d64 the mma.sync forward was faster (model shape b64 h12 s512 causal p 0.1:
+// 79 vs 67 TFLOP/s; s4k p 0.1: 122 vs 116), at d128 slower (s4k p 0.1: 177 vs 186), so the
+// automatic choice keeps mma.sync for d64 with dropout only.
+constexpr bool kFwdWgmmaByDefault = true;
+
+enum class FwdKernelChoice { automatic, wgmma, mma_sync };
+
+// FLASHGPT_ATTN_FWD_KERNEL=wgmma / =mma_sync forces a kernel (tests, benchmarks); read once.
+FwdKernelChoice fwd_kernel_choice() {
+  static const FwdKernelChoice choice = [] {
+    const char* v = std::getenv("FLASHGPT_ATTN_FWD_KERNEL");
+    if (v != nullptr && std::strcmp(v, "wgmma") == 0) return FwdKernelChoice::wgmma;
+    if (v != nullptr && std::strcmp(v, "mma_sync") == 0) return FwdKernelChoice::mma_sync;
+    return FwdKernelChoice::automatic;
+  }();
+  return choice;
+}
+
+bool fwd_wgmma_selected([[maybe_unused]] int head_dim, [[maybe_unused]] float dropout_p) {
+#ifdef FLASHGPT_ATTN_SM90A
+  if (head_dim != 64 && head_dim != 128) return false;
+  const FwdKernelChoice choice = fwd_kernel_choice();
+  if (choice == FwdKernelChoice::mma_sync) return false;
+  if (choice == FwdKernelChoice::automatic && (!kFwdWgmmaByDefault || (head_dim == 64 && dropout_p > 0.0f)))
+    return false;
+  int device = 0, major = 0, minor = 0;
+  FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
+  FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;  // sm_90a code runs on exactly compute capability 9.0
+#else
+  return false;
+#endif
+}
+}  // namespace attn
+
+const char* attention_cuda_forward_kernel(int head_dim, float dropout_p) {
+  return attn::fwd_wgmma_selected(head_dim, dropout_p) ? "wgmma" : "mma.sync";
+}
 
 bool attention_cuda_head_dim_compiled(int head_dim) {
   switch (head_dim) {

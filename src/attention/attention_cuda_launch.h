@@ -54,6 +54,48 @@ template <> struct TileConfig<128> {
 };
 template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwdWarps = 8, kFwdMTiles = 1, kBwdBlockM = 32, kBwdWarps = 8; };
 
+// Hopper (wgmma) forward tiles, head dims 64 and 128 only: kWarpgroups x 64 query rows per
+// CTA, kBlockN keys per step, kOverlap = issue the S GEMM of the next key block with the P V
+// GEMM of this one (softmax overlaps the tensor cores). Lab hooks as above:
+// FLASHGPT_WGMMA<d>_BLOCK_N / _WARPGROUPS / _OVERLAP. Measured on the H100 (notes, v4 labs):
+// d64 with one warpgroup (two CTAs per SM, one hides the other's loads and epilogue) +2-10%;
+// without the overlap d128 +2-5% (the overlapped loop spills 144 B at 255 registers) and d64
+// +1-10% (not profiled; likely the two co-resident CTAs already keep the tensor cores busy).
+#ifndef FLASHGPT_WGMMA64_BLOCK_N
+#define FLASHGPT_WGMMA64_BLOCK_N 128
+#endif
+#ifndef FLASHGPT_WGMMA64_WARPGROUPS
+#define FLASHGPT_WGMMA64_WARPGROUPS 1
+#endif
+#ifndef FLASHGPT_WGMMA64_OVERLAP
+#define FLASHGPT_WGMMA64_OVERLAP 0
+#endif
+#ifndef FLASHGPT_WGMMA128_BLOCK_N
+#define FLASHGPT_WGMMA128_BLOCK_N 128
+#endif
+#ifndef FLASHGPT_WGMMA128_WARPGROUPS
+#define FLASHGPT_WGMMA128_WARPGROUPS 2
+#endif
+#ifndef FLASHGPT_WGMMA128_OVERLAP
+#define FLASHGPT_WGMMA128_OVERLAP 0
+#endif
+template <int kHeadDim>
+struct WgmmaTileConfig;
+template <> struct WgmmaTileConfig<64> {
+  static constexpr int kBlockN = FLASHGPT_WGMMA64_BLOCK_N, kWarpgroups = FLASHGPT_WGMMA64_WARPGROUPS;
+  static constexpr bool kOverlap = FLASHGPT_WGMMA64_OVERLAP != 0;
+};
+template <> struct WgmmaTileConfig<128> {
+  static constexpr int kBlockN = FLASHGPT_WGMMA128_BLOCK_N, kWarpgroups = FLASHGPT_WGMMA128_WARPGROUPS;
+  static constexpr bool kOverlap = FLASHGPT_WGMMA128_OVERLAP != 0;
+};
+
+// Whether the launcher uses the wgmma forward: the build has sm_90a code (FLASHGPT_ATTN_SM90A),
+// the device is compute capability 9.0, the head dim is 64 or 128, and either
+// FLASHGPT_ATTN_FWD_KERNEL=wgmma forces it or (automatic) it is not d64 with dropout; the mma.sync
+// kernel otherwise (FLASHGPT_ATTN_FWD_KERNEL=mma_sync forces it). Defined in attention_cuda.cc.
+bool fwd_wgmma_selected(int head_dim, float dropout_p);
+
 // Workspace layout, all fp32 or int32, each part 256-byte aligned:
 //   dq_accum [batch, heads_q, seqlen_q, head_dim]  (seqlen_q = max length when varlen)
 //   dot_do_o [batch, heads_q, seqlen_q]

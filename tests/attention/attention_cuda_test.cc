@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -364,6 +365,16 @@ std::vector<Case> compiled_cases(std::vector<Case> cases) {
   return out;
 }
 
+// Says which forward kernel the other tests exercise: on an H100 with an sm_90a build, wgmma
+// except for d64 with dropout (mma.sync), unless FLASHGPT_ATTN_FWD_KERNEL forces one (the ctests
+// attention_cuda_test_wgmma and attention_cuda_test_mma_sync); mma.sync everywhere else.
+TEST(AttentionCuda, ReportsForwardKernel) {
+  for (int d : {64, 128})
+    if (attention_cuda_head_dim_compiled(d))
+      std::printf("[ info ] head_dim %d forward kernel: %s, with dropout: %s\n", d, attention_cuda_forward_kernel(d),
+                  attention_cuda_forward_kernel(d, 0.1f));
+}
+
 TEST(AttentionCuda, ForwardBackwardMatchReference) {
   const auto bf = DType::bf16, fp = DType::f16;
   const auto none = Mask::none, causal = Mask::causal;
@@ -383,6 +394,8 @@ TEST(AttentionCuda, ForwardBackwardMatchReference) {
       {"d128 dropout causal GQA", 1, 97, 200, 4, 2, 128, causal, 0.3f, bf, {}, {}},
       {"d64 varlen empty", 0, 0, 0, 2, 1, 64, causal, 0.0f, bf, {5, 0, 130, 1, 64}, {7, 3, 130, 0, 200}},
       {"d128 varlen dropout", 0, 0, 0, 2, 2, 128, none, 0.1f, fp, {33, 0, 70}, {40, 9, 0}},
+      {"d128 sq 513 sk 700 causal dropout fp16", 1, 513, 700, 2, 1, 128, causal, 0.1f, fp, {}, {}},
+      {"d64 sq 700 sk 513 causal fp16", 1, 700, 513, 2, 2, 64, causal, 0.0f, fp, {}, {}},
       {"d32 s100", 1, 100, 100, 2, 2, 32, causal, 0.0f, bf, {}, {}},
       {"d96 s100", 1, 100, 100, 2, 2, 96, causal, 0.0f, bf, {}, {}},
       {"d256 s100", 1, 100, 100, 2, 2, 256, causal, 0.0f, bf, {}, {}},

@@ -7,6 +7,7 @@
 #include "common/cuda_check.h"
 #include "flash_bwd_kernel.cuh"
 #include "flash_fwd_kernel.cuh"
+#include "flash_fwd_wgmma_kernel.cuh"
 
 #include <cuda_runtime.h>
 
@@ -15,6 +16,10 @@ namespace flashgpt::attn {
 template <int kHeadDim, typename Element>
 using FwdTraitsFor = FwdTraits<kHeadDim, TileConfig<kHeadDim>::kFwdBlockN, TileConfig<kHeadDim>::kFwdWarps,
                                TileConfig<kHeadDim>::kFwdMTiles, Element>;
+template <int kHeadDim, typename Element>
+using FwdWgmmaTraitsFor = FwdWgmmaTraits<kHeadDim, WgmmaTileConfig<kHeadDim>::kBlockN,
+                                         WgmmaTileConfig<kHeadDim>::kWarpgroups, WgmmaTileConfig<kHeadDim>::kOverlap,
+                                         Element>;
 template <int kHeadDim, typename Element>
 using BwdTraitsFor = BwdTraits<kHeadDim, TileConfig<kHeadDim>::kBwdBlockM, TileConfig<kHeadDim>::kBwdWarps, Element>;
 
@@ -26,6 +31,18 @@ void set_smem_limit(Kernel kernel, size_t bytes) {
 
 template <int kHeadDim, typename Element>
 void run_flash_fwd(const AttentionParams& p, float scale, cudaStream_t stream) {
+  if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+    if (fwd_wgmma_selected(kHeadDim, p.dropout_p)) {
+      using Traits = FwdWgmmaTraitsFor<kHeadDim, Element>;
+      auto kernel = flash_fwd_wgmma_kernel<Traits>;
+      set_smem_limit(kernel, Traits::kSmemBytes);
+      const dim3 grid((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, p.heads_q, p.batch);
+      if (grid.x == 0 || p.batch == 0) return;
+      kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scale);
+      FLASHGPT_CUDA_CHECK_LAUNCH("flash_fwd_wgmma_kernel");
+      return;
+    }
+  }
   using Traits = FwdTraitsFor<kHeadDim, Element>;
   auto kernel = flash_fwd_kernel<Traits>;
   set_smem_limit(kernel, Traits::kSmemBytes);
