@@ -367,7 +367,7 @@ std::vector<Case> compiled_cases(std::vector<Case> cases) {
 }
 
 // Says which forward kernel the other tests exercise: on an H100 with an sm_90a build, wgmma
-// except for d64 with dropout (mma.sync), unless FLASHGPT_ATTN_FWD_KERNEL forces one (the ctests
+// (d64 and d128, with or without dropout), unless FLASHGPT_ATTN_FWD_KERNEL forces one (the ctests
 // attention_cuda_test_wgmma and attention_cuda_test_mma_sync); mma.sync everywhere else.
 TEST(AttentionCuda, ReportsForwardKernel) {
   for (int d : {64, 128})
