@@ -17,10 +17,12 @@
 // Causal mask: aligned to the bottom-right corner, as in FlashAttention 2: query row i
 // sees key column j iff j <= i + seqlen_k - seqlen_q.
 //
-// Dropout: with probability dropout_p each probability P[i, j] is zeroed and the kept
-// ones are scaled by 1 / (1 - dropout_p). The mask comes from philox.h's dropout stream
-// and is the same on every backend for the same seed and offset. LSE is that of the
-// softmax before dropout.
+// Dropout: each probability P[i, j] is zeroed with probability t / 256, t = round(256 *
+// dropout_p) (an 8-bit random byte below t, philox.h), and the kept ones are scaled by
+// 256 / (256 - t), so every element keeps its expectation exactly. dropout_p < 1/512 is no
+// dropout; dropout_p >= 511/512 drops everything (O = 0, gradients 0, never NaN). The mask
+// comes from philox.h's dropout stream and is the same on every backend for the same seed
+// and offset. LSE is that of the softmax before dropout.
 #pragma once
 
 #include <flashgpt/philox.h>

@@ -30,7 +30,7 @@ namespace flashgpt {
 bool attention_cuda_head_dim_compiled(int head_dim);
 
 // Which forward kernel runs for this head dim and dropout on the current device: "wgmma"
-// (Hopper, sm_90a builds, head dims 64 and 128, except d64 with dropout) or "mma.sync".
+// (Hopper, sm_90a builds, head dims 64 and 128, with or without dropout) or "mma.sync".
 // FLASHGPT_ATTN_FWD_KERNEL=wgmma / =mma_sync in the environment forces one where both can run.
 const char* attention_cuda_forward_kernel(int head_dim, float dropout_p = 0.0f);
 

@@ -103,7 +103,7 @@ def attention_reference(q, k, v, causal=False, softmax_scale=None, dropout_p=0.0
         masks = torch.stack([torch.stack([
             torch.from_numpy(philox.keep_mask(seed, offset, (batch_index_base + bi) * hq + h, sq, sk, dropout_p))
             for h in range(hq)]) for bi in range(b)]).to(q.device)
-        p = p * masks.to(p.dtype) / (1.0 - dropout_p)
+        p = p * masks.to(p.dtype) * philox.dropout_keep_scale(dropout_p)
     out = torch.matmul(p, vf).transpose(1, 2).to(q.dtype)
     return out, lse.float()
 

@@ -99,8 +99,9 @@ inline int64_t attention_total_q(const AttentionParams& p) {
   return p.cu_seqlens_q != nullptr ? int64_t{p.cu_seqlens_q[p.batch]} : int64_t{p.batch} * p.seqlen_q;
 }
 
-// Dropout as the header defines it: P[i, j] is kept with probability 1 - p and scaled by
-// 1 / (1 - p); the keep decision is philox.h's, keyed by (b * heads_q + head, row, col).
+// Dropout as philox.h defines it: P[i, j] is dropped when its random byte is below
+// t = round(p * 256), and kept ones are scaled by 256 / (256 - t) (0 when t == 256); the
+// byte is philox.h's, keyed by (b * heads_q + head, row, col).
 struct CpuDropout {
   bool enabled = false;
   uint32_t threshold = 0;
@@ -110,23 +111,22 @@ struct CpuDropout {
 
 inline CpuDropout cpu_dropout(const AttentionParams& p) {
   CpuDropout d;
-  d.enabled = p.dropout_p > 0.0f;
   d.threshold = dropout_threshold(p.dropout_p);
-  d.keep_scale = d.enabled ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  d.enabled = dropout_enabled(d.threshold);
+  d.keep_scale = static_cast<float>(dropout_keep_scale(d.threshold));
   d.rng = p.rng;
   return d;
 }
 
 // multiplier[c - col_begin] for each col in [col_begin, col_end) of one row: 0 where the
-// element is dropped, keep_scale where kept. One Philox call serves four columns.
+// element is dropped, keep_scale where kept. One Philox call serves sixteen columns.
 inline void dropout_row_multipliers(const CpuDropout& d, int64_t batch_head, int64_t row, int64_t col_begin,
                                     int64_t col_end, float* multiplier) {
   int64_t col = col_begin;
   while (col < col_end) {
-    const Philox4x32 words = dropout_random_words(d.rng, batch_head, row, col >> 2);
-    const uint32_t lanes[4] = {words.x, words.y, words.z, words.w};
-    for (int64_t lane = col & 3; lane < 4 && col < col_end; ++lane, ++col) {
-      multiplier[col - col_begin] = lanes[lane] >= d.threshold ? d.keep_scale : 0.0f;
+    const Philox4x32 words = dropout_random_words(d.rng, batch_head, row, col / kDropoutColsPerCall);
+    for (int k = static_cast<int>(col % kDropoutColsPerCall); k < kDropoutColsPerCall && col < col_end; ++k, ++col) {
+      multiplier[col - col_begin] = dropout_keep_byte(dropout_byte(words, k), d.threshold) ? d.keep_scale : 0.0f;
     }
   }
 }

@@ -37,7 +37,8 @@ double dot_double(const A* a, const B* b, int n) {
   return acc;
 }
 
-// The dropout multiplier of P[row, col]: 0 when dropped, 1 / (1 - p) when kept.
+// The dropout multiplier of P[row, col]: 0 when dropped, 256 / (256 - t) when kept
+// (t = round(p * 256), philox.h).
 struct ReferenceDropout {
   bool enabled;
   uint32_t threshold;
@@ -50,7 +51,8 @@ struct ReferenceDropout {
 };
 
 ReferenceDropout reference_dropout(const AttentionParams& p) {
-  return {p.dropout_p > 0.0f, dropout_threshold(p.dropout_p), 1.0 / (1.0 - static_cast<double>(p.dropout_p)), p.rng};
+  const uint32_t threshold = dropout_threshold(p.dropout_p);
+  return {dropout_enabled(threshold), threshold, dropout_keep_scale(threshold), p.rng};
 }
 
 // Writes scale * q_row . K^T into s[0 .. key_end) and turns it into the pre-dropout

@@ -112,9 +112,10 @@ int bwd_block_m_for(int head_dim) {
 namespace attn {
 // The wgmma forward is the default on Hopper since it passed the GPU tests on the H100 and beat
 // the mma.sync forward in every dropout-free row measured (docs/attention_gpu_notes.md, v4).
-// With dropout at d64 the mma.sync forward was faster (model shape b64 h12 s512 causal p 0.1:
-// 79 vs 67 TFLOP/s; s4k p 0.1: 122 vs 116), at d128 slower (s4k p 0.1: 177 vs 186), so the
-// automatic choice keeps mma.sync for d64 with dropout only.
+// With the 32-bit dropout stream mma.sync was faster at d64 with dropout, and the automatic
+// choice kept it there; with the 8-bit stream (one Philox call per 16 elements) wgmma wins
+// those rows too (H100, model shape b64 h12 s512 causal p 0.1: 121 vs 117 TFLOP/s; d64 s4k
+// p 0.1: 226 vs 195; notes, "8-bit dropout"), so it is the default for every dropout.
 constexpr bool kFwdWgmmaByDefault = true;
 
 enum class FwdKernelChoice { automatic, wgmma, mma_sync };
@@ -135,8 +136,7 @@ bool fwd_wgmma_selected([[maybe_unused]] int head_dim, [[maybe_unused]] float dr
   if (head_dim != 64 && head_dim != 128) return false;
   const FwdKernelChoice choice = fwd_kernel_choice();
   if (choice == FwdKernelChoice::mma_sync) return false;
-  if (choice == FwdKernelChoice::automatic && (!kFwdWgmmaByDefault || (head_dim == 64 && dropout_p > 0.0f)))
-    return false;
+  if (choice == FwdKernelChoice::automatic && !kFwdWgmmaByDefault) return false;
   int device = 0, major = 0, minor = 0;
   FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
   FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));

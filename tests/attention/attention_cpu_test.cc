@@ -273,7 +273,8 @@ TEST(AttentionLargeLogits, LogitsOfMagnitude1e4DoNotOverflow) {
 // ---- dropout ------------------------------------------------------------------------------------
 
 // With Q = 0 every probability is 1 / seqlen_k, and with V[:, :, :, 0] = 1 the first output
-// column is kept_count / (seqlen_k (1 - p)): O tells how many elements of each row were kept.
+// column is kept_count * 256 / (seqlen_k (256 - t)): O tells how many elements of each row were
+// kept, and its mean over rows is the mean of dropout(1), 1 within its standard error.
 TEST(AttentionDropout, KeepRateIsRightAndMatchesThePhiloxMask) {
   for (float p : {0.1f, 0.5f}) {
     for (bool tiled : {false, true}) {
@@ -288,12 +289,15 @@ TEST(AttentionDropout, KeepRateIsRightAndMatchesThePhiloxMask) {
         attention_forward_reference(x.params());
       }
       const uint32_t threshold = dropout_threshold(p);
+      const double q = threshold / 256.0;  // the effective dropout probability
       int64_t kept_total = 0;
+      double out_sum = 0;
       for (int b = 0; b < batch; ++b) {
         for (int row = 0; row < seqlen_q; ++row) {
           for (int h = 0; h < heads; ++h) {
             const float out = x.o[((size_t(b) * seqlen_q + row) * heads + h) * d];
-            const int64_t kept = std::llround(double(out) * seqlen_k * (1.0 - p));
+            out_sum += out;
+            const int64_t kept = std::llround(double(out) * seqlen_k * (1.0 - q));
             int64_t expected = 0;
             for (int col = 0; col < seqlen_k; ++col) {
               expected += dropout_keep(x.shape.rng, int64_t{b} * heads + h, row, col, threshold);
@@ -304,10 +308,52 @@ TEST(AttentionDropout, KeepRateIsRightAndMatchesThePhiloxMask) {
         }
       }
       const double n = double(batch) * heads * seqlen_q * seqlen_k;
-      const double rate = kept_total / n, sigma = std::sqrt(p * (1.0 - p) / n);
-      EXPECT_NEAR(rate, 1.0 - p, 5 * sigma) << "p " << p << " tiled " << tiled;
+      const double rate = kept_total / n, sigma = std::sqrt(q * (1.0 - q) / n);
+      EXPECT_NEAR(rate, 1.0 - q, 5 * sigma) << "p " << p << " tiled " << tiled;
+      const double mean = out_sum / (double(batch) * heads * seqlen_q);
+      EXPECT_NEAR(mean, 1.0, 5 * sigma * dropout_keep_scale(threshold)) << "p " << p << " tiled " << tiled;
     }
   }
+}
+
+// The edges of t = round(256 p): t == 256 drops every element, so O is 0 (not NaN: the keep
+// scale is 0, not 256 / 0) while the LSE is the undropped one; t == 0 is no dropout at all.
+TEST(AttentionDropout, EverythingDroppedGivesZerosAndTinyPNothing) {
+  AttentionBuffers<float> x(dense(2, 70, 33, 2, 1, 32, kCausal, 0.999f));  // rows 0..36 see no key
+  x.fill_random(3);
+  AttentionBuffers<float> plain = x;
+  plain.shape.dropout_p = 0.0f;
+  attention_forward_cpu(plain.params());
+  for (bool tiled : {false, true}) {
+    x.clear_outputs();
+    if (tiled) {
+      attention_forward_cpu(x.params(), tiles(16, 24));
+    } else {
+      attention_forward_reference(x.params());
+    }
+    for (float v : x.o) ASSERT_EQ(v, 0.0f) << "tiled " << tiled;
+    for (size_t i = 0; i < x.lse.size(); ++i) {
+      if (std::isinf(plain.lse[i])) {
+        EXPECT_EQ(x.lse[i], plain.lse[i]);
+      } else {
+        EXPECT_NEAR(x.lse[i], plain.lse[i], 1e-5) << "tiled " << tiled;
+      }
+    }
+    // Backward of an all-dropped forward: every gradient is exactly zero.
+    std::fill(x.d_o.begin(), x.d_o.end(), 1.0f);
+    if (tiled) {
+      attention_backward_cpu(x.params(), tiles(16, 24));
+    } else {
+      attention_backward_reference(x.params());
+    }
+    for (const auto* grad : {&x.dq, &x.dk, &x.dv})
+      for (float v : *grad) ASSERT_EQ(v, 0.0f) << "tiled " << tiled;
+  }
+  AttentionBuffers<float> tiny = plain;
+  tiny.shape.dropout_p = 0.001f;  // t = round(0.256) = 0
+  tiny.clear_outputs();
+  attention_forward_cpu(tiny.params());
+  EXPECT_EQ(tiny.o, plain.o);
 }
 
 // With V the identity (seqlen_k == d), O[i, j] = dropout(P)[i, j]: zero exactly where the

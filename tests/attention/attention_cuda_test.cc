@@ -101,7 +101,8 @@ struct RefSeq {
 void reference_head(const RefSeq& s, double scale, bool causal, float dropout, DropoutRng rng, int64_t batch_head,
                     bool backward) {
   const uint32_t threshold = dropout_threshold(dropout);
-  const double keep_scale = dropout > 0 ? 1.0 / (1.0 - dropout) : 1.0;
+  const bool use_dropout = dropout_enabled(threshold);
+  const double keep_scale = dropout_keep_scale(threshold);
   std::vector<double> p(s.sk), z(s.sk), dp(s.sk);
   for (int i = 0; i < s.sq; ++i) {
     const float* qi = s.q + i * s.q_rs;
@@ -125,7 +126,7 @@ void reference_head(const RefSeq& s, double scale, bool causal, float dropout, D
     s.lse[i] = sum > 0 ? mx + std::log(sum) : std::numeric_limits<double>::infinity();
     for (int j = 0; j < s.sk; ++j) {
       p[j] = sum > 0 ? p[j] / sum : 0.0;
-      z[j] = dropout > 0 ? (dropout_keep(rng, batch_head, i, j, threshold) ? keep_scale : 0.0) : 1.0;
+      z[j] = use_dropout ? (dropout_keep(rng, batch_head, i, j, threshold) ? keep_scale : 0.0) : 1.0;
     }
     for (int c = 0; c < s.d; ++c) {
       double acc = 0;
@@ -366,7 +367,7 @@ std::vector<Case> compiled_cases(std::vector<Case> cases) {
 }
 
 // Says which forward kernel the other tests exercise: on an H100 with an sm_90a build, wgmma
-// except for d64 with dropout (mma.sync), unless FLASHGPT_ATTN_FWD_KERNEL forces one (the ctests
+// (d64 and d128, with or without dropout), unless FLASHGPT_ATTN_FWD_KERNEL forces one (the ctests
 // attention_cuda_test_wgmma and attention_cuda_test_mma_sync); mma.sync everywhere else.
 TEST(AttentionCuda, ReportsForwardKernel) {
   for (int d : {64, 128})
@@ -492,8 +493,71 @@ TEST(AttentionCuda, DropoutMaskMatchesPhilox) {
           mismatches += keep != (val > 0.0f);
         }
   EXPECT_EQ(mismatches, 0);
-  const double rate = double(dropped) / (double(batch) * heads * sq * sk);
-  EXPECT_NEAR(rate, dropout, 0.01);
+  const double n = double(batch) * heads * sq * sk, rate = threshold / 256.0;  // the effective p
+  EXPECT_NEAR(double(dropped) / n, rate, 6 * std::sqrt(rate * (1.0 - rate) / n));
+}
+
+// The backward's mask, read off dV = (P Z)^T dO: with dO = identity (seqlen_q <= head_dim),
+// dV[j, i] = P[i, j] Z[i, j], exactly zero where (i, j) was dropped and positive elsewhere.
+TEST(AttentionCuda, BackwardDropoutMaskMatchesPhilox) {
+  if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
+  const int batch = 2, heads = 3, sq = 61, sk = 150, d = 64;
+  const float dropout = 0.25f;
+  AttentionParams p;
+  p.dtype = DType::bf16;
+  p.batch = batch;
+  p.seqlen_q = sq;
+  p.seqlen_k = sk;
+  p.heads_q = p.heads_kv = heads;
+  p.head_dim = d;
+  p.dropout_p = dropout;
+  p.rng = {0x0123456789abcdefull, 0x700000001ull};
+  attention_set_dense_strides(p);
+  const size_t nq = size_t(batch) * sq * heads * d, nk = size_t(batch) * sk * heads * d;
+  std::vector<uint16_t> q(nq), k(nk), v(nk), d_o(nq, 0);
+  std::mt19937 gen(5);
+  std::uniform_real_distribution<float> u(-0.5f, 0.5f);
+  for (auto& x : q) x = float_to_bf16(u(gen));
+  for (auto& x : k) x = float_to_bf16(u(gen));
+  for (auto& x : v) x = float_to_bf16(u(gen));
+  for (int b = 0; b < batch; ++b)
+    for (int i = 0; i < sq; ++i)
+      for (int h = 0; h < heads; ++h) d_o[((size_t(b) * sq + i) * heads + h) * d + i] = float_to_bf16(1.0f);
+  DeviceBuffer dq_in(nq * 2), dk_in(nk * 2), dv_in(nk * 2), dout(nq * 2), ddo(nq * 2), dlse(size_t(batch) * heads * sq * 4);
+  DeviceBuffer grad_q(nq * 2), grad_k(nk * 2), grad_v(nk * 2);
+  CUDA_OK(cudaMemcpy(dq_in.ptr, q.data(), nq * 2, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(dk_in.ptr, k.data(), nk * 2, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(dv_in.ptr, v.data(), nk * 2, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(ddo.ptr, d_o.data(), nq * 2, cudaMemcpyHostToDevice));
+  p.q = dq_in.ptr;
+  p.k = dk_in.ptr;
+  p.v = dv_in.ptr;
+  p.o = dout.ptr;
+  p.lse = static_cast<float*>(dlse.ptr);
+  p.d_o = ddo.ptr;
+  p.dq = grad_q.ptr;
+  p.dk = grad_k.ptr;
+  p.dv = grad_v.ptr;
+  attention_forward_cuda(p, nullptr);
+  const size_t ws_bytes = attention_backward_workspace_bytes(p);
+  DeviceBuffer ws(ws_bytes);
+  attention_backward_cuda(p, ws.ptr, ws_bytes, Determinism::fast, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<uint16_t> dv(nk);
+  CUDA_OK(cudaMemcpy(dv.data(), grad_v.ptr, nk * 2, cudaMemcpyDeviceToHost));
+  const uint32_t threshold = dropout_threshold(dropout);
+  int64_t dropped = 0, mismatches = 0;
+  for (int b = 0; b < batch; ++b)
+    for (int h = 0; h < heads; ++h)
+      for (int i = 0; i < sq; ++i)
+        for (int j = 0; j < sk; ++j) {
+          const bool keep = dropout_keep(p.rng, int64_t(b) * heads + h, i, j, threshold);
+          const float val = bf16_to_float(dv[((size_t(b) * sk + j) * heads + h) * d + i]);
+          dropped += !keep;
+          mismatches += keep != (val > 0.0f);
+        }
+  EXPECT_EQ(mismatches, 0);
+  EXPECT_GT(dropped, 0);
 }
 
 TEST(AttentionCuda, DeterministicBackwardIsBitwiseRepeatable) {

@@ -9,7 +9,7 @@
 //      memory and fp32 atomics into a workspace accumulator (in deterministic mode the
 //      CTAs of one query block add in key-block order behind a per-block semaphore);
 //   3. convert: dQ = accumulator, cast to the input type, strided.
-// With dropout Z = mask / (1 - p): dV += (P Z)^T dO and dS = P (dP Z - D).
+// With dropout Z = mask * 256 / (256 - t) (philox.h): dV += (P Z)^T dO and dS = P (dP Z - D).
 #pragma once
 
 #include "attention/attention_cuda_launch.h"
@@ -165,9 +165,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.0f;
 
   const float scale_log2 = scale * kLog2e;
-  const bool use_dropout = p.dropout_p > 0.0f;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
-  const float keep_scale = use_dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  const bool use_dropout = dropout_enabled(threshold);
+  const uint32_t dropout_top = dropout_top_threshold(threshold);
+  const float keep_scale = static_cast<float>(dropout_keep_scale(threshold));
   const int key_local0 = warp * 16 + g;  // this thread's keys: key_local0 and key_local0 + 8
 
   if (iterations > 0) {
@@ -228,29 +229,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       lse_q[nt] = *reinterpret_cast<const float2*>(sLseb + nt * 8 + 2 * t);
       dot_q[nt] = *reinterpret_cast<const float2*>(sDotb + nt * 8 + 2 * t);
     }
+    static_assert(kNTilesS % 4 == 0, "dropout shares Philox calls over groups of 4 n8 tiles (32 queries)");
 #pragma unroll
-    for (int nt = 0; nt < kNTilesS; ++nt) {
-      // Dropout: this thread's 4 elements of the n-tile need 4 Philox calls (2 keys x 2
-      // queries), and so do the 3 other lanes whose keys share the same group of 4 columns
-      // (lanes differing in bits 2-3). Each of the 4 lanes computes one of the 4 calls and
-      // they swap words in 4 shuffles: one Philox per element becomes one per 4 elements.
-      uint32_t keep_bits = 0xF;
-      if (use_dropout) {
-        const int j = (lane >> 2) & 3;  // this lane computes call j = (key half j / 2, query j % 2)
-        const Philox4x32 w = dropout_random_words(p.rng, batch_head, m0 + nt * 8 + 2 * t + (j & 1),
-                                                  (n0 + warp * 16 + 8 * (j >> 1)) / 4 + (g >> 2));
-        keep_bits = 0;
+    for (int grp = 0; grp < kNTilesS / 4; ++grp) {
+      // Dropout bytes of 4 n8 tiles at a time (flash_common.cuh: one Philox call per lane).
+      uint32_t drop_bytes[4] = {0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu};
+      if (use_dropout) dropout_key_column_bytes(p.rng, batch_head, m0 + grp * 32, n0 + warp * 16, g, t, drop_bytes);
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int give = (j + r) & 3;  // the lane reading from us needs word `give` of our call
-          const uint32_t send = give == 0 ? w.x : give == 1 ? w.y : give == 2 ? w.z : w.w;
-          const int c = (j - r) & 3;  // we read call c, from the lane that computed it
-          const uint32_t got = __shfl_sync(0xffffffffu, send, (lane & ~12) | (c << 2));
-          keep_bits |= uint32_t(got >= threshold) << c;  // call c = element e = c of this thread
-        }
-      }
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
+      for (int i = 0; i < 16; ++i) {
+        const int nt = 4 * grp + i / 4, e = i % 4;
         const int q_local = nt * 8 + 2 * t + (e & 1);
         const int key = n0 + key_local0 + 8 * (e >> 1);
         const int query = m0 + q_local;
@@ -261,7 +248,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         float dpv = dp[nt][e];
         float p_dropped = pv;
         if (use_dropout) {
-          const bool keep = (keep_bits >> e) & 1u;
+          const bool keep = !dropout_byte_dropped(drop_bytes[nt & 3], dropout_bwd_byte_pos(e), dropout_top);
           dpv = keep ? dpv * keep_scale : 0.0f;
           p_dropped = keep ? pv * keep_scale : 0.0f;
         }

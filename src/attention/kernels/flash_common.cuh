@@ -161,14 +161,127 @@ __device__ __forceinline__ float warp_quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// The two neighbouring columns (col, col + 1), col even, of one row: both lie in the same
-// Philox call (4 columns per call), so one call decides both.
-__device__ __forceinline__ void dropout_keep_pair(const DropoutRng& rng, int64_t batch_head, int row, int col,
-                                                  uint32_t threshold, bool& keep0, bool& keep1) {
-  const Philox4x32 w = dropout_random_words(rng, batch_head, row, col >> 2);
-  const bool high = (col & 2) != 0;
-  keep0 = (high ? w.z : w.x) >= threshold;
-  keep1 = (high ? w.w : w.y) >= threshold;
+// ---- Dropout (philox.h: one Philox call = 16 columns of one row, one byte each) ----
+//
+// Byte test without extracting the byte: with `top` = (t << 24) - 1 (t in 1..256, so 256
+// wraps to 0xFFFFFFFF), byte k of v is below t exactly when (v << (24 - 8 k)) <= top, since
+// the bytes shifted in below byte k cannot lift it over t << 24. One shift and one compare.
+__device__ __forceinline__ uint32_t dropout_top_threshold(uint32_t threshold) { return (threshold << 24) - 1u; }
+
+// `byte` (0..3) is a compile-time constant at every call site once the loops are unrolled.
+__device__ __forceinline__ bool dropout_byte_dropped(uint32_t v, int byte, uint32_t top) {
+  return (v << (24 - 8 * byte)) <= top;
+}
+
+// The random bytes of this lane's 16 elements of the m16n8 accumulators in rows row0 and
+// row0 + 8 and the 32 columns [col0, col0 + 32) (4 n8 tiles): col0 % 16 == 0.
+//
+// The quad (lanes 4g .. 4g + 3, t = lane % 4) owns all 32 columns of both rows, lane t the
+// columns 8 j + 2 t + {0, 1}: 4 Philox calls (2 rows x 2 groups of 16 columns), each of which
+// every lane of the quad needs 4 bytes of. Each lane computes one call, call t = (row half
+// t & 1, column half t >> 1), and hands each other lane of the quad the 4 bytes it needs in
+// one 32-bit shuffle (xor 1, 2, 3): 3 shuffles and 16 selects/permutes per lane, against
+// 4 calls per lane without sharing. A 4x4 butterfly transpose would need 4 shuffles.
+//
+// On return bytes[c], c = row half + 2 * column half, holds the bytes of
+//   tile 2 * (c >> 1) (cols 2t, 2t+1), then tile 2 * (c >> 1) + 1 (cols 2t, 2t+1)
+// of row row0 + 8 * (c & 1), lowest byte first.
+__device__ __forceinline__ void dropout_quad_bytes(const DropoutRng& rng, int64_t batch_head, int row0, int col0, int t,
+                                                   uint32_t (&bytes)[4]) {
+  const int row_half = t & 1, col_half = t >> 1;
+  const Philox4x32 w = dropout_random_words(rng, batch_head, row0 + 8 * row_half, col0 / kDropoutColsPerCall + col_half);
+  // Lane d needs bytes 2d, 2d + 1 (word d >> 1, half d & 1) and 8 + 2d, 9 + 2d (word
+  // 2 + (d >> 1), same half) of every call.
+  const bool hi_pair = (t >> 1) != 0;
+  const uint32_t a_same = hi_pair ? w.y : w.x, b_same = hi_pair ? w.w : w.z;  // d >> 1 == t >> 1
+  const uint32_t a_other = hi_pair ? w.x : w.y, b_other = hi_pair ? w.z : w.w;
+  const uint32_t sel_same = (t & 1) ? 0x7632u : 0x5410u, sel_other = sel_same ^ 0x2222u;  // d & 1 == t & 1 or not
+  uint32_t got[4];  // got[x]: from lane t ^ x, i.e. call t ^ x
+  got[0] = __byte_perm(a_same, b_same, sel_same);
+  got[1] = __shfl_xor_sync(0xffffffffu, __byte_perm(a_same, b_same, sel_other), 1);
+  got[2] = __shfl_xor_sync(0xffffffffu, __byte_perm(a_other, b_other, sel_same), 2);
+  got[3] = __shfl_xor_sync(0xffffffffu, __byte_perm(a_other, b_other, sel_other), 3);
+  // bytes[c] = got[c ^ t]: two conditional swaps.
+  const bool s0 = (t & 1) != 0, s1 = (t & 2) != 0;
+  const uint32_t u0 = s0 ? got[1] : got[0], u1 = s0 ? got[0] : got[1];
+  const uint32_t u2 = s0 ? got[3] : got[2], u3 = s0 ? got[2] : got[3];
+  bytes[0] = s1 ? u2 : u0;
+  bytes[1] = s1 ? u3 : u1;
+  bytes[2] = s1 ? u0 : u2;
+  bytes[3] = s1 ? u1 : u3;
+}
+
+// Zeroes the dropped elements of the m16n8 accumulator tiles s[0 .. kNTiles) of rows row0 and
+// row0 + 8 (tile nt: columns n0 + 8 nt + 2 t + {0, 1}); `top` from dropout_top_threshold.
+template <int kNTiles>
+__device__ __forceinline__ void dropout_apply_rows(float (&s)[kNTiles][4], const DropoutRng& rng, int64_t batch_head,
+                                                   int row0, int n0, int t, uint32_t top) {
+  static_assert(kNTiles % 4 == 0, "dropout shares Philox calls over groups of 4 n8 tiles (32 columns)");
+#pragma unroll
+  for (int grp = 0; grp < kNTiles / 4; ++grp) {
+    uint32_t bytes[4];
+    dropout_quad_bytes(rng, batch_head, row0, n0 + 32 * grp, t, bytes);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int r = c & 1, lo = 4 * grp + 2 * (c >> 1);
+      if (dropout_byte_dropped(bytes[c], 0, top)) s[lo][2 * r] = 0.0f;
+      if (dropout_byte_dropped(bytes[c], 1, top)) s[lo][2 * r + 1] = 0.0f;
+      if (dropout_byte_dropped(bytes[c], 2, top)) s[lo + 1][2 * r] = 0.0f;
+      if (dropout_byte_dropped(bytes[c], 3, top)) s[lo + 1][2 * r + 1] = 0.0f;
+    }
+  }
+}
+
+// The backward's transposed layout (S^T: the warp's 16 keys are the m16 rows, queries the
+// columns). One Philox call (one query, the warp's 16 keys) is needed by the 8 lanes of the
+// same t, 2 bytes each (keys g and g + 8). For 4 n8 tiles of queries, col0 .. col0 + 31, the
+// 8 lanes need 8 calls: lane g computes call g (query col0 + 8 (g >> 1) + 2 t + (g & 1)), cuts
+// it into 8 16-bit units (unit d = bytes d and d + 8, what lane d needs), and the 8 lanes
+// transpose the 8 x 8 units by a butterfly over lane bits 2, 3, 4: 3 stages of 2 shuffles,
+// 6 in all against 7 for direct exchange, and the units land in fixed registers, so no
+// lane-dependent selects are left at the end.
+//
+// On return bytes[i] holds, for query tile i, the bytes of this lane's elements
+//   e = 0 (key g, query 2t), e = 2 (key g + 8, query 2t), e = 1 (key g, 2t + 1), e = 3 (key g + 8, 2t + 1)
+// lowest byte first; dropout_bwd_byte_pos(e) is the byte of element e.
+__device__ __forceinline__ constexpr int dropout_bwd_byte_pos(int e) { return ((e & 1) << 1) | (e >> 1); }
+
+__device__ __forceinline__ void dropout_key_column_bytes(const DropoutRng& rng, int64_t batch_head, int query0, int key0,
+                                                         int g, int t, uint32_t (&bytes)[4]) {
+  const Philox4x32 w =
+      dropout_random_words(rng, batch_head, query0 + 8 * (g >> 1) + 2 * t + (g & 1), key0 / kDropoutColsPerCall);
+  // Unit d = byte d | byte (d + 8) << 8; register k holds units 2k (low) and 2k + 1 (high).
+  uint32_t u[4] = {__byte_perm(w.x, w.z, 0x5140u), __byte_perm(w.x, w.z, 0x7362u), __byte_perm(w.y, w.w, 0x5140u),
+                   __byte_perm(w.y, w.w, 0x7362u)};
+  // Stage over lane bit 2 (unit bit 0, the halves of each register): a lane with g & 1 == 0
+  // keeps its low units and sends the high ones, the other the reverse; both halves of a pair
+  // of registers travel in one shuffle.
+  {
+    const bool odd = (g & 1) != 0;
+    const uint32_t send_sel = odd ? 0x5410u : 0x7632u;
+    const uint32_t keep_sel0 = odd ? 0x3254u : 0x5410u, keep_sel1 = odd ? 0x3276u : 0x7610u;
+#pragma unroll
+    for (int k = 0; k < 4; k += 2) {
+      const uint32_t r = __shfl_xor_sync(0xffffffffu, __byte_perm(u[k], u[k + 1], send_sel), 4);
+      u[k] = __byte_perm(u[k], r, keep_sel0);
+      u[k + 1] = __byte_perm(u[k + 1], r, keep_sel1);
+    }
+  }
+  // Stages over lane bits 3 and 4 (unit bits 1 and 2): whole registers k and k ^ (1, 2).
+#pragma unroll
+  for (int stage = 1; stage <= 2; ++stage) {
+    const bool upper = ((g >> stage) & 1) != 0;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if (k & stage) continue;
+      const int k1 = k | stage;
+      const uint32_t r = __shfl_xor_sync(0xffffffffu, upper ? u[k] : u[k1], 4 << stage);
+      u[k] = upper ? r : u[k];
+      u[k1] = upper ? u[k1] : r;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) bytes[i] = u[i];
 }
 
 constexpr float kLog2e = 1.4426950408889634f;

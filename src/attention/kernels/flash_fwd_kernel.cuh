@@ -88,8 +88,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const At
     row_sum[mt][0] = row_sum[mt][1] = 0.0f;
   }
   const float scale_log2 = scale * kLog2e;
-  const bool use_dropout = p.dropout_p > 0.0f;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
+  const bool use_dropout = dropout_enabled(threshold);
+  const uint32_t dropout_top = dropout_top_threshold(threshold);
   const int64_t batch_head = int64_t{b} * p.heads_q + head;
 
   if (n_blocks > 0) {
@@ -189,24 +190,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const At
     if (use_dropout) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < kNTilesS; ++nt) {
-          // Rows g and g + 8 need one Philox call each for columns 2t, 2t+1, and the lane
-          // t ^ 1 needs the same two calls (its columns are the other half of the group of
-          // 4): each of the two lanes computes one call and they swap the other's words.
-          const int mine = t & 1;  // this lane computes the call of row g + 8 * mine
-          const Philox4x32 w =
-              dropout_random_words(p.rng, batch_head, m0 + row_local0 + mt * 16 + 8 * mine, (n0 + nt * 8) / 4 + (t >> 1));
-          const uint32_t own0 = mine ? w.z : w.x, own1 = mine ? w.w : w.y;  // my columns, row g + 8 * mine
-          const uint32_t got0 = __shfl_xor_sync(0xffffffffu, mine ? w.x : w.z, 1);  // my columns, other row
-          const uint32_t got1 = __shfl_xor_sync(0xffffffffu, mine ? w.y : w.w, 1);
-          const uint32_t row0_w0 = mine ? got0 : own0, row0_w1 = mine ? got1 : own1;
-          const uint32_t row1_w0 = mine ? own0 : got0, row1_w1 = mine ? own1 : got1;
-          if (row0_w0 < threshold) s[mt][nt][0] = 0.0f;
-          if (row0_w1 < threshold) s[mt][nt][1] = 0.0f;
-          if (row1_w0 < threshold) s[mt][nt][2] = 0.0f;
-          if (row1_w1 < threshold) s[mt][nt][3] = 0.0f;
-        }
+        dropout_apply_rows(s[mt], p.rng, batch_head, m0 + row_local0 + mt * 16, n0, t, dropout_top);
     }
 
     cp_async_wait<1>();  // V[n_block] has landed; K[n_block + 1] may still be in flight
@@ -244,8 +228,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const At
   }
   cp_async_wait<0>();
 
-  // Epilogue: O = acc / sum / (1 - p_drop), LSE = max * scale + ln(sum), +inf for empty rows.
-  const float keep_scale = use_dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  // Epilogue: O = acc / sum * 256 / (256 - t), LSE = max * scale + ln(sum), +inf for empty rows.
+  const float keep_scale = static_cast<float>(dropout_keep_scale(threshold));
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll

@@ -168,27 +168,6 @@ __device__ __forceinline__ void wg_softmax_block(float (&s)[kNTiles][4], float (
   }
 }
 
-// Zeroes the dropped probabilities: the same Philox words, shared between lanes t and t ^ 1, as
-// the mma.sync kernel (see the comment there), so the mask is bit for bit philox.h's.
-template <int kNTiles>
-__device__ __forceinline__ void wg_apply_dropout(float (&s)[kNTiles][4], const DropoutRng& rng, int64_t batch_head,
-                                                 int row0, int n0, int t, uint32_t threshold) {
-#pragma unroll
-  for (int nt = 0; nt < kNTiles; ++nt) {
-    const int mine = t & 1;  // this lane computes the call of row row0 + 8 * mine
-    const Philox4x32 w = dropout_random_words(rng, batch_head, row0 + 8 * mine, (n0 + nt * 8) / 4 + (t >> 1));
-    const uint32_t own0 = mine ? w.z : w.x, own1 = mine ? w.w : w.y;
-    const uint32_t got0 = __shfl_xor_sync(0xffffffffu, mine ? w.x : w.z, 1);
-    const uint32_t got1 = __shfl_xor_sync(0xffffffffu, mine ? w.y : w.w, 1);
-    const uint32_t row0_w0 = mine ? got0 : own0, row0_w1 = mine ? got1 : own1;
-    const uint32_t row1_w0 = mine ? own0 : got0, row1_w1 = mine ? own1 : got1;
-    if (row0_w0 < threshold) s[nt][0] = 0.0f;
-    if (row0_w1 < threshold) s[nt][1] = 0.0f;
-    if (row1_w0 < threshold) s[nt][2] = 0.0f;
-    if (row1_w1 < threshold) s[nt][3] = 0.0f;
-  }
-}
-
 // P's C fragments, packed to 16 bits, are the RS A fragments of the P V product: k16 slice kt
 // is made of n8 tiles 2 kt and 2 kt + 1.
 template <typename Element, int kNTiles>
@@ -271,8 +250,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
   for (int i = 0; i < kNTilesO; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.0f;
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
   const float scale_log2 = scale * kLog2e;
-  const bool use_dropout = p.dropout_p > 0.0f;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
+  const bool use_dropout = dropout_enabled(threshold);
+  const uint32_t dropout_top = dropout_top_threshold(threshold);
   const int64_t batch_head = int64_t{b} * p.heads_q + head;
 
   auto load_k = [&](int n_block) {
@@ -319,7 +299,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
     if (n0 + kBlockN > seq.seqlen_k || (causal && n0 + kBlockN - 1 > m0 + diag))
       wg_mask_scores(s, n0, row0, seq.seqlen_k, causal, diag, t);
     wg_softmax_block(s, row_max, row_sum, scale_log2, correction);
-    if (use_dropout) wg_apply_dropout(s, p.rng, batch_head, row0, n0, t, threshold);
+    if (use_dropout) dropout_apply_rows(s, p.rng, batch_head, row0, n0, t, dropout_top);
   };
 
   // kSplitWait: two copy groups, {Q, K[0]} first, so that the first S GEMM waits for those
@@ -442,8 +422,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
   }
   cp_async_wait<0>();
 
-  // Epilogue: O = acc / sum / (1 - p_drop), LSE = max * scale + ln(sum), +inf for empty rows.
-  const float keep_scale = use_dropout ? 1.0f / (1.0f - p.dropout_p) : 1.0f;
+  // Epilogue: O = acc / sum * 256 / (256 - t), LSE = max * scale + ln(sum), +inf for empty rows.
+  const float keep_scale = static_cast<float>(dropout_keep_scale(threshold));
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sum = warp_quad_sum(row_sum[r]);
