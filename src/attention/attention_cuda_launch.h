@@ -42,6 +42,9 @@ template <> struct TileConfig<32>  { static constexpr int kFwdBlockN = 64,  kFwd
 // FLASHGPT_BWD64_WARPS warps, FLASHGPT_BWD64_BLOCK_M queries per step. Two key tiles double
 // the per-thread dK, dV, S^T, dP^T registers, so they come with 32 queries a step (S^T and
 // dP^T of 2 x 32 queries cost what 1 x 64 did) and 4 warps (128 keys per CTA, as before).
+// kBwdBlockM also sizes the workspace in attention_cuda.cc, a C++ file: these macros must
+// reach the C++ compiler as well as nvcc (lab.sh passes -D flags to both), or the launcher
+// zeroes more workspace than the entry point asked for.
 #ifndef FLASHGPT_BWD64_KTILES
 #define FLASHGPT_BWD64_KTILES 1
 #endif
