@@ -13,7 +13,8 @@ namespace flashgpt::attn {
 
 // Tile choices, one row per head dim. Forward: 16 * kFwdMTiles query rows per warp; the key block
 // shrinks as head_dim grows so that S (kFwdBlockN / 2 floats a thread) and O (head_dim / 2
-// floats a thread) fit in registers. Backward: 16 keys per warp, kBwdBlockM queries per step.
+// floats a thread) fit in registers. Backward: 16 kBwdKTiles keys per warp, kBwdBlockM queries
+// per step.
 template <int kHeadDim>
 struct TileConfig;
 template <> struct TileConfig<32>  { static constexpr int kFwdBlockN = 64,  kFwdWarps = 4, kFwdMTiles = 2, kBwdBlockM = 64, kBwdWarps = 4, kBwdKTiles = 1; };
@@ -42,11 +43,14 @@ template <> struct TileConfig<32>  { static constexpr int kFwdBlockN = 64,  kFwd
 // FLASHGPT_BWD64_WARPS warps, FLASHGPT_BWD64_BLOCK_M queries per step. Two key tiles double
 // the per-thread dK, dV, S^T, dP^T registers, so they come with 32 queries a step (S^T and
 // dP^T of 2 x 32 queries cost what 1 x 64 did) and 4 warps (128 keys per CTA, as before).
+// Two is the default: on the H100 it passed the GPU tests and beat one key tile (8 warps x 16
+// keys, 64 queries) in all 9 d64 rows measured, +2-9% backward (notes, "Backward, two key
+// tiles per warp"); 8 warps x 32 keys (256 per CTA) was +1% to -14% against one key tile.
 // kBwdBlockM also sizes the workspace in attention_cuda.cc, a C++ file: these macros must
 // reach the C++ compiler as well as nvcc (lab.sh passes -D flags to both), or the launcher
 // zeroes more workspace than the entry point asked for.
 #ifndef FLASHGPT_BWD64_KTILES
-#define FLASHGPT_BWD64_KTILES 1
+#define FLASHGPT_BWD64_KTILES 2
 #endif
 #if FLASHGPT_BWD64_KTILES == 2
 #ifndef FLASHGPT_BWD64_WARPS

@@ -3,8 +3,9 @@
 //   2. main: one CTA per (key block, kv head, batch entry). It keeps its K and V block in
 //      shared memory and dK, dV in registers, and walks over every query head of its GQA
 //      group and every query block that sees the key block. For each it recomputes
-//      P^T = exp(scale K Q^T - LSE) from the saved LSE (the warp owns 16 keys, so P^T's C
-//      fragments are directly the A fragments of dV += P^T dO), dP^T = V dO^T,
+//      P^T = exp(scale K Q^T - LSE) from the saved LSE (the warp owns 16 or 32 keys, one or
+//      two m16 tiles, so P^T's C fragments are directly the A fragments of dV += P^T dO),
+//      dP^T = V dO^T,
 //      dS^T = P^T * (dP^T - D), dK += dS^T Q, and dQ += dS K, the latter through shared
 //      memory and fp32 atomics into a workspace accumulator (in deterministic mode the
 //      CTAs of one query block add in key-block order behind a per-block semaphore);
