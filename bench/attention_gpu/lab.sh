@@ -14,7 +14,11 @@ for variant in "$@"; do
   name=${variant%%:*}
   flags=${variant#*:}
   dir=build-lab-$name
-  { cmake -S . -B "$dir" -G Ninja -DFLASHGPT_CUDA=ON -DFLASHGPT_BUILD_TESTS=OFF -DCMAKE_CUDA_FLAGS="$flags" &&
+  # The -D flags go to the C++ compiler too: attention_cuda.cc sizes the backward workspace
+  # from TileConfig (kBwdBlockM), which must agree with the kernels'.
+  cxx_defines=$(printf '%s\n' $flags | grep '^-D' | tr '\n' ' ')
+  { cmake -S . -B "$dir" -G Ninja -DFLASHGPT_CUDA=ON -DFLASHGPT_BUILD_TESTS=OFF -DCMAKE_CUDA_FLAGS="$flags" \
+      -DCMAKE_CXX_FLAGS="$cxx_defines" &&
     cmake --build "$dir" -j16 --target flashgpt; } >"$OUT/lab_build_$name.log" 2>&1 || { echo "$name: build failed"; continue; }
   cp "$dir/libflashgpt.a" "$dir/CMakeCache.txt" build-lab-ext/
   rm -f build-lab-ext/torch_ext/*.so  # ninja does not see the library: force the relink

@@ -13,10 +13,11 @@ namespace flashgpt::attn {
 
 // Tile choices, one row per head dim. Forward: 16 * kFwdMTiles query rows per warp; the key block
 // shrinks as head_dim grows so that S (kFwdBlockN / 2 floats a thread) and O (head_dim / 2
-// floats a thread) fit in registers. Backward: 16 keys per warp, kBwdBlockM queries per step.
+// floats a thread) fit in registers. Backward: 16 kBwdKTiles keys per warp, kBwdBlockM queries
+// per step.
 template <int kHeadDim>
 struct TileConfig;
-template <> struct TileConfig<32>  { static constexpr int kFwdBlockN = 64,  kFwdWarps = 4, kFwdMTiles = 2, kBwdBlockM = 64, kBwdWarps = 4; };
+template <> struct TileConfig<32>  { static constexpr int kFwdBlockN = 64,  kFwdWarps = 4, kFwdMTiles = 2, kBwdBlockM = 64, kBwdWarps = 4, kBwdKTiles = 1; };
 // Kernel lab hook: FLASHGPT_FWD<d>_BLOCK_N / _WARPS / _MTILES (d = 64, 128) override the
 // forward tiles of that head dim at compile time, so bench/attention_gpu/lab.sh can compare
 // variants. (Three macros, not one: nvcc splits -D values at commas.)
@@ -38,21 +39,46 @@ template <> struct TileConfig<32>  { static constexpr int kFwdBlockN = 64,  kFwd
 #ifndef FLASHGPT_FWD128_MTILES
 #define FLASHGPT_FWD128_MTILES 2
 #endif
+// Backward lab hooks, head dim 64: FLASHGPT_BWD64_KTILES m16 key tiles per warp (1 or 2),
+// FLASHGPT_BWD64_WARPS warps, FLASHGPT_BWD64_BLOCK_M queries per step. Two key tiles double
+// the per-thread dK, dV, S^T, dP^T registers, so they come with 32 queries a step (S^T and
+// dP^T of 2 x 32 queries cost what 1 x 64 did) and 4 warps (128 keys per CTA, as before).
+// Two is the default: on the H100 it passed the GPU tests and beat one key tile (8 warps x 16
+// keys, 64 queries) in all 9 d64 rows measured, +2-9% backward (notes, "Backward, two key
+// tiles per warp"); 8 warps x 32 keys (256 per CTA) was +1% to -14% against one key tile.
+// kBwdBlockM also sizes the workspace in attention_cuda.cc, a C++ file: these macros must
+// reach the C++ compiler as well as nvcc (lab.sh passes -D flags to both), or the launcher
+// zeroes more workspace than the entry point asked for.
+#ifndef FLASHGPT_BWD64_KTILES
+#define FLASHGPT_BWD64_KTILES 2
+#endif
+#if FLASHGPT_BWD64_KTILES == 2
+#ifndef FLASHGPT_BWD64_WARPS
+#define FLASHGPT_BWD64_WARPS 4
+#endif
+#ifndef FLASHGPT_BWD64_BLOCK_M
+#define FLASHGPT_BWD64_BLOCK_M 32
+#endif
+#endif
 #ifndef FLASHGPT_BWD64_WARPS
 #define FLASHGPT_BWD64_WARPS 8
+#endif
+#ifndef FLASHGPT_BWD64_BLOCK_M
+#define FLASHGPT_BWD64_BLOCK_M 64
 #endif
 template <> struct TileConfig<64> {
   static constexpr int kFwdBlockN = FLASHGPT_FWD64_BLOCK_N, kFwdWarps = FLASHGPT_FWD64_WARPS,
                        kFwdMTiles = FLASHGPT_FWD64_MTILES;
-  static constexpr int kBwdBlockM = 64, kBwdWarps = FLASHGPT_BWD64_WARPS;
+  static constexpr int kBwdBlockM = FLASHGPT_BWD64_BLOCK_M, kBwdWarps = FLASHGPT_BWD64_WARPS,
+                       kBwdKTiles = FLASHGPT_BWD64_KTILES;
 };
-template <> struct TileConfig<96>  { static constexpr int kFwdBlockN = 32,  kFwdWarps = 4, kFwdMTiles = 2, kBwdBlockM = 64, kBwdWarps = 4; };
+template <> struct TileConfig<96>  { static constexpr int kFwdBlockN = 32,  kFwdWarps = 4, kFwdMTiles = 2, kBwdBlockM = 64, kBwdWarps = 4, kBwdKTiles = 1; };
 template <> struct TileConfig<128> {
   static constexpr int kFwdBlockN = FLASHGPT_FWD128_BLOCK_N, kFwdWarps = FLASHGPT_FWD128_WARPS,
                        kFwdMTiles = FLASHGPT_FWD128_MTILES;
-  static constexpr int kBwdBlockM = 64, kBwdWarps = 8;
+  static constexpr int kBwdBlockM = 64, kBwdWarps = 8, kBwdKTiles = 1;
 };
-template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwdWarps = 8, kFwdMTiles = 1, kBwdBlockM = 32, kBwdWarps = 8; };
+template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwdWarps = 8, kFwdMTiles = 1, kBwdBlockM = 32, kBwdWarps = 8, kBwdKTiles = 1; };
 
 // Hopper (wgmma) forward tiles, head dims 64 and 128 only: kWarpgroups x 64 query rows per
 // CTA, kBlockN keys per step, kOverlap = issue the S GEMM of the next key block with the P V

@@ -3,8 +3,9 @@
 //   2. main: one CTA per (key block, kv head, batch entry). It keeps its K and V block in
 //      shared memory and dK, dV in registers, and walks over every query head of its GQA
 //      group and every query block that sees the key block. For each it recomputes
-//      P^T = exp(scale K Q^T - LSE) from the saved LSE (the warp owns 16 keys, so P^T's C
-//      fragments are directly the A fragments of dV += P^T dO), dP^T = V dO^T,
+//      P^T = exp(scale K Q^T - LSE) from the saved LSE (the warp owns 16 or 32 keys, one or
+//      two m16 tiles, so P^T's C fragments are directly the A fragments of dV += P^T dO),
+//      dP^T = V dO^T,
 //      dS^T = P^T * (dP^T - D), dK += dS^T Q, and dQ += dS K, the latter through shared
 //      memory and fp32 atomics into a workspace accumulator (in deterministic mode the
 //      CTAs of one query block add in key-block order behind a per-block semaphore);
@@ -21,13 +22,17 @@
 
 namespace flashgpt::attn {
 
-template <int kHeadDim_, int kBlockM_, int kNWarps_, typename Element_>
+// kKTiles: m16 key tiles per warp. With 2, every Q / dO fragment that a warp ldmatrix'es
+// feeds the MMAs of both of its key tiles (shared-memory bandwidth, as in the forward's
+// kFwdMTiles), at the price of twice the dK, dV, S^T and dP^T registers.
+template <int kHeadDim_, int kBlockM_, int kNWarps_, typename Element_, int kKTiles_ = 1>
 struct BwdTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
   static constexpr int kNWarps = kNWarps_;
+  static constexpr int kKTiles = kKTiles_;
   static constexpr int kThreads = kNWarps * 32;
-  static constexpr int kBlockN = 16 * kNWarps;  // each warp owns 16 keys
+  static constexpr int kBlockN = 16 * kKTiles * kNWarps;  // each warp owns 16 kKTiles keys
   static constexpr int kBlockM = kBlockM_;
   static constexpr int kStride = kHeadDim + 8;
   static constexpr int kStrideDs = kBlockM + 8;
@@ -39,6 +44,7 @@ struct BwdTraits {
   static constexpr int kDqColGroups = kNWarps / kDqRowGroups;
   static constexpr int kDqCols = kHeadDim / kDqColGroups;
   static_assert(kHeadDim % 16 == 0 && kBlockM % 16 == 0, "tiles are made of m16n8k16 steps");
+  static_assert(kKTiles == 1 || kKTiles == 2, "one or two m16 key tiles per warp");
   static_assert(kNWarps % kDqRowGroups == 0, "dQ rows must split evenly over the warps");
   static_assert(kDqCols % 16 == 0, "each warp's dQ columns must be whole pairs of n8 tiles");
   static_assert((kBlockM / 8) % 2 == 0, "padded dS rows must be an odd number of 16-byte units");
@@ -97,7 +103,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   using Ops = ElementOps<Element>;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kStride = Traits::kStride, kStrideDs = Traits::kStrideDs, kThreads = Traits::kThreads;
-  constexpr int kNTilesS = Traits::kNTilesS, kNTilesD = Traits::kNTilesD;
+  constexpr int kNTilesS = Traits::kNTilesS, kNTilesD = Traits::kNTilesD, kKTiles = Traits::kKTiles;
 
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Element* sK = reinterpret_cast<Element*>(smem_raw);  // [kBlockN][kStride]
@@ -158,18 +164,22 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
   };
 
-  float acc_dk[kNTilesD][4], acc_dv[kNTilesD][4];
+  float acc_dk[kKTiles][kNTilesD][4], acc_dv[kKTiles][kNTilesD][4];  // rows: this warp's keys
 #pragma unroll
-  for (int i = 0; i < kNTilesD; ++i)
+  for (int j = 0; j < kKTiles; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.0f;
+    for (int i = 0; i < kNTilesD; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dk[j][i][e] = acc_dv[j][i][e] = 0.0f;
 
   const float scale_log2 = scale * kLog2e;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const bool use_dropout = dropout_enabled(threshold);
   const uint32_t dropout_top = dropout_top_threshold(threshold);
   const float keep_scale = static_cast<float>(dropout_keep_scale(threshold));
-  const int key_local0 = warp * 16 + g;  // this thread's keys: key_local0 and key_local0 + 8
+  // This thread's keys in key tile j: key_local0 + 16 j and key_local0 + 16 j + 8.
+  const int warp_key0 = warp * 16 * kKTiles;
+  const int key_local0 = warp_key0 + g;
 
   if (iterations > 0) {
     load_tile_async<kBlockN, kHeadDim, kStride, kThreads>(sK, gK, p.k_row_stride, valid_k, tid);
@@ -193,33 +203,42 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const float* sLseb = sLse + buf * kBlockM;
     const float* sDotb = sDot + buf * kBlockM;
 
-    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 keys x kBlockM queries.
-    float s[kNTilesS][4], dp[kNTilesS][4];
+    // S^T = K Q^T and dP^T = V dO^T for this warp's 16 kKTiles keys x kBlockM queries.
+    float s[kKTiles][kNTilesS][4], dp[kKTiles][kNTilesS][4];
 #pragma unroll
-    for (int i = 0; i < kNTilesS; ++i)
+    for (int j = 0; j < kKTiles; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.0f;
+      for (int i = 0; i < kNTilesS; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][i][e] = dp[j][i][e] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      uint32_t ak[4], av[4];
-      const int a_off = (warp * 16 + ldm_row_pattern_row(lane)) * kStride + kk * 16 + ldm_row_pattern_col(lane);
-      ldmatrix_x4(ak, smem_u32(sK + a_off));
-      ldmatrix_x4(av, smem_u32(sV + a_off));
+      uint32_t ak[kKTiles][4], av[kKTiles][4];
+#pragma unroll
+      for (int j = 0; j < kKTiles; ++j) {
+        const int a_off =
+            (warp_key0 + 16 * j + ldm_row_pattern_row(lane)) * kStride + kk * 16 + ldm_row_pattern_col(lane);
+        ldmatrix_x4(ak[j], smem_u32(sK + a_off));
+        ldmatrix_x4(av[j], smem_u32(sV + a_off));
+      }
 #pragma unroll
       for (int np = 0; np < kNTilesS / 2; ++np) {
         const int b_off = (np * 16 + ldm_pair_pattern_row(lane)) * kStride + kk * 16 + ldm_pair_pattern_col(lane);
         uint32_t bq[4], bdo[4];
         ldmatrix_x4(bq, smem_u32(sQb + b_off));
         ldmatrix_x4(bdo, smem_u32(sdOb + b_off));
-        Ops::mma(s[2 * np], ak, bq[0], bq[1]);
-        Ops::mma(s[2 * np + 1], ak, bq[2], bq[3]);
-        Ops::mma(dp[2 * np], av, bdo[0], bdo[1]);
-        Ops::mma(dp[2 * np + 1], av, bdo[2], bdo[3]);
+#pragma unroll
+        for (int j = 0; j < kKTiles; ++j) {
+          Ops::mma(s[j][2 * np], ak[j], bq[0], bq[1]);
+          Ops::mma(s[j][2 * np + 1], ak[j], bq[2], bq[3]);
+          Ops::mma(dp[j][2 * np], av[j], bdo[0], bdo[1]);
+          Ops::mma(dp[j][2 * np + 1], av[j], bdo[2], bdo[3]);
+        }
       }
     }
 
     // P^T (masked), dS^T, and the dropped P^T for dV. Element (key, query) of this thread:
-    // key = n0 + key_local0 + 8 * (e / 2), query = m0 + nt * 8 + 2 t + e % 2.
+    // key = n0 + key_local0 + 16 j + 8 * (e / 2), query = m0 + nt * 8 + 2 t + e % 2.
     const bool need_mask = n0 + kBlockN > seq.seqlen_k || (causal && n0 + kBlockN - 1 > m0 + diag);
     const int64_t batch_head = int64_t{b} * p.heads_q + head;
     // This thread's queries are nt * 8 + 2t + {0, 1}: read their LSE and D once, as float2.
@@ -231,50 +250,55 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     static_assert(kNTilesS % 4 == 0, "dropout shares Philox calls over groups of 4 n8 tiles (32 queries)");
 #pragma unroll
+    for (int j = 0; j < kKTiles; ++j)
+#pragma unroll
     for (int grp = 0; grp < kNTilesS / 4; ++grp) {
       // Dropout bytes of 4 n8 tiles at a time (flash_common.cuh: one Philox call per lane).
       uint32_t drop_bytes[4] = {0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu};
-      if (use_dropout) dropout_key_column_bytes(p.rng, batch_head, m0 + grp * 32, n0 + warp * 16, g, t, drop_bytes);
+      if (use_dropout)
+        dropout_key_column_bytes(p.rng, batch_head, m0 + grp * 32, n0 + warp_key0 + 16 * j, g, t, drop_bytes);
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
         const int nt = 4 * grp + i / 4, e = i % 4;
         const int q_local = nt * 8 + 2 * t + (e & 1);
-        const int key = n0 + key_local0 + 8 * (e >> 1);
+        const int key = n0 + key_local0 + 16 * j + 8 * (e >> 1);
         const int query = m0 + q_local;
         const float lse_e = (e & 1) ? lse_q[nt].y : lse_q[nt].x;
         const float dot_e = (e & 1) ? dot_q[nt].y : dot_q[nt].x;
-        float pv = exp2f(s[nt][e] * scale_log2 - lse_e);
+        float pv = exp2f(s[j][nt][e] * scale_log2 - lse_e);
         if (need_mask && (key >= seq.seqlen_k || (causal && key > query + diag))) pv = 0.0f;
-        float dpv = dp[nt][e];
+        float dpv = dp[j][nt][e];
         float p_dropped = pv;
         if (use_dropout) {
           const bool keep = !dropout_byte_dropped(drop_bytes[nt & 3], dropout_bwd_byte_pos(e), dropout_top);
           dpv = keep ? dpv * keep_scale : 0.0f;
           p_dropped = keep ? pv * keep_scale : 0.0f;
         }
-        s[nt][e] = p_dropped;                     // s now holds (P Z)^T
-        dp[nt][e] = pv * (dpv - dot_e);  // dp now holds dS^T (unscaled)
+        s[j][nt][e] = p_dropped;            // s now holds (P Z)^T
+        dp[j][nt][e] = pv * (dpv - dot_e);  // dp now holds dS^T (unscaled)
       }
     }
 
     // dV += (P Z)^T dO and dK += dS^T Q: A from registers, B = dO, Q read transposed.
 #pragma unroll
     for (int kt = 0; kt < kBlockM / 16; ++kt) {
-      uint32_t ap[4], ads[4];
-      ap[0] = Ops::pack(s[2 * kt][0], s[2 * kt][1]);
-      ap[1] = Ops::pack(s[2 * kt][2], s[2 * kt][3]);
-      ap[2] = Ops::pack(s[2 * kt + 1][0], s[2 * kt + 1][1]);
-      ap[3] = Ops::pack(s[2 * kt + 1][2], s[2 * kt + 1][3]);
-      ads[0] = Ops::pack(dp[2 * kt][0], dp[2 * kt][1]);
-      ads[1] = Ops::pack(dp[2 * kt][2], dp[2 * kt][3]);
-      ads[2] = Ops::pack(dp[2 * kt + 1][0], dp[2 * kt + 1][1]);
-      ads[3] = Ops::pack(dp[2 * kt + 1][2], dp[2 * kt + 1][3]);
-      {  // dS^T to shared memory for dQ = dS K (rows: keys, columns: queries).
-        Element* row0 = sdS + key_local0 * kStrideDs + kt * 16 + 2 * t;
-        *reinterpret_cast<uint32_t*>(row0) = ads[0];
-        *reinterpret_cast<uint32_t*>(row0 + 8 * kStrideDs) = ads[1];
-        *reinterpret_cast<uint32_t*>(row0 + 8) = ads[2];
-        *reinterpret_cast<uint32_t*>(row0 + 8 * kStrideDs + 8) = ads[3];
+      uint32_t ap[kKTiles][4], ads[kKTiles][4];
+#pragma unroll
+      for (int j = 0; j < kKTiles; ++j) {
+        ap[j][0] = Ops::pack(s[j][2 * kt][0], s[j][2 * kt][1]);
+        ap[j][1] = Ops::pack(s[j][2 * kt][2], s[j][2 * kt][3]);
+        ap[j][2] = Ops::pack(s[j][2 * kt + 1][0], s[j][2 * kt + 1][1]);
+        ap[j][3] = Ops::pack(s[j][2 * kt + 1][2], s[j][2 * kt + 1][3]);
+        ads[j][0] = Ops::pack(dp[j][2 * kt][0], dp[j][2 * kt][1]);
+        ads[j][1] = Ops::pack(dp[j][2 * kt][2], dp[j][2 * kt][3]);
+        ads[j][2] = Ops::pack(dp[j][2 * kt + 1][0], dp[j][2 * kt + 1][1]);
+        ads[j][3] = Ops::pack(dp[j][2 * kt + 1][2], dp[j][2 * kt + 1][3]);
+        // dS^T to shared memory for dQ = dS K (rows: keys, columns: queries).
+        Element* row0 = sdS + (key_local0 + 16 * j) * kStrideDs + kt * 16 + 2 * t;
+        *reinterpret_cast<uint32_t*>(row0) = ads[j][0];
+        *reinterpret_cast<uint32_t*>(row0 + 8 * kStrideDs) = ads[j][1];
+        *reinterpret_cast<uint32_t*>(row0 + 8) = ads[j][2];
+        *reinterpret_cast<uint32_t*>(row0 + 8 * kStrideDs + 8) = ads[j][3];
       }
 #pragma unroll
       for (int dpair = 0; dpair < kNTilesD / 2; ++dpair) {
@@ -282,10 +306,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         uint32_t bdo[4], bq[4];
         ldmatrix_x4_trans(bdo, smem_u32(sdOb + off));
         ldmatrix_x4_trans(bq, smem_u32(sQb + off));
-        Ops::mma(acc_dv[2 * dpair], ap, bdo[0], bdo[1]);
-        Ops::mma(acc_dv[2 * dpair + 1], ap, bdo[2], bdo[3]);
-        Ops::mma(acc_dk[2 * dpair], ads, bq[0], bq[1]);
-        Ops::mma(acc_dk[2 * dpair + 1], ads, bq[2], bq[3]);
+#pragma unroll
+        for (int j = 0; j < kKTiles; ++j) {
+          Ops::mma(acc_dv[j][2 * dpair], ap[j], bdo[0], bdo[1]);
+          Ops::mma(acc_dv[j][2 * dpair + 1], ap[j], bdo[2], bdo[3]);
+          Ops::mma(acc_dk[j][2 * dpair], ads[j], bq[0], bq[1]);
+          Ops::mma(acc_dk[j][2 * dpair + 1], ads[j], bq[2], bq[3]);
+        }
       }
     }
     __syncthreads();  // dS^T complete in shared memory
@@ -370,15 +397,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   Element* gdV = static_cast<Element*>(p.dv) +
                  seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, head_kv) + n0 * p.dv_row_stride;
 #pragma unroll
+  for (int j = 0; j < kKTiles; ++j)
+#pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int key_local = key_local0 + 8 * r;
+    const int key_local = key_local0 + 16 * j + 8 * r;
     if (key_local < valid_k) {
 #pragma unroll
       for (int i = 0; i < kNTilesD; ++i) {
         *reinterpret_cast<uint32_t*>(gdK + key_local * p.dk_row_stride + i * 8 + 2 * t) =
-            Ops::pack(acc_dk[i][2 * r] * scale, acc_dk[i][2 * r + 1] * scale);
+            Ops::pack(acc_dk[j][i][2 * r] * scale, acc_dk[j][i][2 * r + 1] * scale);
         *reinterpret_cast<uint32_t*>(gdV + key_local * p.dv_row_stride + i * 8 + 2 * t) =
-            Ops::pack(acc_dv[i][2 * r], acc_dv[i][2 * r + 1]);
+            Ops::pack(acc_dv[j][i][2 * r], acc_dv[j][i][2 * r + 1]);
       }
     }
   }

@@ -21,7 +21,8 @@ using FwdWgmmaTraitsFor = FwdWgmmaTraits<kHeadDim, WgmmaTileConfig<kHeadDim>::kB
                                          WgmmaTileConfig<kHeadDim>::kWarpgroups, WgmmaTileConfig<kHeadDim>::kOverlap,
                                          Element>;
 template <int kHeadDim, typename Element>
-using BwdTraitsFor = BwdTraits<kHeadDim, TileConfig<kHeadDim>::kBwdBlockM, TileConfig<kHeadDim>::kBwdWarps, Element>;
+using BwdTraitsFor = BwdTraits<kHeadDim, TileConfig<kHeadDim>::kBwdBlockM, TileConfig<kHeadDim>::kBwdWarps, Element,
+                               TileConfig<kHeadDim>::kBwdKTiles>;
 
 template <typename Kernel>
 void set_smem_limit(Kernel kernel, size_t bytes) {
