@@ -22,21 +22,17 @@ void RankMap::build(const std::vector<std::string_view>& tokens) {
   metas_.assign(capacity, kEmpty);
   mask_ = capacity - 1;
   filter_.assign(kFilterWords, 0);
-  // Filled before the slots so that build's own duplicate check can use find().
-  for (const auto& token : tokens) {
-    if (token.empty()) continue;
-    uint64_t h = hash(reinterpret_cast<const uint8_t*>(token.data()), token.size());
-    filter_[h >> 26 & (kFilterWords - 1)] |= filter_bits(h);
-  }
   for (size_t rank = 0; rank < tokens.size(); ++rank) {
     if (tokens[rank].empty()) continue;
     auto bytes = reinterpret_cast<const uint8_t*>(tokens[rank].data());
-    FLASHGPT_CHECK(find(bytes, tokens[rank].size()) == kNoRank, "the rank file has the token of rank {} twice", rank);
-    uint64_t h = hash(bytes, tokens[rank].size());
-    size_t slot = h & mask_;
+    const size_t length = tokens[rank].size();
+    const Key k = key(bytes, length);
+    FLASHGPT_CHECK(find_unfiltered(bytes, length, k) == kNoRank, "the rank file has the token of rank {} twice", rank);
+    size_t slot = k.hash & mask_;
     while (metas_[slot] != kEmpty) slot = (slot + 1) & mask_;
-    heads_[slot] = prefix8(bytes, tokens[rank].size());
-    metas_[slot] = uint32_t(rank) | uint32_t(std::min(tokens[rank].size(), kLongLength)) << kRankBits;
+    heads_[slot] = k.head;
+    metas_[slot] = uint32_t(rank) | uint32_t(std::min(length, kLongLength)) << kRankBits;
+    filter_[k.hash >> 26 & (kFilterWords - 1)] |= filter_bits(k.hash);
   }
   for (int b = 0; b < 256; ++b) {
     uint8_t byte = uint8_t(b);

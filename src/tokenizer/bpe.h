@@ -80,7 +80,6 @@ class RankMap {
     if (n == 0) return 0;
     return uint64_t(p[0]) | uint64_t(p[n / 2]) << (8 * (n / 2)) | uint64_t(p[n - 1]) << (8 * (n - 1));
   }
-  static uint64_t hash(const uint8_t* p, size_t n) { return key(p, n).hash; }
   // Equality of short byte strings without a call to memcmp (all loads stay in bounds).
   static bool bytes_equal(const uint8_t* a, const uint8_t* b, size_t n) {
     if (n >= 8) {
@@ -139,7 +138,7 @@ class RankMap {
   static constexpr uint32_t kEmpty = UINT32_MAX;
   std::vector<uint64_t> heads_;
   std::vector<uint32_t> metas_;
-  std::vector<uint64_t> filter_ = std::vector<uint64_t>(kFilterWords, ~uint64_t(0));  // all-pass until built
+  std::vector<uint64_t> filter_;
   std::vector<uint32_t> pair_ranks_;  // 65536 entries
   uint32_t byte_ranks_[256] = {};
   std::string arena_;              // every token's bytes, in rank order
