@@ -29,10 +29,10 @@ namespace flashgpt {
 // Whether the kernels for this head dim were built (CMake option FLASHGPT_ATTENTION_HEAD_DIMS).
 bool attention_cuda_head_dim_compiled(int head_dim);
 
-// Which forward kernel runs for this head dim and dropout on the current device: "wgmma"
-// (Hopper, sm_90a builds, head dims 64 and 128, with or without dropout) or "mma.sync".
-// FLASHGPT_ATTN_FWD_KERNEL=wgmma / =mma_sync in the environment forces one where both can run.
-const char* attention_cuda_forward_kernel(int head_dim, float dropout_p = 0.0f);
+// Which forward kernel runs for this head dim on the current device: "wgmma" (Hopper, sm_90a
+// builds, head dims 64 and 128, with or without dropout) or "mma.sync".
+// FLASHGPT_ATTN_FWD_KERNEL=mma_sync in the environment forces the latter.
+const char* attention_cuda_forward_kernel(int head_dim);
 
 // Writes o and lse.
 void attention_forward_cuda(const AttentionParams& params, cudaStream_t stream = nullptr);

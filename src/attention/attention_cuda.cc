@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -110,14 +111,6 @@ int bwd_block_m_for(int head_dim) {
 }  // namespace
 
 namespace attn {
-// The wgmma forward is the default on Hopper since it passed the GPU tests on the H100 and beat
-// the mma.sync forward in every dropout-free row measured (docs/attention_gpu_notes.md, v4).
-// With the 32-bit dropout stream mma.sync was faster at d64 with dropout, and the automatic
-// choice kept it there; with the 8-bit stream (one Philox call per 16 elements) wgmma wins
-// those rows too (H100, model shape b64 h12 s512 causal p 0.1: 121 vs 117 TFLOP/s; d64 s4k
-// p 0.1: 226 vs 195; notes, "8-bit dropout"), so it is the default for every dropout.
-constexpr bool kFwdWgmmaByDefault = true;
-
 enum class FwdKernelChoice { automatic, wgmma, mma_sync };
 
 // FLASHGPT_ATTN_FWD_KERNEL=wgmma / =mma_sync forces a kernel (tests, benchmarks); read once.
@@ -131,25 +124,42 @@ FwdKernelChoice fwd_kernel_choice() {
   return choice;
 }
 
-bool fwd_wgmma_selected([[maybe_unused]] int head_dim, [[maybe_unused]] float dropout_p) {
+// Whether `device` is compute capability 9.0 (where sm_90a code runs), asked of the driver
+// once per device instead of at every launch.
+[[maybe_unused]] bool device_is_sm90(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int8_t> known[kMaxDevices] = {};  // 0: not asked yet, 1: yes, 2: no
+  if (device < 0 || device >= kMaxDevices) return false;
+  int8_t answer = known[device].load(std::memory_order_relaxed);
+  if (answer == 0) {
+    int major = 0, minor = 0;
+    FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    answer = major == 9 && minor == 0 ? 1 : 2;
+    known[device].store(answer, std::memory_order_relaxed);
+  }
+  return answer == 1;
+}
+
+// The wgmma forward is the default wherever it can run: it passed the GPU tests on the H100
+// and beat the mma.sync forward in every row measured, with and without dropout
+// (docs/attention_gpu_notes.md, v4 and "8-bit dropout"). FLASHGPT_ATTN_FWD_KERNEL=mma_sync
+// keeps the other kernel testable on Hopper.
+bool fwd_wgmma_selected([[maybe_unused]] int head_dim) {
 #ifdef FLASHGPT_ATTN_SM90A
   if (head_dim != 64 && head_dim != 128) return false;
-  const FwdKernelChoice choice = fwd_kernel_choice();
-  if (choice == FwdKernelChoice::mma_sync) return false;
-  if (choice == FwdKernelChoice::automatic && !kFwdWgmmaByDefault) return false;
-  int device = 0, major = 0, minor = 0;
+  if (fwd_kernel_choice() == FwdKernelChoice::mma_sync) return false;
+  int device = 0;
   FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
-  FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return major == 9 && minor == 0;  // sm_90a code runs on exactly compute capability 9.0
+  return device_is_sm90(device);
 #else
   return false;
 #endif
 }
 }  // namespace attn
 
-const char* attention_cuda_forward_kernel(int head_dim, float dropout_p) {
-  return attn::fwd_wgmma_selected(head_dim, dropout_p) ? "wgmma" : "mma.sync";
+const char* attention_cuda_forward_kernel(int head_dim) {
+  return attn::fwd_wgmma_selected(head_dim) ? "wgmma" : "mma.sync";
 }
 
 bool attention_cuda_head_dim_compiled(int head_dim) {

@@ -117,10 +117,9 @@ template <> struct WgmmaTileConfig<128> {
 };
 
 // Whether the launcher uses the wgmma forward: the build has sm_90a code (FLASHGPT_ATTN_SM90A),
-// the device is compute capability 9.0, the head dim is 64 or 128, and either
-// FLASHGPT_ATTN_FWD_KERNEL is not mma_sync (dropout_p no longer matters: see attention_cuda.cc);
-// the mma.sync kernel otherwise (FLASHGPT_ATTN_FWD_KERNEL=mma_sync forces it). Defined in attention_cuda.cc.
-bool fwd_wgmma_selected(int head_dim, float dropout_p);
+// the device is compute capability 9.0, the head dim is 64 or 128, and FLASHGPT_ATTN_FWD_KERNEL
+// is not mma_sync; the mma.sync kernel otherwise. Defined in attention_cuda.cc.
+bool fwd_wgmma_selected(int head_dim);
 
 // Workspace layout, all fp32 or int32, each part 256-byte aligned:
 //   dq_accum [batch, heads_q, seqlen_q, head_dim]  (seqlen_q = max length when varlen)

@@ -152,6 +152,35 @@ struct SeqInfo {
   }
 };
 
+// What one forward CTA reads and writes in global memory: Q, O and LSE from its first query
+// row m0, K and V of its key/value head (GQA: head / (heads_q / heads_kv)), and how many key
+// blocks it visits (causal: up to the last key its last row sees; row i sees key j iff
+// j <= i + diag, diag = seqlen_k - seqlen_q).
+template <typename Element>
+struct FwdGlobal {
+  const Element *q, *k, *v;
+  Element* o;
+  float* lse;
+  int n_blocks;
+
+  __device__ __forceinline__ FwdGlobal(const AttentionParams& p, const SeqInfo& seq, int b, int head, int m0,
+                                       int block_m, int block_n, bool causal, int diag) {
+    const int head_kv = head / (p.heads_q / p.heads_kv);
+    q = static_cast<const Element*>(p.q) + seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, head) +
+        m0 * p.q_row_stride;
+    k = static_cast<const Element*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, head_kv);
+    v = static_cast<const Element*>(p.v) + seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, head_kv);
+    o = static_cast<Element*>(p.o) + seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, head) +
+        m0 * p.o_row_stride;
+    lse = p.lse + (seq.varlen ? 0 : b * p.lse_batch_stride) + head * p.lse_head_stride + seq.q_start + m0;
+    n_blocks = (seq.seqlen_k + block_n - 1) / block_n;
+    if (causal) {
+      const int last_col = min(m0 + block_m, seq.seqlen_q) - 1 + diag;  // last column any row of the block sees
+      n_blocks = min(n_blocks, last_col < 0 ? 0 : last_col / block_n + 1);
+    }
+  }
+};
+
 __device__ __forceinline__ float warp_quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
   return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));

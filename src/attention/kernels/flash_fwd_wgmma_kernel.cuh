@@ -223,24 +223,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
   const SeqInfo seq(p, b);
   const int m0 = m_block * kBlockM;
   if (m0 >= seq.seqlen_q) return;
-  const int head_kv = head / (p.heads_q / p.heads_kv);
   const int diag = seq.seqlen_k - seq.seqlen_q;  // row i sees col j iff j <= i + diag
-
-  const Element* gQ = static_cast<const Element*>(p.q) +
-                      seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, head) + m0 * p.q_row_stride;
-  const Element* gK =
-      static_cast<const Element*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, head_kv);
-  const Element* gV =
-      static_cast<const Element*>(p.v) + seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, head_kv);
-  Element* gO = static_cast<Element*>(p.o) + seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, head) +
-                m0 * p.o_row_stride;
-  float* gLse = p.lse + (seq.varlen ? 0 : b * p.lse_batch_stride) + head * p.lse_head_stride + seq.q_start + m0;
-
-  int n_blocks = (seq.seqlen_k + kBlockN - 1) / kBlockN;
-  if (causal) {
-    const int last_col = min(m0 + kBlockM, seq.seqlen_q) - 1 + diag;  // last column any row of the block sees
-    n_blocks = min(n_blocks, last_col < 0 ? 0 : last_col / kBlockN + 1);
-  }
+  const FwdGlobal<Element> global(p, seq, b, head, m0, kBlockM, kBlockN, causal, diag);
+  const Element *gQ = global.q, *gK = global.k, *gV = global.v;
+  Element* gO = global.o;
+  float* gLse = global.lse;
+  const int n_blocks = global.n_blocks;
 
   // This thread's rows: m0 + row_local0 and m0 + row_local0 + 8.
   const int row_local0 = wg * 64 + (warp % 4) * 16 + g;

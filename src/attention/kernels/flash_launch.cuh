@@ -30,27 +30,29 @@ void set_smem_limit(Kernel kernel, size_t bytes) {
     FLASHGPT_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
 }
 
+// One forward launch: a CTA per kBlockM query rows, per head, per batch entry. False when
+// there is nothing to launch; the caller checks the launch (the check names the kernel).
+template <typename Traits, typename Kernel>
+bool launch_flash_fwd(Kernel kernel, const AttentionParams& p, float scale, cudaStream_t stream) {
+  set_smem_limit(kernel, Traits::kSmemBytes);
+  const dim3 grid((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, p.heads_q, p.batch);
+  if (grid.x == 0 || p.batch == 0) return false;
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scale);
+  return true;
+}
+
 template <int kHeadDim, typename Element>
 void run_flash_fwd(const AttentionParams& p, float scale, cudaStream_t stream) {
   if constexpr (kHeadDim == 64 || kHeadDim == 128) {
-    if (fwd_wgmma_selected(kHeadDim, p.dropout_p)) {
+    if (fwd_wgmma_selected(kHeadDim)) {
       using Traits = FwdWgmmaTraitsFor<kHeadDim, Element>;
-      auto kernel = flash_fwd_wgmma_kernel<Traits>;
-      set_smem_limit(kernel, Traits::kSmemBytes);
-      const dim3 grid((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, p.heads_q, p.batch);
-      if (grid.x == 0 || p.batch == 0) return;
-      kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scale);
-      FLASHGPT_CUDA_CHECK_LAUNCH("flash_fwd_wgmma_kernel");
+      if (launch_flash_fwd<Traits>(flash_fwd_wgmma_kernel<Traits>, p, scale, stream))
+        FLASHGPT_CUDA_CHECK_LAUNCH("flash_fwd_wgmma_kernel");
       return;
     }
   }
   using Traits = FwdTraitsFor<kHeadDim, Element>;
-  auto kernel = flash_fwd_kernel<Traits>;
-  set_smem_limit(kernel, Traits::kSmemBytes);
-  const dim3 grid((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM, p.heads_q, p.batch);
-  if (grid.x == 0 || p.batch == 0) return;
-  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scale);
-  FLASHGPT_CUDA_CHECK_LAUNCH("flash_fwd_kernel");
+  if (launch_flash_fwd<Traits>(flash_fwd_kernel<Traits>, p, scale, stream)) FLASHGPT_CUDA_CHECK_LAUNCH("flash_fwd_kernel");
 }
 
 template <int kHeadDim, typename Element>
