@@ -17,10 +17,12 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace flashgpt {
@@ -370,10 +372,18 @@ std::vector<Case> compiled_cases(std::vector<Case> cases) {
 // (d64 and d128, with or without dropout), unless FLASHGPT_ATTN_FWD_KERNEL forces one (the ctests
 // attention_cuda_test_wgmma and attention_cuda_test_mma_sync); mma.sync everywhere else.
 TEST(AttentionCuda, ReportsForwardKernel) {
-  for (int d : {64, 128})
-    if (attention_cuda_head_dim_compiled(d))
-      std::printf("[ info ] head_dim %d forward kernel: %s, with dropout: %s\n", d, attention_cuda_forward_kernel(d),
-                  attention_cuda_forward_kernel(d, 0.1f));
+  const char* forced = std::getenv("FLASHGPT_ATTN_FWD_KERNEL");
+  const bool mma_sync_forced = forced != nullptr && std::string_view(forced) == "mma_sync";
+  for (int d : {32, 64, 96, 128, 256}) {
+    if (!attention_cuda_head_dim_compiled(d)) continue;
+    const std::string_view kernel = attention_cuda_forward_kernel(d);
+    std::printf("[ info ] head_dim %d forward kernel: %s\n", d, kernel.data());
+    if (mma_sync_forced || (d != 64 && d != 128)) {
+      EXPECT_EQ(kernel, "mma.sync") << "head_dim " << d;
+    } else {
+      EXPECT_TRUE(kernel == "wgmma" || kernel == "mma.sync") << kernel;
+    }
+  }
 }
 
 TEST(AttentionCuda, ForwardBackwardMatchReference) {
@@ -442,99 +452,114 @@ TEST(AttentionCuda, LongSequence4097ForwardBackward) {
            /*backward=*/true);
 }
 
-// With V = identity (seqlen_k <= head_dim), O[i, j] = P[i, j] * Z[i, j]: exactly zero
-// where the mask dropped (i, j) and positive elsewhere, so the kernel's mask is read off
-// O and compared bit for bit with philox.h's dropout_keep.
-TEST(AttentionCuda, DropoutMaskMatchesPhilox) {
-  if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
-  const int batch = 2, heads = 3, sq = 150, sk = 61, d = 64;
-  const float dropout = 0.25f;
+// The dropout-mask probes below: bf16, dense [batch, seqlen, heads, 64] tensors, one head
+// group per query head, and a one-hot operand that makes the kernel's mask readable off an
+// output: exactly zero where (i, j) was dropped, positive where it was kept.
+constexpr int kProbeHeadDim = 64;
+
+AttentionParams dropout_probe_params(int batch, int heads, int sq, int sk, float dropout, DropoutRng rng) {
   AttentionParams p;
   p.dtype = DType::bf16;
   p.batch = batch;
   p.seqlen_q = sq;
   p.seqlen_k = sk;
   p.heads_q = p.heads_kv = heads;
-  p.head_dim = d;
+  p.head_dim = kProbeHeadDim;
   p.dropout_p = dropout;
-  p.rng = {0xdeadbeefcafef00dull, 0x100000003ull};
+  p.rng = rng;
   attention_set_dense_strides(p);
-  const size_t nq = size_t(batch) * sq * heads * d, nk = size_t(batch) * sk * heads * d;
-  std::vector<uint16_t> q(nq), k(nk), v(nk, 0);
-  std::mt19937 gen(3);
+  return p;
+}
+
+std::vector<uint16_t> uniform_bf16(size_t n, std::mt19937& gen) {
   std::uniform_real_distribution<float> u(-0.5f, 0.5f);
-  for (auto& x : q) x = float_to_bf16(u(gen));
-  for (auto& x : k) x = float_to_bf16(u(gen));
+  std::vector<uint16_t> x(n);
+  for (auto& e : x) e = float_to_bf16(u(gen));
+  return x;
+}
+
+// x[b, r, h, r] = 1 for r < rows (rows <= head dim), zero elsewhere.
+std::vector<uint16_t> one_hot_bf16(int batch, int rows, int heads) {
+  std::vector<uint16_t> x(size_t(batch) * rows * heads * kProbeHeadDim, 0);
   for (int b = 0; b < batch; ++b)
-    for (int j = 0; j < sk; ++j)
-      for (int h = 0; h < heads; ++h) v[((size_t(b) * sk + j) * heads + h) * d + j] = float_to_bf16(1.0f);
-  DeviceBuffer dq(nq * 2), dk(nk * 2), dv(nk * 2), dout(nq * 2), dlse(size_t(batch) * heads * sq * 4);
-  CUDA_OK(cudaMemcpy(dq.ptr, q.data(), nq * 2, cudaMemcpyHostToDevice));
-  CUDA_OK(cudaMemcpy(dk.ptr, k.data(), nk * 2, cudaMemcpyHostToDevice));
-  CUDA_OK(cudaMemcpy(dv.ptr, v.data(), nk * 2, cudaMemcpyHostToDevice));
-  p.q = dq.ptr;
-  p.k = dk.ptr;
-  p.v = dv.ptr;
+    for (int r = 0; r < rows; ++r)
+      for (int h = 0; h < heads; ++h) x[((size_t(b) * rows + r) * heads + h) * kProbeHeadDim + r] = float_to_bf16(1.0f);
+  return x;
+}
+
+void* upload(DeviceBuffer& buffer, const std::vector<uint16_t>& host) {
+  EXPECT_EQ(cudaMemcpy(buffer.ptr, host.data(), host.size() * 2, cudaMemcpyHostToDevice), cudaSuccess);
+  return buffer.ptr;
+}
+
+struct MaskComparison {
+  int64_t dropped = 0, mismatches = 0, elements = 0;
+};
+
+// Compares the mask read off an output (`value(b, h, i, j)`, query i, key j) with philox.h.
+template <class Value>
+MaskComparison compare_with_philox(const AttentionParams& p, Value value) {
+  const uint32_t threshold = dropout_threshold(p.dropout_p);
+  MaskComparison r;
+  for (int b = 0; b < p.batch; ++b)
+    for (int h = 0; h < p.heads_q; ++h)
+      for (int i = 0; i < p.seqlen_q; ++i)
+        for (int j = 0; j < p.seqlen_k; ++j) {
+          const bool keep = dropout_keep(p.rng, int64_t(b) * p.heads_q + h, i, j, threshold);
+          r.dropped += !keep;
+          r.mismatches += keep != (value(b, h, i, j) > 0.0f);
+          ++r.elements;
+        }
+  return r;
+}
+
+// With V = identity (seqlen_k <= head_dim), O[i, j] = P[i, j] * Z[i, j]: exactly zero
+// where the mask dropped (i, j) and positive elsewhere, so the kernel's mask is read off
+// O and compared bit for bit with philox.h's dropout_keep.
+TEST(AttentionCuda, DropoutMaskMatchesPhilox) {
+  if (!attention_cuda_head_dim_compiled(kProbeHeadDim)) GTEST_SKIP();
+  const int batch = 2, heads = 3, sq = 150, sk = 61;
+  AttentionParams p = dropout_probe_params(batch, heads, sq, sk, 0.25f, {0xdeadbeefcafef00dull, 0x100000003ull});
+  const size_t nq = size_t(batch) * sq * heads * kProbeHeadDim;
+  std::mt19937 gen(3);
+  const std::vector<uint16_t> q = uniform_bf16(nq, gen), k = uniform_bf16(size_t(batch) * sk * heads * kProbeHeadDim, gen);
+  const std::vector<uint16_t> v = one_hot_bf16(batch, sk, heads);
+  DeviceBuffer dq(nq * 2), dk(k.size() * 2), dv(v.size() * 2), dout(nq * 2), dlse(size_t(batch) * heads * sq * 4);
+  p.q = upload(dq, q);
+  p.k = upload(dk, k);
+  p.v = upload(dv, v);
   p.o = dout.ptr;
   p.lse = static_cast<float*>(dlse.ptr);
   attention_forward_cuda(p, nullptr);
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<uint16_t> o(nq);
   CUDA_OK(cudaMemcpy(o.data(), dout.ptr, nq * 2, cudaMemcpyDeviceToHost));
-  const uint32_t threshold = dropout_threshold(dropout);
-  int64_t dropped = 0, mismatches = 0;
-  for (int b = 0; b < batch; ++b)
-    for (int h = 0; h < heads; ++h)
-      for (int i = 0; i < sq; ++i)
-        for (int j = 0; j < sk; ++j) {
-          const bool keep = dropout_keep(p.rng, int64_t(b) * heads + h, i, j, threshold);
-          const float val = bf16_to_float(o[((size_t(b) * sq + i) * heads + h) * d + j]);
-          dropped += !keep;
-          mismatches += keep != (val > 0.0f);
-        }
-  EXPECT_EQ(mismatches, 0);
-  const double n = double(batch) * heads * sq * sk, rate = threshold / 256.0;  // the effective p
-  EXPECT_NEAR(double(dropped) / n, rate, 6 * std::sqrt(rate * (1.0 - rate) / n));
+  const MaskComparison r = compare_with_philox(p, [&](int b, int h, int i, int j) {
+    return bf16_to_float(o[((size_t(b) * sq + i) * heads + h) * kProbeHeadDim + j]);
+  });
+  EXPECT_EQ(r.mismatches, 0);
+  const double n = double(r.elements), rate = dropout_threshold(p.dropout_p) / 256.0;  // the effective p
+  EXPECT_NEAR(double(r.dropped) / n, rate, 6 * std::sqrt(rate * (1.0 - rate) / n));
 }
 
 // The backward's mask, read off dV = (P Z)^T dO: with dO = identity (seqlen_q <= head_dim),
 // dV[j, i] = P[i, j] Z[i, j], exactly zero where (i, j) was dropped and positive elsewhere.
 TEST(AttentionCuda, BackwardDropoutMaskMatchesPhilox) {
-  if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
-  const int batch = 2, heads = 3, sq = 61, sk = 150, d = 64;
-  const float dropout = 0.25f;
-  AttentionParams p;
-  p.dtype = DType::bf16;
-  p.batch = batch;
-  p.seqlen_q = sq;
-  p.seqlen_k = sk;
-  p.heads_q = p.heads_kv = heads;
-  p.head_dim = d;
-  p.dropout_p = dropout;
-  p.rng = {0x0123456789abcdefull, 0x700000001ull};
-  attention_set_dense_strides(p);
-  const size_t nq = size_t(batch) * sq * heads * d, nk = size_t(batch) * sk * heads * d;
-  std::vector<uint16_t> q(nq), k(nk), v(nk), d_o(nq, 0);
+  if (!attention_cuda_head_dim_compiled(kProbeHeadDim)) GTEST_SKIP();
+  const int batch = 2, heads = 3, sq = 61, sk = 150;
+  AttentionParams p = dropout_probe_params(batch, heads, sq, sk, 0.25f, {0x0123456789abcdefull, 0x700000001ull});
+  const size_t nq = size_t(batch) * sq * heads * kProbeHeadDim, nk = size_t(batch) * sk * heads * kProbeHeadDim;
   std::mt19937 gen(5);
-  std::uniform_real_distribution<float> u(-0.5f, 0.5f);
-  for (auto& x : q) x = float_to_bf16(u(gen));
-  for (auto& x : k) x = float_to_bf16(u(gen));
-  for (auto& x : v) x = float_to_bf16(u(gen));
-  for (int b = 0; b < batch; ++b)
-    for (int i = 0; i < sq; ++i)
-      for (int h = 0; h < heads; ++h) d_o[((size_t(b) * sq + i) * heads + h) * d + i] = float_to_bf16(1.0f);
+  const std::vector<uint16_t> q = uniform_bf16(nq, gen), k = uniform_bf16(nk, gen), v = uniform_bf16(nk, gen);
+  const std::vector<uint16_t> d_o = one_hot_bf16(batch, sq, heads);
   DeviceBuffer dq_in(nq * 2), dk_in(nk * 2), dv_in(nk * 2), dout(nq * 2), ddo(nq * 2), dlse(size_t(batch) * heads * sq * 4);
   DeviceBuffer grad_q(nq * 2), grad_k(nk * 2), grad_v(nk * 2);
-  CUDA_OK(cudaMemcpy(dq_in.ptr, q.data(), nq * 2, cudaMemcpyHostToDevice));
-  CUDA_OK(cudaMemcpy(dk_in.ptr, k.data(), nk * 2, cudaMemcpyHostToDevice));
-  CUDA_OK(cudaMemcpy(dv_in.ptr, v.data(), nk * 2, cudaMemcpyHostToDevice));
-  CUDA_OK(cudaMemcpy(ddo.ptr, d_o.data(), nq * 2, cudaMemcpyHostToDevice));
-  p.q = dq_in.ptr;
-  p.k = dk_in.ptr;
-  p.v = dv_in.ptr;
+  p.q = upload(dq_in, q);
+  p.k = upload(dk_in, k);
+  p.v = upload(dv_in, v);
+  p.d_o = upload(ddo, d_o);
   p.o = dout.ptr;
   p.lse = static_cast<float*>(dlse.ptr);
-  p.d_o = ddo.ptr;
   p.dq = grad_q.ptr;
   p.dk = grad_k.ptr;
   p.dv = grad_v.ptr;
@@ -545,19 +570,11 @@ TEST(AttentionCuda, BackwardDropoutMaskMatchesPhilox) {
   CUDA_OK(cudaDeviceSynchronize());
   std::vector<uint16_t> dv(nk);
   CUDA_OK(cudaMemcpy(dv.data(), grad_v.ptr, nk * 2, cudaMemcpyDeviceToHost));
-  const uint32_t threshold = dropout_threshold(dropout);
-  int64_t dropped = 0, mismatches = 0;
-  for (int b = 0; b < batch; ++b)
-    for (int h = 0; h < heads; ++h)
-      for (int i = 0; i < sq; ++i)
-        for (int j = 0; j < sk; ++j) {
-          const bool keep = dropout_keep(p.rng, int64_t(b) * heads + h, i, j, threshold);
-          const float val = bf16_to_float(dv[((size_t(b) * sk + j) * heads + h) * d + i]);
-          dropped += !keep;
-          mismatches += keep != (val > 0.0f);
-        }
-  EXPECT_EQ(mismatches, 0);
-  EXPECT_GT(dropped, 0);
+  const MaskComparison r = compare_with_philox(p, [&](int b, int h, int i, int j) {
+    return bf16_to_float(dv[((size_t(b) * sk + j) * heads + h) * kProbeHeadDim + i]);
+  });
+  EXPECT_EQ(r.mismatches, 0);
+  EXPECT_GT(r.dropped, 0);
 }
 
 TEST(AttentionCuda, DeterministicBackwardIsBitwiseRepeatable) {
