@@ -111,17 +111,14 @@ int bwd_block_m_for(int head_dim) {
 }  // namespace
 
 namespace attn {
-enum class FwdKernelChoice { automatic, wgmma, mma_sync };
-
-// FLASHGPT_ATTN_FWD_KERNEL=wgmma / =mma_sync forces a kernel (tests, benchmarks); read once.
-FwdKernelChoice fwd_kernel_choice() {
-  static const FwdKernelChoice choice = [] {
+// FLASHGPT_ATTN_FWD_KERNEL=mma_sync keeps the mma.sync forward on Hopper too (tests,
+// benchmarks); any other value, "wgmma" included, is the automatic choice. Read once.
+bool fwd_mma_sync_forced() {
+  static const bool forced = [] {
     const char* v = std::getenv("FLASHGPT_ATTN_FWD_KERNEL");
-    if (v != nullptr && std::strcmp(v, "wgmma") == 0) return FwdKernelChoice::wgmma;
-    if (v != nullptr && std::strcmp(v, "mma_sync") == 0) return FwdKernelChoice::mma_sync;
-    return FwdKernelChoice::automatic;
+    return v != nullptr && std::strcmp(v, "mma_sync") == 0;
   }();
-  return choice;
+  return forced;
 }
 
 // Whether `device` is compute capability 9.0 (where sm_90a code runs), asked of the driver
@@ -148,7 +145,7 @@ FwdKernelChoice fwd_kernel_choice() {
 bool fwd_wgmma_selected([[maybe_unused]] int head_dim) {
 #ifdef FLASHGPT_ATTN_SM90A
   if (head_dim != 64 && head_dim != 128) return false;
-  if (fwd_kernel_choice() == FwdKernelChoice::mma_sync) return false;
+  if (fwd_mma_sync_forced()) return false;
   int device = 0;
   FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
   return device_is_sm90(device);

@@ -369,8 +369,8 @@ std::vector<Case> compiled_cases(std::vector<Case> cases) {
 }
 
 // Says which forward kernel the other tests exercise: on an H100 with an sm_90a build, wgmma
-// (d64 and d128, with or without dropout), unless FLASHGPT_ATTN_FWD_KERNEL forces one (the ctests
-// attention_cuda_test_wgmma and attention_cuda_test_mma_sync); mma.sync everywhere else.
+// (d64 and d128, with or without dropout), unless FLASHGPT_ATTN_FWD_KERNEL=mma_sync (the ctest
+// attention_cuda_test_mma_sync); mma.sync everywhere else.
 TEST(AttentionCuda, ReportsForwardKernel) {
   const char* forced = std::getenv("FLASHGPT_ATTN_FWD_KERNEL");
   const bool mma_sync_forced = forced != nullptr && std::string_view(forced) == "mma_sync";
