@@ -21,7 +21,7 @@ for step in "${@:-all}"; do
     sanitize|all)
       for tool in memcheck racecheck; do
         compute-sanitizer --tool $tool --error-exitcode 9 build/tests/attention/attention_cuda_test \
-          --gtest_filter='*ReportsForwardKernel*:*SmallShapes*:*DropoutMask*' >"$OUT/sanitize_$tool.log" 2>&1 || status=1
+          --gtest_filter='*ReportsKernels*:*SmallShapes*:*DropoutMask*' >"$OUT/sanitize_$tool.log" 2>&1 || status=1
         echo "$tool: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
       done ;;&
     bench|all)

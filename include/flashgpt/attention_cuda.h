@@ -33,6 +33,8 @@ bool attention_cuda_head_dim_compiled(int head_dim);
 // builds, head dims 64 and 128, with or without dropout) or "mma.sync".
 // FLASHGPT_ATTN_FWD_KERNEL=mma_sync in the environment forces the latter.
 const char* attention_cuda_forward_kernel(int head_dim);
+// The same for the backward's main kernel; FLASHGPT_ATTN_BWD_KERNEL=mma_sync forces mma.sync.
+const char* attention_cuda_backward_kernel(int head_dim);
 
 // Writes o and lse.
 void attention_forward_cuda(const AttentionParams& params, cudaStream_t stream = nullptr);

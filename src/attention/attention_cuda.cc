@@ -120,6 +120,14 @@ bool fwd_mma_sync_forced() {
   }();
   return forced;
 }
+// FLASHGPT_ATTN_BWD_KERNEL=mma_sync: the same for the backward. Read once.
+bool bwd_mma_sync_forced() {
+  static const bool forced = [] {
+    const char* v = std::getenv("FLASHGPT_ATTN_BWD_KERNEL");
+    return v != nullptr && std::strcmp(v, "mma_sync") == 0;
+  }();
+  return forced;
+}
 
 // Whether `device` is compute capability 9.0 (where sm_90a code runs), asked of the driver
 // once per device instead of at every launch.
@@ -153,7 +161,24 @@ bool fwd_wgmma_selected([[maybe_unused]] int head_dim) {
   return false;
 #endif
 }
+
+// The wgmma backward main kernel, on the same terms as the forward's choice.
+bool bwd_wgmma_selected([[maybe_unused]] int head_dim) {
+#ifdef FLASHGPT_ATTN_SM90A
+  if (head_dim != 64 && head_dim != 128) return false;
+  if (bwd_mma_sync_forced()) return false;
+  int device = 0;
+  FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
+  return device_is_sm90(device);
+#else
+  return false;
+#endif
+}
 }  // namespace attn
+
+const char* attention_cuda_backward_kernel(int head_dim) {
+  return attn::bwd_wgmma_selected(head_dim) ? "wgmma" : "mma.sync";
+}
 
 const char* attention_cuda_forward_kernel(int head_dim) {
   return attn::fwd_wgmma_selected(head_dim) ? "wgmma" : "mma.sync";

@@ -107,19 +107,25 @@ template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwd
 #endif
 template <int kHeadDim>
 struct WgmmaTileConfig;
+// Backward (flash_bwd_wgmma_kernel.cuh): 128 keys per CTA, kBwdBlockM queries per step, so
+// that dQ's kBwdBlockM x head_dim tile is two 64 x 64 sub-tiles, one per warpgroup.
 template <> struct WgmmaTileConfig<64> {
   static constexpr int kBlockN = FLASHGPT_WGMMA64_BLOCK_N, kWarpgroups = FLASHGPT_WGMMA64_WARPGROUPS;
   static constexpr bool kOverlap = FLASHGPT_WGMMA64_OVERLAP != 0;
+  static constexpr int kBwdBlockM = 128;
 };
 template <> struct WgmmaTileConfig<128> {
   static constexpr int kBlockN = FLASHGPT_WGMMA128_BLOCK_N, kWarpgroups = FLASHGPT_WGMMA128_WARPGROUPS;
   static constexpr bool kOverlap = FLASHGPT_WGMMA128_OVERLAP != 0;
+  static constexpr int kBwdBlockM = 64;
 };
 
 // Whether the launcher uses the wgmma forward: the build has sm_90a code (FLASHGPT_ATTN_SM90A),
 // the device is compute capability 9.0, the head dim is 64 or 128, and FLASHGPT_ATTN_FWD_KERNEL
 // is not mma_sync; the mma.sync kernel otherwise. Defined in attention_cuda.cc.
 bool fwd_wgmma_selected(int head_dim);
+// The same for the backward main kernel (FLASHGPT_ATTN_BWD_KERNEL=mma_sync keeps the other).
+bool bwd_wgmma_selected(int head_dim);
 
 // Workspace layout, all fp32 or int32, each part 256-byte aligned:
 //   dq_accum [batch, heads_q, seqlen_q, head_dim]  (seqlen_q = max length when varlen)

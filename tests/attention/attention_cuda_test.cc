@@ -368,21 +368,32 @@ std::vector<Case> compiled_cases(std::vector<Case> cases) {
   return out;
 }
 
-// Says which forward kernel the other tests exercise: on an H100 with an sm_90a build, wgmma
-// (d64 and d128, with or without dropout), unless FLASHGPT_ATTN_FWD_KERNEL=mma_sync (the ctest
-// attention_cuda_test_mma_sync); mma.sync everywhere else.
-TEST(AttentionCuda, ReportsForwardKernel) {
-  const char* forced = std::getenv("FLASHGPT_ATTN_FWD_KERNEL");
-  const bool mma_sync_forced = forced != nullptr && std::string_view(forced) == "mma_sync";
+// Says which kernels the other tests exercise: on an H100 with an sm_90a build, wgmma (d64
+// and d128, with or without dropout), unless FLASHGPT_ATTN_FWD_KERNEL / FLASHGPT_ATTN_BWD_KERNEL
+// is mma_sync (the ctest attention_cuda_test_mma_sync sets both); mma.sync everywhere else.
+TEST(AttentionCuda, ReportsKernels) {
+  auto forced = [](const char* var) {
+    const char* v = std::getenv(var);
+    return v != nullptr && std::string_view(v) == "mma_sync";
+  };
+  const bool fwd_forced = forced("FLASHGPT_ATTN_FWD_KERNEL"), bwd_forced = forced("FLASHGPT_ATTN_BWD_KERNEL");
   for (int d : {32, 64, 96, 128, 256}) {
     if (!attention_cuda_head_dim_compiled(d)) continue;
-    const std::string_view kernel = attention_cuda_forward_kernel(d);
-    std::printf("[ info ] head_dim %d forward kernel: %s\n", d, kernel.data());
-    if (mma_sync_forced || (d != 64 && d != 128)) {
-      EXPECT_EQ(kernel, "mma.sync") << "head_dim " << d;
+    const std::string_view fwd = attention_cuda_forward_kernel(d), bwd = attention_cuda_backward_kernel(d);
+    std::printf("[ info ] head_dim %d forward kernel: %s, backward kernel: %s\n", d, fwd.data(), bwd.data());
+    const bool hopper_dim = d == 64 || d == 128;
+    if (fwd_forced || !hopper_dim) {
+      EXPECT_EQ(fwd, "mma.sync") << "head_dim " << d;
     } else {
-      EXPECT_TRUE(kernel == "wgmma" || kernel == "mma.sync") << kernel;
+      EXPECT_TRUE(fwd == "wgmma" || fwd == "mma.sync") << fwd;
     }
+    if (bwd_forced || !hopper_dim) {
+      EXPECT_EQ(bwd, "mma.sync") << "head_dim " << d;
+    } else {
+      EXPECT_TRUE(bwd == "wgmma" || bwd == "mma.sync") << bwd;
+    }
+    // The two automatic choices agree (same device test, same head dims).
+    if (!fwd_forced && !bwd_forced) EXPECT_EQ(fwd, bwd) << "head_dim " << d;
   }
 }
 

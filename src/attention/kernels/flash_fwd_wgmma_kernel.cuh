@@ -24,7 +24,7 @@
 #pragma once
 
 #include "flash_common.cuh"
-#include "wgmma_ops.cuh"
+#include "wgmma_common.cuh"
 
 namespace flashgpt::attn {
 
@@ -60,73 +60,6 @@ struct FwdWgmmaTraits {
 #ifndef FLASHGPT_WGMMA_SPLIT_WAIT
 #define FLASHGPT_WGMMA_SPLIT_WAIT 0
 #endif
-
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define FLASHGPT_WGMMA_AVAILABLE 1
-#endif
-
-// Shared-memory matrix descriptor with the 128-byte swizzle (PTX ISA, "Matrix Descriptor
-// Format"): start address, leading and stride byte offsets (all >> 4), layout type 1 in bits 62-63.
-__device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_addr, uint32_t lead_bytes, uint32_t stride_bytes) {
-  return uint64_t((smem_addr & 0x3FFFF) >> 4) | (uint64_t(lead_bytes >> 4) << 16) |
-         (uint64_t(stride_bytes >> 4) << 32) | (uint64_t{1} << 62);
-}
-
-#ifdef FLASHGPT_WGMMA_AVAILABLE
-// cp.async writes shared memory through the generic proxy; wgmma reads it through the async
-// proxy: each writing thread fences between its completed copies and the barrier.
-__device__ __forceinline__ void fence_proxy_async_smem() {
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-}
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
-}
-#endif
-// Pins registers that an asynchronous wgmma reads or writes, so that the compiler neither moves
-// their uses across the issue / wait points nor reuses them while the tensor cores own them.
-template <int M>
-__device__ __forceinline__ void fence_operands(float (&d)[M][4]) {
-#pragma unroll
-  for (int i = 0; i < M; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+f"(d[i][j])::"memory");
-}
-template <int M>
-__device__ __forceinline__ void fence_operands(uint32_t (&a)[M][4]) {
-#pragma unroll
-  for (int i = 0; i < M; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
-}
-
-// Byte offset of element (row, col) in a swizzled [kHeadDim / 64][kRows][64] tile; col % 8 == 0.
-template <int kRows>
-__device__ __forceinline__ uint32_t swizzled_offset(int row, int col) {
-  const int block = col / 64, chunk = (col % 64) / 8;
-  return uint32_t(block * kRows * 128 + row * 128 + ((chunk ^ (row % 8)) << 4));
-}
-
-// Copies rows [0, kRows) of a strided global tile into a swizzled shared tile, zero-filling rows
-// at or past valid_rows. Consecutive threads take consecutive 16-byte chunks of a row.
-template <int kRows, int kHeadDim, int kThreads, typename Element>
-__device__ __forceinline__ void load_tile_swizzled_async(uint32_t smem, const Element* gmem, int64_t row_stride,
-                                                         int valid_rows, int tid) {
-  constexpr int kChunksPerRow = kHeadDim / 8;
-  constexpr int kChunks = kRows * kChunksPerRow;
-#pragma unroll
-  for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
-    const int chunk = tid + i * kThreads;
-    if (kChunks % kThreads == 0 || chunk < kChunks) {
-      const int row = chunk / kChunksPerRow, col = (chunk % kChunksPerRow) * 8;
-      const bool valid = row < valid_rows;
-      const Element* src = valid ? gmem + row * row_stride + col : gmem;
-      cp_async_16(smem + swizzled_offset<kRows>(row, col), src, valid);
-    }
-  }
-}
 
 // Columns past the sequence and (causal) past row + diag become -inf. row0: the row of c0/c1.
 template <int kNTiles>

@@ -6,6 +6,7 @@
 #include "attention/attention_cuda_launch.h"
 #include "common/cuda_check.h"
 #include "flash_bwd_kernel.cuh"
+#include "flash_bwd_wgmma_kernel.cuh"
 #include "flash_fwd_kernel.cuh"
 #include "flash_fwd_wgmma_kernel.cuh"
 
@@ -23,6 +24,9 @@ using FwdWgmmaTraitsFor = FwdWgmmaTraits<kHeadDim, WgmmaTileConfig<kHeadDim>::kB
 template <int kHeadDim, typename Element>
 using BwdTraitsFor = BwdTraits<kHeadDim, TileConfig<kHeadDim>::kBwdBlockM, TileConfig<kHeadDim>::kBwdWarps, Element,
                                TileConfig<kHeadDim>::kBwdKTiles>;
+
+template <int kHeadDim, typename Element>
+using BwdWgmmaTraitsFor = BwdWgmmaTraits<kHeadDim, WgmmaTileConfig<kHeadDim>::kBwdBlockM, Element>;
 
 template <typename Kernel>
 void set_smem_limit(Kernel kernel, size_t bytes) {
@@ -55,10 +59,22 @@ void run_flash_fwd(const AttentionParams& p, float scale, cudaStream_t stream) {
   if (launch_flash_fwd<Traits>(flash_fwd_kernel<Traits>, p, scale, stream)) FLASHGPT_CUDA_CHECK_LAUNCH("flash_fwd_kernel");
 }
 
+// The backward main kernel over key blocks: a CTA per Traits::kBlockN keys, per kv head, per
+// batch entry. The caller checks the launch (the check names the kernel).
+template <typename Traits, typename Kernel>
+void launch_flash_bwd_main(Kernel kernel, const AttentionParams& p, float scale, const BwdWorkspace& ws,
+                           bool deterministic, cudaStream_t stream) {
+  const dim3 grid((p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, p.heads_kv, p.batch);
+  set_smem_limit(kernel, Traits::kSmemBytes);
+  kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scale, ws, deterministic);
+}
+
 template <int kHeadDim, typename Element>
 void run_flash_bwd(const AttentionParams& p, float scale, void* workspace, bool deterministic, cudaStream_t stream) {
   using Traits = BwdTraitsFor<kHeadDim, Element>;
   BwdWorkspace ws{};
+  // The semaphores are sized for TileConfig's kBwdBlockM (attention_cuda.cc): a kernel with
+  // larger query blocks uses a prefix of them.
   const size_t bytes = bwd_workspace_layout(p, Traits::kBlockM, static_cast<char*>(workspace), &ws);
   // The accumulator and the semaphores start at zero; D is written by the preprocess.
   // (No queries: no workspace, but dK and dV must still be written, as zeros, below.)
@@ -69,11 +85,20 @@ void run_flash_bwd(const AttentionParams& p, float scale, void* workspace, bool 
     FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_preprocess_kernel");
   }
   if (p.batch > 0 && p.seqlen_k > 0) {
-    const dim3 grid((p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN, p.heads_kv, p.batch);
-    auto kernel = flash_bwd_main_kernel<Traits>;
-    set_smem_limit(kernel, Traits::kSmemBytes);
-    kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(p, scale, ws, deterministic);
-    FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_main_kernel");
+    bool launched = false;
+    if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+      if (bwd_wgmma_selected(kHeadDim)) {
+        using WgTraits = BwdWgmmaTraitsFor<kHeadDim, Element>;
+        static_assert(WgTraits::kBlockM >= Traits::kBlockM, "the workspace has semaphores for kBwdBlockM");
+        launch_flash_bwd_main<WgTraits>(flash_bwd_wgmma_kernel<WgTraits>, p, scale, ws, deterministic, stream);
+        FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_wgmma_kernel");
+        launched = true;
+      }
+    }
+    if (!launched) {
+      launch_flash_bwd_main<Traits>(flash_bwd_main_kernel<Traits>, p, scale, ws, deterministic, stream);
+      FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_main_kernel");
+    }
   }
   if (p.batch > 0 && p.seqlen_q > 0) {
     const int pairs = p.seqlen_q * (kHeadDim / 2);

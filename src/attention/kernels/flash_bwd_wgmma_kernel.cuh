@@ -1,0 +1,360 @@
+// The Hopper backward main kernel: the algorithm and contract of flash_bwd_main_kernel
+// (flash_bwd_kernel.cuh: same preprocess, workspace, dQ accumulator, convert kernel and
+// deterministic mode), with its five GEMMs on wgmma (sm_90a) instead of mma.sync.
+//
+// One CTA per (128-key block, kv head, batch entry), two warpgroups of 128 threads; warpgroup
+// wg owns keys 64 wg .. 64 wg + 63 of the block (the rows of S^T, dP^T, dK and dV). For each
+// query head of the GQA group and each block of kBlockM queries that sees the key block:
+//   S^T  = K Q^T       wgmma SS,  A = K (K-major), B = Q (K-major)       m64 n(kBlockM)
+//   dP^T = V dO^T      wgmma SS,  A = V, B = dO                            m64 n(kBlockM)
+//   P^T = exp2(S^T scale log2 e - LSE log2 e), dS^T = P^T (dP^T Z - D)  (registers)
+//   dV  += (P Z)^T dO  wgmma RS,  A = (P Z)^T from registers, B = dO MN-major   m64 n(d)
+//   dK  += dS^T Q      wgmma RS,  A = dS^T from registers, B = Q MN-major        m64 n(d)
+//   dQ   = dS K        wgmma SS with both operands MN-major: dS^T goes through shared memory
+//                      (both warpgroups' keys are needed); the kBlockM x d product is cut
+//                      into two 64 x 64 sub-tiles, one per warpgroup, added to the fp32
+//                      accumulator with vector atomics (as the mma.sync kernel does).
+// The accumulator of m64nN is, per warp, the m16n8 C fragment layout tiled along N: this
+// thread's rows (keys) are 16 (warp % 4) + lane / 4 (+ 8), exactly one m16 key tile of the
+// mma.sync kernel, so the masking and the dropout bytes (dropout_key_column_bytes) are the same.
+//
+// Shared memory (wgmma_common.cuh's swizzled layout): K, V [128 keys], Q and dO [2 stages]
+// [kBlockM queries], dS^T [128 keys][kBlockM] (as kBlockM / 64 column blocks), LSE and D
+// [2 stages][kBlockM]. Loads are cp.async by all threads, the next query block's in flight
+// while this one is computed; two barriers per query block (loads landed, dS^T complete).
+#pragma once
+
+#include "attention/attention_cuda_launch.h"
+#include "flash_common.cuh"
+#include "wgmma_common.cuh"
+
+namespace flashgpt::attn {
+
+template <int kHeadDim_, int kBlockM_, typename Element_>
+struct BwdWgmmaTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockM = kBlockM_;  // queries per step
+  static constexpr int kWarpgroups = 2;
+  static constexpr int kThreads = 128 * kWarpgroups;
+  static constexpr int kBlockN = 64 * kWarpgroups;  // keys per CTA
+  static constexpr int kNTilesS = kBlockM / 8;      // n8 tiles of S^T, dP^T per thread
+  static constexpr int kNTilesD = kHeadDim / 8;     // n8 tiles of dK, dV per thread
+  static_assert(sizeof(Element) == 2, "the transpose bits and the 64-element swizzle rows assume 16-bit types");
+  static_assert(kHeadDim % 64 == 0 && kBlockM % 64 == 0, "tiles are made of 64-element swizzle blocks");
+  static_assert(kNTilesS % 4 == 0, "dropout shares Philox calls over groups of 4 n8 tiles (32 queries)");
+  // dQ = dS K is cut into 64 x 64 sub-tiles, one per warpgroup.
+  static constexpr int kDqQueryBlocks = kBlockM / 64;
+  static_assert(kDqQueryBlocks * (kHeadDim / 64) == kWarpgroups, "one 64 x 64 dQ sub-tile per warpgroup");
+  static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kTileDsBytes = kBlockN * kBlockM * 2;
+  // K, V, Q x 2, dO x 2, dS^T, LSE x 2, D x 2, plus slack to align the base to 1024 bytes.
+  static constexpr size_t kSmemBytes =
+      1024 + 2 * size_t{kTileKVBytes} + 4 * size_t{kTileQBytes} + kTileDsBytes + 4 * kBlockM * sizeof(float);
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 block can have");
+};
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    flash_bwd_wgmma_kernel(const AttentionParams p, float scale, BwdWorkspace ws, bool deterministic) {
+#ifdef FLASHGPT_WGMMA_AVAILABLE
+  using Element = typename Traits::Element;
+  using Ops = ElementOps<Element>;
+  using Mma = WgmmaOps<Element>;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
+  constexpr int kThreads = Traits::kThreads, kNTilesS = Traits::kNTilesS, kNTilesD = Traits::kNTilesD;
+  constexpr int kKSteps = kHeadDim / 16;  // k16 steps of the S^T and dP^T GEMMs
+  constexpr uint32_t kSwizzleAtom = 1024;  // 8 rows x 128 bytes: the descriptors' stride byte offset
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t smem_base = smem_u32(smem_raw);
+  const uint32_t sK = (smem_base + 1023u) & ~1023u;
+  const uint32_t sV = sK + Traits::kTileKVBytes;
+  const uint32_t sQ = sV + Traits::kTileKVBytes;        // [2 stages]
+  const uint32_t sdO = sQ + 2 * Traits::kTileQBytes;    // [2 stages]
+  const uint32_t sdS = sdO + 2 * Traits::kTileQBytes;   // dS^T
+  unsigned char* const sdS_ptr = smem_raw + (sdS - smem_base);
+  float* const sLse = reinterpret_cast<float*>(sdS_ptr + Traits::kTileDsBytes);  // [2][kBlockM], LSE log2 e
+  float* const sDot = sLse + 2 * kBlockM;                                          // [2][kBlockM]
+
+  const int n_block = blockIdx.x, head_kv = blockIdx.y, b = blockIdx.z;
+  const int tid = threadIdx.x, lane = tid % 32;
+  const int g = lane / 4, t = lane % 4;
+  const int wg = tid / 128, warp_in_wg = (tid / 32) % 4;
+  const SeqInfo seq(p, b);
+  const int n0 = n_block * kBlockN;
+  if (n0 >= seq.seqlen_k) return;
+  const int group = p.heads_q / p.heads_kv;
+  const bool causal = p.mask == Mask::causal;
+  const int diag = seq.seqlen_k - seq.seqlen_q;
+  const int m_blocks_total = (p.seqlen_q + kBlockM - 1) / kBlockM;  // semaphore row length
+
+  // Query blocks that see this key block: causal rows i >= j - diag for some j in the block.
+  const int m_end = (seq.seqlen_q + kBlockM - 1) / kBlockM;
+  int m_begin = 0;
+  if (causal) {
+    const int first_row = n0 - diag;
+    m_begin = first_row <= 0 ? 0 : first_row / kBlockM;
+  }
+  const int m_count = max(0, m_end - m_begin);
+  const int iterations = m_count * group;
+
+  const Element* gK = static_cast<const Element*>(p.k) +
+                      seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, head_kv) + n0 * p.k_row_stride;
+  const Element* gV = static_cast<const Element*>(p.v) +
+                      seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, head_kv) + n0 * p.v_row_stride;
+  const int valid_k = seq.seqlen_k - n0;
+
+  // Issues the copies of iteration `it` (query head, query block) into stage `buf`.
+  auto load_q_block = [&](int it, int buf) {
+    const int head = head_kv * group + it / m_count;
+    const int m0 = (m_begin + it % m_count) * kBlockM;
+    const Element* gQ = static_cast<const Element*>(p.q) +
+                        seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, head) + m0 * p.q_row_stride;
+    const Element* gdO = static_cast<const Element*>(p.d_o) +
+                         seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, head) +
+                         m0 * p.do_row_stride;
+    const int valid_q = seq.seqlen_q - m0;
+    load_tile_swizzled_async<kBlockM, kHeadDim, kThreads>(sQ + buf * Traits::kTileQBytes, gQ, p.q_row_stride, valid_q,
+                                                          tid);
+    load_tile_swizzled_async<kBlockM, kHeadDim, kThreads>(sdO + buf * Traits::kTileQBytes, gdO, p.do_row_stride,
+                                                          valid_q, tid);
+    // LSE and D are small: plain loads into shared memory (made visible by the barrier).
+    const float* gLse = p.lse + (seq.varlen ? 0 : b * p.lse_batch_stride) + head * p.lse_head_stride + seq.q_start + m0;
+    const float* gDot = ws.dot_do_o + (int64_t(b) * p.heads_q + head) * p.seqlen_q + m0;
+    for (int i = tid; i < kBlockM; i += kThreads) {
+      const bool valid = i < valid_q;
+      sLse[buf * kBlockM + i] = valid ? gLse[i] * kLog2e : INFINITY;  // +inf: P = 0 for padding rows
+      sDot[buf * kBlockM + i] = valid ? gDot[i] : 0.0f;
+    }
+  };
+
+  float acc_dk[kNTilesD][4], acc_dv[kNTilesD][4];  // rows: this thread's two keys
+#pragma unroll
+  for (int i = 0; i < kNTilesD; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.0f;
+
+  const float scale_log2 = scale * kLog2e;
+  const uint32_t threshold = dropout_threshold(p.dropout_p);
+  const bool use_dropout = dropout_enabled(threshold);
+  const uint32_t dropout_top = dropout_top_threshold(threshold);
+  const float keep_scale = static_cast<float>(dropout_keep_scale(threshold));
+  const int warp_key0 = wg * 64 + warp_in_wg * 16;  // this warp's m16 key tile
+  const int key_local0 = warp_key0 + g;             // this thread's keys: key_local0 and + 8
+  // This warpgroup's dQ sub-tile: queries 64 dq_qb .., head-dim columns 64 dq_db ..
+  const int dq_qb = wg % Traits::kDqQueryBlocks, dq_db = wg / Traits::kDqQueryBlocks;
+
+  if (iterations > 0) {
+    load_tile_swizzled_async<kBlockN, kHeadDim, kThreads>(sK, gK, p.k_row_stride, valid_k, tid);
+    load_tile_swizzled_async<kBlockN, kHeadDim, kThreads>(sV, gV, p.v_row_stride, valid_k, tid);
+    load_q_block(0, 0);
+    cp_async_commit();
+  }
+
+  for (int it = 0; it < iterations; ++it) {
+    const int buf = it & 1;
+    const int head = head_kv * group + it / m_count;
+    const int m_block = m_begin + it % m_count;
+    const int m0 = m_block * kBlockM;
+    // This block's tiles landed and are visible to the async proxy; every thread's GEMMs of
+    // iteration it - 1 (which read the other stage and dS^T) were waited for.
+    cp_async_wait<0>();
+    fence_proxy_async_smem();
+    __syncthreads();
+    if (it + 1 < iterations) load_q_block(it + 1, buf ^ 1);
+    cp_async_commit();
+
+    const uint32_t sQb = sQ + buf * Traits::kTileQBytes, sdOb = sdO + buf * Traits::kTileQBytes;
+    const float* sLseb = sLse + buf * kBlockM;
+    const float* sDotb = sDot + buf * kBlockM;
+
+    // S^T and dP^T for this warpgroup's 64 keys: two commit groups, so that P^T is computed
+    // while the tensor cores still work on dP^T.
+    float s[kNTilesS][4], dp[kNTilesS][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      const uint32_t col_bytes = (kk % 4) * 32;  // k16 slice inside a 128-byte (64-element) row
+      const uint32_t a_off = wg * 64 * 128 + (kk / 4) * kBlockN * 128 + col_bytes;
+      const uint32_t b_off = (kk / 4) * kBlockM * 128 + col_bytes;
+      Mma::ss(s, wgmma_desc_sw128(sK + a_off, 16, kSwizzleAtom), wgmma_desc_sw128(sQb + b_off, 16, kSwizzleAtom),
+              /*accumulate=*/kk > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      const uint32_t col_bytes = (kk % 4) * 32;
+      const uint32_t a_off = wg * 64 * 128 + (kk / 4) * kBlockN * 128 + col_bytes;
+      const uint32_t b_off = (kk / 4) * kBlockM * 128 + col_bytes;
+      Mma::ss(dp, wgmma_desc_sw128(sV + a_off, 16, kSwizzleAtom), wgmma_desc_sw128(sdOb + b_off, 16, kSwizzleAtom),
+              /*accumulate=*/kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<1>();
+    fence_operands(s);
+
+    // P^T, masked. Element (nt, e) of this thread: key n0 + key_local0 + 8 (e / 2), query
+    // m0 + 8 nt + 2 t + e % 2.
+    const bool need_mask = n0 + kBlockN > seq.seqlen_k || (causal && n0 + kBlockN - 1 > m0 + diag);
+#pragma unroll
+    for (int nt = 0; nt < kNTilesS; ++nt) {
+      const float2 lse = *reinterpret_cast<const float2*>(sLseb + nt * 8 + 2 * t);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float pv = exp2f(s[nt][e] * scale_log2 - ((e & 1) ? lse.y : lse.x));
+        if (need_mask) {
+          const int key = n0 + key_local0 + 8 * (e >> 1), query = m0 + nt * 8 + 2 * t + (e & 1);
+          if (key >= seq.seqlen_k || (causal && key > query + diag)) pv = 0.0f;
+        }
+        s[nt][e] = pv;
+      }
+    }
+    wgmma_wait<0>();
+    fence_operands(dp);
+
+    // dS^T = P^T (dP^T Z - D) and the dropped (P Z)^T, packed as the RS A fragments of the dV
+    // and dK GEMMs (k16 slice kt = n8 tiles 2 kt and 2 kt + 1).
+    const int64_t batch_head = int64_t{b} * p.heads_q + head;
+    uint32_t pa[kNTilesS / 2][4], dsa[kNTilesS / 2][4];
+#pragma unroll
+    for (int grp = 0; grp < kNTilesS / 4; ++grp) {
+      // Dropout bytes of 4 n8 tiles at a time (flash_common.cuh: one Philox call per lane).
+      uint32_t drop_bytes[4] = {0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu};
+      if (use_dropout) dropout_key_column_bytes(p.rng, batch_head, m0 + grp * 32, n0 + warp_key0, g, t, drop_bytes);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int nt = 4 * grp + i;
+        const float2 dot = *reinterpret_cast<const float2*>(sDotb + nt * 8 + 2 * t);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float pv = s[nt][e];
+          float dpv = dp[nt][e];
+          float p_dropped = pv;
+          if (use_dropout) {
+            const bool keep = !dropout_byte_dropped(drop_bytes[i], dropout_bwd_byte_pos(e), dropout_top);
+            dpv = keep ? dpv * keep_scale : 0.0f;
+            p_dropped = keep ? pv * keep_scale : 0.0f;
+          }
+          s[nt][e] = p_dropped;
+          dp[nt][e] = pv * (dpv - ((e & 1) ? dot.y : dot.x));
+        }
+      }
+    }
+#pragma unroll
+    for (int kt = 0; kt < kNTilesS / 2; ++kt) {
+      pa[kt][0] = Ops::pack(s[2 * kt][0], s[2 * kt][1]);
+      pa[kt][1] = Ops::pack(s[2 * kt][2], s[2 * kt][3]);
+      pa[kt][2] = Ops::pack(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+      pa[kt][3] = Ops::pack(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+      dsa[kt][0] = Ops::pack(dp[2 * kt][0], dp[2 * kt][1]);
+      dsa[kt][1] = Ops::pack(dp[2 * kt][2], dp[2 * kt][3]);
+      dsa[kt][2] = Ops::pack(dp[2 * kt + 1][0], dp[2 * kt + 1][1]);
+      dsa[kt][3] = Ops::pack(dp[2 * kt + 1][2], dp[2 * kt + 1][3]);
+    }
+    // dS^T to shared memory for dQ (rows: keys, columns: queries); the swizzle spreads the 8
+    // rows of a store over 8 different 16-byte chunks, so the warp's stores hit 32 banks.
+#pragma unroll
+    for (int kt = 0; kt < kNTilesS / 2; ++kt)
+#pragma unroll
+      for (int half = 0; half < 2; ++half)    // columns 16 kt + 8 half + 2 t, + 1
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {         // rows key_local0 + 8 r
+          const uint32_t off = swizzled_offset<kBlockN>(key_local0 + 8 * r, kt * 16 + half * 8) + 4 * t;
+          *reinterpret_cast<uint32_t*>(sdS_ptr + off) = dsa[kt][2 * half + r];
+        }
+
+    // dV += (P Z)^T dO and dK += dS^T Q: B MN-major, k16 slice kt = 16 query rows (2048
+    // bytes); the head dim's 64-element blocks are kBlockM * 128 bytes apart.
+    fence_operands(acc_dv);
+    fence_operands(acc_dk);
+    wgmma_fence();
+#pragma unroll
+    for (int kt = 0; kt < kBlockM / 16; ++kt)
+      Mma::rs_trans_b(acc_dv, pa[kt], wgmma_desc_sw128(sdOb + kt * 16 * 128, kBlockM * 128, kSwizzleAtom), 1);
+#pragma unroll
+    for (int kt = 0; kt < kBlockM / 16; ++kt)
+      Mma::rs_trans_b(acc_dk, dsa[kt], wgmma_desc_sw128(sQb + kt * 16 * 128, kBlockM * 128, kSwizzleAtom), 1);
+    wgmma_commit();
+
+    // dQ sub-tile = dS[queries 64 dq_qb ..][all keys] K[all keys][columns 64 dq_db ..]: A is
+    // dS^T read MN-major (column block dq_qb), B is K read MN-major (column block dq_db);
+    // k16 slice kt = 16 key rows. Needs every warpgroup's dS^T: fence the generic-proxy
+    // stores for the tensor cores, then a barrier.
+    fence_proxy_async_smem();
+    __syncthreads();
+    float dq[8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kt = 0; kt < kBlockN / 16; ++kt) {
+      const uint64_t desc_ds =
+          wgmma_desc_sw128(sdS + dq_qb * kBlockN * 128 + kt * 16 * 128, kBlockN * 128, kSwizzleAtom);
+      const uint64_t desc_k = wgmma_desc_sw128(sK + dq_db * kBlockN * 128 + kt * 16 * 128, kBlockN * 128, kSwizzleAtom);
+      Mma::ss_trans_ab(dq, desc_ds, desc_k, /*accumulate=*/kt > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_operands(acc_dv);
+    fence_operands(acc_dk);
+    fence_operands(pa);
+    fence_operands(dsa);
+    fence_operands(dq);
+
+    int* semaphore = nullptr;
+    if (deterministic) {
+      semaphore = ws.semaphores + (int64_t(b) * p.heads_q + head) * m_blocks_total + m_block;
+      if (tid == 0) {
+        // Key blocks 0 .. n_block - 1 of this query block add before us (causal: the key
+        // blocks that see a query block are always a prefix 0 .. k).
+        while (atomicAdd(semaphore, 0) != n_block) {
+        }
+        __threadfence();
+      }
+      __syncthreads();
+    }
+    // This thread's dQ rows: queries 64 dq_qb + 16 warp_in_wg + g (+ 8); columns
+    // 64 dq_db + 8 i + 2 t (+ 1). Each lane adds its own column pairs (float2 atomics).
+    float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * p.seqlen_q + m0) * kHeadDim + dq_db * 64 + 2 * t;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int q_local = dq_qb * 64 + warp_in_wg * 16 + g + 8 * r;
+      if (m0 + q_local < seq.seqlen_q) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          atomicAdd(reinterpret_cast<float2*>(gdq + q_local * kHeadDim + i * 8),
+                    make_float2(dq[i][2 * r] * scale, dq[i][2 * r + 1] * scale));
+      }
+    }
+    if (deterministic) {
+      __threadfence();
+      __syncthreads();
+      if (tid == 0) atomicAdd(semaphore, 1);
+    }
+  }
+  cp_async_wait<0>();
+
+  // dK = scale dS^T Q and dV: this thread's two keys, skipping keys past the sequence.
+  Element* gdK = static_cast<Element*>(p.dk) +
+                 seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, head_kv) + n0 * p.dk_row_stride;
+  Element* gdV = static_cast<Element*>(p.dv) +
+                 seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, head_kv) + n0 * p.dv_row_stride;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key_local = key_local0 + 8 * r;
+    if (key_local < valid_k) {
+#pragma unroll
+      for (int i = 0; i < kNTilesD; ++i) {
+        *reinterpret_cast<uint32_t*>(gdK + key_local * p.dk_row_stride + i * 8 + 2 * t) =
+            Ops::pack(acc_dk[i][2 * r] * scale, acc_dk[i][2 * r + 1] * scale);
+        *reinterpret_cast<uint32_t*>(gdV + key_local * p.dv_row_stride + i * 8 + 2 * t) =
+            Ops::pack(acc_dv[i][2 * r], acc_dv[i][2 * r + 1]);
+      }
+    }
+  }
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built for a target without wgmma: the launcher never picks this kernel there
+#endif
+}
+
+}  // namespace flashgpt::attn
