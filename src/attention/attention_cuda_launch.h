@@ -128,27 +128,36 @@ bool fwd_wgmma_selected(int head_dim);
 bool bwd_wgmma_selected(int head_dim);
 
 // Workspace layout, all fp32 or int32, each part 256-byte aligned:
-//   dq_accum [batch, heads_q, seqlen_q, head_dim]  (seqlen_q = max length when varlen)
+//   dq_accum [batch, heads_q, dq_rows, head_dim]   (dq_rows = seqlen_q rounded up to
+//            kDqRowAlign; seqlen_q = max length when varlen). The mma.sync kernel keeps each
+//            (batch, head) part row-major; the wgmma kernel stores it as 64 x 64 sub-tiles
+//            in its accumulator-fragment order (flash_bwd_wgmma_kernel.cuh), so that a
+//            warpgroup's sub-tile is one contiguous 16 KB range. The padding rows only ever
+//            receive zeros.
 //   dot_do_o [batch, heads_q, seqlen_q]
 //   semaphores [batch, heads_q, m_blocks]          (deterministic mode only)
+constexpr int kDqRowAlign = 128;
 struct BwdWorkspace {
   float* dq_accum;
   float* dot_do_o;
   int* semaphores;
+  int dq_rows;
 };
 
 inline std::size_t bwd_align(std::size_t bytes) { return (bytes + 255) / 256 * 256; }
 
 inline std::size_t bwd_workspace_layout(const AttentionParams& p, int block_m, char* base, BwdWorkspace* ws) {
+  const std::size_t dq_rows = (std::size_t(p.seqlen_q) + kDqRowAlign - 1) / kDqRowAlign * kDqRowAlign;
   const std::size_t rows = std::size_t(p.batch) * p.heads_q * p.seqlen_q;
   const std::size_t m_blocks = (std::size_t(p.seqlen_q) + block_m - 1) / block_m;
-  const std::size_t dq_bytes = bwd_align(rows * p.head_dim * sizeof(float));
+  const std::size_t dq_bytes = bwd_align(std::size_t(p.batch) * p.heads_q * dq_rows * p.head_dim * sizeof(float));
   const std::size_t d_bytes = bwd_align(rows * sizeof(float));
   const std::size_t sem_bytes = bwd_align(std::size_t(p.batch) * p.heads_q * m_blocks * sizeof(int));
   if (ws != nullptr) {
     ws->dq_accum = reinterpret_cast<float*>(base);
     ws->dot_do_o = reinterpret_cast<float*>(base + dq_bytes);
     ws->semaphores = reinterpret_cast<int*>(base + dq_bytes + d_bytes);
+    ws->dq_rows = static_cast<int>(dq_rows);
   }
   return dq_bytes + d_bytes + sem_bytes;
 }

@@ -10,6 +10,7 @@
 //      memory and fp32 atomics into a workspace accumulator (in deterministic mode the
 //      CTAs of one query block add in key-block order behind a per-block semaphore);
 //   3. convert: dQ = accumulator, cast to the input type, strided.
+// The wgmma kernel (flash_bwd_wgmma_kernel.cuh) shares 1 and 3 (with its own dQ layout).
 // With dropout Z = mask * 256 / (256 - t) (philox.h): dV += (P Z)^T dO and dS = P (dP Z - D).
 #pragma once
 
@@ -79,19 +80,35 @@ __global__ void flash_bwd_preprocess_kernel(const AttentionParams p, float* dot_
   if (lane == 0) dot_do_o[(int64_t(b) * p.heads_q + head) * p.seqlen_q + row] = acc;
 }
 
-// dQ = accumulator, cast and strided. One thread per 2 elements.
-template <typename Element, int kHeadDim>
-__global__ void flash_bwd_convert_dq_kernel(const AttentionParams p, const float* dq_accum) {
+// Index of dQ element (row, col) of one (batch, head) in the wgmma kernel's accumulator: 64 x
+// 64 sub-tiles, row block major; inside a sub-tile, n8 tile q of thread i of the warpgroup
+// (warp i / 32, lane g * 4 + t) is the float4 at (q * 128 + i) * 4: its C fragment (rows
+// 16 (i / 32) + g and + 8, columns 8 q + 2 t and + 1).
+template <int kHeadDim>
+__device__ __forceinline__ int64_t dq_fragment_index(int row, int col) {
+  const int sub = (row / 64) * (kHeadDim / 64) + col / 64;
+  const int r = row % 64, c = col % 64;
+  const int thread = (r / 16) * 32 + (r % 8) * 4 + (c % 8) / 2;
+  const int e = ((r % 16) / 8) * 2 + c % 2;
+  return int64_t{sub} * 4096 + ((c / 8) * 128 + thread) * 4 + e;
+}
+
+// dQ = accumulator, cast and strided. One thread per 2 elements (a column pair, adjacent in
+// both layouts).
+template <typename Element, int kHeadDim, bool kFragmentLayout>
+__global__ void flash_bwd_convert_dq_kernel(const AttentionParams p, BwdWorkspace ws) {
   const int head = blockIdx.y, b = blockIdx.z;
   const SeqInfo seq(p, b);
   constexpr int kPairsPerRow = kHeadDim / 2;
   const int idx = blockIdx.x * blockDim.x + threadIdx.x;
   const int row = idx / kPairsPerRow, c = (idx % kPairsPerRow) * 2;
   if (row >= seq.seqlen_q) return;
-  const float* src = dq_accum + ((int64_t(b) * p.heads_q + head) * p.seqlen_q + row) * kHeadDim + c;
+  const float* part = ws.dq_accum + (int64_t(b) * p.heads_q + head) * ws.dq_rows * kHeadDim;
+  const float* src = part + (kFragmentLayout ? dq_fragment_index<kHeadDim>(row, c) : int64_t{row} * kHeadDim + c);
   Element* dst = static_cast<Element*>(p.dq) +
                  seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, head) + row * p.dq_row_stride + c;
-  *reinterpret_cast<uint32_t*>(dst) = ElementOps<Element>::pack(src[0], src[1]);
+  const float2 v = *reinterpret_cast<const float2*>(src);
+  *reinterpret_cast<uint32_t*>(dst) = ElementOps<Element>::pack(v.x, v.y);
 }
 
 // `deterministic` is a run-time flag, not a template parameter: the semaphore wait costs a
@@ -350,7 +367,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       }
       __syncthreads();
     }
-    float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * p.seqlen_q + m0) * kHeadDim;
+    float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * ws.dq_rows + m0) * kHeadDim;
     // dQ atomics are the backward's largest memory cost (every key block adds its part), so
     // they are vector atomics (sm_90). Width 2: each lane adds its own column pair.
     // Width 4: lanes t and t ^ 1 hold columns 2t..2t+1 of rows g and g + 8, i.e. 4

@@ -12,15 +12,20 @@
 //   dK  += dS^T Q      wgmma RS,  A = dS^T from registers, B = Q MN-major        m64 n(d)
 //   dQ   = dS K        wgmma SS with both operands MN-major: dS^T goes through shared memory
 //                      (both warpgroups' keys are needed); the kBlockM x d product is cut
-//                      into two 64 x 64 sub-tiles, one per warpgroup, added to the fp32
-//                      accumulator with vector atomics (as the mma.sync kernel does).
+//                      into two 64 x 64 sub-tiles, one per warpgroup. The fp32 accumulator
+//                      in the workspace keeps each sub-tile contiguous, in fragment order
+//                      (dq_fragment_index), so that each thread's n8 tile is one float4
+//                      atomic (8 a thread, instead of 16 float2 ones in row-major order).
+//                      FLASHGPT_BWD_DQ_BULK=1 (lab): a bulk reduce-add of the sub-tile from
+//                      shared memory by one thread instead; 0.72-0.90x FA2 against the
+//                      atomics' 0.89-1.03x on the H100 (notes, "v7").
 // The accumulator of m64nN is, per warp, the m16n8 C fragment layout tiled along N: this
 // thread's rows (keys) are 16 (warp % 4) + lane / 4 (+ 8), exactly one m16 key tile of the
 // mma.sync kernel, so the masking and the dropout bytes (dropout_key_column_bytes) are the same.
 //
 // Shared memory (wgmma_common.cuh's swizzled layout): K, V [128 keys], Q and dO [2 stages]
-// [kBlockM queries], dS^T [128 keys][kBlockM] (as kBlockM / 64 column blocks), LSE and D
-// [2 stages][kBlockM]. Loads are cp.async by all threads, the next query block's in flight
+// [kBlockM queries], dS^T [128 keys][kBlockM] (as kBlockM / 64 column blocks), the dQ
+// sub-tiles [2 stages][2 warpgroups][4096 floats], LSE and D [2 stages][kBlockM]. Loads are cp.async by all threads, the next query block's in flight
 // while this one is computed; two barriers per query block (loads landed, dS^T complete).
 #pragma once
 
@@ -28,7 +33,34 @@
 #include "flash_common.cuh"
 #include "wgmma_common.cuh"
 
+#ifndef FLASHGPT_BWD_DQ_BULK
+#define FLASHGPT_BWD_DQ_BULK 0
+#endif
+#ifndef FLASHGPT_BWD_DS_STORE_LATE
+#define FLASHGPT_BWD_DS_STORE_LATE 0
+#endif
+
 namespace flashgpt::attn {
+
+#ifdef FLASHGPT_WGMMA_AVAILABLE
+// Bulk (copy engine) reduce-add of `bytes` contiguous fp32 from shared to global memory, and
+// the waits of its bulk group: .read = the source may be overwritten; plain = the adds are done.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* gmem, uint32_t smem, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gmem), "r"(smem),
+               "r"(bytes)
+               : "memory");
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// Barrier of one warpgroup (ids 1 and 2; 0 is __syncthreads).
+__device__ __forceinline__ void warpgroup_barrier(int wg) {
+  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
+}
+#endif
 
 template <int kHeadDim_, int kBlockM_, typename Element_>
 struct BwdWgmmaTraits {
@@ -49,9 +81,11 @@ struct BwdWgmmaTraits {
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kTileDsBytes = kBlockN * kBlockM * 2;
-  // K, V, Q x 2, dO x 2, dS^T, LSE x 2, D x 2, plus slack to align the base to 1024 bytes.
-  static constexpr size_t kSmemBytes =
-      1024 + 2 * size_t{kTileKVBytes} + 4 * size_t{kTileQBytes} + kTileDsBytes + 4 * kBlockM * sizeof(float);
+  static constexpr int kDqSubTileBytes = 64 * 64 * 4;
+  static constexpr int kDqBytes = FLASHGPT_BWD_DQ_BULK ? 2 * kWarpgroups * kDqSubTileBytes : 0;
+  // K, V, Q x 2, dO x 2, dS^T, dQ, LSE x 2, D x 2, plus slack to align the base to 1024 bytes.
+  static constexpr size_t kSmemBytes = 1024 + 2 * size_t{kTileKVBytes} + 4 * size_t{kTileQBytes} + kTileDsBytes +
+                                       kDqBytes + 4 * kBlockM * sizeof(float);
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 block can have");
 };
 
@@ -74,8 +108,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const uint32_t sQ = sV + Traits::kTileKVBytes;        // [2 stages]
   const uint32_t sdO = sQ + 2 * Traits::kTileQBytes;    // [2 stages]
   const uint32_t sdS = sdO + 2 * Traits::kTileQBytes;   // dS^T
+  const uint32_t sdQ = sdS + Traits::kTileDsBytes;     // [2 stages][2 warpgroups][4096 floats]
   unsigned char* const sdS_ptr = smem_raw + (sdS - smem_base);
-  float* const sLse = reinterpret_cast<float*>(sdS_ptr + Traits::kTileDsBytes);  // [2][kBlockM], LSE log2 e
+  float* const sdQ_ptr = reinterpret_cast<float*>(smem_raw + (sdQ - smem_base));
+  float* const sLse = reinterpret_cast<float*>(smem_raw + (sdQ + Traits::kDqBytes - smem_base));  // [2][kBlockM]
   float* const sDot = sLse + 2 * kBlockM;                                          // [2][kBlockM]
 
   const int n_block = blockIdx.x, head_kv = blockIdx.y, b = blockIdx.z;
@@ -160,6 +196,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int m0 = m_block * kBlockM;
     // This block's tiles landed and are visible to the async proxy; every thread's GEMMs of
     // iteration it - 1 (which read the other stage and dS^T) were waited for.
+    if constexpr (FLASHGPT_BWD_DQ_BULK) {
+      if (tid % 128 == 0) bulk_wait_read<1>();  // iteration it - 2's reduce has read this stage's dQ
+    }
     cp_async_wait<0>();
     fence_proxy_async_smem();
     __syncthreads();
@@ -255,15 +294,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     // dS^T to shared memory for dQ (rows: keys, columns: queries); the swizzle spreads the 8
     // rows of a store over 8 different 16-byte chunks, so the warp's stores hit 32 banks.
+    auto store_ds = [&]() {
 #pragma unroll
-    for (int kt = 0; kt < kNTilesS / 2; ++kt)
+      for (int kt = 0; kt < kNTilesS / 2; ++kt)
 #pragma unroll
-      for (int half = 0; half < 2; ++half)    // columns 16 kt + 8 half + 2 t, + 1
+        for (int half = 0; half < 2; ++half)    // columns 16 kt + 8 half + 2 t, + 1
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {         // rows key_local0 + 8 r
-          const uint32_t off = swizzled_offset<kBlockN>(key_local0 + 8 * r, kt * 16 + half * 8) + 4 * t;
-          *reinterpret_cast<uint32_t*>(sdS_ptr + off) = dsa[kt][2 * half + r];
-        }
+          for (int r = 0; r < 2; ++r) {         // rows key_local0 + 8 r
+            const uint32_t off = swizzled_offset<kBlockN>(key_local0 + 8 * r, kt * 16 + half * 8) + 4 * t;
+            *reinterpret_cast<uint32_t*>(sdS_ptr + off) = dsa[kt][2 * half + r];
+          }
+    };
+    // Lab hook FLASHGPT_BWD_DS_STORE_LATE=1: issue the dV and dK GEMMs first and store dS^T
+    // while they run (the stores only read the A registers that the GEMMs read).
+    if constexpr (!FLASHGPT_BWD_DS_STORE_LATE) store_ds();
 
     // dV += (P Z)^T dO and dK += dS^T Q: B MN-major, k16 slice kt = 16 query rows (2048
     // bytes); the head dim's 64-element blocks are kBlockM * 128 bytes apart.
@@ -277,6 +321,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (int kt = 0; kt < kBlockM / 16; ++kt)
       Mma::rs_trans_b(acc_dk, dsa[kt], wgmma_desc_sw128(sQb + kt * 16 * 128, kBlockM * 128, kSwizzleAtom), 1);
     wgmma_commit();
+
+    if constexpr (FLASHGPT_BWD_DS_STORE_LATE) store_ds();
 
     // dQ sub-tile = dS[queries 64 dq_qb ..][all keys] K[all keys][columns 64 dq_db ..]: A is
     // dS^T read MN-major (column block dq_qb), B is K read MN-major (column block dq_db);
@@ -313,18 +359,32 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       }
       __syncthreads();
     }
-    // This thread's dQ rows: queries 64 dq_qb + 16 warp_in_wg + g (+ 8); columns
-    // 64 dq_db + 8 i + 2 t (+ 1). Each lane adds its own column pairs (float2 atomics).
-    float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * p.seqlen_q + m0) * kHeadDim + dq_db * 64 + 2 * t;
+    // This warpgroup's dQ sub-tile in the accumulator: row block m0 / 64 + dq_qb, column
+    // block dq_db; this thread's float4 of n8 tile q is at (q * 128 + tid % 128) * 4.
+    float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * ws.dq_rows + m0 + dq_qb * 64) * kHeadDim +
+                 dq_db * 4096;
+    if constexpr (FLASHGPT_BWD_DQ_BULK) {
+      float* my = sdQ_ptr + (buf * Traits::kWarpgroups + wg) * 4096 + (tid % 128) * 4;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int q_local = dq_qb * 64 + warp_in_wg * 16 + g + 8 * r;
-      if (m0 + q_local < seq.seqlen_q) {
-#pragma unroll
-        for (int i = 0; i < 8; ++i)
-          atomicAdd(reinterpret_cast<float2*>(gdq + q_local * kHeadDim + i * 8),
-                    make_float2(dq[i][2 * r] * scale, dq[i][2 * r + 1] * scale));
+      for (int q = 0; q < 8; ++q)
+        *reinterpret_cast<float4*>(my + q * 512) =
+            make_float4(dq[q][0] * scale, dq[q][1] * scale, dq[q][2] * scale, dq[q][3] * scale);
+      fence_proxy_async_smem();
+      warpgroup_barrier(wg);
+      if (tid % 128 == 0) {
+        bulk_reduce_add_f32(gdq, sdQ + (buf * Traits::kWarpgroups + wg) * Traits::kDqSubTileBytes,
+                            Traits::kDqSubTileBytes);
+        if (deterministic) {
+          bulk_wait_all();
+          __threadfence();
+        }
       }
+    } else {
+      // Rows past the sequence add zeros (their dS is zero) into padding that exists.
+#pragma unroll
+      for (int q = 0; q < 8; ++q)
+        atomicAdd(reinterpret_cast<float4*>(gdq + (q * 128 + tid % 128) * 4),
+                  make_float4(dq[q][0] * scale, dq[q][1] * scale, dq[q][2] * scale, dq[q][3] * scale));
     }
     if (deterministic) {
       __threadfence();
@@ -333,6 +393,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
   }
   cp_async_wait<0>();
+  if constexpr (FLASHGPT_BWD_DQ_BULK) {
+    if (tid % 128 == 0) bulk_wait_read<0>();  // shared memory must outlive the reads of the last reduces
+  }
 
   // dK = scale dS^T Q and dV: this thread's two keys, skipping keys past the sequence.
   Element* gdK = static_cast<Element*>(p.dk) +

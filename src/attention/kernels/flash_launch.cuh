@@ -84,18 +84,20 @@ void run_flash_bwd(const AttentionParams& p, float scale, void* workspace, bool 
     flash_bwd_preprocess_kernel<Element, kHeadDim><<<grid_pre, 128, 0, stream>>>(p, ws.dot_do_o);
     FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_preprocess_kernel");
   }
+  // The wgmma kernel (Hopper, d64 and d128) and its dQ accumulator layout, or mma.sync.
+  bool wgmma = false;
+  if constexpr (kHeadDim == 64 || kHeadDim == 128) wgmma = bwd_wgmma_selected(kHeadDim);
   if (p.batch > 0 && p.seqlen_k > 0) {
-    bool launched = false;
     if constexpr (kHeadDim == 64 || kHeadDim == 128) {
-      if (bwd_wgmma_selected(kHeadDim)) {
+      if (wgmma) {
         using WgTraits = BwdWgmmaTraitsFor<kHeadDim, Element>;
         static_assert(WgTraits::kBlockM >= Traits::kBlockM, "the workspace has semaphores for kBwdBlockM");
+        static_assert(kDqRowAlign % WgTraits::kBlockM == 0, "whole query blocks of dQ rows");
         launch_flash_bwd_main<WgTraits>(flash_bwd_wgmma_kernel<WgTraits>, p, scale, ws, deterministic, stream);
         FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_wgmma_kernel");
-        launched = true;
       }
     }
-    if (!launched) {
+    if (!wgmma) {
       launch_flash_bwd_main<Traits>(flash_bwd_main_kernel<Traits>, p, scale, ws, deterministic, stream);
       FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_main_kernel");
     }
@@ -103,7 +105,11 @@ void run_flash_bwd(const AttentionParams& p, float scale, void* workspace, bool 
   if (p.batch > 0 && p.seqlen_q > 0) {
     const int pairs = p.seqlen_q * (kHeadDim / 2);
     const dim3 grid_conv((pairs + 255) / 256, p.heads_q, p.batch);
-    flash_bwd_convert_dq_kernel<Element, kHeadDim><<<grid_conv, 256, 0, stream>>>(p, ws.dq_accum);
+    if (wgmma) {
+      flash_bwd_convert_dq_kernel<Element, kHeadDim, true><<<grid_conv, 256, 0, stream>>>(p, ws);
+    } else {
+      flash_bwd_convert_dq_kernel<Element, kHeadDim, false><<<grid_conv, 256, 0, stream>>>(p, ws);
+    }
     FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_convert_dq_kernel");
   }
 }
