@@ -39,6 +39,25 @@
 #ifndef FLASHGPT_BWD_DS_STORE_LATE
 #define FLASHGPT_BWD_DS_STORE_LATE 0
 #endif
+// Lab hooks, per head dim: 1 copies the LSE and D rows with cp.async, 0 with plain loads by
+// the first kBlockM threads (which then wait for them). Measured on the H100 in one run
+// (notes, "v7"): cp.async wins at d64 (+3-8% backward) and loses at d128 (-4 to -13%). Not
+// profiled; a guess is that at d128 the wait holds back only two warps of warpgroup 0, which
+// staggers the two warpgroups' S and dP GEMMs instead of issuing them together.
+#ifndef FLASHGPT_BWD64_LSE_ASYNC
+#define FLASHGPT_BWD64_LSE_ASYNC 1
+#endif
+#ifndef FLASHGPT_BWD128_LSE_ASYNC
+#define FLASHGPT_BWD128_LSE_ASYNC 0
+#endif
+#ifndef FLASHGPT_BWD_DESC_PRECOMPUTE
+#define FLASHGPT_BWD_DESC_PRECOMPUTE 1
+#endif
+// Lab hook: 1 issues dK's GEMM after dQ's, so that the dQ atomics overlap it; 0 issues dV and
+// dK together before the dQ barrier.
+#ifndef FLASHGPT_BWD_DK_AFTER_DQ
+#define FLASHGPT_BWD_DK_AFTER_DQ 1
+#endif
 
 namespace flashgpt::attn {
 
@@ -76,6 +95,7 @@ struct BwdWgmmaTraits {
   static_assert(kHeadDim % 64 == 0 && kBlockM % 64 == 0, "tiles are made of 64-element swizzle blocks");
   static_assert(kNTilesS % 4 == 0, "dropout shares Philox calls over groups of 4 n8 tiles (32 queries)");
   // dQ = dS K is cut into 64 x 64 sub-tiles, one per warpgroup.
+  static constexpr bool kLseAsync = (kHeadDim == 64 ? FLASHGPT_BWD64_LSE_ASYNC : FLASHGPT_BWD128_LSE_ASYNC) != 0;
   static constexpr int kDqQueryBlocks = kBlockM / 64;
   static_assert(kDqQueryBlocks * (kHeadDim / 64) == kWarpgroups, "one 64 x 64 dQ sub-tile per warpgroup");
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
@@ -100,6 +120,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   constexpr int kThreads = Traits::kThreads, kNTilesS = Traits::kNTilesS, kNTilesD = Traits::kNTilesD;
   constexpr int kKSteps = kHeadDim / 16;  // k16 steps of the S^T and dP^T GEMMs
   constexpr uint32_t kSwizzleAtom = 1024;  // 8 rows x 128 bytes: the descriptors' stride byte offset
+  constexpr bool kDkAfterDq = FLASHGPT_BWD_DK_AFTER_DQ != 0;
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t smem_base = smem_u32(smem_raw);
@@ -111,7 +132,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const uint32_t sdQ = sdS + Traits::kTileDsBytes;     // [2 stages][2 warpgroups][4096 floats]
   unsigned char* const sdS_ptr = smem_raw + (sdS - smem_base);
   float* const sdQ_ptr = reinterpret_cast<float*>(smem_raw + (sdQ - smem_base));
-  float* const sLse = reinterpret_cast<float*>(smem_raw + (sdQ + Traits::kDqBytes - smem_base));  // [2][kBlockM]
+  float* const sLse = reinterpret_cast<float*>(smem_raw + (sdQ + Traits::kDqBytes - smem_base));  // [2][kBlockM], LSE
   float* const sDot = sLse + 2 * kBlockM;                                          // [2][kBlockM]
 
   const int n_block = blockIdx.x, head_kv = blockIdx.y, b = blockIdx.z;
@@ -156,13 +177,28 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
                                                           tid);
     load_tile_swizzled_async<kBlockM, kHeadDim, kThreads>(sdO + buf * Traits::kTileQBytes, gdO, p.do_row_stride,
                                                           valid_q, tid);
-    // LSE and D are small: plain loads into shared memory (made visible by the barrier).
+    // The LSE and D rows: plain loads or cp.async (kLseAsync). With cp.async, rows past the
+    // sequence read LSE = D = 0: their Q and dO are zero-filled, so S = 0, P = 1 and dP = 0,
+    // which makes their dS and their part of dV zero.
     const float* gLse = p.lse + (seq.varlen ? 0 : b * p.lse_batch_stride) + head * p.lse_head_stride + seq.q_start + m0;
     const float* gDot = ws.dot_do_o + (int64_t(b) * p.heads_q + head) * p.seqlen_q + m0;
-    for (int i = tid; i < kBlockM; i += kThreads) {
+    static_assert(2 * kBlockM <= kThreads, "one statistic per thread");
+    if constexpr (!Traits::kLseAsync) {
+      // Plain loads (the thread waits for them), LSE stored times log2 e with +inf for padding
+      // rows (P = 0 there).
+      for (int i = tid; i < kBlockM; i += kThreads) {
+        const bool valid = i < valid_q;
+        sLse[buf * kBlockM + i] = valid ? gLse[i] * kLog2e : INFINITY;
+        sDot[buf * kBlockM + i] = valid ? gDot[i] : 0.0f;
+      }
+    } else if (tid < 2 * kBlockM) {
+      const int i = tid % kBlockM;
       const bool valid = i < valid_q;
-      sLse[buf * kBlockM + i] = valid ? gLse[i] * kLog2e : INFINITY;  // +inf: P = 0 for padding rows
-      sDot[buf * kBlockM + i] = valid ? gDot[i] : 0.0f;
+      if (tid < kBlockM) {
+        cp_async_4(smem_u32(sLse + buf * kBlockM + i), valid ? gLse + i : gLse, valid);
+      } else {
+        cp_async_4(smem_u32(sDot + buf * kBlockM + i), valid ? gDot + i : gDot, valid);
+      }
     }
   };
 
@@ -181,6 +217,26 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int key_local0 = warp_key0 + g;             // this thread's keys: key_local0 and + 8
   // This warpgroup's dQ sub-tile: queries 64 dq_qb .., head-dim columns 64 dq_db ..
   const int dq_qb = wg % Traits::kDqQueryBlocks, dq_db = wg / Traits::kDqQueryBlocks;
+  // Descriptors: FLASHGPT_BWD_DESC_PRECOMPUTE=1 builds them once here and advances them by
+  // constant offsets in the loop (wgmma_desc_advance; 16 more live registers), 0 builds each
+  // one from its address where it is used. K-major operands (S^T, dP^T): this warpgroup's 64
+  // rows of K and V, stage 0 of Q and dO. MN-major ones: Q and dO as B of dK and dV, dS^T and K
+  // as A and B of dQ.
+  struct Desc {
+    uint32_t addr, lead;
+    uint64_t built;
+    __device__ __forceinline__ Desc(uint32_t a, uint32_t l) : addr(a), lead(l), built(0) {
+      if constexpr (FLASHGPT_BWD_DESC_PRECOMPUTE) built = wgmma_desc_sw128(a, l, kSwizzleAtom);
+    }
+    __device__ __forceinline__ uint64_t at(uint32_t bytes) const {
+      if constexpr (FLASHGPT_BWD_DESC_PRECOMPUTE) return wgmma_desc_advance(built, bytes);
+      return wgmma_desc_sw128(addr + bytes, lead, kSwizzleAtom);
+    }
+  };
+  const Desc desc_k_rows(sK + wg * 64 * 128, 16), desc_v_rows(sV + wg * 64 * 128, 16);
+  const Desc desc_q_kmajor(sQ, 16), desc_do_kmajor(sdO, 16);
+  const Desc desc_q_mnmajor(sQ, kBlockM * 128), desc_do_mnmajor(sdO, kBlockM * 128);
+  const Desc desc_ds(sdS + dq_qb * kBlockN * 128, kBlockN * 128), desc_k_cols(sK + dq_db * kBlockN * 128, kBlockN * 128);
 
   if (iterations > 0) {
     load_tile_swizzled_async<kBlockN, kHeadDim, kThreads>(sK, gK, p.k_row_stride, valid_k, tid);
@@ -205,29 +261,29 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (it + 1 < iterations) load_q_block(it + 1, buf ^ 1);
     cp_async_commit();
 
-    const uint32_t sQb = sQ + buf * Traits::kTileQBytes, sdOb = sdO + buf * Traits::kTileQBytes;
     const float* sLseb = sLse + buf * kBlockM;
     const float* sDotb = sDot + buf * kBlockM;
 
     // S^T and dP^T for this warpgroup's 64 keys: two commit groups, so that P^T is computed
     // while the tensor cores still work on dP^T.
     float s[kNTilesS][4], dp[kNTilesS][4];
+    const uint32_t stage_bytes = buf * Traits::kTileQBytes;
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk) {
       const uint32_t col_bytes = (kk % 4) * 32;  // k16 slice inside a 128-byte (64-element) row
-      const uint32_t a_off = wg * 64 * 128 + (kk / 4) * kBlockN * 128 + col_bytes;
+      const uint32_t a_off = (kk / 4) * kBlockN * 128 + col_bytes;
       const uint32_t b_off = (kk / 4) * kBlockM * 128 + col_bytes;
-      Mma::ss(s, wgmma_desc_sw128(sK + a_off, 16, kSwizzleAtom), wgmma_desc_sw128(sQb + b_off, 16, kSwizzleAtom),
+      Mma::ss(s, desc_k_rows.at(a_off), desc_q_kmajor.at(stage_bytes + b_off),
               /*accumulate=*/kk > 0);
     }
     wgmma_commit();
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk) {
       const uint32_t col_bytes = (kk % 4) * 32;
-      const uint32_t a_off = wg * 64 * 128 + (kk / 4) * kBlockN * 128 + col_bytes;
+      const uint32_t a_off = (kk / 4) * kBlockN * 128 + col_bytes;
       const uint32_t b_off = (kk / 4) * kBlockM * 128 + col_bytes;
-      Mma::ss(dp, wgmma_desc_sw128(sV + a_off, 16, kSwizzleAtom), wgmma_desc_sw128(sdOb + b_off, 16, kSwizzleAtom),
+      Mma::ss(dp, desc_v_rows.at(a_off), desc_do_kmajor.at(stage_bytes + b_off),
               /*accumulate=*/kk > 0);
     }
     wgmma_commit();
@@ -240,9 +296,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 #pragma unroll
     for (int nt = 0; nt < kNTilesS; ++nt) {
       const float2 lse = *reinterpret_cast<const float2*>(sLseb + nt * 8 + 2 * t);
+      const float lse_factor = Traits::kLseAsync ? kLog2e : 1.0f;
+      const float lse2[2] = {lse.x * lse_factor, lse.y * lse_factor};
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        float pv = exp2f(s[nt][e] * scale_log2 - ((e & 1) ? lse.y : lse.x));
+        float pv = exp2f(s[nt][e] * scale_log2 - lse2[e & 1]);
         if (need_mask) {
           const int key = n0 + key_local0 + 8 * (e >> 1), query = m0 + nt * 8 + 2 * t + (e & 1);
           if (key >= seq.seqlen_k || (causal && key > query + diag)) pv = 0.0f;
@@ -311,15 +369,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
     // dV += (P Z)^T dO and dK += dS^T Q: B MN-major, k16 slice kt = 16 query rows (2048
     // bytes); the head dim's 64-element blocks are kBlockM * 128 bytes apart.
+    auto issue_dk_gemm = [&]() {
+#pragma unroll
+      for (int kt = 0; kt < kBlockM / 16; ++kt)
+        Mma::rs_trans_b(acc_dk, dsa[kt], desc_q_mnmajor.at(stage_bytes + kt * 16 * 128), 1);
+    };
     fence_operands(acc_dv);
     fence_operands(acc_dk);
     wgmma_fence();
 #pragma unroll
     for (int kt = 0; kt < kBlockM / 16; ++kt)
-      Mma::rs_trans_b(acc_dv, pa[kt], wgmma_desc_sw128(sdOb + kt * 16 * 128, kBlockM * 128, kSwizzleAtom), 1);
-#pragma unroll
-    for (int kt = 0; kt < kBlockM / 16; ++kt)
-      Mma::rs_trans_b(acc_dk, dsa[kt], wgmma_desc_sw128(sQb + kt * 16 * 128, kBlockM * 128, kSwizzleAtom), 1);
+      Mma::rs_trans_b(acc_dv, pa[kt], desc_do_mnmajor.at(stage_bytes + kt * 16 * 128), 1);
+    if constexpr (!kDkAfterDq) issue_dk_gemm();
     wgmma_commit();
 
     if constexpr (FLASHGPT_BWD_DS_STORE_LATE) store_ds();
@@ -334,17 +395,20 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     wgmma_fence();
 #pragma unroll
     for (int kt = 0; kt < kBlockN / 16; ++kt) {
-      const uint64_t desc_ds =
-          wgmma_desc_sw128(sdS + dq_qb * kBlockN * 128 + kt * 16 * 128, kBlockN * 128, kSwizzleAtom);
-      const uint64_t desc_k = wgmma_desc_sw128(sK + dq_db * kBlockN * 128 + kt * 16 * 128, kBlockN * 128, kSwizzleAtom);
-      Mma::ss_trans_ab(dq, desc_ds, desc_k, /*accumulate=*/kt > 0);
+      Mma::ss_trans_ab(dq, desc_ds.at(kt * 16 * 128), desc_k_cols.at(kt * 16 * 128),
+                       /*accumulate=*/kt > 0);
     }
     wgmma_commit();
-    wgmma_wait<0>();
+    if constexpr (kDkAfterDq) {
+      // dK's GEMM runs on the tensor cores while this thread adds its dQ (as in FlashAttention-3).
+      issue_dk_gemm();
+      wgmma_commit();
+      wgmma_wait<1>();
+    } else {
+      wgmma_wait<0>();
+    }
     fence_operands(acc_dv);
-    fence_operands(acc_dk);
     fence_operands(pa);
-    fence_operands(dsa);
     fence_operands(dq);
 
     int* semaphore = nullptr;
@@ -391,6 +455,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       __syncthreads();
       if (tid == 0) atomicAdd(semaphore, 1);
     }
+    // dK's GEMM (still reading this stage's Q) is done before the next iteration's barrier.
+    wgmma_wait<0>();
+    fence_operands(acc_dk);
+    fence_operands(dsa);
   }
   cp_async_wait<0>();
   if constexpr (FLASHGPT_BWD_DQ_BULK) {

@@ -26,6 +26,12 @@ __device__ __forceinline__ uint64_t wgmma_desc_sw128(uint32_t smem_addr, uint32_
          (uint64_t(stride_bytes >> 4) << 32) | (uint64_t{1} << 62);
 }
 
+// The descriptor of the same layout `bytes` further on: the start address field holds
+// address >> 4 in its low 14 bits, and shared-memory addresses stay below 256 KB, so the add
+// never carries out of the field. Descriptors built once and advanced this way cost one
+// 64-bit add each instead of the mask, shifts and ors of wgmma_desc_sw128.
+__device__ __forceinline__ uint64_t wgmma_desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
 #ifdef FLASHGPT_WGMMA_AVAILABLE
 // cp.async writes shared memory through the generic proxy; wgmma reads it through the async
 // proxy: each writing thread fences between its completed copies and the barrier.
