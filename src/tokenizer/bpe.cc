@@ -19,6 +19,7 @@ void RankMap::build(const std::vector<std::string_view>& tokens) {
   FLASHGPT_CHECK(tokens.size() < kRankMask, "{} ranks: more than a rank map holds", tokens.size());
   size_t capacity = std::bit_ceil(std::max<size_t>(16, tokens.size() + tokens.size() / 4));
   slots_.assign(capacity, Slot{0, kEmpty});
+  tails_.assign(capacity, 0);
   mask_ = capacity - 1;
   filter_.assign(kFilterWords, 0);
   for (size_t rank = 0; rank < tokens.size(); ++rank) {
@@ -30,6 +31,7 @@ void RankMap::build(const std::vector<std::string_view>& tokens) {
     size_t slot = k.hash & mask_;
     while (slots_[slot].meta != kEmpty) slot = (slot + 1) & mask_;
     slots_[slot] = {k.head, uint32_t(rank) | uint32_t(std::min(length, kLongLength)) << kRankBits};
+    tails_[slot] = length > 8 ? prefix8(bytes + 8, length - 8) : 0;
     filter_[k.hash >> 26 & (kFilterWords - 1)] |= filter_bits(k.hash);
   }
   for (int b = 0; b < 256; ++b) {
