@@ -118,12 +118,13 @@ class RankMap {
     if (i < n) h = mix(h ^ load64(p + n - 8));  // the tail, overlapping the last full word
     return {head, h};
   }
+  // One 64x64->128-bit multiply, the halves folded (wyhash's "mum"): every output bit
+  // depends on every input bit, in one multiply's latency where splitmix64's finalizer
+  // chained two multiplies and two shifts (this hash is on every piece's critical path:
+  // hash, filter word, prefetch).
   static uint64_t mix(uint64_t x) {
-    x *= 0xBF58476D1CE4E5B9ull;
-    x ^= x >> 31;
-    x *= 0x94D049BB133111EBull;
-    x ^= x >> 29;
-    return x;
+    unsigned __int128 product = (unsigned __int128)(x ^ 0xA0761D6478BD642Full) * 0xE7037ED1A0B428DBull;
+    return uint64_t(product) ^ uint64_t(product >> 64);
   }
   // A blocked Bloom filter of the keys' hashes: one 64-bit word per key, two bits in it,
   // chosen by hash bits that the slot index does not use.
