@@ -18,8 +18,8 @@ void RankMap::build(const std::vector<std::string_view>& tokens) {
   offsets_[tokens.size()] = uint32_t(arena_.size());
   FLASHGPT_CHECK(tokens.size() < kRankMask, "{} ranks: more than a rank map holds", tokens.size());
   size_t capacity = std::bit_ceil(std::max<size_t>(16, tokens.size() + tokens.size() / 4));
-  heads_.assign(capacity, 0);
-  metas_.assign(capacity, kEmpty);
+  slots_.assign(capacity, Slot{0, kEmpty});
+  tails_.assign(capacity, 0);
   mask_ = capacity - 1;
   filter_.assign(kFilterWords, 0);
   for (size_t rank = 0; rank < tokens.size(); ++rank) {
@@ -29,9 +29,9 @@ void RankMap::build(const std::vector<std::string_view>& tokens) {
     const Key k = key(bytes, length);
     FLASHGPT_CHECK(find_unfiltered(bytes, length, k) == kNoRank, "the rank file has the token of rank {} twice", rank);
     size_t slot = k.hash & mask_;
-    while (metas_[slot] != kEmpty) slot = (slot + 1) & mask_;
-    heads_[slot] = k.head;
-    metas_[slot] = uint32_t(rank) | uint32_t(std::min(length, kLongLength)) << kRankBits;
+    while (slots_[slot].meta != kEmpty) slot = (slot + 1) & mask_;
+    slots_[slot] = {k.head, uint32_t(rank) | uint32_t(std::min(length, kLongLength)) << kRankBits};
+    tails_[slot] = length > 8 ? prefix8(bytes + 8, length - 8) : 0;
     filter_[k.hash >> 26 & (kFilterWords - 1)] |= filter_bits(k.hash);
   }
   for (int b = 0; b < 256; ++b) {

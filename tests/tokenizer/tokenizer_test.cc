@@ -14,6 +14,7 @@
 #include <chrono>
 #include <fstream>
 #include <random>
+#include <unordered_map>
 
 namespace flashgpt {
 namespace {
@@ -176,6 +177,41 @@ TEST(Bpe, HeapMergesExactlyLikeTheScan) {
     ASSERT_EQ(scan, heap) << "piece: " << piece;
     ASSERT_EQ(t.decode(heap), piece);
   }
+}
+
+// The rank map against std::unordered_map: every token, and near misses that share a
+// token's first 8 or 16 bytes (the parts a slot and its tail keep) and differ after them.
+TEST(Bpe, RankMapFindsExactlyTheTokens) {
+  const Tokenizer& t = cl100k();
+  std::vector<std::string_view> tokens;
+  std::unordered_map<std::string_view, uint32_t> reference;
+  for (TokenId id = 0; id < 100256; ++id) {
+    tokens.push_back(t.token_bytes(id));
+    reference.emplace(tokens.back(), id);
+  }
+  RankMap ranks;
+  ranks.build(tokens);
+  auto find = [&](const std::string& key) { return ranks.find(reinterpret_cast<const uint8_t*>(key.data()), key.size()); };
+  auto expected = [&](const std::string& key) {
+    auto it = reference.find(key);
+    return it == reference.end() ? kNoRank : it->second;
+  };
+  size_t long_tokens = 0;
+  for (TokenId id = 0; id < 100256; ++id) {
+    std::string token(tokens[id]);
+    ASSERT_EQ(find(token), id) << "token " << id;
+    if (token.size() <= 8) continue;
+    ++long_tokens;
+    for (size_t at : {size_t(8), token.size() / 2, token.size() - 1, std::min<size_t>(16, token.size() - 1)}) {
+      std::string changed = token;
+      changed[at] = char(changed[at] ^ 0x01);
+      ASSERT_EQ(find(changed), expected(changed)) << "token " << id << " with byte " << at << " changed";
+    }
+    std::string shorter = token.substr(0, token.size() - 1), longer = token + "e";
+    ASSERT_EQ(find(shorter), expected(shorter)) << "token " << id << " less its last byte";
+    ASSERT_EQ(find(longer), expected(longer)) << "token " << id << " and 'e'";
+  }
+  EXPECT_GT(long_tokens, 10000u);
 }
 
 TEST(Bpe, LongPiecesTakeLinearishTime) {
