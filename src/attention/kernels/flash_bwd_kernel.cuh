@@ -111,6 +111,96 @@ __global__ void flash_bwd_convert_dq_kernel(const AttentionParams p, BwdWorkspac
   *reinterpret_cast<uint32_t*>(dst) = ElementOps<Element>::pack(v.x, v.y);
 }
 
+// What one backward CTA reads and writes in global memory: K, V, dK and dV of its key block
+// (first key n0 of key/value head head_kv), and the iterations it makes: every query head of
+// the GQA group times every query block of block_m rows that sees the key block (causal: row i
+// sees key j iff j <= i + diag, diag = seqlen_k - seqlen_q). Both backward main kernels use it.
+template <typename Element>
+struct BwdQueryBlock {  // iteration `it`: query head, query block, and where its rows start
+  const Element *q, *d_o;
+  const float *lse, *dot;  // the rows' LSE and D = rowsum(dO * O)
+  int head, m_block, m0, valid_q;
+};
+
+template <typename Element>
+struct BwdGlobal {
+  const Element *k, *v;
+  Element *dk, *dv;
+  int head_kv, group, block_m, m_begin, m_count, iterations, valid_k;
+
+  __device__ __forceinline__ BwdGlobal(const AttentionParams& p, const SeqInfo& seq, int b, int head_kv_, int n0,
+                                       int block_m_)
+      : head_kv(head_kv_), group(p.heads_q / p.heads_kv), block_m(block_m_), valid_k(seq.seqlen_k - n0) {
+    k = static_cast<const Element*>(p.k) + seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, head_kv) +
+        n0 * p.k_row_stride;
+    v = static_cast<const Element*>(p.v) + seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, head_kv) +
+        n0 * p.v_row_stride;
+    dk = static_cast<Element*>(p.dk) + seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, head_kv) +
+         n0 * p.dk_row_stride;
+    dv = static_cast<Element*>(p.dv) + seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, head_kv) +
+         n0 * p.dv_row_stride;
+    const int m_end = (seq.seqlen_q + block_m - 1) / block_m;
+    m_begin = 0;
+    if (p.mask == Mask::causal) {
+      const int first_row = n0 - (seq.seqlen_k - seq.seqlen_q);
+      m_begin = first_row <= 0 ? 0 : first_row / block_m;
+    }
+    m_count = max(0, m_end - m_begin);
+    iterations = m_count * group;
+  }
+
+  __device__ __forceinline__ BwdQueryBlock<Element> query_block(const AttentionParams& p, const SeqInfo& seq,
+                                                                const BwdWorkspace& ws, int b, int it) const {
+    BwdQueryBlock<Element> qb;
+    qb.head = head_kv * group + it / m_count;
+    qb.m_block = m_begin + it % m_count;
+    qb.m0 = qb.m_block * block_m;
+    qb.valid_q = seq.seqlen_q - qb.m0;
+    qb.q = static_cast<const Element*>(p.q) +
+           seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, qb.head) + qb.m0 * p.q_row_stride;
+    qb.d_o = static_cast<const Element*>(p.d_o) +
+             seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, qb.head) + qb.m0 * p.do_row_stride;
+    qb.lse = p.lse + (seq.varlen ? 0 : b * p.lse_batch_stride) + qb.head * p.lse_head_stride + seq.q_start + qb.m0;
+    qb.dot = ws.dot_do_o + (int64_t(b) * p.heads_q + qb.head) * p.seqlen_q + qb.m0;
+    return qb;
+  }
+};
+
+// Deterministic mode: the CTAs that add to one query block's dQ take turns in key-block order
+// behind a per-(batch, head, query block) counter. Every thread calls both.
+__device__ __forceinline__ int* dq_semaphore(const AttentionParams& p, const BwdWorkspace& ws, int b, int head,
+                                             int m_block, int block_m) {
+  const int m_blocks_total = (p.seqlen_q + block_m - 1) / block_m;  // semaphore row length
+  return ws.semaphores + (int64_t(b) * p.heads_q + head) * m_blocks_total + m_block;
+}
+__device__ __forceinline__ void dq_semaphore_wait(int* semaphore, int n_block) {
+  if (threadIdx.x == 0) {
+    // Key blocks 0 .. n_block - 1 of this query block add before us (causal: the key blocks
+    // that see a query block are always a prefix 0 .. k).
+    while (atomicAdd(semaphore, 0) != n_block) {
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+__device__ __forceinline__ void dq_semaphore_release(int* semaphore) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(semaphore, 1);
+}
+
+// Plain loads of a query block's LSE (times log2 e; +inf for padding rows, so that P = 0
+// there) and D into shared memory, made visible by the next barrier.
+template <int kBlockM, int kThreads>
+__device__ __forceinline__ void load_lse_dot_rows(float* s_lse, float* s_dot, const float* lse, const float* dot,
+                                                  int valid_q, int tid) {
+  for (int i = tid; i < kBlockM; i += kThreads) {
+    const bool valid = i < valid_q;
+    s_lse[i] = valid ? lse[i] * kLog2e : INFINITY;
+    s_dot[i] = valid ? dot[i] : 0.0f;
+  }
+}
+
 // `deterministic` is a run-time flag, not a template parameter: the semaphore wait costs a
 // uniform branch per iteration, and one kernel per instance halves CI's nvcc time.
 template <typename Traits>
@@ -137,48 +227,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const SeqInfo seq(p, b);
   const int n0 = n_block * kBlockN;
   if (n0 >= seq.seqlen_k) return;
-  const int group = p.heads_q / p.heads_kv;
   const bool causal = p.mask == Mask::causal;
   const int diag = seq.seqlen_k - seq.seqlen_q;
-  const int m_blocks_total = (p.seqlen_q + kBlockM - 1) / kBlockM;  // semaphore row length
-
-  // Query blocks that see this key block: causal rows i >= j - diag for some j in the block.
-  const int m_end = (seq.seqlen_q + kBlockM - 1) / kBlockM;
-  int m_begin = 0;
-  if (causal) {
-    const int first_row = n0 - diag;
-    m_begin = first_row <= 0 ? 0 : first_row / kBlockM;
-  }
-  const int m_count = max(0, m_end - m_begin);
-  const int iterations = m_count * group;
-
-  const Element* gK = static_cast<const Element*>(p.k) +
-                      seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, head_kv) + n0 * p.k_row_stride;
-  const Element* gV = static_cast<const Element*>(p.v) +
-                      seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, head_kv) + n0 * p.v_row_stride;
-  const int valid_k = seq.seqlen_k - n0;
+  const BwdGlobal<Element> global(p, seq, b, head_kv, n0, kBlockM);
+  const int iterations = global.iterations;
 
   // Issues the copies of iteration `it` (query head, query block) into buffer `buf`.
   auto load_q_block = [&](int it, int buf) {
-    const int head = head_kv * group + it / m_count;
-    const int m0 = (m_begin + it % m_count) * kBlockM;
-    const Element* gQ = static_cast<const Element*>(p.q) +
-                        seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, head) + m0 * p.q_row_stride;
-    const Element* gdO = static_cast<const Element*>(p.d_o) +
-                         seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, head) +
-                         m0 * p.do_row_stride;
-    const int valid_q = seq.seqlen_q - m0;
-    load_tile_async<kBlockM, kHeadDim, kStride, kThreads>(sQ + buf * Traits::kSmemQ, gQ, p.q_row_stride, valid_q, tid);
-    load_tile_async<kBlockM, kHeadDim, kStride, kThreads>(sdO + buf * Traits::kSmemQ, gdO, p.do_row_stride, valid_q,
+    const BwdQueryBlock<Element> qb = global.query_block(p, seq, ws, b, it);
+    load_tile_async<kBlockM, kHeadDim, kStride, kThreads>(sQ + buf * Traits::kSmemQ, qb.q, p.q_row_stride, qb.valid_q,
                                                           tid);
-    // LSE and D are small: plain loads into shared memory (made visible by the barrier).
-    const float* gLse = p.lse + (seq.varlen ? 0 : b * p.lse_batch_stride) + head * p.lse_head_stride + seq.q_start + m0;
-    const float* gDot = ws.dot_do_o + (int64_t(b) * p.heads_q + head) * p.seqlen_q + m0;
-    for (int i = tid; i < kBlockM; i += kThreads) {
-      const bool valid = i < valid_q;
-      sLse[buf * kBlockM + i] = valid ? gLse[i] * kLog2e : INFINITY;  // +inf: P = 0 for padding rows
-      sDot[buf * kBlockM + i] = valid ? gDot[i] : 0.0f;
-    }
+    load_tile_async<kBlockM, kHeadDim, kStride, kThreads>(sdO + buf * Traits::kSmemQ, qb.d_o, p.do_row_stride,
+                                                          qb.valid_q, tid);
+    load_lse_dot_rows<kBlockM, kThreads>(sLse + buf * kBlockM, sDot + buf * kBlockM, qb.lse, qb.dot, qb.valid_q, tid);
   };
 
   float acc_dk[kKTiles][kNTilesD][4], acc_dv[kKTiles][kNTilesD][4];  // rows: this warp's keys
@@ -199,17 +260,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const int key_local0 = warp_key0 + g;
 
   if (iterations > 0) {
-    load_tile_async<kBlockN, kHeadDim, kStride, kThreads>(sK, gK, p.k_row_stride, valid_k, tid);
-    load_tile_async<kBlockN, kHeadDim, kStride, kThreads>(sV, gV, p.v_row_stride, valid_k, tid);
+    load_tile_async<kBlockN, kHeadDim, kStride, kThreads>(sK, global.k, p.k_row_stride, global.valid_k, tid);
+    load_tile_async<kBlockN, kHeadDim, kStride, kThreads>(sV, global.v, p.v_row_stride, global.valid_k, tid);
     load_q_block(0, 0);
     cp_async_commit();
   }
 
   for (int it = 0; it < iterations; ++it) {
     const int buf = it & 1;
-    const int head = head_kv * group + it / m_count;
-    const int m_block = m_begin + it % m_count;
-    const int m0 = m_block * kBlockM;
+    const BwdQueryBlock<Element> qb = global.query_block(p, seq, ws, b, it);
+    const int head = qb.head, m_block = qb.m_block, m0 = qb.m0;
     cp_async_wait<0>();
     __syncthreads();  // tiles of `it` visible; everyone is done with iteration it - 1
     if (it + 1 < iterations) load_q_block(it + 1, buf ^ 1);
@@ -355,18 +415,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       }
     }
 
-    int* semaphore = nullptr;
-    if (deterministic) {
-      semaphore = ws.semaphores + (int64_t(b) * p.heads_q + head) * m_blocks_total + m_block;
-      if (tid == 0) {
-        // Key blocks 0 .. n_block - 1 of this query block add before us (causal: the key
-        // blocks that see a query block are always a prefix 0 .. k).
-        while (atomicAdd(semaphore, 0) != n_block) {
-        }
-        __threadfence();
-      }
-      __syncthreads();
-    }
+    int* const semaphore = deterministic ? dq_semaphore(p, ws, b, head, m_block, kBlockM) : nullptr;
+    if (deterministic) dq_semaphore_wait(semaphore, n_block);
     float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * ws.dq_rows + m0) * kHeadDim;
     // dQ atomics are the backward's largest memory cost (every key block adds its part), so
     // they are vector atomics (sm_90). Width 2: each lane adds its own column pair.
@@ -400,19 +450,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         }
       }
     }
-    if (deterministic) {
-      __threadfence();
-      __syncthreads();
-      if (tid == 0) atomicAdd(semaphore, 1);
-    }
+    if (deterministic) dq_semaphore_release(semaphore);
   }
   cp_async_wait<0>();
 
   // dK = scale * dS^T Q, dV: rows of this warp, skipping keys past the sequence.
-  Element* gdK = static_cast<Element*>(p.dk) +
-                 seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, head_kv) + n0 * p.dk_row_stride;
-  Element* gdV = static_cast<Element*>(p.dv) +
-                 seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, head_kv) + n0 * p.dv_row_stride;
+  Element* gdK = global.dk;
+  Element* gdV = global.dv;
+  const int valid_k = global.valid_k;
 #pragma unroll
   for (int j = 0; j < kKTiles; ++j)
 #pragma unroll

@@ -16,27 +16,23 @@
 //                      in the workspace keeps each sub-tile contiguous, in fragment order
 //                      (dq_fragment_index), so that each thread's n8 tile is one float4
 //                      atomic (8 a thread, instead of 16 float2 ones in row-major order).
-//                      FLASHGPT_BWD_DQ_BULK=1 (lab): a bulk reduce-add of the sub-tile from
-//                      shared memory by one thread instead; 0.72-0.90x FA2 against the
-//                      atomics' 0.89-1.03x on the H100 (notes, "v7").
+//                      (A bulk reduce-add of the sub-tile from shared memory instead measured
+//                      0.72-0.90x FA2 against the atomics' 0.89-1.03x; notes, "v7".)
 // The accumulator of m64nN is, per warp, the m16n8 C fragment layout tiled along N: this
 // thread's rows (keys) are 16 (warp % 4) + lane / 4 (+ 8), exactly one m16 key tile of the
 // mma.sync kernel, so the masking and the dropout bytes (dropout_key_column_bytes) are the same.
 //
 // Shared memory (wgmma_common.cuh's swizzled layout): K, V [128 keys], Q and dO [2 stages]
-// [kBlockM queries], dS^T [128 keys][kBlockM] (as kBlockM / 64 column blocks), with
-// FLASHGPT_BWD_DQ_BULK the dQ sub-tiles [2 stages][2 warpgroups][4096 floats], then LSE and D
+// [kBlockM queries], dS^T [128 keys][kBlockM] (as kBlockM / 64 column blocks), LSE and D
 // [2 stages][kBlockM]. Loads are cp.async by all threads, the next query block's in flight
 // while this one is computed; two barriers per query block (loads landed, dS^T complete).
 #pragma once
 
 #include "attention/attention_cuda_launch.h"
+#include "flash_bwd_kernel.cuh"
 #include "flash_common.cuh"
 #include "wgmma_common.cuh"
 
-#ifndef FLASHGPT_BWD_DQ_BULK
-#define FLASHGPT_BWD_DQ_BULK 0
-#endif
 #ifndef FLASHGPT_BWD_DS_STORE_LATE
 #define FLASHGPT_BWD_DS_STORE_LATE 0
 #endif
@@ -64,25 +60,6 @@
 
 namespace flashgpt::attn {
 
-#ifdef FLASHGPT_WGMMA_AVAILABLE
-// Bulk (copy engine) reduce-add of `bytes` contiguous fp32 from shared to global memory, and
-// the waits of its bulk group: .read = the source may be overwritten; plain = the adds are done.
-__device__ __forceinline__ void bulk_reduce_add_f32(float* gmem, uint32_t smem, uint32_t bytes) {
-  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gmem), "r"(smem),
-               "r"(bytes)
-               : "memory");
-  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
-}
-__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
-// Barrier of one warpgroup (ids 1 and 2; 0 is __syncthreads).
-__device__ __forceinline__ void warpgroup_barrier(int wg) {
-  asm volatile("bar.sync %0, 128;\n" ::"r"(1 + wg) : "memory");
-}
-#endif
 
 template <int kHeadDim_, int kBlockM_, typename Element_>
 struct BwdWgmmaTraits {
@@ -104,11 +81,9 @@ struct BwdWgmmaTraits {
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kTileDsBytes = kBlockN * kBlockM * 2;
-  static constexpr int kDqSubTileBytes = 64 * 64 * 4;
-  static constexpr int kDqBytes = FLASHGPT_BWD_DQ_BULK ? 2 * kWarpgroups * kDqSubTileBytes : 0;
-  // K, V, Q x 2, dO x 2, dS^T, dQ, LSE x 2, D x 2, plus slack to align the base to 1024 bytes.
-  static constexpr size_t kSmemBytes = 1024 + 2 * size_t{kTileKVBytes} + 4 * size_t{kTileQBytes} + kTileDsBytes +
-                                       kDqBytes + 4 * kBlockM * sizeof(float);
+  // K, V, Q x 2, dO x 2, dS^T, LSE x 2, D x 2, plus slack to align the base to 1024 bytes.
+  static constexpr size_t kSmemBytes =
+      1024 + 2 * size_t{kTileKVBytes} + 4 * size_t{kTileQBytes} + kTileDsBytes + 4 * kBlockM * sizeof(float);
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 block can have");
 };
 
@@ -132,10 +107,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const uint32_t sQ = sV + Traits::kTileKVBytes;        // [2 stages]
   const uint32_t sdO = sQ + 2 * Traits::kTileQBytes;    // [2 stages]
   const uint32_t sdS = sdO + 2 * Traits::kTileQBytes;   // dS^T
-  const uint32_t sdQ = sdS + Traits::kTileDsBytes;     // [2 stages][2 warpgroups][4096 floats]
   unsigned char* const sdS_ptr = smem_raw + (sdS - smem_base);
-  float* const sdQ_ptr = reinterpret_cast<float*>(smem_raw + (sdQ - smem_base));
-  float* const sLse = reinterpret_cast<float*>(smem_raw + (sdQ + Traits::kDqBytes - smem_base));  // [2][kBlockM], LSE
+  float* const sLse = reinterpret_cast<float*>(sdS_ptr + Traits::kTileDsBytes);  // [2][kBlockM]
   float* const sDot = sLse + 2 * kBlockM;                                          // [2][kBlockM]
 
   const int n_block = blockIdx.x, head_kv = blockIdx.y, b = blockIdx.z;
@@ -145,62 +118,31 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const SeqInfo seq(p, b);
   const int n0 = n_block * kBlockN;
   if (n0 >= seq.seqlen_k) return;
-  const int group = p.heads_q / p.heads_kv;
   const bool causal = p.mask == Mask::causal;
   const int diag = seq.seqlen_k - seq.seqlen_q;
-  const int m_blocks_total = (p.seqlen_q + kBlockM - 1) / kBlockM;  // semaphore row length
-
-  // Query blocks that see this key block: causal rows i >= j - diag for some j in the block.
-  const int m_end = (seq.seqlen_q + kBlockM - 1) / kBlockM;
-  int m_begin = 0;
-  if (causal) {
-    const int first_row = n0 - diag;
-    m_begin = first_row <= 0 ? 0 : first_row / kBlockM;
-  }
-  const int m_count = max(0, m_end - m_begin);
-  const int iterations = m_count * group;
-
-  const Element* gK = static_cast<const Element*>(p.k) +
-                      seq.k_offset(p.k_batch_stride, p.k_row_stride, p.k_head_stride, b, head_kv) + n0 * p.k_row_stride;
-  const Element* gV = static_cast<const Element*>(p.v) +
-                      seq.k_offset(p.v_batch_stride, p.v_row_stride, p.v_head_stride, b, head_kv) + n0 * p.v_row_stride;
-  const int valid_k = seq.seqlen_k - n0;
+  const BwdGlobal<Element> global(p, seq, b, head_kv, n0, kBlockM);
+  const int iterations = global.iterations;
 
   // Issues the copies of iteration `it` (query head, query block) into stage `buf`.
   auto load_q_block = [&](int it, int buf) {
-    const int head = head_kv * group + it / m_count;
-    const int m0 = (m_begin + it % m_count) * kBlockM;
-    const Element* gQ = static_cast<const Element*>(p.q) +
-                        seq.q_offset(p.q_batch_stride, p.q_row_stride, p.q_head_stride, b, head) + m0 * p.q_row_stride;
-    const Element* gdO = static_cast<const Element*>(p.d_o) +
-                         seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, head) +
-                         m0 * p.do_row_stride;
-    const int valid_q = seq.seqlen_q - m0;
-    load_tile_swizzled_async<kBlockM, kHeadDim, kThreads>(sQ + buf * Traits::kTileQBytes, gQ, p.q_row_stride, valid_q,
-                                                          tid);
-    load_tile_swizzled_async<kBlockM, kHeadDim, kThreads>(sdO + buf * Traits::kTileQBytes, gdO, p.do_row_stride,
-                                                          valid_q, tid);
+    const BwdQueryBlock<Element> qb = global.query_block(p, seq, ws, b, it);
+    load_tile_swizzled_async<kBlockM, kHeadDim, kThreads>(sQ + buf * Traits::kTileQBytes, qb.q, p.q_row_stride,
+                                                          qb.valid_q, tid);
+    load_tile_swizzled_async<kBlockM, kHeadDim, kThreads>(sdO + buf * Traits::kTileQBytes, qb.d_o, p.do_row_stride,
+                                                          qb.valid_q, tid);
     // The LSE and D rows: plain loads or cp.async (kLseAsync). With cp.async, rows past the
     // sequence read LSE = D = 0: their Q and dO are zero-filled, so S = 0, P = 1 and dP = 0,
     // which makes their dS and their part of dV zero.
-    const float* gLse = p.lse + (seq.varlen ? 0 : b * p.lse_batch_stride) + head * p.lse_head_stride + seq.q_start + m0;
-    const float* gDot = ws.dot_do_o + (int64_t(b) * p.heads_q + head) * p.seqlen_q + m0;
     static_assert(2 * kBlockM <= kThreads, "one statistic per thread");
     if constexpr (!Traits::kLseAsync) {
-      // Plain loads (the thread waits for them), LSE stored times log2 e with +inf for padding
-      // rows (P = 0 there).
-      for (int i = tid; i < kBlockM; i += kThreads) {
-        const bool valid = i < valid_q;
-        sLse[buf * kBlockM + i] = valid ? gLse[i] * kLog2e : INFINITY;
-        sDot[buf * kBlockM + i] = valid ? gDot[i] : 0.0f;
-      }
+      load_lse_dot_rows<kBlockM, kThreads>(sLse + buf * kBlockM, sDot + buf * kBlockM, qb.lse, qb.dot, qb.valid_q, tid);
     } else if (tid < 2 * kBlockM) {
       const int i = tid % kBlockM;
-      const bool valid = i < valid_q;
+      const bool valid = i < qb.valid_q;
       if (tid < kBlockM) {
-        cp_async_4(smem_u32(sLse + buf * kBlockM + i), valid ? gLse + i : gLse, valid);
+        cp_async_4(smem_u32(sLse + buf * kBlockM + i), valid ? qb.lse + i : qb.lse, valid);
       } else {
-        cp_async_4(smem_u32(sDot + buf * kBlockM + i), valid ? gDot + i : gDot, valid);
+        cp_async_4(smem_u32(sDot + buf * kBlockM + i), valid ? qb.dot + i : qb.dot, valid);
       }
     }
   };
@@ -242,22 +184,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const Desc desc_ds(sdS + dq_qb * kBlockN * 128, kBlockN * 128), desc_k_cols(sK + dq_db * kBlockN * 128, kBlockN * 128);
 
   if (iterations > 0) {
-    load_tile_swizzled_async<kBlockN, kHeadDim, kThreads>(sK, gK, p.k_row_stride, valid_k, tid);
-    load_tile_swizzled_async<kBlockN, kHeadDim, kThreads>(sV, gV, p.v_row_stride, valid_k, tid);
+    load_tile_swizzled_async<kBlockN, kHeadDim, kThreads>(sK, global.k, p.k_row_stride, global.valid_k, tid);
+    load_tile_swizzled_async<kBlockN, kHeadDim, kThreads>(sV, global.v, p.v_row_stride, global.valid_k, tid);
     load_q_block(0, 0);
     cp_async_commit();
   }
 
   for (int it = 0; it < iterations; ++it) {
     const int buf = it & 1;
-    const int head = head_kv * group + it / m_count;
-    const int m_block = m_begin + it % m_count;
-    const int m0 = m_block * kBlockM;
+    const BwdQueryBlock<Element> qb = global.query_block(p, seq, ws, b, it);
+    const int head = qb.head, m_block = qb.m_block, m0 = qb.m0;
     // This block's tiles landed and are visible to the async proxy; every thread's GEMMs of
     // iteration it - 1 (which read the other stage and dS^T) were waited for.
-    if constexpr (FLASHGPT_BWD_DQ_BULK) {
-      if (tid % 128 == 0) bulk_wait_read<1>();  // iteration it - 2's reduce has read this stage's dQ
-    }
     cp_async_wait<0>();
     fence_proxy_async_smem();
     __syncthreads();
@@ -414,69 +352,32 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     fence_operands(pa);
     fence_operands(dq);
 
-    int* semaphore = nullptr;
-    if (deterministic) {
-      semaphore = ws.semaphores + (int64_t(b) * p.heads_q + head) * m_blocks_total + m_block;
-      if (tid == 0) {
-        // Key blocks 0 .. n_block - 1 of this query block add before us (causal: the key
-        // blocks that see a query block are always a prefix 0 .. k).
-        while (atomicAdd(semaphore, 0) != n_block) {
-        }
-        __threadfence();
-      }
-      __syncthreads();
-    }
+    int* const semaphore = deterministic ? dq_semaphore(p, ws, b, head, m_block, kBlockM) : nullptr;
+    if (deterministic) dq_semaphore_wait(semaphore, n_block);
     // This warpgroup's dQ sub-tile in the accumulator: row block m0 / 64 + dq_qb, column
-    // block dq_db; this thread's float4 of n8 tile q is at (q * 128 + tid % 128) * 4.
+    // block dq_db; this thread's float4 of n8 tile q is at (q * 128 + tid % 128) * 4. Rows
+    // past the sequence add zeros (their dS is zero) into padding that exists.
     float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * ws.dq_rows + m0 + dq_qb * 64) * kHeadDim +
                  dq_db * 4096;
-    if constexpr (FLASHGPT_BWD_DQ_BULK) {
-      float* my = sdQ_ptr + (buf * Traits::kWarpgroups + wg) * 4096 + (tid % 128) * 4;
 #pragma unroll
-      for (int q = 0; q < 8; ++q)
-        *reinterpret_cast<float4*>(my + q * 512) =
-            make_float4(dq[q][0] * scale, dq[q][1] * scale, dq[q][2] * scale, dq[q][3] * scale);
-      fence_proxy_async_smem();
-      warpgroup_barrier(wg);
-      if (tid % 128 == 0) {
-        bulk_reduce_add_f32(gdq, sdQ + (buf * Traits::kWarpgroups + wg) * Traits::kDqSubTileBytes,
-                            Traits::kDqSubTileBytes);
-        if (deterministic) {
-          bulk_wait_all();
-          __threadfence();
-        }
-      }
-    } else {
-      // Rows past the sequence add zeros (their dS is zero) into padding that exists.
-#pragma unroll
-      for (int q = 0; q < 8; ++q)
-        atomicAdd(reinterpret_cast<float4*>(gdq + (q * 128 + tid % 128) * 4),
-                  make_float4(dq[q][0] * scale, dq[q][1] * scale, dq[q][2] * scale, dq[q][3] * scale));
-    }
-    if (deterministic) {
-      __threadfence();
-      __syncthreads();
-      if (tid == 0) atomicAdd(semaphore, 1);
-    }
+    for (int q = 0; q < 8; ++q)
+      atomicAdd(reinterpret_cast<float4*>(gdq + (q * 128 + tid % 128) * 4),
+                make_float4(dq[q][0] * scale, dq[q][1] * scale, dq[q][2] * scale, dq[q][3] * scale));
+    if (deterministic) dq_semaphore_release(semaphore);
     // dK's GEMM (still reading this stage's Q) is done before the next iteration's barrier.
     wgmma_wait<0>();
     fence_operands(acc_dk);
     fence_operands(dsa);
   }
   cp_async_wait<0>();
-  if constexpr (FLASHGPT_BWD_DQ_BULK) {
-    if (tid % 128 == 0) bulk_wait_read<0>();  // shared memory must outlive the reads of the last reduces
-  }
 
   // dK = scale dS^T Q and dV: this thread's two keys, skipping keys past the sequence.
-  Element* gdK = static_cast<Element*>(p.dk) +
-                 seq.k_offset(p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride, b, head_kv) + n0 * p.dk_row_stride;
-  Element* gdV = static_cast<Element*>(p.dv) +
-                 seq.k_offset(p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride, b, head_kv) + n0 * p.dv_row_stride;
+  Element* gdK = global.dk;
+  Element* gdV = global.dv;
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key_local = key_local0 + 8 * r;
-    if (key_local < valid_k) {
+    if (key_local < global.valid_k) {
 #pragma unroll
       for (int i = 0; i < kNTilesD; ++i) {
         *reinterpret_cast<uint32_t*>(gdK + key_local * p.dk_row_stride + i * 8 + 2 * t) =

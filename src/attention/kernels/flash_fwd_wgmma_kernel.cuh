@@ -10,11 +10,8 @@
 // The accumulator of m64nN is, per warp, the m16n8 C fragment layout tiled along N, so the
 // masking, online softmax and dropout code see exactly what the mma.sync kernel's does.
 //
-// Shared memory: Q [kBlockM rows], K and V [2 stages][kBlockN rows], each tile stored as
-// head_dim / 64 column blocks of [rows][64 elements] (128-byte rows), with the 128-byte
-// swizzle: 16-byte chunk c of row r lives at chunk c ^ (r % 8). Every tile starts on a 1024-byte
-// boundary (the swizzle repeats every 8 rows = 1024 bytes and is applied to address bits).
-// Loads are cp.async (all threads); the copy for block n + 1 (n + 2 for K when overlapping) is
+// Shared memory: Q [kBlockM rows], K and V [2 stages][kBlockN rows], each tile in the
+// 128-byte-swizzle layout of wgmma_common.cuh. Loads are cp.async (all threads); the copy for block n + 1 (n + 2 for K when overlapping) is
 // in flight while block n is computed; one barrier per key block (FLASHGPT_WGMMA_SPLIT_WAIT=1:
 // without the overlap K[n] and V[n] are waited for separately, two barriers per key block).
 //

@@ -17,30 +17,17 @@ def acc_operands(n):
     return ", ".join(f'"+f"(d[{i // 4}][{i % 4}])' for i in range(regs)), regs
 
 
-def ss(n, ptx_t):
+def ss(n, ptx_t, name="ss", trans_ab="0, 0"):
+    """Both operands from shared memory; trans_ab: the transpose bits of A and B (1 = MN-major)."""
     ops, regs = acc_operands(n)
     dl = ", ".join(f"%{i}" for i in range(regs))
-    return f"""  static __device__ __forceinline__ void ss(float (&d)[{n // 8}][4], uint64_t desc_a, uint64_t desc_b,
-                                            int accumulate) {{
+    head = f"  static __device__ __forceinline__ void {name}("
+    return f"""{head}float (&d)[{n // 8}][4], uint64_t desc_a, uint64_t desc_b,
+{" " * len(head)}int accumulate) {{
     asm volatile(
         "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 2}, 0;\\n"
         "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx_t}.{ptx_t} "
-        "{{{dl}}}, %{regs}, %{regs + 1}, p, 1, 1, 0, 0;\\n}}\\n"
-        : {ops}
-        : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-  }}
-"""
-
-
-def ss_tt(n, ptx_t):
-    ops, regs = acc_operands(n)
-    dl = ", ".join(f"%{i}" for i in range(regs))
-    return f"""  static __device__ __forceinline__ void ss_trans_ab(float (&d)[{n // 8}][4], uint64_t desc_a, uint64_t desc_b,
-                                                     int accumulate) {{
-    asm volatile(
-        "{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{regs + 2}, 0;\\n"
-        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ptx_t}.{ptx_t} "
-        "{{{dl}}}, %{regs}, %{regs + 1}, p, 1, 1, 1, 1;\\n}}\\n"
+        "{{{dl}}}, %{regs}, %{regs + 1}, p, 1, 1, {trans_ab};\\n}}\\n"
         : {ops}
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));
   }}
@@ -88,7 +75,7 @@ for name, cty in TYPES.items():
     parts.append(f"\ntemplate <>\nstruct WgmmaOps<{cty}> {{\n")
     parts += [ss(n, name) for n in SS_N]
     parts += [rs(n, name) for n in RS_N]
-    parts += [ss_tt(n, name) for n in TT_N]
+    parts += [ss(n, name, "ss_trans_ab", "1, 1") for n in TT_N]
     parts.append("};\n")
 parts.append("\n}  // namespace flashgpt::attn\n")
 (HERE / "wgmma_ops.cuh").write_text("".join(parts))
