@@ -56,59 +56,111 @@ struct BwdTraits {
   static constexpr size_t kSmemBytes = sizeof(Element) * (2 * kSmemKV + 4 * kSmemQ + kSmemDs) + 4 * kBlockM * sizeof(float);
 };
 
-// D = rowsum(dO * O): one warp per row, grid (ceil(seqlen_q / kRowsPerCta), heads_q, batch).
+// Preprocess: D = rowsum(dO * O) (fp32), and the zeroing of the fp32 dQ accumulator, in one
+// pass (the accumulator is as large as O and dO together: a separate memset cost as much as
+// the reduction). Each thread reads 16 bytes of a row of O and of dO at a time; kThreadsPerRow
+// threads share a row. CTA x of (head, b) owns rows [x kRows, (x + 1) kRows) of the padded
+// accumulator (ws.dq_rows, a multiple of kRows) and zeroes that many rows' worth of floats at
+// that offset, which covers the accumulator once in either of its layouts.
+template <int kHeadDim>
+struct BwdPreprocessShape {
+  static constexpr int kThreads = 256;
+  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks of a row
+  static constexpr int kThreadsPerRow = kChunks >= 16 ? 16 : (kChunks >= 8 ? 8 : 4);
+  static constexpr int kRows = kThreads / kThreadsPerRow;
+  static_assert(kDqRowAlign % kRows == 0, "the padded accumulator is whole CTAs of rows");
+};
+
 template <typename Element, int kHeadDim>
-__global__ void flash_bwd_preprocess_kernel(const AttentionParams p, float* dot_do_o) {
-  constexpr int kRowsPerCta = 4;  // 4 warps
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+__global__ void __launch_bounds__(BwdPreprocessShape<kHeadDim>::kThreads)
+    flash_bwd_preprocess_kernel(const AttentionParams p, BwdWorkspace ws) {
+  using Shape = BwdPreprocessShape<kHeadDim>;
   const int head = blockIdx.y, b = blockIdx.z;
-  const int row = blockIdx.x * kRowsPerCta + warp;
+  const int tid = threadIdx.x;
+  {
+    float4* zero = reinterpret_cast<float4*>(ws.dq_accum + ((int64_t(b) * p.heads_q + head) * ws.dq_rows +
+                                                            int64_t{blockIdx.x} * Shape::kRows) * kHeadDim);
+    for (int i = tid; i < Shape::kRows * kHeadDim / 4; i += Shape::kThreads) zero[i] = make_float4(0, 0, 0, 0);
+  }
   const SeqInfo seq(p, b);
-  if (row >= seq.seqlen_q) return;
+  const int row = blockIdx.x * Shape::kRows + tid / Shape::kThreadsPerRow;
+  const int lane_in_row = tid % Shape::kThreadsPerRow;
   const Element* o = static_cast<const Element*>(p.o) +
                      seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, head) + row * p.o_row_stride;
   const Element* d_o = static_cast<const Element*>(p.d_o) +
                        seq.q_offset(p.do_batch_stride, p.do_row_stride, p.do_head_stride, b, head) + row * p.do_row_stride;
   float acc = 0.0f;
-  for (int c = lane * 2; c < kHeadDim; c += 64) {
-    const float2 a = ElementOps<Element>::unpack(*reinterpret_cast<const uint32_t*>(o + c));
-    const float2 d = ElementOps<Element>::unpack(*reinterpret_cast<const uint32_t*>(d_o + c));
-    acc += a.x * d.x + a.y * d.y;
-  }
+  if (row < seq.seqlen_q) {
 #pragma unroll
-  for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-  if (lane == 0) dot_do_o[(int64_t(b) * p.heads_q + head) * p.seqlen_q + row] = acc;
+    for (int c = lane_in_row * 8; c < kHeadDim; c += Shape::kThreadsPerRow * 8) {
+      const uint4 a = *reinterpret_cast<const uint4*>(o + c);
+      const uint4 d = *reinterpret_cast<const uint4*>(d_o + c);
+      const uint32_t aw[4] = {a.x, a.y, a.z, a.w}, dw[4] = {d.x, d.y, d.z, d.w};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float2 af = ElementOps<Element>::unpack(aw[j]), df = ElementOps<Element>::unpack(dw[j]);
+        acc += af.x * df.x + af.y * df.y;
+      }
+    }
+  }
+  // The threads of a row are kThreadsPerRow consecutive lanes of one warp.
+#pragma unroll
+  for (int off = Shape::kThreadsPerRow / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+  if (lane_in_row == 0 && row < seq.seqlen_q) ws.dot_do_o[(int64_t(b) * p.heads_q + head) * p.seqlen_q + row] = acc;
 }
 
-// Index of dQ element (row, col) of one (batch, head) in the wgmma kernel's accumulator: 64 x
-// 64 sub-tiles, row block major; inside a sub-tile, n8 tile q of thread i of the warpgroup
-// (warp i / 32, lane g * 4 + t) is the float4 at (q * 128 + i) * 4: its C fragment (rows
-// 16 (i / 32) + g and + 8, columns 8 q + 2 t and + 1).
-template <int kHeadDim>
-__device__ __forceinline__ int64_t dq_fragment_index(int row, int col) {
-  const int sub = (row / 64) * (kHeadDim / 64) + col / 64;
-  const int r = row % 64, c = col % 64;
-  const int thread = (r / 16) * 32 + (r % 8) * 4 + (c % 8) / 2;
-  const int e = ((r % 16) / 8) * 2 + c % 2;
-  return int64_t{sub} * 4096 + ((c / 8) * 128 + thread) * 4 + e;
+// dQ = accumulator, cast and strided, with 16-byte reads of the accumulator.
+//   Row-major layout (the mma.sync kernel): a thread per 4 consecutive elements of a row;
+//     grid (ceil(seqlen_q * kHeadDim / 4 / 256), heads_q, batch).
+//   Fragment layout (the wgmma kernel): 64 x 64 sub-tiles, row block major, each one
+//     contiguous 16 KB range; inside a sub-tile, n8 tile q of thread i of the warpgroup (warp
+//     i / 32, lane g * 4 + t) is the float4 at (q * 128 + i) * 4: its C fragment (rows
+//     16 (i / 32) + g and + 8, columns 8 q + 2 t and + 1). A CTA per sub-tile: read in order, transposed
+//     through shared memory, written as 4 consecutive elements a thread (a warp writes whole
+//     rows); grid (ceil(seqlen_q / 64) * kHeadDim / 64, heads_q, batch).
+template <int kHeadDim, bool kFragmentLayout>
+inline int convert_dq_blocks(int seqlen_q) {
+  return kFragmentLayout ? (seqlen_q + 63) / 64 * (kHeadDim / 64) : (seqlen_q * (kHeadDim / 4) + 255) / 256;
 }
 
-// dQ = accumulator, cast and strided. One thread per 2 elements (a column pair, adjacent in
-// both layouts).
 template <typename Element, int kHeadDim, bool kFragmentLayout>
-__global__ void flash_bwd_convert_dq_kernel(const AttentionParams p, BwdWorkspace ws) {
-  const int head = blockIdx.y, b = blockIdx.z;
+__global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const AttentionParams p, BwdWorkspace ws) {
+  const int head = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
   const SeqInfo seq(p, b);
-  constexpr int kPairsPerRow = kHeadDim / 2;
-  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-  const int row = idx / kPairsPerRow, c = (idx % kPairsPerRow) * 2;
-  if (row >= seq.seqlen_q) return;
   const float* part = ws.dq_accum + (int64_t(b) * p.heads_q + head) * ws.dq_rows * kHeadDim;
-  const float* src = part + (kFragmentLayout ? dq_fragment_index<kHeadDim>(row, c) : int64_t{row} * kHeadDim + c);
-  Element* dst = static_cast<Element*>(p.dq) +
-                 seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, head) + row * p.dq_row_stride + c;
-  const float2 v = *reinterpret_cast<const float2*>(src);
-  *reinterpret_cast<uint32_t*>(dst) = ElementOps<Element>::pack(v.x, v.y);
+  Element* dq = static_cast<Element*>(p.dq) + seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, head);
+  auto store4 = [&](int row, int col, float4 v) {
+    const uint2 packed = {ElementOps<Element>::pack(v.x, v.y), ElementOps<Element>::pack(v.z, v.w)};
+    *reinterpret_cast<uint2*>(dq + int64_t{row} * p.dq_row_stride + col) = packed;
+  };
+  if constexpr (!kFragmentLayout) {
+    const int idx = blockIdx.x * blockDim.x + tid;
+    const int row = idx / (kHeadDim / 4), col = idx % (kHeadDim / 4) * 4;
+    if (row < seq.seqlen_q) store4(row, col, *reinterpret_cast<const float4*>(part + int64_t{row} * kHeadDim + col));
+  } else {
+    static_assert(kHeadDim % 64 == 0, "the fragment layout is made of 64 x 64 sub-tiles");
+    constexpr int kStride = 64 + 8;  // floats; float2 stores of a half-warp hit 32 distinct banks
+    __shared__ float tile[64 * kStride];
+    const int row0 = blockIdx.x / (kHeadDim / 64) * 64, col0 = blockIdx.x % (kHeadDim / 64) * 64;
+    if (row0 >= seq.seqlen_q) return;
+    const float4* src = reinterpret_cast<const float4*>(part) + int64_t{blockIdx.x} * 1024;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      // Float4 f is n8 tile f / 128 of warpgroup thread f % 128.
+      const int f = tid + k * 256, n8 = f / 128, thread = f % 128;
+      const int r = (thread / 32) * 16 + (thread % 32) / 4, c = n8 * 8 + (thread % 4) * 2;
+      const float4 v = src[f];
+      *reinterpret_cast<float2*>(&tile[r * kStride + c]) = make_float2(v.x, v.y);
+      *reinterpret_cast<float2*>(&tile[(r + 8) * kStride + c]) = make_float2(v.z, v.w);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const int i = tid + k * 256, r = i / 16, c = i % 16 * 4;
+      if (row0 + r < seq.seqlen_q)
+        store4(row0 + r, col0 + c, *reinterpret_cast<const float4*>(&tile[r * kStride + c]));
+    }
+  }
 }
 
 // What one backward CTA reads and writes in global memory: K, V, dK and dV of its key block

@@ -14,7 +14,7 @@
 //                      (both warpgroups' keys are needed); the kBlockM x d product is cut
 //                      into two 64 x 64 sub-tiles, one per warpgroup. The fp32 accumulator
 //                      in the workspace keeps each sub-tile contiguous, in fragment order
-//                      (dq_fragment_index), so that each thread's n8 tile is one float4
+//                      (flash_bwd_convert_dq_kernel), so that each thread's n8 tile is one float4
 //                      atomic (8 a thread, instead of 16 float2 ones in row-major order).
 //                      (A bulk reduce-add of the sub-tile from shared memory instead measured
 //                      0.72-0.90x FA2 against the atomics' 0.89-1.03x; notes, "v7".)

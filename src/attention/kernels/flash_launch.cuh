@@ -76,12 +76,15 @@ void run_flash_bwd(const AttentionParams& p, float scale, void* workspace, bool 
   // The semaphores are sized for TileConfig's kBwdBlockM (attention_cuda.cc): a kernel with
   // larger query blocks uses a prefix of them.
   const size_t bytes = bwd_workspace_layout(p, Traits::kBlockM, static_cast<char*>(workspace), &ws);
-  // The accumulator and the semaphores start at zero; D is written by the preprocess.
-  // (No queries: no workspace, but dK and dV must still be written, as zeros, below.)
-  if (bytes > 0) FLASHGPT_CUDA_CHECK(cudaMemsetAsync(workspace, 0, bytes, stream));
+  // The preprocess zeroes the dQ accumulator and writes D; the semaphores start at zero.
+  if (deterministic && bytes > 0) {
+    const size_t sem_offset = reinterpret_cast<char*>(ws.semaphores) - static_cast<char*>(workspace);
+    FLASHGPT_CUDA_CHECK(cudaMemsetAsync(ws.semaphores, 0, bytes - sem_offset, stream));
+  }
   if (p.batch > 0 && p.seqlen_q > 0) {
-    const dim3 grid_pre((p.seqlen_q + 3) / 4, p.heads_q, p.batch);
-    flash_bwd_preprocess_kernel<Element, kHeadDim><<<grid_pre, 128, 0, stream>>>(p, ws.dot_do_o);
+    using Shape = BwdPreprocessShape<kHeadDim>;
+    const dim3 grid_pre(ws.dq_rows / Shape::kRows, p.heads_q, p.batch);
+    flash_bwd_preprocess_kernel<Element, kHeadDim><<<grid_pre, Shape::kThreads, 0, stream>>>(p, ws);
     FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_preprocess_kernel");
   }
   // The wgmma kernel (Hopper, d64 and d128) and its dQ accumulator layout, or mma.sync.
@@ -103,12 +106,15 @@ void run_flash_bwd(const AttentionParams& p, float scale, void* workspace, bool 
     }
   }
   if (p.batch > 0 && p.seqlen_q > 0) {
-    const int pairs = p.seqlen_q * (kHeadDim / 2);
-    const dim3 grid_conv((pairs + 255) / 256, p.heads_q, p.batch);
-    if (wgmma) {
-      flash_bwd_convert_dq_kernel<Element, kHeadDim, true><<<grid_conv, 256, 0, stream>>>(p, ws);
-    } else {
-      flash_bwd_convert_dq_kernel<Element, kHeadDim, false><<<grid_conv, 256, 0, stream>>>(p, ws);
+    if constexpr (kHeadDim == 64 || kHeadDim == 128) {
+      if (wgmma) {
+        const dim3 grid(convert_dq_blocks<kHeadDim, true>(p.seqlen_q), p.heads_q, p.batch);
+        flash_bwd_convert_dq_kernel<Element, kHeadDim, true><<<grid, 256, 0, stream>>>(p, ws);
+      }
+    }
+    if (!wgmma) {
+      const dim3 grid(convert_dq_blocks<kHeadDim, false>(p.seqlen_q), p.heads_q, p.batch);
+      flash_bwd_convert_dq_kernel<Element, kHeadDim, false><<<grid, 256, 0, stream>>>(p, ws);
     }
     FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_convert_dq_kernel");
   }
