@@ -371,22 +371,26 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   cp_async_wait<0>();
 
-  // dK = scale dS^T Q and dV: this thread's two keys, skipping keys past the sequence.
-  Element* gdK = global.dk;
-  Element* gdV = global.dv;
+  // dK = scale dS^T Q and dV, staged in the Q, dO and dS^T buffers (every warpgroup's last
+  // GEMMs have read them once all threads pass the barrier), then written out by rows.
+  using Staged = StagedTile<kBlockN, kHeadDim, Element>;
+  static_assert(2 * Staged::kBytes <= 4 * size_t{Traits::kTileQBytes} + Traits::kTileDsBytes,
+                "dK and dV fit where Q, dO and dS^T were");
+  Element* const s_dk = reinterpret_cast<Element*>(smem_raw + (sQ - smem_base));
+  Element* const s_dv = s_dk + kBlockN * Staged::kStride;
+  __syncthreads();
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key_local = key_local0 + 8 * r;
-    if (key_local < global.valid_k) {
 #pragma unroll
-      for (int i = 0; i < kNTilesD; ++i) {
-        *reinterpret_cast<uint32_t*>(gdK + key_local * p.dk_row_stride + i * 8 + 2 * t) =
-            Ops::pack(acc_dk[i][2 * r] * scale, acc_dk[i][2 * r + 1] * scale);
-        *reinterpret_cast<uint32_t*>(gdV + key_local * p.dv_row_stride + i * 8 + 2 * t) =
-            Ops::pack(acc_dv[i][2 * r], acc_dv[i][2 * r + 1]);
-      }
+    for (int i = 0; i < kNTilesD; ++i) {
+      Staged::put(s_dk, key_local, i * 8 + 2 * t, Ops::pack(acc_dk[i][2 * r] * scale, acc_dk[i][2 * r + 1] * scale));
+      Staged::put(s_dv, key_local, i * 8 + 2 * t, Ops::pack(acc_dv[i][2 * r], acc_dv[i][2 * r + 1]));
     }
   }
+  __syncthreads();
+  Staged::template copy_out<kThreads>(s_dk, global.dk, p.dk_row_stride, global.valid_k, tid);
+  Staged::template copy_out<kThreads>(s_dv, global.dv, p.dv_row_stride, global.valid_k, tid);
 #elif defined(__CUDA_ARCH__)
   __trap();  // built for a target without wgmma: the launcher never picks this kernel there
 #endif

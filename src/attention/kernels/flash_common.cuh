@@ -162,6 +162,36 @@ struct SeqInfo {
 // row m0, K and V of its key/value head (GQA: head / (heads_q / heads_kv)), and how many key
 // blocks it visits (causal: up to the last key its last row sees; row i sees key j iff
 // j <= i + diag, diag = seqlen_k - seqlen_q).
+// An output tile (kRows x kCols elements) written out through shared memory: each thread puts
+// its accumulator fragments (32-bit pairs) into a padded row-major tile, and after a barrier
+// the CTA copies whole rows out with 16-byte stores. Straight from the fragments, a warp's
+// store covers 16 bytes of each of 8 rows: half of every 32-byte sector, four times the
+// store instructions. The padding (8 elements) makes the 8 rows of a fragment store hit
+// different banks.
+template <int kRows, int kCols, typename Element>
+struct StagedTile {
+  static constexpr int kStride = kCols + 8;  // elements; rows stay 16-byte aligned
+  static constexpr size_t kBytes = size_t{kRows} * kStride * sizeof(Element);
+  static_assert(kCols % 8 == 0, "rows are copied in 16-byte chunks");
+
+  static __device__ __forceinline__ void put(Element* tile, int row, int col, uint32_t pair) {
+    *reinterpret_cast<uint32_t*>(tile + row * kStride + col) = pair;
+  }
+  // Rows at or past valid_rows are not written.
+  template <int kThreads>
+  static __device__ __forceinline__ void copy_out(const Element* tile, Element* out, int64_t row_stride, int valid_rows,
+                                                  int tid) {
+    constexpr int kChunks = kCols / 8;
+#pragma unroll
+    for (int c = tid; c < kRows * kChunks; c += kThreads) {
+      const int row = c / kChunks, col = c % kChunks * 8;
+      if (row < valid_rows)
+        *reinterpret_cast<uint4*>(out + row * row_stride + col) =
+            *reinterpret_cast<const uint4*>(tile + row * kStride + col);
+    }
+  }
+};
+
 template <typename Element>
 struct FwdGlobal {
   const Element *q, *k, *v;

@@ -341,21 +341,26 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
   cp_async_wait<0>();
 
   // Epilogue: O = acc / sum * 256 / (256 - t), LSE = max * scale + ln(sum), +inf for empty rows.
+  // O is staged in the K and V buffers (every warpgroup's last GEMMs have read them once all
+  // threads pass the barrier) and written out by rows.
+  using Staged = StagedTile<kBlockM, kHeadDim, Element>;
+  static_assert(Staged::kBytes <= 4 * size_t{Traits::kTileKVBytes}, "O fits where K and V were");
+  Element* const s_o = reinterpret_cast<Element*>(smem_raw + (sK - smem_u32(smem_raw)));
+  __syncthreads();
   const float keep_scale = static_cast<float>(dropout_keep_scale(threshold));
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sum = warp_quad_sum(row_sum[r]);
     const int row_local = row_local0 + 8 * r;
-    const bool row_valid = m0 + row_local < seq.seqlen_q;
     const float inv = sum > 0.0f ? keep_scale / sum : 0.0f;
-    if (row_valid) {
-      Element* out = gO + row_local * p.o_row_stride;
 #pragma unroll
-      for (int i = 0; i < kNTilesO; ++i)
-        *reinterpret_cast<uint32_t*>(out + i * 8 + 2 * t) = Ops::pack(acc_o[i][2 * r] * inv, acc_o[i][2 * r + 1] * inv);
-      if (t == 0) gLse[row_local] = sum > 0.0f ? row_max[r] * scale + logf(sum) : INFINITY;
-    }
+    for (int i = 0; i < kNTilesO; ++i)
+      Staged::put(s_o, row_local, i * 8 + 2 * t, Ops::pack(acc_o[i][2 * r] * inv, acc_o[i][2 * r + 1] * inv));
+    if (t == 0 && m0 + row_local < seq.seqlen_q)
+      gLse[row_local] = sum > 0.0f ? row_max[r] * scale + logf(sum) : INFINITY;
   }
+  __syncthreads();
+  Staged::template copy_out<kThreads>(s_o, gO, p.o_row_stride, seq.seqlen_q - m0, tid);
 #elif defined(__CUDA_ARCH__)
   __trap();  // built for a target without wgmma: the launcher never picks this kernel there
 #endif
