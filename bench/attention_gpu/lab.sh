@@ -5,7 +5,8 @@
 #   bench/attention_gpu/lab.sh "name:-DFLASHGPT_FWD64_BLOCK_N=32 -DFLASHGPT_FWD64_MTILES=2" ...
 # The PyTorch binding is compiled once (build-lab-ext) and only relinked against each variant's
 # libflashgpt.a (compiling it costs ~40 s a variant on the H100 machine; a relink ~2 s).
-# Environment: LAB_SEQLENS (1024,4096,16384), LAB_HEAD_DIMS (64,128), LAB_REP_MS (40); the
+# Environment: LAB_SEQLENS (1024,4096,16384), LAB_HEAD_DIMS (64,128), LAB_REP_MS (40), LAB_EXTRA
+# (more rows, bench_attention.py --extra); the
 # forward kernel follows FLASHGPT_ATTN_FWD_KERNEL as everywhere.
 set -uo pipefail
 OUT=${OUT:-results/attention_gpu}
@@ -24,7 +25,7 @@ for variant in "$@"; do
   rm -f build-lab-ext/torch_ext/*.so  # ninja does not see the library: force the relink
   FLASHGPT_BUILD_DIR=$PWD/build-lab-ext python3 bench/attention_gpu/bench_attention.py --out "$OUT/lab_$name" \
     --methods flashgpt,torch-fa2 --seqlens "${LAB_SEQLENS:-1024,4096,16384}" --head-dims "${LAB_HEAD_DIMS:-64,128}" \
-    --rep-ms "${LAB_REP_MS:-40}" >"$OUT/lab_$name.log" 2>&1
+    --rep-ms "${LAB_REP_MS:-40}" --extra "${LAB_EXTRA:-}" >"$OUT/lab_$name.log" 2>&1
   echo "== $name ($flags)"
   sed -n '/^TFLOP/,/^wrote/p' "$OUT/lab_$name.log" | grep -v wrote | cut -c1-110
 done
