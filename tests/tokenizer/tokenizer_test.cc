@@ -214,6 +214,77 @@ TEST(Bpe, RankMapFindsExactlyTheTokens) {
   EXPECT_GT(long_tokens, 10000u);
 }
 
+// The tag-group compare, SSE2 (where built) and SWAR, against a byte loop: groups of tags,
+// empties and near tags (one bit off, the high bit set), every tag value.
+TEST(Bpe, GroupMatchAgreesWithAByteLoop) {
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 20000; ++trial) {
+    uint8_t tag = uint8_t(trial < 256 ? trial : rng());
+    const uint8_t near[] = {0, tag, uint8_t(tag ^ 1), uint8_t(tag ^ 0x80), 0x80, 0xFF, 1, uint8_t(rng())};
+    uint8_t group[RankMap::kGroupSize];
+    for (auto& byte : group) byte = near[rng() % (trial % 3 == 0 ? 2 : 8)];
+    RankMap::GroupMatch expected{0, 0};
+    for (size_t i = 0; i < RankMap::kGroupSize; ++i) {
+      expected.tags |= uint32_t(group[i] == tag) << i;
+      expected.empty |= uint32_t(group[i] == 0) << i;
+    }
+    std::vector<RankMap::GroupMatch> found = {RankMap::group_match(group, tag), RankMap::group_match_swar(group, tag)};
+#if defined(__SSE2__)
+    found.push_back(RankMap::group_match_sse2(group, tag));
+#endif
+    for (const auto& m : found) {
+      ASSERT_EQ(m.tags, expected.tags) << "trial " << trial;
+      ASSERT_EQ(m.empty, expected.empty) << "trial " << trial;
+    }
+  }
+}
+
+// The rank map against std::unordered_map on made-up vocabularies: keys of the lengths where
+// the slot (8 bytes), the tail (16) and the long-length mark (255) end, keys that share
+// those parts, zero bytes, maps of one group (full groups wrap to themselves) and larger;
+// queried with every key and near misses (one byte changed, one byte less or more).
+TEST(Bpe, RankMapMatchesUnorderedMap) {
+  std::mt19937 rng(5);
+  const size_t lengths[] = {1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 24, 254, 255, 256, 300, 1000};
+  for (size_t vocab : {1, 3, 12, 13, 16, 17, 100, 5000, 40000}) {
+    std::vector<std::string> keys;
+    std::unordered_map<std::string, uint32_t> reference;
+    while (keys.size() < vocab) {
+      size_t length = lengths[rng() % std::size(lengths)];
+      std::string key;
+      if (!keys.empty() && rng() % 2) {  // shares a prefix with an earlier key, differs later
+        key = keys[rng() % keys.size()].substr(0, length);
+        key.resize(length, 'x');
+        key[rng() % length] = char(rng() % 4);
+      } else {
+        for (size_t i = 0; i < length; ++i) key += char(rng() % 3 == 0 ? 0 : 'a' + rng() % 4);
+      }
+      if (reference.emplace(key, uint32_t(keys.size())).second) keys.push_back(key);
+    }
+    std::vector<std::string_view> tokens(keys.begin(), keys.end());
+    RankMap ranks;
+    ranks.build(tokens);
+    auto check = [&](const std::string& key) {
+      auto it = reference.find(key);
+      uint32_t expected = it == reference.end() ? kNoRank : it->second;
+      ASSERT_EQ(ranks.find(reinterpret_cast<const uint8_t*>(key.data()), key.size()), expected)
+          << "vocabulary of " << vocab << ", key of " << key.size() << " bytes";
+    };
+    for (const std::string& key : keys) {
+      check(key);
+      for (size_t at : {size_t(0), size_t(7), size_t(8), size_t(15), size_t(16), key.size() - 1}) {
+        if (at >= key.size()) continue;
+        std::string changed = key;
+        changed[at] = char(changed[at] ^ 0x01);
+        check(changed);
+      }
+      check(key.substr(0, key.size() - 1));
+      check(key + "a");
+      check(key + '\0');
+    }
+  }
+}
+
 TEST(Bpe, LongPiecesTakeLinearishTime) {
   const Tokenizer& t = cl100k();
   std::mt19937 rng(7);
