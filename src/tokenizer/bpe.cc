@@ -17,25 +17,22 @@ void RankMap::build(const std::vector<std::string_view>& tokens) {
   }
   offsets_[tokens.size()] = uint32_t(arena_.size());
   FLASHGPT_CHECK(tokens.size() < kRankMask, "{} ranks: more than a rank map holds", tokens.size());
-  // About 3/4 full: 12-byte slots, 1.5 MB for cl100k_base.
-  size_t capacity = std::bit_ceil(std::max<size_t>(kGroupSize, tokens.size() + tokens.size() / 4));
-  slots_.assign(capacity, Slot{0, 0});
+  size_t capacity = std::bit_ceil(std::max<size_t>(16, tokens.size() + tokens.size() / 4));
+  slots_.assign(capacity, Slot{0, kEmpty});
   tails_.assign(capacity, 0);
-  tags_.assign(capacity, 0);
-  group_mask_ = capacity / kGroupSize - 1;
+  mask_ = capacity - 1;
+  filter_.assign(kFilterWords, 0);
   for (size_t rank = 0; rank < tokens.size(); ++rank) {
     if (tokens[rank].empty()) continue;
     auto bytes = reinterpret_cast<const uint8_t*>(tokens[rank].data());
     const size_t length = tokens[rank].size();
     const Key k = key(bytes, length);
-    FLASHGPT_CHECK(find(bytes, length, k) == kNoRank, "the rank file has the token of rank {} twice", rank);
-    size_t group = k.hash & group_mask_;
-    uint32_t empty;
-    while ((empty = group_match(&tags_[group * kGroupSize], 0).empty) == 0) group = (group + 1) & group_mask_;
-    size_t slot = group * kGroupSize + size_t(std::countr_zero(empty));
-    tags_[slot] = tag_of(k.hash);
+    FLASHGPT_CHECK(find_unfiltered(bytes, length, k) == kNoRank, "the rank file has the token of rank {} twice", rank);
+    size_t slot = k.hash & mask_;
+    while (slots_[slot].meta != kEmpty) slot = (slot + 1) & mask_;
     slots_[slot] = {k.head, uint32_t(rank) | uint32_t(std::min(length, kLongLength)) << kRankBits};
-    tails_[slot] = k.tail;
+    tails_[slot] = length > 8 ? prefix8(bytes + 8, length - 8) : 0;
+    filter_[k.hash >> 26 & (kFilterWords - 1)] |= filter_bits(k.hash);
   }
   for (int b = 0; b < 256; ++b) {
     uint8_t byte = uint8_t(b);
@@ -49,12 +46,6 @@ void RankMap::build(const std::vector<std::string_view>& tokens) {
   }
 }
 
-bool RankMap::rest_equal(uint32_t rank, const uint8_t* bytes, size_t length) const {
-  uint32_t offset = offsets_[rank];
-  return (length < kLongLength || offsets_[rank + 1] - offset == length) &&
-         bytes_equal(reinterpret_cast<const uint8_t*>(arena_.data()) + offset + 16, bytes + 16, length - 16);
-}
-
 namespace {
 
 // Above this many bytes a piece goes to the heap; below it tiktoken's scan is faster.
@@ -65,7 +56,7 @@ constexpr size_t kScanMaxBytes = 128;
 // packed value is then the lowest rank, leftmost on ties, and a merge moves one array.
 // Written for the ~10-byte pieces that need it (a first pass over text merges every
 // distinct word once): the bytes sit in a zero-padded buffer so that every key is read with
-// whole 8-byte loads, and the parts move down in fixed 128-byte blocks that the compiler
+// one 8-byte load, and the parts move down in fixed 128-byte blocks that the compiler
 // inlines, instead of a memmove call per merge.
 constexpr int kStartBits = 12;
 constexpr int kTokenBits = 20;

@@ -181,16 +181,15 @@ struct Tokenizer::Impl {
     PieceCache& cache = PieceCache::for_tokenizer(uid);
     auto p = reinterpret_cast<const uint8_t*>(text.data());
     // Lookups of rare pieces miss the CPU caches (the rank map is 1.5 MB for cl100k_base,
-    // the piece cache 2 MB), and one piece's lookup would wait for the last. So pieces go
-    // through a short queue: on entry the hash is computed, the rank map's tags name the slot
-    // that holds the piece if it is a token, and the line the lookup needs is prefetched
-    // (that slot when a tag matches, else the piece's cache entry); kAhead pieces later, when
-    // the line has arrived, the piece is looked up.
+    // the piece cache 2 MB), and one piece's lookup would wait for the last. So pieces go through a short
+    // queue: on entry the hash is computed and the line the lookup needs is prefetched
+    // (a rank-map slot when the filter says the piece may be a token, else its cache entry);
+    // kAhead pieces later, when the line has arrived, the piece is looked up.
     constexpr size_t kAhead = 8;
     struct Queued {
       size_t begin, length;
       RankMap::Key key;
-      RankMap::Probe probe;
+      bool maybe_token;
     };
     Queued queue[kAhead];
     size_t queued = 0;
@@ -204,9 +203,11 @@ struct Tokenizer::Impl {
         out.push_back(ranks.find_byte(*piece));
         return;
       }
-      if (uint32_t rank = ranks.find_probed(piece, length, q.key, q.probe); rank != kNoRank) {
-        out.push_back(rank);
-        return;
+      if (q.maybe_token) {
+        if (uint32_t rank = ranks.find_unfiltered(piece, length, q.key); rank != kNoRank) {
+          out.push_back(rank);
+          return;
+        }
       }
       if (length > PieceCache::kMaxKey) {
         bpe_encode_piece(ranks, text.substr(q.begin, length), out);
@@ -234,19 +235,18 @@ struct Tokenizer::Impl {
       if (queued >= kAhead) process(slot);
       const uint8_t* piece = p + begin;
       RankMap::Key key{};
-      RankMap::Probe probe{};
+      bool maybe_token = false;
       if (length > 1) {
-        key = begin + 16 <= text.size() ? RankMap::key_overread(piece, length) : RankMap::key(piece, length);
-        probe = ranks.probe(key.hash);
-        // No branch on the tags' answer: it waits for the tag group's load and would be
-        // mispredicted for one piece in six; a select picks the line to prefetch.
-        bool maybe_token = probe.candidates != 0;
-        const void* first_line = address_select(maybe_token, ranks.slot_address(probe), &entry_of(key.hash));
+        key = begin + 8 <= text.size() ? RankMap::key_overread(piece, length) : RankMap::key(piece, length);
+        // No branch on the filter's answer: it waits for the filter word (often an L2 miss)
+        // and is mispredicted for one piece in six; a select picks the line to prefetch.
+        maybe_token = ranks.filter_may_contain(key.hash);
+        const void* first_line = address_select(maybe_token, ranks.slot_address(key.hash), &entry_of(key.hash));
         __builtin_prefetch(first_line);
         // A key longer than 8 bytes also reads its tail (requesting first_line again is free).
-        __builtin_prefetch(address_select(maybe_token & (length > 8), ranks.tail_address(probe), first_line));
+        __builtin_prefetch(address_select(maybe_token & (length > 8), ranks.tail_address(key.hash), first_line));
       }
-      slot = {begin, length, key, probe};
+      slot = {begin, length, key, maybe_token};
       ++queued;
     });
     for (size_t i = queued > kAhead ? queued - kAhead : 0; i < queued; ++i) process(queue[i % kAhead]);
