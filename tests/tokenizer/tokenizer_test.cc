@@ -65,6 +65,39 @@ TEST(Utf8, FindsTheFirstInvalidByte) {
   EXPECT_EQ(unicode::utf8_find_invalid("x\xF4\x90\x80\x80"), 1u);  // above U+10FFFF
 }
 
+// The fast paths of utf8_find_invalid (16 and 8 ASCII bytes at a time, inline two- and
+// three-byte sequences) against a loop over utf8_sequence_length alone: random strings of
+// valid and invalid fragments, with the fragments at every offset from a 16-byte boundary.
+TEST(Utf8, FindInvalidMatchesTheCharacterLoop) {
+  auto reference = [](std::string_view text) {
+    size_t pos = 0;
+    while (pos < text.size()) {
+      bool truncated;
+      size_t length = unicode::utf8_sequence_length(text, pos, &truncated);
+      if (length == 0) return pos;
+      pos += length;
+    }
+    return text.size();
+  };
+  const std::string fragments[] = {"a", "0123456789abcdef", " ", "\xC3\xA9", "\xD0\x96", "\xE0\xA4\xB9", "\xE4\xB8\x96",
+                                   "\xED\x9F\xBF", "\xEF\xBF\xBD", "\xF0\x9F\x99\x82", "\xF4\x8F\xBF\xBF",
+                                   // invalid: stray continuation, overlong, surrogate, above U+10FFFF, bad lead
+                                   "\x80", "\xC1\xBF", "\xE0\x9F\xBF", "\xED\xA0\x80", "\xF4\x90\x80\x80", "\xF5",
+                                   "\xFF", "\xC3", "\xE4\xB8", "\xF0\x9F\x99", "\xC3\x41", "\xE4\x41\x96"};
+  std::mt19937 rng(3);
+  for (int trial = 0; trial < 200000; ++trial) {
+    std::string text(rng() % 24, 'x');
+    size_t count = rng() % 6;
+    for (size_t k = 0; k < count; ++k) {
+      // mostly valid fragments, so that most texts reach their end or fail late
+      size_t pick = rng() % 8 == 0 ? rng() % std::size(fragments) : rng() % 11;
+      text += fragments[pick];
+      if (rng() % 2) text += std::string(rng() % 20, 'y');
+    }
+    ASSERT_EQ(unicode::utf8_find_invalid(text), reference(text)) << "trial " << trial;
+  }
+}
+
 TEST(Utf8, ReplacesMaximalSubparts) {
   const std::string r = "\xEF\xBF\xBD";
   EXPECT_EQ(unicode::utf8_replace_invalid("a\x80z"), "a" + r + "z");
