@@ -247,6 +247,52 @@ TEST(Bpe, RankMapFindsExactlyTheTokens) {
   EXPECT_GT(long_tokens, 10000u);
 }
 
+// The rank map against std::unordered_map on made-up vocabularies: keys of the lengths where
+// the slot (8 bytes), the tail (16) and the long-length mark (255) end, keys that share
+// those parts, zero bytes, maps of 16 slots (probes wrap around) and larger; queried with
+// every key and near misses (one byte changed, one byte less or more).
+TEST(Bpe, RankMapMatchesUnorderedMap) {
+  std::mt19937 rng(5);
+  const size_t lengths[] = {1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 24, 254, 255, 256, 300, 1000};
+  for (size_t vocab : {1, 3, 12, 13, 16, 17, 100, 5000, 40000}) {
+    std::vector<std::string> keys;
+    std::unordered_map<std::string, uint32_t> reference;
+    while (keys.size() < vocab) {
+      size_t length = lengths[rng() % std::size(lengths)];
+      std::string key;
+      if (!keys.empty() && rng() % 2) {  // shares a prefix with an earlier key, differs later
+        key = keys[rng() % keys.size()].substr(0, length);
+        key.resize(length, 'x');
+        key[rng() % length] = char(rng() % 4);
+      } else {
+        for (size_t i = 0; i < length; ++i) key += char(rng() % 3 == 0 ? 0 : 'a' + rng() % 4);
+      }
+      if (reference.emplace(key, uint32_t(keys.size())).second) keys.push_back(key);
+    }
+    std::vector<std::string_view> tokens(keys.begin(), keys.end());
+    RankMap ranks;
+    ranks.build(tokens);
+    auto check = [&](const std::string& key) {
+      auto it = reference.find(key);
+      uint32_t expected = it == reference.end() ? kNoRank : it->second;
+      ASSERT_EQ(ranks.find(reinterpret_cast<const uint8_t*>(key.data()), key.size()), expected)
+          << "vocabulary of " << vocab << ", key of " << key.size() << " bytes";
+    };
+    for (const std::string& key : keys) {
+      check(key);
+      for (size_t at : {size_t(0), size_t(7), size_t(8), size_t(15), size_t(16), key.size() - 1}) {
+        if (at >= key.size()) continue;
+        std::string changed = key;
+        changed[at] = char(changed[at] ^ 0x01);
+        check(changed);
+      }
+      check(key.substr(0, key.size() - 1));
+      check(key + "a");
+      check(key + '\0');
+    }
+  }
+}
+
 TEST(Bpe, LongPiecesTakeLinearishTime) {
   const Tokenizer& t = cl100k();
   std::mt19937 rng(7);
