@@ -260,7 +260,11 @@ TEST(Bpe, RankMapMatchesUnorderedMap) {
     while (keys.size() < vocab) {
       size_t length = lengths[rng() % std::size(lengths)];
       std::string key;
-      if (!keys.empty() && rng() % 2) {  // shares a prefix with an earlier key, differs later
+      if (rng() % 4 == 0) {  // the same first 8 or 16 bytes as many others, so that probes meet them
+        length = 9 + rng() % 16;
+        key = std::string(length < 17 ? 8 : 16, 'h');
+        while (key.size() < length) key += char('a' + rng() % 3);
+      } else if (!keys.empty() && rng() % 2) {  // shares a prefix with an earlier key, differs later
         key = keys[rng() % keys.size()].substr(0, length);
         key.resize(length, 'x');
         key[rng() % length] = char(rng() % 4);
