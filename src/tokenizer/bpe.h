@@ -64,6 +64,15 @@ class RankMap {
       }
     }
   }
+  // The same answer, for a caller that prefetched the key's home slot and filter word: a
+  // key of up to 8 bytes in its home slot (most tokens that text uses: the frequent ones
+  // were inserted first) is found there without waiting for the filter.
+  uint32_t find_home_first(const uint8_t* bytes, size_t length, const Key& k) const {
+    const Slot& home = slots_[k.hash & mask_];
+    if (length <= 8 && home.head == k.head && home.meta >> kRankBits == length) return home.meta & kRankMask;
+    return find(bytes, length, k);
+  }
+  const void* filter_address(uint64_t h) const { return &filter_[h >> 26 & (kFilterWords - 1)]; }
   // The slot that find_unfiltered(.., h) reads first, and the tail beside it that it also
   // reads for keys longer than 8 bytes, for the caller to prefetch.
   const void* slot_address(uint64_t h) const { return &slots_[h & mask_]; }

@@ -181,15 +181,14 @@ struct Tokenizer::Impl {
     PieceCache& cache = PieceCache::for_tokenizer(uid);
     auto p = reinterpret_cast<const uint8_t*>(text.data());
     // Lookups of rare pieces miss the CPU caches (the rank map is 1.5 MB for cl100k_base,
-    // the piece cache 2 MB), and one piece's lookup would wait for the last. So pieces go through a short
-    // queue: on entry the hash is computed and the line the lookup needs is prefetched
-    // (a rank-map slot when the filter says the piece may be a token, else its cache entry);
-    // kAhead pieces later, when the line has arrived, the piece is looked up.
+    // the piece cache 2 MB), and one piece's lookup would wait for the last. So pieces go
+    // through a short queue: on entry the hash is computed and every line the lookup may
+    // read is prefetched (the home slot, the filter word, the cache entry; no load on
+    // entry); kAhead pieces later, when the lines have arrived, the piece is looked up.
     constexpr size_t kAhead = 8;
     struct Queued {
       size_t begin, length;
       RankMap::Key key;
-      bool maybe_token;
     };
     Queued queue[kAhead];
     size_t queued = 0;
@@ -203,11 +202,9 @@ struct Tokenizer::Impl {
         out.push_back(ranks.find_byte(*piece));
         return;
       }
-      if (q.maybe_token) {
-        if (uint32_t rank = ranks.find_unfiltered(piece, length, q.key); rank != kNoRank) {
-          out.push_back(rank);
-          return;
-        }
+      if (uint32_t rank = ranks.find_home_first(piece, length, q.key); rank != kNoRank) {
+        out.push_back(rank);
+        return;
       }
       if (length > PieceCache::kMaxKey) {
         bpe_encode_piece(ranks, text.substr(q.begin, length), out);
@@ -235,18 +232,20 @@ struct Tokenizer::Impl {
       if (queued >= kAhead) process(slot);
       const uint8_t* piece = p + begin;
       RankMap::Key key{};
-      bool maybe_token = false;
       if (length > 1) {
         key = begin + 8 <= text.size() ? RankMap::key_overread(piece, length) : RankMap::key(piece, length);
-        // No branch on the filter's answer: it waits for the filter word (often an L2 miss)
-        // and is mispredicted for one piece in six; a select picks the line to prefetch.
-        maybe_token = ranks.filter_may_contain(key.hash);
-        const void* first_line = address_select(maybe_token, ranks.slot_address(key.hash), &entry_of(key.hash));
-        __builtin_prefetch(first_line);
-        // A key longer than 8 bytes also reads its tail (requesting first_line again is free).
-        __builtin_prefetch(address_select(maybe_token & (length > 8), ranks.tail_address(key.hash), first_line));
+        // Three lines a piece, where choosing between the slot and the cache entry by the
+        // filter's answer made every piece wait for the filter word here, an L2 or L3 hit
+        // (a third of this loop's samples in perf): the lines that a piece does not read
+        // cost less than that wait.
+        const void* home = ranks.slot_address(key.hash);
+        __builtin_prefetch(home);
+        __builtin_prefetch(ranks.filter_address(key.hash));
+        __builtin_prefetch(&entry_of(key.hash));
+        // A key longer than 8 bytes also reads its tail (requesting home again is free).
+        __builtin_prefetch(address_select(length > 8, ranks.tail_address(key.hash), home));
       }
-      slot = {begin, length, key, maybe_token};
+      slot = {begin, length, key};
       ++queued;
     });
     for (size_t i = queued > kAhead ? queued - kAhead : 0; i < queued; ++i) process(queue[i % kAhead]);

@@ -65,6 +65,39 @@ TEST(Utf8, FindsTheFirstInvalidByte) {
   EXPECT_EQ(unicode::utf8_find_invalid("x\xF4\x90\x80\x80"), 1u);  // above U+10FFFF
 }
 
+// The fast paths of utf8_find_invalid (16 and 8 ASCII bytes at a time, inline two- and
+// three-byte sequences) against a loop over utf8_sequence_length alone: random strings of
+// valid and invalid fragments, with the fragments at every offset from a 16-byte boundary.
+TEST(Utf8, FindInvalidMatchesTheCharacterLoop) {
+  auto reference = [](std::string_view text) {
+    size_t pos = 0;
+    while (pos < text.size()) {
+      bool truncated;
+      size_t length = unicode::utf8_sequence_length(text, pos, &truncated);
+      if (length == 0) return pos;
+      pos += length;
+    }
+    return text.size();
+  };
+  const std::string fragments[] = {"a", "0123456789abcdef", " ", "\xC3\xA9", "\xD0\x96", "\xE0\xA4\xB9", "\xE4\xB8\x96",
+                                   "\xED\x9F\xBF", "\xEF\xBF\xBD", "\xF0\x9F\x99\x82", "\xF4\x8F\xBF\xBF",
+                                   // invalid: stray continuation, overlong, surrogate, above U+10FFFF, bad lead
+                                   "\x80", "\xC1\xBF", "\xE0\x9F\xBF", "\xED\xA0\x80", "\xF4\x90\x80\x80", "\xF5",
+                                   "\xFF", "\xC3", "\xE4\xB8", "\xF0\x9F\x99", "\xC3\x41", "\xE4\x41\x96"};
+  std::mt19937 rng(3);
+  for (int trial = 0; trial < 200000; ++trial) {
+    std::string text(rng() % 24, 'x');
+    size_t count = rng() % 6;
+    for (size_t k = 0; k < count; ++k) {
+      // mostly valid fragments, so that most texts reach their end or fail late
+      size_t pick = rng() % 8 == 0 ? rng() % std::size(fragments) : rng() % 11;
+      text += fragments[pick];
+      if (rng() % 2) text += std::string(rng() % 20, 'y');
+    }
+    ASSERT_EQ(unicode::utf8_find_invalid(text), reference(text)) << "trial " << trial;
+  }
+}
+
 TEST(Utf8, ReplacesMaximalSubparts) {
   const std::string r = "\xEF\xBF\xBD";
   EXPECT_EQ(unicode::utf8_replace_invalid("a\x80z"), "a" + r + "z");
@@ -212,6 +245,56 @@ TEST(Bpe, RankMapFindsExactlyTheTokens) {
     ASSERT_EQ(find(longer), expected(longer)) << "token " << id << " and 'e'";
   }
   EXPECT_GT(long_tokens, 10000u);
+}
+
+// The rank map against std::unordered_map on made-up vocabularies: keys of the lengths where
+// the slot (8 bytes), the tail (16) and the long-length mark (255) end, keys that share
+// those parts, zero bytes, maps of 16 slots (probes wrap around) and larger; queried with
+// every key and near misses (one byte changed, one byte less or more).
+TEST(Bpe, RankMapMatchesUnorderedMap) {
+  std::mt19937 rng(5);
+  const size_t lengths[] = {1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 24, 254, 255, 256, 300, 1000};
+  for (size_t vocab : {1, 3, 12, 13, 16, 17, 100, 5000, 40000}) {
+    std::vector<std::string> keys;
+    std::unordered_map<std::string, uint32_t> reference;
+    while (keys.size() < vocab) {
+      size_t length = lengths[rng() % std::size(lengths)];
+      std::string key;
+      if (rng() % 4 == 0) {  // the same first 8 or 16 bytes as many others, so that probes meet them
+        length = 9 + rng() % 16;
+        key = std::string(length < 17 ? 8 : 16, 'h');
+        while (key.size() < length) key += char('a' + rng() % 3);
+      } else if (!keys.empty() && rng() % 2) {  // shares a prefix with an earlier key, differs later
+        key = keys[rng() % keys.size()].substr(0, length);
+        key.resize(length, 'x');
+        key[rng() % length] = char(rng() % 4);
+      } else {
+        for (size_t i = 0; i < length; ++i) key += char(rng() % 3 == 0 ? 0 : 'a' + rng() % 4);
+      }
+      if (reference.emplace(key, uint32_t(keys.size())).second) keys.push_back(key);
+    }
+    std::vector<std::string_view> tokens(keys.begin(), keys.end());
+    RankMap ranks;
+    ranks.build(tokens);
+    auto check = [&](const std::string& key) {
+      auto it = reference.find(key);
+      uint32_t expected = it == reference.end() ? kNoRank : it->second;
+      ASSERT_EQ(ranks.find(reinterpret_cast<const uint8_t*>(key.data()), key.size()), expected)
+          << "vocabulary of " << vocab << ", key of " << key.size() << " bytes";
+    };
+    for (const std::string& key : keys) {
+      check(key);
+      for (size_t at : {size_t(0), size_t(7), size_t(8), size_t(15), size_t(16), key.size() - 1}) {
+        if (at >= key.size()) continue;
+        std::string changed = key;
+        changed[at] = char(changed[at] ^ 0x01);
+        check(changed);
+      }
+      check(key.substr(0, key.size() - 1));
+      check(key + "a");
+      check(key + '\0');
+    }
+  }
 }
 
 TEST(Bpe, LongPiecesTakeLinearishTime) {
