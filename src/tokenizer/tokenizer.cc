@@ -234,10 +234,10 @@ struct Tokenizer::Impl {
       RankMap::Key key{};
       if (length > 1) {
         key = begin + 8 <= text.size() ? RankMap::key_overread(piece, length) : RankMap::key(piece, length);
-        // Three lines a piece, where choosing between the slot and the cache entry by the
-        // filter's answer made every piece wait for the filter word here, an L2 or L3 hit
-        // (a third of this loop's samples in perf): the lines that a piece does not read
-        // cost less than that wait.
+        // Three lines a piece (four with a tail), where choosing between the slot and the
+        // cache entry by the filter's answer made every piece wait for the filter word here,
+        // an L2 or L3 hit (a third of this loop's samples in perf): the lines that a piece
+        // does not read cost less than that wait.
         const void* home = ranks.slot_address(key.hash);
         __builtin_prefetch(home);
         __builtin_prefetch(ranks.filter_address(key.hash));
