@@ -31,7 +31,7 @@ def kernel_times(fn, iters):
     totals = collections.defaultdict(float)
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            totals[e.name] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            totals[e.name] += e.device_time_total
     return {name: t / iters for name, t in totals.items()}
 
 

@@ -280,17 +280,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         }
       }
     }
-#pragma unroll
-    for (int kt = 0; kt < kNTilesS / 2; ++kt) {
-      pa[kt][0] = Ops::pack(s[2 * kt][0], s[2 * kt][1]);
-      pa[kt][1] = Ops::pack(s[2 * kt][2], s[2 * kt][3]);
-      pa[kt][2] = Ops::pack(s[2 * kt + 1][0], s[2 * kt + 1][1]);
-      pa[kt][3] = Ops::pack(s[2 * kt + 1][2], s[2 * kt + 1][3]);
-      dsa[kt][0] = Ops::pack(dp[2 * kt][0], dp[2 * kt][1]);
-      dsa[kt][1] = Ops::pack(dp[2 * kt][2], dp[2 * kt][3]);
-      dsa[kt][2] = Ops::pack(dp[2 * kt + 1][0], dp[2 * kt + 1][1]);
-      dsa[kt][3] = Ops::pack(dp[2 * kt + 1][2], dp[2 * kt + 1][3]);
-    }
+    pack_rs_a_fragments<Element>(s, pa);
+    pack_rs_a_fragments<Element>(dp, dsa);
     // dS^T to shared memory for dQ (rows: keys, columns: queries); the swizzle spreads the 8
     // rows of a store over 8 different 16-byte chunks, so the warp's stores hit 32 banks.
     auto store_ds = [&]() {

@@ -98,20 +98,6 @@ __device__ __forceinline__ void wg_softmax_block(float (&s)[kNTiles][4], float (
   }
 }
 
-// P's C fragments, packed to 16 bits, are the RS A fragments of the P V product: k16 slice kt
-// is made of n8 tiles 2 kt and 2 kt + 1.
-template <typename Element, int kNTiles>
-__device__ __forceinline__ void wg_pack_p(const float (&s)[kNTiles][4], uint32_t (&pa)[kNTiles / 2][4]) {
-  using Ops = ElementOps<Element>;
-#pragma unroll
-  for (int kt = 0; kt < kNTiles / 2; ++kt) {
-    pa[kt][0] = Ops::pack(s[2 * kt][0], s[2 * kt][1]);
-    pa[kt][1] = Ops::pack(s[2 * kt][2], s[2 * kt][3]);
-    pa[kt][2] = Ops::pack(s[2 * kt + 1][0], s[2 * kt + 1][1]);
-    pa[kt][3] = Ops::pack(s[2 * kt + 1][2], s[2 * kt + 1][3]);
-  }
-}
-
 template <int kNTiles>
 __device__ __forceinline__ void wg_scale_rows(float (&acc)[kNTiles][4], const float (&correction)[2]) {
 #pragma unroll
@@ -268,7 +254,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
       softmax_block(s, n_block, correction);
       wg_scale_rows(acc_o, correction);
       uint32_t pa[kNTilesS / 2][4];
-      wg_pack_p<Element>(s, pa);
+      pack_rs_a_fragments<Element>(s, pa);
       if constexpr (kSplitWait) {
         wait_loads_but_newest();  // V[n]; K[n + 1] may still be in flight
         if (n_block + 1 < n_blocks) load_v(n_block + 1);
@@ -300,7 +286,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
       fence_operands(s);
       float correction[2];
       softmax_block(s, 0, correction);  // O is still zero: no rescale needed
-      wg_pack_p<Element>(s, pa);
+      pack_rs_a_fragments<Element>(s, pa);
     }
     // Every block but the last: its P V and the next block's S run on the tensor cores together
     // (straight-line wgmma code: ptxas serializes wgmma whose groups it cannot track).
@@ -327,7 +313,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
       fence_operands(acc_o);
       fence_operands(pa);
       wg_scale_rows(acc_o, correction);
-      wg_pack_p<Element>(s, pa);
+      pack_rs_a_fragments<Element>(s, pa);
     }
     wait_loads();  // V[last]
     fence_operands(acc_o);

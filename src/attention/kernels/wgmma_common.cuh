@@ -62,6 +62,21 @@ __device__ __forceinline__ void fence_operands(uint32_t (&a)[M][4]) {
     for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(a[i][j])::"memory");
 }
 
+// Accumulator tiles (m16n8 C fragments, fp32) packed to 16 bits as the A fragments of an RS
+// wgmma: k16 slice kt is made of n8 tiles 2 kt and 2 kt + 1 (the forward's P for P V, the
+// backward's P^T and dS^T for dV and dK).
+template <typename Element, int kNTiles>
+__device__ __forceinline__ void pack_rs_a_fragments(const float (&s)[kNTiles][4], uint32_t (&pa)[kNTiles / 2][4]) {
+  using Ops = ElementOps<Element>;
+#pragma unroll
+  for (int kt = 0; kt < kNTiles / 2; ++kt) {
+    pa[kt][0] = Ops::pack(s[2 * kt][0], s[2 * kt][1]);
+    pa[kt][1] = Ops::pack(s[2 * kt][2], s[2 * kt][3]);
+    pa[kt][2] = Ops::pack(s[2 * kt + 1][0], s[2 * kt + 1][1]);
+    pa[kt][3] = Ops::pack(s[2 * kt + 1][2], s[2 * kt + 1][3]);
+  }
+}
+
 // Byte offset of element (row, col) in a swizzled [kHeadDim / 64][kRows][64] tile; col % 8 == 0.
 template <int kRows>
 __device__ __forceinline__ uint32_t swizzled_offset(int row, int col) {
