@@ -87,9 +87,9 @@ template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwd
 // d64 with one warpgroup (two CTAs per SM, one hides the other's loads and epilogue) +2-10%;
 // without the overlap d128 +2-5% (the overlapped loop spills 144 B at 255 registers) and d64
 // +1-10% (not profiled; likely the two co-resident CTAs already keep the tensor cores busy).
-// d64 with kBlockN 64 instead of 128 (notes, "v9"): +6-18% from s512 to s2k and the model
-// shape with dropout, equal from s4k up (40 KB of shared memory and fewer registers: more
-// CTAs per SM).
+// d64 with kBlockN 64 instead of 128 (notes, "v9"): +6-18% at s512 and s1k, +16-21% on the
+// model shape with dropout, +1-10% at s2k, equal from s4k up (40 KB of shared memory and
+// fewer registers: more CTAs per SM).
 #ifndef FLASHGPT_WGMMA64_BLOCK_N
 #define FLASHGPT_WGMMA64_BLOCK_N 64
 #endif
