@@ -11,6 +11,7 @@
 #include <cuda_fp16.h>
 
 #include <atomic>
+#include <climits>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -94,6 +95,12 @@ void validate_cuda(const AttentionParams& p, AttentionPass pass) {
     check_tensor("dq", p.dq, p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride);
     check_tensor("dk", p.dk, p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride);
     check_tensor("dv", p.dv, p.dv_batch_stride, p.dv_row_stride, p.dv_head_stride);
+    // The wgmma backward numbers its (key block, kv head, batch entry) tiles with an int.
+    const int64_t key_blocks = (int64_t{p.seqlen_k} + 63) / 64 * p.heads_kv * p.batch;
+    FLASHGPT_CHECK(key_blocks <= INT32_MAX,
+                   "attention (CUDA) backward: seqlen_k {} x heads_kv {} x batch {} is {} blocks of 64 keys, "
+                   "more than the {} one launch can number",
+                   p.seqlen_k, p.heads_kv, p.batch, key_blocks, INT32_MAX);
   }
 }
 
@@ -151,6 +158,21 @@ bool wgmma_usable([[maybe_unused]] int head_dim, [[maybe_unused]] bool mma_sync_
 #endif
 }
 }  // namespace
+
+int current_device_sm_count() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices] = {};  // 0: not asked yet
+  int device = 0;
+  FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
+  FLASHGPT_CHECK(device >= 0 && device < kMaxDevices, "CUDA device {} is beyond the {} this library tracks", device,
+                 kMaxDevices);
+  int count = known[device].load(std::memory_order_relaxed);
+  if (count == 0) {
+    FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+    known[device].store(count, std::memory_order_relaxed);
+  }
+  return count;
+}
 
 // The wgmma forward passed the GPU tests on the H100 and beat the mma.sync forward in every
 // row measured, with and without dropout (docs/attention_gpu_notes.md, v4 and "8-bit

@@ -129,6 +129,8 @@ template <> struct WgmmaTileConfig<128> {
 bool fwd_wgmma_selected(int head_dim);
 // The same for the backward main kernel (FLASHGPT_ATTN_BWD_KERNEL=mma_sync keeps the other).
 bool bwd_wgmma_selected(int head_dim);
+// The current device's number of SMs (the persistent backward's grid), asked once per device.
+int current_device_sm_count();
 
 // Workspace layout, all fp32 or int32, each part 256-byte aligned:
 //   dq_accum [batch, heads_q, dq_rows, head_dim]   (dq_rows = seqlen_q rounded up to
@@ -138,11 +140,13 @@ bool bwd_wgmma_selected(int head_dim);
 //            warpgroup's sub-tile is one contiguous 16 KB range. The padding rows only ever
 //            receive zeros.
 //   dot_do_o [batch, heads_q, seqlen_q]
+//   tile_counter [1]   the persistent wgmma kernel's next tile (zeroed by the preprocess)
 //   semaphores [batch, heads_q, m_blocks]          (deterministic mode only)
 constexpr int kDqRowAlign = 128;
 struct BwdWorkspace {
   float* dq_accum;
   float* dot_do_o;
+  int* tile_counter;
   int* semaphores;
   int dq_rows;
 };
@@ -155,14 +159,16 @@ inline std::size_t bwd_workspace_layout(const AttentionParams& p, int block_m, c
   const std::size_t m_blocks = (std::size_t(p.seqlen_q) + block_m - 1) / block_m;
   const std::size_t dq_bytes = bwd_align(std::size_t(p.batch) * p.heads_q * dq_rows * p.head_dim * sizeof(float));
   const std::size_t d_bytes = bwd_align(rows * sizeof(float));
+  const std::size_t counter_bytes = bwd_align(sizeof(int));
   const std::size_t sem_bytes = bwd_align(std::size_t(p.batch) * p.heads_q * m_blocks * sizeof(int));
   if (ws != nullptr) {
     ws->dq_accum = reinterpret_cast<float*>(base);
     ws->dot_do_o = reinterpret_cast<float*>(base + dq_bytes);
-    ws->semaphores = reinterpret_cast<int*>(base + dq_bytes + d_bytes);
+    ws->tile_counter = reinterpret_cast<int*>(base + dq_bytes + d_bytes);
+    ws->semaphores = reinterpret_cast<int*>(base + dq_bytes + d_bytes + counter_bytes);
     ws->dq_rows = static_cast<int>(dq_rows);
   }
-  return dq_bytes + d_bytes + sem_bytes;
+  return dq_bytes + d_bytes + counter_bytes + sem_bytes;
 }
 
 inline std::size_t bwd_workspace_bytes(const AttentionParams& p, int block_m) {

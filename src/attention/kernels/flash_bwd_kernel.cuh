@@ -61,7 +61,8 @@ struct BwdTraits {
 // the reduction). Each thread reads 16 bytes of a row of O and of dO at a time; kThreadsPerRow
 // threads share a row. CTA x of (head, b) owns rows [x kRows, (x + 1) kRows) of the padded
 // accumulator (ws.dq_rows, a multiple of kRows) and zeroes that many rows' worth of floats at
-// that offset, which covers the accumulator once in either of its layouts.
+// that offset, which covers the accumulator once in either of its layouts. The first thread
+// also zeroes the persistent backward's tile counter.
 template <int kHeadDim>
 struct BwdPreprocessShape {
   static constexpr int kThreads = 256;
@@ -77,6 +78,7 @@ __global__ void __launch_bounds__(BwdPreprocessShape<kHeadDim>::kThreads)
   using Shape = BwdPreprocessShape<kHeadDim>;
   const int head = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x;
+  if (blockIdx.x == 0 && head == 0 && b == 0 && tid == 0) *ws.tile_counter = 0;
   {
     float4* zero = reinterpret_cast<float4*>(ws.dq_accum + ((int64_t(b) * p.heads_q + head) * ws.dq_rows +
                                                             int64_t{blockIdx.x} * Shape::kRows) * kHeadDim);

@@ -52,6 +52,22 @@
 #ifndef FLASHGPT_BWD_DESC_PRECOMPUTE
 #define FLASHGPT_BWD_DESC_PRECOMPUTE 1
 #endif
+// Lab hooks, how CTAs get their key blocks ("tiles"), for the kernel without and with dropout:
+// 0 launches a CTA per tile (3-D grid); 1 runs one CTA per SM that takes tile after tile, the
+// first by its block index, the next ones from a counter in the workspace, and issues the
+// copies of its next tile's K, V and first query block while it writes out this tile's dK
+// and dV. Measured on the H100 (notes, "v10"), TFLOP/s backward at s 512-16k: without
+// dropout 1 is 2-10% faster than 0 (d128 causal s512-2k: 3-5% slower, still 1.03-1.11x FA2);
+// with dropout (the model's shape) 1 measured 92 and 0 (with a tile index from a division)
+// 89, both spilling about 200 bytes. A counter-fed tile index is not warp-uniform to the
+// compiler, so what derives from it takes ordinary registers, and the dropout kernel has none
+// to spare: it keeps 0 with the tile read off the block index.
+#ifndef FLASHGPT_BWD_PERSISTENT
+#define FLASHGPT_BWD_PERSISTENT 1
+#endif
+#ifndef FLASHGPT_BWD_DROPOUT_PERSISTENT
+#define FLASHGPT_BWD_DROPOUT_PERSISTENT 0
+#endif
 // Lab hook: 1 issues dK's GEMM after dQ's, so that the dQ atomics overlap it; 0 issues dV and
 // dK together before the dQ barrier.
 #ifndef FLASHGPT_BWD_DK_AFTER_DQ
@@ -81,13 +97,22 @@ struct BwdWgmmaTraits {
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kTileDsBytes = kBlockN * kBlockM * 2;
-  // K, V, Q x 2, dO x 2, dS^T, LSE x 2, D x 2, plus slack to align the base to 1024 bytes.
-  static constexpr size_t kSmemBytes =
-      1024 + 2 * size_t{kTileKVBytes} + 4 * size_t{kTileQBytes} + kTileDsBytes + 4 * kBlockM * sizeof(float);
+  // Whether the kernel with or without dropout is persistent (the hooks above).
+  __host__ __device__ static constexpr bool persistent(bool dropout) {
+    return (dropout ? FLASHGPT_BWD_DROPOUT_PERSISTENT : FLASHGPT_BWD_PERSISTENT) != 0;
+  }
+  using Staged = StagedTile<kBlockN, kHeadDim, Element>;  // dK and dV on their way out
+  // K, V, Q x 2, dO x 2, dS^T, LSE x 2, D x 2, staged dK and dV, plus slack to align the base
+  // to 1024 bytes.
+  static constexpr size_t kSmemBytes = 1024 + 2 * size_t{kTileKVBytes} + 4 * size_t{kTileQBytes} + kTileDsBytes +
+                                       4 * kBlockM * sizeof(float) + 2 * Staged::kBytes;
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 block can have");
 };
 
-template <typename Traits>
+// kDropout: the launcher's choice (dropout_p > 0). A run-time flag let nvcc turn the
+// per-element dropout code into selects that ran without dropout too (d64: 7x the LOP3s
+// in the loop, the backward 25% slower).
+template <typename Traits, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     flash_bwd_wgmma_kernel(const AttentionParams p, float scale, BwdWorkspace ws, bool deterministic) {
 #ifdef FLASHGPT_WGMMA_AVAILABLE
@@ -99,6 +124,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   constexpr int kKSteps = kHeadDim / 16;  // k16 steps of the S^T and dP^T GEMMs
   constexpr uint32_t kSwizzleAtom = 1024;  // 8 rows x 128 bytes: the descriptors' stride byte offset
   constexpr bool kDkAfterDq = FLASHGPT_BWD_DK_AFTER_DQ != 0;
+  constexpr bool kPersistent = Traits::persistent(kDropout);
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t smem_base = smem_u32(smem_raw);
@@ -111,51 +137,67 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   float* const sLse = reinterpret_cast<float*>(sdS_ptr + Traits::kTileDsBytes);  // [2][kBlockM]
   float* const sDot = sLse + 2 * kBlockM;                                          // [2][kBlockM]
 
-  const int n_block = blockIdx.x, head_kv = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   const int wg = tid / 128, warp_in_wg = (tid / 32) % 4;
-  const SeqInfo seq(p, b);
-  const int n0 = n_block * kBlockN;
-  if (n0 >= seq.seqlen_k) return;
   const bool causal = p.mask == Mask::causal;
-  const int diag = seq.seqlen_k - seq.seqlen_q;
-  const BwdGlobal<Element> global(p, seq, b, head_kv, n0, kBlockM);
-  const int iterations = global.iterations;
+  // Tiles: (key block, kv head, batch entry), numbered key block fastest, so that tiles that
+  // run at the same time share their query blocks' loads in L2. Without kPersistent the one
+  // tile is the 3-D block index, which the compiler keeps in uniform registers.
+  const int n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
+  const int num_tiles = n_blocks * p.heads_kv * p.batch;
+  struct Tile {
+    int n_block, head_kv, b;
+  };
+  auto tile_at = [&](int index) {
+    if constexpr (!kPersistent) return Tile{int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
+    return Tile{index % n_blocks, index / n_blocks % p.heads_kv, index / n_blocks / p.heads_kv};
+  };
 
-  // Issues the copies of iteration `it` (query head, query block) into stage `buf`.
-  auto load_q_block = [&](int it, int buf) {
-    const BwdQueryBlock<Element> qb = global.query_block(p, seq, ws, b, it);
+  // Issues the copies of a query block (iteration `it` of a tile) into stage `buf`: Q and dO,
+  // and with kLseAsync the LSE and D rows.
+  auto copy_q_block = [&](const BwdQueryBlock<Element>& qb, int buf) {
     load_tile_swizzled_async<kBlockM, kHeadDim, kThreads>(sQ + buf * Traits::kTileQBytes, qb.q, p.q_row_stride,
                                                           qb.valid_q, tid);
     load_tile_swizzled_async<kBlockM, kHeadDim, kThreads>(sdO + buf * Traits::kTileQBytes, qb.d_o, p.do_row_stride,
                                                           qb.valid_q, tid);
-    // The LSE and D rows: plain loads or cp.async (kLseAsync). With cp.async, rows past the
-    // sequence read LSE = D = 0: their Q and dO are zero-filled, so S = 0, P = 1 and dP = 0,
-    // which makes their dS and their part of dV zero.
+    // With cp.async, rows past the sequence read LSE = D = 0: their Q and dO are zero-filled,
+    // so S = 0, P = 1 and dP = 0, which makes their dS and their part of dV zero.
     static_assert(2 * kBlockM <= kThreads, "one statistic per thread");
-    if constexpr (!Traits::kLseAsync) {
-      load_lse_dot_rows<kBlockM, kThreads>(sLse + buf * kBlockM, sDot + buf * kBlockM, qb.lse, qb.dot, qb.valid_q, tid);
-    } else if (tid < 2 * kBlockM) {
-      const int i = tid % kBlockM;
-      const bool valid = i < qb.valid_q;
-      if (tid < kBlockM) {
-        cp_async_4(smem_u32(sLse + buf * kBlockM + i), valid ? qb.lse + i : qb.lse, valid);
-      } else {
-        cp_async_4(smem_u32(sDot + buf * kBlockM + i), valid ? qb.dot + i : qb.dot, valid);
+    if constexpr (Traits::kLseAsync) {
+      if (tid < 2 * kBlockM) {
+        const int i = tid % kBlockM;
+        const bool valid = i < qb.valid_q;
+        if (tid < kBlockM) {
+          cp_async_4(smem_u32(sLse + buf * kBlockM + i), valid ? qb.lse + i : qb.lse, valid);
+        } else {
+          cp_async_4(smem_u32(sDot + buf * kBlockM + i), valid ? qb.dot + i : qb.dot, valid);
+        }
       }
     }
   };
-
-  float acc_dk[kNTilesD][4], acc_dv[kNTilesD][4];  // rows: this thread's two keys
-#pragma unroll
-  for (int i = 0; i < kNTilesD; ++i)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.0f;
+  // Without kLseAsync the LSE and D rows are plain loads by the first kBlockM threads.
+  auto load_stats_plain = [&](const BwdQueryBlock<Element>& qb, int buf) {
+    if constexpr (!Traits::kLseAsync)
+      load_lse_dot_rows<kBlockM, kThreads>(sLse + buf * kBlockM, sDot + buf * kBlockM, qb.lse, qb.dot, qb.valid_q, tid);
+  };
+  // Issues the copies of a tile's K, V and first query block (stage 0), if it has work.
+  auto copy_tile_start = [&](int index) {
+    const Tile tile = tile_at(index);
+    const SeqInfo seq(p, tile.b);
+    const int n0 = tile.n_block * kBlockN;
+    if (n0 >= seq.seqlen_k) return;
+    const BwdGlobal<Element> global(p, seq, tile.b, tile.head_kv, n0, kBlockM);
+    if (global.iterations == 0) return;
+    load_tile_swizzled_async<kBlockN, kHeadDim, kThreads>(sK, global.k, p.k_row_stride, global.valid_k, tid);
+    load_tile_swizzled_async<kBlockN, kHeadDim, kThreads>(sV, global.v, p.v_row_stride, global.valid_k, tid);
+    copy_q_block(global.query_block(p, seq, ws, tile.b, 0), 0);
+    cp_async_commit();
+  };
 
   const float scale_log2 = scale * kLog2e;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
-  const bool use_dropout = dropout_enabled(threshold);
+  const bool use_dropout = kDropout && dropout_enabled(threshold);
   const uint32_t dropout_top = dropout_top_threshold(threshold);
   const float keep_scale = static_cast<float>(dropout_keep_scale(threshold));
   const int warp_key0 = wg * 64 + warp_in_wg * 16;  // this warp's m16 key tile
@@ -183,205 +225,236 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const Desc desc_q_mnmajor(sQ, kBlockM * 128), desc_do_mnmajor(sdO, kBlockM * 128);
   const Desc desc_ds(sdS + dq_qb * kBlockN * 128, kBlockN * 128), desc_k_cols(sK + dq_db * kBlockN * 128, kBlockN * 128);
 
-  if (iterations > 0) {
-    load_tile_swizzled_async<kBlockN, kHeadDim, kThreads>(sK, global.k, p.k_row_stride, global.valid_k, tid);
-    load_tile_swizzled_async<kBlockN, kHeadDim, kThreads>(sV, global.v, p.v_row_stride, global.valid_k, tid);
-    load_q_block(0, 0);
-    cp_async_commit();
-  }
+  // Persistent: the first tile is blockIdx.x, the next ones come from the counter (gridDim.x
+  // + the claim). Thread 0 claims the next tile when it starts one and publishes the answer
+  // at the tile's end, in slot (tile count parity) so that a fast thread 0 cannot overwrite
+  // the slot that slower threads are still reading.
+  __shared__ int next_tile_slot[2];
+  int tile_index = kPersistent ? int(blockIdx.x) : 0;
+  if (tile_index < num_tiles) copy_tile_start(tile_index);
+  for (int tiles_done = 0; tile_index < num_tiles; ++tiles_done) {
+    int claimed = num_tiles;
+    if (kPersistent && tid == 0) claimed = gridDim.x + atomicAdd(ws.tile_counter, 1);
+    const Tile tile = tile_at(tile_index);
+    const int n_block = tile.n_block, head_kv = tile.head_kv, b = tile.b;
+    const SeqInfo seq(p, b);
+    const int n0 = n_block * kBlockN;
+    const bool has_keys = n0 < seq.seqlen_k;
+    if (!kPersistent && !has_keys) return;  // (d64 with dropout: 96 bytes of spills with this exit, 144 without)
+    const int diag = seq.seqlen_k - seq.seqlen_q;
+    const BwdGlobal<Element> global(p, seq, b, head_kv, has_keys ? n0 : 0, kBlockM);
+    const int iterations = has_keys ? global.iterations : 0;
 
-  for (int it = 0; it < iterations; ++it) {
-    const int buf = it & 1;
-    const BwdQueryBlock<Element> qb = global.query_block(p, seq, ws, b, it);
-    const int head = qb.head, m_block = qb.m_block, m0 = qb.m0;
-    // This block's tiles landed and are visible to the async proxy; every thread's GEMMs of
-    // iteration it - 1 (which read the other stage and dS^T) were waited for.
-    cp_async_wait<0>();
-    fence_proxy_async_smem();
-    __syncthreads();
-    if (it + 1 < iterations) load_q_block(it + 1, buf ^ 1);
-    cp_async_commit();
+    float acc_dk[kNTilesD][4], acc_dv[kNTilesD][4];  // rows: this thread's two keys
+#pragma unroll
+    for (int i = 0; i < kNTilesD; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc_dk[i][e] = acc_dv[i][e] = 0.0f;
+    if (iterations > 0) load_stats_plain(global.query_block(p, seq, ws, b, 0), 0);
 
-    const float* sLseb = sLse + buf * kBlockM;
-    const float* sDotb = sDot + buf * kBlockM;
-
-    // S^T and dP^T for this warpgroup's 64 keys: two commit groups, so that P^T is computed
-    // while the tensor cores still work on dP^T.
-    float s[kNTilesS][4], dp[kNTilesS][4];
-    const uint32_t stage_bytes = buf * Traits::kTileQBytes;
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-      const uint32_t col_bytes = (kk % 4) * 32;  // k16 slice inside a 128-byte (64-element) row
-      const uint32_t a_off = (kk / 4) * kBlockN * 128 + col_bytes;
-      const uint32_t b_off = (kk / 4) * kBlockM * 128 + col_bytes;
-      Mma::ss(s, desc_k_rows.at(a_off), desc_q_kmajor.at(stage_bytes + b_off),
-              /*accumulate=*/kk > 0);
-    }
-    wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < kKSteps; ++kk) {
-      const uint32_t col_bytes = (kk % 4) * 32;
-      const uint32_t a_off = (kk / 4) * kBlockN * 128 + col_bytes;
-      const uint32_t b_off = (kk / 4) * kBlockM * 128 + col_bytes;
-      Mma::ss(dp, desc_v_rows.at(a_off), desc_do_kmajor.at(stage_bytes + b_off),
-              /*accumulate=*/kk > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<1>();
-    fence_operands(s);
-
-    // P^T, masked. Element (nt, e) of this thread: key n0 + key_local0 + 8 (e / 2), query
-    // m0 + 8 nt + 2 t + e % 2.
-    const bool need_mask = n0 + kBlockN > seq.seqlen_k || (causal && n0 + kBlockN - 1 > m0 + diag);
-#pragma unroll
-    for (int nt = 0; nt < kNTilesS; ++nt) {
-      const float2 lse = *reinterpret_cast<const float2*>(sLseb + nt * 8 + 2 * t);
-      const float lse_factor = Traits::kLseAsync ? kLog2e : 1.0f;
-      const float lse2[2] = {lse.x * lse_factor, lse.y * lse_factor};
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        float pv = exp2f(s[nt][e] * scale_log2 - lse2[e & 1]);
-        if (need_mask) {
-          const int key = n0 + key_local0 + 8 * (e >> 1), query = m0 + nt * 8 + 2 * t + (e & 1);
-          if (key >= seq.seqlen_k || (causal && key > query + diag)) pv = 0.0f;
-        }
-        s[nt][e] = pv;
+    for (int it = 0; it < iterations; ++it) {
+      const int buf = it & 1;
+      const BwdQueryBlock<Element> qb = global.query_block(p, seq, ws, b, it);
+      const int head = qb.head, m_block = qb.m_block, m0 = qb.m0;
+      // This block's tiles landed and are visible to the async proxy; every thread's GEMMs of
+      // iteration it - 1 (which read the other stage and dS^T) were waited for.
+      cp_async_wait<0>();
+      fence_proxy_async_smem();
+      __syncthreads();
+      if (it + 1 < iterations) {
+        const BwdQueryBlock<Element> next = global.query_block(p, seq, ws, b, it + 1);
+        copy_q_block(next, buf ^ 1);
+        load_stats_plain(next, buf ^ 1);
       }
-    }
-    wgmma_wait<0>();
-    fence_operands(dp);
+      cp_async_commit();
+      const float* sLseb = sLse + buf * kBlockM;
+      const float* sDotb = sDot + buf * kBlockM;
 
-    // dS^T = P^T (dP^T Z - D) and the dropped (P Z)^T, packed as the RS A fragments of the dV
-    // and dK GEMMs (k16 slice kt = n8 tiles 2 kt and 2 kt + 1).
-    const int64_t batch_head = int64_t{b} * p.heads_q + head;
-    uint32_t pa[kNTilesS / 2][4], dsa[kNTilesS / 2][4];
-#pragma unroll
-    for (int grp = 0; grp < kNTilesS / 4; ++grp) {
-      // Dropout bytes of 4 n8 tiles at a time (flash_common.cuh: one Philox call per lane).
-      uint32_t drop_bytes[4] = {0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu};
-      if (use_dropout) dropout_key_column_bytes(p.rng, batch_head, m0 + grp * 32, n0 + warp_key0, g, t, drop_bytes);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int nt = 4 * grp + i;
-        const float2 dot = *reinterpret_cast<const float2*>(sDotb + nt * 8 + 2 * t);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const float pv = s[nt][e];
-          float dpv = dp[nt][e];
-          float p_dropped = pv;
-          if (use_dropout) {
-            const bool keep = !dropout_byte_dropped(drop_bytes[i], dropout_bwd_byte_pos(e), dropout_top);
-            dpv = keep ? dpv * keep_scale : 0.0f;
-            p_dropped = keep ? pv * keep_scale : 0.0f;
-          }
-          s[nt][e] = p_dropped;
-          dp[nt][e] = pv * (dpv - ((e & 1) ? dot.y : dot.x));
-        }
+      // S^T and dP^T for this warpgroup's 64 keys: two commit groups, so that P^T is computed
+      // while the tensor cores still work on dP^T.
+      float s[kNTilesS][4], dp[kNTilesS][4];
+      const uint32_t stage_bytes = buf * Traits::kTileQBytes;
+      wgmma_fence();
+  #pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) {
+        const uint32_t col_bytes = (kk % 4) * 32;  // k16 slice inside a 128-byte (64-element) row
+        const uint32_t a_off = (kk / 4) * kBlockN * 128 + col_bytes;
+        const uint32_t b_off = (kk / 4) * kBlockM * 128 + col_bytes;
+        Mma::ss(s, desc_k_rows.at(a_off), desc_q_kmajor.at(stage_bytes + b_off),
+                /*accumulate=*/kk > 0);
       }
-    }
-    pack_rs_a_fragments<Element>(s, pa);
-    pack_rs_a_fragments<Element>(dp, dsa);
-    // dS^T to shared memory for dQ (rows: keys, columns: queries); the swizzle spreads the 8
-    // rows of a store over 8 different 16-byte chunks, so the warp's stores hit 32 banks.
-    auto store_ds = [&]() {
-#pragma unroll
-      for (int kt = 0; kt < kNTilesS / 2; ++kt)
-#pragma unroll
-        for (int half = 0; half < 2; ++half)    // columns 16 kt + 8 half + 2 t, + 1
-#pragma unroll
-          for (int r = 0; r < 2; ++r) {         // rows key_local0 + 8 r
-            const uint32_t off = swizzled_offset<kBlockN>(key_local0 + 8 * r, kt * 16 + half * 8) + 4 * t;
-            *reinterpret_cast<uint32_t*>(sdS_ptr + off) = dsa[kt][2 * half + r];
-          }
-    };
-    // Lab hook FLASHGPT_BWD_DS_STORE_LATE=1: issue the dV and dK GEMMs first and store dS^T
-    // while they run (the stores only read the A registers that the GEMMs read).
-    if constexpr (!FLASHGPT_BWD_DS_STORE_LATE) store_ds();
-
-    // dV += (P Z)^T dO and dK += dS^T Q: B MN-major, k16 slice kt = 16 query rows (2048
-    // bytes); the head dim's 64-element blocks are kBlockM * 128 bytes apart.
-    auto issue_dk_gemm = [&]() {
-#pragma unroll
-      for (int kt = 0; kt < kBlockM / 16; ++kt)
-        Mma::rs_trans_b(acc_dk, dsa[kt], desc_q_mnmajor.at(stage_bytes + kt * 16 * 128), 1);
-    };
-    fence_operands(acc_dv);
-    fence_operands(acc_dk);
-    wgmma_fence();
-#pragma unroll
-    for (int kt = 0; kt < kBlockM / 16; ++kt)
-      Mma::rs_trans_b(acc_dv, pa[kt], desc_do_mnmajor.at(stage_bytes + kt * 16 * 128), 1);
-    if constexpr (!kDkAfterDq) issue_dk_gemm();
-    wgmma_commit();
-
-    if constexpr (FLASHGPT_BWD_DS_STORE_LATE) store_ds();
-
-    // dQ sub-tile = dS[queries 64 dq_qb ..][all keys] K[all keys][columns 64 dq_db ..]: A is
-    // dS^T read MN-major (column block dq_qb), B is K read MN-major (column block dq_db);
-    // k16 slice kt = 16 key rows. Needs every warpgroup's dS^T: fence the generic-proxy
-    // stores for the tensor cores, then a barrier.
-    fence_proxy_async_smem();
-    __syncthreads();
-    float dq[8][4];
-    wgmma_fence();
-#pragma unroll
-    for (int kt = 0; kt < kBlockN / 16; ++kt) {
-      Mma::ss_trans_ab(dq, desc_ds.at(kt * 16 * 128), desc_k_cols.at(kt * 16 * 128),
-                       /*accumulate=*/kt > 0);
-    }
-    wgmma_commit();
-    if constexpr (kDkAfterDq) {
-      // dK's GEMM runs on the tensor cores while this thread adds its dQ (as in FlashAttention-3).
-      issue_dk_gemm();
+      wgmma_commit();
+  #pragma unroll
+      for (int kk = 0; kk < kKSteps; ++kk) {
+        const uint32_t col_bytes = (kk % 4) * 32;
+        const uint32_t a_off = (kk / 4) * kBlockN * 128 + col_bytes;
+        const uint32_t b_off = (kk / 4) * kBlockM * 128 + col_bytes;
+        Mma::ss(dp, desc_v_rows.at(a_off), desc_do_kmajor.at(stage_bytes + b_off),
+                /*accumulate=*/kk > 0);
+      }
       wgmma_commit();
       wgmma_wait<1>();
-    } else {
+      fence_operands(s);
+
+      // P^T, masked. Element (nt, e) of this thread: key n0 + key_local0 + 8 (e / 2), query
+      // m0 + 8 nt + 2 t + e % 2.
+      const bool need_mask = n0 + kBlockN > seq.seqlen_k || (causal && n0 + kBlockN - 1 > m0 + diag);
+  #pragma unroll
+      for (int nt = 0; nt < kNTilesS; ++nt) {
+        const float2 lse = *reinterpret_cast<const float2*>(sLseb + nt * 8 + 2 * t);
+        const float lse_factor = Traits::kLseAsync ? kLog2e : 1.0f;
+        const float lse2[2] = {lse.x * lse_factor, lse.y * lse_factor};
+  #pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float pv = exp2f(s[nt][e] * scale_log2 - lse2[e & 1]);
+          if (need_mask) {
+            const int key = n0 + key_local0 + 8 * (e >> 1), query = m0 + nt * 8 + 2 * t + (e & 1);
+            if (key >= seq.seqlen_k || (causal && key > query + diag)) pv = 0.0f;
+          }
+          s[nt][e] = pv;
+        }
+      }
       wgmma_wait<0>();
-    }
-    fence_operands(acc_dv);
-    fence_operands(pa);
-    fence_operands(dq);
+      fence_operands(dp);
 
-    int* const semaphore = deterministic ? dq_semaphore(p, ws, b, head, m_block, kBlockM) : nullptr;
-    if (deterministic) dq_semaphore_wait(semaphore, n_block);
-    // This warpgroup's dQ sub-tile in the accumulator: row block m0 / 64 + dq_qb, column
-    // block dq_db; this thread's float4 of n8 tile q is at (q * 128 + tid % 128) * 4. Rows
-    // past the sequence add zeros (their dS is zero) into padding that exists.
-    float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * ws.dq_rows + m0 + dq_qb * 64) * kHeadDim +
-                 dq_db * 4096;
-#pragma unroll
-    for (int q = 0; q < 8; ++q)
-      atomicAdd(reinterpret_cast<float4*>(gdq + (q * 128 + tid % 128) * 4),
-                make_float4(dq[q][0] * scale, dq[q][1] * scale, dq[q][2] * scale, dq[q][3] * scale));
-    if (deterministic) dq_semaphore_release(semaphore);
-    // dK's GEMM (still reading this stage's Q) is done before the next iteration's barrier.
-    wgmma_wait<0>();
-    fence_operands(acc_dk);
-    fence_operands(dsa);
-  }
-  cp_async_wait<0>();
+      // dS^T = P^T (dP^T Z - D) and the dropped (P Z)^T, packed as the RS A fragments of the dV
+      // and dK GEMMs (k16 slice kt = n8 tiles 2 kt and 2 kt + 1).
+      const int64_t batch_head = int64_t{b} * p.heads_q + head;
+      uint32_t pa[kNTilesS / 2][4], dsa[kNTilesS / 2][4];
+  #pragma unroll
+      for (int grp = 0; grp < kNTilesS / 4; ++grp) {
+        // Dropout bytes of 4 n8 tiles at a time (flash_common.cuh: one Philox call per lane).
+        uint32_t drop_bytes[4] = {0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu};
+        if (use_dropout) dropout_key_column_bytes(p.rng, batch_head, m0 + grp * 32, n0 + warp_key0, g, t, drop_bytes);
+  #pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int nt = 4 * grp + i;
+          const float2 dot = *reinterpret_cast<const float2*>(sDotb + nt * 8 + 2 * t);
+  #pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float pv = s[nt][e];
+            float dpv = dp[nt][e];
+            float p_dropped = pv;
+            if (use_dropout) {
+              const bool keep = !dropout_byte_dropped(drop_bytes[i], dropout_bwd_byte_pos(e), dropout_top);
+              dpv = keep ? dpv * keep_scale : 0.0f;
+              p_dropped = keep ? pv * keep_scale : 0.0f;
+            }
+            s[nt][e] = p_dropped;
+            dp[nt][e] = pv * (dpv - ((e & 1) ? dot.y : dot.x));
+          }
+        }
+      }
+      pack_rs_a_fragments<Element>(s, pa);
+      pack_rs_a_fragments<Element>(dp, dsa);
+      // dS^T to shared memory for dQ (rows: keys, columns: queries); the swizzle spreads the 8
+      // rows of a store over 8 different 16-byte chunks, so the warp's stores hit 32 banks.
+      auto store_ds = [&]() {
+  #pragma unroll
+        for (int kt = 0; kt < kNTilesS / 2; ++kt)
+  #pragma unroll
+          for (int half = 0; half < 2; ++half)    // columns 16 kt + 8 half + 2 t, + 1
+  #pragma unroll
+            for (int r = 0; r < 2; ++r) {         // rows key_local0 + 8 r
+              const uint32_t off = swizzled_offset<kBlockN>(key_local0 + 8 * r, kt * 16 + half * 8) + 4 * t;
+              *reinterpret_cast<uint32_t*>(sdS_ptr + off) = dsa[kt][2 * half + r];
+            }
+      };
+      // Lab hook FLASHGPT_BWD_DS_STORE_LATE=1: issue the dV and dK GEMMs first and store dS^T
+      // while they run (the stores only read the A registers that the GEMMs read).
+      if constexpr (!FLASHGPT_BWD_DS_STORE_LATE) store_ds();
 
-  // dK = scale dS^T Q and dV, staged in the Q, dO and dS^T buffers (every warpgroup's last
-  // GEMMs have read them once all threads pass the barrier), then written out by rows.
-  using Staged = StagedTile<kBlockN, kHeadDim, Element>;
-  static_assert(2 * Staged::kBytes <= 4 * size_t{Traits::kTileQBytes} + Traits::kTileDsBytes,
-                "dK and dV fit where Q, dO and dS^T were");
-  Element* const s_dk = reinterpret_cast<Element*>(smem_raw + (sQ - smem_base));
-  Element* const s_dv = s_dk + kBlockN * Staged::kStride;
-  __syncthreads();
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int key_local = key_local0 + 8 * r;
-#pragma unroll
-    for (int i = 0; i < kNTilesD; ++i) {
-      Staged::put(s_dk, key_local, i * 8 + 2 * t, Ops::pack(acc_dk[i][2 * r] * scale, acc_dk[i][2 * r + 1] * scale));
-      Staged::put(s_dv, key_local, i * 8 + 2 * t, Ops::pack(acc_dv[i][2 * r], acc_dv[i][2 * r + 1]));
+      // dV += (P Z)^T dO and dK += dS^T Q: B MN-major, k16 slice kt = 16 query rows (2048
+      // bytes); the head dim's 64-element blocks are kBlockM * 128 bytes apart.
+      auto issue_dk_gemm = [&]() {
+  #pragma unroll
+        for (int kt = 0; kt < kBlockM / 16; ++kt)
+          Mma::rs_trans_b(acc_dk, dsa[kt], desc_q_mnmajor.at(stage_bytes + kt * 16 * 128), 1);
+      };
+      fence_operands(acc_dv);
+      fence_operands(acc_dk);
+      wgmma_fence();
+  #pragma unroll
+      for (int kt = 0; kt < kBlockM / 16; ++kt)
+        Mma::rs_trans_b(acc_dv, pa[kt], desc_do_mnmajor.at(stage_bytes + kt * 16 * 128), 1);
+      if constexpr (!kDkAfterDq) issue_dk_gemm();
+      wgmma_commit();
+
+      if constexpr (FLASHGPT_BWD_DS_STORE_LATE) store_ds();
+
+      // dQ sub-tile = dS[queries 64 dq_qb ..][all keys] K[all keys][columns 64 dq_db ..]: A is
+      // dS^T read MN-major (column block dq_qb), B is K read MN-major (column block dq_db);
+      // k16 slice kt = 16 key rows. Needs every warpgroup's dS^T: fence the generic-proxy
+      // stores for the tensor cores, then a barrier.
+      fence_proxy_async_smem();
+      __syncthreads();
+      float dq[8][4];
+      wgmma_fence();
+  #pragma unroll
+      for (int kt = 0; kt < kBlockN / 16; ++kt) {
+        Mma::ss_trans_ab(dq, desc_ds.at(kt * 16 * 128), desc_k_cols.at(kt * 16 * 128),
+                         /*accumulate=*/kt > 0);
+      }
+      wgmma_commit();
+      if constexpr (kDkAfterDq) {
+        // dK's GEMM runs on the tensor cores while this thread adds its dQ (as in FlashAttention-3).
+        issue_dk_gemm();
+        wgmma_commit();
+        wgmma_wait<1>();
+      } else {
+        wgmma_wait<0>();
+      }
+      fence_operands(acc_dv);
+      fence_operands(pa);
+      fence_operands(dq);
+
+      int* const semaphore = deterministic ? dq_semaphore(p, ws, b, head, m_block, kBlockM) : nullptr;
+      if (deterministic) dq_semaphore_wait(semaphore, n_block);
+      // This warpgroup's dQ sub-tile in the accumulator: row block m0 / 64 + dq_qb, column
+      // block dq_db; this thread's float4 of n8 tile q is at (q * 128 + tid % 128) * 4. Rows
+      // past the sequence add zeros (their dS is zero) into padding that exists.
+      float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * ws.dq_rows + m0 + dq_qb * 64) * kHeadDim +
+                   dq_db * 4096;
+  #pragma unroll
+      for (int q = 0; q < 8; ++q)
+        atomicAdd(reinterpret_cast<float4*>(gdq + (q * 128 + tid % 128) * 4),
+                  make_float4(dq[q][0] * scale, dq[q][1] * scale, dq[q][2] * scale, dq[q][3] * scale));
+      if (deterministic) dq_semaphore_release(semaphore);
+      // dK's GEMM (still reading this stage's Q) is done before the next iteration's barrier.
+      wgmma_wait<0>();
+      fence_operands(acc_dk);
+      fence_operands(dsa);
     }
+    // Every warpgroup's GEMMs of this tile are done (each thread waited for its own): K, V and
+    // both stages are free for the next tile's copies, which run while dK and dV go out.
+    cp_async_wait<0>();
+    if (kPersistent && tid == 0) next_tile_slot[tiles_done & 1] = claimed;
+    __syncthreads();
+    const int next_index = kPersistent ? next_tile_slot[tiles_done & 1] : num_tiles;
+    if (next_index < num_tiles) copy_tile_start(next_index);
+
+    if (has_keys) {
+      // dK = scale dS^T Q and dV, through their own staging buffers (the previous tile's
+      // copy-out finished reading them before this tile's first barrier), written by rows.
+      using Staged = typename Traits::Staged;
+      Element* const s_dk = reinterpret_cast<Element*>(sDot + 2 * kBlockM);
+      Element* const s_dv = s_dk + kBlockN * Staged::kStride;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int key_local = key_local0 + 8 * r;
+#pragma unroll
+        for (int i = 0; i < kNTilesD; ++i) {
+          Staged::put(s_dk, key_local, i * 8 + 2 * t,
+                      Ops::pack(acc_dk[i][2 * r] * scale, acc_dk[i][2 * r + 1] * scale));
+          Staged::put(s_dv, key_local, i * 8 + 2 * t, Ops::pack(acc_dv[i][2 * r], acc_dv[i][2 * r + 1]));
+        }
+      }
+      __syncthreads();
+      Staged::template copy_out<kThreads>(s_dk, global.dk, p.dk_row_stride, global.valid_k, tid);
+      Staged::template copy_out<kThreads>(s_dv, global.dv, p.dv_row_stride, global.valid_k, tid);
+    }
+    tile_index = next_index;
   }
-  __syncthreads();
-  Staged::template copy_out<kThreads>(s_dk, global.dk, p.dk_row_stride, global.valid_k, tid);
-  Staged::template copy_out<kThreads>(s_dv, global.dv, p.dv_row_stride, global.valid_k, tid);
 #elif defined(__CUDA_ARCH__)
   __trap();  // built for a target without wgmma: the launcher never picks this kernel there
 #endif

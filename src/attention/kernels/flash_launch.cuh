@@ -12,6 +12,9 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cstdint>
+
 namespace flashgpt::attn {
 
 template <int kHeadDim, typename Element>
@@ -96,7 +99,20 @@ void run_flash_bwd(const AttentionParams& p, float scale, void* workspace, bool 
         using WgTraits = BwdWgmmaTraitsFor<kHeadDim, Element>;
         static_assert(WgTraits::kBlockM >= Traits::kBlockM, "the workspace has semaphores for kBwdBlockM");
         static_assert(kDqRowAlign % WgTraits::kBlockM == 0, "whole query blocks of dQ rows");
-        launch_flash_bwd_main<WgTraits>(flash_bwd_wgmma_kernel<WgTraits>, p, scale, ws, deterministic, stream);
+        // A CTA per (key block, kv head, batch entry), or persistent: at most one CTA per SM,
+        // which take the tiles after their first from the counter that the preprocess zeroes.
+        // (validate_cuda keeps the tile count within an int.)
+        const int n_blocks = (p.seqlen_k + WgTraits::kBlockN - 1) / WgTraits::kBlockN;
+        const int64_t tiles = int64_t{n_blocks} * p.heads_kv * p.batch;
+        const bool dropout = dropout_enabled(dropout_threshold(p.dropout_p));
+        const bool persistent = WgTraits::persistent(dropout);
+        const dim3 grid = persistent ? dim3(unsigned(std::min<int64_t>(tiles, current_device_sm_count())))
+                                     : dim3(n_blocks, p.heads_kv, p.batch);
+        if (persistent && p.seqlen_q <= 0)  // no preprocess ran
+          FLASHGPT_CUDA_CHECK(cudaMemsetAsync(ws.tile_counter, 0, sizeof(int), stream));
+        auto kernel = dropout ? flash_bwd_wgmma_kernel<WgTraits, true> : flash_bwd_wgmma_kernel<WgTraits, false>;
+        set_smem_limit(kernel, WgTraits::kSmemBytes);
+        kernel<<<grid, WgTraits::kThreads, WgTraits::kSmemBytes, stream>>>(p, scale, ws, deterministic);
         FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_wgmma_kernel");
       }
     }
