@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <string>
 #include <string_view>
@@ -17,6 +18,70 @@
 namespace flashgpt {
 
 inline constexpr uint32_t kNoRank = UINT32_MAX;
+
+// The merge candidates keyed by token ids: (left, right) -> the rank of left's bytes
+// followed by right's, for every pair whose concatenation is a token. Every part of a merge
+// is a token, and tiktoken ranks a candidate by its bytes whatever pair formed them, so the
+// table holds every split of every token into two tokens, not only the split that training
+// made (cl100k_base: 233,378 entries; o200k_base: 446,189). A key is two ranks below
+// kMaxRank, hashed with one multiply and compared in one instruction, where a byte-keyed
+// lookup hashes the bytes, asks the Bloom filter, then compares the slot's prefix and length.
+class MergeMap {
+ public:
+  static constexpr int kRankBits = 20;
+  static constexpr uint32_t kMaxRank = uint32_t(1) << kRankBits;  // ranks below this only
+  // tokens[r] = the bytes of rank r (empty for ranks the file does not have); rank_of(bytes,
+  // length) answers kNoRank for bytes that are no token.
+  template <class RankOf>
+  void build(const std::vector<std::string_view>& tokens, RankOf&& rank_of);
+  uint32_t find(uint32_t left, uint32_t right) const {
+    const uint64_t key = uint64_t(left) << kRankBits | right;
+    for (size_t i = (key * kMultiplier) >> shift_;; i = (i + 1) & mask_) {
+      const uint64_t slot = slots_[i];
+      if (slot >> kRankBits == key) return uint32_t(slot) & (kMaxRank - 1);
+      if (slot == kEmpty) return kNoRank;
+    }
+  }
+  size_t entries() const { return entries_; }
+  size_t bytes() const { return slots_.size() * sizeof(uint64_t); }
+
+ private:
+  static constexpr uint64_t kMultiplier = 0x9E3779B97F4A7C15ull;  // Fibonacci hashing: the top bits
+  // A slot: (left << 20 | right) << 20 | rank, 60 bits; an empty slot's key part (all ones) is
+  // no key.
+  static constexpr uint64_t kEmpty = ~uint64_t(0);
+  std::vector<uint64_t> slots_;
+  size_t mask_ = 0;
+  int shift_ = 64;
+  size_t entries_ = 0;
+};
+
+template <class RankOf>
+void MergeMap::build(const std::vector<std::string_view>& tokens, RankOf&& rank_of) {
+  // Entries in rank order, so that the frequent (low-rank) merges sit in their home slots.
+  std::vector<uint64_t> entries;
+  for (size_t rank = 0; rank < tokens.size() && rank < kMaxRank; ++rank) {
+    auto bytes = reinterpret_cast<const uint8_t*>(tokens[rank].data());
+    for (size_t split = 1; split < tokens[rank].size(); ++split) {
+      uint32_t left = rank_of(bytes, split);
+      if (left >= kMaxRank) continue;
+      uint32_t right = rank_of(bytes + split, tokens[rank].size() - split);
+      if (right >= kMaxRank) continue;
+      entries.push_back((uint64_t(left) << kRankBits | right) << kRankBits | rank);
+    }
+  }
+  entries_ = entries.size();
+  // At most half full: a failed lookup (~40% of a merge's candidates) probes until an empty slot.
+  const size_t capacity = std::bit_ceil(std::max<size_t>(16, 2 * entries.size()));
+  slots_.assign(capacity, kEmpty);
+  mask_ = capacity - 1;
+  shift_ = 64 - std::countr_zero(capacity);
+  for (uint64_t entry : entries) {
+    size_t i = ((entry >> kRankBits) * kMultiplier) >> shift_;
+    while (slots_[i] != kEmpty) i = (i + 1) & mask_;
+    slots_[i] = entry;
+  }
+}
 
 // Open-addressing hash map from token bytes to rank (linear probing at 3/4 load). The bytes
 // live in the tokenizer's arena; a slot holds the key's first 8 bytes, its length and rank,
@@ -85,6 +150,10 @@ class RankMap {
   // The rank of a two-byte token, from a direct table (the first lookups of every merge).
   uint32_t find_pair(const uint8_t* p) const { return pair_ranks_[size_t(p[0]) << 8 | p[1]]; }
   uint32_t find_byte(uint8_t b) const { return byte_ranks_[b]; }
+  // The rank of the bytes of token `left` followed by those of token `right` (kNoRank when
+  // they are no token); only for maps of fewer than MergeMap::kMaxRank ranks.
+  uint32_t find_merge(uint32_t left, uint32_t right) const { return merges_.find(left, right); }
+  const MergeMap& merges() const { return merges_; }
   // One more than the highest rank.
   size_t size() const { return offsets_.empty() ? 0 : offsets_.size() - 1; }
   // The first min(n, 8) bytes as a little-endian number, zero-padded; in-bounds loads only.
@@ -161,6 +230,7 @@ class RankMap {
   std::vector<uint64_t> tails_;
   std::vector<uint64_t> filter_;
   std::vector<uint32_t> pair_ranks_;  // 65536 entries
+  MergeMap merges_;                   // empty for maps of MergeMap::kMaxRank ranks or more
   uint32_t byte_ranks_[256] = {};
   std::string arena_;              // every token's bytes, in rank order
   std::vector<uint32_t> offsets_;  // rank -> its bytes in arena_ (and rank + 1 -> their end)
