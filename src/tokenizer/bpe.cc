@@ -44,9 +44,40 @@ void RankMap::build(const std::vector<std::string_view>& tokens) {
     auto bytes = reinterpret_cast<const uint8_t*>(tokens[rank].data());
     pair_ranks_[size_t(bytes[0]) << 8 | bytes[1]] = uint32_t(rank);
   }
+  merges_build(tokens);
+}
+
+void RankMap::merges_build(const std::vector<std::string_view>& tokens) {
   merges_ = MergeMap();
-  if (tokens.size() <= MergeMap::kMaxRank)
-    merges_.build(tokens, [this](const uint8_t* bytes, size_t length) { return find(bytes, length); });
+  if (tokens.size() > MergeMap::kMaxRank) return;
+  for (int b = 0; b < 256; ++b)
+    if (byte_ranks_[b] == kNoRank) return;
+  // Each token's canonical split (see MergeMap): the two parts that merging its bytes with
+  // the splits of every shorter token leaves, if it leaves two. Tokens in order of length.
+  std::vector<uint32_t> order;
+  for (size_t rank = 0; rank < tokens.size(); ++rank)
+    if (tokens[rank].size() >= 2) order.push_back(uint32_t(rank));
+  std::stable_sort(order.begin(), order.end(),
+                   [&](uint32_t a, uint32_t b) { return tokens[a].size() < tokens[b].size(); });
+  std::vector<uint64_t> splits(tokens.size(), kNoSplit);  // rank -> left << 32 | right
+  merges_.reset(order.size());
+  std::vector<TokenId> parts;
+  for (uint32_t rank : order) {
+    auto bytes = reinterpret_cast<const uint8_t*>(tokens[rank].data());
+    parts.clear();
+    if (tokens[rank].size() == 2) {
+      parts = {byte_ranks_[bytes[0]], byte_ranks_[bytes[1]]};
+    } else {
+      bpe_encode_piece(*this, tokens[rank], parts, BpeMethod::scan);
+    }
+    if (parts.size() != 2) continue;
+    merges_.insert(parts[0], parts[1], rank);
+    splits[rank] = uint64_t(parts[0]) << 32 | parts[1];
+  }
+  // Again in rank order, so that the frequent (low-rank) merges sit in their home slots.
+  merges_.reset(order.size());
+  for (size_t rank = 0; rank < tokens.size(); ++rank)
+    if (splits[rank] != kNoSplit) merges_.insert(uint32_t(splits[rank] >> 32), uint32_t(splits[rank]), uint32_t(rank));
 }
 
 namespace {
@@ -68,8 +99,9 @@ constexpr uint32_t kPackedMaxToken = uint32_t(1) << kTokenBits;
 static_assert(kPackedMaxToken == MergeMap::kMaxRank, "the scan's ranks are the merge map's");
 
 void bpe_scan(const RankMap& ranks, const uint8_t* p, size_t n, std::vector<TokenId>& out) {
-  FLASHGPT_CHECK(n <= kPackedMaxBytes && ranks.size() <= kPackedMaxToken,
-                 "the scan merge takes pieces up to {} bytes and ranks below {}", kPackedMaxBytes, kPackedMaxToken);
+  FLASHGPT_CHECK(n <= kPackedMaxBytes && ranks.size() <= kPackedMaxToken && !ranks.merges().empty(),
+                 "the scan merge takes pieces up to {} bytes, ranks below {} and every byte a token", kPackedMaxBytes,
+                 kPackedMaxToken);
   constexpr size_t kBlock = 16;  // parts moved per step of a shift
   uint64_t parts_stack[kScanMaxBytes + 1 + kBlock];
   std::vector<uint64_t> long_parts;  // only when the scan is forced on a long piece (tests)
@@ -174,7 +206,7 @@ void bpe_heap(const RankMap& ranks, const uint8_t* p, size_t n, std::vector<Toke
 void bpe_encode_piece(const RankMap& ranks, std::string_view piece, std::vector<TokenId>& out, BpeMethod method) {
   auto p = reinterpret_cast<const uint8_t*>(piece.data());
   if (method == BpeMethod::automatic)
-    method = piece.size() <= kScanMaxBytes && ranks.size() <= kPackedMaxToken ? BpeMethod::scan : BpeMethod::heap;
+    method = piece.size() <= kScanMaxBytes && !ranks.merges().empty() ? BpeMethod::scan : BpeMethod::heap;
   if (method == BpeMethod::scan) {
     bpe_scan(ranks, p, piece.size(), out);
   } else {

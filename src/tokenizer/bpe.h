@@ -19,21 +19,41 @@ namespace flashgpt {
 
 inline constexpr uint32_t kNoRank = UINT32_MAX;
 
-// The merge candidates keyed by token ids: (left, right) -> the rank of left's bytes
-// followed by right's, for every pair whose concatenation is a token. Every part of a merge
-// is a token, and tiktoken ranks a candidate by its bytes whatever pair formed them, so the
-// table holds every split of every token into two tokens, not only the split that training
-// made (cl100k_base: 233,378 entries; o200k_base: 446,189). A key is two ranks below
-// kMaxRank, hashed with one multiply and compared in one instruction, where a byte-keyed
-// lookup hashes the bytes, asks the Bloom filter, then compares the slot's prefix and length.
+// The merges of tiktoken's scan keyed by token ids: (left, right) -> the rank of left's bytes
+// followed by right's. Every part of a merge is a token, so a candidate's key is two ranks,
+// hashed with one multiply and compared in one instruction, where a byte-keyed lookup hashes
+// the bytes, asks the Bloom filter, then compares the slot's prefix and length.
+//
+// The map holds one split per token, not every split: the last merge of tiktoken's merge
+// of the token's own bytes (the "canonical" split; none for a token that merging its bytes
+// does not reach). That gives the same merges as ranking every candidate by its bytes:
+// a part that becomes token c in a longer piece saw, inside its span, exactly the merges of
+// c's bytes alone (a merge across the span's edge would have ended the span, and merges
+// outside it change no candidate inside it), so its last merge was c's canonical split. A
+// candidate (a, b) for c that is not that split is therefore never the lowest when it
+// exists, and answering "no token" for it changes no choice. (RankMap::build computes the
+// splits in order of length, each with the splits of the shorter tokens.) cl100k_base:
+// ~100k entries instead of 233,378 for every split, 2 MB at half load instead of 4.
 class MergeMap {
  public:
   static constexpr int kRankBits = 20;
   static constexpr uint32_t kMaxRank = uint32_t(1) << kRankBits;  // ranks below this only
-  // tokens[r] = the bytes of rank r (empty for ranks the file does not have); rank_of(bytes,
-  // length) answers kNoRank for bytes that are no token.
-  template <class RankOf>
-  void build(const std::vector<std::string_view>& tokens, RankOf&& rank_of);
+  // An empty map for up to `entries` entries (at most half full: a failed lookup, ~40% of
+  // a merge's candidates, probes until an empty slot).
+  void reset(size_t entries) {
+    const size_t capacity = std::bit_ceil(std::max<size_t>(16, 2 * entries));
+    slots_.assign(capacity, kEmpty);
+    mask_ = capacity - 1;
+    shift_ = 64 - std::countr_zero(capacity);
+    entries_ = 0;
+  }
+  void insert(uint32_t left, uint32_t right, uint32_t rank) {
+    const uint64_t key = uint64_t(left) << kRankBits | right;
+    size_t i = (key * kMultiplier) >> shift_;
+    while (slots_[i] != kEmpty) i = (i + 1) & mask_;
+    slots_[i] = key << kRankBits | rank;
+    ++entries_;
+  }
   uint32_t find(uint32_t left, uint32_t right) const {
     const uint64_t key = uint64_t(left) << kRankBits | right;
     for (size_t i = (key * kMultiplier) >> shift_;; i = (i + 1) & mask_) {
@@ -42,6 +62,7 @@ class MergeMap {
       if (slot == kEmpty) return kNoRank;
     }
   }
+  bool empty() const { return slots_.empty(); }
   size_t entries() const { return entries_; }
   size_t bytes() const { return slots_.size() * sizeof(uint64_t); }
 
@@ -55,33 +76,6 @@ class MergeMap {
   int shift_ = 64;
   size_t entries_ = 0;
 };
-
-template <class RankOf>
-void MergeMap::build(const std::vector<std::string_view>& tokens, RankOf&& rank_of) {
-  // Entries in rank order, so that the frequent (low-rank) merges sit in their home slots.
-  std::vector<uint64_t> entries;
-  for (size_t rank = 0; rank < tokens.size() && rank < kMaxRank; ++rank) {
-    auto bytes = reinterpret_cast<const uint8_t*>(tokens[rank].data());
-    for (size_t split = 1; split < tokens[rank].size(); ++split) {
-      uint32_t left = rank_of(bytes, split);
-      if (left >= kMaxRank) continue;
-      uint32_t right = rank_of(bytes + split, tokens[rank].size() - split);
-      if (right >= kMaxRank) continue;
-      entries.push_back((uint64_t(left) << kRankBits | right) << kRankBits | rank);
-    }
-  }
-  entries_ = entries.size();
-  // At most half full: a failed lookup (~40% of a merge's candidates) probes until an empty slot.
-  const size_t capacity = std::bit_ceil(std::max<size_t>(16, 2 * entries.size()));
-  slots_.assign(capacity, kEmpty);
-  mask_ = capacity - 1;
-  shift_ = 64 - std::countr_zero(capacity);
-  for (uint64_t entry : entries) {
-    size_t i = ((entry >> kRankBits) * kMultiplier) >> shift_;
-    while (slots_[i] != kEmpty) i = (i + 1) & mask_;
-    slots_[i] = entry;
-  }
-}
 
 // Open-addressing hash map from token bytes to rank (linear probing at 3/4 load). The bytes
 // live in the tokenizer's arena; a slot holds the key's first 8 bytes, its length and rank,
@@ -150,8 +144,8 @@ class RankMap {
   // The rank of a two-byte token, from a direct table (the first lookups of every merge).
   uint32_t find_pair(const uint8_t* p) const { return pair_ranks_[size_t(p[0]) << 8 | p[1]]; }
   uint32_t find_byte(uint8_t b) const { return byte_ranks_[b]; }
-  // The rank of the bytes of token `left` followed by those of token `right` (kNoRank when
-  // they are no token); only for maps of fewer than MergeMap::kMaxRank ranks.
+  // The rank of token `left` merged with token `right` in tiktoken's scan (kNoRank when
+  // the scan never merges them, see MergeMap); only where merges() is not empty.
   uint32_t find_merge(uint32_t left, uint32_t right) const { return merges_.find(left, right); }
   const MergeMap& merges() const { return merges_; }
   // One more than the highest rank.
@@ -188,6 +182,8 @@ class RankMap {
   }
 
  private:
+  void merges_build(const std::vector<std::string_view>& tokens);
+  static constexpr uint64_t kNoSplit = ~uint64_t(0);
   static Key key_from_head(const uint8_t* p, size_t n, uint64_t head) {
     uint64_t h = 0x9E3779B97F4A7C15ull ^ (n * 0xFF51AFD7ED558CCDull);
     if (n <= 8) return {head, mix(h ^ head)};
@@ -230,7 +226,7 @@ class RankMap {
   std::vector<uint64_t> tails_;
   std::vector<uint64_t> filter_;
   std::vector<uint32_t> pair_ranks_;  // 65536 entries
-  MergeMap merges_;                   // empty for maps of MergeMap::kMaxRank ranks or more
+  MergeMap merges_;  // empty for maps of MergeMap::kMaxRank ranks or more, or without every byte
   uint32_t byte_ranks_[256] = {};
   std::string arena_;              // every token's bytes, in rank order
   std::vector<uint32_t> offsets_;  // rank -> its bytes in arena_ (and rank + 1 -> their end)
