@@ -38,25 +38,30 @@ class MergeMap {
  public:
   static constexpr int kRankBits = 20;
   static constexpr uint32_t kMaxRank = uint32_t(1) << kRankBits;  // ranks below this only
-  // An empty map for up to `entries` entries (at most half full: a failed lookup, ~40% of
-  // a merge's candidates, probes until an empty slot).
+  // An empty map for up to `entries` entries (at most half full).
   void reset(size_t entries) {
     const size_t capacity = std::bit_ceil(std::max<size_t>(16, 2 * entries));
     slots_.assign(capacity, kEmpty);
     mask_ = capacity - 1;
     shift_ = 64 - std::countr_zero(capacity);
+    filter_.assign(kFilterWords, 0);
     entries_ = 0;
   }
   void insert(uint32_t left, uint32_t right, uint32_t rank) {
-    const uint64_t key = uint64_t(left) << kRankBits | right;
-    size_t i = (key * kMultiplier) >> shift_;
+    const uint64_t key = uint64_t(left) << kRankBits | right, h = hash(key);
+    size_t i = h >> shift_;
     while (slots_[i] != kEmpty) i = (i + 1) & mask_;
     slots_[i] = key << kRankBits | rank;
+    filter_[h & (kFilterWords - 1)] |= filter_bits(h);
     ++entries_;
   }
+  // ~40% of a merge's candidates are no merge; the filter (128 KB, cache-resident) turns
+  // away most of them before they read a slot of the 2 MB table.
   uint32_t find(uint32_t left, uint32_t right) const {
-    const uint64_t key = uint64_t(left) << kRankBits | right;
-    for (size_t i = (key * kMultiplier) >> shift_;; i = (i + 1) & mask_) {
+    const uint64_t key = uint64_t(left) << kRankBits | right, h = hash(key);
+    const uint64_t bits = filter_bits(h);
+    if ((filter_[h & (kFilterWords - 1)] & bits) != bits) return kNoRank;
+    for (size_t i = h >> shift_;; i = (i + 1) & mask_) {
       const uint64_t slot = slots_[i];
       if (slot >> kRankBits == key) return uint32_t(slot) & (kMaxRank - 1);
       if (slot == kEmpty) return kNoRank;
@@ -64,14 +69,22 @@ class MergeMap {
   }
   bool empty() const { return slots_.empty(); }
   size_t entries() const { return entries_; }
-  size_t bytes() const { return slots_.size() * sizeof(uint64_t); }
+  size_t bytes() const { return (slots_.size() + filter_.size()) * sizeof(uint64_t); }
 
  private:
-  static constexpr uint64_t kMultiplier = 0x9E3779B97F4A7C15ull;  // Fibonacci hashing: the top bits
+  // One 64x64->128-bit multiply, halves folded: the slot index from the top bits, the
+  // filter word from the bottom ones, its two bits from the middle.
+  static uint64_t hash(uint64_t key) {
+    unsigned __int128 product = (unsigned __int128)(key ^ 0xA0761D6478BD642Full) * 0xE7037ED1A0B428DBull;
+    return uint64_t(product) ^ uint64_t(product >> 64);
+  }
+  static constexpr size_t kFilterWords = size_t(1) << 14;
+  static uint64_t filter_bits(uint64_t h) { return uint64_t(1) << (h >> 20 & 63) | uint64_t(1) << (h >> 26 & 63); }
   // A slot: (left << 20 | right) << 20 | rank, 60 bits; an empty slot's key part (all ones) is
   // no key.
   static constexpr uint64_t kEmpty = ~uint64_t(0);
   std::vector<uint64_t> slots_;
+  std::vector<uint64_t> filter_;
   size_t mask_ = 0;
   int shift_ = 64;
   size_t entries_ = 0;
