@@ -44,40 +44,6 @@ void RankMap::build(const std::vector<std::string_view>& tokens) {
     auto bytes = reinterpret_cast<const uint8_t*>(tokens[rank].data());
     pair_ranks_[size_t(bytes[0]) << 8 | bytes[1]] = uint32_t(rank);
   }
-  merges_build(tokens);
-}
-
-void RankMap::merges_build(const std::vector<std::string_view>& tokens) {
-  merges_ = MergeMap();
-  if (tokens.size() > MergeMap::kMaxRank) return;
-  for (int b = 0; b < 256; ++b)
-    if (byte_ranks_[b] == kNoRank) return;
-  // Each token's canonical split (see MergeMap): the two parts that merging its bytes with
-  // the splits of every shorter token leaves, if it leaves two. Tokens in order of length.
-  std::vector<uint32_t> order;
-  for (size_t rank = 0; rank < tokens.size(); ++rank)
-    if (tokens[rank].size() >= 2) order.push_back(uint32_t(rank));
-  std::stable_sort(order.begin(), order.end(),
-                   [&](uint32_t a, uint32_t b) { return tokens[a].size() < tokens[b].size(); });
-  std::vector<uint64_t> splits(tokens.size(), kNoSplit);  // rank -> left << 32 | right
-  merges_.reset(order.size());
-  std::vector<TokenId> parts;
-  for (uint32_t rank : order) {
-    auto bytes = reinterpret_cast<const uint8_t*>(tokens[rank].data());
-    parts.clear();
-    if (tokens[rank].size() == 2) {
-      parts = {byte_ranks_[bytes[0]], byte_ranks_[bytes[1]]};
-    } else {
-      bpe_encode_piece(*this, tokens[rank], parts, BpeMethod::scan);
-    }
-    if (parts.size() != 2) continue;
-    merges_.insert(parts[0], parts[1], rank);
-    splits[rank] = uint64_t(parts[0]) << 32 | parts[1];
-  }
-  // Again in rank order, so that the frequent (low-rank) merges sit in their home slots.
-  merges_.reset(order.size());
-  for (size_t rank = 0; rank < tokens.size(); ++rank)
-    if (splits[rank] != kNoSplit) merges_.insert(uint32_t(splits[rank] >> 32), uint32_t(splits[rank]), uint32_t(rank));
 }
 
 namespace {
@@ -89,35 +55,46 @@ constexpr size_t kScanMaxBytes = 128;
 // merging the part with the next one, start its first byte, token its own rank. The lowest
 // packed value is then the lowest rank, leftmost on ties, and a merge moves one array.
 // Written for the ~10-byte pieces that need it (a first pass over text merges every
-// distinct word once): the candidates after a merge are looked up by token ids (every part
-// is a token), and the parts move down in fixed 128-byte blocks that the compiler inlines,
-// instead of a memmove call per merge.
+// distinct word once): the bytes sit in a zero-padded buffer so that every key is read with
+// one 8-byte load, and the parts move down in fixed 128-byte blocks that the compiler
+// inlines, instead of a memmove call per merge.
 constexpr int kStartBits = 12;
 constexpr int kTokenBits = 20;
 constexpr size_t kPackedMaxBytes = (size_t(1) << kStartBits) - 1;
 constexpr uint32_t kPackedMaxToken = uint32_t(1) << kTokenBits;
-static_assert(kPackedMaxToken == MergeMap::kMaxRank, "the scan's ranks are the merge map's");
 
 void bpe_scan(const RankMap& ranks, const uint8_t* p, size_t n, std::vector<TokenId>& out) {
-  FLASHGPT_CHECK(n <= kPackedMaxBytes && ranks.size() <= kPackedMaxToken && !ranks.merges().empty(),
-                 "the scan merge takes pieces up to {} bytes, ranks below {} and every byte a token", kPackedMaxBytes,
-                 kPackedMaxToken);
+  FLASHGPT_CHECK(n <= kPackedMaxBytes && ranks.size() <= kPackedMaxToken,
+                 "the scan merge takes pieces up to {} bytes and ranks below {}", kPackedMaxBytes, kPackedMaxToken);
   constexpr size_t kBlock = 16;  // parts moved per step of a shift
   uint64_t parts_stack[kScanMaxBytes + 1 + kBlock];
+  uint8_t bytes_stack[kScanMaxBytes + 8];
   std::vector<uint64_t> long_parts;  // only when the scan is forced on a long piece (tests)
+  std::vector<uint8_t> long_bytes;
   uint64_t* parts = parts_stack;
+  uint8_t* bytes = bytes_stack;
   if (n > kScanMaxBytes) {
     long_parts.resize(n + 1 + kBlock);
     parts = long_parts.data();
+    long_bytes.resize(n + 8);
+    bytes = long_bytes.data();
   }
+  std::memcpy(bytes, p, n);
+  std::memset(bytes + n, 0, 8);
   auto pack = [](uint32_t rank, size_t start, uint32_t token) {
     return uint64_t(rank) << 32 | uint64_t(start) << kTokenBits | token;
   };
-  auto token_of = [](uint64_t part) { return uint32_t(part) & (kPackedMaxToken - 1); };
-  for (size_t i = 0; i + 1 < n; ++i) parts[i] = pack(ranks.find_pair(p + i), i, ranks.find_byte(p[i]));
-  parts[n - 1] = pack(kNoRank, n - 1, ranks.find_byte(p[n - 1]));
+  auto start_of = [](uint64_t part) { return size_t(part >> kTokenBits) & kPackedMaxBytes; };
+  for (size_t i = 0; i + 1 < n; ++i) parts[i] = pack(ranks.find_pair(bytes + i), i, ranks.find_byte(bytes[i]));
+  parts[n - 1] = pack(kNoRank, n - 1, ranks.find_byte(bytes[n - 1]));
   parts[n] = pack(kNoRank, n, 0);
   size_t count = n + 1;
+  auto rank_after_merge = [&](size_t i) {  // rank of parts i..i+2 (i, i+1 about to be merged)
+    if (i + 3 >= count) return kNoRank;
+    size_t first = start_of(parts[i]);
+    size_t length = start_of(parts[i + 3]) - first;
+    return ranks.find(bytes + first, length, RankMap::key_overread(bytes + first, length));
+  };
   auto with_rank = [](uint64_t part, uint32_t rank) { return (part & 0xFFFFFFFFull) | uint64_t(rank) << 32; };
   for (;;) {
     uint64_t best = parts[0];
@@ -129,11 +106,9 @@ void bpe_scan(const RankMap& ranks, const uint8_t* p, size_t n, std::vector<Toke
     }
     uint32_t min_rank = uint32_t(best >> 32);
     if (min_rank == kNoRank) break;
-    // Parts min_i and min_i + 1 become the token min_rank; its candidates are with its neighbours.
-    if (min_i > 0)
-      parts[min_i - 1] = with_rank(parts[min_i - 1], ranks.find_merge(token_of(parts[min_i - 1]), min_rank));
-    uint32_t merged_rank = min_i + 3 < count ? ranks.find_merge(min_rank, token_of(parts[min_i + 2])) : kNoRank;
-    parts[min_i] = pack(merged_rank, (best >> kTokenBits) & kPackedMaxBytes, min_rank);
+    if (min_i > 0) parts[min_i - 1] = with_rank(parts[min_i - 1], rank_after_merge(min_i - 1));
+    uint32_t merged_rank = rank_after_merge(min_i);
+    parts[min_i] = pack(merged_rank, start_of(parts[min_i]), min_rank);
     // parts[min_i + 1 ..] = parts[min_i + 2 ..], in blocks (the buffer has kBlock spare parts).
     for (size_t i = min_i + 1; i < count - 1; i += kBlock) {
       uint64_t block[kBlock];
@@ -142,7 +117,7 @@ void bpe_scan(const RankMap& ranks, const uint8_t* p, size_t n, std::vector<Toke
     }
     --count;
   }
-  for (size_t i = 0; i + 1 < count; ++i) out.push_back(TokenId(token_of(parts[i])));
+  for (size_t i = 0; i + 1 < count; ++i) out.push_back(TokenId(parts[i] & (kPackedMaxToken - 1)));
 }
 
 // The same merges in O(n log n): parts are a linked list indexed by their start byte (a
@@ -206,7 +181,7 @@ void bpe_heap(const RankMap& ranks, const uint8_t* p, size_t n, std::vector<Toke
 void bpe_encode_piece(const RankMap& ranks, std::string_view piece, std::vector<TokenId>& out, BpeMethod method) {
   auto p = reinterpret_cast<const uint8_t*>(piece.data());
   if (method == BpeMethod::automatic)
-    method = piece.size() <= kScanMaxBytes && !ranks.merges().empty() ? BpeMethod::scan : BpeMethod::heap;
+    method = piece.size() <= kScanMaxBytes && ranks.size() <= kPackedMaxToken ? BpeMethod::scan : BpeMethod::heap;
   if (method == BpeMethod::scan) {
     bpe_scan(ranks, p, piece.size(), out);
   } else {

@@ -9,7 +9,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <algorithm>
-#include <bit>
 #include <cstring>
 #include <string>
 #include <string_view>
@@ -18,80 +17,6 @@
 namespace flashgpt {
 
 inline constexpr uint32_t kNoRank = UINT32_MAX;
-
-// The merges of tiktoken's scan keyed by token ids: (left, right) -> the rank of left's bytes
-// followed by right's. Every part of a merge is a token, so a candidate's key is two ranks,
-// hashed with one multiply and compared in one instruction, where a byte-keyed lookup hashes
-// the bytes, asks the Bloom filter, then compares the slot's prefix and length.
-//
-// The map holds one split per token, not every split: the last merge of tiktoken's merge
-// of the token's own bytes (the "canonical" split; none for a token that merging its bytes
-// does not reach). That gives the same merges as ranking every candidate by its bytes:
-// a part that becomes token c in a longer piece saw, inside its span, exactly the merges of
-// c's bytes alone (a merge across the span's edge would have ended the span, and merges
-// outside it change no candidate inside it), so its last merge was c's canonical split. A
-// candidate (a, b) for c that is not that split is therefore never the lowest when it
-// exists, and answering "no token" for it changes no choice. (RankMap::build computes the
-// splits in order of length, each with the splits of the shorter tokens.) cl100k_base:
-// ~100k entries instead of 233,378 for every split, 2 MB at half load instead of 4.
-class MergeMap {
- public:
-  static constexpr int kRankBits = 20;
-  static constexpr uint32_t kMaxRank = uint32_t(1) << kRankBits;  // ranks below this only
-  // An empty map for up to `entries` entries, at most 4/5 full: the filter turns away most
-  // failed lookups, and the frequent merges (inserted first) sit in their home slots, so a
-  // full table probes little and takes 1 MB for cl100k_base instead of 2.
-  void reset(size_t entries) {
-    size_t capacity = std::bit_ceil(std::max<size_t>(16, entries));
-    if (5 * entries > 4 * capacity) capacity *= 2;
-    slots_.assign(capacity, kEmpty);
-    mask_ = capacity - 1;
-    shift_ = 64 - std::countr_zero(capacity);
-    filter_.assign(kFilterWords, 0);
-    entries_ = 0;
-  }
-  void insert(uint32_t left, uint32_t right, uint32_t rank) {
-    const uint64_t key = uint64_t(left) << kRankBits | right, h = hash(key);
-    size_t i = h >> shift_;
-    while (slots_[i] != kEmpty) i = (i + 1) & mask_;
-    slots_[i] = key << kRankBits | rank;
-    filter_[h & (kFilterWords - 1)] |= filter_bits(h);
-    ++entries_;
-  }
-  // ~40% of a merge's candidates are no merge; the filter (128 KB, cache-resident) turns
-  // away most of them before they read a slot of the 2 MB table.
-  uint32_t find(uint32_t left, uint32_t right) const {
-    const uint64_t key = uint64_t(left) << kRankBits | right, h = hash(key);
-    const uint64_t bits = filter_bits(h);
-    if ((filter_[h & (kFilterWords - 1)] & bits) != bits) return kNoRank;
-    for (size_t i = h >> shift_;; i = (i + 1) & mask_) {
-      const uint64_t slot = slots_[i];
-      if (slot >> kRankBits == key) return uint32_t(slot) & (kMaxRank - 1);
-      if (slot == kEmpty) return kNoRank;
-    }
-  }
-  bool empty() const { return slots_.empty(); }
-  size_t entries() const { return entries_; }
-  size_t bytes() const { return (slots_.size() + filter_.size()) * sizeof(uint64_t); }
-
- private:
-  // One 64x64->128-bit multiply, halves folded: the slot index from the top bits, the
-  // filter word from the bottom ones, its two bits from the middle.
-  static uint64_t hash(uint64_t key) {
-    unsigned __int128 product = (unsigned __int128)(key ^ 0xA0761D6478BD642Full) * 0xE7037ED1A0B428DBull;
-    return uint64_t(product) ^ uint64_t(product >> 64);
-  }
-  static constexpr size_t kFilterWords = size_t(1) << 14;
-  static uint64_t filter_bits(uint64_t h) { return uint64_t(1) << (h >> 20 & 63) | uint64_t(1) << (h >> 26 & 63); }
-  // A slot: (left << 20 | right) << 20 | rank, 60 bits; an empty slot's key part (all ones) is
-  // no key.
-  static constexpr uint64_t kEmpty = ~uint64_t(0);
-  std::vector<uint64_t> slots_;
-  std::vector<uint64_t> filter_;
-  size_t mask_ = 0;
-  int shift_ = 64;
-  size_t entries_ = 0;
-};
 
 // Open-addressing hash map from token bytes to rank (linear probing at 3/4 load). The bytes
 // live in the tokenizer's arena; a slot holds the key's first 8 bytes, its length and rank,
@@ -160,10 +85,6 @@ class RankMap {
   // The rank of a two-byte token, from a direct table (the first lookups of every merge).
   uint32_t find_pair(const uint8_t* p) const { return pair_ranks_[size_t(p[0]) << 8 | p[1]]; }
   uint32_t find_byte(uint8_t b) const { return byte_ranks_[b]; }
-  // The rank of token `left` merged with token `right` in tiktoken's scan (kNoRank when
-  // the scan never merges them, see MergeMap); only where merges() is not empty.
-  uint32_t find_merge(uint32_t left, uint32_t right) const { return merges_.find(left, right); }
-  const MergeMap& merges() const { return merges_; }
   // One more than the highest rank.
   size_t size() const { return offsets_.empty() ? 0 : offsets_.size() - 1; }
   // The first min(n, 8) bytes as a little-endian number, zero-padded; in-bounds loads only.
@@ -198,8 +119,6 @@ class RankMap {
   }
 
  private:
-  void merges_build(const std::vector<std::string_view>& tokens);
-  static constexpr uint64_t kNoSplit = ~uint64_t(0);
   static Key key_from_head(const uint8_t* p, size_t n, uint64_t head) {
     uint64_t h = 0x9E3779B97F4A7C15ull ^ (n * 0xFF51AFD7ED558CCDull);
     if (n <= 8) return {head, mix(h ^ head)};
@@ -242,7 +161,6 @@ class RankMap {
   std::vector<uint64_t> tails_;
   std::vector<uint64_t> filter_;
   std::vector<uint32_t> pair_ranks_;  // 65536 entries
-  MergeMap merges_;  // empty for maps of MergeMap::kMaxRank ranks or more, or without every byte
   uint32_t byte_ranks_[256] = {};
   std::string arena_;              // every token's bytes, in rank order
   std::vector<uint32_t> offsets_;  // rank -> its bytes in arena_ (and rank + 1 -> their end)

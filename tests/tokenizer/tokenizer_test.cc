@@ -212,51 +212,6 @@ TEST(Bpe, HeapMergesExactlyLikeTheScan) {
   }
 }
 
-// The merge map against the byte-keyed rank map: a merge it answers is the rank of the two
-// tokens' bytes; every token that merging its own bytes (the heap, on byte keys) reaches has
-// exactly one split in the map and the others none; random token pairs never disagree.
-TEST(Bpe, MergeMapAgreesWithRankMap) {
-  const Tokenizer& t = cl100k();
-  std::vector<std::string_view> tokens;
-  for (TokenId id = 0; id < 100256; ++id) tokens.push_back(t.token_bytes(id));
-  RankMap ranks;
-  ranks.build(tokens);
-  ASSERT_FALSE(ranks.merges().empty());
-  auto rank_of = [&](const std::string& bytes) {
-    return ranks.find(reinterpret_cast<const uint8_t*>(bytes.data()), bytes.size());
-  };
-  size_t reached = 0;
-  for (TokenId c = 0; c < 100256; ++c) {
-    if (tokens[c].size() < 2) continue;
-    std::vector<TokenId> merged;
-    bpe_encode_piece(ranks, tokens[c], merged, BpeMethod::heap);
-    bool reachable = merged.size() == 1;
-    ASSERT_EQ(merged.size() == 1 ? merged[0] : c, c);
-    reached += reachable;
-    int splits_in_map = 0;
-    for (size_t k = 1; k < tokens[c].size(); ++k) {
-      uint32_t a = rank_of(std::string(tokens[c].substr(0, k))), b = rank_of(std::string(tokens[c].substr(k)));
-      if (a == kNoRank || b == kNoRank) continue;
-      uint32_t m = ranks.find_merge(a, b);
-      ASSERT_TRUE(m == kNoRank || m == c) << "token " << c << " split at " << k;
-      splits_in_map += m == c;
-    }
-    ASSERT_EQ(splits_in_map, reachable ? 1 : 0) << "token " << c;
-  }
-  EXPECT_EQ(ranks.merges().entries(), reached);
-  std::mt19937 rng(11);
-  size_t tokens_made = 0;
-  for (int trial = 0; trial < 200000; ++trial) {
-    // Half the pairs short tokens (their concatenation is often a token), half any.
-    TokenId a = rng() % (trial % 2 ? 100256 : 2000), b = rng() % (trial % 2 ? 100256 : 2000);
-    uint32_t m = ranks.find_merge(a, b);
-    uint32_t expected = rank_of(std::string(tokens[a]) + std::string(tokens[b]));
-    ASSERT_TRUE(m == kNoRank || m == expected) << a << " + " << b;
-    tokens_made += expected != kNoRank;
-  }
-  EXPECT_GT(tokens_made, 1000u);
-}
-
 // The rank map against std::unordered_map: every token, and near misses that share a
 // token's first 8 or 16 bytes (the parts a slot and its tail keep) and differ after them.
 TEST(Bpe, RankMapFindsExactlyTheTokens) {
