@@ -2,9 +2,11 @@
 // (flash_bwd_kernel.cuh: same preprocess, workspace, dQ accumulator, convert kernel and
 // deterministic mode), with its five GEMMs on wgmma (sm_90a) instead of mma.sync.
 //
-// One CTA per (128-key block, kv head, batch entry), two warpgroups of 128 threads; warpgroup
-// wg owns keys 64 wg .. 64 wg + 63 of the block (the rows of S^T, dP^T, dK and dV). For each
-// query head of the GQA group and each block of kBlockM queries that sees the key block:
+// A tile is a (128-key block, kv head, batch entry); without dropout one CTA per SM takes tile
+// after tile (FLASHGPT_BWD_PERSISTENT below), with dropout a CTA per tile. Two warpgroups of
+// 128 threads; warpgroup wg owns keys 64 wg .. 64 wg + 63 of the block (the rows of S^T, dP^T,
+// dK and dV). For each query head of the GQA group and each block of kBlockM queries that
+// sees the key block:
 //   S^T  = K Q^T       wgmma SS,  A = K (K-major), B = Q (K-major)       m64 n(kBlockM)
 //   dP^T = V dO^T      wgmma SS,  A = V, B = dO                            m64 n(kBlockM)
 //   P^T = exp2(S^T scale log2 e - LSE log2 e), dS^T = P^T (dP^T Z - D)  (registers)
@@ -24,8 +26,9 @@
 //
 // Shared memory (wgmma_common.cuh's swizzled layout): K, V [128 keys], Q and dO [2 stages]
 // [kBlockM queries], dS^T [128 keys][kBlockM] (as kBlockM / 64 column blocks), LSE and D
-// [2 stages][kBlockM]. Loads are cp.async by all threads, the next query block's in flight
-// while this one is computed; two barriers per query block (loads landed, dS^T complete).
+// [2 stages][kBlockM], dK and dV staged for the copy-out. Loads are cp.async by all threads,
+// the next query block's in flight while this one is computed; two barriers per query block
+// (loads landed, dS^T complete).
 #pragma once
 
 #include "attention/attention_cuda_launch.h"
