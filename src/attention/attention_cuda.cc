@@ -126,21 +126,33 @@ bool env_forces_mma_sync(const char* var) {
   return v != nullptr && std::strcmp(v, "mma_sync") == 0;
 }
 
-// Whether `device` is compute capability 9.0 (where sm_90a code runs), asked of the driver
-// once per device instead of at every launch.
-[[maybe_unused]] bool device_is_sm90(int device) {
+// A device attribute, asked of the driver once per device (devices past kMaxDevices are asked
+// every time) instead of at every launch.
+template <cudaDeviceAttr kAttribute>
+int device_attribute(int device) {
   constexpr int kMaxDevices = 64;
-  static std::atomic<int8_t> known[kMaxDevices] = {};  // 0: not asked yet, 1: yes, 2: no
-  if (device < 0 || device >= kMaxDevices) return false;
-  int8_t answer = known[device].load(std::memory_order_relaxed);
-  if (answer == 0) {
-    int major = 0, minor = 0;
-    FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-    answer = major == 9 && minor == 0 ? 1 : 2;
-    known[device].store(answer, std::memory_order_relaxed);
+  static std::atomic<int> known[kMaxDevices] = {};  // the attribute + 1; 0: not asked yet
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached) {
+    const int answer = known[device].load(std::memory_order_relaxed);
+    if (answer != 0) return answer - 1;
   }
-  return answer == 1;
+  int value = 0;
+  FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&value, kAttribute, device));
+  if (cached) known[device].store(value + 1, std::memory_order_relaxed);
+  return value;
+}
+
+int current_device() {
+  int device = 0;
+  FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
+  return device;
+}
+
+// Whether `device` is compute capability 9.0 (where sm_90a code runs).
+[[maybe_unused]] bool device_is_sm90(int device) {
+  return device_attribute<cudaDevAttrComputeCapabilityMajor>(device) == 9 &&
+         device_attribute<cudaDevAttrComputeCapabilityMinor>(device) == 0;
 }
 
 // The wgmma kernels run wherever they can: the build has sm_90a code (FLASHGPT_ATTN_SM90A),
@@ -150,29 +162,14 @@ bool wgmma_usable([[maybe_unused]] int head_dim, [[maybe_unused]] bool mma_sync_
 #ifdef FLASHGPT_ATTN_SM90A
   if (head_dim != 64 && head_dim != 128) return false;
   if (mma_sync_forced) return false;
-  int device = 0;
-  FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
-  return device_is_sm90(device);
+  return device_is_sm90(current_device());
 #else
   return false;
 #endif
 }
 }  // namespace
 
-int current_device_sm_count() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices] = {};  // 0: not asked yet
-  int device = 0;
-  FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
-  FLASHGPT_CHECK(device >= 0 && device < kMaxDevices, "CUDA device {} is beyond the {} this library tracks", device,
-                 kMaxDevices);
-  int count = known[device].load(std::memory_order_relaxed);
-  if (count == 0) {
-    FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-    known[device].store(count, std::memory_order_relaxed);
-  }
-  return count;
-}
+int current_device_sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(current_device()); }
 
 // The wgmma forward passed the GPU tests on the H100 and beat the mma.sync forward in every
 // row measured, with and without dropout (docs/attention_gpu_notes.md, v4 and "8-bit

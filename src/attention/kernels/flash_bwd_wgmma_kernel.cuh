@@ -184,7 +184,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if constexpr (!Traits::kLseAsync)
       load_lse_dot_rows<kBlockM, kThreads>(sLse + buf * kBlockM, sDot + buf * kBlockM, qb.lse, qb.dot, qb.valid_q, tid);
   };
-  // Issues the copies of a tile's K, V and first query block (stage 0), if it has work.
+  // Issues the copies of a tile's K, V and first query block (stage 0), if it has work. It
+  // builds the tile's SeqInfo and BwdGlobal itself (the loop builds them again when the tile
+  // starts) rather than keep them live in registers across the epilogue.
   auto copy_tile_start = [&](int index) {
     const Tile tile = tile_at(index);
     const SeqInfo seq(p, tile.b);
@@ -438,7 +440,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
     if (has_keys) {
       // dK = scale dS^T Q and dV, through their own staging buffers (the previous tile's
-      // copy-out finished reading them before this tile's first barrier), written by rows.
+      // copy-out read them before the barrier above), written by rows.
       using Staged = typename Traits::Staged;
       Element* const s_dk = reinterpret_cast<Element*>(sDot + 2 * kBlockM);
       Element* const s_dv = s_dk + kBlockN * Staged::kStride;

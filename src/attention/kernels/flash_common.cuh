@@ -158,10 +158,6 @@ struct SeqInfo {
   }
 };
 
-// What one forward CTA reads and writes in global memory: Q, O and LSE from its first query
-// row m0, K and V of its key/value head (GQA: head / (heads_q / heads_kv)), and how many key
-// blocks it visits (causal: up to the last key its last row sees; row i sees key j iff
-// j <= i + diag, diag = seqlen_k - seqlen_q).
 // An output tile (kRows x kCols elements) written out through shared memory: each thread puts
 // its accumulator fragments (32-bit pairs) into a padded row-major tile, and after a barrier
 // the CTA copies whole rows out with 16-byte stores. Straight from the fragments, a warp's
@@ -192,6 +188,10 @@ struct StagedTile {
   }
 };
 
+// What one forward CTA reads and writes in global memory: Q, O and LSE from its first query
+// row m0, K and V of its key/value head (GQA: head / (heads_q / heads_kv)), and how many key
+// blocks it visits (causal: up to the last key its last row sees; row i sees key j iff
+// j <= i + diag, diag = seqlen_k - seqlen_q).
 template <typename Element>
 struct FwdGlobal {
   const Element *q, *k, *v;
