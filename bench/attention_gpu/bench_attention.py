@@ -8,7 +8,10 @@ Shapes as in the FlashAttention papers: bf16, hidden 2048 (heads = 2048 / d), ba
 16k tokens, seqlen 512 .. 16k, d 64 and 128, causal and not; plus our model's attention (batch 64,
 12 heads, seqlen 512, d 64, causal, dropout 0.1). FLOPs: 4 b h s^2 d forward, halved when causal;
 backward 2.5x the forward. Each method is validated against a reference before it is timed.
-Times are medians of triton.testing.do_bench (CUDA events). Peak memory is torch's peak
+Times are medians of triton.testing.do_bench (CUDA events). Before each method's timing the
+GPU idles --settle-s seconds: after a long row the H100 stays under its software power cap for
+about a second, and the method timed first in the next row would pay for the previous row's
+heat (docs/attention_gpu_notes.md, v11). Peak memory is torch's peak
 allocation during one forward + backward, beyond the inputs and the output gradient.
 Writes <out>/attention_bench.csv and <out>/attention_bench.png, prints a table with ratios."""
 import argparse
@@ -16,6 +19,7 @@ import csv
 import math
 import pathlib
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +67,7 @@ def validate(method, fn, q, k, v, causal, dropout):
     return None if err < 3e-2 else f"max error {err:.3g} vs fp32 math"
 
 
-def bench_one(method, b, h, s, d, causal, dropout, reps_ms):
+def bench_one(method, b, h, s, d, causal, dropout, reps_ms, settle_s=0.0):
     torch.manual_seed(0)
     q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     g = torch.randn_like(q)
@@ -75,6 +79,7 @@ def bench_one(method, b, h, s, d, causal, dropout, reps_ms):
         if problem:
             row["status"] = "invalid: " + problem
             return row
+        time.sleep(settle_s)
         fwd_ms = triton.testing.do_bench(fn, warmup=10, rep=reps_ms, return_mode="median")
         out = fn()
         bwd_ms = triton.testing.do_bench(lambda: out.backward(g, retain_graph=True), warmup=10, rep=reps_ms,
@@ -108,6 +113,7 @@ def main():
     ap.add_argument("--methods", default="flashgpt,torch-fa2,torch-cudnn,torch-math")
     ap.add_argument("--math-max-seqlen", type=int, default=8192, help="skip the math backend above this (time)")
     ap.add_argument("--rep-ms", type=int, default=60)
+    ap.add_argument("--settle-s", type=float, default=1.5, help="idle time before each method's timing")
     ap.add_argument("--extra", default="", help="more rows: 'b,h,s,d,causal,dropout;...' ('none' for --seqlens "
                     "and --no-model leave only these)")
     ap.add_argument("--no-model", action="store_true", help="leave out the model shape row")
@@ -133,7 +139,7 @@ def main():
                 rows.append({"method": m, "batch": b, "heads": h, "seqlen": s, "head_dim": d, "causal": int(causal),
                              "dropout": dropout, "status": "skipped (seqlen)", "group": group})
                 continue
-            r = bench_one(m, b, h, s, d, causal, dropout, args.rep_ms)
+            r = bench_one(m, b, h, s, d, causal, dropout, args.rep_ms, args.settle_s)
             r["group"] = group
             rows.append(r)
             print(f"  {m:12s} b={b:3d} h={h:2d} s={s:5d} d={d:3d} causal={int(causal)} p={dropout}: "
