@@ -6,7 +6,8 @@
 # The PyTorch binding is compiled once (build-lab-ext) and only relinked against each variant's
 # libflashgpt.a (compiling it costs ~40 s a variant on the H100 machine; a relink ~2 s).
 # Environment: LAB_SEQLENS (1024,4096,16384), LAB_HEAD_DIMS (64,128), LAB_REP_MS (40), LAB_EXTRA
-# (more rows, bench_attention.py --extra); the
+# (more rows, bench_attention.py --extra), LAB_CMAKE_ARGS (more CMake arguments, e.g.
+# -DFLASHGPT_ATTENTION_HEAD_DIMS="32;64;96;256"); the
 # forward kernel follows FLASHGPT_ATTN_FWD_KERNEL as everywhere.
 set -uo pipefail
 OUT=${OUT:-results/attention_gpu}
@@ -19,7 +20,7 @@ for variant in "$@"; do
   # from TileConfig (kBwdBlockM), which must agree with the kernels'.
   cxx_defines=$(printf '%s\n' $flags | grep '^-D' | tr '\n' ' ')
   { cmake -S . -B "$dir" -G Ninja -DFLASHGPT_CUDA=ON -DFLASHGPT_BUILD_TESTS=OFF -DCMAKE_CUDA_FLAGS="$flags" \
-      -DCMAKE_CXX_FLAGS="$cxx_defines" &&
+      -DCMAKE_CXX_FLAGS="$cxx_defines" ${LAB_CMAKE_ARGS:-} &&
     cmake --build "$dir" -j16 --target flashgpt; } >"$OUT/lab_build_$name.log" 2>&1 || { echo "$name: build failed"; continue; }
   cp "$dir/libflashgpt.a" "$dir/CMakeCache.txt" build-lab-ext/
   rm -f build-lab-ext/torch_ext/*.so  # ninja does not see the library: force the relink

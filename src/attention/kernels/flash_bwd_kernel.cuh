@@ -256,8 +256,10 @@ __device__ __forceinline__ void load_lse_dot_rows(float* s_lse, float* s_dot, co
 }
 
 // `deterministic` is a run-time flag, not a template parameter: the semaphore wait costs a
-// uniform branch per iteration, and one kernel per instance halves CI's nvcc time.
-template <typename Traits>
+// uniform branch per iteration, and fewer kernels per instance save CI's nvcc time. Dropout is
+// a template parameter (kDropout: p.dropout_p > 0), as in the wgmma kernel: as a run-time flag
+// it cost 6-23% without dropout at d32 and d256 (notes, v11).
+template <typename Traits, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     flash_bwd_main_kernel(const AttentionParams p, float scale, BwdWorkspace ws, bool deterministic) {
   using Element = typename Traits::Element;
@@ -306,7 +308,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   const float scale_log2 = scale * kLog2e;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
-  const bool use_dropout = dropout_enabled(threshold);
   const uint32_t dropout_top = dropout_top_threshold(threshold);
   const float keep_scale = static_cast<float>(dropout_keep_scale(threshold));
   // This thread's keys in key tile j: key_local0 + 16 j and key_local0 + 16 j + 8.
@@ -386,7 +387,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     for (int grp = 0; grp < kNTilesS / 4; ++grp) {
       // Dropout bytes of 4 n8 tiles at a time (flash_common.cuh: one Philox call per lane).
       uint32_t drop_bytes[4] = {0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu};
-      if (use_dropout)
+      if constexpr (kDropout)
         dropout_key_column_bytes(p.rng, batch_head, m0 + grp * 32, n0 + warp_key0 + 16 * j, g, t, drop_bytes);
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
@@ -400,7 +401,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         if (need_mask && (key >= seq.seqlen_k || (causal && key > query + diag))) pv = 0.0f;
         float dpv = dp[j][nt][e];
         float p_dropped = pv;
-        if (use_dropout) {
+        if constexpr (kDropout) {
           const bool keep = !dropout_byte_dropped(drop_bytes[nt & 3], dropout_bwd_byte_pos(e), dropout_top);
           dpv = keep ? dpv * keep_scale : 0.0f;
           p_dropped = keep ? pv * keep_scale : 0.0f;

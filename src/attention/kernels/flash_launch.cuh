@@ -93,6 +93,8 @@ void run_flash_bwd(const AttentionParams& p, float scale, void* workspace, bool 
   // The wgmma kernel (Hopper, d64 and d128) and its dQ accumulator layout, or mma.sync.
   bool wgmma = false;
   if constexpr (kHeadDim == 64 || kHeadDim == 128) wgmma = bwd_wgmma_selected(kHeadDim);
+  // Both main kernels are compiled with and without dropout (a template parameter).
+  const bool dropout = dropout_enabled(dropout_threshold(p.dropout_p));
   if (p.batch > 0 && p.seqlen_k > 0) {
     if constexpr (kHeadDim == 64 || kHeadDim == 128) {
       if (wgmma) {
@@ -104,7 +106,6 @@ void run_flash_bwd(const AttentionParams& p, float scale, void* workspace, bool 
         // (validate_cuda keeps the tile count within an int.)
         const int n_blocks = (p.seqlen_k + WgTraits::kBlockN - 1) / WgTraits::kBlockN;
         const int64_t tiles = int64_t{n_blocks} * p.heads_kv * p.batch;
-        const bool dropout = dropout_enabled(dropout_threshold(p.dropout_p));
         const bool persistent = WgTraits::persistent(dropout);
         const dim3 grid = persistent ? dim3(unsigned(std::min<int64_t>(tiles, current_device_sm_count())))
                                      : dim3(n_blocks, p.heads_kv, p.batch);
@@ -117,7 +118,8 @@ void run_flash_bwd(const AttentionParams& p, float scale, void* workspace, bool 
       }
     }
     if (!wgmma) {
-      launch_flash_bwd_main<Traits>(flash_bwd_main_kernel<Traits>, p, scale, ws, deterministic, stream);
+      launch_flash_bwd_main<Traits>(dropout ? flash_bwd_main_kernel<Traits, true> : flash_bwd_main_kernel<Traits, false>,
+                                    p, scale, ws, deterministic, stream);
       FLASHGPT_CUDA_CHECK_LAUNCH("flash_bwd_main_kernel");
     }
   }
