@@ -30,10 +30,11 @@ namespace flashgpt {
 bool attention_cuda_head_dim_compiled(int head_dim);
 
 // Which forward kernel runs for this head dim on the current device: "wgmma" (Hopper, sm_90a
-// builds, head dims 64 and 128, with or without dropout) or "mma.sync".
+// builds, head dims 64, 128 and 256, with or without dropout) or "mma.sync".
 // FLASHGPT_ATTN_FWD_KERNEL=mma_sync in the environment forces the latter.
 const char* attention_cuda_forward_kernel(int head_dim);
-// The same for the backward's main kernel; FLASHGPT_ATTN_BWD_KERNEL=mma_sync forces mma.sync.
+// The same for the backward's main kernel (wgmma for head dims 64 and 128);
+// FLASHGPT_ATTN_BWD_KERNEL=mma_sync forces mma.sync.
 const char* attention_cuda_backward_kernel(int head_dim);
 
 // Writes o and lse.

@@ -156,12 +156,12 @@ int current_device() {
 }
 
 // The wgmma kernels run wherever they can: the build has sm_90a code (FLASHGPT_ATTN_SM90A),
-// the current device is compute capability 9.0, the head dim is 64 or 128, and the pass's
-// override does not force mma.sync.
-bool wgmma_usable([[maybe_unused]] int head_dim, [[maybe_unused]] bool mma_sync_forced) {
+// the current device is compute capability 9.0, the pass has a wgmma kernel for the head dim
+// (the forward for 64, 128 and 256, the backward for 64 and 128), and the pass's override
+// does not force mma.sync.
+bool wgmma_usable([[maybe_unused]] bool has_kernel, [[maybe_unused]] bool mma_sync_forced) {
 #ifdef FLASHGPT_ATTN_SM90A
-  if (head_dim != 64 && head_dim != 128) return false;
-  if (mma_sync_forced) return false;
+  if (!has_kernel || mma_sync_forced) return false;
   return device_is_sm90(current_device());
 #else
   return false;
@@ -173,15 +173,16 @@ int current_device_sm_count() { return device_attribute<cudaDevAttrMultiProcesso
 
 // The wgmma forward passed the GPU tests on the H100 and beat the mma.sync forward in every
 // row measured, with and without dropout (docs/attention_gpu_notes.md, v4 and "8-bit
-// dropout"). The wgmma backward measured 0.90-1.15x of torch FA2 where the mma.sync one had
-// measured 0.65-0.76x (notes, v5 and v8, separate runs). Each override is read once.
+// dropout"; d256: 1.13-1.54x FA2 where mma.sync measured 0.57-0.66x, v11). The wgmma
+// backward measured 0.90-1.15x of torch FA2 where the mma.sync one had measured 0.65-0.76x
+// (notes, v5 and v8, separate runs). Each override is read once.
 bool fwd_wgmma_selected(int head_dim) {
   static const bool forced = env_forces_mma_sync("FLASHGPT_ATTN_FWD_KERNEL");
-  return wgmma_usable(head_dim, forced);
+  return wgmma_usable(head_dim == 64 || head_dim == 128 || head_dim == 256, forced);
 }
 bool bwd_wgmma_selected(int head_dim) {
   static const bool forced = env_forces_mma_sync("FLASHGPT_ATTN_BWD_KERNEL");
-  return wgmma_usable(head_dim, forced);
+  return wgmma_usable(head_dim == 64 || head_dim == 128, forced);
 }
 }  // namespace attn
 

@@ -80,7 +80,7 @@ template <> struct TileConfig<128> {
 };
 template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwdWarps = 8, kFwdMTiles = 1, kBwdBlockM = 32, kBwdWarps = 8, kBwdKTiles = 1; };
 
-// Hopper (wgmma) forward tiles, head dims 64 and 128 only: kWarpgroups x 64 query rows per
+// Hopper (wgmma) forward tiles, head dims 64, 128 and 256: kWarpgroups x 64 query rows per
 // CTA, kBlockN keys per step, kOverlap = issue the S GEMM of the next key block with the P V
 // GEMM of this one (softmax overlaps the tensor cores). Lab hooks as above:
 // FLASHGPT_WGMMA<d>_BLOCK_N / _WARPGROUPS / _OVERLAP. Measured on the H100 (notes, v4 labs):
@@ -108,6 +108,9 @@ template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwd
 #ifndef FLASHGPT_WGMMA128_OVERLAP
 #define FLASHGPT_WGMMA128_OVERLAP 0
 #endif
+#ifndef FLASHGPT_WGMMA256_BLOCK_N
+#define FLASHGPT_WGMMA256_BLOCK_N 64
+#endif
 template <int kHeadDim>
 struct WgmmaTileConfig;
 // Backward (flash_bwd_wgmma_kernel.cuh): 128 keys per CTA, kBwdBlockM queries per step, so
@@ -122,12 +125,19 @@ template <> struct WgmmaTileConfig<128> {
   static constexpr bool kOverlap = FLASHGPT_WGMMA128_OVERLAP != 0;
   static constexpr int kBwdBlockM = 64;
 };
+// d256: the forward only (the backward runs the mma.sync kernel). 128 query rows x 256 of O
+// take 128 accumulator registers a thread; K and V tiles of 64 keys keep shared memory at 193 KB.
+template <> struct WgmmaTileConfig<256> {
+  static constexpr int kBlockN = FLASHGPT_WGMMA256_BLOCK_N, kWarpgroups = 2;
+  static constexpr bool kOverlap = false;
+};
 
 // Whether the launcher uses the wgmma forward: the build has sm_90a code (FLASHGPT_ATTN_SM90A),
-// the device is compute capability 9.0, the head dim is 64 or 128, and FLASHGPT_ATTN_FWD_KERNEL
+// the device is compute capability 9.0, the head dim is 64, 128 or 256, and FLASHGPT_ATTN_FWD_KERNEL
 // is not mma_sync; the mma.sync kernel otherwise. Defined in attention_cuda.cc.
 bool fwd_wgmma_selected(int head_dim);
-// The same for the backward main kernel (FLASHGPT_ATTN_BWD_KERNEL=mma_sync keeps the other).
+// The same for the backward main kernel, head dims 64 and 128 (FLASHGPT_ATTN_BWD_KERNEL=mma_sync
+// keeps the other).
 bool bwd_wgmma_selected(int head_dim);
 // The current device's number of SMs (the persistent backward's grid), asked once per device.
 int current_device_sm_count();

@@ -7,7 +7,7 @@ import pathlib
 
 HERE = pathlib.Path(__file__).parent
 SS_N = (64, 80, 96, 112, 128, 144, 160, 176, 192, 256)  # S = Q K^T: N is the key block
-RS_N = (64, 128)                          # O += P V: N is the head dim
+RS_N = (64, 128, 256)                     # O += P V: N is the head dim
 TT_N = (64,)                              # backward dQ = dS K: a 64 x 64 sub-tile per warpgroup
 TYPES = {"bf16": "__nv_bfloat16", "f16": "__half"}
 
