@@ -30,7 +30,7 @@ namespace flashgpt {
 bool attention_cuda_head_dim_compiled(int head_dim);
 
 // Which forward kernel runs for this head dim on the current device: "wgmma" (Hopper, sm_90a
-// builds, head dims 64, 128 and 256, with or without dropout) or "mma.sync".
+// builds, head dims 64, 96, 128 and 256, with or without dropout) or "mma.sync".
 // FLASHGPT_ATTN_FWD_KERNEL=mma_sync in the environment forces the latter.
 const char* attention_cuda_forward_kernel(int head_dim);
 // The same for the backward's main kernel (wgmma for head dims 64 and 128);

@@ -157,7 +157,7 @@ int current_device() {
 
 // The wgmma kernels run wherever they can: the build has sm_90a code (FLASHGPT_ATTN_SM90A),
 // the current device is compute capability 9.0, the pass has a wgmma kernel for the head dim
-// (the forward for 64, 128 and 256, the backward for 64 and 128), and the pass's override
+// (the forward for 64, 96, 128 and 256, the backward for 64 and 128), and the pass's override
 // does not force mma.sync.
 bool wgmma_usable([[maybe_unused]] bool has_kernel, [[maybe_unused]] bool mma_sync_forced) {
 #ifdef FLASHGPT_ATTN_SM90A
@@ -178,7 +178,7 @@ int current_device_sm_count() { return device_attribute<cudaDevAttrMultiProcesso
 // (notes, v5 and v8, separate runs). Each override is read once.
 bool fwd_wgmma_selected(int head_dim) {
   static const bool forced = env_forces_mma_sync("FLASHGPT_ATTN_FWD_KERNEL");
-  return wgmma_usable(head_dim == 64 || head_dim == 128 || head_dim == 256, forced);
+  return wgmma_usable(head_dim == 64 || head_dim == 96 || head_dim == 128 || head_dim == 256, forced);
 }
 bool bwd_wgmma_selected(int head_dim) {
   static const bool forced = env_forces_mma_sync("FLASHGPT_ATTN_BWD_KERNEL");

@@ -125,15 +125,21 @@ template <> struct WgmmaTileConfig<128> {
   static constexpr bool kOverlap = FLASHGPT_WGMMA128_OVERLAP != 0;
   static constexpr int kBwdBlockM = 64;
 };
-// d256: the forward only (the backward runs the mma.sync kernel). 128 query rows x 256 of O
-// take 128 accumulator registers a thread; K and V tiles of 64 keys keep shared memory at 193 KB.
+// d96 and d256: the forward only (the backward runs the mma.sync kernel). d96 stores rows as
+// d128 does (two swizzle blocks, the second half used) and takes d128's tiles.
+template <> struct WgmmaTileConfig<96> {
+  static constexpr int kBlockN = FLASHGPT_WGMMA128_BLOCK_N, kWarpgroups = FLASHGPT_WGMMA128_WARPGROUPS;
+  static constexpr bool kOverlap = false;
+};
+// d256: 128 query rows x 256 of O take 128 accumulator registers a thread; K and V tiles of
+// 64 keys keep shared memory at 193 KB.
 template <> struct WgmmaTileConfig<256> {
   static constexpr int kBlockN = FLASHGPT_WGMMA256_BLOCK_N, kWarpgroups = 2;
   static constexpr bool kOverlap = false;
 };
 
 // Whether the launcher uses the wgmma forward: the build has sm_90a code (FLASHGPT_ATTN_SM90A),
-// the device is compute capability 9.0, the head dim is 64, 128 or 256, and FLASHGPT_ATTN_FWD_KERNEL
+// the device is compute capability 9.0, the head dim is 64, 96, 128 or 256, and FLASHGPT_ATTN_FWD_KERNEL
 // is not mma_sync; the mma.sync kernel otherwise. Defined in attention_cuda.cc.
 bool fwd_wgmma_selected(int head_dim);
 // The same for the backward main kernel, head dims 64 and 128 (FLASHGPT_ATTN_BWD_KERNEL=mma_sync

@@ -368,9 +368,10 @@ std::vector<Case> compiled_cases(std::vector<Case> cases) {
   return out;
 }
 
-// Says which kernels the other tests exercise: on an H100 with an sm_90a build, wgmma (the
-// forward of d64, d128 and d256, the backward of d64 and d128, with or without dropout), unless FLASHGPT_ATTN_FWD_KERNEL / FLASHGPT_ATTN_BWD_KERNEL
-// is mma_sync (the ctest attention_cuda_test_mma_sync sets both); mma.sync everywhere else.
+// Says which kernels the other tests exercise: on an H100 with an sm_90a build, wgmma for the
+// forward of d64, d96, d128 and d256 and the backward of d64 and d128 (with or without
+// dropout), unless FLASHGPT_ATTN_FWD_KERNEL / FLASHGPT_ATTN_BWD_KERNEL is mma_sync (the ctest
+// attention_cuda_test_mma_sync sets both); mma.sync everywhere else.
 TEST(AttentionCuda, ReportsKernels) {
   auto forced = [](const char* var) {
     const char* v = std::getenv(var);
@@ -381,7 +382,7 @@ TEST(AttentionCuda, ReportsKernels) {
     if (!attention_cuda_head_dim_compiled(d)) continue;
     const std::string_view fwd = attention_cuda_forward_kernel(d), bwd = attention_cuda_backward_kernel(d);
     std::printf("[ info ] head_dim %d forward kernel: %s, backward kernel: %s\n", d, fwd.data(), bwd.data());
-    const bool hopper_dim = d == 64 || d == 128, hopper_fwd_dim = hopper_dim || d == 256;
+    const bool hopper_dim = d == 64 || d == 128, hopper_fwd_dim = hopper_dim || d == 96 || d == 256;
     if (fwd_forced || !hopper_fwd_dim) {
       EXPECT_EQ(fwd, "mma.sync") << "head_dim " << d;
     } else {
@@ -423,6 +424,12 @@ TEST(AttentionCuda, ForwardBackwardMatchReference) {
       {"d32 s100", 1, 100, 100, 2, 2, 32, causal, 0.0f, bf, {}, {}},
       {"d96 s100", 1, 100, 100, 2, 2, 96, causal, 0.0f, bf, {}, {}},
       {"d256 s100", 1, 100, 100, 2, 2, 256, causal, 0.0f, bf, {}, {}},
+      // d96 and d256 forwards on wgmma: d96's padded rows, several key blocks with partial ones.
+      {"d96 sq 300 sk 517 GQA fp16", 1, 300, 517, 4, 2, 96, none, 0.0f, fp, {}, {}},
+      {"d96 s257 causal dropout", 2, 257, 257, 2, 2, 96, causal, 0.1f, bf, {}, {}},
+      {"d96 varlen empty", 0, 0, 0, 2, 2, 96, causal, 0.0f, bf, {40, 0, 150}, {40, 7, 170}},
+      {"d256 sq 513 sk 300 causal (empty rows)", 1, 513, 300, 2, 1, 256, causal, 0.0f, bf, {}, {}},
+      {"d256 s200 dropout fp16", 1, 200, 200, 2, 2, 256, none, 0.1f, fp, {}, {}},
   });
   for (const Case& c : cases) {
     SCOPED_TRACE(c.name);

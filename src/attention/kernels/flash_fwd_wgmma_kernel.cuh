@@ -35,13 +35,18 @@ struct FwdWgmmaTraits {
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int kBlockM = 64 * kWarpgroups;
   static constexpr int kNTilesS = kBlockN / 8;   // n8 tiles of S per thread
-  static constexpr int kNTilesO = kHeadDim / 8;  // n8 tiles of O per thread
+  // Rows are stored as whole 64-element (128-byte) swizzle blocks: d96 takes two, the second
+  // half used. The S GEMM runs over the kHeadDim columns; P V over kHeadDimPad (its N must
+  // cover whole swizzle rows of V), and O's pad columns, made from V's unwritten pad, are
+  // never written out.
+  static constexpr int kHeadDimPad = (kHeadDim + 63) / 64 * 64;
+  static constexpr int kNTilesO = kHeadDimPad / 8;  // n8 tiles of O per thread, pad included
   static_assert(sizeof(Element) == 2, "the V transpose bit and the 64-element swizzle rows assume 16-bit types");
-  static_assert(kHeadDim % 64 == 0, "rows are stored as 64-element (128-byte) swizzle blocks");
+  static_assert(kHeadDim % 32 == 0, "the S GEMM takes k16 steps and loads move 16-byte chunks");
   static_assert(kBlockN % 16 == 0 && kBlockN >= 64 && kBlockN <= 256,
                 "wgmma N is a multiple of 8 up to 256, and P V consumes k16 slices of the key block");
-  static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
-  static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
+  static constexpr int kTileQBytes = kBlockM * kHeadDimPad * 2;
+  static constexpr int kTileKVBytes = kBlockN * kHeadDimPad * 2;
   static_assert(kTileQBytes % 1024 == 0 && kTileKVBytes % 1024 == 0, "tiles must stay 1024-byte aligned");
   // Q, K x 2, V x 2, plus slack to round the dynamic shared memory base up to 1024 bytes.
   static constexpr size_t kSmemBytes = 1024 + kTileQBytes + 4 * size_t{kTileKVBytes};
@@ -125,8 +130,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t sQ = (smem_u32(smem_raw) + 1023u) & ~1023u;
-  const uint32_t sK = sQ + Traits::kTileQBytes;       // [2][kHeadDim / 64][kBlockN][64]
-  const uint32_t sV = sK + 2 * Traits::kTileKVBytes;  // [2][kHeadDim / 64][kBlockN][64]
+  const uint32_t sK = sQ + Traits::kTileQBytes;       // [2][kHeadDimPad / 64][kBlockN][64]
+  const uint32_t sV = sK + 2 * Traits::kTileKVBytes;  // [2][kHeadDimPad / 64][kBlockN][64]
 
   const bool causal = p.mask == Mask::causal;
   // Causal: the last query blocks see the most keys; handing them out first (CTAs start in
@@ -340,7 +345,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
     const int row_local = row_local0 + 8 * r;
     const float inv = sum > 0.0f ? keep_scale / sum : 0.0f;
 #pragma unroll
-    for (int i = 0; i < kNTilesO; ++i)
+    for (int i = 0; i < kHeadDim / 8; ++i)  // O's real columns only
       Staged::put(s_o, row_local, i * 8 + 2 * t, Ops::pack(acc_o[i][2 * r] * inv, acc_o[i][2 * r + 1] * inv));
     if (t == 0 && m0 + row_local < seq.seqlen_q)
       gLse[row_local] = sum > 0.0f ? row_max[r] * scale + logf(sum) : INFINITY;

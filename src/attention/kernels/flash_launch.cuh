@@ -50,7 +50,7 @@ bool launch_flash_fwd(Kernel kernel, const AttentionParams& p, float scale, cuda
 
 template <int kHeadDim, typename Element>
 void run_flash_fwd(const AttentionParams& p, float scale, cudaStream_t stream) {
-  if constexpr (kHeadDim == 64 || kHeadDim == 128 || kHeadDim == 256) {
+  if constexpr (kHeadDim == 64 || kHeadDim == 96 || kHeadDim == 128 || kHeadDim == 256) {
     if (fwd_wgmma_selected(kHeadDim)) {
       using Traits = FwdWgmmaTraitsFor<kHeadDim, Element>;
       if (launch_flash_fwd<Traits>(flash_fwd_wgmma_kernel<Traits>, p, scale, stream))
