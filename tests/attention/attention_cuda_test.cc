@@ -442,7 +442,7 @@ TEST(AttentionCuda, ForwardBackwardMatchReference) {
 //   compute-sanitizer --tool racecheck attention_cuda_test --gtest_filter=*SmallShapes*
 TEST(AttentionCuda, SmallShapesForSanitizer) {
   const auto bf = DType::bf16;
-  for (int d : {64, 128}) {
+  for (int d : {32, 64, 96, 128, 256}) {
     if (!attention_cuda_head_dim_compiled(d)) continue;
     run_case({"small causal gqa dropout", 2, 70, 90, 4, 2, d, Mask::causal, 0.2f, bf, {}, {}}, true,
              Determinism::fast, 5, /*compare=*/false);
