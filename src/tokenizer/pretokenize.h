@@ -9,15 +9,99 @@
 
 #include "tokenizer/unicode.h"
 
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <optional>
 #include <string_view>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace flashgpt {
 
 enum class PatternKind { r50k, cl100k, o200k };
+
+// The byte classes of 64 bytes of valid UTF-8, bit k for byte k: the ASCII classes, and the
+// two-byte letters U+00C0..U+027F (all of them letters but U+00D7 and U+00F7), which are
+// 98% of the non-ASCII characters of European text. The other non-ASCII bytes are in no
+// class; the masks are clean there (no ASCII class marks a byte >= 0x80).
+struct BlockClasses {
+  uint64_t ascii;       // < 0x80
+  uint64_t letter;      // A-Z a-z
+  uint64_t digit;       // 0-9
+  uint64_t newline;     // \r \n
+  uint64_t space;       // the rest of \s: \t \v \f and ' '
+  uint64_t blank;       // ' ' alone
+  uint64_t apostrophe;  // '
+  uint64_t latin;       // both bytes of a letter in U+00C0..U+027F (a lead in the last byte counts)
+};
+
+// One byte at a time: the reference, and the path where SSE2 is missing.
+inline BlockClasses block_classify_portable(const uint8_t* p) {
+  BlockClasses b{};
+  for (int k = 0; k < 64; ++k) {
+    uint8_t c = p[k];
+    uint64_t bit = uint64_t(1) << k;
+    uint8_t folded = c | 0x20;
+    if (c < 0x80) b.ascii |= bit;
+    if (folded >= 'a' && folded <= 'z') b.letter |= bit;
+    if (c >= '0' && c <= '9') b.digit |= bit;
+    if (c == '\r' || c == '\n') b.newline |= bit;
+    if (c == ' ' || c == '\t' || c == '\v' || c == '\f') b.space |= bit;
+    if (c == ' ') b.blank |= bit;
+    if (c == '\'') b.apostrophe |= bit;
+    if (c >= 0xC3 && c <= 0xC9) {
+      bool times_or_divide = k < 63 && c == 0xC3 && (p[k + 1] == 0x97 || p[k + 1] == 0xB7);
+      if (!times_or_divide) b.latin |= bit | (bit << 1);  // the shift drops bit 64
+    }
+  }
+  return b;
+}
+
+#if defined(__SSE2__)
+// 16 bytes per step; a class is a range test done as one signed compare after moving the
+// range's first byte to -128. The two-byte letters take a second pass, in blocks that are
+// not all ASCII.
+inline BlockClasses block_classify(const uint8_t* p) {
+  auto in_range = [](__m128i v, uint8_t first, uint8_t count) {
+    return _mm_cmplt_epi8(_mm_add_epi8(v, _mm_set1_epi8(char(uint8_t(0x80 - first)))),
+                          _mm_set1_epi8(char(uint8_t(0x80 + count))));
+  };
+  auto load = [&](int k) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * k)); };
+  auto bits = [](__m128i m, int k) { return uint64_t(uint32_t(_mm_movemask_epi8(m))) << (16 * k); };
+  BlockClasses b{};
+  uint64_t whitespace = 0;  // \t \n \v \f \r
+  for (int k = 0; k < 4; ++k) {
+    __m128i v = load(k);
+    b.ascii |= bits(v, k);
+    b.letter |= bits(in_range(_mm_or_si128(v, _mm_set1_epi8(0x20)), 'a', 26), k);
+    b.digit |= bits(in_range(v, '0', 10), k);
+    whitespace |= bits(in_range(v, '\t', 5), k);
+    b.newline |= bits(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('\n')), _mm_cmpeq_epi8(v, _mm_set1_epi8('\r'))), k);
+    b.blank |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8(' ')), k);
+    b.apostrophe |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8('\'')), k);
+  }
+  b.ascii = ~b.ascii;
+  b.space = (whitespace & ~b.newline) | b.blank;
+  if (b.ascii != ~uint64_t(0)) {
+    uint64_t lead = 0, c3 = 0, not_letter = 0;  // C3..C9; C3; 97 or B7 (after C3: U+00D7, U+00F7)
+    for (int k = 0; k < 4; ++k) {
+      __m128i v = load(k);
+      lead |= bits(in_range(v, 0xC3, 7), k);
+      c3 |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8(char(0xC3))), k);
+      not_letter |= bits(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8(char(0x97))), _mm_cmpeq_epi8(v, _mm_set1_epi8(char(0xB7)))), k);
+    }
+    lead &= ~(c3 & (not_letter >> 1));
+    b.latin = lead | (lead << 1);
+  }
+  return b;
+}
+#else
+inline BlockClasses block_classify(const uint8_t* p) { return block_classify_portable(p); }
+#endif
 
 struct PatternSpec {
   PatternKind kind = PatternKind::cl100k;
@@ -61,6 +145,25 @@ class Pretokenizer {
         while (i < n_) { size_t e = r50k_piece_end(i); emit(i, e); i = e; }
         break;
       case PatternKind::cl100k:
+        while (i + 64 <= n_) {
+          BlockCut block = cl100k_block(i);
+          if (block.cut == 0) {
+            // No final piece boundary among the block's leading ASCII bytes: the matcher
+            // takes the pieces up to the block's last non-ASCII byte.
+            size_t stop = i + block.scalar_until;
+            while (i < stop) { size_t e = cl100k_piece_end(i); emit(i, e); i = e; }
+            continue;
+          }
+          uint64_t starts = block.starts & ((uint64_t(1) << block.cut) - 1);
+          size_t begin = i;
+          for (starts &= starts - 1; starts != 0; starts &= starts - 1) {
+            size_t end = i + size_t(std::countr_zero(starts));
+            emit(begin, end);
+            begin = end;
+          }
+          i += block.cut;
+          emit(begin, i);
+        }
         while (i < n_) { size_t e = cl100k_piece_end(i); emit(i, e); i = e; }
         break;
       case PatternKind::o200k:
@@ -69,7 +172,87 @@ class Pretokenizer {
     }
   }
 
+  // The same pieces from the character-at-a-time matcher alone: the reference that the
+  // block path of for_each_piece is tested against.
+  template <class Emit>
+  void for_each_piece_scalar(Emit&& emit) const {
+    for (size_t i = 0; i < n_;) {
+      size_t e = piece_end(i);
+      emit(i, e);
+      i = e;
+    }
+  }
+
  private:
+  // The piece starts among 64 bytes from a piece start, and how far they are final.
+  struct BlockCut {
+    uint64_t starts;        // bit k: a piece starts at byte k of the block (bit 0 always)
+    unsigned cut;           // the starts below `cut` are final, and a piece starts at cut; 0: none
+    unsigned scalar_until;  // when cut is 0: past the block's last non-ASCII byte, or 64
+  };
+
+  // cl100k's pieces in the classed bytes of the 64 at i (a piece start, i + 64 <= n_), all at
+  // once with bit operations on class masks; each rule below is the pattern's alternatives
+  // worked out for a byte of that class from its neighbours (what cl100k_piece_end does one
+  // piece at a time). A start at byte k depends on bytes k-2..k+1, except in whitespace runs
+  // (on where the run ends), so the starts are final below a `cut`: a letter or a digit
+  // followed by a byte of another class, both classed. A two-byte letter is two letter bytes:
+  // no rule starts a piece at a letter after a letter.
+  [[gnu::always_inline]] BlockCut cl100k_block(size_t i) const {
+    BlockClasses b = block_classify(s_ + i);
+    auto prev = [](uint64_t x) { return x << 1; };  // bit k: byte k-1 is in x
+    auto next = [](uint64_t x) { return x >> 1; };  // bit k: byte k+1 is in x
+    const uint64_t L = b.letter | b.latin, D = b.digit, NL = b.newline, R = b.space;
+    const uint64_t W = NL | R, O = ~(L | D | W);  // O: [^\s\p{L}\p{N}] (and unclassed bytes)
+    // Before the first byte in no class; cuts only there.
+    const uint64_t unclassed = ~(b.ascii | b.latin);
+    const uint64_t known = unclassed == 0 ? ~uint64_t(0) : (uint64_t(1) << std::countr_zero(unclassed)) - 1;
+    const uint64_t cuts = ((prev(L) & ~L) | (prev(D) & ~D)) & known;
+    if (cuts == 0) {
+      // (A word, a number or a whitespace or punctuation run over the whole block, or a
+      // character in no class near its start.)
+      unsigned until = unclassed == 0 ? 64 : 64 - unsigned(std::countl_zero(unclassed));
+      return {0, 0, until};
+    }
+    // ' ?[^\s\p{L}\p{N}]+': a run of O starts a piece unless a ' ' before it takes it.
+    const uint64_t start_o = O & ~prev(O | b.blank);
+    // '[^\r\n\p{L}\p{N}]?\p{L}+': letters start after a digit or a newline, and after an O
+    // that is inside a run; an O that starts a piece, or whitespace before the letters
+    // (always the last byte of its run, where a piece starts), is their prefix.
+    const uint64_t start_l = L & prev(D | NL | (O & ~start_o));
+    // '\p{N}{1,3}': every third digit of a run.
+    uint64_t start_d = D & ~prev(D);
+    const uint64_t digit3 = D & prev(D) & prev(prev(D));
+    for (uint64_t group = start_d; (group = (group << 3) & digit3) != 0;) start_d |= group;
+    // '[\r\n]*' after an O run takes the newlines right after it.
+    const uint64_t eaten = NL & ~(NL + (NL & prev(O)));
+    // '\s*[\r\n]+' ends after a run's last newline: newlines start a piece only after a
+    // letter or a digit (after whitespace or an O they belong to the piece before).
+    const uint64_t start_nl = NL & ~prev(W | O);
+    // Other whitespace starts a piece where a run begins (after L, D, O or eaten newlines),
+    // and at its last byte before a non-space ('\s+(?!\S)' leaves it for the next piece).
+    uint64_t start_r = R & (prev(L | D | O | eaten) | (prev(R) & next(L | D | O)));
+    // After a newline that is not eaten, where the newline piece ended: only when no newline
+    // follows in the run (smeared back through the run of spaces).
+    if (const uint64_t after_newline = R & prev(NL & ~eaten)) {
+      uint64_t before_newline = R & next(NL), run = R;
+      for (int shift = 1; shift < 64; shift *= 2) {
+        before_newline |= (before_newline >> shift) & run;
+        run &= run >> shift;
+      }
+      start_r |= after_newline & ~before_newline;
+    }
+    uint64_t starts = start_o | start_l | start_d | start_nl | start_r | 1;
+    // "'(?i:s|t|re|ve|m|ll|d)" comes first where a ' starts a piece: the letters after it
+    // start a new one.
+    for (uint64_t quotes = b.apostrophe & start_o; quotes != 0; quotes &= quotes - 1) {
+      size_t k = size_t(std::countr_zero(quotes));
+      if (size_t e = contraction_end(i + k, /*case_insensitive=*/true); e != 0 && e - i < 64)
+        starts |= uint64_t(1) << (e - i);
+    }
+    return {starts, 63 - unsigned(std::countl_zero(cuts)), 0};
+  }
+
   struct Char {
     uint8_t flags;
     uint8_t length;
