@@ -36,7 +36,10 @@ struct BlockClasses {
   uint64_t space;       // the rest of \s: \t \v \f and ' '
   uint64_t blank;       // ' ' alone
   uint64_t apostrophe;  // '
+  uint64_t slash;       // /
   uint64_t latin;       // both bytes of a letter in U+00C0..U+027F (a lead in the last byte counts)
+  uint64_t latin1;      // the same in U+00C0..U+00FF
+  uint64_t lower;       // a-z, and both bytes of U+00DF..U+00FF (\p{Ll} there; the rest is \p{Lu})
 };
 
 // One byte at a time: the reference, and the path where SSE2 is missing.
@@ -53,9 +56,14 @@ inline BlockClasses block_classify_portable(const uint8_t* p) {
     if (c == ' ' || c == '\t' || c == '\v' || c == '\f') b.space |= bit;
     if (c == ' ') b.blank |= bit;
     if (c == '\'') b.apostrophe |= bit;
+    if (c == '/') b.slash |= bit;
+    if (c >= 'a' && c <= 'z') b.lower |= bit;
     if (c >= 0xC3 && c <= 0xC9) {
       bool times_or_divide = k < 63 && c == 0xC3 && (p[k + 1] == 0x97 || p[k + 1] == 0xB7);
-      if (!times_or_divide) b.latin |= bit | (bit << 1);  // the shift drops bit 64
+      if (times_or_divide) continue;
+      b.latin |= bit | (bit << 1);  // the shift drops bit 64
+      if (c == 0xC3) b.latin1 |= bit | (bit << 1);
+      if (c == 0xC3 && (k == 63 || p[k + 1] >= 0x9F)) b.lower |= bit | (bit << 1);
     }
   }
   return b;
@@ -78,24 +86,31 @@ inline BlockClasses block_classify(const uint8_t* p) {
     __m128i v = load(k);
     b.ascii |= bits(v, k);
     b.letter |= bits(in_range(_mm_or_si128(v, _mm_set1_epi8(0x20)), 'a', 26), k);
+    b.lower |= bits(in_range(v, 'a', 26), k);
     b.digit |= bits(in_range(v, '0', 10), k);
     whitespace |= bits(in_range(v, '\t', 5), k);
     b.newline |= bits(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8('\n')), _mm_cmpeq_epi8(v, _mm_set1_epi8('\r'))), k);
     b.blank |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8(' ')), k);
     b.apostrophe |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8('\'')), k);
+    b.slash |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8('/')), k);
   }
   b.ascii = ~b.ascii;
   b.space = (whitespace & ~b.newline) | b.blank;
   if (b.ascii != ~uint64_t(0)) {
-    uint64_t lead = 0, c3 = 0, not_letter = 0;  // C3..C9; C3; 97 or B7 (after C3: U+00D7, U+00F7)
+    // C3..C9; C3; 97 or B7 (after C3: U+00D7, U+00F7); 80..9E (after C3: U+00C0..U+00DE)
+    uint64_t lead = 0, c3 = 0, not_letter = 0, upper = 0;
     for (int k = 0; k < 4; ++k) {
       __m128i v = load(k);
       lead |= bits(in_range(v, 0xC3, 7), k);
       c3 |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8(char(0xC3))), k);
       not_letter |= bits(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8(char(0x97))), _mm_cmpeq_epi8(v, _mm_set1_epi8(char(0xB7)))), k);
+      upper |= bits(in_range(v, 0x80, 0x1F), k);
     }
     lead &= ~(c3 & (not_letter >> 1));
     b.latin = lead | (lead << 1);
+    const uint64_t lead1 = lead & c3, lower1 = lead1 & ~(upper >> 1);
+    b.latin1 = lead1 | (lead1 << 1);
+    b.lower |= lower1 | (lower1 << 1);
   }
   return b;
 }
@@ -139,36 +154,13 @@ class Pretokenizer {
   // Calls emit(begin, end) for every piece in order.
   template <class Emit>
   void for_each_piece(Emit&& emit) const {
-    size_t i = 0;
     switch (spec_.kind) {
       case PatternKind::r50k:
-        while (i < n_) { size_t e = r50k_piece_end(i); emit(i, e); i = e; }
-        break;
+        return pieces_by_block<&Pretokenizer::r50k_block, &Pretokenizer::r50k_piece_end>(emit);
       case PatternKind::cl100k:
-        while (i + 64 <= n_) {
-          BlockCut block = cl100k_block(i);
-          if (block.cut == 0) {
-            // No final piece boundary among the block's leading ASCII bytes: the matcher
-            // takes the pieces up to the block's last non-ASCII byte.
-            size_t stop = i + block.scalar_until;
-            while (i < stop) { size_t e = cl100k_piece_end(i); emit(i, e); i = e; }
-            continue;
-          }
-          uint64_t starts = block.starts & ((uint64_t(1) << block.cut) - 1);
-          size_t begin = i;
-          for (starts &= starts - 1; starts != 0; starts &= starts - 1) {
-            size_t end = i + size_t(std::countr_zero(starts));
-            emit(begin, end);
-            begin = end;
-          }
-          i += block.cut;
-          emit(begin, i);
-        }
-        while (i < n_) { size_t e = cl100k_piece_end(i); emit(i, e); i = e; }
-        break;
+        return pieces_by_block<&Pretokenizer::cl100k_block, &Pretokenizer::cl100k_piece_end>(emit);
       case PatternKind::o200k:
-        while (i < n_) { size_t e = o200k_piece_end(i); emit(i, e); i = e; }
-        break;
+        return pieces_by_block<&Pretokenizer::o200k_block, &Pretokenizer::o200k_piece_end>(emit);
     }
   }
 
@@ -191,6 +183,54 @@ class Pretokenizer {
     unsigned scalar_until;  // when cut is 0: past the block's last non-ASCII byte, or 64
   };
 
+  // Blocks of 64 bytes while they last; the matcher where a block has no final boundary
+  // (other non-ASCII characters, runs longer than a block) and for the last 63 bytes.
+  template <BlockCut (Pretokenizer::*kBlock)(size_t) const, size_t (Pretokenizer::*kPieceEnd)(size_t) const,
+            class Emit>
+  [[gnu::always_inline]] void pieces_by_block(Emit&& emit) const {
+    size_t i = 0;
+    while (i + 64 <= n_) {
+      BlockCut block = (this->*kBlock)(i);
+      if (block.cut == 0) {
+        size_t stop = i + block.scalar_until;
+        while (i < stop) { size_t e = (this->*kPieceEnd)(i); emit(i, e); i = e; }
+        continue;
+      }
+      uint64_t starts = block.starts & ((uint64_t(1) << block.cut) - 1);
+      size_t begin = i;
+      for (starts &= starts - 1; starts != 0; starts &= starts - 1) {
+        size_t end = i + size_t(std::countr_zero(starts));
+        emit(begin, end);
+        begin = end;
+      }
+      i += block.cut;
+      emit(begin, i);
+    }
+    while (i < n_) { size_t e = (this->*kPieceEnd)(i); emit(i, e); i = e; }
+  }
+
+  // The last cut, or where the matcher takes over when there is none. `cuts`: offsets where
+  // a piece starts whatever follows, and below which every start is final.
+  static BlockCut block_cut(uint64_t starts, uint64_t cuts, uint64_t unclassed) {
+    if (cuts == 0) {
+      // (A word, a number or a whitespace or punctuation run over the whole block, or a
+      // character in no class near its start.)
+      unsigned until = unclassed == 0 ? 64 : 64 - unsigned(std::countl_zero(unclassed));
+      return {0, 0, until};
+    }
+    return {starts, 63 - unsigned(std::countl_zero(cuts)), 0};
+  }
+  // `starts` with bytes from..end-1 of a contraction inside a piece, and a piece at `end`.
+  static uint64_t block_contraction(uint64_t starts, size_t from, size_t end) {
+    uint64_t below_end = end < 64 ? (uint64_t(1) << end) - 1 : ~uint64_t(0);
+    uint64_t below_from = from < 64 ? (uint64_t(1) << from) - 1 : ~uint64_t(0);
+    return (starts & ~(below_end & ~below_from)) | (end < 64 ? uint64_t(1) << end : 0);
+  }
+  // Bytes before the first unclassed one.
+  static uint64_t block_known(uint64_t unclassed) {
+    return unclassed == 0 ? ~uint64_t(0) : (uint64_t(1) << std::countr_zero(unclassed)) - 1;
+  }
+
   // cl100k's pieces in the classed bytes of the 64 at i (a piece start, i + 64 <= n_), all at
   // once with bit operations on class masks; each rule below is the pattern's alternatives
   // worked out for a byte of that class from its neighbours (what cl100k_piece_end does one
@@ -206,14 +246,8 @@ class Pretokenizer {
     const uint64_t W = NL | R, O = ~(L | D | W);  // O: [^\s\p{L}\p{N}] (and unclassed bytes)
     // Before the first byte in no class; cuts only there.
     const uint64_t unclassed = ~(b.ascii | b.latin);
-    const uint64_t known = unclassed == 0 ? ~uint64_t(0) : (uint64_t(1) << std::countr_zero(unclassed)) - 1;
-    const uint64_t cuts = ((prev(L) & ~L) | (prev(D) & ~D)) & known;
-    if (cuts == 0) {
-      // (A word, a number or a whitespace or punctuation run over the whole block, or a
-      // character in no class near its start.)
-      unsigned until = unclassed == 0 ? 64 : 64 - unsigned(std::countl_zero(unclassed));
-      return {0, 0, until};
-    }
+    const uint64_t cuts = ((prev(L) & ~L) | (prev(D) & ~D)) & block_known(unclassed);
+    if (cuts == 0) return block_cut(0, 0, unclassed);
     // ' ?[^\s\p{L}\p{N}]+': a run of O starts a piece unless a ' ' before it takes it.
     const uint64_t start_o = O & ~prev(O | b.blank);
     // '[^\r\n\p{L}\p{N}]?\p{L}+': letters start after a digit or a newline, and after an O
@@ -250,7 +284,88 @@ class Pretokenizer {
       if (size_t e = contraction_end(i + k, /*case_insensitive=*/true); e != 0 && e - i < 64)
         starts |= uint64_t(1) << (e - i);
     }
-    return {starts, 63 - unsigned(std::countl_zero(cuts)), 0};
+    return block_cut(starts, cuts, unclassed);
+  }
+
+  // r50k in the same way: ' ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+' each take a ' ' before
+  // them (the last byte of its whitespace run, where a piece always starts), and
+  // '\s+(?!\S)|\s+' leaves a run's last byte for the next piece when one follows.
+  [[gnu::always_inline]] BlockCut r50k_block(size_t i) const {
+    BlockClasses b = block_classify(s_ + i);
+    auto prev = [](uint64_t x) { return x << 1; };
+    auto next = [](uint64_t x) { return x >> 1; };
+    const uint64_t L = b.letter | b.latin, D = b.digit, W = b.newline | b.space, O = ~(L | D | W);
+    const uint64_t unclassed = ~(b.ascii | b.latin);
+    const uint64_t cuts = ((prev(L) & ~L) | (prev(D) & ~D)) & block_known(unclassed);
+    if (cuts == 0) return block_cut(0, 0, unclassed);
+    const uint64_t start_o = O & ~prev(O | b.blank);
+    uint64_t starts = (L & ~prev(L | b.blank)) | (D & ~prev(D | b.blank)) | start_o |
+                      (W & ~(prev(W) & ~next(L | D | O))) | 1;
+    // "'s|'t|'re|'ve|'m|'ll|'d" comes first where a ' starts a piece: its letters start no
+    // piece (there is no prefix before letters here but ' '), the byte after it does.
+    for (uint64_t quotes = b.apostrophe & start_o; quotes != 0; quotes &= quotes - 1) {
+      size_t k = size_t(std::countr_zero(quotes));
+      if (size_t e = contraction_end(i + k, /*case_insensitive=*/false); e != 0)
+        starts = block_contraction(starts, k + 1, e - i);
+    }
+    return block_cut(starts, cuts, unclassed);
+  }
+
+  // o200k in the same way, with the letters of U+00C0..U+00FF only (upper or lower case is
+  // all that matters there: [Upper]*[Lower]+|[Upper]+[Lower]* splits a letter run before
+  // an upper-case letter that follows a lower-case one). Differences to cl100k: a
+  // contraction is a suffix, taken right after the letters ("'s" after a letter is no piece
+  // start), and an O run takes the newlines and '/' after it ('[\r\n/]*').
+  [[gnu::always_inline]] BlockCut o200k_block(size_t i) const {
+    BlockClasses b = block_classify(s_ + i);
+    auto prev = [](uint64_t x) { return x << 1; };
+    auto next = [](uint64_t x) { return x >> 1; };
+    const uint64_t L = b.letter | b.latin1, lower = b.lower, upper = L & ~lower;
+    const uint64_t D = b.digit, NL = b.newline, R = b.space;
+    const uint64_t W = NL | R, O = ~(L | D | W);
+    const uint64_t unclassed = ~(b.ascii | b.latin1);
+    // A ' after a letter may be a contraction that continues the word: no cut there.
+    const uint64_t cuts = ((prev(L) & ~L & ~b.apostrophe) | (prev(D) & ~D)) & block_known(unclassed);
+    if (cuts == 0) return block_cut(0, 0, unclassed);
+    // '[\r\n/]*': the newlines and '/' from a newline right after an O run (a '/' is an O
+    // itself) to the next other byte are the run's (smeared forward through that run).
+    uint64_t eaten = NL & prev(O);
+    if (eaten != 0) {
+      uint64_t run = NL | b.slash;
+      for (int shift = 1; shift < 64; shift *= 2) {
+        eaten |= (eaten << shift) & run;
+        run &= run << shift;
+      }
+    }
+    const uint64_t start_o = O & ~eaten & ~prev((O & ~eaten) | b.blank);
+    const uint64_t after_break = prev(D | NL | (O & ~start_o));  // no prefix before a letter here
+    const uint64_t start_l = (upper & (after_break | prev(lower))) | (lower & after_break);
+    uint64_t start_d = D & ~prev(D);
+    const uint64_t digit3 = D & prev(D) & prev(prev(D));
+    for (uint64_t group = start_d; (group = (group << 3) & digit3) != 0;) start_d |= group;
+    const uint64_t start_nl = NL & ~prev(W | O);
+    uint64_t start_r = R & (prev(L | D | O | eaten) | (prev(R) & next(L | D | O)));
+    if (const uint64_t after_newline = R & prev(NL & ~eaten)) {
+      uint64_t before_newline = R & next(NL), run = R;
+      for (int shift = 1; shift < 64; shift *= 2) {
+        before_newline |= (before_newline >> shift) & run;
+        run &= run >> shift;
+      }
+      start_r |= after_newline & ~before_newline;
+    }
+    uint64_t starts = start_o | start_l | start_d | start_nl | start_r | 1;
+    // "(?i:'s|'t|'re|'ve|'m|'ll|'d)?" right after the letters: the ' is the word's, and a
+    // piece starts after the contraction (also where a ' follows: one contraction a word).
+    uint64_t contraction_ends = 0;
+    for (uint64_t quotes = b.apostrophe & prev(L); quotes != 0; quotes &= quotes - 1) {
+      size_t k = size_t(std::countr_zero(quotes));
+      if (contraction_ends >> k & 1) continue;
+      if (size_t e = contraction_end(i + k, /*case_insensitive=*/true); e != 0) {
+        starts = block_contraction(starts, k, e - i);
+        if (e - i < 64) contraction_ends |= uint64_t(1) << (e - i);
+      }
+    }
+    return block_cut(starts, cuts, unclassed);
   }
 
   struct Char {
