@@ -73,7 +73,7 @@ inline BlockClasses block_classify_portable(const uint8_t* p) {
 // 16 bytes per step; a class is a range test done as one signed compare after moving the
 // range's first byte to -128. The two-byte letters take a second pass, in blocks that are
 // not all ASCII.
-inline BlockClasses block_classify(const uint8_t* p) {
+[[gnu::always_inline]] inline BlockClasses block_classify(const uint8_t* p) {
   auto in_range = [](__m128i v, uint8_t first, uint8_t count) {
     return _mm_cmplt_epi8(_mm_add_epi8(v, _mm_set1_epi8(char(uint8_t(0x80 - first)))),
                           _mm_set1_epi8(char(uint8_t(0x80 + count))));
