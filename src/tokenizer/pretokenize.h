@@ -19,6 +19,9 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace flashgpt {
 
@@ -118,6 +121,72 @@ inline BlockClasses block_classify_portable(const uint8_t* p) {
 inline BlockClasses block_classify(const uint8_t* p) { return block_classify_portable(p); }
 #endif
 
+#if defined(__x86_64__)
+#define FLASHGPT_TARGET_AVX2 gnu::target("avx2,bmi,bmi2,lzcnt,popcnt")
+// The same 32 bytes per step, for CPUs with AVX2 (Pretokenizer checks at run time). Not
+// always_inline: GCC refuses that into a caller without the target (the AVX2 loop is
+// flatten instead).
+namespace avx2 {
+[[FLASHGPT_TARGET_AVX2]] inline __m256i in_range(__m256i v, uint8_t first, uint8_t count) {
+  return _mm256_cmpgt_epi8(_mm256_set1_epi8(char(uint8_t(0x80 + count))),
+                           _mm256_add_epi8(v, _mm256_set1_epi8(char(uint8_t(0x80 - first)))));
+}
+[[FLASHGPT_TARGET_AVX2]] inline __m256i equal(__m256i v, char c) { return _mm256_cmpeq_epi8(v, _mm256_set1_epi8(c)); }
+[[FLASHGPT_TARGET_AVX2]] inline __m256i load(const uint8_t* p, int k) {
+  return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * k));
+}
+[[FLASHGPT_TARGET_AVX2]] inline uint64_t bits(__m256i m, int k) {
+  return uint64_t(uint32_t(_mm256_movemask_epi8(m))) << (32 * k);
+}
+}  // namespace avx2
+
+// The same 32 bytes per step, for CPUs with AVX2 (Pretokenizer checks at run time). Not
+// always_inline: GCC refuses that into a caller without the target (the AVX2 loop is
+// flatten instead).
+[[FLASHGPT_TARGET_AVX2]] inline BlockClasses block_classify_avx2(const uint8_t* p) {
+  using namespace avx2;
+  BlockClasses b{};
+  uint64_t whitespace = 0;  // \t \n \v \f \r
+  for (int k = 0; k < 2; ++k) {
+    __m256i v = load(p, k);
+    b.ascii |= bits(v, k);
+    b.letter |= bits(in_range(_mm256_or_si256(v, _mm256_set1_epi8(0x20)), 'a', 26), k);
+    b.lower |= bits(in_range(v, 'a', 26), k);
+    b.digit |= bits(in_range(v, '0', 10), k);
+    whitespace |= bits(in_range(v, '\t', 5), k);
+    b.newline |= bits(_mm256_or_si256(equal(v, '\n'), equal(v, '\r')), k);
+    b.blank |= bits(equal(v, ' '), k);
+    b.apostrophe |= bits(equal(v, '\''), k);
+    b.slash |= bits(equal(v, '/'), k);
+  }
+  b.ascii = ~b.ascii;
+  b.space = (whitespace & ~b.newline) | b.blank;
+  if (b.ascii != ~uint64_t(0)) {
+    uint64_t lead = 0, c3 = 0, not_letter = 0, upper = 0;
+    for (int k = 0; k < 2; ++k) {
+      __m256i v = load(p, k);
+      lead |= bits(in_range(v, 0xC3, 7), k);
+      c3 |= bits(equal(v, char(0xC3)), k);
+      not_letter |= bits(_mm256_or_si256(equal(v, char(0x97)), equal(v, char(0xB7))), k);
+      upper |= bits(in_range(v, 0x80, 0x1F), k);
+    }
+    lead &= ~(c3 & (not_letter >> 1));
+    b.latin = lead | (lead << 1);
+    const uint64_t lead1 = lead & c3, lower1 = lead1 & ~(upper >> 1);
+    b.latin1 = lead1 | (lead1 << 1);
+    b.lower |= lower1 | (lower1 << 1);
+  }
+  return b;
+}
+
+inline bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("bmi") &&
+                          __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("lzcnt") &&
+                          __builtin_cpu_supports("popcnt");
+  return has;
+}
+#endif
+
 struct PatternSpec {
   PatternKind kind = PatternKind::cl100k;
   // tiktoken's own patterns write contractions as '(?i:[sdmt]|...), whose Unicode case
@@ -133,13 +202,32 @@ std::optional<PatternSpec> pattern_spec_from_string(std::string_view pat_str);
 // tiktoken's own pattern for a known encoding, used when no meta.json is present.
 std::optional<std::string_view> pattern_builtin(std::string_view encoding_name);
 
+// Which classifier the block path uses: the byte loop, SSE2 (where the build has it: every
+// x86-64), AVX2 (x86-64 CPUs that have it).
+enum class BlockIsa { portable, sse2, avx2, best };
+
+inline bool block_isa_available(BlockIsa isa) {
+  switch (isa) {
+    case BlockIsa::portable: return true;
+#if defined(__SSE2__)
+    case BlockIsa::sse2: return true;
+#endif
+#if defined(__x86_64__)
+    case BlockIsa::avx2: return cpu_has_avx2();
+#endif
+    default: return false;
+  }
+}
+
 class Pretokenizer {
  public:
-  Pretokenizer(const PatternSpec& spec, std::string_view text)
+  // `isa` picks the block classifier (the tests run each one); best: AVX2 where the CPU has it.
+  Pretokenizer(const PatternSpec& spec, std::string_view text, BlockIsa isa = BlockIsa::best)
       : spec_(spec),
         s_(reinterpret_cast<const uint8_t*>(text.data())),
         n_(text.size()),
-        table_(unicode::unicode_flag_table()) {}
+        table_(unicode::unicode_flag_table()),
+        isa_(isa == BlockIsa::best ? (block_isa_available(BlockIsa::avx2) ? BlockIsa::avx2 : BlockIsa::sse2) : isa) {}
 
   // Where the piece starting at byte `i` (< size) ends.
   size_t piece_end(size_t i) const {
@@ -154,14 +242,13 @@ class Pretokenizer {
   // Calls emit(begin, end) for every piece in order.
   template <class Emit>
   void for_each_piece(Emit&& emit) const {
-    switch (spec_.kind) {
-      case PatternKind::r50k:
-        return pieces_by_block<&Pretokenizer::r50k_block, &Pretokenizer::r50k_piece_end>(emit);
-      case PatternKind::cl100k:
-        return pieces_by_block<&Pretokenizer::cl100k_block, &Pretokenizer::cl100k_piece_end>(emit);
-      case PatternKind::o200k:
-        return pieces_by_block<&Pretokenizer::o200k_block, &Pretokenizer::o200k_piece_end>(emit);
-    }
+#if defined(__x86_64__)
+    if (isa_ == BlockIsa::avx2) return for_each_piece_avx2(emit);
+#endif
+#if defined(__SSE2__)
+    if (isa_ == BlockIsa::sse2) return for_each_piece_with<block_classify>(emit);
+#endif
+    for_each_piece_with<block_classify_portable>(emit);
   }
 
   // The same pieces from the character-at-a-time matcher alone: the reference that the
@@ -183,14 +270,35 @@ class Pretokenizer {
     unsigned scalar_until;  // when cut is 0: past the block's last non-ASCII byte, or 64
   };
 
+  template <BlockClasses (*kClassify)(const uint8_t*), class Emit>
+  [[gnu::always_inline]] void for_each_piece_with(Emit&& emit) const {
+    switch (spec_.kind) {
+      case PatternKind::r50k:
+        return pieces_by_block<kClassify, &Pretokenizer::r50k_block, &Pretokenizer::r50k_piece_end>(emit);
+      case PatternKind::cl100k:
+        return pieces_by_block<kClassify, &Pretokenizer::cl100k_block, &Pretokenizer::cl100k_piece_end>(emit);
+      case PatternKind::o200k:
+        return pieces_by_block<kClassify, &Pretokenizer::o200k_block, &Pretokenizer::o200k_piece_end>(emit);
+    }
+  }
+#if defined(__x86_64__)
+  // flatten: GCC inlines block_classify_avx2 only this way (an always_inline function
+  // with the target cannot be called from pieces_by_block, which has none); emit is
+  // inlined too unless it is noinline.
+  template <class Emit>
+  [[FLASHGPT_TARGET_AVX2, gnu::flatten]] void for_each_piece_avx2(Emit&& emit) const {
+    for_each_piece_with<block_classify_avx2>(emit);
+  }
+#endif
+
   // Blocks of 64 bytes while they last; the matcher where a block has no final boundary
   // (other non-ASCII characters, runs longer than a block) and for the last 63 bytes.
-  template <BlockCut (Pretokenizer::*kBlock)(size_t) const, size_t (Pretokenizer::*kPieceEnd)(size_t) const,
-            class Emit>
+  template <BlockClasses (*kClassify)(const uint8_t*), BlockCut (Pretokenizer::*kBlock)(size_t, const BlockClasses&) const,
+            size_t (Pretokenizer::*kPieceEnd)(size_t) const, class Emit>
   [[gnu::always_inline]] void pieces_by_block(Emit&& emit) const {
     size_t i = 0;
     while (i + 64 <= n_) {
-      BlockCut block = (this->*kBlock)(i);
+      BlockCut block = (this->*kBlock)(i, kClassify(s_ + i));
       if (block.cut == 0) {
         size_t stop = i + block.scalar_until;
         while (i < stop) { size_t e = (this->*kPieceEnd)(i); emit(i, e); i = e; }
@@ -238,8 +346,7 @@ class Pretokenizer {
   // (on where the run ends), so the starts are final below a `cut`: a letter or a digit
   // followed by a byte of another class, both classed. A two-byte letter is two letter bytes:
   // no rule starts a piece at a letter after a letter.
-  [[gnu::always_inline]] BlockCut cl100k_block(size_t i) const {
-    BlockClasses b = block_classify(s_ + i);
+  [[gnu::always_inline]] BlockCut cl100k_block(size_t i, const BlockClasses& b) const {
     auto prev = [](uint64_t x) { return x << 1; };  // bit k: byte k-1 is in x
     auto next = [](uint64_t x) { return x >> 1; };  // bit k: byte k+1 is in x
     const uint64_t L = b.letter | b.latin, D = b.digit, NL = b.newline, R = b.space;
@@ -290,8 +397,7 @@ class Pretokenizer {
   // r50k in the same way: ' ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+' each take a ' ' before
   // them (the last byte of its whitespace run, where a piece always starts), and
   // '\s+(?!\S)|\s+' leaves a run's last byte for the next piece when one follows.
-  [[gnu::always_inline]] BlockCut r50k_block(size_t i) const {
-    BlockClasses b = block_classify(s_ + i);
+  [[gnu::always_inline]] BlockCut r50k_block(size_t i, const BlockClasses& b) const {
     auto prev = [](uint64_t x) { return x << 1; };
     auto next = [](uint64_t x) { return x >> 1; };
     const uint64_t L = b.letter | b.latin, D = b.digit, W = b.newline | b.space, O = ~(L | D | W);
@@ -316,8 +422,7 @@ class Pretokenizer {
   // an upper-case letter that follows a lower-case one). Differences to cl100k: a
   // contraction is a suffix, taken right after the letters ("'s" after a letter is no piece
   // start), and an O run takes the newlines and '/' after it ('[\r\n/]*').
-  [[gnu::always_inline]] BlockCut o200k_block(size_t i) const {
-    BlockClasses b = block_classify(s_ + i);
+  [[gnu::always_inline]] BlockCut o200k_block(size_t i, const BlockClasses& b) const {
     auto prev = [](uint64_t x) { return x << 1; };
     auto next = [](uint64_t x) { return x >> 1; };
     const uint64_t L = b.letter | b.latin1, lower = b.lower, upper = L & ~lower;
@@ -572,6 +677,7 @@ class Pretokenizer {
   const uint8_t* s_;
   size_t n_;
   const uint8_t* table_;
+  BlockIsa isa_;
 };
 
 }  // namespace flashgpt

@@ -165,6 +165,12 @@ TEST(Pretokenizer, BlockClassesMatchTheTable) {
     for (size_t offset = 0; offset + 64 <= text.size(); ++offset) {
       BlockClasses fast = block_classify(p + offset), slow = block_classify_portable(p + offset);
       ASSERT_EQ(std::memcmp(&fast, &slow, sizeof(fast)), 0) << "trial " << trial << " offset " << offset;
+#if defined(__x86_64__)
+      if (block_isa_available(BlockIsa::avx2)) {
+        BlockClasses wide = block_classify_avx2(p + offset);
+        ASSERT_EQ(std::memcmp(&wide, &slow, sizeof(wide)), 0) << "trial " << trial << " offset " << offset;
+      }
+#endif
       for (int k = 0; k < 64; ++k) {
         uint8_t c = p[offset + k];
         auto has = [&](uint64_t mask) { return (mask >> k & 1) != 0; };
@@ -185,8 +191,18 @@ TEST(Pretokenizer, BlockClassesMatchTheTable) {
 }
 
 // for_each_piece (64 bytes at a time where it can) against the character-at-a-time matcher,
-// for every pattern kind and flag, on random texts of every length around the block size.
+// for every pattern kind and flag and every block classifier this CPU has, on random texts
+// of every length around the block size.
 TEST(Pretokenizer, BlockPathMatchesTheMatcher) {
+  // Where two lists of (begin, end) first differ, with the text around that byte.
+  auto difference = [](const std::vector<size_t>& fast, const std::vector<size_t>& slow, std::string_view text) {
+    size_t k = 0;
+    while (k < fast.size() && k < slow.size() && fast[k] == slow[k]) ++k;
+    size_t at = k < slow.size() ? slow[k] : text.size(), from = at < 16 ? 0 : at - 16;
+    return "the paths differ at byte " + std::to_string(at) + " (block path: " +
+           std::to_string(k < fast.size() ? fast[k] : 0) + "), around \"" + escaped(text.substr(from, at - from)) +
+           "|" + escaped(text.substr(at, 16)) + "\"";
+  };
   std::mt19937 rng(12);
   for (int trial = 0; trial < 12000; ++trial) {
     static const size_t lengths[] = {0, 1, 63, 64, 65, 127, 128, 129, 1000, 4097};
@@ -194,19 +210,16 @@ TEST(Pretokenizer, BlockPathMatchesTheMatcher) {
     std::string text = pretokenizer_text(rng, target);
     for (PatternKind kind : {PatternKind::r50k, PatternKind::cl100k, PatternKind::o200k}) {
       PatternSpec spec{kind, /*contraction_long_s=*/rng() % 2 == 0, /*trailing_space_whole=*/rng() % 2 == 0};
-      Pretokenizer pretokenizer(spec, text);
-      std::vector<size_t> fast, slow;
-      pretokenizer.for_each_piece([&](size_t begin, size_t end) { fast.insert(fast.end(), {begin, end}); });
-      pretokenizer.for_each_piece_scalar([&](size_t begin, size_t end) { slow.insert(slow.end(), {begin, end}); });
-      if (fast == slow) continue;
-      size_t k = 0;
-      while (k < fast.size() && k < slow.size() && fast[k] == slow[k]) ++k;
-      size_t at = k < slow.size() ? slow[k] : text.size(), from = at < 16 ? 0 : at - 16;
-      FAIL() << "trial " << trial << " kind " << int(kind) << " flags " << spec.contraction_long_s
-             << spec.trailing_space_whole << ": the paths differ at byte " << at << " ("
-             << (k < fast.size() ? fast[k] : 0) << " vs " << at << "), around \""
-             << escaped(std::string_view(text).substr(from, at - from)) << "|"
-             << escaped(std::string_view(text).substr(at, 16)) << "\"";
+      std::vector<size_t> slow;
+      Pretokenizer(spec, text).for_each_piece_scalar([&](size_t begin, size_t end) { slow.insert(slow.end(), {begin, end}); });
+      for (BlockIsa isa : {BlockIsa::portable, BlockIsa::sse2, BlockIsa::avx2}) {
+        if (!block_isa_available(isa)) continue;
+        std::vector<size_t> fast;
+        Pretokenizer(spec, text, isa).for_each_piece([&](size_t begin, size_t end) { fast.insert(fast.end(), {begin, end}); });
+        ASSERT_TRUE(fast == slow) << "trial " << trial << " kind " << int(kind) << " isa " << int(isa) << " flags "
+                                  << spec.contraction_long_s << spec.trailing_space_whole << ": "
+                                  << difference(fast, slow, text);
+      }
     }
   }
 }
