@@ -99,6 +99,33 @@ TEST(Utf8, FindInvalidMatchesTheCharacterLoop) {
   }
 }
 
+// The same on longer texts of ASCII and two-byte sequences (the 64-byte blocks), with now
+// and then an invalid or a longer sequence, a lead at a block's last byte, or a text that
+// ends inside a sequence.
+TEST(Utf8, FindInvalidMatchesTheCharacterLoopInTwoByteText) {
+  auto reference = [](std::string_view text) {
+    size_t pos = 0;
+    while (pos < text.size()) {
+      bool truncated;
+      size_t length = unicode::utf8_sequence_length(text, pos, &truncated);
+      if (length == 0) return pos;
+      pos += length;
+    }
+    return text.size();
+  };
+  const std::string valid[] = {"a", " ", "\xC3\xA9", "\xD0\x96", "\xC2\x80", "\xDF\xBF"};
+  const std::string rare[] = {"\xE4\xB8\x96", "\xF0\x9F\x99\x82", "\x80", "\xBF", "\xC0\x80", "\xC1\xBF",
+                              "\xC3", "\xC3\x41", "\xC3\xC3\xA9", "\xE0\x80\x80", "\xF8"};
+  std::mt19937 rng(4);
+  for (int trial = 0; trial < 100000; ++trial) {
+    size_t length = rng() % 300;
+    std::string text;
+    while (text.size() < length) text += rng() % 64 == 0 ? rare[rng() % std::size(rare)] : valid[rng() % std::size(valid)];
+    if (rng() % 8 == 0) text.pop_back();  // may end inside a sequence
+    ASSERT_EQ(unicode::utf8_find_invalid(text), reference(text)) << "trial " << trial;
+  }
+}
+
 TEST(Utf8, ReplacesMaximalSubparts) {
   const std::string r = "\xEF\xBF\xBD";
   EXPECT_EQ(unicode::utf8_replace_invalid("a\x80z"), "a" + r + "z");
