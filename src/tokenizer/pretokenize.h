@@ -242,13 +242,35 @@ class Pretokenizer {
   // Calls emit(begin, end) for every piece in order.
   template <class Emit>
   void for_each_piece(Emit&& emit) const {
+    for_each_piece(emit, [&](size_t base, uint64_t starts, size_t end) __attribute__((always_inline)) {
+      block_pieces(base, starts, end, emit);
+    });
+  }
+
+  // The same, where the pieces that a block gives at once go to one call of
+  // emit_block(base, starts, end): pieces start at base + k for every bit k of `starts`
+  // (bit 0 always set), and the last one ends at `end` (see block_pieces).
+  template <class Emit, class EmitBlock>
+  void for_each_piece(Emit&& emit, EmitBlock&& emit_block) const {
 #if defined(__x86_64__)
-    if (isa_ == BlockIsa::avx2) return for_each_piece_avx2(emit);
+    if (isa_ == BlockIsa::avx2) return for_each_piece_avx2(emit, emit_block);
 #endif
 #if defined(__SSE2__)
-    if (isa_ == BlockIsa::sse2) return for_each_piece_with<block_classify>(emit);
+    if (isa_ == BlockIsa::sse2) return for_each_piece_with<block_classify>(emit, emit_block);
 #endif
-    for_each_piece_with<block_classify_portable>(emit);
+    for_each_piece_with<block_classify_portable>(emit, emit_block);
+  }
+
+  // The pieces of one emit_block call, one emit(begin, end) each.
+  template <class Emit>
+  [[gnu::always_inline]] static void block_pieces(size_t base, uint64_t starts, size_t end, Emit&& emit) {
+    size_t begin = base;
+    for (starts &= starts - 1; starts != 0; starts &= starts - 1) {
+      size_t next = base + size_t(std::countr_zero(starts));
+      emit(begin, next);
+      begin = next;
+    }
+    emit(begin, end);
   }
 
   // The same pieces from the character-at-a-time matcher alone: the reference that the
@@ -270,32 +292,33 @@ class Pretokenizer {
     unsigned scalar_until;  // when cut is 0: past the block's last non-ASCII byte, or 64
   };
 
-  template <BlockClasses (*kClassify)(const uint8_t*), class Emit>
-  [[gnu::always_inline]] void for_each_piece_with(Emit&& emit) const {
+  template <BlockClasses (*kClassify)(const uint8_t*), class Emit, class EmitBlock>
+  [[gnu::always_inline]] void for_each_piece_with(Emit&& emit, EmitBlock&& emit_block) const {
     switch (spec_.kind) {
       case PatternKind::r50k:
-        return pieces_by_block<kClassify, &Pretokenizer::r50k_block, &Pretokenizer::r50k_piece_end>(emit);
+        return pieces_by_block<kClassify, &Pretokenizer::r50k_block, &Pretokenizer::r50k_piece_end>(emit, emit_block);
       case PatternKind::cl100k:
-        return pieces_by_block<kClassify, &Pretokenizer::cl100k_block, &Pretokenizer::cl100k_piece_end>(emit);
+        return pieces_by_block<kClassify, &Pretokenizer::cl100k_block, &Pretokenizer::cl100k_piece_end>(emit,
+                                                                                                          emit_block);
       case PatternKind::o200k:
-        return pieces_by_block<kClassify, &Pretokenizer::o200k_block, &Pretokenizer::o200k_piece_end>(emit);
+        return pieces_by_block<kClassify, &Pretokenizer::o200k_block, &Pretokenizer::o200k_piece_end>(emit, emit_block);
     }
   }
 #if defined(__x86_64__)
   // flatten: GCC inlines block_classify_avx2 only this way (an always_inline function
   // with the target cannot be called from pieces_by_block, which has none); emit is
   // inlined too unless it is noinline.
-  template <class Emit>
-  [[FLASHGPT_TARGET_AVX2, gnu::flatten]] void for_each_piece_avx2(Emit&& emit) const {
-    for_each_piece_with<block_classify_avx2>(emit);
+  template <class Emit, class EmitBlock>
+  [[FLASHGPT_TARGET_AVX2, gnu::flatten]] void for_each_piece_avx2(Emit&& emit, EmitBlock&& emit_block) const {
+    for_each_piece_with<block_classify_avx2>(emit, emit_block);
   }
 #endif
 
   // Blocks of 64 bytes while they last; the matcher where a block has no final boundary
   // (other non-ASCII characters, runs longer than a block) and for the last 63 bytes.
   template <BlockClasses (*kClassify)(const uint8_t*), BlockCut (Pretokenizer::*kBlock)(size_t, const BlockClasses&) const,
-            size_t (Pretokenizer::*kPieceEnd)(size_t) const, class Emit>
-  [[gnu::always_inline]] void pieces_by_block(Emit&& emit) const {
+            size_t (Pretokenizer::*kPieceEnd)(size_t) const, class Emit, class EmitBlock>
+  [[gnu::always_inline]] void pieces_by_block(Emit&& emit, EmitBlock&& emit_block) const {
     size_t i = 0;
     while (i + 64 <= n_) {
       BlockCut block = (this->*kBlock)(i, kClassify(s_ + i));
@@ -304,15 +327,8 @@ class Pretokenizer {
         while (i < stop) { size_t e = (this->*kPieceEnd)(i); emit(i, e); i = e; }
         continue;
       }
-      uint64_t starts = block.starts & ((uint64_t(1) << block.cut) - 1);
-      size_t begin = i;
-      for (starts &= starts - 1; starts != 0; starts &= starts - 1) {
-        size_t end = i + size_t(std::countr_zero(starts));
-        emit(begin, end);
-        begin = end;
-      }
+      emit_block(i, block.starts & ((uint64_t(1) << block.cut) - 1), i + block.cut);
       i += block.cut;
-      emit(begin, i);
     }
     while (i < n_) { size_t e = (this->*kPieceEnd)(i); emit(i, e); i = e; }
   }
