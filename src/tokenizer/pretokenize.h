@@ -227,7 +227,10 @@ class Pretokenizer {
         s_(reinterpret_cast<const uint8_t*>(text.data())),
         n_(text.size()),
         table_(unicode::unicode_flag_table()),
-        isa_(isa == BlockIsa::best ? (block_isa_available(BlockIsa::avx2) ? BlockIsa::avx2 : BlockIsa::sse2) : isa) {}
+        isa_(isa != BlockIsa::best                    ? isa
+             : block_isa_available(BlockIsa::avx2) ? BlockIsa::avx2
+             : block_isa_available(BlockIsa::sse2) ? BlockIsa::sse2
+                                                   : BlockIsa::portable) {}
 
   // Where the piece starting at byte `i` (< size) ends.
   size_t piece_end(size_t i) const {
