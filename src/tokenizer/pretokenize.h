@@ -5,6 +5,13 @@
 // function below takes the alternatives in the pattern's order and returns where the first
 // one that matches at `i` ends. Pieces tile the text (some alternative always matches), so a
 // piece ends exactly where the next one starts. The comments quote the alternative handled.
+//
+// for_each_piece goes 64 bytes at a time where it can (the *_block functions): the bytes are
+// classified into bit masks (ASCII classes and the two-byte Latin letters; SSE2, AVX2 or a
+// byte loop), and every piece start in the block comes out of bit operations that work out
+// the same alternatives for each byte from its neighbours. The matcher handles what the
+// masks do not cover; for_each_piece_scalar is the matcher alone, the reference the block
+// path is tested against.
 #pragma once
 
 #include "tokenizer/unicode.h"
@@ -106,7 +113,8 @@ inline BlockClasses block_classify_portable(const uint8_t* p) {
       __m128i v = load(k);
       lead |= bits(in_range(v, 0xC3, 7), k);
       c3 |= bits(_mm_cmpeq_epi8(v, _mm_set1_epi8(char(0xC3))), k);
-      not_letter |= bits(_mm_or_si128(_mm_cmpeq_epi8(v, _mm_set1_epi8(char(0x97))), _mm_cmpeq_epi8(v, _mm_set1_epi8(char(0xB7)))), k);
+      __m128i times = _mm_cmpeq_epi8(v, _mm_set1_epi8(char(0x97))), divide = _mm_cmpeq_epi8(v, _mm_set1_epi8(char(0xB7)));
+      not_letter |= bits(_mm_or_si128(times, divide), k);
       upper |= bits(in_range(v, 0x80, 0x1F), k);
     }
     lead &= ~(c3 & (not_letter >> 1));
@@ -123,10 +131,7 @@ inline BlockClasses block_classify(const uint8_t* p) { return block_classify_por
 
 #if defined(__x86_64__)
 #define FLASHGPT_TARGET_AVX2 gnu::target("avx2,bmi,bmi2,lzcnt,popcnt")
-// The same 32 bytes per step, for CPUs with AVX2 (Pretokenizer checks at run time). Not
-// always_inline: GCC refuses that into a caller without the target (the AVX2 loop is
-// flatten instead).
-namespace avx2 {
+namespace avx2 {  // block_classify_avx2's steps
 [[FLASHGPT_TARGET_AVX2]] inline __m256i in_range(__m256i v, uint8_t first, uint8_t count) {
   return _mm256_cmpgt_epi8(_mm256_set1_epi8(char(uint8_t(0x80 + count))),
                            _mm256_add_epi8(v, _mm256_set1_epi8(char(uint8_t(0x80 - first)))));
@@ -292,7 +297,7 @@ class Pretokenizer {
   struct BlockCut {
     uint64_t starts;        // bit k: a piece starts at byte k of the block (bit 0 always)
     unsigned cut;           // the starts below `cut` are final, and a piece starts at cut; 0: none
-    unsigned scalar_until;  // when cut is 0: past the block's last non-ASCII byte, or 64
+    unsigned scalar_until;  // when cut is 0: past the block's last unclassed byte, or 64
   };
 
   template <BlockClasses (*kClassify)(const uint8_t*), class Emit, class EmitBlock>
@@ -319,7 +324,8 @@ class Pretokenizer {
 
   // Blocks of 64 bytes while they last; the matcher where a block has no final boundary
   // (other non-ASCII characters, runs longer than a block) and for the last 63 bytes.
-  template <BlockClasses (*kClassify)(const uint8_t*), BlockCut (Pretokenizer::*kBlock)(size_t, const BlockClasses&) const,
+  template <BlockClasses (*kClassify)(const uint8_t*),
+            BlockCut (Pretokenizer::*kBlock)(size_t, const BlockClasses&) const,
             size_t (Pretokenizer::*kPieceEnd)(size_t) const, class Emit, class EmitBlock>
   [[gnu::always_inline]] void pieces_by_block(Emit&& emit, EmitBlock&& emit_block) const {
     size_t i = 0;
