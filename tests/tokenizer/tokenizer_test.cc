@@ -6,6 +6,7 @@
 
 #include "common/test_support.h"
 #include "tokenizer/bpe.h"
+#include "tokenizer/pretokenize.h"
 #include "tokenizer/sha256.h"
 #include "tokenizer/unicode.h"
 
@@ -98,6 +99,33 @@ TEST(Utf8, FindInvalidMatchesTheCharacterLoop) {
   }
 }
 
+// The same on longer texts of ASCII and two-byte sequences (the 64-byte blocks), with now
+// and then an invalid or a longer sequence, a lead at a block's last byte, or a text that
+// ends inside a sequence.
+TEST(Utf8, FindInvalidMatchesTheCharacterLoopInTwoByteText) {
+  auto reference = [](std::string_view text) {
+    size_t pos = 0;
+    while (pos < text.size()) {
+      bool truncated;
+      size_t length = unicode::utf8_sequence_length(text, pos, &truncated);
+      if (length == 0) return pos;
+      pos += length;
+    }
+    return text.size();
+  };
+  const std::string valid[] = {"a", " ", "\xC3\xA9", "\xD0\x96", "\xC2\x80", "\xDF\xBF"};
+  const std::string rare[] = {"\xE4\xB8\x96", "\xF0\x9F\x99\x82", "\x80", "\xBF", "\xC0\x80", "\xC1\xBF",
+                              "\xC3", "\xC3\x41", "\xC3\xC3\xA9", "\xE0\x80\x80", "\xF8"};
+  std::mt19937 rng(4);
+  for (int trial = 0; trial < 100000; ++trial) {
+    size_t length = rng() % 300;
+    std::string text;
+    while (text.size() < length) text += rng() % 64 == 0 ? rare[rng() % std::size(rare)] : valid[rng() % std::size(valid)];
+    if (rng() % 8 == 0) text.pop_back();  // may end inside a sequence
+    ASSERT_EQ(unicode::utf8_find_invalid(text), reference(text)) << "trial " << trial;
+  }
+}
+
 TEST(Utf8, ReplacesMaximalSubparts) {
   const std::string r = "\xEF\xBF\xBD";
   EXPECT_EQ(unicode::utf8_replace_invalid("a\x80z"), "a" + r + "z");
@@ -124,6 +152,103 @@ TEST(UnicodeTables, FlatTableMatchesRanges) {
   EXPECT_EQ(table[0x1C], 0) << "U+001C is not White_Space (Rust's \\s), unlike Python's str.isspace";
   EXPECT_EQ(table[0x0301], unicode::kMark | unicode::kUpper | unicode::kLower);
   EXPECT_EQ(table[0x3000], unicode::kSpace);
+}
+
+// Random valid UTF-8 for the pretokenizer tests: fragments of every class the block path
+// tells apart, and the ones it does not (non-ASCII punctuation and spaces, letters outside
+// U+00C0..U+027F, U+00D7, U+0085), some repeated into runs longer than a block.
+std::string pretokenizer_text(std::mt19937& rng, size_t target) {
+  static const std::string fragments[] = {
+      "a", "b", "Z", "s", "t", "re", "RE", "vE", "ll", "d", "M", "e", "x", "0", "7", "123", " ", " ", " ", "  ",
+      "\t", "\n", "\r", "\r\n", "\v", "\f", "'", "'", "''", "'s", "'LL", "'Ve", ".", ",", "-", "/", "(", "\xC3\xA9", "\xC3\x89",
+      "\xC3\xA0", "\xC3\x97", "\xC3\xB7", "\xC5\xBF", "\xC4\x85", "\xC9\x90", "\xC9\xBF", "\xCA\x80", "\xC7\x85",
+      "\xC2\xA0", "\xC2\xAB", "\xC2\xB2", "\xC2\x85", "\xE2\x80\x99", "\xE2\x80\x83", "\xE3\x80\x80", "\xE4\xB8\x96",
+      "\xF0\x9F\x99\x82", "\x1C", "\xCC\x81", "\xE0\xA5\xA9"};
+  std::string text;
+  while (text.size() < target) {
+    const std::string& fragment = fragments[rng() % std::size(fragments)];
+    size_t repeat = rng() % 16 == 0 ? 1 + rng() % 80 : 1;
+    for (size_t k = 0; k < repeat; ++k) text += fragment;
+  }
+  return text;
+}
+
+std::string escaped(std::string_view text) {
+  std::string out;
+  for (unsigned char c : text) {
+    if (c >= 0x20 && c < 0x7F && c != '\\') out += char(c);
+    else out += "\\x" + std::string(1, "0123456789ABCDEF"[c >> 4]) + "0123456789ABCDEF"[c & 15];
+  }
+  return out;
+}
+
+// The block classes against the byte loop and against the Unicode table, at every offset.
+TEST(Pretokenizer, BlockClassesMatchTheTable) {
+  const uint8_t* table = unicode::unicode_flag_table();
+  std::mt19937 rng(11);
+  for (int trial = 0; trial < 2000; ++trial) {
+    std::string text = pretokenizer_text(rng, 64 + rng() % 64);
+    auto p = reinterpret_cast<const uint8_t*>(text.data());
+    for (size_t offset = 0; offset + 64 <= text.size(); ++offset) {
+      BlockClasses fast = block_classify(p + offset), slow = block_classify_portable(p + offset);
+      ASSERT_EQ(std::memcmp(&fast, &slow, sizeof(fast)), 0) << "trial " << trial << " offset " << offset;
+#if defined(__x86_64__)
+      if (block_isa_available(BlockIsa::avx2)) {
+        BlockClasses wide = block_classify_avx2(p + offset);
+        ASSERT_EQ(std::memcmp(&wide, &slow, sizeof(wide)), 0) << "trial " << trial << " offset " << offset;
+      }
+#endif
+      for (int k = 0; k < 64; ++k) {
+        uint8_t c = p[offset + k];
+        auto has = [&](uint64_t mask) { return (mask >> k & 1) != 0; };
+        if (c < 0x80) {
+          uint8_t flags = table[c];
+          ASSERT_EQ(has(fast.letter), (flags & unicode::kLetter) != 0) << int(c);
+          ASSERT_EQ(has(fast.digit), (flags & unicode::kNumber) != 0) << int(c);
+          ASSERT_EQ(has(fast.newline) || has(fast.space), (flags & unicode::kSpace) != 0) << int(c);
+          ASSERT_EQ(has(fast.newline), c == '\r' || c == '\n');
+        } else if (has(fast.latin) && c >= 0xC0 && k < 63) {  // a lead in byte 63 counts unseen
+          uint32_t cp = (c & 0x1Fu) << 6 | (p[offset + k + 1] & 0x3Fu);
+          ASSERT_TRUE(table[cp] & unicode::kLetter) << cp;
+        }
+        ASSERT_FALSE((has(fast.letter) || has(fast.digit) || has(fast.space) || has(fast.newline)) && c >= 0x80);
+      }
+    }
+  }
+}
+
+// for_each_piece (64 bytes at a time where it can) against the character-at-a-time matcher,
+// for every pattern kind and flag and every block classifier this CPU has, on random texts
+// of every length around the block size.
+TEST(Pretokenizer, BlockPathMatchesTheMatcher) {
+  // Where two lists of (begin, end) first differ, with the text around that byte.
+  auto difference = [](const std::vector<size_t>& fast, const std::vector<size_t>& slow, std::string_view text) {
+    size_t k = 0;
+    while (k < fast.size() && k < slow.size() && fast[k] == slow[k]) ++k;
+    size_t at = k < slow.size() ? slow[k] : text.size(), from = at < 16 ? 0 : at - 16;
+    return "the paths differ at byte " + std::to_string(at) + " (block path: " +
+           std::to_string(k < fast.size() ? fast[k] : 0) + "), around \"" + escaped(text.substr(from, at - from)) +
+           "|" + escaped(text.substr(at, 16)) + "\"";
+  };
+  std::mt19937 rng(12);
+  for (int trial = 0; trial < 12000; ++trial) {
+    static const size_t lengths[] = {0, 1, 63, 64, 65, 127, 128, 129, 1000, 4097};
+    size_t target = trial < 10 ? lengths[trial] : rng() % (trial % 10 == 0 ? 3000 : 300);
+    std::string text = pretokenizer_text(rng, target);
+    for (PatternKind kind : {PatternKind::r50k, PatternKind::cl100k, PatternKind::o200k}) {
+      PatternSpec spec{kind, /*contraction_long_s=*/rng() % 2 == 0, /*trailing_space_whole=*/rng() % 2 == 0};
+      std::vector<size_t> slow;
+      Pretokenizer(spec, text).for_each_piece_scalar([&](size_t begin, size_t end) { slow.insert(slow.end(), {begin, end}); });
+      for (BlockIsa isa : {BlockIsa::portable, BlockIsa::sse2, BlockIsa::avx2}) {
+        if (!block_isa_available(isa)) continue;
+        std::vector<size_t> fast;
+        Pretokenizer(spec, text, isa).for_each_piece([&](size_t begin, size_t end) { fast.insert(fast.end(), {begin, end}); });
+        ASSERT_TRUE(fast == slow) << "trial " << trial << " kind " << int(kind) << " isa " << int(isa) << " flags "
+                                  << spec.contraction_long_s << spec.trailing_space_whole << ": "
+                                  << difference(fast, slow, text);
+      }
+    }
+  }
 }
 
 TEST(Load, ReportsUnknownMissingAndWrongFiles) {
