@@ -364,37 +364,23 @@ class Pretokenizer {
     return unclassed == 0 ? ~uint64_t(0) : (uint64_t(1) << std::countr_zero(unclassed)) - 1;
   }
 
-  // cl100k's pieces in the classed bytes of the 64 at i (a piece start, i + 64 <= n_), all at
-  // once with bit operations on class masks; each rule below is the pattern's alternatives
-  // worked out for a byte of that class from its neighbours (what cl100k_piece_end does one
-  // piece at a time). A start at byte k depends on bytes k-2..k+1, except in whitespace runs
-  // (on where the run ends), so the starts are final below a `cut`: a letter or a digit
-  // followed by a byte of another class, both classed. A two-byte letter is two letter bytes:
-  // no rule starts a piece at a letter after a letter.
-  [[gnu::always_inline]] BlockCut cl100k_block(size_t i, const BlockClasses& b) const {
-    auto prev = [](uint64_t x) { return x << 1; };  // bit k: byte k-1 is in x
-    auto next = [](uint64_t x) { return x >> 1; };  // bit k: byte k+1 is in x
-    const uint64_t L = b.letter | b.latin, D = b.digit, NL = b.newline, R = b.space;
-    const uint64_t W = NL | R, O = ~(L | D | W);  // O: [^\s\p{L}\p{N}] (and unclassed bytes)
-    // Before the first byte in no class; cuts only there.
-    const uint64_t unclassed = ~(b.ascii | b.latin);
-    const uint64_t cuts = ((prev(L) & ~L) | (prev(D) & ~D)) & block_known(unclassed);
-    if (cuts == 0) return block_cut(0, 0, unclassed);
-    // ' ?[^\s\p{L}\p{N}]+': a run of O starts a piece unless a ' ' before it takes it.
-    const uint64_t start_o = O & ~prev(O | b.blank);
-    // '[^\r\n\p{L}\p{N}]?\p{L}+': letters start after a digit or a newline, and after an O
-    // that is inside a run; an O that starts a piece, or whitespace before the letters
-    // (always the last byte of its run, where a piece starts), is their prefix.
-    const uint64_t start_l = L & prev(D | NL | (O & ~start_o));
-    // '\p{N}{1,3}': every third digit of a run.
-    uint64_t start_d = D & ~prev(D);
-    const uint64_t digit3 = D & prev(D) & prev(prev(D));
+  // '\p{N}{1,3}' (cl100k and o200k): every third digit of a run of digits D starts a piece.
+  [[gnu::always_inline]] static uint64_t digit_starts(uint64_t D) {
+    uint64_t start_d = D & ~(D << 1);
+    const uint64_t digit3 = D & (D << 1) & (D << 2);
     for (uint64_t group = start_d; (group = (group << 3) & digit3) != 0;) start_d |= group;
-    // '[\r\n]*' after an O run takes the newlines right after it.
-    const uint64_t eaten = NL & ~(NL + (NL & prev(O)));
+    return start_d;
+  }
+  // Where whitespace starts a piece, the same in cl100k and o200k: letters L, digits D,
+  // others O, newlines NL, other whitespace R, and the newlines that an O run's piece took
+  // (`eaten`).
+  [[gnu::always_inline]] static uint64_t whitespace_starts(uint64_t L, uint64_t D, uint64_t O, uint64_t NL,
+                                                           uint64_t R, uint64_t eaten) {
+    auto prev = [](uint64_t x) { return x << 1; };
+    auto next = [](uint64_t x) { return x >> 1; };
     // '\s*[\r\n]+' ends after a run's last newline: newlines start a piece only after a
     // letter or a digit (after whitespace or an O they belong to the piece before).
-    const uint64_t start_nl = NL & ~prev(W | O);
+    const uint64_t start_nl = NL & ~prev(NL | R | O);
     // Other whitespace starts a piece where a run begins (after L, D, O or eaten newlines),
     // and at its last byte before a non-space ('\s+(?!\S)' leaves it for the next piece).
     uint64_t start_r = R & (prev(L | D | O | eaten) | (prev(R) & next(L | D | O)));
@@ -408,7 +394,33 @@ class Pretokenizer {
       }
       start_r |= after_newline & ~before_newline;
     }
-    uint64_t starts = start_o | start_l | start_d | start_nl | start_r | 1;
+    return start_nl | start_r;
+  }
+
+  // cl100k's pieces in the classed bytes of the 64 at i (a piece start, i + 64 <= n_), all at
+  // once with bit operations on class masks; each rule below is the pattern's alternatives
+  // worked out for a byte of that class from its neighbours (what cl100k_piece_end does one
+  // piece at a time). A start at byte k depends on bytes k-2..k+1, except in whitespace runs
+  // (on where the run ends), so the starts are final below a `cut`: a letter or a digit
+  // followed by a byte of another class, both classed. A two-byte letter is two letter bytes:
+  // no rule starts a piece at a letter after a letter.
+  [[gnu::always_inline]] BlockCut cl100k_block(size_t i, const BlockClasses& b) const {
+    auto prev = [](uint64_t x) { return x << 1; };  // bit k: byte k-1 is in x
+    const uint64_t L = b.letter | b.latin, D = b.digit, NL = b.newline, R = b.space;
+    const uint64_t W = NL | R, O = ~(L | D | W);  // O: [^\s\p{L}\p{N}] (and unclassed bytes)
+    // Before the first byte in no class; cuts only there.
+    const uint64_t unclassed = ~(b.ascii | b.latin);
+    const uint64_t cuts = ((prev(L) & ~L) | (prev(D) & ~D)) & block_known(unclassed);
+    if (cuts == 0) return block_cut(0, 0, unclassed);
+    // ' ?[^\s\p{L}\p{N}]+': a run of O starts a piece unless a ' ' before it takes it.
+    const uint64_t start_o = O & ~prev(O | b.blank);
+    // '[^\r\n\p{L}\p{N}]?\p{L}+': letters start after a digit or a newline, and after an O
+    // that is inside a run; an O that starts a piece, or whitespace before the letters
+    // (always the last byte of its run, where a piece starts), is their prefix.
+    const uint64_t start_l = L & prev(D | NL | (O & ~start_o));
+    // '[\r\n]*' after an O run takes the newlines right after it.
+    const uint64_t eaten = NL & ~(NL + (NL & prev(O)));
+    uint64_t starts = start_o | start_l | digit_starts(D) | whitespace_starts(L, D, O, NL, R, eaten) | 1;
     // "'(?i:s|t|re|ve|m|ll|d)" comes first where a ' starts a piece: the letters after it
     // start a new one.
     for (uint64_t quotes = b.apostrophe & start_o; quotes != 0; quotes &= quotes - 1) {
@@ -449,7 +461,6 @@ class Pretokenizer {
   // start), and an O run takes the newlines and '/' after it ('[\r\n/]*').
   [[gnu::always_inline]] BlockCut o200k_block(size_t i, const BlockClasses& b) const {
     auto prev = [](uint64_t x) { return x << 1; };
-    auto next = [](uint64_t x) { return x >> 1; };
     const uint64_t L = b.letter | b.latin1, lower = b.lower, upper = L & ~lower;
     const uint64_t D = b.digit, NL = b.newline, R = b.space;
     const uint64_t W = NL | R, O = ~(L | D | W);
@@ -470,20 +481,7 @@ class Pretokenizer {
     const uint64_t start_o = O & ~eaten & ~prev((O & ~eaten) | b.blank);
     const uint64_t after_break = prev(D | NL | (O & ~start_o));  // no prefix before a letter here
     const uint64_t start_l = (upper & (after_break | prev(lower))) | (lower & after_break);
-    uint64_t start_d = D & ~prev(D);
-    const uint64_t digit3 = D & prev(D) & prev(prev(D));
-    for (uint64_t group = start_d; (group = (group << 3) & digit3) != 0;) start_d |= group;
-    const uint64_t start_nl = NL & ~prev(W | O);
-    uint64_t start_r = R & (prev(L | D | O | eaten) | (prev(R) & next(L | D | O)));
-    if (const uint64_t after_newline = R & prev(NL & ~eaten)) {
-      uint64_t before_newline = R & next(NL), run = R;
-      for (int shift = 1; shift < 64; shift *= 2) {
-        before_newline |= (before_newline >> shift) & run;
-        run &= run >> shift;
-      }
-      start_r |= after_newline & ~before_newline;
-    }
-    uint64_t starts = start_o | start_l | start_d | start_nl | start_r | 1;
+    uint64_t starts = start_o | start_l | digit_starts(D) | whitespace_starts(L, D, O, NL, R, eaten) | 1;
     // "(?i:'s|'t|'re|'ve|'m|'ll|'d)?" right after the letters: the ' is the word's, and a
     // piece starts after the contraction (also where a ' follows: one contraction a word).
     uint64_t contraction_ends = 0;

@@ -66,20 +66,23 @@ TEST(Utf8, FindsTheFirstInvalidByte) {
   EXPECT_EQ(unicode::utf8_find_invalid("x\xF4\x90\x80\x80"), 1u);  // above U+10FFFF
 }
 
+// Where the first invalid sequence of text begins (its size if none), one
+// utf8_sequence_length call a character: the reference of utf8_find_invalid's fast paths.
+size_t utf8_find_invalid_reference(std::string_view text) {
+  size_t pos = 0;
+  while (pos < text.size()) {
+    bool truncated;
+    size_t length = unicode::utf8_sequence_length(text, pos, &truncated);
+    if (length == 0) return pos;
+    pos += length;
+  }
+  return text.size();
+}
+
 // The fast paths of utf8_find_invalid (16 and 8 ASCII bytes at a time, inline two- and
 // three-byte sequences) against a loop over utf8_sequence_length alone: random strings of
 // valid and invalid fragments, with the fragments at every offset from a 16-byte boundary.
 TEST(Utf8, FindInvalidMatchesTheCharacterLoop) {
-  auto reference = [](std::string_view text) {
-    size_t pos = 0;
-    while (pos < text.size()) {
-      bool truncated;
-      size_t length = unicode::utf8_sequence_length(text, pos, &truncated);
-      if (length == 0) return pos;
-      pos += length;
-    }
-    return text.size();
-  };
   const std::string fragments[] = {"a", "0123456789abcdef", " ", "\xC3\xA9", "\xD0\x96", "\xE0\xA4\xB9", "\xE4\xB8\x96",
                                    "\xED\x9F\xBF", "\xEF\xBF\xBD", "\xF0\x9F\x99\x82", "\xF4\x8F\xBF\xBF",
                                    // invalid: stray continuation, overlong, surrogate, above U+10FFFF, bad lead
@@ -95,7 +98,7 @@ TEST(Utf8, FindInvalidMatchesTheCharacterLoop) {
       text += fragments[pick];
       if (rng() % 2) text += std::string(rng() % 20, 'y');
     }
-    ASSERT_EQ(unicode::utf8_find_invalid(text), reference(text)) << "trial " << trial;
+    ASSERT_EQ(unicode::utf8_find_invalid(text), utf8_find_invalid_reference(text)) << "trial " << trial;
   }
 }
 
@@ -103,16 +106,6 @@ TEST(Utf8, FindInvalidMatchesTheCharacterLoop) {
 // and then an invalid or a longer sequence, a lead at a block's last byte, or a text that
 // ends inside a sequence.
 TEST(Utf8, FindInvalidMatchesTheCharacterLoopInTwoByteText) {
-  auto reference = [](std::string_view text) {
-    size_t pos = 0;
-    while (pos < text.size()) {
-      bool truncated;
-      size_t length = unicode::utf8_sequence_length(text, pos, &truncated);
-      if (length == 0) return pos;
-      pos += length;
-    }
-    return text.size();
-  };
   const std::string valid[] = {"a", " ", "\xC3\xA9", "\xD0\x96", "\xC2\x80", "\xDF\xBF"};
   const std::string rare[] = {"\xE4\xB8\x96", "\xF0\x9F\x99\x82", "\x80", "\xBF", "\xC0\x80", "\xC1\xBF",
                               "\xC3", "\xC3\x41", "\xC3\xC3\xA9", "\xE0\x80\x80", "\xF8"};
@@ -122,7 +115,7 @@ TEST(Utf8, FindInvalidMatchesTheCharacterLoopInTwoByteText) {
     std::string text;
     while (text.size() < length) text += rng() % 64 == 0 ? rare[rng() % std::size(rare)] : valid[rng() % std::size(valid)];
     if (rng() % 8 == 0 && !text.empty()) text.pop_back();  // may end inside a sequence
-    ASSERT_EQ(unicode::utf8_find_invalid(text), reference(text)) << "trial " << trial;
+    ASSERT_EQ(unicode::utf8_find_invalid(text), utf8_find_invalid_reference(text)) << "trial " << trial;
   }
 }
 
