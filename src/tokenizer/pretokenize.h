@@ -79,6 +79,18 @@ inline BlockClasses block_classify_portable(const uint8_t* p) {
   return b;
 }
 
+// The two-byte letters from the masks of the SIMD classifiers: leads C3..C9, C3 alone,
+// second bytes 97 or B7 (after C3: U+00D7, U+00F7, not letters) and 80..9E (after C3:
+// U+00C0..U+00DE, upper case).
+[[gnu::always_inline]] inline void add_latin_letters(BlockClasses& b, uint64_t lead, uint64_t c3, uint64_t not_letter,
+                                                     uint64_t upper) {
+  lead &= ~(c3 & (not_letter >> 1));
+  b.latin = lead | (lead << 1);
+  const uint64_t lead1 = lead & c3, lower1 = lead1 & ~(upper >> 1);
+  b.latin1 = lead1 | (lead1 << 1);
+  b.lower |= lower1 | (lower1 << 1);
+}
+
 #if defined(__SSE2__)
 // 16 bytes per step; a class is a range test done as one signed compare after moving the
 // range's first byte to -128. The two-byte letters take a second pass, in blocks that are
@@ -117,11 +129,7 @@ inline BlockClasses block_classify_portable(const uint8_t* p) {
       not_letter |= bits(_mm_or_si128(times, divide), k);
       upper |= bits(in_range(v, 0x80, 0x1F), k);
     }
-    lead &= ~(c3 & (not_letter >> 1));
-    b.latin = lead | (lead << 1);
-    const uint64_t lead1 = lead & c3, lower1 = lead1 & ~(upper >> 1);
-    b.latin1 = lead1 | (lead1 << 1);
-    b.lower |= lower1 | (lower1 << 1);
+    add_latin_letters(b, lead, c3, not_letter, upper);
   }
   return b;
 }
@@ -175,11 +183,7 @@ namespace avx2 {  // block_classify_avx2's steps
       not_letter |= bits(_mm256_or_si256(equal(v, char(0x97)), equal(v, char(0xB7))), k);
       upper |= bits(in_range(v, 0x80, 0x1F), k);
     }
-    lead &= ~(c3 & (not_letter >> 1));
-    b.latin = lead | (lead << 1);
-    const uint64_t lead1 = lead & c3, lower1 = lead1 & ~(upper >> 1);
-    b.latin1 = lead1 | (lead1 << 1);
-    b.lower |= lower1 | (lower1 << 1);
+    add_latin_letters(b, lead, c3, not_letter, upper);
   }
   return b;
 }
