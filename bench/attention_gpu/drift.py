@@ -14,10 +14,10 @@ import sys
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_attention import bench_one, make_fn  # noqa: E402
+from kernel_times import kernel_times, short  # noqa: E402
 
 import triton.testing  # noqa: E402
 
@@ -32,24 +32,6 @@ def gpu_state():
     q = "temperature.gpu,clocks.sm,power.draw,clocks_event_reasons.active"
     r = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv,noheader"], capture_output=True, text=True)
     return r.stdout.strip()
-
-
-def backward_kernels(bwd, q, k, v, iters=20):
-    """Mean GPU time per call of each kernel of the backward (us)."""
-    for _ in range(3):
-        q.grad = k.grad = v.grad = None
-        bwd()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            q.grad = k.grad = v.grad = None
-            bwd()
-        torch.cuda.synchronize()
-    totals = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            totals[e.name[:60]] = totals.get(e.name[:60], 0.0) + e.device_time_total / iters
-    return totals
 
 
 def measure(tag, shape, methods):
@@ -75,12 +57,15 @@ def measure(tag, shape, methods):
         end.record()
         torch.cuda.synchronize()
         loop_ms = start.elapsed_time(end) / 50
-        kernels = backward_kernels(bwd, q, k, v)
+        def fresh_bwd():  # as do_bench runs it: the gradients start from None
+            q.grad = k.grad = v.grad = None
+            bwd()
+        kernels = kernel_times(fresh_bwd, 20)
         flops = 2.5 * 4.0 * b * h * s * s * d / (2 if causal else 1)
         stamp(f"{tag} {method:10s} do_bench {ms * 1e3:7.1f} us ({flops / ms / 1e9:5.1f} TFLOP/s), loop {loop_ms * 1e3:7.1f} us,"
               f" kernels {sum(kernels.values()):7.1f} us, cudaMallocs {mallocs}, gpu [{state}]")
         for n, t in sorted(kernels.items(), key=lambda kv: -kv[1]):
-            print(f"        {t:8.1f}  {n}")
+            print(f"        {t:8.1f}  {short(n)}")
         del out
         q.grad = k.grad = v.grad = None
         torch.cuda.empty_cache()
