@@ -4,6 +4,7 @@
 #include <flashgpt/tokenizer.h>
 
 #include "tokenizer/bpe.h"
+#include "tokenizer/piece_cache.h"
 #include "tokenizer/pretokenize.h"
 #include "tokenizer/unicode.h"
 #include "tokenizer/vocab_files.h"
@@ -96,42 +97,6 @@ bool base64_decode(std::string_view in, std::string& out) {
   return true;
 }
 
-// A per-thread cache of piece -> ids for the pieces that need merging: text repeats its
-// words, and a hit costs one hash (already computed for the rank lookup) and one compare.
-// Direct-mapped, one 64-byte entry per slot; it belongs to one tokenizer at a time.
-struct PieceCache {
-  static constexpr size_t kSlots = 1 << 15;
-  static constexpr size_t kMaxKey = 22;
-  static constexpr size_t kMaxIds = 8;
-  struct Entry {
-    uint64_t hash;
-    uint8_t length;  // 0: empty
-    uint8_t count;
-    uint8_t key[kMaxKey];
-    TokenId ids[kMaxIds];
-  };
-  static_assert(sizeof(Entry) == 64, "one cache line per entry");
-  uint64_t owner = 0;
-  std::vector<Entry> entries;
-
-  uint64_t last_use = 0;
-
-  // This thread's cache for tokenizer `uid`: a thread keeps two, so that code alternating
-  // between two tokenizers does not clear one on every call.
-  static PieceCache& for_tokenizer(uint64_t uid) {
-    thread_local PieceCache caches[2];
-    thread_local uint64_t clock = 0;
-    PieceCache* cache = caches[0].owner == uid ? &caches[0] : caches[1].owner == uid ? &caches[1] : nullptr;
-    if (!cache) {
-      cache = caches[0].last_use <= caches[1].last_use ? &caches[0] : &caches[1];
-      cache->entries.assign(kSlots, Entry{});
-      cache->owner = uid;
-    }
-    cache->last_use = ++clock;
-    return *cache;
-  }
-};
-
 std::atomic<uint64_t> g_tokenizer_uid{0};
 
 int threads_resolve(int threads) { return threads > 0 ? threads : std::max(1, omp_get_num_procs()); }
@@ -184,9 +149,6 @@ struct Tokenizer::Impl {
     };
     Queued queue[kAhead];
     size_t queued = 0;
-    auto entry_of = [&](uint64_t h) -> PieceCache::Entry& {
-      return cache.entries[(h ^ (h >> 29)) & (PieceCache::kSlots - 1)];
-    };
     auto process = [&](const Queued& q) __attribute__((always_inline)) {
       const uint8_t* piece = p + q.begin;
       size_t length = q.length;
@@ -202,21 +164,17 @@ struct Tokenizer::Impl {
         bpe_encode_piece(ranks, text.substr(q.begin, length), out);
         return;
       }
-      PieceCache::Entry& entry = entry_of(q.key.hash);
-      if (entry.hash == q.key.hash && entry.length == length && RankMap::bytes_equal(entry.key, piece, length)) {
-        out.insert(out.end(), entry.ids, entry.ids + entry.count);
+      uint64_t tail = length <= 8 ? 0 : RankMap::prefix8(piece + 8, length - 8);
+      PieceCache::Set& set = cache.set_of(q.key.hash);
+      if (const PieceCache::Entry* e = PieceCache::find(set, q.key.head, tail, length)) {
+        for (size_t i = 0, n = e->count(); i < n; ++i) out.push_back(e->id(i));
         return;
       }
       size_t first = out.size();
       bpe_encode_piece(ranks, text.substr(q.begin, length), out);
       size_t count = out.size() - first;
-      if (count <= PieceCache::kMaxIds) {
-        entry.hash = q.key.hash;
-        entry.length = uint8_t(length);
-        entry.count = uint8_t(count);
-        std::memcpy(entry.key, piece, length);
-        std::copy(out.begin() + first, out.end(), entry.ids);
-      }
+      // Ids must fit the entry's 24 bits (checked when the rank file was read).
+      if (count <= PieceCache::kMaxIds) PieceCache::insert(set, q.key.head, tail, length, out.data() + first, count);
     };
     auto enqueue = [&](size_t begin, size_t end) __attribute__((always_inline)) {
       size_t length = end - begin;
@@ -232,7 +190,7 @@ struct Tokenizer::Impl {
         // does not read cost less than that wait.
         __builtin_prefetch(ranks.slot_address(key.hash));
         __builtin_prefetch(ranks.filter_address(key.hash));
-        __builtin_prefetch(&entry_of(key.hash));
+        __builtin_prefetch(&cache.set_of(key.hash));
         // A key longer than 8 bytes also reads its tail. Behind a branch: the branchless
         // form requested home again for the other 84% of pieces, and requesting a line is
         // not free here (perf puts this loop's largest waits on the prefetch instructions

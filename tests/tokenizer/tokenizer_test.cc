@@ -6,6 +6,7 @@
 
 #include "common/test_support.h"
 #include "tokenizer/bpe.h"
+#include "tokenizer/piece_cache.h"
 #include "tokenizer/pretokenize.h"
 #include "tokenizer/sha256.h"
 #include "tokenizer/unicode.h"
@@ -13,6 +14,7 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <algorithm>
 #include <fstream>
 #include <random>
 #include <unordered_map>
@@ -328,6 +330,84 @@ TEST(Bpe, HeapMergesExactlyLikeTheScan) {
     ASSERT_EQ(scan, heap) << "piece: " << piece;
     ASSERT_EQ(t.decode(heap), piece);
   }
+}
+
+// One set of the piece cache: a piece is found only with all its 16 bytes and its length
+// (pieces of NUL bytes differ in nothing else), ids keep their 24 bits, and a third piece
+// evicts the oldest of two.
+TEST(PieceCache, SetKeepsTwoPiecesExactly) {
+  PieceCache::Set set{};
+  const uint64_t head = 0x6c616e7265746e69, tail_a = 0x61, tail_b = 0x62;
+  EXPECT_EQ(PieceCache::find(set, 0, 0, 1), nullptr) << "an empty entry matched";
+  const TokenId ids_a[] = {1, (1u << 24) - 1, 65536, 255, 256};
+  const TokenId ids_b[] = {7, 70000};
+  PieceCache::insert(set, head, tail_a, 9, ids_a, 5);
+  PieceCache::insert(set, head, tail_b, 9, ids_b, 2);
+  auto ids_of = [](const PieceCache::Entry* e) {
+    std::vector<TokenId> ids;
+    for (size_t i = 0; e && i < e->count(); ++i) ids.push_back(e->id(i));
+    return ids;
+  };
+  EXPECT_EQ(ids_of(PieceCache::find(set, head, tail_a, 9)), std::vector<TokenId>(ids_a, ids_a + 5));
+  EXPECT_EQ(ids_of(PieceCache::find(set, head, tail_b, 9)), std::vector<TokenId>(ids_b, ids_b + 2));
+  EXPECT_EQ(PieceCache::find(set, head, tail_a, 10), nullptr) << "same bytes, other length";
+  EXPECT_EQ(PieceCache::find(set, head, tail_a | 0x100, 10), nullptr);
+  EXPECT_EQ(PieceCache::find(set, head ^ 1, tail_a, 9), nullptr);
+  const TokenId ids_c[] = {3};
+  PieceCache::insert(set, 0, 0, 16, ids_c, 1);  // sixteen NUL bytes
+  EXPECT_EQ(PieceCache::find(set, head, tail_a, 9), nullptr) << "the oldest piece was not evicted";
+  EXPECT_EQ(ids_of(PieceCache::find(set, head, tail_b, 9)), std::vector<TokenId>(ids_b, ids_b + 2));
+  EXPECT_EQ(ids_of(PieceCache::find(set, 0, 0, 16)), std::vector<TokenId>{3});
+  EXPECT_EQ(PieceCache::find(set, 0, 0, 15), nullptr) << "fifteen NUL bytes found sixteen";
+}
+
+// The per-thread piece cache against merging every piece afresh: 100k distinct words (more
+// than the cache holds, so sets evict), each three times in random order, many of them
+// sharing their first 8 bytes and their length (a compare that skipped bytes 8..15 would
+// mix them up), some over 16 bytes or of more than 5 ids (not cached), then the same text
+// again with the cache warm.
+TEST(PieceCache, HitsGiveTheIdsOfAFreshMerge) {
+  const Tokenizer& t = cl100k();
+  std::vector<std::string_view> tokens;
+  for (TokenId id = 0; id < 100256; ++id) tokens.push_back(t.token_bytes(id));
+  RankMap ranks;
+  ranks.build(tokens);
+  std::mt19937 rng(11);
+  const std::vector<std::string> letters[] = {
+      {"a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s", "t", "u", "v",
+       "w", "x", "y", "z"},
+      {"b", "c", "d", "f", "g", "k", "p", "q", "v", "x", "z"},
+      {"\xC3\xA9", "\xC3\xBC", "\xC3\x9F", "a", "e"},
+      {"\xE4\xB8\x96", "\xE7\x95\x8C", "a"}};
+  std::vector<std::string> words;
+  std::unordered_map<std::string, bool> seen;
+  while (words.size() < 100000) {
+    int family = int(rng() % 5);
+    std::string word = " ";
+    if (family == 4) {  // 16 bytes in all, the first 8 shared
+      word += "interna";
+      while (word.size() < 16) word += letters[0][rng() % 26];
+    } else {
+      size_t length = 1 + rng() % 20;
+      for (size_t i = 0; i < length; ++i) word += letters[family][rng() % letters[family].size()];
+    }
+    if (!seen.emplace(word, true).second) continue;
+    words.push_back(word);
+  }
+  std::vector<size_t> order;
+  for (size_t i = 0; i < words.size(); ++i) order.insert(order.end(), {i, i, i});
+  std::shuffle(order.begin(), order.end(), rng);
+  std::string text;
+  std::vector<TokenId> expected;
+  for (size_t i : order) {
+    text += words[i];
+    if (uint32_t rank = ranks.find(reinterpret_cast<const uint8_t*>(words[i].data()), words[i].size()); rank != kNoRank)
+      expected.push_back(rank);
+    else
+      bpe_encode_piece(ranks, words[i], expected, BpeMethod::scan);
+  }
+  EXPECT_EQ(t.encode_ordinary(text), expected);
+  EXPECT_EQ(t.encode_ordinary(text), expected);
 }
 
 // The rank map against std::unordered_map: every token, and near misses that share a
