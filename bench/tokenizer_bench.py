@@ -19,6 +19,7 @@ import lzma
 import os
 import platform
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -106,15 +107,21 @@ def main():
             t_single = t_batch = float("inf")
             cpu_single = []
             ours = {}
+            round_ratios = []  # flashgpt / tiktoken single-thread CPU MB/s, timed back to back
             for _ in range(args.rounds):
-                t_single = min(t_single, best_seconds(args.repeat, lambda: enc.encode_ordinary(text), cpu_single))
-                t_batch = min(t_batch, best_seconds(
-                    args.repeat, lambda: enc.encode_ordinary_batch(docs, num_threads=args.threads)))
+                round_cpu = []
+                t_single = min(t_single, best_seconds(args.repeat, lambda: enc.encode_ordinary(text), round_cpu))
+                cpu_single += round_cpu
                 for threads in (1, args.threads):
+                    if threads == args.threads:
+                        t_batch = min(t_batch, best_seconds(
+                            args.repeat, lambda: enc.encode_ordinary_batch(docs, num_threads=args.threads)))
                     run = subprocess.run([args.flashgpt, "bench", "tokenizer", "-e", name, "--vocab-dir",
                                           str(vocab_dir), "--threads", str(threads), "--repeat", str(args.repeat),
                                           str(path)], check=True, capture_output=True, text=True)
                     result = json.loads(run.stdout)
+                    if threads == 1:
+                        round_ratios.append(result["single_cpu_mb_s"] / (mb / round_cpu[0]))
                     best = ours.setdefault(threads, result)
                     for key in ("single_mb_s", "single_cpu_mb_s", "parallel_mb_s", "batch_mb_s"):
                         best[key] = max(best[key], result[key])
@@ -124,6 +131,9 @@ def main():
                 "flashgpt_single_mb_s": ours[1]["single_mb_s"],
                 "tiktoken_single_cpu_mb_s": mb / min(cpu_single),
                 "flashgpt_single_cpu_mb_s": ours[1]["single_cpu_mb_s"],
+                "single_cpu_ratio_rounds_median": statistics.median(round_ratios),
+                "single_cpu_ratio_rounds_min": min(round_ratios),
+                "single_cpu_ratio_rounds_max": max(round_ratios),
                 "flashgpt_parallel_mb_s": ours[args.threads]["parallel_mb_s"],
                 "flashgpt_batch_1thread_mb_s": ours[1]["batch_mb_s"],
                 "flashgpt_batch_mb_s": ours[args.threads]["batch_mb_s"],
@@ -146,6 +156,14 @@ def main():
         for r in rows:
             writer.writerow({**r, "machine": f"{cpu_name()} x{os.cpu_count()}"})
     print(f"wrote {args.csv} (best of {args.rounds} alternating rounds x {args.repeat} runs)")
+    # On a host whose speed moves between seconds (the GPU machine's Xeon: tiktoken 6.8-15 MB/s
+    # from one run to the next), the best of each side can come from different moments; each
+    # round times both single-thread encodes back to back, and the spread of those ratios says
+    # how far to trust the one above.
+    for r in rows:
+        print(f"{r['encoding']:12} single-thread CPU-time ratio per round (tiktoken, then flashgpt): median "
+              f"{r['single_cpu_ratio_rounds_median']:.1f}x, range {r['single_cpu_ratio_rounds_min']:.1f}-"
+              f"{r['single_cpu_ratio_rounds_max']:.1f}x over {args.rounds} rounds")
 
 
 if __name__ == "__main__":

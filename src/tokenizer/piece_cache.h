@@ -17,10 +17,7 @@ namespace flashgpt {
 // the GPU machine's Xeon measured 7% faster first passes with these (docs/tokenizer.md).
 // It belongs to one tokenizer at a time.
 struct PieceCache {
-#ifndef FLASHGPT_TOK_CACHE_LOG2
-#define FLASHGPT_TOK_CACHE_LOG2 15
-#endif
-  static constexpr size_t kSets = size_t(1) << FLASHGPT_TOK_CACHE_LOG2;
+  static constexpr size_t kSets = size_t(1) << 15;
   static constexpr size_t kMaxKey = 16;
   static constexpr size_t kMaxIds = 5;
   struct Entry {
