@@ -3,6 +3,8 @@
 
 #include <flashgpt/tokenizer.h>
 
+#include "tokenizer/huge_pages.h"
+
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -34,7 +36,7 @@ struct PieceCache {
     Entry way[2];
   };
   uint64_t owner = 0;
-  std::vector<Set> sets;
+  std::vector<Set, HugePageAllocator<Set>> sets;
 
   Set& set_of(uint64_t hash) { return sets[(hash ^ (hash >> 29)) & (kSets - 1)]; }
   // The ids of the piece (head, tail, length), or nullptr.

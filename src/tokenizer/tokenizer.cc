@@ -4,6 +4,7 @@
 #include <flashgpt/tokenizer.h>
 
 #include "tokenizer/bpe.h"
+#include "tokenizer/huge_pages.h"
 #include "tokenizer/piece_cache.h"
 #include "tokenizer/pretokenize.h"
 #include "tokenizer/unicode.h"
@@ -134,6 +135,7 @@ struct Tokenizer::Impl {
     // page faults and copies (5% of the time on 10 MB).
     size_t expected = out.size() + text.size() / 3 + 16;
     if (out.capacity() < expected) out.reserve(std::max(expected, 2 * out.capacity()));
+    advise_huge_pages(out.data() + out.size(), (out.capacity() - out.size()) * sizeof(TokenId));
     Pretokenizer pretokenizer(pattern, text);
     PieceCache& cache = PieceCache::for_tokenizer(uid);
     auto p = reinterpret_cast<const uint8_t*>(text.data());
@@ -342,8 +344,7 @@ std::string_view Tokenizer::token_bytes(TokenId token) const {
 std::vector<TokenId> Tokenizer::encode_ordinary(std::string_view text, InvalidUtf8 invalid) const {
   std::string storage;
   std::string_view valid = impl_->valid_text(text, invalid, storage);
-  std::vector<TokenId> out;
-  out.reserve(valid.size() / 4 + 16);
+  std::vector<TokenId> out;  // encode_valid reserves
   impl_->encode_valid(valid, out);
   return out;
 }
