@@ -33,6 +33,18 @@ const Tokenizer& cl100k() {
   return tokenizer;
 }
 
+// A RankMap over cl100k_base's ordinary tokens, to call the merge methods directly.
+const RankMap& cl100k_ranks() {
+  static const RankMap ranks = [] {
+    std::vector<std::string_view> tokens;
+    for (TokenId id = 0; id < 100256; ++id) tokens.push_back(cl100k().token_bytes(id));
+    RankMap map;
+    map.build(tokens);
+    return map;
+  }();
+  return ranks;
+}
+
 template <class F>
 std::string error_of(F&& f) {
   try {
@@ -311,11 +323,7 @@ TEST(Specials, FollowTiktokenSemantics) {
 
 TEST(Bpe, HeapMergesExactlyLikeTheScan) {
   const Tokenizer& t = cl100k();
-  // A RankMap over the same tokens, to call both merge methods directly.
-  std::vector<std::string_view> tokens;
-  for (TokenId id = 0; id < 100256; ++id) tokens.push_back(t.token_bytes(id));
-  RankMap ranks;
-  ranks.build(tokens);
+  const RankMap& ranks = cl100k_ranks();
   std::mt19937 rng(42);
   const std::string alphabets[] = {"abcdefghijklmnopqrstuvwxyz", "aeiou", "ab", "a", " \n\t.,'0123456789e",
                                    "\xC3\xA9\xE4\xB8\x96\xF0\x9F\x99\x82"};
@@ -368,10 +376,7 @@ TEST(PieceCache, SetKeepsTwoPiecesExactly) {
 // again with the cache warm.
 TEST(PieceCache, HitsGiveTheIdsOfAFreshMerge) {
   const Tokenizer& t = cl100k();
-  std::vector<std::string_view> tokens;
-  for (TokenId id = 0; id < 100256; ++id) tokens.push_back(t.token_bytes(id));
-  RankMap ranks;
-  ranks.build(tokens);
+  const RankMap& ranks = cl100k_ranks();
   std::mt19937 rng(11);
   const std::vector<std::string> letters[] = {
       {"a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q", "r", "s", "t", "u", "v",
