@@ -54,6 +54,15 @@ def documents_split(text, lines):
     return [d for d in docs if d]
 
 
+def tiktoken_encoding(vocab_dir, name):
+    """tiktoken's Encoding from the shared rank file and meta.json (no network)."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+    meta = json.loads((Path(vocab_dir) / f"{name}.meta.json").read_text())
+    return tiktoken.Encoding(name=name, pat_str=meta["pat_str"], special_tokens=meta["special_tokens"],
+                             mergeable_ranks=load_tiktoken_bpe(str(Path(vocab_dir) / f"{name}.tiktoken")))
+
+
 def cpu_name():
     try:
         for line in open("/proc/cpuinfo"):
@@ -78,7 +87,6 @@ def main():
     parser.add_argument("--csv", type=Path, default=ROOT / "results" / "tokenizer_bench.csv")
     args = parser.parse_args()
     import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
 
     vocab_dir = args.vocab_dir or Path(os.environ.get("FLASHGPT_TOKENIZER_DIR", args.data_dir / "tokenizers"))
     raw = b"".join(lzma.decompress(p.read_bytes()) for p in sorted((args.data_dir / "wmt14").glob("*.xz")))
@@ -93,9 +101,7 @@ def main():
         path = Path(tmp) / "wmt14.txt"
         path.write_bytes(raw)
         for name in args.encodings.split(","):
-            meta = json.loads((vocab_dir / f"{name}.meta.json").read_text())
-            enc = tiktoken.Encoding(name=name, pat_str=meta["pat_str"], special_tokens=meta["special_tokens"],
-                                    mergeable_ranks=load_tiktoken_bpe(str(vocab_dir / f"{name}.tiktoken")))
+            enc = tiktoken_encoding(vocab_dir, name)
             expected = enc.encode_ordinary(text)
             for threads in (1, args.threads):
                 out = subprocess.run([args.flashgpt, "tokenize", "-e", name, "--vocab-dir", str(vocab_dir), "--format",

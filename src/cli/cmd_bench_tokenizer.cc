@@ -115,13 +115,13 @@ void bench_tokenizer_run(const BenchTokenizerConfig& config) {
   for (const auto& ids : batch) batch_tokens += ids.size();
   double mb = double(text.size()) / 1e6;
   fmt::print(
-      "{{\"encoding\": \"{}\", \"bytes\": {}, \"tokens\": {}, \"documents\": {}, \"batch_tokens\": {}, "
-      "\"threads\": {}, \"single_mb_s\": {:.3f}, \"single_cpu_mb_s\": {:.3f}{}{}}}\n",
-      config.encoding, text.size(), single.size(), docs.size(), batch_tokens, threads, mb / t_single,
-      mb / cpu_single,
-      config.single_only
-          ? ""
-          : fmt::format(", \"parallel_mb_s\": {:.3f}, \"batch_mb_s\": {:.3f}", mb / t_parallel, mb / t_batch),
+      "{{\"encoding\": \"{}\", \"bytes\": {}, \"tokens\": {}, \"threads\": {}, \"single_mb_s\": {:.3f}, "
+      "\"single_cpu_mb_s\": {:.3f}{}{}}}\n",
+      config.encoding, text.size(), single.size(), threads, mb / t_single, mb / cpu_single,
+      config.single_only ? ""
+                         : fmt::format(", \"documents\": {}, \"batch_tokens\": {}, \"parallel_mb_s\": {:.3f}, "
+                                       "\"batch_mb_s\": {:.3f}",
+                                       docs.size(), batch_tokens, mb / t_parallel, mb / t_batch),
       config.warm ? fmt::format(", \"single_warm_cpu_mb_s\": {:.3f}", mb / cpu_warm) : "");
 }
 
