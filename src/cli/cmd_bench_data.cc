@@ -4,8 +4,10 @@
 // documents written equal to the pairs used.
 #include "cli/commands.h"
 
-#include <flashgpt/data.h>
+#include <flashgpt/data_prepare.h>
+#include <flashgpt/data_shard.h>
 #include <flashgpt/error.h>
+#include <flashgpt/tokenizer.h>
 
 #include <fmt/core.h>
 #include <fmt/ranges.h>

@@ -7,10 +7,10 @@
 #include "tokenizer/huge_pages.h"
 #include "tokenizer/piece_cache.h"
 #include "tokenizer/pretokenize.h"
-#include "tokenizer/unicode.h"
 #include "tokenizer/vocab_files.h"
 
 #include <flashgpt/error.h>
+#include <flashgpt/unicode.h>
 
 #include <nlohmann/json.hpp>
 #include <omp.h>
