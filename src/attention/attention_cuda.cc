@@ -4,8 +4,8 @@
 #include <flashgpt/attention_cuda.h>
 #include <flashgpt/error.h>
 
-#include "attention/attention_cuda_launch.h"
-#include "common/cuda_check.h"
+#include "attention_cuda_launch.h"
+#include <flashgpt/cuda_check.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,6 +1,6 @@
 // `flashgpt data download|prepare|analyze`: the WMT14 fr-en pipeline. Each subcommand has
 // one config struct filled by its option table and printed at start-up.
-#include "cli/commands.h"
+#include "commands.h"
 
 #include <flashgpt/data_analyze.h>
 #include <flashgpt/data_download.h>

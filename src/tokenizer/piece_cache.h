@@ -3,7 +3,7 @@
 
 #include <flashgpt/tokenizer.h>
 
-#include "tokenizer/huge_pages.h"
+#include "huge_pages.h"
 
 #include <cstddef>
 #include <cstdint>

@@ -1,4 +1,4 @@
-#include "tokenizer/vocab_files.h"
+#include "vocab_files.h"
 
 #include <flashgpt/digest.h>
 #include <flashgpt/error.h>

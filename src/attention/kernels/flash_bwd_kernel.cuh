@@ -14,7 +14,7 @@
 // With dropout Z = mask * 256 / (256 - t) (philox.h): dV += (P Z)^T dO and dS = P (dP Z - D).
 #pragma once
 
-#include "attention/attention_cuda_launch.h"
+#include "attention_cuda_launch.h"
 #include "flash_common.cuh"
 
 #ifndef FLASHGPT_DQ_ATOMIC_WIDTH

@@ -31,7 +31,7 @@
 // (loads landed, dS^T complete).
 #pragma once
 
-#include "attention/attention_cuda_launch.h"
+#include "attention_cuda_launch.h"
 #include "flash_bwd_kernel.cuh"
 #include "flash_common.cuh"
 #include "wgmma_common.cuh"
