@@ -27,8 +27,10 @@ std::vector<DownloadItem> download_items_from_json(const std::filesystem::path& 
 struct DownloadConfig {
   std::filesystem::path dest;
   std::vector<DownloadItem> items;
-  int retries = 5;             // attempts per file after the first, resuming each time
-  double timeout_seconds = 0;  // 0: none (low-speed limit still applies)
+  int retries = 5;             // attempts per file after the first, resuming each time (0..100)
+  double timeout_seconds = 0;  // per attempt; 0: none (the stall timeout still applies)
+  double connect_timeout_seconds = 15;
+  double stall_timeout_seconds = 30;  // an attempt fails after this long without a byte
   bool unpack = true;
   bool progress = true;
 };
@@ -38,7 +40,10 @@ bool unpack_supported();    // built with libarchive
 // Fetches each item to DEST/NAME (resuming DEST/NAME.part), verifies it and unpacks it
 // into DEST/. Throws on a checksum mismatch or a corrupt archive, naming the file.
 void data_download(const DownloadConfig& config);
-// Unpacks a tar/tgz/tar.gz archive into `dest`, rejecting paths that escape it.
+// Unpacks a tar archive (plain, gzip, xz or bzip2, told by its first bytes, not its name)
+// into `dest`. Refuses, naming the entry, anything that could land outside `dest` or is
+// not a file, folder or link: empty or absolute names, '..', links whose target leaves
+// `dest`, device files, FIFOs and sockets.
 void archive_unpack(const std::filesystem::path& archive, const std::filesystem::path& dest);
 
 }  // namespace flashgpt

@@ -30,10 +30,16 @@ struct TextEncoder {
 };
 TextEncoder text_encoder_from(const Tokenizer& tokenizer);
 
+// Whether the training text must be checked against newstest2014 (fail closed: a
+// missing or unreadable eval_dir, or one without newstest2014, is an error), or may go
+// unchecked (a warning says so).
+enum class TestSetCheck { required, off };
+
 struct PrepareConfig {
   std::vector<PairSource> pairs;                 // parallel corpora
   std::vector<std::filesystem::path> mono;       // monolingual files, one text per line
   std::filesystem::path eval_dir;                // where newstest2012/13/14 are looked up
+  TestSetCheck test_set_check = TestSetCheck::required;
   std::filesystem::path out_dir;
   uint64_t seed = 1234;
   int threads = 0;                               // 0: all cores
@@ -47,6 +53,9 @@ struct PrepareConfig {
   size_t batch_documents = 16384;                // documents tokenized per batch
   Prefetch prefetch = Prefetch::yes;             // decode input files on their own threads
   bool progress = true;                          // progress lines on stderr
+  // SIGINT/SIGTERM stop the run cleanly (handlers installed for its duration): the
+  // temporary directory is removed and OUT is left as it was.
+  bool handle_signals = false;
 };
 
 // Bilingual templates: {en} and {fr} are replaced by the sentences.
@@ -76,12 +85,21 @@ struct PrepareSummary {
   std::vector<std::string> warnings;
 };
 
-// Runs the pipeline and writes OUT/train_NNNNNN.bin, OUT/val_NNNNNN.bin and
-// OUT/summary.json. Refuses (throws) newstest2014 as an input, by file name or by content
+// Runs the pipeline and publishes OUT/train_NNNNNN.bin, OUT/val_NNNNNN.bin and
+// OUT/summary.json. OUT is never half-written: the dataset is built in a temporary
+// sibling directory (.NAME.tmp-PID, under the lock file .NAME.lock, so a second run into
+// the same OUT fails at once) and swapped in by a rename; the previous dataset is removed
+// only after. summary.json, written last, is the commit record readers require. A
+// directory holding files prepare did not write is refused, never emptied. Refuses (throws) newstest2014 as an input, by file name or by content
 // (a pair identical to a newstest2014 pair); drops single lines identical to a
 // newstest2014 line, counting them; warns about newstest2012/2013.
 PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& encoder);
 std::string prepare_summary_json(const PrepareSummary& summary);
+
+// The shards of one split ("train" or "val") of a published dataset, in order. Refuses a
+// directory without summary.json (not a dataset, or one whose prepare never finished)
+// and one whose shard files differ from those summary.json lists.
+std::vector<std::filesystem::path> dataset_shards(const std::filesystem::path& dir, std::string_view split);
 
 // The default inputs: every train.* pair in DATA/wmt14 and DATA/extra.
 std::vector<PairSource> default_pair_sources(const std::filesystem::path& data_dir);

@@ -7,9 +7,13 @@
 // in place of a profiler). Writes CSV and, when matplotlib is there, a PNG.
 #include "commands.h"
 
+#include <flashgpt/atomic_file.h>
+#include <flashgpt/process.h>
+
 #include <flashgpt/attention.h>
 #include <flashgpt/attention_cpu.h>
 #include <flashgpt/error.h>
+#include <flashgpt/process.h>
 
 #include <fmt/core.h>
 #include <fmt/ranges.h>
@@ -293,39 +297,46 @@ void bench_attention_run(BenchAttentionConfig c) {
   const std::filesystem::path dir(c.out_dir);
   std::filesystem::create_directories(dir);
   const std::filesystem::path timing_csv = dir / "attention_cpu_timing.csv", io_csv = dir / "attention_cpu_io.csv";
-  {
-    std::ofstream out(timing_csv);
-    out << "n,batch,heads,head_dim,causal,naive_ran,naive_fwd_s,naive_bwd_s,tiled_fwd_s,tiled_bwd_s,"
-           "naive_fwd_bytes,naive_bwd_bytes,tiled_fwd_bytes,tiled_bwd_bytes,tiled_io_bytes,tiled_bwd_io_bytes,standard_"
-           "io_bytes\n";
+  atomic_write_file(timing_csv, [&](AtomicFile& out) {
+    out.write(std::string_view(
+        "n,batch,heads,head_dim,causal,naive_ran,naive_fwd_s,naive_bwd_s,tiled_fwd_s,tiled_bwd_s,"
+        "naive_fwd_bytes,naive_bwd_bytes,tiled_fwd_bytes,tiled_bwd_bytes,tiled_io_bytes,tiled_bwd_io_bytes,standard_"
+        "io_bytes\n"));
     for (const TimingRow& r : rows) {
-      out << fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", r.n, c.batch, c.heads, c.head_dim,
-                         int(c.causal), int(r.naive_ran), r.naive_fwd_s, r.naive_bwd_s, r.tiled_fwd_s, r.tiled_bwd_s,
-                         r.naive_fwd_bytes, r.naive_bwd_bytes, r.tiled_fwd_bytes, r.tiled_bwd_bytes, r.tiled_io_bytes,
-                         r.tiled_bwd_io_bytes, r.standard_io_bytes);
+      out.write(fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}\n", r.n, c.batch, c.heads, c.head_dim,
+                            int(c.causal), int(r.naive_ran), r.naive_fwd_s, r.naive_bwd_s, r.tiled_fwd_s,
+                            r.tiled_bwd_s, r.naive_fwd_bytes, r.naive_bwd_bytes, r.tiled_fwd_bytes, r.tiled_bwd_bytes,
+                            r.tiled_io_bytes, r.tiled_bwd_io_bytes, r.standard_io_bytes));
     }
-  }
-  {
-    std::ofstream out(io_csv);
-    out << "n,head_dim,onchip_bytes,rule,block_rows,block_cols,counted_bytes,bound_bytes\n";
+  });
+  atomic_write_file(io_csv, [&](AtomicFile& out) {
+    out.write(std::string_view("n,head_dim,onchip_bytes,rule,block_rows,block_cols,counted_bytes,bound_bytes\n"));
     for (const IoRow& r : io_rows) {
-      out << fmt::format("{},{},{},{},{},{},{},{}\n", r.n, c.head_dim, r.onchip_bytes, r.rule, r.tile.block_rows,
-                         r.tile.block_cols, r.counted_bytes, r.bound_bytes);
+      out.write(fmt::format("{},{},{},{},{},{},{},{}\n", r.n, c.head_dim, r.onchip_bytes, r.rule, r.tile.block_rows,
+                            r.tile.block_cols, r.counted_bytes, r.bound_bytes));
     }
-  }
+  });
   fmt::print("\nwrote {} and {}\n", timing_csv.string(), io_csv.string());
 
   // The plot is matplotlib's job; the CSVs are the result, the PNG a convenience.
   std::filesystem::path script = std::filesystem::path(FLASHGPT_SOURCE_DIR) / "scripts" / "plot_attention_cpu.py";
   if (!std::filesystem::exists(script)) script = "scripts/plot_attention_cpu.py";
   const std::filesystem::path png = dir / "attention_cpu.png";
-  const std::string plot = fmt::format("python3 '{}' --timing '{}' --io '{}' --out '{}'", script.string(),
-                                       timing_csv.string(), io_csv.string(), png.string());
-  if (std::system("python3 -c 'import matplotlib' >/dev/null 2>&1") == 0 && std::system(plot.c_str()) == 0) {
-    fmt::print("wrote {}\n", png.string());
-  } else {
-    fmt::print("no plot: python3 with matplotlib is needed (pip install matplotlib), then run\n  {}\n", plot);
+  const std::vector<std::string> plot = {"python3", script.string(), "--timing", timing_csv.string(), "--io",
+                                         io_csv.string(), "--out", atomic_temp_path(png).string()};
+  if (process_run({"python3", "-c", "import matplotlib"}, ChildOutput::discard) != 0) {
+    fmt::print("no plot: python3 with matplotlib is needed (pip install matplotlib), then run\n  python3 {} "
+               "--timing {} --io {} --out {}\n", script.string(), timing_csv.string(), io_csv.string(), png.string());
+    return;
   }
+  const int status = process_run(plot);
+  if (status != 0) {
+    std::error_code ignored;
+    std::filesystem::remove(plot.back(), ignored);
+    FLASHGPT_FAIL("plotting {} failed: python3 {} exited with status {}", png.string(), script.string(), status);
+  }
+  atomic_publish(plot.back(), png);
+  fmt::print("wrote {}\n", png.string());
 }
 
 }  // namespace

@@ -3,7 +3,9 @@
 // (stages that overlap: reading runs beside tokenizing + writing). Each run is validated first: every shard re-read with its checksum, and the
 // documents written equal to the pairs used.
 #include "commands.h"
+#include "option_checks.h"
 
+#include <flashgpt/atomic_file.h>
 #include <flashgpt/data_prepare.h>
 #include <flashgpt/data_shard.h>
 #include <flashgpt/error.h>
@@ -15,7 +17,6 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <fstream>
 #include <memory>
 #include <thread>
 
@@ -49,6 +50,7 @@ void run_bench_data(const BenchDataConfig& o) {
     for (const auto& p : o.pairs) config.pairs.push_back(pair_source_from_path(p));
   }
   config.eval_dir = data / "wmt14";
+  config.handle_signals = true;
   config.out_dir = o.work;
   config.threads = o.threads;
   config.progress = false;
@@ -102,10 +104,10 @@ void run_bench_data(const BenchDataConfig& o) {
   result["inputs"] = names;
   result["best_mb_per_second"] = mb / total;
   result["runs"] = runs;
-  std::filesystem::create_directories(std::filesystem::path(o.out).parent_path().empty()
-                                          ? std::filesystem::path(".")
-                                          : std::filesystem::path(o.out).parent_path());
-  std::ofstream(o.out) << result.dump(2) << "\n";
+  if (const auto parent = std::filesystem::path(o.out).parent_path(); !parent.empty()) {
+    std::filesystem::create_directories(parent);
+  }
+  atomic_write_file(o.out, result.dump(2) + "\n");
 }
 
 }  // namespace
@@ -117,8 +119,10 @@ void cli_add_bench_data(CLI::App& bench) {
   cmd->add_option("--pairs", config->pairs, "Parallel corpora (default: DATA/wmt14/train.* + extra Europarl)");
   cmd->add_option("--encoding", config->encoding, "Tokenizer encoding")->capture_default_str();
   cmd->add_option("--tokenizer-dir", config->tokenizer_dir, "Rank files (default: DATA/tokenizers)");
-  cmd->add_option("--threads", config->threads, "Tokenizer threads (0: all cores)")->capture_default_str();
-  cmd->add_option("--repeat", config->repeat, "Runs; the fastest is reported")->capture_default_str();
+  cmd->add_option("--threads", config->threads, "Tokenizer threads (0: all cores)")->capture_default_str()
+      ->check(cli_thread_count());
+  cmd->add_option("--repeat", config->repeat, "Runs; the fastest is reported")->capture_default_str()
+      ->check(CLI::Range(1, 1000));
   cmd->add_flag("--no-prefetch", config->no_prefetch, "Decode the input files on the reading thread (the old way)");
   cmd->add_option("--work", config->work, "Where the shards go")->capture_default_str();
   cmd->add_option("--out", config->out, "Result JSON")->capture_default_str();

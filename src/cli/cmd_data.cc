@@ -1,13 +1,16 @@
 // `flashgpt data download|prepare|analyze`: the WMT14 fr-en pipeline. Each subcommand has
 // one config struct filled by its option table and printed at start-up.
 #include "commands.h"
+#include "option_checks.h"
 
+#include <flashgpt/atomic_file.h>
 #include <flashgpt/data_analyze.h>
 #include <flashgpt/data_download.h>
 #include <flashgpt/data_prepare.h>
 #include <flashgpt/data_reader.h>
 #include <flashgpt/data_shard.h>
 #include <flashgpt/error.h>
+#include <flashgpt/process.h>
 #include <flashgpt/tokenizer.h>
 
 #include <fmt/core.h>
@@ -16,8 +19,10 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <fstream>
+#include <filesystem>
 #include <memory>
+#include <new>
+#include <system_error>
 
 namespace flashgpt {
 namespace {
@@ -29,6 +34,8 @@ struct DownloadOptions {
   std::vector<std::string> only;    // names to fetch; empty: all
   int retries = 5;
   double timeout = 0;
+  double connect_timeout = 15;
+  double stall_timeout = 30;
   bool no_unpack = false;
   bool quiet = false;
 };
@@ -37,6 +44,7 @@ struct PrepareOptions {
   std::string data_dir;
   std::vector<std::string> pairs, mono;
   std::string eval_dir;
+  bool no_test_set_check = false;
   std::string out = "data/wmt14_fren";
   std::string encoding = "cl100k_base";
   std::string tokenizer_dir;
@@ -78,9 +86,10 @@ std::filesystem::path tokenizer_dir_or_default(const std::string& given) {
 }
 
 void run_download(const DownloadOptions& o) {
-  fmt::print(stderr, "data download: dataset={} dest={} manifest={} only=[{}] retries={} timeout={} unpack={}\n",
-             o.dataset, o.dest, o.manifest.empty() ? "(built-in)" : o.manifest, fmt::join(o.only, ","), o.retries,
-             o.timeout, !o.no_unpack);
+  fmt::print(stderr, "data download: dataset={} dest={} manifest={} only=[{}] retries={} timeout={} "
+             "connect_timeout={} stall_timeout={} unpack={}\n", o.dataset, o.dest,
+             o.manifest.empty() ? "(built-in)" : o.manifest, fmt::join(o.only, ","), o.retries, o.timeout,
+             o.connect_timeout, o.stall_timeout, !o.no_unpack);
   FLASHGPT_CHECK(o.dataset == "wmt14", "unknown dataset '{}' (known: wmt14)", o.dataset);
   DownloadConfig config;
   config.dest = o.dest;
@@ -96,6 +105,8 @@ void run_download(const DownloadOptions& o) {
   }
   config.retries = o.retries;
   config.timeout_seconds = o.timeout;
+  config.connect_timeout_seconds = o.connect_timeout;
+  config.stall_timeout_seconds = o.stall_timeout;
   config.unpack = !o.no_unpack;
   config.progress = !o.quiet;
   data_download(config);
@@ -110,6 +121,8 @@ void run_prepare(const PrepareOptions& o) {
   for (const auto& m : o.mono) config.mono.emplace_back(m);
   if (!explicit_inputs) config.pairs = default_pair_sources(data_dir);
   config.eval_dir = o.eval_dir.empty() ? std::filesystem::path(data_dir) / "wmt14" : std::filesystem::path(o.eval_dir);
+  config.test_set_check = o.no_test_set_check ? TestSetCheck::off : TestSetCheck::required;
+  config.handle_signals = true;
   config.out_dir = o.out;
   config.seed = o.seed;
   config.threads = o.threads;
@@ -142,9 +155,13 @@ void run_prepare(const PrepareOptions& o) {
 // Texts of a prepared dataset: its documents, decoded, in shard order.
 template <class Visit>
 void visit_dataset_texts(const AnalyzeOptions& o, uint64_t limit, Visit&& visit) {
+  // The dataset is checked (summary.json, every shard's header) before the tokenizer loads.
+  std::vector<ShardView> shards;
+  for (const auto& path : dataset_shards(o.dataset, o.split)) shards.emplace_back(path, VerifyPayload::no);
   const Tokenizer tokenizer = Tokenizer::load(o.encoding, tokenizer_dir_or_default(o.tokenizer_dir));
   uint64_t seen = 0;
-  for (const auto& path : shard_list(o.dataset, o.split)) {
+  for (const auto& shard_header_only : shards) {
+    const auto& path = shard_header_only.path();
     const ShardView shard(path);
     FLASHGPT_CHECK(shard.header().encoding == tokenizer.name(), "{} is encoded with {}, not {} (pass --encoding)",
                    path.string(), shard.header().encoding, tokenizer.name());
@@ -193,19 +210,43 @@ void run_analyze(const AnalyzeOptions& o) {
   for (const auto& [word, n] : counts) j["counts"][word] = n;
   std::string json_path = o.json;
   if (json_path.empty() && !o.plot.empty()) json_path = o.plot + ".json";
-  if (!json_path.empty()) {
-    std::ofstream out(json_path);
-    FLASHGPT_CHECK(out, "cannot write {}", json_path);
-    out << j.dump(2) << "\n";
-  }
+  if (!json_path.empty()) atomic_write_file(json_path, j.dump(2) + "\n");
   if (!o.plot.empty()) {
     const char* source = std::getenv("FLASHGPT_SOURCE_DIR");
-    const std::string script = fmt::format("{}/scripts/plot_keywords.py", source ? source : FLASHGPT_SOURCE_DIR);
-    const std::string command = fmt::format("python3 '{}' '{}' '{}'", script, json_path, o.plot);
-    if (std::system(command.c_str()) != 0) {
-      fmt::print(stderr, "warning: plotting failed (needs python3 with matplotlib: {}); the counts are in {}\n",
-                 command, json_path);
+    const std::filesystem::path script =
+        std::filesystem::path(source ? source : FLASHGPT_SOURCE_DIR) / "scripts" / "plot_keywords.py";
+    // The script writes a temporary file next to the PNG, published only when it succeeds.
+    const std::filesystem::path temp = atomic_temp_path(o.plot);
+    const std::vector<std::string> argv = {"python3", script.string(), json_path, temp.string()};
+    const int status = process_run(argv);
+    if (status != 0) {
+      std::error_code ignored;
+      std::filesystem::remove(temp, ignored);
+      FLASHGPT_FAIL("plotting failed (python3 {} exited with status {}; it needs matplotlib); the counts are in {}",
+                    script.string(), status, json_path);
     }
+    atomic_publish(temp, o.plot);
+  }
+}
+
+// Library errors that are not flashgpt::Error, turned into messages that say what failed
+// (never "unexpected error: std::...").
+template <class Run>
+void run_data_command(const char* command, Run&& run) {
+  try {
+    run();
+  } catch (const Error&) {
+    throw;
+  } catch (const std::filesystem::filesystem_error& e) {
+    std::string what = e.what();  // "filesystem error: cannot create directories: Not a directory [PATH]"
+    if (what.starts_with("filesystem error: ")) what.erase(0, std::string_view("filesystem error: ").size());
+    FLASHGPT_FAIL("{}: {}", command, what);
+  } catch (const std::bad_alloc&) {
+    FLASHGPT_FAIL("{}: out of memory", command);
+  } catch (const nlohmann::json::exception& e) {
+    FLASHGPT_FAIL("{}: malformed JSON: {}", command, e.what());
+  } catch (const std::system_error& e) {
+    FLASHGPT_FAIL("{}: system error: {}", command, e.code().message());
   }
 }
 
@@ -222,11 +263,16 @@ void cli_add_data(CLI::App& app) {
   d->add_option("--manifest", download->manifest, "JSON list of {name,url,md5?,sha256?,size?} replacing the built-in");
   d->add_option("--only", download->only, "Fetch only these files (by name)");
   d->add_option("--retries", download->retries, "Resumed attempts per file after a dropped connection")
-      ->capture_default_str();
-  d->add_option("--timeout", download->timeout, "Seconds per attempt (0: no limit)")->capture_default_str();
+      ->capture_default_str()->check(CLI::Range(0, 100));
+  d->add_option("--timeout", download->timeout, "Seconds per attempt (0: no limit)")->capture_default_str()
+      ->check(CLI::Range(0.0, 7 * 24 * 3600.0));
+  d->add_option("--connect-timeout", download->connect_timeout, "Seconds to wait for a connection")
+      ->capture_default_str()->check(CLI::Range(1.0, 600.0));
+  d->add_option("--stall-timeout", download->stall_timeout, "Seconds without a byte after which an attempt fails")
+      ->capture_default_str()->check(CLI::Range(1.0, 3600.0));
   d->add_flag("--no-unpack", download->no_unpack, "Only fetch and verify");
   d->add_flag("--quiet", download->quiet, "No progress lines");
-  d->callback([download] { run_download(*download); });
+  d->callback([download] { run_data_command("data download", [&] { run_download(*download); }); });
 
   auto prepare = std::make_shared<PrepareOptions>();
   auto* p = data->add_subcommand("prepare", "Build documents from the corpora and write token shards");
@@ -235,22 +281,29 @@ void cli_add_data(CLI::App& app) {
                 "Parallel corpora: X.en[.xz|.gz] (finds X.fr), X.tsv or *-src.en.sgm (default: train.* in "
                 "DATA/wmt14 and DATA/extra)");
   p->add_option("--mono", prepare->mono, "Monolingual files X.en / X.fr, one text per line");
-  p->add_option("--eval-dir", prepare->eval_dir, "Where newstest2012/13/14 are (default: DATA/wmt14)");
+  p->add_option("--eval-dir", prepare->eval_dir,
+                "Where newstest2012/13/14 are (default: DATA/wmt14); missing, unreadable or without newstest2014 "
+                "is an error");
+  p->add_flag("--no-test-set-check", prepare->no_test_set_check,
+              "Train without a newstest2014 to check the text against (file names are still checked)");
   p->add_option("--out", prepare->out, "Output directory")->capture_default_str();
   p->add_option("--encoding", prepare->encoding, "Tokenizer encoding")->capture_default_str();
   p->add_option("--tokenizer-dir", prepare->tokenizer_dir, "Rank files (default: FLASHGPT_TOKENIZER_DIR, else DATA/tokenizers)");
-  p->add_option("--seed", prepare->seed, "Seed of every random choice")->capture_default_str();
-  p->add_option("--threads", prepare->threads, "Tokenizer threads (0: all cores)")->capture_default_str();
+  p->add_option("--seed", prepare->seed, "Seed of every random choice")->capture_default_str()
+      ->check(cli_unsigned_integer());
+  p->add_option("--threads", prepare->threads, "Tokenizer threads (0: all cores)")->capture_default_str()
+      ->check(cli_thread_count());
   p->add_option("--bilingual-rate", prepare->bilingual_rate,
                 "Share of pairs turned into bilingual documents (0: the original one-side-per-pair recipe)")
       ->capture_default_str()->check(CLI::Range(0.0, 1.0));
   p->add_option("--val-fraction", prepare->val_fraction, "Share of documents held out")->capture_default_str()
       ->check(CLI::Range(0.0, 0.999));
-  p->add_option("--shard-tokens", prepare->shard_tokens, "Tokens per shard")->capture_default_str();
+  p->add_option("--shard-tokens", prepare->shard_tokens, "Tokens per shard")->capture_default_str()
+      ->check(cli_unsigned_integer())->check(CLI::Range(uint64_t{1}, uint64_t{1} << 40));
   p->add_option("--on-bad-line", prepare->on_bad_line, "Invalid UTF-8 or malformed lines: skip (and count) or fail")
       ->capture_default_str()->check(CLI::IsMember({"skip", "fail"}));
   p->add_flag("--quiet", prepare->quiet, "No progress lines");
-  p->callback([prepare] { run_prepare(*prepare); });
+  p->callback([prepare] { run_data_command("data prepare", [&] { run_prepare(*prepare); }); });
 
   auto analyze = std::make_shared<AnalyzeOptions>();
   auto* a = data->add_subcommand("analyze", "Count French keywords (whole words) in the first N texts");
@@ -258,14 +311,14 @@ void cli_add_data(CLI::App& app) {
   a->add_option("--dataset", analyze->dataset, "A prepared dataset directory (documents decoded)");
   a->add_option("--split", analyze->split, "train or val")->capture_default_str()
       ->check(CLI::IsMember({"train", "val"}));
-  a->add_option("--limit", analyze->limit, "Texts to read")->capture_default_str();
+  a->add_option("--limit", analyze->limit, "Texts to read")->capture_default_str()->check(cli_unsigned_integer());
   a->add_option("--keywords", analyze->keywords, "Keyword list (comma-separated)")->delimiter(',');
   a->add_flag("--ignore-case", analyze->ignore_case, "Compare after Unicode simple lowercasing");
   a->add_option("--json", analyze->json, "Write {texts,total,counts} here");
   a->add_option("--plot", analyze->plot, "Bar chart PNG (python3 + matplotlib)");
   a->add_option("--encoding", analyze->encoding, "Encoding of --dataset")->capture_default_str();
   a->add_option("--tokenizer-dir", analyze->tokenizer_dir, "Rank files (default: FLASHGPT_TOKENIZER_DIR, else DATA/tokenizers)");
-  a->callback([analyze] { run_analyze(*analyze); });
+  a->callback([analyze] { run_data_command("data analyze", [&] { run_analyze(*analyze); }); });
 }
 
 }  // namespace flashgpt

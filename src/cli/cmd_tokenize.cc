@@ -2,13 +2,16 @@
 // count tokens, with tiktoken's encodings.
 #include "commands.h"
 
+#include <flashgpt/atomic_file.h>
 #include <flashgpt/error.h>
 #include <flashgpt/tokenizer.h>
 
 #include <fmt/core.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
+#include <cstring>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -50,12 +53,12 @@ std::string input_read(const std::string& path) {
   return std::move(buffer).str();
 }
 
+// A file is replaced whole (temporary file, fsync, rename) or not at all.
 void output_write(const std::string& path, std::string_view bytes) {
-  std::FILE* out = path == "-" ? stdout : std::fopen(path.c_str(), "wb");
-  FLASHGPT_CHECK(out, "cannot open {} for writing", path);
-  size_t written = std::fwrite(bytes.data(), 1, bytes.size(), out);
-  int closed = path == "-" ? std::fflush(out) : std::fclose(out);
-  FLASHGPT_CHECK(written == bytes.size() && closed == 0, "cannot write {}", path);
+  if (path != "-") return atomic_write_file(path, bytes);
+  const size_t written = std::fwrite(bytes.data(), 1, bytes.size(), stdout);
+  FLASHGPT_CHECK(written == bytes.size() && std::fflush(stdout) == 0, "cannot write to stdout: {}",
+                 std::strerror(errno));
 }
 
 std::vector<TokenId> ids_parse(const std::string& input, IdFormat format) {

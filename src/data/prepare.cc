@@ -5,11 +5,16 @@
 // the reading of the next batch), append them in order to the train or val shard. Every random choice for document d (side, template, held out or not) comes from
 // Philox counter (d, kPrepareStream) under the seed, so the output depends on the seed
 // and the inputs, never on the thread count or the batch size.
+#include <flashgpt/atomic_file.h>
 #include <flashgpt/data_prepare.h>
 #include <flashgpt/data_shard.h>
 #include <flashgpt/error.h>
 #include <flashgpt/philox.h>
 #include <flashgpt/unicode.h>
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -21,8 +26,12 @@
 #include <deque>
 #include <mutex>
 #include <thread>
+#include <csignal>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
+#include <regex>
 #include <tuple>
 #include <unordered_map>
 #include <unordered_set>
@@ -96,7 +105,23 @@ struct EvalGuard {
     return std::nullopt;
   }
 
-  void load(const std::filesystem::path& dir, std::vector<std::string>& warnings) {
+  void load(const std::filesystem::path& dir, TestSetCheck check, std::vector<std::string>& warnings) {
+    if (dir.empty()) {
+      FLASHGPT_CHECK(check == TestSetCheck::off, "prepare: no evaluation directory given: training text must be "
+                     "checked against newstest2014 (pass --eval-dir DIR, or --no-test-set-check to train unchecked)");
+      warnings.push_back("no evaluation directory: training text is checked against newstest2014 by file name only");
+      return;
+    }
+    std::error_code ec;
+    const auto status = std::filesystem::status(dir, ec);
+    const std::string problem = status.type() == std::filesystem::file_type::not_found ? "does not exist"
+                                : ec                                   ? "cannot be read: " + ec.message()
+                                : !std::filesystem::is_directory(status) ? "is not a directory"
+                                                                         : "";
+    FLASHGPT_CHECK(problem.empty(), "evaluation directory {} {}: it is where newstest2014 is looked up so that it "
+                   "stays out of training (check --eval-dir)", dir.string(), problem);
+    FLASHGPT_CHECK(::access(dir.c_str(), R_OK | X_OK) == 0, "evaluation directory {} cannot be read: {} (check "
+                   "--eval-dir)", dir.string(), std::strerror(errno));
     if (const auto test = find_set(dir, "2014")) {
       PairReader reader(*test, BadLinePolicy::fail);
       TextPair pair;
@@ -108,6 +133,9 @@ struct EvalGuard {
       }
       have_test = true;
     } else {
+      FLASHGPT_CHECK(check == TestSetCheck::off, "newstest2014.fr-en.{{en,fr}} not found in the evaluation directory "
+                     "{}: training text must be checked against it (pass the --eval-dir that holds it, or "
+                     "--no-test-set-check to train unchecked)", dir.string());
       warnings.push_back(fmt::format("newstest2014.fr-en.{{en,fr}} not found in '{}': training text is checked "
                                      "against the evaluation set by file name only (pass --eval-dir)", dir.string()));
     }
@@ -169,6 +197,169 @@ DocKind mono_language(const std::filesystem::path& path) {
   return DocKind::fr;
 }
 
+// SIGINT/SIGTERM during a run: the handler only sets this flag; the reading loop and the
+// worker check it and unwind, so the temporary directory is removed and the published
+// dataset is left as it was.
+volatile std::sig_atomic_t g_interrupt_signal = 0;
+extern "C" void prepare_on_signal(int signal) { g_interrupt_signal = signal; }
+
+void check_interrupted() {
+  if (const int signal = g_interrupt_signal) {
+    FLASHGPT_FAIL("interrupted by {} (signal {}): nothing was published; the previous dataset, if any, is unchanged",
+                  signal == SIGINT ? "SIGINT" : signal == SIGTERM ? "SIGTERM" : "a signal", signal);
+  }
+}
+
+// Installs the handlers for the scope of one run and restores the previous ones after.
+class InterruptScope {
+ public:
+  explicit InterruptScope(bool enable) : enabled_(enable) {
+    g_interrupt_signal = 0;
+    if (!enabled_) return;
+    struct sigaction action {};
+    action.sa_handler = prepare_on_signal;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, &old_int_);
+    sigaction(SIGTERM, &action, &old_term_);
+  }
+  ~InterruptScope() {
+    if (!enabled_) return;
+    sigaction(SIGINT, &old_int_, nullptr);
+    sigaction(SIGTERM, &old_term_, nullptr);
+  }
+  InterruptScope(const InterruptScope&) = delete;
+  InterruptScope& operator=(const InterruptScope&) = delete;
+
+ private:
+  bool enabled_;
+  struct sigaction old_int_ {}, old_term_ {};
+};
+
+// The files a dataset directory may hold: what prepare writes (and a shard writer's
+// temporary file). Only these are ever deleted.
+bool is_dataset_file(const std::string& name) {
+  static const std::regex pattern(R"((train|val)_[0-9]{6,}\.bin(\.tmp)?|summary\.json)");
+  return std::regex_match(name, pattern);
+}
+
+// The first entry of `dir` that prepare did not write, or "" when there is none.
+std::string foreign_entry(const std::filesystem::path& dir) {
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    if (!is_dataset_file(name) || !entry.is_regular_file()) return name;
+  }
+  return "";
+}
+
+// Deletes the dataset files of `dir` and then `dir` itself when nothing else is left.
+void remove_dataset_dir(const std::filesystem::path& dir) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(dir, ec)) return;
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    if (is_dataset_file(entry.path().filename().string())) std::filesystem::remove(entry.path(), ec);
+  }
+  std::filesystem::remove(dir, ec);  // fails (and keeps it) when something else is in it
+}
+
+// OUT is published from a temporary sibling: lock, build in .NAME.tmp-PID, swap in.
+class DatasetOutput {
+ public:
+  explicit DatasetOutput(const std::filesystem::path& out_dir) {
+    out_ = out_dir.lexically_normal();
+    if (out_.filename().empty()) out_ = out_.parent_path();
+    FLASHGPT_CHECK(!out_.filename().empty() && out_.filename() != "." && out_.filename() != "..",
+                   "prepare: '{}' cannot be an output directory (name a directory, e.g. data/wmt14_fren)",
+                   out_dir.string());
+    parent_ = out_.parent_path().empty() ? std::filesystem::path(".") : out_.parent_path();
+    std::filesystem::create_directories(parent_);
+    const std::string name = out_.filename().string();
+    lock_path_ = parent_ / ("." + name + ".lock");
+    lock_fd_ = ::open(lock_path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+    FLASHGPT_CHECK(lock_fd_ >= 0, "cannot create the lock file {}: {}", lock_path_.string(), std::strerror(errno));
+    if (::flock(lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+      const int saved = errno;
+      ::close(lock_fd_);
+      FLASHGPT_CHECK(saved != EWOULDBLOCK, "another `data prepare` is writing {} (it holds the lock {}); wait for it "
+                     "to finish or choose another --out", out_.string(), lock_path_.string());
+      FLASHGPT_FAIL("cannot lock {}: {}", lock_path_.string(), std::strerror(saved));
+    }
+    try {
+      prepare_locked(name);
+    } catch (...) {
+      ::close(lock_fd_);  // the destructor does not run for a constructor that throws
+      throw;
+    }
+  }
+
+  ~DatasetOutput() {
+    if (!published_) remove_dataset_dir(build_);
+    ::close(lock_fd_);  // the lock file stays: removing it would race with a waiting run
+  }
+
+  const std::filesystem::path& build_dir() const { return build_; }
+
+  // Makes the built directory OUT in one step; the previous OUT is removed only after.
+  void publish() {
+    fsync_directory(build_);
+    std::error_code ec;
+    if (!std::filesystem::exists(std::filesystem::symlink_status(out_, ec))) {
+      FLASHGPT_CHECK(::rename(build_.c_str(), out_.c_str()) == 0, "cannot rename {} to {}: {}", build_.string(),
+                     out_.string(), std::strerror(errno));
+    } else if (::renameat2(AT_FDCWD, build_.c_str(), AT_FDCWD, out_.c_str(), RENAME_EXCHANGE) != 0) {
+      // No atomic exchange on this file system: move the old one aside first.
+      const auto old = parent_ / fmt::format(".{}.old-{}", out_.filename().string(), ::getpid());
+      FLASHGPT_CHECK(::rename(out_.c_str(), old.c_str()) == 0, "cannot move {} aside: {}", out_.string(),
+                     std::strerror(errno));
+      if (::rename(build_.c_str(), out_.c_str()) != 0) {
+        const int saved = errno;
+        ::rename(old.c_str(), out_.c_str());
+        FLASHGPT_FAIL("cannot rename {} to {}: {}", build_.string(), out_.string(), std::strerror(saved));
+      }
+      ::rename(old.c_str(), build_.c_str());
+    }
+    published_ = true;
+    fsync_directory(parent_);
+    remove_dataset_dir(build_);  // after the exchange: the previous dataset
+  }
+
+ private:
+  // Under the lock: check OUT, clear dead runs' leftovers, create the build directory.
+  void prepare_locked(const std::string& name) {
+    std::error_code ec;
+    if (std::filesystem::exists(std::filesystem::symlink_status(out_, ec))) {
+      FLASHGPT_CHECK(std::filesystem::is_directory(std::filesystem::symlink_status(out_)),
+                     "--out {} exists and is not a directory", out_.string());
+      const std::string foreign = foreign_entry(out_);
+      FLASHGPT_CHECK(foreign.empty(), "--out {} holds '{}', which `data prepare` did not write; refusing to replace "
+                     "the directory (move it away or choose another --out)", out_.string(), foreign);
+      // Files named like ours are replaced only as the dataset summary.json lists.
+      if (!std::filesystem::is_empty(out_)) {
+        try {
+          dataset_shards(out_, "train");
+          dataset_shards(out_, "val");
+        } catch (const Error& e) {
+          FLASHGPT_FAIL("--out {} is not a dataset that `data prepare` published, so it is not replaced ({}); move it "
+                        "away or choose another --out", out_.string(), e.what());
+        }
+      }
+    }
+    // Temporary directories of runs that died without cleaning up (SIGKILL, power loss):
+    // the lock says none of them is live.
+    const std::string stale_prefix = "." + name + ".tmp-";
+    for (const auto& entry : std::filesystem::directory_iterator(parent_)) {
+      if (entry.path().filename().string().starts_with(stale_prefix) && entry.is_directory()) {
+        remove_dataset_dir(entry.path());
+      }
+    }
+    build_ = parent_ / fmt::format(".{}.tmp-{}", name, ::getpid());
+    FLASHGPT_CHECK(std::filesystem::create_directory(build_), "cannot create {}: it exists", build_.string());
+  }
+
+  std::filesystem::path out_, parent_, lock_path_, build_;
+  int lock_fd_ = -1;
+  bool published_ = false;
+};
+
 // Reading and document building run on the calling thread; encoding and writing run on
 // one worker thread (which the encoder may fan out), one batch behind, so that reading
 // overlaps tokenizing. Batches are handed over in order through a queue of at most
@@ -177,8 +368,10 @@ class Pipeline {
  public:
   static constexpr size_t kQueuedBatches = 2;
 
-  Pipeline(const PrepareConfig& config, const TextEncoder& encoder, PrepareSummary& summary)
-      : config_(config), encoder_(encoder), summary_(summary), start_(Clock::now()), last_progress_(start_),
+  Pipeline(const PrepareConfig& config, const TextEncoder& encoder, PrepareSummary& summary,
+           std::filesystem::path build_dir)
+      : config_(config), encoder_(encoder), summary_(summary), build_dir_(std::move(build_dir)),
+        start_(Clock::now()), last_progress_(start_),
         worker_([this] { work(); }) {}
 
   ~Pipeline() {  // on an error in the reading thread: stop the worker, drop what is queued
@@ -192,6 +385,7 @@ class Pipeline {
   }
 
   void add(std::string text, DocKind kind) {
+    check_interrupted();
     const Philox4x32 r = draw(document_index_++);
     const bool val = unit_interval(r.z) < config_.val_fraction;
     batch_.push_back({std::move(text), kind, val});
@@ -261,6 +455,7 @@ class Pipeline {
       }
       changed_.notify_all();
       try {
+        check_interrupted();
         encode_and_write(batch);
       } catch (...) {
         std::lock_guard lock(mutex_);
@@ -303,9 +498,10 @@ class Pipeline {
     auto& slot = val ? val_writer_ : train_writer_;
     if (!slot) {
       auto& list = val ? summary_.val_shards : summary_.train_shards;
-      const auto path = config_.out_dir / fmt::format("{}_{:06d}.bin", val ? "val" : "train", list.size());
-      slot.emplace(path, encoder_.name, encoder_.vocab_size, encoder_.end_of_text);
-      list.push_back({path.string(), 0, 0});
+      // Written into the build directory, recorded under the name it will have once published.
+      const std::string name = fmt::format("{}_{:06d}.bin", val ? "val" : "train", list.size());
+      slot.emplace(build_dir_ / name, encoder_.name, encoder_.vocab_size, encoder_.end_of_text);
+      list.push_back({(config_.out_dir / name).string(), 0, 0});
     }
     return *slot;
   }
@@ -325,6 +521,7 @@ class Pipeline {
   // Reading thread: corpora, warnings, raw_bytes, seconds_read. Worker: tokens, documents,
   // shards, seconds_tokenize/write. Nothing is shared until finish() has joined.
   PrepareSummary& summary_;
+  const std::filesystem::path build_dir_;
   std::vector<Document> batch_;
   uint64_t document_index_ = 0;
   std::atomic<uint64_t> tokens_ = 0;
@@ -379,6 +576,8 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
   FLASHGPT_CHECK(config.val_fraction >= 0 && config.val_fraction < 1, "validation fraction {} is not in [0, 1)",
                  config.val_fraction);
   FLASHGPT_CHECK(config.shard_tokens > 0 && config.batch_documents > 0, "shard size and batch size must be positive");
+  FLASHGPT_CHECK(config.threads >= 0 && config.threads <= 1024, "prepare: {} threads is not in [0, 1024] (0: all cores)",
+                 config.threads);
   FLASHGPT_CHECK(encoder.encode_batch && encoder.vocab_size > encoder.end_of_text, "prepare: invalid encoder");
 
   PrepareSummary summary;
@@ -389,23 +588,19 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
   for (const auto& path : config.mono) check_input_name(path, summary.warnings);
 
   EvalGuard guard;
-  guard.load(config.eval_dir, summary.warnings);
-  std::filesystem::create_directories(config.out_dir);
-  // A failed run leaves no shards behind: a half-written dataset would look complete.
-  auto remove_shards = [&] {
-    for (const char* prefix : {"train", "val"}) {
-      for (const auto& shard : shard_list(config.out_dir, prefix)) std::filesystem::remove(shard);
-    }
-    std::filesystem::remove(config.out_dir / "summary.json");
-  };
-  remove_shards();  // a previous run's extra shards would be mixed in
-  try {
-    Pipeline pipeline(config, encoder, summary);
+  guard.load(config.eval_dir, config.test_set_check, summary.warnings);
+  InterruptScope interrupts(config.handle_signals);
+  // Nothing in OUT is touched until the new dataset is complete: it is built in a locked
+  // temporary sibling and swapped in; a failure or a signal removes only that sibling.
+  DatasetOutput output(config.out_dir);
+  {
+    Pipeline pipeline(config, encoder, summary, output.build_dir());
     for (const auto& source : config.pairs) {
       PrepareSummary::Corpus corpus{source.name(), 0, 0, {}};
       PairReader reader(source, config.bad_lines, config.prefetch);
       TextPair pair;
       while (reader.next(pair)) {
+        check_interrupted();
         pipeline.pending_bytes = reader.stats().bytes;
         if (pair.en.empty() || pair.fr.empty()) {
           ++corpus.skipped["empty side"];
@@ -447,6 +642,7 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
       LineReader reader(path, config.prefetch);
       std::string line;
       while (reader.next(line)) {
+        check_interrupted();
         ++corpus.read;
         pipeline.pending_bytes = reader.bytes_out();
         if (const auto bad = utf8_first_invalid(line)) {
@@ -473,16 +669,52 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
       summary.corpora.push_back(std::move(corpus));
     }
     pipeline.finish();
-  } catch (...) {
-    remove_shards();  // the pipeline has joined its worker by now
-    throw;
   }
   if (summary.dev_overlap) {
     summary.warnings.push_back(fmt::format("{} training pairs/lines have a side identical to a newstest2012/2013 "
                                            "(dev set) sentence; they were kept", summary.dev_overlap));
   }
-  std::ofstream(config.out_dir / "summary.json") << prepare_summary_json(summary) << "\n";
+  check_interrupted();
+  // summary.json is the commit record: written last, and readers refuse a directory without it.
+  atomic_write_file(output.build_dir() / "summary.json", prepare_summary_json(summary) + "\n");
+  output.publish();
   return summary;
+}
+
+std::vector<std::filesystem::path> dataset_shards(const std::filesystem::path& dir, std::string_view split) {
+  FLASHGPT_CHECK(split == "train" || split == "val", "unknown split '{}' (train or val)", split);
+  std::error_code ec;
+  FLASHGPT_CHECK(std::filesystem::is_directory(dir, ec), "{} is not a dataset directory ({})", dir.string(),
+                 std::filesystem::exists(dir, ec) ? "not a directory" : "it does not exist");
+  const auto summary_path = dir / "summary.json";
+  FLASHGPT_CHECK(std::filesystem::exists(summary_path, ec),
+                 "{} is not a complete dataset: it has no summary.json, which `data prepare` writes last (an "
+                 "interrupted or foreign directory); run `flashgpt data prepare --out {}`", dir.string(), dir.string());
+  std::ifstream in(summary_path);
+  FLASHGPT_CHECK(in, "cannot read {}", summary_path.string());
+  nlohmann::json j;
+  try {
+    in >> j;
+  } catch (const nlohmann::json::exception& e) {
+    FLASHGPT_FAIL("{}: not valid JSON ({}); the dataset is damaged, run `data prepare` again", summary_path.string(),
+                  e.what());
+  }
+  const std::string key = std::string(split) + "_shards";
+  FLASHGPT_CHECK(j.is_object() && j.contains(key) && j[key].is_array(), "{}: no {} list; not a dataset summary",
+                 summary_path.string(), key);
+  std::vector<std::string> listed;
+  for (const auto& shard : j[key]) {
+    FLASHGPT_CHECK(shard.is_object() && shard.contains("path") && shard["path"].is_string(),
+                   "{}: a {} entry has no path", summary_path.string(), key);
+    listed.push_back(std::filesystem::path(shard["path"].get<std::string>()).filename().string());
+  }
+  auto shards = shard_list(dir, split);
+  std::vector<std::string> present;
+  for (const auto& p : shards) present.push_back(p.filename().string());
+  std::sort(listed.begin(), listed.end());
+  FLASHGPT_CHECK(listed == present, "{}: the {} shards present ({}) are not the {} that summary.json lists; the "
+                 "dataset is damaged, run `data prepare` again", dir.string(), split, present.size(), listed.size());
+  return shards;
 }
 
 std::string prepare_summary_json(const PrepareSummary& s) {

@@ -275,6 +275,22 @@ LineReader::LineReader(const std::filesystem::path& path, Prefetch prefetch) : i
   std::rewind(s.file);
   if (got >= 2 && magic[0] == 0x1F && magic[1] == 0x8B) s.compression = Compression::gzip;
   if (got == 6 && std::memcmp(magic, "\xFD" "7zXZ\0", 6) == 0) s.compression = Compression::xz;
+  // The bytes decide the format; a name that promises compression the bytes do not have
+  // (an HTML error page saved as X.xz) is an error, not text.
+  std::string suffix;
+  strip_compression_suffix(path.filename().string(), &suffix);
+  if (!suffix.empty() && s.compression == Compression::none) {
+    std::string head;
+    for (size_t i = 0; i < got; ++i) {
+      head += magic[i] >= 0x20 && magic[i] < 0x7F ? std::string(1, static_cast<char>(magic[i]))
+                                                  : fmt::format("\\x{:02X}", magic[i]);
+    }
+    std::fclose(s.file);
+    s.file = nullptr;
+    FLASHGPT_FAIL("{}: named {} but it is not {} data (it starts with '{}'{}); a failed download saves an error page "
+                  "under the archive's name", path.string(), suffix, suffix == ".xz" ? "xz" : "gzip", head,
+                  head.starts_with("<") ? ", like HTML" : "");
+  }
   s.out.resize(kOutBufferBytes);
   if (s.compression != Compression::none) s.in.resize(kInBufferBytes);
 #ifdef FLASHGPT_HAVE_ZLIB

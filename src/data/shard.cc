@@ -137,8 +137,10 @@ ShardHeader ShardWriter::finish() {
   auto& s = *impl_;
   FLASHGPT_CHECK(!s.finished, "{}: finished twice", s.path.string());
   const auto header = header_encode(s.header);
+  // Flushed and synced before the rename, so that a shard that exists is complete on disk.
   const bool ok = std::fseek(s.file, 0, SEEK_SET) == 0 &&
-                  std::fwrite(header.data(), 1, header.size(), s.file) == header.size() && std::fflush(s.file) == 0;
+                  std::fwrite(header.data(), 1, header.size(), s.file) == header.size() && std::fflush(s.file) == 0 &&
+                  ::fsync(::fileno(s.file)) == 0;
   const int close_rc = std::fclose(s.file);
   s.file = nullptr;
   FLASHGPT_CHECK(ok && close_rc == 0, "{}: write failed: {}", s.tmp.string(), std::strerror(errno));
@@ -180,6 +182,12 @@ ShardView::ShardView(const std::filesystem::path& path, VerifyPayload verify) : 
   header_.end_of_text = get_u32(b + 32);
   header_.payload_crc32 = get_u32(b + 36);
   header_.encoding.assign(reinterpret_cast<const char*>(b + 40), strnlen(reinterpret_cast<const char*>(b + 40), 64));
+  // Compared by division first: a crafted count (2^62 + n) would wrap the multiplication
+  // around to the file size and map far more tokens than the file holds.
+  const uint64_t payload_bytes = file_bytes - kShardHeaderBytes;
+  FLASHGPT_CHECK(header_.token_count <= payload_bytes / sizeof(TokenId),
+                 "{}: {} bytes but the header promises {} tokens: truncated or corrupt", path.string(), file_bytes,
+                 header_.token_count);
   const uint64_t expected = kShardHeaderBytes + header_.token_count * sizeof(TokenId);
   FLASHGPT_CHECK(file_bytes == expected, "{}: {} bytes but the header promises {} tokens ({} bytes): {}",
                  path.string(), file_bytes, header_.token_count, expected,

@@ -68,7 +68,7 @@ def main():
         os.makedirs(os.path.join(tmp, "eval"))
         r = flashgpt("data", "prepare", "--pairs", os.path.join(tmp, "train.toy.fr-en.en"), "--out", ds,
                      "--eval-dir", os.path.join(tmp, "eval"), "--tokenizer-dir", VOCAB, "--val-fraction", "0",
-                     "--seed", "3")
+                     "--seed", "3", "--no-test-set-check")
         check(r.returncode == 0 and "prepared 300 train" in r.stdout, "prepare writes a dataset", r)
         s = json.load(open(os.path.join(ds, "summary.json")))
         check(s["read"] == 300 and s["documents"]["train"] == 300 and s["tokens"]["fr"] > 0 and s["tokens"]["en"] > 0,

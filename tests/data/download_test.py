@@ -8,11 +8,13 @@ import http.server
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
 import threading
+import time
 
 FLASHGPT = sys.argv[1]
 REQUESTS = []  # (path, Range header or None)
@@ -75,11 +77,13 @@ def make_tgz(files):
     return buffer.getvalue()
 
 
-def run(dest, manifest, *extra):
+def run(dest, manifest, *extra, retries="3"):
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
     path = dest + ".manifest.json"
     with open(path, "w") as f:
         json.dump(manifest, f)
-    cmd = [FLASHGPT, "data", "download", "--dest", dest, "--manifest", path, "--retries", "3", "--timeout", "30", *extra]
+    cmd = [FLASHGPT, "data", "download", "--dest", dest, "--manifest", path, "--retries", retries, "--timeout", "30",
+           *extra]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -178,6 +182,92 @@ def main():
     r = run(dest, [item("ok", "nope.tgz")])
     check(r.returncode != 0 and "cannot download nope.tgz" in r.stderr and "404" in r.stderr and len(REQUESTS) == 1,
           "404 is an error without retries", r)
+
+    # 8. Hostile archives: every entry that could land outside --dest is refused by name.
+    def tar_with(entry, data=b"", fmt=tarfile.GNU_FORMAT):
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz", format=fmt) as tar:
+            ok = tarfile.TarInfo("training/ok.txt")
+            ok.size = 3
+            tar.addfile(ok, io.BytesIO(b"ok\n"))
+            entry.size = len(data) if entry.type == tarfile.REGTYPE else 0
+            tar.addfile(entry, io.BytesIO(data) if data else None)
+        return buffer.getvalue()
+
+    def info(name, kind=tarfile.REGTYPE, link=""):
+        i = tarfile.TarInfo(name)
+        i.type = kind
+        i.linkname = link
+        return i
+
+    hostile = {
+        "dotdot.tgz": (info("training/../../escaped.txt"), "'..' in the path"),
+        "absolute.tgz": (info(os.path.join(tmp, "absolute-escaped.txt")), "absolute path"),
+        "symlink-out.tgz": (info("training/link", tarfile.SYMTYPE, "../../.."), "outside the destination"),
+        "symlink-abs.tgz": (info("training/etc", tarfile.SYMTYPE, "/etc"), "symbolic link to the absolute path"),
+        "hardlink-out.tgz": (info("training/passwd", tarfile.LNKTYPE, "/etc/passwd"), "hard link to '/etc/passwd'"),
+        "hardlink-dotdot.tgz": (info("training/h", tarfile.LNKTYPE, "../outside"), "hard link to '../outside'"),
+        "chardev.tgz": (info("training/null", tarfile.CHRTYPE), "character device"),
+        "blockdev.tgz": (info("training/sda", tarfile.BLKTYPE), "block device"),
+        "fifo.tgz": (info("training/fifo", tarfile.FIFOTYPE), "FIFO"),
+    }
+    for name, (entry, why) in hostile.items():
+        FILES[name] = tar_with(entry, b"x" if entry.type == tarfile.REGTYPE else b"")
+    # An empty name: tarfile will not write one, so patch the bytes of a one-entry tar.
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        e = tarfile.TarInfo("X")
+        e.size = 0
+        tar.addfile(e)
+    header = bytearray(raw.getvalue())
+    header[0] = 0
+    header[148:156] = b"        "
+    header[148:155] = ("%06o\0" % sum(header[:512])).encode()
+    FILES["emptyname.tar"] = bytes(header)
+    hostile["emptyname.tar"] = (None, "empty name")
+    for name, (entry, why) in hostile.items():
+        dest = os.path.join(tmp, "hostile", name)
+        r = run(dest, [item("ok", name)])
+        check(r.returncode != 0 and f"refusing the entry" in r.stderr and why in r.stderr and
+              "unexpected" not in r.stderr, f"{name}: refused ({why})", r)
+    outside = [p for p in ("escaped.txt", "absolute-escaped.txt", "outside") if os.path.exists(os.path.join(tmp, p))]
+    check(not outside and not os.path.exists(os.path.join(tmp, "hostile", "escaped.txt")), f"nothing outside --dest {outside}")
+
+    # A link that stays inside is fine.
+    inner = info("training/alias.txt", tarfile.SYMTYPE, "ok.txt")
+    FILES["inner-link.tgz"] = tar_with(inner)
+    dest = os.path.join(tmp, "inner")
+    r = run(dest, [item("ok", "inner-link.tgz")])
+    check(r.returncode == 0 and open(os.path.join(dest, "training", "alias.txt")).read() == "ok\n",
+          "a symbolic link inside --dest is unpacked", r)
+
+    # 9. The format comes from the bytes: an HTML error page saved under the archive's name.
+    FILES["page.tgz"] = b"<!DOCTYPE html><html><body>503 Service Unavailable</body></html>\n" * 20
+    dest = os.path.join(tmp, "html")
+    r = run(dest, [item("ok", "page.tgz")])
+    check(r.returncode != 0 and "not a tar, gzip, xz or bzip2 archive" in r.stderr and "HTML" in r.stderr,
+          "an HTML page named .tgz is an error", r)
+
+    # 10. A silent server (accepts, never answers): each attempt fails on the stall timeout,
+    # the message counts the attempts, and the whole run stays well under a minute.
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(silent.accept()) for _ in range(16)], daemon=True).start()
+    dest = os.path.join(tmp, "silent")
+    started = time.monotonic()
+    r = run(dest, [dict(name="slow.tgz", url=f"http://127.0.0.1:{silent.getsockname()[1]}/slow.tgz")],
+            "--stall-timeout", "1", retries="1")
+    took = time.monotonic() - started
+    check(r.returncode != 0 and "2 of 2 attempts made" in r.stderr and "attempt 1 of 2 failed" in r.stderr
+          and "attempt 3" not in r.stderr and took < 20, f"a silent server fails in {took:.1f} s, attempts counted", r)
+
+    # 11. Numbers out of range are refused before anything is fetched.
+    for retries, args, what in (("-1", [], "--retries"), ("3", ["--stall-timeout", "0"], "--stall-timeout"),
+                                ("3", ["--timeout", "-5"], "--timeout")):
+        r = run(os.path.join(tmp, "neg"), [item("ok", "good.tgz")], *args, retries=retries)
+        check(r.returncode != 0 and what in r.stderr and "unexpected" not in r.stderr, f"{what} out of range refused", r)
 
     server.shutdown()
     subprocess.run(["rm", "-rf", tmp])

@@ -1,8 +1,10 @@
 // Small generated fixtures for the data tests: a fresh directory per test and files
-// written from strings (compressed with the gzip/xz command-line tools).
+// written from strings (compressed with the gzip/xz command-line tools, started from an
+// argument vector).
 #pragma once
 
 #include <flashgpt/data_reader.h>
+#include <flashgpt/process.h>
 
 #include <gtest/gtest.h>
 
@@ -11,6 +13,7 @@
 #include <fstream>
 #include <random>
 #include <string>
+#include <vector>
 
 namespace flashgpt::testing {
 
@@ -59,9 +62,9 @@ inline std::filesystem::path write_compressed(const std::filesystem::path& path,
   auto plain = path;
   plain.replace_extension();
   write_file(plain, bytes);
-  const std::string tool = ext == ".gz" ? "gzip -nf" : "xz -zf";
-  const std::string command = tool + " '" + plain.string() + "'";
-  EXPECT_EQ(std::system(command.c_str()), 0) << command;
+  const std::vector<std::string> argv = ext == ".gz" ? std::vector<std::string>{"gzip", "-nf", plain.string()}
+                                                      : std::vector<std::string>{"xz", "-zf", plain.string()};
+  EXPECT_EQ(process_run(argv), 0) << argv[0] << " " << plain;
   return path;
 }
 

@@ -7,6 +7,16 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <sys/file.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <csignal>
+#include <functional>
+#include <map>
+#include <memory>
 #include <thread>
 
 #include "common/test_support.h"
@@ -83,6 +93,8 @@ PrepareConfig base_config(const TempDir& dir, const std::string& stem) {
   PrepareConfig config;
   config.pairs.push_back(pair_source_from_path(dir / (stem + ".en")));
   config.eval_dir = dir / "eval";  // empty: no content check unless a test writes one
+  std::filesystem::create_directories(config.eval_dir);
+  config.test_set_check = TestSetCheck::off;
   config.out_dir = dir / "out";
   config.val_fraction = 0;
   config.progress = false;
@@ -212,6 +224,7 @@ TEST(Prepare, SkipsAndCountsEmptyAndInvalidPairs) {
   write_file(dir / "train.bad.fr-en.fr", "Bonjour\nVide à gauche\nMauvais\n\n");
   PrepareConfig config;
   config.pairs.push_back(pair_source_from_path(dir / "train.bad.fr-en.en"));
+  config.test_set_check = TestSetCheck::off;
   config.out_dir = dir / "out";
   config.val_fraction = 0;
   config.progress = false;
@@ -235,6 +248,7 @@ TEST(Prepare, MonolingualFilesBecomeDocuments) {
   write_file(dir / "mono.toy.fr", "Première ligne\n\nDeuxième ligne\n");
   PrepareConfig config;
   config.mono.push_back(dir / "mono.toy.fr");
+  config.test_set_check = TestSetCheck::off;
   config.out_dir = dir / "out";
   config.val_fraction = 0;
   config.progress = false;
@@ -273,7 +287,7 @@ TEST(Prepare, RefusesNewstest2014ByContentAndWarnsAboutDevSets) {
   config.shard_tokens = 1;
   const std::string message = error_of([&] { data_prepare(config, byte_encoder()); });
   EXPECT_NE(message.find("train.leak.fr-en.en:2: this pair is a newstest2014 pair"), std::string::npos) << message;
-  EXPECT_TRUE(shard_list(dir / "out", "train").empty()) << "a failed run must not leave shards";
+  EXPECT_FALSE(std::filesystem::exists(dir / "out")) << "a failed run must not leave shards";
 
   // One side identical to a test sentence: dropped and counted. Dev overlap: kept, warned.
   write_file(dir / "train.near.fr-en.en", "A test line\nA dev line\nFresh text\n");
@@ -313,12 +327,228 @@ TEST(Prepare, FindsTheTestSetAsTheWmtReleaseUnpacksIt) {
   EXPECT_NE(error_of([&] { data_prepare(config, byte_encoder()); }).find("refusing to train on"), std::string::npos);
 }
 
-TEST(Prepare, WarnsWhenItCannotCheckContent) {
+TEST(Prepare, WarnsWhenItCannotCheckContent) {  // only when asked to go unchecked
   TempDir dir;
   write_corpus(dir, "train.toy.fr-en", 3);
   const PrepareSummary summary = data_prepare(base_config(dir, "train.toy.fr-en"), byte_encoder());
   ASSERT_FALSE(summary.warnings.empty());
   EXPECT_NE(summary.warnings[0].find("newstest2014.fr-en.{en,fr} not found"), std::string::npos);
+}
+
+// ---------------------------------------------------------------------------------------
+// Publishing: OUT is replaced whole or left alone.
+
+// Every file of a directory with its bytes, to compare a dataset before and after a run.
+std::map<std::string, std::string> snapshot(const std::filesystem::path& dir) {
+  std::map<std::string, std::string> files;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    files[e.path().filename().string()] = testing::read_file_bytes(e.path());
+  }
+  return files;
+}
+
+// Names in `dir` other than the inputs the tests write: temporary directories and the
+// like that a run left behind.
+std::vector<std::string> leftovers(const std::filesystem::path& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    const std::string name = e.path().filename().string();
+    if (name.find(".tmp") != std::string::npos || name.find(".old") != std::string::npos) out.push_back(name);
+  }
+  return out;
+}
+
+// The byte encoder, calling `hook(batch number)` before each batch.
+TextEncoder hooked_encoder(std::function<void(int)> hook) {
+  TextEncoder e = byte_encoder();
+  auto inner = e.encode_batch;
+  auto calls = std::make_shared<int>(0);
+  e.encode_batch = [inner, hook, calls](std::span<const std::string_view> texts, int threads) {
+    hook((*calls)++);
+    return inner(texts, threads);
+  };
+  return e;
+}
+
+TEST(PreparePublish, AFailedRunLeavesThePreviousDatasetUntouched) {
+  TempDir dir;
+  write_corpus(dir, "train.toy.fr-en", 300);
+  PrepareConfig config = base_config(dir, "train.toy.fr-en");
+  config.shard_tokens = 2000;
+  data_prepare(config, byte_encoder());
+  const auto before = snapshot(dir / "out");
+  ASSERT_GT(before.size(), 2u);
+  config.batch_documents = 50;
+  config.seed = 99;  // a different dataset, were it to be written
+  const std::string message = error_of([&] {
+    data_prepare(config, hooked_encoder([](int batch) {
+                   if (batch == 2) throw Error("encoder failed on purpose");
+                 }));
+  });
+  EXPECT_NE(message.find("encoder failed on purpose"), std::string::npos) << message;
+  EXPECT_EQ(snapshot(dir / "out"), before);
+  EXPECT_EQ(leftovers(dir.path()), std::vector<std::string>{});
+}
+
+TEST(PreparePublish, SigintAndSigtermLeaveThePreviousDatasetAndNoTemporaryDirectory) {
+  for (const int signal : {SIGINT, SIGTERM}) {
+    TempDir dir;
+    write_corpus(dir, "train.toy.fr-en", 300);
+    PrepareConfig config = base_config(dir, "train.toy.fr-en");
+    data_prepare(config, byte_encoder());
+    const auto before = snapshot(dir / "out");
+    config.batch_documents = 20;
+    config.seed = 7;
+    config.handle_signals = true;
+    const std::string message = error_of([&] {
+      data_prepare(config, hooked_encoder([signal](int batch) {
+                     if (batch == 3) std::raise(signal);  // as Ctrl-C or kill would, mid-run
+                   }));
+    });
+    EXPECT_NE(message.find("interrupted by SIG"), std::string::npos) << message;
+    EXPECT_EQ(snapshot(dir / "out"), before);
+    EXPECT_EQ(leftovers(dir.path()), std::vector<std::string>{});
+    // The handlers are gone after the run: the default action is back.
+    struct sigaction now {};
+    sigaction(signal, nullptr, &now);
+    EXPECT_EQ(now.sa_handler, SIG_DFL);
+  }
+}
+
+TEST(PreparePublish, ReplacesThePreviousDatasetWhole) {
+  TempDir dir;
+  write_corpus(dir, "train.toy.fr-en", 400);
+  PrepareConfig config = base_config(dir, "train.toy.fr-en");
+  config.shard_tokens = 1000;
+  const auto many = data_prepare(config, byte_encoder());
+  ASSERT_GT(many.train_shards.size(), 3u);
+  config.shard_tokens = 1'000'000;
+  const auto one = data_prepare(config, byte_encoder());
+  ASSERT_EQ(one.train_shards.size(), 1u);
+  // No shard of the first run is mixed into the second.
+  EXPECT_EQ(shard_list(dir / "out", "train").size(), 1u);
+  EXPECT_EQ(dataset_shards(dir / "out", "train"), std::vector<std::filesystem::path>{one.train_shards[0].path});
+  EXPECT_EQ(documents(dir / "out", "train").size(), 400u);
+  EXPECT_EQ(leftovers(dir.path()), std::vector<std::string>{});
+}
+
+TEST(PreparePublish, NeverDeletesFilesItDidNotWrite) {
+  TempDir dir;
+  write_corpus(dir, "train.toy.fr-en", 20);
+  PrepareConfig config = base_config(dir, "train.toy.fr-en");
+  std::filesystem::create_directories(dir / "out");
+  write_file(dir / "out" / "notes.txt", "my notes");
+  write_file(dir / "out" / "train_000000.bin", "not a shard, but named like one");
+  std::string message = error_of([&] { data_prepare(config, byte_encoder()); });
+  EXPECT_NE(message.find("holds 'notes.txt', which `data prepare` did not write"), std::string::npos) << message;
+  EXPECT_EQ(testing::read_file_bytes(dir / "out" / "notes.txt"), "my notes");
+  EXPECT_EQ(testing::read_file_bytes(dir / "out" / "train_000000.bin"), "not a shard, but named like one");
+  EXPECT_EQ(leftovers(dir.path()), std::vector<std::string>{});
+  // Only files named like a dataset's, but no summary.json to say they are one: refused too.
+  std::filesystem::remove(dir / "out" / "notes.txt");
+  message = error_of([&] { data_prepare(config, byte_encoder()); });
+  EXPECT_NE(message.find("is not a dataset that `data prepare` published"), std::string::npos) << message;
+  EXPECT_EQ(testing::read_file_bytes(dir / "out" / "train_000000.bin"), "not a shard, but named like one");
+  // An empty directory the user made is fine to fill.
+  std::filesystem::remove_all(dir / "out");
+  std::filesystem::create_directories(dir / "out");
+  data_prepare(config, byte_encoder());
+  EXPECT_EQ(documents(dir / "out", "train").size(), 20u);
+}
+
+TEST(PreparePublish, ASecondRunIntoTheSameDirectoryIsRefusedWhileTheFirstHoldsTheLock) {
+  TempDir dir;
+  write_corpus(dir, "train.toy.fr-en", 20);
+  PrepareConfig config = base_config(dir, "train.toy.fr-en");
+  data_prepare(config, byte_encoder());
+  const auto before = snapshot(dir / "out");
+  // Another process's run, as far as flock is concerned: its own open file description.
+  const int fd = ::open((dir / ".out.lock").c_str(), O_RDWR | O_CREAT, 0666);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::flock(fd, LOCK_EX | LOCK_NB), 0);
+  const std::string message = error_of([&] { data_prepare(config, byte_encoder()); });
+  EXPECT_NE(message.find("another `data prepare` is writing"), std::string::npos) << message;
+  EXPECT_EQ(snapshot(dir / "out"), before);
+  ::close(fd);
+  // A run started while the first one was in progress, from another thread: exactly one wins.
+  std::atomic<int> refused = 0, done = 0;
+  config.batch_documents = 1;
+  auto slow = hooked_encoder([](int) { std::this_thread::sleep_for(std::chrono::milliseconds(5)); });
+  std::vector<std::thread> runs;
+  for (int i = 0; i < 2; ++i) {
+    runs.emplace_back([&] {
+      try {
+        data_prepare(config, slow);
+        ++done;
+      } catch (const Error& e) {
+        if (std::string(e.what()).find("another `data prepare`") != std::string::npos) ++refused;
+      }
+    });
+  }
+  for (auto& t : runs) t.join();
+  EXPECT_EQ(done + refused, 2);
+  EXPECT_GE(done.load(), 1);
+  EXPECT_EQ(documents(dir / "out", "train").size(), 20u);
+}
+
+TEST(PreparePublish, ClearsTheTemporaryDirectoryOfAKilledRun) {
+  TempDir dir;
+  write_corpus(dir, "train.toy.fr-en", 20);
+  PrepareConfig config = base_config(dir, "train.toy.fr-en");
+  std::filesystem::create_directories(dir / ".out.tmp-999999");
+  write_file(dir / ".out.tmp-999999" / "train_000000.bin.tmp", "half a shard");
+  data_prepare(config, byte_encoder());
+  EXPECT_EQ(leftovers(dir.path()), std::vector<std::string>{});
+  EXPECT_EQ(documents(dir / "out", "train").size(), 20u);
+}
+
+TEST(PreparePublish, ReadersRefuseADirectoryWithoutSummary) {
+  TempDir dir;
+  write_corpus(dir, "train.toy.fr-en", 50);
+  PrepareConfig config = base_config(dir, "train.toy.fr-en");
+  config.val_fraction = 0.2;
+  config.shard_tokens = 500;
+  const auto summary = data_prepare(config, byte_encoder());
+  EXPECT_EQ(dataset_shards(dir / "out", "train").size(), summary.train_shards.size());
+  EXPECT_EQ(dataset_shards(dir / "out", "val").size(), summary.val_shards.size());
+  // A shard that summary.json does not list (copied in by hand, or left by another run).
+  std::filesystem::copy_file(summary.train_shards[0].path, dir / "out" / "train_000999.bin");
+  std::string message = error_of([&] { dataset_shards(dir / "out", "train"); });
+  EXPECT_NE(message.find("are not the"), std::string::npos) << message;
+  std::filesystem::remove(dir / "out" / "train_000999.bin");
+  std::filesystem::remove(dir / "out" / "summary.json");
+  message = error_of([&] { dataset_shards(dir / "out", "train"); });
+  EXPECT_NE(message.find("has no summary.json"), std::string::npos) << message;
+  EXPECT_NE(error_of([&] { dataset_shards(dir / "missing", "train"); }).find("does not exist"), std::string::npos);
+}
+
+TEST(PrepareEvalDir, MissingUnreadableOrWithoutTheTestSetIsAnError) {
+  TempDir dir;
+  write_corpus(dir, "train.toy.fr-en", 5);
+  PrepareConfig config = base_config(dir, "train.toy.fr-en");
+  config.test_set_check = TestSetCheck::required;
+  config.eval_dir = dir / "evla";  // a typo
+  std::string message = error_of([&] { data_prepare(config, byte_encoder()); });
+  EXPECT_NE(message.find("evaluation directory"), std::string::npos) << message;
+  EXPECT_NE(message.find("evla does not exist"), std::string::npos) << message;
+  config.eval_dir = dir / "train.toy.fr-en.en";
+  EXPECT_NE(error_of([&] { data_prepare(config, byte_encoder()); }).find("is not a directory"), std::string::npos);
+  config.eval_dir = dir / "eval";  // exists, but holds no newstest2014
+  message = error_of([&] { data_prepare(config, byte_encoder()); });
+  EXPECT_NE(message.find("newstest2014.fr-en.{en,fr} not found in the evaluation directory"), std::string::npos)
+      << message;
+  config.eval_dir.clear();
+  EXPECT_NE(error_of([&] { data_prepare(config, byte_encoder()); }).find("no evaluation directory given"),
+            std::string::npos);
+  if (::geteuid() != 0) {  // root reads anything
+    std::filesystem::create_directories(dir / "locked");
+    std::filesystem::permissions(dir / "locked", std::filesystem::perms::none);
+    config.eval_dir = dir / "locked";
+    message = error_of([&] { data_prepare(config, byte_encoder()); });
+    std::filesystem::permissions(dir / "locked", std::filesystem::perms::owner_all);
+    EXPECT_NE(message.find("cannot be read"), std::string::npos) << message;
+  }
+  EXPECT_FALSE(std::filesystem::exists(dir / "out"));
 }
 
 // The real pipeline on a shared corpus: cl100k_base, the shared newstest2014 as the guard.

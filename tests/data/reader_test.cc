@@ -138,6 +138,22 @@ TEST(LineReader, CompressedFilesWithoutTheirLibraryAreClearErrors) {
   }
 }
 
+TEST(LineReader, TheBytesDecideTheFormatNotTheName) {
+  TempDir dir;
+  // A failed download: the server's error page saved under the archive's name.
+  const std::string page = "<!DOCTYPE html>\n<html><body>404 Not Found</body></html>\n";
+  for (const char* name : {"train.en.xz", "train.en.gz"}) {
+    const std::string message = error_of([&] { read_all(write_file(dir / name, page)); });
+    EXPECT_NE(message.find(std::string(name) + ": named ."), std::string::npos) << message;
+    EXPECT_NE(message.find("like HTML"), std::string::npos) << message;
+  }
+  // Compressed bytes under a plain name are still read as what they are.
+  FLASHGPT_REQUIRE_COMPRESSION(xz);
+  const auto xz = write_compressed(dir / "real.xz", "une ligne\n");
+  std::filesystem::rename(xz, dir / "real.txt");
+  EXPECT_EQ(read_all(dir / "real.txt"), std::vector<std::string>{"une ligne"});
+}
+
 TEST(LineReader, MissingFileNamesIt) {
   const std::string message = error_of([] { LineReader("/nonexistent/corpus.en"); });
   EXPECT_NE(message.find("/nonexistent/corpus.en"), std::string::npos) << message;

@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cstring>
+
 #include <numeric>
 
 #include "data/fixtures.h"
@@ -76,6 +78,20 @@ TEST(Shard, RejectsBadMagicTruncationAndCorruption) {
   EXPECT_NE(error_of(testing::write_file(dir / "header.bin", bytes)).find("corrupt shard header"), std::string::npos);
 
   EXPECT_NE(error_of(testing::write_file(dir / "tiny.bin", "FGPT")).find("shorter than"), std::string::npos);
+}
+
+TEST(Shard, ACraftedTokenCountIsRefusedBeforeAnythingIsRead) {
+  TempDir dir;
+  std::vector<TokenId> tokens(16, 7);
+  auto bytes = testing::read_file_bytes(write_shard(dir / "good.bin", tokens));
+  // 4 (2^62 + 16) wraps around to 64, the payload's true size; the header checksum is
+  // recomputed, so only the size check stands between this file and a 2^62-token span.
+  const uint64_t count = (uint64_t{1} << 62) + 16;
+  std::memcpy(bytes.data() + 16, &count, 8);
+  const uint32_t crc = crc32_update(0, bytes.data(), 124);
+  std::memcpy(bytes.data() + 124, &crc, 4);
+  const std::string message = error_of(testing::write_file(dir / "crafted.bin", bytes));
+  EXPECT_NE(message.find("promises 4611686018427387920 tokens"), std::string::npos) << message;
 }
 
 TEST(Shard, WriterRejectsIdsOutsideTheVocabulary) {
