@@ -27,6 +27,9 @@ struct SpecialTokenPolicy {
   bool disallow_all_others = true;      // tiktoken's default disallowed_special="all"
 };
 
+// The most threads the encoders accept (0 means all cores; more is an error naming the count).
+inline constexpr int kMaxEncodeThreads = 1024;
+
 enum class InvalidUtf8 { error, replace };  // replace: as bytes.decode(errors="replace")
 
 class Tokenizer {
@@ -49,11 +52,13 @@ class Tokenizer {
   // UTF-8 is an error naming its index.
   std::vector<std::vector<TokenId>> encode_ordinary_batch(std::span<const std::string_view> texts,
                                                           int threads = 0) const;
-  // encode_ordinary of one large text on `threads` workers (0: all cores), cut where a piece
-  // boundary is certain (a newline before an ASCII letter or digit): the same ids as
-  // encode_ordinary, any thread count.
+  // encode_ordinary of one large text on `threads` workers (0: all cores), cut into chunks
+  // of about `chunk_bytes` (0: a size chosen for speed, at least 64 KiB; tests force small
+  // chunks so that many seams occur) where a piece boundary is certain under every
+  // encoding's pattern: the same ids as encode_ordinary, any thread count, any chunk size.
   std::vector<TokenId> encode_ordinary_parallel(std::string_view text, int threads = 0,
-                                                InvalidUtf8 invalid = InvalidUtf8::error) const;
+                                                InvalidUtf8 invalid = InvalidUtf8::error,
+                                                size_t chunk_bytes = 0) const;
   std::string decode(std::span<const TokenId> tokens) const;  // raw bytes, may be invalid UTF-8
   std::string_view token_bytes(TokenId token) const;          // the bytes of one id (throws if unknown)
 

@@ -100,7 +100,13 @@ bool base64_decode(std::string_view in, std::string& out) {
 
 std::atomic<uint64_t> g_tokenizer_uid{0};
 
-int threads_resolve(int threads) { return threads > 0 ? threads : std::max(1, omp_get_num_procs()); }
+// 0 means all cores. A count beyond kMaxEncodeThreads is a typo, not a machine (OpenMP
+// crashed trying to start 100000 threads), and a negative one has no meaning.
+int threads_resolve(int threads) {
+  FLASHGPT_CHECK(threads >= 0 && threads <= kMaxEncodeThreads,
+                 "the thread count must be 0 (all cores) or between 1 and {}, got {}", kMaxEncodeThreads, threads);
+  return threads > 0 ? threads : std::max(1, omp_get_num_procs());
+}
 
 }  // namespace
 
@@ -415,30 +421,26 @@ std::vector<std::vector<TokenId>> Tokenizer::encode_ordinary_batch(std::span<con
   return out;
 }
 
-std::vector<TokenId> Tokenizer::encode_ordinary_parallel(std::string_view text, int threads,
-                                                         InvalidUtf8 invalid) const {
+std::vector<TokenId> Tokenizer::encode_ordinary_parallel(std::string_view text, int threads, InvalidUtf8 invalid,
+                                                         size_t chunk_bytes) const {
   std::string storage;
   std::string_view valid = impl_->valid_text(text, invalid, storage);
   int workers = threads_resolve(threads);
-  // Cut points: a newline followed by an ASCII letter or digit. No alternative of the three
-  // patterns matches across such a pair (newlines only end pieces before a letter or a
-  // digit), so a piece ends there and encoding the chunks separately changes nothing.
+  // Cut points: after an ASCII letter or digit that an ASCII space, tab, CR or LF follows.
+  // Under every pattern a piece holding such a letter or digit ends with it (no alternative
+  // takes whitespace after a letter or digit), so a piece starts at the cut; and no pattern
+  // looks behind, so the chunk after it splits exactly as the whole text does there. (Cutting
+  // after the whitespace instead is wrong: at the end of a chunk r50k_base's `\s++$` takes a
+  // run like "\n\n" as one piece, where before a word the text gives "\n" and "\n".)
   constexpr size_t kMinChunk = 1 << 16;
-  size_t chunk_target = std::max(kMinChunk, valid.size() / (size_t(workers) * 8) + 1);
+  size_t chunk_target =
+      chunk_bytes > 0 ? chunk_bytes : std::max(kMinChunk, valid.size() / (size_t(workers) * 8) + 1);
+  auto ascii_alnum = [](uint8_t c) { return (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z'); };
+  auto ascii_space = [](uint8_t c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; };
   std::vector<size_t> cuts = {0};
   while (cuts.back() < valid.size()) {
-    size_t from = cuts.back() + chunk_target, cut = valid.size();
-    while (from < valid.size()) {
-      size_t newline = valid.find('\n', from);
-      if (newline == std::string_view::npos || newline + 1 >= valid.size()) break;
-      uint8_t next = static_cast<uint8_t>(valid[newline + 1]);
-      bool alnum = (next >= '0' && next <= '9') || ((next | 0x20) >= 'a' && (next | 0x20) <= 'z');
-      if (alnum) {
-        cut = newline + 1;
-        break;
-      }
-      from = newline + 1;
-    }
+    size_t cut = std::min(valid.size(), cuts.back() + chunk_target);
+    while (cut < valid.size() && !(ascii_space(uint8_t(valid[cut])) && ascii_alnum(uint8_t(valid[cut - 1])))) ++cut;
     cuts.push_back(cut);
   }
   const long chunks = static_cast<long>(cuts.size()) - 1;
