@@ -7,12 +7,15 @@
 #include <flashgpt/tokenizer.h>
 
 #include <fmt/core.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <iterator>
@@ -23,14 +26,12 @@ namespace flashgpt {
 
 namespace {
 
-enum class IdFormat { text, u32 };
-
 struct TokenizeConfig {
   std::string encoding;
   std::string input = "-";
   std::string output = "-";
   std::string vocab_dir;
-  IdFormat format = IdFormat::text;
+  TokenIdFormat format = TokenIdFormat::text;
   bool decode = false;
   bool count = false;
   int threads = 0;
@@ -45,8 +46,10 @@ std::string input_read(const std::string& path) {
     buffer << std::cin.rdbuf();
     return std::move(buffer).str();
   }
+  std::error_code ec;
+  FLASHGPT_CHECK(!std::filesystem::is_directory(path, ec), "the input {} is a directory, not a file", path);
   std::ifstream in(path, std::ios::binary);
-  FLASHGPT_CHECK(in, "cannot open {}", path);
+  FLASHGPT_CHECK(in, "cannot open {}: {}", path, std::strerror(errno));
   std::ostringstream buffer;
   buffer << in.rdbuf();
   FLASHGPT_CHECK(!in.bad(), "cannot read {}", path);
@@ -61,76 +64,49 @@ void output_write(const std::string& path, std::string_view bytes) {
                  std::strerror(errno));
 }
 
-std::vector<TokenId> ids_parse(const std::string& input, IdFormat format) {
-  std::vector<TokenId> ids;
-  if (format == IdFormat::u32) {
-    FLASHGPT_CHECK(input.size() % 4 == 0, "u32 input has {} bytes, not a multiple of 4", input.size());
-    ids.resize(input.size() / 4);
-    for (size_t i = 0; i < ids.size(); ++i) {
-      const auto* b = reinterpret_cast<const uint8_t*>(input.data() + 4 * i);
-      ids[i] = TokenId(b[0]) | TokenId(b[1]) << 8 | TokenId(b[2]) << 16 | TokenId(b[3]) << 24;
-    }
-    return ids;
+// --allowed-special: "all", or comma-separated names, each a special token of the encoding.
+SpecialTokenPolicy special_policy_parse(const std::string& allowed, const Tokenizer& tokenizer) {
+  SpecialTokenPolicy policy;
+  policy.allow_all = allowed == "all";
+  for (size_t start = 0; !policy.allow_all && start <= allowed.size();) {
+    size_t comma = std::min(allowed.find(',', start), allowed.size());
+    std::string name = allowed.substr(start, comma - start);
+    start = comma + 1;
+    if (!tokenizer.special_token(name))
+      FLASHGPT_FAIL("--allowed-special: '{}' is not a special token of {} (its special tokens: {}, or 'all')", name,
+                    tokenizer.name(), fmt::join(tokenizer.special_tokens(), ", "));
+    policy.allowed.push_back(std::move(name));
   }
-  const char* p = input.data();
-  const char* end = p + input.size();
-  while (p < end) {
-    if (*p == ' ' || *p == '\n' || *p == '\t' || *p == '\r' || *p == ',') {
-      ++p;
-      continue;
-    }
-    TokenId id;
-    auto [next, ec] = std::from_chars(p, end, id);
-    FLASHGPT_CHECK(ec == std::errc(), "expected a token id at byte {} of the input", p - input.data());
-    ids.push_back(id);
-    p = next;
-  }
-  return ids;
+  return policy;
 }
 
-std::string ids_format(std::span<const TokenId> ids, IdFormat format) {
-  std::string out;
-  if (format == IdFormat::u32) {
-    out.resize(ids.size() * 4);
-    for (size_t i = 0; i < ids.size(); ++i)
-      for (int k = 0; k < 4; ++k) out[4 * i + k] = char((ids[i] >> (8 * k)) & 0xFF);
-    return out;
-  }
-  out.reserve(ids.size() * 6 + 1);
-  char buffer[16];
-  for (size_t i = 0; i < ids.size(); ++i) {
-    if (i) out += ' ';
-    auto [end, ec] = std::to_chars(buffer, buffer + sizeof(buffer), ids[i]);
-    out.append(buffer, end);
-  }
-  out += '\n';
-  return out;
-}
+void tokenize_encode_or_decode(const TokenizeConfig& config);
 
 void tokenize_run(const TokenizeConfig& config) {
+  try {
+    tokenize_encode_or_decode(config);
+  } catch (const std::bad_alloc&) {
+    FLASHGPT_FAIL("out of memory tokenizing {} (a text needs about 3 times its size, ids included)", config.input);
+  }
+}
+
+void tokenize_encode_or_decode(const TokenizeConfig& config) {
   if (config.verbose)
     fmt::print(stderr,
                "tokenize: encoding={} input={} output={} vocab_dir='{}' format={} decode={} count={} threads={} "
                "invalid_utf8={} allowed_special={}\n",
                config.encoding, config.input, config.output, config.vocab_dir,
-               config.format == IdFormat::u32 ? "u32" : "text", config.decode, config.count, config.threads,
+               config.format == TokenIdFormat::u32 ? "u32" : "text", config.decode, config.count, config.threads,
                config.invalid == InvalidUtf8::replace ? "replace" : "error", config.allowed_special);
   Tokenizer tokenizer = Tokenizer::load(config.encoding, config.vocab_dir);
   std::string input = input_read(config.input);
   if (config.decode) {
-    output_write(config.output, tokenizer.decode(ids_parse(input, config.format)));
+    output_write(config.output, tokenizer.decode(token_ids_parse(input, config.format)));
     return;
   }
   std::vector<TokenId> ids;
   if (!config.allowed_special.empty()) {
-    SpecialTokenPolicy policy;
-    policy.allow_all = config.allowed_special == "all";
-    for (size_t start = 0; !policy.allow_all && start <= config.allowed_special.size();) {
-      size_t comma = std::min(config.allowed_special.find(',', start), config.allowed_special.size());
-      policy.allowed.push_back(config.allowed_special.substr(start, comma - start));
-      start = comma + 1;
-    }
-    ids = tokenizer.encode(input, policy, config.invalid);
+    ids = tokenizer.encode(input, special_policy_parse(config.allowed_special, tokenizer), config.invalid);
   } else if (config.threads == 1) {
     ids = tokenizer.encode_ordinary(input, config.invalid);
   } else {
@@ -140,7 +116,7 @@ void tokenize_run(const TokenizeConfig& config) {
     output_write(config.output, fmt::format("{}\n", ids.size()));
     return;
   }
-  output_write(config.output, ids_format(ids, config.format));
+  output_write(config.output, token_ids_format(ids, config.format));
 }
 
 }  // namespace
@@ -154,11 +130,13 @@ void cli_add_tokenize(CLI::App& app) {
   cmd->add_option("--vocab-dir", config->vocab_dir,
                   "Directory of ENCODING.tiktoken and ENCODING.meta.json (default: $FLASHGPT_TOKENIZER_DIR)");
   cmd->add_option("--format", config->format, "Token ids as 'text' (decimal, space-separated) or 'u32' (little-endian)")
-      ->transform(CLI::CheckedTransformer(std::map<std::string, IdFormat>{{"text", IdFormat::text}, {"u32", IdFormat::u32}}))
+      ->transform(CLI::CheckedTransformer(std::map<std::string, TokenIdFormat>{{"text", TokenIdFormat::text}, {"u32", TokenIdFormat::u32}}))
       ->option_text("text|u32 (default: text)");
-  cmd->add_flag("--decode", config->decode, "Read token ids and write the text they stand for");
-  cmd->add_flag("--count", config->count, "Print the number of tokens instead of the ids");
-  cmd->add_option("--threads", config->threads, "Worker threads (0: all cores)")->capture_default_str();
+  auto* decode = cmd->add_flag("--decode", config->decode, "Read token ids and write the text they stand for");
+  cmd->add_flag("--count", config->count, "Print the number of tokens instead of the ids")->excludes(decode);
+  cmd->add_option("--threads", config->threads, fmt::format("Worker threads (0: all cores, at most {})", kMaxEncodeThreads))
+      ->check(CLI::Range(0, kMaxEncodeThreads))
+      ->capture_default_str();
   cmd->add_option("--invalid-utf8", config->invalid, "Invalid UTF-8 in the input: 'error' or 'replace' (with U+FFFD)")
       ->transform(CLI::CheckedTransformer(
           std::map<std::string, InvalidUtf8>{{"error", InvalidUtf8::error}, {"replace", InvalidUtf8::replace}}))

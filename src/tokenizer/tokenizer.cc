@@ -84,8 +84,9 @@ int base64_value(char c) {
 bool base64_decode(std::string_view in, std::string& out) {
   uint32_t bits = 0;
   int count = 0;
-  for (char c : in) {
-    if (c == '=') break;
+  for (size_t i = 0; i < in.size(); ++i) {
+    char c = in[i];
+    if (c == '=') return in.find_first_not_of('=', i) == std::string_view::npos;  // padding ends it
     int v = base64_value(c);
     if (v < 0) return false;
     bits = bits << 6 | uint32_t(v);
@@ -100,7 +101,13 @@ bool base64_decode(std::string_view in, std::string& out) {
 
 std::atomic<uint64_t> g_tokenizer_uid{0};
 
-int threads_resolve(int threads) { return threads > 0 ? threads : std::max(1, omp_get_num_procs()); }
+// 0 means all cores. A count beyond kMaxEncodeThreads is a typo, not a machine (OpenMP
+// crashed trying to start 100000 threads), and a negative one has no meaning.
+int threads_resolve(int threads) {
+  FLASHGPT_CHECK(threads >= 0 && threads <= kMaxEncodeThreads,
+                 "the thread count must be 0 (all cores) or between 1 and {}, got {}", kMaxEncodeThreads, threads);
+  return threads > 0 ? threads : std::max(1, omp_get_num_procs());
+}
 
 }  // namespace
 
@@ -237,49 +244,110 @@ Tokenizer& Tokenizer::operator=(Tokenizer&&) noexcept = default;
 Tokenizer::~Tokenizer() = default;
 
 Tokenizer Tokenizer::load(std::string_view encoding_name, const std::filesystem::path& vocab_dir) {
-  auto impl = std::make_unique<Impl>();
-  impl->name = std::string(encoding_name);
-  std::string contents = vocab_rank_file_read(encoding_name, vocab_dir);
+  VocabFile rank_file = vocab_rank_file_read(encoding_name, vocab_dir);
+  std::optional<VocabFile> meta = vocab_meta_read(encoding_name, vocab_dir);
+  return from_text(encoding_name, rank_file.contents, rank_file.path,
+                   meta ? std::optional<std::string_view>(meta->contents) : std::nullopt, meta ? meta->path : "");
+}
 
-  // Rank file: one "base64-bytes rank" per line.
-  std::vector<std::pair<uint32_t, uint32_t>> rank_bytes;  // rank -> (offset, length)
+namespace {
+
+// Rank file: one "base64-bytes rank" per line. Returns rank -> (offset, length) of its
+// bytes, appended to `arena`; a missing rank has length 0.
+std::vector<std::pair<uint32_t, uint32_t>> rank_file_parse(std::string_view contents, std::string_view source,
+                                                            std::string& arena) {
+  std::vector<std::pair<uint32_t, uint32_t>> rank_bytes;
+  std::vector<uint32_t> rank_line;  // for the message about a rank given twice
+  // Ranks are 0 to N-1 for N tokens in every official file; a larger one is an error here,
+  // not gigabytes of empty slots.
+  size_t tokens = 0;
+  for (size_t start = 0; start < contents.size();) {
+    size_t end = std::min(contents.find('\n', start), contents.size());
+    tokens += end > start;
+    start = end + 1;
+  }
   size_t line_start = 0, line_number = 0;
-  impl->arena.reserve(contents.size());
+  arena.reserve(contents.size());
   while (line_start < contents.size()) {
     size_t line_end = contents.find('\n', line_start);
     if (line_end == std::string::npos) line_end = contents.size();
-    std::string_view line(contents.data() + line_start, line_end - line_start);
+    std::string_view line = contents.substr(line_start, line_end - line_start);
     line_start = line_end + 1;
     ++line_number;
     if (line.empty()) continue;
     size_t space = line.find(' ');
+    FLASHGPT_CHECK(space != std::string_view::npos, "{}, line {}: expected '<base64 bytes> <rank>', got '{}'", source,
+                   line_number, line.substr(0, 80));
+    std::string_view encoded = line.substr(0, space), digits = line.substr(space + 1);
+    size_t offset = arena.size();
+    FLASHGPT_CHECK(base64_decode(encoded, arena) && arena.size() > offset,
+                   "{}, line {}: '{}' is not the base64 of one or more bytes", source, line_number, encoded.substr(0, 80));
     uint32_t rank = 0;
-    size_t offset = impl->arena.size();
-    bool ok = space != std::string_view::npos && base64_decode(line.substr(0, space), impl->arena);
-    if (ok) {
-      auto digits = line.substr(space + 1);
-      auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), rank);
-      ok = ec == std::errc() && end == digits.data() + digits.size() && rank < (1u << 24);
-    }
-    FLASHGPT_CHECK(ok, "{} rank file, line {}: expected 'base64 rank', got '{}'", encoding_name, line_number,
-                   line.substr(0, 80));
-    if (rank_bytes.size() <= rank) rank_bytes.resize(rank + 1, {0, 0});
-    FLASHGPT_CHECK(rank_bytes[rank].second == 0, "{} rank file: rank {} appears twice", encoding_name, rank);
-    rank_bytes[rank] = {uint32_t(offset), uint32_t(impl->arena.size() - offset)};
+    auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), rank);
+    FLASHGPT_CHECK(ec == std::errc() && end == digits.data() + digits.size() && rank < kMaxTokenId + 1,
+                   "{}, line {}: the rank '{}' is not a whole number from 0 to {}", source, line_number,
+                   digits.substr(0, 80), kMaxTokenId);
+    FLASHGPT_CHECK(rank < tokens, "{}, line {}: the rank {} is not below the number of tokens in the file ({})", source,
+                   line_number, rank, tokens);
+    if (rank_bytes.size() <= rank) rank_bytes.resize(rank + 1, {0, 0}), rank_line.resize(rank + 1, 0);
+    FLASHGPT_CHECK(rank_bytes[rank].second == 0, "{}, line {}: rank {} appears twice (first on line {})", source,
+                   line_number, rank, rank_line[rank]);
+    rank_bytes[rank] = {uint32_t(offset), uint32_t(arena.size() - offset)};
+    rank_line[rank] = uint32_t(std::min<size_t>(line_number, UINT32_MAX));
   }
+  FLASHGPT_CHECK(!rank_bytes.empty(), "{}: no ranks (an empty rank file)", source);
+  return rank_bytes;
+}
+
+struct MetaJson {
+  std::string pat_str;
+  std::vector<std::pair<std::string, TokenId>> specials;
+};
+
+// meta.json: {"pat_str": "...", "special_tokens": {"<|endoftext|>": 50256, ...}}.
+MetaJson meta_json_parse(std::string_view text, std::string_view source) {
+  nlohmann::json meta;
+  try {
+    meta = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    FLASHGPT_FAIL("{}: not valid JSON: {}", source, e.what());
+  }
+  FLASHGPT_CHECK(meta.is_object(), "{}: expected a JSON object with pat_str and special_tokens", source);
+  MetaJson out;
+  auto pat_str = meta.find("pat_str");
+  FLASHGPT_CHECK(pat_str != meta.end() && pat_str->is_string(), "{}: pat_str is missing or not a string", source);
+  out.pat_str = pat_str->get<std::string>();
+  auto specials = meta.find("special_tokens");
+  FLASHGPT_CHECK(specials != meta.end() && specials->is_object(),
+                 "{}: special_tokens is missing or not an object of token -> id", source);
+  for (const auto& [text, id] : specials->items()) {
+    FLASHGPT_CHECK(!text.empty(), "{}: a special token is the empty string", source);
+    FLASHGPT_CHECK(id.is_number_integer(), "{}: special token {} has the id {}, not a whole number", source, text,
+                   id.dump());
+    FLASHGPT_CHECK(id.is_number_unsigned() && id.get<uint64_t>() <= kMaxTokenId,
+                   "{}: special token {} has the id {}, outside 0 to {}", source, text, id.dump(), kMaxTokenId);
+    TokenId value = id.get<TokenId>();
+    for (const auto& [other, other_id] : out.specials)
+      FLASHGPT_CHECK(other_id != value, "{}: special tokens {} and {} both have the id {}", source, other, text, value);
+    out.specials.emplace_back(text, value);
+  }
+  return out;
+}
+
+}  // namespace
+
+Tokenizer Tokenizer::from_text(std::string_view encoding_name, std::string_view rank_file, std::string_view rank_source,
+                               std::optional<std::string_view> meta_json, std::string_view meta_source) {
+  auto impl = std::make_unique<Impl>();
+  impl->name = std::string(encoding_name);
+  std::vector<std::pair<uint32_t, uint32_t>> rank_bytes = rank_file_parse(rank_file, rank_source, impl->arena);
 
   // Pattern and special tokens: from meta.json when present, else tiktoken's own.
   std::string pat_str;
-  if (auto meta_text = vocab_meta_read(encoding_name, vocab_dir)) {
-    nlohmann::json meta;
-    try {
-      meta = nlohmann::json::parse(*meta_text);
-      pat_str = meta.at("pat_str").get<std::string>();
-      for (const auto& [text, id] : meta.at("special_tokens").items())
-        impl->specials.emplace_back(text, id.get<TokenId>());
-    } catch (const nlohmann::json::exception& e) {
-      FLASHGPT_FAIL("{}.meta.json: {}", encoding_name, e.what());
-    }
+  if (meta_json) {
+    MetaJson meta = meta_json_parse(*meta_json, meta_source);
+    pat_str = std::move(meta.pat_str);
+    impl->specials = std::move(meta.specials);
   } else {
     for (const auto& builtin : kBuiltins) {
       if (builtin.name != encoding_name) continue;
@@ -289,8 +357,8 @@ Tokenizer Tokenizer::load(std::string_view encoding_name, const std::filesystem:
     }
   }
   auto spec = pattern_spec_from_string(pat_str);
-  FLASHGPT_CHECK(spec, "{}: the pretokenization pattern is not one this tokenizer reproduces: {}", encoding_name,
-                 pat_str);
+  FLASHGPT_CHECK(spec, "{}: the pretokenization pattern is not one this tokenizer reproduces: {}",
+                 meta_json ? meta_source : encoding_name, pat_str);
   impl->pattern = *spec;
 
   // Ids: ordinary ranks, then the special tokens.
@@ -303,8 +371,8 @@ Tokenizer Tokenizer::load(std::string_view encoding_name, const std::filesystem:
     impl->id_valid[rank] = rank_bytes[rank].second > 0;
   }
   for (const auto& [text, id] : impl->specials) {
-    FLASHGPT_CHECK(!impl->id_valid[id], "{}: special token {} has id {}, which is an ordinary token", encoding_name,
-                   text, id);
+    FLASHGPT_CHECK(!impl->id_valid[id], "{}: special token {} has the id {}, which {} gives to an ordinary token",
+                   meta_source, text, id, rank_source);
     impl->id_bytes[id] = {uint32_t(impl->arena.size()), uint32_t(text.size())};
     impl->id_valid[id] = true;
     impl->arena += text;
@@ -312,15 +380,19 @@ Tokenizer Tokenizer::load(std::string_view encoding_name, const std::filesystem:
   std::vector<std::string_view> tokens(rank_bytes.size());
   for (size_t rank = 0; rank < rank_bytes.size(); ++rank)
     if (rank_bytes[rank].second > 0) tokens[rank] = impl->bytes_of(TokenId(rank));
-  impl->ranks.build(tokens);
+  try {
+    impl->ranks.build(tokens);
+  } catch (const Error& e) {
+    FLASHGPT_FAIL("{}: {}", rank_source, e.what());
+  }
   for (int b = 0; b < 256; ++b) {
     uint8_t byte = uint8_t(b);
-    FLASHGPT_CHECK(impl->ranks.find_byte(byte) != kNoRank, "{}: the rank file has no token for the byte 0x{:02X}",
-                   encoding_name, b);
+    FLASHGPT_CHECK(impl->ranks.find_byte(byte) != kNoRank, "{}: no token for the byte 0x{:02X}", rank_source, b);
   }
   auto eot = std::find_if(impl->specials.begin(), impl->specials.end(),
                           [](const auto& s) { return s.first == "<|endoftext|>"; });
-  FLASHGPT_CHECK(eot != impl->specials.end(), "{}: no <|endoftext|> special token", encoding_name);
+  FLASHGPT_CHECK(eot != impl->specials.end(), "{}: no <|endoftext|> special token",
+                 meta_json ? meta_source : encoding_name);
   impl->end_of_text = eot->second;
   return Tokenizer(std::move(impl));
 }
@@ -415,30 +487,26 @@ std::vector<std::vector<TokenId>> Tokenizer::encode_ordinary_batch(std::span<con
   return out;
 }
 
-std::vector<TokenId> Tokenizer::encode_ordinary_parallel(std::string_view text, int threads,
-                                                         InvalidUtf8 invalid) const {
+std::vector<TokenId> Tokenizer::encode_ordinary_parallel(std::string_view text, int threads, InvalidUtf8 invalid,
+                                                         size_t chunk_bytes) const {
   std::string storage;
   std::string_view valid = impl_->valid_text(text, invalid, storage);
   int workers = threads_resolve(threads);
-  // Cut points: a newline followed by an ASCII letter or digit. No alternative of the three
-  // patterns matches across such a pair (newlines only end pieces before a letter or a
-  // digit), so a piece ends there and encoding the chunks separately changes nothing.
+  // Cut points: after an ASCII letter or digit that an ASCII space, tab, CR or LF follows.
+  // Under every pattern a piece holding such a letter or digit ends with it (no alternative
+  // takes whitespace after a letter or digit), so a piece starts at the cut; and no pattern
+  // looks behind, so the chunk after it splits exactly as the whole text does there. (Cutting
+  // after the whitespace instead is wrong: at the end of a chunk r50k_base's `\s++$` takes a
+  // run like "\n\n" as one piece, where before a word the text gives "\n" and "\n".)
   constexpr size_t kMinChunk = 1 << 16;
-  size_t chunk_target = std::max(kMinChunk, valid.size() / (size_t(workers) * 8) + 1);
+  size_t chunk_target =
+      chunk_bytes > 0 ? chunk_bytes : std::max(kMinChunk, valid.size() / (size_t(workers) * 8) + 1);
+  auto ascii_alnum = [](uint8_t c) { return (c >= '0' && c <= '9') || ((c | 0x20) >= 'a' && (c | 0x20) <= 'z'); };
+  auto ascii_space = [](uint8_t c) { return c == ' ' || c == '\t' || c == '\r' || c == '\n'; };
   std::vector<size_t> cuts = {0};
   while (cuts.back() < valid.size()) {
-    size_t from = cuts.back() + chunk_target, cut = valid.size();
-    while (from < valid.size()) {
-      size_t newline = valid.find('\n', from);
-      if (newline == std::string_view::npos || newline + 1 >= valid.size()) break;
-      uint8_t next = static_cast<uint8_t>(valid[newline + 1]);
-      bool alnum = (next >= '0' && next <= '9') || ((next | 0x20) >= 'a' && (next | 0x20) <= 'z');
-      if (alnum) {
-        cut = newline + 1;
-        break;
-      }
-      from = newline + 1;
-    }
+    size_t cut = std::min(valid.size(), cuts.back() + chunk_target);
+    while (cut < valid.size() && !(ascii_space(uint8_t(valid[cut])) && ascii_alnum(uint8_t(valid[cut - 1])))) ++cut;
     cuts.push_back(cut);
   }
   const long chunks = static_cast<long>(cuts.size()) - 1;
@@ -462,6 +530,62 @@ std::string Tokenizer::decode(std::span<const TokenId> tokens) const {
                    "cannot decode token id {}: not in the {} vocabulary", token, impl_->name);
     out += impl_->bytes_of(token);
   }
+  return out;
+}
+
+std::vector<TokenId> token_ids_parse(std::string_view input, TokenIdFormat format) {
+  std::vector<TokenId> ids;
+  if (format == TokenIdFormat::u32) {
+    FLASHGPT_CHECK(input.size() % 4 == 0, "u32 input has {} bytes, not a multiple of 4", input.size());
+    ids.resize(input.size() / 4);
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const auto* b = reinterpret_cast<const uint8_t*>(input.data() + 4 * i);
+      ids[i] = TokenId(b[0]) | TokenId(b[1]) << 8 | TokenId(b[2]) << 16 | TokenId(b[3]) << 24;
+    }
+    return ids;
+  }
+  auto separator = [](char c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r' || c == ','; };
+  const char* p = input.data();
+  const char* end = p + input.size();
+  while (p < end) {
+    if (separator(*p)) {
+      ++p;
+      continue;
+    }
+    // A word of the input: up to the next separator, for the messages.
+    const char* word_end = p;
+    while (word_end < end && !separator(*word_end)) ++word_end;
+    std::string_view word(p, std::min<size_t>(word_end - p, 40));
+    TokenId id;
+    auto [next, ec] = std::from_chars(p, end, id);
+    FLASHGPT_CHECK(ec != std::errc::result_out_of_range,
+                   "the token id {} at byte {} of the input does not fit in 32 bits (ids are 0 to 4294967295)", word,
+                   p - input.data());
+    FLASHGPT_CHECK(ec == std::errc() && next == word_end,
+                   "expected a token id (a whole number from 0 to 4294967295) at byte {} of the input, got '{}'",
+                   p - input.data(), word);
+    ids.push_back(id);
+    p = next;
+  }
+  return ids;
+}
+
+std::string token_ids_format(std::span<const TokenId> ids, TokenIdFormat format) {
+  std::string out;
+  if (format == TokenIdFormat::u32) {
+    out.resize(ids.size() * 4);
+    for (size_t i = 0; i < ids.size(); ++i)
+      for (int k = 0; k < 4; ++k) out[4 * i + k] = char((ids[i] >> (8 * k)) & 0xFF);
+    return out;
+  }
+  out.reserve(ids.size() * 6 + 1);
+  char buffer[16];
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (i) out += ' ';
+    auto [end, ec] = std::to_chars(buffer, buffer + sizeof(buffer), ids[i]);
+    out.append(buffer, end);
+  }
+  out += '\n';
   return out;
 }
 

@@ -28,6 +28,8 @@ constexpr KnownEncoding kKnownEncodings[] = {
 };
 
 std::optional<std::string> file_read(const std::filesystem::path& path) {
+  std::error_code ec;
+  FLASHGPT_CHECK(!std::filesystem::is_directory(path, ec), "{} is a directory, not a file", path.string());
   std::ifstream in(path, std::ios::binary);
   if (!in) return std::nullopt;
   std::ostringstream buffer;
@@ -92,7 +94,7 @@ std::filesystem::path vocab_cache_dir() {
   return std::filesystem::temp_directory_path() / "flashgpt-tokenizers";
 }
 
-std::string vocab_rank_file_read(std::string_view name, const std::filesystem::path& vocab_dir) {
+VocabFile vocab_rank_file_read(std::string_view name, const std::filesystem::path& vocab_dir) {
   const KnownEncoding* known = encoding_known(name);
   std::string names;
   for (const auto& k : kKnownEncodings) names += fmt::format("{}{}", names.empty() ? "" : ", ", k.name);
@@ -101,17 +103,20 @@ std::string vocab_rank_file_read(std::string_view name, const std::filesystem::p
   std::vector<std::filesystem::path> looked;
   std::filesystem::path dir = vocab_dir_resolve(vocab_dir);
   if (!dir.empty()) {
+    std::error_code ec;
+    FLASHGPT_CHECK(!std::filesystem::exists(dir, ec) || std::filesystem::is_directory(dir, ec),
+                   "the vocabulary directory {} is a file, not a directory (it should hold {})", dir.string(), file);
     looked.push_back(dir / file);
     if (auto contents = file_read(looked.back())) {
       rank_file_verify(*known, *contents, looked.back());
-      return std::move(*contents);
+      return {std::move(*contents), looked.back().string()};
     }
   }
   std::filesystem::path cached = vocab_cache_dir() / file;
   looked.push_back(cached);
   if (auto contents = file_read(cached)) {
     rank_file_verify(*known, *contents, cached);
-    return std::move(*contents);
+    return {std::move(*contents), cached.string()};
   }
   // tiktoken's own download cache names the file by the sha1 of its URL.
   std::filesystem::path tiktoken_dir;
@@ -126,7 +131,7 @@ std::string vocab_rank_file_read(std::string_view name, const std::filesystem::p
   looked.push_back(tiktoken_dir / sha1_hex(known->url));
   if (auto contents = file_read(looked.back())) {
     rank_file_verify(*known, *contents, looked.back());
-    return std::move(*contents);
+    return {std::move(*contents), looked.back().string()};
   }
   std::string where;
   for (const auto& path : looked) where += fmt::format("\n  {}", path.string());
@@ -146,7 +151,7 @@ std::string vocab_rank_file_read(std::string_view name, const std::filesystem::p
       out.close();
       std::filesystem::rename(partial, cached, ec);
     }
-    return std::move(*body);
+    return {std::move(*body), std::string(known->url)};
   }
   FLASHGPT_FAIL("the {} rank file is missing; looked in:{}\nand downloading {} failed: {}", name, where, known->url, why);
 #else
@@ -157,10 +162,13 @@ std::string vocab_rank_file_read(std::string_view name, const std::filesystem::p
 #endif
 }
 
-std::optional<std::string> vocab_meta_read(std::string_view name, const std::filesystem::path& vocab_dir) {
+std::optional<VocabFile> vocab_meta_read(std::string_view name, const std::filesystem::path& vocab_dir) {
   std::filesystem::path dir = vocab_dir_resolve(vocab_dir);
   if (dir.empty()) return std::nullopt;
-  return file_read(dir / fmt::format("{}.meta.json", name));
+  std::filesystem::path path = dir / fmt::format("{}.meta.json", name);
+  auto contents = file_read(path);
+  if (!contents) return std::nullopt;
+  return VocabFile{std::move(*contents), path.string()};
 }
 
 }  // namespace flashgpt

@@ -26,8 +26,13 @@ std::filesystem::path vocab_cache_dir();
 // tiktoken's cache (TIKTOKEN_CACHE_DIR, DATA_GYM_CACHE_DIR or $TMPDIR/data-gym-cache, file
 // named sha1(url)), else downloaded into our cache (builds with libcurl only, and not when
 // FLASHGPT_OFFLINE is set). Throws naming every place looked.
-std::string vocab_rank_file_read(std::string_view name, const std::filesystem::path& vocab_dir);
+// A path that is a directory is an error naming it.
+struct VocabFile {
+  std::string contents;
+  std::string path;  // where it was read from (or the URL), for error messages
+};
+VocabFile vocab_rank_file_read(std::string_view name, const std::filesystem::path& vocab_dir);
 // NAME.meta.json beside the rank file, or nullopt when it is not there.
-std::optional<std::string> vocab_meta_read(std::string_view name, const std::filesystem::path& vocab_dir);
+std::optional<VocabFile> vocab_meta_read(std::string_view name, const std::filesystem::path& vocab_dir);
 
 }  // namespace flashgpt

@@ -85,8 +85,64 @@ def main():
                                 capture_output=True, env=env)
         check(cached.returncode == 0 and cached.stdout.split() == [b"15339", b"1917"],
               "rank file found in tiktoken's cache (TIKTOKEN_CACHE_DIR/sha1(url))")
+        hostile_inputs(args.flashgpt, vocab, Path(tmp), tiktoken, load_tiktoken_bpe, check)
     print("OK" if not failures else f"{len(failures)} FAILURES")
     return 1 if failures else 0
+
+
+def hostile_inputs(flashgpt, vocab, tmp, tiktoken, load_tiktoken_bpe, check):
+    """Bad input as a new user gives it: each a clear error (never a crash, a hang, a silent
+    exit 0 or "unexpected error: std::..."), and r50k_base's blank lines on many threads."""
+
+    def run(*argv, stdin=b"", vocab_dir=vocab):
+        try:
+            return subprocess.run([flashgpt, "tokenize", "--vocab-dir", str(vocab_dir), *argv], input=stdin,
+                                  capture_output=True, timeout=60, env={**os.environ, "FLASHGPT_OFFLINE": "1"})
+        except subprocess.TimeoutExpired:
+            return subprocess.CompletedProcess(argv, -999, b"", b"timed out (a hang)")
+
+    def refused(out, *words):
+        err = out.stderr.decode(errors="replace")
+        return 0 < out.returncode < 128 and "unexpected error" not in err and all(w in err for w in words), err
+
+    name = "r50k_base"
+    meta = json.loads((vocab / f"{name}.meta.json").read_text())
+    enc = tiktoken.Encoding(name=name, pat_str=meta["pat_str"], special_tokens=meta["special_tokens"],
+                            mergeable_ranks=load_tiktoken_bpe(str(vocab / f"{name}.tiktoken")))
+    prose = ("A long line of ordinary prose, " * 40 + "\n\nWord  then more.\r\n\r\n2014 \t tabs\n") * 200
+    path = tmp / "prose.txt"
+    path.write_text(prose)
+    for threads in ("0", "3", "16"):
+        out = run("-e", name, "--threads", threads, str(path))
+        check(out.returncode == 0 and [int(x) for x in out.stdout.split()] == enc.encode_ordinary(prose),
+              f"r50k_base, blank lines after long lines, --threads {threads}: tiktoken's ids")
+
+    for threads in ("100000", "-3"):
+        ok, err = refused(run("-e", name, "--threads", threads, str(path)), "--threads", threads)
+        check(ok, f"--threads {threads}: a clear error ({err.strip()!r})")
+    ok, err = refused(run("-e", name, str(tmp)), "is a directory")
+    check(ok, f"a directory as the input: an error ({err.strip()!r})")
+    ok, err = refused(run("-e", name, "--decode", "-", stdin=b"15339 4294967296"), "4294967296", "32 bits")
+    check(ok, f"--decode of an id beyond 32 bits names it ({err.strip()!r})")
+    ok, err = refused(run("-e", name, "--decode", "-", stdin=b"15339 -1"), "'-1'")
+    check(ok, f"--decode of a negative id names it ({err.strip()!r})")
+    ok, err = refused(run("-e", name, "--allowed-special", "<|nope|>", "-", stdin=b"x"), "<|nope|>")
+    check(ok, f"--allowed-special with an unknown name ({err.strip()!r})")
+
+    pat = json.dumps(meta["pat_str"])
+    for specials, words in [('{"": 50257, "<|endoftext|>": 50256}', ["empty string"]),
+                            ('{"<|endoftext|>": -1}', ["-1"]),
+                            ('{"<|endoftext|>": 50256, "<|x|>": 50256}', ["both have the id 50256"]),
+                            ('{"<|endoftext|>": 4000000000}', ["4000000000"])]:
+        bad = tmp / "bad-vocab"
+        bad.mkdir(exist_ok=True)
+        link = bad / f"{name}.tiktoken"
+        if not link.exists():
+            link.symlink_to((vocab / f"{name}.tiktoken").resolve())
+        (bad / f"{name}.meta.json").write_text(f'{{"pat_str": {pat}, "special_tokens": {specials}}}')
+        out = run("-e", name, "--allowed-special", "all", "-", stdin=b"hello", vocab_dir=bad)
+        ok, err = refused(out, f"{name}.meta.json", *words)
+        check(ok, f"meta.json special_tokens {specials}: an error naming the file ({err.strip()!r})")
 
 
 if __name__ == "__main__":

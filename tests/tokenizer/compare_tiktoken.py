@@ -113,6 +113,31 @@ def fuzz_texts(count, seed):
     return texts
 
 
+def seam_texts(count, seed):
+    """Prose of blank lines, CRLF, runs of spaces and tabs, digits, ASCII and accented
+    letters and punctuation: the driver encodes each on 1 to 16 threads with chunks forced
+    small, so these check parallel == serial == tiktoken at every kind of seam."""
+    parts = (["\n", "\n\n", "\n\n\n", "\r\n", "\r\n\r\n", "\r", " ", "  ", "   ", "\t", "\t\t", " \t ", " \n",
+              "  \n\n", "\t\r\n", "0", "7", "42", "123", "2014", "1234567"]
+             + ["a", "x", "the", "Word", "HTTP", "camelCase", "été", "Ça", "naïve", "œuvre", "ÉCOLE", "déjà", "à", "."]
+             + [",", "!", "?", "...", "--", "(", ")", '"', "'", "'s", "'ll", "'RE", "’", "«", "»", "/", "//", "\u00a0",
+                "\u2003", "中", "🙂"])
+    words = parts[21:35]
+    rng = random.Random(seed)
+    out = {}
+    for i in range(count):
+        pieces, size, target = [], 0, rng.randrange(0, 4000 if i % 8 == 0 else 400)
+        while size < target:
+            if rng.randrange(40) == 0:  # a long line, then one or two line breaks
+                piece = " ".join(rng.choice(words) for _ in range(rng.randrange(20, 80))) + rng.choice(["\n", "\n\n"])
+            else:
+                piece = rng.choice(parts)
+            pieces.append(piece)
+            size += len(piece.encode())
+        out[f"seam_{i:04d}"] = "".join(pieces)
+    return out
+
+
 def random_unicode_texts(count, seed):
     rng = random.Random(seed)
     out = {}
@@ -195,6 +220,7 @@ def main():
         texts.update(adversarial_texts())
         texts.update(fuzz_texts(args.fuzz, seed=7))
         texts.update(random_unicode_texts(args.fuzz // 3, seed=11))
+        texts.update(seam_texts(args.fuzz, seed=13))
     if (args.data_dir / "wmt14").is_dir():
         texts.update(wmt_texts(args.data_dir, args.wmt_bytes))
     else:

@@ -2,8 +2,8 @@
 // Reads DIR/manifest.json = [{"file": NAME, "mode": MODE}, ...], encodes each file with the
 // API and writes DIR/NAME.ENCODING.ids (little-endian u32) plus DIR/results.ENCODING.json
 // with, per case, the error message (if encoding threw) and the self-checks that failed:
-// decode(encode(x)) == x, streaming decode, parallel and batch encoding agreeing with
-// encode_ordinary, and the scan and heap merges agreeing on every piece.
+// decode(encode(x)) == x, streaming decode, parallel (1 to 16 threads, small chunks) and
+// batch encoding agreeing with encode_ordinary, and the scan and heap merges agreeing on every piece.
 //   modes: ordinary | replace (invalid UTF-8 as U+FFFD) | special_all | special_none
 //          (encode() with every special allowed / none allowed, tiktoken's defaults)
 #include <flashgpt/error.h>
@@ -28,7 +28,8 @@ std::string file_read(const std::filesystem::path& path) {
 }
 
 std::vector<std::string> self_checks(const flashgpt::Tokenizer& tokenizer, const std::string& text,
-                                     const std::vector<flashgpt::TokenId>& ids, const std::string& mode) {
+                                     const std::vector<flashgpt::TokenId>& ids, const std::string& mode,
+                                     int case_index) {
   using flashgpt::InvalidUtf8;
   std::vector<std::string> failed;
   std::string expected_text = text;
@@ -41,7 +42,14 @@ std::vector<std::string> self_checks(const flashgpt::Tokenizer& tokenizer, const
   if (streamed != expected_text) failed.push_back("streaming decode != x");
   if (mode == "ordinary" || mode == "replace") {
     InvalidUtf8 invalid = mode == "replace" ? InvalidUtf8::replace : InvalidUtf8::error;
-    if (tokenizer.encode_ordinary_parallel(text, 2, invalid) != ids) failed.push_back("encode_ordinary_parallel differs");
+    // The default chunks, and chunks forced small so that seams fall everywhere, on 1 to 16
+    // threads (chosen by the case number).
+    const bool small = text.size() < (1 << 16);  // (whole WMT files: thousands of chunks are enough)
+    const std::pair<int, size_t> runs[] = {
+        {2, 0}, {1 + case_index % 16, small ? 1 : 512}, {1 + (case_index + 7) % 16, small ? 13 : 4096}, {16, 64}};
+    for (auto [threads, chunk] : runs)
+      if (tokenizer.encode_ordinary_parallel(text, threads, invalid, chunk) != ids)
+        failed.push_back(fmt::format("encode_ordinary_parallel differs (threads {}, chunk_bytes {})", threads, chunk));
     if (mode == "ordinary") {
       std::string_view view = text;
       auto batch = tokenizer.encode_ordinary_batch(std::span(&view, 1), 2);
@@ -81,7 +89,7 @@ int main(int argc, char** argv) {
         } else {
           FLASHGPT_FAIL("unknown mode {}", mode);
         }
-        result["failed_checks"] = self_checks(tokenizer, text, ids, mode);
+        result["failed_checks"] = self_checks(tokenizer, text, ids, mode, int(results.size()));
       } catch (const flashgpt::Error& e) {
         result["error"] = e.what();
       }

@@ -184,6 +184,105 @@ TEST(Load, ReportsUnknownMissingAndWrongFiles) {
   ::unsetenv("FLASHGPT_OFFLINE");
 }
 
+// A rank file of the 256 bytes (ranks 0..255) and `extra` lines after them.
+std::string rank_file_with(std::string_view extra) {
+  static const char kAlphabet[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  std::string out;
+  for (int b = 0; b < 256; ++b)
+    out += fmt::format("{}{}== {}\n", kAlphabet[b >> 2], kAlphabet[(b & 3) << 4], b);
+  return out + std::string(extra);
+}
+
+std::string meta_with(std::string_view specials) {
+  return fmt::format(R"({{"pat_str": "{}", "special_tokens": {}}})", "'s|'t|'re|'ve|'m|'ll|'d| ?\\\\p{L}+| ?\\\\p{N}+| ?[^\\\\s\\\\p{L}\\\\p{N}]+|\\\\s+(?!\\\\S)|\\\\s+", specials);
+}
+
+TEST(Load, MalformedRankLinesNameTheFileAndLine) {
+  EXPECT_NO_THROW(Tokenizer::from_text("r50k_base", rank_file_with("dGg= 256\n"), "x.tiktoken"));
+  const std::pair<std::string, std::string> cases[] = {
+      {"dGg=256\n", "line 257: expected '<base64 bytes> <rank>'"},
+      {"dGg= 256\r\n", "line 257: the rank '256\r' is not a whole number"},
+      {"dGg= -1\n", "line 257: the rank '-1' is not a whole number"},
+      {"dGg= 99999999999\n", "line 257: the rank '99999999999' is not a whole number"},
+      {"dGg= 16777215\n", "line 257: the rank 16777215 is not below the number of tokens in the file (257)"},
+      {"dG@= 256\n", "line 257: 'dG@=' is not the base64 of one or more bytes"},
+      {"= 256\n", "line 257: '=' is not the base64"},
+      {"dGg=xx 256\n", "line 257: 'dGg=xx' is not the base64"},
+      {"dGg= 255\n", "line 257: rank 255 appears twice (first on line 256)"},
+      {"QQ== 256\n", "the token of rank 256 twice"},
+  };
+  for (const auto& [extra, expected] : cases) {
+    std::string message = error_of([&] { Tokenizer::from_text("r50k_base", rank_file_with(extra), "x.tiktoken"); });
+    EXPECT_NE(message.find("x.tiktoken"), std::string::npos) << message;
+    EXPECT_NE(message.find(expected), std::string::npos) << message;
+  }
+  std::string empty = error_of([] { Tokenizer::from_text("r50k_base", "", "x.tiktoken"); });
+  EXPECT_NE(empty.find("x.tiktoken: no ranks"), std::string::npos) << empty;
+}
+
+TEST(Load, BadSpecialTokensInMetaJsonAreErrors) {
+  auto load = [](std::string_view specials) {
+    return error_of([&] { Tokenizer::from_text("r50k_base", rank_file_with(""), "x.tiktoken", meta_with(specials), "x.meta.json"); });
+  };
+  EXPECT_EQ(load(R"({"<|endoftext|>": 256})"), "");
+  // Once an encode() that never ended, and a bad_alloc: now each an error naming the problem.
+  EXPECT_NE(load(R"({"": 257, "<|endoftext|>": 256})").find("x.meta.json: a special token is the empty string"),
+            std::string::npos);
+  EXPECT_NE(load(R"({"<|endoftext|>": -1})").find("x.meta.json: special token <|endoftext|> has the id -1, outside"),
+            std::string::npos);
+  EXPECT_NE(load(R"({"<|endoftext|>": 4000000000})").find("has the id 4000000000, outside 0 to 16777215"),
+            std::string::npos);
+  EXPECT_NE(load(R"({"<|endoftext|>": 256, "<|x|>": 256})").find("special tokens <|endoftext|> and <|x|> both have the id 256"),
+            std::string::npos);
+  EXPECT_NE(load(R"({"<|endoftext|>": 1.5})").find("has the id 1.5, not a whole number"), std::string::npos);
+  EXPECT_NE(load(R"({"<|endoftext|>": 65})").find("which x.tiktoken gives to an ordinary token"), std::string::npos);
+  EXPECT_NE(load("[]").find("special_tokens is missing or not an object"), std::string::npos);
+  EXPECT_NE(load("{}").find("x.meta.json: no <|endoftext|> special token"), std::string::npos);
+  std::string broken = error_of(
+      [] { Tokenizer::from_text("r50k_base", rank_file_with(""), "x.tiktoken", "{\"pat_str\": ", "x.meta.json"); });
+  EXPECT_NE(broken.find("x.meta.json: not valid JSON"), std::string::npos) << broken;
+}
+
+TEST(Load, DirectoriesWhereFilesBelongAreErrors) {
+  auto dir = std::filesystem::temp_directory_path() / "flashgpt_tokenizer_test_dirs";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir / "r50k_base.tiktoken");
+  std::string message = error_of([&] { Tokenizer::load("r50k_base", dir); });
+  EXPECT_NE(message.find("r50k_base.tiktoken is a directory, not a file"), std::string::npos) << message;
+  std::filesystem::remove_all(dir);
+}
+
+TEST(Threads, ZeroIsAllCoresAndAbsurdCountsAreErrors) {
+  const Tokenizer& t = cl100k();
+  std::string_view text = "hello world";
+  auto expected = t.encode_ordinary(text);
+  EXPECT_EQ(t.encode_ordinary_parallel(text, 0), expected);
+  EXPECT_EQ(t.encode_ordinary_batch(std::span(&text, 1), 0)[0], expected);
+  for (int threads : {-1, -1000, kMaxEncodeThreads + 1, 100000}) {
+    std::string message = error_of([&] { t.encode_ordinary_parallel(text, threads); });
+    EXPECT_NE(message.find(fmt::format("got {}", threads)), std::string::npos) << message;
+    message = error_of([&] { t.encode_ordinary_batch(std::span(&text, 1), threads); });
+    EXPECT_NE(message.find(fmt::format("got {}", threads)), std::string::npos) << message;
+  }
+}
+
+TEST(TokenIds, ParseNamesTheBadValue) {
+  EXPECT_EQ(token_ids_parse("1 2,3\n\t4294967295\r\n", TokenIdFormat::text), (std::vector<TokenId>{1, 2, 3, 4294967295u}));
+  EXPECT_EQ(token_ids_parse(std::string("\x01\x00\x00\x00\xff\xff\xff\xff", 8), TokenIdFormat::u32),
+            (std::vector<TokenId>{1, 4294967295u}));
+  auto parse_error = [](std::string_view text) { return error_of([&] { token_ids_parse(text, TokenIdFormat::text); }); };
+  EXPECT_NE(parse_error("7 4294967296").find("the token id 4294967296 at byte 2 of the input does not fit in 32 bits"),
+            std::string::npos);
+  EXPECT_NE(parse_error("-1").find("got '-1'"), std::string::npos);
+  EXPECT_NE(parse_error("1.5 2").find("got '1.5'"), std::string::npos);
+  EXPECT_NE(parse_error("12abc").find("got '12abc'"), std::string::npos);
+  EXPECT_NE(error_of([] { token_ids_parse("abc", TokenIdFormat::u32); }).find("3 bytes, not a multiple of 4"),
+            std::string::npos);
+  std::vector<TokenId> ids = {0, 7, 100257, 4294967295u};
+  for (auto format : {TokenIdFormat::text, TokenIdFormat::u32})
+    EXPECT_EQ(token_ids_parse(token_ids_format(ids, format), format), ids);
+}
+
 TEST(Load, VocabularySizesAndSpecials) {
   auto r50k = Tokenizer::load("r50k_base", vocab_dir());
   auto o200k = Tokenizer::load("o200k_base", vocab_dir());
