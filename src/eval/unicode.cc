@@ -1,8 +1,13 @@
 // Lookups in the generated tables of unicode_tables.cc, and Python's str.lower().
 #include "eval/unicode.h"
 
+#include <flashgpt/error.h>
+#include <flashgpt/eval.h>
+
 #include <algorithm>
 #include <memory>
+
+#include "eval/text.h"
 
 namespace flashgpt::eval_unicode {
 namespace {
@@ -66,3 +71,17 @@ void eval_lower_append(std::u32string_view text, std::u32string& out) {
 }
 
 }  // namespace flashgpt::eval_unicode
+
+namespace flashgpt {
+
+std::string eval_lowercase(std::string_view text) {
+  FLASHGPT_CHECK(!utf8_first_invalid(text), "eval_lowercase: text is not valid UTF-8");
+  std::u32string lower;
+  eval_unicode::eval_lower_append(eval_text::to_u32(text), lower);
+  std::string out;
+  out.reserve(text.size());
+  for (const char32_t c : lower) utf8_append(out, c);
+  return out;
+}
+
+}  // namespace flashgpt
