@@ -20,6 +20,7 @@
 #include <cmath>
 #include <unordered_map>
 
+#include "eval/gram_counter.h"
 #include "eval/text.h"
 #include "eval/unicode.h"
 
@@ -178,13 +179,22 @@ BleuStats& BleuStats::operator+=(const BleuStats& other) {
 }
 
 // n-grams as fixed arrays of token ids (ids start at 1, so an order-k n-gram padded with
-// zeros never equals one of another order); each side sorted, then the equal runs merged:
-// matches of an n-gram = min(hypothesis count, reference count).
+// zeros never equals one of another order): the reference's counted, then each
+// hypothesis n-gram takes one count if any is left (clipping).
 BleuStats bleu_stats_tokenized(std::string_view hyp_tokens, std::string_view ref_tokens) {
   using Gram = std::array<uint32_t, kBleuMaxOrder>;
-  std::unordered_map<std::string_view, uint32_t> ids;
-  const auto token_ids = [&](std::string_view text) {
-    std::vector<uint32_t> out;
+  struct GramHash {
+    uint64_t operator()(const Gram& g) const {
+      return eval_detail::mix64((uint64_t{g[0]} | uint64_t{g[1]} << 32) * 0x9e3779b97f4a7c15ULL ^
+                                (uint64_t{g[2]} | uint64_t{g[3]} << 32));
+    }
+  };
+  thread_local std::unordered_map<std::string_view, uint32_t> ids;
+  thread_local eval_detail::GramCounter<Gram, GramHash> counter;
+  thread_local std::vector<uint32_t> hyp, ref;
+  ids.clear();
+  const auto token_ids = [&](std::string_view text, std::vector<uint32_t>& out) {
+    out.clear();
     size_t pos = 0;
     while (pos < text.size()) {
       size_t end = text.find(' ', pos);
@@ -192,38 +202,26 @@ BleuStats bleu_stats_tokenized(std::string_view hyp_tokens, std::string_view ref
       if (end > pos) out.push_back(ids.try_emplace(text.substr(pos, end - pos), ids.size() + 1).first->second);
       pos = end + 1;
     }
-    return out;
   };
-  const auto grams = [](const std::vector<uint32_t>& t) {
-    std::vector<Gram> out;
-    for (int n = 1; n <= kBleuMaxOrder; ++n) {
-      for (size_t i = 0; i + n <= t.size(); ++i) {
-        Gram g{};
-        std::copy_n(t.begin() + i, n, g.begin());
-        out.push_back(g);
-      }
-    }
-    std::sort(out.begin(), out.end());
-    return out;
+  const auto gram = [](const std::vector<uint32_t>& t, size_t i, size_t n) {
+    Gram g{};
+    std::copy_n(t.begin() + static_cast<std::ptrdiff_t>(i), n, g.begin());
+    return g;
   };
-  const std::vector<uint32_t> hyp = token_ids(hyp_tokens), ref = token_ids(ref_tokens);
-  const std::vector<Gram> hyp_grams = grams(hyp), ref_grams = grams(ref);
+  token_ids(hyp_tokens, hyp);
+  token_ids(ref_tokens, ref);
   BleuStats stats;
   stats.hyp_len = hyp.size();
   stats.ref_len = ref.size();
-  size_t r = 0;
-  for (size_t h = 0; h < hyp_grams.size();) {
-    const Gram& g = hyp_grams[h];
-    const int order = static_cast<int>(std::count_if(g.begin(), g.end(), [](uint32_t id) { return id != 0; }));
-    size_t h_end = h;
-    while (h_end < hyp_grams.size() && hyp_grams[h_end] == g) ++h_end;
-    while (r < ref_grams.size() && ref_grams[r] < g) ++r;
-    size_t r_end = r;
-    while (r_end < ref_grams.size() && ref_grams[r_end] == g) ++r_end;
-    stats.total[order - 1] += h_end - h;
-    stats.correct[order - 1] += std::min(h_end - h, r_end - r);
-    h = h_end;
-    r = r_end;
+  counter.reset(kBleuMaxOrder * ref.size());
+  for (size_t n = 1; n <= kBleuMaxOrder; ++n) {
+    for (size_t i = 0; i + n <= ref.size(); ++i) counter.add(gram(ref, i, n));
+  }
+  for (size_t n = 1; n <= kBleuMaxOrder; ++n) {
+    for (size_t i = 0; i + n <= hyp.size(); ++i) {
+      ++stats.total[n - 1];
+      stats.correct[n - 1] += counter.take(gram(hyp, i, n));
+    }
   }
   return stats;
 }

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 
+#include "eval/gram_counter.h"
 #include "eval/text.h"
 #include "eval/unicode.h"
 
@@ -41,34 +42,44 @@ ChrfStats& ChrfStats::operator+=(const ChrfStats& other) {
   return *this;
 }
 
-// Per order: both sides' n-grams (views into the code points) sorted, equal runs merged.
+namespace {
+
+// An n-gram of n <= 6 code points (21 bits each) packed into two words: code points 0..2
+// in `lo`, 3..5 in `hi`. Within one order every key has the same length, so the packing
+// is one-to-one.
+struct CharGram {
+  uint64_t hi = 0, lo = 0;
+  bool operator==(const CharGram&) const = default;
+};
+static_assert(kChrfCharOrder <= 6, "CharGram holds at most 6 code points of 21 bits");
+
+struct CharGramHash {
+  uint64_t operator()(const CharGram& g) const { return eval_detail::mix64(g.lo * 0x9e3779b97f4a7c15ULL ^ g.hi); }
+};
+
+CharGram char_gram(std::u32string_view text, size_t i, size_t n) {
+  CharGram g;
+  for (size_t k = 0; k < n; ++k) (k < 3 ? g.lo : g.hi) |= static_cast<uint64_t>(text[i + k]) << (21 * (k % 3));
+  return g;
+}
+
+}  // namespace
+
+// Per order: the reference's n-grams counted, then each hypothesis n-gram takes a count.
 ChrfStats chrf_segment_stats(std::string_view hyp, std::string_view ref, const ChrfOptions& options) {
   const std::u32string h = chrf_characters(hyp, options.lowercase), r = chrf_characters(ref, options.lowercase);
-  const std::u32string_view hv = h, rv = r;
   ChrfStats stats;
-  std::vector<std::u32string_view> hg, rg;
-  for (int n = 1; n <= kChrfCharOrder; ++n) {
-    hg.clear();
-    rg.clear();
-    for (size_t i = 0; i + n <= hv.size(); ++i) hg.push_back(hv.substr(i, n));
-    for (size_t i = 0; i + n <= rv.size(); ++i) rg.push_back(rv.substr(i, n));
+  thread_local eval_detail::GramCounter<CharGram, CharGramHash> counter;
+  for (size_t n = 1; n <= kChrfCharOrder; ++n) {
+    const size_t hyp_grams = h.size() >= n ? h.size() - n + 1 : 0;
+    const size_t ref_grams = r.size() >= n ? r.size() - n + 1 : 0;
     // sacreBLEU: "don't count hits if no reference exists for that n-gram" order.
-    stats.hyp[n - 1] = rg.empty() ? 0 : hg.size();
-    stats.ref[n - 1] = rg.size();
-    if (hg.empty() || rg.empty()) continue;
-    std::sort(hg.begin(), hg.end());
-    std::sort(rg.begin(), rg.end());
-    size_t j = 0;
-    for (size_t i = 0; i < hg.size();) {
-      size_t i_end = i;
-      while (i_end < hg.size() && hg[i_end] == hg[i]) ++i_end;
-      while (j < rg.size() && rg[j] < hg[i]) ++j;
-      size_t j_end = j;
-      while (j_end < rg.size() && rg[j_end] == hg[i]) ++j_end;
-      stats.match[n - 1] += std::min(i_end - i, j_end - j);
-      i = i_end;
-      j = j_end;
-    }
+    stats.hyp[n - 1] = ref_grams ? hyp_grams : 0;
+    stats.ref[n - 1] = ref_grams;
+    if (!hyp_grams || !ref_grams) continue;
+    counter.reset(ref_grams);
+    for (size_t i = 0; i < ref_grams; ++i) counter.add(char_gram(r, i, n));
+    for (size_t i = 0; i < hyp_grams; ++i) stats.match[n - 1] += counter.take(char_gram(h, i, n));
   }
   return stats;
 }
