@@ -12,7 +12,8 @@ each computing BLEU and chrF2 of one file pair:
   sacrebleu API      BLEU(tokenize=T).corpus_score + CHRF().corpus_score, in this process
                      (fresh metric objects each run, so no tokenizer cache carries over)
   flashgpt CLI       `flashgpt eval bleu --ref REF --hyp HYP --tokenize T` (a process)
-and prints a table with the ratios to flashgpt.
+and prints a table of wall times (best, median) and CPU times (best; a process's CPU time
+includes its children's) with the ratios to flashgpt.
 
   python3 bench/eval_bleu_bench.py --flashgpt build/flashgpt [--repeat 5] [--out results/x.txt]
 """
@@ -22,6 +23,7 @@ import lzma
 import os
 import platform
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -78,13 +80,22 @@ def write_lines(path, lines):
         f.write("".join(line + "\n" for line in lines).encode("utf-8"))
 
 
+def cpu_seconds():
+    """CPU time of this process and of its finished children (user + system)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def timed(repeat, f):
-    times = []
+    """Best and median wall time, and best CPU time, of `repeat` runs. On a shared machine
+    the CPU time is the steadier number."""
+    times, cpu = [], []
     for _ in range(repeat):
-        t0 = time.perf_counter()
+        c0, t0 = cpu_seconds(), time.perf_counter()
         f()
         times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times)
+        cpu.append(cpu_seconds() - c0)
+    return min(times), statistics.median(times), min(cpu)
 
 
 def run(argv):
@@ -134,15 +145,18 @@ def main():
                 times["sacrebleu CLI"] = timed(args.repeat, lambda: run(
                     [sacrebleu_cli, str(ref_path), "-i", str(hyp_path), "-m", "bleu", "chrf", "--tokenize", tok]))
             rows.append((f"{lang} {tok}", times))
-    header = f"{'files, tokenizer':<18} {'what':<14} {'best s':>9} {'median s':>9} {'x flashgpt':>11}"
+    header = (f"{'files, tokenizer':<18} {'what':<14} {'best s':>9} {'median s':>9} {'x flashgpt':>11} "
+              f"{'CPU s':>8} {'x flashgpt':>11}")
     table = [header, "-" * len(header)]
     for name, times in rows:
-        ours_best = times["flashgpt CLI"][0]
+        ours_best, ours_cpu = times["flashgpt CLI"][0], times["flashgpt CLI"][2]
         for what in ("sacrebleu CLI", "sacrebleu API", "flashgpt CLI"):
             if what in times:
-                best, median = times[what]
-                table.append(f"{name:<18} {what:<14} {best:>9.4f} {median:>9.4f} {best / ours_best:>10.1f}x")
-    context = (f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+                best, median, cpu = times[what]
+                table.append(f"{name:<18} {what:<14} {best:>9.4f} {median:>9.4f} {best / ours_best:>10.1f}x "
+                             f"{cpu:>8.4f} {cpu / ours_cpu:>10.1f}x")
+    context = (f"{platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+               f"load average {os.getloadavg()[0]:.1f}; "
                f"sacrebleu {sacrebleu.__version__}, Python {platform.python_version()}; best of {args.repeat}; "
                f"BLEU and chrF2 of one file pair per run")
     print(context)

@@ -31,19 +31,6 @@ std::u32string chrf_characters(std::string_view segment, bool lowercase) {
   return text;
 }
 
-}  // namespace
-
-ChrfStats& ChrfStats::operator+=(const ChrfStats& other) {
-  for (int n = 0; n < kChrfCharOrder; ++n) {
-    hyp[n] += other.hyp[n];
-    ref[n] += other.ref[n];
-    match[n] += other.match[n];
-  }
-  return *this;
-}
-
-namespace {
-
 // An n-gram of n <= 6 code points (21 bits each) packed into two words: code points 0..2
 // in `lo`, 3..5 in `hi`. Within one order every key has the same length, so the packing
 // is one-to-one.
@@ -64,6 +51,15 @@ CharGram char_gram(std::u32string_view text, size_t i, size_t n) {
 }
 
 }  // namespace
+
+ChrfStats& ChrfStats::operator+=(const ChrfStats& other) {
+  for (int n = 0; n < kChrfCharOrder; ++n) {
+    hyp[n] += other.hyp[n];
+    ref[n] += other.ref[n];
+    match[n] += other.match[n];
+  }
+  return *this;
+}
 
 // Per order: the reference's n-grams counted, then each hypothesis n-gram takes a count.
 ChrfStats chrf_segment_stats(std::string_view hyp, std::string_view ref, const ChrfOptions& options) {
