@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Generates src/eval/unicode_tables.cc: the Unicode facts sacreBLEU's BLEU and chrF depend on.
+"""Generates src/eval/eval_unicode_tables.cc: the Unicode facts sacreBLEU's BLEU and chrF depend on.
 
 sacreBLEU works on Python strings, so its results depend on:
   - \\p{P}, \\p{S}, \\p{N} of the `regex` module (the intl tokenizer's three patterns);
@@ -15,7 +15,7 @@ itself: "X" + "Σ" ends in final sigma exactly when X is cased and not case-igno
 The output: ranges of code points with equal flags, and the lowercase mappings that
 differ from the identity. Regenerate with the Python and `regex` that the tests' sacrebleu
 runs under:
-    python3 scripts/gen_eval_unicode_tables.py > src/eval/unicode_tables.cc
+    python3 scripts/gen_eval_unicode_tables.py > src/eval/eval_unicode_tables.cc
 """
 import sys
 import unicodedata
@@ -80,7 +80,7 @@ def main():
     out.write("// kEvalUnicodeRanges: range i covers [first_i, first_{i+1}) with one flags byte.\n")
     out.write("// kEvalLowerMap: code point -> its str.lower() (one or two code points; 0 = none),\n")
     out.write("// sorted; capital sigma (U+03A3) is left to the Final_Sigma rule in the code.\n")
-    out.write('#include "eval/unicode.h"\n\nnamespace flashgpt::eval_unicode {\n\n')
+    out.write('#include "eval_unicode.h"\n\nnamespace flashgpt::eval_unicode {\n\n')
 
     def write_items(items):
         line = "   "

@@ -1,5 +1,5 @@
 // `flashgpt eval <what>`: scoring translations. Each subcommand lives in its own file.
-#include "cli/commands.h"
+#include "commands.h"
 
 namespace flashgpt {
 

@@ -1,6 +1,6 @@
 // `flashgpt eval bleu --ref FILE --hyp FILE`: corpus BLEU and chrF2 of two plain-text
 // files (one segment per line), equal to sacreBLEU's, with sacreBLEU's signatures.
-#include "cli/commands.h"
+#include "commands.h"
 
 #include <flashgpt/error.h>
 #include <flashgpt/eval.h>

@@ -20,9 +20,9 @@
 #include <cmath>
 #include <unordered_map>
 
-#include "eval/gram_counter.h"
-#include "eval/text.h"
-#include "eval/unicode.h"
+#include "gram_counter.h"
+#include "eval_text.h"
+#include "eval_unicode.h"
 
 namespace flashgpt {
 namespace {

@@ -1,7 +1,7 @@
 // Reading the segment files of `flashgpt eval bleu`: one segment per line, UTF-8.
-#include <flashgpt/data.h>
 #include <flashgpt/error.h>
 #include <flashgpt/eval.h>
+#include <flashgpt/unicode.h>
 
 #include <algorithm>
 #include <fstream>

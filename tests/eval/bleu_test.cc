@@ -2,9 +2,9 @@
 // are sacreBLEU 2.6.0's output for the same input), the Unicode tables, n-gram counting
 // against a plain map-based reference on random inputs, and the scoring edge cases.
 // The whole against the real sacreBLEU: sacrebleu_compare_test.py.
-#include <flashgpt/data.h>
 #include <flashgpt/error.h>
 #include <flashgpt/eval.h>
+#include <flashgpt/unicode.h>
 
 #include <gtest/gtest.h>
 
@@ -14,7 +14,7 @@
 #include <map>
 #include <random>
 
-#include "eval/unicode.h"
+#include "eval/eval_unicode.h"
 
 namespace flashgpt {
 namespace {

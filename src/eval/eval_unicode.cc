@@ -1,5 +1,5 @@
-// Lookups in the generated tables of unicode_tables.cc, and Python's str.lower().
-#include "eval/unicode.h"
+// Lookups in the generated tables of eval_unicode_tables.cc, and Python's str.lower().
+#include "eval_unicode.h"
 
 #include <flashgpt/error.h>
 #include <flashgpt/eval.h>
@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <memory>
 
-#include "eval/text.h"
+#include "eval_text.h"
 
 namespace flashgpt::eval_unicode {
 namespace {

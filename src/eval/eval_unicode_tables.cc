@@ -2,7 +2,7 @@
 // kEvalUnicodeRanges: range i covers [first_i, first_{i+1}) with one flags byte.
 // kEvalLowerMap: code point -> its str.lower() (one or two code points; 0 = none),
 // sorted; capital sigma (U+03A3) is left to the Final_Sigma rule in the code.
-#include "eval/unicode.h"
+#include "eval_unicode.h"
 
 namespace flashgpt::eval_unicode {
 

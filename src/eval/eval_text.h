@@ -1,13 +1,13 @@
 // UTF-8 <-> code points and Python's str.split() for the metrics (private to eval).
 #pragma once
 
-#include <flashgpt/data.h>
+#include <flashgpt/unicode.h>
 
 #include <span>
 #include <string>
 #include <string_view>
 
-#include "eval/unicode.h"
+#include "eval_unicode.h"
 
 namespace flashgpt::eval_text {
 
