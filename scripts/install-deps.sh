@@ -8,7 +8,7 @@ set -euo pipefail
 debian_packages=(build-essential cmake ninja-build pkg-config libcli11-dev nlohmann-json3-dev libfmt-dev
   libgtest-dev libgmock-dev libbenchmark-dev libomp-dev zlib1g-dev liblzma-dev libzstd-dev libpcre2-dev
   libopenblas-dev xz-utils libcurl4-openssl-dev libarchive-dev)
-python_packages=(tiktoken matplotlib numpy pytest)
+python_packages=(tiktoken matplotlib numpy pytest sacrebleu)
 
 missing=()
 for pkg in "${debian_packages[@]}"; do

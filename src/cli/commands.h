@@ -10,10 +10,14 @@ void cli_add_version(CLI::App& app);
 void cli_add_bench(CLI::App& app);
 void cli_add_tokenize(CLI::App& app);
 void cli_add_data(CLI::App& app);
+void cli_add_eval(CLI::App& app);
 
 // Subcommands of `bench`, each from its own file; cli_add_bench adds them.
 void cli_add_bench_attention(CLI::App& bench);
 void cli_add_bench_tokenizer(CLI::App& bench);
 void cli_add_bench_data(CLI::App& bench);
+
+// Subcommands of `eval`, each from its own file; cli_add_eval adds them.
+void cli_add_eval_bleu(CLI::App& eval);
 
 }  // namespace flashgpt

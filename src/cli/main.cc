@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
   flashgpt::cli_add_version(app);
   flashgpt::cli_add_bench(app);
   flashgpt::cli_add_data(app);
+  flashgpt::cli_add_eval(app);
   flashgpt::cli_add_tokenize(app);
   try {
     app.parse(argc, argv);
