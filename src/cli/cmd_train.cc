@@ -46,7 +46,7 @@ struct TrainOptions {
   double dropout = -1;
   int64_t eval_every = 0;
   int64_t eval_batches = 20;
-  int64_t save_every = 0;
+  int64_t save_every = 1000;
   int64_t log_every = 10;
   uint64_t seed = 1234;
   int64_t max_bad_steps = 5;
@@ -89,7 +89,7 @@ std::vector<OptionEntry> train_option_table(TrainOptions& o) {
       {"dropout", &o.dropout, "Dropout rate (negative: the preset's)"},
       {"eval-every", &o.eval_every, "Steps between validation losses (0: at epoch ends and the end)"},
       {"eval-batches", &o.eval_batches, "Validation micro-batches per evaluation (0: all)"},
-      {"save-every", &o.save_every, "Steps between checkpoints (0: only at the end)"},
+      {"save-every", &o.save_every, "Steps between checkpoints (0: only at the end and on a signal)"},
       {"log-every", &o.log_every, "Steps between progress lines", /*from_run=*/false},
       {"seed", &o.seed, "Seed of the initialisation, data order and dropout"},
       {"max-bad-steps", &o.max_bad_steps, "Stop after this many non-finite steps in a row"},
