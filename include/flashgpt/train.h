@@ -18,7 +18,7 @@
 //   RUN/loss.png                 train and validation loss (scripts/plot_loss.py)
 #pragma once
 
-#include <flashgpt/data.h>
+#include <flashgpt/data_loader.h>
 #include <flashgpt/model.h>
 #include <flashgpt/safetensors.h>
 
@@ -166,9 +166,19 @@ struct TrainResult {
   double seconds = 0;
 };
 
-// Runs (or resumes) a training run on `model`, whose config must be config.model.
-// Writes log.jsonl and checkpoints under out_dir (which must exist).
+// Runs (or resumes) a training run on `model`, whose config must be config.model: a new
+// run initialises the weights (model_init_params with config.seed) and zeroes the moments;
+// a resumed one loads them from out_dir/checkpoint.safetensors. Writes log.jsonl (appended
+// a flushed line at a time; on resume rewritten atomically up to the checkpoint's step) and
+// checkpoints under out_dir (which must exist).
 TrainResult train_run(const TrainConfig& config, GptModel& model);
+
+// RUN/config.json, written atomically (temporary file, fsync, rename).
+void train_write_run_config(const std::filesystem::path& run_dir, std::string_view json);
+// Draws RUN/loss.png from RUN/log.jsonl with `script` (scripts/plot_loss.py: python3 and
+// matplotlib), started from an argument vector. Returns its exit status (0: drawn; -1:
+// python3 could not be started).
+int train_plot_losses(const std::filesystem::path& run_dir, const std::filesystem::path& script);
 
 // The number of optimizer steps a run takes.
 int64_t train_total_steps(const TrainConfig& config, uint64_t loader_steps_per_epoch);

@@ -1,14 +1,12 @@
 // `flashgpt train`: one option table fills TrainOptions; the same table prints the
 // configuration at start, stores it in RUN/config.json and, with --resume, fills the
 // options not given on the command line from the run's saved configuration.
-#include "cli/commands.h"
+#include "commands.h"
 
-#include <flashgpt/data.h>
+#include <flashgpt/data_shard.h>
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>
 #include <flashgpt/train.h>
-
-#include "train/files.h"
 
 #include <fmt/core.h>
 #include <fmt/ranges.h>
@@ -48,7 +46,7 @@ struct TrainOptions {
   double dropout = -1;
   int64_t eval_every = 0;
   int64_t eval_batches = 20;
-  int64_t save_every = 0;
+  int64_t save_every = 1000;
   int64_t log_every = 10;
   uint64_t seed = 1234;
   int64_t max_bad_steps = 5;
@@ -91,7 +89,7 @@ std::vector<OptionEntry> train_option_table(TrainOptions& o) {
       {"dropout", &o.dropout, "Dropout rate (negative: the preset's)"},
       {"eval-every", &o.eval_every, "Steps between validation losses (0: at epoch ends and the end)"},
       {"eval-batches", &o.eval_batches, "Validation micro-batches per evaluation (0: all)"},
-      {"save-every", &o.save_every, "Steps between checkpoints (0: only at the end)"},
+      {"save-every", &o.save_every, "Steps between checkpoints (0: only at the end and on a signal)"},
       {"log-every", &o.log_every, "Steps between progress lines", /*from_run=*/false},
       {"seed", &o.seed, "Seed of the initialisation, data order and dropout"},
       {"max-bad-steps", &o.max_bad_steps, "Stop after this many non-finite steps in a row"},
@@ -120,7 +118,15 @@ std::string options_to_text(const std::vector<OptionEntry>& table) {
 
 // The signal that asked the run to stop (0: none).
 std::atomic<int> g_stop_signal{0};
-extern "C" void train_on_signal(int signal) { g_stop_signal.store(signal); }
+// The first SIGINT/SIGTERM asks for a checkpoint at the end of the step; a second one ends
+// the process at once (the checkpoint on disk is always a complete one: it is renamed into
+// place).
+extern "C" void train_on_signal(int signal) {
+  if (g_stop_signal.exchange(signal) != 0) {
+    std::signal(signal, SIG_DFL);
+    std::raise(signal);
+  }
+}
 
 struct SignalGuard {
   struct sigaction old_int {}, old_term {};
@@ -275,7 +281,7 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
   config["peak_flops"] = peak;
   config["peak_flops_source"] = peak_source;
   config["memory_estimate_bytes"] = mem.total();
-  train_detail::file_write_atomic(run_dir / "config.json", config.dump(2) + "\n");
+  train_write_run_config(run_dir, config.dump(2) + "\n");
   fmt::print(stderr,
              "model: {} preset, V {} (padded {}), C {}, L {}, NH {}, F {}, T {}, dropout {}; {:.2f} M parameters; "
              "{} tokens ({}); memory about {}; peak {:.3g} FLOP/s ({})\n",
@@ -326,9 +332,7 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
     result = train_run(tc, *model);
   }
   if (!o.no_plot) {
-    const auto png = run_dir / "loss.png";
-    const int rc = train_detail::process_run(
-        {"python3", plot_script().string(), (run_dir / "log.jsonl").string(), png.string()});
+    const int rc = train_plot_losses(run_dir, plot_script());
     if (rc != 0) {
       fmt::print(stderr, "warning: the loss plot failed (python3 {} exited with {}; it needs matplotlib); the losses "
                  "are in {}\n", plot_script().string(), rc, (run_dir / "log.jsonl").string());

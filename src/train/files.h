@@ -1,5 +1,6 @@
 // Private file and process helpers of the trainer: an atomic file write (temporary file,
 // fsync, rename) and a child process started from an argument vector.
+// The trainer's public train_write_run_config and train_plot_losses wrap them for the CLI.
 // TODO(integrator): the rel-data branch adds include/flashgpt/atomic_file.h and
 // include/flashgpt/process.h in src/common; these two should become calls to those.
 #pragma once

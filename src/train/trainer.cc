@@ -88,6 +88,15 @@ double mean_loss(GptModel& model, DataLoader& loader, int64_t batches, std::vect
 
 }  // namespace
 
+void train_write_run_config(const std::filesystem::path& run_dir, std::string_view json) {
+  train_detail::file_write_atomic(run_dir / "config.json", json);
+}
+
+int train_plot_losses(const std::filesystem::path& run_dir, const std::filesystem::path& script) {
+  return train_detail::process_run(
+      {"python3", script.string(), (run_dir / "log.jsonl").string(), (run_dir / "loss.png").string()});
+}
+
 int64_t train_total_steps(const TrainConfig& config, uint64_t loader_steps_per_epoch) {
   if (config.max_steps > 0) return config.max_steps;
   return static_cast<int64_t>(static_cast<uint64_t>(config.epochs) * loader_steps_per_epoch /

@@ -1,5 +1,5 @@
 """Shared by the trainer's Python tests: a token dataset written directly in the shard
-format of include/flashgpt/data.h (so the tests need no tokenizer files), and a minimal
+format of include/flashgpt/data_shard.h (so the tests need no tokenizer files), and a minimal
 safetensors reader in numpy (independent of the C++ one)."""
 import json
 import os

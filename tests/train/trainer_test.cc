@@ -1,6 +1,7 @@
 // The trainer: schedule values, clipping, accumulation against a bigger batch, skipped
 // non-finite steps, checkpoints, and resume against an uninterrupted run (bit for bit), on
 // the test-only FakeModel and on the real CPU model.
+#include <flashgpt/data_shard.h>
 #include <flashgpt/error.h>
 #include <flashgpt/train.h>
 
