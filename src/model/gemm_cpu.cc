@@ -1,5 +1,6 @@
 // Row-major SGEMM: BLAS where available, OpenMP loops otherwise (gemm_cpu.h).
 #include "model/gemm_cpu.h"
+#include "model/parallel.h"
 
 #include <flashgpt/error.h>
 
@@ -17,6 +18,8 @@
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc, size_t transa_len, size_t transb_len);
+// OpenBLAS's thread control, weak: other BLAS libraries lack it.
+extern "C" void openblas_set_num_threads(int threads) __attribute__((weak));
 #endif
 
 namespace flashgpt::model {
@@ -79,6 +82,22 @@ void gemm_rows_generic(int64_t i0, int64_t rows, int64_t N, int64_t K, float alp
   }
 }
 
+#if FLASHGPT_HAVE_BLAS
+// BLAS runs on one thread per call, on slabs of kBlasSlabRows rows of C that OpenMP
+// spreads over its threads: every row of C comes from a call of the same shape whatever
+// the thread count (OpenBLAS's own threading gives other bits for other thread counts),
+// and OpenMP's thread count is the only one to set.
+constexpr int64_t kBlasSlabRows = 64;
+
+void blas_single_threaded() {
+  static const bool once = [] {
+    if (openblas_set_num_threads != nullptr) openblas_set_num_threads(1);
+    return true;
+  }();
+  (void)once;
+}
+#endif
+
 void check_shape(int64_t M, int64_t N, int64_t K) {
   FLASHGPT_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm: negative size (M {}, N {}, K {})", M, N, K);
 }
@@ -90,7 +109,7 @@ void gemm_cpu_loops(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t 
   check_shape(M, N, K);
   const bool ta = trans_a == Trans::yes, tb = trans_b == Trans::yes;
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(M * N * K))
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const int64_t i0 = blk * kRowBlock, rows = std::min(kRowBlock, M - i0);
     if (!tb) {
@@ -111,16 +130,21 @@ void gemm_cpu(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, flo
   if (M == 0 || N == 0) return;
 #if FLASHGPT_HAVE_BLAS
   constexpr int64_t kIntMax = 2147483647;
-  if (M <= kIntMax && N <= kIntMax && K <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax) {
+  if (K > 0 && N <= kIntMax && K <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax) {
+    blas_single_threaded();
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
     const char ca = trans_b == Trans::yes ? 'T' : 'N', cb = trans_a == Trans::yes ? 'T' : 'N';
-    if (K == 0) {  // some BLAS read A/B even for k = 0; C = beta C is all that is left
-      gemm_cpu_loops(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-      return;
+    const int n = static_cast<int>(N), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const int64_t slabs = (M + kBlasSlabRows - 1) / kBlasSlabRows;
+#pragma omp parallel for schedule(static) if(parallel : slabs > 1 && parallel_worth(M * N * K))
+    for (int64_t slab = 0; slab < slabs; ++slab) {
+      const int64_t i0 = slab * kBlasSlabRows;
+      const int m = static_cast<int>(std::min(kBlasSlabRows, M - i0));
+      // Rows i0.. of op(A): row i0 of A, or column i0 of A^T.
+      const float* a = trans_a == Trans::yes ? A + i0 : A + i0 * lda;
+      sgemm_(&ca, &cb, &n, &m, &k, &alpha, B, &la, a, &lb, &beta, C + i0 * ldc, &lc, 1, 1);
     }
-    sgemm_(&ca, &cb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc, 1, 1);
     return;
   }
 #endif

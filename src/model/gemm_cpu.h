@@ -1,7 +1,9 @@
 // Row-major single-precision GEMM for the CPU layers: C = alpha op(A) op(B) + beta C,
 // op(X) = X or X^T. Through BLAS sgemm where flashgpt is built with BLAS
 // (FLASHGPT_HAVE_BLAS), else through plain OpenMP loops; both compute every element of C
-// in an order that does not depend on the thread count.
+// in an order that does not depend on the thread count. With BLAS, OpenMP spreads slabs
+// of rows over its threads and each BLAS call runs on one thread: the first call sets
+// OpenBLAS's own thread count to 1 for the process.
 #pragma once
 
 #include <cstdint>

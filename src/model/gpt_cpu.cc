@@ -8,6 +8,7 @@
 #include "model/gemm_cpu.h"
 #include "model/layers_cpu.h"
 #include "model/param_layout.h"
+#include "model/parallel.h"
 
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>
@@ -24,6 +25,7 @@ namespace {
 
 using model::DropoutSite;
 using model::ParamLayout;
+using model::parallel_worth;
 
 // Rows of the classifier's logits held at once: chunk_rows x V floats within this budget,
 // so a 100k vocabulary never needs the (B, T, Vp) logits of the batch (1.6 GB at 8 x 512).
@@ -155,7 +157,7 @@ GptCpu::GptCpu(const ModelConfig& config, const ModelOptions& options)
   inputs_.assign(static_cast<size_t>(N), 0);
   targets_.assign(static_cast<size_t>(N), 0);
 
-  const int64_t per_layer = N * (7 * C + 2 * F + 4 + NH);  // the LayerActs fields, in floats
+  const int64_t per_layer = N * (8 * C + 2 * F + 4 + NH);  // the LayerActs fields, in floats
   const int64_t total = N * C + L * per_layer + N * (C + 3) + chunk_rows_ * V + N * (4 * C + 3 * C + F);
   try {
     arena_.assign(static_cast<size_t>(total), 0.0f);
@@ -361,7 +363,7 @@ double GptCpu::grads_norm() {
   const int64_t blocks = static_cast<int64_t>(norm_partials_.size());
   // Each block's sum of squares in double, then the blocks in order: the same bits for
   // every thread count.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(count))
   for (int64_t blk = 0; blk < blocks; ++blk) {
     const float* g = grads_.data() + blk * kNormBlock;
     const int64_t n = std::min(kNormBlock, count - blk * kNormBlock);
@@ -390,7 +392,7 @@ void GptCpu::adamw_step(const AdamWConfig& adam, int64_t t, float grad_scale) {
     const float* g = grads_.data() + s.offset;
     float* m = adam_m_.data() + s.offset;
     float* v = adam_v_.data() + s.offset;
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if(parallel : parallel_worth(s.numel))
     for (int64_t i = 0; i < s.numel; ++i) {
       const float gi = g[i] * grad_scale;
       m[i] = b1 * m[i] + (1.0f - b1) * gi;

@@ -2,6 +2,7 @@
 #include "model/layers_cpu.h"
 
 #include "model/gemm_cpu.h"
+#include "model/parallel.h"
 
 #include <flashgpt/attention_cpu.h>
 #include <flashgpt/error.h>
@@ -30,7 +31,7 @@ constexpr float kGeluCubic = 0.044715f;
 
 void encoder_forward(float* out, const int32_t* tokens, const float* wte, const float* wpe, int64_t B, int64_t T,
                      int64_t C) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(B * T * C))
   for (int64_t n = 0; n < B * T; ++n) {
     const float* e = wte + static_cast<int64_t>(tokens[n]) * C;  // (C)
     const float* p = wpe + (n % T) * C;                          // (C)
@@ -43,7 +44,7 @@ void encoder_forward(float* out, const int32_t* tokens, const float* wte, const 
 void encoder_backward(float* dwte, float* dwpe, const float* dout, const int32_t* tokens, int64_t B, int64_t T,
                       int64_t C) {
   // dwte: the same token may appear in many rows, so rows are summed in order per channel block.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(B * T * C))
   for (int64_t blk = 0; blk < channel_blocks(C); ++blk) {
     const int64_t c0 = blk * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
     for (int64_t n = 0; n < B * T; ++n) {
@@ -52,7 +53,7 @@ void encoder_backward(float* dwte, float* dwpe, const float* dout, const int32_t
       for (int64_t c = c0; c < c1; ++c) d[c] += g[c];
     }
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(B * T * C))
   for (int64_t t = 0; t < T; ++t) {
     float* d = dwpe + t * C;
     for (int64_t b = 0; b < B; ++b) {
@@ -65,7 +66,7 @@ void encoder_backward(float* dwte, float* dwpe, const float* dout, const int32_t
 
 void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b,
                        int64_t N, int64_t C) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(N * C))
   for (int64_t n = 0; n < N; ++n) {
     const float* x = inp + n * C;  // (C)
     float sum = 0.0f;
@@ -87,7 +88,7 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, c
 void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
                         const float* mean, const float* rstd, int64_t N, int64_t C) {
   // dinp = rstd (dnorm - mean(dnorm) - norm mean(dnorm norm)), dnorm = dout w.
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(N * C))
   for (int64_t n = 0; n < N; ++n) {
     const float* x = inp + n * C;   // (C)
     const float* g = dout + n * C;  // (C)
@@ -108,7 +109,7 @@ void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, co
       d[c] += s * (g[c] * w[c] - mean_dnorm - norm * mean_dnorm_norm);
     }
   }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(N * C))
   for (int64_t blk = 0; blk < channel_blocks(C); ++blk) {
     const int64_t c0 = blk * kChannelBlock, c1 = std::min(C, c0 + kChannelBlock);
     float acc_w[kChannelBlock] = {}, acc_b[kChannelBlock] = {};
@@ -131,7 +132,7 @@ void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, co
 void matmul_forward(float* out, const float* inp, const float* w, const float* b, int64_t N, int64_t IC,
                     int64_t OC) {
   if (b != nullptr) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(N * OC))
     for (int64_t n = 0; n < N; ++n) std::memcpy(out + n * OC, b, static_cast<size_t>(OC) * sizeof(float));
   }
   // out (N, OC) = inp (N, IC) w^T (IC, OC) [+ out holding the bias].
@@ -145,7 +146,7 @@ void matmul_backward(float* dinp, float* dw, float* db, const float* dout, const
   // dw (OC, IC) += dout^T (OC, N) inp (N, IC).
   gemm_cpu(Trans::yes, Trans::no, OC, IC, N, 1.0f, dout, OC, inp, IC, 1.0f, dw, IC);
   if (db == nullptr) return;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(N * OC))
   for (int64_t blk = 0; blk < channel_blocks(OC); ++blk) {
     const int64_t c0 = blk * kChannelBlock, c1 = std::min(OC, c0 + kChannelBlock);
     float acc[kChannelBlock] = {};
@@ -158,7 +159,7 @@ void matmul_backward(float* dinp, float* dw, float* db, const float* dout, const
 }
 
 void gelu_forward(float* out, const float* inp, int64_t n) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if(parallel : parallel_worth(n))
   for (int64_t i = 0; i < n; ++i) {
     const float x = inp[i];
     out[i] = 0.5f * x * (1.0f + std::tanh(kGeluScale * (x + kGeluCubic * x * x * x)));
@@ -166,7 +167,7 @@ void gelu_forward(float* out, const float* inp, int64_t n) {
 }
 
 void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if(parallel : parallel_worth(n))
   for (int64_t i = 0; i < n; ++i) {
     const float x = inp[i];
     const float th = std::tanh(kGeluScale * (x + kGeluCubic * x * x * x));
@@ -198,19 +199,19 @@ void dropout_row(float* out, const float* x, const float* y, int64_t n, int64_t 
 void dropout_forward(float* x, int64_t N, int64_t C, const DropoutSite& site) {
   if (!dropout_enabled(site.threshold)) return;
   const float scale = static_cast<float>(dropout_keep_scale(site.threshold));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(N * C))
   for (int64_t n = 0; n < N; ++n) dropout_row(x + n * C, nullptr, x + n * C, n, C, site, scale);
 }
 
 void residual_dropout_forward(float* out, const float* x, const float* y, int64_t N, int64_t C,
                               const DropoutSite& site) {
   if (!dropout_enabled(site.threshold)) {
-#pragma omp parallel for simd schedule(static)
+#pragma omp parallel for simd schedule(static) if(parallel : parallel_worth(N * C))
     for (int64_t i = 0; i < N * C; ++i) out[i] = x[i] + y[i];
     return;
   }
   const float scale = static_cast<float>(dropout_keep_scale(site.threshold));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(N * C))
   for (int64_t n = 0; n < N; ++n) dropout_row(out + n * C, x + n * C, y + n * C, n, C, site, scale);
 }
 
@@ -220,7 +221,7 @@ void dropout_backward(float* dy, const float* dout, int64_t N, int64_t C, const 
     return;
   }
   const float scale = static_cast<float>(dropout_keep_scale(site.threshold));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(N * C))
   for (int64_t n = 0; n < N; ++n) dropout_row(dy + n * C, nullptr, dout + n * C, n, C, site, scale);
 }
 
@@ -286,7 +287,7 @@ double classifier_forward_backward(float* dinp, float* dwte, float* losses, floa
     const int64_t rows = std::min(chunk_rows, N - r0);
     // logits (rows, V) = inp[r0:] (rows, C) wte[0:V]^T (C, V).
     gemm_cpu(Trans::no, Trans::yes, rows, V, C, 1.0f, inp + r0 * C, C, wte, C, 0.0f, logits, V);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(rows * V))
     for (int64_t r = 0; r < rows; ++r) {
       float* row = logits + r * V;  // (V)
       float max = -std::numeric_limits<float>::infinity();

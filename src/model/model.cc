@@ -5,6 +5,8 @@
 #include <flashgpt/philox.h>
 #include <fmt/ranges.h>
 
+#include "model/parallel.h"
+
 #include <cmath>
 #include <numbers>
 
@@ -190,7 +192,7 @@ void model_init_params(const ModelConfig& c, uint64_t seed, std::span<float> par
     // wte's padding rows (V <= v < Vp) stay 0: they are never predicted nor looked up.
     const int64_t n = s.kind == ParamKind::wte ? c.vocab_size * c.d_model : s.numel;
     if (stddev > 0.0) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if(parallel : model::parallel_worth(n))
       for (int64_t j = 0; j < n; ++j) p[j] = static_cast<float>(stddev * init_standard_normal(seed, kind, j));
     } else {
       for (int64_t j = 0; j < n; ++j) p[j] = constant;
