@@ -1,0 +1,130 @@
+// Row-major SGEMM: BLAS where available, OpenMP loops otherwise (gemm_cpu.h).
+#include "model/gemm_cpu.h"
+
+#include <flashgpt/error.h>
+
+#include <algorithm>
+#include <cstddef>
+
+#ifndef FLASHGPT_HAVE_BLAS
+#define FLASHGPT_HAVE_BLAS 0
+#endif
+
+#if FLASHGPT_HAVE_BLAS
+// The Fortran interface: every BLAS (OpenBLAS, reference, MKL) exports it, where cblas.h
+// and libcblas are not always present. The trailing lengths are the hidden arguments
+// gfortran passes for CHARACTER arguments.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc, size_t transa_len, size_t transb_len);
+#endif
+
+namespace flashgpt::model {
+
+namespace {
+
+constexpr int64_t kRowBlock = 4;  // rows of C per task: each row of B read once serves 4 rows of C
+
+// Rows [i0, i0 + rows) of C = alpha A B^T + beta C, A not transposed: dot products.
+void gemm_rows_dot(int64_t i0, int64_t rows, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                   const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  for (int64_t j = 0; j < N; ++j) {
+    const float* b = B + j * ldb;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* a = A + (i0 + r) * lda;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += a[k] * b[k];
+      float& c = C[(i0 + r) * ldc + j];
+      c = alpha * acc + (beta == 0.0f ? 0.0f : beta * c);
+    }
+  }
+}
+
+// Rows [i0, i0 + rows) of C = alpha op(A) B + beta C, B not transposed: row updates.
+void gemm_rows_axpy(bool trans_a, int64_t i0, int64_t rows, int64_t N, int64_t K, float alpha, const float* A,
+                    int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* c = C + (i0 + r) * ldc;
+    if (beta == 0.0f) {
+      std::fill(c, c + N, 0.0f);
+    } else if (beta != 1.0f) {
+      for (int64_t j = 0; j < N; ++j) c[j] *= beta;
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* b = B + k * ldb;
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t i = i0 + r;
+      const float a = alpha * (trans_a ? A[k * lda + i] : A[i * lda + k]);
+      if (a == 0.0f) continue;
+      float* c = C + i * ldc;
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
+    }
+  }
+}
+
+// Both transposed (unused by the model; kept so the function is total).
+void gemm_rows_generic(int64_t i0, int64_t rows, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
+                       const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = i0 + r;
+    for (int64_t j = 0; j < N; ++j) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc += A[k * lda + i] * B[j * ldb + k];
+      float& c = C[i * ldc + j];
+      c = alpha * acc + (beta == 0.0f ? 0.0f : beta * c);
+    }
+  }
+}
+
+void check_shape(int64_t M, int64_t N, int64_t K) {
+  FLASHGPT_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm: negative size (M {}, N {}, K {})", M, N, K);
+}
+
+}  // namespace
+
+void gemm_cpu_loops(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                    int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  check_shape(M, N, K);
+  const bool ta = trans_a == Trans::yes, tb = trans_b == Trans::yes;
+  const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t i0 = blk * kRowBlock, rows = std::min(kRowBlock, M - i0);
+    if (!tb) {
+      gemm_rows_axpy(ta, i0, rows, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    } else if (!ta) {
+      gemm_rows_dot(i0, rows, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    } else {
+      gemm_rows_generic(i0, rows, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+    }
+  }
+}
+
+bool gemm_cpu_has_blas() { return FLASHGPT_HAVE_BLAS != 0; }
+
+void gemm_cpu(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+              int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  check_shape(M, N, K);
+  if (M == 0 || N == 0) return;
+#if FLASHGPT_HAVE_BLAS
+  constexpr int64_t kIntMax = 2147483647;
+  if (M <= kIntMax && N <= kIntMax && K <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
+    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    const char ca = trans_b == Trans::yes ? 'T' : 'N', cb = trans_a == Trans::yes ? 'T' : 'N';
+    if (K == 0) {  // some BLAS read A/B even for k = 0; C = beta C is all that is left
+      gemm_cpu_loops(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+      return;
+    }
+    sgemm_(&ca, &cb, &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc, 1, 1);
+    return;
+  }
+#endif
+  gemm_cpu_loops(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+}  // namespace flashgpt::model

@@ -1,0 +1,423 @@
+// The fp32 CPU backend of GptModel: the layers of layers_cpu.h chained as model.h
+// describes, activations for options.max_batch x max_context rows sized once at
+// construction. The only allocation inside a step is the attention kernel's own tile
+// workspace (attention_cpu.h sizes and allocates it per call).
+//
+// Results do not depend on the thread count: every layer reduces in an order fixed by
+// the shapes (layers_cpu.h), and so do the loss, the gradient norm and AdamW.
+#include "model/gemm_cpu.h"
+#include "model/layers_cpu.h"
+#include "model/param_layout.h"
+
+#include <flashgpt/error.h>
+#include <flashgpt/model.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+namespace flashgpt {
+
+namespace {
+
+using model::DropoutSite;
+using model::ParamLayout;
+
+// Rows of the classifier's logits held at once: chunk_rows x V floats within this budget,
+// so a 100k vocabulary never needs the (B, T, Vp) logits of the batch (1.6 GB at 8 x 512).
+constexpr int64_t kClassifierChunkFloats = int64_t{16} << 20;  // 64 MiB
+// Partial sums of the gradient norm: one per block of this many floats, added in order.
+constexpr int64_t kNormBlock = int64_t{1} << 16;
+
+// Sets the OpenMP thread count of the calling thread for one call, and restores it.
+class OmpThreads {
+ public:
+  explicit OmpThreads(int threads) : saved_(omp_get_max_threads()) { omp_set_num_threads(threads); }
+  ~OmpThreads() { omp_set_num_threads(saved_); }
+  OmpThreads(const OmpThreads&) = delete;
+  OmpThreads& operator=(const OmpThreads&) = delete;
+
+ private:
+  int saved_;
+};
+
+class GptCpu final : public GptModel {
+ public:
+  GptCpu(const ModelConfig& config, const ModelOptions& options);
+
+  const ModelConfig& config() const override { return config_; }
+  Device device() const override { return Device::cpu; }
+
+  void params_get(std::span<float> out) const override { copy_out(params_, out, "params_get"); }
+  void params_set(std::span<const float> in) override { copy_in(in, params_, "params_set"); }
+  void adam_state_get(std::span<float> m, std::span<float> v) const override {
+    copy_out(adam_m_, m, "adam_state_get (m)");
+    copy_out(adam_v_, v, "adam_state_get (v)");
+  }
+  void adam_state_set(std::span<const float> m, std::span<const float> v) override {
+    copy_in(m, adam_m_, "adam_state_set (m)");
+    copy_in(v, adam_v_, "adam_state_set (v)");
+  }
+  void grads_get(std::span<float> out) const override { copy_out(grads_, out, "grads_get"); }
+
+  double forward_backward(std::span<const TokenId> windows, int64_t B, int64_t T, StepRng rng,
+                          float loss_scale) override;
+  double forward_loss(std::span<const TokenId> windows, int64_t B, int64_t T) override;
+  void forward_logits(std::span<const TokenId> inputs, int64_t B, int64_t T, std::span<float> logits_out) override;
+
+  void grads_zero() override { std::fill(grads_.begin(), grads_.end(), 0.0f); }
+  double grads_norm() override;
+  void adamw_step(const AdamWConfig& adam, int64_t t, float grad_scale) override;
+
+ private:
+  // The saved activations of one layer, each with room for N_max = max_batch x max_context
+  // rows; a batch of N rows uses the first N.
+  struct LayerActs {
+    float* ln1;        // (N, C)
+    float* ln1_mean;   // (N)
+    float* ln1_rstd;   // (N)
+    float* qkv;        // (N, 3C)
+    float* att;        // (N, C): the attention output before its projection
+    float* lse;        // (B, NH, T)
+    float* res2;       // (N, C): the residual stream after the attention
+    float* ln2;        // (N, C)
+    float* ln2_mean;   // (N)
+    float* ln2_rstd;   // (N)
+    float* fch;        // (N, F): before GELU
+    float* fcg;        // (N, F): after GELU
+    float* res_out;    // (N, C): the residual stream after the MLP (the next layer's input)
+  };
+
+  void copy_out(const std::vector<float>& from, std::span<float> out, const char* what) const;
+  void copy_in(std::span<const float> in, std::vector<float>& to, const char* what) const;
+  void check_batch(int64_t B, int64_t T, const char* what) const;
+  // Splits windows (B, T + 1) into inputs_ and targets_ (B, T), checking every id.
+  void load_windows(std::span<const TokenId> windows, int64_t B, int64_t T, const char* what);
+  void load_inputs(std::span<const TokenId> inputs, int64_t B, int64_t T, const char* what);
+  // Forward to the final LayerNorm's output lnf_; dropout when `rng` is given.
+  void forward_to_lnf(int64_t B, int64_t T, const StepRng* rng);
+  void backward(int64_t B, int64_t T, StepRng rng, bool dropout);
+  DropoutSite site(const StepRng* rng, int64_t s) const {
+    if (rng == nullptr) return DropoutSite{};
+    return DropoutSite{DropoutRng{rng->seed, rng->step}, s, dropout_threshold(config_.dropout)};
+  }
+  DropoutRng attention_rng(StepRng rng, int64_t layer) const {
+    return DropoutRng{rng.seed ^ 0x5bd1e995u, rng.step * static_cast<uint64_t>(config_.n_layer) + static_cast<uint64_t>(layer)};
+  }
+  const float* param(ParamKind kind, int64_t layer = 0) const { return layout_.at(params_.data(), kind, layer); }
+  float* grad(ParamKind kind, int64_t layer = 0) { return layout_.at(grads_.data(), kind, layer); }
+
+  ModelConfig config_;
+  ParamLayout layout_;
+  int threads_;
+  int64_t max_batch_, max_context_, chunk_rows_;
+  std::vector<float> params_, grads_, adam_m_, adam_v_;  // (model_param_count) each
+  std::vector<double> norm_partials_;                     // (ceil(count / kNormBlock))
+  std::vector<int32_t> inputs_, targets_;                 // (N_max) each
+  std::vector<float> arena_;                              // every activation below
+  float* res0_;                                           // (N, C): dropout(wte[x] + wpe)
+  std::vector<LayerActs> layers_;                         // (L)
+  float* lnf_;                                            // (N, C)
+  float* lnf_mean_;                                       // (N)
+  float* lnf_rstd_;                                       // (N)
+  float* losses_;                                         // (N)
+  float* logits_;                                         // (chunk_rows, V)
+  float* scratch_c_;                                      // (N, C): projections; their gradients
+  float* dres_;                                           // (N, C): gradient of the residual stream
+  float* dln_;                                            // (N, C): gradient of a LayerNorm output
+  float* datt_;                                           // (N, C)
+  float* dqkv_;                                           // (N, 3C)
+  float* dff_;                                            // (N, F)
+};
+
+GptCpu::GptCpu(const ModelConfig& config, const ModelOptions& options)
+    : config_(config), layout_((model_config_validate(config), config)) {
+  FLASHGPT_CHECK(options.max_batch > 0, "gpt_create_cpu: max_batch must be positive, got {}", options.max_batch);
+  FLASHGPT_CHECK(options.max_context >= 0 && options.max_context <= config.context,
+                 "gpt_create_cpu: max_context {} must be in [1, context {}] (0 for the context)", options.max_context,
+                 config.context);
+  FLASHGPT_CHECK(options.threads >= 0, "gpt_create_cpu: threads must be >= 0, got {}", options.threads);
+  threads_ = options.threads > 0 ? options.threads : omp_get_max_threads();
+  max_batch_ = options.max_batch;
+  max_context_ = options.max_context > 0 ? options.max_context : config.context;
+  const int64_t C = config.d_model, L = config.n_layer, F = config.d_ff, NH = config.n_head;
+  const int64_t V = config.vocab_size, N = max_batch_ * max_context_;
+  chunk_rows_ = std::clamp<int64_t>(kClassifierChunkFloats / V, 1, N);
+
+  const int64_t count = layout_.total();
+  params_.assign(static_cast<size_t>(count), 0.0f);
+  grads_.assign(static_cast<size_t>(count), 0.0f);
+  adam_m_.assign(static_cast<size_t>(count), 0.0f);
+  adam_v_.assign(static_cast<size_t>(count), 0.0f);
+  norm_partials_.assign(static_cast<size_t>((count + kNormBlock - 1) / kNormBlock), 0.0);
+  inputs_.assign(static_cast<size_t>(N), 0);
+  targets_.assign(static_cast<size_t>(N), 0);
+
+  const int64_t per_layer = N * (7 * C + 2 * F + 4 + NH);  // the LayerActs fields, in floats
+  const int64_t total = N * C + L * per_layer + N * (C + 3) + chunk_rows_ * V + N * (4 * C + 3 * C + F);
+  try {
+    arena_.assign(static_cast<size_t>(total), 0.0f);
+  } catch (const std::bad_alloc&) {
+    FLASHGPT_FAIL("gpt_create_cpu: the activations for batch {} x context {} need {:.2f} GiB, which could not be "
+                  "allocated; use a smaller batch or context",
+                  max_batch_, max_context_, static_cast<double>(total) * 4.0 / (1 << 30));
+  }
+  float* at = arena_.data();
+  auto take = [&](int64_t n) {
+    float* p = at;
+    at += n;
+    return p;
+  };
+  res0_ = take(N * C);
+  layers_.resize(static_cast<size_t>(L));
+  for (auto& a : layers_) {
+    a.ln1 = take(N * C);
+    a.ln1_mean = take(N);
+    a.ln1_rstd = take(N);
+    a.qkv = take(N * 3 * C);
+    a.att = take(N * C);
+    a.lse = take(N * NH);
+    a.res2 = take(N * C);
+    a.ln2 = take(N * C);
+    a.ln2_mean = take(N);
+    a.ln2_rstd = take(N);
+    a.fch = take(N * F);
+    a.fcg = take(N * F);
+    a.res_out = take(N * C);
+  }
+  lnf_ = take(N * C);
+  lnf_mean_ = take(N);
+  lnf_rstd_ = take(N);
+  losses_ = take(N);
+  logits_ = take(chunk_rows_ * V);
+  scratch_c_ = take(N * C);
+  dres_ = take(N * C);
+  dln_ = take(N * C);
+  datt_ = take(N * C);
+  dqkv_ = take(N * 3 * C);
+  dff_ = take(N * F);
+  FLASHGPT_CHECK(at == arena_.data() + total, "gpt_create_cpu: activation arena miscounted ({} of {} floats)",
+                 at - arena_.data(), total);
+}
+
+void GptCpu::copy_out(const std::vector<float>& from, std::span<float> out, const char* what) const {
+  FLASHGPT_CHECK(out.size() == from.size(), "{}: the buffer holds {} floats but the model has {} parameters", what,
+                 out.size(), from.size());
+  std::memcpy(out.data(), from.data(), from.size() * sizeof(float));
+}
+
+void GptCpu::copy_in(std::span<const float> in, std::vector<float>& to, const char* what) const {
+  FLASHGPT_CHECK(in.size() == to.size(), "{}: the buffer holds {} floats but the model has {} parameters", what,
+                 in.size(), to.size());
+  std::memcpy(to.data(), in.data(), to.size() * sizeof(float));
+}
+
+void GptCpu::check_batch(int64_t B, int64_t T, const char* what) const {
+  FLASHGPT_CHECK(B >= 1 && B <= max_batch_, "{}: batch {} is outside [1, {}] (the model's max_batch)", what, B,
+                 max_batch_);
+  FLASHGPT_CHECK(T >= 1 && T <= max_context_,
+                 "{}: sequence length {} is outside [1, {}] (the context the activations were sized for; the "
+                 "position table has {} rows)",
+                 what, T, max_context_, config_.context);
+}
+
+void GptCpu::load_windows(std::span<const TokenId> windows, int64_t B, int64_t T, const char* what) {
+  check_batch(B, T, what);
+  FLASHGPT_CHECK(static_cast<int64_t>(windows.size()) == B * (T + 1),
+                 "{}: windows hold {} ids, expected B x (T + 1) = {} x {} = {}", what, windows.size(), B, T + 1,
+                 B * (T + 1));
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t <= T; ++t) {
+      const TokenId id = windows[static_cast<size_t>(b * (T + 1) + t)];
+      FLASHGPT_CHECK(static_cast<int64_t>(id) < config_.vocab_size,
+                     "{}: token id {} at window {}, position {} is outside the vocabulary of {} tokens", what, id, b,
+                     t, config_.vocab_size);
+      if (t < T) inputs_[static_cast<size_t>(b * T + t)] = static_cast<int32_t>(id);
+      if (t > 0) targets_[static_cast<size_t>(b * T + t - 1)] = static_cast<int32_t>(id);
+    }
+  }
+}
+
+void GptCpu::load_inputs(std::span<const TokenId> inputs, int64_t B, int64_t T, const char* what) {
+  check_batch(B, T, what);
+  FLASHGPT_CHECK(static_cast<int64_t>(inputs.size()) == B * T, "{}: inputs hold {} ids, expected B x T = {} x {} = {}",
+                 what, inputs.size(), B, T, B * T);
+  for (int64_t n = 0; n < B * T; ++n) {
+    const TokenId id = inputs[static_cast<size_t>(n)];
+    FLASHGPT_CHECK(static_cast<int64_t>(id) < config_.vocab_size,
+                   "{}: token id {} at sequence {}, position {} is outside the vocabulary of {} tokens", what, id,
+                   n / T, n % T, config_.vocab_size);
+    inputs_[static_cast<size_t>(n)] = static_cast<int32_t>(id);
+  }
+}
+
+void GptCpu::forward_to_lnf(int64_t B, int64_t T, const StepRng* rng) {
+  const int64_t C = config_.d_model, F = config_.d_ff, NH = config_.n_head, N = B * T;
+  const float attn_dropout = rng != nullptr ? config_.dropout : 0.0f;
+  model::encoder_forward(res0_, inputs_.data(), param(ParamKind::wte), param(ParamKind::wpe), B, T, C);
+  model::dropout_forward(res0_, N, C, site(rng, 0));
+  const float* res = res0_;  // (N, C): the residual stream entering layer l
+  for (int64_t l = 0; l < config_.n_layer; ++l) {
+    LayerActs& a = layers_[static_cast<size_t>(l)];
+    model::layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, res, param(ParamKind::ln1_w, l),
+                             param(ParamKind::ln1_b, l), N, C);
+    model::matmul_forward(a.qkv, a.ln1, param(ParamKind::qkv_w, l), param(ParamKind::qkv_b, l), N, C, 3 * C);
+    model::attention_forward(a.att, a.lse, a.qkv, B, T, C, NH, attn_dropout,
+                             rng != nullptr ? attention_rng(*rng, l) : DropoutRng{});
+    model::matmul_forward(scratch_c_, a.att, param(ParamKind::attn_proj_w, l), param(ParamKind::attn_proj_b, l), N,
+                          C, C);
+    model::residual_dropout_forward(a.res2, res, scratch_c_, N, C, site(rng, 1 + 2 * l));
+    model::layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, param(ParamKind::ln2_w, l),
+                             param(ParamKind::ln2_b, l), N, C);
+    model::matmul_forward(a.fch, a.ln2, param(ParamKind::fc_w, l), param(ParamKind::fc_b, l), N, C, F);
+    model::gelu_forward(a.fcg, a.fch, N * F);
+    model::matmul_forward(scratch_c_, a.fcg, param(ParamKind::fc_proj_w, l), param(ParamKind::fc_proj_b, l), N, F,
+                          C);
+    model::residual_dropout_forward(a.res_out, a.res2, scratch_c_, N, C, site(rng, 2 + 2 * l));
+    res = a.res_out;
+  }
+  model::layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, res, param(ParamKind::lnf_w), param(ParamKind::lnf_b), N, C);
+}
+
+void GptCpu::backward(int64_t B, int64_t T, StepRng rng, bool dropout) {
+  const int64_t C = config_.d_model, F = config_.d_ff, NH = config_.n_head, L = config_.n_layer, N = B * T;
+  const StepRng* r = dropout ? &rng : nullptr;
+  const float attn_dropout = dropout ? config_.dropout : 0.0f;
+  // dln_ holds the classifier's gradient w.r.t. lnf_ (N, C).
+  const float* res_last = L > 0 ? layers_[static_cast<size_t>(L - 1)].res_out : res0_;
+  std::fill(dres_, dres_ + N * C, 0.0f);
+  model::layernorm_backward(dres_, grad(ParamKind::lnf_w), grad(ParamKind::lnf_b), dln_, res_last,
+                            param(ParamKind::lnf_w), lnf_mean_, lnf_rstd_, N, C);
+  for (int64_t l = L - 1; l >= 0; --l) {
+    LayerActs& a = layers_[static_cast<size_t>(l)];
+    const float* res_in = l > 0 ? layers_[static_cast<size_t>(l - 1)].res_out : res0_;
+    // res_out = res2 + dropout(fcg Wfp^T + bfp): dres flows on to res2 unchanged.
+    model::dropout_backward(scratch_c_, dres_, N, C, site(r, 2 + 2 * l));
+    model::matmul_backward(dff_, grad(ParamKind::fc_proj_w, l), grad(ParamKind::fc_proj_b, l), scratch_c_, a.fcg,
+                           param(ParamKind::fc_proj_w, l), N, F, C);
+    model::gelu_backward(dff_, a.fch, dff_, N * F);
+    model::matmul_backward(dln_, grad(ParamKind::fc_w, l), grad(ParamKind::fc_b, l), dff_, a.ln2,
+                           param(ParamKind::fc_w, l), N, C, F);
+    model::layernorm_backward(dres_, grad(ParamKind::ln2_w, l), grad(ParamKind::ln2_b, l), dln_, a.res2,
+                              param(ParamKind::ln2_w, l), a.ln2_mean, a.ln2_rstd, N, C);
+    // res2 = res_in + dropout(att Wproj^T + bproj).
+    model::dropout_backward(scratch_c_, dres_, N, C, site(r, 1 + 2 * l));
+    model::matmul_backward(datt_, grad(ParamKind::attn_proj_w, l), grad(ParamKind::attn_proj_b, l), scratch_c_,
+                           a.att, param(ParamKind::attn_proj_w, l), N, C, C);
+    model::attention_backward(dqkv_, datt_, a.qkv, a.att, a.lse, B, T, C, NH, attn_dropout,
+                              dropout ? attention_rng(rng, l) : DropoutRng{});
+    model::matmul_backward(dln_, grad(ParamKind::qkv_w, l), grad(ParamKind::qkv_b, l), dqkv_, a.ln1,
+                           param(ParamKind::qkv_w, l), N, C, 3 * C);
+    model::layernorm_backward(dres_, grad(ParamKind::ln1_w, l), grad(ParamKind::ln1_b, l), dln_, res_in,
+                              param(ParamKind::ln1_w, l), a.ln1_mean, a.ln1_rstd, N, C);
+  }
+  model::dropout_backward(dres_, dres_, N, C, site(r, 0));
+  model::encoder_backward(grad(ParamKind::wte), grad(ParamKind::wpe), dres_, inputs_.data(), B, T, C);
+}
+
+double GptCpu::forward_backward(std::span<const TokenId> windows, int64_t B, int64_t T, StepRng rng,
+                                float loss_scale) {
+  OmpThreads threads(threads_);
+  load_windows(windows, B, T, "forward_backward");
+  const bool dropout = dropout_enabled(dropout_threshold(config_.dropout));
+  forward_to_lnf(B, T, dropout ? &rng : nullptr);
+  const int64_t N = B * T;
+  const double total = model::classifier_forward_backward(
+      dln_, grad(ParamKind::wte), losses_, logits_, lnf_, param(ParamKind::wte), targets_.data(), N, config_.d_model,
+      config_.vocab_size, loss_scale / static_cast<float>(N), chunk_rows_);
+  backward(B, T, rng, dropout);
+  return total / static_cast<double>(N);
+}
+
+double GptCpu::forward_loss(std::span<const TokenId> windows, int64_t B, int64_t T) {
+  OmpThreads threads(threads_);
+  load_windows(windows, B, T, "forward_loss");
+  forward_to_lnf(B, T, nullptr);
+  const int64_t N = B * T;
+  const double total =
+      model::classifier_forward_backward(nullptr, nullptr, losses_, logits_, lnf_, param(ParamKind::wte),
+                                         targets_.data(), N, config_.d_model, config_.vocab_size, 0.0f, chunk_rows_);
+  return total / static_cast<double>(N);
+}
+
+void GptCpu::forward_logits(std::span<const TokenId> inputs, int64_t B, int64_t T, std::span<float> logits_out) {
+  OmpThreads threads(threads_);
+  load_inputs(inputs, B, T, "forward_logits");
+  const int64_t N = B * T, V = config_.vocab_size, C = config_.d_model;
+  FLASHGPT_CHECK(static_cast<int64_t>(logits_out.size()) == N * V,
+                 "forward_logits: the output holds {} floats, expected B x T x V = {} x {} x {} = {}",
+                 logits_out.size(), B, T, V, N * V);
+  forward_to_lnf(B, T, nullptr);
+  // logits (N, V) = lnf (N, C) wte[0:V]^T (C, V).
+  model::gemm_cpu(model::Trans::no, model::Trans::yes, N, V, C, 1.0f, lnf_, C, param(ParamKind::wte), C, 0.0f,
+                  logits_out.data(), V);
+}
+
+double GptCpu::grads_norm() {
+  OmpThreads threads(threads_);
+  const int64_t count = static_cast<int64_t>(grads_.size());
+  const int64_t blocks = static_cast<int64_t>(norm_partials_.size());
+  // Each block's sum of squares in double, then the blocks in order: the same bits for
+  // every thread count.
+#pragma omp parallel for schedule(static)
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const float* g = grads_.data() + blk * kNormBlock;
+    const int64_t n = std::min(kNormBlock, count - blk * kNormBlock);
+    double acc = 0.0;
+    for (int64_t i = 0; i < n; ++i) acc += static_cast<double>(g[i]) * g[i];
+    norm_partials_[static_cast<size_t>(blk)] = acc;
+  }
+  double total = 0.0;
+  for (const double partial : norm_partials_) total += partial;
+  return std::sqrt(total);
+}
+
+void GptCpu::adamw_step(const AdamWConfig& adam, int64_t t, float grad_scale) {
+  OmpThreads threads(threads_);
+  FLASHGPT_CHECK(t >= 1, "adamw_step: the step t is 1-based, got {}", t);
+  FLASHGPT_CHECK(std::isfinite(grad_scale), "adamw_step: grad_scale must be finite, got {}", grad_scale);
+  const double bc1 = 1.0 - std::pow(adam.beta1, static_cast<double>(t));
+  const double bc2 = 1.0 - std::pow(adam.beta2, static_cast<double>(t));
+  const float b1 = static_cast<float>(adam.beta1), b2 = static_cast<float>(adam.beta2);
+  const float step_size = static_cast<float>(adam.lr / bc1);
+  const float inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
+  const float eps = static_cast<float>(adam.eps);
+  for (const ParamSpec& s : layout_.specs()) {
+    const float decay = s.weight_decay ? static_cast<float>(1.0 - adam.lr * adam.weight_decay) : 1.0f;
+    float* p = params_.data() + s.offset;
+    const float* g = grads_.data() + s.offset;
+    float* m = adam_m_.data() + s.offset;
+    float* v = adam_v_.data() + s.offset;
+#pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < s.numel; ++i) {
+      const float gi = g[i] * grad_scale;
+      m[i] = b1 * m[i] + (1.0f - b1) * gi;
+      v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
+      p[i] = p[i] * decay - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
+    }
+  }
+}
+
+}  // namespace
+
+std::unique_ptr<GptModel> gpt_create_cpu(const ModelConfig& config, const ModelOptions& options) {
+  return std::make_unique<GptCpu>(config, options);
+}
+
+#if !FLASHGPT_WITH_CUDA
+std::unique_ptr<GptModel> gpt_create_cuda(const ModelConfig&, const ModelOptions&) {
+  FLASHGPT_FAIL("gpt_create_cuda: flashgpt was built without CUDA; use the CPU backend (Device::cpu)");
+}
+#endif
+
+std::unique_ptr<GptModel> gpt_create(Device device, const ModelConfig& config, const ModelOptions& options) {
+  switch (device) {
+    case Device::cpu: return gpt_create_cpu(config, options);
+    case Device::cuda: return gpt_create_cuda(config, options);
+  }
+  FLASHGPT_FAIL("gpt_create: unknown device {}", static_cast<int>(device));
+}
+
+}  // namespace flashgpt
