@@ -6,10 +6,18 @@
 
 namespace flashgpt {
 
+// Thrown by a subcommand that ends on purpose with a non-zero status (e.g. `train` stopped
+// by a signal after writing its checkpoint); main() returns `code`.
+struct CliExit {
+  int code = 0;
+};
+
 void cli_add_version(CLI::App& app);
 void cli_add_bench(CLI::App& app);
 void cli_add_tokenize(CLI::App& app);
 void cli_add_data(CLI::App& app);
+void cli_add_train(CLI::App& app);
+void cli_add_export(CLI::App& app);
 
 // Subcommands of `bench`, each from its own file; cli_add_bench adds them.
 void cli_add_bench_attention(CLI::App& bench);

@@ -15,10 +15,14 @@ int main(int argc, char** argv) {
   flashgpt::cli_add_bench(app);
   flashgpt::cli_add_data(app);
   flashgpt::cli_add_tokenize(app);
+  flashgpt::cli_add_train(app);
+  flashgpt::cli_add_export(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
+  } catch (const flashgpt::CliExit& e) {
+    return e.code;
   } catch (const flashgpt::Error& e) {
     fmt::print(stderr, "flashgpt: error: {}\n", e.what());
     return 1;

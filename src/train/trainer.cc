@@ -1,0 +1,329 @@
+// The training loop: micro-batches -> one AdamW step, validation, logs and checkpoints.
+#include <flashgpt/error.h>
+#include <flashgpt/train.h>
+
+#include "train/files.h"
+
+#include <fmt/core.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace flashgpt {
+namespace {
+
+using Json = nlohmann::ordered_json;
+using Clock = std::chrono::steady_clock;
+
+std::string duration_string(double seconds) {
+  if (!std::isfinite(seconds) || seconds < 0) return "?";
+  const auto s = static_cast<int64_t>(seconds + 0.5);
+  if (s >= 3600) return fmt::format("{}h{:02}m", s / 3600, s % 3600 / 60);
+  if (s >= 60) return fmt::format("{}m{:02}s", s / 60, s % 60);
+  return fmt::format("{}s", s);
+}
+
+std::string si(double v) {
+  if (v >= 1e9) return fmt::format("{:.2f}G", v / 1e9);
+  if (v >= 1e6) return fmt::format("{:.2f}M", v / 1e6);
+  if (v >= 1e3) return fmt::format("{:.1f}k", v / 1e3);
+  return fmt::format("{:.1f}", v);
+}
+
+// RUN/log.jsonl, appended one flushed line at a time.
+class JsonlLog {
+ public:
+  JsonlLog(const std::filesystem::path& path, bool truncate) : path_(path) {
+    file_ = std::fopen(path.c_str(), truncate ? "w" : "a");
+    FLASHGPT_CHECK(file_, "cannot open {} for writing", path.string());
+  }
+  ~JsonlLog() { std::fclose(file_); }
+  JsonlLog(const JsonlLog&) = delete;
+  JsonlLog& operator=(const JsonlLog&) = delete;
+  void write(const Json& j) {
+    const std::string line = j.dump() + "\n";
+    FLASHGPT_CHECK(std::fwrite(line.data(), 1, line.size(), file_) == line.size() && std::fflush(file_) == 0,
+                   "cannot append to {}", path_.string());
+  }
+
+ private:
+  std::filesystem::path path_;
+  std::FILE* file_ = nullptr;
+};
+
+// Keeps the log's records up to `step` (those a resumed run would otherwise write twice).
+void log_truncate_after(const std::filesystem::path& path, int64_t step) {
+  std::ifstream in(path);
+  if (!in) return;
+  std::string kept, line;
+  while (std::getline(in, line)) {
+    if (line.empty()) continue;
+    const Json j = Json::parse(line, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded() || !j.is_object()) continue;  // a line cut by a crash
+    if (j.contains("step") && j["step"].is_number_integer() && j["step"].get<int64_t>() > step) continue;
+    if (j.value("type", "") == "end") continue;
+    kept += line + "\n";
+  }
+  train_detail::file_write_atomic(path, kept);
+}
+
+double mean_loss(GptModel& model, DataLoader& loader, int64_t batches, std::vector<TokenId>& windows, int64_t B,
+                 int64_t T) {
+  loader.restore(LoaderState{});
+  double sum = 0;
+  for (int64_t i = 0; i < batches; ++i) {
+    loader.next_batch(windows);
+    sum += model.forward_loss(windows, B, T);
+  }
+  return sum / static_cast<double>(batches);
+}
+
+}  // namespace
+
+int64_t train_total_steps(const TrainConfig& config, uint64_t loader_steps_per_epoch) {
+  if (config.max_steps > 0) return config.max_steps;
+  return static_cast<int64_t>(static_cast<uint64_t>(config.epochs) * loader_steps_per_epoch /
+                              static_cast<uint64_t>(config.accum));
+}
+
+TrainResult train_run(const TrainConfig& config, GptModel& model) {
+  const auto run_start = Clock::now();
+  const ModelConfig& mc = config.model;
+  const std::string diff = model_config_diff(mc, model.config());
+  FLASHGPT_CHECK(diff.empty(), "train_run: the model's configuration differs from the run's ({})", diff);
+  const int64_t B = config.batch, K = config.accum;
+  const int64_t T = config.context > 0 ? config.context : mc.context;
+  FLASHGPT_CHECK(T <= mc.context, "context {} is longer than the model's position table ({} positions)", T, mc.context);
+  FLASHGPT_CHECK(B >= 1 && K >= 1, "batch ({}) and accumulation steps ({}) must be at least 1", B, K);
+  FLASHGPT_CHECK(config.epochs >= 1 || config.max_steps > 0, "give at least one epoch or a number of steps");
+  FLASHGPT_CHECK(config.max_bad_steps >= 1, "max_bad_steps must be at least 1");
+  FLASHGPT_CHECK(!config.train_shards.empty(), "no training shards");
+
+  LoaderConfig lc;
+  lc.shards = config.train_shards;
+  lc.context = T;
+  lc.batch = B;
+  lc.order = WindowOrder::random;
+  lc.seed = config.seed;
+  DataLoader loader(lc);
+  const auto spe = static_cast<int64_t>(loader.steps_per_epoch());
+  const int64_t total = train_total_steps(config, loader.steps_per_epoch());
+  FLASHGPT_CHECK(total > 0,
+                 "{} epoch(s) of {} micro-batches of {} x {} tokens give no optimizer step of {} micro-batches; "
+                 "lower --accum or --batch, or give --steps",
+                 config.epochs, spe, B, T, K);
+  LrScheduleConfig schedule = config.schedule;
+  if (schedule.total_steps <= 0) schedule.total_steps = total;
+
+  std::optional<DataLoader> val_loader;
+  int64_t val_batches = 0;
+  if (!config.val_shards.empty()) {
+    LoaderConfig vc = lc;
+    vc.shards = config.val_shards;
+    vc.order = WindowOrder::sequential;
+    try {
+      val_loader.emplace(vc);
+      val_batches = static_cast<int64_t>(val_loader->steps_per_epoch());
+      if (config.eval_batches > 0) val_batches = std::min(val_batches, config.eval_batches);
+    } catch (const Error& e) {
+      fmt::print(stderr, "warning: validation disabled: {}\n", e.what());
+      val_loader.reset();
+    }
+  }
+
+  const std::filesystem::path checkpoint_path = config.out_dir / "checkpoint.safetensors";
+  const std::filesystem::path log_path = config.out_dir / "log.jsonl";
+  TrainState state;
+  state.seed = config.seed;
+  if (config.resume) {
+    FLASHGPT_CHECK(std::filesystem::exists(checkpoint_path), "--resume: {} has no checkpoint ({} is missing)",
+                   config.out_dir.string(), checkpoint_path.string());
+    const CheckpointMeta meta = checkpoint_load(checkpoint_path, model);
+    FLASHGPT_CHECK(meta.encoding == config.encoding,
+                   "{} was trained on {} tokens, this dataset is encoded with {}", checkpoint_path.string(),
+                   meta.encoding, config.encoding);
+    state = meta.state;
+    FLASHGPT_CHECK(state.seed == config.seed, "{} was trained with seed {}, this run has seed {}",
+                   checkpoint_path.string(), state.seed, config.seed);
+    FLASHGPT_CHECK(state.micro_step == static_cast<int64_t>(state.loader.epoch) * spe +
+                                           static_cast<int64_t>(state.loader.step_in_epoch) &&
+                       state.micro_step == state.step * K,
+                   "{}: its data position (epoch {}, micro-batch {} of the epoch, {} micro-batches in all after {} "
+                   "steps) does not fit this run's batch {}, context {} and accumulation {} ({} micro-batches per "
+                   "epoch): resume with the options the run was started with",
+                   checkpoint_path.string(), state.loader.epoch, state.loader.step_in_epoch, state.micro_step,
+                   state.step, B, T, K, spe);
+    loader.restore(state.loader);
+    log_truncate_after(log_path, state.step);
+    if (config.progress) {
+      fmt::print(stderr, "resuming {} at step {} of {} (epoch {}, micro-batch {} of {})\n", config.out_dir.string(),
+                 state.step, total, state.loader.epoch, state.loader.step_in_epoch, spe);
+    }
+  } else {
+    const auto n = static_cast<size_t>(model_param_count(mc));
+    std::vector<float> buffer(n);
+    model_init_params(mc, config.seed, buffer);
+    model.params_set(buffer);
+    std::fill(buffer.begin(), buffer.end(), 0.0f);
+    model.adam_state_set(buffer, buffer);
+  }
+  JsonlLog log(log_path, /*truncate=*/!config.resume);
+
+  const auto save = [&] {
+    CheckpointMeta meta;
+    meta.model = mc;
+    meta.encoding = config.encoding;
+    meta.options_json = config.options_json;
+    meta.state = state;
+    checkpoint_save(checkpoint_path, model, meta);
+  };
+
+  TrainResult result;
+  result.total_steps = total;
+  std::vector<TokenId> windows(static_cast<size_t>(B * (T + 1)));
+  const double flops_per_token = model_train_flops_per_token(mc, T);
+  const int64_t step_tokens = B * T * K;
+  const int64_t first_step = state.step;
+  auto window_start = Clock::now();
+  int64_t window_steps = 0;
+  int64_t last_val_step = -1;
+
+  const auto validate = [&]() -> std::optional<double> {
+    if (!val_loader) return std::nullopt;
+    const double v = mean_loss(model, *val_loader, val_batches, windows, B, T);
+    last_val_step = state.step;
+    result.last_val_loss = v;
+    return v;
+  };
+
+  while (state.step < total) {
+    if (config.stop && config.stop->load() != 0) {
+      result.stopped_by_signal = config.stop->load();
+      break;
+    }
+    const double lr = lr_at(schedule, state.step);
+    model.grads_zero();
+    double loss_sum = 0;
+    bool finite = true;
+    std::optional<Json> epoch_record;
+    for (int64_t k = 0; k < K; ++k) {
+      loader.next_batch(windows);
+      const double loss = model.forward_backward(windows, B, T, StepRng{config.seed, static_cast<uint64_t>(state.micro_step)},
+                                                 /*loss_scale=*/1.0f);
+      finite = finite && std::isfinite(loss);
+      loss_sum += loss;
+      if (std::isfinite(loss)) {
+        state.epoch_loss_sum += loss;
+        state.epoch_loss_count += 1;
+      }
+      state.micro_step += 1;
+      if (state.micro_step % spe == 0) {
+        // The micro-batch that ended an epoch: its mean is complete.
+        const int64_t epoch = state.micro_step / spe;
+        epoch_record = Json{{"type", "epoch"},
+                            {"epoch", epoch},
+                            {"loss", state.epoch_loss_count ? state.epoch_loss_sum / static_cast<double>(state.epoch_loss_count)
+                                                            : std::nan("")},
+                            {"micro_batches", state.epoch_loss_count}};
+        state.epoch_loss_sum = 0;
+        state.epoch_loss_count = 0;
+      }
+    }
+    state.loader = loader.state();
+    const double step_loss = loss_sum / static_cast<double>(K);
+    const double norm = model.grads_norm() / static_cast<double>(K);
+    finite = finite && std::isfinite(norm);
+    double scale = 1.0;
+    if (finite) {
+      state.bad_in_row = 0;
+      scale = clip_scale(norm, config.clip);
+      AdamWConfig adam = config.adam;
+      adam.lr = lr;
+      state.adam_t += 1;
+      model.adamw_step(adam, state.adam_t, static_cast<float>(scale / static_cast<double>(K)));
+    } else {
+      state.skipped_steps += 1;
+      state.bad_in_row += 1;
+      model.grads_zero();
+    }
+    state.step += 1;
+    state.last_lr = lr;
+    state.tokens += static_cast<double>(step_tokens);
+    result.last_loss = step_loss;
+    const double elapsed = std::chrono::duration<double>(Clock::now() - run_start).count();
+    const double epoch_pos = static_cast<double>(state.micro_step) / static_cast<double>(spe);
+    if (finite) {
+      log.write(Json{{"type", "step"}, {"step", state.step}, {"epoch", epoch_pos}, {"loss", step_loss},
+                     {"lr", lr}, {"grad_norm", norm}, {"clip_scale", scale}, {"tokens", state.tokens},
+                     {"seconds", elapsed}});
+    } else {
+      // nan/inf are not JSON: the values go in as strings.
+      log.write(Json{{"type", "skip"}, {"step", state.step}, {"epoch", epoch_pos}, {"loss", fmt::format("{}", step_loss)},
+                     {"grad_norm", fmt::format("{}", norm)}, {"in_a_row", state.bad_in_row},
+                     {"skipped_total", state.skipped_steps}});
+      fmt::print(stderr, "warning: step {}: non-finite loss {} or gradient norm {}; update skipped ({} in a row, {} in all)\n",
+                 state.step, step_loss, norm, state.bad_in_row, state.skipped_steps);
+      FLASHGPT_CHECK(state.bad_in_row < config.max_bad_steps,
+                     "stopping: {} steps in a row had a non-finite loss or gradient norm (last: step {}, loss {}, "
+                     "gradient norm {}); none of them was applied; the last checkpoint is {}",
+                     state.bad_in_row, state.step, step_loss, norm,
+                     std::filesystem::exists(checkpoint_path) ? checkpoint_path.string() : std::string("(none)"));
+    }
+    window_steps += 1;
+    if (config.progress && (state.step % std::max<int64_t>(1, config.log_every) == 0 || state.step == total ||
+                            state.step == first_step + 1)) {
+      const auto now = Clock::now();
+      const double window_seconds = std::chrono::duration<double>(now - window_start).count();
+      const double tok_per_s = window_seconds > 0 ? static_cast<double>(window_steps * step_tokens) / window_seconds : 0;
+      const double per_step = elapsed / static_cast<double>(state.step - first_step);
+      std::string mfu;
+      if (config.peak_flops > 0) mfu = fmt::format(" MFU {:.1f}%", 100.0 * tok_per_s * flops_per_token / config.peak_flops);
+      fmt::print(stderr, "step {}/{} epoch {:.3f} loss {:.4f} lr {:.2e} norm {:.3f} | {} tok/s{} | ETA {}\n",
+                 state.step, total, epoch_pos, step_loss, lr, norm, si(tok_per_s), mfu,
+                 duration_string(per_step * static_cast<double>(total - state.step)));
+      window_start = now;
+      window_steps = 0;
+    }
+    if (epoch_record) {
+      if (const auto v = validate()) (*epoch_record)["val_loss"] = *v;
+      (*epoch_record)["step"] = state.step;
+      log.write(*epoch_record);
+      if (config.progress) {
+        fmt::print(stderr, "epoch {} done: train loss {:.4f}{}\n", (*epoch_record)["epoch"].get<int64_t>(),
+                   (*epoch_record)["loss"].get<double>(),
+                   epoch_record->contains("val_loss") ? fmt::format(", val loss {:.4f}", (*epoch_record)["val_loss"].get<double>()) : "");
+      }
+    } else if (config.eval_every > 0 && state.step % config.eval_every == 0) {
+      if (const auto v = validate()) {
+        log.write(Json{{"type", "val"}, {"step", state.step}, {"epoch", epoch_pos}, {"loss", *v}});
+        if (config.progress) fmt::print(stderr, "step {}: val loss {:.4f}\n", state.step, *v);
+      }
+    }
+    if (config.save_every > 0 && state.step % config.save_every == 0 && state.step < total) save();
+  }
+
+  if (result.stopped_by_signal == 0 && state.step >= total && last_val_step != state.step && state.step > first_step) {
+    if (const auto v = validate()) {
+      log.write(Json{{"type", "val"}, {"step", state.step}, {"epoch", static_cast<double>(state.micro_step) / spe}, {"loss", *v}});
+      if (config.progress) fmt::print(stderr, "step {}: val loss {:.4f}\n", state.step, *v);
+    }
+  }
+  save();
+  result.state = state;
+  result.seconds = std::chrono::duration<double>(Clock::now() - run_start).count();
+  if (result.stopped_by_signal == 0) {
+    log.write(Json{{"type", "end"}, {"step", state.step}, {"skipped_steps", state.skipped_steps},
+                   {"tokens", state.tokens}, {"seconds", result.seconds}});
+  }
+  return result;
+}
+
+}  // namespace flashgpt
