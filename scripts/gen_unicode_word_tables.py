@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""Generates src/data/unicode_word_tables.inc from Python's unicodedata (the Unicode
+"""Generates src/common/unicode_word_tables.inc from Python's unicodedata (the Unicode
 version Python ships): what the keyword analysis needs beyond the tokenizer's tables
-(src/tokenizer/unicode_tables.cc give \\p{L} but lump all numbers together as \\p{N}):
+(src/common/unicode_tables.cc give \\p{L} but lump all numbers together as \\p{N}):
 the decimal digits (general category Nd) and the 1:1 simple lowercase mappings. Re-run after a Python
 upgrade to move to a newer Unicode version:
 
-    python3 scripts/gen_unicode_word_tables.py > src/data/unicode_word_tables.inc
+    python3 scripts/gen_unicode_word_tables.py > src/common/unicode_word_tables.inc
 """
 import sys
 import unicodedata

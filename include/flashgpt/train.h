@@ -104,6 +104,8 @@ struct TrainState {
   int64_t bad_in_row = 0;
   double last_lr = 0;         // schedule state: the rate of the last step
   double tokens = 0;          // tokens trained on
+  // The shape of the data stream: a resumed run must keep it to see the same windows.
+  int64_t batch = 0, context = 0, accum = 0;
 };
 std::string train_state_to_json(const TrainState& state);
 TrainState train_state_from_json(std::string_view json);

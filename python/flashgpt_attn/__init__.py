@@ -13,8 +13,8 @@ CPU tensors take the CPU implementation (include/flashgpt/attention_cpu.h: tiled
 in fp32, same Philox mask); other dtypes are computed in float32 and cast back.
 
 The CUDA extension is compiled on first use with torch.utils.cpp_extension.load against the
-static library of a CMake build of this repository: FLASHGPT_BUILD_DIR (default: <repo>/build)
-must hold libflashgpt.a built with -DFLASHGPT_CUDA=ON.
+static libraries of a CMake build of this repository: FLASHGPT_BUILD_DIR (default: <repo>/build)
+must hold the attention and common components built with -DFLASHGPT_CUDA=ON.
 """
 import math
 import os
@@ -36,16 +36,18 @@ def _extension():
         from torch.utils.cpp_extension import load
 
         build = pathlib.Path(os.environ.get("FLASHGPT_BUILD_DIR", _REPO / "build"))
-        lib = build / "libflashgpt.a"
-        if not lib.exists():
-            raise RuntimeError(f"flashgpt_attn: {lib} not found; build the library first: "
-                               f"cmake -S {_REPO} -B {build} -G Ninja -DFLASHGPT_CUDA=ON && cmake --build {build}")
+        # the attention component and the common one it links (in that order, for the linker)
+        libs = [build / "src" / "attention" / "libflashgpt_attention.a", build / "src" / "common" / "libflashgpt_common.a"]
+        for lib in libs:
+            if not lib.exists():
+                raise RuntimeError(f"flashgpt_attn: {lib} not found; build the library first: "
+                                   f"cmake -S {_REPO} -B {build} -G Ninja -DFLASHGPT_CUDA=ON && cmake --build {build}")
         _ext = load(
             name="flashgpt_attn_ext",
             sources=[str(pathlib.Path(__file__).parent / "binding.cpp")],
             extra_include_paths=[str(_REPO / "include")],
             extra_cflags=["-O2", "-std=c++20"],
-            extra_ldflags=[str(lib), *_fmt_ldflags(build), "-lgomp"],
+            extra_ldflags=[*map(str, libs), *_fmt_ldflags(build), "-lgomp"],
             with_cuda=True,
             build_directory=str(_ensure_dir(build / "torch_ext")),
             verbose=bool(os.environ.get("FLASHGPT_VERBOSE_BUILD")),

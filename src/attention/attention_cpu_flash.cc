@@ -22,7 +22,7 @@
 //
 // S and dP~ are consumed one row at a time (every row's online softmax is independent),
 // so a tile holds one row of scores rather than Br x Bc of them.
-#include "attention/attention_cpu_common.h"
+#include "attention_cpu_common.h"
 
 #include <flashgpt/attention_cpu.h>
 #include <flashgpt/error.h>

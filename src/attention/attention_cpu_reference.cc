@@ -6,9 +6,9 @@
 // and never the D = rowsum(dO * O) shortcut that the tiled version takes.
 // Rows of one head are independent, so they are split across OpenMP threads; the work
 // of each row is sequential, so the result does not depend on the thread count.
-#include "attention/attention_cpu_reference.h"
+#include "attention_cpu_reference.h"
 
-#include "attention/attention_cpu_common.h"
+#include "attention_cpu_common.h"
 
 #include <flashgpt/attention_cpu.h>
 

@@ -4,8 +4,8 @@
 #include <flashgpt/attention_cuda.h>
 #include <flashgpt/error.h>
 
-#include "attention/attention_cuda_launch.h"
-#include "common/cuda_check.h"
+#include "attention_cuda_launch.h"
+#include <flashgpt/cuda_check.h>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -172,10 +172,9 @@ bool wgmma_usable([[maybe_unused]] bool has_kernel, [[maybe_unused]] bool mma_sy
 int current_device_sm_count() { return device_attribute<cudaDevAttrMultiProcessorCount>(current_device()); }
 
 // The wgmma forward passed the GPU tests on the H100 and beat the mma.sync forward in every
-// row measured, with and without dropout (docs/attention_gpu_notes.md, v4 and "8-bit
-// dropout"; d256: 1.13-1.54x FA2 where mma.sync measured 0.57-0.66x, v11). The wgmma
-// backward measured 0.90-1.15x of torch FA2 where the mma.sync one had measured 0.65-0.76x
-// (notes, v5 and v8, separate runs). Each override is read once.
+// row measured, with and without dropout (d256: 1.13-1.54x FA2 where mma.sync measured
+// 0.57-0.66x). The wgmma backward measured 0.90-1.15x of torch FA2 where the mma.sync one
+// had measured 0.65-0.76x (separate runs). Each override is read once.
 bool fwd_wgmma_selected(int head_dim) {
   static const bool forced = env_forces_mma_sync("FLASHGPT_ATTN_FWD_KERNEL");
   return wgmma_usable(head_dim == 64 || head_dim == 96 || head_dim == 128 || head_dim == 256, forced);

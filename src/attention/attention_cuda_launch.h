@@ -44,8 +44,7 @@ template <> struct TileConfig<32>  { static constexpr int kFwdBlockN = 64,  kFwd
 // the per-thread dK, dV, S^T, dP^T registers, so they come with 32 queries a step (S^T and
 // dP^T of 2 x 32 queries cost what 1 x 64 did) and 4 warps (128 keys per CTA, as before).
 // Two is the default: on the H100 it passed the GPU tests and beat one key tile (8 warps x 16
-// keys, 64 queries) in all 9 d64 rows measured, +2-9% backward (notes, "Backward, two key
-// tiles per warp"); 8 warps x 32 keys (256 per CTA) was +1% to -14% against one key tile.
+// keys, 64 queries) in all 9 d64 rows measured, +2-9% backward; 8 warps x 32 keys (256 per CTA) was +1% to -14% against one key tile.
 // kBwdBlockM also sizes the workspace in attention_cuda.cc, a C++ file: these macros must
 // reach the C++ compiler as well as nvcc (lab.sh passes -D flags to both), or the launcher
 // zeroes more workspace than the entry point asked for.
@@ -83,11 +82,11 @@ template <> struct TileConfig<256> { static constexpr int kFwdBlockN = 32,  kFwd
 // Hopper (wgmma) forward tiles, head dims 64, 128 and 256: kWarpgroups x 64 query rows per
 // CTA, kBlockN keys per step, kOverlap = issue the S GEMM of the next key block with the P V
 // GEMM of this one (softmax overlaps the tensor cores). Lab hooks as above:
-// FLASHGPT_WGMMA<d>_BLOCK_N / _WARPGROUPS / _OVERLAP. Measured on the H100 (notes, v4 labs):
+// FLASHGPT_WGMMA<d>_BLOCK_N / _WARPGROUPS / _OVERLAP. Measured on the H100:
 // d64 with one warpgroup (two CTAs per SM, one hides the other's loads and epilogue) +2-10%;
 // without the overlap d128 +2-5% (the overlapped loop spills 144 B at 255 registers) and d64
 // +1-10% (not profiled; likely the two co-resident CTAs already keep the tensor cores busy).
-// d64 with kBlockN 64 instead of 128 (notes, "v9"): +6-18% at s512 and s1k, +16-21% on the
+// d64 with kBlockN 64 instead of 128: +6-18% at s512 and s1k, +16-21% on the
 // model shape with dropout, +1-10% at s2k, equal from s4k up (40 KB of shared memory and
 // fewer registers: more CTAs per SM).
 #ifndef FLASHGPT_WGMMA64_BLOCK_N

@@ -1,5 +1,5 @@
 // `flashgpt bench <what>`: the measuring harnesses. Each one validates before it times.
-#include "cli/commands.h"
+#include "commands.h"
 
 namespace flashgpt {
 

@@ -5,7 +5,7 @@
 // moves between the tensors and its tiles for several on-chip budgets M, next to the
 // paper's Theta(N^2 d^2 / M) bound (its Theorem 2 and Figure 2, left, with a counter
 // in place of a profiler). Writes CSV and, when matplotlib is there, a PNG.
-#include "cli/commands.h"
+#include "commands.h"
 
 #include <flashgpt/attention.h>
 #include <flashgpt/attention_cpu.h>

@@ -2,10 +2,12 @@
 // time spent reading (decompression, checks, document building), tokenizing and writing
 // (stages that overlap: reading runs beside tokenizing + writing). Each run is validated first: every shard re-read with its checksum, and the
 // documents written equal to the pairs used.
-#include "cli/commands.h"
+#include "commands.h"
 
-#include <flashgpt/data.h>
+#include <flashgpt/data_prepare.h>
+#include <flashgpt/data_shard.h>
 #include <flashgpt/error.h>
+#include <flashgpt/tokenizer.h>
 
 #include <fmt/core.h>
 #include <fmt/ranges.h>

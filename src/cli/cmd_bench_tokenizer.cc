@@ -1,7 +1,7 @@
 // `flashgpt bench tokenizer`: times encode_ordinary on one thread, encode_ordinary_parallel
 // and encode_ordinary_batch on all cores, after checking that the three give the same ids.
 // bench/tokenizer_bench.py runs it beside tiktoken on the same bytes.
-#include "cli/commands.h"
+#include "commands.h"
 
 #include <flashgpt/error.h>
 #include <flashgpt/tokenizer.h>

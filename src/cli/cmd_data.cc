@@ -1,9 +1,14 @@
 // `flashgpt data download|prepare|analyze`: the WMT14 fr-en pipeline. Each subcommand has
 // one config struct filled by its option table and printed at start-up.
-#include "cli/commands.h"
+#include "commands.h"
 
-#include <flashgpt/data.h>
+#include <flashgpt/data_analyze.h>
+#include <flashgpt/data_download.h>
+#include <flashgpt/data_prepare.h>
+#include <flashgpt/data_reader.h>
+#include <flashgpt/data_shard.h>
 #include <flashgpt/error.h>
+#include <flashgpt/tokenizer.h>
 
 #include <fmt/core.h>
 #include <fmt/ranges.h>

@@ -1,6 +1,6 @@
 // `flashgpt tokenize`: encode a file (or stdin) as one text, decode ids back to text, or
 // count tokens, with tiktoken's encodings.
-#include "cli/commands.h"
+#include "commands.h"
 
 #include <flashgpt/error.h>
 #include <flashgpt/tokenizer.h>

@@ -1,4 +1,4 @@
-#include "common/cuda_check.h"
+#include <flashgpt/cuda_check.h>
 
 #include <flashgpt/error.h>
 

@@ -1,6 +1,7 @@
 // The French-keyword analysis: whole-word counting over Unicode word characters.
-#include <flashgpt/data.h>
+#include <flashgpt/data_analyze.h>
 #include <flashgpt/error.h>
+#include <flashgpt/unicode.h>
 
 #include <algorithm>
 

@@ -2,7 +2,9 @@
 // with an HTTP Range request after a dropped connection (a bounded number of attempts);
 // it becomes DEST/NAME only after its size and checksums match, and its sha256 is then
 // recorded in DEST/manifest.json so later runs verify rather than fetch again.
-#include <flashgpt/data.h>
+#include <flashgpt/data_download.h>
+#include <flashgpt/data_reader.h>
+#include <flashgpt/digest.h>
 #include <flashgpt/error.h>
 
 #include <fmt/format.h>

@@ -3,7 +3,7 @@
 // order is the identity or a Fisher-Yates shuffle driven by Philox keyed by (seed, epoch),
 // so every rank computes the same permutation without communicating, and a (epoch, step)
 // pair pins the position exactly.
-#include <flashgpt/data.h>
+#include <flashgpt/data_loader.h>
 #include <flashgpt/error.h>
 #include <flashgpt/philox.h>
 

@@ -5,9 +5,11 @@
 // the reading of the next batch), append them in order to the train or val shard. Every random choice for document d (side, template, held out or not) comes from
 // Philox counter (d, kPrepareStream) under the seed, so the output depends on the seed
 // and the inputs, never on the thread count or the batch size.
-#include <flashgpt/data.h>
+#include <flashgpt/data_prepare.h>
+#include <flashgpt/data_shard.h>
 #include <flashgpt/error.h>
 #include <flashgpt/philox.h>
+#include <flashgpt/unicode.h>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>

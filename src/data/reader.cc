@@ -1,8 +1,9 @@
 // Streaming readers: LineReader decompresses gzip/xz on the fly with one fixed-size input
 // and output buffer each, so memory stays constant whatever the file size (a single line
 // longer than kMaxLineBytes is an error rather than unbounded growth).
-#include <flashgpt/data.h>
+#include <flashgpt/data_reader.h>
 #include <flashgpt/error.h>
+#include <flashgpt/unicode.h>
 
 #include <atomic>
 #include <cerrno>
@@ -13,6 +14,7 @@
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #ifdef FLASHGPT_HAVE_ZLIB
 #include <zlib.h>

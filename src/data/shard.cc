@@ -1,5 +1,5 @@
 // The token-shard format (documented in include/flashgpt/data.h) and CRC-32.
-#include <flashgpt/data.h>
+#include <flashgpt/data_shard.h>
 #include <flashgpt/error.h>
 
 #include <fcntl.h>

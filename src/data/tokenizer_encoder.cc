@@ -1,5 +1,5 @@
 // The real tokenizer as prepare's TextEncoder.
-#include <flashgpt/data.h>
+#include <flashgpt/data_prepare.h>
 
 namespace flashgpt {
 

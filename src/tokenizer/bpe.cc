@@ -1,4 +1,4 @@
-#include "tokenizer/bpe.h"
+#include "bpe.h"
 
 #include <flashgpt/error.h>
 

@@ -3,7 +3,7 @@
 
 #include <flashgpt/tokenizer.h>
 
-#include "tokenizer/huge_pages.h"
+#include "huge_pages.h"
 
 #include <cstddef>
 #include <cstdint>
@@ -16,7 +16,7 @@ namespace flashgpt {
 // entries; an entry holds a piece of up to 16 bytes (zero-padded, compared as two words with
 // the length) and up to 5 ids of 24 bits, which 99.6% of the WMT14 pieces that are no token
 // fit. 64K entries in 2 MB: the 64-byte entries before took as much for 32K, one a set, and
-// the GPU machine's Xeon measured 7% faster first passes with these (docs/tokenizer.md).
+// the GPU machine's Xeon measured 7% faster first passes with these.
 // It belongs to one tokenizer at a time.
 struct PieceCache {
   static constexpr size_t kSets = size_t(1) << 15;

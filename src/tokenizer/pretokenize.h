@@ -14,7 +14,7 @@
 // path is tested against.
 #pragma once
 
-#include "tokenizer/unicode.h"
+#include <flashgpt/unicode.h>
 
 #include <bit>
 #include <cstddef>

@@ -3,14 +3,14 @@
 // (splitting) and bpe.cc (merging).
 #include <flashgpt/tokenizer.h>
 
-#include "tokenizer/bpe.h"
-#include "tokenizer/huge_pages.h"
-#include "tokenizer/piece_cache.h"
-#include "tokenizer/pretokenize.h"
-#include "tokenizer/unicode.h"
-#include "tokenizer/vocab_files.h"
+#include "bpe.h"
+#include "huge_pages.h"
+#include "piece_cache.h"
+#include "pretokenize.h"
+#include "vocab_files.h"
 
 #include <flashgpt/error.h>
+#include <flashgpt/unicode.h>
 
 #include <nlohmann/json.hpp>
 #include <omp.h>

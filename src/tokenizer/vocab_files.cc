@@ -1,7 +1,6 @@
-#include "tokenizer/vocab_files.h"
+#include "vocab_files.h"
 
-#include "tokenizer/sha256.h"
-
+#include <flashgpt/digest.h>
 #include <flashgpt/error.h>
 
 #include <cstdlib>

@@ -5,6 +5,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <string>
 #include <vector>
 
 namespace flashgpt {
@@ -40,7 +41,7 @@ std::string model_config_to_json(const ModelConfig& c) {
   j["n_layer"] = c.n_layer;
   j["n_head"] = c.n_head;
   j["d_ff"] = c.d_ff;
-  j["dropout"] = c.dropout;
+  j["dropout"] = std::stod(fmt::format("{}", c.dropout));  // the shortest decimal: reads back to the same float
   return j.dump();
 }
 
@@ -93,6 +94,9 @@ std::string train_state_to_json(const TrainState& s) {
   j["bad_in_row"] = s.bad_in_row;
   j["last_lr"] = s.last_lr;
   j["tokens"] = s.tokens;
+  j["batch"] = s.batch;
+  j["context"] = s.context;
+  j["accum"] = s.accum;
   return j.dump();
 }
 
@@ -112,6 +116,9 @@ TrainState train_state_from_json(std::string_view text) {
   s.bad_in_row = field<int64_t>(j, "bad_in_row", what);
   s.last_lr = field<double>(j, "last_lr", what);
   s.tokens = field<double>(j, "tokens", what);
+  s.batch = field<int64_t>(j, "batch", what);
+  s.context = field<int64_t>(j, "context", what);
+  s.accum = field<int64_t>(j, "accum", what);
   return s;
 }
 

@@ -21,6 +21,7 @@
 #include <nlohmann/json.hpp>
 
 #include <deque>
+#include <string>
 #include <vector>
 
 namespace flashgpt {
@@ -86,10 +87,11 @@ void export_hf(const std::filesystem::path& checkpoint, const std::filesystem::p
   j["n_head"] = c.n_head;
   j["n_inner"] = F;
   j["activation_function"] = "gelu_new";
-  j["layer_norm_epsilon"] = static_cast<double>(kLayerNormEps);
-  j["resid_pdrop"] = c.dropout;
-  j["embd_pdrop"] = c.dropout;
-  j["attn_pdrop"] = c.dropout;
+  j["layer_norm_epsilon"] = 1e-5;  // kLayerNormEps, written as the decimal it was given as
+  const double dropout = std::stod(fmt::format("{}", c.dropout));  // 0.1, not 0.10000000149
+  j["resid_pdrop"] = dropout;
+  j["embd_pdrop"] = dropout;
+  j["attn_pdrop"] = dropout;
   j["initializer_range"] = 0.02;
   j["scale_attn_weights"] = true;
   j["tie_word_embeddings"] = true;

@@ -97,31 +97,63 @@ uint64_t memory_available(Device device) {
   return 0;
 }
 
+namespace {
+
+// Independent multiply-add chains (acc = acc * a + b with |a| < 1, so nothing overflows),
+// kLanes wide: enough vector registers in flight to cover the FMA latency, few enough not
+// to spill. Returns the iterations done in about `seconds`.
+template <int kLanes, bool kFma>
+__attribute__((always_inline)) inline int64_t fma_chains(float* acc, double seconds) {
+  const float a = 0.999f, b = 1e-4f;
+  int64_t iterations = 0;
+  const auto start = std::chrono::steady_clock::now();
+  do {
+    for (int r = 0; r < 4096; ++r) {
+#pragma omp simd
+      for (int i = 0; i < kLanes; ++i) acc[i] = kFma ? std::fma(acc[i], a, b) : acc[i] * a + b;
+    }
+    iterations += 4096;
+  } while (std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count() < seconds);
+  return iterations;
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx512f"))) int64_t fma_chains_avx512(float* acc, double seconds) {
+  return fma_chains<256, true>(acc, seconds);  // 16 zmm chains
+}
+__attribute__((target("avx2,fma"))) int64_t fma_chains_avx2(float* acc, double seconds) {
+  return fma_chains<96, true>(acc, seconds);  // 12 ymm chains of the 16 registers
+}
+#endif
+int64_t fma_chains_generic(float* acc, double seconds) { return fma_chains<64, false>(acc, seconds); }
+
+}  // namespace
+
 double cpu_peak_flops_measure(int threads, double seconds) {
   const int n_threads = threads > 0 ? threads : omp_get_max_threads();
-  // Independent multiply-add chains (a * x + y with |a| < 1 so nothing overflows), wide
-  // enough for the compiler to vectorise and to hide the FMA latency.
-  constexpr int kLanes = 64;
-  std::vector<double> flops_per_second(n_threads, 0.0);
+  // The widest vector unit this CPU has (what BLAS uses), whatever the build targets.
+  int lanes = 64;
+  int64_t (*loop)(float*, double) = fma_chains_generic;
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (__builtin_cpu_supports("avx512f")) {
+    loop = fma_chains_avx512;
+    lanes = 256;
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    loop = fma_chains_avx2;
+    lanes = 96;
+  }
+#endif
+  std::vector<double> flops_per_second(static_cast<size_t>(n_threads), 0.0);
 #pragma omp parallel num_threads(n_threads)
   {
-    alignas(64) float acc[kLanes];
-    for (int i = 0; i < kLanes; ++i) acc[i] = static_cast<float>(i) * 1e-3f;
-    const float a = 0.999f, b = 1e-4f;
-    int64_t iterations = 0;
+    alignas(64) float acc[256];
+    for (int i = 0; i < 256; ++i) acc[i] = static_cast<float>(i) * 1e-3f;
     const auto start = std::chrono::steady_clock::now();
-    double elapsed = 0;
-    do {
-      for (int r = 0; r < 4096; ++r) {
-#pragma omp simd
-        for (int i = 0; i < kLanes; ++i) acc[i] = acc[i] * a + b;
-      }
-      iterations += 4096;
-      elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    } while (elapsed < seconds);
-    float sink = 0;
-    for (float v : acc) sink += v;
-    flops_per_second[omp_get_thread_num()] = 2.0 * kLanes * static_cast<double>(iterations) / elapsed + (sink == -1 ? 1 : 0);
+    const int64_t iterations = loop(acc, seconds);
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    volatile float sink = acc[0] + acc[lanes - 1];  // keeps the chains alive
+    (void)sink;
+    flops_per_second[static_cast<size_t>(omp_get_thread_num())] = 2.0 * lanes * static_cast<double>(iterations) / elapsed;
   }
   double total = 0;
   for (double f : flops_per_second) total += f;

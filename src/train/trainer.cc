@@ -143,6 +143,9 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
   const std::filesystem::path log_path = config.out_dir / "log.jsonl";
   TrainState state;
   state.seed = config.seed;
+  state.batch = B;
+  state.context = T;
+  state.accum = K;
   if (config.resume) {
     FLASHGPT_CHECK(std::filesystem::exists(checkpoint_path), "--resume: {} has no checkpoint ({} is missing)",
                    config.out_dir.string(), checkpoint_path.string());
@@ -153,6 +156,10 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
     state = meta.state;
     FLASHGPT_CHECK(state.seed == config.seed, "{} was trained with seed {}, this run has seed {}",
                    checkpoint_path.string(), state.seed, config.seed);
+    FLASHGPT_CHECK(state.batch == B && state.context == T && state.accum == K,
+                   "{} was trained with batch {}, context {} and accumulation {}; this run has {}, {} and {}: resume "
+                   "with the options the run was started with (they fix the data order)",
+                   checkpoint_path.string(), state.batch, state.context, state.accum, B, T, K);
     FLASHGPT_CHECK(state.micro_step == static_cast<int64_t>(state.loader.epoch) * spe +
                                            static_cast<int64_t>(state.loader.step_in_epoch) &&
                        state.micro_step == state.step * K,

@@ -2,7 +2,7 @@
 // written from strings (compressed with the gzip/xz command-line tools).
 #pragma once
 
-#include <flashgpt/data.h>
+#include <flashgpt/data_reader.h>
 
 #include <gtest/gtest.h>
 

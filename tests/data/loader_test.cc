@@ -1,4 +1,4 @@
-#include <flashgpt/data.h>
+#include <flashgpt/data_loader.h>
 #include <flashgpt/error.h>
 
 #include <gtest/gtest.h>

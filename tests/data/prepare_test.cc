@@ -1,4 +1,6 @@
-#include <flashgpt/data.h>
+#include <flashgpt/data_loader.h>
+#include <flashgpt/data_prepare.h>
+#include <flashgpt/data_shard.h>
 #include <flashgpt/error.h>
 #include <flashgpt/tokenizer.h>
 

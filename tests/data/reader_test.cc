@@ -1,4 +1,5 @@
-#include <flashgpt/data.h>
+#include <flashgpt/data_reader.h>
+#include <flashgpt/digest.h>
 #include <flashgpt/error.h>
 
 #include <gtest/gtest.h>

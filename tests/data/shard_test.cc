@@ -1,4 +1,4 @@
-#include <flashgpt/data.h>
+#include <flashgpt/data_shard.h>
 #include <flashgpt/error.h>
 
 #include <gtest/gtest.h>
@@ -94,6 +94,14 @@ TEST(Shard, UnfinishedWriterLeavesNothing) {
   }
   EXPECT_FALSE(std::filesystem::exists(dir / "u.bin"));
   EXPECT_FALSE(std::filesystem::exists(dir / "u.bin.tmp"));
+}
+
+TEST(Crc32, KnownAnswerAndPieces) {
+  EXPECT_EQ(crc32_update(0, "123456789", 9), 0xCBF43926u);
+  const std::string text = "The quick brown fox jumps over the lazy dog";
+  EXPECT_EQ(crc32_update(0, text.data(), text.size()), 0x414FA339u);
+  const uint32_t first = crc32_update(0, text.data(), 13);
+  EXPECT_EQ(crc32_update(first, text.data() + 13, text.size() - 13), 0x414FA339u);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Unit tests of the tokenizer's parts (sha256, UTF-8, Unicode tables, the two merge
+// Unit tests of the tokenizer's parts (the two merge
 // methods, loading errors, specials, streaming decode, batch/parallel, linear time). The
 // id-for-id comparison with tiktoken is compare_tiktoken.py.
 #include <flashgpt/error.h>
@@ -8,8 +8,6 @@
 #include "tokenizer/bpe.h"
 #include "tokenizer/piece_cache.h"
 #include "tokenizer/pretokenize.h"
-#include "tokenizer/sha256.h"
-#include "tokenizer/unicode.h"
 
 #include <gtest/gtest.h>
 
@@ -55,110 +53,11 @@ std::string error_of(F&& f) {
   return "";
 }
 
-TEST(Sha256, KnownVectors) {
-  EXPECT_EQ(sha256_hex(""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
-  EXPECT_EQ(sha256_hex("abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-  EXPECT_EQ(sha256_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
-            "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
-  EXPECT_EQ(sha256_hex(std::string(1000000, 'a')), "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
-}
-
-TEST(Sha1, KnownVectors) {
-  EXPECT_EQ(sha1_hex(""), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
-  EXPECT_EQ(sha1_hex("abc"), "a9993e364706816aba3e25717850c26c9cd0d89d");
-  EXPECT_EQ(sha1_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
-            "84983e441c3bd26ebaae4aa1f95129e5e54670f1");
-}
-
-TEST(Utf8, FindsTheFirstInvalidByte) {
-  EXPECT_EQ(unicode::utf8_find_invalid("plain ascii text, long enough for the fast path"), 47u);
-  EXPECT_EQ(unicode::utf8_find_invalid("h\xC3\xA9llo \xF0\x9F\x99\x82"), 11u);  // valid: size
-  EXPECT_EQ(unicode::utf8_find_invalid("abc\x80"), 3u);
-  EXPECT_EQ(unicode::utf8_find_invalid("ab\xED\xA0\x80"), 2u);   // surrogate
-  EXPECT_EQ(unicode::utf8_find_invalid("\xC0\xAF"), 0u);         // overlong
-  EXPECT_EQ(unicode::utf8_find_invalid("x\xF0\x9F\x99"), 1u);    // truncated at the end
-  EXPECT_EQ(unicode::utf8_find_invalid("x\xF4\x90\x80\x80"), 1u);  // above U+10FFFF
-}
-
-// Where the first invalid sequence of text begins (its size if none), one
-// utf8_sequence_length call a character: the reference of utf8_find_invalid's fast paths.
-size_t utf8_find_invalid_reference(std::string_view text) {
-  size_t pos = 0;
-  while (pos < text.size()) {
-    bool truncated;
-    size_t length = unicode::utf8_sequence_length(text, pos, &truncated);
-    if (length == 0) return pos;
-    pos += length;
-  }
-  return text.size();
-}
-
-// The fast paths of utf8_find_invalid (16 and 8 ASCII bytes at a time, inline two- and
-// three-byte sequences) against a loop over utf8_sequence_length alone: random strings of
-// valid and invalid fragments, with the fragments at every offset from a 16-byte boundary.
-TEST(Utf8, FindInvalidMatchesTheCharacterLoop) {
-  const std::string fragments[] = {"a", "0123456789abcdef", " ", "\xC3\xA9", "\xD0\x96", "\xE0\xA4\xB9", "\xE4\xB8\x96",
-                                   "\xED\x9F\xBF", "\xEF\xBF\xBD", "\xF0\x9F\x99\x82", "\xF4\x8F\xBF\xBF",
-                                   // invalid: stray continuation, overlong, surrogate, above U+10FFFF, bad lead
-                                   "\x80", "\xC1\xBF", "\xE0\x9F\xBF", "\xED\xA0\x80", "\xF4\x90\x80\x80", "\xF5",
-                                   "\xFF", "\xC3", "\xE4\xB8", "\xF0\x9F\x99", "\xC3\x41", "\xE4\x41\x96"};
-  std::mt19937 rng(3);
-  for (int trial = 0; trial < 200000; ++trial) {
-    std::string text(rng() % 24, 'x');
-    size_t count = rng() % 6;
-    for (size_t k = 0; k < count; ++k) {
-      // mostly valid fragments, so that most texts reach their end or fail late
-      size_t pick = rng() % 8 == 0 ? rng() % std::size(fragments) : rng() % 11;
-      text += fragments[pick];
-      if (rng() % 2) text += std::string(rng() % 20, 'y');
-    }
-    ASSERT_EQ(unicode::utf8_find_invalid(text), utf8_find_invalid_reference(text)) << "trial " << trial;
-  }
-}
-
-// The same on longer texts of ASCII and two-byte sequences (the 64-byte blocks), with now
-// and then an invalid or a longer sequence, a lead at a block's last byte, or a text that
-// ends inside a sequence.
-TEST(Utf8, FindInvalidMatchesTheCharacterLoopInTwoByteText) {
-  const std::string valid[] = {"a", " ", "\xC3\xA9", "\xD0\x96", "\xC2\x80", "\xDF\xBF"};
-  const std::string rare[] = {"\xE4\xB8\x96", "\xF0\x9F\x99\x82", "\x80", "\xBF", "\xC0\x80", "\xC1\xBF",
-                              "\xC3", "\xC3\x41", "\xC3\xC3\xA9", "\xE0\x80\x80", "\xF8"};
-  std::mt19937 rng(4);
-  for (int trial = 0; trial < 100000; ++trial) {
-    size_t length = rng() % 300;
-    std::string text;
-    while (text.size() < length) text += rng() % 64 == 0 ? rare[rng() % std::size(rare)] : valid[rng() % std::size(valid)];
-    if (rng() % 8 == 0 && !text.empty()) text.pop_back();  // may end inside a sequence
-    ASSERT_EQ(unicode::utf8_find_invalid(text), utf8_find_invalid_reference(text)) << "trial " << trial;
-  }
-}
-
-TEST(Utf8, ReplacesMaximalSubparts) {
-  const std::string r = "\xEF\xBF\xBD";
-  EXPECT_EQ(unicode::utf8_replace_invalid("a\x80z"), "a" + r + "z");
-  EXPECT_EQ(unicode::utf8_replace_invalid("a\xE2\x82z"), "a" + r + "z");           // one per truncated sequence
-  EXPECT_EQ(unicode::utf8_replace_invalid("\xED\xA0\x80"), r + r + r);              // surrogates: one per byte
-  EXPECT_EQ(unicode::utf8_replace_invalid("\xF0\x9F\x98"), r);
-  EXPECT_EQ(unicode::utf8_replace_invalid("\xC0\xAF"), r + r);
-}
-
 TEST(Invalid, EncodeNamesTheOffsetOrReplaces) {
   std::string message = error_of([] { cl100k().encode_ordinary("abc\xFF" "def"); });
   EXPECT_NE(message.find("byte offset 3"), std::string::npos) << message;
   auto ids = cl100k().encode_ordinary("abc\xFF" "def", InvalidUtf8::replace);
   EXPECT_EQ(cl100k().decode(ids), "abc\xEF\xBF\xBD" "def");
-}
-
-TEST(UnicodeTables, FlatTableMatchesRanges) {
-  const uint8_t* table = unicode::unicode_flag_table();
-  for (uint32_t cp = 0; cp < 0x110000; ++cp) ASSERT_EQ(table[cp], unicode::unicode_flags_slow(cp)) << cp;
-  EXPECT_EQ(table['a'], unicode::kLetter | unicode::kLower);
-  EXPECT_EQ(table['A'], unicode::kLetter | unicode::kUpper);
-  EXPECT_EQ(table['7'], unicode::kNumber);
-  EXPECT_EQ(table[' '], unicode::kSpace);
-  EXPECT_EQ(table[0x1C], 0) << "U+001C is not White_Space (Rust's \\s), unlike Python's str.isspace";
-  EXPECT_EQ(table[0x0301], unicode::kMark | unicode::kUpper | unicode::kLower);
-  EXPECT_EQ(table[0x3000], unicode::kSpace);
 }
 
 // Random valid UTF-8 for the pretokenizer tests: fragments of every class the block path

@@ -222,6 +222,7 @@ TEST(Trainer, AccumulationEqualsABiggerBatchCpuModel) {
         ModelOptions o;
         o.max_batch = B;
         o.max_context = 8;
+        o.threads = 1;  // CI's 2 cores are shared: spinning OpenMP teams only slow a model this small
         return gpt_create_cpu(mc, o);
       },
       2e-5);
@@ -262,8 +263,8 @@ class StopAt final : public GptModel {
 void expect_resume_bit_exact(const std::function<std::unique_ptr<GptModel>(const ModelConfig&)>& make, float dropout,
                              uint64_t stop_at) {
   TempDir dir_a, dir_b;
-  const auto data_a = write_dataset(dir_a, 700, 100);
-  const auto data_b = write_dataset(dir_b, 700, 100);
+  const auto data_a = write_dataset(dir_a, 400, 100);
+  const auto data_b = write_dataset(dir_b, 400, 100);
   auto a = base_config(dir_a, data_a, tiny_config(dropout));
   a.accum = 2;
   a.epochs = 3;  // several epoch ends, one of them inside an optimizer step
@@ -311,6 +312,7 @@ TEST(Trainer, ResumeEqualsUninterruptedCpuModel) {
   ModelOptions o;
   o.max_batch = 2;
   o.max_context = 8;
+  o.threads = 1;
   expect_resume_bit_exact([&](const ModelConfig& mc) { return gpt_create_cpu(mc, o); }, 0.1f, 6);
 }
 

@@ -14,7 +14,7 @@
 // With dropout Z = mask * 256 / (256 - t) (philox.h): dV += (P Z)^T dO and dS = P (dP Z - D).
 #pragma once
 
-#include "attention/attention_cuda_launch.h"
+#include "attention_cuda_launch.h"
 #include "flash_common.cuh"
 
 #ifndef FLASHGPT_DQ_ATOMIC_WIDTH
@@ -258,7 +258,7 @@ __device__ __forceinline__ void load_lse_dot_rows(float* s_lse, float* s_dot, co
 // `deterministic` is a run-time flag, not a template parameter: the semaphore wait costs a
 // uniform branch per iteration, and fewer kernels per instance save CI's nvcc time. Dropout is
 // a template parameter (kDropout: p.dropout_p > 0), as in the wgmma kernel: as a run-time flag
-// it cost 6-23% without dropout at d32 and d256 (notes, v11).
+// it cost 6-23% without dropout at d32 and d256.
 template <typename Traits, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     flash_bwd_main_kernel(const AttentionParams p, float scale, BwdWorkspace ws, bool deterministic) {

@@ -19,7 +19,7 @@
 //                      (flash_bwd_convert_dq_kernel), so that each thread's n8 tile is one float4
 //                      atomic (8 a thread, instead of 16 float2 ones in row-major order).
 //                      (A bulk reduce-add of the sub-tile from shared memory instead measured
-//                      0.72-0.90x FA2 against the atomics' 0.89-1.03x; notes, "v7".)
+//                      0.72-0.90x FA2 against the atomics' 0.89-1.03x.)
 // The accumulator of m64nN is, per warp, the m16n8 C fragment layout tiled along N: this
 // thread's rows (keys) are 16 (warp % 4) + lane / 4 (+ 8), exactly one m16 key tile of the
 // mma.sync kernel, so the masking and the dropout bytes (dropout_key_column_bytes) are the same.
@@ -31,7 +31,7 @@
 // (loads landed, dS^T complete).
 #pragma once
 
-#include "attention/attention_cuda_launch.h"
+#include "attention_cuda_launch.h"
 #include "flash_bwd_kernel.cuh"
 #include "flash_common.cuh"
 #include "wgmma_common.cuh"
@@ -40,8 +40,8 @@
 #define FLASHGPT_BWD_DS_STORE_LATE 0
 #endif
 // Lab hooks, per head dim: 1 copies the LSE and D rows with cp.async, 0 with plain loads by
-// the first kBlockM threads (which then wait for them). Measured on the H100 in one run
-// (notes, "v7"): cp.async wins at d64 (+3-8% backward) and loses at d128 (-4 to -13%). Not
+// the first kBlockM threads (which then wait for them). Measured on the H100 in one run:
+// cp.async wins at d64 (+3-8% backward) and loses at d128 (-4 to -13%). Not
 // profiled; a guess is that at d128 the wait holds back only two warps of warpgroup 0, which
 // staggers the two warpgroups' S and dP GEMMs instead of issuing them together.
 #ifndef FLASHGPT_BWD64_LSE_ASYNC
@@ -51,7 +51,7 @@
 #define FLASHGPT_BWD128_LSE_ASYNC 0
 #endif
 // Lab hook: 1 builds the wgmma descriptors once and advances them by constants (3-5% faster
-// backward on the H100 than 0, which builds each one at its use; notes, "v7").
+// backward on the H100 than 0, which builds each one at its use).
 #ifndef FLASHGPT_BWD_DESC_PRECOMPUTE
 #define FLASHGPT_BWD_DESC_PRECOMPUTE 1
 #endif
@@ -59,7 +59,7 @@
 // 0 launches a CTA per tile (3-D grid); 1 runs one CTA per SM that takes tile after tile, the
 // first by its block index, the next ones from a counter in the workspace, and issues the
 // copies of its next tile's K, V and first query block while it writes out this tile's dK
-// and dV. Measured on the H100 (notes, "v10"), TFLOP/s backward at s 512-16k: without
+// and dV. Measured on the H100, TFLOP/s backward at s 512-16k: without
 // dropout 1 is 2-10% faster than 0 (d128 causal s512-2k: 3-5% slower, still 1.03-1.11x FA2);
 // with dropout (the model's shape) 1 measured 92 and 0 (with a tile index from a division)
 // 89, both spilling about 200 bytes. A counter-fed tile index is not warp-uniform to the

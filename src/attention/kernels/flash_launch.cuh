@@ -3,8 +3,8 @@
 // own translation unit under src/attention/instances/ so that nvcc runs in parallel.
 #pragma once
 
-#include "attention/attention_cuda_launch.h"
-#include "common/cuda_check.h"
+#include "attention_cuda_launch.h"
+#include <flashgpt/cuda_check.h>
 #include "flash_bwd_kernel.cuh"
 #include "flash_bwd_wgmma_kernel.cuh"
 #include "flash_fwd_kernel.cuh"

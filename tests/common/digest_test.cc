@@ -1,8 +1,14 @@
-#include <flashgpt/data.h>
+// MD5, SHA-1 and SHA-256 against the published test vectors, and the file digests
+// (streamed in chunks) against the string digests of the same bytes.
+#include <flashgpt/digest.h>
+#include <flashgpt/error.h>
 
 #include <gtest/gtest.h>
 
-#include "data/fixtures.h"
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
 
 namespace flashgpt {
 namespace {
@@ -23,21 +29,22 @@ TEST(Digest, Sha256KnownAnswers) {  // FIPS 180-4 examples
             "cdc76e5c9914fb9281a1c7e284d73e67f1809a48a497200e046d39ccc7112cd0");
 }
 
-TEST(Digest, FileHashesMatchStringHashes) {
-  testing::TempDir dir;
-  std::string bytes;
-  for (int i = 0; i < 300'000; ++i) bytes.push_back(static_cast<char>(i * 7 + i / 251));
-  const auto path = testing::write_file(dir / "blob", bytes);
-  EXPECT_EQ(md5_hex_file(path), md5_hex(std::string_view(bytes)));
-  EXPECT_EQ(sha256_hex_file(path), sha256_hex(std::string_view(bytes)));
+TEST(Digest, Sha1KnownAnswers) {
+  EXPECT_EQ(sha1_hex(""), "da39a3ee5e6b4b0d3255bfef95601890afd80709");
+  EXPECT_EQ(sha1_hex("abc"), "a9993e364706816aba3e25717850c26c9cd0d89d");
+  EXPECT_EQ(sha1_hex("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq"),
+            "84983e441c3bd26ebaae4aa1f95129e5e54670f1");
 }
 
-TEST(Crc32, KnownAnswerAndPieces) {
-  EXPECT_EQ(crc32_update(0, "123456789", 9), 0xCBF43926u);
-  const std::string text = "The quick brown fox jumps over the lazy dog";
-  EXPECT_EQ(crc32_update(0, text.data(), text.size()), 0x414FA339u);
-  const uint32_t first = crc32_update(0, text.data(), 13);
-  EXPECT_EQ(crc32_update(first, text.data() + 13, text.size() - 13), 0x414FA339u);
+TEST(Digest, FileHashesMatchStringHashes) {
+  std::string bytes;
+  for (int i = 0; i < 300'000; ++i) bytes.push_back(static_cast<char>(i * 7 + i / 251));
+  const auto path = std::filesystem::temp_directory_path() / ("flashgpt_digest_" + std::to_string(std::random_device{}()));
+  std::ofstream(path, std::ios::binary) << bytes;
+  EXPECT_EQ(md5_hex_file(path), md5_hex(std::string_view(bytes)));
+  EXPECT_EQ(sha256_hex_file(path), sha256_hex(std::string_view(bytes)));
+  std::filesystem::remove(path);
+  EXPECT_THROW(sha256_hex_file(path), Error);  // a missing file is an error naming it
 }
 
 }  // namespace

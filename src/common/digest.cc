@@ -1,14 +1,16 @@
-// MD5 (RFC 1321) and streaming SHA-256 (FIPS 180-4) of files, for verifying downloads
-// without a crypto library (sha256_hex of a string is the tokenizer's, src/tokenizer/
-// sha256.cc; the tests check that both agree). MD5 is here only because the published WMT checksums are MD5; it guards
-// against corruption, not tampering (the recorded sha256 does that better).
-#include <flashgpt/data.h>
+// MD5 (RFC 1321), SHA-1 and SHA-256 (FIPS 180-4) of strings and of files, streamed through
+// one block buffer, so that the project verifies rank files and downloads without a crypto
+// library. MD5 is here only because the published WMT checksums are MD5; it guards against
+// corruption, not tampering (the recorded sha256 does that better).
+#include <flashgpt/digest.h>
 #include <flashgpt/error.h>
 
+#include <algorithm>
 #include <bit>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <vector>
 
 namespace flashgpt {
 namespace {
@@ -23,8 +25,8 @@ std::string hex(const unsigned char* bytes, size_t n) {
   return out;
 }
 
-// Both hashes work on 64-byte blocks with the same length padding (MD5 little-endian
-// length, SHA-256 big-endian); Block consumes whole blocks.
+// All three hashes work on 64-byte blocks with the same length padding (MD5 little-endian
+// length, SHA-1 and SHA-256 big-endian); the hasher consumes whole blocks.
 template <class Hasher>
 struct BlockBuffer {
   Hasher hasher;
@@ -105,6 +107,38 @@ struct Md5 {
   }
 };
 
+struct Sha1 {
+  uint32_t h[5] = {0x67452301, 0xEFCDAB89, 0x98BADCFE, 0x10325476, 0xC3D2E1F0};
+  void compress(const unsigned char* b) {
+    uint32_t w[80];
+    for (int i = 0; i < 16; ++i) {
+      w[i] = uint32_t{b[4 * i]} << 24 | uint32_t{b[4 * i + 1]} << 16 | uint32_t{b[4 * i + 2]} << 8 | b[4 * i + 3];
+    }
+    for (int i = 16; i < 80; ++i) w[i] = std::rotl(w[i - 3] ^ w[i - 8] ^ w[i - 14] ^ w[i - 16], 1);
+    uint32_t a = h[0], bb = h[1], c = h[2], d = h[3], e = h[4];
+    for (int i = 0; i < 80; ++i) {
+      uint32_t f, k;
+      if (i < 20) {
+        f = (bb & c) | (~bb & d), k = 0x5A827999;
+      } else if (i < 40) {
+        f = bb ^ c ^ d, k = 0x6ED9EBA1;
+      } else if (i < 60) {
+        f = (bb & c) | (bb & d) | (c & d), k = 0x8F1BBCDC;
+      } else {
+        f = bb ^ c ^ d, k = 0xCA62C1D6;
+      }
+      const uint32_t t = std::rotl(a, 5) + f + e + k + w[i];
+      e = d, d = c, c = std::rotl(bb, 30), bb = a, a = t;
+    }
+    h[0] += a, h[1] += bb, h[2] += c, h[3] += d, h[4] += e;
+  }
+  std::string digest() const {
+    unsigned char out[20];
+    for (int i = 0; i < 20; ++i) out[i] = static_cast<unsigned char>(h[i / 4] >> (24 - 8 * (i % 4)));
+    return hex(out, 20);
+  }
+};
+
 struct Sha256 {
   uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
   void compress(const unsigned char* b) {
@@ -170,5 +204,7 @@ std::string hash_file(const std::filesystem::path& path, bool big_endian_length)
 std::string md5_hex(std::string_view bytes) { return hash_bytes<Md5>(bytes, false); }
 std::string md5_hex_file(const std::filesystem::path& path) { return hash_file<Md5>(path, false); }
 std::string sha256_hex_file(const std::filesystem::path& path) { return hash_file<Sha256>(path, true); }
+std::string sha256_hex(std::string_view bytes) { return hash_bytes<Sha256>(bytes, true); }
+std::string sha1_hex(std::string_view bytes) { return hash_bytes<Sha1>(bytes, true); }
 
 }  // namespace flashgpt

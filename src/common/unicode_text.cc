@@ -1,12 +1,9 @@
 // UTF-8 validation and decoding, whitespace normalisation, and the Unicode classification
 // the keyword analysis needs: letters and UTF-8 validity from the tokenizer's tables,
 // decimal digits and lowercase mappings from scripts/gen_unicode_word_tables.py.
-#include <flashgpt/data.h>
-#include <flashgpt/error.h>
+#include <flashgpt/unicode.h>
 
 #include <algorithm>
-
-#include "tokenizer/unicode.h"
 
 namespace flashgpt {
 namespace {
@@ -18,7 +15,7 @@ struct CodeMap {
   char32_t from, to;
 };
 
-#include "data/unicode_word_tables.inc"
+#include "unicode_word_tables.inc"
 
 // Python's str.isspace() (what `\s` matches in a str pattern).
 bool is_python_space(char32_t c) {

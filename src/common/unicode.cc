@@ -1,4 +1,4 @@
-#include "tokenizer/unicode.h"
+#include <flashgpt/unicode.h>
 
 #include <algorithm>
 #include <bit>

@@ -1,0 +1,91 @@
+// prepare: parallel and monolingual corpora -> documents -> train/val token shards.
+//
+// Invariant: everything prepare writes depends on the seed and the inputs only, never on
+// the thread count: random choices are drawn from Philox keyed by (seed, document index).
+#pragma once
+
+#include <flashgpt/data_reader.h>
+#include <flashgpt/tokenizer.h>
+
+#include <array>
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <map>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace flashgpt {
+
+// What prepare needs of a tokenizer. From the real one: text_encoder_from(tokenizer).
+struct TextEncoder {
+  std::string name;
+  uint32_t vocab_size = 0;
+  TokenId end_of_text = 0;
+  // Encodes each text (no special tokens); the result is in input order and must not
+  // depend on `threads`.
+  std::function<std::vector<std::vector<TokenId>>(std::span<const std::string_view> texts, int threads)> encode_batch;
+};
+TextEncoder text_encoder_from(const Tokenizer& tokenizer);
+
+struct PrepareConfig {
+  std::vector<PairSource> pairs;                 // parallel corpora
+  std::vector<std::filesystem::path> mono;       // monolingual files, one text per line
+  std::filesystem::path eval_dir;                // where newstest2012/13/14 are looked up
+  std::filesystem::path out_dir;
+  uint64_t seed = 1234;
+  int threads = 0;                               // 0: all cores
+  // The original recipe is bilingual_rate = 0: each pair contributes its English or its
+  // French side, chosen at random. With rate r, a pair becomes a bilingual document with
+  // probability r (a template below, direction at random) and a monolingual one otherwise.
+  double bilingual_rate = 0.0;
+  double val_fraction = 0.005;                   // documents held out for validation
+  uint64_t shard_tokens = 100'000'000;           // tokens per shard (the last one is shorter)
+  BadLinePolicy bad_lines = BadLinePolicy::skip;
+  size_t batch_documents = 16384;                // documents tokenized per batch
+  Prefetch prefetch = Prefetch::yes;             // decode input files on their own threads
+  bool progress = true;                          // progress lines on stderr
+};
+
+// Bilingual templates: {en} and {fr} are replaced by the sentences.
+inline constexpr std::array<std::string_view, 4> kBilingualTemplates = {
+    "English: {en}\nFrench: {fr}", "French: {fr}\nEnglish: {en}",
+    "{en}\nIn French: {fr}", "{fr}\nEn anglais : {en}"};
+
+struct ShardInfo {
+  std::string path;
+  uint64_t tokens = 0;
+  uint32_t crc32 = 0;
+};
+
+struct PrepareSummary {
+  struct Corpus {
+    std::string name;
+    uint64_t read = 0, used = 0;
+    std::map<std::string, uint64_t> skipped;  // reason -> count
+  };
+  std::vector<Corpus> corpora;
+  uint64_t documents = 0, val_documents = 0;
+  uint64_t tokens_en = 0, tokens_fr = 0, tokens_bilingual = 0, tokens_eot = 0;
+  uint64_t dev_overlap = 0;  // pairs with a side identical to a newstest2012/2013 line (kept, warned)
+  std::vector<ShardInfo> train_shards, val_shards;
+  uint64_t raw_bytes = 0;
+  double seconds_read = 0, seconds_tokenize = 0, seconds_write = 0, seconds_total = 0;
+  std::vector<std::string> warnings;
+};
+
+// Runs the pipeline and writes OUT/train_NNNNNN.bin, OUT/val_NNNNNN.bin and
+// OUT/summary.json. Refuses (throws) newstest2014 as an input, by file name or by content
+// (a pair identical to a newstest2014 pair); drops single lines identical to a
+// newstest2014 line, counting them; warns about newstest2012/2013.
+PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& encoder);
+std::string prepare_summary_json(const PrepareSummary& summary);
+
+// The default inputs: every train.* pair in DATA/wmt14 and DATA/extra.
+std::vector<PairSource> default_pair_sources(const std::filesystem::path& data_dir);
+// FLASHGPT_DATA_DIR, else ../shared/data from the working directory; empty if neither exists.
+std::filesystem::path data_dir_default();
+
+}  // namespace flashgpt
