@@ -83,11 +83,13 @@ void gemm_rows_generic(int64_t i0, int64_t rows, int64_t N, int64_t K, float alp
 }
 
 #if FLASHGPT_HAVE_BLAS
-// BLAS runs on one thread per call, on slabs of kBlasSlabRows rows of C that OpenMP
-// spreads over its threads: every row of C comes from a call of the same shape whatever
-// the thread count (OpenBLAS's own threading gives other bits for other thread counts),
-// and OpenMP's thread count is the only one to set.
+// BLAS runs on one thread per call, on slabs of kBlasSlabRows rows (or, for a C wider
+// than tall, kBlasSlabCols columns) of C that OpenMP spreads over its threads: every
+// element of C comes from a call of the same shape whatever the thread count (OpenBLAS's
+// own threading gives other bits for other thread counts), and OpenMP's thread count is
+// the only one to set.
 constexpr int64_t kBlasSlabRows = 64;
+constexpr int64_t kBlasSlabCols = 256;
 
 void blas_single_threaded() {
   static const bool once = [] {
@@ -130,20 +132,34 @@ void gemm_cpu(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, flo
   if (M == 0 || N == 0) return;
 #if FLASHGPT_HAVE_BLAS
   constexpr int64_t kIntMax = 2147483647;
-  if (K > 0 && N <= kIntMax && K <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax) {
+  if (K > 0 && M <= kIntMax && N <= kIntMax && K <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax) {
     blas_single_threaded();
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
     const char ca = trans_b == Trans::yes ? 'T' : 'N', cb = trans_a == Trans::yes ? 'T' : 'N';
-    const int n = static_cast<int>(N), k = static_cast<int>(K);
+    const int n_all = static_cast<int>(N), k = static_cast<int>(K);
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    const int64_t slabs = (M + kBlasSlabRows - 1) / kBlasSlabRows;
+    if (M >= N) {
+      const int64_t slabs = (M + kBlasSlabRows - 1) / kBlasSlabRows;
 #pragma omp parallel for schedule(static) if(parallel : slabs > 1 && parallel_worth(M * N * K))
-    for (int64_t slab = 0; slab < slabs; ++slab) {
-      const int64_t i0 = slab * kBlasSlabRows;
-      const int m = static_cast<int>(std::min(kBlasSlabRows, M - i0));
-      // Rows i0.. of op(A): row i0 of A, or column i0 of A^T.
-      const float* a = trans_a == Trans::yes ? A + i0 : A + i0 * lda;
-      sgemm_(&ca, &cb, &n, &m, &k, &alpha, B, &la, a, &lb, &beta, C + i0 * ldc, &lc, 1, 1);
+      for (int64_t slab = 0; slab < slabs; ++slab) {
+        const int64_t i0 = slab * kBlasSlabRows;
+        const int m = static_cast<int>(std::min(kBlasSlabRows, M - i0));
+        // Rows i0.. of op(A): row i0 of A, or column i0 of A^T.
+        const float* a = trans_a == Trans::yes ? A + i0 : A + i0 * lda;
+        sgemm_(&ca, &cb, &n_all, &m, &k, &alpha, B, &la, a, &lb, &beta, C + i0 * ldc, &lc, 1, 1);
+      }
+    } else {
+      // Wide C (the classifier's rows x V logits): slabs of columns.
+      const int64_t slabs = (N + kBlasSlabCols - 1) / kBlasSlabCols;
+      const int m_all = static_cast<int>(M);
+#pragma omp parallel for schedule(static) if(parallel : slabs > 1 && parallel_worth(M * N * K))
+      for (int64_t slab = 0; slab < slabs; ++slab) {
+        const int64_t j0 = slab * kBlasSlabCols;
+        const int n = static_cast<int>(std::min(kBlasSlabCols, N - j0));
+        // Columns j0.. of op(B): column j0 of B, or row j0 of B^T.
+        const float* b = trans_b == Trans::yes ? B + j0 * ldb : B + j0;
+        sgemm_(&ca, &cb, &n, &m_all, &k, &alpha, b, &la, A, &lb, &beta, C + j0, &lc, 1, 1);
+      }
     }
     return;
   }

@@ -218,7 +218,8 @@ TEST(ModelLayersFp32, Matmul) {
 // gemm_cpu (BLAS where built with it) and the OpenMP loops against a double product, for
 // every transpose combination, padded leading dimensions and alpha/beta.
 TEST(ModelLayersFp32, GemmBothPaths) {
-  for (const auto& [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {17, 5, 33}, {7, 64, 1}, {40, 13, 9}}) {
+  for (const auto& [M, N, K] : {std::tuple<int64_t, int64_t, int64_t>{1, 1, 1}, {17, 5, 33}, {7, 64, 1}, {40, 13, 9},
+                                   {3, 700, 20}, {150, 70, 5}}) {  // column slabs; several row slabs
     for (const Trans ta : {Trans::no, Trans::yes}) {
       for (const Trans tb : {Trans::no, Trans::yes}) {
         const int64_t lda = (ta == Trans::no ? K : M) + 3, ldb = (tb == Trans::no ? N : K) + 2, ldc = N + 1;
