@@ -11,11 +11,11 @@
 //   parallel:   encode_ordinary_parallel (1..16 threads, tiny chunks) against encode_ordinary
 #include <flashgpt/error.h>
 #include <flashgpt/tokenizer.h>
+#include <flashgpt/unicode.h>
 
 #include "common/test_support.h"
 #include "tokenizer/pretokenize.h"
 #include "tokenizer/seam_documents.h"
-#include "tokenizer/unicode.h"
 
 #include <fmt/format.h>
 #include <gtest/gtest.h>
