@@ -338,15 +338,17 @@ GptCuda::~GptCuda() {
 void GptCuda::download(std::span<float> out, const float* src, const char* what) const {
   FLASHGPT_CHECK(static_cast<int64_t>(out.size()) == P_, "{}: the buffer has {} floats, the model has {} parameters",
                  what, out.size(), P_);
+  // On our stream (non-blocking: a plain cudaMemcpy would not wait for it).
+  FLASHGPT_CUDA_CHECK(
+      cudaMemcpyAsync(out.data(), src, size_t(P_) * sizeof(float), cudaMemcpyDeviceToHost, stream_));
   FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  FLASHGPT_CUDA_CHECK(cudaMemcpy(out.data(), src, size_t(P_) * sizeof(float), cudaMemcpyDeviceToHost));
 }
 
 void GptCuda::upload(std::span<const float> in, float* dst, const char* what) {
   FLASHGPT_CHECK(static_cast<int64_t>(in.size()) == P_, "{}: the buffer has {} floats, the model has {} parameters",
                  what, in.size(), P_);
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(dst, in.data(), size_t(P_) * sizeof(float), cudaMemcpyHostToDevice, stream_));
   FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  FLASHGPT_CUDA_CHECK(cudaMemcpy(dst, in.data(), size_t(P_) * sizeof(float), cudaMemcpyHostToDevice));
 }
 
 void GptCuda::params_set(std::span<const float> in) {

