@@ -111,19 +111,38 @@ nlohmann::json bench_one(const BenchTrainConfig& c, int64_t vocab) {
   AdamWConfig adam;  // the seed's: lr 1e-4, betas 0.9/0.95, wd 0
   std::vector<double> losses;
   double seconds = 0;
+  // Wall time of each call of the timed steps (the GPU idles between calls while the host
+  // works: these show how much).
+  double call_ms[5] = {};
+  const char* call_names[5] = {"batch", "grads_zero", "forward_backward", "grads_norm", "adamw_step"};
+  using Clock = std::chrono::steady_clock;
+  auto ms_since = [](Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); };
   for (int step = 1; step <= c.warmup + c.steps; ++step) {
+    const bool timed = step > c.warmup;
+    const auto start = Clock::now();
+    auto t = start;
     const auto windows = random_windows(c.batch, T, vocab, rng);
-    const auto start = std::chrono::steady_clock::now();
+    if (timed) call_ms[0] += ms_since(t);
+    t = Clock::now();
     model->grads_zero();
+    if (timed) call_ms[1] += ms_since(t);
+    t = Clock::now();
     const double loss = model->forward_backward(windows, c.batch, T, StepRng{7, uint64_t(step)}, 1.0f);
+    if (timed) call_ms[2] += ms_since(t);
+    t = Clock::now();
     const double norm = model->grads_norm();
+    if (timed) call_ms[3] += ms_since(t);
+    t = Clock::now();
     model->adamw_step(adam, step, norm > 1.0 ? float(1.0 / norm) : 1.0f);
     model->grads_norm();  // waits for the update, so the step's time includes it
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    if (step > c.warmup) seconds += s;
+    if (timed) call_ms[4] += ms_since(t);
+    const double s = std::chrono::duration<double>(Clock::now() - start).count();
+    if (timed) seconds += s;
     losses.push_back(loss);
     FLASHGPT_CHECK(std::isfinite(loss), "bench train: step {} gave loss {}", step, loss);
   }
+  nlohmann::json host_ms;
+  for (int i = 0; i < 5; ++i) host_ms[call_names[i]] = call_ms[i] / c.steps;
   const double tokens = double(c.steps) * c.batch * T;
   const double tokens_per_s = tokens / seconds;
   const double flops_per_token = model_train_flops_per_token(config, T);
@@ -148,6 +167,7 @@ nlohmann::json bench_one(const BenchTrainConfig& c, int64_t vocab) {
       {"last_loss", losses.back()},
       {"params", model_param_count_unpadded(config)},
       {"flops_per_token", flops_per_token},
+      {"call_ms", host_ms},
   };
   return row;
 }

@@ -24,6 +24,10 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <string>
+#include <utility>
+#include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 namespace flashgpt {
@@ -34,7 +38,20 @@ using model_cuda::DropoutSite;
 using model_cuda::Epilogue;
 
 constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;  // Hopper's recommended cuBLASLt scratch
-constexpr size_t kLogitsChunkBytes = size_t{1} << 30;       // bf16 logits held at once (rows x Vp)
+// bf16 logits held at once (rows x Vp). Seed, V = 100277, B 64 x 512 on an H100: 1 GiB
+// chunks spent 83.6 ms per step on the GPU, 4 GiB 81.3 (fewer passes over the fp32 wte
+// gradient); 2 GiB keeps the seed's peak under torch.compile's at V = 50257 too.
+constexpr size_t kLogitsChunkBytes = size_t{2} << 30;
+
+// The logits chunk in bytes: kLogitsChunkBytes, or FLASHGPT_LOGITS_CHUNK_MB (a tuning knob
+// of the benchmark; more rows per chunk means fewer passes over the fp32 wte gradient).
+size_t logits_chunk_bytes() {
+  const char* mb = std::getenv("FLASHGPT_LOGITS_CHUNK_MB");
+  if (mb == nullptr || *mb == '\0') return kLogitsChunkBytes;
+  const long long value = std::atoll(mb);
+  FLASHGPT_CHECK(value > 0, "FLASHGPT_LOGITS_CHUNK_MB must be a positive number of MiB, got '{}'", mb);
+  return size_t(value) << 20;
+}
 constexpr uint64_t kAttentionSeedXor = 0x5bd1e995ull;       // model.h's attention dropout stream
 
 // Carves typed, 256-byte aligned pieces out of one device allocation. Run once with no
@@ -180,6 +197,18 @@ class GptCuda final : public GptModel {
   int32_t *h_unique_ = nullptr, *h_starts_ = nullptr, *h_positions_ = nullptr, *h_unique_count_ = nullptr;
   double* h_result_ = nullptr;
   std::vector<int64_t> sort_keys_;
+
+  // FLASHGPT_MODEL_PROFILE=1: events between the ops of every call, summed per label and
+  // printed when the model is destroyed (the bench's breakdown). Off: mark() does nothing.
+  void profile_begin();
+  void mark(const char* label);
+  void profile_end();
+  bool profile_ = false;
+  std::vector<cudaEvent_t> events_;
+  std::vector<const char*> event_labels_;
+  size_t events_used_ = 0;
+  std::vector<std::pair<std::string, double>> profile_ms_;  // label, total ms, in first-seen order
+  int64_t profile_steps_ = 0;
 };
 
 void GptCuda::carve_device(Carver& c, size_t col_partial) {
@@ -291,8 +320,8 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
   // Sizes of the workspaces.
   const int64_t rows_total = n_max_;
   const int64_t row_bytes = Vp_ * 2;
-  const int64_t chunks = std::max<int64_t>(1, (rows_total * row_bytes + int64_t(kLogitsChunkBytes) - 1) /
-                                                   int64_t(kLogitsChunkBytes));
+  const int64_t chunk_bytes = static_cast<int64_t>(logits_chunk_bytes());
+  const int64_t chunks = std::max<int64_t>(1, (rows_total * row_bytes + chunk_bytes - 1) / chunk_bytes);
   chunk_rows_ = std::min<int64_t>(rows_total, ((rows_total + chunks - 1) / chunks + 63) / 64 * 64);
   logits_bytes_ = std::max<size_t>(size_t(chunk_rows_) * Vp_ * 2, size_t(Vp_) * 4);
   ln_partial_floats_ = model_cuda::layernorm_backward_partial_floats(n_max_, static_cast<int>(C_));
@@ -326,9 +355,55 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
   matmul_ = std::make_unique<model_cuda::Matmul>(kCublasWorkspaceBytes, options_.deterministic);
   FLASHGPT_CUDA_CHECK(cudaMemsetAsync(device_block_, 0, device_bytes_, stream_));
   FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  const char* profile = std::getenv("FLASHGPT_MODEL_PROFILE");
+  profile_ = profile != nullptr && std::strcmp(profile, "1") == 0;
+  if (profile_) {
+    events_.resize(size_t(64 + 64 * L_));
+    event_labels_.resize(events_.size());
+    for (auto& e : events_) FLASHGPT_CUDA_CHECK(cudaEventCreate(&e));
+  }
+}
+
+void GptCuda::profile_begin() {
+  if (!profile_) return;
+  events_used_ = 0;
+  mark("start");
+}
+
+void GptCuda::mark(const char* label) {
+  if (!profile_ || events_used_ >= events_.size()) return;
+  FLASHGPT_CUDA_CHECK(cudaEventRecord(events_[events_used_], stream_));
+  event_labels_[events_used_++] = label;
+}
+
+void GptCuda::profile_end() {
+  if (!profile_) return;
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  if (profile_steps_ == 0) return;  // the first step pays for plans and module loads
+  for (size_t i = 1; i < events_used_; ++i) {
+    float ms = 0;
+    FLASHGPT_CUDA_CHECK(cudaEventElapsedTime(&ms, events_[i - 1], events_[i]));
+    auto it = std::find_if(profile_ms_.begin(), profile_ms_.end(),
+                           [&](const auto& entry) { return entry.first == event_labels_[i]; });
+    if (it == profile_ms_.end()) {
+      profile_ms_.emplace_back(event_labels_[i], ms);
+    } else {
+      it->second += ms;
+    }
+  }
 }
 
 GptCuda::~GptCuda() {
+  if (profile_ && profile_steps_ > 0) {
+    double total = 0;
+    for (const auto& [label, ms] : profile_ms_) total += ms;
+    std::fprintf(stderr, "profile: GPU time per forward_backward call (%lld calls), by op\n",
+                 static_cast<long long>(profile_steps_));
+    for (const auto& [label, ms] : profile_ms_)
+      std::fprintf(stderr, "profile: %-24s %8.3f ms  %5.1f%%\n", label.c_str(), ms / profile_steps_, 100 * ms / total);
+    std::fprintf(stderr, "profile: %-24s %8.3f ms\n", "total", total / profile_steps_);
+  }
+  for (auto& e : events_) cudaEventDestroy(e);
   matmul_.reset();
   if (stream_) cudaStreamDestroy(stream_);
   if (device_block_) cudaFree(device_block_);
@@ -424,28 +499,39 @@ void GptCuda::forward(int64_t B, int64_t T, bool train, StepRng rng) {
   const int C = static_cast<int>(C_);
   model_cuda::encoder_forward(resid(0), d_tokens_, param(ParamKind::wte), param(ParamKind::wpe), N,
                               static_cast<int>(T), C, site(rng, 0, train), stream_);
+  mark("encoder fwd");
   for (int64_t l = 0; l < L_; ++l) {
     const float* x_in = resid(2 * l);
     float* x_mid = resid(2 * l + 1);
     float* x_out = resid(2 * l + 2);
     model_cuda::layernorm_forward(ln1(l), ln1_mean(l), ln1_rstd(l), x_in, param(ParamKind::ln1_w, l),
                                   param(ParamKind::ln1_b, l), N, C, stream_);
+    mark("layernorm fwd");
     matmul_->forward(qkv(l), ln1(l), weight(ParamKind::qkv_w, l), N, C_, 3 * C_, Epilogue::bias,
                      weight(ParamKind::qkv_b, l), nullptr, stream_);
+    mark("mm qkv");
     attention_forward_cuda(attention_params(l, B, T, train, rng), stream_);
+    mark("attention fwd");
     matmul_->forward(y_, atty(l), weight(ParamKind::attn_proj_w, l), N, C_, C_, Epilogue::bias,
                      weight(ParamKind::attn_proj_b, l), nullptr, stream_);
+    mark("mm attn proj");
     model_cuda::residual_forward(x_mid, x_in, y_, N, C, site(rng, 1 + 2 * l, train), stream_);
+    mark("residual fwd");
     model_cuda::layernorm_forward(ln2(l), ln2_mean(l), ln2_rstd(l), x_mid, param(ParamKind::ln2_w, l),
                                   param(ParamKind::ln2_b, l), N, C, stream_);
+    mark("layernorm fwd");
     matmul_->forward(gelu(l), ln2(l), weight(ParamKind::fc_w, l), N, C_, F_, Epilogue::gelu_aux_bias,
                      weight(ParamKind::fc_b, l), pre(l), stream_);
+    mark("mm fc+gelu");
     matmul_->forward(y_, gelu(l), weight(ParamKind::fc_proj_w, l), N, F_, C_, Epilogue::bias,
                      weight(ParamKind::fc_proj_b, l), nullptr, stream_);
+    mark("mm fc proj");
     model_cuda::residual_forward(x_out, x_mid, y_, N, C, site(rng, 2 + 2 * l, train), stream_);
+    mark("residual fwd");
   }
   model_cuda::layernorm_forward(lnf_, lnf_stats_, lnf_stats_ + n_max_, resid(2 * L_), param(ParamKind::lnf_w),
                                 param(ParamKind::lnf_b), N, C, stream_);
+  mark("layernorm fwd");
 }
 
 void GptCuda::classifier(int64_t N, bool with_grad, float loss_scale) {
@@ -454,15 +540,20 @@ void GptCuda::classifier(int64_t N, bool with_grad, float loss_scale) {
     const int64_t rows = std::min(chunk_rows_, N - r0);
     matmul_->forward(logits_, lnf_ + r0 * C_, weight(ParamKind::wte), rows, C_, Vp_, Epilogue::none, nullptr, nullptr,
                      stream_);
+    mark("mm logits");
     model_cuda::classifier_softmax_xent(logits_, losses_ + r0, d_targets_ + r0, rows, V_, Vp_, dloss, with_grad, stream_);
+    mark("classifier softmax");
     if (with_grad) {
       // dlnf (rows, C) = dlogits (rows, Vp) wte (Vp, C); dwte += dlogits^T lnf.
       matmul_->backward_input(dln_ + r0 * C_, logits_, weight(ParamKind::wte), rows, C_, Vp_, Epilogue::none, nullptr,
                               stream_);
+      mark("mm dlnf");
       matmul_->backward_weight(grad(ParamKind::wte), logits_, lnf_ + r0 * C_, rows, C_, Vp_, stream_);
+      mark("mm dwte");
     }
   }
   model_cuda::loss_sum(d_result_, losses_, N, stream_);
+  mark("loss sum");
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(h_result_, d_result_, sizeof(double), cudaMemcpyDeviceToHost, stream_));
 }
 
@@ -473,38 +564,58 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
   model_cuda::layernorm_backward(dresid_, /*accumulate=*/false, grad(ParamKind::lnf_w), grad(ParamKind::lnf_b),
                                  ln_partial_, dln_, resid(2 * L_), lnf_stats_, lnf_stats_ + n_max_,
                                  param(ParamKind::lnf_w), N, C, stream_);
+  mark("layernorm bwd");
   for (int64_t l = L_ - 1; l >= 0; --l) {
     const float* x_in = resid(2 * l);
     const float* x_mid = resid(2 * l + 1);
     // MLP: x_out = x_mid + drop(gelu(ln2(x_mid) Wfc^T + bfc) Wfcproj^T + bfcproj)
     model_cuda::dropout_backward(dy_, dresid_, N, C, site(rng, 2 + 2 * l, true), stream_);
+    mark("dropout bwd");
     matmul_->backward_weight(grad(ParamKind::fc_proj_w, l), dy_, gelu(l), N, F_, C_, stream_);
+    mark("mm dW fc proj");
     model_cuda::column_sum(grad(ParamKind::fc_proj_b, l), col_partial_, dy_, N, C, stream_);
+    mark("bias grad");
     matmul_->backward_input(dpre_, dy_, weight(ParamKind::fc_proj_w, l), N, F_, C_, Epilogue::dgelu, pre(l), stream_);
+    mark("mm dX fc proj+dgelu");
     matmul_->backward_weight(grad(ParamKind::fc_w, l), dpre_, ln2(l), N, C_, F_, stream_);
+    mark("mm dW fc");
     model_cuda::column_sum(grad(ParamKind::fc_b, l), col_partial_, dpre_, N, static_cast<int>(F_), stream_);
+    mark("bias grad");
     matmul_->backward_input(dln_, dpre_, weight(ParamKind::fc_w, l), N, C_, F_, Epilogue::none, nullptr, stream_);
+    mark("mm dX fc");
     model_cuda::layernorm_backward(dresid_, /*accumulate=*/true, grad(ParamKind::ln2_w, l), grad(ParamKind::ln2_b, l),
                                    ln_partial_, dln_, x_mid, ln2_mean(l), ln2_rstd(l), param(ParamKind::ln2_w, l), N,
                                    C, stream_);
+    mark("layernorm bwd");
     // Attention: x_mid = x_in + drop(attn(ln1(x_in) Wqkv^T + bqkv) Wproj^T + bproj)
     model_cuda::dropout_backward(dy_, dresid_, N, C, site(rng, 1 + 2 * l, true), stream_);
+    mark("dropout bwd");
     matmul_->backward_weight(grad(ParamKind::attn_proj_w, l), dy_, atty(l), N, C_, C_, stream_);
+    mark("mm dW attn proj");
     model_cuda::column_sum(grad(ParamKind::attn_proj_b, l), col_partial_, dy_, N, C, stream_);
+    mark("bias grad");
     matmul_->backward_input(datty_, dy_, weight(ParamKind::attn_proj_w, l), N, C_, C_, Epilogue::none, nullptr,
                             stream_);
+    mark("mm dX attn proj");
     attention_backward_cuda(attention_params(l, B, T, /*train=*/true, rng), attn_ws_, attn_ws_bytes_, determinism,
                             stream_);
+    mark("attention bwd");
     matmul_->backward_weight(grad(ParamKind::qkv_w, l), dqkv_, ln1(l), N, C_, 3 * C_, stream_);
+    mark("mm dW qkv");
     model_cuda::column_sum(grad(ParamKind::qkv_b, l), col_partial_, dqkv_, N, static_cast<int>(3 * C_), stream_);
+    mark("bias grad");
     matmul_->backward_input(dln_, dqkv_, weight(ParamKind::qkv_w, l), N, C_, 3 * C_, Epilogue::none, nullptr, stream_);
+    mark("mm dX qkv");
     model_cuda::layernorm_backward(dresid_, /*accumulate=*/true, grad(ParamKind::ln1_w, l), grad(ParamKind::ln1_b, l),
                                    ln_partial_, dln_, x_in, ln1_mean(l), ln1_rstd(l), param(ParamKind::ln1_w, l), N, C,
                                    stream_);
+    mark("layernorm bwd");
   }
   // Embedding: dx0 = drop'(dresid) in place, then the position rows and the token rows.
   model_cuda::dropout_backward(dresid_, dresid_, N, C, site(rng, 0, true), stream_);
+  mark("dropout bwd");
   model_cuda::encoder_backward_wpe(grad(ParamKind::wpe), dresid_, static_cast<int>(B), static_cast<int>(T), C, stream_);
+  mark("encoder bwd");
   // Positions grouped by token, in increasing position within a token (the GPU is busy
   // with the layers while the host sorts).
   for (int64_t n = 0; n < N; ++n) sort_keys_[size_t(n)] = (int64_t{h_tokens_[n]} << 32) | n;
@@ -527,6 +638,7 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_unique_count_, h_unique_count_, 4, cudaMemcpyHostToDevice, stream_));
   model_cuda::encoder_backward_wte(grad(ParamKind::wte), dresid_, d_unique_, d_starts_, d_positions_, d_unique_count_,
                                    unique, C, stream_);
+  mark("encoder bwd");
 }
 
 double GptCuda::read_loss(int64_t N) {
@@ -537,10 +649,13 @@ double GptCuda::read_loss(int64_t N) {
 double GptCuda::forward_backward(std::span<const TokenId> windows, int64_t B, int64_t T, StepRng rng,
                                  float loss_scale) {
   check_shape(B, T, "forward_backward");
+  profile_begin();
   upload_tokens(windows, B, T, /*windows=*/true);
   forward(B, T, /*train=*/true, rng);
   classifier(B * T, /*grad=*/true, loss_scale);
   backward(B, T, rng);
+  profile_end();
+  if (profile_) ++profile_steps_;
   return read_loss(B * T);
 }
 
@@ -572,11 +687,17 @@ void GptCuda::forward_logits(std::span<const TokenId> inputs, int64_t B, int64_t
 }
 
 void GptCuda::grads_zero() {
+  profile_begin();
   FLASHGPT_CUDA_CHECK(cudaMemsetAsync(grads_, 0, size_t(P_) * sizeof(float), stream_));
+  mark("grads zero");
+  profile_end();
 }
 
 double GptCuda::grads_norm() {
+  profile_begin();
   model_cuda::sum_squares(d_result_ + 1, norm_partial_, grads_, P_, stream_);
+  mark("grad norm");
+  profile_end();
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(h_result_ + 1, d_result_ + 1, sizeof(double), cudaMemcpyDeviceToHost, stream_));
   FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
   return std::sqrt(h_result_[1]);
@@ -593,7 +714,10 @@ void GptCuda::adamw_step(const AdamWConfig& adam, int64_t t, float grad_scale) {
   a.bias_correction1 = static_cast<float>(1.0 - std::pow(adam.beta1, static_cast<double>(t)));
   a.bias_correction2 = static_cast<float>(1.0 - std::pow(adam.beta2, static_cast<double>(t)));
   a.grad_scale = grad_scale;
+  profile_begin();
   model_cuda::adamw_update(params_, params_bf16_, grads_, m_, v_, P_, segments_, a, stream_);
+  mark("adamw");
+  profile_end();
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 #include "model/kernels/layernorm.cuh"
 #include "model/kernels/optimizer.cuh"
 
+#include <initializer_list>
 #include <string>
 
 namespace flashgpt {
@@ -75,6 +76,11 @@ void encoder_forward(float* x0, const int32_t* tokens, const float* wte, const f
   require_pointer(wte, op, "wte");
   require_pointer(wpe, op, "wpe");
   require_site(drop, op);
+  if (C % 16 == 0) {  // the vector path reads rows as float4
+    require_aligned16(x0, op, "x0");
+    require_aligned16(wte, op, "wte");
+    require_aligned16(wpe, op, "wpe");
+  }
   if (N == 0) return;
   encoder_forward_launch(x0, tokens, wte, wpe, N, T, C, drop, stream);
   FLASHGPT_CUDA_CHECK_LAUNCH("encoder_forward_kernel");
@@ -131,6 +137,10 @@ void dropout_backward(bf16* dy, const float* dout, int64_t N, int C, const Dropo
   require_pointer(dy, op, "dy");
   require_pointer(dout, op, "dout");
   require_site(drop, op);
+  if (C % 16 == 0) {
+    require_aligned16(dy, op, "dy");
+    require_aligned16(dout, op, "dout");
+  }
   if (N == 0) return;
   dropout_backward_launch(dy, dout, N, C, drop, stream);
   FLASHGPT_CUDA_CHECK_LAUNCH("dropout_backward_kernel<bf16>");
@@ -142,6 +152,10 @@ void dropout_backward(float* dy, const float* dout, int64_t N, int C, const Drop
   require_pointer(dy, op, "dy");
   require_pointer(dout, op, "dout");
   require_site(drop, op);
+  if (C % 16 == 0) {
+    require_aligned16(dy, op, "dy");
+    require_aligned16(dout, op, "dout");
+  }
   if (N == 0) return;
   dropout_backward_launch(dy, dout, N, C, drop, stream);
   FLASHGPT_CUDA_CHECK_LAUNCH("dropout_backward_kernel<float>");
@@ -157,6 +171,11 @@ void layernorm_forward(bf16* out, float* mean, float* rstd, const float* x, cons
   require_pointer(x, op, "x");
   require_pointer(w, op, "w");
   require_pointer(b, op, "b");
+  if (C % 128 == 0) {  // the vector path: float4 rows, 8-byte bf16 groups
+    for (const void* p : {static_cast<const void*>(out), static_cast<const void*>(x), static_cast<const void*>(w),
+                          static_cast<const void*>(b)})
+      require_aligned16(p, op, "every tensor");
+  }
   if (N == 0) return;
   layernorm_forward_launch(out, mean, rstd, x, w, b, N, C, stream);
   FLASHGPT_CUDA_CHECK_LAUNCH("layernorm_forward_kernel");
@@ -180,6 +199,11 @@ void layernorm_backward(float* dx, bool accumulate, float* dw, float* db, float*
   require_pointer(mean, op, "mean");
   require_pointer(rstd, op, "rstd");
   require_pointer(w, op, "w");
+  if (C % 128 == 0) {
+    for (const void* p : {static_cast<const void*>(dx), static_cast<const void*>(dy), static_cast<const void*>(x),
+                          static_cast<const void*>(w)})
+      require_aligned16(p, op, "every tensor");
+  }
   MODEL_CUDA_REQUIRE(layernorm_backward_shared_bytes(C) <= 227 * 1024,
                      std::string(op) + ": C " + num(C) + " needs more shared memory than a block has");
   static int raised_for = 0;  // the largest C the shared-memory limit was raised for

@@ -35,6 +35,19 @@ __device__ __forceinline__ float to_float(bf16 v) { return __bfloat162float(v); 
 __device__ __forceinline__ void store_as(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store_as(bf16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+__device__ __forceinline__ void store16(float* p, const float (&v)[16]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) reinterpret_cast<float4*>(p)[i] = make_float4(v[4 * i], v[4 * i + 1], v[4 * i + 2], v[4 * i + 3]);
+}
+__device__ __forceinline__ void store16(bf16* p, const float (&v)[16]) {
+  uint4 raw[2];
+  bf16* b = reinterpret_cast<bf16*>(raw);
+#pragma unroll
+  for (int k = 0; k < 16; ++k) b[k] = __float2bfloat16_rn(v[k]);
+  reinterpret_cast<uint4*>(p)[0] = raw[0];
+  reinterpret_cast<uint4*>(p)[1] = raw[1];
+}
+
 // ---- kernels ----
 
 __global__ void encoder_forward_kernel(float* __restrict__ out, const int32_t* __restrict__ tokens,
@@ -49,6 +62,19 @@ __global__ void encoder_forward_kernel(float* __restrict__ out, const int32_t* _
   const float* te = wte + int64_t{tokens[n]} * C;
   const float* pe = wpe + t * C;
   const uint32_t bits = dropout_keep_bits(d, n, g);
+  if (C % 16 == 0) {  // 16-byte vectors
+    float v[16];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float4 a = reinterpret_cast<const float4*>(te + g * 16)[i];
+      const float4 b = reinterpret_cast<const float4*>(pe + g * 16)[i];
+      v[4 * i] = a.x + b.x, v[4 * i + 1] = a.y + b.y, v[4 * i + 2] = a.z + b.z, v[4 * i + 3] = a.w + b.w;
+    }
+#pragma unroll
+    for (int k = 0; k < 16; ++k) v[k] = dropout_apply(v[k], bits, k, d);
+    store16(out + n * C + g * 16, v);
+    return;
+  }
 #pragma unroll
   for (int k = 0; k < 16; ++k) {
     const int c = g * 16 + k;
@@ -88,14 +114,27 @@ __global__ void residual_forward_kernel(float* __restrict__ out, const float* __
 }
 
 template <typename Out>
-__global__ void dropout_backward_kernel(Out* __restrict__ dy, const float* __restrict__ dout, int64_t N, int C,
-                                        DropoutSite d) {
+__global__ void dropout_backward_kernel(Out* dy, const float* dout, int64_t N, int C, DropoutSite d) {
+  // dy may equal dout (in place): each thread reads its 16 values before it writes them.
   const int groups = (C + 15) / 16;
   const int64_t idx = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (idx >= N * groups) return;
   const int64_t n = idx / groups;
   const int g = static_cast<int>(idx % groups);
   const uint32_t bits = dropout_keep_bits(d, n, g);
+  if (C % 16 == 0) {  // 16-byte vectors
+    const int64_t base = n * C + g * 16;
+    float v[16];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float4 f = reinterpret_cast<const float4*>(dout + base)[i];
+      v[4 * i] = f.x, v[4 * i + 1] = f.y, v[4 * i + 2] = f.z, v[4 * i + 3] = f.w;
+    }
+#pragma unroll
+    for (int k = 0; k < 16; ++k) v[k] = dropout_apply(v[k], bits, k, d);
+    store16(dy + base, v);
+    return;
+  }
 #pragma unroll
   for (int k = 0; k < 16; ++k) {
     const int c = g * 16 + k;

@@ -59,7 +59,7 @@ __global__ void sum_partials_kernel(double* __restrict__ out, const double* __re
 }
 
 // Column sums of x (N, M) bf16, stage 1: block (32, 8) covers 32 columns; block row gy sums
-// rows gy, gy + gridDim.y, ... (threadIdx.y strides within) into partial[gy, col].
+// rows gy * 8 + threadIdx.y, then every gridDim.y * 8 rows on, into partial[gy, col].
 __global__ void column_sum_kernel(float* __restrict__ partial, const bf16* __restrict__ x, int64_t N, int M) {
   __shared__ float sums[8][33];
   const int col = blockIdx.x * 32 + threadIdx.x;
@@ -75,6 +75,34 @@ __global__ void column_sum_kernel(float* __restrict__ partial, const bf16* __res
 #pragma unroll
     for (int k = 0; k < 8; ++k) t += sums[k][threadIdx.x];
     partial[int64_t{blockIdx.y} * M + col] = t;
+  }
+}
+
+// The same for M % 8 == 0 and 16-byte aligned rows: each thread sums 8 neighbouring columns
+// (one 16-byte load per row), a block (32, 8) covers 256 columns.
+__global__ void column_sum_vec8_kernel(float* __restrict__ partial, const bf16* __restrict__ x, int64_t N, int M) {
+  __shared__ float sums[8][32 * 8 + 1];
+  const int col0 = (blockIdx.x * 32 + threadIdx.x) * 8;
+  float s[8] = {};
+  if (col0 < M) {
+    for (int64_t r = blockIdx.y * int64_t{8} + threadIdx.y; r < N; r += int64_t{gridDim.y} * 8) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(x + r * M + col0);
+      const bf16* v = reinterpret_cast<const bf16*>(&raw);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) s[k] += __bfloat162float(v[k]);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) sums[threadIdx.y][threadIdx.x * 8 + k] = s[k];
+  __syncthreads();
+  // 256 threads, 256 columns: thread t adds the 8 row lanes of column t of this block.
+  const int t = threadIdx.y * 32 + threadIdx.x;
+  const int col = blockIdx.x * 256 + t;
+  if (col < M) {
+    float total = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) total += sums[k][t];
+    partial[int64_t{blockIdx.y} * M + col] = total;
   }
 }
 
@@ -96,7 +124,7 @@ __global__ void float_to_bf16_kernel(bf16* __restrict__ out, const float* __rest
 // ---- launchers ----
 
 constexpr int kNormBlocks = 1024;      // partial sums of the gradient norm
-constexpr int kColumnRowBlocks = 64;   // row blocks of the column sums
+constexpr int kColumnRowBlocks = 256;  // row blocks of the column sums (enough blocks to fill the GPU at M = 768)
 
 inline void adamw_launch(float* params, bf16* params_bf16, const float* grads, float* m, float* v, int64_t n,
                          const ParamSegments& segments, const AdamWArgs& args, int sm_count, cudaStream_t stream) {
@@ -112,9 +140,15 @@ inline void sum_squares_launch(double* out, double* partial, const float* x, int
 
 // out (M) += column sums of x (N, M); partial: kColumnRowBlocks * M floats.
 inline void column_sum_launch(float* out, float* partial, const bf16* x, int64_t N, int M, cudaStream_t stream) {
-  const dim3 grid(ceil_div(M, 32), kColumnRowBlocks);
-  column_sum_kernel<<<grid, dim3(32, 8), 0, stream>>>(partial, x, N, M);
-  column_sum_reduce_kernel<<<ceil_div(M, 256), 256, 0, stream>>>(out, partial, kColumnRowBlocks, M);
+  const int row_blocks = static_cast<int>(std::min<int64_t>(kColumnRowBlocks, std::max<int64_t>(1, (N + 7) / 8)));
+  if (M % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    const dim3 grid(ceil_div(M, 256), row_blocks);
+    column_sum_vec8_kernel<<<grid, dim3(32, 8), 0, stream>>>(partial, x, N, M);
+  } else {
+    const dim3 grid(ceil_div(M, 32), row_blocks);
+    column_sum_kernel<<<grid, dim3(32, 8), 0, stream>>>(partial, x, N, M);
+  }
+  column_sum_reduce_kernel<<<ceil_div(M, 256), 256, 0, stream>>>(out, partial, row_blocks, M);
 }
 
 inline void float_to_bf16_launch(bf16* out, const float* in, int64_t n, cudaStream_t stream) {
