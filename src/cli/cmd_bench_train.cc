@@ -1,5 +1,6 @@
 // `flashgpt bench train`: times training steps of a preset (grads_zero, forward_backward,
-// grads_norm, adamw_step: what the trainer runs per step without accumulation) on the
+// grads_norm, adamw_step: what the trainer runs per step without accumulation; the clock
+// runs over all timed steps, from a synchronized start to a synchronized end) on the
 // chosen backend, on random token windows, after validating the model: the first loss
 // must be near ln V (GPT-2 initialisation predicts almost uniformly) and finite. With
 // --check-dir it also writes the initial weights, one batch and our dropout-free loss on
@@ -110,39 +111,42 @@ nlohmann::json bench_one(const BenchTrainConfig& c, int64_t vocab) {
 
   AdamWConfig adam;  // the seed's: lr 1e-4, betas 0.9/0.95, wd 0
   std::vector<double> losses;
-  double seconds = 0;
+  // The batches are drawn before the clock starts (PyTorch's side draws them on the GPU).
+  std::vector<std::vector<TokenId>> batches;
+  for (int step = 1; step <= c.warmup + c.steps; ++step) batches.push_back(random_windows(c.batch, T, vocab, rng));
   // Wall time of each call of the timed steps (the GPU idles between calls while the host
   // works: these show how much).
-  double call_ms[5] = {};
-  const char* call_names[5] = {"batch", "grads_zero", "forward_backward", "grads_norm", "adamw_step"};
+  double call_ms[4] = {};
+  const char* call_names[4] = {"grads_zero", "forward_backward", "grads_norm", "adamw_step"};
   using Clock = std::chrono::steady_clock;
   auto ms_since = [](Clock::time_point t) { return std::chrono::duration<double, std::milli>(Clock::now() - t).count(); };
+  Clock::time_point start;
   for (int step = 1; step <= c.warmup + c.steps; ++step) {
     const bool timed = step > c.warmup;
-    const auto start = Clock::now();
-    auto t = start;
-    const auto windows = random_windows(c.batch, T, vocab, rng);
+    if (step == c.warmup + 1) {
+      model->grads_norm();  // waits for the warm-up's last update
+      start = Clock::now();
+    }
+    auto t = Clock::now();
+    model->grads_zero();
     if (timed) call_ms[0] += ms_since(t);
     t = Clock::now();
-    model->grads_zero();
+    const double loss =
+        model->forward_backward(batches[size_t(step - 1)], c.batch, T, StepRng{7, uint64_t(step)}, 1.0f);
     if (timed) call_ms[1] += ms_since(t);
     t = Clock::now();
-    const double loss = model->forward_backward(windows, c.batch, T, StepRng{7, uint64_t(step)}, 1.0f);
+    const double norm = model->grads_norm();
     if (timed) call_ms[2] += ms_since(t);
     t = Clock::now();
-    const double norm = model->grads_norm();
-    if (timed) call_ms[3] += ms_since(t);
-    t = Clock::now();
     model->adamw_step(adam, step, norm > 1.0 ? float(1.0 / norm) : 1.0f);
-    model->grads_norm();  // waits for the update, so the step's time includes it
-    if (timed) call_ms[4] += ms_since(t);
-    const double s = std::chrono::duration<double>(Clock::now() - start).count();
-    if (timed) seconds += s;
+    if (timed) call_ms[3] += ms_since(t);
     losses.push_back(loss);
     FLASHGPT_CHECK(std::isfinite(loss), "bench train: step {} gave loss {}", step, loss);
   }
+  model->grads_norm();  // waits for the last update
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
   nlohmann::json host_ms;
-  for (int i = 0; i < 5; ++i) host_ms[call_names[i]] = call_ms[i] / c.steps;
+  for (int i = 0; i < 4; ++i) host_ms[call_names[i]] = call_ms[i] / c.steps;
   const double tokens = double(c.steps) * c.batch * T;
   const double tokens_per_s = tokens / seconds;
   const double flops_per_token = model_train_flops_per_token(config, T);

@@ -139,6 +139,9 @@ class GptCuda final : public GptModel {
   void classifier(int64_t N, bool with_grad, float loss_scale);
   void backward(int64_t B, int64_t T, StepRng rng);
   double read_loss(int64_t N);
+  // Groups the positions of h_tokens_ by token for encoder_backward_wte and enqueues their
+  // copies to the device (the pinned sources are not touched again before the step's sync).
+  void group_positions_by_token(int64_t N);
 
   void download(std::span<float> out, const float* src, const char* what) const;
   void upload(std::span<const float> in, float* dst, const char* what);
@@ -196,7 +199,8 @@ class GptCuda final : public GptModel {
   int32_t *h_tokens_ = nullptr, *h_targets_ = nullptr;
   int32_t *h_unique_ = nullptr, *h_starts_ = nullptr, *h_positions_ = nullptr, *h_unique_count_ = nullptr;
   double* h_result_ = nullptr;
-  std::vector<int64_t> sort_keys_;
+  std::vector<int32_t> token_cursor_;  // (V) zero between calls
+  int32_t unique_tokens_ = 0;
 
   // FLASHGPT_MODEL_PROFILE=1: events between the ops of every call, summed per label and
   // printed when the model is destroyed (the bench's breakdown). Off: mark() does nothing.
@@ -349,7 +353,7 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
   FLASHGPT_CUDA_CHECK(cudaMallocHost(&host_block_, host_measure.bytes()));
   Carver host(host_block_);
   carve_host(host);
-  sort_keys_.resize(size_t(n_max_));
+  token_cursor_.assign(size_t(V_), 0);
 
   FLASHGPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   matmul_ = std::make_unique<model_cuda::Matmul>(kCublasWorkspaceBytes, options_.deterministic);
@@ -616,29 +620,35 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
   mark("dropout bwd");
   model_cuda::encoder_backward_wpe(grad(ParamKind::wpe), dresid_, static_cast<int>(B), static_cast<int>(T), C, stream_);
   mark("encoder bwd");
-  // Positions grouped by token, in increasing position within a token (the GPU is busy
-  // with the layers while the host sorts).
-  for (int64_t n = 0; n < N; ++n) sort_keys_[size_t(n)] = (int64_t{h_tokens_[n]} << 32) | n;
-  std::sort(sort_keys_.begin(), sort_keys_.begin() + N);
+  model_cuda::encoder_backward_wte(grad(ParamKind::wte), dresid_, d_unique_, d_starts_, d_positions_, d_unique_count_,
+                                   unique_tokens_, C, stream_);
+  mark("encoder bwd");
+}
+
+void GptCuda::group_positions_by_token(int64_t N) {
+  // A counting sort: token_cursor_ counts each token's positions, then serves as the write
+  // cursor of its group; positions stay in increasing order within a group.
   int32_t unique = 0;
-  for (int64_t i = 0; i < N; ++i) {
-    const int32_t token = static_cast<int32_t>(sort_keys_[size_t(i)] >> 32);
-    if (i == 0 || token != h_unique_[unique - 1]) {
-      h_unique_[unique] = token;
-      h_starts_[unique] = static_cast<int32_t>(i);
-      ++unique;
-    }
-    h_positions_[i] = static_cast<int32_t>(sort_keys_[size_t(i)] & 0xFFFFFFFF);
+  for (int64_t n = 0; n < N; ++n) {
+    const int32_t token = h_tokens_[n];
+    if (token_cursor_[size_t(token)]++ == 0) h_unique_[unique++] = token;
   }
-  h_starts_[unique] = static_cast<int32_t>(N);
+  int32_t at = 0;
+  for (int32_t i = 0; i < unique; ++i) {
+    const int32_t token = h_unique_[i];
+    h_starts_[i] = at;
+    at += token_cursor_[size_t(token)];
+    token_cursor_[size_t(token)] = h_starts_[i];
+  }
+  h_starts_[unique] = at;
+  for (int64_t n = 0; n < N; ++n) h_positions_[token_cursor_[size_t(h_tokens_[n])]++] = static_cast<int32_t>(n);
+  for (int32_t i = 0; i < unique; ++i) token_cursor_[size_t(h_unique_[i])] = 0;
   *h_unique_count_ = unique;
+  unique_tokens_ = unique;
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_unique_, h_unique_, size_t(unique) * 4, cudaMemcpyHostToDevice, stream_));
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_starts_, h_starts_, size_t(unique + 1) * 4, cudaMemcpyHostToDevice, stream_));
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_positions_, h_positions_, size_t(N) * 4, cudaMemcpyHostToDevice, stream_));
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_unique_count_, h_unique_count_, 4, cudaMemcpyHostToDevice, stream_));
-  model_cuda::encoder_backward_wte(grad(ParamKind::wte), dresid_, d_unique_, d_starts_, d_positions_, d_unique_count_,
-                                   unique, C, stream_);
-  mark("encoder bwd");
 }
 
 double GptCuda::read_loss(int64_t N) {
@@ -652,6 +662,8 @@ double GptCuda::forward_backward(std::span<const TokenId> windows, int64_t B, in
   profile_begin();
   upload_tokens(windows, B, T, /*windows=*/true);
   forward(B, T, /*train=*/true, rng);
+  // The embedding backward's token groups, built while the GPU runs the forward.
+  group_positions_by_token(B * T);
   classifier(B * T, /*grad=*/true, loss_scale);
   backward(B, T, rng);
   profile_end();
