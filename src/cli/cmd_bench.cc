@@ -9,6 +9,7 @@ void cli_add_bench(CLI::App& app) {
   cli_add_bench_attention(*bench);
   cli_add_bench_tokenizer(*bench);
   cli_add_bench_data(*bench);
+  cli_add_bench_train(*bench);
 }
 
 }  // namespace flashgpt

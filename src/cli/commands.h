@@ -24,6 +24,7 @@ void cli_add_export(CLI::App& app);
 void cli_add_bench_attention(CLI::App& bench);
 void cli_add_bench_tokenizer(CLI::App& bench);
 void cli_add_bench_data(CLI::App& bench);
+void cli_add_bench_train(CLI::App& bench);
 
 // Subcommands of `eval`, each from its own file; cli_add_eval adds them.
 void cli_add_eval_bleu(CLI::App& eval);

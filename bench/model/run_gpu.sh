@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Everything the GPU machine does for the CUDA model backend, in one command, from a folder
+# holding binaries built elsewhere (the device tool sends prebuilt executables):
+#   bench/model/run_gpu.sh DIR [test|sanitize|bench|all]...
+# DIR holds flashgpt, model_cuda_test, model_cuda_ops_test, torch_gpt.py and lib/ (shared
+# libraries the machine lacks, e.g. libfmt). Logs go to $OUT (or results/model_gpu).
+set -uo pipefail
+DIR=${1:?usage: run_gpu.sh DIR [test|sanitize|bench|all]...}
+shift
+OUT=${OUT:-results/model_gpu}
+mkdir -p "$OUT"
+export LD_LIBRARY_PATH="$DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYTHONUNBUFFERED=1
+# CUDA libraries the machine's loader does not know: take PyTorch's wheels' copies.
+if ldd "$DIR/flashgpt" | grep -q "not found"; then
+  extra=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + '/*/lib/lib*.so*')})))" 2>/dev/null)
+  export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$extra"
+  ldd "$DIR/flashgpt" | grep "not found" && echo "missing shared libraries" && exit 1
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+status=0
+for step in "${@:-all}"; do
+  case $step in
+    test|all)
+      for t in model_cuda_ops_test model_cuda_test; do
+        start=$SECONDS
+        "$DIR/$t" >"$OUT/$t.log" 2>&1 || status=1
+        echo "$t: $(grep -E '^\[  (PASSED|FAILED)  \]' "$OUT/$t.log" | tr '\n' ' ') ($((SECONDS - start)) s)"
+        grep -E '^\[  FAILED  \]|Failure|error' "$OUT/$t.log" | head -20
+      done
+      grep -E "relative error|loss cpu|loss: start" "$OUT/model_cuda_test.log" | sort -t' ' -k1,1 -s | head -80 ;;&
+    sanitize|all)
+      start=$SECONDS
+      compute-sanitizer --tool memcheck --error-exitcode 9 "$DIR/model_cuda_test" \
+        --gtest_filter='*GradientsAccumulate*' >"$OUT/sanitize_memcheck.log" 2>&1 || status=1
+      echo "memcheck: $(grep -E 'ERROR SUMMARY' "$OUT/sanitize_memcheck.log" | tail -1) ($((SECONDS - start)) s)" ;;&
+    bench|all)
+      start=$SECONDS
+      python3 "$DIR/torch_gpt.py" --flashgpt "$DIR/flashgpt" --out "$OUT/bench_train.json" ${BENCH_ARGS:-} \
+        >"$OUT/bench.log" 2>&1 || status=1
+      grep -E "^card|validate|bench train:|tokens/s|Error|error" "$OUT/bench.log" | head -30
+      sed -n '/^seed preset/,$p' "$OUT/bench.log"
+      echo "bench: $((SECONDS - start)) s" ;;
+  esac
+done
+exit $status

@@ -1,0 +1,741 @@
+// The bf16 CUDA backend of GptModel (model.h). fp32 master weights, fp32 gradients and fp32
+// AdamW moments live on the GPU in model_param_specs() layout; a bf16 copy of the weights,
+// refreshed by every AdamW step, feeds the matmuls (cuBLASLt, fp32 accumulation). The
+// residual stream is fp32 (as under torch autocast), everything the matmuls read is bf16.
+//
+// Gradients are fp32: weight gradients are accumulated by cuBLASLt straight into them
+// (beta = 1), so micro-batches and classifier chunks add without bf16 rounding, and the
+// global norm and AdamW read them once.
+//
+// A step enqueues everything on one stream and synchronizes once, to read the loss; all
+// device memory is allocated in the constructor. With options.deterministic the attention
+// backward orders its dQ atomics and cuBLASLt keeps algorithms without scheduling-dependent
+// reductions; every other kernel here reduces in a fixed order, so two runs give the same bits.
+#include <flashgpt/attention_cuda.h>
+#include <flashgpt/error.h>
+#include <flashgpt/model.h>
+#include <flashgpt/philox.h>
+
+#include <flashgpt/cuda_check.h>
+#include "model/gpt_cuda_ops.h"
+#include "model/matmul_cublaslt.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <string>
+#include <utility>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+
+namespace flashgpt {
+namespace {
+
+using model_cuda::bf16;
+using model_cuda::DropoutSite;
+using model_cuda::Epilogue;
+
+constexpr size_t kCublasWorkspaceBytes = size_t{32} << 20;  // Hopper's recommended cuBLASLt scratch
+// bf16 logits held at once (rows x Vp). Seed, V = 100277, B 64 x 512 on an H100: 1 GiB
+// chunks spent 83.6 ms per step on the GPU, 4 GiB 81.3 (fewer passes over the fp32 wte
+// gradient); 2 GiB keeps the seed's peak under torch.compile's at V = 50257 too.
+constexpr size_t kLogitsChunkBytes = size_t{2} << 30;
+
+// The logits chunk in bytes: kLogitsChunkBytes, or FLASHGPT_LOGITS_CHUNK_MB (a tuning knob
+// of the benchmark; more rows per chunk means fewer passes over the fp32 wte gradient).
+size_t logits_chunk_bytes() {
+  const char* mb = std::getenv("FLASHGPT_LOGITS_CHUNK_MB");
+  if (mb == nullptr || *mb == '\0') return kLogitsChunkBytes;
+  const long long value = std::atoll(mb);
+  FLASHGPT_CHECK(value > 0, "FLASHGPT_LOGITS_CHUNK_MB must be a positive number of MiB, got '{}'", mb);
+  return size_t(value) << 20;
+}
+constexpr uint64_t kAttentionSeedXor = 0x5bd1e995ull;       // model.h's attention dropout stream
+
+// Carves typed, 256-byte aligned pieces out of one device allocation. Run once with no
+// base to measure, then again over the allocation to hand out pointers.
+class Carver {
+ public:
+  explicit Carver(char* base) : base_(base) {}
+  template <typename T>
+  void take(T*& ptr, size_t count) {
+    offset_ = (offset_ + 255) / 256 * 256;
+    ptr = base_ ? reinterpret_cast<T*>(base_ + offset_) : nullptr;
+    offset_ += std::max<size_t>(count, 1) * sizeof(T);
+  }
+  size_t bytes() const { return offset_; }
+
+ private:
+  char* base_;
+  size_t offset_ = 0;
+};
+
+class GptCuda final : public GptModel {
+ public:
+  GptCuda(const ModelConfig& config, const ModelOptions& options);
+  ~GptCuda() override;
+
+  const ModelConfig& config() const override { return config_; }
+  Device device() const override { return Device::cuda; }
+
+  void params_get(std::span<float> out) const override { download(out, params_, "params_get"); }
+  void params_set(std::span<const float> in) override;
+  void adam_state_get(std::span<float> m, std::span<float> v) const override {
+    download(m, m_, "adam_state_get (m)");
+    download(v, v_, "adam_state_get (v)");
+  }
+  void adam_state_set(std::span<const float> m, std::span<const float> v) override {
+    upload(m, m_, "adam_state_set (m)");
+    upload(v, v_, "adam_state_set (v)");
+  }
+  void grads_get(std::span<float> out) const override { download(out, grads_, "grads_get"); }
+
+  double forward_backward(std::span<const TokenId> windows, int64_t B, int64_t T, StepRng rng,
+                          float loss_scale) override;
+  double forward_loss(std::span<const TokenId> windows, int64_t B, int64_t T) override;
+  void forward_logits(std::span<const TokenId> inputs, int64_t B, int64_t T, std::span<float> logits_out) override;
+
+  void grads_zero() override;
+  double grads_norm() override;
+  void adamw_step(const AdamWConfig& adam, int64_t t, float grad_scale) override;
+
+ private:
+  // Pointers into the flat buffers: tensor `kind`, layer `layer`.
+  int64_t param_offset(ParamKind kind, int64_t layer = 0) const {
+    return offsets_[static_cast<int>(kind)] + layer * layer_numel_[static_cast<int>(kind)];
+  }
+  float* param(ParamKind kind, int64_t layer = 0) const { return params_ + param_offset(kind, layer); }
+  float* grad(ParamKind kind, int64_t layer = 0) const { return grads_ + param_offset(kind, layer); }
+  const bf16* weight(ParamKind kind, int64_t layer = 0) const { return params_bf16_ + param_offset(kind, layer); }
+
+  // Activations of layer l (rows of N_max tokens per layer).
+  float* resid(int64_t i) const { return resid_ + i * n_max_ * C_; }  // i in 0..2L
+  bf16* ln1(int64_t l) const { return ln1_ + l * n_max_ * C_; }
+  float* ln1_mean(int64_t l) const { return ln1_stats_ + (2 * l) * n_max_; }
+  float* ln1_rstd(int64_t l) const { return ln1_stats_ + (2 * l + 1) * n_max_; }
+  bf16* qkv(int64_t l) const { return qkv_ + l * n_max_ * 3 * C_; }
+  bf16* atty(int64_t l) const { return atty_ + l * n_max_ * C_; }
+  float* lse(int64_t l) const { return lse_ + l * n_max_ * NH_; }
+  bf16* ln2(int64_t l) const { return ln2_ + l * n_max_ * C_; }
+  float* ln2_mean(int64_t l) const { return ln2_stats_ + (2 * l) * n_max_; }
+  float* ln2_rstd(int64_t l) const { return ln2_stats_ + (2 * l + 1) * n_max_; }
+  bf16* pre(int64_t l) const { return pre_ + l * n_max_ * F_; }
+  bf16* gelu(int64_t l) const { return gelu_ + l * n_max_ * F_; }
+
+  // Hands out (or, with a measuring Carver, sizes) every device / pinned host buffer.
+  void carve_device(Carver& c, size_t col_partial);
+  void carve_host(Carver& c);
+  void check_shape(int64_t B, int64_t T, const char* what) const;
+  // Copies inputs (and targets when `windows`) to the device; tokens must be < V.
+  void upload_tokens(std::span<const TokenId> tokens, int64_t B, int64_t T, bool windows);
+  AttentionParams attention_params(int64_t l, int64_t B, int64_t T, bool train, StepRng rng) const;
+  DropoutSite site(StepRng rng, int64_t s, bool train) const {
+    return model_cuda::dropout_site(rng.seed, rng.step, s, train ? config_.dropout : 0.0f);
+  }
+  void forward(int64_t B, int64_t T, bool train, StepRng rng);
+  // Loss over the N = B T targets (losses_ and *d_result_), with dlnf into dln_ when grad.
+  void classifier(int64_t N, bool with_grad, float loss_scale);
+  void backward(int64_t B, int64_t T, StepRng rng);
+  double read_loss(int64_t N);
+  // Groups the positions of h_tokens_ by token for encoder_backward_wte and enqueues their
+  // copies to the device (the pinned sources are not touched again before the step's sync).
+  void group_positions_by_token(int64_t N);
+
+  void download(std::span<float> out, const float* src, const char* what) const;
+  void upload(std::span<const float> in, float* dst, const char* what);
+
+  ModelConfig config_;
+  ModelOptions options_;
+  std::vector<ParamSpec> specs_;
+  int64_t offsets_[kParamKinds] = {};
+  int64_t layer_numel_[kParamKinds] = {};
+  int64_t P_ = 0, C_ = 0, F_ = 0, L_ = 0, NH_ = 0, HD_ = 0, V_ = 0, Vp_ = 0;
+  int64_t b_max_ = 0, t_max_ = 0, n_max_ = 0, chunk_rows_ = 0;
+  size_t attn_ws_bytes_ = 0, ln_partial_floats_ = 0;
+  model_cuda::ParamSegments segments_;
+
+  cudaStream_t stream_ = nullptr;
+  std::unique_ptr<model_cuda::Matmul> matmul_;
+  char* device_block_ = nullptr;
+  size_t device_bytes_ = 0;
+  char* host_block_ = nullptr;
+
+  // Device memory (one allocation).
+  float *params_ = nullptr, *grads_ = nullptr, *m_ = nullptr, *v_ = nullptr;
+  bf16* params_bf16_ = nullptr;
+  float* resid_ = nullptr;                 // (2L + 1, N, C) the residual stream, fp32
+  bf16* ln1_ = nullptr;                    // (L, N, C)
+  float* ln1_stats_ = nullptr;             // (L, 2, N) mean, rstd
+  bf16* qkv_ = nullptr;                    // (L, N, 3C)
+  bf16* atty_ = nullptr;                   // (L, N, C) attention output
+  float* lse_ = nullptr;                   // (L, B, NH, T)
+  bf16* ln2_ = nullptr;                    // (L, N, C)
+  float* ln2_stats_ = nullptr;             // (L, 2, N)
+  bf16* pre_ = nullptr;                    // (L, N, F) fc pre-activation
+  bf16* gelu_ = nullptr;                   // (L, N, F) gelu(pre)
+  bf16* lnf_ = nullptr;                    // (N, C)
+  float* lnf_stats_ = nullptr;             // (2, N)
+  bf16* y_ = nullptr;                      // (N, C) projection output before dropout
+  float* dresid_ = nullptr;                // (N, C) gradient of the residual stream
+  bf16* dy_ = nullptr;                     // (N, C) gradient of a projection output
+  bf16* dpre_ = nullptr;                   // (N, F)
+  bf16* dqkv_ = nullptr;                   // (N, 3C)
+  bf16* dln_ = nullptr;                    // (N, C) gradient of a LayerNorm output
+  bf16* datty_ = nullptr;                  // (N, C)
+  bf16* logits_ = nullptr;                 // (chunk_rows, Vp) bf16, or fp32 rows for forward_logits
+  size_t logits_bytes_ = 0;
+  float* losses_ = nullptr;                // (N)
+  float* ln_partial_ = nullptr;            // LayerNorm backward partial sums
+  float* col_partial_ = nullptr;           // column-sum partial sums
+  double* norm_partial_ = nullptr;
+  double* d_result_ = nullptr;             // [0] loss sum, [1] sum of squared gradients
+  void* attn_ws_ = nullptr;
+  int32_t *d_tokens_ = nullptr, *d_targets_ = nullptr;  // (N)
+  int32_t *d_unique_ = nullptr, *d_starts_ = nullptr, *d_positions_ = nullptr, *d_unique_count_ = nullptr;
+
+  // Pinned host memory.
+  int32_t *h_tokens_ = nullptr, *h_targets_ = nullptr;
+  int32_t *h_unique_ = nullptr, *h_starts_ = nullptr, *h_positions_ = nullptr, *h_unique_count_ = nullptr;
+  double* h_result_ = nullptr;
+  std::vector<int32_t> token_cursor_;  // (V) zero between calls
+  int32_t unique_tokens_ = 0;
+
+  // FLASHGPT_MODEL_PROFILE=1: events between the ops of every call, summed per label and
+  // printed when the model is destroyed (the bench's breakdown). Off: mark() does nothing.
+  void profile_begin();
+  void mark(const char* label);
+  void profile_end();
+  bool profile_ = false;
+  std::vector<cudaEvent_t> events_;
+  std::vector<const char*> event_labels_;
+  size_t events_used_ = 0;
+  std::vector<std::pair<std::string, double>> profile_ms_;  // label, total ms, in first-seen order
+  int64_t profile_steps_ = 0;
+};
+
+void GptCuda::carve_device(Carver& c, size_t col_partial) {
+  const int64_t P = P_, L = L_, N = n_max_, C = C_, F = F_, NH = NH_;
+  c.take(params_, P);
+  c.take(grads_, P);
+  c.take(m_, P);
+  c.take(v_, P);
+  c.take(params_bf16_, P);
+  c.take(resid_, size_t(2 * L + 1) * N * C);
+  c.take(ln1_, size_t(L) * N * C);
+  c.take(ln1_stats_, size_t(L) * 2 * N);
+  c.take(qkv_, size_t(L) * N * 3 * C);
+  c.take(atty_, size_t(L) * N * C);
+  c.take(lse_, size_t(L) * N * NH);
+  c.take(ln2_, size_t(L) * N * C);
+  c.take(ln2_stats_, size_t(L) * 2 * N);
+  c.take(pre_, size_t(L) * N * F);
+  c.take(gelu_, size_t(L) * N * F);
+  c.take(lnf_, size_t(N) * C);
+  c.take(lnf_stats_, size_t(2) * N);
+  c.take(y_, size_t(N) * C);
+  c.take(dresid_, size_t(N) * C);
+  c.take(dy_, size_t(N) * C);
+  c.take(dpre_, size_t(N) * F);
+  c.take(dqkv_, size_t(N) * 3 * C);
+  c.take(dln_, size_t(N) * C);
+  c.take(datty_, size_t(N) * C);
+  char* logits = nullptr;
+  c.take(logits, logits_bytes_);
+  logits_ = reinterpret_cast<bf16*>(logits);
+  c.take(losses_, N);
+  c.take(ln_partial_, ln_partial_floats_);
+  c.take(col_partial_, col_partial);
+  c.take(norm_partial_, model_cuda::sum_squares_partial_doubles());
+  c.take(d_result_, 4);
+  char* ws = nullptr;
+  c.take(ws, attn_ws_bytes_);
+  attn_ws_ = ws;
+  c.take(d_tokens_, N);
+  c.take(d_targets_, N);
+  c.take(d_unique_, N);
+  c.take(d_starts_, N + 1);
+  c.take(d_positions_, N);
+  c.take(d_unique_count_, 1);
+}
+
+void GptCuda::carve_host(Carver& c) {
+  const int64_t N = n_max_;
+  c.take(h_tokens_, N);
+  c.take(h_targets_, N);
+  c.take(h_unique_, N);
+  c.take(h_starts_, N + 1);
+  c.take(h_positions_, N);
+  c.take(h_unique_count_, 1);
+  c.take(h_result_, 4);
+}
+
+GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : config_(config), options_(options) {
+  model_config_validate(config_);
+  int devices = 0;
+  const cudaError_t count_status = cudaGetDeviceCount(&devices);
+  FLASHGPT_CHECK(count_status == cudaSuccess && devices > 0,
+                 "gpt_create_cuda: no CUDA device is available ({})",
+                 count_status == cudaSuccess ? "none found" : cudaGetErrorString(count_status));
+  C_ = config_.d_model;
+  F_ = config_.d_ff;
+  L_ = config_.n_layer;
+  NH_ = config_.n_head;
+  HD_ = config_.head_dim();
+  V_ = config_.vocab_size;
+  Vp_ = config_.padded_vocab_size;
+  FLASHGPT_CHECK(C_ % 8 == 0 && F_ % 8 == 0,
+                 "gpt_create_cuda: d_model ({}) and d_ff ({}) must be multiples of 8 (16-byte rows for the bf16 "
+                 "kernels and cuBLASLt's GELU epilogue)",
+                 C_, F_);
+  FLASHGPT_CHECK(attention_cuda_head_dim_compiled(static_cast<int>(HD_)),
+                 "gpt_create_cuda: head dim {} (d_model {} / n_head {}) has no CUDA attention kernel in this build "
+                 "(FLASHGPT_ATTENTION_HEAD_DIMS)",
+                 HD_, C_, NH_);
+  b_max_ = options_.max_batch;
+  t_max_ = options_.max_context == 0 ? config_.context : options_.max_context;
+  FLASHGPT_CHECK(b_max_ > 0, "gpt_create_cuda: max_batch must be positive, got {}", b_max_);
+  FLASHGPT_CHECK(t_max_ > 0 && t_max_ <= config_.context,
+                 "gpt_create_cuda: max_context {} must be in [1, context {}]", t_max_, config_.context);
+  n_max_ = b_max_ * t_max_;
+  FLASHGPT_CHECK(n_max_ < (int64_t{1} << 31), "gpt_create_cuda: max_batch x max_context = {} tokens is too many",
+                 n_max_);
+
+  specs_ = model_param_specs(config_);
+  FLASHGPT_CHECK(static_cast<int>(specs_.size()) == kParamKinds, "gpt_create_cuda: expected {} parameter tensors",
+                 kParamKinds);
+  for (const ParamSpec& s : specs_) {
+    const int k = static_cast<int>(s.kind);
+    offsets_[k] = s.offset;
+    const bool stacked = s.shape.size() >= 2 && s.kind != ParamKind::wte && s.kind != ParamKind::wpe;
+    layer_numel_[k] = stacked ? s.numel / L_ : 0;
+    FLASHGPT_CHECK(s.offset % 8 == 0, "gpt_create_cuda: parameter {} starts at float {}, not a multiple of 8 (its "
+                                      "bf16 copy must be 16-byte aligned)", s.name, s.offset);
+  }
+  P_ = model_param_count(config_);
+  segments_.count = kParamKinds;
+  for (int i = 0; i < kParamKinds; ++i) {
+    segments_.end[i] = specs_[i].offset + specs_[i].numel;
+    segments_.decay[i] = specs_[i].weight_decay;
+  }
+  FLASHGPT_CHECK(segments_.end[kParamKinds - 1] == P_, "gpt_create_cuda: parameter specs do not cover {} floats", P_);
+
+  // Sizes of the workspaces.
+  const int64_t rows_total = n_max_;
+  const int64_t row_bytes = Vp_ * 2;
+  const int64_t chunk_bytes = static_cast<int64_t>(logits_chunk_bytes());
+  const int64_t chunks = std::max<int64_t>(1, (rows_total * row_bytes + chunk_bytes - 1) / chunk_bytes);
+  chunk_rows_ = std::min<int64_t>(rows_total, ((rows_total + chunks - 1) / chunks + 63) / 64 * 64);
+  logits_bytes_ = std::max<size_t>(size_t(chunk_rows_) * Vp_ * 2, size_t(Vp_) * 4);
+  ln_partial_floats_ = model_cuda::layernorm_backward_partial_floats(n_max_, static_cast<int>(C_));
+  const size_t col_partial = model_cuda::column_sum_partial_floats(static_cast<int>(std::max(3 * C_, F_)));
+  {
+    AttentionParams p = attention_params(0, b_max_, t_max_, true, StepRng{});
+    attn_ws_bytes_ = attention_backward_workspace_bytes(p);
+  }
+
+  Carver measure(nullptr);
+  carve_device(measure, col_partial);
+  device_bytes_ = measure.bytes();
+  size_t free_bytes = 0, total_bytes = 0;
+  FLASHGPT_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  const size_t needed = device_bytes_ + kCublasWorkspaceBytes;
+  FLASHGPT_CHECK(needed + (size_t{256} << 20) <= free_bytes,
+                 "gpt_create_cuda: batch {} x context {} of this model needs {:.2f} GiB of GPU memory, but only {:.2f} "
+                 "GiB of {:.2f} GiB are free; lower the batch size",
+                 b_max_, t_max_, needed / 1073741824.0, free_bytes / 1073741824.0, total_bytes / 1073741824.0);
+  FLASHGPT_CUDA_CHECK(cudaMalloc(&device_block_, device_bytes_));
+  Carver device(device_block_);
+  carve_device(device, col_partial);
+  Carver host_measure(nullptr);
+  carve_host(host_measure);
+  FLASHGPT_CUDA_CHECK(cudaMallocHost(&host_block_, host_measure.bytes()));
+  Carver host(host_block_);
+  carve_host(host);
+  token_cursor_.assign(size_t(V_), 0);
+
+  FLASHGPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  matmul_ = std::make_unique<model_cuda::Matmul>(kCublasWorkspaceBytes, options_.deterministic);
+  FLASHGPT_CUDA_CHECK(cudaMemsetAsync(device_block_, 0, device_bytes_, stream_));
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  const char* profile = std::getenv("FLASHGPT_MODEL_PROFILE");
+  profile_ = profile != nullptr && std::strcmp(profile, "1") == 0;
+  if (profile_) {
+    events_.resize(size_t(64 + 64 * L_));
+    event_labels_.resize(events_.size());
+    for (auto& e : events_) FLASHGPT_CUDA_CHECK(cudaEventCreate(&e));
+  }
+}
+
+void GptCuda::profile_begin() {
+  if (!profile_) return;
+  events_used_ = 0;
+  mark("start");
+}
+
+void GptCuda::mark(const char* label) {
+  if (!profile_ || events_used_ >= events_.size()) return;
+  FLASHGPT_CUDA_CHECK(cudaEventRecord(events_[events_used_], stream_));
+  event_labels_[events_used_++] = label;
+}
+
+void GptCuda::profile_end() {
+  if (!profile_) return;
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  if (profile_steps_ == 0) return;  // the first step pays for plans and module loads
+  for (size_t i = 1; i < events_used_; ++i) {
+    float ms = 0;
+    FLASHGPT_CUDA_CHECK(cudaEventElapsedTime(&ms, events_[i - 1], events_[i]));
+    auto it = std::find_if(profile_ms_.begin(), profile_ms_.end(),
+                           [&](const auto& entry) { return entry.first == event_labels_[i]; });
+    if (it == profile_ms_.end()) {
+      profile_ms_.emplace_back(event_labels_[i], ms);
+    } else {
+      it->second += ms;
+    }
+  }
+}
+
+GptCuda::~GptCuda() {
+  if (profile_ && profile_steps_ > 0) {
+    double total = 0;
+    for (const auto& [label, ms] : profile_ms_) total += ms;
+    std::fprintf(stderr, "profile: GPU time per forward_backward call (%lld calls), by op\n",
+                 static_cast<long long>(profile_steps_));
+    for (const auto& [label, ms] : profile_ms_)
+      std::fprintf(stderr, "profile: %-24s %8.3f ms  %5.1f%%\n", label.c_str(), ms / profile_steps_, 100 * ms / total);
+    std::fprintf(stderr, "profile: %-24s %8.3f ms\n", "total", total / profile_steps_);
+  }
+  for (auto& e : events_) cudaEventDestroy(e);
+  matmul_.reset();
+  if (stream_) cudaStreamDestroy(stream_);
+  if (device_block_) cudaFree(device_block_);
+  if (host_block_) cudaFreeHost(host_block_);
+}
+
+void GptCuda::download(std::span<float> out, const float* src, const char* what) const {
+  FLASHGPT_CHECK(static_cast<int64_t>(out.size()) == P_, "{}: the buffer has {} floats, the model has {} parameters",
+                 what, out.size(), P_);
+  // On our stream (non-blocking: a plain cudaMemcpy would not wait for it).
+  FLASHGPT_CUDA_CHECK(
+      cudaMemcpyAsync(out.data(), src, size_t(P_) * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void GptCuda::upload(std::span<const float> in, float* dst, const char* what) {
+  FLASHGPT_CHECK(static_cast<int64_t>(in.size()) == P_, "{}: the buffer has {} floats, the model has {} parameters",
+                 what, in.size(), P_);
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(dst, in.data(), size_t(P_) * sizeof(float), cudaMemcpyHostToDevice, stream_));
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void GptCuda::params_set(std::span<const float> in) {
+  upload(in, params_, "params_set");
+  model_cuda::float_to_bf16(params_bf16_, params_, P_, stream_);
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void GptCuda::check_shape(int64_t B, int64_t T, const char* what) const {
+  FLASHGPT_CHECK(B >= 1 && B <= b_max_, "{}: batch {} is outside [1, {}] (ModelOptions::max_batch)", what, B, b_max_);
+  FLASHGPT_CHECK(T >= 1 && T <= t_max_, "{}: T {} is outside [1, {}] (the context the model was sized for)", what, T,
+                 t_max_);
+}
+
+void GptCuda::upload_tokens(std::span<const TokenId> tokens, int64_t B, int64_t T, bool windows) {
+  const int64_t width = windows ? T + 1 : T;
+  FLASHGPT_CHECK(static_cast<int64_t>(tokens.size()) == B * width,
+                 "model: expected {} token ids ({} rows of {}), got {}", B * width, B, width, tokens.size());
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t t = 0; t < width; ++t) {
+      const TokenId id = tokens[size_t(b * width + t)];
+      FLASHGPT_CHECK(id < static_cast<uint64_t>(V_), "model: token id {} at row {} column {} is outside the vocabulary "
+                                                     "of {}", id, b, t, V_);
+      if (t < T) h_tokens_[b * T + t] = static_cast<int32_t>(id);
+      if (windows && t >= 1) h_targets_[b * T + t - 1] = static_cast<int32_t>(id);
+    }
+  }
+  const size_t bytes = size_t(B * T) * sizeof(int32_t);
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_tokens_, h_tokens_, bytes, cudaMemcpyHostToDevice, stream_));
+  if (windows) FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_targets_, h_targets_, bytes, cudaMemcpyHostToDevice, stream_));
+}
+
+AttentionParams GptCuda::attention_params(int64_t l, int64_t B, int64_t T, bool train, StepRng rng) const {
+  AttentionParams p;
+  const bf16* q = qkv(l);
+  p.q = q;
+  p.k = q + C_;
+  p.v = q + 2 * C_;
+  p.o = atty(l);
+  p.lse = lse(l);
+  p.dtype = DType::bf16;
+  p.batch = static_cast<int>(B);
+  p.seqlen_q = p.seqlen_k = static_cast<int>(T);
+  p.heads_q = p.heads_kv = static_cast<int>(NH_);
+  p.head_dim = static_cast<int>(HD_);
+  p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = T * 3 * C_;
+  p.q_row_stride = p.k_row_stride = p.v_row_stride = 3 * C_;
+  p.q_head_stride = p.k_head_stride = p.v_head_stride = HD_;
+  p.o_batch_stride = T * C_;
+  p.o_row_stride = C_;
+  p.o_head_stride = HD_;
+  p.lse_batch_stride = NH_ * T;
+  p.lse_head_stride = T;
+  // Backward: dO is datty (like o), dQ/dK/dV go into dqkv (like q/k/v).
+  p.d_o = datty_;
+  p.do_batch_stride = p.o_batch_stride;
+  p.do_row_stride = p.o_row_stride;
+  p.do_head_stride = p.o_head_stride;
+  p.dq = dqkv_;
+  p.dk = dqkv_ + C_;
+  p.dv = dqkv_ + 2 * C_;
+  p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = T * 3 * C_;
+  p.dq_row_stride = p.dk_row_stride = p.dv_row_stride = 3 * C_;
+  p.dq_head_stride = p.dk_head_stride = p.dv_head_stride = HD_;
+  p.mask = Mask::causal;
+  p.dropout_p = train ? config_.dropout : 0.0f;
+  p.rng = DropoutRng{rng.seed ^ kAttentionSeedXor, rng.step * uint64_t(L_) + uint64_t(l)};
+  return p;
+}
+
+void GptCuda::forward(int64_t B, int64_t T, bool train, StepRng rng) {
+  const int64_t N = B * T;
+  const int C = static_cast<int>(C_);
+  model_cuda::encoder_forward(resid(0), d_tokens_, param(ParamKind::wte), param(ParamKind::wpe), N,
+                              static_cast<int>(T), C, site(rng, 0, train), stream_);
+  mark("encoder fwd");
+  for (int64_t l = 0; l < L_; ++l) {
+    const float* x_in = resid(2 * l);
+    float* x_mid = resid(2 * l + 1);
+    float* x_out = resid(2 * l + 2);
+    model_cuda::layernorm_forward(ln1(l), ln1_mean(l), ln1_rstd(l), x_in, param(ParamKind::ln1_w, l),
+                                  param(ParamKind::ln1_b, l), N, C, stream_);
+    mark("layernorm fwd");
+    matmul_->forward(qkv(l), ln1(l), weight(ParamKind::qkv_w, l), N, C_, 3 * C_, Epilogue::bias,
+                     weight(ParamKind::qkv_b, l), nullptr, stream_);
+    mark("mm qkv");
+    attention_forward_cuda(attention_params(l, B, T, train, rng), stream_);
+    mark("attention fwd");
+    matmul_->forward(y_, atty(l), weight(ParamKind::attn_proj_w, l), N, C_, C_, Epilogue::bias,
+                     weight(ParamKind::attn_proj_b, l), nullptr, stream_);
+    mark("mm attn proj");
+    model_cuda::residual_forward(x_mid, x_in, y_, N, C, site(rng, 1 + 2 * l, train), stream_);
+    mark("residual fwd");
+    model_cuda::layernorm_forward(ln2(l), ln2_mean(l), ln2_rstd(l), x_mid, param(ParamKind::ln2_w, l),
+                                  param(ParamKind::ln2_b, l), N, C, stream_);
+    mark("layernorm fwd");
+    matmul_->forward(gelu(l), ln2(l), weight(ParamKind::fc_w, l), N, C_, F_, Epilogue::gelu_aux_bias,
+                     weight(ParamKind::fc_b, l), pre(l), stream_);
+    mark("mm fc+gelu");
+    matmul_->forward(y_, gelu(l), weight(ParamKind::fc_proj_w, l), N, F_, C_, Epilogue::bias,
+                     weight(ParamKind::fc_proj_b, l), nullptr, stream_);
+    mark("mm fc proj");
+    model_cuda::residual_forward(x_out, x_mid, y_, N, C, site(rng, 2 + 2 * l, train), stream_);
+    mark("residual fwd");
+  }
+  model_cuda::layernorm_forward(lnf_, lnf_stats_, lnf_stats_ + n_max_, resid(2 * L_), param(ParamKind::lnf_w),
+                                param(ParamKind::lnf_b), N, C, stream_);
+  mark("layernorm fwd");
+}
+
+void GptCuda::classifier(int64_t N, bool with_grad, float loss_scale) {
+  const float dloss = loss_scale / static_cast<float>(N);
+  for (int64_t r0 = 0; r0 < N; r0 += chunk_rows_) {
+    const int64_t rows = std::min(chunk_rows_, N - r0);
+    matmul_->forward(logits_, lnf_ + r0 * C_, weight(ParamKind::wte), rows, C_, Vp_, Epilogue::none, nullptr, nullptr,
+                     stream_);
+    mark("mm logits");
+    model_cuda::classifier_softmax_xent(logits_, losses_ + r0, d_targets_ + r0, rows, V_, Vp_, dloss, with_grad, stream_);
+    mark("classifier softmax");
+    if (with_grad) {
+      // dlnf (rows, C) = dlogits (rows, Vp) wte (Vp, C); dwte += dlogits^T lnf.
+      matmul_->backward_input(dln_ + r0 * C_, logits_, weight(ParamKind::wte), rows, C_, Vp_, Epilogue::none, nullptr,
+                              stream_);
+      mark("mm dlnf");
+      matmul_->backward_weight(grad(ParamKind::wte), logits_, lnf_ + r0 * C_, rows, C_, Vp_, stream_);
+      mark("mm dwte");
+    }
+  }
+  model_cuda::loss_sum(d_result_, losses_, N, stream_);
+  mark("loss sum");
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(h_result_, d_result_, sizeof(double), cudaMemcpyDeviceToHost, stream_));
+}
+
+void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
+  const int64_t N = B * T;
+  const int C = static_cast<int>(C_);
+  const Determinism determinism = options_.deterministic ? Determinism::deterministic : Determinism::fast;
+  model_cuda::layernorm_backward(dresid_, /*accumulate=*/false, grad(ParamKind::lnf_w), grad(ParamKind::lnf_b),
+                                 ln_partial_, dln_, resid(2 * L_), lnf_stats_, lnf_stats_ + n_max_,
+                                 param(ParamKind::lnf_w), N, C, stream_);
+  mark("layernorm bwd");
+  for (int64_t l = L_ - 1; l >= 0; --l) {
+    const float* x_in = resid(2 * l);
+    const float* x_mid = resid(2 * l + 1);
+    // MLP: x_out = x_mid + drop(gelu(ln2(x_mid) Wfc^T + bfc) Wfcproj^T + bfcproj)
+    model_cuda::dropout_backward(dy_, dresid_, N, C, site(rng, 2 + 2 * l, true), stream_);
+    mark("dropout bwd");
+    matmul_->backward_weight(grad(ParamKind::fc_proj_w, l), dy_, gelu(l), N, F_, C_, stream_);
+    mark("mm dW fc proj");
+    model_cuda::column_sum(grad(ParamKind::fc_proj_b, l), col_partial_, dy_, N, C, stream_);
+    mark("bias grad");
+    matmul_->backward_input(dpre_, dy_, weight(ParamKind::fc_proj_w, l), N, F_, C_, Epilogue::dgelu, pre(l), stream_);
+    mark("mm dX fc proj+dgelu");
+    matmul_->backward_weight(grad(ParamKind::fc_w, l), dpre_, ln2(l), N, C_, F_, stream_);
+    mark("mm dW fc");
+    model_cuda::column_sum(grad(ParamKind::fc_b, l), col_partial_, dpre_, N, static_cast<int>(F_), stream_);
+    mark("bias grad");
+    matmul_->backward_input(dln_, dpre_, weight(ParamKind::fc_w, l), N, C_, F_, Epilogue::none, nullptr, stream_);
+    mark("mm dX fc");
+    model_cuda::layernorm_backward(dresid_, /*accumulate=*/true, grad(ParamKind::ln2_w, l), grad(ParamKind::ln2_b, l),
+                                   ln_partial_, dln_, x_mid, ln2_mean(l), ln2_rstd(l), param(ParamKind::ln2_w, l), N,
+                                   C, stream_);
+    mark("layernorm bwd");
+    // Attention: x_mid = x_in + drop(attn(ln1(x_in) Wqkv^T + bqkv) Wproj^T + bproj)
+    model_cuda::dropout_backward(dy_, dresid_, N, C, site(rng, 1 + 2 * l, true), stream_);
+    mark("dropout bwd");
+    matmul_->backward_weight(grad(ParamKind::attn_proj_w, l), dy_, atty(l), N, C_, C_, stream_);
+    mark("mm dW attn proj");
+    model_cuda::column_sum(grad(ParamKind::attn_proj_b, l), col_partial_, dy_, N, C, stream_);
+    mark("bias grad");
+    matmul_->backward_input(datty_, dy_, weight(ParamKind::attn_proj_w, l), N, C_, C_, Epilogue::none, nullptr,
+                            stream_);
+    mark("mm dX attn proj");
+    attention_backward_cuda(attention_params(l, B, T, /*train=*/true, rng), attn_ws_, attn_ws_bytes_, determinism,
+                            stream_);
+    mark("attention bwd");
+    matmul_->backward_weight(grad(ParamKind::qkv_w, l), dqkv_, ln1(l), N, C_, 3 * C_, stream_);
+    mark("mm dW qkv");
+    model_cuda::column_sum(grad(ParamKind::qkv_b, l), col_partial_, dqkv_, N, static_cast<int>(3 * C_), stream_);
+    mark("bias grad");
+    matmul_->backward_input(dln_, dqkv_, weight(ParamKind::qkv_w, l), N, C_, 3 * C_, Epilogue::none, nullptr, stream_);
+    mark("mm dX qkv");
+    model_cuda::layernorm_backward(dresid_, /*accumulate=*/true, grad(ParamKind::ln1_w, l), grad(ParamKind::ln1_b, l),
+                                   ln_partial_, dln_, x_in, ln1_mean(l), ln1_rstd(l), param(ParamKind::ln1_w, l), N, C,
+                                   stream_);
+    mark("layernorm bwd");
+  }
+  // Embedding: dx0 = drop'(dresid) in place, then the position rows and the token rows.
+  model_cuda::dropout_backward(dresid_, dresid_, N, C, site(rng, 0, true), stream_);
+  mark("dropout bwd");
+  model_cuda::encoder_backward_wpe(grad(ParamKind::wpe), dresid_, static_cast<int>(B), static_cast<int>(T), C, stream_);
+  mark("encoder bwd");
+  model_cuda::encoder_backward_wte(grad(ParamKind::wte), dresid_, d_unique_, d_starts_, d_positions_, d_unique_count_,
+                                   unique_tokens_, C, stream_);
+  mark("encoder bwd");
+}
+
+void GptCuda::group_positions_by_token(int64_t N) {
+  // A counting sort: token_cursor_ counts each token's positions, then serves as the write
+  // cursor of its group; positions stay in increasing order within a group.
+  int32_t unique = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const int32_t token = h_tokens_[n];
+    if (token_cursor_[size_t(token)]++ == 0) h_unique_[unique++] = token;
+  }
+  int32_t at = 0;
+  for (int32_t i = 0; i < unique; ++i) {
+    const int32_t token = h_unique_[i];
+    h_starts_[i] = at;
+    at += token_cursor_[size_t(token)];
+    token_cursor_[size_t(token)] = h_starts_[i];
+  }
+  h_starts_[unique] = at;
+  for (int64_t n = 0; n < N; ++n) h_positions_[token_cursor_[size_t(h_tokens_[n])]++] = static_cast<int32_t>(n);
+  for (int32_t i = 0; i < unique; ++i) token_cursor_[size_t(h_unique_[i])] = 0;
+  *h_unique_count_ = unique;
+  unique_tokens_ = unique;
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_unique_, h_unique_, size_t(unique) * 4, cudaMemcpyHostToDevice, stream_));
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_starts_, h_starts_, size_t(unique + 1) * 4, cudaMemcpyHostToDevice, stream_));
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_positions_, h_positions_, size_t(N) * 4, cudaMemcpyHostToDevice, stream_));
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_unique_count_, h_unique_count_, 4, cudaMemcpyHostToDevice, stream_));
+}
+
+double GptCuda::read_loss(int64_t N) {
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return h_result_[0] / static_cast<double>(N);
+}
+
+double GptCuda::forward_backward(std::span<const TokenId> windows, int64_t B, int64_t T, StepRng rng,
+                                 float loss_scale) {
+  check_shape(B, T, "forward_backward");
+  profile_begin();
+  upload_tokens(windows, B, T, /*windows=*/true);
+  forward(B, T, /*train=*/true, rng);
+  // The embedding backward's token groups, built while the GPU runs the forward.
+  group_positions_by_token(B * T);
+  classifier(B * T, /*grad=*/true, loss_scale);
+  backward(B, T, rng);
+  profile_end();
+  if (profile_) ++profile_steps_;
+  return read_loss(B * T);
+}
+
+double GptCuda::forward_loss(std::span<const TokenId> windows, int64_t B, int64_t T) {
+  check_shape(B, T, "forward_loss");
+  upload_tokens(windows, B, T, /*windows=*/true);
+  forward(B, T, /*train=*/false, StepRng{});
+  classifier(B * T, /*grad=*/false, 1.0f);
+  return read_loss(B * T);
+}
+
+void GptCuda::forward_logits(std::span<const TokenId> inputs, int64_t B, int64_t T, std::span<float> logits_out) {
+  check_shape(B, T, "forward_logits");
+  const int64_t N = B * T;
+  FLASHGPT_CHECK(static_cast<int64_t>(logits_out.size()) == N * V_,
+                 "forward_logits: the output has {} floats, (B {}, T {}, V {}) needs {}", logits_out.size(), B, T, V_,
+                 N * V_);
+  upload_tokens(inputs, B, T, /*windows=*/false);
+  forward(B, T, /*train=*/false, StepRng{});
+  const int64_t rows_f32 = static_cast<int64_t>(logits_bytes_ / (size_t(Vp_) * 4));
+  float* chunk = reinterpret_cast<float*>(logits_);
+  for (int64_t r0 = 0; r0 < N; r0 += rows_f32) {
+    const int64_t rows = std::min(rows_f32, N - r0);
+    matmul_->forward_f32(chunk, lnf_ + r0 * C_, weight(ParamKind::wte), rows, C_, Vp_, stream_);
+    FLASHGPT_CUDA_CHECK(cudaMemcpy2DAsync(logits_out.data() + r0 * V_, size_t(V_) * 4, chunk, size_t(Vp_) * 4,
+                                          size_t(V_) * 4, size_t(rows), cudaMemcpyDeviceToHost, stream_));
+    FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  }
+}
+
+void GptCuda::grads_zero() {
+  profile_begin();
+  FLASHGPT_CUDA_CHECK(cudaMemsetAsync(grads_, 0, size_t(P_) * sizeof(float), stream_));
+  mark("grads zero");
+  profile_end();
+}
+
+double GptCuda::grads_norm() {
+  profile_begin();
+  model_cuda::sum_squares(d_result_ + 1, norm_partial_, grads_, P_, stream_);
+  mark("grad norm");
+  profile_end();
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(h_result_ + 1, d_result_ + 1, sizeof(double), cudaMemcpyDeviceToHost, stream_));
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  return std::sqrt(h_result_[1]);
+}
+
+void GptCuda::adamw_step(const AdamWConfig& adam, int64_t t, float grad_scale) {
+  FLASHGPT_CHECK(t >= 1, "adamw_step: the step t is 1-based, got {}", t);
+  model_cuda::AdamWArgs a;
+  a.lr = static_cast<float>(adam.lr);
+  a.beta1 = static_cast<float>(adam.beta1);
+  a.beta2 = static_cast<float>(adam.beta2);
+  a.eps = static_cast<float>(adam.eps);
+  a.weight_decay = static_cast<float>(adam.weight_decay);
+  a.bias_correction1 = static_cast<float>(1.0 - std::pow(adam.beta1, static_cast<double>(t)));
+  a.bias_correction2 = static_cast<float>(1.0 - std::pow(adam.beta2, static_cast<double>(t)));
+  a.grad_scale = grad_scale;
+  profile_begin();
+  model_cuda::adamw_update(params_, params_bf16_, grads_, m_, v_, P_, segments_, a, stream_);
+  mark("adamw");
+  profile_end();
+}
+
+}  // namespace
+
+std::unique_ptr<GptModel> gpt_create_cuda(const ModelConfig& config, const ModelOptions& options) {
+  return std::make_unique<GptCuda>(config, options);
+}
+
+}  // namespace flashgpt

@@ -1,0 +1,285 @@
+// Entry points of the model's CUDA kernels: validate, then call the launcher (kernels/*.cuh).
+// nvcc cannot compile fmt (flashgpt/error.h), so messages are built with std::string here
+// and thrown through error_throw.
+#include "model/gpt_cuda_ops.h"
+
+#include <flashgpt/philox.h>
+
+#include <flashgpt/cuda_check.h>
+#include "model/kernels/classifier.cuh"
+#include "model/kernels/dropout.cuh"
+#include "model/kernels/layernorm.cuh"
+#include "model/kernels/optimizer.cuh"
+
+#include <initializer_list>
+#include <string>
+
+namespace flashgpt {
+[[noreturn]] void error_throw(const char* file, int line, const std::string& message);
+}
+
+namespace flashgpt::model_cuda {
+namespace {
+
+#define MODEL_CUDA_REQUIRE(cond, message)                                  \
+  do {                                                                     \
+    if (!(cond)) ::flashgpt::error_throw(__FILE__, __LINE__, (message));   \
+  } while (0)
+
+std::string num(int64_t v) { return std::to_string(v); }
+
+void require_pointer(const void* p, const char* op, const char* name) {
+  MODEL_CUDA_REQUIRE(p != nullptr, std::string(op) + ": " + name + " must not be null");
+}
+
+void require_aligned16(const void* p, const char* op, const char* name) {
+  MODEL_CUDA_REQUIRE(reinterpret_cast<uintptr_t>(p) % 16 == 0,
+                     std::string(op) + ": " + name + " must be 16-byte aligned for vector access");
+}
+
+void require_rows(int64_t N, int C, const char* op) {
+  MODEL_CUDA_REQUIRE(N >= 0 && C > 0, std::string(op) + ": needs N >= 0 rows of C > 0 channels, got N " + num(N) +
+                                          ", C " + num(C));
+}
+
+void require_site(const DropoutSite& d, const char* op) {
+  MODEL_CUDA_REQUIRE(d.threshold <= 256, std::string(op) + ": dropout threshold must be in [0, 256], got " +
+                                             num(d.threshold));
+}
+
+}  // namespace
+
+DropoutSite dropout_site(uint64_t seed, uint64_t step, int64_t site, float p) {
+  DropoutSite d;
+  d.seed = seed;
+  d.step = step;
+  d.site = site;
+  d.threshold = dropout_threshold(p);
+  d.scale = static_cast<float>(dropout_keep_scale(d.threshold));
+  return d;
+}
+
+int device_sm_count() {
+  int device = 0, count = 0;
+  FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
+  FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+void encoder_forward(float* x0, const int32_t* tokens, const float* wte, const float* wpe, int64_t N, int T, int C,
+                     const DropoutSite& drop, cudaStream_t stream) {
+  const char* op = "encoder forward (CUDA)";
+  require_rows(N, C, op);
+  MODEL_CUDA_REQUIRE(T > 0 && N % T == 0, std::string(op) + ": N " + num(N) + " must be a multiple of T " + num(T));
+  require_pointer(x0, op, "x0");
+  require_pointer(tokens, op, "tokens");
+  require_pointer(wte, op, "wte");
+  require_pointer(wpe, op, "wpe");
+  require_site(drop, op);
+  if (C % 16 == 0) {  // the vector path reads rows as float4
+    require_aligned16(x0, op, "x0");
+    require_aligned16(wte, op, "wte");
+    require_aligned16(wpe, op, "wpe");
+  }
+  if (N == 0) return;
+  encoder_forward_launch(x0, tokens, wte, wpe, N, T, C, drop, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("encoder_forward_kernel");
+}
+
+void encoder_backward_wpe(float* dwpe, const float* dx0, int B, int T, int C, cudaStream_t stream) {
+  const char* op = "encoder backward (CUDA)";
+  MODEL_CUDA_REQUIRE(B >= 0 && T > 0 && C > 0, std::string(op) + ": bad shape B " + num(B) + ", T " + num(T) +
+                                                   ", C " + num(C));
+  require_pointer(dwpe, op, "dwpe");
+  require_pointer(dx0, op, "dx0");
+  encoder_backward_wpe_launch(dwpe, dx0, B, T, C, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("encoder_backward_wpe_kernel");
+}
+
+void encoder_backward_wte(float* dwte, const float* dx0, const int32_t* unique_tokens, const int32_t* starts,
+                          const int32_t* positions, const int32_t* unique_count, int64_t max_unique, int C,
+                          cudaStream_t stream) {
+  const char* op = "encoder backward (CUDA)";
+  MODEL_CUDA_REQUIRE(C > 0 && max_unique >= 0 && max_unique < (int64_t{1} << 31),
+                     std::string(op) + ": bad C " + num(C) + " or max_unique " + num(max_unique));
+  require_pointer(dwte, op, "dwte");
+  require_pointer(dx0, op, "dx0");
+  require_pointer(unique_tokens, op, "unique_tokens");
+  require_pointer(starts, op, "starts");
+  require_pointer(positions, op, "positions");
+  require_pointer(unique_count, op, "unique_count");
+  if (max_unique == 0) return;
+  encoder_backward_wte_launch(dwte, dx0, unique_tokens, starts, positions, unique_count, max_unique, C, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("encoder_backward_wte_kernel");
+}
+
+void residual_forward(float* out, const float* in, const bf16* y, int64_t N, int C, const DropoutSite& drop,
+                      cudaStream_t stream) {
+  const char* op = "residual forward (CUDA)";
+  require_rows(N, C, op);
+  require_pointer(out, op, "out");
+  require_pointer(in, op, "in");
+  require_pointer(y, op, "y");
+  require_site(drop, op);
+  if (C % 16 == 0) {
+    require_aligned16(out, op, "out");
+    require_aligned16(in, op, "in");
+    require_aligned16(y, op, "y");
+  }
+  if (N == 0) return;
+  residual_forward_launch(out, in, y, N, C, drop, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("residual_forward_kernel");
+}
+
+void dropout_backward(bf16* dy, const float* dout, int64_t N, int C, const DropoutSite& drop, cudaStream_t stream) {
+  const char* op = "dropout backward (CUDA)";
+  require_rows(N, C, op);
+  require_pointer(dy, op, "dy");
+  require_pointer(dout, op, "dout");
+  require_site(drop, op);
+  if (C % 16 == 0) {
+    require_aligned16(dy, op, "dy");
+    require_aligned16(dout, op, "dout");
+  }
+  if (N == 0) return;
+  dropout_backward_launch(dy, dout, N, C, drop, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("dropout_backward_kernel<bf16>");
+}
+
+void dropout_backward(float* dy, const float* dout, int64_t N, int C, const DropoutSite& drop, cudaStream_t stream) {
+  const char* op = "dropout backward (CUDA)";
+  require_rows(N, C, op);
+  require_pointer(dy, op, "dy");
+  require_pointer(dout, op, "dout");
+  require_site(drop, op);
+  if (C % 16 == 0) {
+    require_aligned16(dy, op, "dy");
+    require_aligned16(dout, op, "dout");
+  }
+  if (N == 0) return;
+  dropout_backward_launch(dy, dout, N, C, drop, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("dropout_backward_kernel<float>");
+}
+
+void layernorm_forward(bf16* out, float* mean, float* rstd, const float* x, const float* w, const float* b, int64_t N,
+                       int C, cudaStream_t stream) {
+  const char* op = "layernorm forward (CUDA)";
+  require_rows(N, C, op);
+  require_pointer(out, op, "out");
+  require_pointer(mean, op, "mean");
+  require_pointer(rstd, op, "rstd");
+  require_pointer(x, op, "x");
+  require_pointer(w, op, "w");
+  require_pointer(b, op, "b");
+  if (C % 128 == 0) {  // the vector path: float4 rows, 8-byte bf16 groups
+    for (const void* p : {static_cast<const void*>(out), static_cast<const void*>(x), static_cast<const void*>(w),
+                          static_cast<const void*>(b)})
+      require_aligned16(p, op, "every tensor");
+  }
+  if (N == 0) return;
+  layernorm_forward_launch(out, mean, rstd, x, w, b, N, C, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("layernorm_forward_kernel");
+}
+
+size_t layernorm_backward_partial_floats(int64_t N, int C) {
+  return size_t(layernorm_backward_blocks(N, device_sm_count())) * 2 * size_t(C);
+}
+
+void layernorm_backward(float* dx, bool accumulate, float* dw, float* db, float* partial, const bf16* dy,
+                        const float* x, const float* mean, const float* rstd, const float* w, int64_t N, int C,
+                        cudaStream_t stream) {
+  const char* op = "layernorm backward (CUDA)";
+  require_rows(N, C, op);
+  require_pointer(dx, op, "dx");
+  require_pointer(dw, op, "dw");
+  require_pointer(db, op, "db");
+  require_pointer(partial, op, "partial");
+  require_pointer(dy, op, "dy");
+  require_pointer(x, op, "x");
+  require_pointer(mean, op, "mean");
+  require_pointer(rstd, op, "rstd");
+  require_pointer(w, op, "w");
+  if (C % 128 == 0) {
+    for (const void* p : {static_cast<const void*>(dx), static_cast<const void*>(dy), static_cast<const void*>(x),
+                          static_cast<const void*>(w)})
+      require_aligned16(p, op, "every tensor");
+  }
+  MODEL_CUDA_REQUIRE(layernorm_backward_shared_bytes(C) <= 227 * 1024,
+                     std::string(op) + ": C " + num(C) + " needs more shared memory than a block has");
+  static int raised_for = 0;  // the largest C the shared-memory limit was raised for
+  if (layernorm_backward_shared_bytes(C) > 48 * 1024 && raised_for < C) {
+    FLASHGPT_CUDA_CHECK(layernorm_backward_allow_shared(C));
+    raised_for = C;
+  }
+  const int blocks = layernorm_backward_blocks(N, device_sm_count());
+  layernorm_backward_launch(dx, accumulate, dw, db, partial, blocks, dy, x, mean, rstd, w, N, C, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("layernorm_backward_kernel");
+}
+
+void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
+                             float dloss, bool write_grad, cudaStream_t stream) {
+  const char* op = "classifier (CUDA)";
+  MODEL_CUDA_REQUIRE(rows >= 0 && V > 0 && Vp >= V && Vp % 8 == 0,
+                     std::string(op) + ": needs rows >= 0, 0 < V <= Vp and Vp % 8 == 0, got rows " + num(rows) +
+                         ", V " + num(V) + ", Vp " + num(Vp));
+  require_pointer(logits, op, "logits");
+  require_pointer(losses, op, "losses");
+  require_pointer(targets, op, "targets");
+  require_aligned16(logits, op, "logits");
+  classifier_launch(logits, losses, targets, rows, V, Vp, dloss, write_grad, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("classifier_kernel");
+}
+
+void loss_sum(double* out, const float* losses, int64_t n, cudaStream_t stream) {
+  require_pointer(out, "loss sum (CUDA)", "out");
+  require_pointer(losses, "loss sum (CUDA)", "losses");
+  loss_sum_launch(out, losses, n, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("loss_sum_kernel");
+}
+
+void adamw_update(float* params, bf16* params_bf16, const float* grads, float* m, float* v, int64_t n,
+                  const ParamSegments& segments, const AdamWArgs& args, cudaStream_t stream) {
+  const char* op = "AdamW (CUDA)";
+  require_pointer(params, op, "params");
+  require_pointer(params_bf16, op, "params_bf16");
+  require_pointer(grads, op, "grads");
+  require_pointer(m, op, "m");
+  require_pointer(v, op, "v");
+  MODEL_CUDA_REQUIRE(segments.count > 0 && segments.count <= kMaxSegments && segments.end[segments.count - 1] == n,
+                     std::string(op) + ": the segments must cover the " + num(n) + " parameters exactly");
+  if (n == 0) return;
+  adamw_launch(params, params_bf16, grads, m, v, n, segments, args, device_sm_count(), stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("adamw_kernel");
+}
+
+size_t sum_squares_partial_doubles() { return kNormBlocks; }
+
+void sum_squares(double* out, double* partial, const float* x, int64_t n, cudaStream_t stream) {
+  require_pointer(out, "sum of squares (CUDA)", "out");
+  require_pointer(partial, "sum of squares (CUDA)", "partial");
+  require_pointer(x, "sum of squares (CUDA)", "x");
+  sum_squares_launch(out, partial, x, n, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("sum_squares_kernel");
+}
+
+size_t column_sum_partial_floats(int M) { return size_t(kColumnRowBlocks) * size_t(M); }
+
+void column_sum(float* out, float* partial, const bf16* x, int64_t N, int M, cudaStream_t stream) {
+  const char* op = "column sum (CUDA)";
+  require_rows(N, M, op);
+  require_pointer(out, op, "out");
+  require_pointer(partial, op, "partial");
+  require_pointer(x, op, "x");
+  column_sum_launch(out, partial, x, N, M, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("column_sum_kernel");
+}
+
+void float_to_bf16(bf16* out, const float* in, int64_t n, cudaStream_t stream) {
+  require_pointer(out, "float to bf16 (CUDA)", "out");
+  require_pointer(in, "float to bf16 (CUDA)", "in");
+  if (n == 0) return;
+  float_to_bf16_launch(out, in, n, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("float_to_bf16_kernel");
+}
+
+}  // namespace flashgpt::model_cuda

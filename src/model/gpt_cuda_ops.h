@@ -1,0 +1,96 @@
+// The CUDA backend's operations, one entry point each (src/model/gpt_cuda_ops.cu): each
+// validates its arguments, throws flashgpt::Error naming the problem, and enqueues its
+// kernels (src/model/kernels/*.cuh) on `stream` without synchronizing. All pointers are
+// device memory; tensors are row-major with the shapes in the comments; N = B T tokens.
+// The model (gpt_cuda.cc) and the GPU tests call these; nothing else launches the kernels.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace flashgpt::model_cuda {
+
+using bf16 = __nv_bfloat16;
+
+// One dropout site of model.h's convention, ready for a kernel.
+struct DropoutSite {
+  uint64_t seed = 0;
+  uint64_t step = 0;
+  int64_t site = 0;        // 0: embedding; 1 + 2 l, 2 + 2 l: layer l's residuals
+  uint32_t threshold = 0;  // dropout_threshold(p); 0: no dropout
+  float scale = 1.0f;      // dropout_keep_scale(threshold)
+};
+// The site with threshold and scale filled in from p (0 for no dropout).
+DropoutSite dropout_site(uint64_t seed, uint64_t step, int64_t site, float p);
+
+// The parameter tensors as consecutive segments of the flat buffer; AdamW decays those
+// with decay set (ParamSpec::weight_decay).
+constexpr int kMaxSegments = 16;
+struct ParamSegments {
+  int count = 0;
+  int64_t end[kMaxSegments] = {};  // exclusive end offset of segment i; it starts at end[i - 1] (0 for i = 0)
+  bool decay[kMaxSegments] = {};
+};
+
+struct AdamWArgs {
+  float lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
+  float bias_correction1 = 1, bias_correction2 = 1;  // 1 - beta^t
+  float grad_scale = 1;
+};
+
+int device_sm_count();
+
+// x0 (N, C) fp32 = dropout(wte[tokens] + wpe[n % T]); tokens (N) int32 in [0, rows of wte).
+void encoder_forward(float* x0, const int32_t* tokens, const float* wte, const float* wpe, int64_t N, int T, int C,
+                     const DropoutSite& drop, cudaStream_t stream);
+// dwpe (T, C) += sum over the batch of dx0 (N = B T, C), dx0 already through the dropout backward.
+void encoder_backward_wpe(float* dwpe, const float* dx0, int B, int T, int C, cudaStream_t stream);
+// dwte[unique_tokens[i]] += sum of dx0[positions[starts[i] .. starts[i+1])] for i < *unique_count
+// (a device int); max_unique bounds *unique_count (the grid).
+void encoder_backward_wte(float* dwte, const float* dx0, const int32_t* unique_tokens, const int32_t* starts,
+                          const int32_t* positions, const int32_t* unique_count, int64_t max_unique, int C,
+                          cudaStream_t stream);
+
+// out (N, C) fp32 = in + dropout(y), y (N, C) bf16; out may equal in.
+void residual_forward(float* out, const float* in, const bf16* y, int64_t N, int C, const DropoutSite& drop,
+                      cudaStream_t stream);
+// dy (N, C) = mask * scale * dout (N, C) fp32; dy bf16, or fp32 (may equal dout).
+void dropout_backward(bf16* dy, const float* dout, int64_t N, int C, const DropoutSite& drop, cudaStream_t stream);
+void dropout_backward(float* dy, const float* dout, int64_t N, int C, const DropoutSite& drop, cudaStream_t stream);
+
+// out (N, C) bf16, mean, rstd (N) fp32 of x (N, C) fp32 with weight w, bias b (C) fp32.
+void layernorm_forward(bf16* out, float* mean, float* rstd, const float* x, const float* w, const float* b, int64_t N,
+                       int C, cudaStream_t stream);
+// Floats of the `partial` workspace layernorm_backward needs for N rows of C channels.
+size_t layernorm_backward_partial_floats(int64_t N, int C);
+// dx (N, C) fp32 (+= when accumulate, else =), dw, db (C) fp32 +=, from dy (N, C) bf16 and the
+// forward's x, mean, rstd, w. partial: layernorm_backward_partial_floats(N, C) floats.
+void layernorm_backward(float* dx, bool accumulate, float* dw, float* db, float* partial, const bf16* dy,
+                        const float* x, const float* mean, const float* rstd, const float* w, int64_t N, int C,
+                        cudaStream_t stream);
+
+// Per row of logits (rows, Vp) bf16: losses[r] = logsumexp(logits[r, :V]) - logits[r, targets[r]];
+// with write_grad, logits[r, c] = (softmax - onehot) * dloss for c < V and 0 for V <= c < Vp.
+void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
+                             float dloss, bool write_grad, cudaStream_t stream);
+// *out = sum of losses (n), in double, in a fixed order.
+void loss_sum(double* out, const float* losses, int64_t n, cudaStream_t stream);
+
+// One AdamW step over the flat buffers (n floats), refreshing params_bf16.
+void adamw_update(float* params, bf16* params_bf16, const float* grads, float* m, float* v, int64_t n,
+                  const ParamSegments& segments, const AdamWArgs& args, cudaStream_t stream);
+// Doubles of the `partial` workspace of sum_squares.
+size_t sum_squares_partial_doubles();
+// *out = sum of x[i]^2 (double), deterministic.
+void sum_squares(double* out, double* partial, const float* x, int64_t n, cudaStream_t stream);
+// Floats of the `partial` workspace of column_sum for M columns.
+size_t column_sum_partial_floats(int M);
+// out (M) fp32 += column sums of x (N, M) bf16 (bias gradients), deterministic.
+void column_sum(float* out, float* partial, const bf16* x, int64_t N, int M, cudaStream_t stream);
+// out (n) bf16 = in (n) fp32, round to nearest even.
+void float_to_bf16(bf16* out, const float* in, int64_t n, cudaStream_t stream);
+
+}  // namespace flashgpt::model_cuda

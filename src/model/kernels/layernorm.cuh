@@ -1,0 +1,270 @@
+// LayerNorm over the channels of fp32 rows (the residual stream), bf16 output for the
+// matmuls, mean and 1/std kept for the backward. One warp per row.
+//
+//   forward:  out[n, c] = (x[n, c] - mean[n]) * rstd[n] * w[c] + b[c]      x (N, C) fp32, out bf16
+//   backward: dx[n, :] (+)= rstd (dy w - mean(dy w) - xhat mean(dy w xhat))  dy (N, C) bf16, dx fp32
+//             dw[c] += sum_n dy xhat, db[c] += sum_n dy, in two deterministic stages: each
+//             block sums its rows into a partial row, then one kernel adds the partials in
+//             block order.
+#pragma once
+
+#include <flashgpt/model.h>
+
+#include "model/kernels/common.cuh"
+
+#include <initializer_list>
+
+namespace flashgpt::model_cuda {
+
+constexpr int kLnWarps = 4;  // warps (rows in flight) per block
+
+__global__ void layernorm_forward_kernel(bf16* __restrict__ out, float* __restrict__ mean_out,
+                                         float* __restrict__ rstd_out, const float* __restrict__ x,
+                                         const float* __restrict__ w, const float* __restrict__ b, int64_t N, int C) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = blockIdx.x * int64_t{blockDim.x / 32} + threadIdx.x / 32;
+  if (row >= N) return;
+  const float* xr = x + row * C;
+  float sum = 0.0f;
+  for (int c = lane; c < C; c += 32) sum += xr[c];
+  const float mean = warp_sum(sum) / C;
+  float var = 0.0f;
+  for (int c = lane; c < C; c += 32) {
+    const float d = xr[c] - mean;
+    var += d * d;
+  }
+  const float rstd = rsqrtf(warp_sum(var) / C + kLayerNormEps);
+  bf16* o = out + row * C;
+  for (int c = lane; c < C; c += 32) o[c] = __float2bfloat16_rn((xr[c] - mean) * rstd * w[c] + b[c]);
+  if (lane == 0) {
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+}
+
+// Block g's warps take rows g * kLnWarps + warp, then every gridDim.x * kLnWarps rows on.
+// Shared memory: kLnWarps * 2C floats of per-warp dw/db sums (each lane its own channels).
+// partial: (gridDim.x, 2C) fp32, [dw | db] of this block.
+template <bool kAccumulate>
+__global__ void layernorm_backward_kernel(float* __restrict__ dx, float* __restrict__ partial,
+                                          const bf16* __restrict__ dy, const float* __restrict__ x,
+                                          const float* __restrict__ mean, const float* __restrict__ rstd,
+                                          const float* __restrict__ w, int64_t N, int C) {
+  extern __shared__ float shared_acc[];  // (kLnWarps, 2C)
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float* acc = shared_acc + warp * 2 * C;
+  for (int c = lane; c < 2 * C; c += 32) acc[c] = 0.0f;
+  __syncwarp();
+  for (int64_t row = blockIdx.x * int64_t{kLnWarps} + warp; row < N; row += int64_t{gridDim.x} * kLnWarps) {
+    const float* xr = x + row * C;
+    const bf16* dyr = dy + row * C;
+    const float m = mean[row], rs = rstd[row];
+    float sum_dxhat = 0.0f, sum_dxhat_xhat = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+      const float xhat = (xr[c] - m) * rs;
+      const float g = __bfloat162float(dyr[c]);
+      const float dxhat = g * w[c];
+      sum_dxhat += dxhat;
+      sum_dxhat_xhat += dxhat * xhat;
+      acc[c] += g * xhat;
+      acc[C + c] += g;
+    }
+    sum_dxhat = warp_sum(sum_dxhat) / C;
+    sum_dxhat_xhat = warp_sum(sum_dxhat_xhat) / C;
+    float* dxr = dx + row * C;
+    for (int c = lane; c < C; c += 32) {
+      const float xhat = (xr[c] - m) * rs;
+      const float v = rs * (__bfloat162float(dyr[c]) * w[c] - sum_dxhat - xhat * sum_dxhat_xhat);
+      if (kAccumulate) {
+        dxr[c] += v;
+      } else {
+        dxr[c] = v;
+      }
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) {
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kLnWarps; ++k) s += shared_acc[k * 2 * C + c];
+    partial[int64_t{blockIdx.x} * 2 * C + c] = s;
+  }
+}
+
+// Vector versions for C % 128 == 0 (the model's sizes): lane owns channels 4 lane + 128 i ..
+// + 3, read as one float4 (x, w, b) and one 8-byte load of bf16 (dy); the same math.
+__device__ __forceinline__ void load_bf16x4(const bf16* p, float (&v)[4]) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const bf16* b = reinterpret_cast<const bf16*>(&raw);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) v[k] = __bfloat162float(b[k]);
+}
+
+__global__ void layernorm_forward_vec_kernel(bf16* __restrict__ out, float* __restrict__ mean_out,
+                                             float* __restrict__ rstd_out, const float* __restrict__ x,
+                                             const float* __restrict__ w, const float* __restrict__ b, int64_t N,
+                                             int C) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = blockIdx.x * int64_t{blockDim.x / 32} + threadIdx.x / 32;
+  if (row >= N) return;
+  const float* xr = x + row * C;
+  float sum = 0.0f;
+  for (int c = 4 * lane; c < C; c += 128) {
+    const float4 v = *reinterpret_cast<const float4*>(xr + c);
+    sum += (v.x + v.y) + (v.z + v.w);
+  }
+  const float mean = warp_sum(sum) / C;
+  float var = 0.0f;
+  for (int c = 4 * lane; c < C; c += 128) {
+    const float4 v = *reinterpret_cast<const float4*>(xr + c);
+    var += (v.x - mean) * (v.x - mean) + (v.y - mean) * (v.y - mean) + (v.z - mean) * (v.z - mean) +
+           (v.w - mean) * (v.w - mean);
+  }
+  const float rstd = rsqrtf(warp_sum(var) / C + kLayerNormEps);
+  bf16* o = out + row * C;
+  for (int c = 4 * lane; c < C; c += 128) {
+    const float4 v = *reinterpret_cast<const float4*>(xr + c);
+    const float4 wv = *reinterpret_cast<const float4*>(w + c);
+    const float4 bv = *reinterpret_cast<const float4*>(b + c);
+    uint2 raw;
+    bf16* r = reinterpret_cast<bf16*>(&raw);
+    r[0] = __float2bfloat16_rn((v.x - mean) * rstd * wv.x + bv.x);
+    r[1] = __float2bfloat16_rn((v.y - mean) * rstd * wv.y + bv.y);
+    r[2] = __float2bfloat16_rn((v.z - mean) * rstd * wv.z + bv.z);
+    r[3] = __float2bfloat16_rn((v.w - mean) * rstd * wv.w + bv.w);
+    *reinterpret_cast<uint2*>(o + c) = raw;
+  }
+  if (lane == 0) {
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+}
+
+template <bool kAccumulate>
+__global__ void layernorm_backward_vec_kernel(float* __restrict__ dx, float* __restrict__ partial,
+                                              const bf16* __restrict__ dy, const float* __restrict__ x,
+                                              const float* __restrict__ mean, const float* __restrict__ rstd,
+                                              const float* __restrict__ w, int64_t N, int C) {
+  extern __shared__ float shared_acc[];  // (kLnWarps, 2C)
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float* acc = shared_acc + warp * 2 * C;
+  for (int c = lane; c < 2 * C; c += 32) acc[c] = 0.0f;
+  __syncwarp();
+  for (int64_t row = blockIdx.x * int64_t{kLnWarps} + warp; row < N; row += int64_t{gridDim.x} * kLnWarps) {
+    const float* xr = x + row * C;
+    const bf16* dyr = dy + row * C;
+    const float m = mean[row], rs = rstd[row];
+    float sum_dxhat = 0.0f, sum_dxhat_xhat = 0.0f;
+    for (int c = 4 * lane; c < C; c += 128) {
+      const float4 xv = *reinterpret_cast<const float4*>(xr + c);
+      const float4 wv = *reinterpret_cast<const float4*>(w + c);
+      float g[4];
+      load_bf16x4(dyr + c, g);
+      const float xs[4] = {xv.x, xv.y, xv.z, xv.w}, ws[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float xhat = (xs[k] - m) * rs;
+        const float dxhat = g[k] * ws[k];
+        sum_dxhat += dxhat;
+        sum_dxhat_xhat += dxhat * xhat;
+        acc[c + k] += g[k] * xhat;
+        acc[C + c + k] += g[k];
+      }
+    }
+    sum_dxhat = warp_sum(sum_dxhat) / C;
+    sum_dxhat_xhat = warp_sum(sum_dxhat_xhat) / C;
+    float* dxr = dx + row * C;
+    for (int c = 4 * lane; c < C; c += 128) {
+      const float4 xv = *reinterpret_cast<const float4*>(xr + c);
+      const float4 wv = *reinterpret_cast<const float4*>(w + c);
+      float g[4];
+      load_bf16x4(dyr + c, g);
+      const float xs[4] = {xv.x, xv.y, xv.z, xv.w}, ws[4] = {wv.x, wv.y, wv.z, wv.w};
+      float4 o = kAccumulate ? *reinterpret_cast<const float4*>(dxr + c) : make_float4(0, 0, 0, 0);
+      float* os = reinterpret_cast<float*>(&o);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float xhat = (xs[k] - m) * rs;
+        os[k] += rs * (g[k] * ws[k] - sum_dxhat - xhat * sum_dxhat_xhat);
+      }
+      *reinterpret_cast<float4*>(dxr + c) = o;
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) {
+    float s = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kLnWarps; ++k) s += shared_acc[k * 2 * C + c];
+    partial[int64_t{blockIdx.x} * 2 * C + c] = s;
+  }
+}
+
+// dw[c] += sum over blocks of partial[blk, c]; db[c] += partial[blk, C + c]. Block order.
+__global__ void layernorm_backward_reduce_kernel(float* __restrict__ dw, float* __restrict__ db,
+                                                 const float* __restrict__ partial, int blocks, int C) {
+  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+  if (c >= 2 * C) return;
+  float s = 0.0f;
+  for (int k = 0; k < blocks; ++k) s += partial[int64_t{k} * 2 * C + c];
+  if (c < C) {
+    dw[c] += s;
+  } else {
+    db[c - C] += s;
+  }
+}
+
+// ---- launchers ----
+
+inline void layernorm_forward_launch(bf16* out, float* mean, float* rstd, const float* x, const float* w,
+                                     const float* b, int64_t N, int C, cudaStream_t stream) {
+  constexpr int kWarps = 8;
+  if (C % 128 == 0) {
+    layernorm_forward_vec_kernel<<<ceil_div(N, kWarps), kWarps * 32, 0, stream>>>(out, mean, rstd, x, w, b, N, C);
+  } else {
+    layernorm_forward_kernel<<<ceil_div(N, kWarps), kWarps * 32, 0, stream>>>(out, mean, rstd, x, w, b, N, C);
+  }
+}
+
+inline size_t layernorm_backward_shared_bytes(int C) { return sizeof(float) * kLnWarps * 2 * size_t(C); }
+
+// blocks: the partial rows `partial` holds (layernorm_backward_blocks).
+inline int layernorm_backward_blocks(int64_t N, int sm_count) {
+  const int64_t wanted = (N + kLnWarps - 1) / kLnWarps;
+  const int64_t cap = int64_t{sm_count} * 4;
+  return static_cast<int>(wanted < cap ? (wanted < 1 ? 1 : wanted) : cap);
+}
+
+inline void layernorm_backward_launch(float* dx, bool accumulate, float* dw, float* db, float* partial, int blocks,
+                                      const bf16* dy, const float* x, const float* mean, const float* rstd,
+                                      const float* w, int64_t N, int C, cudaStream_t stream) {
+  const size_t shared = layernorm_backward_shared_bytes(C);
+  if (C % 128 == 0) {
+    if (accumulate) {
+      layernorm_backward_vec_kernel<true>
+          <<<blocks, kLnWarps * 32, shared, stream>>>(dx, partial, dy, x, mean, rstd, w, N, C);
+    } else {
+      layernorm_backward_vec_kernel<false>
+          <<<blocks, kLnWarps * 32, shared, stream>>>(dx, partial, dy, x, mean, rstd, w, N, C);
+    }
+  } else if (accumulate) {
+    layernorm_backward_kernel<true><<<blocks, kLnWarps * 32, shared, stream>>>(dx, partial, dy, x, mean, rstd, w, N, C);
+  } else {
+    layernorm_backward_kernel<false><<<blocks, kLnWarps * 32, shared, stream>>>(dx, partial, dy, x, mean, rstd, w, N, C);
+  }
+  layernorm_backward_reduce_kernel<<<ceil_div(2 * int64_t{C}, 256), 256, 0, stream>>>(dw, db, partial, blocks, C);
+}
+
+// Lets the backward take more than 48 KB of shared memory (C > 1536). Called once.
+inline cudaError_t layernorm_backward_allow_shared(int C) {
+  const int bytes = static_cast<int>(layernorm_backward_shared_bytes(C));
+  for (const void* kernel : {reinterpret_cast<const void*>(layernorm_backward_kernel<true>),
+                             reinterpret_cast<const void*>(layernorm_backward_kernel<false>),
+                             reinterpret_cast<const void*>(layernorm_backward_vec_kernel<true>),
+                             reinterpret_cast<const void*>(layernorm_backward_vec_kernel<false>)}) {
+    const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace flashgpt::model_cuda

@@ -1,0 +1,159 @@
+// The parameter-wide kernels: AdamW over the whole flat buffer in one launch (refreshing
+// the bf16 copy of the weights as it goes), the global gradient norm, bias gradients as
+// column sums of a bf16 matrix, and fp32 -> bf16 conversion. Every reduction here runs in
+// an order fixed by the launch shape: no atomics, the same bits on every run.
+#pragma once
+
+#include "model/gpt_cuda_ops.h"
+#include "model/kernels/common.cuh"
+
+#include <algorithm>
+
+namespace flashgpt::model_cuda {
+
+// torch.optim.AdamW's update: p *= 1 - lr wd (decayed tensors), m, v moments of g * grad_scale,
+// p -= lr * (m / bc1) / (sqrt(v / bc2) + eps).
+__global__ void adamw_kernel(float* __restrict__ params, bf16* __restrict__ params_bf16, const float* __restrict__ grads,
+                             float* __restrict__ m, float* __restrict__ v, int64_t n, ParamSegments segments,
+                             AdamWArgs a) {
+  int seg = 0;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    while (seg + 1 < segments.count && i >= segments.end[seg]) ++seg;
+    const float g = grads[i] * a.grad_scale;
+    const float mi = a.beta1 * m[i] + (1.0f - a.beta1) * g;
+    const float vi = a.beta2 * v[i] + (1.0f - a.beta2) * g * g;
+    float p = params[i];
+    if (segments.decay[seg]) p *= 1.0f - a.lr * a.weight_decay;
+    p -= a.lr * (mi / a.bias_correction1) / (sqrtf(vi / a.bias_correction2) + a.eps);
+    m[i] = mi;
+    v[i] = vi;
+    params[i] = p;
+    params_bf16[i] = __float2bfloat16_rn(p);
+  }
+}
+
+// partial[block] = sum of squares of this block's grid-stride share, in double.
+__global__ void sum_squares_kernel(double* __restrict__ partial, const float* __restrict__ x, int64_t n) {
+  __shared__ double scratch[32];
+  float s = 0.0f;
+  double total = 0.0;
+  int64_t count = 0;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    s += x[i] * x[i];
+    if (++count == 256) {  // keep the float partial short
+      total += s;
+      s = 0.0f;
+      count = 0;
+    }
+  }
+  total = block_sum(total + s, scratch);
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
+__global__ void sum_partials_kernel(double* __restrict__ out, const double* __restrict__ partial, int blocks) {
+  __shared__ double scratch[32];
+  double s = 0.0;
+  for (int i = threadIdx.x; i < blocks; i += blockDim.x) s += partial[i];
+  s = block_sum(s, scratch);
+  if (threadIdx.x == 0) *out = s;
+}
+
+// Column sums of x (N, M) bf16, stage 1: block (32, 8) covers 32 columns; block row gy sums
+// rows gy * 8 + threadIdx.y, then every gridDim.y * 8 rows on, into partial[gy, col].
+__global__ void column_sum_kernel(float* __restrict__ partial, const bf16* __restrict__ x, int64_t N, int M) {
+  __shared__ float sums[8][33];
+  const int col = blockIdx.x * 32 + threadIdx.x;
+  float s = 0.0f;
+  if (col < M) {
+    for (int64_t r = blockIdx.y * int64_t{8} + threadIdx.y; r < N; r += int64_t{gridDim.y} * 8)
+      s += __bfloat162float(x[r * M + col]);
+  }
+  sums[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < M) {
+    float t = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) t += sums[k][threadIdx.x];
+    partial[int64_t{blockIdx.y} * M + col] = t;
+  }
+}
+
+// The same for M % 8 == 0 and 16-byte aligned rows: each thread sums 8 neighbouring columns
+// (one 16-byte load per row), a block (32, 8) covers 256 columns.
+__global__ void column_sum_vec8_kernel(float* __restrict__ partial, const bf16* __restrict__ x, int64_t N, int M) {
+  __shared__ float sums[8][32 * 8 + 1];
+  const int col0 = (blockIdx.x * 32 + threadIdx.x) * 8;
+  float s[8] = {};
+  if (col0 < M) {
+    for (int64_t r = blockIdx.y * int64_t{8} + threadIdx.y; r < N; r += int64_t{gridDim.y} * 8) {
+      const uint4 raw = *reinterpret_cast<const uint4*>(x + r * M + col0);
+      const bf16* v = reinterpret_cast<const bf16*>(&raw);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) s[k] += __bfloat162float(v[k]);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) sums[threadIdx.y][threadIdx.x * 8 + k] = s[k];
+  __syncthreads();
+  // 256 threads, 256 columns: thread t adds the 8 row lanes of column t of this block.
+  const int t = threadIdx.y * 32 + threadIdx.x;
+  const int col = blockIdx.x * 256 + t;
+  if (col < M) {
+    float total = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) total += sums[k][t];
+    partial[int64_t{blockIdx.y} * M + col] = total;
+  }
+}
+
+// Stage 2: out[col] += sum over row blocks of partial[gy, col], in gy order.
+__global__ void column_sum_reduce_kernel(float* __restrict__ out, const float* __restrict__ partial, int row_blocks,
+                                         int M) {
+  const int col = blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= M) return;
+  float s = 0.0f;
+  for (int k = 0; k < row_blocks; ++k) s += partial[int64_t{k} * M + col];
+  out[col] += s;
+}
+
+__global__ void float_to_bf16_kernel(bf16* __restrict__ out, const float* __restrict__ in, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = __float2bfloat16_rn(in[i]);
+}
+
+// ---- launchers ----
+
+constexpr int kNormBlocks = 1024;      // partial sums of the gradient norm
+constexpr int kColumnRowBlocks = 256;  // row blocks of the column sums (enough blocks to fill the GPU at M = 768)
+
+inline void adamw_launch(float* params, bf16* params_bf16, const float* grads, float* m, float* v, int64_t n,
+                         const ParamSegments& segments, const AdamWArgs& args, int sm_count, cudaStream_t stream) {
+  const int64_t blocks = std::min<int64_t>(ceil_div(n, 256), int64_t{sm_count} * 16);
+  adamw_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(params, params_bf16, grads, m, v, n, segments, args);
+}
+
+// partial: kNormBlocks doubles; out: one double, the sum of squares.
+inline void sum_squares_launch(double* out, double* partial, const float* x, int64_t n, cudaStream_t stream) {
+  sum_squares_kernel<<<kNormBlocks, 256, 0, stream>>>(partial, x, n);
+  sum_partials_kernel<<<1, 1024, 0, stream>>>(out, partial, kNormBlocks);
+}
+
+// out (M) += column sums of x (N, M); partial: kColumnRowBlocks * M floats.
+inline void column_sum_launch(float* out, float* partial, const bf16* x, int64_t N, int M, cudaStream_t stream) {
+  const int row_blocks = static_cast<int>(std::min<int64_t>(kColumnRowBlocks, std::max<int64_t>(1, (N + 7) / 8)));
+  if (M % 8 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    const dim3 grid(ceil_div(M, 256), row_blocks);
+    column_sum_vec8_kernel<<<grid, dim3(32, 8), 0, stream>>>(partial, x, N, M);
+  } else {
+    const dim3 grid(ceil_div(M, 32), row_blocks);
+    column_sum_kernel<<<grid, dim3(32, 8), 0, stream>>>(partial, x, N, M);
+  }
+  column_sum_reduce_kernel<<<ceil_div(M, 256), 256, 0, stream>>>(out, partial, row_blocks, M);
+}
+
+inline void float_to_bf16_launch(bf16* out, const float* in, int64_t n, cudaStream_t stream) {
+  const int64_t blocks = std::min<int64_t>(ceil_div(n, 256), 4096);
+  float_to_bf16_kernel<<<static_cast<unsigned>(std::max<int64_t>(blocks, 1)), 256, 0, stream>>>(out, in, n);
+}
+
+}  // namespace flashgpt::model_cuda

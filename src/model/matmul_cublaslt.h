@@ -1,0 +1,64 @@
+// bf16 matrix products through cuBLASLt (fp32 accumulation), with the epilogues the model
+// uses. Row-major language: every call is Y = X W^T (forward), dX = dY W (backward input),
+// or dW += dY^T X (backward weight, fp32 output accumulated in place). Plans (descriptors
+// and the chosen algorithm) are cached per shape, so the same shape always runs the same
+// algorithm: repeat runs give the same bits.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <tuple>
+
+namespace flashgpt::model_cuda {
+
+enum class Epilogue {
+  none,
+  bias,           // Y = X W^T + b
+  gelu_aux_bias,  // pre = X W^T + b written to aux, Y = gelu_tanh(pre)
+  dgelu,          // dX = (dY W) * gelu_tanh'(aux)
+};
+
+class Matmul {
+ public:
+  // workspace_bytes of device memory are allocated here, once (cuBLASLt's scratch).
+  Matmul(size_t workspace_bytes, bool deterministic);
+  ~Matmul();
+  Matmul(const Matmul&) = delete;
+  Matmul& operator=(const Matmul&) = delete;
+
+  // Y (rows, out) bf16 = X (rows, in) bf16 W (out, in)^T [+ bias (out) bf16] with the
+  // epilogue: none, bias, or gelu_aux_bias (aux (rows, out) bf16 gets the pre-activation).
+  void forward(__nv_bfloat16* y, const __nv_bfloat16* x, const __nv_bfloat16* w, int64_t rows, int64_t in,
+               int64_t out, Epilogue epilogue, const __nv_bfloat16* bias, __nv_bfloat16* aux, cudaStream_t stream);
+  // Y (rows, out) fp32 = X W^T (no epilogue): logits for forward_logits.
+  void forward_f32(float* y, const __nv_bfloat16* x, const __nv_bfloat16* w, int64_t rows, int64_t in, int64_t out,
+                   cudaStream_t stream);
+  // dX (rows, in) bf16 = dY (rows, out) W (out, in); with dgelu, times gelu'(aux (rows, in)).
+  void backward_input(__nv_bfloat16* dx, const __nv_bfloat16* dy, const __nv_bfloat16* w, int64_t rows, int64_t in,
+                      int64_t out, Epilogue epilogue, const __nv_bfloat16* aux, cudaStream_t stream);
+  // dW (out, in) fp32 += dY (rows, out)^T X (rows, in).
+  void backward_weight(float* dw, const __nv_bfloat16* dy, const __nv_bfloat16* x, int64_t rows, int64_t in,
+                       int64_t out, cudaStream_t stream);
+
+  struct Plan;
+
+ private:
+  // Column-major D (m, n) = op(A) op(B) (+ beta C, C = D); see matmul_cublaslt.cc.
+  void run(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda, const void* b,
+           int64_t ldb, void* d, int64_t ldd, bool d_fp32, float beta, Epilogue epilogue, const void* bias,
+           void* aux, int64_t ld_aux, cudaStream_t stream);
+
+  void* handle_ = nullptr;  // cublasLtHandle_t
+  void* workspace_ = nullptr;
+  size_t workspace_bytes_ = 0;
+  bool deterministic_ = false;
+  std::map<std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int, int>,
+           std::unique_ptr<Plan>>
+      plans_;
+};
+
+}  // namespace flashgpt::model_cuda

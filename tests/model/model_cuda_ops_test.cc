@@ -1,0 +1,480 @@
+// Each kernel of the CUDA model backend (src/model/gpt_cuda_ops.h) and each cuBLASLt
+// product shape (matmul_cublaslt.h) against a plain double-precision reference written
+// here from the definitions, on random inputs rounded to bf16 where the kernel reads bf16,
+// at awkward shapes (1, 17, 33, 1000 rows; channels not a multiple of 16; V not a multiple
+// of 8). Dropout masks are compared bit for bit with philox.h's dropout_keep.
+#include <flashgpt/model.h>
+#include <flashgpt/philox.h>
+
+#include <gtest/gtest.h>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "model/gpt_cuda_ops.h"
+#include "model/matmul_cublaslt.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <random>
+#include <vector>
+
+namespace flashgpt {
+namespace {
+
+using model_cuda::bf16;
+
+#define CUDA_OK(call) ASSERT_EQ((call), cudaSuccess) << #call
+
+float bf16_round(float f) { return __bfloat162float(__float2bfloat16_rn(f)); }
+
+template <typename T>
+struct Dev {
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit Dev(size_t count) : n(count) { EXPECT_EQ(cudaMalloc(&ptr, std::max<size_t>(n, 1) * sizeof(T)), cudaSuccess); }
+  Dev(const std::vector<T>& host) : Dev(host.size()) { put(host); }
+  ~Dev() { cudaFree(ptr); }
+  Dev(const Dev&) = delete;
+  void put(const std::vector<T>& host) {
+    EXPECT_EQ(cudaMemcpy(ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice), cudaSuccess);
+  }
+  std::vector<T> get() const {
+    std::vector<T> host(n);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_EQ(cudaMemcpy(host.data(), ptr, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
+    return host;
+  }
+  // Fills with a byte pattern, so unwritten elements show.
+  void poison() { EXPECT_EQ(cudaMemset(ptr, 0x7F, n * sizeof(T)), cudaSuccess); }
+};
+
+std::vector<float> random_floats(size_t n, std::mt19937& rng, float scale = 1.0f, float shift = 0.0f) {
+  std::normal_distribution<float> dist(shift, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+std::vector<bf16> to_bf16(const std::vector<float>& v) {
+  std::vector<bf16> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = __float2bfloat16_rn(v[i]);
+  return out;
+}
+std::vector<float> to_float(const std::vector<bf16>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = __bfloat162float(v[i]);
+  return out;
+}
+std::vector<float> rounded(std::vector<float> v) {
+  for (float& x : v) x = bf16_round(x);
+  return v;
+}
+
+// ||a - b|| / ||b||, NaN-safe (any NaN gives +inf).
+double rel_error(const std::vector<float>& a, const std::vector<double>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    num += (a[i] - b[i]) * (a[i] - b[i]);
+    den += b[i] * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+double gelu_tanh(double x) { return 0.5 * x * (1.0 + std::tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))); }
+double gelu_tanh_grad(double x) {
+  const double k = 0.7978845608028654, u = k * (x + 0.044715 * x * x * x), t = std::tanh(u);
+  return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * x * x);
+}
+
+// ---- LayerNorm ----
+
+struct Shape {
+  int64_t N;
+  int C;
+};
+
+class LayerNormTest : public ::testing::TestWithParam<Shape> {};
+
+TEST_P(LayerNormTest, ForwardAndBackwardMatchDoubleReference) {
+  const auto [N, C] = GetParam();
+  std::mt19937 rng(static_cast<uint32_t>(N * 131 + C));
+  const auto x = random_floats(size_t(N) * C, rng, 2.0f, 0.5f);
+  const auto w = random_floats(C, rng, 0.5f, 1.0f);
+  const auto b = random_floats(C, rng, 0.3f);
+  const auto dy = rounded(random_floats(size_t(N) * C, rng));
+  const auto dx0 = random_floats(size_t(N) * C, rng);  // accumulated into
+  Dev<float> d_x(x), d_w(w), d_b(b), d_mean(N), d_rstd(N), d_dx(dx0);
+  Dev<bf16> d_out(size_t(N) * C), d_dy(to_bf16(dy));
+  d_out.poison();
+  model_cuda::layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_x.ptr, d_w.ptr, d_b.ptr, N, C, nullptr);
+  std::vector<float> dw0(C, 1.0f), db0(C, -1.0f);
+  Dev<float> d_dw(dw0), d_db(db0), d_partial(model_cuda::layernorm_backward_partial_floats(N, C));
+  model_cuda::layernorm_backward(d_dx.ptr, /*accumulate=*/true, d_dw.ptr, d_db.ptr, d_partial.ptr, d_dy.ptr, d_x.ptr,
+                                 d_mean.ptr, d_rstd.ptr, d_w.ptr, N, C, nullptr);
+  const auto out = to_float(d_out.get());
+  const auto dx = d_dx.get(), dw = d_dw.get(), db = d_db.get(), mean = d_mean.get(), rstd = d_rstd.get();
+
+  std::vector<double> ref_out(out.size()), ref_dx(dx.size()), ref_dw(C, 1.0), ref_db(C, -1.0);
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xr = &x[size_t(n) * C];
+    const float* g = &dy[size_t(n) * C];
+    double m = 0, v = 0;
+    for (int c = 0; c < C; ++c) m += xr[c];
+    m /= C;
+    for (int c = 0; c < C; ++c) v += (xr[c] - m) * (xr[c] - m);
+    v /= C;
+    const double rs = 1.0 / std::sqrt(v + kLayerNormEps);
+    EXPECT_NEAR(mean[n], m, 1e-5 * (1 + std::fabs(m)));
+    EXPECT_NEAR(rstd[n], rs, 1e-4 * rs);
+    double a = 0, bsum = 0;
+    for (int c = 0; c < C; ++c) {
+      const double xhat = (xr[c] - m) * rs;
+      ref_out[size_t(n) * C + c] = xhat * w[c] + b[c];
+      a += g[c] * w[c];
+      bsum += g[c] * w[c] * xhat;
+      ref_dw[c] += g[c] * xhat;
+      ref_db[c] += g[c];
+    }
+    a /= C;
+    bsum /= C;
+    for (int c = 0; c < C; ++c) {
+      const double xhat = (xr[c] - m) * rs;
+      ref_dx[size_t(n) * C + c] = dx0[size_t(n) * C + c] + rs * (g[c] * w[c] - a - xhat * bsum);
+    }
+  }
+  EXPECT_LT(rel_error(out, ref_out), 5e-3);  // bf16 output: 2^-9 relative rounding
+  EXPECT_LT(rel_error(dx, ref_dx), 1e-4);
+  EXPECT_LT(rel_error(dw, ref_dw), 1e-4);
+  EXPECT_LT(rel_error(db, ref_db), 1e-4);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, LayerNormTest,
+                         ::testing::Values(Shape{1, 32}, Shape{17, 48}, Shape{33, 40}, Shape{1000, 768},
+                                           Shape{4097, 80}, Shape{5, 2048}));
+
+// ---- residual + dropout, embedding ----
+
+struct DropoutCase {
+  int64_t N;
+  int C;
+  float p;
+};
+
+class ResidualDropoutTest : public ::testing::TestWithParam<DropoutCase> {};
+
+TEST_P(ResidualDropoutTest, MaskIsPhiloxConventionBitForBit) {
+  const auto [N, C, p] = GetParam();
+  std::mt19937 rng(static_cast<uint32_t>(N + 7 * C));
+  const auto in = random_floats(size_t(N) * C, rng);
+  const auto y = rounded(random_floats(size_t(N) * C, rng));
+  const auto site = model_cuda::dropout_site(0x1234567890ull, 42, 5, p);
+  Dev<float> d_in(in), d_out(size_t(N) * C), d_ones(std::vector<float>(size_t(N) * C, 1.0f)), d_mask(size_t(N) * C);
+  Dev<bf16> d_y(to_bf16(y)), d_mask_bf16(size_t(N) * C);
+  d_out.poison();
+  model_cuda::residual_forward(d_out.ptr, d_in.ptr, d_y.ptr, N, C, site, nullptr);
+  model_cuda::dropout_backward(d_mask.ptr, d_ones.ptr, N, C, site, nullptr);
+  model_cuda::dropout_backward(d_mask_bf16.ptr, d_ones.ptr, N, C, site, nullptr);
+  const auto out = d_out.get(), mask = d_mask.get();
+  const auto mask_bf16 = to_float(d_mask_bf16.get());
+  const uint32_t t = dropout_threshold(p);
+  const float scale = static_cast<float>(dropout_keep_scale(t));
+  int64_t dropped = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    for (int c = 0; c < C; ++c) {
+      const size_t i = size_t(n) * C + c;
+      const bool keep = t == 0 || dropout_keep(DropoutRng{0x1234567890ull, 42}, 5, n, c, t);
+      dropped += !keep;
+      ASSERT_EQ(mask[i], keep ? scale : 0.0f) << "n " << n << " c " << c;
+      ASSERT_EQ(mask_bf16[i], bf16_round(keep ? scale : 0.0f));
+      const double ref = in[i] + (keep ? double(y[i]) * scale : 0.0);
+      ASSERT_NEAR(out[i], ref, 1e-6 * (1 + std::fabs(ref))) << "n " << n << " c " << c;
+    }
+  }
+  if (p > 0) {
+    const double rate = double(dropped) / double(N * C);
+    EXPECT_NEAR(rate, t / 256.0, 0.05) << "dropout rate";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ResidualDropoutTest,
+                         ::testing::Values(DropoutCase{37, 768, 0.1f}, DropoutCase{17, 40, 0.5f},
+                                           DropoutCase{1, 16, 0.0f}, DropoutCase{100, 72, 0.1f}));
+
+TEST(EncoderTest, ForwardAndBackwardMatchReference) {
+  const int B = 3, T = 7, C = 40, Vrows = 50;
+  const int64_t N = B * T;
+  std::mt19937 rng(11);
+  std::vector<int32_t> tokens(N);
+  for (auto& tok : tokens) tok = static_cast<int32_t>(rng() % 6) * 7;  // repeats
+  const auto wte = random_floats(size_t(Vrows) * C, rng), wpe = random_floats(size_t(T) * C, rng);
+  const auto dx = random_floats(size_t(N) * C, rng);
+  const auto site = model_cuda::dropout_site(99, 3, 0, 0.2f);
+  Dev<int32_t> d_tokens(tokens);
+  Dev<float> d_wte(wte), d_wpe(wpe), d_x0(size_t(N) * C), d_dx(dx);
+  d_x0.poison();
+  model_cuda::encoder_forward(d_x0.ptr, d_tokens.ptr, d_wte.ptr, d_wpe.ptr, N, T, C, site, nullptr);
+  const auto x0 = d_x0.get();
+  const uint32_t t = dropout_threshold(0.2f);
+  const float scale = static_cast<float>(dropout_keep_scale(t));
+  auto keep = [&](int64_t n, int c) { return dropout_keep(DropoutRng{99, 3}, 0, n, c, t); };
+  for (int64_t n = 0; n < N; ++n)
+    for (int c = 0; c < C; ++c) {
+      const float v = wte[size_t(tokens[n]) * C + c] + wpe[size_t(n % T) * C + c];
+      ASSERT_FLOAT_EQ(x0[size_t(n) * C + c], keep(n, c) ? v * scale : 0.0f);
+    }
+  // Backward: through the dropout in place, then position rows and token rows.
+  model_cuda::dropout_backward(d_dx.ptr, d_dx.ptr, N, C, site, nullptr);
+  std::vector<float> dwte0(size_t(Vrows) * C, 0.5f), dwpe0(size_t(T) * C, -0.5f);
+  Dev<float> d_dwte(dwte0), d_dwpe(dwpe0);
+  model_cuda::encoder_backward_wpe(d_dwpe.ptr, d_dx.ptr, B, T, C, nullptr);
+  std::map<int32_t, std::vector<int32_t>> groups;
+  for (int64_t n = 0; n < N; ++n) groups[tokens[n]].push_back(static_cast<int32_t>(n));
+  std::vector<int32_t> unique, starts, positions;
+  for (auto& [tok, pos] : groups) {
+    unique.push_back(tok);
+    starts.push_back(static_cast<int32_t>(positions.size()));
+    positions.insert(positions.end(), pos.begin(), pos.end());
+  }
+  starts.push_back(static_cast<int32_t>(positions.size()));
+  Dev<int32_t> d_unique(unique), d_starts(starts), d_positions(positions),
+      d_count(std::vector<int32_t>{static_cast<int32_t>(unique.size())});
+  model_cuda::encoder_backward_wte(d_dwte.ptr, d_dx.ptr, d_unique.ptr, d_starts.ptr, d_positions.ptr, d_count.ptr, N, C,
+                                   nullptr);
+  const auto dwte = d_dwte.get(), dwpe = d_dwpe.get();
+  std::vector<double> ref_wte(dwte0.begin(), dwte0.end()), ref_wpe(dwpe0.begin(), dwpe0.end());
+  for (int64_t n = 0; n < N; ++n)
+    for (int c = 0; c < C; ++c) {
+      const double g = keep(n, c) ? double(dx[size_t(n) * C + c]) * scale : 0.0;
+      ref_wte[size_t(tokens[n]) * C + c] += g;
+      ref_wpe[size_t(n % T) * C + c] += g;
+    }
+  EXPECT_LT(rel_error(dwte, ref_wte), 1e-6);
+  EXPECT_LT(rel_error(dwpe, ref_wpe), 1e-6);
+}
+
+// ---- classifier ----
+
+struct ClassifierCase {
+  int64_t rows, V, Vp;
+};
+
+class ClassifierTest : public ::testing::TestWithParam<ClassifierCase> {};
+
+TEST_P(ClassifierTest, LossAndGradientMatchReference) {
+  const auto [rows, V, Vp] = GetParam();
+  std::mt19937 rng(static_cast<uint32_t>(V + rows));
+  const auto logits = rounded(random_floats(size_t(rows) * Vp, rng, 3.0f));
+  std::vector<int32_t> targets(rows);
+  for (auto& t : targets) t = static_cast<int32_t>(rng() % V);
+  const float dloss = 0.25f;
+  Dev<bf16> d_logits(to_bf16(logits)), d_logits_nograd(to_bf16(logits));
+  Dev<float> d_losses(rows), d_losses2(rows);
+  Dev<int32_t> d_targets(targets);
+  model_cuda::classifier_softmax_xent(d_logits.ptr, d_losses.ptr, d_targets.ptr, rows, V, Vp, dloss, true, nullptr);
+  model_cuda::classifier_softmax_xent(d_logits_nograd.ptr, d_losses2.ptr, d_targets.ptr, rows, V, Vp, dloss, false,
+                                      nullptr);
+  const auto grad = to_float(d_logits.get()), untouched = to_float(d_logits_nograd.get());
+  const auto losses = d_losses.get(), losses2 = d_losses2.get();
+  EXPECT_EQ(untouched, logits) << "without gradients the logits stay";
+  std::vector<double> ref_grad(grad.size());
+  std::vector<float> grad_real;
+  std::vector<double> ref_real;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = &logits[size_t(r) * Vp];
+    double mx = -INFINITY, s = 0;
+    for (int64_t c = 0; c < V; ++c) mx = std::max<double>(mx, row[c]);
+    for (int64_t c = 0; c < V; ++c) s += std::exp(row[c] - mx);
+    const double lse = mx + std::log(s);
+    EXPECT_NEAR(losses[r], lse - row[targets[r]], 1e-3 * (1 + std::fabs(lse)));
+    EXPECT_EQ(losses[r], losses2[r]);
+    for (int64_t c = 0; c < Vp; ++c) {
+      const size_t i = size_t(r) * Vp + c;
+      if (c >= V) {
+        ASSERT_EQ(grad[i], 0.0f) << "padding column " << c;
+        continue;
+      }
+      grad_real.push_back(grad[i]);
+      ref_real.push_back((std::exp(row[c] - lse) - (c == targets[r] ? 1.0 : 0.0)) * dloss);
+    }
+  }
+  EXPECT_LT(rel_error(grad_real, ref_real), 1e-2);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ClassifierTest,
+                         ::testing::Values(ClassifierCase{5, 1000, 1024}, ClassifierCase{3, 50257, 50304},
+                                           ClassifierCase{1, 8, 128}, ClassifierCase{17, 100277, 100352}));
+
+TEST(LossSumTest, SumsInDoubleAndRepeats) {
+  std::mt19937 rng(5);
+  const auto losses = random_floats(10007, rng, 1.0f, 3.0f);
+  Dev<float> d_losses(losses);
+  Dev<double> d_out(1), d_out2(1);
+  model_cuda::loss_sum(d_out.ptr, d_losses.ptr, 10007, nullptr);
+  model_cuda::loss_sum(d_out2.ptr, d_losses.ptr, 10007, nullptr);
+  double ref = 0;
+  for (float l : losses) ref += l;
+  EXPECT_NEAR(d_out.get()[0], ref, 1e-9 * std::fabs(ref));
+  EXPECT_EQ(d_out.get()[0], d_out2.get()[0]);
+}
+
+// ---- optimizer ----
+
+TEST(AdamWTest, MatchesTorchFormulaPerSegment) {
+  const int64_t n = 1003;
+  std::mt19937 rng(3);
+  auto p = random_floats(n, rng), g = random_floats(n, rng), m = random_floats(n, rng, 0.1f),
+       v = random_floats(n, rng, 0.1f);
+  for (float& x : v) x = std::fabs(x);
+  model_cuda::ParamSegments seg;
+  seg.count = 3;
+  seg.end[0] = 300, seg.end[1] = 501, seg.end[2] = n;
+  seg.decay[0] = true, seg.decay[1] = false, seg.decay[2] = true;
+  model_cuda::AdamWArgs a;
+  a.lr = 1e-2f, a.beta1 = 0.9f, a.beta2 = 0.95f, a.eps = 1e-8f, a.weight_decay = 0.1f;
+  a.bias_correction1 = 1 - std::pow(0.9f, 3.0f), a.bias_correction2 = 1 - std::pow(0.95f, 3.0f), a.grad_scale = 0.5f;
+  Dev<float> d_p(p), d_g(g), d_m(m), d_v(v);
+  Dev<bf16> d_pb(n);
+  d_pb.poison();
+  model_cuda::adamw_update(d_p.ptr, d_pb.ptr, d_g.ptr, d_m.ptr, d_v.ptr, n, seg, a, nullptr);
+  const auto p1 = d_p.get(), m1 = d_m.get(), v1 = d_v.get();
+  const auto pb = to_float(d_pb.get());
+  for (int64_t i = 0; i < n; ++i) {
+    const bool decay = i < 300 || i >= 501;
+    const double gi = double(g[i]) * a.grad_scale;
+    const double mi = a.beta1 * double(m[i]) + (1 - a.beta1) * gi;
+    const double vi = a.beta2 * double(v[i]) + (1 - a.beta2) * gi * gi;
+    double pi = p[i];
+    if (decay) pi *= 1 - double(a.lr) * a.weight_decay;
+    pi -= a.lr * (mi / a.bias_correction1) / (std::sqrt(vi / a.bias_correction2) + a.eps);
+    ASSERT_NEAR(m1[i], mi, 1e-6 * (1 + std::fabs(mi)));
+    ASSERT_NEAR(v1[i], vi, 1e-6 * (1 + std::fabs(vi)));
+    ASSERT_NEAR(p1[i], pi, 1e-6 * (1 + std::fabs(pi))) << i;
+    ASSERT_EQ(pb[i], bf16_round(p1[i]));
+  }
+}
+
+TEST(SumSquaresTest, MatchesDoubleAndRepeatsBitForBit) {
+  for (int64_t n : {int64_t{1}, int64_t{1000}, int64_t{1000003}}) {
+    std::mt19937 rng(static_cast<uint32_t>(n));
+    const auto x = random_floats(n, rng);
+    Dev<float> d_x(x);
+    Dev<double> d_partial(model_cuda::sum_squares_partial_doubles()), d_out(1), d_out2(1);
+    model_cuda::sum_squares(d_out.ptr, d_partial.ptr, d_x.ptr, n, nullptr);
+    model_cuda::sum_squares(d_out2.ptr, d_partial.ptr, d_x.ptr, n, nullptr);
+    double ref = 0;
+    for (float f : x) ref += double(f) * f;
+    EXPECT_NEAR(d_out.get()[0], ref, 1e-6 * ref) << "n " << n;
+    EXPECT_EQ(d_out.get()[0], d_out2.get()[0]);
+  }
+}
+
+TEST(ColumnSumTest, MatchesReferenceAndAccumulates) {
+  for (auto [N, M] : {std::pair<int64_t, int>{1000, 40}, {3, 3072}, {1, 1}, {4097, 2304}, {17, 37}, {32768, 768}}) {
+    std::mt19937 rng(static_cast<uint32_t>(N + M));
+    const auto x = rounded(random_floats(size_t(N) * M, rng));
+    const auto out0 = random_floats(M, rng);
+    Dev<bf16> d_x(to_bf16(x));
+    Dev<float> d_out(out0), d_partial(model_cuda::column_sum_partial_floats(M));
+    model_cuda::column_sum(d_out.ptr, d_partial.ptr, d_x.ptr, N, M, nullptr);
+    std::vector<double> ref(out0.begin(), out0.end());
+    for (int64_t r = 0; r < N; ++r)
+      for (int c = 0; c < M; ++c) ref[c] += x[size_t(r) * M + c];
+    EXPECT_LT(rel_error(d_out.get(), ref), 1e-5) << N << "x" << M;
+  }
+}
+
+TEST(FloatToBf16Test, RoundsToNearestEven) {
+  std::mt19937 rng(8);
+  const auto x = random_floats(777, rng, 100.0f);
+  Dev<float> d_x(x);
+  Dev<bf16> d_y(777);
+  model_cuda::float_to_bf16(d_y.ptr, d_x.ptr, 777, nullptr);
+  const auto y = to_float(d_y.get());
+  for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(y[i], bf16_round(x[i]));
+}
+
+// ---- cuBLASLt products ----
+
+struct MatmulCase {
+  int64_t rows, in, out;
+};
+
+class MatmulTest : public ::testing::TestWithParam<MatmulCase> {};
+
+TEST_P(MatmulTest, EpiloguesMatchDoubleReference) {
+  const auto [rows, in, out] = GetParam();
+  std::mt19937 rng(static_cast<uint32_t>(rows * 7 + in * 3 + out));
+  const auto x = rounded(random_floats(size_t(rows) * in, rng));
+  const auto w = rounded(random_floats(size_t(out) * in, rng, 0.2f));
+  const auto bias = rounded(random_floats(out, rng, 0.5f));
+  const auto dy = rounded(random_floats(size_t(rows) * out, rng));
+  const auto aux_in = rounded(random_floats(size_t(rows) * in, rng));  // pre-activation for dgelu
+  model_cuda::Matmul mm(size_t{32} << 20, /*deterministic=*/false);
+  Dev<bf16> d_x(to_bf16(x)), d_w(to_bf16(w)), d_bias(to_bf16(bias)), d_dy(to_bf16(dy)), d_aux_in(to_bf16(aux_in));
+  Dev<bf16> d_y(size_t(rows) * out), d_gelu(size_t(rows) * out), d_pre(size_t(rows) * out), d_dx(size_t(rows) * in),
+      d_dx_gelu(size_t(rows) * in);
+  Dev<float> d_y32(size_t(rows) * out);
+  const std::vector<float> dw0(size_t(out) * in, 0.5f);
+  Dev<float> d_dw(dw0);
+  for (auto* d : {&d_y, &d_gelu, &d_pre, &d_dx, &d_dx_gelu}) d->poison();
+  mm.forward(d_y.ptr, d_x.ptr, d_w.ptr, rows, in, out, model_cuda::Epilogue::bias, d_bias.ptr, nullptr, nullptr);
+  mm.forward(d_gelu.ptr, d_x.ptr, d_w.ptr, rows, in, out, model_cuda::Epilogue::gelu_aux_bias, d_bias.ptr, d_pre.ptr,
+             nullptr);
+  mm.forward_f32(d_y32.ptr, d_x.ptr, d_w.ptr, rows, in, out, nullptr);
+  mm.backward_input(d_dx.ptr, d_dy.ptr, d_w.ptr, rows, in, out, model_cuda::Epilogue::none, nullptr, nullptr);
+  mm.backward_input(d_dx_gelu.ptr, d_dy.ptr, d_w.ptr, rows, in, out, model_cuda::Epilogue::dgelu, d_aux_in.ptr,
+                    nullptr);
+  mm.backward_weight(d_dw.ptr, d_dy.ptr, d_x.ptr, rows, in, out, nullptr);
+  std::vector<double> ref_y(size_t(rows) * out), ref_y32(size_t(rows) * out), ref_gelu(size_t(rows) * out),
+      ref_dx(size_t(rows) * in), ref_dx_gelu(size_t(rows) * in), ref_dw(dw0.begin(), dw0.end());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      double s = 0;
+      for (int64_t i = 0; i < in; ++i) s += double(x[r * in + i]) * w[o * in + i];
+      ref_y32[r * out + o] = s;
+      ref_y[r * out + o] = s + bias[o];
+      ref_gelu[r * out + o] = gelu_tanh(s + bias[o]);
+    }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < in; ++i) {
+      double s = 0;
+      for (int64_t o = 0; o < out; ++o) s += double(dy[r * out + o]) * w[o * in + i];
+      ref_dx[r * in + i] = s;
+      ref_dx_gelu[r * in + i] = s * gelu_tanh_grad(aux_in[r * in + i]);
+    }
+  for (int64_t o = 0; o < out; ++o)
+    for (int64_t i = 0; i < in; ++i) {
+      double s = 0;
+      for (int64_t r = 0; r < rows; ++r) s += double(dy[r * out + o]) * x[r * in + i];
+      ref_dw[o * in + i] += s;
+    }
+  EXPECT_LT(rel_error(to_float(d_y.get()), ref_y), 1e-2);
+  EXPECT_LT(rel_error(to_float(d_pre.get()), ref_y), 1e-2);
+  EXPECT_LT(rel_error(to_float(d_gelu.get()), ref_gelu), 1e-2);
+  EXPECT_LT(rel_error(d_y32.get(), ref_y32), 1e-5);
+  EXPECT_LT(rel_error(to_float(d_dx.get()), ref_dx), 1e-2);
+  EXPECT_LT(rel_error(to_float(d_dx_gelu.get()), ref_dx_gelu), 1e-2);
+  EXPECT_LT(rel_error(d_dw.get(), ref_dw), 1e-5);
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, MatmulTest,
+                         ::testing::Values(MatmulCase{17, 40, 24}, MatmulCase{1, 64, 192}, MatmulCase{33, 128, 512},
+                                           MatmulCase{1000, 768, 2304}, MatmulCase{64, 512, 128}));
+
+TEST(ModelCudaOpsTest, EntryPointsRejectBadArguments) {
+  EXPECT_THROW(model_cuda::layernorm_forward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 4, 8, nullptr),
+               std::exception);
+  Dev<bf16> logits(16);
+  Dev<float> losses(1);
+  Dev<int32_t> targets(1);
+  EXPECT_THROW(model_cuda::classifier_softmax_xent(logits.ptr, losses.ptr, targets.ptr, 1, 20, 12, 1.0f, true, nullptr),
+               std::exception);
+}
+
+}  // namespace
+}  // namespace flashgpt

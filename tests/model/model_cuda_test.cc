@@ -1,0 +1,304 @@
+// The CUDA backend as a whole against the fp32 CPU backend, on the same weights and
+// batches: the loss, the logits and every parameter's gradient within bf16 tolerance, with
+// dropout off and on (same Philox masks, so the same elements drop); deterministic mode
+// repeats bit for bit; a few hundred AdamW steps lower the loss as the CPU run does; no
+// device allocation inside a step; bad input is refused with a message.
+#include <flashgpt/model.h>
+
+#include <gtest/gtest.h>
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace flashgpt {
+namespace {
+
+// ||a - b|| / ||b|| over [begin, end).
+double rel_error(const std::vector<float>& a, const std::vector<float>& b, int64_t begin, int64_t end) {
+  double num = 0, den = 0;
+  for (int64_t i = begin; i < end; ++i) {
+    if (!std::isfinite(a[i])) return INFINITY;
+    num += double(a[i] - b[i]) * (a[i] - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+struct TestModel {
+  std::string name;
+  ModelConfig config;
+};
+
+// tiny (head dim 32) and a seed-shaped miniature (head dim 64, the seed's), vocabulary
+// 1000 (padded to 1024, so 24 padding rows).
+std::vector<TestModel> test_models(float dropout) {
+  ModelConfig tiny = model_preset("tiny", 1000);
+  tiny.dropout = dropout;
+  ModelConfig mini = tiny;
+  mini.preset = "custom";
+  mini.d_model = 128;
+  mini.n_head = 2;
+  mini.d_ff = 512;
+  mini.n_layer = 3;
+  return {{"tiny", tiny}, {"hd64", mini}};
+}
+
+std::vector<TokenId> random_windows(int64_t B, int64_t T, int64_t V, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<TokenId> w(size_t(B * (T + 1)));
+  for (auto& t : w) t = static_cast<TokenId>(rng() % V);
+  return w;
+}
+
+struct Pair {
+  std::unique_ptr<GptModel> cpu, gpu;
+  std::vector<float> params;
+};
+
+Pair make_pair(const ModelConfig& config, int64_t B, bool deterministic = false) {
+  ModelOptions options;
+  options.max_batch = B;
+  options.deterministic = deterministic;
+  Pair p;
+  p.cpu = gpt_create_cpu(config, options);
+  p.gpu = gpt_create_cuda(config, options);
+  p.params.resize(size_t(model_param_count(config)));
+  model_init_params(config, 1234, p.params);
+  p.cpu->params_set(p.params);
+  p.gpu->params_set(p.params);
+  return p;
+}
+
+TEST(ModelCudaTest, ParamsRoundTripAndGpuDeviceReported) {
+  const ModelConfig config = test_models(0.1f)[0].config;
+  ModelOptions options;
+  options.max_batch = 2;
+  auto gpu = gpt_create_cuda(config, options);
+  EXPECT_EQ(gpu->device(), Device::cuda);
+  std::vector<float> params(size_t(model_param_count(config))), back(params.size()), m(params.size()),
+      v(params.size());
+  model_init_params(config, 7, params);
+  gpu->params_set(params);
+  gpu->params_get(back);
+  EXPECT_EQ(params, back);
+  std::vector<float> m0(params.size(), 0.25f), v0(params.size(), 0.5f);
+  gpu->adam_state_set(m0, v0);
+  gpu->adam_state_get(m, v);
+  EXPECT_EQ(m, m0);
+  EXPECT_EQ(v, v0);
+}
+
+TEST(ModelCudaTest, ForwardLossAndLogitsMatchCpu) {
+  for (const auto& [name, config] : test_models(0.1f)) {
+    SCOPED_TRACE(name);
+    const int64_t B = 3, T = config.context, V = config.vocab_size;
+    Pair p = make_pair(config, B);
+    const auto windows = random_windows(B, T, V, 5);
+    const double cpu_loss = p.cpu->forward_loss(windows, B, T);
+    const double gpu_loss = p.gpu->forward_loss(windows, B, T);
+    EXPECT_NEAR(gpu_loss, cpu_loss, 5e-3 * cpu_loss);
+    // Logits of the first 17 positions of 2 rows (an awkward T).
+    const int64_t Bl = 2, Tl = 17;
+    std::vector<TokenId> inputs(size_t(Bl * Tl));
+    for (int64_t b = 0; b < Bl; ++b)
+      for (int64_t t = 0; t < Tl; ++t) inputs[size_t(b * Tl + t)] = windows[size_t(b * (T + 1) + t)];
+    std::vector<float> cpu_logits(size_t(Bl * Tl * V)), gpu_logits(cpu_logits.size(), NAN);
+    p.cpu->forward_logits(inputs, Bl, Tl, cpu_logits);
+    p.gpu->forward_logits(inputs, Bl, Tl, gpu_logits);
+    EXPECT_LT(rel_error(gpu_logits, cpu_logits, 0, int64_t(cpu_logits.size())), 2e-2);
+  }
+}
+
+// Gradients of every tensor after one forward_backward, dropout off and on.
+void check_gradients(float dropout) {
+  for (const auto& [name, config] : test_models(dropout)) {
+    SCOPED_TRACE(name + " dropout " + std::to_string(dropout));
+    const int64_t B = 4, T = config.context, V = config.vocab_size;
+    Pair p = make_pair(config, B);
+    const auto windows = random_windows(B, T, V, 17);
+    const StepRng rng{99, 3};
+    p.cpu->grads_zero();
+    p.gpu->grads_zero();
+    const double cpu_loss = p.cpu->forward_backward(windows, B, T, rng, 2.0f);
+    const double gpu_loss = p.gpu->forward_backward(windows, B, T, rng, 2.0f);
+    std::printf("%s dropout %.1f: loss cpu %.6f gpu %.6f\n", name.c_str(), dropout, cpu_loss, gpu_loss);
+    EXPECT_NEAR(gpu_loss, cpu_loss, 5e-3 * cpu_loss);
+    std::vector<float> cpu_grads(p.params.size()), gpu_grads(p.params.size());
+    p.cpu->grads_get(cpu_grads);
+    p.gpu->grads_get(gpu_grads);
+    for (const ParamSpec& s : model_param_specs(config)) {
+      int64_t end = s.offset + s.numel;
+      if (s.kind == ParamKind::wte) {
+        // The padding rows are never predicted: their gradient is exactly zero.
+        for (int64_t i = s.offset + V * config.d_model; i < end; ++i) ASSERT_EQ(gpu_grads[size_t(i)], 0.0f);
+        end = s.offset + V * config.d_model;
+      }
+      const double err = rel_error(gpu_grads, cpu_grads, s.offset, end);
+      std::printf("%s dropout %.1f: gradient of %-12s relative error %.2e\n", name.c_str(), dropout, s.name.c_str(),
+                  err);
+      EXPECT_LT(err, 5e-2) << "gradient of " << s.name;  // a different dropout mask gives O(1)
+    }
+    // The norm is that of the whole buffer.
+    double sq = 0;
+    for (float g : gpu_grads) sq += double(g) * g;
+    EXPECT_NEAR(p.gpu->grads_norm(), std::sqrt(sq), 1e-5 * std::sqrt(sq));
+    EXPECT_NEAR(p.gpu->grads_norm(), p.cpu->grads_norm(), 2e-2 * p.cpu->grads_norm());
+  }
+}
+
+TEST(ModelCudaTest, GradientsMatchCpuWithoutDropout) { check_gradients(0.0f); }
+TEST(ModelCudaTest, GradientsMatchCpuWithDropout) { check_gradients(0.1f); }
+
+TEST(ModelCudaTest, GradientsAccumulateOverMicroBatches) {
+  const ModelConfig config = test_models(0.0f)[0].config;
+  const int64_t B = 2, T = 32, V = config.vocab_size;
+  Pair p = make_pair(config, B);
+  const auto w1 = random_windows(B, T, V, 1), w2 = random_windows(B, T, V, 2);
+  std::vector<float> g1(p.params.size()), g12(p.params.size()), g2(p.params.size());
+  p.gpu->grads_zero();
+  p.gpu->forward_backward(w1, B, T, StepRng{1, 1}, 1.0f);
+  p.gpu->grads_get(g1);
+  p.gpu->forward_backward(w2, B, T, StepRng{1, 2}, 1.0f);
+  p.gpu->grads_get(g12);
+  p.gpu->grads_zero();
+  p.gpu->forward_backward(w2, B, T, StepRng{1, 2}, 1.0f);
+  p.gpu->grads_get(g2);
+  std::vector<float> sum(g1.size());
+  for (size_t i = 0; i < sum.size(); ++i) sum[i] = g1[i] + g2[i];
+  EXPECT_LT(rel_error(g12, sum, 0, int64_t(sum.size())), 1e-5);
+}
+
+// Two models in deterministic mode, three steps of dropout training each: the same bits.
+TEST(ModelCudaTest, DeterministicModeRepeatsBitForBit) {
+  for (const auto& [name, config] : test_models(0.1f)) {
+    SCOPED_TRACE(name);
+    const int64_t B = 4, T = config.context, V = config.vocab_size;
+    std::vector<std::vector<double>> losses(2), norms(2);
+    std::vector<std::vector<float>> finals(2);
+    for (int run = 0; run < 2; ++run) {
+      ModelOptions options;
+      options.max_batch = B;
+      options.deterministic = true;
+      auto gpu = gpt_create_cuda(config, options);
+      std::vector<float> params(size_t(model_param_count(config)));
+      model_init_params(config, 1234, params);
+      gpu->params_set(params);
+      AdamWConfig adam;
+      adam.lr = 1e-3;
+      for (int64_t step = 1; step <= 3; ++step) {
+        gpu->grads_zero();
+        losses[run].push_back(gpu->forward_backward(random_windows(B, T, V, uint32_t(step)), B, T,
+                                                    StepRng{7, uint64_t(step)}, 1.0f));
+        norms[run].push_back(gpu->grads_norm());
+        gpu->adamw_step(adam, step, 1.0f);
+      }
+      finals[run].resize(params.size());
+      gpu->params_get(finals[run]);
+    }
+    for (size_t i = 0; i < losses[0].size(); ++i) {
+      EXPECT_EQ(std::memcmp(&losses[0][i], &losses[1][i], sizeof(double)), 0) << "loss of step " << i + 1;
+      EXPECT_EQ(std::memcmp(&norms[0][i], &norms[1][i], sizeof(double)), 0) << "grad norm of step " << i + 1;
+    }
+    EXPECT_EQ(std::memcmp(finals[0].data(), finals[1].data(), finals[0].size() * sizeof(float)), 0);
+  }
+}
+
+// Sequences over the first 64 ids that follow a rule (next = 5 * token + 3 mod 64, from a
+// random start): both
+// backends, AdamW at lr 3e-3 on the same batches, must learn it alike.
+TEST(ModelCudaTest, TrainingLowersTheLossLikeTheCpu) {
+  const ModelConfig config = test_models(0.1f)[0].config;
+  const int64_t B = 4, T = 32, steps = 200;
+  Pair p = make_pair(config, B);
+  std::mt19937 rng(3);
+  AdamWConfig adam;
+  adam.lr = 3e-3;
+  adam.weight_decay = 0.1;
+  std::vector<double> cpu_losses, gpu_losses;
+  for (int64_t step = 1; step <= steps; ++step) {
+    std::vector<TokenId> windows(size_t(B * (T + 1)));
+    for (int64_t b = 0; b < B; ++b) {
+      uint64_t tok = rng() % 64;
+      for (int64_t t = 0; t <= T; ++t) {
+        windows[size_t(b * (T + 1) + t)] = static_cast<TokenId>(tok);
+        tok = (5 * tok + 3) % 64;
+      }
+    }
+    for (auto* m : {p.cpu.get(), p.gpu.get()}) {
+      m->grads_zero();
+      const double loss = m->forward_backward(windows, B, T, StepRng{5, uint64_t(step)}, 1.0f);
+      const double norm = m->grads_norm();
+      m->adamw_step(adam, step, norm > 1.0 ? float(1.0 / norm) : 1.0f);
+      (m == p.cpu.get() ? cpu_losses : gpu_losses).push_back(loss);
+    }
+  }
+  auto tail_mean = [](const std::vector<double>& l) {
+    double s = 0;
+    for (size_t i = l.size() - 20; i < l.size(); ++i) s += l[i];
+    return s / 20;
+  };
+  const double cpu_end = tail_mean(cpu_losses), gpu_end = tail_mean(gpu_losses);
+  std::printf("loss: start cpu %.4f gpu %.4f, last 20 steps cpu %.4f gpu %.4f\n", cpu_losses[0], gpu_losses[0], cpu_end,
+              gpu_end);
+  EXPECT_LT(gpu_end, 0.5 * gpu_losses[0]);
+  EXPECT_LT(cpu_end, 0.5 * cpu_losses[0]);
+  EXPECT_NEAR(gpu_end, cpu_end, 0.2 * cpu_end + 0.1);
+}
+
+TEST(ModelCudaTest, StepsAllocateNoDeviceMemory) {
+  const ModelConfig config = test_models(0.1f)[1].config;
+  const int64_t B = 4, T = config.context, V = config.vocab_size;
+  ModelOptions options;
+  options.max_batch = B;
+  auto gpu = gpt_create_cuda(config, options);
+  std::vector<float> params(size_t(model_param_count(config)));
+  model_init_params(config, 1, params);
+  gpu->params_set(params);
+  auto step = [&](int64_t t) {
+    gpu->grads_zero();
+    gpu->forward_backward(random_windows(B, T, V, uint32_t(t)), B, T, StepRng{1, uint64_t(t)}, 1.0f);
+    gpu->grads_norm();
+    gpu->adamw_step(AdamWConfig{}, t, 1.0f);
+    gpu->forward_loss(random_windows(B, T, V, 99), B, T);
+  };
+  step(1);  // plans and module loads happen here
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  size_t free_before = 0, free_after = 0, total = 0;
+  ASSERT_EQ(cudaMemGetInfo(&free_before, &total), cudaSuccess);
+  for (int64_t t = 2; t <= 4; ++t) step(t);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  ASSERT_EQ(cudaMemGetInfo(&free_after, &total), cudaSuccess);
+  EXPECT_EQ(free_before, free_after);
+}
+
+TEST(ModelCudaTest, BadInputIsRefusedWithAMessage) {
+  const ModelConfig config = test_models(0.1f)[0].config;
+  ModelOptions options;
+  options.max_batch = 2;
+  auto gpu = gpt_create_cuda(config, options);
+  const int64_t T = 8;
+  auto windows = random_windows(2, T, config.vocab_size, 1);
+  windows[3] = static_cast<TokenId>(config.vocab_size);  // one past the vocabulary
+  try {
+    gpu->forward_backward(windows, 2, T, StepRng{}, 1.0f);
+    ADD_FAILURE() << "an out-of-vocabulary token was accepted";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("outside the vocabulary"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(gpu->forward_loss(random_windows(3, T, config.vocab_size, 1), 3, T), std::exception);  // B > max
+  EXPECT_THROW(gpu->forward_loss(random_windows(1, config.context + 1, config.vocab_size, 1), 1, config.context + 1),
+               std::exception);
+  ModelOptions huge;
+  huge.max_batch = int64_t{1} << 24;
+  EXPECT_THROW(gpt_create_cuda(config, huge), std::exception);
+}
+
+}  // namespace
+}  // namespace flashgpt
