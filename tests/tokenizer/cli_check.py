@@ -12,6 +12,9 @@ import tempfile
 from array import array
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+import data_skip  # noqa: E402
+
 
 def main():
     parser = argparse.ArgumentParser()
@@ -25,6 +28,10 @@ def main():
         return 1
     data = Path(os.environ.get("FLASHGPT_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
     vocab = Path(os.environ.get("FLASHGPT_TOKENIZER_DIR", data / "tokenizers"))
+    if not data_skip.tokenizer_dir_usable(vocab):
+        data_skip.exit_missing(f"{data_skip.TOKENIZER_MISSING} (looked in {vocab})")
+    if not (data / "wmt14" / "newstest2014.fr-en.fr.xz").is_file():
+        data_skip.exit_missing(f"{data_skip.SHARED_DATA_MISSING} (looked in {data})")
     failures = []
 
     def check(ok, what):
