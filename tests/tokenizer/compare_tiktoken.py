@@ -196,7 +196,8 @@ def wmt_texts(data_dir, max_bytes):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--driver", required=True, help="path to tiktoken_driver")
-    parser.add_argument("--vocab-dir", type=Path, default=os.environ.get("FLASHGPT_TOKENIZER_DIR"))
+    parser.add_argument("--tokenizer-dir", "--vocab-dir", dest="vocab_dir", type=Path,
+                        default=os.environ.get("FLASHGPT_TOKENIZER_DIR"))
     parser.add_argument("--data-dir", type=Path, default=os.environ.get("FLASHGPT_DATA_DIR"))
     parser.add_argument("--encodings", default=",".join(ENCODINGS))
     parser.add_argument("--patterns", choices=["meta", "tiktoken"], default="meta")
