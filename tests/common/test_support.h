@@ -2,10 +2,13 @@
 // tokenizer's rank files, and the one way a test skips when those are missing.
 #pragma once
 
+#include <flashgpt/error.h>
+
 #include <gtest/gtest.h>
 
 #include <filesystem>
 #include <optional>
+#include <string>
 
 namespace flashgpt::testing {
 
@@ -18,6 +21,18 @@ std::optional<std::filesystem::path> shared_data_dir();
 // (filled, where there is a network and FLASHGPT_OFFLINE is unset, by loading them the
 // first time this is asked, as tiktoken does); nullopt otherwise.
 std::optional<std::filesystem::path> tokenizer_dir();
+
+// The message of the flashgpt::Error that `f()` throws, or "(no error)" when it returns: the
+// one helper every test uses to check that bad input gets a message naming the problem.
+template <class F>
+std::string error_of(F&& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
 
 // Whether FLASHGPT_REQUIRE_DATA=1 (CI sets it): then a missing corpus or rank file fails the
 // test instead of skipping it, so that CI still runs everything.

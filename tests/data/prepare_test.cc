@@ -101,14 +101,7 @@ PrepareConfig base_config(const TempDir& dir, const std::string& stem) {
   return config;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testing::error_of;
 
 TEST(Prepare, OriginalRecipeTakesOneRandomSidePerPair) {
   TempDir dir;

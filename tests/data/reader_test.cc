@@ -25,14 +25,7 @@ std::vector<std::string> read_all(const std::filesystem::path& path, Prefetch pr
   return lines;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testing::error_of;
 
 std::string many_lines(int n) {
   std::string text;

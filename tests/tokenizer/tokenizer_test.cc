@@ -45,15 +45,7 @@ const RankMap& cl100k_ranks() {
   return ranks;
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using testing::error_of;
 
 TEST(Invalid, EncodeNamesTheOffsetOrReplaces) {
   FLASHGPT_REQUIRE_TOKENIZER_DIR();
