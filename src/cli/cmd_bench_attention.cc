@@ -356,7 +356,7 @@ void cli_add_bench_attention(CLI::App& bench) {
   cmd->add_option("--batch", config->batch, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--heads", config->heads, "Heads")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--head-dim", config->head_dim, "Head dimension")
-      ->check(CLI::IsMember({32, 64, 96, 128, 256}))
+      ->check(CLI::IsMember(std::vector<int>(kAttentionHeadDims.begin(), kAttentionHeadDims.end())))
       ->capture_default_str();
   cmd->add_flag("--causal", config->causal, "Causal mask");
   cmd->add_flag("!--no-backward", config->backward, "Time the forward pass only");
