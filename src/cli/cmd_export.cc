@@ -1,6 +1,6 @@
 // `flashgpt export --format hf RUN [--out DIR]`: a run's checkpoint as a Hugging Face
 // GPT2LMHeadModel directory (config.json + model.safetensors).
-#include "cli/commands.h"
+#include "commands.h"
 
 #include <flashgpt/error.h>
 #include <flashgpt/train.h>

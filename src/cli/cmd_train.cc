@@ -1,14 +1,15 @@
 // `flashgpt train`: one option table fills TrainOptions; the same table prints the
 // configuration at start, stores it in RUN/config.json and, with --resume, fills the
 // options not given on the command line from the run's saved configuration.
-#include "cli/commands.h"
+#include "commands.h"
 
+#include <flashgpt/atomic_file.h>
 #include <flashgpt/data.h>
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>
+#include <flashgpt/process.h>
 #include <flashgpt/train.h>
 
-#include "train/files.h"
 
 #include <fmt/core.h>
 #include <fmt/ranges.h>
@@ -275,7 +276,7 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
   config["peak_flops"] = peak;
   config["peak_flops_source"] = peak_source;
   config["memory_estimate_bytes"] = mem.total();
-  train_detail::file_write_atomic(run_dir / "config.json", config.dump(2) + "\n");
+  atomic_write_file(run_dir / "config.json", config.dump(2) + "\n");
   fmt::print(stderr,
              "model: {} preset, V {} (padded {}), C {}, L {}, NH {}, F {}, T {}, dropout {}; {:.2f} M parameters; "
              "{} tokens ({}); memory about {}; peak {:.3g} FLOP/s ({})\n",
@@ -327,7 +328,7 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
   }
   if (!o.no_plot) {
     const auto png = run_dir / "loss.png";
-    const int rc = train_detail::process_run(
+    const int rc = process_run(
         {"python3", plot_script().string(), (run_dir / "log.jsonl").string(), png.string()});
     if (rc != 0) {
       fmt::print(stderr, "warning: the loss plot failed (python3 {} exited with {}; it needs matplotlib); the losses "
