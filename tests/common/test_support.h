@@ -22,7 +22,7 @@ std::optional<std::filesystem::path> shared_data_dir();
 // first time this is asked, as tiktoken does); nullopt otherwise.
 std::optional<std::filesystem::path> tokenizer_dir();
 
-// The message of the flashgpt::Error that `f()` throws, or "(no error)" when it returns: the
+// The message of the flashgpt::Error that `f()` throws, or "" when it returns: the
 // one helper every test uses to check that bad input gets a message naming the problem.
 template <class F>
 std::string error_of(F&& f) {
@@ -31,7 +31,7 @@ std::string error_of(F&& f) {
   } catch (const Error& e) {
     return e.what();
   }
-  return "(no error)";
+  return "";
 }
 
 // Whether FLASHGPT_REQUIRE_DATA=1 (CI sets it): then a missing corpus or rank file fails the

@@ -240,6 +240,7 @@ TEST(Load, BadSpecialTokensInMetaJsonAreErrors) {
 }
 
 TEST(Load, DirectoriesWhereFilesBelongAreErrors) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   auto dir = std::filesystem::temp_directory_path() / "flashgpt_tokenizer_test_dirs";
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir / "r50k_base.tiktoken");
@@ -249,6 +250,7 @@ TEST(Load, DirectoriesWhereFilesBelongAreErrors) {
 }
 
 TEST(Threads, ZeroIsAllCoresAndAbsurdCountsAreErrors) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const Tokenizer& t = cl100k();
   std::string_view text = "hello world";
   auto expected = t.encode_ordinary(text);
