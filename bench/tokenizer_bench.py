@@ -77,7 +77,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flashgpt", default=str(ROOT / "build" / "flashgpt"))
     parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("FLASHGPT_DATA_DIR", ROOT.parent / "shared" / "data")))
-    parser.add_argument("--vocab-dir", type=Path, default=None)
+    parser.add_argument("--tokenizer-dir", "--vocab-dir", dest="vocab_dir", type=Path, default=None)
     parser.add_argument("--encodings", default="cl100k_base")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--repeat", type=int, default=3)
@@ -104,7 +104,7 @@ def main():
             enc = tiktoken_encoding(vocab_dir, name)
             expected = enc.encode_ordinary(text)
             for threads in (1, args.threads):
-                out = subprocess.run([args.flashgpt, "tokenize", "-e", name, "--vocab-dir", str(vocab_dir), "--format",
+                out = subprocess.run([args.flashgpt, "tokenize", "-e", name, "--tokenizer-dir", str(vocab_dir), "--format",
                                       "u32", "--threads", str(threads), str(path)], check=True, capture_output=True).stdout
                 ids = array("I")
                 ids.frombytes(out)
@@ -122,7 +122,7 @@ def main():
                     if threads == args.threads:
                         t_batch = min(t_batch, best_seconds(
                             args.repeat, lambda: enc.encode_ordinary_batch(docs, num_threads=args.threads)))
-                    run = subprocess.run([args.flashgpt, "bench", "tokenizer", "-e", name, "--vocab-dir",
+                    run = subprocess.run([args.flashgpt, "bench", "tokenizer", "-e", name, "--tokenizer-dir",
                                           str(vocab_dir), "--threads", str(threads), "--repeat", str(args.repeat),
                                           str(path)], check=True, capture_output=True, text=True)
                     result = json.loads(run.stdout)

@@ -15,7 +15,7 @@ for _ in $(seq 100); do cat /tmp/cpu_sweep_100k.txt; done >/tmp/cpu_sweep_rep.tx
 bench() {
   local text=$1
   shift
-  "$@" "$build"/flashgpt bench tokenizer -e cl100k_base --vocab-dir "$data/tokenizers" --threads 1 --repeat 2 \
+  "$@" "$build"/flashgpt bench tokenizer -e cl100k_base --tokenizer-dir "$data/tokenizers" --threads 1 --repeat 2 \
     --warm --single-only "$text" 2>/dev/null |
     python3 -c "import json,sys; j=json.load(sys.stdin); print(j['single_cpu_mb_s'], j['single_warm_cpu_mb_s'])"
 }

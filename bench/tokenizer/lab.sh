@@ -35,7 +35,7 @@ for encoding in ${LAB_ENCODINGS:-cl100k_base}; do
     n=${#names[@]}
     for k in $(seq 0 $((n - 1))); do
       name=${names[$(( (k + round) % n ))]}
-      json=$(build-toklab-"$name"/flashgpt bench tokenizer -e "$encoding" --vocab-dir "$data/tokenizers" \
+      json=$(build-toklab-"$name"/flashgpt bench tokenizer -e "$encoding" --tokenizer-dir "$data/tokenizers" \
         --threads 1 --repeat "${LAB_REPEAT:-3}" --warm --single-only "$text" 2>/dev/null)
       echo "$encoding $round $name $json" >>"$results"
     done

@@ -27,10 +27,16 @@
 
 #include <flashgpt/philox.h>
 
+#include <array>
 #include <cstdint>
 #include <string>
 
 namespace flashgpt {
+
+// The head dims attention supports, declared once: validation, the CLI, the CPU kernel's
+// static_assert, CMake (FLASHGPT_ATTENTION_HEAD_DIMS) and src/attention/instances/generate.py
+// all read this line.
+inline constexpr std::array<int, 5> kAttentionHeadDims = {32, 64, 96, 128, 256};
 
 enum class DType { f32, f16, bf16 };
 enum class Mask { none, causal };

@@ -52,8 +52,9 @@ constexpr int64_t kMaxRowsKvShare = 16;  // Bc = ceil(M / 16 d): 2 Bc d <= M / 8
 constexpr int64_t kMaxBlock = 1 << 16;
 // score_row steps over head_dim four columns at a time, with no remainder loop.
 constexpr int kHeadDimStep = 4;
-static_assert(32 % kHeadDimStep == 0 && 96 % kHeadDimStep == 0,
-              "every head_dim attention_validate admits (32, 64, 96, 128, 256) must be a multiple of kHeadDimStep");
+static_assert(std::all_of(kAttentionHeadDims.begin(), kAttentionHeadDims.end(),
+                          [](int d) { return d % kHeadDimStep == 0; }),
+              "every head_dim attention_validate admits must be a multiple of kHeadDimStep");
 
 float dot(const float* __restrict a, const float* __restrict b, int n) {
   float acc = 0.0f;

@@ -2,6 +2,9 @@
 #include <flashgpt/attention.h>
 #include <flashgpt/error.h>
 
+#include <fmt/ranges.h>
+
+#include <algorithm>
 #include <cmath>
 
 namespace flashgpt {
@@ -44,7 +47,9 @@ void attention_set_varlen_strides(AttentionParams& p, int64_t total_q, int64_t t
 
 namespace {
 
-bool head_dim_supported(int d) { return d == 32 || d == 64 || d == 96 || d == 128 || d == 256; }
+bool head_dim_supported(int d) {
+  return std::find(kAttentionHeadDims.begin(), kAttentionHeadDims.end(), d) != kAttentionHeadDims.end();
+}
 
 void check_strides(const char* name, int64_t batch, int64_t row, int64_t head, bool varlen) {
   FLASHGPT_CHECK(row > 0 && head > 0 && (varlen || batch >= 0),
@@ -79,7 +84,7 @@ void attention_validate(const AttentionParams& p, AttentionPass pass) {
   FLASHGPT_CHECK(p.seqlen_q >= 0 && p.seqlen_k >= 0, "attention: sequence lengths must be >= 0, got seqlen_q {} "
                  "and seqlen_k {}", p.seqlen_q, p.seqlen_k);
   FLASHGPT_CHECK(head_dim_supported(p.head_dim),
-                 "attention: head_dim {} is not supported (supported: 32, 64, 96, 128, 256)", p.head_dim);
+                 "attention: head_dim {} is not supported (supported: {})", p.head_dim, fmt::join(kAttentionHeadDims, ", "));
   FLASHGPT_CHECK(p.heads_q > 0 && p.heads_kv > 0, "attention: head counts must be positive, got heads_q {} and "
                  "heads_kv {}", p.heads_q, p.heads_kv);
   FLASHGPT_CHECK(p.heads_q % p.heads_kv == 0,

@@ -6,6 +6,7 @@
 // paper's Theta(N^2 d^2 / M) bound (its Theorem 2 and Figure 2, left, with a counter
 // in place of a profiler). Writes CSV and, when matplotlib is there, a PNG.
 #include "commands.h"
+#include "options.h"
 
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/process.h>
@@ -166,14 +167,14 @@ struct IoRow {
   double bound_bytes;  // N^2 d^2 / M, M in floats, times 4 bytes, per (batch, head)
 };
 
-void bench_print_config(const BenchAttentionConfig& c) {
-  fmt::print(
-      "bench attention: device={} batch={} heads={} head_dim={} causal={} N={}..{} (naive up to {}, IO "
-      "sweep up to {}) threads={} M={} KiB ({} rule) IO sweep M={} KiB backward={} out='{}'\n",
-      c.device, c.batch, c.heads, c.head_dim, c.causal, c.min_seqlen, c.max_seqlen, c.naive_max_seqlen, c.io_max_seqlen,
-      c.threads > 0 ? c.threads : omp_get_max_threads(), c.onchip_kib, c.rule, fmt::join(c.io_onchip_kib, ","),
-      c.backward, c.out_dir);
-  fmt::print("times are the fastest of repeated runs (at least {:.1f} s per measurement)\n\n", c.min_time_s);
+// What the option table does not show: --quick's caps and the thread count OpenMP resolves.
+void bench_print_effective(const BenchAttentionConfig& c) {
+  if (c.quick) {
+    fmt::print("--quick: N up to {}, naive up to {}, IO sweep up to {}\n", c.max_seqlen, c.naive_max_seqlen,
+               c.io_max_seqlen);
+  }
+  fmt::print("{} threads; times are the fastest of repeated runs (at least {:.1f} s per measurement)\n\n",
+             c.threads > 0 ? c.threads : omp_get_max_threads(), c.min_time_s);
 }
 
 void bench_attention_run(BenchAttentionConfig c) {
@@ -187,7 +188,7 @@ void bench_attention_run(BenchAttentionConfig c) {
   }
   FLASHGPT_CHECK(c.min_seqlen >= 1 && c.min_seqlen <= c.max_seqlen,
                  "bench attention: need 1 <= --min-seqlen ({}) <= --max-seqlen ({})", c.min_seqlen, c.max_seqlen);
-  bench_print_config(c);
+  bench_print_effective(c);
   std::vector<int> sizes;
   for (int64_t n = c.min_seqlen; n <= c.max_seqlen; n *= 2) sizes.push_back(static_cast<int>(n));
 
@@ -345,7 +346,7 @@ void cli_add_bench_attention(CLI::App& bench) {
   auto config = std::make_shared<BenchAttentionConfig>();
   auto* cmd = bench.add_subcommand("attention", "Naive vs tiled (FlashAttention) attention: time, memory, IO");
   cmd->add_option("--device", config->device, "Where to run")->check(CLI::IsMember({"cpu"}))->capture_default_str();
-  cmd->add_option("--out", config->out_dir, "Write CSV and PNG into this directory");
+  cli_option_out(*cmd, config->out_dir, "Write CSV and PNG into this directory");
   cmd->add_option("--min-seqlen", config->min_seqlen, "Smallest N (then doubling)")->capture_default_str();
   cmd->add_option("--max-seqlen", config->max_seqlen, "Largest N")->capture_default_str();
   cmd->add_option("--naive-max-seqlen", config->naive_max_seqlen,
@@ -355,12 +356,12 @@ void cli_add_bench_attention(CLI::App& bench) {
   cmd->add_option("--batch", config->batch, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--heads", config->heads, "Heads")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--head-dim", config->head_dim, "Head dimension")
-      ->check(CLI::IsMember({32, 64, 96, 128, 256}))
+      ->check(CLI::IsMember(std::vector<int>(kAttentionHeadDims.begin(), kAttentionHeadDims.end())))
       ->capture_default_str();
   cmd->add_flag("--causal", config->causal, "Causal mask");
   cmd->add_flag("!--no-backward", config->backward, "Time the forward pass only");
   cmd->add_flag("--quick", config->quick, "N up to 2048, short measurements (a smoke run)");
-  cmd->add_option("--threads", config->threads, "OpenMP threads (0: default)")->capture_default_str();
+  cli_option_threads(*cmd, config->threads, "OpenMP threads");
   cmd->add_option("--onchip-kib", config->onchip_kib, "On-chip budget M of the timed tiled run, KiB")
       ->check(CLI::PositiveNumber)
       ->capture_default_str();
@@ -369,7 +370,10 @@ void cli_add_bench_attention(CLI::App& bench) {
       ->capture_default_str();
   cmd->add_option("--io-onchip-kib", config->io_onchip_kib, "Budgets M of the IO sweep, KiB")->capture_default_str();
   cmd->add_option("--min-time", config->min_time_s, "Seconds to repeat each measurement for")->capture_default_str();
-  cmd->callback([config] { bench_attention_run(*config); });
+  cmd->callback([cmd, config] {
+    cli_config_print(*cmd, stdout);
+    bench_attention_run(*config);
+  });
 }
 
 }  // namespace flashgpt

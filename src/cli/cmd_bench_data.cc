@@ -4,6 +4,7 @@
 // documents written equal to the pairs used.
 #include "commands.h"
 #include "option_checks.h"
+#include "options.h"
 
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/data_prepare.h>
@@ -36,8 +37,7 @@ struct BenchDataConfig {
 };
 
 void run_bench_data(const BenchDataConfig& o) {
-  const std::filesystem::path data = o.data_dir.empty() ? data_dir_default() : std::filesystem::path(o.data_dir);
-  FLASHGPT_CHECK(!data.empty(), "no data directory: pass --data-dir or set FLASHGPT_DATA_DIR");
+  const std::filesystem::path data = cli_data_dir(o.data_dir);
   PrepareConfig config;
   if (o.pairs.empty()) {
     // The benchmark: the shared Europarl and the WMT14 training files.
@@ -58,11 +58,8 @@ void run_bench_data(const BenchDataConfig& o) {
   std::vector<std::string> names;
   for (const auto& p : config.pairs) names.push_back(p.name());
   const unsigned cores = std::thread::hardware_concurrency();
-  fmt::print(stderr, "bench data: inputs=[{}] encoding={} threads={} (cores: {}) repeat={} prefetch={} work={} out={}\n",
-             fmt::join(names, ","), o.encoding, o.threads, cores, o.repeat, !o.no_prefetch, o.work, o.out);
-  std::filesystem::path vocab = o.tokenizer_dir;
-  if (vocab.empty() && !std::getenv("FLASHGPT_TOKENIZER_DIR")) vocab = data / "tokenizers";
-  const Tokenizer tokenizer = Tokenizer::load(o.encoding, vocab);
+  fmt::print(stderr, "bench data: reading [{}] on {} cores\n", fmt::join(names, ","), cores);
+  const Tokenizer tokenizer = Tokenizer::load(o.encoding, cli_tokenizer_dir(o.tokenizer_dir, data));
   const TextEncoder encoder = text_encoder_from(tokenizer);
 
   nlohmann::ordered_json runs = nlohmann::ordered_json::array();
@@ -115,18 +112,20 @@ void run_bench_data(const BenchDataConfig& o) {
 void cli_add_bench_data(CLI::App& bench) {
   auto config = std::make_shared<BenchDataConfig>();
   auto* cmd = bench.add_subcommand("data", "Throughput of data prepare, end to end, split into read/tokenize/write");
-  cmd->add_option("--data-dir", config->data_dir, "Corpora root (default: FLASHGPT_DATA_DIR or ../shared/data)");
+  cli_option_data_dir(*cmd, config->data_dir);
   cmd->add_option("--pairs", config->pairs, "Parallel corpora (default: DATA/wmt14/train.* + extra Europarl)");
-  cmd->add_option("--encoding", config->encoding, "Tokenizer encoding")->capture_default_str();
-  cmd->add_option("--tokenizer-dir", config->tokenizer_dir, "Rank files (default: DATA/tokenizers)");
-  cmd->add_option("--threads", config->threads, "Tokenizer threads (0: all cores)")->capture_default_str()
-      ->check(cli_thread_count());
+  cli_option_encoding(*cmd, config->encoding);
+  cli_option_tokenizer_dir(*cmd, config->tokenizer_dir);
+  cli_option_threads(*cmd, config->threads, "Tokenizer threads");
   cmd->add_option("--repeat", config->repeat, "Runs; the fastest is reported")->capture_default_str()
       ->check(CLI::Range(1, 1000));
   cmd->add_flag("--no-prefetch", config->no_prefetch, "Decode the input files on the reading thread (the old way)");
   cmd->add_option("--work", config->work, "Where the shards go")->capture_default_str();
-  cmd->add_option("--out", config->out, "Result JSON")->capture_default_str();
-  cmd->callback([config] { run_bench_data(*config); });
+  cli_option_out(*cmd, config->out, "Result JSON");
+  cmd->callback([cmd, config] {
+    cli_config_print(*cmd);
+    run_bench_data(*config);
+  });
 }
 
 }  // namespace flashgpt

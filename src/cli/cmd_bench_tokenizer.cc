@@ -2,6 +2,7 @@
 // and encode_ordinary_batch on all cores, after checking that the three give the same ids.
 // bench/tokenizer_bench.py runs it beside tiktoken on the same bytes.
 #include "commands.h"
+#include "options.h"
 
 #include <flashgpt/error.h>
 #include <flashgpt/tokenizer.h>
@@ -23,7 +24,7 @@ namespace {
 struct BenchTokenizerConfig {
   std::string encoding = "cl100k_base";
   std::vector<std::string> inputs;
-  std::string vocab_dir;
+  std::string tokenizer_dir;
   int threads = 0;
   int repeat = 3;
   int doc_lines = 64;
@@ -63,7 +64,7 @@ double seconds_best(const BenchTokenizerConfig& config, F&& f, double* cpu_best 
   double best = 1e30;
   if (cpu_best) *cpu_best = 1e30;
   for (int r = 0; r < config.repeat; ++r) {
-    Tokenizer tokenizer = Tokenizer::load(config.encoding, config.vocab_dir);
+    Tokenizer tokenizer = Tokenizer::load(config.encoding, cli_tokenizer_dir(config.tokenizer_dir));
     double cpu0 = thread_cpu_seconds();
     auto t0 = std::chrono::steady_clock::now();
     f(tokenizer);
@@ -75,8 +76,6 @@ double seconds_best(const BenchTokenizerConfig& config, F&& f, double* cpu_best 
 
 void bench_tokenizer_run(const BenchTokenizerConfig& config) {
   int threads = config.threads > 0 ? config.threads : omp_get_num_procs();
-  fmt::print(stderr, "bench tokenizer: encoding={} inputs={} threads={} repeat={} doc_lines={}\n", config.encoding,
-             fmt::join(config.inputs, ","), threads, config.repeat, config.doc_lines);
   std::string text;
   for (const auto& path : config.inputs) {
     std::ifstream in(path, std::ios::binary);
@@ -130,16 +129,19 @@ void bench_tokenizer_run(const BenchTokenizerConfig& config) {
 void cli_add_bench_tokenizer(CLI::App& bench) {
   auto config = std::make_shared<BenchTokenizerConfig>();
   auto* cmd = bench.add_subcommand("tokenizer", "Tokenizer throughput (MB/s) on one thread and on all cores");
-  cmd->add_option("-e,--encoding", config->encoding, "Encoding")->capture_default_str();
+  cli_option_encoding(*cmd, config->encoding);
   cmd->add_option("inputs", config->inputs, "Text files, joined into one text")->required();
-  cmd->add_option("--vocab-dir", config->vocab_dir, "Directory of the rank files (default: $FLASHGPT_TOKENIZER_DIR)");
-  cmd->add_option("--threads", config->threads, "Workers for the all-core runs (0: all cores)")->capture_default_str();
+  cli_option_tokenizer_dir(*cmd, config->tokenizer_dir);
+  cli_option_threads(*cmd, config->threads, "Workers for the all-core runs");
   cmd->add_option("--repeat", config->repeat, "Timed runs of each; the best counts")->capture_default_str();
   cmd->add_option("--doc-lines", config->doc_lines, "Lines per document for the batch API")->capture_default_str();
   cmd->add_flag("--warm", config->warm,
                 "Also time a second single-thread pass over the text (its pieces already in the piece cache)");
   cmd->add_flag("--single-only", config->single_only, "Time the single-thread encode only (no all-core runs)");
-  cmd->callback([config] { bench_tokenizer_run(*config); });
+  cmd->callback([cmd, config] {
+    cli_config_print(*cmd);
+    bench_tokenizer_run(*config);
+  });
 }
 
 }  // namespace flashgpt

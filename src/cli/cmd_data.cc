@@ -2,6 +2,7 @@
 // one config struct filled by its option table and printed at start-up.
 #include "commands.h"
 #include "option_checks.h"
+#include "options.h"
 
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/data_analyze.h>
@@ -62,7 +63,7 @@ struct AnalyzeOptions {
   std::string dataset;
   std::string split = "train";
   uint64_t limit = 100'000;
-  std::vector<std::string> keywords;
+  std::vector<std::string> keywords{kDefaultFrenchKeywords.begin(), kDefaultFrenchKeywords.end()};
   bool ignore_case = false;
   std::string json, plot;
   std::string encoding = "cl100k_base";
@@ -76,20 +77,7 @@ std::string data_dir_or_default(const std::string& given) {
   return dir.string();
 }
 
-// --tokenizer-dir, else FLASHGPT_TOKENIZER_DIR, else DATA/tokenizers where it exists.
-std::filesystem::path tokenizer_dir_or_default(const std::string& given) {
-  if (!given.empty()) return given;
-  if (const char* env = std::getenv("FLASHGPT_TOKENIZER_DIR"); env && *env) return env;
-  const auto data = data_dir_default();
-  if (!data.empty() && std::filesystem::is_directory(data / "tokenizers")) return data / "tokenizers";
-  return {};
-}
-
 void run_download(const DownloadOptions& o) {
-  fmt::print(stderr, "data download: dataset={} dest={} manifest={} only=[{}] retries={} timeout={} "
-             "connect_timeout={} stall_timeout={} unpack={}\n", o.dataset, o.dest,
-             o.manifest.empty() ? "(built-in)" : o.manifest, fmt::join(o.only, ","), o.retries, o.timeout,
-             o.connect_timeout, o.stall_timeout, !o.no_unpack);
   FLASHGPT_CHECK(o.dataset == "wmt14", "unknown dataset '{}' (known: wmt14)", o.dataset);
   DownloadConfig config;
   config.dest = o.dest;
@@ -134,12 +122,9 @@ void run_prepare(const PrepareOptions& o) {
   std::vector<std::string> names;
   for (const auto& p : config.pairs) names.push_back(p.name());
   for (const auto& m : config.mono) names.push_back(m.filename().string());
-  fmt::print(stderr,
-             "data prepare: inputs=[{}] eval_dir={} out={} encoding={} seed={} threads={} bilingual_rate={} "
-             "val_fraction={} shard_tokens={} on_bad_line={}\n",
-             fmt::join(names, ","), config.eval_dir.string(), o.out, o.encoding, o.seed, o.threads, o.bilingual_rate,
-             o.val_fraction, o.shard_tokens, o.on_bad_line);
-  const Tokenizer tokenizer = Tokenizer::load(o.encoding, tokenizer_dir_or_default(o.tokenizer_dir));
+  fmt::print(stderr, "data prepare: reading [{}], newstest files from {}\n", fmt::join(names, ","),
+             config.eval_dir.string());
+  const Tokenizer tokenizer = Tokenizer::load(o.encoding, cli_tokenizer_dir(o.tokenizer_dir, data_dir));
   const PrepareSummary summary = data_prepare(config, text_encoder_from(tokenizer));
   for (const auto& w : summary.warnings) fmt::print(stderr, "warning: {}\n", w);
   uint64_t tokens = summary.tokens_en + summary.tokens_fr + summary.tokens_bilingual + summary.tokens_eot;
@@ -158,7 +143,7 @@ void visit_dataset_texts(const AnalyzeOptions& o, uint64_t limit, Visit&& visit)
   // The dataset is checked (summary.json, every shard's header) before the tokenizer loads.
   std::vector<ShardView> shards;
   for (const auto& path : dataset_shards(o.dataset, o.split)) shards.emplace_back(path, VerifyPayload::no);
-  const Tokenizer tokenizer = Tokenizer::load(o.encoding, tokenizer_dir_or_default(o.tokenizer_dir));
+  const Tokenizer tokenizer = Tokenizer::load(o.encoding, cli_tokenizer_dir(o.tokenizer_dir));
   uint64_t seen = 0;
   for (const auto& shard_header_only : shards) {
     const auto& path = shard_header_only.path();
@@ -180,9 +165,6 @@ void visit_dataset_texts(const AnalyzeOptions& o, uint64_t limit, Visit&& visit)
 void run_analyze(const AnalyzeOptions& o) {
   std::vector<std::string> keywords = o.keywords;
   if (keywords.empty()) keywords.assign(kDefaultFrenchKeywords.begin(), kDefaultFrenchKeywords.end());
-  fmt::print(stderr, "data analyze: inputs=[{}] dataset={} split={} limit={} ignore_case={} keywords=[{}] json={} "
-             "plot={}\n", fmt::join(o.inputs, ","), o.dataset, o.split, o.limit, o.ignore_case,
-             fmt::join(keywords, ","), o.json, o.plot);
   FLASHGPT_CHECK(o.inputs.empty() != o.dataset.empty(), "give either --input FILE... or --dataset DIR");
   KeywordCounter counter(keywords, o.ignore_case ? CaseMode::ignore : CaseMode::sensitive);
   if (!o.dataset.empty()) {
@@ -272,11 +254,14 @@ void cli_add_data(CLI::App& app) {
       ->capture_default_str()->check(CLI::Range(1.0, 3600.0));
   d->add_flag("--no-unpack", download->no_unpack, "Only fetch and verify");
   d->add_flag("--quiet", download->quiet, "No progress lines");
-  d->callback([download] { run_data_command("data download", [&] { run_download(*download); }); });
+  d->callback([d, download] {
+    cli_config_print(*d);
+    run_data_command("data download", [&] { run_download(*download); });
+  });
 
   auto prepare = std::make_shared<PrepareOptions>();
   auto* p = data->add_subcommand("prepare", "Build documents from the corpora and write token shards");
-  p->add_option("--data-dir", prepare->data_dir, "Corpora root (default: FLASHGPT_DATA_DIR or ../shared/data)");
+  cli_option_data_dir(*p, prepare->data_dir);
   p->add_option("--pairs", prepare->pairs,
                 "Parallel corpora: X.en[.xz|.gz] (finds X.fr), X.tsv or *-src.en.sgm (default: train.* in "
                 "DATA/wmt14 and DATA/extra)");
@@ -286,13 +271,11 @@ void cli_add_data(CLI::App& app) {
                 "is an error");
   p->add_flag("--no-test-set-check", prepare->no_test_set_check,
               "Train without a newstest2014 to check the text against (file names are still checked)");
-  p->add_option("--out", prepare->out, "Output directory")->capture_default_str();
-  p->add_option("--encoding", prepare->encoding, "Tokenizer encoding")->capture_default_str();
-  p->add_option("--tokenizer-dir", prepare->tokenizer_dir, "Rank files (default: FLASHGPT_TOKENIZER_DIR, else DATA/tokenizers)");
-  p->add_option("--seed", prepare->seed, "Seed of every random choice")->capture_default_str()
-      ->check(cli_unsigned_integer());
-  p->add_option("--threads", prepare->threads, "Tokenizer threads (0: all cores)")->capture_default_str()
-      ->check(cli_thread_count());
+  cli_option_out(*p, prepare->out, "Output directory");
+  cli_option_encoding(*p, prepare->encoding);
+  cli_option_tokenizer_dir(*p, prepare->tokenizer_dir);
+  cli_option_seed(*p, prepare->seed, "every random choice");
+  cli_option_threads(*p, prepare->threads, "Tokenizer threads");
   p->add_option("--bilingual-rate", prepare->bilingual_rate,
                 "Share of pairs turned into bilingual documents (0: the original one-side-per-pair recipe)")
       ->capture_default_str()->check(CLI::Range(0.0, 1.0));
@@ -303,7 +286,10 @@ void cli_add_data(CLI::App& app) {
   p->add_option("--on-bad-line", prepare->on_bad_line, "Invalid UTF-8 or malformed lines: skip (and count) or fail")
       ->capture_default_str()->check(CLI::IsMember({"skip", "fail"}));
   p->add_flag("--quiet", prepare->quiet, "No progress lines");
-  p->callback([prepare] { run_data_command("data prepare", [&] { run_prepare(*prepare); }); });
+  p->callback([p, prepare] {
+    cli_config_print(*p);
+    run_data_command("data prepare", [&] { run_prepare(*prepare); });
+  });
 
   auto analyze = std::make_shared<AnalyzeOptions>();
   auto* a = data->add_subcommand("analyze", "Count French keywords (whole words) in the first N texts");
@@ -316,9 +302,12 @@ void cli_add_data(CLI::App& app) {
   a->add_flag("--ignore-case", analyze->ignore_case, "Compare after Unicode simple lowercasing");
   a->add_option("--json", analyze->json, "Write {texts,total,counts} here");
   a->add_option("--plot", analyze->plot, "Bar chart PNG (python3 + matplotlib)");
-  a->add_option("--encoding", analyze->encoding, "Encoding of --dataset")->capture_default_str();
-  a->add_option("--tokenizer-dir", analyze->tokenizer_dir, "Rank files (default: FLASHGPT_TOKENIZER_DIR, else DATA/tokenizers)");
-  a->callback([analyze] { run_data_command("data analyze", [&] { run_analyze(*analyze); }); });
+  cli_option_encoding(*a, analyze->encoding)->description("Tokenizer encoding of --dataset");
+  cli_option_tokenizer_dir(*a, analyze->tokenizer_dir);
+  a->callback([a, analyze] {
+    cli_config_print(*a);
+    run_data_command("data analyze", [&] { run_analyze(*analyze); });
+  });
 }
 
 }  // namespace flashgpt

@@ -1,6 +1,7 @@
 // `flashgpt tokenize`: encode a file (or stdin) as one text, decode ids back to text, or
 // count tokens, with tiktoken's encodings.
 #include "commands.h"
+#include "options.h"
 
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/error.h>
@@ -30,12 +31,12 @@ struct TokenizeConfig {
   std::string encoding;
   std::string input = "-";
   std::string output = "-";
-  std::string vocab_dir;
-  TokenIdFormat format = TokenIdFormat::text;
+  std::string tokenizer_dir;
+  std::string format = "text";        // text or u32 (TokenIdFormat)
   bool decode = false;
   bool count = false;
   int threads = 0;
-  InvalidUtf8 invalid = InvalidUtf8::error;
+  std::string invalid_utf8 = "error";  // error or replace (InvalidUtf8)
   std::string allowed_special;  // comma-separated, or "all"
   bool verbose = false;
 };
@@ -91,32 +92,27 @@ void tokenize_run(const TokenizeConfig& config) {
 }
 
 void tokenize_encode_or_decode(const TokenizeConfig& config) {
-  if (config.verbose)
-    fmt::print(stderr,
-               "tokenize: encoding={} input={} output={} vocab_dir='{}' format={} decode={} count={} threads={} "
-               "invalid_utf8={} allowed_special={}\n",
-               config.encoding, config.input, config.output, config.vocab_dir,
-               config.format == TokenIdFormat::u32 ? "u32" : "text", config.decode, config.count, config.threads,
-               config.invalid == InvalidUtf8::replace ? "replace" : "error", config.allowed_special);
-  Tokenizer tokenizer = Tokenizer::load(config.encoding, config.vocab_dir);
+  const TokenIdFormat format = config.format == "u32" ? TokenIdFormat::u32 : TokenIdFormat::text;
+  const InvalidUtf8 invalid = config.invalid_utf8 == "replace" ? InvalidUtf8::replace : InvalidUtf8::error;
+  Tokenizer tokenizer = Tokenizer::load(config.encoding, cli_tokenizer_dir(config.tokenizer_dir));
   std::string input = input_read(config.input);
   if (config.decode) {
-    output_write(config.output, tokenizer.decode(token_ids_parse(input, config.format)));
+    output_write(config.output, tokenizer.decode(token_ids_parse(input, format)));
     return;
   }
   std::vector<TokenId> ids;
   if (!config.allowed_special.empty()) {
-    ids = tokenizer.encode(input, special_policy_parse(config.allowed_special, tokenizer), config.invalid);
+    ids = tokenizer.encode(input, special_policy_parse(config.allowed_special, tokenizer), invalid);
   } else if (config.threads == 1) {
-    ids = tokenizer.encode_ordinary(input, config.invalid);
+    ids = tokenizer.encode_ordinary(input, invalid);
   } else {
-    ids = tokenizer.encode_ordinary_parallel(input, config.threads, config.invalid);
+    ids = tokenizer.encode_ordinary_parallel(input, config.threads, invalid);
   }
   if (config.count) {
     output_write(config.output, fmt::format("{}\n", ids.size()));
     return;
   }
-  output_write(config.output, token_ids_format(ids, config.format));
+  output_write(config.output, token_ids_format(ids, format));
 }
 
 }  // namespace
@@ -124,29 +120,28 @@ void tokenize_encode_or_decode(const TokenizeConfig& config) {
 void cli_add_tokenize(CLI::App& app) {
   auto config = std::make_shared<TokenizeConfig>();
   auto* cmd = app.add_subcommand("tokenize", "Encode a text as tiktoken does (the whole input as one text), decode ids, or count tokens");
-  cmd->add_option("-e,--encoding", config->encoding, "r50k_base, cl100k_base or o200k_base")->required();
+  cli_option_encoding(*cmd, config->encoding)->required();
   cmd->add_option("input", config->input, "Input file, '-' for stdin")->capture_default_str();
-  cmd->add_option("-o,--output", config->output, "Output file, '-' for stdout")->capture_default_str();
-  cmd->add_option("--vocab-dir", config->vocab_dir,
-                  "Directory of ENCODING.tiktoken and ENCODING.meta.json (default: $FLASHGPT_TOKENIZER_DIR)");
+  cli_option_out(*cmd, config->output, "Output file, '-' for stdout", /*old_spelling=*/"--output");
+  cli_option_tokenizer_dir(*cmd, config->tokenizer_dir);
   cmd->add_option("--format", config->format, "Token ids as 'text' (decimal, space-separated) or 'u32' (little-endian)")
-      ->transform(CLI::CheckedTransformer(std::map<std::string, TokenIdFormat>{{"text", TokenIdFormat::text}, {"u32", TokenIdFormat::u32}}))
-      ->option_text("text|u32 (default: text)");
+      ->check(CLI::IsMember({"text", "u32"}))
+      ->capture_default_str();
   auto* decode = cmd->add_flag("--decode", config->decode, "Read token ids and write the text they stand for");
   cmd->add_flag("--count", config->count, "Print the number of tokens instead of the ids")->excludes(decode);
-  cmd->add_option("--threads", config->threads, fmt::format("Worker threads (0: all cores, at most {})", kMaxEncodeThreads))
-      ->check(CLI::Range(0, kMaxEncodeThreads))
+  cli_option_threads(*cmd, config->threads, "Worker threads");
+  cmd->add_option("--invalid-utf8", config->invalid_utf8, "Invalid UTF-8 in the input: 'error' or 'replace' (with U+FFFD)")
+      ->check(CLI::IsMember({"error", "replace"}))
       ->capture_default_str();
-  cmd->add_option("--invalid-utf8", config->invalid, "Invalid UTF-8 in the input: 'error' or 'replace' (with U+FFFD)")
-      ->transform(CLI::CheckedTransformer(
-          std::map<std::string, InvalidUtf8>{{"error", InvalidUtf8::error}, {"replace", InvalidUtf8::replace}}))
-      ->option_text("error|replace (default: error)");
   cmd->add_option("--allowed-special", config->allowed_special,
                   "Special tokens to encode as their ids, comma-separated ('all' for every one); the others are "
                   "an error, as in tiktoken's encode()")
 ;
   cmd->add_flag("-v,--verbose", config->verbose, "Print the configuration to stderr first");
-  cmd->callback([config] { tokenize_run(*config); });
+  cmd->callback([cmd, config] {
+    if (config->verbose) cli_config_print(*cmd);
+    tokenize_run(*config);
+  });
 }
 
 }  // namespace flashgpt

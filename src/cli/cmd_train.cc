@@ -6,6 +6,7 @@
 #include <flashgpt/data_shard.h>
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>
+#include <flashgpt/process.h>
 #include <flashgpt/train.h>
 
 #include <fmt/core.h>

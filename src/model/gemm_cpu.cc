@@ -1,6 +1,6 @@
 // Row-major SGEMM: BLAS where available, OpenMP loops otherwise (gemm_cpu.h).
-#include "model/gemm_cpu.h"
-#include "model/parallel.h"
+#include "gemm_cpu.h"
+#include "parallel.h"
 
 #include <flashgpt/error.h>
 

@@ -5,10 +5,10 @@
 //
 // Results do not depend on the thread count: every layer reduces in an order fixed by
 // the shapes (layers_cpu.h), and so do the loss, the gradient norm and AdamW.
-#include "model/gemm_cpu.h"
-#include "model/layers_cpu.h"
-#include "model/param_layout.h"
-#include "model/parallel.h"
+#include "gemm_cpu.h"
+#include "layers_cpu.h"
+#include "param_layout.h"
+#include "parallel.h"
 
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>

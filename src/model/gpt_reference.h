@@ -4,8 +4,8 @@
 // dropout included (the same Philox masks, model.h). Allocates freely; tests only.
 #pragma once
 
-#include "model/layers_reference.h"
-#include "model/param_layout.h"
+#include "layers_reference.h"
+#include "param_layout.h"
 
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>

@@ -1,8 +1,8 @@
 // The fp32 CPU layers (layers_cpu.h).
-#include "model/layers_cpu.h"
+#include "layers_cpu.h"
 
-#include "model/gemm_cpu.h"
-#include "model/parallel.h"
+#include "gemm_cpu.h"
+#include "parallel.h"
 
 #include <flashgpt/attention_cpu.h>
 #include <flashgpt/error.h>

@@ -5,7 +5,7 @@
 #include <flashgpt/philox.h>
 #include <fmt/ranges.h>
 
-#include "model/parallel.h"
+#include "parallel.h"
 
 #include <cmath>
 #include <numbers>

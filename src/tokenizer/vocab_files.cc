@@ -156,7 +156,7 @@ VocabFile vocab_rank_file_read(std::string_view name, const std::filesystem::pat
   FLASHGPT_FAIL("the {} rank file is missing; looked in:{}\nand downloading {} failed: {}", name, where, known->url, why);
 #else
   FLASHGPT_FAIL(
-      "the {} rank file is missing; looked in:{}\npass --vocab-dir or set FLASHGPT_TOKENIZER_DIR to the directory "
+      "the {} rank file is missing; looked in:{}\npass --tokenizer-dir or set FLASHGPT_TOKENIZER_DIR to the directory "
       "holding {} (this build has no libcurl to download {})",
       name, where, file, known->url);
 #endif

@@ -16,7 +16,7 @@
 #include <flashgpt/error.h>
 #include <flashgpt/train.h>
 
-#include "train/files.h"
+#include "files.h"
 
 #include <nlohmann/json.hpp>
 

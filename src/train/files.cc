@@ -1,4 +1,4 @@
-#include "train/files.h"
+#include "files.h"
 
 #include <flashgpt/error.h>
 

@@ -2,7 +2,7 @@
 #include <flashgpt/error.h>
 #include <flashgpt/safetensors.h>
 
-#include "train/files.h"
+#include "files.h"
 
 #include <nlohmann/json.hpp>
 

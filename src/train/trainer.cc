@@ -2,7 +2,7 @@
 #include <flashgpt/error.h>
 #include <flashgpt/train.h>
 
-#include "train/files.h"
+#include "files.h"
 
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>

@@ -3,6 +3,7 @@
 // huge logits, the dropout mask and rate, determinism, strides, errors, memory and IO.
 #include "attention/attention_cpu_reference.h"
 #include "attention/attention_cpu_test_support.h"
+#include "common/test_support.h"
 
 #include <flashgpt/attention_cpu.h>
 #include <flashgpt/error.h>
@@ -543,12 +544,7 @@ TEST(AttentionTiled, VarlenEqualsEachSequenceAlone) {
 // ---- errors ----------------------------------------------------------------------------------
 
 std::string error_of(void (*run)(const AttentionParams&), const AttentionParams& p) {
-  try {
-    run(p);
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
+  return testing::error_of([&] { run(p); });
 }
 
 TEST(AttentionErrors, BadInputGetsAClearError) {

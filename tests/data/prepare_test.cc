@@ -101,14 +101,7 @@ PrepareConfig base_config(const TempDir& dir, const std::string& stem) {
   return config;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testing::error_of;
 
 TEST(Prepare, OriginalRecipeTakesOneRandomSidePerPair) {
   TempDir dir;
@@ -553,9 +546,10 @@ TEST(PrepareEvalDir, MissingUnreadableOrWithoutTheTestSetIsAnError) {
 
 // The real pipeline on a shared corpus: cl100k_base, the shared newstest2014 as the guard.
 TEST(SharedData, PrepareNewstest2008To2011WithTheRealTokenizer) {
+  FLASHGPT_REQUIRE_SHARED_DATA();
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const auto data = testing::shared_data_dir();
   const auto vocab = testing::tokenizer_dir();
-  if (!data || !vocab) GTEST_SKIP() << "no shared data or tokenizer files";
   FLASHGPT_REQUIRE_COMPRESSION(xz);
   TempDir dir;
   const Tokenizer tokenizer = Tokenizer::load("cl100k_base", *vocab);

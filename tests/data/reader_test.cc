@@ -25,14 +25,7 @@ std::vector<std::string> read_all(const std::filesystem::path& path, Prefetch pr
   return lines;
 }
 
-std::string error_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
+using testing::error_of;
 
 std::string many_lines(int n) {
   std::string text;
@@ -271,8 +264,8 @@ TEST(PairReader, UnknownNamesAreClearErrors) {
 // in their SOURCES.md (of the decompressed bytes).
 TEST(SharedData, Newstest2014MatchesItsPublishedChecksums) {
   FLASHGPT_REQUIRE_COMPRESSION(xz);
+  FLASHGPT_REQUIRE_SHARED_DATA();
   const auto data = testing::shared_data_dir();
-  if (!data) GTEST_SKIP() << "no shared data (set FLASHGPT_DATA_DIR)";
   PairReader reader(pair_source_from_path(*data / "wmt14" / "newstest2014.fr-en.en.xz"), BadLinePolicy::fail);
   std::string en, fr;
   TextPair pair;
@@ -287,8 +280,8 @@ TEST(SharedData, Newstest2014MatchesItsPublishedChecksums) {
 
 TEST(SharedData, EuroparlHeadKeepsItsEmptyLines) {
   FLASHGPT_REQUIRE_COMPRESSION(xz);
+  FLASHGPT_REQUIRE_SHARED_DATA();
   const auto data = testing::shared_data_dir();
-  if (!data) GTEST_SKIP() << "no shared data (set FLASHGPT_DATA_DIR)";
   PairReader reader(pair_source_from_path(*data / "wmt14" / "train.europarl-v7-head3k.fr-en.en.xz"));
   TextPair pair;
   int empty_fr = 0;

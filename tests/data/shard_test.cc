@@ -7,6 +7,7 @@
 
 #include <numeric>
 
+#include "common/test_support.h"
 #include "data/fixtures.h"
 
 namespace flashgpt {
@@ -24,12 +25,7 @@ std::filesystem::path write_shard(const std::filesystem::path& path, const std::
 }
 
 std::string error_of(const std::filesystem::path& path) {
-  try {
-    ShardView view(path);
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
+  return testing::error_of([&] { ShardView view(path); });
 }
 
 TEST(Shard, RoundTripsTokensAndHeader) {

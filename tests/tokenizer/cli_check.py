@@ -12,6 +12,9 @@ import tempfile
 from array import array
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+import data_skip  # noqa: E402
+
 
 def main():
     parser = argparse.ArgumentParser()
@@ -25,6 +28,10 @@ def main():
         return 1
     data = Path(os.environ.get("FLASHGPT_DATA_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
     vocab = Path(os.environ.get("FLASHGPT_TOKENIZER_DIR", data / "tokenizers"))
+    if not data_skip.tokenizer_dir_usable(vocab):
+        data_skip.exit_missing(f"{data_skip.TOKENIZER_MISSING} (looked in {vocab})")
+    if not (data / "wmt14" / "newstest2014.fr-en.fr.xz").is_file():
+        data_skip.exit_missing(f"{data_skip.SHARED_DATA_MISSING} (looked in {data})")
     failures = []
 
     def check(ok, what):
@@ -33,7 +40,7 @@ def main():
             failures.append(what)
 
     def run(*argv, stdin=None):
-        return subprocess.run([args.flashgpt, "tokenize", "--vocab-dir", str(vocab), *argv], input=stdin,
+        return subprocess.run([args.flashgpt, "tokenize", "--tokenizer-dir", str(vocab), *argv], input=stdin,
                               capture_output=True)
 
     raw = lzma.decompress((data / "wmt14" / "newstest2014.fr-en.fr.xz").read_bytes())
@@ -68,21 +75,24 @@ def main():
         sp = run("-e", name, "--allowed-special", "all", "-", stdin=b"a<|endoftext|>")
         check([int(x) for x in sp.stdout.split()] == enc.encode("a<|endoftext|>", allowed_special="all"),
               "--allowed-special all")
+        # (through the old spelling --vocab-dir, which still works and says it is deprecated)
         missing = subprocess.run([args.flashgpt, "tokenize", "-e", name, "--vocab-dir", tmp, "-"], input=b"x",
                                  capture_output=True, env={**os.environ, "FLASHGPT_CACHE_DIR": tmp, "TIKTOKEN_CACHE_DIR": tmp,
                                                                 "FLASHGPT_OFFLINE": "1"})
         check(missing.returncode != 0 and b"missing" in missing.stderr and tmp.encode() in missing.stderr,
               "missing rank file: error naming where it looked")
+        check(b"--vocab-dir is deprecated; use --tokenizer-dir" in missing.stderr, "--vocab-dir: a deprecated alias")
         # No vocab dir, nothing in our cache: tiktoken's download cache (file named sha1(url)).
         import hashlib
         url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
         cache = Path(tmp) / "tiktoken-cache"
         cache.mkdir()
         (cache / hashlib.sha1(url.encode()).hexdigest()).symlink_to((vocab / f"{name}.tiktoken").resolve())
-        env = {k: v for k, v in os.environ.items() if k != "FLASHGPT_TOKENIZER_DIR"}
+        # no tokenizer or data dir, and run from tmp: nothing finds ../shared/data/tokenizers
+        env = {k: v for k, v in os.environ.items() if k not in ("FLASHGPT_TOKENIZER_DIR", "FLASHGPT_DATA_DIR")}
         env.update(FLASHGPT_CACHE_DIR=str(Path(tmp) / "empty"), TIKTOKEN_CACHE_DIR=str(cache))
         cached = subprocess.run([args.flashgpt, "tokenize", "-e", name, "-"], input=b"hello world",
-                                capture_output=True, env=env)
+                                capture_output=True, env=env, cwd=tmp)
         check(cached.returncode == 0 and cached.stdout.split() == [b"15339", b"1917"],
               "rank file found in tiktoken's cache (TIKTOKEN_CACHE_DIR/sha1(url))")
         hostile_inputs(args.flashgpt, vocab, Path(tmp), tiktoken, load_tiktoken_bpe, check)

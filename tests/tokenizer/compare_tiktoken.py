@@ -23,6 +23,9 @@ import tempfile
 from array import array
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+import data_skip  # noqa: E402
+
 ENCODINGS = ["r50k_base", "cl100k_base", "o200k_base"]
 
 
@@ -193,7 +196,8 @@ def wmt_texts(data_dir, max_bytes):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--driver", required=True, help="path to tiktoken_driver")
-    parser.add_argument("--vocab-dir", type=Path, default=os.environ.get("FLASHGPT_TOKENIZER_DIR"))
+    parser.add_argument("--tokenizer-dir", "--vocab-dir", dest="vocab_dir", type=Path,
+                        default=os.environ.get("FLASHGPT_TOKENIZER_DIR"))
     parser.add_argument("--data-dir", type=Path, default=os.environ.get("FLASHGPT_DATA_DIR"))
     parser.add_argument("--encodings", default=",".join(ENCODINGS))
     parser.add_argument("--patterns", choices=["meta", "tiktoken"], default="meta")
@@ -211,9 +215,8 @@ def main():
         args.data_dir = Path(__file__).resolve().parents[2].parent / "shared" / "data"
     if args.vocab_dir is None:
         args.vocab_dir = args.data_dir / "tokenizers"
-    if not (args.vocab_dir / "cl100k_base.tiktoken").exists():
-        print(f"FAIL: no rank files in {args.vocab_dir}", file=sys.stderr)
-        return 1
+    if not data_skip.tokenizer_dir_usable(args.vocab_dir):
+        data_skip.exit_missing(f"{data_skip.TOKENIZER_MISSING} (looked in {args.vocab_dir})")
 
     texts = {}
     if not args.no_adversarial:
@@ -224,8 +227,7 @@ def main():
     if (args.data_dir / "wmt14").is_dir():
         texts.update(wmt_texts(args.data_dir, args.wmt_bytes))
     else:
-        print(f"FAIL: no WMT14 data in {args.data_dir}", file=sys.stderr)
-        return 1
+        data_skip.exit_missing(f"{data_skip.SHARED_DATA_MISSING} (looked in {args.data_dir})")
     if args.all_code_points:
         texts.update(all_code_point_texts())
     invalid = {} if args.no_adversarial else invalid_utf8_cases()

@@ -177,6 +177,7 @@ void tokenizer_round_trips(const Tokenizer& t, Rng& rng) {
 }
 
 TEST(Fuzz, IdDecoder) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const Tokenizer& t = real_tokenizer(1);
   const std::vector<std::string> tokens = {"0",    "15339", " ",         ",",          "\n",    "\r\n", "100257",
                                            "-1",   "+7",    "4294967295", "4294967296", "1e3",   "0x10", "1.5",
@@ -244,6 +245,7 @@ TEST(Fuzz, MetaJson) {
 }
 
 TEST(Fuzz, ParallelEqualsSerial) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const std::vector<std::string> tokens = {"\n\n", "\r\n", "  ", "\t", "x", "1", "\xC3\xA9", "'s", ".", "\xE2\x80\x83"};
   auto generate = [&](Rng& rng) {
     std::string text = testing::seam_document(rng, 300);

@@ -26,7 +26,10 @@ const Tokenizer& tokenizer_of(const std::string& name) {
   return it->second;
 }
 
-class ParallelExact : public ::testing::TestWithParam<std::string> {};
+class ParallelExact : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override { FLASHGPT_REQUIRE_TOKENIZER_DIR(); }
+};
 
 TEST_P(ParallelExact, ParallelEqualsSerialAtEverySeam) {
   const Tokenizer& t = tokenizer_of(GetParam());

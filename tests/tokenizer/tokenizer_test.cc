@@ -20,9 +20,11 @@
 namespace flashgpt {
 namespace {
 
+// Tests that read the rank files start with FLASHGPT_REQUIRE_TOKENIZER_DIR(): without them
+// they skip, naming what is missing (or fail under FLASHGPT_REQUIRE_DATA=1).
 std::filesystem::path vocab_dir() {
   auto dir = testing::tokenizer_dir();
-  if (!dir) throw Error("no tokenizer rank files: set FLASHGPT_TOKENIZER_DIR or provide ../shared/data/tokenizers");
+  if (!dir) throw Error(testing::kTokenizerMissing);
   return *dir;
 }
 
@@ -43,17 +45,10 @@ const RankMap& cl100k_ranks() {
   return ranks;
 }
 
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "";
-}
+using testing::error_of;
 
 TEST(Invalid, EncodeNamesTheOffsetOrReplaces) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   std::string message = error_of([] { cl100k().encode_ordinary("abc\xFF" "def"); });
   EXPECT_NE(message.find("byte offset 3"), std::string::npos) << message;
   auto ids = cl100k().encode_ordinary("abc\xFF" "def", InvalidUtf8::replace);
@@ -158,6 +153,7 @@ TEST(Pretokenizer, BlockPathMatchesTheMatcher) {
 }
 
 TEST(Load, ReportsUnknownMissingAndWrongFiles) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   EXPECT_NE(error_of([] { Tokenizer::load("no_such_base", vocab_dir()); }).find("unknown encoding"), std::string::npos);
   auto empty = std::filesystem::temp_directory_path() / "flashgpt_tokenizer_test_empty";
   std::filesystem::create_directories(empty);
@@ -244,6 +240,7 @@ TEST(Load, BadSpecialTokensInMetaJsonAreErrors) {
 }
 
 TEST(Load, DirectoriesWhereFilesBelongAreErrors) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   auto dir = std::filesystem::temp_directory_path() / "flashgpt_tokenizer_test_dirs";
   std::filesystem::remove_all(dir);
   std::filesystem::create_directories(dir / "r50k_base.tiktoken");
@@ -253,6 +250,7 @@ TEST(Load, DirectoriesWhereFilesBelongAreErrors) {
 }
 
 TEST(Threads, ZeroIsAllCoresAndAbsurdCountsAreErrors) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const Tokenizer& t = cl100k();
   std::string_view text = "hello world";
   auto expected = t.encode_ordinary(text);
@@ -284,6 +282,7 @@ TEST(TokenIds, ParseNamesTheBadValue) {
 }
 
 TEST(Load, VocabularySizesAndSpecials) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   auto r50k = Tokenizer::load("r50k_base", vocab_dir());
   auto o200k = Tokenizer::load("o200k_base", vocab_dir());
   EXPECT_EQ(r50k.vocab_size(), 50257u);
@@ -300,6 +299,7 @@ TEST(Load, VocabularySizesAndSpecials) {
 }
 
 TEST(Specials, FollowTiktokenSemantics) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const Tokenizer& t = cl100k();
   std::string text = "a<|endoftext|>b<|fim_prefix|>";
   std::string message = error_of([&] { t.encode(text); });
@@ -320,6 +320,7 @@ TEST(Specials, FollowTiktokenSemantics) {
 }
 
 TEST(Bpe, HeapMergesExactlyLikeTheScan) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const Tokenizer& t = cl100k();
   const RankMap& ranks = cl100k_ranks();
   std::mt19937 rng(42);
@@ -373,6 +374,7 @@ TEST(PieceCache, SetKeepsTwoPiecesExactly) {
 // mix them up), some over 16 bytes or of more than 5 ids (not cached), then the same text
 // again with the cache warm.
 TEST(PieceCache, HitsGiveTheIdsOfAFreshMerge) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const Tokenizer& t = cl100k();
   const RankMap& ranks = cl100k_ranks();
   std::mt19937 rng(11);
@@ -416,6 +418,7 @@ TEST(PieceCache, HitsGiveTheIdsOfAFreshMerge) {
 // The rank map against std::unordered_map: every token, and near misses that share a
 // token's first 8 or 16 bytes (the parts a slot and its tail keep) and differ after them.
 TEST(Bpe, RankMapFindsExactlyTheTokens) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const Tokenizer& t = cl100k();
   std::vector<std::string_view> tokens;
   std::unordered_map<std::string_view, uint32_t> reference;
@@ -499,6 +502,7 @@ TEST(Bpe, RankMapMatchesUnorderedMap) {
 }
 
 TEST(Bpe, LongPiecesTakeLinearishTime) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const Tokenizer& t = cl100k();
   std::mt19937 rng(7);
   std::string same(50000, 'a'), random_letters;
@@ -515,6 +519,7 @@ TEST(Bpe, LongPiecesTakeLinearishTime) {
 }
 
 TEST(StreamingDecoder, HoldsBackIncompleteCharacters) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const Tokenizer& t = cl100k();
   // Single-byte tokens of a 4-byte emoji: nothing comes out until the last byte.
   std::string emoji = "\xF0\x9F\x99\x82";
@@ -552,6 +557,7 @@ TEST(StreamingDecoder, HoldsBackIncompleteCharacters) {
 }
 
 TEST(Parallel, BatchAndParallelMatchSingleThread) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const Tokenizer& t = cl100k();
   std::mt19937 rng(3);
   const char* words[] = {"the ", "cat's ", "Größe ", "\n", "\r\n", "  ", "123456 ", "naïve\n", "\xF0\x9F\x99\x82 ", "x"};

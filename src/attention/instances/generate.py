@@ -1,16 +1,20 @@
 #!/usr/bin/env python3
-"""Writes one .cu file per (pass, head_dim, dtype) attention instance. Re-run after changing
-the list; CMake picks the files for the head dims in FLASHGPT_ATTENTION_HEAD_DIMS."""
+"""Writes one .cu file per (pass, head_dim, dtype) attention instance, for every head dim of
+kAttentionHeadDims in include/flashgpt/attention.h. Re-run after changing that list; CMake
+picks the files for the head dims in FLASHGPT_ATTENTION_HEAD_DIMS."""
 import pathlib
+import re
 
 HERE = pathlib.Path(__file__).parent
+HEADER = HERE.parents[2] / "include" / "flashgpt" / "attention.h"
+HEAD_DIMS = [int(d) for d in re.search(r"kAttentionHeadDims = \{([0-9, ]+)\}", HEADER.read_text()).group(1).split(",")]
 DTYPES = {"bf16": "__nv_bfloat16", "fp16": "__half"}
 SIGNATURES = {
     "fwd": "template void run_flash_fwd<{d}, {t}>(const AttentionParams&, float, cudaStream_t);",
     "bwd": "template void run_flash_bwd<{d}, {t}>(const AttentionParams&, float, void*, bool, cudaStream_t);",
 }
 
-for d in (32, 64, 96, 128, 256):
+for d in HEAD_DIMS:
     for name, ty in DTYPES.items():
         for kind, sig in SIGNATURES.items():
             (HERE / f"flash_{kind}_hdim{d}_{name}.cu").write_text(
