@@ -1,6 +1,7 @@
 // `flashgpt tokenize`: encode a file (or stdin) as one text, decode ids back to text, or
 // count tokens, with tiktoken's encodings.
 #include "commands.h"
+#include "option_checks.h"
 
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/error.h>
@@ -12,7 +13,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
-#include <cstring>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -134,8 +134,9 @@ void cli_add_tokenize(CLI::App& app) {
       ->option_text("text|u32 (default: text)");
   auto* decode = cmd->add_flag("--decode", config->decode, "Read token ids and write the text they stand for");
   cmd->add_flag("--count", config->count, "Print the number of tokens instead of the ids")->excludes(decode);
+  static_assert(kCliMaxThreads == kMaxEncodeThreads, "the CLI refuses what the encoders would");
   cmd->add_option("--threads", config->threads, fmt::format("Worker threads (0: all cores, at most {})", kMaxEncodeThreads))
-      ->check(CLI::Range(0, kMaxEncodeThreads))
+      ->check(cli_thread_count())
       ->capture_default_str();
   cmd->add_option("--invalid-utf8", config->invalid, "Invalid UTF-8 in the input: 'error' or 'replace' (with U+FFFD)")
       ->transform(CLI::CheckedTransformer(
