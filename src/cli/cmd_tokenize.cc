@@ -1,6 +1,7 @@
 // `flashgpt tokenize`: encode a file (or stdin) as one text, decode ids back to text, or
 // count tokens, with tiktoken's encodings.
 #include "commands.h"
+#include "option_checks.h"
 #include "options.h"
 
 #include <flashgpt/atomic_file.h>
@@ -13,7 +14,6 @@
 #include <algorithm>
 #include <cerrno>
 #include <charconv>
-#include <cstring>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -129,6 +129,7 @@ void cli_add_tokenize(CLI::App& app) {
       ->capture_default_str();
   auto* decode = cmd->add_flag("--decode", config->decode, "Read token ids and write the text they stand for");
   cmd->add_flag("--count", config->count, "Print the number of tokens instead of the ids")->excludes(decode);
+  static_assert(kCliMaxThreads == kMaxEncodeThreads, "the CLI refuses what the encoders would");
   cli_option_threads(*cmd, config->threads, "Worker threads");
   cmd->add_option("--invalid-utf8", config->invalid_utf8, "Invalid UTF-8 in the input: 'error' or 'replace' (with U+FFFD)")
       ->check(CLI::IsMember({"error", "replace"}))

@@ -7,6 +7,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <mutex>
+#include <unordered_set>
 #include <vector>
 
 namespace flashgpt {
@@ -63,6 +65,33 @@ struct PieceCache {
 
   uint64_t last_use = 0;
 
+  PieceCache() = default;
+  PieceCache(const PieceCache&) = delete;
+  PieceCache& operator=(const PieceCache&) = delete;
+  ~PieceCache() { live_erase(sets.data()); }
+
+  // Every thread's cache buffer, listed from a global: LeakSanitizer reported the buffers of
+  // OpenMP workers still alive (or exiting) at process exit as leaks, at random, when it
+  // could not see them through the thread's TLS; listed here they stay reachable. The list is
+  // never destroyed, since workers may exit after static destructors have run.
+  struct Live {
+    std::mutex mutex;
+    std::unordered_set<const void*> buffers;
+  };
+  static Live& live() {
+    static Live* list = new Live;
+    return *list;
+  }
+  static void live_insert(const void* buffer) {
+    std::lock_guard lock(live().mutex);
+    live().buffers.insert(buffer);
+  }
+  static void live_erase(const void* buffer) {
+    if (!buffer) return;
+    std::lock_guard lock(live().mutex);
+    live().buffers.erase(buffer);
+  }
+
   // This thread's cache for tokenizer `uid`: a thread keeps two, so that code alternating
   // between two tokenizers does not clear one on every call.
   static PieceCache& for_tokenizer(uint64_t uid) {
@@ -71,7 +100,9 @@ struct PieceCache {
     PieceCache* cache = caches[0].owner == uid ? &caches[0] : caches[1].owner == uid ? &caches[1] : nullptr;
     if (!cache) {
       cache = caches[0].last_use <= caches[1].last_use ? &caches[0] : &caches[1];
+      live_erase(cache->sets.data());
       cache->sets.assign(kSets, Set{});
+      live_insert(cache->sets.data());
       cache->owner = uid;
     }
     cache->last_use = ++clock;
