@@ -9,9 +9,16 @@
 #include <filesystem>
 #include <memory>
 #include <span>
+#include <string_view>
 #include <vector>
 
 namespace flashgpt {
+
+// The shards of one split ("train" or "val") of a dataset `data prepare` published, in
+// order: what LoaderConfig::shards should be. Refuses a directory without summary.json
+// (not a dataset, or one whose prepare never finished) and one whose shard files differ
+// from those summary.json lists.
+std::vector<std::filesystem::path> dataset_shards(const std::filesystem::path& dir, std::string_view split);
 
 enum class WindowOrder { sequential, random };
 

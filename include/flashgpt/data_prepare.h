@@ -96,11 +96,6 @@ struct PrepareSummary {
 PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& encoder);
 std::string prepare_summary_json(const PrepareSummary& summary);
 
-// The shards of one split ("train" or "val") of a published dataset, in order. Refuses a
-// directory without summary.json (not a dataset, or one whose prepare never finished)
-// and one whose shard files differ from those summary.json lists.
-std::vector<std::filesystem::path> dataset_shards(const std::filesystem::path& dir, std::string_view split);
-
 // The default inputs: every train.* pair in DATA/wmt14 and DATA/extra.
 std::vector<PairSource> default_pair_sources(const std::filesystem::path& data_dir);
 // FLASHGPT_DATA_DIR, else ../shared/data from the working directory; empty if neither exists.

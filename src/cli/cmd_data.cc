@@ -7,6 +7,7 @@
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/data_analyze.h>
 #include <flashgpt/data_download.h>
+#include <flashgpt/data_loader.h>
 #include <flashgpt/data_prepare.h>
 #include <flashgpt/data_reader.h>
 #include <flashgpt/data_shard.h>

@@ -40,7 +40,8 @@ void fsync_directory(const std::filesystem::path& dir) {
 }
 
 AtomicFile::AtomicFile(std::filesystem::path path) : path_(std::move(path)) {
-  FLASHGPT_CHECK(!std::filesystem::is_directory(path_), "cannot write {}: it is a directory", path_.string());
+  std::error_code ec;
+  FLASHGPT_CHECK(!std::filesystem::is_directory(path_, ec), "cannot write {}: it is a directory", path_.string());
   temp_ = atomic_temp_path(path_);
   fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
   FLASHGPT_CHECK(fd_ >= 0, "cannot create {} (for {}): {}", temp_.string(), path_.string(), std::strerror(errno));

@@ -7,8 +7,11 @@
 #include <flashgpt/error.h>
 #include <flashgpt/philox.h>
 
+#include <nlohmann/json.hpp>
+
 #include <algorithm>
 #include <cstring>
+#include <fstream>
 #include <numeric>
 
 namespace flashgpt {
@@ -123,6 +126,42 @@ double DataLoader::epochs_consumed() const {
   const auto& s = *impl_;
   const uint64_t per_epoch = s.steps_per_epoch() * s.config.batch * s.config.world * s.config.context;
   return static_cast<double>(tokens_consumed()) / static_cast<double>(per_epoch);
+}
+
+std::vector<std::filesystem::path> dataset_shards(const std::filesystem::path& dir, std::string_view split) {
+  FLASHGPT_CHECK(split == "train" || split == "val", "unknown split '{}' (train or val)", split);
+  std::error_code ec;
+  FLASHGPT_CHECK(std::filesystem::is_directory(dir, ec), "{} is not a dataset directory ({})", dir.string(),
+                 std::filesystem::exists(dir, ec) ? "not a directory" : "it does not exist");
+  const auto summary_path = dir / "summary.json";
+  FLASHGPT_CHECK(std::filesystem::exists(summary_path, ec),
+                 "{} is not a complete dataset: it has no summary.json, which `data prepare` writes last (an "
+                 "interrupted or foreign directory); run `flashgpt data prepare --out {}`", dir.string(), dir.string());
+  std::ifstream in(summary_path);
+  FLASHGPT_CHECK(in, "cannot read {}", summary_path.string());
+  nlohmann::json j;
+  try {
+    in >> j;
+  } catch (const nlohmann::json::exception& e) {
+    FLASHGPT_FAIL("{}: not valid JSON ({}); the dataset is damaged, run `data prepare` again", summary_path.string(),
+                  e.what());
+  }
+  const std::string key = std::string(split) + "_shards";
+  FLASHGPT_CHECK(j.is_object() && j.contains(key) && j[key].is_array(), "{}: no {} list; not a dataset summary",
+                 summary_path.string(), key);
+  std::vector<std::string> listed;
+  for (const auto& shard : j[key]) {
+    FLASHGPT_CHECK(shard.is_object() && shard.contains("path") && shard["path"].is_string(),
+                   "{}: a {} entry has no path", summary_path.string(), key);
+    listed.push_back(std::filesystem::path(shard["path"].get<std::string>()).filename().string());
+  }
+  auto shards = shard_list(dir, split);
+  std::vector<std::string> present;
+  for (const auto& p : shards) present.push_back(p.filename().string());
+  std::sort(listed.begin(), listed.end());
+  FLASHGPT_CHECK(listed == present, "{}: the {} shards present ({}) are not the {} that summary.json lists; the "
+                 "dataset is damaged, run `data prepare` again", dir.string(), split, present.size(), listed.size());
+  return shards;
 }
 
 }  // namespace flashgpt

@@ -6,6 +6,7 @@
 // Philox counter (d, kPrepareStream) under the seed, so the output depends on the seed
 // and the inputs, never on the thread count or the batch size.
 #include <flashgpt/atomic_file.h>
+#include <flashgpt/data_loader.h>
 #include <flashgpt/data_prepare.h>
 #include <flashgpt/data_shard.h>
 #include <flashgpt/error.h>
@@ -679,42 +680,6 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
   atomic_write_file(output.build_dir() / "summary.json", prepare_summary_json(summary) + "\n");
   output.publish();
   return summary;
-}
-
-std::vector<std::filesystem::path> dataset_shards(const std::filesystem::path& dir, std::string_view split) {
-  FLASHGPT_CHECK(split == "train" || split == "val", "unknown split '{}' (train or val)", split);
-  std::error_code ec;
-  FLASHGPT_CHECK(std::filesystem::is_directory(dir, ec), "{} is not a dataset directory ({})", dir.string(),
-                 std::filesystem::exists(dir, ec) ? "not a directory" : "it does not exist");
-  const auto summary_path = dir / "summary.json";
-  FLASHGPT_CHECK(std::filesystem::exists(summary_path, ec),
-                 "{} is not a complete dataset: it has no summary.json, which `data prepare` writes last (an "
-                 "interrupted or foreign directory); run `flashgpt data prepare --out {}`", dir.string(), dir.string());
-  std::ifstream in(summary_path);
-  FLASHGPT_CHECK(in, "cannot read {}", summary_path.string());
-  nlohmann::json j;
-  try {
-    in >> j;
-  } catch (const nlohmann::json::exception& e) {
-    FLASHGPT_FAIL("{}: not valid JSON ({}); the dataset is damaged, run `data prepare` again", summary_path.string(),
-                  e.what());
-  }
-  const std::string key = std::string(split) + "_shards";
-  FLASHGPT_CHECK(j.is_object() && j.contains(key) && j[key].is_array(), "{}: no {} list; not a dataset summary",
-                 summary_path.string(), key);
-  std::vector<std::string> listed;
-  for (const auto& shard : j[key]) {
-    FLASHGPT_CHECK(shard.is_object() && shard.contains("path") && shard["path"].is_string(),
-                   "{}: a {} entry has no path", summary_path.string(), key);
-    listed.push_back(std::filesystem::path(shard["path"].get<std::string>()).filename().string());
-  }
-  auto shards = shard_list(dir, split);
-  std::vector<std::string> present;
-  for (const auto& p : shards) present.push_back(p.filename().string());
-  std::sort(listed.begin(), listed.end());
-  FLASHGPT_CHECK(listed == present, "{}: the {} shards present ({}) are not the {} that summary.json lists; the "
-                 "dataset is damaged, run `data prepare` again", dir.string(), split, present.size(), listed.size());
-  return shards;
 }
 
 std::string prepare_summary_json(const PrepareSummary& s) {
