@@ -13,10 +13,9 @@
 //   lnf_w/b                -> transformer.ln_f.weight/bias
 // lm_head.weight is not stored: GPT2LMHeadModel ties it to wte (tie_word_embeddings).
 // Both use the same q|k|v split and head order, GELU tanh ("gelu_new") and eps 1e-5.
+#include <flashgpt/atomic_file.h>
 #include <flashgpt/error.h>
 #include <flashgpt/train.h>
-
-#include "files.h"
 
 #include <nlohmann/json.hpp>
 
@@ -101,7 +100,7 @@ void export_hf(const std::filesystem::path& checkpoint, const std::filesystem::p
 
   std::filesystem::create_directories(out_dir);
   writer.write(out_dir / "model.safetensors");
-  train_detail::file_write_atomic(out_dir / "config.json", j.dump(2) + "\n");
+  atomic_write_file(out_dir / "config.json", j.dump(2) + "\n");
 }
 
 }  // namespace flashgpt

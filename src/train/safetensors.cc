@@ -1,8 +1,7 @@
 // safetensors: a validating reader over a read-only mapping and a streaming writer.
+#include <flashgpt/atomic_file.h>
 #include <flashgpt/error.h>
 #include <flashgpt/safetensors.h>
-
-#include "files.h"
 
 #include <nlohmann/json.hpp>
 
@@ -277,10 +276,10 @@ void SafetensorsWriter::write(const std::filesystem::path& path) const {
   header.append((8 - header.size() % 8) % 8, ' ');
   std::array<unsigned char, 8> len{};
   for (int i = 0; i < 8; ++i) len[i] = static_cast<unsigned char>(static_cast<uint64_t>(header.size()) >> (8 * i));
-  train_detail::file_write_atomic(path, [&](int fd) {
-    train_detail::fd_write_all(fd, len.data(), len.size(), path);
-    train_detail::fd_write_all(fd, header.data(), header.size(), path);
-    for (const auto& e : entries_) train_detail::fd_write_all(fd, e.data.data(), e.data.size(), path);
+  atomic_write_file(path, [&](AtomicFile& file) {
+    file.write(len.data(), len.size());
+    file.write(header);
+    for (const auto& e : entries_) file.write(e.data.data(), e.data.size());
   });
 }
 

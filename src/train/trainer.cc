@@ -1,8 +1,9 @@
 // The training loop: micro-batches -> one AdamW step, validation, logs and checkpoints.
+#include <flashgpt/atomic_file.h>
 #include <flashgpt/error.h>
+#include <flashgpt/process.h>
 #include <flashgpt/train.h>
 
-#include "files.h"
 
 #include <fmt/core.h>
 #include <nlohmann/json.hpp>
@@ -72,7 +73,7 @@ void log_truncate_after(const std::filesystem::path& path, int64_t step) {
     if (j.value("type", "") == "end") continue;
     kept += line + "\n";
   }
-  train_detail::file_write_atomic(path, kept);
+  atomic_write_file(path, kept);
 }
 
 double mean_loss(GptModel& model, DataLoader& loader, int64_t batches, std::vector<TokenId>& windows, int64_t B,
@@ -89,12 +90,15 @@ double mean_loss(GptModel& model, DataLoader& loader, int64_t batches, std::vect
 }  // namespace
 
 void train_write_run_config(const std::filesystem::path& run_dir, std::string_view json) {
-  train_detail::file_write_atomic(run_dir / "config.json", json);
+  atomic_write_file(run_dir / "config.json", json);
 }
 
 int train_plot_losses(const std::filesystem::path& run_dir, const std::filesystem::path& script) {
-  return train_detail::process_run(
-      {"python3", script.string(), (run_dir / "log.jsonl").string(), (run_dir / "loss.png").string()});
+  try {
+    return process_run({"python3", script.string(), (run_dir / "log.jsonl").string(), (run_dir / "loss.png").string()});
+  } catch (const Error&) {
+    return -1;  // no python3
+  }
 }
 
 int64_t train_total_steps(const TrainConfig& config, uint64_t loader_steps_per_epoch) {
