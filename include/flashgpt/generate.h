@@ -23,6 +23,7 @@
 #include <flashgpt/tokenizer.h>
 
 #include <cstdint>
+#include <filesystem>
 #include <functional>
 #include <memory>
 #include <span>
@@ -177,6 +178,20 @@ std::vector<GenerationResult> generate_tokens(InferenceEngine& engine, const Tok
 std::vector<GenerationResult> generate_texts(InferenceEngine& engine, const Tokenizer& tokenizer,
                                              std::span<const std::string> prompts, const GenerateConfig& config,
                                              const StreamCallback& on_text = {}, GenerateStats* stats = nullptr);
+
+// ---------------------------------------------------------------------------------------
+// A trained run, for inference.
+
+struct RunWeights {
+  std::filesystem::path checkpoint;  // the file read
+  ModelConfig config;
+  std::string encoding;              // the tokenizer the run was trained with
+  std::vector<float> params;         // model_param_count(config) floats
+  int64_t step = 0;                  // optimizer steps behind these weights
+};
+// `run` is a run directory (its checkpoint.safetensors) or a checkpoint file. Throws
+// naming the file when it is missing or not a flashgpt checkpoint.
+RunWeights run_load_weights(const std::filesystem::path& run);
 
 // "\n", "\t", "\\", "\r", "\xHH" and "\uHHHH" in a command-line stop string; anything else
 // after a backslash is an error. The result must be non-empty valid UTF-8.

@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
   flashgpt::cli_add_tokenize(app);
   flashgpt::cli_add_train(app);
   flashgpt::cli_add_export(app);
+  flashgpt::cli_add_generate(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
