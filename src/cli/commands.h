@@ -26,8 +26,10 @@ void cli_add_bench_attention(CLI::App& bench);
 void cli_add_bench_tokenizer(CLI::App& bench);
 void cli_add_bench_data(CLI::App& bench);
 void cli_add_bench_train(CLI::App& bench);
+void cli_add_bench_generate(CLI::App& bench);
 
 // Subcommands of `eval`, each from its own file; cli_add_eval adds them.
 void cli_add_eval_bleu(CLI::App& eval);
+void cli_add_eval_translate(CLI::App& eval);
 
 }  // namespace flashgpt
