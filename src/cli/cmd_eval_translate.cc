@@ -4,28 +4,21 @@
 // score against K (scripts/plot_translate.py, started from an argument vector).
 #include "cli/commands.h"
 
+#include <flashgpt/atomic_file.h>
 #include <flashgpt/data.h>
 #include <flashgpt/error.h>
+#include <flashgpt/process.h>
 #include <flashgpt/translate.h>
 
 #include <fmt/core.h>
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
-#include <fcntl.h>
-#include <spawn.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-#include <cerrno>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 #include <string>
 #include <vector>
-
-extern char** environ;
 
 namespace flashgpt {
 namespace {
@@ -49,45 +42,6 @@ struct EvalTranslateOptions {
   bool no_plot = false;
   bool quiet = false;
 };
-
-// Writes PATH.tmp, fsyncs it and renames it over PATH.
-// TODO(integrator): rel-data's include/flashgpt/atomic_file.h replaces this.
-void write_atomically(const std::filesystem::path& path, std::string_view bytes) {
-  const auto tmp = std::filesystem::path(path.string() + ".tmp");
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  FLASHGPT_CHECK(fd >= 0, "cannot create {}: {}", tmp.string(), std::strerror(errno));
-  size_t done = 0;
-  while (done < bytes.size()) {
-    const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int err = errno;
-      ::close(fd);
-      std::filesystem::remove(tmp);
-      FLASHGPT_FAIL("cannot write {}: {}", tmp.string(), std::strerror(err));
-    }
-    done += static_cast<size_t>(n);
-  }
-  const bool ok = ::fsync(fd) == 0;
-  ::close(fd);
-  FLASHGPT_CHECK(ok, "cannot sync {}: {}", tmp.string(), std::strerror(errno));
-  std::filesystem::rename(tmp, path);
-}
-
-// Runs argv (argv[0] looked up in PATH) without a shell; returns its exit status, or -1
-// when it could not start. TODO(integrator): rel-data's include/flashgpt/process.h.
-int run_program(const std::vector<std::string>& argv) {
-  std::vector<char*> args;
-  for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-  args.push_back(nullptr);
-  pid_t pid = 0;
-  if (posix_spawnp(&pid, args[0], nullptr, nullptr, args.data(), environ) != 0) return -1;
-  int status = 0;
-  while (waitpid(pid, &status, 0) < 0) {
-    if (errno != EINTR) return -1;
-  }
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
 
 std::filesystem::path tokenizer_dir_resolve(const std::string& given) {
   if (!given.empty()) return given;
@@ -175,7 +129,7 @@ void run_eval_translate(const EvalTranslateOptions& o) {
     const std::string name = fmt::format("{}.{}shot", translate_direction_name(s.direction), s.shots);
     std::string hyps;
     for (const auto& h : s.hypotheses) hyps += h + "\n";
-    write_atomically(hyp_dir / (name + ".txt"), hyps);
+    atomic_write_file(hyp_dir / (name + ".txt"), hyps);
     results.push_back({{"direction", translate_direction_name(s.direction)},
                        {"shots", s.shots},
                        {"shots_mean", s.shots_mean},
@@ -206,17 +160,22 @@ void run_eval_translate(const EvalTranslateOptions& o) {
     }
   }
   const auto json_path = out_dir / "translate.json";
-  write_atomically(json_path, j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
+  atomic_write_file(json_path, j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
   fmt::print("wrote {} and the hypotheses in {}\n", json_path.string(), hyp_dir.string());
   if (!o.no_plot) {
     const char* source = std::getenv("FLASHGPT_SOURCE_DIR");
     const auto script = std::filesystem::path(source && *source ? source : FLASHGPT_SOURCE_DIR) / "scripts" /
                         "plot_translate.py";
     const auto png = out_dir / "translate.png";
-    const auto tmp = out_dir / "translate.tmp.png";
-    const int status = run_program({"python3", script.string(), json_path.string(), tmp.string()});
+    const auto tmp = atomic_temp_path(png);
+    int status = -1;
+    try {
+      status = process_run({"python3", script.string(), json_path.string(), tmp.string()});
+    } catch (const Error& e) {
+      fmt::print(stderr, "warning: {}\n", e.what());
+    }
     if (status == 0 && std::filesystem::exists(tmp)) {
-      std::filesystem::rename(tmp, png);
+      atomic_publish(tmp, png);
       fmt::print("plot: {}\n", png.string());
     } else {
       std::error_code ignored;
