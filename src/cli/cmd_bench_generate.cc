@@ -2,7 +2,7 @@
 // tokens/s for B prompts of P tokens, then decode tokens/s over N greedy steps at batch B,
 // beside the weight bytes each decode step reads. Validated first: the logits of one decode
 // step equal those of an uncached prefill of the same tokens (relative error printed).
-#include "cli/commands.h"
+#include "commands.h"
 
 #include <flashgpt/error.h>
 #include <flashgpt/generate.h>

@@ -2,7 +2,7 @@
 // newstest2014 with the run's model on the CPU; BLEU and chrF per (direction, K) printed and
 // written to RUN/eval/translate.json (atomically), the hypotheses beside it, and a plot of
 // score against K (scripts/plot_translate.py, started from an argument vector).
-#include "cli/commands.h"
+#include "commands.h"
 
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/data.h>

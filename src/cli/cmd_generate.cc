@@ -1,6 +1,6 @@
 // `flashgpt generate --run RUN "prompt"`: text from a trained run on the CPU, streamed as it
 // is produced (one prompt) or batched (--prompts FILE, one prompt per line).
-#include "cli/commands.h"
+#include "commands.h"
 
 #include <flashgpt/data.h>
 #include <flashgpt/error.h>
