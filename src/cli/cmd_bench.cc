@@ -10,6 +10,7 @@ void cli_add_bench(CLI::App& app) {
   cli_add_bench_tokenizer(*bench);
   cli_add_bench_data(*bench);
   cli_add_bench_train(*bench);
+  cli_add_bench_generate(*bench);
 }
 
 }  // namespace flashgpt

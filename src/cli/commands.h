@@ -19,14 +19,17 @@ void cli_add_data(CLI::App& app);
 void cli_add_eval(CLI::App& app);
 void cli_add_train(CLI::App& app);
 void cli_add_export(CLI::App& app);
+void cli_add_generate(CLI::App& app);
 
 // Subcommands of `bench`, each from its own file; cli_add_bench adds them.
 void cli_add_bench_attention(CLI::App& bench);
 void cli_add_bench_tokenizer(CLI::App& bench);
 void cli_add_bench_data(CLI::App& bench);
 void cli_add_bench_train(CLI::App& bench);
+void cli_add_bench_generate(CLI::App& bench);
 
 // Subcommands of `eval`, each from its own file; cli_add_eval adds them.
 void cli_add_eval_bleu(CLI::App& eval);
+void cli_add_eval_translate(CLI::App& eval);
 
 }  // namespace flashgpt

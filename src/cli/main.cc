@@ -15,9 +15,11 @@ int main(int argc, char** argv) {
   flashgpt::cli_add_bench(app);
   flashgpt::cli_add_data(app);
   flashgpt::cli_add_eval(app);
+  flashgpt::cli_add_eval_translate(*app.get_subcommand("eval"));  // beside eval bleu
   flashgpt::cli_add_tokenize(app);
   flashgpt::cli_add_train(app);
   flashgpt::cli_add_export(app);
+  flashgpt::cli_add_generate(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -17,8 +17,8 @@
 #include <flashgpt/philox.h>
 
 #include <flashgpt/cuda_check.h>
-#include "model/gpt_cuda_ops.h"
-#include "model/matmul_cublaslt.h"
+#include "gpt_cuda_ops.h"
+#include "matmul_cublaslt.h"
 
 #include <algorithm>
 #include <cmath>

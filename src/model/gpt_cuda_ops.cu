@@ -1,15 +1,15 @@
 // Entry points of the model's CUDA kernels: validate, then call the launcher (kernels/*.cuh).
 // nvcc cannot compile fmt (flashgpt/error.h), so messages are built with std::string here
 // and thrown through error_throw.
-#include "model/gpt_cuda_ops.h"
+#include "gpt_cuda_ops.h"
 
 #include <flashgpt/philox.h>
 
 #include <flashgpt/cuda_check.h>
-#include "model/kernels/classifier.cuh"
-#include "model/kernels/dropout.cuh"
-#include "model/kernels/layernorm.cuh"
-#include "model/kernels/optimizer.cuh"
+#include "kernels/classifier.cuh"
+#include "kernels/dropout.cuh"
+#include "kernels/layernorm.cuh"
+#include "kernels/optimizer.cuh"
 
 #include <initializer_list>
 #include <string>

@@ -1,7 +1,7 @@
 // cuBLASLt plans for the model's three product shapes. cuBLASLt is column-major: a
 // row-major (r, c) matrix is a column-major (c, r) one, so Y = X W^T (row-major) is the
 // column-major D (out, rows) = op_T(W: in x out) op_N(X: in x rows), and so on below.
-#include "model/matmul_cublaslt.h"
+#include "matmul_cublaslt.h"
 
 #include <flashgpt/error.h>
 

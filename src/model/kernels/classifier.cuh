@@ -5,7 +5,7 @@
 // twice (max/sum, then the gradient) and written once.
 #pragma once
 
-#include "model/kernels/common.cuh"
+#include "common.cuh"
 
 namespace flashgpt::model_cuda {
 

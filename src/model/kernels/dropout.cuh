@@ -11,8 +11,8 @@
 
 #include <flashgpt/philox.h>
 
-#include "model/gpt_cuda_ops.h"
-#include "model/kernels/common.cuh"
+#include "gpt_cuda_ops.h"
+#include "common.cuh"
 
 namespace flashgpt::model_cuda {
 

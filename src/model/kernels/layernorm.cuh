@@ -10,7 +10,7 @@
 
 #include <flashgpt/model.h>
 
-#include "model/kernels/common.cuh"
+#include "common.cuh"
 
 #include <initializer_list>
 

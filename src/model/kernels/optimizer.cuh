@@ -4,8 +4,8 @@
 // an order fixed by the launch shape: no atomics, the same bits on every run.
 #pragma once
 
-#include "model/gpt_cuda_ops.h"
-#include "model/kernels/common.cuh"
+#include "gpt_cuda_ops.h"
+#include "common.cuh"
 
 #include <algorithm>
 
