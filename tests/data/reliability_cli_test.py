@@ -176,17 +176,19 @@ def run_with_tokenizer(tmp):
     # SIGTERM and SIGINT mid-run: the previous dataset stays, the temporary one goes.
     big_en, big_fr = os.path.join(tmp, "train.big.fr-en.en"), os.path.join(tmp, "train.big.fr-en.fr")
     with open(big_en, "w") as fe, open(big_fr, "w") as ff:
-        for i in range(400000):
+        for i in range(1000000):
             fe.write(f"Line {i}: the quick brown fox jumps over the lazy dog number {i * 7}.\n")
             ff.write(f"Ligne {i} : le renard brun saute par-dessus le chien paresseux {i * 7}.\n")
+    # The signal goes out as soon as the temporary directory exists (the handlers are
+    # installed before it is made), never after a fixed sleep: on an idle machine the whole
+    # run can finish in half a second, and a signal after the publish proves nothing.
     for sig in (signal.SIGTERM, signal.SIGINT):
         p = subprocess.Popen([FLASHGPT, "data", "prepare", "--pairs", big_en, "--out", ds, "--tokenizer-dir", VOCAB,
                               "--eval-dir", tmp, "--no-test-set-check", "--threads", "2"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not any(".ds.tmp-" in n for n in os.listdir(tmp)):
-            time.sleep(0.05)
-        time.sleep(0.5)
+            time.sleep(0.002)
         p.send_signal(sig)
         _, err = p.communicate(timeout=120)
         after = {n: open(os.path.join(ds, n), "rb").read() for n in os.listdir(ds)}
