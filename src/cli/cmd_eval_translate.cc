@@ -3,6 +3,7 @@
 // written to RUN/eval/translate.json (atomically), the hypotheses beside it, and a plot of
 // score against K (scripts/plot_translate.py, started from an argument vector).
 #include "commands.h"
+#include "options.h"
 
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/data.h>
@@ -42,14 +43,6 @@ struct EvalTranslateOptions {
   bool no_plot = false;
   bool quiet = false;
 };
-
-std::filesystem::path tokenizer_dir_resolve(const std::string& given) {
-  if (!given.empty()) return given;
-  if (const char* env = std::getenv("FLASHGPT_TOKENIZER_DIR"); env && *env) return env;
-  const auto data = data_dir_default();
-  if (!data.empty() && std::filesystem::is_directory(data / "tokenizers")) return data / "tokenizers";
-  return {};
-}
 
 // DIR itself when it holds newstest2014, else DIR/wmt14 (DIR as `data prepare` takes it).
 std::filesystem::path wmt14_dir(const std::string& given) {
@@ -97,7 +90,7 @@ void run_eval_translate(const EvalTranslateOptions& o) {
              test_total, dev.size(), dir.string());
 
   const RunWeights weights = run_load_weights(run);
-  const Tokenizer tokenizer = Tokenizer::load(weights.encoding, tokenizer_dir_resolve(o.tokenizer_dir));
+  const Tokenizer tokenizer = Tokenizer::load(weights.encoding, cli_tokenizer_dir(o.tokenizer_dir));
   InferenceOptions io;
   io.max_slots = o.batch;
   io.threads = o.threads;
@@ -203,7 +196,7 @@ void cli_add_eval_translate(CLI::App& eval) {
                 "Where newstest2012/13/14 are: DATA or DATA/wmt14 (default: FLASHGPT_DATA_DIR or ../shared/data)");
   t->add_option("--train-data", o->train_data,
                 "The run's prepared dataset, if it moved (default: options.data of RUN/config.json)");
-  t->add_option("--seed", o->seed, "Seed of the demonstration draw (and of sampling)")->capture_default_str();
+  cli_option_seed(*t, o->seed, "the demonstration draw (and of sampling)");
   t->add_option("--max-new-tokens", o->max_new_tokens, "Tokens per translation at most")->capture_default_str()
       ->check(CLI::PositiveNumber);
   t->add_flag("--sample", o->sample, "Sample instead of greedy decoding (with --temperature, --top-k, --top-p)");
@@ -212,9 +205,8 @@ void cli_add_eval_translate(CLI::App& eval) {
   t->add_option("--top-p", o->top_p, "Sampling top-p (1: off)")->capture_default_str();
   t->add_option("--batch", o->batch, "Sentences in flight at once (KV-cache slots)")->capture_default_str()
       ->check(CLI::PositiveNumber);
-  t->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
-  t->add_option("--tokenizer-dir", o->tokenizer_dir,
-                "Rank files (default: FLASHGPT_TOKENIZER_DIR, else DATA/tokenizers)");
+  cli_option_threads(*t, o->threads, "CPU threads");
+  cli_option_tokenizer_dir(*t, o->tokenizer_dir);
   t->add_flag("--no-plot", o->no_plot, "Do not draw RUN/eval/translate.png");
   t->add_flag("--quiet", o->quiet, "No progress lines");
   t->callback([o] { run_eval_translate(*o); });

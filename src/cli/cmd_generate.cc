@@ -1,6 +1,7 @@
 // `flashgpt generate --run RUN "prompt"`: text from a trained run on the CPU, streamed as it
 // is produced (one prompt) or batched (--prompts FILE, one prompt per line).
 #include "commands.h"
+#include "options.h"
 
 #include <flashgpt/data.h>
 #include <flashgpt/error.h>
@@ -38,16 +39,6 @@ struct GenerateOptions {
   bool quiet = false;
 };
 
-// --tokenizer-dir, else FLASHGPT_TOKENIZER_DIR, else DATA/tokenizers where it exists (as
-// `data prepare` resolves it).
-std::filesystem::path tokenizer_dir_resolve(const std::string& given) {
-  if (!given.empty()) return given;
-  if (const char* env = std::getenv("FLASHGPT_TOKENIZER_DIR"); env && *env) return env;
-  const auto data = data_dir_default();
-  if (!data.empty() && std::filesystem::is_directory(data / "tokenizers")) return data / "tokenizers";
-  return {};
-}
-
 void run_generate(const GenerateOptions& o) {
   std::vector<std::string> prompts = o.prompts;
   if (!o.prompts_file.empty()) {
@@ -65,7 +56,7 @@ void run_generate(const GenerateOptions& o) {
              fmt::join(o.stop, ","), !o.ignore_end_of_text, o.batch, o.threads);
 
   const RunWeights weights = run_load_weights(o.run);
-  const Tokenizer tokenizer = Tokenizer::load(weights.encoding, tokenizer_dir_resolve(o.tokenizer_dir));
+  const Tokenizer tokenizer = Tokenizer::load(weights.encoding, cli_tokenizer_dir(o.tokenizer_dir));
   const ModelConfig& c = weights.config;
   fmt::print(stderr, "model: {} (step {}), {} preset, V {}, C {}, L {}, NH {}, T {}; tokenizer {}\n",
              weights.checkpoint.string(), weights.step, c.preset, c.vocab_size, c.d_model, c.n_layer, c.n_head,
@@ -135,15 +126,13 @@ void cli_add_generate(CLI::App& app) {
   g->add_option("--top-k", o->top_k, "Sample among the k most likely tokens (0: all)")->capture_default_str();
   g->add_option("--top-p", o->top_p, "Sample among the most likely tokens holding this much probability (1: all)")
       ->capture_default_str();
-  g->add_option("--seed", o->seed, "Seed of the sampler (a prompt's output does not depend on its batch)")
-      ->capture_default_str();
+  cli_option_seed(*g, o->seed, "the sampler (a prompt's output does not depend on its batch)");
   g->add_option("--stop", o->stop, "Stop a row at this text (repeatable; escapes \\n \\t \\\\ \\xHH \\uHHHH)");
   g->add_flag("--ignore-end-of-text", o->ignore_end_of_text, "Do not stop at <|endoftext|>");
   g->add_option("--batch", o->batch, "Prompts in flight at once (KV-cache slots)")->capture_default_str()
       ->check(CLI::PositiveNumber);
-  g->add_option("--threads", o->threads, "CPU threads (0: all cores)")->capture_default_str();
-  g->add_option("--tokenizer-dir", o->tokenizer_dir,
-                "Rank files (default: FLASHGPT_TOKENIZER_DIR, else DATA/tokenizers)");
+  cli_option_threads(*g, o->threads, "CPU threads");
+  cli_option_tokenizer_dir(*g, o->tokenizer_dir);
   g->add_flag("--json", o->json, "One JSON object per prompt (index, prompt, output, finish, tokens) instead of text");
   g->add_flag("--quiet", o->quiet, "No timing line on stderr");
   g->callback([o] { run_generate(*o); });
