@@ -84,6 +84,9 @@ struct AttentionParams {
   Mask mask = Mask::none;
   float dropout_p = 0.0f;
   DropoutRng rng;
+  // CUDA only: when set, the kernels read the dropout stream from this device address
+  // instead of `rng`, so a captured CUDA graph can replay with a new stream per step.
+  const DropoutRng* rng_device = nullptr;
 };
 
 // Fills every stride for contiguous dense tensors: Q/O/dO/dQ [batch, seqlen_q, heads_q, d],

@@ -188,6 +188,13 @@ size_t layernorm_backward_partial_floats(int64_t N, int C) {
 void layernorm_backward(float* dx, bool accumulate, float* dw, float* db, float* partial, const bf16* dy,
                         const float* x, const float* mean, const float* rstd, const float* w, int64_t N, int C,
                         cudaStream_t stream) {
+  layernorm_backward_dropout(dx, accumulate, dw, db, partial, dy, x, mean, rstd, w, N, C, nullptr, DropoutSite{},
+                             stream);
+}
+
+void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db, float* partial, const bf16* dy,
+                                const float* x, const float* mean, const float* rstd, const float* w, int64_t N, int C,
+                                bf16* next_dy, const DropoutSite& next, cudaStream_t stream) {
   const char* op = "layernorm backward (CUDA)";
   require_rows(N, C, op);
   require_pointer(dx, op, "dx");
@@ -212,12 +219,19 @@ void layernorm_backward(float* dx, bool accumulate, float* dw, float* db, float*
     raised_for = C;
   }
   const int blocks = layernorm_backward_blocks(N, device_sm_count());
-  layernorm_backward_launch(dx, accumulate, dw, db, partial, blocks, dy, x, mean, rstd, w, N, C, stream);
+  const bool fused = next_dy != nullptr && C % 128 == 0;
+  if (next_dy != nullptr) {
+    require_site(next, op);
+    if (fused) require_aligned16(next_dy, op, "next_dy");
+  }
+  layernorm_backward_launch(dx, accumulate, dw, db, partial, blocks, dy, x, mean, rstd, w, N, C, stream,
+                            fused ? next_dy : nullptr, next);
   FLASHGPT_CUDA_CHECK_LAUNCH("layernorm_backward_kernel");
+  if (next_dy != nullptr && !fused) dropout_backward(next_dy, dx, N, C, next, stream);
 }
 
 void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
-                             float dloss, bool write_grad, cudaStream_t stream) {
+                             float dloss, bool write_grad, cudaStream_t stream, ClassifierPath path) {
   const char* op = "classifier (CUDA)";
   MODEL_CUDA_REQUIRE(rows >= 0 && V > 0 && Vp >= V && Vp % 8 == 0,
                      std::string(op) + ": needs rows >= 0, 0 < V <= Vp and Vp % 8 == 0, got rows " + num(rows) +
@@ -226,7 +240,7 @@ void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets
   require_pointer(losses, op, "losses");
   require_pointer(targets, op, "targets");
   require_aligned16(logits, op, "logits");
-  classifier_launch(logits, losses, targets, rows, V, Vp, dloss, write_grad, stream);
+  classifier_launch(logits, losses, targets, rows, V, Vp, dloss, write_grad, path == ClassifierPath::automatic, stream);
   FLASHGPT_CUDA_CHECK_LAUNCH("classifier_kernel");
 }
 
@@ -252,6 +266,8 @@ void adamw_update(float* params, bf16* params_bf16, const float* grads, float* m
   FLASHGPT_CUDA_CHECK_LAUNCH("adamw_kernel");
 }
 
+bool classifier_row_fits_shared(int64_t Vp) { return classifier_smem_bytes(Vp) > 0; }
+
 size_t sum_squares_partial_doubles() { return kNormBlocks; }
 
 void sum_squares(double* out, double* partial, const float* x, int64_t n, cudaStream_t stream) {
@@ -272,6 +288,28 @@ void column_sum(float* out, float* partial, const bf16* x, int64_t N, int M, cud
   require_pointer(x, op, "x");
   column_sum_launch(out, partial, x, N, M, stream);
   FLASHGPT_CUDA_CHECK_LAUNCH("column_sum_kernel");
+}
+
+namespace {
+template <typename In>
+void add_rows_checked(float* out, const In* in, int64_t rows, int64_t width, int64_t in_stride, cudaStream_t stream) {
+  require_pointer(out, "add rows (CUDA)", "out");
+  require_pointer(in, "add rows (CUDA)", "in");
+  MODEL_CUDA_REQUIRE(rows >= 0 && width >= 0 && in_stride >= width,
+                     "add rows (CUDA): needs rows, width >= 0 and in_stride >= width, got rows " + num(rows) +
+                         ", width " + num(width) + ", in_stride " + num(in_stride));
+  if (rows == 0 || width == 0) return;
+  add_rows_launch(out, in, rows, width, in_stride, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("add_rows_kernel");
+}
+}  // namespace
+
+void add_rows(float* out, const float* in, int64_t rows, int64_t width, int64_t in_stride, cudaStream_t stream) {
+  add_rows_checked(out, in, rows, width, in_stride, stream);
+}
+
+void add_rows(float* out, const bf16* in, int64_t rows, int64_t width, int64_t in_stride, cudaStream_t stream) {
+  add_rows_checked(out, in, rows, width, in_stride, stream);
 }
 
 void float_to_bf16(bf16* out, const float* in, int64_t n, cudaStream_t stream) {

@@ -22,6 +22,9 @@ struct DropoutSite {
   int64_t site = 0;        // 0: embedding; 1 + 2 l, 2 + 2 l: layer l's residuals
   uint32_t threshold = 0;  // dropout_threshold(p); 0: no dropout
   float scale = 1.0f;      // dropout_keep_scale(threshold)
+  // When set, the kernels read {seed, step} from this device address instead of the two
+  // fields above, so a captured CUDA graph replays with the step's values (gpt_cuda.cc).
+  const uint64_t* seed_step = nullptr;
 };
 // The site with threshold and scale filled in from p (0 for no dropout).
 DropoutSite dropout_site(uint64_t seed, uint64_t step, int64_t site, float p);
@@ -71,11 +74,22 @@ size_t layernorm_backward_partial_floats(int64_t N, int C);
 void layernorm_backward(float* dx, bool accumulate, float* dw, float* db, float* partial, const bf16* dy,
                         const float* x, const float* mean, const float* rstd, const float* w, int64_t N, int C,
                         cudaStream_t stream);
+// layernorm_backward, then next_dy (N, C) bf16 = dropout_backward(dx) at site `next` (the
+// residual dropout the backward meets next), fused into the same pass over the rows where
+// C % 128 == 0 (the same bits as the two ops in turn, which run elsewhere).
+void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db, float* partial, const bf16* dy,
+                                const float* x, const float* mean, const float* rstd, const float* w, int64_t N, int C,
+                                bf16* next_dy, const DropoutSite& next, cudaStream_t stream);
 
 // Per row of logits (rows, Vp) bf16: losses[r] = logsumexp(logits[r, :V]) - logits[r, targets[r]];
 // with write_grad, logits[r, c] = (softmax - onehot) * dloss for c < V and 0 for V <= c < Vp.
+// automatic: the row is read once into shared memory where it fits
+// (classifier_row_fits_shared), else twice from global memory; two_pass forces the latter.
+enum class ClassifierPath { automatic, two_pass };
 void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
-                             float dloss, bool write_grad, cudaStream_t stream);
+                             float dloss, bool write_grad, cudaStream_t stream,
+                             ClassifierPath path = ClassifierPath::automatic);
+bool classifier_row_fits_shared(int64_t Vp);
 // *out = sum of losses (n), in double, in a fixed order.
 void loss_sum(double* out, const float* losses, int64_t n, cudaStream_t stream);
 
@@ -90,6 +104,10 @@ void sum_squares(double* out, double* partial, const float* x, int64_t n, cudaSt
 size_t column_sum_partial_floats(int M);
 // out (M) fp32 += column sums of x (N, M) bf16 (bias gradients), deterministic.
 void column_sum(float* out, float* partial, const bf16* x, int64_t N, int M, cudaStream_t stream);
+// out (rows, width) fp32 += rows of `in` (fp32 or bf16) starting in_stride elements apart:
+// the bias gradients cuBLASLt's epilogues wrote, into the gradients.
+void add_rows(float* out, const float* in, int64_t rows, int64_t width, int64_t in_stride, cudaStream_t stream);
+void add_rows(float* out, const bf16* in, int64_t rows, int64_t width, int64_t in_stride, cudaStream_t stream);
 // out (n) bf16 = in (n) fp32, round to nearest even.
 void float_to_bf16(bf16* out, const float* in, int64_t n, cudaStream_t stream);
 

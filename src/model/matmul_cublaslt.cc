@@ -25,6 +25,8 @@ struct Matmul::Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  bool supported = true;  // false: cuBLASLt found no algorithm (an optional epilogue)
+  bool bias_bf16 = false;  // a bias-gradient epilogue writes bf16 (cuBLASLt took no fp32 bias)
   ~Plan() {
     if (a) cublasLtMatrixLayoutDestroy(a);
     if (b) cublasLtMatrixLayoutDestroy(b);
@@ -52,6 +54,8 @@ cublasLtEpilogue_t epilogue_of(Epilogue e) {
     case Epilogue::bias: return CUBLASLT_EPILOGUE_BIAS;
     case Epilogue::gelu_aux_bias: return CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
     case Epilogue::dgelu: return CUBLASLT_EPILOGUE_DGELU;
+    case Epilogue::dgelu_bgrad: return CUBLASLT_EPILOGUE_DGELU_BGRAD;
+    case Epilogue::bgradb: return CUBLASLT_EPILOGUE_BGRADB;
   }
   return CUBLASLT_EPILOGUE_DEFAULT;
 }
@@ -62,6 +66,8 @@ const char* epilogue_name(Epilogue e) {
     case Epilogue::bias: return "bias";
     case Epilogue::gelu_aux_bias: return "gelu_aux_bias";
     case Epilogue::dgelu: return "dgelu";
+    case Epilogue::dgelu_bgrad: return "dgelu_bgrad";
+    case Epilogue::bgradb: return "bgradb";
   }
   return "?";
 }
@@ -82,10 +88,10 @@ Matmul::~Matmul() {
   if (handle_) cublasLtDestroy(lt(handle_));
 }
 
-void Matmul::run(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
+bool Matmul::run(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const void* a, int64_t lda,
                  const void* b, int64_t ldb, void* d, int64_t ldd, bool d_fp32, float beta, Epilogue epilogue,
-                 const void* bias, void* aux, int64_t ld_aux, cudaStream_t stream) {
-  if (m == 0 || n == 0) return;
+                 const void* bias, void* aux, int64_t ld_aux, cudaStream_t stream, bool optional) {
+  if (m == 0 || n == 0) return true;
   const int align = std::min({alignment_of(a), alignment_of(b), alignment_of(d), alignment_of(aux)});
   FLASHGPT_CHECK(align >= 2, "matmul (cuBLASLt): operands must be at least 2-byte aligned");
   const auto key = std::make_tuple(int{trans_a}, int{trans_b}, m, n, k, lda, ldb, ldd, int{d_fp32}, int{beta != 0.0f},
@@ -99,14 +105,21 @@ void Matmul::run(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
     MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
     const cublasLtEpilogue_t epi = epilogue_of(epilogue);
     MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
-    const cudaDataType_t bf16_type = CUDA_R_16BF;
+    const cudaDataType_t bf16_type = CUDA_R_16BF, f32_type = CUDA_R_32F;
     if (epilogue == Epilogue::bias || epilogue == Epilogue::gelu_aux_bias) {
       MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bf16_type,
                                                         sizeof(bf16_type)));
       MODEL_CUBLAS_CHECK(
           cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
     }
-    if (epilogue == Epilogue::gelu_aux_bias || epilogue == Epilogue::dgelu) {
+    const bool bias_grad = epilogue == Epilogue::bgradb || epilogue == Epilogue::dgelu_bgrad;
+    if (bias_grad) {  // fp32 bias gradients first; bf16 below if cuBLASLt refuses them
+      MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &f32_type,
+                                                        sizeof(f32_type)));
+      MODEL_CUBLAS_CHECK(
+          cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+    }
+    if (epilogue == Epilogue::gelu_aux_bias || epilogue == Epilogue::dgelu || epilogue == Epilogue::dgelu_bgrad) {
       FLASHGPT_CHECK(ld_aux % 8 == 0, "matmul (cuBLASLt): the GELU epilogue needs an aux leading dimension that is a "
                                       "multiple of 8, got {}", ld_aux);
       MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld_aux,
@@ -153,8 +166,26 @@ void Matmul::run(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
       }
     }
     if (found == 0) {
-      MODEL_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(lt(handle_), plan->desc, plan->a, plan->b, plan->c, plan->d,
-                                                        pref, 1, &result, &found));
+      const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(lt(handle_), plan->desc, plan->a, plan->b, plan->c,
+                                                                   plan->d, pref, 1, &result, &found);
+      if (optional && status != CUBLAS_STATUS_SUCCESS) {
+        found = 0;  // H100, cuBLASLt 13: BGRADB with an fp32 bias answers "invalid value" (7)
+      } else {
+        MODEL_CUBLAS_CHECK(status);
+      }
+      if (found == 0 && optional && bias_grad) {
+        MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bf16_type,
+                                                          sizeof(bf16_type)));
+        const cublasStatus_t retry = cublasLtMatmulAlgoGetHeuristic(lt(handle_), plan->desc, plan->a, plan->b,
+                                                                    plan->c, plan->d, pref, 1, &result, &found);
+        if (retry != CUBLAS_STATUS_SUCCESS) found = 0;
+        plan->bias_bf16 = found > 0;
+      }
+    }
+    if (found == 0 && optional) {
+      plan->supported = false;
+      slot = std::move(plan);
+      return false;
     }
     FLASHGPT_CHECK(found > 0,
                    "matmul (cuBLASLt): no algorithm for m {} n {} k {} (trans {}{}, ld {} {} {}, output {}, epilogue "
@@ -165,16 +196,20 @@ void Matmul::run(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
     slot = std::move(plan);
   }
   Plan& plan = *slot;
-  if (epilogue == Epilogue::bias || epilogue == Epilogue::gelu_aux_bias) {
+  if (!plan.supported) return false;
+  last_bias_bf16_ = plan.bias_bf16;
+  if (epilogue == Epilogue::bias || epilogue == Epilogue::gelu_aux_bias || epilogue == Epilogue::bgradb ||
+      epilogue == Epilogue::dgelu_bgrad) {
     MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
   }
-  if (epilogue == Epilogue::gelu_aux_bias || epilogue == Epilogue::dgelu) {
+  if (epilogue == Epilogue::gelu_aux_bias || epilogue == Epilogue::dgelu || epilogue == Epilogue::dgelu_bgrad) {
     MODEL_CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
   }
   const float alpha = 1.0f;
   MODEL_CUBLAS_CHECK(cublasLtMatmul(lt(handle_), plan.desc, &alpha, a, plan.a, b, plan.b, &beta, d, plan.c, d, plan.d,
                                     &plan.algo, workspace_, workspace_bytes_, stream));
+  return true;
 }
 
 void Matmul::forward(__nv_bfloat16* y, const __nv_bfloat16* x, const __nv_bfloat16* w, int64_t rows, int64_t in,
@@ -209,6 +244,30 @@ void Matmul::backward_weight(float* dw, const __nv_bfloat16* dy, const __nv_bflo
   if (rows == 0) return;
   run(/*trans_a=*/false, /*trans_b=*/true, in, out, rows, x, in, dy, out, dw, in, /*d_fp32=*/true, 1.0f,
       Epilogue::none, nullptr, nullptr, 0, stream);
+}
+
+Matmul::BiasGrad Matmul::backward_weight_bgrad(float* dw, void* dbias, const __nv_bfloat16* dy,
+                                               const __nv_bfloat16* x, int64_t rows, int64_t in, int64_t out,
+                                               cudaStream_t stream) {
+  FLASHGPT_CHECK(dbias != nullptr, "matmul backward_weight_bgrad: dbias must not be null");
+  if (deterministic_ || rows == 0) return BiasGrad::none;
+  if (!run(/*trans_a=*/false, /*trans_b=*/true, in, out, rows, x, in, dy, out, dw, in, /*d_fp32=*/true, 1.0f,
+           Epilogue::bgradb, dbias, nullptr, 0, stream, /*optional=*/true)) {
+    return BiasGrad::none;
+  }
+  return last_bias_bf16_ ? BiasGrad::bf16 : BiasGrad::f32;
+}
+
+Matmul::BiasGrad Matmul::backward_input_dgelu_bgrad(__nv_bfloat16* dx, void* dbias, const __nv_bfloat16* dy,
+                                                    const __nv_bfloat16* w, int64_t rows, int64_t in, int64_t out,
+                                                    const __nv_bfloat16* aux, cudaStream_t stream) {
+  FLASHGPT_CHECK(dbias != nullptr && aux != nullptr, "matmul backward_input_dgelu_bgrad: dbias and aux must not be null");
+  if (deterministic_ || rows == 0) return BiasGrad::none;
+  if (!run(/*trans_a=*/false, /*trans_b=*/false, in, rows, out, w, in, dy, out, dx, in, /*d_fp32=*/false, 0.0f,
+           Epilogue::dgelu_bgrad, dbias, const_cast<__nv_bfloat16*>(aux), in, stream, /*optional=*/true)) {
+    return BiasGrad::none;
+  }
+  return last_bias_bf16_ ? BiasGrad::bf16 : BiasGrad::f32;
 }
 
 }  // namespace flashgpt::model_cuda

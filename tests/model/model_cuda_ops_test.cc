@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <random>
@@ -153,9 +154,57 @@ TEST_P(LayerNormTest, ForwardAndBackwardMatchDoubleReference) {
   EXPECT_LT(rel_error(db, ref_db), 1e-4);
 }
 
+// The LayerNorm backward fused with the next dropout backward: dx, dw, db and the bf16
+// gradient of the dropout site must be the same bits as layernorm_backward followed by
+// dropout_backward (whose mask the residual-dropout test checks against philox.h), with
+// dropout on and off, accumulating or not, vector (C % 128 == 0) and scalar shapes.
+TEST_P(LayerNormTest, BackwardFusedWithDropoutEqualsTheTwoOps) {
+  const auto [N, C] = GetParam();
+  for (const float p : {0.1f, 0.0f}) {
+    for (const bool accumulate : {true, false}) {
+      SCOPED_TRACE(::testing::Message() << "p " << p << " accumulate " << accumulate);
+      std::mt19937 rng(static_cast<uint32_t>(N * 17 + C + (accumulate ? 1 : 0)));
+      const auto x = random_floats(size_t(N) * C, rng, 2.0f, 0.5f);
+      const auto w = random_floats(C, rng, 0.5f, 1.0f);
+      const auto b = random_floats(C, rng, 0.3f);
+      const auto dy = rounded(random_floats(size_t(N) * C, rng));
+      const auto dx0 = random_floats(size_t(N) * C, rng);
+      Dev<float> d_x(x), d_w(w), d_b(b), d_mean(N), d_rstd(N);
+      Dev<bf16> d_out(size_t(N) * C), d_dy(to_bf16(dy));
+      model_cuda::layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_x.ptr, d_w.ptr, d_b.ptr, N, C, nullptr);
+      const model_cuda::DropoutSite site = model_cuda::dropout_site(42, 9, 5, p);
+      std::vector<float> dw0(C, 1.0f), db0(C, -1.0f);
+      Dev<float> d_dx1(dx0), d_dw1(dw0), d_db1(db0), d_dx2(dx0), d_dw2(dw0), d_db2(db0);
+      Dev<float> d_partial(model_cuda::layernorm_backward_partial_floats(N, C));
+      Dev<bf16> d_next1(size_t(N) * C), d_next2(size_t(N) * C);
+      d_next1.poison();
+      d_next2.poison();
+      model_cuda::layernorm_backward(d_dx1.ptr, accumulate, d_dw1.ptr, d_db1.ptr, d_partial.ptr, d_dy.ptr, d_x.ptr,
+                                     d_mean.ptr, d_rstd.ptr, d_w.ptr, N, C, nullptr);
+      model_cuda::dropout_backward(d_next1.ptr, d_dx1.ptr, N, C, site, nullptr);
+      model_cuda::layernorm_backward_dropout(d_dx2.ptr, accumulate, d_dw2.ptr, d_db2.ptr, d_partial.ptr, d_dy.ptr,
+                                             d_x.ptr, d_mean.ptr, d_rstd.ptr, d_w.ptr, N, C, d_next2.ptr, site,
+                                             nullptr);
+      EXPECT_EQ(d_dx1.get(), d_dx2.get());
+      EXPECT_EQ(d_dw1.get(), d_dw2.get());
+      EXPECT_EQ(d_db1.get(), d_db2.get());
+      const auto next1 = to_float(d_next1.get()), next2 = to_float(d_next2.get());
+      EXPECT_EQ(next1, next2);
+      size_t dropped = 0;
+      for (float v : next2) dropped += v == 0.0f;
+      if (p > 0 && N * C >= 1000) {
+        EXPECT_GT(dropped, size_t(N * C) / 20) << "the mask drops about 10 %";
+      }
+      if (p == 0) {
+        EXPECT_LT(dropped, size_t(N * C) / 100 + 1);
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, LayerNormTest,
                          ::testing::Values(Shape{1, 32}, Shape{17, 48}, Shape{33, 40}, Shape{1000, 768},
-                                           Shape{4097, 80}, Shape{5, 2048}));
+                                           Shape{4097, 80}, Shape{5, 2048}, Shape{3, 128}, Shape{257, 384}));
 
 // ---- residual + dropout, embedding ----
 
@@ -267,6 +316,10 @@ class ClassifierTest : public ::testing::TestWithParam<ClassifierCase> {};
 
 TEST_P(ClassifierTest, LossAndGradientMatchReference) {
   const auto [rows, V, Vp] = GetParam();
+  // Every shape here fits the shared-memory path on an H100; the two-pass one too.
+  EXPECT_TRUE(model_cuda::classifier_row_fits_shared(Vp)) << "Vp " << Vp;
+  for (auto path : {model_cuda::ClassifierPath::automatic, model_cuda::ClassifierPath::two_pass}) {
+  SCOPED_TRACE(path == model_cuda::ClassifierPath::automatic ? "shared-memory row" : "two passes");
   std::mt19937 rng(static_cast<uint32_t>(V + rows));
   const auto logits = rounded(random_floats(size_t(rows) * Vp, rng, 3.0f));
   std::vector<int32_t> targets(rows);
@@ -275,9 +328,12 @@ TEST_P(ClassifierTest, LossAndGradientMatchReference) {
   Dev<bf16> d_logits(to_bf16(logits)), d_logits_nograd(to_bf16(logits));
   Dev<float> d_losses(rows), d_losses2(rows);
   Dev<int32_t> d_targets(targets);
-  model_cuda::classifier_softmax_xent(d_logits.ptr, d_losses.ptr, d_targets.ptr, rows, V, Vp, dloss, true, nullptr);
+  d_losses.poison();
+  d_losses2.poison();
+  model_cuda::classifier_softmax_xent(d_logits.ptr, d_losses.ptr, d_targets.ptr, rows, V, Vp, dloss, true, nullptr,
+                                      path);
   model_cuda::classifier_softmax_xent(d_logits_nograd.ptr, d_losses2.ptr, d_targets.ptr, rows, V, Vp, dloss, false,
-                                      nullptr);
+                                      nullptr, path);
   const auto grad = to_float(d_logits.get()), untouched = to_float(d_logits_nograd.get());
   const auto losses = d_losses.get(), losses2 = d_losses2.get();
   EXPECT_EQ(untouched, logits) << "without gradients the logits stay";
@@ -303,11 +359,14 @@ TEST_P(ClassifierTest, LossAndGradientMatchReference) {
     }
   }
   EXPECT_LT(rel_error(grad_real, ref_real), 1e-2);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ClassifierTest,
                          ::testing::Values(ClassifierCase{5, 1000, 1024}, ClassifierCase{3, 50257, 50304},
-                                           ClassifierCase{1, 8, 128}, ClassifierCase{17, 100277, 100352}));
+                                           ClassifierCase{1, 8, 128}, ClassifierCase{17, 100277, 100352},
+                                           ClassifierCase{2, 8, 8}, ClassifierCase{9, 33000, 33024},
+                                           ClassifierCase{4, 100277, 100384}));
 
 TEST(LossSumTest, SumsInDoubleAndRepeats) {
   std::mt19937 rng(5);
@@ -462,9 +521,85 @@ TEST_P(MatmulTest, EpiloguesMatchDoubleReference) {
   EXPECT_LT(rel_error(d_dw.get(), ref_dw), 1e-5);
 }
 
+// The bias-gradient epilogues: BGRADB (dW += dY^T X and db = column sums of dY) and
+// DGELU_BGRAD (dX = (dY W) gelu'(aux) and db = its column sums), against double; db comes
+// as fp32 or, where cuBLASLt takes no fp32 bias, bf16. Where cuBLASLt offers neither
+// epilogue (the model then sums the columns itself, ColumnSumTest), the test says so and
+// is skipped.
+TEST_P(MatmulTest, BiasGradientEpiloguesMatchDoubleReference) {
+  const auto [rows, in, out] = GetParam();
+  std::mt19937 rng(static_cast<uint32_t>(rows * 5 + in * 11 + out));
+  const auto x = rounded(random_floats(size_t(rows) * in, rng));
+  const auto w = rounded(random_floats(size_t(out) * in, rng, 0.2f));
+  const auto dy = rounded(random_floats(size_t(rows) * out, rng));
+  const auto aux = rounded(random_floats(size_t(rows) * in, rng));
+  model_cuda::Matmul mm(size_t{32} << 20, /*deterministic=*/false);
+  Dev<bf16> d_x(to_bf16(x)), d_w(to_bf16(w)), d_dy(to_bf16(dy)), d_aux(to_bf16(aux)), d_dx(size_t(rows) * in);
+  const std::vector<float> dw0(size_t(out) * in, 0.25f);
+  Dev<float> d_dw(dw0), d_db_out(out), d_db_in(in);
+  d_dx.poison();
+  d_db_out.poison();
+  d_db_in.poison();
+  using BiasGrad = model_cuda::Matmul::BiasGrad;
+  const BiasGrad bgradb = mm.backward_weight_bgrad(d_dw.ptr, d_db_out.ptr, d_dy.ptr, d_x.ptr, rows, in, out, nullptr);
+  const BiasGrad dgelu_bgrad =
+      mm.backward_input_dgelu_bgrad(d_dx.ptr, d_db_in.ptr, d_dy.ptr, d_w.ptr, rows, in, out, d_aux.ptr, nullptr);
+  auto name = [](BiasGrad g) { return g == BiasGrad::none ? "no algorithm" : g == BiasGrad::f32 ? "fp32" : "bf16"; };
+  std::printf("rows %lld in %lld out %lld: BGRADB %s, DGELU_BGRAD %s\n", (long long)rows, (long long)in,
+              (long long)out, name(bgradb), name(dgelu_bgrad));
+  // db as written: fp32, or bf16 in the first half of the buffer.
+  auto db_of = [](const Dev<float>& d, int64_t n, BiasGrad g) {
+    const std::vector<float> raw = d.get();
+    std::vector<float> values(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) {
+      values[size_t(i)] =
+          g == BiasGrad::f32 ? raw[size_t(i)] : __bfloat162float(reinterpret_cast<const bf16*>(raw.data())[i]);
+    }
+    return values;
+  };
+  if (bgradb != BiasGrad::none) {
+    std::vector<double> ref_dw(dw0.begin(), dw0.end()), ref_db(size_t(out), 0.0);
+    for (int64_t o = 0; o < out; ++o) {
+      for (int64_t r = 0; r < rows; ++r) ref_db[o] += dy[r * out + o];
+      for (int64_t i = 0; i < in; ++i) {
+        double s = 0;
+        for (int64_t r = 0; r < rows; ++r) s += double(dy[r * out + o]) * x[r * in + i];
+        ref_dw[o * in + i] += s;
+      }
+    }
+    EXPECT_LT(rel_error(d_dw.get(), ref_dw), 1e-5);
+    EXPECT_LT(rel_error(db_of(d_db_out, out, bgradb), ref_db), bgradb == BiasGrad::f32 ? 1e-5 : 5e-3);
+  }
+  if (dgelu_bgrad != BiasGrad::none) {
+    std::vector<double> ref_dx(size_t(rows) * in), ref_db(size_t(in), 0.0);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < in; ++i) {
+        double s = 0;
+        for (int64_t o = 0; o < out; ++o) s += double(dy[r * out + o]) * w[o * in + i];
+        ref_dx[r * in + i] = s * gelu_tanh_grad(aux[r * in + i]);
+        ref_db[i] += ref_dx[r * in + i];
+      }
+    EXPECT_LT(rel_error(to_float(d_dx.get()), ref_dx), 1e-2);
+    // The epilogue sums the values before dX is rounded to bf16: fp32 accuracy, or bf16's.
+    EXPECT_LT(rel_error(db_of(d_db_in, in, dgelu_bgrad), ref_db), dgelu_bgrad == BiasGrad::f32 ? 1e-4 : 5e-3);
+  }
+  // Deterministic mode never uses them (the column-sum kernel is its path).
+  model_cuda::Matmul det(size_t{32} << 20, /*deterministic=*/true);
+  EXPECT_EQ(det.backward_weight_bgrad(d_dw.ptr, d_db_out.ptr, d_dy.ptr, d_x.ptr, rows, in, out, nullptr),
+            BiasGrad::none);
+  EXPECT_EQ(det.backward_input_dgelu_bgrad(d_dx.ptr, d_db_in.ptr, d_dy.ptr, d_w.ptr, rows, in, out, d_aux.ptr,
+                                           nullptr),
+            BiasGrad::none);
+  if (bgradb == BiasGrad::none && dgelu_bgrad == BiasGrad::none) {
+    GTEST_SKIP() << "cuBLASLt offers neither BGRADB nor DGELU_BGRAD here (" << rows << " x " << in << " x " << out
+                 << "); the model sums the bias columns itself";
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, MatmulTest,
                          ::testing::Values(MatmulCase{17, 40, 24}, MatmulCase{1, 64, 192}, MatmulCase{33, 128, 512},
-                                           MatmulCase{1000, 768, 2304}, MatmulCase{64, 512, 128}));
+                                           MatmulCase{1000, 768, 2304}, MatmulCase{64, 512, 128},
+                                           MatmulCase{256, 768, 3072}));
 
 TEST(ModelCudaOpsTest, EntryPointsRejectBadArguments) {
   EXPECT_THROW(model_cuda::layernorm_forward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 4, 8, nullptr),

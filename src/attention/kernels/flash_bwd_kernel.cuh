@@ -309,6 +309,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const float scale_log2 = scale * kLog2e;
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const uint32_t dropout_top = dropout_top_threshold(threshold);
+  const DropoutRng rng = p.rng_device != nullptr ? *p.rng_device : p.rng;  // a graph replay's per-step stream
   const float keep_scale = static_cast<float>(dropout_keep_scale(threshold));
   // This thread's keys in key tile j: key_local0 + 16 j and key_local0 + 16 j + 8.
   const int warp_key0 = warp * 16 * kKTiles;
@@ -388,7 +389,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       // Dropout bytes of 4 n8 tiles at a time (flash_common.cuh: one Philox call per lane).
       uint32_t drop_bytes[4] = {0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu};
       if constexpr (kDropout)
-        dropout_key_column_bytes(p.rng, batch_head, m0 + grp * 32, n0 + warp_key0 + 16 * j, g, t, drop_bytes);
+        dropout_key_column_bytes(rng, batch_head, m0 + grp * 32, n0 + warp_key0 + 16 * j, g, t, drop_bytes);
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
         const int nt = 4 * grp + i / 4, e = i % 4;

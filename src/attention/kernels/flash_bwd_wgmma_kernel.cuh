@@ -206,6 +206,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // without it ptxas spilled 220 bytes in the d64 dropout kernel instead of 96.
   const bool use_dropout = kDropout && dropout_enabled(threshold);
   const uint32_t dropout_top = dropout_top_threshold(threshold);
+  const DropoutRng rng = p.rng_device != nullptr ? *p.rng_device : p.rng;  // a graph replay's per-step stream
   const float keep_scale = static_cast<float>(dropout_keep_scale(threshold));
   const int warp_key0 = wg * 64 + warp_in_wg * 16;  // this warp's m16 key tile
   const int key_local0 = warp_key0 + g;             // this thread's keys: key_local0 and + 8
@@ -332,7 +333,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       for (int grp = 0; grp < kNTilesS / 4; ++grp) {
         // Dropout bytes of 4 n8 tiles at a time (flash_common.cuh: one Philox call per lane).
         uint32_t drop_bytes[4] = {0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu, 0xFFFFFFFFu};
-        if (use_dropout) dropout_key_column_bytes(p.rng, batch_head, m0 + grp * 32, n0 + warp_key0, g, t, drop_bytes);
+        if (use_dropout) dropout_key_column_bytes(rng, batch_head, m0 + grp * 32, n0 + warp_key0, g, t, drop_bytes);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           const int nt = 4 * grp + i;

@@ -79,6 +79,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const At
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const bool use_dropout = dropout_enabled(threshold);
   const uint32_t dropout_top = dropout_top_threshold(threshold);
+  const DropoutRng rng = p.rng_device != nullptr ? *p.rng_device : p.rng;  // a graph replay's per-step stream
   const int64_t batch_head = int64_t{b} * p.heads_q + head;
 
   if (n_blocks > 0) {
@@ -178,7 +179,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const At
     if (use_dropout) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt)
-        dropout_apply_rows(s[mt], p.rng, batch_head, m0 + row_local0 + mt * 16, n0, t, dropout_top);
+        dropout_apply_rows(s[mt], rng, batch_head, m0 + row_local0 + mt * 16, n0, t, dropout_top);
     }
 
     cp_async_wait<1>();  // V[n_block] has landed; K[n_block + 1] may still be in flight

@@ -162,6 +162,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
   const uint32_t threshold = dropout_threshold(p.dropout_p);
   const bool use_dropout = dropout_enabled(threshold);
   const uint32_t dropout_top = dropout_top_threshold(threshold);
+  const DropoutRng rng = p.rng_device != nullptr ? *p.rng_device : p.rng;  // a graph replay's per-step stream
   const int64_t batch_head = int64_t{b} * p.heads_q + head;
 
   auto load_k = [&](int n_block) {
@@ -208,7 +209,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
     if (n0 + kBlockN > seq.seqlen_k || (causal && n0 + kBlockN - 1 > m0 + diag))
       wg_mask_scores(s, n0, row0, seq.seqlen_k, causal, diag, t);
     wg_softmax_block(s, row_max, row_sum, scale_log2, correction);
-    if (use_dropout) dropout_apply_rows(s, p.rng, batch_head, row0, n0, t, dropout_top);
+    if (use_dropout) dropout_apply_rows(s, rng, batch_head, row0, n0, t, dropout_top);
   };
 
   // kSplitWait: two copy groups, {Q, K[0]} first, so that the first S GEMM waits for those

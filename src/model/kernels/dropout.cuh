@@ -19,7 +19,9 @@ namespace flashgpt::model_cuda {
 // Keep mask of the 16 channels 16 g .. 16 g + 15 of token n, as bits.
 __device__ __forceinline__ uint32_t dropout_keep_bits(const DropoutSite& d, int64_t n, int64_t g) {
   if (d.threshold == 0) return 0xFFFFu;
-  const Philox4x32 words = dropout_random_words(DropoutRng{d.seed, d.step}, d.site, n, g);
+  const DropoutRng rng = d.seed_step != nullptr ? DropoutRng{__ldg(d.seed_step), __ldg(d.seed_step + 1)}
+                                                 : DropoutRng{d.seed, d.step};
+  const Philox4x32 words = dropout_random_words(rng, d.site, n, g);
   uint32_t bits = 0;
 #pragma unroll
   for (int k = 0; k < 16; ++k) bits |= (dropout_keep_byte(dropout_byte(words, k), d.threshold) ? 1u : 0u) << k;

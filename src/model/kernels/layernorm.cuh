@@ -11,6 +11,7 @@
 #include <flashgpt/model.h>
 
 #include "common.cuh"
+#include "dropout.cuh"
 
 #include <initializer_list>
 
@@ -140,11 +141,15 @@ __global__ void layernorm_forward_vec_kernel(bf16* __restrict__ out, float* __re
   }
 }
 
-template <bool kAccumulate>
+// kDropNext: also the next dropout backward of the residual stream, fused: next_dy (N, C)
+// bf16 = dropout mask of site `next` * scale * dx (the accumulated value just written), the
+// same arithmetic as dropout_backward_kernel, so the same bits, without reading dx again.
+template <bool kAccumulate, bool kDropNext>
 __global__ void layernorm_backward_vec_kernel(float* __restrict__ dx, float* __restrict__ partial,
                                               const bf16* __restrict__ dy, const float* __restrict__ x,
                                               const float* __restrict__ mean, const float* __restrict__ rstd,
-                                              const float* __restrict__ w, int64_t N, int C) {
+                                              const float* __restrict__ w, int64_t N, int C, bf16* __restrict__ next_dy,
+                                              DropoutSite next) {
   extern __shared__ float shared_acc[];  // (kLnWarps, 2C)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   float* acc = shared_acc + warp * 2 * C;
@@ -188,6 +193,14 @@ __global__ void layernorm_backward_vec_kernel(float* __restrict__ dx, float* __r
         os[k] += rs * (g[k] * ws[k] - sum_dxhat - xhat * sum_dxhat_xhat);
       }
       *reinterpret_cast<float4*>(dxr + c) = o;
+      if (kDropNext) {  // this lane's 4 channels are bits c % 16 .. + 3 of the 16-channel group c / 16
+        const uint32_t bits = dropout_keep_bits(next, row, c / 16);
+        uint2 raw;
+        bf16* r = reinterpret_cast<bf16*>(&raw);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) r[k] = __float2bfloat16_rn(dropout_apply(os[k], bits, c % 16 + k, next));
+        *reinterpret_cast<uint2*>(next_dy + row * C + c) = raw;
+      }
     }
   }
   __syncthreads();
@@ -234,18 +247,18 @@ inline int layernorm_backward_blocks(int64_t N, int sm_count) {
   return static_cast<int>(wanted < cap ? (wanted < 1 ? 1 : wanted) : cap);
 }
 
+// next_dy non-null: the fused dropout backward (vector path only; C % 128 == 0).
 inline void layernorm_backward_launch(float* dx, bool accumulate, float* dw, float* db, float* partial, int blocks,
                                       const bf16* dy, const float* x, const float* mean, const float* rstd,
-                                      const float* w, int64_t N, int C, cudaStream_t stream) {
+                                      const float* w, int64_t N, int C, cudaStream_t stream,
+                                      bf16* next_dy = nullptr, const DropoutSite& next = DropoutSite{}) {
   const size_t shared = layernorm_backward_shared_bytes(C);
   if (C % 128 == 0) {
-    if (accumulate) {
-      layernorm_backward_vec_kernel<true>
-          <<<blocks, kLnWarps * 32, shared, stream>>>(dx, partial, dy, x, mean, rstd, w, N, C);
-    } else {
-      layernorm_backward_vec_kernel<false>
-          <<<blocks, kLnWarps * 32, shared, stream>>>(dx, partial, dy, x, mean, rstd, w, N, C);
-    }
+    auto kernel = accumulate ? (next_dy ? layernorm_backward_vec_kernel<true, true>
+                                        : layernorm_backward_vec_kernel<true, false>)
+                             : (next_dy ? layernorm_backward_vec_kernel<false, true>
+                                        : layernorm_backward_vec_kernel<false, false>);
+    kernel<<<blocks, kLnWarps * 32, shared, stream>>>(dx, partial, dy, x, mean, rstd, w, N, C, next_dy, next);
   } else if (accumulate) {
     layernorm_backward_kernel<true><<<blocks, kLnWarps * 32, shared, stream>>>(dx, partial, dy, x, mean, rstd, w, N, C);
   } else {
@@ -259,8 +272,10 @@ inline cudaError_t layernorm_backward_allow_shared(int C) {
   const int bytes = static_cast<int>(layernorm_backward_shared_bytes(C));
   for (const void* kernel : {reinterpret_cast<const void*>(layernorm_backward_kernel<true>),
                              reinterpret_cast<const void*>(layernorm_backward_kernel<false>),
-                             reinterpret_cast<const void*>(layernorm_backward_vec_kernel<true>),
-                             reinterpret_cast<const void*>(layernorm_backward_vec_kernel<false>)}) {
+                             reinterpret_cast<const void*>(layernorm_backward_vec_kernel<true, false>),
+                             reinterpret_cast<const void*>(layernorm_backward_vec_kernel<false, false>),
+                             reinterpret_cast<const void*>(layernorm_backward_vec_kernel<true, true>),
+                             reinterpret_cast<const void*>(layernorm_backward_vec_kernel<false, true>)}) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (e != cudaSuccess) return e;
   }

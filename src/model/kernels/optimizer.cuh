@@ -121,6 +121,15 @@ __global__ void float_to_bf16_kernel(bf16* __restrict__ out, const float* __rest
     out[i] = __float2bfloat16_rn(in[i]);
 }
 
+// out[r, j] (rows, width) fp32 += in[r * in_stride + j].
+template <typename In>
+__global__ void add_rows_kernel(float* __restrict__ out, const In* __restrict__ in, int64_t rows, int64_t width,
+                                int64_t in_stride) {
+  const int64_t n = rows * width;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] += static_cast<float>(in[(i / width) * in_stride + i % width]);
+}
+
 // ---- launchers ----
 
 constexpr int kNormBlocks = 1024;      // partial sums of the gradient norm
@@ -149,6 +158,14 @@ inline void column_sum_launch(float* out, float* partial, const bf16* x, int64_t
     column_sum_kernel<<<grid, dim3(32, 8), 0, stream>>>(partial, x, N, M);
   }
   column_sum_reduce_kernel<<<ceil_div(M, 256), 256, 0, stream>>>(out, partial, row_blocks, M);
+}
+
+template <typename In>
+inline void add_rows_launch(float* out, const In* in, int64_t rows, int64_t width, int64_t in_stride,
+                            cudaStream_t stream) {
+  const int64_t blocks = std::min<int64_t>(ceil_div(rows * width, 256), 4096);
+  add_rows_kernel<<<static_cast<unsigned>(std::max<int64_t>(blocks, 1)), 256, 0, stream>>>(out, in, rows, width,
+                                                                                          in_stride);
 }
 
 inline void float_to_bf16_launch(bf16* out, const float* in, int64_t n, cudaStream_t stream) {
