@@ -168,6 +168,10 @@ struct ModelOptions {
   int64_t max_context = 0;     // T they are sized for; 0: config.context
   bool deterministic = false;  // CUDA: bit-identical results run to run
   int threads = 0;             // CPU: OpenMP threads, 0 = all cores
+  // CUDA: replay forward_backward as captured CUDA graphs (one per batch shape and loss
+  // scale) instead of launching ~350 kernels per step; the results are the same bits.
+  // The environment variable FLASHGPT_CUDA_GRAPH=0 turns it off too.
+  bool cuda_graph = true;
 };
 
 // The fp32 CPU reference backend (OpenMP; BLAS for the matmuls where built with it).

@@ -8,9 +8,18 @@
 // global norm and AdamW read them once.
 //
 // A step enqueues everything on one stream and synchronizes once, to read the loss; all
-// device memory is allocated in the constructor. With options.deterministic the attention
-// backward orders its dQ atomics and cuBLASLt keeps algorithms without scheduling-dependent
-// reductions; every other kernel here reduces in a fixed order, so two runs give the same bits.
+// device memory is allocated in the constructor. forward_backward is captured once per
+// (B, T, loss scale) as two CUDA graphs (forward + classifier, then backward) and replayed:
+// the per-step values (tokens, targets, the embedding's token groups, the dropout seed and
+// step, the attention's dropout streams) are copied from pinned host memory by the graphs'
+// first nodes, and the kernels read the dropout values from device memory
+// (DropoutSite::seed_step, AttentionParams::rng_device). Where capture fails the step runs
+// eagerly; ModelOptions::cuda_graph or FLASHGPT_CUDA_GRAPH=0 turns graphs off.
+//
+// With options.deterministic the attention backward orders its dQ atomics, cuBLASLt keeps
+// algorithms without scheduling-dependent reductions and the bias gradients are summed by our
+// column-sum kernel rather than cuBLASLt's epilogues; every other kernel here reduces in a
+// fixed order, so two runs give the same bits.
 #include <flashgpt/attention_cuda.h>
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>
@@ -23,6 +32,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
 #include <numeric>
 #include <string>
 #include <utility>
@@ -123,6 +133,20 @@ class GptCuda final : public GptModel {
   float* ln2_rstd(int64_t l) const { return ln2_stats_ + (2 * l + 1) * n_max_; }
   bf16* pre(int64_t l) const { return pre_ + l * n_max_ * F_; }
   bf16* gelu(int64_t l) const { return gelu_ + l * n_max_ * F_; }
+  // Where cuBLASLt's epilogues write the bias gradients (added to the gradients once per
+  // backward): fp32 regions [qkv_b (L, 3C)][attn_proj_b (L, C)][fc_b (L, F)][fc_proj_b (L, C)],
+  // layer l of a kind at row l of its region; an epilogue that writes bf16 fills the first
+  // half of the row.
+  static int bias_index(ParamKind kind) {
+    return kind == ParamKind::qkv_b ? 0 : kind == ParamKind::attn_proj_b ? 1 : kind == ParamKind::fc_b ? 2 : 3;
+  }
+  float* dbias_region(ParamKind kind) const {
+    const int64_t before[4] = {0, 3 * C_, 4 * C_, 4 * C_ + F_};
+    return dbias_ + L_ * before[bias_index(kind)];
+  }
+  void* dbias_slot(ParamKind kind, int64_t l) const {
+    return dbias_region(kind) + l * layer_numel_[static_cast<int>(kind)];
+  }
 
   // Hands out (or, with a measuring Carver, sizes) every device / pinned host buffer.
   void carve_device(Carver& c, size_t col_partial);
@@ -130,18 +154,42 @@ class GptCuda final : public GptModel {
   void check_shape(int64_t B, int64_t T, const char* what) const;
   // Copies inputs (and targets when `windows`) to the device; tokens must be < V.
   void upload_tokens(std::span<const TokenId> tokens, int64_t B, int64_t T, bool windows);
+  // The validation and the pinned copy of upload_tokens, without the device copies.
+  void stage_tokens(std::span<const TokenId> tokens, int64_t B, int64_t T, bool windows);
   AttentionParams attention_params(int64_t l, int64_t B, int64_t T, bool train, StepRng rng) const;
   DropoutSite site(StepRng rng, int64_t s, bool train) const {
-    return model_cuda::dropout_site(rng.seed, rng.step, s, train ? config_.dropout : 0.0f);
+    model_cuda::DropoutSite d = model_cuda::dropout_site(rng.seed, rng.step, s, train ? config_.dropout : 0.0f);
+    if (capturing_) d.seed_step = d_step_;
+    return d;
   }
   void forward(int64_t B, int64_t T, bool train, StepRng rng);
   // Loss over the N = B T targets (losses_ and *d_result_), with dlnf into dln_ when grad.
   void classifier(int64_t N, bool with_grad, float loss_scale);
   void backward(int64_t B, int64_t T, StepRng rng);
+  // dW (out, in) += dy^T x and the bias gradient (out) of layer l: cuBLASLt's BGRADB
+  // epilogue into dbias_slot() where it has one (fast mode), else column_sum into the gradient.
+  void weight_and_bias_grad(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N, int64_t in,
+                            int64_t out);
+  // How this backward's bias gradients came (qkv_b, attn_proj_b, fc_b, fc_proj_b): column
+  // sums straight into the gradients (none), or an epilogue into dbias_slot() as fp32 or bf16.
+  model_cuda::Matmul::BiasGrad fused_bias_[4] = {};
+  // Records an epilogue's outcome for bias kind `index`; false where it did not run.
+  bool fused_epilogue(int index, model_cuda::Matmul::BiasGrad got);
   double read_loss(int64_t N);
   // Groups the positions of h_tokens_ by token for encoder_backward_wte and enqueues their
   // copies to the device (the pinned sources are not touched again before the step's sync).
   void group_positions_by_token(int64_t N);
+  void copy_token_groups(int64_t N);
+  // The step's graphs: a cached pair for (B, T, loss_scale), captured on first use; null
+  // when capture is off or failed (then the step runs eagerly).
+  struct StepGraph {
+    int64_t B = 0, T = 0;
+    float loss_scale = 0;
+    cudaGraphExec_t forward = nullptr, backward = nullptr;
+  };
+  StepGraph* step_graph(int64_t B, int64_t T, float loss_scale);
+  cudaGraphExec_t capture(const std::function<void()>& enqueue);
+  void write_step_values(StepRng rng);
 
   void download(std::span<float> out, const float* src, const char* what) const;
   void upload(std::span<const float> in, float* dst, const char* what);
@@ -189,6 +237,7 @@ class GptCuda final : public GptModel {
   float* losses_ = nullptr;                // (N)
   float* ln_partial_ = nullptr;            // LayerNorm backward partial sums
   float* col_partial_ = nullptr;           // column-sum partial sums
+  float* dbias_ = nullptr;                 // (L (5C + F)) bias gradients from cuBLASLt's epilogues
   double* norm_partial_ = nullptr;
   double* d_result_ = nullptr;             // [0] loss sum, [1] sum of squared gradients
   void* attn_ws_ = nullptr;
@@ -201,6 +250,15 @@ class GptCuda final : public GptModel {
   double* h_result_ = nullptr;
   std::vector<int32_t> token_cursor_;  // (V) zero between calls
   int32_t unique_tokens_ = 0;
+
+  // CUDA graphs. While capturing, the dropout sites and the attention read the step's
+  // values from d_step_ (seed, step, then L attention DropoutRng), which the forward
+  // graph's first node copies from h_step_.
+  bool graphs_on_ = false;
+  bool capturing_ = false;
+  std::vector<StepGraph> graphs_;
+  uint64_t* d_step_ = nullptr;
+  uint64_t* h_step_ = nullptr;
 
   // FLASHGPT_MODEL_PROFILE=1: events between the ops of every call, summed per label and
   // printed when the model is destroyed (the bench's breakdown). Off: mark() does nothing.
@@ -247,6 +305,7 @@ void GptCuda::carve_device(Carver& c, size_t col_partial) {
   c.take(losses_, N);
   c.take(ln_partial_, ln_partial_floats_);
   c.take(col_partial_, col_partial);
+  c.take(dbias_, size_t(L) * (5 * C + F));
   c.take(norm_partial_, model_cuda::sum_squares_partial_doubles());
   c.take(d_result_, 4);
   char* ws = nullptr;
@@ -258,6 +317,7 @@ void GptCuda::carve_device(Carver& c, size_t col_partial) {
   c.take(d_starts_, N + 1);
   c.take(d_positions_, N);
   c.take(d_unique_count_, 1);
+  c.take(d_step_, size_t(2 + 2 * L));
 }
 
 void GptCuda::carve_host(Carver& c) {
@@ -269,6 +329,7 @@ void GptCuda::carve_host(Carver& c) {
   c.take(h_positions_, N);
   c.take(h_unique_count_, 1);
   c.take(h_result_, 4);
+  c.take(h_step_, size_t(2 + 2 * L_));
 }
 
 GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : config_(config), options_(options) {
@@ -366,6 +427,11 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
     event_labels_.resize(events_.size());
     for (auto& e : events_) FLASHGPT_CUDA_CHECK(cudaEventCreate(&e));
   }
+  // Raises the shared-memory classifier's limit now, not first inside a graph capture.
+  (void)model_cuda::classifier_row_fits_shared(Vp_);
+  // Profiling records events between the ops, so it runs eagerly.
+  const char* graph_env = std::getenv("FLASHGPT_CUDA_GRAPH");
+  graphs_on_ = options_.cuda_graph && !profile_ && !(graph_env != nullptr && std::strcmp(graph_env, "0") == 0);
 }
 
 void GptCuda::profile_begin() {
@@ -408,6 +474,10 @@ GptCuda::~GptCuda() {
     std::fprintf(stderr, "profile: %-24s %8.3f ms\n", "total", total / profile_steps_);
   }
   for (auto& e : events_) cudaEventDestroy(e);
+  for (auto& g : graphs_) {
+    if (g.forward) cudaGraphExecDestroy(g.forward);
+    if (g.backward) cudaGraphExecDestroy(g.backward);
+  }
   matmul_.reset();
   if (stream_) cudaStreamDestroy(stream_);
   if (device_block_) cudaFree(device_block_);
@@ -443,6 +513,13 @@ void GptCuda::check_shape(int64_t B, int64_t T, const char* what) const {
 }
 
 void GptCuda::upload_tokens(std::span<const TokenId> tokens, int64_t B, int64_t T, bool windows) {
+  stage_tokens(tokens, B, T, windows);
+  const size_t bytes = size_t(B * T) * sizeof(int32_t);
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_tokens_, h_tokens_, bytes, cudaMemcpyHostToDevice, stream_));
+  if (windows) FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_targets_, h_targets_, bytes, cudaMemcpyHostToDevice, stream_));
+}
+
+void GptCuda::stage_tokens(std::span<const TokenId> tokens, int64_t B, int64_t T, bool windows) {
   const int64_t width = windows ? T + 1 : T;
   FLASHGPT_CHECK(static_cast<int64_t>(tokens.size()) == B * width,
                  "model: expected {} token ids ({} rows of {}), got {}", B * width, B, width, tokens.size());
@@ -455,9 +532,6 @@ void GptCuda::upload_tokens(std::span<const TokenId> tokens, int64_t B, int64_t 
       if (windows && t >= 1) h_targets_[b * T + t - 1] = static_cast<int32_t>(id);
     }
   }
-  const size_t bytes = size_t(B * T) * sizeof(int32_t);
-  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_tokens_, h_tokens_, bytes, cudaMemcpyHostToDevice, stream_));
-  if (windows) FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_targets_, h_targets_, bytes, cudaMemcpyHostToDevice, stream_));
 }
 
 AttentionParams GptCuda::attention_params(int64_t l, int64_t B, int64_t T, bool train, StepRng rng) const {
@@ -495,6 +569,7 @@ AttentionParams GptCuda::attention_params(int64_t l, int64_t B, int64_t T, bool 
   p.mask = Mask::causal;
   p.dropout_p = train ? config_.dropout : 0.0f;
   p.rng = DropoutRng{rng.seed ^ kAttentionSeedXor, rng.step * uint64_t(L_) + uint64_t(l)};
+  if (capturing_) p.rng_device = reinterpret_cast<const DropoutRng*>(d_step_ + 2 + 2 * l);
   return p;
 }
 
@@ -565,20 +640,23 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
   const int64_t N = B * T;
   const int C = static_cast<int>(C_);
   const Determinism determinism = options_.deterministic ? Determinism::deterministic : Determinism::fast;
-  model_cuda::layernorm_backward(dresid_, /*accumulate=*/false, grad(ParamKind::lnf_w), grad(ParamKind::lnf_b),
-                                 ln_partial_, dln_, resid(2 * L_), lnf_stats_, lnf_stats_ + n_max_,
-                                 param(ParamKind::lnf_w), N, C, stream_);
-  mark("layernorm bwd");
+  std::fill(std::begin(fused_bias_), std::end(fused_bias_), model_cuda::Matmul::BiasGrad::none);
+  // Each LayerNorm backward also applies the dropout backward of the residual site the
+  // backward meets next (fused where C % 128 == 0), leaving its gradient in dy_.
+  model_cuda::layernorm_backward_dropout(dresid_, /*accumulate=*/false, grad(ParamKind::lnf_w),
+                                         grad(ParamKind::lnf_b), ln_partial_, dln_, resid(2 * L_), lnf_stats_,
+                                         lnf_stats_ + n_max_, param(ParamKind::lnf_w), N, C, dy_,
+                                         site(rng, 2 * L_, true), stream_);
+  mark("layernorm+dropout bwd");
   for (int64_t l = L_ - 1; l >= 0; --l) {
     const float* x_in = resid(2 * l);
     const float* x_mid = resid(2 * l + 1);
-    // MLP: x_out = x_mid + drop(gelu(ln2(x_mid) Wfc^T + bfc) Wfcproj^T + bfcproj)
-    model_cuda::dropout_backward(dy_, dresid_, N, C, site(rng, 2 + 2 * l, true), stream_);
-    mark("dropout bwd");
-    matmul_->backward_weight(grad(ParamKind::fc_proj_w, l), dy_, gelu(l), N, F_, C_, stream_);
-    mark("mm dW fc proj");
-    model_cuda::column_sum(grad(ParamKind::fc_proj_b, l), col_partial_, dy_, N, C, stream_);
-    mark("bias grad");
+    // MLP: x_out = x_mid + drop(gelu(ln2(x_mid) Wfc^T + bfc) Wfcproj^T + bfcproj); dy_ holds
+    // drop'(dresid) of site 2 + 2 l.
+    weight_and_bias_grad(ParamKind::fc_proj_w, ParamKind::fc_proj_b, l, dy_, gelu(l), N, F_, C_);
+    // fc_b's gradient by column sums: cuBLASLt's DGELU_BGRAD epilogue (matmul_cublaslt.h)
+    // took 9.3 ms per step at the seed size on an H100 against 3.8 + 1.2 for DGELU and the
+    // column sums (docs/model_gpu.md), so the model does not use it.
     matmul_->backward_input(dpre_, dy_, weight(ParamKind::fc_proj_w, l), N, F_, C_, Epilogue::dgelu, pre(l), stream_);
     mark("mm dX fc proj+dgelu");
     matmul_->backward_weight(grad(ParamKind::fc_w, l), dpre_, ln2(l), N, C_, F_, stream_);
@@ -587,42 +665,83 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
     mark("bias grad");
     matmul_->backward_input(dln_, dpre_, weight(ParamKind::fc_w, l), N, C_, F_, Epilogue::none, nullptr, stream_);
     mark("mm dX fc");
-    model_cuda::layernorm_backward(dresid_, /*accumulate=*/true, grad(ParamKind::ln2_w, l), grad(ParamKind::ln2_b, l),
-                                   ln_partial_, dln_, x_mid, ln2_mean(l), ln2_rstd(l), param(ParamKind::ln2_w, l), N,
-                                   C, stream_);
-    mark("layernorm bwd");
-    // Attention: x_mid = x_in + drop(attn(ln1(x_in) Wqkv^T + bqkv) Wproj^T + bproj)
-    model_cuda::dropout_backward(dy_, dresid_, N, C, site(rng, 1 + 2 * l, true), stream_);
-    mark("dropout bwd");
-    matmul_->backward_weight(grad(ParamKind::attn_proj_w, l), dy_, atty(l), N, C_, C_, stream_);
-    mark("mm dW attn proj");
-    model_cuda::column_sum(grad(ParamKind::attn_proj_b, l), col_partial_, dy_, N, C, stream_);
-    mark("bias grad");
+    model_cuda::layernorm_backward_dropout(dresid_, /*accumulate=*/true, grad(ParamKind::ln2_w, l),
+                                           grad(ParamKind::ln2_b, l), ln_partial_, dln_, x_mid, ln2_mean(l),
+                                           ln2_rstd(l), param(ParamKind::ln2_w, l), N, C, dy_,
+                                           site(rng, 1 + 2 * l, true), stream_);
+    mark("layernorm+dropout bwd");
+    // Attention: x_mid = x_in + drop(attn(ln1(x_in) Wqkv^T + bqkv) Wproj^T + bproj); dy_ holds
+    // drop'(dresid) of site 1 + 2 l.
+    weight_and_bias_grad(ParamKind::attn_proj_w, ParamKind::attn_proj_b, l, dy_, atty(l), N, C_, C_);
     matmul_->backward_input(datty_, dy_, weight(ParamKind::attn_proj_w, l), N, C_, C_, Epilogue::none, nullptr,
                             stream_);
     mark("mm dX attn proj");
     attention_backward_cuda(attention_params(l, B, T, /*train=*/true, rng), attn_ws_, attn_ws_bytes_, determinism,
                             stream_);
     mark("attention bwd");
-    matmul_->backward_weight(grad(ParamKind::qkv_w, l), dqkv_, ln1(l), N, C_, 3 * C_, stream_);
-    mark("mm dW qkv");
-    model_cuda::column_sum(grad(ParamKind::qkv_b, l), col_partial_, dqkv_, N, static_cast<int>(3 * C_), stream_);
-    mark("bias grad");
+    weight_and_bias_grad(ParamKind::qkv_w, ParamKind::qkv_b, l, dqkv_, ln1(l), N, C_, 3 * C_);
     matmul_->backward_input(dln_, dqkv_, weight(ParamKind::qkv_w, l), N, C_, 3 * C_, Epilogue::none, nullptr, stream_);
     mark("mm dX qkv");
-    model_cuda::layernorm_backward(dresid_, /*accumulate=*/true, grad(ParamKind::ln1_w, l), grad(ParamKind::ln1_b, l),
-                                   ln_partial_, dln_, x_in, ln1_mean(l), ln1_rstd(l), param(ParamKind::ln1_w, l), N, C,
-                                   stream_);
-    mark("layernorm bwd");
+    if (l > 0) {  // the next site is layer l - 1's MLP residual, 2 + 2 (l - 1)
+      model_cuda::layernorm_backward_dropout(dresid_, /*accumulate=*/true, grad(ParamKind::ln1_w, l),
+                                             grad(ParamKind::ln1_b, l), ln_partial_, dln_, x_in, ln1_mean(l),
+                                             ln1_rstd(l), param(ParamKind::ln1_w, l), N, C, dy_,
+                                             site(rng, 2 * l, true), stream_);
+      mark("layernorm+dropout bwd");
+    } else {  // the embedding's dropout follows, in fp32 and in place
+      model_cuda::layernorm_backward(dresid_, /*accumulate=*/true, grad(ParamKind::ln1_w, l),
+                                     grad(ParamKind::ln1_b, l), ln_partial_, dln_, x_in, ln1_mean(l), ln1_rstd(l),
+                                     param(ParamKind::ln1_w, l), N, C, stream_);
+      mark("layernorm bwd");
+    }
+  }
+  // The bias gradients the epilogues wrote (they overwrite, the gradients accumulate).
+  const ParamKind bias_kinds[4] = {ParamKind::qkv_b, ParamKind::attn_proj_b, ParamKind::fc_b, ParamKind::fc_proj_b};
+  for (int i = 0; i < 4; ++i) {
+    const int64_t width = layer_numel_[static_cast<int>(bias_kinds[i])];
+    if (fused_bias_[i] == model_cuda::Matmul::BiasGrad::f32) {
+      model_cuda::add_rows(grad(bias_kinds[i]), dbias_region(bias_kinds[i]), L_, width, width, stream_);
+    } else if (fused_bias_[i] == model_cuda::Matmul::BiasGrad::bf16) {  // rows of 2 width bf16, the first width used
+      model_cuda::add_rows(grad(bias_kinds[i]), reinterpret_cast<const bf16*>(dbias_region(bias_kinds[i])), L_,
+                           width, 2 * width, stream_);
+    }
+    if (fused_bias_[i] != model_cuda::Matmul::BiasGrad::none) mark("bias grad add");
   }
   // Embedding: dx0 = drop'(dresid) in place, then the position rows and the token rows.
   model_cuda::dropout_backward(dresid_, dresid_, N, C, site(rng, 0, true), stream_);
   mark("dropout bwd");
   model_cuda::encoder_backward_wpe(grad(ParamKind::wpe), dresid_, static_cast<int>(B), static_cast<int>(T), C, stream_);
   mark("encoder bwd");
+  // A graph's grid covers the worst case, N groups; blocks past *d_unique_count_ return.
   model_cuda::encoder_backward_wte(grad(ParamKind::wte), dresid_, d_unique_, d_starts_, d_positions_, d_unique_count_,
-                                   unique_tokens_, C, stream_);
+                                   capturing_ ? N : unique_tokens_, C, stream_);
   mark("encoder bwd");
+}
+
+bool GptCuda::fused_epilogue(int index, model_cuda::Matmul::BiasGrad got) {
+  using BiasGrad = model_cuda::Matmul::BiasGrad;
+  if (got == BiasGrad::none) {
+    FLASHGPT_CHECK(fused_bias_[index] == BiasGrad::none,
+                   "gpt_cuda: cuBLASLt offered a bias-gradient epilogue for one layer and not another");
+    return false;
+  }
+  FLASHGPT_CHECK(fused_bias_[index] == BiasGrad::none || fused_bias_[index] == got,
+                 "gpt_cuda: cuBLASLt wrote the bias gradients of two layers in different types");
+  fused_bias_[index] = got;
+  return true;
+}
+
+void GptCuda::weight_and_bias_grad(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N,
+                                   int64_t in, int64_t out) {
+  if (fused_epilogue(bias_index(b), matmul_->backward_weight_bgrad(grad(w, l), dbias_slot(b, l), dy, x, N, in, out,
+                                                                     stream_))) {
+    mark("mm dW+db");
+    return;
+  }
+  matmul_->backward_weight(grad(w, l), dy, x, N, in, out, stream_);
+  mark("mm dW");
+  model_cuda::column_sum(grad(b, l), col_partial_, dy, N, static_cast<int>(out), stream_);
+  mark("bias grad");
 }
 
 void GptCuda::group_positions_by_token(int64_t N) {
@@ -645,10 +764,91 @@ void GptCuda::group_positions_by_token(int64_t N) {
   for (int32_t i = 0; i < unique; ++i) token_cursor_[size_t(h_unique_[i])] = 0;
   *h_unique_count_ = unique;
   unique_tokens_ = unique;
-  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_unique_, h_unique_, size_t(unique) * 4, cudaMemcpyHostToDevice, stream_));
-  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_starts_, h_starts_, size_t(unique + 1) * 4, cudaMemcpyHostToDevice, stream_));
+}
+
+void GptCuda::copy_token_groups(int64_t N) {
+  // A graph copies the worst case (N groups); the kernel reads *d_unique_count_ of them.
+  const size_t groups = capturing_ ? size_t(N) : size_t(unique_tokens_);
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_unique_, h_unique_, groups * 4, cudaMemcpyHostToDevice, stream_));
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_starts_, h_starts_, (groups + 1) * 4, cudaMemcpyHostToDevice, stream_));
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_positions_, h_positions_, size_t(N) * 4, cudaMemcpyHostToDevice, stream_));
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_unique_count_, h_unique_count_, 4, cudaMemcpyHostToDevice, stream_));
+}
+
+void GptCuda::write_step_values(StepRng rng) {
+  h_step_[0] = rng.seed;
+  h_step_[1] = rng.step;
+  for (int64_t l = 0; l < L_; ++l) {
+    h_step_[2 + 2 * l] = rng.seed ^ kAttentionSeedXor;
+    h_step_[3 + 2 * l] = rng.step * uint64_t(L_) + uint64_t(l);
+  }
+}
+
+cudaGraphExec_t GptCuda::capture(const std::function<void()>& enqueue) {
+  FLASHGPT_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  capturing_ = true;
+  cudaGraph_t graph = nullptr;
+  try {
+    enqueue();
+  } catch (const std::exception& e) {
+    capturing_ = false;
+    (void)cudaStreamEndCapture(stream_, &graph);
+    if (graph) cudaGraphDestroy(graph);
+    (void)cudaGetLastError();
+    std::fprintf(stderr, "flashgpt: CUDA graph capture failed, the step runs eagerly: %s\n", e.what());
+    return nullptr;
+  }
+  capturing_ = false;
+  const cudaError_t end = cudaStreamEndCapture(stream_, &graph);
+  cudaGraphExec_t exec = nullptr;
+  cudaError_t inst = end;
+  if (end == cudaSuccess) inst = cudaGraphInstantiate(&exec, graph, 0);
+  if (graph) cudaGraphDestroy(graph);
+  if (inst != cudaSuccess) {
+    (void)cudaGetLastError();
+    std::fprintf(stderr, "flashgpt: CUDA graph capture failed, the step runs eagerly: %s\n", cudaGetErrorString(inst));
+    return nullptr;
+  }
+  return exec;
+}
+
+GptCuda::StepGraph* GptCuda::step_graph(int64_t B, int64_t T, float loss_scale) {
+  if (!graphs_on_) return nullptr;
+  for (auto& g : graphs_) {
+    if (g.B == B && g.T == T && g.loss_scale == loss_scale) return &g;
+  }
+  // A batch shape or loss scale not seen before: capture its pair (training uses one or
+  // two; the oldest goes beyond four).
+  const int64_t N = B * T;
+  StepGraph g{B, T, loss_scale, nullptr, nullptr};
+  const StepRng rng{};  // ignored while capturing: the kernels read d_step_
+  g.forward = capture([&] {
+    FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_step_, h_step_, size_t(2 + 2 * L_) * sizeof(uint64_t),
+                                        cudaMemcpyHostToDevice, stream_));
+    const size_t bytes = size_t(N) * sizeof(int32_t);
+    FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_tokens_, h_tokens_, bytes, cudaMemcpyHostToDevice, stream_));
+    FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_targets_, h_targets_, bytes, cudaMemcpyHostToDevice, stream_));
+    forward(B, T, /*train=*/true, rng);
+    classifier(N, /*grad=*/true, loss_scale);
+  });
+  if (g.forward != nullptr) {
+    g.backward = capture([&] {
+      copy_token_groups(N);
+      backward(B, T, rng);
+    });
+  }
+  if (g.forward == nullptr || g.backward == nullptr) {
+    if (g.forward) cudaGraphExecDestroy(g.forward);
+    graphs_on_ = false;
+    return nullptr;
+  }
+  if (graphs_.size() == 4) {
+    cudaGraphExecDestroy(graphs_.front().forward);
+    cudaGraphExecDestroy(graphs_.front().backward);
+    graphs_.erase(graphs_.begin());
+  }
+  graphs_.push_back(g);
+  return &graphs_.back();
 }
 
 double GptCuda::read_loss(int64_t N) {
@@ -659,12 +859,22 @@ double GptCuda::read_loss(int64_t N) {
 double GptCuda::forward_backward(std::span<const TokenId> windows, int64_t B, int64_t T, StepRng rng,
                                  float loss_scale) {
   check_shape(B, T, "forward_backward");
+  if (StepGraph* g = step_graph(B, T, loss_scale)) {
+    // The previous call's synchronization means the graphs no longer read the pinned inputs.
+    stage_tokens(windows, B, T, /*windows=*/true);
+    write_step_values(rng);
+    FLASHGPT_CUDA_CHECK(cudaGraphLaunch(g->forward, stream_));
+    group_positions_by_token(B * T);  // on the host, while the GPU runs the forward
+    FLASHGPT_CUDA_CHECK(cudaGraphLaunch(g->backward, stream_));
+    return read_loss(B * T);
+  }
   profile_begin();
   upload_tokens(windows, B, T, /*windows=*/true);
   forward(B, T, /*train=*/true, rng);
   // The embedding backward's token groups, built while the GPU runs the forward.
   group_positions_by_token(B * T);
   classifier(B * T, /*grad=*/true, loss_scale);
+  copy_token_groups(B * T);
   backward(B, T, rng);
   profile_end();
   if (profile_) ++profile_steps_;

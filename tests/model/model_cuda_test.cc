@@ -210,6 +210,61 @@ TEST(ModelCudaTest, DeterministicModeRepeatsBitForBit) {
   }
 }
 
+// The step replayed as CUDA graphs against eager launches, deterministic mode: four
+// optimizer steps of two dropout micro-batches each (loss scale 1/2, so the graphs are
+// keyed by it), a last micro-batch of a smaller batch (a second graph pair), gradient
+// clipping and a learning rate that changes every step. Every loss, norm and the final
+// weights must be the same bits: the graphs' per-step values (tokens, token groups, the
+// dropout seed and step, the attention streams) are copied in, not frozen at capture.
+TEST(ModelCudaTest, GraphReplayEqualsEagerLaunchBitForBit) {
+  for (const auto& [name, config] : test_models(0.1f)) {
+    SCOPED_TRACE(name);
+    const int64_t B = 4, T = config.context, V = config.vocab_size;
+    std::vector<std::vector<double>> losses(2), norms(2);
+    std::vector<std::vector<float>> finals(2);
+    for (int run = 0; run < 2; ++run) {
+      ModelOptions options;
+      options.max_batch = B;
+      options.deterministic = true;
+      options.cuda_graph = run == 0;
+      testing::internal::CaptureStderr();
+      auto gpu = gpt_create_cuda(config, options);
+      std::vector<float> params(size_t(model_param_count(config)));
+      model_init_params(config, 1234, params);
+      gpu->params_set(params);
+      AdamWConfig adam;
+      for (int64_t step = 1; step <= 4; ++step) {
+        gpu->grads_zero();
+        for (int64_t micro = 0; micro < 2; ++micro) {
+          const uint64_t s = uint64_t(2 * step + micro);
+          losses[run].push_back(
+              gpu->forward_backward(random_windows(B, T, V, uint32_t(s)), B, T, StepRng{7, s}, 0.5f));
+        }
+        if (step == 4) {
+          losses[run].push_back(gpu->forward_backward(random_windows(2, T - 3, V, 77), 2, T - 3, StepRng{7, 99}, 0.5f));
+        }
+        const double norm = gpu->grads_norm();
+        norms[run].push_back(norm);
+        adam.lr = 1e-3 * double(step) / 4.0;
+        gpu->adamw_step(adam, step, norm > 0.5 ? float(0.5 / norm) : 1.0f);
+      }
+      finals[run].resize(params.size());
+      gpu->params_get(finals[run]);
+      const std::string err = testing::internal::GetCapturedStderr();
+      EXPECT_EQ(err.find("capture failed"), std::string::npos) << err;
+    }
+    ASSERT_EQ(losses[0].size(), losses[1].size());
+    for (size_t i = 0; i < losses[0].size(); ++i) {
+      EXPECT_EQ(std::memcmp(&losses[0][i], &losses[1][i], sizeof(double)), 0)
+          << "loss " << i << ": graph " << losses[0][i] << " eager " << losses[1][i];
+    }
+    for (size_t i = 0; i < norms[0].size(); ++i) {
+      EXPECT_EQ(std::memcmp(&norms[0][i], &norms[1][i], sizeof(double)), 0) << "grad norm of step " << i + 1;
+    }
+    EXPECT_EQ(std::memcmp(finals[0].data(), finals[1].data(), finals[0].size() * sizeof(float)), 0);
+  }
+}
+
 // Sequences over the first 64 ids that follow a rule (next = 5 * token + 3 mod 64, from a
 // random start): both
 // backends, AdamW at lr 3e-3 on the same batches, must learn it alike.
