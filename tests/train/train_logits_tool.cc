@@ -1,6 +1,7 @@
 // Test helper: the CPU model's logits and loss for one window, from a checkpoint, as JSON
 // on stdout, so Python tests can compare an independent numpy forward (and transformers)
-// with ours.   train_logits_tool CHECKPOINT t0,t1,...,tT
+// with ours.   train_logits_tool CHECKPOINT t0,t1,...,tT [cpu|cuda]
+// (cuda: the bf16 CUDA backend's logits, for the GPU export test).
 // Prints {"T": T, "V": V, "logits": [T*V floats of the inputs t0..t(T-1)], "loss": mean
 // cross-entropy of predicting t1..tT}.
 #include <flashgpt/error.h>
@@ -14,8 +15,8 @@
 #include <vector>
 
 int main(int argc, char** argv) {
-  if (argc != 3) {
-    fmt::print(stderr, "usage: train_logits_tool CHECKPOINT t0,t1,...,tT\n");
+  if (argc != 3 && argc != 4) {
+    fmt::print(stderr, "usage: train_logits_tool CHECKPOINT t0,t1,...,tT [cpu|cuda]\n");
     return 2;
   }
   try {
@@ -31,7 +32,10 @@ int main(int argc, char** argv) {
     options.max_batch = 1;
     options.max_context = T;
     options.threads = 1;
-    auto model = flashgpt::gpt_create_cpu(meta.model, options);
+    const std::string device = argc == 4 ? argv[3] : "cpu";
+    FLASHGPT_CHECK(device == "cpu" || device == "cuda", "device '{}': expected cpu or cuda", device);
+    auto model = device == "cuda" ? flashgpt::gpt_create_cuda(meta.model, options)
+                                  : flashgpt::gpt_create_cpu(meta.model, options);
     model->params_set(flashgpt::checkpoint_read_params(file, meta.model));
     std::vector<float> logits(static_cast<size_t>(T * meta.model.vocab_size));
     model->forward_logits(std::span(window).first(static_cast<size_t>(T)), 1, T, logits);
