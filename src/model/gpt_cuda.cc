@@ -262,15 +262,25 @@ class GptCuda final : public GptModel {
 
   // FLASHGPT_MODEL_PROFILE=1: events between the ops of every call, summed per label and
   // printed when the model is destroyed (the bench's breakdown). Off: mark() does nothing.
-  void profile_begin();
+  // Calls before the end of the first forward_backward (plans, module loads) are left out;
+  // each label's sum is divided by the number of recorded calls of its API call.
+  enum ProfileCall { kProfileZero, kProfileForwardBackward, kProfileNorm, kProfileAdamw, kProfileCalls };
+  void profile_begin(ProfileCall call);
   void mark(const char* label);
   void profile_end();
   bool profile_ = false;
   std::vector<cudaEvent_t> events_;
   std::vector<const char*> event_labels_;
   size_t events_used_ = 0;
-  std::vector<std::pair<std::string, double>> profile_ms_;  // label, total ms, in first-seen order
-  int64_t profile_steps_ = 0;
+  struct ProfileEntry {
+    std::string label;
+    ProfileCall call;
+    double ms;  // total
+  };
+  std::vector<ProfileEntry> profile_ms_;  // in first-seen order
+  ProfileCall profile_call_ = kProfileZero;
+  int64_t profile_calls_[kProfileCalls] = {};  // recorded calls of each
+  bool profile_recording_ = false;            // after the first forward_backward
 };
 
 void GptCuda::carve_device(Carver& c, size_t col_partial) {
@@ -427,16 +437,15 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
     event_labels_.resize(events_.size());
     for (auto& e : events_) FLASHGPT_CUDA_CHECK(cudaEventCreate(&e));
   }
-  // Raises the shared-memory classifier's limit now, not first inside a graph capture.
-  (void)model_cuda::classifier_row_fits_shared(Vp_);
   // Profiling records events between the ops, so it runs eagerly.
   const char* graph_env = std::getenv("FLASHGPT_CUDA_GRAPH");
   graphs_on_ = options_.cuda_graph && !profile_ && !(graph_env != nullptr && std::strcmp(graph_env, "0") == 0);
 }
 
-void GptCuda::profile_begin() {
+void GptCuda::profile_begin(ProfileCall call) {
   if (!profile_) return;
   events_used_ = 0;
+  profile_call_ = call;
   mark("start");
 }
 
@@ -449,29 +458,38 @@ void GptCuda::mark(const char* label) {
 void GptCuda::profile_end() {
   if (!profile_) return;
   FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
-  if (profile_steps_ == 0) return;  // the first step pays for plans and module loads
+  if (!profile_recording_) {  // the first step pays for plans and module loads
+    profile_recording_ = profile_call_ == kProfileForwardBackward;
+    return;
+  }
+  ++profile_calls_[profile_call_];
   for (size_t i = 1; i < events_used_; ++i) {
     float ms = 0;
     FLASHGPT_CUDA_CHECK(cudaEventElapsedTime(&ms, events_[i - 1], events_[i]));
-    auto it = std::find_if(profile_ms_.begin(), profile_ms_.end(),
-                           [&](const auto& entry) { return entry.first == event_labels_[i]; });
+    auto it = std::find_if(profile_ms_.begin(), profile_ms_.end(), [&](const ProfileEntry& entry) {
+      return entry.call == profile_call_ && entry.label == event_labels_[i];
+    });
     if (it == profile_ms_.end()) {
-      profile_ms_.emplace_back(event_labels_[i], ms);
+      profile_ms_.push_back({event_labels_[i], profile_call_, ms});
     } else {
-      it->second += ms;
+      it->ms += ms;
     }
   }
 }
 
 GptCuda::~GptCuda() {
-  if (profile_ && profile_steps_ > 0) {
+  if (profile_ && profile_calls_[kProfileForwardBackward] > 0) {
+    // Per call of the API call each op belongs to (one step = one call of each).
+    auto per_call = [&](const ProfileEntry& e) { return e.ms / double(std::max<int64_t>(profile_calls_[e.call], 1)); };
     double total = 0;
-    for (const auto& [label, ms] : profile_ms_) total += ms;
-    std::fprintf(stderr, "profile: GPU time per forward_backward call (%lld calls), by op\n",
-                 static_cast<long long>(profile_steps_));
-    for (const auto& [label, ms] : profile_ms_)
-      std::fprintf(stderr, "profile: %-24s %8.3f ms  %5.1f%%\n", label.c_str(), ms / profile_steps_, 100 * ms / total);
-    std::fprintf(stderr, "profile: %-24s %8.3f ms\n", "total", total / profile_steps_);
+    for (const ProfileEntry& e : profile_ms_) total += per_call(e);
+    std::fprintf(stderr, "profile: GPU time per step by op (%lld forward_backward calls after the first)\n",
+                 static_cast<long long>(profile_calls_[kProfileForwardBackward]));
+    for (const ProfileEntry& e : profile_ms_) {
+      std::fprintf(stderr, "profile: %-24s %8.3f ms  %5.1f%%\n", e.label.c_str(), per_call(e),
+                   100 * per_call(e) / total);
+    }
+    std::fprintf(stderr, "profile: %-24s %8.3f ms\n", "total", total);
   }
   for (auto& e : events_) cudaEventDestroy(e);
   for (auto& g : graphs_) {
@@ -620,7 +638,10 @@ void GptCuda::classifier(int64_t N, bool with_grad, float loss_scale) {
     matmul_->forward(logits_, lnf_ + r0 * C_, weight(ParamKind::wte), rows, C_, Vp_, Epilogue::none, nullptr, nullptr,
                      stream_);
     mark("mm logits");
-    model_cuda::classifier_softmax_xent(logits_, losses_ + r0, d_targets_ + r0, rows, V_, Vp_, dloss, with_grad, stream_);
+    // The two-pass kernel: the shared-memory one (ClassifierPath::automatic) took 7.5 ms per
+    // step at V = 100277 on an H100 against 6.6 (docs/model_gpu.md).
+    model_cuda::classifier_softmax_xent(logits_, losses_ + r0, d_targets_ + r0, rows, V_, Vp_, dloss, with_grad, stream_,
+                                        model_cuda::ClassifierPath::two_pass);
     mark("classifier softmax");
     if (with_grad) {
       // dlnf (rows, C) = dlogits (rows, Vp) wte (Vp, C); dwte += dlogits^T lnf.
@@ -655,7 +676,7 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
     // drop'(dresid) of site 2 + 2 l.
     weight_and_bias_grad(ParamKind::fc_proj_w, ParamKind::fc_proj_b, l, dy_, gelu(l), N, F_, C_);
     // fc_b's gradient by column sums: cuBLASLt's DGELU_BGRAD epilogue (matmul_cublaslt.h)
-    // took 9.3 ms per step at the seed size on an H100 against 3.8 + 1.2 for DGELU and the
+    // took 11.2 ms per step at the seed size on an H100 against 4.2 + 1.3 for DGELU and the
     // column sums (docs/model_gpu.md), so the model does not use it.
     matmul_->backward_input(dpre_, dy_, weight(ParamKind::fc_proj_w, l), N, F_, C_, Epilogue::dgelu, pre(l), stream_);
     mark("mm dX fc proj+dgelu");
@@ -868,7 +889,7 @@ double GptCuda::forward_backward(std::span<const TokenId> windows, int64_t B, in
     FLASHGPT_CUDA_CHECK(cudaGraphLaunch(g->backward, stream_));
     return read_loss(B * T);
   }
-  profile_begin();
+  profile_begin(kProfileForwardBackward);
   upload_tokens(windows, B, T, /*windows=*/true);
   forward(B, T, /*train=*/true, rng);
   // The embedding backward's token groups, built while the GPU runs the forward.
@@ -877,7 +898,6 @@ double GptCuda::forward_backward(std::span<const TokenId> windows, int64_t B, in
   copy_token_groups(B * T);
   backward(B, T, rng);
   profile_end();
-  if (profile_) ++profile_steps_;
   return read_loss(B * T);
 }
 
@@ -909,14 +929,14 @@ void GptCuda::forward_logits(std::span<const TokenId> inputs, int64_t B, int64_t
 }
 
 void GptCuda::grads_zero() {
-  profile_begin();
+  profile_begin(kProfileZero);
   FLASHGPT_CUDA_CHECK(cudaMemsetAsync(grads_, 0, size_t(P_) * sizeof(float), stream_));
   mark("grads zero");
   profile_end();
 }
 
 double GptCuda::grads_norm() {
-  profile_begin();
+  profile_begin(kProfileNorm);
   model_cuda::sum_squares(d_result_ + 1, norm_partial_, grads_, P_, stream_);
   mark("grad norm");
   profile_end();
@@ -936,7 +956,7 @@ void GptCuda::adamw_step(const AdamWConfig& adam, int64_t t, float grad_scale) {
   a.bias_correction1 = static_cast<float>(1.0 - std::pow(adam.beta1, static_cast<double>(t)));
   a.bias_correction2 = static_cast<float>(1.0 - std::pow(adam.beta2, static_cast<double>(t)));
   a.grad_scale = grad_scale;
-  profile_begin();
+  profile_begin(kProfileAdamw);
   model_cuda::adamw_update(params_, params_bf16_, grads_, m_, v_, P_, segments_, a, stream_);
   mark("adamw");
   profile_end();
