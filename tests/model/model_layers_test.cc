@@ -19,7 +19,8 @@ namespace {
 namespace ref = reference;
 using testing::cast_vector;
 using testing::expect_gradient_matches_fd;
-using testing::max_scaled_error;
+using testing::kRelativeToMax;
+using testing::op_error;
 using testing::random_tokens;
 using testing::random_vector;
 using testing::sample_indices;
@@ -161,9 +162,9 @@ TEST(ModelLayersFp32, Encoder) {
     std::vector<float> out(B * T * C), dwte(V * C, 0.0f), dwpe(Tmax * C, 0.0f);
     encoder_forward(out.data(), tokens.data(), wte_f.data(), wpe_f.data(), B, T, C);
     encoder_backward(dwte.data(), dwpe.data(), g_f.data(), tokens.data(), B, T, C);
-    EXPECT_LT(max_scaled_error(out, out_ref), kFp32Tolerance) << B << "x" << T << "x" << C;
-    EXPECT_LT(max_scaled_error(dwte, dwte_ref), kFp32Tolerance) << B << "x" << T << "x" << C;
-    EXPECT_LT(max_scaled_error(dwpe, dwpe_ref), kFp32Tolerance) << B << "x" << T << "x" << C;
+    EXPECT_LT(op_error(out, out_ref, kRelativeToMax).value, kFp32Tolerance) << B << "x" << T << "x" << C;
+    EXPECT_LT(op_error(dwte, dwte_ref, kRelativeToMax).value, kFp32Tolerance) << B << "x" << T << "x" << C;
+    EXPECT_LT(op_error(dwpe, dwpe_ref, kRelativeToMax).value, kFp32Tolerance) << B << "x" << T << "x" << C;
   }
 }
 
@@ -180,12 +181,12 @@ TEST(ModelLayersFp32, LayerNorm) {
     layernorm_forward(out.data(), mean.data(), rstd.data(), x_f.data(), w_f.data(), b_f.data(), N, C);
     layernorm_backward(dx.data(), dw.data(), db.data(), g_f.data(), x_f.data(), w_f.data(), mean.data(), rstd.data(),
                        N, C);
-    EXPECT_LT(max_scaled_error(out, out_ref), kFp32Tolerance) << N << "x" << C;
+    EXPECT_LT(op_error(out, out_ref, kRelativeToMax).value, kFp32Tolerance) << N << "x" << C;
     if (C > 1) {  // with C = 1 the normalised value is 0 and dinp is 0 up to rounding
-      EXPECT_LT(max_scaled_error(dx, dx_ref), kFp32Tolerance) << N << "x" << C;
+      EXPECT_LT(op_error(dx, dx_ref, kRelativeToMax).value, kFp32Tolerance) << N << "x" << C;
     }
-    EXPECT_LT(max_scaled_error(dw, dw_ref, 1e-6), kFp32Tolerance) << N << "x" << C;
-    EXPECT_LT(max_scaled_error(db, db_ref), kFp32Tolerance) << N << "x" << C;
+    EXPECT_LT(op_error(dw, dw_ref, {flashgpt::testing::Norm::max, 1e-6}).value, kFp32Tolerance) << N << "x" << C;
+    EXPECT_LT(op_error(db, db_ref, kRelativeToMax).value, kFp32Tolerance) << N << "x" << C;
   }
 }
 
@@ -207,10 +208,10 @@ TEST(ModelLayersFp32, Matmul) {
       matmul_backward(dx.data(), dw.data(), db.data(), g_f.data(), x_f.data(), w_f.data(), N, IC, OC);
       for (auto& v : dw) v -= 1.0f;
       for (auto& v : db) v -= 1.0f;
-      EXPECT_LT(max_scaled_error(out, out_ref), kFp32Tolerance) << N << "x" << IC << "x" << OC << " bias " << bias;
-      EXPECT_LT(max_scaled_error(dx, dx_ref), kFp32Tolerance) << N << "x" << IC << "x" << OC;
-      EXPECT_LT(max_scaled_error(dw, dw_ref), kFp32Tolerance) << N << "x" << IC << "x" << OC;
-      EXPECT_LT(max_scaled_error(db, db_ref), kFp32Tolerance) << N << "x" << IC << "x" << OC;
+      EXPECT_LT(op_error(out, out_ref, kRelativeToMax).value, kFp32Tolerance) << N << "x" << IC << "x" << OC << " bias " << bias;
+      EXPECT_LT(op_error(dx, dx_ref, kRelativeToMax).value, kFp32Tolerance) << N << "x" << IC << "x" << OC;
+      EXPECT_LT(op_error(dw, dw_ref, kRelativeToMax).value, kFp32Tolerance) << N << "x" << IC << "x" << OC;
+      EXPECT_LT(op_error(db, db_ref, kRelativeToMax).value, kFp32Tolerance) << N << "x" << IC << "x" << OC;
     }
   }
 }
@@ -245,8 +246,8 @@ TEST(ModelLayersFp32, GemmBothPaths) {
         std::vector<float> c_fast = C0, c_loops = C0;
         gemm_cpu(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, c_fast.data(), ldc);
         gemm_cpu_loops(ta, tb, M, N, K, alpha, A.data(), lda, B.data(), ldb, beta, c_loops.data(), ldc);
-        EXPECT_LT(max_scaled_error(c_fast, expected), kFp32Tolerance) << M << "x" << N << "x" << K;
-        EXPECT_LT(max_scaled_error(c_loops, expected), kFp32Tolerance) << M << "x" << N << "x" << K;
+        EXPECT_LT(op_error(c_fast, expected, kRelativeToMax).value, kFp32Tolerance) << M << "x" << N << "x" << K;
+        EXPECT_LT(op_error(c_loops, expected, kRelativeToMax).value, kFp32Tolerance) << M << "x" << N << "x" << K;
         // beta = 0 overwrites C without reading it, even where it holds NaN.
         std::vector<float> c_nan(M * ldc, NAN);
         gemm_cpu(ta, tb, M, N, K, 1.0f, A.data(), lda, B.data(), ldb, 0.0f, c_nan.data(), ldc);
@@ -268,8 +269,8 @@ TEST(ModelLayersFp32, Gelu) {
   std::vector<float> out(n), dx(n);
   gelu_forward(out.data(), x_f.data(), n);
   gelu_backward(dx.data(), x_f.data(), g_f.data(), n);
-  EXPECT_LT(max_scaled_error(out, out_ref), kFp32Tolerance);
-  EXPECT_LT(max_scaled_error(dx, dx_ref), kFp32Tolerance);
+  EXPECT_LT(op_error(out, out_ref, kRelativeToMax).value, kFp32Tolerance);
+  EXPECT_LT(op_error(dx, dx_ref, kRelativeToMax).value, kFp32Tolerance);
   std::vector<float> in_place = g_f;  // dinp may alias dout
   gelu_backward(in_place.data(), x_f.data(), in_place.data(), n);
   EXPECT_EQ(in_place, dx);
@@ -286,8 +287,8 @@ void attention_fp32(int64_t B, int64_t T, int64_t C, int64_t NH, float dropout) 
   std::vector<float> out(B * T * C), lse(B * NH * T), dqkv(B * T * 3 * C, NAN);
   attention_forward(out.data(), lse.data(), qkv_f.data(), B, T, C, NH, dropout, rng);
   attention_backward(dqkv.data(), g_f.data(), qkv_f.data(), out.data(), lse.data(), B, T, C, NH, dropout, rng);
-  EXPECT_LT(max_scaled_error(out, out_ref), kFp32Tolerance);
-  EXPECT_LT(max_scaled_error(dqkv, dqkv_ref), kFp32Tolerance);
+  EXPECT_LT(op_error(out, out_ref, kRelativeToMax).value, kFp32Tolerance);
+  EXPECT_LT(op_error(dqkv, dqkv_ref, kRelativeToMax).value, kFp32Tolerance);
 }
 
 TEST(ModelLayersFp32, Attention) {
@@ -319,8 +320,8 @@ TEST(ModelLayersFp32, ClassifierChunks) {
                                                     wte_f.data(), targets.data(), N, C, V, static_cast<float>(dloss),
                                                     chunk);
     EXPECT_NEAR(loss, loss_ref, 1e-5 * loss_ref);
-    EXPECT_LT(max_scaled_error(dx, dx_ref), kFp32Tolerance);
-    EXPECT_LT(max_scaled_error(dwte, dwte_ref), kFp32Tolerance);
+    EXPECT_LT(op_error(dx, dx_ref, kRelativeToMax).value, kFp32Tolerance);
+    EXPECT_LT(op_error(dwte, dwte_ref, kRelativeToMax).value, kFp32Tolerance);
     for (int64_t i = V * C; i < Vp * C; ++i) ASSERT_EQ(dwte[i], 0.0f) << "padding row gradient at " << i;
     std::vector<float> losses_fwd(N);
     const double loss_fwd = classifier_forward_backward(nullptr, nullptr, losses_fwd.data(), logits.data(), x_f.data(),
