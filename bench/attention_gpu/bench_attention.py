@@ -17,6 +17,7 @@ Writes <out>/attention_bench.csv and <out>/attention_bench.png, prints a table w
 import argparse
 import csv
 import math
+import os
 import pathlib
 import sys
 import time
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "python"))
+# The binding as a CUDA build leaves it (<build>/python), else the installed package (pip install .).
+sys.path.insert(0, os.path.join(os.environ.get("FLASHGPT_BUILD_DIR", str(pathlib.Path(__file__).resolve().parents[2] / "build")), "python"))
 from flashgpt_attn import flash_attn_func  # noqa: E402
 
 import triton.testing  # noqa: E402

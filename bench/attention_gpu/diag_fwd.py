@@ -8,12 +8,14 @@ A: K = 0 -> P uniform -> O = mean of the visible V rows: isolates the P V GEMM.
 B: V = identity (seqlen_k = d) -> O = P: isolates the S GEMM and the softmax.
 C: random. Prints the max error vs fp64 and, past 2e-2, a map of which 16-row x 8-column
 blocks of O are wrong (a layout or descriptor error shows as a pattern)."""
+import os
 import pathlib
 import sys
 
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "python"))
+# The binding as a CUDA build leaves it (<build>/python), else the installed package (pip install .).
+sys.path.insert(0, os.path.join(os.environ.get("FLASHGPT_BUILD_DIR", str(pathlib.Path(__file__).resolve().parents[2] / "build")), "python"))
 from flashgpt_attn import flash_attn_func
 torch.manual_seed(0)
 

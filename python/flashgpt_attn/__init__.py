@@ -12,13 +12,12 @@ CPU reference can rebuild the same mask.
 CPU tensors take the CPU implementation (include/flashgpt/attention_cpu.h: tiled FlashAttention
 in fp32, same Philox mask); other dtypes are computed in float32 and cast back.
 
-The CUDA extension is compiled on first use with torch.utils.cpp_extension.load against the
-static libraries of a CMake build of this repository: FLASHGPT_BUILD_DIR (default: <repo>/build)
-must hold the attention and common components built with -DFLASHGPT_CUDA=ON.
+The extension, flashgpt_attn._C, is built ahead of time: `pip install --no-build-isolation .`
+from the repository root (pyproject.toml, scikit-build-core and the project's CMake), or a CUDA
+build of the repository where torch is importable, which leaves an importable package in
+<build>/python. Nothing is compiled on import.
 """
 import math
-import os
-import pathlib
 
 import torch
 
@@ -26,48 +25,21 @@ from . import philox
 
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "attention_reference"]
 
-_REPO = pathlib.Path(__file__).resolve().parents[2]
 _ext = None
 
 
 def _extension():
     global _ext
     if _ext is None:
-        from torch.utils.cpp_extension import load
-
-        build = pathlib.Path(os.environ.get("FLASHGPT_BUILD_DIR", _REPO / "build"))
-        # the attention component and the common one it links (in that order, for the linker)
-        libs = [build / "src" / "attention" / "libflashgpt_attention.a", build / "src" / "common" / "libflashgpt_common.a"]
-        for lib in libs:
-            if not lib.exists():
-                raise RuntimeError(f"flashgpt_attn: {lib} not found; build the library first: "
-                                   f"cmake -S {_REPO} -B {build} -G Ninja -DFLASHGPT_CUDA=ON && cmake --build {build}")
-        _ext = load(
-            name="flashgpt_attn_ext",
-            sources=[str(pathlib.Path(__file__).parent / "binding.cpp")],
-            extra_include_paths=[str(_REPO / "include")],
-            extra_cflags=["-O2", "-std=c++20"],
-            extra_ldflags=[*map(str, libs), *_fmt_ldflags(build), "-lgomp"],
-            with_cuda=True,
-            build_directory=str(_ensure_dir(build / "torch_ext")),
-            verbose=bool(os.environ.get("FLASHGPT_VERBOSE_BUILD")),
-        )
+        try:
+            from . import _C
+        except ImportError as e:
+            raise ImportError(
+                f"flashgpt_attn: the compiled extension flashgpt_attn._C is missing or does not load ({e}); "
+                "install the package with `pip install --no-build-isolation .` from the flashgpt repository "
+                "(needs nvcc and PyTorch), or put a CUDA build's <build>/python first on sys.path") from e
+        _ext = _C
     return _ext
-
-
-def _fmt_ldflags(build):
-    """Link fmt from where the CMake build found it (its config sits in <libdir>/cmake/fmt)."""
-    cache = build / "CMakeCache.txt"
-    for line in cache.read_text().splitlines() if cache.exists() else []:
-        if line.startswith("fmt_DIR:"):
-            libdir = pathlib.Path(line.split("=", 1)[1]).parents[1]
-            return [f"-L{libdir}", f"-Wl,-rpath,{libdir}", "-lfmt"]
-    return ["-lfmt"]
-
-
-def _ensure_dir(path):
-    path.mkdir(parents=True, exist_ok=True)
-    return str(path)
 
 
 def _contiguous_last(t):

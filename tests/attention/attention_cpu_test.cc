@@ -3,6 +3,8 @@
 // huge logits, the dropout mask and rate, determinism, strides, errors, memory and IO.
 #include "attention/attention_cpu_reference.h"
 #include "attention/attention_cpu_test_support.h"
+#include "attention/attention_op_cases.h"
+#include "common/op_test.h"
 #include "common/test_support.h"
 
 #include <flashgpt/attention_cpu.h>
@@ -20,54 +22,22 @@ namespace {
 
 using testing::attention_any_nan;
 using testing::attention_buffers_widen;
-using testing::attention_close;
 using testing::AttentionBuffers;
 using testing::AttentionShape;
 using testing::budget;
-using testing::case_name;
 using testing::dense;
-using testing::expect_tiled_matches_reference;
 using testing::kBackwardTol;
 using testing::kCausal;
 using testing::kForwardTol;
 using testing::kFull;
-using testing::TiledCase;
+using testing::op_close;
 using testing::tiles;
 using testing::varlen;
 
-class TiledMatchesReference : public ::testing::TestWithParam<TiledCase> {};
-TEST_P(TiledMatchesReference, ForwardAndBackward) { expect_tiled_matches_reference(GetParam()); }
-
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, TiledMatchesReference,
-    ::testing::Values(TiledCase{"len1", dense(2, 1, 1, 2, 2, 64, kFull, 0.0f), {}},
-                      TiledCase{"len1_causal_dropout", dense(1, 1, 1, 1, 1, 32, kCausal, 0.2f), {}},
-                      TiledCase{"len17_d32", dense(2, 17, 17, 2, 1, 32, kFull, 0.0f), tiles(4, 5)},
-                      TiledCase{"len17_d96_causal", dense(1, 17, 17, 3, 3, 96, kCausal, 0.0f), tiles(3, 7)},
-                      TiledCase{"len128_d64_causal_dropout", dense(2, 128, 128, 4, 2, 64, kCausal, 0.1f), {}},
-                      TiledCase{"len128_d128_gqa", dense(1, 128, 128, 4, 2, 128, kFull, 0.0f), budget(16 * 1024)},
-                      TiledCase{"len128_d256", dense(1, 128, 128, 2, 2, 256, kFull, 0.3f), budget(64 * 1024)},
-                      TiledCase{"len128_d256_mqa_causal", dense(1, 128, 128, 4, 1, 256, kCausal, 0.0f), {}},
-                      TiledCase{"q100_k37_causal", dense(2, 100, 37, 2, 2, 64, kCausal, 0.0f), tiles(16, 8)},
-                      TiledCase{"q37_k100_causal", dense(2, 37, 100, 2, 2, 64, kCausal, 0.1f), tiles(8, 16)},
-                      TiledCase{"q1_k1000_causal", dense(1, 1, 1000, 2, 1, 32, kCausal, 0.0f), {}},
-                      TiledCase{"q1000_k1_causal", dense(1, 1000, 1, 2, 1, 32, kCausal, 0.0f), {}},
-                      TiledCase{"len1000_d64", dense(1, 1000, 1000, 2, 1, 64, kFull, 0.0f), budget(32 * 1024)},
-                      TiledCase{"len1000_d128_causal_dropout", dense(1, 1000, 1000, 1, 1, 128, kCausal, 0.15f),
-                                budget(256 * 1024, CpuTileRule::max_rows)},
-                      TiledCase{"len1000_d32_max_rows", dense(1, 1000, 1000, 2, 2, 32, kFull, 0.0f),
-                                budget(16 * 1024, CpuTileRule::max_rows)},
-                      TiledCase{"q4097_k64_d64_causal", dense(1, 4097, 64, 1, 1, 64, kCausal, 0.1f), {}},
-                      TiledCase{"q64_k4097_d64", dense(1, 64, 4097, 2, 1, 64, kFull, 0.0f), {}},
-                      TiledCase{"len4097_d32_causal_forward", dense(1, 4097, 4097, 1, 1, 32, kCausal, 0.0f), {}, false},
-                      TiledCase{"varlen_mixed",
-                                varlen({0, 1, 17, 128, 5, 3}, {3, 1, 17, 128, 0, 64}, 2, 1, 64, kFull, 0.0f),
-                                tiles(16, 16)},
-                      TiledCase{"varlen_mixed_causal_dropout",
-                                varlen({0, 1, 17, 128, 40, 3}, {5, 1, 33, 100, 0, 64}, 4, 2, 32, kCausal, 0.2f),
-                                tiles(8, 12)},
-                      TiledCase{"varlen_d256", varlen({1, 0, 77}, {1, 9, 60}, 2, 2, 256, kCausal, 0.0f), {}}),
-    case_name);
+// The op table (attention_op_cases.h) on the CPU backend: AttentionOp/cpu.<case>.
+[[maybe_unused]] const int kCpuCases = testing::register_op_cases<testing::AttentionCase>(
+    "AttentionOp", "cpu", testing::cases_for(testing::kCpuBackend, testing::attention_op_cases()),
+    testing::expect_cpu_matches_reference);
 
 // ---- the reference itself -----------------------------------------------------------------
 
@@ -90,26 +60,11 @@ void expect_backward_matches_finite_differences(const AttentionShape& shape) {
   grads.clear_outputs();
   attention_forward_reference_f64(grads.params());
   attention_backward_reference_f64(grads.params());
-  constexpr double kStep = 1e-6;
-  struct Input {
-    const char* name;
-    std::vector<double>* values;
-    const std::vector<double>* grad;
-  };
-  for (const Input& in : {Input{"q", &x.q, &grads.dq}, Input{"k", &x.k, &grads.dk}, Input{"v", &x.v, &grads.dv}}) {
-    double worst = 0.0;
-    for (size_t i = 0; i < in.values->size(); i += 3) {
-      const double saved = (*in.values)[i];
-      (*in.values)[i] = saved + kStep;
-      const double up = loss_f64(x);
-      (*in.values)[i] = saved - kStep;
-      const double down = loss_f64(x);
-      (*in.values)[i] = saved;
-      const double numeric = (up - down) / (2 * kStep);
-      worst = std::max(worst, std::abs(numeric - (*in.grad)[i]) / std::max(1.0, std::abs(numeric)));
-    }
-    EXPECT_LT(worst, 1e-7) << "d" << in.name << " vs finite differences";
-  }
+  const auto loss = [&x] { return loss_f64(x); };
+  const testing::FdOptions options{.step = 1e-6, .tolerance = 1e-7};
+  testing::expect_gradient_matches_fd("dq", x.q, grads.dq, loss, testing::strided_indices(int64_t(x.q.size()), 3), options);
+  testing::expect_gradient_matches_fd("dk", x.k, grads.dk, loss, testing::strided_indices(int64_t(x.k.size()), 3), options);
+  testing::expect_gradient_matches_fd("dv", x.v, grads.dv, loss, testing::strided_indices(int64_t(x.v.size()), 3), options);
 }
 
 TEST(AttentionReference, BackwardMatchesFiniteDifferences) {
@@ -173,11 +128,11 @@ TEST(AttentionReference, Fp32PathsMatchDoublePrecision) {
     attention_backward_cpu(tiled.params(), tiles(8, 8));
     for (const auto* run : {&f, &tiled}) {
       const std::string who = run == &f ? "fp32 reference " : "tiled ";
-      EXPECT_TRUE(attention_close(who + "O", run->o, d.o, kForwardTol));
-      EXPECT_TRUE(attention_close(who + "LSE", run->lse, d.lse, kForwardTol));
-      EXPECT_TRUE(attention_close(who + "dQ", run->dq, d.dq, kBackwardTol));
-      EXPECT_TRUE(attention_close(who + "dK", run->dk, d.dk, kBackwardTol));
-      EXPECT_TRUE(attention_close(who + "dV", run->dv, d.dv, kBackwardTol));
+      EXPECT_TRUE(op_close(who + "O", run->o, d.o, kForwardTol));
+      EXPECT_TRUE(op_close(who + "LSE", run->lse, d.lse, kForwardTol));
+      EXPECT_TRUE(op_close(who + "dQ", run->dq, d.dq, kBackwardTol));
+      EXPECT_TRUE(op_close(who + "dK", run->dk, d.dk, kBackwardTol));
+      EXPECT_TRUE(op_close(who + "dV", run->dv, d.dv, kBackwardTol));
     }
   }
 }
@@ -257,8 +212,8 @@ TEST(AttentionLargeLogits, LogitsOfMagnitude1e4DoNotOverflow) {
   for (float x : got.lse) max_lse = std::max(max_lse, std::abs(x));
   EXPECT_GT(max_lse, 1e4f);
   EXPECT_FALSE(attention_any_nan(got.o));
-  EXPECT_TRUE(attention_close("O", got.o, want.o, 1e-6));
-  EXPECT_TRUE(attention_close("LSE", got.lse, want.lse, 1e-6));
+  EXPECT_TRUE(op_close("O", got.o, want.o, 1e-6));
+  EXPECT_TRUE(op_close("LSE", got.lse, want.lse, 1e-6));
   want.o = got.o, want.lse = got.lse;
   attention_backward_reference(want.params());
   attention_backward_cpu(got.params(), tiles(8, 8));
@@ -266,9 +221,9 @@ TEST(AttentionLargeLogits, LogitsOfMagnitude1e4DoNotOverflow) {
   // The backward recomputes P = exp(S - LSE) from the fp32 LSE the header prescribes, whose
   // rounding (half an ulp of |LSE|, 2^-24 |LSE| relative) becomes a relative error of P.
   const double lse_rounding = max_lse * std::ldexp(1.0, -24);
-  EXPECT_TRUE(attention_close("dV", got.dv, want.dv, 2 * lse_rounding));
-  EXPECT_TRUE(attention_close("dQ", got.dq, want.dq, 2 * lse_rounding));
-  EXPECT_TRUE(attention_close("dK", got.dk, want.dk, 2 * lse_rounding));
+  EXPECT_TRUE(op_close("dV", got.dv, want.dv, 2 * lse_rounding));
+  EXPECT_TRUE(op_close("dQ", got.dq, want.dq, 2 * lse_rounding));
+  EXPECT_TRUE(op_close("dK", got.dk, want.dk, 2 * lse_rounding));
 }
 
 // ---- dropout ------------------------------------------------------------------------------------

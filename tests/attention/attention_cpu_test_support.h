@@ -1,9 +1,11 @@
 // Random attention problems for the CPU attention tests: dense or packed variable-length
-// batches, float or double tensors, and the comparisons the tests make between them.
+// batches, float or double tensors. Comparisons go through op_close (tests/common/op_test.h).
 #pragma once
 
 #include <flashgpt/attention.h>
 #include <flashgpt/attention_cpu.h>
+
+#include "common/op_test.h"
 
 #include <gtest/gtest.h>
 
@@ -111,35 +113,6 @@ inline AttentionBuffers<double> attention_buffers_widen(const AttentionBuffers<f
   return d;
 }
 
-// got ~ want when max |got - want| <= tol * max(1, max |want|); infinities must match exactly
-// and NaN never matches. The message names the worst element.
-template <typename A, typename B>
-::testing::AssertionResult attention_close(const std::string& what, const std::vector<A>& got,
-                                           const std::vector<B>& want, double tol) {
-  if (got.size() != want.size()) return ::testing::AssertionFailure() << what << ": size mismatch";
-  double max_want = 1.0, worst = 0.0;
-  size_t worst_index = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    if (std::isfinite(double(want[i]))) max_want = std::max(max_want, std::abs(double(want[i])));
-  }
-  for (size_t i = 0; i < want.size(); ++i) {
-    const double g = got[i], w = want[i];
-    double err;
-    if (std::isnan(g) || std::isnan(w)) {
-      err = std::numeric_limits<double>::infinity();
-    } else if (std::isinf(g) || std::isinf(w)) {
-      err = g == w ? 0.0 : std::numeric_limits<double>::infinity();
-    } else {
-      err = std::abs(g - w);
-    }
-    if (err > worst || (std::isinf(err) && worst_index == 0 && worst == 0.0)) worst = err, worst_index = i;
-  }
-  if (worst <= tol * max_want) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << what << ": max error " << worst << " > " << tol << " * " << max_want
-                                       << " at element " << worst_index << " (got " << double(got[worst_index])
-                                       << ", want " << double(want[worst_index]) << ")";
-}
-
 template <typename T>
 bool attention_any_nan(const std::vector<T>& x) {
   for (const T& value : x) {
@@ -154,18 +127,6 @@ bool attention_any_nan(const std::vector<T>& x) {
 // keys. Measured worst cases are ~10x below these.
 constexpr double kForwardTol = 2e-5;
 constexpr double kBackwardTol = 1e-4;
-
-struct TiledCase {
-  std::string name;
-  AttentionShape shape;
-  CpuTiling tiling;
-  bool backward = true;
-};
-
-// gtest prints a failing case by name rather than as a dump of its bytes.
-inline void PrintTo(const TiledCase& c, std::ostream* os) { *os << c.name; }
-
-inline std::string case_name(const ::testing::TestParamInfo<TiledCase>& info) { return info.param.name; }
 
 inline AttentionShape dense(int batch, int seqlen_q, int seqlen_k, int heads_q, int heads_kv, int d, Mask mask,
                             float dropout_p) {
@@ -195,24 +156,5 @@ inline CpuTiling budget(int64_t onchip_bytes, CpuTileRule rule = CpuTileRule::pa
 }
 
 constexpr Mask kCausal = Mask::causal, kFull = Mask::none;
-
-// Runs the reference and the tiled path on the same inputs and compares every output.
-inline void expect_tiled_matches_reference(const TiledCase& c) {
-  AttentionBuffers<float> want(c.shape);
-  want.fill_random(0xabc0 + c.shape.head_dim);
-  AttentionBuffers<float> got = want;
-  attention_forward_reference(want.params());
-  attention_forward_cpu(got.params(), c.tiling);
-  EXPECT_TRUE(attention_close("O", got.o, want.o, kForwardTol));
-  EXPECT_TRUE(attention_close("LSE", got.lse, want.lse, kForwardTol));
-  if (!c.backward) return;
-  // Both backward passes read the tiled forward's O and LSE; the reference ignores them.
-  want.o = got.o, want.lse = got.lse;
-  attention_backward_reference(want.params());
-  attention_backward_cpu(got.params(), c.tiling);
-  EXPECT_TRUE(attention_close("dQ", got.dq, want.dq, kBackwardTol));
-  EXPECT_TRUE(attention_close("dK", got.dk, want.dk, kBackwardTol));
-  EXPECT_TRUE(attention_close("dV", got.dv, want.dv, kBackwardTol));
-}
 
 }  // namespace flashgpt::testing

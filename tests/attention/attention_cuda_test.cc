@@ -4,6 +4,9 @@
 // bit against philox.h, deterministic mode bit for bit on repeat, variable-length batches
 // with empty sequences, GQA/MQA, awkward lengths (1, 17, 1000), and the entry points'
 // error messages. The 2x-PyTorch criterion lives in the pytest suite of the binding.
+#include "attention/attention_op_cases.h"
+#include "common/op_test.h"
+
 #include <flashgpt/attention.h>
 #include <flashgpt/attention_cpu.h>
 #include <flashgpt/attention_cuda.h>
@@ -83,14 +86,9 @@ struct DeviceBuffer {
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
 };
 
-struct Case {
-  std::string name;
-  int batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim;
-  Mask mask;
-  float dropout;
-  DType dtype;
-  std::vector<int> varlen_q, varlen_k;  // per-sequence lengths for a packed batch (empty: dense)
-};
+using testing::AttentionCase;
+using testing::dense;
+using testing::varlen;
 
 // Reference on one (sequence, head): rows [sq, d] with row strides. Accumulates dk, dv.
 struct RefSeq {
@@ -156,17 +154,11 @@ void reference_head(const RefSeq& s, double scale, bool causal, float dropout, D
   }
 }
 
-// ||out - ref|| / ||ref||, with ||ref|| floored at an RMS of 0.05: some gradients are
-// exactly zero in exact arithmetic (one key: dS = P (dP - D) = 0) and only rounding noise
-// on the GPU, where a pure relative error would be meaningless.
+// ||out - ref|| / ||ref|| (op_error's RMS norm), with the reference's RMS floored at 0.05: some
+// gradients are exactly zero in exact arithmetic (one key: dS = P (dP - D) = 0) and only
+// rounding noise on the GPU, where a pure relative error would be meaningless.
 double rel_error(const std::vector<float>& out, const std::vector<double>& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    const double e = double(out[i]) - ref[i];
-    num += e * e;
-    den += ref[i] * ref[i];
-  }
-  return std::sqrt(num / std::max(den, 0.05 * 0.05 * double(ref.size())));
+  return testing::op_error(out, ref, {testing::Norm::rms, 0.05}).value;
 }
 
 bool all_finite(const std::vector<float>& v) {
@@ -181,8 +173,19 @@ struct Outputs {
 // Runs forward (+ backward) on the GPU and the reference, compares. Returns the outputs.
 enum class Reference { in_test, library_cpu };
 
-Outputs run_case(const Case& c, bool backward, Determinism det = Determinism::fast, uint64_t seed = 7,
+Outputs run_case(const AttentionCase& ac, bool backward, Determinism det = Determinism::fast, uint64_t seed = 7,
                  bool compare = true, Reference reference = Reference::in_test) {
+  // The table's shape under the names this runner has always used.
+  struct {
+    const std::string& name;
+    int batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim;
+    Mask mask;
+    float dropout;
+    DType dtype;
+    const std::vector<int32_t>&varlen_q, &varlen_k;
+  } const c{ac.name,           ac.shape.batch,    ac.shape.seqlen_q, ac.shape.seqlen_k, ac.shape.heads_q,
+            ac.shape.heads_kv, ac.shape.head_dim, ac.shape.mask,     ac.shape.dropout_p, ac.dtype,
+            ac.shape.lens_q,   ac.shape.lens_k};
   const bool varlen = !c.varlen_q.empty();
   const int batch = varlen ? int(c.varlen_q.size()) : c.batch;
   std::vector<int> cu_q(batch + 1, 0), cu_k(batch + 1, 0);
@@ -361,11 +364,9 @@ Outputs run_case(const Case& c, bool backward, Determinism det = Determinism::fa
   return out;
 }
 
-std::vector<Case> compiled_cases(std::vector<Case> cases) {
-  std::vector<Case> out;
-  for (auto& c : cases)
-    if (attention_cuda_head_dim_compiled(c.head_dim)) out.push_back(std::move(c));
-  return out;
+std::vector<AttentionCase> compiled_cases(std::vector<AttentionCase> cases) {
+  std::erase_if(cases, [](const AttentionCase& c) { return !attention_cuda_head_dim_compiled(c.shape.head_dim); });
+  return cases;
 }
 
 // Says which kernels the other tests exercise: on an H100 with an sm_90a build, wgmma for the
@@ -400,42 +401,12 @@ TEST(AttentionCuda, ReportsKernels) {
   }
 }
 
-TEST(AttentionCuda, ForwardBackwardMatchReference) {
-  const auto bf = DType::bf16, fp = DType::f16;
-  const auto none = Mask::none, causal = Mask::causal;
-  const std::vector<Case> cases = compiled_cases({
-      {"d64 s1", 2, 1, 1, 2, 2, 64, none, 0.0f, bf, {}, {}},
-      {"d64 s17 causal", 2, 17, 17, 3, 3, 64, causal, 0.0f, bf, {}, {}},
-      {"d128 s17 fp16", 1, 17, 17, 2, 2, 128, none, 0.0f, fp, {}, {}},
-      {"d64 s200 causal fp16", 1, 200, 200, 2, 2, 64, causal, 0.0f, fp, {}, {}},
-      {"d128 s1000", 1, 1000, 1000, 2, 2, 128, none, 0.0f, bf, {}, {}},
-      {"d128 s1000 causal", 1, 1000, 1000, 2, 2, 128, causal, 0.0f, bf, {}, {}},
-      {"d64 sq 77 sk 300 causal", 2, 77, 300, 2, 2, 64, causal, 0.0f, bf, {}, {}},
-      {"d64 sq 300 sk 77 causal (empty rows)", 1, 300, 77, 2, 2, 64, causal, 0.0f, bf, {}, {}},
-      {"d128 sq 130 sk 33", 2, 130, 33, 2, 2, 128, none, 0.0f, bf, {}, {}},
-      {"d64 GQA 8/2", 2, 150, 150, 8, 2, 64, causal, 0.0f, bf, {}, {}},
-      {"d128 MQA 4/1", 1, 100, 260, 4, 1, 128, none, 0.0f, fp, {}, {}},
-      {"d64 dropout", 2, 130, 130, 2, 2, 64, none, 0.17f, bf, {}, {}},
-      {"d128 dropout causal GQA", 1, 97, 200, 4, 2, 128, causal, 0.3f, bf, {}, {}},
-      {"d64 varlen empty", 0, 0, 0, 2, 1, 64, causal, 0.0f, bf, {5, 0, 130, 1, 64}, {7, 3, 130, 0, 200}},
-      {"d128 varlen dropout", 0, 0, 0, 2, 2, 128, none, 0.1f, fp, {33, 0, 70}, {40, 9, 0}},
-      {"d128 sq 513 sk 700 causal dropout fp16", 1, 513, 700, 2, 1, 128, causal, 0.1f, fp, {}, {}},
-      {"d64 sq 700 sk 513 causal fp16", 1, 700, 513, 2, 2, 64, causal, 0.0f, fp, {}, {}},
-      {"d32 s100", 1, 100, 100, 2, 2, 32, causal, 0.0f, bf, {}, {}},
-      {"d96 s100", 1, 100, 100, 2, 2, 96, causal, 0.0f, bf, {}, {}},
-      {"d256 s100", 1, 100, 100, 2, 2, 256, causal, 0.0f, bf, {}, {}},
-      // d96 and d256 forwards on wgmma: d96's padded rows, several key blocks with partial ones.
-      {"d96 sq 300 sk 517 GQA fp16", 1, 300, 517, 4, 2, 96, none, 0.0f, fp, {}, {}},
-      {"d96 s257 causal dropout", 2, 257, 257, 2, 2, 96, causal, 0.1f, bf, {}, {}},
-      {"d96 varlen empty", 0, 0, 0, 2, 2, 96, causal, 0.0f, bf, {40, 0, 150}, {40, 7, 170}},
-      {"d256 sq 513 sk 300 causal (empty rows)", 1, 513, 300, 2, 1, 256, causal, 0.0f, bf, {}, {}},
-      {"d256 s200 dropout fp16", 1, 200, 200, 2, 2, 256, none, 0.1f, fp, {}, {}},
-  });
-  for (const Case& c : cases) {
-    SCOPED_TRACE(c.name);
-    run_case(c, /*backward=*/true);
-  }
-}
+// The op table (attention_op_cases.h) on the CUDA backend: AttentionOp/cuda.<case>, for the
+// head dims this build compiled.
+[[maybe_unused]] const int kCudaCases = testing::register_op_cases<AttentionCase>(
+    "AttentionOp", "cuda", testing::cases_for(testing::kCudaBackend, testing::attention_op_cases()),
+    [](const AttentionCase& c) { run_case(c, c.backward); },
+    [](const AttentionCase& c) { return attention_cuda_head_dim_compiled(c.shape.head_dim); });
 
 // Small shapes covering every code path (masking, GQA, varlen, dropout, deterministic
 // semaphores) for compute-sanitizer memcheck / racecheck runs:
@@ -444,9 +415,9 @@ TEST(AttentionCuda, SmallShapesForSanitizer) {
   const auto bf = DType::bf16;
   for (int d : {32, 64, 96, 128, 256}) {
     if (!attention_cuda_head_dim_compiled(d)) continue;
-    run_case({"small causal gqa dropout", 2, 70, 90, 4, 2, d, Mask::causal, 0.2f, bf, {}, {}}, true,
+    run_case({"small causal gqa dropout", dense(2, 70, 90, 4, 2, d, Mask::causal, 0.2f), {}, bf}, true,
              Determinism::fast, 5, /*compare=*/false);
-    run_case({"small varlen", 0, 0, 0, 2, 1, d, Mask::causal, 0.0f, bf, {3, 0, 80}, {5, 2, 70}}, true,
+    run_case({"small varlen", varlen({3, 0, 80}, {5, 2, 70}, 2, 1, d, Mask::causal, 0.0f), {}, bf}, true,
              Determinism::deterministic, 5, /*compare=*/false);
   }
 }
@@ -455,12 +426,12 @@ TEST(AttentionCuda, SmallShapesForSanitizer) {
 // with the same seed: dropout on, causal with seqlen_q != seqlen_k, GQA, varlen.
 TEST(AttentionCuda, MatchesCpuReferenceWithSameSeed) {
   const auto bf = DType::bf16;
-  const std::vector<Case> cases = compiled_cases({
-      {"cpu-ref d64 dropout causal", 2, 100, 140, 4, 2, 64, Mask::causal, 0.2f, bf, {}, {}},
-      {"cpu-ref d128 dropout", 1, 77, 77, 2, 2, 128, Mask::none, 0.1f, DType::f16, {}, {}},
-      {"cpu-ref d64 varlen dropout", 0, 0, 0, 2, 1, 64, Mask::causal, 0.15f, bf, {9, 0, 100}, {20, 5, 60}},
+  const std::vector<AttentionCase> cases = compiled_cases({
+      {"cpu-ref d64 dropout causal", dense(2, 100, 140, 4, 2, 64, Mask::causal, 0.2f), {}, bf},
+      {"cpu-ref d128 dropout", dense(1, 77, 77, 2, 2, 128, Mask::none, 0.1f), {}, DType::f16},
+      {"cpu-ref d64 varlen dropout", varlen({9, 0, 100}, {20, 5, 60}, 2, 1, 64, Mask::causal, 0.15f), {}, bf},
   });
-  for (const Case& c : cases) {
+  for (const AttentionCase& c : cases) {
     SCOPED_TRACE(c.name);
     run_case(c, /*backward=*/true, Determinism::fast, 3, /*compare=*/true, Reference::library_cpu);
   }
@@ -471,7 +442,7 @@ TEST(AttentionCuda, MatchesCpuReferenceWithSameSeed) {
 // without any query block that sees them (causal, seqlen_q < seqlen_k).
 TEST(AttentionCuda, ManyKeyBlocksPerCta) {
   const auto bf = DType::bf16;
-  std::vector<int> lens_q, lens_k;
+  std::vector<int32_t> lens_q, lens_k;
   std::mt19937 gen(5);
   for (int b = 0; b < 40; ++b) {
     const bool empty = b % 7 == 3;
@@ -480,9 +451,9 @@ TEST(AttentionCuda, ManyKeyBlocksPerCta) {
   }
   for (int d : {64, 128}) {
     if (!attention_cuda_head_dim_compiled(d)) continue;
-    const Case dense{"many tiles dense", 24, 200, 260, 6, 3, d, Mask::causal, 0.0f, bf, {}, {}};
-    const Case varlen{"many tiles varlen", 0, 0, 0, 4, 2, d, Mask::causal, 0.1f, bf, lens_q, lens_k};
-    for (const Case& c : {dense, varlen}) {
+    const AttentionCase dense_case{"many tiles dense", dense(24, 200, 260, 6, 3, d, Mask::causal, 0.0f), {}, bf};
+    const AttentionCase varlen_case{"many tiles varlen", varlen(lens_q, lens_k, 4, 2, d, Mask::causal, 0.1f), {}, bf};
+    for (const AttentionCase& c : {dense_case, varlen_case}) {
       SCOPED_TRACE(c.name + " d" + std::to_string(d));
       run_case(c, /*backward=*/true);
       run_case(c, /*backward=*/true, Determinism::deterministic);
@@ -492,7 +463,7 @@ TEST(AttentionCuda, ManyKeyBlocksPerCta) {
 
 TEST(AttentionCuda, LongSequence4097ForwardBackward) {
   if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
-  run_case({"d64 s4097 causal", 1, 4097, 4097, 1, 1, 64, Mask::causal, 0.0f, DType::bf16, {}, {}},
+  run_case({"d64 s4097 causal", dense(1, 4097, 4097, 1, 1, 64, Mask::causal, 0.0f), {}, DType::bf16},
            /*backward=*/true);
 }
 
@@ -624,7 +595,7 @@ TEST(AttentionCuda, BackwardDropoutMaskMatchesPhilox) {
 TEST(AttentionCuda, DeterministicBackwardIsBitwiseRepeatable) {
   for (int d : {64, 128}) {
     if (!attention_cuda_head_dim_compiled(d)) continue;
-    const Case c{"det", 2, 700, 700, 4, 2, d, Mask::causal, 0.1f, DType::bf16, {}, {}};
+    const AttentionCase c{"det", dense(2, 700, 700, 4, 2, d, Mask::causal, 0.1f), {}, DType::bf16};
     const Outputs a = run_case(c, true, Determinism::deterministic, 11, /*compare=*/false);
     const Outputs b = run_case(c, true, Determinism::deterministic, 11, /*compare=*/false);
     EXPECT_TRUE(a.dq_bits == b.dq_bits) << "dQ differs between two deterministic runs, d=" << d;
@@ -635,7 +606,7 @@ TEST(AttentionCuda, DeterministicBackwardIsBitwiseRepeatable) {
 
 TEST(AttentionCuda, DeterministicBackwardMatchesReference) {
   if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
-  run_case({"det ref", 2, 300, 300, 4, 2, 64, Mask::causal, 0.0f, DType::bf16, {}, {}}, true,
+  run_case({"det ref", dense(2, 300, 300, 4, 2, 64, Mask::causal, 0.0f), {}, DType::bf16}, true,
            Determinism::deterministic);
 }
 

@@ -1,20 +1,17 @@
-"""pytest for the PyTorch binding (run on a GPU machine after a CUDA build of the library):
+"""pytest for the PyTorch binding, on a GPU machine: `ctest -L gpu` runs it (through
+run_binding_test.py) against a CUDA build's <build>/python; after `pip install .`:
 
-    FLASHGPT_BUILD_DIR=build python3 -m pytest tests/attention/test_flashgpt_attn.py
+    python3 -m pytest tests/attention/test_flashgpt_attn.py
 
 FlashAttention's criterion: against the exact result on fp64-upcast inputs, our error must be
 at most 2x the error of PyTorch's own attention in the same precision (plus a rounding floor),
 for O and for dQ, dK, dV. Dropout is checked with the mask rebuilt from the same seed by the
 numpy Philox (identical to include/flashgpt/philox.h and the CPU reference)."""
-import pathlib
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "python"))
-import flashgpt_attn  # noqa: E402
-from flashgpt_attn import attention_reference, flash_attn_func, flash_attn_varlen_func  # noqa: E402
+import flashgpt_attn
+from flashgpt_attn import attention_reference, flash_attn_func, flash_attn_varlen_func
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

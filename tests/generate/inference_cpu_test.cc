@@ -1,6 +1,7 @@
 // The KV-cached CPU engine against uncached full recomputation: the CPU backend's
 // GptModel::forward_logits and a plain double-precision reference, on tiny randomly
 // initialised models; the one-row decode attention against the attention reference.
+#include "common/op_test.h"
 #include "generate/reference_forward.h"
 
 #include <flashgpt/attention_cpu.h>
@@ -41,19 +42,9 @@ std::vector<TokenId> random_tokens(int64_t n, int64_t vocab, uint32_t seed) {
   return t;
 }
 
-// max |a - b| over max(1, max |b|).
-template <class B>
-double relative_error_of(std::span<const float> a, std::span<const B> b) {
-  double err = 0, scale = 1;
-  for (size_t i = 0; i < a.size(); ++i) {
-    err = std::max(err, std::abs(double(a[i]) - double(b[i])));
-    scale = std::max(scale, std::abs(double(b[i])));
-  }
-  return err / scale;
-}
-
-double relative_error(std::span<const float> a, std::span<const float> b) { return relative_error_of(a, b); }
-double relative_error(std::span<const float> a, std::span<const double> b) { return relative_error_of(a, b); }
+// max |a - b| over max(1, max |b|): op_error's default (tests/common/op_test.h).
+double relative_error(std::span<const float> a, std::span<const float> b) { return testing::op_error(a, b).value; }
+double relative_error(std::span<const float> a, std::span<const double> b) { return testing::op_error(a, b).value; }
 
 constexpr double kTolerance = 2e-5;  // fp32 through 2 layers, C 64, F 256
 

@@ -3,6 +3,8 @@
 // here from the definitions, on random inputs rounded to bf16 where the kernel reads bf16,
 // at awkward shapes (1, 17, 33, 1000 rows; channels not a multiple of 16; V not a multiple
 // of 8). Dropout masks are compared bit for bit with philox.h's dropout_keep.
+#include "common/op_test.h"
+
 #include <flashgpt/model.h>
 #include <flashgpt/philox.h>
 
@@ -75,15 +77,9 @@ std::vector<float> rounded(std::vector<float> v) {
   return v;
 }
 
-// ||a - b|| / ||b||, NaN-safe (any NaN gives +inf).
+// ||a - b|| / ||b|| (op_error's RMS norm, tests/common/op_test.h); any NaN gives +inf.
 double rel_error(const std::vector<float>& a, const std::vector<double>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < b.size(); ++i) {
-    if (!std::isfinite(a[i])) return INFINITY;
-    num += (a[i] - b[i]) * (a[i] - b[i]);
-    den += b[i] * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
+  return testing::op_error(a, b, {testing::Norm::rms, 1e-30}).value;
 }
 
 double gelu_tanh(double x) { return 0.5 * x * (1.0 + std::tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))); }

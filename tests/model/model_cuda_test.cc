@@ -3,6 +3,8 @@
 // dropout off and on (same Philox masks, so the same elements drop); deterministic mode
 // repeats bit for bit; a few hundred AdamW steps lower the loss as the CPU run does; no
 // device allocation inside a step; bad input is refused with a message.
+#include "common/op_test.h"
+
 #include <flashgpt/model.h>
 
 #include <gtest/gtest.h>
@@ -14,21 +16,19 @@
 #include <cstdint>
 #include <cstring>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
 namespace flashgpt {
 namespace {
 
-// ||a - b|| / ||b|| over [begin, end).
+// ||a - b|| / ||b|| over [begin, end) (op_error's RMS norm, tests/common/op_test.h).
 double rel_error(const std::vector<float>& a, const std::vector<float>& b, int64_t begin, int64_t end) {
-  double num = 0, den = 0;
-  for (int64_t i = begin; i < end; ++i) {
-    if (!std::isfinite(a[i])) return INFINITY;
-    num += double(a[i] - b[i]) * (a[i] - b[i]);
-    den += double(b[i]) * b[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
+  const auto n = static_cast<size_t>(end - begin);
+  return testing::op_error(std::span<const float>(a).subspan(size_t(begin), n),
+                           std::span<const float>(b).subspan(size_t(begin), n), {testing::Norm::rms, 1e-30})
+      .value;
 }
 
 struct TestModel {

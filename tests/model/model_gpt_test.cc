@@ -18,7 +18,8 @@
 namespace flashgpt::model {
 namespace {
 
-using testing::max_scaled_error;
+using testing::kRelativeToMax;
+using testing::op_error;
 using testing::random_tokens;
 using testing::random_vector;
 
@@ -135,7 +136,7 @@ void fp32_against_reference(float dropout, int64_t B, int64_t T) {
   for (const ParamSpec& s : layout.specs()) {
     const std::vector<float> g(grads.begin() + s.offset, grads.begin() + s.offset + s.numel);
     const std::vector<double> r(grads_ref.begin() + s.offset, grads_ref.begin() + s.offset + s.numel);
-    EXPECT_LT(max_scaled_error(g, r), 1e-4) << s.name;
+    EXPECT_LT(op_error(g, r, kRelativeToMax).value, 1e-4) << s.name;
   }
 }
 
@@ -167,7 +168,7 @@ TEST(ModelGptFp32, LogitsAndValidationLoss) {
   std::vector<TokenId> inputs(batch.inputs.begin(), batch.inputs.end());
   std::vector<float> logits(logits_ref.size());
   model->forward_logits(inputs, 3, 6, logits);
-  EXPECT_LT(max_scaled_error(logits, logits_ref), 1e-5);
+  EXPECT_LT(op_error(logits, logits_ref, kRelativeToMax).value, 1e-5);
   // Validation: no dropout although the config has it, and the gradients stay untouched.
   EXPECT_NEAR(model->forward_loss(batch.windows, 3, 6), loss_ref, 1e-5 * loss_ref);
   EXPECT_EQ(model->grads_norm(), 0.0);
