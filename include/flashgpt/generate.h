@@ -36,6 +36,8 @@ namespace flashgpt {
 // ---------------------------------------------------------------------------------------
 // The engine.
 
+struct SamplingConfig;
+
 // Tokens appended to one slot by one forward call.
 struct SlotChunk {
   int64_t slot = 0;
@@ -56,6 +58,13 @@ class InferenceEngine {
   // writes the logits of each chunk's last token to logits_out: (chunks.size(), V) fp32, V
   // the real vocabulary (the padding rows are never computed).
   virtual void forward(std::span<const SlotChunk> chunks, std::span<float> logits_out) = 0;
+  // forward(), then draws the next token of each chunk as sampling_draw(logits of chunk b,
+  // sampling, prompt_index[b], step[b]) would (spans of chunks.size()). The default runs
+  // forward() and samples on the host; the CUDA engine samples on the GPU, so only the
+  // tokens cross to the host.
+  virtual void forward_sample(std::span<const SlotChunk> chunks, const SamplingConfig& sampling,
+                              std::span<const uint64_t> prompt_index, std::span<const uint64_t> step,
+                              std::span<TokenId> tokens_out);
 };
 
 struct InferenceOptions {
@@ -70,6 +79,28 @@ struct InferenceOptions {
 // attention over the cache, parallel over (slot, head).
 std::unique_ptr<InferenceEngine> inference_create_cpu(const ModelConfig& config, std::span<const float> params,
                                                       const InferenceOptions& options);
+
+// The bf16 CUDA engine (src/generate/inference_cuda.cc, docs/generate.md): the same model
+// on the GPU, weights converted to bf16 for the matmuls (LayerNorm, biases, embeddings and
+// the residual stream in fp32), K/V caches in bf16. Prefill runs our FlashAttention
+// forward (causal, over the slot's cache); a step of one-token chunks runs the
+// flash-decoding kernel (attention_decode_split_reference is its CPU reference) and, once
+// per batch size, is captured as a CUDA graph replayed with no allocation. Sampling runs on
+// the GPU. Throws where there is no CUDA device or the build has no CUDA.
+std::unique_ptr<InferenceEngine> inference_create_cuda(const ModelConfig& config, std::span<const float> params,
+                                                       const InferenceOptions& options);
+// Whether this build has CUDA and a device is present (for --device auto).
+bool inference_cuda_available();
+// "cpu", "cuda", or "auto" (cuda where inference_cuda_available(), else cpu); throws naming
+// the choices for anything else.
+std::string inference_resolve_device(std::string_view device);
+// The engine of inference_resolve_device(device).
+std::unique_ptr<InferenceEngine> inference_create(std::string_view device, const ModelConfig& config,
+                                                  std::span<const float> params, const InferenceOptions& options);
+// The device-to-device copy bandwidth of the current GPU in bytes per second (bytes read
+// plus bytes written over the time of a cudaMemcpy of `bytes`, best of a few); throws
+// without CUDA. The denominator of the decode benchmark's memory-bandwidth bound.
+double inference_cuda_copy_bandwidth(size_t bytes);
 
 // The one-row attention of the CPU decode step, exposed for its test: for each of `rows`
 // query rows (rows, NH, HD) and the keys and values of its slot (K/V rows of stride
@@ -89,6 +120,13 @@ struct DecodeAttentionParams {
   int threads = 0;
 };
 void attention_decode_cpu(const DecodeAttentionParams& params);
+
+// The flash-decoding algorithm of the CUDA decode kernel, written plainly on the CPU as its
+// reference: each (row, head) splits its keys into blocks of keys_per_split; block s
+// computes m_s = max score, l_s = sum exp(score - m_s) and o_s = sum exp(score - m_s) v;
+// the blocks combine as o = sum_s exp(m_s - M) o_s / sum_s exp(m_s - M) l_s, M = max m_s.
+// Same parameters and result as attention_decode_cpu (threads ignored).
+void attention_decode_split_reference(const DecodeAttentionParams& params, int64_t keys_per_split);
 
 // ---------------------------------------------------------------------------------------
 // Sampling.

@@ -37,8 +37,9 @@ struct EvalTranslateOptions {
   float temperature = 1.0f;
   int64_t top_k = 0;
   float top_p = 1.0f;
-  int64_t batch = 8;
+  int64_t batch = 0;  // 0: 8 on the CPU, 64 on the GPU
   int threads = 0;
+  std::string device = "auto";
   std::string tokenizer_dir;
   bool no_plot = false;
   bool quiet = false;
@@ -60,10 +61,10 @@ double two_decimals(double x) { return std::round(x * 100.0) / 100.0; }
 void run_eval_translate(const EvalTranslateOptions& o) {
   fmt::print(stderr,
              "eval translate: run={} shots=[{}] direction={} limit={} data_dir={} train_data={} seed={} "
-             "max_new_tokens={} sample={} temperature={} top_k={} top_p={} batch={} threads={}\n",
+             "max_new_tokens={} sample={} temperature={} top_k={} top_p={} batch={} threads={} device={}\n",
              o.run, fmt::join(o.shots, ","), o.direction, o.limit, o.data_dir.empty() ? "(default)" : o.data_dir,
              o.train_data.empty() ? "(from RUN/config.json)" : o.train_data, o.seed, o.max_new_tokens, o.sample,
-             o.temperature, o.top_k, o.top_p, o.batch, o.threads);
+             o.temperature, o.top_k, o.top_p, o.batch, o.threads, o.device);
   const std::filesystem::path run = o.run;
   FLASHGPT_CHECK(std::filesystem::is_directory(run), "--run {}: not a run directory", o.run);
   FLASHGPT_CHECK(o.limit >= 0, "--limit {} cannot be negative", o.limit);
@@ -92,9 +93,11 @@ void run_eval_translate(const EvalTranslateOptions& o) {
   const RunWeights weights = run_load_weights(run);
   const Tokenizer tokenizer = Tokenizer::load(weights.encoding, cli_tokenizer_dir(o.tokenizer_dir));
   InferenceOptions io;
-  io.max_slots = o.batch;
+  const std::string device = inference_resolve_device(o.device);
+  io.max_slots = o.batch > 0 ? o.batch : device == "cuda" ? 64 : 8;
   io.threads = o.threads;
-  auto engine = inference_create_cpu(weights.config, weights.params, io);
+  fmt::print(stderr, "engine: {} with {} slots\n", device, io.max_slots);
+  auto engine = inference_create(device, weights.config, weights.params, io);
   const auto settings = translate_evaluate(*engine, tokenizer, test, dev, config);
 
   const auto out_dir = run / "eval";
@@ -203,9 +206,11 @@ void cli_add_eval_translate(CLI::App& eval) {
   t->add_option("--temperature", o->temperature, "Sampling temperature")->capture_default_str();
   t->add_option("--top-k", o->top_k, "Sampling top-k (0: off)")->capture_default_str();
   t->add_option("--top-p", o->top_p, "Sampling top-p (1: off)")->capture_default_str();
-  t->add_option("--batch", o->batch, "Sentences in flight at once (KV-cache slots)")->capture_default_str()
-      ->check(CLI::PositiveNumber);
+  t->add_option("--batch", o->batch, "Sentences in flight at once (KV-cache slots; 0: 8 on cpu, 64 on cuda)")
+      ->capture_default_str()->check(CLI::NonNegativeNumber);
   cli_option_threads(*t, o->threads, "CPU threads");
+  t->add_option("--device", o->device, "cpu, cuda, or auto (cuda where a GPU is present)")->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   cli_option_tokenizer_dir(*t, o->tokenizer_dir);
   t->add_flag("--no-plot", o->no_plot, "Do not draw RUN/eval/translate.png");
   t->add_flag("--quiet", o->quiet, "No progress lines");

@@ -1,4 +1,4 @@
-// `flashgpt generate --run RUN "prompt"`: text from a trained run on the CPU, streamed as it
+// `flashgpt generate --run RUN "prompt"`: text from a trained run (CPU or GPU), streamed as it
 // is produced (one prompt) or batched (--prompts FILE, one prompt per line).
 #include "commands.h"
 #include "options.h"
@@ -34,6 +34,7 @@ struct GenerateOptions {
   bool ignore_end_of_text = false;
   int64_t batch = 8;
   int threads = 0;
+  std::string device = "auto";
   std::string tokenizer_dir;
   bool json = false;
   bool quiet = false;
@@ -51,9 +52,10 @@ void run_generate(const GenerateOptions& o) {
   for (const auto& s : o.stop) stops.push_back(stop_string_unescape(s));
   fmt::print(stderr,
              "generate: run={} prompts={} max_new_tokens={} greedy={} temperature={} top_k={} top_p={} seed={} "
-             "stop=[{}] stop_at_end_of_text={} batch={} threads={}\n",
+             "stop=[{}] stop_at_end_of_text={} batch={} threads={} device={}\n",
              o.run, prompts.size(), o.max_new_tokens, o.greedy, o.temperature, o.top_k, o.top_p, o.seed,
-             fmt::join(o.stop, ","), !o.ignore_end_of_text, o.batch, o.threads);
+             fmt::join(o.stop, ","), !o.ignore_end_of_text, o.batch, o.threads,
+             inference_resolve_device(o.device));
 
   const RunWeights weights = run_load_weights(o.run);
   const Tokenizer tokenizer = Tokenizer::load(weights.encoding, cli_tokenizer_dir(o.tokenizer_dir));
@@ -64,7 +66,7 @@ void run_generate(const GenerateOptions& o) {
   InferenceOptions io;
   io.max_slots = std::min<int64_t>(o.batch, static_cast<int64_t>(prompts.size()));
   io.threads = o.threads;
-  auto engine = inference_create_cpu(c, weights.params, io);
+  auto engine = inference_create(o.device, c, weights.params, io);
 
   GenerateConfig config;
   config.max_new_tokens = o.max_new_tokens;
@@ -115,7 +117,7 @@ void run_generate(const GenerateOptions& o) {
 
 void cli_add_generate(CLI::App& app) {
   auto o = std::make_shared<GenerateOptions>();
-  auto* g = app.add_subcommand("generate", "Generate text from a trained run (CPU, KV cache), streamed as it comes");
+  auto* g = app.add_subcommand("generate", "Generate text from a trained run (CPU or GPU, KV cache), streamed as it comes");
   g->add_option("prompt", o->prompts, "Prompt text (several: a batch)");
   g->add_option("--run", o->run, "Run directory (or its checkpoint.safetensors)")->required();
   g->add_option("--prompts", o->prompts_file, "File of prompts, one per line (.xz/.gz fine), run as a batch");
@@ -132,6 +134,8 @@ void cli_add_generate(CLI::App& app) {
   g->add_option("--batch", o->batch, "Prompts in flight at once (KV-cache slots)")->capture_default_str()
       ->check(CLI::PositiveNumber);
   cli_option_threads(*g, o->threads, "CPU threads");
+  g->add_option("--device", o->device, "cpu, cuda, or auto (cuda where a GPU is present)")->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   cli_option_tokenizer_dir(*g, o->tokenizer_dir);
   g->add_flag("--json", o->json, "One JSON object per prompt (index, prompt, output, finish, tokens) instead of text");
   g->add_flag("--quiet", o->quiet, "No timing line on stderr");

@@ -137,6 +137,39 @@ std::string stop_string_unescape(std::string_view text) {
   return out;
 }
 
+// ---- choosing an engine ----------------------------------------------------------------
+
+std::string inference_resolve_device(std::string_view device) {
+  if (device == "cpu" || device == "cuda") return std::string(device);
+  FLASHGPT_CHECK(device == "auto", "unknown device '{}' (choices: cpu, cuda, auto)", device);
+  return inference_cuda_available() ? "cuda" : "cpu";
+}
+
+std::unique_ptr<InferenceEngine> inference_create(std::string_view device, const ModelConfig& config,
+                                                  std::span<const float> params, const InferenceOptions& options) {
+  return inference_resolve_device(device) == "cuda" ? inference_create_cuda(config, params, options)
+                                                     : inference_create_cpu(config, params, options);
+}
+
+// ---- the engine's default sampling ------------------------------------------------------
+
+void InferenceEngine::forward_sample(std::span<const SlotChunk> chunks, const SamplingConfig& sampling,
+                                     std::span<const uint64_t> prompt_index, std::span<const uint64_t> step,
+                                     std::span<TokenId> tokens_out) {
+  const size_t B = chunks.size();
+  FLASHGPT_CHECK(prompt_index.size() == B && step.size() == B && tokens_out.size() == B,
+                 "forward_sample: {} chunks but {} prompt indices, {} steps, {} outputs", B, prompt_index.size(),
+                 step.size(), tokens_out.size());
+  const auto V = static_cast<size_t>(config().vocab_size);
+  std::vector<float> logits(B * V);
+  forward(chunks, logits);
+  std::vector<std::pair<float, TokenId>> scratch;
+  for (size_t b = 0; b < B; ++b) {
+    tokens_out[b] = sampling_draw(std::span<const float>(logits.data() + b * V, V), sampling, prompt_index[b],
+                                  step[b], scratch);
+  }
+}
+
 // ---- the loop ------------------------------------------------------------------------
 
 namespace {
@@ -179,8 +212,8 @@ std::vector<GenerationResult> generate_tokens(InferenceEngine& engine, const Tok
   for (int64_t s = engine.max_slots() - 1; s >= 0; --s) free_slots.push_back(s);
   std::vector<Row> rows;
   std::vector<SlotChunk> chunks;
-  std::vector<float> logits;
-  std::vector<std::pair<float, TokenId>> scratch;
+  std::vector<uint64_t> row_index, row_step;
+  std::vector<TokenId> drawn;
   GenerateStats local;
 
   while (!waiting.empty() || !rows.empty()) {
@@ -203,9 +236,14 @@ std::vector<GenerationResult> generate_tokens(InferenceEngine& engine, const Tok
       chunks.push_back({row.slot, row.chunk});
       any_prefill = any_prefill || row.prefill;
     }
-    logits.resize(chunks.size() * static_cast<size_t>(V));
+    row_index.clear(), row_step.clear();
+    for (const Row& row : rows) {
+      row_index.push_back(row.index);
+      row_step.push_back(results[row.index].tokens.size());
+    }
+    drawn.resize(chunks.size());
     const auto t0 = std::chrono::steady_clock::now();
-    engine.forward(chunks, logits);
+    engine.forward_sample(chunks, config.sampling, row_index, row_step, drawn);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     (any_prefill ? local.seconds_prefill : local.seconds_decode) += seconds;
     local.decode_steps += any_prefill ? 0 : 1;
@@ -214,8 +252,7 @@ std::vector<GenerationResult> generate_tokens(InferenceEngine& engine, const Tok
     for (size_t b = 0; b < rows.size(); ++b) {
       Row& row = rows[b];
       GenerationResult& result = results[row.index];
-      const std::span<const float> row_logits(logits.data() + b * V, static_cast<size_t>(V));
-      const TokenId token = sampling_draw(row_logits, config.sampling, row.index, result.tokens.size(), scratch);
+      const TokenId token = drawn[b];
       result.tokens.push_back(token);
       ++local.generated_tokens;
       std::optional<FinishReason> finish;

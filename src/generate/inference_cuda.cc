@@ -1,0 +1,476 @@
+// The bf16 CUDA inference engine: the model of model.h over a KV cache on the GPU.
+//
+// Precision is the training backend's: the matmul weights and inputs in bf16 with fp32
+// accumulation (cuBLAS), the residual stream, LayerNorm, biases and embeddings in fp32, the
+// K/V caches in bf16. A call runs, per layer: fused residual + LayerNorm (bf16 out), the
+// qkv product, the split of q and the bias-added k, v into the caches, attention, the
+// projection, residual + LayerNorm, fc, bias + GELU, fc-proj; the last layer's residual +
+// lnf runs only for each chunk's last row, and the head writes fp32 logits over the padded
+// vocabulary (Vp columns; only the V real ones are read).
+//
+// Attention: each chunk of more than one token (a prefill) runs our FlashAttention forward
+// with q from the chunk and K/V read in place from its slot's cache, causal and
+// bottom-right aligned; one-token chunks (decode) share one flash-decoding launch
+// (generate_cuda.h). A call whose chunks are all one token long is a decode step: the
+// first step of each batch size B is captured as a CUDA graph (the host-to-device copy of
+// the step's token places and sampling inputs, every kernel, the sampling, and the copy of
+// the B drawn tokens back), later steps replay it. All memory is allocated in the
+// constructor; a step allocates nothing.
+#include "inference_cuda_kernels.h"
+
+#include <flashgpt/attention_cuda.h>
+#include <flashgpt/cuda_check.h>
+#include <flashgpt/error.h>
+#include <flashgpt/generate.h>
+#include <flashgpt/generate_cuda.h>
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <vector>
+
+namespace flashgpt {
+
+namespace {
+
+using inference_cuda::bf16;
+using inference_cuda::SampleParams;
+using inference_cuda::TokenPlace;
+
+#define FLASHGPT_CUBLAS_CHECK(call)                                                                     \
+  do {                                                                                                  \
+    const cublasStatus_t flashgpt_cublas_ = (call);                                                     \
+    FLASHGPT_CHECK(flashgpt_cublas_ == CUBLAS_STATUS_SUCCESS, "cuBLAS call `{}` failed with status {}", \
+                   #call, static_cast<int>(flashgpt_cublas_));                                          \
+  } while (0)
+
+uint16_t float_to_bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);                      // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+template <class T>
+T* device_alloc(std::vector<void*>& owned, size_t count) {
+  void* p = nullptr;
+  FLASHGPT_CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(count, 1) * sizeof(T)));
+  owned.push_back(p);
+  return static_cast<T*>(p);
+}
+
+// Host-pinned and device copies of one call's per-row inputs (same layout).
+struct RowBlock {
+  SampleParams sample;
+  uint64_t* prompt_index;  // (S)
+  uint64_t* step;          // (S)
+  int32_t* last;           // (S): each chunk's last row in the call
+  int32_t* q_rows;         // (S): the decode rows
+  int32_t* slots;          // (S)
+  int32_t* lengths;        // (S): keys each decode row attends (its slot's length after the call)
+};
+
+class CudaEngine final : public InferenceEngine {
+ public:
+  CudaEngine(const ModelConfig& config, std::span<const float> params, const InferenceOptions& options);
+  ~CudaEngine() override;
+
+  const ModelConfig& config() const override { return config_; }
+  int64_t max_slots() const override { return S_; }
+  int64_t max_context() const override { return T_; }
+  int64_t length(int64_t slot) const override {
+    check_slot(slot);
+    return lengths_[slot];
+  }
+  void reset(int64_t slot) override {
+    check_slot(slot);
+    lengths_[slot] = 0;
+  }
+  void forward(std::span<const SlotChunk> chunks, std::span<float> logits_out) override;
+  void forward_sample(std::span<const SlotChunk> chunks, const SamplingConfig& sampling,
+                      std::span<const uint64_t> prompt_index, std::span<const uint64_t> step,
+                      std::span<TokenId> tokens_out) override;
+
+ private:
+  void check_slot(int64_t slot) const {
+    FLASHGPT_CHECK(slot >= 0 && slot < S_, "inference (cuda): slot {} is outside 0 .. {}", slot, S_ - 1);
+  }
+  // Validates the chunks and fills the pinned host inputs; returns N, the call's tokens.
+  int64_t stage(std::span<const SlotChunk> chunks);
+  // Enqueues the copies of the staged inputs, the model and the head (logits in d_logits_).
+  void enqueue_model(std::span<const SlotChunk> chunks, int64_t N, bool all_decode);
+  void enqueue_sample(int B);
+  void gemm(void* y, bool y_f32, const bf16* x, const bf16* w, int64_t rows, int64_t in, int64_t out, int64_t ldy);
+  const float* pf(ParamKind kind) const { return d_params_ + offsets_[static_cast<int>(kind)]; }
+  const bf16* pb(ParamKind kind) const { return d_weights_ + offsets_[static_cast<int>(kind)]; }
+  RowBlock row_block(char* base) const;
+
+  ModelConfig config_;
+  int64_t S_ = 0, T_ = 0, N_max_ = 0, C_ = 0, F_ = 0, NH_ = 0, HD_ = 0, L_ = 0, V_ = 0, Vp_ = 0;
+  int64_t offsets_[kParamKinds] = {};
+  int keys_per_split_ = 32;
+  std::vector<int64_t> lengths_;
+
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t cublas_ = nullptr;
+  std::vector<void*> owned_;
+  float* d_params_ = nullptr;  // fp32, the flat buffer
+  bf16* d_weights_ = nullptr;  // bf16 copy of it (the matmuls read this)
+  bf16 *k_cache_ = nullptr, *v_cache_ = nullptr;  // (L, S, T, C)
+  float* x_ = nullptr;                             // (N_max, C) residual stream
+  bf16 *h_ = nullptr, *qkv_ = nullptr, *q_ = nullptr, *att_ = nullptr, *y_ = nullptr, *ff_ = nullptr, *hb_ = nullptr;
+  float* lse_ = nullptr;       // (NH, N_max)
+  float* partials_ = nullptr;  // flash-decoding workspace
+  float* d_logits_ = nullptr;  // (S, Vp)
+  int32_t* d_tokens_ = nullptr;  // (S) drawn tokens
+  void* cublas_workspace_ = nullptr;
+  size_t row_bytes_ = 0;
+  char* h_rows_ = nullptr;        // pinned RowBlock storage
+  char* d_rows_ = nullptr;        // device copy
+  TokenPlace* h_places_ = nullptr;  // pinned (N_max)
+  TokenPlace* d_places_ = nullptr;
+  int32_t* h_tokens_ = nullptr;     // pinned (S)
+  std::map<int, cudaGraphExec_t> graphs_;  // decode steps by batch size
+  std::vector<int64_t> decode_chunks_;     // host: which chunks are one token (scratch)
+};
+
+RowBlock CudaEngine::row_block(char* base) const {
+  RowBlock r;
+  size_t at = 64;  // SampleParams lives at the start (64 bytes reserved)
+  auto take = [&](size_t bytes) {
+    char* p = base + at;
+    at += (bytes + 15) / 16 * 16;
+    return p;
+  };
+  r.prompt_index = reinterpret_cast<uint64_t*>(take(S_ * 8));
+  r.step = reinterpret_cast<uint64_t*>(take(S_ * 8));
+  r.last = reinterpret_cast<int32_t*>(take(S_ * 4));
+  r.q_rows = reinterpret_cast<int32_t*>(take(S_ * 4));
+  r.slots = reinterpret_cast<int32_t*>(take(S_ * 4));
+  r.lengths = reinterpret_cast<int32_t*>(take(S_ * 4));
+  return r;
+}
+
+CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params, const InferenceOptions& options)
+    : config_(config) {
+  model_config_validate(config_);
+  FLASHGPT_CHECK(static_cast<int64_t>(params.size()) == model_param_count(config_),
+                 "inference (cuda): the parameter buffer has {} floats, the {} config needs {}", params.size(),
+                 config_.preset, model_param_count(config_));
+  int devices = 0;
+  const cudaError_t status = cudaGetDeviceCount(&devices);
+  FLASHGPT_CHECK(status == cudaSuccess && devices > 0, "inference (cuda): no CUDA device is available ({})",
+                 status == cudaSuccess ? "no devices" : cudaGetErrorString(status));
+  FLASHGPT_CHECK(options.max_slots >= 1, "inference (cuda): max_slots must be at least 1, got {}", options.max_slots);
+  FLASHGPT_CHECK(options.max_context >= 0 && options.max_context <= config_.context,
+                 "inference (cuda): max_context {} is outside 0 .. the model's context {}", options.max_context,
+                 config_.context);
+  S_ = options.max_slots;
+  T_ = options.max_context > 0 ? options.max_context : config_.context;
+  C_ = config_.d_model, F_ = config_.d_ff, NH_ = config_.n_head, HD_ = config_.head_dim(), L_ = config_.n_layer;
+  V_ = config_.vocab_size, Vp_ = config_.padded_vocab_size;
+  N_max_ = S_ * T_;
+  FLASHGPT_CHECK(C_ % 8 == 0 && F_ % 8 == 0 && C_ <= 2048,
+                 "inference (cuda): d_model {} and d_ff {} must be multiples of 8, d_model at most 2048", C_, F_);
+  FLASHGPT_CHECK((HD_ == 32 || HD_ == 64 || HD_ == 96 || HD_ == 128) &&
+                     attention_cuda_head_dim_compiled(static_cast<int>(HD_)),
+                 "inference (cuda): head dim {} has no CUDA attention kernel in this build "
+                 "(FLASHGPT_ATTENTION_HEAD_DIMS; the decode kernel takes 32, 64, 96, 128)",
+                 HD_);
+  FLASHGPT_CHECK(N_max_ < (int64_t{1} << 31), "inference (cuda): {} slots x context {} is too many tokens", S_, T_);
+  for (const ParamSpec& spec : model_param_specs(config_)) offsets_[static_cast<int>(spec.kind)] = spec.offset;
+  // Enough blocks of keys to fill the GPU at batch 1, few enough to stay cheap at batch 64.
+  keys_per_split_ = S_ * NH_ >= 256 ? 128 : 32;
+
+  FLASHGPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  FLASHGPT_CUBLAS_CHECK(cublasCreate(&cublas_));
+  FLASHGPT_CUBLAS_CHECK(cublasSetStream(cublas_, stream_));
+  constexpr size_t kCublasWorkspace = size_t{32} << 20;
+  cublas_workspace_ = device_alloc<char>(owned_, kCublasWorkspace);
+  FLASHGPT_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspace));
+
+  const size_t P = params.size();
+  d_params_ = device_alloc<float>(owned_, P);
+  d_weights_ = device_alloc<bf16>(owned_, P);
+  FLASHGPT_CUDA_CHECK(cudaMemcpy(d_params_, params.data(), P * sizeof(float), cudaMemcpyHostToDevice));
+  {
+    std::vector<uint16_t> bits(P);
+    for (size_t i = 0; i < P; ++i) bits[i] = float_to_bf16_bits(params[i]);
+    FLASHGPT_CUDA_CHECK(cudaMemcpy(d_weights_, bits.data(), P * 2, cudaMemcpyHostToDevice));
+  }
+  const size_t cache = static_cast<size_t>(L_ * S_ * T_ * C_);
+  k_cache_ = device_alloc<bf16>(owned_, cache);
+  v_cache_ = device_alloc<bf16>(owned_, cache);
+  const auto N = static_cast<size_t>(N_max_);
+  x_ = device_alloc<float>(owned_, N * C_);
+  h_ = device_alloc<bf16>(owned_, N * C_);
+  qkv_ = device_alloc<bf16>(owned_, N * 3 * C_);
+  q_ = device_alloc<bf16>(owned_, N * C_);
+  att_ = device_alloc<bf16>(owned_, N * C_);
+  y_ = device_alloc<bf16>(owned_, N * C_);
+  ff_ = device_alloc<bf16>(owned_, N * F_);
+  hb_ = device_alloc<bf16>(owned_, S_ * C_);
+  lse_ = device_alloc<float>(owned_, N * NH_);
+  partials_ = device_alloc<float>(
+      owned_, attention_decode_cuda_partial_floats(static_cast<int>(S_), static_cast<int>(NH_), static_cast<int>(HD_),
+                                                   static_cast<int>(T_), keys_per_split_));
+  d_logits_ = device_alloc<float>(owned_, S_ * Vp_);
+  d_tokens_ = device_alloc<int32_t>(owned_, S_);
+  row_bytes_ = 64 + 6 * ((static_cast<size_t>(S_) * 8 + 15) / 16 * 16);
+  d_rows_ = device_alloc<char>(owned_, row_bytes_);
+  d_places_ = device_alloc<TokenPlace>(owned_, N);
+  FLASHGPT_CUDA_CHECK(cudaMallocHost(&h_rows_, row_bytes_));
+  FLASHGPT_CUDA_CHECK(cudaMallocHost(&h_places_, N * sizeof(TokenPlace)));
+  FLASHGPT_CUDA_CHECK(cudaMallocHost(&h_tokens_, S_ * sizeof(int32_t)));
+  std::memset(h_rows_, 0, row_bytes_);
+  lengths_.assign(static_cast<size_t>(S_), 0);
+}
+
+CudaEngine::~CudaEngine() {
+  for (auto& [b, exec] : graphs_) cudaGraphExecDestroy(exec);
+  if (cublas_) cublasDestroy(cublas_);
+  for (void* p : owned_) cudaFree(p);
+  cudaFreeHost(h_rows_);
+  cudaFreeHost(h_places_);
+  cudaFreeHost(h_tokens_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+void CudaEngine::gemm(void* y, bool y_f32, const bf16* x, const bf16* w, int64_t rows, int64_t in, int64_t out,
+                      int64_t ldy) {
+  // Row-major Y (rows, out) = X (rows, in) W (out, in)^T is column-major Y^T = W X^T.
+  const float alpha = 1.0f, beta = 0.0f;
+  FLASHGPT_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), static_cast<int>(rows),
+                                     static_cast<int>(in), &alpha, w, CUDA_R_16BF, static_cast<int>(in), x,
+                                     CUDA_R_16BF, static_cast<int>(in), &beta, y,
+                                     y_f32 ? CUDA_R_32F : CUDA_R_16BF, static_cast<int>(ldy), CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT));
+}
+
+int64_t CudaEngine::stage(std::span<const SlotChunk> chunks) {
+  const auto B = static_cast<int64_t>(chunks.size());
+  FLASHGPT_CHECK(B <= S_, "inference (cuda): {} chunks in one call, but only {} slots", B, S_);
+  std::vector<bool> seen(static_cast<size_t>(S_), false);
+  const RowBlock rows = row_block(h_rows_);
+  int64_t N = 0, decode = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const SlotChunk& chunk = chunks[b];
+    check_slot(chunk.slot);
+    FLASHGPT_CHECK(!seen[chunk.slot], "inference (cuda): slot {} appears twice in one forward call", chunk.slot);
+    seen[chunk.slot] = true;
+    const auto n = static_cast<int64_t>(chunk.tokens.size());
+    FLASHGPT_CHECK(n >= 1, "inference (cuda): an empty chunk for slot {}", chunk.slot);
+    FLASHGPT_CHECK(lengths_[chunk.slot] + n <= T_, "inference (cuda): slot {} holds {} tokens; {} more exceed the "
+                   "context of {}", chunk.slot, lengths_[chunk.slot], n, T_);
+    for (int64_t i = 0; i < n; ++i) {
+      const TokenId t = chunk.tokens[i];
+      FLASHGPT_CHECK(static_cast<int64_t>(t) < V_, "inference (cuda): token id {} is outside the vocabulary of {}", t,
+                     V_);
+      h_places_[N + i] = {static_cast<int32_t>(t), static_cast<int32_t>(lengths_[chunk.slot] + i),
+                          static_cast<int32_t>(chunk.slot)};
+    }
+    if (n == 1) {
+      rows.q_rows[decode] = static_cast<int32_t>(N);
+      rows.slots[decode] = static_cast<int32_t>(chunk.slot);
+      rows.lengths[decode] = static_cast<int32_t>(lengths_[chunk.slot] + 1);
+      ++decode;
+    }
+    N += n;
+    rows.last[b] = static_cast<int32_t>(N - 1);
+  }
+  return N;
+}
+
+void CudaEngine::enqueue_model(std::span<const SlotChunk> chunks, int64_t N, bool all_decode) {
+  using namespace inference_cuda;
+  const auto B = static_cast<int>(chunks.size());
+  const int C = static_cast<int>(C_);
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_rows_, h_rows_, row_bytes_, cudaMemcpyHostToDevice, stream_));
+  FLASHGPT_CUDA_CHECK(
+      cudaMemcpyAsync(d_places_, h_places_, N * sizeof(TokenPlace), cudaMemcpyHostToDevice, stream_));
+  const RowBlock rows = row_block(d_rows_);
+  int decode_rows = 0;
+  for (const SlotChunk& chunk : chunks) decode_rows += chunk.tokens.size() == 1 ? 1 : 0;
+  const int n = static_cast<int>(N);
+  embed(x_, d_places_, pf(ParamKind::wte), pf(ParamKind::wpe), n, C, stream_);
+  residual_layernorm(x_, nullptr, nullptr, pf(ParamKind::ln1_w), pf(ParamKind::ln1_b), h_, nullptr, n, C, false,
+                     stream_);
+  const int64_t slot_stride = T_ * C_;
+  for (int64_t l = 0; l < L_; ++l) {
+    bf16* kc = k_cache_ + l * S_ * slot_stride;
+    bf16* vc = v_cache_ + l * S_ * slot_stride;
+    gemm(qkv_, false, h_, pb(ParamKind::qkv_w) + l * 3 * C_ * C_, N, C_, 3 * C_, 3 * C_);
+    split_qkv(q_, kc, vc, qkv_, pf(ParamKind::qkv_b) + l * 3 * C_, d_places_, n, C, slot_stride, stream_);
+    if (!all_decode) {
+      int64_t first = 0;
+      for (const SlotChunk& chunk : chunks) {
+        const auto len = static_cast<int64_t>(chunk.tokens.size());
+        if (len > 1) {
+          const int64_t cached = lengths_[chunk.slot];
+          AttentionParams p;
+          p.q = q_ + first * C_;
+          p.k = kc + chunk.slot * slot_stride;
+          p.v = vc + chunk.slot * slot_stride;
+          p.o = att_ + first * C_;
+          p.lse = lse_;
+          p.dtype = DType::bf16;
+          p.batch = 1;
+          p.seqlen_q = static_cast<int>(len);
+          p.seqlen_k = static_cast<int>(cached + len);
+          p.heads_q = p.heads_kv = static_cast<int>(NH_);
+          p.head_dim = static_cast<int>(HD_);
+          p.q_batch_stride = len * C_, p.q_row_stride = C_, p.q_head_stride = HD_;
+          p.k_batch_stride = slot_stride, p.k_row_stride = C_, p.k_head_stride = HD_;
+          p.v_batch_stride = slot_stride, p.v_row_stride = C_, p.v_head_stride = HD_;
+          p.o_batch_stride = len * C_, p.o_row_stride = C_, p.o_head_stride = HD_;
+          p.lse_batch_stride = NH_ * len, p.lse_head_stride = len;
+          p.mask = Mask::causal;
+          attention_forward_cuda(p, stream_);
+        }
+        first += len;
+      }
+    }
+    if (decode_rows > 0) {
+      DecodeAttentionCudaParams d;
+      d.q = q_, d.k = kc, d.v = vc, d.o = att_, d.partials = partials_;
+      d.q_rows = rows.q_rows, d.slots = rows.slots, d.lengths = rows.lengths;
+      d.rows = decode_rows, d.heads = static_cast<int>(NH_), d.head_dim = static_cast<int>(HD_);
+      d.q_row_stride = C_, d.o_row_stride = C_, d.row_stride = C_, d.slot_stride = slot_stride;
+      d.max_length = static_cast<int>(T_);
+      d.keys_per_split = keys_per_split_;
+      attention_decode_cuda(d, stream_);
+    }
+    gemm(y_, false, att_, pb(ParamKind::attn_proj_w) + l * C_ * C_, N, C_, C_, C_);
+    residual_layernorm(x_, y_, pf(ParamKind::attn_proj_b) + l * C_, pf(ParamKind::ln2_w) + l * C_,
+                       pf(ParamKind::ln2_b) + l * C_, h_, nullptr, n, C, true, stream_);
+    gemm(ff_, false, h_, pb(ParamKind::fc_w) + l * F_ * C_, N, C_, F_, F_);
+    bias_gelu(ff_, pf(ParamKind::fc_b) + l * F_, N, static_cast<int>(F_), stream_);
+    gemm(y_, false, ff_, pb(ParamKind::fc_proj_w) + l * C_ * F_, N, F_, C_, C_);
+    if (l + 1 < L_) {
+      residual_layernorm(x_, y_, pf(ParamKind::fc_proj_b) + l * C_, pf(ParamKind::ln1_w) + (l + 1) * C_,
+                         pf(ParamKind::ln1_b) + (l + 1) * C_, h_, nullptr, n, C, true, stream_);
+    } else {
+      // Only each chunk's last row goes on to the head.
+      residual_layernorm(x_, y_, pf(ParamKind::fc_proj_b) + l * C_, pf(ParamKind::lnf_w), pf(ParamKind::lnf_b), hb_,
+                         rows.last, B, C, false, stream_);
+    }
+  }
+  // The tied head over the padded vocabulary (Vp columns; the padding rows of wte are zero
+  // and never read as logits).
+  gemm(d_logits_, true, hb_, pb(ParamKind::wte), B, C_, Vp_, Vp_);
+}
+
+void CudaEngine::enqueue_sample(int B) {
+  const RowBlock rows = row_block(d_rows_);
+  inference_cuda::sample(d_tokens_, d_logits_, Vp_, static_cast<int>(V_), B,
+                         reinterpret_cast<const SampleParams*>(d_rows_), rows.prompt_index, rows.step, stream_);
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(h_tokens_, d_tokens_, B * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
+}
+
+void CudaEngine::forward(std::span<const SlotChunk> chunks, std::span<float> logits_out) {
+  const auto B = static_cast<int64_t>(chunks.size());
+  FLASHGPT_CHECK(static_cast<int64_t>(logits_out.size()) == B * V_,
+                 "inference (cuda): logits_out has {} floats, {} chunks x V {} need {}", logits_out.size(), B, V_,
+                 B * V_);
+  const int64_t N = stage(chunks);
+  if (B == 0) return;
+  enqueue_model(chunks, N, false);
+  FLASHGPT_CUDA_CHECK(cudaMemcpy2DAsync(logits_out.data(), V_ * sizeof(float), d_logits_, Vp_ * sizeof(float),
+                                        V_ * sizeof(float), B, cudaMemcpyDeviceToHost, stream_));
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  for (const SlotChunk& chunk : chunks) lengths_[chunk.slot] += static_cast<int64_t>(chunk.tokens.size());
+}
+
+void CudaEngine::forward_sample(std::span<const SlotChunk> chunks, const SamplingConfig& sampling,
+                                std::span<const uint64_t> prompt_index, std::span<const uint64_t> step,
+                                std::span<TokenId> tokens_out) {
+  sampling_validate(sampling);
+  const auto B = static_cast<int64_t>(chunks.size());
+  FLASHGPT_CHECK(static_cast<int64_t>(prompt_index.size()) == B && static_cast<int64_t>(step.size()) == B &&
+                     static_cast<int64_t>(tokens_out.size()) == B,
+                 "forward_sample: {} chunks but {} prompt indices, {} steps, {} outputs", B, prompt_index.size(),
+                 step.size(), tokens_out.size());
+  const int64_t N = stage(chunks);
+  if (B == 0) return;
+  auto* params = reinterpret_cast<SampleParams*>(h_rows_);
+  params->greedy = sampling.greedy ? 1 : 0;
+  params->temperature = sampling.temperature;
+  params->top_k = static_cast<int32_t>(std::min<int64_t>(sampling.top_k, V_));
+  params->top_p = sampling.top_p;
+  params->seed = sampling.seed;
+  const RowBlock rows = row_block(h_rows_);
+  for (int64_t b = 0; b < B; ++b) rows.prompt_index[b] = prompt_index[b], rows.step[b] = step[b];
+  const bool all_decode = N == B;
+  if (all_decode) {
+    auto it = graphs_.find(static_cast<int>(B));
+    if (it == graphs_.end()) {
+      cudaGraph_t graph = nullptr;
+      FLASHGPT_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+      try {
+        enqueue_model(chunks, N, true);
+        enqueue_sample(static_cast<int>(B));
+      } catch (...) {
+        cudaStreamEndCapture(stream_, &graph);
+        if (graph) cudaGraphDestroy(graph);
+        throw;
+      }
+      FLASHGPT_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+      cudaGraphExec_t exec = nullptr;
+      const cudaError_t status = cudaGraphInstantiate(&exec, graph, 0);
+      cudaGraphDestroy(graph);
+      FLASHGPT_CUDA_CHECK(status);
+      it = graphs_.emplace(static_cast<int>(B), exec).first;
+    }
+    FLASHGPT_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+  } else {
+    enqueue_model(chunks, N, false);
+    enqueue_sample(static_cast<int>(B));
+  }
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  for (int64_t b = 0; b < B; ++b) tokens_out[b] = static_cast<TokenId>(h_tokens_[b]);
+  for (const SlotChunk& chunk : chunks) lengths_[chunk.slot] += static_cast<int64_t>(chunk.tokens.size());
+}
+
+}  // namespace
+
+std::unique_ptr<InferenceEngine> inference_create_cuda(const ModelConfig& config, std::span<const float> params,
+                                                       const InferenceOptions& options) {
+  return std::make_unique<CudaEngine>(config, params, options);
+}
+
+double inference_cuda_copy_bandwidth(size_t bytes) {
+  FLASHGPT_CHECK(inference_cuda_available(), "inference: no CUDA device to measure the copy bandwidth of");
+  void *a = nullptr, *b = nullptr;
+  FLASHGPT_CUDA_CHECK(cudaMalloc(&a, bytes));
+  FLASHGPT_CUDA_CHECK(cudaMalloc(&b, bytes));
+  cudaEvent_t start, stop;
+  FLASHGPT_CUDA_CHECK(cudaEventCreate(&start));
+  FLASHGPT_CUDA_CHECK(cudaEventCreate(&stop));
+  FLASHGPT_CUDA_CHECK(cudaMemset(a, 1, bytes));
+  float best = 1e30f;
+  for (int i = 0; i < 6; ++i) {
+    FLASHGPT_CUDA_CHECK(cudaEventRecord(start));
+    FLASHGPT_CUDA_CHECK(cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice));
+    FLASHGPT_CUDA_CHECK(cudaEventRecord(stop));
+    FLASHGPT_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    FLASHGPT_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (i > 0) best = std::min(best, ms);  // the first is a warm-up
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * static_cast<double>(bytes) / (best * 1e-3);
+}
+
+bool inference_cuda_available() {
+  int devices = 0;
+  return cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;
+}
+
+}  // namespace flashgpt

@@ -1,0 +1,465 @@
+// Kernels of the CUDA inference engine: embedding, fused residual + LayerNorm, the qkv
+// split into the K/V caches, bias + GELU, flash-decoding attention, and sampling.
+#include "inference_cuda_kernels.h"
+
+#include <flashgpt/cuda_check.h>
+#include <flashgpt/generate_cuda.h>
+#include <flashgpt/philox.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace flashgpt {
+
+namespace inference_cuda {
+
+namespace {
+
+constexpr float kEps = 1e-5f;  // model.h's kLayerNormEps
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__global__ void embed_kernel(float* x, const TokenPlace* places, const float* wte, const float* wpe, int C) {
+  const int n = blockIdx.x;
+  const TokenPlace p = places[n];
+  const float* te = wte + static_cast<int64_t>(p.token) * C;
+  const float* pe = wpe + static_cast<int64_t>(p.pos) * C;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) x[static_cast<int64_t>(n) * C + c] = te[c] + pe[c];
+}
+
+// One warp per row; the row is held in registers (C <= 32 * 64).
+constexpr int kLnMaxPerLane = 64;
+
+__global__ void residual_layernorm_kernel(float* x, const bf16* y, const float* bias, const float* w, const float* b,
+                                          bf16* h, const int32_t* row_index, int rows, int C, bool write_x) {
+  const int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (n >= rows) return;
+  const int64_t r = row_index ? row_index[n] : n;
+  float* xr = x + r * C;
+  float vals[kLnMaxPerLane];
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kLnMaxPerLane; ++i) {
+    const int c = lane + 32 * i;
+    if (c < C) {
+      float v = xr[c];
+      if (y) v += __bfloat162float(y[r * C + c]) + bias[c];
+      vals[i] = v;
+      sum += v;
+    }
+  }
+  const float mean = warp_sum(sum) / C;
+  float var = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kLnMaxPerLane; ++i) {
+    const int c = lane + 32 * i;
+    if (c < C) var += (vals[i] - mean) * (vals[i] - mean);
+  }
+  const float rstd = rsqrtf(warp_sum(var) / C + kEps);
+#pragma unroll
+  for (int i = 0; i < kLnMaxPerLane; ++i) {
+    const int c = lane + 32 * i;
+    if (c < C) {
+      if (write_x) xr[c] = vals[i];
+      h[static_cast<int64_t>(n) * C + c] = __float2bfloat16((vals[i] - mean) * rstd * w[c] + b[c]);
+    }
+  }
+}
+
+__global__ void split_qkv_kernel(bf16* q, bf16* k_cache, bf16* v_cache, const bf16* qkv, const float* bias,
+                                 const TokenPlace* places, int C, int64_t slot_stride) {
+  const int n = blockIdx.x;
+  const TokenPlace p = places[n];
+  const bf16* row = qkv + static_cast<int64_t>(n) * 3 * C;
+  const int64_t at = static_cast<int64_t>(p.slot) * slot_stride + static_cast<int64_t>(p.pos) * C;
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    q[static_cast<int64_t>(n) * C + c] = __float2bfloat16(__bfloat162float(row[c]) + bias[c]);
+    k_cache[at + c] = __float2bfloat16(__bfloat162float(row[C + c]) + bias[C + c]);
+    v_cache[at + c] = __float2bfloat16(__bfloat162float(row[2 * C + c]) + bias[2 * C + c]);
+  }
+}
+
+__global__ void bias_gelu_kernel(bf16* ff, const float* bias, int64_t count, int F) {
+  const float k = 0.7978845608028654f;  // sqrt(2 / pi)
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float v = __bfloat162float(ff[i]) + bias[i % F];
+    ff[i] = __float2bfloat16(0.5f * v * (1.0f + tanhf(k * (v + 0.044715f * v * v * v))));
+  }
+}
+
+// ---- sampling --------------------------------------------------------------------------
+
+constexpr int kSampleThreads = 1024;
+
+// A total order on (scaled logit, id): a larger key is more likely; equal logits order by
+// lower id. The float's bits map to an unsigned integer in the same order.
+__device__ __forceinline__ uint64_t sample_key(float z, int id) {
+  uint32_t u = __float_as_uint(z);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (static_cast<uint64_t>(u) << 32) | (0xffffffffu - static_cast<uint32_t>(id));
+}
+__device__ __forceinline__ int key_id(uint64_t key) { return static_cast<int>(0xffffffffu - static_cast<uint32_t>(key)); }
+
+// Fixed-point probabilities (2^40 = 1) so that sums are integer and do not depend on the
+// order in which threads add them.
+constexpr double kFixedOne = 1099511627776.0;
+
+struct SampleShared {
+  unsigned long long hist[256];
+  float red_f[kSampleThreads / 32];
+  unsigned long long red_u[kSampleThreads / 32];
+  uint64_t prefix;
+  unsigned long long target;
+};
+
+__device__ float block_max(float v, SampleShared& s) {
+  v = warp_max(v);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) s.red_f[threadIdx.x / 32] = v;
+  __syncthreads();
+  float m = -FLT_MAX;
+  for (int i = 0; i < kSampleThreads / 32; ++i) m = fmaxf(m, s.red_f[i]);
+  return m;
+}
+__device__ float block_sum(float v, SampleShared& s) {
+  v = warp_sum(v);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) s.red_f[threadIdx.x / 32] = v;
+  __syncthreads();
+  float t = 0.0f;
+  for (int i = 0; i < kSampleThreads / 32; ++i) t += s.red_f[i];
+  return t;
+}
+__device__ unsigned long long block_sum_u64(unsigned long long v, SampleShared& s) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  __syncthreads();
+  if (threadIdx.x % 32 == 0) s.red_u[threadIdx.x / 32] = v;
+  __syncthreads();
+  unsigned long long t = 0;
+  for (int i = 0; i < kSampleThreads / 32; ++i) t += s.red_u[i];
+  return t;
+}
+
+// The key K among the keys >= lower such that the weights of keys > K sum to less than
+// target and those of keys >= K to at least target (target >= 1): a radix select over
+// the 64-bit keys, 8 bits per pass, with weight 1 (counting: the target-th largest) or
+// the fixed-point probability exp(z - zmax) * fixed_scale.
+__device__ uint64_t radix_select(const float* logits, int V, float inv_t, float zmax, float fixed_scale,
+                                 bool count, uint64_t lower, unsigned long long target, SampleShared& s) {
+  if (threadIdx.x == 0) {
+    s.prefix = 0;
+    s.target = target;
+  }
+  for (int shift = 56; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) s.hist[i] = 0;
+    __syncthreads();
+    const uint64_t prefix = s.prefix;
+    const uint64_t high_mask = shift == 56 ? 0 : ~((uint64_t{1} << (shift + 8)) - 1);
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+      const float z = logits[i] * inv_t;
+      const uint64_t key = sample_key(z, i);
+      if (key < lower || ((key ^ prefix) & high_mask) != 0) continue;
+      const unsigned long long w =
+          count ? 1ull : static_cast<unsigned long long>(__expf(z - zmax) * fixed_scale + 0.5f);
+      if (w) atomicAdd(&s.hist[(key >> shift) & 255], w);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned long long acc = 0, t = s.target;
+      int chosen = -1, last_nonzero = -1;
+      for (int bin = 255; bin >= 0; --bin) {
+        if (s.hist[bin] == 0) continue;
+        last_nonzero = bin;
+        if (acc + s.hist[bin] >= t) {
+          chosen = bin;
+          break;
+        }
+        acc += s.hist[bin];
+      }
+      if (chosen < 0) {  // rounding left the total just below the target: the least likely bin, its last key
+        chosen = last_nonzero < 0 ? 0 : last_nonzero;
+        s.target = last_nonzero < 0 ? 1 : s.hist[chosen];
+      } else {
+        s.target = t - acc;
+      }
+      s.prefix = prefix | (static_cast<uint64_t>(chosen) << shift);
+    }
+    __syncthreads();
+  }
+  const uint64_t result = s.prefix;
+  __syncthreads();
+  return result;
+}
+
+__global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* tokens, const float* all_logits, int64_t ld,
+                                                                 int V, const SampleParams* params_ptr,
+                                                                 const uint64_t* prompt_index, const uint64_t* step) {
+  __shared__ SampleShared s;
+  const int row = blockIdx.x;
+  const float* logits = all_logits + row * ld;
+  const SampleParams params = *params_ptr;
+  if (params.greedy) {
+    float best = -FLT_MAX;
+    int best_id = 0x7fffffff;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+      const float z = logits[i];
+      if (z > best || (z == best && i < best_id)) best = z, best_id = i;
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ob = __shfl_xor_sync(0xffffffffu, best, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, best_id, o);
+      if (ob > best || (ob == best && oi < best_id)) best = ob, best_id = oi;
+    }
+    __shared__ float wb[kSampleThreads / 32];
+    __shared__ int wi[kSampleThreads / 32];
+    if (threadIdx.x % 32 == 0) wb[threadIdx.x / 32] = best, wi[threadIdx.x / 32] = best_id;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 0; w < kSampleThreads / 32; ++w) {
+        if (wb[w] > best || (wb[w] == best && wi[w] < best_id)) best = wb[w], best_id = wi[w];
+      }
+      tokens[row] = best_id == 0x7fffffff ? 0 : best_id;
+    }
+    return;
+  }
+  const float inv_t = 1.0f / params.temperature;
+  float m = -FLT_MAX;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, logits[i] * inv_t);
+  const float zmax = block_max(m, s);
+  uint64_t lower = 0;
+  if (params.top_k > 0 && params.top_k < V) {
+    lower = radix_select(logits, V, inv_t, zmax, 0.0f, true, 0, static_cast<unsigned long long>(params.top_k), s);
+  }
+  // The top-k set's normaliser, then fixed-point probabilities renormalised over it.
+  float z_sum = 0.0f;
+  for (int i = threadIdx.x; i < V; i += blockDim.x) {
+    const float z = logits[i] * inv_t;
+    if (sample_key(z, i) >= lower) z_sum += __expf(z - zmax);
+  }
+  const float Z = block_sum(z_sum, s);
+  const float fixed_scale = static_cast<float>(kFixedOne) / Z;
+  auto mass_at_least = [&](uint64_t bound) {
+    unsigned long long part = 0;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+      const float z = logits[i] * inv_t;
+      if (sample_key(z, i) >= bound) part += static_cast<unsigned long long>(__expf(z - zmax) * fixed_scale + 0.5f);
+    }
+    return block_sum_u64(part, s);
+  };
+  if (params.top_p < 1.0f) {
+    const unsigned long long total = mass_at_least(lower);
+    unsigned long long target = static_cast<unsigned long long>(ceil(static_cast<double>(params.top_p) * total));
+    if (target < 1) target = 1;
+    lower = radix_select(logits, V, inv_t, zmax, fixed_scale, false, lower, target, s);
+  }
+  const unsigned long long mass = mass_at_least(lower);
+  const uint64_t st = step[row], pi = prompt_index[row];
+  const Philox4x32 words = philox4x32_10({static_cast<uint32_t>(st), static_cast<uint32_t>(st >> 32),
+                                          static_cast<uint32_t>(pi), static_cast<uint32_t>(pi >> 32)},
+                                         static_cast<uint32_t>(params.seed), static_cast<uint32_t>(params.seed >> 32));
+  const uint64_t bits = ((static_cast<uint64_t>(words.x) << 32) | words.y) >> 11;
+  const double u = static_cast<double>(bits) * 0x1.0p-53;
+  unsigned long long target = static_cast<unsigned long long>(u * static_cast<double>(mass)) + 1;
+  if (target > mass) target = mass;
+  const uint64_t key = radix_select(logits, V, inv_t, zmax, fixed_scale, false, lower, target, s);
+  if (threadIdx.x == 0) tokens[row] = key_id(key);
+}
+
+}  // namespace
+
+void embed(float* x, const TokenPlace* places, const float* wte, const float* wpe, int N, int C, cudaStream_t stream) {
+  if (N == 0) return;
+  embed_kernel<<<N, 256, 0, stream>>>(x, places, wte, wpe, C);
+  FLASHGPT_CUDA_CHECK_LAUNCH("embed_kernel");
+}
+
+void residual_layernorm(float* x, const bf16* y, const float* bias, const float* w, const float* b, bf16* h,
+                        const int32_t* row_index, int rows, int C, bool write_x, cudaStream_t stream) {
+  if (rows == 0) return;
+  if (C > 32 * kLnMaxPerLane) throw std::runtime_error("residual_layernorm: C above 2048");
+  constexpr int kWarps = 4;
+  residual_layernorm_kernel<<<(rows + kWarps - 1) / kWarps, 32 * kWarps, 0, stream>>>(x, y, bias, w, b, h, row_index,
+                                                                                        rows, C, write_x);
+  FLASHGPT_CUDA_CHECK_LAUNCH("residual_layernorm_kernel");
+}
+
+void split_qkv(bf16* q, bf16* k_cache, bf16* v_cache, const bf16* qkv, const float* bias, const TokenPlace* places,
+               int N, int C, int64_t slot_stride, cudaStream_t stream) {
+  if (N == 0) return;
+  split_qkv_kernel<<<N, 256, 0, stream>>>(q, k_cache, v_cache, qkv, bias, places, C, slot_stride);
+  FLASHGPT_CUDA_CHECK_LAUNCH("split_qkv_kernel");
+}
+
+void bias_gelu(bf16* ff, const float* bias, int64_t N, int F, cudaStream_t stream) {
+  const int64_t count = N * F;
+  if (count == 0) return;
+  const int64_t blocks = std::min<int64_t>((count + 255) / 256, 4096);
+  bias_gelu_kernel<<<static_cast<int>(blocks), 256, 0, stream>>>(ff, bias, count, F);
+  FLASHGPT_CUDA_CHECK_LAUNCH("bias_gelu_kernel");
+}
+
+void sample(int32_t* tokens, const float* logits, int64_t ld, int V, int rows, const SampleParams* params,
+            const uint64_t* prompt_index, const uint64_t* step, cudaStream_t stream) {
+  if (rows == 0) return;
+  sample_kernel<<<rows, kSampleThreads, 0, stream>>>(tokens, logits, ld, V, params, prompt_index, step);
+  FLASHGPT_CUDA_CHECK_LAUNCH("sample_kernel");
+}
+
+}  // namespace inference_cuda
+
+// ---- flash-decoding --------------------------------------------------------------------
+
+namespace {
+
+using inference_cuda::bf16;
+constexpr int kDecodeWarps = 4;
+
+__device__ __forceinline__ float warp_sum_d(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__host__ __device__ inline int max_splits(int max_length, int keys_per_split) { return (max_length + keys_per_split - 1) / keys_per_split; }
+
+// Block (split s, head h, row r): keys s*KS .. min(len, (s+1)*KS) - 1. Lane l holds the
+// head's dims l*E .. l*E + E - 1; warp w takes keys start + w, start + w + 4, ... Scores
+// are kept in the log2 domain (q pre-scaled by scale * log2(e)).
+template <int E>
+__global__ void __launch_bounds__(32 * kDecodeWarps) decode_partial_kernel(DecodeAttentionCudaParams p, float scale_log2) {
+  constexpr int D = 32 * E;
+  const int s = blockIdx.x, h = blockIdx.y, r = blockIdx.z;
+  const int len = p.lengths[r];
+  const int start = s * p.keys_per_split;
+  if (start >= len) return;
+  const int end = min(len, start + p.keys_per_split);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  extern __shared__ float shared[];
+  float* scores = shared;                          // (keys_per_split)
+  float* red = scores + p.keys_per_split;          // (warps, D)
+  float* red_l = red + kDecodeWarps * D;           // (warps)
+  const bf16* q = static_cast<const bf16*>(p.q) + p.q_rows[r] * p.q_row_stride + h * D + lane * E;
+  float qf[E];
+#pragma unroll
+  for (int e = 0; e < E; ++e) qf[e] = __bfloat162float(q[e]) * scale_log2;
+  const int64_t base = static_cast<int64_t>(p.slots[r]) * p.slot_stride + h * D + lane * E;
+  const bf16* k = static_cast<const bf16*>(p.k) + base;
+  const bf16* v = static_cast<const bf16*>(p.v) + base;
+  for (int j = start + warp; j < end; j += kDecodeWarps) {
+    const bf16* kj = k + static_cast<int64_t>(j) * p.row_stride;
+    float dot = 0.0f;
+#pragma unroll
+    for (int e = 0; e < E; ++e) dot += qf[e] * __bfloat162float(kj[e]);
+    dot = warp_sum_d(dot);
+    if (lane == 0) scores[j - start] = dot;
+  }
+  __syncthreads();
+  float m = -FLT_MAX;
+  for (int i = lane; i < end - start; i += 32) m = fmaxf(m, scores[i]);
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  float acc[E] = {};
+  float l = 0.0f;
+  for (int j = start + warp; j < end; j += kDecodeWarps) {
+    const float pj = exp2f(scores[j - start] - m);
+    l += pj;
+    const bf16* vj = v + static_cast<int64_t>(j) * p.row_stride;
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] += pj * __bfloat162float(vj[e]);
+  }
+#pragma unroll
+  for (int e = 0; e < E; ++e) red[warp * D + lane * E + e] = acc[e];
+  if (lane == 0) red_l[warp] = l;
+  __syncthreads();
+  if (warp != 0) return;
+  const int splits = max_splits(p.max_length, p.keys_per_split);
+  float* out = p.partials + ((static_cast<int64_t>(r) * p.heads + h) * splits + s) * (D + 2);
+#pragma unroll
+  for (int e = 0; e < E; ++e) {
+    float o = 0.0f;
+    for (int w = 0; w < kDecodeWarps; ++w) o += red[w * D + lane * E + e];
+    out[lane * E + e] = o;
+  }
+  if (lane == 0) {
+    float L = 0.0f;
+    for (int w = 0; w < kDecodeWarps; ++w) L += red_l[w];
+    out[D] = m;
+    out[D + 1] = L;
+  }
+}
+
+// One warp per (head, row): o = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s.
+template <int E>
+__global__ void decode_combine_kernel(DecodeAttentionCudaParams p) {
+  constexpr int D = 32 * E;
+  const int h = blockIdx.x, r = blockIdx.y, lane = threadIdx.x;
+  const int len = p.lengths[r];
+  const int used = (len + p.keys_per_split - 1) / p.keys_per_split;
+  const int splits = max_splits(p.max_length, p.keys_per_split);
+  const float* parts = p.partials + (static_cast<int64_t>(r) * p.heads + h) * splits * (D + 2);
+  float M = -FLT_MAX;
+  for (int s = 0; s < used; ++s) M = fmaxf(M, parts[s * (D + 2) + D]);
+  float L = 0.0f, acc[E] = {};
+  for (int s = 0; s < used; ++s) {
+    const float* part = parts + s * (D + 2);
+    const float f = exp2f(part[D] - M);
+    L += f * part[D + 1];
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] += f * part[lane * E + e];
+  }
+  bf16* o = static_cast<bf16*>(p.o) + p.q_rows[r] * p.o_row_stride + h * D + lane * E;
+#pragma unroll
+  for (int e = 0; e < E; ++e) o[e] = __float2bfloat16(acc[e] / L);
+}
+
+template <int E>
+void launch_decode(const DecodeAttentionCudaParams& p, cudaStream_t stream) {
+  constexpr int D = 32 * E;
+  const float scale_log2 = 1.4426950408889634f / sqrtf(static_cast<float>(D));
+  const dim3 grid(max_splits(p.max_length, p.keys_per_split), p.heads, p.rows);
+  const size_t shared = (p.keys_per_split + kDecodeWarps * D + kDecodeWarps) * sizeof(float);
+  decode_partial_kernel<E><<<grid, 32 * kDecodeWarps, shared, stream>>>(p, scale_log2);
+  FLASHGPT_CUDA_CHECK_LAUNCH("decode_partial_kernel");
+  decode_combine_kernel<E><<<dim3(p.heads, p.rows), 32, 0, stream>>>(p);
+  FLASHGPT_CUDA_CHECK_LAUNCH("decode_combine_kernel");
+}
+
+}  // namespace
+
+size_t attention_decode_cuda_partial_floats(int rows, int heads, int head_dim, int max_length, int keys_per_split) {
+  return static_cast<size_t>(rows) * heads * max_splits(max_length, keys_per_split) * (head_dim + 2);
+}
+
+void attention_decode_cuda(const DecodeAttentionCudaParams& p, cudaStream_t stream) {
+  if (!p.q || !p.k || !p.v || !p.o || !p.partials || !p.q_rows || !p.slots || !p.lengths) {
+    throw std::invalid_argument("attention_decode_cuda: null pointer");
+  }
+  if (p.rows < 0 || p.heads <= 0 || p.max_length <= 0 || p.keys_per_split < 8 || p.keys_per_split > 256 ||
+      p.keys_per_split % 8 != 0) {
+    throw std::invalid_argument("attention_decode_cuda: bad shape (rows " + std::to_string(p.rows) + ", heads " +
+                                std::to_string(p.heads) + ", max_length " + std::to_string(p.max_length) +
+                                ", keys_per_split " + std::to_string(p.keys_per_split) + ")");
+  }
+  if (p.rows == 0) return;
+  switch (p.head_dim) {
+    case 32: return launch_decode<1>(p, stream);
+    case 64: return launch_decode<2>(p, stream);
+    case 96: return launch_decode<3>(p, stream);
+    case 128: return launch_decode<4>(p, stream);
+    default:
+      throw std::invalid_argument("attention_decode_cuda: head_dim " + std::to_string(p.head_dim) +
+                                  " is not one of 32, 64, 96, 128");
+  }
+}
+
+}  // namespace flashgpt
