@@ -242,6 +242,12 @@ CudaEngine::~CudaEngine() {
 
 void CudaEngine::gemm(void* y, bool y_f32, const bf16* x, const bf16* w, int64_t rows, int64_t in, int64_t out,
                       int64_t ldy) {
+  // A decode step of a few rows: one pass over the weights (inference_cuda::gemv).
+  if (rows <= inference_cuda::kGemvMaxRows &&
+      inference_cuda::gemv(y, y_f32, ldy, x, w, nullptr, static_cast<int>(rows), static_cast<int>(in),
+                           static_cast<int>(out), stream_)) {
+    return;
+  }
   // Row-major Y (rows, out) = X (rows, in) W (out, in)^T is column-major Y^T = W X^T.
   const float alpha = 1.0f, beta = 0.0f;
   FLASHGPT_CUBLAS_CHECK(cublasGemmEx(cublas_, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(out), static_cast<int>(rows),
@@ -347,8 +353,11 @@ void CudaEngine::enqueue_model(std::span<const SlotChunk> chunks, int64_t N, boo
     gemm(y_, false, att_, pb(ParamKind::attn_proj_w) + l * C_ * C_, N, C_, C_, C_);
     residual_layernorm(x_, y_, pf(ParamKind::attn_proj_b) + l * C_, pf(ParamKind::ln2_w) + l * C_,
                        pf(ParamKind::ln2_b) + l * C_, h_, nullptr, n, C, true, stream_);
-    gemm(ff_, false, h_, pb(ParamKind::fc_w) + l * F_ * C_, N, C_, F_, F_);
-    bias_gelu(ff_, pf(ParamKind::fc_b) + l * F_, N, static_cast<int>(F_), stream_);
+    if (N > kGemvMaxRows || !gemv(ff_, false, F_, h_, pb(ParamKind::fc_w) + l * F_ * C_, pf(ParamKind::fc_b) + l * F_,
+                                  n, C, static_cast<int>(F_), stream_)) {
+      gemm(ff_, false, h_, pb(ParamKind::fc_w) + l * F_ * C_, N, C_, F_, F_);
+      bias_gelu(ff_, pf(ParamKind::fc_b) + l * F_, N, static_cast<int>(F_), stream_);
+    }
     gemm(y_, false, ff_, pb(ParamKind::fc_proj_w) + l * C_ * F_, N, F_, C_, C_);
     if (l + 1 < L_) {
       residual_layernorm(x_, y_, pf(ParamKind::fc_proj_b) + l * C_, pf(ParamKind::ln1_w) + (l + 1) * C_,

@@ -99,6 +99,64 @@ __global__ void bias_gelu_kernel(bf16* ff, const float* bias, int64_t count, int
   }
 }
 
+// ---- small-batch matrix-vector products -------------------------------------------------
+
+// y (R, out) = x (R, in) W (out, in)^T, R <= 8 rows (a decode step at small batch): one
+// warp per output row streams that row of W once with 16-byte loads while the R rows of x
+// sit in shared memory, so the weights are read once at close to the memory bandwidth
+// (cuBLAS runs these shapes as GEMMs with little parallelism). Epilogue: none, or + bias
+// then GELU (the fc layer). in % 8 == 0.
+constexpr int kGemvWarps = 8;
+
+__device__ __forceinline__ void bf16x8_to_float(const uint4& v, float* f) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 t = __bfloat1622float2(h[i]);
+    f[2 * i] = t.x, f[2 * i + 1] = t.y;
+  }
+}
+
+template <int R>
+__global__ void __launch_bounds__(32 * kGemvWarps) gemv_kernel(void* y, bool y_f32, int64_t ldy, const bf16* x,
+                                                               const bf16* w, const float* bias, int in, int out) {
+  extern __shared__ uint4 xs[];  // (R, in / 8)
+  const int chunks = in / 8;
+  for (int i = threadIdx.x; i < R * chunks; i += blockDim.x) xs[i] = reinterpret_cast<const uint4*>(x)[i];
+  __syncthreads();
+  const int o = blockIdx.x * kGemvWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (o >= out) return;
+  const uint4* wr = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(o) * in);
+  float acc[R] = {};
+  for (int i = lane; i < chunks; i += 32) {
+    float wf[8];
+    bf16x8_to_float(wr[i], wf);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float xf[8];
+      bf16x8_to_float(xs[r * chunks + i], xf);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[r] += wf[k] * xf[k];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+  if (lane != 0) return;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float v = acc[r];
+    if (bias) {
+      v += bias[o];
+      v = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+    }
+    if (y_f32) {
+      static_cast<float*>(y)[r * ldy + o] = v;
+    } else {
+      static_cast<bf16*>(y)[r * ldy + o] = __float2bfloat16(v);
+    }
+  }
+}
+
 // ---- sampling --------------------------------------------------------------------------
 
 constexpr int kSampleThreads = 1024;
@@ -308,6 +366,22 @@ void bias_gelu(bf16* ff, const float* bias, int64_t N, int F, cudaStream_t strea
   const int64_t blocks = std::min<int64_t>((count + 255) / 256, 4096);
   bias_gelu_kernel<<<static_cast<int>(blocks), 256, 0, stream>>>(ff, bias, count, F);
   FLASHGPT_CUDA_CHECK_LAUNCH("bias_gelu_kernel");
+}
+
+bool gemv(void* y, bool y_f32, int64_t ldy, const bf16* x, const bf16* w, const float* bias_gelu, int rows, int in,
+          int out, cudaStream_t stream) {
+  if (rows < 1 || rows > kGemvMaxRows || in % 8 != 0 || rows * in * 2 > 48 * 1024) return false;
+  const dim3 grid((out + kGemvWarps - 1) / kGemvWarps);
+  const size_t shared = static_cast<size_t>(rows) * in * 2;
+  switch (rows) {
+#define FLASHGPT_GEMV_CASE(R) \
+  case R: gemv_kernel<R><<<grid, 32 * kGemvWarps, shared, stream>>>(y, y_f32, ldy, x, w, bias_gelu, in, out); break;
+    FLASHGPT_GEMV_CASE(1) FLASHGPT_GEMV_CASE(2) FLASHGPT_GEMV_CASE(3) FLASHGPT_GEMV_CASE(4)
+    FLASHGPT_GEMV_CASE(5) FLASHGPT_GEMV_CASE(6) FLASHGPT_GEMV_CASE(7) FLASHGPT_GEMV_CASE(8)
+#undef FLASHGPT_GEMV_CASE
+  }
+  FLASHGPT_CUDA_CHECK_LAUNCH("gemv_kernel");
+  return true;
 }
 
 void sample(int32_t* tokens, const float* logits, int64_t ld, int V, int rows, const SampleParams* params,

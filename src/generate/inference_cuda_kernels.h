@@ -43,6 +43,14 @@ void split_qkv(bf16* q, bf16* k_cache, bf16* v_cache, const bf16* qkv, const flo
 // ff (N, F) bf16 = gelu_tanh(ff + bias), in place.
 void bias_gelu(bf16* ff, const float* bias, int64_t N, int F, cudaStream_t stream);
 
+// y (rows, out) (row stride ldy; fp32 or bf16) = x (rows, in) W (out, in)^T, then, when
+// bias_gelu is given, gelu_tanh(y + bias_gelu). For decode steps of at most kGemvMaxRows
+// rows: returns false (nothing launched) for a shape it does not take (rows outside
+// 1 .. kGemvMaxRows, in % 8 != 0), and the caller runs cuBLAS instead.
+constexpr int kGemvMaxRows = 8;
+bool gemv(void* y, bool y_f32, int64_t ldy, const bf16* x, const bf16* w, const float* bias_gelu, int rows, int in,
+          int out, cudaStream_t stream);
+
 // tokens[b] = the token drawn from logits row b (row stride ld, V real columns) as
 // sampling_draw does: argmax (lowest id on a tie) when greedy, else temperature, top-k,
 // top-p and a Philox draw keyed (seed, prompt_index[b], step[b]).
