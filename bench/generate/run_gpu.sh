@@ -2,7 +2,7 @@
 # Everything the GPU machine does for the CUDA inference engine, in one command, from a
 # folder holding binaries built elsewhere:
 #   bench/generate/run_gpu.sh DIR DATA
-# DIR holds flashgpt, generate_inference_cuda_test, eval_translate_test,
+# DIR holds flashgpt, generate_inference_cuda_test, eval_translate_cuda_test,
 # torch_static_kv.py and lib/ (libfmt, libgomp); DATA is the compressed shared data
 # (tokenizers/, wmt14/*.xz). Logs go to $OUT (or results/generate_gpu).
 set -uo pipefail
@@ -24,7 +24,7 @@ timeout 120 "$DIR/generate_inference_cuda_test" >"$OUT/cuda_test.log" 2>&1 || st
 echo "generate_inference_cuda_test: $(grep -E '^\[  (PASSED|FAILED)  \]' "$OUT/cuda_test.log" | tr '\n' ' ') ($((SECONDS - start)) s)"
 grep -E '^\[  FAILED  \]|Failure|rror|GPU vs CPU' -A4 "$OUT/cuda_test.log" | head -40
 start=$SECONDS
-timeout 120 "$DIR/eval_translate_test" --gtest_filter='*Gpu*:*Cli*' >"$OUT/translate_test.log" 2>&1 || status=1
+timeout 120 "$DIR/eval_translate_cuda_test" >"$OUT/translate_test.log" 2>&1 || status=1
 echo "eval_translate_test: $(grep -E '^\[  (PASSED|FAILED)  \]' "$OUT/translate_test.log" | tr '\n' ' ') ($((SECONDS - start)) s)"
 grep -E '^\[  FAILED  \]|Failure|identical' -A4 "$OUT/translate_test.log" | head -30
 for B in 1 64; do
@@ -40,7 +40,7 @@ for f in src.glob("newstest201[234].fr-en.[ef][nr].xz"):
     (dst / f.name[:-3]).write_bytes(lzma.open(f).read())
 PY
 start=$SECONDS
-FLASHGPT_TRANSLATE_BENCH_DATA=/tmp/wmt14 FLASHGPT_TRANSLATE_BENCH_LOG=$OUT/translate_seed_progress.log timeout ${TRANSLATE_TIMEOUT:-150} "$DIR/eval_translate_test" \
+FLASHGPT_TRANSLATE_BENCH_DATA=/tmp/wmt14 FLASHGPT_TRANSLATE_BENCH_LOG=$OUT/translate_seed_progress.log timeout ${TRANSLATE_TIMEOUT:-150} "$DIR/eval_translate_cuda_test" \
   --gtest_filter='*Timing*' >"$OUT/translate_seed.log" 2>&1 || status=1
 echo "translate timing: $((SECONDS - start)) s"; grep -E "shot|en-fr|fr-en|BLEU|3003|s$|FAILED|rror" "$OUT/translate_seed.log" | head -30
 tr '\r' '\n' <"$OUT/translate_seed_progress.log" | grep -v '^$' | tail -8

@@ -91,10 +91,13 @@ std::unique_ptr<InferenceEngine> inference_create_cuda(const ModelConfig& config
                                                        const InferenceOptions& options);
 // Whether this build has CUDA and a device is present (for --device auto).
 bool inference_cuda_available();
-// "cpu", "cuda", or "auto" (cuda where inference_cuda_available(), else cpu); throws naming
-// the choices for anything else.
-std::string inference_resolve_device(std::string_view device);
-// The engine of inference_resolve_device(device).
+// Whether the CUDA engine takes this model in this build (a GPU present, the head dim's
+// attention kernels compiled, d_model and d_ff multiples of 8, d_model <= 2048).
+bool inference_cuda_supports(const ModelConfig& config);
+// "cpu", "cuda", or "auto": cuda where inference_cuda_available() (and, given a config,
+// inference_cuda_supports it), else cpu; throws naming the choices for anything else.
+std::string inference_resolve_device(std::string_view device, const ModelConfig* config = nullptr);
+// The engine of inference_resolve_device(device, &config).
 std::unique_ptr<InferenceEngine> inference_create(std::string_view device, const ModelConfig& config,
                                                   std::span<const float> params, const InferenceOptions& options);
 // The device-to-device copy bandwidth of the current GPU in bytes per second (bytes read

@@ -42,11 +42,11 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 void run_bench_generate(const BenchGenerateOptions& o) {
-  const std::string device = inference_resolve_device(o.device);
-  fmt::print(stderr, "bench generate: preset={} vocab={} batch={} prompt_tokens={} new_tokens={} threads={} device={}\n",
-             o.preset, o.vocab, o.batch, o.prompt_tokens, o.new_tokens, o.threads, device);
   ModelConfig c = model_preset(o.preset, o.vocab);
   c.dropout = 0.0f;
+  const std::string device = inference_resolve_device(o.device, &c);
+  fmt::print(stderr, "bench generate: preset={} vocab={} batch={} prompt_tokens={} new_tokens={} threads={} device={}\n",
+             o.preset, o.vocab, o.batch, o.prompt_tokens, o.new_tokens, o.threads, device);
   FLASHGPT_CHECK(o.prompt_tokens >= 1 && o.new_tokens >= 1 && o.prompt_tokens + o.new_tokens <= c.context,
                  "--prompt-tokens {} + --new-tokens {} must fit the {} preset's context of {}", o.prompt_tokens,
                  o.new_tokens, o.preset, c.context);

@@ -93,7 +93,7 @@ void run_eval_translate(const EvalTranslateOptions& o) {
   const RunWeights weights = run_load_weights(run);
   const Tokenizer tokenizer = Tokenizer::load(weights.encoding, cli_tokenizer_dir(o.tokenizer_dir));
   InferenceOptions io;
-  const std::string device = inference_resolve_device(o.device);
+  const std::string device = inference_resolve_device(o.device, &weights.config);
   io.max_slots = o.batch > 0 ? o.batch : device == "cuda" ? 64 : 8;
   io.threads = o.threads;
   fmt::print(stderr, "engine: {} with {} slots\n", device, io.max_slots);

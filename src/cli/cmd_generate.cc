@@ -54,8 +54,7 @@ void run_generate(const GenerateOptions& o) {
              "generate: run={} prompts={} max_new_tokens={} greedy={} temperature={} top_k={} top_p={} seed={} "
              "stop=[{}] stop_at_end_of_text={} batch={} threads={} device={}\n",
              o.run, prompts.size(), o.max_new_tokens, o.greedy, o.temperature, o.top_k, o.top_p, o.seed,
-             fmt::join(o.stop, ","), !o.ignore_end_of_text, o.batch, o.threads,
-             inference_resolve_device(o.device));
+             fmt::join(o.stop, ","), !o.ignore_end_of_text, o.batch, o.threads, o.device);
 
   const RunWeights weights = run_load_weights(o.run);
   const Tokenizer tokenizer = Tokenizer::load(weights.encoding, cli_tokenizer_dir(o.tokenizer_dir));

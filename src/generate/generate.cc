@@ -139,15 +139,16 @@ std::string stop_string_unescape(std::string_view text) {
 
 // ---- choosing an engine ----------------------------------------------------------------
 
-std::string inference_resolve_device(std::string_view device) {
+std::string inference_resolve_device(std::string_view device, const ModelConfig* config) {
   if (device == "cpu" || device == "cuda") return std::string(device);
   FLASHGPT_CHECK(device == "auto", "unknown device '{}' (choices: cpu, cuda, auto)", device);
-  return inference_cuda_available() ? "cuda" : "cpu";
+  const bool cuda = config ? inference_cuda_supports(*config) : inference_cuda_available();
+  return cuda ? "cuda" : "cpu";
 }
 
 std::unique_ptr<InferenceEngine> inference_create(std::string_view device, const ModelConfig& config,
                                                   std::span<const float> params, const InferenceOptions& options) {
-  return inference_resolve_device(device) == "cuda" ? inference_create_cuda(config, params, options)
+  return inference_resolve_device(device, &config) == "cuda" ? inference_create_cuda(config, params, options)
                                                      : inference_create_cpu(config, params, options);
 }
 

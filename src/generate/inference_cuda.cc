@@ -477,6 +477,13 @@ double inference_cuda_copy_bandwidth(size_t bytes) {
   return 2.0 * static_cast<double>(bytes) / (best * 1e-3);
 }
 
+bool inference_cuda_supports(const ModelConfig& c) {
+  const int64_t hd = c.n_head > 0 ? c.d_model / c.n_head : 0;
+  return inference_cuda_available() && (hd == 32 || hd == 64 || hd == 96 || hd == 128) &&
+         attention_cuda_head_dim_compiled(static_cast<int>(hd)) && c.d_model % 8 == 0 && c.d_ff % 8 == 0 &&
+         c.d_model <= 2048;
+}
+
 bool inference_cuda_available() {
   int devices = 0;
   return cudaGetDeviceCount(&devices) == cudaSuccess && devices > 0;

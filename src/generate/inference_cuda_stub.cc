@@ -11,6 +11,8 @@ std::unique_ptr<InferenceEngine> inference_create_cuda(const ModelConfig&, std::
 
 bool inference_cuda_available() { return false; }
 
+bool inference_cuda_supports(const ModelConfig&) { return false; }
+
 double inference_cuda_copy_bandwidth(size_t) {
   FLASHGPT_FAIL("inference: flashgpt was built without CUDA; no copy bandwidth to measure");
 }

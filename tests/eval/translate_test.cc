@@ -1,6 +1,7 @@
 // eval translate: prompt construction, the demonstration draw, the training-data check, and
 // `flashgpt eval translate` end to end on a tiny random model (scores computed, files
-// written, refusal of a run trained on the test set).
+// written, refusal of a run trained on the test set). Compiled a second time with
+// FLASHGPT_TRANSLATE_GPU_TESTS as eval_translate_cuda_test (label gpu): the CLI with --device cuda.
 #include "common/test_support.h"
 
 #include <flashgpt/error.h>
@@ -57,6 +58,7 @@ std::string read_text(const std::filesystem::path& path) {
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
+#ifndef FLASHGPT_TRANSLATE_GPU_TESTS  // the CPU tests; the GPU ones are at the end
 TEST(TranslatePrompt, SeedFormatWithKDemonstrations) {
   const std::vector<TranslatePair> demos = {{"Hello.", "Bonjour."}, {"Yes.", "Oui."}};
   EXPECT_EQ(translate_prompt({}, "Good morning.", TranslateDirection::en_fr), "English: Good morning.\nFrench:");
@@ -106,6 +108,8 @@ TEST(TranslateTrainingData, RefusesTheTestSetAndUnknownData) {
   write_text(dir / "other" / "summary.json", R"({"corpora": [{"name": "mono.x.fr"}]})");
   EXPECT_TRUE(translate_check_training_data(run, dir / "other").clean);
 }
+
+#endif  // !FLASHGPT_TRANSLATE_GPU_TESTS
 
 // Runs the CLI with stdout and stderr to files; returns the exit status.
 int run_cli(const std::vector<std::string>& args, const std::filesystem::path& out, const std::filesystem::path& err) {
@@ -163,6 +167,7 @@ struct Fixture {
   }
 };
 
+#ifndef FLASHGPT_TRANSLATE_GPU_TESTS
 TEST(EvalTranslateCli, ScoresWritesAndRefuses) {
   Fixture f;
   const auto out = f.dir / "out.txt", err = f.dir / "err.txt";
@@ -240,6 +245,8 @@ TEST(GenerateCli, StreamsAndBatches) {
   EXPECT_NE(read_text(err).find("no checkpoint"), std::string::npos) << read_text(err);
 }
 
+#else  // the GPU variant (eval_translate_cuda_test, label gpu, skipped without a GPU)
+
 // The GPU engine through the CLI (skipped without a GPU): eval translate and generate with
 // --device cuda on a random small-preset run (head dim 64) finish and write what the CPU
 // path writes; the hypotheses are compared with the CPU's (bf16 may flip near ties of a
@@ -298,6 +305,8 @@ TEST(EvalTranslateCli, SeedRunOnTheGpuTiming) {
   ASSERT_EQ(rc, 0);
   std::printf("eval translate, random seed-preset run, 3003 sentences x 2 directions x K = 0, 1, 5: %.1f s\n", seconds);
 }
+
+#endif  // FLASHGPT_TRANSLATE_GPU_TESTS
 
 }  // namespace
 }  // namespace flashgpt

@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <random>
+#include <string>
 
 namespace flashgpt {
 namespace {
@@ -220,6 +221,26 @@ TEST(AttentionDecodeCpu, MatchesReferenceAtAwkwardLengths) {
   empty.rows = 1, empty.heads = NH, empty.head_dim = HD, empty.row_stride = C, empty.slot_stride = T_max * C;
   empty.slots = &slot, empty.lengths = &zero;
   EXPECT_THROW(attention_decode_cpu(empty), Error);  // a row with no key
+}
+
+// --device: explicit choices pass, auto takes cuda only where the CUDA engine can run the
+// model, anything else is refused naming the choices.
+TEST(InferenceDevice, ResolvesChoices) {
+  const ModelConfig c = tiny_config(300);
+  EXPECT_EQ(inference_resolve_device("cpu", &c), "cpu");
+  EXPECT_EQ(inference_resolve_device("cuda", &c), "cuda");
+  EXPECT_EQ(inference_resolve_device("auto", &c), inference_cuda_supports(c) ? "cuda" : "cpu");
+  if (!inference_cuda_available()) {
+    EXPECT_EQ(inference_resolve_device("auto"), "cpu");
+  }
+  try {
+    inference_resolve_device("gpu");
+    ADD_FAILURE() << "no error for an unknown device";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("cpu, cuda, auto"), std::string::npos) << e.what();
+  }
+  auto engine = inference_create("auto", c, random_params(c, 1), {.max_slots = 1, .threads = 1});
+  EXPECT_EQ(engine->max_slots(), 1);
 }
 
 // The flash-decoding algorithm (blocks of keys combined through their log-sum-exp), the
