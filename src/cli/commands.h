@@ -20,6 +20,7 @@ void cli_add_eval(CLI::App& app);
 void cli_add_train(CLI::App& app);
 void cli_add_export(CLI::App& app);
 void cli_add_generate(CLI::App& app);
+void cli_add_run(CLI::App& app);  // the whole system: data, train, eval, report
 
 // Subcommands of `bench`, each from its own file; cli_add_bench adds them.
 void cli_add_bench_attention(CLI::App& bench);

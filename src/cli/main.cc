@@ -20,6 +20,7 @@ int main(int argc, char** argv) {
   flashgpt::cli_add_train(app);
   flashgpt::cli_add_export(app);
   flashgpt::cli_add_generate(app);
+  flashgpt::cli_add_run(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,835 @@
+// `flashgpt run`: the whole system as one job, the README's `make run`. It calls the
+// components' library APIs in data-flow order, never a shell or another flashgpt process:
+//   1. data    : prepare token shards (../shared/data, or the built-in sample in share/fren-sample)
+//   2. train   : a preset sized for the device, with a step count and a wall-clock cap
+//   3. eval    : zero-, one- and few-shot en->fr and fr->en, BLEU and chrF per K
+//   4. report  : OUT/report.md (+ report.json, loss.png, kshot.png) with the commands that reproduce it
+//
+// The device is decided once (run_plan_make) and every stage takes it from the plan: the
+// trainer through gpt_create(device), generation through run_inference_engine(device).
+//
+// OUT is never reused: an --out that exists is refused; without --out the job claims
+// results/run, else the first free results/run-N (create_directory is the atomic claim).
+#include "commands.h"
+#include "option_checks.h"
+#include "options.h"
+
+#include <flashgpt/atomic_file.h>
+#include <flashgpt/data_prepare.h>
+#include <flashgpt/data_reader.h>
+#include <flashgpt/data_shard.h>
+#include <flashgpt/error.h>
+#include <flashgpt/generate.h>
+#include <flashgpt/model.h>
+#include <flashgpt/process.h>
+#include <flashgpt/tokenizer.h>
+#include <flashgpt/train.h>
+#include <flashgpt/translate.h>
+
+#include <fmt/core.h>
+#include <fmt/ranges.h>
+#include <nlohmann/json.hpp>
+
+#ifdef FLASHGPT_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+#include <sys/utsname.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <csignal>
+#include <cstdlib>
+#include <ctime>
+#include <fstream>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace flashgpt {
+namespace {
+
+using Json = nlohmann::ordered_json;
+using Clock = std::chrono::steady_clock;
+
+// What the user chose. Zero / empty means "the device's default" (run_plan_make).
+struct RunOptions {
+  std::string out;
+  std::string data = "auto";  // auto | shared | builtin
+  std::string data_dir;
+  std::string tokenizer_dir;
+  std::string device = "auto";  // auto | cpu | cuda
+  std::string preset;
+  int64_t steps = 0;
+  double minutes = 0;
+  int64_t batch = 0;
+  int64_t eval_sentences = -1;  // -1: the device's default; 0: all
+  std::vector<int64_t> shots = {0, 1, 5};
+  int64_t max_new_tokens = 0;
+  uint64_t seed = 1234;
+  int threads = 0;
+};
+
+// Everything the stages need, decided in one place from the options and the device.
+struct RunPlan {
+  Device device = Device::cpu;
+  std::string device_name;  // "cpu" or "cuda"
+  std::string preset;
+  int64_t steps = 0;
+  double minutes = 0;  // training wall-clock cap
+  int64_t batch = 0;
+  double lr = 0;
+  int64_t warmup = 0;
+  int64_t eval_every = 0, eval_batches = 0;
+  int64_t eval_sentences = 0;  // 0: all
+  int64_t max_new_tokens = 0;
+  int64_t infer_batch = 8;
+  double bilingual_rate = 0.8;
+  double val_fraction = 0.05;
+  bool all_corpora = false;  // shared data: every train.* pair (GPU) or the short-sentence ones (CPU)
+};
+
+// The built-in bilingual sample: sentences written for this project (share/fren-sample/README.md).
+std::filesystem::path builtin_sample_dir() {
+  const char* source = std::getenv("FLASHGPT_SOURCE_DIR");
+  return std::filesystem::path(source && *source ? source : FLASHGPT_SOURCE_DIR) / "share" / "fren-sample";
+}
+
+std::filesystem::path script_path(const char* name) {
+  const char* source = std::getenv("FLASHGPT_SOURCE_DIR");
+  return std::filesystem::path(source && *source ? source : FLASHGPT_SOURCE_DIR) / "scripts" / name;
+}
+
+int cuda_device_count() {
+#ifdef FLASHGPT_WITH_CUDA
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
+#else
+  return 0;
+#endif
+}
+
+std::string gpu_name() {
+#ifdef FLASHGPT_WITH_CUDA
+  cudaDeviceProp prop{};
+  if (cuda_device_count() > 0 && cudaGetDeviceProperties(&prop, 0) == cudaSuccess) return prop.name;
+#endif
+  return "";
+}
+
+RunPlan run_plan_make(const RunOptions& o) {
+  RunPlan p;
+  if (o.device == "auto") {
+    p.device = cuda_device_count() > 0 ? Device::cuda : Device::cpu;
+  } else {
+    p.device = o.device == "cuda" ? Device::cuda : Device::cpu;
+  }
+  if (p.device == Device::cuda) {
+#ifndef FLASHGPT_WITH_CUDA
+    FLASHGPT_FAIL("--device cuda: this build has no CUDA backend (configure with -DFLASHGPT_CUDA=ON)");
+#endif
+    FLASHGPT_CHECK(cuda_device_count() > 0, "--device cuda: no CUDA device is visible");
+  }
+  const bool gpu = p.device == Device::cuda;
+  p.device_name = gpu ? "cuda" : "cpu";
+  // CPU: the tiny preset, short sentences, a few hundred steps (docs/run.md has the timings).
+  // GPU: the seed preset with the bilingual recipe of docs/experiments.md (recipe 2).
+  p.preset = !o.preset.empty() ? o.preset : gpu ? "seed" : "tiny";
+  p.steps = o.steps > 0 ? o.steps : gpu ? 4500 : 100;
+  p.minutes = o.minutes > 0 ? o.minutes : gpu ? 15.0 : 6.0;
+  p.batch = o.batch > 0 ? o.batch : gpu ? 64 : 8;
+  p.lr = p.preset == "seed" ? 6e-4 : p.preset == "small" ? 1e-3 : 2e-3;
+  p.warmup = std::min<int64_t>(gpu ? 200 : 25, std::max<int64_t>(1, p.steps / 10));
+  p.eval_every = std::max<int64_t>(1, p.steps / 5);
+  p.eval_batches = gpu ? 40 : 4;
+  p.eval_sentences = o.eval_sentences >= 0 ? o.eval_sentences : gpu ? 0 : 50;
+  p.max_new_tokens = o.max_new_tokens > 0 ? o.max_new_tokens : gpu ? 200 : 40;
+  p.infer_batch = gpu ? 64 : 8;
+  p.val_fraction = gpu ? 0.005 : 0.05;
+  p.all_corpora = gpu;
+  return p;
+}
+
+// The generation engine for the plan's device. Today generation runs on the CPU engine on
+// every device: the CUDA engine is wired here (and only here) once it exists.
+std::unique_ptr<InferenceEngine> run_inference_engine(const RunPlan& plan, const RunWeights& weights, int threads,
+                                                      std::string* note) {
+  InferenceOptions io;
+  io.max_slots = plan.infer_batch;
+  io.threads = threads;
+  if (plan.device == Device::cuda) {
+    *note = "generation ran on the CPU engine (this build has no CUDA generation engine)";
+    fmt::print(stderr, "note: {}\n", *note);
+  }
+  return inference_create_cpu(weights.config, weights.params, io);
+}
+
+// The stop flag the trainer polls: a signal number, or kTimeBudget when the cap ran out.
+constexpr int kTimeBudget = 1000;
+std::atomic<int> g_run_stop{0};
+extern "C" void run_on_signal(int signal) {
+  if (g_run_stop.exchange(signal) != 0 && g_run_stop.load() != kTimeBudget) {
+    std::signal(signal, SIG_DFL);
+    std::raise(signal);
+  }
+}
+
+struct RunSignalGuard {
+  struct sigaction old_int {}, old_term {};
+  RunSignalGuard() {
+    struct sigaction sa {};
+    sa.sa_handler = run_on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &old_int);
+    sigaction(SIGTERM, &sa, &old_term);
+  }
+  ~RunSignalGuard() {
+    sigaction(SIGINT, &old_int, nullptr);
+    sigaction(SIGTERM, &old_term, nullptr);
+  }
+};
+
+// Sets g_run_stop to kTimeBudget after `seconds` unless destroyed first.
+class TimeBudget {
+ public:
+  explicit TimeBudget(double seconds)
+      : thread_([this, seconds] {
+          std::unique_lock lock(mutex_);
+          if (!cv_.wait_for(lock, std::chrono::duration<double>(seconds), [this] { return done_; })) {
+            int expected = 0;
+            g_run_stop.compare_exchange_strong(expected, kTimeBudget);
+          }
+        }) {}
+  ~TimeBudget() {
+    {
+      std::lock_guard lock(mutex_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;  // last: started after the members it uses
+};
+
+void stage_header(int index, const char* name, const std::string& what) {
+  fmt::print(stderr, "\n==== [{}/4] {}: {} ====\n", index, name, what);
+}
+
+double seconds_since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+std::string read_first_line(const std::filesystem::path& path, const std::string& key) {
+  std::ifstream in(path);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.starts_with(key)) {
+      const auto colon = line.find(':');
+      if (colon == std::string::npos) continue;
+      auto value = line.substr(colon + 1);
+      value.erase(0, value.find_first_not_of(" \t"));
+      return value;
+    }
+  }
+  return "";
+}
+
+Json machine_describe(const RunPlan& plan) {
+  Json m;
+  m["cpu"] = read_first_line("/proc/cpuinfo", "model name");
+  m["cores"] = std::thread::hardware_concurrency();
+  const std::string mem = read_first_line("/proc/meminfo", "MemTotal");
+  m["memory_gib"] = mem.empty() ? 0.0 : std::round(std::stod(mem) / (1 << 20) * 10) / 10;  // kB
+  struct utsname u {};
+  m["os"] = uname(&u) == 0 ? fmt::format("{} {} {}", u.sysname, u.release, u.machine) : "";
+  m["gpu"] = gpu_name();
+  m["device"] = plan.device_name;
+#ifdef FLASHGPT_WITH_CUDA
+  m["cuda_build"] = true;
+#else
+  m["cuda_build"] = false;
+#endif
+  return m;
+}
+
+std::string utc_now() {
+  const std::time_t t = std::time(nullptr);
+  std::tm tm{};
+  gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%d %H:%M:%S UTC", &tm);
+  return buf;
+}
+
+// Claims OUT: an existing --out is refused; the default takes results/run or results/run-N.
+std::filesystem::path out_claim(const std::string& given) {
+  if (!given.empty()) {
+    const std::filesystem::path out = given;
+    FLASHGPT_CHECK(!std::filesystem::exists(out),
+                   "--out {} already exists: `flashgpt run` never writes over earlier results; choose a new --out "
+                   "(or leave it out for results/run-N)", given);
+    if (!out.parent_path().empty()) std::filesystem::create_directories(out.parent_path());
+    FLASHGPT_CHECK(std::filesystem::create_directory(out), "--out {}: created by someone else meanwhile", given);
+    return out;
+  }
+  std::filesystem::create_directories("results");
+  for (int n = 1; n < 10000; ++n) {
+    const std::filesystem::path out = n == 1 ? "results/run" : fmt::format("results/run-{}", n);
+    if (std::filesystem::create_directory(out)) return out;
+  }
+  FLASHGPT_FAIL("results/run ... results/run-9999 all exist: pass --out");
+}
+
+// Where the corpora are, or empty for the built-in sample.
+std::filesystem::path data_source_resolve(const RunOptions& o, std::string* why) {
+  if (o.data == "builtin") {
+    *why = "--data builtin";
+    return {};
+  }
+  std::filesystem::path dir;
+  if (!o.data_dir.empty()) {
+    dir = o.data_dir;
+  } else {
+    dir = data_dir_default();
+  }
+  const bool found = !dir.empty() && std::filesystem::is_directory(dir / "wmt14");
+  if (o.data == "shared" || !o.data_dir.empty()) {
+    FLASHGPT_CHECK(found, "{}: no wmt14/ folder there (pass --data-dir DATA, set FLASHGPT_DATA_DIR, or use --data builtin)",
+                   dir.empty() ? std::string("no data directory (../shared/data is absent)") : dir.string());
+    *why = fmt::format("corpora in {}", dir.string());
+    return dir;
+  }
+  if (found) {
+    *why = fmt::format("corpora found in {}", dir.string());
+    return dir;
+  }
+  *why = "no corpora found (no --data-dir, FLASHGPT_DATA_DIR or ../shared/data): the built-in sample";
+  return {};
+}
+
+// Every test pair must be absent from the built-in training file, on either side.
+void builtin_check_disjoint(const std::vector<TranslatePair>& train, const std::vector<TranslatePair>& test) {
+  std::set<std::string> seen;
+  for (const auto& p : train) {
+    seen.insert(p.en);
+    seen.insert(p.fr);
+  }
+  for (const auto& p : test) {
+    FLASHGPT_CHECK(!seen.contains(p.en) && !seen.contains(p.fr),
+                   "the built-in sample's test pair '{}' / '{}' is also in its training file", p.en, p.fr);
+  }
+}
+
+std::string shell_quote(const std::string& s) {
+  if (!s.empty() && s.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-./=,:+") ==
+                        std::string::npos) {
+    return s;
+  }
+  std::string q = "'";
+  for (char c : s) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+}
+
+std::string command_line(const std::vector<std::string>& argv) {
+  std::string s;
+  for (const auto& a : argv) s += (s.empty() ? "" : " ") + shell_quote(a);
+  return s;
+}
+
+std::string fmt_seconds(double s) {
+  if (s < 60) return fmt::format("{:.1f} s", s);
+  return fmt::format("{:.1f} s ({}m{:02d}s)", s, static_cast<int>(s) / 60, static_cast<int>(s) % 60);
+}
+
+// Python plot helper started from an argument vector; the PNG is published only when drawn.
+bool plot_draw(const std::filesystem::path& script, const std::filesystem::path& json,
+               const std::filesystem::path& png) {
+  const auto tmp = atomic_temp_path(png);
+  int status = -1;
+  try {
+    status = process_run({"python3", script.string(), json.string(), tmp.string()});
+  } catch (const Error& e) {
+    fmt::print(stderr, "warning: {}\n", e.what());
+  }
+  if (status == 0 && std::filesystem::exists(tmp)) {
+    atomic_publish(tmp, png);
+    return true;
+  }
+  std::error_code ignored;
+  std::filesystem::remove(tmp, ignored);
+  fmt::print(stderr, "warning: {} was not drawn ({} exited with {}; it needs python3 and matplotlib)\n", png.string(),
+             script.string(), status);
+  return false;
+}
+
+std::string md_escape(const std::string& s) {
+  std::string r;
+  for (char c : s) {
+    if (c == '|') {
+      r += "\\|";
+    } else if (c == '\n') {
+      r += "\\n";
+    } else if (c == '`') {
+      r += '\'';
+    } else {
+      r += c;
+    }
+  }
+  return r;
+}
+
+void run_all(CLI::App* cmd, const RunOptions& o) {
+  cli_config_print(*cmd);
+  const auto job_start = Clock::now();
+  const std::string started = utc_now();
+  const RunPlan plan = run_plan_make(o);
+  model_preset(plan.preset, 1000);  // an unknown preset fails before anything is written
+  std::string data_why;
+  const std::filesystem::path data_dir = data_source_resolve(o, &data_why);
+  const bool builtin = data_dir.empty();
+  const auto sample = builtin_sample_dir();
+  if (builtin) {
+    FLASHGPT_CHECK(std::filesystem::exists(sample / "train.sample.fr-en.en"),
+                   "the built-in sample is missing: {} has no train.sample.fr-en.en (set FLASHGPT_SOURCE_DIR to the "
+                   "repository)", sample.string());
+  }
+  const Tokenizer tokenizer = [&] {
+    try {
+      return Tokenizer::load("cl100k_base", cli_tokenizer_dir(o.tokenizer_dir, data_dir));
+    } catch (const Error& e) {
+      FLASHGPT_FAIL("{}\n(every data source, the built-in sample included, is tokenized with cl100k_base: pass "
+                    "--tokenizer-dir DIR or set FLASHGPT_TOKENIZER_DIR to a folder holding cl100k_base.tiktoken)",
+                    e.what());
+    }
+  }();
+  const std::filesystem::path out = out_claim(o.out);
+  const auto ds_dir = out / "data";
+  const auto run_dir = out / "train";
+  const auto eval_dir = out / "eval";
+  fmt::print(stderr,
+             "run: device {}, preset {}, {} steps (cap {} min), batch {}, eval {} sentences, shots [{}], out {}\n"
+             "data: {}\n",
+             plan.device_name, plan.preset, plan.steps, plan.minutes, plan.batch,
+             plan.eval_sentences == 0 ? std::string("all") : std::to_string(plan.eval_sentences),
+             fmt::join(o.shots, ","), out.string(), data_why);
+  Json report;
+  report["started"] = started;
+  report["machine"] = machine_describe(plan);
+  Json timings;
+
+  // ---- 1. data --------------------------------------------------------------------------
+  stage_header(1, "data", builtin ? "prepare the built-in sample" : "prepare token shards from " + data_dir.string());
+  auto t0 = Clock::now();
+  PrepareConfig pc;
+  std::vector<std::string> prepare_argv = {"flashgpt", "data", "prepare"};
+  if (builtin) {
+    pc.pairs.push_back(pair_source_from_path(sample / "train.sample.fr-en.en"));
+    pc.test_set_check = TestSetCheck::off;
+    prepare_argv.insert(prepare_argv.end(), {"--pairs", (sample / "train.sample.fr-en.en").string(),
+                                             "--no-test-set-check"});
+  } else {
+    for (auto& source : default_pair_sources(data_dir)) {
+      const std::string name = source.name();
+      if (plan.all_corpora || name.find("multi30k") != std::string::npos ||
+          name.find("tatoeba") != std::string::npos) {
+        prepare_argv.insert(prepare_argv.end(), {"--pairs", source.en.string()});
+        pc.pairs.push_back(std::move(source));
+      }
+    }
+    FLASHGPT_CHECK(!pc.pairs.empty(), "{}: no train.* corpora in wmt14/ or extra/", data_dir.string());
+    pc.eval_dir = data_dir / "wmt14";
+    pc.test_set_check = TestSetCheck::required;
+    prepare_argv.insert(prepare_argv.end(), {"--eval-dir", pc.eval_dir.string()});
+  }
+  pc.out_dir = ds_dir;
+  pc.seed = o.seed;
+  pc.threads = o.threads;
+  pc.bilingual_rate = plan.bilingual_rate;
+  pc.val_fraction = plan.val_fraction;
+  pc.handle_signals = true;
+  pc.progress = true;
+  prepare_argv.insert(prepare_argv.end(),
+                      {"--bilingual-rate", fmt::format("{}", plan.bilingual_rate), "--val-fraction",
+                       fmt::format("{}", plan.val_fraction), "--seed", std::to_string(o.seed), "--out",
+                       ds_dir.string()});
+  const PrepareSummary summary = data_prepare(pc, text_encoder_from(tokenizer));
+  for (const auto& w : summary.warnings) fmt::print(stderr, "warning: {}\n", w);
+  const uint64_t dataset_tokens = summary.tokens_en + summary.tokens_fr + summary.tokens_bilingual + summary.tokens_eot;
+  std::vector<std::string> corpora;
+  for (const auto& c : summary.corpora) corpora.push_back(c.name);
+  fmt::print(stderr, "data: {} train + {} val documents, {} tokens from [{}]\n", summary.documents,
+             summary.val_documents, dataset_tokens, fmt::join(corpora, ", "));
+  timings["data"] = seconds_since(t0);
+  report["data"] = {{"source", builtin ? "builtin" : "shared"},
+                    {"why", data_why},
+                    {"dir", builtin ? sample.string() : data_dir.string()},
+                    {"corpora", corpora},
+                    {"documents", summary.documents},
+                    {"val_documents", summary.val_documents},
+                    {"tokens", dataset_tokens},
+                    {"bilingual_rate", plan.bilingual_rate},
+                    {"encoding", tokenizer.name()}};
+
+  // ---- 2. train -------------------------------------------------------------------------
+  stage_header(2, "train",
+               fmt::format("{} preset on {}, {} steps of {} x context (cap {} min)", plan.preset, plan.device_name,
+                           plan.steps, plan.batch, plan.minutes));
+  t0 = Clock::now();
+  const auto train_shards = shard_list(ds_dir, "train");
+  const auto val_shards = shard_list(ds_dir, "val");
+  FLASHGPT_CHECK(!train_shards.empty(), "{}: data prepare wrote no training shards", ds_dir.string());
+  const ModelConfig mc = model_preset(plan.preset, tokenizer.vocab_size());
+  const int64_t T = mc.context;
+  const MemoryEstimate mem = train_memory_estimate(mc, plan.batch, T, plan.device);
+  const uint64_t available = memory_available(plan.device);
+  FLASHGPT_CHECK(available == 0 || mem.total() <= available,
+                 "batch {} x {} tokens of the {} preset needs about {:.2f} GiB but {} has {:.2f} GiB available: lower "
+                 "--batch", plan.batch, T, plan.preset, mem.total() / 1073741824.0, plan.device_name,
+                 available / 1073741824.0);
+  std::filesystem::create_directories(run_dir);
+  Json train_options = {{"preset", plan.preset}, {"data", ds_dir.string()}, {"out", run_dir.string()},
+                        {"device", plan.device_name}, {"steps", plan.steps}, {"batch", plan.batch},
+                        {"context", T}, {"lr", plan.lr}, {"warmup", plan.warmup}, {"schedule", "cosine"},
+                        {"min-lr-ratio", 0.1}, {"eval-every", plan.eval_every},
+                        {"eval-batches", plan.eval_batches}, {"save-every", 0}, {"seed", o.seed},
+                        {"threads", o.threads}};
+  Json config;
+  config["options"] = train_options;
+  config["model"] = Json::parse(model_config_to_json(mc));
+  config["encoding"] = tokenizer.name();
+  config["train_shards"] = train_shards.size();
+  config["val_shards"] = val_shards.size();
+  config["params"] = model_param_count(mc);
+  config["params_unpadded"] = model_param_count_unpadded(mc);
+  config["written_by"] = "flashgpt run";
+  train_write_run_config(run_dir, config.dump(2) + "\n");
+
+  ModelOptions mo;
+  mo.max_batch = plan.batch;
+  mo.max_context = T;
+  mo.threads = o.threads;
+  std::unique_ptr<GptModel> model = gpt_create(plan.device, mc, mo);
+  TrainConfig tc;
+  tc.model = mc;
+  tc.encoding = tokenizer.name();
+  tc.train_shards = train_shards;
+  tc.val_shards = val_shards;
+  tc.out_dir = run_dir;
+  tc.batch = plan.batch;
+  tc.context = T;
+  tc.epochs = 1000000;  // the step count decides
+  tc.max_steps = plan.steps;
+  tc.adam = AdamWConfig{plan.lr, 0.9, 0.95, 1e-8, 0.0};
+  tc.schedule.kind = LrSchedule::cosine;
+  tc.schedule.lr = plan.lr;
+  tc.schedule.warmup_steps = plan.warmup;
+  tc.schedule.min_lr_ratio = 0.1;
+  tc.eval_every = plan.eval_every;
+  tc.eval_batches = plan.eval_batches;
+  tc.save_every = 0;
+  tc.log_every = plan.device == Device::cuda ? 50 : 10;
+  tc.seed = o.seed;
+  tc.peak_flops = plan.device == Device::cuda ? 989e12 : 0;
+  tc.progress = true;
+  tc.options_json = train_options.dump();
+  g_run_stop.store(0);
+  tc.stop = &g_run_stop;
+  TrainResult tr;
+  {
+    RunSignalGuard guard;
+    TimeBudget budget(plan.minutes * 60);
+    tr = train_run(tc, *model);
+  }
+  model.reset();
+  if (tr.stopped_by_signal != 0 && tr.stopped_by_signal != kTimeBudget) {
+    fmt::print(stderr, "run: stopped by signal {} after step {}; the checkpoint and partial results are in {}\n",
+               tr.stopped_by_signal, tr.state.step, out.string());
+    throw CliExit{128 + tr.stopped_by_signal};
+  }
+  const bool capped = tr.stopped_by_signal == kTimeBudget;
+  if (capped) fmt::print(stderr, "train: the {} min cap ended training at step {}\n", plan.minutes, tr.state.step);
+  const bool loss_plot = train_plot_losses(run_dir, script_path("plot_loss.py")) == 0 &&
+                         std::filesystem::exists(run_dir / "loss.png");
+  if (loss_plot) std::filesystem::copy_file(run_dir / "loss.png", out / "loss.png");
+  timings["train"] = seconds_since(t0);
+  report["train"] = {{"preset", plan.preset},
+                     {"device", plan.device_name},
+                     {"params", model_param_count_unpadded(mc)},
+                     {"context", T},
+                     {"batch", plan.batch},
+                     {"steps_planned", plan.steps},
+                     {"steps", tr.state.step},
+                     {"stopped_by_time_cap", capped},
+                     {"tokens", tr.state.tokens},
+                     {"lr", plan.lr},
+                     {"last_loss", tr.last_loss},
+                     {"last_val_loss", tr.last_val_loss},
+                     {"seconds", tr.seconds},
+                     {"loss_plot", loss_plot ? "loss.png" : ""}};
+  const std::vector<std::string> train_argv = {
+      "flashgpt", "train", "--preset", plan.preset, "--data", ds_dir.string(), "--out", run_dir.string(),
+      "--device", plan.device_name, "--steps", std::to_string(plan.steps), "--batch", std::to_string(plan.batch),
+      "--lr", fmt::format("{}", plan.lr), "--warmup", std::to_string(plan.warmup), "--schedule", "cosine",
+      "--min-lr-ratio", "0.1", "--eval-every", std::to_string(plan.eval_every), "--eval-batches",
+      std::to_string(plan.eval_batches), "--save-every", "0", "--seed", std::to_string(o.seed)};
+
+  // ---- 3. eval --------------------------------------------------------------------------
+  std::vector<TranslatePair> test, dev;
+  std::string test_name;
+  size_t test_total = 0;
+  std::string check_reason;
+  if (builtin) {
+    test = translate_read_pairs(sample, "test");
+    dev = translate_read_pairs(sample, "dev");
+    builtin_check_disjoint(translate_read_pairs(sample, "train.sample"), test);
+    test_name = "built-in sample test split (share/fren-sample/test)";
+    check_reason = "built-in sample: the test split's sentences were checked absent from its training file";
+  } else {
+    const auto wmt = data_dir / "wmt14";
+    test = translate_read_pairs(wmt, "newstest2014");
+    dev = translate_read_pairs(wmt, "newstest2012");
+    for (auto& p : translate_read_pairs(wmt, "newstest2013")) dev.push_back(std::move(p));
+    const TrainingDataCheck check = translate_check_training_data(run_dir, ds_dir);
+    FLASHGPT_CHECK(check.clean, "refusing to score on newstest2014: {}", check.reason);
+    test_name = "newstest2014";
+    check_reason = check.reason;
+  }
+  test_total = test.size();
+  if (plan.eval_sentences > 0 && static_cast<size_t>(plan.eval_sentences) < test.size()) {
+    test.resize(static_cast<size_t>(plan.eval_sentences));
+  }
+  stage_header(3, "eval",
+               fmt::format("{} of {} {} sentences, K = [{}], en-fr and fr-en", test.size(), test_total, test_name,
+                           fmt::join(o.shots, ",")));
+  t0 = Clock::now();
+  const RunWeights weights = run_load_weights(run_dir);
+  std::string engine_note;
+  auto engine = run_inference_engine(plan, weights, o.threads, &engine_note);
+  TranslateConfig xc;
+  xc.shots = o.shots;
+  xc.seed = o.seed;
+  xc.max_new_tokens = plan.max_new_tokens;
+  xc.sampling = SamplingConfig{.greedy = true};
+  xc.progress = true;
+  const auto settings = translate_evaluate(*engine, tokenizer, test, dev, xc);
+  engine.reset();
+  std::filesystem::create_directories(eval_dir / "translate");
+  Json tj;
+  tj["run"] = run_dir.string();
+  tj["step"] = weights.step;
+  tj["test_set"] = {{"name", test_name}, {"sentences", test.size()}, {"of", test_total}};
+  tj["dev_pool"] = dev.size();
+  tj["seed"] = o.seed;
+  tj["decoding"] = {{"greedy", true}, {"max_new_tokens", plan.max_new_tokens}, {"stop", "\n"}};
+  tj["training_data_check"] = check_reason;
+  if (!engine_note.empty()) tj["note"] = engine_note;
+  // Filled apart and moved in: an ordered_json object is a vector, so a reference to one
+  // member dies when the next member is added.
+  Json results = Json::array();
+  Json examples = Json::array();
+  for (const auto& s : settings) {
+    const std::string name = fmt::format("{}.{}shot", translate_direction_name(s.direction), s.shots);
+    std::string hyps;
+    for (const auto& h : s.hypotheses) hyps += h + "\n";
+    atomic_write_file(eval_dir / "translate" / (name + ".txt"), hyps);
+    results.push_back({{"direction", translate_direction_name(s.direction)},
+                       {"shots", s.shots},
+                       {"shots_mean", s.shots_mean},
+                       {"prompts_shortened", s.prompts_shortened},
+                       {"prompts_too_long", s.prompts_too_long},
+                       {"bleu", std::round(s.bleu.score * 100) / 100},
+                       {"chrf", std::round(s.chrf.score * 100) / 100},
+                       {"bleu_line", s.bleu.line()},
+                       {"chrf_line", s.chrf.line()},
+                       {"generated_tokens", s.generated_tokens},
+                       {"seconds", s.seconds}});
+    for (const auto& e : s.examples) {
+      examples.push_back({{"direction", translate_direction_name(s.direction)},
+                          {"shots", s.shots},
+                          {"source", e.source},
+                          {"output", e.output}});
+    }
+  }
+  tj["results"] = std::move(results);
+  tj["examples"] = std::move(examples);
+  if (!settings.empty()) tj["signatures"] = {settings[0].bleu.signature, settings[0].chrf.signature};
+  const auto translate_json = eval_dir / "translate.json";
+  atomic_write_file(translate_json, tj.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
+  const bool kshot_plot = plot_draw(script_path("plot_translate.py"), translate_json, out / "kshot.png");
+  timings["eval"] = seconds_since(t0);
+  report["eval"] = tj;
+  report["eval"]["kshot_plot"] = kshot_plot ? "kshot.png" : "";
+  std::vector<std::string> eval_argv = {"flashgpt", "eval", "translate", "--run", run_dir.string(), "--shots",
+                                        fmt::format("{}", fmt::join(o.shots, ",")), "--limit",
+                                        std::to_string(plan.eval_sentences), "--max-new-tokens",
+                                        std::to_string(plan.max_new_tokens), "--seed", std::to_string(o.seed),
+                                        "--batch", std::to_string(plan.infer_batch)};
+  if (!builtin) eval_argv.insert(eval_argv.end(), {"--data-dir", data_dir.string()});
+
+  // ---- 4. report ------------------------------------------------------------------------
+  stage_header(4, "report", (out / "report.md").string());
+  t0 = Clock::now();
+  // The exact command, every option spelled out with the value it ran with.
+  std::vector<std::string> run_argv = {"flashgpt", "run", "--data", builtin ? "builtin" : "shared"};
+  if (!builtin) run_argv.insert(run_argv.end(), {"--data-dir", data_dir.string()});
+  run_argv.insert(run_argv.end(),
+                  {"--device", plan.device_name, "--preset", plan.preset, "--steps", std::to_string(plan.steps),
+                   "--minutes", fmt::format("{}", plan.minutes), "--batch", std::to_string(plan.batch),
+                   "--eval-sentences", std::to_string(plan.eval_sentences), "--shots",
+                   fmt::format("{}", fmt::join(o.shots, ",")), "--max-new-tokens", std::to_string(plan.max_new_tokens),
+                   "--seed", std::to_string(o.seed), "--threads", std::to_string(o.threads), "--out", "NEW_DIR"});
+  report["commands"] = {{"run", command_line(run_argv)},
+                        {"prepare", command_line(prepare_argv)},
+                        {"train", command_line(train_argv)}};
+  if (!builtin) report["commands"]["eval"] = command_line(eval_argv);
+  timings["report"] = seconds_since(t0);
+  timings["total"] = seconds_since(job_start);
+  report["timings_s"] = timings;
+
+  const auto& m = report["machine"];
+  std::string md;
+  md += "# flashgpt run\n\n";
+  md += fmt::format("Started {}; {} on {}. Everything below was produced by one `flashgpt run`: prepare the data, "
+                    "train, evaluate zero-/one-/few-shot translation, write this report.\n\n",
+                    started, plan.device_name, m["cpu"].get<std::string>());
+  md += "## Summary\n\n";
+  md += "| stage | what | seconds |\n| --- | --- | --- |\n";
+  md += fmt::format("| data | {} documents, {} tokens ({}) | {:.1f} |\n", summary.documents, dataset_tokens,
+                    builtin ? "built-in sample" : "shared corpora", timings["data"].get<double>());
+  md += fmt::format("| train | {} preset, {} steps, last loss {:.4f}, val loss {:.4f} | {:.1f} |\n", plan.preset,
+                    tr.state.step, tr.last_loss, tr.last_val_loss, timings["train"].get<double>());
+  md += fmt::format("| eval | {} sentences x {} settings | {:.1f} |\n", test.size(), settings.size(),
+                    timings["eval"].get<double>());
+  md += fmt::format("| total | | {:.1f} |\n\n", timings["total"].get<double>());
+
+  md += "## Machine\n\n";
+  md += fmt::format("- CPU: {} ({} cores), {} GiB memory\n", m["cpu"].get<std::string>(), m["cores"].get<unsigned>(),
+                    m["memory_gib"].get<double>());
+  md += fmt::format("- GPU: {}\n", m["gpu"].get<std::string>().empty() ? "none" : m["gpu"].get<std::string>());
+  md += fmt::format("- OS: {}; CUDA in this build: {}; device used: {}\n\n", m["os"].get<std::string>(),
+                    m["cuda_build"].get<bool>() ? "yes" : "no", plan.device_name);
+
+  md += "## Data\n\n";
+  md += fmt::format("- source: {} ({})\n", builtin ? "built-in sample `share/fren-sample`" : data_dir.string(),
+                    data_why);
+  md += fmt::format("- corpora: {}\n", fmt::join(corpora, ", "));
+  md += fmt::format("- {} training and {} validation documents, {} tokens ({}), bilingual rate {}\n\n",
+                    summary.documents, summary.val_documents, dataset_tokens, tokenizer.name(), plan.bilingual_rate);
+
+  md += "## Training\n\n";
+  md += fmt::format("- model: {} preset, {:.2f} M parameters, context {}\n", plan.preset,
+                    model_param_count_unpadded(mc) / 1e6, T);
+  md += fmt::format("- {} of {} planned steps{}, batch {} x {}, {:.0f} tokens, AdamW lr {} (warmup {}, cosine to "
+                    "10%)\n",
+                    tr.state.step, plan.steps, capped ? fmt::format(" (stopped by the {} min cap)", plan.minutes) : "",
+                    plan.batch, T, tr.state.tokens, plan.lr, plan.warmup);
+  md += fmt::format("- last training loss: {:.4f}\n- last validation loss: {:.4f}\n", tr.last_loss, tr.last_val_loss);
+  md += fmt::format("- training time: {}\n\n", fmt_seconds(tr.seconds));
+  md += loss_plot ? "![loss curve](loss.png)\n\n" : "(no loss plot: python3 with matplotlib was not available)\n\n";
+
+  md += "## Translation scores\n\n";
+  md += fmt::format("Test set: {}, {} of {} sentences; demonstrations from {} ({} pairs); greedy decoding, at most {} "
+                    "new tokens, stop at a newline. {}\n\n",
+                    test_name, test.size(), test_total, builtin ? "the sample's dev split" : "newstest2012+2013",
+                    dev.size(), plan.max_new_tokens, check_reason);
+  if (!engine_note.empty()) md += fmt::format("Note: {}.\n\n", engine_note);
+  md += "| direction | shots | BLEU | chrF | demonstrations given (mean) | seconds |\n| --- | --- | --- | --- | --- | --- "
+        "|\n";
+  for (const auto& s : settings) {
+    md += fmt::format("| {} | {} | {:.2f} | {:.2f} | {:.2f} | {:.1f} |\n", translate_direction_name(s.direction),
+                      s.shots, s.bleu.score, s.chrf.score, s.shots_mean, s.seconds);
+  }
+  if (!settings.empty()) {
+    md += fmt::format("\nsacreBLEU signatures: `{}`, `{}`\n", settings[0].bleu.signature, settings[0].chrf.signature);
+  }
+  md += kshot_plot ? "\n![score against K](kshot.png)\n\n" : "\n(no K-shot plot: python3 with matplotlib was not available)\n\n";
+
+  md += "## Example translations\n\n";
+  md += "The seed's three prompts (French ones for fr-en), in every setting:\n\n";
+  md += "| direction | shots | source | output |\n| --- | --- | --- | --- |\n";
+  for (const auto& s : settings) {
+    for (const auto& e : s.examples) {
+      md += fmt::format("| {} | {} | {} | {} |\n", translate_direction_name(s.direction), s.shots, md_escape(e.source),
+                        md_escape(e.output));
+    }
+  }
+  md += "\n## Timings\n\n| stage | seconds |\n| --- | --- |\n";
+  for (const char* k : {"data", "train", "eval", "report", "total"}) {
+    md += fmt::format("| {} | {:.1f} |\n", k, timings[k].get<double>());
+  }
+  md += "\n## Reproduce\n\n";
+  md += "From the repository root, with a build in `build/` (`make build`); NEW_DIR must not exist:\n\n```sh\n";
+  md += "build/" + report["commands"]["run"].get<std::string>() + "\n```\n\n";
+  md += "or stage by stage, as the job did (into this run's folders; use fresh ones to repeat):\n\n```sh\n";
+  for (const char* k : {"prepare", "train", "eval"}) {
+    if (report["commands"].contains(k)) md += "build/" + report["commands"][k].get<std::string>() + "\n";
+  }
+  md += "```\n\n";
+  if (builtin) {
+    md += "(`flashgpt eval translate` scores newstest2014 only; the built-in sample's test split is scored by "
+          "`flashgpt run --data builtin` alone.)\n\n";
+  }
+  md += "The numbers of this report are also in `report.json`, the translation results in "
+        "`eval/translate.json`, the hypotheses in `eval/translate/`, the training log in `train/log.jsonl`.\n";
+  atomic_write_file(out / "report.json", report.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
+  atomic_write_file(out / "report.md", md);
+  fmt::print(stderr, "\nrun: done in {}; report: {}\n", fmt_seconds(seconds_since(job_start)),
+             (out / "report.md").string());
+  fmt::print("{}\n", (out / "report.md").string());
+}
+
+}  // namespace
+
+void cli_add_run(CLI::App& app) {
+  auto o = std::make_shared<RunOptions>();
+  auto* r = app.add_subcommand("run",
+                               "The whole system: prepare data, train, evaluate zero/one/few-shot translation, write "
+                               "OUT/report.md (the README's `make run`)");
+  r->add_option("-o,--out", o->out, "Output folder, must not exist (default: results/run, else results/run-N)");
+  r->add_option("--data", o->data, "auto (the corpora when found, else the built-in sample), shared or builtin")
+      ->capture_default_str()->check(CLI::IsMember({"auto", "shared", "builtin"}));
+  cli_option_data_dir(*r, o->data_dir);
+  cli_option_tokenizer_dir(*r, o->tokenizer_dir);
+  r->add_option("--device", o->device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str()
+      ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
+  r->add_option("--preset", o->preset, "Model preset: tiny, small or seed (default: tiny on cpu, seed on cuda)")
+      ->check(CLI::IsMember(model_preset_names()));
+  r->add_option("--steps", o->steps, "Optimizer steps (default: 100 on cpu, 4500 on cuda)")
+      ->check(cli_unsigned_integer())->check(CLI::Range(int64_t{1}, int64_t{10'000'000}));
+  r->add_option("--minutes", o->minutes, "Wall-clock cap on training, minutes (default: 6 on cpu, 15 on cuda)")
+      ->check(CLI::Range(0.01, 7 * 24 * 60.0));
+  r->add_option("--batch", o->batch, "Windows per step (default: 8 on cpu, 64 on cuda)")
+      ->check(cli_unsigned_integer())->check(CLI::Range(int64_t{1}, int64_t{4096}));
+  r->add_option("--eval-sentences", o->eval_sentences,
+                "Test sentences scored (0: all; default: 50 on cpu, all 3003 of newstest2014 on cuda)")
+      ->check(cli_unsigned_integer())->check(CLI::Range(int64_t{0}, int64_t{1'000'000}));
+  r->add_option("--shots", o->shots, "Numbers of demonstrations K (comma-separated, 0..64)")->delimiter(',')
+      ->capture_default_str()->check(CLI::Range(int64_t{0}, int64_t{64}));
+  r->add_option("--max-new-tokens", o->max_new_tokens, "Tokens per translation at most (default: 40 on cpu, 200 on cuda)")
+      ->check(cli_unsigned_integer())->check(CLI::Range(int64_t{1}, int64_t{4096}));
+  cli_option_seed(*r, o->seed, "data preparation, training and the demonstration draw");
+  cli_option_threads(*r, o->threads, "CPU threads");
+  r->callback([r, o] {
+    FLASHGPT_CHECK(!o->shots.empty(), "--shots: give at least one K");
+    std::vector<int64_t> sorted = o->shots;
+    std::sort(sorted.begin(), sorted.end());
+    FLASHGPT_CHECK(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end(), "--shots {}: a K is repeated",
+                   fmt::join(o->shots, ","));
+    try {
+      run_all(r, *o);
+    } catch (const std::filesystem::filesystem_error& e) {
+      FLASHGPT_FAIL("run: {}", e.what());
+    }
+  });
+}
+
+}  // namespace flashgpt
