@@ -3,12 +3,16 @@
 BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_ARGS ?=
+# Options of `flashgpt run` (e.g. RUN_ARGS="--steps 20 --eval-sentences 10"; `flashgpt run --help`).
+RUN_ARGS ?=
 GENERATOR := $(shell command -v ninja >/dev/null 2>&1 && echo "-G Ninja")
 
 .PHONY: run test build deps clean
 
+# The whole system: prepare data, train, evaluate zero/one/few-shot translation, write
+# results/run[-N]/report.md (docs/run.md).
 run: build
-	./$(BUILD)/flashgpt bench attention --device cpu --out results/attention_cpu
+	./$(BUILD)/flashgpt run $(RUN_ARGS)
 
 test: build
 	ctest --test-dir $(BUILD) --output-on-failure -j $(JOBS)
