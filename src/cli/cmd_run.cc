@@ -15,6 +15,7 @@
 #include "options.h"
 
 #include <flashgpt/atomic_file.h>
+#include <flashgpt/data_download.h>
 #include <flashgpt/data_prepare.h>
 #include <flashgpt/data_reader.h>
 #include <flashgpt/data_shard.h>
@@ -61,8 +62,10 @@ using Clock = std::chrono::steady_clock;
 // What the user chose. Zero / empty means "the device's default" (run_plan_make).
 struct RunOptions {
   std::string out;
-  std::string data = "auto";  // auto | shared | builtin
+  std::string data = "auto";  // auto | shared | download | builtin
   std::string data_dir;
+  std::string download_dir;       // default: ~/.cache/flashgpt/wmt14
+  std::string download_manifest;  // replaces the built-in URLs (mirrors, tests)
   std::string tokenizer_dir;
   std::string device = "auto";  // auto | cpu | cuda
   std::string preset;
@@ -90,6 +93,7 @@ struct RunPlan {
   int64_t eval_sentences = 0;  // 0: all
   int64_t max_new_tokens = 0;
   int64_t infer_batch = 8;
+  Device generation_device = Device::cpu;  // where run_inference_engine generates
   double bilingual_rate = 0.8;
   double val_fraction = 0.05;
   bool all_corpora = false;  // shared data: every train.* pair (GPU) or the short-sentence ones (CPU)
@@ -123,6 +127,11 @@ std::string gpu_name() {
   return "";
 }
 
+// Whether generation has a CUDA engine in this build. Not yet: generation runs on the CPU
+// engine on every device (run_inference_engine), so a GPU job scores fewer sentences by
+// default than it would with one. Set when the CUDA engine is wired into run_inference_engine.
+constexpr bool kCudaGeneration = false;
+
 RunPlan run_plan_make(const RunOptions& o) {
   RunPlan p;
   if (o.device == "auto") {
@@ -148,9 +157,13 @@ RunPlan run_plan_make(const RunOptions& o) {
   p.warmup = std::min<int64_t>(gpu ? 200 : 25, std::max<int64_t>(1, p.steps / 10));
   p.eval_every = std::max<int64_t>(1, p.steps / 5);
   p.eval_batches = gpu ? 40 : 4;
-  p.eval_sentences = o.eval_sentences >= 0 ? o.eval_sentences : gpu ? 0 : 50;
+  const bool gpu_generation = gpu && kCudaGeneration;
+  p.generation_device = gpu_generation ? Device::cuda : Device::cpu;
+  // All 3003 sentences with the CUDA engine; on the CPU engine the seed model decodes a few
+  // tokens/s, so a GPU job without a CUDA engine scores 100 (the report says where it ran).
+  p.eval_sentences = o.eval_sentences >= 0 ? o.eval_sentences : gpu_generation ? 0 : gpu ? 100 : 50;
   p.max_new_tokens = o.max_new_tokens > 0 ? o.max_new_tokens : gpu ? 200 : 40;
-  p.infer_batch = gpu ? 64 : 8;
+  p.infer_batch = gpu_generation ? 64 : 8;
   p.val_fraction = gpu ? 0.005 : 0.05;
   p.all_corpora = gpu;
   return p;
@@ -163,6 +176,7 @@ std::unique_ptr<InferenceEngine> run_inference_engine(const RunPlan& plan, const
   InferenceOptions io;
   io.max_slots = plan.infer_batch;
   io.threads = threads;
+  FLASHGPT_CHECK(plan.generation_device == Device::cpu, "run: no CUDA generation engine is wired in");
   if (plan.device == Device::cuda) {
     *note = "generation ran on the CPU engine (this build has no CUDA generation engine)";
     fmt::print(stderr, "note: {}\n", *note);
@@ -173,8 +187,11 @@ std::unique_ptr<InferenceEngine> run_inference_engine(const RunPlan& plan, const
 // The stop flag the trainer polls: a signal number, or kTimeBudget when the cap ran out.
 constexpr int kTimeBudget = 1000;
 std::atomic<int> g_run_stop{0};
+// The first SIGINT/SIGTERM asks the trainer to checkpoint and stop; a second one ends the
+// process at once.
 extern "C" void run_on_signal(int signal) {
-  if (g_run_stop.exchange(signal) != 0 && g_run_stop.load() != kTimeBudget) {
+  const int previous = g_run_stop.exchange(signal);
+  if (previous != 0 && previous != kTimeBudget) {
     std::signal(signal, SIG_DFL);
     std::raise(signal);
   }
@@ -289,11 +306,81 @@ std::filesystem::path out_claim(const std::string& given) {
   FLASHGPT_FAIL("results/run ... results/run-9999 all exist: pass --out");
 }
 
-// Where the corpora are, or empty for the built-in sample.
-std::filesystem::path data_source_resolve(const RunOptions& o, std::string* why) {
+// The pairs of a parallel corpus (aligned or SGM files) written as STEM.en and STEM.fr.
+void pairs_write_plain(const PairSource& source, const std::string& stem) {
+  FLASHGPT_CHECK(std::filesystem::exists(source.en) && std::filesystem::exists(source.fr),
+                 "the download has no {} and {}", source.en.string(), source.fr.string());
+  PairReader reader(source);
+  std::string en, fr;
+  TextPair pair;
+  while (reader.next(pair)) {
+    en += pair.en + '\n';
+    fr += pair.fr + '\n';
+  }
+  FLASHGPT_CHECK(reader.stats().read > 0, "{}: no sentence pairs", source.en.string());
+  atomic_write_file(stem + ".en", en);
+  atomic_write_file(stem + ".fr", fr);
+}
+
+std::filesystem::path download_dir_default() {
+  if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) return std::filesystem::path(x) / "flashgpt" / "wmt14";
+  if (const char* h = std::getenv("HOME"); h && *h) return std::filesystem::path(h) / ".cache" / "flashgpt" / "wmt14";
+  return "wmt14-download";
+}
+
+// The WMT14 dev and test sets and News Commentary v9 fr-en, fetched with `data download`'s
+// code into DEST and laid out as a data folder: DEST/data/wmt14/newstest201{2,3,4}.fr-en.*
+// (the SGML test set turned into plain lines) and train.news-commentary-v9.fr-en.*. A
+// complete earlier download (newstest2014.fr-en.fr, written last) is reused.
+std::filesystem::path wmt14_fetch(const RunOptions& o) {
+  const std::filesystem::path dest = o.download_dir.empty() ? download_dir_default() : std::filesystem::path(o.download_dir);
+  const auto data = dest / "data";
+  const auto wmt = data / "wmt14";
+  if (std::filesystem::exists(wmt / "newstest2014.fr-en.fr")) return data;
+  FLASHGPT_CHECK(download_supported() && unpack_supported(),
+                 "this build cannot download (it needs libcurl and libarchive at configure time)");
+  const std::vector<std::string> wanted = {"dev.tgz", "test-full.tgz", "training-parallel-nc-v9.tgz"};
+  const auto all = o.download_manifest.empty() ? wmt14_download_items() : download_items_from_json(o.download_manifest);
+  DownloadConfig dc;
+  dc.dest = dest;
+  for (const auto& name : wanted) {
+    const auto it = std::find_if(all.begin(), all.end(), [&](const DownloadItem& i) { return i.name == name; });
+    FLASHGPT_CHECK(it != all.end(), "the download manifest has no {}", name);
+    dc.items.push_back(*it);
+  }
+  dc.retries = 2;
+  dc.connect_timeout_seconds = 10;
+  dc.progress = true;
+  fmt::print(stderr, "data: downloading {} into {}\n", fmt::join(wanted, ", "), dest.string());
+  std::filesystem::create_directories(dest);
+  data_download(dc);
+  std::filesystem::create_directories(wmt);
+  const auto aligned = [](const std::filesystem::path& stem) {
+    return PairSource{PairFormat::aligned, stem.string() + ".en", stem.string() + ".fr"};
+  };
+  pairs_write_plain(aligned(dest / "training" / "news-commentary-v9.fr-en"),
+                    (wmt / "train.news-commentary-v9.fr-en").string());
+  pairs_write_plain(aligned(dest / "dev" / "newstest2012"), (wmt / "newstest2012.fr-en").string());
+  pairs_write_plain(aligned(dest / "dev" / "newstest2013"), (wmt / "newstest2013.fr-en").string());
+  // Written last: its presence marks a complete download. English source, French reference.
+  pairs_write_plain(PairSource{PairFormat::sgm, dest / "test-full" / "newstest2014-fren-src.en.sgm",
+                               dest / "test-full" / "newstest2014-fren-ref.fr.sgm"},
+                    (wmt / "newstest2014.fr-en").string());
+  return data;
+}
+
+// Where the corpora are, or empty for the built-in sample; `kind`: shared, download or builtin.
+std::filesystem::path data_source_resolve(const RunOptions& o, std::string* why, std::string* kind) {
   if (o.data == "builtin") {
     *why = "--data builtin";
+    *kind = "builtin";
     return {};
+  }
+  if (o.data == "download") {
+    const auto dir = wmt14_fetch(o);
+    *why = fmt::format("--data download: WMT14 dev/test sets and News Commentary v9 in {}", dir.string());
+    *kind = "download";
+    return dir;
   }
   std::filesystem::path dir;
   if (!o.data_dir.empty()) {
@@ -306,13 +393,32 @@ std::filesystem::path data_source_resolve(const RunOptions& o, std::string* why)
     FLASHGPT_CHECK(found, "{}: no wmt14/ folder there (pass --data-dir DATA, set FLASHGPT_DATA_DIR, or use --data builtin)",
                    dir.empty() ? std::string("no data directory (../shared/data is absent)") : dir.string());
     *why = fmt::format("corpora in {}", dir.string());
+    *kind = "shared";
     return dir;
   }
   if (found) {
     *why = fmt::format("corpora found in {}", dir.string());
+    *kind = "shared";
     return dir;
   }
-  *why = "no corpora found (no --data-dir, FLASHGPT_DATA_DIR or ../shared/data): the built-in sample";
+  if (download_supported() && unpack_supported()) {
+    fmt::print(stderr, "data: no corpora found (no --data-dir, FLASHGPT_DATA_DIR or ../shared/data): downloading\n");
+    try {
+      const auto downloaded = wmt14_fetch(o);
+      *why = fmt::format("no corpora found: downloaded the WMT14 dev/test sets and News Commentary v9 into {}",
+                         downloaded.string());
+      *kind = "download";
+      return downloaded;
+    } catch (const Error& e) {
+      fmt::print(stderr, "warning: the download failed, falling back to the built-in sample: {}\n", e.what());
+      *why = "no corpora found and the download failed: the built-in sample";
+      *kind = "builtin";
+      return {};
+    }
+  }
+  *why = "no corpora found (no --data-dir, FLASHGPT_DATA_DIR or ../shared/data) and no download support: the "
+         "built-in sample";
+  *kind = "builtin";
   return {};
 }
 
@@ -393,9 +499,10 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   const std::string started = utc_now();
   const RunPlan plan = run_plan_make(o);
   model_preset(plan.preset, 1000);  // an unknown preset fails before anything is written
-  std::string data_why;
-  const std::filesystem::path data_dir = data_source_resolve(o, &data_why);
-  const bool builtin = data_dir.empty();
+  std::string data_why, data_source;
+  const std::filesystem::path data_dir = data_source_resolve(o, &data_why, &data_source);
+  const bool builtin = data_source == "builtin";
+  const bool downloaded = data_source == "download";
   const auto sample = builtin_sample_dir();
   if (builtin) {
     FLASHGPT_CHECK(std::filesystem::exists(sample / "train.sample.fr-en.en"),
@@ -439,7 +546,7 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   } else {
     for (auto& source : default_pair_sources(data_dir)) {
       const std::string name = source.name();
-      if (plan.all_corpora || name.find("multi30k") != std::string::npos ||
+      if (plan.all_corpora || downloaded || name.find("multi30k") != std::string::npos ||
           name.find("tatoeba") != std::string::npos) {
         prepare_argv.insert(prepare_argv.end(), {"--pairs", source.en.string()});
         pc.pairs.push_back(std::move(source));
@@ -469,7 +576,7 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   fmt::print(stderr, "data: {} train + {} val documents, {} tokens from [{}]\n", summary.documents,
              summary.val_documents, dataset_tokens, fmt::join(corpora, ", "));
   timings["data"] = seconds_since(t0);
-  report["data"] = {{"source", builtin ? "builtin" : "shared"},
+  report["data"] = {{"source", data_source},
                     {"why", data_why},
                     {"dir", builtin ? sample.string() : data_dir.string()},
                     {"corpora", corpora},
@@ -679,8 +786,13 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   stage_header(4, "report", (out / "report.md").string());
   t0 = Clock::now();
   // The exact command, every option spelled out with the value it ran with.
-  std::vector<std::string> run_argv = {"flashgpt", "run", "--data", builtin ? "builtin" : "shared"};
-  if (!builtin) run_argv.insert(run_argv.end(), {"--data-dir", data_dir.string()});
+  std::vector<std::string> run_argv = {"flashgpt", "run", "--data", data_source};
+  if (downloaded) {
+    run_argv.insert(run_argv.end(), {"--download-dir", data_dir.parent_path().string()});
+    if (!o.download_manifest.empty()) run_argv.insert(run_argv.end(), {"--download-manifest", o.download_manifest});
+  } else if (!builtin) {
+    run_argv.insert(run_argv.end(), {"--data-dir", data_dir.string()});
+  }
   run_argv.insert(run_argv.end(),
                   {"--device", plan.device_name, "--preset", plan.preset, "--steps", std::to_string(plan.steps),
                    "--minutes", fmt::format("{}", plan.minutes), "--batch", std::to_string(plan.batch),
@@ -704,7 +816,7 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   md += "## Summary\n\n";
   md += "| stage | what | seconds |\n| --- | --- | --- |\n";
   md += fmt::format("| data | {} documents, {} tokens ({}) | {:.1f} |\n", summary.documents, dataset_tokens,
-                    builtin ? "built-in sample" : "shared corpora", timings["data"].get<double>());
+                    builtin ? "built-in sample" : downloaded ? "downloaded corpora" : "shared corpora", timings["data"].get<double>());
   md += fmt::format("| train | {} preset, {} steps, last loss {:.4f}, val loss {:.4f} | {:.1f} |\n", plan.preset,
                     tr.state.step, tr.last_loss, tr.last_val_loss, timings["train"].get<double>());
   md += fmt::format("| eval | {} sentences x {} settings | {:.1f} |\n", test.size(), settings.size(),
@@ -795,9 +907,14 @@ void cli_add_run(CLI::App& app) {
                                "The whole system: prepare data, train, evaluate zero/one/few-shot translation, write "
                                "OUT/report.md (the README's `make run`)");
   r->add_option("-o,--out", o->out, "Output folder, must not exist (default: results/run, else results/run-N)");
-  r->add_option("--data", o->data, "auto (the corpora when found, else the built-in sample), shared or builtin")
-      ->capture_default_str()->check(CLI::IsMember({"auto", "shared", "builtin"}));
+  r->add_option("--data", o->data, "auto (the corpora when found, else a download, else the built-in sample), shared, download or builtin")
+      ->capture_default_str()->check(CLI::IsMember({"auto", "shared", "download", "builtin"}));
   cli_option_data_dir(*r, o->data_dir);
+  r->add_option("--download-dir", o->download_dir,
+                "Where --data download (or auto without corpora) fetches to (default: ~/.cache/flashgpt/wmt14)");
+  r->add_option("--download-manifest", o->download_manifest,
+                "JSON list of {name,url,...} replacing the built-in URLs (a mirror); needs dev.tgz, test-full.tgz, "
+                "training-parallel-nc-v9.tgz");
   cli_option_tokenizer_dir(*r, o->tokenizer_dir);
   r->add_option("--device", o->device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str()
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
@@ -810,7 +927,7 @@ void cli_add_run(CLI::App& app) {
   r->add_option("--batch", o->batch, "Windows per step (default: 8 on cpu, 64 on cuda)")
       ->check(cli_unsigned_integer())->check(CLI::Range(int64_t{1}, int64_t{4096}));
   r->add_option("--eval-sentences", o->eval_sentences,
-                "Test sentences scored (0: all; default: 50 on cpu, all 3003 of newstest2014 on cuda)")
+                "Test sentences scored (0: all; default: 50 on cpu, on cuda all 3003 of newstest2014 when generation runs there)")
       ->check(cli_unsigned_integer())->check(CLI::Range(int64_t{0}, int64_t{1'000'000}));
   r->add_option("--shots", o->shots, "Numbers of demonstrations K (comma-separated, 0..64)")->delimiter(',')
       ->capture_default_str()->check(CLI::Range(int64_t{0}, int64_t{64}));

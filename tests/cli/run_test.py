@@ -3,16 +3,23 @@
 built-in sample: the whole pipeline writes a report with every section and numbers that
 parse and agree with report.json and the training log; the reproduce command in the report
 runs and gives the same losses; an existing --out is refused and left as it was; without
---out a second run gets a new folder; bad options are refused with messages that name them.
+--out a second run gets a new folder; --data download fetches WMT14-shaped archives (made
+here from the sample, served on 127.0.0.1) and scores their SGML newstest2014; bad options
+are refused with messages that name them.
 Usage: run_test.py PATH/TO/flashgpt [TOKENIZER_DIR]   (FLASHGPT_TOKENIZER_DIR wins)
 Without the cl100k_base rank file the pipeline checks do not run and the test ends as skipped."""
+import functools
+import http.server
+import io
 import json
 import os
 import re
 import shlex
 import subprocess
 import sys
+import tarfile
 import tempfile
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
@@ -129,6 +136,82 @@ def check_report(out, steps, shots):
     return md, report
 
 
+SAMPLE = Path(__file__).resolve().parents[2] / "share" / "fren-sample"
+
+
+def lines(name, lang):
+    return (SAMPLE / f"{name}.fr-en.{lang}").read_text(encoding="utf-8").splitlines()
+
+
+def tgz(files):
+    """A .tgz holding {name: text}."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, text in files.items():
+            data = text.encode("utf-8")
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def sgm(sentences):
+    segs = "".join(f'<seg id="{i + 1}">{s}</seg>\n' for i, s in enumerate(sentences))
+    return f'<srcset setid="newstest2014">\n<doc docid="d1">\n{segs}</doc>\n</srcset>\n'
+
+
+def check_download(tmp):
+    """The three archives `flashgpt run --data download` fetches, laid out as WMT14 ships them
+    (dev/ plain files, test-full/ SGML, training/ aligned files), with the sample's text."""
+    served = Path(tmp) / "served"
+    served.mkdir()
+    train_en, train_fr = lines("train.sample", "en"), lines("train.sample", "fr")
+    dev_en, dev_fr = lines("dev", "en"), lines("dev", "fr")
+    test_en, test_fr = lines("test", "en"), lines("test", "fr")
+    (served / "training-parallel-nc-v9.tgz").write_bytes(tgz({
+        "training/news-commentary-v9.fr-en.en": "\n".join(train_en) + "\n",
+        "training/news-commentary-v9.fr-en.fr": "\n".join(train_fr) + "\n"}))
+    (served / "dev.tgz").write_bytes(tgz({
+        f"dev/newstest{y}.{lang}": "\n".join(text) + "\n"
+        for y in ("2012", "2013") for lang, text in (("en", dev_en), ("fr", dev_fr))}))
+    (served / "test-full.tgz").write_bytes(tgz({
+        "test-full/newstest2014-fren-src.en.sgm": sgm(test_en),
+        "test-full/newstest2014-fren-ref.fr.sgm": sgm(test_fr),
+        "test-full/newstest2014-fren-src.fr.sgm": sgm(["decoy"] * len(test_fr))}))
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        manifest = Path(tmp) / "manifest.json"
+        manifest.write_text(json.dumps([{"name": n, "url": f"http://127.0.0.1:{port}/{n}"}
+                                        for n in ("dev.tgz", "test-full.tgz", "training-parallel-nc-v9.tgz")]))
+        dest = Path(tmp) / "dl"
+        out = Path(tmp) / "r-download"
+        args = [a if a != "builtin" else "download" for a in MICRO]
+        r = flashgpt("run", *args, "--download-dir", str(dest), "--download-manifest", str(manifest),
+                     "--out", str(out), cwd=tmp)
+    finally:
+        server.shutdown()
+    check(r.returncode == 0, "--data download runs", r)
+    if r.returncode != 0:
+        return
+    wmt = dest / "data" / "wmt14"
+    check((wmt / "newstest2014.fr-en.en").read_text(encoding="utf-8").splitlines() == test_en
+          and (wmt / "newstest2014.fr-en.fr").read_text(encoding="utf-8").splitlines() == test_fr,
+          "the SGML test set became plain aligned lines (source with its reference, not the decoy)")
+    report = json.loads((out / "report.json").read_text())
+    check(report["data"]["source"] == "download" and report["data"]["corpora"] == ["train.news-commentary-v9.fr-en"]
+          and report["eval"]["test_set"] == {"name": "newstest2014", "sentences": 2, "of": len(test_en)},
+          f"trained on the download, scored its newstest2014: {report['data']['corpora']} {report['eval']['test_set']}")
+    md = (out / "report.md").read_text(encoding="utf-8")
+    check("--data download --download-dir" in md, "the reproduce line names the download")
+
+
 def main():
     tmp = tempfile.mkdtemp(prefix="flashgpt_run_")
 
@@ -190,6 +273,8 @@ def main():
         r = flashgpt("run", *MICRO, cwd=cwd)
         check(r.returncode == 0 and (cwd / expect / "report.md").is_file() and r.stdout.strip().startswith(expect),
               f"default out {expect}", r)
+
+    check_download(tmp)
 
     if FAILURES:
         print(f"{len(FAILURES)} check(s) failed")
