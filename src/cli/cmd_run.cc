@@ -812,7 +812,8 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   md += "# flashgpt run\n\n";
   md += fmt::format("Started {}; {} on {}. Everything below was produced by one `flashgpt run`: prepare the data, "
                     "train, evaluate zero-/one-/few-shot translation, write this report.\n\n",
-                    started, plan.device_name, m["cpu"].get<std::string>());
+                    started, plan.device_name,
+                    plan.device == Device::cuda ? m["gpu"].get<std::string>() : m["cpu"].get<std::string>());
   md += "## Summary\n\n";
   md += "| stage | what | seconds |\n| --- | --- | --- |\n";
   md += fmt::format("| data | {} documents, {} tokens ({}) | {:.1f} |\n", summary.documents, dataset_tokens,
