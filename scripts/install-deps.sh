@@ -4,7 +4,7 @@
 # liblzma, libcurl, libarchive and OpenBLAS are optional to CMake but installed so that every
 # test runs), and the Python packages the tests and plots use (tiktoken and sacrebleu as test oracles,
 # numpy and pytest for the Python tests, scikit-build-core for the pip package's test,
-# matplotlib for `make run`'s plot). Idempotent and
+# matplotlib for `make run`'s plots). Idempotent and
 # quiet when everything is already there. Docs-only tools (Graphviz for
 # scripts/component_graph.sh) are not installed.
 set -euo pipefail
