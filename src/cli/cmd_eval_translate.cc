@@ -117,8 +117,10 @@ void run_eval_translate(const EvalTranslateOptions& o) {
   j["training_data_check"] = check.reason;
   j["prompt_format"] = translate_prompt(std::vector<TranslatePair>{{"{en}", "{fr}"}}, "{source}",
                                         TranslateDirection::en_fr);
-  auto& results = j["results"] = nlohmann::ordered_json::array();
-  auto& examples = j["examples"] = nlohmann::ordered_json::array();
+  // Filled apart and moved in at the end: an ordered_json object is a vector, so a reference
+  // to one member dangles once another member is added.
+  auto results = nlohmann::ordered_json::array();
+  auto examples = nlohmann::ordered_json::array();
   fmt::print("{:<6} {:>5} {:>7} {:>7} {:>9} {:>10} {:>9}\n", "dir", "shots", "BLEU", "chrF", "K given", "shortened",
              "seconds");
   for (const auto& s : settings) {
@@ -155,6 +157,8 @@ void run_eval_translate(const EvalTranslateOptions& o) {
       fmt::print("[{} {}-shot] {} -> {}\n", translate_direction_name(s.direction), s.shots, e.source, e.output);
     }
   }
+  j["results"] = std::move(results);
+  j["examples"] = std::move(examples);
   const auto json_path = out_dir / "translate.json";
   atomic_write_file(json_path, j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
   fmt::print("wrote {} and the hypotheses in {}\n", json_path.string(), hyp_dir.string());
