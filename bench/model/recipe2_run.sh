@@ -59,7 +59,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 
 # The recipe (docs/experiments.md, "Recipe 2, v2" says why each choice).
 PREPARE_ARGS=${PREPARE_ARGS:---bilingual-rate 1 --pairs-per-document 16 --document-bytes 2000 --single-pair-share 0.1
-  --pair-order shuffled --weight train.newstest2008-2011.fr-en=3 --weight train.news-commentary-v8-head5k.fr-en=3
+  --pair-order shuffled --weight train.newstest2008-2011.fr-en=4 --weight train.news-commentary-v8-head5k.fr-en=4
   --weight train.misc-testsets.fr-en=2 --val-set newstest2013}
 TRAIN_ARGS=${TRAIN_ARGS:---steps $STEPS --batch 64 --lr 6e-4 --warmup 200 --schedule cosine --min-lr-ratio 0.1
   --weight-decay 0.1 --eval-every 500 --eval-batches 0 --save-every 0 --keep-best}
