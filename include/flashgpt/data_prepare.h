@@ -1,7 +1,8 @@
 // prepare: parallel and monolingual corpora -> documents -> train/val token shards.
 //
 // Invariant: everything prepare writes depends on the seed and the inputs only, never on
-// the thread count: random choices are drawn from Philox keyed by (seed, document index).
+// the thread count: random choices are drawn from Philox keyed by the seed and the index of
+// the document, pair, corpus or pass they are for.
 #pragma once
 
 #include <flashgpt/data_reader.h>

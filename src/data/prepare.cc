@@ -2,9 +2,12 @@
 //
 // The pipeline runs in batches: read and build up to `batch_documents` documents (the
 // calling thread), encode them (a worker thread and the encoder's threads, overlapping
-// the reading of the next batch), append them in order to the train or val shard. Every random choice for document d (side, template, held out or not) comes from
-// Philox counter (d, kPrepareStream) under the seed, so the output depends on the seed
-// and the inputs, never on the thread count or the batch size.
+// the reading of the next batch), append them in order to the train or val shard.
+// Every random choice for document d (side, template, held out or not) comes from Philox
+// counter (d, kPrepareStream) under the seed; with multi-pair documents a pair's choices
+// come from counter (pair index, kPairStream), and a corpus's order and repetitions from
+// their own streams keyed by (corpus, pass). So the output depends on the seed and the
+// inputs, never on the thread count or the batch size.
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/data_loader.h>
 #include <flashgpt/data_prepare.h>
@@ -632,7 +635,7 @@ class DocumentBuilder {
     }
   }
 
-  // Closes the open document: documents never span two corpora (or two passes of one).
+  // Closes the open document: documents never span two corpora.
   void end_of_corpus() {
     if (!packer_.empty()) pipeline_.add(packer_.take(direction_), DocKind::bilingual);
   }
@@ -730,6 +733,9 @@ void check_multi_pair_config(const PrepareConfig& config) {
   FLASHGPT_CHECK(config.pairs_per_document > 1 || (config.single_pair_share == 0 && config.document_bytes == 0),
                  "--single-pair-share and --document-bytes shape multi-pair documents: give --pairs-per-document "
                  "above 1 with them");
+  std::vector<std::string> names;
+  for (const auto& source : config.pairs) names.push_back(source.name());
+  for (const auto& path : config.mono) names.push_back(path.filename().string());
   for (size_t i = 0; i < config.weights.size(); ++i) {
     const auto& w = config.weights[i];
     FLASHGPT_CHECK(std::isfinite(w.repeat) && w.repeat > 0 && w.repeat <= 100, "corpus weight {}={} is not in (0, 100]",
@@ -737,12 +743,7 @@ void check_multi_pair_config(const PrepareConfig& config) {
     for (size_t j = 0; j < i; ++j) {
       FLASHGPT_CHECK(config.weights[j].corpus != w.corpus, "corpus {} is weighted twice", w.corpus);
     }
-    bool known = false;
-    std::vector<std::string> names;
-    for (const auto& source : config.pairs) names.push_back(source.name());
-    for (const auto& path : config.mono) names.push_back(path.filename().string());
-    for (const auto& n : names) known = known || n == w.corpus;
-    FLASHGPT_CHECK(known, "corpus weight {}={}: no input corpus has that name (inputs: {})", w.corpus, w.repeat,
+    FLASHGPT_CHECK(std::find(names.begin(), names.end(), w.corpus) != names.end(), "corpus weight {}={}: no input corpus has that name (inputs: {})", w.corpus, w.repeat,
                    fmt::join(names, ", "));
   }
   if (!config.val_set.empty()) {
@@ -848,7 +849,7 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
         }
       }
       if (keep) {
-        use_repeated(kept, corpus.repeat, config.pair_order, config.seed, corpus_index, [&](TextPair p, uint32_t pass) {
+        use_repeated(kept, corpus.repeat, config.pair_order, config.seed, corpus_index, [&](TextPair p, uint32_t /*pass*/) {
           builder.take(std::move(p));
           ++corpus.used;
         });
