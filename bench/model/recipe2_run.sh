@@ -15,14 +15,15 @@
 #    RUN/best) so a setting cut by the deadline costs only itself; without --device cuda
 #    in the binary: `export --format hf` + translate_hf.py on the first LIMIT sentences.
 #
-# Budget (s, of DEADLINE = 560; estimates from the last H100 runs, the eval share from the
-# GPU decoder's speed, which these runs measure): unpack ~5, prepare ~5, model start ~5,
-# training TRAIN_SECONDS = 340 (4,100 planned steps of 64 x 512 at ~410k tokens/s: the
-# time limit only trims the cosine tail if the step is slower), final validation and
-# checkpoint ~5, evaluation the rest (~200), minus a MARGIN of 5.
+# Budget (s, of DEADLINE = 560; estimates from the last H100 runs): unpack ~3, prepare ~3,
+# model start ~5, training TRAIN_SECONDS = 390 (4,700 planned steps of 64 x 512 at 80-85 ms
+# a step: the time limit only trims the cosine tail if the step is slower), final
+# validation, checkpoint and best/ ~6, evaluation ~75 (the GPU decoder took 42 s for all
+# six settings of a worst-case random model, plus ~5 s of start per call), leaving ~75 s
+# of slack; MARGIN (5) is kept back from the last call's timeout.
 #
 # Environment: OUT (results, default results/recipe2), WORK (/tmp/recipe2), DEADLINE (560),
-# TRAIN_SECONDS (340), STEPS (4100), LIMIT (sentences for the fallback: 500; eval translate
+# TRAIN_SECONDS (390), STEPS (4700), LIMIT (sentences for the fallback: 500; eval translate
 # gets all 3003 unless EVAL_LIMIT is set), PREPARE_ARGS / TRAIN_ARGS (replace the recipe's),
 # EVAL_ARGS (added to each eval translate call, e.g. "--batch 256"); for a CPU smoke run of
 # the pipeline: DEVICE=cpu PRESET=tiny TRAIN_SECONDS=120 EVAL_LIMIT=3 TRAIN_ARGS="--steps 30
@@ -36,8 +37,8 @@ OUT=${OUT:-results/recipe2}
 WORK=${WORK:-/tmp/recipe2}
 DEADLINE=${DEADLINE:-560}
 MARGIN=${MARGIN:-5}
-TRAIN_SECONDS=${TRAIN_SECONDS:-340}
-STEPS=${STEPS:-4100}
+TRAIN_SECONDS=${TRAIN_SECONDS:-390}
+STEPS=${STEPS:-4700}
 LIMIT=${LIMIT:-500}
 EVAL_LIMIT=${EVAL_LIMIT:-0}
 EVAL_ARGS=${EVAL_ARGS:-}
