@@ -1,7 +1,8 @@
 // prepare: parallel and monolingual corpora -> documents -> train/val token shards.
 //
 // Invariant: everything prepare writes depends on the seed and the inputs only, never on
-// the thread count: random choices are drawn from Philox keyed by (seed, document index).
+// the thread count: random choices are drawn from Philox keyed by the seed and the index of
+// the document, pair, corpus or pass they are for.
 #pragma once
 
 #include <flashgpt/data_reader.h>
@@ -35,6 +36,21 @@ TextEncoder text_encoder_from(const Tokenizer& tokenizer);
 // unchecked (a warning says so).
 enum class TestSetCheck { required, off };
 
+// The order a parallel corpus's pairs are used in: as the file gives them, or a seeded
+// permutation of the whole corpus (one per repetition), so that the pairs of a multi-pair
+// document are unrelated sentences, as `eval translate`'s demonstrations are.
+enum class PairOrder { file, shuffled };
+PairOrder pair_order_from_name(std::string_view name);  // "file" or "shuffled"; throws naming the choices
+
+// How often a corpus is used: `repeat` 3 reads it three times, 1.5 once and then each
+// pair (or line) again with probability 0.5; each pass draws its own documents.
+struct CorpusWeight {
+  std::string corpus;  // a corpus name as the summary lists it (train.multi30k.fr-en, mono.x.en.xz)
+  double repeat = 1.0;
+};
+// "NAME=REPEAT" (REPEAT in (0, 100]); throws naming the problem.
+CorpusWeight corpus_weight_from_text(std::string_view text);
+
 struct PrepareConfig {
   std::vector<PairSource> pairs;                 // parallel corpora
   std::vector<std::filesystem::path> mono;       // monolingual files, one text per line
@@ -47,7 +63,25 @@ struct PrepareConfig {
   // French side, chosen at random. With rate r, a pair becomes a bilingual document with
   // probability r (a template below, direction at random) and a monolingual one otherwise.
   double bilingual_rate = 0.0;
+  // Multi-pair documents (pairs_per_document > 1): the bilingual pairs are grouped into
+  // documents of up to pairs_per_document pairs, one direction per document (drawn at
+  // random, so both directions across documents), in exactly the K-shot prompt format of
+  // `eval translate` (multi_pair_document). A document stops growing before its text
+  // would pass document_bytes (0: no limit; cl100k_base spends about 4.2 bytes per token
+  // on this text, so 2000 bytes fill about 480 tokens). single_pair_share of the bilingual
+  // pairs stay single-pair documents in the four templates below. Pairs are grouped in
+  // `pair_order`, never across corpora.
+  int64_t pairs_per_document = 1;
+  uint64_t document_bytes = 0;
+  double single_pair_share = 0.0;
+  PairOrder pair_order = PairOrder::file;
+  std::vector<CorpusWeight> weights;             // repetitions per corpus (others: 1)
   double val_fraction = 0.005;                   // documents held out for validation
+  // "newstest2012" or "newstest2013": the validation split is that dev set's pairs as
+  // multi-pair documents in the prompt format, both directions (what `eval translate`
+  // prompts look like, for checkpoint selection), instead of held-out training documents
+  // (val_fraction must then be 0). Empty: none.
+  std::string val_set;
   uint64_t shard_tokens = 100'000'000;           // tokens per shard (the last one is shorter)
   BadLinePolicy bad_lines = BadLinePolicy::skip;
   size_t batch_documents = 16384;                // documents tokenized per batch
@@ -63,6 +97,14 @@ inline constexpr std::array<std::string_view, 4> kBilingualTemplates = {
     "English: {en}\nFrench: {fr}", "French: {fr}\nEnglish: {en}",
     "{en}\nIn French: {fr}", "{fr}\nEn anglais : {en}"};
 
+// One direction of a multi-pair document.
+enum class PairDirection { en_fr, fr_en };
+
+// A multi-pair document: for en_fr "English: {en_1}\nFrench: {fr_1}\n\nEnglish: {en_2}\n
+// French: {fr_2}" and so on, fr_en with the languages swapped: `eval translate`'s K-shot
+// prompt for the last pair (translate_prompt) followed by " " and that pair's translation.
+std::string multi_pair_document(std::span<const TextPair> pairs, PairDirection direction);
+
 struct ShardInfo {
   std::string path;
   uint64_t tokens = 0;
@@ -72,7 +114,8 @@ struct ShardInfo {
 struct PrepareSummary {
   struct Corpus {
     std::string name;
-    uint64_t read = 0, used = 0;
+    uint64_t read = 0, used = 0;  // used: pairs (lines) that went into documents, repetitions included
+    double repeat = 1.0;
     std::map<std::string, uint64_t> skipped;  // reason -> count
   };
   std::vector<Corpus> corpora;

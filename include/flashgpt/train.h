@@ -155,6 +155,17 @@ struct TrainConfig {
   std::string options_json = "{}";  // stored in checkpoints
   // Checked between steps: when it holds a signal number, the run checkpoints and returns.
   const std::atomic<int>* stop = nullptr;
+  // Wall-clock budget in seconds (0: none), checked between steps: once train_run has run
+  // this long it ends as after its last step (final validation, checkpoint, end record
+  // with "stopped": "time limit"). The schedule stays that of the planned steps.
+  double time_limit = 0;
+  // Keep the checkpoint of the lowest validation loss in out_dir/best/ (checkpoint.safetensors,
+  // a copy of config.json, best.json with its step and loss), so that best/ is a run
+  // directory `eval translate --run` takes. An improvement copies the weights and AdamW
+  // moments to host memory (3 x 4 bytes a parameter, outside the step); the file is written
+  // once, at the end (a hard link when the final checkpoint is the best). A resumed run
+  // starts from best/best.json's loss.
+  bool keep_best = false;
 };
 
 struct TrainResult {
@@ -163,6 +174,9 @@ struct TrainResult {
   double last_loss = 0;
   double last_val_loss = -1;  // -1: never validated
   int stopped_by_signal = 0;  // the signal that ended the run early, 0 if none
+  bool stopped_by_time = false;  // ended by time_limit before the planned steps
+  int64_t best_step = -1;        // keep_best: the step of out_dir/best (-1: none kept)
+  double best_val_loss = -1;
   double seconds = 0;
 };
 

@@ -53,6 +53,12 @@ struct PrepareOptions {
   uint64_t seed = 1234;
   int threads = 0;
   double bilingual_rate = 0.0;
+  int64_t pairs_per_document = 1;
+  uint64_t document_bytes = 0;
+  double single_pair_share = 0.0;
+  std::string pair_order = "file";
+  std::vector<std::string> weights;
+  std::string val_set;
   double val_fraction = 0.005;
   uint64_t shard_tokens = 100'000'000;
   std::string on_bad_line = "skip";
@@ -116,6 +122,12 @@ void run_prepare(const PrepareOptions& o) {
   config.seed = o.seed;
   config.threads = o.threads;
   config.bilingual_rate = o.bilingual_rate;
+  config.pairs_per_document = o.pairs_per_document;
+  config.document_bytes = o.document_bytes;
+  config.single_pair_share = o.single_pair_share;
+  config.pair_order = pair_order_from_name(o.pair_order);
+  for (const auto& w : o.weights) config.weights.push_back(corpus_weight_from_text(w));
+  config.val_set = o.val_set;
   config.val_fraction = o.val_fraction;
   config.shard_tokens = o.shard_tokens;
   config.bad_lines = o.on_bad_line == "fail" ? BadLinePolicy::fail : BadLinePolicy::skip;
@@ -280,6 +292,27 @@ void cli_add_data(CLI::App& app) {
   p->add_option("--bilingual-rate", prepare->bilingual_rate,
                 "Share of pairs turned into bilingual documents (0: the original one-side-per-pair recipe)")
       ->capture_default_str()->check(CLI::Range(0.0, 1.0));
+  p->add_option("--pairs-per-document", prepare->pairs_per_document,
+                "Above 1: bilingual pairs grouped into documents of up to this many pairs, one direction each, in "
+                "`eval translate`'s K-shot prompt format")
+      ->capture_default_str()->check(CLI::Range(int64_t{1}, int64_t{100000}));
+  p->add_option("--document-bytes", prepare->document_bytes,
+                "Multi-pair documents stop before their text passes this many bytes (0: no limit; about 4.2 bytes "
+                "per cl100k_base token)")
+      ->capture_default_str()->check(cli_unsigned_integer());
+  p->add_option("--single-pair-share", prepare->single_pair_share,
+                "With --pairs-per-document: share of the bilingual pairs kept as single-pair documents in the four "
+                "templates")
+      ->capture_default_str()->check(CLI::Range(0.0, 1.0));
+  p->add_option("--pair-order", prepare->pair_order,
+                "Order pairs are used in: file, or shuffled (a seeded permutation per corpus and repetition)")
+      ->capture_default_str()->check(CLI::IsMember({"file", "shuffled"}));
+  p->add_option("--weight", prepare->weights,
+                "NAME=REPEAT: use corpus NAME (as the summary names it) REPEAT times (e.g. 2.5); repeatable");
+  p->add_option("--val-set", prepare->val_set,
+                "newstest2012 or newstest2013: the validation split is that dev set in the prompt format, both "
+                "directions, instead of held-out documents (implies --val-fraction 0)")
+      ->check(CLI::IsMember({"newstest2012", "newstest2013"}));
   p->add_option("--val-fraction", prepare->val_fraction, "Share of documents held out")->capture_default_str()
       ->check(CLI::Range(0.0, 0.999));
   p->add_option("--shard-tokens", prepare->shard_tokens, "Tokens per shard")->capture_default_str()
@@ -288,6 +321,7 @@ void cli_add_data(CLI::App& app) {
       ->capture_default_str()->check(CLI::IsMember({"skip", "fail"}));
   p->add_flag("--quiet", prepare->quiet, "No progress lines");
   p->callback([p, prepare] {
+    if (!prepare->val_set.empty() && p->get_option("--val-fraction")->count() == 0) prepare->val_fraction = 0;
     cli_config_print(*p);
     run_data_command("data prepare", [&] { run_prepare(*prepare); });
   });

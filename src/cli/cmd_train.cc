@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 
 #include <atomic>
+#include <cmath>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
@@ -52,6 +53,8 @@ struct TrainOptions {
   uint64_t seed = 1234;
   int64_t max_bad_steps = 5;
   double peak_flops = 0;
+  double time_limit = 0;
+  bool keep_best = false;
   int threads = 0;
   bool resume = false;
   bool deterministic = false;
@@ -95,6 +98,9 @@ std::vector<OptionEntry> train_option_table(TrainOptions& o) {
       {"seed", &o.seed, "Seed of the initialisation, data order and dropout"},
       {"max-bad-steps", &o.max_bad_steps, "Stop after this many non-finite steps in a row"},
       {"peak-flops", &o.peak_flops, "MFU denominator in FLOP/s (0: 989e12 on cuda, measured on cpu)", false},
+      {"time-limit", &o.time_limit, "Wall-clock budget in seconds: stop cleanly (validate, checkpoint) once the "
+       "training loop has run this long; the schedule stays that of the planned steps (0: none)", false},
+      {"keep-best", &o.keep_best, "Keep the checkpoint of the lowest validation loss as RUN/best (a run directory)"},
       {"threads", &o.threads, "CPU threads (0: all cores)"},
       {"resume", &o.resume, "Continue RUN from its checkpoint (options not given come from RUN/config.json)", false},
       {"deterministic", &o.deterministic, "Bit-identical results run to run (CUDA)"},
@@ -227,6 +233,8 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
   FLASHGPT_CHECK(o.accum >= 1, "--accum {} must be at least 1", o.accum);
   FLASHGPT_CHECK(o.epochs >= 1 || o.steps > 0, "--epochs {} and --steps {}: nothing to train", o.epochs, o.steps);
   FLASHGPT_CHECK(o.context >= 0 && o.steps >= 0 && o.warmup >= 0, "--context, --steps and --warmup cannot be negative");
+  FLASHGPT_CHECK(std::isfinite(o.time_limit) && o.time_limit >= 0, "--time-limit {} must be a number of seconds (0: "
+                 "none)", o.time_limit);
   FLASHGPT_CHECK(o.lr > 0 && o.eps > 0 && o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1,
                  "AdamW needs lr > 0, eps > 0 and betas in [0, 1) (given lr {}, eps {}, betas {} {})", o.lr, o.eps,
                  o.beta1, o.beta2);
@@ -324,6 +332,9 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
   tc.resume = o.resume;
   tc.progress = !o.quiet;
   tc.options_json = options.dump();
+  tc.time_limit = o.time_limit;
+  tc.keep_best = o.keep_best;
+  FLASHGPT_CHECK(!o.keep_best || !data.val.empty(), "--keep-best needs validation shards (val_*.bin) in --data {}", o.data);
   g_stop_signal.store(0);
   tc.stop = &g_stop_signal;
 
@@ -345,10 +356,14 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
                checkpoint.string(), run_dir.string());
     throw CliExit{128 + result.stopped_by_signal};
   }
-  fmt::print("trained {} steps ({} skipped) in {:.1f} s: last loss {:.4f}{}; checkpoint {}\n", result.state.step,
+  fmt::print("trained {} steps{} ({} skipped) in {:.1f} s: last loss {:.4f}{}; checkpoint {}{}\n", result.state.step,
+             result.stopped_by_time ? fmt::format(" of {} (time limit)", result.total_steps) : "",
              result.state.skipped_steps, result.seconds, result.last_loss,
              result.last_val_loss >= 0 ? fmt::format(", val loss {:.4f}", result.last_val_loss) : "",
-             checkpoint.string());
+             checkpoint.string(),
+             result.best_step >= 0 ? fmt::format("; best val loss {:.4f} at step {} in {}", result.best_val_loss,
+                                                 result.best_step, (run_dir / "best").string())
+                                   : "");
 }
 
 }  // namespace

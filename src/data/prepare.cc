@@ -2,9 +2,12 @@
 //
 // The pipeline runs in batches: read and build up to `batch_documents` documents (the
 // calling thread), encode them (a worker thread and the encoder's threads, overlapping
-// the reading of the next batch), append them in order to the train or val shard. Every random choice for document d (side, template, held out or not) comes from
-// Philox counter (d, kPrepareStream) under the seed, so the output depends on the seed
-// and the inputs, never on the thread count or the batch size.
+// the reading of the next batch), append them in order to the train or val shard.
+// Every random choice for document d (side, template, held out or not) comes from Philox
+// counter (d, kPrepareStream) under the seed; with multi-pair documents a pair's choices
+// come from counter (pair index, kPairStream), and a corpus's order and repetitions from
+// their own streams keyed by (corpus, pass). So the output depends on the seed and the
+// inputs, never on the thread count or the batch size.
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/data_loader.h>
 #include <flashgpt/data_prepare.h>
@@ -18,6 +21,7 @@
 #include <unistd.h>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 #include <algorithm>
@@ -27,6 +31,8 @@
 #include <deque>
 #include <mutex>
 #include <thread>
+#include <cerrno>
+#include <cmath>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -185,6 +191,51 @@ std::string fill_template(std::string_view pattern, const std::string& en, const
   }
   return out;
 }
+
+// Random words of pair (or line) `counter` in `stream`, under the seed.
+Philox4x32 draw_for(uint64_t seed, uint64_t counter, uint32_t stream, uint32_t extra = 0) {
+  return philox4x32_10({static_cast<uint32_t>(counter), static_cast<uint32_t>(counter >> 32), stream, extra},
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+constexpr uint32_t kPairStream = 0x70616972;     // "pair": a pair's choices in multi-pair mode
+constexpr uint32_t kShuffleStream = 0x73687566;  // "shuf": the permutation of a corpus pass
+constexpr uint32_t kRepeatStream = 0x72657074;   // "rept": the pairs of a fractional pass
+
+constexpr size_t kPairBlockLabelBytes = 18;  // "English: " + "\nFrench: " (or "French: " + "\nEnglish: ")
+constexpr size_t kPairSeparatorBytes = 2;    // "\n\n"
+
+// Groups pairs into multi-pair documents: a document is closed when it holds `max_pairs`
+// pairs or when the next pair would take its text past `max_bytes` (0: no limit); a pair
+// longer than that alone still makes a document.
+class PairPacker {
+ public:
+  PairPacker(int64_t max_pairs, uint64_t max_bytes) : max_pairs_(max_pairs), max_bytes_(max_bytes) {}
+
+  // Whether `pair` must start a new document (the open one is then to be taken first).
+  bool full_before(const TextPair& pair) const {
+    if (open_.empty()) return false;
+    const uint64_t grown = bytes_ + kPairSeparatorBytes + pair.en.size() + pair.fr.size() + kPairBlockLabelBytes;
+    return static_cast<int64_t>(open_.size()) >= max_pairs_ || (max_bytes_ > 0 && grown > max_bytes_);
+  }
+  bool empty() const { return open_.empty(); }
+  void add(TextPair pair) {
+    bytes_ += (open_.empty() ? 0 : kPairSeparatorBytes) + pair.en.size() + pair.fr.size() + kPairBlockLabelBytes;
+    open_.push_back(std::move(pair));
+  }
+  // The open document's text in `direction`; the packer is empty after.
+  std::string take(PairDirection direction) {
+    std::string text = multi_pair_document(open_, direction);
+    open_.clear();
+    bytes_ = 0;
+    return text;
+  }
+
+ private:
+  int64_t max_pairs_;
+  uint64_t max_bytes_;
+  std::vector<TextPair> open_;
+  uint64_t bytes_ = 0;
+};
 
 // Language of a monolingual file from its name: X.en[.xz], X.fr[.gz].
 DocKind mono_language(const std::filesystem::path& path) {
@@ -385,13 +436,13 @@ class Pipeline {
     if (worker_.joinable()) worker_.join();
   }
 
+  // A document of the training split, or held out for validation with val_fraction.
   void add(std::string text, DocKind kind) {
-    check_interrupted();
-    const Philox4x32 r = draw(document_index_++);
-    const bool val = unit_interval(r.z) < config_.val_fraction;
-    batch_.push_back({std::move(text), kind, val});
-    if (batch_.size() >= config_.batch_documents) flush();
+    const Philox4x32 r = draw(document_index_);
+    add_to(std::move(text), kind, unit_interval(r.z) < config_.val_fraction);
   }
+  // A document of the validation split (the dev set of --val-set).
+  void add_val(std::string text, DocKind kind) { add_to(std::move(text), kind, /*val=*/true); }
 
   Philox4x32 draw(uint64_t document) const {
     return philox4x32_10({static_cast<uint32_t>(document), static_cast<uint32_t>(document >> 32), kPrepareStream, 0},
@@ -444,6 +495,13 @@ class Pipeline {
   uint64_t pending_bytes = 0;  // raw bytes of the corpus being read (not yet in the summary)
 
  private:
+  void add_to(std::string text, DocKind kind, bool val) {
+    check_interrupted();
+    ++document_index_;
+    batch_.push_back({std::move(text), kind, val});
+    if (batch_.size() >= config_.batch_documents) flush();
+  }
+
   void work() {
     for (;;) {
       std::vector<Document> batch;
@@ -537,6 +595,166 @@ class Pipeline {
   std::thread worker_;  // last: starts once everything above is constructed
 };
 
+// Turns the pairs of the training corpora into documents: the original one-pair recipe
+// (pairs_per_document 1, its draws keyed by the document index as before), or multi-pair
+// documents (draws keyed by the pair index).
+class DocumentBuilder {
+ public:
+  DocumentBuilder(const PrepareConfig& config, Pipeline& pipeline)
+      : config_(config), pipeline_(pipeline),
+        packer_(config.pairs_per_document, config.document_bytes) {}
+
+  void take(TextPair pair) {
+    if (config_.pairs_per_document <= 1) {
+      const Philox4x32 r = pipeline_.draw(pipeline_.next_document());
+      if (unit_interval(r.x) < config_.bilingual_rate) {
+        pipeline_.add(fill_template(kBilingualTemplates[r.y % kBilingualTemplates.size()], pair.en, pair.fr),
+                      DocKind::bilingual);
+      } else if (r.y & 1) {
+        pipeline_.add(std::move(pair.fr), DocKind::fr);
+      } else {
+        pipeline_.add(std::move(pair.en), DocKind::en);
+      }
+      return;
+    }
+    const Philox4x32 r = draw_for(config_.seed, pair_index_++, kPairStream);
+    if (unit_interval(r.x) >= config_.bilingual_rate) {
+      if (r.y & 1) {
+        pipeline_.add(std::move(pair.fr), DocKind::fr);
+      } else {
+        pipeline_.add(std::move(pair.en), DocKind::en);
+      }
+    } else if (unit_interval(r.z) < config_.single_pair_share) {
+      pipeline_.add(fill_template(kBilingualTemplates[r.w % kBilingualTemplates.size()], pair.en, pair.fr),
+                    DocKind::bilingual);
+    } else {
+      if (packer_.full_before(pair)) pipeline_.add(packer_.take(direction_), DocKind::bilingual);
+      // The pair that opens a document draws its direction.
+      if (packer_.empty()) direction_ = (r.w >> 16) & 1 ? PairDirection::fr_en : PairDirection::en_fr;
+      packer_.add(std::move(pair));
+    }
+  }
+
+  // Closes the open document: documents never span two corpora.
+  void end_of_corpus() {
+    if (!packer_.empty()) pipeline_.add(packer_.take(direction_), DocKind::bilingual);
+  }
+
+ private:
+  const PrepareConfig& config_;
+  Pipeline& pipeline_;
+  PairPacker packer_;
+  PairDirection direction_ = PairDirection::en_fr;
+  uint64_t pair_index_ = 0;
+};
+
+// The order of pass `pass` over n items of corpus `corpus`: the identity, or a
+// Philox-driven Fisher-Yates permutation.
+std::vector<size_t> pass_order(size_t n, PairOrder order, uint64_t seed, uint32_t corpus, uint32_t pass) {
+  std::vector<size_t> idx(n);
+  for (size_t i = 0; i < n; ++i) idx[i] = i;
+  if (order == PairOrder::shuffled) {
+    for (size_t i = n; i > 1; --i) {
+      const Philox4x32 r = draw_for(seed, i, kShuffleStream, (corpus << 16) ^ pass);
+      const uint64_t bits = (static_cast<uint64_t>(r.x) << 32) | r.y;
+      std::swap(idx[i - 1], idx[static_cast<size_t>(bits % i)]);
+    }
+  }
+  return idx;
+}
+
+// Feeds `items` to `use` `repeat` times: whole passes, then one pass that keeps each item
+// with probability frac(repeat); each pass in its own order.
+template <typename Item, typename Use>
+void use_repeated(std::vector<Item>& items, double repeat, PairOrder order, uint64_t seed, uint32_t corpus, Use use) {
+  const auto whole = static_cast<uint32_t>(repeat);
+  const double frac = repeat - whole;
+  for (uint32_t pass = 0; pass < whole + (frac > 0 ? 1 : 0); ++pass) {
+    const bool last = pass + 1 == whole + (frac > 0 ? 1 : 0);
+    for (size_t i : pass_order(items.size(), order, seed, corpus, pass)) {
+      if (pass >= whole && unit_interval(draw_for(seed, i, kRepeatStream, (corpus << 16) ^ pass).x) >= frac) continue;
+      use(last ? std::move(items[i]) : Item(items[i]), pass);
+    }
+  }
+}
+
+double corpus_repeat(const PrepareConfig& config, const std::string& name) {
+  for (const auto& w : config.weights) {
+    if (w.corpus == name) return w.repeat;
+  }
+  return 1.0;
+}
+
+}  // namespace
+
+PairOrder pair_order_from_name(std::string_view name) {
+  if (name == "file") return PairOrder::file;
+  if (name == "shuffled") return PairOrder::shuffled;
+  FLASHGPT_FAIL("unknown pair order '{}' (choose file or shuffled)", name);
+}
+
+CorpusWeight corpus_weight_from_text(std::string_view text) {
+  const size_t eq = text.rfind('=');
+  FLASHGPT_CHECK(eq != std::string_view::npos && eq > 0 && eq + 1 < text.size(),
+                 "corpus weight '{}' is not NAME=REPEAT (e.g. train.newstest2008-2011.fr-en=4)", text);
+  CorpusWeight w;
+  w.corpus = std::string(text.substr(0, eq));
+  const std::string number(text.substr(eq + 1));
+  char* end = nullptr;
+  errno = 0;
+  w.repeat = std::strtod(number.c_str(), &end);
+  FLASHGPT_CHECK(errno == 0 && end == number.c_str() + number.size() && std::isfinite(w.repeat) && w.repeat > 0 &&
+                     w.repeat <= 100,
+                 "corpus weight '{}': the repetition '{}' is not a number in (0, 100]", text, number);
+  return w;
+}
+
+std::string multi_pair_document(std::span<const TextPair> pairs, PairDirection direction) {
+  const bool en_fr = direction == PairDirection::en_fr;
+  const std::string_view from = en_fr ? "English: " : "French: ", to = en_fr ? "\nFrench: " : "\nEnglish: ";
+  std::string text;
+  for (const TextPair& p : pairs) {
+    if (!text.empty()) text += "\n\n";
+    text += from;
+    text += en_fr ? p.en : p.fr;
+    text += to;
+    text += en_fr ? p.fr : p.en;
+  }
+  return text;
+}
+
+namespace {
+
+void check_multi_pair_config(const PrepareConfig& config) {
+  FLASHGPT_CHECK(config.pairs_per_document >= 1 && config.pairs_per_document <= 100000,
+                 "pairs per document {} is not in [1, 100000]", config.pairs_per_document);
+  FLASHGPT_CHECK(config.single_pair_share >= 0 && config.single_pair_share <= 1, "single-pair share {} is not in [0, 1]",
+                 config.single_pair_share);
+  FLASHGPT_CHECK(config.pairs_per_document > 1 || (config.single_pair_share == 0 && config.document_bytes == 0),
+                 "--single-pair-share and --document-bytes shape multi-pair documents: give --pairs-per-document "
+                 "above 1 with them");
+  std::vector<std::string> names;
+  for (const auto& source : config.pairs) names.push_back(source.name());
+  for (const auto& path : config.mono) names.push_back(path.filename().string());
+  for (size_t i = 0; i < config.weights.size(); ++i) {
+    const auto& w = config.weights[i];
+    FLASHGPT_CHECK(std::isfinite(w.repeat) && w.repeat > 0 && w.repeat <= 100, "corpus weight {}={} is not in (0, 100]",
+                   w.corpus, w.repeat);
+    for (size_t j = 0; j < i; ++j) {
+      FLASHGPT_CHECK(config.weights[j].corpus != w.corpus, "corpus {} is weighted twice", w.corpus);
+    }
+    FLASHGPT_CHECK(std::find(names.begin(), names.end(), w.corpus) != names.end(), "corpus weight {}={}: no input corpus has that name (inputs: {})", w.corpus, w.repeat,
+                   fmt::join(names, ", "));
+  }
+  if (!config.val_set.empty()) {
+    FLASHGPT_CHECK(config.val_set == "newstest2012" || config.val_set == "newstest2013",
+                   "validation set '{}': choose newstest2012 or newstest2013 (dev sets; newstest2014 is the test set "
+                   "and never a validation set)", config.val_set);
+    FLASHGPT_CHECK(config.val_fraction == 0, "--val-set {} replaces the held-out documents: give --val-fraction 0 (it "
+                   "is {})", config.val_set, config.val_fraction);
+  }
+}
+
 }  // namespace
 
 std::filesystem::path data_dir_default() {
@@ -580,6 +798,7 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
   FLASHGPT_CHECK(config.threads >= 0 && config.threads <= 1024, "prepare: {} threads is not in [0, 1024] (0: all cores)",
                  config.threads);
   FLASHGPT_CHECK(encoder.encode_batch && encoder.vocab_size > encoder.end_of_text, "prepare: invalid encoder");
+  check_multi_pair_config(config);
 
   PrepareSummary summary;
   for (const auto& source : config.pairs) {
@@ -596,8 +815,13 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
   DatasetOutput output(config.out_dir);
   {
     Pipeline pipeline(config, encoder, summary, output.build_dir());
+    DocumentBuilder builder(config, pipeline);
+    uint32_t corpus_index = 0;
     for (const auto& source : config.pairs) {
-      PrepareSummary::Corpus corpus{source.name(), 0, 0, {}};
+      PrepareSummary::Corpus corpus{source.name(), 0, 0, corpus_repeat(config, source.name()), {}};
+      // Pairs are used as read, or kept (once checked) when the corpus is repeated or shuffled.
+      const bool keep = corpus.repeat != 1.0 || config.pair_order == PairOrder::shuffled;
+      std::vector<TextPair> kept;
       PairReader reader(source, config.bad_lines, config.prefetch);
       TextPair pair;
       while (reader.next(pair)) {
@@ -617,17 +841,20 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
           continue;
         }
         if ((f_en & kDevEn) || (f_fr & kDevFr)) ++summary.dev_overlap;
-        const Philox4x32 r = pipeline.draw(pipeline.next_document());
-        if (unit_interval(r.x) < config.bilingual_rate) {
-          pipeline.add(fill_template(kBilingualTemplates[r.y % kBilingualTemplates.size()], pair.en, pair.fr),
-                       DocKind::bilingual);
-        } else if (r.y & 1) {
-          pipeline.add(std::move(pair.fr), DocKind::fr);
+        if (keep) {
+          kept.push_back(std::move(pair));
         } else {
-          pipeline.add(std::move(pair.en), DocKind::en);
+          builder.take(std::move(pair));
+          ++corpus.used;
         }
-        ++corpus.used;
       }
+      if (keep) {
+        use_repeated(kept, corpus.repeat, config.pair_order, config.seed, corpus_index, [&](TextPair p, uint32_t /*pass*/) {
+          builder.take(std::move(p));
+          ++corpus.used;
+        });
+      }
+      builder.end_of_corpus();
       const auto& stats = reader.stats();
       corpus.read = stats.read;
       if (stats.invalid_utf8) corpus.skipped["invalid UTF-8"] += stats.invalid_utf8;
@@ -635,11 +862,14 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
       summary.raw_bytes += stats.bytes;
       pipeline.pending_bytes = 0;
       summary.corpora.push_back(std::move(corpus));
+      ++corpus_index;
     }
     for (const auto& path : config.mono) {
       const DocKind kind = mono_language(path);
       const uint8_t test_flag = kind == DocKind::en ? kTestEn : kTestFr, dev_flag = kind == DocKind::en ? kDevEn : kDevFr;
-      PrepareSummary::Corpus corpus{path.filename().string(), 0, 0, {}};
+      PrepareSummary::Corpus corpus{path.filename().string(), 0, 0, corpus_repeat(config, path.filename().string()), {}};
+      const bool keep = corpus.repeat != 1.0;
+      std::vector<std::string> kept;
       LineReader reader(path, config.prefetch);
       std::string line;
       while (reader.next(line)) {
@@ -662,11 +892,50 @@ PrepareSummary data_prepare(const PrepareConfig& config, const TextEncoder& enco
           continue;
         }
         if (f & dev_flag) ++summary.dev_overlap;
-        pipeline.add(std::move(line), kind);
-        ++corpus.used;
+        if (keep) {
+          kept.push_back(std::move(line));
+        } else {
+          pipeline.add(std::move(line), kind);
+          ++corpus.used;
+        }
+      }
+      if (keep) {
+        use_repeated(kept, corpus.repeat, PairOrder::file, config.seed, corpus_index, [&](std::string l, uint32_t) {
+          pipeline.add(std::move(l), kind);
+          ++corpus.used;
+        });
       }
       summary.raw_bytes += reader.bytes_out();
       pipeline.pending_bytes = 0;
+      summary.corpora.push_back(std::move(corpus));
+      ++corpus_index;
+    }
+    if (!config.val_set.empty()) {
+      // The dev set in the prompt format, both directions, as the validation split.
+      const auto dev = EvalGuard::find_set(config.eval_dir, config.val_set.substr(std::string("newstest").size()));
+      FLASHGPT_CHECK(dev.has_value(), "--val-set {}: {}.fr-en.{{en,fr}} not found in {} (check --eval-dir)",
+                     config.val_set, config.val_set, config.eval_dir.string());
+      PrepareSummary::Corpus corpus{dev->name() + " (validation)", 0, 0, 1.0, {}};
+      std::vector<TextPair> pairs;
+      PairReader reader(*dev, BadLinePolicy::skip, Prefetch::no);
+      TextPair pair;
+      while (reader.next(pair)) {
+        ++corpus.read;
+        if (pair.en.empty() || pair.fr.empty()) {
+          ++corpus.skipped["empty side"];
+          continue;
+        }
+        pairs.push_back(std::move(pair));
+      }
+      for (PairDirection direction : {PairDirection::en_fr, PairDirection::fr_en}) {
+        PairPacker packer(config.pairs_per_document, config.document_bytes);
+        for (const TextPair& p : pairs) {
+          if (packer.full_before(p)) pipeline.add_val(packer.take(direction), DocKind::bilingual);
+          packer.add(p);
+          ++corpus.used;
+        }
+        if (!packer.empty()) pipeline.add_val(packer.take(direction), DocKind::bilingual);
+      }
       summary.corpora.push_back(std::move(corpus));
     }
     pipeline.finish();
@@ -688,7 +957,7 @@ std::string prepare_summary_json(const PrepareSummary& s) {
   uint64_t read = 0, used = 0;
   std::map<std::string, uint64_t> skipped;
   for (const auto& c : s.corpora) {
-    corpora.push_back({{"name", c.name}, {"read", c.read}, {"used", c.used}, {"skipped", c.skipped}});
+    corpora.push_back({{"name", c.name}, {"read", c.read}, {"used", c.used}, {"repeat", c.repeat}, {"skipped", c.skipped}});
     read += c.read;
     used += c.used;
     for (const auto& [reason, n] : c.skipped) skipped[reason] += n;

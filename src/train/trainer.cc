@@ -13,6 +13,8 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <iterator>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -216,17 +218,56 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
   int64_t window_steps = 0;
   int64_t last_val_step = -1;
 
-  const auto validate = [&]() -> std::optional<double> {
+  // keep_best: the lowest validation loss so far and, when it is not the final state, a
+  // copy of that state.
+  struct Best {
+    double loss = std::numeric_limits<double>::infinity();
+    int64_t step = -1;
+    bool in_memory = false;
+    std::vector<float> params, m, v;
+    TrainState state;
+  } best;
+  const std::filesystem::path best_dir = config.out_dir / "best";
+  if (config.keep_best && config.resume) {
+    std::ifstream in(best_dir / "best.json");
+    const Json j = in ? Json::parse(in, nullptr, /*allow_exceptions=*/false) : Json();
+    if (j.is_object() && j.contains("val_loss") && j["val_loss"].is_number()) best.loss = j["val_loss"].get<double>();
+  }
+
+  // `final`: the state that is checkpointed right after (no copy needed).
+  const auto validate = [&](bool final = false) -> std::optional<double> {
     if (!val_loader) return std::nullopt;
     const double v = mean_loss(model, *val_loader, val_batches, windows, B, T);
     last_val_step = state.step;
     result.last_val_loss = v;
+    if (config.keep_best && v < best.loss) {
+      best.loss = v;
+      best.step = state.step;
+      best.state = state;
+      best.in_memory = !final;
+      if (!final) {
+        const auto n = static_cast<size_t>(model_param_count(mc));
+        best.params.resize(n);
+        best.m.resize(n);
+        best.v.resize(n);
+        model.params_get(best.params);
+        model.adam_state_get(best.m, best.v);
+      }
+    }
     return v;
   };
 
   while (state.step < total) {
     if (config.stop && config.stop->load() != 0) {
       result.stopped_by_signal = config.stop->load();
+      break;
+    }
+    if (config.time_limit > 0 && std::chrono::duration<double>(Clock::now() - run_start).count() >= config.time_limit) {
+      result.stopped_by_time = true;
+      if (config.progress) {
+        fmt::print(stderr, "time limit of {} s reached at step {} of {}: stopping\n", config.time_limit, state.step,
+                   total);
+      }
       break;
     }
     const double lr = lr_at(schedule, state.step);
@@ -330,18 +371,53 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
     if (config.save_every > 0 && state.step % config.save_every == 0 && state.step < total) save();
   }
 
-  if (result.stopped_by_signal == 0 && state.step >= total && last_val_step != state.step && state.step > first_step) {
-    if (const auto v = validate()) {
+  if (result.stopped_by_signal == 0 && (state.step >= total || result.stopped_by_time) && last_val_step != state.step &&
+      state.step > first_step) {
+    if (const auto v = validate(/*final=*/true)) {
       log.write(Json{{"type", "val"}, {"step", state.step}, {"epoch", static_cast<double>(state.micro_step) / spe}, {"loss", *v}});
       if (config.progress) fmt::print(stderr, "step {}: val loss {:.4f}\n", state.step, *v);
     }
   }
   save();
+  if (config.keep_best && best.step >= 0) {
+    // Written under a temporary name and renamed: best/ always holds a whole checkpoint.
+    std::filesystem::create_directories(best_dir);
+    const auto tmp = best_dir / ".checkpoint.safetensors.tmp";
+    std::filesystem::remove(tmp);
+    if (best.in_memory && best.step != state.step) {
+      model.params_set(best.params);
+      model.adam_state_set(best.m, best.v);
+      CheckpointMeta meta;
+      meta.model = mc;
+      meta.encoding = config.encoding;
+      meta.options_json = config.options_json;
+      meta.state = best.state;
+      checkpoint_save(tmp, model, meta);
+    } else {
+      std::filesystem::create_hard_link(checkpoint_path, tmp);
+    }
+    std::filesystem::rename(tmp, best_dir / "checkpoint.safetensors");
+    if (std::filesystem::exists(config.out_dir / "config.json")) {
+      std::ifstream in(config.out_dir / "config.json", std::ios::binary);
+      atomic_write_file(best_dir / "config.json", std::string(std::istreambuf_iterator<char>(in), {}));
+    }
+    atomic_write_file(best_dir / "best.json",
+                      Json{{"step", best.step}, {"val_loss", best.loss}, {"final_step", state.step}}.dump() + "\n");
+    log.write(Json{{"type", "best"}, {"step", best.step}, {"val_loss", best.loss}});
+    if (config.progress) {
+      fmt::print(stderr, "best validation loss {:.4f} at step {}: {}\n", best.loss, best.step,
+                 (best_dir / "checkpoint.safetensors").string());
+    }
+    result.best_step = best.step;
+    result.best_val_loss = best.loss;
+  }
   result.state = state;
   result.seconds = std::chrono::duration<double>(Clock::now() - run_start).count();
   if (result.stopped_by_signal == 0) {
-    log.write(Json{{"type", "end"}, {"step", state.step}, {"skipped_steps", state.skipped_steps},
-                   {"tokens", state.tokens}, {"seconds", result.seconds}});
+    Json end{{"type", "end"}, {"step", state.step}, {"skipped_steps", state.skipped_steps},
+             {"tokens", state.tokens}, {"seconds", result.seconds}};
+    if (result.stopped_by_time) end["stopped"] = "time limit";
+    log.write(end);
   }
   return result;
 }

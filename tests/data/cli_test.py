@@ -87,6 +87,36 @@ def main():
         check(r.returncode == 0 and j["texts"] == 300 and 100 < french < 200
               and j["counts"]["de"] == french and j["counts"]["la"] == 2 * french, f"analyze --dataset decodes documents {j}", r)
 
+        # Recipe 2's options: multi-pair documents, a repeated corpus, the dev set as the
+        # validation split (--val-set implies --val-fraction 0); bad values name the problem.
+        for lang, lines in (("en", ["Dev sentence one.", "Dev sentence two."]), ("fr", ["Phrase un.", "Phrase deux."])):
+            with open(os.path.join(tmp, "eval", f"newstest2013.fr-en.{lang}"), "w") as f:
+                f.write("\n".join(lines) + "\n")
+        multi = os.path.join(tmp, "ds_multi")
+        base = ["data", "prepare", "--pairs", os.path.join(tmp, "train.toy.fr-en.en"), "--eval-dir",
+                os.path.join(tmp, "eval"), "--tokenizer-dir", VOCAB, "--no-test-set-check", "--quiet"]
+        r = flashgpt(*base, "--out", multi, "--bilingual-rate", "1", "--pairs-per-document", "4", "--document-bytes",
+                     "400", "--pair-order", "shuffled", "--weight", "train.toy.fr-en=2", "--val-set", "newstest2013")
+        check(r.returncode == 0, "prepare with multi-pair options", r)
+        s = json.load(open(os.path.join(multi, "summary.json")))
+        check(s["corpora"][0]["used"] == 600 and s["corpora"][0]["repeat"] == 2
+              and s["corpora"][1]["name"] == "newstest2013.fr-en (validation)" and s["documents"]["val"] == 2
+              and 150 <= s["documents"]["train"] < 300, f"multi-pair summary {s['corpora']} {s['documents']}")
+        j_out = os.path.join(tmp, "val.json")
+        r = flashgpt("data", "analyze", "--dataset", multi, "--split", "val", "--tokenizer-dir", VOCAB, "--json", j_out,
+                     "--keywords", "English,French,Phrase")
+        j = json.load(open(j_out, encoding="utf-8"))
+        check(r.returncode == 0 and j["texts"] == 2 and j["counts"] == {"English": 4, "French": 4, "Phrase": 4},
+              f"the validation split is the dev set in the prompt format, both directions {j}", r)
+        for args, message in ((["--weight", "train.nope.fr-en=2"], "no input corpus has that name"),
+                              (["--weight", "train.toy.fr-en"], "is not NAME=REPEAT"),
+                              (["--single-pair-share", "0.5"], "give --pairs-per-document above 1"),
+                              (["--val-set", "newstest2014"], "newstest2014"),
+                              (["--val-set", "newstest2013", "--val-fraction", "0.1"], "give --val-fraction 0")):
+            r = flashgpt(*base, "--out", os.path.join(tmp, "ds_bad"), *args)
+            check(r.returncode != 0 and message in r.stderr and not os.path.exists(os.path.join(tmp, "ds_bad")),
+                  f"prepare {' '.join(args)} fails naming the problem", r)
+
     subprocess.run(["rm", "-rf", tmp])
     if FAILURES:
         sys.exit(f"{len(FAILURES)} check(s) failed")

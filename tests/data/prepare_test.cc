@@ -175,6 +175,288 @@ TEST(Prepare, BilingualDocumentsUseTheTemplatesInBothDirections) {
   EXPECT_EQ(summary.tokens_en + summary.tokens_fr, 0u);
 }
 
+TEST(MultiPair, DocumentBytesAreTheKShotPromptFormat) {
+  const std::vector<TextPair> pairs = {{"Hello.", "Bonjour.", 1}, {"Thank you", "Merci", 2}, {"A", "B", 3}};
+  EXPECT_EQ(multi_pair_document(pairs, PairDirection::en_fr),
+            "English: Hello.\nFrench: Bonjour.\n\nEnglish: Thank you\nFrench: Merci\n\nEnglish: A\nFrench: B");
+  EXPECT_EQ(multi_pair_document(pairs, PairDirection::fr_en),
+            "French: Bonjour.\nEnglish: Hello.\n\nFrench: Merci\nEnglish: Thank you\n\nFrench: B\nEnglish: A");
+  EXPECT_EQ(multi_pair_document(std::span(pairs).first(1), PairDirection::en_fr), "English: Hello.\nFrench: Bonjour.");
+  EXPECT_EQ(multi_pair_document({}, PairDirection::en_fr), "");
+}
+
+// The training pairs as multi-pair documents: which pairs (by number), in which direction.
+struct ParsedDocument {
+  PairDirection direction;
+  std::vector<int> pairs;
+};
+ParsedDocument parse_multi_pair(const std::string& doc, const Corpus& corpus) {
+  ParsedDocument parsed;
+  parsed.direction = doc.starts_with("English: ") ? PairDirection::en_fr : PairDirection::fr_en;
+  // Numbers of the pairs, recovered from "number N." and rebuilt byte for byte.
+  std::vector<TextPair> pairs;
+  size_t at = 0;
+  while ((at = doc.find("The sentence number ", at)) != std::string::npos) {
+    at += 20;
+    const int n = std::stoi(doc.substr(at));
+    parsed.pairs.push_back(n);
+    pairs.push_back({corpus.en[n], corpus.fr[n], 0});
+  }
+  EXPECT_EQ(doc, multi_pair_document(pairs, parsed.direction)) << "not in the prompt format";
+  return parsed;
+}
+
+TEST(MultiPair, PrepareGroupsConsecutivePairsOneDirectionPerDocument) {
+  TempDir dir;
+  const Corpus corpus = write_corpus(dir, "train.toy.fr-en", 403);
+  PrepareConfig config = base_config(dir, "train.toy.fr-en");
+  config.bilingual_rate = 1.0;
+  config.pairs_per_document = 4;
+  const PrepareSummary summary = data_prepare(config, byte_encoder());
+  const auto docs = documents(dir / "out", "train");
+  ASSERT_EQ(docs.size(), 101u);  // 100 of 4 pairs, the last of 3
+  std::vector<int> order;
+  int en_fr = 0;
+  for (const auto& doc : docs) {
+    const ParsedDocument parsed = parse_multi_pair(doc, corpus);
+    EXPECT_LE(parsed.pairs.size(), 4u);
+    en_fr += parsed.direction == PairDirection::en_fr;
+    order.insert(order.end(), parsed.pairs.begin(), parsed.pairs.end());
+  }
+  ASSERT_EQ(order.size(), 403u);
+  for (int i = 0; i < 403; ++i) EXPECT_EQ(order[i], i);  // file order, every pair once
+  EXPECT_GT(en_fr, 30);  // a fair coin per document: 50.5 +- 4 sigma
+  EXPECT_LT(en_fr, 71);
+  EXPECT_EQ(summary.corpora[0].used, 403u);
+  EXPECT_EQ(summary.tokens_en + summary.tokens_fr, 0u);
+}
+
+TEST(MultiPair, DocumentsStopBeforeTheByteLimit) {
+  TempDir dir;
+  const Corpus corpus = write_corpus(dir, "train.toy.fr-en", 300);
+  PrepareConfig config = base_config(dir, "train.toy.fr-en");
+  config.bilingual_rate = 1.0;
+  config.pairs_per_document = 1000;
+  config.document_bytes = 300;
+  data_prepare(config, byte_encoder());
+  const auto docs = documents(dir / "out", "train");
+  size_t pairs = 0;
+  for (size_t i = 0; i < docs.size(); ++i) {
+    const ParsedDocument parsed = parse_multi_pair(docs[i], corpus);
+    pairs += parsed.pairs.size();
+    EXPECT_LE(docs[i].size(), 300u);
+    if (i + 1 < docs.size()) {  // full: the next pair would not have fitted
+      const int next = parse_multi_pair(docs[i + 1], corpus).pairs.front();
+      EXPECT_GT(docs[i].size() + 2 + 18 + corpus.en[next].size() + corpus.fr[next].size(), 300u);
+    }
+  }
+  EXPECT_EQ(pairs, 300u);
+  EXPECT_GT(docs.size(), 60u);  // about 70 bytes a pair: 4 pairs a document
+  EXPECT_LT(docs.size(), 110u);
+
+  // A pair longer than the limit alone is still a document.
+  write_file(dir / "train.long.fr-en.en", std::string(400, 'a') + "\nshort\n");
+  write_file(dir / "train.long.fr-en.fr", std::string(400, 'b') + "\ncourt\n");
+  config.pairs = {pair_source_from_path(dir / "train.long.fr-en.en")};
+  data_prepare(config, byte_encoder());
+  const auto long_docs = documents(dir / "out", "train");
+  ASSERT_EQ(long_docs.size(), 2u);
+  EXPECT_GT(long_docs[0].size(), 800u);
+}
+
+TEST(MultiPair, SharesOfSinglePairAndMonolingualDocuments) {
+  TempDir dir;
+  const Corpus corpus = write_corpus(dir, "train.toy.fr-en", 2000);
+  PrepareConfig config = base_config(dir, "train.toy.fr-en");
+  config.bilingual_rate = 0.75;
+  config.pairs_per_document = 8;
+  config.single_pair_share = 0.2;
+  const PrepareSummary summary = data_prepare(config, byte_encoder());
+  int mono = 0, single = 0, multi = 0;
+  for (const auto& doc : documents(dir / "out", "train")) {
+    if (doc.find('\n') == std::string::npos) {
+      ++mono;  // one side, as the original recipe has it
+    } else if (doc.find("\n\n") == std::string::npos && !doc.starts_with("English: ") && !doc.starts_with("French: ")) {
+      ++single;  // "{en}\nIn French: {fr}" and "{fr}\nEn anglais : {en}"
+    } else {
+      multi += static_cast<int>(parse_multi_pair(doc, corpus).pairs.size());
+    }
+  }
+  // Of 2000 pairs: 500 monolingual, 300 single-pair (half of them in the two templates
+  // counted here), 1200 in multi-pair documents; bounds at about 5 sigma.
+  EXPECT_GT(mono, 400);
+  EXPECT_LT(mono, 600);
+  EXPECT_GT(single, 100);
+  EXPECT_LT(single, 210);
+  EXPECT_GT(multi, 1000);
+  EXPECT_LT(multi, 1400);
+  EXPECT_GT(summary.tokens_en, 0u);
+  EXPECT_GT(summary.tokens_fr, 0u);
+}
+
+TEST(MultiPair, ShuffledOrderAndRepetitionWeights) {
+  TempDir dir;
+  const Corpus corpus = write_corpus(dir, "train.toy.fr-en", 500);
+  write_corpus(dir, "train.news.fr-en", 100);  // the same sentences: told apart by corpus order below
+  PrepareConfig config = base_config(dir, "train.toy.fr-en");
+  config.pairs.push_back(pair_source_from_path(dir / "train.news.fr-en.en"));
+  config.bilingual_rate = 1.0;
+  config.pairs_per_document = 5;
+  config.pair_order = PairOrder::shuffled;
+  config.weights = {{"train.news.fr-en", 2.5}};
+  const PrepareSummary summary = data_prepare(config, byte_encoder());
+  ASSERT_EQ(summary.corpora.size(), 2u);
+  EXPECT_EQ(summary.corpora[0].used, 500u);
+  EXPECT_DOUBLE_EQ(summary.corpora[1].repeat, 2.5);
+  EXPECT_GT(summary.corpora[1].used, 230u);  // 200 + Binomial(100, 0.5)
+  EXPECT_LT(summary.corpora[1].used, 270u);
+  std::vector<int> first_corpus;
+  std::map<int, int> second_corpus;
+  uint64_t seen = 0;
+  for (const auto& doc : documents(dir / "out", "train")) {
+    for (int n : parse_multi_pair(doc, corpus).pairs) {
+      if (seen++ < 500) {
+        first_corpus.push_back(n);
+      } else {
+        ++second_corpus[n];
+      }
+    }
+  }
+  ASSERT_EQ(first_corpus.size(), 500u);
+  std::vector<int> sorted = first_corpus;
+  std::sort(sorted.begin(), sorted.end());
+  for (int i = 0; i < 500; ++i) ASSERT_EQ(sorted[i], i);  // a permutation: every pair once
+  int in_place = 0;
+  for (int i = 0; i < 500; ++i) in_place += first_corpus[i] == i;
+  EXPECT_LT(in_place, 10);
+  ASSERT_EQ(second_corpus.size(), 100u);
+  for (const auto& [n, count] : second_corpus) {
+    EXPECT_GE(count, 2) << n;
+    EXPECT_LE(count, 3) << n;
+  }
+}
+
+TEST(MultiPair, SameSeedSameBytesWhateverTheThreadsAndBatches) {
+  TempDir dir;
+  write_corpus(dir, "train.toy.fr-en", 1000);
+  auto run = [&](int threads, size_t batch, uint64_t seed, const std::string& out) {
+    PrepareConfig config = base_config(dir, "train.toy.fr-en");
+    config.threads = threads;
+    config.batch_documents = batch;
+    config.seed = seed;
+    config.bilingual_rate = 0.9;
+    config.pairs_per_document = 6;
+    config.document_bytes = 250;
+    config.single_pair_share = 0.1;
+    config.pair_order = PairOrder::shuffled;
+    config.weights = {{"train.toy.fr-en", 1.3}};
+    config.val_fraction = 0.1;
+    config.shard_tokens = 5000;
+    config.out_dir = dir / out;
+    data_prepare(config, byte_encoder());
+    std::string bytes;
+    for (const char* split : {"train", "val"}) {
+      for (const auto& p : shard_list(dir / out, split)) bytes += testing::read_file_bytes(p);
+    }
+    return bytes;
+  };
+  const std::string a = run(1, 7, 5, "a");
+  EXPECT_EQ(run(3, 1000, 5, "b"), a);
+  EXPECT_EQ(run(2, 64, 5, "c"), a);
+  EXPECT_NE(run(2, 64, 6, "d"), a);
+}
+
+TEST(MultiPair, ValidationSplitFromTheDevSetInThePromptFormat) {
+  TempDir dir;
+  const Corpus corpus = write_corpus(dir, "train.toy.fr-en", 50);
+  PrepareConfig config = base_config(dir, "train.toy.fr-en");
+  write_corpus(dir, "eval/newstest2013.fr-en", 9);
+  config.bilingual_rate = 1.0;
+  config.pairs_per_document = 4;
+  config.val_set = "newstest2013";
+  const PrepareSummary summary = data_prepare(config, byte_encoder());
+  EXPECT_EQ(documents(dir / "out", "train").size(), 13u);
+  const auto val = documents(dir / "out", "val");
+  ASSERT_EQ(val.size(), 6u);  // 4 + 4 + 1 pairs in each direction
+  for (size_t i = 0; i < val.size(); ++i) {
+    const ParsedDocument parsed = parse_multi_pair(val[i], corpus);
+    EXPECT_EQ(parsed.direction, i < 3 ? PairDirection::en_fr : PairDirection::fr_en);
+    EXPECT_EQ(parsed.pairs.front(), static_cast<int>(i % 3) * 4);
+  }
+  EXPECT_EQ(summary.val_documents, 6u);
+  ASSERT_EQ(summary.corpora.size(), 2u);
+  EXPECT_EQ(summary.corpora[1].name, "newstest2013.fr-en (validation)");
+  EXPECT_EQ(summary.corpora[1].used, 18u);
+}
+
+TEST(MultiPair, OptionsAreChecked) {
+  TempDir dir;
+  write_corpus(dir, "train.toy.fr-en", 5);
+  const PrepareConfig good = base_config(dir, "train.toy.fr-en");
+  auto message = [&](const std::function<void(PrepareConfig&)>& change) {
+    PrepareConfig config = good;
+    change(config);
+    return error_of([&] { data_prepare(config, byte_encoder()); });
+  };
+  EXPECT_NE(message([](auto& c) { c.pairs_per_document = 0; }).find("pairs per document 0 is not in [1, 100000]"),
+            std::string::npos);
+  EXPECT_NE(message([](auto& c) { c.single_pair_share = 0.5; }).find("give --pairs-per-document above 1"),
+            std::string::npos);
+  EXPECT_NE(message([](auto& c) { c.document_bytes = 100; }).find("give --pairs-per-document above 1"),
+            std::string::npos);
+  EXPECT_NE(message([](auto& c) {
+              c.pairs_per_document = 2;
+              c.single_pair_share = 1.5;
+            }).find("single-pair share 1.5 is not in [0, 1]"),
+            std::string::npos);
+  EXPECT_NE(message([](auto& c) { c.weights = {{"train.nope.fr-en", 2}}; })
+                .find("corpus weight train.nope.fr-en=2: no input corpus has that name (inputs: train.toy.fr-en)"),
+            std::string::npos);
+  EXPECT_NE(message([](auto& c) { c.weights = {{"train.toy.fr-en", 2}, {"train.toy.fr-en", 3}}; })
+                .find("weighted twice"),
+            std::string::npos);
+  EXPECT_NE(message([](auto& c) { c.weights = {{"train.toy.fr-en", 0}}; }).find("is not in (0, 100]"),
+            std::string::npos);
+  EXPECT_NE(message([](auto& c) { c.val_set = "newstest2014"; }).find("never a validation set"), std::string::npos);
+  EXPECT_NE(message([](auto& c) {
+              c.val_set = "newstest2013";
+              c.val_fraction = 0.1;
+            }).find("give --val-fraction 0"),
+            std::string::npos);
+  EXPECT_NE(message([](auto& c) { c.val_set = "newstest2013"; }).find("newstest2013.fr-en.{en,fr} not found"),
+            std::string::npos);
+  EXPECT_FALSE(std::filesystem::exists(dir / "out"));
+
+  EXPECT_EQ(corpus_weight_from_text("train.a=b.fr-en=2.5").corpus, "train.a=b.fr-en");
+  EXPECT_DOUBLE_EQ(corpus_weight_from_text("x=2.5").repeat, 2.5);
+  for (const char* bad : {"x", "=2", "x=", "x=two", "x=2x", "x=-1", "x=0", "x=101", "x=nan"}) {
+    EXPECT_NE(error_of([&] { corpus_weight_from_text(bad); }), "") << bad;
+  }
+  EXPECT_EQ(pair_order_from_name("shuffled"), PairOrder::shuffled);
+  EXPECT_NE(error_of([] { pair_order_from_name("random"); }).find("choose file or shuffled"), std::string::npos);
+}
+
+TEST(MultiPair, StillRefusesTheTestSet) {
+  TempDir dir;
+  std::filesystem::create_directories(dir / "eval");
+  write_file(dir / "eval" / "newstest2014.fr-en.en", "Spectacular Wingsuit Jump Over Bogota\n");
+  write_file(dir / "eval" / "newstest2014.fr-en.fr", "Spectaculaire saut au-dessus de Bogota\n");
+  write_file(dir / "train.leak.fr-en.en", "ok\nSpectacular Wingsuit Jump Over Bogota\n");
+  write_file(dir / "train.leak.fr-en.fr", "ok\nSpectaculaire saut au-dessus de Bogota\n");
+  PrepareConfig config;
+  config.pairs.push_back(pair_source_from_path(dir / "train.leak.fr-en.en"));
+  config.eval_dir = dir / "eval";
+  config.out_dir = dir / "out";
+  config.progress = false;
+  config.bilingual_rate = 1.0;
+  config.pairs_per_document = 8;
+  config.pair_order = PairOrder::shuffled;
+  config.weights = {{"train.leak.fr-en", 3}};
+  EXPECT_NE(error_of([&] { data_prepare(config, byte_encoder()); }).find("this pair is a newstest2014 pair"),
+            std::string::npos);
+  EXPECT_FALSE(std::filesystem::exists(dir / "out"));
+}
+
 TEST(Prepare, HoldsOutAValidationSplitAndRollsShards) {
   TempDir dir;
   write_corpus(dir, "train.toy.fr-en", 2000);

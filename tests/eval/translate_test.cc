@@ -4,6 +4,7 @@
 // FLASHGPT_TRANSLATE_GPU_TESTS as eval_translate_cuda_test (label gpu): the CLI with --device cuda.
 #include "common/test_support.h"
 
+#include <flashgpt/data_prepare.h>
 #include <flashgpt/error.h>
 #include <flashgpt/generate.h>
 #include <flashgpt/train.h>
@@ -68,6 +69,23 @@ TEST(TranslatePrompt, SeedFormatWithKDemonstrations) {
             "French: Bonjour.\nEnglish: Hello.\n\nFrench: Oui.\nEnglish: Yes.\n\nFrench: Merci.\nEnglish:");
   EXPECT_EQ(translate_directions_from_name("both").size(), 2u);
   EXPECT_THROW(translate_directions_from_name("de-en"), Error);
+}
+
+// data prepare's multi-pair training documents are these prompts followed by the answer:
+// the K-shot prompt a model is scored on is the prefix of a document it was trained on.
+TEST(TranslatePrompt, MultiPairTrainingDocumentsArePromptsPlusTheAnswer) {
+  const std::vector<TextPair> pairs = {{"Good morning.", "Bonjour.", 1},
+                                       {"It is \"new\" (2014)!", "C'est « nouveau » (2014) !", 2},
+                                       {"Thank you for your help.", "Merci pour votre aide.", 3}};
+  for (size_t k = 0; k < pairs.size(); ++k) {
+    std::vector<TranslatePair> demos;
+    for (size_t i = 0; i < k; ++i) demos.push_back({pairs[i].en, pairs[i].fr});
+    const auto first = std::span(pairs).first(k + 1);
+    EXPECT_EQ(multi_pair_document(first, PairDirection::en_fr),
+              translate_prompt(demos, pairs[k].en, TranslateDirection::en_fr) + " " + pairs[k].fr);
+    EXPECT_EQ(multi_pair_document(first, PairDirection::fr_en),
+              translate_prompt(demos, pairs[k].fr, TranslateDirection::fr_en) + " " + pairs[k].en);
+  }
 }
 
 TEST(TranslatePrompt, DemonstrationsAreSeededDistinctAndNested) {

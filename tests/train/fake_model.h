@@ -11,9 +11,12 @@
 
 #include <atomic>
 #include <cmath>
+#include <chrono>
 #include <csignal>
+#include <functional>
 #include <limits>
 #include <set>
+#include <thread>
 #include <vector>
 
 namespace flashgpt::testing {
@@ -31,6 +34,11 @@ class FakeModel final : public GptModel {
   // When set: at micro-step stop_at, stores SIGINT into *stop (a signal arriving mid-run).
   std::atomic<int>* stop = nullptr;
   uint64_t stop_at = 0;
+  // When set: validation losses by call (forward_loss call n returns val_script(n)).
+  std::function<double(int64_t)> val_script;
+  int64_t val_calls = 0;
+  // Wall time each training micro-step takes (for the time-limit test).
+  std::chrono::milliseconds step_sleep{0};
   // What the trainer asked for, for the tests to check.
   std::vector<float> grad_scales;
   std::vector<double> lrs;
@@ -53,6 +61,7 @@ class FakeModel final : public GptModel {
   double forward_backward(std::span<const TokenId> windows, int64_t B, int64_t T, StepRng rng,
                           float loss_scale) override {
     if (stop && rng.step == stop_at) stop->store(SIGINT);
+    if (step_sleep.count() > 0) std::this_thread::sleep_for(step_sleep);
     double loss = 0;
     for (int64_t b = 0; b < B; ++b) {
       const auto w = windows.subspan(static_cast<size_t>(b * (T + 1)), static_cast<size_t>(T + 1));
@@ -67,6 +76,7 @@ class FakeModel final : public GptModel {
     return loss;
   }
   double forward_loss(std::span<const TokenId> windows, int64_t B, int64_t T) override {
+    if (val_script) return val_script(val_calls++);
     double loss = 0;
     for (int64_t b = 0; b < B; ++b) {
       const auto w = windows.subspan(static_cast<size_t>(b * (T + 1)), static_cast<size_t>(T + 1));

@@ -151,6 +151,24 @@ def main():
     r = flashgpt("train", "--data", ds, "--out", os.path.join(tmp, "e7"), *COMMON, "--device", "cuda")
     check(r.returncode == 0 or "CUDA" in r.stderr or "GPU" in r.stderr, "cuda runs, or says why it cannot", r)
 
+    # --keep-best: RUN/best is a run directory (config.json, checkpoint, best.json) of the
+    # lowest validation loss; --time-limit stops cleanly with the planned schedule.
+    kept = os.path.join(tmp, "kept")
+    r = flashgpt("train", "--data", ds, "--out", kept, "--steps", "6", "--no-plot", "--keep-best", *COMMON)
+    best = json.load(open(os.path.join(kept, "best", "best.json"))) if r.returncode == 0 else {}
+    vals = {v["step"]: v["loss"] for v in log_records(kept, ("val",))}
+    check(r.returncode == 0 and "best val loss" in r.stdout and best.get("step") in vals
+          and best["val_loss"] == min(vals.values()) and os.path.exists(os.path.join(kept, "best", "checkpoint.safetensors"))
+          and open(os.path.join(kept, "best", "config.json")).read() == open(os.path.join(kept, "config.json")).read(),
+          f"--keep-best writes RUN/best {best} {vals}", r)
+    timed = os.path.join(tmp, "timed")
+    r = flashgpt("train", "--data", ds, "--out", timed, "--steps", "100000", "--no-plot", "--time-limit", "1", *COMMON)
+    end = log_records(timed, ("end",))
+    check(r.returncode == 0 and "(time limit)" in r.stdout and end and end[-1].get("stopped") == "time limit"
+          and 0 < end[-1]["step"] < 100000, f"--time-limit stops cleanly {end}", r)
+    r = flashgpt("train", "--data", ds, "--out", os.path.join(tmp, "e8"), *COMMON, "--time-limit", "-1")
+    check(r.returncode == 1 and "--time-limit -1" in r.stderr, "a negative time limit", r)
+
     if FAILURES:
         print(f"{len(FAILURES)} failure(s)")
         sys.exit(1)

@@ -353,6 +353,95 @@ TEST(Trainer, TooManyNonFiniteStepsInARowStop) {
   EXPECT_EQ(model.adam_ts.size(), 2u);  // steps 1 and 3 only
 }
 
+TEST(Trainer, TimeLimitStopsCleanlyWithThePlannedSchedule) {
+  TempDir dir;
+  auto c = base_config(dir, write_dataset(dir, 20000, 200), tiny_config(0));
+  c.max_steps = 1000;
+  c.schedule.kind = LrSchedule::cosine;
+  c.schedule.warmup_steps = 2;
+  c.time_limit = 0.2;
+  FakeModel model(c.model);
+  model.step_sleep = std::chrono::milliseconds(10);
+  const auto result = train_run(c, model);
+  EXPECT_TRUE(result.stopped_by_time);
+  EXPECT_EQ(result.stopped_by_signal, 0);
+  EXPECT_GE(result.state.step, 2);
+  EXPECT_LT(result.state.step, 100);
+  EXPECT_EQ(result.total_steps, 1000);
+  // The rates are those of the 1000 planned steps, not of a schedule squeezed into the budget.
+  LrScheduleConfig planned = c.schedule;
+  planned.total_steps = 1000;
+  ASSERT_EQ(model.lrs.size(), static_cast<size_t>(result.state.step));
+  for (size_t i = 0; i < model.lrs.size(); ++i) EXPECT_DOUBLE_EQ(model.lrs[i], lr_at(planned, static_cast<int64_t>(i)));
+  const auto log = read_log(c.out_dir / "log.jsonl");
+  ASSERT_GE(log.size(), 2u);
+  EXPECT_EQ(log[log.size() - 2]["type"], "val");  // the final validation
+  EXPECT_EQ(log[log.size() - 2]["step"], result.state.step);
+  EXPECT_EQ(log.back()["type"], "end");
+  EXPECT_EQ(log.back()["stopped"], "time limit");
+  const SafetensorsFile file(c.out_dir / "checkpoint.safetensors");
+  EXPECT_EQ(checkpoint_read_meta(file).state.step, result.state.step);
+}
+
+// Validations at steps 2, 4, 6 and 8 (and the last step's, which is the step-8 one).
+TrainResult run_keep_best(const TrainConfig& c, std::vector<double> val_losses, std::vector<float>* params_at_4) {
+  FakeModel model(c.model);
+  model.val_script = [=](int64_t call) { return val_losses.at(static_cast<size_t>(call / c.eval_batches)); };
+  const auto result = train_run(c, model);
+  if (params_at_4) {
+    TrainConfig four = c;
+    four.out_dir = c.out_dir / "four";
+    four.keep_best = false;
+    four.max_steps = 4;
+    std::filesystem::create_directories(four.out_dir);
+    FakeModel reference(c.model);
+    train_run(four, reference);
+    *params_at_4 = params_of(reference);
+  }
+  return result;
+}
+
+TEST(Trainer, KeepBestWritesTheLowestValidationLossCheckpointAsARunDirectory) {
+  TempDir dir;
+  auto c = base_config(dir, write_dataset(dir, 4000, 200), tiny_config(0));
+  c.max_steps = 8;
+  c.eval_every = 2;
+  c.keep_best = true;
+  testing::write_file(c.out_dir / "config.json", "{\"options\": {\"data\": \"somewhere\"}}\n");
+  std::vector<float> at_4;
+  const auto result = run_keep_best(c, {5, 3, 4, 6}, &at_4);
+  EXPECT_EQ(result.best_step, 4);
+  EXPECT_DOUBLE_EQ(result.best_val_loss, 3);
+  const auto best = c.out_dir / "best";
+  const SafetensorsFile file(best / "checkpoint.safetensors");
+  const CheckpointMeta meta = checkpoint_read_meta(file);
+  EXPECT_EQ(meta.state.step, 4);
+  EXPECT_EQ(checkpoint_read_params(file, c.model), at_4);
+  EXPECT_NE(checkpoint_read_params(file, c.model),
+            checkpoint_read_params(SafetensorsFile(c.out_dir / "checkpoint.safetensors"), c.model));
+  EXPECT_EQ(testing::read_file_bytes(best / "config.json"), testing::read_file_bytes(c.out_dir / "config.json"));
+  const auto j = nlohmann::json::parse(testing::read_file_bytes(best / "best.json"));
+  EXPECT_EQ(j["step"], 4);
+  EXPECT_EQ(j["val_loss"], 3.0);
+  EXPECT_EQ(j["final_step"], 8);
+  bool logged = false;
+  for (const auto& r : read_log(c.out_dir / "log.jsonl")) logged = logged || (r["type"] == "best" && r["step"] == 4);
+  EXPECT_TRUE(logged);
+  EXPECT_FALSE(std::filesystem::exists(best / ".checkpoint.safetensors.tmp"));
+}
+
+TEST(Trainer, KeepBestLinksTheFinalCheckpointWhenItIsTheBest) {
+  TempDir dir;
+  auto c = base_config(dir, write_dataset(dir, 4000, 200), tiny_config(0));
+  c.max_steps = 8;
+  c.eval_every = 2;
+  c.keep_best = true;
+  const auto result = run_keep_best(c, {5, 4, 3, 2}, nullptr);
+  EXPECT_EQ(result.best_step, 8);
+  EXPECT_TRUE(std::filesystem::equivalent(c.out_dir / "best" / "checkpoint.safetensors",
+                                          c.out_dir / "checkpoint.safetensors"));
+}
+
 TEST(Trainer, CheckpointRoundTripAndMismatches) {
   TempDir dir;
   auto c = base_config(dir, write_dataset(dir, 2000, 200), tiny_config(0));

@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# Recipe 2, v2 (docs/experiments.md) on the GPU machine in one call of at most 600 s; the
+# weights never leave the machine:
+#   bench/model/recipe2_run.sh BIN_DIR DATA_DIR
+# BIN_DIR holds a CUDA build of flashgpt and lib/ (shared libraries the machine lacks);
+# DATA_DIR holds wmt14/, extra/ (.xz, as in ../shared/data) and tokenizers/.
+#
+# 1. unpack the corpora with python3's lzma (the machine has no liblzma for our reader);
+# 2. `data prepare`: multi-pair documents in eval translate's K-shot prompt format,
+#    in-domain news repeated, newstest2013 in the prompt format as the validation split;
+# 3. `train` the seed preset with a wall-clock budget (--time-limit) and --keep-best
+#    (the lowest newstest2013 loss is RUN/best);
+# 4. `eval translate --device cuda` on all 3003 newstest2014 sentences, one call per
+#    (direction, K) in order of importance, each in its own run directory (links to
+#    RUN/best) so a setting cut by the deadline costs only itself; without --device cuda
+#    in the binary: `export --format hf` + translate_hf.py on the first LIMIT sentences.
+#
+# Budget (s, of DEADLINE = 560; estimates from the last H100 runs): unpack ~3, prepare ~3,
+# model start ~5, training TRAIN_SECONDS = 390 (4,700 planned steps of 64 x 512 at 80-85 ms
+# a step: the time limit only trims the cosine tail if the step is slower), final
+# validation, checkpoint and best/ ~6, evaluation ~75 (the GPU decoder took 42 s for all
+# six settings of a worst-case random model, plus ~5 s of start per call), leaving ~75 s
+# of slack; MARGIN (5) is kept back from the last call's timeout.
+#
+# Environment: OUT (results, default results/recipe2), WORK (/tmp/recipe2), DEADLINE (560),
+# TRAIN_SECONDS (390), STEPS (4700), LIMIT (sentences for the fallback: 500; eval translate
+# gets all 3003 unless EVAL_LIMIT is set), PREPARE_ARGS / TRAIN_ARGS (replace the recipe's),
+# EVAL_ARGS (added to each eval translate call, e.g. "--batch 256"); for a CPU smoke run of
+# the pipeline: DEVICE=cpu PRESET=tiny TRAIN_SECONDS=120 EVAL_LIMIT=3 TRAIN_ARGS="--steps 30
+#   --batch 8 --eval-every 10 --eval-batches 5 --save-every 0 --keep-best" (about 2 min on 2 cores).
+set -uo pipefail
+BIN=${1:?usage: recipe2_run.sh BIN_DIR DATA_DIR}
+DATA=${2:?usage: recipe2_run.sh BIN_DIR DATA_DIR}
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+OUT=${OUT:-results/recipe2}
+WORK=${WORK:-/tmp/recipe2}
+DEADLINE=${DEADLINE:-560}
+MARGIN=${MARGIN:-5}
+TRAIN_SECONDS=${TRAIN_SECONDS:-390}
+STEPS=${STEPS:-4700}
+LIMIT=${LIMIT:-500}
+EVAL_LIMIT=${EVAL_LIMIT:-0}
+EVAL_ARGS=${EVAL_ARGS:-}
+DEVICE=${DEVICE:-cuda}
+PRESET=${PRESET:-seed}
+mkdir -p "$OUT" "$WORK"
+export LD_LIBRARY_PATH="$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYTHONUNBUFFERED=1
+export FLASHGPT_SOURCE_DIR="$ROOT"  # scripts/plot_*.py
+FG="$BIN/flashgpt"
+start=$SECONDS
+stamp() { echo "[$((SECONDS - start)) s] $*" | tee -a "$OUT/timeline.log"; }
+left() { echo $((DEADLINE - MARGIN - (SECONDS - start))); }
+if ldd "$FG" | grep -q "not found"; then  # CUDA libraries from PyTorch's wheels
+  extra=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + '/*/lib/lib*.so*')})))" 2>/dev/null)
+  export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$extra"
+  ldd "$FG" | grep "not found" && { echo "missing shared libraries"; exit 1; }
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
+
+# The recipe (docs/experiments.md, "Recipe 2, v2" says why each choice).
+PREPARE_ARGS=${PREPARE_ARGS:---bilingual-rate 1 --pairs-per-document 16 --document-bytes 2000 --single-pair-share 0.1
+  --pair-order shuffled --weight train.newstest2008-2011.fr-en=4 --weight train.news-commentary-v8-head5k.fr-en=4
+  --weight train.misc-testsets.fr-en=2 --val-set newstest2013}
+TRAIN_ARGS=${TRAIN_ARGS:---steps $STEPS --batch 64 --lr 6e-4 --warmup 200 --schedule cosine --min-lr-ratio 0.1
+  --weight-decay 0.1 --eval-every 500 --eval-batches 0 --save-every 0 --keep-best}
+MONO=(mono.newstest2015-2021.en mono.newstest2019-2021-defr.fr)
+
+stamp "unpack"
+python3 - "$DATA" "$WORK/data" "${MONO[@]}" <<'EOF' || exit 1
+import concurrent.futures, lzma, os, shutil, sys
+src, dst, mono = sys.argv[1], sys.argv[2], set(sys.argv[3:])
+jobs = []
+for sub in ("wmt14", "extra"):
+    os.makedirs(os.path.join(dst, sub), exist_ok=True)
+    for name in sorted(os.listdir(os.path.join(src, sub))):
+        if not name.endswith(".xz") or name.endswith(".docs.tsv.xz"):
+            continue
+        if name.startswith("mono.") and name[:-3] not in mono:
+            continue
+        jobs.append((os.path.join(src, sub, name), os.path.join(dst, sub, name[:-3])))
+
+def unpack(job):
+    with lzma.open(job[0]) as fin, open(job[1], "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+
+with concurrent.futures.ProcessPoolExecutor() as pool:  # the two Europarl sides dominate: ~2x
+    list(pool.map(unpack, jobs))
+EOF
+
+stamp "prepare"
+rm -rf "$WORK/ds"
+mono_args=()
+for m in "${MONO[@]}"; do mono_args+=(--mono "$WORK/data/extra/$m"); done
+pairs_args=()
+for f in "$WORK"/data/wmt14/train.*.en "$WORK"/data/extra/train.*.en; do pairs_args+=(--pairs "$f"); done
+# shellcheck disable=SC2086  # the recipe's arguments are words
+"$FG" data prepare --data-dir "$WORK/data" --eval-dir "$WORK/data/wmt14" --tokenizer-dir "$DATA/tokenizers" \
+  --out "$WORK/ds" "${pairs_args[@]}" "${mono_args[@]}" $PREPARE_ARGS --quiet >"$OUT/prepare.log" 2>&1
+[ -f "$WORK/ds/summary.json" ] || { tail -20 "$OUT/prepare.log"; echo "prepare failed"; exit 1; }
+tail -2 "$OUT/prepare.log"
+cp "$WORK/ds/summary.json" "$OUT/dataset_summary.json"
+
+stamp "train ($PRESET preset on $DEVICE, $STEPS planned steps, time limit $TRAIN_SECONDS s)"
+rm -rf "$WORK/run"
+# shellcheck disable=SC2086
+"$FG" train --preset "$PRESET" --device "$DEVICE" --data "$WORK/ds" --out "$WORK/run" --time-limit "$TRAIN_SECONDS" \
+  --log-every 100 --no-plot $TRAIN_ARGS >"$OUT/train.log" 2>&1
+echo "train exit $?"
+grep -vE "^\s*$" "$OUT/train.log" | tail -4
+cp "$WORK/run/config.json" "$OUT/" 2>/dev/null
+cp "$WORK/run/best/best.json" "$OUT/" 2>/dev/null
+python3 - "$WORK/run/log.jsonl" "$OUT/log_every10.jsonl" <<'EOF'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+with open(sys.argv[2], "w") as out:
+    for r in rows:
+        if r.get("type") != "step" or r["step"] % 10 == 0:
+            out.write(json.dumps(r) + "\n")
+        if r.get("type") in ("val", "epoch", "best", "end"):
+            print(json.dumps(r))
+EOF
+python3 "$ROOT/scripts/plot_loss.py" "$OUT/log_every10.jsonl" "$OUT/loss.png" >/dev/null 2>&1 || echo "no loss plot"
+RUN="$WORK/run/best"
+[ -f "$RUN/checkpoint.safetensors" ] || RUN="$WORK/run"
+[ -f "$RUN/checkpoint.safetensors" ] || { echo "no checkpoint"; exit 1; }
+
+device_args=()
+"$FG" eval translate --help 2>/dev/null | grep -q -- "--device" && device_args=(--device "$DEVICE")
+if [ ${#device_args[@]} -gt 0 ] || [ "$DEVICE" = cpu ]; then
+  stamp "eval translate ${device_args[*]} (limit $EVAL_LIMIT, 0 = all sentences), $(left) s left"
+  limit_args=()
+  [ "$EVAL_LIMIT" != 0 ] && limit_args=(--limit "$EVAL_LIMIT")
+  for setting in en-fr:5 en-fr:0 fr-en:0 fr-en:5 en-fr:1 fr-en:1; do
+    dir=${setting%%:*} k=${setting##*:}
+    budget=$(left)
+    if [ "$budget" -lt 10 ]; then
+      echo "skipped $dir $k-shot: $budget s left" | tee -a "$OUT/timeline.log"
+      continue
+    fi
+    # A run directory of links per setting: its eval/ holds this setting's results only.
+    sub="$WORK/eval_$dir.$k"
+    rm -rf "$sub" && mkdir -p "$sub"
+    ln -s "$(readlink -f "$RUN/checkpoint.safetensors")" "$sub/checkpoint.safetensors"
+    ln -s "$(readlink -f "$RUN/config.json")" "$sub/config.json"
+    t0=$SECONDS
+    timeout -s TERM "$budget" "$FG" eval translate --run "$sub" "${device_args[@]}" --data-dir "$WORK/data/wmt14" \
+      --tokenizer-dir "$DATA/tokenizers" --direction "$dir" --shots "$k" --no-plot --quiet "${limit_args[@]}" $EVAL_ARGS \
+      >"$OUT/eval_$dir.$k.log" 2>&1
+    rc=$?
+    stamp "eval $dir $k-shot: exit $rc in $((SECONDS - t0)) s"
+    if [ -f "$sub/eval/translate.json" ]; then
+      cp "$sub/eval/translate.json" "$OUT/translate_$dir.$k.json"
+      mkdir -p "$OUT/hypotheses" && cp "$sub"/eval/translate/*.txt "$OUT/hypotheses/" 2>/dev/null
+    else
+      tail -5 "$OUT/eval_$dir.$k.log"
+    fi
+  done
+  # One report of every setting that finished, and the score-against-K plot.
+  python3 - "$OUT" <<'EOF'
+import glob, json, os, sys
+out = sys.argv[1]
+merged = None
+for path in sorted(glob.glob(os.path.join(out, "translate_*.json"))):
+    j = json.load(open(path))
+    if merged is None:
+        merged = dict(j, results=[], examples=[])
+    merged["results"] += j["results"]
+    merged["examples"] += j.get("examples", [])
+if merged is None:
+    sys.exit("no evaluation finished")
+merged["results"].sort(key=lambda r: (r["direction"], r["shots"]))
+json.dump(merged, open(os.path.join(out, "translate.json"), "w"), indent=2, ensure_ascii=False)
+print(f"newstest2014, {merged['test_set']['sentences']} of {merged['test_set']['of']} sentences, checkpoint step {merged['step']}")
+print(f"{'dir':6} {'K':>2} {'BLEU':>6} {'chrF':>6} {'K given':>8} {'seconds':>8}")
+for r in merged["results"]:
+    print(f"{r['direction']:6} {r['shots']:>2} {r['bleu']:>6.2f} {r['chrf']:>6.2f} {r['shots_mean']:>8.2f} {r['seconds']:>8.1f}")
+for e in merged["examples"]:
+    if e["shots"] in (0, 5):
+        print(f"[{e['direction']} {e['shots']}-shot] {e['source']} -> {e['output']}")
+EOF
+  python3 "$ROOT/scripts/plot_translate.py" "$OUT/translate.json" "$OUT/translate.png" >/dev/null 2>&1 ||
+    echo "no translate plot"
+else
+  stamp "fallback: export + translate_hf.py (first $LIMIT sentences), $(left) s left"
+  "$FG" export --format hf "$RUN" --out "$WORK/hf" >"$OUT/export.log" 2>&1 || { cat "$OUT/export.log"; exit 1; }
+  timeout -s TERM "$(left)" python3 "$HERE/translate_hf.py" --hf "$WORK/hf" --wmt14 "$WORK/data/wmt14" \
+    --flashgpt "$FG" --tokenizer-dir "$DATA/tokenizers" --out "$WORK/translate" --limit "$LIMIT" --shots 0,1,5 \
+    >"$OUT/translate.log" 2>&1
+  echo "translate_hf exit $?"
+  grep -E '^\{' "$OUT/translate.log" | tail -6
+  cp "$WORK/translate/translate.json" "$OUT/" 2>/dev/null
+fi
+stamp "done"
