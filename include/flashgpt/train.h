@@ -32,6 +32,8 @@
 
 namespace flashgpt {
 
+class Communicator;  // dist.h
+
 // ---------------------------------------------------------------------------------------
 // Learning-rate schedule.
 
@@ -155,6 +157,12 @@ struct TrainConfig {
   std::string options_json = "{}";  // stored in checkpoints
   // Checked between steps: when it holds a signal number, the run checkpoints and returns.
   const std::atomic<int>* stop = nullptr;
+  // Data parallel (dist.h): null runs one process. With W ranks, `batch` and `accum` are per
+  // rank: a step takes accum x W micro-batches, and the run is that of one process with
+  // --accum accum x W (same windows, dropout, state and checkpoint; see docs/train.md).
+  Communicator* comm = nullptr;
+  bool zero1 = false;      // shard the AdamW update over the ranks (ZeRO-1)
+  double bucket_mb = 25;   // gradient all-reduce bucket size, MiB of fp32
 };
 
 struct TrainResult {
