@@ -52,7 +52,6 @@ class NcclComm final : public Communicator {
       dist_rendezvous_broadcast(env, bytes);
     }
     FLASHGPT_NCCL_CHECK(ncclCommInitRank(&comm_, world_, id, rank_));
-    FLASHGPT_NCCL_CUDA_CHECK(cudaMalloc(&scratch_, sizeof(double)));
   }
   ~NcclComm() override {
     if (stream_) cudaStreamSynchronize(stream_);
@@ -95,12 +94,18 @@ class NcclComm final : public Communicator {
     FLASHGPT_NCCL_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
   void allreduce_sum_host(std::span<double> data) override {
-    for (double& x : data) {  // a handful of values per step: one at a time through the scratch double
-      FLASHGPT_NCCL_CUDA_CHECK(cudaMemcpyAsync(scratch_, &x, sizeof(double), cudaMemcpyHostToDevice, stream_));
-      FLASHGPT_NCCL_CHECK(ncclAllReduce(scratch_, scratch_, 1, ncclFloat64, ncclSum, comm_, stream_));
-      FLASHGPT_NCCL_CUDA_CHECK(cudaMemcpyAsync(&x, scratch_, sizeof(double), cudaMemcpyDeviceToHost, stream_));
-      FLASHGPT_NCCL_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (data.empty()) return;
+    if (data.size() > scratch_doubles_) {  // a few doubles a step (losses, stop flags): grows once
+      if (scratch_) FLASHGPT_NCCL_CUDA_CHECK(cudaFree(scratch_));
+      scratch_ = nullptr;
+      FLASHGPT_NCCL_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&scratch_), data.size() * sizeof(double)));
+      scratch_doubles_ = data.size();
     }
+    const size_t bytes = data.size() * sizeof(double);
+    FLASHGPT_NCCL_CUDA_CHECK(cudaMemcpyAsync(scratch_, data.data(), bytes, cudaMemcpyHostToDevice, stream_));
+    FLASHGPT_NCCL_CHECK(ncclAllReduce(scratch_, scratch_, data.size(), ncclFloat64, ncclSum, comm_, stream_));
+    FLASHGPT_NCCL_CUDA_CHECK(cudaMemcpyAsync(data.data(), scratch_, bytes, cudaMemcpyDeviceToHost, stream_));
+    FLASHGPT_NCCL_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
   void barrier() override {
     double zero = 0;
@@ -111,7 +116,8 @@ class NcclComm final : public Communicator {
   int rank_, world_;
   cudaStream_t stream_;
   ncclComm_t comm_ = nullptr;
-  double* scratch_ = nullptr;
+  double* scratch_ = nullptr;  // device staging of allreduce_sum_host
+  size_t scratch_doubles_ = 0;
 };
 
 }  // namespace

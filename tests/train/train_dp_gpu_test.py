@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The data-parallel GPU path with world size 1: `flashgpt train --device cuda` under a
+"""The data-parallel GPU path with world size 1: `flashgpt train --device cuda` (the small
+preset: head dim 64, which every CUDA build has) under a
 torchrun-style environment (WORLD_SIZE=1, RANK=0, LOCAL_RANK=0, MASTER_ADDR, MASTER_PORT)
 takes the NCCL communicator, reduces the gradients through ncclAllReduce, updates with
 ZeRO-1's range update and all-gathers the weights; with one rank every collective is the
@@ -22,7 +23,7 @@ from train_fixtures import read_safetensors, write_dataset  # noqa: E402
 
 FLASHGPT = sys.argv[1]
 FAILURES = []
-COMMON = ["--preset", "tiny", "--batch", "4", "--context", "64", "--accum", "2", "--warmup", "2", "--lr", "1e-3",
+COMMON = ["--preset", "small", "--batch", "4", "--context", "64", "--accum", "2", "--warmup", "2", "--lr", "1e-3",
           "--eval-every", "3", "--eval-batches", "2", "--device", "cuda", "--deterministic", "--no-plot", "--quiet",
           "--steps", "6"]
 
