@@ -56,7 +56,8 @@ void DataParallel::on_grad_ready(int64_t begin, int64_t end) {
   std::memcpy(pack_.data() + cursor_, grads + begin, static_cast<size_t>(end - begin) * sizeof(float));
   packed_.push_back(Packed{begin, end, cursor_});
   cursor_ += end - begin;
-  if (cursor_ - bucket_start_ >= bucket_floats_) {
+  // The range that completes the buffer is the backward's last: its bucket goes in reduce().
+  if (cursor_ < count_ && cursor_ - bucket_start_ >= bucket_floats_) {
     start_bucket();
     buckets_overlapped_ += 1;
   }

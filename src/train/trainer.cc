@@ -402,6 +402,10 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
   save();
   result.state = state;
   result.seconds = std::chrono::duration<double>(Clock::now() - run_start).count();
+  if (config.progress && lead && dp.buckets_overlapped() + dp.buckets_after() > 0) {
+    fmt::print(stderr, "data parallel: {} gradient buckets started during the backward, {} after it\n",
+               dp.buckets_overlapped(), dp.buckets_after());
+  }
   if (result.stopped_by_signal == 0) {
     log.write(Json{{"type", "end"}, {"step", state.step}, {"skipped_steps", state.skipped_steps},
                    {"tokens", state.tokens}, {"seconds", result.seconds}});

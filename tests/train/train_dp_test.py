@@ -22,6 +22,7 @@ Skips (exit 77) where mpirun is missing, fails instead under FLASHGPT_REQUIRE_DA
 Usage: train_dp_test.py PATH/TO/flashgpt"""
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -144,6 +145,11 @@ def main():
     check("NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1" in r.stderr,
           "multicast variables set after init, over the launcher's NCCL_NVLS_ENABLE=1", r)
     check(r.stderr.count("train: preset=tiny") == 1, "the configuration is printed by rank 0 only", r)
+    # Buckets of 0.05 MiB (13,107 floats): each layer's tensors fill one, so reductions start
+    # while the backward is still in the layers below; the embeddings close the last one.
+    m = re.search(r"data parallel: (\d+) gradient buckets started during the backward, (\d+) after it", r.stderr)
+    check(m is not None and int(m.group(1)) >= 8 and int(m.group(2)) == 8,
+          f"buckets overlap the backward ({m.group(0) if m else 'no summary line'})", r)
     if os.path.exists(os.path.join(two, "log.jsonl")):
         a, b = records(one), records(two)
         check(a[0]["loss"] == b[0]["loss"], f"step 1 loss bit for bit ({a[0]['loss']!r} vs {b[0]['loss']!r})")
