@@ -27,6 +27,10 @@ struct DistEnv {
   int local_rank = 0;        // the GPU this process takes on its host
   std::string master_addr;   // torchrun-style only
   int master_port = 0;
+  // Where rank 0 listens for dist_rendezvous_broadcast: MASTER_PORT, or MASTER_PORT + 1
+  // under torchrun itself (TORCHELASTIC_USE_AGENT_STORE=True: its agent's store holds
+  // MASTER_PORT).
+  int rendezvous_port = 0;
   std::string launcher = "none";  // "none", "torchrun" (RANK/WORLD_SIZE), "openmpi" (OMPI_COMM_WORLD_*)
 };
 
@@ -50,7 +54,7 @@ void dist_disable_multicast();
 // "" when all three hold their value in this process's environment, else the ones that do not.
 std::string dist_multicast_check();
 
-// Rank 0 sends `data` to every other rank over TCP (rank 0 listens on env.master_port,
+// Rank 0 sends `data` to every other rank over TCP (rank 0 listens on env.rendezvous_port,
 // the others connect to env.master_addr, retrying for `timeout_s`): how NCCL's unique id
 // travels when no MPI launched the processes. Every rank passes a buffer of the same size.
 void dist_rendezvous_broadcast(const DistEnv& env, std::span<std::byte> data, double timeout_s = 120.0);

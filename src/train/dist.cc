@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <thread>
 
 namespace flashgpt {
@@ -95,6 +96,11 @@ DistEnv dist_env_from(const EnvLookup& lookup) {
                      env.world);
       env.master_addr = addr;
       env.master_port = env_int(lookup, "MASTER_PORT", 1, 65535, true, 0);
+      const char* agent_store = lookup("TORCHELASTIC_USE_AGENT_STORE");
+      const bool torchrun_store = agent_store != nullptr && std::string_view(agent_store) == "True";
+      FLASHGPT_CHECK(!torchrun_store || env.master_port < 65535,
+                     "MASTER_PORT=65535 under torchrun: the rendezvous needs MASTER_PORT + 1");
+      env.rendezvous_port = env.master_port + (torchrun_store ? 1 : 0);
     }
     return env;
   }
@@ -131,7 +137,7 @@ std::string dist_multicast_check() {
 
 void dist_rendezvous_broadcast(const DistEnv& env, std::span<std::byte> data, double timeout_s) {
   if (env.world <= 1) return;
-  FLASHGPT_CHECK(env.master_port > 0 && !env.master_addr.empty(),
+  FLASHGPT_CHECK(env.rendezvous_port > 0 && !env.master_addr.empty(),
                  "rendezvous: MASTER_ADDR and MASTER_PORT are needed to start {} ranks", env.world);
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
   if (env.rank == 0) {
@@ -142,15 +148,16 @@ void dist_rendezvous_broadcast(const DistEnv& env, std::span<std::byte> data, do
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
     addr.sin_addr.s_addr = htonl(INADDR_ANY);
-    addr.sin_port = htons(static_cast<uint16_t>(env.master_port));
+    addr.sin_port = htons(static_cast<uint16_t>(env.rendezvous_port));
     FLASHGPT_CHECK(::bind(server.fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0,
-                   "rendezvous: rank 0 cannot listen on port {} (MASTER_PORT): {}", env.master_port, std::strerror(errno));
+                   "rendezvous: rank 0 cannot listen on port {} (MASTER_PORT{}): {}", env.rendezvous_port,
+                   env.rendezvous_port == env.master_port ? "" : " + 1", std::strerror(errno));
     FLASHGPT_CHECK(::listen(server.fd, env.world) == 0, "rendezvous: listen: {}", std::strerror(errno));
     for (int served = 1; served < env.world; ++served) {
       timeval tv{};
       const double left = std::chrono::duration<double>(deadline - std::chrono::steady_clock::now()).count();
       FLASHGPT_CHECK(left > 0, "rendezvous: {} of {} ranks connected to port {} within {} s", served - 1,
-                     env.world - 1, env.master_port, timeout_s);
+                     env.world - 1, env.rendezvous_port, timeout_s);
       tv.tv_sec = static_cast<time_t>(left) + 1;
       ::setsockopt(server.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
       Fd client(::accept(server.fd, nullptr, nullptr));
@@ -167,7 +174,7 @@ void dist_rendezvous_broadcast(const DistEnv& env, std::span<std::byte> data, do
   hints.ai_family = AF_INET;
   hints.ai_socktype = SOCK_STREAM;
   addrinfo* found = nullptr;
-  const std::string port = std::to_string(env.master_port);
+  const std::string port = std::to_string(env.rendezvous_port);
   const int rc = ::getaddrinfo(env.master_addr.c_str(), port.c_str(), &hints, &found);
   FLASHGPT_CHECK(rc == 0 && found, "rendezvous: cannot resolve MASTER_ADDR={}: {}", env.master_addr, gai_strerror(rc));
   std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> guard(found, &::freeaddrinfo);
@@ -179,7 +186,7 @@ void dist_rendezvous_broadcast(const DistEnv& env, std::span<std::byte> data, do
       return;
     }
     FLASHGPT_CHECK(std::chrono::steady_clock::now() < deadline, "rendezvous: rank {} could not reach {}:{} in {} s: {}",
-                   env.rank, env.master_addr, env.master_port, timeout_s, std::strerror(errno));
+                   env.rank, env.master_addr, env.rendezvous_port, timeout_s, std::strerror(errno));
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
 }

@@ -39,6 +39,11 @@ TEST(DistEnv, TorchrunVariables) {
   EXPECT_EQ(e.local_rank, 1);
   EXPECT_EQ(e.master_addr, "10.0.0.2");
   EXPECT_EQ(e.master_port, 29500);
+  EXPECT_EQ(e.rendezvous_port, 29500);
+  // Under torchrun itself its agent's store holds MASTER_PORT: the rendezvous takes the next.
+  const DistEnv agent = dist_env_from(lookup_in({{"RANK", "1"}, {"WORLD_SIZE", "2"}, {"MASTER_ADDR", "h"},
+                                                 {"MASTER_PORT", "29500"}, {"TORCHELASTIC_USE_AGENT_STORE", "True"}}));
+  EXPECT_EQ(agent.rendezvous_port, 29501);
   // torchrun's variables win over OpenMPI's when both are present.
   const DistEnv both = dist_env_from(lookup_in({{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"OMPI_COMM_WORLD_SIZE", "2"},
                                                 {"OMPI_COMM_WORLD_RANK", "1"}}));
@@ -143,7 +148,7 @@ TEST(DistRendezvous, RankZeroReachesEveryRank) {
       env.rank = r;
       env.world = kWorld;
       env.master_addr = "127.0.0.1";
-      env.master_port = port;
+      env.master_port = env.rendezvous_port = port;
       try {
         dist_rendezvous_broadcast(env, got[static_cast<size_t>(r)], 20.0);
       } catch (const Error& e) {
@@ -164,7 +169,7 @@ TEST(DistRendezvous, UnreachableRankZeroTimesOutNamingTheAddress) {
   env.rank = 1;
   env.world = 2;
   env.master_addr = "127.0.0.1";
-  env.master_port = free_port();
+  env.master_port = env.rendezvous_port = free_port();
   std::vector<std::byte> data(8);
   try {
     dist_rendezvous_broadcast(env, data, 0.3);

@@ -60,6 +60,9 @@ def main():
     if shutil.which("nvidia-smi") is None or subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode != 0:
         print("skipped: no GPU")
         return 77
+    with open(FLASHGPT, "rb") as f:
+        check(b"cuMulticast" not in f.read(), "the binary names no cuMulticast* function (NCCL's own use is off "
+              "through NCCL_NVLS_ENABLE=0)")
     tmp = tempfile.mkdtemp(prefix="flashgpt_dp_gpu_")
     ds = write_dataset(os.path.join(tmp, "ds"), train_tokens=20000)
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE")}
