@@ -25,6 +25,7 @@
 #include <flashgpt/tokenizer.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -161,6 +162,34 @@ class GptModel {
   // One AdamW update with bias correction at step t (1-based), on grads * grad_scale
   // (grad_scale folds clipping and 1 / accumulation steps).
   virtual void adamw_step(const AdamWConfig& adam, int64_t t, float grad_scale) = 0;
+
+  // ---- Data-parallel training (train_data_parallel.h); a backend without them cannot be
+  // trained on several ranks (the defaults throw, or do nothing where that is correct).
+  //
+  // The flat fp32 parameter and gradient buffers where the backend keeps them (host memory
+  // on the CPU, device memory on CUDA; model_param_count floats in model_param_specs order),
+  // and the stream their work is ordered on (a cudaStream_t; null on the CPU), so that a
+  // communicator reduces gradients and gathers parameters in place.
+  struct FlatBuffers {
+    float* params = nullptr;
+    float* grads = nullptr;
+    void* stream = nullptr;
+  };
+  virtual FlatBuffers flat_buffers();
+  // The parameters in flat_buffers().params were written from outside: refresh what the
+  // backend derives from them (the bf16 weights on CUDA).
+  virtual void params_changed() {}
+  // adamw_step on the range [begin, end) of the flat buffers only (ZeRO-1: each rank updates
+  // its slice); the moments and weights outside it are left alone. Over [0, P) it is
+  // adamw_step, bit for bit.
+  virtual void adamw_step_range(const AdamWConfig& adam, int64_t t, float grad_scale, int64_t begin, int64_t end);
+  // Called by forward_backward, in the order the backward finishes them, with each range
+  // [begin, end) of the gradient buffer that this micro-batch will not write again (a
+  // layer's tensors as its backward ends, the embeddings last), so that the reduction of a
+  // bucket can start while the backward goes on. The CPU backend calls it; a backend that
+  // does not (CUDA today) has its gradients reduced after the backward. Empty: no calls.
+  using GradReadyHook = std::function<void(int64_t begin, int64_t end)>;
+  virtual void grad_ready_hook_set(GradReadyHook hook) { (void)hook; }
 };
 
 struct ModelOptions {

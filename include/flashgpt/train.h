@@ -32,6 +32,8 @@
 
 namespace flashgpt {
 
+class Communicator;  // dist.h
+
 // ---------------------------------------------------------------------------------------
 // Learning-rate schedule.
 
@@ -166,6 +168,12 @@ struct TrainConfig {
   // once, at the end (a hard link when the final checkpoint is the best). A resumed run
   // starts from best/best.json's loss.
   bool keep_best = false;
+  // Data parallel (dist.h): null runs one process. With W ranks, `batch` and `accum` are per
+  // rank: a step takes accum x W micro-batches, and the run is that of one process with
+  // --accum accum x W (same windows, dropout, state and checkpoint; see docs/train.md).
+  Communicator* comm = nullptr;
+  bool zero1 = false;      // shard the AdamW update over the ranks (ZeRO-1)
+  double bucket_mb = 25;   // gradient all-reduce bucket size, MiB of fp32
 };
 
 struct TrainResult {

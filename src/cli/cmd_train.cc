@@ -4,6 +4,7 @@
 #include "commands.h"
 
 #include <flashgpt/data_shard.h>
+#include <flashgpt/dist.h>
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>
 #include <flashgpt/process.h>
@@ -60,6 +61,8 @@ struct TrainOptions {
   bool deterministic = false;
   bool no_plot = false;
   bool quiet = false;
+  bool zero1 = false;
+  double bucket_mb = 25;
 };
 
 using Field = std::variant<std::string*, int64_t*, uint64_t*, int*, double*, bool*>;
@@ -106,6 +109,8 @@ std::vector<OptionEntry> train_option_table(TrainOptions& o) {
       {"deterministic", &o.deterministic, "Bit-identical results run to run (CUDA)"},
       {"no-plot", &o.no_plot, "Do not draw RUN/loss.png", false},
       {"quiet", &o.quiet, "No progress lines", false},
+      {"zero1", &o.zero1, "Data parallel: shard the AdamW update over the ranks (ZeRO-1)", false},
+      {"bucket-mb", &o.bucket_mb, "Data parallel: gradient all-reduce bucket size in MiB", false},
   };
 }
 
@@ -204,7 +209,17 @@ std::filesystem::path plot_script() {
   return std::filesystem::path(source && *source ? source : FLASHGPT_SOURCE_DIR) / "scripts" / "plot_loss.py";
 }
 
+// The data-parallel layout of this process (dist.h): one process, or rank r of W started
+// by mpirun (OpenMPI's variables) or by a torchrun-style launcher (RANK, WORLD_SIZE, ...).
+struct Ranks {
+  DistEnv env;
+  bool lead() const { return env.rank == 0; }
+};
+
 void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) {
+  // Before anything that could start NCCL: multicast off, whatever the launcher passed.
+  dist_disable_multicast();
+  const Ranks ranks{dist_env_from_environment()};
   FLASHGPT_CHECK(!o.out.empty(), "--out RUN is required");
   const std::filesystem::path run_dir = o.out;
   const auto checkpoint = run_dir / "checkpoint.safetensors";
@@ -226,7 +241,7 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
                    "{} already holds a run (checkpoint.safetensors): pass --resume to continue it, or choose another "
                    "--out", run_dir.string());
   }
-  fmt::print(stderr, "train: {}\n", options_to_text(table));
+  if (ranks.lead()) fmt::print(stderr, "train: {}\n", options_to_text(table));
   FLASHGPT_CHECK(!o.preset.empty(), "--preset is required (one of: {})", fmt::join(model_preset_names(), ", "));
   FLASHGPT_CHECK(o.device == "cpu" || o.device == "cuda", "--device {}: expected cpu or cuda", o.device);
   FLASHGPT_CHECK(o.batch >= 1, "--batch {} must be at least 1", o.batch);
@@ -235,6 +250,7 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
   FLASHGPT_CHECK(o.context >= 0 && o.steps >= 0 && o.warmup >= 0, "--context, --steps and --warmup cannot be negative");
   FLASHGPT_CHECK(std::isfinite(o.time_limit) && o.time_limit >= 0, "--time-limit {} must be a number of seconds (0: "
                  "none)", o.time_limit);
+  FLASHGPT_CHECK(o.bucket_mb > 0, "--bucket-mb {} must be positive", o.bucket_mb);
   FLASHGPT_CHECK(o.lr > 0 && o.eps > 0 && o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1,
                  "AdamW needs lr > 0, eps > 0 and betas in [0, 1) (given lr {}, eps {}, betas {} {})", o.lr, o.eps,
                  o.beta1, o.beta2);
@@ -278,6 +294,7 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
 
   std::filesystem::create_directories(run_dir);
   const Json options = options_to_json(table);
+  const bool lead = ranks.lead();
   Json config;
   config["options"] = options;
   config["model"] = Json::parse(model_config_to_json(mc));
@@ -290,8 +307,10 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
   config["peak_flops"] = peak;
   config["peak_flops_source"] = peak_source;
   config["memory_estimate_bytes"] = mem.total();
-  train_write_run_config(run_dir, config.dump(2) + "\n");
-  fmt::print(stderr,
+  config["ranks"] = ranks.env.world;
+  config["launcher"] = ranks.env.launcher;
+  if (lead) train_write_run_config(run_dir, config.dump(2) + "\n");
+  if (lead) fmt::print(stderr,
              "model: {} preset, V {} (padded {}), C {}, L {}, NH {}, F {}, T {}, dropout {}; {:.2f} M parameters; "
              "{} tokens ({}); memory about {}; peak {:.3g} FLOP/s ({})\n",
              mc.preset, mc.vocab_size, mc.padded_vocab_size, mc.d_model, mc.n_layer, mc.n_head, mc.d_ff, T,
@@ -303,7 +322,33 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
   mo.max_context = T;
   mo.deterministic = o.deterministic;
   mo.threads = o.threads;
+  // One GPU per process: LOCAL_RANK picks it before the model allocates.
+  if (device == Device::cuda && ranks.env.world > 1) dist_select_gpu(ranks.env.local_rank);
   std::unique_ptr<GptModel> model = gpt_create(device, mc, mo);
+  std::unique_ptr<Communicator> comm;
+  if (ranks.env.world > 1 || ranks.env.launcher != "none") {
+    if (device == Device::cuda) {
+      comm = comm_create_nccl(ranks.env, model->flat_buffers().stream);
+    } else {
+      FLASHGPT_CHECK(ranks.env.launcher == "openmpi" || ranks.env.world == 1,
+                     "data-parallel training on the CPU runs over MPI: start it with mpirun -np {} (the {} launcher's "
+                     "variables are for GPUs and NCCL)", ranks.env.world, ranks.env.launcher);
+      comm = ranks.env.launcher == "openmpi" ? comm_create_mpi() : comm_create_local();
+    }
+    FLASHGPT_CHECK(comm->rank() == ranks.env.rank && comm->world() == ranks.env.world,
+                   "the {} communicator sees rank {} of {}, the environment says rank {} of {}", comm->backend(),
+                   comm->rank(), comm->world(), ranks.env.rank, ranks.env.world);
+    const std::string multicast = dist_multicast_check();
+    FLASHGPT_CHECK(multicast.empty(), "NVLink multicast must stay off: {}", multicast);
+    if (lead) {
+      fmt::print(stderr, "data parallel: {} ranks over {} ({} launch), global batch {} x {} micro-batches of {} tokens, "
+                 "ZeRO-1 {}, buckets of {} MiB; multicast off (NCCL_NVLS_ENABLE={} TORCH_SYMM_MEM_DISABLE_MULTICAST={} "
+                 "NVSHMEM_DISABLE_NVLS={})\n",
+                 comm->world(), comm->backend(), ranks.env.launcher, o.batch, o.accum * comm->world(), T,
+                 o.zero1 ? "on" : "off", o.bucket_mb, std::getenv("NCCL_NVLS_ENABLE"),
+                 std::getenv("TORCH_SYMM_MEM_DISABLE_MULTICAST"), std::getenv("NVSHMEM_DISABLE_NVLS"));
+    }
+  }
 
   TrainConfig tc;
   tc.model = mc;
@@ -330,10 +375,17 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
   tc.max_bad_steps = o.max_bad_steps;
   tc.peak_flops = peak;
   tc.resume = o.resume;
-  tc.progress = !o.quiet;
+  tc.progress = !o.quiet && lead;
+  tc.comm = comm.get();
+  tc.zero1 = o.zero1;
+  tc.bucket_mb = o.bucket_mb;
   tc.options_json = options.dump();
   tc.time_limit = o.time_limit;
   tc.keep_best = o.keep_best;
+  // best/ copies rank 0's AdamW moments outside any collective; under ZeRO-1 those are
+  // current only in rank 0's slice.
+  FLASHGPT_CHECK(!(o.keep_best && o.zero1), "--keep-best and --zero1 cannot be combined (the best checkpoint would hold "
+                 "rank 0's slice of the AdamW moments only)");
   FLASHGPT_CHECK(!o.keep_best || !data.val.empty(), "--keep-best needs validation shards (val_*.bin) in --data {}", o.data);
   g_stop_signal.store(0);
   tc.stop = &g_stop_signal;
@@ -343,7 +395,7 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
     SignalGuard guard;
     result = train_run(tc, *model);
   }
-  if (!o.no_plot) {
+  if (!o.no_plot && lead) {
     const int rc = train_plot_losses(run_dir, plot_script());
     if (rc != 0) {
       fmt::print(stderr, "warning: the loss plot failed (python3 {} exited with {}; it needs matplotlib); the losses "
@@ -351,11 +403,12 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
     }
   }
   if (result.stopped_by_signal != 0) {
-    fmt::print(stderr, "stopped by {} at step {} of {}; checkpoint written to {}; continue with: flashgpt train --out "
+    if (lead) fmt::print(stderr, "stopped by {} at step {} of {}; checkpoint written to {}; continue with: flashgpt train --out "
                "{} --resume\n", strsignal(result.stopped_by_signal), result.state.step, result.total_steps,
                checkpoint.string(), run_dir.string());
     throw CliExit{128 + result.stopped_by_signal};
   }
+  if (!lead) return;
   fmt::print("trained {} steps{} ({} skipped) in {:.1f} s: last loss {:.4f}{}; checkpoint {}{}\n", result.state.step,
              result.stopped_by_time ? fmt::format(" of {} (time limit)", result.total_steps) : "",
              result.state.skipped_steps, result.seconds, result.last_loss,

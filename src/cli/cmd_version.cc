@@ -1,5 +1,7 @@
 #include "commands.h"
 
+#include <flashgpt/dist.h>
+
 #include <fmt/core.h>
 
 namespace flashgpt {
@@ -12,7 +14,8 @@ void cli_add_version(CLI::App& app) {
 #else
     constexpr const char* kCuda = "no";
 #endif
-    fmt::print("flashgpt {}\ncuda: {}\n", FLASHGPT_VERSION, kCuda);
+    fmt::print("flashgpt {}\ncuda: {}\nmpi: {}\nnccl: {}\n", FLASHGPT_VERSION, kCuda, comm_have_mpi() ? "yes" : "no",
+               comm_have_nccl() ? "yes" : "no");
   });
 }
 

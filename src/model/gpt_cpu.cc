@@ -72,6 +72,9 @@ class GptCpu final : public GptModel {
   void grads_zero() override { std::fill(grads_.begin(), grads_.end(), 0.0f); }
   double grads_norm() override;
   void adamw_step(const AdamWConfig& adam, int64_t t, float grad_scale) override;
+  FlatBuffers flat_buffers() override { return FlatBuffers{params_.data(), grads_.data(), nullptr}; }
+  void adamw_step_range(const AdamWConfig& adam, int64_t t, float grad_scale, int64_t begin, int64_t end) override;
+  void grad_ready_hook_set(GradReadyHook hook) override { grad_ready_ = std::move(hook); }
 
  private:
   // The saved activations of one layer, each with room for N_max = max_batch x max_context
@@ -111,8 +114,18 @@ class GptCpu final : public GptModel {
   const float* param(ParamKind kind, int64_t layer = 0) const { return layout_.at(params_.data(), kind, layer); }
   float* grad(ParamKind kind, int64_t layer = 0) { return layout_.at(grads_.data(), kind, layer); }
 
+  // Tells the data-parallel hook that `kind` (layer `layer` of a per-layer kind) is final.
+  void grad_ready(ParamKind kind, int64_t layer = 0) {
+    if (!grad_ready_) return;
+    const ParamSpec& s = layout_.specs()[static_cast<size_t>(kind)];
+    const int64_t n = model::param_kind_per_layer(kind) ? s.numel / config_.n_layer : s.numel;
+    const int64_t begin = layout_.offset(kind, layer);
+    grad_ready_(begin, begin + n);
+  }
+
   ModelConfig config_;
   ParamLayout layout_;
+  GradReadyHook grad_ready_;
   int threads_;
   int64_t max_batch_, max_context_, chunk_rows_;
   std::vector<float> params_, grads_, adam_m_, adam_v_;  // (model_param_count) each
@@ -292,6 +305,8 @@ void GptCpu::backward(int64_t B, int64_t T, StepRng rng, bool dropout) {
   std::fill(dres_, dres_ + N * C, 0.0f);
   model::layernorm_backward(dres_, grad(ParamKind::lnf_w), grad(ParamKind::lnf_b), dln_, res_last,
                             param(ParamKind::lnf_w), lnf_mean_, lnf_rstd_, N, C);
+  grad_ready(ParamKind::lnf_w);
+  grad_ready(ParamKind::lnf_b);
   for (int64_t l = L - 1; l >= 0; --l) {
     LayerActs& a = layers_[static_cast<size_t>(l)];
     const float* res_in = l > 0 ? layers_[static_cast<size_t>(l - 1)].res_out : res0_;
@@ -314,9 +329,18 @@ void GptCpu::backward(int64_t B, int64_t T, StepRng rng, bool dropout) {
                            param(ParamKind::qkv_w, l), N, C, 3 * C);
     model::layernorm_backward(dres_, grad(ParamKind::ln1_w, l), grad(ParamKind::ln1_b, l), dln_, res_in,
                               param(ParamKind::ln1_w, l), a.ln1_mean, a.ln1_rstd, N, C);
+    // Layer l's twelve tensors are final, in the order their gradients were written.
+    for (const ParamKind kind : {ParamKind::fc_proj_w, ParamKind::fc_proj_b, ParamKind::fc_w, ParamKind::fc_b,
+                                 ParamKind::ln2_w, ParamKind::ln2_b, ParamKind::attn_proj_w, ParamKind::attn_proj_b,
+                                 ParamKind::qkv_w, ParamKind::qkv_b, ParamKind::ln1_w, ParamKind::ln1_b}) {
+      grad_ready(kind, l);
+    }
   }
   model::dropout_backward(dres_, dres_, N, C, site(r, 0));
   model::encoder_backward(grad(ParamKind::wte), grad(ParamKind::wpe), dres_, inputs_.data(), B, T, C);
+  // wte last: the classifier wrote its gradient first, the embedding lookup adds to it.
+  grad_ready(ParamKind::wpe);
+  grad_ready(ParamKind::wte);
 }
 
 double GptCpu::forward_backward(std::span<const TokenId> windows, int64_t B, int64_t T, StepRng rng,
@@ -377,9 +401,15 @@ double GptCpu::grads_norm() {
 }
 
 void GptCpu::adamw_step(const AdamWConfig& adam, int64_t t, float grad_scale) {
+  adamw_step_range(adam, t, grad_scale, 0, layout_.total());
+}
+
+void GptCpu::adamw_step_range(const AdamWConfig& adam, int64_t t, float grad_scale, int64_t begin, int64_t end) {
   OmpThreads threads(threads_);
   FLASHGPT_CHECK(t >= 1, "adamw_step: the step t is 1-based, got {}", t);
   FLASHGPT_CHECK(std::isfinite(grad_scale), "adamw_step: grad_scale must be finite, got {}", grad_scale);
+  FLASHGPT_CHECK(0 <= begin && begin <= end && end <= layout_.total(),
+                 "adamw_step_range: [{}, {}) is not a range of the {} parameters", begin, end, layout_.total());
   const double bc1 = 1.0 - std::pow(adam.beta1, static_cast<double>(t));
   const double bc2 = 1.0 - std::pow(adam.beta2, static_cast<double>(t));
   const float b1 = static_cast<float>(adam.beta1), b2 = static_cast<float>(adam.beta2);
@@ -387,13 +417,17 @@ void GptCpu::adamw_step(const AdamWConfig& adam, int64_t t, float grad_scale) {
   const float inv_sqrt_bc2 = static_cast<float>(1.0 / std::sqrt(bc2));
   const float eps = static_cast<float>(adam.eps);
   for (const ParamSpec& s : layout_.specs()) {
+    // This tensor's part of [begin, end): elementwise, so any split gives the same bits.
+    const int64_t lo = std::max(begin, s.offset), hi = std::min(end, s.offset + s.numel);
+    if (lo >= hi) continue;
     const float decay = s.weight_decay ? static_cast<float>(1.0 - adam.lr * adam.weight_decay) : 1.0f;
-    float* p = params_.data() + s.offset;
-    const float* g = grads_.data() + s.offset;
-    float* m = adam_m_.data() + s.offset;
-    float* v = adam_v_.data() + s.offset;
-#pragma omp parallel for simd schedule(static) if(parallel : parallel_worth(s.numel))
-    for (int64_t i = 0; i < s.numel; ++i) {
+    float* p = params_.data() + lo;
+    const float* g = grads_.data() + lo;
+    float* m = adam_m_.data() + lo;
+    float* v = adam_v_.data() + lo;
+    const int64_t n = hi - lo;
+#pragma omp parallel for simd schedule(static) if(parallel : parallel_worth(n))
+    for (int64_t i = 0; i < n; ++i) {
       const float gi = g[i] * grad_scale;
       m[i] = b1 * m[i] + (1.0f - b1) * gi;
       v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;

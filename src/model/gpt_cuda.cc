@@ -110,6 +110,9 @@ class GptCuda final : public GptModel {
   void grads_zero() override;
   double grads_norm() override;
   void adamw_step(const AdamWConfig& adam, int64_t t, float grad_scale) override;
+  FlatBuffers flat_buffers() override { return FlatBuffers{params_, grads_, stream_}; }
+  void params_changed() override { model_cuda::float_to_bf16(params_bf16_, params_, P_, stream_); }
+  void adamw_step_range(const AdamWConfig& adam, int64_t t, float grad_scale, int64_t begin, int64_t end) override;
 
  private:
   // Pointers into the flat buffers: tensor `kind`, layer `layer`.
@@ -946,7 +949,14 @@ double GptCuda::grads_norm() {
 }
 
 void GptCuda::adamw_step(const AdamWConfig& adam, int64_t t, float grad_scale) {
+  adamw_step_range(adam, t, grad_scale, 0, P_);
+}
+
+void GptCuda::adamw_step_range(const AdamWConfig& adam, int64_t t, float grad_scale, int64_t begin, int64_t end) {
   FLASHGPT_CHECK(t >= 1, "adamw_step: the step t is 1-based, got {}", t);
+  FLASHGPT_CHECK(0 <= begin && begin <= end && end <= P_, "adamw_step_range: [{}, {}) is not a range of the {} parameters",
+                 begin, end, P_);
+  if (begin == end) return;
   model_cuda::AdamWArgs a;
   a.lr = static_cast<float>(adam.lr);
   a.beta1 = static_cast<float>(adam.beta1);
@@ -956,8 +966,13 @@ void GptCuda::adamw_step(const AdamWConfig& adam, int64_t t, float grad_scale) {
   a.bias_correction1 = static_cast<float>(1.0 - std::pow(adam.beta1, static_cast<double>(t)));
   a.bias_correction2 = static_cast<float>(1.0 - std::pow(adam.beta2, static_cast<double>(t)));
   a.grad_scale = grad_scale;
+  // The segments seen from `begin`: those before it become empty, the last ends at n.
+  const int64_t n = end - begin;
+  model_cuda::ParamSegments segments = segments_;
+  for (int i = 0; i < segments.count; ++i) segments.end[i] = std::clamp<int64_t>(segments_.end[i] - begin, 0, n);
   profile_begin(kProfileAdamw);
-  model_cuda::adamw_update(params_, params_bf16_, grads_, m_, v_, P_, segments_, a, stream_);
+  model_cuda::adamw_update(params_ + begin, params_bf16_ + begin, grads_ + begin, m_ + begin, v_ + begin, n, segments,
+                           a, stream_);
   mark("adamw");
   profile_end();
 }

@@ -201,4 +201,13 @@ void model_init_params(const ModelConfig& c, uint64_t seed, std::span<float> par
   }
 }
 
+GptModel::FlatBuffers GptModel::flat_buffers() {
+  FLASHGPT_FAIL("this model backend does not expose its parameter and gradient buffers: it cannot be trained on "
+                "several ranks");
+}
+
+void GptModel::adamw_step_range(const AdamWConfig&, int64_t, float, int64_t, int64_t) {
+  FLASHGPT_FAIL("this model backend cannot update a range of its parameters: no ZeRO-1 optimizer sharding");
+}
+
 }  // namespace flashgpt

@@ -1,4 +1,6 @@
 // The training loop: micro-batches -> one AdamW step, validation, logs and checkpoints.
+#include "data_parallel.h"
+
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/error.h>
 #include <flashgpt/process.h>
@@ -89,6 +91,17 @@ double mean_loss(GptModel& model, DataLoader& loader, int64_t batches, std::vect
   return sum / static_cast<double>(batches);
 }
 
+// Data parallel: the single-process loader position before micro-batch m (what restore
+// takes) and after m micro-batches (what next_batch leaves: an epoch's end stays at
+// step_in_epoch == spe until the next batch is drawn).
+LoaderState loader_position_before(int64_t m, int64_t spe) {
+  return LoaderState{static_cast<uint64_t>(m / spe), static_cast<uint64_t>(m % spe)};
+}
+LoaderState loader_position_after(int64_t m, int64_t spe) {
+  if (m == 0) return LoaderState{};
+  return LoaderState{static_cast<uint64_t>((m - 1) / spe), static_cast<uint64_t>((m - 1) % spe + 1)};
+}
+
 }  // namespace
 
 void train_write_run_config(const std::filesystem::path& run_dir, std::string_view json) {
@@ -121,6 +134,19 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
   FLASHGPT_CHECK(config.epochs >= 1 || config.max_steps > 0, "give at least one epoch or a number of steps");
   FLASHGPT_CHECK(config.max_bad_steps >= 1, "max_bad_steps must be at least 1");
   FLASHGPT_CHECK(!config.train_shards.empty(), "no training shards");
+  // Data parallel (W ranks): a step takes KW micro-batches of the one-process stream, rank r
+  // those with index j = r, r + W, ... within the step, so the windows, the dropout keys
+  // (the global micro-batch index) and the state are those of one process with --accum KW.
+  std::unique_ptr<Communicator> local_comm;
+  Communicator* comm = config.comm;
+  if (comm == nullptr) {
+    local_comm = comm_create_local();
+    comm = local_comm.get();
+  }
+  const int W = comm->world(), rank = comm->rank();
+  const bool lead = rank == 0;  // logs, progress, validation and checkpoint files
+  const int64_t KW = K * W;
+  DataParallel dp(*comm, model, config.zero1, static_cast<int64_t>(config.bucket_mb * (1 << 20) / sizeof(float)));
 
   LoaderConfig lc;
   lc.shards = config.train_shards;
@@ -130,11 +156,13 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
   lc.seed = config.seed;
   DataLoader loader(lc);
   const auto spe = static_cast<int64_t>(loader.steps_per_epoch());
-  const int64_t total = train_total_steps(config, loader.steps_per_epoch());
+  TrainConfig global_config = config;
+  global_config.accum = KW;
+  const int64_t total = train_total_steps(global_config, loader.steps_per_epoch());
   FLASHGPT_CHECK(total > 0,
-                 "{} epoch(s) of {} micro-batches of {} x {} tokens give no optimizer step of {} micro-batches; "
-                 "lower --accum or --batch, or give --steps",
-                 config.epochs, spe, B, T, K);
+                 "{} epoch(s) of {} micro-batches of {} x {} tokens give no optimizer step of {} micro-batches ({} "
+                 "per rank x {} ranks); lower --accum or --batch, or give --steps",
+                 config.epochs, spe, B, T, KW, K, W);
   LrScheduleConfig schedule = config.schedule;
   if (schedule.total_steps <= 0) schedule.total_steps = total;
 
@@ -160,7 +188,7 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
   state.seed = config.seed;
   state.batch = B;
   state.context = T;
-  state.accum = K;
+  state.accum = KW;
   if (config.resume) {
     FLASHGPT_CHECK(std::filesystem::exists(checkpoint_path), "--resume: {} has no checkpoint ({} is missing)",
                    config.out_dir.string(), checkpoint_path.string());
@@ -171,21 +199,22 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
     state = meta.state;
     FLASHGPT_CHECK(state.seed == config.seed, "{} was trained with seed {}, this run has seed {}",
                    checkpoint_path.string(), state.seed, config.seed);
-    FLASHGPT_CHECK(state.batch == B && state.context == T && state.accum == K,
-                   "{} was trained with batch {}, context {} and accumulation {}; this run has {}, {} and {}: resume "
-                   "with the options the run was started with (they fix the data order)",
-                   checkpoint_path.string(), state.batch, state.context, state.accum, B, T, K);
+    FLASHGPT_CHECK(state.batch == B && state.context == T && state.accum == KW,
+                   "{} was trained with batch {}, context {} and {} micro-batches per step (accumulation x ranks); "
+                   "this run has {}, {} and {} ({} x {} ranks): resume with the options the run was started with (the "
+                   "same batch, context and accumulation x ranks: they fix the data order)",
+                   checkpoint_path.string(), state.batch, state.context, state.accum, B, T, KW, K, W);
     FLASHGPT_CHECK(state.micro_step == static_cast<int64_t>(state.loader.epoch) * spe +
                                            static_cast<int64_t>(state.loader.step_in_epoch) &&
-                       state.micro_step == state.step * K,
+                       state.micro_step == state.step * KW,
                    "{}: its data position (epoch {}, micro-batch {} of the epoch, {} micro-batches in all after {} "
                    "steps) does not fit this run's batch {}, context {} and accumulation {} ({} micro-batches per "
                    "epoch): resume with the options the run was started with",
                    checkpoint_path.string(), state.loader.epoch, state.loader.step_in_epoch, state.micro_step,
-                   state.step, B, T, K, spe);
+                   state.step, B, T, KW, spe);
     loader.restore(state.loader);
-    log_truncate_after(log_path, state.step);
-    if (config.progress) {
+    if (lead) log_truncate_after(log_path, state.step);
+    if (config.progress && lead) {
       fmt::print(stderr, "resuming {} at step {} of {} (epoch {}, micro-batch {} of {})\n", config.out_dir.string(),
                  state.step, total, state.loader.epoch, state.loader.step_in_epoch, spe);
     }
@@ -197,9 +226,20 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
     std::fill(buffer.begin(), buffer.end(), 0.0f);
     model.adam_state_set(buffer, buffer);
   }
-  JsonlLog log(log_path, /*truncate=*/!config.resume);
+  // Only rank 0 writes the log; the other ranks' writes go nowhere.
+  std::optional<JsonlLog> lead_log;
+  if (lead) lead_log.emplace(log_path, /*truncate=*/!config.resume);
+  struct LogSink {
+    std::optional<JsonlLog>& log;
+    void write(const Json& j) {
+      if (log) log->write(j);
+    }
+  } log{lead_log};
 
+  // Every rank takes part (ZeRO-1 gathers the moments), rank 0 writes.
   const auto save = [&] {
+    dp.gather_optimizer_state();
+    if (!lead) return;
     CheckpointMeta meta;
     meta.model = mc;
     meta.encoding = config.encoding;
@@ -212,7 +252,7 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
   result.total_steps = total;
   std::vector<TokenId> windows(static_cast<size_t>(B * (T + 1)));
   const double flops_per_token = model_train_flops_per_token(mc, T);
-  const int64_t step_tokens = B * T * K;
+  const int64_t step_tokens = B * T * KW;
   const int64_t first_step = state.step;
   auto window_start = Clock::now();
   int64_t window_steps = 0;
@@ -236,7 +276,7 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
 
   // `final`: the state that is checkpointed right after (no copy needed).
   const auto validate = [&](bool final = false) -> std::optional<double> {
-    if (!val_loader) return std::nullopt;
+    if (!val_loader || !lead) return std::nullopt;
     const double v = mean_loss(model, *val_loader, val_batches, windows, B, T);
     last_val_step = state.step;
     result.last_val_loss = v;
@@ -257,9 +297,20 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
     return v;
   };
 
+  std::vector<double> micro_losses(static_cast<size_t>(KW));
+  std::vector<double> stop_signals(static_cast<size_t>(W));
   while (state.step < total) {
-    if (config.stop && config.stop->load() != 0) {
-      result.stopped_by_signal = config.stop->load();
+    int stop_signal = config.stop ? config.stop->load() : 0;
+    if (W > 1) {  // a signal that reached one rank stops them all at the same step
+      std::fill(stop_signals.begin(), stop_signals.end(), 0.0);
+      stop_signals[static_cast<size_t>(rank)] = stop_signal;
+      comm->allreduce_sum_host(stop_signals);
+      for (const double s : stop_signals) {
+        if (stop_signal == 0 && s != 0) stop_signal = static_cast<int>(s);
+      }
+    }
+    if (stop_signal != 0) {
+      result.stopped_by_signal = stop_signal;
       break;
     }
     if (config.time_limit > 0 && std::chrono::duration<double>(Clock::now() - run_start).count() >= config.time_limit) {
@@ -272,13 +323,24 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
     }
     const double lr = lr_at(schedule, state.step);
     model.grads_zero();
+    // This rank's micro-batches of the step; the others' losses stay 0 for the sum below.
+    std::fill(micro_losses.begin(), micro_losses.end(), 0.0);
+    for (int64_t j = rank; j < KW; j += W) {
+      const int64_t m = state.micro_step + j;  // the micro-batch's index in the one-process stream
+      if (W > 1) loader.restore(loader_position_before(m, spe));
+      loader.next_batch(windows);
+      if (j + W >= KW) dp.arm();
+      micro_losses[static_cast<size_t>(j)] =
+          model.forward_backward(windows, B, T, StepRng{config.seed, static_cast<uint64_t>(m)}, /*loss_scale=*/1.0f);
+    }
+    dp.reduce_gradients();
+    // Each loss comes from exactly one rank: the sum gathers them bit for bit.
+    comm->allreduce_sum_host(micro_losses);
     double loss_sum = 0;
     bool finite = true;
     std::optional<Json> epoch_record;
-    for (int64_t k = 0; k < K; ++k) {
-      loader.next_batch(windows);
-      const double loss = model.forward_backward(windows, B, T, StepRng{config.seed, static_cast<uint64_t>(state.micro_step)},
-                                                 /*loss_scale=*/1.0f);
+    for (int64_t j = 0; j < KW; ++j) {
+      const double loss = micro_losses[static_cast<size_t>(j)];
       finite = finite && std::isfinite(loss);
       loss_sum += loss;
       if (std::isfinite(loss)) {
@@ -298,9 +360,9 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
         state.epoch_loss_count = 0;
       }
     }
-    state.loader = loader.state();
-    const double step_loss = loss_sum / static_cast<double>(K);
-    const double norm = model.grads_norm() / static_cast<double>(K);
+    state.loader = loader_position_after(state.micro_step, spe);
+    const double step_loss = loss_sum / static_cast<double>(KW);
+    const double norm = model.grads_norm() / static_cast<double>(KW);
     finite = finite && std::isfinite(norm);
     double scale = 1.0;
     if (finite) {
@@ -309,7 +371,7 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
       AdamWConfig adam = config.adam;
       adam.lr = lr;
       state.adam_t += 1;
-      model.adamw_step(adam, state.adam_t, static_cast<float>(scale / static_cast<double>(K)));
+      dp.adamw_step(adam, state.adam_t, static_cast<float>(scale / static_cast<double>(KW)));
     } else {
       state.skipped_steps += 1;
       state.bad_in_row += 1;
@@ -330,7 +392,7 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
       log.write(Json{{"type", "skip"}, {"step", state.step}, {"epoch", epoch_pos}, {"loss", fmt::format("{}", step_loss)},
                      {"grad_norm", fmt::format("{}", norm)}, {"in_a_row", state.bad_in_row},
                      {"skipped_total", state.skipped_steps}});
-      fmt::print(stderr, "warning: step {}: non-finite loss {} or gradient norm {}; update skipped ({} in a row, {} in all)\n",
+      if (lead) fmt::print(stderr, "warning: step {}: non-finite loss {} or gradient norm {}; update skipped ({} in a row, {} in all)\n",
                  state.step, step_loss, norm, state.bad_in_row, state.skipped_steps);
       FLASHGPT_CHECK(state.bad_in_row < config.max_bad_steps,
                      "stopping: {} steps in a row had a non-finite loss or gradient norm (last: step {}, loss {}, "
@@ -339,14 +401,15 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
                      std::filesystem::exists(checkpoint_path) ? checkpoint_path.string() : std::string("(none)"));
     }
     window_steps += 1;
-    if (config.progress && (state.step % std::max<int64_t>(1, config.log_every) == 0 || state.step == total ||
+    if (config.progress && lead && (state.step % std::max<int64_t>(1, config.log_every) == 0 || state.step == total ||
                             state.step == first_step + 1)) {
       const auto now = Clock::now();
       const double window_seconds = std::chrono::duration<double>(now - window_start).count();
       const double tok_per_s = window_seconds > 0 ? static_cast<double>(window_steps * step_tokens) / window_seconds : 0;
       const double per_step = elapsed / static_cast<double>(state.step - first_step);
       std::string mfu;
-      if (config.peak_flops > 0) mfu = fmt::format(" MFU {:.1f}%", 100.0 * tok_per_s * flops_per_token / config.peak_flops);
+      // peak_flops is one device's: W of them ran.
+      if (config.peak_flops > 0) mfu = fmt::format(" MFU {:.1f}%", 100.0 * tok_per_s * flops_per_token / (config.peak_flops * W));
       fmt::print(stderr, "step {}/{} epoch {:.3f} loss {:.4f} lr {:.2e} norm {:.3f} | {} tok/s{} | ETA {}\n",
                  state.step, total, epoch_pos, step_loss, lr, norm, si(tok_per_s), mfu,
                  duration_string(per_step * static_cast<double>(total - state.step)));
@@ -357,7 +420,7 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
       if (const auto v = validate()) (*epoch_record)["val_loss"] = *v;
       (*epoch_record)["step"] = state.step;
       log.write(*epoch_record);
-      if (config.progress) {
+      if (config.progress && lead) {
         fmt::print(stderr, "epoch {} done: train loss {:.4f}{}\n", (*epoch_record)["epoch"].get<int64_t>(),
                    (*epoch_record)["loss"].get<double>(),
                    epoch_record->contains("val_loss") ? fmt::format(", val loss {:.4f}", (*epoch_record)["val_loss"].get<double>()) : "");
@@ -413,6 +476,10 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
   }
   result.state = state;
   result.seconds = std::chrono::duration<double>(Clock::now() - run_start).count();
+  if (config.progress && lead && dp.buckets_overlapped() + dp.buckets_after() > 0) {
+    fmt::print(stderr, "data parallel: {} gradient buckets started during the backward, {} after it\n",
+               dp.buckets_overlapped(), dp.buckets_after());
+  }
   if (result.stopped_by_signal == 0) {
     Json end{{"type", "end"}, {"step", state.step}, {"skipped_steps", state.skipped_steps},
              {"tokens", state.tokens}, {"seconds", result.seconds}};
