@@ -103,9 +103,6 @@ void validate_cuda(const AttentionParams& p, AttentionPass pass) {
   }
 }
 
-}  // namespace
-
-namespace {
 // Whether the environment variable `var` is "mma_sync": it keeps the mma.sync kernel on Hopper
 // too (tests, benchmarks); any other value, "wgmma" included, is the automatic choice.
 bool env_forces_mma_sync(const char* var) {
