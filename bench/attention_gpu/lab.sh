@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Kernel lab: builds the library once per variant (compile-time macros of
-# src/attention/attention_cuda_launch.h and the kernels) and benchmarks each against torch's
+# src/attention/kernels/flash_tiles.cuh and the kernels) and benchmarks each against torch's
 # FA2 backend in the same process.
 #   bench/attention_gpu/lab.sh "name:-DFLASHGPT_FWD64_BLOCK_N=32 -DFLASHGPT_FWD64_MTILES=2" ...
 # Each variant's build also links the PyTorch binding (python/CMakeLists.txt; its object file is
@@ -17,11 +17,9 @@ for variant in "$@"; do
   name=${variant%%:*}
   flags=${variant#*:}
   dir=build-lab-$name
-  # The -D flags go to the C++ compiler too: attention_cuda.cc sizes the backward workspace
-  # from TileConfig (kBwdBlockM), which must agree with the kernels'.
-  cxx_defines=$(printf '%s\n' $flags | grep '^-D' | tr '\n' ' ')
+  # The tile macros reach nvcc only: the instances report their workspace size themselves.
   { cmake -S . -B "$dir" -G Ninja -DFLASHGPT_CUDA=ON -DFLASHGPT_PYTHON=ON -DFLASHGPT_BUILD_TESTS=OFF -DCMAKE_CUDA_FLAGS="$flags" \
-      -DCMAKE_CXX_FLAGS="$cxx_defines" ${LAB_CMAKE_ARGS:-} &&
+      ${LAB_CMAKE_ARGS:-} &&
     cmake --build "$dir" -j16 --target flashgpt_attn_ext; } >"$OUT/lab_build_$name.log" 2>&1 || { echo "$name: build failed"; continue; }
   FLASHGPT_BUILD_DIR=$PWD/$dir python3 bench/attention_gpu/bench_attention.py --out "$OUT/lab_$name" \
     --methods flashgpt,torch-fa2 --seqlens "${LAB_SEQLENS:-1024,4096,16384}" --head-dims "${LAB_HEAD_DIMS:-64,128}" \

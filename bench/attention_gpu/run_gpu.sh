@@ -10,7 +10,7 @@ status=0
 for step in "${@:-all}"; do
   case $step in
     build|all)
-      { cmake -S . -B build -G Ninja -DFLASHGPT_CUDA=ON -DFLASHGPT_PYTHON=ON -DFLASHGPT_ATTENTION_HEAD_DIMS="${HEAD_DIMS:-64;128}" &&
+      { cmake -S . -B build -G Ninja -DFLASHGPT_CUDA=ON -DFLASHGPT_PYTHON=ON ${HEAD_DIMS:+-DFLASHGPT_ATTENTION_HEAD_DIMS="$HEAD_DIMS"} &&
         cmake --build build -j16; } >"$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; grep -E "error|FAILED" "$OUT/build.log" | head -20; exit 1; }
       echo "build ok" ;;&
     test|all)

@@ -25,6 +25,7 @@
 // and offset. LSE is that of the softmax before dropout.
 #pragma once
 
+#include <flashgpt/attention_head_dims.h>  // kAttentionHeadDims, generated from CMake's list
 #include <flashgpt/philox.h>
 
 #include <array>
@@ -32,11 +33,6 @@
 #include <string>
 
 namespace flashgpt {
-
-// The head dims attention supports, declared once: validation, the CLI, the CPU kernel's
-// static_assert, CMake (FLASHGPT_ATTENTION_HEAD_DIMS) and src/attention/instances/generate.py
-// all read this line.
-inline constexpr std::array<int, 5> kAttentionHeadDims = {32, 64, 96, 128, 256};
 
 enum class DType { f32, f16, bf16 };
 enum class Mask { none, causal };

@@ -5,6 +5,13 @@
 // moves between the tensors and its tiles for several on-chip budgets M, next to the
 // paper's Theta(N^2 d^2 / M) bound (its Theorem 2 and Figure 2, left, with a counter
 // in place of a profiler). Writes CSV and, when matplotlib is there, a PNG.
+//
+// `flashgpt bench attention --device cuda`: our GPU kernels over the FlashAttention papers'
+// shape table (bf16, hidden 2048, 16k tokens, seqlen 512 to 16k, head dims 64 and 128, causal
+// and not, plus the model's shape with dropout). Every kernel configuration is validated
+// against the CPU reference first (forward and backward, the same dropout mask), then each
+// row is timed with CUDA events and printed in TFLOP/s. The comparison against PyTorch's
+// FlashAttention-2 and cuDNN stays in bench/attention_gpu/bench_attention.py.
 #include "commands.h"
 #include "options.h"
 
@@ -13,6 +20,7 @@
 
 #include <flashgpt/attention.h>
 #include <flashgpt/attention_cpu.h>
+#include <flashgpt/attention_cuda.h>
 #include <flashgpt/error.h>
 #include <flashgpt/process.h>
 
@@ -20,14 +28,23 @@
 #include <fmt/ranges.h>
 #include <omp.h>
 
+#ifdef FLASHGPT_WITH_CUDA
+#include <flashgpt/cuda_check.h>
+
+#include <cuda_runtime.h>
+#endif
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace flashgpt {
@@ -43,6 +60,7 @@ struct BenchAttentionConfig {
   int batch = 1;
   int heads = 1;
   int head_dim = 64;
+  bool head_dim_given = false;  // --device cuda: only this head dim instead of the table's 64 and 128
   bool causal = false;
   bool backward = true;
   bool quick = false;
@@ -177,9 +195,285 @@ void bench_print_effective(const BenchAttentionConfig& c) {
              c.threads > 0 ? c.threads : omp_get_max_threads(), c.min_time_s);
 }
 
+// ---- --device cuda ----
+
+#ifdef FLASHGPT_WITH_CUDA
+// One row of the GPU table: bf16, heads_q = heads_kv.
+struct GpuRow {
+  int batch, heads, seqlen, head_dim;
+  bool causal;
+  float dropout;
+};
+
+// The FlashAttention papers' table (hidden 2048, so heads = 2048 / d; batch * seqlen = 16k
+// tokens), seqlens limited to [--min-seqlen, --max-seqlen], and the model's attention (batch
+// 64, 12 heads, seqlen 512, d 64, causal, dropout 0.1) where d 64 is measured.
+std::vector<GpuRow> gpu_rows(const BenchAttentionConfig& c) {
+  const std::vector<int> dims = c.head_dim_given ? std::vector<int>{c.head_dim} : std::vector<int>{64, 128};
+  std::vector<GpuRow> rows;
+  for (int d : dims)
+    for (bool causal : {false, true})
+      for (int s = 512; s <= 16384; s *= 2)
+        if (s >= c.min_seqlen && s <= c.max_seqlen) rows.push_back({16384 / s, 2048 / d, s, d, causal, 0.0f});
+  if (std::find(dims.begin(), dims.end(), 64) != dims.end()) rows.push_back({64, 12, 512, 64, true, 0.1f});
+  return rows;
+}
+
+double gpu_flops_forward(const GpuRow& r) {
+  const double f = 4.0 * r.batch * r.heads * double(r.seqlen) * r.seqlen * r.head_dim;
+  return r.causal ? f / 2 : f;
+}
+
+uint16_t bench_float_to_bf16(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  bits += 0x7FFFu + ((bits >> 16) & 1u);
+  return static_cast<uint16_t>(bits >> 16);
+}
+float bench_bf16_to_float(uint16_t h) {
+  const uint32_t bits = uint32_t{h} << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Device memory, freed on scope exit.
+struct GpuBuffer {
+  void* ptr = nullptr;
+  explicit GpuBuffer(size_t bytes) {
+    if (bytes > 0) FLASHGPT_CUDA_CHECK(cudaMalloc(&ptr, bytes));
+  }
+  ~GpuBuffer() { cudaFree(ptr); }
+  GpuBuffer(const GpuBuffer&) = delete;
+  GpuBuffer& operator=(const GpuBuffer&) = delete;
+};
+
+// bf16 words uniform in [-1, 1) from a counter hash (fast enough for the 16k x 2048 tensors).
+std::vector<uint16_t> random_bf16(size_t n, uint64_t seed) {
+  std::vector<uint16_t> out(n);
+#pragma omp parallel for schedule(static)
+  for (int64_t i = 0; i < int64_t(n); ++i) {
+    uint64_t z = seed * 0x9E3779B97F4A7C15ull + uint64_t(i) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    out[i] = bench_float_to_bf16(float(double(z >> 11) * 0x1.0p-53 * 2.0 - 1.0));
+  }
+  return out;
+}
+
+// Q, K, V, O, LSE, dO, dQ, dK, dV of one dense bf16 problem on the device.
+struct GpuProblem {
+  AttentionParams params;
+  std::deque<GpuBuffer> buffers;  // deque: the buffers never move
+  GpuProblem(int batch, int heads, int seqlen, int head_dim, bool causal, float dropout,
+             const std::vector<uint16_t>* host_inputs) {
+    AttentionParams& p = params;
+    p.dtype = DType::bf16;
+    p.batch = batch, p.seqlen_q = p.seqlen_k = seqlen, p.heads_q = p.heads_kv = heads, p.head_dim = head_dim;
+    p.mask = causal ? Mask::causal : Mask::none;
+    p.dropout_p = dropout;
+    p.rng = {0x5eed'0000'0000'0001ull, 0};
+    attention_set_dense_strides(p);
+    const size_t n = size_t(batch) * seqlen * heads * head_dim;
+    for (int i = 0; i < 8; ++i) buffers.emplace_back(n * 2);
+    buffers.emplace_back(size_t(batch) * heads * seqlen * 4);
+    void* q = buffers[0].ptr; void* k = buffers[1].ptr; void* v = buffers[2].ptr; void* d_o = buffers[3].ptr;
+    for (int i = 0; i < 4; ++i)
+      FLASHGPT_CUDA_CHECK(cudaMemcpy(buffers[i].ptr, host_inputs[i].data(), n * 2, cudaMemcpyHostToDevice));
+    p.q = q, p.k = k, p.v = v, p.d_o = d_o;
+    p.o = buffers[4].ptr, p.dq = buffers[5].ptr, p.dk = buffers[6].ptr, p.dv = buffers[7].ptr;
+    p.lse = static_cast<float*>(buffers[8].ptr);
+  }
+};
+
+std::vector<float> download_bf16(const void* device, size_t n) {
+  std::vector<uint16_t> bits(n);
+  FLASHGPT_CUDA_CHECK(cudaMemcpy(bits.data(), device, n * 2, cudaMemcpyDeviceToHost));
+  std::vector<float> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = bench_bf16_to_float(bits[i]);
+  return out;
+}
+
+// ||got - want|| / ||want||, ||want|| floored at an RMS of 0.05 (gradients that are zero in
+// exact arithmetic are rounding noise on the GPU), as attention_cuda_test measures.
+double rms_relative_error(const std::vector<float>& got, const std::vector<float>& want) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const double e = double(got[i]) - double(want[i]);
+    num += std::isnan(e) ? INFINITY : e * e;
+    den += double(want[i]) * want[i];
+  }
+  return std::sqrt(num / std::max(den, 0.05 * 0.05 * double(want.size())));
+}
+
+// The kernels of one (head dim, causal, dropout) configuration against the CPU reference (fp32
+// on the same bf16 inputs, the same dropout seed), forward and backward, at an awkward size.
+void gpu_validate(int head_dim, bool causal, float dropout) {
+  constexpr int kBatch = 2, kHeads = 2, kSeqlen = 509;  // 509: no block size divides it
+  const double kTolerance = 1.6e-2, kGradTolerance = 2.4e-2;  // bf16 outputs, as attention_cuda_test
+  const size_t n = size_t(kBatch) * kSeqlen * kHeads * head_dim;
+  const std::vector<uint16_t> host[4] = {random_bf16(n, 11), random_bf16(n, 12), random_bf16(n, 13),
+                                         random_bf16(n, 14)};
+  GpuProblem gpu(kBatch, kHeads, kSeqlen, head_dim, causal, dropout, host);
+  const size_t ws_bytes = attention_backward_workspace_bytes(gpu.params);
+  GpuBuffer ws(ws_bytes);
+  attention_forward_cuda(gpu.params);
+  attention_backward_cuda(gpu.params, ws.ptr, ws_bytes);
+  FLASHGPT_CUDA_CHECK(cudaDeviceSynchronize());
+
+  std::vector<float> in[4], o(n), lse(size_t(kBatch) * kHeads * kSeqlen), dq(n), dk(n), dv(n);
+  for (int i = 0; i < 4; ++i) {
+    in[i].resize(n);
+    for (size_t j = 0; j < n; ++j) in[i][j] = bench_bf16_to_float(host[i][j]);
+  }
+  AttentionParams ref = gpu.params;
+  ref.dtype = DType::f32;
+  ref.q = in[0].data(), ref.k = in[1].data(), ref.v = in[2].data(), ref.d_o = in[3].data();
+  ref.o = o.data(), ref.lse = lse.data(), ref.dq = dq.data(), ref.dk = dk.data(), ref.dv = dv.data();
+  attention_forward_reference(ref);
+  attention_backward_reference(ref);
+  const double errors[] = {rms_relative_error(download_bf16(gpu.params.o, n), o),
+                           rms_relative_error(download_bf16(gpu.params.dq, n), dq),
+                           rms_relative_error(download_bf16(gpu.params.dk, n), dk),
+                           rms_relative_error(download_bf16(gpu.params.dv, n), dv)};
+  fmt::print("validate d{:<3} {:<10} dropout {:.1f} (forward {}, backward {}): relative error O {:.1e} dQ {:.1e} "
+             "dK {:.1e} dV {:.1e}\n",
+             head_dim, causal ? "causal" : "non-causal", dropout, attention_cuda_forward_kernel(head_dim),
+             attention_cuda_backward_kernel(head_dim), errors[0], errors[1], errors[2], errors[3]);
+  for (int i = 0; i < 4; ++i) {
+    const char* names[] = {"O", "dQ", "dK", "dV"};
+    FLASHGPT_CHECK(errors[i] <= (i == 0 ? kTolerance : kGradTolerance),
+                   "bench attention (CUDA): {} of head_dim {} {} dropout {} disagrees with the CPU reference "
+                   "(relative error {:.2e} > {:.1e}); not timing a wrong kernel",
+                   names[i], head_dim, causal ? "causal" : "non-causal", dropout, errors[i],
+                   i == 0 ? kTolerance : kGradTolerance);
+  }
+}
+
+// Median milliseconds of `run` over CUDA events, after a warm-up, repeated until min_time_s.
+template <typename F>
+double gpu_time_ms(double min_time_s, F&& run) {
+  cudaEvent_t start, stop;
+  FLASHGPT_CUDA_CHECK(cudaEventCreate(&start));
+  FLASHGPT_CUDA_CHECK(cudaEventCreate(&stop));
+  run();
+  FLASHGPT_CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<double> times;
+  double total = 0.0;
+  while (times.size() < 3 || (total < min_time_s * 1e3 && times.size() < 1000)) {
+    FLASHGPT_CUDA_CHECK(cudaEventRecord(start));
+    run();
+    FLASHGPT_CUDA_CHECK(cudaEventRecord(stop));
+    FLASHGPT_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    FLASHGPT_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    times.push_back(ms);
+    total += ms;
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+void bench_attention_cuda(BenchAttentionConfig c) {
+  int devices = 0;
+  const cudaError_t status = cudaGetDeviceCount(&devices);
+  FLASHGPT_CHECK(status == cudaSuccess && devices > 0,
+                 "bench attention --device cuda: no CUDA device is visible ({}); run it on a machine with an "
+                 "NVIDIA GPU, or use --device cpu",
+                 status == cudaSuccess ? "none found" : cudaGetErrorString(status));
+  if (c.quick) c.max_seqlen = std::min(c.max_seqlen, 1024), c.min_time_s = std::min(c.min_time_s, 0.05);
+  FLASHGPT_CHECK(c.head_dim_given || (attention_cuda_head_dim_compiled(64) && attention_cuda_head_dim_compiled(128)),
+                 "bench attention --device cuda: this build lacks head dim 64 or 128 (FLASHGPT_ATTENTION_HEAD_DIMS)");
+  FLASHGPT_CHECK(attention_cuda_head_dim_compiled(c.head_dim),
+                 "bench attention --device cuda: head_dim {} was not compiled into this build", c.head_dim);
+  cudaDeviceProp prop{};
+  FLASHGPT_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  fmt::print("device: {} (compute capability {}.{}, {} SMs); bf16; times are medians of CUDA-event runs, at least "
+             "{:.2f} s per measurement\n\n",
+             prop.name, prop.major, prop.minor, prop.multiProcessorCount, c.min_time_s);
+  const std::vector<GpuRow> rows = gpu_rows(c);
+  FLASHGPT_CHECK(!rows.empty(), "bench attention --device cuda: no seqlen of 512 .. 16384 lies in [{}, {}]",
+                 c.min_seqlen, c.max_seqlen);
+
+  // Validation first: every (head dim, causal, dropout) the table times.
+  std::vector<std::tuple<int, bool, float>> configs;
+  for (const GpuRow& r : rows) {
+    const auto key = std::make_tuple(r.head_dim, r.causal, r.dropout);
+    if (std::find(configs.begin(), configs.end(), key) == configs.end()) configs.push_back(key);
+  }
+  for (const auto& [d, causal, dropout] : configs) gpu_validate(d, causal, dropout);
+  fmt::print("\n");
+
+  // One set of inputs, as large as the largest row, shared by every row.
+  size_t largest = 0;
+  for (const GpuRow& r : rows) largest = std::max(largest, size_t(r.batch) * r.seqlen * r.heads * r.head_dim);
+  const std::vector<uint16_t> host[4] = {random_bf16(largest, 1), random_bf16(largest, 2), random_bf16(largest, 3),
+                                         random_bf16(largest, 4)};
+  fmt::print("FLOPs: 4 b h s^2 d forward (halved when causal), backward 2.5x the forward\n");
+  fmt::print("{:>5} {:>5} {:>6} {:>4} {:>7} {:>7} | {:>9} {:>9} | {:>9} {:>9} | {:>8} {:>8}\n", "batch", "heads",
+             "seqlen", "d", "causal", "dropout", "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s", "fwd", "bwd");
+  struct Result {
+    GpuRow row;
+    double fwd_ms, bwd_ms;
+  };
+  std::vector<Result> results;
+  for (const GpuRow& r : rows) {
+    GpuProblem x(r.batch, r.heads, r.seqlen, r.head_dim, r.causal, r.dropout, host);
+    const size_t ws_bytes = attention_backward_workspace_bytes(x.params);
+    GpuBuffer ws(ws_bytes);
+    Result res{r, 0.0, 0.0};
+    res.fwd_ms = gpu_time_ms(c.min_time_s, [&] { attention_forward_cuda(x.params); });
+    if (c.backward)
+      res.bwd_ms = gpu_time_ms(c.min_time_s, [&] { attention_backward_cuda(x.params, ws.ptr, ws_bytes); });
+    FLASHGPT_CUDA_CHECK(cudaDeviceSynchronize());
+    const std::vector<float> o = download_bf16(x.params.o, size_t(r.batch) * r.seqlen * r.heads * r.head_dim);
+    FLASHGPT_CHECK(std::all_of(o.begin(), o.end(), [](float f) { return std::isfinite(f); }),
+                   "bench attention (CUDA): non-finite output at batch {} heads {} seqlen {} d {}", r.batch, r.heads,
+                   r.seqlen, r.head_dim);
+    const double fwd_flops = gpu_flops_forward(r);
+    auto tflops = [](double flops, double ms) { return ms > 0 ? flops / (ms * 1e-3) / 1e12 : 0.0; };
+    fmt::print("{:>5} {:>5} {:>6} {:>4} {:>7} {:>7.1f} | {:>9.3f} {:>9.1f} | {:>9} {:>9} | {:>8} {:>8}\n", r.batch,
+               r.heads, r.seqlen, r.head_dim, r.causal ? "yes" : "no", r.dropout, res.fwd_ms,
+               tflops(fwd_flops, res.fwd_ms), c.backward ? fmt::format("{:.3f}", res.bwd_ms) : "-",
+               c.backward ? fmt::format("{:.1f}", tflops(2.5 * fwd_flops, res.bwd_ms)) : "-",
+               attention_cuda_forward_kernel(r.head_dim),
+               c.backward ? attention_cuda_backward_kernel(r.head_dim) : "-");
+    std::fflush(stdout);
+    results.push_back(res);
+  }
+  fmt::print("\nbench attention (CUDA): {} rows validated and timed\n", results.size());
+  if (c.out_dir.empty()) return;
+  const std::filesystem::path dir(c.out_dir);
+  std::filesystem::create_directories(dir);
+  const std::filesystem::path csv = dir / "attention_cuda.csv";
+  atomic_write_file(csv, [&](AtomicFile& out) {
+    out.write(std::string_view("device,batch,heads,seqlen,head_dim,causal,dropout,fwd_kernel,bwd_kernel,fwd_ms,bwd_ms,"
+                               "fwd_tflops,bwd_tflops\n"));
+    for (const Result& res : results) {
+      const GpuRow& r = res.row;
+      const double f = gpu_flops_forward(r);
+      out.write(fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{}\n", prop.name, r.batch, r.heads, r.seqlen,
+                            r.head_dim, int(r.causal), r.dropout, attention_cuda_forward_kernel(r.head_dim),
+                            attention_cuda_backward_kernel(r.head_dim), res.fwd_ms, res.bwd_ms,
+                            f / (res.fwd_ms * 1e-3) / 1e12,
+                            res.bwd_ms > 0 ? 2.5 * f / (res.bwd_ms * 1e-3) / 1e12 : 0.0));
+    }
+  });
+  fmt::print("wrote {}\n", csv.string());
+}
+#else
+void bench_attention_cuda(const BenchAttentionConfig&) {
+  FLASHGPT_FAIL("bench attention --device cuda: this flashgpt was built without CUDA; configure with "
+                "-DFLASHGPT_CUDA=ON on a machine with nvcc, or use --device cpu");
+}
+#endif
+
 void bench_attention_run(BenchAttentionConfig c) {
-  FLASHGPT_CHECK(c.device == "cpu", "bench attention: --device {} is not available; this harness measures the CPU",
-                 c.device);
+  if (c.device == "cuda") return bench_attention_cuda(c);
+  FLASHGPT_CHECK(c.device == "cpu", "bench attention: --device {} is not available (cpu or cuda)", c.device);
   if (c.quick) {
     c.max_seqlen = std::min(c.max_seqlen, 2048);
     c.naive_max_seqlen = std::min(c.naive_max_seqlen, 2048);
@@ -345,7 +639,10 @@ void bench_attention_run(BenchAttentionConfig c) {
 void cli_add_bench_attention(CLI::App& bench) {
   auto config = std::make_shared<BenchAttentionConfig>();
   auto* cmd = bench.add_subcommand("attention", "Naive vs tiled (FlashAttention) attention: time, memory, IO");
-  cmd->add_option("--device", config->device, "Where to run")->check(CLI::IsMember({"cpu"}))->capture_default_str();
+  cmd->add_option("--device", config->device,
+                  "Where to run: cpu (naive vs tiled, IO) or cuda (our GPU kernels over the standard shape table)")
+      ->check(CLI::IsMember({"cpu", "cuda"}))
+      ->capture_default_str();
   cli_option_out(*cmd, config->out_dir, "Write CSV and PNG into this directory");
   cmd->add_option("--min-seqlen", config->min_seqlen, "Smallest N (then doubling)")->capture_default_str();
   cmd->add_option("--max-seqlen", config->max_seqlen, "Largest N")->capture_default_str();
@@ -355,7 +652,7 @@ void cli_add_bench_attention(CLI::App& bench) {
   cmd->add_option("--io-max-seqlen", config->io_max_seqlen, "Largest N of the IO-vs-M sweep")->capture_default_str();
   cmd->add_option("--batch", config->batch, "Batch size")->check(CLI::PositiveNumber)->capture_default_str();
   cmd->add_option("--heads", config->heads, "Heads")->check(CLI::PositiveNumber)->capture_default_str();
-  cmd->add_option("--head-dim", config->head_dim, "Head dimension")
+  cmd->add_option("--head-dim", config->head_dim, "Head dimension (--device cuda: only this one, not 64 and 128)")
       ->check(CLI::IsMember(std::vector<int>(kAttentionHeadDims.begin(), kAttentionHeadDims.end())))
       ->capture_default_str();
   cmd->add_flag("--causal", config->causal, "Causal mask");
@@ -371,6 +668,7 @@ void cli_add_bench_attention(CLI::App& bench) {
   cmd->add_option("--io-onchip-kib", config->io_onchip_kib, "Budgets M of the IO sweep, KiB")->capture_default_str();
   cmd->add_option("--min-time", config->min_time_s, "Seconds to repeat each measurement for")->capture_default_str();
   cmd->callback([cmd, config] {
+    config->head_dim_given = cmd->count("--head-dim") > 0;
     cli_config_print(*cmd, stdout);
     bench_attention_run(*config);
   });

@@ -1,5 +1,6 @@
 // The model's configuration, presets, parameter layout, counts and initialisation: the
 // backend-independent half of model.h.
+#include <flashgpt/attention.h>
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>
 #include <flashgpt/philox.h>
@@ -7,6 +8,7 @@
 
 #include "parallel.h"
 
+#include <algorithm>
 #include <cmath>
 #include <numbers>
 
@@ -31,7 +33,9 @@ constexpr Preset kPresets[] = {
     {"tiny", 64, 64, 2, 2, 256, 0.1f},
 };
 
-bool head_dim_supported(int64_t d) { return d == 32 || d == 64 || d == 96 || d == 128 || d == 256; }
+bool head_dim_supported(int64_t d) {
+  return std::find(kAttentionHeadDims.begin(), kAttentionHeadDims.end(), d) != kAttentionHeadDims.end();
+}
 
 }  // namespace
 
@@ -79,8 +83,8 @@ void model_config_validate(const ModelConfig& c) {
                  c.n_head);
   FLASHGPT_CHECK(head_dim_supported(c.head_dim()),
                  "model config: head dim d_model / n_head = {} / {} = {} is not supported by the attention kernels "
-                 "(supported: 32, 64, 96, 128, 256)",
-                 c.d_model, c.n_head, c.head_dim());
+                 "(supported: {})",
+                 c.d_model, c.n_head, c.head_dim(), fmt::join(kAttentionHeadDims, ", "));
   FLASHGPT_CHECK(std::isfinite(c.dropout) && c.dropout >= 0.0f && c.dropout < 1.0f,
                  "model config: dropout must be in [0, 1), got {}", c.dropout);
 }

@@ -379,7 +379,7 @@ TEST(AttentionCuda, ReportsKernels) {
     return v != nullptr && std::string_view(v) == "mma_sync";
   };
   const bool fwd_forced = forced("FLASHGPT_ATTN_FWD_KERNEL"), bwd_forced = forced("FLASHGPT_ATTN_BWD_KERNEL");
-  for (int d : {32, 64, 96, 128, 256}) {
+  for (int d : kAttentionHeadDims) {
     if (!attention_cuda_head_dim_compiled(d)) continue;
     const std::string_view fwd = attention_cuda_forward_kernel(d), bwd = attention_cuda_backward_kernel(d);
     std::printf("[ info ] head_dim %d forward kernel: %s, backward kernel: %s\n", d, fwd.data(), bwd.data());
@@ -413,13 +413,24 @@ TEST(AttentionCuda, ReportsKernels) {
 //   compute-sanitizer --tool racecheck attention_cuda_test --gtest_filter=*SmallShapes*
 TEST(AttentionCuda, SmallShapesForSanitizer) {
   const auto bf = DType::bf16;
-  for (int d : {32, 64, 96, 128, 256}) {
+  for (int d : kAttentionHeadDims) {
     if (!attention_cuda_head_dim_compiled(d)) continue;
     run_case({"small causal gqa dropout", dense(2, 70, 90, 4, 2, d, Mask::causal, 0.2f), {}, bf}, true,
              Determinism::fast, 5, /*compare=*/false);
     run_case({"small varlen", varlen({3, 0, 80}, {5, 2, 70}, 2, 1, d, Mask::causal, 0.0f), {}, bf}, true,
              Determinism::deterministic, 5, /*compare=*/false);
   }
+}
+
+// The d96 forward alone (the wgmma kernel on Hopper pads rows to 128 columns and must not read
+// V's pad unwritten), for compute-sanitizer initcheck / memcheck:
+//   compute-sanitizer --tool initcheck attention_cuda_test --gtest_filter=*D96Forward*
+TEST(AttentionCuda, D96ForwardForSanitizer) {
+  if (!attention_cuda_head_dim_compiled(96)) GTEST_SKIP();
+  run_case({"d96 forward causal gqa dropout", dense(2, 70, 130, 4, 2, 96, Mask::causal, 0.2f), {}, DType::bf16},
+           /*backward=*/false);
+  run_case({"d96 forward varlen", varlen({3, 0, 80}, {5, 2, 140}, 2, 1, 96, Mask::none, 0.0f), {}, DType::f16},
+           /*backward=*/false);
 }
 
 // Against the library's CPU reference (attention_forward_reference / backward_reference)
@@ -458,6 +469,24 @@ TEST(AttentionCuda, ManyKeyBlocksPerCta) {
       run_case(c, /*backward=*/true);
       run_case(c, /*backward=*/true, Determinism::deterministic);
     }
+  }
+}
+
+// More batch entries than a grid's z holds (65,535): the launchers run the batch in slices and
+// the kernels number entries absolutely, so every slice's outputs, gradients and dropout mask
+// (Philox counter batch * heads + head) match the reference. mma.sync (d32) and wgmma (d64:
+// the forward, the persistent backward without dropout, the per-tile one with it).
+TEST(AttentionCuda, BatchOverGridLimit) {
+  const int batch = 65535 + 2;
+  const auto bf = DType::bf16, fp = DType::f16;
+  const std::vector<AttentionCase> cases = compiled_cases({
+      {"d32 dropout", dense(batch, 2, 3, 1, 1, 32, Mask::causal, 0.2f), {}, bf},
+      {"d64 dropout", dense(batch, 3, 2, 1, 1, 64, Mask::none, 0.2f), {}, fp},
+      {"d64", dense(batch, 2, 3, 1, 1, 64, Mask::causal, 0.0f), {}, bf},
+  });
+  for (const AttentionCase& c : cases) {
+    SCOPED_TRACE(c.name);
+    run_case(c, /*backward=*/true, c.shape.dropout_p > 0.0f ? Determinism::fast : Determinism::deterministic);
   }
 }
 
@@ -648,6 +677,12 @@ TEST(AttentionCuda, EntryPointsRejectBadInput) {
   bad.heads_q = 3;
   bad.heads_kv = 2;
   expect_error(bad, "multiple of heads_kv");
+  bad = p;
+  bad.heads_q = bad.heads_kv = 65536;
+  expect_error(bad, "heads one launch can hold");
+  bad = p;
+  bad.head_dim = 48;
+  expect_error(bad, "head_dim 48 is not supported");
   std::vector<char> host(1024);
   bad = p;
   bad.q = host.data();

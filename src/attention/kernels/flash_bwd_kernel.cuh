@@ -14,7 +14,7 @@
 // With dropout Z = mask * 256 / (256 - t) (philox.h): dV += (P Z)^T dO and dS = P (dP Z - D).
 #pragma once
 
-#include "attention_cuda_launch.h"
+#include "flash_tiles.cuh"
 #include "flash_common.cuh"
 
 #ifndef FLASHGPT_DQ_ATOMIC_WIDTH
@@ -74,9 +74,9 @@ struct BwdPreprocessShape {
 
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(BwdPreprocessShape<kHeadDim>::kThreads)
-    flash_bwd_preprocess_kernel(const AttentionParams p, BwdWorkspace ws) {
+    flash_bwd_preprocess_kernel(const KernelParams p, BwdWorkspace ws) {
   using Shape = BwdPreprocessShape<kHeadDim>;
-  const int head = blockIdx.y, b = blockIdx.z;
+  const int head = blockIdx.y, b = p.batch_begin + int(blockIdx.z);
   const int tid = threadIdx.x;
   if (blockIdx.x == 0 && head == 0 && b == 0 && tid == 0) *ws.tile_counter = 0;
   {
@@ -126,8 +126,8 @@ inline int convert_dq_blocks(int seqlen_q) {
 }
 
 template <typename Element, int kHeadDim, bool kFragmentLayout>
-__global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const AttentionParams p, BwdWorkspace ws) {
-  const int head = blockIdx.y, b = blockIdx.z, tid = threadIdx.x;
+__global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const KernelParams p, BwdWorkspace ws) {
+  const int head = blockIdx.y, b = p.batch_begin + int(blockIdx.z), tid = threadIdx.x;
   const SeqInfo seq(p, b);
   const float* part = ws.dq_accum + (int64_t(b) * p.heads_q + head) * ws.dq_rows * kHeadDim;
   Element* dq = static_cast<Element*>(p.dq) + seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, head);
@@ -261,7 +261,7 @@ __device__ __forceinline__ void load_lse_dot_rows(float* s_lse, float* s_dot, co
 // it cost 6-23% without dropout at d32 and d256.
 template <typename Traits, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
-    flash_bwd_main_kernel(const AttentionParams p, float scale, BwdWorkspace ws, bool deterministic) {
+    flash_bwd_main_kernel(const KernelParams p, float scale, BwdWorkspace ws, bool deterministic) {
   using Element = typename Traits::Element;
   using Ops = ElementOps<Element>;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
@@ -277,7 +277,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   float* sLse = reinterpret_cast<float*>(sdS + Traits::kSmemDs);  // [2][kBlockM], LSE * log2(e)
   float* sDot = sLse + 2 * kBlockM;                                 // [2][kBlockM]
 
-  const int n_block = blockIdx.x, head_kv = blockIdx.y, b = blockIdx.z;
+  const int n_block = blockIdx.x, head_kv = blockIdx.y, b = p.batch_begin + int(blockIdx.z);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   const SeqInfo seq(p, b);

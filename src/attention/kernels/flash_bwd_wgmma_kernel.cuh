@@ -31,7 +31,7 @@
 // (loads landed, dS^T complete).
 #pragma once
 
-#include "attention_cuda_launch.h"
+#include "flash_tiles.cuh"
 #include "flash_bwd_kernel.cuh"
 #include "flash_common.cuh"
 #include "wgmma_common.cuh"
@@ -117,7 +117,7 @@ struct BwdWgmmaTraits {
 // in the loop, the backward 25% slower).
 template <typename Traits, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
-    flash_bwd_wgmma_kernel(const AttentionParams p, float scale, BwdWorkspace ws, bool deterministic) {
+    flash_bwd_wgmma_kernel(const KernelParams p, float scale, BwdWorkspace ws, bool deterministic) {
 #ifdef FLASHGPT_WGMMA_AVAILABLE
   using Element = typename Traits::Element;
   using Ops = ElementOps<Element>;
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     int n_block, head_kv, b;
   };
   auto tile_at = [&](int index) {
-    if constexpr (!kPersistent) return Tile{int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
+    if constexpr (!kPersistent) return Tile{int(blockIdx.x), int(blockIdx.y), p.batch_begin + int(blockIdx.z)};
     return Tile{index % n_blocks, index / n_blocks % p.heads_kv, index / n_blocks / p.heads_kv};
   };
 

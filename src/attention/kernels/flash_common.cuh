@@ -25,6 +25,14 @@
 
 namespace flashgpt::attn {
 
+// What a kernel receives: the validated params, and the batch entry of blockIdx.z == 0. A
+// grid's z holds at most 65,535 batch entries, so the launchers run a larger batch in slices;
+// the kernels number batch entries absolutely (batch_begin + blockIdx.z), which keeps each
+// entry's Philox dropout stream and workspace rows those of the whole batch.
+struct KernelParams : AttentionParams {
+  int batch_begin = 0;
+};
+
 template <typename T>
 struct ElementOps;
 

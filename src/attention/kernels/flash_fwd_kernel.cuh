@@ -35,7 +35,7 @@ struct FwdTraits {
 };
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const AttentionParams p, float scale) {
+__global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const KernelParams p, float scale) {
   using Element = typename Traits::Element;
   using Ops = ElementOps<Element>;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_kernel(const At
   Element* sK = sQ + Traits::kSmemQ;                 // [2][kBlockN][kStride]
   Element* sV = sK + 2 * Traits::kSmemKV;            // [2][kBlockN][kStride]
 
-  const int m_block = blockIdx.x, head = blockIdx.y, b = blockIdx.z;
+  const int m_block = blockIdx.x, head = blockIdx.y, b = p.batch_begin + int(blockIdx.z);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   const SeqInfo seq(p, b);

@@ -25,7 +25,7 @@
 
 namespace flashgpt::attn {
 
-template <int kHeadDim_, int kBlockN_, int kWarpgroups_, bool kOverlap_, typename Element_>
+template <int kHeadDim_, int kBlockN_, int kWarpgroups_, bool kOverlap_, typename Element_, int kMinBlocksPerSm_ = 1>
 struct FwdWgmmaTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -34,11 +34,15 @@ struct FwdWgmmaTraits {
   static constexpr bool kOverlap = kOverlap_;
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int kBlockM = 64 * kWarpgroups;
+  // The occupancy the tiles were chosen for, held by __launch_bounds__ (ptxas caps the registers).
+  static constexpr int kMinBlocksPerSm = kMinBlocksPerSm_;
+  static_assert(kMinBlocksPerSm * kThreads * 128 <= 65536,
+                "fewer than 128 registers a thread cannot hold this kernel's accumulators");
   static constexpr int kNTilesS = kBlockN / 8;   // n8 tiles of S per thread
   // Rows are stored as whole 64-element (128-byte) swizzle blocks: d96 takes two, the second
   // half used. The S GEMM runs over the kHeadDim columns; P V over kHeadDimPad (its N must
-  // cover whole swizzle rows of V), and O's pad columns, made from V's unwritten pad, are
-  // never written out.
+  // cover whole swizzle rows of V): V's pad columns, which the loads never write, are zeroed
+  // once at the start, and O's pad columns are never written out.
   static constexpr int kHeadDimPad = (kHeadDim + 63) / 64 * 64;
   static constexpr int kNTilesO = kHeadDimPad / 8;  // n8 tiles of O per thread, pad included
   static_assert(sizeof(Element) == 2, "the V transpose bit and the 64-element swizzle rows assume 16-bit types");
@@ -51,6 +55,9 @@ struct FwdWgmmaTraits {
   // Q, K x 2, V x 2, plus slack to round the dynamic shared memory base up to 1024 bytes.
   static constexpr size_t kSmemBytes = 1024 + kTileQBytes + 4 * size_t{kTileKVBytes};
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 block can have");
+  // An H100 SM has 228 KB of shared memory, 1 KB of it reserved per CTA.
+  static_assert(kMinBlocksPerSm * (kSmemBytes + 1024) <= 228 * 1024,
+                "kMinBlocksPerSm CTAs of this kernel do not fit in an SM's shared memory");
 };
 
 // Lab hook: 0 launches causal query blocks in index order (see the kernel).
@@ -115,7 +122,8 @@ __device__ __forceinline__ void wg_scale_rows(float (&acc)[kNTiles][4], const fl
 }
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(const AttentionParams p, float scale) {
+__global__ void __launch_bounds__(Traits::kThreads, Traits::kMinBlocksPerSm)
+    flash_fwd_wgmma_kernel(const KernelParams p, float scale) {
 #ifdef FLASHGPT_WGMMA_AVAILABLE
   using Element = typename Traits::Element;
   using Ops = ElementOps<Element>;
@@ -137,7 +145,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
   // Causal: the last query blocks see the most keys; handing them out first (CTAs start in
   // blockIdx.x order) leaves the light blocks for the final wave instead of the heaviest ones.
   const int m_block = causal && kCausalReverse ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
-  const int head = blockIdx.y, b = blockIdx.z;
+  const int head = blockIdx.y, b = p.batch_begin + int(blockIdx.z);
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int g = lane / 4, t = lane % 4;
   const int wg = tid / 128;  // warpgroup: query rows 64 wg .. 64 wg + 63 of the block
@@ -211,6 +219,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1) flash_fwd_wgmma_kernel(co
     wg_softmax_block(s, row_max, row_sum, scale_log2, correction);
     if (use_dropout) dropout_apply_rows(s, rng, batch_head, row0, n0, t, dropout_top);
   };
+
+  // V's pad columns (d96: 96 .. 127) enter the P V GEMM; no load writes them, so they are
+  // zeroed here, in both stages, and stay zero: the loads write only real columns and the
+  // epilogue reuses the buffers after the last GEMM. The first wait_loads fences these stores
+  // for the async proxy.
+  if constexpr (Traits::kHeadDimPad != kHeadDim) {
+    zero_tile_pad_columns<kBlockN, kHeadDim, Traits::kHeadDimPad, kThreads>(smem_raw, sV, tid);
+    zero_tile_pad_columns<kBlockN, kHeadDim, Traits::kHeadDimPad, kThreads>(smem_raw, sV + Traits::kTileKVBytes, tid);
+  }
 
   // kSplitWait: two copy groups, {Q, K[0]} first, so that the first S GEMM waits for those
   // alone, then {V[0]} (+ K[1] when overlapping); otherwise one.

@@ -84,6 +84,22 @@ __device__ __forceinline__ uint32_t swizzled_offset(int row, int col) {
   return uint32_t(block * kRows * 128 + row * 128 + ((chunk ^ (row % 8)) << 4));
 }
 
+// Zeroes columns [kHeadDim, kHeadDimPad) of every row of a swizzled [kHeadDimPad / 64][kRows][64]
+// tile: the pad that load_tile_swizzled_async never writes, so that a GEMM whose N covers whole
+// swizzle rows reads zeros there, not whatever shared memory held. Plain stores: the caller
+// fences them for the async proxy (fence_proxy_async_smem) before a wgmma reads them.
+template <int kRows, int kHeadDim, int kHeadDimPad, int kThreads>
+__device__ __forceinline__ void zero_tile_pad_columns(unsigned char* smem_base, uint32_t tile, int tid) {
+  constexpr int kPadChunksPerRow = (kHeadDimPad - kHeadDim) / 8;
+  static_assert(kHeadDim % 8 == 0 && kPadChunksPerRow >= 0, "whole 16-byte chunks");
+  constexpr int kChunks = kRows * kPadChunksPerRow;
+  const uint32_t base = smem_u32(smem_base);
+  for (int chunk = tid; chunk < kChunks; chunk += kThreads) {
+    const int row = chunk / kPadChunksPerRow, col = kHeadDim + (chunk % kPadChunksPerRow) * 8;
+    *reinterpret_cast<uint4*>(smem_base + (tile + swizzled_offset<kRows>(row, col) - base)) = make_uint4(0, 0, 0, 0);
+  }
+}
+
 // Copies rows [0, kRows) of a strided global tile into a swizzled shared tile, zero-filling rows
 // at or past valid_rows. Consecutive threads take consecutive 16-byte chunks of a row.
 template <int kRows, int kHeadDim, int kThreads, typename Element>
