@@ -227,7 +227,7 @@ TEST(ModelCudaTest, GraphReplayEqualsEagerLaunchBitForBit) {
       options.max_batch = B;
       options.deterministic = true;
       options.cuda_graph = run == 0;
-      testing::internal::CaptureStderr();
+      ::testing::internal::CaptureStderr();
       auto gpu = gpt_create_cuda(config, options);
       std::vector<float> params(size_t(model_param_count(config)));
       model_init_params(config, 1234, params);
@@ -250,7 +250,7 @@ TEST(ModelCudaTest, GraphReplayEqualsEagerLaunchBitForBit) {
       }
       finals[run].resize(params.size());
       gpu->params_get(finals[run]);
-      const std::string err = testing::internal::GetCapturedStderr();
+      const std::string err = ::testing::internal::GetCapturedStderr();
       EXPECT_EQ(err.find("capture failed"), std::string::npos) << err;
     }
     ASSERT_EQ(losses[0].size(), losses[1].size());
