@@ -96,6 +96,11 @@ struct RunPlan {
   Device generation_device = Device::cpu;  // where run_inference_engine generates
   double bilingual_rate = 0.8;
   double val_fraction = 0.05;
+  double weight_decay = 0;
+  // Recipe 2 v2 of docs/experiments.md (the GPU job on the shared corpora): documents of
+  // several pairs in eval translate's prompt format, in-domain news repeated, newstest2013
+  // as the validation split.
+  bool multi_pair = false;
   bool all_corpora = false;  // shared data: every train.* pair (GPU) or the short-sentence ones (CPU)
 };
 
@@ -145,7 +150,7 @@ RunPlan run_plan_make(const RunOptions& o) {
   // CPU: the tiny preset, short sentences, a few hundred steps (docs/run.md has the timings).
   // GPU: the seed preset with the bilingual recipe of docs/experiments.md (recipe 2).
   p.preset = !o.preset.empty() ? o.preset : gpu ? "seed" : "tiny";
-  p.steps = o.steps > 0 ? o.steps : gpu ? 4500 : 100;
+  p.steps = o.steps > 0 ? o.steps : gpu ? 4700 : 100;
   p.minutes = o.minutes > 0 ? o.minutes : gpu ? 15.0 : 6.0;
   p.batch = o.batch > 0 ? o.batch : gpu ? 64 : 8;
   p.lr = p.preset == "seed" ? 6e-4 : p.preset == "small" ? 1e-3 : 2e-3;
@@ -164,6 +169,12 @@ RunPlan run_plan_make(const RunOptions& o) {
   p.infer_batch = gpu_generation ? 64 : 8;
   p.val_fraction = gpu ? 0.005 : 0.05;
   p.all_corpora = gpu;
+  p.multi_pair = gpu;
+  if (p.multi_pair) {
+    p.bilingual_rate = 1.0;
+    p.weight_decay = 0.1;
+    p.eval_every = std::max<int64_t>(1, std::min<int64_t>(500, p.steps / 5));
+  }
   return p;
 }
 
@@ -560,6 +571,36 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   pc.threads = o.threads;
   pc.bilingual_rate = plan.bilingual_rate;
   pc.val_fraction = plan.val_fraction;
+  if (plan.multi_pair && !builtin && !downloaded) {
+    // Recipe 2 v2 (docs/experiments.md): the numbers there came from these settings.
+    pc.pairs_per_document = 16;
+    pc.document_bytes = 2000;
+    pc.single_pair_share = 0.1;
+    pc.pair_order = PairOrder::shuffled;
+    pc.weights = {{"train.newstest2008-2011.fr-en", 4}, {"train.news-commentary-v8-head5k.fr-en", 4},
+                  {"train.misc-testsets.fr-en", 2}};
+    std::erase_if(pc.weights, [&](const CorpusWeight& w) {
+      return std::none_of(pc.pairs.begin(), pc.pairs.end(), [&](const PairSource& p) { return p.name() == w.corpus; });
+    });
+    pc.val_set = "newstest2013";
+    pc.val_fraction = 0;
+    prepare_argv.insert(prepare_argv.end(), {"--pairs-per-document", "16", "--document-bytes", "2000",
+                                             "--single-pair-share", "0.1", "--pair-order", "shuffled",
+                                             "--val-set", "newstest2013"});
+    for (const auto& w : pc.weights) {
+      prepare_argv.insert(prepare_argv.end(), {"--weight", fmt::format("{}={}", w.corpus, w.repeat)});
+    }
+    for (const char* name : {"mono.newstest2015-2021.en", "mono.newstest2019-2021-defr.fr"}) {
+      for (const char* ext : {"", ".xz"}) {
+        const auto path = data_dir / "extra" / (std::string(name) + ext);
+        if (std::filesystem::exists(path)) {
+          pc.mono.push_back(path);
+          prepare_argv.insert(prepare_argv.end(), {"--mono", path.string()});
+          break;
+        }
+      }
+    }
+  }
   pc.handle_signals = true;
   pc.progress = true;
   prepare_argv.insert(prepare_argv.end(),
@@ -582,6 +623,7 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
                     {"val_documents", summary.val_documents},
                     {"tokens", dataset_tokens},
                     {"bilingual_rate", plan.bilingual_rate},
+                    {"multi_pair_documents", pc.pairs_per_document > 1},
                     {"encoding", tokenizer.name()}};
 
   // ---- 2. train -------------------------------------------------------------------------
@@ -606,7 +648,7 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
                         {"context", T}, {"lr", plan.lr}, {"warmup", plan.warmup}, {"schedule", "cosine"},
                         {"min-lr-ratio", 0.1}, {"eval-every", plan.eval_every},
                         {"eval-batches", plan.eval_batches}, {"save-every", 0}, {"seed", o.seed},
-                        {"threads", o.threads}};
+                        {"weight-decay", plan.weight_decay}, {"threads", o.threads}};
   Json config;
   config["options"] = train_options;
   config["model"] = Json::parse(model_config_to_json(mc));
@@ -633,7 +675,7 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   tc.context = T;
   tc.epochs = 1000000;  // the step count decides
   tc.max_steps = plan.steps;
-  tc.adam = AdamWConfig{plan.lr, 0.9, 0.95, 1e-8, 0.0};
+  tc.adam = AdamWConfig{plan.lr, 0.9, 0.95, 1e-8, plan.weight_decay};
   tc.schedule.kind = LrSchedule::cosine;
   tc.schedule.lr = plan.lr;
   tc.schedule.warmup_steps = plan.warmup;
@@ -685,7 +727,8 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
       "--device", plan.device_name, "--steps", std::to_string(plan.steps), "--batch", std::to_string(plan.batch),
       "--lr", fmt::format("{}", plan.lr), "--warmup", std::to_string(plan.warmup), "--schedule", "cosine",
       "--min-lr-ratio", "0.1", "--eval-every", std::to_string(plan.eval_every), "--eval-batches",
-      std::to_string(plan.eval_batches), "--save-every", "0", "--seed", std::to_string(o.seed)};
+      std::to_string(plan.eval_batches), "--save-every", "0", "--weight-decay", fmt::format("{}", plan.weight_decay),
+      "--seed", std::to_string(o.seed)};
 
   // ---- 3. eval --------------------------------------------------------------------------
   std::vector<TranslatePair> test, dev;
