@@ -187,6 +187,7 @@ struct Fixture {
 
 #ifndef FLASHGPT_TRANSLATE_GPU_TESTS
 TEST(EvalTranslateCli, ScoresWritesAndRefuses) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   Fixture f;
   const auto out = f.dir / "out.txt", err = f.dir / "err.txt";
   const std::vector<std::string> args = {"eval", "translate", "--run", f.run.string(), "--data-dir",
@@ -230,6 +231,7 @@ TEST(EvalTranslateCli, ScoresWritesAndRefuses) {
 }
 
 TEST(GenerateCli, StreamsAndBatches) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   Fixture f;
   const auto out = f.dir / "out.txt", err = f.dir / "err.txt";
   ASSERT_EQ(run_cli({"generate", "--run", f.run.string(), "Hello", "--max-new-tokens", "5", "--seed", "3",

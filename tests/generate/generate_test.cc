@@ -119,6 +119,7 @@ TEST(Sampling, DrawsStayInTheAllowedSetWithTheRightFrequencies) {
 }
 
 TEST(Sampling, SeedsRepeatAndDiffer) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const auto logits = random_logits(1000, 9, 1.0f);
   std::vector<std::pair<float, TokenId>> scratch;
   auto run = [&](uint64_t seed) {
@@ -155,6 +156,7 @@ std::vector<TokenId> byte_tokens(std::string_view s) {
 }
 
 TEST(StopStreamer, NeverSplitsACharacterAndAddsUpToTheText) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const std::string text = "caf\xC3\xA9 \xF0\x9F\x99\x82 na\xC3\xAFve \xE4\xB8\x96\xE7\x95\x8C\nsecond line";
   for (const auto& ids : {cl100k().encode_ordinary(text), byte_tokens(text)}) {
     StopStreamer stream(cl100k(), {});
@@ -171,6 +173,7 @@ TEST(StopStreamer, NeverSplitsACharacterAndAddsUpToTheText) {
 }
 
 TEST(StopStreamer, CutsAtTheFirstStopStringAndHoldsBackItsPrefix) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   const std::string text = "Bonjour.\nEnglish: hello";
   StopStreamer stream(cl100k(), {"\n", "English:"});
   std::string shown;
@@ -206,6 +209,7 @@ TEST(StopStreamer, CutsAtTheFirstStopStringAndHoldsBackItsPrefix) {
 }
 
 TEST(StopStreamer, UnescapesCommandLineStops) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   EXPECT_EQ(stop_string_unescape("\\n"), "\n");
   EXPECT_EQ(stop_string_unescape("a\\tb\\\\"), "a\tb\\");
   EXPECT_EQ(stop_string_unescape("\\u00e9"), "\xC3\xA9");
@@ -336,6 +340,7 @@ TEST(Generate, FinishReasons) {
 }
 
 TEST(Generate, StopsAtEndOfText) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();
   // <|endoftext|> is outside the 1000 ids of tiny(): a one-layer model over all of cl100k
   // whose tied embedding makes <|endoftext|> the likeliest token everywhere.
   ModelConfig c = model_preset("tiny", static_cast<int64_t>(cl100k().vocab_size()));
