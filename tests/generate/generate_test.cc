@@ -272,6 +272,7 @@ std::vector<GenerationResult> run(const std::vector<std::vector<TokenId>>& promp
 }
 
 TEST(Generate, BatchingDoesNotChangeTheOutput) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();  // run() decodes with cl100k_base
   const auto prompts = prompts_of({3, 20, 1, 9, 40, 2});
   for (GenerateConfig config : {GenerateConfig{.max_new_tokens = 12, .sampling = {.greedy = true}},
                                 GenerateConfig{.max_new_tokens = 12, .sampling = {.top_k = 50, .top_p = 0.9f, .seed = 7}}}) {
@@ -293,6 +294,7 @@ TEST(Generate, BatchingDoesNotChangeTheOutput) {
 }
 
 TEST(Generate, SampledOutputRepeatsWithTheSeedAndChangesWithAnother) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();  // run() decodes with cl100k_base
   const auto prompts = prompts_of({4, 4, 10});
   GenerateConfig config{.max_new_tokens = 16, .sampling = {.temperature = 1.0f, .seed = 1}};
   config.stop_at_end_of_text = false;
@@ -310,6 +312,7 @@ TEST(Generate, SampledOutputRepeatsWithTheSeedAndChangesWithAnother) {
 }
 
 TEST(Generate, FinishReasons) {
+  FLASHGPT_REQUIRE_TOKENIZER_DIR();  // run() decodes with cl100k_base
   const ModelConfig& c = tiny().config;
   GenerateConfig config{.max_new_tokens = 5, .sampling = {.greedy = true}};
   config.stop_at_end_of_text = false;
