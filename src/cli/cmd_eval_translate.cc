@@ -8,7 +8,6 @@
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/data.h>
 #include <flashgpt/error.h>
-#include <flashgpt/process.h>
 #include <flashgpt/translate.h>
 
 #include <fmt/core.h>
@@ -163,26 +162,8 @@ void run_eval_translate(const EvalTranslateOptions& o) {
   atomic_write_file(json_path, j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
   fmt::print("wrote {} and the hypotheses in {}\n", json_path.string(), hyp_dir.string());
   if (!o.no_plot) {
-    const char* source = std::getenv("FLASHGPT_SOURCE_DIR");
-    const auto script = std::filesystem::path(source && *source ? source : FLASHGPT_SOURCE_DIR) / "scripts" /
-                        "plot_translate.py";
     const auto png = out_dir / "translate.png";
-    const auto tmp = atomic_temp_path(png);
-    int status = -1;
-    try {
-      status = process_run({"python3", script.string(), json_path.string(), tmp.string()});
-    } catch (const Error& e) {
-      fmt::print(stderr, "warning: {}\n", e.what());
-    }
-    if (status == 0 && std::filesystem::exists(tmp)) {
-      atomic_publish(tmp, png);
-      fmt::print("plot: {}\n", png.string());
-    } else {
-      std::error_code ignored;
-      std::filesystem::remove(tmp, ignored);
-      fmt::print(stderr, "warning: the plot was not drawn ({} exited with {}; it needs python3 and matplotlib)\n",
-                 script.string(), status);
-    }
+    if (cli_plot_draw(cli_script_path("plot_translate.py"), json_path, png)) fmt::print("plot: {}\n", png.string());
   }
 }
 

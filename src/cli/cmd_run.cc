@@ -110,10 +110,6 @@ std::filesystem::path builtin_sample_dir() {
   return std::filesystem::path(source && *source ? source : FLASHGPT_SOURCE_DIR) / "share" / "fren-sample";
 }
 
-std::filesystem::path script_path(const char* name) {
-  const char* source = std::getenv("FLASHGPT_SOURCE_DIR");
-  return std::filesystem::path(source && *source ? source : FLASHGPT_SOURCE_DIR) / "scripts" / name;
-}
 
 int cuda_device_count() {
 #ifdef FLASHGPT_WITH_CUDA
@@ -465,26 +461,6 @@ std::string fmt_seconds(double s) {
   return fmt::format("{:.1f} s ({}m{:02d}s)", s, static_cast<int>(s) / 60, static_cast<int>(s) % 60);
 }
 
-// Python plot helper started from an argument vector; the PNG is published only when drawn.
-bool plot_draw(const std::filesystem::path& script, const std::filesystem::path& json,
-               const std::filesystem::path& png) {
-  const auto tmp = atomic_temp_path(png);
-  int status = -1;
-  try {
-    status = process_run({"python3", script.string(), json.string(), tmp.string()});
-  } catch (const Error& e) {
-    fmt::print(stderr, "warning: {}\n", e.what());
-  }
-  if (status == 0 && std::filesystem::exists(tmp)) {
-    atomic_publish(tmp, png);
-    return true;
-  }
-  std::error_code ignored;
-  std::filesystem::remove(tmp, ignored);
-  fmt::print(stderr, "warning: {} was not drawn ({} exited with {}; it needs python3 and matplotlib)\n", png.string(),
-             script.string(), status);
-  return false;
-}
 
 std::string md_escape(const std::string& s) {
   std::string r;
@@ -704,7 +680,7 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   }
   const bool capped = tr.stopped_by_signal == kTimeBudget;
   if (capped) fmt::print(stderr, "train: the {} min cap ended training at step {}\n", plan.minutes, tr.state.step);
-  const bool loss_plot = train_plot_losses(run_dir, script_path("plot_loss.py")) == 0 &&
+  const bool loss_plot = train_plot_losses(run_dir, cli_script_path("plot_loss.py")) == 0 &&
                          std::filesystem::exists(run_dir / "loss.png");
   if (loss_plot) std::filesystem::copy_file(run_dir / "loss.png", out / "loss.png");
   timings["train"] = seconds_since(t0);
@@ -812,7 +788,7 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   if (!settings.empty()) tj["signatures"] = {settings[0].bleu.signature, settings[0].chrf.signature};
   const auto translate_json = eval_dir / "translate.json";
   atomic_write_file(translate_json, tj.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
-  const bool kshot_plot = plot_draw(script_path("plot_translate.py"), translate_json, out / "kshot.png");
+  const bool kshot_plot = cli_plot_draw(cli_script_path("plot_translate.py"), translate_json, out / "kshot.png");
   timings["eval"] = seconds_since(t0);
   report["eval"] = tj;
   report["eval"]["kshot_plot"] = kshot_plot ? "kshot.png" : "";

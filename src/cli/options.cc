@@ -2,8 +2,10 @@
 
 #include "option_checks.h"
 
+#include <flashgpt/atomic_file.h>
 #include <flashgpt/data_prepare.h>
 #include <flashgpt/error.h>
+#include <flashgpt/process.h>
 
 #include <fmt/core.h>
 
@@ -94,6 +96,31 @@ void cli_config_print(CLI::App& cmd, std::FILE* to) {
   std::string name;
   for (const auto& part : path) name += (name.empty() ? "" : " ") + part;
   fmt::print(to, "{}: {}\n", name, cli_config_text(cmd));
+}
+
+std::filesystem::path cli_script_path(const char* name) {
+  const char* source = std::getenv("FLASHGPT_SOURCE_DIR");
+  return std::filesystem::path(source && *source ? source : FLASHGPT_SOURCE_DIR) / "scripts" / name;
+}
+
+bool cli_plot_draw(const std::filesystem::path& script, const std::filesystem::path& json,
+                   const std::filesystem::path& png) {
+  const auto tmp = atomic_temp_path(png);
+  int status = -1;
+  try {
+    status = process_run({"python3", script.string(), json.string(), tmp.string()});
+  } catch (const Error& e) {
+    fmt::print(stderr, "warning: {}\n", e.what());
+  }
+  if (status == 0 && std::filesystem::exists(tmp)) {
+    atomic_publish(tmp, png);
+    return true;
+  }
+  std::error_code ignored;
+  std::filesystem::remove(tmp, ignored);
+  fmt::print(stderr, "warning: {} was not drawn ({} exited with {}; it needs python3 and matplotlib)\n", png.string(),
+             script.string(), status);
+  return false;
 }
 
 }  // namespace flashgpt

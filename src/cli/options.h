@@ -44,4 +44,12 @@ std::string cli_config_text(CLI::App& cmd);
 // its start (on stderr unless `to` says otherwise).
 void cli_config_print(CLI::App& cmd, std::FILE* to = stderr);
 
+// scripts/NAME of the source tree (FLASHGPT_SOURCE_DIR in the environment, else the one this
+// binary was built from).
+std::filesystem::path cli_script_path(const char* name);
+// Runs `python3 SCRIPT JSON PNG` from an argument vector; the PNG is published atomically
+// only when drawn. A missing python3 or matplotlib is a warning on stderr and false.
+bool cli_plot_draw(const std::filesystem::path& script, const std::filesystem::path& json,
+                   const std::filesystem::path& png);
+
 }  // namespace flashgpt
