@@ -13,20 +13,13 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_fixtures import write_dataset  # noqa: E402
+from train_fixtures import check, finish, log_records, write_dataset  # noqa: E402
 
 FLASHGPT = sys.argv[1]
-FAILURES = []
 COMMON = ["--preset", "tiny", "--batch", "2", "--context", "32", "--accum", "2", "--threads", "1", "--quiet",
           "--warmup", "2", "--eval-every", "3", "--eval-batches", "2", "--lr", "1e-3"]
 
 
-def check(condition, what, result=None):
-    print(("ok: " if condition else "FAIL: ") + what)
-    if not condition:
-        FAILURES.append(what)
-        if result is not None:
-            print(f"  rc: {result.returncode}\n  stdout: {result.stdout}\n  stderr: {result.stderr[-3000:]}")
 
 
 def flashgpt(*args):
@@ -42,15 +35,6 @@ def common(**override):
     return args
 
 
-def log_records(run, kinds=("step",)):
-    out = []
-    with open(os.path.join(run, "log.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if r["type"] in kinds:
-                r.pop("seconds", None)
-                out.append(r)
-    return out
 
 
 def main():
@@ -169,10 +153,7 @@ def main():
     r = flashgpt("train", "--data", ds, "--out", os.path.join(tmp, "e8"), *COMMON, "--time-limit", "-1")
     check(r.returncode == 1 and "--time-limit -1" in r.stderr, "a negative time limit", r)
 
-    if FAILURES:
-        print(f"{len(FAILURES)} failure(s)")
-        sys.exit(1)
-    print("all passed")
+    finish()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ environment passed NCCL_NVLS_ENABLE=1.
 
 Exits 77 (skipped) where the build has no CUDA or no NCCL, or no GPU is present.
 Usage: train_dp_gpu_test.py PATH/TO/flashgpt"""
-import json
 import os
 import shutil
 import socket
@@ -19,31 +18,16 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_fixtures import read_safetensors, write_dataset  # noqa: E402
+from train_fixtures import check, finish, log_records, read_safetensors, write_dataset  # noqa: E402
 
 FLASHGPT = sys.argv[1]
-FAILURES = []
 COMMON = ["--preset", "small", "--batch", "4", "--context", "64", "--accum", "2", "--warmup", "2", "--lr", "1e-3",
           "--eval-every", "3", "--eval-batches", "2", "--device", "cuda", "--deterministic", "--no-plot", "--quiet",
           "--steps", "6"]
 
 
-def check(condition, what, result=None):
-    print(("ok: " if condition else "FAIL: ") + what, flush=True)
-    if not condition:
-        FAILURES.append(what)
-        if result is not None:
-            print(f"  rc: {result.returncode}\n  stdout: {result.stdout[-3000:]}\n  stderr: {result.stderr[-3000:]}")
 
 
-def records(run):
-    out = []
-    with open(os.path.join(run, "log.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            r.pop("seconds", None)
-            out.append(r)
-    return out
 
 
 def free_port():
@@ -82,7 +66,7 @@ def main():
     check("NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1" in r.stderr,
           "multicast variables 0/1/1 after init, over NCCL_NVLS_ENABLE=1 in the environment", r)
     if r.returncode == 0 and os.path.exists(os.path.join(plain, "log.jsonl")):
-        a, b = records(plain), records(dp)
+        a, b = log_records(plain, kinds=None), log_records(dp, kinds=None)
         check(a == b, f"the log equals the plain run's bit for bit ({len(a)} records)")
         if a != b:
             for x, y in zip(a, b):
@@ -93,10 +77,7 @@ def main():
         tb, _, _ = read_safetensors(os.path.join(dp, "checkpoint.safetensors"))
         check(all((ta[k] == tb[k]).all() for k in ta), "weights and AdamW moments equal the plain run's bit for bit")
     shutil.rmtree(tmp, ignore_errors=True)
-    if FAILURES:
-        print(f"{len(FAILURES)} failure(s)")
-        return 1
-    return 0
+    finish()
 
 
 if __name__ == "__main__":

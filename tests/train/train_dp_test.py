@@ -30,22 +30,15 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
-from train_fixtures import read_safetensors, write_dataset  # noqa: E402
+from train_fixtures import check, finish, log_records, read_safetensors, write_dataset  # noqa: E402
 import data_skip  # noqa: E402
 
 FLASHGPT = sys.argv[1]
-FAILURES = []
 TOLERANCE = 2e-5
 COMMON = ["--preset", "tiny", "--batch", "2", "--context", "32", "--threads", "1", "--warmup", "2",
           "--eval-every", "4", "--eval-batches", "2", "--lr", "1e-3", "--dropout", "0.1", "--no-plot"]
 
 
-def check(condition, what, result=None):
-    print(("ok: " if condition else "FAIL: ") + what, flush=True)
-    if not condition:
-        FAILURES.append(what)
-        if result is not None:
-            print(f"  rc: {result.returncode}\n  stdout: {result.stdout[-3000:]}\n  stderr: {result.stderr[-3000:]}")
 
 
 def mpirun_command(ranks):
@@ -64,15 +57,6 @@ def train(*args, ranks=0):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
-def records(run, kinds=("step",)):
-    out = []
-    with open(os.path.join(run, "log.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if r["type"] in kinds:
-                r.pop("seconds", None)
-                out.append(r)
-    return out
 
 
 def close(a, b, tol=TOLERANCE):
@@ -81,7 +65,7 @@ def close(a, b, tol=TOLERANCE):
 
 def compare_runs(ref, run, what, exact):
     """Step and validation records: the arithmetic within tolerance (or exact), the rest exact."""
-    ra, rb = records(ref, ("step", "val", "epoch")), records(run, ("step", "val", "epoch"))
+    ra, rb = log_records(ref, ("step", "val", "epoch")), log_records(run, ("step", "val", "epoch"))
     check(len(ra) == len(rb) and [r["type"] for r in ra] == [r["type"] for r in rb],
           f"{what}: the same records ({len(ra)} vs {len(rb)})")
     worst = 0.0
@@ -151,7 +135,7 @@ def main():
     check(m is not None and int(m.group(1)) >= 8 and int(m.group(2)) == 8,
           f"buckets overlap the backward ({m.group(0) if m else 'no summary line'})", r)
     if os.path.exists(os.path.join(two, "log.jsonl")):
-        a, b = records(one), records(two)
+        a, b = log_records(one), log_records(two)
         check(a[0]["loss"] == b[0]["loss"], f"step 1 loss bit for bit ({a[0]['loss']!r} vs {b[0]['loss']!r})")
         compare_runs(one, two, "2 ranks vs 1 process with the same global batch", exact=False)
         ca = json.load(open(os.path.join(one, "config.json")))
@@ -198,7 +182,7 @@ def main():
     check(r1.returncode == 0 and r2.returncode == 0 and "trained 8 steps" in r2.stdout,
           "2 ranks to step 4 (ZeRO-1), resumed on 1 process to step 8", r2 if r1.returncode == 0 else r1)
     if r2.returncode == 0:
-        check(records(split)[:4] == records(two)[:4], "the 2-rank half equals the uninterrupted 2-rank run bit for bit")
+        check(log_records(split)[:4] == log_records(two)[:4], "the 2-rank half equals the uninterrupted 2-rank run bit for bit")
         compare_runs(two, split, "2 ranks -> 1 process resume vs uninterrupted", exact=False)
         compare_runs(one, split, "2 ranks -> 1 process resume vs one process throughout", exact=False)
     r3 = train("--out", split, "--resume", "--steps", "12", "--accum", "1", "--quiet", "--no-plot")
@@ -211,7 +195,7 @@ def main():
     r2 = train("--data", ds, "--out", e2, "--steps", "34", "--accum", "1", "--quiet", *COMMON, ranks=2)
     check(r.returncode == 0 and r2.returncode == 0, "34 steps across an epoch end, 1 process and 2 ranks", r2)
     if r.returncode == 0 and r2.returncode == 0:
-        check(any(x["type"] == "epoch" for x in records(e2, ("epoch",))), "the 2-rank run logs the epoch")
+        check(any(x["type"] == "epoch" for x in log_records(e2, ("epoch",))), "the 2-rank run logs the epoch")
         compare_runs(e1, e2, "across an epoch end", exact=False)
 
     # CPU data parallelism under a torchrun-style environment is refused (it is NCCL's).
@@ -221,10 +205,7 @@ def main():
     check(r.returncode != 0 and "mpirun" in r.stderr, "WORLD_SIZE=2 on the CPU: an error that says to use mpirun", r)
 
     shutil.rmtree(tmp, ignore_errors=True)
-    if FAILURES:
-        print(f"{len(FAILURES)} failure(s)")
-        return 1
-    return 0
+    finish()
 
 
 if __name__ == "__main__":

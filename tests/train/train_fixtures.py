@@ -1,9 +1,11 @@
 """Shared by the trainer's Python tests: a token dataset written directly in the shard
-format of include/flashgpt/data_shard.h (so the tests need no tokenizer files), and a minimal
-safetensors reader in numpy (independent of the C++ one)."""
+format of include/flashgpt/data_shard.h (so the tests need no tokenizer files), a minimal
+safetensors reader in numpy (independent of the C++ one), a run's log records, and the
+ok/FAIL checks the tests print."""
 import json
 import os
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -60,3 +62,37 @@ def read_safetensors(path):
     for (b0, e0), (b1, _) in zip(spans, spans[1:]):
         assert e0 <= b1, "overlapping tensors"
     return out, meta, header
+
+
+FAILURES = []
+
+
+def check(condition, what, result=None):
+    """Prints one assertion as ok/FAIL and remembers a failure for finish(); `result` (a
+    subprocess result) is shown when it failed."""
+    print(("ok: " if condition else "FAIL: ") + what, flush=True)
+    if not condition:
+        FAILURES.append(what)
+        if result is not None:
+            print(f"  rc: {result.returncode}\n  stdout: {result.stdout[-3000:]}\n  stderr: {result.stderr[-3000:]}")
+
+
+def finish():
+    """Exits 1 naming the failed checks, or prints "all passed"."""
+    if FAILURES:
+        print(f"{len(FAILURES)} failure(s): {FAILURES}")
+        sys.exit(1)
+    print("all passed")
+
+
+def log_records(run, kinds=("step",)):
+    """RUN/log.jsonl's records of these types (None: every record), without their wall-clock
+    seconds, so that two runs compare equal."""
+    out = []
+    with open(os.path.join(run, "log.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if kinds is None or r["type"] in kinds:
+                r.pop("seconds", None)
+                out.append(r)
+    return out

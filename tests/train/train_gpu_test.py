@@ -29,33 +29,17 @@ if not torch.cuda.is_available():
     sys.exit(77)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from train_fixtures import VOCAB, read_safetensors, write_dataset  # noqa: E402
+from train_fixtures import VOCAB, check, finish, log_records, read_safetensors, write_dataset  # noqa: E402
 
 FLASHGPT, TOOL = sys.argv[1], sys.argv[2]
-FAILURES = []
 
 
-def check(condition, what, result=None):
-    print(("ok: " if condition else "FAIL: ") + what)
-    if not condition:
-        FAILURES.append(what)
-        if result is not None:
-            print(f"  rc: {result.returncode}\n  stdout: {result.stdout}\n  stderr: {result.stderr[-3000:]}")
 
 
 def flashgpt(*args):
     return subprocess.run([FLASHGPT, *args], capture_output=True, text=True, timeout=600)
 
 
-def log_records(run, kinds=("step",)):
-    out = []
-    with open(os.path.join(run, "log.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if r["type"] in kinds:
-                r.pop("seconds", None)
-                out.append(r)
-    return out
 
 
 def main():
@@ -124,10 +108,7 @@ def main():
               f" vs our CPU logits: max abs {err_cpu:.2e}")
         check(rel < 1e-2, f"{name}: HF logits equal our CUDA logits within bf16 tolerance ({rel:.2e})")
         check(err_cpu < 1e-3 * max(1.0, np.abs(ours["cpu"]).max()), f"{name}: and our CPU logits ({err_cpu:.2e})")
-    if FAILURES:
-        print(f"{len(FAILURES)} failed: {FAILURES}")
-        sys.exit(1)
-    print("all passed")
+    finish()
 
 
 if __name__ == "__main__":
