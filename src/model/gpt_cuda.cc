@@ -641,10 +641,8 @@ void GptCuda::classifier(int64_t N, bool with_grad, float loss_scale) {
     matmul_->forward(logits_, lnf_ + r0 * C_, weight(ParamKind::wte), rows, C_, Vp_, Epilogue::none, nullptr, nullptr,
                      stream_);
     mark("mm logits");
-    // The two-pass kernel: the shared-memory one (ClassifierPath::automatic) took 7.5 ms per
-    // step at V = 100277 on an H100 against 6.6 (docs/model_gpu.md).
-    model_cuda::classifier_softmax_xent(logits_, losses_ + r0, d_targets_ + r0, rows, V_, Vp_, dloss, with_grad, stream_,
-                                        model_cuda::ClassifierPath::two_pass);
+    model_cuda::classifier_softmax_xent(logits_, losses_ + r0, d_targets_ + r0, rows, V_, Vp_, dloss, with_grad,
+                                        stream_);
     mark("classifier softmax");
     if (with_grad) {
       // dlnf (rows, C) = dlogits (rows, Vp) wte (Vp, C); dwte += dlogits^T lnf.

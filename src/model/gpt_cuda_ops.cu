@@ -231,7 +231,7 @@ void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db
 }
 
 void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
-                             float dloss, bool write_grad, cudaStream_t stream, ClassifierPath path) {
+                             float dloss, bool write_grad, cudaStream_t stream) {
   const char* op = "classifier (CUDA)";
   MODEL_CUDA_REQUIRE(rows >= 0 && V > 0 && Vp >= V && Vp % 8 == 0,
                      std::string(op) + ": needs rows >= 0, 0 < V <= Vp and Vp % 8 == 0, got rows " + num(rows) +
@@ -240,7 +240,7 @@ void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets
   require_pointer(losses, op, "losses");
   require_pointer(targets, op, "targets");
   require_aligned16(logits, op, "logits");
-  classifier_launch(logits, losses, targets, rows, V, Vp, dloss, write_grad, path == ClassifierPath::automatic, stream);
+  classifier_launch(logits, losses, targets, rows, V, Vp, dloss, write_grad, stream);
   FLASHGPT_CUDA_CHECK_LAUNCH("classifier_kernel");
 }
 
@@ -266,7 +266,6 @@ void adamw_update(float* params, bf16* params_bf16, const float* grads, float* m
   FLASHGPT_CUDA_CHECK_LAUNCH("adamw_kernel");
 }
 
-bool classifier_row_fits_shared(int64_t Vp) { return classifier_smem_bytes(Vp) > 0; }
 
 size_t sum_squares_partial_doubles() { return kNormBlocks; }
 

@@ -83,13 +83,8 @@ void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db
 
 // Per row of logits (rows, Vp) bf16: losses[r] = logsumexp(logits[r, :V]) - logits[r, targets[r]];
 // with write_grad, logits[r, c] = (softmax - onehot) * dloss for c < V and 0 for V <= c < Vp.
-// automatic: the row is read once into shared memory where it fits
-// (classifier_row_fits_shared), else twice from global memory; two_pass forces the latter.
-enum class ClassifierPath { automatic, two_pass };
 void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
-                             float dloss, bool write_grad, cudaStream_t stream,
-                             ClassifierPath path = ClassifierPath::automatic);
-bool classifier_row_fits_shared(int64_t Vp);
+                             float dloss, bool write_grad, cudaStream_t stream);
 // *out = sum of losses (n), in double, in a fixed order.
 void loss_sum(double* out, const float* losses, int64_t n, cudaStream_t stream);
 

@@ -54,7 +54,6 @@ cublasLtEpilogue_t epilogue_of(Epilogue e) {
     case Epilogue::bias: return CUBLASLT_EPILOGUE_BIAS;
     case Epilogue::gelu_aux_bias: return CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
     case Epilogue::dgelu: return CUBLASLT_EPILOGUE_DGELU;
-    case Epilogue::dgelu_bgrad: return CUBLASLT_EPILOGUE_DGELU_BGRAD;
     case Epilogue::bgradb: return CUBLASLT_EPILOGUE_BGRADB;
   }
   return CUBLASLT_EPILOGUE_DEFAULT;
@@ -66,7 +65,6 @@ const char* epilogue_name(Epilogue e) {
     case Epilogue::bias: return "bias";
     case Epilogue::gelu_aux_bias: return "gelu_aux_bias";
     case Epilogue::dgelu: return "dgelu";
-    case Epilogue::dgelu_bgrad: return "dgelu_bgrad";
     case Epilogue::bgradb: return "bgradb";
   }
   return "?";
@@ -112,14 +110,14 @@ bool Matmul::run(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
       MODEL_CUBLAS_CHECK(
           cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
     }
-    const bool bias_grad = epilogue == Epilogue::bgradb || epilogue == Epilogue::dgelu_bgrad;
+    const bool bias_grad = epilogue == Epilogue::bgradb;
     if (bias_grad) {  // fp32 bias gradients first; bf16 below if cuBLASLt refuses them
       MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &f32_type,
                                                         sizeof(f32_type)));
       MODEL_CUBLAS_CHECK(
           cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
     }
-    if (epilogue == Epilogue::gelu_aux_bias || epilogue == Epilogue::dgelu || epilogue == Epilogue::dgelu_bgrad) {
+    if (epilogue == Epilogue::gelu_aux_bias || epilogue == Epilogue::dgelu) {
       FLASHGPT_CHECK(ld_aux % 8 == 0, "matmul (cuBLASLt): the GELU epilogue needs an aux leading dimension that is a "
                                       "multiple of 8, got {}", ld_aux);
       MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &ld_aux,
@@ -198,11 +196,10 @@ bool Matmul::run(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
   Plan& plan = *slot;
   if (!plan.supported) return false;
   last_bias_bf16_ = plan.bias_bf16;
-  if (epilogue == Epilogue::bias || epilogue == Epilogue::gelu_aux_bias || epilogue == Epilogue::bgradb ||
-      epilogue == Epilogue::dgelu_bgrad) {
+  if (epilogue == Epilogue::bias || epilogue == Epilogue::gelu_aux_bias || epilogue == Epilogue::bgradb) {
     MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
   }
-  if (epilogue == Epilogue::gelu_aux_bias || epilogue == Epilogue::dgelu || epilogue == Epilogue::dgelu_bgrad) {
+  if (epilogue == Epilogue::gelu_aux_bias || epilogue == Epilogue::dgelu) {
     MODEL_CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
   }
@@ -253,18 +250,6 @@ Matmul::BiasGrad Matmul::backward_weight_bgrad(float* dw, void* dbias, const __n
   if (deterministic_ || rows == 0) return BiasGrad::none;
   if (!run(/*trans_a=*/false, /*trans_b=*/true, in, out, rows, x, in, dy, out, dw, in, /*d_fp32=*/true, 1.0f,
            Epilogue::bgradb, dbias, nullptr, 0, stream, /*optional=*/true)) {
-    return BiasGrad::none;
-  }
-  return last_bias_bf16_ ? BiasGrad::bf16 : BiasGrad::f32;
-}
-
-Matmul::BiasGrad Matmul::backward_input_dgelu_bgrad(__nv_bfloat16* dx, void* dbias, const __nv_bfloat16* dy,
-                                                    const __nv_bfloat16* w, int64_t rows, int64_t in, int64_t out,
-                                                    const __nv_bfloat16* aux, cudaStream_t stream) {
-  FLASHGPT_CHECK(dbias != nullptr && aux != nullptr, "matmul backward_input_dgelu_bgrad: dbias and aux must not be null");
-  if (deterministic_ || rows == 0) return BiasGrad::none;
-  if (!run(/*trans_a=*/false, /*trans_b=*/false, in, rows, out, w, in, dy, out, dx, in, /*d_fp32=*/false, 0.0f,
-           Epilogue::dgelu_bgrad, dbias, const_cast<__nv_bfloat16*>(aux), in, stream, /*optional=*/true)) {
     return BiasGrad::none;
   }
   return last_bias_bf16_ ? BiasGrad::bf16 : BiasGrad::f32;

@@ -20,8 +20,7 @@ enum class Epilogue {
   bias,           // Y = X W^T + b
   gelu_aux_bias,  // pre = X W^T + b written to aux, Y = gelu_tanh(pre)
   dgelu,          // dX = (dY W) * gelu_tanh'(aux)
-  // Backward epilogues with the bias gradient (fp32, written, not accumulated):
-  dgelu_bgrad,    // dX as dgelu, dbias (in) = column sums of dX before its bf16 rounding
+  // The backward epilogue with the bias gradient (written, not accumulated):
   bgradb,         // dW += dY^T X, dbias (out) = column sums of dY
 };
 
@@ -46,23 +45,16 @@ class Matmul {
   // dW (out, in) fp32 += dY (rows, out)^T X (rows, in).
   void backward_weight(float* dw, const __nv_bfloat16* dy, const __nv_bfloat16* x, int64_t rows, int64_t in,
                        int64_t out, cudaStream_t stream);
-  // The same products with the bias gradient folded in by cuBLASLt's epilogues (dbias
-  // written, not accumulated): backward_weight with dbias (out) = column sums of dY (BGRADB),
-  // and backward_input with dgelu and dbias (in) = column sums of dX (DGELU_BGRAD). dbias is
-  // written as fp32 where cuBLASLt takes an fp32 bias for the shape, else as bf16 (the return
-  // value says which; dbias must hold the fp32 size). They return none, having done nothing,
-  // where cuBLASLt offers no algorithm or in deterministic mode (the epilogues' reductions are
-  // not documented as run-to-run exact): the caller then sums the columns itself.
-  // Measured at the seed size on an H100 (cuBLASLt 13): BGRADB writes fp32 and costs about
-  // what the product plus a column sum did; DGELU_BGRAD takes no fp32 bias (bf16 then) and
-  // took 11.2 ms per step against 5.4 for DGELU plus the column sums, so the model uses only
-  // BGRADB.
+  // backward_weight with the bias gradient folded in by cuBLASLt's BGRADB epilogue: dbias
+  // (out) = column sums of dY, written, not accumulated, as fp32 where cuBLASLt takes an fp32
+  // bias for the shape, else as bf16 (the return value says which; dbias must hold the fp32
+  // size). It returns none, having done nothing, where cuBLASLt offers no algorithm or in
+  // deterministic mode (the epilogue's reduction is not documented as run-to-run exact): the
+  // caller then sums the columns itself. The GELU backward keeps DGELU plus column sums: the
+  // DGELU_BGRAD epilogue was slower at the seed size (docs/model_gpu.md).
   enum class BiasGrad { none, f32, bf16 };
   BiasGrad backward_weight_bgrad(float* dw, void* dbias, const __nv_bfloat16* dy, const __nv_bfloat16* x,
                                  int64_t rows, int64_t in, int64_t out, cudaStream_t stream);
-  BiasGrad backward_input_dgelu_bgrad(__nv_bfloat16* dx, void* dbias, const __nv_bfloat16* dy,
-                                      const __nv_bfloat16* w, int64_t rows, int64_t in, int64_t out,
-                                      const __nv_bfloat16* aux, cudaStream_t stream);
 
   struct Plan;
 
