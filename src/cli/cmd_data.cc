@@ -3,6 +3,7 @@
 #include "commands.h"
 #include "option_checks.h"
 #include "options.h"
+#include "recipes.h"
 
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/data_analyze.h>
@@ -43,6 +44,9 @@ struct DownloadOptions {
 };
 
 struct PrepareOptions {
+  std::string recipe;  // recipes.h: fills the options not given
+  bool weights_from_recipe = false;
+  bool mono_from_recipe = false;
   std::string data_dir;
   std::vector<std::string> pairs, mono;
   std::string eval_dir;
@@ -115,6 +119,27 @@ void run_prepare(const PrepareOptions& o) {
   for (const auto& p : o.pairs) config.pairs.push_back(pair_source_from_path(p));
   for (const auto& m : o.mono) config.mono.emplace_back(m);
   if (!explicit_inputs) config.pairs = default_pair_sources(data_dir);
+  std::vector<std::string> recipe_notes;
+  if (o.mono_from_recipe) {
+    // The recipe's monolingual files, by name in DATA/extra (after the inputs are decided:
+    // they add to the default corpora as to explicit --pairs).
+    for (const auto& name : recipe_find(o.recipe).mono) {
+      std::filesystem::path found;
+      for (const char* ext : {"", ".xz", ".gz"}) {
+        const auto path = std::filesystem::path(data_dir) / "extra" / (name + ext);
+        if (!data_dir.empty() && std::filesystem::exists(path)) {
+          found = path;
+          break;
+        }
+      }
+      if (found.empty()) {
+        recipe_notes.push_back(fmt::format("recipe {}: no {}[.xz] in {}/extra: prepared without it", o.recipe, name,
+                                           data_dir.empty() ? std::string("(no --data-dir)") : data_dir));
+      } else {
+        config.mono.push_back(found);
+      }
+    }
+  }
   config.eval_dir = o.eval_dir.empty() ? std::filesystem::path(data_dir) / "wmt14" : std::filesystem::path(o.eval_dir);
   config.test_set_check = o.no_test_set_check ? TestSetCheck::off : TestSetCheck::required;
   config.handle_signals = true;
@@ -127,6 +152,20 @@ void run_prepare(const PrepareOptions& o) {
   config.single_pair_share = o.single_pair_share;
   config.pair_order = pair_order_from_name(o.pair_order);
   for (const auto& w : o.weights) config.weights.push_back(corpus_weight_from_text(w));
+  if (o.weights_from_recipe) {
+    // A recipe weighs the corpora it knows of; those not among this run's inputs are dropped
+    // (an explicit --weight naming an absent corpus stays an error).
+    std::erase_if(config.weights, [&](const CorpusWeight& w) {
+      const bool present = std::any_of(config.pairs.begin(), config.pairs.end(),
+                                       [&](const PairSource& p) { return p.name() == w.corpus; }) ||
+                           std::any_of(config.mono.begin(), config.mono.end(),
+                                       [&](const std::filesystem::path& m) { return m.filename() == w.corpus; });
+      if (!present) recipe_notes.push_back(fmt::format("recipe {}: --weight {}={} dropped (no such corpus among the "
+                                                       "inputs)", o.recipe, w.corpus, w.repeat));
+      return !present;
+    });
+  }
+  for (const auto& note : recipe_notes) fmt::print(stderr, "note: {}\n", note);
   config.val_set = o.val_set;
   config.val_fraction = o.val_fraction;
   config.shard_tokens = o.shard_tokens;
@@ -274,6 +313,7 @@ void cli_add_data(CLI::App& app) {
 
   auto prepare = std::make_shared<PrepareOptions>();
   auto* p = data->add_subcommand("prepare", "Build documents from the corpora and write token shards");
+  cli_option_recipe(*p, prepare->recipe);
   cli_option_data_dir(*p, prepare->data_dir);
   p->add_option("--pairs", prepare->pairs,
                 "Parallel corpora: X.en[.xz|.gz] (finds X.fr), X.tsv or *-src.en.sgm (default: train.* in "
@@ -321,8 +361,20 @@ void cli_add_data(CLI::App& app) {
       ->capture_default_str()->check(CLI::IsMember({"skip", "fail"}));
   p->add_flag("--quiet", prepare->quiet, "No progress lines");
   p->callback([p, prepare] {
+    std::string recipe_line;
+    if (!prepare->recipe.empty()) {
+      prepare->weights_from_recipe = p->get_option("--weight")->count() == 0;
+      prepare->mono_from_recipe = p->get_option("--mono")->count() == 0;
+      recipe_line = cli_recipe_apply(*p, prepare->recipe, recipe_prepare_values(recipe_find(prepare->recipe)));
+    }
     if (!prepare->val_set.empty() && p->get_option("--val-fraction")->count() == 0) prepare->val_fraction = 0;
     cli_config_print(*p);
+    if (!recipe_line.empty()) {
+      fmt::print(stderr, "data prepare: {}{}\n", recipe_line,
+                 prepare->mono_from_recipe ? fmt::format(" mono=[{}] (in DATA/extra)",
+                                                         fmt::join(recipe_find(prepare->recipe).mono, ","))
+                                           : "");
+    }
     run_data_command("data prepare", [&] { run_prepare(*prepare); });
   });
 

@@ -13,6 +13,7 @@
 #include "commands.h"
 #include "option_checks.h"
 #include "options.h"
+#include "recipes.h"
 
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/data_download.h>
@@ -68,6 +69,7 @@ struct RunOptions {
   std::string download_manifest;  // replaces the built-in URLs (mirrors, tests)
   std::string tokenizer_dir;
   std::string device = "auto";  // auto | cpu | cuda
+  std::string recipe = "auto";  // auto (translate on cuda, none on cpu) | none | a name of recipes.h
   std::string preset;
   int64_t steps = 0;
   double minutes = 0;
@@ -83,13 +85,20 @@ struct RunOptions {
 struct RunPlan {
   Device device = Device::cpu;
   std::string device_name;  // "cpu" or "cuda"
+  // The named recipe (recipes.h) whose data and training settings the job takes, or empty
+  // for the CPU job's own small settings.
+  std::string recipe;
+  TranslationRecipe recipe_values;  // recipe_find(recipe) when recipe is set
   std::string preset;
   int64_t steps = 0;
-  double minutes = 0;  // training wall-clock cap
+  double minutes = 0;  // the whole job's wall-clock budget
   int64_t batch = 0;
   double lr = 0;
   int64_t warmup = 0;
+  std::string schedule = "cosine";
+  double min_lr_ratio = 0.1;
   int64_t eval_every = 0, eval_batches = 0;
+  bool keep_best = true;  // evaluate RUN/best, the lowest validation loss
   int64_t eval_sentences = 0;  // 0: all
   int64_t max_new_tokens = 0;
   int64_t infer_batch = 8;
@@ -97,11 +106,11 @@ struct RunPlan {
   double bilingual_rate = 0.8;
   double val_fraction = 0.05;
   double weight_decay = 0;
-  // Recipe 2 v2 of docs/experiments.md (the GPU job on the shared corpora): documents of
-  // several pairs in eval translate's prompt format, in-domain news repeated, newstest2013
-  // as the validation split.
+  // The recipe's documents (on the shared corpora only: a download or the built-in sample
+  // keeps single-pair documents): several pairs in eval translate's prompt format, news
+  // repeated, the dev set as the validation split.
   bool multi_pair = false;
-  bool all_corpora = false;  // shared data: every train.* pair (GPU) or the short-sentence ones (CPU)
+  bool all_corpora = false;  // shared data: every train.* pair (recipe) or the short-sentence ones (CPU)
 };
 
 // The built-in bilingual sample: sentences written for this project (share/fren-sample/README.md).
@@ -143,16 +152,29 @@ RunPlan run_plan_make(const RunOptions& o) {
   }
   const bool gpu = p.device == Device::cuda;
   p.device_name = gpu ? "cuda" : "cpu";
-  // CPU: the tiny preset, short sentences, a few hundred steps (docs/run.md has the timings).
-  // GPU: the seed preset with the bilingual recipe of docs/experiments.md (recipe 2).
-  p.preset = !o.preset.empty() ? o.preset : gpu ? "seed" : "tiny";
-  p.steps = o.steps > 0 ? o.steps : gpu ? 4700 : 100;
+  // CPU: the tiny preset, short sentences, a hundred steps (docs/run.md has the timings).
+  // GPU: the `translate` recipe (recipes.h: recipe 2 v2 of docs/experiments.md).
+  p.recipe = o.recipe == "auto" ? (gpu ? "translate" : "") : o.recipe == "none" ? "" : o.recipe;
+  const bool recipe = !p.recipe.empty();
+  if (recipe) p.recipe_values = recipe_find(p.recipe);
+  const TranslationRecipe& r = p.recipe_values;
+  p.preset = !o.preset.empty() ? o.preset : recipe ? r.preset : "tiny";
+  p.steps = o.steps > 0 ? o.steps : recipe ? r.steps : 100;
   p.minutes = o.minutes > 0 ? o.minutes : gpu ? 15.0 : 6.0;
-  p.batch = o.batch > 0 ? o.batch : gpu ? 64 : 8;
-  p.lr = p.preset == "seed" ? 6e-4 : p.preset == "small" ? 1e-3 : 2e-3;
-  p.warmup = std::min<int64_t>(gpu ? 200 : 25, std::max<int64_t>(1, p.steps / 10));
-  p.eval_every = std::max<int64_t>(1, p.steps / 5);
-  p.eval_batches = gpu ? 40 : 4;
+  p.batch = o.batch > 0 ? o.batch : recipe ? r.batch : 8;
+  const double preset_lr = p.preset == "seed" ? 6e-4 : p.preset == "small" ? 1e-3 : 2e-3;
+  p.lr = recipe && p.preset == r.preset ? r.lr : preset_lr;
+  // Warmup and validation follow a --steps shorter than the recipe's (at most a tenth of the
+  // steps warm up, at least five validations); at the recipe's steps they are the recipe's.
+  p.warmup = std::min<int64_t>(recipe ? r.warmup : 25, std::max<int64_t>(1, p.steps / 10));
+  p.eval_every = std::min<int64_t>(recipe ? r.eval_every : p.steps, std::max<int64_t>(1, p.steps / 5));
+  p.eval_batches = recipe ? r.eval_batches : 4;
+  if (recipe) {
+    p.schedule = r.schedule;
+    p.min_lr_ratio = r.min_lr_ratio;
+    p.weight_decay = r.weight_decay;
+    p.keep_best = r.keep_best;
+  }
   // Generation follows training onto the GPU where the CUDA engine takes the preset (its
   // head dim's kernels are in the build; the vocabulary does not decide).
   const bool gpu_generation = gpu && inference_cuda_supports(model_preset(p.preset, 100277));
@@ -163,14 +185,10 @@ RunPlan run_plan_make(const RunOptions& o) {
   p.eval_sentences = o.eval_sentences >= 0 ? o.eval_sentences : gpu_generation ? 0 : gpu ? 100 : 50;
   p.max_new_tokens = o.max_new_tokens > 0 ? o.max_new_tokens : gpu ? 200 : 40;
   p.infer_batch = gpu_generation ? 64 : 8;
-  p.val_fraction = gpu ? 0.005 : 0.05;
-  p.all_corpora = gpu;
-  p.multi_pair = gpu;
-  if (p.multi_pair) {
-    p.bilingual_rate = 1.0;
-    p.weight_decay = 0.1;
-    p.eval_every = std::max<int64_t>(1, std::min<int64_t>(500, p.steps / 5));
-  }
+  p.val_fraction = recipe ? 0.005 : 0.05;
+  p.all_corpora = recipe;
+  p.multi_pair = recipe;
+  if (recipe) p.bilingual_rate = r.bilingual_rate;
   return p;
 }
 
@@ -189,14 +207,12 @@ std::unique_ptr<InferenceEngine> run_inference_engine(const RunPlan& plan, const
   return inference_create_cpu(weights.config, weights.params, io);
 }
 
-// The stop flag the trainer polls: a signal number, or kTimeBudget when the cap ran out.
-constexpr int kTimeBudget = 1000;
+// The stop flag the trainer polls: the signal that asked the job to stop (0: none).
 std::atomic<int> g_run_stop{0};
 // The first SIGINT/SIGTERM asks the trainer to checkpoint and stop; a second one ends the
 // process at once.
 extern "C" void run_on_signal(int signal) {
-  const int previous = g_run_stop.exchange(signal);
-  if (previous != 0 && previous != kTimeBudget) {
+  if (g_run_stop.exchange(signal) != 0) {
     std::signal(signal, SIG_DFL);
     std::raise(signal);
   }
@@ -217,32 +233,29 @@ struct RunSignalGuard {
   }
 };
 
-// Sets g_run_stop to kTimeBudget after `seconds` unless destroyed first.
-class TimeBudget {
- public:
-  explicit TimeBudget(double seconds)
-      : thread_([this, seconds] {
-          std::unique_lock lock(mutex_);
-          if (!cv_.wait_for(lock, std::chrono::duration<double>(seconds), [this] { return done_; })) {
-            int expected = 0;
-            g_run_stop.compare_exchange_strong(expected, kTimeBudget);
-          }
-        }) {}
-  ~TimeBudget() {
-    {
-      std::lock_guard lock(mutex_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
+// The job's wall-clock budget (--minutes) is spent in order: data, training, evaluation,
+// report. Training gets what is left after the data stage minus what the later stages are
+// expected to take; the evaluation skips its least important settings if it runs late.
+//
+// Seconds one (direction, K) setting of `sentences` sentences is expected to take. GPU
+// engine: 42 s for six settings of 3,003 sentences x 200 new tokens with a random seed-preset
+// model (every row to its budget: the worst case; a trained one took 26 s), so ~1.2e-5 s a
+// sentence-token, plus ~2 s of prefill and setup. CPU engine: 64 s for six settings of 50
+// sentences x 40 tokens of the tiny preset on a loaded 2-core machine (docs/run.md), 5.3 ms
+// a sentence-token, scaled by the preset's size.
+double eval_setting_seconds_estimate(const RunPlan& plan, int64_t sentences) {
+  const double rows = static_cast<double>(sentences + 3);  // + the seed's three example prompts
+  const double tokens = rows * static_cast<double>(plan.max_new_tokens);
+  if (plan.generation_device == Device::cuda) return 2.0 + 1.2e-5 * tokens;
+  const double size = static_cast<double>(model_param_count(model_preset(plan.preset, 100277))) /
+                      static_cast<double>(model_param_count(model_preset("tiny", 100277)));
+  return 0.5 + 5.3e-3 * size * tokens;
+}
 
- private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;  // last: started after the members it uses
-};
+// Seconds after training that are not the evaluation's settings: the final validation, the
+// checkpoint and best/ (2 GB each for the seed preset), the model load for generation, the
+// plots and the report. GPU: ~6 s + ~5 s (docs/experiments.md's budget); CPU: a few seconds.
+double finish_seconds_estimate(const RunPlan& plan) { return plan.device == Device::cuda ? 20.0 : 10.0; }
 
 void stage_header(int index, const char* name, const std::string& what) {
   fmt::print(stderr, "\n==== [{}/4] {}: {} ====\n", index, name, what);
@@ -427,6 +440,69 @@ std::filesystem::path data_source_resolve(const RunOptions& o, std::string* why,
   return {};
 }
 
+// A build without liblzma (the GPU machine has none) cannot read the .xz corpora of
+// ../shared/data. The files the job reads (the train.* pairs and newstest2012-2014 of wmt14/
+// and extra/, and the recipe's monolingual files) are then unpacked with python3's lzma
+// module into DEST, laid out as a data folder, and the job reads that. Each file is written
+// under a temporary name and renamed; one python3 process, files in parallel.
+std::filesystem::path corpora_unpack_xz(const std::filesystem::path& data_dir, const std::filesystem::path& dest,
+                                        const std::vector<std::string>& mono) {
+  std::vector<std::string> argv = {"python3", "-c", R"(
+import concurrent.futures, lzma, os, shutil, sys
+def unpack(job):
+    src, dst = job
+    with lzma.open(src) as fin, open(dst + ".tmp", "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+    os.replace(dst + ".tmp", dst)
+jobs = list(zip(sys.argv[1::2], sys.argv[2::2]))
+with concurrent.futures.ProcessPoolExecutor() as pool:
+    list(pool.map(unpack, jobs))
+)"};
+  size_t files = 0;
+  for (const char* sub : {"wmt14", "extra"}) {
+    const auto dir = data_dir / sub;
+    if (!std::filesystem::is_directory(dir)) continue;
+    std::filesystem::create_directories(dest / sub);
+    for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+      const std::string name = entry.path().filename().string();
+      const std::string plain = name.ends_with(".xz") ? name.substr(0, name.size() - 3) : name;
+      const bool wanted =
+          plain.ends_with(".en") || plain.ends_with(".fr")
+              ? plain.starts_with("train.") || plain.starts_with("newstest201") ||
+                    std::find(mono.begin(), mono.end(), plain) != mono.end()
+              : false;
+      if (!wanted) continue;
+      if (name.ends_with(".xz")) {
+        argv.push_back(entry.path().string());
+        argv.push_back((dest / sub / plain).string());
+        ++files;
+      } else {
+        if (!std::filesystem::exists(dest / sub / plain)) {
+          std::filesystem::create_symlink(std::filesystem::absolute(entry.path()), dest / sub / plain);
+        }
+      }
+    }
+  }
+  fmt::print(stderr, "data: this build has no liblzma: unpacking {} .xz files of {} into {} with python3\n", files,
+             data_dir.string(), dest.string());
+  const int status = process_run(argv);
+  FLASHGPT_CHECK(status == 0,
+                 "unpacking the .xz corpora of {} with python3's lzma failed (exit status {}); unpack them yourself "
+                 "(`xz -dk`) and pass that folder as --data-dir", data_dir.string(), status);
+  return dest;
+}
+
+bool corpora_have_xz(const std::filesystem::path& data_dir) {
+  for (const char* sub : {"wmt14", "extra"}) {
+    const auto dir = data_dir / sub;
+    if (!std::filesystem::is_directory(dir)) continue;
+    for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+      if (entry.path().extension() == ".xz") return true;
+    }
+  }
+  return false;
+}
+
 // Every test pair must be absent from the built-in training file, on either side.
 void builtin_check_disjoint(const std::vector<TranslatePair>& train, const std::vector<TranslatePair>& test) {
   std::set<std::string> seen;
@@ -485,9 +561,24 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   const RunPlan plan = run_plan_make(o);
   model_preset(plan.preset, 1000);  // an unknown preset fails before anything is written
   std::string data_why, data_source;
-  const std::filesystem::path data_dir = data_source_resolve(o, &data_why, &data_source);
+  const std::filesystem::path source_data_dir = data_source_resolve(o, &data_why, &data_source);
+  std::filesystem::path data_dir = source_data_dir;  // OUT/corpora when the .xz files are unpacked there
   const bool builtin = data_source == "builtin";
   const bool downloaded = data_source == "download";
+  // The budget: the evaluation's estimate must leave training a fair share of --minutes
+  // (checked before anything is written).
+  const double budget_s = plan.minutes * 60;
+  const int64_t test_sentences_total = builtin ? 24 : 3003;  // the sample's test split; newstest2014
+  const int64_t scored = plan.eval_sentences > 0 ? std::min(plan.eval_sentences, test_sentences_total)
+                                                 : test_sentences_total;
+  const double eval_estimate_s = 2.0 * static_cast<double>(o.shots.size()) *
+                                 eval_setting_seconds_estimate(plan, scored);
+  const double reserve_s = eval_estimate_s + finish_seconds_estimate(plan) + 0.05 * budget_s;
+  FLASHGPT_CHECK(budget_s - reserve_s >= 0.25 * budget_s,
+                 "--minutes {}: the evaluation ({} sentences x {} settings, about {:.0f} s) and the final stages "
+                 "(about {:.0f} s) leave less than a quarter of the budget for training: raise --minutes, or lower "
+                 "--eval-sentences or --max-new-tokens", plan.minutes, scored, 2 * o.shots.size(), eval_estimate_s,
+                 reserve_s - eval_estimate_s);
   const auto sample = builtin_sample_dir();
   if (builtin) {
     FLASHGPT_CHECK(std::filesystem::exists(sample / "train.sample.fr-en.en"),
@@ -508,11 +599,12 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   const auto run_dir = out / "train";
   const auto eval_dir = out / "eval";
   fmt::print(stderr,
-             "run: device {}, preset {}, {} steps (cap {} min), batch {}, eval {} sentences, shots [{}], out {}\n"
+             "run: device {}, recipe {}, preset {}, {} steps, batch {}, eval {} sentences, shots [{}], budget {} min "
+             "for the whole job (evaluation estimated at {:.0f} s), out {}\n"
              "data: {}\n",
-             plan.device_name, plan.preset, plan.steps, plan.minutes, plan.batch,
-             plan.eval_sentences == 0 ? std::string("all") : std::to_string(plan.eval_sentences),
-             fmt::join(o.shots, ","), out.string(), data_why);
+             plan.device_name, plan.recipe.empty() ? std::string("none") : plan.recipe, plan.preset, plan.steps,
+             plan.batch, plan.eval_sentences == 0 ? std::string("all") : std::to_string(plan.eval_sentences),
+             fmt::join(o.shots, ","), plan.minutes, eval_estimate_s, out.string(), data_why);
   Json report;
   report["started"] = started;
   report["machine"] = machine_describe(plan);
@@ -521,6 +613,15 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   // ---- 1. data --------------------------------------------------------------------------
   stage_header(1, "data", builtin ? "prepare the built-in sample" : "prepare token shards from " + data_dir.string());
   auto t0 = Clock::now();
+  // FLASHGPT_RUN_UNPACK_XZ=1 takes the no-liblzma path in any build (tests/cli/recipe_test.py).
+  const char* force_unpack = std::getenv("FLASHGPT_RUN_UNPACK_XZ");
+  const bool unpack_xz = !compression_supported(Compression::xz) || (force_unpack && std::string(force_unpack) == "1");
+  if (data_source == "shared" && unpack_xz && corpora_have_xz(data_dir)) {
+    data_dir = corpora_unpack_xz(source_data_dir, out / "corpora",
+                                 plan.multi_pair ? plan.recipe_values.mono : std::vector<std::string>{});
+    data_why += fmt::format(" (its .xz files unpacked with python3 into {}: this build has no liblzma)",
+                            data_dir.string());
+  }
   PrepareConfig pc;
   std::vector<std::string> prepare_argv = {"flashgpt", "data", "prepare"};
   if (builtin) {
@@ -545,44 +646,43 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   pc.out_dir = ds_dir;
   pc.seed = o.seed;
   pc.threads = o.threads;
-  pc.bilingual_rate = plan.bilingual_rate;
-  pc.val_fraction = plan.val_fraction;
-  if (plan.multi_pair && !builtin && !downloaded) {
-    // Recipe 2 v2 (docs/experiments.md): the numbers there came from these settings.
-    pc.pairs_per_document = 16;
-    pc.document_bytes = 2000;
-    pc.single_pair_share = 0.1;
-    pc.pair_order = PairOrder::shuffled;
-    pc.weights = {{"train.newstest2008-2011.fr-en", 4}, {"train.news-commentary-v8-head5k.fr-en", 4},
-                  {"train.misc-testsets.fr-en", 2}};
-    std::erase_if(pc.weights, [&](const CorpusWeight& w) {
-      return std::none_of(pc.pairs.begin(), pc.pairs.end(), [&](const PairSource& p) { return p.name() == w.corpus; });
-    });
-    pc.val_set = "newstest2013";
-    pc.val_fraction = 0;
-    prepare_argv.insert(prepare_argv.end(), {"--pairs-per-document", "16", "--document-bytes", "2000",
-                                             "--single-pair-share", "0.1", "--pair-order", "shuffled",
-                                             "--val-set", "newstest2013"});
-    for (const auto& w : pc.weights) {
-      prepare_argv.insert(prepare_argv.end(), {"--weight", fmt::format("{}={}", w.corpus, w.repeat)});
-    }
-    for (const char* name : {"mono.newstest2015-2021.en", "mono.newstest2019-2021-defr.fr"}) {
-      for (const char* ext : {"", ".xz"}) {
-        const auto path = data_dir / "extra" / (std::string(name) + ext);
+  const bool recipe_documents = plan.multi_pair && !builtin && !downloaded;
+  if (recipe_documents) {
+    // The recipe's documents, as `data prepare --recipe NAME --data-dir DATA` makes them
+    // (recipes.h; tests/cli/recipe_test.py checks the two give the same shards).
+    const TranslationRecipe& r = plan.recipe_values;
+    pc.bilingual_rate = r.bilingual_rate;
+    pc.pairs_per_document = r.pairs_per_document;
+    pc.document_bytes = r.document_bytes;
+    pc.single_pair_share = r.single_pair_share;
+    pc.pair_order = pair_order_from_name(r.pair_order);
+    for (const auto& name : r.mono) {
+      for (const char* ext : {"", ".xz", ".gz"}) {
+        const auto path = data_dir / "extra" / (name + ext);
         if (std::filesystem::exists(path)) {
           pc.mono.push_back(path);
-          prepare_argv.insert(prepare_argv.end(), {"--mono", path.string()});
           break;
         }
       }
     }
+    pc.weights = r.weights;
+    std::erase_if(pc.weights, [&](const CorpusWeight& w) {
+      return std::none_of(pc.pairs.begin(), pc.pairs.end(), [&](const PairSource& p) { return p.name() == w.corpus; }) &&
+             std::none_of(pc.mono.begin(), pc.mono.end(),
+                          [&](const std::filesystem::path& m) { return m.filename() == w.corpus; });
+    });
+    pc.val_set = r.val_set;
+    pc.val_fraction = 0;
+    prepare_argv.insert(prepare_argv.end(), {"--recipe", plan.recipe, "--data-dir", data_dir.string()});
+  } else {
+    pc.bilingual_rate = plan.bilingual_rate;
+    pc.val_fraction = plan.val_fraction;
+    prepare_argv.insert(prepare_argv.end(), {"--bilingual-rate", fmt::format("{}", plan.bilingual_rate),
+                                             "--val-fraction", fmt::format("{}", plan.val_fraction)});
   }
   pc.handle_signals = true;
   pc.progress = true;
-  prepare_argv.insert(prepare_argv.end(),
-                      {"--bilingual-rate", fmt::format("{}", plan.bilingual_rate), "--val-fraction",
-                       fmt::format("{}", plan.val_fraction), "--seed", std::to_string(o.seed), "--out",
-                       ds_dir.string()});
+  prepare_argv.insert(prepare_argv.end(), {"--seed", std::to_string(o.seed), "--out", ds_dir.string()});
   const PrepareSummary summary = data_prepare(pc, text_encoder_from(tokenizer));
   for (const auto& w : summary.warnings) fmt::print(stderr, "warning: {}\n", w);
   const uint64_t dataset_tokens = summary.tokens_en + summary.tokens_fr + summary.tokens_bilingual + summary.tokens_eot;
@@ -603,9 +703,14 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
                     {"encoding", tokenizer.name()}};
 
   // ---- 2. train -------------------------------------------------------------------------
+  // Training gets the budget left after the data stage, less the evaluation's estimate and
+  // the final stages' (at least 10 s: a report with a barely trained model beats none).
+  const double train_limit_s =
+      std::max(10.0, budget_s - seconds_since(job_start) - eval_estimate_s - finish_seconds_estimate(plan) -
+                         0.05 * budget_s);
   stage_header(2, "train",
-               fmt::format("{} preset on {}, {} steps of {} x context (cap {} min)", plan.preset, plan.device_name,
-                           plan.steps, plan.batch, plan.minutes));
+               fmt::format("{} preset on {}, {} steps of {} x context (time limit {:.0f} s of the {} min budget)",
+                           plan.preset, plan.device_name, plan.steps, plan.batch, train_limit_s, plan.minutes));
   t0 = Clock::now();
   const auto train_shards = shard_list(ds_dir, "train");
   const auto val_shards = shard_list(ds_dir, "val");
@@ -619,12 +724,13 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
                  "--batch", plan.batch, T, plan.preset, mem.total() / 1073741824.0, plan.device_name,
                  available / 1073741824.0);
   std::filesystem::create_directories(run_dir);
-  Json train_options = {{"preset", plan.preset}, {"data", ds_dir.string()}, {"out", run_dir.string()},
-                        {"device", plan.device_name}, {"steps", plan.steps}, {"batch", plan.batch},
-                        {"context", T}, {"lr", plan.lr}, {"warmup", plan.warmup}, {"schedule", "cosine"},
-                        {"min-lr-ratio", 0.1}, {"eval-every", plan.eval_every},
-                        {"eval-batches", plan.eval_batches}, {"save-every", 0}, {"seed", o.seed},
-                        {"weight-decay", plan.weight_decay}, {"threads", o.threads}};
+  Json train_options = {{"recipe", plan.recipe}, {"preset", plan.preset}, {"data", ds_dir.string()},
+                        {"out", run_dir.string()}, {"device", plan.device_name}, {"steps", plan.steps},
+                        {"batch", plan.batch}, {"context", T}, {"lr", plan.lr}, {"warmup", plan.warmup},
+                        {"schedule", plan.schedule}, {"min-lr-ratio", plan.min_lr_ratio},
+                        {"eval-every", plan.eval_every}, {"eval-batches", plan.eval_batches}, {"save-every", 0},
+                        {"seed", o.seed}, {"weight-decay", plan.weight_decay}, {"time-limit", train_limit_s},
+                        {"keep-best", plan.keep_best}, {"threads", o.threads}};
   Json config;
   config["options"] = train_options;
   config["model"] = Json::parse(model_config_to_json(mc));
@@ -652,13 +758,15 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   tc.epochs = 1000000;  // the step count decides
   tc.max_steps = plan.steps;
   tc.adam = AdamWConfig{plan.lr, 0.9, 0.95, 1e-8, plan.weight_decay};
-  tc.schedule.kind = LrSchedule::cosine;
+  tc.schedule.kind = lr_schedule_from_name(plan.schedule);
   tc.schedule.lr = plan.lr;
   tc.schedule.warmup_steps = plan.warmup;
-  tc.schedule.min_lr_ratio = 0.1;
+  tc.schedule.min_lr_ratio = plan.min_lr_ratio;
   tc.eval_every = plan.eval_every;
   tc.eval_batches = plan.eval_batches;
   tc.save_every = 0;
+  tc.time_limit = train_limit_s;
+  tc.keep_best = plan.keep_best && !val_shards.empty();
   tc.log_every = plan.device == Device::cuda ? 50 : 10;
   tc.seed = o.seed;
   tc.peak_flops = plan.device == Device::cuda ? 989e12 : 0;
@@ -669,17 +777,22 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   TrainResult tr;
   {
     RunSignalGuard guard;
-    TimeBudget budget(plan.minutes * 60);
     tr = train_run(tc, *model);
   }
   model.reset();
-  if (tr.stopped_by_signal != 0 && tr.stopped_by_signal != kTimeBudget) {
+  if (tr.stopped_by_signal != 0) {
     fmt::print(stderr, "run: stopped by signal {} after step {}; the checkpoint and partial results are in {}\n",
                tr.stopped_by_signal, tr.state.step, out.string());
     throw CliExit{128 + tr.stopped_by_signal};
   }
-  const bool capped = tr.stopped_by_signal == kTimeBudget;
-  if (capped) fmt::print(stderr, "train: the {} min cap ended training at step {}\n", plan.minutes, tr.state.step);
+  const bool capped = tr.stopped_by_time;
+  if (capped) {
+    fmt::print(stderr, "train: the time limit ({:.0f} s of the {} min budget) ended training at step {} of {}\n",
+               train_limit_s, plan.minutes, tr.state.step, plan.steps);
+  }
+  // The checkpoint evaluated: the lowest validation loss (RUN/best) when one was kept.
+  const bool best_kept = tr.best_step >= 0 && std::filesystem::exists(run_dir / "best" / "checkpoint.safetensors");
+  const std::filesystem::path eval_run = best_kept ? run_dir / "best" : run_dir;
   const bool loss_plot = train_plot_losses(run_dir, cli_script_path("plot_loss.py")) == 0 &&
                          std::filesystem::exists(run_dir / "loss.png");
   if (loss_plot) std::filesystem::copy_file(run_dir / "loss.png", out / "loss.png");
@@ -696,15 +809,31 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
                      {"lr", plan.lr},
                      {"last_loss", tr.last_loss},
                      {"last_val_loss", tr.last_val_loss},
+                     {"time_limit_s", train_limit_s},
+                     {"best_step", tr.best_step},
+                     {"best_val_loss", tr.best_val_loss},
+                     {"checkpoint_evaluated", eval_run.string()},
                      {"seconds", tr.seconds},
                      {"loss_plot", loss_plot ? "loss.png" : ""}};
-  const std::vector<std::string> train_argv = {
-      "flashgpt", "train", "--preset", plan.preset, "--data", ds_dir.string(), "--out", run_dir.string(),
-      "--device", plan.device_name, "--steps", std::to_string(plan.steps), "--batch", std::to_string(plan.batch),
-      "--lr", fmt::format("{}", plan.lr), "--warmup", std::to_string(plan.warmup), "--schedule", "cosine",
-      "--min-lr-ratio", "0.1", "--eval-every", std::to_string(plan.eval_every), "--eval-batches",
-      std::to_string(plan.eval_batches), "--save-every", "0", "--weight-decay", fmt::format("{}", plan.weight_decay),
-      "--seed", std::to_string(o.seed)};
+  // With a recipe, `train --recipe NAME` and the values the job changed (preset, steps,
+  // batch, warmup and validation follow --steps); without, every value.
+  std::vector<std::string> train_argv = {"flashgpt", "train"};
+  if (!plan.recipe.empty()) train_argv.insert(train_argv.end(), {"--recipe", plan.recipe});
+  train_argv.insert(train_argv.end(),
+                    {"--preset", plan.preset, "--data", ds_dir.string(), "--out", run_dir.string(), "--device",
+                     plan.device_name, "--steps", std::to_string(plan.steps), "--batch", std::to_string(plan.batch),
+                     "--warmup", std::to_string(plan.warmup), "--eval-every", std::to_string(plan.eval_every)});
+  if (plan.recipe.empty()) {
+    train_argv.insert(train_argv.end(),
+                      {"--lr", fmt::format("{}", plan.lr), "--schedule", plan.schedule, "--min-lr-ratio",
+                       fmt::format("{}", plan.min_lr_ratio), "--eval-batches", std::to_string(plan.eval_batches),
+                       "--save-every", "0", "--weight-decay", fmt::format("{}", plan.weight_decay)});
+    if (tc.keep_best) train_argv.push_back("--keep-best");
+  } else if (plan.preset != plan.recipe_values.preset) {
+    train_argv.insert(train_argv.end(), {"--lr", fmt::format("{}", plan.lr)});
+  }
+  train_argv.insert(train_argv.end(),
+                    {"--time-limit", fmt::format("{:.0f}", train_limit_s), "--seed", std::to_string(o.seed)});
 
   // ---- 3. eval --------------------------------------------------------------------------
   std::vector<TranslatePair> test, dev;
@@ -722,7 +851,7 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
     test = translate_read_pairs(wmt, "newstest2014");
     dev = translate_read_pairs(wmt, "newstest2012");
     for (auto& p : translate_read_pairs(wmt, "newstest2013")) dev.push_back(std::move(p));
-    const TrainingDataCheck check = translate_check_training_data(run_dir, ds_dir);
+    const TrainingDataCheck check = translate_check_training_data(eval_run, ds_dir);
     FLASHGPT_CHECK(check.clean, "refusing to score on newstest2014: {}", check.reason);
     test_name = "newstest2014";
     check_reason = check.reason;
@@ -732,24 +861,60 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
     test.resize(static_cast<size_t>(plan.eval_sentences));
   }
   stage_header(3, "eval",
-               fmt::format("{} of {} {} sentences, K = [{}], en-fr and fr-en", test.size(), test_total, test_name,
-                           fmt::join(o.shots, ",")));
+               fmt::format("{} of {} {} sentences, K = [{}], en-fr and fr-en, checkpoint {}", test.size(), test_total,
+                           test_name, fmt::join(o.shots, ","), eval_run.string()));
   t0 = Clock::now();
-  const RunWeights weights = run_load_weights(run_dir);
+  const RunWeights weights = run_load_weights(eval_run);
   std::string engine_note;
   auto engine = run_inference_engine(plan, weights, o.threads, &engine_note);
   TranslateConfig xc;
-  xc.shots = o.shots;
   xc.seed = o.seed;
   xc.max_new_tokens = plan.max_new_tokens;
   xc.sampling = SamplingConfig{.greedy = true};
   xc.progress = true;
-  const auto settings = translate_evaluate(*engine, tokenizer, test, dev, xc);
+  // One (direction, K) at a time, in order of importance: en-fr at the largest K (the
+  // issue's target), both directions zero-shot, fr-en at the largest K, then the rest. A
+  // setting that would end past the budget is skipped (the first one always runs), so a
+  // job running late loses the least important ones. Demonstrations depend on (seed,
+  // sentence, K) alone: one setting per call scores as one call of all.
+  std::vector<std::pair<TranslateDirection, int64_t>> order;
+  const auto order_add = [&](TranslateDirection d, int64_t k) {
+    if (std::find(order.begin(), order.end(), std::pair{d, k}) == order.end()) order.emplace_back(d, k);
+  };
+  const int64_t k_max = *std::max_element(o.shots.begin(), o.shots.end());
+  const int64_t k_min = *std::min_element(o.shots.begin(), o.shots.end());
+  order_add(TranslateDirection::en_fr, k_max);
+  order_add(TranslateDirection::en_fr, k_min);
+  order_add(TranslateDirection::fr_en, k_min);
+  order_add(TranslateDirection::fr_en, k_max);
+  for (const auto d : {TranslateDirection::en_fr, TranslateDirection::fr_en}) {
+    for (const int64_t k : o.shots) order_add(d, k);
+  }
+  const double setting_estimate_s = eval_setting_seconds_estimate(plan, static_cast<int64_t>(test.size()));
+  std::vector<TranslateSetting> settings;
+  std::vector<std::string> skipped;
+  for (const auto& [direction, k] : order) {
+    const double left_s = budget_s - seconds_since(job_start) - 5.0;  // the report's few seconds
+    if (!settings.empty() && left_s < setting_estimate_s) {
+      skipped.push_back(fmt::format("{} K={}", translate_direction_name(direction), k));
+      fmt::print(stderr, "eval: skipped {} K={}: {:.0f} s of the {} min budget left, the setting takes about {:.0f} s\n",
+                 translate_direction_name(direction), k, left_s, plan.minutes, setting_estimate_s);
+      continue;
+    }
+    xc.directions = {direction};
+    xc.shots = {k};
+    for (auto& one : translate_evaluate(*engine, tokenizer, test, dev, xc)) settings.push_back(std::move(one));
+  }
+  std::sort(settings.begin(), settings.end(), [](const TranslateSetting& a, const TranslateSetting& b) {
+    return std::pair{a.direction, a.shots} < std::pair{b.direction, b.shots};
+  });
   engine.reset();
   std::filesystem::create_directories(eval_dir / "translate");
   Json tj;
-  tj["run"] = run_dir.string();
+  tj["run"] = eval_run.string();
   tj["step"] = weights.step;
+  if (best_kept) tj["checkpoint"] = {{"selected_by", "lowest validation loss"}, {"val_loss", tr.best_val_loss}};
+  if (!skipped.empty()) tj["skipped"] = skipped;
   tj["test_set"] = {{"name", test_name}, {"sentences", test.size()}, {"of", test_total}};
   tj["dev_pool"] = dev.size();
   tj["seed"] = o.seed;
@@ -792,7 +957,7 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   timings["eval"] = seconds_since(t0);
   report["eval"] = tj;
   report["eval"]["kshot_plot"] = kshot_plot ? "kshot.png" : "";
-  std::vector<std::string> eval_argv = {"flashgpt", "eval", "translate", "--run", run_dir.string(), "--device",
+  std::vector<std::string> eval_argv = {"flashgpt", "eval", "translate", "--run", eval_run.string(), "--device",
                                         plan.generation_device == Device::cuda ? "cuda" : "cpu", "--shots",
                                         fmt::format("{}", fmt::join(o.shots, ",")), "--limit",
                                         std::to_string(plan.eval_sentences), "--max-new-tokens",
@@ -809,10 +974,11 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
     run_argv.insert(run_argv.end(), {"--download-dir", data_dir.parent_path().string()});
     if (!o.download_manifest.empty()) run_argv.insert(run_argv.end(), {"--download-manifest", o.download_manifest});
   } else if (!builtin) {
-    run_argv.insert(run_argv.end(), {"--data-dir", data_dir.string()});
+    run_argv.insert(run_argv.end(), {"--data-dir", source_data_dir.string()});
   }
   run_argv.insert(run_argv.end(),
-                  {"--device", plan.device_name, "--preset", plan.preset, "--steps", std::to_string(plan.steps),
+                  {"--device", plan.device_name, "--recipe", plan.recipe.empty() ? "none" : plan.recipe, "--preset",
+                   plan.preset, "--steps", std::to_string(plan.steps),
                    "--minutes", fmt::format("{}", plan.minutes), "--batch", std::to_string(plan.batch),
                    "--eval-sentences", std::to_string(plan.eval_sentences), "--shots",
                    fmt::format("{}", fmt::join(o.shots, ",")), "--max-new-tokens", std::to_string(plan.max_new_tokens),
@@ -838,8 +1004,9 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
                     builtin ? "built-in sample" : downloaded ? "downloaded corpora" : "shared corpora", timings["data"].get<double>());
   md += fmt::format("| train | {} preset, {} steps, last loss {:.4f}, val loss {:.4f} | {:.1f} |\n", plan.preset,
                     tr.state.step, tr.last_loss, tr.last_val_loss, timings["train"].get<double>());
-  md += fmt::format("| eval | {} sentences x {} settings | {:.1f} |\n", test.size(), settings.size(),
-                    timings["eval"].get<double>());
+  md += fmt::format("| eval | {} sentences x {} settings{}, checkpoint of step {} | {:.1f} |\n", test.size(),
+                    settings.size(), skipped.empty() ? "" : fmt::format(" ({} skipped)", skipped.size()),
+                    weights.step, timings["eval"].get<double>());
   md += fmt::format("| total | | {:.1f} |\n\n", timings["total"].get<double>());
 
   md += "## Machine\n\n";
@@ -859,11 +1026,28 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   md += "## Training\n\n";
   md += fmt::format("- model: {} preset, {:.2f} M parameters, context {}\n", plan.preset,
                     model_param_count_unpadded(mc) / 1e6, T);
-  md += fmt::format("- {} of {} planned steps{}, batch {} x {}, {:.0f} tokens, AdamW lr {} (warmup {}, cosine to "
-                    "10%)\n",
-                    tr.state.step, plan.steps, capped ? fmt::format(" (stopped by the {} min cap)", plan.minutes) : "",
-                    plan.batch, T, tr.state.tokens, plan.lr, plan.warmup);
+  md += fmt::format("- recipe: {}\n", plan.recipe.empty() ? std::string("none (the CPU job's small settings)")
+                                                            : fmt::format("{} (src/cli/recipes.h)", plan.recipe));
+  md += fmt::format("- {} of {} planned steps{}, batch {} x {}, {:.0f} tokens, AdamW lr {} (warmup {}, {} to {}%), "
+                    "weight decay {}\n",
+                    tr.state.step, plan.steps,
+                    capped ? fmt::format(" (stopped by the time limit: {:.0f} s of the {} min budget)", train_limit_s,
+                                         plan.minutes)
+                           : "",
+                    plan.batch, T, tr.state.tokens, plan.lr, plan.warmup, plan.schedule, plan.min_lr_ratio * 100,
+                    plan.weight_decay);
   md += fmt::format("- last training loss: {:.4f}\n- last validation loss: {:.4f}\n", tr.last_loss, tr.last_val_loss);
+  if (best_kept) {
+    md += fmt::format("- checkpoint evaluated: step {}, validation loss {:.4f} (the lowest of the run, kept as "
+                      "`train/best`; {})\n",
+                      tr.best_step, tr.best_val_loss,
+                      tr.best_step == tr.state.step
+                          ? std::string("the last step")
+                          : fmt::format("the last step, {}, had {:.4f}", tr.state.step, tr.last_val_loss));
+  } else {
+    md += fmt::format("- checkpoint evaluated: step {}, the last one (no validation split to select on)\n",
+                      tr.state.step);
+  }
   md += fmt::format("- training time: {}\n\n", fmt_seconds(tr.seconds));
   md += loss_plot ? "![loss curve](loss.png)\n\n" : "(no loss plot: python3 with matplotlib was not available)\n\n";
 
@@ -873,6 +1057,9 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
                     test_name, test.size(), test_total, builtin ? "the sample's dev split" : "newstest2012+2013",
                     dev.size(), plan.max_new_tokens, check_reason);
   if (!engine_note.empty()) md += fmt::format("Note: {}.\n\n", engine_note);
+  if (!skipped.empty()) {
+    md += fmt::format("Skipped to stay within the {} min budget: {}.\n\n", plan.minutes, fmt::join(skipped, ", "));
+  }
   md += "| direction | shots | BLEU | chrF | demonstrations given (mean) | seconds |\n| --- | --- | --- | --- | --- | --- "
         "|\n";
   for (const auto& s : settings) {
@@ -937,13 +1124,20 @@ void cli_add_run(CLI::App& app) {
   cli_option_tokenizer_dir(*r, o->tokenizer_dir);
   r->add_option("--device", o->device, "auto (cuda when a GPU is visible), cpu or cuda")->capture_default_str()
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}));
-  r->add_option("--preset", o->preset, "Model preset: tiny, small or seed (default: tiny on cpu, seed on cuda)")
+  r->add_option("--recipe", o->recipe,
+                "Data and training settings: auto (translate on cuda, none on cpu), none (the CPU job's small "
+                "settings) or a named recipe (translate: recipe 2 v2 of docs/experiments.md); --preset, --steps and "
+                "--batch override it")
+      ->capture_default_str()->check(CLI::IsMember({"auto", "none"}) | cli_recipe_check());
+  r->add_option("--preset", o->preset, "Model preset: tiny, small or seed (default: the recipe's (seed), else tiny)")
       ->check(CLI::IsMember(model_preset_names()));
-  r->add_option("--steps", o->steps, "Optimizer steps (default: 100 on cpu, 4500 on cuda)")
+  r->add_option("--steps", o->steps, "Optimizer steps (default: the recipe's (4700), else 100)")
       ->check(cli_unsigned_integer())->check(CLI::Range(int64_t{1}, int64_t{10'000'000}));
-  r->add_option("--minutes", o->minutes, "Wall-clock cap on training, minutes (default: 6 on cpu, 15 on cuda)")
+  r->add_option("--minutes", o->minutes,
+                "Wall-clock budget of the whole job, minutes: training gets what the data stage leaves less the "
+                "evaluation's estimate (default: 6 on cpu, 15 on cuda)")
       ->check(CLI::Range(0.01, 7 * 24 * 60.0));
-  r->add_option("--batch", o->batch, "Windows per step (default: 8 on cpu, 64 on cuda)")
+  r->add_option("--batch", o->batch, "Windows per step (default: the recipe's (64), else 8)")
       ->check(cli_unsigned_integer())->check(CLI::Range(int64_t{1}, int64_t{4096}));
   r->add_option("--eval-sentences", o->eval_sentences,
                 "Test sentences scored (0: all; default: 50 on cpu, all 3003 of newstest2014 on cuda)")

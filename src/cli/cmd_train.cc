@@ -2,6 +2,7 @@
 // configuration at start, stores it in RUN/config.json and, with --resume, fills the
 // options not given on the command line from the run's saved configuration.
 #include "commands.h"
+#include "recipes.h"
 
 #include <flashgpt/data_shard.h>
 #include <flashgpt/dist.h>
@@ -31,6 +32,7 @@ namespace {
 using Json = nlohmann::ordered_json;
 
 struct TrainOptions {
+  std::string recipe;  // recipes.h: fills the options not given
   std::string preset;
   std::string data;
   std::string out;
@@ -75,6 +77,8 @@ struct OptionEntry {
 
 std::vector<OptionEntry> train_option_table(TrainOptions& o) {
   return {
+      {"recipe", &o.recipe, "Named recipe (translate: recipe 2 v2 of docs/experiments.md): its values fill the "
+       "options not given here", /*from_run=*/false},
       {"preset", &o.preset, "Model preset: tiny, small or seed"},
       {"data", &o.data, "Prepared dataset directory (train_*.bin, val_*.bin, summary.json)"},
       {"out", &o.out, "Run directory (created): config, log, checkpoint, plot", /*from_run=*/false},
@@ -216,7 +220,7 @@ struct Ranks {
   bool lead() const { return env.rank == 0; }
 };
 
-void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) {
+void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table, const std::string& recipe_line) {
   // Before anything that could start NCCL: multicast off, whatever the launcher passed.
   dist_disable_multicast();
   const Ranks ranks{dist_env_from_environment()};
@@ -242,6 +246,7 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table) 
                    "--out", run_dir.string());
   }
   if (ranks.lead()) fmt::print(stderr, "train: {}\n", options_to_text(table));
+  if (ranks.lead() && !recipe_line.empty()) fmt::print(stderr, "train: {}\n", recipe_line);
   FLASHGPT_CHECK(!o.preset.empty(), "--preset is required (one of: {})", fmt::join(model_preset_names(), ", "));
   FLASHGPT_CHECK(o.device == "cpu" || o.device == "cuda", "--device {}: expected cpu or cuda", o.device);
   FLASHGPT_CHECK(o.batch >= 1, "--batch {} must be at least 1", o.batch);
@@ -440,7 +445,13 @@ void cli_add_train(CLI::App& app) {
   }
   t->get_option("--device")->check(CLI::IsMember({"cpu", "cuda"}));
   t->get_option("--schedule")->check(CLI::IsMember({"constant", "cosine", "linear"}));
-  t->callback([t, options, table] { run_train(t, *options, *table); });
+  t->get_option("--recipe")->check(cli_recipe_check());
+  t->callback([t, options, table] {
+    // The recipe first: its values count as given, so --resume keeps them over the saved run's.
+    const std::string recipe_line = options->recipe.empty() ? std::string()
+        : cli_recipe_apply(*t, options->recipe, recipe_train_values(recipe_find(options->recipe)));
+    run_train(t, *options, *table, recipe_line);
+  });
 }
 
 }  // namespace flashgpt

@@ -118,6 +118,19 @@ def check_report(out, steps, shots):
     m = re.search(r"last validation loss: ([0-9.]+)", md)
     check(m is not None and 5 < float(m.group(1)) < 13, "a validation loss")
 
+    # The checkpoint evaluated is the lowest validation loss (train/best), as the report says.
+    vals = [(r["loss"], r["step"]) for r in log if r.get("type") == "val"]
+    best_loss, best_step = min(vals, key=lambda v: (v[0], v[1])) if vals else (None, None)
+    best_file = out / "train" / "best" / "best.json"
+    best = json.loads(best_file.read_text()) if best_file.is_file() else {}
+    m = re.search(r"- checkpoint evaluated: step (\d+), validation loss ([0-9.]+) \(the lowest of the run", md)
+    check(m is not None and int(m.group(1)) == best_step == best.get("step") == report["train"]["best_step"]
+          and abs(float(m.group(2)) - best_loss) < 1e-4 and abs(best.get("val_loss", -1) - best_loss) < 1e-9,
+          f"best checkpoint line {m.group(0) if m else None} = the log's lowest val loss {best_loss} at step "
+          f"{best_step} = best.json {best}")
+    check(report["eval"]["step"] == best_step and report["eval"]["run"] == str(out / "train" / "best"),
+          f"the evaluation scored train/best: step {report['eval']['step']}, {report['eval']['run']}")
+
     # Timings: numbers, and the total covers the stages.
     t = {r[0]: float(r[1]) for r in table_rows(md, "## Timings")}
     check(set(t) == {"data", "train", "eval", "report", "total"} and all(v >= 0 for v in t.values())
@@ -232,6 +245,10 @@ def main():
     refused(["--data", "shared", "--data-dir", os.path.join(tmp, "nothing")], r"nothing.*no wmt14",
             "a data dir without wmt14/", tmp)
     refused(["--threads", "5000"], r"--threads.*5000", "too many threads", tmp)
+    refused(["--recipe", "nope"], r"--recipe.*unknown recipe 'nope' \(known: translate\)", "an unknown recipe", tmp)
+    refused(["--data", "builtin", "--minutes", "0.5", "--eval-sentences", "0", "--max-new-tokens", "40"],
+            r"--minutes 0.5: the evaluation .* less than a quarter of the budget", "a budget the evaluation would eat",
+            tmp)
     r = flashgpt("version")
     if "cuda: no" in r.stdout:
         refused(["--device", "cuda"], r"no CUDA backend", "cuda in a CPU build", tmp)
@@ -275,6 +292,22 @@ def main():
         r = flashgpt("run", *LIGHT, cwd=cwd)
         check(r.returncode == 0 and (cwd / expect / "report.md").is_file() and r.stdout.strip().startswith(expect),
               f"default out {expect}", r)
+
+    # --minutes bounds the whole job: training far too long for the budget is stopped by its
+    # time limit, and the report comes within the budget (with a little slack for a loaded machine).
+    budget = 0.5
+    out = Path(tmp) / "r-budget"
+    args = list(LIGHT)
+    args[args.index("--steps") + 1] = "100000"
+    r = flashgpt("run", *args, "--minutes", str(budget), "--out", str(out), cwd=tmp)
+    check(r.returncode == 0 and (out / "report.md").is_file(), "a job with a 30 s budget writes its report", r)
+    if r.returncode == 0:
+        rep = json.loads((out / "report.json").read_text())
+        md = (out / "report.md").read_text(encoding="utf-8")
+        check(rep["train"]["stopped_by_time_cap"] and rep["train"]["steps"] < 100000
+              and "stopped by the time limit" in md, f"training stopped by its time limit at step {rep['train']['steps']}")
+        check(rep["timings_s"]["total"] <= budget * 60 * 1.15,
+              f"the whole job took {rep['timings_s']['total']:.1f} s of a {budget * 60:.0f} s budget")
 
     check_download(tmp)
 
