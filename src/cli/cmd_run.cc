@@ -162,8 +162,8 @@ RunPlan run_plan_make(const RunOptions& o) {
   p.steps = o.steps > 0 ? o.steps : recipe ? r.steps : 100;
   p.minutes = o.minutes > 0 ? o.minutes : gpu ? 15.0 : 6.0;
   p.batch = o.batch > 0 ? o.batch : recipe ? r.batch : 8;
-  const double preset_lr = p.preset == "seed" ? 6e-4 : p.preset == "small" ? 1e-3 : 2e-3;
-  p.lr = recipe && p.preset == r.preset ? r.lr : preset_lr;
+  // The recipe's rate whatever the preset, as `train --recipe` has it.
+  p.lr = recipe ? r.lr : p.preset == "seed" ? 6e-4 : p.preset == "small" ? 1e-3 : 2e-3;
   // Warmup and validation follow a --steps shorter than the recipe's (at most a tenth of the
   // steps warm up, at least five validations); at the recipe's steps they are the recipe's.
   p.warmup = std::min<int64_t>(recipe ? r.warmup : 25, std::max<int64_t>(1, p.steps / 10));
@@ -829,8 +829,6 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
                        fmt::format("{}", plan.min_lr_ratio), "--eval-batches", std::to_string(plan.eval_batches),
                        "--save-every", "0", "--weight-decay", fmt::format("{}", plan.weight_decay)});
     if (tc.keep_best) train_argv.push_back("--keep-best");
-  } else if (plan.preset != plan.recipe_values.preset) {
-    train_argv.insert(train_argv.end(), {"--lr", fmt::format("{}", plan.lr)});
   }
   train_argv.insert(train_argv.end(),
                     {"--time-limit", fmt::format("{:.0f}", train_limit_s), "--seed", std::to_string(o.seed)});
