@@ -6,10 +6,11 @@
 # DATA_DIR holds wmt14/, extra/ (.xz, as in ../shared/data) and tokenizers/.
 #
 # 1. unpack the corpora with python3's lzma (the machine has no liblzma for our reader);
-# 2. `data prepare`: multi-pair documents in eval translate's K-shot prompt format,
-#    in-domain news repeated, newstest2013 in the prompt format as the validation split;
-# 3. `train` the seed preset with a wall-clock budget (--time-limit) and --keep-best
-#    (the lowest newstest2013 loss is RUN/best);
+# 2. `data prepare --recipe translate` (src/cli/recipes.h): multi-pair documents in eval
+#    translate's K-shot prompt format, in-domain news repeated, newstest2013 in the prompt
+#    format as the validation split;
+# 3. `train --recipe translate`: the seed preset, 4,700 steps, cosine, --keep-best (the
+#    lowest newstest2013 loss is RUN/best), with a wall-clock budget (--time-limit);
 # 4. `eval translate --device cuda` on all 3003 newstest2014 sentences, one call per
 #    (direction, K) in order of importance, each in its own run directory (links to
 #    RUN/best) so a setting cut by the deadline costs only itself; without --device cuda
@@ -23,11 +24,13 @@
 # of slack; MARGIN (5) is kept back from the last call's timeout.
 #
 # Environment: OUT (results, default results/recipe2), WORK (/tmp/recipe2), DEADLINE (560),
-# TRAIN_SECONDS (390), STEPS (4700), LIMIT (sentences for the fallback: 500; eval translate
-# gets all 3003 unless EVAL_LIMIT is set), PREPARE_ARGS / TRAIN_ARGS (replace the recipe's),
-# EVAL_ARGS (added to each eval translate call, e.g. "--batch 256"); for a CPU smoke run of
-# the pipeline: DEVICE=cpu PRESET=tiny TRAIN_SECONDS=120 EVAL_LIMIT=3 TRAIN_ARGS="--steps 30
-#   --batch 8 --eval-every 10 --eval-batches 5 --save-every 0 --keep-best" (about 2 min on 2 cores).
+# TRAIN_SECONDS (390), RECIPE (translate; none: only the flags below), STEPS (the recipe's:
+# 4700), LIMIT (sentences for the fallback: 500; eval translate gets all 3003 unless
+# EVAL_LIMIT is set), PREPARE_ARGS / TRAIN_ARGS (flags after --recipe: each overrides the
+# recipe's value, e.g. TRAIN_ARGS="--lr 3e-4"), EVAL_ARGS (added to each eval translate call,
+# e.g. "--batch 256"); for a CPU smoke run of the pipeline: DEVICE=cpu PRESET=tiny
+# TRAIN_SECONDS=120 EVAL_LIMIT=3 TRAIN_ARGS="--steps 30 --batch 8 --eval-every 10
+# --eval-batches 5" (about 2 min on 2 cores).
 set -uo pipefail
 BIN=${1:?usage: recipe2_run.sh BIN_DIR DATA_DIR}
 DATA=${2:?usage: recipe2_run.sh BIN_DIR DATA_DIR}
@@ -38,7 +41,8 @@ WORK=${WORK:-/tmp/recipe2}
 DEADLINE=${DEADLINE:-560}
 MARGIN=${MARGIN:-5}
 TRAIN_SECONDS=${TRAIN_SECONDS:-390}
-STEPS=${STEPS:-4700}
+STEPS=${STEPS:-}
+RECIPE=${RECIPE:-translate}
 LIMIT=${LIMIT:-500}
 EVAL_LIMIT=${EVAL_LIMIT:-0}
 EVAL_ARGS=${EVAL_ARGS:-}
@@ -58,25 +62,25 @@ if ldd "$FG" | grep -q "not found"; then  # CUDA libraries from PyTorch's wheels
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
 
-# The recipe (docs/experiments.md, "Recipe 2, v2" says why each choice).
-PREPARE_ARGS=${PREPARE_ARGS:---bilingual-rate 1 --pairs-per-document 16 --document-bytes 2000 --single-pair-share 0.1
-  --pair-order shuffled --weight train.newstest2008-2011.fr-en=4 --weight train.news-commentary-v8-head5k.fr-en=4
-  --weight train.misc-testsets.fr-en=2 --val-set newstest2013}
-TRAIN_ARGS=${TRAIN_ARGS:---steps $STEPS --batch 64 --lr 6e-4 --warmup 200 --schedule cosine --min-lr-ratio 0.1
-  --weight-decay 0.1 --eval-every 500 --eval-batches 0 --save-every 0 --keep-best}
-MONO=(mono.newstest2015-2021.en mono.newstest2019-2021-defr.fr)
+# The recipe's values live in src/cli/recipes.h (docs/experiments.md, "Recipe 2, v2" says
+# why each choice); PREPARE_ARGS and TRAIN_ARGS override single values.
+PREPARE_ARGS=${PREPARE_ARGS:-}
+TRAIN_ARGS=${TRAIN_ARGS:-}
+recipe_args=()
+[ "$RECIPE" != none ] && recipe_args=(--recipe "$RECIPE")
+steps_args=()
+[ -n "$STEPS" ] && steps_args=(--steps "$STEPS")
 
 stamp "unpack"
-python3 - "$DATA" "$WORK/data" "${MONO[@]}" <<'EOF' || exit 1
+python3 - "$DATA" "$WORK/data" <<'EOF' || exit 1
 import concurrent.futures, lzma, os, shutil, sys
-src, dst, mono = sys.argv[1], sys.argv[2], set(sys.argv[3:])
+src, dst = sys.argv[1], sys.argv[2]
 jobs = []
 for sub in ("wmt14", "extra"):
     os.makedirs(os.path.join(dst, sub), exist_ok=True)
     for name in sorted(os.listdir(os.path.join(src, sub))):
+        # Every corpus file (the recipe picks its monolingual ones by name); not the document maps.
         if not name.endswith(".xz") or name.endswith(".docs.tsv.xz"):
-            continue
-        if name.startswith("mono.") and name[:-3] not in mono:
             continue
         jobs.append((os.path.join(src, sub, name), os.path.join(dst, sub, name[:-3])))
 
@@ -90,22 +94,19 @@ EOF
 
 stamp "prepare"
 rm -rf "$WORK/ds"
-mono_args=()
-for m in "${MONO[@]}"; do mono_args+=(--mono "$WORK/data/extra/$m"); done
-pairs_args=()
-for f in "$WORK"/data/wmt14/train.*.en "$WORK"/data/extra/train.*.en; do pairs_args+=(--pairs "$f"); done
-# shellcheck disable=SC2086  # the recipe's arguments are words
-"$FG" data prepare --data-dir "$WORK/data" --eval-dir "$WORK/data/wmt14" --tokenizer-dir "$DATA/tokenizers" \
-  --out "$WORK/ds" "${pairs_args[@]}" "${mono_args[@]}" $PREPARE_ARGS --quiet >"$OUT/prepare.log" 2>&1
+# Every train.* pair of wmt14/ and extra/ (data prepare's default inputs under --data-dir).
+# shellcheck disable=SC2086  # the overrides are words
+"$FG" data prepare "${recipe_args[@]}" --data-dir "$WORK/data" --tokenizer-dir "$DATA/tokenizers" \
+  --out "$WORK/ds" $PREPARE_ARGS --quiet >"$OUT/prepare.log" 2>&1
 [ -f "$WORK/ds/summary.json" ] || { tail -20 "$OUT/prepare.log"; echo "prepare failed"; exit 1; }
 tail -2 "$OUT/prepare.log"
 cp "$WORK/ds/summary.json" "$OUT/dataset_summary.json"
 
-stamp "train ($PRESET preset on $DEVICE, $STEPS planned steps, time limit $TRAIN_SECONDS s)"
+stamp "train ($PRESET preset on $DEVICE, recipe $RECIPE, time limit $TRAIN_SECONDS s)"
 rm -rf "$WORK/run"
 # shellcheck disable=SC2086
-"$FG" train --preset "$PRESET" --device "$DEVICE" --data "$WORK/ds" --out "$WORK/run" --time-limit "$TRAIN_SECONDS" \
-  --log-every 100 --no-plot $TRAIN_ARGS >"$OUT/train.log" 2>&1
+"$FG" train "${recipe_args[@]}" --preset "$PRESET" --device "$DEVICE" --data "$WORK/ds" --out "$WORK/run" \
+  --time-limit "$TRAIN_SECONDS" --log-every 100 --no-plot "${steps_args[@]}" $TRAIN_ARGS >"$OUT/train.log" 2>&1
 echo "train exit $?"
 grep -vE "^\s*$" "$OUT/train.log" | tail -4
 cp "$WORK/run/config.json" "$OUT/" 2>/dev/null
