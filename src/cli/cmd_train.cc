@@ -77,8 +77,6 @@ struct OptionEntry {
 
 std::vector<OptionEntry> train_option_table(TrainOptions& o) {
   return {
-      {"recipe", &o.recipe, "Named recipe (translate: recipe 2 v2 of docs/experiments.md): its values fill the "
-       "options not given here", /*from_run=*/false},
       {"preset", &o.preset, "Model preset: tiny, small or seed"},
       {"data", &o.data, "Prepared dataset directory (train_*.bin, val_*.bin, summary.json)"},
       {"out", &o.out, "Run directory (created): config, log, checkpoint, plot", /*from_run=*/false},
@@ -115,6 +113,9 @@ std::vector<OptionEntry> train_option_table(TrainOptions& o) {
       {"quiet", &o.quiet, "No progress lines", false},
       {"zero1", &o.zero1, "Data parallel: shard the AdamW update over the ranks (ZeRO-1)", false},
       {"bucket-mb", &o.bucket_mb, "Data parallel: gradient all-reduce bucket size in MiB", false},
+      // Last, so that the start-up line keeps its order; a second line lists what it set.
+      {"recipe", &o.recipe, "Named recipe (translate: recipe 2 v2 of docs/experiments.md): its values fill the "
+       "options not given here", /*from_run=*/false},
   };
 }
 
