@@ -29,10 +29,14 @@ namespace flashgpt {
 // Whether the kernels for this head dim were built (CMake option FLASHGPT_ATTENTION_HEAD_DIMS).
 bool attention_cuda_head_dim_compiled(int head_dim);
 
-// Which forward kernel runs for this head dim on the current device: "wgmma" (Hopper, sm_90a
-// builds, head dims 64, 96, 128 and 256, with or without dropout) or "mma.sync".
-// FLASHGPT_ATTN_FWD_KERNEL=mma_sync in the environment forces the latter.
+// Which forward kernel runs for this head dim on the current device, for a dense batch without
+// dropout: "wgmma-tma" (the warp-specialized TMA kernel: Hopper, sm_90a builds, head dims 64
+// and 128, dense batches without dropout), "wgmma" (Hopper, sm_90a builds, head dims 64, 96,
+// 128 and 256, with or without dropout) or "mma.sync". FLASHGPT_ATTN_FWD_KERNEL in the
+// environment overrides the choice: mma_sync, wgmma, or tma (where it applies).
 const char* attention_cuda_forward_kernel(int head_dim);
+// The same for these params (varlen batches and dropout never take "wgmma-tma").
+const char* attention_cuda_forward_kernel(const AttentionParams& params);
 // The same for the backward's main kernel (wgmma for head dims 64 and 128);
 // FLASHGPT_ATTN_BWD_KERNEL=mma_sync forces mma.sync.
 const char* attention_cuda_backward_kernel(int head_dim);

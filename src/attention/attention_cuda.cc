@@ -110,6 +110,22 @@ bool env_forces_mma_sync(const char* var) {
   return v != nullptr && std::strcmp(v, "mma_sync") == 0;
 }
 
+// FLASHGPT_ATTN_FWD_KERNEL, read once: "mma_sync" forces the mma.sync forward, "wgmma" the
+// cp.async wgmma forward (the Hopper kernel before the TMA one, for comparison), "tma" the TMA
+// forward wherever it applies; anything else (or unset) is the automatic choice.
+enum class FwdOverride { automatic, mma_sync, wgmma, tma };
+FwdOverride fwd_override() {
+  static const FwdOverride value = [] {
+    const char* v = std::getenv("FLASHGPT_ATTN_FWD_KERNEL");
+    if (v == nullptr) return FwdOverride::automatic;
+    if (std::strcmp(v, "mma_sync") == 0) return FwdOverride::mma_sync;
+    if (std::strcmp(v, "wgmma") == 0) return FwdOverride::wgmma;
+    if (std::strcmp(v, "tma") == 0) return FwdOverride::tma;
+    return FwdOverride::automatic;
+  }();
+  return value;
+}
+
 // A device attribute, asked of the driver once per device (devices past kMaxDevices are asked
 // every time) instead of at every launch.
 template <cudaDeviceAttr kAttribute>
@@ -140,20 +156,35 @@ bool device_is_sm90() {
          device_attribute<cudaDevAttrComputeCapabilityMinor>(device) == 0;
 }
 
-// The kernel choice. The wgmma kernels run wherever they can: the instance has one for its
-// pass (an sm_90a build; the forward for head dims 64, 96, 128 and 256, the backward for 64
-// and 128), the current device is compute capability 9.0, and the pass's override
-// (FLASHGPT_ATTN_FWD_KERNEL / FLASHGPT_ATTN_BWD_KERNEL=mma_sync, read once) does not force
-// mma.sync. The wgmma forward passed the GPU tests on the H100 and beat the mma.sync forward
-// in every row measured, with and without dropout (d256: 1.13-1.54x FA2 where mma.sync
+// The kernel choice, the one place it is made. The wgmma kernels run wherever they can: the
+// instance has one for its pass (an sm_90a build; the forward for head dims 64, 96, 128 and
+// 256, the backward for 64 and 128), the current device is compute capability 9.0, and the
+// pass's override (FLASHGPT_ATTN_FWD_KERNEL / FLASHGPT_ATTN_BWD_KERNEL=mma_sync, read once) does
+// not force mma.sync. The wgmma forward passed the GPU tests on the H100 and beat the mma.sync
+// forward in every row measured, with and without dropout (d256: 1.13-1.54x FA2 where mma.sync
 // measured 0.57-0.66x); the wgmma backward measured 0.90-1.15x of torch FA2 where the mma.sync
 // one had measured 0.65-0.76x (separate runs).
-attn::FwdKernel choose_fwd_kernel(int head_dim) {
-  static const bool forced = env_forces_mma_sync("FLASHGPT_ATTN_FWD_KERNEL");
+//
+// The TMA forward (head dims 64 and 128) takes dense batches without dropout: varlen batches and
+// dropout keep the cp.async wgmma kernel. It runs when FLASHGPT_ATTN_FWD_KERNEL=tma, and by
+// default only once kTmaForwardByDefault is true, which needs it correct in every test and
+// faster than the wgmma kernel in the benchmark (docs/attention_gpu.md).
+constexpr bool kTmaForwardByDefault = false;
+
+// `p` null: the kernel of a dense call without dropout (what attention_cuda_forward_kernel reports).
+attn::FwdKernel choose_fwd_kernel(int head_dim, const AttentionParams* p) {
+  const FwdOverride forced = fwd_override();
   const bool has_wgmma = dispatch_instance<bool>(head_dim, DType::bf16, []<int D, typename E>() {
     return attn::flash_fwd_has_wgmma<D, E>();
   });
-  return has_wgmma && !forced && device_is_sm90() ? attn::FwdKernel::wgmma : attn::FwdKernel::mma_sync;
+  if (!has_wgmma || forced == FwdOverride::mma_sync || !device_is_sm90()) return attn::FwdKernel::mma_sync;
+  const bool has_tma = dispatch_instance<bool>(head_dim, DType::bf16, []<int D, typename E>() {
+    return attn::flash_fwd_has_tma<D, E>();
+  });
+  const bool tma_fits = has_tma && (p == nullptr || (p->cu_seqlens_q == nullptr &&
+                                                     !dropout_enabled(dropout_threshold(p->dropout_p))));
+  const bool want_tma = forced == FwdOverride::tma || (forced == FwdOverride::automatic && kTmaForwardByDefault);
+  return want_tma && tma_fits ? attn::FwdKernel::tma : attn::FwdKernel::wgmma;
 }
 attn::BwdKernel choose_bwd_kernel(int head_dim) {
   static const bool forced = env_forces_mma_sync("FLASHGPT_ATTN_BWD_KERNEL");
@@ -167,7 +198,13 @@ attn::BwdKernel choose_bwd_kernel(int head_dim) {
 
 const char* attention_cuda_backward_kernel(int head_dim) { return attn::kernel_name(choose_bwd_kernel(head_dim)); }
 
-const char* attention_cuda_forward_kernel(int head_dim) { return attn::kernel_name(choose_fwd_kernel(head_dim)); }
+const char* attention_cuda_forward_kernel(int head_dim) {
+  return attn::kernel_name(choose_fwd_kernel(head_dim, nullptr));
+}
+
+const char* attention_cuda_forward_kernel(const AttentionParams& params) {
+  return attn::kernel_name(choose_fwd_kernel(params.head_dim, &params));
+}
 
 bool attention_cuda_head_dim_compiled(int head_dim) {
   for (int d : attn::kAttentionCudaHeadDims)
@@ -178,7 +215,7 @@ bool attention_cuda_head_dim_compiled(int head_dim) {
 void attention_forward_cuda(const AttentionParams& params, cudaStream_t stream) {
   validate_cuda(params, AttentionPass::forward);
   attn::FwdPlan plan;
-  plan.kernel = choose_fwd_kernel(params.head_dim);
+  plan.kernel = choose_fwd_kernel(params.head_dim, &params);
   plan.scale = attention_softmax_scale(params);
   dispatch_instance<void>(params.head_dim, params.dtype, [&]<int D, typename Element>() {
     attn::run_flash_fwd<D, Element>(params, plan, stream);

@@ -20,10 +20,14 @@ namespace flashgpt::attn {
 // entry), and the entry points reject more heads than this.
 inline constexpr int kMaxGridYZ = 65535;
 
-enum class FwdKernel { mma_sync, wgmma };
+// tma: the warp-specialized forward fed by the copy engine (flash_fwd_tma_kernel.cuh), dense
+// batches without dropout; wgmma: the cp.async one (flash_fwd_wgmma_kernel.cuh).
+enum class FwdKernel { mma_sync, wgmma, tma };
 enum class BwdKernel { mma_sync, wgmma };
 
-inline const char* kernel_name(FwdKernel k) { return k == FwdKernel::wgmma ? "wgmma" : "mma.sync"; }
+inline const char* kernel_name(FwdKernel k) {
+  return k == FwdKernel::tma ? "wgmma-tma" : k == FwdKernel::wgmma ? "wgmma" : "mma.sync";
+}
 inline const char* kernel_name(BwdKernel k) { return k == BwdKernel::wgmma ? "wgmma" : "mma.sync"; }
 
 struct FwdPlan {
@@ -48,6 +52,9 @@ template <int kHeadDim, typename Element>
 bool flash_fwd_has_wgmma();
 template <int kHeadDim, typename Element>
 bool flash_bwd_has_wgmma();
+// Whether the instance has the TMA forward (sm_90a build, head dims 64 and 128).
+template <int kHeadDim, typename Element>
+bool flash_fwd_has_tma();
 // Bytes of workspace the backward needs for these params, whichever kernel runs.
 template <int kHeadDim, typename Element>
 std::size_t flash_bwd_workspace_bytes(const AttentionParams& p);

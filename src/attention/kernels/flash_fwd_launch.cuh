@@ -7,6 +7,7 @@
 #include "attention_cuda_launch.h"
 #include "flash_launch_common.cuh"
 #include "flash_fwd_kernel.cuh"
+#include "flash_fwd_tma_kernel.cuh"
 #include "flash_fwd_wgmma_kernel.cuh"
 #include "flash_tiles.cuh"
 
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace flashgpt::attn {
 
@@ -28,6 +30,60 @@ using FwdWgmmaTraitsFor =
 // Head dims with a wgmma forward kernel (its code exists only in sm_90a builds).
 template <int kHeadDim>
 inline constexpr bool kFwdWgmmaKernel = kHeadDim == 64 || kHeadDim == 96 || kHeadDim == 128 || kHeadDim == 256;
+
+// The warp-specialized TMA forward (flash_fwd_tma_kernel.cuh), head dims 64 and 128: key block,
+// consumer warpgroups (64 query rows each) and K/V stages. Lab hooks FLASHGPT_TMA<d>_BLOCK_N /
+// _CONSUMERS / _STAGES change them at compile time.
+#ifndef FLASHGPT_TMA64_BLOCK_N
+#define FLASHGPT_TMA64_BLOCK_N 128
+#endif
+#ifndef FLASHGPT_TMA64_CONSUMERS
+#define FLASHGPT_TMA64_CONSUMERS 3
+#endif
+#ifndef FLASHGPT_TMA64_STAGES
+#define FLASHGPT_TMA64_STAGES 3
+#endif
+#ifndef FLASHGPT_TMA128_BLOCK_N
+#define FLASHGPT_TMA128_BLOCK_N 128
+#endif
+#ifndef FLASHGPT_TMA128_CONSUMERS
+#define FLASHGPT_TMA128_CONSUMERS 2
+#endif
+#ifndef FLASHGPT_TMA128_STAGES
+#define FLASHGPT_TMA128_STAGES 2
+#endif
+template <int kHeadDim>
+inline constexpr bool kFwdTmaKernel = kHeadDim == 64 || kHeadDim == 128;
+template <int kHeadDim, typename Element>
+using FwdTmaTraitsFor =
+    FwdTmaTraits<kHeadDim, kHeadDim == 64 ? FLASHGPT_TMA64_BLOCK_N : FLASHGPT_TMA128_BLOCK_N,
+                 kHeadDim == 64 ? FLASHGPT_TMA64_CONSUMERS : FLASHGPT_TMA128_CONSUMERS,
+                 kHeadDim == 64 ? FLASHGPT_TMA64_STAGES : FLASHGPT_TMA128_STAGES, FLASHGPT_TMA_PINGPONG != 0, Element>;
+
+// The TMA forward over a dense batch (the entry point sends no varlen and no dropout here):
+// tensor maps over Q, K and V as [batch][rows][heads][head_dim] with the params' strides, a CTA
+// per kBlockM query rows, per head, per batch entry, as launch_flash_fwd.
+template <typename Traits>
+void launch_flash_fwd_tma(const AttentionParams& p, float scale, cudaStream_t stream) {
+  const unsigned m_blocks = unsigned((p.seqlen_q + Traits::kBlockM - 1) / Traits::kBlockM);
+  if (m_blocks == 0 || p.batch == 0) return;
+  constexpr bool kBf16 = std::is_same_v<typename Traits::Element, __nv_bfloat16>;
+  const CUtensorMap tm_q = make_tensor_map_16bit(p.q, kBf16, p.head_dim, p.seqlen_q, p.heads_q, p.batch, p.q_row_stride,
+                                                 p.q_head_stride, p.q_batch_stride, Traits::kBlockM);
+  const CUtensorMap tm_k = make_tensor_map_16bit(p.k, kBf16, p.head_dim, p.seqlen_k, p.heads_kv, p.batch,
+                                                 p.k_row_stride, p.k_head_stride, p.k_batch_stride, Traits::kBlockN);
+  const CUtensorMap tm_v = make_tensor_map_16bit(p.v, kBf16, p.head_dim, p.seqlen_k, p.heads_kv, p.batch,
+                                                 p.v_row_stride, p.v_head_stride, p.v_batch_stride, Traits::kBlockN);
+  auto kernel = flash_fwd_tma_kernel<Traits>;
+  set_smem_limit(kernel, Traits::kSmemBytes);
+  for (int b0 = 0; b0 < p.batch; b0 += kMaxGridYZ) {
+    KernelParams kp{p};
+    kp.batch_begin = b0;
+    const dim3 grid(m_blocks, unsigned(p.heads_q), unsigned(std::min(p.batch - b0, kMaxGridYZ)));
+    kernel<<<grid, Traits::kThreads, Traits::kSmemBytes, stream>>>(tm_q, tm_k, tm_v, kp, scale);
+    check_launch("launch of kernel flash_fwd_tma_kernel");
+  }
+}
 
 // One forward kernel over the batch: a CTA per kBlockM query rows, per head, per batch entry,
 // in slices of at most kMaxGridYZ batch entries (grid z). The entry point checked heads_q.
@@ -55,7 +111,24 @@ bool flash_fwd_has_wgmma() {
 }
 
 template <int kHeadDim, typename Element>
+bool flash_fwd_has_tma() {
+#ifdef FLASHGPT_ATTN_SM90A
+  return kFwdTmaKernel<kHeadDim>;
+#else
+  return false;
+#endif
+}
+
+template <int kHeadDim, typename Element>
 void run_flash_fwd(const AttentionParams& p, const FwdPlan& plan, cudaStream_t stream) {
+  if (plan.kernel == FwdKernel::tma) {
+    if (!flash_fwd_has_tma<kHeadDim, Element>())
+      plan_error("attention (CUDA): internal error: the plan names the TMA forward, which this instance lacks");
+    if constexpr (kFwdTmaKernel<kHeadDim>) {
+      launch_flash_fwd_tma<FwdTmaTraitsFor<kHeadDim, Element>>(p, plan.scale, stream);
+    }
+    return;
+  }
   if (plan.kernel == FwdKernel::wgmma) {
     if (!flash_fwd_has_wgmma<kHeadDim, Element>())
       plan_error("attention (CUDA): internal error: the plan names the wgmma forward, which this instance lacks");

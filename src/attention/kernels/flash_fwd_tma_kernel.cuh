@@ -1,0 +1,260 @@
+// The warp-specialized Hopper forward (sm_90a): the algorithm and contract of
+// flash_fwd_wgmma_kernel.cuh (online softmax in base 2 with the scale folded in, bottom-right
+// causal mask, GQA, LSE), fed by the copy engine instead of cp.async from every thread.
+// Dense batches without dropout only; the entry point keeps the cp.async wgmma kernel for
+// variable-length batches and dropout.
+//
+// One CTA: one producer warpgroup and kConsumers consumer warpgroups of 64 query rows each.
+//   - Producer (one thread works; the warpgroup gives its registers away with setmaxnreg):
+//     Q once, then K[n] and V[n] of every key block into a ring of kStages stages, each
+//     copy completing on the stage's "full" mbarrier (transaction bytes); before refilling a
+//     stage it waits on the stage's "empty" mbarrier.
+//   - Consumers (setmaxnreg raises their registers): S = Q K^T (SS wgmma), mask + online
+//     softmax, O += P V (RS wgmma, P from registers), with the descriptors, fragment layouts
+//     and softmax of the cp.async kernel. A warp releases K[n] (V[n]) once its S (P V) GEMM
+//     has completed: one arrival per consumer warp on the stage's "empty" barrier.
+//   - No CTA-wide barrier after the barriers' initialization.
+//   - Ping-pong (kPingPong): the consumers issue their GEMMs in turns, round robin, through
+//     named barriers (turn w is barrier 1 + w), so that while one warpgroup's GEMM runs on the
+//     tensor cores the others run their softmax. Every consumer takes two turns per key block
+//     (S, then P V), and all of them see the same number of key blocks, so the turns pair up;
+//     the last warpgroup's last hand-over, which nobody would wait for, is skipped.
+//   - Epilogue: each consumer stages its 64 rows of O in shared memory (its own region, one
+//     named barrier of its 128 threads) and writes them out with 16-byte stores; LSE as today.
+#pragma once
+
+#include "flash_common.cuh"
+#include "flash_fwd_wgmma_kernel.cuh"
+#include "hopper_common.cuh"
+#include "wgmma_common.cuh"
+
+namespace flashgpt::attn {
+
+template <int kHeadDim_, int kBlockN_, int kConsumers_, int kStages_, bool kPingPong_, typename Element_>
+struct FwdTmaTraits {
+  using Element = Element_;
+  static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kBlockN = kBlockN_;
+  static constexpr int kConsumers = kConsumers_;
+  static constexpr int kStages = kStages_;
+  static constexpr bool kPingPong = kPingPong_;
+  static constexpr int kThreads = 128 * (kConsumers + 1);
+  static constexpr int kBlockM = 64 * kConsumers;
+  static constexpr int kNTilesS = kBlockN / 8;
+  static constexpr int kNTilesO = kHeadDim / 8;
+  static constexpr int kColBlocks = kHeadDim / 64;  // 64-column (128-byte) swizzle blocks of a row
+  static_assert(sizeof(Element) == 2, "16-bit elements only");
+  static_assert(kHeadDim % 64 == 0, "rows are whole 128-byte swizzle blocks (head dims 64 and 128)");
+  static_assert(kBlockN % 16 == 0 && kBlockN >= 64 && kBlockN <= 256, "wgmma N and the TMA box rows");
+  static_assert(kBlockM <= 256, "a TMA box has at most 256 rows");
+  static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
+  static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
+  using StagedO = StagedTile<64, kHeadDim, Element>;  // one consumer's 64 rows of O
+  static constexpr size_t kStagedOBytes = (StagedO::kBytes + 127) / 128 * 128;
+  // Barriers: Q full, then K full, V full, K empty, V empty per stage.
+  static constexpr int kBarriers = 1 + 4 * kStages;
+  static constexpr size_t kSmemBytes =
+      1024 + kTileQBytes + 2 * size_t{kStages} * kTileKVBytes + kConsumers * kStagedOBytes + 8 * kBarriers;
+  static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 block can have");
+  // Registers after reallocation: the producer keeps 24 a thread; the consumers share the rest of
+  // the 64K-register file (multiples of 8, and what __launch_bounds__(kThreads, 1) granted at
+  // entry, 65536 / kThreads rounded down to 8, times kThreads, bounds the total).
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kEntryRegs = 65536 / kThreads / 8 * 8;
+  static constexpr int kConsumerRegs =
+      ((kEntryRegs * kThreads - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8) > 240
+          ? 240
+          : ((kEntryRegs * kThreads - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8);
+  static_assert(kConsumers + 1 <= 15 - kConsumers, "named barrier ids: a turn and an epilogue barrier per consumer");
+};
+
+// Lab hook: 0 turns ping-pong off (each consumer issues its GEMMs as soon as its data is there).
+#ifndef FLASHGPT_TMA_PINGPONG
+#define FLASHGPT_TMA_PINGPONG 1
+#endif
+
+template <typename Traits>
+__global__ void __launch_bounds__(Traits::kThreads, 1)
+    flash_fwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
+                         const __grid_constant__ CUtensorMap tm_v, const KernelParams p, float scale) {
+#ifdef FLASHGPT_WGMMA_AVAILABLE
+  using Element = typename Traits::Element;
+  using Ops = ElementOps<Element>;
+  using Mma = WgmmaOps<Element>;
+  using StagedO = typename Traits::StagedO;
+  constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
+  constexpr int kStages = Traits::kStages, kConsumers = Traits::kConsumers;
+  constexpr int kNTilesS = Traits::kNTilesS, kNTilesO = Traits::kNTilesO;
+  constexpr int kKSteps = kHeadDim / 16;
+  constexpr uint32_t kSwizzleAtom = 1024;
+  constexpr bool kPingPong = Traits::kPingPong && kConsumers > 1;
+
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t sQ = (raw + 1023u) & ~1023u;
+  const uint32_t sK = sQ + Traits::kTileQBytes;               // [kStages][kColBlocks][kBlockN][64]
+  const uint32_t sV = sK + kStages * Traits::kTileKVBytes;    // [kStages][kColBlocks][kBlockN][64]
+  const uint32_t sO = sV + kStages * Traits::kTileKVBytes;    // [kConsumers] staged 64-row tiles
+  const uint32_t bars = sO + kConsumers * uint32_t(Traits::kStagedOBytes);
+  const uint32_t bar_q = bars;
+  auto bar_k_full = [&](int s) { return bars + 8u * uint32_t(1 + s); };
+  auto bar_v_full = [&](int s) { return bars + 8u * uint32_t(1 + kStages + s); };
+  auto bar_k_empty = [&](int s) { return bars + 8u * uint32_t(1 + 2 * kStages + s); };
+  auto bar_v_empty = [&](int s) { return bars + 8u * uint32_t(1 + 3 * kStages + s); };
+
+  const bool causal = p.mask == Mask::causal;
+  // Heaviest query blocks first under the causal mask (CTAs start in blockIdx.x order).
+  const int m_block = causal ? int(gridDim.x) - 1 - int(blockIdx.x) : int(blockIdx.x);
+  const int head = blockIdx.y, b = p.batch_begin + int(blockIdx.z);
+  const int head_kv = head / (p.heads_q / p.heads_kv);
+  const SeqInfo seq(p, b);
+  const int m0 = m_block * kBlockM;
+  if (m0 >= seq.seqlen_q) return;  // the whole CTA, before any barrier
+  const int diag = seq.seqlen_k - seq.seqlen_q;
+  const FwdGlobal<Element> global(p, seq, b, head, m0, kBlockM, kBlockN, causal, diag);
+  const int n_blocks = global.n_blocks;
+  const int tid = threadIdx.x;
+  const int wg = tid / 128;
+
+  if (tid == 0) {
+    mbarrier_init(bar_q, 1);
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(bar_k_full(s), 1);
+      mbarrier_init(bar_v_full(s), 1);
+      mbarrier_init(bar_k_empty(s), 4 * kConsumers);  // one arrival per consumer warp
+      mbarrier_init(bar_v_empty(s), 4 * kConsumers);
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // ---- Producer ----
+    setmaxnreg_dec<Traits::kProducerRegs>();
+    if (tid == 0 && n_blocks > 0) {
+      prefetch_tensor_map(&tm_q);
+      prefetch_tensor_map(&tm_k);
+      prefetch_tensor_map(&tm_v);
+      mbarrier_arrive_expect_tx(bar_q, Traits::kTileQBytes);
+#pragma unroll
+      for (int cb = 0; cb < Traits::kColBlocks; ++cb)
+        tma_load_4d(sQ + cb * kBlockM * 128, &tm_q, bar_q, cb * 64, m0, head, b);
+      PipelineState<kStages> st;
+      for (int n_block = 0; n_block < n_blocks; ++n_block) {
+        const uint32_t k_dst = sK + st.index * Traits::kTileKVBytes, v_dst = sV + st.index * Traits::kTileKVBytes;
+        mbarrier_wait(bar_k_empty(st.index), st.phase ^ 1u);
+        mbarrier_arrive_expect_tx(bar_k_full(st.index), Traits::kTileKVBytes);
+#pragma unroll
+        for (int cb = 0; cb < Traits::kColBlocks; ++cb)
+          tma_load_4d(k_dst + cb * kBlockN * 128, &tm_k, bar_k_full(st.index), cb * 64, n_block * kBlockN, head_kv, b);
+        mbarrier_wait(bar_v_empty(st.index), st.phase ^ 1u);
+        mbarrier_arrive_expect_tx(bar_v_full(st.index), Traits::kTileKVBytes);
+#pragma unroll
+        for (int cb = 0; cb < Traits::kColBlocks; ++cb)
+          tma_load_4d(v_dst + cb * kBlockN * 128, &tm_v, bar_v_full(st.index), cb * 64, n_block * kBlockN, head_kv, b);
+        st.advance();
+      }
+    }
+    return;
+  }
+
+  // ---- Consumers ----
+  setmaxnreg_inc<Traits::kConsumerRegs>();
+  const int cw = wg - 1;  // this consumer's rows: 64 cw .. 64 cw + 63 of the block
+  const int ctid = tid - 128 * wg;  // 0..127 inside the warpgroup
+  const int warp = ctid / 32, lane = ctid % 32, g = lane / 4, t = lane % 4;
+  const int row_local0 = cw * 64 + warp * 16 + g;
+  const int row0 = m0 + row_local0;
+  const float scale_log2 = scale * kLog2e;
+
+  float acc_o[kNTilesO][4];
+#pragma unroll
+  for (int i = 0; i < kNTilesO; ++i) acc_o[i][0] = acc_o[i][1] = acc_o[i][2] = acc_o[i][3] = 0.0f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
+
+  // Turns: consumer cw waits on barrier 1 + cw (but for consumer 0's first turn) and hands on to
+  // the next consumer's barrier (but for the last consumer's last turn).
+  const int turns = 2 * n_blocks;
+  int turn = 0;
+  auto turn_begin = [&]() {
+    if constexpr (kPingPong) {
+      if (cw != 0 || turn != 0) named_barrier_sync(1 + cw, 256);
+    }
+  };
+  auto turn_end = [&]() {
+    if constexpr (kPingPong) {
+      if (cw != kConsumers - 1 || turn != turns - 1) named_barrier_arrive(1 + (cw + 1) % kConsumers, 256);
+    }
+    ++turn;
+  };
+
+  if (n_blocks > 0) mbarrier_wait(bar_q, 0);
+  const uint32_t q_base = sQ + cw * 64 * 128;
+  PipelineState<kStages> st;
+  for (int n_block = 0; n_block < n_blocks; ++n_block) {
+    const uint32_t k_base = sK + st.index * Traits::kTileKVBytes, v_base = sV + st.index * Traits::kTileKVBytes;
+    float s[kNTilesS][4];
+    turn_begin();
+    mbarrier_wait(bar_k_full(st.index), st.phase);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      const uint32_t col_bytes = (kk % 4) * 32;
+      const uint64_t desc_q = wgmma_desc_sw128(q_base + (kk / 4) * kBlockM * 128 + col_bytes, 16, kSwizzleAtom);
+      const uint64_t desc_k = wgmma_desc_sw128(k_base + (kk / 4) * kBlockN * 128 + col_bytes, 16, kSwizzleAtom);
+      Mma::ss(s, desc_q, desc_k, /*accumulate=*/kk > 0);
+    }
+    wgmma_commit();
+    turn_end();
+    wgmma_wait<0>();
+    fence_operands(s);
+    if (lane == 0) mbarrier_arrive(bar_k_empty(st.index));
+
+    const int n0 = n_block * kBlockN;
+    if (n0 + kBlockN > seq.seqlen_k || (causal && n0 + kBlockN - 1 > m0 + diag))
+      wg_mask_scores(s, n0, row0, seq.seqlen_k, causal, diag, t);
+    float correction[2];
+    wg_softmax_block(s, row_max, row_sum, scale_log2, correction);
+    wg_scale_rows(acc_o, correction);
+    uint32_t pa[kNTilesS / 2][4];
+    pack_rs_a_fragments<Element>(s, pa);
+
+    turn_begin();
+    mbarrier_wait(bar_v_full(st.index), st.phase);
+    fence_operands(acc_o);
+    wgmma_fence();
+#pragma unroll
+    for (int kt = 0; kt < kBlockN / 16; ++kt)
+      Mma::rs_trans_b(acc_o, pa[kt], wgmma_desc_sw128(v_base + kt * 16 * 128, kBlockN * 128, kSwizzleAtom),
+                      /*accumulate=*/1);
+    wgmma_commit();
+    turn_end();
+    wgmma_wait<0>();
+    fence_operands(acc_o);
+    fence_operands(pa);
+    if (lane == 0) mbarrier_arrive(bar_v_empty(st.index));
+    st.advance();
+  }
+
+  // Epilogue: O = acc / sum, LSE = max * scale + ln(sum), +inf for rows that see no key.
+  Element* const s_o = reinterpret_cast<Element*>(smem_raw + (sO + cw * uint32_t(Traits::kStagedOBytes) - raw));
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float sum = warp_quad_sum(row_sum[r]);
+    const int row_in_wg = warp * 16 + g + 8 * r;
+    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+#pragma unroll
+    for (int i = 0; i < kNTilesO; ++i)
+      StagedO::put(s_o, row_in_wg, i * 8 + 2 * t, Ops::pack(acc_o[i][2 * r] * inv, acc_o[i][2 * r + 1] * inv));
+    if (t == 0 && row0 + 8 * r < seq.seqlen_q)
+      global.lse[row_local0 + 8 * r] = sum > 0.0f ? row_max[r] * scale + logf(sum) : INFINITY;
+  }
+  named_barrier_sync(1 + kConsumers + cw, 128);
+  StagedO::template copy_out<128>(s_o, global.o + int64_t{cw} * 64 * p.o_row_stride, p.o_row_stride,
+                                  seq.seqlen_q - m0 - cw * 64, ctid);
+#elif defined(__CUDA_ARCH__)
+  __trap();  // built for a target without wgmma: the launcher never picks this kernel there
+#endif
+}
+
+}  // namespace flashgpt::attn
