@@ -386,9 +386,16 @@ TEST(AttentionCuda, ReportsKernels) {
     const bool hopper_dim = d == 64 || d == 128, hopper_fwd_dim = hopper_dim || d == 96 || d == 256;
     if (fwd_forced || !hopper_fwd_dim) {
       EXPECT_EQ(fwd, "mma.sync") << "head_dim " << d;
+    } else if (hopper_dim) {
+      EXPECT_TRUE(fwd == "wgmma-tma" || fwd == "wgmma" || fwd == "mma.sync") << fwd;
     } else {
       EXPECT_TRUE(fwd == "wgmma" || fwd == "mma.sync") << fwd;
     }
+    // The TMA forward takes neither dropout nor varlen batches.
+    AttentionParams with_dropout;
+    with_dropout.head_dim = d;
+    with_dropout.dropout_p = 0.1f;
+    EXPECT_STRNE(attention_cuda_forward_kernel(with_dropout), "wgmma-tma") << "head_dim " << d;
     if (bwd_forced || !hopper_dim) {
       EXPECT_EQ(bwd, "mma.sync") << "head_dim " << d;
     } else {
@@ -396,7 +403,7 @@ TEST(AttentionCuda, ReportsKernels) {
     }
     // The two automatic choices agree where both passes have a wgmma kernel.
     if (!fwd_forced && !bwd_forced && hopper_dim) {
-      EXPECT_EQ(fwd, bwd) << "head_dim " << d;
+      EXPECT_EQ(fwd.substr(0, 5) == "wgmma", bwd == "wgmma") << "head_dim " << d;
     }
   }
 }
@@ -487,6 +494,45 @@ TEST(AttentionCuda, BatchOverGridLimit) {
   for (const AttentionCase& c : cases) {
     SCOPED_TRACE(c.name);
     run_case(c, /*backward=*/true, c.shape.dropout_p > 0.0f ? Determinism::fast : Determinism::deterministic);
+  }
+}
+
+// The forward at the shapes that stress the TMA kernel's pipeline (FLASHGPT_ATTN_FWD_KERNEL=tma
+// runs it; the ctest attention_cuda_test_tma sets that): key-block counts 1 to 5 (its ring has
+// 2 or 3 stages of 128 keys), lengths one short of and one past a block, 1 and 17, a length of
+// 1000, rows that see no key (causal, seqlen_q > seqlen_k), GQA, both dtypes, causal and not;
+// O and LSE against the reference. Then a batch of many CTAs per SM.
+TEST(AttentionCuda, ForwardPipelineShapes) {
+  struct Lengths {
+    int sq, sk;
+  };
+  const std::vector<Lengths> lengths = {{1, 1},     {17, 17},   {1, 300},   {127, 127}, {129, 129}, {128, 128},
+                                        {200, 255}, {200, 257}, {190, 383}, {64, 385},  {300, 509}, {130, 640},
+                                        {300, 17},  {1000, 1000}};
+  for (DType dtype : {DType::bf16, DType::f16})
+    for (int d : {64, 128}) {
+      if (!attention_cuda_head_dim_compiled(d)) continue;
+      for (Mask mask : {Mask::none, Mask::causal})
+        for (const Lengths& l : lengths) {
+          const bool big = l.sq * l.sk > 100000;
+          const AttentionCase c{"pipeline d" + std::to_string(d) + " " + std::to_string(l.sq) + "x" +
+                                    std::to_string(l.sk) + (mask == Mask::causal ? " causal" : "") +
+                                    (dtype == DType::bf16 ? " bf16" : " fp16"),
+                                dense(big ? 1 : 2, l.sq, l.sk, big ? 2 : 4, big ? 1 : 2, d, mask, 0.0f),
+                                {},
+                                dtype};
+          SCOPED_TRACE(c.name);
+          run_case(c, /*backward=*/false);
+        }
+    }
+  std::printf("[ info ] forward kernel for these shapes: d64 %s, d128 %s\n", attention_cuda_forward_kernel(64),
+              attention_cuda_forward_kernel(128));
+  for (int d : {64, 128}) {
+    if (!attention_cuda_head_dim_compiled(d)) continue;
+    const AttentionCase c{"many CTAs d" + std::to_string(d), dense(40, 333, 333, 8, 2, d, Mask::causal, 0.0f), {},
+                          DType::bf16};
+    SCOPED_TRACE(c.name);
+    run_case(c, /*backward=*/false);
   }
 }
 
