@@ -58,7 +58,13 @@ inline CUtensorMap make_tensor_map_16bit(const void* base, bool bf16, int64_t co
                      __FILE__, __LINE__);
   auto at_least_1 = [](int64_t v) { return cuuint64_t(v > 0 ? v : 1); };
   const cuuint64_t dims[4] = {at_least_1(cols), at_least_1(rows), at_least_1(heads), at_least_1(batch)};
-  const cuuint64_t strides[3] = {cuuint64_t(row_stride) * 2, cuuint64_t(head_stride) * 2, cuuint64_t(batch_stride) * 2};
+  // A dimension of extent 1 is only ever read at coordinate 0, so its stride does not matter;
+  // callers may leave it 0 (one batch entry, one head), which the driver rejects.
+  auto stride_bytes = [](int64_t stride, int64_t extent) {
+    return cuuint64_t(extent <= 1 && stride == 0 ? 8 : stride) * 2;
+  };
+  const cuuint64_t strides[3] = {stride_bytes(row_stride, rows), stride_bytes(head_stride, heads),
+                                 stride_bytes(batch_stride, batch)};
   const cuuint32_t box[4] = {cuuint32_t(kTmaBoxCols), cuuint32_t(box_rows), 1, 1};
   const cuuint32_t element_strides[4] = {1, 1, 1, 1};
   CUtensorMap map;
