@@ -58,7 +58,8 @@ template <int kHeadDim, typename Element>
 using FwdTmaTraitsFor =
     FwdTmaTraits<kHeadDim, kHeadDim == 64 ? FLASHGPT_TMA64_BLOCK_N : FLASHGPT_TMA128_BLOCK_N,
                  kHeadDim == 64 ? FLASHGPT_TMA64_CONSUMERS : FLASHGPT_TMA128_CONSUMERS,
-                 kHeadDim == 64 ? FLASHGPT_TMA64_STAGES : FLASHGPT_TMA128_STAGES, FLASHGPT_TMA_PINGPONG != 0, Element>;
+                 kHeadDim == 64 ? FLASHGPT_TMA64_STAGES : FLASHGPT_TMA128_STAGES, FLASHGPT_TMA_PINGPONG != 0, Element,
+                 FLASHGPT_TMA_OVERLAP != 0>;
 
 // The TMA forward over a dense batch (the entry point sends no varlen and no dropout here):
 // tensor maps over Q, K and V as [batch][rows][heads][head_dim] with the params' strides, a CTA

@@ -30,7 +30,8 @@
 
 namespace flashgpt::attn {
 
-template <int kHeadDim_, int kBlockN_, int kConsumers_, int kStages_, bool kPingPong_, typename Element_>
+template <int kHeadDim_, int kBlockN_, int kConsumers_, int kStages_, bool kPingPong_, typename Element_,
+          bool kOverlap_ = false>
 struct FwdTmaTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -38,6 +39,7 @@ struct FwdTmaTraits {
   static constexpr int kConsumers = kConsumers_;
   static constexpr int kStages = kStages_;
   static constexpr bool kPingPong = kPingPong_;
+  static constexpr bool kOverlap = kOverlap_;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kNTilesS = kBlockN / 8;
@@ -68,9 +70,14 @@ struct FwdTmaTraits {
   static_assert(kConsumers + 1 <= 15 - kConsumers, "named barrier ids: a turn and an epilogue barrier per consumer");
 };
 
-// Lab hook: 0 turns ping-pong off (each consumer issues its GEMMs as soon as its data is there).
+// Lab hooks: FLASHGPT_TMA_PINGPONG=0 turns ping-pong off (each consumer issues its GEMMs as soon
+// as its data is there); FLASHGPT_TMA_OVERLAP=1 turns on the intra-warpgroup overlap (compiled
+// and ptxas-clean, not yet run on a GPU: docs/archive/attention_gpu_notes.md, v12).
 #ifndef FLASHGPT_TMA_PINGPONG
 #define FLASHGPT_TMA_PINGPONG 1
+#endif
+#ifndef FLASHGPT_TMA_OVERLAP
+#define FLASHGPT_TMA_OVERLAP 0
 #endif
 
 template <typename Traits>
@@ -88,6 +95,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   constexpr int kKSteps = kHeadDim / 16;
   constexpr uint32_t kSwizzleAtom = 1024;
   constexpr bool kPingPong = Traits::kPingPong && kConsumers > 1;
+  constexpr bool kOverlap = Traits::kOverlap;
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
@@ -173,8 +181,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.0f, 0.0f};
 
   // Turns: consumer cw waits on barrier 1 + cw (but for consumer 0's first turn) and hands on to
-  // the next consumer's barrier (but for the last consumer's last turn).
-  const int turns = 2 * n_blocks;
+  // the next consumer's barrier (but for the last consumer's last turn). Two turns per key block
+  // (S, then P V); with kOverlap one per block (S[n + 1] with P[n] V[n]) plus one at each end.
+  const int turns = n_blocks == 0 ? 0 : kOverlap ? n_blocks + 1 : 2 * n_blocks;
   int turn = 0;
   auto turn_begin = [&]() {
     if constexpr (kPingPong) {
@@ -188,15 +197,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     ++turn;
   };
 
-  if (n_blocks > 0) mbarrier_wait(bar_q, 0);
   const uint32_t q_base = sQ + cw * 64 * 128;
-  PipelineState<kStages> st;
-  for (int n_block = 0; n_block < n_blocks; ++n_block) {
-    const uint32_t k_base = sK + st.index * Traits::kTileKVBytes, v_base = sV + st.index * Traits::kTileKVBytes;
-    float s[kNTilesS][4];
-    turn_begin();
-    mbarrier_wait(bar_k_full(st.index), st.phase);
-    wgmma_fence();
+  // S = Q K^T of this consumer's 64 rows against the K stage `stage` (issued, not waited).
+  auto issue_s_gemm = [&](float (&s)[kNTilesS][4], int stage) {
+    const uint32_t k_base = sK + stage * Traits::kTileKVBytes;
 #pragma unroll
     for (int kk = 0; kk < kKSteps; ++kk) {
       const uint32_t col_bytes = (kk % 4) * 32;
@@ -204,36 +208,119 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       const uint64_t desc_k = wgmma_desc_sw128(k_base + (kk / 4) * kBlockN * 128 + col_bytes, 16, kSwizzleAtom);
       Mma::ss(s, desc_q, desc_k, /*accumulate=*/kk > 0);
     }
-    wgmma_commit();
-    turn_end();
-    wgmma_wait<0>();
-    fence_operands(s);
-    if (lane == 0) mbarrier_arrive(bar_k_empty(st.index));
-
-    const int n0 = n_block * kBlockN;
-    if (n0 + kBlockN > seq.seqlen_k || (causal && n0 + kBlockN - 1 > m0 + diag))
-      wg_mask_scores(s, n0, row0, seq.seqlen_k, causal, diag, t);
-    float correction[2];
-    wg_softmax_block(s, row_max, row_sum, scale_log2, correction);
-    wg_scale_rows(acc_o, correction);
-    uint32_t pa[kNTilesS / 2][4];
-    pack_rs_a_fragments<Element>(s, pa);
-
-    turn_begin();
-    mbarrier_wait(bar_v_full(st.index), st.phase);
-    fence_operands(acc_o);
-    wgmma_fence();
+  };
+  // O += P V of the V stage `stage` (issued, not waited).
+  auto issue_pv_gemm = [&](const uint32_t (&pa)[kNTilesS / 2][4], int stage) {
+    const uint32_t v_base = sV + stage * Traits::kTileKVBytes;
 #pragma unroll
     for (int kt = 0; kt < kBlockN / 16; ++kt)
       Mma::rs_trans_b(acc_o, pa[kt], wgmma_desc_sw128(v_base + kt * 16 * 128, kBlockN * 128, kSwizzleAtom),
                       /*accumulate=*/1);
+  };
+  // Mask and online softmax of key block n_block; returns the correction of O so far.
+  auto softmax_block = [&](float (&s)[kNTilesS][4], int n_block, float (&correction)[2]) {
+    const int n0 = n_block * kBlockN;
+    if (n0 + kBlockN > seq.seqlen_k || (causal && n0 + kBlockN - 1 > m0 + diag))
+      wg_mask_scores(s, n0, row0, seq.seqlen_k, causal, diag, t);
+    wg_softmax_block(s, row_max, row_sum, scale_log2, correction);
+  };
+  // A warp's arrival on a stage's "empty" barrier once its GEMM reading the stage has completed.
+  auto release = [&](uint32_t bar) {
+    if (lane == 0) mbarrier_arrive(bar);
+  };
+
+  if (n_blocks > 0) mbarrier_wait(bar_q, 0);
+  if constexpr (!kOverlap) {
+    PipelineState<kStages> st;
+    for (int n_block = 0; n_block < n_blocks; ++n_block) {
+      float s[kNTilesS][4];
+      turn_begin();
+      mbarrier_wait(bar_k_full(st.index), st.phase);
+      wgmma_fence();
+      issue_s_gemm(s, st.index);
+      wgmma_commit();
+      turn_end();
+      wgmma_wait<0>();
+      fence_operands(s);
+      release(bar_k_empty(st.index));
+
+      float correction[2];
+      softmax_block(s, n_block, correction);
+      wg_scale_rows(acc_o, correction);
+      uint32_t pa[kNTilesS / 2][4];
+      pack_rs_a_fragments<Element>(s, pa);
+
+      turn_begin();
+      mbarrier_wait(bar_v_full(st.index), st.phase);
+      fence_operands(acc_o);
+      wgmma_fence();
+      issue_pv_gemm(pa, st.index);
+      wgmma_commit();
+      turn_end();
+      wgmma_wait<0>();
+      fence_operands(acc_o);
+      fence_operands(pa);
+      release(bar_v_empty(st.index));
+      st.advance();
+    }
+  } else if (n_blocks > 0) {
+    // Intra-warpgroup overlap: S[n + 1] and P[n] V[n] are issued in one turn; the softmax of
+    // block n + 1 runs while P[n] V[n] is still on the tensor cores; the O rescale waits for it.
+    PipelineState<kStages> st_k, st_v;  // K runs one block ahead of V
+    uint32_t pa[kNTilesS / 2][4];
+    {
+      float s[kNTilesS][4];
+      turn_begin();
+      mbarrier_wait(bar_k_full(st_k.index), st_k.phase);
+      wgmma_fence();
+      issue_s_gemm(s, st_k.index);
+      wgmma_commit();
+      turn_end();
+      wgmma_wait<0>();
+      fence_operands(s);
+      release(bar_k_empty(st_k.index));
+      st_k.advance();
+      float correction[2];
+      softmax_block(s, 0, correction);  // O is still zero: no rescale
+      pack_rs_a_fragments<Element>(s, pa);
+    }
+    for (int n_block = 0; n_block + 1 < n_blocks; ++n_block) {
+      float s[kNTilesS][4];
+      turn_begin();
+      mbarrier_wait(bar_k_full(st_k.index), st_k.phase);
+      mbarrier_wait(bar_v_full(st_v.index), st_v.phase);
+      fence_operands(acc_o);
+      wgmma_fence();
+      issue_s_gemm(s, st_k.index);
+      wgmma_commit();
+      issue_pv_gemm(pa, st_v.index);
+      wgmma_commit();
+      turn_end();
+      wgmma_wait<1>();  // S[n + 1] done; P[n] V[n] may still run
+      fence_operands(s);
+      release(bar_k_empty(st_k.index));
+      st_k.advance();
+      float correction[2];
+      softmax_block(s, n_block + 1, correction);
+      wgmma_wait<0>();
+      fence_operands(acc_o);
+      fence_operands(pa);
+      release(bar_v_empty(st_v.index));
+      st_v.advance();
+      wg_scale_rows(acc_o, correction);
+      pack_rs_a_fragments<Element>(s, pa);
+    }
+    turn_begin();
+    mbarrier_wait(bar_v_full(st_v.index), st_v.phase);
+    fence_operands(acc_o);
+    wgmma_fence();
+    issue_pv_gemm(pa, st_v.index);
     wgmma_commit();
     turn_end();
     wgmma_wait<0>();
     fence_operands(acc_o);
     fence_operands(pa);
-    if (lane == 0) mbarrier_arrive(bar_v_empty(st.index));
-    st.advance();
+    release(bar_v_empty(st_v.index));
   }
 
   // Epilogue: O = acc / sum, LSE = max * scale + ln(sum), +inf for rows that see no key.
