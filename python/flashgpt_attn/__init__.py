@@ -10,7 +10,9 @@ seed taken from torch's CPU generator, so torch.manual_seed makes runs repeatabl
 CPU reference can rebuild the same mask.
 
 CPU tensors take the CPU implementation (include/flashgpt/attention_cpu.h: tiled FlashAttention
-in fp32, same Philox mask); other dtypes are computed in float32 and cast back.
+in fp32, same Philox mask); other dtypes are computed in float32 and cast back. One forward and one
+backward of the extension serve both devices: it validates the tensors, copies what the kernels
+cannot read as it is, and chooses the implementation by the tensors' device (binding.cpp).
 
 The extension, flashgpt_attn._C, is built ahead of time: `pip install --no-build-isolation .`
 from the repository root (pyproject.toml, scikit-build-core and the project's CMake), or a CUDA
@@ -40,13 +42,6 @@ def _extension():
                 "(needs nvcc and PyTorch), or put a CUDA build's <build>/python first on sys.path") from e
         _ext = _C
     return _ext
-
-
-def _contiguous_last(t):
-    # Kernels need a unit-stride head_dim, 16-byte aligned rows and 16-byte aligned base.
-    if t.stride(-1) != 1 or any(s % 8 for s in t.stride()[:-1]) or t.data_ptr() % 16:
-        return t.contiguous()
-    return t
 
 
 def _draw_seed():
@@ -85,31 +80,17 @@ def attention_reference(q, k, v, causal=False, softmax_scale=None, dropout_p=0.0
 class _FlashAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, deterministic):
-        ctx.in_dtype = q.dtype
-        if not q.is_cuda:  # the CPU implementation works in float32
-            q, k, v = (t.float().contiguous() for t in (q, k, v))
-        q, k, v = (_contiguous_last(t) for t in (q, k, v))
         seed, offset = _draw_seed() if dropout_p > 0 else (0, 0)
-        run = _extension().forward if q.is_cuda else _extension().forward_cpu
-        out, lse = run(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, seed, offset)
+        out, lse = _extension().forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, scale, causal, seed, offset)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        out = out.to(ctx.in_dtype)
         ctx.args = (max_q, max_k, dropout_p, scale, causal, seed, offset, deterministic)
+        ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, d_out, d_lse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        max_q, max_k, dropout_p, scale, causal, seed, offset, deterministic = ctx.args
-        if q.is_cuda:
-            d_out = _contiguous_last(d_out)
-            dq, dk, dv = _extension().backward(d_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p, scale,
-                                               causal, seed, offset, deterministic)
-        else:
-            d_out = d_out.float().contiguous()
-            dq, dk, dv = _extension().backward_cpu(d_out, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, dropout_p,
-                                                   scale, causal, seed, offset)
-            dq, dk, dv = (t.to(ctx.in_dtype) for t in (dq, dk, dv))
+        dq, dk, dv = _extension().backward(d_out, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 

@@ -1,8 +1,9 @@
 """The pip package of the PyTorch binding (pyproject.toml, scikit-build-core), as far as a machine
 without a GPU can check it: the sdist builds and holds what the binding's build reads, with the
-right metadata; and where torch or nvcc is missing, `pip wheel` stops at the configure step with
-a message naming what is missing rather than failing somewhere in a compile. The wheel itself
-(CUDA kernels, torch) is built, imported and tested on a GPU machine (docs/packaging.md)."""
+right metadata; and where torch is missing, `pip wheel` stops at the configure step with a
+message naming it rather than failing somewhere in a compile (without nvcc the wheel is built for
+CPU tensors alone). The wheel itself (CUDA kernels, torch) is built, imported and tested on a GPU
+machine (docs/packaging.md)."""
 import importlib.util
 import os
 import pathlib
@@ -37,18 +38,18 @@ def test_sdist_holds_the_binding_sources_and_metadata(tmp_path):
     assert "Requires-Dist: torch" in pkg_info
 
 
-def _can_build_wheel():
-    return importlib.util.find_spec("torch") is not None and shutil.which("nvcc") is not None
+def _torch_importable():
+    return importlib.util.find_spec("torch") is not None
 
 
-@pytest.mark.skipif(_can_build_wheel(), reason="torch and nvcc are here: the wheel would build (the GPU machine's test)")
-def test_wheel_without_torch_or_cuda_fails_with_a_clear_message(tmp_path):
+@pytest.mark.skipif(_torch_importable(), reason="torch is here: the wheel would build (the GPU machine's test; "
+                    "without nvcc, for CPU tensors alone)")
+def test_wheel_without_torch_fails_with_a_clear_message(tmp_path):
     env = dict(os.environ, PIP_NO_INDEX="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
     out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w",
                           str(tmp_path / "dist"), f"--config-settings=build-dir={tmp_path / 'build'}", str(REPO)],
                          capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode != 0
     text = out.stdout + out.stderr
-    assert ("flashgpt_attn: the PyTorch binding needs the CUDA kernels, and no CUDA compiler was found" in text or
-            "flashgpt_attn: building the binding needs PyTorch importable" in text), text[-3000:]
+    assert "flashgpt_attn: building the binding needs PyTorch importable" in text, text[-3000:]
     assert not list((tmp_path / "dist").glob("*.whl"))
