@@ -7,7 +7,7 @@ does), eager and torch.compile(mode="reduce-overhead") (CUDA graphs).
 
 Runs beside our binary in the same process tree on the same card, and prints a Markdown
 table with the ratios:
-  python3 torch_static_kv.py --flashgpt PATH/flashgpt [--batches 1,64] [--prompt 128] [--new 256]
+  python3 torch_static_kv.py --flashgpt PATH/flashgpt [--batches 1,64] [--prompt 128] [--new 256] [--no-compile]
 """
 import argparse
 import json
@@ -115,6 +115,7 @@ def main():
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--out", default="")
     ap.add_argument("--ours", default="", help="folder of bench_b{B}.log from flashgpt bench generate (else run it)")
+    ap.add_argument("--no-compile", action="store_true", help="eager only (the torch.compile columns stay NaN)")
     a = ap.parse_args()
     print("card:", torch.cuda.get_device_name(), "torch", torch.__version__, flush=True)
     W = make_weights("cuda")
@@ -132,7 +133,7 @@ def main():
               f"eager {eager:.0f}", flush=True)
     pe = prefill_ms(W, a.prefill, False)
     print(f"prefill {a.prefill}: eager {pe:.2f} ms", flush=True)
-    for r in rows:
+    for r in rows if not a.no_compile else []:
         try:
             r["compiled"] = bench(W, r["batch"], a.prompt, a.new, True)
         except Exception as e:  # noqa: BLE001 - report and go on
@@ -140,7 +141,8 @@ def main():
         print(f"batch {r['batch']}: torch.compile {r['compiled']:.0f} tok/s", flush=True)
     pc = float("nan")
     try:
-        pc = prefill_ms(W, a.prefill, True)
+        if not a.no_compile:
+            pc = prefill_ms(W, a.prefill, True)
     except Exception as e:  # noqa: BLE001
         print("torch.compile prefill failed:", repr(e)[:300], flush=True)
     print(f"\nseed config, prompt {a.prompt} then {a.new} greedy steps; copy bandwidth {rows[0]['bw']:.0f} GB/s\n")

@@ -5,7 +5,9 @@
 // block per (block of keys, head, row), so even one row fills the GPU; each writes its
 // (max score, sum of exponentials, unnormalised output) to `partials`, and a second kernel
 // combines a row's blocks through their log-sum-exp. attention_decode_split_reference
-// (generate.h) is the same algorithm on the CPU.
+// (generate.h) is the same algorithm on the CPU. With `counters` given, there is no second
+// kernel: the last block of each (head, row) to finish (an atomic count, reset by that
+// block) combines them.
 #pragma once
 
 #include <flashgpt/attention_cuda.h>
@@ -28,6 +30,12 @@ struct DecodeAttentionCudaParams {
   int64_t q_row_stride = 0, o_row_stride = 0, row_stride = 0, slot_stride = 0;  // elements
   int max_length = 0;      // the most keys any row may attend (the grid covers it; blocks past a row's length exit)
   int keys_per_split = 0;  // 8 .. 256, a multiple of 8
+  // Optional (rows * heads) zeroed device counters: fuses the combine into the first kernel
+  // (the counters are left zero again). Null: a second kernel combines.
+  unsigned* counters = nullptr;
+  // Launch with programmatic dependent launch (the kernels wait for the previous kernel in
+  // the stream with griddepcontrol.wait before reading q or the cache).
+  bool programmatic = false;
 };
 
 size_t attention_decode_cuda_partial_floats(int rows, int heads, int head_dim, int max_length, int keys_per_split);

@@ -28,7 +28,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <map>
 #include <vector>
 
@@ -104,6 +106,13 @@ class CudaEngine final : public InferenceEngine {
   // Enqueues the copies of the staged inputs, the model and the head (logits in d_logits_).
   void enqueue_model(std::span<const SlotChunk> chunks, int64_t N, bool all_decode);
   void enqueue_sample(int B);
+  // The fused path of a call of n <= kGemvMaxRows tokens (inference_cuda::gemv_fused).
+  bool fused_fits(int64_t N) const {
+    return fused_ && N <= inference_cuda::kGemvMaxRows && N * std::max(C_, F_) * 2 <= 48 * 1024;
+  }
+  void enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t N, bool all_decode);
+  void enqueue_prefill_attention(std::span<const SlotChunk> chunks, bf16* kc, bf16* vc);
+  void enqueue_decode_attention(int decode_rows, bf16* kc, bf16* vc, bool fused);
   void gemm(void* y, bool y_f32, const bf16* x, const bf16* w, int64_t rows, int64_t in, int64_t out, int64_t ldy);
   const float* pf(ParamKind kind) const { return d_params_ + offsets_[static_cast<int>(kind)]; }
   const bf16* pb(ParamKind kind) const { return d_weights_ + offsets_[static_cast<int>(kind)]; }
@@ -129,11 +138,22 @@ class CudaEngine final : public InferenceEngine {
   int32_t* d_tokens_ = nullptr;  // (S) drawn tokens
   void* cublas_workspace_ = nullptr;
   size_t row_bytes_ = 0;
-  char* h_rows_ = nullptr;        // pinned RowBlock storage
-  char* d_rows_ = nullptr;        // device copy
-  TokenPlace* h_places_ = nullptr;  // pinned (N_max)
-  TokenPlace* d_places_ = nullptr;
+  // One pinned block and its device copy: the RowBlock (row_bytes_), then the token places
+  // (N_max), so a call's inputs go over in one copy.
+  char* h_rows_ = nullptr;
+  char* d_rows_ = nullptr;
+  TokenPlace* h_places_ = nullptr;  // h_rows_ + row_bytes_
+  TokenPlace* d_places_ = nullptr;  // d_rows_ + row_bytes_
   int32_t* h_tokens_ = nullptr;     // pinned (S)
+  // The fused path (FLASHGPT_CUDA_DECODE=fused, the default; =gemv keeps the earlier path
+  // of separate kernels for A/B timing) and programmatic dependent launch in it
+  // (FLASHGPT_CUDA_PDL=0 turns it off).
+  bool fused_ = true, pdl_ = true;
+  bool head_fused_ = false;         // the last enqueued head wrote argmax partials
+  int head_parts_ = 0;              // argmax partials per row
+  float* part_val_ = nullptr;       // (kGemvMaxRows, head_parts_)
+  int32_t* part_idx_ = nullptr;
+  unsigned* counters_ = nullptr;    // (S, NH) flash-decoding combine counters, zero between launches
   std::map<int, cudaGraphExec_t> graphs_;  // decode steps by batch size
   std::vector<int64_t> decode_chunks_;     // host: which chunks are one token (scratch)
 };
@@ -221,13 +241,25 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
   d_logits_ = device_alloc<float>(owned_, S_ * Vp_);
   d_tokens_ = device_alloc<int32_t>(owned_, S_);
   row_bytes_ = 64 + 6 * ((static_cast<size_t>(S_) * 8 + 15) / 16 * 16);
-  d_rows_ = device_alloc<char>(owned_, row_bytes_);
-  d_places_ = device_alloc<TokenPlace>(owned_, N);
-  FLASHGPT_CUDA_CHECK(cudaMallocHost(&h_rows_, row_bytes_));
-  FLASHGPT_CUDA_CHECK(cudaMallocHost(&h_places_, N * sizeof(TokenPlace)));
+  d_rows_ = device_alloc<char>(owned_, row_bytes_ + N * sizeof(TokenPlace));
+  d_places_ = reinterpret_cast<TokenPlace*>(d_rows_ + row_bytes_);
+  FLASHGPT_CUDA_CHECK(cudaMallocHost(&h_rows_, row_bytes_ + N * sizeof(TokenPlace)));
+  h_places_ = reinterpret_cast<TokenPlace*>(h_rows_ + row_bytes_);
   FLASHGPT_CUDA_CHECK(cudaMallocHost(&h_tokens_, S_ * sizeof(int32_t)));
   std::memset(h_rows_, 0, row_bytes_);
   lengths_.assign(static_cast<size_t>(S_), 0);
+  if (const char* mode = std::getenv("FLASHGPT_CUDA_DECODE")) {
+    const std::string m = mode;
+    FLASHGPT_CHECK(m == "fused" || m == "gemv", "inference (cuda): FLASHGPT_CUDA_DECODE is '{}', expected fused or gemv",
+                   m);
+    fused_ = m == "fused";
+  }
+  if (const char* pdl = std::getenv("FLASHGPT_CUDA_PDL")) pdl_ = std::string(pdl) != "0";
+  head_parts_ = inference_cuda::gemv_fused_blocks(static_cast<int>(Vp_));
+  part_val_ = device_alloc<float>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * head_parts_);
+  part_idx_ = device_alloc<int32_t>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * head_parts_);
+  counters_ = device_alloc<unsigned>(owned_, static_cast<size_t>(S_ * NH_));
+  FLASHGPT_CUDA_CHECK(cudaMemset(counters_, 0, static_cast<size_t>(S_ * NH_) * sizeof(unsigned)));
 }
 
 CudaEngine::~CudaEngine() {
@@ -235,7 +267,6 @@ CudaEngine::~CudaEngine() {
   if (cublas_) cublasDestroy(cublas_);
   for (void* p : owned_) cudaFree(p);
   cudaFreeHost(h_rows_);
-  cudaFreeHost(h_places_);
   cudaFreeHost(h_tokens_);
   if (stream_) cudaStreamDestroy(stream_);
 }
@@ -291,13 +322,62 @@ int64_t CudaEngine::stage(std::span<const SlotChunk> chunks) {
   return N;
 }
 
+void CudaEngine::enqueue_prefill_attention(std::span<const SlotChunk> chunks, bf16* kc, bf16* vc) {
+  const int64_t slot_stride = T_ * C_;
+  int64_t first = 0;
+  for (const SlotChunk& chunk : chunks) {
+    const auto len = static_cast<int64_t>(chunk.tokens.size());
+    if (len > 1) {
+      const int64_t cached = lengths_[chunk.slot];
+      AttentionParams p;
+      p.q = q_ + first * C_;
+      p.k = kc + chunk.slot * slot_stride;
+      p.v = vc + chunk.slot * slot_stride;
+      p.o = att_ + first * C_;
+      p.lse = lse_;
+      p.dtype = DType::bf16;
+      p.batch = 1;
+      p.seqlen_q = static_cast<int>(len);
+      p.seqlen_k = static_cast<int>(cached + len);
+      p.heads_q = p.heads_kv = static_cast<int>(NH_);
+      p.head_dim = static_cast<int>(HD_);
+      p.q_batch_stride = len * C_, p.q_row_stride = C_, p.q_head_stride = HD_;
+      p.k_batch_stride = slot_stride, p.k_row_stride = C_, p.k_head_stride = HD_;
+      p.v_batch_stride = slot_stride, p.v_row_stride = C_, p.v_head_stride = HD_;
+      p.o_batch_stride = len * C_, p.o_row_stride = C_, p.o_head_stride = HD_;
+      p.lse_batch_stride = NH_ * len, p.lse_head_stride = len;
+      p.mask = Mask::causal;
+      attention_forward_cuda(p, stream_);
+    }
+    first += len;
+  }
+}
+
+void CudaEngine::enqueue_decode_attention(int decode_rows, bf16* kc, bf16* vc, bool fused) {
+  if (decode_rows == 0) return;
+  const RowBlock rows = row_block(d_rows_);
+  DecodeAttentionCudaParams d;
+  d.q = q_, d.k = kc, d.v = vc, d.o = att_, d.partials = partials_;
+  d.q_rows = rows.q_rows, d.slots = rows.slots, d.lengths = rows.lengths;
+  d.rows = decode_rows, d.heads = static_cast<int>(NH_), d.head_dim = static_cast<int>(HD_);
+  d.q_row_stride = C_, d.o_row_stride = C_, d.row_stride = C_, d.slot_stride = T_ * C_;
+  d.max_length = static_cast<int>(T_);
+  d.keys_per_split = keys_per_split_;
+  if (fused) d.counters = counters_, d.programmatic = pdl_;
+  attention_decode_cuda(d, stream_);
+}
+
 void CudaEngine::enqueue_model(std::span<const SlotChunk> chunks, int64_t N, bool all_decode) {
   using namespace inference_cuda;
   const auto B = static_cast<int>(chunks.size());
   const int C = static_cast<int>(C_);
-  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_rows_, h_rows_, row_bytes_, cudaMemcpyHostToDevice, stream_));
-  FLASHGPT_CUDA_CHECK(
-      cudaMemcpyAsync(d_places_, h_places_, N * sizeof(TokenPlace), cudaMemcpyHostToDevice, stream_));
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_rows_, h_rows_, row_bytes_ + N * sizeof(TokenPlace), cudaMemcpyHostToDevice,
+                                      stream_));
+  if (fused_fits(N)) {
+    enqueue_layers_fused(chunks, N, all_decode);
+    return;
+  }
+  head_fused_ = false;
   const RowBlock rows = row_block(d_rows_);
   int decode_rows = 0;
   for (const SlotChunk& chunk : chunks) decode_rows += chunk.tokens.size() == 1 ? 1 : 0;
@@ -311,45 +391,8 @@ void CudaEngine::enqueue_model(std::span<const SlotChunk> chunks, int64_t N, boo
     bf16* vc = v_cache_ + l * S_ * slot_stride;
     gemm(qkv_, false, h_, pb(ParamKind::qkv_w) + l * 3 * C_ * C_, N, C_, 3 * C_, 3 * C_);
     split_qkv(q_, kc, vc, qkv_, pf(ParamKind::qkv_b) + l * 3 * C_, d_places_, n, C, slot_stride, stream_);
-    if (!all_decode) {
-      int64_t first = 0;
-      for (const SlotChunk& chunk : chunks) {
-        const auto len = static_cast<int64_t>(chunk.tokens.size());
-        if (len > 1) {
-          const int64_t cached = lengths_[chunk.slot];
-          AttentionParams p;
-          p.q = q_ + first * C_;
-          p.k = kc + chunk.slot * slot_stride;
-          p.v = vc + chunk.slot * slot_stride;
-          p.o = att_ + first * C_;
-          p.lse = lse_;
-          p.dtype = DType::bf16;
-          p.batch = 1;
-          p.seqlen_q = static_cast<int>(len);
-          p.seqlen_k = static_cast<int>(cached + len);
-          p.heads_q = p.heads_kv = static_cast<int>(NH_);
-          p.head_dim = static_cast<int>(HD_);
-          p.q_batch_stride = len * C_, p.q_row_stride = C_, p.q_head_stride = HD_;
-          p.k_batch_stride = slot_stride, p.k_row_stride = C_, p.k_head_stride = HD_;
-          p.v_batch_stride = slot_stride, p.v_row_stride = C_, p.v_head_stride = HD_;
-          p.o_batch_stride = len * C_, p.o_row_stride = C_, p.o_head_stride = HD_;
-          p.lse_batch_stride = NH_ * len, p.lse_head_stride = len;
-          p.mask = Mask::causal;
-          attention_forward_cuda(p, stream_);
-        }
-        first += len;
-      }
-    }
-    if (decode_rows > 0) {
-      DecodeAttentionCudaParams d;
-      d.q = q_, d.k = kc, d.v = vc, d.o = att_, d.partials = partials_;
-      d.q_rows = rows.q_rows, d.slots = rows.slots, d.lengths = rows.lengths;
-      d.rows = decode_rows, d.heads = static_cast<int>(NH_), d.head_dim = static_cast<int>(HD_);
-      d.q_row_stride = C_, d.o_row_stride = C_, d.row_stride = C_, d.slot_stride = slot_stride;
-      d.max_length = static_cast<int>(T_);
-      d.keys_per_split = keys_per_split_;
-      attention_decode_cuda(d, stream_);
-    }
+    if (!all_decode) enqueue_prefill_attention(chunks, kc, vc);
+    enqueue_decode_attention(decode_rows, kc, vc, false);
     gemm(y_, false, att_, pb(ParamKind::attn_proj_w) + l * C_ * C_, N, C_, C_, C_);
     residual_layernorm(x_, y_, pf(ParamKind::attn_proj_b) + l * C_, pf(ParamKind::ln2_w) + l * C_,
                        pf(ParamKind::ln2_b) + l * C_, h_, nullptr, n, C, true, stream_);
@@ -373,10 +416,63 @@ void CudaEngine::enqueue_model(std::span<const SlotChunk> chunks, int64_t N, boo
   gemm(d_logits_, true, hb_, pb(ParamKind::wte), B, C_, Vp_, Vp_);
 }
 
+// Per layer: ln1 + qkv + the q/K/V writes, attention (flash-decoding with its combine
+// fused; FlashAttention for prefill chunks), proj + bias + residual, ln2 + fc + GELU,
+// fc_proj + bias + residual; then lnf + the head + argmax partials for each chunk's last
+// row. Each product is one gemv_fused launch.
+void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t N, bool all_decode) {
+  using namespace inference_cuda;
+  const RowBlock rows = row_block(d_rows_);
+  int decode_rows = 0;
+  for (const SlotChunk& chunk : chunks) decode_rows += chunk.tokens.size() == 1 ? 1 : 0;
+  const int n = static_cast<int>(N), C = static_cast<int>(C_), F = static_cast<int>(F_);
+  const int64_t slot_stride = T_ * C_;
+  auto run = [&](const FusedGemvParams& g, GemvEpilogue e) {
+    FLASHGPT_CHECK(gemv_fused(g, e, stream_), "inference (cuda): the fused product ({} rows, {} -> {}) was refused",
+                   g.rows, g.in, g.out);
+  };
+  embed_fused(x_, d_places_, pf(ParamKind::wte), pf(ParamKind::wpe), n, C, pdl_, stream_);
+  for (int64_t l = 0; l < L_; ++l) {
+    bf16* kc = k_cache_ + l * S_ * slot_stride;
+    bf16* vc = v_cache_ + l * S_ * slot_stride;
+    FusedGemvParams qkv;
+    qkv.x_f32 = x_, qkv.ln_w = pf(ParamKind::ln1_w) + l * C_, qkv.ln_b = pf(ParamKind::ln1_b) + l * C_;
+    qkv.w = pb(ParamKind::qkv_w) + l * 3 * C_ * C_, qkv.rows = n, qkv.in = C, qkv.out = 3 * C;
+    qkv.bias = pf(ParamKind::qkv_b) + l * 3 * C_;
+    qkv.q = q_, qkv.k_cache = kc, qkv.v_cache = vc, qkv.places = d_places_, qkv.slot_stride = slot_stride;
+    qkv.programmatic = pdl_;
+    run(qkv, GemvEpilogue::qkv_cache);
+    if (!all_decode) enqueue_prefill_attention(chunks, kc, vc);
+    enqueue_decode_attention(decode_rows, kc, vc, true);
+    FusedGemvParams proj;
+    proj.x_bf16 = att_, proj.w = pb(ParamKind::attn_proj_w) + l * C_ * C_, proj.rows = n, proj.in = C, proj.out = C;
+    proj.bias = pf(ParamKind::attn_proj_b) + l * C_, proj.residual = x_, proj.programmatic = pdl_;
+    run(proj, GemvEpilogue::residual);
+    FusedGemvParams fc;
+    fc.x_f32 = x_, fc.ln_w = pf(ParamKind::ln2_w) + l * C_, fc.ln_b = pf(ParamKind::ln2_b) + l * C_;
+    fc.w = pb(ParamKind::fc_w) + l * F_ * C_, fc.rows = n, fc.in = C, fc.out = F;
+    fc.bias = pf(ParamKind::fc_b) + l * F_, fc.y = ff_, fc.ldy = F_, fc.programmatic = pdl_;
+    run(fc, GemvEpilogue::bias_gelu);
+    FusedGemvParams fc2;
+    fc2.x_bf16 = ff_, fc2.w = pb(ParamKind::fc_proj_w) + l * C_ * F_, fc2.rows = n, fc2.in = F, fc2.out = C;
+    fc2.bias = pf(ParamKind::fc_proj_b) + l * C_, fc2.residual = x_, fc2.programmatic = pdl_;
+    run(fc2, GemvEpilogue::residual);
+  }
+  FusedGemvParams head;
+  head.x_f32 = x_, head.ln_w = pf(ParamKind::lnf_w), head.ln_b = pf(ParamKind::lnf_b), head.row_index = rows.last;
+  head.w = pb(ParamKind::wte), head.rows = static_cast<int>(chunks.size()), head.in = C, head.out = static_cast<int>(Vp_);
+  head.y = d_logits_, head.ldy = Vp_, head.part_val = part_val_, head.part_idx = part_idx_;
+  head.valid_out = static_cast<int>(V_), head.programmatic = pdl_;
+  run(head, GemvEpilogue::logits_argmax);
+  head_fused_ = true;
+}
+
 void CudaEngine::enqueue_sample(int B) {
   const RowBlock rows = row_block(d_rows_);
   inference_cuda::sample(d_tokens_, d_logits_, Vp_, static_cast<int>(V_), B,
-                         reinterpret_cast<const SampleParams*>(d_rows_), rows.prompt_index, rows.step, stream_);
+                         reinterpret_cast<const SampleParams*>(d_rows_), rows.prompt_index, rows.step, stream_,
+                         head_fused_ ? part_val_ : nullptr, head_fused_ ? part_idx_ : nullptr, head_parts_,
+                         head_fused_ && pdl_);
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(h_tokens_, d_tokens_, B * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
 }
 

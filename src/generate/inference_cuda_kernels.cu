@@ -29,7 +29,26 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// Programmatic dependent launch (sm_90+): a kernel launched with the attribute may start
+// while the previous kernel in the stream still runs; pdl_wait() blocks until that kernel
+// has finished and its memory is visible (a no-op when launched without the attribute),
+// pdl_launch_dependents() lets the next kernel start launching. Every kernel of the fused
+// path calls pdl_wait() before it reads anything an earlier kernel wrote and before it
+// exits, so completion stays ordered down the whole chain.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __global__ void embed_kernel(float* x, const TokenPlace* places, const float* wte, const float* wpe, int C) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int n = blockIdx.x;
   const TokenPlace p = places[n];
   const float* te = wte + static_cast<int64_t>(p.token) * C;
@@ -157,6 +176,159 @@ __global__ void __launch_bounds__(32 * kGemvWarps) gemv_kernel(void* y, bool y_f
   }
 }
 
+
+// ---- the fused decode path --------------------------------------------------------------
+
+constexpr int kFusedWarps = 8;
+constexpr int kFusedUnroll = 8;  // 16-byte loads in flight per lane before the first use
+constexpr int kFusedBlocksPerSm = 3;  // resident blocks per multiprocessor (at most 85 registers)
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float gelu_tanh(float v) {
+  return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}
+
+template <int R, GemvEpilogue E>
+__global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fused_kernel(FusedGemvParams p) {
+  extern __shared__ uint4 xs[];  // (R, in / 8) bf16 input rows
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int chunks = p.in / 8;
+  const int stride = gridDim.x * kFusedWarps;
+  int o = blockIdx.x * kFusedWarps + warp;
+  // The weights depend on no earlier kernel: the first row's loads go out before the wait.
+  uint4 wv[kFusedUnroll];
+  auto load = [&](int row, int base) {
+    const uint4* wr = reinterpret_cast<const uint4*>(p.w + static_cast<int64_t>(row) * p.in);
+#pragma unroll
+    for (int u = 0; u < kFusedUnroll; ++u) {
+      const int i = base + lane + 32 * u;
+      wv[u] = i < chunks ? load_stream(wr + i) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  if (o < p.out) load(o, 0);
+  pdl_wait();
+  pdl_launch_dependents();
+  // Prologue: the R input rows into shared memory as bf16.
+  if (p.ln_w) {
+    bf16* xh = reinterpret_cast<bf16*>(xs);
+    if (warp < R) {
+      const int64_t src = p.row_index ? p.row_index[warp] : warp;
+      // One pass for the statistics (sums shifted by the row's first value, so that a large
+      // mean costs no precision), one to normalise; 16-byte loads, the second from L1. No
+      // register copy of the row, which would cap the kernel's occupancy.
+      const float4* x4 = reinterpret_cast<const float4*>(p.x_f32 + src * p.in);
+      const float4* w4 = reinterpret_cast<const float4*>(p.ln_w);
+      const float4* b4 = reinterpret_cast<const float4*>(p.ln_b);
+      const int n4 = p.in / 4;
+      const float shift = p.x_f32[src * p.in];
+      float s1 = 0.0f, s2 = 0.0f;
+#pragma unroll 4
+      for (int i = lane; i < n4; i += 32) {
+        const float4 v = x4[i];
+        const float a = v.x - shift, b = v.y - shift, c = v.z - shift, d = v.w - shift;
+        s1 += (a + b) + (c + d);
+        s2 += (a * a + b * b) + (c * c + d * d);
+      }
+      const float mean_shifted = warp_sum(s1) / p.in;
+      const float var = fmaxf(warp_sum(s2) / p.in - mean_shifted * mean_shifted, 0.0f);
+      const float mean = shift + mean_shifted, rstd = rsqrtf(var + kEps);
+      __nv_bfloat162* out2 = reinterpret_cast<__nv_bfloat162*>(xh + warp * p.in);
+#pragma unroll 4
+      for (int i = lane; i < n4; i += 32) {
+        const float4 v = x4[i], g = w4[i], b = b4[i];
+        out2[2 * i] = __floats2bfloat162_rn((v.x - mean) * rstd * g.x + b.x, (v.y - mean) * rstd * g.y + b.y);
+        out2[2 * i + 1] = __floats2bfloat162_rn((v.z - mean) * rstd * g.z + b.z, (v.w - mean) * rstd * g.w + b.w);
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < R * chunks; i += blockDim.x) xs[i] = reinterpret_cast<const uint4*>(p.x_bf16)[i];
+  }
+  __syncthreads();
+  float best_v[R];
+  int best_i[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) best_v[r] = -FLT_MAX, best_i[r] = 0x7fffffff;
+  for (; o < p.out; o += stride) {
+    float acc[R] = {};
+    for (int base = 0;;) {
+#pragma unroll
+      for (int u = 0; u < kFusedUnroll; ++u) {
+        const int i = base + lane + 32 * u;
+        if (i < chunks) {
+          float wf[8];
+          bf16x8_to_float(wv[u], wf);
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            float xf[8];
+            bf16x8_to_float(xs[r * chunks + i], xf);
+#pragma unroll
+            for (int k = 0; k < 8; ++k) acc[r] += wf[k] * xf[k];
+          }
+        }
+      }
+      base += 32 * kFusedUnroll;
+      if (base >= chunks) break;
+      load(o, base);
+    }
+    if (o + stride < p.out) load(o + stride, 0);  // the next row's loads overlap this one's reduction
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+    // Lane r writes row r's value.
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (lane != r) continue;
+      float v = acc[r];
+      if constexpr (E == GemvEpilogue::store_bf16) {
+        if (p.bias) v += p.bias[o];
+        static_cast<bf16*>(p.y)[r * p.ldy + o] = __float2bfloat16(v);
+      } else if constexpr (E == GemvEpilogue::bias_gelu) {
+        static_cast<bf16*>(p.y)[r * p.ldy + o] = __float2bfloat16(gelu_tanh(v + p.bias[o]));
+      } else if constexpr (E == GemvEpilogue::residual) {
+        p.residual[static_cast<int64_t>(r) * p.out + o] += v + p.bias[o];
+      } else if constexpr (E == GemvEpilogue::qkv_cache) {
+        const int C = p.out / 3, part = o / C, c = o - part * C;
+        const bf16 h = __float2bfloat16(v + p.bias[o]);
+        if (part == 0) {
+          p.q[static_cast<int64_t>(r) * C + c] = h;
+        } else {
+          const TokenPlace place = p.places[r];
+          const int64_t at = place.slot * p.slot_stride + static_cast<int64_t>(place.pos) * C + c;
+          (part == 1 ? p.k_cache : p.v_cache)[at] = h;
+        }
+      } else {
+        static_cast<float*>(p.y)[r * p.ldy + o] = v;
+        if (o < p.valid_out && v > best_v[r]) best_v[r] = v, best_i[r] = o;  // o grows: the lowest wins ties
+      }
+    }
+  }
+  if constexpr (E == GemvEpilogue::logits_argmax) {
+    __shared__ float sv[kFusedWarps][R];
+    __shared__ int si[kFusedWarps][R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (lane == r) sv[warp][r] = best_v[r], si[warp][r] = static_cast<int>(best_i[r]);
+    }
+    __syncthreads();
+    if (threadIdx.x < R) {
+      const int r = threadIdx.x;
+      float bv = -FLT_MAX;
+      int bi = 0x7fffffff;
+      for (int w = 0; w < kFusedWarps; ++w) {
+        if (sv[w][r] > bv || (sv[w][r] == bv && si[w][r] < bi)) bv = sv[w][r], bi = si[w][r];
+      }
+      p.part_val[r * gridDim.x + blockIdx.x] = bv;
+      p.part_idx[r * gridDim.x + blockIdx.x] = bi;
+    }
+  }
+}
+
 // ---- sampling --------------------------------------------------------------------------
 
 constexpr int kSampleThreads = 1024;
@@ -263,17 +435,29 @@ __device__ uint64_t radix_select(const float* logits, int V, float inv_t, float 
 
 __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* tokens, const float* all_logits, int64_t ld,
                                                                  int V, const SampleParams* params_ptr,
-                                                                 const uint64_t* prompt_index, const uint64_t* step) {
+                                                                 const uint64_t* prompt_index, const uint64_t* step,
+                                                                 const float* part_val, const int32_t* part_idx,
+                                                                 int parts) {
   __shared__ SampleShared s;
+  pdl_wait();
+  pdl_launch_dependents();
   const int row = blockIdx.x;
   const float* logits = all_logits + row * ld;
   const SampleParams params = *params_ptr;
   if (params.greedy) {
     float best = -FLT_MAX;
     int best_id = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-      const float z = logits[i];
-      if (z > best || (z == best && i < best_id)) best = z, best_id = i;
+    if (part_val) {  // the head's per-block argmax partials
+      for (int i = threadIdx.x; i < parts; i += blockDim.x) {
+        const float z = part_val[row * parts + i];
+        const int id = part_idx[row * parts + i];
+        if (z > best || (z == best && id < best_id)) best = z, best_id = id;
+      }
+    } else {
+      for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        const float z = logits[i];
+        if (z > best || (z == best && i < best_id)) best = z, best_id = i;
+      }
     }
     for (int o = 16; o > 0; o >>= 1) {
       const float ob = __shfl_xor_sync(0xffffffffu, best, o);
@@ -337,6 +521,20 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* tokens,
 
 }  // namespace
 
+// Launches `kernel` on `stream`, with programmatic dependent launch when asked.
+template <class... Params, class... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cudaStream_t stream, bool programmatic,
+            const char* name, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = shared, config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute, config.numAttrs = programmatic ? 1 : 0;
+  const cudaError_t status = cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+  if (status != cudaSuccess) cuda_error_throw(status, name, __FILE__, __LINE__);
+}
+
 void embed(float* x, const TokenPlace* places, const float* wte, const float* wpe, int N, int C, cudaStream_t stream) {
   if (N == 0) return;
   embed_kernel<<<N, 256, 0, stream>>>(x, places, wte, wpe, C);
@@ -385,10 +583,62 @@ bool gemv(void* y, bool y_f32, int64_t ldy, const bf16* x, const bf16* w, const 
 }
 
 void sample(int32_t* tokens, const float* logits, int64_t ld, int V, int rows, const SampleParams* params,
-            const uint64_t* prompt_index, const uint64_t* step, cudaStream_t stream) {
+            const uint64_t* prompt_index, const uint64_t* step, cudaStream_t stream, const float* part_val,
+            const int32_t* part_idx, int parts, bool programmatic) {
   if (rows == 0) return;
-  sample_kernel<<<rows, kSampleThreads, 0, stream>>>(tokens, logits, ld, V, params, prompt_index, step);
-  FLASHGPT_CUDA_CHECK_LAUNCH("sample_kernel");
+  launch(sample_kernel, dim3(rows), dim3(kSampleThreads), 0, stream, programmatic, "sample_kernel", tokens, logits, ld,
+         V, params, prompt_index, step, part_val, part_idx, parts);
+}
+
+int gemv_fused_blocks(int out) {
+  static const int cap = [] {
+    int device = 0, sms = 0;
+    FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
+    FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    return kFusedBlocksPerSm * sms;  // one wave: every block resident
+  }();
+  return std::max(1, std::min((out + kFusedWarps - 1) / kFusedWarps, cap));
+}
+
+template <int R>
+void launch_gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
+  const dim3 grid(gemv_fused_blocks(p.out)), block(32 * kFusedWarps);
+  const size_t shared = static_cast<size_t>(R) * p.in * 2;
+  switch (e) {
+#define FLASHGPT_FUSED_CASE(EPI)                                                                               \
+  case GemvEpilogue::EPI:                                                                                      \
+    launch(gemv_fused_kernel<R, GemvEpilogue::EPI>, grid, block, shared, stream, p.programmatic,              \
+           "gemv_fused_kernel", p);                                                                            \
+    break;
+    FLASHGPT_FUSED_CASE(store_bf16) FLASHGPT_FUSED_CASE(bias_gelu) FLASHGPT_FUSED_CASE(residual)
+    FLASHGPT_FUSED_CASE(qkv_cache) FLASHGPT_FUSED_CASE(logits_argmax)
+#undef FLASHGPT_FUSED_CASE
+  }
+}
+
+bool gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
+  if (p.rows < 1 || p.rows > kGemvMaxRows || p.in % 8 != 0 || p.in <= 0 || p.out <= 0 ||
+      static_cast<size_t>(p.rows) * p.in * 2 > 48 * 1024) {
+    return false;
+  }
+  if (!p.w || (p.ln_w ? !p.x_f32 || !p.ln_b : !p.x_bf16)) throw std::invalid_argument("gemv_fused: null input");
+  switch (p.rows) {
+    case 1: launch_gemv_fused<1>(p, e, stream); break;
+    case 2: launch_gemv_fused<2>(p, e, stream); break;
+    case 3: launch_gemv_fused<3>(p, e, stream); break;
+    case 4: launch_gemv_fused<4>(p, e, stream); break;
+    case 5: launch_gemv_fused<5>(p, e, stream); break;
+    case 6: launch_gemv_fused<6>(p, e, stream); break;
+    case 7: launch_gemv_fused<7>(p, e, stream); break;
+    case 8: launch_gemv_fused<8>(p, e, stream); break;
+  }
+  return true;
+}
+
+void embed_fused(float* x, const TokenPlace* places, const float* wte, const float* wpe, int N, int C,
+                 bool programmatic, cudaStream_t stream) {
+  if (N == 0) return;
+  launch(embed_kernel, dim3(N), dim3(256), 0, stream, programmatic, "embed_kernel", x, places, wte, wpe, C);
 }
 
 }  // namespace inference_cuda
@@ -399,20 +649,61 @@ namespace {
 
 using inference_cuda::bf16;
 constexpr int kDecodeWarps = 4;
+constexpr int kDecodeGroup = 4;  // keys a warp loads before it uses the first
 
 __device__ __forceinline__ float warp_sum_d(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
+__device__ __forceinline__ void pdl_wait_d() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents_d() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __host__ __device__ inline int max_splits(int max_length, int keys_per_split) { return (max_length + keys_per_split - 1) / keys_per_split; }
 
+// Combines row r, head h's `used` partials (one warp): o = sum_s 2^(m_s - M) o_s /
+// sum_s 2^(m_s - M) l_s. Loads through L2 (__ldcg): other blocks of the same grid wrote them.
+template <int E>
+__device__ void decode_combine_warp(const DecodeAttentionCudaParams& p, int r, int h, int lane) {
+  constexpr int D = 32 * E;
+  const int len = p.lengths[r];
+  const int used = (len + p.keys_per_split - 1) / p.keys_per_split;
+  const int splits = max_splits(p.max_length, p.keys_per_split);
+  const float* parts = p.partials + (static_cast<int64_t>(r) * p.heads + h) * splits * (D + 2);
+  float M = -FLT_MAX;
+  for (int s = lane; s < used; s += 32) M = fmaxf(M, __ldcg(parts + s * (D + 2) + D));
+  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+  float L = 0.0f, acc[E] = {};
+#pragma unroll 4
+  for (int s = 0; s < used; ++s) {
+    const float* part = parts + s * (D + 2);
+    const float f = exp2f(__ldcg(part + D) - M);
+    L += f * __ldcg(part + D + 1);
+#pragma unroll
+    for (int e = 0; e < E; ++e) acc[e] += f * __ldcg(part + lane * E + e);
+  }
+  bf16* o = static_cast<bf16*>(p.o) + p.q_rows[r] * p.o_row_stride + h * D + lane * E;
+#pragma unroll
+  for (int e = 0; e < E; ++e) o[e] = __float2bfloat16(acc[e] / L);
+}
+
 // Block (split s, head h, row r): keys s*KS .. min(len, (s+1)*KS) - 1. Lane l holds the
-// head's dims l*E .. l*E + E - 1; warp w takes keys start + w, start + w + 4, ... Scores
-// are kept in the log2 domain (q pre-scaled by scale * log2(e)).
+// head's dims l*E .. l*E + E - 1; warp w takes keys start + w, start + w + 4, ..., loading
+// kDecodeGroup keys before it uses the first. Scores are kept in the log2 domain (q
+// pre-scaled by scale * log2(e)). With counters, the last block of (h, r) combines.
 template <int E>
 __global__ void __launch_bounds__(32 * kDecodeWarps) decode_partial_kernel(DecodeAttentionCudaParams p, float scale_log2) {
   constexpr int D = 32 * E;
+  pdl_wait_d();
+  pdl_launch_dependents_d();
   const int s = blockIdx.x, h = blockIdx.y, r = blockIdx.z;
   const int len = p.lengths[r];
   const int start = s * p.keys_per_split;
@@ -430,13 +721,25 @@ __global__ void __launch_bounds__(32 * kDecodeWarps) decode_partial_kernel(Decod
   const int64_t base = static_cast<int64_t>(p.slots[r]) * p.slot_stride + h * D + lane * E;
   const bf16* k = static_cast<const bf16*>(p.k) + base;
   const bf16* v = static_cast<const bf16*>(p.v) + base;
-  for (int j = start + warp; j < end; j += kDecodeWarps) {
-    const bf16* kj = k + static_cast<int64_t>(j) * p.row_stride;
-    float dot = 0.0f;
+  constexpr int kStep = kDecodeWarps * kDecodeGroup;
+  for (int j0 = start + warp; j0 < end; j0 += kStep) {
+    float kf[kDecodeGroup][E];
 #pragma unroll
-    for (int e = 0; e < E; ++e) dot += qf[e] * __bfloat162float(kj[e]);
-    dot = warp_sum_d(dot);
-    if (lane == 0) scores[j - start] = dot;
+    for (int g = 0; g < kDecodeGroup; ++g) {
+      const int j = j0 + g * kDecodeWarps;
+      const bf16* kj = k + static_cast<int64_t>(j < end ? j : j0) * p.row_stride;
+#pragma unroll
+      for (int e = 0; e < E; ++e) kf[g][e] = __bfloat162float(kj[e]);
+    }
+#pragma unroll
+    for (int g = 0; g < kDecodeGroup; ++g) {
+      float dot = 0.0f;
+#pragma unroll
+      for (int e = 0; e < E; ++e) dot += qf[e] * kf[g][e];
+      dot = warp_sum_d(dot);
+      const int j = j0 + g * kDecodeWarps;
+      if (lane == 0 && j < end) scores[j - start] = dot;
+    }
   }
   __syncthreads();
   float m = -FLT_MAX;
@@ -444,12 +747,25 @@ __global__ void __launch_bounds__(32 * kDecodeWarps) decode_partial_kernel(Decod
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   float acc[E] = {};
   float l = 0.0f;
-  for (int j = start + warp; j < end; j += kDecodeWarps) {
-    const float pj = exp2f(scores[j - start] - m);
-    l += pj;
-    const bf16* vj = v + static_cast<int64_t>(j) * p.row_stride;
+  for (int j0 = start + warp; j0 < end; j0 += kStep) {
+    float vf[kDecodeGroup][E];
 #pragma unroll
-    for (int e = 0; e < E; ++e) acc[e] += pj * __bfloat162float(vj[e]);
+    for (int g = 0; g < kDecodeGroup; ++g) {
+      const int j = j0 + g * kDecodeWarps;
+      const bf16* vj = v + static_cast<int64_t>(j < end ? j : j0) * p.row_stride;
+#pragma unroll
+      for (int e = 0; e < E; ++e) vf[g][e] = __bfloat162float(vj[e]);
+    }
+#pragma unroll
+    for (int g = 0; g < kDecodeGroup; ++g) {
+      const int j = j0 + g * kDecodeWarps;
+      if (j < end) {
+        const float pj = exp2f(scores[j - start] - m);
+        l += pj;
+#pragma unroll
+        for (int e = 0; e < E; ++e) acc[e] += pj * vf[g][e];
+      }
+    }
   }
 #pragma unroll
   for (int e = 0; e < E; ++e) red[warp * D + lane * E + e] = acc[e];
@@ -470,30 +786,27 @@ __global__ void __launch_bounds__(32 * kDecodeWarps) decode_partial_kernel(Decod
     out[D] = m;
     out[D + 1] = L;
   }
+  if (!p.counters) return;
+  // The last block of (h, r) to get here combines (the threadfence-reduction pattern).
+  __threadfence();
+  __syncwarp();
+  unsigned ticket = 0;
+  unsigned* counter = p.counters + r * p.heads + h;
+  if (lane == 0) ticket = atomicAdd(counter, 1u);
+  ticket = __shfl_sync(0xffffffffu, ticket, 0);
+  const unsigned used = static_cast<unsigned>((len + p.keys_per_split - 1) / p.keys_per_split);
+  if (ticket != used - 1) return;
+  if (lane == 0) *counter = 0;  // ready for the next launch
+  __threadfence();
+  decode_combine_warp<E>(p, r, h, lane);
 }
 
-// One warp per (head, row): o = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s.
+// One warp per (head, row).
 template <int E>
 __global__ void decode_combine_kernel(DecodeAttentionCudaParams p) {
-  constexpr int D = 32 * E;
-  const int h = blockIdx.x, r = blockIdx.y, lane = threadIdx.x;
-  const int len = p.lengths[r];
-  const int used = (len + p.keys_per_split - 1) / p.keys_per_split;
-  const int splits = max_splits(p.max_length, p.keys_per_split);
-  const float* parts = p.partials + (static_cast<int64_t>(r) * p.heads + h) * splits * (D + 2);
-  float M = -FLT_MAX;
-  for (int s = 0; s < used; ++s) M = fmaxf(M, parts[s * (D + 2) + D]);
-  float L = 0.0f, acc[E] = {};
-  for (int s = 0; s < used; ++s) {
-    const float* part = parts + s * (D + 2);
-    const float f = exp2f(part[D] - M);
-    L += f * part[D + 1];
-#pragma unroll
-    for (int e = 0; e < E; ++e) acc[e] += f * part[lane * E + e];
-  }
-  bf16* o = static_cast<bf16*>(p.o) + p.q_rows[r] * p.o_row_stride + h * D + lane * E;
-#pragma unroll
-  for (int e = 0; e < E; ++e) o[e] = __float2bfloat16(acc[e] / L);
+  pdl_wait_d();
+  pdl_launch_dependents_d();
+  decode_combine_warp<E>(p, blockIdx.x, blockIdx.y, threadIdx.x);
 }
 
 template <int E>
@@ -502,10 +815,11 @@ void launch_decode(const DecodeAttentionCudaParams& p, cudaStream_t stream) {
   const float scale_log2 = 1.4426950408889634f / sqrtf(static_cast<float>(D));
   const dim3 grid(max_splits(p.max_length, p.keys_per_split), p.heads, p.rows);
   const size_t shared = (p.keys_per_split + kDecodeWarps * D + kDecodeWarps) * sizeof(float);
-  decode_partial_kernel<E><<<grid, 32 * kDecodeWarps, shared, stream>>>(p, scale_log2);
-  FLASHGPT_CUDA_CHECK_LAUNCH("decode_partial_kernel");
-  decode_combine_kernel<E><<<dim3(p.heads, p.rows), 32, 0, stream>>>(p);
-  FLASHGPT_CUDA_CHECK_LAUNCH("decode_combine_kernel");
+  inference_cuda::launch(decode_partial_kernel<E>, grid, dim3(32 * kDecodeWarps), shared, stream, p.programmatic,
+                         "decode_partial_kernel", p, scale_log2);
+  if (p.counters) return;
+  inference_cuda::launch(decode_combine_kernel<E>, dim3(p.heads, p.rows), dim3(32), 0, stream, p.programmatic,
+                         "decode_combine_kernel", p);
 }
 
 }  // namespace

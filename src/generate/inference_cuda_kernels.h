@@ -51,10 +51,70 @@ constexpr int kGemvMaxRows = 8;
 bool gemv(void* y, bool y_f32, int64_t ldy, const bf16* x, const bf16* w, const float* bias_gelu, int rows, int in,
           int out, cudaStream_t stream);
 
+// ---- the fused decode path (calls of at most kGemvMaxRows rows) -------------------------
+//
+// One kernel per matrix of a layer: y = op(in) W^T with its prologue and epilogue fused, so
+// a decode step is embed, then per layer ln1+qkv(+cache write), attention, proj(+residual),
+// ln2+fc(+GELU), fc_proj(+residual), then lnf+head(+argmax partials) and sampling. Each
+// warp streams one output row of W (16-byte loads, 8 in flight per lane before the first
+// use), a grid-stride loop covers the rest; the first loads are issued before
+// griddepcontrol.wait, so with programmatic dependent launch (`programmatic`) they overlap
+// the previous kernel's tail.
+enum class GemvEpilogue {
+  store_bf16,     // y (rows, ldy) bf16 = acc (+ bias when given)
+  bias_gelu,      // y (rows, ldy) bf16 = gelu_tanh(acc + bias)
+  residual,       // residual (rows, out) fp32 += acc + bias
+  qkv_cache,      // out = 3C: acc + bias to q (rows, C) bf16 and the K/V cache rows at places[r]
+  logits_argmax,  // y (rows, ldy) fp32 = acc; argmax partials over columns < valid_out
+};
+
+struct FusedGemvParams {
+  // The input rows: LayerNorm(x_f32[row_index ? row_index[r] : r]) * ln_w + ln_b rounded to
+  // bf16 when ln_w is given (x_f32 row stride `in`), else the bf16 rows x_bf16 (stride in).
+  const float* x_f32 = nullptr;
+  const float* ln_w = nullptr;
+  const float* ln_b = nullptr;
+  const int32_t* row_index = nullptr;
+  const bf16* x_bf16 = nullptr;
+  const bf16* w = nullptr;  // (out, in)
+  int rows = 0, in = 0, out = 0;
+  const float* bias = nullptr;  // (out) or null
+  void* y = nullptr;
+  int64_t ldy = 0;
+  float* residual = nullptr;
+  // qkv_cache
+  bf16* q = nullptr;
+  bf16* k_cache = nullptr;
+  bf16* v_cache = nullptr;
+  const TokenPlace* places = nullptr;
+  int64_t slot_stride = 0;
+  // logits_argmax: per (row, block) the block's best logit and its column (lowest on a tie)
+  float* part_val = nullptr;  // (rows, gemv_fused_blocks(...))
+  int32_t* part_idx = nullptr;
+  int valid_out = 0;
+  bool programmatic = false;
+};
+
+// Blocks the fused kernel launches for `out` output rows (the head's argmax partials are
+// that many per row).
+int gemv_fused_blocks(int out);
+// Returns false (nothing launched) for a shape it does not take: rows outside
+// 1 .. kGemvMaxRows, in % 8 != 0, or rows x in bf16 above 48 KB of shared memory. The
+// pointers must be 16-byte aligned (cudaMalloc'd buffers at offsets of whole rows).
+bool gemv_fused(const FusedGemvParams& p, GemvEpilogue epilogue, cudaStream_t stream);
+
+// x (N, C) fp32 = wte[token] + wpe[pos], launched as part of the fused path.
+void embed_fused(float* x, const TokenPlace* places, const float* wte, const float* wpe, int N, int C,
+                 bool programmatic, cudaStream_t stream);
+
 // tokens[b] = the token drawn from logits row b (row stride ld, V real columns) as
 // sampling_draw does: argmax (lowest id on a tie) when greedy, else temperature, top-k,
 // top-p and a Philox draw keyed (seed, prompt_index[b], step[b]).
+// With part_val/part_idx (the head's argmax partials, `parts` per row) a greedy row reduces
+// those instead of scanning the logits.
 void sample(int32_t* tokens, const float* logits, int64_t ld, int V, int rows, const SampleParams* params,
-            const uint64_t* prompt_index, const uint64_t* step, cudaStream_t stream);
+            const uint64_t* prompt_index, const uint64_t* step, cudaStream_t stream,
+            const float* part_val = nullptr, const int32_t* part_idx = nullptr, int parts = 0,
+            bool programmatic = false);
 
 }  // namespace flashgpt::inference_cuda
