@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -195,28 +196,69 @@ __device__ __forceinline__ float gelu_tanh(float v) {
   return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
 }
 
-template <int R, GemvEpilogue E>
+// RPW rows of W per warp at a time: 2 when a row fits half the load slots (in <= 1024), so
+// that twice the bytes are in flight per warp.
+template <int R, GemvEpilogue E, int RPW>
 __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fused_kernel(FusedGemvParams p) {
+  constexpr int SU = kFusedUnroll / RPW;  // load slots per row
   extern __shared__ uint4 xs[];  // (R, in / 8) bf16 input rows
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int chunks = p.in / 8;
   const int stride = gridDim.x * kFusedWarps;
   int o = blockIdx.x * kFusedWarps + warp;
-  // The weights depend on no earlier kernel: the first row's loads go out before the wait.
+  // The weights depend on no earlier kernel: the first rows' loads go out before the wait.
+  // Slot u holds chunk base + lane + 32 (u % SU) of row o + (u / SU) stride.
   uint4 wv[kFusedUnroll];
   auto load = [&](int row, int base) {
-    const uint4* wr = reinterpret_cast<const uint4*>(p.w + static_cast<int64_t>(row) * p.in);
 #pragma unroll
     for (int u = 0; u < kFusedUnroll; ++u) {
-      const int i = base + lane + 32 * u;
-      wv[u] = i < chunks ? load_stream(wr + i) : make_uint4(0, 0, 0, 0);
+      const int rr = row + (u / SU) * stride, i = base + lane + 32 * (u % SU);
+      wv[u] = rr < p.out && i < chunks
+                  ? load_stream(reinterpret_cast<const uint4*>(p.w + static_cast<int64_t>(rr) * p.in) + i)
+                  : make_uint4(0, 0, 0, 0);
     }
   };
-  if (o < p.out) load(o, 0);
+  // So are the LayerNorm's weights (to shared memory) and the first rows' biases.
+  float* ln_ws = reinterpret_cast<float*>(xs + R * chunks);  // (in) gamma, then (in) beta
+  if (p.ln_w) {
+    for (int i = threadIdx.x; i < p.in / 4; i += blockDim.x) {
+      reinterpret_cast<float4*>(ln_ws)[i] = reinterpret_cast<const float4*>(p.ln_w)[i];
+      reinterpret_cast<float4*>(ln_ws + p.in)[i] = reinterpret_cast<const float4*>(p.ln_b)[i];
+    }
+  }
+  float bias_cur[RPW];
+  auto load_bias = [&](int row) {
+#pragma unroll
+    for (int k = 0; k < RPW; ++k) {
+      const int rr = row + k * stride;
+      bias_cur[k] = p.bias && rr < p.out ? p.bias[rr] : 0.0f;
+    }
+  };
+  if (o < p.out) {
+    load(o, 0);
+    load_bias(o);
+  }
   pdl_wait();
   pdl_launch_dependents();
+  // What the epilogue of the first rows reads from earlier kernels, loaded now so that it
+  // arrives while the prologue and the products run: the residual values (lane r, row r)
+  // and the tokens' cache places.
+  float res_first[RPW] = {};
+  TokenPlace place = {};
+  if constexpr (E == GemvEpilogue::residual) {
+#pragma unroll
+    for (int k = 0; k < RPW; ++k) {
+      const int rr = o + k * stride;
+      if (lane < R && rr < p.out) res_first[k] = p.residual[static_cast<int64_t>(lane) * p.out + rr];
+    }
+  }
+  if constexpr (E == GemvEpilogue::qkv_cache) {
+    if (lane < R) place = p.places[lane];
+  }
+  const int o_first = o;
   // Prologue: the R input rows into shared memory as bf16.
   if (p.ln_w) {
+    __syncthreads();  // the LayerNorm weights are in shared memory
     bf16* xh = reinterpret_cast<bf16*>(xs);
     if (warp < R) {
       const int64_t src = p.row_index ? p.row_index[warp] : warp;
@@ -224,8 +266,8 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
       // mean costs no precision), one to normalise; 16-byte loads, the second from L1. No
       // register copy of the row, which would cap the kernel's occupancy.
       const float4* x4 = reinterpret_cast<const float4*>(p.x_f32 + src * p.in);
-      const float4* w4 = reinterpret_cast<const float4*>(p.ln_w);
-      const float4* b4 = reinterpret_cast<const float4*>(p.ln_b);
+      const float4* w4 = reinterpret_cast<const float4*>(ln_ws);
+      const float4* b4 = reinterpret_cast<const float4*>(ln_ws + p.in);
       const int n4 = p.in / 4;
       const float shift = p.x_f32[src * p.in];
       float s1 = 0.0f, s2 = 0.0f;
@@ -255,12 +297,12 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
   int best_i[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) best_v[r] = -FLT_MAX, best_i[r] = 0x7fffffff;
-  for (; o < p.out; o += stride) {
-    float acc[R] = {};
+  for (; o < p.out; o += RPW * stride) {
+    float acc[RPW][R] = {};
     for (int base = 0;;) {
 #pragma unroll
       for (int u = 0; u < kFusedUnroll; ++u) {
-        const int i = base + lane + 32 * u;
+        const int i = base + lane + 32 * (u % SU);
         if (i < chunks) {
           float wf[8];
           bf16x8_to_float(wv[u], wf);
@@ -269,42 +311,53 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
             float xf[8];
             bf16x8_to_float(xs[r * chunks + i], xf);
 #pragma unroll
-            for (int k = 0; k < 8; ++k) acc[r] += wf[k] * xf[k];
+            for (int k = 0; k < 8; ++k) acc[u / SU][r] += wf[k] * xf[k];
           }
         }
       }
-      base += 32 * kFusedUnroll;
+      base += 32 * SU;
       if (base >= chunks) break;
       load(o, base);
     }
-    if (o + stride < p.out) load(o + stride, 0);  // the next row's loads overlap this one's reduction
+    float bias[RPW];
 #pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
-    // Lane r writes row r's value.
+    for (int k = 0; k < RPW; ++k) bias[k] = bias_cur[k];
+    if (o + RPW * stride < p.out) {  // the next rows' loads overlap this reduction
+      load(o + RPW * stride, 0);
+      load_bias(o + RPW * stride);
+    }
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (lane != r) continue;
-      float v = acc[r];
-      if constexpr (E == GemvEpilogue::store_bf16) {
-        if (p.bias) v += p.bias[o];
-        static_cast<bf16*>(p.y)[r * p.ldy + o] = __float2bfloat16(v);
-      } else if constexpr (E == GemvEpilogue::bias_gelu) {
-        static_cast<bf16*>(p.y)[r * p.ldy + o] = __float2bfloat16(gelu_tanh(v + p.bias[o]));
-      } else if constexpr (E == GemvEpilogue::residual) {
-        p.residual[static_cast<int64_t>(r) * p.out + o] += v + p.bias[o];
-      } else if constexpr (E == GemvEpilogue::qkv_cache) {
-        const int C = p.out / 3, part = o / C, c = o - part * C;
-        const bf16 h = __float2bfloat16(v + p.bias[o]);
-        if (part == 0) {
-          p.q[static_cast<int64_t>(r) * C + c] = h;
+    for (int k = 0; k < RPW; ++k) {
+      const int row = o + k * stride;
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[k][r] = warp_sum(acc[k][r]);
+      if (row >= p.out) continue;
+      // Lane r writes row r's value.
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (lane != r) continue;
+        float v = acc[k][r];
+        if constexpr (E == GemvEpilogue::store_bf16) {
+          static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(v + bias[k]);
+        } else if constexpr (E == GemvEpilogue::bias_gelu) {
+          static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(gelu_tanh(v + bias[k]));
+        } else if constexpr (E == GemvEpilogue::residual) {
+          float* x = p.residual + static_cast<int64_t>(r) * p.out + row;
+          *x = (o == o_first ? res_first[k] : *x) + v + bias[k];
+        } else if constexpr (E == GemvEpilogue::qkv_cache) {
+          const int C = p.out / 3, part = row / C, c = row - part * C;
+          const bf16 h = __float2bfloat16(v + bias[k]);
+          if (part == 0) {
+            p.q[static_cast<int64_t>(r) * C + c] = h;
+          } else {
+            const int64_t at = place.slot * p.slot_stride + static_cast<int64_t>(place.pos) * C + c;
+            (part == 1 ? p.k_cache : p.v_cache)[at] = h;
+          }
         } else {
-          const TokenPlace place = p.places[r];
-          const int64_t at = place.slot * p.slot_stride + static_cast<int64_t>(place.pos) * C + c;
-          (part == 1 ? p.k_cache : p.v_cache)[at] = h;
+          static_cast<float*>(p.y)[r * p.ldy + row] = v;
+          // Rows come in increasing order, so the lowest column wins ties.
+          if (row < p.valid_out && v > best_v[r]) best_v[r] = v, best_i[r] = row;
         }
-      } else {
-        static_cast<float*>(p.y)[r * p.ldy + o] = v;
-        if (o < p.valid_out && v > best_v[r]) best_v[r] = v, best_i[r] = o;  // o grows: the lowest wins ties
       }
     }
   }
@@ -590,6 +643,11 @@ void sample(int32_t* tokens, const float* logits, int64_t ld, int V, int rows, c
          V, params, prompt_index, step, part_val, part_idx, parts);
 }
 
+// The input rows (bf16), then the LayerNorm's gamma and beta (fp32) when there is one.
+size_t gemv_fused_shared(int rows, int in, bool ln) {
+  return static_cast<size_t>(rows) * in * 2 + (ln ? static_cast<size_t>(in) * 8 : 0);
+}
+
 int gemv_fused_blocks(int out) {
   static const int cap = [] {
     int device = 0, sms = 0;
@@ -600,14 +658,14 @@ int gemv_fused_blocks(int out) {
   return std::max(1, std::min((out + kFusedWarps - 1) / kFusedWarps, cap));
 }
 
-template <int R>
+template <int R, int RPW>
 void launch_gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
   const dim3 grid(gemv_fused_blocks(p.out)), block(32 * kFusedWarps);
-  const size_t shared = static_cast<size_t>(R) * p.in * 2;
+  const size_t shared = gemv_fused_shared(R, p.in, p.ln_w != nullptr);
   switch (e) {
 #define FLASHGPT_FUSED_CASE(EPI)                                                                               \
   case GemvEpilogue::EPI:                                                                                      \
-    launch(gemv_fused_kernel<R, GemvEpilogue::EPI>, grid, block, shared, stream, p.programmatic,              \
+    launch(gemv_fused_kernel<R, GemvEpilogue::EPI, RPW>, grid, block, shared, stream, p.programmatic,         \
            "gemv_fused_kernel", p);                                                                            \
     break;
     FLASHGPT_FUSED_CASE(store_bf16) FLASHGPT_FUSED_CASE(bias_gelu) FLASHGPT_FUSED_CASE(residual)
@@ -618,19 +676,26 @@ void launch_gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t st
 
 bool gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
   if (p.rows < 1 || p.rows > kGemvMaxRows || p.in % 8 != 0 || p.in <= 0 || p.out <= 0 ||
-      static_cast<size_t>(p.rows) * p.in * 2 > 48 * 1024) {
+      gemv_fused_shared(p.rows, p.in, p.ln_w != nullptr) > 48 * 1024) {
     return false;
   }
   if (!p.w || (p.ln_w ? !p.x_f32 || !p.ln_b : !p.x_bf16)) throw std::invalid_argument("gemv_fused: null input");
-  switch (p.rows) {
-    case 1: launch_gemv_fused<1>(p, e, stream); break;
-    case 2: launch_gemv_fused<2>(p, e, stream); break;
-    case 3: launch_gemv_fused<3>(p, e, stream); break;
-    case 4: launch_gemv_fused<4>(p, e, stream); break;
-    case 5: launch_gemv_fused<5>(p, e, stream); break;
-    case 6: launch_gemv_fused<6>(p, e, stream); break;
-    case 7: launch_gemv_fused<7>(p, e, stream); break;
-    case 8: launch_gemv_fused<8>(p, e, stream); break;
+  // Two rows of W per warp at a time when a row takes at most half the load slots, every
+  // warp has two rows or more (the head) and there are at most 4 input rows (above, the
+  // accumulators spill). FLASHGPT_GEMV_TWO_ROWS=0 turns it off (A/B timing).
+  static const bool two_rows = [] {
+    const char* v = std::getenv("FLASHGPT_GEMV_TWO_ROWS");
+    return !(v && std::string(v) == "0");
+  }();
+  const bool rpw2 = two_rows && p.in <= 32 * 8 * (kFusedUnroll / 2) && p.rows <= 4 &&  // more rows spill
+                    p.out >= 2 * kFusedWarps * gemv_fused_blocks(p.out);            // every warp has 2 rows
+  switch (p.rows * 2 + (rpw2 ? 1 : 0)) {
+#define FLASHGPT_FUSED_ROWS(R) \
+  case 2 * R: launch_gemv_fused<R, 1>(p, e, stream); break; \
+  case 2 * R + 1: launch_gemv_fused<R, 2>(p, e, stream); break;
+    FLASHGPT_FUSED_ROWS(1) FLASHGPT_FUSED_ROWS(2) FLASHGPT_FUSED_ROWS(3) FLASHGPT_FUSED_ROWS(4)
+    FLASHGPT_FUSED_ROWS(5) FLASHGPT_FUSED_ROWS(6) FLASHGPT_FUSED_ROWS(7) FLASHGPT_FUSED_ROWS(8)
+#undef FLASHGPT_FUSED_ROWS
   }
   return true;
 }
@@ -806,7 +871,7 @@ template <int E>
 __global__ void decode_combine_kernel(DecodeAttentionCudaParams p) {
   pdl_wait_d();
   pdl_launch_dependents_d();
-  decode_combine_warp<E>(p, blockIdx.x, blockIdx.y, threadIdx.x);
+  decode_combine_warp<E>(p, /*r=*/blockIdx.y, /*h=*/blockIdx.x, threadIdx.x);
 }
 
 template <int E>
