@@ -108,8 +108,7 @@ class CudaEngine final : public InferenceEngine {
   void enqueue_sample(int B);
   // The fused path of a call of n <= kGemvMaxRows tokens (inference_cuda::gemv_fused).
   bool fused_fits(int64_t N) const {
-    return fused_ && N <= inference_cuda::kGemvMaxRows && N * std::max(C_, F_) * 2 <= 48 * 1024 &&
-           N * C_ * 2 + C_ * 8 <= 48 * 1024;  // gemv_fused's shared memory: input rows (+ LayerNorm weights)
+    return fused_ && N <= inference_cuda::kGemvMaxRows && N * std::max(C_, F_) * 2 <= 48 * 1024;
   }
   void enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t N, bool all_decode);
   void enqueue_prefill_attention(std::span<const SlotChunk> chunks, bf16* kc, bf16* vc);

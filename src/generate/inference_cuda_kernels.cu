@@ -218,47 +218,11 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
                   : make_uint4(0, 0, 0, 0);
     }
   };
-  // So are the LayerNorm's weights (to shared memory) and the first rows' biases.
-  float* ln_ws = reinterpret_cast<float*>(xs + R * chunks);  // (in) gamma, then (in) beta
-  if (p.ln_w) {
-    for (int i = threadIdx.x; i < p.in / 4; i += blockDim.x) {
-      reinterpret_cast<float4*>(ln_ws)[i] = reinterpret_cast<const float4*>(p.ln_w)[i];
-      reinterpret_cast<float4*>(ln_ws + p.in)[i] = reinterpret_cast<const float4*>(p.ln_b)[i];
-    }
-  }
-  float bias_cur[RPW];
-  auto load_bias = [&](int row) {
-#pragma unroll
-    for (int k = 0; k < RPW; ++k) {
-      const int rr = row + k * stride;
-      bias_cur[k] = p.bias && rr < p.out ? p.bias[rr] : 0.0f;
-    }
-  };
-  if (o < p.out) {
-    load(o, 0);
-    load_bias(o);
-  }
+  if (o < p.out) load(o, 0);
   pdl_wait();
   pdl_launch_dependents();
-  // What the epilogue of the first rows reads from earlier kernels, loaded now so that it
-  // arrives while the prologue and the products run: the residual values (lane r, row r)
-  // and the tokens' cache places.
-  float res_first[RPW] = {};
-  TokenPlace place = {};
-  if constexpr (E == GemvEpilogue::residual) {
-#pragma unroll
-    for (int k = 0; k < RPW; ++k) {
-      const int rr = o + k * stride;
-      if (lane < R && rr < p.out) res_first[k] = p.residual[static_cast<int64_t>(lane) * p.out + rr];
-    }
-  }
-  if constexpr (E == GemvEpilogue::qkv_cache) {
-    if (lane < R) place = p.places[lane];
-  }
-  const int o_first = o;
   // Prologue: the R input rows into shared memory as bf16.
   if (p.ln_w) {
-    __syncthreads();  // the LayerNorm weights are in shared memory
     bf16* xh = reinterpret_cast<bf16*>(xs);
     if (warp < R) {
       const int64_t src = p.row_index ? p.row_index[warp] : warp;
@@ -266,8 +230,8 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
       // mean costs no precision), one to normalise; 16-byte loads, the second from L1. No
       // register copy of the row, which would cap the kernel's occupancy.
       const float4* x4 = reinterpret_cast<const float4*>(p.x_f32 + src * p.in);
-      const float4* w4 = reinterpret_cast<const float4*>(ln_ws);
-      const float4* b4 = reinterpret_cast<const float4*>(ln_ws + p.in);
+      const float4* w4 = reinterpret_cast<const float4*>(p.ln_w);
+      const float4* b4 = reinterpret_cast<const float4*>(p.ln_b);
       const int n4 = p.in / 4;
       const float shift = p.x_f32[src * p.in];
       float s1 = 0.0f, s2 = 0.0f;
@@ -319,13 +283,7 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
       if (base >= chunks) break;
       load(o, base);
     }
-    float bias[RPW];
-#pragma unroll
-    for (int k = 0; k < RPW; ++k) bias[k] = bias_cur[k];
-    if (o + RPW * stride < p.out) {  // the next rows' loads overlap this reduction
-      load(o + RPW * stride, 0);
-      load_bias(o + RPW * stride);
-    }
+    if (o + RPW * stride < p.out) load(o + RPW * stride, 0);  // the next rows' loads overlap this reduction
 #pragma unroll
     for (int k = 0; k < RPW; ++k) {
       const int row = o + k * stride;
@@ -337,19 +295,20 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
       for (int r = 0; r < R; ++r) {
         if (lane != r) continue;
         float v = acc[k][r];
+        const float bias = p.bias ? p.bias[row] : 0.0f;
         if constexpr (E == GemvEpilogue::store_bf16) {
-          static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(v + bias[k]);
+          static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(v + bias);
         } else if constexpr (E == GemvEpilogue::bias_gelu) {
-          static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(gelu_tanh(v + bias[k]));
+          static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(gelu_tanh(v + bias));
         } else if constexpr (E == GemvEpilogue::residual) {
-          float* x = p.residual + static_cast<int64_t>(r) * p.out + row;
-          *x = (o == o_first ? res_first[k] : *x) + v + bias[k];
+          p.residual[static_cast<int64_t>(r) * p.out + row] += v + bias;
         } else if constexpr (E == GemvEpilogue::qkv_cache) {
           const int C = p.out / 3, part = row / C, c = row - part * C;
-          const bf16 h = __float2bfloat16(v + bias[k]);
+          const bf16 h = __float2bfloat16(v + bias);
           if (part == 0) {
             p.q[static_cast<int64_t>(r) * C + c] = h;
           } else {
+            const TokenPlace place = p.places[r];
             const int64_t at = place.slot * p.slot_stride + static_cast<int64_t>(place.pos) * C + c;
             (part == 1 ? p.k_cache : p.v_cache)[at] = h;
           }
@@ -643,10 +602,8 @@ void sample(int32_t* tokens, const float* logits, int64_t ld, int V, int rows, c
          V, params, prompt_index, step, part_val, part_idx, parts);
 }
 
-// The input rows (bf16), then the LayerNorm's gamma and beta (fp32) when there is one.
-size_t gemv_fused_shared(int rows, int in, bool ln) {
-  return static_cast<size_t>(rows) * in * 2 + (ln ? static_cast<size_t>(in) * 8 : 0);
-}
+// The input rows (bf16).
+size_t gemv_fused_shared(int rows, int in, bool /*ln*/) { return static_cast<size_t>(rows) * in * 2; }
 
 int gemv_fused_blocks(int out) {
   static const int cap = [] {
