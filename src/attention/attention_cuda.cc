@@ -167,13 +167,10 @@ bool device_is_sm90() {
 //
 // The TMA forward (head dims 64 and 128) takes dense batches without dropout: varlen batches and
 // dropout keep the cp.async wgmma kernel. It runs when FLASHGPT_ATTN_FWD_KERNEL=tma, and by
-// default for a head dim only once tma_forward_by_default says so, which needs it correct in
-// every test and faster than the wgmma kernel in the benchmark (docs/attention_gpu.md, "The
-// TMA forward"). Measured on the H100 (one run): d128 1.20-1.23x the wgmma forward in all 12
-// rows, but only part of the GPU suite has run through it (ForwardPipelineShapes,
-// SmallShapesForSanitizer, ReportsKernels, memcheck): d128 turns on once the ctest
-// attention_cuda_test_tma (the whole suite with the TMA forward) passes. d64 stays off: 0.69-1.03x.
-constexpr bool tma_forward_by_default(int /*head_dim*/) { return false; }
+// default for a head dim only where it is correct in every test and faster than the wgmma
+// kernel in the benchmark (docs/attention_gpu.md, "The TMA forward"): d128 (1.20-1.23x in all
+// 12 rows on an H100); d64 stays on the wgmma kernel (0.69-1.03x).
+constexpr bool tma_forward_by_default(int head_dim) { return head_dim == 128; }
 
 // `p` null: the kernel of a dense call without dropout (what attention_cuda_forward_kernel reports).
 attn::FwdKernel choose_fwd_kernel(int head_dim, const AttentionParams* p) {
