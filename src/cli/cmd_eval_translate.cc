@@ -4,6 +4,7 @@
 // score against K (scripts/plot_translate.py, started from an argument vector).
 #include "commands.h"
 #include "options.h"
+#include "translate_results.h"
 
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/data.h>
@@ -14,7 +15,6 @@
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
-#include <cmath>
 #include <cstdlib>
 #include <memory>
 #include <string>
@@ -54,8 +54,6 @@ std::filesystem::path wmt14_dir(const std::string& given) {
   }
   return root / "wmt14";
 }
-
-double two_decimals(double x) { return std::round(x * 100.0) / 100.0; }
 
 void run_eval_translate(const EvalTranslateOptions& o) {
   fmt::print(stderr,
@@ -101,7 +99,6 @@ void run_eval_translate(const EvalTranslateOptions& o) {
 
   const auto out_dir = run / "eval";
   const auto hyp_dir = out_dir / "translate";
-  std::filesystem::create_directories(hyp_dir);
   nlohmann::ordered_json j;
   j["run"] = o.run;
   j["checkpoint"] = weights.checkpoint.string();
@@ -116,35 +113,10 @@ void run_eval_translate(const EvalTranslateOptions& o) {
   j["training_data_check"] = check.reason;
   j["prompt_format"] = translate_prompt(std::vector<TranslatePair>{{"{en}", "{fr}"}}, "{source}",
                                         TranslateDirection::en_fr);
-  // Filled apart and moved in at the end: an ordered_json object is a vector, so a reference
-  // to one member dangles once another member is added.
-  auto results = nlohmann::ordered_json::array();
-  auto examples = nlohmann::ordered_json::array();
+  auto written = translate_results_write(settings, hyp_dir, /*name_hypotheses=*/true);
   fmt::print("{:<6} {:>5} {:>7} {:>7} {:>9} {:>10} {:>9}\n", "dir", "shots", "BLEU", "chrF", "K given", "shortened",
              "seconds");
   for (const auto& s : settings) {
-    const std::string name = fmt::format("{}.{}shot", translate_direction_name(s.direction), s.shots);
-    std::string hyps;
-    for (const auto& h : s.hypotheses) hyps += h + "\n";
-    atomic_write_file(hyp_dir / (name + ".txt"), hyps);
-    results.push_back({{"direction", translate_direction_name(s.direction)},
-                       {"shots", s.shots},
-                       {"shots_mean", s.shots_mean},
-                       {"prompts_shortened", s.prompts_shortened},
-                       {"prompts_too_long", s.prompts_too_long},
-                       {"bleu", two_decimals(s.bleu.score)},
-                       {"chrf", two_decimals(s.chrf.score)},
-                       {"bleu_line", s.bleu.line()},
-                       {"chrf_line", s.chrf.line()},
-                       {"hypotheses", (hyp_dir / (name + ".txt")).string()},
-                       {"generated_tokens", s.generated_tokens},
-                       {"seconds", s.seconds}});
-    for (const auto& e : s.examples) {
-      examples.push_back({{"direction", translate_direction_name(s.direction)},
-                          {"shots", s.shots},
-                          {"source", e.source},
-                          {"output", e.output}});
-    }
     fmt::print("{:<6} {:>5} {:>7.2f} {:>7.2f} {:>9.2f} {:>10} {:>9.1f}\n", translate_direction_name(s.direction),
                s.shots, s.bleu.score, s.chrf.score, s.shots_mean, s.prompts_shortened, s.seconds);
   }
@@ -156,8 +128,8 @@ void run_eval_translate(const EvalTranslateOptions& o) {
       fmt::print("[{} {}-shot] {} -> {}\n", translate_direction_name(s.direction), s.shots, e.source, e.output);
     }
   }
-  j["results"] = std::move(results);
-  j["examples"] = std::move(examples);
+  j["results"] = std::move(written.results);
+  j["examples"] = std::move(written.examples);
   const auto json_path = out_dir / "translate.json";
   atomic_write_file(json_path, j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");
   fmt::print("wrote {} and the hypotheses in {}\n", json_path.string(), hyp_dir.string());

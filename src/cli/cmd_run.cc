@@ -14,6 +14,8 @@
 #include "option_checks.h"
 #include "options.h"
 #include "recipes.h"
+#include "stop_signal.h"
+#include "translate_results.h"
 
 #include <flashgpt/atomic_file.h>
 #include <flashgpt/data_download.h>
@@ -39,11 +41,9 @@
 #include <sys/utsname.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
-#include <csignal>
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
@@ -208,32 +208,6 @@ std::unique_ptr<InferenceEngine> run_inference_engine(const RunPlan& plan, const
   }
   return inference_create_cpu(weights.config, weights.params, io);
 }
-
-// The stop flag the trainer polls: the signal that asked the job to stop (0: none).
-std::atomic<int> g_run_stop{0};
-// The first SIGINT/SIGTERM asks the trainer to checkpoint and stop; a second one ends the
-// process at once.
-extern "C" void run_on_signal(int signal) {
-  if (g_run_stop.exchange(signal) != 0) {
-    std::signal(signal, SIG_DFL);
-    std::raise(signal);
-  }
-}
-
-struct RunSignalGuard {
-  struct sigaction old_int {}, old_term {};
-  RunSignalGuard() {
-    struct sigaction sa {};
-    sa.sa_handler = run_on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, &old_int);
-    sigaction(SIGTERM, &sa, &old_term);
-  }
-  ~RunSignalGuard() {
-    sigaction(SIGINT, &old_int, nullptr);
-    sigaction(SIGTERM, &old_term, nullptr);
-  }
-};
 
 // The job's wall-clock budget (--minutes) is spent in order: data, training, evaluation,
 // report. Training gets what is left after the data stage minus what the later stages are
@@ -774,11 +748,10 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   tc.peak_flops = plan.device == Device::cuda ? 989e12 : 0;
   tc.progress = true;
   tc.options_json = train_options.dump();
-  g_run_stop.store(0);
-  tc.stop = &g_run_stop;
+  tc.stop = &cli_stop_flag();
   TrainResult tr;
   {
-    RunSignalGuard guard;
+    StopSignalGuard guard;
     tr = train_run(tc, *model);
   }
   model.reset();
@@ -909,7 +882,6 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
     return std::pair{a.direction, a.shots} < std::pair{b.direction, b.shots};
   });
   engine.reset();
-  std::filesystem::create_directories(eval_dir / "translate");
   Json tj;
   tj["run"] = eval_run.string();
   tj["step"] = weights.step;
@@ -921,35 +893,9 @@ void run_all(CLI::App* cmd, const RunOptions& o) {
   tj["decoding"] = {{"greedy", true}, {"max_new_tokens", plan.max_new_tokens}, {"stop", "\n"}};
   tj["training_data_check"] = check_reason;
   if (!engine_note.empty()) tj["note"] = engine_note;
-  // Filled apart and moved in: an ordered_json object is a vector, so a reference to one
-  // member dies when the next member is added.
-  Json results = Json::array();
-  Json examples = Json::array();
-  for (const auto& s : settings) {
-    const std::string name = fmt::format("{}.{}shot", translate_direction_name(s.direction), s.shots);
-    std::string hyps;
-    for (const auto& h : s.hypotheses) hyps += h + "\n";
-    atomic_write_file(eval_dir / "translate" / (name + ".txt"), hyps);
-    results.push_back({{"direction", translate_direction_name(s.direction)},
-                       {"shots", s.shots},
-                       {"shots_mean", s.shots_mean},
-                       {"prompts_shortened", s.prompts_shortened},
-                       {"prompts_too_long", s.prompts_too_long},
-                       {"bleu", std::round(s.bleu.score * 100) / 100},
-                       {"chrf", std::round(s.chrf.score * 100) / 100},
-                       {"bleu_line", s.bleu.line()},
-                       {"chrf_line", s.chrf.line()},
-                       {"generated_tokens", s.generated_tokens},
-                       {"seconds", s.seconds}});
-    for (const auto& e : s.examples) {
-      examples.push_back({{"direction", translate_direction_name(s.direction)},
-                          {"shots", s.shots},
-                          {"source", e.source},
-                          {"output", e.output}});
-    }
-  }
-  tj["results"] = std::move(results);
-  tj["examples"] = std::move(examples);
+  auto written = translate_results_write(settings, eval_dir / "translate", /*name_hypotheses=*/false);
+  tj["results"] = std::move(written.results);
+  tj["examples"] = std::move(written.examples);
   if (!settings.empty()) tj["signatures"] = {settings[0].bleu.signature, settings[0].chrf.signature};
   const auto translate_json = eval_dir / "translate.json";
   atomic_write_file(translate_json, tj.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n");

@@ -3,6 +3,7 @@
 // options not given on the command line from the run's saved configuration.
 #include "commands.h"
 #include "recipes.h"
+#include "stop_signal.h"
 
 #include <flashgpt/data_shard.h>
 #include <flashgpt/dist.h>
@@ -15,7 +16,6 @@
 #include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
-#include <atomic>
 #include <cmath>
 #include <csignal>
 #include <cstdlib>
@@ -132,33 +132,6 @@ std::string options_to_text(const std::vector<OptionEntry>& table) {
   }
   return s;
 }
-
-// The signal that asked the run to stop (0: none).
-std::atomic<int> g_stop_signal{0};
-// The first SIGINT/SIGTERM asks for a checkpoint at the end of the step; a second one ends
-// the process at once (the checkpoint on disk is always a complete one: it is renamed into
-// place).
-extern "C" void train_on_signal(int signal) {
-  if (g_stop_signal.exchange(signal) != 0) {
-    std::signal(signal, SIG_DFL);
-    std::raise(signal);
-  }
-}
-
-struct SignalGuard {
-  struct sigaction old_int {}, old_term {};
-  SignalGuard() {
-    struct sigaction sa {};
-    sa.sa_handler = train_on_signal;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, &old_int);
-    sigaction(SIGTERM, &sa, &old_term);
-  }
-  ~SignalGuard() {
-    sigaction(SIGINT, &old_int, nullptr);
-    sigaction(SIGTERM, &old_term, nullptr);
-  }
-};
 
 std::string gib(uint64_t bytes) { return fmt::format("{:.2f} GiB", static_cast<double>(bytes) / (1ull << 30)); }
 
@@ -393,12 +366,11 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table, 
   FLASHGPT_CHECK(!(o.keep_best && o.zero1), "--keep-best and --zero1 cannot be combined (the best checkpoint would hold "
                  "rank 0's slice of the AdamW moments only)");
   FLASHGPT_CHECK(!o.keep_best || !data.val.empty(), "--keep-best needs validation shards (val_*.bin) in --data {}", o.data);
-  g_stop_signal.store(0);
-  tc.stop = &g_stop_signal;
+  tc.stop = &cli_stop_flag();
 
   TrainResult result;
   {
-    SignalGuard guard;
+    StopSignalGuard guard;
     result = train_run(tc, *model);
   }
   if (!o.no_plot && lead) {
