@@ -16,11 +16,10 @@
 #include "options.h"
 
 #include <flashgpt/atomic_file.h>
-#include <flashgpt/process.h>
-
 #include <flashgpt/attention.h>
 #include <flashgpt/attention_cpu.h>
 #include <flashgpt/attention_cuda.h>
+#include <flashgpt/bfloat16.h>
 #include <flashgpt/error.h>
 #include <flashgpt/process.h>
 
@@ -38,7 +37,6 @@
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <fstream>
@@ -229,18 +227,6 @@ double gpu_flops_forward(const GpuRow& r) {
   return r.causal ? f / 2 : f;
 }
 
-uint16_t bench_float_to_bf16(float f) {
-  uint32_t bits;
-  std::memcpy(&bits, &f, 4);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-float bench_bf16_to_float(uint16_t h) {
-  const uint32_t bits = uint32_t{h} << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
 
 // Device memory, freed on scope exit.
 struct GpuBuffer {
@@ -262,7 +248,7 @@ std::vector<uint16_t> random_bf16(size_t n, uint64_t seed) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     z ^= z >> 31;
-    out[i] = bench_float_to_bf16(float(double(z >> 11) * 0x1.0p-53 * 2.0 - 1.0));
+    out[i] = bf16_from_float(float(double(z >> 11) * 0x1.0p-53 * 2.0 - 1.0));
   }
   return out;
 }
@@ -296,7 +282,7 @@ std::vector<float> download_bf16(const void* device, size_t n) {
   std::vector<uint16_t> bits(n);
   FLASHGPT_CUDA_CHECK(cudaMemcpy(bits.data(), device, n * 2, cudaMemcpyDeviceToHost));
   std::vector<float> out(n);
-  for (size_t i = 0; i < n; ++i) out[i] = bench_bf16_to_float(bits[i]);
+  for (size_t i = 0; i < n; ++i) out[i] = bf16_to_float(bits[i]);
   return out;
 }
 
@@ -330,7 +316,7 @@ void gpu_validate(int head_dim, bool causal, float dropout) {
   std::vector<float> in[4], o(n), lse(size_t(kBatch) * kHeads * kSeqlen), dq(n), dk(n), dv(n);
   for (int i = 0; i < 4; ++i) {
     in[i].resize(n);
-    for (size_t j = 0; j < n; ++j) in[i][j] = bench_bf16_to_float(host[i][j]);
+    for (size_t j = 0; j < n; ++j) in[i][j] = bf16_to_float(host[i][j]);
   }
   AttentionParams ref = gpu.params;
   ref.dtype = DType::f32;

@@ -19,6 +19,7 @@
 #include "inference_cuda_kernels.h"
 
 #include <flashgpt/attention_cuda.h>
+#include <flashgpt/bfloat16.h>
 #include <flashgpt/cuda_check.h>
 #include <flashgpt/error.h>
 #include <flashgpt/generate.h>
@@ -48,14 +49,6 @@ using inference_cuda::TokenPlace;
     FLASHGPT_CHECK(flashgpt_cublas_ == CUBLAS_STATUS_SUCCESS, "cuBLAS call `{}` failed with status {}", \
                    #call, static_cast<int>(flashgpt_cublas_));                                          \
   } while (0)
-
-uint16_t float_to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;  // NaN
-  u += 0x7fffu + ((u >> 16) & 1u);                      // round to nearest even
-  return static_cast<uint16_t>(u >> 16);
-}
 
 template <class T>
 T* device_alloc(std::vector<void*>& owned, size_t count) {
@@ -219,7 +212,7 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
   FLASHGPT_CUDA_CHECK(cudaMemcpy(d_params_, params.data(), P * sizeof(float), cudaMemcpyHostToDevice));
   {
     std::vector<uint16_t> bits(P);
-    for (size_t i = 0; i < P; ++i) bits[i] = float_to_bf16_bits(params[i]);
+    for (size_t i = 0; i < P; ++i) bits[i] = bf16_from_float(params[i]);
     FLASHGPT_CUDA_CHECK(cudaMemcpy(d_weights_, bits.data(), P * 2, cudaMemcpyHostToDevice));
   }
   const size_t cache = static_cast<size_t>(L_ * S_ * T_ * C_);
