@@ -101,6 +101,28 @@ PrepareConfig base_config(const TempDir& dir, const std::string& stem) {
   return config;
 }
 
+// `config` prepared with each (threads, documents per batch, seed) into DIR/a, b, ...: the
+// same seed gives the same train and val shards byte for byte whatever the threads and
+// batches, another seed other bytes.
+void expect_seed_alone_decides_the_bytes(const TempDir& dir, PrepareConfig config) {
+  auto run = [&](int threads, size_t batch, uint64_t seed, const std::string& out) {
+    config.threads = threads;
+    config.batch_documents = batch;
+    config.seed = seed;
+    config.out_dir = dir / out;
+    data_prepare(config, byte_encoder());
+    std::string bytes;
+    for (const char* split : {"train", "val"}) {
+      for (const auto& p : shard_list(dir / out, split)) bytes += testing::read_file_bytes(p);
+    }
+    return bytes;
+  };
+  const std::string a = run(1, 7, 5, "a");
+  EXPECT_EQ(run(3, 1000, 5, "b"), a);
+  EXPECT_EQ(run(2, 64, 5, "c"), a);
+  EXPECT_NE(run(2, 64, 6, "d"), a);
+}
+
 using testing::error_of;
 
 TEST(Prepare, OriginalRecipeTakesOneRandomSidePerPair) {
@@ -127,26 +149,11 @@ TEST(Prepare, OriginalRecipeTakesOneRandomSidePerPair) {
 TEST(Prepare, SameSeedSameBytesWhateverTheThreadsAndBatches) {
   TempDir dir;
   write_corpus(dir, "train.toy.fr-en", 1000);
-  auto run = [&](int threads, size_t batch, uint64_t seed, const std::string& out) {
-    PrepareConfig config = base_config(dir, "train.toy.fr-en");
-    config.threads = threads;
-    config.batch_documents = batch;
-    config.seed = seed;
-    config.bilingual_rate = 0.3;
-    config.val_fraction = 0.1;
-    config.shard_tokens = 5000;
-    config.out_dir = dir / out;
-    data_prepare(config, byte_encoder());
-    std::string bytes;
-    for (const char* split : {"train", "val"}) {
-      for (const auto& p : shard_list(dir / out, split)) bytes += testing::read_file_bytes(p);
-    }
-    return bytes;
-  };
-  const std::string a = run(1, 7, 5, "a");
-  EXPECT_EQ(run(3, 1000, 5, "b"), a);
-  EXPECT_EQ(run(2, 64, 5, "c"), a);
-  EXPECT_NE(run(2, 64, 6, "d"), a);
+  PrepareConfig config = base_config(dir, "train.toy.fr-en");
+  config.bilingual_rate = 0.3;
+  config.val_fraction = 0.1;
+  config.shard_tokens = 5000;
+  expect_seed_alone_decides_the_bytes(dir, config);
 }
 
 TEST(Prepare, BilingualDocumentsUseTheTemplatesInBothDirections) {
@@ -339,31 +346,16 @@ TEST(MultiPair, ShuffledOrderAndRepetitionWeights) {
 TEST(MultiPair, SameSeedSameBytesWhateverTheThreadsAndBatches) {
   TempDir dir;
   write_corpus(dir, "train.toy.fr-en", 1000);
-  auto run = [&](int threads, size_t batch, uint64_t seed, const std::string& out) {
-    PrepareConfig config = base_config(dir, "train.toy.fr-en");
-    config.threads = threads;
-    config.batch_documents = batch;
-    config.seed = seed;
-    config.bilingual_rate = 0.9;
-    config.pairs_per_document = 6;
-    config.document_bytes = 250;
-    config.single_pair_share = 0.1;
-    config.pair_order = PairOrder::shuffled;
-    config.weights = {{"train.toy.fr-en", 1.3}};
-    config.val_fraction = 0.1;
-    config.shard_tokens = 5000;
-    config.out_dir = dir / out;
-    data_prepare(config, byte_encoder());
-    std::string bytes;
-    for (const char* split : {"train", "val"}) {
-      for (const auto& p : shard_list(dir / out, split)) bytes += testing::read_file_bytes(p);
-    }
-    return bytes;
-  };
-  const std::string a = run(1, 7, 5, "a");
-  EXPECT_EQ(run(3, 1000, 5, "b"), a);
-  EXPECT_EQ(run(2, 64, 5, "c"), a);
-  EXPECT_NE(run(2, 64, 6, "d"), a);
+  PrepareConfig config = base_config(dir, "train.toy.fr-en");
+  config.bilingual_rate = 0.9;
+  config.pairs_per_document = 6;
+  config.document_bytes = 250;
+  config.single_pair_share = 0.1;
+  config.pair_order = PairOrder::shuffled;
+  config.weights = {{"train.toy.fr-en", 1.3}};
+  config.val_fraction = 0.1;
+  config.shard_tokens = 5000;
+  expect_seed_alone_decides_the_bytes(dir, config);
 }
 
 TEST(MultiPair, ValidationSplitFromTheDevSetInThePromptFormat) {
