@@ -75,7 +75,16 @@ class Communicator {
 
   // Starts summing data[0, count) over the ranks in place; wait_all() completes every
   // reduction started. progress() lets a backend without a progress thread move them on.
+  // On NCCL the reductions run on a communication stream of their own, each after an event
+  // recorded on the model's stream when it is started (so after the work enqueued there so
+  // far), and wait_all() makes the model's stream wait for them: no host synchronisation.
   virtual void allreduce_sum_start(float* data, int64_t count) = 0;
+  // One bucket: every range [begin, end) of base summed in place, started together (NCCL: one
+  // group). The default starts one allreduce_sum_start per range.
+  struct Range {
+    int64_t begin = 0, end = 0;
+  };
+  virtual void allreduce_sum_ranges_start(float* base, std::span<const Range> ranges);
   virtual void progress() {}
   virtual void wait_all() = 0;
   // data[offsets[r], offsets[r + 1]) of rank r reaches every rank, in place
