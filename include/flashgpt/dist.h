@@ -100,8 +100,10 @@ class Communicator {
 std::unique_ptr<Communicator> comm_create_local();
 // MPI_COMM_WORLD (MPI_Init on first use, MPI_Finalize at exit). Throws on a build without MPI.
 std::unique_ptr<Communicator> comm_create_mpi();
-// NCCL over the GPUs of env's ranks, on `stream` (a cudaStream_t: the model's, so that a
-// reduction is ordered after the backward that wrote the gradients). The unique id travels
+// NCCL over the GPUs of env's ranks. `stream` is the model's (a cudaStream_t): the gradient
+// reductions run on a stream of the communicator's own, each ordered after the work enqueued
+// on `stream` when it starts, and wait_all() orders `stream` after them; the other
+// collectives run on `stream`. The unique id travels
 // by MPI when MPI launched the job and the build has it, else by dist_rendezvous_broadcast.
 // Throws on a build without NCCL.
 std::unique_ptr<Communicator> comm_create_nccl(const DistEnv& env, void* stream);

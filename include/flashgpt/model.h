@@ -188,11 +188,11 @@ class GptModel {
   // Called by forward_backward, in the order the backward finishes them, with each range
   // [begin, end) of the gradient buffer that this micro-batch will not write again (a
   // layer's tensors as its backward ends, the embeddings last), so that the reduction of a
-  // bucket can start while the backward goes on. The CPU backend calls it; a backend that
-  // does not (CUDA today) has its gradients reduced after the backward. Empty: no calls.
-  // The CUDA backend calls it as it enqueues the backward: the range is final once the work
-  // enqueued so far on flat_buffers().stream has run (a reduction ordered after an event
-  // recorded there may start). While a hook is set the CUDA step runs eagerly (no graph).
+  // bucket can start while the backward goes on. Empty: no calls. The CPU backend calls it
+  // once the range holds its values; the CUDA backend as it enqueues the backward: the range
+  // is final once the work enqueued so far on flat_buffers().stream has run (a reduction
+  // ordered after an event recorded there may start). While a hook is set the CUDA step runs
+  // eagerly (no graph).
   using GradReadyHook = std::function<void(int64_t begin, int64_t end)>;
   virtual void grad_ready_hook_set(GradReadyHook hook) { (void)hook; }
   // ZeRO-1's memory saving: keep the AdamW moments of [begin, end) of the flat buffers only,

@@ -1,7 +1,8 @@
 // Data parallel, the parts one process can test: the rank layout from the environment, the
 // multicast switch, the TCP rendezvous (ranks as threads), ZeRO-1's slices and range update
-// against the whole update (bit for bit), and the CPU backward's gradient hook (every range
-// reported once, already final). The reductions between processes: train_dp_test.py.
+// against the whole update (bit for bit), a model holding one slice of the moments (its
+// memory, its update against the full model's), and the CPU backward's gradient hook (every
+// range reported once, already final). The reductions between processes: train_dp_test.py.
 #include <flashgpt/dist.h>
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>
