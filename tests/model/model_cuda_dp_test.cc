@@ -155,7 +155,8 @@ TEST(ModelCudaDp, HookReportsEveryRangeOnceFinalInReverseLayerOrderFast) { check
 // DataParallel does), against the same steps without it.
 struct RunResult {
   std::vector<double> losses, norms;
-  std::vector<float> params, grads;
+  std::vector<float> params, grads;  // grads: step 3's
+  std::vector<float> first_grads;     // step 1's (before AdamW could amplify fast mode's noise)
 };
 RunResult run_steps(bool deterministic, bool hooked) {
   const ModelConfig config = mini_config();
@@ -175,6 +176,10 @@ RunResult run_steps(bool deterministic, bool hooked) {
     }
     const double norm = model->grads_norm();
     out.norms.push_back(norm);
+    if (step == 1) {
+      out.first_grads.resize(size_t(model_param_count(config)));
+      model->grads_get(out.first_grads);
+    }
     if (step == 3) {
       out.grads.resize(size_t(model_param_count(config)));
       model->grads_get(out.grads);
@@ -198,12 +203,13 @@ TEST(ModelCudaDp, HookedStepEqualsGraphStepBitForBitDeterministic) {
   for (size_t i = 0; i < plain.norms.size(); ++i) {
     EXPECT_EQ(std::memcmp(&plain.norms[i], &hooked.norms[i], sizeof(double)), 0) << "grad norm of step " << i + 1;
   }
+  EXPECT_EQ(std::memcmp(plain.first_grads.data(), hooked.first_grads.data(), plain.grads.size() * sizeof(float)), 0);
   EXPECT_EQ(std::memcmp(plain.grads.data(), hooked.grads.data(), plain.grads.size() * sizeof(float)), 0);
   EXPECT_EQ(std::memcmp(plain.params.data(), hooked.params.data(), plain.params.size() * sizeof(float)), 0);
 }
 
-// Fast mode is not bit-reproducible (atomics in the attention backward); a bias gradient
-// added twice or not at all would be far outside this.
+// Fast mode is not bit-reproducible (atomics in the attention backward): step 1's gradients
+// per tensor within 1%; a bias gradient added twice or not at all would be far outside.
 TEST(ModelCudaDp, HookedStepMatchesGraphStepFast) {
   const RunResult plain = run_steps(/*deterministic=*/false, /*hooked=*/false);
   const RunResult hooked = run_steps(/*deterministic=*/false, /*hooked=*/true);
@@ -211,13 +217,13 @@ TEST(ModelCudaDp, HookedStepMatchesGraphStepFast) {
   for (const ParamSpec& s : specs) {
     double diff = 0, ref = 0;
     for (int64_t i = s.offset; i < s.offset + s.numel; ++i) {
-      const double d = double(hooked.grads[size_t(i)]) - double(plain.grads[size_t(i)]);
+      const double d = double(hooked.first_grads[size_t(i)]) - double(plain.first_grads[size_t(i)]);
       diff += d * d;
-      ref += double(plain.grads[size_t(i)]) * double(plain.grads[size_t(i)]);
+      ref += double(plain.first_grads[size_t(i)]) * double(plain.first_grads[size_t(i)]);
     }
     EXPECT_LE(std::sqrt(diff), 1e-2 * std::sqrt(ref) + 1e-12) << s.name;
   }
-  for (size_t i = 0; i < plain.norms.size(); ++i) EXPECT_NEAR(hooked.norms[i], plain.norms[i], 1e-2 * plain.norms[i]);
+  EXPECT_NEAR(hooked.norms[0], plain.norms[0], 1e-2 * plain.norms[0]);
 }
 
 size_t round256(size_t bytes) { return (bytes + 255) / 256 * 256; }
