@@ -15,6 +15,7 @@
 #endif
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -120,7 +121,7 @@ class NcclComm final : public Communicator {
     FLASHGPT_CHECK(offsets.size() == static_cast<size_t>(world_) + 1, "allgather_host: {} offsets for {} ranks",
                    offsets.size(), world_);
     const int64_t n = offsets.back();
-    const int64_t window = std::min<int64_t>(n, kHostGatherFloats);
+    const int64_t window = std::min<int64_t>(n, gather_window_floats());
     if (window <= 0) return;
     float* device = nullptr;
     FLASHGPT_NCCL_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&device), static_cast<size_t>(window) * sizeof(float), stream_));
@@ -165,6 +166,14 @@ class NcclComm final : public Communicator {
 
  private:
   static constexpr int64_t kHostGatherFloats = int64_t{16} << 20;  // 64 MiB of device scratch
+  // kHostGatherFloats, or FLASHGPT_NCCL_GATHER_FLOATS (a test knob: many windows on a small model).
+  static int64_t gather_window_floats() {
+    const char* text = std::getenv("FLASHGPT_NCCL_GATHER_FLOATS");
+    if (text == nullptr || *text == '\0') return kHostGatherFloats;
+    const long long value = std::atoll(text);
+    FLASHGPT_CHECK(value > 0, "FLASHGPT_NCCL_GATHER_FLOATS must be a positive number of floats, got '{}'", text);
+    return value;
+  }
 
   // The communication stream waits for what the model's stream has enqueued so far.
   void fork() {
