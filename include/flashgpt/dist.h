@@ -75,7 +75,16 @@ class Communicator {
 
   // Starts summing data[0, count) over the ranks in place; wait_all() completes every
   // reduction started. progress() lets a backend without a progress thread move them on.
+  // On NCCL the reductions run on a communication stream of their own, each after an event
+  // recorded on the model's stream when it is started (so after the work enqueued there so
+  // far), and wait_all() makes the model's stream wait for them: no host synchronisation.
   virtual void allreduce_sum_start(float* data, int64_t count) = 0;
+  // One bucket: every range [begin, end) of base summed in place, started together (NCCL: one
+  // group). The default starts one allreduce_sum_start per range.
+  struct Range {
+    int64_t begin = 0, end = 0;
+  };
+  virtual void allreduce_sum_ranges_start(float* base, std::span<const Range> ranges);
   virtual void progress() {}
   virtual void wait_all() = 0;
   // data[offsets[r], offsets[r + 1]) of rank r reaches every rank, in place
@@ -91,8 +100,10 @@ class Communicator {
 std::unique_ptr<Communicator> comm_create_local();
 // MPI_COMM_WORLD (MPI_Init on first use, MPI_Finalize at exit). Throws on a build without MPI.
 std::unique_ptr<Communicator> comm_create_mpi();
-// NCCL over the GPUs of env's ranks, on `stream` (a cudaStream_t: the model's, so that a
-// reduction is ordered after the backward that wrote the gradients). The unique id travels
+// NCCL over the GPUs of env's ranks. `stream` is the model's (a cudaStream_t): the gradient
+// reductions run on a stream of the communicator's own, each ordered after the work enqueued
+// on `stream` when it starts, and wait_all() orders `stream` after them; the other
+// collectives run on `stream`. The unique id travels
 // by MPI when MPI launched the job and the build has it, else by dist_rendezvous_broadcast.
 // Throws on a build without NCCL.
 std::unique_ptr<Communicator> comm_create_nccl(const DistEnv& env, void* stream);

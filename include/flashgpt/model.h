@@ -136,7 +136,9 @@ class GptModel {
   virtual Device device() const = 0;
 
   // Host copies of the fp32 master weights and the AdamW moments, model_param_count()
-  // floats each (checkpoints, the export, tests).
+  // floats each (checkpoints, the export, tests). A model whose moments are sharded
+  // (adam_state_shard) reads and writes only its range [begin, end) of the moment spans and
+  // leaves the rest of them alone.
   virtual void params_get(std::span<float> out) const = 0;
   virtual void params_set(std::span<const float> in) = 0;
   virtual void adam_state_get(std::span<float> m, std::span<float> v) const = 0;
@@ -186,10 +188,28 @@ class GptModel {
   // Called by forward_backward, in the order the backward finishes them, with each range
   // [begin, end) of the gradient buffer that this micro-batch will not write again (a
   // layer's tensors as its backward ends, the embeddings last), so that the reduction of a
-  // bucket can start while the backward goes on. The CPU backend calls it; a backend that
-  // does not (CUDA today) has its gradients reduced after the backward. Empty: no calls.
+  // bucket can start while the backward goes on. Empty: no calls. The CPU backend calls it
+  // once the range holds its values; the CUDA backend as it enqueues the backward: the range
+  // is final once the work enqueued so far on flat_buffers().stream has run (a reduction
+  // ordered after an event recorded there may start). While a hook is set the CUDA step runs
+  // eagerly (no graph).
   using GradReadyHook = std::function<void(int64_t begin, int64_t end)>;
   virtual void grad_ready_hook_set(GradReadyHook hook) { (void)hook; }
+  // ZeRO-1's memory saving: keep the AdamW moments of [begin, end) of the flat buffers only,
+  // in buffers of end - begin floats each (the full-size ones are freed). The moments kept
+  // are reset to zero: set them (adam_state_set) after sharding. adamw_step_range then takes
+  // ranges inside [begin, end) only, and adamw_step needs the full range. The default
+  // accepts only the full range (a backend that cannot shard).
+  virtual void adam_state_shard(int64_t begin, int64_t end);
+
+  // What the backend allocated for the model (device memory on CUDA, host memory on the CPU),
+  // so that tests and the trainer can state the memory ZeRO-1 saves.
+  struct MemoryReport {
+    int64_t adam_begin = 0, adam_end = 0;  // the moments held: [adam_begin, adam_end) of the flat buffers
+    size_t adam_bytes = 0;                 // the two moment buffers, allocated
+    size_t total_bytes = 0;                // every model buffer (weights, gradients, moments, activations)
+  };
+  virtual MemoryReport memory_report() const;
 };
 
 struct ModelOptions {
@@ -201,6 +221,10 @@ struct ModelOptions {
   // scale) instead of launching ~350 kernels per step; the results are the same bits.
   // The environment variable FLASHGPT_CUDA_GRAPH=0 turns it off too.
   bool cuda_graph = true;
+  // ZeRO-1: allocate the AdamW moments for [adam_begin, adam_end) of the flat buffers only
+  // (adam_state_shard at construction, so the full-size moments are never allocated).
+  // adam_end == 0: all of them.
+  int64_t adam_begin = 0, adam_end = 0;
 };
 
 // The fp32 CPU reference backend (OpenMP; BLAS for the matmuls where built with it).

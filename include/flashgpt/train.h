@@ -121,6 +121,10 @@ struct CheckpointMeta {
 
 // Writes the model's weights and moments and `meta` to PATH atomically.
 void checkpoint_save(const std::filesystem::path& path, const GptModel& model, const CheckpointMeta& meta);
+// The same with the moments given (model_param_count floats each): ZeRO-1's, gathered from
+// the ranks' slices.
+void checkpoint_save(const std::filesystem::path& path, const GptModel& model, const CheckpointMeta& meta,
+                     std::span<const float> adam_m, std::span<const float> adam_v);
 // The metadata of a checkpoint; throws naming the file when it is not one of ours.
 CheckpointMeta checkpoint_read_meta(const SafetensorsFile& file);
 // model_param_count floats of weights ("model.*"), checked against the config's shapes.
@@ -172,8 +176,11 @@ struct TrainConfig {
   // rank: a step takes accum x W micro-batches, and the run is that of one process with
   // --accum accum x W (same windows, dropout, state and checkpoint; see docs/train.md).
   Communicator* comm = nullptr;
-  bool zero1 = false;      // shard the AdamW update over the ranks (ZeRO-1)
+  bool zero1 = false;      // shard the AdamW moments and update over the ranks (ZeRO-1)
   double bucket_mb = 25;   // gradient all-reduce bucket size, MiB of fp32
+  // Start each bucket's all-reduce as the backward finishes it (on CUDA that step runs
+  // without its CUDA graph); off: the whole buffer after the backward.
+  bool overlap = true;
 };
 
 struct TrainResult {

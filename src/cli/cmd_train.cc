@@ -65,6 +65,7 @@ struct TrainOptions {
   bool quiet = false;
   bool zero1 = false;
   double bucket_mb = 25;
+  bool no_overlap = false;
 };
 
 using Field = std::variant<std::string*, int64_t*, uint64_t*, int*, double*, bool*>;
@@ -111,8 +112,10 @@ std::vector<OptionEntry> train_option_table(TrainOptions& o) {
       {"deterministic", &o.deterministic, "Bit-identical results run to run (CUDA)"},
       {"no-plot", &o.no_plot, "Do not draw RUN/loss.png", false},
       {"quiet", &o.quiet, "No progress lines", false},
-      {"zero1", &o.zero1, "Data parallel: shard the AdamW update over the ranks (ZeRO-1)", false},
+      {"zero1", &o.zero1, "Data parallel: shard the AdamW moments and update over the ranks (ZeRO-1)", false},
       {"bucket-mb", &o.bucket_mb, "Data parallel: gradient all-reduce bucket size in MiB", false},
+      {"no-overlap", &o.no_overlap, "Data parallel: all-reduce the gradients after the backward instead of in buckets "
+       "during it (CUDA: keeps the step's CUDA graph)", false},
       // Last, so that the start-up line keeps its order; a second line lists what it set.
       {"recipe", &o.recipe, "Named recipe (translate: recipe 2 v2 of docs/experiments.md): its values fill the "
        "options not given here", /*from_run=*/false},
@@ -253,7 +256,9 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table, 
                    checkpoint.string(), o.preset, diff);
   }
 
-  const MemoryEstimate mem = train_memory_estimate(mc, o.batch, T, device);
+  MemoryEstimate mem = train_memory_estimate(mc, o.batch, T, device);
+  // ZeRO-1: each rank allocates the moments of its slice.
+  if (o.zero1) mem.optimizer = (mem.optimizer + uint64_t(ranks.env.world) - 1) / uint64_t(ranks.env.world);
   const uint64_t available = memory_available(device);
   FLASHGPT_CHECK(available == 0 || mem.total() <= available,
                  "batch {} x {} tokens of the {} preset needs about {} ({} weights, {} gradients, {} AdamW state, {} "
@@ -301,6 +306,11 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table, 
   mo.max_context = T;
   mo.deterministic = o.deterministic;
   mo.threads = o.threads;
+  if (o.zero1 && ranks.env.world > 1) {  // ZeRO-1: this rank's moments only, from the start
+    const std::vector<int64_t> slices = dist_slices(model_param_count(mc), ranks.env.world);
+    mo.adam_begin = slices[static_cast<size_t>(ranks.env.rank)];
+    mo.adam_end = slices[static_cast<size_t>(ranks.env.rank) + 1];
+  }
   // One GPU per process: LOCAL_RANK picks it before the model allocates.
   if (device == Device::cuda && ranks.env.world > 1) dist_select_gpu(ranks.env.local_rank);
   std::unique_ptr<GptModel> model = gpt_create(device, mc, mo);
@@ -321,10 +331,11 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table, 
     FLASHGPT_CHECK(multicast.empty(), "NVLink multicast must stay off: {}", multicast);
     if (lead) {
       fmt::print(stderr, "data parallel: {} ranks over {} ({} launch), global batch {} x {} micro-batches of {} tokens, "
-                 "ZeRO-1 {}, buckets of {} MiB; multicast off (NCCL_NVLS_ENABLE={} TORCH_SYMM_MEM_DISABLE_MULTICAST={} "
+                 "ZeRO-1 {}, buckets of {} MiB {}; multicast off (NCCL_NVLS_ENABLE={} TORCH_SYMM_MEM_DISABLE_MULTICAST={} "
                  "NVSHMEM_DISABLE_NVLS={})\n",
                  comm->world(), comm->backend(), ranks.env.launcher, o.batch, o.accum * comm->world(), T,
-                 o.zero1 ? "on" : "off", o.bucket_mb, std::getenv("NCCL_NVLS_ENABLE"),
+                 o.zero1 ? "on" : "off", o.bucket_mb, o.no_overlap ? "after the backward" : "during the backward",
+                 std::getenv("NCCL_NVLS_ENABLE"),
                  std::getenv("TORCH_SYMM_MEM_DISABLE_MULTICAST"), std::getenv("NVSHMEM_DISABLE_NVLS"));
     }
   }
@@ -358,6 +369,7 @@ void run_train(CLI::App* app, TrainOptions& o, std::vector<OptionEntry>& table, 
   tc.comm = comm.get();
   tc.zero1 = o.zero1;
   tc.bucket_mb = o.bucket_mb;
+  tc.overlap = !o.no_overlap;
   tc.options_json = options.dump();
   tc.time_limit = o.time_limit;
   tc.keep_best = o.keep_best;

@@ -55,13 +55,15 @@ class GptCpu final : public GptModel {
   void params_get(std::span<float> out) const override { copy_out(params_, out, "params_get"); }
   void params_set(std::span<const float> in) override { copy_in(in, params_, "params_set"); }
   void adam_state_get(std::span<float> m, std::span<float> v) const override {
-    copy_out(adam_m_, m, "adam_state_get (m)");
-    copy_out(adam_v_, v, "adam_state_get (v)");
+    moments_out(adam_m_, m, "adam_state_get (m)");
+    moments_out(adam_v_, v, "adam_state_get (v)");
   }
   void adam_state_set(std::span<const float> m, std::span<const float> v) override {
-    copy_in(m, adam_m_, "adam_state_set (m)");
-    copy_in(v, adam_v_, "adam_state_set (v)");
+    moments_in(m, adam_m_, "adam_state_set (m)");
+    moments_in(v, adam_v_, "adam_state_set (v)");
   }
+  void adam_state_shard(int64_t begin, int64_t end) override;
+  MemoryReport memory_report() const override;
   void grads_get(std::span<float> out) const override { copy_out(grads_, out, "grads_get"); }
 
   double forward_backward(std::span<const TokenId> windows, int64_t B, int64_t T, StepRng rng,
@@ -97,6 +99,9 @@ class GptCpu final : public GptModel {
 
   void copy_out(const std::vector<float>& from, std::span<float> out, const char* what) const;
   void copy_in(std::span<const float> in, std::vector<float>& to, const char* what) const;
+  // Full-size moment spans against the held range [adam_begin_, adam_begin_ + size).
+  void moments_out(const std::vector<float>& from, std::span<float> out, const char* what) const;
+  void moments_in(std::span<const float> in, std::vector<float>& to, const char* what) const;
   void check_batch(int64_t B, int64_t T, const char* what) const;
   // Splits windows (B, T + 1) into inputs_ and targets_ (B, T), checking every id.
   void load_windows(std::span<const TokenId> windows, int64_t B, int64_t T, const char* what);
@@ -128,7 +133,9 @@ class GptCpu final : public GptModel {
   GradReadyHook grad_ready_;
   int threads_;
   int64_t max_batch_, max_context_, chunk_rows_;
-  std::vector<float> params_, grads_, adam_m_, adam_v_;  // (model_param_count) each
+  std::vector<float> params_, grads_;                    // (model_param_count) each
+  std::vector<float> adam_m_, adam_v_;                   // the moments of [adam_begin_, adam_begin_ + size)
+  int64_t adam_begin_ = 0;
   std::vector<double> norm_partials_;                     // (ceil(count / kNormBlock))
   std::vector<int32_t> inputs_, targets_;                 // (N_max) each
   std::vector<float> arena_;                              // every activation below
@@ -164,8 +171,7 @@ GptCpu::GptCpu(const ModelConfig& config, const ModelOptions& options)
   const int64_t count = layout_.total();
   params_.assign(static_cast<size_t>(count), 0.0f);
   grads_.assign(static_cast<size_t>(count), 0.0f);
-  adam_m_.assign(static_cast<size_t>(count), 0.0f);
-  adam_v_.assign(static_cast<size_t>(count), 0.0f);
+  adam_state_shard(options.adam_begin, options.adam_end == 0 ? count : options.adam_end);
   norm_partials_.assign(static_cast<size_t>((count + kNormBlock - 1) / kNormBlock), 0.0);
   inputs_.assign(static_cast<size_t>(N), 0);
   targets_.assign(static_cast<size_t>(N), 0);
@@ -221,6 +227,37 @@ void GptCpu::copy_out(const std::vector<float>& from, std::span<float> out, cons
   FLASHGPT_CHECK(out.size() == from.size(), "{}: the buffer holds {} floats but the model has {} parameters", what,
                  out.size(), from.size());
   std::memcpy(out.data(), from.data(), from.size() * sizeof(float));
+}
+
+void GptCpu::moments_out(const std::vector<float>& from, std::span<float> out, const char* what) const {
+  FLASHGPT_CHECK(static_cast<int64_t>(out.size()) == layout_.total(),
+                 "{}: the buffer holds {} floats but the model has {} parameters", what, out.size(), layout_.total());
+  std::memcpy(out.data() + adam_begin_, from.data(), from.size() * sizeof(float));
+}
+
+void GptCpu::moments_in(std::span<const float> in, std::vector<float>& to, const char* what) const {
+  FLASHGPT_CHECK(static_cast<int64_t>(in.size()) == layout_.total(),
+                 "{}: the buffer holds {} floats but the model has {} parameters", what, in.size(), layout_.total());
+  std::memcpy(to.data(), in.data() + adam_begin_, to.size() * sizeof(float));
+}
+
+void GptCpu::adam_state_shard(int64_t begin, int64_t end) {
+  FLASHGPT_CHECK(0 <= begin && begin <= end && end <= layout_.total(),
+                 "adam_state_shard: [{}, {}) is not a range of the {} parameters", begin, end, layout_.total());
+  // Fresh vectors: assign() would keep the full-size capacity.
+  std::vector<float>(static_cast<size_t>(end - begin), 0.0f).swap(adam_m_);
+  std::vector<float>(static_cast<size_t>(end - begin), 0.0f).swap(adam_v_);
+  adam_begin_ = begin;
+}
+
+GptModel::MemoryReport GptCpu::memory_report() const {
+  MemoryReport r;
+  r.adam_begin = adam_begin_;
+  r.adam_end = adam_begin_ + static_cast<int64_t>(adam_m_.size());
+  r.adam_bytes = (adam_m_.capacity() + adam_v_.capacity()) * sizeof(float);
+  r.total_bytes = r.adam_bytes + (params_.capacity() + grads_.capacity() + arena_.capacity()) * sizeof(float) +
+                  norm_partials_.capacity() * sizeof(double);
+  return r;
 }
 
 void GptCpu::copy_in(std::span<const float> in, std::vector<float>& to, const char* what) const {
@@ -410,6 +447,10 @@ void GptCpu::adamw_step_range(const AdamWConfig& adam, int64_t t, float grad_sca
   FLASHGPT_CHECK(std::isfinite(grad_scale), "adamw_step: grad_scale must be finite, got {}", grad_scale);
   FLASHGPT_CHECK(0 <= begin && begin <= end && end <= layout_.total(),
                  "adamw_step_range: [{}, {}) is not a range of the {} parameters", begin, end, layout_.total());
+  const int64_t held_end = adam_begin_ + static_cast<int64_t>(adam_m_.size());
+  FLASHGPT_CHECK(begin == end || (adam_begin_ <= begin && end <= held_end),
+                 "adamw_step: [{}, {}) reaches outside [{}, {}), the parameters whose AdamW moments this model keeps "
+                 "(adam_state_shard)", begin, end, adam_begin_, held_end);
   const double bc1 = 1.0 - std::pow(adam.beta1, static_cast<double>(t));
   const double bc2 = 1.0 - std::pow(adam.beta2, static_cast<double>(t));
   const float b1 = static_cast<float>(adam.beta1), b2 = static_cast<float>(adam.beta2);
@@ -423,8 +464,8 @@ void GptCpu::adamw_step_range(const AdamWConfig& adam, int64_t t, float grad_sca
     const float decay = s.weight_decay ? static_cast<float>(1.0 - adam.lr * adam.weight_decay) : 1.0f;
     float* p = params_.data() + lo;
     const float* g = grads_.data() + lo;
-    float* m = adam_m_.data() + lo;
-    float* v = adam_v_.data() + lo;
+    float* m = adam_m_.data() + (lo - adam_begin_);
+    float* v = adam_v_.data() + (lo - adam_begin_);
     const int64_t n = hi - lo;
 #pragma omp parallel for simd schedule(static) if(parallel : parallel_worth(n))
     for (int64_t i = 0; i < n; ++i) {

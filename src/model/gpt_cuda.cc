@@ -35,6 +35,7 @@
 #include <functional>
 #include <numeric>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <cstdio>
 #include <cstdlib>
@@ -92,14 +93,11 @@ class GptCuda final : public GptModel {
 
   void params_get(std::span<float> out) const override { download(out, params_, "params_get"); }
   void params_set(std::span<const float> in) override;
-  void adam_state_get(std::span<float> m, std::span<float> v) const override {
-    download(m, m_, "adam_state_get (m)");
-    download(v, v_, "adam_state_get (v)");
-  }
-  void adam_state_set(std::span<const float> m, std::span<const float> v) override {
-    upload(m, m_, "adam_state_set (m)");
-    upload(v, v_, "adam_state_set (v)");
-  }
+  void adam_state_get(std::span<float> m, std::span<float> v) const override;
+  void adam_state_set(std::span<const float> m, std::span<const float> v) override;
+  void adam_state_shard(int64_t begin, int64_t end) override;
+  MemoryReport memory_report() const override;
+  void grad_ready_hook_set(GradReadyHook hook) override { grad_ready_ = std::move(hook); }
   void grads_get(std::span<float> out) const override { download(out, grads_, "grads_get"); }
 
   double forward_backward(std::span<const TokenId> windows, int64_t B, int64_t T, StepRng rng,
@@ -194,6 +192,15 @@ class GptCuda final : public GptModel {
   cudaGraphExec_t capture(const std::function<void()>& enqueue);
   void write_step_values(StepRng rng);
 
+  // Tells the data-parallel hook that `kind` (layer `layer` of a per-layer kind) is final
+  // once the work enqueued so far on stream_ has run.
+  void grad_ready(ParamKind kind, int64_t layer = 0) const {
+    if (!grad_ready_) return;
+    const int k = static_cast<int>(kind);
+    const int64_t begin = param_offset(kind, layer);
+    grad_ready_(begin, begin + (layer_numel_[k] > 0 ? layer_numel_[k] : specs_[size_t(k)].numel));
+  }
+
   void download(std::span<float> out, const float* src, const char* what) const;
   void upload(std::span<const float> in, float* dst, const char* what);
 
@@ -213,8 +220,21 @@ class GptCuda final : public GptModel {
   size_t device_bytes_ = 0;
   char* host_block_ = nullptr;
 
+  GradReadyHook grad_ready_;
+
+  // The AdamW moments of [adam_begin_, adam_end_) (ZeRO-1: this rank's slice), an allocation
+  // of their own so that adam_state_shard can size it.
+  float *m_ = nullptr, *v_ = nullptr;  // (adam_end_ - adam_begin_) each
+  // One moment buffer of n floats, rounded up to 256 bytes (Carver's alignment) so that v_
+  // follows m_ aligned.
+  static size_t adam_buffer_bytes(int64_t n) {
+    return (size_t(std::max<int64_t>(n, 1)) * sizeof(float) + 255) / 256 * 256;
+  }
+  char* adam_block_ = nullptr;
+  int64_t adam_begin_ = 0, adam_end_ = 0;
+
   // Device memory (one allocation).
-  float *params_ = nullptr, *grads_ = nullptr, *m_ = nullptr, *v_ = nullptr;
+  float *params_ = nullptr, *grads_ = nullptr;
   bf16* params_bf16_ = nullptr;
   float* resid_ = nullptr;                 // (2L + 1, N, C) the residual stream, fp32
   bf16* ln1_ = nullptr;                    // (L, N, C)
@@ -290,8 +310,6 @@ void GptCuda::carve_device(Carver& c, size_t col_partial) {
   const int64_t P = P_, L = L_, N = n_max_, C = C_, F = F_, NH = NH_;
   c.take(params_, P);
   c.take(grads_, P);
-  c.take(m_, P);
-  c.take(v_, P);
   c.take(params_bf16_, P);
   c.take(resid_, size_t(2 * L + 1) * N * C);
   c.take(ln1_, size_t(L) * N * C);
@@ -414,7 +432,12 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
   device_bytes_ = measure.bytes();
   size_t free_bytes = 0, total_bytes = 0;
   FLASHGPT_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-  const size_t needed = device_bytes_ + kCublasWorkspaceBytes;
+  adam_begin_ = options_.adam_begin;
+  adam_end_ = options_.adam_end == 0 ? P_ : options_.adam_end;
+  FLASHGPT_CHECK(0 <= adam_begin_ && adam_begin_ <= adam_end_ && adam_end_ <= P_,
+                 "gpt_create_cuda: the AdamW moment range [{}, {}) is not a range of the {} parameters", adam_begin_,
+                 adam_end_, P_);
+  const size_t needed = device_bytes_ + size_t(2 * (adam_end_ - adam_begin_)) * sizeof(float) + kCublasWorkspaceBytes;
   FLASHGPT_CHECK(needed + (size_t{256} << 20) <= free_bytes,
                  "gpt_create_cuda: batch {} x context {} of this model needs {:.2f} GiB of GPU memory, but only {:.2f} "
                  "GiB of {:.2f} GiB are free; lower the batch size",
@@ -433,6 +456,7 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
   matmul_ = std::make_unique<model_cuda::Matmul>(kCublasWorkspaceBytes, options_.deterministic);
   FLASHGPT_CUDA_CHECK(cudaMemsetAsync(device_block_, 0, device_bytes_, stream_));
   FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  adam_state_shard(adam_begin_, adam_end_);  // allocates the moments (none yet)
   const char* profile = std::getenv("FLASHGPT_MODEL_PROFILE");
   profile_ = profile != nullptr && std::strcmp(profile, "1") == 0;
   if (profile_) {
@@ -502,6 +526,7 @@ GptCuda::~GptCuda() {
   matmul_.reset();
   if (stream_) cudaStreamDestroy(stream_);
   if (device_block_) cudaFree(device_block_);
+  if (adam_block_) cudaFree(adam_block_);
   if (host_block_) cudaFreeHost(host_block_);
 }
 
@@ -518,6 +543,60 @@ void GptCuda::upload(std::span<const float> in, float* dst, const char* what) {
   FLASHGPT_CHECK(static_cast<int64_t>(in.size()) == P_, "{}: the buffer has {} floats, the model has {} parameters",
                  what, in.size(), P_);
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(dst, in.data(), size_t(P_) * sizeof(float), cudaMemcpyHostToDevice, stream_));
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void GptCuda::adam_state_shard(int64_t begin, int64_t end) {
+  FLASHGPT_CHECK(0 <= begin && begin <= end && end <= P_, "adam_state_shard: [{}, {}) is not a range of the {} parameters",
+                 begin, end, P_);
+  const size_t half = adam_buffer_bytes(end - begin);
+  if (adam_block_ != nullptr && begin == adam_begin_ && end == adam_end_) {
+    FLASHGPT_CUDA_CHECK(cudaMemsetAsync(adam_block_, 0, 2 * half, stream_));
+    FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    return;
+  }
+  // Freed before the new one is allocated: the peak is the larger of the two.
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  if (adam_block_) FLASHGPT_CUDA_CHECK(cudaFree(adam_block_));
+  adam_block_ = nullptr;
+  m_ = v_ = nullptr;
+  FLASHGPT_CUDA_CHECK(cudaMalloc(&adam_block_, 2 * half));
+  FLASHGPT_CUDA_CHECK(cudaMemsetAsync(adam_block_, 0, 2 * half, stream_));
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  m_ = reinterpret_cast<float*>(adam_block_);
+  v_ = reinterpret_cast<float*>(adam_block_ + half);
+  adam_begin_ = begin;
+  adam_end_ = end;
+}
+
+GptModel::MemoryReport GptCuda::memory_report() const {
+  MemoryReport r;
+  r.adam_begin = adam_begin_;
+  r.adam_end = adam_end_;
+  r.adam_bytes = 2 * adam_buffer_bytes(adam_end_ - adam_begin_);
+  r.total_bytes = device_bytes_ + r.adam_bytes;
+  return r;
+}
+
+void GptCuda::adam_state_get(std::span<float> m, std::span<float> v) const {
+  const int64_t n = adam_end_ - adam_begin_;
+  for (auto [out, src, what] : {std::tuple{m, m_, "adam_state_get (m)"}, std::tuple{v, v_, "adam_state_get (v)"}}) {
+    FLASHGPT_CHECK(static_cast<int64_t>(out.size()) == P_, "{}: the buffer has {} floats, the model has {} parameters",
+                   what, out.size(), P_);
+    FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(out.data() + adam_begin_, src, size_t(n) * sizeof(float),
+                                        cudaMemcpyDeviceToHost, stream_));
+  }
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void GptCuda::adam_state_set(std::span<const float> m, std::span<const float> v) {
+  const int64_t n = adam_end_ - adam_begin_;
+  for (auto [in, dst, what] : {std::tuple{m, m_, "adam_state_set (m)"}, std::tuple{v, v_, "adam_state_set (v)"}}) {
+    FLASHGPT_CHECK(static_cast<int64_t>(in.size()) == P_, "{}: the buffer has {} floats, the model has {} parameters",
+                   what, in.size(), P_);
+    FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(dst, in.data() + adam_begin_, size_t(n) * sizeof(float),
+                                        cudaMemcpyHostToDevice, stream_));
+  }
   FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
@@ -670,6 +749,26 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
                                          lnf_stats_ + n_max_, param(ParamKind::lnf_w), N, C, dy_,
                                          site(rng, 2 * L_, true), stream_);
   mark("layernorm+dropout bwd");
+  grad_ready(ParamKind::lnf_w);
+  grad_ready(ParamKind::lnf_b);
+  // Reporting (data parallel, eager): a layer's epilogue bias gradients are added as the
+  // layer ends rather than all after the loop, so that its ranges are final there; the add is
+  // elementwise, so the bits are the same.
+  const bool report = static_cast<bool>(grad_ready_);
+  const ParamKind bias_kinds[4] = {ParamKind::qkv_b, ParamKind::attn_proj_b, ParamKind::fc_b, ParamKind::fc_proj_b};
+  const auto add_bias_grads = [&](int64_t first, int64_t rows) {
+    for (int i = 0; i < 4; ++i) {
+      const int64_t width = layer_numel_[static_cast<int>(bias_kinds[i])];
+      if (fused_bias_[i] == model_cuda::Matmul::BiasGrad::f32) {
+        model_cuda::add_rows(grad(bias_kinds[i], first), static_cast<const float*>(dbias_slot(bias_kinds[i], first)),
+                             rows, width, width, stream_);
+      } else if (fused_bias_[i] == model_cuda::Matmul::BiasGrad::bf16) {  // rows of 2 width bf16, the first width used
+        model_cuda::add_rows(grad(bias_kinds[i], first), static_cast<const bf16*>(dbias_slot(bias_kinds[i], first)),
+                             rows, width, 2 * width, stream_);
+      }
+      if (fused_bias_[i] != model_cuda::Matmul::BiasGrad::none) mark("bias grad add");
+    }
+  };
   for (int64_t l = L_ - 1; l >= 0; --l) {
     const float* x_in = resid(2 * l);
     const float* x_mid = resid(2 * l + 1);
@@ -716,19 +815,15 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
                                      param(ParamKind::ln1_w, l), N, C, stream_);
       mark("layernorm bwd");
     }
+    if (report) {
+      add_bias_grads(l, 1);
+      for (int k = static_cast<int>(ParamKind::ln1_w); k <= static_cast<int>(ParamKind::fc_proj_b); ++k) {
+        grad_ready(static_cast<ParamKind>(k), l);
+      }
+    }
   }
   // The bias gradients the epilogues wrote (they overwrite, the gradients accumulate).
-  const ParamKind bias_kinds[4] = {ParamKind::qkv_b, ParamKind::attn_proj_b, ParamKind::fc_b, ParamKind::fc_proj_b};
-  for (int i = 0; i < 4; ++i) {
-    const int64_t width = layer_numel_[static_cast<int>(bias_kinds[i])];
-    if (fused_bias_[i] == model_cuda::Matmul::BiasGrad::f32) {
-      model_cuda::add_rows(grad(bias_kinds[i]), dbias_region(bias_kinds[i]), L_, width, width, stream_);
-    } else if (fused_bias_[i] == model_cuda::Matmul::BiasGrad::bf16) {  // rows of 2 width bf16, the first width used
-      model_cuda::add_rows(grad(bias_kinds[i]), reinterpret_cast<const bf16*>(dbias_region(bias_kinds[i])), L_,
-                           width, 2 * width, stream_);
-    }
-    if (fused_bias_[i] != model_cuda::Matmul::BiasGrad::none) mark("bias grad add");
-  }
+  if (!report) add_bias_grads(0, L_);
   // Embedding: dx0 = drop'(dresid) in place, then the position rows and the token rows.
   model_cuda::dropout_backward(dresid_, dresid_, N, C, site(rng, 0, true), stream_);
   mark("dropout bwd");
@@ -738,6 +833,8 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
   model_cuda::encoder_backward_wte(grad(ParamKind::wte), dresid_, d_unique_, d_starts_, d_positions_, d_unique_count_,
                                    capturing_ ? N : unique_tokens_, C, stream_);
   mark("encoder bwd");
+  grad_ready(ParamKind::wpe);
+  grad_ready(ParamKind::wte);  // the classifier wrote it too, before the backward
 }
 
 bool GptCuda::fused_epilogue(int index, model_cuda::Matmul::BiasGrad got) {
@@ -881,7 +978,8 @@ double GptCuda::read_loss(int64_t N) {
 double GptCuda::forward_backward(std::span<const TokenId> windows, int64_t B, int64_t T, StepRng rng,
                                  float loss_scale) {
   check_shape(B, T, "forward_backward");
-  if (StepGraph* g = step_graph(B, T, loss_scale)) {
+  // A graph cannot call the data-parallel hook as it goes: a step with a hook runs eagerly.
+  if (StepGraph* g = grad_ready_ ? nullptr : step_graph(B, T, loss_scale)) {
     // The previous call's synchronization means the graphs no longer read the pinned inputs.
     stage_tokens(windows, B, T, /*windows=*/true);
     write_step_values(rng);
@@ -955,6 +1053,9 @@ void GptCuda::adamw_step_range(const AdamWConfig& adam, int64_t t, float grad_sc
   FLASHGPT_CHECK(0 <= begin && begin <= end && end <= P_, "adamw_step_range: [{}, {}) is not a range of the {} parameters",
                  begin, end, P_);
   if (begin == end) return;
+  FLASHGPT_CHECK(adam_begin_ <= begin && end <= adam_end_,
+                 "adamw_step: [{}, {}) reaches outside [{}, {}), the parameters whose AdamW moments this model keeps "
+                 "(adam_state_shard)", begin, end, adam_begin_, adam_end_);
   model_cuda::AdamWArgs a;
   a.lr = static_cast<float>(adam.lr);
   a.beta1 = static_cast<float>(adam.beta1);
@@ -969,7 +1070,8 @@ void GptCuda::adamw_step_range(const AdamWConfig& adam, int64_t t, float grad_sc
   model_cuda::ParamSegments segments = segments_;
   for (int i = 0; i < segments.count; ++i) segments.end[i] = std::clamp<int64_t>(segments_.end[i] - begin, 0, n);
   profile_begin(kProfileAdamw);
-  model_cuda::adamw_update(params_ + begin, params_bf16_ + begin, grads_ + begin, m_ + begin, v_ + begin, n, segments,
+  model_cuda::adamw_update(params_ + begin, params_bf16_ + begin, grads_ + begin, m_ + (begin - adam_begin_),
+                           v_ + (begin - adam_begin_), n, segments,
                            a, stream_);
   mark("adamw");
   profile_end();

@@ -210,6 +210,16 @@ GptModel::FlatBuffers GptModel::flat_buffers() {
                 "several ranks");
 }
 
+void GptModel::adam_state_shard(int64_t begin, int64_t end) {
+  FLASHGPT_CHECK(begin == 0 && end == model_param_count(config()),
+                 "this model backend keeps the AdamW moments of all {} parameters: it cannot keep [{}, {}) alone "
+                 "(ZeRO-1's memory saving)", model_param_count(config()), begin, end);
+}
+
+GptModel::MemoryReport GptModel::memory_report() const {
+  FLASHGPT_FAIL("this model backend does not report its memory");
+}
+
 void GptModel::adamw_step_range(const AdamWConfig&, int64_t, float, int64_t, int64_t) {
   FLASHGPT_FAIL("this model backend cannot update a range of its parameters: no ZeRO-1 optimizer sharding");
 }

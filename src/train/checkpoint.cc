@@ -123,15 +123,24 @@ TrainState train_state_from_json(std::string_view text) {
 }
 
 void checkpoint_save(const std::filesystem::path& path, const GptModel& model, const CheckpointMeta& meta) {
+  const auto n = static_cast<size_t>(model_param_count(model.config()));
+  std::vector<float> m(n), v(n);
+  model.adam_state_get(m, v);
+  checkpoint_save(path, model, meta, m, v);
+}
+
+void checkpoint_save(const std::filesystem::path& path, const GptModel& model, const CheckpointMeta& meta,
+                     std::span<const float> m, std::span<const float> v) {
   const ModelConfig& config = model.config();
   const auto n = static_cast<size_t>(model_param_count(config));
-  std::vector<float> params(n), m(n), v(n);
+  FLASHGPT_CHECK(m.size() == n && v.size() == n, "checkpoint_save: {} and {} moments for a model of {} parameters",
+                 m.size(), v.size(), n);
+  std::vector<float> params(n);
   model.params_get(params);
-  model.adam_state_get(m, v);
   SafetensorsWriter writer;
   for (const auto& spec : model_param_specs(config)) {
-    const auto slice = [&](const std::vector<float>& buf) {
-      return std::span<const float>(buf).subspan(static_cast<size_t>(spec.offset), static_cast<size_t>(spec.numel));
+    const auto slice = [&](std::span<const float> buf) {
+      return buf.subspan(static_cast<size_t>(spec.offset), static_cast<size_t>(spec.numel));
     };
     writer.add_f32("model." + spec.name, spec.shape, slice(params));
     writer.add_f32("adam_m." + spec.name, spec.shape, slice(m));

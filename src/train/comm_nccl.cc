@@ -1,5 +1,9 @@
-// The NCCL communicator: one GPU per process, reductions on the model's stream so that
-// they are ordered after the backward that wrote the gradients and before the optimizer.
+// The NCCL communicator: one GPU per process. The gradient reductions run on a stream of
+// their own (highest priority, so that their kernels get SMs between the backward's), each
+// started after an event recorded on the model's stream at that moment, i.e. after the
+// kernels that wrote its gradients; wait_all() makes the model's stream wait for an event
+// recorded on the communication stream, so the optimizer that follows reads reduced
+// gradients. The other collectives (weights, host values) run on the model's stream.
 // The multicast variables are set before ncclCommInitRank (dist_disable_multicast), and
 // nothing here creates multicast objects.
 #include <flashgpt/dist.h>
@@ -10,6 +14,8 @@
 #include <nccl.h>
 #endif
 
+#include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -52,9 +58,18 @@ class NcclComm final : public Communicator {
       dist_rendezvous_broadcast(env, bytes);
     }
     FLASHGPT_NCCL_CHECK(ncclCommInitRank(&comm_, world_, id, rank_));
+    int least = 0, greatest = 0;
+    FLASHGPT_NCCL_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    FLASHGPT_NCCL_CUDA_CHECK(cudaStreamCreateWithPriority(&comm_stream_, cudaStreamNonBlocking, greatest));
+    FLASHGPT_NCCL_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    FLASHGPT_NCCL_CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
   }
   ~NcclComm() override {
+    if (comm_stream_) cudaStreamSynchronize(comm_stream_);
     if (stream_) cudaStreamSynchronize(stream_);
+    if (fork_) cudaEventDestroy(fork_);
+    if (join_) cudaEventDestroy(join_);
+    if (comm_stream_) cudaStreamDestroy(comm_stream_);
     if (scratch_) cudaFree(scratch_);
     if (comm_) ncclCommDestroy(comm_);
   }
@@ -64,11 +79,28 @@ class NcclComm final : public Communicator {
   std::string_view backend() const override { return "nccl"; }
   MemorySpace memory() const override { return MemorySpace::device; }
 
-  // Enqueued on the model's stream: the optimizer kernels that follow wait for it.
   void allreduce_sum_start(float* data, int64_t count) override {
-    FLASHGPT_NCCL_CHECK(ncclAllReduce(data, data, static_cast<size_t>(count), ncclFloat32, ncclSum, comm_, stream_));
+    fork();
+    FLASHGPT_NCCL_CHECK(
+        ncclAllReduce(data, data, static_cast<size_t>(count), ncclFloat32, ncclSum, comm_, comm_stream_));
   }
-  void wait_all() override {}  // stream order is the wait
+  void allreduce_sum_ranges_start(float* base, std::span<const Range> ranges) override {
+    fork();
+    FLASHGPT_NCCL_CHECK(ncclGroupStart());
+    for (const Range& r : ranges) {
+      if (r.end > r.begin) {
+        FLASHGPT_NCCL_CHECK(ncclAllReduce(base + r.begin, base + r.begin, static_cast<size_t>(r.end - r.begin),
+                                          ncclFloat32, ncclSum, comm_, comm_stream_));
+      }
+    }
+    FLASHGPT_NCCL_CHECK(ncclGroupEnd());
+  }
+  void wait_all() override {
+    if (!pending_) return;
+    FLASHGPT_NCCL_CUDA_CHECK(cudaEventRecord(join_, comm_stream_));
+    FLASHGPT_NCCL_CUDA_CHECK(cudaStreamWaitEvent(stream_, join_, 0));
+    pending_ = false;
+  }
   void allgather(float* data, std::span<const int64_t> offsets) override {
     FLASHGPT_CHECK(offsets.size() == static_cast<size_t>(world_) + 1, "allgather: {} offsets for {} ranks",
                    offsets.size(), world_);
@@ -83,13 +115,33 @@ class NcclComm final : public Communicator {
     }
     FLASHGPT_NCCL_CHECK(ncclGroupEnd());
   }
+  // Through a device window of at most kHostGatherFloats (ZeRO-1's moments before a
+  // checkpoint: a full-size device copy would undo the memory the sharding saves).
   void allgather_host(float* data, std::span<const int64_t> offsets) override {
+    FLASHGPT_CHECK(offsets.size() == static_cast<size_t>(world_) + 1, "allgather_host: {} offsets for {} ranks",
+                   offsets.size(), world_);
     const int64_t n = offsets.back();
+    const int64_t window = std::min<int64_t>(n, gather_window_floats());
+    if (window <= 0) return;
     float* device = nullptr;
-    FLASHGPT_NCCL_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&device), static_cast<size_t>(n) * sizeof(float), stream_));
-    FLASHGPT_NCCL_CUDA_CHECK(cudaMemcpyAsync(device, data, static_cast<size_t>(n) * sizeof(float), cudaMemcpyHostToDevice, stream_));
-    allgather(device, offsets);
-    FLASHGPT_NCCL_CUDA_CHECK(cudaMemcpyAsync(data, device, static_cast<size_t>(n) * sizeof(float), cudaMemcpyDeviceToHost, stream_));
+    FLASHGPT_NCCL_CUDA_CHECK(cudaMallocAsync(reinterpret_cast<void**>(&device), static_cast<size_t>(window) * sizeof(float), stream_));
+    for (int64_t w0 = 0; w0 < n; w0 += window) {
+      const int64_t w1 = std::min(n, w0 + window);
+      const size_t bytes = static_cast<size_t>(w1 - w0) * sizeof(float);
+      FLASHGPT_NCCL_CUDA_CHECK(cudaMemcpyAsync(device, data + w0, bytes, cudaMemcpyHostToDevice, stream_));
+      FLASHGPT_NCCL_CHECK(ncclGroupStart());
+      for (int r = 0; r < world_; ++r) {  // the owners' parts of the window
+        const int64_t begin = std::max(w0, offsets[static_cast<size_t>(r)]);
+        const int64_t end = std::min(w1, offsets[static_cast<size_t>(r) + 1]);
+        if (end > begin) {
+          FLASHGPT_NCCL_CHECK(ncclBroadcast(device + (begin - w0), device + (begin - w0),
+                                            static_cast<size_t>(end - begin), ncclFloat32, r, comm_, stream_));
+        }
+      }
+      FLASHGPT_NCCL_CHECK(ncclGroupEnd());
+      FLASHGPT_NCCL_CUDA_CHECK(cudaMemcpyAsync(data + w0, device, bytes, cudaMemcpyDeviceToHost, stream_));
+      FLASHGPT_NCCL_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the pageable copy out is done before reuse
+    }
     FLASHGPT_NCCL_CUDA_CHECK(cudaFreeAsync(device, stream_));
     FLASHGPT_NCCL_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
@@ -113,8 +165,28 @@ class NcclComm final : public Communicator {
   }
 
  private:
+  static constexpr int64_t kHostGatherFloats = int64_t{16} << 20;  // 64 MiB of device scratch
+  // kHostGatherFloats, or FLASHGPT_NCCL_GATHER_FLOATS (a test knob: many windows on a small model).
+  static int64_t gather_window_floats() {
+    const char* text = std::getenv("FLASHGPT_NCCL_GATHER_FLOATS");
+    if (text == nullptr || *text == '\0') return kHostGatherFloats;
+    const long long value = std::atoll(text);
+    FLASHGPT_CHECK(value > 0, "FLASHGPT_NCCL_GATHER_FLOATS must be a positive number of floats, got '{}'", text);
+    return value;
+  }
+
+  // The communication stream waits for what the model's stream has enqueued so far.
+  void fork() {
+    FLASHGPT_NCCL_CUDA_CHECK(cudaEventRecord(fork_, stream_));
+    FLASHGPT_NCCL_CUDA_CHECK(cudaStreamWaitEvent(comm_stream_, fork_, 0));
+    pending_ = true;
+  }
+
   int rank_, world_;
-  cudaStream_t stream_;
+  cudaStream_t stream_;                   // the model's
+  cudaStream_t comm_stream_ = nullptr;    // the gradient reductions'
+  cudaEvent_t fork_ = nullptr, join_ = nullptr;
+  bool pending_ = false;                  // reductions started since the last wait_all
   ncclComm_t comm_ = nullptr;
   double* scratch_ = nullptr;  // device staging of allreduce_sum_host
   size_t scratch_doubles_ = 0;

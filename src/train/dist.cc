@@ -200,6 +200,12 @@ std::vector<int64_t> dist_slices(int64_t count, int parts, int64_t align) {
   return offsets;
 }
 
+void Communicator::allreduce_sum_ranges_start(float* base, std::span<const Range> ranges) {
+  for (const Range& r : ranges) {
+    if (r.end > r.begin) allreduce_sum_start(base + r.begin, r.end - r.begin);
+  }
+}
+
 std::unique_ptr<Communicator> comm_create_local() { return std::make_unique<LocalComm>(); }
 
 }  // namespace flashgpt

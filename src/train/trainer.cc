@@ -146,7 +146,19 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
   const int W = comm->world(), rank = comm->rank();
   const bool lead = rank == 0;  // logs, progress, validation and checkpoint files
   const int64_t KW = K * W;
-  DataParallel dp(*comm, model, config.zero1, static_cast<int64_t>(config.bucket_mb * (1 << 20) / sizeof(float)));
+  DataParallel dp(*comm, model, config.zero1, static_cast<int64_t>(config.bucket_mb * (1 << 20) / sizeof(float)),
+                  config.overlap);
+  // best/ copies rank 0's moments outside any collective: with sharded moments it would
+  // hold rank 0's slice only.
+  FLASHGPT_CHECK(!(config.keep_best && dp.sharded() && W > 1),
+                 "keep_best cannot be combined with ZeRO-1 on {} ranks (rank 0 keeps its slice of the AdamW moments only)",
+                 W);
+  if (dp.sharded() && config.progress && lead) {
+    const GptModel::MemoryReport mem = model.memory_report();
+    fmt::print(stderr, "ZeRO-1: rank 0 keeps the AdamW moments of [{}, {}) of {} parameters: {:.1f} MiB of {:.1f} "
+               "MiB\n", mem.adam_begin, mem.adam_end, model_param_count(mc), mem.adam_bytes / 1048576.0,
+               2.0 * static_cast<double>(model_param_count(mc)) * sizeof(float) / 1048576.0);
+  }
 
   LoaderConfig lc;
   lc.shards = config.train_shards;
@@ -238,14 +250,18 @@ TrainResult train_run(const TrainConfig& config, GptModel& model) {
 
   // Every rank takes part (ZeRO-1 gathers the moments), rank 0 writes.
   const auto save = [&] {
-    dp.gather_optimizer_state();
+    const DataParallel::AdamState adam_state = dp.gather_optimizer_state();
     if (!lead) return;
     CheckpointMeta meta;
     meta.model = mc;
     meta.encoding = config.encoding;
     meta.options_json = config.options_json;
     meta.state = state;
-    checkpoint_save(checkpoint_path, model, meta);
+    if (adam_state.m.empty()) {
+      checkpoint_save(checkpoint_path, model, meta);
+    } else {
+      checkpoint_save(checkpoint_path, model, meta, adam_state.m, adam_state.v);
+    }
   };
 
   TrainResult result;

@@ -1,7 +1,8 @@
 // Data parallel, the parts one process can test: the rank layout from the environment, the
 // multicast switch, the TCP rendezvous (ranks as threads), ZeRO-1's slices and range update
-// against the whole update (bit for bit), and the CPU backward's gradient hook (every range
-// reported once, already final). The reductions between processes: train_dp_test.py.
+// against the whole update (bit for bit), a model holding one slice of the moments (its
+// memory, its update against the full model's), and the CPU backward's gradient hook (every
+// range reported once, already final). The reductions between processes: train_dp_test.py.
 #include <flashgpt/dist.h>
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>
@@ -254,6 +255,72 @@ TEST(Zero1, RangeUpdatesOverSlicesEqualTheWholeUpdate) {
             std::vector<float>(after.begin() + 100, after.begin() + 200));
   EXPECT_THROW(twins.b->adamw_step_range(adam, 1, 1.0f, 10, 5), Error);
   EXPECT_THROW(twins.b->adamw_step_range(adam, 1, 1.0f, 0, twins.n + 1), Error);
+}
+
+// ZeRO-1's memory: a CPU model that keeps the moments of a slice (from ModelOptions or
+// re-sharded) holds that slice alone and updates it like the full model, bit for bit.
+TEST(Zero1, ShardedMomentsAreTheSliceAndUpdateLikeTheFullModel) {
+  AdamWConfig adam;
+  adam.lr = 1e-3;
+  adam.weight_decay = 0.1;
+  TwinModels twins(tiny_model());
+  const int64_t n = twins.n;
+  std::vector<float> p(static_cast<size_t>(n)), m(static_cast<size_t>(n)), v(static_cast<size_t>(n)),
+      g(static_cast<size_t>(n));
+  twins.a->params_get(p);
+  twins.a->adam_state_get(m, v);
+  const GptModel::MemoryReport full_mem = twins.a->memory_report();
+  EXPECT_EQ(full_mem.adam_begin, 0);
+  EXPECT_EQ(full_mem.adam_end, n);
+  EXPECT_EQ(full_mem.adam_bytes, static_cast<size_t>(2 * n) * sizeof(float));
+  twins.a->adamw_step(adam, 3, 0.5f);
+  const auto expected = all_state(*twins.a, n);
+  for (const int parts : {2, 3}) {
+    const auto slices = dist_slices(n, parts);
+    for (int r = 0; r < parts; ++r) {
+      SCOPED_TRACE(testing::Message() << "rank " << r << " of " << parts);
+      const int64_t begin = slices[static_cast<size_t>(r)], end = slices[static_cast<size_t>(r) + 1];
+      ModelOptions mo;
+      mo.max_batch = 2;
+      mo.max_context = 16;
+      mo.threads = 1;
+      if (r == 0) {
+        mo.adam_begin = begin;
+        mo.adam_end = end;
+      }
+      auto shard = gpt_create_cpu(tiny_model(), mo);
+      if (r != 0) shard->adam_state_shard(begin, end);
+      const GptModel::MemoryReport mem = shard->memory_report();
+      EXPECT_EQ(mem.adam_begin, begin);
+      EXPECT_EQ(mem.adam_end, end);
+      EXPECT_EQ(mem.adam_bytes, static_cast<size_t>(2 * (end - begin)) * sizeof(float));
+      EXPECT_EQ(full_mem.total_bytes - mem.total_bytes, full_mem.adam_bytes - mem.adam_bytes);
+      shard->params_set(p);
+      shard->adam_state_set(m, v);
+      shard->grads_zero();
+      shard->forward_backward(random_windows(2, 16, 1), 2, 16, StepRng{3, 0}, 1.0f);
+      EXPECT_THROW(shard->adamw_step(adam, 3, 0.5f), Error);
+      EXPECT_THROW(shard->adamw_step_range(adam, 3, 0.5f, begin == 0 ? 0 : begin - 1, begin == 0 ? end + 1 : end),
+                   Error);
+      shard->adamw_step_range(adam, 3, 0.5f, begin, end);
+      std::vector<float> sp(static_cast<size_t>(n)), sm(static_cast<size_t>(n), -7.0f), sv(static_cast<size_t>(n), -7.0f);
+      shard->params_get(sp);
+      shard->adam_state_get(sm, sv);
+      for (int64_t i = 0; i < n; ++i) {
+        const auto k = static_cast<size_t>(i);
+        if (i >= begin && i < end) {
+          ASSERT_EQ(sp[k], expected[k]) << "param " << i;
+          ASSERT_EQ(sm[k], expected[k + static_cast<size_t>(n)]) << "m " << i;
+          ASSERT_EQ(sv[k], expected[k + 2 * static_cast<size_t>(n)]) << "v " << i;
+        } else {  // not this rank's: the caller's values stay
+          ASSERT_EQ(sm[k], -7.0f) << "m " << i;
+          ASSERT_EQ(sv[k], -7.0f) << "v " << i;
+        }
+      }
+    }
+  }
+  EXPECT_THROW(twins.b->adam_state_shard(10, 5), Error);
+  EXPECT_THROW(twins.b->adam_state_shard(0, n + 1), Error);
 }
 
 TEST(GradReadyHook, EveryRangeOnceAndAlreadyFinal) {

@@ -149,6 +149,17 @@ def main():
               f"the checkpoint's training state equals one process's ({sb})")
         check_weights(ta, tb, steps=8, lr=1e-3)
 
+    # The same 2 ranks reducing after the backward: with two ranks each sum is one addition,
+    # whichever buckets hold it, so the run is the overlapped one bit for bit.
+    after = os.path.join(tmp, "after")
+    r = train("--data", ds, "--out", after, "--steps", "8", "--accum", "1", "--bucket-mb", "0.05", "--no-overlap",
+              *COMMON, ranks=2)
+    m = re.search(r"data parallel: (\d+) gradient buckets started during the backward, (\d+) after it", r.stderr)
+    check(r.returncode == 0 and m is not None and int(m.group(1)) == 0 and int(m.group(2)) > 8,
+          f"--no-overlap: every bucket after the backward ({m.group(0) if m else 'no summary line'})", r)
+    if r.returncode == 0:
+        compare_runs(two, after, "reduced after the backward vs overlapped (2 ranks)", exact=True)
+
     # One rank under mpirun: the whole path (the backward's buckets packed and reduced by
     # MPI, ZeRO-1's range update, the all-gathers) with identity collectives: bit for bit
     # the plain process.
@@ -166,6 +177,16 @@ def main():
     zero = os.path.join(tmp, "zero1")
     r = train("--data", ds, "--out", zero, "--steps", "8", "--accum", "1", "--zero1", *COMMON, ranks=2)
     check(r.returncode == 0 and "ZeRO-1 on" in r.stderr, "mpirun -np 2 --zero1", r)
+    # Rank 0 keeps the moments of its slice alone: the first half, 64-float aligned.
+    m = re.search(r"ZeRO-1: rank 0 keeps the AdamW moments of \[(\d+), (\d+)\) of (\d+) parameters: ([\d.]+) MiB of "
+                  r"([\d.]+) MiB", r.stderr)
+    if m:
+        begin, end, count = int(m.group(1)), int(m.group(2)), int(m.group(3))
+        half = (count // 2 + 63) // 64 * 64
+        check(begin == 0 and end == half and float(m.group(4)) < 0.51 * float(m.group(5)),
+              f"ZeRO-1 on 2 ranks: rank 0 holds the moments of [0, {half}) of {count} ({m.group(0)})")
+    else:
+        check(False, "ZeRO-1 on 2 ranks: rank 0 reports the moments it keeps", r)
     if r.returncode == 0:
         compare_runs(two, zero, "ZeRO-1 vs unsharded (2 ranks)", exact=True)
         ta, _, _ = read_safetensors(os.path.join(two, "checkpoint.safetensors"))
