@@ -126,6 +126,23 @@ FwdOverride fwd_override() {
   return value;
 }
 
+// FLASHGPT_ATTN_TMA_TILE, read once: the d64 TMA forward's tile, an index of the instance's
+// table (kTma64Tiles in kernels/flash_fwd_launch.cuh), for tests and benchmarks of each tile;
+// unset or empty: the instance chooses by shape. Anything but a small non-negative integer is
+// an error, so a typo never times the wrong tile.
+int tma_tile_override() {
+  static const int value = [] {
+    const char* v = std::getenv("FLASHGPT_ATTN_TMA_TILE");
+    if (v == nullptr || *v == '\0') return -1;
+    char* end = nullptr;
+    const long tile = std::strtol(v, &end, 10);
+    FLASHGPT_CHECK(*end == '\0' && tile >= 0 && tile < 64,
+                   "FLASHGPT_ATTN_TMA_TILE is '{}': expected the index of a d64 TMA forward tile (0, 1, ...)", v);
+    return int(tile);
+  }();
+  return value;
+}
+
 // A device attribute, asked of the driver once per device (devices past kMaxDevices are asked
 // every time) instead of at every launch.
 template <cudaDeviceAttr kAttribute>
@@ -219,6 +236,7 @@ void attention_forward_cuda(const AttentionParams& params, cudaStream_t stream) 
   attn::FwdPlan plan;
   plan.kernel = choose_fwd_kernel(params.head_dim, &params);
   plan.scale = attention_softmax_scale(params);
+  plan.tma_tile = tma_tile_override();
   dispatch_instance<void>(params.head_dim, params.dtype, [&]<int D, typename Element>() {
     attn::run_flash_fwd<D, Element>(params, plan, stream);
   });

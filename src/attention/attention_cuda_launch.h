@@ -33,6 +33,7 @@ inline const char* kernel_name(BwdKernel k) { return k == BwdKernel::wgmma ? "wg
 struct FwdPlan {
   FwdKernel kernel = FwdKernel::mma_sync;
   float scale = 0.0f;  // the softmax scale actually used
+  int tma_tile = -1;   // the d64 TMA forward's tile (an index of kTma64Tiles); -1: the instance's choice
 };
 
 struct BwdPlan {

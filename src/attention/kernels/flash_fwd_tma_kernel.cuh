@@ -31,7 +31,7 @@
 namespace flashgpt::attn {
 
 template <int kHeadDim_, int kBlockN_, int kConsumers_, int kStages_, bool kPingPong_, typename Element_,
-          bool kOverlap_ = false>
+          bool kOverlap_ = false, int kCtasPerSm_ = 1>
 struct FwdTmaTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -40,6 +40,9 @@ struct FwdTmaTraits {
   static constexpr int kStages = kStages_;
   static constexpr bool kPingPong = kPingPong_;
   static constexpr bool kOverlap = kOverlap_;
+  // CTAs sharing an SM: the __launch_bounds__ minimum, so ptxas caps the entry registers at the
+  // share of one CTA and setmaxnreg redistributes only that share.
+  static constexpr int kCtasPerSm = kCtasPerSm_;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kNTilesS = kBlockN / 8;
@@ -58,11 +61,15 @@ struct FwdTmaTraits {
   static constexpr size_t kSmemBytes =
       1024 + kTileQBytes + 2 * size_t{kStages} * kTileKVBytes + kConsumers * kStagedOBytes + 8 * kBarriers;
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 block can have");
+  static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024,
+                "kCtasPerSm CTAs' shared memory (and the 1 KB the SM reserves for each) exceed an H100 SM's 228 KB");
+  static_assert(kCtasPerSm * kThreads <= 2048, "more threads than an SM holds");
   // Registers after reallocation: the producer keeps 24 a thread; the consumers share the rest of
-  // the 64K-register file (multiples of 8, and what __launch_bounds__(kThreads, 1) granted at
-  // entry, 65536 / kThreads rounded down to 8, times kThreads, bounds the total).
+  // the CTA's part of the 64K-register file (multiples of 8, and what
+  // __launch_bounds__(kThreads, kCtasPerSm) granted at entry, 65536 / (kThreads kCtasPerSm)
+  // rounded down to 8, times kThreads, bounds the total).
   static constexpr int kProducerRegs = 24;
-  static constexpr int kEntryRegs = 65536 / kThreads / 8 * 8;
+  static constexpr int kEntryRegs = 65536 / (kThreads * kCtasPerSm) / 8 * 8;
   static constexpr int kConsumerRegs =
       ((kEntryRegs * kThreads - 128 * kProducerRegs) / (128 * kConsumers) / 8 * 8) > 240
           ? 240
@@ -81,7 +88,7 @@ struct FwdTmaTraits {
 #endif
 
 template <typename Traits>
-__global__ void __launch_bounds__(Traits::kThreads, 1)
+__global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
     flash_fwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_k,
                          const __grid_constant__ CUtensorMap tm_v, const KernelParams p, float scale) {
 #ifdef FLASHGPT_WGMMA_AVAILABLE
