@@ -56,6 +56,10 @@ bool flash_bwd_has_wgmma();
 // Whether the instance has the TMA forward (sm_90a build, head dims 64 and 128).
 template <int kHeadDim, typename Element>
 bool flash_fwd_has_tma();
+// How many tiles of the TMA forward a plan's tma_tile may name: the d64 table's size (0 without
+// the TMA forward, and for other head dims, whose one tile a plan never names).
+template <int kHeadDim, typename Element>
+int flash_fwd_tma_tiles();
 // Bytes of workspace the backward needs for these params, whichever kernel runs.
 template <int kHeadDim, typename Element>
 std::size_t flash_bwd_workspace_bytes(const AttentionParams& p);

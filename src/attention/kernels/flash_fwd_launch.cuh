@@ -52,7 +52,8 @@ using FwdTma128Traits = FwdTmaTraits<128, FLASHGPT_TMA128_BLOCK_N, FLASHGPT_TMA1
                                      FLASHGPT_TMA_PINGPONG != 0, Element, FLASHGPT_TMA_OVERLAP != 0>;
 
 // d64: a table of tiles, each compiled, one chosen per call (tma64_tile below, or the plan's
-// tma_tile, which FLASHGPT_ATTN_TMA_TILE sets for tests and benchmarks). Several CTAs per SM
+// tma_tile, which FLASHGPT_ATTN_TMA_TILE or attention_cuda_force_tma64_tile sets for tests and
+// benchmarks). Several CTAs per SM
 // cap the registers at 65536 / (threads x CTAs) (ptxas holds the whole kernel to that cap).
 struct TmaTile {
   int block_n, consumers, stages, ctas_per_sm;
@@ -140,6 +141,11 @@ bool flash_fwd_has_tma() {
 #else
   return false;
 #endif
+}
+
+template <int kHeadDim, typename Element>
+int flash_fwd_tma_tiles() {
+  return kHeadDim == 64 && flash_fwd_has_tma<kHeadDim, Element>() ? kTma64TileCount : 0;
 }
 
 template <int kHeadDim, typename Element>

@@ -78,8 +78,8 @@ struct FwdTmaTraits {
 };
 
 // Lab hooks: FLASHGPT_TMA_PINGPONG=0 turns ping-pong off (each consumer issues its GEMMs as soon
-// as its data is there); FLASHGPT_TMA_OVERLAP=1 turns on the intra-warpgroup overlap (compiled
-// and ptxas-clean, not yet run on a GPU: docs/archive/attention_gpu_notes.md, v12).
+// as its data is there); FLASHGPT_TMA_OVERLAP=1 turns on the intra-warpgroup overlap of the d128
+// tile (d64's tiles say per tile whether they overlap: kTma64Tiles in flash_fwd_launch.cuh).
 #ifndef FLASHGPT_TMA_PINGPONG
 #define FLASHGPT_TMA_PINGPONG 1
 #endif
