@@ -51,10 +51,11 @@ template <typename Element>
 using FwdTma128Traits = FwdTmaTraits<128, FLASHGPT_TMA128_BLOCK_N, FLASHGPT_TMA128_CONSUMERS, FLASHGPT_TMA128_STAGES,
                                      FLASHGPT_TMA_PINGPONG != 0, Element, FLASHGPT_TMA_OVERLAP != 0>;
 
-// d64: a table of tiles, each compiled, one chosen per call (tma64_tile below, or the plan's
-// tma_tile, which FLASHGPT_ATTN_TMA_TILE or attention_cuda_force_tma64_tile sets for tests and
-// benchmarks). Several CTAs per SM
-// cap the registers at 65536 / (threads x CTAs) (ptxas holds the whole kernel to that cap).
+// d64: a table of tiles (query rows = 64 x consumers), each compiled, one chosen per call
+// (tma64_tile below, or the plan's tma_tile, which FLASHGPT_ATTN_TMA_TILE or
+// attention_cuda_force_tma64_tile sets for tests and benchmarks). Several CTAs per SM cap the
+// registers at 65536 / (threads x CTAs): ptxas holds the whole kernel to that cap. Why these
+// tiles and what they measured: docs/archive/attention_gpu_notes.md, v13.
 struct TmaTile {
   int block_n, consumers, stages, ctas_per_sm;
   bool overlap;
