@@ -41,6 +41,17 @@ const char* attention_cuda_forward_kernel(const AttentionParams& params);
 // FLASHGPT_ATTN_BWD_KERNEL=mma_sync forces mma.sync.
 const char* attention_cuda_backward_kernel(int head_dim);
 
+// The d64 TMA forward's tiles (query rows x keys a step, K/V stages, CTAs per SM; the table is in
+// docs/attention_gpu.md): how many this build has (0 without the TMA forward), and forcing one
+// of them on every later d64 call that the TMA forward takes (dense, no dropout), which also
+// selects the TMA forward unless FLASHGPT_ATTN_FWD_KERNEL forces another kernel; -1 returns to
+// the choice by shape; returns the tile forced before. FLASHGPT_ATTN_TMA_TILE=k in the
+// environment forces tile k from the start. For tests and benchmarks; a call racing with a
+// forward on another thread may see either tile. Throws flashgpt::Error for an index outside
+// [-1, count).
+int attention_cuda_tma64_tile_count();
+int attention_cuda_force_tma64_tile(int tile);
+
 // Writes o and lse.
 void attention_forward_cuda(const AttentionParams& params, cudaStream_t stream = nullptr);
 

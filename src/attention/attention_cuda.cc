@@ -126,6 +126,23 @@ FwdOverride fwd_override() {
   return value;
 }
 
+// The d64 TMA forward's forced tile: an index of the instance's table (kTma64Tiles in
+// kernels/flash_fwd_launch.cuh), or -1 (chosen by shape). FLASHGPT_ATTN_TMA_TILE sets it at
+// the first call, attention_cuda_force_tma64_tile at any time (tests of every tile). Anything but
+// a small non-negative integer in the variable is an error, so a typo never times the wrong tile.
+std::atomic<int>& forced_tma64_tile() {
+  static std::atomic<int> value{[] {
+    const char* v = std::getenv("FLASHGPT_ATTN_TMA_TILE");
+    if (v == nullptr || *v == '\0') return -1;
+    char* end = nullptr;
+    const long tile = std::strtol(v, &end, 10);
+    FLASHGPT_CHECK(*end == '\0' && tile >= 0 && tile < 1000,
+                   "FLASHGPT_ATTN_TMA_TILE is '{}': expected the index of a d64 TMA forward tile (0, 1, ...)", v);
+    return int(tile);
+  }()};
+  return value;
+}
+
 // A device attribute, asked of the driver once per device (devices past kMaxDevices are asked
 // every time) instead of at every launch.
 template <cudaDeviceAttr kAttribute>
@@ -184,8 +201,10 @@ attn::FwdKernel choose_fwd_kernel(int head_dim, const AttentionParams* p) {
   });
   const bool tma_fits = has_tma && (p == nullptr || (p->cu_seqlens_q == nullptr &&
                                                      !dropout_enabled(dropout_threshold(p->dropout_p))));
-  const bool want_tma =
-      forced == FwdOverride::tma || (forced == FwdOverride::automatic && tma_forward_by_default(head_dim));
+  // A forced d64 tile (tests, benchmarks) means the TMA forward unless another kernel is forced.
+  const bool tile_forced = head_dim == 64 && forced_tma64_tile().load() >= 0;
+  const bool want_tma = forced == FwdOverride::tma ||
+                        (forced == FwdOverride::automatic && (tma_forward_by_default(head_dim) || tile_forced));
   return want_tma && tma_fits ? attn::FwdKernel::tma : attn::FwdKernel::wgmma;
 }
 attn::BwdKernel choose_bwd_kernel(int head_dim) {
@@ -208,6 +227,19 @@ const char* attention_cuda_forward_kernel(const AttentionParams& params) {
   return attn::kernel_name(choose_fwd_kernel(params.head_dim, &params));
 }
 
+int attention_cuda_tma64_tile_count() {
+  if (!attention_cuda_head_dim_compiled(64)) return 0;
+  return dispatch_instance<int>(64, DType::bf16, []<int D, typename E>() { return attn::flash_fwd_tma_tiles<D, E>(); });
+}
+
+int attention_cuda_force_tma64_tile(int tile) {
+  const int count = attention_cuda_tma64_tile_count();
+  FLASHGPT_CHECK(tile >= -1 && tile < count,
+                 "attention_cuda_force_tma64_tile({}): expected -1 (chosen by shape) or a tile index below {}", tile,
+                 count);
+  return forced_tma64_tile().exchange(tile);
+}
+
 bool attention_cuda_head_dim_compiled(int head_dim) {
   for (int d : attn::kAttentionCudaHeadDims)
     if (d == head_dim) return true;
@@ -219,6 +251,7 @@ void attention_forward_cuda(const AttentionParams& params, cudaStream_t stream) 
   attn::FwdPlan plan;
   plan.kernel = choose_fwd_kernel(params.head_dim, &params);
   plan.scale = attention_softmax_scale(params);
+  plan.tma_tile = params.head_dim == 64 ? forced_tma64_tile().load() : -1;
   dispatch_instance<void>(params.head_dim, params.dtype, [&]<int D, typename Element>() {
     attn::run_flash_fwd<D, Element>(params, plan, stream);
   });

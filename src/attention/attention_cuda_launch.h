@@ -33,6 +33,7 @@ inline const char* kernel_name(BwdKernel k) { return k == BwdKernel::wgmma ? "wg
 struct FwdPlan {
   FwdKernel kernel = FwdKernel::mma_sync;
   float scale = 0.0f;  // the softmax scale actually used
+  int tma_tile = -1;   // the d64 TMA forward's tile (an index of kTma64Tiles); -1: the instance's choice
 };
 
 struct BwdPlan {
@@ -55,6 +56,10 @@ bool flash_bwd_has_wgmma();
 // Whether the instance has the TMA forward (sm_90a build, head dims 64 and 128).
 template <int kHeadDim, typename Element>
 bool flash_fwd_has_tma();
+// How many tiles of the TMA forward a plan's tma_tile may name: the d64 table's size (0 without
+// the TMA forward, and for other head dims, whose one tile a plan never names).
+template <int kHeadDim, typename Element>
+int flash_fwd_tma_tiles();
 // Bytes of workspace the backward needs for these params, whichever kernel runs.
 template <int kHeadDim, typename Element>
 std::size_t flash_bwd_workspace_bytes(const AttentionParams& p);

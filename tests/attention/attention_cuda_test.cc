@@ -537,6 +537,57 @@ TEST(AttentionCuda, ForwardPipelineShapes) {
   }
 }
 
+// Every d64 tile of the TMA forward (query rows x keys a step, K/V stages, CTAs per SM) through
+// the pipeline's awkward shapes: key-block counts from 1 past stages + 1 for every block size
+// (64 and 128 keys: up to 1000 keys is 16 and 8 blocks), lengths around the 64-, 128- and
+// 192-row query blocks, rows that see no key, GQA, bf16 and fp16, causal and not; O and LSE
+// against the fp64 reference. It runs in the pass with the TMA forward forced (ctest's
+// attention_cuda_test_tma) and no tile forced, once per build: its fp64 references cost about
+// 2 s of CPU per tile, which the other passes need not pay again.
+TEST(AttentionCuda, ForwardPipelineShapesEveryTma64Tile) {
+  if (!attention_cuda_head_dim_compiled(64) || attention_cuda_tma64_tile_count() == 0) GTEST_SKIP();
+  const char* kernel = std::getenv("FLASHGPT_ATTN_FWD_KERNEL");
+  const char* tile_env = std::getenv("FLASHGPT_ATTN_TMA_TILE");
+  if (kernel == nullptr || std::string_view(kernel) != "tma" || (tile_env != nullptr && *tile_env != '\0'))
+    GTEST_SKIP() << "runs with FLASHGPT_ATTN_FWD_KERNEL=tma and no FLASHGPT_ATTN_TMA_TILE";
+  EXPECT_THROW(attention_cuda_force_tma64_tile(attention_cuda_tma64_tile_count()), flashgpt::Error);
+  EXPECT_THROW(attention_cuda_force_tma64_tile(-2), flashgpt::Error);
+  struct Restore {
+    int tile;
+    ~Restore() { attention_cuda_force_tma64_tile(tile); }
+  } const restore{attention_cuda_force_tma64_tile(0)};
+  if (std::string_view(attention_cuda_forward_kernel(64)) != "wgmma-tma") GTEST_SKIP() << "no TMA forward on this device";
+  struct Lengths {
+    int sq, sk;
+  };
+  const std::vector<Lengths> lengths = {{1, 1},     {17, 17},   {1, 300},   {63, 65},   {127, 127}, {129, 129},
+                                        {191, 193}, {200, 257}, {190, 383}, {64, 385},  {300, 509}, {130, 640},
+                                        {300, 17},  {1000, 1000}};
+  for (int tile = 0; tile < attention_cuda_tma64_tile_count(); ++tile) {
+    attention_cuda_force_tma64_tile(tile);
+    ASSERT_STREQ(attention_cuda_forward_kernel(64), "wgmma-tma");
+    for (DType dtype : {DType::bf16, DType::f16})
+      for (Mask mask : {Mask::none, Mask::causal})
+        for (const Lengths& l : lengths) {
+          const bool big = l.sq * l.sk > 100000;
+          if (big && dtype == DType::f16) continue;  // the long loop in bf16 only (reference time)
+          const AttentionCase c{"tma tile " + std::to_string(tile) + " d64 " + std::to_string(l.sq) + "x" +
+                                    std::to_string(l.sk) + (mask == Mask::causal ? " causal" : "") +
+                                    (dtype == DType::bf16 ? " bf16" : " fp16"),
+                                dense(big ? 1 : 2, l.sq, l.sk, big ? 2 : 4, big ? 1 : 2, 64, mask, 0.0f),
+                                {},
+                                dtype};
+          SCOPED_TRACE(c.name);
+          run_case(c, /*backward=*/false);
+        }
+    // More CTAs than the SMs hold at once, so CTAs of several waves share SMs.
+    const AttentionCase many{"tma tile " + std::to_string(tile) + " many CTAs",
+                             dense(32, 200, 200, 4, 2, 64, Mask::causal, 0.0f), {}, DType::bf16};
+    SCOPED_TRACE(many.name);
+    run_case(many, /*backward=*/false);
+  }
+}
+
 TEST(AttentionCuda, LongSequence4097ForwardBackward) {
   if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
   run_case({"d64 s4097 causal", dense(1, 4097, 4097, 1, 1, 64, Mask::causal, 0.0f), {}, DType::bf16},

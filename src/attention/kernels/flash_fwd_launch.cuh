@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 namespace flashgpt::attn {
 
@@ -31,18 +32,10 @@ using FwdWgmmaTraitsFor =
 template <int kHeadDim>
 inline constexpr bool kFwdWgmmaKernel = kHeadDim == 64 || kHeadDim == 96 || kHeadDim == 128 || kHeadDim == 256;
 
-// The warp-specialized TMA forward (flash_fwd_tma_kernel.cuh), head dims 64 and 128: key block,
-// consumer warpgroups (64 query rows each) and K/V stages. Lab hooks FLASHGPT_TMA<d>_BLOCK_N /
-// _CONSUMERS / _STAGES change them at compile time.
-#ifndef FLASHGPT_TMA64_BLOCK_N
-#define FLASHGPT_TMA64_BLOCK_N 128
-#endif
-#ifndef FLASHGPT_TMA64_CONSUMERS
-#define FLASHGPT_TMA64_CONSUMERS 3
-#endif
-#ifndef FLASHGPT_TMA64_STAGES
-#define FLASHGPT_TMA64_STAGES 3
-#endif
+// The warp-specialized TMA forward (flash_fwd_tma_kernel.cuh), head dims 64 and 128.
+//
+// d128: one tile (key block, consumer warpgroups of 64 query rows, K/V stages; one CTA per SM);
+// lab hooks FLASHGPT_TMA128_BLOCK_N / _CONSUMERS / _STAGES change it at compile time.
 #ifndef FLASHGPT_TMA128_BLOCK_N
 #define FLASHGPT_TMA128_BLOCK_N 128
 #endif
@@ -54,12 +47,48 @@ inline constexpr bool kFwdWgmmaKernel = kHeadDim == 64 || kHeadDim == 96 || kHea
 #endif
 template <int kHeadDim>
 inline constexpr bool kFwdTmaKernel = kHeadDim == 64 || kHeadDim == 128;
-template <int kHeadDim, typename Element>
-using FwdTmaTraitsFor =
-    FwdTmaTraits<kHeadDim, kHeadDim == 64 ? FLASHGPT_TMA64_BLOCK_N : FLASHGPT_TMA128_BLOCK_N,
-                 kHeadDim == 64 ? FLASHGPT_TMA64_CONSUMERS : FLASHGPT_TMA128_CONSUMERS,
-                 kHeadDim == 64 ? FLASHGPT_TMA64_STAGES : FLASHGPT_TMA128_STAGES, FLASHGPT_TMA_PINGPONG != 0, Element,
-                 FLASHGPT_TMA_OVERLAP != 0>;
+template <typename Element>
+using FwdTma128Traits = FwdTmaTraits<128, FLASHGPT_TMA128_BLOCK_N, FLASHGPT_TMA128_CONSUMERS, FLASHGPT_TMA128_STAGES,
+                                     FLASHGPT_TMA_PINGPONG != 0, Element, FLASHGPT_TMA_OVERLAP != 0>;
+
+// d64: a table of tiles (query rows = 64 x consumers), each compiled, one chosen per call
+// (tma64_tile below, or the plan's tma_tile, which FLASHGPT_ATTN_TMA_TILE or
+// attention_cuda_force_tma64_tile sets for tests and benchmarks). Several CTAs per SM cap the
+// registers at 65536 / (threads x CTAs): ptxas holds the whole kernel to that cap. Why these
+// tiles and what they measured: docs/archive/attention_gpu_notes.md, v13.
+struct TmaTile {
+  int block_n, consumers, stages, ctas_per_sm;
+  bool overlap;
+  bool exp_emulation = false;  // a quarter of the exponentials on the FMA pipes (exp2_on_fma)
+};
+inline constexpr TmaTile kTma64Tiles[] = {
+    {128, 3, 3, 1, false},  // 0: 192 x 128, 3 stages, one CTA per SM (issue 18's first step)
+    {128, 2, 2, 1, false},  // 1: 128 x 128, one CTA per SM
+    {64, 2, 3, 2, false},   // 2: 128 x 64, two CTAs per SM (80 registers)
+    {64, 1, 3, 3, false},   // 3: 64 x 64, three CTAs per SM (80 registers), no ping-pong
+    {128, 1, 2, 2, false},  // 4: 64 x 128, two CTAs per SM (128 registers), no ping-pong
+    {64, 1, 3, 3, true},    // 5: 3 with the intra-warpgroup overlap
+    {128, 1, 2, 2, true},   // 6: 4 with the overlap
+    {128, 3, 3, 1, true},   // 7: 0 with the overlap
+    {128, 2, 2, 1, true},   // 8: 1 with the overlap
+    {64, 2, 4, 2, false},   // 9: 2 with 4 stages
+    {64, 1, 2, 3, false},   // 10: 3 with 2 stages
+    {64, 1, 3, 3, false, true},   // 11: 3 with a quarter of the exponentials on the FMA pipes
+    {128, 3, 3, 1, false, true},  // 12: 0 with them
+    {64, 1, 3, 3, true, true},    // 13: 5 (3 with the overlap) with them
+};
+inline constexpr int kTma64TileCount = int(sizeof(kTma64Tiles) / sizeof(kTma64Tiles[0]));
+template <typename Element, int kTile>
+using FwdTma64Traits =
+    FwdTmaTraits<64, kTma64Tiles[kTile].block_n, kTma64Tiles[kTile].consumers, kTma64Tiles[kTile].stages,
+                 FLASHGPT_TMA_PINGPONG != 0, Element, kTma64Tiles[kTile].overlap, kTma64Tiles[kTile].ctas_per_sm,
+                 kTma64Tiles[kTile].exp_emulation>;
+// The d64 tile of a call: the plan's when it names one, else tile 0.
+inline int tma64_tile(const AttentionParams& p, int planned) {
+  if (planned >= 0) return planned;
+  (void)p;
+  return 0;
+}
 
 // The TMA forward over a dense batch (the entry point sends no varlen and no dropout here):
 // tensor maps over Q, K and V as [batch][rows][heads][head_dim] with the params' strides, a CTA
@@ -121,12 +150,24 @@ bool flash_fwd_has_tma() {
 }
 
 template <int kHeadDim, typename Element>
+int flash_fwd_tma_tiles() {
+  return kHeadDim == 64 && flash_fwd_has_tma<kHeadDim, Element>() ? kTma64TileCount : 0;
+}
+
+template <int kHeadDim, typename Element>
 void run_flash_fwd(const AttentionParams& p, const FwdPlan& plan, cudaStream_t stream) {
   if (plan.kernel == FwdKernel::tma) {
     if (!flash_fwd_has_tma<kHeadDim, Element>())
       plan_error("attention (CUDA): internal error: the plan names the TMA forward, which this instance lacks");
-    if constexpr (kFwdTmaKernel<kHeadDim>) {
-      launch_flash_fwd_tma<FwdTmaTraitsFor<kHeadDim, Element>>(p, plan.scale, stream);
+    if constexpr (kHeadDim == 128) {
+      launch_flash_fwd_tma<FwdTma128Traits<Element>>(p, plan.scale, stream);
+    } else if constexpr (kHeadDim == 64) {
+      const int tile = tma64_tile(p, plan.tma_tile);
+      if (tile >= kTma64TileCount)
+        plan_error("attention (CUDA): the plan names a d64 TMA forward tile past the table (FLASHGPT_ATTN_TMA_TILE)");
+      [&]<int... kTiles>(std::integer_sequence<int, kTiles...>) {
+        ((tile == kTiles ? launch_flash_fwd_tma<FwdTma64Traits<Element, kTiles>>(p, plan.scale, stream) : void()), ...);
+      }(std::make_integer_sequence<int, kTma64TileCount>{});
     }
     return;
   }
