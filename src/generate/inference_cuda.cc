@@ -104,6 +104,9 @@ class CudaEngine final : public InferenceEngine {
     return fused_ && N <= inference_cuda::kGemvMaxRows && N * std::max(C_, F_) * 2 <= 48 * 1024;
   }
   void enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t N, bool all_decode);
+  // The persistent path of a call of B <= kGemvMaxRows one-token chunks: every layer in one
+  // cooperative launch (inference_cuda::persistent_decode), then the fused head.
+  void enqueue_persistent(std::span<const SlotChunk> chunks, int64_t N);
   void enqueue_prefill_attention(std::span<const SlotChunk> chunks, bf16* kc, bf16* vc);
   void enqueue_decode_attention(int decode_rows, bf16* kc, bf16* vc, bool fused);
   void gemm(void* y, bool y_f32, const bf16* x, const bf16* w, int64_t rows, int64_t in, int64_t out, int64_t ldy);
@@ -142,6 +145,11 @@ class CudaEngine final : public InferenceEngine {
   // of separate kernels for A/B timing) and programmatic dependent launch in it
   // (FLASHGPT_CUDA_PDL=0 turns it off).
   bool fused_ = true, pdl_ = true;
+  // The persistent path (FLASHGPT_CUDA_DECODE unset or =auto: where its plan is ok, i.e.
+  // decode steps of at most min(S, 8) rows on a GPU that fits it; =persistent requires it;
+  // =fused and =gemv turn it off).
+  bool persistent_ = false;
+  inference_cuda::PersistentDecodePlan plan_;
   bool head_fused_ = false;         // the last enqueued head wrote argmax partials
   int head_parts_ = 0;              // argmax partials per row
   float* part_val_ = nullptr;       // (kGemvMaxRows, head_parts_)
@@ -241,11 +249,22 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
   FLASHGPT_CUDA_CHECK(cudaMallocHost(&h_tokens_, S_ * sizeof(int32_t)));
   std::memset(h_rows_, 0, row_bytes_);
   lengths_.assign(static_cast<size_t>(S_), 0);
-  if (const char* mode = std::getenv("FLASHGPT_CUDA_DECODE")) {
-    const std::string m = mode;
-    FLASHGPT_CHECK(m == "fused" || m == "gemv", "inference (cuda): FLASHGPT_CUDA_DECODE is '{}', expected fused or gemv",
-                   m);
-    fused_ = m == "fused";
+  std::string decode_mode = "auto";
+  if (const char* mode = std::getenv("FLASHGPT_CUDA_DECODE")) decode_mode = mode;
+  FLASHGPT_CHECK(decode_mode == "auto" || decode_mode == "persistent" || decode_mode == "fused" ||
+                     decode_mode == "gemv",
+                 "inference (cuda): FLASHGPT_CUDA_DECODE is '{}', expected auto, persistent, fused or gemv",
+                 decode_mode);
+  fused_ = decode_mode != "gemv";
+  if (decode_mode == "auto" || decode_mode == "persistent") {
+    plan_ = inference_cuda::persistent_decode_plan(static_cast<int>(std::min<int64_t>(S_, inference_cuda::kGemvMaxRows)),
+                                                   static_cast<int>(C_), static_cast<int>(F_), static_cast<int>(NH_),
+                                                   static_cast<int>(HD_), static_cast<int>(T_));
+    FLASHGPT_CHECK(plan_.ok || decode_mode == "auto",
+                   "inference (cuda): FLASHGPT_CUDA_DECODE=persistent, but the persistent decode path does not take "
+                   "this model or device: {}",
+                   plan_.why);
+    persistent_ = plan_.ok;
   }
   if (const char* pdl = std::getenv("FLASHGPT_CUDA_PDL")) pdl_ = std::string(pdl) != "0";
   head_parts_ = inference_cuda::gemv_fused_blocks(static_cast<int>(Vp_));
@@ -366,6 +385,10 @@ void CudaEngine::enqueue_model(std::span<const SlotChunk> chunks, int64_t N, boo
   const int C = static_cast<int>(C_);
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_rows_, h_rows_, row_bytes_ + N * sizeof(TokenPlace), cudaMemcpyHostToDevice,
                                       stream_));
+  if (persistent_ && N == B && B <= plan_.rows_max) {
+    enqueue_persistent(chunks, N);
+    return;
+  }
   if (fused_fits(N)) {
     enqueue_layers_fused(chunks, N, all_decode);
     return;
@@ -457,6 +480,35 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
   head.y = d_logits_, head.ldy = Vp_, head.part_val = part_val_, head.part_idx = part_idx_;
   head.valid_out = static_cast<int>(V_), head.programmatic = pdl_;
   run(head, GemvEpilogue::logits_argmax);
+  head_fused_ = true;
+}
+
+void CudaEngine::enqueue_persistent(std::span<const SlotChunk> chunks, int64_t N) {
+  using namespace inference_cuda;
+  PersistentDecodeParams p;
+  p.qkv_w = pb(ParamKind::qkv_w), p.proj_w = pb(ParamKind::attn_proj_w), p.fc_w = pb(ParamKind::fc_w);
+  p.fcp_w = pb(ParamKind::fc_proj_w);
+  p.qkv_b = pf(ParamKind::qkv_b), p.proj_b = pf(ParamKind::attn_proj_b), p.fc_b = pf(ParamKind::fc_b);
+  p.fcp_b = pf(ParamKind::fc_proj_b);
+  p.ln1_w = pf(ParamKind::ln1_w), p.ln1_b = pf(ParamKind::ln1_b), p.ln2_w = pf(ParamKind::ln2_w);
+  p.ln2_b = pf(ParamKind::ln2_b);
+  p.wte = pf(ParamKind::wte), p.wpe = pf(ParamKind::wpe), p.places = d_places_;
+  p.x = x_, p.q = q_, p.att = att_, p.ff = ff_, p.k_cache = k_cache_, p.v_cache = v_cache_;
+  p.slot_stride = T_ * C_, p.layer_stride = S_ * T_ * C_;
+  p.rows = static_cast<int>(N), p.C = static_cast<int>(C_), p.F = static_cast<int>(F_), p.L = static_cast<int>(L_);
+  p.heads = static_cast<int>(NH_), p.head_dim = static_cast<int>(HD_), p.max_length = static_cast<int>(T_);
+  persistent_decode(p, plan_, stream_);
+  // The head as on the fused path; launched without programmatic dependence on the
+  // cooperative kernel (its blocks could not start early anyway: the persistent grid
+  // holds every multiprocessor's shared memory).
+  const RowBlock rows = row_block(d_rows_);
+  FusedGemvParams head;
+  head.x_f32 = x_, head.ln_w = pf(ParamKind::lnf_w), head.ln_b = pf(ParamKind::lnf_b), head.row_index = rows.last;
+  head.w = pb(ParamKind::wte), head.rows = static_cast<int>(chunks.size()), head.in = static_cast<int>(C_);
+  head.out = static_cast<int>(Vp_), head.y = d_logits_, head.ldy = Vp_, head.part_val = part_val_;
+  head.part_idx = part_idx_, head.valid_out = static_cast<int>(V_), head.programmatic = false;
+  FLASHGPT_CHECK(gemv_fused(head, GemvEpilogue::logits_argmax, stream_),
+                 "inference (cuda): the fused head ({} rows, {} -> {}) was refused", head.rows, head.in, head.out);
   head_fused_ = true;
 }
 
