@@ -144,8 +144,25 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
   float* red_o = scores + p.max_length;                        // (warps, HD)
   float* red_m = red_o + kPWarps * HD;                         // (warps)
   float* red_l = red_m + kPWarps;                              // (warps)
-  const int nphases = 4 * p.L;
   const Slice slice_c = slice_of(C, b, G);  // the residual slice (proj and fc_proj)
+  // With the head (p.head_w): this block's rows of it, in chunks of head_chunk rows, are
+  // product phases 4 L, 4 L + 1, ... (their weights stream in during the last layer).
+  const Slice slice_v = p.head_w ? slice_of(p.head_rows, b, G) : Slice{0, 0};
+  const int head_chunks = p.head_w ? (slice_v.rows + p.head_chunk - 1) / p.head_chunk : 0;
+  const int nphases = 4 * p.L + head_chunks;
+  // Timing (p.trace): block 0's thread 0 records clock64 at the start, before and after
+  // each grid barrier, and at the end.
+  const bool tracing = p.trace && b == 0 && t == 0;
+  int trace_at = 0;
+  auto stamp = [&] {
+    if (tracing) p.trace[trace_at++] = clock64();
+  };
+  auto sync = [&] {
+    stamp();
+    grid.sync();
+    stamp();
+  };
+  stamp();
 
   if (t == 0) {
     for (int s = 0; s < p.slots; ++s) mbar_init(&mbar[s], 1);
@@ -153,11 +170,22 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
   }
   __syncthreads();
+  // Head chunk k of this block: rows slice_v.row0 + k * head_chunk, at most head_chunk.
+  auto head_slice = [&](int k) {
+    const int first = k * p.head_chunk;
+    return Slice{slice_v.row0 + first, min(p.head_chunk, slice_v.rows - first)};
+  };
   auto issue = [&](int j) {  // thread 0: phase j's weight slice into its ring slot
     const bf16* w;
-    int out, in;
-    phase_shape(p, j, w, out, in);
-    const Slice s = slice_of(out, b, G);
+    int in;
+    Slice s;
+    if (j < 4 * p.L) {
+      int out;
+      phase_shape(p, j, w, out, in);
+      s = slice_of(out, b, G);
+    } else {
+      w = p.head_w, in = C, s = head_slice(j - 4 * p.L);
+    }
     const auto bytes = static_cast<uint32_t>(s.rows) * static_cast<uint32_t>(in) * 2u;
     uint64_t* bar = &mbar[j % p.slots];
     mbar_expect_tx(bar, bytes);
@@ -317,7 +345,7 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
       prefetch_ln(p.ln1_w + static_cast<int64_t>(l) * C, p.ln1_b + static_cast<int64_t>(l) * C);
       prefetch_bias(p.qkv_b + static_cast<int64_t>(l) * 3 * C, s);
       cp_async_commit();
-      if (l > 0) grid.sync();
+      if (l > 0) sync();
       cp_async_wait_all();
       __syncthreads();
       load_ln(l == 0);
@@ -351,7 +379,7 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
           prefetch_l2((idx & 1 ? p.v_cache : p.k_cache) + at);
         }
       }
-      grid.sync();
+      sync();
       for (int item = b; item < rows * p.heads; item += G) {
         const int r = item / p.heads, h = item % p.heads;
         const TokenPlace pl = p.places[r];
@@ -440,7 +468,7 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
       const int j = 4 * l + 1;
       prefetch_bias(p.proj_b + static_cast<int64_t>(l) * C, slice_c);
       cp_async_commit();
-      grid.sync();
+      sync();
       load_rows(p.att, C);
       cp_async_wait_all();
       const bf16* ws = wait_weights(j);
@@ -461,7 +489,7 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
       prefetch_ln(p.ln2_w + static_cast<int64_t>(l) * C, p.ln2_b + static_cast<int64_t>(l) * C);
       prefetch_bias(p.fc_b + static_cast<int64_t>(l) * F, s);
       cp_async_commit();
-      grid.sync();
+      sync();
       cp_async_wait_all();
       __syncthreads();
       load_ln(false);
@@ -479,7 +507,7 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
       const int j = 4 * l + 3;
       prefetch_bias(p.fcp_b + static_cast<int64_t>(l) * C, slice_c);
       cp_async_commit();
-      grid.sync();
+      sync();
       load_rows(p.ff, F);
       cp_async_wait_all();
       const bf16* ws = wait_weights(j);
@@ -494,6 +522,56 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
       __syncthreads();
     }
   }
+  if (p.head_w) {
+    // ---- lnf + head -> logits and per-block argmax partials ---------------------------
+    prefetch_ln(p.lnf_w, p.lnf_b);
+    for (int i = t; i < p.head_chunk; i += kPThreads) bias_s[i] = 0.0f;  // no bias
+    cp_async_commit();
+    sync();
+    cp_async_wait_all();
+    __syncthreads();
+    load_ln(false);
+    __syncthreads();
+    // A thread's epilogue row r = t % R is fixed (kPThreads % R == 0): it keeps a running
+    // argmax over its columns (lowest id on a tie; padding columns skipped).
+    float best_v = -FLT_MAX;
+    int best_i = 0x7fffffff;
+    for (int k = 0; k < head_chunks; ++k) {
+      const int j = 4 * p.L + k;
+      const Slice s = head_slice(k);
+      const bf16* ws = wait_weights(j);
+      const int nseg = matvec(ws, s.rows, C);
+      release(j);
+      epilogue(s.rows, nseg, [&](int i, int r, float v) {
+        const int64_t col = s.row0 + i;
+        p.logits[static_cast<int64_t>(r) * p.ldl + col] = v;
+        if (col < p.valid_out && (v > best_v || (v == best_v && col < best_i))) best_v = v, best_i = static_cast<int>(col);
+      });
+      __syncthreads();
+    }
+    // Block reduction per row: lanes that share t % R, then warps.
+    for (int o = 16; o >= R; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, best_v, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, best_i, o);
+      if (ov > best_v || (ov == best_v && oi < best_i)) best_v = ov, best_i = oi;
+    }
+    float* sv = red;  // (warps, R)
+    int* si = reinterpret_cast<int*>(red + kPWarps * R);
+    if (lane < R) sv[warp * R + lane] = best_v, si[warp * R + lane] = best_i;
+    __syncthreads();
+    if (t < R && t < rows) {
+      float bv = -FLT_MAX;
+      int bi = 0x7fffffff;
+      for (int w = 0; w < kPWarps; ++w) {
+        const float v = sv[w * R + t];
+        const int i = si[w * R + t];
+        if (v > bv || (v == bv && i < bi)) bv = v, bi = i;
+      }
+      p.part_val[t * G + b] = bv;
+      p.part_idx[t * G + b] = bi;
+    }
+  }
+  stamp();
 }
 
 using KernelFn = void (*)(PersistentDecodeParams);
@@ -551,8 +629,10 @@ PersistentDecodePlan persistent_decode_plan(int rows_max, int C, int F, int head
   const size_t xin = round128(static_cast<size_t>(R) * std::max(C, F) * 2);
   const size_t xres = round128(static_cast<size_t>(R) * max_slice(C, G) * 4);
   const size_t ln = round128(static_cast<size_t>(2) * C * 4);
-  const size_t bias = round128(static_cast<size_t>(rows_any) * 4);
-  const size_t red = round128(static_cast<size_t>(std::max(rows_any, kPWarps)) * R * 4);
+  const int head_chunk = static_cast<int>(slot / (static_cast<size_t>(C) * 2));  // head rows a buffer holds
+  const int rows_all = std::max(rows_any, head_chunk);
+  const size_t bias = round128(static_cast<size_t>(rows_all) * 4);
+  const size_t red = round128(static_cast<size_t>(std::max(rows_all, 2 * kPWarps)) * R * 4);
   const size_t att = round128((static_cast<size_t>(max_length) + kPWarps * head_dim + 2 * kPWarps) * 4);
   rest += xin + xres + ln + bias + red + att;
   if (static_cast<size_t>(optin) < rest + 2 * slot) return refuse("shared memory (" + std::to_string(optin) + " bytes)");
@@ -568,14 +648,15 @@ PersistentDecodePlan persistent_decode_plan(int rows_max, int C, int F, int head
   plan.slots = slots;
   plan.slot_bytes = slot;
   plan.xres_stride = max_slice(C, G);
+  plan.head_chunk = head_chunk;
   plan.grid = G;
   plan.rows_max = R;
   plan.head_dim = head_dim;
   // Every block of the grid must be resident at once (the grid-wide barriers).
   for (int r = 1; r <= R; r *= 2) {
     const KernelFn k = kernel_for(r, head_dim);
-    FLASHGPT_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(plan.shared)));
+    // The device's limit, not this plan's size: engines of other shapes share the kernel.
+    FLASHGPT_CUDA_CHECK(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
     int per_sm = 0;
     FLASHGPT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, k, kPThreads, plan.shared));
     if (per_sm < 1) return refuse("a block does not fit a multiprocessor (" + std::to_string(plan.shared) + " bytes)");
@@ -594,6 +675,10 @@ void persistent_decode(const PersistentDecodeParams& params, const PersistentDec
   p.slots = plan.slots, p.slot_bytes = plan.slot_bytes;
   p.off_xin = plan.off_xin, p.off_xres = plan.off_xres, p.off_ln = plan.off_ln, p.off_bias = plan.off_bias;
   p.off_red = plan.off_red, p.off_att = plan.off_att, p.xres_stride = plan.xres_stride;
+  p.head_chunk = plan.head_chunk;
+  if (p.head_w && (!p.logits || !p.part_val || !p.part_idx || !p.lnf_w || !p.lnf_b || p.head_rows <= 0)) {
+    throw std::invalid_argument("persistent_decode: the head needs logits, argmax partials and lnf");
+  }
   const KernelFn k = kernel_for(bucket(p.rows), p.head_dim);
   void* args[] = {&p};
   const cudaError_t status = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(k), dim3(plan.grid),

@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -150,6 +151,16 @@ class CudaEngine final : public InferenceEngine {
   // =fused and =gemv turn it off).
   bool persistent_ = false;
   inference_cuda::PersistentDecodePlan plan_;
+  // FLASHGPT_PERSISTENT_TRACE=1: the persistent kernel's block 0 stamps clock64 around each
+  // grid barrier; the destructor prints where the last step's time went (stderr).
+  long long* d_trace_ = nullptr;
+  // FLASHGPT_PERSISTENT_HEAD=1: lnf and the head run inside the persistent launch (their
+  // weights stream in during the last layer); else (the default) as the fused path's head
+  // kernel after it. head_parts_now_: argmax partials per row of the last enqueued head.
+  bool persistent_head_ = false;
+  int head_parts_now_ = 0;
+  int trace_len_ = 0;
+  void print_trace() const;
   bool head_fused_ = false;         // the last enqueued head wrote argmax partials
   int head_parts_ = 0;              // argmax partials per row
   float* part_val_ = nullptr;       // (kGemvMaxRows, head_parts_)
@@ -266,15 +277,23 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
                    plan_.why);
     persistent_ = plan_.ok;
   }
+  if (const char* head = std::getenv("FLASHGPT_PERSISTENT_HEAD")) persistent_head_ = std::string(head) == "1";
+  if (const char* trace = std::getenv("FLASHGPT_PERSISTENT_TRACE"); trace && std::string(trace) == "1" && persistent_) {
+    trace_len_ = static_cast<int>(2 + 2 * (5 * L_));  // 5 L - 1 barriers, one more with the head
+    d_trace_ = device_alloc<long long>(owned_, static_cast<size_t>(trace_len_));
+    FLASHGPT_CUDA_CHECK(cudaMemset(d_trace_, 0, static_cast<size_t>(trace_len_) * sizeof(long long)));
+  }
   if (const char* pdl = std::getenv("FLASHGPT_CUDA_PDL")) pdl_ = std::string(pdl) != "0";
   head_parts_ = inference_cuda::gemv_fused_blocks(static_cast<int>(Vp_));
-  part_val_ = device_alloc<float>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * head_parts_);
-  part_idx_ = device_alloc<int32_t>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * head_parts_);
+  const int parts_max = std::max(head_parts_, plan_.grid);  // the persistent head leaves one per block
+  part_val_ = device_alloc<float>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * parts_max);
+  part_idx_ = device_alloc<int32_t>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * parts_max);
   counters_ = device_alloc<unsigned>(owned_, static_cast<size_t>(S_ * NH_));
   FLASHGPT_CUDA_CHECK(cudaMemset(counters_, 0, static_cast<size_t>(S_ * NH_) * sizeof(unsigned)));
 }
 
 CudaEngine::~CudaEngine() {
+  if (d_trace_) print_trace();
   for (auto& [b, exec] : graphs_) cudaGraphExecDestroy(exec);
   if (cublas_) cublasDestroy(cublas_);
   for (void* p : owned_) cudaFree(p);
@@ -481,6 +500,7 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
   head.valid_out = static_cast<int>(V_), head.programmatic = pdl_;
   run(head, GemvEpilogue::logits_argmax);
   head_fused_ = true;
+  head_parts_now_ = head_parts_;
 }
 
 void CudaEngine::enqueue_persistent(std::span<const SlotChunk> chunks, int64_t N) {
@@ -497,6 +517,16 @@ void CudaEngine::enqueue_persistent(std::span<const SlotChunk> chunks, int64_t N
   p.slot_stride = T_ * C_, p.layer_stride = S_ * T_ * C_;
   p.rows = static_cast<int>(N), p.C = static_cast<int>(C_), p.F = static_cast<int>(F_), p.L = static_cast<int>(L_);
   p.heads = static_cast<int>(NH_), p.head_dim = static_cast<int>(HD_), p.max_length = static_cast<int>(T_);
+  p.trace = d_trace_;
+  if (persistent_head_) {
+    p.head_w = pb(ParamKind::wte), p.lnf_w = pf(ParamKind::lnf_w), p.lnf_b = pf(ParamKind::lnf_b);
+    p.logits = d_logits_, p.ldl = Vp_, p.part_val = part_val_, p.part_idx = part_idx_;
+    p.head_rows = static_cast<int>(Vp_), p.valid_out = static_cast<int>(V_);
+    persistent_decode(p, plan_, stream_);
+    head_fused_ = true;
+    head_parts_now_ = plan_.grid;
+    return;
+  }
   persistent_decode(p, plan_, stream_);
   // The head as on the fused path; launched without programmatic dependence on the
   // cooperative kernel (its blocks could not start early anyway: the persistent grid
@@ -510,13 +540,52 @@ void CudaEngine::enqueue_persistent(std::span<const SlotChunk> chunks, int64_t N
   FLASHGPT_CHECK(gemv_fused(head, GemvEpilogue::logits_argmax, stream_),
                  "inference (cuda): the fused head ({} rows, {} -> {}) was refused", head.rows, head.in, head.out);
   head_fused_ = true;
+  head_parts_now_ = head_parts_;
+}
+
+void CudaEngine::print_trace() const {
+  std::vector<long long> t(static_cast<size_t>(trace_len_));
+  if (cudaStreamSynchronize(stream_) != cudaSuccess ||
+      cudaMemcpy(t.data(), d_trace_, t.size() * sizeof(long long), cudaMemcpyDeviceToHost) != cudaSuccess || t[0] == 0) {
+    return;
+  }
+  int device = 0, khz = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, device);
+  const double us = khz > 0 ? 1e3 / khz : 0.0;  // per cycle
+  // Phases in order qkv attn proj fc fc_proj per layer; a barrier precedes every phase but
+  // layer 0's qkv. t: start, (arrive, leave) per barrier, end.
+  const char* names[5] = {"ln1+qkv", "attention", "proj", "ln2+fc", "fc_proj"};
+  double work[5] = {}, wait[5] = {};
+  long long prev = t[0];
+  int k = 1;
+  for (int64_t ph = 0; ph < 5 * L_; ++ph) {
+    const int type = static_cast<int>(ph % 5);
+    if (ph > 0) {
+      work[(type + 4) % 5] += static_cast<double>(t[k] - prev);
+      wait[type] += static_cast<double>(t[k + 1] - t[k]);
+      prev = t[k + 1];
+      k += 2;
+    }
+  }
+  work[4] += static_cast<double>(t[k] - prev);
+  double head_wait = 0, head_work = 0;
+  if (persistent_head_) {
+    head_wait = static_cast<double>(t[k + 1] - t[k]), head_work = static_cast<double>(t[k + 2] - t[k + 1]);
+    k += 2;
+  }
+  std::fprintf(stderr, "persistent trace (block 0, last step, %d layers, us summed over layers): ", static_cast<int>(L_));
+  for (int i = 0; i < 5; ++i) std::fprintf(stderr, "%s work %.1f wait %.1f; ", names[i], work[i] * us, wait[i] * us);
+  if (persistent_head_) std::fprintf(stderr, "lnf+head work %.1f wait %.1f; ", head_work * us, head_wait * us);
+  std::fprintf(stderr, "total %.1f us (%lld cycles at %d kHz)\n", static_cast<double>(t[k] - t[0]) * us, t[k] - t[0],
+               khz);
 }
 
 void CudaEngine::enqueue_sample(int B) {
   const RowBlock rows = row_block(d_rows_);
   inference_cuda::sample(d_tokens_, d_logits_, Vp_, static_cast<int>(V_), B,
                          reinterpret_cast<const SampleParams*>(d_rows_), rows.prompt_index, rows.step, stream_,
-                         head_fused_ ? part_val_ : nullptr, head_fused_ ? part_idx_ : nullptr, head_parts_,
+                         head_fused_ ? part_val_ : nullptr, head_fused_ ? part_idx_ : nullptr, head_parts_now_,
                          head_fused_ && pdl_);
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(h_tokens_, d_tokens_, B * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
 }

@@ -154,15 +154,30 @@ struct PersistentDecodeParams {
   int64_t slot_stride = 0;   // T C
   int64_t layer_stride = 0;  // S T C
   int rows = 0, C = 0, F = 0, L = 0, heads = 0, head_dim = 0, max_length = 0;  // max_length: T
+  // Optional: the head in the same launch (lnf, then the tied head over head_rows (Vp)
+  // rows of head_w, streamed through the same buffers; logits (rows, ldl) fp32 and one
+  // argmax partial per (row, block): part_val/part_idx (rows, grid), columns >= valid_out
+  // skipped). Null head_w: the kernel ends with x.
+  const bf16* head_w = nullptr;
+  const float* lnf_w = nullptr;
+  const float* lnf_b = nullptr;
+  float* logits = nullptr;
+  int64_t ldl = 0;
+  float* part_val = nullptr;
+  int32_t* part_idx = nullptr;
+  int head_rows = 0, valid_out = 0;
+  // Optional timing: (2 + 2 (5 L - 1)) clock64 stamps of block 0 (start, before and after
+  // each grid barrier, end); null when off.
+  long long* trace = nullptr;
   // Filled by persistent_decode from the plan.
-  int slots = 0, xres_stride = 0;
+  int slots = 0, xres_stride = 0, head_chunk = 0;
   int64_t slot_bytes = 0, off_xin = 0, off_xres = 0, off_ln = 0, off_bias = 0, off_red = 0, off_att = 0;
 };
 
 struct PersistentDecodePlan {
   bool ok = false;
   std::string why;  // when not ok: what the path does not take
-  int grid = 0, rows_max = 0, head_dim = 0, slots = 0, xres_stride = 0;
+  int grid = 0, rows_max = 0, head_dim = 0, slots = 0, xres_stride = 0, head_chunk = 0;
   int64_t slot_bytes = 0, shared = 0, off_xin = 0, off_xres = 0, off_ln = 0, off_bias = 0, off_red = 0, off_att = 0;
 };
 

@@ -637,10 +637,12 @@ TEST(InferenceCuda, FusedPathMatchesSeparateKernels) {
 // are apart; at cache lengths 1 .. 20 (from one-token starts) and around the end of the
 // cache (ragged prefills, then steps to lengths 511 and 512 where the context allows), at
 // batch 1 and 8 (the largest it takes), for head dims 32 (the tiny preset), 64 (a
-// seed-shaped miniature with context 600) and the seed preset itself.
-void expect_persistent_matches_fused(const ModelConfig& c, uint64_t seed, int64_t B, int64_t long_prefill) {
-  SCOPED_TRACE(::testing::Message() << c.preset << " d_model " << c.d_model << " batch " << B);
-  const auto params = random_params(c, seed);
+// seed-shaped miniature with context 512) and the seed preset itself; with the head after the
+// persistent launch (the default) and inside it (FLASHGPT_PERSISTENT_HEAD=1).
+void expect_persistent_matches_fused(const ModelConfig& c, const std::vector<float>& params, uint32_t seed,
+                                     int64_t B, int64_t long_prefill, bool head_inside) {
+  SCOPED_TRACE(::testing::Message() << c.preset << " d_model " << c.d_model << " batch " << B
+                                    << (head_inside ? ", head inside" : ""));
   const int64_t V = c.vocab_size;
   const inference_cuda::PersistentDecodePlan plan = inference_cuda::persistent_decode_plan(
       static_cast<int>(B), static_cast<int>(c.d_model), static_cast<int>(c.d_ff), static_cast<int>(c.n_head),
@@ -651,9 +653,11 @@ void expect_persistent_matches_fused(const ModelConfig& c, uint64_t seed, int64_
   ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", "fused", 1), 0);
   auto fused = inference_create_cuda(c, params, {.max_slots = B});
   ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", "persistent", 1), 0);
+  ASSERT_EQ(setenv("FLASHGPT_PERSISTENT_HEAD", head_inside ? "1" : "0", 1), 0);
   auto pers = inference_create_cuda(c, params, {.max_slots = B});
   auto pers_logits = inference_create_cuda(c, params, {.max_slots = B});
   ASSERT_EQ(unsetenv("FLASHGPT_CUDA_DECODE"), 0);
+  ASSERT_EQ(unsetenv("FLASHGPT_PERSISTENT_HEAD"), 0);
   std::vector<uint64_t> index(B), step(B, 0);
   for (int64_t b = 0; b < B; ++b) index[b] = b;
   std::vector<float> lp(static_cast<size_t>(B * V)), lp2(lp.size()), lf(lp.size());
@@ -729,16 +733,24 @@ TEST(InferenceCuda, PersistentPathMatchesFused) {
   mini.context = 512;  // cache lengths 511 and 512
   ModelConfig tiny = model_preset("tiny", 1000);  // head dim 32, d_model 64: blocks with no rows
   tiny.dropout = 0.0f;
+  const auto tiny_params = random_params(tiny, 41), mini_params = random_params(mini, 43);
   for (const int64_t B : {1, 8}) {
-    expect_persistent_matches_fused(tiny, 41, B, tiny.context - 3);
-    expect_persistent_matches_fused(mini, 43, B, mini.context - 3);
+    for (const bool head_inside : {false, true}) {
+      expect_persistent_matches_fused(tiny, tiny_params, 41, B, tiny.context - 3, head_inside);
+      expect_persistent_matches_fused(mini, mini_params, 43, B, mini.context - 3, head_inside);
+    }
   }
 }
 
 TEST(InferenceCuda, PersistentPathMatchesFusedSeedPreset) {
   ModelConfig seed = model_preset("seed", 100277);
   seed.dropout = 0.0f;
-  for (const int64_t B : {1, 8}) expect_persistent_matches_fused(seed, 47, B, seed.context - 3);
+  const auto params = random_params(seed, 47);
+  for (const int64_t B : {1, 8}) {
+    for (const bool head_inside : {false, true}) {
+      expect_persistent_matches_fused(seed, params, 47, B, seed.context - 3, head_inside);
+    }
+  }
 }
 
 // Decode steps after the first (graph capture) allocate no device memory.
