@@ -159,6 +159,7 @@ class CudaEngine final : public InferenceEngine {
   // kernel after it. head_parts_now_: argmax partials per row of the last enqueued head.
   bool persistent_head_ = false;
   int head_parts_now_ = 0;
+  bool head_cooperative_ = false;  // the last head ran inside the cooperative launch
   int trace_len_ = 0;
   void print_trace() const;
   bool head_fused_ = false;         // the last enqueued head wrote argmax partials
@@ -501,6 +502,7 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
   run(head, GemvEpilogue::logits_argmax);
   head_fused_ = true;
   head_parts_now_ = head_parts_;
+  head_cooperative_ = false;
 }
 
 void CudaEngine::enqueue_persistent(std::span<const SlotChunk> chunks, int64_t N) {
@@ -525,6 +527,7 @@ void CudaEngine::enqueue_persistent(std::span<const SlotChunk> chunks, int64_t N
     persistent_decode(p, plan_, stream_);
     head_fused_ = true;
     head_parts_now_ = plan_.grid;
+    head_cooperative_ = true;  // sampling then launches without programmatic dependence
     return;
   }
   persistent_decode(p, plan_, stream_);
@@ -541,6 +544,7 @@ void CudaEngine::enqueue_persistent(std::span<const SlotChunk> chunks, int64_t N
                  "inference (cuda): the fused head ({} rows, {} -> {}) was refused", head.rows, head.in, head.out);
   head_fused_ = true;
   head_parts_now_ = head_parts_;
+  head_cooperative_ = false;
 }
 
 void CudaEngine::print_trace() const {
@@ -586,7 +590,7 @@ void CudaEngine::enqueue_sample(int B) {
   inference_cuda::sample(d_tokens_, d_logits_, Vp_, static_cast<int>(V_), B,
                          reinterpret_cast<const SampleParams*>(d_rows_), rows.prompt_index, rows.step, stream_,
                          head_fused_ ? part_val_ : nullptr, head_fused_ ? part_idx_ : nullptr, head_parts_now_,
-                         head_fused_ && pdl_);
+                         head_fused_ && pdl_ && !head_cooperative_);
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(h_tokens_, d_tokens_, B * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
 }
 
