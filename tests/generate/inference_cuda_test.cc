@@ -416,10 +416,14 @@ TokenId argmax(std::span<const float> logits) { return top2(logits).best; }
 // Greedy decoding of 3 ragged prompts at once (decode steps through the CUDA graph) equals,
 // token for token, the argmax of an uncached prefill of each prefix on the GPU (no graph,
 // FlashAttention over the whole sequence).
-TEST(InferenceCuda, CachedGreedyEqualsUncachedRecompute) {
+// Through the fused path and the persistent path (FLASHGPT_CUDA_DECODE).
+void expect_cached_greedy_equals_uncached(const char* mode) {
+  SCOPED_TRACE(mode);
   const ModelConfig c = mini_config();
   const auto params = random_params(c, 5);
+  EXPECT_EQ(setenv("FLASHGPT_CUDA_DECODE", mode, 1), 0);
   auto cached = inference_create_cuda(c, params, {.max_slots = 3});
+  EXPECT_EQ(unsetenv("FLASHGPT_CUDA_DECODE"), 0);
   auto uncached = inference_create_cuda(c, params, {.max_slots = 1});
   const int64_t V = c.vocab_size;
   std::vector<std::vector<TokenId>> seqs = {random_tokens(5, V, 1), random_tokens(1, V, 2), random_tokens(23, V, 3)};
@@ -453,7 +457,12 @@ TEST(InferenceCuda, CachedGreedyEqualsUncachedRecompute) {
   EXPECT_EQ(cached->length(2), 23 + 59);
   EXPECT_GE(compared, 150);  // of 180 (the rest are near ties, not compared)
   EXPECT_LE(near_ties, 30);
-  std::printf("cached vs uncached: %d greedy tokens equal, %d near ties not compared\n", compared, near_ties);
+  std::printf("cached vs uncached (%s): %d greedy tokens equal, %d near ties not compared\n", mode, compared,
+              near_ties);
+}
+
+TEST(InferenceCuda, CachedGreedyEqualsUncachedRecompute) {
+  for (const char* mode : {"fused", "persistent"}) expect_cached_greedy_equals_uncached(mode);
 }
 
 // The GPU engine against the fp32 CPU engine on the same weights, fed the same tokens:
@@ -754,10 +763,14 @@ TEST(InferenceCuda, PersistentPathMatchesFusedSeedPreset) {
 }
 
 // Decode steps after the first (graph capture) allocate no device memory.
-TEST(InferenceCuda, DecodeStepsAllocateNothing) {
+// Through the fused path and the persistent path (FLASHGPT_CUDA_DECODE).
+void expect_decode_steps_allocate_nothing(const char* mode) {
+  SCOPED_TRACE(mode);
   const ModelConfig c = mini_config();
   const auto params = random_params(c, 17);
+  EXPECT_EQ(setenv("FLASHGPT_CUDA_DECODE", mode, 1), 0);
   auto e = inference_create_cuda(c, params, {.max_slots = 4});
+  EXPECT_EQ(unsetenv("FLASHGPT_CUDA_DECODE"), 0);
   std::vector<std::vector<TokenId>> seqs = {random_tokens(3, c.vocab_size, 9), random_tokens(8, c.vocab_size, 10),
                                             random_tokens(2, c.vocab_size, 11), random_tokens(5, c.vocab_size, 12)};
   std::vector<uint64_t> index = {0, 1, 2, 3}, step = {0, 0, 0, 0};
@@ -774,6 +787,10 @@ TEST(InferenceCuda, DecodeStepsAllocateNothing) {
   }
   ASSERT_EQ(cudaMemGetInfo(&free_after, &total), cudaSuccess);
   EXPECT_EQ(free_before, free_after);
+}
+
+TEST(InferenceCuda, DecodeStepsAllocateNothing) {
+  for (const char* mode : {"fused", "persistent"}) expect_decode_steps_allocate_nothing(mode);
 }
 
 TEST(InferenceCuda, RejectsBadInput) {
