@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -104,6 +105,9 @@ class CudaEngine final : public InferenceEngine {
     return fused_ && N <= inference_cuda::kGemvMaxRows && N * std::max(C_, F_) * 2 <= 48 * 1024;
   }
   void enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t N, bool all_decode);
+  // The persistent path of a call of B <= kGemvMaxRows one-token chunks: every layer in one
+  // cooperative launch (inference_cuda::persistent_decode), then the fused head.
+  void enqueue_persistent(std::span<const SlotChunk> chunks, int64_t N);
   void enqueue_prefill_attention(std::span<const SlotChunk> chunks, bf16* kc, bf16* vc);
   void enqueue_decode_attention(int decode_rows, bf16* kc, bf16* vc, bool fused);
   void gemm(void* y, bool y_f32, const bf16* x, const bf16* w, int64_t rows, int64_t in, int64_t out, int64_t ldy);
@@ -142,6 +146,22 @@ class CudaEngine final : public InferenceEngine {
   // of separate kernels for A/B timing) and programmatic dependent launch in it
   // (FLASHGPT_CUDA_PDL=0 turns it off).
   bool fused_ = true, pdl_ = true;
+  // The persistent path (FLASHGPT_CUDA_DECODE=auto: where its plan is ok, i.e. decode
+  // steps of at most min(S, 8) rows on a GPU that fits it; =persistent requires it; =fused,
+  // the default for now (see kDefaultDecodeMode), and =gemv leave it off).
+  bool persistent_ = false;
+  inference_cuda::PersistentDecodePlan plan_;
+  // FLASHGPT_PERSISTENT_TRACE=1: the persistent kernel's block 0 stamps clock64 around each
+  // grid barrier; the destructor prints where the last step's time went (stderr).
+  long long* d_trace_ = nullptr;
+  // FLASHGPT_PERSISTENT_HEAD=1: lnf and the head run inside the persistent launch (their
+  // weights stream in during the last layer); else (the default) as the fused path's head
+  // kernel after it. head_parts_now_: argmax partials per row of the last enqueued head.
+  bool persistent_head_ = false;
+  int head_parts_now_ = 0;
+  bool head_cooperative_ = false;  // the last head ran inside the cooperative launch
+  int trace_len_ = 0;
+  void print_trace() const;
   bool head_fused_ = false;         // the last enqueued head wrote argmax partials
   int head_parts_ = 0;              // argmax partials per row
   float* part_val_ = nullptr;       // (kGemvMaxRows, head_parts_)
@@ -241,21 +261,44 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
   FLASHGPT_CUDA_CHECK(cudaMallocHost(&h_tokens_, S_ * sizeof(int32_t)));
   std::memset(h_rows_, 0, row_bytes_);
   lengths_.assign(static_cast<size_t>(S_), 0);
-  if (const char* mode = std::getenv("FLASHGPT_CUDA_DECODE")) {
-    const std::string m = mode;
-    FLASHGPT_CHECK(m == "fused" || m == "gemv", "inference (cuda): FLASHGPT_CUDA_DECODE is '{}', expected fused or gemv",
-                   m);
-    fused_ = m == "fused";
+  // The default is the fused path until the persistent path has passed its tests on a GPU
+  // (it was written and compiled without device time to run it; docs/generate.md): then
+  // kDefaultDecodeMode becomes "auto", which takes it wherever its plan is ok.
+  constexpr const char* kDefaultDecodeMode = "fused";
+  std::string decode_mode = kDefaultDecodeMode;
+  if (const char* mode = std::getenv("FLASHGPT_CUDA_DECODE")) decode_mode = mode;
+  FLASHGPT_CHECK(decode_mode == "auto" || decode_mode == "persistent" || decode_mode == "fused" ||
+                     decode_mode == "gemv",
+                 "inference (cuda): FLASHGPT_CUDA_DECODE is '{}', expected auto, persistent, fused or gemv",
+                 decode_mode);
+  fused_ = decode_mode != "gemv";
+  if (decode_mode == "auto" || decode_mode == "persistent") {
+    plan_ = inference_cuda::persistent_decode_plan(static_cast<int>(std::min<int64_t>(S_, inference_cuda::kGemvMaxRows)),
+                                                   static_cast<int>(C_), static_cast<int>(F_), static_cast<int>(NH_),
+                                                   static_cast<int>(HD_), static_cast<int>(T_));
+    FLASHGPT_CHECK(plan_.ok || decode_mode == "auto",
+                   "inference (cuda): FLASHGPT_CUDA_DECODE=persistent, but the persistent decode path does not take "
+                   "this model or device: {}",
+                   plan_.why);
+    persistent_ = plan_.ok;
+  }
+  if (const char* head = std::getenv("FLASHGPT_PERSISTENT_HEAD")) persistent_head_ = std::string(head) == "1";
+  if (const char* trace = std::getenv("FLASHGPT_PERSISTENT_TRACE"); trace && std::string(trace) == "1" && persistent_) {
+    trace_len_ = static_cast<int>(2 + 2 * (5 * L_));  // 5 L - 1 barriers, one more with the head
+    d_trace_ = device_alloc<long long>(owned_, static_cast<size_t>(trace_len_));
+    FLASHGPT_CUDA_CHECK(cudaMemset(d_trace_, 0, static_cast<size_t>(trace_len_) * sizeof(long long)));
   }
   if (const char* pdl = std::getenv("FLASHGPT_CUDA_PDL")) pdl_ = std::string(pdl) != "0";
   head_parts_ = inference_cuda::gemv_fused_blocks(static_cast<int>(Vp_));
-  part_val_ = device_alloc<float>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * head_parts_);
-  part_idx_ = device_alloc<int32_t>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * head_parts_);
+  const int parts_max = std::max(head_parts_, plan_.grid);  // the persistent head leaves one per block
+  part_val_ = device_alloc<float>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * parts_max);
+  part_idx_ = device_alloc<int32_t>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * parts_max);
   counters_ = device_alloc<unsigned>(owned_, static_cast<size_t>(S_ * NH_));
   FLASHGPT_CUDA_CHECK(cudaMemset(counters_, 0, static_cast<size_t>(S_ * NH_) * sizeof(unsigned)));
 }
 
 CudaEngine::~CudaEngine() {
+  if (d_trace_) print_trace();
   for (auto& [b, exec] : graphs_) cudaGraphExecDestroy(exec);
   if (cublas_) cublasDestroy(cublas_);
   for (void* p : owned_) cudaFree(p);
@@ -366,6 +409,10 @@ void CudaEngine::enqueue_model(std::span<const SlotChunk> chunks, int64_t N, boo
   const int C = static_cast<int>(C_);
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_rows_, h_rows_, row_bytes_ + N * sizeof(TokenPlace), cudaMemcpyHostToDevice,
                                       stream_));
+  if (persistent_ && N == B && B <= plan_.rows_max) {
+    enqueue_persistent(chunks, N);
+    return;
+  }
   if (fused_fits(N)) {
     enqueue_layers_fused(chunks, N, all_decode);
     return;
@@ -458,14 +505,96 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
   head.valid_out = static_cast<int>(V_), head.programmatic = pdl_;
   run(head, GemvEpilogue::logits_argmax);
   head_fused_ = true;
+  head_parts_now_ = head_parts_;
+  head_cooperative_ = false;
+}
+
+void CudaEngine::enqueue_persistent(std::span<const SlotChunk> chunks, int64_t N) {
+  using namespace inference_cuda;
+  PersistentDecodeParams p;
+  p.qkv_w = pb(ParamKind::qkv_w), p.proj_w = pb(ParamKind::attn_proj_w), p.fc_w = pb(ParamKind::fc_w);
+  p.fcp_w = pb(ParamKind::fc_proj_w);
+  p.qkv_b = pf(ParamKind::qkv_b), p.proj_b = pf(ParamKind::attn_proj_b), p.fc_b = pf(ParamKind::fc_b);
+  p.fcp_b = pf(ParamKind::fc_proj_b);
+  p.ln1_w = pf(ParamKind::ln1_w), p.ln1_b = pf(ParamKind::ln1_b), p.ln2_w = pf(ParamKind::ln2_w);
+  p.ln2_b = pf(ParamKind::ln2_b);
+  p.wte = pf(ParamKind::wte), p.wpe = pf(ParamKind::wpe), p.places = d_places_;
+  p.x = x_, p.q = q_, p.att = att_, p.ff = ff_, p.k_cache = k_cache_, p.v_cache = v_cache_;
+  p.slot_stride = T_ * C_, p.layer_stride = S_ * T_ * C_;
+  p.rows = static_cast<int>(N), p.C = static_cast<int>(C_), p.F = static_cast<int>(F_), p.L = static_cast<int>(L_);
+  p.heads = static_cast<int>(NH_), p.head_dim = static_cast<int>(HD_), p.max_length = static_cast<int>(T_);
+  p.trace = d_trace_;
+  if (persistent_head_) {
+    p.head_w = pb(ParamKind::wte), p.lnf_w = pf(ParamKind::lnf_w), p.lnf_b = pf(ParamKind::lnf_b);
+    p.logits = d_logits_, p.ldl = Vp_, p.part_val = part_val_, p.part_idx = part_idx_;
+    p.head_rows = static_cast<int>(Vp_), p.valid_out = static_cast<int>(V_);
+    persistent_decode(p, plan_, stream_);
+    head_fused_ = true;
+    head_parts_now_ = plan_.grid;
+    head_cooperative_ = true;  // sampling then launches without programmatic dependence
+    return;
+  }
+  persistent_decode(p, plan_, stream_);
+  // The head as on the fused path; launched without programmatic dependence on the
+  // cooperative kernel (its blocks could not start early anyway: the persistent grid
+  // holds every multiprocessor's shared memory).
+  const RowBlock rows = row_block(d_rows_);
+  FusedGemvParams head;
+  head.x_f32 = x_, head.ln_w = pf(ParamKind::lnf_w), head.ln_b = pf(ParamKind::lnf_b), head.row_index = rows.last;
+  head.w = pb(ParamKind::wte), head.rows = static_cast<int>(chunks.size()), head.in = static_cast<int>(C_);
+  head.out = static_cast<int>(Vp_), head.y = d_logits_, head.ldy = Vp_, head.part_val = part_val_;
+  head.part_idx = part_idx_, head.valid_out = static_cast<int>(V_), head.programmatic = false;
+  FLASHGPT_CHECK(gemv_fused(head, GemvEpilogue::logits_argmax, stream_),
+                 "inference (cuda): the fused head ({} rows, {} -> {}) was refused", head.rows, head.in, head.out);
+  head_fused_ = true;
+  head_parts_now_ = head_parts_;
+  head_cooperative_ = false;
+}
+
+void CudaEngine::print_trace() const {
+  std::vector<long long> t(static_cast<size_t>(trace_len_));
+  if (cudaStreamSynchronize(stream_) != cudaSuccess ||
+      cudaMemcpy(t.data(), d_trace_, t.size() * sizeof(long long), cudaMemcpyDeviceToHost) != cudaSuccess || t[0] == 0) {
+    return;
+  }
+  int device = 0, khz = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, device);
+  const double us = khz > 0 ? 1e3 / khz : 0.0;  // per cycle
+  // Phases in order qkv attn proj fc fc_proj per layer; a barrier precedes every phase but
+  // layer 0's qkv. t: start, (arrive, leave) per barrier, end.
+  const char* names[5] = {"ln1+qkv", "attention", "proj", "ln2+fc", "fc_proj"};
+  double work[5] = {}, wait[5] = {};
+  long long prev = t[0];
+  int k = 1;
+  for (int64_t ph = 0; ph < 5 * L_; ++ph) {
+    const int type = static_cast<int>(ph % 5);
+    if (ph > 0) {
+      work[(type + 4) % 5] += static_cast<double>(t[k] - prev);
+      wait[type] += static_cast<double>(t[k + 1] - t[k]);
+      prev = t[k + 1];
+      k += 2;
+    }
+  }
+  work[4] += static_cast<double>(t[k] - prev);
+  double head_wait = 0, head_work = 0;
+  if (persistent_head_) {
+    head_wait = static_cast<double>(t[k + 1] - t[k]), head_work = static_cast<double>(t[k + 2] - t[k + 1]);
+    k += 2;
+  }
+  std::fprintf(stderr, "persistent trace (block 0, last step, %d layers, us summed over layers): ", static_cast<int>(L_));
+  for (int i = 0; i < 5; ++i) std::fprintf(stderr, "%s work %.1f wait %.1f; ", names[i], work[i] * us, wait[i] * us);
+  if (persistent_head_) std::fprintf(stderr, "lnf+head work %.1f wait %.1f; ", head_work * us, head_wait * us);
+  std::fprintf(stderr, "total %.1f us (%lld cycles at %d kHz)\n", static_cast<double>(t[k] - t[0]) * us, t[k] - t[0],
+               khz);
 }
 
 void CudaEngine::enqueue_sample(int B) {
   const RowBlock rows = row_block(d_rows_);
   inference_cuda::sample(d_tokens_, d_logits_, Vp_, static_cast<int>(V_), B,
                          reinterpret_cast<const SampleParams*>(d_rows_), rows.prompt_index, rows.step, stream_,
-                         head_fused_ ? part_val_ : nullptr, head_fused_ ? part_idx_ : nullptr, head_parts_,
-                         head_fused_ && pdl_);
+                         head_fused_ ? part_val_ : nullptr, head_fused_ ? part_idx_ : nullptr, head_parts_now_,
+                         head_fused_ && pdl_ && !head_cooperative_);
   FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(h_tokens_, d_tokens_, B * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_));
 }
 

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <string>
 
 namespace flashgpt::inference_cuda {
 
@@ -116,5 +117,77 @@ void sample(int32_t* tokens, const float* logits, int64_t ld, int V, int rows, c
             const uint64_t* prompt_index, const uint64_t* step, cudaStream_t stream,
             const float* part_val = nullptr, const int32_t* part_idx = nullptr, int parts = 0,
             bool programmatic = false);
+
+
+// ---- the persistent decode path (decode steps of 1 .. kGemvMaxRows rows) ----------------
+//
+// Every layer of a decode step in one cooperative launch (decode_persistent.cu): one block
+// per multiprocessor, five phases a layer (ln1+qkv+cache write, attention, proj+residual,
+// ln2+fc+GELU, fc_proj+residual) separated by grid-wide barriers; each block's slice of the
+// next product phases' weights streams into a ring of shared-memory buffers
+// (cp.async.bulk) while the dependent chain runs. It starts from the tokens (the
+// embedding) and leaves the residual stream in x; the head runs after it.
+struct PersistentDecodeParams {
+  // Layer 0's matrices (bf16, (out, in)); layer l's at l * out * in further.
+  const bf16* qkv_w = nullptr;
+  const bf16* proj_w = nullptr;
+  const bf16* fc_w = nullptr;
+  const bf16* fcp_w = nullptr;
+  // fp32, layer 0's; layer l's at l * out further.
+  const float* qkv_b = nullptr;
+  const float* proj_b = nullptr;
+  const float* fc_b = nullptr;
+  const float* fcp_b = nullptr;
+  const float* ln1_w = nullptr;
+  const float* ln1_b = nullptr;
+  const float* ln2_w = nullptr;
+  const float* ln2_b = nullptr;
+  const float* wte = nullptr;  // fp32 (V, C)
+  const float* wpe = nullptr;  // fp32 (context, C)
+  const TokenPlace* places = nullptr;  // (rows): token, position (its cache length - 1), slot
+  float* x = nullptr;                  // (rows, C) the residual stream out
+  bf16* q = nullptr;                   // (rows, C) scratch
+  bf16* att = nullptr;                 // (rows, C) scratch
+  bf16* ff = nullptr;                  // (rows, F) scratch
+  bf16* k_cache = nullptr;             // (L, S, T, C)
+  bf16* v_cache = nullptr;
+  int64_t slot_stride = 0;   // T C
+  int64_t layer_stride = 0;  // S T C
+  int rows = 0, C = 0, F = 0, L = 0, heads = 0, head_dim = 0, max_length = 0;  // max_length: T
+  // Optional: the head in the same launch (lnf, then the tied head over head_rows (Vp)
+  // rows of head_w, streamed through the same buffers; logits (rows, ldl) fp32 and one
+  // argmax partial per (row, block): part_val/part_idx (rows, grid), columns >= valid_out
+  // skipped). Null head_w: the kernel ends with x.
+  const bf16* head_w = nullptr;
+  const float* lnf_w = nullptr;
+  const float* lnf_b = nullptr;
+  float* logits = nullptr;
+  int64_t ldl = 0;
+  float* part_val = nullptr;
+  int32_t* part_idx = nullptr;
+  int head_rows = 0, valid_out = 0;
+  // Optional timing: (2 + 2 (5 L - 1)) clock64 stamps of block 0 (start, before and after
+  // each grid barrier, end); null when off.
+  long long* trace = nullptr;
+  // Filled by persistent_decode from the plan.
+  int slots = 0, xres_stride = 0, head_chunk = 0;
+  int64_t slot_bytes = 0, off_xin = 0, off_xres = 0, off_ln = 0, off_bias = 0, off_red = 0, off_att = 0;
+};
+
+struct PersistentDecodePlan {
+  bool ok = false;
+  std::string why;  // when not ok: what the path does not take
+  int grid = 0, rows_max = 0, head_dim = 0, slots = 0, xres_stride = 0, head_chunk = 0;
+  int64_t slot_bytes = 0, shared = 0, off_xin = 0, off_xres = 0, off_ln = 0, off_bias = 0, off_red = 0, off_att = 0;
+};
+
+// Whether (and how) the path runs this shape on the current device: up to rows_max rows
+// (1 .. kGemvMaxRows), head dim 32, 64 or 128, d_model <= 2048, a compute capability of 9.0
+// or more with cooperative launch, and every block resident at once with at least two
+// weight buffers of shared memory (checked with the occupancy calculator).
+PersistentDecodePlan persistent_decode_plan(int rows_max, int C, int F, int heads, int head_dim, int max_length);
+// Launches it (cudaLaunchCooperativeKernel, capturable into a graph). params.rows <= the
+// plan's rows_max; every pointer 16-byte aligned.
+void persistent_decode(const PersistentDecodeParams& params, const PersistentDecodePlan& plan, cudaStream_t stream);
 
 }  // namespace flashgpt::inference_cuda

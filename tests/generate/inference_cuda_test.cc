@@ -416,10 +416,14 @@ TokenId argmax(std::span<const float> logits) { return top2(logits).best; }
 // Greedy decoding of 3 ragged prompts at once (decode steps through the CUDA graph) equals,
 // token for token, the argmax of an uncached prefill of each prefix on the GPU (no graph,
 // FlashAttention over the whole sequence).
-TEST(InferenceCuda, CachedGreedyEqualsUncachedRecompute) {
+// Through the fused path and the persistent path (FLASHGPT_CUDA_DECODE).
+void expect_cached_greedy_equals_uncached(const char* mode) {
+  SCOPED_TRACE(mode);
   const ModelConfig c = mini_config();
   const auto params = random_params(c, 5);
+  EXPECT_EQ(setenv("FLASHGPT_CUDA_DECODE", mode, 1), 0);
   auto cached = inference_create_cuda(c, params, {.max_slots = 3});
+  EXPECT_EQ(unsetenv("FLASHGPT_CUDA_DECODE"), 0);
   auto uncached = inference_create_cuda(c, params, {.max_slots = 1});
   const int64_t V = c.vocab_size;
   std::vector<std::vector<TokenId>> seqs = {random_tokens(5, V, 1), random_tokens(1, V, 2), random_tokens(23, V, 3)};
@@ -453,7 +457,12 @@ TEST(InferenceCuda, CachedGreedyEqualsUncachedRecompute) {
   EXPECT_EQ(cached->length(2), 23 + 59);
   EXPECT_GE(compared, 150);  // of 180 (the rest are near ties, not compared)
   EXPECT_LE(near_ties, 30);
-  std::printf("cached vs uncached: %d greedy tokens equal, %d near ties not compared\n", compared, near_ties);
+  std::printf("cached vs uncached (%s): %d greedy tokens equal, %d near ties not compared\n", mode, compared,
+              near_ties);
+}
+
+TEST(InferenceCuda, CachedGreedyEqualsUncachedRecompute) {
+  for (const char* mode : {"fused", "persistent"}) expect_cached_greedy_equals_uncached(mode);
 }
 
 // The GPU engine against the fp32 CPU engine on the same weights, fed the same tokens:
@@ -568,9 +577,10 @@ TEST(InferenceCuda, FusedPathMatchesSeparateKernels) {
     SCOPED_TRACE(::testing::Message() << "batch " << B);
     ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", "gemv", 1), 0);
     auto separate = inference_create_cuda(c, params, {.max_slots = B});
-    ASSERT_EQ(unsetenv("FLASHGPT_CUDA_DECODE"), 0);
+    ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", "fused", 1), 0);  // not the persistent path (tested below)
     auto fused = inference_create_cuda(c, params, {.max_slots = B});
     auto fused_logits = inference_create_cuda(c, params, {.max_slots = B});  // the fused path's logits
+    ASSERT_EQ(unsetenv("FLASHGPT_CUDA_DECODE"), 0);
     std::vector<std::vector<TokenId>> seqs;
     for (int64_t b = 0; b < B; ++b) seqs.push_back(random_tokens(1 + 4 * b, V, static_cast<uint32_t>(30 + b)));
     std::vector<float> lf(static_cast<size_t>(B * V)), lf2(lf.size()), ls(lf.size());
@@ -628,11 +638,139 @@ TEST(InferenceCuda, FusedPathMatchesSeparateKernels) {
   }
 }
 
+// The persistent decode path (the default for decode steps of at most 8 rows where its
+// plan fits the device; FLASHGPT_CUDA_DECODE=persistent requires it) against the fused
+// path of one kernel per product (FLASHGPT_CUDA_DECODE=fused) on the same random weights
+// and tokens: logits within bf16 tolerance and bit-identical on a repeat, greedy tokens from
+// its graph equal to the argmax of its own logits and to the fused path's where the top two
+// are apart; at cache lengths 1 .. 20 (from one-token starts) and around the end of the
+// cache (ragged prefills, then steps to lengths 511 and 512 where the context allows), at
+// batch 1 and 8 (the largest it takes), for head dims 32 (the tiny preset), 64 (a
+// seed-shaped miniature with context 512) and the seed preset itself; with the head after the
+// persistent launch (the default) and inside it (FLASHGPT_PERSISTENT_HEAD=1).
+void expect_persistent_matches_fused(const ModelConfig& c, const std::vector<float>& params, uint32_t seed,
+                                     int64_t B, int64_t long_prefill, bool head_inside) {
+  SCOPED_TRACE(::testing::Message() << c.preset << " d_model " << c.d_model << " batch " << B
+                                    << (head_inside ? ", head inside" : ""));
+  const int64_t V = c.vocab_size;
+  const inference_cuda::PersistentDecodePlan plan = inference_cuda::persistent_decode_plan(
+      static_cast<int>(B), static_cast<int>(c.d_model), static_cast<int>(c.d_ff), static_cast<int>(c.n_head),
+      static_cast<int>(c.head_dim()), static_cast<int>(c.context));
+  ASSERT_TRUE(plan.ok) << plan.why;
+  std::printf("persistent plan: grid %d, %d weight buffers of %lld bytes, %lld bytes of shared memory a block\n",
+              plan.grid, plan.slots, static_cast<long long>(plan.slot_bytes), static_cast<long long>(plan.shared));
+  ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", "fused", 1), 0);
+  auto fused = inference_create_cuda(c, params, {.max_slots = B});
+  ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", "persistent", 1), 0);
+  ASSERT_EQ(setenv("FLASHGPT_PERSISTENT_HEAD", head_inside ? "1" : "0", 1), 0);
+  auto pers = inference_create_cuda(c, params, {.max_slots = B});
+  auto pers_logits = inference_create_cuda(c, params, {.max_slots = B});
+  ASSERT_EQ(unsetenv("FLASHGPT_CUDA_DECODE"), 0);
+  ASSERT_EQ(unsetenv("FLASHGPT_PERSISTENT_HEAD"), 0);
+  std::vector<uint64_t> index(B), step(B, 0);
+  for (int64_t b = 0; b < B; ++b) index[b] = b;
+  std::vector<float> lp(static_cast<size_t>(B * V)), lp2(lp.size()), lf(lp.size());
+  std::vector<TokenId> drawn_p(B), drawn_f(B);
+  double worst = 0;
+  int compared = 0, steps = 0;
+  std::set<int64_t> lengths_seen;
+  // Runs one call of `chunks` on all three engines; decode steps alternate between
+  // forward (logits compared) and forward_sample (the graph; tokens compared).
+  auto run = [&](std::vector<std::vector<TokenId>>& seqs, const std::vector<int64_t>& take, int s) {
+    std::vector<SlotChunk> chunks;
+    for (int64_t b = 0; b < B; ++b) {
+      chunks.push_back({b, std::span<const TokenId>(seqs[b]).last(static_cast<size_t>(take[b]))});
+    }
+    const bool decode = std::all_of(take.begin(), take.end(), [](int64_t n) { return n == 1; });
+    pers_logits->forward(chunks, lp);
+    if (!decode || s % 2 == 0) {
+      pers->forward(chunks, lp2);
+      fused->forward(chunks, lf);
+      EXPECT_EQ(lp, lp2) << "step " << s;  // deterministic
+    } else {
+      pers->forward_sample(chunks, {.greedy = true}, index, step, drawn_p);
+      fused->forward_sample(chunks, {.greedy = true}, index, step, drawn_f);
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      if (decode) lengths_seen.insert(pers->length(b));
+      const std::span<const float> f(lp.data() + b * V, V);
+      const Top2 t = top2(f);
+      const bool apart = t.margin > 3e-2f * std::max(1.0f, t.scale);
+      if (!decode || s % 2 == 0) {
+        const std::span<const float> h(lf.data() + b * V, V);
+        double err = 0;
+        for (int64_t i = 0; i < V; ++i) err = std::max(err, double(std::abs(f[i] - h[i])));
+        worst = std::max(worst, err / std::max(1.0f, t.scale));
+        if (apart) {
+          EXPECT_EQ(argmax(h), t.best) << "row " << b << " step " << s;
+        }
+      } else {
+        EXPECT_EQ(drawn_p[b], t.best) << "row " << b << " step " << s;
+        if (apart) {
+          EXPECT_EQ(drawn_f[b], drawn_p[b]) << "row " << b << " step " << s;
+        }
+      }
+      compared += apart ? 1 : 0;
+      seqs[b].push_back(t.best);
+    }
+    ++steps;
+  };
+  // From one-token starts: cache lengths 1 .. 20 (17 among them), all decode steps.
+  std::vector<std::vector<TokenId>> seqs;
+  for (int64_t b = 0; b < B; ++b) seqs.push_back(random_tokens(1, V, static_cast<uint32_t>(seed + 7 * b)));
+  for (int s = 0; s < 20; ++s) run(seqs, std::vector<int64_t>(B, 1), s);
+  // Ragged prefills near the end of the context, then decode steps up to it.
+  for (int64_t b = 0; b < B; ++b) {
+    fused->reset(b), pers->reset(b), pers_logits->reset(b);
+    seqs[b] = random_tokens(long_prefill - b % 2, V, static_cast<uint32_t>(seed + 100 + b));
+  }
+  std::vector<int64_t> take(B);
+  for (int64_t b = 0; b < B; ++b) take[b] = static_cast<int64_t>(seqs[b].size());
+  run(seqs, take, 0);
+  for (int s = 1; pers->length(0) < c.context; ++s) run(seqs, std::vector<int64_t>(B, 1), s);
+  for (const int64_t want : {int64_t{1}, int64_t{17}, c.context - 1, c.context}) {
+    EXPECT_TRUE(lengths_seen.count(want)) << "cache length " << want << " not reached";
+  }
+  EXPECT_LT(worst, 3e-2);
+  EXPECT_GE(compared, steps * B / 4);
+  std::printf("persistent vs fused: %d steps x %lld rows, worst logit error %.2e of the scale, %d compared\n", steps,
+              static_cast<long long>(B), worst, compared);
+}
+
+TEST(InferenceCuda, PersistentPathMatchesFused) {
+  ModelConfig mini = mini_config();
+  mini.context = 512;  // cache lengths 511 and 512
+  ModelConfig tiny = model_preset("tiny", 1000);  // head dim 32, d_model 64: blocks with no rows
+  tiny.dropout = 0.0f;
+  const auto tiny_params = random_params(tiny, 41), mini_params = random_params(mini, 43);
+  for (const int64_t B : {1, 8}) {
+    for (const bool head_inside : {false, true}) {
+      expect_persistent_matches_fused(tiny, tiny_params, 41, B, tiny.context - 3, head_inside);
+      expect_persistent_matches_fused(mini, mini_params, 43, B, mini.context - 3, head_inside);
+    }
+  }
+}
+
+TEST(InferenceCuda, PersistentPathMatchesFusedSeedPreset) {
+  ModelConfig seed = model_preset("seed", 100277);
+  seed.dropout = 0.0f;
+  const auto params = random_params(seed, 47);
+  for (const int64_t B : {1, 8}) {
+    for (const bool head_inside : {false, true}) {
+      expect_persistent_matches_fused(seed, params, 47, B, seed.context - 3, head_inside);
+    }
+  }
+}
+
 // Decode steps after the first (graph capture) allocate no device memory.
-TEST(InferenceCuda, DecodeStepsAllocateNothing) {
+// Through the fused path and the persistent path (FLASHGPT_CUDA_DECODE).
+void expect_decode_steps_allocate_nothing(const char* mode) {
+  SCOPED_TRACE(mode);
   const ModelConfig c = mini_config();
   const auto params = random_params(c, 17);
+  EXPECT_EQ(setenv("FLASHGPT_CUDA_DECODE", mode, 1), 0);
   auto e = inference_create_cuda(c, params, {.max_slots = 4});
+  EXPECT_EQ(unsetenv("FLASHGPT_CUDA_DECODE"), 0);
   std::vector<std::vector<TokenId>> seqs = {random_tokens(3, c.vocab_size, 9), random_tokens(8, c.vocab_size, 10),
                                             random_tokens(2, c.vocab_size, 11), random_tokens(5, c.vocab_size, 12)};
   std::vector<uint64_t> index = {0, 1, 2, 3}, step = {0, 0, 0, 0};
@@ -649,6 +787,10 @@ TEST(InferenceCuda, DecodeStepsAllocateNothing) {
   }
   ASSERT_EQ(cudaMemGetInfo(&free_after, &total), cudaSuccess);
   EXPECT_EQ(free_before, free_after);
+}
+
+TEST(InferenceCuda, DecodeStepsAllocateNothing) {
+  for (const char* mode : {"fused", "persistent"}) expect_decode_steps_allocate_nothing(mode);
 }
 
 TEST(InferenceCuda, RejectsBadInput) {
