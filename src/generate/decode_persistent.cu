@@ -336,6 +336,25 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
   constexpr int KPW = 32 / LPK; // keys per warp and step
   const float scale_log2 = 1.4426950408889634f * rsqrtf(static_cast<float>(HD));
 
+  // Phases (3) and (5): x += in[in_width] W^T + bias on this block's residual slice, written
+  // back to p.x for the next phase's LayerNorm. Weight slot j holds W's rows of the slice.
+  auto residual_phase = [&](int j, const float* bias, const bf16* in, int in_width) {
+    prefetch_bias(bias, slice_c);
+    cp_async_commit();
+    sync();
+    load_rows(in, in_width);
+    cp_async_wait_all();
+    const bf16* ws = wait_weights(j);
+    __syncthreads();
+    const int nseg = matvec(ws, slice_c.rows, in_width);
+    release(j);
+    epilogue(slice_c.rows, nseg, [&](int i, int r, float v) {
+      float& x = xres[r * p.xres_stride + i];
+      x += v;
+      p.x[static_cast<int64_t>(r) * C + slice_c.row0 + i] = x;
+    });
+    __syncthreads();
+  };
   for (int l = 0; l < p.L; ++l) {
     const int64_t layer_off = l * p.layer_stride;
     // ---- (1) ln1 + qkv -> q, K/V cache rows -------------------------------------------
@@ -464,24 +483,7 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
       }
     }
     // ---- (3) proj + bias + residual ---------------------------------------------------
-    {
-      const int j = 4 * l + 1;
-      prefetch_bias(p.proj_b + static_cast<int64_t>(l) * C, slice_c);
-      cp_async_commit();
-      sync();
-      load_rows(p.att, C);
-      cp_async_wait_all();
-      const bf16* ws = wait_weights(j);
-      __syncthreads();
-      const int nseg = matvec(ws, slice_c.rows, C);
-      release(j);
-      epilogue(slice_c.rows, nseg, [&](int i, int r, float v) {
-        float& x = xres[r * p.xres_stride + i];
-        x += v;
-        p.x[static_cast<int64_t>(r) * C + slice_c.row0 + i] = x;
-      });
-      __syncthreads();
-    }
+    residual_phase(4 * l + 1, p.proj_b + static_cast<int64_t>(l) * C, p.att, C);
     // ---- (4) ln2 + fc + bias + GELU ---------------------------------------------------
     {
       const int j = 4 * l + 2;
@@ -503,24 +505,7 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
       __syncthreads();
     }
     // ---- (5) fc_proj + bias + residual ------------------------------------------------
-    {
-      const int j = 4 * l + 3;
-      prefetch_bias(p.fcp_b + static_cast<int64_t>(l) * C, slice_c);
-      cp_async_commit();
-      sync();
-      load_rows(p.ff, F);
-      cp_async_wait_all();
-      const bf16* ws = wait_weights(j);
-      __syncthreads();
-      const int nseg = matvec(ws, slice_c.rows, F);
-      release(j);
-      epilogue(slice_c.rows, nseg, [&](int i, int r, float v) {
-        float& x = xres[r * p.xres_stride + i];
-        x += v;
-        p.x[static_cast<int64_t>(r) * C + slice_c.row0 + i] = x;
-      });
-      __syncthreads();
-    }
+    residual_phase(4 * l + 3, p.fcp_b + static_cast<int64_t>(l) * C, p.ff, F);
   }
   if (p.head_w) {
     // ---- lnf + head -> logits and per-block argmax partials ---------------------------
