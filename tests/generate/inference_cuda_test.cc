@@ -413,6 +413,18 @@ Top2 top2(std::span<const float> logits) {
 
 TokenId argmax(std::span<const float> logits) { return top2(logits).best; }
 
+// Logits `h` of one row against `f` (whose top two are `t`): the largest difference scaled by
+// max(1, t.scale), returned; where f's top two are `apart`, h must pick the same token.
+double scaled_gap_same_pick(std::span<const float> f, std::span<const float> h, const Top2& t, bool apart, int64_t row,
+                            int step) {
+  double err = 0;
+  for (size_t i = 0; i < f.size(); ++i) err = std::max(err, double(std::abs(f[i] - h[i])));
+  if (apart) {
+    EXPECT_EQ(argmax(h), t.best) << "row " << row << " step " << step;
+  }
+  return err / std::max(1.0f, t.scale);
+}
+
 // Greedy decoding of 3 ragged prompts at once (decode steps through the CUDA graph) equals,
 // token for token, the argmax of an uncached prefill of each prefix on the GPU (no graph,
 // FlashAttention over the whole sequence).
@@ -488,13 +500,9 @@ TEST(InferenceCuda, MatchesCpuEngine) {
     for (int64_t b = 0; b < 2; ++b) {
       const std::span<const float> g(lg.data() + b * V, V), h(lc.data() + b * V, V);
       const Top2 t = top2(h);
-      double err = 0;
-      for (int64_t i = 0; i < V; ++i) err = std::max(err, double(std::abs(g[i] - h[i])));
-      worst = std::max(worst, err / std::max(1.0f, t.scale));
-      if (t.margin > 3e-2f * std::max(1.0f, t.scale)) {
-        EXPECT_EQ(argmax(g), t.best) << "row " << b << " step " << s;
-        ++compared;
-      }
+      const bool apart = t.margin > 3e-2f * std::max(1.0f, t.scale);
+      worst = std::max(worst, scaled_gap_same_pick(h, g, t, apart, b, s));
+      compared += apart ? 1 : 0;
       seqs[b].push_back(t.best);  // the CPU's greedy choice
     }
   }
@@ -538,7 +546,9 @@ TEST(InferenceCuda, SamplingOnGpu) {
           << " drew " << drawn[r] << " of " << allowed.size() << " allowed";
       distinct.insert(drawn[r]);
     }
-    if (!sc.greedy && sc.top_k != 1) EXPECT_GT(distinct.size(), 1u) << "16 draws all gave one token";
+    if (!sc.greedy && sc.top_k != 1) {
+      EXPECT_GT(distinct.size(), 1u) << "16 draws all gave one token";
+    }
   }
   // Seeds repeat through the whole loop (prefill, graph-captured decode steps, refills).
   const auto tokenizer_free_run = [&](uint64_t seed) {
@@ -614,12 +624,7 @@ TEST(InferenceCuda, FusedPathMatchesSeparateKernels) {
         const bool apart = t.margin > 3e-2f * std::max(1.0f, t.scale);
         if (s % 2 == 0) {
           const std::span<const float> h(ls.data() + b * V, V);
-          double err = 0;
-          for (int64_t i = 0; i < V; ++i) err = std::max(err, double(std::abs(f[i] - h[i])));
-          worst = std::max(worst, err / std::max(1.0f, t.scale));
-          if (apart) {
-            EXPECT_EQ(argmax(h), t.best) << "row " << b << " step " << s;
-          }
+          worst = std::max(worst, scaled_gap_same_pick(f, h, t, apart, b, s));
         } else {
           // Greedy from the head's argmax partials is exactly the argmax of the same logits.
           EXPECT_EQ(drawn_f[b], t.best) << "row " << b << " step " << s;
@@ -698,12 +703,7 @@ void expect_persistent_matches_fused(const ModelConfig& c, const std::vector<flo
       const bool apart = t.margin > 3e-2f * std::max(1.0f, t.scale);
       if (!decode || s % 2 == 0) {
         const std::span<const float> h(lf.data() + b * V, V);
-        double err = 0;
-        for (int64_t i = 0; i < V; ++i) err = std::max(err, double(std::abs(f[i] - h[i])));
-        worst = std::max(worst, err / std::max(1.0f, t.scale));
-        if (apart) {
-          EXPECT_EQ(argmax(h), t.best) << "row " << b << " step " << s;
-        }
+        worst = std::max(worst, scaled_gap_same_pick(f, h, t, apart, b, s));
       } else {
         EXPECT_EQ(drawn_p[b], t.best) << "row " << b << " step " << s;
         if (apart) {
@@ -777,7 +777,9 @@ void expect_decode_steps_allocate_nothing(const char* mode) {
   std::vector<TokenId> drawn(4);
   size_t free_before = 0, free_after = 0, total = 0;
   for (int s = 0; s < 40; ++s) {
-    if (s == 3) ASSERT_EQ(cudaMemGetInfo(&free_before, &total), cudaSuccess);
+    if (s == 3) {
+      ASSERT_EQ(cudaMemGetInfo(&free_before, &total), cudaSuccess);
+    }
     std::vector<SlotChunk> chunks;
     for (int64_t b = 0; b < 4; ++b) {
       chunks.push_back({b, s == 0 ? std::span<const TokenId>(seqs[b]) : std::span<const TokenId>(seqs[b]).last(1)});
