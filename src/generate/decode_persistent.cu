@@ -14,6 +14,7 @@
 // (the same output rows in proj and fc_proj) stays in shared memory all step, so the
 // residual add reads nothing from global memory. After the barrier a phase reads only
 // activations (L2), computes from shared memory and stores.
+#include "inference_cuda_device.cuh"
 #include "inference_cuda_kernels.h"
 
 #include <flashgpt/cuda_check.h>
@@ -38,25 +39,6 @@ constexpr int kMaxSlots = 4;
 constexpr int kLnVec = 16;  // float4 per lane of a LayerNorm row: C <= 32 * 4 * 16 = 2048
 constexpr float kEps = 1e-5f;
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ void to_float8(const uint4& v, float* f) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x, f[2 * i + 1] = t.y;
-  }
-}
-__device__ __forceinline__ float gelu(float v) {
-  return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-}
 
 // ---- shared-memory pipeline primitives (sm_90) -----------------------------------------
 
@@ -290,11 +272,11 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
       for (int r = 0; r < R; ++r) acc[r] = 0.0f;
       for (int c = g * cps + lane; c < c1; c += 32) {
         float wf[8];
-        to_float8(w4[static_cast<int64_t>(i) * chunks + c], wf);
+        bf16x8_to_float(w4[static_cast<int64_t>(i) * chunks + c], wf);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           float xf[8];
-          to_float8(x4[r * chunks + c], xf);
+          bf16x8_to_float(x4[r * chunks + c], xf);
 #pragma unroll
           for (int k = 0; k < 8; ++k) acc[r] += wf[k] * xf[k];
         }
@@ -408,7 +390,7 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
         const uint4* vb = reinterpret_cast<const uint4*>(p.v_cache + base);
         const int64_t key_stride = C / 8;  // in uint4
         float qf[8];
-        to_float8(__ldcg(reinterpret_cast<const uint4*>(p.q + static_cast<int64_t>(r) * C + h * HD) + lane % LPK), qf);
+        bf16x8_to_float(__ldcg(reinterpret_cast<const uint4*>(p.q + static_cast<int64_t>(r) * C + h * HD) + lane % LPK), qf);
 #pragma unroll
         for (int k = 0; k < 8; ++k) qf[k] *= scale_log2;
         constexpr int kGroup = 4;
@@ -423,7 +405,7 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
 #pragma unroll
           for (int u = 0; u < kGroup; ++u) {
             float kf[8];
-            to_float8(kv[u], kf);
+            bf16x8_to_float(kv[u], kf);
             float d = 0.0f;
 #pragma unroll
             for (int k = 0; k < 8; ++k) d += qf[k] * kf[k];
@@ -457,7 +439,7 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
               const float pj = exp2f(scores[j] - m);
               if (lane % LPK == 0) lsum += pj;
               float vf[8];
-              to_float8(vv[u], vf);
+              bf16x8_to_float(vv[u], vf);
 #pragma unroll
               for (int k = 0; k < 8; ++k) o8[k] += pj * vf[k];
             }
@@ -500,7 +482,7 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
       const int nseg = matvec(ws, s.rows, C);
       release(j);
       epilogue(s.rows, nseg, [&](int i, int r, float v) {
-        p.ff[static_cast<int64_t>(r) * F + s.row0 + i] = __float2bfloat16(gelu(v));
+        p.ff[static_cast<int64_t>(r) * F + s.row0 + i] = __float2bfloat16(gelu_tanh(v));
       });
       __syncthreads();
     }

@@ -1,6 +1,7 @@
 // Kernels of the CUDA inference engine: embedding, fused residual + LayerNorm, the qkv
 // split into the K/V caches, bias + GELU, flash-decoding attention, and sampling.
 #include "inference_cuda_kernels.h"
+#include "inference_cuda_device.cuh"
 
 #include <flashgpt/cuda_check.h>
 #include <flashgpt/generate_cuda.h>
@@ -20,15 +21,6 @@ namespace inference_cuda {
 namespace {
 
 constexpr float kEps = 1e-5f;  // model.h's kLayerNormEps
-
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
 
 // Programmatic dependent launch (sm_90+): a kernel launched with the attribute may start
 // while the previous kernel in the stream still runs; pdl_wait() blocks until that kernel
@@ -128,15 +120,6 @@ __global__ void bias_gelu_kernel(bf16* ff, const float* bias, int64_t count, int
 // then GELU (the fc layer). in % 8 == 0.
 constexpr int kGemvWarps = 8;
 
-__device__ __forceinline__ void bf16x8_to_float(const uint4& v, float* f) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 t = __bfloat1622float2(h[i]);
-    f[2 * i] = t.x, f[2 * i + 1] = t.y;
-  }
-}
-
 template <int R>
 __global__ void __launch_bounds__(32 * kGemvWarps) gemv_kernel(void* y, bool y_f32, int64_t ldy, const bf16* x,
                                                                const bf16* w, const float* bias, int in, int out) {
@@ -190,10 +173,6 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
-}
-
-__device__ __forceinline__ float gelu_tanh(float v) {
-  return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
 }
 
 // RPW rows of W per warp at a time: 2 when a row fits half the load slots (in <= 1024), so
