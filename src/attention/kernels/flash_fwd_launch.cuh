@@ -59,7 +59,6 @@ using FwdTma128Traits = FwdTmaTraits<128, FLASHGPT_TMA128_BLOCK_N, FLASHGPT_TMA1
 struct TmaTile {
   int block_n, consumers, stages, ctas_per_sm;
   bool overlap;
-  bool exp_emulation = false;  // a quarter of the exponentials on the FMA pipes (exp2_on_fma)
 };
 inline constexpr TmaTile kTma64Tiles[] = {
     {128, 3, 3, 1, false},  // 0: 192 x 128, 3 stages, one CTA per SM (issue 18's first step)
@@ -73,16 +72,12 @@ inline constexpr TmaTile kTma64Tiles[] = {
     {128, 2, 2, 1, true},   // 8: 1 with the overlap
     {64, 2, 4, 2, false},   // 9: 2 with 4 stages
     {64, 1, 2, 3, false},   // 10: 3 with 2 stages
-    {64, 1, 3, 3, false, true},   // 11: 3 with a quarter of the exponentials on the FMA pipes
-    {128, 3, 3, 1, false, true},  // 12: 0 with them
-    {64, 1, 3, 3, true, true},    // 13: 5 (3 with the overlap) with them
 };
 inline constexpr int kTma64TileCount = int(sizeof(kTma64Tiles) / sizeof(kTma64Tiles[0]));
 template <typename Element, int kTile>
 using FwdTma64Traits =
     FwdTmaTraits<64, kTma64Tiles[kTile].block_n, kTma64Tiles[kTile].consumers, kTma64Tiles[kTile].stages,
-                 FLASHGPT_TMA_PINGPONG != 0, Element, kTma64Tiles[kTile].overlap, kTma64Tiles[kTile].ctas_per_sm,
-                 kTma64Tiles[kTile].exp_emulation>;
+                 FLASHGPT_TMA_PINGPONG != 0, Element, kTma64Tiles[kTile].overlap, kTma64Tiles[kTile].ctas_per_sm>;
 // The d64 tile of a call: the plan's when it names one, else tile 3 (64 x 64, three CTAs per
 // SM): on an H100 it ran 1.16-1.28x the cp.async wgmma forward in all 13 benchmark rows, within
 // 4% of the best tile in each (tile 5, the same with the overlap, tied it; docs/attention_gpu.md).

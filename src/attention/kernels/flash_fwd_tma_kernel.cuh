@@ -31,7 +31,7 @@
 namespace flashgpt::attn {
 
 template <int kHeadDim_, int kBlockN_, int kConsumers_, int kStages_, bool kPingPong_, typename Element_,
-          bool kOverlap_ = false, int kCtasPerSm_ = 1, bool kExpEmulation_ = false>
+          bool kOverlap_ = false, int kCtasPerSm_ = 1>
 struct FwdTmaTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -43,8 +43,6 @@ struct FwdTmaTraits {
   // CTAs sharing an SM: the __launch_bounds__ minimum, so ptxas caps the entry registers at the
   // share of one CTA and setmaxnreg redistributes only that share.
   static constexpr int kCtasPerSm = kCtasPerSm_;
-  // A quarter of the softmax's exponentials on the FMA pipes (exp2_on_fma) instead of the SFU.
-  static constexpr bool kExpEmulation = kExpEmulation_;
   static constexpr int kThreads = 128 * (kConsumers + 1);
   static constexpr int kBlockM = 64 * kConsumers;
   static constexpr int kNTilesS = kBlockN / 8;
@@ -88,56 +86,6 @@ struct FwdTmaTraits {
 #ifndef FLASHGPT_TMA_OVERLAP
 #define FLASHGPT_TMA_OVERLAP 0
 #endif
-
-// 2^x on the FMA and integer pipes, for x <= 0 (a softmax's scaled score minus its row max):
-// x = j + f with j = rint(x) (the 1.5 * 2^23 rounding trick, adds that nvcc never merges), f in
-// [-0.5, 0.5]; 2^f by a cubic fitted to relative error (7.5e-5 at most, below the 2^-9 and 2^-11
-// of the bf16 and fp16 P it becomes); 2^j added to the exponent bits. x <= -126 (masked scores
-// are -inf) gives exactly 0. Why: at d64 a score costs the tensor cores 256 FLOPs, 1/16 clock
-// of an SM, and its exp2 1/16 clock of the SFU (16 a clock): the two are equal, so moving a
-// quarter of the exponentials to the FMA pipes (128 a clock) leaves the SFU under the GEMMs.
-__device__ __forceinline__ float exp2_on_fma(float x) {
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: x + kRound rounds x to an integer
-  const float xc = fmaxf(x, -126.0f);
-  const float t = __fadd_rn(xc, kRound);
-  const float f = __fsub_rn(xc, __fsub_rn(t, kRound));
-  float p = fmaf(0.0551716685f, f, 0.2426111400f);
-  p = fmaf(p, f, 0.6932609677f);
-  p = fmaf(p, f, 0.9999280572f);
-  const int j = __float_as_int(t) - __float_as_int(kRound);
-  const float r = __int_as_float(__float_as_int(p) + (j << 23));
-  return x <= -126.0f ? 0.0f : r;
-}
-
-// wg_softmax_block (flash_fwd_wgmma_kernel.cuh) with kEmulate: the exponentials of every fourth
-// 8-column tile through exp2_on_fma.
-template <bool kEmulate, int kNTiles>
-__device__ __forceinline__ void tma_softmax_block(float (&s)[kNTiles][4], float (&row_max)[2], float (&row_sum)[2],
-                                                  float scale_log2, float (&correction)[2]) {
-  if constexpr (!kEmulate) {
-    wg_softmax_block(s, row_max, row_sum, scale_log2, correction);
-  } else {
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = warp_quad_max(mx);
-      const float base = mx == -INFINITY ? 0.0f : mx * scale_log2;
-      correction[r] = exp2f(row_max[r] * scale_log2 - base);  // 0 when the old max is -inf
-      row_max[r] = mx;
-      float sum = 0.0f;
-#pragma unroll
-      for (int nt = 0; nt < kNTiles; ++nt) {
-        const float x0 = s[nt][2 * r] * scale_log2 - base, x1 = s[nt][2 * r + 1] * scale_log2 - base;
-        s[nt][2 * r] = nt % 4 == 3 ? exp2_on_fma(x0) : exp2f(x0);
-        s[nt][2 * r + 1] = nt % 4 == 3 ? exp2_on_fma(x1) : exp2f(x1);
-        sum += s[nt][2 * r] + s[nt][2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * correction[r] + sum;
-    }
-  }
-}
 
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
@@ -281,7 +229,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
     const int n0 = n_block * kBlockN;
     if (n0 + kBlockN > seq.seqlen_k || (causal && n0 + kBlockN - 1 > m0 + diag))
       wg_mask_scores(s, n0, row0, seq.seqlen_k, causal, diag, t);
-    tma_softmax_block<Traits::kExpEmulation>(s, row_max, row_sum, scale_log2, correction);
+    wg_softmax_block(s, row_max, row_sum, scale_log2, correction);
   };
   // A warp's arrival on a stage's "empty" barrier once its GEMM reading the stage has completed.
   auto release = [&](uint32_t bar) {
