@@ -395,13 +395,17 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
         for (int k = 0; k < 8; ++k) qf[k] *= scale_log2;
         constexpr int kGroup = 4;
         const int step = kPWarps * KPW;
-        for (int j0 = warp * KPW; j0 < len; j0 += kGroup * step) {
-          uint4 kv[kGroup];
+        // This lane's 16 bytes of the kGroup cache rows j0 + u * step + lane / LPK (zeros past len).
+        auto load_group = [&](const uint4* rows, int j0, uint4 (&out)[kGroup]) {
 #pragma unroll
           for (int u = 0; u < kGroup; ++u) {
             const int j = j0 + u * step + lane / LPK;
-            kv[u] = j < len ? __ldcg(kb + j * key_stride) : make_uint4(0, 0, 0, 0);
+            out[u] = j < len ? __ldcg(rows + j * key_stride) : make_uint4(0, 0, 0, 0);
           }
+        };
+        for (int j0 = warp * KPW; j0 < len; j0 += kGroup * step) {
+          uint4 kv[kGroup];
+          load_group(kb, j0, kv);
 #pragma unroll
           for (int u = 0; u < kGroup; ++u) {
             float kf[8];
@@ -427,11 +431,7 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
         float lsum = 0.0f;
         for (int j0 = warp * KPW; j0 < len; j0 += kGroup * step) {
           uint4 vv[kGroup];
-#pragma unroll
-          for (int u = 0; u < kGroup; ++u) {
-            const int j = j0 + u * step + lane / LPK;
-            vv[u] = j < len ? __ldcg(vb + j * key_stride) : make_uint4(0, 0, 0, 0);
-          }
+          load_group(vb, j0, vv);
 #pragma unroll
           for (int u = 0; u < kGroup; ++u) {
             const int j = j0 + u * step + lane / LPK;
