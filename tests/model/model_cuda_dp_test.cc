@@ -13,6 +13,8 @@
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>
 
+#include "model/model_test_support.h"
+
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -40,12 +42,7 @@ ModelConfig mini_config(float dropout = 0.1f) {
   return c;
 }
 
-std::vector<TokenId> random_windows(int64_t B, int64_t T, int64_t V, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<TokenId> w(size_t(B * (T + 1)));
-  for (auto& t : w) t = static_cast<TokenId>(rng() % V);
-  return w;
-}
+using model::testing::random_windows;
 
 std::unique_ptr<GptModel> make_model(const ModelConfig& config, int64_t B, bool deterministic, bool graphs = true,
                                      int64_t adam_begin = 0, int64_t adam_end = 0) {

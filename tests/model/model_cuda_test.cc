@@ -7,6 +7,8 @@
 
 #include <flashgpt/model.h>
 
+#include "model/model_test_support.h"
+
 #include <gtest/gtest.h>
 
 #include <cuda_runtime.h>
@@ -50,12 +52,7 @@ std::vector<TestModel> test_models(float dropout) {
   return {{"tiny", tiny}, {"hd64", mini}};
 }
 
-std::vector<TokenId> random_windows(int64_t B, int64_t T, int64_t V, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<TokenId> w(size_t(B * (T + 1)));
-  for (auto& t : w) t = static_cast<TokenId>(rng() % V);
-  return w;
-}
+using model::testing::random_windows;
 
 struct Pair {
   std::unique_ptr<GptModel> cpu, gpu;

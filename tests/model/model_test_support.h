@@ -4,6 +4,8 @@
 
 #include "common/op_test.h"
 
+#include <flashgpt/tokenizer.h>
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -30,6 +32,15 @@ inline std::vector<int32_t> random_tokens(int64_t n, int64_t vocab, uint64_t see
   std::vector<int32_t> v(static_cast<size_t>(n));
   for (auto& x : v) x = static_cast<int32_t>(dist(gen));
   return v;
+}
+
+// B training windows of T + 1 tokens, each drawn as mt19937(seed)() % V: the GPU model tests'
+// batches.
+inline std::vector<TokenId> random_windows(int64_t B, int64_t T, int64_t V, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<TokenId> w(size_t(B * (T + 1)));
+  for (auto& t : w) t = static_cast<TokenId>(rng() % V);
+  return w;
 }
 
 template <class To, class From>
