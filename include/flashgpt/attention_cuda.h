@@ -29,21 +29,27 @@ namespace flashgpt {
 // Whether the kernels for this head dim were built (CMake option FLASHGPT_ATTENTION_HEAD_DIMS).
 bool attention_cuda_head_dim_compiled(int head_dim);
 
-// Which forward kernel runs for this head dim on the current device, for a dense batch without
-// dropout: "wgmma-tma" (the warp-specialized TMA kernel: Hopper, sm_90a builds, head dims 64
-// and 128, dense batches without dropout), "wgmma" (Hopper, sm_90a builds, head dims 64, 96,
-// 128 and 256, with or without dropout) or "mma.sync". FLASHGPT_ATTN_FWD_KERNEL in the
-// environment overrides the choice: mma_sync, wgmma, or tma (where it applies).
+// Which forward kernel runs for this head dim on the current device, for a dense batch:
+// "wgmma-tma" (the warp-specialized TMA kernel: Hopper, sm_90a builds, head dims 64 and 128,
+// dense batches with or without dropout), "wgmma" (Hopper, sm_90a builds, head dims 64, 96,
+// 128 and 256, varlen too) or "mma.sync". FLASHGPT_ATTN_FWD_KERNEL in the environment overrides
+// the choice: mma_sync, wgmma, or tma (where it applies).
 const char* attention_cuda_forward_kernel(int head_dim);
-// The same for these params (varlen batches and dropout never take "wgmma-tma").
+// The same for these params (varlen batches never take "wgmma-tma").
 const char* attention_cuda_forward_kernel(const AttentionParams& params);
+// Forces the forward kernel of every later call as FLASHGPT_ATTN_FWD_KERNEL does: "mma_sync",
+// "wgmma", "tma" (where it applies), or "" / nullptr for the automatic choice; returns the
+// override before (one of those names, "" for none). For tests and benchmarks that compare two
+// kernels in one process; a call racing with a forward on another thread may see either.
+// Throws flashgpt::Error for any other name.
+const char* attention_cuda_force_forward_kernel(const char* kernel);
 // The same for the backward's main kernel (wgmma for head dims 64 and 128);
 // FLASHGPT_ATTN_BWD_KERNEL=mma_sync forces mma.sync.
 const char* attention_cuda_backward_kernel(int head_dim);
 
 // The d64 TMA forward's tiles (query rows x keys a step, K/V stages, CTAs per SM; the table is in
 // docs/attention_gpu.md): how many this build has (0 without the TMA forward), and forcing one
-// of them on every later d64 call that the TMA forward takes (dense, no dropout), which also
+// of them on every later d64 call that the TMA forward takes (dense batches), which also
 // selects the TMA forward unless FLASHGPT_ATTN_FWD_KERNEL forces another kernel; -1 returns to
 // the choice by shape; returns the tile forced before. FLASHGPT_ATTN_TMA_TILE=k in the
 // environment forces tile k from the start. For tests and benchmarks; a call racing with a

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string_view>
 #include <utility>
 
 namespace flashgpt {
@@ -110,21 +111,26 @@ bool env_forces_mma_sync(const char* var) {
   return v != nullptr && std::strcmp(v, "mma_sync") == 0;
 }
 
-// FLASHGPT_ATTN_FWD_KERNEL, read once: "mma_sync" forces the mma.sync forward, "wgmma" the
-// cp.async wgmma forward (the Hopper kernel before the TMA one, for comparison), "tma" the TMA
-// forward wherever it applies; anything else (or unset) is the automatic choice.
+// The forward kernel override: "mma_sync" forces the mma.sync forward, "wgmma" the cp.async
+// wgmma forward (the Hopper kernel before the TMA one, for comparison), "tma" the TMA forward
+// wherever it applies; anything else is the automatic choice. FLASHGPT_ATTN_FWD_KERNEL sets it
+// at the first call (anything unknown there, or unset, is the automatic choice, as before),
+// attention_cuda_force_forward_kernel at any time (tests comparing two kernels in one process).
 enum class FwdOverride { automatic, mma_sync, wgmma, tma };
-FwdOverride fwd_override() {
-  static const FwdOverride value = [] {
+constexpr const char* kFwdOverrideNames[] = {"", "mma_sync", "wgmma", "tma"};
+FwdOverride fwd_override_from_name(std::string_view name) {
+  for (int i = 1; i < 4; ++i)
+    if (name == kFwdOverrideNames[i]) return FwdOverride(i);
+  return FwdOverride::automatic;
+}
+std::atomic<FwdOverride>& fwd_override_value() {
+  static std::atomic<FwdOverride> value{[] {
     const char* v = std::getenv("FLASHGPT_ATTN_FWD_KERNEL");
-    if (v == nullptr) return FwdOverride::automatic;
-    if (std::strcmp(v, "mma_sync") == 0) return FwdOverride::mma_sync;
-    if (std::strcmp(v, "wgmma") == 0) return FwdOverride::wgmma;
-    if (std::strcmp(v, "tma") == 0) return FwdOverride::tma;
-    return FwdOverride::automatic;
-  }();
+    return v == nullptr ? FwdOverride::automatic : fwd_override_from_name(v);
+  }()};
   return value;
 }
+FwdOverride fwd_override() { return fwd_override_value().load(); }
 
 // The d64 TMA forward's forced tile: an index of the instance's table (kTma64Tiles in
 // kernels/flash_fwd_launch.cuh), or -1 (chosen by shape). FLASHGPT_ATTN_TMA_TILE sets it at
@@ -182,15 +188,22 @@ bool device_is_sm90() {
 // measured 0.57-0.66x); the wgmma backward measured 0.90-1.15x of torch FA2 where the mma.sync
 // one had measured 0.65-0.76x (separate runs).
 //
-// The TMA forward (head dims 64 and 128) takes dense batches without dropout: varlen batches and
-// dropout keep the cp.async wgmma kernel. It runs when FLASHGPT_ATTN_FWD_KERNEL=tma, and by
-// default for a head dim only where it is correct in every test and faster than the wgmma
-// kernel in the benchmark (docs/attention_gpu.md, "The TMA forward"): d128 (1.19-1.23x in all
-// 12 rows on an H100) and d64 with tile 3 (1.16-1.28x in all 13 rows, the model shape included).
+// The TMA forward (head dims 64 and 128) takes dense batches, with or without dropout (its
+// dropout variant draws the wgmma kernel's Philox mask bit for bit); varlen batches keep the
+// cp.async wgmma kernel. It runs when FLASHGPT_ATTN_FWD_KERNEL=tma, and by default for a head dim
+// only where it is correct in every test and faster than the wgmma kernel in the benchmark
+// (docs/attention_gpu.md, "The TMA forward"): without dropout d128 (1.19-1.23x in all 12 rows on
+// an H100) and d64 with tile 3 (1.16-1.28x in all 13 rows, the model shape included). With
+// dropout (the model's training forward) it is the default too, on the strength of those rows:
+// its dropout timings against the wgmma kernel's are not yet measured (issue 18).
 constexpr bool tma_forward_by_default(int head_dim) { return head_dim == 128 || head_dim == 64; }
 
-// `p` null: the kernel of a dense call without dropout (what attention_cuda_forward_kernel reports).
-attn::FwdKernel choose_fwd_kernel(int head_dim, const AttentionParams* p) {
+// The d64 TMA forward tile a call plans with: the forced one, or -1 (the instance's choice).
+int planned_tma64_tile(int head_dim) { return head_dim == 64 ? forced_tma64_tile().load() : -1; }
+
+// `p` null: the kernel of a dense call without dropout (what attention_cuda_forward_kernel
+// reports). `tile`: planned_tma64_tile, read once by the caller, which plans with the same.
+attn::FwdKernel choose_fwd_kernel(int head_dim, const AttentionParams* p, int tile) {
   const FwdOverride forced = fwd_override();
   const bool has_wgmma = dispatch_instance<bool>(head_dim, DType::bf16, []<int D, typename E>() {
     return attn::flash_fwd_has_wgmma<D, E>();
@@ -199,10 +212,15 @@ attn::FwdKernel choose_fwd_kernel(int head_dim, const AttentionParams* p) {
   const bool has_tma = dispatch_instance<bool>(head_dim, DType::bf16, []<int D, typename E>() {
     return attn::flash_fwd_has_tma<D, E>();
   });
-  const bool tma_fits = has_tma && (p == nullptr || (p->cu_seqlens_q == nullptr &&
-                                                     !dropout_enabled(dropout_threshold(p->dropout_p))));
-  // A forced d64 tile (tests, benchmarks) means the TMA forward unless another kernel is forced.
-  const bool tile_forced = head_dim == 64 && forced_tma64_tile().load() >= 0;
+  // A forced d64 tile (tests, benchmarks) means the TMA forward unless another kernel is forced;
+  // a dropout call keeps the wgmma kernel if that tile has no dropout variant.
+  const bool tile_forced = tile >= 0;
+  const bool dropout = p != nullptr && dropout_enabled(dropout_threshold(p->dropout_p));
+  const bool tma_fits =
+      has_tma && (p == nullptr || p->cu_seqlens_q == nullptr) &&
+      (!dropout || dispatch_instance<bool>(head_dim, DType::bf16, [tile]<int D, typename E>() {
+        return attn::flash_fwd_tma_tile_has_dropout<D, E>(tile);
+      }));
   const bool want_tma = forced == FwdOverride::tma ||
                         (forced == FwdOverride::automatic && (tma_forward_by_default(head_dim) || tile_forced));
   return want_tma && tma_fits ? attn::FwdKernel::tma : attn::FwdKernel::wgmma;
@@ -220,16 +238,26 @@ attn::BwdKernel choose_bwd_kernel(int head_dim) {
 const char* attention_cuda_backward_kernel(int head_dim) { return attn::kernel_name(choose_bwd_kernel(head_dim)); }
 
 const char* attention_cuda_forward_kernel(int head_dim) {
-  return attn::kernel_name(choose_fwd_kernel(head_dim, nullptr));
+  return attn::kernel_name(choose_fwd_kernel(head_dim, nullptr, planned_tma64_tile(head_dim)));
 }
 
 const char* attention_cuda_forward_kernel(const AttentionParams& params) {
-  return attn::kernel_name(choose_fwd_kernel(params.head_dim, &params));
+  return attn::kernel_name(choose_fwd_kernel(params.head_dim, &params, planned_tma64_tile(params.head_dim)));
 }
 
 int attention_cuda_tma64_tile_count() {
   if (!attention_cuda_head_dim_compiled(64)) return 0;
   return dispatch_instance<int>(64, DType::bf16, []<int D, typename E>() { return attn::flash_fwd_tma_tiles<D, E>(); });
+}
+
+const char* attention_cuda_force_forward_kernel(const char* kernel) {
+  const std::string_view name = kernel == nullptr ? std::string_view() : std::string_view(kernel);
+  FLASHGPT_CHECK(name.empty() || fwd_override_from_name(name) != FwdOverride::automatic,
+                 "attention_cuda_force_forward_kernel('{}'): expected \"mma_sync\", \"wgmma\", \"tma\" or \"\" "
+                 "(the automatic choice)",
+                 name);
+  const FwdOverride before = fwd_override_value().exchange(fwd_override_from_name(name));
+  return kFwdOverrideNames[int(before)];
 }
 
 int attention_cuda_force_tma64_tile(int tile) {
@@ -249,9 +277,10 @@ bool attention_cuda_head_dim_compiled(int head_dim) {
 void attention_forward_cuda(const AttentionParams& params, cudaStream_t stream) {
   validate_cuda(params, AttentionPass::forward);
   attn::FwdPlan plan;
-  plan.kernel = choose_fwd_kernel(params.head_dim, &params);
+  plan.tma_tile = planned_tma64_tile(params.head_dim);
+  plan.kernel = choose_fwd_kernel(params.head_dim, &params, plan.tma_tile);
   plan.scale = attention_softmax_scale(params);
-  plan.tma_tile = params.head_dim == 64 ? forced_tma64_tile().load() : -1;
+  plan.dropout = dropout_enabled(dropout_threshold(params.dropout_p));
   dispatch_instance<void>(params.head_dim, params.dtype, [&]<int D, typename Element>() {
     attn::run_flash_fwd<D, Element>(params, plan, stream);
   });

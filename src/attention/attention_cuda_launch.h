@@ -21,7 +21,7 @@ namespace flashgpt::attn {
 inline constexpr int kMaxGridYZ = 65535;
 
 // tma: the warp-specialized forward fed by the copy engine (flash_fwd_tma_kernel.cuh), dense
-// batches without dropout; wgmma: the cp.async one (flash_fwd_wgmma_kernel.cuh).
+// batches with or without dropout; wgmma: the cp.async one (flash_fwd_wgmma_kernel.cuh).
 enum class FwdKernel { mma_sync, wgmma, tma };
 enum class BwdKernel { mma_sync, wgmma };
 
@@ -34,6 +34,7 @@ struct FwdPlan {
   FwdKernel kernel = FwdKernel::mma_sync;
   float scale = 0.0f;  // the softmax scale actually used
   int tma_tile = -1;   // the d64 TMA forward's tile (an index of kTma64Tiles); -1: the instance's choice
+  bool dropout = false;  // the TMA forward's dropout variant (dropout_p rounds to a nonzero threshold)
 };
 
 struct BwdPlan {
@@ -60,6 +61,10 @@ bool flash_fwd_has_tma();
 // the TMA forward, and for other head dims, whose one tile a plan never names).
 template <int kHeadDim, typename Element>
 int flash_fwd_tma_tiles();
+// Whether the TMA forward has a dropout variant for the tile a plan's tma_tile names (-1: the
+// instance's choice, which always has one); false without the TMA forward.
+template <int kHeadDim, typename Element>
+bool flash_fwd_tma_tile_has_dropout(int tile);
 // Bytes of workspace the backward needs for these params, whichever kernel runs.
 template <int kHeadDim, typename Element>
 std::size_t flash_bwd_workspace_bytes(const AttentionParams& p);

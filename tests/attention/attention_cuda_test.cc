@@ -391,11 +391,20 @@ TEST(AttentionCuda, ReportsKernels) {
     } else {
       EXPECT_TRUE(fwd == "wgmma" || fwd == "mma.sync") << fwd;
     }
-    // The TMA forward takes neither dropout nor varlen batches.
+    // Dropout takes the kernel of a dense call without it (the TMA forward has a dropout variant
+    // of d128's tile and d64's default tile; a forced tile may lack one); varlen batches never take
+    // the TMA forward.
     AttentionParams with_dropout;
     with_dropout.head_dim = d;
     with_dropout.dropout_p = 0.1f;
-    EXPECT_STRNE(attention_cuda_forward_kernel(with_dropout), "wgmma-tma") << "head_dim " << d;
+    const char* tile_env = std::getenv("FLASHGPT_ATTN_TMA_TILE");
+    if (tile_env == nullptr || *tile_env == '\0') {
+      EXPECT_EQ(std::string_view(attention_cuda_forward_kernel(with_dropout)), fwd) << "head_dim " << d;
+    }
+    AttentionParams varlen_params = with_dropout;
+    const int32_t cu_seqlens[2] = {0, 1};  // only compared with null by the choice
+    varlen_params.cu_seqlens_q = varlen_params.cu_seqlens_k = cu_seqlens;
+    EXPECT_STRNE(attention_cuda_forward_kernel(varlen_params), "wgmma-tma") << "head_dim " << d;
     if (bwd_forced || !hopper_dim) {
       EXPECT_EQ(bwd, "mma.sync") << "head_dim " << d;
     } else {
@@ -585,7 +594,176 @@ TEST(AttentionCuda, ForwardPipelineShapesEveryTma64Tile) {
                              dense(32, 200, 200, 4, 2, 64, Mask::causal, 0.0f), {}, DType::bf16};
     SCOPED_TRACE(many.name);
     run_case(many, /*backward=*/false);
+    // The tile's dropout variant (a tile without one runs the wgmma kernel) against the reference
+    // with the same seed: one and several key blocks, rows that see no key.
+    for (Mask mask : {Mask::none, Mask::causal})
+      for (const Lengths& l : std::vector<Lengths>{{17, 17}, {129, 129}, {200, 257}, {300, 17}}) {
+        const AttentionCase c{"tma tile " + std::to_string(tile) + " d64 dropout " + std::to_string(l.sq) + "x" +
+                                  std::to_string(l.sk) + (mask == Mask::causal ? " causal" : ""),
+                              dense(2, l.sq, l.sk, 4, 2, 64, mask, 0.1f), {}, DType::bf16};
+        SCOPED_TRACE(c.name);
+        run_case(c, /*backward=*/false);
+      }
   }
+}
+
+// Forces a forward kernel for a scope (attention_cuda_force_forward_kernel), then restores the
+// override before.
+class ForcedForwardKernel {
+ public:
+  explicit ForcedForwardKernel(const char* kernel) : before_(attention_cuda_force_forward_kernel(kernel)) {}
+  ~ForcedForwardKernel() { attention_cuda_force_forward_kernel(before_.c_str()); }
+  ForcedForwardKernel(const ForcedForwardKernel&) = delete;
+  ForcedForwardKernel& operator=(const ForcedForwardKernel&) = delete;
+
+ private:
+  std::string before_;
+};
+
+// Forces a d64 TMA tile (-1: the default) for a scope, then restores the one before.
+class ForcedTma64Tile {
+ public:
+  explicit ForcedTma64Tile(int tile) : before_(attention_cuda_force_tma64_tile(tile)) {}
+  ~ForcedTma64Tile() { attention_cuda_force_tma64_tile(before_); }
+  ForcedTma64Tile(const ForcedTma64Tile&) = delete;
+  ForcedTma64Tile& operator=(const ForcedTma64Tile&) = delete;
+
+ private:
+  int before_;
+};
+
+// The ctest pass that forces the mma.sync kernels; the tests that compare the Hopper forwards
+// with each other (they force their kernels themselves) run in the other passes.
+bool mma_sync_pass() {
+  const char* v = std::getenv("FLASHGPT_ATTN_FWD_KERNEL");
+  return v != nullptr && std::string_view(v) == "mma_sync";
+}
+
+// Which forward kernel a dense dropout call of this head dim takes now.
+std::string_view dropout_forward_kernel(int head_dim) {
+  AttentionParams p;
+  p.head_dim = head_dim;
+  p.dropout_p = 0.1f;
+  return attention_cuda_forward_kernel(p);
+}
+
+// Two forwards of the same inputs and seed: O within a few units in the last place of the
+// element type (the same algorithm; a tile of another key-block size rounds the online softmax's
+// P differently), LSE to fp32 rounding, and rows that see no key (+inf) alike.
+void expect_same_forward(const Outputs& got, const Outputs& want, DType dtype, const std::string& name) {
+  ASSERT_EQ(got.o.size(), want.o.size()) << name;
+  ASSERT_EQ(got.lse.size(), want.lse.size()) << name;
+  const double ulp = dtype == DType::bf16 ? 0x1p-8 : 0x1p-11;
+  double sum_sq = 0.0;
+  for (float x : want.o) sum_sq += double(x) * x;
+  const double rms = want.o.empty() ? 0.0 : std::sqrt(sum_sq / double(want.o.size()));
+  int64_t far = 0, identical = 0, first_far = -1;
+  for (size_t i = 0; i < got.o.size(); ++i) {
+    const double diff = std::abs(double(got.o[i]) - double(want.o[i]));
+    identical += diff == 0.0;
+    if (!(diff <= 4.0 * ulp * (std::abs(double(want.o[i])) + rms))) {
+      if (first_far < 0) first_far = int64_t(i);
+      ++far;
+    }
+  }
+  EXPECT_EQ(far, 0) << name << ": O differs by more than 4 units in the last place, first at " << first_far << ": "
+                    << (first_far >= 0 ? got.o[first_far] : 0.f) << " vs "
+                    << (first_far >= 0 ? want.o[first_far] : 0.f);
+  int64_t lse_bad = 0;
+  for (size_t i = 0; i < got.lse.size(); ++i) {
+    const float a = got.lse[i], b = want.lse[i];
+    const bool ok = std::isinf(b) ? a == b : std::abs(double(a) - b) <= 1e-5 * std::max(1.0, std::abs(double(b)));
+    lse_bad += !ok;
+  }
+  EXPECT_EQ(lse_bad, 0) << name << ": LSE differs";
+  std::printf("[ info ] %s: %lld of %zu O elements bit-identical\n", name.c_str(), static_cast<long long>(identical),
+              got.o.size());
+}
+
+// The TMA forward's dropout variant against the cp.async wgmma forward (the kernel whose mask the
+// backward and the CPU reference were proven against) and against the fp64 reference, with the
+// same seed: lengths 1, 17, 127, 129, 257 and 1000, key-block counts 1 to stages + 1 and past
+// (d64's default tile: 64 keys a block, 3 stages; d128: 128 keys, 2 stages), rows that see no
+// key (causal, seqlen_q > seqlen_k), GQA, bf16 and fp16, causal and not.
+TEST(AttentionCuda, TmaForwardDropoutMatchesWgmma) {
+  if (mma_sync_pass()) GTEST_SKIP() << "compares the Hopper forwards; runs in the other passes";
+  EXPECT_THROW(attention_cuda_force_forward_kernel("cudnn"), flashgpt::Error);
+  struct Lengths {
+    int sq, sk;
+  };
+  const std::vector<Lengths> lengths = {{1, 1},     {17, 17},  {127, 127}, {129, 129}, {190, 255},
+                                        {200, 257}, {64, 385}, {300, 17},  {1000, 1000}};
+  bool ran = false;
+  for (int d : {64, 128}) {
+    if (!attention_cuda_head_dim_compiled(d)) continue;
+    const ForcedTma64Tile default_tile(-1);
+    {
+      const ForcedForwardKernel tma("tma");
+      if (dropout_forward_kernel(d) != "wgmma-tma") continue;  // no TMA forward in this build or on this device
+    }
+    ran = true;
+    for (DType dtype : {DType::bf16, DType::f16})
+      for (Mask mask : {Mask::none, Mask::causal})
+        for (const Lengths& l : lengths) {
+          const bool big = l.sq * l.sk > 100000;
+          const AttentionCase c{"tma vs wgmma dropout d" + std::to_string(d) + " " + std::to_string(l.sq) + "x" +
+                                    std::to_string(l.sk) + (mask == Mask::causal ? " causal" : "") +
+                                    (dtype == DType::bf16 ? " bf16" : " fp16"),
+                                dense(big ? 1 : 2, l.sq, l.sk, big ? 2 : 4, big ? 1 : 2, d, mask, 0.15f),
+                                {},
+                                dtype};
+          SCOPED_TRACE(c.name);
+          Outputs tma, wgmma;
+          {
+            const ForcedForwardKernel forced("tma");
+            ASSERT_EQ(dropout_forward_kernel(d), "wgmma-tma");
+            tma = run_case(c, /*backward=*/false);  // against the reference too
+          }
+          {
+            const ForcedForwardKernel forced("wgmma");
+            ASSERT_EQ(dropout_forward_kernel(d), "wgmma");
+            wgmma = run_case(c, /*backward=*/false, Determinism::fast, 7, /*compare=*/false);
+          }
+          expect_same_forward(tma, wgmma, dtype, c.name);
+        }
+  }
+  if (!ran) GTEST_SKIP() << "no TMA forward in this build or on this device";
+}
+
+// Forward and backward with dropout through the TMA forward: the backward regenerates the mask
+// the forward drew, so the gradients match the references (the library's CPU reference with the
+// same seed, and the fp64 one here) only if the two masks agree. The model's shape in small
+// (causal, dropout 0.1, 512 rows) among them.
+TEST(AttentionCuda, TmaForwardDropoutForwardBackward) {
+  if (mma_sync_pass()) GTEST_SKIP() << "runs the TMA forward; runs in the other passes";
+  const ForcedTma64Tile default_tile(-1);
+  const ForcedForwardKernel tma("tma");
+  struct Case {
+    AttentionCase c;
+    Reference reference;
+  };
+  const std::vector<Case> cases = {
+      {{"tma dropout fwd+bwd d64 model-like", dense(2, 512, 512, 3, 3, 64, Mask::causal, 0.1f), {}, DType::bf16},
+       Reference::library_cpu},
+      {{"tma dropout fwd+bwd d64 129x257 gqa", dense(2, 129, 257, 4, 2, 64, Mask::none, 0.2f), {}, DType::f16},
+       Reference::in_test},
+      {{"tma dropout fwd+bwd d64 300x17 causal", dense(2, 300, 17, 4, 1, 64, Mask::causal, 0.1f), {}, DType::bf16},
+       Reference::in_test},
+      {{"tma dropout fwd+bwd d128 200x385 causal", dense(2, 200, 385, 4, 2, 128, Mask::causal, 0.1f), {},
+        DType::bf16},
+       Reference::library_cpu},
+      {{"tma dropout fwd+bwd d128 17x17", dense(2, 17, 17, 2, 2, 128, Mask::none, 0.15f), {}, DType::f16},
+       Reference::in_test},
+  };
+  bool ran = false;
+  for (const Case& k : cases) {
+    const int d = k.c.shape.head_dim;
+    if (!attention_cuda_head_dim_compiled(d) || dropout_forward_kernel(d) != "wgmma-tma") continue;
+    ran = true;
+    SCOPED_TRACE(k.c.name);
+    run_case(k.c, /*backward=*/true, Determinism::fast, 11, /*compare=*/true, k.reference);
+  }
+  if (!ran) GTEST_SKIP() << "no TMA forward in this build or on this device";
 }
 
 TEST(AttentionCuda, LongSequence4097ForwardBackward) {
@@ -682,6 +860,70 @@ TEST(AttentionCuda, DropoutMaskMatchesPhilox) {
   EXPECT_EQ(r.mismatches, 0);
   const double n = double(r.elements), rate = dropout_threshold(p.dropout_p) / 256.0;  // the effective p
   EXPECT_NEAR(double(r.dropped) / n, rate, 6 * std::sqrt(rate * (1.0 - rate) / n));
+}
+
+// The forward's mask in every key block, not only the first: V of head h is the identity on keys
+// 64 h .. 64 h + 63 and zero elsewhere, so O[b, i, h, c] = P[i, 64 h + c] Z[i, 64 h + c], and head
+// h shows the mask of keys 64 h .. 64 h + 63 (its own Philox stream). Five heads over 300 keys
+// reach key blocks 0 to 4 (64-key blocks; halves of the 128-key ones), past every tile's stages.
+// Through the wgmma kernel (the probe's own check), the TMA forward's default tile and every d64
+// tile (a tile without a dropout variant runs the wgmma kernel).
+TEST(AttentionCuda, DropoutMaskMatchesPhiloxInEveryKeyBlock) {
+  if (!attention_cuda_head_dim_compiled(kProbeHeadDim)) GTEST_SKIP();
+  const int batch = 2, heads = 5, sq = 150, sk = 300;
+  AttentionParams p = dropout_probe_params(batch, heads, sq, sk, 0.25f, {0x0badc0ffee123457ull, 0x300000007ull});
+  const size_t nq = size_t(batch) * sq * heads * kProbeHeadDim, nk = size_t(batch) * sk * heads * kProbeHeadDim;
+  std::mt19937 gen(9);
+  const std::vector<uint16_t> q = uniform_bf16(nq, gen), k = uniform_bf16(nk, gen);
+  std::vector<uint16_t> v(nk, 0);
+  for (int b = 0; b < batch; ++b)
+    for (int h = 0; h < heads; ++h)
+      for (int c = 0; c < kProbeHeadDim && kProbeHeadDim * h + c < sk; ++c)
+        v[((size_t(b) * sk + kProbeHeadDim * h + c) * heads + h) * kProbeHeadDim + c] = float_to_bf16(1.0f);
+  DeviceBuffer dq(nq * 2), dk(nk * 2), dv(nk * 2), dout(nq * 2), dlse(size_t(batch) * heads * sq * 4);
+  p.q = upload(dq, q);
+  p.k = upload(dk, k);
+  p.v = upload(dv, v);
+  p.o = dout.ptr;
+  p.lse = static_cast<float*>(dlse.ptr);
+  const uint32_t threshold = dropout_threshold(p.dropout_p);
+  auto probe = [&](const std::string& what) {
+    SCOPED_TRACE(what + " (forward kernel " + attention_cuda_forward_kernel(p) + ")");
+    CUDA_OK(cudaMemset(dout.ptr, 0xFF, nq * 2));
+    attention_forward_cuda(p, nullptr);
+    CUDA_OK(cudaDeviceSynchronize());
+    std::vector<uint16_t> o(nq);
+    CUDA_OK(cudaMemcpy(o.data(), dout.ptr, nq * 2, cudaMemcpyDeviceToHost));
+    int64_t mismatches = 0, dropped = 0, elements = 0;
+    for (int b = 0; b < batch; ++b)
+      for (int h = 0; h < heads; ++h)
+        for (int i = 0; i < sq; ++i)
+          for (int c = 0; c < kProbeHeadDim && kProbeHeadDim * h + c < sk; ++c) {
+            const int j = kProbeHeadDim * h + c;
+            const bool keep = dropout_keep(p.rng, int64_t(b) * heads + h, i, j, threshold);
+            const float got = bf16_to_float(o[((size_t(b) * sq + i) * heads + h) * kProbeHeadDim + c]);
+            dropped += !keep;
+            mismatches += keep != (got > 0.0f);
+            ++elements;
+          }
+    EXPECT_EQ(elements, int64_t(batch) * sq * sk);
+    EXPECT_EQ(mismatches, 0);
+    EXPECT_GT(dropped, 0);
+  };
+  const ForcedTma64Tile default_tile(-1);
+  {
+    const ForcedForwardKernel forced("wgmma");
+    probe("wgmma forced");
+  }
+  {
+    const ForcedForwardKernel forced("tma");
+    probe("tma forced, default tile");
+  }
+  for (int tile = 0; tile < attention_cuda_tma64_tile_count(); ++tile) {
+    const ForcedTma64Tile forced_tile(tile);
+    const ForcedForwardKernel forced("tma");
+    probe("tma tile " + std::to_string(tile));
+  }
 }
 
 // The backward's mask, read off dV = (P Z)^T dO: with dO = identity (seqlen_q <= head_dim),

@@ -47,48 +47,55 @@ inline constexpr bool kFwdWgmmaKernel = kHeadDim == 64 || kHeadDim == 96 || kHea
 #endif
 template <int kHeadDim>
 inline constexpr bool kFwdTmaKernel = kHeadDim == 64 || kHeadDim == 128;
-template <typename Element>
+template <typename Element, bool kDropout>
 using FwdTma128Traits = FwdTmaTraits<128, FLASHGPT_TMA128_BLOCK_N, FLASHGPT_TMA128_CONSUMERS, FLASHGPT_TMA128_STAGES,
-                                     FLASHGPT_TMA_PINGPONG != 0, Element, FLASHGPT_TMA_OVERLAP != 0>;
+                                     FLASHGPT_TMA_PINGPONG != 0, Element, FLASHGPT_TMA_OVERLAP != 0, 1, kDropout>;
 
 // d64: a table of tiles (query rows = 64 x consumers), each compiled, one chosen per call
 // (tma64_tile below, or the plan's tma_tile, which FLASHGPT_ATTN_TMA_TILE or
 // attention_cuda_force_tma64_tile sets for tests and benchmarks). Several CTAs per SM cap the
 // registers at 65536 / (threads x CTAs): ptxas holds the whole kernel to that cap. Why these
 // tiles and what they measured: docs/archive/attention_gpu_notes.md, v13.
+// `dropout`: the tile has a dropout variant (all but tile 7, whose overlapped loop holds S, P and
+// O of 128 keys in 160 registers and spills 116 bytes once the Philox code joins it); a dropout
+// call with a tile without one runs the cp.async wgmma forward (the entry point asks
+// flash_fwd_tma_tile_has_dropout).
 struct TmaTile {
   int block_n, consumers, stages, ctas_per_sm;
   bool overlap;
+  bool dropout = true;
 };
 inline constexpr TmaTile kTma64Tiles[] = {
-    {128, 3, 3, 1, false},  // 0: 192 x 128, 3 stages, one CTA per SM (issue 18's first step)
-    {128, 2, 2, 1, false},  // 1: 128 x 128, one CTA per SM
-    {64, 2, 3, 2, false},   // 2: 128 x 64, two CTAs per SM (80 registers)
-    {64, 1, 3, 3, false},   // 3: 64 x 64, three CTAs per SM (80 registers), no ping-pong
-    {128, 1, 2, 2, false},  // 4: 64 x 128, two CTAs per SM (128 registers), no ping-pong
-    {64, 1, 3, 3, true},    // 5: 3 with the intra-warpgroup overlap
-    {128, 1, 2, 2, true},   // 6: 4 with the overlap
-    {128, 3, 3, 1, true},   // 7: 0 with the overlap
-    {128, 2, 2, 1, true},   // 8: 1 with the overlap
-    {64, 2, 4, 2, false},   // 9: 2 with 4 stages
-    {64, 1, 2, 3, false},   // 10: 3 with 2 stages
+    {128, 3, 3, 1, false},        // 0: 192 x 128, 3 stages, one CTA per SM (issue 18's first step)
+    {128, 2, 2, 1, false},        // 1: 128 x 128, one CTA per SM
+    {64, 2, 3, 2, false},         // 2: 128 x 64, two CTAs per SM (80 registers)
+    {64, 1, 3, 3, false},         // 3: 64 x 64, three CTAs per SM (80 registers), no ping-pong
+    {128, 1, 2, 2, false},        // 4: 64 x 128, two CTAs per SM (128 registers), no ping-pong
+    {64, 1, 3, 3, true},          // 5: 3 with the intra-warpgroup overlap
+    {128, 1, 2, 2, true},         // 6: 4 with the overlap
+    {128, 3, 3, 1, true, false},  // 7: 0 with the overlap (no dropout variant: it would spill)
+    {128, 2, 2, 1, true},         // 8: 1 with the overlap
+    {64, 2, 4, 2, false},         // 9: 2 with 4 stages
+    {64, 1, 2, 3, false},         // 10: 3 with 2 stages
 };
 inline constexpr int kTma64TileCount = int(sizeof(kTma64Tiles) / sizeof(kTma64Tiles[0]));
-template <typename Element, int kTile>
+template <typename Element, int kTile, bool kDropout>
 using FwdTma64Traits =
     FwdTmaTraits<64, kTma64Tiles[kTile].block_n, kTma64Tiles[kTile].consumers, kTma64Tiles[kTile].stages,
-                 FLASHGPT_TMA_PINGPONG != 0, Element, kTma64Tiles[kTile].overlap, kTma64Tiles[kTile].ctas_per_sm>;
+                 FLASHGPT_TMA_PINGPONG != 0, Element, kTma64Tiles[kTile].overlap, kTma64Tiles[kTile].ctas_per_sm,
+                 kDropout>;
 // The d64 tile of a call: the plan's when it names one, else tile 3 (64 x 64, three CTAs per
 // SM): on an H100 it ran 1.16-1.28x the cp.async wgmma forward in all 13 benchmark rows, within
 // 4% of the best tile in each (tile 5, the same with the overlap, tied it; docs/attention_gpu.md).
 inline constexpr int kTma64DefaultTile = 3;
+static_assert(kTma64Tiles[kTma64DefaultTile].dropout, "the default d64 tile takes dropout calls too");
 inline int tma64_tile(const AttentionParams& p, int planned) {
   if (planned >= 0) return planned;
   (void)p;
   return kTma64DefaultTile;
 }
 
-// The TMA forward over a dense batch (the entry point sends no varlen and no dropout here):
+// The TMA forward over a dense batch (the entry point sends no varlen batch here):
 // tensor maps over Q, K and V as [batch][rows][heads][head_dim] with the params' strides, a CTA
 // per kBlockM query rows, per head, per batch entry, as launch_flash_fwd.
 template <typename Traits>
@@ -153,19 +160,49 @@ int flash_fwd_tma_tiles() {
 }
 
 template <int kHeadDim, typename Element>
+bool flash_fwd_tma_tile_has_dropout(int tile) {
+  if (!flash_fwd_has_tma<kHeadDim, Element>()) return false;
+  if (kHeadDim != 64 || tile < 0) return true;  // d128's one tile, and d64's default (tile 3), have it
+  return tile < kTma64TileCount && kTma64Tiles[tile].dropout;
+}
+
+// The TMA forward with or without dropout: the d128 tile, or the d64 tile of the plan. The
+// dropout variants (kDropout) are explicitly instantiated in translation units of their own
+// (flash_fwd_tma_dropout_hdim<d>_<dtype>.cu, generated by src/attention/CMakeLists.txt for the
+// head dims of kFwdTmaKernel), which the forward instance's unit declares extern, so that the
+// d64 table's two sets of kernels compile in parallel.
+template <int kHeadDim, typename Element, bool kDropout>
+void run_flash_fwd_tma(const AttentionParams& p, const FwdPlan& plan, cudaStream_t stream) {
+  static_assert(kFwdTmaKernel<kHeadDim>, "the TMA forward exists for head dims 64 and 128");
+  if constexpr (kHeadDim == 128) {
+    launch_flash_fwd_tma<FwdTma128Traits<Element, kDropout>>(p, plan.scale, stream);
+  } else {
+    const int tile = tma64_tile(p, plan.tma_tile);
+    if (tile >= kTma64TileCount)
+      plan_error("attention (CUDA): the plan names a d64 TMA forward tile past the table (FLASHGPT_ATTN_TMA_TILE)");
+    if (kDropout && !kTma64Tiles[tile].dropout)
+      plan_error("attention (CUDA): internal error: the plan names dropout with a d64 TMA forward tile that has none");
+    auto launch_tile = [&]<int kTile>(std::integral_constant<int, kTile>) {
+      if constexpr (!kDropout || kTma64Tiles[kTile].dropout)
+        launch_flash_fwd_tma<FwdTma64Traits<Element, kTile, kDropout>>(p, plan.scale, stream);
+    };
+    [&]<int... kTiles>(std::integer_sequence<int, kTiles...>) {
+      ((tile == kTiles ? launch_tile(std::integral_constant<int, kTiles>{}) : void()), ...);
+    }(std::make_integer_sequence<int, kTma64TileCount>{});
+  }
+}
+
+template <int kHeadDim, typename Element>
 void run_flash_fwd(const AttentionParams& p, const FwdPlan& plan, cudaStream_t stream) {
   if (plan.kernel == FwdKernel::tma) {
     if (!flash_fwd_has_tma<kHeadDim, Element>())
       plan_error("attention (CUDA): internal error: the plan names the TMA forward, which this instance lacks");
-    if constexpr (kHeadDim == 128) {
-      launch_flash_fwd_tma<FwdTma128Traits<Element>>(p, plan.scale, stream);
-    } else if constexpr (kHeadDim == 64) {
-      const int tile = tma64_tile(p, plan.tma_tile);
-      if (tile >= kTma64TileCount)
-        plan_error("attention (CUDA): the plan names a d64 TMA forward tile past the table (FLASHGPT_ATTN_TMA_TILE)");
-      [&]<int... kTiles>(std::integer_sequence<int, kTiles...>) {
-        ((tile == kTiles ? launch_flash_fwd_tma<FwdTma64Traits<Element, kTiles>>(p, plan.scale, stream) : void()), ...);
-      }(std::make_integer_sequence<int, kTma64TileCount>{});
+    if constexpr (kFwdTmaKernel<kHeadDim>) {
+      if (plan.dropout) {
+        run_flash_fwd_tma<kHeadDim, Element, /*kDropout=*/true>(p, plan, stream);
+      } else {
+        run_flash_fwd_tma<kHeadDim, Element, /*kDropout=*/false>(p, plan, stream);
+      }
     }
     return;
   }

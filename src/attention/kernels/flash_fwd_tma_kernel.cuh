@@ -1,8 +1,9 @@
 // The warp-specialized Hopper forward (sm_90a): the algorithm and contract of
 // flash_fwd_wgmma_kernel.cuh (online softmax in base 2 with the scale folded in, bottom-right
 // causal mask, GQA, LSE), fed by the copy engine instead of cp.async from every thread.
-// Dense batches without dropout only; the entry point keeps the cp.async wgmma kernel for
-// variable-length batches and dropout.
+// Dense batches only, with or without dropout (kDropout: the Philox mask of philox.h, bit for
+// bit the wgmma kernel's and the CPU reference's, which the backward regenerates); the entry
+// point keeps the cp.async wgmma kernel for variable-length batches.
 //
 // One CTA: one producer warpgroup and kConsumers consumer warpgroups of 64 query rows each.
 //   - Producer (one thread works; the warpgroup gives its registers away with setmaxnreg):
@@ -10,9 +11,11 @@
 //     copy completing on the stage's "full" mbarrier (transaction bytes); before refilling a
 //     stage it waits on the stage's "empty" mbarrier.
 //   - Consumers (setmaxnreg raises their registers): S = Q K^T (SS wgmma), mask + online
-//     softmax, O += P V (RS wgmma, P from registers), with the descriptors, fragment layouts
-//     and softmax of the cp.async kernel. A warp releases K[n] (V[n]) once its S (P V) GEMM
-//     has completed: one arrival per consumer warp on the stage's "empty" barrier.
+//     softmax (+ dropout of P after the row sums, as in the cp.async kernel: the sums and LSE
+//     are those before dropout, O is scaled by 256 / (256 - t) at the end), O += P V (RS
+//     wgmma, P from registers), with the descriptors, fragment layouts and softmax of the
+//     cp.async kernel. A warp releases K[n] (V[n]) once its S (P V) GEMM has completed: one
+//     arrival per consumer warp on the stage's "empty" barrier.
 //   - No CTA-wide barrier after the barriers' initialization.
 //   - Ping-pong (kPingPong): the consumers issue their GEMMs in turns, round robin, through
 //     named barriers (turn w is barrier 1 + w), so that while one warpgroup's GEMM runs on the
@@ -31,7 +34,7 @@
 namespace flashgpt::attn {
 
 template <int kHeadDim_, int kBlockN_, int kConsumers_, int kStages_, bool kPingPong_, typename Element_,
-          bool kOverlap_ = false, int kCtasPerSm_ = 1>
+          bool kOverlap_ = false, int kCtasPerSm_ = 1, bool kDropout_ = false>
 struct FwdTmaTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
@@ -40,6 +43,9 @@ struct FwdTmaTraits {
   static constexpr int kStages = kStages_;
   static constexpr bool kPingPong = kPingPong_;
   static constexpr bool kOverlap = kOverlap_;
+  // A template parameter, not a run-time flag: the instances without dropout carry no Philox code
+  // (the backward kernels measured a run-time flag at 6-23% without dropout).
+  static constexpr bool kDropout = kDropout_;
   // CTAs sharing an SM: the __launch_bounds__ minimum, so ptxas caps the entry registers at the
   // share of one CTA and setmaxnreg redistributes only that share.
   static constexpr int kCtasPerSm = kCtasPerSm_;
@@ -181,6 +187,16 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
   const int row_local0 = cw * 64 + warp * 16 + g;
   const int row0 = m0 + row_local0;
   const float scale_log2 = scale * kLog2e;
+  // Dropout: the same (batch * heads_q + head, row, key) Philox counter as the cp.async kernel;
+  // a graph replay reads the step's stream from device memory.
+  [[maybe_unused]] uint32_t dropout_top = 0;
+  [[maybe_unused]] DropoutRng rng;
+  [[maybe_unused]] int64_t batch_head = 0;
+  if constexpr (Traits::kDropout) {
+    dropout_top = dropout_top_threshold(dropout_threshold(p.dropout_p));
+    rng = p.rng_device != nullptr ? *p.rng_device : p.rng;
+    batch_head = int64_t{b} * p.heads_q + head;
+  }
 
   float acc_o[kNTilesO][4];
 #pragma unroll
@@ -224,12 +240,13 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
       Mma::rs_trans_b(acc_o, pa[kt], wgmma_desc_sw128(v_base + kt * 16 * 128, kBlockN * 128, kSwizzleAtom),
                       /*accumulate=*/1);
   };
-  // Mask and online softmax of key block n_block; returns the correction of O so far.
+  // Mask, online softmax and dropout of key block n_block; returns the correction of O so far.
   auto softmax_block = [&](float (&s)[kNTilesS][4], int n_block, float (&correction)[2]) {
     const int n0 = n_block * kBlockN;
     if (n0 + kBlockN > seq.seqlen_k || (causal && n0 + kBlockN - 1 > m0 + diag))
       wg_mask_scores(s, n0, row0, seq.seqlen_k, causal, diag, t);
     wg_softmax_block(s, row_max, row_sum, scale_log2, correction);
+    if constexpr (Traits::kDropout) dropout_apply_rows(s, rng, batch_head, row0, n0, t, dropout_top);
   };
   // A warp's arrival on a stage's "empty" barrier once its GEMM reading the stage has completed.
   auto release = [&](uint32_t bar) {
@@ -330,13 +347,16 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
     release(bar_v_empty(st_v.index));
   }
 
-  // Epilogue: O = acc / sum, LSE = max * scale + ln(sum), +inf for rows that see no key.
+  // Epilogue: O = acc / sum (x 256 / (256 - t) with dropout), LSE = max * scale + ln(sum), +inf
+  // for rows that see no key.
+  float keep_scale = 1.0f;
+  if constexpr (Traits::kDropout) keep_scale = static_cast<float>(dropout_keep_scale(dropout_threshold(p.dropout_p)));
   Element* const s_o = reinterpret_cast<Element*>(smem_raw + (sO + cw * uint32_t(Traits::kStagedOBytes) - raw));
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sum = warp_quad_sum(row_sum[r]);
     const int row_in_wg = warp * 16 + g + 8 * r;
-    const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+    const float inv = sum > 0.0f ? keep_scale / sum : 0.0f;
 #pragma unroll
     for (int i = 0; i < kNTilesO; ++i)
       StagedO::put(s_o, row_in_wg, i * 8 + 2 * t, Ops::pack(acc_o[i][2 * r] * inv, acc_o[i][2 * r + 1] * inv));
