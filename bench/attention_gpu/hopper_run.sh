@@ -9,7 +9,8 @@
 #   sanitize: compute-sanitizer memcheck on small shapes through the TMA forward
 #   bench:    flashgpt bench attention --device cuda --no-backward with the cp.async wgmma forward
 #             (FLASHGPT_ATTN_FWD_KERNEL=wgmma) and with the TMA one, then each d64 TMA tile of
-#             TMA_TILES (FLASHGPT_ATTN_TMA_TILE=k, d64 rows only, bench_tma_t<k>.csv), then cuDNN
+#             TMA_TILES (FLASHGPT_ATTN_TMA_TILE=k, d64 rows only, bench_tma_t<k>.csv), then cuDNN;
+#             DROPOUT=p times every row of the wgmma and TMA runs also with dropout p (--dropout)
 #   tiles:    the d64 tiles that were fastest in at least one bench row (bench_tma_t*.csv; at
 #             most MAX_TILES of them, most rows won first), each through the whole
 #             attention_cuda_test with the TMA forward forced (test_tile<k>.log), then memcheck
@@ -56,7 +57,8 @@ for step in "${@:-all}"; do
       for kernel in wgmma tma $([ -x "$DIR/flashgpt_b" ] && echo tma_b); do
         bin=$DIR/flashgpt; [ $kernel = tma_b ] && bin=$DIR/flashgpt_b
         FLASHGPT_ATTN_FWD_KERNEL=${kernel%_b} "$bin" bench attention --device cuda --no-backward \
-          --min-time ${MIN_TIME:-0.3} --out "$L/bench_$kernel" >"$L/bench_$kernel.log" 2>&1 || status=1
+          --min-time ${MIN_TIME:-0.3} ${DROPOUT:+--dropout $DROPOUT} --out "$L/bench_$kernel" \
+          >"$L/bench_$kernel.log" 2>&1 || status=1
         echo "== $kernel"; grep -E "validate|^ *[0-9]+ +[0-9]+ +[0-9]+|rror" "$L/bench_$kernel.log"
         cp "$L/bench_$kernel/attention_cuda.csv" "$OUT/bench_$kernel.csv" 2>/dev/null
       done

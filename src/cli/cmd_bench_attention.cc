@@ -67,6 +67,7 @@ struct BenchAttentionConfig {
   std::string rule = "paper";  // tile rule of the timed tiled run: paper | max_rows
   std::vector<int64_t> io_onchip_kib = {16, 64, 256, 1024};
   double min_time_s = 0.3;  // repeat a measurement until this long, keep the fastest run
+  float dropout = 0.0f;     // --device cuda: every row of the table again with this dropout (0: not)
 };
 
 // Inputs and outputs of one dense problem, contiguous, fp32.
@@ -206,17 +207,20 @@ struct GpuRow {
 // The FlashAttention papers' table (hidden 2048, so heads = 2048 / d; batch * seqlen = 16k
 // tokens), seqlens limited to [--min-seqlen, --max-seqlen], and the model's attention (batch
 // 64, 12 heads, seqlen 512, d 64, causal, with dropout 0.1 and without) where d 64 is measured.
+// --dropout p: each row of the papers' table twice, without dropout and with p.
 std::vector<GpuRow> gpu_rows(const BenchAttentionConfig& c) {
   const std::vector<int> dims = c.head_dim_given ? std::vector<int>{c.head_dim} : std::vector<int>{64, 128};
   std::vector<GpuRow> rows;
   for (int d : dims)
     for (bool causal : {false, true})
       for (int s = 512; s <= 16384; s *= 2)
-        if (s >= c.min_seqlen && s <= c.max_seqlen) rows.push_back({16384 / s, 2048 / d, s, d, causal, 0.0f});
+        if (s >= c.min_seqlen && s <= c.max_seqlen) {
+          rows.push_back({16384 / s, 2048 / d, s, d, causal, 0.0f});
+          if (c.dropout > 0.0f) rows.push_back({16384 / s, 2048 / d, s, d, causal, c.dropout});
+        }
   if (std::find(dims.begin(), dims.end(), 64) != dims.end()) {
     rows.push_back({64, 12, 512, 64, true, 0.1f});
-    // The same without dropout: the kernel the model's evaluation and generation run, and the
-    // shape the Hopper TMA forward (dense, no dropout) is measured on.
+    // The same without dropout: the kernel the model's evaluation and generation run.
     rows.push_back({64, 12, 512, 64, true, 0.0f});
   }
   return rows;
@@ -409,7 +413,7 @@ void bench_attention_cuda(BenchAttentionConfig c) {
   struct Result {
     GpuRow row;
     double fwd_ms, bwd_ms;
-    const char* fwd_kernel;  // the kernel these params run (the TMA forward takes no dropout)
+    const char* fwd_kernel;  // the kernel these params run (the TMA forward takes no varlen batch)
   };
   std::vector<Result> results;
   for (const GpuRow& r : rows) {
@@ -464,6 +468,8 @@ void bench_attention_cuda(const BenchAttentionConfig&) {
 
 void bench_attention_run(BenchAttentionConfig c) {
   if (c.device == "cuda") return bench_attention_cuda(c);
+  FLASHGPT_CHECK(c.dropout == 0.0f, "bench attention: --dropout applies to --device cuda only (the CPU runs time "
+                                    "the tiled kernel without dropout)");
   FLASHGPT_CHECK(c.device == "cpu", "bench attention: --device {} is not available (cpu or cuda)", c.device);
   if (c.quick) {
     c.max_seqlen = std::min(c.max_seqlen, 2048);
@@ -658,6 +664,11 @@ void cli_add_bench_attention(CLI::App& bench) {
       ->capture_default_str();
   cmd->add_option("--io-onchip-kib", config->io_onchip_kib, "Budgets M of the IO sweep, KiB")->capture_default_str();
   cmd->add_option("--min-time", config->min_time_s, "Seconds to repeat each measurement for")->capture_default_str();
+  cmd->add_option("--dropout", config->dropout,
+                  "--device cuda: time every row of the shape table also with this dropout probability (0: only the "
+                  "model's row has dropout)")
+      ->check(CLI::Range(0.0f, 0.99f))
+      ->capture_default_str();
   cmd->callback([cmd, config] {
     config->head_dim_given = cmd->count("--head-dim") > 0;
     cli_config_print(*cmd, stdout);
