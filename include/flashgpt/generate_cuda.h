@@ -34,7 +34,8 @@ struct DecodeAttentionCudaParams {
   // (the counters are left zero again). Null: a second kernel combines.
   unsigned* counters = nullptr;
   // Launch with programmatic dependent launch (the kernels wait for the previous kernel in
-  // the stream with griddepcontrol.wait before reading q or the cache).
+  // the stream with griddepcontrol.wait before reading q or the cache; q_rows, slots and
+  // lengths are read before that wait, so no kernel still running may write them).
   bool programmatic = false;
 };
 

@@ -467,7 +467,8 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
   for (const SlotChunk& chunk : chunks) decode_rows += chunk.tokens.size() == 1 ? 1 : 0;
   const int n = static_cast<int>(N), C = static_cast<int>(C_), F = static_cast<int>(F_);
   const int64_t slot_stride = T_ * C_;
-  auto run = [&](const FusedGemvParams& g, GemvEpilogue e) {
+  auto run = [&](FusedGemvParams g, GemvEpilogue e) {
+    g.programmatic = pdl_;
     FLASHGPT_CHECK(gemv_fused(g, e, stream_), "inference (cuda): the fused product ({} rows, {} -> {}) was refused",
                    g.rows, g.in, g.out);
   };
@@ -480,29 +481,28 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
     qkv.w = pb(ParamKind::qkv_w) + l * 3 * C_ * C_, qkv.rows = n, qkv.in = C, qkv.out = 3 * C;
     qkv.bias = pf(ParamKind::qkv_b) + l * 3 * C_;
     qkv.q = q_, qkv.k_cache = kc, qkv.v_cache = vc, qkv.places = d_places_, qkv.slot_stride = slot_stride;
-    qkv.programmatic = pdl_;
     run(qkv, GemvEpilogue::qkv_cache);
     if (!all_decode) enqueue_prefill_attention(chunks, kc, vc);
     enqueue_decode_attention(decode_rows, kc, vc, true);
     FusedGemvParams proj;
     proj.x_bf16 = att_, proj.w = pb(ParamKind::attn_proj_w) + l * C_ * C_, proj.rows = n, proj.in = C, proj.out = C;
-    proj.bias = pf(ParamKind::attn_proj_b) + l * C_, proj.residual = x_, proj.programmatic = pdl_;
+    proj.bias = pf(ParamKind::attn_proj_b) + l * C_, proj.residual = x_;
     run(proj, GemvEpilogue::residual);
     FusedGemvParams fc;
     fc.x_f32 = x_, fc.ln_w = pf(ParamKind::ln2_w) + l * C_, fc.ln_b = pf(ParamKind::ln2_b) + l * C_;
     fc.w = pb(ParamKind::fc_w) + l * F_ * C_, fc.rows = n, fc.in = C, fc.out = F;
-    fc.bias = pf(ParamKind::fc_b) + l * F_, fc.y = ff_, fc.ldy = F_, fc.programmatic = pdl_;
+    fc.bias = pf(ParamKind::fc_b) + l * F_, fc.y = ff_, fc.ldy = F_;
     run(fc, GemvEpilogue::bias_gelu);
     FusedGemvParams fc2;
     fc2.x_bf16 = ff_, fc2.w = pb(ParamKind::fc_proj_w) + l * C_ * F_, fc2.rows = n, fc2.in = F, fc2.out = C;
-    fc2.bias = pf(ParamKind::fc_proj_b) + l * C_, fc2.residual = x_, fc2.programmatic = pdl_;
+    fc2.bias = pf(ParamKind::fc_proj_b) + l * C_, fc2.residual = x_;
     run(fc2, GemvEpilogue::residual);
   }
   FusedGemvParams head;
   head.x_f32 = x_, head.ln_w = pf(ParamKind::lnf_w), head.ln_b = pf(ParamKind::lnf_b), head.row_index = rows.last;
   head.w = pb(ParamKind::wte), head.rows = static_cast<int>(chunks.size()), head.in = C, head.out = static_cast<int>(Vp_);
   head.y = d_logits_, head.ldy = Vp_, head.part_val = part_val_, head.part_idx = part_idx_;
-  head.valid_out = static_cast<int>(V_), head.programmatic = pdl_;
+  head.valid_out = static_cast<int>(V_);
   run(head, GemvEpilogue::logits_argmax);
   head_fused_ = true;
   head_parts_now_ = head_parts_;

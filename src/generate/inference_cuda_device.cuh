@@ -26,6 +26,9 @@ __device__ __forceinline__ void bf16x8_to_float(const uint4& v, float* f) {
     f[2 * i] = t.x, f[2 * i + 1] = t.y;
   }
 }
+// Brings the 128-byte line holding p toward L2 (no register, no wait). Safe on memory
+// another kernel may still write: L2 is the point of coherence, only L1 could go stale.
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 __device__ __forceinline__ float gelu_tanh(float v) {
   return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
 }

@@ -180,9 +180,13 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 template <int R, GemvEpilogue E, int RPW>
 __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fused_kernel(FusedGemvParams p) {
   constexpr int SU = kFusedUnroll / RPW;  // load slots per row
-  extern __shared__ uint4 xs[];  // (R, in / 8) bf16 input rows
+  // The LayerNorm prologue: a row per warp from 3 rows up; below, every warp takes part in
+  // every row (block sums through shared memory) so that one row does not wait on one warp.
+  constexpr bool kBlockLn = R <= 2;
+  extern __shared__ uint4 xs[];  // (R, in / 8) bf16 input rows, then (2, warps, R) floats with kBlockLn
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int chunks = p.in / 8;
+  float* scratch = reinterpret_cast<float*>(xs + R * chunks);
   const int stride = gridDim.x * kFusedWarps;
   int o = blockIdx.x * kFusedWarps + warp;
   // The weights depend on no earlier kernel: the first rows' loads go out before the wait.
@@ -198,20 +202,46 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
     }
   };
   if (o < p.out) load(o, 0);
+  // Nor do the parameters, nor the token places (the step's host copy, which the whole chain
+  // follows): into registers now, so that none costs a memory round trip after the wait:
+  // with the block-wide LayerNorm this thread's first 4 LayerNorm weights and biases (all of
+  // them up to d_model 1024), the biases of this warp's first rows, lane r's token place.
+  // The rest of the LayerNorm parameters go toward L2 (one prefetch per 128-byte line).
+  const int n4 = p.in / 4;
+  const float4* w4 = reinterpret_cast<const float4*>(p.ln_w);
+  const float4* b4 = reinterpret_cast<const float4*>(p.ln_b);
+  float4 g0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), h0 = g0;
+  if (p.ln_w) {
+    const int first = kBlockLn ? static_cast<int>(blockDim.x) : 0;
+    if (kBlockLn && static_cast<int>(threadIdx.x) < n4) g0 = w4[threadIdx.x], h0 = b4[threadIdx.x];
+    for (int i = first + 8 * threadIdx.x; i < n4; i += 8 * blockDim.x) prefetch_l2(w4 + i), prefetch_l2(b4 + i);
+  }
+  float bias0[RPW];
+#pragma unroll
+  for (int k = 0; k < RPW; ++k) bias0[k] = p.bias && o + k * stride < p.out ? p.bias[o + k * stride] : 0.0f;
+  TokenPlace place0{};
+  if constexpr (E == GemvEpilogue::qkv_cache) {
+    if (lane < R) place0 = p.places[lane];
+  }
   pdl_wait();
   pdl_launch_dependents();
-  // Prologue: the R input rows into shared memory as bf16.
-  if (p.ln_w) {
+  // The residual values this warp adds to in its first rows (lane r, row r), loaded now so
+  // that they arrive while the products run.
+  float res0[RPW] = {};
+  if constexpr (E == GemvEpilogue::residual) {
+#pragma unroll
+    for (int k = 0; k < RPW; ++k) {
+      if (lane < R && o + k * stride < p.out) res0[k] = p.residual[static_cast<int64_t>(lane) * p.out + o + k * stride];
+    }
+  }
+  // Prologue: the R input rows into shared memory as bf16. The LayerNorm's statistics are
+  // sums shifted by the row's first value (so that a large mean costs no precision), then a
+  // second pass normalises, its x from L1.
+  if (p.ln_w && !kBlockLn) {
     bf16* xh = reinterpret_cast<bf16*>(xs);
     if (warp < R) {
       const int64_t src = p.row_index ? p.row_index[warp] : warp;
-      // One pass for the statistics (sums shifted by the row's first value, so that a large
-      // mean costs no precision), one to normalise; 16-byte loads, the second from L1. No
-      // register copy of the row, which would cap the kernel's occupancy.
       const float4* x4 = reinterpret_cast<const float4*>(p.x_f32 + src * p.in);
-      const float4* w4 = reinterpret_cast<const float4*>(p.ln_w);
-      const float4* b4 = reinterpret_cast<const float4*>(p.ln_b);
-      const int n4 = p.in / 4;
       const float shift = p.x_f32[src * p.in];
       float s1 = 0.0f, s2 = 0.0f;
 #pragma unroll 4
@@ -232,15 +262,57 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
         out2[2 * i + 1] = __floats2bfloat162_rn((v.z - mean) * rstd * g.z + b.z, (v.w - mean) * rstd * g.w + b.w);
       }
     }
+  } else if (p.ln_w) {
+    // Every thread takes its float4s of every row, the first pass's loads all issued at once;
+    // the sums are reduced over the block through shared memory (scratch: (2, warps, R)).
+    bf16* xh = reinterpret_cast<bf16*>(xs);
+    const float4* x4[R];
+    float shift[R], s1[R], s2[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int64_t src = p.row_index ? p.row_index[r] : r;
+      x4[r] = reinterpret_cast<const float4*>(p.x_f32 + src * p.in);
+      shift[r] = p.x_f32[src * p.in];
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      s1[r] = 0.0f, s2[r] = 0.0f;
+      for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        const float4 v = x4[r][i];
+        const float a = v.x - shift[r], b = v.y - shift[r], c = v.z - shift[r], d = v.w - shift[r];
+        s1[r] += (a + b) + (c + d);
+        s2[r] += (a * a + b * b) + (c * c + d * d);
+      }
+      s1[r] = warp_sum(s1[r]), s2[r] = warp_sum(s2[r]);
+      if (lane == 0) scratch[warp * R + r] = s1[r], scratch[(kFusedWarps + warp) * R + r] = s2[r];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float t1 = 0.0f, t2 = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kFusedWarps; ++w) t1 += scratch[w * R + r], t2 += scratch[(kFusedWarps + w) * R + r];
+      const float mean_shifted = t1 / p.in;
+      const float var = fmaxf(t2 / p.in - mean_shifted * mean_shifted, 0.0f);
+      const float mean = shift[r] + mean_shifted, rstd = rsqrtf(var + kEps);
+      __nv_bfloat162* out2 = reinterpret_cast<__nv_bfloat162*>(xh + r * p.in);
+      for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        const float4 v = x4[r][i];
+        const float4 g = i == static_cast<int>(threadIdx.x) ? g0 : w4[i], b = i == static_cast<int>(threadIdx.x) ? h0 : b4[i];
+        out2[2 * i] = __floats2bfloat162_rn((v.x - mean) * rstd * g.x + b.x, (v.y - mean) * rstd * g.y + b.y);
+        out2[2 * i + 1] = __floats2bfloat162_rn((v.z - mean) * rstd * g.z + b.z, (v.w - mean) * rstd * g.w + b.w);
+      }
+    }
   } else {
     for (int i = threadIdx.x; i < R * chunks; i += blockDim.x) xs[i] = reinterpret_cast<const uint4*>(p.x_bf16)[i];
   }
   __syncthreads();
+  bool first = true;  // this warp's first rows: bias0, res0 and place0 hold their values
   float best_v[R];
   int best_i[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) best_v[r] = -FLT_MAX, best_i[r] = 0x7fffffff;
-  for (; o < p.out; o += RPW * stride) {
+  for (; o < p.out; o += RPW * stride, first = false) {
     float acc[RPW][R] = {};
     for (int base = 0;;) {
 #pragma unroll
@@ -265,29 +337,33 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
     if (o + RPW * stride < p.out) load(o + RPW * stride, 0);  // the next rows' loads overlap this reduction
 #pragma unroll
     for (int k = 0; k < RPW; ++k) {
-      const int row = o + k * stride;
 #pragma unroll
       for (int r = 0; r < R; ++r) acc[k][r] = warp_sum(acc[k][r]);
+    }
+#pragma unroll
+    for (int k = 0; k < RPW; ++k) {
+      const int row = o + k * stride;
       if (row >= p.out) continue;
       // Lane r writes row r's value.
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         if (lane != r) continue;
         float v = acc[k][r];
-        const float bias = p.bias ? p.bias[row] : 0.0f;
+        const float bias = first ? bias0[k] : p.bias ? p.bias[row] : 0.0f;
         if constexpr (E == GemvEpilogue::store_bf16) {
           static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(v + bias);
         } else if constexpr (E == GemvEpilogue::bias_gelu) {
           static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(gelu_tanh(v + bias));
         } else if constexpr (E == GemvEpilogue::residual) {
-          p.residual[static_cast<int64_t>(r) * p.out + row] += v + bias;
+          float* res = p.residual + static_cast<int64_t>(r) * p.out + row;
+          *res = (first ? res0[k] : *res) + v + bias;
         } else if constexpr (E == GemvEpilogue::qkv_cache) {
           const int C = p.out / 3, part = row / C, c = row - part * C;
           const bf16 h = __float2bfloat16(v + bias);
           if (part == 0) {
             p.q[static_cast<int64_t>(r) * C + c] = h;
           } else {
-            const TokenPlace place = p.places[r];
+            const TokenPlace place = first ? place0 : p.places[r];
             const int64_t at = place.slot * p.slot_stride + static_cast<int64_t>(place.pos) * C + c;
             (part == 1 ? p.k_cache : p.v_cache)[at] = h;
           }
@@ -581,8 +657,11 @@ void sample(int32_t* tokens, const float* logits, int64_t ld, int V, int rows, c
          V, params, prompt_index, step, part_val, part_idx, parts);
 }
 
-// The input rows (bf16).
-size_t gemv_fused_shared(int rows, int in, bool /*ln*/) { return static_cast<size_t>(rows) * in * 2; }
+// The input rows (bf16), then, with the block-wide LayerNorm (rows <= 2), its block sums
+// (2, warps, rows) floats.
+size_t gemv_fused_shared(int rows, int in, bool ln) {
+  return static_cast<size_t>(rows) * in * 2 + (ln && rows <= 2 ? sizeof(float) * 2 * kFusedWarps * rows : 0);
+}
 
 int gemv_fused_blocks(int out) {
   static const int cap = [] {
@@ -612,7 +691,9 @@ void launch_gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t st
 
 bool gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
   if (p.rows < 1 || p.rows > kGemvMaxRows || p.in % 8 != 0 || p.in <= 0 || p.out <= 0 ||
-      gemv_fused_shared(p.rows, p.in, p.ln_w != nullptr) > 48 * 1024) {
+      gemv_fused_shared(p.rows, p.in, p.ln_w != nullptr) +
+              (e == GemvEpilogue::logits_argmax ? 2 * sizeof(float) * kFusedWarps * p.rows : 0) >  // its static arrays
+          48 * 1024) {
     return false;
   }
   if (!p.w || (p.ln_w ? !p.x_f32 || !p.ln_b : !p.x_bf16)) throw std::invalid_argument("gemv_fused: null input");
@@ -626,12 +707,13 @@ bool gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
   const bool rpw2 = two_rows && p.in <= 32 * 8 * (kFusedUnroll / 2) && p.rows <= 4 &&  // more rows spill
                     p.out >= 2 * kFusedWarps * gemv_fused_blocks(p.out);            // every warp has 2 rows
   switch (p.rows * 2 + (rpw2 ? 1 : 0)) {
-#define FLASHGPT_FUSED_ROWS(R) \
-  case 2 * R: launch_gemv_fused<R, 1>(p, e, stream); break; \
-  case 2 * R + 1: launch_gemv_fused<R, 2>(p, e, stream); break;
+#define FLASHGPT_FUSED_ROWS(R) case 2 * R: launch_gemv_fused<R, 1>(p, e, stream); break;
+#define FLASHGPT_FUSED_ROWS2(R) case 2 * R + 1: launch_gemv_fused<R, 2>(p, e, stream); break;
     FLASHGPT_FUSED_ROWS(1) FLASHGPT_FUSED_ROWS(2) FLASHGPT_FUSED_ROWS(3) FLASHGPT_FUSED_ROWS(4)
     FLASHGPT_FUSED_ROWS(5) FLASHGPT_FUSED_ROWS(6) FLASHGPT_FUSED_ROWS(7) FLASHGPT_FUSED_ROWS(8)
+    FLASHGPT_FUSED_ROWS2(1) FLASHGPT_FUSED_ROWS2(2) FLASHGPT_FUSED_ROWS2(3) FLASHGPT_FUSED_ROWS2(4)  // rpw2: rows <= 4
 #undef FLASHGPT_FUSED_ROWS
+#undef FLASHGPT_FUSED_ROWS2
   }
   return true;
 }
@@ -649,6 +731,7 @@ void embed_fused(float* x, const TokenPlace* places, const float* wte, const flo
 namespace {
 
 using inference_cuda::bf16;
+using inference_cuda::prefetch_l2;
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeGroup = 4;  // keys a warp loads before it uses the first
 
@@ -703,14 +786,24 @@ __device__ void decode_combine_warp(const DecodeAttentionCudaParams& p, int r, i
 template <int E>
 __global__ void __launch_bounds__(32 * kDecodeWarps) decode_partial_kernel(DecodeAttentionCudaParams p, float scale_log2) {
   constexpr int D = 32 * E;
-  pdl_wait_d();
-  pdl_launch_dependents_d();
+  // The rows, slots and lengths come from the step's host copy, which every kernel of the
+  // chain follows: readable before the wait. So is the cache toward L2: the kernel before
+  // this one writes the newest K/V row, and a prefetch toward L2 cannot see a stale line.
   const int s = blockIdx.x, h = blockIdx.y, r = blockIdx.z;
   const int len = p.lengths[r];
   const int start = s * p.keys_per_split;
-  if (start >= len) return;
   const int end = min(len, start + p.keys_per_split);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t base = static_cast<int64_t>(p.slots[r]) * p.slot_stride + h * D + lane * E;
+  for (int j = start + static_cast<int>(threadIdx.x) / 2; j < end; j += blockDim.x / 2) {
+    const int64_t at = static_cast<int64_t>(p.slots[r]) * p.slot_stride + j * p.row_stride + h * D;
+    const bf16* row = (threadIdx.x & 1 ? static_cast<const bf16*>(p.v) : static_cast<const bf16*>(p.k)) + at;
+#pragma unroll
+    for (int c = 0; c < D; c += 64) prefetch_l2(row + c);  // 128-byte lines
+  }
+  pdl_wait_d();
+  pdl_launch_dependents_d();
+  if (start >= len) return;
   extern __shared__ float shared[];
   float* scores = shared;                          // (keys_per_split)
   float* red = scores + p.keys_per_split;          // (warps, D)
@@ -719,7 +812,6 @@ __global__ void __launch_bounds__(32 * kDecodeWarps) decode_partial_kernel(Decod
   float qf[E];
 #pragma unroll
   for (int e = 0; e < E; ++e) qf[e] = __bfloat162float(q[e]) * scale_log2;
-  const int64_t base = static_cast<int64_t>(p.slots[r]) * p.slot_stride + h * D + lane * E;
   const bf16* k = static_cast<const bf16*>(p.k) + base;
   const bf16* v = static_cast<const bf16*>(p.v) + base;
   constexpr int kStep = kDecodeWarps * kDecodeGroup;

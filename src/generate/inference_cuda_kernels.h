@@ -100,7 +100,8 @@ struct FusedGemvParams {
 // that many per row).
 int gemv_fused_blocks(int out);
 // Returns false (nothing launched) for a shape it does not take: rows outside
-// 1 .. kGemvMaxRows, in % 8 != 0, or rows x in bf16 above 48 KB of shared memory. The
+// 1 .. kGemvMaxRows, in % 8 != 0, or rows x in bf16 (plus 64 bytes a row with the
+// LayerNorm at 1 or 2 rows, 64 for the head's argmax) above 48 KB of shared memory. The
 // pointers must be 16-byte aligned (cudaMalloc'd buffers at offsets of whole rows).
 bool gemv_fused(const FusedGemvParams& p, GemvEpilogue epilogue, cudaStream_t stream);
 

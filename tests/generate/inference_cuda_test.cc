@@ -110,7 +110,12 @@ TEST(GemvFusedCuda, MatchesReference) {
                              GemvCase{8, 264, 96, true, true}, GemvCase{1, 2056, 45, false, false},
                              GemvCase{3, 2048, 9, true, true},
                              // Enough rows that every warp takes two at a time (the head's case).
-                             GemvCase{2, 72, 20003, true, true}, GemvCase{1, 768, 20000, false, false}}) {
+                             GemvCase{2, 72, 20003, true, true}, GemvCase{1, 768, 20000, false, false},
+                             // Rows of more load slots than a lane holds at once (two rounds of loads):
+                             // fc_proj's shape, one with the LayerNorm on the block-wide prologue, and
+                             // 48 KB of input rows (which the head, with its argmax arrays, refuses).
+                             GemvCase{1, 3072, 768, false, true}, GemvCase{1, 3072, 2002, true, true},
+                             GemvCase{2, 4096, 333, false, false}, GemvCase{8, 3072, 50, false, false}}) {
     for (const GemvEpilogue epi : {GemvEpilogue::store_bf16, GemvEpilogue::bias_gelu, GemvEpilogue::residual,
                                    GemvEpilogue::qkv_cache, GemvEpilogue::logits_argmax}) {
       const int R = gc.rows, K = gc.in;
@@ -118,6 +123,12 @@ TEST(GemvFusedCuda, MatchesReference) {
       const int O = epi == GemvEpilogue::qkv_cache ? 3 * ((gc.out + 2) / 3) : gc.out;
       SCOPED_TRACE(::testing::Message() << "rows " << R << " in " << K << " out " << O << " ln " << gc.ln
                                         << " epilogue " << static_cast<int>(epi));
+      if (epi == GemvEpilogue::logits_argmax && R * K * 2 + 64 * R > 48 * 1024) {
+        FusedGemvParams big;  // refused on the shape alone, before any pointer is looked at
+        big.rows = R, big.in = K, big.out = O;
+        EXPECT_FALSE(inference_cuda::gemv_fused(big, epi, nullptr));
+        continue;
+      }
       const int src_rows = R + 3;  // the LayerNorm rows are picked from more rows
       std::vector<float> x_f32(static_cast<size_t>(src_rows) * K), ln_w(K), ln_b(K), x_bf(static_cast<size_t>(R) * K);
       std::vector<float> w(static_cast<size_t>(O) * K), bias(O);
