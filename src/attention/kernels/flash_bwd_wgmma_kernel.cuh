@@ -23,11 +23,12 @@
 //                      Fused convert (fused_convert): the key block that adds last to a
 //                      sub-tile converts it to dQ (the separate convert kernel does not run).
 //                      Which one is last: in deterministic mode key block count - 1, where
-//                      count = dq_block_contributors (the blocks add in key-block order); else
-//                      the warpgroup whose arrival on the sub-tile's counter (ws.dq_arrivals,
-//                      after its atomics and a fence) returns count - 1. Its threads read back
-//                      their own float4s through L2 and store them as bf16/fp16 pairs. No
-//                      thread ever waits for another CTA, so nothing new can deadlock.
+//                      count = dq_block_contributors (the blocks add in key-block order);
+//                      else the warpgroup whose arrival on the sub-tile's counter
+//                      (ws.dq_arrivals, after its atomics, a barrier and a fence) returns
+//                      count - 1. Its threads read back their own float4s through L2 and
+//                      store them as bf16/fp16 pairs. No thread waits for another CTA, so
+//                      this adds no deadlock when not every CTA is resident.
 // The accumulator of m64nN is, per warp, the m16n8 C fragment layout tiled along N: this
 // thread's rows (keys) are 16 (warp % 4) + lane / 4 (+ 8), exactly one m16 key tile of the
 // mma.sync kernel, so the masking and the dropout bytes (dropout_key_column_bytes) are the same.
@@ -452,14 +453,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
           // own adds are ordered before its loads below (same addresses).
           convert_dq = n_block == count - 1;
         } else {
-          // Every thread's adds, then the warpgroup's one arrival (the fence is cumulative
-          // through the barrier, as in the CUDA programming guide's last-block reduction).
-          __threadfence();
+          // The warpgroup's adds, then its one arrival on the sub-tile's counter. The barrier
+          // orders every thread's adds before the leader's fence, which is cumulative (the
+          // pattern of cooperative groups' grid sync: no thread but the leader waits for its
+          // atomics to land); the last arrival's leader fences again before its warpgroup reads.
           named_barrier_sync(1 + wg, 128);
           if (tid % 128 == 0) {
             int* const arrivals = ws.dq_arrivals + (int64_t(b) * p.heads_q + head) * ws.dq_arrivals_per_head +
                                   (m0 / 64 + dq_qb) * (kHeadDim / 64) + dq_db;
-            dq_last_arrival[wg] = atomicAdd(arrivals, 1) == count - 1;
+            __threadfence();
+            const bool last = atomicAdd(arrivals, 1) == count - 1;
+            if (last) __threadfence();
+            dq_last_arrival[wg] = last;
           }
           named_barrier_sync(1 + wg, 128);
           convert_dq = dq_last_arrival[wg] != 0;
