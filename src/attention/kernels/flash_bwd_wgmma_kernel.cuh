@@ -107,10 +107,8 @@ struct BwdWgmmaTraits {
   static constexpr bool kLseAsync = (kHeadDim == 64 ? FLASHGPT_BWD64_LSE_ASYNC : FLASHGPT_BWD128_LSE_ASYNC) != 0;
   static constexpr int kDqQueryBlocks = kBlockM / 64;
   static_assert(kDqQueryBlocks * (kHeadDim / 64) == kWarpgroups, "one 64 x 64 dQ sub-tile per warpgroup");
-  // The fused dQ convert's float4 reads in flight per thread (ptxas, bytes spilled without /
-  // with dropout: d64 unrolled 8 times 16 / 216 (116 without the fused convert), 4 times 28 / 96;
-  // d128 unrolled 8 times 12 / 16 (12 / 52 without)).
-  static constexpr int kConvertUnroll = kHeadDim == 64 ? 4 : 8;
+  // The fused dQ convert's float4 reads in flight per thread, without and with dropout.
+  __host__ __device__ static constexpr int convert_unroll(bool dropout) { return kHeadDim == 64 && dropout ? 4 : 8; }
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kTileDsBytes = kBlockN * kBlockM * 2;
@@ -483,7 +481,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         Element* const dq_out =
             static_cast<Element*>(p.dq) + seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, head);
         const int row0 = m0 + dq_qb * 64 + warp_in_wg * 16 + g;
-#pragma unroll Traits::kConvertUnroll
+#pragma unroll Traits::convert_unroll(kDropout)
         for (int q = 0; q < 8; ++q) {
           const float4 v = __ldcg(reinterpret_cast<const float4*>(gdq + (q * 128 + tid % 128) * 4));
           const int col = dq_db * 64 + q * 8 + 2 * t;
