@@ -293,6 +293,9 @@ Outputs run_case(const AttentionCase& ac, bool backward, Determinism det = Deter
         }
         EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
         EXPECT_EQ(cudaMemcpy(again.data(), dq2.ptr, nq * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+        const auto unwritten = std::count(again.begin(), again.end(), uint16_t{0xFFFF});
+        EXPECT_EQ(unwritten, 0) << c.name << ": repeat " << r + 1 << (runs.graph ? " (graph replay)" : "")
+                                << " left dQ elements unwritten";
         if (det == Determinism::deterministic)
           EXPECT_TRUE(again == first) << c.name << ": dQ of repeat " << r + 1 << (runs.graph ? " (graph replay)" : "")
                                       << " differs from the first call's";
