@@ -268,7 +268,9 @@ Outputs run_case(const AttentionCase& ac, bool backward, Determinism det = Deter
   if (backward) {
     const size_t ws_bytes = attention_backward_workspace_bytes(p);
     DeviceBuffer ws(ws_bytes);
-    if (runs.poison_workspace) EXPECT_EQ(cudaMemset(ws.ptr, 0xFF, ws_bytes), cudaSuccess);
+    if (runs.poison_workspace) {
+      EXPECT_EQ(cudaMemset(ws.ptr, 0xFF, ws_bytes), cudaSuccess);
+    }
     attention_backward_cuda(p, ws.ptr, ws_bytes, det, nullptr);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     if (runs.repeats > 0) {
@@ -296,12 +298,17 @@ Outputs run_case(const AttentionCase& ac, bool backward, Determinism det = Deter
         const auto unwritten = std::count(again.begin(), again.end(), uint16_t{0xFFFF});
         EXPECT_EQ(unwritten, 0) << c.name << ": repeat " << r + 1 << (runs.graph ? " (graph replay)" : "")
                                 << " left dQ elements unwritten";
-        if (det == Determinism::deterministic)
+        if (det == Determinism::deterministic) {
           EXPECT_TRUE(again == first) << c.name << ": dQ of repeat " << r + 1 << (runs.graph ? " (graph replay)" : "")
                                       << " differs from the first call's";
+        }
       }
-      if (exec != nullptr) EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
-      if (graph != nullptr) EXPECT_EQ(cudaGraphDestroy(graph), cudaSuccess);
+      if (exec != nullptr) {
+        EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
+      }
+      if (graph != nullptr) {
+        EXPECT_EQ(cudaGraphDestroy(graph), cudaSuccess);
+      }
       EXPECT_EQ(cudaStreamDestroy(stream), cudaSuccess);
     }
   }
