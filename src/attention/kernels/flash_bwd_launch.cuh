@@ -97,8 +97,8 @@ void run_flash_bwd(const AttentionParams& p, const BwdPlan& plan, void* workspac
         set_smem_limit(kernel, WgTraits::kSmemBytes);
         const int n_blocks = (p.seqlen_k + WgTraits::kBlockN - 1) / WgTraits::kBlockN;
         if (WgTraits::persistent(plan.dropout)) {
-          // At most one CTA per SM over all (key block, kv head, batch entry) tiles, taking the
-          // tiles after their first from the counter that the preprocess zeroes. (The entry
+          // At most one CTA per SM over all (key block, kv head, batch entry) tiles, taking
+          // every tile from the counter that the preprocess zeroes. (The entry
           // point keeps the tile count within an int.) One launch whatever the batch.
           const int64_t tiles = int64_t{n_blocks} * p.heads_kv * p.batch;
           const dim3 grid(unsigned(std::min<int64_t>(tiles, std::max(plan.sm_count, 1))));

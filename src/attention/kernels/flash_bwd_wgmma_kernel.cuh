@@ -246,17 +246,26 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const Desc desc_q_mnmajor(sQ, kBlockM * 128), desc_do_mnmajor(sdO, kBlockM * 128);
   const Desc desc_ds(sdS + dq_qb * kBlockN * 128, kBlockN * 128), desc_k_cols(sK + dq_db * kBlockN * 128, kBlockN * 128);
 
-  // Persistent: the first tile is blockIdx.x, the next ones come from the counter (gridDim.x
-  // + the claim). Thread 0 claims the next tile when it starts one and publishes the answer
-  // at the tile's end, in slot (tile count parity) so that a fast thread 0 cannot overwrite
-  // the slot that slower threads are still reading.
+  // Persistent: every tile, the first included, comes from the counter. Thread 0 claims the
+  // next tile when it starts one and publishes the answer at the tile's end, in slot (tile
+  // count parity) so that a fast thread 0 cannot overwrite the slot that slower threads are
+  // still reading (the first claim goes through slot 1, read before the loop's first barrier).
+  // Claims happen only in running CTAs and in tile order, so in deterministic mode a tile waits
+  // only for lower tiles of running CTAs: the lowest unfinished tile always progresses, even
+  // when not every CTA of the grid is resident (a first tile read off blockIdx.x could wait for
+  // a CTA that has no SM yet).
   __shared__ int next_tile_slot[2];
   __shared__ int dq_last_arrival[Traits::kWarpgroups];  // fused convert: this warpgroup converts
-  int tile_index = kPersistent ? int(blockIdx.x) : 0;
+  int tile_index = 0;
+  if constexpr (kPersistent) {
+    if (tid == 0) next_tile_slot[1] = atomicAdd(ws.tile_counter, 1);
+    __syncthreads();
+    tile_index = next_tile_slot[1];
+  }
   if (tile_index < num_tiles) copy_tile_start(tile_index);
   for (int tiles_done = 0; tile_index < num_tiles; ++tiles_done) {
     int claimed = num_tiles;
-    if (kPersistent && tid == 0) claimed = gridDim.x + atomicAdd(ws.tile_counter, 1);
+    if (kPersistent && tid == 0) claimed = atomicAdd(ws.tile_counter, 1);
     const Tile tile = tile_at(tile_index);
     const int n_block = tile.n_block, head_kv = tile.head_kv, b = tile.b;
     const SeqInfo seq(p, b);
