@@ -46,15 +46,6 @@ const char* attention_cuda_force_forward_kernel(const char* kernel);
 // The same for the backward's main kernel (wgmma for head dims 64 and 128);
 // FLASHGPT_ATTN_BWD_KERNEL=mma_sync forces mma.sync.
 const char* attention_cuda_backward_kernel(int head_dim);
-// Where the wgmma backward converts its fp32 dQ accumulator to the output dtype: "separate"
-// (a kernel after the main one) or "fused" (the main kernel's last key block of each part of dQ
-// converts it). FLASHGPT_ATTN_BWD_CONVERT=separate|fused in the environment sets it at the first
-// call (any other value is an error); the mma.sync backward always converts separately.
-const char* attention_cuda_backward_convert();
-// Forces it for every later backward call: "separate", "fused", or "" / nullptr for the
-// default; returns the choice before. For tests and benchmarks that compare the two in one
-// process. Throws flashgpt::Error for any other name.
-const char* attention_cuda_force_backward_convert(const char* convert);
 
 // The d64 TMA forward's tiles (query rows x keys a step, K/V stages, CTAs per SM; the table is in
 // docs/attention_gpu.md): how many this build has (0 without the TMA forward), and forcing one

@@ -149,24 +149,6 @@ std::atomic<int>& forced_tma64_tile() {
   return value;
 }
 
-// Where the wgmma backward converts dQ (attn::DqConvert): the default below, unless
-// FLASHGPT_ATTN_BWD_CONVERT=separate|fused sets it at the first call (anything else there is an
-// error, so a typo never times the wrong variant) or attention_cuda_force_backward_convert at
-// any time. The fused convert passed no GPU run yet: separate stays the default until one
-// shows it correct and faster (flip this line then).
-constexpr attn::DqConvert kDefaultDqConvert = attn::DqConvert::separate;
-std::atomic<attn::DqConvert>& dq_convert_value() {
-  static std::atomic<attn::DqConvert> value{[] {
-    const char* v = std::getenv("FLASHGPT_ATTN_BWD_CONVERT");
-    if (v == nullptr || *v == '\0') return kDefaultDqConvert;
-    const std::string_view name(v);
-    FLASHGPT_CHECK(name == "separate" || name == "fused",
-                   "FLASHGPT_ATTN_BWD_CONVERT is '{}': expected \"separate\" or \"fused\"", name);
-    return name == "fused" ? attn::DqConvert::fused : attn::DqConvert::separate;
-  }()};
-  return value;
-}
-
 // A device attribute, asked of the driver once per device (devices past kMaxDevices are asked
 // every time) instead of at every launch.
 template <cudaDeviceAttr kAttribute>
@@ -286,20 +268,6 @@ int attention_cuda_force_tma64_tile(int tile) {
   return forced_tma64_tile().exchange(tile);
 }
 
-const char* attention_cuda_backward_convert() { return attn::dq_convert_name(dq_convert_value().load()); }
-
-const char* attention_cuda_force_backward_convert(const char* convert) {
-  const std::string_view name = convert == nullptr ? std::string_view() : std::string_view(convert);
-  FLASHGPT_CHECK(name.empty() || name == "separate" || name == "fused",
-                 "attention_cuda_force_backward_convert('{}'): expected \"separate\", \"fused\" or \"\" "
-                 "(the default)",
-                 name);
-  const attn::DqConvert next = name == "fused"      ? attn::DqConvert::fused
-                               : name == "separate" ? attn::DqConvert::separate
-                                                    : kDefaultDqConvert;
-  return attn::dq_convert_name(dq_convert_value().exchange(next));
-}
-
 bool attention_cuda_head_dim_compiled(int head_dim) {
   for (int d : attn::kAttentionCudaHeadDims)
     if (d == head_dim) return true;
@@ -336,7 +304,6 @@ void attention_backward_cuda(const AttentionParams& params, void* workspace, siz
                  "attention backward (CUDA): the workspace must be a non-null, 256-byte aligned device pointer");
   attn::BwdPlan plan;
   plan.kernel = choose_bwd_kernel(params.head_dim);
-  plan.dq_convert = dq_convert_value().load();
   plan.scale = attention_softmax_scale(params);
   // Both main kernels are compiled with and without dropout; the variant follows the
   // threshold the kernels use (dropout_p below 1/512 is no dropout).

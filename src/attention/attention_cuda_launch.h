@@ -37,15 +37,8 @@ struct FwdPlan {
   bool dropout = false;  // the TMA forward's dropout variant (dropout_p rounds to a nonzero threshold)
 };
 
-// Where the backward converts the fp32 dQ accumulator to the output dtype: a separate kernel
-// after the main one, or fused into the wgmma main kernel (the key block that adds last to a
-// part of dQ converts it). The mma.sync kernel always converts separately.
-enum class DqConvert { separate, fused };
-inline const char* dq_convert_name(DqConvert c) { return c == DqConvert::fused ? "fused" : "separate"; }
-
 struct BwdPlan {
   BwdKernel kernel = BwdKernel::mma_sync;
-  DqConvert dq_convert = DqConvert::separate;  // honoured by the wgmma kernel only
   float scale = 0.0f;
   bool dropout = false;        // the main kernel's dropout variant (dropout_p rounds to a nonzero threshold)
   bool deterministic = false;  // dQ accumulated in key-block order

@@ -387,9 +387,8 @@ void bench_attention_cuda(BenchAttentionConfig c) {
   cudaDeviceProp prop{};
   FLASHGPT_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   fmt::print("device: {} (compute capability {}.{}, {} SMs); bf16; times are medians of CUDA-event runs, at least "
-             "{:.2f} s per measurement; wgmma backward's dQ convert: {} (FLASHGPT_ATTN_BWD_CONVERT)\n\n",
-             prop.name, prop.major, prop.minor, prop.multiProcessorCount, c.min_time_s,
-             attention_cuda_backward_convert());
+             "{:.2f} s per measurement\n\n",
+             prop.name, prop.major, prop.minor, prop.multiProcessorCount, c.min_time_s);
   const std::vector<GpuRow> rows = gpu_rows(c);
   FLASHGPT_CHECK(!rows.empty(), "bench attention --device cuda: no seqlen of 512 .. 16384 lies in [{}, {}]",
                  c.min_seqlen, c.max_seqlen);

@@ -173,19 +173,8 @@ struct Outputs {
 // Runs forward (+ backward) on the GPU and the reference, compares. Returns the outputs.
 enum class Reference { in_test, library_cpu };
 
-// How the backward runs on its workspace: `poison_workspace` fills it with 0xFF bytes first
-// (whatever the backward needs zeroed, it zeroes itself); `repeats` more backward calls on the
-// same workspace, each after dQ is poisoned again, captured once into a CUDA graph and replayed
-// when `graph` (the last call's outputs are the ones compared; in deterministic mode every
-// repeat's dQ must equal the first call's bits).
-struct BackwardRuns {
-  bool poison_workspace = false;
-  int repeats = 0;
-  bool graph = false;
-};
-
 Outputs run_case(const AttentionCase& ac, bool backward, Determinism det = Determinism::fast, uint64_t seed = 7,
-                 bool compare = true, Reference reference = Reference::in_test, const BackwardRuns& runs = {}) {
+                 bool compare = true, Reference reference = Reference::in_test) {
   // The table's shape under the names this runner has always used.
   struct {
     const std::string& name;
@@ -268,49 +257,8 @@ Outputs run_case(const AttentionCase& ac, bool backward, Determinism det = Deter
   if (backward) {
     const size_t ws_bytes = attention_backward_workspace_bytes(p);
     DeviceBuffer ws(ws_bytes);
-    if (runs.poison_workspace) {
-      EXPECT_EQ(cudaMemset(ws.ptr, 0xFF, ws_bytes), cudaSuccess);
-    }
     attention_backward_cuda(p, ws.ptr, ws_bytes, det, nullptr);
     EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-    if (runs.repeats > 0) {
-      std::vector<uint16_t> first(nq), again(nq);
-      EXPECT_EQ(cudaMemcpy(first.data(), dq2.ptr, nq * 2, cudaMemcpyDeviceToHost), cudaSuccess);
-      cudaStream_t stream = nullptr;
-      cudaGraph_t graph = nullptr;
-      cudaGraphExec_t exec = nullptr;
-      EXPECT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
-      if (runs.graph) {
-        EXPECT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-        attention_backward_cuda(p, ws.ptr, ws_bytes, det, stream);
-        EXPECT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-        EXPECT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-      }
-      for (int r = 0; r < runs.repeats; ++r) {
-        EXPECT_EQ(cudaMemsetAsync(dq2.ptr, 0xFF, nq * 2, stream), cudaSuccess);
-        if (runs.graph) {
-          EXPECT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
-        } else {
-          attention_backward_cuda(p, ws.ptr, ws_bytes, det, stream);
-        }
-        EXPECT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-        EXPECT_EQ(cudaMemcpy(again.data(), dq2.ptr, nq * 2, cudaMemcpyDeviceToHost), cudaSuccess);
-        const auto unwritten = std::count(again.begin(), again.end(), uint16_t{0xFFFF});
-        EXPECT_EQ(unwritten, 0) << c.name << ": repeat " << r + 1 << (runs.graph ? " (graph replay)" : "")
-                                << " left dQ elements unwritten";
-        if (det == Determinism::deterministic) {
-          EXPECT_TRUE(again == first) << c.name << ": dQ of repeat " << r + 1 << (runs.graph ? " (graph replay)" : "")
-                                      << " differs from the first call's";
-        }
-      }
-      if (exec != nullptr) {
-        EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
-      }
-      if (graph != nullptr) {
-        EXPECT_EQ(cudaGraphDestroy(graph), cudaSuccess);
-      }
-      EXPECT_EQ(cudaStreamDestroy(stream), cudaSuccess);
-    }
   }
   EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 
@@ -476,18 +424,6 @@ TEST(AttentionCuda, ReportsKernels) {
     [](const AttentionCase& c) { run_case(c, c.backward); },
     [](const AttentionCase& c) { return attention_cuda_head_dim_compiled(c.shape.head_dim); });
 
-// Forces the wgmma backward's dQ convert ("separate" or "fused") for a scope.
-class ForcedDqConvert {
- public:
-  explicit ForcedDqConvert(const char* convert) : before_(attention_cuda_force_backward_convert(convert)) {}
-  ~ForcedDqConvert() { attention_cuda_force_backward_convert(before_.c_str()); }
-  ForcedDqConvert(const ForcedDqConvert&) = delete;
-  ForcedDqConvert& operator=(const ForcedDqConvert&) = delete;
-
- private:
-  std::string before_;
-};
-
 // Small shapes covering every code path (masking, GQA, varlen, dropout, deterministic
 // semaphores) for compute-sanitizer memcheck / racecheck runs:
 //   compute-sanitizer --tool racecheck attention_cuda_test --gtest_filter=*SmallShapes*
@@ -499,16 +435,6 @@ TEST(AttentionCuda, SmallShapesForSanitizer) {
              Determinism::fast, 5, /*compare=*/false);
     run_case({"small varlen", varlen({3, 0, 80}, {5, 2, 70}, 2, 1, d, Mask::causal, 0.0f), {}, bf}, true,
              Determinism::deterministic, 5, /*compare=*/false);
-  }
-  // The wgmma backward's fused dQ convert (its arrival counters, and the preprocess's zero rows
-  // for query rows that see no key).
-  const ForcedDqConvert fused("fused");
-  for (int d : {64, 128}) {
-    if (!attention_cuda_head_dim_compiled(d)) continue;
-    run_case({"small fused convert", dense(2, 200, 90, 4, 2, d, Mask::causal, 0.0f), {}, bf}, true,
-             Determinism::fast, 5, /*compare=*/false);
-    run_case({"small fused convert varlen", varlen({3, 0, 150}, {5, 2, 70}, 2, 1, d, Mask::causal, 0.0f), {}, bf},
-             true, Determinism::deterministic, 5, /*compare=*/false);
   }
 }
 
@@ -1051,117 +977,6 @@ TEST(AttentionCuda, DeterministicBackwardMatchesReference) {
   if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
   run_case({"det ref", dense(2, 300, 300, 4, 2, 64, Mask::causal, 0.0f), {}, DType::bf16}, true,
            Determinism::deterministic);
-}
-
-// Two backwards of the same inputs and seed, one with the fused dQ convert and one with the
-// separate kernel: dK and dV bit for bit (the convert never touches them); dQ bit for bit in
-// deterministic mode (the same fp32 sums in the same order, converted alike), otherwise within
-// two units in the last place of the element type (the atomics add in another order).
-void expect_same_backward(const Outputs& fused, const Outputs& separate, DType dtype, Determinism det,
-                          const std::string& name) {
-  EXPECT_TRUE(fused.dk_bits == separate.dk_bits) << name << ": dK differs";
-  EXPECT_TRUE(fused.dv_bits == separate.dv_bits) << name << ": dV differs";
-  ASSERT_EQ(fused.dq.size(), separate.dq.size()) << name;
-  if (det == Determinism::deterministic) {
-    EXPECT_TRUE(fused.dq_bits == separate.dq_bits) << name << ": deterministic dQ differs between the converts";
-    return;
-  }
-  const double ulp = dtype == DType::bf16 ? 0x1p-8 : 0x1p-11;
-  double sum_sq = 0.0;
-  for (float x : separate.dq) sum_sq += double(x) * x;
-  const double rms = separate.dq.empty() ? 0.0 : std::sqrt(sum_sq / double(separate.dq.size()));
-  int64_t far = 0, first_far = -1;
-  for (size_t i = 0; i < fused.dq.size(); ++i) {
-    const double diff = std::abs(double(fused.dq[i]) - double(separate.dq[i]));
-    if (!(diff <= 2.0 * ulp * (std::abs(double(separate.dq[i])) + rms))) {
-      if (first_far < 0) first_far = int64_t(i);
-      ++far;
-    }
-  }
-  EXPECT_EQ(far, 0) << name << ": dQ differs by more than 2 units in the last place, first at " << first_far << ": "
-                    << (first_far >= 0 ? fused.dq[first_far] : 0.f) << " vs "
-                    << (first_far >= 0 ? separate.dq[first_far] : 0.f);
-}
-
-// The wgmma backward's fused dQ convert against the separate convert kernel (bit for bit in
-// deterministic mode) and against the fp64 reference, deterministic and not: lengths 1, 17,
-// 127, 129, 255, 257 and 1000 (query blocks of 128 rows at d64 and 64 at d128, one or several
-// key blocks of 128), rows that see no key (causal, seqlen_q > seqlen_k: query blocks that no
-// key block touches, written by the preprocess), GQA and MQA, varlen with empty and ragged
-// sequences, dropout (the kernel without the persistent scheduler), bf16 and fp16.
-TEST(AttentionCuda, BackwardFusedDqConvertMatchesSeparate) {
-  EXPECT_THROW(attention_cuda_force_backward_convert("late"), flashgpt::Error);
-  bool ran = false;
-  for (int d : {64, 128}) {
-    if (!attention_cuda_head_dim_compiled(d)) continue;
-    ran = true;
-    const auto bf = DType::bf16, fp = DType::f16;
-    const Mask none = Mask::none, causal = Mask::causal;
-    const std::vector<AttentionCase> cases = {
-        {"len 1", dense(1, 1, 1, 2, 1, d, none, 0.0f), {}, bf},
-        {"len 17 causal gqa", dense(2, 17, 17, 4, 2, d, causal, 0.0f), {}, fp},
-        {"len 127 dropout", dense(1, 127, 127, 2, 2, d, none, 0.1f), {}, bf},
-        {"len 129 causal mqa dropout", dense(2, 129, 129, 4, 1, d, causal, 0.1f), {}, bf},
-        {"len 255 gqa", dense(1, 255, 255, 4, 2, d, none, 0.0f), {}, fp},
-        {"len 257 causal", dense(1, 257, 257, 2, 2, d, causal, 0.0f), {}, bf},
-        {"len 1000 causal gqa dropout", dense(1, 1000, 1000, 4, 2, d, causal, 0.1f), {}, bf},
-        {"len 1000 mqa", dense(1, 1000, 1000, 2, 1, d, none, 0.0f), {}, fp},
-        {"q 300 k 17 causal (rows without keys)", dense(2, 300, 17, 2, 1, d, causal, 0.0f), {}, bf},
-        {"q 17 k 300 causal dropout", dense(1, 17, 300, 2, 2, d, causal, 0.1f), {}, fp},
-        {"varlen causal ragged", varlen({300, 5, 129, 1}, {17, 200, 129, 1000}, 4, 2, d, causal, 0.0f), {}, bf},
-        {"varlen empty dropout", varlen({3, 0, 80, 257}, {5, 2, 70, 257}, 2, 1, d, none, 0.2f), {}, fp},
-    };
-    for (const AttentionCase& c : cases) {
-      for (const Determinism det : {Determinism::fast, Determinism::deterministic}) {
-        const std::string name = "d" + std::to_string(d) + " " + c.name +
-                                 (det == Determinism::deterministic ? " deterministic" : " fast");
-        Outputs fused, separate;
-        {
-          const ForcedDqConvert forced("fused");
-          EXPECT_STREQ(attention_cuda_backward_convert(), "fused");
-          fused = run_case({name + " fused", c.shape, {}, c.dtype}, true, det, 13, /*compare=*/true);
-        }
-        {
-          const ForcedDqConvert forced("separate");
-          separate = run_case({name + " separate", c.shape, {}, c.dtype}, true, det, 13, /*compare=*/false);
-        }
-        expect_same_backward(fused, separate, c.dtype, det, name);
-      }
-    }
-  }
-  if (!ran) GTEST_SKIP() << "neither d64 nor d128 compiled";
-}
-
-// The fused convert's arrival counters are zeroed by every call (by the preprocess, with the
-// accumulator): on a workspace that starts as 0xFF bytes, then called again and replayed from
-// a CUDA graph on the same workspace, each time after dQ is poisoned, every call writes every
-// dQ element (a counter left over would make no block the last, or one too early), matching the
-// reference and, in deterministic mode, the first call bit for bit. Also the separate convert,
-// whose workspace contract is the same.
-TEST(AttentionCuda, BackwardRepeatsAndGraphReplaysOnOneWorkspace) {
-  bool ran = false;
-  for (int d : {64, 128}) {
-    if (!attention_cuda_head_dim_compiled(d)) continue;
-    ran = true;
-    for (const char* convert : {"fused", "separate"}) {
-      const ForcedDqConvert forced(convert);
-      for (const float dropout : {0.0f, 0.1f}) {
-        for (const Determinism det : {Determinism::fast, Determinism::deterministic}) {
-          const std::string name = "d" + std::to_string(d) + " " + convert + (dropout > 0 ? " dropout" : "") +
-                                   (det == Determinism::deterministic ? " deterministic" : " fast");
-          const AttentionCase c{name, dense(2, 257, 257, 4, 2, d, Mask::causal, dropout), {}, DType::bf16};
-          for (const bool graph : {false, true}) {
-            BackwardRuns runs;
-            runs.poison_workspace = true;
-            runs.repeats = 2;
-            runs.graph = graph;
-            run_case(c, true, det, 17, /*compare=*/true, Reference::in_test, runs);
-          }
-        }
-      }
-    }
-  }
-  if (!ran) GTEST_SKIP() << "neither d64 nor d128 compiled";
 }
 
 TEST(AttentionCuda, EntryPointsRejectBadInput) {

@@ -10,9 +10,7 @@
 //      memory and fp32 atomics into a workspace accumulator (in deterministic mode the
 //      CTAs of one query block add in key-block order behind a per-block semaphore);
 //   3. convert: dQ = accumulator, cast to the input type, strided.
-// The wgmma kernel (flash_bwd_wgmma_kernel.cuh) shares 1 and 3 (with its own dQ layout), or
-// folds 3 into 2 (BwdPlan::dq_convert == fused): the key block that adds last to a part of
-// the accumulator converts that part (see dq_block_contributors).
+// The wgmma kernel (flash_bwd_wgmma_kernel.cuh) shares 1 and 3 (with its own dQ layout).
 // With dropout Z = mask * 256 / (256 - t) (philox.h): dV += (P Z)^T dO and dS = P (dP Z - D).
 #pragma once
 
@@ -64,8 +62,7 @@ struct BwdTraits {
 // threads share a row. CTA x of (head, b) owns rows [x kRows, (x + 1) kRows) of the padded
 // accumulator (ws.dq_rows, a multiple of kRows) and zeroes that many rows' worth of floats at
 // that offset, which covers the accumulator once in either of its layouts. The first thread
-// also zeroes the persistent backward's tile counter, and the CTAs of (head, b) zero that
-// head's dQ arrival counters (the fused convert's).
+// also zeroes the persistent backward's tile counter.
 template <int kHeadDim>
 struct BwdPreprocessShape {
   static constexpr int kThreads = 256;
@@ -75,30 +72,9 @@ struct BwdPreprocessShape {
   static_assert(kDqRowAlign % kRows == 0, "the padded accumulator is whole CTAs of rows");
 };
 
-// The fused dQ convert (wgmma kernel, BwdPlan::dq_convert == fused): how many key blocks of
-// block_n keys add to query block m_block (block_m rows) of batch entry `seq`, i.e. the CTAs
-// whose BwdGlobal iterates over it. Key block n has m_begin = max(0, n block_n - diag) / block_m
-// (causal; 0 otherwise), and m_begin <= m_block iff n block_n - diag < (m_block + 1) block_m;
-// so the key blocks that touch a query block are 0 .. count - 1 (the prefix that the
-// deterministic semaphore relies on too). 0 for query rows that see no key (causal with
-// seqlen_q > seqlen_k, or a batch entry without keys): nobody converts those, the preprocess
-// writes their zeros.
-__device__ __forceinline__ int dq_block_contributors(const AttentionParams& p, const SeqInfo& seq, int m_block,
-                                                     int block_m, int block_n) {
-  const int n_blocks = (seq.seqlen_k + block_n - 1) / block_n;
-  if (p.mask != Mask::causal) return n_blocks;
-  const int64_t limit = int64_t(m_block + 1) * block_m + (seq.seqlen_k - seq.seqlen_q);  // n block_n < limit
-  if (limit <= 0) return 0;
-  const int64_t touching = (limit + block_n - 1) / block_n;
-  return touching < n_blocks ? int(touching) : n_blocks;
-}
-
-// fused_block_m > 0 (the wgmma kernel with the fused convert, query blocks of fused_block_m rows
-// and key blocks of fused_block_n): also writes dQ = 0 for the rows of query blocks that no key
-// block adds to (dq_block_contributors is 0), which the main kernel never converts.
 template <typename Element, int kHeadDim>
 __global__ void __launch_bounds__(BwdPreprocessShape<kHeadDim>::kThreads)
-    flash_bwd_preprocess_kernel(const KernelParams p, BwdWorkspace ws, int fused_block_m, int fused_block_n) {
+    flash_bwd_preprocess_kernel(const KernelParams p, BwdWorkspace ws) {
   using Shape = BwdPreprocessShape<kHeadDim>;
   const int head = blockIdx.y, b = p.batch_begin + int(blockIdx.z);
   const int tid = threadIdx.x;
@@ -107,9 +83,6 @@ __global__ void __launch_bounds__(BwdPreprocessShape<kHeadDim>::kThreads)
     float4* zero = reinterpret_cast<float4*>(ws.dq_accum + ((int64_t(b) * p.heads_q + head) * ws.dq_rows +
                                                             int64_t{blockIdx.x} * Shape::kRows) * kHeadDim);
     for (int i = tid; i < Shape::kRows * kHeadDim / 4; i += Shape::kThreads) zero[i] = make_float4(0, 0, 0, 0);
-    int* arrivals = ws.dq_arrivals + (int64_t(b) * p.heads_q + head) * ws.dq_arrivals_per_head;
-    for (int i = blockIdx.x * Shape::kThreads + tid; i < ws.dq_arrivals_per_head; i += gridDim.x * Shape::kThreads)
-      arrivals[i] = 0;
   }
   const SeqInfo seq(p, b);
   const int row = blockIdx.x * Shape::kRows + tid / Shape::kThreadsPerRow;
@@ -136,13 +109,6 @@ __global__ void __launch_bounds__(BwdPreprocessShape<kHeadDim>::kThreads)
 #pragma unroll
   for (int off = Shape::kThreadsPerRow / 2; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
   if (lane_in_row == 0 && row < seq.seqlen_q) ws.dot_do_o[(int64_t(b) * p.heads_q + head) * p.seqlen_q + row] = acc;
-  if (fused_block_m > 0 && row < seq.seqlen_q &&
-      dq_block_contributors(p, seq, row / fused_block_m, fused_block_m, fused_block_n) == 0) {
-    Element* dq = static_cast<Element*>(p.dq) +
-                  seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, head) + row * p.dq_row_stride;
-    for (int c = lane_in_row * 8; c < kHeadDim; c += Shape::kThreadsPerRow * 8)
-      *reinterpret_cast<uint4*>(dq + c) = make_uint4(0, 0, 0, 0);
-  }
 }
 
 // dQ = accumulator, cast and strided, with 16-byte reads of the accumulator.

@@ -60,20 +60,10 @@ void run_flash_bwd(const AttentionParams& p, const BwdPlan& plan, void* workspac
   const bool wgmma = plan.kernel == BwdKernel::wgmma;
   if (wgmma && !flash_bwd_has_wgmma<kHeadDim, Element>())
     plan_error("attention (CUDA): internal error: the plan names the wgmma backward, which this instance lacks");
-  // Fused dQ convert: the wgmma kernel converts, the preprocess writes the rows it never
-  // reaches, and the convert kernel does not run.
-  const bool fused_convert = wgmma && plan.dq_convert == DqConvert::fused;
-  int fused_block_m = 0, fused_block_n = 0;
-  if constexpr (kBwdWgmmaKernel<kHeadDim>) {
-    if (fused_convert) {
-      fused_block_m = BwdWgmmaTraitsFor<kHeadDim, Element>::kBlockM;
-      fused_block_n = BwdWgmmaTraitsFor<kHeadDim, Element>::kBlockN;
-    }
-  }
   BwdWorkspace ws{};
   const size_t bytes = bwd_workspace_layout(p, Traits::kBlockM, static_cast<char*>(workspace), &ws);
-  // The preprocess zeroes the dQ accumulator, the tile counter and the dQ arrival counters and
-  // writes D; the semaphores start at zero.
+  // The preprocess zeroes the dQ accumulator and the tile counter and writes D; the semaphores
+  // start at zero.
   if (plan.deterministic && bytes > 0) {
     const size_t sem_offset = reinterpret_cast<char*>(ws.semaphores) - static_cast<char*>(workspace);
     FLASHGPT_CUDA_CHECK(cudaMemsetAsync(ws.semaphores, 0, bytes - sem_offset, stream));
@@ -82,8 +72,7 @@ void run_flash_bwd(const AttentionParams& p, const BwdPlan& plan, void* workspac
     using Shape = BwdPreprocessShape<kHeadDim>;
     for_each_batch_slice(p, [&](const KernelParams& kp, unsigned batch) {
       const dim3 grid(unsigned(ws.dq_rows / Shape::kRows), unsigned(p.heads_q), batch);
-      flash_bwd_preprocess_kernel<Element, kHeadDim>
-          <<<grid, Shape::kThreads, 0, stream>>>(kp, ws, fused_block_m, fused_block_n);
+      flash_bwd_preprocess_kernel<Element, kHeadDim><<<grid, Shape::kThreads, 0, stream>>>(kp, ws);
       check_launch("launch of kernel flash_bwd_preprocess_kernel");
     });
   }
@@ -105,14 +94,12 @@ void run_flash_bwd(const AttentionParams& p, const BwdPlan& plan, void* workspac
           if (p.seqlen_q <= 0)  // no preprocess ran
             FLASHGPT_CUDA_CHECK(cudaMemsetAsync(ws.tile_counter, 0, sizeof(int), stream));
           KernelParams kp{p};
-          kernel<<<grid, WgTraits::kThreads, WgTraits::kSmemBytes, stream>>>(kp, plan.scale, ws, plan.deterministic,
-                                                                             fused_convert);
+          kernel<<<grid, WgTraits::kThreads, WgTraits::kSmemBytes, stream>>>(kp, plan.scale, ws, plan.deterministic);
           check_launch("launch of kernel flash_bwd_wgmma_kernel");
         } else {
           for_each_batch_slice(p, [&](const KernelParams& kp, unsigned batch) {
             const dim3 grid(unsigned(n_blocks), unsigned(p.heads_kv), batch);
-            kernel<<<grid, WgTraits::kThreads, WgTraits::kSmemBytes, stream>>>(kp, plan.scale, ws, plan.deterministic,
-                                                                             fused_convert);
+            kernel<<<grid, WgTraits::kThreads, WgTraits::kSmemBytes, stream>>>(kp, plan.scale, ws, plan.deterministic);
             check_launch("launch of kernel flash_bwd_wgmma_kernel");
           });
         }
@@ -130,7 +117,7 @@ void run_flash_bwd(const AttentionParams& p, const BwdPlan& plan, void* workspac
       });
     }
   }
-  if (p.batch > 0 && p.seqlen_q > 0 && !fused_convert) {
+  if (p.batch > 0 && p.seqlen_q > 0) {
     for_each_batch_slice(p, [&](const KernelParams& kp, unsigned batch) {
       if constexpr (kBwdWgmmaKernel<kHeadDim>) {
         if (wgmma) {

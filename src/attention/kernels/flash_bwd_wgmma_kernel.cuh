@@ -20,15 +20,6 @@
 //                      atomic (8 a thread, instead of 16 float2 ones in row-major order).
 //                      (A bulk reduce-add of the sub-tile from shared memory instead measured
 //                      0.72-0.90x FA2 against the atomics' 0.89-1.03x.)
-//                      Fused convert (fused_convert): the key block that adds last to a
-//                      sub-tile converts it to dQ (the separate convert kernel does not run).
-//                      Which one is last: in deterministic mode key block count - 1, where
-//                      count = dq_block_contributors (the blocks add in key-block order);
-//                      else the warpgroup whose arrival on the sub-tile's counter
-//                      (ws.dq_arrivals, after its atomics, a barrier and a fence) returns
-//                      count - 1. Its threads read back their own float4s through L2 and
-//                      store them as bf16/fp16 pairs. No thread waits for another CTA, so
-//                      this adds no deadlock when not every CTA is resident.
 // The accumulator of m64nN is, per warp, the m16n8 C fragment layout tiled along N: this
 // thread's rows (keys) are 16 (warp % 4) + lane / 4 (+ 8), exactly one m16 key tile of the
 // mma.sync kernel, so the masking and the dropout bytes (dropout_key_column_bytes) are the same.
@@ -43,7 +34,6 @@
 #include "flash_tiles.cuh"
 #include "flash_bwd_kernel.cuh"
 #include "flash_common.cuh"
-#include "hopper_common.cuh"
 #include "wgmma_common.cuh"
 
 #ifndef FLASHGPT_BWD_DS_STORE_LATE
@@ -107,8 +97,6 @@ struct BwdWgmmaTraits {
   static constexpr bool kLseAsync = (kHeadDim == 64 ? FLASHGPT_BWD64_LSE_ASYNC : FLASHGPT_BWD128_LSE_ASYNC) != 0;
   static constexpr int kDqQueryBlocks = kBlockM / 64;
   static_assert(kDqQueryBlocks * (kHeadDim / 64) == kWarpgroups, "one 64 x 64 dQ sub-tile per warpgroup");
-  // The fused dQ convert's float4 reads in flight per thread, without and with dropout.
-  __host__ __device__ static constexpr int convert_unroll(bool dropout) { return kHeadDim == 64 && dropout ? 4 : 8; }
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kTileDsBytes = kBlockN * kBlockM * 2;
@@ -129,8 +117,7 @@ struct BwdWgmmaTraits {
 // in the loop, the backward 25% slower).
 template <typename Traits, bool kDropout>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
-    flash_bwd_wgmma_kernel(const KernelParams p, float scale, BwdWorkspace ws, bool deterministic,
-                           bool fused_convert) {
+    flash_bwd_wgmma_kernel(const KernelParams p, float scale, BwdWorkspace ws, bool deterministic) {
 #ifdef FLASHGPT_WGMMA_AVAILABLE
   using Element = typename Traits::Element;
   using Ops = ElementOps<Element>;
@@ -255,7 +242,6 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // when not every CTA of the grid is resident (a first tile read off blockIdx.x could wait for
   // a CTA that has no SM yet).
   __shared__ int next_tile_slot[2];
-  __shared__ int dq_last_arrival[Traits::kWarpgroups];  // fused convert: this warpgroup converts
   int tile_index = 0;
   if constexpr (kPersistent) {
     if (tid == 0) next_tile_slot[1] = atomicAdd(ws.tile_counter, 1);
@@ -450,56 +436,11 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       for (int q = 0; q < 8; ++q)
         atomicAdd(reinterpret_cast<float4*>(gdq + (q * 128 + tid % 128) * 4),
                   make_float4(dq[q][0] * scale, dq[q][1] * scale, dq[q][2] * scale, dq[q][3] * scale));
-      // Fused convert: whether this warpgroup adds last to its sub-tile (the conversion waits
-      // for dK's GEMM, so that its registers are not live beside dS^T's A fragments).
-      bool convert_dq = false;
-      if (fused_convert) {
-        const int count = dq_block_contributors(p, seq, m_block, kBlockM, kBlockN);
-        if (deterministic) {
-          // The semaphore wait made key blocks 0 .. n_block - 1's adds visible; this thread's
-          // own adds are ordered before its loads below (same addresses).
-          convert_dq = n_block == count - 1;
-        } else {
-          // The warpgroup's adds, then its one arrival on the sub-tile's counter. The barrier
-          // orders every thread's adds before the leader's fence, which is cumulative (the
-          // pattern of cooperative groups' grid sync: no thread but the leader waits for its
-          // atomics to land); the last arrival's leader fences again before its warpgroup reads.
-          named_barrier_sync(1 + wg, 128);
-          if (tid % 128 == 0) {
-            int* const arrivals = ws.dq_arrivals + (int64_t(b) * p.heads_q + head) * ws.dq_arrivals_per_head +
-                                  (m0 / 64 + dq_qb) * (kHeadDim / 64) + dq_db;
-            __threadfence();
-            const bool last = atomicAdd(arrivals, 1) == count - 1;
-            if (last) __threadfence();
-            dq_last_arrival[wg] = last;
-          }
-          named_barrier_sync(1 + wg, 128);
-          convert_dq = dq_last_arrival[wg] != 0;
-        }
-      }
       if (deterministic) dq_semaphore_release(semaphore);
       // dK's GEMM (still reading this stage's Q) is done before the next iteration's barrier.
       wgmma_wait<0>();
       fence_operands(acc_dk);
       fence_operands(dsa);
-      if (convert_dq) {
-        // Every key block has added to this sub-tile: convert it. This thread's C fragment:
-        // rows 16 warp_in_wg + g (+ 8), columns 8 q + 2 t (+ 1), read through L2 (other SMs
-        // added to it); rows past the sequence are not written.
-        __threadfence();
-        Element* const dq_out =
-            static_cast<Element*>(p.dq) + seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, head);
-        const int row0 = m0 + dq_qb * 64 + warp_in_wg * 16 + g;
-#pragma unroll Traits::convert_unroll(kDropout)
-        for (int q = 0; q < 8; ++q) {
-          const float4 v = __ldcg(reinterpret_cast<const float4*>(gdq + (q * 128 + tid % 128) * 4));
-          const int col = dq_db * 64 + q * 8 + 2 * t;
-          if (row0 < seq.seqlen_q)
-            *reinterpret_cast<uint32_t*>(dq_out + int64_t{row0} * p.dq_row_stride + col) = Ops::pack(v.x, v.y);
-          if (row0 + 8 < seq.seqlen_q)
-            *reinterpret_cast<uint32_t*>(dq_out + int64_t{row0 + 8} * p.dq_row_stride + col) = Ops::pack(v.z, v.w);
-        }
-      }
     }
     // Every warpgroup's GEMMs of this tile are done (each thread waited for its own): K, V and
     // both stages are free for the next tile's copies, which run while dK and dV go out.

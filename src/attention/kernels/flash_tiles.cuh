@@ -151,19 +151,13 @@ template <> struct WgmmaTileConfig<256> {
 //   dot_do_o [batch, heads_q, seqlen_q]
 //   tile_counter [1]   the persistent wgmma kernel's next tile (zeroed by the preprocess)
 //   semaphores [batch, heads_q, m_blocks]          (deterministic mode only)
-//   dq_arrivals [batch, heads_q, dq_rows / 64, max(1, head_dim / 64)]   the wgmma kernel's
-//            fused dQ convert (not deterministic): how many key blocks have added to each
-//            64 x 64 sub-tile of the accumulator, in the sub-tiles' order (zeroed by the
-//            preprocess)
 constexpr int kDqRowAlign = 128;
 struct BwdWorkspace {
   float* dq_accum;
   float* dot_do_o;
   int* tile_counter;
   int* semaphores;
-  int* dq_arrivals;
   int dq_rows;
-  int dq_arrivals_per_head;  // entries of dq_arrivals per (batch entry, head)
 };
 
 inline std::size_t bwd_align(std::size_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -176,18 +170,14 @@ inline std::size_t bwd_workspace_layout(const AttentionParams& p, int block_m, c
   const std::size_t d_bytes = bwd_align(rows * sizeof(float));
   const std::size_t counter_bytes = bwd_align(sizeof(int));
   const std::size_t sem_bytes = bwd_align(std::size_t(p.batch) * p.heads_q * m_blocks * sizeof(int));
-  const std::size_t arrivals_per_head = dq_rows / 64 * std::size_t(p.head_dim >= 64 ? p.head_dim / 64 : 1);
-  const std::size_t arrival_bytes = bwd_align(std::size_t(p.batch) * p.heads_q * arrivals_per_head * sizeof(int));
   if (ws != nullptr) {
     ws->dq_accum = reinterpret_cast<float*>(base);
     ws->dot_do_o = reinterpret_cast<float*>(base + dq_bytes);
     ws->tile_counter = reinterpret_cast<int*>(base + dq_bytes + d_bytes);
     ws->semaphores = reinterpret_cast<int*>(base + dq_bytes + d_bytes + counter_bytes);
-    ws->dq_arrivals = reinterpret_cast<int*>(base + dq_bytes + d_bytes + counter_bytes + sem_bytes);
     ws->dq_rows = static_cast<int>(dq_rows);
-    ws->dq_arrivals_per_head = static_cast<int>(arrivals_per_head);
   }
-  return dq_bytes + d_bytes + counter_bytes + sem_bytes + arrival_bytes;
+  return dq_bytes + d_bytes + counter_bytes + sem_bytes;
 }
 
 inline std::size_t bwd_workspace_bytes(const AttentionParams& p, int block_m) {
