@@ -506,6 +506,18 @@ TEST(AttentionCuda, BatchOverGridLimit) {
   }
 }
 
+// A dense case of seqlen_q x seqlen_k named "<what> <sq>x<sk>[ causal] bf16|fp16": batch 2 of 4
+// query heads over 2 K/V heads, or, above 100,000 scores a head (the reference's time), one
+// entry of 2 heads over 1.
+AttentionCase lengths_case(const std::string& what, int sq, int sk, int d, Mask mask, DType dtype, float dropout) {
+  const bool big = sq * sk > 100000;
+  return {what + " " + std::to_string(sq) + "x" + std::to_string(sk) + (mask == Mask::causal ? " causal" : "") +
+              (dtype == DType::bf16 ? " bf16" : " fp16"),
+          dense(big ? 1 : 2, sq, sk, big ? 2 : 4, big ? 1 : 2, d, mask, dropout),
+          {},
+          dtype};
+}
+
 // The forward at the shapes that stress the TMA kernel's pipeline (FLASHGPT_ATTN_FWD_KERNEL=tma
 // runs it; the ctest attention_cuda_test_tma sets that): key-block counts 1 to 5 (its ring has
 // 2 or 3 stages of 128 keys), lengths one short of and one past a block, 1 and 17, a length of
@@ -523,13 +535,7 @@ TEST(AttentionCuda, ForwardPipelineShapes) {
       if (!attention_cuda_head_dim_compiled(d)) continue;
       for (Mask mask : {Mask::none, Mask::causal})
         for (const Lengths& l : lengths) {
-          const bool big = l.sq * l.sk > 100000;
-          const AttentionCase c{"pipeline d" + std::to_string(d) + " " + std::to_string(l.sq) + "x" +
-                                    std::to_string(l.sk) + (mask == Mask::causal ? " causal" : "") +
-                                    (dtype == DType::bf16 ? " bf16" : " fp16"),
-                                dense(big ? 1 : 2, l.sq, l.sk, big ? 2 : 4, big ? 1 : 2, d, mask, 0.0f),
-                                {},
-                                dtype};
+          const AttentionCase c = lengths_case("pipeline d" + std::to_string(d), l.sq, l.sk, d, mask, dtype, 0.0f);
           SCOPED_TRACE(c.name);
           run_case(c, /*backward=*/false);
         }
@@ -578,14 +584,9 @@ TEST(AttentionCuda, ForwardPipelineShapesEveryTma64Tile) {
     for (DType dtype : {DType::bf16, DType::f16})
       for (Mask mask : {Mask::none, Mask::causal})
         for (const Lengths& l : lengths) {
-          const bool big = l.sq * l.sk > 100000;
-          if (big && dtype == DType::f16) continue;  // the long loop in bf16 only (reference time)
-          const AttentionCase c{"tma tile " + std::to_string(tile) + " d64 " + std::to_string(l.sq) + "x" +
-                                    std::to_string(l.sk) + (mask == Mask::causal ? " causal" : "") +
-                                    (dtype == DType::bf16 ? " bf16" : " fp16"),
-                                dense(big ? 1 : 2, l.sq, l.sk, big ? 2 : 4, big ? 1 : 2, 64, mask, 0.0f),
-                                {},
-                                dtype};
+          if (l.sq * l.sk > 100000 && dtype == DType::f16) continue;  // the long loop in bf16 only (reference time)
+          const AttentionCase c =
+              lengths_case("tma tile " + std::to_string(tile) + " d64", l.sq, l.sk, 64, mask, dtype, 0.0f);
           SCOPED_TRACE(c.name);
           run_case(c, /*backward=*/false);
         }
@@ -705,13 +706,8 @@ TEST(AttentionCuda, TmaForwardDropoutMatchesWgmma) {
     for (DType dtype : {DType::bf16, DType::f16})
       for (Mask mask : {Mask::none, Mask::causal})
         for (const Lengths& l : lengths) {
-          const bool big = l.sq * l.sk > 100000;
-          const AttentionCase c{"tma vs wgmma dropout d" + std::to_string(d) + " " + std::to_string(l.sq) + "x" +
-                                    std::to_string(l.sk) + (mask == Mask::causal ? " causal" : "") +
-                                    (dtype == DType::bf16 ? " bf16" : " fp16"),
-                                dense(big ? 1 : 2, l.sq, l.sk, big ? 2 : 4, big ? 1 : 2, d, mask, 0.15f),
-                                {},
-                                dtype};
+          const AttentionCase c =
+              lengths_case("tma vs wgmma dropout d" + std::to_string(d), l.sq, l.sk, d, mask, dtype, 0.15f);
           SCOPED_TRACE(c.name);
           Outputs tma, wgmma;
           {
