@@ -80,7 +80,9 @@ TEST(Sampling, AllowedSetFollowsTheDefinition) {
         std::vector<TokenId> common;
         std::set_intersection(got.begin(), got.end(), want.begin(), want.end(), std::back_inserter(common));
         EXPECT_GE(common.size() + 1, std::max(got.size(), want.size())) << V << " " << k << " " << p;
-        if (k > 0) EXPECT_LE(got.size(), size_t(k));
+        if (k > 0) {
+          EXPECT_LE(got.size(), size_t(k));
+        }
       }
     }
   }
@@ -274,8 +276,8 @@ std::vector<GenerationResult> run(const std::vector<std::vector<TokenId>>& promp
 TEST(Generate, BatchingDoesNotChangeTheOutput) {
   FLASHGPT_REQUIRE_TOKENIZER_DIR();  // run() decodes with cl100k_base
   const auto prompts = prompts_of({3, 20, 1, 9, 40, 2});
-  for (GenerateConfig config : {GenerateConfig{.max_new_tokens = 12, .sampling = {.greedy = true}},
-                                GenerateConfig{.max_new_tokens = 12, .sampling = {.top_k = 50, .top_p = 0.9f, .seed = 7}}}) {
+  for (GenerateConfig config : {GenerateConfig{.max_new_tokens = 12, .sampling = {.greedy = true}, .stop = {}},
+                                GenerateConfig{.max_new_tokens = 12, .sampling = {.top_k = 50, .top_p = 0.9f, .seed = 7}, .stop = {}}}) {
     std::vector<std::string> streamed;
     const auto alone = run(prompts, config, 1, &streamed);
     for (int64_t slots : {2, 8}) {
@@ -296,7 +298,7 @@ TEST(Generate, BatchingDoesNotChangeTheOutput) {
 TEST(Generate, SampledOutputRepeatsWithTheSeedAndChangesWithAnother) {
   FLASHGPT_REQUIRE_TOKENIZER_DIR();  // run() decodes with cl100k_base
   const auto prompts = prompts_of({4, 4, 10});
-  GenerateConfig config{.max_new_tokens = 16, .sampling = {.temperature = 1.0f, .seed = 1}};
+  GenerateConfig config{.max_new_tokens = 16, .sampling = {.temperature = 1.0f, .seed = 1}, .stop = {}};
   config.stop_at_end_of_text = false;
   const auto a = run(prompts, config, 3), b = run(prompts, config, 3);
   config.sampling.seed = 2;
@@ -314,7 +316,7 @@ TEST(Generate, SampledOutputRepeatsWithTheSeedAndChangesWithAnother) {
 TEST(Generate, FinishReasons) {
   FLASHGPT_REQUIRE_TOKENIZER_DIR();  // run() decodes with cl100k_base
   const ModelConfig& c = tiny().config;
-  GenerateConfig config{.max_new_tokens = 5, .sampling = {.greedy = true}};
+  GenerateConfig config{.max_new_tokens = 5, .sampling = {.greedy = true}, .stop = {}};
   config.stop_at_end_of_text = false;
   auto r = run(prompts_of({3}), config, 1);
   EXPECT_EQ(r[0].finish, FinishReason::max_new_tokens);
@@ -361,13 +363,13 @@ TEST(Generate, StopsAtEndOfText) {
   }
   auto engine = inference_create_cpu(c, params, {.max_slots = 1});
   const std::vector<std::vector<TokenId>> prompts = {cl100k().encode_ordinary("Hello")};
-  auto r = generate_tokens(*engine, cl100k(), prompts, {.max_new_tokens = 10, .sampling = {.greedy = true}});
+  auto r = generate_tokens(*engine, cl100k(), prompts, {.max_new_tokens = 10, .sampling = {.greedy = true}, .stop = {}});
   EXPECT_EQ(r[0].finish, FinishReason::end_of_text);
   EXPECT_EQ(r[0].tokens, std::vector<TokenId>{eot});
   EXPECT_EQ(r[0].text, "");
   // Without the stop, its text appears in the output.
   r = generate_tokens(*engine, cl100k(), prompts,
-                      {.max_new_tokens = 2, .sampling = {.greedy = true}, .stop_at_end_of_text = false});
+                      {.max_new_tokens = 2, .sampling = {.greedy = true}, .stop = {}, .stop_at_end_of_text = false});
   EXPECT_EQ(r[0].text, "<|endoftext|><|endoftext|>");
 }
 

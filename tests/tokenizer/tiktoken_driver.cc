@@ -83,7 +83,7 @@ int main(int argc, char** argv) {
         } else if (mode == "replace") {
           ids = tokenizer.encode_ordinary(text, flashgpt::InvalidUtf8::replace);
         } else if (mode == "special_all") {
-          ids = tokenizer.encode(text, flashgpt::SpecialTokenPolicy{.allow_all = true});
+          ids = tokenizer.encode(text, flashgpt::SpecialTokenPolicy{.allow_all = true, .allowed = {}});
         } else if (mode == "special_none") {
           ids = tokenizer.encode(text);
         } else {
