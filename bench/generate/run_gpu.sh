@@ -10,12 +10,9 @@ DIR=$(realpath "${1:?usage: run_gpu.sh DIR DATA}")
 DATA=$(realpath "${2:?usage: run_gpu.sh DIR DATA}")
 OUT=${OUT:-results/generate_gpu}
 mkdir -p "$OUT"
-export LD_LIBRARY_PATH="$DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYTHONUNBUFFERED=1
-if ldd "$DIR/flashgpt" | grep -q "not found"; then
-  extra=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + '/**/lib/lib*.so*', recursive=True)})))" 2>/dev/null)
-  export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$extra"
-  ldd "$DIR/flashgpt" | grep "not found" && echo "missing shared libraries" && exit 1
-fi
+export PYTHONUNBUFFERED=1
+source "$(dirname "${BASH_SOURCE[0]}")/../gpu_libs.sh"
+gpu_libs "$DIR" "$DIR/flashgpt" || exit 1
 export FLASHGPT_TOKENIZER_DIR="$DATA/tokenizers" FLASHGPT_BINARY_DIR="$DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 status=0

@@ -17,12 +17,9 @@ OUT=${OUT:-results/generate_persistent}
 DEADLINE=${DEADLINE:-300}
 L=$OUT
 mkdir -p "$L/persistent" "$L/fused" "$L/persistent_head"
-export LD_LIBRARY_PATH="$DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYTHONUNBUFFERED=1
-if ldd "$DIR/flashgpt" | grep -q "not found"; then
-  extra=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + '/**/lib/lib*.so*', recursive=True)})))" 2>/dev/null)
-  export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$extra"
-  ldd "$DIR/flashgpt" | grep "not found" && echo "missing shared libraries" && exit 1
-fi
+export PYTHONUNBUFFERED=1
+source "$(dirname "${BASH_SOURCE[0]}")/../gpu_libs.sh"
+gpu_libs "$DIR" "$DIR/flashgpt" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$L/gpu.txt"
 status=0
 lim() { local l=$((DEADLINE - SECONDS)); [ $l -gt $1 ] && l=$1; [ $l -lt 3 ] && l=3; echo $l; }

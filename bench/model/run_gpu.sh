@@ -11,13 +11,9 @@ DIR=${1:?usage: run_gpu.sh DIR [test|bench|train|sanitize|profile|all]...}
 shift
 OUT=${OUT:-results/model_gpu}
 mkdir -p "$OUT"
-export LD_LIBRARY_PATH="$DIR/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYTHONUNBUFFERED=1
-# CUDA libraries the machine's loader does not know: take PyTorch's wheels' copies.
-if ldd "$DIR/flashgpt" | grep -q "not found"; then
-  extra=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + '/*/lib/lib*.so*')})))" 2>/dev/null)
-  export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$extra"
-  ldd "$DIR/flashgpt" | grep "not found" && echo "missing shared libraries" && exit 1
-fi
+export PYTHONUNBUFFERED=1
+source "$(dirname "${BASH_SOURCE[0]}")/../gpu_libs.sh"
+gpu_libs "$DIR" "$DIR/flashgpt" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 status=0
 for step in "${@:-all}"; do

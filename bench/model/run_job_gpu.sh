@@ -23,14 +23,11 @@ RUN_ARGS=${RUN_ARGS:-}
 DEVICE=${DEVICE:-cuda}
 mkdir -p "$OUT"
 rm -rf "$WORK"
-export LD_LIBRARY_PATH="$BIN/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 export FLASHGPT_SOURCE_DIR="$(cd "$HERE/../.." && pwd)"  # scripts/plot_*.py
 FG="$BIN/flashgpt"
-if ldd "$FG" | grep -q "not found"; then  # CUDA libraries from PyTorch's wheels
-  extra=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + '/*/lib/lib*.so*')})))" 2>/dev/null)
-  export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$extra"
-  ldd "$FG" | grep "not found" && { echo "missing shared libraries"; exit 1; }
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/../gpu_libs.sh"
+gpu_libs "$BIN" "$FG" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | tee "$OUT/gpu.txt"
 "$FG" version | tee "$OUT/version.txt"
 
