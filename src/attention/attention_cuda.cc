@@ -193,9 +193,8 @@ bool device_is_sm90() {
 // cp.async wgmma kernel. It runs when FLASHGPT_ATTN_FWD_KERNEL=tma, and by default for a head dim
 // only where it is correct in every test and faster than the wgmma kernel in the benchmark
 // (docs/attention_gpu.md, "The TMA forward"): without dropout d128 (1.19-1.23x in all 12 rows on
-// an H100) and d64 with tile 3 (1.16-1.28x in all 13 rows, the model shape included). With
-// dropout (the model's training forward) it is the default too, on the strength of those rows:
-// its dropout timings against the wgmma kernel's are not yet measured (issue 18).
+// an H100) and d64 with tile 3 (1.16-1.28x in all 13 rows, the model shape included); with
+// dropout (the model's training forward) 1.14-1.22x in all 11 rows of d64 and d128.
 constexpr bool tma_forward_by_default(int head_dim) { return head_dim == 128 || head_dim == 64; }
 
 // The d64 TMA forward tile a call plans with: the forced one, or -1 (the instance's choice).

@@ -1,6 +1,7 @@
 // Device helpers shared by the CUDA inference engine's kernels (inference_cuda_kernels.cu)
-// and its persistent decode kernel (decode_persistent.cu): warp reductions, eight bf16 to
-// float, and GELU (tanh), the model's activation. Private to src/generate/; nvcc only.
+// and its persistent decode kernel (decode_persistent.cu): programmatic dependent launch,
+// warp reductions, eight bf16 to float, an L2 prefetch, and GELU (tanh), the model's
+// activation. Private to src/generate/; nvcc only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,6 +9,23 @@
 #include <cstdint>
 
 namespace flashgpt::inference_cuda {
+
+// Programmatic dependent launch (sm_90+): a kernel launched with the attribute may start
+// while the previous kernel in the stream still runs; pdl_wait() blocks until that kernel
+// has finished and its memory is visible (a no-op when launched without the attribute),
+// pdl_launch_dependents() lets the next kernel start launching. Every kernel of the fused
+// path calls pdl_wait() before it reads anything an earlier kernel wrote and before it
+// exits, so completion stays ordered down the whole chain.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
 
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -22,23 +22,6 @@ namespace {
 
 constexpr float kEps = 1e-5f;  // model.h's kLayerNormEps
 
-// Programmatic dependent launch (sm_90+): a kernel launched with the attribute may start
-// while the previous kernel in the stream still runs; pdl_wait() blocks until that kernel
-// has finished and its memory is visible (a no-op when launched without the attribute),
-// pdl_launch_dependents() lets the next kernel start launching. Every kernel of the fused
-// path calls pdl_wait() before it reads anything an earlier kernel wrote and before it
-// exits, so completion stays ordered down the whole chain.
-__device__ __forceinline__ void pdl_wait() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch_dependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-
 __global__ void embed_kernel(float* x, const TokenPlace* places, const float* wte, const float* wpe, int C) {
   pdl_wait();
   pdl_launch_dependents();
@@ -212,9 +195,9 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
   const float4* b4 = reinterpret_cast<const float4*>(p.ln_b);
   float4 g0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), h0 = g0;
   if (p.ln_w) {
-    const int first = kBlockLn ? static_cast<int>(blockDim.x) : 0;
+    const int in_registers = kBlockLn ? static_cast<int>(blockDim.x) : 0;  // float4s held as g0, h0
     if (kBlockLn && static_cast<int>(threadIdx.x) < n4) g0 = w4[threadIdx.x], h0 = b4[threadIdx.x];
-    for (int i = first + 8 * threadIdx.x; i < n4; i += 8 * blockDim.x) prefetch_l2(w4 + i), prefetch_l2(b4 + i);
+    for (int i = in_registers + 8 * threadIdx.x; i < n4; i += 8 * blockDim.x) prefetch_l2(w4 + i), prefetch_l2(b4 + i);
   }
   float bias0[RPW];
 #pragma unroll
@@ -237,35 +220,37 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
   // Prologue: the R input rows into shared memory as bf16. The LayerNorm's statistics are
   // sums shifted by the row's first value (so that a large mean costs no precision), then a
   // second pass normalises, its x from L1.
-  if (p.ln_w && !kBlockLn) {
-    bf16* xh = reinterpret_cast<bf16*>(xs);
+  bf16* xh = reinterpret_cast<bf16*>(xs);
+  auto add_shifted = [](const float4& v, float shift, float& s1, float& s2) {
+    const float a = v.x - shift, b = v.y - shift, c = v.z - shift, d = v.w - shift;
+    s1 += (a + b) + (c + d);
+    s2 += (a * a + b * b) + (c * c + d * d);
+  };
+  // Row r's float4 i, normalised with (mean, rstd), times g plus b, to bf16 in shared memory.
+  auto store_normalised = [&](int r, int i, const float4& v, float mean, float rstd, const float4& g, const float4& b) {
+    __nv_bfloat162* out2 = reinterpret_cast<__nv_bfloat162*>(xh + r * p.in);
+    out2[2 * i] = __floats2bfloat162_rn((v.x - mean) * rstd * g.x + b.x, (v.y - mean) * rstd * g.y + b.y);
+    out2[2 * i + 1] = __floats2bfloat162_rn((v.z - mean) * rstd * g.z + b.z, (v.w - mean) * rstd * g.w + b.w);
+  };
+  if (!p.ln_w) {
+    for (int i = threadIdx.x; i < R * chunks; i += blockDim.x) xs[i] = reinterpret_cast<const uint4*>(p.x_bf16)[i];
+  } else if constexpr (!kBlockLn) {
     if (warp < R) {
       const int64_t src = p.row_index ? p.row_index[warp] : warp;
       const float4* x4 = reinterpret_cast<const float4*>(p.x_f32 + src * p.in);
       const float shift = p.x_f32[src * p.in];
       float s1 = 0.0f, s2 = 0.0f;
 #pragma unroll 4
-      for (int i = lane; i < n4; i += 32) {
-        const float4 v = x4[i];
-        const float a = v.x - shift, b = v.y - shift, c = v.z - shift, d = v.w - shift;
-        s1 += (a + b) + (c + d);
-        s2 += (a * a + b * b) + (c * c + d * d);
-      }
+      for (int i = lane; i < n4; i += 32) add_shifted(x4[i], shift, s1, s2);
       const float mean_shifted = warp_sum(s1) / p.in;
       const float var = fmaxf(warp_sum(s2) / p.in - mean_shifted * mean_shifted, 0.0f);
       const float mean = shift + mean_shifted, rstd = rsqrtf(var + kEps);
-      __nv_bfloat162* out2 = reinterpret_cast<__nv_bfloat162*>(xh + warp * p.in);
 #pragma unroll 4
-      for (int i = lane; i < n4; i += 32) {
-        const float4 v = x4[i], g = w4[i], b = b4[i];
-        out2[2 * i] = __floats2bfloat162_rn((v.x - mean) * rstd * g.x + b.x, (v.y - mean) * rstd * g.y + b.y);
-        out2[2 * i + 1] = __floats2bfloat162_rn((v.z - mean) * rstd * g.z + b.z, (v.w - mean) * rstd * g.w + b.w);
-      }
+      for (int i = lane; i < n4; i += 32) store_normalised(warp, i, x4[i], mean, rstd, w4[i], b4[i]);
     }
-  } else if (p.ln_w) {
+  } else {
     // Every thread takes its float4s of every row, the first pass's loads all issued at once;
     // the sums are reduced over the block through shared memory (scratch: (2, warps, R)).
-    bf16* xh = reinterpret_cast<bf16*>(xs);
     const float4* x4[R];
     float shift[R], s1[R], s2[R];
 #pragma unroll
@@ -277,12 +262,7 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       s1[r] = 0.0f, s2[r] = 0.0f;
-      for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-        const float4 v = x4[r][i];
-        const float a = v.x - shift[r], b = v.y - shift[r], c = v.z - shift[r], d = v.w - shift[r];
-        s1[r] += (a + b) + (c + d);
-        s2[r] += (a * a + b * b) + (c * c + d * d);
-      }
+      for (int i = threadIdx.x; i < n4; i += blockDim.x) add_shifted(x4[r][i], shift[r], s1[r], s2[r]);
       s1[r] = warp_sum(s1[r]), s2[r] = warp_sum(s2[r]);
       if (lane == 0) scratch[warp * R + r] = s1[r], scratch[(kFusedWarps + warp) * R + r] = s2[r];
     }
@@ -295,16 +275,11 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
       const float mean_shifted = t1 / p.in;
       const float var = fmaxf(t2 / p.in - mean_shifted * mean_shifted, 0.0f);
       const float mean = shift[r] + mean_shifted, rstd = rsqrtf(var + kEps);
-      __nv_bfloat162* out2 = reinterpret_cast<__nv_bfloat162*>(xh + r * p.in);
       for (int i = threadIdx.x; i < n4; i += blockDim.x) {
-        const float4 v = x4[r][i];
-        const float4 g = i == static_cast<int>(threadIdx.x) ? g0 : w4[i], b = i == static_cast<int>(threadIdx.x) ? h0 : b4[i];
-        out2[2 * i] = __floats2bfloat162_rn((v.x - mean) * rstd * g.x + b.x, (v.y - mean) * rstd * g.y + b.y);
-        out2[2 * i + 1] = __floats2bfloat162_rn((v.z - mean) * rstd * g.z + b.z, (v.w - mean) * rstd * g.w + b.w);
+        const bool held = i == static_cast<int>(threadIdx.x);
+        store_normalised(r, i, x4[r][i], mean, rstd, held ? g0 : w4[i], held ? h0 : b4[i]);
       }
     }
-  } else {
-    for (int i = threadIdx.x; i < R * chunks; i += blockDim.x) xs[i] = reinterpret_cast<const uint4*>(p.x_bf16)[i];
   }
   __syncthreads();
   bool first = true;  // this warp's first rows: bias0, res0 and place0 hold their values
@@ -731,25 +706,12 @@ void embed_fused(float* x, const TokenPlace* places, const float* wte, const flo
 namespace {
 
 using inference_cuda::bf16;
+using inference_cuda::pdl_launch_dependents;
+using inference_cuda::pdl_wait;
 using inference_cuda::prefetch_l2;
+using inference_cuda::warp_sum;
 constexpr int kDecodeWarps = 4;
 constexpr int kDecodeGroup = 4;  // keys a warp loads before it uses the first
-
-__device__ __forceinline__ float warp_sum_d(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-__device__ __forceinline__ void pdl_wait_d() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void pdl_launch_dependents_d() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
 
 __host__ __device__ inline int max_splits(int max_length, int keys_per_split) { return (max_length + keys_per_split - 1) / keys_per_split; }
 
@@ -794,15 +756,16 @@ __global__ void __launch_bounds__(32 * kDecodeWarps) decode_partial_kernel(Decod
   const int start = s * p.keys_per_split;
   const int end = min(len, start + p.keys_per_split);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t base = static_cast<int64_t>(p.slots[r]) * p.slot_stride + h * D + lane * E;
+  const int64_t head0 = static_cast<int64_t>(p.slots[r]) * p.slot_stride + h * D;  // key 0 of this head
+  const int64_t base = head0 + lane * E;
   for (int j = start + static_cast<int>(threadIdx.x) / 2; j < end; j += blockDim.x / 2) {
-    const int64_t at = static_cast<int64_t>(p.slots[r]) * p.slot_stride + j * p.row_stride + h * D;
-    const bf16* row = (threadIdx.x & 1 ? static_cast<const bf16*>(p.v) : static_cast<const bf16*>(p.k)) + at;
+    const bf16* row = (threadIdx.x & 1 ? static_cast<const bf16*>(p.v) : static_cast<const bf16*>(p.k)) + head0 +
+                      static_cast<int64_t>(j) * p.row_stride;
 #pragma unroll
     for (int c = 0; c < D; c += 64) prefetch_l2(row + c);  // 128-byte lines
   }
-  pdl_wait_d();
-  pdl_launch_dependents_d();
+  pdl_wait();
+  pdl_launch_dependents();
   if (start >= len) return;
   extern __shared__ float shared[];
   float* scores = shared;                          // (keys_per_split)
@@ -829,7 +792,7 @@ __global__ void __launch_bounds__(32 * kDecodeWarps) decode_partial_kernel(Decod
       float dot = 0.0f;
 #pragma unroll
       for (int e = 0; e < E; ++e) dot += qf[e] * kf[g][e];
-      dot = warp_sum_d(dot);
+      dot = warp_sum(dot);
       const int j = j0 + g * kDecodeWarps;
       if (lane == 0 && j < end) scores[j - start] = dot;
     }
@@ -897,8 +860,8 @@ __global__ void __launch_bounds__(32 * kDecodeWarps) decode_partial_kernel(Decod
 // One warp per (head, row).
 template <int E>
 __global__ void decode_combine_kernel(DecodeAttentionCudaParams p) {
-  pdl_wait_d();
-  pdl_launch_dependents_d();
+  pdl_wait();
+  pdl_launch_dependents();
   decode_combine_warp<E>(p, /*r=*/blockIdx.y, /*h=*/blockIdx.x, threadIdx.x);
 }
 
