@@ -6,6 +6,9 @@
 //             dw[c] += sum_n dy xhat, db[c] += sum_n dy, in two deterministic stages: each
 //             block sums its rows into a partial row, then one kernel adds the partials in
 //             block order.
+//   residual + forward (fused): x_out[n, c] = x_in[n, c] + drop(y[n, c]) (dropout.cuh's
+//             residual forward), then the forward above of x_out, in one pass: the row is
+//             held in registers, so the fp32 stream is written once and not read again.
 #pragma once
 
 #include <flashgpt/model.h>
@@ -141,6 +144,79 @@ __global__ void layernorm_forward_vec_kernel(bf16* __restrict__ out, float* __re
   }
 }
 
+// The residual forward (dropout.cuh) and the LayerNorm forward of its result in one pass,
+// for C % 16 == 0 and C <= 512 kGroups: one warp per row, lane owning the 16-channel groups
+// lane + 32 j (j < kGroups), one Philox call per group as in residual_forward_kernel, with
+// the same per-element arithmetic (so the same residual bits). The mean and variance are
+// taken from the registers (two passes over them, as the unfused kernel does over memory).
+// out may equal in (each lane reads its channels before it writes them).
+template <int kGroups>
+__global__ void __launch_bounds__(256)
+    residual_layernorm_forward_kernel(float* out, bf16* __restrict__ ln, float* __restrict__ mean_out,
+                                      float* __restrict__ rstd_out, const float* in, const bf16* __restrict__ y,
+                                      const float* __restrict__ w, const float* __restrict__ b, int64_t N, int C,
+                                      DropoutSite d) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = blockIdx.x * int64_t{blockDim.x / 32} + threadIdx.x / 32;
+  if (row >= N) return;
+  const int groups = C / 16;
+  float v[kGroups][16];
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    const int g = lane + 32 * j;
+    if (g >= groups) break;
+    const uint32_t bits = dropout_keep_bits(d, row, g);
+    const int64_t base = row * C + g * 16;
+    float4 a[4];
+    uint4 yv[2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) a[i] = reinterpret_cast<const float4*>(in + base)[i];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) yv[i] = reinterpret_cast<const uint4*>(y + base)[i];
+    const bf16* yb = reinterpret_cast<const bf16*>(yv);
+    float* af = reinterpret_cast<float*>(a);
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      af[k] += dropout_apply(__bfloat162float(yb[k]), bits, k, d);
+      v[j][k] = af[k];
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) reinterpret_cast<float4*>(out + base)[i] = a[i];
+#pragma unroll
+    for (int k = 0; k < 16; ++k) sum += v[j][k];
+  }
+  const float mean = warp_sum(sum) / C;
+  float var = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    if (lane + 32 * j >= groups) break;
+#pragma unroll
+    for (int k = 0; k < 16; ++k) var += (v[j][k] - mean) * (v[j][k] - mean);
+  }
+  const float rstd = rsqrtf(warp_sum(var) / C + kLayerNormEps);
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    const int g = lane + 32 * j;
+    if (g >= groups) break;
+    float o[16];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float4 wv = reinterpret_cast<const float4*>(w + g * 16)[i];
+      const float4 bv = reinterpret_cast<const float4*>(b + g * 16)[i];
+      o[4 * i] = (v[j][4 * i] - mean) * rstd * wv.x + bv.x;
+      o[4 * i + 1] = (v[j][4 * i + 1] - mean) * rstd * wv.y + bv.y;
+      o[4 * i + 2] = (v[j][4 * i + 2] - mean) * rstd * wv.z + bv.z;
+      o[4 * i + 3] = (v[j][4 * i + 3] - mean) * rstd * wv.w + bv.w;
+    }
+    store16(ln + row * C + g * 16, o);
+  }
+  if (lane == 0) {
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+}
+
 // kDropNext: also the next dropout backward of the residual stream, fused: next_dy (N, C)
 // bf16 = dropout mask of site `next` * scale * dx (the accumulated value just written), the
 // same arithmetic as dropout_backward_kernel, so the same bits, without reading dx again.
@@ -235,6 +311,25 @@ inline void layernorm_forward_launch(bf16* out, float* mean, float* rstd, const 
     layernorm_forward_vec_kernel<<<ceil_div(N, kWarps), kWarps * 32, 0, stream>>>(out, mean, rstd, x, w, b, N, C);
   } else {
     layernorm_forward_kernel<<<ceil_div(N, kWarps), kWarps * 32, 0, stream>>>(out, mean, rstd, x, w, b, N, C);
+  }
+}
+
+// The fused residual + LayerNorm forward; the caller checks residual_layernorm_fusable(C).
+constexpr int kResidualLnMaxGroups = 4;
+inline bool residual_layernorm_fusable(int C) { return C % 16 == 0 && C <= 16 * 32 * kResidualLnMaxGroups; }
+
+inline void residual_layernorm_forward_launch(float* out, bf16* ln, float* mean, float* rstd, const float* in,
+                                              const bf16* y, const float* w, const float* b, int64_t N, int C,
+                                              const DropoutSite& d, cudaStream_t stream) {
+  constexpr int kWarps = 8;
+  const int lane_groups = (C / 16 + 31) / 32;
+  const unsigned grid = ceil_div(N, kWarps);
+  if (lane_groups <= 1) {
+    residual_layernorm_forward_kernel<1><<<grid, kWarps * 32, 0, stream>>>(out, ln, mean, rstd, in, y, w, b, N, C, d);
+  } else if (lane_groups <= 2) {
+    residual_layernorm_forward_kernel<2><<<grid, kWarps * 32, 0, stream>>>(out, ln, mean, rstd, in, y, w, b, N, C, d);
+  } else {
+    residual_layernorm_forward_kernel<4><<<grid, kWarps * 32, 0, stream>>>(out, ln, mean, rstd, in, y, w, b, N, C, d);
   }
 }
 
