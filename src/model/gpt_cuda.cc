@@ -66,13 +66,16 @@ size_t logits_chunk_bytes() {
 constexpr uint64_t kAttentionSeedXor = 0x5bd1e995ull;       // model.h's attention dropout stream
 
 // The paths of the step that have an older and a newer kernel, until a measurement picks one
-// (docs/model_gpu.md, "v7"): the defaults below, overridden by FLASHGPT_CLASSIFIER_CLUSTER
-// and FLASHGPT_FUSED_RESIDUAL_LN (0 or 1), so that one GPU call can time both.
+// (docs/model_gpu.md, "v7"): the defaults below, overridden by FLASHGPT_CLASSIFIER_CLUSTER,
+// FLASHGPT_FUSED_RESIDUAL_LN and FLASHGPT_LN_BACKWARD_REGISTERS (0 or 1), so that one GPU
+// call can time both.
 //   classifier cluster: the one-pass softmax (ClassifierKernel::cluster) instead of two_pass.
 //   fused residual + LayerNorm: residual_layernorm_forward instead of residual_forward and
 //     then layernorm_forward (the fp32 residual is written once, not written and read again).
+//   LayerNorm backward in registers: LayerNormBackwardKernel::registers (FLASHGPT_LN_BACKWARD_REGISTERS).
 constexpr bool kClassifierClusterDefault = false;
 constexpr bool kFusedResidualLnDefault = false;
+constexpr bool kLnBackwardRegistersDefault = false;
 
 bool env_switch(const char* name, bool fallback) {
   const char* value = std::getenv(name);
@@ -299,6 +302,7 @@ class GptCuda final : public GptModel {
   // The kernel choices of env_switch (above).
   model_cuda::ClassifierKernel classifier_kernel_ = model_cuda::ClassifierKernel::two_pass;
   bool fuse_residual_ln_ = false;
+  model_cuda::LayerNormBackwardKernel ln_backward_kernel_ = model_cuda::LayerNormBackwardKernel::shared;
   std::vector<StepGraph> graphs_;
   uint64_t* d_step_ = nullptr;
   uint64_t* h_step_ = nullptr;
@@ -488,6 +492,9 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
                            ? model_cuda::ClassifierKernel::cluster
                            : model_cuda::ClassifierKernel::two_pass;
   fuse_residual_ln_ = env_switch("FLASHGPT_FUSED_RESIDUAL_LN", kFusedResidualLnDefault);
+  ln_backward_kernel_ = env_switch("FLASHGPT_LN_BACKWARD_REGISTERS", kLnBackwardRegistersDefault)
+                            ? model_cuda::LayerNormBackwardKernel::registers
+                            : model_cuda::LayerNormBackwardKernel::shared;
   // Profiling records events between the ops, so it runs eagerly.
   const char* graph_env = std::getenv("FLASHGPT_CUDA_GRAPH");
   graphs_on_ = options_.cuda_graph && !profile_ && !(graph_env != nullptr && std::strcmp(graph_env, "0") == 0);
@@ -785,7 +792,7 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
   model_cuda::layernorm_backward_dropout(dresid_, /*accumulate=*/false, grad(ParamKind::lnf_w),
                                          grad(ParamKind::lnf_b), ln_partial_, dln_, resid(2 * L_), lnf_stats_,
                                          lnf_stats_ + n_max_, param(ParamKind::lnf_w), N, C, dy_,
-                                         site(rng, 2 * L_, true), stream_);
+                                         site(rng, 2 * L_, true), stream_, ln_backward_kernel_);
   mark("layernorm+dropout bwd");
   grad_ready(ParamKind::lnf_w);
   grad_ready(ParamKind::lnf_b);
@@ -827,7 +834,7 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
     model_cuda::layernorm_backward_dropout(dresid_, /*accumulate=*/true, grad(ParamKind::ln2_w, l),
                                            grad(ParamKind::ln2_b, l), ln_partial_, dln_, x_mid, ln2_mean(l),
                                            ln2_rstd(l), param(ParamKind::ln2_w, l), N, C, dy_,
-                                           site(rng, 1 + 2 * l, true), stream_);
+                                           site(rng, 1 + 2 * l, true), stream_, ln_backward_kernel_);
     mark("layernorm+dropout bwd");
     // Attention: x_mid = x_in + drop(attn(ln1(x_in) Wqkv^T + bqkv) Wproj^T + bproj); dy_ holds
     // drop'(dresid) of site 1 + 2 l.
@@ -845,7 +852,7 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
       model_cuda::layernorm_backward_dropout(dresid_, /*accumulate=*/true, grad(ParamKind::ln1_w, l),
                                              grad(ParamKind::ln1_b, l), ln_partial_, dln_, x_in, ln1_mean(l),
                                              ln1_rstd(l), param(ParamKind::ln1_w, l), N, C, dy_,
-                                             site(rng, 2 * l, true), stream_);
+                                             site(rng, 2 * l, true), stream_, ln_backward_kernel_);
       mark("layernorm+dropout bwd");
     } else {  // the embedding's dropout follows, in fp32 and in place
       model_cuda::layernorm_backward(dresid_, /*accumulate=*/true, grad(ParamKind::ln1_w, l),

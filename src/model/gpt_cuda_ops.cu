@@ -234,7 +234,8 @@ void layernorm_backward(float* dx, bool accumulate, float* dw, float* db, float*
 
 void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db, float* partial, const bf16* dy,
                                 const float* x, const float* mean, const float* rstd, const float* w, int64_t N, int C,
-                                bf16* next_dy, const DropoutSite& next, cudaStream_t stream) {
+                                bf16* next_dy, const DropoutSite& next, cudaStream_t stream,
+                                LayerNormBackwardKernel kernel) {
   const char* op = "layernorm backward (CUDA)";
   require_rows(N, C, op);
   require_pointer(dx, op, "dx");
@@ -265,7 +266,8 @@ void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db
     if (fused) require_aligned16(next_dy, op, "next_dy");
   }
   layernorm_backward_launch(dx, accumulate, dw, db, partial, blocks, dy, x, mean, rstd, w, N, C, stream,
-                            fused ? next_dy : nullptr, next);
+                            fused ? next_dy : nullptr, next, kernel == LayerNormBackwardKernel::registers,
+                            device_sm_count());
   FLASHGPT_CUDA_CHECK_LAUNCH("layernorm_backward_kernel");
   if (next_dy != nullptr && !fused) dropout_backward(next_dy, dx, N, C, next, stream);
 }

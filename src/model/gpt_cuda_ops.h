@@ -84,9 +84,14 @@ void layernorm_backward(float* dx, bool accumulate, float* dw, float* db, float*
 // layernorm_backward, then next_dy (N, C) bf16 = dropout_backward(dx) at site `next` (the
 // residual dropout the backward meets next), fused into the same pass over the rows where
 // C % 128 == 0 (the same bits as the two ops in turn, which run elsewhere).
+// kernel: `shared` accumulates dw/db in shared memory and reads each row twice; `registers`
+// (C = 128, 256, 384, 512, 768, 1024; else `shared`) keeps the row and the sums in registers
+// and reads each row once. Same formulas; dw/db may differ in the last bits between the two.
+enum class LayerNormBackwardKernel { shared, registers };
 void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db, float* partial, const bf16* dy,
                                 const float* x, const float* mean, const float* rstd, const float* w, int64_t N, int C,
-                                bf16* next_dy, const DropoutSite& next, cudaStream_t stream);
+                                bf16* next_dy, const DropoutSite& next, cudaStream_t stream,
+                                LayerNormBackwardKernel kernel = LayerNormBackwardKernel::shared);
 
 // Which kernel computes the classifier's softmax (kernels/classifier.cuh): `two_pass` reads
 // each row twice, `cluster` once (a cluster of blocks per row holding it in registers; it

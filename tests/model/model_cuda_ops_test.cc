@@ -198,9 +198,63 @@ TEST_P(LayerNormTest, BackwardFusedWithDropoutEqualsTheTwoOps) {
   }
 }
 
+// The register LayerNorm backward (LayerNormBackwardKernel::registers; shared-memory kernel
+// where C does not fit it): dx, dw, db against the shared-memory kernel (tested against
+// double precision above) within fp32 rounding, the fused dropout gradient the same bits as
+// dropout_backward of its own dx, and a second run the same bits; dropout on and off,
+// accumulating or not.
+TEST_P(LayerNormTest, RegisterBackwardMatchesSharedKernel) {
+  const auto [N, C] = GetParam();
+  for (const float p : {0.1f, 0.0f}) {
+    for (const bool accumulate : {true, false}) {
+      SCOPED_TRACE(::testing::Message() << "p " << p << " accumulate " << accumulate);
+      std::mt19937 rng(static_cast<uint32_t>(N * 23 + C + (accumulate ? 1 : 0)));
+      const auto x = random_floats(size_t(N) * C, rng, 2.0f, 0.5f);
+      const auto w = random_floats(C, rng, 0.5f, 1.0f);
+      const auto b = random_floats(C, rng, 0.3f);
+      const auto dy = rounded(random_floats(size_t(N) * C, rng));
+      const auto dx0 = random_floats(size_t(N) * C, rng);
+      Dev<float> d_x(x), d_w(w), d_b(b), d_mean(N), d_rstd(N);
+      Dev<bf16> d_out(size_t(N) * C), d_dy(to_bf16(dy));
+      model_cuda::layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_x.ptr, d_w.ptr, d_b.ptr, N, C, nullptr);
+      const model_cuda::DropoutSite site = model_cuda::dropout_site(42, 9, 5, p);
+      std::vector<float> dw0(C, 1.0f), db0(C, -1.0f);
+      Dev<float> d_dx1(dx0), d_dw1(dw0), d_db1(db0), d_dx2(dx0), d_dw2(dw0), d_db2(db0), d_dx3(dx0), d_dw3(dw0),
+          d_db3(db0);
+      Dev<float> d_partial(model_cuda::layernorm_backward_partial_floats(N, C));
+      Dev<bf16> d_next2(size_t(N) * C), d_next3(size_t(N) * C), d_mask_ref(size_t(N) * C);
+      d_next2.poison();
+      d_next3.poison();
+      const auto shared = model_cuda::LayerNormBackwardKernel::shared;
+      const auto registers = model_cuda::LayerNormBackwardKernel::registers;
+      model_cuda::layernorm_backward_dropout(d_dx1.ptr, accumulate, d_dw1.ptr, d_db1.ptr, d_partial.ptr, d_dy.ptr,
+                                             d_x.ptr, d_mean.ptr, d_rstd.ptr, d_w.ptr, N, C, nullptr, site, nullptr,
+                                             shared);
+      model_cuda::layernorm_backward_dropout(d_dx2.ptr, accumulate, d_dw2.ptr, d_db2.ptr, d_partial.ptr, d_dy.ptr,
+                                             d_x.ptr, d_mean.ptr, d_rstd.ptr, d_w.ptr, N, C, d_next2.ptr, site, nullptr,
+                                             registers);
+      model_cuda::layernorm_backward_dropout(d_dx3.ptr, accumulate, d_dw3.ptr, d_db3.ptr, d_partial.ptr, d_dy.ptr,
+                                             d_x.ptr, d_mean.ptr, d_rstd.ptr, d_w.ptr, N, C, d_next3.ptr, site, nullptr,
+                                             registers);
+      model_cuda::dropout_backward(d_mask_ref.ptr, d_dx2.ptr, N, C, site, nullptr);
+      const auto dx1 = d_dx1.get(), dx2 = d_dx2.get(), dw1 = d_dw1.get(), dw2 = d_dw2.get(), db1 = d_db1.get(),
+                 db2 = d_db2.get();
+      EXPECT_LT(rel_error(dx2, std::vector<double>(dx1.begin(), dx1.end())), 1e-5);
+      EXPECT_LT(rel_error(dw2, std::vector<double>(dw1.begin(), dw1.end())), 1e-5);
+      EXPECT_LT(rel_error(db2, std::vector<double>(db1.begin(), db1.end())), 1e-5);
+      EXPECT_EQ(to_float(d_next2.get()), to_float(d_mask_ref.get())) << "the fused dropout of its own dx";
+      EXPECT_EQ(d_dx3.get(), dx2) << "a second run";
+      EXPECT_EQ(d_dw3.get(), dw2);
+      EXPECT_EQ(d_db3.get(), db2);
+      EXPECT_EQ(to_float(d_next3.get()), to_float(d_next2.get()));
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, LayerNormTest,
                          ::testing::Values(Shape{1, 32}, Shape{17, 48}, Shape{33, 40}, Shape{1000, 768},
-                                           Shape{4097, 80}, Shape{5, 2048}, Shape{3, 128}, Shape{257, 384}));
+                                           Shape{4097, 80}, Shape{5, 2048}, Shape{3, 128}, Shape{257, 384},
+                                           Shape{4097, 768}, Shape{17, 1024}, Shape{9, 640}));
 
 // ---- residual + dropout, embedding ----
 
