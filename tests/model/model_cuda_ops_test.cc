@@ -563,7 +563,8 @@ TEST(SumSquaresTest, MatchesDoubleAndRepeatsBitForBit) {
 }
 
 TEST(ColumnSumTest, MatchesReferenceAndAccumulates) {
-  for (auto [N, M] : {std::pair<int64_t, int>{1000, 40}, {3, 3072}, {1, 1}, {4097, 2304}, {17, 37}, {32768, 768}}) {
+  for (auto [N, M] : {std::pair<int64_t, int>{1000, 40}, {3, 3072}, {1, 1}, {4097, 2304}, {17, 37}, {32768, 768},
+                        {10000, 3072}}) {  // 10000: four-row steps and rows left over
     std::mt19937 rng(static_cast<uint32_t>(N + M));
     const auto x = rounded(random_floats(size_t(N) * M, rng));
     const auto out0 = random_floats(M, rng);

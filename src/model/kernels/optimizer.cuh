@@ -85,7 +85,22 @@ __global__ void column_sum_vec8_kernel(float* __restrict__ partial, const bf16* 
   const int col0 = (blockIdx.x * 32 + threadIdx.x) * 8;
   float s[8] = {};
   if (col0 < M) {
-    for (int64_t r = blockIdx.y * int64_t{8} + threadIdx.y; r < N; r += int64_t{gridDim.y} * 8) {
+    // Four rows' loads in flight at once, then their additions in row order (the same order,
+    // so the same bits, as one row at a time); the rows left over one at a time.
+    const int64_t step = int64_t{gridDim.y} * 8;
+    int64_t r = blockIdx.y * int64_t{8} + threadIdx.y;
+    for (; r + 3 * step < N; r += 4 * step) {
+      uint4 raw[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) raw[u] = *reinterpret_cast<const uint4*>(x + (r + u * step) * M + col0);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const bf16* v = reinterpret_cast<const bf16*>(&raw[u]);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) s[k] += __bfloat162float(v[k]);
+      }
+    }
+    for (; r < N; r += step) {
       const uint4 raw = *reinterpret_cast<const uint4*>(x + r * M + col0);
       const bf16* v = reinterpret_cast<const bf16*>(&raw);
 #pragma unroll
