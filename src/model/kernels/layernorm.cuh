@@ -149,7 +149,7 @@ __global__ void layernorm_forward_vec_kernel(bf16* __restrict__ out, float* __re
 // lane + 32 j (j < kGroups), one Philox call per group as in residual_forward_kernel, with
 // the same per-element arithmetic (so the same residual bits). The mean and variance are
 // taken from the registers (two passes over them, as the unfused kernel does over memory).
-// out may equal in (each lane reads its channels before it writes them).
+// out may equal in (each lane reads all its channels before it writes any).
 template <int kGroups>
 __global__ void __launch_bounds__(256)
     residual_layernorm_forward_kernel(float* out, bf16* __restrict__ ln, float* __restrict__ mean_out,
@@ -160,29 +160,35 @@ __global__ void __launch_bounds__(256)
   const int64_t row = blockIdx.x * int64_t{blockDim.x / 32} + threadIdx.x / 32;
   if (row >= N) return;
   const int groups = C / 16;
+  // Every load of the row first (in and y of all this lane's groups), then the arithmetic.
   float v[kGroups][16];
+  uint4 yv[kGroups][2];
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    const int g = lane + 32 * j;
+    if (g >= groups) break;
+    const int64_t base = row * C + g * 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float4 a = reinterpret_cast<const float4*>(in + base)[i];
+      v[j][4 * i] = a.x, v[j][4 * i + 1] = a.y, v[j][4 * i + 2] = a.z, v[j][4 * i + 3] = a.w;
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) yv[j][i] = reinterpret_cast<const uint4*>(y + base)[i];
+  }
   float sum = 0.0f;
 #pragma unroll
   for (int j = 0; j < kGroups; ++j) {
     const int g = lane + 32 * j;
     if (g >= groups) break;
     const uint32_t bits = dropout_keep_bits(d, row, g);
-    const int64_t base = row * C + g * 16;
-    float4 a[4];
-    uint4 yv[2];
+    const bf16* yb = reinterpret_cast<const bf16*>(yv[j]);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) a[i] = reinterpret_cast<const float4*>(in + base)[i];
+    for (int k = 0; k < 16; ++k) v[j][k] += dropout_apply(__bfloat162float(yb[k]), bits, k, d);
+    float* o = out + row * C + g * 16;
 #pragma unroll
-    for (int i = 0; i < 2; ++i) yv[i] = reinterpret_cast<const uint4*>(y + base)[i];
-    const bf16* yb = reinterpret_cast<const bf16*>(yv);
-    float* af = reinterpret_cast<float*>(a);
-#pragma unroll
-    for (int k = 0; k < 16; ++k) {
-      af[k] += dropout_apply(__bfloat162float(yb[k]), bits, k, d);
-      v[j][k] = af[k];
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) reinterpret_cast<float4*>(out + base)[i] = a[i];
+    for (int i = 0; i < 4; ++i)
+      reinterpret_cast<float4*>(o)[i] = make_float4(v[j][4 * i], v[j][4 * i + 1], v[j][4 * i + 2], v[j][4 * i + 3]);
 #pragma unroll
     for (int k = 0; k < 16; ++k) sum += v[j][k];
   }
