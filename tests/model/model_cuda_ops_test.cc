@@ -594,7 +594,8 @@ TEST(AdamWTest, VectorPathEqualsScalarPathBitForBit) {
 }
 
 TEST(SumSquaresTest, MatchesDoubleAndRepeatsBitForBit) {
-  for (int64_t n : {int64_t{1}, int64_t{1000}, int64_t{1000003}}) {
+  // 1000, 4000000: the 16-byte path (n % 4 == 0); 1, 1000003: the scalar one.
+  for (int64_t n : {int64_t{1}, int64_t{1000}, int64_t{1000003}, int64_t{4000000}}) {
     std::mt19937 rng(static_cast<uint32_t>(n));
     const auto x = random_floats(n, rng);
     Dev<float> d_x(x);

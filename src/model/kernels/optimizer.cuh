@@ -87,6 +87,27 @@ __global__ void sum_squares_kernel(double* __restrict__ partial, const float* __
   if (threadIdx.x == 0) partial[blockIdx.x] = total;
 }
 
+// The same for n % 4 == 0 and a 16-byte aligned x: one float4 per thread and iteration (four
+// times the bytes in flight), the float partial flushed every 64 vectors (256 elements).
+__global__ void sum_squares_vec4_kernel(double* __restrict__ partial, const float* __restrict__ x, int64_t n) {
+  __shared__ double scratch[32];
+  float s = 0.0f;
+  double total = 0.0;
+  int count = 0;
+  const int64_t quads = n / 4;
+  for (int64_t q = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; q < quads; q += int64_t{gridDim.x} * blockDim.x) {
+    const float4 v = reinterpret_cast<const float4*>(x)[q];
+    s += (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
+    if (++count == 64) {  // keep the float partial short
+      total += s;
+      s = 0.0f;
+      count = 0;
+    }
+  }
+  total = block_sum(total + s, scratch);
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
 __global__ void sum_partials_kernel(double* __restrict__ out, const double* __restrict__ partial, int blocks) {
   __shared__ double scratch[32];
   double s = 0.0;
@@ -208,7 +229,11 @@ inline void adamw_launch(float* params, bf16* params_bf16, const float* grads, f
 
 // partial: kNormBlocks doubles; out: one double, the sum of squares.
 inline void sum_squares_launch(double* out, double* partial, const float* x, int64_t n, cudaStream_t stream) {
-  sum_squares_kernel<<<kNormBlocks, 256, 0, stream>>>(partial, x, n);
+  if (n % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    sum_squares_vec4_kernel<<<kNormBlocks, 256, 0, stream>>>(partial, x, n);
+  } else {
+    sum_squares_kernel<<<kNormBlocks, 256, 0, stream>>>(partial, x, n);
+  }
   sum_partials_kernel<<<1, 1024, 0, stream>>>(out, partial, kNormBlocks);
 }
 
