@@ -91,6 +91,9 @@ __global__ void __launch_bounds__(kClusterThreads, 4)
     classifier_cluster_kernel(bf16* __restrict__ logits, float* __restrict__ losses,
                               const int32_t* __restrict__ targets, int64_t V, int64_t Vp, int block_vecs,
                               float dloss) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // clusters need sm_90; classifier_softmax_xent never launches this on older devices
+#else
   namespace cg = cooperative_groups;
   __shared__ float scratch[32];
   __shared__ float2 partial;  // this block's (max, sum of exp(x - max)), read by the whole cluster
@@ -173,6 +176,7 @@ __global__ void __launch_bounds__(kClusterThreads, 4)
     }
     *reinterpret_cast<uint4*>(row + col) = out;
   }
+#endif
 }
 
 // sum over losses[0 .. n) in double, in a fixed order (one block): *out = sum.
