@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(256)
     const uint32_t bits = dropout_keep_bits(d, row, g);
     const bf16* yb = reinterpret_cast<const bf16*>(yv[j]);
 #pragma unroll
-    for (int k = 0; k < 16; ++k) v[j][k] += dropout_apply(__bfloat162float(yb[k]), bits, k, d);
+    for (int k = 0; k < 16; ++k) v[j][k] = __fadd_rn(v[j][k], dropout_apply(__bfloat162float(yb[k]), bits, k, d));
     float* o = out + row * C + g * 16;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
