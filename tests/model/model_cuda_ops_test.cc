@@ -548,9 +548,11 @@ TEST(AdamWTest, MatchesTorchFormulaPerSegment) {
 }
 
 // The 16-byte path (n, segment ends multiples of 4, aligned arrays) against the scalar one on
-// the same values (the arrays shifted by one float, which the vector path cannot take): the
-// same bits in params, moments and the bf16 copy; and against the formula.
-TEST(AdamWTest, VectorPathEqualsScalarPathBitForBit) {
+// the same values (the arrays shifted by one float, which the vector path cannot take): both
+// call adamw_element, so params and moments agree to the last bits (1e-6 relative leaves the
+// compiler its choice of FMA contraction), and both against the formula; the bf16 copy is
+// the rounding of the params each path wrote.
+TEST(AdamWTest, VectorPathEqualsScalarPath) {
   const int64_t n = 4100;
   std::mt19937 rng(5);
   auto p = random_floats(n, rng), g = random_floats(n, rng), m = random_floats(n, rng, 0.1f),
@@ -577,11 +579,11 @@ TEST(AdamWTest, VectorPathEqualsScalarPathBitForBit) {
   const auto p1 = d_p.get(), m1 = d_m.get(), v1 = d_v.get(), p2 = s_p.get(), m2 = s_m.get(), v2 = s_v.get();
   const auto pb1 = to_float(d_pb.get()), pb2 = to_float(s_pb.get());
   for (int64_t i = 0; i < n; ++i) {
-    ASSERT_EQ(p1[i], p2[i + 1]) << i;
-    ASSERT_EQ(m1[i], m2[i + 1]) << i;
-    ASSERT_EQ(v1[i], v2[i + 1]) << i;
-    ASSERT_EQ(pb1[i], pb2[i + 1]) << i;
+    ASSERT_NEAR(p1[i], p2[i + 1], 1e-6 * (1 + std::fabs(p2[i + 1]))) << i;
+    ASSERT_NEAR(m1[i], m2[i + 1], 1e-6 * (1 + std::fabs(m2[i + 1]))) << i;
+    ASSERT_NEAR(v1[i], v2[i + 1], 1e-6 * (1 + std::fabs(v2[i + 1]))) << i;
     ASSERT_EQ(pb1[i], bf16_round(p1[i])) << i;
+    ASSERT_EQ(pb2[i + 1], bf16_round(p2[i + 1])) << i;
     const bool decay = i < 1024 || i >= 1028;
     const double gi = double(g[i]) * a.grad_scale;
     const double mi = a.beta1 * double(m[i]) + (1 - a.beta1) * gi;
