@@ -65,6 +65,26 @@ size_t logits_chunk_bytes() {
 }
 constexpr uint64_t kAttentionSeedXor = 0x5bd1e995ull;       // model.h's attention dropout stream
 
+// The paths of the step that have an older and a newer kernel, until a measurement picks one
+// (docs/model_gpu.md, "v7"): the defaults below, overridden by FLASHGPT_CLASSIFIER_CLUSTER,
+// FLASHGPT_FUSED_RESIDUAL_LN and FLASHGPT_LN_BACKWARD_REGISTERS (0 or 1), so that one GPU
+// call can time both.
+//   classifier cluster: the one-pass softmax (ClassifierKernel::cluster) instead of two_pass.
+//   fused residual + LayerNorm: residual_layernorm_forward instead of residual_forward and
+//     then layernorm_forward (the fp32 residual is written once, not written and read again).
+//   LayerNorm backward in registers: LayerNormBackwardKernel::registers (FLASHGPT_LN_BACKWARD_REGISTERS).
+constexpr bool kClassifierClusterDefault = false;
+constexpr bool kFusedResidualLnDefault = false;
+constexpr bool kLnBackwardRegistersDefault = false;
+
+bool env_switch(const char* name, bool fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  FLASHGPT_CHECK(std::strcmp(value, "0") == 0 || std::strcmp(value, "1") == 0, "{} must be 0 or 1, got '{}'", name,
+                 value);
+  return value[0] == '1';
+}
+
 // Carves typed, 256-byte aligned pieces out of one device allocation. Run once with no
 // base to measure, then again over the allocation to hand out pointers.
 class Carver {
@@ -279,6 +299,10 @@ class GptCuda final : public GptModel {
   // graph's first node copies from h_step_.
   bool graphs_on_ = false;
   bool capturing_ = false;
+  // The kernel choices of env_switch (above).
+  model_cuda::ClassifierKernel classifier_kernel_ = model_cuda::ClassifierKernel::two_pass;
+  bool fuse_residual_ln_ = false;
+  model_cuda::LayerNormBackwardKernel ln_backward_kernel_ = model_cuda::LayerNormBackwardKernel::shared;
   std::vector<StepGraph> graphs_;
   uint64_t* d_step_ = nullptr;
   uint64_t* h_step_ = nullptr;
@@ -464,6 +488,13 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
     event_labels_.resize(events_.size());
     for (auto& e : events_) FLASHGPT_CUDA_CHECK(cudaEventCreate(&e));
   }
+  classifier_kernel_ = env_switch("FLASHGPT_CLASSIFIER_CLUSTER", kClassifierClusterDefault)
+                           ? model_cuda::ClassifierKernel::cluster
+                           : model_cuda::ClassifierKernel::two_pass;
+  fuse_residual_ln_ = env_switch("FLASHGPT_FUSED_RESIDUAL_LN", kFusedResidualLnDefault);
+  ln_backward_kernel_ = env_switch("FLASHGPT_LN_BACKWARD_REGISTERS", kLnBackwardRegistersDefault)
+                            ? model_cuda::LayerNormBackwardKernel::registers
+                            : model_cuda::LayerNormBackwardKernel::shared;
   // Profiling records events between the ops, so it runs eagerly.
   const char* graph_env = std::getenv("FLASHGPT_CUDA_GRAPH");
   graphs_on_ = options_.cuda_graph && !profile_ && !(graph_env != nullptr && std::strcmp(graph_env, "0") == 0);
@@ -679,13 +710,27 @@ void GptCuda::forward(int64_t B, int64_t T, bool train, StepRng rng) {
   model_cuda::encoder_forward(resid(0), d_tokens_, param(ParamKind::wte), param(ParamKind::wpe), N,
                               static_cast<int>(T), C, site(rng, 0, train), stream_);
   mark("encoder fwd");
+  model_cuda::layernorm_forward(ln1(0), ln1_mean(0), ln1_rstd(0), resid(0), param(ParamKind::ln1_w, 0),
+                                param(ParamKind::ln1_b, 0), N, C, stream_);
+  mark("layernorm fwd");
+  // out = in + dropout(y_) at residual site `s`, then the LayerNorm that reads it: fused, or
+  // the two ops in turn (fuse_residual_ln_).
+  const auto residual_then_norm = [&](float* out, const float* in, int64_t s, bf16* ln, float* mean, float* rstd,
+                                      const float* w, const float* b) {
+    if (fuse_residual_ln_) {
+      model_cuda::residual_layernorm_forward(out, ln, mean, rstd, in, y_, w, b, N, C, site(rng, s, train), stream_);
+      mark("residual+layernorm fwd");
+      return;
+    }
+    model_cuda::residual_forward(out, in, y_, N, C, site(rng, s, train), stream_);
+    mark("residual fwd");
+    model_cuda::layernorm_forward(ln, mean, rstd, out, w, b, N, C, stream_);
+    mark("layernorm fwd");
+  };
   for (int64_t l = 0; l < L_; ++l) {
     const float* x_in = resid(2 * l);
     float* x_mid = resid(2 * l + 1);
     float* x_out = resid(2 * l + 2);
-    model_cuda::layernorm_forward(ln1(l), ln1_mean(l), ln1_rstd(l), x_in, param(ParamKind::ln1_w, l),
-                                  param(ParamKind::ln1_b, l), N, C, stream_);
-    mark("layernorm fwd");
     matmul_->forward(qkv(l), ln1(l), weight(ParamKind::qkv_w, l), N, C_, 3 * C_, Epilogue::bias,
                      weight(ParamKind::qkv_b, l), nullptr, stream_);
     mark("mm qkv");
@@ -694,23 +739,23 @@ void GptCuda::forward(int64_t B, int64_t T, bool train, StepRng rng) {
     matmul_->forward(y_, atty(l), weight(ParamKind::attn_proj_w, l), N, C_, C_, Epilogue::bias,
                      weight(ParamKind::attn_proj_b, l), nullptr, stream_);
     mark("mm attn proj");
-    model_cuda::residual_forward(x_mid, x_in, y_, N, C, site(rng, 1 + 2 * l, train), stream_);
-    mark("residual fwd");
-    model_cuda::layernorm_forward(ln2(l), ln2_mean(l), ln2_rstd(l), x_mid, param(ParamKind::ln2_w, l),
-                                  param(ParamKind::ln2_b, l), N, C, stream_);
-    mark("layernorm fwd");
+    residual_then_norm(x_mid, x_in, 1 + 2 * l, ln2(l), ln2_mean(l), ln2_rstd(l), param(ParamKind::ln2_w, l),
+                       param(ParamKind::ln2_b, l));
     matmul_->forward(gelu(l), ln2(l), weight(ParamKind::fc_w, l), N, C_, F_, Epilogue::gelu_aux_bias,
                      weight(ParamKind::fc_b, l), pre(l), stream_);
     mark("mm fc+gelu");
     matmul_->forward(y_, gelu(l), weight(ParamKind::fc_proj_w, l), N, F_, C_, Epilogue::bias,
                      weight(ParamKind::fc_proj_b, l), nullptr, stream_);
     mark("mm fc proj");
-    model_cuda::residual_forward(x_out, x_mid, y_, N, C, site(rng, 2 + 2 * l, train), stream_);
-    mark("residual fwd");
+    // The next LayerNorm: the next layer's first, or the final one.
+    if (l + 1 < L_) {
+      residual_then_norm(x_out, x_mid, 2 + 2 * l, ln1(l + 1), ln1_mean(l + 1), ln1_rstd(l + 1),
+                         param(ParamKind::ln1_w, l + 1), param(ParamKind::ln1_b, l + 1));
+    } else {
+      residual_then_norm(x_out, x_mid, 2 + 2 * l, lnf_, lnf_stats_, lnf_stats_ + n_max_, param(ParamKind::lnf_w),
+                         param(ParamKind::lnf_b));
+    }
   }
-  model_cuda::layernorm_forward(lnf_, lnf_stats_, lnf_stats_ + n_max_, resid(2 * L_), param(ParamKind::lnf_w),
-                                param(ParamKind::lnf_b), N, C, stream_);
-  mark("layernorm fwd");
 }
 
 void GptCuda::classifier(int64_t N, bool with_grad, float loss_scale) {
@@ -721,7 +766,7 @@ void GptCuda::classifier(int64_t N, bool with_grad, float loss_scale) {
                      stream_);
     mark("mm logits");
     model_cuda::classifier_softmax_xent(logits_, losses_ + r0, d_targets_ + r0, rows, V_, Vp_, dloss, with_grad,
-                                        stream_);
+                                        stream_, classifier_kernel_);
     mark("classifier softmax");
     if (with_grad) {
       // dlnf (rows, C) = dlogits (rows, Vp) wte (Vp, C); dwte += dlogits^T lnf.
@@ -747,7 +792,7 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
   model_cuda::layernorm_backward_dropout(dresid_, /*accumulate=*/false, grad(ParamKind::lnf_w),
                                          grad(ParamKind::lnf_b), ln_partial_, dln_, resid(2 * L_), lnf_stats_,
                                          lnf_stats_ + n_max_, param(ParamKind::lnf_w), N, C, dy_,
-                                         site(rng, 2 * L_, true), stream_);
+                                         site(rng, 2 * L_, true), stream_, ln_backward_kernel_);
   mark("layernorm+dropout bwd");
   grad_ready(ParamKind::lnf_w);
   grad_ready(ParamKind::lnf_b);
@@ -789,7 +834,7 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
     model_cuda::layernorm_backward_dropout(dresid_, /*accumulate=*/true, grad(ParamKind::ln2_w, l),
                                            grad(ParamKind::ln2_b, l), ln_partial_, dln_, x_mid, ln2_mean(l),
                                            ln2_rstd(l), param(ParamKind::ln2_w, l), N, C, dy_,
-                                           site(rng, 1 + 2 * l, true), stream_);
+                                           site(rng, 1 + 2 * l, true), stream_, ln_backward_kernel_);
     mark("layernorm+dropout bwd");
     // Attention: x_mid = x_in + drop(attn(ln1(x_in) Wqkv^T + bqkv) Wproj^T + bproj); dy_ holds
     // drop'(dresid) of site 1 + 2 l.
@@ -807,7 +852,7 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
       model_cuda::layernorm_backward_dropout(dresid_, /*accumulate=*/true, grad(ParamKind::ln1_w, l),
                                              grad(ParamKind::ln1_b, l), ln_partial_, dln_, x_in, ln1_mean(l),
                                              ln1_rstd(l), param(ParamKind::ln1_w, l), N, C, dy_,
-                                             site(rng, 2 * l, true), stream_);
+                                             site(rng, 2 * l, true), stream_, ln_backward_kernel_);
       mark("layernorm+dropout bwd");
     } else {  // the embedding's dropout follows, in fp32 and in place
       model_cuda::layernorm_backward(dresid_, /*accumulate=*/true, grad(ParamKind::ln1_w, l),

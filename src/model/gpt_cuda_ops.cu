@@ -47,6 +47,18 @@ void require_site(const DropoutSite& d, const char* op) {
                                              num(d.threshold));
 }
 
+// Thread-block clusters need compute capability 9.0 (asked once per process, of the
+// device current at the first call).
+bool device_has_clusters() {
+  static const bool has = [] {
+    int device = 0, major = 0;
+    FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
+    FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    return major >= 9;
+  }();
+  return has;
+}
+
 }  // namespace
 
 DropoutSite dropout_site(uint64_t seed, uint64_t step, int64_t site, float p) {
@@ -181,6 +193,34 @@ void layernorm_forward(bf16* out, float* mean, float* rstd, const float* x, cons
   FLASHGPT_CUDA_CHECK_LAUNCH("layernorm_forward_kernel");
 }
 
+void residual_layernorm_forward(float* out, bf16* ln, float* mean, float* rstd, const float* in, const bf16* y,
+                                const float* w, const float* b, int64_t N, int C, const DropoutSite& drop,
+                                cudaStream_t stream) {
+  const char* op = "residual + layernorm forward (CUDA)";
+  require_rows(N, C, op);
+  require_pointer(out, op, "out");
+  require_pointer(ln, op, "ln");
+  require_pointer(mean, op, "mean");
+  require_pointer(rstd, op, "rstd");
+  require_pointer(in, op, "in");
+  require_pointer(y, op, "y");
+  require_pointer(w, op, "w");
+  require_pointer(b, op, "b");
+  require_site(drop, op);
+  bool aligned = true;
+  for (const void* p : {static_cast<const void*>(out), static_cast<const void*>(ln), static_cast<const void*>(in),
+                        static_cast<const void*>(y), static_cast<const void*>(w), static_cast<const void*>(b)})
+    aligned = aligned && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  if (!residual_layernorm_fusable(C) || !aligned) {
+    residual_forward(out, in, y, N, C, drop, stream);
+    layernorm_forward(ln, mean, rstd, out, w, b, N, C, stream);
+    return;
+  }
+  if (N == 0) return;
+  residual_layernorm_forward_launch(out, ln, mean, rstd, in, y, w, b, N, C, drop, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("residual_layernorm_forward_kernel");
+}
+
 size_t layernorm_backward_partial_floats(int64_t N, int C) {
   return size_t(layernorm_backward_blocks(N, device_sm_count())) * 2 * size_t(C);
 }
@@ -194,7 +234,8 @@ void layernorm_backward(float* dx, bool accumulate, float* dw, float* db, float*
 
 void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db, float* partial, const bf16* dy,
                                 const float* x, const float* mean, const float* rstd, const float* w, int64_t N, int C,
-                                bf16* next_dy, const DropoutSite& next, cudaStream_t stream) {
+                                bf16* next_dy, const DropoutSite& next, cudaStream_t stream,
+                                LayerNormBackwardKernel kernel) {
   const char* op = "layernorm backward (CUDA)";
   require_rows(N, C, op);
   require_pointer(dx, op, "dx");
@@ -225,13 +266,14 @@ void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db
     if (fused) require_aligned16(next_dy, op, "next_dy");
   }
   layernorm_backward_launch(dx, accumulate, dw, db, partial, blocks, dy, x, mean, rstd, w, N, C, stream,
-                            fused ? next_dy : nullptr, next);
+                            fused ? next_dy : nullptr, next, kernel == LayerNormBackwardKernel::registers,
+                            device_sm_count());
   FLASHGPT_CUDA_CHECK_LAUNCH("layernorm_backward_kernel");
   if (next_dy != nullptr && !fused) dropout_backward(next_dy, dx, N, C, next, stream);
 }
 
 void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
-                             float dloss, bool write_grad, cudaStream_t stream) {
+                             float dloss, bool write_grad, cudaStream_t stream, ClassifierKernel kernel) {
   const char* op = "classifier (CUDA)";
   MODEL_CUDA_REQUIRE(rows >= 0 && V > 0 && Vp >= V && Vp % 8 == 0,
                      std::string(op) + ": needs rows >= 0, 0 < V <= Vp and Vp % 8 == 0, got rows " + num(rows) +
@@ -240,6 +282,11 @@ void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets
   require_pointer(losses, op, "losses");
   require_pointer(targets, op, "targets");
   require_aligned16(logits, op, "logits");
+  if (kernel == ClassifierKernel::cluster && Vp <= kClusterMaxColumns && device_has_clusters()) {
+    FLASHGPT_CUDA_CHECK(classifier_cluster_launch(logits, losses, targets, rows, V, Vp, dloss, write_grad, stream));
+    FLASHGPT_CUDA_CHECK_LAUNCH("classifier_cluster_kernel");
+    return;
+  }
   classifier_launch(logits, losses, targets, rows, V, Vp, dloss, write_grad, stream);
   FLASHGPT_CUDA_CHECK_LAUNCH("classifier_kernel");
 }

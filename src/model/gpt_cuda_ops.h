@@ -67,6 +67,13 @@ void dropout_backward(float* dy, const float* dout, int64_t N, int C, const Drop
 // out (N, C) bf16, mean, rstd (N) fp32 of x (N, C) fp32 with weight w, bias b (C) fp32.
 void layernorm_forward(bf16* out, float* mean, float* rstd, const float* x, const float* w, const float* b, int64_t N,
                        int C, cudaStream_t stream);
+// residual_forward(out, in, y, drop), then layernorm_forward(ln, mean, rstd, out, w, b), in
+// one pass where C % 16 == 0 and C <= 2048 (every pointer 16-byte aligned), else the two ops
+// in turn: out (N, C) fp32 (may equal in), ln (N, C) bf16, mean, rstd (N) fp32. The
+// residual is the same bits either way, the LayerNorm output equal within rounding.
+void residual_layernorm_forward(float* out, bf16* ln, float* mean, float* rstd, const float* in, const bf16* y,
+                                const float* w, const float* b, int64_t N, int C, const DropoutSite& drop,
+                                cudaStream_t stream);
 // Floats of the `partial` workspace layernorm_backward needs for N rows of C channels.
 size_t layernorm_backward_partial_floats(int64_t N, int C);
 // dx (N, C) fp32 (+= when accumulate, else =), dw, db (C) fp32 +=, from dy (N, C) bf16 and the
@@ -77,14 +84,26 @@ void layernorm_backward(float* dx, bool accumulate, float* dw, float* db, float*
 // layernorm_backward, then next_dy (N, C) bf16 = dropout_backward(dx) at site `next` (the
 // residual dropout the backward meets next), fused into the same pass over the rows where
 // C % 128 == 0 (the same bits as the two ops in turn, which run elsewhere).
+// kernel: `shared` accumulates dw/db in shared memory and reads each row twice; `registers`
+// (C = 128, 256, 384, 512, 768, 1024; else `shared`) keeps the row and the sums in registers
+// and reads each row once. Same formulas; dw/db may differ in the last bits between the two.
+enum class LayerNormBackwardKernel { shared, registers };
 void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db, float* partial, const bf16* dy,
                                 const float* x, const float* mean, const float* rstd, const float* w, int64_t N, int C,
-                                bf16* next_dy, const DropoutSite& next, cudaStream_t stream);
+                                bf16* next_dy, const DropoutSite& next, cudaStream_t stream,
+                                LayerNormBackwardKernel kernel = LayerNormBackwardKernel::shared);
+
+// Which kernel computes the classifier's softmax (kernels/classifier.cuh): `two_pass` reads
+// each row twice, `cluster` once (a cluster of blocks per row holding it in registers; it
+// falls back to two_pass for Vp > 131072 or a device without clusters). Same results
+// within rounding (the sums run in different orders); each is deterministic.
+enum class ClassifierKernel { two_pass, cluster };
 
 // Per row of logits (rows, Vp) bf16: losses[r] = logsumexp(logits[r, :V]) - logits[r, targets[r]];
 // with write_grad, logits[r, c] = (softmax - onehot) * dloss for c < V and 0 for V <= c < Vp.
 void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
-                             float dloss, bool write_grad, cudaStream_t stream);
+                             float dloss, bool write_grad, cudaStream_t stream,
+                             ClassifierKernel kernel = ClassifierKernel::two_pass);
 // *out = sum of losses (n), in double, in a fixed order.
 void loss_sum(double* out, const float* losses, int64_t n, cudaStream_t stream);
 

@@ -198,9 +198,63 @@ TEST_P(LayerNormTest, BackwardFusedWithDropoutEqualsTheTwoOps) {
   }
 }
 
+// The register LayerNorm backward (LayerNormBackwardKernel::registers; shared-memory kernel
+// where C does not fit it): dx, dw, db against the shared-memory kernel (tested against
+// double precision above) within fp32 rounding, the fused dropout gradient the same bits as
+// dropout_backward of its own dx, and a second run the same bits; dropout on and off,
+// accumulating or not.
+TEST_P(LayerNormTest, RegisterBackwardMatchesSharedKernel) {
+  const auto [N, C] = GetParam();
+  for (const float p : {0.1f, 0.0f}) {
+    for (const bool accumulate : {true, false}) {
+      SCOPED_TRACE(::testing::Message() << "p " << p << " accumulate " << accumulate);
+      std::mt19937 rng(static_cast<uint32_t>(N * 23 + C + (accumulate ? 1 : 0)));
+      const auto x = random_floats(size_t(N) * C, rng, 2.0f, 0.5f);
+      const auto w = random_floats(C, rng, 0.5f, 1.0f);
+      const auto b = random_floats(C, rng, 0.3f);
+      const auto dy = rounded(random_floats(size_t(N) * C, rng));
+      const auto dx0 = random_floats(size_t(N) * C, rng);
+      Dev<float> d_x(x), d_w(w), d_b(b), d_mean(N), d_rstd(N);
+      Dev<bf16> d_out(size_t(N) * C), d_dy(to_bf16(dy));
+      model_cuda::layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_x.ptr, d_w.ptr, d_b.ptr, N, C, nullptr);
+      const model_cuda::DropoutSite site = model_cuda::dropout_site(42, 9, 5, p);
+      std::vector<float> dw0(C, 1.0f), db0(C, -1.0f);
+      Dev<float> d_dx1(dx0), d_dw1(dw0), d_db1(db0), d_dx2(dx0), d_dw2(dw0), d_db2(db0), d_dx3(dx0), d_dw3(dw0),
+          d_db3(db0);
+      Dev<float> d_partial(model_cuda::layernorm_backward_partial_floats(N, C));
+      Dev<bf16> d_next2(size_t(N) * C), d_next3(size_t(N) * C), d_mask_ref(size_t(N) * C);
+      d_next2.poison();
+      d_next3.poison();
+      const auto shared = model_cuda::LayerNormBackwardKernel::shared;
+      const auto registers = model_cuda::LayerNormBackwardKernel::registers;
+      model_cuda::layernorm_backward_dropout(d_dx1.ptr, accumulate, d_dw1.ptr, d_db1.ptr, d_partial.ptr, d_dy.ptr,
+                                             d_x.ptr, d_mean.ptr, d_rstd.ptr, d_w.ptr, N, C, nullptr, site, nullptr,
+                                             shared);
+      model_cuda::layernorm_backward_dropout(d_dx2.ptr, accumulate, d_dw2.ptr, d_db2.ptr, d_partial.ptr, d_dy.ptr,
+                                             d_x.ptr, d_mean.ptr, d_rstd.ptr, d_w.ptr, N, C, d_next2.ptr, site, nullptr,
+                                             registers);
+      model_cuda::layernorm_backward_dropout(d_dx3.ptr, accumulate, d_dw3.ptr, d_db3.ptr, d_partial.ptr, d_dy.ptr,
+                                             d_x.ptr, d_mean.ptr, d_rstd.ptr, d_w.ptr, N, C, d_next3.ptr, site, nullptr,
+                                             registers);
+      model_cuda::dropout_backward(d_mask_ref.ptr, d_dx2.ptr, N, C, site, nullptr);
+      const auto dx1 = d_dx1.get(), dx2 = d_dx2.get(), dw1 = d_dw1.get(), dw2 = d_dw2.get(), db1 = d_db1.get(),
+                 db2 = d_db2.get();
+      EXPECT_LT(rel_error(dx2, std::vector<double>(dx1.begin(), dx1.end())), 1e-5);
+      EXPECT_LT(rel_error(dw2, std::vector<double>(dw1.begin(), dw1.end())), 1e-5);
+      EXPECT_LT(rel_error(db2, std::vector<double>(db1.begin(), db1.end())), 1e-5);
+      EXPECT_EQ(to_float(d_next2.get()), to_float(d_mask_ref.get())) << "the fused dropout of its own dx";
+      EXPECT_EQ(d_dx3.get(), dx2) << "a second run";
+      EXPECT_EQ(d_dw3.get(), dw2);
+      EXPECT_EQ(d_db3.get(), db2);
+      EXPECT_EQ(to_float(d_next3.get()), to_float(d_next2.get()));
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, LayerNormTest,
                          ::testing::Values(Shape{1, 32}, Shape{17, 48}, Shape{33, 40}, Shape{1000, 768},
-                                           Shape{4097, 80}, Shape{5, 2048}, Shape{3, 128}, Shape{257, 384}));
+                                           Shape{4097, 80}, Shape{5, 2048}, Shape{3, 128}, Shape{257, 384},
+                                           Shape{4097, 768}, Shape{17, 1024}, Shape{9, 640}));
 
 // ---- residual + dropout, embedding ----
 
@@ -249,6 +303,63 @@ TEST_P(ResidualDropoutTest, MaskIsPhiloxConventionBitForBit) {
 INSTANTIATE_TEST_SUITE_P(Shapes, ResidualDropoutTest,
                          ::testing::Values(DropoutCase{37, 768, 0.1f}, DropoutCase{17, 40, 0.5f},
                                            DropoutCase{1, 16, 0.0f}, DropoutCase{100, 72, 0.1f}));
+
+// The fused residual + LayerNorm forward: the residual the same bits as residual_forward
+// (whose mask the test above checks against philox.h), also in place (out == in); the
+// LayerNorm of that residual against double precision; shapes on the fused path (C % 16 == 0,
+// C <= 2048: one, two and four groups of 16 channels per lane) and on the fallback (the two
+// ops in turn: C = 40, 2064).
+class ResidualLayerNormTest : public ::testing::TestWithParam<DropoutCase> {};
+
+TEST_P(ResidualLayerNormTest, ResidualBitsAndLayerNormMatchReference) {
+  const auto [N, C, p] = GetParam();
+  std::mt19937 rng(static_cast<uint32_t>(N * 31 + C));
+  const auto in = random_floats(size_t(N) * C, rng, 2.0f, 0.5f);
+  const auto y = rounded(random_floats(size_t(N) * C, rng));
+  const auto w = random_floats(C, rng, 0.5f, 1.0f);
+  const auto b = random_floats(C, rng, 0.3f);
+  const auto site = model_cuda::dropout_site(0xABCDEF12345ull, 7, 3, p);
+  Dev<float> d_in(in), d_out(size_t(N) * C), d_ref_out(size_t(N) * C), d_w(w), d_b(b), d_mean(N), d_rstd(N),
+      d_inplace(in), d_mean2(N), d_rstd2(N);
+  Dev<bf16> d_y(to_bf16(y)), d_ln(size_t(N) * C), d_ln2(size_t(N) * C);
+  d_out.poison();
+  d_ln.poison();
+  d_mean.poison();
+  d_rstd.poison();
+  model_cuda::residual_layernorm_forward(d_out.ptr, d_ln.ptr, d_mean.ptr, d_rstd.ptr, d_in.ptr, d_y.ptr, d_w.ptr,
+                                         d_b.ptr, N, C, site, nullptr);
+  model_cuda::residual_forward(d_ref_out.ptr, d_in.ptr, d_y.ptr, N, C, site, nullptr);
+  model_cuda::residual_layernorm_forward(d_inplace.ptr, d_ln2.ptr, d_mean2.ptr, d_rstd2.ptr, d_inplace.ptr, d_y.ptr,
+                                         d_w.ptr, d_b.ptr, N, C, site, nullptr);
+  const auto out = d_out.get(), ref_out = d_ref_out.get(), inplace = d_inplace.get();
+  const auto ln = to_float(d_ln.get()), ln2 = to_float(d_ln2.get());
+  const auto mean = d_mean.get(), rstd = d_rstd.get();
+  ASSERT_EQ(0, std::memcmp(out.data(), ref_out.data(), out.size() * sizeof(float)))
+      << "the residual differs from residual_forward's";
+  ASSERT_EQ(0, std::memcmp(inplace.data(), ref_out.data(), out.size() * sizeof(float))) << "in place";
+  EXPECT_EQ(ln2, ln) << "in place, the LayerNorm output";
+  std::vector<double> ref_ln(ln.size());
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xr = &out[size_t(n) * C];
+    double m = 0, v = 0;
+    for (int c = 0; c < C; ++c) m += xr[c];
+    m /= C;
+    for (int c = 0; c < C; ++c) v += (xr[c] - m) * (xr[c] - m);
+    v /= C;
+    const double rs = 1.0 / std::sqrt(v + kLayerNormEps);
+    EXPECT_NEAR(mean[n], m, 1e-5 * (1 + std::fabs(m))) << "row " << n;
+    EXPECT_NEAR(rstd[n], rs, 1e-4 * rs) << "row " << n;
+    for (int c = 0; c < C; ++c) ref_ln[size_t(n) * C + c] = (xr[c] - m) * rs * w[c] + b[c];
+  }
+  EXPECT_LT(rel_error(ln, ref_ln), 5e-3);  // bf16 output: 2^-9 relative rounding
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ResidualLayerNormTest,
+                         ::testing::Values(DropoutCase{1, 768, 0.1f}, DropoutCase{17, 48, 0.5f},
+                                           DropoutCase{1000, 768, 0.1f}, DropoutCase{4097, 80, 0.0f},
+                                           DropoutCase{5, 2048, 0.1f}, DropoutCase{3, 1040, 0.1f},
+                                           DropoutCase{257, 384, 0.1f}, DropoutCase{33, 40, 0.1f},
+                                           DropoutCase{2, 2064, 0.1f}, DropoutCase{9, 16, 0.0f}));
 
 TEST(EncoderTest, ForwardAndBackwardMatchReference) {
   const int B = 3, T = 7, C = 40, Vrows = 50;
@@ -310,25 +421,34 @@ struct ClassifierCase {
 
 class ClassifierTest : public ::testing::TestWithParam<ClassifierCase> {};
 
-TEST_P(ClassifierTest, LossAndGradientMatchReference) {
-  const auto [rows, V, Vp] = GetParam();
+// One kernel against the double-precision reference: the loss of every row, the gradient of
+// every real column, 0 in every padding column, the logits untouched without gradients, and
+// the same bits on a second run (deterministic). Returns the losses.
+std::vector<float> check_classifier(const ClassifierCase& shape, model_cuda::ClassifierKernel kernel) {
+  const auto [rows, V, Vp] = shape;
   std::mt19937 rng(static_cast<uint32_t>(V + rows));
   const auto logits = rounded(random_floats(size_t(rows) * Vp, rng, 3.0f));
   std::vector<int32_t> targets(rows);
   for (auto& t : targets) t = static_cast<int32_t>(rng() % V);
+  if (rows > 1) targets[1] = static_cast<int32_t>(V - 1);  // the last real column, next to the padding
   const float dloss = 0.25f;
-  Dev<bf16> d_logits(to_bf16(logits)), d_logits_nograd(to_bf16(logits));
-  Dev<float> d_losses(rows), d_losses2(rows);
+  Dev<bf16> d_logits(to_bf16(logits)), d_logits_nograd(to_bf16(logits)), d_again(to_bf16(logits));
+  Dev<float> d_losses(rows), d_losses2(rows), d_losses3(rows);
   Dev<int32_t> d_targets(targets);
   d_losses.poison();
   d_losses2.poison();
-  model_cuda::classifier_softmax_xent(d_logits.ptr, d_losses.ptr, d_targets.ptr, rows, V, Vp, dloss, true, nullptr);
+  d_losses3.poison();
+  model_cuda::classifier_softmax_xent(d_logits.ptr, d_losses.ptr, d_targets.ptr, rows, V, Vp, dloss, true, nullptr,
+                                      kernel);
   model_cuda::classifier_softmax_xent(d_logits_nograd.ptr, d_losses2.ptr, d_targets.ptr, rows, V, Vp, dloss, false,
-                                      nullptr);
+                                      nullptr, kernel);
+  model_cuda::classifier_softmax_xent(d_again.ptr, d_losses3.ptr, d_targets.ptr, rows, V, Vp, dloss, true, nullptr,
+                                      kernel);
   const auto grad = to_float(d_logits.get()), untouched = to_float(d_logits_nograd.get());
-  const auto losses = d_losses.get(), losses2 = d_losses2.get();
+  const auto losses = d_losses.get(), losses2 = d_losses2.get(), losses3 = d_losses3.get();
   EXPECT_EQ(untouched, logits) << "without gradients the logits stay";
-  std::vector<double> ref_grad(grad.size());
+  EXPECT_EQ(to_float(d_again.get()), grad) << "a second run gives the same gradient bits";
+  EXPECT_EQ(losses3, losses) << "a second run gives the same loss bits";
   std::vector<float> grad_real;
   std::vector<double> ref_real;
   for (int64_t r = 0; r < rows; ++r) {
@@ -337,12 +457,13 @@ TEST_P(ClassifierTest, LossAndGradientMatchReference) {
     for (int64_t c = 0; c < V; ++c) mx = std::max<double>(mx, row[c]);
     for (int64_t c = 0; c < V; ++c) s += std::exp(row[c] - mx);
     const double lse = mx + std::log(s);
-    EXPECT_NEAR(losses[r], lse - row[targets[r]], 1e-3 * (1 + std::fabs(lse)));
+    EXPECT_NEAR(losses[r], lse - row[targets[r]], 1e-3 * (1 + std::fabs(lse))) << "row " << r;
     EXPECT_EQ(losses[r], losses2[r]);
     for (int64_t c = 0; c < Vp; ++c) {
       const size_t i = size_t(r) * Vp + c;
       if (c >= V) {
-        ASSERT_EQ(grad[i], 0.0f) << "padding column " << c;
+        EXPECT_EQ(grad[i], 0.0f) << "padding column " << c << " of row " << r;
+        if (grad[i] != 0.0f) return losses;
         continue;
       }
       grad_real.push_back(grad[i]);
@@ -350,13 +471,32 @@ TEST_P(ClassifierTest, LossAndGradientMatchReference) {
     }
   }
   EXPECT_LT(rel_error(grad_real, ref_real), 1e-2);
+  return losses;
+}
+
+TEST_P(ClassifierTest, LossAndGradientMatchReference) {
+  check_classifier(GetParam(), model_cuda::ClassifierKernel::two_pass);
+}
+
+// The one-pass kernel (a cluster of blocks per row, the row in registers; two_pass beyond
+// 131072 columns) against the same reference, and its losses against two_pass's.
+TEST_P(ClassifierTest, ClusterKernelMatchesReferenceAndTwoPass) {
+  const auto cluster = check_classifier(GetParam(), model_cuda::ClassifierKernel::cluster);
+  const auto two_pass = check_classifier(GetParam(), model_cuda::ClassifierKernel::two_pass);
+  ASSERT_EQ(cluster.size(), two_pass.size());
+  for (size_t r = 0; r < cluster.size(); ++r)
+    EXPECT_NEAR(cluster[r], two_pass[r], 1e-4 * (1 + std::fabs(two_pass[r]))) << "row " << r;
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ClassifierTest,
                          ::testing::Values(ClassifierCase{5, 1000, 1024}, ClassifierCase{3, 50257, 50304},
                                            ClassifierCase{1, 8, 128}, ClassifierCase{17, 100277, 100352},
                                            ClassifierCase{2, 8, 8}, ClassifierCase{9, 33000, 33024},
-                                           ClassifierCase{4, 100277, 100384}));
+                                           ClassifierCase{4, 100277, 100384}, ClassifierCase{1000, 1000, 1024},
+                                           ClassifierCase{3, 1000, 20480},    // the second block all padding
+                                           ClassifierCase{2, 16385, 16392},   // just over one block's columns
+                                           ClassifierCase{2, 140000, 140032}  // wider than a cluster: two_pass
+                                           ));
 
 TEST(LossSumTest, SumsInDoubleAndRepeats) {
   std::mt19937 rng(5);
@@ -407,8 +547,57 @@ TEST(AdamWTest, MatchesTorchFormulaPerSegment) {
   }
 }
 
+// The 16-byte path (n, segment ends multiples of 4, aligned arrays) against the scalar one on
+// the same values (the arrays shifted by one float, which the vector path cannot take): both
+// call adamw_element, so params and moments agree to the last bits (1e-6 relative leaves the
+// compiler its choice of FMA contraction), and both against the formula; the bf16 copy is
+// the rounding of the params each path wrote.
+TEST(AdamWTest, VectorPathEqualsScalarPath) {
+  const int64_t n = 4100;
+  std::mt19937 rng(5);
+  auto p = random_floats(n, rng), g = random_floats(n, rng), m = random_floats(n, rng, 0.1f),
+       v = random_floats(n, rng, 0.1f);
+  for (float& x : v) x = std::fabs(x);
+  model_cuda::ParamSegments seg;
+  seg.count = 3;
+  seg.end[0] = 1024, seg.end[1] = 1028, seg.end[2] = n;
+  seg.decay[0] = true, seg.decay[1] = false, seg.decay[2] = true;
+  model_cuda::AdamWArgs a;
+  a.lr = 1e-2f, a.beta1 = 0.9f, a.beta2 = 0.95f, a.eps = 1e-8f, a.weight_decay = 0.1f;
+  a.bias_correction1 = 1 - std::pow(0.9f, 2.0f), a.bias_correction2 = 1 - std::pow(0.95f, 2.0f), a.grad_scale = 0.7f;
+  const auto shifted = [](const std::vector<float>& x) {
+    std::vector<float> out(x.size() + 1, 0.0f);
+    std::copy(x.begin(), x.end(), out.begin() + 1);
+    return out;
+  };
+  Dev<float> d_p(p), d_g(g), d_m(m), d_v(v), s_p(shifted(p)), s_g(shifted(g)), s_m(shifted(m)), s_v(shifted(v));
+  Dev<bf16> d_pb(n), s_pb(n + 1);
+  d_pb.poison();
+  s_pb.poison();
+  model_cuda::adamw_update(d_p.ptr, d_pb.ptr, d_g.ptr, d_m.ptr, d_v.ptr, n, seg, a, nullptr);
+  model_cuda::adamw_update(s_p.ptr + 1, s_pb.ptr + 1, s_g.ptr + 1, s_m.ptr + 1, s_v.ptr + 1, n, seg, a, nullptr);
+  const auto p1 = d_p.get(), m1 = d_m.get(), v1 = d_v.get(), p2 = s_p.get(), m2 = s_m.get(), v2 = s_v.get();
+  const auto pb1 = to_float(d_pb.get()), pb2 = to_float(s_pb.get());
+  for (int64_t i = 0; i < n; ++i) {
+    ASSERT_NEAR(p1[i], p2[i + 1], 1e-6 * (1 + std::fabs(p2[i + 1]))) << i;
+    ASSERT_NEAR(m1[i], m2[i + 1], 1e-6 * (1 + std::fabs(m2[i + 1]))) << i;
+    ASSERT_NEAR(v1[i], v2[i + 1], 1e-6 * (1 + std::fabs(v2[i + 1]))) << i;
+    ASSERT_EQ(pb1[i], bf16_round(p1[i])) << i;
+    ASSERT_EQ(pb2[i + 1], bf16_round(p2[i + 1])) << i;
+    const bool decay = i < 1024 || i >= 1028;
+    const double gi = double(g[i]) * a.grad_scale;
+    const double mi = a.beta1 * double(m[i]) + (1 - a.beta1) * gi;
+    const double vi = a.beta2 * double(v[i]) + (1 - a.beta2) * gi * gi;
+    double pi = p[i];
+    if (decay) pi *= 1 - double(a.lr) * a.weight_decay;
+    pi -= a.lr * (mi / a.bias_correction1) / (std::sqrt(vi / a.bias_correction2) + a.eps);
+    ASSERT_NEAR(p1[i], pi, 1e-6 * (1 + std::fabs(pi))) << i;
+  }
+}
+
 TEST(SumSquaresTest, MatchesDoubleAndRepeatsBitForBit) {
-  for (int64_t n : {int64_t{1}, int64_t{1000}, int64_t{1000003}}) {
+  // 1000, 4000000: the 16-byte path (n % 4 == 0); 1, 1000003: the scalar one.
+  for (int64_t n : {int64_t{1}, int64_t{1000}, int64_t{1000003}, int64_t{4000000}}) {
     std::mt19937 rng(static_cast<uint32_t>(n));
     const auto x = random_floats(n, rng);
     Dev<float> d_x(x);
@@ -423,7 +612,8 @@ TEST(SumSquaresTest, MatchesDoubleAndRepeatsBitForBit) {
 }
 
 TEST(ColumnSumTest, MatchesReferenceAndAccumulates) {
-  for (auto [N, M] : {std::pair<int64_t, int>{1000, 40}, {3, 3072}, {1, 1}, {4097, 2304}, {17, 37}, {32768, 768}}) {
+  for (auto [N, M] : {std::pair<int64_t, int>{1000, 40}, {3, 3072}, {1, 1}, {4097, 2304}, {17, 37}, {32768, 768},
+                        {10000, 3072}}) {  // 10000: four-row steps and rows left over
     std::mt19937 rng(static_cast<uint32_t>(N + M));
     const auto x = rounded(random_floats(size_t(N) * M, rng));
     const auto out0 = random_floats(M, rng);
@@ -575,6 +765,17 @@ TEST(ModelCudaOpsTest, EntryPointsRejectBadArguments) {
   Dev<float> losses(1);
   Dev<int32_t> targets(1);
   EXPECT_THROW(model_cuda::classifier_softmax_xent(logits.ptr, losses.ptr, targets.ptr, 1, 20, 12, 1.0f, true, nullptr),
+               std::exception);
+  EXPECT_THROW(model_cuda::classifier_softmax_xent(logits.ptr, losses.ptr, targets.ptr, 1, 20, 12, 1.0f, true, nullptr,
+                                                   model_cuda::ClassifierKernel::cluster),
+               std::exception);
+  Dev<float> x(64);
+  Dev<bf16> y(64), ln(64);
+  EXPECT_THROW(model_cuda::residual_layernorm_forward(x.ptr, ln.ptr, losses.ptr, losses.ptr, nullptr, y.ptr, x.ptr,
+                                                      x.ptr, 4, 16, model_cuda::DropoutSite{}, nullptr),
+               std::exception);
+  EXPECT_THROW(model_cuda::residual_layernorm_forward(x.ptr, ln.ptr, losses.ptr, losses.ptr, x.ptr, y.ptr, x.ptr,
+                                                      x.ptr, 4, 0, model_cuda::DropoutSite{}, nullptr),
                std::exception);
 }
 

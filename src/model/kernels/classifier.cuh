@@ -1,12 +1,25 @@
 // The fused classifier's pointwise part, on one chunk of rows of bf16 logits (R, Vp) that
 // cuBLASLt just wrote: per row, softmax over the first V columns, the cross-entropy of the
 // target, and (with gradients) dlogits = (softmax - onehot(target)) * dloss written in place
-// over the logits, the padding columns V..Vp-1 set to 0. One block per row, which reads the
-// row twice (max and sum, then the gradient) and writes it once. A variant that kept the row
-// in shared memory and read it once was slower at V = 100277 (docs/model_gpu.md).
+// over the logits, the padding columns V..Vp-1 set to 0. Two kernels (ClassifierKernel):
+//
+//   two_pass: one block per row, which reads the row twice (online max and sum, then the
+//     gradient) and writes it once. A variant that kept the row in shared memory and read
+//     it once was slower at V = 100277 (docs/model_gpu.md): one 200 KB row per block left one
+//     block per SM, with too few loads in flight.
+//   cluster: a thread-block cluster of S <= 8 blocks per row, each block holding its slice of
+//     the row in registers (at most kClusterVecs 16-byte vectors per thread, all loaded before
+//     any is used). Each block reduces its slice to (max, sum of exp), the blocks exchange the
+//     S pairs through distributed shared memory and combine them in rank order (the same
+//     bits in every block), and each writes its slice's gradient from registers: the row is
+//     read once and written once, and several blocks per SM keep loads in flight while others
+//     reduce. Rows wider than kClusterMaxBlocks * kClusterThreads * kClusterVecs * 8 columns
+//     (131072) take two_pass.
 #pragma once
 
 #include "common.cuh"
+
+#include <cooperative_groups.h>
 
 #include <algorithm>
 
@@ -65,6 +78,107 @@ __global__ void __launch_bounds__(kClassifierThreads)
   }
 }
 
+constexpr int kClusterThreads = 256;
+constexpr int kClusterVecs = 8;       // 16-byte vectors (8 bf16) per thread at most: 32 registers
+constexpr int kClusterMaxBlocks = 8;  // the portable cluster size
+constexpr int64_t kClusterMaxColumns = int64_t{kClusterMaxBlocks} * kClusterThreads * kClusterVecs * 8;
+
+// Grid: rows * S blocks in clusters of S (consecutive blockIdx.x); block `rank` of row r holds
+// the vectors [rank * block_vecs, (rank + 1) * block_vecs) of the row's Vp / 8, where
+// S * block_vecs >= Vp / 8 and block_vecs <= kClusterThreads * kClusterVecs.
+template <bool kWriteGrad>
+__global__ void __launch_bounds__(kClusterThreads, 4)
+    classifier_cluster_kernel(bf16* __restrict__ logits, float* __restrict__ losses,
+                              const int32_t* __restrict__ targets, int64_t V, int64_t Vp, int block_vecs,
+                              float dloss) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // clusters need sm_90; classifier_softmax_xent never launches this on older devices
+#else
+  namespace cg = cooperative_groups;
+  __shared__ float scratch[32];
+  __shared__ float2 partial;  // this block's (max, sum of exp(x - max)), read by the whole cluster
+  const cg::cluster_group cluster = cg::this_cluster();
+  const int S = static_cast<int>(cluster.num_blocks());
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int64_t r = blockIdx.x / S;
+  bf16* row = logits + r * Vp;
+  const int64_t total_vecs = Vp / 8;
+  const int64_t first = int64_t{rank} * block_vecs;
+  // Every load of the slice first, then the arithmetic.
+  uint4 data[kClusterVecs];
+#pragma unroll
+  for (int k = 0; k < kClusterVecs; ++k) {
+    const int i = k * kClusterThreads + static_cast<int>(threadIdx.x);
+    const int64_t vec = first + i;
+    if (i < block_vecs && vec < total_vecs) {
+      data[k] = *reinterpret_cast<const uint4*>(row + vec * 8);
+    } else {
+      data[k] = make_uint4(0, 0, 0, 0);
+    }
+  }
+  const int64_t target = targets[r];
+  // The target's logit, read by one thread before any block of the cluster overwrites it
+  // (the writes start after the cluster barrier below).
+  float target_logit = 0.0f;
+  if (rank == 0 && threadIdx.x == 0) target_logit = __bfloat162float(row[target]);
+  float m = -INFINITY;
+#pragma unroll
+  for (int k = 0; k < kClusterVecs; ++k) {
+    const int64_t col = (first + k * kClusterThreads + threadIdx.x) * 8;
+    const bf16* v = reinterpret_cast<const bf16*>(&data[k]);
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      if (col + j < V && k * kClusterThreads + static_cast<int>(threadIdx.x) < block_vecs)
+        m = fmaxf(m, __bfloat162float(v[j]));
+  }
+  const float block_m = block_max(m, scratch);
+  float s = 0.0f;
+  if (block_m != -INFINITY) {
+#pragma unroll
+    for (int k = 0; k < kClusterVecs; ++k) {
+      const int64_t col = (first + k * kClusterThreads + threadIdx.x) * 8;
+      const bf16* v = reinterpret_cast<const bf16*>(&data[k]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        if (col + j < V && k * kClusterThreads + static_cast<int>(threadIdx.x) < block_vecs)
+          s += __expf(__bfloat162float(v[j]) - block_m);
+    }
+  }
+  const float block_s = block_sum(s, scratch);
+  if (threadIdx.x == 0) partial = make_float2(block_m, block_s);
+  cluster.sync();  // every block's partial is written
+  // Combine the S partials in rank order: the same bits in every block of the cluster.
+  float row_max = -INFINITY;
+  for (int q = 0; q < S; ++q) row_max = fmaxf(row_max, cluster.map_shared_rank(&partial, q)->x);
+  float row_sum = 0.0f;
+  for (int q = 0; q < S; ++q) {
+    const float2 p = *cluster.map_shared_rank(&partial, q);
+    if (p.x != -INFINITY) row_sum += p.y * __expf(p.x - row_max);
+  }
+  cluster.sync();  // no block leaves (its shared memory) while another still reads it
+  const float lse = row_max + __logf(row_sum);
+  if (rank == 0 && threadIdx.x == 0) losses[r] = lse - target_logit;
+  if (!kWriteGrad) return;
+#pragma unroll
+  for (int k = 0; k < kClusterVecs; ++k) {
+    const int i = k * kClusterThreads + static_cast<int>(threadIdx.x);
+    const int64_t vec = first + i;
+    if (i >= block_vecs || vec >= total_vecs) continue;
+    const int64_t col = vec * 8;
+    uint4 out;
+    const bf16* v = reinterpret_cast<const bf16*>(&data[k]);
+    bf16* o = reinterpret_cast<bf16*>(&out);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      float g = 0.0f;
+      if (col + j < V) g = (__expf(__bfloat162float(v[j]) - lse) - (col + j == target ? 1.0f : 0.0f)) * dloss;
+      o[j] = __float2bfloat16_rn(g);
+    }
+    *reinterpret_cast<uint4*>(row + col) = out;
+  }
+#endif
+}
+
 // sum over losses[0 .. n) in double, in a fixed order (one block): *out = sum.
 __global__ void loss_sum_kernel(double* __restrict__ out, const float* __restrict__ losses, int64_t n) {
   __shared__ double scratch[32];
@@ -87,6 +201,34 @@ inline void classifier_launch(bf16* logits, float* losses, const int32_t* target
     classifier_kernel<false><<<static_cast<unsigned>(rows), kClassifierThreads, 0, stream>>>(logits, losses, targets,
                                                                                              V, Vp, dloss);
   }
+}
+
+// The cluster kernel for Vp <= kClusterMaxColumns (the caller checks): S blocks per row, the
+// fewest that hold the row, and the row's vectors spread evenly over them.
+inline cudaError_t classifier_cluster_launch(bf16* logits, float* losses, const int32_t* targets, int64_t rows,
+                                             int64_t V, int64_t Vp, float dloss, bool write_grad,
+                                             cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  const int64_t total_vecs = Vp / 8;
+  const int64_t per_block = int64_t{kClusterThreads} * kClusterVecs;
+  const int S = static_cast<int>((total_vecs + per_block - 1) / per_block);
+  const int block_vecs = static_cast<int>((total_vecs + S - 1) / S);
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(rows * S));
+  config.blockDim = dim3(kClusterThreads);
+  config.dynamicSmemBytes = 0;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeClusterDimension;
+  attribute[0].val.clusterDim.x = static_cast<unsigned>(S);
+  attribute[0].val.clusterDim.y = 1;
+  attribute[0].val.clusterDim.z = 1;
+  config.attrs = attribute;
+  config.numAttrs = 1;
+  if (write_grad) return cudaLaunchKernelEx(&config, classifier_cluster_kernel<true>, logits, losses, targets, V, Vp,
+                                            block_vecs, dloss);
+  return cudaLaunchKernelEx(&config, classifier_cluster_kernel<false>, logits, losses, targets, V, Vp, block_vecs,
+                            dloss);
 }
 
 inline void loss_sum_launch(double* out, const float* losses, int64_t n, cudaStream_t stream) {

@@ -6,6 +6,9 @@
 //             dw[c] += sum_n dy xhat, db[c] += sum_n dy, in two deterministic stages: each
 //             block sums its rows into a partial row, then one kernel adds the partials in
 //             block order.
+//   residual + forward (fused): x_out[n, c] = x_in[n, c] + drop(y[n, c]) (dropout.cuh's
+//             residual forward), then the forward above of x_out, in one pass: the row is
+//             held in registers, so the fp32 stream is written once and not read again.
 #pragma once
 
 #include <flashgpt/model.h>
@@ -141,6 +144,85 @@ __global__ void layernorm_forward_vec_kernel(bf16* __restrict__ out, float* __re
   }
 }
 
+// The residual forward (dropout.cuh) and the LayerNorm forward of its result in one pass,
+// for C % 16 == 0 and C <= 512 kGroups: one warp per row, lane owning the 16-channel groups
+// lane + 32 j (j < kGroups), one Philox call per group as in residual_forward_kernel, with
+// the same per-element arithmetic (so the same residual bits). The mean and variance are
+// taken from the registers (two passes over them, as the unfused kernel does over memory).
+// out may equal in (each lane reads all its channels before it writes any).
+template <int kGroups>
+__global__ void __launch_bounds__(256)
+    residual_layernorm_forward_kernel(float* out, bf16* __restrict__ ln, float* __restrict__ mean_out,
+                                      float* __restrict__ rstd_out, const float* in, const bf16* __restrict__ y,
+                                      const float* __restrict__ w, const float* __restrict__ b, int64_t N, int C,
+                                      DropoutSite d) {
+  const int lane = threadIdx.x % 32;
+  const int64_t row = blockIdx.x * int64_t{blockDim.x / 32} + threadIdx.x / 32;
+  if (row >= N) return;
+  const int groups = C / 16;
+  // Every load of the row first (in and y of all this lane's groups), then the arithmetic.
+  float v[kGroups][16];
+  uint4 yv[kGroups][2];
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    const int g = lane + 32 * j;
+    if (g >= groups) break;
+    const int64_t base = row * C + g * 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float4 a = reinterpret_cast<const float4*>(in + base)[i];
+      v[j][4 * i] = a.x, v[j][4 * i + 1] = a.y, v[j][4 * i + 2] = a.z, v[j][4 * i + 3] = a.w;
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) yv[j][i] = reinterpret_cast<const uint4*>(y + base)[i];
+  }
+  float sum = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    const int g = lane + 32 * j;
+    if (g >= groups) break;
+    const uint32_t bits = dropout_keep_bits(d, row, g);
+    const bf16* yb = reinterpret_cast<const bf16*>(yv[j]);
+#pragma unroll
+    for (int k = 0; k < 16; ++k) v[j][k] = __fadd_rn(v[j][k], dropout_apply(__bfloat162float(yb[k]), bits, k, d));
+    float* o = out + row * C + g * 16;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      reinterpret_cast<float4*>(o)[i] = make_float4(v[j][4 * i], v[j][4 * i + 1], v[j][4 * i + 2], v[j][4 * i + 3]);
+#pragma unroll
+    for (int k = 0; k < 16; ++k) sum += v[j][k];
+  }
+  const float mean = warp_sum(sum) / C;
+  float var = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    if (lane + 32 * j >= groups) break;
+#pragma unroll
+    for (int k = 0; k < 16; ++k) var += (v[j][k] - mean) * (v[j][k] - mean);
+  }
+  const float rstd = rsqrtf(warp_sum(var) / C + kLayerNormEps);
+#pragma unroll
+  for (int j = 0; j < kGroups; ++j) {
+    const int g = lane + 32 * j;
+    if (g >= groups) break;
+    float o[16];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float4 wv = reinterpret_cast<const float4*>(w + g * 16)[i];
+      const float4 bv = reinterpret_cast<const float4*>(b + g * 16)[i];
+      o[4 * i] = (v[j][4 * i] - mean) * rstd * wv.x + bv.x;
+      o[4 * i + 1] = (v[j][4 * i + 1] - mean) * rstd * wv.y + bv.y;
+      o[4 * i + 2] = (v[j][4 * i + 2] - mean) * rstd * wv.z + bv.z;
+      o[4 * i + 3] = (v[j][4 * i + 3] - mean) * rstd * wv.w + bv.w;
+    }
+    store16(ln + row * C + g * 16, o);
+  }
+  if (lane == 0) {
+    mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+}
+
 // kDropNext: also the next dropout backward of the residual stream, fused: next_dy (N, C)
 // bf16 = dropout mask of site `next` * scale * dx (the accumulated value just written), the
 // same arithmetic as dropout_backward_kernel, so the same bits, without reading dx again.
@@ -212,6 +294,104 @@ __global__ void layernorm_backward_vec_kernel(float* __restrict__ dx, float* __r
   }
 }
 
+// layernorm_backward_vec_kernel with the row and the dw/db sums in registers, for C = 128
+// kIters: a lane owns the same channels 4 lane + 128 i (i < kIters) of every row, so its
+// share of dw and db accumulates in registers (not in shared memory, read and written per
+// element), and x and dy are read once per row (the shared-memory kernel reads them twice;
+// w, the same for every row, comes from L1). Same formulas and the same order of additions per warp; the
+// block's sums go through shared memory at the end as there.
+// Blocks per SM the register kernel is compiled for (its registers capped to fit them).
+constexpr int layernorm_backward_reg_blocks_per_sm(int iters) { return iters <= 4 ? 4 : iters <= 6 ? 3 : 2; }
+
+template <int kIters, bool kAccumulate, bool kDropNext>
+__global__ void __launch_bounds__(kLnWarps * 32, layernorm_backward_reg_blocks_per_sm(kIters))
+    layernorm_backward_reg_kernel(float* __restrict__ dx, float* __restrict__ partial, const bf16* __restrict__ dy,
+                                  const float* __restrict__ x, const float* __restrict__ mean,
+                                  const float* __restrict__ rstd, const float* __restrict__ w, int64_t N, int C,
+                                  bf16* __restrict__ next_dy, DropoutSite next) {
+  extern __shared__ float shared_acc[];  // (kLnWarps, 2C)
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float acc_w[kIters][4], acc_b[kIters][4];
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) acc_w[i][k] = acc_b[i][k] = 0.0f;
+  }
+  for (int64_t row = blockIdx.x * int64_t{kLnWarps} + warp; row < N; row += int64_t{gridDim.x} * kLnWarps) {
+    const float* xr = x + row * C;
+    const bf16* dyr = dy + row * C;
+    float xs[kIters][4], g[kIters][4], o[kIters][4];
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int c = 4 * lane + 128 * i;
+      const float4 xv = *reinterpret_cast<const float4*>(xr + c);
+      xs[i][0] = xv.x, xs[i][1] = xv.y, xs[i][2] = xv.z, xs[i][3] = xv.w;
+      load_bf16x4(dyr + c, g[i]);
+      if (kAccumulate) {
+        const float4 ov = *reinterpret_cast<const float4*>(dx + row * C + c);
+        o[i][0] = ov.x, o[i][1] = ov.y, o[i][2] = ov.z, o[i][3] = ov.w;
+      } else {
+#pragma unroll
+        for (int k = 0; k < 4; ++k) o[i][k] = 0.0f;
+      }
+    }
+    const float m = mean[row], rs = rstd[row];
+    float sum_dxhat = 0.0f, sum_dxhat_xhat = 0.0f;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const float4 wv = __ldg(reinterpret_cast<const float4*>(w + 4 * lane + 128 * i));  // L1: every row reads it
+      const float ws[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float xhat = (xs[i][k] - m) * rs;
+        const float dxhat = g[i][k] * ws[k];
+        sum_dxhat += dxhat;
+        sum_dxhat_xhat += dxhat * xhat;
+        acc_w[i][k] += g[i][k] * xhat;
+        acc_b[i][k] += g[i][k];
+      }
+    }
+    sum_dxhat = warp_sum(sum_dxhat) / C;
+    sum_dxhat_xhat = warp_sum(sum_dxhat_xhat) / C;
+#pragma unroll
+    for (int i = 0; i < kIters; ++i) {
+      const int c = 4 * lane + 128 * i;
+      const float4 wv = __ldg(reinterpret_cast<const float4*>(w + c));
+      const float ws[4] = {wv.x, wv.y, wv.z, wv.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float xhat = (xs[i][k] - m) * rs;
+        o[i][k] += rs * (g[i][k] * ws[k] - sum_dxhat - xhat * sum_dxhat_xhat);
+      }
+      *reinterpret_cast<float4*>(dx + row * C + c) = make_float4(o[i][0], o[i][1], o[i][2], o[i][3]);
+      if (kDropNext) {  // this lane's 4 channels are bits c % 16 .. + 3 of the 16-channel group c / 16
+        const uint32_t bits = dropout_keep_bits(next, row, c / 16);
+        uint2 raw;
+        bf16* r = reinterpret_cast<bf16*>(&raw);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) r[k] = __float2bfloat16_rn(dropout_apply(o[i][k], bits, c % 16 + k, next));
+        *reinterpret_cast<uint2*>(next_dy + row * C + c) = raw;
+      }
+    }
+  }
+  float* acc = shared_acc + warp * 2 * C;
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      acc[4 * lane + 128 * i + k] = acc_w[i][k];
+      acc[C + 4 * lane + 128 * i + k] = acc_b[i][k];
+    }
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kLnWarps; ++k) sum += shared_acc[k * 2 * C + c];
+    partial[int64_t{blockIdx.x} * 2 * C + c] = sum;
+  }
+}
+
 // dw[c] += sum over blocks of partial[blk, c]; db[c] += partial[blk, C + c]. Block order.
 __global__ void layernorm_backward_reduce_kernel(float* __restrict__ dw, float* __restrict__ db,
                                                  const float* __restrict__ partial, int blocks, int C) {
@@ -238,6 +418,25 @@ inline void layernorm_forward_launch(bf16* out, float* mean, float* rstd, const 
   }
 }
 
+// The fused residual + LayerNorm forward; the caller checks residual_layernorm_fusable(C).
+constexpr int kResidualLnMaxGroups = 4;
+inline bool residual_layernorm_fusable(int C) { return C % 16 == 0 && C <= 16 * 32 * kResidualLnMaxGroups; }
+
+inline void residual_layernorm_forward_launch(float* out, bf16* ln, float* mean, float* rstd, const float* in,
+                                              const bf16* y, const float* w, const float* b, int64_t N, int C,
+                                              const DropoutSite& d, cudaStream_t stream) {
+  constexpr int kWarps = 8;
+  const int lane_groups = (C / 16 + 31) / 32;
+  const unsigned grid = ceil_div(N, kWarps);
+  if (lane_groups <= 1) {
+    residual_layernorm_forward_kernel<1><<<grid, kWarps * 32, 0, stream>>>(out, ln, mean, rstd, in, y, w, b, N, C, d);
+  } else if (lane_groups <= 2) {
+    residual_layernorm_forward_kernel<2><<<grid, kWarps * 32, 0, stream>>>(out, ln, mean, rstd, in, y, w, b, N, C, d);
+  } else {
+    residual_layernorm_forward_kernel<4><<<grid, kWarps * 32, 0, stream>>>(out, ln, mean, rstd, in, y, w, b, N, C, d);
+  }
+}
+
 inline size_t layernorm_backward_shared_bytes(int C) { return sizeof(float) * kLnWarps * 2 * size_t(C); }
 
 // blocks: the partial rows `partial` holds (layernorm_backward_blocks).
@@ -247,13 +446,71 @@ inline int layernorm_backward_blocks(int64_t N, int sm_count) {
   return static_cast<int>(wanted < cap ? (wanted < 1 ? 1 : wanted) : cap);
 }
 
+// The register kernel's shapes: C = 128 kIters for the kIters instantiated below.
+inline bool layernorm_backward_registers_fit(int C) {
+  if (C % 128 != 0) return false;
+  const int iters = C / 128;
+  return iters == 1 || iters == 2 || iters == 3 || iters == 4 || iters == 6 || iters == 8;
+}
+
+// The register kernels hold 100-200 registers a thread, so fewer blocks fit on an SM than
+// the shared-memory kernel's grid (4 per SM) assumes: the grid is capped at the blocks per SM
+// the kernel's launch bounds guarantee (one wave, no tail). Returns the blocks launched (the
+// partial rows to reduce).
+template <int kIters>
+int layernorm_backward_reg_launch(float* dx, bool accumulate, float* partial, int blocks, size_t shared,
+                                  const bf16* dy, const float* x, const float* mean, const float* rstd,
+                                  const float* w, int64_t N, int C, cudaStream_t stream, bf16* next_dy,
+                                  const DropoutSite& next, int sm_count) {
+  auto kernel = accumulate ? (next_dy ? layernorm_backward_reg_kernel<kIters, true, true>
+                                      : layernorm_backward_reg_kernel<kIters, true, false>)
+                           : (next_dy ? layernorm_backward_reg_kernel<kIters, false, true>
+                                      : layernorm_backward_reg_kernel<kIters, false, false>);
+  constexpr int fit = layernorm_backward_reg_blocks_per_sm(kIters);
+  if (sm_count > 0 && blocks > fit * sm_count) blocks = fit * sm_count;
+  kernel<<<blocks, kLnWarps * 32, shared, stream>>>(dx, partial, dy, x, mean, rstd, w, N, C, next_dy, next);
+  return blocks;
+}
+
+inline int layernorm_backward_reg_dispatch(float* dx, bool accumulate, float* partial, int blocks, size_t shared,
+                                           const bf16* dy, const float* x, const float* mean, const float* rstd,
+                                           const float* w, int64_t N, int C, cudaStream_t stream, bf16* next_dy,
+                                           const DropoutSite& next, int sm_count) {
+  switch (C / 128) {
+    case 1:
+      return layernorm_backward_reg_launch<1>(dx, accumulate, partial, blocks, shared, dy, x, mean, rstd, w, N, C,
+                                               stream, next_dy, next, sm_count);
+    case 2:
+      return layernorm_backward_reg_launch<2>(dx, accumulate, partial, blocks, shared, dy, x, mean, rstd, w, N, C,
+                                               stream, next_dy, next, sm_count);
+    case 3:
+      return layernorm_backward_reg_launch<3>(dx, accumulate, partial, blocks, shared, dy, x, mean, rstd, w, N, C,
+                                               stream, next_dy, next, sm_count);
+    case 4:
+      return layernorm_backward_reg_launch<4>(dx, accumulate, partial, blocks, shared, dy, x, mean, rstd, w, N, C,
+                                               stream, next_dy, next, sm_count);
+    case 6:
+      return layernorm_backward_reg_launch<6>(dx, accumulate, partial, blocks, shared, dy, x, mean, rstd, w, N, C,
+                                               stream, next_dy, next, sm_count);
+    default:
+      return layernorm_backward_reg_launch<8>(dx, accumulate, partial, blocks, shared, dy, x, mean, rstd, w, N, C,
+                                               stream, next_dy, next, sm_count);
+  }
+}
+
+// registers: the register kernel where it fits (layernorm_backward_registers_fit), its grid
+// capped at sm_count times the blocks resident per SM (sm_count 0: no cap).
 // next_dy non-null: the fused dropout backward (vector path only; C % 128 == 0).
 inline void layernorm_backward_launch(float* dx, bool accumulate, float* dw, float* db, float* partial, int blocks,
                                       const bf16* dy, const float* x, const float* mean, const float* rstd,
                                       const float* w, int64_t N, int C, cudaStream_t stream,
-                                      bf16* next_dy = nullptr, const DropoutSite& next = DropoutSite{}) {
+                                      bf16* next_dy = nullptr, const DropoutSite& next = DropoutSite{},
+                                      bool registers = false, int sm_count = 0) {
   const size_t shared = layernorm_backward_shared_bytes(C);
-  if (C % 128 == 0) {
+  if (registers && layernorm_backward_registers_fit(C)) {
+    blocks = layernorm_backward_reg_dispatch(dx, accumulate, partial, blocks, shared, dy, x, mean, rstd, w, N, C,
+                                             stream, next_dy, next, sm_count);
+  } else if (C % 128 == 0) {
     auto kernel = accumulate ? (next_dy ? layernorm_backward_vec_kernel<true, true>
                                         : layernorm_backward_vec_kernel<true, false>)
                              : (next_dy ? layernorm_backward_vec_kernel<false, true>

@@ -8,27 +8,64 @@
 #include "common.cuh"
 
 #include <algorithm>
+#include <initializer_list>
 
 namespace flashgpt::model_cuda {
 
-// torch.optim.AdamW's update: p *= 1 - lr wd (decayed tensors), m, v moments of g * grad_scale,
-// p -= lr * (m / bc1) / (sqrt(v / bc2) + eps).
+// torch.optim.AdamW's update of one element: p *= 1 - lr wd (decayed tensors), m, v moments
+// of g * grad_scale, p -= lr * (m / bc1) / (sqrt(v / bc2) + eps). Both kernels below call it,
+// so they compute the same bits.
+__device__ __forceinline__ void adamw_element(float& p, float& m, float& v, float grad, bool decay,
+                                              const AdamWArgs& a) {
+  const float g = grad * a.grad_scale;
+  m = a.beta1 * m + (1.0f - a.beta1) * g;
+  v = a.beta2 * v + (1.0f - a.beta2) * g * g;
+  if (decay) p *= 1.0f - a.lr * a.weight_decay;
+  p -= a.lr * (m / a.bias_correction1) / (sqrtf(v / a.bias_correction2) + a.eps);
+}
+
 __global__ void adamw_kernel(float* __restrict__ params, bf16* __restrict__ params_bf16, const float* __restrict__ grads,
                              float* __restrict__ m, float* __restrict__ v, int64_t n, ParamSegments segments,
                              AdamWArgs a) {
   int seg = 0;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
     while (seg + 1 < segments.count && i >= segments.end[seg]) ++seg;
-    const float g = grads[i] * a.grad_scale;
-    const float mi = a.beta1 * m[i] + (1.0f - a.beta1) * g;
-    const float vi = a.beta2 * v[i] + (1.0f - a.beta2) * g * g;
-    float p = params[i];
-    if (segments.decay[seg]) p *= 1.0f - a.lr * a.weight_decay;
-    p -= a.lr * (mi / a.bias_correction1) / (sqrtf(vi / a.bias_correction2) + a.eps);
+    float p = params[i], mi = m[i], vi = v[i];
+    adamw_element(p, mi, vi, grads[i], segments.decay[seg], a);
     m[i] = mi;
     v[i] = vi;
     params[i] = p;
     params_bf16[i] = __float2bfloat16_rn(p);
+  }
+}
+
+// The same, 4 elements (16 bytes of each fp32 array, 8 of the bf16 copy) per thread and
+// iteration, for n % 4 == 0, every segment end % 4 == 0 and aligned arrays (adamw_vec4_fits).
+__global__ void adamw_vec4_kernel(float* __restrict__ params, bf16* __restrict__ params_bf16,
+                                  const float* __restrict__ grads, float* __restrict__ m, float* __restrict__ v,
+                                  int64_t n, ParamSegments segments, AdamWArgs a) {
+  int seg = 0;
+  const int64_t quads = n / 4;
+  for (int64_t q = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; q < quads; q += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t i = q * 4;
+    while (seg + 1 < segments.count && i >= segments.end[seg]) ++seg;
+    const float4 g4 = reinterpret_cast<const float4*>(grads)[q];
+    float4 p4 = reinterpret_cast<const float4*>(params)[q];
+    float4 m4 = reinterpret_cast<const float4*>(m)[q];
+    float4 v4 = reinterpret_cast<const float4*>(v)[q];
+    const bool decay = segments.decay[seg];
+    adamw_element(p4.x, m4.x, v4.x, g4.x, decay, a);
+    adamw_element(p4.y, m4.y, v4.y, g4.y, decay, a);
+    adamw_element(p4.z, m4.z, v4.z, g4.z, decay, a);
+    adamw_element(p4.w, m4.w, v4.w, g4.w, decay, a);
+    reinterpret_cast<float4*>(m)[q] = m4;
+    reinterpret_cast<float4*>(v)[q] = v4;
+    reinterpret_cast<float4*>(params)[q] = p4;
+    uint2 raw;
+    bf16* b = reinterpret_cast<bf16*>(&raw);
+    b[0] = __float2bfloat16_rn(p4.x), b[1] = __float2bfloat16_rn(p4.y);
+    b[2] = __float2bfloat16_rn(p4.z), b[3] = __float2bfloat16_rn(p4.w);
+    reinterpret_cast<uint2*>(params_bf16)[q] = raw;
   }
 }
 
@@ -41,6 +78,27 @@ __global__ void sum_squares_kernel(double* __restrict__ partial, const float* __
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
     s += x[i] * x[i];
     if (++count == 256) {  // keep the float partial short
+      total += s;
+      s = 0.0f;
+      count = 0;
+    }
+  }
+  total = block_sum(total + s, scratch);
+  if (threadIdx.x == 0) partial[blockIdx.x] = total;
+}
+
+// The same for n % 4 == 0 and a 16-byte aligned x: one float4 per thread and iteration (four
+// times the bytes in flight), the float partial flushed every 64 vectors (256 elements).
+__global__ void sum_squares_vec4_kernel(double* __restrict__ partial, const float* __restrict__ x, int64_t n) {
+  __shared__ double scratch[32];
+  float s = 0.0f;
+  double total = 0.0;
+  int count = 0;
+  const int64_t quads = n / 4;
+  for (int64_t q = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; q < quads; q += int64_t{gridDim.x} * blockDim.x) {
+    const float4 v = reinterpret_cast<const float4*>(x)[q];
+    s += (v.x * v.x + v.y * v.y) + (v.z * v.z + v.w * v.w);
+    if (++count == 64) {  // keep the float partial short
       total += s;
       s = 0.0f;
       count = 0;
@@ -85,7 +143,22 @@ __global__ void column_sum_vec8_kernel(float* __restrict__ partial, const bf16* 
   const int col0 = (blockIdx.x * 32 + threadIdx.x) * 8;
   float s[8] = {};
   if (col0 < M) {
-    for (int64_t r = blockIdx.y * int64_t{8} + threadIdx.y; r < N; r += int64_t{gridDim.y} * 8) {
+    // Four rows' loads in flight at once, then their additions in row order (the same order,
+    // so the same bits, as one row at a time); the rows left over one at a time.
+    const int64_t step = int64_t{gridDim.y} * 8;
+    int64_t r = blockIdx.y * int64_t{8} + threadIdx.y;
+    for (; r + 3 * step < N; r += 4 * step) {
+      uint4 raw[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) raw[u] = *reinterpret_cast<const uint4*>(x + (r + u * step) * M + col0);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const bf16* v = reinterpret_cast<const bf16*>(&raw[u]);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) s[k] += __bfloat162float(v[k]);
+      }
+    }
+    for (; r < N; r += step) {
       const uint4 raw = *reinterpret_cast<const uint4*>(x + r * M + col0);
       const bf16* v = reinterpret_cast<const bf16*>(&raw);
 #pragma unroll
@@ -137,13 +210,30 @@ constexpr int kColumnRowBlocks = 256;  // row blocks of the column sums (enough 
 
 inline void adamw_launch(float* params, bf16* params_bf16, const float* grads, float* m, float* v, int64_t n,
                          const ParamSegments& segments, const AdamWArgs& args, int sm_count, cudaStream_t stream) {
+  bool vec4 = n % 4 == 0;
+  for (int i = 0; i < segments.count; ++i) vec4 = vec4 && segments.end[i] % 4 == 0;
+  for (const void* p : {static_cast<const void*>(params), static_cast<const void*>(grads), static_cast<const void*>(m),
+                        static_cast<const void*>(v)})
+    vec4 = vec4 && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  vec4 = vec4 && reinterpret_cast<uintptr_t>(params_bf16) % 8 == 0;
+  if (vec4) {
+    const int64_t blocks = std::min<int64_t>(ceil_div(n / 4, 256), int64_t{sm_count} * 8);
+    if (blocks > 0)
+      adamw_vec4_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(params, params_bf16, grads, m, v, n,
+                                                                           segments, args);
+    return;
+  }
   const int64_t blocks = std::min<int64_t>(ceil_div(n, 256), int64_t{sm_count} * 16);
   adamw_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(params, params_bf16, grads, m, v, n, segments, args);
 }
 
 // partial: kNormBlocks doubles; out: one double, the sum of squares.
 inline void sum_squares_launch(double* out, double* partial, const float* x, int64_t n, cudaStream_t stream) {
-  sum_squares_kernel<<<kNormBlocks, 256, 0, stream>>>(partial, x, n);
+  if (n % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0) {
+    sum_squares_vec4_kernel<<<kNormBlocks, 256, 0, stream>>>(partial, x, n);
+  } else {
+    sum_squares_kernel<<<kNormBlocks, 256, 0, stream>>>(partial, x, n);
+  }
   sum_partials_kernel<<<1, 1024, 0, stream>>>(out, partial, kNormBlocks);
 }
 
