@@ -167,6 +167,15 @@ class CudaEngine final : public InferenceEngine {
   float* part_val_ = nullptr;       // (kGemvMaxRows, head_parts_)
   int32_t* part_idx_ = nullptr;
   unsigned* counters_ = nullptr;    // (S, NH) flash-decoding combine counters, zero between launches
+  // FLASHGPT_CUDA_DECODE=attnproj: the fused path with each layer's attention and proj in
+  // one kernel (inference_cuda::attention_proj) for calls whose rows are all decode rows;
+  // its per-head partial products and (S, 8) counters, and its column blocks
+  // (FLASHGPT_ATTN_PROJ_COLS overrides the choice, for A/B timing).
+  bool attn_proj_ = false;
+  float* ap_partials_ = nullptr;    // (S, NH, C)
+  unsigned* ap_counters_ = nullptr;  // (S, kApMaxCols)
+  int ap_cols_override_ = 0;
+  static constexpr int kApMaxCols = 64;
   std::map<int, cudaGraphExec_t> graphs_;  // decode steps by batch size
   std::vector<int64_t> decode_chunks_;     // host: which chunks are one token (scratch)
 };
@@ -268,10 +277,26 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
   std::string decode_mode = kDefaultDecodeMode;
   if (const char* mode = std::getenv("FLASHGPT_CUDA_DECODE")) decode_mode = mode;
   FLASHGPT_CHECK(decode_mode == "auto" || decode_mode == "persistent" || decode_mode == "fused" ||
-                     decode_mode == "gemv",
-                 "inference (cuda): FLASHGPT_CUDA_DECODE is '{}', expected auto, persistent, fused or gemv",
+                     decode_mode == "attnproj" || decode_mode == "gemv",
+                 "inference (cuda): FLASHGPT_CUDA_DECODE is '{}', expected auto, persistent, fused, attnproj or gemv",
                  decode_mode);
   fused_ = decode_mode != "gemv";
+  if (decode_mode == "attnproj") {
+    if (const char* cols = std::getenv("FLASHGPT_ATTN_PROJ_COLS")) {
+      ap_cols_override_ = std::atoi(cols);
+      FLASHGPT_CHECK(ap_cols_override_ >= 1 && ap_cols_override_ <= kApMaxCols,
+                     "inference (cuda): FLASHGPT_ATTN_PROJ_COLS is '{}', expected 1 .. {}", cols, kApMaxCols);
+    }
+    FLASHGPT_CHECK(inference_cuda::attention_proj_supported(static_cast<int>(HD_), static_cast<int>(T_),
+                                                            ap_cols_override_ > 0 ? ap_cols_override_ : 1),
+                   "inference (cuda): FLASHGPT_CUDA_DECODE=attnproj takes head dims 32, 64 and 128 and a context whose "
+                   "scores fit 48 KB of shared memory; this model has head dim {} and context {}",
+                   HD_, T_);
+    attn_proj_ = true;
+    ap_partials_ = device_alloc<float>(owned_, static_cast<size_t>(S_ * NH_ * C_));
+    ap_counters_ = device_alloc<unsigned>(owned_, static_cast<size_t>(S_ * kApMaxCols));
+    FLASHGPT_CUDA_CHECK(cudaMemset(ap_counters_, 0, static_cast<size_t>(S_ * kApMaxCols) * sizeof(unsigned)));
+  }
   if (decode_mode == "auto" || decode_mode == "persistent") {
     plan_ = inference_cuda::persistent_decode_plan(static_cast<int>(std::min<int64_t>(S_, inference_cuda::kGemvMaxRows)),
                                                    static_cast<int>(C_), static_cast<int>(F_), static_cast<int>(NH_),
@@ -482,12 +507,23 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
     qkv.bias = pf(ParamKind::qkv_b) + l * 3 * C_;
     qkv.q = q_, qkv.k_cache = kc, qkv.v_cache = vc, qkv.places = d_places_, qkv.slot_stride = slot_stride;
     run(qkv, GemvEpilogue::qkv_cache);
-    if (!all_decode) enqueue_prefill_attention(chunks, kc, vc);
-    enqueue_decode_attention(decode_rows, kc, vc, true);
-    FusedGemvParams proj;
-    proj.x_bf16 = att_, proj.w = pb(ParamKind::attn_proj_w) + l * C_ * C_, proj.rows = n, proj.in = C, proj.out = C;
-    proj.bias = pf(ParamKind::attn_proj_b) + l * C_, proj.residual = x_;
-    run(proj, GemvEpilogue::residual);
+    if (attn_proj_ && decode_rows == n) {
+      AttentionProjParams ap;
+      ap.q = q_, ap.k_cache = kc, ap.v_cache = vc, ap.q_rows = rows.q_rows, ap.slots = rows.slots;
+      ap.lengths = rows.lengths, ap.w = pb(ParamKind::attn_proj_w) + l * C_ * C_;
+      ap.bias = pf(ParamKind::attn_proj_b) + l * C_, ap.residual = x_, ap.partials = ap_partials_;
+      ap.counters = ap_counters_, ap.rows = n, ap.heads = static_cast<int>(NH_), ap.head_dim = static_cast<int>(HD_);
+      ap.C = C, ap.max_length = static_cast<int>(T_), ap.slot_stride = slot_stride, ap.programmatic = pdl_;
+      ap.col_blocks = ap_cols_override_ > 0 ? ap_cols_override_ : attention_proj_col_blocks(n, ap.heads);
+      attention_proj(ap, stream_);
+    } else {
+      if (!all_decode) enqueue_prefill_attention(chunks, kc, vc);
+      enqueue_decode_attention(decode_rows, kc, vc, true);
+      FusedGemvParams proj;
+      proj.x_bf16 = att_, proj.w = pb(ParamKind::attn_proj_w) + l * C_ * C_, proj.rows = n, proj.in = C, proj.out = C;
+      proj.bias = pf(ParamKind::attn_proj_b) + l * C_, proj.residual = x_;
+      run(proj, GemvEpilogue::residual);
+    }
     FusedGemvParams fc;
     fc.x_f32 = x_, fc.ln_w = pf(ParamKind::ln2_w) + l * C_, fc.ln_b = pf(ParamKind::ln2_b) + l * C_;
     fc.w = pb(ParamKind::fc_w) + l * F_ * C_, fc.rows = n, fc.in = C, fc.out = F;
