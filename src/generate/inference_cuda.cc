@@ -175,6 +175,10 @@ class CudaEngine final : public InferenceEngine {
   float* ap_partials_ = nullptr;    // (S, NH, C)
   unsigned* ap_counters_ = nullptr;  // (S, kApMaxCols)
   int ap_cols_override_ = 0;
+  // FLASHGPT_GEMV_WIDE=1: fc_proj's product (in 3072) with all its loads in flight before
+  // the wait (FusedGemvParams::wide), on the fused and attnproj paths; off by default until
+  // measured.
+  bool gemv_wide_ = false;
   static constexpr int kApMaxCols = 64;
   std::map<int, cudaGraphExec_t> graphs_;  // decode steps by batch size
   std::vector<int64_t> decode_chunks_;     // host: which chunks are one token (scratch)
@@ -314,6 +318,7 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
     FLASHGPT_CUDA_CHECK(cudaMemset(d_trace_, 0, static_cast<size_t>(trace_len_) * sizeof(long long)));
   }
   if (const char* pdl = std::getenv("FLASHGPT_CUDA_PDL")) pdl_ = std::string(pdl) != "0";
+  if (const char* wide = std::getenv("FLASHGPT_GEMV_WIDE")) gemv_wide_ = std::string(wide) == "1";
   head_parts_ = inference_cuda::gemv_fused_blocks(static_cast<int>(Vp_));
   const int parts_max = std::max(head_parts_, plan_.grid);  // the persistent head leaves one per block
   part_val_ = device_alloc<float>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * parts_max);
@@ -494,6 +499,7 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
   const int64_t slot_stride = T_ * C_;
   auto run = [&](FusedGemvParams g, GemvEpilogue e) {
     g.programmatic = pdl_;
+    g.wide = gemv_wide_;
     FLASHGPT_CHECK(gemv_fused(g, e, stream_), "inference (cuda): the fused product ({} rows, {} -> {}) was refused",
                    g.rows, g.in, g.out);
   };

@@ -148,6 +148,7 @@ __global__ void __launch_bounds__(32 * kGemvWarps) gemv_kernel(void* y, bool y_f
 
 constexpr int kFusedWarps = 8;
 constexpr int kFusedUnroll = 8;  // 16-byte loads in flight per lane before the first use
+constexpr int kFusedUnrollWide = 12;
 constexpr int kFusedBlocksPerSm = 3;  // resident blocks per multiprocessor (at most 85 registers)
 
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
@@ -160,9 +161,13 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 
 // RPW rows of W per warp at a time: 2 when a row fits half the load slots (in <= 1024), so
 // that twice the bytes are in flight per warp.
-template <int R, GemvEpilogue E, int RPW>
+// U load slots per lane: kFusedUnroll, or kFusedUnrollWide for the residual epilogue with
+// inputs above 32 x 8 x kFusedUnroll, up to 32 x 8 x kFusedUnrollWide (fc_proj's 3072 at the
+// seed shape) when FusedGemvParams::wide, so that all of a row's loads go out before the
+// wait instead of a second round trip to memory after it.
+template <int R, GemvEpilogue E, int RPW, int U = kFusedUnroll>
 __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fused_kernel(FusedGemvParams p) {
-  constexpr int SU = kFusedUnroll / RPW;  // load slots per row
+  constexpr int SU = U / RPW;  // load slots per row
   // The LayerNorm prologue: a row per warp from 3 rows up; below, every warp takes part in
   // every row (block sums through shared memory) so that one row does not wait on one warp.
   constexpr bool kBlockLn = R <= 2;
@@ -174,10 +179,10 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
   int o = blockIdx.x * kFusedWarps + warp;
   // The weights depend on no earlier kernel: the first rows' loads go out before the wait.
   // Slot u holds chunk base + lane + 32 (u % SU) of row o + (u / SU) stride.
-  uint4 wv[kFusedUnroll];
+  uint4 wv[U];
   auto load = [&](int row, int base) {
 #pragma unroll
-    for (int u = 0; u < kFusedUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int rr = row + (u / SU) * stride, i = base + lane + 32 * (u % SU);
       wv[u] = rr < p.out && i < chunks
                   ? load_stream(reinterpret_cast<const uint4*>(p.w + static_cast<int64_t>(rr) * p.in) + i)
@@ -291,7 +296,7 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
     float acc[RPW][R] = {};
     for (int base = 0;;) {
 #pragma unroll
-      for (int u = 0; u < kFusedUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int i = base + lane + 32 * (u % SU);
         if (i < chunks) {
           float wf[8];
@@ -681,6 +686,22 @@ bool gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
   }();
   const bool rpw2 = two_rows && p.in <= 32 * 8 * (kFusedUnroll / 2) && p.rows <= 4 &&  // more rows spill
                     p.out >= 2 * kFusedWarps * gemv_fused_blocks(p.out);            // every warp has 2 rows
+  if (p.wide && e == GemvEpilogue::residual && !rpw2 && p.in > 32 * 8 * kFusedUnroll &&
+      p.in <= 32 * 8 * kFusedUnrollWide) {
+    const dim3 grid(gemv_fused_blocks(p.out)), block(32 * kFusedWarps);
+    const size_t shared = gemv_fused_shared(p.rows, p.in, p.ln_w != nullptr);
+    switch (p.rows) {
+#define FLASHGPT_FUSED_WIDE(R)                                                                                      \
+  case R:                                                                                                           \
+    launch(gemv_fused_kernel<R, GemvEpilogue::residual, 1, kFusedUnrollWide>, grid, block, shared, stream,          \
+           p.programmatic, "gemv_fused_kernel", p);                                                                 \
+    break;
+      FLASHGPT_FUSED_WIDE(1) FLASHGPT_FUSED_WIDE(2) FLASHGPT_FUSED_WIDE(3) FLASHGPT_FUSED_WIDE(4)
+      FLASHGPT_FUSED_WIDE(5) FLASHGPT_FUSED_WIDE(6) FLASHGPT_FUSED_WIDE(7) FLASHGPT_FUSED_WIDE(8)
+#undef FLASHGPT_FUSED_WIDE
+    }
+    return true;
+  }
   switch (p.rows * 2 + (rpw2 ? 1 : 0)) {
 #define FLASHGPT_FUSED_ROWS(R) case 2 * R: launch_gemv_fused<R, 1>(p, e, stream); break;
 #define FLASHGPT_FUSED_ROWS2(R) case 2 * R + 1: launch_gemv_fused<R, 2>(p, e, stream); break;

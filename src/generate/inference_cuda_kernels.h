@@ -94,6 +94,9 @@ struct FusedGemvParams {
   int32_t* part_idx = nullptr;
   int valid_out = 0;
   bool programmatic = false;
+  // The residual epilogue with 2048 < in <= 3072 (fc_proj at d_ff 3072): 12 loads a lane in
+  // flight instead of 8, so a row's loads all go out before the wait (FLASHGPT_GEMV_WIDE=1).
+  bool wide = false;
 };
 
 // Blocks the fused kernel launches for `out` output rows (the head's argmax partials are

@@ -117,7 +117,9 @@ TEST(GemvFusedCuda, MatchesReference) {
                              // fc_proj's shape, one with the LayerNorm on the block-wide prologue, and
                              // 48 KB of input rows (which the head, with its argmax arrays, refuses).
                              GemvCase{1, 3072, 768, false, true}, GemvCase{1, 3072, 2002, true, true},
-                             GemvCase{2, 4096, 333, false, false}, GemvCase{8, 3072, 50, false, false}}) {
+                             GemvCase{2, 4096, 333, false, false}, GemvCase{8, 3072, 50, false, false},
+                             // The wide variant at an input that leaves lanes idle in its last round.
+                             GemvCase{3, 2824, 77, true, true}}) {
     for (const GemvEpilogue epi : {GemvEpilogue::store_bf16, GemvEpilogue::bias_gelu, GemvEpilogue::residual,
                                    GemvEpilogue::qkv_cache, GemvEpilogue::logits_argmax}) {
       const int R = gc.rows, K = gc.in;
@@ -186,6 +188,9 @@ TEST(GemvFusedCuda, MatchesReference) {
       p.residual = d_res;
       p.q = d_q, p.k_cache = d_k, p.v_cache = d_v, p.places = d_places, p.slot_stride = int64_t{T} * C;
       p.part_val = d_pv, p.part_idx = d_pi, p.valid_out = valid;
+      // The wide variant (12 loads a lane in flight; the residual epilogue at 2048 < in <=
+      // 3072 takes it) in the programmatic cases, the usual 8 in the others.
+      p.wide = gc.programmatic;
       ASSERT_TRUE(inference_cuda::gemv_fused(p, epi, nullptr));
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 
@@ -823,12 +828,15 @@ void expect_path_matches_fused(const char* mode, const ModelConfig& c, const std
   }
   ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", "fused", 1), 0);
   auto fused = inference_create_cuda(c, params, {.max_slots = B});
-  ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", mode, 1), 0);
+  const bool wide = std::string(mode) == "attnproj_wide";  // with FLASHGPT_GEMV_WIDE=1
+  ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", wide ? "attnproj" : mode, 1), 0);
   ASSERT_EQ(setenv("FLASHGPT_PERSISTENT_HEAD", head_inside ? "1" : "0", 1), 0);
+  ASSERT_EQ(setenv("FLASHGPT_GEMV_WIDE", wide ? "1" : "0", 1), 0);
   auto pers = inference_create_cuda(c, params, {.max_slots = B});
   auto pers_logits = inference_create_cuda(c, params, {.max_slots = B});
   ASSERT_EQ(unsetenv("FLASHGPT_CUDA_DECODE"), 0);
   ASSERT_EQ(unsetenv("FLASHGPT_PERSISTENT_HEAD"), 0);
+  ASSERT_EQ(unsetenv("FLASHGPT_GEMV_WIDE"), 0);
   std::vector<uint64_t> index(B), step(B, 0);
   for (int64_t b = 0; b < B; ++b) index[b] = b;
   std::vector<float> lp(static_cast<size_t>(B * V)), lp2(lp.size()), lf(lp.size());
@@ -910,7 +918,8 @@ TEST(InferenceCuda, PersistentPathMatchesFused) {
 
 // The attention + proj kernel's path (FLASHGPT_CUDA_DECODE=attnproj) against the fused
 // path, as the persistent path above: tiny (head dim 32), the context-512 miniature (cache
-// lengths 1, 17, 511, 512) and the seed preset, batch 1 and 8.
+// lengths 1, 17, 511, 512) and the seed preset, batch 1 and 8; the seed preset at batch 1
+// and 3 with FLASHGPT_GEMV_WIDE=1 as well.
 TEST(InferenceCuda, AttnProjPathMatchesFused) {
   ModelConfig mini = mini_config();
   mini.context = 512;
@@ -924,6 +933,10 @@ TEST(InferenceCuda, AttnProjPathMatchesFused) {
     expect_path_matches_fused("attnproj", tiny, tiny_params, 51, B, tiny.context - 3, false);
     expect_path_matches_fused("attnproj", mini, mini_params, 53, B, mini.context - 3, false);
     if (B != 3) expect_path_matches_fused("attnproj", seed, seed_params, 57, B, seed.context - 3, false);
+  }
+  // With fc_proj's loads all in flight before the wait (FLASHGPT_GEMV_WIDE=1; d_ff 3072).
+  for (const int64_t B : {1, 3}) {
+    expect_path_matches_fused("attnproj_wide", seed, seed_params, 57, B, seed.context - 3, false);
   }
 }
 
