@@ -792,6 +792,14 @@ __global__ void __launch_bounds__(kApThreads) attention_proj_kernel(AttentionPro
   for (int k = 0; k < 8; ++k) qf[k] *= scale_log2;
   const bf16* kb = p.k_cache + head0 + part * 8;
   const bf16* vb = p.v_cache + head0 + part * 8;
+  // The first round's V rows go out with the K rows: they do not depend on the scores, so
+  // at up to KPP x U keys (256 at head dim 64) K and V cost one round trip, not two.
+  uint4 v0[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int key = g + u * KPP;
+    v0[u] = key < len ? load_cg(vb + static_cast<int64_t>(key) * C) : make_uint4(0, 0, 0, 0);
+  }
   // Scores (log2 domain). The loop bounds are the same for every thread (shuffles inside).
   for (int base = 0; base < len; base += KPP * U) {
     uint4 kv[U];
@@ -817,13 +825,7 @@ __global__ void __launch_bounds__(kApThreads) attention_proj_kernel(AttentionPro
 #pragma unroll
   for (int w = 1; w < kApWarps; ++w) m = fmaxf(m, wred[w]);
   float acc[8] = {}, l = 0.0f;
-  for (int base = 0; base < len; base += KPP * U) {
-    uint4 vv[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int key = base + g + u * KPP;
-      vv[u] = key < len ? load_cg(vb + static_cast<int64_t>(key) * C) : make_uint4(0, 0, 0, 0);
-    }
+  auto accumulate = [&](const uint4 (&vv)[U], int base) {
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int key = base + g + u * KPP;
@@ -836,6 +838,16 @@ __global__ void __launch_bounds__(kApThreads) attention_proj_kernel(AttentionPro
         for (int k = 0; k < 8; ++k) acc[k] += pj * vf[k];
       }
     }
+  };
+  accumulate(v0, 0);
+  for (int base = KPP * U; base < len; base += KPP * U) {
+    uint4 vv[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int key = base + g + u * KPP;
+      vv[u] = key < len ? load_cg(vb + static_cast<int64_t>(key) * C) : make_uint4(0, 0, 0, 0);
+    }
+    accumulate(vv, base);
   }
 #pragma unroll
   for (int k = 0; k < 8; ++k) red[g * D + part * 8 + k] = acc[k];
