@@ -9,7 +9,8 @@
 # path, then the seed decode bench (128-token prompts, 256 steps) for the fused path
 # (today's default), attnproj (its column blocks chosen by the engine: 8 at batch 1, 2 at
 # batch 8), both with FLASHGPT_GEMV_WIDE=1 (fused_wide, attnproj_wide) and attnproj with
-# 4 and 16 column blocks (FLASHGPT_ATTN_PROJ_COLS): batch 1 twice (two rounds, to see the
+# 4 and 16 column blocks (FLASHGPT_ATTN_PROJ_COLS) and attnproj_wide on a grid of 2 blocks
+# per multiprocessor (FLASHGPT_GEMV_BLOCKS_PER_SM=2): batch 1 twice (two rounds, to see the
 # spread), 8 and 64 once; then a table of tokens/s, % of the bound the bench measures on
 # the same card and the ratio to the fused path's mean. Logs go to $OUT/logs (or
 # results/generate_attnproj).
@@ -41,16 +42,18 @@ timeout $(lim 40) env FLASHGPT_CUDA_DECODE=attnproj compute-sanitizer --tool mem
 echo "== memcheck (attnproj) rc $rc ($((SECONDS - t0)) s): $(grep -E 'ERROR SUMMARY' "$L/memcheck.log")"
 : >"$L/bench.jsonl"
 bench() {  # variant batch run
-  local mode=attnproj cols="" wide=0
+  local mode=attnproj cols="" wide=0 bps=3
   case $1 in
     fused) mode=fused ;;
     fused_wide) mode=fused wide=1 ;;
     attnproj_wide) wide=1 ;;
     attnproj_c4) cols=4 ;;
     attnproj_c16) cols=16 ;;
+    attnproj_wide_bps2) wide=1 bps=2 ;;
   esac
   local log="$L/bench_$1_b$2_r$3.log"
-  timeout $(lim 25) env FLASHGPT_CUDA_DECODE=$mode FLASHGPT_GEMV_WIDE=$wide ${cols:+FLASHGPT_ATTN_PROJ_COLS=$cols} \
+  timeout $(lim 25) env FLASHGPT_CUDA_DECODE=$mode FLASHGPT_GEMV_WIDE=$wide FLASHGPT_GEMV_BLOCKS_PER_SM=$bps \
+    ${cols:+FLASHGPT_ATTN_PROJ_COLS=$cols} \
     "$DIR/flashgpt" bench generate \
     --device cuda --preset seed --batch $2 --prompt-tokens 128 --new-tokens 256 >"$log" 2>&1 || status=1
   echo "== $1 b$2 run $3: $(grep -E 'tokens/s|bound' "$log" | grep -vE '^\{' | sed 's/.*decode/decode/' | tr '\n' ' ')"
@@ -62,7 +65,7 @@ for v in fused attnproj attnproj_wide fused_wide; do bench $v 1 1; done
 for v in fused attnproj attnproj_wide; do bench $v 8 1; done
 for v in fused attnproj_wide; do bench $v 64 1; done
 for v in fused attnproj attnproj_wide fused_wide; do bench $v 1 2; done
-for v in attnproj_c4 attnproj_c16; do bench $v 1 1; done
+for v in attnproj_c4 attnproj_c16 attnproj_wide_bps2; do bench $v 1 1; done
 python3 - "$L/bench.jsonl" <<'EOF' | tee "$L/table.txt"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]

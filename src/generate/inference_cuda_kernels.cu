@@ -648,7 +648,15 @@ int gemv_fused_blocks(int out) {
     int device = 0, sms = 0;
     FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
     FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    return kFusedBlocksPerSm * sms;  // one wave: every block resident
+    // FLASHGPT_GEMV_BLOCKS_PER_SM=1 or 2 (A/B timing, read once per process): a smaller grid
+    // leaves each multiprocessor room for the next kernel's blocks to become resident (and
+    // issue their weight loads) while this kernel runs; 3 fill its registers.
+    int per_sm = kFusedBlocksPerSm;
+    if (const char* v = std::getenv("FLASHGPT_GEMV_BLOCKS_PER_SM")) {
+      const int n = std::atoi(v);
+      if (n >= 1 && n <= kFusedBlocksPerSm) per_sm = n;
+    }
+    return per_sm * sms;  // one wave: every block resident
   }();
   return std::max(1, std::min((out + kFusedWarps - 1) / kFusedWarps, cap));
 }
