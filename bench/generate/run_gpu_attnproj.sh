@@ -8,9 +8,10 @@
 # engine test, compute-sanitizer memcheck of a short tiny-preset generate through the new
 # path, then the seed decode bench (128-token prompts, 256 steps) for the fused path
 # (today's default), attnproj (its column blocks chosen by the engine: 8 at batch 1, 2 at
-# batch 8), both with FLASHGPT_GEMV_WIDE=1 (fused_wide, attnproj_wide) and attnproj with
-# 4 and 16 column blocks (FLASHGPT_ATTN_PROJ_COLS) and attnproj_wide on a grid of 2 blocks
-# per multiprocessor (FLASHGPT_GEMV_BLOCKS_PER_SM=2): batch 1 twice (two rounds, to see the
+# batch 8), both with FLASHGPT_GEMV_WIDE=1 (fused_wide, attnproj_wide), attnproj_wide with
+# the head's first 24 MB prefetched toward L2 (FLASHGPT_HEAD_L2_PREFETCH=24), attnproj with
+# 4 column blocks (FLASHGPT_ATTN_PROJ_COLS) and attnproj_wide on a grid of 2 blocks per
+# multiprocessor (FLASHGPT_GEMV_BLOCKS_PER_SM=2): batch 1 twice (two rounds, to see the
 # spread), 8 and 64 once; then a table of tokens/s, % of the bound the bench measures on
 # the same card and the ratio to the fused path's mean. Logs go to $OUT/logs (or
 # results/generate_attnproj).
@@ -35,14 +36,14 @@ grep -E '^\[  FAILED  \]|Failure' -A3 "$L/cuda_test.log" | head -24
 grep -E '^attnproj vs fused' "$L/cuda_test.log" | head -8
 [ $rc = 124 ] && { echo "timed out (a hang?): stopping"; exit 1; }
 t0=$SECONDS
-timeout $(lim 40) env FLASHGPT_CUDA_DECODE=attnproj compute-sanitizer --tool memcheck --error-exitcode 9 \
+timeout $(lim 40) env FLASHGPT_CUDA_DECODE=attnproj FLASHGPT_GEMV_WIDE=1 FLASHGPT_HEAD_L2_PREFETCH=1 compute-sanitizer --tool memcheck --error-exitcode 9 \
   "$DIR/flashgpt" bench generate --device cuda --preset tiny --batch 3 --prompt-tokens 6 --new-tokens 6 \
   >"$L/memcheck.log" 2>&1; rc=$?
 [ $rc -ne 0 ] && status=1
 echo "== memcheck (attnproj) rc $rc ($((SECONDS - t0)) s): $(grep -E 'ERROR SUMMARY' "$L/memcheck.log")"
 : >"$L/bench.jsonl"
 bench() {  # variant batch run
-  local mode=attnproj cols="" wide=0 bps=3
+  local mode=attnproj cols="" wide=0 bps=3 l2=0
   case $1 in
     fused) mode=fused ;;
     fused_wide) mode=fused wide=1 ;;
@@ -50,9 +51,11 @@ bench() {  # variant batch run
     attnproj_c4) cols=4 ;;
     attnproj_c16) cols=16 ;;
     attnproj_wide_bps2) wide=1 bps=2 ;;
+    attnproj_wide_l2) wide=1 l2=24 ;;
   esac
   local log="$L/bench_$1_b$2_r$3.log"
   timeout $(lim 25) env FLASHGPT_CUDA_DECODE=$mode FLASHGPT_GEMV_WIDE=$wide FLASHGPT_GEMV_BLOCKS_PER_SM=$bps \
+    FLASHGPT_HEAD_L2_PREFETCH=$l2 \
     ${cols:+FLASHGPT_ATTN_PROJ_COLS=$cols} \
     "$DIR/flashgpt" bench generate \
     --device cuda --preset seed --batch $2 --prompt-tokens 128 --new-tokens 256 >"$log" 2>&1 || status=1
@@ -61,11 +64,11 @@ bench() {  # variant batch run
 }
 # Most important first (a step cut short by the deadline loses the least): batch 1, then 8
 # and 64, then the second batch-1 round and the column-block variants.
-for v in fused attnproj attnproj_wide fused_wide; do bench $v 1 1; done
+for v in fused attnproj attnproj_wide fused_wide attnproj_wide_l2; do bench $v 1 1; done
 for v in fused attnproj attnproj_wide; do bench $v 8 1; done
 for v in fused attnproj_wide; do bench $v 64 1; done
-for v in fused attnproj attnproj_wide fused_wide; do bench $v 1 2; done
-for v in attnproj_c4 attnproj_c16 attnproj_wide_bps2; do bench $v 1 1; done
+for v in fused attnproj attnproj_wide fused_wide attnproj_wide_l2; do bench $v 1 2; done
+for v in attnproj_c4 attnproj_wide_bps2; do bench $v 1 1; done
 python3 - "$L/bench.jsonl" <<'EOF' | tee "$L/table.txt"
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]

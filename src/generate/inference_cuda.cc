@@ -179,6 +179,10 @@ class CudaEngine final : public InferenceEngine {
   // the wait (FusedGemvParams::wide), on the fused and attnproj paths; off by default until
   // measured.
   bool gemv_wide_ = false;
+  // FLASHGPT_HEAD_L2_PREFETCH=MB: the fc kernel of the layer before the last prefetches the
+  // head's first MB megabytes of weights toward L2 with the evict-last priority, so that
+  // the head starts on rows in L2 (off by default until measured).
+  int64_t head_l2_bytes_ = 0;
   static constexpr int kApMaxCols = 64;
   std::map<int, cudaGraphExec_t> graphs_;  // decode steps by batch size
   std::vector<int64_t> decode_chunks_;     // host: which chunks are one token (scratch)
@@ -319,6 +323,11 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
   }
   if (const char* pdl = std::getenv("FLASHGPT_CUDA_PDL")) pdl_ = std::string(pdl) != "0";
   if (const char* wide = std::getenv("FLASHGPT_GEMV_WIDE")) gemv_wide_ = std::string(wide) == "1";
+  if (const char* mb = std::getenv("FLASHGPT_HEAD_L2_PREFETCH")) {
+    const int64_t n = std::atoll(mb);
+    FLASHGPT_CHECK(n >= 0 && n <= 4096, "inference (cuda): FLASHGPT_HEAD_L2_PREFETCH is '{}', expected 0 .. 4096 (MB)", mb);
+    head_l2_bytes_ = std::min(n << 20, Vp_ * C_ * 2);
+  }
   head_parts_ = inference_cuda::gemv_fused_blocks(static_cast<int>(Vp_));
   const int parts_max = std::max(head_parts_, plan_.grid);  // the persistent head leaves one per block
   part_val_ = device_alloc<float>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * parts_max);
@@ -534,6 +543,9 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
     fc.x_f32 = x_, fc.ln_w = pf(ParamKind::ln2_w) + l * C_, fc.ln_b = pf(ParamKind::ln2_b) + l * C_;
     fc.w = pb(ParamKind::fc_w) + l * F_ * C_, fc.rows = n, fc.in = C, fc.out = F;
     fc.bias = pf(ParamKind::fc_b) + l * F_, fc.y = ff_, fc.ldy = F_;
+    if (head_l2_bytes_ > 0 && l == std::max<int64_t>(0, L_ - 2)) {
+      fc.l2_prefetch = pb(ParamKind::wte), fc.l2_prefetch_bytes = head_l2_bytes_;
+    }
     run(fc, GemvEpilogue::bias_gelu);
     FusedGemvParams fc2;
     fc2.x_bf16 = ff_, fc2.w = pb(ParamKind::fc_proj_w) + l * C_ * F_, fc2.rows = n, fc2.in = F, fc2.out = C;

@@ -211,6 +211,13 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
   if constexpr (E == GemvEpilogue::qkv_cache) {
     if (lane < R) place0 = p.places[lane];
   }
+  if (p.l2_prefetch) {
+    const char* base = static_cast<const char*>(p.l2_prefetch);
+    for (int64_t at = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 128; at < p.l2_prefetch_bytes;
+         at += static_cast<int64_t>(gridDim.x) * blockDim.x * 128) {
+      prefetch_l2_evict_last(base + at);
+    }
+  }
   pdl_wait();
   pdl_launch_dependents();
   // The residual values this warp adds to in its first rows (lane r, row r), loaded now so

@@ -97,6 +97,10 @@ struct FusedGemvParams {
   // The residual epilogue with 2048 < in <= 3072 (fc_proj at d_ff 3072): 12 loads a lane in
   // flight instead of 8, so a row's loads all go out before the wait (FLASHGPT_GEMV_WIDE=1).
   bool wide = false;
+  // Optional: bytes from l2_prefetch toward L2 with the evict-last priority, issued before
+  // the wait and split among the blocks (the head's first rows, FLASHGPT_HEAD_L2_PREFETCH).
+  const void* l2_prefetch = nullptr;
+  int64_t l2_prefetch_bytes = 0;
 };
 
 // Blocks the fused kernel launches for `out` output rows (the head's argmax partials are

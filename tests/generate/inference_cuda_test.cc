@@ -191,6 +191,8 @@ TEST(GemvFusedCuda, MatchesReference) {
       // The wide variant (12 loads a lane in flight; the residual epilogue at 2048 < in <=
       // 3072 takes it) in the programmatic cases, the usual 8 in the others.
       p.wide = gc.programmatic;
+      // An L2 prefetch of the weights (a hint: the results must not change) in the LayerNorm cases.
+      if (gc.ln) p.l2_prefetch = d_w, p.l2_prefetch_bytes = static_cast<int64_t>(w.size()) * 2;
       ASSERT_TRUE(inference_cuda::gemv_fused(p, epi, nullptr));
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 
