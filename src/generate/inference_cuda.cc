@@ -167,6 +167,23 @@ class CudaEngine final : public InferenceEngine {
   float* part_val_ = nullptr;       // (kGemvMaxRows, head_parts_)
   int32_t* part_idx_ = nullptr;
   unsigned* counters_ = nullptr;    // (S, NH) flash-decoding combine counters, zero between launches
+  // FLASHGPT_CUDA_DECODE=attnproj: the fused path with each layer's attention and proj in
+  // one kernel (inference_cuda::attention_proj) for calls whose rows are all decode rows;
+  // its per-head partial products and (S, 8) counters, and its column blocks
+  // (FLASHGPT_ATTN_PROJ_COLS overrides the choice, for A/B timing).
+  bool attn_proj_ = false;
+  float* ap_partials_ = nullptr;    // (S, NH, C)
+  unsigned* ap_counters_ = nullptr;  // (S, kApMaxCols)
+  int ap_cols_override_ = 0;
+  // FLASHGPT_GEMV_WIDE=1: fc_proj's product (in 3072) with all its loads in flight before
+  // the wait (FusedGemvParams::wide), on the fused and attnproj paths; off by default until
+  // measured.
+  bool gemv_wide_ = false;
+  // FLASHGPT_HEAD_L2_PREFETCH=MB: the fc kernel of the layer before the last prefetches the
+  // head's first MB megabytes of weights toward L2 with the evict-last priority, so that
+  // the head starts on rows in L2 (off by default until measured).
+  int64_t head_l2_bytes_ = 0;
+  static constexpr int kApMaxCols = 64;
   std::map<int, cudaGraphExec_t> graphs_;  // decode steps by batch size
   std::vector<int64_t> decode_chunks_;     // host: which chunks are one token (scratch)
 };
@@ -268,10 +285,26 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
   std::string decode_mode = kDefaultDecodeMode;
   if (const char* mode = std::getenv("FLASHGPT_CUDA_DECODE")) decode_mode = mode;
   FLASHGPT_CHECK(decode_mode == "auto" || decode_mode == "persistent" || decode_mode == "fused" ||
-                     decode_mode == "gemv",
-                 "inference (cuda): FLASHGPT_CUDA_DECODE is '{}', expected auto, persistent, fused or gemv",
+                     decode_mode == "attnproj" || decode_mode == "gemv",
+                 "inference (cuda): FLASHGPT_CUDA_DECODE is '{}', expected auto, persistent, fused, attnproj or gemv",
                  decode_mode);
   fused_ = decode_mode != "gemv";
+  if (decode_mode == "attnproj") {
+    if (const char* cols = std::getenv("FLASHGPT_ATTN_PROJ_COLS")) {
+      ap_cols_override_ = std::atoi(cols);
+      FLASHGPT_CHECK(ap_cols_override_ >= 1 && ap_cols_override_ <= kApMaxCols,
+                     "inference (cuda): FLASHGPT_ATTN_PROJ_COLS is '{}', expected 1 .. {}", cols, kApMaxCols);
+    }
+    FLASHGPT_CHECK(inference_cuda::attention_proj_supported(static_cast<int>(HD_), static_cast<int>(T_),
+                                                            ap_cols_override_ > 0 ? ap_cols_override_ : 1),
+                   "inference (cuda): FLASHGPT_CUDA_DECODE=attnproj takes head dims 32, 64 and 128 and a context whose "
+                   "scores fit 48 KB of shared memory; this model has head dim {} and context {}",
+                   HD_, T_);
+    attn_proj_ = true;
+    ap_partials_ = device_alloc<float>(owned_, static_cast<size_t>(S_ * NH_ * C_));
+    ap_counters_ = device_alloc<unsigned>(owned_, static_cast<size_t>(S_ * kApMaxCols));
+    FLASHGPT_CUDA_CHECK(cudaMemset(ap_counters_, 0, static_cast<size_t>(S_ * kApMaxCols) * sizeof(unsigned)));
+  }
   if (decode_mode == "auto" || decode_mode == "persistent") {
     plan_ = inference_cuda::persistent_decode_plan(static_cast<int>(std::min<int64_t>(S_, inference_cuda::kGemvMaxRows)),
                                                    static_cast<int>(C_), static_cast<int>(F_), static_cast<int>(NH_),
@@ -289,6 +322,12 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
     FLASHGPT_CUDA_CHECK(cudaMemset(d_trace_, 0, static_cast<size_t>(trace_len_) * sizeof(long long)));
   }
   if (const char* pdl = std::getenv("FLASHGPT_CUDA_PDL")) pdl_ = std::string(pdl) != "0";
+  if (const char* wide = std::getenv("FLASHGPT_GEMV_WIDE")) gemv_wide_ = std::string(wide) == "1";
+  if (const char* mb = std::getenv("FLASHGPT_HEAD_L2_PREFETCH")) {
+    const int64_t n = std::atoll(mb);
+    FLASHGPT_CHECK(n >= 0 && n <= 4096, "inference (cuda): FLASHGPT_HEAD_L2_PREFETCH is '{}', expected 0 .. 4096 (MB)", mb);
+    head_l2_bytes_ = std::min(n << 20, Vp_ * C_ * 2);
+  }
   head_parts_ = inference_cuda::gemv_fused_blocks(static_cast<int>(Vp_));
   const int parts_max = std::max(head_parts_, plan_.grid);  // the persistent head leaves one per block
   part_val_ = device_alloc<float>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * parts_max);
@@ -469,6 +508,7 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
   const int64_t slot_stride = T_ * C_;
   auto run = [&](FusedGemvParams g, GemvEpilogue e) {
     g.programmatic = pdl_;
+    g.wide = gemv_wide_;
     FLASHGPT_CHECK(gemv_fused(g, e, stream_), "inference (cuda): the fused product ({} rows, {} -> {}) was refused",
                    g.rows, g.in, g.out);
   };
@@ -482,16 +522,30 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
     qkv.bias = pf(ParamKind::qkv_b) + l * 3 * C_;
     qkv.q = q_, qkv.k_cache = kc, qkv.v_cache = vc, qkv.places = d_places_, qkv.slot_stride = slot_stride;
     run(qkv, GemvEpilogue::qkv_cache);
-    if (!all_decode) enqueue_prefill_attention(chunks, kc, vc);
-    enqueue_decode_attention(decode_rows, kc, vc, true);
-    FusedGemvParams proj;
-    proj.x_bf16 = att_, proj.w = pb(ParamKind::attn_proj_w) + l * C_ * C_, proj.rows = n, proj.in = C, proj.out = C;
-    proj.bias = pf(ParamKind::attn_proj_b) + l * C_, proj.residual = x_;
-    run(proj, GemvEpilogue::residual);
+    if (attn_proj_ && decode_rows == n) {
+      AttentionProjParams ap;
+      ap.q = q_, ap.k_cache = kc, ap.v_cache = vc, ap.q_rows = rows.q_rows, ap.slots = rows.slots;
+      ap.lengths = rows.lengths, ap.w = pb(ParamKind::attn_proj_w) + l * C_ * C_;
+      ap.bias = pf(ParamKind::attn_proj_b) + l * C_, ap.residual = x_, ap.partials = ap_partials_;
+      ap.counters = ap_counters_, ap.rows = n, ap.heads = static_cast<int>(NH_), ap.head_dim = static_cast<int>(HD_);
+      ap.C = C, ap.max_length = static_cast<int>(T_), ap.slot_stride = slot_stride, ap.programmatic = pdl_;
+      ap.col_blocks = ap_cols_override_ > 0 ? ap_cols_override_ : attention_proj_col_blocks(n, ap.heads);
+      attention_proj(ap, stream_);
+    } else {
+      if (!all_decode) enqueue_prefill_attention(chunks, kc, vc);
+      enqueue_decode_attention(decode_rows, kc, vc, true);
+      FusedGemvParams proj;
+      proj.x_bf16 = att_, proj.w = pb(ParamKind::attn_proj_w) + l * C_ * C_, proj.rows = n, proj.in = C, proj.out = C;
+      proj.bias = pf(ParamKind::attn_proj_b) + l * C_, proj.residual = x_;
+      run(proj, GemvEpilogue::residual);
+    }
     FusedGemvParams fc;
     fc.x_f32 = x_, fc.ln_w = pf(ParamKind::ln2_w) + l * C_, fc.ln_b = pf(ParamKind::ln2_b) + l * C_;
     fc.w = pb(ParamKind::fc_w) + l * F_ * C_, fc.rows = n, fc.in = C, fc.out = F;
     fc.bias = pf(ParamKind::fc_b) + l * F_, fc.y = ff_, fc.ldy = F_;
+    if (head_l2_bytes_ > 0 && l == std::max<int64_t>(0, L_ - 2)) {
+      fc.l2_prefetch = pb(ParamKind::wte), fc.l2_prefetch_bytes = head_l2_bytes_;
+    }
     run(fc, GemvEpilogue::bias_gelu);
     FusedGemvParams fc2;
     fc2.x_bf16 = ff_, fc2.w = pb(ParamKind::fc_proj_w) + l * C_ * F_, fc2.rows = n, fc2.in = F, fc2.out = C;

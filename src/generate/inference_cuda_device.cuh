@@ -47,6 +47,11 @@ __device__ __forceinline__ void bf16x8_to_float(const uint4& v, float* f) {
 // Brings the 128-byte line holding p toward L2 (no register, no wait). Safe on memory
 // another kernel may still write: L2 is the point of coherence, only L1 could go stale.
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+// The same with the evict-last priority: the line stays in L2 while lines of normal priority
+// (the streamed layer weights) can be evicted instead.
+__device__ __forceinline__ void prefetch_l2_evict_last(const void* p) {
+  asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p));
+}
 __device__ __forceinline__ float gelu_tanh(float v) {
   return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
 }

@@ -148,6 +148,7 @@ __global__ void __launch_bounds__(32 * kGemvWarps) gemv_kernel(void* y, bool y_f
 
 constexpr int kFusedWarps = 8;
 constexpr int kFusedUnroll = 8;  // 16-byte loads in flight per lane before the first use
+constexpr int kFusedUnrollWide = 12;
 constexpr int kFusedBlocksPerSm = 3;  // resident blocks per multiprocessor (at most 85 registers)
 
 __device__ __forceinline__ uint4 load_stream(const uint4* p) {
@@ -160,9 +161,13 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 
 // RPW rows of W per warp at a time: 2 when a row fits half the load slots (in <= 1024), so
 // that twice the bytes are in flight per warp.
-template <int R, GemvEpilogue E, int RPW>
+// U load slots per lane: kFusedUnroll, or kFusedUnrollWide for the residual epilogue with
+// inputs above 32 x 8 x kFusedUnroll, up to 32 x 8 x kFusedUnrollWide (fc_proj's 3072 at the
+// seed shape) when FusedGemvParams::wide, so that all of a row's loads go out before the
+// wait instead of a second round trip to memory after it.
+template <int R, GemvEpilogue E, int RPW, int U = kFusedUnroll>
 __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fused_kernel(FusedGemvParams p) {
-  constexpr int SU = kFusedUnroll / RPW;  // load slots per row
+  constexpr int SU = U / RPW;  // load slots per row
   // The LayerNorm prologue: a row per warp from 3 rows up; below, every warp takes part in
   // every row (block sums through shared memory) so that one row does not wait on one warp.
   constexpr bool kBlockLn = R <= 2;
@@ -174,10 +179,10 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
   int o = blockIdx.x * kFusedWarps + warp;
   // The weights depend on no earlier kernel: the first rows' loads go out before the wait.
   // Slot u holds chunk base + lane + 32 (u % SU) of row o + (u / SU) stride.
-  uint4 wv[kFusedUnroll];
+  uint4 wv[U];
   auto load = [&](int row, int base) {
 #pragma unroll
-    for (int u = 0; u < kFusedUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int rr = row + (u / SU) * stride, i = base + lane + 32 * (u % SU);
       wv[u] = rr < p.out && i < chunks
                   ? load_stream(reinterpret_cast<const uint4*>(p.w + static_cast<int64_t>(rr) * p.in) + i)
@@ -205,6 +210,13 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
   TokenPlace place0{};
   if constexpr (E == GemvEpilogue::qkv_cache) {
     if (lane < R) place0 = p.places[lane];
+  }
+  if (p.l2_prefetch) {
+    const char* base = static_cast<const char*>(p.l2_prefetch);
+    for (int64_t at = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 128; at < p.l2_prefetch_bytes;
+         at += static_cast<int64_t>(gridDim.x) * blockDim.x * 128) {
+      prefetch_l2_evict_last(base + at);
+    }
   }
   pdl_wait();
   pdl_launch_dependents();
@@ -291,7 +303,7 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
     float acc[RPW][R] = {};
     for (int base = 0;;) {
 #pragma unroll
-      for (int u = 0; u < kFusedUnroll; ++u) {
+      for (int u = 0; u < U; ++u) {
         const int i = base + lane + 32 * (u % SU);
         if (i < chunks) {
           float wf[8];
@@ -643,7 +655,15 @@ int gemv_fused_blocks(int out) {
     int device = 0, sms = 0;
     FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
     FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    return kFusedBlocksPerSm * sms;  // one wave: every block resident
+    // FLASHGPT_GEMV_BLOCKS_PER_SM=1 or 2 (A/B timing, read once per process): a smaller grid
+    // leaves each multiprocessor room for the next kernel's blocks to become resident (and
+    // issue their weight loads) while this kernel runs; 3 fill its registers.
+    int per_sm = kFusedBlocksPerSm;
+    if (const char* v = std::getenv("FLASHGPT_GEMV_BLOCKS_PER_SM")) {
+      const int n = std::atoi(v);
+      if (n >= 1 && n <= kFusedBlocksPerSm) per_sm = n;
+    }
+    return per_sm * sms;  // one wave: every block resident
   }();
   return std::max(1, std::min((out + kFusedWarps - 1) / kFusedWarps, cap));
 }
@@ -681,6 +701,22 @@ bool gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
   }();
   const bool rpw2 = two_rows && p.in <= 32 * 8 * (kFusedUnroll / 2) && p.rows <= 4 &&  // more rows spill
                     p.out >= 2 * kFusedWarps * gemv_fused_blocks(p.out);            // every warp has 2 rows
+  if (p.wide && e == GemvEpilogue::residual && !rpw2 && p.in > 32 * 8 * kFusedUnroll &&
+      p.in <= 32 * 8 * kFusedUnrollWide) {
+    const dim3 grid(gemv_fused_blocks(p.out)), block(32 * kFusedWarps);
+    const size_t shared = gemv_fused_shared(p.rows, p.in, p.ln_w != nullptr);
+    switch (p.rows) {
+#define FLASHGPT_FUSED_WIDE(R)                                                                                      \
+  case R:                                                                                                           \
+    launch(gemv_fused_kernel<R, GemvEpilogue::residual, 1, kFusedUnrollWide>, grid, block, shared, stream,          \
+           p.programmatic, "gemv_fused_kernel", p);                                                                 \
+    break;
+      FLASHGPT_FUSED_WIDE(1) FLASHGPT_FUSED_WIDE(2) FLASHGPT_FUSED_WIDE(3) FLASHGPT_FUSED_WIDE(4)
+      FLASHGPT_FUSED_WIDE(5) FLASHGPT_FUSED_WIDE(6) FLASHGPT_FUSED_WIDE(7) FLASHGPT_FUSED_WIDE(8)
+#undef FLASHGPT_FUSED_WIDE
+    }
+    return true;
+  }
   switch (p.rows * 2 + (rpw2 ? 1 : 0)) {
 #define FLASHGPT_FUSED_ROWS(R) case 2 * R: launch_gemv_fused<R, 1>(p, e, stream); break;
 #define FLASHGPT_FUSED_ROWS2(R) case 2 * R + 1: launch_gemv_fused<R, 2>(p, e, stream); break;
@@ -697,6 +733,223 @@ void embed_fused(float* x, const TokenPlace* places, const float* wte, const flo
                  bool programmatic, cudaStream_t stream) {
   if (N == 0) return;
   launch(embed_kernel, dim3(N), dim3(256), 0, stream, programmatic, "embed_kernel", x, places, wte, wpe, C);
+}
+
+// ---- attention + proj in one kernel ------------------------------------------------------
+
+namespace {
+
+constexpr int kApThreads = 256;
+constexpr int kApWarps = kApThreads / 32;
+constexpr int kApPre = 8;  // W_proj loads per thread issued before the wait
+
+__device__ __forceinline__ uint4 load_cg(const bf16* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
+
+// Sum over the TPK lanes of a group (aligned within the warp; TPK a power of two <= 16),
+// always in the same order.
+template <int TPK>
+__device__ __forceinline__ float group_sum(float v) {
+#pragma unroll
+  for (int o = TPK / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float dot8(const uint4& a, const float* b) {
+  float f[8];
+  bf16x8_to_float(a, f);
+  float s = 0.0f;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) s += f[k] * b[k];
+  return s;
+}
+
+// Thread t is lane `part` (dims part*8 .. part*8+7) of key group g = t / TPK; group g takes
+// keys g, g + KPP, g + 2 KPP, ... and columns c0 + g, c0 + g + KPP, ... of the block's slice.
+template <int E>
+__global__ void __launch_bounds__(kApThreads) attention_proj_kernel(AttentionProjParams p, float scale_log2) {
+  constexpr int D = 32 * E, TPK = D / 8, KPP = kApThreads / TPK;
+  constexpr int U = E == 4 ? 4 : 8;  // keys a lane loads before it uses the first
+  const int j = blockIdx.x, h = blockIdx.y, r = blockIdx.z;
+  const int t = threadIdx.x, g = t / TPK, part = t % TPK, warp = t / 32, lane = t % 32;
+  const int C = p.C;
+  const int cols = (C + p.col_blocks - 1) / p.col_blocks;
+  const int c0 = min(C, j * cols), c1 = min(C, c0 + cols);
+  // Before the wait: what no earlier kernel writes. The block's W_proj slice (first kApPre
+  // columns of this group), the row's length and slot (the step's host copy), and the
+  // row's K/V rows toward L2 (shared among the col_blocks blocks of (row, head)).
+  const bf16* wh = p.w + h * D + part * 8;
+  uint4 wv[kApPre];
+#pragma unroll
+  for (int i = 0; i < kApPre; ++i) {
+    const int c = c0 + g + KPP * i;
+    wv[i] = c < c1 ? load_stream(reinterpret_cast<const uint4*>(wh + static_cast<int64_t>(c) * C))
+                   : make_uint4(0, 0, 0, 0);
+  }
+  const int len = p.lengths[r];
+  const int64_t head0 = static_cast<int64_t>(p.slots[r]) * p.slot_stride + h * D;
+  for (int key = j * (kApThreads / 2) + t / 2; key < len; key += p.col_blocks * (kApThreads / 2)) {
+    const bf16* row = (t & 1 ? p.v_cache : p.k_cache) + head0 + static_cast<int64_t>(key) * C;
+#pragma unroll
+    for (int c = 0; c < D; c += 64) prefetch_l2(row + c);
+  }
+  const int64_t qrow = p.q_rows[r];
+  pdl_wait();
+  pdl_launch_dependents();
+  extern __shared__ float ap_shared[];
+  float* scores = ap_shared;                             // (max_length rounded up to 4)
+  float* red = scores + (p.max_length + 3) / 4 * 4;      // (KPP, D)
+  float* red_l = red + KPP * D;                          // (KPP)
+  float* oh = red_l + KPP;                               // (D) the head's output, bf16-rounded
+  float* wred = oh + D;                                  // (warps)
+  float qf[8];
+  bf16x8_to_float(load_cg(p.q + qrow * C + h * D + part * 8), qf);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) qf[k] *= scale_log2;
+  const bf16* kb = p.k_cache + head0 + part * 8;
+  const bf16* vb = p.v_cache + head0 + part * 8;
+  // The first round's V rows go out with the K rows: they do not depend on the scores, so
+  // at up to KPP x U keys (256 at head dim 64) K and V cost one round trip, not two.
+  uint4 v0[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int key = g + u * KPP;
+    v0[u] = key < len ? load_cg(vb + static_cast<int64_t>(key) * C) : make_uint4(0, 0, 0, 0);
+  }
+  // Scores (log2 domain). The loop bounds are the same for every thread (shuffles inside).
+  for (int base = 0; base < len; base += KPP * U) {
+    uint4 kv[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int key = base + g + u * KPP;
+      kv[u] = key < len ? load_cg(kb + static_cast<int64_t>(key) * C) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int key = base + g + u * KPP;
+      const float s = group_sum<TPK>(dot8(kv[u], qf));
+      if (part == 0 && key < len) scores[key] = s;
+    }
+  }
+  __syncthreads();
+  float m = -FLT_MAX;
+  for (int i = t; i < len; i += kApThreads) m = fmaxf(m, scores[i]);
+  m = warp_max(m);
+  if (lane == 0) wred[warp] = m;
+  __syncthreads();
+  m = wred[0];
+#pragma unroll
+  for (int w = 1; w < kApWarps; ++w) m = fmaxf(m, wred[w]);
+  float acc[8] = {}, l = 0.0f;
+  auto accumulate = [&](const uint4 (&vv)[U], int base) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int key = base + g + u * KPP;
+      if (key < len) {
+        const float pj = exp2f(scores[key] - m);
+        l += pj;
+        float vf[8];
+        bf16x8_to_float(vv[u], vf);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) acc[k] += pj * vf[k];
+      }
+    }
+  };
+  accumulate(v0, 0);
+  for (int base = KPP * U; base < len; base += KPP * U) {
+    uint4 vv[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int key = base + g + u * KPP;
+      vv[u] = key < len ? load_cg(vb + static_cast<int64_t>(key) * C) : make_uint4(0, 0, 0, 0);
+    }
+    accumulate(vv, base);
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) red[g * D + part * 8 + k] = acc[k];
+  if (part == 0) red_l[g] = l;
+  __syncthreads();
+  if (t < D) {
+    float o = 0.0f, L = 0.0f;
+    for (int gg = 0; gg < KPP; ++gg) o += red[gg * D + t], L += red_l[gg];
+    oh[t] = __bfloat162float(__float2bfloat16(o / L));  // as the fused path stores it
+  }
+  __syncthreads();
+  // The head's partial products for this block's columns.
+  float of[8];
+#pragma unroll
+  for (int k = 0; k < 8; ++k) of[k] = oh[part * 8 + k];
+  float* out = p.partials + (static_cast<int64_t>(r) * p.heads + h) * C;
+#pragma unroll
+  for (int i = 0; i < kApPre; ++i) {
+    const int c = c0 + g + KPP * i;
+    if (c0 + KPP * i >= c1) break;  // the same for every thread
+    const float s = group_sum<TPK>(dot8(wv[i], of));
+    if (part == 0 && c < c1) out[c] = s;
+  }
+  for (int i = kApPre; c0 + KPP * i < c1; ++i) {
+    const int c = c0 + g + KPP * i;
+    const uint4 w = c < c1 ? load_stream(reinterpret_cast<const uint4*>(wh + static_cast<int64_t>(c) * C))
+                           : make_uint4(0, 0, 0, 0);
+    const float s = group_sum<TPK>(dot8(w, of));
+    if (part == 0 && c < c1) out[c] = s;
+  }
+  // The last block of (row, j) adds the heads' partials in order (the threadfence-reduction
+  // pattern).
+  __threadfence();
+  __syncthreads();
+  __shared__ unsigned ticket;
+  unsigned* counter = p.counters + r * p.col_blocks + j;
+  if (t == 0) ticket = atomicAdd(counter, 1u);
+  __syncthreads();
+  if (ticket != static_cast<unsigned>(p.heads - 1)) return;
+  if (t == 0) *counter = 0;  // ready for the next launch
+  __threadfence();
+  float* res = p.residual + qrow * C;
+  const float* parts = p.partials + static_cast<int64_t>(r) * p.heads * C;
+  for (int c = c0 + t; c < c1; c += kApThreads) {
+    float s = 0.0f;
+    for (int hh = 0; hh < p.heads; ++hh) s += __ldcg(parts + static_cast<int64_t>(hh) * C + c);
+    res[c] = res[c] + (s + p.bias[c]);
+  }
+}
+
+size_t attention_proj_shared(int head_dim, int max_length) {
+  const int kpp = kApThreads / (head_dim / 8);
+  return sizeof(float) * ((max_length + 3) / 4 * 4 + static_cast<size_t>(kpp) * head_dim + kpp + head_dim + kApWarps);
+}
+
+}  // namespace
+
+int attention_proj_col_blocks(int rows, int heads) {
+  const int blocks = rows * heads;
+  return std::max(1, std::min(8, (128 + blocks - 1) / blocks));
+}
+
+bool attention_proj_supported(int head_dim, int max_length, int col_blocks) {
+  return (head_dim == 32 || head_dim == 64 || head_dim == 128) && max_length >= 1 && col_blocks >= 1 &&
+         col_blocks <= 64 && attention_proj_shared(head_dim, max_length) <= 48 * 1024;
+}
+
+void attention_proj(const AttentionProjParams& p, cudaStream_t stream) {
+  if (!p.q || !p.k_cache || !p.v_cache || !p.q_rows || !p.slots || !p.lengths || !p.w || !p.bias || !p.residual ||
+      !p.partials || !p.counters) {
+    throw std::invalid_argument("attention_proj: null pointer");
+  }
+  if (p.rows < 0 || p.heads <= 0 || p.C != p.heads * p.head_dim || !attention_proj_supported(p.head_dim, p.max_length, p.col_blocks)) {
+    throw std::invalid_argument("attention_proj: shape it does not take (rows " + std::to_string(p.rows) + ", heads " +
+                                std::to_string(p.heads) + ", head_dim " + std::to_string(p.head_dim) + ", C " +
+                                std::to_string(p.C) + ", max_length " + std::to_string(p.max_length) +
+                                ", col_blocks " + std::to_string(p.col_blocks) + ")");
+  }
+  if (p.rows == 0) return;
+  const float scale_log2 = 1.4426950408889634f / sqrtf(static_cast<float>(p.head_dim));
+  const dim3 grid(p.col_blocks, p.heads, p.rows), block(kApThreads);
+  const size_t shared = attention_proj_shared(p.head_dim, p.max_length);
+  switch (p.head_dim) {
+    case 32: return launch(attention_proj_kernel<1>, grid, block, shared, stream, p.programmatic, "attention_proj_kernel", p, scale_log2);
+    case 64: return launch(attention_proj_kernel<2>, grid, block, shared, stream, p.programmatic, "attention_proj_kernel", p, scale_log2);
+    default: return launch(attention_proj_kernel<4>, grid, block, shared, stream, p.programmatic, "attention_proj_kernel", p, scale_log2);
+  }
 }
 
 }  // namespace inference_cuda

@@ -94,6 +94,13 @@ struct FusedGemvParams {
   int32_t* part_idx = nullptr;
   int valid_out = 0;
   bool programmatic = false;
+  // The residual epilogue with 2048 < in <= 3072 (fc_proj at d_ff 3072): 12 loads a lane in
+  // flight instead of 8, so a row's loads all go out before the wait (FLASHGPT_GEMV_WIDE=1).
+  bool wide = false;
+  // Optional: bytes from l2_prefetch toward L2 with the evict-last priority, issued before
+  // the wait and split among the blocks (the head's first rows, FLASHGPT_HEAD_L2_PREFETCH).
+  const void* l2_prefetch = nullptr;
+  int64_t l2_prefetch_bytes = 0;
 };
 
 // Blocks the fused kernel launches for `out` output rows (the head's argmax partials are
@@ -119,6 +126,44 @@ void sample(int32_t* tokens, const float* logits, int64_t ld, int V, int rows, c
             const float* part_val = nullptr, const int32_t* part_idx = nullptr, int parts = 0,
             bool programmatic = false);
 
+
+// ---- attention + proj in one kernel (FLASHGPT_CUDA_DECODE=attnproj) --------------------
+//
+// residual[q_rows[r]] += bias + W_proj bf16(attention(q row r, the first lengths[r] keys of
+// slot slots[r])), for decode rows only: the fused path's attention and proj launches
+// become one. Block (column block j, head h, row r) of `col_blocks` x heads x rows: 256
+// threads compute head h's attention over all the row's keys (no split of the keys, so no
+// partials to combine: every key is read by the same block, a group of head_dim / 8 lanes a
+// key, 16-byte loads, up to 8 keys a lane in flight), round it to bf16 as the fused path's
+// attention output is, multiply it by its columns' slice of W_proj (loaded before
+// griddepcontrol.wait: it depends on no earlier kernel) and write the head's partial sums
+// (rows, heads, C). The last of the heads' blocks of (row, j) to finish (an atomic count,
+// reset by that block) adds the heads' partials in head order, the bias and the residual:
+// the sums do not depend on which block came last. Head dims 32, 64 and 128.
+struct AttentionProjParams {
+  const bf16* q = nullptr;  // row r's head h at q + q_rows[r] * C + h * head_dim
+  const bf16* k_cache = nullptr;  // slot s, position t at k_cache + s * slot_stride + t * C
+  const bf16* v_cache = nullptr;
+  const int32_t* q_rows = nullptr;   // (rows): q's and the residual's row of decode row r
+  const int32_t* slots = nullptr;    // (rows)
+  const int32_t* lengths = nullptr;  // (rows): keys attended, 1 .. max_length
+  const bf16* w = nullptr;           // (C, C) proj weight, (out, in)
+  const float* bias = nullptr;       // (C)
+  float* residual = nullptr;         // (., C) fp32
+  float* partials = nullptr;         // (rows, heads, C) scratch
+  unsigned* counters = nullptr;      // (rows, col_blocks), zero; left zero
+  int rows = 0, heads = 0, head_dim = 0, C = 0, max_length = 0, col_blocks = 1;
+  int64_t slot_stride = 0;
+  bool programmatic = false;
+};
+// The column blocks the engine uses for `rows` x `heads` (at least 1, at most 8; enough
+// blocks to spread W_proj's loads, few enough that the redundant attention stays cheap).
+int attention_proj_col_blocks(int rows, int heads);
+// Whether it takes this shape (head dim 32, 64 or 128, the scores of max_length keys in
+// shared memory, col_blocks 1 .. 64); false: nothing launched.
+bool attention_proj_supported(int head_dim, int max_length, int col_blocks);
+// Throws std::invalid_argument for a shape it does not take or a null pointer.
+void attention_proj(const AttentionProjParams& p, cudaStream_t stream);
 
 // ---- the persistent decode path (decode steps of 1 .. kGemvMaxRows rows) ----------------
 //

@@ -26,6 +26,8 @@
 #include <cstring>
 #include <random>
 #include <set>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
 namespace flashgpt {
@@ -115,7 +117,9 @@ TEST(GemvFusedCuda, MatchesReference) {
                              // fc_proj's shape, one with the LayerNorm on the block-wide prologue, and
                              // 48 KB of input rows (which the head, with its argmax arrays, refuses).
                              GemvCase{1, 3072, 768, false, true}, GemvCase{1, 3072, 2002, true, true},
-                             GemvCase{2, 4096, 333, false, false}, GemvCase{8, 3072, 50, false, false}}) {
+                             GemvCase{2, 4096, 333, false, false}, GemvCase{8, 3072, 50, false, false},
+                             // The wide variant at an input that leaves lanes idle in its last round.
+                             GemvCase{3, 2824, 77, true, true}}) {
     for (const GemvEpilogue epi : {GemvEpilogue::store_bf16, GemvEpilogue::bias_gelu, GemvEpilogue::residual,
                                    GemvEpilogue::qkv_cache, GemvEpilogue::logits_argmax}) {
       const int R = gc.rows, K = gc.in;
@@ -184,6 +188,11 @@ TEST(GemvFusedCuda, MatchesReference) {
       p.residual = d_res;
       p.q = d_q, p.k_cache = d_k, p.v_cache = d_v, p.places = d_places, p.slot_stride = int64_t{T} * C;
       p.part_val = d_pv, p.part_idx = d_pi, p.valid_out = valid;
+      // The wide variant (12 loads a lane in flight; the residual epilogue at 2048 < in <=
+      // 3072 takes it) in the programmatic cases, the usual 8 in the others.
+      p.wide = gc.programmatic;
+      // An L2 prefetch of the weights (a hint: the results must not change) in the LayerNorm cases.
+      if (gc.ln) p.l2_prefetch = d_w, p.l2_prefetch_bytes = static_cast<int64_t>(w.size()) * 2;
       ASSERT_TRUE(inference_cuda::gemv_fused(p, epi, nullptr));
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 
@@ -374,6 +383,146 @@ TEST(AttentionDecodeCuda, MatchesSplitReference) {
   }
 }
 
+// ---- attention + proj in one kernel (FLASHGPT_CUDA_DECODE=attnproj) ----------------------
+
+// The kernel's definition written plainly, in double: per row and head, softmax(q k^T /
+// sqrt(D)) v over the row's first lengths[r] keys, rounded to bf16 (as the kernel and the
+// fused path store the attention output); then residual + bias + W_proj times that row.
+std::vector<double> attention_proj_reference(const std::vector<float>& q, const std::vector<float>& k,
+                                             const std::vector<float>& v, const std::vector<int32_t>& q_rows,
+                                             const std::vector<int32_t>& slots, const std::vector<int32_t>& lengths,
+                                             const std::vector<float>& w, const std::vector<float>& bias,
+                                             const std::vector<float>& residual, int heads, int D, int64_t T) {
+  const int C = heads * D;
+  std::vector<double> out(residual.begin(), residual.end());
+  std::vector<float> o(static_cast<size_t>(C));
+  for (size_t r = 0; r < q_rows.size(); ++r) {
+    const float* qr = q.data() + static_cast<size_t>(q_rows[r]) * C;
+    for (int h = 0; h < heads; ++h) {
+      const int n = lengths[r];
+      std::vector<double> score(static_cast<size_t>(n));
+      double top = -1e300;
+      for (int j = 0; j < n; ++j) {
+        const float* kj = k.data() + (static_cast<size_t>(slots[r]) * T + j) * C + h * D;
+        double dot = 0;
+        for (int d = 0; d < D; ++d) dot += static_cast<double>(qr[h * D + d]) * kj[d];
+        score[j] = dot / std::sqrt(static_cast<double>(D));
+        top = std::max(top, score[j]);
+      }
+      double sum = 0;
+      for (double& sc : score) sc = std::exp(sc - top), sum += sc;
+      for (int d = 0; d < D; ++d) {
+        double acc = 0;
+        for (int j = 0; j < n; ++j) acc += score[j] * v[(static_cast<size_t>(slots[r]) * T + j) * C + h * D + d];
+        o[h * D + d] = bf16_round(static_cast<float>(acc / sum));
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      double y = bias[c];
+      for (int i = 0; i < C; ++i) y += static_cast<double>(w[static_cast<size_t>(c) * C + i]) * o[i];
+      out[static_cast<size_t>(q_rows[r]) * C + c] += y;
+    }
+  }
+  return out;
+}
+
+struct AttentionProjShape {
+  int rows, heads, head_dim, col_blocks;
+};
+
+// Awkward shapes: 1 to 8 rows, 1 to 12 heads, head dims 32, 64, 128, column blocks that do
+// not divide C (and 12 blocks of 32 columns, where the last holds none); ragged rows at
+// lengths 1, 17, 511, 512, 600 in one launch, then every row at each; rows of q and of the
+// residual in reverse order with one more residual row that no row owns (must stay
+// untouched). Launched three times (plain, then twice with programmatic launch): results
+// within tolerance of the reference, bit-identical across launches, counters left zero.
+TEST(AttentionProjCuda, MatchesReference) {
+  const int T = 600, S = 5;
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal;
+  for (const AttentionProjShape& shape : {AttentionProjShape{1, 12, 64, 8}, AttentionProjShape{3, 4, 32, 3},
+                                          AttentionProjShape{5, 2, 128, 1}, AttentionProjShape{8, 3, 64, 5},
+                                          AttentionProjShape{2, 1, 32, 12}, AttentionProjShape{4, 6, 64, 2}}) {
+    const int R = shape.rows, NH = shape.heads, D = shape.head_dim, C = NH * D;
+    SCOPED_TRACE(::testing::Message() << "rows " << R << " heads " << NH << " head_dim " << D << " col_blocks "
+                                      << shape.col_blocks);
+    ASSERT_TRUE(inference_cuda::attention_proj_supported(D, T, shape.col_blocks));
+    std::vector<float> k(static_cast<size_t>(S) * T * C), v(k.size()), q(static_cast<size_t>(R) * C);
+    std::vector<float> w(static_cast<size_t>(C) * C), bias(static_cast<size_t>(C)), residual(static_cast<size_t>(R + 1) * C);
+    for (auto& x : k) x = bf16_round(normal(rng));
+    for (auto& x : v) x = bf16_round(normal(rng));
+    for (auto& x : q) x = bf16_round(2.0f * normal(rng));
+    for (auto& x : w) x = bf16_round(normal(rng) / std::sqrt(static_cast<float>(C)));
+    for (auto& x : bias) x = 0.1f * normal(rng);
+    for (auto& x : residual) x = normal(rng);
+    const int lengths_cycle[] = {1, 17, 511, 512, 600};
+    std::vector<int32_t> q_rows, slots, lengths;
+    for (int r = 0; r < R; ++r) {
+      q_rows.push_back(R - 1 - r);
+      slots.push_back((r * 2 + 1) % S);
+      lengths.push_back(lengths_cycle[(r + D / 32) % 5]);
+    }
+    auto* dq = to_device(to_bf16(q));
+    auto* dk = to_device(to_bf16(k));
+    auto* dv = to_device(to_bf16(v));
+    auto* dw = to_device(to_bf16(w));
+    auto* d_bias = to_device(bias);
+    auto* d_res = to_device(residual);
+    auto* d_rows = to_device(q_rows);
+    auto* d_slots = to_device(slots);
+    auto* d_lengths = to_device(lengths);
+    auto* d_partials = to_device(std::vector<float>(static_cast<size_t>(R) * NH * C, NAN));
+    const size_t n_counters = static_cast<size_t>(R) * shape.col_blocks;
+    auto* d_counters = to_device(std::vector<unsigned>(n_counters, 0u));
+    for (int variant = 0; variant < 6; ++variant) {
+      if (variant > 0) {
+        for (int r = 0; r < R; ++r) lengths[r] = lengths_cycle[variant - 1];
+        ASSERT_EQ(cudaMemcpy(d_lengths, lengths.data(), lengths.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+      }
+      const std::vector<double> want =
+          attention_proj_reference(q, k, v, q_rows, slots, lengths, w, bias, residual, NH, D, T);
+      inference_cuda::AttentionProjParams p;
+      p.q = dq, p.k_cache = dk, p.v_cache = dv, p.q_rows = d_rows, p.slots = d_slots, p.lengths = d_lengths;
+      p.w = dw, p.bias = d_bias, p.residual = d_res, p.partials = d_partials, p.counters = d_counters;
+      p.rows = R, p.heads = NH, p.head_dim = D, p.C = C, p.max_length = T, p.col_blocks = shape.col_blocks;
+      p.slot_stride = int64_t{T} * C;
+      std::vector<float> first;
+      for (int launch = 0; launch < 3; ++launch) {
+        ASSERT_EQ(cudaMemcpy(d_res, residual.data(), residual.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+        p.programmatic = launch > 0;
+        inference_cuda::attention_proj(p, nullptr);
+        ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+        const std::vector<float> got = from_device(d_res, residual.size());
+        double worst = 0;
+        for (size_t i = 0; i < got.size(); ++i) worst = std::max(worst, std::abs(got[i] - want[i]) / (1.0 + std::abs(want[i])));
+        EXPECT_LT(worst, 3e-3) << "variant " << variant << " launch " << launch;
+        for (int c = 0; c < C; ++c) EXPECT_EQ(got[static_cast<size_t>(R) * C + c], residual[static_cast<size_t>(R) * C + c]);
+        if (launch == 0) {
+          first = got;
+        } else {
+          EXPECT_EQ(got, first) << "variant " << variant << ": not deterministic";
+        }
+        for (unsigned c : from_device(d_counters, n_counters)) EXPECT_EQ(c, 0u);
+      }
+    }
+    for (void* ptr : {static_cast<void*>(dq), static_cast<void*>(dk), static_cast<void*>(dv), static_cast<void*>(dw),
+                      static_cast<void*>(d_bias), static_cast<void*>(d_res), static_cast<void*>(d_rows),
+                      static_cast<void*>(d_slots), static_cast<void*>(d_lengths), static_cast<void*>(d_partials),
+                      static_cast<void*>(d_counters)}) {
+      cudaFree(ptr);
+    }
+  }
+}
+
+TEST(AttentionProjCuda, RefusesShapesItDoesNotTake) {
+  EXPECT_FALSE(inference_cuda::attention_proj_supported(96, 512, 4));
+  EXPECT_FALSE(inference_cuda::attention_proj_supported(64, 1 << 20, 4));
+  EXPECT_FALSE(inference_cuda::attention_proj_supported(64, 512, 0));
+  EXPECT_TRUE(inference_cuda::attention_proj_supported(64, 512, 8));
+  inference_cuda::AttentionProjParams p;
+  EXPECT_THROW(inference_cuda::attention_proj(p, nullptr), std::invalid_argument);
+}
+
 // A seed-shaped miniature (head dim 64), context 96, GPT-2 initialisation plus noise on
 // every parameter (biases and LayerNorm included, so none hides behind zeros and ones).
 // (Scaling the weights up to spread the logits made attention nearly one-hot, where bf16
@@ -485,7 +634,7 @@ void expect_cached_greedy_equals_uncached(const char* mode) {
 }
 
 TEST(InferenceCuda, CachedGreedyEqualsUncachedRecompute) {
-  for (const char* mode : {"fused", "persistent"}) expect_cached_greedy_equals_uncached(mode);
+  for (const char* mode : {"fused", "persistent", "attnproj"}) expect_cached_greedy_equals_uncached(mode);
 }
 
 // The GPU engine against the fp32 CPU engine on the same weights, fed the same tokens:
@@ -664,25 +813,32 @@ TEST(InferenceCuda, FusedPathMatchesSeparateKernels) {
 // batch 1 and 8 (the largest it takes), for head dims 32 (the tiny preset), 64 (a
 // seed-shaped miniature with context 512) and the seed preset itself; with the head after the
 // persistent launch (the default) and inside it (FLASHGPT_PERSISTENT_HEAD=1).
-void expect_persistent_matches_fused(const ModelConfig& c, const std::vector<float>& params, uint32_t seed,
-                                     int64_t B, int64_t long_prefill, bool head_inside) {
-  SCOPED_TRACE(::testing::Message() << c.preset << " d_model " << c.d_model << " batch " << B
+// `mode` "attnproj" runs the same comparison for the fused path with attention and proj in
+// one kernel.
+void expect_path_matches_fused(const char* mode, const ModelConfig& c, const std::vector<float>& params,
+                               uint32_t seed, int64_t B, int64_t long_prefill, bool head_inside) {
+  SCOPED_TRACE(::testing::Message() << mode << ": " << c.preset << " d_model " << c.d_model << " batch " << B
                                     << (head_inside ? ", head inside" : ""));
   const int64_t V = c.vocab_size;
-  const inference_cuda::PersistentDecodePlan plan = inference_cuda::persistent_decode_plan(
-      static_cast<int>(B), static_cast<int>(c.d_model), static_cast<int>(c.d_ff), static_cast<int>(c.n_head),
-      static_cast<int>(c.head_dim()), static_cast<int>(c.context));
-  ASSERT_TRUE(plan.ok) << plan.why;
-  std::printf("persistent plan: grid %d, %d weight buffers of %lld bytes, %lld bytes of shared memory a block\n",
-              plan.grid, plan.slots, static_cast<long long>(plan.slot_bytes), static_cast<long long>(plan.shared));
+  if (std::string(mode) == "persistent") {
+    const inference_cuda::PersistentDecodePlan plan = inference_cuda::persistent_decode_plan(
+        static_cast<int>(B), static_cast<int>(c.d_model), static_cast<int>(c.d_ff), static_cast<int>(c.n_head),
+        static_cast<int>(c.head_dim()), static_cast<int>(c.context));
+    ASSERT_TRUE(plan.ok) << plan.why;
+    std::printf("persistent plan: grid %d, %d weight buffers of %lld bytes, %lld bytes of shared memory a block\n",
+                plan.grid, plan.slots, static_cast<long long>(plan.slot_bytes), static_cast<long long>(plan.shared));
+  }
   ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", "fused", 1), 0);
   auto fused = inference_create_cuda(c, params, {.max_slots = B});
-  ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", "persistent", 1), 0);
+  const bool wide = std::string(mode) == "attnproj_wide";  // with FLASHGPT_GEMV_WIDE=1
+  ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", wide ? "attnproj" : mode, 1), 0);
   ASSERT_EQ(setenv("FLASHGPT_PERSISTENT_HEAD", head_inside ? "1" : "0", 1), 0);
+  ASSERT_EQ(setenv("FLASHGPT_GEMV_WIDE", wide ? "1" : "0", 1), 0);
   auto pers = inference_create_cuda(c, params, {.max_slots = B});
   auto pers_logits = inference_create_cuda(c, params, {.max_slots = B});
   ASSERT_EQ(unsetenv("FLASHGPT_CUDA_DECODE"), 0);
   ASSERT_EQ(unsetenv("FLASHGPT_PERSISTENT_HEAD"), 0);
+  ASSERT_EQ(unsetenv("FLASHGPT_GEMV_WIDE"), 0);
   std::vector<uint64_t> index(B), step(B, 0);
   for (int64_t b = 0; b < B; ++b) index[b] = b;
   std::vector<float> lp(static_cast<size_t>(B * V)), lp2(lp.size()), lf(lp.size());
@@ -744,7 +900,7 @@ void expect_persistent_matches_fused(const ModelConfig& c, const std::vector<flo
   }
   EXPECT_LT(worst, 3e-2);
   EXPECT_GE(compared, steps * B / 4);
-  std::printf("persistent vs fused: %d steps x %lld rows, worst logit error %.2e of the scale, %d compared\n", steps,
+  std::printf("%s vs fused: %d steps x %lld rows, worst logit error %.2e of the scale, %d compared\n", mode, steps,
               static_cast<long long>(B), worst, compared);
 }
 
@@ -756,9 +912,33 @@ TEST(InferenceCuda, PersistentPathMatchesFused) {
   const auto tiny_params = random_params(tiny, 41), mini_params = random_params(mini, 43);
   for (const int64_t B : {1, 8}) {
     for (const bool head_inside : {false, true}) {
-      expect_persistent_matches_fused(tiny, tiny_params, 41, B, tiny.context - 3, head_inside);
-      expect_persistent_matches_fused(mini, mini_params, 43, B, mini.context - 3, head_inside);
+      expect_path_matches_fused("persistent", tiny, tiny_params, 41, B, tiny.context - 3, head_inside);
+      expect_path_matches_fused("persistent", mini, mini_params, 43, B, mini.context - 3, head_inside);
     }
+  }
+}
+
+// The attention + proj kernel's path (FLASHGPT_CUDA_DECODE=attnproj) against the fused
+// path, as the persistent path above: tiny (head dim 32), the context-512 miniature (cache
+// lengths 1, 17, 511, 512) and the seed preset, batch 1 and 8; the seed preset at batch 1
+// and 3 with FLASHGPT_GEMV_WIDE=1 as well.
+TEST(InferenceCuda, AttnProjPathMatchesFused) {
+  ModelConfig mini = mini_config();
+  mini.context = 512;
+  ModelConfig tiny = model_preset("tiny", 1000);
+  tiny.dropout = 0.0f;
+  ModelConfig seed = model_preset("seed", 100277);
+  seed.dropout = 0.0f;
+  const auto tiny_params = random_params(tiny, 51), mini_params = random_params(mini, 53);
+  const auto seed_params = random_params(seed, 57);
+  for (const int64_t B : {1, 3, 8}) {
+    expect_path_matches_fused("attnproj", tiny, tiny_params, 51, B, tiny.context - 3, false);
+    expect_path_matches_fused("attnproj", mini, mini_params, 53, B, mini.context - 3, false);
+    if (B != 3) expect_path_matches_fused("attnproj", seed, seed_params, 57, B, seed.context - 3, false);
+  }
+  // With fc_proj's loads all in flight before the wait (FLASHGPT_GEMV_WIDE=1; d_ff 3072).
+  for (const int64_t B : {1, 3}) {
+    expect_path_matches_fused("attnproj_wide", seed, seed_params, 57, B, seed.context - 3, false);
   }
 }
 
@@ -768,7 +948,7 @@ TEST(InferenceCuda, PersistentPathMatchesFusedSeedPreset) {
   const auto params = random_params(seed, 47);
   for (const int64_t B : {1, 8}) {
     for (const bool head_inside : {false, true}) {
-      expect_persistent_matches_fused(seed, params, 47, B, seed.context - 3, head_inside);
+      expect_path_matches_fused("persistent", seed, params, 47, B, seed.context - 3, head_inside);
     }
   }
 }
@@ -803,7 +983,7 @@ void expect_decode_steps_allocate_nothing(const char* mode) {
 }
 
 TEST(InferenceCuda, DecodeStepsAllocateNothing) {
-  for (const char* mode : {"fused", "persistent"}) expect_decode_steps_allocate_nothing(mode);
+  for (const char* mode : {"fused", "persistent", "attnproj"}) expect_decode_steps_allocate_nothing(mode);
 }
 
 TEST(InferenceCuda, RejectsBadInput) {
