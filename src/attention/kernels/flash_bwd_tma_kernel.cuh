@@ -15,9 +15,9 @@
 //     memory before the barrier's arrival. Then every query block of the tile into a ring of
 //     kStages stages: Q and dO by TMA (128-byte swizzle: the layout the descriptors read), the
 //     block's LSE (times log2 e, +inf past the sequence) and D = rowsum(dO * O) (0 past the
-//     sequence) by plain loads of the warp's 32 lanes. Each lane arrives on the stage's "full"
-//     mbarrier (32 arrivals, lane 0's with the TMA transaction bytes), so its own stores are
-//     released by its own arrival.
+//     sequence) by plain loads of the warp's 32 lanes. Lane 0 arrives on the stage's "full"
+//     mbarrier with the copies' transaction bytes before issuing them, then every lane arrives
+//     after its loads (33 arrivals), so each lane's stores are released by its own arrival.
 //   - Consumers (setmaxnreg raises their registers): warpgroup wg owns keys 64 wg .. 64 wg + 63
 //     of the block, as in the cp.async kernel: S^T = K Q^T and dP^T = V dO^T (SS), P^T from LSE,
 //     dS^T, dV += (P Z)^T dO and dK += dS^T Q (RS), dQ = dS K (SS through shared memory, 64 x 64
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     mbarrier_init(bar_kv_full, 1);
     mbarrier_init(bar_kv_empty, Traits::kConsumerThreads / 32);  // one arrival per consumer warp
     for (int s = 0; s < kStages; ++s) {
-      mbarrier_init(bar_full(s), 32);  // the producer warp's lanes
+      mbarrier_init(bar_full(s), 33);  // lane 0 with the copies' bytes, then every lane with its LSE and D
       mbarrier_init(bar_empty(s), Traits::kConsumerThreads / 32);
     }
     mbarrier_init_fence();
@@ -189,11 +189,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         const BwdGlobal<Element> global(p, seq, tile.b, tile.head_kv, tile.n_block * kBlockN, kBlockM);
         for (int it = 0; it < global.iterations; ++it) {
           const BwdQueryBlock<Element> qb = global.query_block(p, seq, ws, tile.b, it);
+          const uint32_t bar = bar_full(st.index);
           mbarrier_wait(bar_empty(st.index), st.phase ^ 1u);
-          load_lse_dot_rows<kBlockM, 32>(sLse + st.index * kBlockM, sDot + st.index * kBlockM, qb.lse, qb.dot,
-                                         qb.valid_q, lane);
+          // The copies first (their latency then covers the plain loads below).
           if (lane == 0) {
-            const uint32_t bar = bar_full(st.index);
             mbarrier_arrive_expect_tx(bar, 2 * Traits::kTileQBytes);
 #pragma unroll
             for (int cb = 0; cb < Traits::kColBlocks; ++cb) {
@@ -201,9 +200,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
               tma_load_4d(sQ + off, &tm_q, bar, cb * 64, qb.m0, qb.head, tile.b);
               tma_load_4d(sdO + off, &tm_do, bar, cb * 64, qb.m0, qb.head, tile.b);
             }
-          } else {
-            mbarrier_arrive(bar_full(st.index));
           }
+          load_lse_dot_rows<kBlockM, 32>(sLse + st.index * kBlockM, sDot + st.index * kBlockM, qb.lse, qb.dot,
+                                         qb.valid_q, lane);
+          mbarrier_arrive(bar);
           st.advance();
         }
       }
