@@ -232,7 +232,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // Descriptors built once and advanced by constant offsets (the cp.async kernel's
   // FLASHGPT_BWD_DESC_PRECOMPUTE=1): K-major K and V rows of this warpgroup, stage 0 of Q and dO;
   // MN-major Q and dO (B of dK and dV), dS^T and K (A and B of dQ). (One base descriptor plus
-  // offsets at each use measured more spills in ptxas: 180 against 136 bytes at d64.)
+  // offsets at each use, and descriptors built at each use, spilled more in ptxas:
+  // docs/archive/attention_gpu_notes.md, v16.)
   const uint64_t desc_k_rows = wgmma_desc_sw128(sK + wg * 64 * 128, 16, kSwizzleAtom);
   const uint64_t desc_v_rows = wgmma_desc_sw128(sV + wg * 64 * 128, 16, kSwizzleAtom);
   const uint64_t desc_q_kmajor = wgmma_desc_sw128(sQ, 16, kSwizzleAtom);
