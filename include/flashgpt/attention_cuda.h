@@ -43,9 +43,18 @@ const char* attention_cuda_forward_kernel(const AttentionParams& params);
 // kernels in one process; a call racing with a forward on another thread may see either.
 // Throws flashgpt::Error for any other name.
 const char* attention_cuda_force_forward_kernel(const char* kernel);
-// The same for the backward's main kernel (wgmma for head dims 64 and 128);
-// FLASHGPT_ATTN_BWD_KERNEL=mma_sync forces mma.sync.
+// The same for the backward's main kernel, for a dense batch: "wgmma" (Hopper, sm_90a builds,
+// head dims 64 and 128), "wgmma-tma" (the warp-specialized TMA backward, same head dims, dense
+// batches; only where forced, until it is measured) or "mma.sync". FLASHGPT_ATTN_BWD_KERNEL in
+// the environment overrides the choice: mma_sync, wgmma, or tma (where it applies).
 const char* attention_cuda_backward_kernel(int head_dim);
+// The same for these params (varlen batches never take "wgmma-tma").
+const char* attention_cuda_backward_kernel(const AttentionParams& params);
+// Forces the backward's main kernel of every later call as FLASHGPT_ATTN_BWD_KERNEL does:
+// "mma_sync", "wgmma", "tma" (where it applies), or "" / nullptr for the automatic choice;
+// returns the override before ("" for none). For tests and benchmarks comparing two kernels in
+// one process. Throws flashgpt::Error for any other name.
+const char* attention_cuda_force_backward_kernel(const char* kernel);
 
 // The d64 TMA forward's tiles (query rows x keys a step, K/V stages, CTAs per SM; the table is in
 // docs/attention_gpu.md): how many this build has (0 without the TMA forward), and forcing one

@@ -104,13 +104,6 @@ void validate_cuda(const AttentionParams& p, AttentionPass pass) {
   }
 }
 
-// Whether the environment variable `var` is "mma_sync": it keeps the mma.sync kernel on Hopper
-// too (tests, benchmarks); any other value, "wgmma" included, is the automatic choice.
-bool env_forces_mma_sync(const char* var) {
-  const char* v = std::getenv(var);
-  return v != nullptr && std::strcmp(v, "mma_sync") == 0;
-}
-
 // The forward kernel override: "mma_sync" forces the mma.sync forward, "wgmma" the cp.async
 // wgmma forward (the Hopper kernel before the TMA one, for comparison), "tma" the TMA forward
 // wherever it applies; anything else is the automatic choice. FLASHGPT_ATTN_FWD_KERNEL sets it
@@ -131,6 +124,26 @@ std::atomic<FwdOverride>& fwd_override_value() {
   return value;
 }
 FwdOverride fwd_override() { return fwd_override_value().load(); }
+
+// The backward kernel override, as the forward's: "mma_sync", "wgmma" or "tma" (the
+// warp-specialized TMA backward where it applies: dense batches, head dims 64 and 128; opt-in
+// until it is measured on the GPU); anything else is the automatic choice.
+// FLASHGPT_ATTN_BWD_KERNEL sets it at the first call, attention_cuda_force_backward_kernel at
+// any time.
+enum class BwdOverride { automatic, mma_sync, wgmma, tma };
+constexpr const char* kBwdOverrideNames[] = {"", "mma_sync", "wgmma", "tma"};
+BwdOverride bwd_override_from_name(std::string_view name) {
+  for (int i = 1; i < 4; ++i)
+    if (name == kBwdOverrideNames[i]) return BwdOverride(i);
+  return BwdOverride::automatic;
+}
+std::atomic<BwdOverride>& bwd_override_value() {
+  static std::atomic<BwdOverride> value{[] {
+    const char* v = std::getenv("FLASHGPT_ATTN_BWD_KERNEL");
+    return v == nullptr ? BwdOverride::automatic : bwd_override_from_name(v);
+  }()};
+  return value;
+}
 
 // The d64 TMA forward's forced tile: an index of the instance's table (kTma64Tiles in
 // kernels/flash_fwd_launch.cuh), or -1 (chosen by shape). FLASHGPT_ATTN_TMA_TILE sets it at
@@ -182,7 +195,8 @@ bool device_is_sm90() {
 // The kernel choice, the one place it is made. The wgmma kernels run wherever they can: the
 // instance has one for its pass (an sm_90a build; the forward for head dims 64, 96, 128 and
 // 256, the backward for 64 and 128), the current device is compute capability 9.0, and the
-// pass's override (FLASHGPT_ATTN_FWD_KERNEL / FLASHGPT_ATTN_BWD_KERNEL=mma_sync, read once) does
+// pass's override (FLASHGPT_ATTN_FWD_KERNEL / FLASHGPT_ATTN_BWD_KERNEL=mma_sync, read once; or
+// the force functions) does
 // not force mma.sync. The wgmma forward passed the GPU tests on the H100 and beat the mma.sync
 // forward in every row measured, with and without dropout (d256: 1.13-1.54x FA2 where mma.sync
 // measured 0.57-0.66x); the wgmma backward measured 0.90-1.15x of torch FA2 where the mma.sync
@@ -224,17 +238,42 @@ attn::FwdKernel choose_fwd_kernel(int head_dim, const AttentionParams* p, int ti
                         (forced == FwdOverride::automatic && (tma_forward_by_default(head_dim) || tile_forced));
   return want_tma && tma_fits ? attn::FwdKernel::tma : attn::FwdKernel::wgmma;
 }
-attn::BwdKernel choose_bwd_kernel(int head_dim) {
-  static const bool forced = env_forces_mma_sync("FLASHGPT_ATTN_BWD_KERNEL");
+// The backward's main kernel. `p` null: a dense call (what attention_cuda_backward_kernel(int)
+// reports). The TMA backward runs only where forced (FLASHGPT_ATTN_BWD_KERNEL=tma or
+// attention_cuda_force_backward_kernel("tma")) and only for dense batches; elsewhere the
+// cp.async wgmma kernel, as before.
+attn::BwdKernel choose_bwd_kernel(int head_dim, const AttentionParams* p) {
+  const BwdOverride forced = bwd_override_value().load();
   const bool has_wgmma = dispatch_instance<bool>(head_dim, DType::bf16, []<int D, typename E>() {
     return attn::flash_bwd_has_wgmma<D, E>();
   });
-  return has_wgmma && !forced && device_is_sm90() ? attn::BwdKernel::wgmma : attn::BwdKernel::mma_sync;
+  if (!has_wgmma || forced == BwdOverride::mma_sync || !device_is_sm90()) return attn::BwdKernel::mma_sync;
+  const bool has_tma = dispatch_instance<bool>(head_dim, DType::bf16, []<int D, typename E>() {
+    return attn::flash_bwd_has_tma<D, E>();
+  });
+  const bool tma_fits = has_tma && (p == nullptr || p->cu_seqlens_q == nullptr);
+  return forced == BwdOverride::tma && tma_fits ? attn::BwdKernel::tma : attn::BwdKernel::wgmma;
 }
 
 }  // namespace
 
-const char* attention_cuda_backward_kernel(int head_dim) { return attn::kernel_name(choose_bwd_kernel(head_dim)); }
+const char* attention_cuda_backward_kernel(int head_dim) {
+  return attn::kernel_name(choose_bwd_kernel(head_dim, nullptr));
+}
+
+const char* attention_cuda_backward_kernel(const AttentionParams& params) {
+  return attn::kernel_name(choose_bwd_kernel(params.head_dim, &params));
+}
+
+const char* attention_cuda_force_backward_kernel(const char* kernel) {
+  const std::string_view name = kernel == nullptr ? std::string_view() : std::string_view(kernel);
+  FLASHGPT_CHECK(name.empty() || bwd_override_from_name(name) != BwdOverride::automatic,
+                 "attention_cuda_force_backward_kernel('{}'): expected \"mma_sync\", \"wgmma\", \"tma\" or \"\" "
+                 "(the automatic choice)",
+                 name);
+  const BwdOverride before = bwd_override_value().exchange(bwd_override_from_name(name));
+  return kBwdOverrideNames[int(before)];
+}
 
 const char* attention_cuda_forward_kernel(int head_dim) {
   return attn::kernel_name(choose_fwd_kernel(head_dim, nullptr, planned_tma64_tile(head_dim)));
@@ -302,7 +341,7 @@ void attention_backward_cuda(const AttentionParams& params, void* workspace, siz
   FLASHGPT_CHECK(needed == 0 || (workspace != nullptr && reinterpret_cast<uintptr_t>(workspace) % 256 == 0),
                  "attention backward (CUDA): the workspace must be a non-null, 256-byte aligned device pointer");
   attn::BwdPlan plan;
-  plan.kernel = choose_bwd_kernel(params.head_dim);
+  plan.kernel = choose_bwd_kernel(params.head_dim, &params);
   plan.scale = attention_softmax_scale(params);
   // Both main kernels are compiled with and without dropout; the variant follows the
   // threshold the kernels use (dropout_p below 1/512 is no dropout).

@@ -23,12 +23,16 @@ inline constexpr int kMaxGridYZ = 65535;
 // tma: the warp-specialized forward fed by the copy engine (flash_fwd_tma_kernel.cuh), dense
 // batches with or without dropout; wgmma: the cp.async one (flash_fwd_wgmma_kernel.cuh).
 enum class FwdKernel { mma_sync, wgmma, tma };
-enum class BwdKernel { mma_sync, wgmma };
+// Backward main kernels: tma, the warp-specialized one fed by the copy engine
+// (flash_bwd_tma_kernel.cuh, dense batches, opt-in); wgmma, the cp.async one.
+enum class BwdKernel { mma_sync, wgmma, tma };
 
 inline const char* kernel_name(FwdKernel k) {
   return k == FwdKernel::tma ? "wgmma-tma" : k == FwdKernel::wgmma ? "wgmma" : "mma.sync";
 }
-inline const char* kernel_name(BwdKernel k) { return k == BwdKernel::wgmma ? "wgmma" : "mma.sync"; }
+inline const char* kernel_name(BwdKernel k) {
+  return k == BwdKernel::tma ? "wgmma-tma" : k == BwdKernel::wgmma ? "wgmma" : "mma.sync";
+}
 
 struct FwdPlan {
   FwdKernel kernel = FwdKernel::mma_sync;
@@ -57,6 +61,9 @@ bool flash_bwd_has_wgmma();
 // Whether the instance has the TMA forward (sm_90a build, head dims 64 and 128).
 template <int kHeadDim, typename Element>
 bool flash_fwd_has_tma();
+// Whether the instance has the TMA backward (sm_90a build, head dims 64 and 128).
+template <int kHeadDim, typename Element>
+bool flash_bwd_has_tma();
 // How many tiles of the TMA forward a plan's tma_tile may name: the d64 table's size (0 without
 // the TMA forward, and for other head dims, whose one tile a plan never names).
 template <int kHeadDim, typename Element>

@@ -68,6 +68,9 @@ struct BenchAttentionConfig {
   std::vector<int64_t> io_onchip_kib = {16, 64, 256, 1024};
   double min_time_s = 0.3;  // repeat a measurement until this long, keep the fastest run
   float dropout = 0.0f;     // --device cuda: every row of the table again with this dropout (0: not)
+  // --device cuda: time the backward of every row with each of these main kernels, forced in turn
+  // (attention_cuda_force_backward_kernel: mma_sync, wgmma, tma); empty: the automatic choice.
+  std::vector<std::string> bwd_kernels;
 };
 
 // Inputs and outputs of one dense problem, contiguous, fp32.
@@ -335,7 +338,7 @@ void gpu_validate(int head_dim, bool causal, float dropout) {
   fmt::print("validate d{:<3} {:<10} dropout {:.1f} (forward {}, backward {}): relative error O {:.1e} dQ {:.1e} "
              "dK {:.1e} dV {:.1e}\n",
              head_dim, causal ? "causal" : "non-causal", dropout, attention_cuda_forward_kernel(gpu.params),
-             attention_cuda_backward_kernel(head_dim), errors[0], errors[1], errors[2], errors[3]);
+             attention_cuda_backward_kernel(gpu.params), errors[0], errors[1], errors[2], errors[3]);
   for (int i = 0; i < 4; ++i) {
     const char* names[] = {"O", "dQ", "dK", "dV"};
     FLASHGPT_CHECK(errors[i] <= (i == 0 ? kTolerance : kGradTolerance),
@@ -399,7 +402,18 @@ void bench_attention_cuda(BenchAttentionConfig c) {
     const auto key = std::make_tuple(r.head_dim, r.causal, r.dropout);
     if (std::find(configs.begin(), configs.end(), key) == configs.end()) configs.push_back(key);
   }
-  for (const auto& [d, causal, dropout] : configs) gpu_validate(d, causal, dropout);
+  // The backward kernels to time, each validated: the forced ones in turn, or the automatic choice
+  // (""). The override before is restored on the way out.
+  const std::vector<std::string> bwd_kernels = c.bwd_kernels.empty() ? std::vector<std::string>{""} : c.bwd_kernels;
+  struct RestoreBwdKernel {
+    std::string before;
+    ~RestoreBwdKernel() { attention_cuda_force_backward_kernel(before.c_str()); }
+  } const restore{attention_cuda_force_backward_kernel(nullptr)};
+  attention_cuda_force_backward_kernel(restore.before.c_str());
+  for (const std::string& kernel : bwd_kernels) {
+    if (!c.bwd_kernels.empty()) attention_cuda_force_backward_kernel(kernel.c_str());
+    for (const auto& [d, causal, dropout] : configs) gpu_validate(d, causal, dropout);
+  }
   fmt::print("\n");
 
   // One set of inputs, as large as the largest row, shared by every row.
@@ -414,31 +428,34 @@ void bench_attention_cuda(BenchAttentionConfig c) {
     GpuRow row;
     double fwd_ms, bwd_ms;
     const char* fwd_kernel;  // the kernel these params run (the TMA forward takes no varlen batch)
+    const char* bwd_kernel;
   };
   std::vector<Result> results;
-  for (const GpuRow& r : rows) {
-    GpuProblem x(r.batch, r.heads, r.seqlen, r.head_dim, r.causal, r.dropout, host);
-    const size_t ws_bytes = attention_backward_workspace_bytes(x.params);
-    GpuBuffer ws(ws_bytes);
-    Result res{r, 0.0, 0.0, attention_cuda_forward_kernel(x.params)};
-    res.fwd_ms = gpu_time_ms(c.min_time_s, [&] { attention_forward_cuda(x.params); });
-    if (c.backward)
-      res.bwd_ms = gpu_time_ms(c.min_time_s, [&] { attention_backward_cuda(x.params, ws.ptr, ws_bytes); });
-    FLASHGPT_CUDA_CHECK(cudaDeviceSynchronize());
-    const std::vector<float> o = download_bf16(x.params.o, size_t(r.batch) * r.seqlen * r.heads * r.head_dim);
-    FLASHGPT_CHECK(std::all_of(o.begin(), o.end(), [](float f) { return std::isfinite(f); }),
-                   "bench attention (CUDA): non-finite output at batch {} heads {} seqlen {} d {}", r.batch, r.heads,
-                   r.seqlen, r.head_dim);
-    const double fwd_flops = gpu_flops_forward(r);
-    auto tflops = [](double flops, double ms) { return ms > 0 ? flops / (ms * 1e-3) / 1e12 : 0.0; };
-    fmt::print("{:>5} {:>5} {:>6} {:>4} {:>7} {:>7.1f} | {:>9.3f} {:>9.1f} | {:>9} {:>9} | {:>9} {:>8}\n", r.batch,
-               r.heads, r.seqlen, r.head_dim, r.causal ? "yes" : "no", r.dropout, res.fwd_ms,
-               tflops(fwd_flops, res.fwd_ms), c.backward ? fmt::format("{:.3f}", res.bwd_ms) : "-",
-               c.backward ? fmt::format("{:.1f}", tflops(2.5 * fwd_flops, res.bwd_ms)) : "-",
-               res.fwd_kernel, c.backward ? attention_cuda_backward_kernel(r.head_dim) : "-");
-    std::fflush(stdout);
-    results.push_back(res);
-  }
+  for (const GpuRow& r : rows)
+    for (const std::string& kernel : bwd_kernels) {
+      if (!c.bwd_kernels.empty()) attention_cuda_force_backward_kernel(kernel.c_str());
+      GpuProblem x(r.batch, r.heads, r.seqlen, r.head_dim, r.causal, r.dropout, host);
+      const size_t ws_bytes = attention_backward_workspace_bytes(x.params);
+      GpuBuffer ws(ws_bytes);
+      Result res{r, 0.0, 0.0, attention_cuda_forward_kernel(x.params), attention_cuda_backward_kernel(x.params)};
+      res.fwd_ms = gpu_time_ms(c.min_time_s, [&] { attention_forward_cuda(x.params); });
+      if (c.backward)
+        res.bwd_ms = gpu_time_ms(c.min_time_s, [&] { attention_backward_cuda(x.params, ws.ptr, ws_bytes); });
+      FLASHGPT_CUDA_CHECK(cudaDeviceSynchronize());
+      const std::vector<float> o = download_bf16(x.params.o, size_t(r.batch) * r.seqlen * r.heads * r.head_dim);
+      FLASHGPT_CHECK(std::all_of(o.begin(), o.end(), [](float f) { return std::isfinite(f); }),
+                     "bench attention (CUDA): non-finite output at batch {} heads {} seqlen {} d {}", r.batch, r.heads,
+                     r.seqlen, r.head_dim);
+      const double fwd_flops = gpu_flops_forward(r);
+      auto tflops = [](double flops, double ms) { return ms > 0 ? flops / (ms * 1e-3) / 1e12 : 0.0; };
+      fmt::print("{:>5} {:>5} {:>6} {:>4} {:>7} {:>7.1f} | {:>9.3f} {:>9.1f} | {:>9} {:>9} | {:>9} {:>8}\n", r.batch,
+                 r.heads, r.seqlen, r.head_dim, r.causal ? "yes" : "no", r.dropout, res.fwd_ms,
+                 tflops(fwd_flops, res.fwd_ms), c.backward ? fmt::format("{:.3f}", res.bwd_ms) : "-",
+                 c.backward ? fmt::format("{:.1f}", tflops(2.5 * fwd_flops, res.bwd_ms)) : "-",
+                 res.fwd_kernel, c.backward ? res.bwd_kernel : "-");
+      std::fflush(stdout);
+      results.push_back(res);
+    }
   fmt::print("\nbench attention (CUDA): {} rows validated and timed\n", results.size());
   if (c.out_dir.empty()) return;
   const std::filesystem::path dir(c.out_dir);
@@ -451,8 +468,8 @@ void bench_attention_cuda(BenchAttentionConfig c) {
       const GpuRow& r = res.row;
       const double f = gpu_flops_forward(r);
       out.write(fmt::format("{},{},{},{},{},{},{},{},{},{},{},{},{}\n", prop.name, r.batch, r.heads, r.seqlen,
-                            r.head_dim, int(r.causal), r.dropout, res.fwd_kernel,
-                            attention_cuda_backward_kernel(r.head_dim), res.fwd_ms, res.bwd_ms,
+                            r.head_dim, int(r.causal), r.dropout, res.fwd_kernel, res.bwd_kernel, res.fwd_ms,
+                            res.bwd_ms,
                             f / (res.fwd_ms * 1e-3) / 1e12,
                             res.bwd_ms > 0 ? 2.5 * f / (res.bwd_ms * 1e-3) / 1e12 : 0.0));
     }
@@ -669,6 +686,11 @@ void cli_add_bench_attention(CLI::App& bench) {
                   "model's row has dropout)")
       ->check(CLI::Range(0.0f, 0.99f))
       ->capture_default_str();
+  cmd->add_option("--bwd-kernels", config->bwd_kernels,
+                  "--device cuda: time the backward of every row with each of these main kernels, forced in turn "
+                  "and each validated first (comma-separated: mma_sync, wgmma, tma); default: the automatic choice")
+      ->delimiter(',')
+      ->check(CLI::IsMember({"mma_sync", "wgmma", "tma"}));
   cmd->callback([cmd, config] {
     config->head_dim_given = cmd->count("--head-dim") > 0;
     cli_config_print(*cmd, stdout);

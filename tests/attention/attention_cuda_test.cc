@@ -405,14 +405,22 @@ TEST(AttentionCuda, ReportsKernels) {
     const int32_t cu_seqlens[2] = {0, 1};  // only compared with null by the choice
     varlen_params.cu_seqlens_q = varlen_params.cu_seqlens_k = cu_seqlens;
     EXPECT_STRNE(attention_cuda_forward_kernel(varlen_params), "wgmma-tma") << "head_dim " << d;
+    // The backward: "wgmma-tma" only where forced (FLASHGPT_ATTN_BWD_KERNEL=tma, the ctest
+    // attention_cuda_test_tma_bwd) and never for a varlen batch; dropout takes the same kernel.
+    const char* bwd_env = std::getenv("FLASHGPT_ATTN_BWD_KERNEL");
+    const bool bwd_tma_forced = bwd_env != nullptr && std::string_view(bwd_env) == "tma";
     if (bwd_forced || !hopper_dim) {
       EXPECT_EQ(bwd, "mma.sync") << "head_dim " << d;
+    } else if (bwd_tma_forced) {
+      EXPECT_TRUE(bwd == "wgmma-tma" || bwd == "mma.sync") << bwd;
     } else {
       EXPECT_TRUE(bwd == "wgmma" || bwd == "mma.sync") << bwd;
     }
+    EXPECT_EQ(std::string_view(attention_cuda_backward_kernel(with_dropout)), bwd) << "head_dim " << d;
+    EXPECT_STRNE(attention_cuda_backward_kernel(varlen_params), "wgmma-tma") << "head_dim " << d;
     // The two automatic choices agree where both passes have a wgmma kernel.
     if (!fwd_forced && !bwd_forced && hopper_dim) {
-      EXPECT_EQ(fwd.substr(0, 5) == "wgmma", bwd == "wgmma") << "head_dim " << d;
+      EXPECT_EQ(fwd.substr(0, 5) == "wgmma", bwd.substr(0, 5) == "wgmma") << "head_dim " << d;
     }
   }
 }
@@ -760,6 +768,143 @@ TEST(AttentionCuda, TmaForwardDropoutForwardBackward) {
     run_case(k.c, /*backward=*/true, Determinism::fast, 11, /*compare=*/true, k.reference);
   }
   if (!ran) GTEST_SKIP() << "no TMA forward in this build or on this device";
+}
+
+// The backward at the shapes that stress the TMA backward's pipeline (FLASHGPT_ATTN_BWD_KERNEL=tma
+// runs it; the ctest attention_cuda_test_tma_bwd sets that; the other passes run the same shapes
+// through their kernels): query-block counts 1 to stages + 1 and past (2 stages of 128 queries
+// at d64, of 64 at d128), lengths 1, 17, 127, 128, 129, 255, 257 and 1000, causal with
+// seqlen_q != seqlen_k both ways (keys no query sees; rows that see no key), GQA (every query
+// head of the group streams through the ring), dropout; gradients against the fp64 reference.
+TEST(AttentionCuda, BackwardPipelineShapes) {
+  struct Lengths {
+    int sq, sk;
+  };
+  const std::vector<Lengths> lengths = {{1, 1},     {17, 17},   {127, 127}, {128, 128}, {129, 129}, {255, 255},
+                                        {257, 257}, {200, 385}, {64, 385},  {300, 17},  {1000, 1000}};
+  for (int d : {64, 128}) {
+    if (!attention_cuda_head_dim_compiled(d)) continue;
+    for (Mask mask : {Mask::none, Mask::causal})
+      for (const Lengths& l : lengths) {
+        const AttentionCase c =
+            lengths_case("bwd pipeline d" + std::to_string(d), l.sq, l.sk, d, mask, DType::bf16, 0.0f);
+        SCOPED_TRACE(c.name);
+        run_case(c, /*backward=*/true);
+      }
+    // fp16 and dropout on a few of them.
+    for (const Lengths& l : std::vector<Lengths>{{17, 17}, {129, 129}, {257, 257}, {200, 385}}) {
+      const AttentionCase fp16 =
+          lengths_case("bwd pipeline d" + std::to_string(d), l.sq, l.sk, d, Mask::causal, DType::f16, 0.0f);
+      const AttentionCase drop =
+          lengths_case("bwd pipeline dropout d" + std::to_string(d), l.sq, l.sk, d, Mask::causal, DType::bf16, 0.15f);
+      for (const AttentionCase& c : {fp16, drop}) {
+        SCOPED_TRACE(c.name);
+        run_case(c, /*backward=*/true);
+      }
+    }
+  }
+  std::printf("[ info ] backward kernel for these shapes: d64 %s, d128 %s\n",
+              attention_cuda_head_dim_compiled(64) ? attention_cuda_backward_kernel(64) : "-",
+              attention_cuda_head_dim_compiled(128) ? attention_cuda_backward_kernel(128) : "-");
+}
+
+// Forces a backward kernel for a scope (attention_cuda_force_backward_kernel), then restores the
+// override before.
+class ForcedBackwardKernel {
+ public:
+  explicit ForcedBackwardKernel(const char* kernel) : before_(attention_cuda_force_backward_kernel(kernel)) {}
+  ~ForcedBackwardKernel() { attention_cuda_force_backward_kernel(before_.c_str()); }
+  ForcedBackwardKernel(const ForcedBackwardKernel&) = delete;
+  ForcedBackwardKernel& operator=(const ForcedBackwardKernel&) = delete;
+
+ private:
+  std::string before_;
+};
+
+// Gradients of two backward kernels on the same inputs: within 4 units in the last place of the
+// element type (relative to the element and the tensor's rms; dQ's fp32 atomics add in another
+// order in fast mode), and how many are bit-identical.
+void expect_same_gradients(const Outputs& got, const Outputs& want, DType dtype, const std::string& name) {
+  const double ulp = dtype == DType::bf16 ? 0x1p-8 : 0x1p-11;
+  auto compare = [&](const std::vector<float>& a, const std::vector<float>& b, const char* what) {
+    ASSERT_EQ(a.size(), b.size()) << name << " " << what;
+    double sum_sq = 0.0;
+    for (float x : b) sum_sq += double(x) * x;
+    const double rms = b.empty() ? 0.0 : std::sqrt(sum_sq / double(b.size()));
+    int64_t far = 0, identical = 0, first_far = -1;
+    for (size_t i = 0; i < a.size(); ++i) {
+      const double diff = std::abs(double(a[i]) - double(b[i]));
+      identical += diff == 0.0;
+      if (!(diff <= 4.0 * ulp * (std::abs(double(b[i])) + rms))) {
+        if (first_far < 0) first_far = int64_t(i);
+        ++far;
+      }
+    }
+    EXPECT_EQ(far, 0) << name << ": " << what << " differs by more than 4 units in the last place, first at "
+                      << first_far << ": " << (first_far >= 0 ? a[first_far] : 0.f) << " vs "
+                      << (first_far >= 0 ? b[first_far] : 0.f);
+    std::printf("[ info ] %s: %lld of %zu %s elements bit-identical\n", name.c_str(),
+                static_cast<long long>(identical), a.size(), what);
+  };
+  compare(got.dq, want.dq, "dQ");
+  compare(got.dk, want.dk, "dK");
+  compare(got.dv, want.dv, "dV");
+}
+
+// The TMA backward against the cp.async wgmma backward (same algorithm, same Philox mask) and
+// the fp64 reference, forced in one process: pipeline lengths, GQA, dropout, both dtypes,
+// causal with seqlen_q != seqlen_k; then the deterministic mode twice, bit-identical, over more
+// tiles than an H100 has SMs (every CTA claims several from the counter), with dropout and GQA.
+TEST(AttentionCuda, TmaBackwardMatchesWgmma) {
+  if (mma_sync_pass()) GTEST_SKIP() << "compares the Hopper backwards; runs in the other passes";
+  EXPECT_THROW(attention_cuda_force_backward_kernel("cudnn"), flashgpt::Error);
+  struct Lengths {
+    int sq, sk;
+  };
+  const std::vector<Lengths> lengths = {{1, 1}, {17, 17}, {129, 129}, {255, 255}, {200, 385}, {300, 17}, {1000, 1000}};
+  bool ran = false;
+  for (int d : {64, 128}) {
+    if (!attention_cuda_head_dim_compiled(d)) continue;
+    {
+      const ForcedBackwardKernel tma("tma");
+      if (std::string_view(attention_cuda_backward_kernel(d)) != "wgmma-tma") continue;
+    }
+    ran = true;
+    for (DType dtype : {DType::bf16, DType::f16})
+      for (Mask mask : {Mask::none, Mask::causal})
+        for (const Lengths& l : lengths) {
+          const float dropout = (l.sq + l.sk + int(mask)) % 2 == 0 ? 0.15f : 0.0f;
+          const AttentionCase c =
+              lengths_case("tma vs wgmma bwd d" + std::to_string(d), l.sq, l.sk, d, mask, dtype, dropout);
+          SCOPED_TRACE(c.name + (dropout > 0.0f ? " dropout" : ""));
+          Outputs tma, wgmma;
+          {
+            const ForcedBackwardKernel forced("tma");
+            ASSERT_STREQ(attention_cuda_backward_kernel(d), "wgmma-tma");
+            tma = run_case(c, /*backward=*/true);  // against the reference too
+          }
+          {
+            const ForcedBackwardKernel forced("wgmma");
+            ASSERT_STREQ(attention_cuda_backward_kernel(d), "wgmma");
+            wgmma = run_case(c, /*backward=*/true, Determinism::fast, 7, /*compare=*/false);
+          }
+          expect_same_gradients(tma, wgmma, dtype, c.name);
+        }
+    // Deterministic: 12 x 2 kv heads x 8 key blocks = 192 tiles (d64 and d128: 128 keys a tile).
+    const ForcedBackwardKernel forced("tma");
+    const AttentionCase c{"tma det d" + std::to_string(d), dense(12, 1000, 1000, 4, 2, d, Mask::causal, 0.1f), {},
+                          DType::bf16};
+    const Outputs a = run_case(c, true, Determinism::deterministic, 13, /*compare=*/false);
+    const Outputs b = run_case(c, true, Determinism::deterministic, 13, /*compare=*/false);
+    EXPECT_TRUE(a.dq_bits == b.dq_bits) << "dQ differs between two deterministic runs, d=" << d;
+    EXPECT_TRUE(a.dk_bits == b.dk_bits) << "dK differs between two deterministic runs, d=" << d;
+    EXPECT_TRUE(a.dv_bits == b.dv_bits) << "dV differs between two deterministic runs, d=" << d;
+    EXPECT_TRUE(all_finite(a.dq) && all_finite(a.dk) && all_finite(a.dv)) << "d=" << d;
+    const AttentionCase small{"tma det ref d" + std::to_string(d), dense(2, 300, 420, 4, 2, d, Mask::causal, 0.0f),
+                              {}, DType::bf16};
+    run_case(small, true, Determinism::deterministic);
+  }
+  if (!ran) GTEST_SKIP() << "no TMA backward in this build or on this device";
 }
 
 TEST(AttentionCuda, LongSequence4097ForwardBackward) {
