@@ -13,33 +13,13 @@ With --ours, also prints the joined table (bwd_table.py) against the CLI's atten
 import argparse
 import csv
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-def time_ms(fn, min_time_s=0.3):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    one = max(start.elapsed_time(end), 1e-3)
-    reps = max(5, min(1000, int(min_time_s * 1e3 / one)))
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from cudnn_fwd import time_ms  # the same CUDA-event median as the forward peer (this folder)
 
 
 def rows(seqlens):
