@@ -97,6 +97,32 @@ struct Shape {
 
 class LayerNormTest : public ::testing::TestWithParam<Shape> {};
 
+// The inputs of a LayerNorm backward test: random x, w, b, a bf16-exact dy and the dx it
+// accumulates into, on the device, with the forward run so that mean and rstd are there.
+struct LayerNormBackwardCase {
+  std::mt19937 rng;
+  std::vector<float> x, w, b, dy, dx0;
+  Dev<float> d_x, d_w, d_b, d_mean, d_rstd;
+  Dev<bf16> d_dy;
+
+  LayerNormBackwardCase(int64_t N, int C, uint32_t seed)
+      : rng(seed),
+        x(random_floats(size_t(N) * C, rng, 2.0f, 0.5f)),
+        w(random_floats(C, rng, 0.5f, 1.0f)),
+        b(random_floats(C, rng, 0.3f)),
+        dy(rounded(random_floats(size_t(N) * C, rng))),
+        dx0(random_floats(size_t(N) * C, rng)),
+        d_x(x),
+        d_w(w),
+        d_b(b),
+        d_mean(N),
+        d_rstd(N),
+        d_dy(to_bf16(dy)) {
+    Dev<bf16> out(size_t(N) * C);
+    model_cuda::layernorm_forward(out.ptr, d_mean.ptr, d_rstd.ptr, d_x.ptr, d_w.ptr, d_b.ptr, N, C, nullptr);
+  }
+};
+
 TEST_P(LayerNormTest, ForwardAndBackwardMatchDoubleReference) {
   const auto [N, C] = GetParam();
   std::mt19937 rng(static_cast<uint32_t>(N * 131 + C));
@@ -159,15 +185,10 @@ TEST_P(LayerNormTest, BackwardFusedWithDropoutEqualsTheTwoOps) {
   for (const float p : {0.1f, 0.0f}) {
     for (const bool accumulate : {true, false}) {
       SCOPED_TRACE(::testing::Message() << "p " << p << " accumulate " << accumulate);
-      std::mt19937 rng(static_cast<uint32_t>(N * 17 + C + (accumulate ? 1 : 0)));
-      const auto x = random_floats(size_t(N) * C, rng, 2.0f, 0.5f);
-      const auto w = random_floats(C, rng, 0.5f, 1.0f);
-      const auto b = random_floats(C, rng, 0.3f);
-      const auto dy = rounded(random_floats(size_t(N) * C, rng));
-      const auto dx0 = random_floats(size_t(N) * C, rng);
-      Dev<float> d_x(x), d_w(w), d_b(b), d_mean(N), d_rstd(N);
-      Dev<bf16> d_out(size_t(N) * C), d_dy(to_bf16(dy));
-      model_cuda::layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_x.ptr, d_w.ptr, d_b.ptr, N, C, nullptr);
+      const LayerNormBackwardCase in(N, C, static_cast<uint32_t>(N * 17 + C + (accumulate ? 1 : 0)));
+      const auto& dx0 = in.dx0;
+      const auto &d_x = in.d_x, &d_w = in.d_w, &d_mean = in.d_mean, &d_rstd = in.d_rstd;
+      const auto& d_dy = in.d_dy;
       const model_cuda::DropoutSite site = model_cuda::dropout_site(42, 9, 5, p);
       std::vector<float> dw0(C, 1.0f), db0(C, -1.0f);
       Dev<float> d_dx1(dx0), d_dw1(dw0), d_db1(db0), d_dx2(dx0), d_dw2(dw0), d_db2(db0);
@@ -208,15 +229,10 @@ TEST_P(LayerNormTest, RegisterBackwardMatchesSharedKernel) {
   for (const float p : {0.1f, 0.0f}) {
     for (const bool accumulate : {true, false}) {
       SCOPED_TRACE(::testing::Message() << "p " << p << " accumulate " << accumulate);
-      std::mt19937 rng(static_cast<uint32_t>(N * 23 + C + (accumulate ? 1 : 0)));
-      const auto x = random_floats(size_t(N) * C, rng, 2.0f, 0.5f);
-      const auto w = random_floats(C, rng, 0.5f, 1.0f);
-      const auto b = random_floats(C, rng, 0.3f);
-      const auto dy = rounded(random_floats(size_t(N) * C, rng));
-      const auto dx0 = random_floats(size_t(N) * C, rng);
-      Dev<float> d_x(x), d_w(w), d_b(b), d_mean(N), d_rstd(N);
-      Dev<bf16> d_out(size_t(N) * C), d_dy(to_bf16(dy));
-      model_cuda::layernorm_forward(d_out.ptr, d_mean.ptr, d_rstd.ptr, d_x.ptr, d_w.ptr, d_b.ptr, N, C, nullptr);
+      const LayerNormBackwardCase in(N, C, static_cast<uint32_t>(N * 23 + C + (accumulate ? 1 : 0)));
+      const auto& dx0 = in.dx0;
+      const auto &d_x = in.d_x, &d_w = in.d_w, &d_mean = in.d_mean, &d_rstd = in.d_rstd;
+      const auto& d_dy = in.d_dy;
       const model_cuda::DropoutSite site = model_cuda::dropout_site(42, 9, 5, p);
       std::vector<float> dw0(C, 1.0f), db0(C, -1.0f);
       Dev<float> d_dx1(dx0), d_dw1(dw0), d_db1(db0), d_dx2(dx0), d_dw2(dw0), d_db2(db0), d_dx3(dx0), d_dw3(dw0),
