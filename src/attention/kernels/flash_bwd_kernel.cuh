@@ -72,9 +72,10 @@ struct BwdTraits {
 // blocks that add to the strip's query block (dq_block_contributors).
 //   - In the loop, after its float4 atomics into a strip, the warp arrives (dq_strip_arrive:
 //     __syncwarp, then lane 0 a gpu-scope release fence and a reduction of -1, whose value
-//     nobody waits for).
+//     nobody waits for); by default one query block later (FLASHGPT_BWD_DQ_ARRIVE_LATE above),
+//     the last block's arrival after the loop.
 //   - After the tile's loop, the warp tries to claim each strip it added to (lane i the i-th,
-//     32 at a time): atomicCAS(counter, 0, -1). Only a completed strip (every arrival made) reads
+//     32 at a time): atomicCAS(counter, 0, -1), issued before the dK/dV epilogue and read after. Only a completed strip (every arrival made) reads
 //     0 and only one claim succeeds; the last warp to arrive always sees 0 or -1 (already
 //     claimed) after its own arrival, so every strip is claimed exactly once. The winner fences
 //     (acquire) and its warp converts the strip: the 8 float4 of each lane (the ones it would
