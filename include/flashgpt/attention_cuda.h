@@ -55,6 +55,16 @@ const char* attention_cuda_backward_kernel(const AttentionParams& params);
 // returns the override before ("" for none). For tests and benchmarks comparing two kernels in
 // one process. Throws flashgpt::Error for any other name.
 const char* attention_cuda_force_backward_kernel(const char* kernel);
+// Whether a backward with these params converts dQ inside its main kernel (the fused dQ convert:
+// the "wgmma" and "wgmma-tma" kernels, where it is switched on) instead of in a separate convert
+// kernel; the same dQ either way (bit for bit in deterministic mode). Off by default until it is
+// timed; FLASHGPT_ATTN_BWD_FUSED_CONVERT=0 or 1 in the environment sets it (anything else is an
+// error at the first backward).
+bool attention_cuda_backward_fused_dq_convert(const AttentionParams& params);
+// Switches the fused dQ convert of every later backward: 1 on, 0 off, -1 the default; returns
+// whether it was on. For tests and benchmarks comparing both in one process. Throws
+// flashgpt::Error for any other value.
+bool attention_cuda_force_fused_dq_convert(int fused);
 
 // The d64 TMA forward's tiles (query rows x keys a step, K/V stages, CTAs per SM; the table is in
 // docs/attention_gpu.md): how many this build has (0 without the TMA forward), and forcing one

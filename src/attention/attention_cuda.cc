@@ -145,6 +145,25 @@ std::atomic<BwdOverride>& bwd_override_value() {
   return value;
 }
 
+// The fused dQ convert (kernels/flash_bwd_kernel.cuh): the wgmma and TMA backwards convert dQ
+// in their main kernel instead of running the convert kernel after it. Off by default until it
+// is timed on a GPU (the same fp32 sums and conversion, so it changes speed, not results).
+// FLASHGPT_ATTN_BWD_FUSED_CONVERT=0 or 1 sets it at the first call (anything else is an error,
+// so that a typo never times the wrong path), attention_cuda_force_fused_dq_convert at any time.
+constexpr bool kFusedDqConvertDefault = false;
+std::atomic<int>& fused_dq_convert_value() {  // 0 or 1
+  static std::atomic<int> value{[] {
+    const char* v = std::getenv("FLASHGPT_ATTN_BWD_FUSED_CONVERT");
+    if (v == nullptr || *v == '\0') return int(kFusedDqConvertDefault);
+    FLASHGPT_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0,
+                   "FLASHGPT_ATTN_BWD_FUSED_CONVERT is '{}': expected 0 (the separate dQ convert kernel) or 1 (fused "
+                   "into the wgmma backward)",
+                   v);
+    return v[0] == '1' ? 1 : 0;
+  }()};
+  return value;
+}
+
 // The d64 TMA forward's forced tile: an index of the instance's table (kTma64Tiles in
 // kernels/flash_fwd_launch.cuh), or -1 (chosen by shape). FLASHGPT_ATTN_TMA_TILE sets it at
 // the first call, attention_cuda_force_tma64_tile at any time (tests of every tile). Anything but
@@ -275,6 +294,16 @@ const char* attention_cuda_force_backward_kernel(const char* kernel) {
   return kBwdOverrideNames[int(before)];
 }
 
+bool attention_cuda_backward_fused_dq_convert(const AttentionParams& params) {
+  return fused_dq_convert_value().load() != 0 && choose_bwd_kernel(params.head_dim, &params) != attn::BwdKernel::mma_sync;
+}
+
+bool attention_cuda_force_fused_dq_convert(int fused) {
+  FLASHGPT_CHECK(fused >= -1 && fused <= 1,
+                 "attention_cuda_force_fused_dq_convert({}): expected 0 (off), 1 (on) or -1 (the default)", fused);
+  return fused_dq_convert_value().exchange(fused < 0 ? int(kFusedDqConvertDefault) : fused) != 0;
+}
+
 const char* attention_cuda_forward_kernel(int head_dim) {
   return attn::kernel_name(choose_fwd_kernel(head_dim, nullptr, planned_tma64_tile(head_dim)));
 }
@@ -348,6 +377,7 @@ void attention_backward_cuda(const AttentionParams& params, void* workspace, siz
   plan.dropout = dropout_enabled(dropout_threshold(params.dropout_p));
   plan.deterministic = determinism == Determinism::deterministic;
   plan.sm_count = device_attribute<cudaDevAttrMultiProcessorCount>(current_device());
+  plan.fused_dq_convert = fused_dq_convert_value().load() != 0;
   dispatch_instance<void>(params.head_dim, params.dtype, [&]<int D, typename Element>() {
     attn::run_flash_bwd<D, Element>(params, plan, workspace, stream);
   });

@@ -47,6 +47,8 @@ struct BwdPlan {
   bool dropout = false;        // the main kernel's dropout variant (dropout_p rounds to a nonzero threshold)
   bool deterministic = false;  // dQ accumulated in key-block order
   int sm_count = 0;            // the current device's SMs (the persistent wgmma kernel's grid)
+  // The wgmma and TMA main kernels convert dQ themselves (no convert kernel); ignored by mma.sync.
+  bool fused_dq_convert = false;
 };
 
 // What each instance defines (explicitly instantiated in its translation unit). Element is

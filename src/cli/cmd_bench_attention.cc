@@ -229,6 +229,13 @@ std::vector<GpuRow> gpu_rows(const BenchAttentionConfig& c) {
   return rows;
 }
 
+// The backward's main kernel for these params, "+dqfuse" when it converts dQ itself
+// (attention_cuda_backward_fused_dq_convert, FLASHGPT_ATTN_BWD_FUSED_CONVERT).
+std::string bwd_kernel_label(const AttentionParams& params) {
+  return std::string(attention_cuda_backward_kernel(params)) +
+         (attention_cuda_backward_fused_dq_convert(params) ? "+dqfuse" : "");
+}
+
 double gpu_flops_forward(const GpuRow& r) {
   const double f = 4.0 * r.batch * r.heads * double(r.seqlen) * r.seqlen * r.head_dim;
   return r.causal ? f / 2 : f;
@@ -338,7 +345,7 @@ void gpu_validate(int head_dim, bool causal, float dropout) {
   fmt::print("validate d{:<3} {:<10} dropout {:.1f} (forward {}, backward {}): relative error O {:.1e} dQ {:.1e} "
              "dK {:.1e} dV {:.1e}\n",
              head_dim, causal ? "causal" : "non-causal", dropout, attention_cuda_forward_kernel(gpu.params),
-             attention_cuda_backward_kernel(gpu.params), errors[0], errors[1], errors[2], errors[3]);
+             bwd_kernel_label(gpu.params), errors[0], errors[1], errors[2], errors[3]);
   for (int i = 0; i < 4; ++i) {
     const char* names[] = {"O", "dQ", "dK", "dV"};
     FLASHGPT_CHECK(errors[i] <= (i == 0 ? kTolerance : kGradTolerance),
@@ -428,7 +435,7 @@ void bench_attention_cuda(BenchAttentionConfig c) {
     GpuRow row;
     double fwd_ms, bwd_ms;
     const char* fwd_kernel;  // the kernel these params run (the TMA forward takes no varlen batch)
-    const char* bwd_kernel;
+    std::string bwd_kernel;  // bwd_kernel_label
   };
   std::vector<Result> results;
   for (const GpuRow& r : rows)
@@ -437,7 +444,7 @@ void bench_attention_cuda(BenchAttentionConfig c) {
       GpuProblem x(r.batch, r.heads, r.seqlen, r.head_dim, r.causal, r.dropout, host);
       const size_t ws_bytes = attention_backward_workspace_bytes(x.params);
       GpuBuffer ws(ws_bytes);
-      Result res{r, 0.0, 0.0, attention_cuda_forward_kernel(x.params), attention_cuda_backward_kernel(x.params)};
+      Result res{r, 0.0, 0.0, attention_cuda_forward_kernel(x.params), bwd_kernel_label(x.params)};
       res.fwd_ms = gpu_time_ms(c.min_time_s, [&] { attention_forward_cuda(x.params); });
       if (c.backward)
         res.bwd_ms = gpu_time_ms(c.min_time_s, [&] { attention_backward_cuda(x.params, ws.ptr, ws_bytes); });
@@ -452,7 +459,7 @@ void bench_attention_cuda(BenchAttentionConfig c) {
                  r.heads, r.seqlen, r.head_dim, r.causal ? "yes" : "no", r.dropout, res.fwd_ms,
                  tflops(fwd_flops, res.fwd_ms), c.backward ? fmt::format("{:.3f}", res.bwd_ms) : "-",
                  c.backward ? fmt::format("{:.1f}", tflops(2.5 * fwd_flops, res.bwd_ms)) : "-",
-                 res.fwd_kernel, c.backward ? res.bwd_kernel : "-");
+                 res.fwd_kernel, c.backward ? res.bwd_kernel : std::string("-"));
       std::fflush(stdout);
       results.push_back(res);
     }

@@ -907,6 +907,127 @@ TEST(AttentionCuda, TmaBackwardMatchesWgmma) {
   if (!ran) GTEST_SKIP() << "no TMA backward in this build or on this device";
 }
 
+// Switches the fused dQ convert for a scope (attention_cuda_force_fused_dq_convert), then restores
+// the setting before.
+class ForcedFusedDqConvert {
+ public:
+  explicit ForcedFusedDqConvert(bool on) : before_(attention_cuda_force_fused_dq_convert(on ? 1 : 0)) {}
+  ~ForcedFusedDqConvert() { attention_cuda_force_fused_dq_convert(before_ ? 1 : 0); }
+  ForcedFusedDqConvert(const ForcedFusedDqConvert&) = delete;
+  ForcedFusedDqConvert& operator=(const ForcedFusedDqConvert&) = delete;
+
+ private:
+  bool before_;
+};
+
+// Params that say which backward a dense (or, with cu_seqlens set, varlen) call of head_dim takes.
+AttentionParams probe_params(int head_dim, bool varlen) {
+  static const int32_t cu_seqlens[2] = {0, 1};  // only compared with null by the choice
+  AttentionParams p;
+  p.head_dim = head_dim;
+  if (varlen) p.cu_seqlens_q = p.cu_seqlens_k = cu_seqlens;
+  return p;
+}
+
+// Runs a case's backward with the fused dQ convert on (its gradients against the fp64 reference,
+// unless compare is false) and off, same inputs and seed: dK and dV bit-identical (the convert
+// does not touch them); dQ bit-identical in deterministic mode (the same fp32 sums in the same
+// order, converted alike), within 4 units in the last place otherwise (the atomics' order).
+void expect_fused_matches_separate(const AttentionCase& c, Determinism det, bool compare = true) {
+  SCOPED_TRACE(c.name + (det == Determinism::deterministic ? " deterministic" : " fast"));
+  const bool varlen = !c.shape.lens_q.empty();
+  Outputs fused, separate;
+  {
+    const ForcedFusedDqConvert on(true);
+    ASSERT_TRUE(attention_cuda_backward_fused_dq_convert(probe_params(c.shape.head_dim, varlen)));
+    fused = run_case(c, /*backward=*/true, det, 17, compare);
+  }
+  {
+    const ForcedFusedDqConvert off(false);
+    ASSERT_FALSE(attention_cuda_backward_fused_dq_convert(probe_params(c.shape.head_dim, varlen)));
+    separate = run_case(c, /*backward=*/true, det, 17, /*compare=*/false);
+  }
+  EXPECT_TRUE(all_finite(fused.dq)) << "dQ has non-finite or unwritten values";
+  EXPECT_TRUE(fused.dk_bits == separate.dk_bits) << "dK differs with the fused dQ convert";
+  EXPECT_TRUE(fused.dv_bits == separate.dv_bits) << "dV differs with the fused dQ convert";
+  if (det == Determinism::deterministic) {
+    EXPECT_TRUE(fused.dq_bits == separate.dq_bits) << "deterministic dQ differs between the fused and the separate convert";
+  } else {
+    expect_same_gradients(fused, separate, c.dtype, c.name + " fused vs separate convert");
+  }
+}
+
+// The fused dQ convert (the wgmma and TMA backwards convert dQ in their main kernel, each 16 x 64
+// strip by the warp whose arrival completes it) against the separate convert kernel, for each
+// Hopper backward in turn: lengths 1, 17, 127 .. 129, 255, 257, 1000 (query blocks of 128 rows at
+// d64 and 64 at d128, key blocks of 128), seqlen_q != seqlen_k both ways (causal: keys that no
+// query sees, and query blocks that no key block reaches, which the preprocess writes as zeros),
+// GQA, dropout, both dtypes; then deterministic mode bit for bit against the separate convert and
+// against itself on repeat, over more tiles than an H100 has SMs; varlen with empty sequences (the
+// wgmma kernel; the TMA backward takes no varlen batch); and a batch over the grid's z limit.
+TEST(AttentionCuda, FusedDqConvertMatchesSeparate) {
+  if (mma_sync_pass()) GTEST_SKIP() << "forces the Hopper backwards; runs in the other passes";
+  EXPECT_THROW(attention_cuda_force_fused_dq_convert(2), flashgpt::Error);
+  struct Lengths {
+    int sq, sk;
+  };
+  const std::vector<Lengths> lengths = {{1, 1},     {17, 17},   {127, 127}, {129, 129}, {255, 257}, {200, 385},
+                                        {64, 385},  {385, 200}, {300, 17},  {1000, 1000}};
+  bool ran = false;
+  for (int d : {64, 128}) {
+    if (!attention_cuda_head_dim_compiled(d)) continue;
+    for (const char* kernel : {"wgmma", "tma"}) {
+      const ForcedBackwardKernel forced(kernel);
+      const std::string_view name = attention_cuda_backward_kernel(d);
+      if (name == "mma.sync" || (std::string_view(kernel) == "tma" && name != "wgmma-tma")) {
+        // mma.sync (another GPU, or the mma_sync pass) has no fused convert.
+        const ForcedFusedDqConvert on(true);
+        EXPECT_FALSE(attention_cuda_backward_fused_dq_convert(probe_params(d, false))) << name;
+        continue;
+      }
+      ran = true;
+      const std::string tag = std::string(kernel) + " d" + std::to_string(d);
+      int i = 0;
+      for (const Lengths& l : lengths)
+        for (Mask mask : {Mask::none, Mask::causal}) {
+          const DType dtype = i % 3 == 2 ? DType::f16 : DType::bf16;
+          const float dropout = i % 4 == 1 ? 0.15f : 0.0f;
+          ++i;
+          expect_fused_matches_separate(lengths_case("fused dq " + tag, l.sq, l.sk, d, mask, dtype, dropout),
+                                        Determinism::fast);
+        }
+      // Deterministic: 12 x 2 kv heads x 8 key blocks = 192 tiles, dropout, GQA; bit for bit against
+      // the separate convert, then against a second fused run.
+      const AttentionCase many{"fused dq det " + tag, dense(12, 1000, 1000, 4, 2, d, Mask::causal, 0.1f), {},
+                               DType::bf16};
+      expect_fused_matches_separate(many, Determinism::deterministic, /*compare=*/false);
+      {
+        const ForcedFusedDqConvert on(true);
+        const Outputs a = run_case(many, true, Determinism::deterministic, 19, /*compare=*/false);
+        const Outputs b = run_case(many, true, Determinism::deterministic, 19, /*compare=*/false);
+        EXPECT_TRUE(a.dq_bits == b.dq_bits) << "fused dQ differs between two deterministic runs, " << tag;
+      }
+      for (const Lengths& l : std::vector<Lengths>{{300, 700}, {700, 300}, {129, 1}}) {
+        expect_fused_matches_separate(
+            lengths_case("fused dq det " + tag, l.sq, l.sk, d, Mask::causal, DType::f16, 0.0f),
+            Determinism::deterministic);
+      }
+      const AttentionCase ragged{"fused dq varlen " + tag,
+                                 varlen({3, 0, 200, 129, 1000}, {5, 2, 70, 0, 900}, 4, 2, d, Mask::causal, 0.1f),
+                                 {},
+                                 DType::bf16};
+      expect_fused_matches_separate(ragged, Determinism::fast);
+      expect_fused_matches_separate(ragged, Determinism::deterministic);
+    }
+  }
+  if (attention_cuda_head_dim_compiled(64) && ran) {
+    const AttentionCase wide{"fused dq batch over grid limit", dense(65535 + 2, 2, 3, 1, 1, 64, Mask::causal, 0.0f),
+                             {}, DType::bf16};
+    expect_fused_matches_separate(wide, Determinism::deterministic, /*compare=*/false);
+  }
+  if (!ran) GTEST_SKIP() << "no wgmma backward in this build or on this device";
+}
+
 TEST(AttentionCuda, LongSequence4097ForwardBackward) {
   if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
   run_case({"d64 s4097 causal", dense(1, 4097, 4097, 1, 1, 64, Mask::causal, 0.0f), {}, DType::bf16},

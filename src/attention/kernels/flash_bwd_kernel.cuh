@@ -17,6 +17,14 @@
 #include "flash_tiles.cuh"
 #include "flash_common.cuh"
 
+// Lab hook, the fused dQ convert (below): 1 makes a warp's arrival at a strip one query block
+// late (its release fence then finds the block's atomics completed instead of waiting for them),
+// 0 right after the atomics. Not yet timed on a GPU; ptxas (bf16, spill stores/loads bytes, fused
+// kernels; the separate-convert kernels are unchanged): 1: wgmma d64 52/60, d64 dropout 130/176,
+// d128 0/0, d128 dropout 74/104; 0: 28/24, 142/184, 4/4, 50/72.
+#ifndef FLASHGPT_BWD_DQ_ARRIVE_LATE
+#define FLASHGPT_BWD_DQ_ARRIVE_LATE 1
+#endif
 #ifndef FLASHGPT_DQ_ATOMIC_WIDTH
 #define FLASHGPT_DQ_ATOMIC_WIDTH 2
 #endif
@@ -56,13 +64,122 @@ struct BwdTraits {
   static constexpr size_t kSmemBytes = sizeof(Element) * (2 * kSmemKV + 4 * kSmemQ + kSmemDs) + 4 * kBlockM * sizeof(float);
 };
 
+// The fused dQ convert of the wgmma and TMA backwards (FLASHGPT_ATTN_BWD_FUSED_CONVERT; the
+// alternative to flash_bwd_convert_dq_kernel below). In their fragment-order accumulator, the
+// 16-row x 64-column strip (rows 16 w .. 16 w + 15 of a 64 x 64 sub-tile, one column block) is
+// written by exactly one warp of every CTA that adds to its query block: warp w of the warpgroup
+// that owns the sub-tile. Each strip has a counter, set by the preprocess to the number of key
+// blocks that add to the strip's query block (dq_block_contributors).
+//   - In the loop, after its float4 atomics into a strip, the warp arrives (dq_strip_arrive:
+//     __syncwarp, then lane 0 a gpu-scope release fence and a reduction of -1, whose value
+//     nobody waits for); by default one query block later (FLASHGPT_BWD_DQ_ARRIVE_LATE above),
+//     the last block's arrival after the loop.
+//   - After the tile's loop, the warp tries to claim each strip it added to (lane i the i-th,
+//     32 at a time): atomicCAS(counter, 0, -1), issued before the dK/dV epilogue and read after. Only a completed strip (every arrival made) reads
+//     0 and only one claim succeeds; the last warp to arrive always sees 0 or -1 (already
+//     claimed) after its own arrival, so every strip is claimed exactly once. The winner fences
+//     (acquire) and its warp converts the strip: the 8 float4 of each lane (the ones it would
+//     have added, read back from L2), packed as the convert kernel packs them.
+// The loop's only extra work is the arrival (converting inside the loop made ptxas spill more in
+// the register-bound dropout kernels). The sums are the same fp32 sums and the conversion the
+// same, so dQ is bit-identical to the separate convert's wherever the atomics' order is
+// (deterministic mode). Query blocks that no key block sees (causal with seqlen_q > seqlen_k,
+// or no keys) are written as zeros by the preprocess.
+
+// How many key blocks of block_n keys add to query block m_block (block_m rows) of a sequence:
+// exactly the CTAs whose BwdGlobal iterates over it. A key block n with keys (n0 < seqlen_k)
+// visits query blocks m_begin(n) .. m_end - 1, and m_begin(n) <= m iff (causal)
+// n0 - diag < (m + 1) block_m: key blocks 0 .. ceil(((m + 1) block_m + diag) / block_n) - 1.
+__device__ __forceinline__ int dq_block_contributors(const AttentionParams& p, const SeqInfo& seq, int m_block,
+                                                     int block_m, int block_n) {
+  if (seq.seqlen_k <= 0 || m_block * block_m >= seq.seqlen_q) return 0;
+  const int n_blocks = (seq.seqlen_k + block_n - 1) / block_n;
+  if (p.mask != Mask::causal) return n_blocks;
+  const int limit = (m_block + 1) * block_m + (seq.seqlen_k - seq.seqlen_q);
+  return limit <= 0 ? 0 : min(n_blocks, (limit + block_n - 1) / block_n);
+}
+
+// The counter of the strip of (b, head) whose first row is row0 (a multiple of 16), column
+// block col_block.
+template <int kHeadDim>
+__device__ __forceinline__ int* dq_strip_counter(const AttentionParams& p, const BwdWorkspace& ws, int b, int head,
+                                                 int row0, int col_block) {
+  constexpr int kColBlocks = (kHeadDim + 63) / 64;
+  return ws.dq_arrivals +
+         ((int64_t(b) * p.heads_q + head) * (ws.dq_rows / kDqStripRows) + row0 / kDqStripRows) * kColBlocks + col_block;
+}
+
+// The warp's arrival after its atomics into a strip; every lane calls it.
+__device__ __forceinline__ void dq_strip_arrive(int* counter, int lane) {
+  __syncwarp();  // orders the lanes' atomics before lane 0's fence
+  if (lane == 0) {
+    __threadfence();  // release
+    atomicAdd(counter, -1);
+  }
+}
+
+// After the tile's loop and the warp's last arrival: claims the completed strips among the
+// warp's strips first .. first + 31 of `count` (lane i strip first + i; strip_of(i) gives strip
+// i's (head, first row)); returns whether this lane's claim won. Every lane calls it. The
+// answer is needed only by dq_strips_convert, so the round trip can overlap other work.
+template <int kHeadDim, typename StripOf>
+__device__ __forceinline__ bool dq_strips_claim(const AttentionParams& p, const BwdWorkspace& ws, int b,
+                                                int col_block, int lane, int count, int first, StripOf strip_of) {
+  __syncwarp();  // the warp's arrivals (lane 0) before its lanes' claims
+  if (first + lane >= count) return false;
+  const int2 hr = strip_of(first + lane);
+  return atomicCAS(dq_strip_counter<kHeadDim>(p, ws, b, hr.x, hr.y, col_block), 0, -1) == 0;
+}
+
+// Converts the strips the warp claimed: won0 is dq_strips_claim's answer for strips 0 .. 31;
+// strips 32 and on are claimed here. Every lane calls it.
+template <typename Element, int kHeadDim, typename StripOf>
+__device__ __forceinline__ void dq_strips_convert(bool won0, const AttentionParams& p, const BwdWorkspace& ws,
+                                                  const SeqInfo& seq, int b, int col_block, int lane, int count,
+                                                  StripOf strip_of) {
+  for (int i0 = 0; i0 < count; i0 += 32) {
+    const bool won = i0 == 0 ? won0 : dq_strips_claim<kHeadDim>(p, ws, b, col_block, lane, count, i0, strip_of);
+    if (won) __threadfence();  // acquire: every warp's atomics into the strip are visible
+    for (unsigned mine = __ballot_sync(0xffffffffu, won); mine != 0; mine &= mine - 1) {
+      const int2 hr = strip_of(i0 + __ffs(mine) - 1);
+      const int head = hr.x, row0 = hr.y;
+      // Lane g * 4 + t: rows row0 + g and + 8, columns 64 col_block + 8 q + 2 t and + 1 of n8
+      // tile q, the float4 at (q * 128 + 32 (row0 / 16 % 4) + lane) * 4 of the 64 x 64 sub-tile.
+      const float4* src =
+          reinterpret_cast<const float4*>(ws.dq_accum +
+                                          ((int64_t(b) * p.heads_q + head) * ws.dq_rows + row0 / 64 * 64) * kHeadDim +
+                                          col_block * 4096) +
+          (row0 / kDqStripRows % 4) * 32 + lane;
+      Element* dq = static_cast<Element*>(p.dq) +
+                    seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, head) + col_block * 64 +
+                    2 * (lane % 4);
+      const int row = row0 + lane / 4;
+      float4 v[8];
+#pragma unroll
+      for (int q = 0; q < 8; ++q) v[q] = __ldcg(src + q * 128);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) {
+        if (row < seq.seqlen_q)
+          *reinterpret_cast<uint32_t*>(dq + int64_t{row} * p.dq_row_stride + q * 8) =
+              ElementOps<Element>::pack(v[q].x, v[q].y);
+        if (row + 8 < seq.seqlen_q)
+          *reinterpret_cast<uint32_t*>(dq + int64_t{row + 8} * p.dq_row_stride + q * 8) =
+              ElementOps<Element>::pack(v[q].z, v[q].w);
+      }
+    }
+  }
+}
+
 // Preprocess: D = rowsum(dO * O) (fp32), and the zeroing of the fp32 dQ accumulator, in one
 // pass (the accumulator is as large as O and dO together: a separate memset cost as much as
 // the reduction). Each thread reads 16 bytes of a row of O and of dO at a time; kThreadsPerRow
 // threads share a row. CTA x of (head, b) owns rows [x kRows, (x + 1) kRows) of the padded
 // accumulator (ws.dq_rows, a multiple of kRows) and zeroes that many rows' worth of floats at
 // that offset, which covers the accumulator once in either of its layouts. The first thread
-// also zeroes the persistent backward's tile counter.
+// also zeroes the persistent backward's tile counter. With the fused dQ convert
+// (ws.dq_arrivals not null; kFusedBlockM: the wgmma kernels' query block, 128 keys a key
+// block) it sets the arrival counters of its rows' strips and writes the dQ rows of query
+// blocks that no key block adds to as zeros (what the convert kernel would write).
 template <int kHeadDim>
 struct BwdPreprocessShape {
   static constexpr int kThreads = 256;
@@ -72,7 +189,7 @@ struct BwdPreprocessShape {
   static_assert(kDqRowAlign % kRows == 0, "the padded accumulator is whole CTAs of rows");
 };
 
-template <typename Element, int kHeadDim>
+template <typename Element, int kHeadDim, int kFusedBlockM>
 __global__ void __launch_bounds__(BwdPreprocessShape<kHeadDim>::kThreads)
     flash_bwd_preprocess_kernel(const KernelParams p, BwdWorkspace ws) {
   using Shape = BwdPreprocessShape<kHeadDim>;
@@ -87,6 +204,26 @@ __global__ void __launch_bounds__(BwdPreprocessShape<kHeadDim>::kThreads)
   const SeqInfo seq(p, b);
   const int row = blockIdx.x * Shape::kRows + tid / Shape::kThreadsPerRow;
   const int lane_in_row = tid % Shape::kThreadsPerRow;
+  if constexpr (kFusedBlockM > 0) {
+    static_assert(Shape::kRows % kDqStripRows == 0 && kHeadDim % 64 == 0, "whole strips per CTA");
+    constexpr int kColBlocks = kHeadDim / 64, kStrips = Shape::kRows / kDqStripRows * kColBlocks;
+    constexpr int kBlockN = 128;  // keys per CTA of the wgmma and TMA backwards
+    if (ws.dq_arrivals != nullptr) {
+      if (tid < kStrips) {
+        const int row0 = blockIdx.x * Shape::kRows + tid / kColBlocks * kDqStripRows;
+        *dq_strip_counter<kHeadDim>(p, ws, b, head, row0, tid % kColBlocks) =
+            dq_block_contributors(p, seq, row0 / kFusedBlockM, kFusedBlockM, kBlockN);
+      }
+      if (row < seq.seqlen_q && dq_block_contributors(p, seq, row / kFusedBlockM, kFusedBlockM, kBlockN) == 0) {
+        Element* dq = static_cast<Element*>(p.dq) +
+                      seq.q_offset(p.dq_batch_stride, p.dq_row_stride, p.dq_head_stride, b, head) +
+                      int64_t{row} * p.dq_row_stride;
+#pragma unroll
+        for (int c = lane_in_row * 8; c < kHeadDim; c += Shape::kThreadsPerRow * 8)
+          *reinterpret_cast<uint4*>(dq + c) = make_uint4(0, 0, 0, 0);
+      }
+    }
+  }
   const Element* o = static_cast<const Element*>(p.o) +
                      seq.q_offset(p.o_batch_stride, p.o_row_stride, p.o_head_stride, b, head) + row * p.o_row_stride;
   const Element* d_o = static_cast<const Element*>(p.d_o) +

@@ -1,7 +1,7 @@
 // The warp-specialized Hopper backward main kernel (sm_90a): the algorithm and contract of
 // flash_bwd_wgmma_kernel.cuh (same five GEMMs, descriptors and fragment layouts, same
-// preprocess, workspace, fragment-order dQ accumulator, convert kernel, Philox dropout mask and
-// deterministic mode), fed by the copy engine instead of cp.async from every thread. Dense
+// preprocess, workspace, fragment-order dQ accumulator, convert kernel or fused convert, Philox
+// dropout mask and deterministic mode), fed by the copy engine instead of cp.async from every thread. Dense
 // batches only; the entry point keeps the cp.async wgmma kernel for variable-length batches.
 //
 // Persistent: one CTA per SM takes (128-key block, kv head, batch entry) tiles, every one of
@@ -87,7 +87,8 @@ inline constexpr int kBwdTmaBarDsFree = 2;   // (single dS^T buffer) the previou
 inline constexpr int kBwdTmaBarEpilogue = 3;  // staging of dK and dV
 inline constexpr int kBwdTmaBarSemaphore = 4;  // deterministic mode
 
-template <typename Traits, bool kDropout>
+// kFusedDq: the fused dQ convert (flash_bwd_kernel.cuh; ws.dq_arrivals set).
+template <typename Traits, bool kDropout, bool kFusedDq>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_do,
                          const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,
@@ -124,6 +125,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
   const int tid = threadIdx.x;
   const bool causal = p.mask == Mask::causal;
+  constexpr bool kDqArriveLate = FLASHGPT_BWD_DQ_ARRIVE_LATE != 0;
   // Tiles: (key block, kv head, batch entry), key block fastest (the cp.async kernel's order,
   // which the deterministic mode's semaphores rely on: lower key blocks have lower indices).
   const int n_blocks = (p.seqlen_k + kBlockN - 1) / kBlockN;
@@ -262,6 +264,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int diag = seq.seqlen_k - seq.seqlen_q;
     const BwdGlobal<Element> global(p, seq, b, tile.head_kv, n0, kBlockM);
     const int iterations = global.iterations;
+    // The fused dQ convert: this warp's strip of a query block (first row m0) starts at row
+    // dq_strip_row(m0); iteration i's strip is (head, first row) strip_of(i).
+    [[maybe_unused]] auto dq_strip_row = [&](int m0_) { return m0_ + dq_qb * 64 + kDqStripRows * warp_in_wg; };
+    [[maybe_unused]] auto strip_counter = [&](int i) {
+      return dq_strip_counter<kHeadDim>(p, ws, b, tile.head_kv * global.group + i / global.m_count,
+                                        dq_strip_row((global.m_begin + i % global.m_count) * kBlockM), dq_db);
+    };
+    [[maybe_unused]] auto strip_of = [&](int i) {
+      return make_int2(tile.head_kv * global.group + i / global.m_count,
+                       dq_strip_row((global.m_begin + i % global.m_count) * kBlockM));
+    };
 
     float acc_dk[kNTilesD][4], acc_dv[kNTilesD][4];  // rows: this thread's two keys
 #pragma unroll
@@ -409,6 +422,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
 
       // Deterministic mode: the key blocks of this query block add in key-block order (the
       // consumers' version of dq_semaphore_wait / _release: the producer never takes part).
+      if constexpr (kFusedDq && kDqArriveLate) {
+        // The fused dQ convert (flash_bwd_kernel.cuh): this warp's arrival at the previous query
+        // block's strip, one iteration late, so that the release fence finds that block's
+        // atomics completed instead of waiting for them.
+        if (it > 0) dq_strip_arrive(strip_counter(it - 1), lane);
+      }
       int* const semaphore = deterministic ? dq_semaphore(p, ws, b, head, m_block, kBlockM) : nullptr;
       if (deterministic) {
         if (ctid == 0) {
@@ -435,9 +454,18 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       // This warp's GEMMs reading the stage (Q, dO; its LSE and D were read above) completed.
       release(bar_empty(st.index));
       st.advance();
+      // (FLASHGPT_BWD_DQ_ARRIVE_LATE=0: the arrival right after this block's atomics.)
+      if constexpr (kFusedDq && !kDqArriveLate) dq_strip_arrive(strip_counter(it), lane);
     }
     // Every GEMM of this warp that read K or V completed: the producer may load the next tile's.
     release(bar_kv_empty);
+    // The fused dQ convert: the arrival at the last query block's strip, then the claims, whose
+    // answers are read after the epilogue.
+    [[maybe_unused]] bool won = false;
+    if constexpr (kFusedDq) {
+      if (kDqArriveLate && iterations > 0) dq_strip_arrive(strip_counter(iterations - 1), lane);
+      won = dq_strips_claim<kHeadDim>(p, ws, b, dq_db, lane, iterations, 0, strip_of);
+    }
 
     // dK = scale dS^T Q and dV through the staging buffers (the previous tile's copy-out read
     // them before the first barrier), written by rows.
@@ -454,6 +482,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     named_barrier_sync(kBwdTmaBarEpilogue, kCThreads);
     Staged::template copy_out<kCThreads>(s_dk, global.dk, p.dk_row_stride, global.valid_k, ctid);
     Staged::template copy_out<kCThreads>(s_dv, global.dv, p.dv_row_stride, global.valid_k, ctid);
+    // The fused dQ convert: the completed strips among this warp's (claimed above).
+    if constexpr (kFusedDq) dq_strips_convert<Element, kHeadDim>(won, p, ws, seq, b, dq_db, lane, iterations, strip_of);
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // built for a target without wgmma: the launcher never picks this kernel there

@@ -1,6 +1,7 @@
 // The Hopper backward main kernel: the algorithm and contract of flash_bwd_main_kernel
 // (flash_bwd_kernel.cuh: same preprocess, workspace, dQ accumulator, convert kernel and
-// deterministic mode), with its five GEMMs on wgmma (sm_90a) instead of mma.sync.
+// deterministic mode), with its five GEMMs on wgmma (sm_90a) instead of mma.sync. With
+// ws.dq_arrivals set it converts dQ itself (the fused dQ convert, flash_bwd_kernel.cuh).
 //
 // A tile is a (128-key block, kv head, batch entry); without dropout one CTA per SM takes tile
 // after tile (FLASHGPT_BWD_PERSISTENT below), with dropout a CTA per tile. Two warpgroups of
@@ -115,7 +116,9 @@ struct BwdWgmmaTraits {
 // kDropout: the launcher's choice (dropout_p > 0). A run-time flag let nvcc turn the
 // per-element dropout code into selects that ran without dropout too (d64: 7x the LOP3s
 // in the loop, the backward 25% slower).
-template <typename Traits, bool kDropout>
+// kFusedDq: the fused dQ convert (flash_bwd_kernel.cuh; ws.dq_arrivals set), a variant of its
+// own so that the kernels without it stay as they were (ptxas allocates the whole loop anew).
+template <typename Traits, bool kDropout, bool kFusedDq>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     flash_bwd_wgmma_kernel(const KernelParams p, float scale, BwdWorkspace ws, bool deterministic) {
 #ifdef FLASHGPT_WGMMA_AVAILABLE
@@ -128,6 +131,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   constexpr uint32_t kSwizzleAtom = 1024;  // 8 rows x 128 bytes: the descriptors' stride byte offset
   constexpr bool kDkAfterDq = FLASHGPT_BWD_DK_AFTER_DQ != 0;
   constexpr bool kPersistent = Traits::persistent(kDropout);
+  constexpr bool kDqArriveLate = FLASHGPT_BWD_DQ_ARRIVE_LATE != 0;
 
   extern __shared__ unsigned char smem_raw[];
   const uint32_t smem_base = smem_u32(smem_raw);
@@ -261,6 +265,17 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int diag = seq.seqlen_k - seq.seqlen_q;
     const BwdGlobal<Element> global(p, seq, b, head_kv, has_keys ? n0 : 0, kBlockM);
     const int iterations = has_keys ? global.iterations : 0;
+    // The fused dQ convert: this warp's strip of a query block (first row m0) starts at row
+    // dq_strip_row(m0); iteration i's strip is (head, first row) strip_of(i).
+    [[maybe_unused]] auto dq_strip_row = [&](int m0_) { return m0_ + dq_qb * 64 + kDqStripRows * warp_in_wg; };
+    [[maybe_unused]] auto strip_counter = [&](int i) {
+      return dq_strip_counter<kHeadDim>(p, ws, b, head_kv * global.group + i / global.m_count,
+                                        dq_strip_row((global.m_begin + i % global.m_count) * kBlockM), dq_db);
+    };
+    [[maybe_unused]] auto strip_of = [&](int i) {
+      return make_int2(head_kv * global.group + i / global.m_count,
+                       dq_strip_row((global.m_begin + i % global.m_count) * kBlockM));
+    };
 
     float acc_dk[kNTilesD][4], acc_dv[kNTilesD][4];  // rows: this thread's two keys
 #pragma unroll
@@ -425,6 +440,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       fence_operands(pa);
       fence_operands(dq);
 
+      if constexpr (kFusedDq && kDqArriveLate) {
+        // The fused dQ convert (flash_bwd_kernel.cuh): this warp's arrival at the previous query
+        // block's strip, one iteration late, so that the release fence finds that block's
+        // atomics completed instead of waiting for them.
+        if (it > 0) dq_strip_arrive(strip_counter(it - 1), lane);
+      }
       int* const semaphore = deterministic ? dq_semaphore(p, ws, b, head, m_block, kBlockM) : nullptr;
       if (deterministic) dq_semaphore_wait(semaphore, n_block);
       // This warpgroup's dQ sub-tile in the accumulator: row block m0 / 64 + dq_qb, column
@@ -441,6 +462,15 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       wgmma_wait<0>();
       fence_operands(acc_dk);
       fence_operands(dsa);
+      // (FLASHGPT_BWD_DQ_ARRIVE_LATE=0: the arrival right after this block's atomics.)
+      if constexpr (kFusedDq && !kDqArriveLate) dq_strip_arrive(strip_counter(it), lane);
+    }
+    // The fused dQ convert: the arrival at the last query block's strip, then the claims, whose
+    // answers are read after the epilogue.
+    [[maybe_unused]] bool won = false;
+    if constexpr (kFusedDq) {
+      if (kDqArriveLate && iterations > 0) dq_strip_arrive(strip_counter(iterations - 1), lane);
+      won = dq_strips_claim<kHeadDim>(p, ws, b, dq_db, lane, iterations, 0, strip_of);
     }
     // Every warpgroup's GEMMs of this tile are done (each thread waited for its own): K, V and
     // both stages are free for the next tile's copies, which run while dK and dV go out.
@@ -470,6 +500,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       Staged::template copy_out<kThreads>(s_dk, global.dk, p.dk_row_stride, global.valid_k, tid);
       Staged::template copy_out<kThreads>(s_dv, global.dv, p.dv_row_stride, global.valid_k, tid);
     }
+    // The fused dQ convert: the completed strips among this warp's (claimed above).
+    if constexpr (kFusedDq) dq_strips_convert<Element, kHeadDim>(won, p, ws, seq, b, dq_db, lane, iterations, strip_of);
     tile_index = next_index;
   }
 #elif defined(__CUDA_ARCH__)

@@ -151,12 +151,18 @@ template <> struct WgmmaTileConfig<256> {
 //   dot_do_o [batch, heads_q, seqlen_q]
 //   tile_counter [1]   the persistent wgmma kernel's next tile (zeroed by the preprocess)
 //   semaphores [batch, heads_q, m_blocks]          (deterministic mode only)
+//   dq_arrivals [batch, heads_q, dq_rows / 16, ceil(head_dim / 64)]   the fused dQ convert's
+//            per-strip count of the key blocks yet to add (16 rows x 64 columns of the wgmma
+//            kernels' fragment layout; set by the preprocess). The launcher sets the pointer to
+//            null when the separate convert kernel runs instead.
 constexpr int kDqRowAlign = 128;
+constexpr int kDqStripRows = 16;
 struct BwdWorkspace {
   float* dq_accum;
   float* dot_do_o;
   int* tile_counter;
   int* semaphores;
+  int* dq_arrivals;
   int dq_rows;
 };
 
@@ -170,14 +176,17 @@ inline std::size_t bwd_workspace_layout(const AttentionParams& p, int block_m, c
   const std::size_t d_bytes = bwd_align(rows * sizeof(float));
   const std::size_t counter_bytes = bwd_align(sizeof(int));
   const std::size_t sem_bytes = bwd_align(std::size_t(p.batch) * p.heads_q * m_blocks * sizeof(int));
+  const std::size_t arrival_bytes = bwd_align(std::size_t(p.batch) * p.heads_q * (dq_rows / kDqStripRows) *
+                                              ((std::size_t(p.head_dim) + 63) / 64) * sizeof(int));
   if (ws != nullptr) {
     ws->dq_accum = reinterpret_cast<float*>(base);
     ws->dot_do_o = reinterpret_cast<float*>(base + dq_bytes);
     ws->tile_counter = reinterpret_cast<int*>(base + dq_bytes + d_bytes);
     ws->semaphores = reinterpret_cast<int*>(base + dq_bytes + d_bytes + counter_bytes);
+    ws->dq_arrivals = reinterpret_cast<int*>(base + dq_bytes + d_bytes + counter_bytes + sem_bytes);
     ws->dq_rows = static_cast<int>(dq_rows);
   }
-  return dq_bytes + d_bytes + counter_bytes + sem_bytes;
+  return dq_bytes + d_bytes + counter_bytes + sem_bytes + arrival_bytes;
 }
 
 inline std::size_t bwd_workspace_bytes(const AttentionParams& p, int block_m) {
