@@ -105,6 +105,7 @@ class CudaEngine final : public InferenceEngine {
     return fused_ && N <= inference_cuda::kGemvMaxRows && N * std::max(C_, F_) * 2 <= 48 * 1024;
   }
   void enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t N, bool all_decode);
+  void enqueue_layers_layer3(int n);
   // The persistent path of a call of B <= kGemvMaxRows one-token chunks: every layer in one
   // cooperative launch (inference_cuda::persistent_decode), then the fused head.
   void enqueue_persistent(std::span<const SlotChunk> chunks, int64_t N);
@@ -175,6 +176,20 @@ class CudaEngine final : public InferenceEngine {
   float* ap_partials_ = nullptr;    // (S, NH, C)
   unsigned* ap_counters_ = nullptr;  // (S, kApMaxCols)
   int ap_cols_override_ = 0;
+  // FLASHGPT_CUDA_DECODE=layer3: the attnproj path with each layer's ln2, fc, GELU and
+  // fc_proj in one kernel as well (inference_cuda::mlp_fused), and every LayerNorm's
+  // statistics left by the kernel that writes the residual row (embed, attention_proj,
+  // mlp_fused), so no kernel reduces over the row: 3 launches a layer for decode steps of
+  // at most mlp_plan_.rows_max rows; larger steps take the attnproj path. ln1_stats_: (S,
+  // C / 32) pairs from embed and mlp_fused (read by ln1 + qkv and by lnf + head);
+  // ln2_stats_: (S, kApMaxCols) from attention_proj (read by mlp_fused); mlp_partials_:
+  // (F / 16, rows_max, C); mlp_arrive_: its ticket counter.
+  bool layer3_ = false;
+  inference_cuda::MlpPlan mlp_plan_;
+  float2* ln1_stats_ = nullptr;
+  float2* ln2_stats_ = nullptr;
+  float* mlp_partials_ = nullptr;
+  unsigned long long* mlp_arrive_ = nullptr;
   // FLASHGPT_GEMV_WIDE=1: fc_proj's product (in 3072) with all its loads in flight before
   // the wait (FusedGemvParams::wide), on the fused and attnproj paths; off by default until
   // measured.
@@ -285,11 +300,25 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
   std::string decode_mode = kDefaultDecodeMode;
   if (const char* mode = std::getenv("FLASHGPT_CUDA_DECODE")) decode_mode = mode;
   FLASHGPT_CHECK(decode_mode == "auto" || decode_mode == "persistent" || decode_mode == "fused" ||
-                     decode_mode == "attnproj" || decode_mode == "gemv",
-                 "inference (cuda): FLASHGPT_CUDA_DECODE is '{}', expected auto, persistent, fused, attnproj or gemv",
+                     decode_mode == "attnproj" || decode_mode == "layer3" || decode_mode == "gemv",
+                 "inference (cuda): FLASHGPT_CUDA_DECODE is '{}', expected auto, persistent, fused, attnproj, layer3 "
+                 "or gemv",
                  decode_mode);
   fused_ = decode_mode != "gemv";
-  if (decode_mode == "attnproj") {
+  if (decode_mode == "layer3") {
+    mlp_plan_ = inference_cuda::mlp_fused_plan(static_cast<int>(std::min<int64_t>(S_, inference_cuda::kMlpMaxRows)),
+                                               static_cast<int>(C_), static_cast<int>(F_));
+    FLASHGPT_CHECK(mlp_plan_.ok, "inference (cuda): FLASHGPT_CUDA_DECODE=layer3, but its fc + fc_proj kernel does not "
+                   "take this model or device: {}", mlp_plan_.why);
+    layer3_ = true;
+    const int64_t rows = mlp_plan_.rows_max;
+    ln1_stats_ = device_alloc<float2>(owned_, static_cast<size_t>(S_ * (C_ / 32)));
+    ln2_stats_ = device_alloc<float2>(owned_, static_cast<size_t>(S_ * kApMaxCols));
+    mlp_partials_ = device_alloc<float>(owned_, static_cast<size_t>(mlp_plan_.grid * rows * C_));
+    mlp_arrive_ = device_alloc<unsigned long long>(owned_, 1);
+    FLASHGPT_CUDA_CHECK(cudaMemset(mlp_arrive_, 0, sizeof(unsigned long long)));
+  }
+  if (decode_mode == "attnproj" || decode_mode == "layer3") {
     if (const char* cols = std::getenv("FLASHGPT_ATTN_PROJ_COLS")) {
       ap_cols_override_ = std::atoi(cols);
       FLASHGPT_CHECK(ap_cols_override_ >= 1 && ap_cols_override_ <= kApMaxCols,
@@ -297,9 +326,9 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
     }
     FLASHGPT_CHECK(inference_cuda::attention_proj_supported(static_cast<int>(HD_), static_cast<int>(T_),
                                                             ap_cols_override_ > 0 ? ap_cols_override_ : 1),
-                   "inference (cuda): FLASHGPT_CUDA_DECODE=attnproj takes head dims 32, 64 and 128 and a context whose "
+                   "inference (cuda): FLASHGPT_CUDA_DECODE={} takes head dims 32, 64 and 128 and a context whose "
                    "scores fit 48 KB of shared memory; this model has head dim {} and context {}",
-                   HD_, T_);
+                   decode_mode, HD_, T_);
     attn_proj_ = true;
     ap_partials_ = device_alloc<float>(owned_, static_cast<size_t>(S_ * NH_ * C_));
     ap_counters_ = device_alloc<unsigned>(owned_, static_cast<size_t>(S_ * kApMaxCols));
@@ -512,6 +541,10 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
     FLASHGPT_CHECK(gemv_fused(g, e, stream_), "inference (cuda): the fused product ({} rows, {} -> {}) was refused",
                    g.rows, g.in, g.out);
   };
+  if (layer3_ && decode_rows == n && n <= mlp_plan_.rows_max) {
+    enqueue_layers_layer3(n);
+    return;
+  }
   embed_fused(x_, d_places_, pf(ParamKind::wte), pf(ParamKind::wpe), n, C, pdl_, stream_);
   for (int64_t l = 0; l < L_; ++l) {
     bf16* kc = k_cache_ + l * S_ * slot_stride;
@@ -558,6 +591,62 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
   head.y = d_logits_, head.ldy = Vp_, head.part_val = part_val_, head.part_idx = part_idx_;
   head.valid_out = static_cast<int>(V_);
   run(head, GemvEpilogue::logits_argmax);
+  head_fused_ = true;
+  head_parts_now_ = head_parts_;
+  head_cooperative_ = false;
+}
+
+// A decode step of n <= mlp_plan_.rows_max rows (row r: chunk r's one token), 3 launches a
+// layer: ln1 + qkv + bias -> q and the K/V cache rows (gemv_fused, its LayerNorm from the
+// statistics the residual's writer left), attention + proj + residual (attention_proj,
+// leaving ln2's statistics), ln2 + fc + GELU + fc_proj + residual (mlp_fused, leaving the
+// next ln1's or lnf's statistics); embed before (with layer 0's statistics), lnf + head +
+// argmax partials after. 3 L + 3 launches a step with the sampling: 39 for the seed config.
+void CudaEngine::enqueue_layers_layer3(int n) {
+  using namespace inference_cuda;
+  const RowBlock rows = row_block(d_rows_);
+  const int C = static_cast<int>(C_), F = static_cast<int>(F_), parts1 = C / 32;
+  const int64_t slot_stride = T_ * C_;
+  const int cols = ap_cols_override_ > 0 ? ap_cols_override_ : attention_proj_col_blocks(n, static_cast<int>(NH_));
+  const int width2 = (C + cols - 1) / cols;
+  embed_fused(x_, d_places_, pf(ParamKind::wte), pf(ParamKind::wpe), n, C, pdl_, stream_, ln1_stats_);
+  for (int64_t l = 0; l < L_; ++l) {
+    bf16* kc = k_cache_ + l * S_ * slot_stride;
+    bf16* vc = v_cache_ + l * S_ * slot_stride;
+    FusedGemvParams qkv;
+    qkv.x_f32 = x_, qkv.ln_w = pf(ParamKind::ln1_w) + l * C_, qkv.ln_b = pf(ParamKind::ln1_b) + l * C_;
+    qkv.ln_stats = ln1_stats_, qkv.ln_parts = parts1, qkv.ln_width = 32;
+    qkv.w = pb(ParamKind::qkv_w) + l * 3 * C_ * C_, qkv.rows = n, qkv.in = C, qkv.out = 3 * C;
+    qkv.bias = pf(ParamKind::qkv_b) + l * 3 * C_;
+    qkv.q = q_, qkv.k_cache = kc, qkv.v_cache = vc, qkv.places = d_places_, qkv.slot_stride = slot_stride;
+    qkv.programmatic = pdl_;
+    FLASHGPT_CHECK(gemv_fused(qkv, GemvEpilogue::qkv_cache, stream_),
+                   "inference (cuda): the fused qkv product ({} rows, {} -> {}) was refused", n, C, 3 * C);
+    AttentionProjParams ap;
+    ap.q = q_, ap.k_cache = kc, ap.v_cache = vc, ap.q_rows = rows.q_rows, ap.slots = rows.slots;
+    ap.lengths = rows.lengths, ap.w = pb(ParamKind::attn_proj_w) + l * C_ * C_;
+    ap.bias = pf(ParamKind::attn_proj_b) + l * C_, ap.residual = x_, ap.partials = ap_partials_;
+    ap.counters = ap_counters_, ap.ln_stats = ln2_stats_, ap.rows = n, ap.heads = static_cast<int>(NH_);
+    ap.head_dim = static_cast<int>(HD_), ap.C = C, ap.max_length = static_cast<int>(T_), ap.slot_stride = slot_stride;
+    ap.programmatic = pdl_, ap.col_blocks = cols;
+    attention_proj(ap, stream_);
+    MlpParams m;
+    m.x = x_, m.ln_w = pf(ParamKind::ln2_w) + l * C_, m.ln_b = pf(ParamKind::ln2_b) + l * C_;
+    m.ln_stats = ln2_stats_, m.ln_parts = cols, m.ln_width = width2;
+    m.fc_w = pb(ParamKind::fc_w) + l * F_ * C_, m.fc_b = pf(ParamKind::fc_b) + l * F_;
+    m.fcp_w = pb(ParamKind::fc_proj_w) + l * C_ * F_, m.fcp_b = pf(ParamKind::fc_proj_b) + l * C_;
+    m.partials = mlp_partials_, m.arrive = mlp_arrive_, m.stats_out = ln1_stats_;
+    m.rows = n, m.C = C, m.F = F, m.programmatic = pdl_;
+    mlp_fused(m, mlp_plan_, stream_);
+  }
+  FusedGemvParams head;
+  head.x_f32 = x_, head.ln_w = pf(ParamKind::lnf_w), head.ln_b = pf(ParamKind::lnf_b), head.row_index = rows.last;
+  head.ln_stats = ln1_stats_, head.ln_parts = parts1, head.ln_width = 32;
+  head.w = pb(ParamKind::wte), head.rows = n, head.in = C, head.out = static_cast<int>(Vp_);
+  head.y = d_logits_, head.ldy = Vp_, head.part_val = part_val_, head.part_idx = part_idx_;
+  head.valid_out = static_cast<int>(V_), head.programmatic = pdl_;
+  FLASHGPT_CHECK(gemv_fused(head, GemvEpilogue::logits_argmax, stream_),
+                 "inference (cuda): the fused head ({} rows, {} -> {}) was refused", n, C, head.out);
   head_fused_ = true;
   head_parts_now_ = head_parts_;
   head_cooperative_ = false;
@@ -700,6 +789,22 @@ void CudaEngine::forward_sample(std::span<const SlotChunk> chunks, const Samplin
         throw;
       }
       FLASHGPT_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+      if (const char* v = std::getenv("FLASHGPT_GRAPH_NODES"); v && std::string(v) == "1") {
+        // The launches a decode step makes (kernels, copies), counted in the captured graph.
+        size_t count = 0;
+        cudaGraphGetNodes(graph, nullptr, &count);
+        std::vector<cudaGraphNode_t> nodes(count);
+        cudaGraphGetNodes(graph, nodes.data(), &count);
+        int kernels = 0, copies = 0;
+        for (cudaGraphNode_t node : nodes) {
+          cudaGraphNodeType type{};
+          cudaGraphNodeGetType(node, &type);
+          kernels += type == cudaGraphNodeTypeKernel ? 1 : 0;
+          copies += type == cudaGraphNodeTypeMemcpy ? 1 : 0;
+        }
+        std::fprintf(stderr, "decode graph, batch %d: %d kernel launches, %d copies, %zu nodes\n", static_cast<int>(B),
+                     kernels, copies, count);
+      }
       cudaGraphExec_t exec = nullptr;
       const cudaError_t status = cudaGraphInstantiate(&exec, graph, 0);
       cudaGraphDestroy(graph);

@@ -22,7 +22,37 @@ namespace {
 
 constexpr float kEps = 1e-5f;  // model.h's kLayerNormEps
 
-__global__ void embed_kernel(float* x, const TokenPlace* places, const float* wte, const float* wpe, int C) {
+// ---- LayerNorm statistics handed from kernel to kernel (the layer3 path) ---------------
+//
+// A producer that writes a residual row leaves its LayerNorm statistics as (mean, M2) pairs
+// of column chunks (M2: the sum of squared deviations from the chunk's mean); the consumer
+// merges them in chunk order (Chan et al.'s pairwise update), so it reads a few pairs
+// instead of reducing over the row, and the result does not depend on timing.
+
+// The (mean, M2) of 32 values, one a lane (the same butterfly order every time).
+__device__ __forceinline__ float2 warp_chunk_stats(float v) {
+  const float mean = warp_sum(v) * (1.0f / 32.0f), d = v - mean;
+  return make_float2(mean, warp_sum(d * d));
+}
+// (mean, rstd) of a row of C from `count` chunk pairs, chunk k of clamp(C - k width, 0,
+// width) columns.
+__device__ __forceinline__ float2 ln_stats_merge(const float2* parts, int count, int width, int C) {
+  float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+#pragma unroll 4
+  for (int k = 0; k < count; ++k) {
+    const int nk_i = min(width, C - k * width);
+    if (nk_i <= 0) break;
+    const float2 s = parts[k];
+    const float nk = static_cast<float>(nk_i), nt = n + nk, d = s.x - mean;
+    mean += d * (nk / nt);
+    m2 += s.y + d * d * (n * nk / nt);
+    n = nt;
+  }
+  return make_float2(mean, rsqrtf(fmaxf(m2, 0.0f) / C + kEps));
+}
+
+__global__ void embed_kernel(float* x, const TokenPlace* places, const float* wte, const float* wpe, int C,
+                             float2* stats) {
   pdl_wait();
   pdl_launch_dependents();
   const int n = blockIdx.x;
@@ -30,6 +60,14 @@ __global__ void embed_kernel(float* x, const TokenPlace* places, const float* wt
   const float* te = wte + static_cast<int64_t>(p.token) * C;
   const float* pe = wpe + static_cast<int64_t>(p.pos) * C;
   for (int c = threadIdx.x; c < C; c += blockDim.x) x[static_cast<int64_t>(n) * C + c] = te[c] + pe[c];
+  if (stats) {  // 32-column chunks, a warp each (C % 32 == 0)
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, chunks = C / 32;
+    for (int k = warp; k < chunks; k += blockDim.x / 32) {
+      const int c = 32 * k + lane;
+      const float2 s = warp_chunk_stats(te[c] + pe[c]);
+      if (lane == 0) stats[static_cast<int64_t>(n) * chunks + k] = s;
+    }
+  }
 }
 
 // One warp per row; the row is held in registers (C <= 32 * 64).
@@ -246,6 +284,19 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
   };
   if (!p.ln_w) {
     for (int i = threadIdx.x; i < R * chunks; i += blockDim.x) xs[i] = reinterpret_cast<const uint4*>(p.x_bf16)[i];
+  } else if (p.ln_stats) {
+    // The statistics come from the row's producer: normalise at once, no reduction (a
+    // loop kept rolled: unrolled, it costs the 3-8 row instances registers).
+#pragma unroll 1
+    for (int r = 0; r < R; ++r) {
+      const int64_t src = p.row_index ? p.row_index[r] : r;
+      const float2 ms = ln_stats_merge(p.ln_stats + src * p.ln_parts, p.ln_parts, p.ln_width, p.in);
+      const float4* x4 = reinterpret_cast<const float4*>(p.x_f32 + src * p.in);
+      for (int i = threadIdx.x; i < n4; i += blockDim.x) {
+        const bool held = kBlockLn && i == static_cast<int>(threadIdx.x);
+        store_normalised(r, i, x4[i], ms.x, ms.y, held ? g0 : w4[i], held ? h0 : b4[i]);
+      }
+    }
   } else if constexpr (!kBlockLn) {
     if (warp < R) {
       const int64_t src = p.row_index ? p.row_index[warp] : warp;
@@ -591,7 +642,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cud
 
 void embed(float* x, const TokenPlace* places, const float* wte, const float* wpe, int N, int C, cudaStream_t stream) {
   if (N == 0) return;
-  embed_kernel<<<N, 256, 0, stream>>>(x, places, wte, wpe, C);
+  embed_kernel<<<N, 256, 0, stream>>>(x, places, wte, wpe, C, nullptr);
   FLASHGPT_CUDA_CHECK_LAUNCH("embed_kernel");
 }
 
@@ -730,9 +781,10 @@ bool gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
 }
 
 void embed_fused(float* x, const TokenPlace* places, const float* wte, const float* wpe, int N, int C,
-                 bool programmatic, cudaStream_t stream) {
+                 bool programmatic, cudaStream_t stream, float2* stats) {
   if (N == 0) return;
-  launch(embed_kernel, dim3(N), dim3(256), 0, stream, programmatic, "embed_kernel", x, places, wte, wpe, C);
+  if (stats && C % 32 != 0) throw std::invalid_argument("embed_fused: statistics need d_model % 32 == 0");
+  launch(embed_kernel, dim3(N), dim3(256), 0, stream, programmatic, "embed_kernel", x, places, wte, wpe, C, stats);
 }
 
 // ---- attention + proj in one kernel ------------------------------------------------------
@@ -911,6 +963,26 @@ __global__ void __launch_bounds__(kApThreads) attention_proj_kernel(AttentionPro
     for (int hh = 0; hh < p.heads; ++hh) s += __ldcg(parts + static_cast<int64_t>(hh) * C + c);
     res[c] = res[c] + (s + p.bias[c]);
   }
+  if (!p.ln_stats) return;
+  // The column block's LayerNorm statistics (mean, M2) for ln2: two block sums, warps added
+  // in order (this thread reads back its own stores).
+  auto block_sum = [&](float v) {
+    v = warp_sum(v);
+    __syncthreads();  // wred's earlier readers are done
+    if (lane == 0) wred[warp] = v;
+    __syncthreads();
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kApWarps; ++w) total += wred[w];
+    return total;
+  };
+  float s1 = 0.0f;
+  for (int c = c0 + t; c < c1; c += kApThreads) s1 += res[c];
+  const float mean = c1 > c0 ? block_sum(s1) / static_cast<float>(c1 - c0) : 0.0f;
+  float s2 = 0.0f;
+  for (int c = c0 + t; c < c1; c += kApThreads) s2 += (res[c] - mean) * (res[c] - mean);
+  const float m2 = c1 > c0 ? block_sum(s2) : 0.0f;
+  if (t == 0) p.ln_stats[r * p.col_blocks + j] = make_float2(mean, m2);
 }
 
 size_t attention_proj_shared(int head_dim, int max_length) {
@@ -950,6 +1022,222 @@ void attention_proj(const AttentionProjParams& p, cudaStream_t stream) {
     case 64: return launch(attention_proj_kernel<2>, grid, block, shared, stream, p.programmatic, "attention_proj_kernel", p, scale_log2);
     default: return launch(attention_proj_kernel<4>, grid, block, shared, stream, p.programmatic, "attention_proj_kernel", p, scale_log2);
   }
+}
+
+// ---- ln2 + fc + GELU + fc_proj + residual in one kernel -------------------------------------
+
+namespace {
+
+constexpr int kMlpThreads = 256;
+constexpr int kMlpWarps = kMlpThreads / 32;
+constexpr int kMlpChunk = 32;    // columns a reducing block owns
+constexpr int kMlpFcPre = 3;     // loads a lane of each of its warp's two fc rows before the wait (all at C 768)
+constexpr int kMlpProjPre = 6;   // loads a thread of the block's W_fcp slice before the wait (all at C 768)
+static_assert(kMlpSlice == 2 * kMlpWarps, "two fc rows a warp");
+
+__device__ __forceinline__ unsigned long long load_acquire_u64(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+template <int R>
+__global__ void __launch_bounds__(kMlpThreads, 2) mlp_kernel(MlpParams p) {
+  const int t = threadIdx.x, warp = t / 32, lane = t % 32;
+  const int C = p.C, F = p.F, chunks = C / 8;
+  const int f0 = blockIdx.x * kMlpSlice, fa = f0 + 2 * warp;  // this warp's fc rows: fa and fa + 1
+  const uint4 zero = make_uint4(0, 0, 0, 0);
+  // Before the wait, what no earlier kernel writes: the warp's two fc rows, the block's
+  // W_fcp slice (thread t: output column t / 2 + 128 u, inputs f0 + 8 (t & 1) .. + 8) and
+  // fc's biases.
+  const uint4* wa = reinterpret_cast<const uint4*>(p.fc_w + static_cast<int64_t>(fa) * C);
+  const uint4* wb = wa + chunks;
+  uint4 wfa[kMlpFcPre], wfb[kMlpFcPre];
+#pragma unroll
+  for (int u = 0; u < kMlpFcPre; ++u) {
+    const int i = lane + 32 * u;
+    wfa[u] = i < chunks ? load_stream(wa + i) : zero;
+    wfb[u] = i < chunks ? load_stream(wb + i) : zero;
+  }
+  const int half = t & 1;
+  const bf16* wp0 = p.fcp_w + f0 + 8 * half;
+  auto proj_load = [&](int u) {
+    const int c = t / 2 + (kMlpThreads / 2) * u;
+    return c < C ? load_stream(reinterpret_cast<const uint4*>(wp0 + static_cast<int64_t>(c) * F)) : zero;
+  };
+  uint4 wp[kMlpProjPre];
+#pragma unroll
+  for (int u = 0; u < kMlpProjPre; ++u) wp[u] = proj_load(u);
+  const float bias_a = p.fc_b[fa], bias_b = p.fc_b[fa + 1];
+  pdl_wait();
+  pdl_launch_dependents();
+  __shared__ float hs[R][kMlpSlice];  // the slice's GELU outputs, bf16-rounded as the fused path stores them
+  __shared__ float red[kMlpWarps][R][kMlpChunk];
+  __shared__ unsigned long long ticket_s;
+  // ln2 from the statistics attention_proj left: no reduction over the row.
+  float2 ms[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) ms[r] = ln_stats_merge(p.ln_stats + r * p.ln_parts, p.ln_parts, p.ln_width, C);
+  const float4* g4 = reinterpret_cast<const float4*>(p.ln_w);
+  const float4* h4 = reinterpret_cast<const float4*>(p.ln_b);
+  float acc_a[R] = {}, acc_b[R] = {};
+  auto fc_chunk = [&](int i, const uint4& va, const uint4& vb) {
+    const float4 g0 = g4[2 * i], g1 = g4[2 * i + 1], b0 = h4[2 * i], b1 = h4[2 * i + 1];
+    const float g[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
+    const float b[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+    float fa8[8], fb8[8];
+    bf16x8_to_float(va, fa8);
+    bf16x8_to_float(vb, fb8);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float4* x4 = reinterpret_cast<const float4*>(p.x + static_cast<int64_t>(r) * C) + 2 * i;
+      const float4 x0 = x4[0], x1 = x4[1];
+      const float xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float xn = __bfloat162float(__float2bfloat16((xv[k] - ms[r].x) * ms[r].y * g[k] + b[k]));
+        acc_a[r] += fa8[k] * xn;
+        acc_b[r] += fb8[k] * xn;
+      }
+    }
+  };
+#pragma unroll
+  for (int u = 0; u < kMlpFcPre; ++u) {
+    const int i = lane + 32 * u;
+    if (i < chunks) fc_chunk(i, wfa[u], wfb[u]);
+  }
+  for (int i = lane + 32 * kMlpFcPre; i < chunks; i += 32) fc_chunk(i, load_stream(wa + i), load_stream(wb + i));
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float a = warp_sum(acc_a[r]), b = warp_sum(acc_b[r]);
+    if (lane == 0) {
+      hs[r][2 * warp] = __bfloat162float(__float2bfloat16(gelu_tanh(a + bias_a)));
+      hs[r][2 * warp + 1] = __bfloat162float(__float2bfloat16(gelu_tanh(b + bias_b)));
+    }
+  }
+  __syncthreads();
+  // The block's partial of fc_proj over its slice, every output column; a pair of threads
+  // per column adds its two halves.
+  float* part = p.partials + static_cast<int64_t>(blockIdx.x) * R * C;
+  auto proj = [&](int u, const uint4& w) {
+    const int c = t / 2 + (kMlpThreads / 2) * u;
+    float wf[8];
+    bf16x8_to_float(w, wf);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float s = 0.0f;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) s += wf[k] * hs[r][8 * half + k];
+      s += __shfl_xor_sync(0xffffffffu, s, 1);
+      if (half == 0 && c < C) part[r * C + c] = s;
+    }
+  };
+#pragma unroll
+  for (int u = 0; u < kMlpProjPre; ++u) proj(u, wp[u]);
+  for (int u = kMlpProjPre; (kMlpThreads / 2) * u < C; ++u) proj(u, proj_load(u));  // C > 768
+  // Arrival. The last K = C / 32 blocks to arrive reduce a 32-column chunk each, once
+  // every block has arrived (all are resident: mlp_fused_plan). The ticket counter only
+  // grows (a launch adds exactly its grid), so nothing resets it.
+  __threadfence();
+  __syncthreads();
+  if (t == 0) ticket_s = atomicAdd(p.arrive, 1ull);
+  __syncthreads();
+  const unsigned long long ticket = ticket_s;
+  const int G = static_cast<int>(gridDim.x), K = C / kMlpChunk;
+  const int pos = static_cast<int>(ticket % static_cast<unsigned long long>(G));
+  if (pos < G - K) return;
+  const int k = pos - (G - K);
+  if (t == 0) {
+    const unsigned long long all = ticket - static_cast<unsigned long long>(pos) + static_cast<unsigned long long>(G);
+    while (load_acquire_u64(p.arrive) < all) {
+    }
+  }
+  __syncthreads();
+  __threadfence();
+  // Warp w sums blocks w, w + 8, ... in order; warp 0 adds the warps' sums in order.
+  const int c = kMlpChunk * k + lane;
+  float s[R] = {};
+#pragma unroll 4
+  for (int b = warp; b < G; b += kMlpWarps) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) s[r] += __ldcg(p.partials + (static_cast<int64_t>(b) * R + r) * C + c);
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) red[warp][r][lane] = s[r];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float total = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kMlpWarps; ++w) total += red[w][r][lane];
+    float* xr = p.x + static_cast<int64_t>(r) * C + c;
+    const float v = *xr + (total + p.fcp_b[c]);
+    *xr = v;
+    const float2 st = warp_chunk_stats(v);  // the next LayerNorm's statistics of this chunk
+    if (lane == 0) p.stats_out[r * K + k] = st;
+  }
+}
+
+using MlpKernel = void (*)(MlpParams);
+MlpKernel mlp_kernel_for(int rows) {
+  switch (rows) {
+    case 1: return mlp_kernel<1>;
+    case 2: return mlp_kernel<2>;
+    case 3: return mlp_kernel<3>;
+    default: return mlp_kernel<4>;
+  }
+}
+static_assert(kMlpMaxRows == 4, "mlp_kernel_for");
+
+}  // namespace
+
+MlpPlan mlp_fused_plan(int rows_max, int C, int F) {
+  MlpPlan plan;
+  auto refuse = [&](std::string why) {
+    plan.why = std::move(why);
+    return plan;
+  };
+  if (C <= 0 || C % kMlpChunk != 0 || C > 2048) {
+    return refuse("d_model " + std::to_string(C) + " is not a multiple of 32 up to 2048");
+  }
+  if (F <= 0 || F % kMlpSlice != 0) return refuse("d_ff " + std::to_string(F) + " is not a multiple of 16");
+  const int grid = F / kMlpSlice;
+  if (C / kMlpChunk > grid) {
+    return refuse("d_model / 32 = " + std::to_string(C / kMlpChunk) + " reducing blocks exceed the grid of d_ff / 16 = " +
+                  std::to_string(grid));
+  }
+  if (rows_max < 1) return refuse("no rows");
+  int device = 0, sms = 0;
+  FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
+  FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  int rows = 0;
+  for (int r = 1; r <= std::min(rows_max, kMlpMaxRows); ++r) {
+    int per_sm = 0;
+    FLASHGPT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, mlp_kernel_for(r), kMlpThreads, 0));
+    if (per_sm * sms < grid) break;
+    rows = r;
+  }
+  if (rows == 0) {
+    return refuse("its grid of " + std::to_string(grid) + " blocks is not resident at once on " + std::to_string(sms) +
+                  " multiprocessors");
+  }
+  plan.ok = true, plan.rows_max = rows, plan.grid = grid;
+  return plan;
+}
+
+void mlp_fused(const MlpParams& p, const MlpPlan& plan, cudaStream_t stream) {
+  if (!p.x || !p.ln_w || !p.ln_b || !p.ln_stats || !p.fc_w || !p.fc_b || !p.fcp_w || !p.fcp_b || !p.partials ||
+      !p.arrive || !p.stats_out) {
+    throw std::invalid_argument("mlp_fused: null pointer");
+  }
+  if (!plan.ok || p.rows < 1 || p.rows > plan.rows_max || p.F / kMlpSlice != plan.grid || p.F % kMlpSlice != 0 ||
+      p.C % kMlpChunk != 0 || p.ln_parts < 1 || p.ln_width < 1) {
+    throw std::invalid_argument("mlp_fused: shape its plan does not take (rows " + std::to_string(p.rows) + ", C " +
+                                std::to_string(p.C) + ", F " + std::to_string(p.F) + ", plan rows " +
+                                std::to_string(plan.rows_max) + ")");
+  }
+  launch(mlp_kernel_for(p.rows), dim3(plan.grid), dim3(kMlpThreads), 0, stream, p.programmatic, "mlp_kernel", p);
 }
 
 }  // namespace inference_cuda

@@ -77,6 +77,11 @@ struct FusedGemvParams {
   const float* ln_b = nullptr;
   const int32_t* row_index = nullptr;
   const bf16* x_bf16 = nullptr;
+  // With ln_w: the row's LayerNorm statistics as ln_parts (mean, M2) pairs of column chunks
+  // of ln_width (the last ones shorter or empty), row r's at ln_stats + src * ln_parts, as
+  // the layer3 path's producers leave them (ln_stats_merge); null: computed from the row.
+  const float2* ln_stats = nullptr;
+  int ln_parts = 0, ln_width = 0;
   const bf16* w = nullptr;  // (out, in)
   int rows = 0, in = 0, out = 0;
   const float* bias = nullptr;  // (out) or null
@@ -112,9 +117,11 @@ int gemv_fused_blocks(int out);
 // pointers must be 16-byte aligned (cudaMalloc'd buffers at offsets of whole rows).
 bool gemv_fused(const FusedGemvParams& p, GemvEpilogue epilogue, cudaStream_t stream);
 
-// x (N, C) fp32 = wte[token] + wpe[pos], launched as part of the fused path.
+// x (N, C) fp32 = wte[token] + wpe[pos], launched as part of the fused path. With stats
+// (the layer3 path; C % 32 == 0): also each row's LayerNorm statistics as C / 32 (mean, M2)
+// pairs of 32-column chunks, row n's at stats + n * C / 32.
 void embed_fused(float* x, const TokenPlace* places, const float* wte, const float* wpe, int N, int C,
-                 bool programmatic, cudaStream_t stream);
+                 bool programmatic, cudaStream_t stream, float2* stats = nullptr);
 
 // tokens[b] = the token drawn from logits row b (row stride ld, V real columns) as
 // sampling_draw does: argmax (lowest id on a tie) when greedy, else temperature, top-k,
@@ -152,6 +159,10 @@ struct AttentionProjParams {
   float* residual = nullptr;         // (., C) fp32
   float* partials = nullptr;         // (rows, heads, C) scratch
   unsigned* counters = nullptr;      // (rows, col_blocks), zero; left zero
+  // Optional (the layer3 path): the new residual row's LayerNorm statistics, one (mean, M2)
+  // pair per column block (its ceil(C / col_blocks) columns), row r's at ln_stats + r *
+  // col_blocks, written by the block that adds that column block.
+  float2* ln_stats = nullptr;
   int rows = 0, heads = 0, head_dim = 0, C = 0, max_length = 0, col_blocks = 1;
   int64_t slot_stride = 0;
   bool programmatic = false;
@@ -164,6 +175,51 @@ int attention_proj_col_blocks(int rows, int heads);
 bool attention_proj_supported(int head_dim, int max_length, int col_blocks);
 // Throws std::invalid_argument for a shape it does not take or a null pointer.
 void attention_proj(const AttentionProjParams& p, cudaStream_t stream);
+
+// ---- ln2 + fc + GELU + fc_proj + residual in one kernel (FLASHGPT_CUDA_DECODE=layer3) ----
+//
+// x[r] += fc_proj_b + W_fcp bf16(gelu(W_fc bf16(LayerNorm(x[r])) + fc_b)) for rows r <
+// rows (decode rows, residual row r), the fused path's fc and fc_proj launches in one.
+// Block b of F / kMlpSlice owns fc's outputs b kMlpSlice .. + kMlpSlice: 8 warps, two fc
+// rows each (their weights and the block's (C, kMlpSlice) slice of W_fcp loaded before
+// griddepcontrol.wait), the LayerNorm from the statistics its producer left (no reduction
+// over the row), then the block's partial of fc_proj over its slice, all C columns, to
+// partials (blocks, rows, C). The last C / 32 blocks to arrive (an atomic 64-bit ticket,
+// never reset: a launch adds exactly its grid) each wait until every block has arrived and
+// reduce one 32-column chunk: the blocks' partials summed in block order (so the result
+// does not depend on which block arrived when), + bias + residual, and the chunk's
+// LayerNorm statistics (mean, M2) for the next layer's ln1 (or lnf). The wait needs every
+// block resident at once: mlp_fused_plan checks it with the occupancy calculator.
+constexpr int kMlpSlice = 16;
+struct MlpParams {
+  float* x = nullptr;                  // (rows, C) fp32 residual, updated
+  const float* ln_w = nullptr;         // ln2 (C)
+  const float* ln_b = nullptr;
+  const float2* ln_stats = nullptr;    // the row's statistics in: ln_parts chunks of ln_width
+  int ln_parts = 0, ln_width = 0;
+  const bf16* fc_w = nullptr;          // (F, C)
+  const float* fc_b = nullptr;         // (F)
+  const bf16* fcp_w = nullptr;         // (C, F)
+  const float* fcp_b = nullptr;        // (C)
+  float* partials = nullptr;           // (F / kMlpSlice, rows, C) scratch
+  unsigned long long* arrive = nullptr;  // one counter, zero at the engine's start
+  float2* stats_out = nullptr;         // (rows, C / 32): the new row's statistics
+  int rows = 0, C = 0, F = 0;
+  bool programmatic = false;
+};
+struct MlpPlan {
+  bool ok = false;
+  std::string why;   // when not ok
+  int rows_max = 0;  // 1 .. kMlpMaxRows
+  int grid = 0;
+};
+constexpr int kMlpMaxRows = 4;
+// Whether the kernel takes (C, F) for up to rows_max rows on this device: C % 32 == 0,
+// C <= 2048, F % kMlpSlice == 0, C / 32 <= F / kMlpSlice, and all F / kMlpSlice blocks
+// resident at once; rows_max is the most rows (<= the argument, <= kMlpMaxRows) it fits.
+MlpPlan mlp_fused_plan(int rows_max, int C, int F);
+// Throws std::invalid_argument for a null pointer or rows outside 1 .. plan.rows_max.
+void mlp_fused(const MlpParams& p, const MlpPlan& plan, cudaStream_t stream);
 
 // ---- the persistent decode path (decode steps of 1 .. kGemvMaxRows rows) ----------------
 //

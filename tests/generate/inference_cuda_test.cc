@@ -28,6 +28,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace flashgpt {
@@ -474,6 +475,7 @@ TEST(AttentionProjCuda, MatchesReference) {
     auto* d_partials = to_device(std::vector<float>(static_cast<size_t>(R) * NH * C, NAN));
     const size_t n_counters = static_cast<size_t>(R) * shape.col_blocks;
     auto* d_counters = to_device(std::vector<unsigned>(n_counters, 0u));
+    auto* d_stats = to_device(std::vector<float2>(n_counters, make_float2(NAN, NAN)));
     for (int variant = 0; variant < 6; ++variant) {
       if (variant > 0) {
         for (int r = 0; r < R; ++r) lengths[r] = lengths_cycle[variant - 1];
@@ -490,6 +492,7 @@ TEST(AttentionProjCuda, MatchesReference) {
       for (int launch = 0; launch < 3; ++launch) {
         ASSERT_EQ(cudaMemcpy(d_res, residual.data(), residual.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
         p.programmatic = launch > 0;
+        p.ln_stats = launch > 0 ? d_stats : nullptr;  // the layer3 path's LayerNorm statistics
         inference_cuda::attention_proj(p, nullptr);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         const std::vector<float> got = from_device(d_res, residual.size());
@@ -503,8 +506,25 @@ TEST(AttentionProjCuda, MatchesReference) {
           EXPECT_EQ(got, first) << "variant " << variant << ": not deterministic";
         }
         for (unsigned c : from_device(d_counters, n_counters)) EXPECT_EQ(c, 0u);
+        if (launch == 0) continue;
+        // Row r's column block j: (mean, M2) of its columns of the new residual row.
+        const std::vector<float2> stats = from_device(d_stats, n_counters);
+        const int cols = (C + shape.col_blocks - 1) / shape.col_blocks;
+        for (int r = 0; r < R; ++r) {
+          for (int j = 0; j < shape.col_blocks; ++j) {
+            const int c0 = std::min(C, j * cols), c1 = std::min(C, c0 + cols);
+            double mean = 0, m2 = 0;
+            for (int c = c0; c < c1; ++c) mean += got[static_cast<size_t>(q_rows[r]) * C + c];
+            mean = c1 > c0 ? mean / (c1 - c0) : 0.0;
+            for (int c = c0; c < c1; ++c) m2 += std::pow(got[static_cast<size_t>(q_rows[r]) * C + c] - mean, 2);
+            const float2 st = stats[static_cast<size_t>(r) * shape.col_blocks + j];
+            EXPECT_NEAR(st.x, mean, 1e-5 * (1.0 + std::abs(mean))) << "row " << r << " block " << j;
+            EXPECT_NEAR(st.y, m2, 1e-4 * (1.0 + m2)) << "row " << r << " block " << j;
+          }
+        }
       }
     }
+    cudaFree(d_stats);
     for (void* ptr : {static_cast<void*>(dq), static_cast<void*>(dk), static_cast<void*>(dv), static_cast<void*>(dw),
                       static_cast<void*>(d_bias), static_cast<void*>(d_res), static_cast<void*>(d_rows),
                       static_cast<void*>(d_slots), static_cast<void*>(d_lengths), static_cast<void*>(d_partials),
@@ -521,6 +541,157 @@ TEST(AttentionProjCuda, RefusesShapesItDoesNotTake) {
   EXPECT_TRUE(inference_cuda::attention_proj_supported(64, 512, 8));
   inference_cuda::AttentionProjParams p;
   EXPECT_THROW(inference_cuda::attention_proj(p, nullptr), std::invalid_argument);
+}
+
+// ---- ln2 + fc + GELU + fc_proj + residual in one kernel (FLASHGPT_CUDA_DECODE=layer3) ------
+
+// (mean, M2) of x[c0 .. c1) in double.
+std::pair<double, double> chunk_stats(const float* x, int c0, int c1) {
+  if (c1 <= c0) return {0.0, 0.0};
+  double mean = 0, m2 = 0;
+  for (int c = c0; c < c1; ++c) mean += x[c];
+  mean /= c1 - c0;
+  for (int c = c0; c < c1; ++c) m2 += (x[c] - mean) * (x[c] - mean);
+  return {mean, m2};
+}
+
+// The kernel's definition written plainly, in double: LayerNorm of each row (from the row,
+// not from the statistics handed in), rounded to bf16; fc + bias, GELU, rounded to bf16;
+// x + fc_proj + bias.
+std::vector<double> mlp_reference(const std::vector<float>& x, const std::vector<float>& ln_w,
+                                  const std::vector<float>& ln_b, const std::vector<float>& fc_w,
+                                  const std::vector<float>& fc_b, const std::vector<float>& fcp_w,
+                                  const std::vector<float>& fcp_b, int rows, int C, int F) {
+  std::vector<double> out(x.begin(), x.end());
+  std::vector<float> xn(static_cast<size_t>(C)), h(static_cast<size_t>(F));
+  for (int r = 0; r < rows; ++r) {
+    const float* xr = x.data() + static_cast<size_t>(r) * C;
+    const auto [mean, m2] = chunk_stats(xr, 0, C);
+    const double rstd = 1.0 / std::sqrt(m2 / C + 1e-5);
+    for (int c = 0; c < C; ++c) xn[c] = bf16_round(static_cast<float>((xr[c] - mean) * rstd * ln_w[c] + ln_b[c]));
+    for (int f = 0; f < F; ++f) {
+      double a = fc_b[f];
+      for (int c = 0; c < C; ++c) a += static_cast<double>(fc_w[static_cast<size_t>(f) * C + c]) * xn[c];
+      h[f] = bf16_round(gelu_tanh_ref(a));
+    }
+    for (int c = 0; c < C; ++c) {
+      double y = fcp_b[c];
+      for (int f = 0; f < F; ++f) y += static_cast<double>(fcp_w[static_cast<size_t>(c) * F + f]) * h[f];
+      out[static_cast<size_t>(r) * C + c] += y;
+    }
+  }
+  return out;
+}
+
+struct MlpShape {
+  int rows, C, F, width;  // width: the incoming statistics' chunk width
+};
+
+// Awkward shapes: d_model 64 .. 1024 (above 768 the weights left after the wait), 96 (a
+// thread's column slots half used), d_ff 48 (a grid of 3 blocks, all of them reducing), 1 to
+// 4 rows, incoming statistics in chunks that do not divide d_model (the last short, or
+// empty); rows with a large mean. Launched 3 times on the same inputs (plain, then
+// programmatic): x and the outgoing statistics within tolerance of the reference and
+// bit-identical across launches (the ticket counter, never reset, keeps counting).
+TEST(MlpFusedCuda, MatchesReference) {
+  std::mt19937 rng(23);
+  std::normal_distribution<float> normal;
+  for (const MlpShape& shape : {MlpShape{1, 768, 3072, 96}, MlpShape{4, 768, 3072, 32}, MlpShape{2, 128, 512, 40},
+                                MlpShape{3, 64, 256, 8}, MlpShape{1, 1024, 1024, 32}, MlpShape{4, 96, 48, 11},
+                                MlpShape{2, 96, 48, 96}}) {
+    const int R = shape.rows, C = shape.C, F = shape.F;
+    SCOPED_TRACE(::testing::Message() << "rows " << R << " C " << C << " F " << F << " width " << shape.width);
+    const inference_cuda::MlpPlan plan = inference_cuda::mlp_fused_plan(R, C, F);
+    ASSERT_TRUE(plan.ok) << plan.why;
+    ASSERT_EQ(plan.rows_max, R);
+    std::vector<float> x(static_cast<size_t>(R) * C), ln_w(C), ln_b(C), fc_w(static_cast<size_t>(F) * C), fc_b(F);
+    std::vector<float> fcp_w(static_cast<size_t>(C) * F), fcp_b(C);
+    for (int r = 0; r < R; ++r) {
+      const float offset = r == 1 ? 30.0f : 0.0f;  // a large mean
+      for (int c = 0; c < C; ++c) x[static_cast<size_t>(r) * C + c] = offset + (1.0f + r) * normal(rng);
+    }
+    for (auto& v : ln_w) v = 1.0f + 0.2f * normal(rng);
+    for (auto& v : ln_b) v = 0.1f * normal(rng);
+    for (auto& v : fc_w) v = bf16_round(normal(rng) / std::sqrt(static_cast<float>(C)));
+    for (auto& v : fc_b) v = 0.1f * normal(rng);
+    for (auto& v : fcp_w) v = bf16_round(normal(rng) / std::sqrt(static_cast<float>(F)));
+    for (auto& v : fcp_b) v = 0.1f * normal(rng);
+    const int parts = (C + shape.width - 1) / shape.width + (shape.width == 11 ? 1 : 0);  // one empty chunk too
+    std::vector<float2> stats_in(static_cast<size_t>(R) * parts);
+    for (int r = 0; r < R; ++r) {
+      for (int k = 0; k < parts; ++k) {
+        const int c0 = std::min(C, k * shape.width), c1 = std::min(C, c0 + shape.width);
+        const auto [mean, m2] = chunk_stats(x.data() + static_cast<size_t>(r) * C, c0, c1);
+        stats_in[static_cast<size_t>(r) * parts + k] = make_float2(static_cast<float>(mean), static_cast<float>(m2));
+      }
+    }
+    const std::vector<double> want = mlp_reference(x, ln_w, ln_b, fc_w, fc_b, fcp_w, fcp_b, R, C, F);
+    auto* d_x = to_device(x);
+    auto* d_ln_w = to_device(ln_w);
+    auto* d_ln_b = to_device(ln_b);
+    auto* d_fc_w = to_device(to_bf16(fc_w));
+    auto* d_fc_b = to_device(fc_b);
+    auto* d_fcp_w = to_device(to_bf16(fcp_w));
+    auto* d_fcp_b = to_device(fcp_b);
+    auto* d_stats_in = to_device(stats_in);
+    const size_t n_out = static_cast<size_t>(R) * (C / 32);
+    auto* d_stats_out = to_device(std::vector<float2>(n_out, make_float2(NAN, NAN)));
+    auto* d_partials = to_device(std::vector<float>(static_cast<size_t>(plan.grid) * R * C, NAN));
+    auto* d_arrive = to_device(std::vector<unsigned long long>{0});
+    inference_cuda::MlpParams p;
+    p.x = d_x, p.ln_w = d_ln_w, p.ln_b = d_ln_b, p.ln_stats = d_stats_in, p.ln_parts = parts, p.ln_width = shape.width;
+    p.fc_w = d_fc_w, p.fc_b = d_fc_b, p.fcp_w = d_fcp_w, p.fcp_b = d_fcp_b, p.partials = d_partials;
+    p.arrive = d_arrive, p.stats_out = d_stats_out, p.rows = R, p.C = C, p.F = F;
+    std::vector<float> first, first_stats;
+    for (int launch = 0; launch < 3; ++launch) {
+      ASSERT_EQ(cudaMemcpy(d_x, x.data(), x.size() * 4, cudaMemcpyHostToDevice), cudaSuccess);
+      p.programmatic = launch > 0;
+      inference_cuda::mlp_fused(p, plan, nullptr);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      const std::vector<float> got = from_device(d_x, x.size());
+      double worst = 0;
+      for (size_t i = 0; i < got.size(); ++i) worst = std::max(worst, std::abs(got[i] - want[i]) / (1.0 + std::abs(want[i])));
+      EXPECT_LT(worst, 3e-3) << "launch " << launch;
+      const std::vector<float2> st = from_device(d_stats_out, n_out);
+      std::vector<float> flat;
+      for (int r = 0; r < R; ++r) {
+        for (int k = 0; k < C / 32; ++k) {
+          const auto [mean, m2] = chunk_stats(got.data() + static_cast<size_t>(r) * C, 32 * k, 32 * k + 32);
+          const float2 s = st[static_cast<size_t>(r) * (C / 32) + k];
+          EXPECT_NEAR(s.x, mean, 1e-5 * (1.0 + std::abs(mean))) << "row " << r << " chunk " << k;
+          EXPECT_NEAR(s.y, m2, 1e-4 * (1.0 + m2)) << "row " << r << " chunk " << k;
+          flat.push_back(s.x), flat.push_back(s.y);
+        }
+      }
+      if (launch == 0) {
+        first = got, first_stats = flat;
+      } else {
+        EXPECT_EQ(got, first) << "launch " << launch << ": not deterministic";
+        EXPECT_EQ(flat, first_stats) << "launch " << launch << ": statistics not deterministic";
+      }
+    }
+    EXPECT_EQ(from_device(d_arrive, 1)[0], 3ull * plan.grid);
+    for (void* ptr : {static_cast<void*>(d_x), static_cast<void*>(d_ln_w), static_cast<void*>(d_ln_b),
+                      static_cast<void*>(d_fc_w), static_cast<void*>(d_fc_b), static_cast<void*>(d_fcp_w),
+                      static_cast<void*>(d_fcp_b), static_cast<void*>(d_stats_in), static_cast<void*>(d_stats_out),
+                      static_cast<void*>(d_partials), static_cast<void*>(d_arrive)}) {
+      cudaFree(ptr);
+    }
+  }
+}
+
+TEST(MlpFusedCuda, RefusesShapesItDoesNotTake) {
+  EXPECT_FALSE(inference_cuda::mlp_fused_plan(1, 100, 512).ok);   // d_model % 32
+  EXPECT_FALSE(inference_cuda::mlp_fused_plan(1, 128, 520).ok);   // d_ff % 16
+  EXPECT_FALSE(inference_cuda::mlp_fused_plan(1, 2048, 512).ok);  // 64 reducing blocks, a grid of 32
+  EXPECT_FALSE(inference_cuda::mlp_fused_plan(0, 128, 512).ok);
+  const inference_cuda::MlpPlan plan = inference_cuda::mlp_fused_plan(8, 768, 3072);  // the seed config
+  ASSERT_TRUE(plan.ok) << plan.why;
+  EXPECT_EQ(plan.grid, 3072 / inference_cuda::kMlpSlice);
+  EXPECT_GE(plan.rows_max, 1);
+  EXPECT_LE(plan.rows_max, inference_cuda::kMlpMaxRows);
+  inference_cuda::MlpParams p;
+  EXPECT_THROW(inference_cuda::mlp_fused(p, plan, nullptr), std::invalid_argument);
 }
 
 // A seed-shaped miniature (head dim 64), context 96, GPT-2 initialisation plus noise on
@@ -634,7 +805,7 @@ void expect_cached_greedy_equals_uncached(const char* mode) {
 }
 
 TEST(InferenceCuda, CachedGreedyEqualsUncachedRecompute) {
-  for (const char* mode : {"fused", "persistent", "attnproj"}) expect_cached_greedy_equals_uncached(mode);
+  for (const char* mode : {"fused", "persistent", "attnproj", "layer3"}) expect_cached_greedy_equals_uncached(mode);
 }
 
 // The GPU engine against the fp32 CPU engine on the same weights, fed the same tokens:
@@ -942,6 +1113,34 @@ TEST(InferenceCuda, AttnProjPathMatchesFused) {
   }
 }
 
+// The three-launches-a-layer path (FLASHGPT_CUDA_DECODE=layer3: ln1 + qkv, attention +
+// proj, ln2 + fc + GELU + fc_proj, each LayerNorm from the statistics its residual's writer
+// left) against the fused path, as above: tiny (head dim 32, d_model 64: two reducing
+// blocks), the context-512 miniature (cache lengths 1, 17, 511, 512) and the seed preset, at
+// batch 1 and 3 (it takes up to 4 rows) and, for the small models, 8 (decode steps above 4
+// rows take the attnproj path: the fallback). Each comparison also checks that a second
+// engine of the mode gives bit-identical logits (the partial sums are added in a fixed
+// order, whichever block arrives last).
+TEST(InferenceCuda, Layer3PathMatchesFused) {
+  ModelConfig mini = mini_config();
+  mini.context = 512;
+  ModelConfig tiny = model_preset("tiny", 1000);
+  tiny.dropout = 0.0f;
+  ModelConfig seed = model_preset("seed", 100277);
+  seed.dropout = 0.0f;
+  const auto tiny_params = random_params(tiny, 61), mini_params = random_params(mini, 63);
+  const auto seed_params = random_params(seed, 67);
+  for (const int64_t B : {1, 3, 8}) {
+    const inference_cuda::MlpPlan plan =
+        inference_cuda::mlp_fused_plan(static_cast<int>(B), static_cast<int>(mini.d_model), static_cast<int>(mini.d_ff));
+    ASSERT_TRUE(plan.ok) << plan.why;
+    EXPECT_EQ(plan.rows_max, std::min<int64_t>(B, inference_cuda::kMlpMaxRows));
+    expect_path_matches_fused("layer3", tiny, tiny_params, 61, B, tiny.context - 3, false);
+    expect_path_matches_fused("layer3", mini, mini_params, 63, B, mini.context - 3, false);
+    if (B != 8) expect_path_matches_fused("layer3", seed, seed_params, 67, B, seed.context - 3, false);
+  }
+}
+
 TEST(InferenceCuda, PersistentPathMatchesFusedSeedPreset) {
   ModelConfig seed = model_preset("seed", 100277);
   seed.dropout = 0.0f;
@@ -983,7 +1182,7 @@ void expect_decode_steps_allocate_nothing(const char* mode) {
 }
 
 TEST(InferenceCuda, DecodeStepsAllocateNothing) {
-  for (const char* mode : {"fused", "persistent", "attnproj"}) expect_decode_steps_allocate_nothing(mode);
+  for (const char* mode : {"fused", "persistent", "attnproj", "layer3"}) expect_decode_steps_allocate_nothing(mode);
 }
 
 TEST(InferenceCuda, RejectsBadInput) {
