@@ -1075,11 +1075,22 @@ void expect_path_matches_fused(const char* mode, const ModelConfig& c, const std
               static_cast<long long>(B), worst, compared);
 }
 
+// The models the path comparisons below run, without dropout: tiny (head dim 32, d_model 64:
+// blocks with no rows), the miniature at context 512 (cache lengths 511 and 512) and the seed
+// preset.
+struct PathModels {
+  ModelConfig tiny, mini, seed;
+};
+PathModels path_models() {
+  PathModels m{model_preset("tiny", 1000), mini_config(), model_preset("seed", 100277)};
+  m.mini.context = 512;
+  m.tiny.dropout = 0.0f;
+  m.seed.dropout = 0.0f;
+  return m;
+}
+
 TEST(InferenceCuda, PersistentPathMatchesFused) {
-  ModelConfig mini = mini_config();
-  mini.context = 512;  // cache lengths 511 and 512
-  ModelConfig tiny = model_preset("tiny", 1000);  // head dim 32, d_model 64: blocks with no rows
-  tiny.dropout = 0.0f;
+  const auto [tiny, mini, seed] = path_models();
   const auto tiny_params = random_params(tiny, 41), mini_params = random_params(mini, 43);
   for (const int64_t B : {1, 8}) {
     for (const bool head_inside : {false, true}) {
@@ -1094,12 +1105,7 @@ TEST(InferenceCuda, PersistentPathMatchesFused) {
 // lengths 1, 17, 511, 512) and the seed preset, batch 1 and 8; the seed preset at batch 1
 // and 3 with FLASHGPT_GEMV_WIDE=1 as well.
 TEST(InferenceCuda, AttnProjPathMatchesFused) {
-  ModelConfig mini = mini_config();
-  mini.context = 512;
-  ModelConfig tiny = model_preset("tiny", 1000);
-  tiny.dropout = 0.0f;
-  ModelConfig seed = model_preset("seed", 100277);
-  seed.dropout = 0.0f;
+  const auto [tiny, mini, seed] = path_models();
   const auto tiny_params = random_params(tiny, 51), mini_params = random_params(mini, 53);
   const auto seed_params = random_params(seed, 57);
   for (const int64_t B : {1, 3, 8}) {
@@ -1122,12 +1128,7 @@ TEST(InferenceCuda, AttnProjPathMatchesFused) {
 // engine of the mode gives bit-identical logits (the partial sums are added in a fixed
 // order, whichever block arrives last).
 TEST(InferenceCuda, Layer3PathMatchesFused) {
-  ModelConfig mini = mini_config();
-  mini.context = 512;
-  ModelConfig tiny = model_preset("tiny", 1000);
-  tiny.dropout = 0.0f;
-  ModelConfig seed = model_preset("seed", 100277);
-  seed.dropout = 0.0f;
+  const auto [tiny, mini, seed] = path_models();
   const auto tiny_params = random_params(tiny, 61), mini_params = random_params(mini, 63);
   const auto seed_params = random_params(seed, 67);
   for (const int64_t B : {1, 3, 8}) {
