@@ -20,8 +20,8 @@
 // Lab hook, the fused dQ convert (below): 1 makes a warp's arrival at a strip one query block
 // late (its release fence then finds the block's atomics completed instead of waiting for them),
 // 0 right after the atomics. Not yet timed on a GPU; ptxas (bf16, spill stores/loads bytes, fused
-// kernels; the separate-convert kernels are unchanged): 1: wgmma d64 52/60, d64 dropout 130/176,
-// d128 0/0, d128 dropout 74/104; 0: 28/24, 142/184, 4/4, 50/72.
+// kernels; the separate-convert kernels are unchanged): 1: wgmma d64 40/44, d64 dropout 118/136,
+// d128 0/0, d128 dropout 82/112; 0: 36/40, 174/192, 4/4, 58/92.
 #ifndef FLASHGPT_BWD_DQ_ARRIVE_LATE
 #define FLASHGPT_BWD_DQ_ARRIVE_LATE 1
 #endif
@@ -118,30 +118,47 @@ __device__ __forceinline__ void dq_strip_arrive(int* counter, int lane) {
   }
 }
 
+// A warp's strips over one tile's loop: iteration i (query block m_begin + i % m_count of
+// query head head0 + i / m_count, as BwdGlobal iterates) adds to the strip whose first row is
+// that block's first row + row_offset (the warp's 16 rows of its warpgroup's 64 x 64
+// sub-tile), column block col_block. One description for the wgmma and TMA kernels.
+template <int kHeadDim>
+struct DqStrips {
+  int b, head0, m_begin, m_count, block_m, row_offset, col_block;
+  // Strip i's (query head, first row).
+  __device__ __forceinline__ int2 of(int i) const {
+    return make_int2(head0 + i / m_count, (m_begin + i % m_count) * block_m + row_offset);
+  }
+  __device__ __forceinline__ int* counter(const AttentionParams& p, const BwdWorkspace& ws, int i) const {
+    const int2 hr = of(i);
+    return dq_strip_counter<kHeadDim>(p, ws, b, hr.x, hr.y, col_block);
+  }
+};
+
 // After the tile's loop and the warp's last arrival: claims the completed strips among the
-// warp's strips first .. first + 31 of `count` (lane i strip first + i; strip_of(i) gives strip
-// i's (head, first row)); returns whether this lane's claim won. Every lane calls it. The
-// answer is needed only by dq_strips_convert, so the round trip can overlap other work.
-template <int kHeadDim, typename StripOf>
-__device__ __forceinline__ bool dq_strips_claim(const AttentionParams& p, const BwdWorkspace& ws, int b,
-                                                int col_block, int lane, int count, int first, StripOf strip_of) {
+// warp's strips first .. first + 31 of `count` (lane i strip first + i); returns whether this
+// lane's claim won. Every lane calls it. The answer is needed only by dq_strips_convert, so
+// the round trip can overlap other work.
+template <int kHeadDim>
+__device__ __forceinline__ bool dq_strips_claim(const AttentionParams& p, const BwdWorkspace& ws,
+                                                const DqStrips<kHeadDim>& strips, int lane, int count, int first) {
   __syncwarp();  // the warp's arrivals (lane 0) before its lanes' claims
   if (first + lane >= count) return false;
-  const int2 hr = strip_of(first + lane);
-  return atomicCAS(dq_strip_counter<kHeadDim>(p, ws, b, hr.x, hr.y, col_block), 0, -1) == 0;
+  return atomicCAS(strips.counter(p, ws, first + lane), 0, -1) == 0;
 }
 
 // Converts the strips the warp claimed: won0 is dq_strips_claim's answer for strips 0 .. 31;
 // strips 32 and on are claimed here. Every lane calls it.
-template <typename Element, int kHeadDim, typename StripOf>
+template <typename Element, int kHeadDim>
 __device__ __forceinline__ void dq_strips_convert(bool won0, const AttentionParams& p, const BwdWorkspace& ws,
-                                                  const SeqInfo& seq, int b, int col_block, int lane, int count,
-                                                  StripOf strip_of) {
+                                                  const SeqInfo& seq, const DqStrips<kHeadDim>& strips, int lane,
+                                                  int count) {
+  const int b = strips.b, col_block = strips.col_block;
   for (int i0 = 0; i0 < count; i0 += 32) {
-    const bool won = i0 == 0 ? won0 : dq_strips_claim<kHeadDim>(p, ws, b, col_block, lane, count, i0, strip_of);
+    const bool won = i0 == 0 ? won0 : dq_strips_claim(p, ws, strips, lane, count, i0);
     if (won) __threadfence();  // acquire: every warp's atomics into the strip are visible
     for (unsigned mine = __ballot_sync(0xffffffffu, won); mine != 0; mine &= mine - 1) {
-      const int2 hr = strip_of(i0 + __ffs(mine) - 1);
+      const int2 hr = strips.of(i0 + __ffs(mine) - 1);
       const int head = hr.x, row0 = hr.y;
       // Lane g * 4 + t: rows row0 + g and + 8, columns 64 col_block + 8 q + 2 t and + 1 of n8
       // tile q, the float4 at (q * 128 + 32 (row0 / 16 % 4) + lane) * 4 of the 64 x 64 sub-tile.

@@ -264,17 +264,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int diag = seq.seqlen_k - seq.seqlen_q;
     const BwdGlobal<Element> global(p, seq, b, tile.head_kv, n0, kBlockM);
     const int iterations = global.iterations;
-    // The fused dQ convert: this warp's strip of a query block (first row m0) starts at row
-    // dq_strip_row(m0); iteration i's strip is (head, first row) strip_of(i).
-    [[maybe_unused]] auto dq_strip_row = [&](int m0_) { return m0_ + dq_qb * 64 + kDqStripRows * warp_in_wg; };
-    [[maybe_unused]] auto strip_counter = [&](int i) {
-      return dq_strip_counter<kHeadDim>(p, ws, b, tile.head_kv * global.group + i / global.m_count,
-                                        dq_strip_row((global.m_begin + i % global.m_count) * kBlockM), dq_db);
-    };
-    [[maybe_unused]] auto strip_of = [&](int i) {
-      return make_int2(tile.head_kv * global.group + i / global.m_count,
-                       dq_strip_row((global.m_begin + i % global.m_count) * kBlockM));
-    };
+    // The fused dQ convert: this warp's strips (iteration i's: strips.of(i)).
+    [[maybe_unused]] const DqStrips<kHeadDim> strips{b, tile.head_kv * global.group,
+                                                     global.m_begin, global.m_count, kBlockM,
+                                                     dq_qb * 64 + kDqStripRows * warp_in_wg, dq_db};
 
     float acc_dk[kNTilesD][4], acc_dv[kNTilesD][4];  // rows: this thread's two keys
 #pragma unroll
@@ -426,7 +419,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         // The fused dQ convert (flash_bwd_kernel.cuh): this warp's arrival at the previous query
         // block's strip, one iteration late, so that the release fence finds that block's
         // atomics completed instead of waiting for them.
-        if (it > 0) dq_strip_arrive(strip_counter(it - 1), lane);
+        if (it > 0) dq_strip_arrive(strips.counter(p, ws, it - 1), lane);
       }
       int* const semaphore = deterministic ? dq_semaphore(p, ws, b, head, m_block, kBlockM) : nullptr;
       if (deterministic) {
@@ -455,7 +448,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       release(bar_empty(st.index));
       st.advance();
       // (FLASHGPT_BWD_DQ_ARRIVE_LATE=0: the arrival right after this block's atomics.)
-      if constexpr (kFusedDq && !kDqArriveLate) dq_strip_arrive(strip_counter(it), lane);
+      if constexpr (kFusedDq && !kDqArriveLate) dq_strip_arrive(strips.counter(p, ws, it), lane);
     }
     // Every GEMM of this warp that read K or V completed: the producer may load the next tile's.
     release(bar_kv_empty);
@@ -463,8 +456,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // answers are read after the epilogue.
     [[maybe_unused]] bool won = false;
     if constexpr (kFusedDq) {
-      if (kDqArriveLate && iterations > 0) dq_strip_arrive(strip_counter(iterations - 1), lane);
-      won = dq_strips_claim<kHeadDim>(p, ws, b, dq_db, lane, iterations, 0, strip_of);
+      if (kDqArriveLate && iterations > 0) dq_strip_arrive(strips.counter(p, ws, iterations - 1), lane);
+      won = dq_strips_claim(p, ws, strips, lane, iterations, 0);
     }
 
     // dK = scale dS^T Q and dV through the staging buffers (the previous tile's copy-out read
@@ -483,7 +476,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     Staged::template copy_out<kCThreads>(s_dk, global.dk, p.dk_row_stride, global.valid_k, ctid);
     Staged::template copy_out<kCThreads>(s_dv, global.dv, p.dv_row_stride, global.valid_k, ctid);
     // The fused dQ convert: the completed strips among this warp's (claimed above).
-    if constexpr (kFusedDq) dq_strips_convert<Element, kHeadDim>(won, p, ws, seq, b, dq_db, lane, iterations, strip_of);
+    if constexpr (kFusedDq) dq_strips_convert<Element>(won, p, ws, seq, strips, lane, iterations);
   }
 #elif defined(__CUDA_ARCH__)
   __trap();  // built for a target without wgmma: the launcher never picks this kernel there

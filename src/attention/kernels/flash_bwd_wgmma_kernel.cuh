@@ -265,17 +265,9 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int diag = seq.seqlen_k - seq.seqlen_q;
     const BwdGlobal<Element> global(p, seq, b, head_kv, has_keys ? n0 : 0, kBlockM);
     const int iterations = has_keys ? global.iterations : 0;
-    // The fused dQ convert: this warp's strip of a query block (first row m0) starts at row
-    // dq_strip_row(m0); iteration i's strip is (head, first row) strip_of(i).
-    [[maybe_unused]] auto dq_strip_row = [&](int m0_) { return m0_ + dq_qb * 64 + kDqStripRows * warp_in_wg; };
-    [[maybe_unused]] auto strip_counter = [&](int i) {
-      return dq_strip_counter<kHeadDim>(p, ws, b, head_kv * global.group + i / global.m_count,
-                                        dq_strip_row((global.m_begin + i % global.m_count) * kBlockM), dq_db);
-    };
-    [[maybe_unused]] auto strip_of = [&](int i) {
-      return make_int2(head_kv * global.group + i / global.m_count,
-                       dq_strip_row((global.m_begin + i % global.m_count) * kBlockM));
-    };
+    // The fused dQ convert: this warp's strips (iteration i's: strips.of(i)).
+    [[maybe_unused]] const DqStrips<kHeadDim> strips{b, head_kv * global.group, global.m_begin, global.m_count, kBlockM,
+                                                     dq_qb * 64 + kDqStripRows * warp_in_wg, dq_db};
 
     float acc_dk[kNTilesD][4], acc_dv[kNTilesD][4];  // rows: this thread's two keys
 #pragma unroll
@@ -444,7 +436,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         // The fused dQ convert (flash_bwd_kernel.cuh): this warp's arrival at the previous query
         // block's strip, one iteration late, so that the release fence finds that block's
         // atomics completed instead of waiting for them.
-        if (it > 0) dq_strip_arrive(strip_counter(it - 1), lane);
+        if (it > 0) dq_strip_arrive(strips.counter(p, ws, it - 1), lane);
       }
       int* const semaphore = deterministic ? dq_semaphore(p, ws, b, head, m_block, kBlockM) : nullptr;
       if (deterministic) dq_semaphore_wait(semaphore, n_block);
@@ -463,14 +455,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       fence_operands(acc_dk);
       fence_operands(dsa);
       // (FLASHGPT_BWD_DQ_ARRIVE_LATE=0: the arrival right after this block's atomics.)
-      if constexpr (kFusedDq && !kDqArriveLate) dq_strip_arrive(strip_counter(it), lane);
+      if constexpr (kFusedDq && !kDqArriveLate) dq_strip_arrive(strips.counter(p, ws, it), lane);
     }
     // The fused dQ convert: the arrival at the last query block's strip, then the claims, whose
     // answers are read after the epilogue.
     [[maybe_unused]] bool won = false;
     if constexpr (kFusedDq) {
-      if (kDqArriveLate && iterations > 0) dq_strip_arrive(strip_counter(iterations - 1), lane);
-      won = dq_strips_claim<kHeadDim>(p, ws, b, dq_db, lane, iterations, 0, strip_of);
+      if (kDqArriveLate && iterations > 0) dq_strip_arrive(strips.counter(p, ws, iterations - 1), lane);
+      won = dq_strips_claim(p, ws, strips, lane, iterations, 0);
     }
     // Every warpgroup's GEMMs of this tile are done (each thread waited for its own): K, V and
     // both stages are free for the next tile's copies, which run while dK and dV go out.
@@ -501,7 +493,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       Staged::template copy_out<kThreads>(s_dv, global.dv, p.dv_row_stride, global.valid_k, tid);
     }
     // The fused dQ convert: the completed strips among this warp's (claimed above).
-    if constexpr (kFusedDq) dq_strips_convert<Element, kHeadDim>(won, p, ws, seq, b, dq_db, lane, iterations, strip_of);
+    if constexpr (kFusedDq) dq_strips_convert<Element>(won, p, ws, seq, strips, lane, iterations);
     tile_index = next_index;
   }
 #elif defined(__CUDA_ARCH__)
