@@ -105,7 +105,6 @@ class CudaEngine final : public InferenceEngine {
     return fused_ && N <= inference_cuda::kGemvMaxRows && N * std::max(C_, F_) * 2 <= 48 * 1024;
   }
   void enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t N, bool all_decode);
-  void enqueue_layers_layer3(int n);
   // The persistent path of a call of B <= kGemvMaxRows one-token chunks: every layer in one
   // cooperative launch (inference_cuda::persistent_decode), then the fused head.
   void enqueue_persistent(std::span<const SlotChunk> chunks, int64_t N);
@@ -527,7 +526,12 @@ void CudaEngine::enqueue_model(std::span<const SlotChunk> chunks, int64_t N, boo
 // Per layer: ln1 + qkv + the q/K/V writes, attention (flash-decoding with its combine
 // fused; FlashAttention for prefill chunks), proj + bias + residual, ln2 + fc + GELU,
 // fc_proj + bias + residual; then lnf + the head + argmax partials for each chunk's last
-// row. Each product is one gemv_fused launch.
+// row. Each product is one gemv_fused launch. attnproj: a decode step's attention and proj
+// in one attention_proj launch. layer3 (a decode step of at most mlp_plan_.rows_max rows):
+// attnproj with ln2 + fc + GELU + fc_proj + residual in one mlp_fused launch as well, and
+// every LayerNorm from the statistics its residual's writer left (embed, attention_proj,
+// mlp_fused), so no kernel reduces over the row: 3 launches a layer, 3 L + 3 a step with the
+// sampling (39 for the seed config).
 void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t N, bool all_decode) {
   using namespace inference_cuda;
   const RowBlock rows = row_block(d_rows_);
@@ -541,16 +545,22 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
     FLASHGPT_CHECK(gemv_fused(g, e, stream_), "inference (cuda): the fused product ({} rows, {} -> {}) was refused",
                    g.rows, g.in, g.out);
   };
-  if (layer3_ && decode_rows == n && n <= mlp_plan_.rows_max) {
-    enqueue_layers_layer3(n);
-    return;
-  }
-  embed_fused(x_, d_places_, pf(ParamKind::wte), pf(ParamKind::wpe), n, C, pdl_, stream_);
+  const bool layer3 = layer3_ && decode_rows == n && n <= mlp_plan_.rows_max;
+  // layer3: ln1's and lnf's statistics (C / 32 chunks of 32 columns) from embed and mlp_fused.
+  auto ln1_from_stats = [&](FusedGemvParams& g) {
+    if (!layer3) return;
+    g.ln_stats = ln1_stats_;
+    g.ln_parts = C / 32;
+    g.ln_width = 32;
+  };
+  embed_fused(x_, d_places_, pf(ParamKind::wte), pf(ParamKind::wpe), n, C, pdl_, stream_,
+              layer3 ? ln1_stats_ : nullptr);
   for (int64_t l = 0; l < L_; ++l) {
     bf16* kc = k_cache_ + l * S_ * slot_stride;
     bf16* vc = v_cache_ + l * S_ * slot_stride;
     FusedGemvParams qkv;
     qkv.x_f32 = x_, qkv.ln_w = pf(ParamKind::ln1_w) + l * C_, qkv.ln_b = pf(ParamKind::ln1_b) + l * C_;
+    ln1_from_stats(qkv);
     qkv.w = pb(ParamKind::qkv_w) + l * 3 * C_ * C_, qkv.rows = n, qkv.in = C, qkv.out = 3 * C;
     qkv.bias = pf(ParamKind::qkv_b) + l * 3 * C_;
     qkv.q = q_, qkv.k_cache = kc, qkv.v_cache = vc, qkv.places = d_places_, qkv.slot_stride = slot_stride;
@@ -563,7 +573,19 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
       ap.counters = ap_counters_, ap.rows = n, ap.heads = static_cast<int>(NH_), ap.head_dim = static_cast<int>(HD_);
       ap.C = C, ap.max_length = static_cast<int>(T_), ap.slot_stride = slot_stride, ap.programmatic = pdl_;
       ap.col_blocks = ap_cols_override_ > 0 ? ap_cols_override_ : attention_proj_col_blocks(n, ap.heads);
+      if (layer3) ap.ln_stats = ln2_stats_;  // ln2's statistics, one pair per column block
       attention_proj(ap, stream_);
+      if (layer3) {
+        MlpParams m;
+        m.x = x_, m.ln_w = pf(ParamKind::ln2_w) + l * C_, m.ln_b = pf(ParamKind::ln2_b) + l * C_;
+        m.ln_stats = ln2_stats_, m.ln_parts = ap.col_blocks, m.ln_width = (C + ap.col_blocks - 1) / ap.col_blocks;
+        m.fc_w = pb(ParamKind::fc_w) + l * F_ * C_, m.fc_b = pf(ParamKind::fc_b) + l * F_;
+        m.fcp_w = pb(ParamKind::fc_proj_w) + l * C_ * F_, m.fcp_b = pf(ParamKind::fc_proj_b) + l * C_;
+        m.partials = mlp_partials_, m.arrive = mlp_arrive_, m.stats_out = ln1_stats_;
+        m.rows = n, m.C = C, m.F = F, m.programmatic = pdl_;
+        mlp_fused(m, mlp_plan_, stream_);
+        continue;
+      }
     } else {
       if (!all_decode) enqueue_prefill_attention(chunks, kc, vc);
       enqueue_decode_attention(decode_rows, kc, vc, true);
@@ -590,63 +612,8 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
   head.w = pb(ParamKind::wte), head.rows = static_cast<int>(chunks.size()), head.in = C, head.out = static_cast<int>(Vp_);
   head.y = d_logits_, head.ldy = Vp_, head.part_val = part_val_, head.part_idx = part_idx_;
   head.valid_out = static_cast<int>(V_);
+  ln1_from_stats(head);
   run(head, GemvEpilogue::logits_argmax);
-  head_fused_ = true;
-  head_parts_now_ = head_parts_;
-  head_cooperative_ = false;
-}
-
-// A decode step of n <= mlp_plan_.rows_max rows (row r: chunk r's one token), 3 launches a
-// layer: ln1 + qkv + bias -> q and the K/V cache rows (gemv_fused, its LayerNorm from the
-// statistics the residual's writer left), attention + proj + residual (attention_proj,
-// leaving ln2's statistics), ln2 + fc + GELU + fc_proj + residual (mlp_fused, leaving the
-// next ln1's or lnf's statistics); embed before (with layer 0's statistics), lnf + head +
-// argmax partials after. 3 L + 3 launches a step with the sampling: 39 for the seed config.
-void CudaEngine::enqueue_layers_layer3(int n) {
-  using namespace inference_cuda;
-  const RowBlock rows = row_block(d_rows_);
-  const int C = static_cast<int>(C_), F = static_cast<int>(F_), parts1 = C / 32;
-  const int64_t slot_stride = T_ * C_;
-  const int cols = ap_cols_override_ > 0 ? ap_cols_override_ : attention_proj_col_blocks(n, static_cast<int>(NH_));
-  const int width2 = (C + cols - 1) / cols;
-  embed_fused(x_, d_places_, pf(ParamKind::wte), pf(ParamKind::wpe), n, C, pdl_, stream_, ln1_stats_);
-  for (int64_t l = 0; l < L_; ++l) {
-    bf16* kc = k_cache_ + l * S_ * slot_stride;
-    bf16* vc = v_cache_ + l * S_ * slot_stride;
-    FusedGemvParams qkv;
-    qkv.x_f32 = x_, qkv.ln_w = pf(ParamKind::ln1_w) + l * C_, qkv.ln_b = pf(ParamKind::ln1_b) + l * C_;
-    qkv.ln_stats = ln1_stats_, qkv.ln_parts = parts1, qkv.ln_width = 32;
-    qkv.w = pb(ParamKind::qkv_w) + l * 3 * C_ * C_, qkv.rows = n, qkv.in = C, qkv.out = 3 * C;
-    qkv.bias = pf(ParamKind::qkv_b) + l * 3 * C_;
-    qkv.q = q_, qkv.k_cache = kc, qkv.v_cache = vc, qkv.places = d_places_, qkv.slot_stride = slot_stride;
-    qkv.programmatic = pdl_;
-    FLASHGPT_CHECK(gemv_fused(qkv, GemvEpilogue::qkv_cache, stream_),
-                   "inference (cuda): the fused qkv product ({} rows, {} -> {}) was refused", n, C, 3 * C);
-    AttentionProjParams ap;
-    ap.q = q_, ap.k_cache = kc, ap.v_cache = vc, ap.q_rows = rows.q_rows, ap.slots = rows.slots;
-    ap.lengths = rows.lengths, ap.w = pb(ParamKind::attn_proj_w) + l * C_ * C_;
-    ap.bias = pf(ParamKind::attn_proj_b) + l * C_, ap.residual = x_, ap.partials = ap_partials_;
-    ap.counters = ap_counters_, ap.ln_stats = ln2_stats_, ap.rows = n, ap.heads = static_cast<int>(NH_);
-    ap.head_dim = static_cast<int>(HD_), ap.C = C, ap.max_length = static_cast<int>(T_), ap.slot_stride = slot_stride;
-    ap.programmatic = pdl_, ap.col_blocks = cols;
-    attention_proj(ap, stream_);
-    MlpParams m;
-    m.x = x_, m.ln_w = pf(ParamKind::ln2_w) + l * C_, m.ln_b = pf(ParamKind::ln2_b) + l * C_;
-    m.ln_stats = ln2_stats_, m.ln_parts = cols, m.ln_width = width2;
-    m.fc_w = pb(ParamKind::fc_w) + l * F_ * C_, m.fc_b = pf(ParamKind::fc_b) + l * F_;
-    m.fcp_w = pb(ParamKind::fc_proj_w) + l * C_ * F_, m.fcp_b = pf(ParamKind::fc_proj_b) + l * C_;
-    m.partials = mlp_partials_, m.arrive = mlp_arrive_, m.stats_out = ln1_stats_;
-    m.rows = n, m.C = C, m.F = F, m.programmatic = pdl_;
-    mlp_fused(m, mlp_plan_, stream_);
-  }
-  FusedGemvParams head;
-  head.x_f32 = x_, head.ln_w = pf(ParamKind::lnf_w), head.ln_b = pf(ParamKind::lnf_b), head.row_index = rows.last;
-  head.ln_stats = ln1_stats_, head.ln_parts = parts1, head.ln_width = 32;
-  head.w = pb(ParamKind::wte), head.rows = n, head.in = C, head.out = static_cast<int>(Vp_);
-  head.y = d_logits_, head.ldy = Vp_, head.part_val = part_val_, head.part_idx = part_idx_;
-  head.valid_out = static_cast<int>(V_), head.programmatic = pdl_;
-  FLASHGPT_CHECK(gemv_fused(head, GemvEpilogue::logits_argmax, stream_),
-                 "inference (cuda): the fused head ({} rows, {} -> {}) was refused", n, C, head.out);
   head_fused_ = true;
   head_parts_now_ = head_parts_;
   head_cooperative_ = false;
