@@ -468,15 +468,6 @@ __device__ float block_max(float v, SampleShared& s) {
   for (int i = 0; i < kSampleThreads / 32; ++i) m = fmaxf(m, s.red_f[i]);
   return m;
 }
-__device__ float block_sum(float v, SampleShared& s) {
-  v = warp_sum(v);
-  __syncthreads();
-  if (threadIdx.x % 32 == 0) s.red_f[threadIdx.x / 32] = v;
-  __syncthreads();
-  float t = 0.0f;
-  for (int i = 0; i < kSampleThreads / 32; ++i) t += s.red_f[i];
-  return t;
-}
 __device__ unsigned long long block_sum_u64(unsigned long long v, SampleShared& s) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   __syncthreads();
@@ -595,7 +586,7 @@ __global__ void __launch_bounds__(kSampleThreads) sample_kernel(int32_t* tokens,
     const float z = logits[i] * inv_t;
     if (sample_key(z, i) >= lower) z_sum += __expf(z - zmax);
   }
-  const float Z = block_sum(z_sum, s);
+  const float Z = block_sum<kSampleThreads / 32>(z_sum, s.red_f);
   const float fixed_scale = static_cast<float>(kFixedOne) / Z;
   auto mass_at_least = [&](uint64_t bound) {
     unsigned long long part = 0;
@@ -966,22 +957,12 @@ __global__ void __launch_bounds__(kApThreads) attention_proj_kernel(AttentionPro
   if (!p.ln_stats) return;
   // The column block's LayerNorm statistics (mean, M2) for ln2: two block sums, warps added
   // in order (this thread reads back its own stores).
-  auto block_sum = [&](float v) {
-    v = warp_sum(v);
-    __syncthreads();  // wred's earlier readers are done
-    if (lane == 0) wred[warp] = v;
-    __syncthreads();
-    float total = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kApWarps; ++w) total += wred[w];
-    return total;
-  };
   float s1 = 0.0f;
   for (int c = c0 + t; c < c1; c += kApThreads) s1 += res[c];
-  const float mean = c1 > c0 ? block_sum(s1) / static_cast<float>(c1 - c0) : 0.0f;
+  const float mean = c1 > c0 ? block_sum<kApWarps>(s1, wred) / static_cast<float>(c1 - c0) : 0.0f;
   float s2 = 0.0f;
   for (int c = c0 + t; c < c1; c += kApThreads) s2 += (res[c] - mean) * (res[c] - mean);
-  const float m2 = c1 > c0 ? block_sum(s2) : 0.0f;
+  const float m2 = c1 > c0 ? block_sum<kApWarps>(s2, wred) : 0.0f;
   if (t == 0) p.ln_stats[r * p.col_blocks + j] = make_float2(mean, m2);
 }
 
