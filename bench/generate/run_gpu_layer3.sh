@@ -51,21 +51,7 @@ bench() {  # mode batch run
 }
 for r in 1 2; do for v in fused attnproj layer3; do bench $v 1 $r; done; done
 for v in fused layer3; do bench $v 4 1; done
-python3 - "$L/bench.jsonl" <<'EOF' | tee "$L/table.txt"
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-fused = {}
-for r in rows:
-    if r["variant"] == "fused":
-        fused.setdefault(r["batch"], []).append(r["decode_tokens_per_s"])
-print("| variant | batch | run | tokens/s | ms/step | bound tokens/s | % of bound | / fused (mean) |")
-print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-for r in sorted(rows, key=lambda r: (r["batch"], r["variant"] != "fused", r["variant"], r["run"])):
-    f = fused.get(r["batch"])
-    ratio = r["decode_tokens_per_s"] / (sum(f) / len(f)) if f else float("nan")
-    print(f"| {r['variant']} | {r['batch']} | {r['run']} | {r['decode_tokens_per_s']:.0f} | {r['step_ms']:.3f} | "
-          f"{r['bound_tokens_per_s']:.0f} | {100 * r['decode_tokens_per_s'] / r['bound_tokens_per_s']:.1f}% | {ratio:.3f} |")
-EOF
+python3 "$HERE/decode_table.py" "$L/bench.jsonl" | tee "$L/table.txt"
 t0=$SECONDS
 left=$((DEADLINE - SECONDS))
 if [ $left -gt 15 ]; then
