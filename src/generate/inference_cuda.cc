@@ -363,6 +363,10 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
     head_l2_bytes_ = std::min(n << 20, Vp_ * C_ * 2);
   }
   if (const char* ahead = std::getenv("FLASHGPT_DECODE_L2_AHEAD")) l2_ahead_ = std::string(ahead) == "1";
+  // A line prefetch fills what L2 fetches on a miss: ask for whole 128-byte lines (a hint,
+  // for the process's context; 32-byte sectors would bring a quarter of the weights). A
+  // device that refuses the limit runs without it.
+  if (l2_ahead_ && cudaDeviceSetLimit(cudaLimitMaxL2FetchGranularity, 128) != cudaSuccess) cudaGetLastError();
   head_parts_ = inference_cuda::gemv_fused_blocks(static_cast<int>(Vp_));
   const int parts_max = std::max(head_parts_, plan_.grid);  // the persistent head leaves one per block
   part_val_ = device_alloc<float>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * parts_max);
