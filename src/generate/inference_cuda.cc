@@ -197,6 +197,12 @@ class CudaEngine final : public InferenceEngine {
   // head's first MB megabytes of weights toward L2 with the evict-last priority, so that
   // the head starts on rows in L2 (off by default until measured).
   int64_t head_l2_bytes_ = 0;
+  // FLASHGPT_DECODE_L2_AHEAD=1: each layer kernel of the fused, attnproj and layer3 paths
+  // that reads weights prefetches, before its wait, the ones its role reads one layer later
+  // (the last layer's: the head's rows at the same place in the step's stream of weights),
+  // so that DRAM streams the next layer while the chain of dependent kernels runs (off by
+  // default until measured).
+  bool l2_ahead_ = false;
   static constexpr int kApMaxCols = 64;
   std::map<int, cudaGraphExec_t> graphs_;  // decode steps by batch size
   std::vector<int64_t> decode_chunks_;     // host: which chunks are one token (scratch)
@@ -356,6 +362,11 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
     FLASHGPT_CHECK(n >= 0 && n <= 4096, "inference (cuda): FLASHGPT_HEAD_L2_PREFETCH is '{}', expected 0 .. 4096 (MB)", mb);
     head_l2_bytes_ = std::min(n << 20, Vp_ * C_ * 2);
   }
+  if (const char* ahead = std::getenv("FLASHGPT_DECODE_L2_AHEAD")) l2_ahead_ = std::string(ahead) == "1";
+  // A line prefetch fills what L2 fetches on a miss: ask for whole 128-byte lines (a hint,
+  // for the process's context; 32-byte sectors would bring a quarter of the weights). A
+  // device that refuses the limit runs without it.
+  if (l2_ahead_ && cudaDeviceSetLimit(cudaLimitMaxL2FetchGranularity, 128) != cudaSuccess) cudaGetLastError();
   head_parts_ = inference_cuda::gemv_fused_blocks(static_cast<int>(Vp_));
   const int parts_max = std::max(head_parts_, plan_.grid);  // the persistent head leaves one per block
   part_val_ = device_alloc<float>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * parts_max);
@@ -553,6 +564,21 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
     g.ln_parts = C / 32;
     g.ln_width = 32;
   };
+  // FLASHGPT_DECODE_L2_AHEAD: what layer l's kernel of a role prefetches, the role's
+  // `elems` weights of layer l + 1; after the last layer the head's rows from head_at (its
+  // offset in a layer's weights: qkv, proj, fc, fc_proj), cut to the head's size. With
+  // FLASHGPT_HEAD_L2_PREFETCH as well, layer L - 2's fc prefetches the head instead.
+  auto ahead = [&](ParamKind kind, int64_t elems, int64_t l, int64_t head_at) {
+    L2Range r;
+    if (!l2_ahead_) return r;
+    if (l + 1 < L_) {
+      r.ptr = pb(kind) + (l + 1) * elems, r.bytes = 2 * elems;
+    } else if (head_at < Vp_ * C_) {
+      r.ptr = pb(ParamKind::wte) + head_at, r.bytes = 2 * std::min(elems, Vp_ * C_ - head_at);
+    }
+    return r;
+  };
+  const int64_t at_proj = 3 * C_ * C_, at_fc = 4 * C_ * C_, at_fcp = at_fc + F_ * C_;
   embed_fused(x_, d_places_, pf(ParamKind::wte), pf(ParamKind::wpe), n, C, pdl_, stream_,
               layer3 ? ln1_stats_ : nullptr);
   for (int64_t l = 0; l < L_; ++l) {
@@ -564,6 +590,7 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
     qkv.w = pb(ParamKind::qkv_w) + l * 3 * C_ * C_, qkv.rows = n, qkv.in = C, qkv.out = 3 * C;
     qkv.bias = pf(ParamKind::qkv_b) + l * 3 * C_;
     qkv.q = q_, qkv.k_cache = kc, qkv.v_cache = vc, qkv.places = d_places_, qkv.slot_stride = slot_stride;
+    qkv.l2_prefetch = ahead(ParamKind::qkv_w, 3 * C_ * C_, l, 0);
     run(qkv, GemvEpilogue::qkv_cache);
     if (attn_proj_ && decode_rows == n) {
       AttentionProjParams ap;
@@ -573,6 +600,7 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
       ap.counters = ap_counters_, ap.rows = n, ap.heads = static_cast<int>(NH_), ap.head_dim = static_cast<int>(HD_);
       ap.C = C, ap.max_length = static_cast<int>(T_), ap.slot_stride = slot_stride, ap.programmatic = pdl_;
       ap.col_blocks = ap_cols_override_ > 0 ? ap_cols_override_ : attention_proj_col_blocks(n, ap.heads);
+      ap.l2_prefetch = ahead(ParamKind::attn_proj_w, C_ * C_, l, at_proj);
       if (layer3) ap.ln_stats = ln2_stats_;  // ln2's statistics, one pair per column block
       attention_proj(ap, stream_);
       if (layer3) {
@@ -583,6 +611,8 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
         m.fcp_w = pb(ParamKind::fc_proj_w) + l * C_ * F_, m.fcp_b = pf(ParamKind::fc_proj_b) + l * C_;
         m.partials = mlp_partials_, m.arrive = mlp_arrive_, m.stats_out = ln1_stats_;
         m.rows = n, m.C = C, m.F = F, m.programmatic = pdl_;
+        m.l2_prefetch[0] = ahead(ParamKind::fc_w, F_ * C_, l, at_fc);
+        m.l2_prefetch[1] = ahead(ParamKind::fc_proj_w, C_ * F_, l, at_fcp);
         mlp_fused(m, mlp_plan_, stream_);
         continue;
       }
@@ -592,19 +622,20 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
       FusedGemvParams proj;
       proj.x_bf16 = att_, proj.w = pb(ParamKind::attn_proj_w) + l * C_ * C_, proj.rows = n, proj.in = C, proj.out = C;
       proj.bias = pf(ParamKind::attn_proj_b) + l * C_, proj.residual = x_;
+      proj.l2_prefetch = ahead(ParamKind::attn_proj_w, C_ * C_, l, at_proj);
       run(proj, GemvEpilogue::residual);
     }
     FusedGemvParams fc;
     fc.x_f32 = x_, fc.ln_w = pf(ParamKind::ln2_w) + l * C_, fc.ln_b = pf(ParamKind::ln2_b) + l * C_;
     fc.w = pb(ParamKind::fc_w) + l * F_ * C_, fc.rows = n, fc.in = C, fc.out = F;
     fc.bias = pf(ParamKind::fc_b) + l * F_, fc.y = ff_, fc.ldy = F_;
-    if (head_l2_bytes_ > 0 && l == std::max<int64_t>(0, L_ - 2)) {
-      fc.l2_prefetch = pb(ParamKind::wte), fc.l2_prefetch_bytes = head_l2_bytes_;
-    }
+    fc.l2_prefetch = ahead(ParamKind::fc_w, F_ * C_, l, at_fc);
+    if (head_l2_bytes_ > 0 && l == std::max<int64_t>(0, L_ - 2)) fc.l2_prefetch = {pb(ParamKind::wte), head_l2_bytes_};
     run(fc, GemvEpilogue::bias_gelu);
     FusedGemvParams fc2;
     fc2.x_bf16 = ff_, fc2.w = pb(ParamKind::fc_proj_w) + l * C_ * F_, fc2.rows = n, fc2.in = F, fc2.out = C;
     fc2.bias = pf(ParamKind::fc_proj_b) + l * C_, fc2.residual = x_;
+    fc2.l2_prefetch = ahead(ParamKind::fc_proj_w, C_ * F_, l, at_fcp);
     run(fc2, GemvEpilogue::residual);
   }
   FusedGemvParams head;

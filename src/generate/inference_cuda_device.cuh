@@ -1,6 +1,6 @@
 // Device helpers shared by the CUDA inference engine's kernels (inference_cuda_kernels.cu)
 // and its persistent decode kernel (decode_persistent.cu): programmatic dependent launch,
-// warp reductions, eight bf16 to float, an L2 prefetch, and GELU (tanh), the model's
+// warp reductions, eight bf16 to float, L2 prefetches, and GELU (tanh), the model's
 // activation. Private to src/generate/; nvcc only.
 #pragma once
 
@@ -64,6 +64,14 @@ __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefe
 // (the streamed layer weights) can be evicted instead.
 __device__ __forceinline__ void prefetch_l2_evict_last(const void* p) {
   asm volatile("prefetch.global.L2::evict_last [%0];" ::"l"(p));
+}
+// Brings bytes from p toward L2 with the evict-last priority, one prefetch per 128-byte
+// line, the lines dealt over the grid's threads (`thread` of `threads`; at most a few lines
+// each for a layer's matrix): no register kept, nothing to wait for, a hint only.
+__device__ __forceinline__ void prefetch_l2_range(const void* p, int64_t bytes, int64_t thread, int64_t threads) {
+  if (!p) return;
+  const char* base = static_cast<const char*>(p);
+  for (int64_t at = thread * 128; at < bytes; at += threads * 128) prefetch_l2_evict_last(base + at);
 }
 __device__ __forceinline__ float gelu_tanh(float v) {
   return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));

@@ -249,9 +249,9 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
   if constexpr (E == GemvEpilogue::qkv_cache) {
     if (lane < R) place0 = p.places[lane];
   }
-  if (p.l2_prefetch) {
-    const char* base = static_cast<const char*>(p.l2_prefetch);
-    for (int64_t at = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 128; at < p.l2_prefetch_bytes;
+  if (p.l2_prefetch.ptr) {  // prefetch_l2_range written out: its call tips this kernel (80 registers) into spills
+    const char* base = static_cast<const char*>(p.l2_prefetch.ptr);
+    for (int64_t at = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 128; at < p.l2_prefetch.bytes;
          at += static_cast<int64_t>(gridDim.x) * blockDim.x * 128) {
       prefetch_l2_evict_last(base + at);
     }
@@ -836,6 +836,9 @@ __global__ void __launch_bounds__(kApThreads) attention_proj_kernel(AttentionPro
     for (int c = 0; c < D; c += 64) prefetch_l2(row + c);
   }
   const int64_t qrow = p.q_rows[r];
+  const int64_t block = (static_cast<int64_t>(r) * gridDim.y + h) * gridDim.x + j;
+  prefetch_l2_range(p.l2_prefetch.ptr, p.l2_prefetch.bytes, block * kApThreads + t,
+                    static_cast<int64_t>(gridDim.x) * gridDim.y * gridDim.z * kApThreads);
   pdl_wait();
   pdl_launch_dependents();
   extern __shared__ float ap_shared[];
@@ -1050,6 +1053,10 @@ __global__ void __launch_bounds__(kMlpThreads, 2) mlp_kernel(MlpParams p) {
 #pragma unroll
   for (int u = 0; u < kMlpProjPre; ++u) wp[u] = proj_load(u);
   const float bias_a = p.fc_b[fa], bias_b = p.fc_b[fa + 1];
+  for (const L2Range& range : p.l2_prefetch) {
+    prefetch_l2_range(range.ptr, range.bytes, static_cast<int64_t>(blockIdx.x) * kMlpThreads + t,
+                      static_cast<int64_t>(gridDim.x) * kMlpThreads);
+  }
   pdl_wait();
   pdl_launch_dependents();
   __shared__ float hs[R][kMlpSlice];  // the slice's GELU outputs, bf16-rounded as the fused path stores them

@@ -52,6 +52,15 @@ constexpr int kGemvMaxRows = 8;
 bool gemv(void* y, bool y_f32, int64_t ldy, const bf16* x, const bf16* w, const float* bias_gelu, int rows, int in,
           int out, cudaStream_t stream);
 
+// Bytes toward L2 with the evict-last priority, a hint issued before griddepcontrol.wait and
+// split over the grid's threads, one prefetch per 128-byte line (prefetch_l2_range): the
+// head's first rows (FLASHGPT_HEAD_L2_PREFETCH) or, with FLASHGPT_DECODE_L2_AHEAD=1, the
+// weights the kernel's role reads in the next layer. Null: none.
+struct L2Range {
+  const void* ptr = nullptr;
+  int64_t bytes = 0;
+};
+
 // ---- the fused decode path (calls of at most kGemvMaxRows rows) -------------------------
 //
 // One kernel per matrix of a layer: y = op(in) W^T with its prologue and epilogue fused, so
@@ -102,10 +111,7 @@ struct FusedGemvParams {
   // The residual epilogue with 2048 < in <= 3072 (fc_proj at d_ff 3072): 12 loads a lane in
   // flight instead of 8, so a row's loads all go out before the wait (FLASHGPT_GEMV_WIDE=1).
   bool wide = false;
-  // Optional: bytes from l2_prefetch toward L2 with the evict-last priority, issued before
-  // the wait and split among the blocks (the head's first rows, FLASHGPT_HEAD_L2_PREFETCH).
-  const void* l2_prefetch = nullptr;
-  int64_t l2_prefetch_bytes = 0;
+  L2Range l2_prefetch;  // optional: the next layer's matrix of this role, or the head's first rows
 };
 
 // Blocks the fused kernel launches for `out` output rows (the head's argmax partials are
@@ -166,6 +172,7 @@ struct AttentionProjParams {
   int rows = 0, heads = 0, head_dim = 0, C = 0, max_length = 0, col_blocks = 1;
   int64_t slot_stride = 0;
   bool programmatic = false;
+  L2Range l2_prefetch;  // optional: the next layer's W_proj, or head rows
 };
 // The column blocks the engine uses for `rows` x `heads` (at least 1, at most 8; enough
 // blocks to spread W_proj's loads, few enough that the redundant attention stays cheap).
@@ -206,6 +213,7 @@ struct MlpParams {
   float2* stats_out = nullptr;         // (rows, C / 32): the new row's statistics
   int rows = 0, C = 0, F = 0;
   bool programmatic = false;
+  L2Range l2_prefetch[2];  // optional: the next layer's W_fc and W_fcp, or head rows
 };
 struct MlpPlan {
   bool ok = false;

@@ -193,7 +193,7 @@ TEST(GemvFusedCuda, MatchesReference) {
       // 3072 takes it) in the programmatic cases, the usual 8 in the others.
       p.wide = gc.programmatic;
       // An L2 prefetch of the weights (a hint: the results must not change) in the LayerNorm cases.
-      if (gc.ln) p.l2_prefetch = d_w, p.l2_prefetch_bytes = static_cast<int64_t>(w.size()) * 2;
+      if (gc.ln) p.l2_prefetch = {d_w, static_cast<int64_t>(w.size()) * 2};
       ASSERT_TRUE(inference_cuda::gemv_fused(p, epi, nullptr));
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 
@@ -1139,6 +1139,59 @@ TEST(InferenceCuda, Layer3PathMatchesFused) {
     expect_path_matches_fused("layer3", tiny, tiny_params, 61, B, tiny.context - 3, false);
     expect_path_matches_fused("layer3", mini, mini_params, 63, B, mini.context - 3, false);
     if (B != 8) expect_path_matches_fused("layer3", seed, seed_params, 67, B, seed.context - 3, false);
+  }
+}
+
+// FLASHGPT_DECODE_L2_AHEAD=1 (each layer kernel prefetches its role's next-layer weights,
+// the last layer's the head's first rows) is a hint only: through the fused, attnproj and
+// layer3 paths, an engine with it gives the same logits bit for bit and the same greedy
+// tokens (the graph) as one without, over a prefill and 24 decode steps, at batch 1 and 3:
+// on the context-512 miniature (its last fc_proj's head range is cut to nothing: the head
+// is 4 C C + F C long) and on the seed preset.
+void expect_l2_ahead_identical(const char* mode, const ModelConfig& c, const std::vector<float>& params, int64_t B) {
+  SCOPED_TRACE(::testing::Message() << mode << ": d_model " << c.d_model << " batch " << B);
+  const int64_t V = c.vocab_size;
+  ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", mode, 1), 0);
+  ASSERT_EQ(setenv("FLASHGPT_DECODE_L2_AHEAD", "0", 1), 0);
+  auto off = inference_create_cuda(c, params, {.max_slots = B});
+  ASSERT_EQ(setenv("FLASHGPT_DECODE_L2_AHEAD", "1", 1), 0);
+  auto on = inference_create_cuda(c, params, {.max_slots = B});
+  ASSERT_EQ(unsetenv("FLASHGPT_CUDA_DECODE"), 0);
+  ASSERT_EQ(unsetenv("FLASHGPT_DECODE_L2_AHEAD"), 0);
+  std::vector<std::vector<TokenId>> seqs;
+  for (int64_t b = 0; b < B; ++b) seqs.push_back(random_tokens(9 + 4 * b, V, static_cast<uint32_t>(71 + b)));
+  std::vector<uint64_t> index(B), step(B, 0);
+  for (int64_t b = 0; b < B; ++b) index[b] = b;
+  std::vector<float> l_off(static_cast<size_t>(B * V)), l_on(l_off.size());
+  std::vector<TokenId> t_off(B), t_on(B);
+  for (int s = 0; s < 25; ++s) {
+    std::vector<SlotChunk> chunks;
+    for (int64_t b = 0; b < B; ++b) {
+      chunks.push_back({b, s == 0 ? std::span<const TokenId>(seqs[b]) : std::span<const TokenId>(seqs[b]).last(1)});
+    }
+    if (s % 2 == 0) {
+      off->forward(chunks, l_off);
+      on->forward(chunks, l_on);
+      ASSERT_EQ(l_on, l_off) << "step " << s;
+      for (int64_t b = 0; b < B; ++b) seqs[b].push_back(argmax(std::span<const float>(l_off.data() + b * V, V)));
+    } else {
+      off->forward_sample(chunks, {.greedy = true}, index, step, t_off);
+      on->forward_sample(chunks, {.greedy = true}, index, step, t_on);
+      ASSERT_EQ(t_on, t_off) << "step " << s;
+      for (int64_t b = 0; b < B; ++b) seqs[b].push_back(t_off[b]);
+    }
+  }
+  EXPECT_EQ(on->length(0), 9 + 24);
+}
+
+TEST(InferenceCuda, L2AheadChangesNothing) {
+  const auto [tiny, mini, seed] = path_models();
+  const auto mini_params = random_params(mini, 73), seed_params = random_params(seed, 79);
+  for (const char* mode : {"fused", "attnproj", "layer3"}) {
+    for (const int64_t B : {1, 3}) {
+      expect_l2_ahead_identical(mode, mini, mini_params, B);
+      expect_l2_ahead_identical(mode, seed, seed_params, B);
+    }
   }
 }
 
