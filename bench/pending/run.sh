@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The GPU measurements still pending, in parts that each fit one device call, from the package
+# bench/pending/stage.sh leaves in .gpu/pending/ (carry it). From the repository root:
+#   PARTS="decode attn_tests" bash bench/pending/run.sh
+# Parts (each step capped by `timeout`; seconds are the caps, the usual run is shorter):
+#   decode      (about 150 s) the batch-1 seed decode (128-token prompt, 256 steps) through the
+#               fused, attnproj and layer3 paths, each with FLASHGPT_DECODE_L2_AHEAD off and on,
+#               then their GPU tests (docs/generate.md)
+#   attn_tests  (about 170 s) the TMA backward forced (pipeline shapes, against the wgmma kernel),
+#               the fused dQ convert's tests and the backward tests with it on, memcheck of both
+#   attn_bench  (about 250 s) `flashgpt bench attention` up to s 4096 with the separate and the
+#               fused dQ convert (wgmma and TMA backwards each), cuDNN's backward on the same
+#               rows, and the joined tables (docs/attention_gpu.md)
+#   model       (about 200 s) the per-op profile of a seed training step, default and with the v7
+#               switches, and the step time with each opt-in path (docs/model_gpu.md)
+#   ovl         (about 120 s) the d128 forward with FLASHGPT_TMA_OVERLAP=1 (stage.sh --ovl) against
+#               the default build
+# Everything goes to $OUT: summary.txt (every step's status and figures), the tables
+# (decode.txt, bwd_table.md, dq_fused.md, profile.txt, ovl.md) and pending_logs.tgz.
+set -uo pipefail
+R=$(cd "$(dirname "$0")/../.." && pwd)
+PKG=$R/.gpu/pending
+OUT=${OUT:-results/pending}
+B=/tmp/pending_bins
+L=$OUT/logs
+S=$OUT/summary.txt
+[ -f "$PKG/bins.tar.xz" ] || { echo "no $PKG/bins.tar.xz: run bench/pending/stage.sh first"; exit 1; }
+rm -rf "$B"
+mkdir -p "$L" "$B"
+python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" \
+  "$PKG/bins.tar.xz" "$B" || exit 1
+source "$R/bench/gpu_libs.sh"
+gpu_libs "$B" "$B/flashgpt" || exit 1
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; echo "commit $(cat "$PKG/COMMIT")"; } |
+  tee -a "$S"
+status=0
+# step NAME SECONDS COMMAND...: runs it into $L/NAME.log, then adds its exit status, gtest
+# verdict, sanitizer summary, step figures and first failures to the summary.
+step() {
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  timeout "$secs" "$@" >"$L/$name.log" 2>&1
+  local rc=$?
+  [ $rc -ne 0 ] && status=1
+  { echo "== $name: rc $rc, $((SECONDS - t0)) s $(grep -E '^\[  (PASSED|FAILED)  \]|ERROR SUMMARY' "$L/$name.log" | tail -2 | tr '\n' ' ')"
+    grep -oE '"step_ms":[0-9.]+|"tokens_per_s":[0-9.]+|"peak_gib":[0-9.]+' "$L/$name.log" | tr '\n' ' '
+    grep -E '^\[  FAILED  \]|Failure|rror:' "$L/$name.log" | head -8; } | tee -a "$S"
+}
+seed_train=(bench train --vocab 100277 --batch 64 --context 512 --warmup 3 --steps 10)
+v7=(env FLASHGPT_CLASSIFIER_CLUSTER=1 FLASHGPT_FUSED_RESIDUAL_LN=1 FLASHGPT_LN_BACKWARD_REGISTERS=1)
+start=$SECONDS
+for part in ${PARTS:-decode attn_tests}; do
+  case $part in
+    decode)
+      : >"$L/decode.jsonl"
+      for path in fused attnproj layer3; do
+        for ahead in 0 1; do
+          name=decode_${path}_l2ahead$ahead
+          step "$name" 25 env FLASHGPT_CUDA_DECODE=$path FLASHGPT_DECODE_L2_AHEAD=$ahead FLASHGPT_GRAPH_NODES=1 \
+            "$B/flashgpt" bench generate --device cuda --preset seed --batch 1 --prompt-tokens 128 --new-tokens 256
+          variant=$path; [ $ahead = 1 ] && variant=$path+l2ahead
+          grep -E '^\{' "$L/$name.log" | sed "s/^{/{\"variant\": \"$variant\", \"run\": 1, /" >>"$L/decode.jsonl"
+        done
+      done
+      python3 "$R/bench/generate/decode_table.py" "$L/decode.jsonl" | tee "$OUT/decode.txt"
+      step decode_tests 60 "$B/generate_inference_cuda_test" --gtest_filter='InferenceCuda.L2Ahead*:InferenceCuda.Layer3*:InferenceCuda.AttnProj*:MlpFusedCuda.*:AttentionProjCuda.*' ;;
+    attn_tests)
+      step tma_bwd_tests 60 env FLASHGPT_ATTN_BWD_KERNEL=tma "$B/attention_cuda_test" \
+        --gtest_filter='*BackwardPipelineShapes*:*TmaBackwardMatchesWgmma*:*ReportsKernels*'
+      step dq_fused_tests 30 "$B/attention_cuda_test" --gtest_filter='*FusedDqConvert*'
+      step dq_fused_backward_tests 45 env FLASHGPT_ATTN_BWD_FUSED_CONVERT=1 "$B/attention_cuda_test" \
+        --gtest_filter='*Backward*:*Deterministic*:*Dropout*:*Gqa*:*Varlen*'
+      step memcheck_tma_fused 35 env FLASHGPT_ATTN_BWD_KERNEL=tma FLASHGPT_ATTN_BWD_FUSED_CONVERT=1 \
+        compute-sanitizer --tool memcheck --error-exitcode 9 "$B/attention_cuda_test" --gtest_filter='*SmallShapes*' ;;
+    attn_bench)
+      for fused in 0 1; do
+        step bench_attn_fused$fused 90 env FLASHGPT_ATTN_BWD_FUSED_CONVERT=$fused "$B/flashgpt" bench attention \
+          --device cuda --max-seqlen 4096 --min-time 0.1 --bwd-kernels wgmma,tma --out "$L/attn_fused$fused"
+      done
+      step cudnn_bwd 70 python3 "$R/bench/attention_gpu/cudnn_bwd.py" --out "$L/cudnn" --seqlens 512,1024,2048,4096 \
+        --min-time-s 0.1 --ours "$L/attn_fused0/attention_cuda.csv"
+      sed -n '/^|/p' "$L/cudnn_bwd.log" | tee "$OUT/bwd_table.md"
+      python3 "$R/bench/attention_gpu/bwd_fused_table.py" --separate "$L/attn_fused0/attention_cuda.csv" \
+        --fused fused="$L/attn_fused1/attention_cuda.csv" 2>&1 | tee "$OUT/dq_fused.md" ;;
+    model)
+      step profile_default 40 env FLASHGPT_MODEL_PROFILE=1 "$B/flashgpt" bench train --vocab 100277 --batch 64 \
+        --context 512 --warmup 2 --steps 4
+      step profile_v7 40 "${v7[@]}" FLASHGPT_MODEL_PROFILE=1 "$B/flashgpt" bench train --vocab 100277 --batch 64 \
+        --context 512 --warmup 2 --steps 4
+      step train_default 30 "$B/flashgpt" "${seed_train[@]}"
+      step train_v7 30 "${v7[@]}" "$B/flashgpt" "${seed_train[@]}"
+      step train_tma_bwd 30 env FLASHGPT_ATTN_BWD_KERNEL=tma "$B/flashgpt" "${seed_train[@]}"
+      step train_dq_fused 30 env FLASHGPT_ATTN_BWD_FUSED_CONVERT=1 "$B/flashgpt" "${seed_train[@]}"
+      for f in profile_default profile_v7; do echo "-- $f"; grep -E '^profile:' "$L/$f.log"; done | tee "$OUT/profile.txt" ;;
+    ovl)
+      [ -x "$B/flashgpt_ovl" ] || { echo "== ovl: skipped, the package has no flashgpt_ovl (stage.sh --ovl)" | tee -a "$S"; continue; }
+      for binary in flashgpt flashgpt_ovl; do
+        step "fwd_$binary" 60 "$B/$binary" bench attention --device cuda --no-backward --head-dim 128 --min-time 0.1 \
+          --out "$L/fwd_$binary"
+      done
+      python3 - "$L/fwd_flashgpt/attention_cuda.csv" "$L/fwd_flashgpt_ovl/attention_cuda.csv" <<'PY' | tee "$OUT/ovl.md"
+import csv, sys
+def rows(path):
+    return {(r["seqlen"], r["batch"], r["heads"], r["causal"], r["dropout"]): float(r["fwd_tflops"]) for r in csv.DictReader(open(path))}
+base, ovl = rows(sys.argv[1]), rows(sys.argv[2])
+print("| s | b x h | causal | dropout | default TFLOP/s | overlap TFLOP/s | overlap / default |")
+print("| --- | --- | --- | --- | --- | --- | --- |")
+for k in sorted(base, key=lambda k: (k[3], k[4], int(k[0]))):
+    if k in ovl:
+        print(f"| {k[0]} | {k[1]}x{k[2]} | {k[3]} | {k[4]} | {base[k]:.1f} | {ovl[k]:.1f} | {ovl[k] / base[k]:.3f} |")
+PY
+      ;;
+    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, model, ovl)"; status=1 ;;
+  esac
+  echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
+done
+tar -czf "$OUT/pending_logs.tgz" -C "$OUT" logs && rm -rf "$L"
+exit $status
