@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The decode variants' table from the JSON lines that `flashgpt bench generate --device cuda`
 prints, each tagged with "variant" and "run" by the GPU scripts (run_gpu_attnproj.sh,
-run_gpu_layer3.sh, run_gpu_l2ahead.sh: "fused+l2ahead" is the fused path with the switch on):
+run_gpu_layer3.sh, bench/pending/run.sh: "fused+l2ahead" is the fused path with the switch on):
 tokens/s, ms a step, the bound the bench measures on the same card, the fraction of it and
 the ratio to the fused path's mean at the same batch.
 

@@ -3,9 +3,10 @@
 # bench/pending/stage.sh leaves in .gpu/pending/ (carry it). From the repository root:
 #   PARTS="decode attn_tests" bash bench/pending/run.sh
 # Parts (each step capped by `timeout`; seconds are the caps, the usual run is shorter):
-#   decode      (about 150 s) the batch-1 seed decode (128-token prompt, 256 steps) through the
-#               fused, attnproj and layer3 paths, each with FLASHGPT_DECODE_L2_AHEAD off and on,
-#               then their GPU tests (docs/generate.md)
+#   decode      (about 250 s) the new decode paths' GPU tests and memcheck, then the batch-1 seed
+#               decode (128-token prompt, 256 steps) through the fused, attnproj and layer3 paths,
+#               each with FLASHGPT_DECODE_L2_AHEAD off and on, ROUNDS (2) interleaved rounds
+#               (docs/generate.md)
 #   attn_tests  (about 170 s) the TMA backward forced (pipeline shapes, against the wgmma kernel),
 #               the fused dQ convert's tests and the backward tests with it on, memcheck of both
 #   attn_bench  (about 250 s) `flashgpt bench attention` up to s 4096 with the separate and the
@@ -53,18 +54,23 @@ start=$SECONDS
 for part in ${PARTS:-decode attn_tests}; do
   case $part in
     decode)
+      step decode_tests 60 "$B/generate_inference_cuda_test" \
+        --gtest_filter='InferenceCuda.L2Ahead*:InferenceCuda.Layer3*:InferenceCuda.AttnProj*:MlpFusedCuda.*:AttentionProjCuda.*'
+      step decode_memcheck 30 env FLASHGPT_CUDA_DECODE=layer3 FLASHGPT_DECODE_L2_AHEAD=1 compute-sanitizer --tool memcheck \
+        --error-exitcode 9 "$B/flashgpt" bench generate --device cuda --preset tiny --batch 3 --prompt-tokens 6 --new-tokens 6
       : >"$L/decode.jsonl"
-      for path in fused attnproj layer3; do
-        for ahead in 0 1; do
-          name=decode_${path}_l2ahead$ahead
-          step "$name" 25 env FLASHGPT_CUDA_DECODE=$path FLASHGPT_DECODE_L2_AHEAD=$ahead FLASHGPT_GRAPH_NODES=1 \
-            "$B/flashgpt" bench generate --device cuda --preset seed --batch 1 --prompt-tokens 128 --new-tokens 256
-          variant=$path; [ $ahead = 1 ] && variant=$path+l2ahead
-          grep -E '^\{' "$L/$name.log" | sed "s/^{/{\"variant\": \"$variant\", \"run\": 1, /" >>"$L/decode.jsonl"
+      for run in $(seq "${ROUNDS:-2}"); do  # rounds interleaved, so that drift shows as a spread, not a ratio
+        for path in fused attnproj layer3; do
+          for ahead in 0 1; do
+            name=decode_${path}_l2ahead${ahead}_$run
+            step "$name" 25 env FLASHGPT_CUDA_DECODE=$path FLASHGPT_DECODE_L2_AHEAD=$ahead FLASHGPT_GRAPH_NODES=1 \
+              "$B/flashgpt" bench generate --device cuda --preset seed --batch 1 --prompt-tokens 128 --new-tokens 256
+            variant=$path; [ $ahead = 1 ] && variant=$path+l2ahead
+            grep -E '^\{' "$L/$name.log" | sed "s/^{/{\"variant\": \"$variant\", \"run\": $run, /" >>"$L/decode.jsonl"
+          done
         done
       done
-      python3 "$R/bench/generate/decode_table.py" "$L/decode.jsonl" | tee "$OUT/decode.txt"
-      step decode_tests 60 "$B/generate_inference_cuda_test" --gtest_filter='InferenceCuda.L2Ahead*:InferenceCuda.Layer3*:InferenceCuda.AttnProj*:MlpFusedCuda.*:AttentionProjCuda.*' ;;
+      python3 "$R/bench/generate/decode_table.py" "$L/decode.jsonl" | tee "$OUT/decode.txt" ;;
     attn_tests)
       step tma_bwd_tests 60 env FLASHGPT_ATTN_BWD_KERNEL=tma "$B/attention_cuda_test" \
         --gtest_filter='*BackwardPipelineShapes*:*TmaBackwardMatchesWgmma*:*ReportsKernels*'
