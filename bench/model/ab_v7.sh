@@ -5,6 +5,8 @@
 # Copy it beside bins.tar.xz (stripped flashgpt, model_cuda_ops_test, model_cuda_test and lib/
 # with libfmt.so.9, libgomp.so.1) and bench/model/torch_gpt.py, e.g. into .gpu/cls3/ as run.sh;
 # then on the GPU machine, with $OUT set: bash .gpu/cls3/run.sh  (<= 300 s; docs/model_gpu.md, v7)
+# or, from the repository root, with the package another script staged: BINS=PATH/bins.tar.xz
+# bash bench/model/ab_v7.sh (bench/pending/run.sh's model part).
 # Steps in order of priority (each capped, the rest skipped when DEADLINE is near): tests
 # (the whole-model test with the old and the new paths), seed V=100277 old then new,
 # torch.compile at V=100277 (beside the new paths), the new paths' per-op profile, V=50257
@@ -17,7 +19,7 @@ D=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 B=/tmp/cls3_bins
 L="$OUT/logs"
 mkdir -p "$L" "$B"
-rm -rf "$B"; mkdir -p "$B"; python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "$D/bins.tar.xz" "$B" || exit 1
+rm -rf "$B"; mkdir -p "$B"; python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2])" "${BINS:-$D/bins.tar.xz}" "$B" || exit 1
 export LD_LIBRARY_PATH="$B/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" PYTHONUNBUFFERED=1
 extra=$(python3 -c "import glob, os, nvidia; print(':'.join(sorted({os.path.dirname(p) for d in nvidia.__path__ for p in glob.glob(d + '/**/lib/lib*.so*', recursive=True)})))" 2>/dev/null)
 export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$extra"

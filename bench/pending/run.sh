@@ -3,17 +3,16 @@
 # bench/pending/stage.sh leaves in .gpu/pending/ (carry it). From the repository root:
 #   PARTS="decode attn_tests" bash bench/pending/run.sh
 # Parts (each step capped by `timeout`; seconds are the caps, the usual run is shorter):
-#   decode      (about 250 s) the new decode paths' GPU tests and memcheck, then the batch-1 seed
-#               decode (128-token prompt, 256 steps) through the fused, attnproj and layer3 paths,
-#               each with FLASHGPT_DECODE_L2_AHEAD off and on, ROUNDS (2) interleaved rounds
-#               (docs/generate.md)
+#   decode      (about 240 s) bench/generate/run_gpu_layer3.sh over the fused, attnproj and layer3
+#               paths, each also with FLASHGPT_DECODE_L2_AHEAD=1 (docs/generate.md)
 #   attn_tests  (about 170 s) the TMA backward forced (pipeline shapes, against the wgmma kernel),
 #               the fused dQ convert's tests and the backward tests with it on, memcheck of both
 #   attn_bench  (about 250 s) `flashgpt bench attention` up to s 4096 with the separate and the
 #               fused dQ convert (wgmma and TMA backwards each), cuDNN's backward on the same
 #               rows, and the joined tables (docs/attention_gpu.md)
-#   model       (about 200 s) the per-op profile of a seed training step, default and with the v7
-#               switches, and the step time with each opt-in path (docs/model_gpu.md)
+#   model       (about 360 s) bench/model/ab_v7.sh (the v7 switches, torch.compile, the per-op
+#               profile), then the step time with the TMA backward and the fused dQ convert
+#               (docs/model_gpu.md)
 #   ovl         (about 120 s) the d128 forward with FLASHGPT_TMA_OVERLAP=1 (stage.sh --ovl) against
 #               the default build
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
@@ -49,28 +48,13 @@ step() {
     grep -E '^\[  FAILED  \]|Failure|rror:' "$L/$name.log" | head -8; } | tee -a "$S"
 }
 seed_train=(bench train --vocab 100277 --batch 64 --context 512 --warmup 3 --steps 10)
-v7=(env FLASHGPT_CLASSIFIER_CLUSTER=1 FLASHGPT_FUSED_RESIDUAL_LN=1 FLASHGPT_LN_BACKWARD_REGISTERS=1)
 start=$SECONDS
 for part in ${PARTS:-decode attn_tests}; do
   case $part in
-    decode)
-      step decode_tests 60 "$B/generate_inference_cuda_test" \
-        --gtest_filter='InferenceCuda.L2Ahead*:InferenceCuda.Layer3*:InferenceCuda.AttnProj*:MlpFusedCuda.*:AttentionProjCuda.*'
-      step decode_memcheck 30 env FLASHGPT_CUDA_DECODE=layer3 FLASHGPT_DECODE_L2_AHEAD=1 compute-sanitizer --tool memcheck \
-        --error-exitcode 9 "$B/flashgpt" bench generate --device cuda --preset tiny --batch 3 --prompt-tokens 6 --new-tokens 6
-      : >"$L/decode.jsonl"
-      for run in $(seq "${ROUNDS:-2}"); do  # rounds interleaved, so that drift shows as a spread, not a ratio
-        for path in fused attnproj layer3; do
-          for ahead in 0 1; do
-            name=decode_${path}_l2ahead${ahead}_$run
-            step "$name" 25 env FLASHGPT_CUDA_DECODE=$path FLASHGPT_DECODE_L2_AHEAD=$ahead FLASHGPT_GRAPH_NODES=1 \
-              "$B/flashgpt" bench generate --device cuda --preset seed --batch 1 --prompt-tokens 128 --new-tokens 256
-            variant=$path; [ $ahead = 1 ] && variant=$path+l2ahead
-            grep -E '^\{' "$L/$name.log" | sed "s/^{/{\"variant\": \"$variant\", \"run\": $run, /" >>"$L/decode.jsonl"
-          done
-        done
-      done
-      python3 "$R/bench/generate/decode_table.py" "$L/decode.jsonl" | tee "$OUT/decode.txt" ;;
+    decode)  # the layer3 script, with each path also under the L2-ahead prefetch
+      VARIANTS="fused fused+l2ahead attnproj attnproj+l2ahead layer3 layer3+l2ahead" OUT=$OUT/decode DEADLINE=240 \
+        bash "$R/bench/generate/run_gpu_layer3.sh" "$B" 2>&1 | tee "$L/decode.log" | grep -E '^(==|\|)' | tee -a "$S"
+      cp "$OUT/decode/logs/table.txt" "$OUT/decode.txt" 2>/dev/null ;;
     attn_tests)
       step tma_bwd_tests 60 env FLASHGPT_ATTN_BWD_KERNEL=tma "$B/attention_cuda_test" \
         --gtest_filter='*BackwardPipelineShapes*:*TmaBackwardMatchesWgmma*:*ReportsKernels*'
@@ -89,16 +73,13 @@ for part in ${PARTS:-decode attn_tests}; do
       sed -n '/^|/p' "$L/cudnn_bwd.log" | tee "$OUT/bwd_table.md"
       python3 "$R/bench/attention_gpu/bwd_fused_table.py" --separate "$L/attn_fused0/attention_cuda.csv" \
         --fused fused="$L/attn_fused1/attention_cuda.csv" 2>&1 | tee "$OUT/dq_fused.md" ;;
-    model)
-      step profile_default 40 env FLASHGPT_MODEL_PROFILE=1 "$B/flashgpt" bench train --vocab 100277 --batch 64 \
-        --context 512 --warmup 2 --steps 4
-      step profile_v7 40 "${v7[@]}" FLASHGPT_MODEL_PROFILE=1 "$B/flashgpt" bench train --vocab 100277 --batch 64 \
-        --context 512 --warmup 2 --steps 4
+    model)  # the v7 A/B script (profiles, torch.compile beside us), then the attention backward's opt-in paths
+      BINS=$PKG/bins.tar.xz OUT=$OUT/model DEADLINE=270 bash "$R/bench/model/ab_v7.sh" >"$L/model.log" 2>&1
+      cat "$OUT/model/summary.txt" >>"$S" 2>/dev/null
+      grep -E "^profile:" "$OUT/model/summary.txt" >"$OUT/profile.txt" 2>/dev/null
       step train_default 30 "$B/flashgpt" "${seed_train[@]}"
-      step train_v7 30 "${v7[@]}" "$B/flashgpt" "${seed_train[@]}"
       step train_tma_bwd 30 env FLASHGPT_ATTN_BWD_KERNEL=tma "$B/flashgpt" "${seed_train[@]}"
-      step train_dq_fused 30 env FLASHGPT_ATTN_BWD_FUSED_CONVERT=1 "$B/flashgpt" "${seed_train[@]}"
-      for f in profile_default profile_v7; do echo "-- $f"; grep -E '^profile:' "$L/$f.log"; done | tee "$OUT/profile.txt" ;;
+      step train_dq_fused 30 env FLASHGPT_ATTN_BWD_FUSED_CONVERT=1 "$B/flashgpt" "${seed_train[@]}" ;;
     ovl)
       [ -x "$B/flashgpt_ovl" ] || { echo "== ovl: skipped, the package has no flashgpt_ovl (stage.sh --ovl)" | tee -a "$S"; continue; }
       for binary in flashgpt flashgpt_ovl; do
@@ -121,5 +102,5 @@ PY
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done
-tar -czf "$OUT/pending_logs.tgz" -C "$OUT" logs && rm -rf "$L"
+tar -czf "$OUT/pending_logs.tgz" -C "$OUT" logs $(cd "$OUT" && ls -d decode model 2>/dev/null) && rm -rf "$L" "$OUT/decode" "$OUT/model"
 exit $status
