@@ -98,8 +98,11 @@ struct RefSeq {
   double *o, *lse, *dq, *dk, *dv;  // o, dq [sq, d]; dk, dv [sk, d]; lse [sq]
 };
 
+// The backward's D = rowsum(dO * O) is taken, as every FlashAttention backward takes it, from O
+// as the forward stored it (rounded to `dtype`), not from the exact O: with one visible key,
+// dS = P (dP - D) is zero only up to that rounding, and dropout's 1/(1-p) makes O inexact in bf16.
 void reference_head(const RefSeq& s, double scale, bool causal, float dropout, DropoutRng rng, int64_t batch_head,
-                    bool backward) {
+                    bool backward, DType dtype) {
   const uint32_t threshold = dropout_threshold(dropout);
   const bool use_dropout = dropout_enabled(threshold);
   const double keep_scale = dropout_keep_scale(threshold);
@@ -135,12 +138,15 @@ void reference_head(const RefSeq& s, double scale, bool causal, float dropout, D
     }
     if (!backward) continue;
     const float* doi = s.d_o + i * s.q_rs;
-    double dsum = 0;
+    double dsum = 0;  // D = rowsum(dO * stored O)
+    for (int c = 0; c < s.d; ++c) {
+      const float oc = float(s.o[i * s.d + c]);
+      dsum += double(doi[c]) * (dtype == DType::bf16 ? bf16_to_float(float_to_bf16(oc)) : fp16_to_float(float_to_fp16(oc)));
+    }
     for (int j = 0; j < s.sk; ++j) {
       double acc = 0;
       for (int c = 0; c < s.d; ++c) acc += double(doi[c]) * s.v[j * s.k_rs + c];
       dp[j] = acc * z[j];
-      dsum += p[j] * dp[j];
     }
     for (int j = 0; j < s.sk; ++j) {
       const double ds = p[j] * (dp[j] - dsum);
@@ -156,7 +162,8 @@ void reference_head(const RefSeq& s, double scale, bool causal, float dropout, D
 
 // ||out - ref|| / ||ref|| (op_error's RMS norm), with the reference's RMS floored at 0.05: some
 // gradients are exactly zero in exact arithmetic (one key: dS = P (dP - D) = 0) and only
-// rounding noise on the GPU, where a pure relative error would be meaningless.
+// rounding noise on the GPU (the fp32 dP against D), where a pure relative error would be
+// meaningless.
 double rel_error(const std::vector<float>& out, const std::vector<double>& ref) {
   return testing::op_error(out, ref, {testing::Norm::rms, 0.05}).value;
 }
@@ -326,7 +333,7 @@ Outputs run_case(const AttentionCase& ac, bool backward, Determinism det = Deter
       RefSeq s{sq,  sk, d, q.values.data() + qoff, k.values.data() + koff, v.values.data() + koff,
                d_o.values.data() + qoff, int64_t(c.heads_q) * d, int64_t(c.heads_kv) * d, o.data(), lse.data(),
                dqv.data(), dkv.data(), dvv.data()};
-      reference_head(s, scale, c.mask == Mask::causal, c.dropout, p.rng, int64_t(b) * c.heads_q + h, backward);
+      reference_head(s, scale, c.mask == Mask::causal, c.dropout, p.rng, int64_t(b) * c.heads_q + h, backward, c.dtype);
       for (int i = 0; i < sq; ++i) {
         for (int e = 0; e < d; ++e) {
           ro[qoff + size_t(i) * c.heads_q * d + e] = o[size_t(i) * d + e];
