@@ -65,17 +65,18 @@ size_t logits_chunk_bytes() {
 }
 constexpr uint64_t kAttentionSeedXor = 0x5bd1e995ull;       // model.h's attention dropout stream
 
-// The paths of the step that have an older and a newer kernel, until a measurement picks one
-// (docs/model_gpu.md, "v7"): the defaults below, overridden by FLASHGPT_CLASSIFIER_CLUSTER,
-// FLASHGPT_FUSED_RESIDUAL_LN and FLASHGPT_LN_BACKWARD_REGISTERS (0 or 1), so that one GPU
-// call can time both.
+// The paths of the step that have an older and a newer kernel (docs/model_gpu.md, "v7"): the
+// defaults below, as the H100 A/B of 2026-12-07 picked them (each LayerNorm switch alone 1.3
+// ms a step faster; the cluster classifier 1.7 ms slower), overridden by
+// FLASHGPT_CLASSIFIER_CLUSTER, FLASHGPT_FUSED_RESIDUAL_LN and FLASHGPT_LN_BACKWARD_REGISTERS
+// (0 or 1), so that one GPU call can time both.
 //   classifier cluster: the one-pass softmax (ClassifierKernel::cluster) instead of two_pass.
 //   fused residual + LayerNorm: residual_layernorm_forward instead of residual_forward and
 //     then layernorm_forward (the fp32 residual is written once, not written and read again).
 //   LayerNorm backward in registers: LayerNormBackwardKernel::registers (FLASHGPT_LN_BACKWARD_REGISTERS).
 constexpr bool kClassifierClusterDefault = false;
-constexpr bool kFusedResidualLnDefault = false;
-constexpr bool kLnBackwardRegistersDefault = false;
+constexpr bool kFusedResidualLnDefault = true;
+constexpr bool kLnBackwardRegistersDefault = true;
 
 bool env_switch(const char* name, bool fallback) {
   const char* value = std::getenv(name);
