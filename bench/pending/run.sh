@@ -15,6 +15,11 @@
 #               (docs/model_gpu.md)
 #   ovl         (about 120 s) the d128 forward with FLASHGPT_TMA_OVERLAP=1 (stage.sh --ovl) against
 #               the default build
+#   switches    (about 400 s) bench/model/ab_switches.sh: the training step's opt-in paths named
+#               in SWITCHES ("NAME=VALUE ...") alone and together against the defaults, with
+#               their tests, profiles and torch.compile beside them (docs/model_gpu.md)
+#   attnproj    (about 185 s) bench/generate/run_gpu_attnproj.sh: the attnproj decode path at
+#               batch 1, 8 and 64 against the fused one (docs/generate.md)
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
 # (decode.txt, bwd_table.md, dq_fused.md, profile.txt, ovl.md) and pending_logs.tgz.
 set -uo pipefail
@@ -98,9 +103,17 @@ for k in sorted(base, key=lambda k: (k[3], k[4], int(k[0]))):
         print(f"| {k[0]} | {k[1]}x{k[2]} | {k[3]} | {k[4]} | {base[k]:.1f} | {ovl[k]:.1f} | {ovl[k] / base[k]:.3f} |")
 PY
       ;;
-    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, model, ovl)"; status=1 ;;
+    switches)
+      OUT=$OUT BINS_DIR=$B DEADLINE=${SWITCHES_DEADLINE:-400} bash "$R/bench/model/ab_switches.sh" >"$L/switches.log" 2>&1 || status=1
+      cat "$OUT/ab/summary.txt" >>"$S" 2>/dev/null
+      grep -E "^(all|default): profile:" "$OUT/ab/summary.txt" >"$OUT/profile.txt" 2>/dev/null ;;
+    attnproj)
+      OUT=$OUT/attnproj DEADLINE=185 bash "$R/bench/generate/run_gpu_attnproj.sh" "$B" >"$L/attnproj.log" 2>&1 || status=1
+      grep -E '^(==|\|)' "$L/attnproj.log" | tee -a "$S" ;;
+    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, model, ovl, switches, attnproj)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done
-tar -czf "$OUT/pending_logs.tgz" -C "$OUT" logs $(cd "$OUT" && ls -d decode model 2>/dev/null) && rm -rf "$L" "$OUT/decode" "$OUT/model"
+tar -czf "$OUT/pending_logs.tgz" -C "$OUT" logs $(cd "$OUT" && ls -d decode model ab attnproj 2>/dev/null) &&
+  rm -rf "$L" "$OUT/decode" "$OUT/model" "$OUT/ab" "$OUT/attnproj"
 exit $status

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The training step's opt-in paths against the defaults, in one GPU call (issue 16;
+# docs/model_gpu.md). From the repository root on the GPU machine, with $OUT set and a folder
+# of stripped binaries (flashgpt, model_cuda_ops_test, model_cuda_test, lib/) as BINS_DIR:
+#   SWITCHES="FLASHGPT_A=1 FLASHGPT_B=1" BINS_DIR=/tmp/pending_bins bash bench/model/ab_switches.sh
+# Steps in order of priority, each capped, the rest skipped when DEADLINE (seconds) is near:
+# model_cuda_ops_test; model_cuda_test with the defaults and with every switch on; the seed
+# step (V = 100277, batch 64 x 512) with the defaults, each switch alone and all on;
+# torch.compile beside all on; the per-op profile of all on and of the defaults; the
+# defaults and all on again (the spread); memcheck of the ops tests with every switch on;
+# V = 50257 with the defaults and all on. Logs and summary.txt in $OUT/ab.
+set -uo pipefail
+R=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+B=${BINS_DIR:?set BINS_DIR to the folder of binaries}
+DEADLINE=${DEADLINE:-400}
+L=$OUT/ab
+S=$L/summary.txt
+mkdir -p "$L"
+read -r -a sw <<<"${SWITCHES:?set SWITCHES to NAME=VALUE pairs}"
+all=(env "${sw[@]}")
+start=$SECONDS
+status=0
+step() {  # name seconds command...
+  local name=$1 secs=$2; shift 2
+  local left=$((DEADLINE - (SECONDS - start)))
+  [ "$left" -lt "$secs" ] && secs=$left
+  [ "$secs" -lt 5 ] && { echo "== $name: skipped, no time left" | tee -a "$S"; return; }
+  local t0=$SECONDS
+  timeout "$secs" "$@" >"$L/$name.log" 2>&1
+  local rc=$?
+  [ $rc -ne 0 ] && status=1
+  { echo "== $name: rc $rc, $((SECONDS - t0)) s: $(grep -E '^\[  (PASSED|FAILED)  \]|ERROR SUMMARY' "$L/$name.log" | tail -2 | tr '\n' ' ')"
+    grep -oE '"step_ms":[0-9.]+|"tokens_per_s":[0-9.]+|"peak_gib":[0-9.]+' "$L/$name.log" | tr '\n' ' '; echo
+    grep -E '^\[  FAILED  \]|Failure|rror:' "$L/$name.log" | head -8; } | tee -a "$S"
+}
+seed=(bench train --vocab 100277 --batch 64 --context 512 --warmup 3 --steps 10)
+step ops_test 60 "$B/model_cuda_ops_test"
+step model_test_default 30 "$B/model_cuda_test"
+step model_test_all 30 "${all[@]}" "$B/model_cuda_test"
+step bench_default_1 25 "$B/flashgpt" "${seed[@]}"
+for s in "${sw[@]}"; do step "bench_only_${s%%=*}" 25 env "$s" "$B/flashgpt" "${seed[@]}"; done
+step bench_all_1 25 "${all[@]}" "$B/flashgpt" "${seed[@]}"
+step torch_compile 110 "${all[@]}" python3 "$R/bench/model/torch_gpt.py" --flashgpt "$B/flashgpt" --vocab 100277 \
+  --skip-eager --out "$L/torch_compile.json"
+sed -n '/^seed preset/,$p' "$L/torch_compile.log" | tee -a "$S"
+step profile_all 30 "${all[@]}" FLASHGPT_MODEL_PROFILE=1 "$B/flashgpt" "${seed[@]}"
+grep -E "^profile:" "$L/profile_all.log" | sed 's/^/all: /' >>"$S"
+step bench_default_2 25 "$B/flashgpt" "${seed[@]}"
+step bench_all_2 25 "${all[@]}" "$B/flashgpt" "${seed[@]}"
+step profile_default 30 env FLASHGPT_MODEL_PROFILE=1 "$B/flashgpt" "${seed[@]}"
+grep -E "^profile:" "$L/profile_default.log" | sed 's/^/default: /' >>"$S"
+if command -v compute-sanitizer >/dev/null; then
+  step memcheck_ops_all 45 "${all[@]}" compute-sanitizer --tool memcheck --error-exitcode 9 "$B/model_cuda_ops_test"
+fi
+step bench_50257_default 25 "$B/flashgpt" bench train --vocab 50257 --batch 64 --context 512 --warmup 3 --steps 10
+step bench_50257_all 25 "${all[@]}" "$B/flashgpt" bench train --vocab 50257 --batch 64 --context 512 --warmup 3 --steps 10
+echo "== ab total $((SECONDS - start)) s, status $status" | tee -a "$S"
+exit $status
