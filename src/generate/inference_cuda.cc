@@ -263,14 +263,20 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
   cublas_workspace_ = device_alloc<char>(owned_, kCublasWorkspace);
   FLASHGPT_CUBLAS_CHECK(cublasSetWorkspace(cublas_, cublas_workspace_, kCublasWorkspace));
 
+  // Every upload and memset here goes on stream_, and the constructor ends with stream_
+  // synchronized: stream_ is non-blocking, so it does not wait for the legacy default
+  // stream, on which cudaMemcpy from pageable memory may return before its DMA lands and
+  // cudaMemset of device memory runs asynchronously. (With them there, a call right after
+  // construction could read weights and counters not yet written: all-zero logits.)
   const size_t P = params.size();
   d_params_ = device_alloc<float>(owned_, P);
   d_weights_ = device_alloc<bf16>(owned_, P);
-  FLASHGPT_CUDA_CHECK(cudaMemcpy(d_params_, params.data(), P * sizeof(float), cudaMemcpyHostToDevice));
+  FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_params_, params.data(), P * sizeof(float), cudaMemcpyHostToDevice, stream_));
   {
     std::vector<uint16_t> bits(P);
     for (size_t i = 0; i < P; ++i) bits[i] = bf16_from_float(params[i]);
-    FLASHGPT_CUDA_CHECK(cudaMemcpy(d_weights_, bits.data(), P * 2, cudaMemcpyHostToDevice));
+    FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_weights_, bits.data(), P * 2, cudaMemcpyHostToDevice, stream_));
+    FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));  // before `bits` goes
   }
   const size_t cache = static_cast<size_t>(L_ * S_ * T_ * C_);
   k_cache_ = device_alloc<bf16>(owned_, cache);
@@ -321,7 +327,7 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
     ln2_stats_ = device_alloc<float2>(owned_, static_cast<size_t>(S_ * kApMaxCols));
     mlp_partials_ = device_alloc<float>(owned_, static_cast<size_t>(mlp_plan_.grid * rows * C_));
     mlp_arrive_ = device_alloc<unsigned long long>(owned_, 1);
-    FLASHGPT_CUDA_CHECK(cudaMemset(mlp_arrive_, 0, sizeof(unsigned long long)));
+    FLASHGPT_CUDA_CHECK(cudaMemsetAsync(mlp_arrive_, 0, sizeof(unsigned long long), stream_));
   }
   if (decode_mode == "attnproj" || decode_mode == "layer3") {
     if (const char* cols = std::getenv("FLASHGPT_ATTN_PROJ_COLS")) {
@@ -337,7 +343,7 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
     attn_proj_ = true;
     ap_partials_ = device_alloc<float>(owned_, static_cast<size_t>(S_ * NH_ * C_));
     ap_counters_ = device_alloc<unsigned>(owned_, static_cast<size_t>(S_ * kApMaxCols));
-    FLASHGPT_CUDA_CHECK(cudaMemset(ap_counters_, 0, static_cast<size_t>(S_ * kApMaxCols) * sizeof(unsigned)));
+    FLASHGPT_CUDA_CHECK(cudaMemsetAsync(ap_counters_, 0, static_cast<size_t>(S_ * kApMaxCols) * sizeof(unsigned), stream_));
   }
   if (decode_mode == "auto" || decode_mode == "persistent") {
     plan_ = inference_cuda::persistent_decode_plan(static_cast<int>(std::min<int64_t>(S_, inference_cuda::kGemvMaxRows)),
@@ -353,7 +359,7 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
   if (const char* trace = std::getenv("FLASHGPT_PERSISTENT_TRACE"); trace && std::string(trace) == "1" && persistent_) {
     trace_len_ = static_cast<int>(2 + 2 * (5 * L_));  // 5 L - 1 barriers, one more with the head
     d_trace_ = device_alloc<long long>(owned_, static_cast<size_t>(trace_len_));
-    FLASHGPT_CUDA_CHECK(cudaMemset(d_trace_, 0, static_cast<size_t>(trace_len_) * sizeof(long long)));
+    FLASHGPT_CUDA_CHECK(cudaMemsetAsync(d_trace_, 0, static_cast<size_t>(trace_len_) * sizeof(long long), stream_));
   }
   if (const char* pdl = std::getenv("FLASHGPT_CUDA_PDL")) pdl_ = std::string(pdl) != "0";
   if (const char* wide = std::getenv("FLASHGPT_GEMV_WIDE")) gemv_wide_ = std::string(wide) == "1";
@@ -372,7 +378,8 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
   part_val_ = device_alloc<float>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * parts_max);
   part_idx_ = device_alloc<int32_t>(owned_, static_cast<size_t>(inference_cuda::kGemvMaxRows) * parts_max);
   counters_ = device_alloc<unsigned>(owned_, static_cast<size_t>(S_ * NH_));
-  FLASHGPT_CUDA_CHECK(cudaMemset(counters_, 0, static_cast<size_t>(S_ * NH_) * sizeof(unsigned)));
+  FLASHGPT_CUDA_CHECK(cudaMemsetAsync(counters_, 0, static_cast<size_t>(S_ * NH_) * sizeof(unsigned), stream_));
+  FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));  // the memsets above, before the first call
 }
 
 CudaEngine::~CudaEngine() {

@@ -1142,6 +1142,51 @@ TEST(InferenceCuda, Layer3PathMatchesFused) {
   }
 }
 
+// An engine's first call right after its construction, before anything else has waited on
+// the device: the engine's uploads and memsets must be ordered before its own stream's work
+// (its stream does not wait for the legacy default stream). On an H100, the third engine
+// of a path comparison, built after the seed engines were freed and called at once, gave
+// all-zero logits at step 0 on the attnproj and layer3 paths (tiny, batch 3). Here a
+// reference engine is built and fully synchronized; then, five times per path, device
+// memory is filled with 0xff bytes and freed (so reads of what is not yet uploaded give
+// NaN, not zeros) and a fresh engine's first call, a batch-3 decode step, must give the
+// reference's logits bit for bit. Timing-dependent: a pass does not prove the order, a
+// failure shows it missing.
+TEST(InferenceCuda, FirstCallRightAfterConstruction) {
+  const ModelConfig tiny = path_models().tiny;
+  const auto params = random_params(tiny, 81);
+  const int64_t B = 3, V = tiny.vocab_size;
+  std::vector<std::vector<TokenId>> seqs;
+  std::vector<SlotChunk> chunks;
+  for (int64_t b = 0; b < B; ++b) seqs.push_back(random_tokens(1, V, static_cast<uint32_t>(81 + b)));
+  for (int64_t b = 0; b < B; ++b) chunks.push_back({b, seqs[b]});
+  for (const char* mode : {"fused", "attnproj", "layer3"}) {
+    SCOPED_TRACE(mode);
+    ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", mode, 1), 0);
+    std::vector<float> want(static_cast<size_t>(B * V)), got(want.size());
+    {
+      auto reference = inference_create_cuda(tiny, params, {.max_slots = B});
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);  // every stream: the reference is complete
+      reference->forward(chunks, want);
+    }
+    EXPECT_TRUE(std::any_of(want.begin(), want.end(), [](float v) { return v != 0.0f; }));
+    for (int round = 0; round < 5; ++round) {
+      std::vector<void*> poison(4);
+      for (void*& p : poison) {
+        const size_t bytes = size_t{64} << 20;
+        ASSERT_EQ(cudaMalloc(&p, bytes), cudaSuccess);
+        ASSERT_EQ(cudaMemset(p, 0xff, bytes), cudaSuccess);
+      }
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      for (void* p : poison) ASSERT_EQ(cudaFree(p), cudaSuccess);
+      auto fresh = inference_create_cuda(tiny, params, {.max_slots = B});
+      fresh->forward(chunks, got);
+      EXPECT_EQ(got, want) << "round " << round;
+    }
+    ASSERT_EQ(unsetenv("FLASHGPT_CUDA_DECODE"), 0);
+  }
+}
+
 // FLASHGPT_DECODE_L2_AHEAD=1 (each layer kernel prefetches its role's next-layer weights,
 // the last layer's the head's first rows) is a hint only: through the fused, attnproj and
 // layer3 paths, an engine with it gives the same logits bit for bit and the same greedy
