@@ -77,6 +77,10 @@ constexpr uint64_t kAttentionSeedXor = 0x5bd1e995ull;       // model.h's attenti
 constexpr bool kClassifierClusterDefault = false;
 constexpr bool kFusedResidualLnDefault = true;
 constexpr bool kLnBackwardRegistersDefault = true;
+// FLASHGPT_CLASSIFIER_GRID=<blocks per SM> (1, 2, 4 or 8; 0 = off): ClassifierKernel::l2_two_pass,
+// the two-pass softmax from a persistent grid whose second read of a row hits L2. Not yet run
+// on a GPU, so off by default; it cannot be combined with FLASHGPT_CLASSIFIER_CLUSTER=1.
+constexpr int kClassifierGridDefault = 0;
 
 bool env_switch(const char* name, bool fallback) {
   const char* value = std::getenv(name);
@@ -84,6 +88,15 @@ bool env_switch(const char* name, bool fallback) {
   FLASHGPT_CHECK(std::strcmp(value, "0") == 0 || std::strcmp(value, "1") == 0, "{} must be 0 or 1, got '{}'", name,
                  value);
   return value[0] == '1';
+}
+
+int env_classifier_grid() {
+  const char* value = std::getenv("FLASHGPT_CLASSIFIER_GRID");
+  if (value == nullptr || *value == '\0') return kClassifierGridDefault;
+  const bool valid = std::strcmp(value, "0") == 0 || std::strcmp(value, "1") == 0 || std::strcmp(value, "2") == 0 ||
+                     std::strcmp(value, "4") == 0 || std::strcmp(value, "8") == 0;
+  FLASHGPT_CHECK(valid, "FLASHGPT_CLASSIFIER_GRID must be 0 (off) or 1, 2, 4 or 8 blocks per SM, got '{}'", value);
+  return value[0] - '0';
 }
 
 // Carves typed, 256-byte aligned pieces out of one device allocation. Run once with no
@@ -302,6 +315,7 @@ class GptCuda final : public GptModel {
   bool capturing_ = false;
   // The kernel choices of env_switch (above).
   model_cuda::ClassifierKernel classifier_kernel_ = model_cuda::ClassifierKernel::two_pass;
+  int classifier_grid_blocks_per_sm_ = 1;  // l2_two_pass only
   bool fuse_residual_ln_ = false;
   model_cuda::LayerNormBackwardKernel ln_backward_kernel_ = model_cuda::LayerNormBackwardKernel::shared;
   std::vector<StepGraph> graphs_;
@@ -492,6 +506,13 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
   classifier_kernel_ = env_switch("FLASHGPT_CLASSIFIER_CLUSTER", kClassifierClusterDefault)
                            ? model_cuda::ClassifierKernel::cluster
                            : model_cuda::ClassifierKernel::two_pass;
+  if (const int grid = env_classifier_grid(); grid > 0) {
+    FLASHGPT_CHECK(classifier_kernel_ == model_cuda::ClassifierKernel::two_pass,
+                   "FLASHGPT_CLASSIFIER_GRID and FLASHGPT_CLASSIFIER_CLUSTER=1 pick different classifier kernels; "
+                   "set one");
+    classifier_kernel_ = model_cuda::ClassifierKernel::l2_two_pass;
+    classifier_grid_blocks_per_sm_ = grid;
+  }
   fuse_residual_ln_ = env_switch("FLASHGPT_FUSED_RESIDUAL_LN", kFusedResidualLnDefault);
   ln_backward_kernel_ = env_switch("FLASHGPT_LN_BACKWARD_REGISTERS", kLnBackwardRegistersDefault)
                             ? model_cuda::LayerNormBackwardKernel::registers
@@ -767,7 +788,7 @@ void GptCuda::classifier(int64_t N, bool with_grad, float loss_scale) {
                      stream_);
     mark("mm logits");
     model_cuda::classifier_softmax_xent(logits_, losses_ + r0, d_targets_ + r0, rows, V_, Vp_, dloss, with_grad,
-                                        stream_, classifier_kernel_);
+                                        stream_, classifier_kernel_, classifier_grid_blocks_per_sm_);
     mark("classifier softmax");
     if (with_grad) {
       // dlnf (rows, C) = dlogits (rows, Vp) wte (Vp, C); dwte += dlogits^T lnf.

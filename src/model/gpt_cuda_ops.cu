@@ -273,7 +273,8 @@ void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db
 }
 
 void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
-                             float dloss, bool write_grad, cudaStream_t stream, ClassifierKernel kernel) {
+                             float dloss, bool write_grad, cudaStream_t stream, ClassifierKernel kernel,
+                             int grid_blocks_per_sm) {
   const char* op = "classifier (CUDA)";
   MODEL_CUDA_REQUIRE(rows >= 0 && V > 0 && Vp >= V && Vp % 8 == 0,
                      std::string(op) + ": needs rows >= 0, 0 < V <= Vp and Vp % 8 == 0, got rows " + num(rows) +
@@ -282,6 +283,15 @@ void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets
   require_pointer(losses, op, "losses");
   require_pointer(targets, op, "targets");
   require_aligned16(logits, op, "logits");
+  if (kernel == ClassifierKernel::l2_two_pass) {
+    MODEL_CUDA_REQUIRE(classifier_grid_blocks_valid(grid_blocks_per_sm),
+                       std::string(op) + ": l2_two_pass needs 1, 2, 4 or 8 blocks per SM, got " +
+                           num(grid_blocks_per_sm));
+    classifier_grid_launch(logits, losses, targets, rows, V, Vp, dloss, write_grad, grid_blocks_per_sm,
+                           device_sm_count(), stream);
+    FLASHGPT_CUDA_CHECK_LAUNCH("classifier_grid_kernel");
+    return;
+  }
   if (kernel == ClassifierKernel::cluster && Vp <= kClusterMaxColumns && device_has_clusters()) {
     FLASHGPT_CUDA_CHECK(classifier_cluster_launch(logits, losses, targets, rows, V, Vp, dloss, write_grad, stream));
     FLASHGPT_CUDA_CHECK_LAUNCH("classifier_cluster_kernel");

@@ -439,8 +439,13 @@ class ClassifierTest : public ::testing::TestWithParam<ClassifierCase> {};
 
 // One kernel against the double-precision reference: the loss of every row, the gradient of
 // every real column, 0 in every padding column, the logits untouched without gradients, and
-// the same bits on a second run (deterministic). Returns the losses.
-std::vector<float> check_classifier(const ClassifierCase& shape, model_cuda::ClassifierKernel kernel) {
+// the same bits on a second run (deterministic). Returns the losses and the gradient.
+struct ClassifierResult {
+  std::vector<float> losses, grad;
+};
+
+ClassifierResult check_classifier(const ClassifierCase& shape, model_cuda::ClassifierKernel kernel,
+                                  int grid_blocks_per_sm = 1) {
   const auto [rows, V, Vp] = shape;
   std::mt19937 rng(static_cast<uint32_t>(V + rows));
   const auto logits = rounded(random_floats(size_t(rows) * Vp, rng, 3.0f));
@@ -455,11 +460,11 @@ std::vector<float> check_classifier(const ClassifierCase& shape, model_cuda::Cla
   d_losses2.poison();
   d_losses3.poison();
   model_cuda::classifier_softmax_xent(d_logits.ptr, d_losses.ptr, d_targets.ptr, rows, V, Vp, dloss, true, nullptr,
-                                      kernel);
+                                      kernel, grid_blocks_per_sm);
   model_cuda::classifier_softmax_xent(d_logits_nograd.ptr, d_losses2.ptr, d_targets.ptr, rows, V, Vp, dloss, false,
-                                      nullptr, kernel);
+                                      nullptr, kernel, grid_blocks_per_sm);
   model_cuda::classifier_softmax_xent(d_again.ptr, d_losses3.ptr, d_targets.ptr, rows, V, Vp, dloss, true, nullptr,
-                                      kernel);
+                                      kernel, grid_blocks_per_sm);
   const auto grad = to_float(d_logits.get()), untouched = to_float(d_logits_nograd.get());
   const auto losses = d_losses.get(), losses2 = d_losses2.get(), losses3 = d_losses3.get();
   EXPECT_EQ(untouched, logits) << "without gradients the logits stay";
@@ -479,7 +484,7 @@ std::vector<float> check_classifier(const ClassifierCase& shape, model_cuda::Cla
       const size_t i = size_t(r) * Vp + c;
       if (c >= V) {
         EXPECT_EQ(grad[i], 0.0f) << "padding column " << c << " of row " << r;
-        if (grad[i] != 0.0f) return losses;
+        if (grad[i] != 0.0f) return {losses, grad};
         continue;
       }
       grad_real.push_back(grad[i]);
@@ -487,7 +492,7 @@ std::vector<float> check_classifier(const ClassifierCase& shape, model_cuda::Cla
     }
   }
   EXPECT_LT(rel_error(grad_real, ref_real), 1e-2);
-  return losses;
+  return {losses, grad};
 }
 
 TEST_P(ClassifierTest, LossAndGradientMatchReference) {
@@ -497,11 +502,31 @@ TEST_P(ClassifierTest, LossAndGradientMatchReference) {
 // The one-pass kernel (a cluster of blocks per row, the row in registers; two_pass beyond
 // 131072 columns) against the same reference, and its losses against two_pass's.
 TEST_P(ClassifierTest, ClusterKernelMatchesReferenceAndTwoPass) {
-  const auto cluster = check_classifier(GetParam(), model_cuda::ClassifierKernel::cluster);
-  const auto two_pass = check_classifier(GetParam(), model_cuda::ClassifierKernel::two_pass);
+  const auto cluster = check_classifier(GetParam(), model_cuda::ClassifierKernel::cluster).losses;
+  const auto two_pass = check_classifier(GetParam(), model_cuda::ClassifierKernel::two_pass).losses;
   ASSERT_EQ(cluster.size(), two_pass.size());
   for (size_t r = 0; r < cluster.size(); ++r)
     EXPECT_NEAR(cluster[r], two_pass[r], 1e-4 * (1 + std::fabs(two_pass[r]))) << "row " << r;
+}
+
+// The persistent-grid kernel at every grid size (1024 / B threads per block; fewer rows than
+// blocks in the small cases, many rows per block in the large ones) against the same
+// reference, and its losses and gradient against two_pass's: the gradient elementwise within
+// one bf16 rounding step (at most 2^-7 relative) plus an absolute 1e-6 for values near 0.
+TEST_P(ClassifierTest, L2TwoPassKernelMatchesReferenceAndTwoPass) {
+  const auto two_pass = check_classifier(GetParam(), model_cuda::ClassifierKernel::two_pass);
+  for (const int blocks_per_sm : {1, 2, 4, 8}) {
+    SCOPED_TRACE("blocks per SM " + std::to_string(blocks_per_sm));
+    const auto grid = check_classifier(GetParam(), model_cuda::ClassifierKernel::l2_two_pass, blocks_per_sm);
+    ASSERT_EQ(grid.losses.size(), two_pass.losses.size());
+    for (size_t r = 0; r < grid.losses.size(); ++r)
+      EXPECT_NEAR(grid.losses[r], two_pass.losses[r], 1e-4 * (1 + std::fabs(two_pass.losses[r]))) << "row " << r;
+    ASSERT_EQ(grid.grad.size(), two_pass.grad.size());
+    size_t far = 0;
+    for (size_t i = 0; i < grid.grad.size(); ++i)
+      if (std::fabs(grid.grad[i] - two_pass.grad[i]) > 1e-6 + std::fabs(two_pass.grad[i]) / 128) ++far;
+    EXPECT_EQ(far, 0u) << "gradient elements beyond one bf16 step of two_pass's";
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ClassifierTest,
@@ -511,8 +536,10 @@ INSTANTIATE_TEST_SUITE_P(Shapes, ClassifierTest,
                                            ClassifierCase{4, 100277, 100384}, ClassifierCase{1000, 1000, 1024},
                                            ClassifierCase{3, 1000, 20480},    // the second block all padding
                                            ClassifierCase{2, 16385, 16392},   // just over one block's columns
-                                           ClassifierCase{2, 140000, 140032}  // wider than a cluster: two_pass
-                                           ));
+                                           ClassifierCase{2, 140000, 140032},  // wider than a cluster: two_pass
+                                           // Many rows per block of l2_two_pass's grid (132 SMs: 132 to 1056 blocks).
+                                           ClassifierCase{5000, 1000, 1024}, ClassifierCase{300, 100277, 100352},
+                                           ClassifierCase{1100, 16385, 16392}));
 
 TEST(LossSumTest, SumsInDoubleAndRepeats) {
   std::mt19937 rng(5);
@@ -785,6 +812,13 @@ TEST(ModelCudaOpsTest, EntryPointsRejectBadArguments) {
   EXPECT_THROW(model_cuda::classifier_softmax_xent(logits.ptr, losses.ptr, targets.ptr, 1, 20, 12, 1.0f, true, nullptr,
                                                    model_cuda::ClassifierKernel::cluster),
                std::exception);
+  for (const int blocks_per_sm : {0, 3, 16}) {
+    EXPECT_THROW(model_cuda::classifier_softmax_xent(logits.ptr, losses.ptr, targets.ptr, 1, 8, 16, 1.0f, true,
+                                                     nullptr, model_cuda::ClassifierKernel::l2_two_pass,
+                                                     blocks_per_sm),
+                 std::exception)
+        << blocks_per_sm << " blocks per SM";
+  }
   Dev<float> x(64);
   Dev<bf16> y(64), ln(64);
   EXPECT_THROW(model_cuda::residual_layernorm_forward(x.ptr, ln.ptr, losses.ptr, losses.ptr, nullptr, y.ptr, x.ptr,

@@ -1,12 +1,18 @@
 // The fused classifier's pointwise part, on one chunk of rows of bf16 logits (R, Vp) that
 // cuBLASLt just wrote: per row, softmax over the first V columns, the cross-entropy of the
 // target, and (with gradients) dlogits = (softmax - onehot(target)) * dloss written in place
-// over the logits, the padding columns V..Vp-1 set to 0. Two kernels (ClassifierKernel):
+// over the logits, the padding columns V..Vp-1 set to 0. Three kernels (ClassifierKernel):
 //
 //   two_pass: one block per row, which reads the row twice (online max and sum, then the
 //     gradient) and writes it once. A variant that kept the row in shared memory and read
 //     it once was slower at V = 100277 (docs/model_gpu.md): one 200 KB row per block left one
 //     block per SM, with too few loads in flight.
+//   l2_two_pass: the same two passes from a persistent grid of B blocks per SM (B = 1, 2, 4,
+//     8; 1024 / B threads each, so 1024 threads per SM in every case), each block taking rows
+//     r = blockIdx.x, r + gridDim.x, ... Only B x SMs rows are in flight (B = 1: 132 x 200 KB
+//     = 26 MB at V = 100277, against two_pass's 4 x 132 rows = 105 MB), so the second read of
+//     a row finds it in the 50 MB L2. Each thread issues kGridUnroll 16-byte loads before it
+//     uses any (64 KB in flight per SM, Little's law asks for about 20 KB at 3 TB/s).
 //   cluster: a thread-block cluster of S <= 8 blocks per row, each block holding its slice of
 //     the row in registers (at most kClusterVecs 16-byte vectors per thread, all loaded before
 //     any is used). Each block reduces its slice to (max, sum of exp), the blocks exchange the
@@ -75,6 +81,113 @@ __global__ void __launch_bounds__(kClassifierThreads)
       v[k] = __float2bfloat16_rn(g);
     }
     *reinterpret_cast<uint4*>(row + c) = raw;
+  }
+}
+
+constexpr int kGridThreadsPerSm = 1024;  // blockDim.x = kGridThreadsPerSm / blocks per SM
+constexpr int kGridUnroll = 4;           // 16-byte loads per thread issued before any is used
+// The gradient's stores as st.global.cs (evict-first): a finished row's lines leave L2 before
+// those of rows whose second read is still to come. The loads keep the default policy: an
+// evict_last load would also need its lines demoted afterwards, or they would outlive the
+// kernel in L2. false gives plain stores.
+constexpr bool kGridStreamingStores = true;
+
+inline bool classifier_grid_blocks_valid(int blocks_per_sm) {
+  return blocks_per_sm == 1 || blocks_per_sm == 2 || blocks_per_sm == 4 || blocks_per_sm == 8;
+}
+
+// Grid: min(rows, blocks per SM x SMs) blocks of kGridThreadsPerSm / blocks per SM threads;
+// logits (rows, Vp), targets and losses (rows). Per row the arithmetic of classifier_kernel,
+// with the max taken over kGridUnroll vectors at a time instead of one.
+template <bool kWriteGrad>
+__global__ void __launch_bounds__(kGridThreadsPerSm, 1)
+    classifier_grid_kernel(bf16* __restrict__ logits, float* __restrict__ losses,
+                           const int32_t* __restrict__ targets, int64_t rows, int64_t V, int64_t Vp, float dloss) {
+  __shared__ float scratch[32];
+  const int64_t vec_end = V / 8, total_vecs = Vp / 8;
+  const int64_t stride = int64_t{blockDim.x} * kGridUnroll;
+  // Eight bf16 -inf (0xff80): a vector past the end adds exp(-inf) = 0 and leaves the max.
+  const uint4 neg_inf = make_uint4(0xff80ff80u, 0xff80ff80u, 0xff80ff80u, 0xff80ff80u);
+  // No barrier is needed between rows: block_max's first __syncthreads keeps the next row's
+  // writes to scratch behind every thread's read of this row's block_sum, and each row's
+  // gradient overwrites only that row.
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    bf16* row = logits + r * Vp;
+    uint4* vrow = reinterpret_cast<uint4*>(row);
+    // Pass 1: online max and sum of exp over the real vocabulary. Vector base + j blockDim.x
+    // for j < kGridUnroll; vector `base` is real, so local_max is finite.
+    float m = -INFINITY, s = 0.0f;
+    for (int64_t base = threadIdx.x; base < vec_end; base += stride) {
+      uint4 raw[kGridUnroll];
+#pragma unroll
+      for (int j = 0; j < kGridUnroll; ++j) {
+        const int64_t vec = base + int64_t{j} * blockDim.x;
+        raw[j] = vec < vec_end ? vrow[vec] : neg_inf;
+      }
+      float local_max = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < kGridUnroll; ++j) {
+        const bf16* v = reinterpret_cast<const bf16*>(&raw[j]);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) local_max = fmaxf(local_max, __bfloat162float(v[k]));
+      }
+      const float new_m = fmaxf(m, local_max);
+      float add = 0.0f;
+#pragma unroll
+      for (int j = 0; j < kGridUnroll; ++j) {
+        const bf16* v = reinterpret_cast<const bf16*>(&raw[j]);
+#pragma unroll
+        for (int k = 0; k < 8; ++k) add += __expf(__bfloat162float(v[k]) - new_m);
+      }
+      s = s * __expf(m - new_m) + add;
+      m = new_m;
+    }
+    for (int64_t c = vec_end * 8 + threadIdx.x; c < V; c += blockDim.x) {
+      const float x = __bfloat162float(row[c]);
+      const float new_m = fmaxf(m, x);
+      s = s * __expf(m - new_m) + __expf(x - new_m);
+      m = new_m;
+    }
+    const float row_max = block_max(m, scratch);
+    const float row_sum = block_sum(m == -INFINITY ? 0.0f : s * __expf(m - row_max), scratch);
+    const float lse = row_max + __logf(row_sum);
+    const int64_t target = targets[r];
+    const float target_logit = __bfloat162float(row[target]);
+    if (threadIdx.x == 0) losses[r] = lse - target_logit;
+    if constexpr (kWriteGrad) {
+      __syncthreads();  // every thread has read row[target] before it is overwritten
+      // Pass 2, from L2: the gradient of every column, 0 in the padding.
+      for (int64_t base = threadIdx.x; base < total_vecs; base += stride) {
+        uint4 raw[kGridUnroll];
+#pragma unroll
+        for (int j = 0; j < kGridUnroll; ++j) {
+          const int64_t vec = base + int64_t{j} * blockDim.x;
+          if (vec < total_vecs) raw[j] = vrow[vec];
+        }
+#pragma unroll
+        for (int j = 0; j < kGridUnroll; ++j) {
+          const int64_t vec = base + int64_t{j} * blockDim.x;
+          if (vec >= total_vecs) continue;
+          bf16* v = reinterpret_cast<bf16*>(&raw[j]);
+          // Column vec * 8 + k is real for k < real and the target for k == target_k (32-bit
+          // compares against the unrolled k, not 64-bit ones per column).
+          const int real = V - vec * 8 < 8 ? static_cast<int>(V - vec * 8) : 8;
+          const int64_t target_offset = target - vec * 8;
+          const int target_k = target_offset >= 0 && target_offset < 8 ? static_cast<int>(target_offset) : -1;
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            float g = 0.0f;
+            if (k < real) g = (__expf(__bfloat162float(v[k]) - lse) - (k == target_k ? 1.0f : 0.0f)) * dloss;
+            v[k] = __float2bfloat16_rn(g);
+          }
+          if constexpr (kGridStreamingStores) {
+            __stcs(vrow + vec, raw[j]);
+          } else {
+            vrow[vec] = raw[j];
+          }
+        }
+      }
+    }
   }
 }
 
@@ -200,6 +313,21 @@ inline void classifier_launch(bf16* logits, float* losses, const int32_t* target
   } else {
     classifier_kernel<false><<<static_cast<unsigned>(rows), kClassifierThreads, 0, stream>>>(logits, losses, targets,
                                                                                              V, Vp, dloss);
+  }
+}
+
+// The persistent-grid kernel: blocks_per_sm (classifier_grid_blocks_valid) blocks per SM of
+// sm_count, at most one per row.
+inline void classifier_grid_launch(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V,
+                                   int64_t Vp, float dloss, bool write_grad, int blocks_per_sm, int sm_count,
+                                   cudaStream_t stream) {
+  if (rows <= 0) return;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(rows, int64_t{blocks_per_sm} * sm_count));
+  const unsigned threads = static_cast<unsigned>(kGridThreadsPerSm / blocks_per_sm);
+  if (write_grad) {
+    classifier_grid_kernel<true><<<blocks, threads, 0, stream>>>(logits, losses, targets, rows, V, Vp, dloss);
+  } else {
+    classifier_grid_kernel<false><<<blocks, threads, 0, stream>>>(logits, losses, targets, rows, V, Vp, dloss);
   }
 }
 
