@@ -18,8 +18,8 @@
 //
 // With options.deterministic the attention backward orders its dQ atomics, cuBLASLt keeps
 // algorithms without scheduling-dependent reductions and the bias gradients are summed by our
-// column-sum kernel rather than cuBLASLt's epilogues; every other kernel here reduces in a
-// fixed order, so two runs give the same bits.
+// column-sum kernel (or, FLASHGPT_LN_BIAS_GRAD, the LayerNorm backward) rather than cuBLASLt's
+// epilogues; every other kernel here reduces in a fixed order, so two runs give the same bits.
 #include <flashgpt/attention_cuda.h>
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>
@@ -74,9 +74,14 @@ constexpr uint64_t kAttentionSeedXor = 0x5bd1e995ull;       // model.h's attenti
 //   fused residual + LayerNorm: residual_layernorm_forward instead of residual_forward and
 //     then layernorm_forward (the fp32 residual is written once, not written and read again).
 //   LayerNorm backward in registers: LayerNormBackwardKernel::registers (FLASHGPT_LN_BACKWARD_REGISTERS).
+//   bias gradients from the LayerNorm backward (FLASHGPT_LN_BIAS_GRAD): the LayerNorm(+dropout)
+//     backward that writes dy_ also sums its columns into fc_proj_b / attn_proj_b, and their
+//     dW matmuls run without cuBLASLt's BGRADB epilogue (or, deterministic, without the
+//     column_sum pass); not yet run on a GPU.
 constexpr bool kClassifierClusterDefault = false;
 constexpr bool kFusedResidualLnDefault = true;
 constexpr bool kLnBackwardRegistersDefault = true;
+constexpr bool kLnBiasGradDefault = false;
 // FLASHGPT_CLASSIFIER_GRID=<blocks per SM> (1, 2, 4 or 8; 0 = off): ClassifierKernel::l2_two_pass,
 // the two-pass softmax from a persistent grid whose second read of a row hits L2. Not yet run
 // on a GPU, so off by default; it cannot be combined with FLASHGPT_CLASSIFIER_CLUSTER=1.
@@ -205,6 +210,17 @@ class GptCuda final : public GptModel {
   // epilogue into dbias_slot() where it has one (fast mode), else column_sum into the gradient.
   void weight_and_bias_grad(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N, int64_t in,
                             int64_t out);
+  // The projection's weight gradient, and its bias gradient unless the LayerNorm backward
+  // that wrote dy summed it (ln_bias_grad_).
+  void projection_grad(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N, int64_t in,
+                       int64_t out);
+  // Where the LayerNorm backward that writes dy_ for `site` adds dy_'s column sums: the bias
+  // gradient of the projection the site drops with ln_bias_grad_, else nowhere.
+  float* next_bias_grad(int64_t site) {
+    if (!ln_bias_grad_) return nullptr;
+    const int64_t l = (site - 1) / 2;  // site 1 + 2 l: attention projection, 2 + 2 l: MLP projection
+    return grad(site % 2 == 1 ? ParamKind::attn_proj_b : ParamKind::fc_proj_b, l);
+  }
   // How this backward's bias gradients came (qkv_b, attn_proj_b, fc_b, fc_proj_b): column
   // sums straight into the gradients (none), or an epilogue into dbias_slot() as fp32 or bf16.
   model_cuda::Matmul::BiasGrad fused_bias_[4] = {};
@@ -318,6 +334,8 @@ class GptCuda final : public GptModel {
   int classifier_grid_blocks_per_sm_ = 1;  // l2_two_pass only
   bool fuse_residual_ln_ = false;
   model_cuda::LayerNormBackwardKernel ln_backward_kernel_ = model_cuda::LayerNormBackwardKernel::shared;
+  // fc_proj_b's and attn_proj_b's gradients summed by the LayerNorm backward that writes dy_.
+  bool ln_bias_grad_ = false;
   std::vector<StepGraph> graphs_;
   uint64_t* d_step_ = nullptr;
   uint64_t* h_step_ = nullptr;
@@ -517,6 +535,7 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
   ln_backward_kernel_ = env_switch("FLASHGPT_LN_BACKWARD_REGISTERS", kLnBackwardRegistersDefault)
                             ? model_cuda::LayerNormBackwardKernel::registers
                             : model_cuda::LayerNormBackwardKernel::shared;
+  ln_bias_grad_ = env_switch("FLASHGPT_LN_BIAS_GRAD", kLnBiasGradDefault);
   // Profiling records events between the ops, so it runs eagerly.
   const char* graph_env = std::getenv("FLASHGPT_CUDA_GRAPH");
   graphs_on_ = options_.cuda_graph && !profile_ && !(graph_env != nullptr && std::strcmp(graph_env, "0") == 0);
@@ -810,11 +829,13 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
   const Determinism determinism = options_.deterministic ? Determinism::deterministic : Determinism::fast;
   std::fill(std::begin(fused_bias_), std::end(fused_bias_), model_cuda::Matmul::BiasGrad::none);
   // Each LayerNorm backward also applies the dropout backward of the residual site the
-  // backward meets next (fused where C % 128 == 0), leaving its gradient in dy_.
+  // backward meets next (fused where C % 128 == 0), leaving its gradient in dy_; with
+  // ln_bias_grad_ it adds dy_'s column sums to the bias gradient of the projection that feeds
+  // the site (layer 0's ln1 feeds the embedding's dropout: no bias there).
   model_cuda::layernorm_backward_dropout(dresid_, /*accumulate=*/false, grad(ParamKind::lnf_w),
                                          grad(ParamKind::lnf_b), ln_partial_, dln_, resid(2 * L_), lnf_stats_,
                                          lnf_stats_ + n_max_, param(ParamKind::lnf_w), N, C, dy_,
-                                         site(rng, 2 * L_, true), stream_, ln_backward_kernel_);
+                                         site(rng, 2 * L_, true), stream_, ln_backward_kernel_, next_bias_grad(2 * L_));
   mark("layernorm+dropout bwd");
   grad_ready(ParamKind::lnf_w);
   grad_ready(ParamKind::lnf_b);
@@ -841,7 +862,7 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
     const float* x_mid = resid(2 * l + 1);
     // MLP: x_out = x_mid + drop(gelu(ln2(x_mid) Wfc^T + bfc) Wfcproj^T + bfcproj); dy_ holds
     // drop'(dresid) of site 2 + 2 l.
-    weight_and_bias_grad(ParamKind::fc_proj_w, ParamKind::fc_proj_b, l, dy_, gelu(l), N, F_, C_);
+    projection_grad(ParamKind::fc_proj_w, ParamKind::fc_proj_b, l, dy_, gelu(l), N, F_, C_);
     // fc_b's gradient by column sums: cuBLASLt's DGELU_BGRAD epilogue (matmul_cublaslt.h)
     // took 11.2 ms per step at the seed size on an H100 against 4.2 + 1.3 for DGELU and the
     // column sums (docs/model_gpu.md), so the model does not use it.
@@ -856,11 +877,12 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
     model_cuda::layernorm_backward_dropout(dresid_, /*accumulate=*/true, grad(ParamKind::ln2_w, l),
                                            grad(ParamKind::ln2_b, l), ln_partial_, dln_, x_mid, ln2_mean(l),
                                            ln2_rstd(l), param(ParamKind::ln2_w, l), N, C, dy_,
-                                           site(rng, 1 + 2 * l, true), stream_, ln_backward_kernel_);
+                                           site(rng, 1 + 2 * l, true), stream_, ln_backward_kernel_,
+                                           next_bias_grad(1 + 2 * l));
     mark("layernorm+dropout bwd");
     // Attention: x_mid = x_in + drop(attn(ln1(x_in) Wqkv^T + bqkv) Wproj^T + bproj); dy_ holds
     // drop'(dresid) of site 1 + 2 l.
-    weight_and_bias_grad(ParamKind::attn_proj_w, ParamKind::attn_proj_b, l, dy_, atty(l), N, C_, C_);
+    projection_grad(ParamKind::attn_proj_w, ParamKind::attn_proj_b, l, dy_, atty(l), N, C_, C_);
     matmul_->backward_input(datty_, dy_, weight(ParamKind::attn_proj_w, l), N, C_, C_, Epilogue::none, nullptr,
                             stream_);
     mark("mm dX attn proj");
@@ -874,7 +896,8 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
       model_cuda::layernorm_backward_dropout(dresid_, /*accumulate=*/true, grad(ParamKind::ln1_w, l),
                                              grad(ParamKind::ln1_b, l), ln_partial_, dln_, x_in, ln1_mean(l),
                                              ln1_rstd(l), param(ParamKind::ln1_w, l), N, C, dy_,
-                                             site(rng, 2 * l, true), stream_, ln_backward_kernel_);
+                                             site(rng, 2 * l, true), stream_, ln_backward_kernel_,
+                                             next_bias_grad(2 * l));
       mark("layernorm+dropout bwd");
     } else {  // the embedding's dropout follows, in fp32 and in place
       model_cuda::layernorm_backward(dresid_, /*accumulate=*/true, grad(ParamKind::ln1_w, l),
@@ -928,6 +951,16 @@ void GptCuda::weight_and_bias_grad(ParamKind w, ParamKind b, int64_t l, const bf
   mark("mm dW");
   model_cuda::column_sum(grad(b, l), col_partial_, dy, N, static_cast<int>(out), stream_);
   mark("bias grad");
+}
+
+void GptCuda::projection_grad(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N,
+                              int64_t in, int64_t out) {
+  if (!ln_bias_grad_) {
+    weight_and_bias_grad(w, b, l, dy, x, N, in, out);
+    return;
+  }
+  matmul_->backward_weight(grad(w, l), dy, x, N, in, out, stream_);
+  mark("mm dW proj");
 }
 
 void GptCuda::group_positions_by_token(int64_t N) {

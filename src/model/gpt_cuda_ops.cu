@@ -11,6 +11,7 @@
 #include "kernels/layernorm.cuh"
 #include "kernels/optimizer.cuh"
 
+#include <algorithm>
 #include <initializer_list>
 #include <string>
 
@@ -222,8 +223,11 @@ void residual_layernorm_forward(float* out, bf16* ln, float* mean, float* rstd, 
 }
 
 size_t layernorm_backward_partial_floats(int64_t N, int C) {
-  return size_t(layernorm_backward_blocks(N, device_sm_count())) * 2 * size_t(C);
+  // Rows of 3C with the next sums; the unfused fallback's column_sum takes the same workspace.
+  const size_t sums = size_t(layernorm_backward_blocks(N, device_sm_count())) * 3 * size_t(C);
+  return std::max(sums, column_sum_partial_floats(C));
 }
+
 
 void layernorm_backward(float* dx, bool accumulate, float* dw, float* db, float* partial, const bf16* dy,
                         const float* x, const float* mean, const float* rstd, const float* w, int64_t N, int C,
@@ -235,7 +239,7 @@ void layernorm_backward(float* dx, bool accumulate, float* dw, float* db, float*
 void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db, float* partial, const bf16* dy,
                                 const float* x, const float* mean, const float* rstd, const float* w, int64_t N, int C,
                                 bf16* next_dy, const DropoutSite& next, cudaStream_t stream,
-                                LayerNormBackwardKernel kernel) {
+                                LayerNormBackwardKernel kernel, float* next_db) {
   const char* op = "layernorm backward (CUDA)";
   require_rows(N, C, op);
   require_pointer(dx, op, "dx");
@@ -254,22 +258,31 @@ void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db
   }
   MODEL_CUDA_REQUIRE(layernorm_backward_shared_bytes(C) <= 227 * 1024,
                      std::string(op) + ": C " + num(C) + " needs more shared memory than a block has");
-  static int raised_for = 0;  // the largest C the shared-memory limit was raised for
-  if (layernorm_backward_shared_bytes(C) > 48 * 1024 && raised_for < C) {
-    FLASHGPT_CUDA_CHECK(layernorm_backward_allow_shared(C));
-    raised_for = C;
+  MODEL_CUDA_REQUIRE(next_db == nullptr || next_dy != nullptr,
+                     std::string(op) + ": next_db sums next_dy, so it needs next_dy");
+  const bool fused = next_dy != nullptr && C % 128 == 0;
+  // The next sums inside the kernels where their third section of shared memory fits.
+  const bool sums_fused =
+      next_db != nullptr && fused && layernorm_backward_shared_bytes(C, /*sum_next=*/true) <= 227 * 1024;
+  const size_t shared = layernorm_backward_shared_bytes(C, sums_fused);
+  static size_t raised_to = 0;  // the most shared memory the limit was raised to
+  if (shared > 48 * 1024 && raised_to < shared) {
+    FLASHGPT_CUDA_CHECK(layernorm_backward_allow_shared(shared));
+    raised_to = shared;
   }
   const int blocks = layernorm_backward_blocks(N, device_sm_count());
-  const bool fused = next_dy != nullptr && C % 128 == 0;
   if (next_dy != nullptr) {
     require_site(next, op);
     if (fused) require_aligned16(next_dy, op, "next_dy");
   }
   layernorm_backward_launch(dx, accumulate, dw, db, partial, blocks, dy, x, mean, rstd, w, N, C, stream,
                             fused ? next_dy : nullptr, next, kernel == LayerNormBackwardKernel::registers,
-                            device_sm_count());
+                            device_sm_count(), sums_fused ? next_db : nullptr);
   FLASHGPT_CUDA_CHECK_LAUNCH("layernorm_backward_kernel");
   if (next_dy != nullptr && !fused) dropout_backward(next_dy, dx, N, C, next, stream);
+  // The next sums where the kernels do not take them: column_sum over what was written (the
+  // same bf16 values, summed in another order), in the same workspace.
+  if (next_db != nullptr && !sums_fused) column_sum(next_db, partial, next_dy, N, C, stream);
 }
 
 void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,

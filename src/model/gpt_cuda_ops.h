@@ -87,11 +87,16 @@ void layernorm_backward(float* dx, bool accumulate, float* dw, float* db, float*
 // kernel: `shared` accumulates dw/db in shared memory and reads each row twice; `registers`
 // (C = 128, 256, 384, 512, 768, 1024; else `shared`) keeps the row and the sums in registers
 // and reads each row once. Same formulas; dw/db may differ in the last bits between the two.
+// next_db non-null (needs next_dy): next_db (C) fp32 += the column sums of next_dy, the bf16
+// values written (the bias gradient of the projection whose output the next site drops),
+// deterministic; fused into the kernels' sums where C % 128 == 0 (and 3 x 4 x C floats of
+// shared memory fit a block), else column_sum of next_dy after it is written.
 enum class LayerNormBackwardKernel { shared, registers };
 void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db, float* partial, const bf16* dy,
                                 const float* x, const float* mean, const float* rstd, const float* w, int64_t N, int C,
                                 bf16* next_dy, const DropoutSite& next, cudaStream_t stream,
-                                LayerNormBackwardKernel kernel = LayerNormBackwardKernel::shared);
+                                LayerNormBackwardKernel kernel = LayerNormBackwardKernel::shared,
+                                float* next_db = nullptr);
 
 // Which kernel computes the classifier's softmax (kernels/classifier.cuh): `two_pass` reads
 // each row twice, `cluster` once (a cluster of blocks per row holding it in registers; it

@@ -267,6 +267,70 @@ TEST_P(LayerNormTest, RegisterBackwardMatchesSharedKernel) {
   }
 }
 
+// The next sums (next_db, FLASHGPT_LN_BIAS_GRAD's bias gradients), both kernels, dropout on
+// and off, accumulating or not: next_db += the column sums of the next_dy written, against a
+// double reference within fp32 summation error (1e-5 of the column's sum of magnitudes:
+// a row left out or counted twice is 1/N of it, at least 2e-4 here); dx, dw, db and next_dy
+// the same bits as without next_db; a second run the same bits. C % 128 != 0 takes the
+// column_sum fallback, C = 2048 (96 KB of shared memory) the raised shared-memory limit.
+TEST_P(LayerNormTest, BackwardSumsTheNextGradientsColumns) {
+  const auto [N, C] = GetParam();
+  using model_cuda::LayerNormBackwardKernel;
+  for (const auto kernel : {LayerNormBackwardKernel::shared, LayerNormBackwardKernel::registers}) {
+    for (const float p : {0.1f, 0.0f}) {
+      for (const bool accumulate : {true, false}) {
+        SCOPED_TRACE(::testing::Message() << "registers " << (kernel == LayerNormBackwardKernel::registers) << " p "
+                                          << p << " accumulate " << accumulate);
+        const LayerNormBackwardCase in(N, C, static_cast<uint32_t>(N * 29 + C + (accumulate ? 1 : 0)));
+        const auto& dx0 = in.dx0;
+        const model_cuda::DropoutSite site = model_cuda::dropout_site(42, 9, 5, p);
+        std::vector<float> dw0(C, 1.0f), db0(C, -1.0f), ndb0(C);
+        for (int c = 0; c < C; ++c) ndb0[size_t(c)] = 0.25f * float(c % 7) - 0.5f;
+        Dev<float> d_dx1(dx0), d_dw1(dw0), d_db1(db0), d_dx2(dx0), d_dw2(dw0), d_db2(db0), d_ndb2(ndb0);
+        Dev<float> d_dx3(dx0), d_dw3(dw0), d_db3(db0), d_ndb3(ndb0);
+        Dev<float> d_partial(model_cuda::layernorm_backward_partial_floats(N, C));
+        Dev<bf16> d_next1(size_t(N) * C), d_next2(size_t(N) * C), d_next3(size_t(N) * C);
+        d_next1.poison();
+        d_next2.poison();
+        d_next3.poison();
+        const auto run = [&](Dev<float>& dx, Dev<float>& dw, Dev<float>& db, Dev<bf16>& next, float* ndb) {
+          model_cuda::layernorm_backward_dropout(dx.ptr, accumulate, dw.ptr, db.ptr, d_partial.ptr, in.d_dy.ptr,
+                                                 in.d_x.ptr, in.d_mean.ptr, in.d_rstd.ptr, in.d_w.ptr, N, C, next.ptr,
+                                                 site, nullptr, kernel, ndb);
+        };
+        run(d_dx1, d_dw1, d_db1, d_next1, nullptr);
+        run(d_dx2, d_dw2, d_db2, d_next2, d_ndb2.ptr);
+        run(d_dx3, d_dw3, d_db3, d_next3, d_ndb3.ptr);
+        const auto next = to_float(d_next2.get());
+        EXPECT_EQ(d_dx2.get(), d_dx1.get());
+        EXPECT_EQ(d_dw2.get(), d_dw1.get());
+        EXPECT_EQ(d_db2.get(), d_db1.get());
+        EXPECT_EQ(next, to_float(d_next1.get()));
+        const auto ndb = d_ndb2.get();
+        std::vector<double> ref(ndb0.begin(), ndb0.end()), magnitude(size_t(C), 0.0);
+        for (int64_t n = 0; n < N; ++n) {
+          for (int c = 0; c < C; ++c) {
+            ref[size_t(c)] += next[size_t(n * C + c)];
+            magnitude[size_t(c)] += std::fabs(next[size_t(n * C + c)]);
+          }
+        }
+        double worst = 0;
+        for (int c = 0; c < C; ++c) {
+          const double tol = 1e-5 * magnitude[size_t(c)] + 1e-6;
+          ASSERT_NEAR(ndb[size_t(c)], ref[size_t(c)], tol) << "column " << c;
+          worst = std::max(worst, std::fabs(ndb[size_t(c)] - ref[size_t(c)]) / tol);
+        }
+        EXPECT_EQ(d_ndb3.get(), ndb) << "a second run";
+        EXPECT_EQ(to_float(d_next3.get()), next);
+        EXPECT_EQ(d_dw3.get(), d_dw2.get());
+        if (p > 0 && accumulate && kernel == LayerNormBackwardKernel::shared) {
+          std::printf("N %lld C %d: next sums within %.3f of the tolerance\n", static_cast<long long>(N), C, worst);
+        }
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, LayerNormTest,
                          ::testing::Values(Shape{1, 32}, Shape{17, 48}, Shape{33, 40}, Shape{1000, 768},
                                            Shape{4097, 80}, Shape{5, 2048}, Shape{3, 128}, Shape{257, 384},
@@ -826,6 +890,12 @@ TEST(ModelCudaOpsTest, EntryPointsRejectBadArguments) {
                std::exception);
   EXPECT_THROW(model_cuda::residual_layernorm_forward(x.ptr, ln.ptr, losses.ptr, losses.ptr, x.ptr, y.ptr, x.ptr,
                                                       x.ptr, 4, 0, model_cuda::DropoutSite{}, nullptr),
+               std::exception);
+  // next_db sums next_dy: without it there is nothing to sum.
+  Dev<float> partial(model_cuda::layernorm_backward_partial_floats(4, 16));
+  EXPECT_THROW(model_cuda::layernorm_backward_dropout(x.ptr, true, x.ptr, x.ptr, partial.ptr, y.ptr, x.ptr, x.ptr,
+                                                      x.ptr, x.ptr, 4, 16, nullptr, model_cuda::DropoutSite{},
+                                                      nullptr, model_cuda::LayerNormBackwardKernel::shared, x.ptr),
                std::exception);
 }
 

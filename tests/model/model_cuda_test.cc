@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <span>
@@ -302,6 +304,118 @@ TEST(ModelCudaTest, TrainingLowersTheLossLikeTheCpu) {
   EXPECT_LT(gpu_end, 0.5 * gpu_losses[0]);
   EXPECT_LT(cpu_end, 0.5 * cpu_losses[0]);
   EXPECT_NEAR(gpu_end, cpu_end, 0.2 * cpu_end + 0.1);
+}
+
+// Sets an environment switch for the life of the guard (the model reads its switches once,
+// when created), then restores what was there.
+class EnvGuard {
+ public:
+  EnvGuard(const char* name, const char* value) : name_(name) {
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    EXPECT_EQ(::setenv(name, value, 1), 0);
+  }
+  ~EnvGuard() {
+    if (had_) {
+      ::setenv(name_, old_.c_str(), 1);
+    } else {
+      ::unsetenv(name_);
+    }
+  }
+  EnvGuard(const EnvGuard&) = delete;
+  EnvGuard& operator=(const EnvGuard&) = delete;
+
+ private:
+  const char* name_;
+  bool had_ = false;
+  std::string old_;
+};
+
+// FLASHGPT_LN_BIAS_GRAD=1 (the LayerNorm backward sums fc_proj_b's and attn_proj_b's
+// gradients, the two dW matmuls run without BGRADB) against the switch off, two dropout
+// micro-batches accumulated: the same loss bits; fc_proj_b and attn_proj_b equal within fp32
+// rounding (the same bf16 values summed in another order) and every other gradient the same
+// bits, in deterministic mode (in fast mode the attention's dQ atomics make every run differ
+// in the last bits, and then in some bf16 roundings: there every gradient within 1e-4).
+// tiny (C = 64) takes the column_sum fallback, hd64 (C = 128) the fused sums. With the switch
+// on: a second run the same bits (deterministic), and with a data-parallel hook (eager,
+// per-layer reporting) every range is final when reported (and, deterministic, the same bits).
+TEST(ModelCudaTest, LayerNormBiasGradientsMatchTheMatmulPath) {
+  for (const auto& [name, config] : test_models(0.1f)) {
+    for (const bool deterministic : {true, false}) {
+      SCOPED_TRACE(name + (deterministic ? " deterministic" : " fast"));
+      const int64_t B = 4, T = config.context, V = config.vocab_size, P = model_param_count(config);
+      // switch off, on, on again, on with a hook
+      constexpr int kRuns = 4;
+      std::vector<std::vector<float>> grads(kRuns, std::vector<float>(size_t(P)));
+      std::vector<float> reported(size_t(P), std::nanf(""));
+      std::vector<std::vector<double>> losses(kRuns);
+      for (int run = 0; run < kRuns; ++run) {
+        EnvGuard sw("FLASHGPT_LN_BIAS_GRAD", run == 0 ? "0" : "1");
+        ModelOptions options;
+        options.max_batch = B;
+        options.deterministic = deterministic;
+        auto gpu = gpt_create_cuda(config, options);
+        std::vector<float> params(static_cast<size_t>(P));
+        model_init_params(config, 1234, params);
+        gpu->params_set(params);
+        if (run == 3) {
+          GptModel* model = gpu.get();
+          gpu->grad_ready_hook_set([model, &reported](int64_t begin, int64_t end) {
+            const GptModel::FlatBuffers f = model->flat_buffers();
+            ASSERT_EQ(cudaStreamSynchronize(static_cast<cudaStream_t>(f.stream)), cudaSuccess);
+            ASSERT_EQ(cudaMemcpy(reported.data() + begin, f.grads + begin, size_t(end - begin) * sizeof(float),
+                                 cudaMemcpyDeviceToHost),
+                      cudaSuccess);
+          });
+        }
+        gpu->grads_zero();
+        for (uint64_t micro = 1; micro <= 2; ++micro) {
+          losses[size_t(run)].push_back(
+              gpu->forward_backward(random_windows(B, T, V, uint32_t(micro)), B, T, StepRng{7, micro}, 0.5f));
+        }
+        gpu->grads_get(grads[size_t(run)]);
+      }
+      for (int run = 1; run < kRuns; ++run) {
+        for (size_t i = 0; i < losses[0].size(); ++i) {
+          EXPECT_EQ(std::memcmp(&losses[0][i], &losses[size_t(run)][i], sizeof(double)), 0)
+              << "run " << run << " loss " << i;
+        }
+      }
+      const auto& off = grads[0];
+      const auto& on = grads[1];
+      for (const ParamSpec& s : model_param_specs(config)) {
+        SCOPED_TRACE(s.name);
+        const int64_t end = s.offset + s.numel;
+        if (!deterministic) {
+          EXPECT_LT(rel_error(on, off, s.offset, end), 1e-4);
+        } else if (s.kind == ParamKind::fc_proj_b || s.kind == ParamKind::attn_proj_b) {
+          // fp32 sums of 2 B T bf16 values in two orders; the gradients are O(0.1 - 1) here.
+          double scale = 0;
+          for (int64_t i = s.offset; i < end; ++i) scale = std::max(scale, double(std::fabs(off[size_t(i)])));
+          ASSERT_GT(scale, 0.0) << "a bias gradient of zero tests nothing";
+          for (int64_t i = s.offset; i < end; ++i) {
+            ASSERT_NEAR(on[size_t(i)], off[size_t(i)], 1e-5 * scale) << "element " << i - s.offset;
+          }
+          const bool reordered = std::memcmp(on.data() + s.offset, off.data() + s.offset,
+                                             size_t(s.numel) * sizeof(float)) != 0;
+          std::printf("%s: %s %s\n", name.c_str(), s.name.c_str(),
+                      reordered ? "differs in the last bits" : "the same bits");
+        } else {
+          EXPECT_EQ(std::memcmp(on.data() + s.offset, off.data() + s.offset, size_t(s.numel) * sizeof(float)), 0);
+        }
+      }
+      if (deterministic) {
+        EXPECT_EQ(std::memcmp(grads[2].data(), on.data(), size_t(P) * sizeof(float)), 0) << "a second run";
+        EXPECT_EQ(std::memcmp(grads[3].data(), on.data(), size_t(P) * sizeof(float)), 0) << "with the hook";
+      }
+      // Every range is reported once it is final: what the hook read then is what it is now.
+      // (wte and wpe are reported last; the second micro-batch's reports are the final ones.)
+      EXPECT_EQ(std::memcmp(reported.data(), grads[3].data(), size_t(P) * sizeof(float)), 0)
+          << "a range was reported before its gradient was final";
+    }
+  }
 }
 
 TEST(ModelCudaTest, StepsAllocateNoDeviceMemory) {

@@ -6,6 +6,12 @@
 //             dw[c] += sum_n dy xhat, db[c] += sum_n dy, in two deterministic stages: each
 //             block sums its rows into a partial row, then one kernel adds the partials in
 //             block order.
+//   next sums (with the fused dropout backward, C % 128 == 0): next_db[c] += sum_n next_dy,
+//             the column sums of the bf16 gradient the kernel writes for the next site, which
+//             is the bias gradient of the projection that feeds that site; a third section
+//             of the same partial rows, reduced with dw and db. The sums take the bf16 values,
+//             as the weight gradient's matmul reads them (what cuBLASLt's BGRADB epilogue and
+//             column_sum sum), so only the order of the additions differs from those.
 //   residual + forward (fused): x_out[n, c] = x_in[n, c] + drop(y[n, c]) (dropout.cuh's
 //             residual forward), then the forward above of x_out, in one pass: the row is
 //             held in registers, so the fp32 stream is written once and not read again.
@@ -102,6 +108,16 @@ __device__ __forceinline__ void load_bf16x4(const bf16* p, float (&v)[4]) {
   const bf16* b = reinterpret_cast<const bf16*>(&raw);
 #pragma unroll
   for (int k = 0; k < 4; ++k) v[k] = __bfloat162float(b[k]);
+}
+
+// acc[0 .. 3] += r[0 .. 3] (bf16), acc 16-byte aligned shared memory: one 128-bit load and store.
+__device__ __forceinline__ void add_bf16x4(float* acc, const bf16* r) {
+  float4 a = *reinterpret_cast<float4*>(acc);
+  a.x += __bfloat162float(r[0]);
+  a.y += __bfloat162float(r[1]);
+  a.z += __bfloat162float(r[2]);
+  a.w += __bfloat162float(r[3]);
+  *reinterpret_cast<float4*>(acc) = a;
 }
 
 __global__ void layernorm_forward_vec_kernel(bf16* __restrict__ out, float* __restrict__ mean_out,
@@ -226,16 +242,22 @@ __global__ void __launch_bounds__(256)
 // kDropNext: also the next dropout backward of the residual stream, fused: next_dy (N, C)
 // bf16 = dropout mask of site `next` * scale * dx (the accumulated value just written), the
 // same arithmetic as dropout_backward_kernel, so the same bits, without reading dx again.
-template <bool kAccumulate, bool kDropNext>
+// kSumNext (with kDropNext): also the column sums of next_dy, a third section of the sums:
+// shared memory and partial rows hold layernorm_backward_sections(kSumNext) C floats.
+__host__ __device__ constexpr int layernorm_backward_sections(bool sum_next) { return sum_next ? 3 : 2; }
+
+template <bool kAccumulate, bool kDropNext, bool kSumNext = false>
 __global__ void layernorm_backward_vec_kernel(float* __restrict__ dx, float* __restrict__ partial,
                                               const bf16* __restrict__ dy, const float* __restrict__ x,
                                               const float* __restrict__ mean, const float* __restrict__ rstd,
                                               const float* __restrict__ w, int64_t N, int C, bf16* __restrict__ next_dy,
                                               DropoutSite next) {
-  extern __shared__ float shared_acc[];  // (kLnWarps, 2C)
+  static_assert(kDropNext || !kSumNext, "the next sums are of the fused dropout's output");
+  constexpr int kSections = layernorm_backward_sections(kSumNext);
+  extern __shared__ float shared_acc[];  // (kLnWarps, kSections C): [dw | db | next db]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  float* acc = shared_acc + warp * 2 * C;
-  for (int c = lane; c < 2 * C; c += 32) acc[c] = 0.0f;
+  float* acc = shared_acc + warp * kSections * C;
+  for (int c = lane; c < kSections * C; c += 32) acc[c] = 0.0f;
   __syncwarp();
   for (int64_t row = blockIdx.x * int64_t{kLnWarps} + warp; row < N; row += int64_t{gridDim.x} * kLnWarps) {
     const float* xr = x + row * C;
@@ -282,15 +304,16 @@ __global__ void layernorm_backward_vec_kernel(float* __restrict__ dx, float* __r
 #pragma unroll
         for (int k = 0; k < 4; ++k) r[k] = __float2bfloat16_rn(dropout_apply(os[k], bits, c % 16 + k, next));
         *reinterpret_cast<uint2*>(next_dy + row * C + c) = raw;
+        if (kSumNext) add_bf16x4(acc + 2 * C + c, r);
       }
     }
   }
   __syncthreads();
-  for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) {
+  for (int c = threadIdx.x; c < kSections * C; c += blockDim.x) {
     float s = 0.0f;
 #pragma unroll
-    for (int k = 0; k < kLnWarps; ++k) s += shared_acc[k * 2 * C + c];
-    partial[int64_t{blockIdx.x} * 2 * C + c] = s;
+    for (int k = 0; k < kLnWarps; ++k) s += shared_acc[k * kSections * C + c];
+    partial[int64_t{blockIdx.x} * kSections * C + c] = s;
   }
 }
 
@@ -303,14 +326,24 @@ __global__ void layernorm_backward_vec_kernel(float* __restrict__ dx, float* __r
 // Blocks per SM the register kernel is compiled for (its registers capped to fit them).
 constexpr int layernorm_backward_reg_blocks_per_sm(int iters) { return iters <= 4 ? 4 : iters <= 6 ? 3 : 2; }
 
-template <int kIters, bool kAccumulate, bool kDropNext>
+// kSumNext: the next sums (kernel comment above), added to the warp's shared-memory row as
+// they come (a 128-bit shared load and store per 4 channels): in registers they took
+// kIters = 6 (C = 768) past its 168-register cap (a spill).
+template <int kIters, bool kAccumulate, bool kDropNext, bool kSumNext = false>
 __global__ void __launch_bounds__(kLnWarps * 32, layernorm_backward_reg_blocks_per_sm(kIters))
     layernorm_backward_reg_kernel(float* __restrict__ dx, float* __restrict__ partial, const bf16* __restrict__ dy,
                                   const float* __restrict__ x, const float* __restrict__ mean,
                                   const float* __restrict__ rstd, const float* __restrict__ w, int64_t N, int C,
                                   bf16* __restrict__ next_dy, DropoutSite next) {
-  extern __shared__ float shared_acc[];  // (kLnWarps, 2C)
+  static_assert(kDropNext || !kSumNext, "the next sums are of the fused dropout's output");
+  constexpr int kSections = layernorm_backward_sections(kSumNext);
+  extern __shared__ float shared_acc[];  // (kLnWarps, kSections C): [dw | db | next db]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float* acc = shared_acc + warp * kSections * C;
+  if (kSumNext) {
+    for (int c = lane; c < C; c += 32) acc[2 * C + c] = 0.0f;
+    __syncwarp();
+  }
   float acc_w[kIters][4], acc_b[kIters][4];
 #pragma unroll
   for (int i = 0; i < kIters; ++i) {
@@ -371,10 +404,10 @@ __global__ void __launch_bounds__(kLnWarps * 32, layernorm_backward_reg_blocks_p
 #pragma unroll
         for (int k = 0; k < 4; ++k) r[k] = __float2bfloat16_rn(dropout_apply(o[i][k], bits, c % 16 + k, next));
         *reinterpret_cast<uint2*>(next_dy + row * C + c) = raw;
+        if (kSumNext) add_bf16x4(acc + 2 * C + c, r);
       }
     }
   }
-  float* acc = shared_acc + warp * 2 * C;
 #pragma unroll
   for (int i = 0; i < kIters; ++i) {
 #pragma unroll
@@ -384,25 +417,30 @@ __global__ void __launch_bounds__(kLnWarps * 32, layernorm_backward_reg_blocks_p
     }
   }
   __syncthreads();
-  for (int c = threadIdx.x; c < 2 * C; c += blockDim.x) {
+  for (int c = threadIdx.x; c < kSections * C; c += blockDim.x) {
     float sum = 0.0f;
 #pragma unroll
-    for (int k = 0; k < kLnWarps; ++k) sum += shared_acc[k * 2 * C + c];
-    partial[int64_t{blockIdx.x} * 2 * C + c] = sum;
+    for (int k = 0; k < kLnWarps; ++k) sum += shared_acc[k * kSections * C + c];
+    partial[int64_t{blockIdx.x} * kSections * C + c] = sum;
   }
 }
 
-// dw[c] += sum over blocks of partial[blk, c]; db[c] += partial[blk, C + c]. Block order.
+// dw[c] += sum over blocks of partial[blk, c]; db[c] += partial[blk, C + c]; with next_db
+// (partial rows of 3C), next_db[c] += partial[blk, 2C + c]. Block order.
 __global__ void layernorm_backward_reduce_kernel(float* __restrict__ dw, float* __restrict__ db,
-                                                 const float* __restrict__ partial, int blocks, int C) {
+                                                 float* __restrict__ next_db, const float* __restrict__ partial,
+                                                 int blocks, int C) {
+  const int sections = layernorm_backward_sections(next_db != nullptr);
   const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  if (c >= 2 * C) return;
+  if (c >= sections * C) return;
   float s = 0.0f;
-  for (int k = 0; k < blocks; ++k) s += partial[int64_t{k} * 2 * C + c];
+  for (int k = 0; k < blocks; ++k) s += partial[int64_t{k} * sections * C + c];
   if (c < C) {
     dw[c] += s;
-  } else {
+  } else if (c < 2 * C) {
     db[c - C] += s;
+  } else {
+    next_db[c - 2 * C] += s;
   }
 }
 
@@ -437,7 +475,9 @@ inline void residual_layernorm_forward_launch(float* out, bf16* ln, float* mean,
   }
 }
 
-inline size_t layernorm_backward_shared_bytes(int C) { return sizeof(float) * kLnWarps * 2 * size_t(C); }
+inline size_t layernorm_backward_shared_bytes(int C, bool sum_next = false) {
+  return sizeof(float) * kLnWarps * layernorm_backward_sections(sum_next) * size_t(C);
+}
 
 // blocks: the partial rows `partial` holds (layernorm_backward_blocks).
 inline int layernorm_backward_blocks(int64_t N, int sm_count) {
@@ -457,14 +497,17 @@ inline bool layernorm_backward_registers_fit(int C) {
 // the shared-memory kernel's grid (4 per SM) assumes: the grid is capped at the blocks per SM
 // the kernel's launch bounds guarantee (one wave, no tail). Returns the blocks launched (the
 // partial rows to reduce).
+// sum_next: the next sums (needs next_dy).
 template <int kIters>
 int layernorm_backward_reg_launch(float* dx, bool accumulate, float* partial, int blocks, size_t shared,
                                   const bf16* dy, const float* x, const float* mean, const float* rstd,
                                   const float* w, int64_t N, int C, cudaStream_t stream, bf16* next_dy,
-                                  const DropoutSite& next, int sm_count) {
-  auto kernel = accumulate ? (next_dy ? layernorm_backward_reg_kernel<kIters, true, true>
+                                  const DropoutSite& next, int sm_count, bool sum_next) {
+  auto kernel = accumulate ? (next_dy ? (sum_next ? layernorm_backward_reg_kernel<kIters, true, true, true>
+                                                  : layernorm_backward_reg_kernel<kIters, true, true>)
                                       : layernorm_backward_reg_kernel<kIters, true, false>)
-                           : (next_dy ? layernorm_backward_reg_kernel<kIters, false, true>
+                           : (next_dy ? (sum_next ? layernorm_backward_reg_kernel<kIters, false, true, true>
+                                                  : layernorm_backward_reg_kernel<kIters, false, true>)
                                       : layernorm_backward_reg_kernel<kIters, false, false>);
   constexpr int fit = layernorm_backward_reg_blocks_per_sm(kIters);
   if (sm_count > 0 && blocks > fit * sm_count) blocks = fit * sm_count;
@@ -475,45 +518,51 @@ int layernorm_backward_reg_launch(float* dx, bool accumulate, float* partial, in
 inline int layernorm_backward_reg_dispatch(float* dx, bool accumulate, float* partial, int blocks, size_t shared,
                                            const bf16* dy, const float* x, const float* mean, const float* rstd,
                                            const float* w, int64_t N, int C, cudaStream_t stream, bf16* next_dy,
-                                           const DropoutSite& next, int sm_count) {
+                                           const DropoutSite& next, int sm_count, bool sum_next) {
   switch (C / 128) {
     case 1:
       return layernorm_backward_reg_launch<1>(dx, accumulate, partial, blocks, shared, dy, x, mean, rstd, w, N, C,
-                                               stream, next_dy, next, sm_count);
+                                               stream, next_dy, next, sm_count, sum_next);
     case 2:
       return layernorm_backward_reg_launch<2>(dx, accumulate, partial, blocks, shared, dy, x, mean, rstd, w, N, C,
-                                               stream, next_dy, next, sm_count);
+                                               stream, next_dy, next, sm_count, sum_next);
     case 3:
       return layernorm_backward_reg_launch<3>(dx, accumulate, partial, blocks, shared, dy, x, mean, rstd, w, N, C,
-                                               stream, next_dy, next, sm_count);
+                                               stream, next_dy, next, sm_count, sum_next);
     case 4:
       return layernorm_backward_reg_launch<4>(dx, accumulate, partial, blocks, shared, dy, x, mean, rstd, w, N, C,
-                                               stream, next_dy, next, sm_count);
+                                               stream, next_dy, next, sm_count, sum_next);
     case 6:
       return layernorm_backward_reg_launch<6>(dx, accumulate, partial, blocks, shared, dy, x, mean, rstd, w, N, C,
-                                               stream, next_dy, next, sm_count);
+                                               stream, next_dy, next, sm_count, sum_next);
     default:
       return layernorm_backward_reg_launch<8>(dx, accumulate, partial, blocks, shared, dy, x, mean, rstd, w, N, C,
-                                               stream, next_dy, next, sm_count);
+                                               stream, next_dy, next, sm_count, sum_next);
   }
 }
 
 // registers: the register kernel where it fits (layernorm_backward_registers_fit), its grid
 // capped at sm_count times the blocks resident per SM (sm_count 0: no cap).
 // next_dy non-null: the fused dropout backward (vector path only; C % 128 == 0).
+// next_db non-null with the fused dropout backward (next_dy, C % 128 == 0; else ignored):
+// next_db (C) += the column sums of next_dy; partial holds blocks rows of 3C floats then, else 2C.
 inline void layernorm_backward_launch(float* dx, bool accumulate, float* dw, float* db, float* partial, int blocks,
                                       const bf16* dy, const float* x, const float* mean, const float* rstd,
                                       const float* w, int64_t N, int C, cudaStream_t stream,
                                       bf16* next_dy = nullptr, const DropoutSite& next = DropoutSite{},
-                                      bool registers = false, int sm_count = 0) {
-  const size_t shared = layernorm_backward_shared_bytes(C);
+                                      bool registers = false, int sm_count = 0, float* next_db = nullptr) {
+  const bool sum_next = next_db != nullptr && next_dy != nullptr && C % 128 == 0;
+  if (!sum_next) next_db = nullptr;
+  const size_t shared = layernorm_backward_shared_bytes(C, sum_next);
   if (registers && layernorm_backward_registers_fit(C)) {
     blocks = layernorm_backward_reg_dispatch(dx, accumulate, partial, blocks, shared, dy, x, mean, rstd, w, N, C,
-                                             stream, next_dy, next, sm_count);
+                                             stream, next_dy, next, sm_count, sum_next);
   } else if (C % 128 == 0) {
-    auto kernel = accumulate ? (next_dy ? layernorm_backward_vec_kernel<true, true>
+    auto kernel = accumulate ? (next_dy ? (sum_next ? layernorm_backward_vec_kernel<true, true, true>
+                                                    : layernorm_backward_vec_kernel<true, true>)
                                         : layernorm_backward_vec_kernel<true, false>)
-                             : (next_dy ? layernorm_backward_vec_kernel<false, true>
+                             : (next_dy ? (sum_next ? layernorm_backward_vec_kernel<false, true, true>
+                                                    : layernorm_backward_vec_kernel<false, true>)
                                         : layernorm_backward_vec_kernel<false, false>);
     kernel<<<blocks, kLnWarps * 32, shared, stream>>>(dx, partial, dy, x, mean, rstd, w, N, C, next_dy, next);
   } else if (accumulate) {
@@ -521,18 +570,22 @@ inline void layernorm_backward_launch(float* dx, bool accumulate, float* dw, flo
   } else {
     layernorm_backward_kernel<false><<<blocks, kLnWarps * 32, shared, stream>>>(dx, partial, dy, x, mean, rstd, w, N, C);
   }
-  layernorm_backward_reduce_kernel<<<ceil_div(2 * int64_t{C}, 256), 256, 0, stream>>>(dw, db, partial, blocks, C);
+  const int64_t sums = layernorm_backward_sections(sum_next) * int64_t{C};
+  layernorm_backward_reduce_kernel<<<ceil_div(sums, 256), 256, 0, stream>>>(dw, db, next_db, partial, blocks, C);
 }
 
-// Lets the backward take more than 48 KB of shared memory (C > 1536). Called once.
-inline cudaError_t layernorm_backward_allow_shared(int C) {
-  const int bytes = static_cast<int>(layernorm_backward_shared_bytes(C));
+// Lets the backward kernels take `bytes` (> 48 KB) of shared memory (C > 1536, or C > 1024
+// with the next sums). The register kernels' C <= 1024 fits in 48 KB.
+inline cudaError_t layernorm_backward_allow_shared(size_t shared_bytes) {
+  const int bytes = static_cast<int>(shared_bytes);
   for (const void* kernel : {reinterpret_cast<const void*>(layernorm_backward_kernel<true>),
                              reinterpret_cast<const void*>(layernorm_backward_kernel<false>),
                              reinterpret_cast<const void*>(layernorm_backward_vec_kernel<true, false>),
                              reinterpret_cast<const void*>(layernorm_backward_vec_kernel<false, false>),
                              reinterpret_cast<const void*>(layernorm_backward_vec_kernel<true, true>),
-                             reinterpret_cast<const void*>(layernorm_backward_vec_kernel<false, true>)}) {
+                             reinterpret_cast<const void*>(layernorm_backward_vec_kernel<false, true>),
+                             reinterpret_cast<const void*>(layernorm_backward_vec_kernel<true, true, true>),
+                             reinterpret_cast<const void*>(layernorm_backward_vec_kernel<false, true, true>)}) {
     const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (e != cudaSuccess) return e;
   }
