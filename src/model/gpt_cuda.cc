@@ -14,7 +14,9 @@
 // step, the attention's dropout streams) are copied from pinned host memory by the graphs'
 // first nodes, and the kernels read the dropout values from device memory
 // (DropoutSite::seed_step, AttentionParams::rng_device). Where capture fails the step runs
-// eagerly; ModelOptions::cuda_graph or FLASHGPT_CUDA_GRAPH=0 turns graphs off.
+// eagerly; ModelOptions::cuda_graph or FLASHGPT_CUDA_GRAPH=0 turns graphs off. With
+// FLASHGPT_MATMUL_AUTOTUNE=1 (matmul_cublaslt.h) the matmul plans a capture meets are tuned
+// after it and the pair is captured again with the chosen algorithms.
 //
 // With options.deterministic the attention backward orders its dQ atomics, cuBLASLt keeps
 // algorithms without scheduling-dependent reductions and the bias gradients are summed by our
@@ -1041,20 +1043,33 @@ GptCuda::StepGraph* GptCuda::step_graph(int64_t B, int64_t T, float loss_scale) 
   const int64_t N = B * T;
   StepGraph g{B, T, loss_scale, nullptr, nullptr};
   const StepRng rng{};  // ignored while capturing: the kernels read d_step_
-  g.forward = capture([&] {
-    FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_step_, h_step_, size_t(2 + 2 * L_) * sizeof(uint64_t),
-                                        cudaMemcpyHostToDevice, stream_));
-    const size_t bytes = size_t(N) * sizeof(int32_t);
-    FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_tokens_, h_tokens_, bytes, cudaMemcpyHostToDevice, stream_));
-    FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_targets_, h_targets_, bytes, cudaMemcpyHostToDevice, stream_));
-    forward(B, T, /*train=*/true, rng);
-    classifier(N, /*grad=*/true, loss_scale);
-  });
-  if (g.forward != nullptr) {
-    g.backward = capture([&] {
-      copy_token_groups(N);
-      backward(B, T, rng);
+  auto capture_pair = [&] {
+    g.forward = capture([&] {
+      FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_step_, h_step_, size_t(2 + 2 * L_) * sizeof(uint64_t),
+                                          cudaMemcpyHostToDevice, stream_));
+      const size_t bytes = size_t(N) * sizeof(int32_t);
+      FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_tokens_, h_tokens_, bytes, cudaMemcpyHostToDevice, stream_));
+      FLASHGPT_CUDA_CHECK(cudaMemcpyAsync(d_targets_, h_targets_, bytes, cudaMemcpyHostToDevice, stream_));
+      forward(B, T, /*train=*/true, rng);
+      classifier(N, /*grad=*/true, loss_scale);
     });
+    if (g.forward != nullptr) {
+      g.backward = capture([&] {
+        copy_token_groups(N);
+        backward(B, T, rng);
+      });
+    }
+  };
+  capture_pair();
+  // With FLASHGPT_MATMUL_AUTOTUNE, the matmul plans first met in this capture ran cuBLASLt's
+  // first heuristic: time them now, outside the capture (on the model's buffers, whose
+  // contents do not matter for timing; nothing is written into them), and capture again
+  // where that changed an algorithm, so that the graphs run the tuned ones.
+  if (g.forward != nullptr && g.backward != nullptr && matmul_->tune_pending(stream_)) {
+    cudaGraphExecDestroy(g.forward);
+    cudaGraphExecDestroy(g.backward);
+    g.forward = g.backward = nullptr;
+    capture_pair();
   }
   if (g.forward == nullptr || g.backward == nullptr) {
     if (g.forward) cudaGraphExecDestroy(g.forward);

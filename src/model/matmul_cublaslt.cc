@@ -11,6 +11,9 @@
 
 #include <algorithm>
 #include <bit>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 
 namespace flashgpt::model_cuda {
 
@@ -27,6 +30,18 @@ struct Matmul::Plan {
   cublasLtMatmulAlgo_t algo{};
   bool supported = true;  // false: cuBLASLt found no algorithm (an optional epilogue)
   bool bias_bf16 = false;  // a bias-gradient epilogue writes bf16 (cuBLASLt took no fp32 bias)
+  // What autotuning needs: the shape (for the scratch outputs and the log line), the
+  // heuristic results still to time (empty once tuned, or when not tuning) and, for a plan
+  // made while capturing, the input pointers of its first call.
+  bool trans_a = false, trans_b = false, d_fp32 = false;
+  int64_t m = 0, n = 0, k = 0, ldd = 0, ld_aux = 0;
+  float beta = 0.0f;
+  Epilogue epilogue = Epilogue::none;
+  std::vector<cublasLtMatmulHeuristicResult_t> candidates;
+  const void* pending_a = nullptr;
+  const void* pending_b = nullptr;
+  const void* pending_bias = nullptr;
+  const void* pending_aux = nullptr;
   ~Plan() {
     if (a) cublasLtMatrixLayoutDestroy(a);
     if (b) cublasLtMatrixLayoutDestroy(b);
@@ -70,10 +85,56 @@ const char* epilogue_name(Epilogue e) {
   return "?";
 }
 
+// FLASHGPT_MATMUL_AUTOTUNE / FLASHGPT_MATMUL_AUTOTUNE_LOG: 0 or 1, unset is 0; read once.
+bool env_flag(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return false;
+  FLASHGPT_CHECK(std::strcmp(value, "0") == 0 || std::strcmp(value, "1") == 0, "{} must be 0 or 1, got '{}'", name,
+                 value);
+  return value[0] == '1';
+}
+bool autotune_env() {
+  static const bool on = env_flag("FLASHGPT_MATMUL_AUTOTUNE");
+  return on;
+}
+bool autotune_log_env() {
+  static const bool on = env_flag("FLASHGPT_MATMUL_AUTOTUNE_LOG");
+  return on;
+}
+
+// True where `stream` is capturing a graph (or the query itself fails, as on the legacy
+// stream while another stream captures in global mode): no synchronization, no cudaMalloc.
+bool stream_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(stream, &status) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return true;
+  }
+  return status != cudaStreamCaptureStatusNone;
+}
+
+constexpr int kAutotuneWarmups = 3;   // launches before each candidate's timing
+constexpr int kAutotuneLaunches = 5;  // timed launches per candidate
+
+size_t round_up_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// The per-call pointers of the plan's epilogue (the descriptor is shared by all calls of the shape).
+void set_epilogue_pointers(Matmul::Plan& plan, const void* bias, const void* aux) {
+  const Epilogue e = plan.epilogue;
+  if (e == Epilogue::bias || e == Epilogue::gelu_aux_bias || e == Epilogue::bgradb) {
+    MODEL_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+  }
+  if (e == Epilogue::gelu_aux_bias || e == Epilogue::dgelu) {
+    MODEL_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
+  }
+}
+
 }  // namespace
 
 Matmul::Matmul(size_t workspace_bytes, bool deterministic)
-    : workspace_bytes_(workspace_bytes), deterministic_(deterministic) {
+    : workspace_bytes_(workspace_bytes), deterministic_(deterministic), autotune_(autotune_env()) {
   cublasLtHandle_t handle = nullptr;
   MODEL_CUBLAS_CHECK(cublasLtCreate(&handle));
   handle_ = handle;
@@ -146,7 +207,11 @@ bool Matmul::run(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
                       CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES}) {
       MODEL_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attr, &align_bytes, sizeof(align_bytes)));
     }
-    cublasLtMatmulHeuristicResult_t result{};
+    // Tuning asks for kAutotuneCandidates results (best estimate first) where today's choice asks for one.
+    const bool tune_plan = tuning();
+    const int wanted = tune_plan ? kAutotuneCandidates : 1;
+    std::vector<cublasLtMatmulHeuristicResult_t> results(static_cast<size_t>(wanted));
+    cublasLtMatmulHeuristicResult_t& result = results[0];
     int found = 0;
     if (deterministic_) {
       // Split-K reductions in the output type can depend on scheduling; keep the ones that do not
@@ -165,7 +230,7 @@ bool Matmul::run(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
     }
     if (found == 0) {
       const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(lt(handle_), plan->desc, plan->a, plan->b, plan->c,
-                                                                   plan->d, pref, 1, &result, &found);
+                                                                   plan->d, pref, wanted, results.data(), &found);
       if (optional && status != CUBLAS_STATUS_SUCCESS) {
         found = 0;  // H100, cuBLASLt 13: BGRADB with an fp32 bias answers "invalid value" (7)
       } else {
@@ -175,7 +240,8 @@ bool Matmul::run(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
         MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bf16_type,
                                                           sizeof(bf16_type)));
         const cublasStatus_t retry = cublasLtMatmulAlgoGetHeuristic(lt(handle_), plan->desc, plan->a, plan->b,
-                                                                    plan->c, plan->d, pref, 1, &result, &found);
+                                                                    plan->c, plan->d, pref, wanted, results.data(),
+                                                                    &found);
         if (retry != CUBLAS_STATUS_SUCCESS) found = 0;
         plan->bias_bf16 = found > 0;
       }
@@ -191,22 +257,161 @@ bool Matmul::run(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
                    m, n, k, trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', lda, ldb, ldd, d_fp32 ? "fp32" : "bf16",
                    epilogue_name(epilogue), align);
     plan->algo = result.algo;
+    plan->trans_a = trans_a;
+    plan->trans_b = trans_b;
+    plan->d_fp32 = d_fp32;
+    plan->m = m;
+    plan->n = n;
+    plan->k = k;
+    plan->ldd = ldd;
+    plan->ld_aux = ld_aux;
+    plan->beta = beta;
+    plan->epilogue = epilogue;
+    if (tune_plan) {
+      plan->candidates.assign(results.begin(), results.begin() + found);
+      // Inputs only: the outputs (D, aux of gelu_aux_bias, bgradb's bias) are never timed into.
+      plan->pending_a = a;
+      plan->pending_b = b;
+      plan->pending_bias = epilogue == Epilogue::bias || epilogue == Epilogue::gelu_aux_bias ? bias : nullptr;
+      plan->pending_aux = epilogue == Epilogue::dgelu ? aux : nullptr;
+      pending_.push_back(plan.get());
+    }
     slot = std::move(plan);
   }
   Plan& plan = *slot;
   if (!plan.supported) return false;
+  if (!plan.candidates.empty() && !stream_capturing(stream)) {
+    // A new plan, or one made while capturing, at its first eager call: time it now, on this
+    // call's inputs (ordered after whatever this stream wrote into them).
+    pending_.erase(std::find(pending_.begin(), pending_.end(), &plan));
+    tune(plan, a, b, bias, aux, stream);
+  }
   last_bias_bf16_ = plan.bias_bf16;
-  if (epilogue == Epilogue::bias || epilogue == Epilogue::gelu_aux_bias || epilogue == Epilogue::bgradb) {
-    MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
-  }
-  if (epilogue == Epilogue::gelu_aux_bias || epilogue == Epilogue::dgelu) {
-    MODEL_CUBLAS_CHECK(
-        cublasLtMatmulDescSetAttribute(plan.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
-  }
+  set_epilogue_pointers(plan, bias, aux);
   const float alpha = 1.0f;
   MODEL_CUBLAS_CHECK(cublasLtMatmul(lt(handle_), plan.desc, &alpha, a, plan.a, b, plan.b, &beta, d, plan.c, d, plan.d,
                                     &plan.algo, workspace_, workspace_bytes_, stream));
   return true;
+}
+
+bool Matmul::tune(Plan& plan, const void* a, const void* b, const void* bias_in, const void* aux_in,
+                  cudaStream_t stream) {
+  std::vector<cublasLtMatmulHeuristicResult_t> candidates;
+  candidates.swap(plan.candidates);  // tuned once, whatever happens below
+  ++tuned_plans_;
+  const Epilogue epilogue = plan.epilogue;
+  if (epilogue != Epilogue::bias && epilogue != Epilogue::gelu_aux_bias) bias_in = nullptr;
+  if (epilogue != Epilogue::dgelu) aux_in = nullptr;
+  // Scratch outputs: D (m, n) with ldd, which beta = 1 also reads (zeroed); the
+  // pre-activation of gelu_aux_bias (m, n) with ld_aux; bgradb's bias gradient (m, fp32 size).
+  const size_t d_bytes = round_up_256(size_t(plan.ldd) * size_t(plan.n) * (plan.d_fp32 ? 4 : 2));
+  const size_t aux_bytes =
+      epilogue == Epilogue::gelu_aux_bias ? round_up_256(size_t(plan.ld_aux) * size_t(plan.n) * 2) : 0;
+  const size_t bias_bytes = epilogue == Epilogue::bgradb ? round_up_256(size_t(plan.m) * 4) : 0;
+  char* scratch = nullptr;
+  const bool log = autotune_log_env();
+  auto describe = [&] {
+    std::fprintf(stderr, "matmul autotune: m %lld n %lld k %lld trans %c%c epilogue %s out %s%s beta %g: ",
+                 static_cast<long long>(plan.m), static_cast<long long>(plan.n), static_cast<long long>(plan.k),
+                 plan.trans_a ? 'T' : 'N', plan.trans_b ? 'T' : 'N', epilogue_name(epilogue),
+                 plan.d_fp32 ? "fp32" : "bf16",
+                 epilogue == Epilogue::bgradb ? (plan.bias_bf16 ? " (bias bf16)" : " (bias fp32)") : "",
+                 static_cast<double>(plan.beta));
+  };
+  if (candidates.size() < 2) {
+    if (log) {
+      describe();
+      std::fprintf(stderr, "%zu heuristic result(s), nothing to choose\n", candidates.size());
+    }
+    return false;
+  }
+  if (cudaMalloc(&scratch, d_bytes + aux_bytes + bias_bytes) != cudaSuccess) {
+    (void)cudaGetLastError();
+    if (log) {
+      describe();
+      std::fprintf(stderr, "no memory for %zu bytes of scratch outputs, heuristic #0 kept\n",
+                   d_bytes + aux_bytes + bias_bytes);
+    }
+    return false;
+  }
+  struct Scratch {
+    char* p;
+    cudaEvent_t start = nullptr, stop = nullptr;
+    ~Scratch() {
+      if (start) cudaEventDestroy(start);
+      if (stop) cudaEventDestroy(stop);
+      cudaFree(p);  // synchronizes: the timed launches are done
+    }
+  } guard{scratch};
+  void* d = scratch;
+  void* aux = epilogue == Epilogue::gelu_aux_bias ? scratch + d_bytes : const_cast<void*>(aux_in);
+  const void* bias = epilogue == Epilogue::bgradb ? scratch + d_bytes + aux_bytes : bias_in;
+  FLASHGPT_CUDA_CHECK(cudaMemsetAsync(d, 0, d_bytes, stream));
+  set_epilogue_pointers(plan, bias, aux);  // every call sets its own again before it launches
+  FLASHGPT_CUDA_CHECK(cudaEventCreate(&guard.start));
+  FLASHGPT_CUDA_CHECK(cudaEventCreate(&guard.stop));
+  const float alpha = 1.0f;
+  // Mean milliseconds per launch, or a negative value where cuBLASLt refuses the algorithm.
+  auto time_ms = [&](const cublasLtMatmulAlgo_t& algo) -> float {
+    auto launch = [&] {
+      return cublasLtMatmul(lt(handle_), plan.desc, &alpha, a, plan.a, b, plan.b, &plan.beta, d, plan.c, d, plan.d,
+                            &algo, workspace_, workspace_bytes_, stream);
+    };
+    for (int i = 0; i < kAutotuneWarmups; ++i) {
+      if (launch() != CUBLAS_STATUS_SUCCESS) {
+        (void)cudaGetLastError();
+        return -1.0f;
+      }
+    }
+    FLASHGPT_CUDA_CHECK(cudaEventRecord(guard.start, stream));
+    for (int i = 0; i < kAutotuneLaunches; ++i) {
+      if (launch() != CUBLAS_STATUS_SUCCESS) {
+        (void)cudaGetLastError();
+        return -1.0f;
+      }
+    }
+    FLASHGPT_CUDA_CHECK(cudaEventRecord(guard.stop, stream));
+    FLASHGPT_CUDA_CHECK(cudaEventSynchronize(guard.stop));
+    float ms = 0.0f;
+    FLASHGPT_CUDA_CHECK(cudaEventElapsedTime(&ms, guard.start, guard.stop));
+    return ms / kAutotuneLaunches;
+  };
+  std::vector<float> ms(candidates.size(), -1.0f);
+  int tried = 0;
+  size_t best = 0;
+  for (size_t i = 0; i < candidates.size(); ++i) {
+    if (candidates[i].state != CUBLAS_STATUS_SUCCESS) continue;
+    ms[i] = time_ms(candidates[i].algo);
+    if (ms[i] < 0) continue;
+    ++tried;
+    if (ms[best] < 0 || ms[i] < ms[best]) best = i;
+  }
+  // #0 went first, perhaps on clocks still rising: time it again and keep its better time.
+  if (ms[0] >= 0) {
+    const float again = time_ms(candidates[0].algo);
+    if (again >= 0 && again < ms[0]) ms[0] = again;
+    if (ms[0] <= ms[best]) best = 0;
+  }
+  if (ms[best] < 0) best = 0;  // nothing ran: #0 stays, as without tuning
+  plan.algo = candidates[best].algo;
+  if (log) {
+    describe();
+    std::fprintf(stderr, "heuristic #0 %.4f ms, best %.4f ms (#%zu), %d of %zu tried\n", static_cast<double>(ms[0]),
+                 static_cast<double>(ms[best]), best, tried, candidates.size());
+  }
+  return best != 0;
+}
+
+bool Matmul::tune_pending(cudaStream_t stream) {
+  FLASHGPT_CHECK(!stream_capturing(stream), "matmul tune_pending: the stream is capturing a graph");
+  std::vector<Plan*> plans;
+  plans.swap(pending_);
+  bool changed = false;
+  for (Plan* plan : plans) {
+    if (plan->candidates.empty()) continue;
+    changed |= tune(*plan, plan->pending_a, plan->pending_b, plan->pending_bias, plan->pending_aux, stream);
+  }
+  return changed;
 }
 
 void Matmul::forward(__nv_bfloat16* y, const __nv_bfloat16* x, const __nv_bfloat16* w, int64_t rows, int64_t in,

@@ -3,6 +3,15 @@
 // or dW += dY^T X (backward weight, fp32 output accumulated in place). Plans (descriptors
 // and the chosen algorithm) are cached per shape, so the same shape always runs the same
 // algorithm: repeat runs give the same bits.
+//
+// The algorithm is cuBLASLt's first heuristic result. With autotuning (FLASHGPT_MATMUL_AUTOTUNE=1,
+// read once; off by default: not yet run on a GPU) a new plan instead times up to
+// kAutotuneCandidates heuristic results on its own shapes, inputs and stream, writing into
+// scratch outputs allocated for the timing (never into D, aux or the bias gradient), and
+// keeps the fastest. Deterministic mode never tunes. A plan first met while its stream
+// captures a CUDA graph runs heuristic #0 in that graph and is tuned later, outside the
+// capture: by tune_pending, or at its next eager call. FLASHGPT_MATMUL_AUTOTUNE_LOG=1 prints
+// one line per tuned plan to stderr.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -12,6 +21,7 @@
 #include <map>
 #include <memory>
 #include <tuple>
+#include <vector>
 
 namespace flashgpt::model_cuda {
 
@@ -56,6 +66,20 @@ class Matmul {
   BiasGrad backward_weight_bgrad(float* dw, void* dbias, const __nv_bfloat16* dy, const __nv_bfloat16* x,
                                  int64_t rows, int64_t in, int64_t out, cudaStream_t stream);
 
+  // Autotuning for this instance (default: FLASHGPT_MATMUL_AUTOTUNE); inactive in
+  // deterministic mode whatever this says. Plans made before the call keep their algorithm.
+  void set_autotune(bool on) { autotune_ = on; }
+  // Times the plans made while their stream was capturing (they run heuristic #0 so far) on
+  // `stream`, which must not be capturing, with the input pointers (A, B, a forward bias,
+  // dgelu's aux) their first call was given: those must still hold valid memory. Returns
+  // true where a plan now runs another algorithm, so that graphs captured with it should be
+  // captured again to use it. Synchronizes with `stream`.
+  bool tune_pending(cudaStream_t stream);
+  int tuned_plans() const { return tuned_plans_; }     // plans timed so far
+  int pending_plans() const { return static_cast<int>(pending_.size()); }
+
+  static constexpr int kAutotuneCandidates = 16;
+
   struct Plan;
 
  private:
@@ -70,6 +94,14 @@ class Matmul {
   size_t workspace_bytes_ = 0;
   bool deterministic_ = false;
   bool last_bias_bf16_ = false;  // the bias type of the last optional epilogue run
+  bool autotune_ = false;
+  int tuned_plans_ = 0;
+  std::vector<Plan*> pending_;  // made while capturing, not yet tuned (owned by plans_)
+
+  bool tuning() const { return autotune_ && !deterministic_; }
+  // Times plan.candidates with the given inputs on `stream` (not capturing) and keeps the
+  // fastest; returns true where that is not heuristic #0.
+  bool tune(Plan& plan, const void* a, const void* b, const void* bias_in, const void* aux_in, cudaStream_t stream);
   std::map<std::tuple<int, int, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int, int, int, int>,
            std::unique_ptr<Plan>>
       plans_;

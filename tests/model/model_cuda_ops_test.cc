@@ -752,8 +752,12 @@ struct MatmulCase {
 
 class MatmulTest : public ::testing::TestWithParam<MatmulCase> {};
 
-TEST_P(MatmulTest, EpiloguesMatchDoubleReference) {
-  const auto [rows, in, out] = GetParam();
+// Every forward and backward epilogue, fp32 logits and dW += dY^T X (beta = 1) against
+// double, with autotuning forced on or off (Matmul::set_autotune). Autotuned, each product
+// first times its heuristic algorithms into scratch outputs: dW must still hold dw0 plus the
+// product once, and once more after a second call with the chosen algorithm.
+void expect_epilogues_match(const MatmulCase& c, bool autotune) {
+  const auto [rows, in, out] = c;
   std::mt19937 rng(static_cast<uint32_t>(rows * 7 + in * 3 + out));
   const auto x = rounded(random_floats(size_t(rows) * in, rng));
   const auto w = rounded(random_floats(size_t(out) * in, rng, 0.2f));
@@ -761,6 +765,7 @@ TEST_P(MatmulTest, EpiloguesMatchDoubleReference) {
   const auto dy = rounded(random_floats(size_t(rows) * out, rng));
   const auto aux_in = rounded(random_floats(size_t(rows) * in, rng));  // pre-activation for dgelu
   model_cuda::Matmul mm(size_t{32} << 20, /*deterministic=*/false);
+  mm.set_autotune(autotune);
   Dev<bf16> d_x(to_bf16(x)), d_w(to_bf16(w)), d_bias(to_bf16(bias)), d_dy(to_bf16(dy)), d_aux_in(to_bf16(aux_in));
   Dev<bf16> d_y(size_t(rows) * out), d_gelu(size_t(rows) * out), d_pre(size_t(rows) * out), d_dx(size_t(rows) * in),
       d_dx_gelu(size_t(rows) * in);
@@ -806,18 +811,27 @@ TEST_P(MatmulTest, EpiloguesMatchDoubleReference) {
   EXPECT_LT(rel_error(to_float(d_dx.get()), ref_dx), 1e-2);
   EXPECT_LT(rel_error(to_float(d_dx_gelu.get()), ref_dx_gelu), 1e-2);
   EXPECT_LT(rel_error(d_dw.get(), ref_dw), 1e-5);
+  EXPECT_EQ(mm.tuned_plans(), autotune ? 6 : 0);
+  EXPECT_EQ(mm.pending_plans(), 0);
+  mm.backward_weight(d_dw.ptr, d_dy.ptr, d_x.ptr, rows, in, out, nullptr);
+  for (size_t i = 0; i < ref_dw.size(); ++i) ref_dw[i] += ref_dw[i] - dw0[i];
+  EXPECT_LT(rel_error(d_dw.get(), ref_dw), 1e-5);
 }
+
+TEST_P(MatmulTest, EpiloguesMatchDoubleReference) { expect_epilogues_match(GetParam(), /*autotune=*/false); }
+TEST_P(MatmulTest, AutotunedEpiloguesMatchDoubleReference) { expect_epilogues_match(GetParam(), /*autotune=*/true); }
 
 // The bias-gradient epilogue BGRADB (dW += dY^T X and db = column sums of dY) against
 // double; db comes as fp32 or, where cuBLASLt takes no fp32 bias, bf16. Where cuBLASLt
 // offers no algorithm (the model then sums the columns itself, ColumnSumTest), the test
 // says so and is skipped.
-TEST_P(MatmulTest, BiasGradientEpilogueMatchesDoubleReference) {
-  const auto [rows, in, out] = GetParam();
+void expect_bias_gradient_epilogue_matches(const MatmulCase& c, bool autotune) {
+  const auto [rows, in, out] = c;
   std::mt19937 rng(static_cast<uint32_t>(rows * 5 + in * 11 + out));
   const auto x = rounded(random_floats(size_t(rows) * in, rng));
   const auto dy = rounded(random_floats(size_t(rows) * out, rng));
   model_cuda::Matmul mm(size_t{32} << 20, /*deterministic=*/false);
+  mm.set_autotune(autotune);
   Dev<bf16> d_x(to_bf16(x)), d_dy(to_bf16(dy));
   const std::vector<float> dw0(size_t(out) * in, 0.25f);
   Dev<float> d_dw(dw0), d_db_out(out);
@@ -849,9 +863,11 @@ TEST_P(MatmulTest, BiasGradientEpilogueMatchesDoubleReference) {
     }
     EXPECT_LT(rel_error(d_dw.get(), ref_dw), 1e-5);
     EXPECT_LT(rel_error(db_of(d_db_out, out, bgradb), ref_db), bgradb == BiasGrad::f32 ? 1e-5 : 5e-3);
+    EXPECT_EQ(mm.tuned_plans(), autotune ? 1 : 0);
   }
   // Deterministic mode never uses it (the column-sum kernel is its path).
   model_cuda::Matmul det(size_t{32} << 20, /*deterministic=*/true);
+  det.set_autotune(autotune);
   EXPECT_EQ(det.backward_weight_bgrad(d_dw.ptr, d_db_out.ptr, d_dy.ptr, d_x.ptr, rows, in, out, nullptr),
             BiasGrad::none);
   if (bgradb == BiasGrad::none) {
@@ -860,10 +876,155 @@ TEST_P(MatmulTest, BiasGradientEpilogueMatchesDoubleReference) {
   }
 }
 
+TEST_P(MatmulTest, BiasGradientEpilogueMatchesDoubleReference) {
+  expect_bias_gradient_epilogue_matches(GetParam(), /*autotune=*/false);
+}
+TEST_P(MatmulTest, AutotunedBiasGradientEpilogueMatchesDoubleReference) {
+  expect_bias_gradient_epilogue_matches(GetParam(), /*autotune=*/true);
+}
+
 INSTANTIATE_TEST_SUITE_P(Shapes, MatmulTest,
                          ::testing::Values(MatmulCase{17, 40, 24}, MatmulCase{1, 64, 192}, MatmulCase{33, 128, 512},
                                            MatmulCase{1000, 768, 2304}, MatmulCase{64, 512, 128},
                                            MatmulCase{256, 768, 3072}));
+
+// Plans first met while a stream captures a graph (as GptCuda's first step does) run
+// heuristic #0 in the graph and wait for tune_pending, which times them outside the capture
+// without writing into any output (all still poisoned, dW and dbias as they were); the graph
+// and then the tuned plans, eagerly, each add dY^T X once.
+TEST(MatmulAutotuneTest, PlansMadeWhileCapturingAreTunedLaterWithoutTouchingOutputs) {
+  const int64_t rows = 256, in = 768, out = 3072;
+  std::mt19937 rng(16);
+  const auto x = rounded(random_floats(size_t(rows) * in, rng));
+  const auto w = rounded(random_floats(size_t(out) * in, rng, 0.2f));
+  const auto bias = rounded(random_floats(out, rng, 0.5f));
+  const auto dy = rounded(random_floats(size_t(rows) * out, rng));
+  const auto aux_in = rounded(random_floats(size_t(rows) * in, rng));
+  Dev<bf16> d_x(to_bf16(x)), d_w(to_bf16(w)), d_bias(to_bf16(bias)), d_dy(to_bf16(dy)), d_aux_in(to_bf16(aux_in));
+  Dev<bf16> d_y(size_t(rows) * out), d_gelu(size_t(rows) * out), d_pre(size_t(rows) * out),
+      d_dx_gelu(size_t(rows) * in);
+  const std::vector<float> dw0(size_t(out) * in, 0.5f);
+  Dev<float> d_dw(dw0), d_dw_bgrad(dw0), d_db(out);
+  for (auto* d : {&d_y, &d_gelu, &d_pre, &d_dx_gelu}) d->poison();
+  d_db.poison();
+  // Dev::poison's pattern, byte 0x7F everywhere.
+  auto untouched = [](const auto& host) {
+    const auto* bytes = reinterpret_cast<const unsigned char*>(host.data());
+    return std::all_of(bytes, bytes + host.size() * sizeof(host[0]), [](unsigned char b) { return b == 0x7F; });
+  };
+
+  model_cuda::Matmul mm(size_t{32} << 20, /*deterministic=*/false);
+  mm.set_autotune(true);
+  using BiasGrad = model_cuda::Matmul::BiasGrad;
+  BiasGrad bgradb = BiasGrad::none;
+  auto enqueue = [&](cudaStream_t s) {
+    mm.forward(d_y.ptr, d_x.ptr, d_w.ptr, rows, in, out, model_cuda::Epilogue::bias, d_bias.ptr, nullptr, s);
+    mm.forward(d_gelu.ptr, d_x.ptr, d_w.ptr, rows, in, out, model_cuda::Epilogue::gelu_aux_bias, d_bias.ptr,
+               d_pre.ptr, s);
+    mm.backward_input(d_dx_gelu.ptr, d_dy.ptr, d_w.ptr, rows, in, out, model_cuda::Epilogue::dgelu, d_aux_in.ptr, s);
+    mm.backward_weight(d_dw.ptr, d_dy.ptr, d_x.ptr, rows, in, out, s);
+    bgradb = mm.backward_weight_bgrad(d_dw_bgrad.ptr, d_db.ptr, d_dy.ptr, d_x.ptr, rows, in, out, s);
+  };
+  cudaStream_t stream = nullptr;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  enqueue(stream);
+  cudaGraph_t graph = nullptr;
+  CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec = nullptr;
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  const int plans = bgradb == BiasGrad::none ? 4 : 5;
+  EXPECT_EQ(mm.pending_plans(), plans);
+  EXPECT_EQ(mm.tuned_plans(), 0);
+  mm.tune_pending(stream);
+  CUDA_OK(cudaStreamSynchronize(stream));
+  EXPECT_EQ(mm.pending_plans(), 0);
+  EXPECT_EQ(mm.tuned_plans(), plans);
+  for (auto* d : {&d_y, &d_gelu, &d_pre, &d_dx_gelu}) EXPECT_TRUE(untouched(d->get()));
+  EXPECT_EQ(d_dw.get(), dw0);
+  EXPECT_EQ(d_dw_bgrad.get(), dw0);
+  EXPECT_TRUE(untouched(d_db.get()));
+
+  std::vector<double> ref_y(size_t(rows) * out), ref_gelu(size_t(rows) * out), ref_dx_gelu(size_t(rows) * in),
+      ref_dw(dw0.begin(), dw0.end()), ref_db(size_t(out), 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      double acc = 0;
+      for (int64_t i = 0; i < in; ++i) acc += double(x[r * in + i]) * w[o * in + i];
+      ref_y[r * out + o] = acc + bias[o];
+      ref_gelu[r * out + o] = gelu_tanh(acc + bias[o]);
+      ref_db[o] += dy[r * out + o];
+    }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < in; ++i) {
+      double acc = 0;
+      for (int64_t o = 0; o < out; ++o) acc += double(dy[r * out + o]) * w[o * in + i];
+      ref_dx_gelu[r * in + i] = acc * gelu_tanh_grad(aux_in[r * in + i]);
+    }
+  std::vector<double> product(size_t(out) * in, 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t i = 0; i < in; ++i) product[o * in + i] += double(dy[r * out + o]) * x[r * in + i];
+  auto check = [&](int adds) {
+    for (size_t i = 0; i < ref_dw.size(); ++i) ref_dw[i] = dw0[i] + adds * product[i];
+    EXPECT_LT(rel_error(to_float(d_y.get()), ref_y), 1e-2) << adds;
+    EXPECT_LT(rel_error(to_float(d_pre.get()), ref_y), 1e-2) << adds;
+    EXPECT_LT(rel_error(to_float(d_gelu.get()), ref_gelu), 1e-2) << adds;
+    EXPECT_LT(rel_error(to_float(d_dx_gelu.get()), ref_dx_gelu), 1e-2) << adds;
+    EXPECT_LT(rel_error(d_dw.get(), ref_dw), 1e-5) << adds;
+    if (bgradb == BiasGrad::none) return;
+    EXPECT_LT(rel_error(d_dw_bgrad.get(), ref_dw), 1e-5) << adds;
+    std::vector<float> db = d_db.get();
+    if (bgradb == BiasGrad::bf16) {
+      for (int64_t o = 0; o < out; ++o) db[size_t(o)] = __bfloat162float(reinterpret_cast<const bf16*>(db.data())[o]);
+    }
+    db.resize(size_t(out));
+    EXPECT_LT(rel_error(db, ref_db), bgradb == BiasGrad::f32 ? 1e-5 : 5e-3) << adds;
+  };
+  CUDA_OK(cudaGraphLaunch(exec, stream));
+  CUDA_OK(cudaStreamSynchronize(stream));
+  check(1);  // the graph: heuristic #0
+  enqueue(stream);
+  CUDA_OK(cudaStreamSynchronize(stream));
+  check(2);  // the tuned plans
+  EXPECT_EQ(mm.tuned_plans(), plans);  // nothing timed twice
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
+}
+
+// Deterministic mode keeps heuristic #0 whatever set_autotune says: nothing is timed and the
+// bits equal those of a deterministic Matmul without autotuning.
+TEST(MatmulAutotuneTest, DeterministicModeIgnoresIt) {
+  const int64_t rows = 1000, in = 768, out = 2304;
+  std::mt19937 rng(17);
+  const auto x = rounded(random_floats(size_t(rows) * in, rng));
+  const auto w = rounded(random_floats(size_t(out) * in, rng, 0.2f));
+  const auto bias = rounded(random_floats(out, rng, 0.5f));
+  Dev<bf16> d_x(to_bf16(x)), d_w(to_bf16(w)), d_bias(to_bf16(bias));
+  struct Result {
+    std::vector<bf16> dx;
+    std::vector<float> dw;
+    int timed_or_pending = -1;
+  };
+  auto run = [&](bool autotune) {
+    model_cuda::Matmul mm(size_t{32} << 20, /*deterministic=*/true);
+    mm.set_autotune(autotune);
+    Dev<bf16> d_y(size_t(rows) * out), d_pre(size_t(rows) * out), d_dx(size_t(rows) * in);
+    Dev<float> d_dw(std::vector<float>(size_t(out) * in, 0.5f));
+    mm.forward(d_y.ptr, d_x.ptr, d_w.ptr, rows, in, out, model_cuda::Epilogue::gelu_aux_bias, d_bias.ptr, d_pre.ptr,
+               nullptr);
+    mm.backward_input(d_dx.ptr, d_y.ptr, d_w.ptr, rows, in, out, model_cuda::Epilogue::dgelu, d_pre.ptr, nullptr);
+    mm.backward_weight(d_dw.ptr, d_y.ptr, d_x.ptr, rows, in, out, nullptr);
+    return Result{d_dx.get(), d_dw.get(), mm.tuned_plans() + mm.pending_plans()};
+  };
+  const Result with = run(/*autotune=*/true), without = run(/*autotune=*/false);
+  EXPECT_EQ(with.timed_or_pending, 0);
+  EXPECT_EQ(without.timed_or_pending, 0);
+  ASSERT_EQ(with.dx.size(), without.dx.size());
+  EXPECT_EQ(std::memcmp(with.dx.data(), without.dx.data(), with.dx.size() * sizeof(bf16)), 0);
+  EXPECT_EQ(std::memcmp(with.dw.data(), without.dw.data(), with.dw.size() * sizeof(float)), 0);
+}
 
 TEST(ModelCudaOpsTest, EntryPointsRejectBadArguments) {
   EXPECT_THROW(model_cuda::layernorm_forward(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, 4, 8, nullptr),
