@@ -5,7 +5,8 @@
 #   SWITCHES="FLASHGPT_A=1 FLASHGPT_B=1" BINS_DIR=/tmp/pending_bins bash bench/model/ab_switches.sh
 # Steps in order of priority, each capped, the rest skipped when DEADLINE (seconds) is near:
 # model_cuda_ops_test; model_cuda_test with the defaults and with every switch on; the seed
-# step (V = 100277, batch 64 x 512) with the defaults, each switch alone and all on;
+# step (V = 100277, batch 64 x 512) with the defaults, each switch alone, all on and each
+# setting of EXTRA alone;
 # torch.compile beside all on; the per-op profile of all on and of the defaults; the
 # defaults and all on again (the spread); memcheck of the ops tests with every switch on;
 # V = 50257 with the defaults and all on. Logs and summary.txt in $OUT/ab.
@@ -40,6 +41,9 @@ step model_test_all 30 "${all[@]}" "$B/model_cuda_test"
 step bench_default_1 25 "$B/flashgpt" "${seed[@]}"
 for s in "${sw[@]}"; do step "bench_only_${s%%=*}" 25 env "$s" "$B/flashgpt" "${seed[@]}"; done
 step bench_all_1 25 "${all[@]}" "$B/flashgpt" "${seed[@]}"
+# EXTRA ("NAME=VALUE ..."): more single settings, each alone against the defaults (another
+# value of a switch above, say).
+for s in ${EXTRA:-}; do step "bench_extra_${s//=/_}" 25 env "$s" "$B/flashgpt" "${seed[@]}"; done
 step torch_compile 110 "${all[@]}" python3 "$R/bench/model/torch_gpt.py" --flashgpt "$B/flashgpt" --vocab 100277 \
   --skip-eager --out "$L/torch_compile.json"
 sed -n '/^seed preset/,$p' "$L/torch_compile.log" | tee -a "$S"

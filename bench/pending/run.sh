@@ -18,6 +18,8 @@
 #   switches    (about 400 s) bench/model/ab_switches.sh: the training step's opt-in paths named
 #               in SWITCHES ("NAME=VALUE ...") alone and together against the defaults, with
 #               their tests, profiles and torch.compile beside them (docs/model_gpu.md)
+#   fixes       (about 90 s) the tests of what today's runs found: the decode engines' first call
+#               after construction (attnproj, layer3), the attention backward's 1 x 1 reference
 #   attnproj    (about 185 s) bench/generate/run_gpu_attnproj.sh: the attnproj decode path at
 #               batch 1, 8 and 64 against the fused one (docs/generate.md)
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
@@ -107,10 +109,14 @@ PY
       OUT=$OUT BINS_DIR=$B DEADLINE=${SWITCHES_DEADLINE:-400} bash "$R/bench/model/ab_switches.sh" >"$L/switches.log" 2>&1 || status=1
       cat "$OUT/ab/summary.txt" >>"$S" 2>/dev/null
       grep -E "^(all|default): profile:" "$OUT/ab/summary.txt" >"$OUT/profile.txt" 2>/dev/null ;;
+    fixes)
+      step decode_path_tests 60 "$B/generate_inference_cuda_test" \
+        --gtest_filter='*AttnProjPathMatchesFused*:*Layer3PathMatchesFused*:*FirstCallRightAfterConstruction*'
+      step attn_reference_tests 60 "$B/attention_cuda_test" --gtest_filter='*TmaBackwardMatchesWgmma*:*FusedDqConvert*' ;;
     attnproj)
       OUT=$OUT/attnproj DEADLINE=185 bash "$R/bench/generate/run_gpu_attnproj.sh" "$B" >"$L/attnproj.log" 2>&1 || status=1
       grep -E '^(==|\|)' "$L/attnproj.log" | tee -a "$S" ;;
-    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, model, ovl, switches, attnproj)"; status=1 ;;
+    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, model, ovl, switches, fixes, attnproj)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done
