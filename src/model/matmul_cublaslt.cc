@@ -85,20 +85,22 @@ const char* epilogue_name(Epilogue e) {
   return "?";
 }
 
-// FLASHGPT_MATMUL_AUTOTUNE / FLASHGPT_MATMUL_AUTOTUNE_LOG: 0 or 1, unset is 0; read once.
-bool env_flag(const char* name) {
+// FLASHGPT_MATMUL_AUTOTUNE / FLASHGPT_MATMUL_AUTOTUNE_LOG: 0 or 1, unset takes the fallback; read once.
+bool env_flag(const char* name, bool fallback) {
   const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return false;
+  if (value == nullptr || *value == '\0') return fallback;
   FLASHGPT_CHECK(std::strcmp(value, "0") == 0 || std::strcmp(value, "1") == 0, "{} must be 0 or 1, got '{}'", name,
                  value);
   return value[0] == '1';
 }
+// On by default since the H100 A/B of 2026-12-07 (docs/model_gpu.md, v8): the logits product
+// alone ran 1.80 -> 1.59 ms a chunk; FLASHGPT_MATMUL_AUTOTUNE=0 keeps heuristic #0.
 bool autotune_env() {
-  static const bool on = env_flag("FLASHGPT_MATMUL_AUTOTUNE");
+  static const bool on = env_flag("FLASHGPT_MATMUL_AUTOTUNE", true);
   return on;
 }
 bool autotune_log_env() {
-  static const bool on = env_flag("FLASHGPT_MATMUL_AUTOTUNE_LOG");
+  static const bool on = env_flag("FLASHGPT_MATMUL_AUTOTUNE_LOG", false);
   return on;
 }
 
@@ -303,11 +305,12 @@ bool Matmul::tune(Plan& plan, const void* a, const void* b, const void* bias_in,
   if (epilogue != Epilogue::bias && epilogue != Epilogue::gelu_aux_bias) bias_in = nullptr;
   if (epilogue != Epilogue::dgelu) aux_in = nullptr;
   // Scratch outputs: D (m, n) with ldd, which beta = 1 also reads (zeroed); the
-  // pre-activation of gelu_aux_bias (m, n) with ld_aux; bgradb's bias gradient (m, fp32 size).
+  // pre-activation of gelu_aux_bias (m, n) with ld_aux; bgradb's bias gradient, one per column
+  // of D (n = out of backward_weight_bias: dW is (in, out) column-major), fp32-sized.
   const size_t d_bytes = round_up_256(size_t(plan.ldd) * size_t(plan.n) * (plan.d_fp32 ? 4 : 2));
   const size_t aux_bytes =
       epilogue == Epilogue::gelu_aux_bias ? round_up_256(size_t(plan.ld_aux) * size_t(plan.n) * 2) : 0;
-  const size_t bias_bytes = epilogue == Epilogue::bgradb ? round_up_256(size_t(plan.m) * 4) : 0;
+  const size_t bias_bytes = epilogue == Epilogue::bgradb ? round_up_256(size_t(plan.n) * 4) : 0;
   char* scratch = nullptr;
   const bool log = autotune_log_env();
   auto describe = [&] {
