@@ -67,27 +67,28 @@ size_t logits_chunk_bytes() {
 }
 constexpr uint64_t kAttentionSeedXor = 0x5bd1e995ull;       // model.h's attention dropout stream
 
-// The paths of the step that have an older and a newer kernel (docs/model_gpu.md, "v7"): the
-// defaults below, as the H100 A/B of 2026-12-07 picked them (each LayerNorm switch alone 1.3
-// ms a step faster; the cluster classifier 1.7 ms slower), overridden by
-// FLASHGPT_CLASSIFIER_CLUSTER, FLASHGPT_FUSED_RESIDUAL_LN and FLASHGPT_LN_BACKWARD_REGISTERS
-// (0 or 1), so that one GPU call can time both.
-//   classifier cluster: the one-pass softmax (ClassifierKernel::cluster) instead of two_pass.
+// The paths of the step that have an older and a newer kernel (docs/model_gpu.md, "v7" and
+// "v8"): the defaults below, as the H100 A/Bs of 2026-12-07 picked them, overridden by
+// FLASHGPT_CLASSIFIER_CLUSTER, FLASHGPT_FUSED_RESIDUAL_LN, FLASHGPT_LN_BACKWARD_REGISTERS,
+// FLASHGPT_LN_BIAS_GRAD (0 or 1) and FLASHGPT_CLASSIFIER_GRID, so that one GPU call can time
+// both.
+//   classifier cluster: the one-pass softmax (ClassifierKernel::cluster) instead of two_pass
+//     (off: 1.7 ms a step slower).
 //   fused residual + LayerNorm: residual_layernorm_forward instead of residual_forward and
 //     then layernorm_forward (the fp32 residual is written once, not written and read again).
-//   LayerNorm backward in registers: LayerNormBackwardKernel::registers (FLASHGPT_LN_BACKWARD_REGISTERS).
+//   LayerNorm backward in registers: LayerNormBackwardKernel::registers.
 //   bias gradients from the LayerNorm backward (FLASHGPT_LN_BIAS_GRAD): the LayerNorm(+dropout)
 //     backward that writes dy_ also sums its columns into fc_proj_b / attn_proj_b, and their
 //     dW matmuls run without cuBLASLt's BGRADB epilogue (or, deterministic, without the
-//     column_sum pass); not yet run on a GPU.
+//     column_sum pass).
+//   classifier grid (FLASHGPT_CLASSIFIER_GRID=<blocks per SM>: 1, 2, 4 or 8; 0 = two_pass):
+//     ClassifierKernel::l2_two_pass, the two-pass softmax from a persistent grid whose second
+//     read of a row hits L2. FLASHGPT_CLASSIFIER_CLUSTER=1 takes precedence over the default.
 constexpr bool kClassifierClusterDefault = false;
 constexpr bool kFusedResidualLnDefault = true;
 constexpr bool kLnBackwardRegistersDefault = true;
-constexpr bool kLnBiasGradDefault = false;
-// FLASHGPT_CLASSIFIER_GRID=<blocks per SM> (1, 2, 4 or 8; 0 = off): ClassifierKernel::l2_two_pass,
-// the two-pass softmax from a persistent grid whose second read of a row hits L2. Not yet run
-// on a GPU, so off by default; it cannot be combined with FLASHGPT_CLASSIFIER_CLUSTER=1.
-constexpr int kClassifierGridDefault = 0;
+constexpr bool kLnBiasGradDefault = true;
+constexpr int kClassifierGridDefault = 1;
 
 bool env_switch(const char* name, bool fallback) {
   const char* value = std::getenv(name);
@@ -523,10 +524,11 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
     event_labels_.resize(events_.size());
     for (auto& e : events_) FLASHGPT_CUDA_CHECK(cudaEventCreate(&e));
   }
-  classifier_kernel_ = env_switch("FLASHGPT_CLASSIFIER_CLUSTER", kClassifierClusterDefault)
-                           ? model_cuda::ClassifierKernel::cluster
-                           : model_cuda::ClassifierKernel::two_pass;
-  if (const int grid = env_classifier_grid(); grid > 0) {
+  const bool cluster = env_switch("FLASHGPT_CLASSIFIER_CLUSTER", kClassifierClusterDefault);
+  classifier_kernel_ = cluster ? model_cuda::ClassifierKernel::cluster : model_cuda::ClassifierKernel::two_pass;
+  const char* grid_env = std::getenv("FLASHGPT_CLASSIFIER_GRID");
+  const bool grid_set = grid_env != nullptr && *grid_env != '\0';
+  if (const int grid = env_classifier_grid(); grid > 0 && (grid_set || !cluster)) {
     FLASHGPT_CHECK(classifier_kernel_ == model_cuda::ClassifierKernel::two_pass,
                    "FLASHGPT_CLASSIFIER_GRID and FLASHGPT_CLASSIFIER_CLUSTER=1 pick different classifier kernels; "
                    "set one");
