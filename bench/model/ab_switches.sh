@@ -7,8 +7,9 @@
 # model_cuda_ops_test; model_cuda_test with the defaults and with every switch on; the seed
 # step (V = 100277, batch 64 x 512) with the defaults, each switch alone, all on and each
 # setting of EXTRA alone;
-# torch.compile beside all on; the per-op profile of all on and of the defaults; the
-# defaults and all on again (the spread); memcheck of the ops tests with every switch on;
+# torch.compile beside all on (TORCH_BESIDE, TORCH_VOCABS below); the per-op profile of all on and of the defaults; the
+# defaults and all on again (the spread); memcheck of the ops tests (MEMCHECK_FILTER) with
+# every switch on;
 # V = 50257 with the defaults and all on. Logs and summary.txt in $OUT/ab.
 set -uo pipefail
 R=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -35,7 +36,7 @@ step() {  # name seconds command...
     grep -E '^\[  FAILED  \]|Failure|rror:' "$L/$name.log" | head -8; } | tee -a "$S"
 }
 seed=(bench train --vocab 100277 --batch 64 --context 512 --warmup 3 --steps 10)
-step ops_test 60 "$B/model_cuda_ops_test"
+step ops_test 150 "$B/model_cuda_ops_test"
 step model_test_default 30 "$B/model_cuda_test"
 step model_test_all 30 "${all[@]}" "$B/model_cuda_test"
 step bench_default_1 25 "$B/flashgpt" "${seed[@]}"
@@ -44,8 +45,13 @@ step bench_all_1 25 "${all[@]}" "$B/flashgpt" "${seed[@]}"
 # EXTRA ("NAME=VALUE ..."): more single settings, each alone against the defaults (another
 # value of a switch above, say).
 for s in ${EXTRA:-}; do step "bench_extra_${s//=/_}" 25 env "$s" "$B/flashgpt" "${seed[@]}"; done
-step torch_compile 110 "${all[@]}" python3 "$R/bench/model/torch_gpt.py" --flashgpt "$B/flashgpt" --vocab 100277 \
-  --skip-eager --out "$L/torch_compile.json"
+# TORCH_BESIDE=default puts torch.compile beside the defaults instead of all on; TORCH_VOCABS
+# (default 100277) the vocabularies it runs.
+beside=("${all[@]}")
+[ "${TORCH_BESIDE:-all}" = default ] && beside=(env)
+read -r -a vocabs <<<"${TORCH_VOCABS:-100277}"
+step torch_compile $((30 + 80 * ${#vocabs[@]})) "${beside[@]}" python3 "$R/bench/model/torch_gpt.py" --flashgpt "$B/flashgpt" \
+  --vocab "${vocabs[@]}" --skip-eager --out "$L/torch_compile.json"
 sed -n '/^seed preset/,$p' "$L/torch_compile.log" | tee -a "$S"
 step profile_all 30 "${all[@]}" FLASHGPT_MODEL_PROFILE=1 "$B/flashgpt" "${seed[@]}"
 grep -E "^profile:" "$L/profile_all.log" | sed 's/^/all: /' >>"$S"
@@ -54,7 +60,8 @@ step bench_all_2 25 "${all[@]}" "$B/flashgpt" "${seed[@]}"
 step profile_default 30 env FLASHGPT_MODEL_PROFILE=1 "$B/flashgpt" "${seed[@]}"
 grep -E "^profile:" "$L/profile_default.log" | sed 's/^/default: /' >>"$S"
 if command -v compute-sanitizer >/dev/null; then
-  step memcheck_ops_all 45 "${all[@]}" compute-sanitizer --tool memcheck --error-exitcode 9 "$B/model_cuda_ops_test"
+  step memcheck_ops_all 100 "${all[@]}" compute-sanitizer --tool memcheck --error-exitcode 9 "$B/model_cuda_ops_test" \
+    --gtest_filter="${MEMCHECK_FILTER:-*}"
 fi
 step bench_50257_default 25 "$B/flashgpt" bench train --vocab 50257 --batch 64 --context 512 --warmup 3 --steps 10
 step bench_50257_all 25 "${all[@]}" "$B/flashgpt" bench train --vocab 50257 --batch 64 --context 512 --warmup 3 --steps 10
