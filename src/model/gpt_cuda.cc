@@ -88,6 +88,12 @@ constexpr bool kClassifierClusterDefault = false;
 constexpr bool kFusedResidualLnDefault = true;
 constexpr bool kLnBackwardRegistersDefault = true;
 constexpr bool kLnBiasGradDefault = true;
+// FLASHGPT_BGRADB=0: the bias gradients that still come from cuBLASLt's BGRADB epilogue (qkv_b,
+// and fc_proj_b / attn_proj_b with FLASHGPT_LN_BIAS_GRAD=0) come from the plain dW product and
+// column_sum instead, as in deterministic mode. In the H100 profile of 2026-12-07 qkv's dW with
+// BGRADB ran at about 440 TFLOP/s against about 700 for the plain dW of fc (about 1.2 ms a step),
+// where the column sums of (N, 3C) bf16 move 1.8 GB. Not yet timed, so on (today's path).
+constexpr bool kBgradbDefault = true;
 constexpr int kClassifierGridDefault = 1;
 
 bool env_switch(const char* name, bool fallback) {
@@ -339,6 +345,8 @@ class GptCuda final : public GptModel {
   model_cuda::LayerNormBackwardKernel ln_backward_kernel_ = model_cuda::LayerNormBackwardKernel::shared;
   // fc_proj_b's and attn_proj_b's gradients summed by the LayerNorm backward that writes dy_.
   bool ln_bias_grad_ = false;
+  // Bias gradients may come from cuBLASLt's BGRADB epilogue (fast mode); else column_sum.
+  bool bgradb_ = true;
   std::vector<StepGraph> graphs_;
   uint64_t* d_step_ = nullptr;
   uint64_t* h_step_ = nullptr;
@@ -540,6 +548,7 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
                             ? model_cuda::LayerNormBackwardKernel::registers
                             : model_cuda::LayerNormBackwardKernel::shared;
   ln_bias_grad_ = env_switch("FLASHGPT_LN_BIAS_GRAD", kLnBiasGradDefault);
+  bgradb_ = env_switch("FLASHGPT_BGRADB", kBgradbDefault);
   // Profiling records events between the ops, so it runs eagerly.
   const char* graph_env = std::getenv("FLASHGPT_CUDA_GRAPH");
   graphs_on_ = options_.cuda_graph && !profile_ && !(graph_env != nullptr && std::strcmp(graph_env, "0") == 0);
@@ -946,8 +955,8 @@ bool GptCuda::fused_epilogue(int index, model_cuda::Matmul::BiasGrad got) {
 
 void GptCuda::weight_and_bias_grad(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N,
                                    int64_t in, int64_t out) {
-  if (fused_epilogue(bias_index(b), matmul_->backward_weight_bgrad(grad(w, l), dbias_slot(b, l), dy, x, N, in, out,
-                                                                     stream_))) {
+  if (bgradb_ && fused_epilogue(bias_index(b), matmul_->backward_weight_bgrad(grad(w, l), dbias_slot(b, l), dy, x, N,
+                                                                                in, out, stream_))) {
     mark("mm dW+db");
     return;
   }
