@@ -4,7 +4,7 @@
 # of stripped binaries (flashgpt, model_cuda_ops_test, model_cuda_test, lib/) as BINS_DIR:
 #   SWITCHES="FLASHGPT_A=1 FLASHGPT_B=1" BINS_DIR=/tmp/pending_bins bash bench/model/ab_switches.sh
 # Steps in order of priority, each capped, the rest skipped when DEADLINE (seconds) is near:
-# model_cuda_ops_test; model_cuda_test with the defaults and with every switch on; the seed
+# model_cuda_ops_test (OPS_FILTER); model_cuda_test with the defaults and with every switch on; the seed
 # step (V = 100277, batch 64 x 512) with the defaults, each switch alone, all on and each
 # setting of EXTRA alone;
 # torch.compile beside all on (TORCH_BESIDE, TORCH_VOCABS below); the per-op profile of all on and of the defaults; the
@@ -36,7 +36,7 @@ step() {  # name seconds command...
     grep -E '^\[  FAILED  \]|Failure|rror:' "$L/$name.log" | head -8; } | tee -a "$S"
 }
 seed=(bench train --vocab 100277 --batch 64 --context 512 --warmup 3 --steps 10)
-step ops_test 150 "$B/model_cuda_ops_test"
+step ops_test 150 "$B/model_cuda_ops_test" --gtest_filter="${OPS_FILTER:-*}"
 step model_test_default 30 "$B/model_cuda_test"
 step model_test_all 30 "${all[@]}" "$B/model_cuda_test"
 step bench_default_1 25 "$B/flashgpt" "${seed[@]}"

@@ -20,6 +20,9 @@
 #               their tests, profiles and torch.compile beside them (docs/model_gpu.md)
 #   fixes       (about 90 s) the tests of what today's runs found: the decode engines' first call
 #               after construction (attnproj, layer3), the attention backward's 1 x 1 reference
+#   engine      (about 90 s) every CUDA engine test (generate_inference_cuda_test) with the
+#               default decode path, then the seed decode bench at batch 1 and 8, default
+#               against FLASHGPT_CUDA_DECODE=fused
 #   attnproj    (about 185 s) bench/generate/run_gpu_attnproj.sh: the attnproj decode path at
 #               batch 1, 8 and 64 against the fused one (docs/generate.md)
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
@@ -113,10 +116,22 @@ PY
       step decode_path_tests 60 "$B/generate_inference_cuda_test" \
         --gtest_filter='*AttnProjPathMatchesFused*:*Layer3PathMatchesFused*:*FirstCallRightAfterConstruction*'
       step attn_reference_tests 60 "$B/attention_cuda_test" --gtest_filter='*TmaBackwardMatchesWgmma*:*FusedDqConvert*' ;;
+    engine)
+      step engine_tests 120 "$B/generate_inference_cuda_test"
+      for b in 1 8; do
+        for r in 1 2; do
+          for mode in default fused; do
+            local_env=(env); [ $mode = fused ] && local_env=(env FLASHGPT_CUDA_DECODE=fused)
+            step "decode_${mode}_b${b}_r$r" 30 "${local_env[@]}" "$B/flashgpt" bench generate --device cuda \
+              --preset seed --batch $b --prompt-tokens 128 --new-tokens 256
+            grep -h "tokens/s" "$L/decode_${mode}_b${b}_r$r.log" | tail -1 | tee -a "$S"
+          done
+        done
+      done ;;
     attnproj)
       OUT=$OUT/attnproj DEADLINE=185 bash "$R/bench/generate/run_gpu_attnproj.sh" "$B" >"$L/attnproj.log" 2>&1 || status=1
       grep -E '^(==|\|)' "$L/attnproj.log" | tee -a "$S" ;;
-    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, model, ovl, switches, fixes, attnproj)"; status=1 ;;
+    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, model, ovl, switches, fixes, engine, attnproj)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done
