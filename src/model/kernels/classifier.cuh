@@ -21,6 +21,15 @@
 //     read once and written once, and several blocks per SM keep loads in flight while others
 //     reduce. Rows wider than kClusterMaxBlocks * kClusterThreads * kClusterVecs * 8 columns
 //     (131072) take two_pass.
+//   bulk: a persistent grid of one block per SM, each block holding one row at a time in
+//     shared memory, so the row is read from DRAM once and written once. The row arrives in
+//     chunks of kBulkThreads 16-byte vectors (16 KB), each a cp.async.bulk completing on its
+//     own mbarrier, all issued at once (the whole row in flight: what the old shared-memory
+//     kernel, ordinary loads from one block per SM, lacked); the threads fold each chunk into
+//     the online max and sum as it lands. The gradient is written in place in shared memory
+//     chunk by chunk and stored by bulk copies, and as soon as a chunk's store has read its
+//     slot, the next row's chunk is loaded into it: the next row's reads overlap this row's
+//     writes. Rows wider than the shared memory (classifier_bulk_max_row_bytes) take l2_two_pass.
 #pragma once
 
 #include "common.cuh"
@@ -191,6 +200,211 @@ __global__ void __launch_bounds__(kGridThreadsPerSm, 1)
   }
 }
 
+constexpr int kBulkThreads = 1024;  // one 16-byte vector per thread per chunk
+constexpr int kBulkChunkVecs = kBulkThreads;
+constexpr int kBulkMaxChunks = 16;  // 256 KB of row: more than the shared memory of a block
+constexpr int64_t kBulkMaxRowBytes = int64_t{kBulkMaxChunks} * kBulkChunkVecs * 16;
+static_assert(kBulkThreads % 32 == 0 && kBulkThreads <= 1024, "whole warps, one block");
+static_assert(kBulkChunkVecs * 16 < (1 << 20), "an mbarrier counts fewer than 2^20 transaction bytes a phase");
+
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 900
+// Shared-memory barriers and bulk copies (sm_90; declared in the host pass too, where the
+// kernel below is parsed). The attention kernels have the same in
+// src/attention/kernels/hopper_common.cuh, a private header of another component.
+__device__ __forceinline__ uint32_t bulk_shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void bulk_mbarrier_init(uint64_t* bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bulk_shared_address(bar)), "r"(arrivals) : "memory");
+}
+__device__ __forceinline__ void bulk_mbarrier_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bulk_shared_address(bar)) : "memory");
+}
+// The one arrival of a chunk's `full` barrier, announcing the bytes its copy will complete.
+__device__ __forceinline__ void bulk_mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bulk_shared_address(bar)), "r"(bytes)
+               : "memory");
+}
+// Until the phase of this parity has completed (acquire: what the phase's copies and
+// arrivals released is visible afterwards).
+__device__ __forceinline__ void bulk_mbarrier_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bulk_shared_address(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// Global -> shared, `bytes` (a multiple of 16, both addresses 16-byte aligned), completing on bar.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                   bulk_shared_address(dst)),
+               "l"(src), "r"(bytes), "r"(bulk_shared_address(bar))
+               : "memory");
+}
+// Shared -> global in this thread's current bulk group.
+__device__ __forceinline__ void bulk_store(void* dst, const void* src, uint32_t bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst),
+               "r"(bulk_shared_address(src)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+// Until at most kPending of this thread's bulk groups still read their shared memory.
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+// Until every bulk group of this thread has finished, its global writes included.
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// Orders this thread's generic-proxy accesses to shared memory before later async-proxy ones
+// (the bulk copies) that are ordered after it through a barrier.
+__device__ __forceinline__ void bulk_fence_proxy_async() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+#endif
+
+// Grid: min(rows, SMs) blocks of kBulkThreads, each with Vp * 2 bytes of dynamic shared memory
+// (at most classifier_bulk_max_row_bytes); logits (rows, Vp), targets and losses (rows). Per
+// row the arithmetic of classifier_kernel (vector by vector, in another order).
+//
+// Chunk c of a row is its vectors [c kBulkChunkVecs, (c + 1) kBulkChunkVecs) (the last one
+// shorter), in the same place of shared memory in every row; thread t owns vector
+// c kBulkChunkVecs + t of every chunk. Per chunk two mbarriers, each completing once per row
+// (so a row's phase parity is its count within the block, mod 2):
+//   full[c]: thread 0's arrival with the chunk's bytes, then the bulk load's completion.
+//   ready[c] (gradients only): one arrival per warp once its lanes have written the chunk's
+//     gradient (each lane after fence.proxy.async, so the bulk store sees the writes).
+// Thread 0 is the producer: it stores chunk c once ready[c] completes, and loads the next
+// row's chunk c - 1 into its slot once the store of chunk c - 1 has read it
+// (cp.async.bulk.wait_group.read 1: only chunk c's store may still be reading).
+template <bool kWriteGrad>
+__global__ void __launch_bounds__(kBulkThreads, 1)
+    classifier_bulk_kernel(bf16* __restrict__ logits, float* __restrict__ losses, const int32_t* __restrict__ targets,
+                           int64_t rows, int64_t V, int64_t Vp, float dloss) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // bulk copies need sm_90; classifier_softmax_xent never launches this on older devices
+#else
+  extern __shared__ uint4 row_s[];  // (Vp / 8): the row in flight (dynamic shared memory is 16-byte aligned)
+  __shared__ float scratch[32];
+  __shared__ uint64_t full[kBulkMaxChunks], ready[kBulkMaxChunks];
+  const int t = static_cast<int>(threadIdx.x);
+  const int64_t total_vecs = Vp / 8;
+  const int chunks = static_cast<int>((total_vecs + kBulkChunkVecs - 1) / kBulkChunkVecs);
+  auto chunk_bytes = [&](int c) {
+    const int64_t left = total_vecs - int64_t{c} * kBulkChunkVecs;
+    return static_cast<uint32_t>((left < kBulkChunkVecs ? left : kBulkChunkVecs) * 16);
+  };
+  auto load_chunk = [&](int64_t r, int c) {  // thread 0
+    const uint32_t bytes = chunk_bytes(c);
+    bulk_mbarrier_arrive_expect_tx(&full[c], bytes);
+    bulk_load(row_s + c * kBulkChunkVecs, logits + r * Vp + int64_t{c} * kBulkChunkVecs * 8, bytes, &full[c]);
+  };
+  if (t == 0) {
+    for (int c = 0; c < chunks; ++c) {
+      bulk_mbarrier_init(&full[c], 1);
+      bulk_mbarrier_init(&ready[c], kBulkThreads / 32);
+    }
+    // The initialized barriers visible to the other threads and to the copy engine.
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+  }
+  __syncthreads();
+  if (t == 0)
+    for (int c = 0; c < chunks; ++c) load_chunk(blockIdx.x, c);
+  uint32_t phase = 0;
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x, phase ^= 1u) {
+    const int64_t next = r + gridDim.x;
+    const int64_t target = targets[r];
+    // Online max and sum of exp over the real vocabulary, one chunk at a time as it lands.
+    float m = -INFINITY, s = 0.0f;
+    for (int c = 0; c < chunks; ++c) {
+      bulk_mbarrier_wait(&full[c], phase);
+      const int64_t vec = int64_t{c} * kBulkChunkVecs + t;
+      const int64_t col = vec * 8;
+      if (col + 8 <= V) {
+        const uint4 raw = row_s[vec];
+        const bf16* v = reinterpret_cast<const bf16*>(&raw);
+        float local_max = __bfloat162float(v[0]);
+#pragma unroll
+        for (int k = 1; k < 8; ++k) local_max = fmaxf(local_max, __bfloat162float(v[k]));
+        const float new_m = fmaxf(m, local_max);
+        float add = 0.0f;
+#pragma unroll
+        for (int k = 0; k < 8; ++k) add += __expf(__bfloat162float(v[k]) - new_m);
+        s = s * __expf(m - new_m) + add;
+        m = new_m;
+      } else if (col < V) {  // the last real vector, V % 8 != 0
+        const uint4 raw = row_s[vec];
+        const bf16* v = reinterpret_cast<const bf16*>(&raw);
+        const int real = static_cast<int>(V - col);
+#pragma unroll
+        for (int k = 0; k < 7; ++k) {  // unrolled, so v stays in registers
+          if (k >= real) break;
+          const float x = __bfloat162float(v[k]);
+          const float new_m = fmaxf(m, x);
+          s = s * __expf(m - new_m) + __expf(x - new_m);
+          m = new_m;
+        }
+      }
+    }
+    // Read before block_max's barrier, after which the slots are rewritten.
+    const float target_logit = t == 0 ? __bfloat162float(reinterpret_cast<const bf16*>(row_s)[target]) : 0.0f;
+    const float row_max = block_max(m, scratch);
+    if constexpr (!kWriteGrad) {
+      // Every thread has read the row (block_max's barriers): the next one may land.
+      if (t == 0 && next < rows) {
+        bulk_fence_proxy_async();
+        for (int c = 0; c < chunks; ++c) load_chunk(next, c);
+      }
+    }
+    const float row_sum = block_sum(m == -INFINITY ? 0.0f : s * __expf(m - row_max), scratch);
+    const float lse = row_max + __logf(row_sum);
+    if (t == 0) losses[r] = lse - target_logit;
+    if constexpr (kWriteGrad) {
+      bf16* row = logits + r * Vp;
+      for (int c = 0; c < chunks; ++c) {
+        const int64_t vec = int64_t{c} * kBulkChunkVecs + t;
+        if (vec < total_vecs) {
+          uint4 raw = row_s[vec];
+          bf16* v = reinterpret_cast<bf16*>(&raw);
+          // Column vec * 8 + k is real for k < real and the target for k == target_k.
+          const int64_t left = V - vec * 8;
+          const int real = left >= 8 ? 8 : left > 0 ? static_cast<int>(left) : 0;
+          const int64_t target_offset = target - vec * 8;
+          const int target_k = target_offset >= 0 && target_offset < 8 ? static_cast<int>(target_offset) : -1;
+#pragma unroll
+          for (int k = 0; k < 8; ++k) {
+            float g = 0.0f;
+            if (k < real) g = (__expf(__bfloat162float(v[k]) - lse) - (k == target_k ? 1.0f : 0.0f)) * dloss;
+            v[k] = __float2bfloat16_rn(g);
+          }
+          row_s[vec] = raw;
+        }
+        bulk_fence_proxy_async();
+        __syncwarp();
+        if (t % 32 == 0) bulk_mbarrier_arrive(&ready[c]);
+        if (t == 0) {
+          bulk_mbarrier_wait(&ready[c], phase);
+          bulk_store(row + int64_t{c} * kBulkChunkVecs * 8, row_s + c * kBulkChunkVecs, chunk_bytes(c));
+          bulk_commit();
+          if (c > 0) {
+            bulk_wait_read<1>();
+            if (next < rows) load_chunk(next, c - 1);
+          }
+        }
+      }
+      if (t == 0) {
+        bulk_wait_read<0>();
+        if (next < rows) load_chunk(next, chunks - 1);
+      }
+    }
+  }
+  // No block leaves while its bulk stores still read its shared memory.
+  if (kWriteGrad && t == 0) bulk_wait_all();
+#endif
+}
+
 constexpr int kClusterThreads = 256;
 constexpr int kClusterVecs = 8;       // 16-byte vectors (8 bf16) per thread at most: 32 registers
 constexpr int kClusterMaxBlocks = 8;  // the portable cluster size
@@ -329,6 +543,42 @@ inline void classifier_grid_launch(bf16* logits, float* losses, const int32_t* t
   } else {
     classifier_grid_kernel<false><<<blocks, threads, 0, stream>>>(logits, losses, targets, rows, V, Vp, dloss);
   }
+}
+
+// The most bytes of a row the bulk kernel holds on this device: its shared memory per block
+// (opt-in) less the kernel's static shared memory, at most kBulkMaxRowBytes. 0 before sm_90.
+inline int64_t classifier_bulk_max_row_bytes(int device) {
+  int major = 0, optin = 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess || major < 9) return 0;
+  if (cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) return 0;
+  cudaFuncAttributes attributes = {};
+  if (cudaFuncGetAttributes(&attributes, classifier_bulk_kernel<true>) != cudaSuccess) return 0;
+  return std::min<int64_t>(kBulkMaxRowBytes, int64_t{optin} - int64_t(attributes.sharedSizeBytes));
+}
+
+// The bulk kernel for Vp * 2 <= classifier_bulk_max_row_bytes (the caller checks): one block
+// per SM of sm_count, at most one per row, with the row's bytes of dynamic shared memory.
+inline cudaError_t classifier_bulk_launch(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V,
+                                          int64_t Vp, float dloss, bool write_grad, int sm_count, cudaStream_t stream) {
+  if (rows <= 0) return cudaSuccess;
+  const int shared = static_cast<int>(Vp * 2);
+  static int raised_to = 48 * 1024;  // the limit both instances allow (48 KB without opting in)
+  if (shared > raised_to) {
+    for (const void* kernel : {reinterpret_cast<const void*>(classifier_bulk_kernel<true>),
+                               reinterpret_cast<const void*>(classifier_bulk_kernel<false>)}) {
+      const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, shared);
+      if (e != cudaSuccess) return e;
+    }
+    raised_to = shared;
+  }
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(rows, sm_count));
+  if (write_grad) {
+    classifier_bulk_kernel<true><<<blocks, kBulkThreads, shared, stream>>>(logits, losses, targets, rows, V, Vp, dloss);
+  } else {
+    classifier_bulk_kernel<false><<<blocks, kBulkThreads, shared, stream>>>(logits, losses, targets, rows, V, Vp,
+                                                                           dloss);
+  }
+  return cudaSuccess;
 }
 
 // The cluster kernel for Vp <= kClusterMaxColumns (the caller checks): S blocks per row, the
