@@ -9,7 +9,7 @@
 # setting of EXTRA alone;
 # torch.compile beside all on (TORCH_BESIDE, TORCH_VOCABS below); the per-op profile of all on and of the defaults; the
 # defaults and all on again (the spread); memcheck of the ops tests (MEMCHECK_FILTER) with
-# every switch on;
+# every switch on (and racecheck, synccheck with RACECHECK_FILTER);
 # V = 50257 with the defaults and all on. Logs and summary.txt in $OUT/ab.
 set -uo pipefail
 R=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -60,6 +60,12 @@ step bench_all_2 25 "${all[@]}" "$B/flashgpt" "${seed[@]}"
 step profile_default 30 env FLASHGPT_MODEL_PROFILE=1 "$B/flashgpt" "${seed[@]}"
 grep -E "^profile:" "$L/profile_default.log" | sed 's/^/default: /' >>"$S"
 if command -v compute-sanitizer >/dev/null; then
+  if [ -n "${RACECHECK_FILTER:-}" ]; then  # shared-memory hand-offs of new kernels
+    for tool in racecheck synccheck; do
+      step "${tool}_ops_all" 60 "${all[@]}" compute-sanitizer --tool $tool --error-exitcode 9 "$B/model_cuda_ops_test" \
+        --gtest_filter="$RACECHECK_FILTER"
+    done
+  fi
   step memcheck_ops_all 100 "${all[@]}" compute-sanitizer --tool memcheck --error-exitcode 9 "$B/model_cuda_ops_test" \
     --gtest_filter="${MEMCHECK_FILTER:-*}"
 fi
