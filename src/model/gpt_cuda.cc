@@ -84,12 +84,7 @@ constexpr uint64_t kAttentionSeedXor = 0x5bd1e995ull;       // model.h's attenti
 //   classifier grid (FLASHGPT_CLASSIFIER_GRID=<blocks per SM>: 1, 2, 4 or 8; 0 = two_pass):
 //     ClassifierKernel::l2_two_pass, the two-pass softmax from a persistent grid whose second
 //     read of a row hits L2. FLASHGPT_CLASSIFIER_CLUSTER=1 takes precedence over the default.
-//   classifier bulk (FLASHGPT_CLASSIFIER_BULK, not yet run on a GPU): ClassifierKernel::bulk,
-//     each row read once into shared memory by bulk copies, the next row's loads overlapping
-//     this row's stores. Takes precedence over the grid default; not with
-//     FLASHGPT_CLASSIFIER_CLUSTER=1 or a FLASHGPT_CLASSIFIER_GRID set above 0.
 constexpr bool kClassifierClusterDefault = false;
-constexpr bool kClassifierBulkDefault = false;
 constexpr bool kFusedResidualLnDefault = true;
 constexpr bool kLnBackwardRegistersDefault = true;
 constexpr bool kLnBiasGradDefault = true;
@@ -539,15 +534,9 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
   }
   const bool cluster = env_switch("FLASHGPT_CLASSIFIER_CLUSTER", kClassifierClusterDefault);
   classifier_kernel_ = cluster ? model_cuda::ClassifierKernel::cluster : model_cuda::ClassifierKernel::two_pass;
-  const bool bulk = env_switch("FLASHGPT_CLASSIFIER_BULK", kClassifierBulkDefault);
   const char* grid_env = std::getenv("FLASHGPT_CLASSIFIER_GRID");
   const bool grid_set = grid_env != nullptr && *grid_env != '\0';
-  if (bulk) {
-    FLASHGPT_CHECK(!cluster && !(grid_set && env_classifier_grid() > 0),
-                   "FLASHGPT_CLASSIFIER_BULK=1 and FLASHGPT_CLASSIFIER_CLUSTER=1 or FLASHGPT_CLASSIFIER_GRID pick "
-                   "different classifier kernels; set one");
-    classifier_kernel_ = model_cuda::ClassifierKernel::bulk;
-  } else if (const int grid = env_classifier_grid(); grid > 0 && (grid_set || !cluster)) {
+  if (const int grid = env_classifier_grid(); grid > 0 && (grid_set || !cluster)) {
     FLASHGPT_CHECK(classifier_kernel_ == model_cuda::ClassifierKernel::two_pass,
                    "FLASHGPT_CLASSIFIER_GRID and FLASHGPT_CLASSIFIER_CLUSTER=1 pick different classifier kernels; "
                    "set one");

@@ -60,16 +60,6 @@ bool device_has_clusters() {
   return has;
 }
 
-// The widest row (bytes) the bulk classifier holds, of the device current at the first call.
-int64_t bulk_classifier_max_row_bytes() {
-  static const int64_t bytes = [] {
-    int device = 0;
-    FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
-    return classifier_bulk_max_row_bytes(device);
-  }();
-  return bytes;
-}
-
 }  // namespace
 
 DropoutSite dropout_site(uint64_t seed, uint64_t step, int64_t site, float p) {
@@ -306,16 +296,6 @@ void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets
   require_pointer(losses, op, "losses");
   require_pointer(targets, op, "targets");
   require_aligned16(logits, op, "logits");
-  if (kernel == ClassifierKernel::bulk) {
-    if (Vp * 2 <= bulk_classifier_max_row_bytes()) {
-      FLASHGPT_CUDA_CHECK(classifier_bulk_launch(logits, losses, targets, rows, V, Vp, dloss, write_grad,
-                                                 device_sm_count(), stream));
-      FLASHGPT_CUDA_CHECK_LAUNCH("classifier_bulk_kernel");
-      return;
-    }
-    kernel = ClassifierKernel::l2_two_pass;
-    grid_blocks_per_sm = 1;
-  }
   if (kernel == ClassifierKernel::l2_two_pass) {
     MODEL_CUDA_REQUIRE(classifier_grid_blocks_valid(grid_blocks_per_sm),
                        std::string(op) + ": l2_two_pass needs 1, 2, 4 or 8 blocks per SM, got " +

@@ -103,15 +103,12 @@ void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db
 // falls back to two_pass for Vp > 131072 or a device without clusters), `l2_two_pass` twice
 // from a persistent grid of grid_blocks_per_sm (1, 2, 4 or 8) blocks per SM, few enough rows
 // in flight that the second read comes from L2. Same results within rounding (the sums run
-// in different orders); each is deterministic. `bulk` reads each row once into shared memory
-// with bulk copies from a persistent grid of one block per SM (the next row's loads overlapping
-// this row's stores); rows too wide for a block's shared memory, or a device before sm_90,
-// take l2_two_pass at 1 block per SM.
-enum class ClassifierKernel { two_pass, cluster, l2_two_pass, bulk };
+// in different orders); each is deterministic.
+enum class ClassifierKernel { two_pass, cluster, l2_two_pass };
 
 // Per row of logits (rows, Vp) bf16: losses[r] = logsumexp(logits[r, :V]) - logits[r, targets[r]];
 // with write_grad, logits[r, c] = (softmax - onehot) * dloss for c < V and 0 for V <= c < Vp.
-// grid_blocks_per_sm is read by l2_two_pass only (bulk's fallback runs at 1).
+// grid_blocks_per_sm is read by l2_two_pass only.
 void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
                              float dloss, bool write_grad, cudaStream_t stream,
                              ClassifierKernel kernel = ClassifierKernel::two_pass, int grid_blocks_per_sm = 1);

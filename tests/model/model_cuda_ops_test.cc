@@ -573,49 +573,24 @@ TEST_P(ClassifierTest, ClusterKernelMatchesReferenceAndTwoPass) {
     EXPECT_NEAR(cluster[r], two_pass[r], 1e-4 * (1 + std::fabs(two_pass[r]))) << "row " << r;
 }
 
-// Another kernel's losses and gradient against two_pass's: the losses within 1e-4 relative,
-// the gradient elementwise within one bf16 rounding step (at most 2^-7 relative) plus an
-// absolute 1e-6 for values near 0.
-void expect_near_two_pass(const ClassifierResult& got, const ClassifierResult& two_pass) {
-  ASSERT_EQ(got.losses.size(), two_pass.losses.size());
-  for (size_t r = 0; r < got.losses.size(); ++r)
-    EXPECT_NEAR(got.losses[r], two_pass.losses[r], 1e-4 * (1 + std::fabs(two_pass.losses[r]))) << "row " << r;
-  ASSERT_EQ(got.grad.size(), two_pass.grad.size());
-  size_t far = 0;
-  for (size_t i = 0; i < got.grad.size(); ++i)
-    if (std::fabs(got.grad[i] - two_pass.grad[i]) > 1e-6 + std::fabs(two_pass.grad[i]) / 128) ++far;
-  EXPECT_EQ(far, 0u) << "gradient elements beyond one bf16 step of two_pass's";
-}
-
 // The persistent-grid kernel at every grid size (1024 / B threads per block; fewer rows than
 // blocks in the small cases, many rows per block in the large ones) against the same
-// reference and against two_pass.
+// reference, and its losses and gradient against two_pass's: the gradient elementwise within
+// one bf16 rounding step (at most 2^-7 relative) plus an absolute 1e-6 for values near 0.
 TEST_P(ClassifierTest, L2TwoPassKernelMatchesReferenceAndTwoPass) {
   const auto two_pass = check_classifier(GetParam(), model_cuda::ClassifierKernel::two_pass);
   for (const int blocks_per_sm : {1, 2, 4, 8}) {
     SCOPED_TRACE("blocks per SM " + std::to_string(blocks_per_sm));
-    expect_near_two_pass(check_classifier(GetParam(), model_cuda::ClassifierKernel::l2_two_pass, blocks_per_sm),
-                         two_pass);
+    const auto grid = check_classifier(GetParam(), model_cuda::ClassifierKernel::l2_two_pass, blocks_per_sm);
+    ASSERT_EQ(grid.losses.size(), two_pass.losses.size());
+    for (size_t r = 0; r < grid.losses.size(); ++r)
+      EXPECT_NEAR(grid.losses[r], two_pass.losses[r], 1e-4 * (1 + std::fabs(two_pass.losses[r]))) << "row " << r;
+    ASSERT_EQ(grid.grad.size(), two_pass.grad.size());
+    size_t far = 0;
+    for (size_t i = 0; i < grid.grad.size(); ++i)
+      if (std::fabs(grid.grad[i] - two_pass.grad[i]) > 1e-6 + std::fabs(two_pass.grad[i]) / 128) ++far;
+    EXPECT_EQ(far, 0u) << "gradient elements beyond one bf16 step of two_pass's";
   }
-}
-
-// The bulk kernel (the row in shared memory, loaded and stored by bulk copies, one block per
-// SM; 1 to 13 chunks of 16 KB, rows per block from 1 to 38, and the next row's loads issued
-// behind this row's stores) against the same reference and against two_pass. 140000 columns
-// do not fit in a block's shared memory and take l2_two_pass.
-TEST_P(ClassifierTest, BulkKernelMatchesReferenceAndTwoPass) {
-  const auto two_pass = check_classifier(GetParam(), model_cuda::ClassifierKernel::two_pass);
-  expect_near_two_pass(check_classifier(GetParam(), model_cuda::ClassifierKernel::bulk), two_pass);
-}
-
-// A row of 280 KB, wider than kBulkMaxRowBytes (256 KB; an H100 block has 227 KB), runs
-// l2_two_pass at 1 block per SM: the same bits.
-TEST(ClassifierBulkTest, WideRowsTakeL2TwoPass) {
-  const ClassifierCase shape{3, 140000, 140032};
-  const auto bulk = check_classifier(shape, model_cuda::ClassifierKernel::bulk);
-  const auto grid = check_classifier(shape, model_cuda::ClassifierKernel::l2_two_pass, 1);
-  EXPECT_EQ(bulk.losses, grid.losses);
-  EXPECT_EQ(bulk.grad, grid.grad);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, ClassifierTest,
@@ -1061,9 +1036,6 @@ TEST(ModelCudaOpsTest, EntryPointsRejectBadArguments) {
                std::exception);
   EXPECT_THROW(model_cuda::classifier_softmax_xent(logits.ptr, losses.ptr, targets.ptr, 1, 20, 12, 1.0f, true, nullptr,
                                                    model_cuda::ClassifierKernel::cluster),
-               std::exception);
-  EXPECT_THROW(model_cuda::classifier_softmax_xent(logits.ptr, losses.ptr, targets.ptr, 1, 20, 12, 1.0f, true, nullptr,
-                                                   model_cuda::ClassifierKernel::bulk),
                std::exception);
   for (const int blocks_per_sm : {0, 3, 16}) {
     EXPECT_THROW(model_cuda::classifier_softmax_xent(logits.ptr, losses.ptr, targets.ptr, 1, 8, 16, 1.0f, true,
