@@ -91,9 +91,10 @@ constexpr bool kLnBiasGradDefault = true;
 // FLASHGPT_BGRADB=0: the bias gradients that still come from cuBLASLt's BGRADB epilogue (qkv_b,
 // and fc_proj_b / attn_proj_b with FLASHGPT_LN_BIAS_GRAD=0) come from the plain dW product and
 // column_sum instead, as in deterministic mode. In the H100 profile of 2026-12-07 qkv's dW with
-// BGRADB ran at about 440 TFLOP/s against about 700 for the plain dW of fc (about 1.2 ms a step),
-// where the column sums of (N, 3C) bf16 move 1.8 GB. Not yet timed, so on (today's path).
-constexpr bool kBgradbDefault = true;
+// BGRADB ran at about 440 TFLOP/s against about 700 for the plain dW of fc. Off by default
+// since the H100 call of 2026-12-07 that timed it: qkv's dW 3.25 -> 2.28 ms a step, its column
+// sums +0.79, the step 74.53 -> 74.14 ms. FLASHGPT_BGRADB=1 takes the epilogue again.
+constexpr bool kBgradbDefault = false;
 constexpr int kClassifierGridDefault = 1;
 
 bool env_switch(const char* name, bool fallback) {
