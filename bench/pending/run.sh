@@ -10,9 +10,6 @@
 #   attn_bench  (about 250 s) `flashgpt bench attention` up to s 4096 with the separate and the
 #               fused dQ convert (wgmma and TMA backwards each), cuDNN's backward on the same
 #               rows, and the joined tables (docs/attention_gpu.md)
-#   model       (about 360 s) bench/model/ab_v7.sh (the v7 switches, torch.compile, the per-op
-#               profile), then the step time with the TMA backward and the fused dQ convert
-#               (docs/model_gpu.md)
 #   ovl         (about 120 s) the d128 forward with FLASHGPT_TMA_OVERLAP=1 (stage.sh --ovl) against
 #               the default build
 #   switches    (about 400 s) bench/model/ab_switches.sh: the training step's opt-in paths named
@@ -57,7 +54,6 @@ step() {
     grep -oE '"step_ms":[0-9.]+|"tokens_per_s":[0-9.]+|"peak_gib":[0-9.]+' "$L/$name.log" | tr '\n' ' '
     grep -E '^\[  FAILED  \]|Failure|rror:' "$L/$name.log" | head -8; } | tee -a "$S"
 }
-seed_train=(bench train --vocab 100277 --batch 64 --context 512 --warmup 3 --steps 10)
 start=$SECONDS
 for part in ${PARTS:-decode attn_tests}; do
   case $part in
@@ -83,13 +79,6 @@ for part in ${PARTS:-decode attn_tests}; do
       sed -n '/^|/p' "$L/cudnn_bwd.log" | tee "$OUT/bwd_table.md"
       python3 "$R/bench/attention_gpu/bwd_fused_table.py" --separate "$L/attn_fused0/attention_cuda.csv" \
         --fused fused="$L/attn_fused1/attention_cuda.csv" 2>&1 | tee "$OUT/dq_fused.md" ;;
-    model)  # the v7 A/B script (profiles, torch.compile beside us), then the attention backward's opt-in paths
-      BINS=$PKG/bins.tar.xz OUT=$OUT/model DEADLINE=270 bash "$R/bench/model/ab_v7.sh" >"$L/model.log" 2>&1
-      cat "$OUT/model/summary.txt" >>"$S" 2>/dev/null
-      grep -E "^profile:" "$OUT/model/summary.txt" >"$OUT/profile.txt" 2>/dev/null
-      step train_default 30 "$B/flashgpt" "${seed_train[@]}"
-      step train_tma_bwd 30 env FLASHGPT_ATTN_BWD_KERNEL=tma "$B/flashgpt" "${seed_train[@]}"
-      step train_dq_fused 30 env FLASHGPT_ATTN_BWD_FUSED_CONVERT=1 "$B/flashgpt" "${seed_train[@]}" ;;
     ovl)
       [ -x "$B/flashgpt_ovl" ] || { echo "== ovl: skipped, the package has no flashgpt_ovl (stage.sh --ovl)" | tee -a "$S"; continue; }
       for binary in flashgpt flashgpt_ovl; do
@@ -131,10 +120,10 @@ PY
     attnproj)
       OUT=$OUT/attnproj DEADLINE=185 bash "$R/bench/generate/run_gpu_attnproj.sh" "$B" >"$L/attnproj.log" 2>&1 || status=1
       grep -E '^(==|\|)' "$L/attnproj.log" | tee -a "$S" ;;
-    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, model, ovl, switches, fixes, engine, attnproj)"; status=1 ;;
+    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, ovl, switches, fixes, engine, attnproj)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done
-tar -czf "$OUT/pending_logs.tgz" -C "$OUT" logs $(cd "$OUT" && ls -d decode model ab attnproj 2>/dev/null) &&
-  rm -rf "$L" "$OUT/decode" "$OUT/model" "$OUT/ab" "$OUT/attnproj"
+tar -czf "$OUT/pending_logs.tgz" -C "$OUT" logs $(cd "$OUT" && ls -d decode ab attnproj 2>/dev/null) &&
+  rm -rf "$L" "$OUT/decode" "$OUT/ab" "$OUT/attnproj"
 exit $status
