@@ -14,9 +14,9 @@
 // step, the attention's dropout streams) are copied from pinned host memory by the graphs'
 // first nodes, and the kernels read the dropout values from device memory
 // (DropoutSite::seed_step, AttentionParams::rng_device). Where capture fails the step runs
-// eagerly; ModelOptions::cuda_graph or FLASHGPT_CUDA_GRAPH=0 turns graphs off. With
-// FLASHGPT_MATMUL_AUTOTUNE=1 (matmul_cublaslt.h) the matmul plans a capture meets are tuned
-// after it and the pair is captured again with the chosen algorithms.
+// eagerly; ModelOptions::cuda_graph or FLASHGPT_CUDA_GRAPH=0 turns graphs off. With matmul
+// autotuning (matmul_cublaslt.h; on unless FLASHGPT_MATMUL_AUTOTUNE=0) the matmul plans a
+// capture meets are tuned after it and the pair is captured again with the chosen algorithms.
 //
 // With options.deterministic the attention backward orders its dQ atomics, cuBLASLt keeps
 // algorithms without scheduling-dependent reductions and the bias gradients are summed by our
@@ -28,6 +28,7 @@
 #include <flashgpt/philox.h>
 
 #include <flashgpt/cuda_check.h>
+#include "env_switch.h"
 #include "gpt_cuda_ops.h"
 #include "matmul_cublaslt.h"
 
@@ -47,6 +48,7 @@ namespace flashgpt {
 namespace {
 
 using model_cuda::bf16;
+using model_cuda::env_switch;
 using model_cuda::DropoutSite;
 using model_cuda::Epilogue;
 
@@ -96,14 +98,6 @@ constexpr bool kLnBiasGradDefault = true;
 // sums +0.79, the step 74.53 -> 74.14 ms. FLASHGPT_BGRADB=1 takes the epilogue again.
 constexpr bool kBgradbDefault = false;
 constexpr int kClassifierGridDefault = 1;
-
-bool env_switch(const char* name, bool fallback) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return fallback;
-  FLASHGPT_CHECK(std::strcmp(value, "0") == 0 || std::strcmp(value, "1") == 0, "{} must be 0 or 1, got '{}'", name,
-                 value);
-  return value[0] == '1';
-}
 
 int env_classifier_grid() {
   const char* value = std::getenv("FLASHGPT_CLASSIFIER_GRID");
@@ -1073,7 +1067,7 @@ GptCuda::StepGraph* GptCuda::step_graph(int64_t B, int64_t T, float loss_scale) 
     }
   };
   capture_pair();
-  // With FLASHGPT_MATMUL_AUTOTUNE, the matmul plans first met in this capture ran cuBLASLt's
+  // With matmul autotuning, the matmul plans first met in this capture ran cuBLASLt's
   // first heuristic: time them now, outside the capture (on the model's buffers, whose
   // contents do not matter for timing; nothing is written into them), and capture again
   // where that changed an algorithm, so that the graphs run the tuned ones.

@@ -3,6 +3,8 @@
 // column-major D (out, rows) = op_T(W: in x out) op_N(X: in x rows), and so on below.
 #include "matmul_cublaslt.h"
 
+#include "env_switch.h"
+
 #include <flashgpt/error.h>
 
 #include <flashgpt/cuda_check.h>
@@ -12,8 +14,6 @@
 #include <algorithm>
 #include <bit>
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
 
 namespace flashgpt::model_cuda {
 
@@ -85,22 +85,15 @@ const char* epilogue_name(Epilogue e) {
   return "?";
 }
 
-// FLASHGPT_MATMUL_AUTOTUNE / FLASHGPT_MATMUL_AUTOTUNE_LOG: 0 or 1, unset takes the fallback; read once.
-bool env_flag(const char* name, bool fallback) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return fallback;
-  FLASHGPT_CHECK(std::strcmp(value, "0") == 0 || std::strcmp(value, "1") == 0, "{} must be 0 or 1, got '{}'", name,
-                 value);
-  return value[0] == '1';
-}
+// FLASHGPT_MATMUL_AUTOTUNE / FLASHGPT_MATMUL_AUTOTUNE_LOG (env_switch.h), read once.
 // On by default since the H100 A/B of 2026-12-07 (docs/model_gpu.md, v8): the logits product
 // alone ran 1.80 -> 1.59 ms a chunk; FLASHGPT_MATMUL_AUTOTUNE=0 keeps heuristic #0.
 bool autotune_env() {
-  static const bool on = env_flag("FLASHGPT_MATMUL_AUTOTUNE", true);
+  static const bool on = env_switch("FLASHGPT_MATMUL_AUTOTUNE", true);
   return on;
 }
 bool autotune_log_env() {
-  static const bool on = env_flag("FLASHGPT_MATMUL_AUTOTUNE_LOG", false);
+  static const bool on = env_switch("FLASHGPT_MATMUL_AUTOTUNE_LOG", false);
   return on;
 }
 

@@ -1,17 +1,18 @@
 // bf16 matrix products through cuBLASLt (fp32 accumulation), with the epilogues the model
 // uses. Row-major language: every call is Y = X W^T (forward), dX = dY W (backward input),
 // or dW += dY^T X (backward weight, fp32 output accumulated in place). Plans (descriptors
-// and the chosen algorithm) are cached per shape, so the same shape always runs the same
-// algorithm: repeat runs give the same bits.
+// and the chosen algorithm) are cached per shape, so within a process the same shape always
+// runs the same algorithm.
 //
-// The algorithm is cuBLASLt's first heuristic result. With autotuning (FLASHGPT_MATMUL_AUTOTUNE=1,
-// read once; off by default: not yet run on a GPU) a new plan instead times up to
-// kAutotuneCandidates heuristic results on its own shapes, inputs and stream, writing into
-// scratch outputs allocated for the timing (never into D, aux or the bias gradient), and
-// keeps the fastest. Deterministic mode never tunes. A plan first met while its stream
-// captures a CUDA graph runs heuristic #0 in that graph and is tuned later, outside the
-// capture: by tune_pending, or at its next eager call. FLASHGPT_MATMUL_AUTOTUNE_LOG=1 prints
-// one line per tuned plan to stderr.
+// With autotuning (on unless FLASHGPT_MATMUL_AUTOTUNE=0, read once; docs/model_gpu.md, v8) a
+// new plan times up to kAutotuneCandidates heuristic results on its own shapes, inputs and
+// stream, writing into scratch outputs allocated for the timing (never into D, aux or the
+// bias gradient), and keeps the fastest, so two processes may pick different algorithms.
+// Without it, and always in deterministic mode, the algorithm is cuBLASLt's first heuristic
+// result and repeat runs give the same bits. A plan first met while its stream captures a
+// CUDA graph runs heuristic #0 in that graph and is tuned later, outside the capture: by
+// tune_pending, or at its next eager call. FLASHGPT_MATMUL_AUTOTUNE_LOG=1 prints one line per
+// tuned plan to stderr.
 #pragma once
 
 #include <cuda_bf16.h>
