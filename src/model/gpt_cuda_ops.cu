@@ -228,7 +228,6 @@ size_t layernorm_backward_partial_floats(int64_t N, int C) {
   return std::max(sums, column_sum_partial_floats(C));
 }
 
-
 void layernorm_backward(float* dx, bool accumulate, float* dw, float* db, float* partial, const bf16* dy,
                         const float* x, const float* mean, const float* rstd, const float* w, int64_t N, int C,
                         cudaStream_t stream) {

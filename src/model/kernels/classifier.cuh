@@ -33,6 +33,25 @@ namespace flashgpt::model_cuda {
 
 constexpr int kClassifierThreads = 512;
 
+// The end of a row's first pass, shared by two_pass and l2_two_pass: the columns [first, V)
+// past the last whole 16-byte vector folded into each thread's online (max m, sum s), the
+// row's log-sum-exp from every thread's pair, and thread 0's loss lse - row[target]. Every
+// thread of the block calls it; the caller synchronizes before overwriting row[target].
+__device__ __forceinline__ float finish_row(const bf16* row, int64_t first, int64_t V, float m, float s,
+                                            int64_t target, float* loss, float* scratch) {
+  for (int64_t c = first + threadIdx.x; c < V; c += blockDim.x) {
+    const float x = __bfloat162float(row[c]);
+    const float new_m = fmaxf(m, x);
+    s = s * __expf(m - new_m) + __expf(x - new_m);
+    m = new_m;
+  }
+  const float row_max = block_max(m, scratch);
+  const float row_sum = block_sum(m == -INFINITY ? 0.0f : s * __expf(m - row_max), scratch);
+  const float lse = row_max + __logf(row_sum);
+  if (threadIdx.x == 0) *loss = lse - __bfloat162float(row[target]);
+  return lse;
+}
+
 template <bool kWriteGrad>
 __global__ void __launch_bounds__(kClassifierThreads)
     classifier_kernel(bf16* __restrict__ logits, float* __restrict__ losses, const int32_t* __restrict__ targets,
@@ -56,20 +75,10 @@ __global__ void __launch_bounds__(kClassifierThreads)
     s = s * __expf(m - new_m) + add;
     m = new_m;
   }
-  for (int64_t c = vec_end + threadIdx.x; c < V; c += blockDim.x) {
-    const float x = __bfloat162float(row[c]);
-    const float new_m = fmaxf(m, x);
-    s = s * __expf(m - new_m) + __expf(x - new_m);
-    m = new_m;
-  }
-  const float row_max = block_max(m, scratch);
-  const float row_sum = block_sum(m == -INFINITY ? 0.0f : s * __expf(m - row_max), scratch);
-  const float lse = row_max + __logf(row_sum);
   const int64_t target = targets[r];
-  const float target_logit = __bfloat162float(row[target]);
-  if (threadIdx.x == 0) losses[r] = lse - target_logit;
+  const float lse = finish_row(row, vec_end, V, m, s, target, losses + r, scratch);
   if (!kWriteGrad) return;
-  __syncthreads();  // every thread has read row[target] before it is overwritten
+  __syncthreads();  // thread 0 has read row[target] (finish_row) before it is overwritten
   for (int64_t c = int64_t{threadIdx.x} * 8; c < Vp; c += int64_t{blockDim.x} * 8) {
     uint4 raw = *reinterpret_cast<const uint4*>(row + c);
     bf16* v = reinterpret_cast<bf16*>(&raw);
@@ -142,20 +151,10 @@ __global__ void __launch_bounds__(kGridThreadsPerSm, 1)
       s = s * __expf(m - new_m) + add;
       m = new_m;
     }
-    for (int64_t c = vec_end * 8 + threadIdx.x; c < V; c += blockDim.x) {
-      const float x = __bfloat162float(row[c]);
-      const float new_m = fmaxf(m, x);
-      s = s * __expf(m - new_m) + __expf(x - new_m);
-      m = new_m;
-    }
-    const float row_max = block_max(m, scratch);
-    const float row_sum = block_sum(m == -INFINITY ? 0.0f : s * __expf(m - row_max), scratch);
-    const float lse = row_max + __logf(row_sum);
     const int64_t target = targets[r];
-    const float target_logit = __bfloat162float(row[target]);
-    if (threadIdx.x == 0) losses[r] = lse - target_logit;
+    const float lse = finish_row(row, vec_end * 8, V, m, s, target, losses + r, scratch);
     if constexpr (kWriteGrad) {
-      __syncthreads();  // every thread has read row[target] before it is overwritten
+      __syncthreads();  // thread 0 has read row[target] (finish_row) before it is overwritten
       // Pass 2, from L2: the gradient of every column, 0 in the padding.
       for (int64_t base = threadIdx.x; base < total_vecs; base += stride) {
         uint4 raw[kGridUnroll];
