@@ -64,7 +64,7 @@ for part in ${PARTS:-decode attn_tests}; do
     attn_tests)
       step tma_bwd_tests 60 env FLASHGPT_ATTN_BWD_KERNEL=tma "$B/attention_cuda_test" \
         --gtest_filter='*BackwardPipelineShapes*:*TmaBackwardMatchesWgmma*:*ReportsKernels*'
-      step dq_fused_tests 30 "$B/attention_cuda_test" --gtest_filter='*FusedDqConvert*'
+      step dq_fused_tests 60 "$B/attention_cuda_test" --gtest_filter='*FusedDqConvert*'
       step dq_fused_backward_tests 45 env FLASHGPT_ATTN_BWD_FUSED_CONVERT=1 "$B/attention_cuda_test" \
         --gtest_filter='*Backward*:*Deterministic*:*Dropout*:*Gqa*:*Varlen*'
       step memcheck_tma_fused 35 env FLASHGPT_ATTN_BWD_KERNEL=tma FLASHGPT_ATTN_BWD_FUSED_CONVERT=1 \
