@@ -22,6 +22,10 @@
 #               against FLASHGPT_CUDA_DECODE=fused
 #   attnproj    (about 185 s) bench/generate/run_gpu_attnproj.sh: the attnproj decode path at
 #               batch 1, 8 and 64 against the fused one (docs/generate.md)
+#   overlap     (about 420 s) FLASHGPT_OVERLAP (a second stream for the classifier's softmax, then
+#               also the backward's weight products): its tests and memcheck, the seed step at
+#               0, 1 (OVERLAP_SMS, softmax multiprocessors) and 2 (both backward priorities),
+#               interleaved, and torch.compile beside OVERLAP_BEST (docs/model_gpu.md, v9)
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
 # (decode.txt, bwd_table.md, dq_fused.md, profile.txt, ovl.md) and pending_logs.tgz.
 set -uo pipefail
@@ -120,7 +124,26 @@ PY
     attnproj)
       OUT=$OUT/attnproj DEADLINE=185 bash "$R/bench/generate/run_gpu_attnproj.sh" "$B" >"$L/attnproj.log" 2>&1 || status=1
       grep -E '^(==|\|)' "$L/attnproj.log" | tee -a "$S" ;;
-    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, ovl, switches, fixes, engine, attnproj)"; status=1 ;;
+    overlap)
+      step overlap_tests 90 "$B/model_cuda_test" --gtest_filter='*Overlap*:*GraphReplay*:*Deterministic*'
+      step overlap_all_tests 90 env FLASHGPT_OVERLAP=2 "$B/model_cuda_test"
+      step overlap_ops_tests 60 "$B/model_cuda_ops_test" --gtest_filter='*Classifier*'
+      seed=(bench train --vocab 100277 --batch 64 --context 512 --warmup 3 --steps 10)
+      for round in 1 2; do
+        step "seed_o0_r$round" 40 "$B/flashgpt" "${seed[@]}"
+        for sms in ${OVERLAP_SMS:-16 32 48}; do
+          step "seed_o1_s${sms}_r$round" 40 env FLASHGPT_OVERLAP=1 FLASHGPT_OVERLAP_SOFTMAX_SMS=$sms "$B/flashgpt" "${seed[@]}"
+        done
+        for prio in low high; do
+          step "seed_o2_${prio}_r$round" 40 env FLASHGPT_OVERLAP=2 FLASHGPT_OVERLAP_BWD_PRIORITY=$prio "$B/flashgpt" "${seed[@]}"
+        done
+      done
+      step torch_compile 130 env ${OVERLAP_BEST:-FLASHGPT_OVERLAP=2} python3 "$R/bench/model/torch_gpt.py" \
+        --flashgpt "$B/flashgpt" --vocab 100277 --skip-eager --out "$L/torch_compile.json"
+      sed -n '/^seed preset/,$p' "$L/torch_compile.log" | tee -a "$S"
+      step overlap_memcheck 120 env FLASHGPT_OVERLAP=2 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        "$B/model_cuda_test" --gtest_filter='*OverlapGivesTheSameBits*' ;;
+    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, ovl, switches, fixes, engine, attnproj, overlap)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done

@@ -98,6 +98,47 @@ constexpr bool kLnBiasGradDefault = true;
 // sums +0.79, the step 74.53 -> 74.14 ms. FLASHGPT_BGRADB=1 takes the epilogue again.
 constexpr bool kBgradbDefault = false;
 constexpr int kClassifierGridDefault = 1;
+// FLASHGPT_OVERLAP: work off the step's critical path on a second stream (docs/model_gpu.md,
+// "v9"). 0: one stream. 1: the classifier's softmax of chunk c (memory-bound) runs on the
+// second stream, its persistent grid on FLASHGPT_OVERLAP_SOFTMAX_SMS multiprocessors, while
+// the first runs the products of chunks c - 1 and c + 1 (compute-bound) on the rest; two
+// logits buffers. 2: also the backward's weight products and bias column sums, which nothing
+// on the critical path reads, on the second stream beside the input products, the LayerNorm
+// and attention backwards. Same kernels and arithmetic, so the same bits as 0 where the
+// matmul plans pick the same algorithms (always in deterministic mode). Off while profiling
+// (the per-op events time one stream) and in steps with a data-parallel hook.
+// The backward's second stream runs below stream_'s priority (the critical path first) unless
+// FLASHGPT_OVERLAP_BWD_PRIORITY=high puts it above.
+constexpr int kOverlapDefault = 0;
+constexpr int kOverlapSoftmaxSmsDefault = 32;
+constexpr bool kOverlapBwdHighDefault = false;
+
+int env_overlap() {
+  const char* value = std::getenv("FLASHGPT_OVERLAP");
+  if (value == nullptr || *value == '\0') return kOverlapDefault;
+  const bool valid = std::strcmp(value, "0") == 0 || std::strcmp(value, "1") == 0 || std::strcmp(value, "2") == 0;
+  FLASHGPT_CHECK(valid, "FLASHGPT_OVERLAP must be 0 (one stream), 1 (classifier) or 2 (classifier and backward), "
+                        "got '{}'", value);
+  return value[0] - '0';
+}
+
+bool env_overlap_bwd_high() {
+  const char* value = std::getenv("FLASHGPT_OVERLAP_BWD_PRIORITY");
+  if (value == nullptr || *value == '\0') return kOverlapBwdHighDefault;
+  FLASHGPT_CHECK(std::strcmp(value, "low") == 0 || std::strcmp(value, "high") == 0,
+                 "FLASHGPT_OVERLAP_BWD_PRIORITY must be low or high, got '{}'", value);
+  return std::strcmp(value, "high") == 0;
+}
+
+int env_overlap_softmax_sms() {
+  const char* value = std::getenv("FLASHGPT_OVERLAP_SOFTMAX_SMS");
+  if (value == nullptr || *value == '\0') return kOverlapSoftmaxSmsDefault;
+  char* end = nullptr;
+  const long sms = std::strtol(value, &end, 10);
+  FLASHGPT_CHECK(end != value && *end == '\0' && sms >= 1 && sms <= 1024,
+                 "FLASHGPT_OVERLAP_SOFTMAX_SMS must be a number of multiprocessors in [1, 1024], got '{}'", value);
+  return static_cast<int>(sms);
+}
 
 int env_classifier_grid() {
   const char* value = std::getenv("FLASHGPT_CLASSIFIER_GRID");
@@ -212,12 +253,17 @@ class GptCuda final : public GptModel {
   void backward(int64_t B, int64_t T, StepRng rng);
   // dW (out, in) += dy^T x and the bias gradient (out) of layer l: cuBLASLt's BGRADB
   // epilogue into dbias_slot() where it has one (fast mode), else column_sum into the gradient.
+  // Both run on `lane`: stream_ with matmul_, or side_ with side_matmul_ (FLASHGPT_OVERLAP=2).
+  struct Lane {
+    cudaStream_t stream;
+    model_cuda::Matmul* matmul;
+  };
   void weight_and_bias_grad(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N, int64_t in,
-                            int64_t out);
+                            int64_t out, Lane lane);
   // The projection's weight gradient, and its bias gradient unless the LayerNorm backward
   // that wrote dy summed it (ln_bias_grad_).
   void projection_grad(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N, int64_t in,
-                       int64_t out);
+                       int64_t out, Lane lane);
   // Where the LayerNorm backward that writes dy_ for `site` adds dy_'s column sums: the bias
   // gradient of the projection the site drops with ln_bias_grad_, else nowhere.
   float* next_bias_grad(int64_t site) {
@@ -270,6 +316,24 @@ class GptCuda final : public GptModel {
 
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<model_cuda::Matmul> matmul_;
+  // FLASHGPT_OVERLAP (above): the second stream, its own cuBLASLt workspace and plans, and
+  // the events between the two. A hand-over (record, then wait at once) may reuse
+  // kHandOver; a wait deferred past later records needs its own event.
+  int overlap_ = 0;
+  int overlap_softmax_sms_ = kOverlapSoftmaxSmsDefault;
+  cudaStream_t side_ = nullptr;      // the classifier's softmax
+  cudaStream_t bwd_side_ = nullptr;  // the backward's weight products and column sums
+  std::unique_ptr<model_cuda::Matmul> side_matmul_;
+  enum OverlapEvent { kHandOver, kSoftmaxDone0, kSoftmaxDone1, kDyRead, kDpreFree, kDqkvFree, kOverlapEvents };
+  cudaEvent_t overlap_events_[kOverlapEvents] = {};
+  // `to` waits for the work enqueued on `from` so far.
+  void hand_over(cudaStream_t from, cudaStream_t to) { record_then_wait(from, kHandOver, to); }
+  void record_then_wait(cudaStream_t from, OverlapEvent e, cudaStream_t to) {
+    record(from, e);
+    wait(to, e);
+  }
+  void record(cudaStream_t s, OverlapEvent e) { FLASHGPT_CUDA_CHECK(cudaEventRecord(overlap_events_[e], s)); }
+  void wait(cudaStream_t s, OverlapEvent e) { FLASHGPT_CUDA_CHECK(cudaStreamWaitEvent(s, overlap_events_[e], 0)); }
   char* device_block_ = nullptr;
   size_t device_bytes_ = 0;
   char* host_block_ = nullptr;
@@ -310,6 +374,7 @@ class GptCuda final : public GptModel {
   bf16* dln_ = nullptr;                    // (N, C) gradient of a LayerNorm output
   bf16* datty_ = nullptr;                  // (N, C)
   bf16* logits_ = nullptr;                 // (chunk_rows, Vp) bf16, or fp32 rows for forward_logits
+  bf16* logits_odd_ = nullptr;             // (chunk_rows, Vp): odd chunks' logits when overlapping, else null
   size_t logits_bytes_ = 0;
   float* losses_ = nullptr;                // (N)
   float* ln_partial_ = nullptr;            // LayerNorm backward partial sums
@@ -396,6 +461,10 @@ void GptCuda::carve_device(Carver& c, size_t col_partial) {
   char* logits = nullptr;
   c.take(logits, logits_bytes_);
   logits_ = reinterpret_cast<bf16*>(logits);
+  if (overlap_ >= 1 && chunk_rows_ < n_max_) {
+    c.take(logits, logits_bytes_);
+    logits_odd_ = reinterpret_cast<bf16*>(logits);
+  }
   c.take(losses_, N);
   c.take(ln_partial_, ln_partial_floats_);
   c.take(col_partial_, col_partial);
@@ -476,6 +545,12 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
   }
   FLASHGPT_CHECK(segments_.end[kParamKinds - 1] == P_, "gpt_create_cuda: parameter specs do not cover {} floats", P_);
 
+  // Profiling records events between the ops of one stream, so it runs without overlap.
+  const char* profile = std::getenv("FLASHGPT_MODEL_PROFILE");
+  profile_ = profile != nullptr && std::strcmp(profile, "1") == 0;
+  overlap_ = profile_ ? 0 : env_overlap();
+  overlap_softmax_sms_ = env_overlap_softmax_sms();
+
   // Sizes of the workspaces.
   const int64_t rows_total = n_max_;
   const int64_t row_bytes = Vp_ * 2;
@@ -500,7 +575,8 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
   FLASHGPT_CHECK(0 <= adam_begin_ && adam_begin_ <= adam_end_ && adam_end_ <= P_,
                  "gpt_create_cuda: the AdamW moment range [{}, {}) is not a range of the {} parameters", adam_begin_,
                  adam_end_, P_);
-  const size_t needed = device_bytes_ + size_t(2 * (adam_end_ - adam_begin_)) * sizeof(float) + kCublasWorkspaceBytes;
+  const size_t needed = device_bytes_ + size_t(2 * (adam_end_ - adam_begin_)) * sizeof(float) +
+                        (overlap_ >= 1 ? 2 : 1) * kCublasWorkspaceBytes;
   FLASHGPT_CHECK(needed + (size_t{256} << 20) <= free_bytes,
                  "gpt_create_cuda: batch {} x context {} of this model needs {:.2f} GiB of GPU memory, but only {:.2f} "
                  "GiB of {:.2f} GiB are free; lower the batch size",
@@ -515,13 +591,27 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
   carve_host(host);
   token_cursor_.assign(size_t(V_), 0);
 
-  FLASHGPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  if (overlap_ == 0) {
+    FLASHGPT_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  } else {
+    // Priorities (a lower number runs first): the softmax's stream the highest, so that its
+    // few blocks take their multiprocessors as the products' blocks retire rather than queue
+    // behind all of them; stream_ one below; the backward's second stream the lowest (or,
+    // FLASHGPT_OVERLAP_BWD_PRIORITY=high, the highest).
+    int least = 0, greatest = 0;
+    FLASHGPT_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    const int main_priority = std::max(greatest, least - 1);
+    const bool bwd_high = env_overlap_bwd_high();
+    FLASHGPT_CUDA_CHECK(cudaStreamCreateWithPriority(&stream_, cudaStreamNonBlocking, main_priority));
+    FLASHGPT_CUDA_CHECK(cudaStreamCreateWithPriority(&side_, cudaStreamNonBlocking, greatest));
+    FLASHGPT_CUDA_CHECK(cudaStreamCreateWithPriority(&bwd_side_, cudaStreamNonBlocking, bwd_high ? greatest : least));
+    side_matmul_ = std::make_unique<model_cuda::Matmul>(kCublasWorkspaceBytes, options_.deterministic);
+    for (auto& e : overlap_events_) FLASHGPT_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+  }
   matmul_ = std::make_unique<model_cuda::Matmul>(kCublasWorkspaceBytes, options_.deterministic);
   FLASHGPT_CUDA_CHECK(cudaMemsetAsync(device_block_, 0, device_bytes_, stream_));
   FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
   adam_state_shard(adam_begin_, adam_end_);  // allocates the moments (none yet)
-  const char* profile = std::getenv("FLASHGPT_MODEL_PROFILE");
-  profile_ = profile != nullptr && std::strcmp(profile, "1") == 0;
   if (profile_) {
     events_.resize(size_t(64 + 64 * L_));
     event_labels_.resize(events_.size());
@@ -604,6 +694,12 @@ GptCuda::~GptCuda() {
     if (g.backward) cudaGraphExecDestroy(g.backward);
   }
   matmul_.reset();
+  side_matmul_.reset();
+  for (auto& e : overlap_events_) {
+    if (e) cudaEventDestroy(e);
+  }
+  if (side_) cudaStreamDestroy(side_);
+  if (bwd_side_) cudaStreamDestroy(bwd_side_);
   if (stream_) cudaStreamDestroy(stream_);
   if (device_block_) cudaFree(device_block_);
   if (adam_block_) cudaFree(adam_block_);
@@ -809,22 +905,60 @@ void GptCuda::forward(int64_t B, int64_t T, bool train, StepRng rng) {
 
 void GptCuda::classifier(int64_t N, bool with_grad, float loss_scale) {
   const float dloss = loss_scale / static_cast<float>(N);
-  for (int64_t r0 = 0; r0 < N; r0 += chunk_rows_) {
-    const int64_t rows = std::min(chunk_rows_, N - r0);
-    matmul_->forward(logits_, lnf_ + r0 * C_, weight(ParamKind::wte), rows, C_, Vp_, Epilogue::none, nullptr, nullptr,
-                     stream_);
+  const int64_t chunks = (N + chunk_rows_ - 1) / chunk_rows_;
+  const bool overlap = overlap_ >= 1 && chunks > 1;
+  // Chunk c: rows [c chunk_rows, ...), its logits in logits_ or (overlapping, odd c) logits_odd_.
+  const auto first_row = [&](int64_t c) { return c * chunk_rows_; };
+  const auto rows_of = [&](int64_t c) { return std::min(chunk_rows_, N - first_row(c)); };
+  const auto logits_of = [&](int64_t c) { return overlap && c % 2 == 1 ? logits_odd_ : logits_; };
+  const auto logits = [&](int64_t c) {
+    matmul_->forward(logits_of(c), lnf_ + first_row(c) * C_, weight(ParamKind::wte), rows_of(c), C_, Vp_,
+                     Epilogue::none, nullptr, nullptr, stream_);
     mark("mm logits");
-    model_cuda::classifier_softmax_xent(logits_, losses_ + r0, d_targets_ + r0, rows, V_, Vp_, dloss, with_grad,
-                                        stream_, classifier_kernel_, classifier_grid_blocks_per_sm_);
+  };
+  const auto softmax = [&](int64_t c, cudaStream_t s, int grid_sms) {
+    model_cuda::classifier_softmax_xent(logits_of(c), losses_ + first_row(c), d_targets_ + first_row(c), rows_of(c),
+                                        V_, Vp_, dloss, with_grad, s, classifier_kernel_,
+                                        classifier_grid_blocks_per_sm_, grid_sms);
     mark("classifier softmax");
-    if (with_grad) {
-      // dlnf (rows, C) = dlogits (rows, Vp) wte (Vp, C); dwte += dlogits^T lnf.
-      matmul_->backward_input(dln_ + r0 * C_, logits_, weight(ParamKind::wte), rows, C_, Vp_, Epilogue::none, nullptr,
-                              stream_);
-      mark("mm dlnf");
-      matmul_->backward_weight(grad(ParamKind::wte), logits_, lnf_ + r0 * C_, rows, C_, Vp_, stream_);
-      mark("mm dwte");
+  };
+  // dlnf (rows, C) = dlogits (rows, Vp) wte (Vp, C); dwte += dlogits^T lnf.
+  const auto grads = [&](int64_t c) {
+    matmul_->backward_input(dln_ + first_row(c) * C_, logits_of(c), weight(ParamKind::wte), rows_of(c), C_, Vp_,
+                            Epilogue::none, nullptr, stream_);
+    mark("mm dlnf");
+    matmul_->backward_weight(grad(ParamKind::wte), logits_of(c), lnf_ + first_row(c) * C_, rows_of(c), C_, Vp_,
+                             stream_);
+    mark("mm dwte");
+  };
+  if (!overlap) {
+    for (int64_t c = 0; c < chunks; ++c) {
+      logits(c);
+      softmax(c, stream_, 0);
+      if (with_grad) grads(c);
     }
+  } else {
+    // stream_: logits 0, logits 1, grads 0, logits 2, grads 1, ...; side_: softmax 0, 1, ...,
+    // each after its logits. Softmax c runs beside logits c + 1 and grads c - 1, and chunk c's
+    // buffer is written again (logits c + 2) only after its softmax and grads.
+    const OverlapEvent done[2] = {kSoftmaxDone0, kSoftmaxDone1};
+    hand_over(stream_, side_);
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (c >= 2) wait(stream_, done[c % 2]);  // softmax c - 2 (grads c - 2, ordered on stream_, waited too)
+      logits(c);
+      hand_over(stream_, side_);
+      softmax(c, side_, overlap_softmax_sms_);
+      record(side_, done[c % 2]);
+      if (with_grad && c >= 1) {
+        wait(stream_, done[(c - 1) % 2]);
+        grads(c - 1);
+      }
+    }
+    if (with_grad) {
+      wait(stream_, done[(chunks - 1) % 2]);
+      grads(chunks - 1);
+    }
+    hand_over(side_, stream_);  // the losses of every chunk
   }
   model_cuda::loss_sum(d_result_, losses_, N, stream_);
   mark("loss sum");
@@ -865,23 +999,45 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
       if (fused_bias_[i] != model_cuda::Matmul::BiasGrad::none) mark("bias grad add");
     }
   };
+  // FLASHGPT_OVERLAP=2: the weight products and column sums (lane `off`) on side_, each after
+  // a hand-over of its inputs; stream_ waits before it overwrites what they read: dy_ (kDyRead),
+  // dpre_ (kDpreFree, a layer later) and dqkv_ (kDqkvFree, a layer later).
+  const bool overlap = overlap_ >= 2 && !report;
+  const Lane on{stream_, matmul_.get()};
+  const Lane off = overlap ? Lane{bwd_side_, side_matmul_.get()} : on;
+  const auto to_off = [&] {
+    if (overlap) hand_over(stream_, bwd_side_);
+  };
+  const auto off_done = [&](OverlapEvent e) {
+    if (overlap) record(bwd_side_, e);
+  };
+  const auto before_writing = [&](OverlapEvent e, bool recorded) {
+    if (overlap && recorded) wait(stream_, e);
+  };
   for (int64_t l = L_ - 1; l >= 0; --l) {
     const float* x_in = resid(2 * l);
     const float* x_mid = resid(2 * l + 1);
+    const bool later_layer_done = l + 1 < L_;  // kDpreFree and kDqkvFree recorded by layer l + 1
     // MLP: x_out = x_mid + drop(gelu(ln2(x_mid) Wfc^T + bfc) Wfcproj^T + bfcproj); dy_ holds
     // drop'(dresid) of site 2 + 2 l.
-    projection_grad(ParamKind::fc_proj_w, ParamKind::fc_proj_b, l, dy_, gelu(l), N, F_, C_);
+    to_off();
+    projection_grad(ParamKind::fc_proj_w, ParamKind::fc_proj_b, l, dy_, gelu(l), N, F_, C_, off);
+    off_done(kDyRead);
     // fc_b's gradient by column sums: cuBLASLt's DGELU_BGRAD epilogue (matmul_cublaslt.h)
     // took 11.2 ms per step at the seed size on an H100 against 4.2 + 1.3 for DGELU and the
     // column sums (docs/model_gpu.md), so the model does not use it.
+    before_writing(kDpreFree, later_layer_done);
     matmul_->backward_input(dpre_, dy_, weight(ParamKind::fc_proj_w, l), N, F_, C_, Epilogue::dgelu, pre(l), stream_);
     mark("mm dX fc proj+dgelu");
-    matmul_->backward_weight(grad(ParamKind::fc_w, l), dpre_, ln2(l), N, C_, F_, stream_);
+    to_off();
+    off.matmul->backward_weight(grad(ParamKind::fc_w, l), dpre_, ln2(l), N, C_, F_, off.stream);
     mark("mm dW fc");
-    model_cuda::column_sum(grad(ParamKind::fc_b, l), col_partial_, dpre_, N, static_cast<int>(F_), stream_);
+    model_cuda::column_sum(grad(ParamKind::fc_b, l), col_partial_, dpre_, N, static_cast<int>(F_), off.stream);
     mark("bias grad");
+    off_done(kDpreFree);
     matmul_->backward_input(dln_, dpre_, weight(ParamKind::fc_w, l), N, C_, F_, Epilogue::none, nullptr, stream_);
     mark("mm dX fc");
+    before_writing(kDyRead, true);
     model_cuda::layernorm_backward_dropout(dresid_, /*accumulate=*/true, grad(ParamKind::ln2_w, l),
                                            grad(ParamKind::ln2_b, l), ln_partial_, dln_, x_mid, ln2_mean(l),
                                            ln2_rstd(l), param(ParamKind::ln2_w, l), N, C, dy_,
@@ -890,16 +1046,22 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
     mark("layernorm+dropout bwd");
     // Attention: x_mid = x_in + drop(attn(ln1(x_in) Wqkv^T + bqkv) Wproj^T + bproj); dy_ holds
     // drop'(dresid) of site 1 + 2 l.
-    projection_grad(ParamKind::attn_proj_w, ParamKind::attn_proj_b, l, dy_, atty(l), N, C_, C_);
+    to_off();
+    projection_grad(ParamKind::attn_proj_w, ParamKind::attn_proj_b, l, dy_, atty(l), N, C_, C_, off);
+    off_done(kDyRead);
     matmul_->backward_input(datty_, dy_, weight(ParamKind::attn_proj_w, l), N, C_, C_, Epilogue::none, nullptr,
                             stream_);
     mark("mm dX attn proj");
+    before_writing(kDqkvFree, later_layer_done);
     attention_backward_cuda(attention_params(l, B, T, /*train=*/true, rng), attn_ws_, attn_ws_bytes_, determinism,
                             stream_);
     mark("attention bwd");
-    weight_and_bias_grad(ParamKind::qkv_w, ParamKind::qkv_b, l, dqkv_, ln1(l), N, C_, 3 * C_);
+    to_off();
+    weight_and_bias_grad(ParamKind::qkv_w, ParamKind::qkv_b, l, dqkv_, ln1(l), N, C_, 3 * C_, off);
+    off_done(kDqkvFree);
     matmul_->backward_input(dln_, dqkv_, weight(ParamKind::qkv_w, l), N, C_, 3 * C_, Epilogue::none, nullptr, stream_);
     mark("mm dX qkv");
+    before_writing(kDyRead, true);
     if (l > 0) {  // the next site is layer l - 1's MLP residual, 2 + 2 (l - 1)
       model_cuda::layernorm_backward_dropout(dresid_, /*accumulate=*/true, grad(ParamKind::ln1_w, l),
                                              grad(ParamKind::ln1_b, l), ln_partial_, dln_, x_in, ln1_mean(l),
@@ -920,6 +1082,7 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
       }
     }
   }
+  if (overlap) hand_over(bwd_side_, stream_);  // every weight and bias gradient
   // The bias gradients the epilogues wrote (they overwrite, the gradients accumulate).
   if (!report) add_bias_grads(0, L_);
   // Embedding: dx0 = drop'(dresid) in place, then the position rows and the token rows.
@@ -949,25 +1112,25 @@ bool GptCuda::fused_epilogue(int index, model_cuda::Matmul::BiasGrad got) {
 }
 
 void GptCuda::weight_and_bias_grad(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N,
-                                   int64_t in, int64_t out) {
-  if (bgradb_ && fused_epilogue(bias_index(b), matmul_->backward_weight_bgrad(grad(w, l), dbias_slot(b, l), dy, x, N,
-                                                                                in, out, stream_))) {
+                                   int64_t in, int64_t out, Lane lane) {
+  if (bgradb_ && fused_epilogue(bias_index(b), lane.matmul->backward_weight_bgrad(grad(w, l), dbias_slot(b, l), dy, x,
+                                                                                    N, in, out, lane.stream))) {
     mark("mm dW+db");
     return;
   }
-  matmul_->backward_weight(grad(w, l), dy, x, N, in, out, stream_);
+  lane.matmul->backward_weight(grad(w, l), dy, x, N, in, out, lane.stream);
   mark("mm dW");
-  model_cuda::column_sum(grad(b, l), col_partial_, dy, N, static_cast<int>(out), stream_);
+  model_cuda::column_sum(grad(b, l), col_partial_, dy, N, static_cast<int>(out), lane.stream);
   mark("bias grad");
 }
 
 void GptCuda::projection_grad(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N,
-                              int64_t in, int64_t out) {
+                              int64_t in, int64_t out, Lane lane) {
   if (!ln_bias_grad_) {
-    weight_and_bias_grad(w, b, l, dy, x, N, in, out);
+    weight_and_bias_grad(w, b, l, dy, x, N, in, out, lane);
     return;
   }
-  matmul_->backward_weight(grad(w, l), dy, x, N, in, out, stream_);
+  lane.matmul->backward_weight(grad(w, l), dy, x, N, in, out, lane.stream);
   mark("mm dW proj");
 }
 
@@ -1071,7 +1234,12 @@ GptCuda::StepGraph* GptCuda::step_graph(int64_t B, int64_t T, float loss_scale) 
   // first heuristic: time them now, outside the capture (on the model's buffers, whose
   // contents do not matter for timing; nothing is written into them), and capture again
   // where that changed an algorithm, so that the graphs run the tuned ones.
-  if (g.forward != nullptr && g.backward != nullptr && matmul_->tune_pending(stream_)) {
+  const auto tune_pending = [&] {
+    const bool main_changed = matmul_->tune_pending(stream_);
+    const bool side_changed = side_matmul_ != nullptr && side_matmul_->tune_pending(stream_);
+    return main_changed || side_changed;
+  };
+  if (g.forward != nullptr && g.backward != nullptr && tune_pending()) {
     cudaGraphExecDestroy(g.forward);
     cudaGraphExecDestroy(g.backward);
     g.forward = g.backward = nullptr;

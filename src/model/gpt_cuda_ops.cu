@@ -286,7 +286,7 @@ void layernorm_backward_dropout(float* dx, bool accumulate, float* dw, float* db
 
 void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
                              float dloss, bool write_grad, cudaStream_t stream, ClassifierKernel kernel,
-                             int grid_blocks_per_sm) {
+                             int grid_blocks_per_sm, int grid_sms) {
   const char* op = "classifier (CUDA)";
   MODEL_CUDA_REQUIRE(rows >= 0 && V > 0 && Vp >= V && Vp % 8 == 0,
                      std::string(op) + ": needs rows >= 0, 0 < V <= Vp and Vp % 8 == 0, got rows " + num(rows) +
@@ -299,8 +299,10 @@ void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets
     MODEL_CUDA_REQUIRE(classifier_grid_blocks_valid(grid_blocks_per_sm),
                        std::string(op) + ": l2_two_pass needs 1, 2, 4 or 8 blocks per SM, got " +
                            num(grid_blocks_per_sm));
+    MODEL_CUDA_REQUIRE(grid_sms >= 0, std::string(op) + ": grid_sms must be 0 (all) or positive, got " + num(grid_sms));
+    const int sms = device_sm_count();
     classifier_grid_launch(logits, losses, targets, rows, V, Vp, dloss, write_grad, grid_blocks_per_sm,
-                           device_sm_count(), stream);
+                           grid_sms == 0 ? sms : std::min(grid_sms, sms), stream);
     FLASHGPT_CUDA_CHECK_LAUNCH("classifier_grid_kernel");
     return;
   }

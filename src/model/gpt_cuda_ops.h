@@ -108,10 +108,13 @@ enum class ClassifierKernel { two_pass, cluster, l2_two_pass };
 
 // Per row of logits (rows, Vp) bf16: losses[r] = logsumexp(logits[r, :V]) - logits[r, targets[r]];
 // with write_grad, logits[r, c] = (softmax - onehot) * dloss for c < V and 0 for V <= c < Vp.
-// grid_blocks_per_sm is read by l2_two_pass only.
+// grid_blocks_per_sm and grid_sms are read by l2_two_pass only: its grid covers grid_sms
+// multiprocessors (0 or more than the device has: all of them), so that a kernel running
+// beside it on another stream keeps the rest (GptCuda's overlapped classifier).
 void classifier_softmax_xent(bf16* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V, int64_t Vp,
                              float dloss, bool write_grad, cudaStream_t stream,
-                             ClassifierKernel kernel = ClassifierKernel::two_pass, int grid_blocks_per_sm = 1);
+                             ClassifierKernel kernel = ClassifierKernel::two_pass, int grid_blocks_per_sm = 1,
+                             int grid_sms = 0);
 // *out = sum of losses (n), in double, in a fixed order.
 void loss_sum(double* out, const float* losses, int64_t n, cudaStream_t stream);
 

@@ -509,7 +509,7 @@ struct ClassifierResult {
 };
 
 ClassifierResult check_classifier(const ClassifierCase& shape, model_cuda::ClassifierKernel kernel,
-                                  int grid_blocks_per_sm = 1) {
+                                  int grid_blocks_per_sm = 1, int grid_sms = 0) {
   const auto [rows, V, Vp] = shape;
   std::mt19937 rng(static_cast<uint32_t>(V + rows));
   const auto logits = rounded(random_floats(size_t(rows) * Vp, rng, 3.0f));
@@ -524,11 +524,11 @@ ClassifierResult check_classifier(const ClassifierCase& shape, model_cuda::Class
   d_losses2.poison();
   d_losses3.poison();
   model_cuda::classifier_softmax_xent(d_logits.ptr, d_losses.ptr, d_targets.ptr, rows, V, Vp, dloss, true, nullptr,
-                                      kernel, grid_blocks_per_sm);
+                                      kernel, grid_blocks_per_sm, grid_sms);
   model_cuda::classifier_softmax_xent(d_logits_nograd.ptr, d_losses2.ptr, d_targets.ptr, rows, V, Vp, dloss, false,
-                                      nullptr, kernel, grid_blocks_per_sm);
+                                      nullptr, kernel, grid_blocks_per_sm, grid_sms);
   model_cuda::classifier_softmax_xent(d_again.ptr, d_losses3.ptr, d_targets.ptr, rows, V, Vp, dloss, true, nullptr,
-                                      kernel, grid_blocks_per_sm);
+                                      kernel, grid_blocks_per_sm, grid_sms);
   const auto grad = to_float(d_logits.get()), untouched = to_float(d_logits_nograd.get());
   const auto losses = d_losses.get(), losses2 = d_losses2.get(), losses3 = d_losses3.get();
   EXPECT_EQ(untouched, logits) << "without gradients the logits stay";
@@ -590,6 +590,19 @@ TEST_P(ClassifierTest, L2TwoPassKernelMatchesReferenceAndTwoPass) {
     for (size_t i = 0; i < grid.grad.size(); ++i)
       if (std::fabs(grid.grad[i] - two_pass.grad[i]) > 1e-6 + std::fabs(two_pass.grad[i]) / 128) ++far;
     EXPECT_EQ(far, 0u) << "gradient elements beyond one bf16 step of two_pass's";
+  }
+}
+
+// l2_two_pass on part of the device (the overlapped classifier gives it a few SMs and the
+// matmuls the rest): a block's arithmetic on a row does not depend on the grid, so 1, 3 and
+// 37 SMs (more rows per block) give the bits of the whole device's grid.
+TEST_P(ClassifierTest, L2TwoPassOnFewSmsGivesTheSameBits) {
+  const auto all = check_classifier(GetParam(), model_cuda::ClassifierKernel::l2_two_pass, 1, 0);
+  for (const int sms : {1, 3, 37}) {
+    SCOPED_TRACE("grid over " + std::to_string(sms) + " SMs");
+    const auto few = check_classifier(GetParam(), model_cuda::ClassifierKernel::l2_two_pass, 1, sms);
+    EXPECT_EQ(few.losses, all.losses);
+    EXPECT_EQ(few.grad, all.grad);
   }
 }
 
@@ -1044,6 +1057,10 @@ TEST(ModelCudaOpsTest, EntryPointsRejectBadArguments) {
                  std::exception)
         << blocks_per_sm << " blocks per SM";
   }
+  EXPECT_THROW(model_cuda::classifier_softmax_xent(logits.ptr, losses.ptr, targets.ptr, 1, 8, 16, 1.0f, true, nullptr,
+                                                   model_cuda::ClassifierKernel::l2_two_pass, 1, -1),
+               std::exception)
+      << "a negative SM count";
   Dev<float> x(64);
   Dev<bf16> y(64), ln(64);
   EXPECT_THROW(model_cuda::residual_layernorm_forward(x.ptr, ln.ptr, losses.ptr, losses.ptr, nullptr, y.ptr, x.ptr,

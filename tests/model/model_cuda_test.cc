@@ -418,6 +418,76 @@ TEST(ModelCudaTest, LayerNormBiasGradientsMatchTheMatmulPath) {
   }
 }
 
+// FLASHGPT_OVERLAP=1 (the classifier's softmax on a second stream beside the products, two
+// logits buffers) and =2 (also the backward's weight products and column sums there) against
+// one stream, deterministic mode, where the same plans run the same algorithms: the same
+// loss bits, gradient bits and forward_loss bits. 1 MiB logits chunks make 36 x 64 rows five
+// chunks (four of 512 rows and one of 256), so both buffers are reused; graphs and eager
+// launches both; a data-parallel hook (eager, the backward back on one stream) sees every
+// range final, as without overlap.
+TEST(ModelCudaTest, OverlapGivesTheSameBits) {
+  EnvGuard chunk("FLASHGPT_LOGITS_CHUNK_MB", "1");
+  for (const auto& [name, config] : test_models(0.1f)) {
+    SCOPED_TRACE(name);
+    const int64_t B = 36, T = config.context, V = config.vocab_size, P = model_param_count(config);
+    ASSERT_GT(B * T * config.padded_vocab_size * 2, int64_t{4} << 20) << "fewer than five chunks";
+    struct Run {
+      const char* overlap;
+      bool graphs, hook;
+    };
+    const Run runs[] = {{"0", true, false}, {"1", true, false}, {"2", true, false}, {"2", false, false},
+                        {"2", false, true}};
+    std::vector<std::vector<float>> grads;
+    std::vector<std::vector<double>> losses;
+    std::vector<float> reported(size_t(P), std::nanf(""));
+    for (const Run& run : runs) {
+      SCOPED_TRACE(std::string("overlap ") + run.overlap + (run.graphs ? " graphs" : " eager") +
+                   (run.hook ? " hook" : ""));
+      EnvGuard sw("FLASHGPT_OVERLAP", run.overlap);
+      ModelOptions options;
+      options.max_batch = B;
+      options.deterministic = true;
+      options.cuda_graph = run.graphs;
+      ::testing::internal::CaptureStderr();
+      auto gpu = gpt_create_cuda(config, options);
+      std::vector<float> params(static_cast<size_t>(P));
+      model_init_params(config, 1234, params);
+      gpu->params_set(params);
+      if (run.hook) {
+        GptModel* model = gpu.get();
+        gpu->grad_ready_hook_set([model, &reported](int64_t begin, int64_t end) {
+          const GptModel::FlatBuffers f = model->flat_buffers();
+          ASSERT_EQ(cudaStreamSynchronize(static_cast<cudaStream_t>(f.stream)), cudaSuccess);
+          ASSERT_EQ(cudaMemcpy(reported.data() + begin, f.grads + begin, size_t(end - begin) * sizeof(float),
+                               cudaMemcpyDeviceToHost),
+                    cudaSuccess);
+        });
+      }
+      losses.emplace_back();
+      gpu->grads_zero();
+      for (uint64_t micro = 1; micro <= 2; ++micro) {
+        losses.back().push_back(
+            gpu->forward_backward(random_windows(B, T, V, uint32_t(micro)), B, T, StepRng{7, micro}, 0.5f));
+      }
+      losses.back().push_back(gpu->forward_loss(random_windows(B, T, V, 3), B, T));
+      grads.emplace_back(size_t(P));
+      gpu->grads_get(grads.back());
+      const std::string err = ::testing::internal::GetCapturedStderr();
+      EXPECT_EQ(err.find("capture failed"), std::string::npos) << err;
+    }
+    for (size_t r = 1; r < grads.size(); ++r) {
+      SCOPED_TRACE("run " + std::to_string(r));
+      for (size_t i = 0; i < losses[0].size(); ++i) {
+        EXPECT_EQ(std::memcmp(&losses[0][i], &losses[r][i], sizeof(double)), 0)
+            << "loss " << i << ": " << losses[r][i] << " against " << losses[0][i];
+      }
+      EXPECT_EQ(std::memcmp(grads[0].data(), grads[r].data(), size_t(P) * sizeof(float)), 0);
+    }
+    EXPECT_EQ(std::memcmp(reported.data(), grads.back().data(), size_t(P) * sizeof(float)), 0)
+        << "a range was reported before its gradient was final";
+  }
+}
+
 TEST(ModelCudaTest, StepsAllocateNoDeviceMemory) {
   const ModelConfig config = test_models(0.1f)[1].config;
   const int64_t B = 4, T = config.context, V = config.vocab_size;
