@@ -24,7 +24,8 @@
 #               batch 1, 8 and 64 against the fused one (docs/generate.md)
 #   overlap     (about 420 s) FLASHGPT_OVERLAP (a second stream for the classifier's softmax, then
 #               also the backward's weight products): its tests and memcheck, the seed step at
-#               0, 1 (OVERLAP_SMS, softmax multiprocessors) and 2 (both backward priorities),
+#               0, 1 (OVERLAP_SMS, softmax multiprocessors; and the products planned for 100) and 2
+#               (both backward priorities),
 #               interleaved, and torch.compile beside OVERLAP_BEST (docs/model_gpu.md, v9)
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
 # (decode.txt, bwd_table.md, dq_fused.md, profile.txt, ovl.md) and pending_logs.tgz.
@@ -125,7 +126,7 @@ PY
       OUT=$OUT/attnproj DEADLINE=185 bash "$R/bench/generate/run_gpu_attnproj.sh" "$B" >"$L/attnproj.log" 2>&1 || status=1
       grep -E '^(==|\|)' "$L/attnproj.log" | tee -a "$S" ;;
     overlap)
-      step overlap_tests 90 "$B/model_cuda_test" --gtest_filter='*Overlap*:*GraphReplay*:*Deterministic*'
+      step overlap_tests 90 "$B/model_cuda_test" --gtest_filter='*Overlap*'
       step overlap_all_tests 90 env FLASHGPT_OVERLAP=2 "$B/model_cuda_test"
       step overlap_ops_tests 60 "$B/model_cuda_ops_test" --gtest_filter='*Classifier*'
       seed=(bench train --vocab 100277 --batch 64 --context 512 --warmup 3 --steps 10)
@@ -134,6 +135,7 @@ PY
         for sms in ${OVERLAP_SMS:-16 32 48}; do
           step "seed_o1_s${sms}_r$round" 40 env FLASHGPT_OVERLAP=1 FLASHGPT_OVERLAP_SOFTMAX_SMS=$sms "$B/flashgpt" "${seed[@]}"
         done
+        step "seed_o1_s32_g100_r$round" 40 env FLASHGPT_OVERLAP=1 FLASHGPT_OVERLAP_GEMM_SMS=100 "$B/flashgpt" "${seed[@]}"
         for prio in low high; do
           step "seed_o2_${prio}_r$round" 40 env FLASHGPT_OVERLAP=2 FLASHGPT_OVERLAP_BWD_PRIORITY=$prio "$B/flashgpt" "${seed[@]}"
         done

@@ -122,6 +122,19 @@ int env_overlap() {
   return value[0] - '0';
 }
 
+// FLASHGPT_OVERLAP_GEMM_SMS (0, the default: unset): with overlap, the classifier's products
+// come from plans made for that many multiprocessors (cuBLASLt's SM_COUNT_TARGET), for
+// algorithms that would otherwise hold every multiprocessor while the softmax waits.
+int env_overlap_gemm_sms() {
+  const char* value = std::getenv("FLASHGPT_OVERLAP_GEMM_SMS");
+  if (value == nullptr || *value == '\0') return 0;
+  char* end = nullptr;
+  const long sms = std::strtol(value, &end, 10);
+  FLASHGPT_CHECK(end != value && *end == '\0' && sms >= 0 && sms <= 1024,
+                 "FLASHGPT_OVERLAP_GEMM_SMS must be a number of multiprocessors in [0, 1024], got '{}'", value);
+  return static_cast<int>(sms);
+}
+
 bool env_overlap_bwd_high() {
   const char* value = std::getenv("FLASHGPT_OVERLAP_BWD_PRIORITY");
   if (value == nullptr || *value == '\0') return kOverlapBwdHighDefault;
@@ -324,6 +337,7 @@ class GptCuda final : public GptModel {
   cudaStream_t side_ = nullptr;      // the classifier's softmax
   cudaStream_t bwd_side_ = nullptr;  // the backward's weight products and column sums
   std::unique_ptr<model_cuda::Matmul> side_matmul_;
+  std::unique_ptr<model_cuda::Matmul> classifier_matmul_;  // FLASHGPT_OVERLAP_GEMM_SMS only
   enum OverlapEvent { kHandOver, kSoftmaxDone0, kSoftmaxDone1, kDyRead, kDpreFree, kDqkvFree, kOverlapEvents };
   cudaEvent_t overlap_events_[kOverlapEvents] = {};
   // `to` waits for the work enqueued on `from` so far.
@@ -576,7 +590,7 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
                  "gpt_create_cuda: the AdamW moment range [{}, {}) is not a range of the {} parameters", adam_begin_,
                  adam_end_, P_);
   const size_t needed = device_bytes_ + size_t(2 * (adam_end_ - adam_begin_)) * sizeof(float) +
-                        (overlap_ >= 1 ? 2 : 1) * kCublasWorkspaceBytes;
+                        (overlap_ >= 1 ? 3 : 1) * kCublasWorkspaceBytes;
   FLASHGPT_CHECK(needed + (size_t{256} << 20) <= free_bytes,
                  "gpt_create_cuda: batch {} x context {} of this model needs {:.2f} GiB of GPU memory, but only {:.2f} "
                  "GiB of {:.2f} GiB are free; lower the batch size",
@@ -606,6 +620,10 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
     FLASHGPT_CUDA_CHECK(cudaStreamCreateWithPriority(&side_, cudaStreamNonBlocking, greatest));
     FLASHGPT_CUDA_CHECK(cudaStreamCreateWithPriority(&bwd_side_, cudaStreamNonBlocking, bwd_high ? greatest : least));
     side_matmul_ = std::make_unique<model_cuda::Matmul>(kCublasWorkspaceBytes, options_.deterministic);
+    if (const int sms = env_overlap_gemm_sms(); sms > 0) {  // shares matmul_'s stream, so a workspace of its own
+      classifier_matmul_ = std::make_unique<model_cuda::Matmul>(kCublasWorkspaceBytes, options_.deterministic);
+      classifier_matmul_->set_sm_count_target(sms);
+    }
     for (auto& e : overlap_events_) FLASHGPT_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   }
   matmul_ = std::make_unique<model_cuda::Matmul>(kCublasWorkspaceBytes, options_.deterministic);
@@ -695,6 +713,7 @@ GptCuda::~GptCuda() {
   }
   matmul_.reset();
   side_matmul_.reset();
+  classifier_matmul_.reset();
   for (auto& e : overlap_events_) {
     if (e) cudaEventDestroy(e);
   }
@@ -911,8 +930,9 @@ void GptCuda::classifier(int64_t N, bool with_grad, float loss_scale) {
   const auto first_row = [&](int64_t c) { return c * chunk_rows_; };
   const auto rows_of = [&](int64_t c) { return std::min(chunk_rows_, N - first_row(c)); };
   const auto logits_of = [&](int64_t c) { return overlap && c % 2 == 1 ? logits_odd_ : logits_; };
+  model_cuda::Matmul& products = overlap && classifier_matmul_ ? *classifier_matmul_ : *matmul_;
   const auto logits = [&](int64_t c) {
-    matmul_->forward(logits_of(c), lnf_ + first_row(c) * C_, weight(ParamKind::wte), rows_of(c), C_, Vp_,
+    products.forward(logits_of(c), lnf_ + first_row(c) * C_, weight(ParamKind::wte), rows_of(c), C_, Vp_,
                      Epilogue::none, nullptr, nullptr, stream_);
     mark("mm logits");
   };
@@ -924,10 +944,10 @@ void GptCuda::classifier(int64_t N, bool with_grad, float loss_scale) {
   };
   // dlnf (rows, C) = dlogits (rows, Vp) wte (Vp, C); dwte += dlogits^T lnf.
   const auto grads = [&](int64_t c) {
-    matmul_->backward_input(dln_ + first_row(c) * C_, logits_of(c), weight(ParamKind::wte), rows_of(c), C_, Vp_,
+    products.backward_input(dln_ + first_row(c) * C_, logits_of(c), weight(ParamKind::wte), rows_of(c), C_, Vp_,
                             Epilogue::none, nullptr, stream_);
     mark("mm dlnf");
-    matmul_->backward_weight(grad(ParamKind::wte), logits_of(c), lnf_ + first_row(c) * C_, rows_of(c), C_, Vp_,
+    products.backward_weight(grad(ParamKind::wte), logits_of(c), lnf_ + first_row(c) * C_, rows_of(c), C_, Vp_,
                              stream_);
     mark("mm dwte");
   };
@@ -1237,7 +1257,8 @@ GptCuda::StepGraph* GptCuda::step_graph(int64_t B, int64_t T, float loss_scale) 
   const auto tune_pending = [&] {
     const bool main_changed = matmul_->tune_pending(stream_);
     const bool side_changed = side_matmul_ != nullptr && side_matmul_->tune_pending(stream_);
-    return main_changed || side_changed;
+    const bool classifier_changed = classifier_matmul_ != nullptr && classifier_matmul_->tune_pending(stream_);
+    return main_changed || side_changed || classifier_changed;
   };
   if (g.forward != nullptr && g.backward != nullptr && tune_pending()) {
     cudaGraphExecDestroy(g.forward);

@@ -159,6 +159,11 @@ bool Matmul::run(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, co
     MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
     const cublasLtEpilogue_t epi = epilogue_of(epilogue);
     MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epi, sizeof(epi)));
+    if (sm_count_target_ > 0) {
+      const int32_t target = sm_count_target_;
+      MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_SM_COUNT_TARGET, &target,
+                                                        sizeof(target)));
+    }
     const cudaDataType_t bf16_type = CUDA_R_16BF, f32_type = CUDA_R_32F;
     if (epilogue == Epilogue::bias || epilogue == Epilogue::gelu_aux_bias) {
       MODEL_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bf16_type,

@@ -70,6 +70,9 @@ class Matmul {
   // Autotuning for this instance (default: FLASHGPT_MATMUL_AUTOTUNE); inactive in
   // deterministic mode whatever this says. Plans made before the call keep their algorithm.
   void set_autotune(bool on) { autotune_ = on; }
+  // cuBLASLt's SM_COUNT_TARGET for the plans made after the call (0: the device's count):
+  // algorithms chosen for that many multiprocessors, where another stream runs beside.
+  void set_sm_count_target(int sms) { sm_count_target_ = sms; }
   // Times the plans made while their stream was capturing (they run heuristic #0 so far) on
   // `stream`, which must not be capturing, with the input pointers (A, B, a forward bias,
   // dgelu's aux) their first call was given: those must still hold valid memory. Returns
@@ -96,6 +99,7 @@ class Matmul {
   bool deterministic_ = false;
   bool last_bias_bf16_ = false;  // the bias type of the last optional epilogue run
   bool autotune_ = false;
+  int sm_count_target_ = 0;
   int tuned_plans_ = 0;
   std::vector<Plan*> pending_;  // made while capturing, not yet tuned (owned by plans_)
 
