@@ -122,18 +122,27 @@ int env_overlap() {
   return value[0] - '0';
 }
 
+// A number of multiprocessors from the environment variable `name`, in [lowest, 1024];
+// `fallback` where it is unset or empty.
+int env_sm_count(const char* name, int lowest, int fallback) {
+  const char* value = std::getenv(name);
+  if (value == nullptr || *value == '\0') return fallback;
+  char* end = nullptr;
+  const long sms = std::strtol(value, &end, 10);
+  FLASHGPT_CHECK(end != value && *end == '\0' && sms >= lowest && sms <= 1024,
+                 "{} must be a number of multiprocessors in [{}, 1024], got '{}'", name, lowest, value);
+  return static_cast<int>(sms);
+}
+
+// FLASHGPT_OVERLAP_SOFTMAX_SMS: the multiprocessors of the overlapped softmax's grid.
+int env_overlap_softmax_sms() {
+  return env_sm_count("FLASHGPT_OVERLAP_SOFTMAX_SMS", 1, kOverlapSoftmaxSmsDefault);
+}
+
 // FLASHGPT_OVERLAP_GEMM_SMS (0, the default: unset): with overlap, the classifier's products
 // come from plans made for that many multiprocessors (cuBLASLt's SM_COUNT_TARGET), for
 // algorithms that would otherwise hold every multiprocessor while the softmax waits.
-int env_overlap_gemm_sms() {
-  const char* value = std::getenv("FLASHGPT_OVERLAP_GEMM_SMS");
-  if (value == nullptr || *value == '\0') return 0;
-  char* end = nullptr;
-  const long sms = std::strtol(value, &end, 10);
-  FLASHGPT_CHECK(end != value && *end == '\0' && sms >= 0 && sms <= 1024,
-                 "FLASHGPT_OVERLAP_GEMM_SMS must be a number of multiprocessors in [0, 1024], got '{}'", value);
-  return static_cast<int>(sms);
-}
+int env_overlap_gemm_sms() { return env_sm_count("FLASHGPT_OVERLAP_GEMM_SMS", 0, 0); }
 
 bool env_overlap_bwd_high() {
   const char* value = std::getenv("FLASHGPT_OVERLAP_BWD_PRIORITY");
@@ -141,16 +150,6 @@ bool env_overlap_bwd_high() {
   FLASHGPT_CHECK(std::strcmp(value, "low") == 0 || std::strcmp(value, "high") == 0,
                  "FLASHGPT_OVERLAP_BWD_PRIORITY must be low or high, got '{}'", value);
   return std::strcmp(value, "high") == 0;
-}
-
-int env_overlap_softmax_sms() {
-  const char* value = std::getenv("FLASHGPT_OVERLAP_SOFTMAX_SMS");
-  if (value == nullptr || *value == '\0') return kOverlapSoftmaxSmsDefault;
-  char* end = nullptr;
-  const long sms = std::strtol(value, &end, 10);
-  FLASHGPT_CHECK(end != value && *end == '\0' && sms >= 1 && sms <= 1024,
-                 "FLASHGPT_OVERLAP_SOFTMAX_SMS must be a number of multiprocessors in [1, 1024], got '{}'", value);
-  return static_cast<int>(sms);
 }
 
 int env_classifier_grid() {

@@ -332,6 +332,20 @@ class EnvGuard {
   std::string old_;
 };
 
+// A data-parallel hook that copies each range of the gradients into `reported` when the
+// model says it is final (after waiting for the model's stream), so that a test can check
+// that it was.
+void record_reported_gradients(GptModel& model, std::vector<float>& reported) {
+  GptModel* m = &model;
+  model.grad_ready_hook_set([m, &reported](int64_t begin, int64_t end) {
+    const GptModel::FlatBuffers f = m->flat_buffers();
+    ASSERT_EQ(cudaStreamSynchronize(static_cast<cudaStream_t>(f.stream)), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(reported.data() + begin, f.grads + begin, size_t(end - begin) * sizeof(float),
+                         cudaMemcpyDeviceToHost),
+              cudaSuccess);
+  });
+}
+
 // FLASHGPT_LN_BIAS_GRAD=1 (the LayerNorm backward sums fc_proj_b's and attn_proj_b's
 // gradients, the two dW matmuls run without BGRADB) against the switch off, two dropout
 // micro-batches accumulated: the same loss bits; fc_proj_b and attn_proj_b equal within fp32
@@ -360,16 +374,7 @@ TEST(ModelCudaTest, LayerNormBiasGradientsMatchTheMatmulPath) {
         std::vector<float> params(static_cast<size_t>(P));
         model_init_params(config, 1234, params);
         gpu->params_set(params);
-        if (run == 3) {
-          GptModel* model = gpu.get();
-          gpu->grad_ready_hook_set([model, &reported](int64_t begin, int64_t end) {
-            const GptModel::FlatBuffers f = model->flat_buffers();
-            ASSERT_EQ(cudaStreamSynchronize(static_cast<cudaStream_t>(f.stream)), cudaSuccess);
-            ASSERT_EQ(cudaMemcpy(reported.data() + begin, f.grads + begin, size_t(end - begin) * sizeof(float),
-                                 cudaMemcpyDeviceToHost),
-                      cudaSuccess);
-          });
-        }
+        if (run == 3) record_reported_gradients(*gpu, reported);
         gpu->grads_zero();
         for (uint64_t micro = 1; micro <= 2; ++micro) {
           losses[size_t(run)].push_back(
@@ -453,16 +458,7 @@ TEST(ModelCudaTest, OverlapGivesTheSameBits) {
       std::vector<float> params(static_cast<size_t>(P));
       model_init_params(config, 1234, params);
       gpu->params_set(params);
-      if (run.hook) {
-        GptModel* model = gpu.get();
-        gpu->grad_ready_hook_set([model, &reported](int64_t begin, int64_t end) {
-          const GptModel::FlatBuffers f = model->flat_buffers();
-          ASSERT_EQ(cudaStreamSynchronize(static_cast<cudaStream_t>(f.stream)), cudaSuccess);
-          ASSERT_EQ(cudaMemcpy(reported.data() + begin, f.grads + begin, size_t(end - begin) * sizeof(float),
-                               cudaMemcpyDeviceToHost),
-                    cudaSuccess);
-        });
-      }
+      if (run.hook) record_reported_gradients(*gpu, reported);
       losses.emplace_back();
       gpu->grads_zero();
       for (uint64_t micro = 1; micro <= 2; ++micro) {
