@@ -125,24 +125,26 @@ PY
     attnproj)
       OUT=$OUT/attnproj DEADLINE=185 bash "$R/bench/generate/run_gpu_attnproj.sh" "$B" >"$L/attnproj.log" 2>&1 || status=1
       grep -E '^(==|\|)' "$L/attnproj.log" | tee -a "$S" ;;
-    overlap)
+    overlap)  # in order of need, so that a call cut short still brings back the first steps
       step overlap_tests 90 "$B/model_cuda_test" --gtest_filter='*Overlap*'
       step overlap_all_tests 90 env FLASHGPT_OVERLAP=2 "$B/model_cuda_test"
       step overlap_ops_tests 60 "$B/model_cuda_ops_test" --gtest_filter='*Classifier*'
       seed=(bench train --vocab 100277 --batch 64 --context 512 --warmup 3 --steps 10)
-      for round in 1 2; do
-        step "seed_o0_r$round" 40 "$B/flashgpt" "${seed[@]}"
-        for sms in ${OVERLAP_SMS:-16 32 48}; do
-          step "seed_o1_s${sms}_r$round" 40 env FLASHGPT_OVERLAP=1 FLASHGPT_OVERLAP_SOFTMAX_SMS=$sms "$B/flashgpt" "${seed[@]}"
+      variants() {  # round
+        step "seed_o0_r$1" 40 "$B/flashgpt" "${seed[@]}"
+        for sms in ${OVERLAP_SMS:-16 48}; do
+          step "seed_o1_s${sms}_r$1" 40 env FLASHGPT_OVERLAP=1 FLASHGPT_OVERLAP_SOFTMAX_SMS=$sms "$B/flashgpt" "${seed[@]}"
         done
-        step "seed_o1_s32_g100_r$round" 40 env FLASHGPT_OVERLAP=1 FLASHGPT_OVERLAP_GEMM_SMS=100 "$B/flashgpt" "${seed[@]}"
+        step "seed_o1_s32_g100_r$1" 40 env FLASHGPT_OVERLAP=1 FLASHGPT_OVERLAP_GEMM_SMS=100 "$B/flashgpt" "${seed[@]}"
         for prio in low high; do
-          step "seed_o2_${prio}_r$round" 40 env FLASHGPT_OVERLAP=2 FLASHGPT_OVERLAP_BWD_PRIORITY=$prio "$B/flashgpt" "${seed[@]}"
+          step "seed_o2_${prio}_r$1" 40 env FLASHGPT_OVERLAP=2 FLASHGPT_OVERLAP_BWD_PRIORITY=$prio "$B/flashgpt" "${seed[@]}"
         done
-      done
+      }
+      variants 1
       step torch_compile 130 env ${OVERLAP_BEST:-FLASHGPT_OVERLAP=2} python3 "$R/bench/model/torch_gpt.py" \
         --flashgpt "$B/flashgpt" --vocab 100277 --skip-eager --out "$L/torch_compile.json"
       sed -n '/^seed preset/,$p' "$L/torch_compile.log" | tee -a "$S"
+      variants 2
       step overlap_memcheck 120 env FLASHGPT_OVERLAP=2 compute-sanitizer --tool memcheck --error-exitcode 9 \
         "$B/model_cuda_test" --gtest_filter='*OverlapGivesTheSameBits*' ;;
     *) echo "unknown part '$part' (decode, attn_tests, attn_bench, ovl, switches, fixes, engine, attnproj, overlap)"; status=1 ;;
