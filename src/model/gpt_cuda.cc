@@ -265,7 +265,7 @@ class GptCuda final : public GptModel {
   void backward(int64_t B, int64_t T, StepRng rng);
   // dW (out, in) += dy^T x and the bias gradient (out) of layer l: cuBLASLt's BGRADB
   // epilogue into dbias_slot() where it has one (fast mode), else column_sum into the gradient.
-  // Both run on `lane`: stream_ with matmul_, or side_ with side_matmul_ (FLASHGPT_OVERLAP=2).
+  // Both run on `lane`: stream_ with matmul_, or bwd_side_ with side_matmul_ (FLASHGPT_OVERLAP=2).
   struct Lane {
     cudaStream_t stream;
     model_cuda::Matmul* matmul;
@@ -328,8 +328,8 @@ class GptCuda final : public GptModel {
 
   cudaStream_t stream_ = nullptr;
   std::unique_ptr<model_cuda::Matmul> matmul_;
-  // FLASHGPT_OVERLAP (above): the second stream, its own cuBLASLt workspace and plans, and
-  // the events between the two. A hand-over (record, then wait at once) may reuse
+  // FLASHGPT_OVERLAP (above): the other streams, their own cuBLASLt workspaces and plans,
+  // and the events between the streams. A hand-over (record, then wait at once) may reuse
   // kHandOver; a wait deferred past later records needs its own event.
   int overlap_ = 0;
   int overlap_softmax_sms_ = kOverlapSoftmaxSmsDefault;
@@ -1018,7 +1018,7 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
       if (fused_bias_[i] != model_cuda::Matmul::BiasGrad::none) mark("bias grad add");
     }
   };
-  // FLASHGPT_OVERLAP=2: the weight products and column sums (lane `off`) on side_, each after
+  // FLASHGPT_OVERLAP=2: the weight products and column sums (lane `off`) on bwd_side_, each after
   // a hand-over of its inputs; stream_ waits before it overwrites what they read: dy_ (kDyRead),
   // dpre_ (kDpreFree, a layer later) and dqkv_ (kDqkvFree, a layer later).
   const bool overlap = overlap_ >= 2 && !report;
