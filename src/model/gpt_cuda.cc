@@ -103,46 +103,33 @@ constexpr int kClassifierGridDefault = 1;
 // second stream, its persistent grid on FLASHGPT_OVERLAP_SOFTMAX_SMS multiprocessors, while
 // the first runs the products of chunks c - 1 and c + 1 (compute-bound) on the rest; two
 // logits buffers. 2: also the backward's weight products and bias column sums, which nothing
-// on the critical path reads, on the second stream beside the input products, the LayerNorm
+// on the critical path reads, on a third stream beside the input products, the LayerNorm
 // and attention backwards. Same kernels and arithmetic, so the same bits as 0 where the
 // matmul plans pick the same algorithms (always in deterministic mode). Off while profiling
 // (the per-op events time one stream) and in steps with a data-parallel hook.
-// The backward's second stream runs below stream_'s priority (the critical path first) unless
+// The backward's stream runs below stream_'s priority (the critical path first) unless
 // FLASHGPT_OVERLAP_BWD_PRIORITY=high puts it above.
 constexpr int kOverlapDefault = 0;
 constexpr int kOverlapSoftmaxSmsDefault = 32;
 constexpr bool kOverlapBwdHighDefault = false;
 
 int env_overlap() {
-  const char* value = std::getenv("FLASHGPT_OVERLAP");
-  if (value == nullptr || *value == '\0') return kOverlapDefault;
-  const bool valid = std::strcmp(value, "0") == 0 || std::strcmp(value, "1") == 0 || std::strcmp(value, "2") == 0;
-  FLASHGPT_CHECK(valid, "FLASHGPT_OVERLAP must be 0 (one stream), 1 (classifier) or 2 (classifier and backward), "
-                        "got '{}'", value);
-  return value[0] - '0';
-}
-
-// A number of multiprocessors from the environment variable `name`, in [lowest, 1024];
-// `fallback` where it is unset or empty.
-int env_sm_count(const char* name, int lowest, int fallback) {
-  const char* value = std::getenv(name);
-  if (value == nullptr || *value == '\0') return fallback;
-  char* end = nullptr;
-  const long sms = std::strtol(value, &end, 10);
-  FLASHGPT_CHECK(end != value && *end == '\0' && sms >= lowest && sms <= 1024,
-                 "{} must be a number of multiprocessors in [{}, 1024], got '{}'", name, lowest, value);
-  return static_cast<int>(sms);
+  return model_cuda::env_int("FLASHGPT_OVERLAP", 0, 2, kOverlapDefault,
+                             "0 (one stream), 1 (classifier) or 2 (classifier and backward)");
 }
 
 // FLASHGPT_OVERLAP_SOFTMAX_SMS: the multiprocessors of the overlapped softmax's grid.
 int env_overlap_softmax_sms() {
-  return env_sm_count("FLASHGPT_OVERLAP_SOFTMAX_SMS", 1, kOverlapSoftmaxSmsDefault);
+  return model_cuda::env_int("FLASHGPT_OVERLAP_SOFTMAX_SMS", 1, 1024, kOverlapSoftmaxSmsDefault,
+                             "a number of multiprocessors");
 }
 
 // FLASHGPT_OVERLAP_GEMM_SMS (0, the default: unset): with overlap, the classifier's products
 // come from plans made for that many multiprocessors (cuBLASLt's SM_COUNT_TARGET), for
 // algorithms that would otherwise hold every multiprocessor while the softmax waits.
-int env_overlap_gemm_sms() { return env_sm_count("FLASHGPT_OVERLAP_GEMM_SMS", 0, 0); }
+int env_overlap_gemm_sms() {
+  return model_cuda::env_int("FLASHGPT_OVERLAP_GEMM_SMS", 0, 1024, 0, "a number of multiprocessors");
+}
 
 bool env_overlap_bwd_high() {
   const char* value = std::getenv("FLASHGPT_OVERLAP_BWD_PRIORITY");
@@ -563,6 +550,7 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
   profile_ = profile != nullptr && std::strcmp(profile, "1") == 0;
   overlap_ = profile_ ? 0 : env_overlap();
   overlap_softmax_sms_ = env_overlap_softmax_sms();
+  const int overlap_gemm_sms = overlap_ >= 1 ? env_overlap_gemm_sms() : 0;
 
   // Sizes of the workspaces.
   const int64_t rows_total = n_max_;
@@ -589,7 +577,7 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
                  "gpt_create_cuda: the AdamW moment range [{}, {}) is not a range of the {} parameters", adam_begin_,
                  adam_end_, P_);
   const size_t needed = device_bytes_ + size_t(2 * (adam_end_ - adam_begin_)) * sizeof(float) +
-                        (overlap_ >= 1 ? 3 : 1) * kCublasWorkspaceBytes;
+                        (1 + (overlap_ >= 1) + (overlap_gemm_sms > 0)) * kCublasWorkspaceBytes;  // Matmul instances
   FLASHGPT_CHECK(needed + (size_t{256} << 20) <= free_bytes,
                  "gpt_create_cuda: batch {} x context {} of this model needs {:.2f} GiB of GPU memory, but only {:.2f} "
                  "GiB of {:.2f} GiB are free; lower the batch size",
@@ -619,9 +607,9 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
     FLASHGPT_CUDA_CHECK(cudaStreamCreateWithPriority(&side_, cudaStreamNonBlocking, greatest));
     FLASHGPT_CUDA_CHECK(cudaStreamCreateWithPriority(&bwd_side_, cudaStreamNonBlocking, bwd_high ? greatest : least));
     side_matmul_ = std::make_unique<model_cuda::Matmul>(kCublasWorkspaceBytes, options_.deterministic);
-    if (const int sms = env_overlap_gemm_sms(); sms > 0) {  // shares matmul_'s stream, so a workspace of its own
+    if (overlap_gemm_sms > 0) {
       classifier_matmul_ = std::make_unique<model_cuda::Matmul>(kCublasWorkspaceBytes, options_.deterministic);
-      classifier_matmul_->set_sm_count_target(sms);
+      classifier_matmul_->set_sm_count_target(overlap_gemm_sms);
     }
     for (auto& e : overlap_events_) FLASHGPT_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
   }
