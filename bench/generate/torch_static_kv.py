@@ -60,6 +60,14 @@ def bench(W, B, prompt, new, compiled):
     dev = "cuda"
     kc = [torch.zeros(B, NH, T, HD, device=dev, dtype=torch.bfloat16) for _ in range(L)]
     vc = [torch.zeros_like(t) for t in kc]
+    if compiled:
+        # The caches are written in place every step. Without a fixed address Inductor skips
+        # CUDA graphs ("mutated inputs"); a static address lets the graph write them as they are
+        # (what transformers' StaticCache does). The weights are plain tensors, not parameters:
+        # marked static too, so that a replay does not first copy them into the graph's inputs.
+        weights = [W["wte"], W["wpe"], W["lnf_w"], W["lnf_b"]] + [t for p in W["layers"] for t in p.values()]
+        for t in kc + vc + weights:
+            torch._dynamo.mark_static_address(t)
     step = torch.compile(forward, mode="reduce-overhead", fullgraph=True) if compiled else forward
     tokens = torch.randint(0, V, (B, prompt), device=dev)
     with torch.no_grad():

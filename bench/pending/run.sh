@@ -27,6 +27,8 @@
 #               0, 1 (OVERLAP_SMS, softmax multiprocessors; and the products planned for 100) and 2
 #               (both backward priorities),
 #               interleaved, and torch.compile beside OVERLAP_BEST (docs/model_gpu.md, v9)
+#   torchdecode (about 200 s) the seed decode at batch 1 and 64 and the 512-token prefill beside
+#               bench/generate/torch_static_kv.py, eager and torch.compile with CUDA graphs
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
 # (decode.txt, bwd_table.md, dq_fused.md, profile.txt, ovl.md) and pending_logs.tgz.
 set -uo pipefail
@@ -147,7 +149,12 @@ PY
       variants 2
       step overlap_memcheck 120 env FLASHGPT_OVERLAP=2 compute-sanitizer --tool memcheck --error-exitcode 9 \
         "$B/model_cuda_test" --gtest_filter='*OverlapGivesTheSameBits*' ;;
-    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, ovl, switches, fixes, engine, attnproj, overlap)"; status=1 ;;
+    torchdecode)  # our seed decode beside the PyTorch static-cache loop, eager and compiled
+      step torch_decode 240 python3 "$R/bench/generate/torch_static_kv.py" --flashgpt "$B/flashgpt" \
+        --batches 1,64 --out "$OUT/torch_decode.json"
+      grep -E '^(\||batch|prefill|torch)' "$L/torch_decode.log" | tee -a "$S" ;;
+    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, ovl, switches, fixes, engine, attnproj, overlap," \
+         "torchdecode)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done
