@@ -29,6 +29,9 @@
 #               interleaved, and torch.compile beside OVERLAP_BEST (docs/model_gpu.md, v9)
 #   torchdecode (about 200 s) the seed decode at batch 1 and 64 and the 512-token prefill beside
 #               bench/generate/torch_static_kv.py, eager and torch.compile with CUDA graphs
+#   decodefix   (about 250 s) FLASHGPT_DECODE_LN_LOADS_FIRST and FLASHGPT_DECODE_KEY_GROUP (the
+#               batch-64 decode's LayerNorm and attention latency chains): their kernel tests,
+#               the engine tests with both on, batch 64 and 1 A/B twice, torch.compile beside
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
 # (decode.txt, bwd_table.md, dq_fused.md, profile.txt, ovl.md) and pending_logs.tgz.
 set -uo pipefail
@@ -153,8 +156,28 @@ PY
       step torch_decode 240 python3 "$R/bench/generate/torch_static_kv.py" --flashgpt "$B/flashgpt" \
         --batches 1,64 --out "$OUT/torch_decode.json"
       grep -E '^(\||batch|prefill|torch)' "$L/torch_decode.log" | tee -a "$S" ;;
+    decodefix)  # the batched decode's two latency fixes: their tests, then A/B at batch 64 and 1
+      step decodefix_kernels 90 "$B/generate_inference_cuda_test" --gtest_filter='*ResidualLayerNorm*:*AttentionDecodeCuda*'
+      step decodefix_engine 120 env FLASHGPT_DECODE_LN_LOADS_FIRST=1 FLASHGPT_DECODE_KEY_GROUP=8 \
+        "$B/generate_inference_cuda_test" --gtest_filter='InferenceCuda.*:-*Persistent*'
+      for r in 1 2; do
+        for v in "default 64" "ln 64 FLASHGPT_DECODE_LN_LOADS_FIRST=1" "kg8 64 FLASHGPT_DECODE_KEY_GROUP=8" \
+                 "kg16 64 FLASHGPT_DECODE_KEY_GROUP=16" \
+                 "ln_kg8 64 FLASHGPT_DECODE_LN_LOADS_FIRST=1 FLASHGPT_DECODE_KEY_GROUP=8" "default 1" \
+                 "ln_kg8 1 FLASHGPT_DECODE_LN_LOADS_FIRST=1 FLASHGPT_DECODE_KEY_GROUP=8"; do
+          set -- $v
+          step "decodefix_$1_b$2_r$r" 40 env "${@:3}" "$B/flashgpt" bench generate --device cuda --preset seed \
+            --batch "$2" --prompt-tokens 128 --new-tokens 256
+          grep -ohE '[0-9.]+ tokens/s \([0-9.]+ ms/step|measured [0-9.]+%' "$L/decodefix_$1_b$2_r$r.log" | tr '\n' ' ' |
+            tee -a "$S"; echo | tee -a "$S"
+        done
+      done
+      step decodefix_torch 150 env FLASHGPT_DECODE_LN_LOADS_FIRST=1 FLASHGPT_DECODE_KEY_GROUP=8 \
+        python3 "$R/bench/generate/torch_static_kv.py" --flashgpt "$B/flashgpt" --batches 1,64 \
+        --out "$OUT/torch_decode_fix.json"
+      grep -E '^(\||batch|prefill|torch)' "$L/decodefix_torch.log" | tee -a "$S" ;;
     *) echo "unknown part '$part' (decode, attn_tests, attn_bench, ovl, switches, fixes, engine, attnproj, overlap," \
-         "torchdecode)"; status=1 ;;
+         "torchdecode, decodefix)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done

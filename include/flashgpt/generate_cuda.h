@@ -37,6 +37,9 @@ struct DecodeAttentionCudaParams {
   // the stream with griddepcontrol.wait before reading q or the cache; q_rows, slots and
   // lengths are read before that wait, so no kernel still running may write them).
   bool programmatic = false;
+  // Keys a warp loads before it uses the first: 4, 8 or 16; 0 takes FLASHGPT_DECODE_KEY_GROUP
+  // (default 4). The same bits either way: only how many loads are in flight changes.
+  int key_group = 0;
 };
 
 size_t attention_decode_cuda_partial_floats(int rows, int heads, int head_dim, int max_length, int keys_per_split);

@@ -73,6 +73,11 @@ __global__ void embed_kernel(float* x, const TokenPlace* places, const float* wt
 // One warp per row; the row is held in registers (C <= 32 * 64).
 constexpr int kLnMaxPerLane = 64;
 
+// kPer > 0 (FLASHGPT_DECODE_LN_LOADS_FIRST=1): a lane's kPer >= C / 32 columns are all loaded,
+// as predicated loads with no branch between them, before the first add, so a warp waits
+// for one round trip to memory instead of one per column; the same bits as kPer = 0 (a
+// branch per column; the default until timed).
+template <int kPer>
 __global__ void residual_layernorm_kernel(float* x, const bf16* y, const float* bias, const float* w, const float* b,
                                           bf16* h, const int32_t* row_index, int rows, int C, bool write_x) {
   const int n = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -80,32 +85,72 @@ __global__ void residual_layernorm_kernel(float* x, const bf16* y, const float* 
   if (n >= rows) return;
   const int64_t r = row_index ? row_index[n] : n;
   float* xr = x + r * C;
-  float vals[kLnMaxPerLane];
+  float vals[kPer > 0 ? kPer : kLnMaxPerLane];
   float sum = 0.0f;
+  if constexpr (kPer > 0) {
+    float add[kPer];
 #pragma unroll
-  for (int i = 0; i < kLnMaxPerLane; ++i) {
-    const int c = lane + 32 * i;
-    if (c < C) {
-      float v = xr[c];
-      if (y) v += __bfloat162float(y[r * C + c]) + bias[c];
-      vals[i] = v;
-      sum += v;
+    for (int i = 0; i < kPer; ++i) {
+      const int c = lane + 32 * i;
+      vals[i] = c < C ? xr[c] : 0.0f;
+    }
+    if (y) {
+      const bf16* yr = y + r * C;
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) {
+        const int c = lane + 32 * i;
+        add[i] = c < C ? __bfloat162float(yr[c]) + bias[c] : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < kPer; ++i) vals[i] += add[i];
+    }
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) sum += vals[i];  // zero past C, in the same order
+  } else {
+#pragma unroll
+    for (int i = 0; i < kLnMaxPerLane; ++i) {
+      const int c = lane + 32 * i;
+      if (c < C) {
+        float v = xr[c];
+        if (y) v += __bfloat162float(y[r * C + c]) + bias[c];
+        vals[i] = v;
+        sum += v;
+      }
     }
   }
   const float mean = warp_sum(sum) / C;
+  constexpr int kN = kPer > 0 ? kPer : kLnMaxPerLane;
   float var = 0.0f;
 #pragma unroll
-  for (int i = 0; i < kLnMaxPerLane; ++i) {
+  for (int i = 0; i < kN; ++i) {
     const int c = lane + 32 * i;
     if (c < C) var += (vals[i] - mean) * (vals[i] - mean);
   }
   const float rstd = rsqrtf(warp_sum(var) / C + kEps);
+  if constexpr (kPer > 0) {  // the scale and shift loaded first too
+    float wc[kPer], bc[kPer];
 #pragma unroll
-  for (int i = 0; i < kLnMaxPerLane; ++i) {
-    const int c = lane + 32 * i;
-    if (c < C) {
-      if (write_x) xr[c] = vals[i];
-      h[static_cast<int64_t>(n) * C + c] = __float2bfloat16((vals[i] - mean) * rstd * w[c] + b[c]);
+    for (int i = 0; i < kPer; ++i) {
+      const int c = lane + 32 * i;
+      wc[i] = c < C ? w[c] : 0.0f;
+      bc[i] = c < C ? b[c] : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < kPer; ++i) {
+      const int c = lane + 32 * i;
+      if (c < C) {
+        if (write_x) xr[c] = vals[i];
+        h[static_cast<int64_t>(n) * C + c] = __float2bfloat16((vals[i] - mean) * rstd * wc[i] + bc[i]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kLnMaxPerLane; ++i) {
+      const int c = lane + 32 * i;
+      if (c < C) {
+        if (write_x) xr[c] = vals[i];
+        h[static_cast<int64_t>(n) * C + c] = __float2bfloat16((vals[i] - mean) * rstd * w[c] + b[c]);
+      }
     }
   }
 }
@@ -638,12 +683,24 @@ void embed(float* x, const TokenPlace* places, const float* wte, const float* wp
 }
 
 void residual_layernorm(float* x, const bf16* y, const float* bias, const float* w, const float* b, bf16* h,
-                        const int32_t* row_index, int rows, int C, bool write_x, cudaStream_t stream) {
+                        const int32_t* row_index, int rows, int C, bool write_x, cudaStream_t stream,
+                        int loads_first) {
   if (rows == 0) return;
   if (C > 32 * kLnMaxPerLane) throw std::runtime_error("residual_layernorm: C above 2048");
   constexpr int kWarps = 4;
-  residual_layernorm_kernel<<<(rows + kWarps - 1) / kWarps, 32 * kWarps, 0, stream>>>(x, y, bias, w, b, h, row_index,
-                                                                                        rows, C, write_x);
+  static const bool loads_first_env = [] {
+    const char* v = std::getenv("FLASHGPT_DECODE_LN_LOADS_FIRST");
+    return v != nullptr && std::string(v) == "1";
+  }();
+  if (loads_first < 0) loads_first = loads_first_env ? 1 : 0;
+  using Kernel = void (*)(float*, const bf16*, const float*, const float*, const float*, bf16*, const int32_t*, int,
+                         int, bool);
+  static constexpr Kernel kByPer[] = {residual_layernorm_kernel<8>,  residual_layernorm_kernel<16>,
+                                      residual_layernorm_kernel<24>, residual_layernorm_kernel<32>,
+                                      residual_layernorm_kernel<40>, residual_layernorm_kernel<48>,
+                                      residual_layernorm_kernel<56>, residual_layernorm_kernel<64>};
+  const Kernel kernel = loads_first ? kByPer[(C + 255) / 256 - 1] : residual_layernorm_kernel<0>;
+  kernel<<<(rows + kWarps - 1) / kWarps, 32 * kWarps, 0, stream>>>(x, y, bias, w, b, h, row_index, rows, C, write_x);
   FLASHGPT_CUDA_CHECK_LAUNCH("residual_layernorm_kernel");
 }
 
@@ -1240,7 +1297,6 @@ using inference_cuda::pdl_wait;
 using inference_cuda::prefetch_l2;
 using inference_cuda::warp_sum;
 constexpr int kDecodeWarps = 4;
-constexpr int kDecodeGroup = 4;  // keys a warp loads before it uses the first
 
 __host__ __device__ inline int max_splits(int max_length, int keys_per_split) { return (max_length + keys_per_split - 1) / keys_per_split; }
 
@@ -1272,9 +1328,10 @@ __device__ void decode_combine_warp(const DecodeAttentionCudaParams& p, int r, i
 
 // Block (split s, head h, row r): keys s*KS .. min(len, (s+1)*KS) - 1. Lane l holds the
 // head's dims l*E .. l*E + E - 1; warp w takes keys start + w, start + w + 4, ..., loading
-// kDecodeGroup keys before it uses the first. Scores are kept in the log2 domain (q
+// G keys before it uses the first (each load is E bf16 a lane, so G bounds the bytes a warp
+// has in flight: at batch 64 every block waits on its own short chain of loads). Scores are kept in the log2 domain (q
 // pre-scaled by scale * log2(e)). With counters, the last block of (h, r) combines.
-template <int E>
+template <int E, int G>
 __global__ void __launch_bounds__(32 * kDecodeWarps) decode_partial_kernel(DecodeAttentionCudaParams p, float scale_log2) {
   constexpr int D = 32 * E;
   // The rows, slots and lengths come from the step's host copy, which every kernel of the
@@ -1306,18 +1363,18 @@ __global__ void __launch_bounds__(32 * kDecodeWarps) decode_partial_kernel(Decod
   for (int e = 0; e < E; ++e) qf[e] = __bfloat162float(q[e]) * scale_log2;
   const bf16* k = static_cast<const bf16*>(p.k) + base;
   const bf16* v = static_cast<const bf16*>(p.v) + base;
-  constexpr int kStep = kDecodeWarps * kDecodeGroup;
+  constexpr int kStep = kDecodeWarps * G;
   for (int j0 = start + warp; j0 < end; j0 += kStep) {
-    float kf[kDecodeGroup][E];
+    float kf[G][E];
 #pragma unroll
-    for (int g = 0; g < kDecodeGroup; ++g) {
+    for (int g = 0; g < G; ++g) {
       const int j = j0 + g * kDecodeWarps;
       const bf16* kj = k + static_cast<int64_t>(j < end ? j : j0) * p.row_stride;
 #pragma unroll
       for (int e = 0; e < E; ++e) kf[g][e] = __bfloat162float(kj[e]);
     }
 #pragma unroll
-    for (int g = 0; g < kDecodeGroup; ++g) {
+    for (int g = 0; g < G; ++g) {
       float dot = 0.0f;
 #pragma unroll
       for (int e = 0; e < E; ++e) dot += qf[e] * kf[g][e];
@@ -1333,16 +1390,16 @@ __global__ void __launch_bounds__(32 * kDecodeWarps) decode_partial_kernel(Decod
   float acc[E] = {};
   float l = 0.0f;
   for (int j0 = start + warp; j0 < end; j0 += kStep) {
-    float vf[kDecodeGroup][E];
+    float vf[G][E];
 #pragma unroll
-    for (int g = 0; g < kDecodeGroup; ++g) {
+    for (int g = 0; g < G; ++g) {
       const int j = j0 + g * kDecodeWarps;
       const bf16* vj = v + static_cast<int64_t>(j < end ? j : j0) * p.row_stride;
 #pragma unroll
       for (int e = 0; e < E; ++e) vf[g][e] = __bfloat162float(vj[e]);
     }
 #pragma unroll
-    for (int g = 0; g < kDecodeGroup; ++g) {
+    for (int g = 0; g < G; ++g) {
       const int j = j0 + g * kDecodeWarps;
       if (j < end) {
         const float pj = exp2f(scores[j - start] - m);
@@ -1394,13 +1451,30 @@ __global__ void decode_combine_kernel(DecodeAttentionCudaParams p) {
   decode_combine_warp<E>(p, /*r=*/blockIdx.y, /*h=*/blockIdx.x, threadIdx.x);
 }
 
+// FLASHGPT_DECODE_KEY_GROUP=4|8|16: the keys a warp loads before it uses the first (default 4).
+int decode_key_group() {
+  static const int group = [] {
+    const char* v = std::getenv("FLASHGPT_DECODE_KEY_GROUP");
+    if (v == nullptr || *v == '\0') return 4;
+    const std::string s(v);
+    if (s != "4" && s != "8" && s != "16") {
+      throw std::invalid_argument("FLASHGPT_DECODE_KEY_GROUP must be 4, 8 or 16, got '" + s + "'");
+    }
+    return std::stoi(s);
+  }();
+  return group;
+}
+
 template <int E>
 void launch_decode(const DecodeAttentionCudaParams& p, cudaStream_t stream) {
   constexpr int D = 32 * E;
   const float scale_log2 = 1.4426950408889634f / sqrtf(static_cast<float>(D));
   const dim3 grid(max_splits(p.max_length, p.keys_per_split), p.heads, p.rows);
   const size_t shared = (p.keys_per_split + kDecodeWarps * D + kDecodeWarps) * sizeof(float);
-  inference_cuda::launch(decode_partial_kernel<E>, grid, dim3(32 * kDecodeWarps), shared, stream, p.programmatic,
+  const int group = p.key_group != 0 ? p.key_group : decode_key_group();
+  auto* kernel = group == 16 ? decode_partial_kernel<E, 16> : group == 8 ? decode_partial_kernel<E, 8>
+                                                                            : decode_partial_kernel<E, 4>;
+  inference_cuda::launch(kernel, grid, dim3(32 * kDecodeWarps), shared, stream, p.programmatic,
                          "decode_partial_kernel", p, scale_log2);
   if (p.counters) return;
   inference_cuda::launch(decode_combine_kernel<E>, dim3(p.heads, p.rows), dim3(32), 0, stream, p.programmatic,

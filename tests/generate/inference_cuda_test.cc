@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstring>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -349,15 +350,20 @@ TEST(AttentionDecodeCuda, MatchesSplitReference) {
       p.q_row_stride = C, p.o_row_stride = C, p.row_stride = C, p.slot_stride = int64_t{T} * C;
       p.max_length = T, p.keys_per_split = shape.keys_per_split;
       auto* d_counters = to_device(std::vector<unsigned>(static_cast<size_t>(R) * NH, 0u));
-      // Three launches: the two-kernel combine, then twice the fused combine (counters,
-      // programmatic launch), which must leave its counters zero for the next launch.
-      for (int launch = 0; launch < 3; ++launch) {
-        SCOPED_TRACE(launch == 0 ? "separate combine" : "fused combine");
+      // Launches: the two-kernel combine, then twice the fused combine (counters,
+      // programmatic launch), which must leave its counters zero for the next launch; then
+      // 8 and 16 keys in flight a warp (fused, then separate), which must give the same bits.
+      std::vector<__nv_bfloat16> first_bits;
+      for (int launch = 0; launch < 5; ++launch) {
+        const bool fused = launch == 1 || launch == 2 || launch == 3;
+        p.key_group = launch == 3 ? 8 : launch == 4 ? 16 : 4;
+        SCOPED_TRACE(std::string(fused ? "fused combine" : "separate combine") + ", key group " +
+                     std::to_string(p.key_group));
         ASSERT_EQ(cudaMemcpy(d_out, to_bf16(std::vector<float>(q.size(), 1e4f)).data(), q.size() * 2,
                              cudaMemcpyHostToDevice),
                   cudaSuccess);
-        p.counters = launch == 0 ? nullptr : d_counters;
-        p.programmatic = launch > 0;
+        p.counters = fused ? d_counters : nullptr;
+        p.programmatic = fused;
         attention_decode_cuda(p, nullptr);
         ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
         std::vector<__nv_bfloat16> got(q.size());
@@ -369,6 +375,8 @@ TEST(AttentionDecodeCuda, MatchesSplitReference) {
         }
         EXPECT_LT(worst, 1e-2) << "rows " << R << " heads " << NH << " head_dim " << D << " split "
                                << shape.keys_per_split << " variant " << variant;
+        if (launch == 0) first_bits = got;
+        EXPECT_EQ(std::memcmp(got.data(), first_bits.data(), got.size() * 2), 0) << "variant " << variant;
         std::vector<unsigned> counters(static_cast<size_t>(R) * NH, 1u);
         ASSERT_EQ(cudaMemcpy(counters.data(), d_counters, counters.size() * sizeof(unsigned), cudaMemcpyDeviceToHost),
                   cudaSuccess);
@@ -437,6 +445,78 @@ struct AttentionProjShape {
 // residual in reverse order with one more residual row that no row owns (must stay
 // untouched). Launched three times (plain, then twice with programmatic launch): results
 // within tolerance of the reference, bit-identical across launches, counters left zero.
+// The residual add and LayerNorm of the batched decode path: both load orders against a
+// double-precision reference, and bit for bit against each other, at widths that leave lanes
+// idle, with and without the residual branch, through a row index.
+TEST(ResidualLayerNormCuda, LoadsFirstMatchesReferenceAndBranchyKernel) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal;
+  for (const int C : {32, 72, 768, 776, 2048}) {
+    for (const int rows : {1, 5, 64}) {
+      for (const bool with_y : {false, true}) {
+        const int R = rows + 3;  // x has more rows than are normalised; row n reads x[row_index[n]]
+        std::vector<float> x(static_cast<size_t>(R) * C), y(x.size()), bias(C), w(C), b(C);
+        for (auto& v : x) v = 3.0f * normal(rng) + 1.0f;
+        for (auto& v : y) v = bf16_round(normal(rng));
+        for (int c = 0; c < C; ++c) bias[c] = 0.1f * normal(rng), w[c] = 1.0f + 0.1f * normal(rng), b[c] = normal(rng);
+        std::vector<int32_t> row_index(rows);
+        for (int n = 0; n < rows; ++n) row_index[n] = (n * 7 + 2) % R;
+        std::vector<float> xr_want(static_cast<size_t>(rows) * C);
+        std::vector<double> h_want(static_cast<size_t>(rows) * C);
+        for (int n = 0; n < rows; ++n) {
+          const size_t r = row_index[n];
+          double mean = 0, var = 0;
+          for (int c = 0; c < C; ++c) {
+            xr_want[n * C + c] = x[r * C + c] + (with_y ? y[r * C + c] + bias[c] : 0.0f);
+            mean += xr_want[n * C + c];
+          }
+          mean /= C;
+          for (int c = 0; c < C; ++c) var += (xr_want[n * C + c] - mean) * (xr_want[n * C + c] - mean);
+          const double rstd = 1.0 / std::sqrt(var / C + 1e-5);
+          for (int c = 0; c < C; ++c) h_want[n * C + c] = (xr_want[n * C + c] - mean) * rstd * w[c] + b[c];
+        }
+        std::vector<std::vector<float>> x_got(2);
+        std::vector<std::vector<__nv_bfloat16>> h_got(2);
+        for (int loads_first = 0; loads_first < 2; ++loads_first) {
+          SCOPED_TRACE("C " + std::to_string(C) + " rows " + std::to_string(rows) + (with_y ? " with y" : "") +
+                       " loads_first " + std::to_string(loads_first));
+          float* dx = to_device(x);
+          auto* dy = to_device(to_bf16(y));
+          float* dbias = to_device(bias);
+          float* dw = to_device(w);
+          float* db = to_device(b);
+          auto* dh = to_device(to_bf16(std::vector<float>(static_cast<size_t>(rows) * C, 1e4f)));  // poisoned
+          int32_t* drow = to_device(row_index);
+          inference_cuda::residual_layernorm(dx, with_y ? dy : nullptr, with_y ? dbias : nullptr, dw, db, dh, drow,
+                                             rows, C, /*write_x=*/true, nullptr, loads_first);
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          x_got[loads_first] = from_device(dx, x.size());
+          h_got[loads_first] = from_device(dh, static_cast<size_t>(rows) * C);
+          double worst = 0;
+          for (size_t i = 0; i < h_want.size(); ++i) {
+            worst = std::max(worst, std::abs(__bfloat162float(h_got[loads_first][i]) - h_want[i]) /
+                                        (1.0 + std::abs(h_want[i])));
+          }
+          EXPECT_LT(worst, 1e-2);
+          for (int n = 0; n < rows; ++n) {
+            for (int c = 0; c < C; ++c) {
+              ASSERT_NEAR(x_got[loads_first][row_index[n] * C + c], xr_want[n * C + c],
+                          1e-5f * (1.0f + std::abs(xr_want[n * C + c])));
+            }
+          }
+          for (void* ptr : {static_cast<void*>(dx), static_cast<void*>(dy), static_cast<void*>(dbias),
+                            static_cast<void*>(dw), static_cast<void*>(db), static_cast<void*>(dh),
+                            static_cast<void*>(drow)}) {
+            cudaFree(ptr);
+          }
+        }
+        EXPECT_EQ(x_got[0], x_got[1]);
+        EXPECT_EQ(std::memcmp(h_got[0].data(), h_got[1].data(), h_got[0].size() * 2), 0);
+      }
+    }
+  }
+}
+
 TEST(AttentionProjCuda, MatchesReference) {
   const int T = 600, S = 5;
   std::mt19937 rng(11);
