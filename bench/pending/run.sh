@@ -156,14 +156,12 @@ PY
       step torch_decode 240 python3 "$R/bench/generate/torch_static_kv.py" --flashgpt "$B/flashgpt" \
         --batches 1,64 --out "$OUT/torch_decode.json"
       grep -E '^(\||batch|prefill|torch)' "$L/torch_decode.log" | tee -a "$S" ;;
-    decodefix)  # the batched decode's two latency fixes: their tests, then A/B at batch 64 and 1
+    decodefix)  # the batched decode's two latency fixes, in order of need (a call cut short keeps the first)
       step decodefix_kernels 90 "$B/generate_inference_cuda_test" --gtest_filter='*ResidualLayerNorm*:*AttentionDecodeCuda*'
-      step decodefix_engine 120 env FLASHGPT_DECODE_LN_LOADS_FIRST=1 FLASHGPT_DECODE_KEY_GROUP=8 \
-        "$B/generate_inference_cuda_test" --gtest_filter='InferenceCuda.*:-*Persistent*'
-      for r in 1 2; do
-        for v in "default 64" "ln 64 FLASHGPT_DECODE_LN_LOADS_FIRST=1" "kg8 64 FLASHGPT_DECODE_KEY_GROUP=8" \
-                 "kg16 64 FLASHGPT_DECODE_KEY_GROUP=16" \
-                 "ln_kg8 64 FLASHGPT_DECODE_LN_LOADS_FIRST=1 FLASHGPT_DECODE_KEY_GROUP=8" "default 1" \
+      decodefix_round() {
+        for v in "default 64" "ln_kg8 64 FLASHGPT_DECODE_LN_LOADS_FIRST=1 FLASHGPT_DECODE_KEY_GROUP=8" \
+                 "kg8 64 FLASHGPT_DECODE_KEY_GROUP=8" "ln 64 FLASHGPT_DECODE_LN_LOADS_FIRST=1" \
+                 "kg16 64 FLASHGPT_DECODE_KEY_GROUP=16" "default 1" \
                  "ln_kg8 1 FLASHGPT_DECODE_LN_LOADS_FIRST=1 FLASHGPT_DECODE_KEY_GROUP=8"; do
           set -- $v
           step "decodefix_$1_b$2_r$r" 40 env "${@:3}" "$B/flashgpt" bench generate --device cuda --preset seed \
@@ -171,7 +169,11 @@ PY
           grep -ohE '[0-9.]+ tokens/s \([0-9.]+ ms/step|measured [0-9.]+%' "$L/decodefix_$1_b$2_r$r.log" | tr '\n' ' ' |
             tee -a "$S"; echo | tee -a "$S"
         done
-      done
+      }
+      r=1 decodefix_round
+      step decodefix_engine 120 env FLASHGPT_DECODE_LN_LOADS_FIRST=1 FLASHGPT_DECODE_KEY_GROUP=8 \
+        "$B/generate_inference_cuda_test" --gtest_filter='InferenceCuda.*:-*Persistent*'
+      r=2 decodefix_round
       step decodefix_torch 150 env FLASHGPT_DECODE_LN_LOADS_FIRST=1 FLASHGPT_DECODE_KEY_GROUP=8 \
         python3 "$R/bench/generate/torch_static_kv.py" --flashgpt "$B/flashgpt" --batches 1,64 \
         --out "$OUT/torch_decode_fix.json"
