@@ -38,7 +38,7 @@ struct DecodeAttentionCudaParams {
   // lengths are read before that wait, so no kernel still running may write them).
   bool programmatic = false;
   // Keys a warp loads before it uses the first: 4, 8 or 16; 0 takes FLASHGPT_DECODE_KEY_GROUP
-  // (default 4). The same bits either way: only how many loads are in flight changes.
+  // (default 8). The same bits either way: only how many loads are in flight changes.
   int key_group = 0;
 };
 

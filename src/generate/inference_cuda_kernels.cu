@@ -73,10 +73,10 @@ __global__ void embed_kernel(float* x, const TokenPlace* places, const float* wt
 // One warp per row; the row is held in registers (C <= 32 * 64).
 constexpr int kLnMaxPerLane = 64;
 
-// kPer > 0 (FLASHGPT_DECODE_LN_LOADS_FIRST=1): a lane's kPer >= C / 32 columns are all loaded,
-// as predicated loads with no branch between them, before the first add, so a warp waits
-// for one round trip to memory instead of one per column; the same bits as kPer = 0 (a
-// branch per column; the default until timed).
+// kPer > 0 (the default): a lane's kPer >= C / 32 columns are all loaded, as predicated loads
+// with no branch between them, before the first add, so a warp waits for one round trip to
+// memory instead of one per column; the same bits as kPer = 0 (a branch per column,
+// FLASHGPT_DECODE_LN_LOADS_FIRST=0; docs/generate.md has the timings).
 template <int kPer>
 __global__ void residual_layernorm_kernel(float* x, const bf16* y, const float* bias, const float* w, const float* b,
                                           bf16* h, const int32_t* row_index, int rows, int C, bool write_x) {
@@ -690,7 +690,7 @@ void residual_layernorm(float* x, const bf16* y, const float* bias, const float*
   constexpr int kWarps = 4;
   static const bool loads_first_env = [] {
     const char* v = std::getenv("FLASHGPT_DECODE_LN_LOADS_FIRST");
-    return v != nullptr && std::string(v) == "1";
+    return v == nullptr || std::string(v) != "0";
   }();
   if (loads_first < 0) loads_first = loads_first_env ? 1 : 0;
   using Kernel = void (*)(float*, const bf16*, const float*, const float*, const float*, bf16*, const int32_t*, int,
@@ -1451,11 +1451,12 @@ __global__ void decode_combine_kernel(DecodeAttentionCudaParams p) {
   decode_combine_warp<E>(p, /*r=*/blockIdx.y, /*h=*/blockIdx.x, threadIdx.x);
 }
 
-// FLASHGPT_DECODE_KEY_GROUP=4|8|16: the keys a warp loads before it uses the first (default 4).
+// FLASHGPT_DECODE_KEY_GROUP=4|8|16: the keys a warp loads before it uses the first (default 8,
+// docs/generate.md has the timings).
 int decode_key_group() {
   static const int group = [] {
     const char* v = std::getenv("FLASHGPT_DECODE_KEY_GROUP");
-    if (v == nullptr || *v == '\0') return 4;
+    if (v == nullptr || *v == '\0') return 8;
     const std::string s(v);
     if (s != "4" && s != "8" && s != "16") {
       throw std::invalid_argument("FLASHGPT_DECODE_KEY_GROUP must be 4, 8 or 16, got '" + s + "'");

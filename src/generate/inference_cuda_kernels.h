@@ -34,7 +34,7 @@ void embed(float* x, const TokenPlace* places, const float* wte, const float* wp
 // For each output row n < rows: r = row_index ? row_index[n] : n; xr = x[r] (+ y[r] + bias
 // when y is given); h[n] = LayerNorm(xr) * w + b (bf16); x[r] = xr when write_x.
 // loads_first: a lane issues all its loads before it adds (1), a branch per column (0), or
-// FLASHGPT_DECODE_LN_LOADS_FIRST=1 (-1; default 0). The same bits either way.
+// FLASHGPT_DECODE_LN_LOADS_FIRST (-1; 1 unless it is 0). The same bits either way.
 void residual_layernorm(float* x, const bf16* y, const float* bias, const float* w, const float* b, bf16* h,
                         const int32_t* row_index, int rows, int C, bool write_x, cudaStream_t stream,
                         int loads_first = -1);
