@@ -127,30 +127,27 @@ __global__ void residual_layernorm_kernel(float* x, const bf16* y, const float* 
     if (c < C) var += (vals[i] - mean) * (vals[i] - mean);
   }
   const float rstd = rsqrtf(warp_sum(var) / C + kEps);
+  float wc[kPer > 0 ? kPer : 1], bc[kPer > 0 ? kPer : 1];
   if constexpr (kPer > 0) {  // the scale and shift loaded first too
-    float wc[kPer], bc[kPer];
 #pragma unroll
     for (int i = 0; i < kPer; ++i) {
       const int c = lane + 32 * i;
       wc[i] = c < C ? w[c] : 0.0f;
       bc[i] = c < C ? b[c] : 0.0f;
     }
+  }
 #pragma unroll
-    for (int i = 0; i < kPer; ++i) {
-      const int c = lane + 32 * i;
-      if (c < C) {
-        if (write_x) xr[c] = vals[i];
-        h[static_cast<int64_t>(n) * C + c] = __float2bfloat16((vals[i] - mean) * rstd * wc[i] + bc[i]);
+  for (int i = 0; i < kN; ++i) {
+    const int c = lane + 32 * i;
+    if (c < C) {
+      float wi, bi;
+      if constexpr (kPer > 0) {
+        wi = wc[i], bi = bc[i];
+      } else {
+        wi = w[c], bi = b[c];
       }
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < kLnMaxPerLane; ++i) {
-      const int c = lane + 32 * i;
-      if (c < C) {
-        if (write_x) xr[c] = vals[i];
-        h[static_cast<int64_t>(n) * C + c] = __float2bfloat16((vals[i] - mean) * rstd * w[c] + b[c]);
-      }
+      if (write_x) xr[c] = vals[i];
+      h[static_cast<int64_t>(n) * C + c] = __float2bfloat16((vals[i] - mean) * rstd * wi + bi);
     }
   }
 }
@@ -1497,6 +1494,10 @@ void attention_decode_cuda(const DecodeAttentionCudaParams& p, cudaStream_t stre
     throw std::invalid_argument("attention_decode_cuda: bad shape (rows " + std::to_string(p.rows) + ", heads " +
                                 std::to_string(p.heads) + ", max_length " + std::to_string(p.max_length) +
                                 ", keys_per_split " + std::to_string(p.keys_per_split) + ")");
+  }
+  if (p.key_group != 0 && p.key_group != 4 && p.key_group != 8 && p.key_group != 16) {
+    throw std::invalid_argument("attention_decode_cuda: key_group must be 0 (the default), 4, 8 or 16, got " +
+                                std::to_string(p.key_group));
   }
   if (p.rows == 0) return;
   switch (p.head_dim) {

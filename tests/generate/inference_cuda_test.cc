@@ -445,6 +445,16 @@ struct AttentionProjShape {
 // residual in reverse order with one more residual row that no row owns (must stay
 // untouched). Launched three times (plain, then twice with programmatic launch): results
 // within tolerance of the reference, bit-identical across launches, counters left zero.
+TEST(AttentionDecodeCuda, RefusesAKeyGroupItHasNoKernelFor) {
+  int dummy = 0;
+  DecodeAttentionCudaParams p;
+  p.q = p.k = p.v = &dummy, p.o = &dummy, p.partials = reinterpret_cast<float*>(&dummy);
+  p.q_rows = p.slots = p.lengths = &dummy;
+  p.rows = 1, p.heads = 1, p.head_dim = 64, p.max_length = 16, p.keys_per_split = 8;
+  p.key_group = 5;
+  EXPECT_THROW(attention_decode_cuda(p, nullptr), std::invalid_argument);  // refused before any launch
+}
+
 // The residual add and LayerNorm of the batched decode path: both load orders against a
 // double-precision reference, and bit for bit against each other, at widths that leave lanes
 // idle, with and without the residual branch, through a row index.
