@@ -30,8 +30,9 @@
 #   torchdecode (about 200 s) the seed decode at batch 1 and 64 and the 512-token prefill beside
 #               bench/generate/torch_static_kv.py, eager and torch.compile with CUDA graphs
 #   decodefix   (about 250 s) FLASHGPT_DECODE_LN_LOADS_FIRST and FLASHGPT_DECODE_KEY_GROUP (the
-#               batch-64 decode's LayerNorm and attention latency chains): their kernel tests,
-#               the engine tests with both on, batch 64 and 1 A/B twice, torch.compile beside
+#               batch-64 decode's LayerNorm and attention latency chains, both on by default):
+#               their kernel tests, the engine tests, batch 64 and 1 against both off (and
+#               each alone, and 16 keys), twice, torch.compile beside the defaults
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
 # (decode.txt, bwd_table.md, dq_fused.md, profile.txt, ovl.md) and pending_logs.tgz.
 set -uo pipefail
@@ -159,11 +160,11 @@ PY
     decodefix)  # the batched decode's two latency fixes, in order of need (a call cut short keeps the first)
       step decodefix_kernels 90 "$B/generate_inference_cuda_test" --gtest_filter='*ResidualLayerNorm*:*AttentionDecodeCuda*'
       decodefix_round() {
-        for v in "default 64" "ln_kg8 64 FLASHGPT_DECODE_LN_LOADS_FIRST=1 FLASHGPT_DECODE_KEY_GROUP=8" \
-                 "kg8 64 FLASHGPT_DECODE_KEY_GROUP=8" "ln 64 FLASHGPT_DECODE_LN_LOADS_FIRST=1" \
-                 "kg16 64 FLASHGPT_DECODE_KEY_GROUP=16" "default 1" \
-                 "ln_kg8 1 FLASHGPT_DECODE_LN_LOADS_FIRST=1 FLASHGPT_DECODE_KEY_GROUP=8"; do
-          set -- $v
+        local old="FLASHGPT_DECODE_LN_LOADS_FIRST=0 FLASHGPT_DECODE_KEY_GROUP=4"  # both fixes off
+        for v in "old 64 $old" "ln_kg8 64" "kg8 64 FLASHGPT_DECODE_LN_LOADS_FIRST=0" \
+                 "ln 64 FLASHGPT_DECODE_KEY_GROUP=4" "ln_kg16 64 FLASHGPT_DECODE_KEY_GROUP=16" "old 1 $old" \
+                 "ln_kg8 1"; do
+          set -- $v  # name, batch, switches (none: the defaults, the loads-first LayerNorm and 8 keys)
           step "decodefix_$1_b$2_r$r" 40 env "${@:3}" "$B/flashgpt" bench generate --device cuda --preset seed \
             --batch "$2" --prompt-tokens 128 --new-tokens 256
           grep -ohE '[0-9.]+ tokens/s \([0-9.]+ ms/step|measured [0-9.]+%' "$L/decodefix_$1_b$2_r$r.log" | tr '\n' ' ' |
@@ -171,11 +172,9 @@ PY
         done
       }
       r=1 decodefix_round
-      step decodefix_engine 120 env FLASHGPT_DECODE_LN_LOADS_FIRST=1 FLASHGPT_DECODE_KEY_GROUP=8 \
-        "$B/generate_inference_cuda_test" --gtest_filter='InferenceCuda.*:-*Persistent*'
+      step decodefix_engine 120 "$B/generate_inference_cuda_test" --gtest_filter='InferenceCuda.*:-*Persistent*'
       r=2 decodefix_round
-      step decodefix_torch 150 env FLASHGPT_DECODE_LN_LOADS_FIRST=1 FLASHGPT_DECODE_KEY_GROUP=8 \
-        python3 "$R/bench/generate/torch_static_kv.py" --flashgpt "$B/flashgpt" --batches 1,64 \
+      step decodefix_torch 150 python3 "$R/bench/generate/torch_static_kv.py" --flashgpt "$B/flashgpt" --batches 1,64 \
         --out "$OUT/torch_decode_fix.json"
       grep -E '^(\||batch|prefill|torch)' "$L/decodefix_torch.log" | tee -a "$S" ;;
     *) echo "unknown part '$part' (decode, attn_tests, attn_bench, ovl, switches, fixes, engine, attnproj, overlap," \
