@@ -27,8 +27,10 @@
 #               0, 1 (OVERLAP_SMS, softmax multiprocessors; and the products planned for 100) and 2
 #               (both backward priorities),
 #               interleaved, and torch.compile beside OVERLAP_BEST (docs/model_gpu.md, v9)
-#   torchdecode (about 200 s) the seed decode at batch 1 and 64 and the 512-token prefill beside
-#               bench/generate/torch_static_kv.py, eager and torch.compile with CUDA graphs
+#   gentests    (about 100 s) every generate CUDA test, kernels and engines, nothing timed
+#   torchdecode (about 200 s) the seed decode at batch 1 and 64 (TORCH_BATCHES=1,8,64 for others)
+#               and the 512-token prefill beside bench/generate/torch_static_kv.py, eager and
+#               torch.compile with CUDA graphs
 #   decodefix   (about 250 s) FLASHGPT_DECODE_LN_LOADS_FIRST and FLASHGPT_DECODE_KEY_GROUP (the
 #               batch-64 decode's LayerNorm and attention latency chains, both on by default):
 #               their kernel tests, the engine tests, batch 64 and 1 against both off (and
@@ -116,6 +118,8 @@ PY
       step decode_path_tests 60 "$B/generate_inference_cuda_test" \
         --gtest_filter='*AttnProjPathMatchesFused*:*Layer3PathMatchesFused*:*FirstCallRightAfterConstruction*'
       step attn_reference_tests 60 "$B/attention_cuda_test" --gtest_filter='*TmaBackwardMatchesWgmma*:*FusedDqConvert*' ;;
+    gentests)  # every generate CUDA test (kernels and engines), nothing timed
+      step generate_tests 150 "$B/generate_inference_cuda_test" ;;
     engine)
       step engine_tests 120 "$B/generate_inference_cuda_test"
       for b in 1 8; do
@@ -155,7 +159,7 @@ PY
         "$B/model_cuda_test" --gtest_filter='*OverlapGivesTheSameBits*' ;;
     torchdecode)  # our seed decode beside the PyTorch static-cache loop, eager and compiled
       step torch_decode 240 python3 "$R/bench/generate/torch_static_kv.py" --flashgpt "$B/flashgpt" \
-        --batches 1,64 --out "$OUT/torch_decode.json"
+        --batches "${TORCH_BATCHES:-1,64}" --out "$OUT/torch_decode.json"
       grep -E '^(\||batch|prefill|torch)' "$L/torch_decode.log" | tee -a "$S" ;;
     decodefix)  # the batched decode's two latency fixes, in order of need (a call cut short keeps the first)
       step decodefix_kernels 90 "$B/generate_inference_cuda_test" --gtest_filter='*ResidualLayerNorm*:*AttentionDecodeCuda*'
@@ -178,7 +182,7 @@ PY
         --out "$OUT/torch_decode_fix.json"
       grep -E '^(\||batch|prefill|torch)' "$L/decodefix_torch.log" | tee -a "$S" ;;
     *) echo "unknown part '$part' (decode, attn_tests, attn_bench, ovl, switches, fixes, engine, attnproj, overlap," \
-         "torchdecode, decodefix)"; status=1 ;;
+         "gentests, torchdecode, decodefix)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done
