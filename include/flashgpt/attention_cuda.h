@@ -76,6 +76,15 @@ bool attention_cuda_force_fused_dq_convert(int fused);
 // [-1, count).
 int attention_cuda_tma64_tile_count();
 int attention_cuda_force_tma64_tile(int tile);
+// The same for the d128 TMA forward's tiles (kTma128Tiles in the same file; tile 0 is the
+// default), forced from the start by FLASHGPT_ATTN_TMA128_TILE=k in the environment (an index
+// outside the table is an error at the first d128 call). For A/B runs of the tiles in one build.
+int attention_cuda_tma128_tile_count();
+int attention_cuda_force_tma128_tile(int tile);
+// The TMA forward tile a call with these params runs (an index of its head dim's table: the
+// forced one, else the default), or -1 where another kernel runs. Benchmarks name it beside
+// attention_cuda_forward_kernel.
+int attention_cuda_forward_tma_tile(const AttentionParams& params);
 
 // Writes o and lse.
 void attention_forward_cuda(const AttentionParams& params, cudaStream_t stream = nullptr);

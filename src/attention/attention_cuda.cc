@@ -181,6 +181,24 @@ std::atomic<int>& forced_tma64_tile() {
   return value;
 }
 
+// The d128 TMA forward's forced tile, as the d64 one: FLASHGPT_ATTN_TMA128_TILE at the first d128
+// call (an index outside the table is an error then, so a typo never times the wrong tile),
+// attention_cuda_force_tma128_tile at any time.
+std::atomic<int>& forced_tma128_tile() {
+  static std::atomic<int> value{[] {
+    const char* v = std::getenv("FLASHGPT_ATTN_TMA128_TILE");
+    if (v == nullptr || *v == '\0') return -1;
+    const int count = attention_cuda_tma128_tile_count();
+    char* end = nullptr;
+    const long tile = std::strtol(v, &end, 10);
+    FLASHGPT_CHECK(*end == '\0' && tile >= 0 && tile < count,
+                   "FLASHGPT_ATTN_TMA128_TILE is '{}': expected the index of a d128 TMA forward tile, 0 to {}{}", v,
+                   count - 1, count == 0 ? " (this build has no d128 TMA forward)" : "");
+    return int(tile);
+  }()};
+  return value;
+}
+
 // A device attribute, asked of the driver once per device (devices past kMaxDevices are asked
 // every time) instead of at every launch.
 template <cudaDeviceAttr kAttribute>
@@ -230,11 +248,14 @@ bool device_is_sm90() {
 // dropout (the model's training forward) 1.14-1.22x in all 11 rows of d64 and d128.
 constexpr bool tma_forward_by_default(int head_dim) { return head_dim == 128 || head_dim == 64; }
 
-// The d64 TMA forward tile a call plans with: the forced one, or -1 (the instance's choice).
-int planned_tma64_tile(int head_dim) { return head_dim == 64 ? forced_tma64_tile().load() : -1; }
+// The TMA forward tile a call plans with: the one forced for its head dim, or -1 (the instance's
+// default).
+int planned_tma_tile(int head_dim) {
+  return head_dim == 64 ? forced_tma64_tile().load() : head_dim == 128 ? forced_tma128_tile().load() : -1;
+}
 
 // `p` null: the kernel of a dense call without dropout (what attention_cuda_forward_kernel
-// reports). `tile`: planned_tma64_tile, read once by the caller, which plans with the same.
+// reports). `tile`: planned_tma_tile, read once by the caller, which plans with the same.
 attn::FwdKernel choose_fwd_kernel(int head_dim, const AttentionParams* p, int tile) {
   const FwdOverride forced = fwd_override();
   const bool has_wgmma = dispatch_instance<bool>(head_dim, DType::bf16, []<int D, typename E>() {
@@ -244,7 +265,7 @@ attn::FwdKernel choose_fwd_kernel(int head_dim, const AttentionParams* p, int ti
   const bool has_tma = dispatch_instance<bool>(head_dim, DType::bf16, []<int D, typename E>() {
     return attn::flash_fwd_has_tma<D, E>();
   });
-  // A forced d64 tile (tests, benchmarks) means the TMA forward unless another kernel is forced;
+  // A forced tile (tests, benchmarks) means the TMA forward unless another kernel is forced;
   // a dropout call keeps the wgmma kernel if that tile has no dropout variant.
   const bool tile_forced = tile >= 0;
   const bool dropout = p != nullptr && dropout_enabled(dropout_threshold(p->dropout_p));
@@ -305,16 +326,28 @@ bool attention_cuda_force_fused_dq_convert(int fused) {
 }
 
 const char* attention_cuda_forward_kernel(int head_dim) {
-  return attn::kernel_name(choose_fwd_kernel(head_dim, nullptr, planned_tma64_tile(head_dim)));
+  return attn::kernel_name(choose_fwd_kernel(head_dim, nullptr, planned_tma_tile(head_dim)));
 }
 
 const char* attention_cuda_forward_kernel(const AttentionParams& params) {
-  return attn::kernel_name(choose_fwd_kernel(params.head_dim, &params, planned_tma64_tile(params.head_dim)));
+  return attn::kernel_name(choose_fwd_kernel(params.head_dim, &params, planned_tma_tile(params.head_dim)));
 }
 
 int attention_cuda_tma64_tile_count() {
   if (!attention_cuda_head_dim_compiled(64)) return 0;
   return dispatch_instance<int>(64, DType::bf16, []<int D, typename E>() { return attn::flash_fwd_tma_tiles<D, E>(); });
+}
+
+int attention_cuda_tma128_tile_count() {
+  if (!attention_cuda_head_dim_compiled(128)) return 0;
+  return dispatch_instance<int>(128, DType::bf16, []<int D, typename E>() { return attn::flash_fwd_tma_tiles<D, E>(); });
+}
+
+int attention_cuda_forward_tma_tile(const AttentionParams& params) {
+  const int planned = planned_tma_tile(params.head_dim);
+  if (choose_fwd_kernel(params.head_dim, &params, planned) != attn::FwdKernel::tma) return -1;
+  return dispatch_instance<int>(params.head_dim, DType::bf16,
+                                [planned]<int D, typename E>() { return attn::flash_fwd_tma_tile<D, E>(planned); });
 }
 
 const char* attention_cuda_force_forward_kernel(const char* kernel) {
@@ -335,6 +368,13 @@ int attention_cuda_force_tma64_tile(int tile) {
   return forced_tma64_tile().exchange(tile);
 }
 
+int attention_cuda_force_tma128_tile(int tile) {
+  const int count = attention_cuda_tma128_tile_count();
+  FLASHGPT_CHECK(tile >= -1 && tile < count,
+                 "attention_cuda_force_tma128_tile({}): expected -1 (the default) or a tile index below {}", tile, count);
+  return forced_tma128_tile().exchange(tile);
+}
+
 bool attention_cuda_head_dim_compiled(int head_dim) {
   for (int d : attn::kAttentionCudaHeadDims)
     if (d == head_dim) return true;
@@ -344,7 +384,7 @@ bool attention_cuda_head_dim_compiled(int head_dim) {
 void attention_forward_cuda(const AttentionParams& params, cudaStream_t stream) {
   validate_cuda(params, AttentionPass::forward);
   attn::FwdPlan plan;
-  plan.tma_tile = planned_tma64_tile(params.head_dim);
+  plan.tma_tile = planned_tma_tile(params.head_dim);
   plan.kernel = choose_fwd_kernel(params.head_dim, &params, plan.tma_tile);
   plan.scale = attention_softmax_scale(params);
   plan.dropout = dropout_enabled(dropout_threshold(params.dropout_p));

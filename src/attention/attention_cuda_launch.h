@@ -37,7 +37,7 @@ inline const char* kernel_name(BwdKernel k) {
 struct FwdPlan {
   FwdKernel kernel = FwdKernel::mma_sync;
   float scale = 0.0f;  // the softmax scale actually used
-  int tma_tile = -1;   // the d64 TMA forward's tile (an index of kTma64Tiles); -1: the instance's choice
+  int tma_tile = -1;   // the TMA forward's tile (an index of the head dim's table); -1: the instance's default
   bool dropout = false;  // the TMA forward's dropout variant (dropout_p rounds to a nonzero threshold)
 };
 
@@ -66,10 +66,14 @@ bool flash_fwd_has_tma();
 // Whether the instance has the TMA backward (sm_90a build, head dims 64 and 128).
 template <int kHeadDim, typename Element>
 bool flash_bwd_has_tma();
-// How many tiles of the TMA forward a plan's tma_tile may name: the d64 table's size (0 without
-// the TMA forward, and for other head dims, whose one tile a plan never names).
+// How many tiles of the TMA forward a plan's tma_tile may name: the head dim's table size
+// (kTma64Tiles, kTma128Tiles; 0 without the TMA forward).
 template <int kHeadDim, typename Element>
 int flash_fwd_tma_tiles();
+// The tile the TMA forward runs for a plan's tma_tile (-1: the instance's default); -1 without
+// the TMA forward.
+template <int kHeadDim, typename Element>
+int flash_fwd_tma_tile(int planned);
 // Whether the TMA forward has a dropout variant for the tile a plan's tma_tile names (-1: the
 // instance's choice, which always has one); false without the TMA forward.
 template <int kHeadDim, typename Element>

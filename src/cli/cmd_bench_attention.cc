@@ -229,6 +229,13 @@ std::vector<GpuRow> gpu_rows(const BenchAttentionConfig& c) {
   return rows;
 }
 
+// The forward kernel for these params, with the TMA forward's tile ("wgmma-tma/t3"), so that runs
+// with FLASHGPT_ATTN_TMA_TILE or FLASHGPT_ATTN_TMA128_TILE say which tile they timed.
+std::string fwd_kernel_label(const AttentionParams& params) {
+  const int tile = attention_cuda_forward_tma_tile(params);
+  return std::string(attention_cuda_forward_kernel(params)) + (tile >= 0 ? fmt::format("/t{}", tile) : "");
+}
+
 // The backward's main kernel for these params, "+dqfuse" when it converts dQ itself
 // (attention_cuda_backward_fused_dq_convert, FLASHGPT_ATTN_BWD_FUSED_CONVERT).
 std::string bwd_kernel_label(const AttentionParams& params) {
@@ -344,7 +351,7 @@ void gpu_validate(int head_dim, bool causal, float dropout) {
                            rms_relative_error(download_bf16(gpu.params.dv, n), dv)};
   fmt::print("validate d{:<3} {:<10} dropout {:.1f} (forward {}, backward {}): relative error O {:.1e} dQ {:.1e} "
              "dK {:.1e} dV {:.1e}\n",
-             head_dim, causal ? "causal" : "non-causal", dropout, attention_cuda_forward_kernel(gpu.params),
+             head_dim, causal ? "causal" : "non-causal", dropout, fwd_kernel_label(gpu.params),
              bwd_kernel_label(gpu.params), errors[0], errors[1], errors[2], errors[3]);
   for (int i = 0; i < 4; ++i) {
     const char* names[] = {"O", "dQ", "dK", "dV"};
@@ -434,7 +441,7 @@ void bench_attention_cuda(BenchAttentionConfig c) {
   struct Result {
     GpuRow row;
     double fwd_ms, bwd_ms;
-    const char* fwd_kernel;  // the kernel these params run (the TMA forward takes no varlen batch)
+    std::string fwd_kernel;  // fwd_kernel_label (the TMA forward takes no varlen batch)
     std::string bwd_kernel;  // bwd_kernel_label
   };
   std::vector<Result> results;
@@ -444,7 +451,7 @@ void bench_attention_cuda(BenchAttentionConfig c) {
       GpuProblem x(r.batch, r.heads, r.seqlen, r.head_dim, r.causal, r.dropout, host);
       const size_t ws_bytes = attention_backward_workspace_bytes(x.params);
       GpuBuffer ws(ws_bytes);
-      Result res{r, 0.0, 0.0, attention_cuda_forward_kernel(x.params), bwd_kernel_label(x.params)};
+      Result res{r, 0.0, 0.0, fwd_kernel_label(x.params), bwd_kernel_label(x.params)};
       res.fwd_ms = gpu_time_ms(c.min_time_s, [&] { attention_forward_cuda(x.params); });
       if (c.backward)
         res.bwd_ms = gpu_time_ms(c.min_time_s, [&] { attention_backward_cuda(x.params, ws.ptr, ws_bytes); });

@@ -404,9 +404,20 @@ TEST(AttentionCuda, ReportsKernels) {
     AttentionParams with_dropout;
     with_dropout.head_dim = d;
     with_dropout.dropout_p = 0.1f;
-    const char* tile_env = std::getenv("FLASHGPT_ATTN_TMA_TILE");
-    if (tile_env == nullptr || *tile_env == '\0') {
+    const char* tile_env = std::getenv(d == 128 ? "FLASHGPT_ATTN_TMA128_TILE" : "FLASHGPT_ATTN_TMA_TILE");
+    const bool tile_forced = tile_env != nullptr && *tile_env != '\0';
+    if (!tile_forced) {
       EXPECT_EQ(std::string_view(attention_cuda_forward_kernel(with_dropout)), fwd) << "head_dim " << d;
+    }
+    // The TMA forward names its tile: the default (d64 tile 3, d128 tile 0) unless one is forced.
+    AttentionParams plain;
+    plain.head_dim = d;
+    const int tile = attention_cuda_forward_tma_tile(plain);
+    std::printf("[ info ] head_dim %d forward tile: %d\n", d, tile);
+    if (fwd != "wgmma-tma") {
+      EXPECT_EQ(tile, -1) << "head_dim " << d;
+    } else if (!tile_forced) {
+      EXPECT_EQ(tile, d == 128 ? 0 : 3) << "head_dim " << d;
     }
     AttentionParams varlen_params = with_dropout;
     const int32_t cu_seqlens[2] = {0, 1};  // only compared with null by the choice
@@ -620,6 +631,68 @@ TEST(AttentionCuda, ForwardPipelineShapesEveryTma64Tile) {
         SCOPED_TRACE(c.name);
         run_case(c, /*backward=*/false);
       }
+  }
+}
+
+// Every d128 tile of the TMA forward (kTma128Tiles: 128 or 176 keys, 2 or 3 stages, with and
+// without the intra-warpgroup overlap) through the pipeline's awkward shapes: key-block counts
+// from 1 past stages + 1 for both block sizes (1000 keys is 8 blocks of 128 and 6 of 176, the
+// last one partial), lengths one short of, at and one past 128 and 176, 1 and 17, rows that see
+// no key (causal, seqlen_q > seqlen_k), GQA, bf16 and fp16, causal and not; O and LSE against the
+// fp64 reference. Only tile 0 has a dropout variant: a dropout call with another forced tile runs
+// the cp.async wgmma kernel, checked here too. Like the d64 test it runs in the pass with the
+// TMA forward forced and no tile forced (ctest's attention_cuda_test_tma).
+TEST(AttentionCuda, ForwardPipelineShapesEveryTma128Tile) {
+  if (!attention_cuda_head_dim_compiled(128) || attention_cuda_tma128_tile_count() == 0) GTEST_SKIP();
+  const char* kernel = std::getenv("FLASHGPT_ATTN_FWD_KERNEL");
+  const char* tile_env = std::getenv("FLASHGPT_ATTN_TMA128_TILE");
+  if (kernel == nullptr || std::string_view(kernel) != "tma" || (tile_env != nullptr && *tile_env != '\0'))
+    GTEST_SKIP() << "runs with FLASHGPT_ATTN_FWD_KERNEL=tma and no FLASHGPT_ATTN_TMA128_TILE";
+  EXPECT_THROW(attention_cuda_force_tma128_tile(attention_cuda_tma128_tile_count()), flashgpt::Error);
+  EXPECT_THROW(attention_cuda_force_tma128_tile(-2), flashgpt::Error);
+  struct Restore {
+    int tile;
+    ~Restore() { attention_cuda_force_tma128_tile(tile); }
+  } const restore{attention_cuda_force_tma128_tile(0)};
+  if (std::string_view(attention_cuda_forward_kernel(128)) != "wgmma-tma") GTEST_SKIP() << "no TMA forward on this device";
+  struct Lengths {
+    int sq, sk;
+  };
+  const std::vector<Lengths> lengths = {
+      {1, 1},     {17, 17},   {1, 300},   {127, 127}, {128, 128}, {129, 129}, {175, 175}, {176, 176},
+      {177, 177}, {200, 255}, {200, 257}, {190, 383}, {100, 529}, {64, 705},  {300, 17},  {1000, 1000}};
+  for (int tile = 0; tile < attention_cuda_tma128_tile_count(); ++tile) {
+    attention_cuda_force_tma128_tile(tile);
+    ASSERT_STREQ(attention_cuda_forward_kernel(128), "wgmma-tma");
+    AttentionParams plain;
+    plain.head_dim = 128;
+    ASSERT_EQ(attention_cuda_forward_tma_tile(plain), tile);
+    for (DType dtype : {DType::bf16, DType::f16})
+      for (Mask mask : {Mask::none, Mask::causal})
+        for (const Lengths& l : lengths) {
+          if (l.sq * l.sk > 100000 && dtype == DType::f16) continue;  // the long loop in bf16 only (reference time)
+          const AttentionCase c =
+              lengths_case("tma128 tile " + std::to_string(tile) + " d128", l.sq, l.sk, 128, mask, dtype, 0.0f);
+          SCOPED_TRACE(c.name);
+          run_case(c, /*backward=*/false);
+        }
+    // More CTAs than the SMs hold at once, so CTAs of several waves share SMs.
+    const AttentionCase many{"tma128 tile " + std::to_string(tile) + " many CTAs",
+                             dense(16, 200, 200, 4, 2, 128, Mask::causal, 0.0f), {}, DType::bf16};
+    SCOPED_TRACE(many.name);
+    run_case(many, /*backward=*/false);
+    // Dropout: tile 0's variant, or the wgmma kernel for the tiles without one, against the
+    // reference with the same seed.
+    AttentionParams with_dropout = plain;
+    with_dropout.dropout_p = 0.1f;
+    EXPECT_STREQ(attention_cuda_forward_kernel(with_dropout), tile == 0 ? "wgmma-tma" : "wgmma");
+    for (Mask mask : {Mask::none, Mask::causal}) {
+      const AttentionCase c{"tma128 tile " + std::to_string(tile) + " dropout 200x257" +
+                                (mask == Mask::causal ? " causal" : ""),
+                            dense(2, 200, 257, 4, 2, 128, mask, 0.1f), {}, DType::bf16};
+      SCOPED_TRACE(c.name);
+      run_case(c, /*backward=*/false);
+    }
   }
 }
 

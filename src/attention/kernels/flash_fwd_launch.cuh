@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <span>
 #include <type_traits>
 #include <utility>
 
@@ -32,39 +33,24 @@ using FwdWgmmaTraitsFor =
 template <int kHeadDim>
 inline constexpr bool kFwdWgmmaKernel = kHeadDim == 64 || kHeadDim == 96 || kHeadDim == 128 || kHeadDim == 256;
 
-// The warp-specialized TMA forward (flash_fwd_tma_kernel.cuh), head dims 64 and 128.
-//
-// d128: one tile (key block, consumer warpgroups of 64 query rows, K/V stages; one CTA per SM);
-// lab hooks FLASHGPT_TMA128_BLOCK_N / _CONSUMERS / _STAGES change it at compile time.
-#ifndef FLASHGPT_TMA128_BLOCK_N
-#define FLASHGPT_TMA128_BLOCK_N 128
-#endif
-#ifndef FLASHGPT_TMA128_CONSUMERS
-#define FLASHGPT_TMA128_CONSUMERS 2
-#endif
-#ifndef FLASHGPT_TMA128_STAGES
-#define FLASHGPT_TMA128_STAGES 2
-#endif
+// The warp-specialized TMA forward (flash_fwd_tma_kernel.cuh), head dims 64 and 128, each with a
+// table of tiles (query rows = 64 x consumers), all compiled, one chosen per call: the plan's
+// tma_tile (FLASHGPT_ATTN_TMA_TILE / attention_cuda_force_tma64_tile at d64,
+// FLASHGPT_ATTN_TMA128_TILE / attention_cuda_force_tma128_tile at d128, for tests and
+// benchmarks), else the head dim's default. Several CTAs per SM cap the registers at
+// 65536 / (threads x CTAs): ptxas holds the whole kernel to that cap.
+// `dropout`: the tile has a dropout variant; a dropout call with a tile without one runs the
+// cp.async wgmma forward (the entry point asks flash_fwd_tma_tile_has_dropout).
 template <int kHeadDim>
 inline constexpr bool kFwdTmaKernel = kHeadDim == 64 || kHeadDim == 128;
-template <typename Element, bool kDropout>
-using FwdTma128Traits = FwdTmaTraits<128, FLASHGPT_TMA128_BLOCK_N, FLASHGPT_TMA128_CONSUMERS, FLASHGPT_TMA128_STAGES,
-                                     FLASHGPT_TMA_PINGPONG != 0, Element, FLASHGPT_TMA_OVERLAP != 0, 1, kDropout>;
-
-// d64: a table of tiles (query rows = 64 x consumers), each compiled, one chosen per call
-// (tma64_tile below, or the plan's tma_tile, which FLASHGPT_ATTN_TMA_TILE or
-// attention_cuda_force_tma64_tile sets for tests and benchmarks). Several CTAs per SM cap the
-// registers at 65536 / (threads x CTAs): ptxas holds the whole kernel to that cap. Why these
-// tiles and what they measured: docs/archive/attention_gpu_notes.md, v13.
-// `dropout`: the tile has a dropout variant (all but tile 7, whose overlapped loop holds S, P and
-// O of 128 keys in 160 registers and spills 116 bytes once the Philox code joins it); a dropout
-// call with a tile without one runs the cp.async wgmma forward (the entry point asks
-// flash_fwd_tma_tile_has_dropout).
 struct TmaTile {
   int block_n, consumers, stages, ctas_per_sm;
   bool overlap;
   bool dropout = true;
 };
+// d64: why these tiles and what they measured: docs/archive/attention_gpu_notes.md, v13. Tile 7
+// has no dropout variant: its overlapped loop holds S, P and O of 128 keys in 160 registers and
+// spills 116 bytes once the Philox code joins it.
 inline constexpr TmaTile kTma64Tiles[] = {
     {128, 3, 3, 1, false},        // 0: 192 x 128, 3 stages, one CTA per SM (issue 18's first step)
     {128, 2, 2, 1, false},        // 1: 128 x 128, one CTA per SM
@@ -78,21 +64,38 @@ inline constexpr TmaTile kTma64Tiles[] = {
     {64, 2, 4, 2, false},         // 9: 2 with 4 stages
     {64, 1, 2, 3, false},         // 10: 3 with 2 stages
 };
-inline constexpr int kTma64TileCount = int(sizeof(kTma64Tiles) / sizeof(kTma64Tiles[0]));
-template <typename Element, int kTile, bool kDropout>
-using FwdTma64Traits =
-    FwdTmaTraits<64, kTma64Tiles[kTile].block_n, kTma64Tiles[kTile].consumers, kTma64Tiles[kTile].stages,
-                 FLASHGPT_TMA_PINGPONG != 0, Element, kTma64Tiles[kTile].overlap, kTma64Tiles[kTile].ctas_per_sm,
-                 kDropout>;
-// The d64 tile of a call: the plan's when it names one, else tile 3 (64 x 64, three CTAs per
-// SM): on an H100 it ran 1.16-1.28x the cp.async wgmma forward in all 13 benchmark rows, within
-// 4% of the best tile in each (tile 5, the same with the overlap, tied it; docs/attention_gpu.md).
-inline constexpr int kTma64DefaultTile = 3;
-static_assert(kTma64Tiles[kTma64DefaultTile].dropout, "the default d64 tile takes dropout calls too");
-inline int tma64_tile(const AttentionParams& p, int planned) {
-  if (planned >= 0) return planned;
-  (void)p;
-  return kTma64DefaultTile;
+// d128: one CTA per SM, 2 consumers of 240 registers (S of 176 keys, P and O fit them; a third
+// consumer, 192 x 128, gets 160 and spills 8 bytes). Tiles 1 and 3 are FlashAttention-3's d128
+// tiles (causal 128 x 128 and non-causal 128 x 176, 2 stages, overlap on); none but tile 0 has
+// run on a GPU yet, so only tile 0 has a dropout variant (compile time). 176 keys or 3 stages
+// leave no room for O's own staging region: those tiles stage O in Q (kStageOInQ).
+inline constexpr TmaTile kTma128Tiles[] = {
+    {128, 2, 2, 1, false},         // 0: 128 x 128, 2 stages (the default: 1.20-1.23x the cp.async kernel)
+    {128, 2, 2, 1, true, false},   // 1: 0 with the intra-warpgroup overlap
+    {176, 2, 2, 1, false, false},  // 2: 128 x 176, 2 stages
+    {176, 2, 2, 1, true, false},   // 3: 2 with the overlap (FlashAttention-3's non-causal d128 tile)
+    {128, 2, 3, 1, false, false},  // 4: 0 with 3 stages
+};
+template <int kHeadDim>
+inline constexpr std::span<const TmaTile> kTmaTiles =
+    kHeadDim == 128 ? std::span<const TmaTile>(kTma128Tiles) : std::span<const TmaTile>(kTma64Tiles);
+// The tile of a call that names none. d64: tile 3 (64 x 64, three CTAs per SM): on an H100 it ran
+// 1.16-1.28x the cp.async wgmma forward in all 13 benchmark rows, within 4% of the best tile in
+// each (tile 5, the same with the overlap, tied it; docs/attention_gpu.md). d128: tile 0, the one
+// measured (the others are lab tiles until they win on a GPU).
+template <int kHeadDim>
+inline constexpr int kTmaDefaultTile = kHeadDim == 128 ? 0 : 3;
+static_assert(kTmaTiles<64>[kTmaDefaultTile<64>].dropout && kTmaTiles<128>[kTmaDefaultTile<128>].dropout,
+              "the default tiles take dropout calls too");
+template <int kHeadDim, typename Element, int kTile, bool kDropout>
+using FwdTmaTileTraits =
+    FwdTmaTraits<kHeadDim, kTmaTiles<kHeadDim>[kTile].block_n, kTmaTiles<kHeadDim>[kTile].consumers,
+                 kTmaTiles<kHeadDim>[kTile].stages, FLASHGPT_TMA_PINGPONG != 0, Element,
+                 kTmaTiles<kHeadDim>[kTile].overlap, kTmaTiles<kHeadDim>[kTile].ctas_per_sm, kDropout>;
+// The tile a plan runs: the one it names, else the default.
+template <int kHeadDim>
+int tma_tile_of(int planned) {
+  return planned >= 0 ? planned : kTmaDefaultTile<kHeadDim>;
 }
 
 // The TMA forward over a dense batch (the entry point sends no varlen batch here):
@@ -156,40 +159,57 @@ bool flash_fwd_has_tma() {
 
 template <int kHeadDim, typename Element>
 int flash_fwd_tma_tiles() {
-  return kHeadDim == 64 && flash_fwd_has_tma<kHeadDim, Element>() ? kTma64TileCount : 0;
+  if constexpr (kFwdTmaKernel<kHeadDim>) {
+    return flash_fwd_has_tma<kHeadDim, Element>() ? int(kTmaTiles<kHeadDim>.size()) : 0;
+  } else {
+    return 0;
+  }
+}
+
+template <int kHeadDim, typename Element>
+int flash_fwd_tma_tile(int planned) {
+  if constexpr (kFwdTmaKernel<kHeadDim>) {
+    return flash_fwd_has_tma<kHeadDim, Element>() ? tma_tile_of<kHeadDim>(planned) : -1;
+  } else {
+    return -1;
+  }
 }
 
 template <int kHeadDim, typename Element>
 bool flash_fwd_tma_tile_has_dropout(int tile) {
-  if (!flash_fwd_has_tma<kHeadDim, Element>()) return false;
-  if (kHeadDim != 64 || tile < 0) return true;  // d128's one tile, and d64's default (tile 3), have it
-  return tile < kTma64TileCount && kTma64Tiles[tile].dropout;
+  if constexpr (kFwdTmaKernel<kHeadDim>) {
+    if (!flash_fwd_has_tma<kHeadDim, Element>()) return false;
+    tile = tma_tile_of<kHeadDim>(tile);
+    return tile < int(kTmaTiles<kHeadDim>.size()) && kTmaTiles<kHeadDim>[tile].dropout;
+  } else {
+    return false;
+  }
 }
 
-// The TMA forward with or without dropout: the d128 tile, or the d64 tile of the plan. The
-// dropout variants (kDropout) are explicitly instantiated in translation units of their own
+// The TMA forward with or without dropout, in the tile of the plan. The dropout variants
+// (kDropout) are explicitly instantiated in translation units of their own
 // (flash_fwd_tma_dropout_hdim<d>_<dtype>.cu, generated by src/attention/CMakeLists.txt for the
 // head dims of kFwdTmaKernel), which the forward instance's unit declares extern, so that the
-// d64 table's two sets of kernels compile in parallel.
+// two sets of kernels compile in parallel.
 template <int kHeadDim, typename Element, bool kDropout>
 void run_flash_fwd_tma(const AttentionParams& p, const FwdPlan& plan, cudaStream_t stream) {
   static_assert(kFwdTmaKernel<kHeadDim>, "the TMA forward exists for head dims 64 and 128");
-  if constexpr (kHeadDim == 128) {
-    launch_flash_fwd_tma<FwdTma128Traits<Element, kDropout>>(p, plan.scale, stream);
-  } else {
-    const int tile = tma64_tile(p, plan.tma_tile);
-    if (tile >= kTma64TileCount)
-      plan_error("attention (CUDA): the plan names a d64 TMA forward tile past the table (FLASHGPT_ATTN_TMA_TILE)");
-    if (kDropout && !kTma64Tiles[tile].dropout)
-      plan_error("attention (CUDA): internal error: the plan names dropout with a d64 TMA forward tile that has none");
-    auto launch_tile = [&]<int kTile>(std::integral_constant<int, kTile>) {
-      if constexpr (!kDropout || kTma64Tiles[kTile].dropout)
-        launch_flash_fwd_tma<FwdTma64Traits<Element, kTile, kDropout>>(p, plan.scale, stream);
-    };
-    [&]<int... kTiles>(std::integer_sequence<int, kTiles...>) {
-      ((tile == kTiles ? launch_tile(std::integral_constant<int, kTiles>{}) : void()), ...);
-    }(std::make_integer_sequence<int, kTma64TileCount>{});
-  }
+  constexpr int kTiles = int(kTmaTiles<kHeadDim>.size());
+  const int tile = tma_tile_of<kHeadDim>(plan.tma_tile);
+  if (tile >= kTiles)
+    plan_error(kHeadDim == 64
+                   ? "attention (CUDA): the plan names a d64 TMA forward tile past the table (FLASHGPT_ATTN_TMA_TILE)"
+                   : "attention (CUDA): the plan names a d128 TMA forward tile past the table "
+                     "(FLASHGPT_ATTN_TMA128_TILE)");
+  if (kDropout && !kTmaTiles<kHeadDim>[tile].dropout)
+    plan_error("attention (CUDA): internal error: the plan names dropout with a TMA forward tile that has none");
+  auto launch_tile = [&]<int kTile>(std::integral_constant<int, kTile>) {
+    if constexpr (!kDropout || kTmaTiles<kHeadDim>[kTile].dropout)
+      launch_flash_fwd_tma<FwdTmaTileTraits<kHeadDim, Element, kTile, kDropout>>(p, plan.scale, stream);
+  };
+  [&]<int... kTileIds>(std::integer_sequence<int, kTileIds...>) {
+    ((tile == kTileIds ? launch_tile(std::integral_constant<int, kTileIds>{}) : void()), ...);
+  }(std::make_integer_sequence<int, kTiles>{});
 }
 
 template <int kHeadDim, typename Element>

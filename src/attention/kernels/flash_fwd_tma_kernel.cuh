@@ -22,8 +22,9 @@
 //     tensor cores the others run their softmax. Every consumer takes two turns per key block
 //     (S, then P V), and all of them see the same number of key blocks, so the turns pair up;
 //     the last warpgroup's last hand-over, which nobody would wait for, is skipped.
-//   - Epilogue: each consumer stages its 64 rows of O in shared memory (its own region, one
-//     named barrier of its 128 threads) and writes them out with 16-byte stores; LSE as today.
+//   - Epilogue: each consumer stages its 64 rows of O in shared memory (a region of its own, or
+//     its own rows of Q where the tile leaves no room: kStageOInQ; one named barrier of its 128
+//     threads) and writes them out with 16-byte stores; LSE as today.
 #pragma once
 
 #include "flash_common.cuh"
@@ -64,8 +65,12 @@ struct FwdTmaTraits {
   static constexpr size_t kStagedOBytes = (StagedO::kBytes + 127) / 128 * 128;
   // Barriers: Q full, then K full, V full, K empty, V empty per stage.
   static constexpr int kBarriers = 1 + 4 * kStages;
-  static constexpr size_t kSmemBytes =
-      1024 + kTileQBytes + 2 * size_t{kStages} * kTileKVBytes + kConsumers * kStagedOBytes + 8 * kBarriers;
+  static constexpr size_t kSmemWithoutO = 1024 + kTileQBytes + 2 * size_t{kStages} * kTileKVBytes + 8 * kBarriers;
+  // O is staged in a region of its own where that fits; otherwise (d128 with 176 keys or 3
+  // stages) in the consumer's own rows of Q, which only that consumer reads and which it has
+  // finished reading once its last GEMM has completed.
+  static constexpr bool kStageOInQ = kSmemWithoutO + kConsumers * kStagedOBytes > 227 * 1024;
+  static constexpr size_t kSmemBytes = kSmemWithoutO + (kStageOInQ ? 0 : kConsumers * kStagedOBytes);
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 block can have");
   static_assert(kCtasPerSm * (kSmemBytes + 1024) <= 228 * 1024,
                 "kCtasPerSm CTAs' shared memory (and the 1 KB the SM reserves for each) exceed an H100 SM's 228 KB");
@@ -83,15 +88,39 @@ struct FwdTmaTraits {
   static_assert(kConsumers + 1 <= 15 - kConsumers, "named barrier ids: a turn and an epilogue barrier per consumer");
 };
 
-// Lab hooks: FLASHGPT_TMA_PINGPONG=0 turns ping-pong off (each consumer issues its GEMMs as soon
-// as its data is there); FLASHGPT_TMA_OVERLAP=1 turns on the intra-warpgroup overlap of the d128
-// tile (d64's tiles say per tile whether they overlap: kTma64Tiles in flash_fwd_launch.cuh).
+// Lab hook: FLASHGPT_TMA_PINGPONG=0 turns ping-pong off (each consumer issues its GEMMs as soon
+// as its data is there). Whether a tile overlaps within a warpgroup is a column of the tile
+// tables (kTma64Tiles, kTma128Tiles in flash_fwd_launch.cuh).
 #ifndef FLASHGPT_TMA_PINGPONG
 #define FLASHGPT_TMA_PINGPONG 1
 #endif
-#ifndef FLASHGPT_TMA_OVERLAP
-#define FLASHGPT_TMA_OVERLAP 0
-#endif
+
+// One consumer's 64 rows of O staged in its own rows of Q ([kColBlocks][kBlockM][64], 128-byte
+// rows): the 16-byte chunk c of row r sits at chunk c ^ (r % 8), so that the eight rows a warp
+// writes at once, and the eight chunks a quarter-warp reads at once, fall in distinct banks.
+template <typename Traits>
+struct StagedOInQ {
+  using Element = typename Traits::Element;
+  static constexpr int kChunks = Traits::kHeadDim / 8;  // 16-byte chunks of a row
+  static __device__ __forceinline__ uint32_t offset(int row, int chunk) {
+    return uint32_t((chunk / 8) * Traits::kBlockM * 128 + row * 128 + (((chunk % 8) ^ (row % 8)) * 16));
+  }
+  // `base`: the consumer's first row of Q (sQ + 64 cw rows of the first column block).
+  static __device__ __forceinline__ void put(unsigned char* base, int row, int col, uint32_t pair) {
+    *reinterpret_cast<uint32_t*>(base + offset(row, col / 8) + (col % 8) * 2) = pair;
+  }
+  // Rows at or past valid_rows are not written.
+  static __device__ __forceinline__ void copy_out(const unsigned char* base, Element* out, int64_t row_stride,
+                                                  int valid_rows, int tid) {
+#pragma unroll
+    for (int c = tid; c < 64 * kChunks; c += 128) {
+      const int row = c / kChunks, chunk = c % kChunks;
+      if (row < valid_rows)
+        *reinterpret_cast<uint4*>(out + row * row_stride + chunk * 8) =
+            *reinterpret_cast<const uint4*>(base + offset(row, chunk));
+    }
+  }
+};
 
 template <typename Traits>
 __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
@@ -116,7 +145,7 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
   const uint32_t sK = sQ + Traits::kTileQBytes;               // [kStages][kColBlocks][kBlockN][64]
   const uint32_t sV = sK + kStages * Traits::kTileKVBytes;    // [kStages][kColBlocks][kBlockN][64]
   const uint32_t sO = sV + kStages * Traits::kTileKVBytes;    // [kConsumers] staged 64-row tiles
-  const uint32_t bars = sO + kConsumers * uint32_t(Traits::kStagedOBytes);
+  const uint32_t bars = sO + (Traits::kStageOInQ ? 0u : kConsumers * uint32_t(Traits::kStagedOBytes));
   const uint32_t bar_q = bars;
   auto bar_k_full = [&](int s) { return bars + 8u * uint32_t(1 + s); };
   auto bar_v_full = [&](int s) { return bars + 8u * uint32_t(1 + kStages + s); };
@@ -352,20 +381,31 @@ __global__ void __launch_bounds__(Traits::kThreads, Traits::kCtasPerSm)
   float keep_scale = 1.0f;
   if constexpr (Traits::kDropout) keep_scale = static_cast<float>(dropout_keep_scale(dropout_threshold(p.dropout_p)));
   Element* const s_o = reinterpret_cast<Element*>(smem_raw + (sO + cw * uint32_t(Traits::kStagedOBytes) - raw));
+  unsigned char* const s_o_in_q = smem_raw + (q_base - raw);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float sum = warp_quad_sum(row_sum[r]);
     const int row_in_wg = warp * 16 + g + 8 * r;
     const float inv = sum > 0.0f ? keep_scale / sum : 0.0f;
 #pragma unroll
-    for (int i = 0; i < kNTilesO; ++i)
-      StagedO::put(s_o, row_in_wg, i * 8 + 2 * t, Ops::pack(acc_o[i][2 * r] * inv, acc_o[i][2 * r + 1] * inv));
+    for (int i = 0; i < kNTilesO; ++i) {
+      const uint32_t pair = Ops::pack(acc_o[i][2 * r] * inv, acc_o[i][2 * r + 1] * inv);
+      if constexpr (Traits::kStageOInQ) {
+        StagedOInQ<Traits>::put(s_o_in_q, row_in_wg, i * 8 + 2 * t, pair);
+      } else {
+        StagedO::put(s_o, row_in_wg, i * 8 + 2 * t, pair);
+      }
+    }
     if (t == 0 && row0 + 8 * r < seq.seqlen_q)
       global.lse[row_local0 + 8 * r] = sum > 0.0f ? row_max[r] * scale + logf(sum) : INFINITY;
   }
   named_barrier_sync(1 + kConsumers + cw, 128);
-  StagedO::template copy_out<128>(s_o, global.o + int64_t{cw} * 64 * p.o_row_stride, p.o_row_stride,
-                                  seq.seqlen_q - m0 - cw * 64, ctid);
+  Element* const o_rows = global.o + int64_t{cw} * 64 * p.o_row_stride;
+  if constexpr (Traits::kStageOInQ) {
+    StagedOInQ<Traits>::copy_out(s_o_in_q, o_rows, p.o_row_stride, seq.seqlen_q - m0 - cw * 64, ctid);
+  } else {
+    StagedO::template copy_out<128>(s_o, o_rows, p.o_row_stride, seq.seqlen_q - m0 - cw * 64, ctid);
+  }
 #elif defined(__CUDA_ARCH__)
   __trap();  // built for a target without wgmma: the launcher never picks this kernel there
 #endif
