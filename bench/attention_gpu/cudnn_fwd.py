@@ -7,7 +7,8 @@ it. Needs only torch (no flashgpt binding). Inputs are [batch, seqlen, heads, d]
 [batch, heads, seqlen, d], as bench_attention.py hands them to SDPA. Each row is checked against
 SDPA's math backend at one head before it is timed; times are medians of CUDA-event runs.
 
-    python3 bench/attention_gpu/cudnn_fwd.py --out DIR   # writes DIR/cudnn_fwd.csv"""
+    python3 bench/attention_gpu/cudnn_fwd.py --out DIR   # writes DIR/cudnn_fwd.csv
+    python3 bench/attention_gpu/cudnn_fwd.py --out DIR --head-dim 128   # the d128 rows alone"""
 import argparse
 import csv
 import os
@@ -40,15 +41,16 @@ def time_ms(fn, min_time_s=0.3):
     return statistics.median(times)
 
 
-def rows():
+def rows(head_dims):
     out = []
-    for d in (64, 128):
+    for d in head_dims:
         for causal in (False, True):
             s = 512
             while s <= 16384:
                 out.append((16384 // s, 2048 // d, s, d, causal))
                 s *= 2
-    out.append((64, 12, 512, 64, True))
+    if 64 in head_dims:
+        out.append((64, 12, 512, 64, True))
     return out
 
 
@@ -56,6 +58,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--min-time-s", type=float, default=0.3)
+    ap.add_argument("--head-dim", type=int, choices=(64, 128), help="only this head dim's rows (default: both)")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
@@ -67,7 +70,7 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; cuDNN {torch.backends.cudnn.version()}")
     print(f"bf16 matmul 8192^3: {peak:.1f} TFLOP/s")
     results = []
-    for batch, heads, s, d, causal in rows():
+    for batch, heads, s, d, causal in rows((args.head_dim,) if args.head_dim else (64, 128)):
         q, k, v = (torch.randn(batch, s, heads, d, device=dev, dtype=torch.bfloat16) for _ in range(3))
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
 

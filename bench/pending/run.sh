@@ -10,8 +10,10 @@
 #   attn_bench  (about 250 s) `flashgpt bench attention` up to s 4096 with the separate and the
 #               fused dQ convert (wgmma and TMA backwards each), cuDNN's backward on the same
 #               rows, and the joined tables (docs/attention_gpu.md)
-#   ovl         (about 120 s) the d128 forward with FLASHGPT_TMA_OVERLAP=1 (stage.sh --ovl) against
-#               the default build
+#   tiles128    (about 180 s) the d128 TMA forward's tiles (kTma128Tiles; TILES128, default "0 1 2 3
+#               4"): their pipeline-shape tests, `flashgpt bench attention` d128 forward rows under
+#               FLASHGPT_ATTN_TMA128_TILE=k for each (validated first), cuDNN's forward on the same
+#               rows, and the joined table tiles128.md (docs/attention_gpu.md)
 #   switches    (about 400 s) bench/model/ab_switches.sh: the training step's opt-in paths named
 #               in SWITCHES ("NAME=VALUE ...") alone and together against the defaults, with
 #               their tests, profiles and torch.compile beside them (docs/model_gpu.md)
@@ -36,7 +38,7 @@
 #               their kernel tests, the engine tests, batch 64 and 1 against both off (and
 #               each alone, and 16 keys), twice, torch.compile beside the defaults
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
-# (decode.txt, bwd_table.md, dq_fused.md, profile.txt, ovl.md) and pending_logs.tgz.
+# (decode.txt, bwd_table.md, dq_fused.md, profile.txt, tiles128.md) and pending_logs.tgz.
 set -uo pipefail
 R=$(cd "$(dirname "$0")/../.." && pwd)
 PKG=$R/.gpu/pending
@@ -92,22 +94,36 @@ for part in ${PARTS:-decode attn_tests}; do
       sed -n '/^|/p' "$L/cudnn_bwd.log" | tee "$OUT/bwd_table.md"
       python3 "$R/bench/attention_gpu/bwd_fused_table.py" --separate "$L/attn_fused0/attention_cuda.csv" \
         --fused fused="$L/attn_fused1/attention_cuda.csv" 2>&1 | tee "$OUT/dq_fused.md" ;;
-    ovl)
-      [ -x "$B/flashgpt_ovl" ] || { echo "== ovl: skipped, the package has no flashgpt_ovl (stage.sh --ovl)" | tee -a "$S"; continue; }
-      for binary in flashgpt flashgpt_ovl; do
-        step "fwd_$binary" 60 "$B/$binary" bench attention --device cuda --no-backward --head-dim 128 --min-time 0.1 \
-          --out "$L/fwd_$binary"
+    tiles128)  # the tests first, then one bench per tile, cuDNN, the table
+      step tiles128_tests 100 env FLASHGPT_ATTN_FWD_KERNEL=tma "$B/attention_cuda_test" \
+        --gtest_filter='*EveryTma128Tile*:*ForwardPipelineShapes*:*ReportsKernels*:-*EveryTma64Tile*'
+      tiles=${TILES128:-0 1 2 3 4}
+      for k in $tiles; do
+        step "t128_$k" 45 env FLASHGPT_ATTN_TMA128_TILE=$k "$B/flashgpt" bench attention --device cuda --no-backward \
+          --head-dim 128 --min-time 0.05 --out "$L/t128_$k"
       done
-      python3 - "$L/fwd_flashgpt/attention_cuda.csv" "$L/fwd_flashgpt_ovl/attention_cuda.csv" <<'PY' | tee "$OUT/ovl.md"
-import csv, sys
-def rows(path):
-    return {(r["seqlen"], r["batch"], r["heads"], r["causal"], r["dropout"]): float(r["fwd_tflops"]) for r in csv.DictReader(open(path))}
-base, ovl = rows(sys.argv[1]), rows(sys.argv[2])
-print("| s | b x h | causal | dropout | default TFLOP/s | overlap TFLOP/s | overlap / default |")
-print("| --- | --- | --- | --- | --- | --- | --- |")
-for k in sorted(base, key=lambda k: (k[3], k[4], int(k[0]))):
-    if k in ovl:
-        print(f"| {k[0]} | {k[1]}x{k[2]} | {k[3]} | {k[4]} | {base[k]:.1f} | {ovl[k]:.1f} | {ovl[k] / base[k]:.3f} |")
+      step cudnn128 60 python3 "$R/bench/attention_gpu/cudnn_fwd.py" --out "$L/cudnn128" --head-dim 128 --min-time-s 0.05
+      python3 - "$L" $tiles <<'PY' 2>&1 | tee "$OUT/tiles128.md" | tee -a "$S"
+import csv, os, sys
+L, tiles = sys.argv[1], sys.argv[2:]
+def load(path, key, value):
+    return {key(r): float(r[value]) for r in csv.DictReader(open(path))} if os.path.exists(path) else {}
+key = lambda r: (int(r["seqlen"]), int(r["batch"]), int(r["heads"]), int(r["causal"]))
+ours = {k: load(f"{L}/t128_{k}/attention_cuda.csv", key, "fwd_tflops") for k in tiles}
+cudnn = load(f"{L}/cudnn128/cudnn_fwd.csv", key, "fwd_tflops")
+rows = sorted({r for t in ours.values() for r in t}, key=lambda r: (r[3], r[0]))
+print("d128 TMA forward tiles (FLASHGPT_ATTN_TMA128_TILE=k): TFLOP/s and tile / cuDNN per row\n")
+print("| s | b x h | causal | cuDNN | " + " | ".join(f"t{k} | t{k} / cuDNN" for k in tiles) + " | best |")
+print("| --- " * (4 + 2 * len(tiles) + 1) + "|")
+for r in rows:
+    c = cudnn.get(r, float("nan"))
+    cells = []
+    for k in tiles:
+        v = ours[k].get(r)
+        cells += [f"{v:.1f}", f"{v / c:.3f}"] if v is not None else ["-", "-"]
+    have = {k: ours[k][r] for k in tiles if r in ours[k]}
+    best = max(have, key=have.get) if have else "-"
+    print(f"| {r[0]} | {r[1]}x{r[2]} | {'yes' if r[3] else 'no'} | {c:.1f} | " + " | ".join(cells) + f" | t{best} |")
 PY
       ;;
     switches)
@@ -181,7 +197,7 @@ PY
       step decodefix_torch 150 python3 "$R/bench/generate/torch_static_kv.py" --flashgpt "$B/flashgpt" --batches 1,64 \
         --out "$OUT/torch_decode_fix.json"
       grep -E '^(\||batch|prefill|torch)' "$L/decodefix_torch.log" | tee -a "$S" ;;
-    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, ovl, switches, fixes, engine, attnproj, overlap," \
+    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, tiles128, switches, fixes, engine, attnproj, overlap," \
          "gentests, torchdecode, decodefix)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"

@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # Builds, on this (CPU) machine, what bench/pending/run.sh needs on the GPU machine and packs
 # it into .gpu/pending/ (git-ignored), the folder a device call carries:
-#   bench/pending/stage.sh [--ovl]
+#   bench/pending/stage.sh
 # A CUDA build (sm_90a; head dims 32, 64, 128; MPI, NCCL off) in build-pending/ of flashgpt and
 # the four CUDA test binaries, stripped, with lib/libfmt.so.9 and lib/libgomp.so.1 beside them
 # (the GPU machine lacks both), in bins.tar.xz, and COMMIT. The optional libraries the GPU
 # machine also lacks (libcurl, libarchive, OpenBLAS, liblzma) are left out of the build, and
-# the binaries' ldd is checked for anything else. --ovl adds flashgpt_ovl, a second build of
-# flashgpt with the d128 TMA forward's intra-warpgroup overlap (-DFLASHGPT_TMA_OVERLAP=1).
-# About 5 minutes per build on 2 cores; the package is about 40 MB (46 with --ovl), under the
-# 64 MiB a call carries with the tree.
+# the binaries' ldd is checked for anything else. About 5 minutes on 2 cores; the package is
+# about 40 MB, under the 64 MiB a call carries with the tree.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
@@ -25,11 +23,6 @@ stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/lib"
 for t in "${TARGETS[@]}"; do cp "$(find build-pending -name "$t" -type f -perm -u+x | head -1)" "$stage/"; done
-if [ "${1:-}" = "--ovl" ]; then
-  cmake -S . -B build-pending-ovl "${CONFIG[@]}" -DFLASHGPT_BUILD_TESTS=OFF -DCMAKE_CUDA_FLAGS=-DFLASHGPT_TMA_OVERLAP=1 >/dev/null
-  cmake --build build-pending-ovl -j "$(nproc)" --target flashgpt
-  cp build-pending-ovl/flashgpt "$stage/flashgpt_ovl"
-fi
 for b in "$stage"/*; do if [ -f "$b" ]; then strip "$b"; fi; done
 for lib in libfmt.so.9 libgomp.so.1; do cp -L "$(ldconfig -p | awk -v l="$lib" '$1 == l {print $NF; exit}')" "$stage/lib/"; done
 # Everything the binaries need beyond these and the CUDA libraries must be on the GPU machine.
