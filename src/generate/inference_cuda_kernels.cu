@@ -239,77 +239,43 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   return v;
 }
 
-// RPW rows of W per warp at a time: 2 when a row fits half the load slots (in <= 1024), so
-// that twice the bytes are in flight per warp.
-// U load slots per lane: kFusedUnroll, or kFusedUnrollWide for the residual epilogue with
-// inputs above 32 x 8 x kFusedUnroll, up to 32 x 8 x kFusedUnrollWide (fc_proj's 3072 at the
-// seed shape) when FusedGemvParams::wide, so that all of a row's loads go out before the
-// wait instead of a second round trip to memory after it.
-template <int R, GemvEpilogue E, int RPW, int U = kFusedUnroll>
-__global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fused_kernel(FusedGemvParams p) {
-  constexpr int SU = U / RPW;  // load slots per row
-  // The LayerNorm prologue: a row per warp from 3 rows up; below, every warp takes part in
-  // every row (block sums through shared memory) so that one row does not wait on one warp.
-  constexpr bool kBlockLn = R <= 2;
-  extern __shared__ uint4 xs[];  // (R, in / 8) bf16 input rows, then (2, warps, R) floats with kBlockLn
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int chunks = p.in / 8;
-  float* scratch = reinterpret_cast<float*>(xs + R * chunks);
-  const int stride = gridDim.x * kFusedWarps;
-  int o = blockIdx.x * kFusedWarps + warp;
-  // The weights depend on no earlier kernel: the first rows' loads go out before the wait.
-  // Slot u holds chunk base + lane + 32 (u % SU) of row o + (u / SU) stride.
-  uint4 wv[U];
-  auto load = [&](int row, int base) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int rr = row + (u / SU) * stride, i = base + lane + 32 * (u % SU);
-      wv[u] = rr < p.out && i < chunks
-                  ? load_stream(reinterpret_cast<const uint4*>(p.w + static_cast<int64_t>(rr) * p.in) + i)
-                  : make_uint4(0, 0, 0, 0);
-    }
-  };
-  if (o < p.out) load(o, 0);
-  // Nor do the parameters, nor the token places (the step's host copy, which the whole chain
-  // follows): into registers now, so that none costs a memory round trip after the wait:
-  // with the block-wide LayerNorm this thread's first 4 LayerNorm weights and biases (all of
-  // them up to d_model 1024), the biases of this warp's first rows, lane r's token place.
-  // The rest of the LayerNorm parameters go toward L2 (one prefetch per 128-byte line).
+// ---- the fused path's prologue and epilogue (gemv_fused_kernel, gemv_prefetch_kernel) ----
+
+// The LayerNorm prologue: a row per warp from 3 rows up; below, every warp takes part in
+// every row (block sums through shared memory) so that one row does not wait on one warp.
+template <int R>
+constexpr bool kFusedBlockLn = R <= 2;
+
+// Before the wait (the parameters depend on no earlier kernel): with the block-wide
+// LayerNorm this thread's first 4 LayerNorm weights and biases (all of them up to d_model
+// 1024) into g0, h0; the rest toward L2 (one prefetch per 128-byte line).
+template <int R>
+__device__ __forceinline__ void fused_ln_params_early(const FusedGemvParams& p, float4& g0, float4& h0) {
+  constexpr bool kBlockLn = kFusedBlockLn<R>;
   const int n4 = p.in / 4;
   const float4* w4 = reinterpret_cast<const float4*>(p.ln_w);
   const float4* b4 = reinterpret_cast<const float4*>(p.ln_b);
-  float4 g0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), h0 = g0;
+  g0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), h0 = g0;
   if (p.ln_w) {
     const int in_registers = kBlockLn ? static_cast<int>(blockDim.x) : 0;  // float4s held as g0, h0
     if (kBlockLn && static_cast<int>(threadIdx.x) < n4) g0 = w4[threadIdx.x], h0 = b4[threadIdx.x];
     for (int i = in_registers + 8 * threadIdx.x; i < n4; i += 8 * blockDim.x) prefetch_l2(w4 + i), prefetch_l2(b4 + i);
   }
-  float bias0[RPW];
-#pragma unroll
-  for (int k = 0; k < RPW; ++k) bias0[k] = p.bias && o + k * stride < p.out ? p.bias[o + k * stride] : 0.0f;
-  TokenPlace place0{};
-  if constexpr (E == GemvEpilogue::qkv_cache) {
-    if (lane < R) place0 = p.places[lane];
-  }
-  if (p.l2_prefetch.ptr) {  // prefetch_l2_range written out: its call tips this kernel (80 registers) into spills
-    const char* base = static_cast<const char*>(p.l2_prefetch.ptr);
-    for (int64_t at = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 128; at < p.l2_prefetch.bytes;
-         at += static_cast<int64_t>(gridDim.x) * blockDim.x * 128) {
-      prefetch_l2_evict_last(base + at);
-    }
-  }
-  pdl_wait();
-  pdl_launch_dependents();
-  // The residual values this warp adds to in its first rows (lane r, row r), loaded now so
-  // that they arrive while the products run.
-  float res0[RPW] = {};
-  if constexpr (E == GemvEpilogue::residual) {
-#pragma unroll
-    for (int k = 0; k < RPW; ++k) {
-      if (lane < R && o + k * stride < p.out) res0[k] = p.residual[static_cast<int64_t>(lane) * p.out + o + k * stride];
-    }
-  }
-  // Prologue: the R input rows into shared memory as bf16. The LayerNorm's statistics are
+}
+
+// After the wait, every thread of the block (kFusedWarps warps): the R input rows into
+// shared memory xs (R, in / 8) as bf16, copied or LayerNorm'd (g0, h0 from
+// fused_ln_params_early); scratch: (2, kFusedWarps, R) floats with the block-wide LayerNorm.
+// Ends with a __syncthreads.
+template <int R>
+__device__ __forceinline__ void fused_inputs_to_shared(const FusedGemvParams& p, uint4* xs, float* scratch,
+                                                       const float4& g0, const float4& h0) {
+  constexpr bool kBlockLn = kFusedBlockLn<R>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int chunks = p.in / 8, n4 = p.in / 4;
+  const float4* w4 = reinterpret_cast<const float4*>(p.ln_w);
+  const float4* b4 = reinterpret_cast<const float4*>(p.ln_b);
+  // The R input rows into shared memory as bf16. The LayerNorm's statistics are
   // sums shifted by the row's first value (so that a large mean costs no precision), then a
   // second pass normalises, its x from L1.
   bf16* xh = reinterpret_cast<bf16*>(xs);
@@ -387,6 +353,97 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
     }
   }
   __syncthreads();
+}
+
+// Output row `row` of input row r, the product v: the epilogue E (the argmax partials of
+// logits_argmax are the caller's). bias_first, res_first (lane r's residual value) and
+// place_first (lane r's token place) were loaded early for the warp's first rows (first).
+template <GemvEpilogue E>
+__device__ __forceinline__ void fused_store(const FusedGemvParams& p, int r, int row, float v, bool first,
+                                            float bias_first, float res_first, const TokenPlace& place_first) {
+  const float bias = first ? bias_first : p.bias ? p.bias[row] : 0.0f;
+  if constexpr (E == GemvEpilogue::store_bf16) {
+    static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(v + bias);
+  } else if constexpr (E == GemvEpilogue::bias_gelu) {
+    static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(gelu_tanh(v + bias));
+  } else if constexpr (E == GemvEpilogue::residual) {
+    float* res = p.residual + static_cast<int64_t>(r) * p.out + row;
+    *res = (first ? res_first : *res) + v + bias;
+  } else if constexpr (E == GemvEpilogue::qkv_cache) {
+    const int C = p.out / 3, part = row / C, c = row - part * C;
+    const bf16 h = __float2bfloat16(v + bias);
+    if (part == 0) {
+      p.q[static_cast<int64_t>(r) * C + c] = h;
+    } else {
+      const TokenPlace place = first ? place_first : p.places[r];
+      const int64_t at = place.slot * p.slot_stride + static_cast<int64_t>(place.pos) * C + c;
+      (part == 1 ? p.k_cache : p.v_cache)[at] = h;
+    }
+  } else {
+    static_cast<float*>(p.y)[r * p.ldy + row] = v;
+  }
+}
+
+// RPW rows of W per warp at a time: 2 when a row fits half the load slots (in <= 1024), so
+// that twice the bytes are in flight per warp.
+// U load slots per lane: kFusedUnroll, or kFusedUnrollWide for the residual epilogue with
+// inputs above 32 x 8 x kFusedUnroll, up to 32 x 8 x kFusedUnrollWide (fc_proj's 3072 at the
+// seed shape) when FusedGemvParams::wide, so that all of a row's loads go out before the
+// wait instead of a second round trip to memory after it.
+template <int R, GemvEpilogue E, int RPW, int U = kFusedUnroll>
+__global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fused_kernel(FusedGemvParams p) {
+  constexpr int SU = U / RPW;  // load slots per row
+  extern __shared__ uint4 xs[];  // (R, in / 8) bf16 input rows, then (2, warps, R) floats with kFusedBlockLn
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int chunks = p.in / 8;
+  float* scratch = reinterpret_cast<float*>(xs + R * chunks);
+  const int stride = gridDim.x * kFusedWarps;
+  int o = blockIdx.x * kFusedWarps + warp;
+  // The weights depend on no earlier kernel: the first rows' loads go out before the wait.
+  // Slot u holds chunk base + lane + 32 (u % SU) of row o + (u / SU) stride.
+  uint4 wv[U];
+  auto load = [&](int row, int base) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int rr = row + (u / SU) * stride, i = base + lane + 32 * (u % SU);
+      wv[u] = rr < p.out && i < chunks
+                  ? load_stream(reinterpret_cast<const uint4*>(p.w + static_cast<int64_t>(rr) * p.in) + i)
+                  : make_uint4(0, 0, 0, 0);
+    }
+  };
+  if (o < p.out) load(o, 0);
+  // Nor do the parameters, nor the token places (the step's host copy, which the whole chain
+  // follows): into registers now, so that none costs a memory round trip after the wait:
+  // the LayerNorm's (fused_ln_params_early), the biases of this warp's first rows, lane r's
+  // token place.
+  float4 g0, h0;
+  fused_ln_params_early<R>(p, g0, h0);
+  float bias0[RPW];
+#pragma unroll
+  for (int k = 0; k < RPW; ++k) bias0[k] = p.bias && o + k * stride < p.out ? p.bias[o + k * stride] : 0.0f;
+  TokenPlace place0{};
+  if constexpr (E == GemvEpilogue::qkv_cache) {
+    if (lane < R) place0 = p.places[lane];
+  }
+  if (p.l2_prefetch.ptr) {  // prefetch_l2_range written out: its call tips this kernel (80 registers) into spills
+    const char* base = static_cast<const char*>(p.l2_prefetch.ptr);
+    for (int64_t at = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 128; at < p.l2_prefetch.bytes;
+         at += static_cast<int64_t>(gridDim.x) * blockDim.x * 128) {
+      prefetch_l2_evict_last(base + at);
+    }
+  }
+  pdl_wait();
+  pdl_launch_dependents();
+  // The residual values this warp adds to in its first rows (lane r, row r), loaded now so
+  // that they arrive while the products run.
+  float res0[RPW] = {};
+  if constexpr (E == GemvEpilogue::residual) {
+#pragma unroll
+    for (int k = 0; k < RPW; ++k) {
+      if (lane < R && o + k * stride < p.out) res0[k] = p.residual[static_cast<int64_t>(lane) * p.out + o + k * stride];
+    }
+  }
+  fused_inputs_to_shared<R>(p, xs, scratch, g0, h0);
   bool first = true;  // this warp's first rows: bias0, res0 and place0 hold their values
   float best_v[R];
   int best_i[R];
@@ -428,27 +485,9 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         if (lane != r) continue;
-        float v = acc[k][r];
-        const float bias = first ? bias0[k] : p.bias ? p.bias[row] : 0.0f;
-        if constexpr (E == GemvEpilogue::store_bf16) {
-          static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(v + bias);
-        } else if constexpr (E == GemvEpilogue::bias_gelu) {
-          static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(gelu_tanh(v + bias));
-        } else if constexpr (E == GemvEpilogue::residual) {
-          float* res = p.residual + static_cast<int64_t>(r) * p.out + row;
-          *res = (first ? res0[k] : *res) + v + bias;
-        } else if constexpr (E == GemvEpilogue::qkv_cache) {
-          const int C = p.out / 3, part = row / C, c = row - part * C;
-          const bf16 h = __float2bfloat16(v + bias);
-          if (part == 0) {
-            p.q[static_cast<int64_t>(r) * C + c] = h;
-          } else {
-            const TokenPlace place = first ? place0 : p.places[r];
-            const int64_t at = place.slot * p.slot_stride + static_cast<int64_t>(place.pos) * C + c;
-            (part == 1 ? p.k_cache : p.v_cache)[at] = h;
-          }
-        } else {
-          static_cast<float*>(p.y)[r * p.ldy + row] = v;
+        const float v = acc[k][r];
+        fused_store<E>(p, r, row, v, first, bias0[k], res0[k], place0);
+        if constexpr (E == GemvEpilogue::logits_argmax) {
           // Rows come in increasing order, so the lowest column wins ties.
           if (row < p.valid_out && v > best_v[r]) best_v[r] = v, best_i[r] = row;
         }
