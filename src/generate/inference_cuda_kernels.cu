@@ -519,7 +519,7 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
 //
 // gemv_fused_kernel's products (not the head's: its 154 MB do not fit on chip) with the
 // whole of the block's weights copied into shared memory while the previous kernel still
-// runs. gemv_fused_kernel's 3 blocks of 85 registers fill a multiprocessor's register
+// runs. gemv_fused_kernel's 3 blocks of up to 80 registers fill a multiprocessor's register
 // file, so the next kernel's blocks become resident only as its blocks exit and the weight
 // loads it issues before its wait never overlap the previous kernel. Here a block (one a
 // multiprocessor) takes a contiguous run of output rows (slice_of), whose rows of the
