@@ -39,37 +39,8 @@ constexpr int kMaxSlots = 4;
 constexpr int kLnVec = 16;  // float4 per lane of a LayerNorm row: C <= 32 * 4 * 16 = 2048
 constexpr float kEps = 1e-5f;
 
+// ---- cp.async (the mbarrier and bulk-copy helpers are in inference_cuda_device.cuh) -----
 
-// ---- shared-memory pipeline primitives (sm_90) -----------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
-}
-__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(smem_addr(bar)), "r"(parity)
-        : "memory");
-  } while (!done);
-}
-// Global -> shared, `bytes` (a multiple of 16, both addresses 16-byte aligned), completing
-// on `bar` as transaction bytes.
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   smem_addr(dst)),
-               "l"(src), "r"(bytes), "r"(smem_addr(bar))
-               : "memory");
-}
 __device__ __forceinline__ void cp_async4(void* dst, const void* src) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_addr(dst)), "l"(src) : "memory");
 }
@@ -78,15 +49,6 @@ __device__ __forceinline__ void cp_async_commit() {
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
-struct Slice {
-  int64_t row0;
-  int rows;
-};
-// Block b's output rows of a product of `out` rows over a grid of G blocks.
-__host__ __device__ inline Slice slice_of(int out, int b, int G) {
-  const int64_t r0 = static_cast<int64_t>(b) * out / G, r1 = static_cast<int64_t>(b + 1) * out / G;
-  return {r0, static_cast<int>(r1 - r0)};
-}
 __host__ __device__ inline int max_slice(int out, int G) { return (out + G - 1) / G; }
 
 // Product phase j (4 per layer: qkv, proj, fc, fc_proj): its weights and shape.
@@ -145,8 +107,8 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
 
   if (t == 0) {
     for (int s = 0; s < p.slots; ++s) mbar_init(&mbar[s], 1);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    fence_mbarrier_init();
+    fence_proxy_async_shared();
   }
   __syncthreads();
   // Head chunk k of this block: rows slice_v.row0 + k * head_chunk, at most head_chunk.
@@ -179,7 +141,7 @@ __global__ void __launch_bounds__(kPThreads, 1) persistent_decode_kernel(const P
   };
   auto release = [&](int j) {  // after a __syncthreads that follows the last read of slot j
     if (t == 0 && j + p.slots < nphases) {
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      fence_proxy_async_shared();
       issue(j + p.slots);
     }
   };

@@ -1,7 +1,8 @@
 // Device helpers shared by the CUDA inference engine's kernels (inference_cuda_kernels.cu)
 // and its persistent decode kernel (decode_persistent.cu): programmatic dependent launch,
-// warp reductions, eight bf16 to float, L2 prefetches, and GELU (tanh), the model's
-// activation. Private to src/generate/; nvcc only.
+// warp reductions, eight bf16 to float, L2 prefetches, GELU (tanh), the model's
+// activation, and bulk copies into shared memory on an mbarrier. Private to src/generate/;
+// nvcc only.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -75,6 +76,57 @@ __device__ __forceinline__ void prefetch_l2_range(const void* p, int64_t bytes, 
 }
 __device__ __forceinline__ float gelu_tanh(float v) {
   return 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}
+
+// ---- shared-memory copies completing on an mbarrier (sm_90) ----------------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+// After mbar_init and before the barrier's first use by the copy engine (the async proxy).
+__device__ __forceinline__ void fence_mbarrier_init() {
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+// Orders this thread's earlier shared-memory accesses before its later async-proxy ones
+// (bulk copies), e.g. before a buffer that was read is overwritten by the next copy.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (!done);
+}
+// Global -> shared, `bytes` (a multiple of 16, both addresses 16-byte aligned), completing
+// on `bar` as transaction bytes.
+__device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t bytes, uint64_t* bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_addr(dst)),
+               "l"(src), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+
+// Block b's output rows of a product of `out` rows over a grid of G blocks: one contiguous
+// run, so its rows of a row-major W are one contiguous run of bytes.
+struct Slice {
+  int64_t row0;
+  int rows;
+};
+__host__ __device__ inline Slice slice_of(int out, int b, int G) {
+  const int64_t r0 = static_cast<int64_t>(b) * out / G, r1 = static_cast<int64_t>(b + 1) * out / G;
+  return {r0, static_cast<int>(r1 - r0)};
 }
 
 }  // namespace flashgpt::inference_cuda

@@ -239,77 +239,43 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   return v;
 }
 
-// RPW rows of W per warp at a time: 2 when a row fits half the load slots (in <= 1024), so
-// that twice the bytes are in flight per warp.
-// U load slots per lane: kFusedUnroll, or kFusedUnrollWide for the residual epilogue with
-// inputs above 32 x 8 x kFusedUnroll, up to 32 x 8 x kFusedUnrollWide (fc_proj's 3072 at the
-// seed shape) when FusedGemvParams::wide, so that all of a row's loads go out before the
-// wait instead of a second round trip to memory after it.
-template <int R, GemvEpilogue E, int RPW, int U = kFusedUnroll>
-__global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fused_kernel(FusedGemvParams p) {
-  constexpr int SU = U / RPW;  // load slots per row
-  // The LayerNorm prologue: a row per warp from 3 rows up; below, every warp takes part in
-  // every row (block sums through shared memory) so that one row does not wait on one warp.
-  constexpr bool kBlockLn = R <= 2;
-  extern __shared__ uint4 xs[];  // (R, in / 8) bf16 input rows, then (2, warps, R) floats with kBlockLn
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int chunks = p.in / 8;
-  float* scratch = reinterpret_cast<float*>(xs + R * chunks);
-  const int stride = gridDim.x * kFusedWarps;
-  int o = blockIdx.x * kFusedWarps + warp;
-  // The weights depend on no earlier kernel: the first rows' loads go out before the wait.
-  // Slot u holds chunk base + lane + 32 (u % SU) of row o + (u / SU) stride.
-  uint4 wv[U];
-  auto load = [&](int row, int base) {
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int rr = row + (u / SU) * stride, i = base + lane + 32 * (u % SU);
-      wv[u] = rr < p.out && i < chunks
-                  ? load_stream(reinterpret_cast<const uint4*>(p.w + static_cast<int64_t>(rr) * p.in) + i)
-                  : make_uint4(0, 0, 0, 0);
-    }
-  };
-  if (o < p.out) load(o, 0);
-  // Nor do the parameters, nor the token places (the step's host copy, which the whole chain
-  // follows): into registers now, so that none costs a memory round trip after the wait:
-  // with the block-wide LayerNorm this thread's first 4 LayerNorm weights and biases (all of
-  // them up to d_model 1024), the biases of this warp's first rows, lane r's token place.
-  // The rest of the LayerNorm parameters go toward L2 (one prefetch per 128-byte line).
+// ---- the fused path's prologue and epilogue (gemv_fused_kernel, gemv_prefetch_kernel) ----
+
+// The LayerNorm prologue: a row per warp from 3 rows up; below, every warp takes part in
+// every row (block sums through shared memory) so that one row does not wait on one warp.
+template <int R>
+constexpr bool kFusedBlockLn = R <= 2;
+
+// Before the wait (the parameters depend on no earlier kernel): with the block-wide
+// LayerNorm this thread's first 4 LayerNorm weights and biases (all of them up to d_model
+// 1024) into g0, h0; the rest toward L2 (one prefetch per 128-byte line).
+template <int R>
+__device__ __forceinline__ void fused_ln_params_early(const FusedGemvParams& p, float4& g0, float4& h0) {
+  constexpr bool kBlockLn = kFusedBlockLn<R>;
   const int n4 = p.in / 4;
   const float4* w4 = reinterpret_cast<const float4*>(p.ln_w);
   const float4* b4 = reinterpret_cast<const float4*>(p.ln_b);
-  float4 g0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), h0 = g0;
+  g0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), h0 = g0;
   if (p.ln_w) {
     const int in_registers = kBlockLn ? static_cast<int>(blockDim.x) : 0;  // float4s held as g0, h0
     if (kBlockLn && static_cast<int>(threadIdx.x) < n4) g0 = w4[threadIdx.x], h0 = b4[threadIdx.x];
     for (int i = in_registers + 8 * threadIdx.x; i < n4; i += 8 * blockDim.x) prefetch_l2(w4 + i), prefetch_l2(b4 + i);
   }
-  float bias0[RPW];
-#pragma unroll
-  for (int k = 0; k < RPW; ++k) bias0[k] = p.bias && o + k * stride < p.out ? p.bias[o + k * stride] : 0.0f;
-  TokenPlace place0{};
-  if constexpr (E == GemvEpilogue::qkv_cache) {
-    if (lane < R) place0 = p.places[lane];
-  }
-  if (p.l2_prefetch.ptr) {  // prefetch_l2_range written out: its call tips this kernel (80 registers) into spills
-    const char* base = static_cast<const char*>(p.l2_prefetch.ptr);
-    for (int64_t at = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 128; at < p.l2_prefetch.bytes;
-         at += static_cast<int64_t>(gridDim.x) * blockDim.x * 128) {
-      prefetch_l2_evict_last(base + at);
-    }
-  }
-  pdl_wait();
-  pdl_launch_dependents();
-  // The residual values this warp adds to in its first rows (lane r, row r), loaded now so
-  // that they arrive while the products run.
-  float res0[RPW] = {};
-  if constexpr (E == GemvEpilogue::residual) {
-#pragma unroll
-    for (int k = 0; k < RPW; ++k) {
-      if (lane < R && o + k * stride < p.out) res0[k] = p.residual[static_cast<int64_t>(lane) * p.out + o + k * stride];
-    }
-  }
-  // Prologue: the R input rows into shared memory as bf16. The LayerNorm's statistics are
+}
+
+// After the wait, every thread of the block (kFusedWarps warps): the R input rows into
+// shared memory xs (R, in / 8) as bf16, copied or LayerNorm'd (g0, h0 from
+// fused_ln_params_early); scratch: (2, kFusedWarps, R) floats with the block-wide LayerNorm.
+// Ends with a __syncthreads.
+template <int R>
+__device__ __forceinline__ void fused_inputs_to_shared(const FusedGemvParams& p, uint4* xs, float* scratch,
+                                                       const float4& g0, const float4& h0) {
+  constexpr bool kBlockLn = kFusedBlockLn<R>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int chunks = p.in / 8, n4 = p.in / 4;
+  const float4* w4 = reinterpret_cast<const float4*>(p.ln_w);
+  const float4* b4 = reinterpret_cast<const float4*>(p.ln_b);
+  // The R input rows into shared memory as bf16. The LayerNorm's statistics are
   // sums shifted by the row's first value (so that a large mean costs no precision), then a
   // second pass normalises, its x from L1.
   bf16* xh = reinterpret_cast<bf16*>(xs);
@@ -387,6 +353,97 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
     }
   }
   __syncthreads();
+}
+
+// Output row `row` of input row r, the product v: the epilogue E (the argmax partials of
+// logits_argmax are the caller's). bias_first, res_first (lane r's residual value) and
+// place_first (lane r's token place) were loaded early for the warp's first rows (first).
+template <GemvEpilogue E>
+__device__ __forceinline__ void fused_store(const FusedGemvParams& p, int r, int row, float v, bool first,
+                                            float bias_first, float res_first, const TokenPlace& place_first) {
+  const float bias = first ? bias_first : p.bias ? p.bias[row] : 0.0f;
+  if constexpr (E == GemvEpilogue::store_bf16) {
+    static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(v + bias);
+  } else if constexpr (E == GemvEpilogue::bias_gelu) {
+    static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(gelu_tanh(v + bias));
+  } else if constexpr (E == GemvEpilogue::residual) {
+    float* res = p.residual + static_cast<int64_t>(r) * p.out + row;
+    *res = (first ? res_first : *res) + v + bias;
+  } else if constexpr (E == GemvEpilogue::qkv_cache) {
+    const int C = p.out / 3, part = row / C, c = row - part * C;
+    const bf16 h = __float2bfloat16(v + bias);
+    if (part == 0) {
+      p.q[static_cast<int64_t>(r) * C + c] = h;
+    } else {
+      const TokenPlace place = first ? place_first : p.places[r];
+      const int64_t at = place.slot * p.slot_stride + static_cast<int64_t>(place.pos) * C + c;
+      (part == 1 ? p.k_cache : p.v_cache)[at] = h;
+    }
+  } else {
+    static_cast<float*>(p.y)[r * p.ldy + row] = v;
+  }
+}
+
+// RPW rows of W per warp at a time: 2 when a row fits half the load slots (in <= 1024), so
+// that twice the bytes are in flight per warp.
+// U load slots per lane: kFusedUnroll, or kFusedUnrollWide for the residual epilogue with
+// inputs above 32 x 8 x kFusedUnroll, up to 32 x 8 x kFusedUnrollWide (fc_proj's 3072 at the
+// seed shape) when FusedGemvParams::wide, so that all of a row's loads go out before the
+// wait instead of a second round trip to memory after it.
+template <int R, GemvEpilogue E, int RPW, int U = kFusedUnroll>
+__global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fused_kernel(FusedGemvParams p) {
+  constexpr int SU = U / RPW;  // load slots per row
+  extern __shared__ uint4 xs[];  // (R, in / 8) bf16 input rows, then (2, warps, R) floats with kFusedBlockLn
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int chunks = p.in / 8;
+  float* scratch = reinterpret_cast<float*>(xs + R * chunks);
+  const int stride = gridDim.x * kFusedWarps;
+  int o = blockIdx.x * kFusedWarps + warp;
+  // The weights depend on no earlier kernel: the first rows' loads go out before the wait.
+  // Slot u holds chunk base + lane + 32 (u % SU) of row o + (u / SU) stride.
+  uint4 wv[U];
+  auto load = [&](int row, int base) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int rr = row + (u / SU) * stride, i = base + lane + 32 * (u % SU);
+      wv[u] = rr < p.out && i < chunks
+                  ? load_stream(reinterpret_cast<const uint4*>(p.w + static_cast<int64_t>(rr) * p.in) + i)
+                  : make_uint4(0, 0, 0, 0);
+    }
+  };
+  if (o < p.out) load(o, 0);
+  // Nor do the parameters, nor the token places (the step's host copy, which the whole chain
+  // follows): into registers now, so that none costs a memory round trip after the wait:
+  // the LayerNorm's (fused_ln_params_early), the biases of this warp's first rows, lane r's
+  // token place.
+  float4 g0, h0;
+  fused_ln_params_early<R>(p, g0, h0);
+  float bias0[RPW];
+#pragma unroll
+  for (int k = 0; k < RPW; ++k) bias0[k] = p.bias && o + k * stride < p.out ? p.bias[o + k * stride] : 0.0f;
+  TokenPlace place0{};
+  if constexpr (E == GemvEpilogue::qkv_cache) {
+    if (lane < R) place0 = p.places[lane];
+  }
+  if (p.l2_prefetch.ptr) {  // prefetch_l2_range written out: its call tips this kernel (80 registers) into spills
+    const char* base = static_cast<const char*>(p.l2_prefetch.ptr);
+    for (int64_t at = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * 128; at < p.l2_prefetch.bytes;
+         at += static_cast<int64_t>(gridDim.x) * blockDim.x * 128) {
+      prefetch_l2_evict_last(base + at);
+    }
+  }
+  pdl_wait();
+  pdl_launch_dependents();
+  // The residual values this warp adds to in its first rows (lane r, row r), loaded now so
+  // that they arrive while the products run.
+  float res0[RPW] = {};
+  if constexpr (E == GemvEpilogue::residual) {
+#pragma unroll
+    for (int k = 0; k < RPW; ++k) {
+      if (lane < R && o + k * stride < p.out) res0[k] = p.residual[static_cast<int64_t>(lane) * p.out + o + k * stride];
+    }
+  }
+  fused_inputs_to_shared<R>(p, xs, scratch, g0, h0);
   bool first = true;  // this warp's first rows: bias0, res0 and place0 hold their values
   float best_v[R];
   int best_i[R];
@@ -428,27 +485,9 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
 #pragma unroll
       for (int r = 0; r < R; ++r) {
         if (lane != r) continue;
-        float v = acc[k][r];
-        const float bias = first ? bias0[k] : p.bias ? p.bias[row] : 0.0f;
-        if constexpr (E == GemvEpilogue::store_bf16) {
-          static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(v + bias);
-        } else if constexpr (E == GemvEpilogue::bias_gelu) {
-          static_cast<bf16*>(p.y)[r * p.ldy + row] = __float2bfloat16(gelu_tanh(v + bias));
-        } else if constexpr (E == GemvEpilogue::residual) {
-          float* res = p.residual + static_cast<int64_t>(r) * p.out + row;
-          *res = (first ? res0[k] : *res) + v + bias;
-        } else if constexpr (E == GemvEpilogue::qkv_cache) {
-          const int C = p.out / 3, part = row / C, c = row - part * C;
-          const bf16 h = __float2bfloat16(v + bias);
-          if (part == 0) {
-            p.q[static_cast<int64_t>(r) * C + c] = h;
-          } else {
-            const TokenPlace place = first ? place0 : p.places[r];
-            const int64_t at = place.slot * p.slot_stride + static_cast<int64_t>(place.pos) * C + c;
-            (part == 1 ? p.k_cache : p.v_cache)[at] = h;
-          }
-        } else {
-          static_cast<float*>(p.y)[r * p.ldy + row] = v;
+        const float v = acc[k][r];
+        fused_store<E>(p, r, row, v, first, bias0[k], res0[k], place0);
+        if constexpr (E == GemvEpilogue::logits_argmax) {
           // Rows come in increasing order, so the lowest column wins ties.
           if (row < p.valid_out && v > best_v[r]) best_v[r] = v, best_i[r] = row;
         }
@@ -472,6 +511,103 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
       }
       p.part_val[r * gridDim.x + blockIdx.x] = bv;
       p.part_idx[r * gridDim.x + blockIdx.x] = bi;
+    }
+  }
+}
+
+// ---- the prefetching GEMV (FLASHGPT_GEMV_PREFETCH=1) ------------------------------------
+//
+// gemv_fused_kernel's products (not the head's: its 154 MB do not fit on chip) with the
+// whole of the block's weights copied into shared memory while the previous kernel still
+// runs. gemv_fused_kernel's 3 blocks of up to 80 registers fill a multiprocessor's register
+// file, so the next kernel's blocks become resident only as its blocks exit and the weight
+// loads it issues before its wait never overlap the previous kernel. Here a block (one a
+// multiprocessor) takes a contiguous run of output rows (slice_of), whose rows of the
+// row-major W are one contiguous run of bytes: one cp.async.bulk into shared memory, on an
+// mbarrier, issued at the kernel's start. The block's registers and shared memory are small
+// enough (kPrefetchBlocksPerSm, kPrefetchSharedMax) that the blocks of the kernels before
+// and after it can be resident beside it.
+//
+// Ordering (programmatic dependent launch): the kernel lets its dependents launch first
+// thing, so the next kernel in the stream starts its own copy while this one waits, and
+// the one after that while the next waits, up to the first kernel that triggers only after
+// its wait (attention). This is safe because on the fused paths
+//   - every kernel reads what another kernel of the step writes (the residual, the LayerNorm
+//     and activation rows, q, the K/V caches, the combine's counters) only after its own
+//     griddepcontrol.wait, which returns once the previous kernel has completed and its
+//     writes are visible; that kernel had itself waited for the one before it, so every
+//     earlier kernel of the step has completed by then;
+//   - every kernel writes only after its wait, so no kernel still running upstream can read
+//     a buffer after a later kernel overwrote it (e.g. layer l + 1's qkv kernel writes q and
+//     the caches only once layer l's fc_proj, and with it layer l's attention, completed);
+//   - before its wait a kernel reads only what no kernel of the step writes: weights,
+//     biases, LayerNorm parameters and the token places (the step's host copy, ordered
+//     before the first kernel), and prefetches toward L2 (hints: L2 is the point of
+//     coherence, so a prefetched line cannot go stale);
+//   - a grid triggers its dependents only once all of its blocks have executed the trigger,
+//     i.e. are resident, so a waiting block never holds back a block its wait depends on.
+constexpr int kPrefetchBlocksPerSm = 3;  // registers: at most 85 a thread
+
+template <int R, GemvEpilogue E>
+__global__ void __launch_bounds__(32 * kFusedWarps, kPrefetchBlocksPerSm) gemv_prefetch_kernel(FusedGemvParams p) {
+  pdl_launch_dependents();
+  // (rows of the slice, in / 8) this block's W rows, then (R, in / 8) the bf16 input rows,
+  // then (2, warps, R) floats with the block-wide LayerNorm.
+  extern __shared__ __align__(128) uint4 ws[];
+  __shared__ uint64_t weights_ready;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int chunks = p.in / 8;
+  const Slice slice = slice_of(p.out, blockIdx.x, gridDim.x);  // at least one row (grid <= out)
+  uint4* xs = ws + static_cast<int64_t>(slice.rows) * chunks;
+  float* scratch = reinterpret_cast<float*>(xs + R * chunks);
+  if (threadIdx.x == 0) {  // the other threads look at the barrier after fused_inputs_to_shared's __syncthreads
+    mbar_init(&weights_ready, 1);
+    fence_mbarrier_init();
+    fence_proxy_async_shared();
+    const auto bytes = static_cast<uint32_t>(slice.rows) * static_cast<uint32_t>(chunks) * 16u;
+    mbar_expect_tx(&weights_ready, bytes);
+    bulk_copy(ws, p.w + slice.row0 * p.in, bytes, &weights_ready);
+  }
+  float4 g0, h0;
+  fused_ln_params_early<R>(p, g0, h0);
+  const int o0 = static_cast<int>(slice.row0) + warp;  // this warp's first row, if warp < slice.rows
+  const float bias0 = p.bias && warp < slice.rows ? p.bias[o0] : 0.0f;
+  TokenPlace place0{};
+  if constexpr (E == GemvEpilogue::qkv_cache) {
+    if (lane < R) place0 = p.places[lane];
+  }
+  prefetch_l2_range(p.l2_prefetch.ptr, p.l2_prefetch.bytes, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                    static_cast<int64_t>(gridDim.x) * blockDim.x);
+  pdl_wait();
+  float res0 = 0.0f;
+  if constexpr (E == GemvEpilogue::residual) {
+    if (lane < R && warp < slice.rows) res0 = p.residual[static_cast<int64_t>(lane) * p.out + o0];
+  }
+  fused_inputs_to_shared<R>(p, xs, scratch, g0, h0);
+  mbar_wait(&weights_ready, 0);
+  // A warp a row; lane l adds chunks l, l + 32, ... in that order, then the butterfly:
+  // gemv_fused_kernel's order, so the results are the same bits.
+  bool first = true;
+  for (int k = warp; k < slice.rows; k += kFusedWarps, first = false) {
+    const uint4* wr = ws + static_cast<int64_t>(k) * chunks;
+    float acc[R] = {};
+#pragma unroll 4
+    for (int i = lane; i < chunks; i += 32) {
+      float wf[8];
+      bf16x8_to_float(wr[i], wf);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        float xf[8];
+        bf16x8_to_float(xs[r * chunks + i], xf);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[r] += wf[j] * xf[j];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (lane == r) fused_store<E>(p, r, static_cast<int>(slice.row0) + k, acc[r], first, bias0, res0, place0);
     }
   }
 }
@@ -746,11 +882,20 @@ size_t gemv_fused_shared(int rows, int in, bool ln) {
   return static_cast<size_t>(rows) * in * 2 + (ln && rows <= 2 ? sizeof(float) * 2 * kFusedWarps * rows : 0);
 }
 
+// The current device's multiprocessors (read once per process).
+static int multiprocessors() {
+  static const int sms = [] {
+    int device = 0, n = 0;
+    FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
+    FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  }();
+  return sms;
+}
+
 int gemv_fused_blocks(int out) {
   static const int cap = [] {
-    int device = 0, sms = 0;
-    FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
-    FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int sms = multiprocessors();
     // FLASHGPT_GEMV_BLOCKS_PER_SM=1 or 2 (A/B timing, read once per process): a smaller grid
     // leaves each multiprocessor room for the next kernel's blocks to become resident (and
     // issue their weight loads) while this kernel runs; 3 fill its registers.
@@ -780,6 +925,56 @@ void launch_gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t st
   }
 }
 
+// The prefetching kernel's shared memory: its W slice (a block's rows of W, at most
+// kPrefetchSliceMax bytes), then what gemv_fused_kernel holds; at most kPrefetchSharedMax,
+// so that two of its blocks (fc and fc_proj) fit a multiprocessor's 227 KB beside the
+// smaller ones of the kernels around them.
+constexpr size_t kPrefetchSliceMax = 64 * 1024;
+constexpr size_t kPrefetchSharedMax = 100 * 1024;
+
+static size_t gemv_prefetch_shared(const FusedGemvParams& p, int grid) {
+  const size_t slice = static_cast<size_t>((p.out + grid - 1) / grid) * p.in * 2;  // slice_of's longest
+  if (slice > kPrefetchSliceMax) return 0;
+  return slice + gemv_fused_shared(p.rows, p.in, p.ln_w != nullptr);
+}
+
+int gemv_prefetch_grid(const FusedGemvParams& p, GemvEpilogue e) {
+  if (!p.prefetch || e == GemvEpilogue::logits_argmax || p.rows < 1 || p.rows > kGemvMaxRows || p.in <= 0 ||
+      p.in % 8 != 0 || p.out <= 0 || reinterpret_cast<uintptr_t>(p.w) % 16 != 0) {
+    return 0;
+  }
+  const int grid = std::min(multiprocessors(), p.out);  // every block has a row
+  const size_t shared = gemv_prefetch_shared(p, grid);
+  return shared > 0 && shared <= kPrefetchSharedMax ? grid : 0;
+}
+
+template <int R, GemvEpilogue E>
+void launch_gemv_prefetch(const FusedGemvParams& p, int grid, cudaStream_t stream) {
+  static const bool configured = [] {
+    // Room above the default 48 KB, and the largest shared-memory carve-out (a hint) so that
+    // the next kernels' blocks fit beside this one's.
+    FLASHGPT_CUDA_CHECK(cudaFuncSetAttribute(gemv_prefetch_kernel<R, E>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(kPrefetchSharedMax)));
+    FLASHGPT_CUDA_CHECK(cudaFuncSetAttribute(gemv_prefetch_kernel<R, E>,
+                                             cudaFuncAttributePreferredSharedMemoryCarveout,
+                                             cudaSharedmemCarveoutMaxShared));
+    return true;
+  }();
+  (void)configured;
+  launch(gemv_prefetch_kernel<R, E>, dim3(grid), dim3(32 * kFusedWarps), gemv_prefetch_shared(p, grid), stream,
+         p.programmatic, "gemv_prefetch_kernel", p);
+}
+
+template <GemvEpilogue E>
+void launch_gemv_prefetch_rows(const FusedGemvParams& p, int grid, cudaStream_t stream) {
+  switch (p.rows) {
+#define FLASHGPT_PREFETCH_ROWS(R) case R: launch_gemv_prefetch<R, E>(p, grid, stream); break;
+    FLASHGPT_PREFETCH_ROWS(1) FLASHGPT_PREFETCH_ROWS(2) FLASHGPT_PREFETCH_ROWS(3) FLASHGPT_PREFETCH_ROWS(4)
+    FLASHGPT_PREFETCH_ROWS(5) FLASHGPT_PREFETCH_ROWS(6) FLASHGPT_PREFETCH_ROWS(7) FLASHGPT_PREFETCH_ROWS(8)
+#undef FLASHGPT_PREFETCH_ROWS
+  }
+}
+
 bool gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
   if (p.rows < 1 || p.rows > kGemvMaxRows || p.in % 8 != 0 || p.in <= 0 || p.out <= 0 ||
       gemv_fused_shared(p.rows, p.in, p.ln_w != nullptr) +
@@ -788,6 +983,16 @@ bool gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
     return false;
   }
   if (!p.w || (p.ln_w ? !p.x_f32 || !p.ln_b : !p.x_bf16)) throw std::invalid_argument("gemv_fused: null input");
+  if (const int grid = gemv_prefetch_grid(p, e); grid > 0) {
+    switch (e) {
+      case GemvEpilogue::store_bf16: launch_gemv_prefetch_rows<GemvEpilogue::store_bf16>(p, grid, stream); break;
+      case GemvEpilogue::bias_gelu: launch_gemv_prefetch_rows<GemvEpilogue::bias_gelu>(p, grid, stream); break;
+      case GemvEpilogue::residual: launch_gemv_prefetch_rows<GemvEpilogue::residual>(p, grid, stream); break;
+      case GemvEpilogue::qkv_cache: launch_gemv_prefetch_rows<GemvEpilogue::qkv_cache>(p, grid, stream); break;
+      case GemvEpilogue::logits_argmax: break;  // not taken (gemv_prefetch_grid)
+    }
+    return true;
+  }
   // Two rows of W per warp at a time when a row takes at most half the load slots, every
   // warp has two rows or more (the head) and there are at most 4 input rows (above, the
   // accumulators spill). FLASHGPT_GEMV_TWO_ROWS=0 turns it off (A/B timing).
