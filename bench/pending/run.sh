@@ -5,6 +5,7 @@
 # Parts (each step capped by `timeout`; seconds are the caps, the usual run is shorter):
 #   decode      (about 240 s) bench/generate/run_gpu_layer3.sh over the fused, attnproj and layer3
 #               paths, each also with FLASHGPT_DECODE_L2_AHEAD=1 (docs/generate.md)
+#   attnall     (at most 240 s) the whole attention_cuda_test, the kernels chosen as in use
 #   attn_tests  (about 170 s) the TMA backward forced (pipeline shapes, against the wgmma kernel),
 #               the fused dQ convert's tests and the backward tests with it on, memcheck of both
 #   attn_bench  (about 250 s) `flashgpt bench attention` up to s 4096 with the separate and the
@@ -80,6 +81,8 @@ for part in ${PARTS:-decode attn_tests}; do
       VARIANTS="fused fused+l2ahead attnproj attnproj+l2ahead layer3 layer3+l2ahead" OUT=$OUT/decode DEADLINE=240 \
         bash "$R/bench/generate/run_gpu_layer3.sh" "$B" 2>&1 | tee "$L/decode.log" | grep -E '^(==|\|)' | tee -a "$S"
       cp "$OUT/decode/logs/table.txt" "$OUT/decode.txt" 2>/dev/null ;;
+    attnall)  # the whole attention suite with the automatic kernel choice, nothing forced
+      step attention_all 240 "$B/attention_cuda_test" ;;
     attn_tests)
       step tma_bwd_tests 60 env FLASHGPT_ATTN_BWD_KERNEL=tma "$B/attention_cuda_test" \
         --gtest_filter='*BackwardPipelineShapes*:*TmaBackwardMatchesWgmma*:*ReportsKernels*'
@@ -214,7 +217,7 @@ PY
           done
         done
       done ;;
-    *) echo "unknown part '$part' (decode, attn_tests, attn_bench, tiles128, switches, fixes, engine, attnproj, overlap," \
+    *) echo "unknown part '$part' (decode, attnall, attn_tests, attn_bench, tiles128, switches, fixes, engine, attnproj, overlap," \
          "gentests, torchdecode, decodefix, prefetch)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
