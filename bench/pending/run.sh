@@ -38,10 +38,6 @@
 #               batch-64 decode's LayerNorm and attention latency chains, both on by default):
 #               their kernel tests, the engine tests, batch 64 and 1 against both off (and
 #               each alone, and 16 keys), twice, torch.compile beside the defaults
-#   prefetch    (about 330 s) FLASHGPT_GEMV_PREFETCH=1 (the layer products' weight slices copied into
-#               shared memory before the wait, docs/generate.md): every engine test with it on, then
-#               the seed decode at batch 1, 8 and 64 (64: no fused product, a control) with it off
-#               and on, interleaved, twice (ms/step)
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
 # (decode.txt, bwd_table.md, dq_fused.md, profile.txt, tiles128.md) and pending_logs.tgz.
 set -uo pipefail
@@ -204,21 +200,8 @@ PY
       step decodefix_torch 150 python3 "$R/bench/generate/torch_static_kv.py" --flashgpt "$B/flashgpt" --batches 1,64 \
         --out "$OUT/torch_decode_fix.json"
       grep -E '^(\||batch|prefill|torch)' "$L/decodefix_torch.log" | tee -a "$S" ;;
-    prefetch)  # its tests first (a call cut short keeps them), then the A/B
-      step prefetch_tests 240 env FLASHGPT_GEMV_PREFETCH=1 "$B/generate_inference_cuda_test"
-      for r in 1 2; do
-        for b in 1 8 64; do
-          for v in 0 1; do
-            step "prefetch${v}_b${b}_r$r" 40 env FLASHGPT_GEMV_PREFETCH=$v "$B/flashgpt" bench generate --device cuda \
-              --preset seed --batch $b --prompt-tokens 128 --new-tokens 256
-            { echo -n "prefetch=$v batch $b round $r: "
-              grep -ohE '[0-9.]+ tokens/s \([0-9.]+ ms/step|measured [0-9.]+%' "$L/prefetch${v}_b${b}_r$r.log" |
-                tr '\n' ' '; echo; } | tee -a "$S"
-          done
-        done
-      done ;;
     *) echo "unknown part '$part' (decode, attnall, attn_tests, attn_bench, tiles128, switches, fixes, engine, attnproj, overlap," \
-         "gentests, torchdecode, decodefix, prefetch)"; status=1 ;;
+         "gentests, torchdecode, decodefix)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done

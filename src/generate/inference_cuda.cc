@@ -193,12 +193,6 @@ class CudaEngine final : public InferenceEngine {
   // the wait (FusedGemvParams::wide), on the fused and attnproj paths; off by default until
   // measured.
   bool gemv_wide_ = false;
-  // FLASHGPT_GEMV_PREFETCH=1: the layer products that go through gemv_fused (fused,
-  // attnproj and layer3 paths; not the head) on the prefetching kernel where it takes them
-  // (FusedGemvParams::prefetch): each block copies its whole slice of W into shared memory
-  // while the previous kernel still runs; the same bits; off by default until measured on
-  // a GPU.
-  bool gemv_prefetch_ = false;
   // FLASHGPT_HEAD_L2_PREFETCH=MB: the fc kernel of the layer before the last prefetches the
   // head's first MB megabytes of weights toward L2 with the evict-last priority, so that
   // the head starts on rows in L2 (off by default until measured).
@@ -370,7 +364,6 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
   }
   if (const char* pdl = std::getenv("FLASHGPT_CUDA_PDL")) pdl_ = std::string(pdl) != "0";
   if (const char* wide = std::getenv("FLASHGPT_GEMV_WIDE")) gemv_wide_ = std::string(wide) == "1";
-  if (const char* prefetch = std::getenv("FLASHGPT_GEMV_PREFETCH")) gemv_prefetch_ = std::string(prefetch) == "1";
   if (const char* mb = std::getenv("FLASHGPT_HEAD_L2_PREFETCH")) {
     const int64_t n = std::atoll(mb);
     FLASHGPT_CHECK(n >= 0 && n <= 4096, "inference (cuda): FLASHGPT_HEAD_L2_PREFETCH is '{}', expected 0 .. 4096 (MB)", mb);
@@ -568,7 +561,6 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
   auto run = [&](FusedGemvParams g, GemvEpilogue e) {
     g.programmatic = pdl_;
     g.wide = gemv_wide_;
-    g.prefetch = gemv_prefetch_;  // the head is never taken (gemv_prefetch_grid)
     FLASHGPT_CHECK(gemv_fused(g, e, stream_), "inference (cuda): the fused product ({} rows, {} -> {}) was refused",
                    g.rows, g.in, g.out);
   };

@@ -185,8 +185,8 @@ constexpr int kGemvWarps = 8;
 
 // One row of W (in / 8 16-byte chunks at wr) against the R bf16 rows of x in shared memory
 // (xs, row r at r * chunks): lane l adds chunks l, l + 32, ... in that order, then the
-// butterfly, so every lane ends with the R sums. gemv_kernel and gemv_prefetch_kernel share
-// it, and gemv_fused_kernel adds in the same order, so the three give the same bits.
+// butterfly, so every lane ends with the R sums. gemv_kernel uses it, and gemv_fused_kernel
+// adds in the same order, so the two give the same bits.
 template <int R>
 __device__ __forceinline__ void row_dot(const uint4* wr, const uint4* xs, int chunks, int lane, float (&acc)[R]) {
 #pragma unroll
@@ -250,7 +250,7 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
   return v;
 }
 
-// ---- the fused path's prologue and epilogue (gemv_fused_kernel, gemv_prefetch_kernel) ----
+// ---- the fused path's prologue and epilogue (gemv_fused_kernel) ------------------------
 
 // The LayerNorm prologue: a row per warp from 3 rows up; below, every warp takes part in
 // every row (block sums through shared memory) so that one row does not wait on one warp.
@@ -526,89 +526,6 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
   }
 }
 
-// ---- the prefetching GEMV (FLASHGPT_GEMV_PREFETCH=1) ------------------------------------
-//
-// gemv_fused_kernel's products (not the head's: its 154 MB do not fit on chip) with the
-// whole of the block's weights copied into shared memory while the previous kernel still
-// runs. gemv_fused_kernel's 3 blocks of up to 80 registers fill a multiprocessor's register
-// file, so the next kernel's blocks become resident only as its blocks exit and the weight
-// loads it issues before its wait never overlap the previous kernel. Here a block (one a
-// multiprocessor) takes a contiguous run of output rows (slice_of), whose rows of the
-// row-major W are one contiguous run of bytes: one cp.async.bulk into shared memory, on an
-// mbarrier, issued at the kernel's start. The block's registers and shared memory are small
-// enough (kPrefetchBlocksPerSm, kPrefetchSharedMax) that the blocks of the kernels before
-// and after it can be resident beside it.
-//
-// Ordering (programmatic dependent launch): the kernel lets its dependents launch first
-// thing, so the next kernel in the stream starts its own copy while this one waits, and
-// the one after that while the next waits, up to the first kernel that triggers only after
-// its wait (attention). This is safe because on the fused paths
-//   - every kernel reads what another kernel of the step writes (the residual, the LayerNorm
-//     and activation rows, q, the K/V caches, the combine's counters) only after its own
-//     griddepcontrol.wait, which returns once the previous kernel has completed and its
-//     writes are visible; that kernel had itself waited for the one before it, so every
-//     earlier kernel of the step has completed by then;
-//   - every kernel writes only after its wait, so no kernel still running upstream can read
-//     a buffer after a later kernel overwrote it (e.g. layer l + 1's qkv kernel writes q and
-//     the caches only once layer l's fc_proj, and with it layer l's attention, completed);
-//   - before its wait a kernel reads only what no kernel of the step writes: weights,
-//     biases, LayerNorm parameters and the token places (the step's host copy, ordered
-//     before the first kernel), and prefetches toward L2 (hints: L2 is the point of
-//     coherence, so a prefetched line cannot go stale);
-//   - a grid triggers its dependents only once all of its blocks have executed the trigger,
-//     i.e. are resident, so a waiting block never holds back a block its wait depends on.
-constexpr int kPrefetchBlocksPerSm = 3;  // registers: at most 85 a thread
-
-template <int R, GemvEpilogue E>
-__global__ void __launch_bounds__(32 * kFusedWarps, kPrefetchBlocksPerSm) gemv_prefetch_kernel(FusedGemvParams p) {
-  pdl_launch_dependents();
-  // (rows of the slice, in / 8) this block's W rows, then (R, in / 8) the bf16 input rows,
-  // then (2, warps, R) floats with the block-wide LayerNorm.
-  extern __shared__ __align__(128) uint4 ws[];
-  __shared__ uint64_t weights_ready;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int chunks = p.in / 8;
-  const Slice slice = slice_of(p.out, blockIdx.x, gridDim.x);  // at least one row (grid <= out)
-  uint4* xs = ws + static_cast<int64_t>(slice.rows) * chunks;
-  float* scratch = reinterpret_cast<float*>(xs + R * chunks);
-  if (threadIdx.x == 0) {  // the other threads look at the barrier after fused_inputs_to_shared's __syncthreads
-    mbar_init(&weights_ready, 1);
-    fence_mbarrier_init();
-    fence_proxy_async_shared();
-    const auto bytes = static_cast<uint32_t>(slice.rows) * static_cast<uint32_t>(chunks) * 16u;
-    mbar_expect_tx(&weights_ready, bytes);
-    bulk_copy(ws, p.w + slice.row0 * p.in, bytes, &weights_ready);
-  }
-  float4 g0, h0;
-  fused_ln_params_early<R>(p, g0, h0);
-  const int o0 = static_cast<int>(slice.row0) + warp;  // this warp's first row, if warp < slice.rows
-  const float bias0 = p.bias && warp < slice.rows ? p.bias[o0] : 0.0f;
-  TokenPlace place0{};
-  if constexpr (E == GemvEpilogue::qkv_cache) {
-    if (lane < R) place0 = p.places[lane];
-  }
-  prefetch_l2_range(p.l2_prefetch.ptr, p.l2_prefetch.bytes, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
-                    static_cast<int64_t>(gridDim.x) * blockDim.x);
-  pdl_wait();
-  float res0 = 0.0f;
-  if constexpr (E == GemvEpilogue::residual) {
-    if (lane < R && warp < slice.rows) res0 = p.residual[static_cast<int64_t>(lane) * p.out + o0];
-  }
-  fused_inputs_to_shared<R>(p, xs, scratch, g0, h0);
-  mbar_wait(&weights_ready, 0);
-  // A warp a row; lane l adds chunks l, l + 32, ... in that order, then the butterfly:
-  // gemv_fused_kernel's order, so the results are the same bits.
-  bool first = true;
-  for (int k = warp; k < slice.rows; k += kFusedWarps, first = false) {
-    float acc[R];
-    row_dot<R>(ws + static_cast<int64_t>(k) * chunks, xs, chunks, lane, acc);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      if (lane == r) fused_store<E>(p, r, static_cast<int>(slice.row0) + k, acc[r], first, bias0, res0, place0);
-    }
-  }
-}
-
 // ---- sampling --------------------------------------------------------------------------
 
 constexpr int kSampleThreads = 1024;
@@ -879,20 +796,11 @@ size_t gemv_fused_shared(int rows, int in, bool ln) {
   return static_cast<size_t>(rows) * in * 2 + (ln && rows <= 2 ? sizeof(float) * 2 * kFusedWarps * rows : 0);
 }
 
-// The current device's multiprocessors (read once per process).
-static int multiprocessors() {
-  static const int sms = [] {
-    int device = 0, n = 0;
-    FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
-    FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    return n;
-  }();
-  return sms;
-}
-
 int gemv_fused_blocks(int out) {
   static const int cap = [] {
-    const int sms = multiprocessors();
+    int device = 0, sms = 0;
+    FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
+    FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     // FLASHGPT_GEMV_BLOCKS_PER_SM=1 or 2 (A/B timing, read once per process): a smaller grid
     // leaves each multiprocessor room for the next kernel's blocks to become resident (and
     // issue their weight loads) while this kernel runs; 3 fill its registers.
@@ -922,56 +830,6 @@ void launch_gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t st
   }
 }
 
-// The prefetching kernel's shared memory: its W slice (a block's rows of W, at most
-// kPrefetchSliceMax bytes), then what gemv_fused_kernel holds; at most kPrefetchSharedMax,
-// so that two of its blocks (fc and fc_proj) fit a multiprocessor's 227 KB beside the
-// smaller ones of the kernels around them.
-constexpr size_t kPrefetchSliceMax = 64 * 1024;
-constexpr size_t kPrefetchSharedMax = 100 * 1024;
-
-static size_t gemv_prefetch_shared(const FusedGemvParams& p, int grid) {
-  const size_t slice = static_cast<size_t>((p.out + grid - 1) / grid) * p.in * 2;  // slice_of's longest
-  if (slice > kPrefetchSliceMax) return 0;
-  return slice + gemv_fused_shared(p.rows, p.in, p.ln_w != nullptr);
-}
-
-int gemv_prefetch_grid(const FusedGemvParams& p, GemvEpilogue e) {
-  if (!p.prefetch || e == GemvEpilogue::logits_argmax || p.rows < 1 || p.rows > kGemvMaxRows || p.in <= 0 ||
-      p.in % 8 != 0 || p.out <= 0 || reinterpret_cast<uintptr_t>(p.w) % 16 != 0) {
-    return 0;
-  }
-  const int grid = std::min(multiprocessors(), p.out);  // every block has a row
-  const size_t shared = gemv_prefetch_shared(p, grid);
-  return shared > 0 && shared <= kPrefetchSharedMax ? grid : 0;
-}
-
-template <int R, GemvEpilogue E>
-void launch_gemv_prefetch(const FusedGemvParams& p, int grid, cudaStream_t stream) {
-  static const bool configured = [] {
-    // Room above the default 48 KB, and the largest shared-memory carve-out (a hint) so that
-    // the next kernels' blocks fit beside this one's.
-    FLASHGPT_CUDA_CHECK(cudaFuncSetAttribute(gemv_prefetch_kernel<R, E>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             static_cast<int>(kPrefetchSharedMax)));
-    FLASHGPT_CUDA_CHECK(cudaFuncSetAttribute(gemv_prefetch_kernel<R, E>,
-                                             cudaFuncAttributePreferredSharedMemoryCarveout,
-                                             cudaSharedmemCarveoutMaxShared));
-    return true;
-  }();
-  (void)configured;
-  launch(gemv_prefetch_kernel<R, E>, dim3(grid), dim3(32 * kFusedWarps), gemv_prefetch_shared(p, grid), stream,
-         p.programmatic, "gemv_prefetch_kernel", p);
-}
-
-template <GemvEpilogue E>
-void launch_gemv_prefetch_rows(const FusedGemvParams& p, int grid, cudaStream_t stream) {
-  switch (p.rows) {
-#define FLASHGPT_PREFETCH_ROWS(R) case R: launch_gemv_prefetch<R, E>(p, grid, stream); break;
-    FLASHGPT_PREFETCH_ROWS(1) FLASHGPT_PREFETCH_ROWS(2) FLASHGPT_PREFETCH_ROWS(3) FLASHGPT_PREFETCH_ROWS(4)
-    FLASHGPT_PREFETCH_ROWS(5) FLASHGPT_PREFETCH_ROWS(6) FLASHGPT_PREFETCH_ROWS(7) FLASHGPT_PREFETCH_ROWS(8)
-#undef FLASHGPT_PREFETCH_ROWS
-  }
-}
-
 bool gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
   if (p.rows < 1 || p.rows > kGemvMaxRows || p.in % 8 != 0 || p.in <= 0 || p.out <= 0 ||
       gemv_fused_shared(p.rows, p.in, p.ln_w != nullptr) +
@@ -980,16 +838,6 @@ bool gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
     return false;
   }
   if (!p.w || (p.ln_w ? !p.x_f32 || !p.ln_b : !p.x_bf16)) throw std::invalid_argument("gemv_fused: null input");
-  if (const int grid = gemv_prefetch_grid(p, e); grid > 0) {
-    switch (e) {
-      case GemvEpilogue::store_bf16: launch_gemv_prefetch_rows<GemvEpilogue::store_bf16>(p, grid, stream); break;
-      case GemvEpilogue::bias_gelu: launch_gemv_prefetch_rows<GemvEpilogue::bias_gelu>(p, grid, stream); break;
-      case GemvEpilogue::residual: launch_gemv_prefetch_rows<GemvEpilogue::residual>(p, grid, stream); break;
-      case GemvEpilogue::qkv_cache: launch_gemv_prefetch_rows<GemvEpilogue::qkv_cache>(p, grid, stream); break;
-      case GemvEpilogue::logits_argmax: break;  // not taken (gemv_prefetch_grid)
-    }
-    return true;
-  }
   // Two rows of W per warp at a time when a row takes at most half the load slots, every
   // warp has two rows or more (the head) and there are at most 4 input rows (above, the
   // accumulators spill). FLASHGPT_GEMV_TWO_ROWS=0 turns it off (A/B timing).

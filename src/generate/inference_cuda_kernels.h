@@ -115,10 +115,6 @@ struct FusedGemvParams {
   // flight instead of 8, so a row's loads all go out before the wait (FLASHGPT_GEMV_WIDE=1).
   bool wide = false;
   L2Range l2_prefetch;  // optional: the next layer's matrix of this role, or the head's first rows
-  // FLASHGPT_GEMV_PREFETCH=1: where gemv_prefetch_grid takes the product, the prefetching
-  // kernel (one block a multiprocessor, its whole slice of W copied into shared memory at
-  // its start, before the wait); the same results bit for bit.
-  bool prefetch = false;
 };
 
 // Blocks the fused kernel launches for `out` output rows (the head's argmax partials are
@@ -129,11 +125,6 @@ int gemv_fused_blocks(int out);
 // LayerNorm at 1 or 2 rows, 64 for the head's argmax) above 48 KB of shared memory. The
 // pointers must be 16-byte aligned (cudaMalloc'd buffers at offsets of whole rows).
 bool gemv_fused(const FusedGemvParams& p, GemvEpilogue epilogue, cudaStream_t stream);
-// The blocks of the prefetching kernel gemv_fused launches for p (p.prefetch set), or 0
-// where it launches gemv_fused_kernel: the head (logits_argmax), a W not 16-byte aligned, or
-// a block's rows of W above 64 KB or its shared memory above 100 KB (so that the kernels
-// before and after it stay resident beside it). Decided from the shape alone.
-int gemv_prefetch_grid(const FusedGemvParams& p, GemvEpilogue epilogue);
 
 // x (N, C) fp32 = wte[token] + wpe[pos], launched as part of the fused path. With stats
 // (the layer3 path; C % 32 == 0): also each row's LayerNorm statistics as C / 32 (mean, M2)

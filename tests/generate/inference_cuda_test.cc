@@ -20,7 +20,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstring>
 #include <cmath>
 #include <cstdio>
@@ -30,7 +29,6 @@
 #include <set>
 #include <stdexcept>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -314,127 +312,6 @@ TEST(GemvFusedCuda, RefusesShapesItDoesNotTake) {
   EXPECT_FALSE(inference_cuda::gemv_fused(p, GemvEpilogue::store_bf16, nullptr));  // in % 8
   p.rows = 8, p.in = 4096;
   EXPECT_FALSE(inference_cuda::gemv_fused(p, GemvEpilogue::store_bf16, nullptr));  // 64 KB of input rows
-}
-
-// ---- the prefetching kernel (FLASHGPT_GEMV_PREFETCH) against gemv_fused_kernel ----------
-
-// The raw bits of n device values of T (bf16 as uint16_t), for bit-for-bit comparisons.
-template <class Bits, class T>
-std::vector<Bits> device_bits(const T* d, size_t n) {
-  static_assert(sizeof(Bits) == sizeof(T));
-  std::vector<Bits> host(n);
-  EXPECT_EQ(cudaMemcpy(host.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost), cudaSuccess);
-  return host;
-}
-
-// What one gemv_fused call wrote: y (rows, ldy) bf16, the residual (rows, out), q (rows, C)
-// and the K/V caches (S T, C), every buffer poisoned (the residual from residual0) first.
-struct GemvWritten {
-  std::vector<uint16_t> y, q, k, v;
-  std::vector<uint32_t> residual;
-};
-GemvWritten gemv_fused_written(FusedGemvParams p, GemvEpilogue e, const std::vector<float>& residual0,
-                               int cache_rows, bool prefetch) {
-  const int R = p.rows, C = p.out / 3;
-  const auto poison = [](size_t n) { return to_device(to_bf16(std::vector<float>(n, 1e4f))); };
-  auto* y = poison(static_cast<size_t>(R) * p.ldy);
-  auto* q = poison(static_cast<size_t>(R) * C);
-  auto* k = poison(static_cast<size_t>(cache_rows) * C);
-  auto* v = poison(static_cast<size_t>(cache_rows) * C);
-  auto* res = to_device(residual0);
-  p.y = y, p.q = q, p.k_cache = k, p.v_cache = v, p.residual = res, p.prefetch = prefetch;
-  EXPECT_TRUE(inference_cuda::gemv_fused(p, e, nullptr));
-  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
-  GemvWritten out{device_bits<uint16_t>(y, static_cast<size_t>(R) * p.ldy), device_bits<uint16_t>(q, static_cast<size_t>(R) * C),
-                  device_bits<uint16_t>(k, static_cast<size_t>(cache_rows) * C),
-                  device_bits<uint16_t>(v, static_cast<size_t>(cache_rows) * C),
-                  device_bits<uint32_t>(res, residual0.size())};
-  for (void* ptr : {static_cast<void*>(y), static_cast<void*>(q), static_cast<void*>(k), static_cast<void*>(v),
-                    static_cast<void*>(res)}) {
-    cudaFree(ptr);
-  }
-  return out;
-}
-
-// The prefetching kernel sums in gemv_fused_kernel's order: every output the same bits, for
-// the four epilogues it takes, at the seed shapes (qkv 768 -> 2304, fc 768 -> 3072, fc_proj
-// 3072 -> 768) at 1, 2 and 8 rows, and at awkward ones: outputs that are not a multiple of
-// the grid (1001, 2002), fewer outputs than multiprocessors (one row a block: 101, 37),
-// inputs that leave lanes idle (136, 776), with and without the LayerNorm prologue (both of
-// its forms: block-wide at 1-2 rows, a warp a row above) and programmatic launch. Also: the
-// shapes it refuses (the head; a block's slice of W above 64 KB).
-TEST(GemvPrefetchCuda, BitEqualToFusedKernel) {
-  std::mt19937 rng(17);
-  std::normal_distribution<float> normal;
-  int compared = 0;
-  for (const GemvCase& gc : {GemvCase{1, 768, 2304, true, true}, GemvCase{1, 768, 3072, true, true},
-                             GemvCase{1, 3072, 768, false, true}, GemvCase{2, 768, 2304, true, true},
-                             GemvCase{2, 3072, 768, false, false}, GemvCase{8, 768, 3072, true, true},
-                             GemvCase{8, 3072, 768, false, true}, GemvCase{3, 768, 1001, true, false},
-                             GemvCase{5, 3072, 101, false, true}, GemvCase{2, 136, 37, true, true},
-                             GemvCase{4, 776, 2002, true, true}, GemvCase{7, 3072, 2002, false, false}}) {
-    for (const GemvEpilogue epi : {GemvEpilogue::store_bf16, GemvEpilogue::bias_gelu, GemvEpilogue::residual,
-                                   GemvEpilogue::qkv_cache}) {
-      const int R = gc.rows, K = gc.in;
-      const int O = epi == GemvEpilogue::qkv_cache ? 3 * ((gc.out + 2) / 3) : gc.out;
-      SCOPED_TRACE(::testing::Message() << "rows " << R << " in " << K << " out " << O << " ln " << gc.ln
-                                        << " epilogue " << static_cast<int>(epi));
-      const int src_rows = R + 2, S = 2, T = 5;
-      std::vector<float> x_f32(static_cast<size_t>(src_rows) * K), ln_w(K), ln_b(K), x_bf(static_cast<size_t>(R) * K);
-      std::vector<float> w(static_cast<size_t>(O) * K), bias(O), residual0(static_cast<size_t>(R) * O);
-      for (auto& v : x_f32) v = 2.0f * normal(rng) - 0.3f;
-      for (auto& v : ln_w) v = 1.0f + 0.2f * normal(rng);
-      for (auto& v : ln_b) v = 0.1f * normal(rng);
-      for (auto& v : x_bf) v = normal(rng);
-      for (auto& v : w) v = normal(rng) / std::sqrt(static_cast<float>(K));
-      for (auto& v : bias) v = 0.2f * normal(rng);
-      for (auto& v : residual0) v = normal(rng);
-      std::vector<int32_t> row_index(R);
-      for (int r = 0; r < R; ++r) row_index[r] = (3 * r + 1) % src_rows;
-      std::vector<TokenPlace> places(R);
-      for (int r = 0; r < R; ++r) places[r] = {0, r % T, (r / T) % S};
-      GemvInputs inputs;
-      gemv_inputs(inputs, gc, O, x_f32, ln_w, ln_b, row_index, x_bf, w, bias);
-      FusedGemvParams& p = inputs.p;
-      p.ldy = O + 3;
-      p.places = inputs.own(to_device(places)), p.slot_stride = int64_t{T} * (O / 3);
-      p.prefetch = true;
-      EXPECT_GT(inference_cuda::gemv_prefetch_grid(p, epi), 0);  // the prefetching kernel takes it
-      EXPECT_EQ(inference_cuda::gemv_prefetch_grid(p, GemvEpilogue::logits_argmax), 0);  // never the head
-      const GemvWritten want = gemv_fused_written(p, epi, residual0, S * T, false);
-      const GemvWritten got = gemv_fused_written(p, epi, residual0, S * T, true);
-      EXPECT_EQ(got.y, want.y);
-      EXPECT_EQ(got.q, want.q);
-      EXPECT_EQ(got.k, want.k);
-      EXPECT_EQ(got.v, want.v);
-      EXPECT_EQ(got.residual, want.residual);
-      // The epilogue wrote every output (two untouched buffers would compare equal too).
-      const uint16_t poison = std::bit_cast<uint16_t>(__float2bfloat16(1e4f));
-      const auto written = [&](const std::vector<uint16_t>& b) {
-        return std::count_if(b.begin(), b.end(), [&](uint16_t x) { return x != poison; });
-      };
-      if (epi == GemvEpilogue::qkv_cache) {
-        EXPECT_EQ(written(want.q), R * (O / 3));
-        EXPECT_EQ(written(want.k), R * (O / 3));
-        EXPECT_EQ(written(want.v), R * (O / 3));
-      } else if (epi == GemvEpilogue::residual) {
-        size_t changed = 0;  // all but a value whose sum rounds back to itself
-        for (size_t i = 0; i < residual0.size(); ++i) changed += want.residual[i] != std::bit_cast<uint32_t>(residual0[i]);
-        EXPECT_GE(changed * 100, residual0.size() * 99);
-      } else {
-        EXPECT_EQ(written(want.y), R * O);
-      }
-      compared += static_cast<int>(want.y.size() + want.q.size() + want.k.size() + want.v.size() + want.residual.size());
-    }
-  }
-  EXPECT_GT(compared, 1000000);
-  // Refused: a block's rows of W above 64 KB (here 8 rows of 16 KB a block on any GPU of
-  // fewer than 1000 multiprocessors), and without the switch.
-  FusedGemvParams big;
-  big.rows = 1, big.in = 8192, big.out = 8000, big.prefetch = true;
-  EXPECT_EQ(inference_cuda::gemv_prefetch_grid(big, GemvEpilogue::residual), 0);
-  big.in = 768, big.out = 2304, big.prefetch = false;
-  EXPECT_EQ(inference_cuda::gemv_prefetch_grid(big, GemvEpilogue::residual), 0);
 }
 
 struct DecodeShape {
@@ -1418,23 +1295,22 @@ TEST(InferenceCuda, FirstCallRightAfterConstruction) {
   }
 }
 
-// An engine with the switch `env` at 1 against one with it at 0, through the decode path
-// `mode`: the same logits bit for bit and the same greedy tokens (the graph) over a prefill
-// and 24 decode steps. The switch's outer value is restored (a run of the whole binary
-// with it set keeps it for the tests after this one).
-void expect_switch_identical(const char* env, const char* mode, const ModelConfig& c, const std::vector<float>& params,
-                             int64_t B) {
-  SCOPED_TRACE(::testing::Message() << env << ", " << mode << ": d_model " << c.d_model << " batch " << B);
+// FLASHGPT_DECODE_L2_AHEAD=1 (each layer kernel prefetches its role's next-layer weights,
+// the last layer's the head's first rows) is a hint only: through the fused, attnproj and
+// layer3 paths, an engine with it gives the same logits bit for bit and the same greedy
+// tokens (the graph) as one without, over a prefill and 24 decode steps, at batch 1 and 3:
+// on the context-512 miniature (its last fc_proj's head range is cut to nothing: the head
+// is 4 C C + F C long) and on the seed preset.
+void expect_l2_ahead_identical(const char* mode, const ModelConfig& c, const std::vector<float>& params, int64_t B) {
+  SCOPED_TRACE(::testing::Message() << mode << ": d_model " << c.d_model << " batch " << B);
   const int64_t V = c.vocab_size;
-  const char* outer = std::getenv(env);
-  const std::string outer_value = outer ? outer : "";
   ASSERT_EQ(setenv("FLASHGPT_CUDA_DECODE", mode, 1), 0);
-  ASSERT_EQ(setenv(env, "0", 1), 0);
+  ASSERT_EQ(setenv("FLASHGPT_DECODE_L2_AHEAD", "0", 1), 0);
   auto off = inference_create_cuda(c, params, {.max_slots = B});
-  ASSERT_EQ(setenv(env, "1", 1), 0);
+  ASSERT_EQ(setenv("FLASHGPT_DECODE_L2_AHEAD", "1", 1), 0);
   auto on = inference_create_cuda(c, params, {.max_slots = B});
   ASSERT_EQ(unsetenv("FLASHGPT_CUDA_DECODE"), 0);
-  ASSERT_EQ(outer ? setenv(env, outer_value.c_str(), 1) : unsetenv(env), 0);
+  ASSERT_EQ(unsetenv("FLASHGPT_DECODE_L2_AHEAD"), 0);
   std::vector<std::vector<TokenId>> seqs;
   for (int64_t b = 0; b < B; ++b) seqs.push_back(random_tokens(9 + 4 * b, V, static_cast<uint32_t>(71 + b)));
   std::vector<uint64_t> index(B), step(B, 0);
@@ -1461,45 +1337,13 @@ void expect_switch_identical(const char* env, const char* mode, const ModelConfi
   EXPECT_EQ(on->length(0), 9 + 24);
 }
 
-// FLASHGPT_DECODE_L2_AHEAD=1 (each layer kernel prefetches its role's next-layer weights,
-// the last layer's the head's first rows) is a hint only: through the fused, attnproj and
-// layer3 paths, at batch 1 and 3, on the context-512 miniature (its last fc_proj's head
-// range is cut to nothing: the head is 4 C C + F C long) and on the seed preset.
 TEST(InferenceCuda, L2AheadChangesNothing) {
   const auto [tiny, mini, seed] = path_models();
   const auto mini_params = random_params(mini, 73), seed_params = random_params(seed, 79);
   for (const char* mode : {"fused", "attnproj", "layer3"}) {
     for (const int64_t B : {1, 3}) {
-      expect_switch_identical("FLASHGPT_DECODE_L2_AHEAD", mode, mini, mini_params, B);
-      expect_switch_identical("FLASHGPT_DECODE_L2_AHEAD", mode, seed, seed_params, B);
-    }
-  }
-}
-
-// FLASHGPT_GEMV_PREFETCH=1 (the layer products through the kernel that copies its W slice
-// into shared memory before its wait, and lets the next kernels launch at its start) sums
-// in the same order: through the fused, attnproj and layer3 paths (layer3: its qkv kernel,
-// LayerNorm from the statistics mlp_kernel left; above 4 rows it runs attnproj), at batch
-// 1, 2 and 8, on the
-// context-512 miniature (qkv's 384 and fc's 512 outputs are not a multiple of an H100's
-// 132 blocks; fc_proj's 128 leave blocks idle) and on the seed preset (whose three layer
-// products the kernel is checked to take at every batch).
-TEST(InferenceCuda, GemvPrefetchChangesNothing) {
-  const auto [tiny, mini, seed] = path_models();
-  const auto mini_params = random_params(mini, 83), seed_params = random_params(seed, 89);
-  for (const int64_t B : {1, 2, 8}) {
-    inference_cuda::FusedGemvParams p;  // the seed preset's shapes, alignment as cudaMalloc gives
-    p.w = reinterpret_cast<const __nv_bfloat16*>(uintptr_t{256}), p.rows = static_cast<int>(B), p.prefetch = true;
-    const int C = static_cast<int>(seed.d_model), F = static_cast<int>(seed.d_ff);
-    for (const auto& [in, out, epi] : {std::tuple{C, 3 * C, GemvEpilogue::qkv_cache},
-                                       std::tuple{C, F, GemvEpilogue::bias_gelu},
-                                       std::tuple{F, C, GemvEpilogue::residual}}) {
-      p.in = in, p.out = out;
-      EXPECT_GT(inference_cuda::gemv_prefetch_grid(p, epi), 0) << "batch " << B << ", " << in << " -> " << out;
-    }
-    for (const char* mode : {"fused", "attnproj", "layer3"}) {
-      expect_switch_identical("FLASHGPT_GEMV_PREFETCH", mode, mini, mini_params, B);
-      expect_switch_identical("FLASHGPT_GEMV_PREFETCH", mode, seed, seed_params, B);
+      expect_l2_ahead_identical(mode, mini, mini_params, B);
+      expect_l2_ahead_identical(mode, seed, seed_params, B);
     }
   }
 }
