@@ -82,8 +82,8 @@ int attention_cuda_force_tma64_tile(int tile);
 int attention_cuda_tma128_tile_count();
 int attention_cuda_force_tma128_tile(int tile);
 // The TMA forward tile a call with these params runs (an index of its head dim's table: the
-// forced one, else the default), or -1 where another kernel runs. Benchmarks name it beside
-// attention_cuda_forward_kernel.
+// forced one, else the default, which at d128 depends on dropout), or -1 where another kernel
+// runs. Benchmarks name it beside attention_cuda_forward_kernel.
 int attention_cuda_forward_tma_tile(const AttentionParams& params);
 
 // Writes o and lse.

@@ -346,8 +346,10 @@ int attention_cuda_tma128_tile_count() {
 int attention_cuda_forward_tma_tile(const AttentionParams& params) {
   const int planned = planned_tma_tile(params.head_dim);
   if (choose_fwd_kernel(params.head_dim, &params, planned) != attn::FwdKernel::tma) return -1;
-  return dispatch_instance<int>(params.head_dim, DType::bf16,
-                                [planned]<int D, typename E>() { return attn::flash_fwd_tma_tile<D, E>(planned); });
+  const bool dropout = dropout_enabled(dropout_threshold(params.dropout_p));
+  return dispatch_instance<int>(params.head_dim, DType::bf16, [planned, dropout]<int D, typename E>() {
+    return attn::flash_fwd_tma_tile<D, E>(planned, dropout);
+  });
 }
 
 const char* attention_cuda_force_forward_kernel(const char* kernel) {

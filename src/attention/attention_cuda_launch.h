@@ -70,10 +70,10 @@ bool flash_bwd_has_tma();
 // (kTma64Tiles, kTma128Tiles; 0 without the TMA forward).
 template <int kHeadDim, typename Element>
 int flash_fwd_tma_tiles();
-// The tile the TMA forward runs for a plan's tma_tile (-1: the instance's default); -1 without
-// the TMA forward.
+// The tile the TMA forward runs for a plan's tma_tile (-1: the instance's default for a call with
+// or without dropout); -1 without the TMA forward.
 template <int kHeadDim, typename Element>
-int flash_fwd_tma_tile(int planned);
+int flash_fwd_tma_tile(int planned, bool dropout);
 // Whether the TMA forward has a dropout variant for the tile a plan's tma_tile names (-1: the
 // instance's choice, which always has one); false without the TMA forward.
 template <int kHeadDim, typename Element>

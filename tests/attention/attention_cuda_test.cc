@@ -409,15 +409,18 @@ TEST(AttentionCuda, ReportsKernels) {
     if (!tile_forced) {
       EXPECT_EQ(std::string_view(attention_cuda_forward_kernel(with_dropout)), fwd) << "head_dim " << d;
     }
-    // The TMA forward names its tile: the default (d64 tile 3, d128 tile 0) unless one is forced.
+    // The TMA forward names its tile: the default (d64 tile 3; d128 tile 1, tile 0 with dropout)
+    // unless one is forced.
     AttentionParams plain;
     plain.head_dim = d;
     const int tile = attention_cuda_forward_tma_tile(plain);
-    std::printf("[ info ] head_dim %d forward tile: %d\n", d, tile);
+    const int dropout_tile = attention_cuda_forward_tma_tile(with_dropout);
+    std::printf("[ info ] head_dim %d forward tile: %d (with dropout: %d)\n", d, tile, dropout_tile);
     if (fwd != "wgmma-tma") {
       EXPECT_EQ(tile, -1) << "head_dim " << d;
     } else if (!tile_forced) {
-      EXPECT_EQ(tile, d == 128 ? 0 : 3) << "head_dim " << d;
+      EXPECT_EQ(tile, d == 128 ? 1 : 3) << "head_dim " << d;
+      EXPECT_EQ(dropout_tile, d == 128 ? 0 : 3) << "head_dim " << d;
     }
     AttentionParams varlen_params = with_dropout;
     const int32_t cu_seqlens[2] = {0, 1};  // only compared with null by the choice

@@ -66,12 +66,13 @@ inline constexpr TmaTile kTma64Tiles[] = {
 };
 // d128: one CTA per SM, 2 consumers of 240 registers (S of 176 keys, P and O fit them; a third
 // consumer, 192 x 128, gets 160 and spills 8 bytes). Tiles 1 and 3 are FlashAttention-3's d128
-// tiles (causal 128 x 128 and non-causal 128 x 176, 2 stages, overlap on); none but tile 0 has
-// run on a GPU yet, so only tile 0 has a dropout variant (compile time). 176 keys or 3 stages
-// leave no room for O's own staging region: those tiles stage O in Q (kStageOInQ).
+// tiles (causal 128 x 128 and non-causal 128 x 176, 2 stages, overlap on). Only tile 0 has a
+// dropout variant (compile time; the others' were never timed). 176 keys or 3 stages leave no
+// room for O's own staging region: those tiles stage O in Q (kStageOInQ). All five ran on an
+// H100 (2026-12-07, docs/attention_gpu.md).
 inline constexpr TmaTile kTma128Tiles[] = {
-    {128, 2, 2, 1, false},         // 0: 128 x 128, 2 stages (the default: 1.20-1.23x the cp.async kernel)
-    {128, 2, 2, 1, true, false},   // 1: 0 with the intra-warpgroup overlap
+    {128, 2, 2, 1, false},         // 0: 128 x 128, 2 stages (the default of dropout calls)
+    {128, 2, 2, 1, true, false},   // 1: 0 with the intra-warpgroup overlap (the default)
     {176, 2, 2, 1, false, false},  // 2: 128 x 176, 2 stages
     {176, 2, 2, 1, true, false},   // 3: 2 with the overlap (FlashAttention-3's non-causal d128 tile)
     {128, 2, 3, 1, false, false},  // 4: 0 with 3 stages
@@ -81,21 +82,24 @@ inline constexpr std::span<const TmaTile> kTmaTiles =
     kHeadDim == 128 ? std::span<const TmaTile>(kTma128Tiles) : std::span<const TmaTile>(kTma64Tiles);
 // The tile of a call that names none. d64: tile 3 (64 x 64, three CTAs per SM): on an H100 it ran
 // 1.16-1.28x the cp.async wgmma forward in all 13 benchmark rows, within 4% of the best tile in
-// each (tile 5, the same with the overlap, tied it; docs/attention_gpu.md). d128: tile 0, the one
-// measured (the others are lab tiles until they win on a GPU).
+// each (tile 5, the same with the overlap, tied it; docs/attention_gpu.md). d128: tile 1 (the
+// intra-warpgroup overlap), 1.03-1.24x cuDNN in all 12 d128 rows of one H100 run, the best tile
+// in 11 of them; a dropout call takes tile 0, the only d128 tile with a dropout variant.
 template <int kHeadDim>
-inline constexpr int kTmaDefaultTile = kHeadDim == 128 ? 0 : 3;
-static_assert(kTmaTiles<64>[kTmaDefaultTile<64>].dropout && kTmaTiles<128>[kTmaDefaultTile<128>].dropout,
-              "the default tiles take dropout calls too");
+inline constexpr int kTmaDefaultTile = kHeadDim == 128 ? 1 : 3;
+template <int kHeadDim>
+inline constexpr int kTmaDropoutDefaultTile = kHeadDim == 128 ? 0 : 3;
+static_assert(kTmaTiles<64>[kTmaDropoutDefaultTile<64>].dropout && kTmaTiles<128>[kTmaDropoutDefaultTile<128>].dropout,
+              "the default tiles of dropout calls have a dropout variant");
 template <int kHeadDim, typename Element, int kTile, bool kDropout>
 using FwdTmaTileTraits =
     FwdTmaTraits<kHeadDim, kTmaTiles<kHeadDim>[kTile].block_n, kTmaTiles<kHeadDim>[kTile].consumers,
                  kTmaTiles<kHeadDim>[kTile].stages, FLASHGPT_TMA_PINGPONG != 0, Element,
                  kTmaTiles<kHeadDim>[kTile].overlap, kTmaTiles<kHeadDim>[kTile].ctas_per_sm, kDropout>;
-// The tile a plan runs: the one it names, else the default.
+// The tile a plan runs: the one it names, else the default of a call with or without dropout.
 template <int kHeadDim>
-int tma_tile_of(int planned) {
-  return planned >= 0 ? planned : kTmaDefaultTile<kHeadDim>;
+int tma_tile_of(int planned, bool dropout) {
+  return planned >= 0 ? planned : dropout ? kTmaDropoutDefaultTile<kHeadDim> : kTmaDefaultTile<kHeadDim>;
 }
 
 // The TMA forward over a dense batch (the entry point sends no varlen batch here):
@@ -167,9 +171,9 @@ int flash_fwd_tma_tiles() {
 }
 
 template <int kHeadDim, typename Element>
-int flash_fwd_tma_tile(int planned) {
+int flash_fwd_tma_tile(int planned, bool dropout) {
   if constexpr (kFwdTmaKernel<kHeadDim>) {
-    return flash_fwd_has_tma<kHeadDim, Element>() ? tma_tile_of<kHeadDim>(planned) : -1;
+    return flash_fwd_has_tma<kHeadDim, Element>() ? tma_tile_of<kHeadDim>(planned, dropout) : -1;
   } else {
     return -1;
   }
@@ -179,7 +183,7 @@ template <int kHeadDim, typename Element>
 bool flash_fwd_tma_tile_has_dropout(int tile) {
   if constexpr (kFwdTmaKernel<kHeadDim>) {
     if (!flash_fwd_has_tma<kHeadDim, Element>()) return false;
-    tile = tma_tile_of<kHeadDim>(tile);
+    tile = tma_tile_of<kHeadDim>(tile, /*dropout=*/true);
     return tile < int(kTmaTiles<kHeadDim>.size()) && kTmaTiles<kHeadDim>[tile].dropout;
   } else {
     return false;
@@ -195,7 +199,7 @@ template <int kHeadDim, typename Element, bool kDropout>
 void run_flash_fwd_tma(const AttentionParams& p, const FwdPlan& plan, cudaStream_t stream) {
   static_assert(kFwdTmaKernel<kHeadDim>, "the TMA forward exists for head dims 64 and 128");
   constexpr int kTiles = int(kTmaTiles<kHeadDim>.size());
-  const int tile = tma_tile_of<kHeadDim>(plan.tma_tile);
+  const int tile = tma_tile_of<kHeadDim>(plan.tma_tile, kDropout);
   if (tile >= kTiles)
     plan_error(kHeadDim == 64
                    ? "attention (CUDA): the plan names a d64 TMA forward tile past the table (FLASHGPT_ATTN_TMA_TILE)"
