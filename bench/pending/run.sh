@@ -6,6 +6,7 @@
 #   decode      (about 240 s) bench/generate/run_gpu_layer3.sh over the fused, attnproj and layer3
 #               paths, each also with FLASHGPT_DECODE_L2_AHEAD=1 (docs/generate.md)
 #   attnall     (at most 240 s) the whole attention_cuda_test, the kernels chosen as in use
+#               (ATTN_FILTER: a gtest filter for part of it)
 #   attn_tests  (about 170 s) the TMA backward forced (pipeline shapes, against the wgmma kernel),
 #               the fused dQ convert's tests and the backward tests with it on, memcheck of both
 #   attn_bench  (about 250 s) `flashgpt bench attention` up to s 4096 with the separate and the
@@ -78,7 +79,7 @@ for part in ${PARTS:-decode attn_tests}; do
         bash "$R/bench/generate/run_gpu_layer3.sh" "$B" 2>&1 | tee "$L/decode.log" | grep -E '^(==|\|)' | tee -a "$S"
       cp "$OUT/decode/logs/table.txt" "$OUT/decode.txt" 2>/dev/null ;;
     attnall)  # the whole attention suite with the automatic kernel choice, nothing forced
-      step attention_all 240 "$B/attention_cuda_test" ;;
+      step attention_all 240 "$B/attention_cuda_test" --gtest_filter="${ATTN_FILTER:-*}" ;;
     attn_tests)
       step tma_bwd_tests 60 env FLASHGPT_ATTN_BWD_KERNEL=tma "$B/attention_cuda_test" \
         --gtest_filter='*BackwardPipelineShapes*:*TmaBackwardMatchesWgmma*:*ReportsKernels*'
