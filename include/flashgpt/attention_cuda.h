@@ -76,9 +76,10 @@ bool attention_cuda_force_fused_dq_convert(int fused);
 // [-1, count).
 int attention_cuda_tma64_tile_count();
 int attention_cuda_force_tma64_tile(int tile);
-// The same for the d128 TMA forward's tiles (kTma128Tiles in the same file; tile 0 is the
-// default), forced from the start by FLASHGPT_ATTN_TMA128_TILE=k in the environment (an index
-// outside the table is an error at the first d128 call). For A/B runs of the tiles in one build.
+// The same for the d128 TMA forward's tiles (kTma128Tiles in the same file; tile 1 is the
+// default, tile 0 that of dropout calls), forced from the start by FLASHGPT_ATTN_TMA128_TILE=k
+// in the environment. An index outside the table, in either variable, is an error at the first
+// call. For A/B runs of the tiles in one build.
 int attention_cuda_tma128_tile_count();
 int attention_cuda_force_tma128_tile(int tile);
 // The TMA forward tile a call with these params runs (an index of its head dim's table: the

@@ -164,39 +164,43 @@ std::atomic<int>& fused_dq_convert_value() {  // 0 or 1
   return value;
 }
 
-// The d64 TMA forward's forced tile: an index of the instance's table (kTma64Tiles in
-// kernels/flash_fwd_launch.cuh), or -1 (chosen by shape). FLASHGPT_ATTN_TMA_TILE sets it at
-// the first call, attention_cuda_force_tma64_tile at any time (tests of every tile). Anything but
-// a small non-negative integer in the variable is an error, so a typo never times the wrong tile.
+int tma_tile_count(int head_dim) {
+  if (!attention_cuda_head_dim_compiled(head_dim)) return 0;
+  return dispatch_instance<int>(head_dim, DType::bf16,
+                                []<int D, typename E>() { return attn::flash_fwd_tma_tiles<D, E>(); });
+}
+
+// A TMA forward tile forced from the environment: an index of the head dim's table
+// (kTma64Tiles, kTma128Tiles in kernels/flash_fwd_launch.cuh) in `var`, or -1 where it is unset.
+// Anything else is an error at the first call, so a typo never times the wrong tile.
+int tma_tile_from_env(const char* var, int head_dim) {
+  const char* v = std::getenv(var);
+  if (v == nullptr || *v == '\0') return -1;
+  const int count = tma_tile_count(head_dim);
+  char* end = nullptr;
+  const long tile = std::strtol(v, &end, 10);
+  FLASHGPT_CHECK(*end == '\0' && tile >= 0 && tile < count,
+                 "{} is '{}': expected the index of a d{} TMA forward tile, 0 to {}{}", var, v, head_dim, count - 1,
+                 count == 0 ? " (this build has no TMA forward for that head dim)" : "");
+  return int(tile);
+}
+
+// The forced tiles: FLASHGPT_ATTN_TMA_TILE (d64) and FLASHGPT_ATTN_TMA128_TILE (d128) at the
+// first call, attention_cuda_force_tma64_tile / _tma128_tile at any time (tests of every tile).
 std::atomic<int>& forced_tma64_tile() {
-  static std::atomic<int> value{[] {
-    const char* v = std::getenv("FLASHGPT_ATTN_TMA_TILE");
-    if (v == nullptr || *v == '\0') return -1;
-    char* end = nullptr;
-    const long tile = std::strtol(v, &end, 10);
-    FLASHGPT_CHECK(*end == '\0' && tile >= 0 && tile < 1000,
-                   "FLASHGPT_ATTN_TMA_TILE is '{}': expected the index of a d64 TMA forward tile (0, 1, ...)", v);
-    return int(tile);
-  }()};
+  static std::atomic<int> value{tma_tile_from_env("FLASHGPT_ATTN_TMA_TILE", 64)};
+  return value;
+}
+std::atomic<int>& forced_tma128_tile() {
+  static std::atomic<int> value{tma_tile_from_env("FLASHGPT_ATTN_TMA128_TILE", 128)};
   return value;
 }
 
-// The d128 TMA forward's forced tile, as the d64 one: FLASHGPT_ATTN_TMA128_TILE at the first d128
-// call (an index outside the table is an error then, so a typo never times the wrong tile),
-// attention_cuda_force_tma128_tile at any time.
-std::atomic<int>& forced_tma128_tile() {
-  static std::atomic<int> value{[] {
-    const char* v = std::getenv("FLASHGPT_ATTN_TMA128_TILE");
-    if (v == nullptr || *v == '\0') return -1;
-    const int count = attention_cuda_tma128_tile_count();
-    char* end = nullptr;
-    const long tile = std::strtol(v, &end, 10);
-    FLASHGPT_CHECK(*end == '\0' && tile >= 0 && tile < count,
-                   "FLASHGPT_ATTN_TMA128_TILE is '{}': expected the index of a d128 TMA forward tile, 0 to {}{}", v,
-                   count - 1, count == 0 ? " (this build has no d128 TMA forward)" : "");
-    return int(tile);
-  }()};
-  return value;
+int force_tma_tile(std::atomic<int>& forced, int head_dim, int tile, const char* function) {
+  const int count = tma_tile_count(head_dim);
+  FLASHGPT_CHECK(tile >= -1 && tile < count, "{}({}): expected -1 (the default) or a tile index below {}", function,
+                 tile, count);
+  return forced.exchange(tile);
 }
 
 // A device attribute, asked of the driver once per device (devices past kMaxDevices are asked
@@ -333,15 +337,8 @@ const char* attention_cuda_forward_kernel(const AttentionParams& params) {
   return attn::kernel_name(choose_fwd_kernel(params.head_dim, &params, planned_tma_tile(params.head_dim)));
 }
 
-int attention_cuda_tma64_tile_count() {
-  if (!attention_cuda_head_dim_compiled(64)) return 0;
-  return dispatch_instance<int>(64, DType::bf16, []<int D, typename E>() { return attn::flash_fwd_tma_tiles<D, E>(); });
-}
-
-int attention_cuda_tma128_tile_count() {
-  if (!attention_cuda_head_dim_compiled(128)) return 0;
-  return dispatch_instance<int>(128, DType::bf16, []<int D, typename E>() { return attn::flash_fwd_tma_tiles<D, E>(); });
-}
+int attention_cuda_tma64_tile_count() { return tma_tile_count(64); }
+int attention_cuda_tma128_tile_count() { return tma_tile_count(128); }
 
 int attention_cuda_forward_tma_tile(const AttentionParams& params) {
   const int planned = planned_tma_tile(params.head_dim);
@@ -363,18 +360,10 @@ const char* attention_cuda_force_forward_kernel(const char* kernel) {
 }
 
 int attention_cuda_force_tma64_tile(int tile) {
-  const int count = attention_cuda_tma64_tile_count();
-  FLASHGPT_CHECK(tile >= -1 && tile < count,
-                 "attention_cuda_force_tma64_tile({}): expected -1 (chosen by shape) or a tile index below {}", tile,
-                 count);
-  return forced_tma64_tile().exchange(tile);
+  return force_tma_tile(forced_tma64_tile(), 64, tile, "attention_cuda_force_tma64_tile");
 }
-
 int attention_cuda_force_tma128_tile(int tile) {
-  const int count = attention_cuda_tma128_tile_count();
-  FLASHGPT_CHECK(tile >= -1 && tile < count,
-                 "attention_cuda_force_tma128_tile({}): expected -1 (the default) or a tile index below {}", tile, count);
-  return forced_tma128_tile().exchange(tile);
+  return force_tma_tile(forced_tma128_tile(), 128, tile, "attention_cuda_force_tma128_tile");
 }
 
 bool attention_cuda_head_dim_compiled(int head_dim) {

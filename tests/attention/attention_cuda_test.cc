@@ -581,6 +581,45 @@ TEST(AttentionCuda, ForwardPipelineShapes) {
   }
 }
 
+// The every-tile tests' frame for head dim d (64 or 128): skip_reason is empty where they run
+// (the head dim compiled with a TMA forward table, FLASHGPT_ATTN_FWD_KERNEL=tma, no tile forced
+// from the environment, a device that takes the TMA forward); while it lives a tile is forced
+// (force), and the tile forced before comes back at its end. Out-of-range tiles must throw.
+// (ForcedTma64Tile below is the plain scope guard for one d64 tile.)
+struct EveryTmaTile {
+  int (*count)();
+  int (*force_tile)(int);
+  std::string skip_reason;
+  bool forced = false;
+  int before = -1;
+  explicit EveryTmaTile(int d)
+      : count(d == 128 ? attention_cuda_tma128_tile_count : attention_cuda_tma64_tile_count),
+        force_tile(d == 128 ? attention_cuda_force_tma128_tile : attention_cuda_force_tma64_tile) {
+    const char* tile_var = d == 128 ? "FLASHGPT_ATTN_TMA128_TILE" : "FLASHGPT_ATTN_TMA_TILE";
+    if (!attention_cuda_head_dim_compiled(d) || count() == 0) {
+      skip_reason = "no d" + std::to_string(d) + " TMA forward in this build";
+      return;
+    }
+    const char* kernel = std::getenv("FLASHGPT_ATTN_FWD_KERNEL");
+    const char* tile_env = std::getenv(tile_var);
+    if (kernel == nullptr || std::string_view(kernel) != "tma" || (tile_env != nullptr && *tile_env != '\0')) {
+      skip_reason = std::string("runs with FLASHGPT_ATTN_FWD_KERNEL=tma and no ") + tile_var;
+      return;
+    }
+    EXPECT_THROW(force_tile(count()), flashgpt::Error);
+    EXPECT_THROW(force_tile(-2), flashgpt::Error);
+    before = force_tile(0);
+    forced = true;
+    if (std::string_view(attention_cuda_forward_kernel(d)) != "wgmma-tma") skip_reason = "no TMA forward on this device";
+  }
+  EveryTmaTile(const EveryTmaTile&) = delete;
+  EveryTmaTile& operator=(const EveryTmaTile&) = delete;
+  ~EveryTmaTile() {
+    if (forced) force_tile(before);
+  }
+  void force(int tile) const { force_tile(tile); }
+};
+
 // Every d64 tile of the TMA forward (query rows x keys a step, K/V stages, CTAs per SM) through
 // the pipeline's awkward shapes: key-block counts from 1 past stages + 1 for every block size
 // (64 and 128 keys: up to 1000 keys is 16 and 8 blocks), lengths around the 64-, 128- and
@@ -589,26 +628,16 @@ TEST(AttentionCuda, ForwardPipelineShapes) {
 // attention_cuda_test_tma) and no tile forced, once per build: its fp64 references cost about
 // 2 s of CPU per tile, which the other passes need not pay again.
 TEST(AttentionCuda, ForwardPipelineShapesEveryTma64Tile) {
-  if (!attention_cuda_head_dim_compiled(64) || attention_cuda_tma64_tile_count() == 0) GTEST_SKIP();
-  const char* kernel = std::getenv("FLASHGPT_ATTN_FWD_KERNEL");
-  const char* tile_env = std::getenv("FLASHGPT_ATTN_TMA_TILE");
-  if (kernel == nullptr || std::string_view(kernel) != "tma" || (tile_env != nullptr && *tile_env != '\0'))
-    GTEST_SKIP() << "runs with FLASHGPT_ATTN_FWD_KERNEL=tma and no FLASHGPT_ATTN_TMA_TILE";
-  EXPECT_THROW(attention_cuda_force_tma64_tile(attention_cuda_tma64_tile_count()), flashgpt::Error);
-  EXPECT_THROW(attention_cuda_force_tma64_tile(-2), flashgpt::Error);
-  struct Restore {
-    int tile;
-    ~Restore() { attention_cuda_force_tma64_tile(tile); }
-  } const restore{attention_cuda_force_tma64_tile(0)};
-  if (std::string_view(attention_cuda_forward_kernel(64)) != "wgmma-tma") GTEST_SKIP() << "no TMA forward on this device";
+  const EveryTmaTile every(64);
+  if (!every.skip_reason.empty()) GTEST_SKIP() << every.skip_reason;
   struct Lengths {
     int sq, sk;
   };
   const std::vector<Lengths> lengths = {{1, 1},     {17, 17},   {1, 300},   {63, 65},   {127, 127}, {129, 129},
                                         {191, 193}, {200, 257}, {190, 383}, {64, 385},  {300, 509}, {130, 640},
                                         {300, 17},  {1000, 1000}};
-  for (int tile = 0; tile < attention_cuda_tma64_tile_count(); ++tile) {
-    attention_cuda_force_tma64_tile(tile);
+  for (int tile = 0; tile < every.count(); ++tile) {
+    every.force(tile);
     ASSERT_STREQ(attention_cuda_forward_kernel(64), "wgmma-tma");
     for (DType dtype : {DType::bf16, DType::f16})
       for (Mask mask : {Mask::none, Mask::causal})
@@ -646,26 +675,16 @@ TEST(AttentionCuda, ForwardPipelineShapesEveryTma64Tile) {
 // the cp.async wgmma kernel, checked here too. Like the d64 test it runs in the pass with the
 // TMA forward forced and no tile forced (ctest's attention_cuda_test_tma).
 TEST(AttentionCuda, ForwardPipelineShapesEveryTma128Tile) {
-  if (!attention_cuda_head_dim_compiled(128) || attention_cuda_tma128_tile_count() == 0) GTEST_SKIP();
-  const char* kernel = std::getenv("FLASHGPT_ATTN_FWD_KERNEL");
-  const char* tile_env = std::getenv("FLASHGPT_ATTN_TMA128_TILE");
-  if (kernel == nullptr || std::string_view(kernel) != "tma" || (tile_env != nullptr && *tile_env != '\0'))
-    GTEST_SKIP() << "runs with FLASHGPT_ATTN_FWD_KERNEL=tma and no FLASHGPT_ATTN_TMA128_TILE";
-  EXPECT_THROW(attention_cuda_force_tma128_tile(attention_cuda_tma128_tile_count()), flashgpt::Error);
-  EXPECT_THROW(attention_cuda_force_tma128_tile(-2), flashgpt::Error);
-  struct Restore {
-    int tile;
-    ~Restore() { attention_cuda_force_tma128_tile(tile); }
-  } const restore{attention_cuda_force_tma128_tile(0)};
-  if (std::string_view(attention_cuda_forward_kernel(128)) != "wgmma-tma") GTEST_SKIP() << "no TMA forward on this device";
+  const EveryTmaTile every(128);
+  if (!every.skip_reason.empty()) GTEST_SKIP() << every.skip_reason;
   struct Lengths {
     int sq, sk;
   };
   const std::vector<Lengths> lengths = {
       {1, 1},     {17, 17},   {1, 300},   {127, 127}, {128, 128}, {129, 129}, {175, 175}, {176, 176},
       {177, 177}, {200, 255}, {200, 257}, {190, 383}, {100, 529}, {64, 705},  {300, 17},  {1000, 1000}};
-  for (int tile = 0; tile < attention_cuda_tma128_tile_count(); ++tile) {
-    attention_cuda_force_tma128_tile(tile);
+  for (int tile = 0; tile < every.count(); ++tile) {
+    every.force(tile);
     ASSERT_STREQ(attention_cuda_forward_kernel(128), "wgmma-tma");
     AttentionParams plain;
     plain.head_dim = 128;

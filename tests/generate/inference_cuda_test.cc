@@ -100,38 +100,6 @@ struct GemvCase {
   bool ln, programmatic;
 };
 
-// The inputs of a gemv_fused call on the device: the LayerNorm's source rows, parameters and
-// row picks (gc.ln) or the bf16 input rows, W and the bias, set in `p`; the rest of the params
-// is the caller's. The buffers are freed with the object.
-struct GemvInputs {
-  FusedGemvParams p;
-  std::vector<void*> owned;
-  GemvInputs() = default;
-  GemvInputs(const GemvInputs&) = delete;
-  GemvInputs& operator=(const GemvInputs&) = delete;
-  ~GemvInputs() {
-    for (void* ptr : owned) cudaFree(ptr);
-  }
-  template <class T>
-  T* own(T* ptr) {
-    owned.push_back(static_cast<void*>(ptr));
-    return ptr;
-  }
-};
-void gemv_inputs(GemvInputs& in, const GemvCase& gc, int out, const std::vector<float>& x_f32,
-                 const std::vector<float>& ln_w, const std::vector<float>& ln_b, const std::vector<int32_t>& row_index,
-                 const std::vector<float>& x_bf, const std::vector<float>& w, const std::vector<float>& bias) {
-  FusedGemvParams& p = in.p;
-  if (gc.ln) {
-    p.x_f32 = in.own(to_device(x_f32)), p.ln_w = in.own(to_device(ln_w)), p.ln_b = in.own(to_device(ln_b));
-    p.row_index = in.own(to_device(row_index));
-  } else {
-    p.x_bf16 = in.own(to_device(to_bf16(x_bf)));
-  }
-  p.w = in.own(to_device(to_bf16(w))), p.bias = in.own(to_device(bias));
-  p.rows = gc.rows, p.in = gc.in, p.out = out, p.programmatic = gc.programmatic;
-}
-
 // Every epilogue at awkward shapes (odd outputs, inputs that leave lanes idle, 1/2/3/5/8
 // rows), with and without the LayerNorm prologue and programmatic launch; outputs poisoned
 // first, K/V cache rows not written checked untouched, argmax partials reduced as the
@@ -185,9 +153,13 @@ TEST(GemvFusedCuda, MatchesReference) {
       const auto acc = gemv_reference(x_f32, gc.ln ? ln_w : std::vector<float>{}, ln_b,
                                       gc.ln ? row_index : std::vector<int32_t>{}, x_bf, w, R, K, O);
 
-      GemvInputs inputs;
-      gemv_inputs(inputs, gc, O, x_f32, ln_w, ln_b, row_index, x_bf, w, bias);
-      FusedGemvParams& p = inputs.p;
+      auto* d_x = to_device(x_f32);
+      auto* d_lnw = to_device(ln_w);
+      auto* d_lnb = to_device(ln_b);
+      auto* d_rows = to_device(row_index);
+      auto* d_xb = to_device(to_bf16(x_bf));
+      auto* d_w = to_device(to_bf16(w));
+      auto* d_bias = to_device(bias);
       const size_t ldy = O + 5;
       auto* d_ybf = to_device(to_bf16(std::vector<float>(R * ldy, 1e4f)));
       auto* d_yf = to_device(std::vector<float>(R * ldy, 1e4f));
@@ -205,7 +177,14 @@ TEST(GemvFusedCuda, MatchesReference) {
       auto* d_pv = to_device(std::vector<float>(static_cast<size_t>(R) * parts, NAN));
       auto* d_pi = to_device(std::vector<int32_t>(static_cast<size_t>(R) * parts, -1));
 
-      if (epi == GemvEpilogue::logits_argmax) p.bias = nullptr;
+      FusedGemvParams p;
+      if (gc.ln) {
+        p.x_f32 = d_x, p.ln_w = d_lnw, p.ln_b = d_lnb, p.row_index = d_rows;
+      } else {
+        p.x_bf16 = d_xb;
+      }
+      p.w = d_w, p.rows = R, p.in = K, p.out = O, p.programmatic = gc.programmatic;
+      p.bias = epi == GemvEpilogue::logits_argmax ? nullptr : d_bias;
       p.y = epi == GemvEpilogue::logits_argmax ? static_cast<void*>(d_yf) : static_cast<void*>(d_ybf);
       p.ldy = static_cast<int64_t>(ldy);
       p.residual = d_res;
@@ -215,7 +194,7 @@ TEST(GemvFusedCuda, MatchesReference) {
       // 3072 takes it) in the programmatic cases, the usual 8 in the others.
       p.wide = gc.programmatic;
       // An L2 prefetch of the weights (a hint: the results must not change) in the LayerNorm cases.
-      if (gc.ln) p.l2_prefetch = {p.w, static_cast<int64_t>(w.size()) * 2};
+      if (gc.ln) p.l2_prefetch = {d_w, static_cast<int64_t>(w.size()) * 2};
       ASSERT_TRUE(inference_cuda::gemv_fused(p, epi, nullptr));
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
 
@@ -294,9 +273,12 @@ TEST(GemvFusedCuda, MatchesReference) {
           EXPECT_EQ(bv, best) << "row " << r;
         }
       }
-      for (void* ptr : {static_cast<void*>(d_ybf), static_cast<void*>(d_yf), static_cast<void*>(d_res),
-                        static_cast<void*>(d_places), static_cast<void*>(d_q), static_cast<void*>(d_k),
-                        static_cast<void*>(d_v), static_cast<void*>(d_pv), static_cast<void*>(d_pi)}) {
+      for (void* ptr : {static_cast<void*>(d_x), static_cast<void*>(d_lnw), static_cast<void*>(d_lnb),
+                        static_cast<void*>(d_rows), static_cast<void*>(d_xb), static_cast<void*>(d_w),
+                        static_cast<void*>(d_bias), static_cast<void*>(d_ybf), static_cast<void*>(d_yf),
+                        static_cast<void*>(d_res), static_cast<void*>(d_places), static_cast<void*>(d_q),
+                        static_cast<void*>(d_k), static_cast<void*>(d_v), static_cast<void*>(d_pv),
+                        static_cast<void*>(d_pi)}) {
         cudaFree(ptr);
       }
     }
