@@ -183,30 +183,6 @@ __global__ void bias_gelu_kernel(bf16* ff, const float* bias, int64_t count, int
 // then GELU (the fc layer). in % 8 == 0.
 constexpr int kGemvWarps = 8;
 
-// One row of W (in / 8 16-byte chunks at wr) against the R bf16 rows of x in shared memory
-// (xs, row r at r * chunks): lane l adds chunks l, l + 32, ... in that order, then the
-// butterfly, so every lane ends with the R sums. gemv_kernel uses it, and gemv_fused_kernel
-// adds in the same order, so the two give the same bits.
-template <int R>
-__device__ __forceinline__ void row_dot(const uint4* wr, const uint4* xs, int chunks, int lane, float (&acc)[R]) {
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0.0f;
-#pragma unroll 4
-  for (int i = lane; i < chunks; i += 32) {
-    float wf[8];
-    bf16x8_to_float(wr[i], wf);
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      float xf[8];
-      bf16x8_to_float(xs[r * chunks + i], xf);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[r] += wf[j] * xf[j];
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
-}
-
 template <int R>
 __global__ void __launch_bounds__(32 * kGemvWarps) gemv_kernel(void* y, bool y_f32, int64_t ldy, const bf16* x,
                                                                const bf16* w, const float* bias, int in, int out) {
@@ -216,8 +192,21 @@ __global__ void __launch_bounds__(32 * kGemvWarps) gemv_kernel(void* y, bool y_f
   __syncthreads();
   const int o = blockIdx.x * kGemvWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
   if (o >= out) return;
-  float acc[R];
-  row_dot<R>(reinterpret_cast<const uint4*>(w + static_cast<int64_t>(o) * in), xs, chunks, lane, acc);
+  const uint4* wr = reinterpret_cast<const uint4*>(w + static_cast<int64_t>(o) * in);
+  float acc[R] = {};
+  for (int i = lane; i < chunks; i += 32) {
+    float wf[8];
+    bf16x8_to_float(wr[i], wf);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      float xf[8];
+      bf16x8_to_float(xs[r * chunks + i], xf);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) acc[r] += wf[k] * xf[k];
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = warp_sum(acc[r]);
   if (lane != 0) return;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
