@@ -65,6 +65,17 @@ bool attention_cuda_backward_fused_dq_convert(const AttentionParams& params);
 // whether it was on. For tests and benchmarks comparing both in one process. Throws
 // flashgpt::Error for any other value.
 bool attention_cuda_force_fused_dq_convert(int fused);
+// Whether a fast-mode backward with these params adds dQ through the TMA backward's dQ warp
+// (bulk reduce-adds from shared memory instead of the consumers' atomics: the same fp32
+// addends in another order): the "wgmma-tma" kernel, where it is switched on, and only without
+// the fused dQ convert (deterministic calls keep the atomics). Off by default until it is
+// timed; FLASHGPT_ATTN_BWD_DQ_WARP=0 or 1 in the environment sets it (anything else is an
+// error at the first backward).
+bool attention_cuda_backward_dq_warp(const AttentionParams& params);
+// Switches the dQ warp of every later backward: 1 on, 0 off, -1 the default; returns whether
+// it was on. For tests and benchmarks comparing both in one process. Throws flashgpt::Error
+// for any other value.
+bool attention_cuda_force_backward_dq_warp(int on);
 
 // The d64 TMA forward's tiles (query rows x keys a step, K/V stages, CTAs per SM; the table is in
 // docs/attention_gpu.md): how many this build has (0 without the TMA forward), and forcing one

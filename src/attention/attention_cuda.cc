@@ -164,6 +164,26 @@ std::atomic<int>& fused_dq_convert_value() {  // 0 or 1
   return value;
 }
 
+// The TMA backward's dQ warp (kernels/flash_bwd_tma_kernel.cuh): dQ added by bulk reduce-adds
+// from shared memory, which a warp of the producer warpgroup issues, instead of the consumers'
+// atomics. Off by default until it is timed on a GPU (the same fp32 addends, in another order).
+// FLASHGPT_ATTN_BWD_DQ_WARP=0 or 1 sets it at the first call (anything else is an error),
+// attention_cuda_force_backward_dq_warp at any time. Not in deterministic mode, not with the
+// fused dQ convert.
+constexpr bool kBwdDqWarpDefault = false;
+std::atomic<int>& bwd_dq_warp_value() {  // 0 or 1
+  static std::atomic<int> value{[] {
+    const char* v = std::getenv("FLASHGPT_ATTN_BWD_DQ_WARP");
+    if (v == nullptr || *v == '\0') return int(kBwdDqWarpDefault);
+    FLASHGPT_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0,
+                   "FLASHGPT_ATTN_BWD_DQ_WARP is '{}': expected 0 (the consumers' dQ atomics) or 1 (the TMA "
+                   "backward's dQ warp)",
+                   v);
+    return v[0] == '1' ? 1 : 0;
+  }()};
+  return value;
+}
+
 int tma_tile_count(int head_dim) {
   if (!attention_cuda_head_dim_compiled(head_dim)) return 0;
   return dispatch_instance<int>(head_dim, DType::bf16,
@@ -329,6 +349,17 @@ bool attention_cuda_force_fused_dq_convert(int fused) {
   return fused_dq_convert_value().exchange(fused < 0 ? int(kFusedDqConvertDefault) : fused) != 0;
 }
 
+bool attention_cuda_backward_dq_warp(const AttentionParams& params) {
+  return bwd_dq_warp_value().load() != 0 && fused_dq_convert_value().load() == 0 &&
+         choose_bwd_kernel(params.head_dim, &params) == attn::BwdKernel::tma;
+}
+
+bool attention_cuda_force_backward_dq_warp(int on) {
+  FLASHGPT_CHECK(on >= -1 && on <= 1,
+                 "attention_cuda_force_backward_dq_warp({}): expected 0 (off), 1 (on) or -1 (the default)", on);
+  return bwd_dq_warp_value().exchange(on < 0 ? int(kBwdDqWarpDefault) : on) != 0;
+}
+
 const char* attention_cuda_forward_kernel(int head_dim) {
   return attn::kernel_name(choose_fwd_kernel(head_dim, nullptr, planned_tma_tile(head_dim)));
 }
@@ -409,6 +440,7 @@ void attention_backward_cuda(const AttentionParams& params, void* workspace, siz
   plan.deterministic = determinism == Determinism::deterministic;
   plan.sm_count = device_attribute<cudaDevAttrMultiProcessorCount>(current_device());
   plan.fused_dq_convert = fused_dq_convert_value().load() != 0;
+  plan.dq_warp = bwd_dq_warp_value().load() != 0;
   dispatch_instance<void>(params.head_dim, params.dtype, [&]<int D, typename Element>() {
     attn::run_flash_bwd<D, Element>(params, plan, workspace, stream);
   });

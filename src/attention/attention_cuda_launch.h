@@ -49,6 +49,9 @@ struct BwdPlan {
   int sm_count = 0;            // the current device's SMs (the persistent wgmma kernel's grid)
   // The wgmma and TMA main kernels convert dQ themselves (no convert kernel); ignored by mma.sync.
   bool fused_dq_convert = false;
+  // The TMA backward adds dQ through its dQ warp's bulk reduce-adds (flash_bwd_tma_kernel.cuh);
+  // ignored by the other kernels, in deterministic mode and with the fused dQ convert.
+  bool dq_warp = false;
 };
 
 // What each instance defines (explicitly instantiated in its translation unit). Element is

@@ -42,7 +42,8 @@ bool flash_bwd_has_wgmma() {
 // Head dims with the warp-specialized TMA backward (flash_bwd_tma_kernel.cuh; dense batches).
 // Its query blocks are the wgmma kernel's (so the dQ accumulator, its fragment layout and the
 // semaphores are the same); two stages of Q, dO, LSE and D; dS^T double-buffered at d64, single
-// at d128 (the staging of dK and dV leaves no room for a second buffer).
+// at d128 (the staging of dK and dV leaves no room for a second buffer). The dQ warp's staging
+// (plan.dq_warp) reuses that of dK and dV: one 32 KB buffer at d64, two at d128.
 template <int kHeadDim>
 inline constexpr bool kBwdTmaKernel = kHeadDim == 64 || kHeadDim == 128;
 template <int kHeadDim, typename Element>
@@ -82,8 +83,14 @@ void run_flash_bwd_tma(const AttentionParams& p, const BwdPlan& plan, const BwdW
   const CUtensorMap tm_v = make_tensor_map_16bit(p.v, kBf16, p.head_dim, p.seqlen_k, p.heads_kv, p.batch,
                                                  p.v_row_stride, p.v_head_stride, p.v_batch_stride, Traits::kBlockN);
   const bool fused = ws.dq_arrivals != nullptr;  // the fused dQ convert (run_flash_bwd)
-  auto kernel = plan.dropout ? (fused ? flash_bwd_tma_kernel<Traits, true, true> : flash_bwd_tma_kernel<Traits, true, false>)
-                             : (fused ? flash_bwd_tma_kernel<Traits, false, true> : flash_bwd_tma_kernel<Traits, false, false>);
+  // The dQ warp: neither with the fused convert (its arrivals follow the consumers' atomics) nor
+  // in deterministic mode (the semaphores order the consumers' atomics), which keep the atomics.
+  const bool dq_warp = plan.dq_warp && !fused && !plan.deterministic;
+  auto kernel = dq_warp ? (plan.dropout ? flash_bwd_tma_kernel<Traits, true, false, true>
+                                        : flash_bwd_tma_kernel<Traits, false, false, true>)
+                : plan.dropout
+                    ? (fused ? flash_bwd_tma_kernel<Traits, true, true> : flash_bwd_tma_kernel<Traits, true, false>)
+                    : (fused ? flash_bwd_tma_kernel<Traits, false, true> : flash_bwd_tma_kernel<Traits, false, false>);
   set_smem_limit(kernel, Traits::kSmemBytes);
   const int n_blocks = (p.seqlen_k + Traits::kBlockN - 1) / Traits::kBlockN;
   const int64_t tiles = int64_t{n_blocks} * p.heads_kv * p.batch;

@@ -32,6 +32,18 @@
 //     use the consumers' barrier too.
 //   - Rows past the sequence end are masked explicitly (P = 0 and dS = 0 there), whatever the
 //     zero-filled TMA rows hold.
+//   - kDqWarp (FLASHGPT_ATTN_BWD_DQ_WARP=1; neither the deterministic mode nor the fused dQ
+//     convert): the consumers store their scaled dQ sub-tiles in fragment order into a staging
+//     buffer (the two sub-tiles of a query block are the accumulator's 32 contiguous KB, and
+//     the buffer holds them in that order), fence them for the async proxy and arrive on the
+//     buffer's "dQ full" mbarrier, ctid 0 with the query block's index in the accumulator in
+//     the buffer's slot (-1: no more blocks; an index, not an address: fewer live registers).
+//     The first lane of the producer warpgroup's second warp waits on it, adds each sub-tile
+//     with one bulk reduce-add (cp.reduce.async.bulk .add.f32), waits until the copy engine has
+//     read the buffer and arrives on "dQ empty", which the consumers wait on before refilling
+//     it. The buffers live in the staging of dK and dV (kDqBuffers of them: one at d64, two at
+//     d128), so the consumers wait for every buffer's release before the epilogue; the next
+//     tile's first dQ store comes after a consumers' barrier, so after the copy-out's reads.
 #pragma once
 
 #include "flash_bwd_kernel.cuh"
@@ -67,11 +79,17 @@ struct BwdTmaTraits {
   static constexpr int kTileDsBytes = kBlockN * kBlockM * 2;
   using Staged = StagedTile<kBlockN, kHeadDim, Element>;  // dK and dV on their way out
   static constexpr size_t kStagedBytes = (Staged::kBytes + 127) / 128 * 128;
-  // Barriers: K/V full, K/V empty, then per stage "full" and "empty"; then the tile slot.
-  static constexpr int kBarriers = 2 + 2 * kStages;
+  // The dQ warp's staging (kDqWarp): a query block's fp32 dQ, as many buffers (at most two) as
+  // the staging of dK and dV holds.
+  static constexpr int kDqStageBytes = kBlockM * kHeadDim * 4;
+  static constexpr int kDqBuffers = 2 * kStagedBytes / kDqStageBytes >= 2 ? 2 : 1;
+  static_assert(2 * kStagedBytes >= size_t{kDqBuffers} * kDqStageBytes, "the dQ staging fits in dK's and dV's");
+  // Barriers: K/V full, K/V empty, per stage "full" and "empty", per dQ buffer "full" and
+  // "empty"; then the tile slot (16 bytes) and the dQ buffers' slots (4 bytes each).
+  static constexpr int kBarriers = 2 + 2 * kStages + 2 * kDqBuffers;
   static constexpr size_t kSmemBytes = 1024 + 2 * size_t{kTileKVBytes} + 2 * size_t{kStages} * kTileQBytes +
                                        size_t{kDsBuffers} * kTileDsBytes + 2 * size_t{kStages} * kBlockM * 4 +
-                                       2 * kStagedBytes + 8 * kBarriers + 16;
+                                       2 * kStagedBytes + 8 * kBarriers + 16 + 4 * kDqBuffers;
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 block can have");
   // Registers after reallocation: __launch_bounds__(384, 1) caps the entry at 168 a thread
   // (65536 / 384 rounded down to 8); the producer keeps 24, the consumers take the rest.
@@ -81,14 +99,37 @@ struct BwdTmaTraits {
                 "the reallocated registers exceed the CTA's share");
 };
 
+#ifdef FLASHGPT_WGMMA_AVAILABLE
+// (The dQ warp's copies.) A bulk reduce-add of `bytes` (a multiple of 16; both addresses
+// 16-byte aligned) of fp32 from shared memory into global memory, in the thread's current bulk
+// async-group; then the group's commit and the waits: until at most kPending groups are still
+// reading shared memory (.read) or still writing global memory.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* dst, uint32_t src, uint32_t bytes) {
+  asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst), "r"(src),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_group_read() {
+  asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(kPending) : "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void bulk_wait_group() {
+  asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+#endif
+
 // Named barriers of the 256 consumer threads (0 is __syncthreads, unused after the setup).
 inline constexpr int kBwdTmaBarDsReady = 1;  // every warpgroup's dS^T of this query block is stored
 inline constexpr int kBwdTmaBarDsFree = 2;   // (single dS^T buffer) the previous block's dQ GEMMs completed
 inline constexpr int kBwdTmaBarEpilogue = 3;  // staging of dK and dV
 inline constexpr int kBwdTmaBarSemaphore = 4;  // deterministic mode
 
-// kFusedDq: the fused dQ convert (flash_bwd_kernel.cuh; ws.dq_arrivals set).
-template <typename Traits, bool kDropout, bool kFusedDq>
+// kFusedDq: the fused dQ convert (flash_bwd_kernel.cuh; ws.dq_arrivals set). kDqWarp: dQ
+// added by the dQ warp's bulk reduce-adds (not with kFusedDq, nor in the deterministic mode:
+// the launcher never passes `deterministic` to it).
+template <typename Traits, bool kDropout, bool kFusedDq, bool kDqWarp = false>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     flash_bwd_tma_kernel(const __grid_constant__ CUtensorMap tm_q, const __grid_constant__ CUtensorMap tm_do,
                          const __grid_constant__ CUtensorMap tm_k, const __grid_constant__ CUtensorMap tm_v,
@@ -122,6 +163,13 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   auto bar_full = [&](int s) { return bars + 16u + 8u * uint32_t(s); };
   auto bar_empty = [&](int s) { return bars + 16u + 8u * uint32_t(kStages + s); };
   volatile int* const tile_slot = reinterpret_cast<volatile int*>(smem_raw + (bars + 8 * Traits::kBarriers - raw));
+  static_assert(!(kDqWarp && kFusedDq), "the dQ warp does not make the fused convert's arrivals");
+  constexpr int kDqBuffers = Traits::kDqBuffers;
+  auto bar_dq_full = [&](int i) { return bars + 16u + 8u * uint32_t(2 * kStages + i); };
+  auto bar_dq_empty = [&](int i) { return bars + 16u + 8u * uint32_t(2 * kStages + kDqBuffers + i); };
+  // [kDqBuffers]: the query block of the accumulator (kBlockM x kHeadDim floats), -1 to stop.
+  volatile int* const dq_slot = reinterpret_cast<volatile int*>(smem_raw + (bars + 8 * Traits::kBarriers + 16 - raw));
+  const uint32_t sDqStage = sStaged;  // [kDqBuffers] x kDqStageBytes, over the dK and dV staging
 
   const int tid = threadIdx.x;
   const bool causal = p.mask == Mask::causal;
@@ -144,6 +192,12 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       mbarrier_init(bar_full(s), 33);  // lane 0 with the copies' bytes, then every lane with its LSE and D
       mbarrier_init(bar_empty(s), Traits::kConsumerThreads / 32);
     }
+    if constexpr (kDqWarp) {
+      for (int i = 0; i < kDqBuffers; ++i) {
+        mbarrier_init(bar_dq_full(i), Traits::kConsumerThreads / 32);  // one arrival per consumer warp
+        mbarrier_init(bar_dq_empty(i), 1);                              // the dQ warp's lane 0
+      }
+    }
     mbarrier_init_fence();
   }
   __syncthreads();
@@ -151,6 +205,28 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   if (tid < 128) {
     // ---- Producer ----
     setmaxnreg_dec<Traits::kProducerRegs>();
+    if (kDqWarp && tid == 32) {
+      // ---- dQ warp ---- (its first lane; the others have nothing to do): one bulk reduce-add
+      // per consumer warpgroup's sub-tile of a filled buffer, then the buffer back once the
+      // copy engine has read it (the slot too: the consumers refill both after that arrival).
+      PipelineState<kDqBuffers> dq_st;
+      for (;;) {
+        mbarrier_wait(bar_dq_full(dq_st.index), dq_st.phase);
+        const int block = dq_slot[dq_st.index];
+        if (block < 0) break;
+        float* const gdq = ws.dq_accum + int64_t{block} * (kBlockM * kHeadDim);
+        const uint32_t src = sDqStage + uint32_t(dq_st.index) * Traits::kDqStageBytes;
+        constexpr int kSubTileBytes = Traits::kDqStageBytes / Traits::kConsumers;
+#pragma unroll
+        for (int w = 0; w < Traits::kConsumers; ++w)
+          bulk_reduce_add_f32(gdq + w * (kSubTileBytes / 4), src + w * kSubTileBytes, kSubTileBytes);
+        bulk_commit_group();
+        bulk_wait_group_read<0>();
+        mbarrier_arrive(bar_dq_empty(dq_st.index));
+        dq_st.advance();
+      }
+      bulk_wait_group<0>();  // every add performed before the CTA's exit
+    }
     if (tid < 32) {
       const int lane = tid;
       if (lane == 0) {
@@ -251,12 +327,25 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   };
 
   PipelineState<kStages> st;
+  // kDqWarp: the dQ buffers filled so far (one counter: fewer live registers than an index and a
+  // parity); the next fill's buffer, and its "empty" barrier's parity to wait for.
+  [[maybe_unused]] uint32_t dq_fills = 0;
+  auto dq_buf = [&](uint32_t fills) { return int(fills % kDqBuffers); };
+  auto dq_free_parity = [&](uint32_t fills) { return ((fills / kDqBuffers) & 1u) ^ 1u; };
   uint32_t kv_phase = 0;
   for (;;) {
     mbarrier_wait(bar_kv_full, kv_phase);
     kv_phase ^= 1u;
     const int tile_index = *tile_slot;
-    if (tile_index >= num_tiles) break;
+    if (tile_index >= num_tiles) {
+      if constexpr (kDqWarp) {
+        // The dQ warp's stop: -1 in the next buffer's slot.
+        mbarrier_wait(bar_dq_empty(dq_buf(dq_fills)), dq_free_parity(dq_fills));
+        if (ctid == 0) dq_slot[dq_buf(dq_fills)] = -1;
+        release(bar_dq_full(dq_buf(dq_fills)));
+      }
+      break;
+    }
     const Tile tile = tile_at(tile_index);
     const int n_block = tile.n_block, b = tile.b;
     const SeqInfo seq(p, b);
@@ -421,25 +510,44 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         // atomics completed instead of waiting for them.
         if (it > 0) dq_strip_arrive(strips.counter(p, ws, it - 1), lane);
       }
-      int* const semaphore = deterministic ? dq_semaphore(p, ws, b, head, m_block, kBlockM) : nullptr;
-      if (deterministic) {
-        if (ctid == 0) {
-          while (atomicAdd(semaphore, 0) != n_block) {
-          }
-          __threadfence();
-        }
-        named_barrier_sync(kBwdTmaBarSemaphore, kCThreads);
-      }
-      float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * ws.dq_rows + m0 + dq_qb * 64) * kHeadDim +
-                   dq_db * 4096;
+      if constexpr (kDqWarp) {
+        // The sub-tile into this warpgroup's half of the buffer, in the accumulator's order
+        // (consecutive threads, consecutive float4: no bank conflicts), for the dQ warp.
+        const int buf = dq_buf(dq_fills);
+        mbarrier_wait(bar_dq_empty(buf), dq_free_parity(dq_fills));
+        float4* const sdq =
+            reinterpret_cast<float4*>(smem_raw + (sDqStage - raw) + buf * Traits::kDqStageBytes) + wg * 1024;
 #pragma unroll
-      for (int q = 0; q < 8; ++q)
-        atomicAdd(reinterpret_cast<float4*>(gdq + (q * 128 + ctid % 128) * 4),
-                  make_float4(dq[q][0] * scale, dq[q][1] * scale, dq[q][2] * scale, dq[q][3] * scale));
-      if (deterministic) {
-        __threadfence();
-        named_barrier_sync(kBwdTmaBarSemaphore, kCThreads);
-        if (ctid == 0) atomicAdd(semaphore, 1);
+        for (int q = 0; q < 8; ++q)
+          sdq[q * 128 + ctid % 128] =
+              make_float4(dq[q][0] * scale, dq[q][1] * scale, dq[q][2] * scale, dq[q][3] * scale);
+        // Warpgroup wg's sub-tile is the accumulator's 16 KB at 16 KB wg (d64: query rows
+        // 64 wg; d128: column block wg) from the block's first row.
+        if (ctid == 0) dq_slot[buf] = (b * p.heads_q + head) * (ws.dq_rows / kBlockM) + m_block;
+        fence_proxy_async_smem();  // this thread's stores, for the copy engine
+        release(bar_dq_full(buf));
+        ++dq_fills;
+      } else {
+        int* const semaphore = deterministic ? dq_semaphore(p, ws, b, head, m_block, kBlockM) : nullptr;
+        if (deterministic) {
+          if (ctid == 0) {
+            while (atomicAdd(semaphore, 0) != n_block) {
+            }
+            __threadfence();
+          }
+          named_barrier_sync(kBwdTmaBarSemaphore, kCThreads);
+        }
+        float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * ws.dq_rows + m0 + dq_qb * 64) * kHeadDim +
+                     dq_db * 4096;
+#pragma unroll
+        for (int q = 0; q < 8; ++q)
+          atomicAdd(reinterpret_cast<float4*>(gdq + (q * 128 + ctid % 128) * 4),
+                    make_float4(dq[q][0] * scale, dq[q][1] * scale, dq[q][2] * scale, dq[q][3] * scale));
+        if (deterministic) {
+          __threadfence();
+          named_barrier_sync(kBwdTmaBarSemaphore, kCThreads);
+          if (ctid == 0) atomicAdd(semaphore, 1);
+        }
       }
       wgmma_wait<0>();
       fence_operands(acc_dk);
@@ -461,7 +569,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
 
     // dK = scale dS^T Q and dV through the staging buffers (the previous tile's copy-out read
-    // them before the first barrier), written by rows.
+    // them before the first barrier), written by rows. kDqWarp: after the dQ warp has read
+    // every dQ buffer (they share the space): the barrier of each buffer's next fill, as that
+    // fill would wait on it.
+    if constexpr (kDqWarp) {
+#pragma unroll
+      for (uint32_t i = 0; i < kDqBuffers; ++i)
+        mbarrier_wait(bar_dq_empty(dq_buf(dq_fills + i)), dq_free_parity(dq_fills + i));
+    }
     named_barrier_sync(kBwdTmaBarEpilogue, kCThreads);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
