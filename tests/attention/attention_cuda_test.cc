@@ -1130,6 +1130,131 @@ TEST(AttentionCuda, FusedDqConvertMatchesSeparate) {
   if (!ran) GTEST_SKIP() << "no wgmma backward in this build or on this device";
 }
 
+// Switches the TMA backward's dQ warp for a scope (attention_cuda_force_backward_dq_warp), then
+// restores the setting before.
+class ForcedDqWarp {
+ public:
+  explicit ForcedDqWarp(bool on) : before_(attention_cuda_force_backward_dq_warp(on ? 1 : 0)) {}
+  ~ForcedDqWarp() { attention_cuda_force_backward_dq_warp(before_ ? 1 : 0); }
+  ForcedDqWarp(const ForcedDqWarp&) = delete;
+  ForcedDqWarp& operator=(const ForcedDqWarp&) = delete;
+
+ private:
+  bool before_;
+};
+
+// Runs a case's TMA backward (forced by the caller) with the dQ warp on (against the fp64
+// reference, unless compare is false) and off, same inputs and seed: dK and dV bit-identical (the
+// dQ warp does not touch them), dQ within 4 units in the last place (the same fp32 addends in
+// another order).
+void expect_dq_warp_matches_atomics(const AttentionCase& c, bool compare = true) {
+  SCOPED_TRACE(c.name);
+  const AttentionParams probe = probe_params(c.shape.head_dim, false);
+  Outputs warp, atomics;
+  {
+    const ForcedDqWarp on(true);
+    ASSERT_TRUE(attention_cuda_backward_dq_warp(probe));
+    warp = run_case(c, /*backward=*/true, Determinism::fast, 23, compare);
+  }
+  {
+    const ForcedDqWarp off(false);
+    ASSERT_FALSE(attention_cuda_backward_dq_warp(probe));
+    atomics = run_case(c, /*backward=*/true, Determinism::fast, 23, /*compare=*/false);
+  }
+  EXPECT_TRUE(all_finite(warp.dq)) << "dQ has non-finite or unwritten values";
+  EXPECT_TRUE(warp.dk_bits == atomics.dk_bits) << "dK differs with the dQ warp";
+  EXPECT_TRUE(warp.dv_bits == atomics.dv_bits) << "dV differs with the dQ warp";
+  expect_same_gradients(warp, atomics, c.dtype, c.name + " dQ warp vs atomics");
+}
+
+// The TMA backward's dQ warp (bulk reduce-adds from shared memory instead of the consumers'
+// atomics; one staging buffer at d64, two at d128, over the staging of dK and dV) against the
+// fp64 reference and the atomics: the pipeline lengths (1, 17, 127 .. 129, 255, 257, 1000; query
+// blocks of 128 rows at d64, 64 at d128), seqlen_q != seqlen_k both ways, causal and not, GQA,
+// dropout, both dtypes; then more tiles than an H100 has SMs (every CTA refills its buffers
+// across tiles, after its epilogue); then the switches it yields to: the fused dQ convert, and
+// deterministic mode (the semaphores and atomics: bit-identical to the switch off).
+TEST(AttentionCuda, TmaBackwardDqWarpMatchesAtomics) {
+  if (mma_sync_pass()) GTEST_SKIP() << "forces the TMA backward; runs in the other passes";
+  EXPECT_THROW(attention_cuda_force_backward_dq_warp(2), flashgpt::Error);
+  EXPECT_THROW(attention_cuda_force_backward_dq_warp(-2), flashgpt::Error);
+  struct Lengths {
+    int sq, sk;
+  };
+  const std::vector<Lengths> lengths = {{1, 1},     {17, 17},   {127, 127}, {128, 128}, {129, 129}, {255, 255},
+                                        {257, 257}, {200, 385}, {64, 385},  {300, 17},  {1000, 1000}};
+  const ForcedFusedDqConvert separate(false);
+  bool ran = false;
+  for (int d : {64, 128}) {
+    if (!attention_cuda_head_dim_compiled(d)) continue;
+    const ForcedBackwardKernel forced("tma");
+    if (std::string_view(attention_cuda_backward_kernel(d)) != "wgmma-tma") {
+      const ForcedDqWarp on(true);
+      EXPECT_FALSE(attention_cuda_backward_dq_warp(probe_params(d, false))) << "d=" << d;
+      continue;
+    }
+    ran = true;
+    {
+      const ForcedDqWarp on(true);
+      EXPECT_FALSE(attention_cuda_backward_dq_warp(probe_params(d, /*varlen=*/true)))
+          << "varlen takes the wgmma kernel";
+      const ForcedFusedDqConvert fused(true);
+      EXPECT_FALSE(attention_cuda_backward_dq_warp(probe_params(d, false))) << "the fused convert keeps the atomics";
+    }
+    const std::string tag = "dq warp d" + std::to_string(d);
+    int i = 0;
+    for (Mask mask : {Mask::none, Mask::causal})
+      for (const Lengths& l : lengths) {
+        const DType dtype = i % 3 == 2 ? DType::f16 : DType::bf16;
+        const float dropout = i % 4 == 1 ? 0.15f : 0.0f;
+        ++i;
+        expect_dq_warp_matches_atomics(lengths_case(tag, l.sq, l.sk, d, mask, dtype, dropout));
+      }
+    // 12 x 2 kv heads x 8 key blocks = 192 tiles, with and without dropout; one against the
+    // reference.
+    expect_dq_warp_matches_atomics(
+        {tag + " many tiles dropout", dense(12, 1000, 1000, 4, 2, d, Mask::causal, 0.1f), {}, DType::bf16},
+        /*compare=*/false);
+    expect_dq_warp_matches_atomics(
+        {tag + " many tiles", dense(12, 1000, 1000, 4, 2, d, Mask::none, 0.0f), {}, DType::f16});
+    // Deterministic mode with the switch on: the atomics path, bit for bit.
+    const AttentionCase det{tag + " det", dense(12, 1000, 1000, 4, 2, d, Mask::causal, 0.1f), {}, DType::bf16};
+    Outputs on_run, off_run;
+    {
+      const ForcedDqWarp on(true);
+      on_run = run_case(det, true, Determinism::deterministic, 29, /*compare=*/false);
+    }
+    {
+      const ForcedDqWarp off(false);
+      off_run = run_case(det, true, Determinism::deterministic, 29, /*compare=*/false);
+    }
+    EXPECT_TRUE(on_run.dq_bits == off_run.dq_bits) << "deterministic dQ differs with the dQ warp switched on, d=" << d;
+    EXPECT_TRUE(on_run.dk_bits == off_run.dk_bits && on_run.dv_bits == off_run.dv_bits) << "d=" << d;
+  }
+  if (!ran) GTEST_SKIP() << "no TMA backward in this build or on this device";
+}
+
+// A few small shapes through the TMA backward with the dQ warp, for compute-sanitizer memcheck
+// (bench/pending/run.sh, part dqwarp):
+//   compute-sanitizer --tool memcheck attention_cuda_test --gtest_filter=*DqWarpForSanitizer*
+TEST(AttentionCuda, TmaBackwardDqWarpForSanitizer) {
+  if (mma_sync_pass()) GTEST_SKIP() << "forces the TMA backward; runs in the other passes";
+  const ForcedFusedDqConvert separate(false);
+  const ForcedDqWarp on(true);
+  bool ran = false;
+  for (int d : {64, 128}) {
+    if (!attention_cuda_head_dim_compiled(d)) continue;
+    const ForcedBackwardKernel forced("tma");
+    if (!attention_cuda_backward_dq_warp(probe_params(d, false))) continue;
+    ran = true;
+    run_case({"dq warp small causal gqa dropout", dense(2, 70, 90, 4, 2, d, Mask::causal, 0.2f), {}, DType::bf16},
+             true, Determinism::fast, 5, /*compare=*/false);
+    run_case({"dq warp small", dense(3, 129, 300, 2, 1, d, Mask::none, 0.0f), {}, DType::f16}, true,
+             Determinism::fast, 5, /*compare=*/false);
+  }
+  if (!ran) GTEST_SKIP() << "no TMA backward in this build or on this device";
+}
+
 TEST(AttentionCuda, LongSequence4097ForwardBackward) {
   if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP();
   run_case({"d64 s4097 causal", dense(1, 4097, 4097, 1, 1, 64, Mask::causal, 0.0f), {}, DType::bf16},
