@@ -16,6 +16,10 @@
 #               4"): their pipeline-shape tests, `flashgpt bench attention` d128 forward rows under
 #               FLASHGPT_ATTN_TMA128_TILE=k for each (validated first), cuDNN's forward on the same
 #               rows, and the joined table tiles128.md (docs/attention_gpu.md)
+#   dqwarp      (about 245 s) the TMA backward's dQ warp (FLASHGPT_ATTN_BWD_DQ_WARP=1): its tests and
+#               the backward tests under it, memcheck of small shapes through it, `flashgpt bench
+#               attention` up to s 4096 (wgmma and TMA without it, TMA with it), cuDNN's backward on
+#               the same rows, and the joined table dqwarp.md (docs/attention_gpu.md)
 #   switches    (about 400 s) bench/model/ab_switches.sh: the training step's opt-in paths named
 #               in SWITCHES ("NAME=VALUE ...") alone and together against the defaults, with
 #               their tests, profiles and torch.compile beside them (docs/model_gpu.md)
@@ -40,7 +44,7 @@
 #               their kernel tests, the engine tests, batch 64 and 1 against both off (and
 #               each alone, and 16 keys), twice, torch.compile beside the defaults
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
-# (decode.txt, bwd_table.md, dq_fused.md, profile.txt, tiles128.md) and pending_logs.tgz.
+# (decode.txt, bwd_table.md, dq_fused.md, profile.txt, tiles128.md, dqwarp.md) and pending_logs.tgz.
 set -uo pipefail
 R=$(cd "$(dirname "$0")/../.." && pwd)
 PKG=$R/.gpu/pending
@@ -130,6 +134,51 @@ for r in rows:
     print(f"| {r[0]} | {r[1]}x{r[2]} | {'yes' if r[3] else 'no'} | {c:.1f} | " + " | ".join(cells) + f" | t{best} |")
 PY
       ;;
+    dqwarp)  # the tests first, then the bench without and with the dQ warp, cuDNN, the table
+      step dqwarp_tests 45 env FLASHGPT_ATTN_BWD_KERNEL=tma FLASHGPT_ATTN_BWD_DQ_WARP=1 "$B/attention_cuda_test" \
+        --gtest_filter='*DqWarp*:*BackwardPipelineShapes*:*TmaBackwardMatchesWgmma*:*ReportsKernels*'
+      step dqwarp_memcheck 30 env FLASHGPT_ATTN_BWD_KERNEL=tma FLASHGPT_ATTN_BWD_DQ_WARP=1 \
+        compute-sanitizer --tool memcheck --error-exitcode 9 "$B/attention_cuda_test" \
+        --gtest_filter='*DqWarpForSanitizer*:*SmallShapes*'
+      # Without the dQ warp: wgmma and TMA; with it: TMA (its wgmma rows would be the same kernel).
+      step bench_dqwarp0 60 env FLASHGPT_ATTN_BWD_DQ_WARP=0 "$B/flashgpt" bench attention --device cuda \
+        --max-seqlen 4096 --min-time 0.05 --bwd-kernels wgmma,tma --out "$L/attn_dqwarp0"
+      step bench_dqwarp1 50 env FLASHGPT_ATTN_BWD_DQ_WARP=1 "$B/flashgpt" bench attention --device cuda \
+        --max-seqlen 4096 --min-time 0.05 --bwd-kernels tma --out "$L/attn_dqwarp1"
+      step cudnn_bwd_dqwarp 60 python3 "$R/bench/attention_gpu/cudnn_bwd.py" --out "$L/cudnn_dqwarp" \
+        --seqlens 512,1024,2048,4096 --min-time-s 0.05
+      python3 - "$L" <<'PY' 2>&1 | tee "$OUT/dqwarp.md" | tee -a "$S"
+import csv, os, sys
+L = sys.argv[1]
+def key(r):
+    return (int(r["batch"]), int(r["heads"]), int(r["seqlen"]), int(r["head_dim"]), int(r["causal"]),
+            round(float(r["dropout"]), 3))
+def load(path):
+    return list(csv.DictReader(open(path))) if os.path.exists(path) else []
+ours, order = {}, []
+for name in ("attn_dqwarp0", "attn_dqwarp1"):
+    for r in load(f"{L}/{name}/attention_cuda.csv"):
+        k = key(r)
+        if k not in ours:
+            ours[k] = {}
+            order.append(k)
+        ours[k][r["bwd_kernel"]] = float(r["bwd_tflops"])
+cudnn = {key(r): float(r["bwd_tflops"]) for r in load(f"{L}/cudnn_dqwarp/cudnn_bwd.csv") if r["bwd_tflops"]}
+f = lambda x: "-" if x is None else f"{x:.1f}"
+q = lambda x, y: "-" if x is None or not y else f"{x / y:.3f}"
+print("backward TFLOP/s: the TMA backward with its dQ warp (FLASHGPT_ATTN_BWD_DQ_WARP=1), without, the wgmma")
+print("backward and cuDNN (torch SDPA); the dQ warp's ratios to the TMA backward and to cuDNN\n")
+print("| batch x heads | seqlen | d | causal | dropout | dq-warp TMA | TMA | wgmma | cuDNN | dq-warp / TMA | dq-warp / cuDNN |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
+for k in order:
+    b, h, s, d, c, p = k
+    row = ours[k]
+    w, t, dw = row.get("wgmma"), row.get("wgmma-tma"), row.get("wgmma-tma+dqwarp")
+    cu = cudnn.get(k)
+    print(f"| {b} x {h} | {s} | {d} | {'yes' if c else 'no'} | {p:g} | {f(dw)} | {f(t)} | {f(w)} | {f(cu)} | "
+          f"{q(dw, t)} | {q(dw, cu)} |")
+PY
+      ;;
     switches)
       OUT=$OUT BINS_DIR=$B DEADLINE=${SWITCHES_DEADLINE:-400} bash "$R/bench/model/ab_switches.sh" >"$L/switches.log" 2>&1 || status=1
       cat "$OUT/ab/summary.txt" >>"$S" 2>/dev/null
@@ -201,8 +250,8 @@ PY
       step decodefix_torch 150 python3 "$R/bench/generate/torch_static_kv.py" --flashgpt "$B/flashgpt" --batches 1,64 \
         --out "$OUT/torch_decode_fix.json"
       grep -E '^(\||batch|prefill|torch)' "$L/decodefix_torch.log" | tee -a "$S" ;;
-    *) echo "unknown part '$part' (decode, attnall, attn_tests, attn_bench, tiles128, switches, fixes, engine, attnproj, overlap," \
-         "gentests, torchdecode, decodefix)"; status=1 ;;
+    *) echo "unknown part '$part' (decode, attnall, attn_tests, attn_bench, tiles128, dqwarp, switches, fixes, engine, attnproj," \
+         "overlap, gentests, torchdecode, decodefix)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done
