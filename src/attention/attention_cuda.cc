@@ -308,11 +308,12 @@ attn::FwdKernel choose_fwd_kernel(int head_dim, const AttentionParams* p, int ti
 // where FLASHGPT_ATTN_BWD_PADDED is on; d256 has none and keeps mma.sync whatever is forced.
 attn::BwdKernel choose_bwd_kernel(int head_dim, const AttentionParams* p) {
   const BwdOverride forced = bwd_override_value().load();
+  const bool padded_on = bwd_padded_value().load() != 0;  // read first: a bad value is an error on any device
   const bool has_wgmma = dispatch_instance<bool>(head_dim, DType::bf16, []<int D, typename E>() {
     return attn::flash_bwd_has_wgmma<D, E>();
   });
   if (!has_wgmma || forced == BwdOverride::mma_sync || !device_is_sm90()) return attn::BwdKernel::mma_sync;
-  if (attn::bwd_wgmma_padded(head_dim) && bwd_padded_value().load() == 0) return attn::BwdKernel::mma_sync;
+  if (attn::bwd_wgmma_padded(head_dim) && !padded_on) return attn::BwdKernel::mma_sync;
   const bool has_tma = dispatch_instance<bool>(head_dim, DType::bf16, []<int D, typename E>() {
     return attn::flash_bwd_has_tma<D, E>();
   });
