@@ -1174,7 +1174,10 @@ TEST(AttentionCuda, PaddedWgmmaBackward) {
         mma_sync = run_case(c, /*backward=*/true, Determinism::fast, 7, /*compare=*/false, Reference::in_test,
                             kPaddedGuard);
       }
-      expect_same_gradients(padded, mma_sync, c.dtype, c.name + " padded wgmma vs mma.sync");
+      // With one key, dS = P (dP - D) is fp32 rounding noise, another in each kernel (their dP
+      // sums run in other orders), so dQ and dK agree with the reference's floor only.
+      if (c.shape.seqlen_k > 1 || !c.shape.lens_k.empty())
+        expect_same_gradients(padded, mma_sync, c.dtype, c.name + " padded wgmma vs mma.sync");
     }
     const ForcedBackwardKernel forced("wgmma");
     {
