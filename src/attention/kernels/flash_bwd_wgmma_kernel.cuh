@@ -84,7 +84,7 @@ namespace flashgpt::attn {
 // are not a power of two (d96: 12), the chunks are numbered over the padded row (16) instead,
 // and a thread skips those of the pad, which it meets at every step or never (its column is fixed
 // when kThreads is a multiple of the padded chunks a row): a shift and a mask where the real
-// count took a division by 12, which cost the d96 kernel 20 bytes of spills.
+// count took a division by 12 (with it the d96 kernel spilled 20 bytes instead of 12).
 template <int kRows, int kHeadDim, int kHeadDimPadded, int kThreads, typename Element>
 __device__ __forceinline__ void load_rows_swizzled_async(uint32_t smem, const Element* gmem, int64_t row_stride,
                                                          int valid_rows, int tid) {
@@ -106,7 +106,6 @@ __device__ __forceinline__ void load_rows_swizzled_async(uint32_t smem, const El
     }
   }
 }
-
 
 // kHeadDim: the API's head dim; kHeadDimPadded: the one the shared-memory tiles and the dK, dV
 // and dQ GEMMs have, the next multiple of 64 (d32: d64's kernel, d96: d128's; 64 and 128 are

@@ -102,7 +102,7 @@ __device__ __forceinline__ void zero_tile_pad_columns(unsigned char* smem_base, 
 
 // The same for a tile whose pad is a whole number of chunks per thread, unrolled, with
 // st.shared on the 32-bit address (the padded wgmma backward: the generic-pointer loop above,
-// at its start, cost that register-bound kernel 44 to 144 more bytes of spills).
+// at its start, cost that register-bound kernel 32 to 152 more bytes of spills).
 template <int kRows, int kHeadDim, int kHeadDimPad, int kThreads>
 __device__ __forceinline__ void zero_tile_pad_columns_unrolled(uint32_t tile, int tid) {
   constexpr int kPadChunksPerRow = (kHeadDimPad - kHeadDim) / 8;
