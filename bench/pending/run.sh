@@ -43,8 +43,14 @@
 #               batch-64 decode's LayerNorm and attention latency chains, both on by default):
 #               their kernel tests, the engine tests, batch 64 and 1 against both off (and
 #               each alone, and 16 keys), twice, torch.compile beside the defaults
+#   bwdpad      (at most 250 s) the padded wgmma backward of head dims 96 and 32 (FLASHGPT_ATTN_BWD_PADDED=1):
+#               its tests (against the fp64 reference and mma.sync, guard columns), memcheck and
+#               initcheck of its small shapes, `flashgpt bench attention --head-dim 96` and 32 up to
+#               s 4096 with the mma.sync and the padded wgmma backward on the same rows, FA2's
+#               backward (torch SDPA) beside them, and the table bwdpad.md (docs/attention_gpu.md)
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
-# (decode.txt, bwd_table.md, dq_fused.md, profile.txt, tiles128.md, dqwarp.md) and pending_logs.tgz.
+# (decode.txt, bwd_table.md, dq_fused.md, profile.txt, tiles128.md, dqwarp.md, bwdpad.md) and
+# pending_logs.tgz.
 set -uo pipefail
 R=$(cd "$(dirname "$0")/../.." && pwd)
 PKG=$R/.gpu/pending
@@ -250,8 +256,45 @@ PY
       step decodefix_torch 150 python3 "$R/bench/generate/torch_static_kv.py" --flashgpt "$B/flashgpt" --batches 1,64 \
         --out "$OUT/torch_decode_fix.json"
       grep -E '^(\||batch|prefill|torch)' "$L/decodefix_torch.log" | tee -a "$S" ;;
-    *) echo "unknown part '$part' (decode, attnall, attn_tests, attn_bench, tiles128, dqwarp, switches, fixes, engine, attnproj," \
-         "overlap, gentests, torchdecode, decodefix)"; status=1 ;;
+    bwdpad)  # the tests and sanitizers first, then mma.sync and the padded wgmma backward per head dim, FA2
+      step bwdpad_tests 75 env FLASHGPT_ATTN_BWD_PADDED=1 "$B/attention_cuda_test" \
+        --gtest_filter='*PaddedWgmmaBackward*:*PaddedBackwardForSanitizer*:*ReportsKernels*:*SmallShapes*'
+      for tool in memcheck initcheck; do
+        step "bwdpad_$tool" 30 env FLASHGPT_ATTN_BWD_PADDED=1 compute-sanitizer --tool $tool --error-exitcode 9 \
+          "$B/attention_cuda_test" --gtest_filter='*PaddedBackwardForSanitizer*'
+      done
+      for d in 96 32; do
+        step "bwdpad_d$d" 35 env FLASHGPT_ATTN_BWD_PADDED=1 "$B/flashgpt" bench attention --device cuda --head-dim $d \
+          --max-seqlen 4096 --min-time 0.05 --bwd-kernels mma_sync,wgmma --out "$L/bwdpad_d$d"
+      done
+      step bwdpad_fa2 45 python3 "$R/bench/attention_gpu/fa2_bwd.py" --out "$L/bwdpad_fa2" --head-dims 96,32 \
+        --seqlens 512,1024,2048,4096 --min-time-s 0.05
+      python3 - "$L" <<'PY' 2>&1 | tee "$OUT/bwdpad.md" | tee -a "$S"
+import csv, os, sys
+L = sys.argv[1]
+key = lambda r: (int(r["head_dim"]), int(r["causal"]), int(r["seqlen"]), int(r["batch"]), int(r["heads"]))
+ours = {}  # (key, kernel) -> bwd TFLOP/s
+for d in (96, 32):
+    path = f"{L}/bwdpad_d{d}/attention_cuda.csv"
+    for r in csv.DictReader(open(path)) if os.path.exists(path) else []:
+        ours[(key(r), r["bwd_kernel"])] = float(r["bwd_tflops"])
+path = f"{L}/bwdpad_fa2/fa2_bwd.csv"
+fa2 = {}
+for r in csv.DictReader(open(path)) if os.path.exists(path) else []:
+    if r["bwd_tflops"]:
+        fa2[key(r)] = float(r["bwd_tflops"])
+print("Backward TFLOP/s, bf16: the padded wgmma backward (FLASHGPT_ATTN_BWD_PADDED=1) against mma.sync and FA2\n")
+print("| d | causal | s | b x h | padded wgmma | mma.sync | FA2 | padded / mma.sync | padded / FA2 | mma.sync / FA2 |")
+print("| --- " * 10 + "|")
+nan = float("nan")
+for k in sorted({k for k, _ in ours}, key=lambda k: (-k[0], k[1], k[2])):
+    p, m, f = ours.get((k, "wgmma"), nan), ours.get((k, "mma.sync"), nan), fa2.get(k, nan)
+    print(f"| {k[0]} | {'yes' if k[1] else 'no'} | {k[2]} | {k[3]}x{k[4]} | {p:.1f} | {m:.1f} | {f:.1f} | "
+          f"{p / m:.3f} | {p / f:.3f} | {m / f:.3f} |")
+PY
+      ;;
+    *) echo "unknown part '$part' (decode, attnall, attn_tests, attn_bench, tiles128, dqwarp, bwdpad, switches, fixes," \
+         "engine, attnproj, overlap, gentests, torchdecode, decodefix)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done

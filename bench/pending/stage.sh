@@ -2,7 +2,7 @@
 # Builds, on this (CPU) machine, what bench/pending/run.sh needs on the GPU machine and packs
 # it into .gpu/pending/ (git-ignored), the folder a device call carries:
 #   bench/pending/stage.sh
-# A CUDA build (sm_90a; head dims 32, 64, 128; MPI, NCCL off) in build-pending/ of flashgpt and
+# A CUDA build (sm_90a; head dims 32, 64, 96, 128; MPI, NCCL off) in build-pending/ of flashgpt and
 # the four CUDA test binaries, stripped, with lib/libfmt.so.9 and lib/libgomp.so.1 beside them
 # (the GPU machine lacks both), in bins.tar.xz, and COMMIT. The optional libraries the GPU
 # machine also lacks (libcurl, libarchive, OpenBLAS, liblzma) are left out of the build, and
@@ -14,7 +14,7 @@ cd "$ROOT"
 export PATH="/usr/local/cuda/bin:$PATH"
 PKG=.gpu/pending
 TARGETS=(flashgpt attention_cuda_test generate_inference_cuda_test model_cuda_ops_test model_cuda_test)
-CONFIG=(-G Ninja -DFLASHGPT_CUDA=ON -DFLASHGPT_MPI=OFF -DFLASHGPT_NCCL=OFF "-DFLASHGPT_ATTENTION_HEAD_DIMS=32;64;128"
+CONFIG=(-G Ninja -DFLASHGPT_CUDA=ON -DFLASHGPT_MPI=OFF -DFLASHGPT_NCCL=OFF "-DFLASHGPT_ATTENTION_HEAD_DIMS=32;64;96;128"
         -DCMAKE_DISABLE_FIND_PACKAGE_CURL=ON -DCMAKE_DISABLE_FIND_PACKAGE_LibArchive=ON
         -DCMAKE_DISABLE_FIND_PACKAGE_BLAS=ON -DCMAKE_DISABLE_FIND_PACKAGE_LibLZMA=ON)
 cmake -S . -B build-pending "${CONFIG[@]}" >/dev/null

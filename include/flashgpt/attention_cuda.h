@@ -44,8 +44,9 @@ const char* attention_cuda_forward_kernel(const AttentionParams& params);
 // Throws flashgpt::Error for any other name.
 const char* attention_cuda_force_forward_kernel(const char* kernel);
 // The same for the backward's main kernel, for a dense batch: "wgmma" (Hopper, sm_90a builds,
-// head dims 64 and 128), "wgmma-tma" (the warp-specialized TMA backward, same head dims, dense
-// batches; only where forced, until it is measured) or "mma.sync". FLASHGPT_ATTN_BWD_KERNEL in
+// head dims 64 and 128, and 32 and 96 where attention_cuda_force_backward_padded is on),
+// "wgmma-tma" (the warp-specialized TMA backward, head dims 64 and 128, dense batches; only
+// where forced, until it is measured) or "mma.sync". FLASHGPT_ATTN_BWD_KERNEL in
 // the environment overrides the choice: mma_sync, wgmma, or tma (where it applies).
 const char* attention_cuda_backward_kernel(int head_dim);
 // The same for these params (varlen batches never take "wgmma-tma").
@@ -76,6 +77,13 @@ bool attention_cuda_backward_dq_warp(const AttentionParams& params);
 // it was on. For tests and benchmarks comparing both in one process. Throws flashgpt::Error
 // for any other value.
 bool attention_cuda_force_backward_dq_warp(int on);
+// The padded wgmma backward: head dims 32 and 96 run the d64 and d128 wgmma backward with the
+// head dim padded in shared memory (sm_90a builds, Hopper) instead of the mma.sync backward.
+// Off by default until it is timed on a GPU; FLASHGPT_ATTN_BWD_PADDED=0 or 1 in the environment
+// sets it (anything else is an error at the first backward). This switches it for every later
+// backward: 1 on, 0 off, -1 the default; returns whether it was on. Throws flashgpt::Error for
+// any other value.
+bool attention_cuda_force_backward_padded(int padded);
 
 // The d64 TMA forward's tiles (query rows x keys a step, K/V stages, CTAs per SM; the table is in
 // docs/attention_gpu.md): how many this build has (0 without the TMA forward), and forcing one

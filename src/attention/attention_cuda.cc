@@ -184,6 +184,25 @@ std::atomic<int>& bwd_dq_warp_value() {  // 0 or 1
   return value;
 }
 
+// The padded wgmma backward (attn::bwd_wgmma_padded: head dims 32 and 96 run the d64 and d128
+// wgmma kernels with the head dim padded in shared memory). Off by default until it is timed
+// on a GPU (their backward stays the mma.sync kernel). FLASHGPT_ATTN_BWD_PADDED=0 or 1 sets it
+// at the first call (anything else is an error, so that a typo never times the wrong path),
+// attention_cuda_force_backward_padded at any time.
+constexpr bool kBwdPaddedDefault = false;
+std::atomic<int>& bwd_padded_value() {  // 0 or 1
+  static std::atomic<int> value{[] {
+    const char* v = std::getenv("FLASHGPT_ATTN_BWD_PADDED");
+    if (v == nullptr || *v == '\0') return int(kBwdPaddedDefault);
+    FLASHGPT_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0,
+                   "FLASHGPT_ATTN_BWD_PADDED is '{}': expected 0 (head dims 32 and 96 keep the mma.sync backward) or "
+                   "1 (the padded wgmma backward)",
+                   v);
+    return v[0] == '1' ? 1 : 0;
+  }()};
+  return value;
+}
+
 int tma_tile_count(int head_dim) {
   if (!attention_cuda_head_dim_compiled(head_dim)) return 0;
   return dispatch_instance<int>(head_dim, DType::bf16,
@@ -305,13 +324,16 @@ attn::FwdKernel choose_fwd_kernel(int head_dim, const AttentionParams* p, int ti
 // The backward's main kernel. `p` null: a dense call (what attention_cuda_backward_kernel(int)
 // reports). The TMA backward runs only where forced (FLASHGPT_ATTN_BWD_KERNEL=tma or
 // attention_cuda_force_backward_kernel("tma")) and only for dense batches; elsewhere the
-// cp.async wgmma kernel, as before.
+// cp.async wgmma kernel, as before. Head dims 32 and 96 take the (padded) wgmma kernel only
+// where FLASHGPT_ATTN_BWD_PADDED is on; d256 has none and keeps mma.sync whatever is forced.
 attn::BwdKernel choose_bwd_kernel(int head_dim, const AttentionParams* p) {
   const BwdOverride forced = bwd_override_value().load();
+  const bool padded_on = bwd_padded_value().load() != 0;  // read first: a bad value is an error on any device
   const bool has_wgmma = dispatch_instance<bool>(head_dim, DType::bf16, []<int D, typename E>() {
     return attn::flash_bwd_has_wgmma<D, E>();
   });
   if (!has_wgmma || forced == BwdOverride::mma_sync || !device_is_sm90()) return attn::BwdKernel::mma_sync;
+  if (attn::bwd_wgmma_padded(head_dim) && !padded_on) return attn::BwdKernel::mma_sync;
   const bool has_tma = dispatch_instance<bool>(head_dim, DType::bf16, []<int D, typename E>() {
     return attn::flash_bwd_has_tma<D, E>();
   });
@@ -340,7 +362,14 @@ const char* attention_cuda_force_backward_kernel(const char* kernel) {
 }
 
 bool attention_cuda_backward_fused_dq_convert(const AttentionParams& params) {
-  return fused_dq_convert_value().load() != 0 && choose_bwd_kernel(params.head_dim, &params) != attn::BwdKernel::mma_sync;
+  return fused_dq_convert_value().load() != 0 && !attn::bwd_wgmma_padded(params.head_dim) &&
+         choose_bwd_kernel(params.head_dim, &params) != attn::BwdKernel::mma_sync;
+}
+
+bool attention_cuda_force_backward_padded(int padded) {
+  FLASHGPT_CHECK(padded >= -1 && padded <= 1,
+                 "attention_cuda_force_backward_padded({}): expected 0 (off), 1 (on) or -1 (the default)", padded);
+  return bwd_padded_value().exchange(padded < 0 ? int(kBwdPaddedDefault) : padded) != 0;
 }
 
 bool attention_cuda_force_fused_dq_convert(int fused) {

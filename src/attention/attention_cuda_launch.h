@@ -26,6 +26,10 @@ enum class FwdKernel { mma_sync, wgmma, tma };
 // Backward main kernels: tma, the warp-specialized one fed by the copy engine
 // (flash_bwd_tma_kernel.cuh, dense batches, opt-in); wgmma, the cp.async one.
 enum class BwdKernel { mma_sync, wgmma, tma };
+// Head dims whose wgmma backward is the next multiple of 64's kernel with the head dim padded
+// in shared memory (flash_bwd_wgmma_kernel.cuh, kHeadDimPadded): d32 runs d64's tiling, d96
+// d128's. Opt-in (FLASHGPT_ATTN_BWD_PADDED) until it is timed on a GPU.
+constexpr bool bwd_wgmma_padded(int head_dim) { return head_dim == 32 || head_dim == 96; }
 
 inline const char* kernel_name(FwdKernel k) {
   return k == FwdKernel::tma ? "wgmma-tma" : k == FwdKernel::wgmma ? "wgmma" : "mma.sync";

@@ -180,8 +180,11 @@ struct Outputs {
 // Runs forward (+ backward) on the GPU and the reference, compares. Returns the outputs.
 enum class Reference { in_test, library_cpu };
 
+// out_guard > 0: dQ, dK and dV are written into rows of head_dim + out_guard elements a head (the
+// strides say so), whose last out_guard elements must keep the poison (no store past the head
+// dim); the outputs are read back compacted.
 Outputs run_case(const AttentionCase& ac, bool backward, Determinism det = Determinism::fast, uint64_t seed = 7,
-                 bool compare = true, Reference reference = Reference::in_test) {
+                 bool compare = true, Reference reference = Reference::in_test, int out_guard = 0) {
   // The table's shape under the names this runner has always used.
   struct {
     const std::string& name;
@@ -231,8 +234,17 @@ Outputs run_case(const AttentionCase& ac, bool backward, Determinism det = Deter
     attention_set_dense_strides(p);
   }
 
+  const int d_out = d + out_guard;  // the gradients' elements a head, guard included
+  if (out_guard > 0) {
+    p.dq_head_stride = p.dk_head_stride = p.dv_head_stride = d_out;
+    p.dq_row_stride = int64_t{c.heads_q} * d_out;
+    p.dk_row_stride = p.dv_row_stride = int64_t{c.heads_kv} * d_out;
+    p.dq_batch_stride = varlen ? 0 : p.dq_row_stride * max_q;
+    p.dk_batch_stride = p.dv_batch_stride = varlen ? 0 : p.dk_row_stride * max_k;
+  }
+  const size_t nq_out = nq / d * d_out, nk_out = nk / d * d_out;
   const size_t lse_n = size_t(c.heads_q) * total_q;
-  DeviceBuffer dq_(nq * 2), dk_(nk * 2), dv_(nk * 2), do_(nq * 2), dq2(nq * 2), dk2(nk * 2), dv2(nk * 2),
+  DeviceBuffer dq_(nq * 2), dk_(nk * 2), dv_(nk * 2), do_(nq * 2), dq2(nq_out * 2), dk2(nk_out * 2), dv2(nk_out * 2),
       dout(nq * 2), dlse(lse_n * 4), dcu_q(4 * (batch + 1)), dcu_k(4 * (batch + 1));
   EXPECT_EQ(cudaMemcpy(dq_.ptr, q.bits.data(), nq * 2, cudaMemcpyHostToDevice), cudaSuccess);
   EXPECT_EQ(cudaMemcpy(dk_.ptr, k.bits.data(), nk * 2, cudaMemcpyHostToDevice), cudaSuccess);
@@ -241,9 +253,9 @@ Outputs run_case(const AttentionCase& ac, bool backward, Determinism det = Deter
   // Poison the outputs: every element must be written.
   cudaMemset(dout.ptr, 0xFF, nq * 2);
   cudaMemset(dlse.ptr, 0xFF, lse_n * 4);
-  cudaMemset(dq2.ptr, 0xFF, nq * 2);
-  cudaMemset(dk2.ptr, 0xFF, nk * 2);
-  cudaMemset(dv2.ptr, 0xFF, nk * 2);
+  cudaMemset(dq2.ptr, 0xFF, nq_out * 2);
+  cudaMemset(dk2.ptr, 0xFF, nk_out * 2);
+  cudaMemset(dv2.ptr, 0xFF, nk_out * 2);
   if (varlen) {
     EXPECT_EQ(cudaMemcpy(dcu_q.ptr, cu_q.data(), 4 * (batch + 1), cudaMemcpyHostToDevice), cudaSuccess);
     EXPECT_EQ(cudaMemcpy(dcu_k.ptr, cu_k.data(), 4 * (batch + 1), cudaMemcpyHostToDevice), cudaSuccess);
@@ -277,17 +289,29 @@ Outputs run_case(const AttentionCase& ac, bool backward, Determinism det = Deter
   out.o = o_h.values;
   out.lse.resize(lse_n);
   EXPECT_EQ(cudaMemcpy(out.lse.data(), dlse.ptr, lse_n * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+  // A gradient read back without its guard columns, each of which must still hold the poison.
+  auto read_gradient = [&](const DeviceBuffer& buf, size_t n, const char* what) {
+    std::vector<uint16_t> all(n / d * d_out), real(n);
+    EXPECT_EQ(cudaMemcpy(all.data(), buf.ptr, all.size() * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    int64_t touched = 0;
+    for (size_t h = 0; h < n / d; ++h) {
+      std::copy_n(all.begin() + h * d_out, d, real.begin() + h * d);
+      for (int e = d; e < d_out; ++e) touched += all[h * d_out + e] != 0xFFFF;
+    }
+    EXPECT_EQ(touched, 0) << c.name << ": " << what << " written past the head dim (" << out_guard
+                          << " guard columns a head)";
+    return real;
+  };
   if (backward) {
-    EXPECT_EQ(cudaMemcpy(tmp.data(), dq2.ptr, nq * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    tmp = read_gradient(dq2, nq, "dQ");
     dq_h.from_bits(tmp);
     out.dq = dq_h.values;
     out.dq_bits = tmp;
-    std::vector<uint16_t> tk(nk);
-    EXPECT_EQ(cudaMemcpy(tk.data(), dk2.ptr, nk * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    std::vector<uint16_t> tk = read_gradient(dk2, nk, "dK");
     dk_h.from_bits(tk);
     out.dk = dk_h.values;
     out.dk_bits = tk;
-    EXPECT_EQ(cudaMemcpy(tk.data(), dv2.ptr, nk * 2, cudaMemcpyDeviceToHost), cudaSuccess);
+    tk = read_gradient(dv2, nk, "dV");
     dv_h.from_bits(tk);
     out.dv = dv_h.values;
     out.dv_bits = tk;
@@ -430,8 +454,13 @@ TEST(AttentionCuda, ReportsKernels) {
     // attention_cuda_test_tma_bwd) and never for a varlen batch; dropout takes the same kernel.
     const char* bwd_env = std::getenv("FLASHGPT_ATTN_BWD_KERNEL");
     const bool bwd_tma_forced = bwd_env != nullptr && std::string_view(bwd_env) == "tma";
-    if (bwd_forced || !hopper_dim) {
+    // d32 and d96 take the padded wgmma backward only where FLASHGPT_ATTN_BWD_PADDED=1.
+    const char* padded_env = std::getenv("FLASHGPT_ATTN_BWD_PADDED");
+    const bool padded_dim = (d == 32 || d == 96) && padded_env != nullptr && std::string_view(padded_env) == "1";
+    if (bwd_forced || !(hopper_dim || padded_dim)) {
       EXPECT_EQ(bwd, "mma.sync") << "head_dim " << d;
+    } else if (padded_dim) {
+      EXPECT_TRUE(bwd == "wgmma" || bwd == "mma.sync") << bwd;
     } else if (bwd_tma_forced) {
       EXPECT_TRUE(bwd == "wgmma-tma" || bwd == "mma.sync") << bwd;
     } else {
@@ -1056,6 +1085,139 @@ void expect_fused_matches_separate(const AttentionCase& c, Determinism det, bool
     EXPECT_TRUE(fused.dq_bits == separate.dq_bits) << "deterministic dQ differs between the fused and the separate convert";
   } else {
     expect_same_gradients(fused, separate, c.dtype, c.name + " fused vs separate convert");
+  }
+}
+
+// Switches the padded wgmma backward (d32, d96) for a scope
+// (attention_cuda_force_backward_padded), then restores the setting before.
+class ForcedBackwardPadded {
+ public:
+  explicit ForcedBackwardPadded(bool on) : before_(attention_cuda_force_backward_padded(on ? 1 : 0)) {}
+  ~ForcedBackwardPadded() { attention_cuda_force_backward_padded(before_ ? 1 : 0); }
+  ForcedBackwardPadded(const ForcedBackwardPadded&) = delete;
+  ForcedBackwardPadded& operator=(const ForcedBackwardPadded&) = delete;
+
+ private:
+  bool before_;
+};
+
+// The head dims among 32 and 96 whose padded wgmma backward this build and device run.
+std::vector<int> padded_backward_dims() {
+  std::vector<int> dims;
+  const ForcedBackwardPadded on(true);
+  const ForcedBackwardKernel wgmma("wgmma");
+  for (int d : {96, 32})
+    if (attention_cuda_head_dim_compiled(d) && std::string_view(attention_cuda_backward_kernel(d)) == "wgmma")
+      dims.push_back(d);
+  return dims;
+}
+
+// Guard columns a head in the padded tests' gradients: a store of the pad columns (d32's 32 .. 63,
+// d96's 96 .. 127) would land in them.
+constexpr int kPaddedGuard = 32;
+
+// The padded wgmma backward (d32 on d64's kernel, d96 on d128's, the pad columns zero in shared
+// memory): gradients against the fp64 reference and against the mma.sync backward on the same
+// inputs, at BackwardPipelineShapes' lengths (1, 17, 127, 128, 129, 255, 257, 1000; causal with
+// seqlen_q != seqlen_k both ways; GQA), fp16 and dropout on some, a varlen batch with empty
+// sequences; the gradients written into rows with guard columns past the head dim that must keep
+// their poison; the fused dQ convert switched on falls back to the convert kernel; deterministic
+// mode twice bit-identical over more tiles than an H100 has SMs, and against the reference.
+TEST(AttentionCuda, PaddedWgmmaBackward) {
+  if (mma_sync_pass()) GTEST_SKIP() << "compares the padded wgmma backward with mma.sync; runs in the other passes";
+  EXPECT_THROW(attention_cuda_force_backward_padded(2), flashgpt::Error);
+  {
+    const ForcedBackwardPadded off(false);
+    for (int d : {32, 96}) {
+      if (attention_cuda_head_dim_compiled(d)) {
+        EXPECT_STREQ(attention_cuda_backward_kernel(d), "mma.sync") << d;
+      }
+    }
+  }
+  if (attention_cuda_head_dim_compiled(256)) {  // no wgmma backward at d256, whatever is switched on
+    const ForcedBackwardPadded on(true);
+    const ForcedBackwardKernel wgmma("wgmma");
+    EXPECT_STREQ(attention_cuda_backward_kernel(256), "mma.sync");
+  }
+  const std::vector<int> dims = padded_backward_dims();
+  if (dims.empty()) GTEST_SKIP() << "no wgmma backward in this build or on this device";
+  const ForcedBackwardPadded on(true);
+  struct Lengths {
+    int sq, sk;
+  };
+  const std::vector<Lengths> lengths = {{1, 1},     {17, 17},   {127, 127}, {128, 128}, {129, 129}, {255, 255},
+                                        {257, 257}, {200, 385}, {64, 385},  {300, 17},  {1000, 1000}};
+  for (int d : dims) {
+    std::vector<AttentionCase> cases;
+    for (Mask mask : {Mask::none, Mask::causal})
+      for (const Lengths& l : lengths)
+        cases.push_back(lengths_case("padded bwd d" + std::to_string(d), l.sq, l.sk, d, mask, DType::bf16, 0.0f));
+    for (const Lengths& l : std::vector<Lengths>{{17, 17}, {129, 129}, {257, 257}, {200, 385}}) {
+      cases.push_back(lengths_case("padded bwd d" + std::to_string(d), l.sq, l.sk, d, Mask::causal, DType::f16, 0.0f));
+      cases.push_back(
+          lengths_case("padded bwd dropout d" + std::to_string(d), l.sq, l.sk, d, Mask::causal, DType::bf16, 0.15f));
+    }
+    cases.push_back({"padded bwd varlen d" + std::to_string(d), varlen({3, 0, 80, 200}, {5, 2, 140, 130}, 4, 2, d,
+                                                                        Mask::causal, 0.0f),
+                     {}, DType::f16});
+    for (const AttentionCase& c : cases) {
+      SCOPED_TRACE(c.name);
+      Outputs padded, mma_sync;
+      {
+        const ForcedBackwardKernel forced("wgmma");
+        ASSERT_STREQ(attention_cuda_backward_kernel(d), "wgmma");
+        padded = run_case(c, /*backward=*/true, Determinism::fast, 7, /*compare=*/true, Reference::in_test,
+                          kPaddedGuard);
+      }
+      {
+        const ForcedBackwardKernel forced("mma_sync");
+        mma_sync = run_case(c, /*backward=*/true, Determinism::fast, 7, /*compare=*/false, Reference::in_test,
+                            kPaddedGuard);
+      }
+      // With one key, dS = P (dP - D) is fp32 rounding noise, another in each kernel (their dP
+      // sums run in other orders), so dQ and dK agree with the reference's floor only.
+      if (c.shape.seqlen_k > 1 || !c.shape.lens_k.empty())
+        expect_same_gradients(padded, mma_sync, c.dtype, c.name + " padded wgmma vs mma.sync");
+    }
+    const ForcedBackwardKernel forced("wgmma");
+    {
+      // The fused dQ convert has whole 64-column strips only: a padded head dim keeps the convert
+      // kernel with it switched on.
+      const ForcedFusedDqConvert fused(true);
+      EXPECT_FALSE(attention_cuda_backward_fused_dq_convert(probe_params(d, false))) << d;
+      run_case(lengths_case("padded bwd fused-on d" + std::to_string(d), 200, 385, d, Mask::causal, DType::bf16, 0.1f),
+               true, Determinism::fast, 7, true, Reference::in_test, kPaddedGuard);
+    }
+    // Deterministic: 12 x 2 kv heads x 8 key blocks = 192 tiles of 128 keys.
+    const AttentionCase c{"padded det d" + std::to_string(d), dense(12, 1000, 1000, 4, 2, d, Mask::causal, 0.1f), {},
+                          DType::bf16};
+    const Outputs a =
+        run_case(c, true, Determinism::deterministic, 13, /*compare=*/false, Reference::in_test, kPaddedGuard);
+    const Outputs b = run_case(c, true, Determinism::deterministic, 13, /*compare=*/false);
+    EXPECT_TRUE(a.dq_bits == b.dq_bits) << "dQ differs between two deterministic runs, d=" << d;
+    EXPECT_TRUE(a.dk_bits == b.dk_bits) << "dK differs between two deterministic runs, d=" << d;
+    EXPECT_TRUE(a.dv_bits == b.dv_bits) << "dV differs between two deterministic runs, d=" << d;
+    EXPECT_TRUE(all_finite(a.dq) && all_finite(a.dk) && all_finite(a.dv)) << "d=" << d;
+    run_case({"padded det ref d" + std::to_string(d), dense(2, 300, 420, 4, 2, d, Mask::causal, 0.0f), {}, DType::bf16},
+             true, Determinism::deterministic, 7, true, Reference::in_test, kPaddedGuard);
+  }
+}
+
+// The padded wgmma backward's small shapes (switched on here whatever the environment), for
+// compute-sanitizer: initcheck finds reads of pad columns that nothing wrote, memcheck stores
+// past the head dim:
+//   compute-sanitizer --tool initcheck attention_cuda_test --gtest_filter=*PaddedBackwardForSanitizer*
+TEST(AttentionCuda, PaddedBackwardForSanitizer) {
+  if (mma_sync_pass()) GTEST_SKIP() << "runs the padded wgmma backward; runs in the other passes";
+  const std::vector<int> dims = padded_backward_dims();
+  if (dims.empty()) GTEST_SKIP() << "no wgmma backward in this build or on this device";
+  const ForcedBackwardPadded on(true);
+  const ForcedBackwardKernel wgmma("wgmma");
+  for (int d : dims) {
+    run_case({"padded small causal gqa dropout", dense(2, 70, 130, 4, 2, d, Mask::causal, 0.2f), {}, DType::bf16},
+             true, Determinism::fast, 5, true, Reference::in_test, kPaddedGuard);
+    run_case({"padded small varlen", varlen({3, 0, 80}, {5, 2, 140}, 2, 1, d, Mask::none, 0.0f), {}, DType::f16}, true,
+             Determinism::deterministic, 5, true, Reference::in_test, kPaddedGuard);
   }
 }
 

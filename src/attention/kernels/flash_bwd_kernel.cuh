@@ -273,10 +273,13 @@ __global__ void __launch_bounds__(BwdPreprocessShape<kHeadDim>::kThreads)
 //     i / 32, lane g * 4 + t) is the float4 at (q * 128 + i) * 4: its C fragment (rows
 //     16 (i / 32) + g and + 8, columns 8 q + 2 t and + 1). A CTA per sub-tile: read in order, transposed
 //     through shared memory, written as 4 consecutive elements a thread (a warp writes whole
-//     rows); grid (ceil(seqlen_q / 64) * kHeadDim / 64, heads_q, batch).
+//     rows); grid (ceil(seqlen_q / 64) * ceil(kHeadDim / 64), heads_q, batch). A head dim
+//     that is not a multiple of 64 (the padded wgmma backward: 32, 96) ends each row block of
+//     64 x kHeadDim floats with a partial sub-tile, 64 rows x kHeadDim % 64 columns: the same
+//     order, n8 tiles 0 .. kHeadDim % 64 / 8 - 1 only.
 template <int kHeadDim, bool kFragmentLayout>
 inline int convert_dq_blocks(int seqlen_q) {
-  return kFragmentLayout ? (seqlen_q + 63) / 64 * (kHeadDim / 64) : (seqlen_q * (kHeadDim / 4) + 255) / 256;
+  return kFragmentLayout ? (seqlen_q + 63) / 64 * ((kHeadDim + 63) / 64) : (seqlen_q * (kHeadDim / 4) + 255) / 256;
 }
 
 template <typename Element, int kHeadDim, bool kFragmentLayout>
@@ -294,16 +297,22 @@ __global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const KernelP
     const int row = idx / (kHeadDim / 4), col = idx % (kHeadDim / 4) * 4;
     if (row < seq.seqlen_q) store4(row, col, *reinterpret_cast<const float4*>(part + int64_t{row} * kHeadDim + col));
   } else {
-    static_assert(kHeadDim % 64 == 0, "the fragment layout is made of 64 x 64 sub-tiles");
+    static_assert(kHeadDim % 32 == 0, "the fragment layout is made of 64 x 64 (and 64 x 32) sub-tiles");
+    constexpr bool kWhole = kHeadDim % 64 == 0;
+    constexpr int kColBlocks = (kHeadDim + 63) / 64;
     constexpr int kStride = 64 + 8;  // floats; float2 stores of a half-warp hit 32 distinct banks
     __shared__ float tile[64 * kStride];
-    const int row0 = blockIdx.x / (kHeadDim / 64) * 64, col0 = blockIdx.x % (kHeadDim / 64) * 64;
+    const int row0 = blockIdx.x / kColBlocks * 64, col0 = blockIdx.x % kColBlocks * 64;
     if (row0 >= seq.seqlen_q) return;
-    const float4* src = reinterpret_cast<const float4*>(part) + int64_t{blockIdx.x} * 1024;
+    // The sub-tile's columns: 64, or the partial last sub-tile's kHeadDim % 64.
+    const int width = kWhole ? 64 : min(64, kHeadDim - col0);
+    const float4* src = kWhole ? reinterpret_cast<const float4*>(part) + int64_t{blockIdx.x} * 1024
+                               : reinterpret_cast<const float4*>(part + int64_t{row0} * kHeadDim + col0 * 64);
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       // Float4 f is n8 tile f / 128 of warpgroup thread f % 128.
       const int f = tid + k * 256, n8 = f / 128, thread = f % 128;
+      if (!kWhole && n8 * 8 >= width) break;
       const int r = (thread / 32) * 16 + (thread % 32) / 4, c = n8 * 8 + (thread % 4) * 2;
       const float4 v = src[f];
       *reinterpret_cast<float2*>(&tile[r * kStride + c]) = make_float2(v.x, v.y);
@@ -313,7 +322,7 @@ __global__ void __launch_bounds__(256) flash_bwd_convert_dq_kernel(const KernelP
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
       const int i = tid + k * 256, r = i / 16, c = i % 16 * 4;
-      if (row0 + r < seq.seqlen_q)
+      if (row0 + r < seq.seqlen_q && (kWhole || c < width))
         store4(row0 + r, col0 + c, *reinterpret_cast<const float4*>(&tile[r * kStride + c]));
     }
   }

@@ -23,17 +23,24 @@ namespace flashgpt::attn {
 template <int kHeadDim, typename Element>
 using BwdTraitsFor = BwdTraits<kHeadDim, TileConfig<kHeadDim>::kBwdBlockM, TileConfig<kHeadDim>::kBwdWarps, Element,
                                TileConfig<kHeadDim>::kBwdKTiles>;
+// A padded head dim (bwd_wgmma_padded: 32, 96) takes the tiles of its padded one (64, 128).
 template <int kHeadDim, typename Element>
-using BwdWgmmaTraitsFor = BwdWgmmaTraits<kHeadDim, WgmmaTileConfig<kHeadDim>::kBwdBlockM, Element>;
+using BwdWgmmaTraitsFor =
+    BwdWgmmaTraits<kHeadDim, WgmmaTileConfig<(kHeadDim + 63) / 64 * 64>::kBwdBlockM, Element>;
 
-// Head dims with a wgmma backward kernel (its code exists only in sm_90a builds).
+// Head dims with a wgmma backward kernel of their own (its code exists only in sm_90a builds),
+// and those that run it padded (attention_cuda_launch.h; the entry point picks it only where
+// FLASHGPT_ATTN_BWD_PADDED says so). The padded ones convert dQ with the convert kernel (no
+// fused convert) and have no TMA backward.
 template <int kHeadDim>
 inline constexpr bool kBwdWgmmaKernel = kHeadDim == 64 || kHeadDim == 128;
+template <int kHeadDim>
+inline constexpr bool kBwdWgmmaPadded = bwd_wgmma_padded(kHeadDim);
 
 template <int kHeadDim, typename Element>
 bool flash_bwd_has_wgmma() {
 #ifdef FLASHGPT_ATTN_SM90A
-  return kBwdWgmmaKernel<kHeadDim>;
+  return kBwdWgmmaKernel<kHeadDim> || kBwdWgmmaPadded<kHeadDim>;
 #else
   return false;
 #endif
@@ -174,14 +181,16 @@ void run_flash_bwd(const AttentionParams& p, const BwdPlan& plan, void* workspac
     if constexpr (kBwdTmaKernel<kHeadDim>) {
       if (tma) run_flash_bwd_tma<kHeadDim, Element>(p, plan, ws, stream);
     }
-    if constexpr (kBwdWgmmaKernel<kHeadDim>) {
+    if constexpr (kBwdWgmmaKernel<kHeadDim> || kBwdWgmmaPadded<kHeadDim>) {
       if (wgmma && !tma) {
         using WgTraits = BwdWgmmaTraitsFor<kHeadDim, Element>;
         static_assert(WgTraits::kBlockM >= Traits::kBlockM, "the workspace has semaphores for kBwdBlockM");
         static_assert(kDqRowAlign % WgTraits::kBlockM == 0, "whole query blocks of dQ rows");
-        auto kernel = plan.dropout ? (fused ? flash_bwd_wgmma_kernel<WgTraits, true, true>
+        // (fused is false for padded head dims: only their two unfused variants exist.)
+        constexpr bool kFusable = kBwdWgmmaKernel<kHeadDim>;
+        auto kernel = plan.dropout ? (fused ? flash_bwd_wgmma_kernel<WgTraits, true, kFusable>
                                             : flash_bwd_wgmma_kernel<WgTraits, true, false>)
-                                   : (fused ? flash_bwd_wgmma_kernel<WgTraits, false, true>
+                                   : (fused ? flash_bwd_wgmma_kernel<WgTraits, false, kFusable>
                                             : flash_bwd_wgmma_kernel<WgTraits, false, false>);
         set_smem_limit(kernel, WgTraits::kSmemBytes);
         const int n_blocks = (p.seqlen_k + WgTraits::kBlockN - 1) / WgTraits::kBlockN;
@@ -219,7 +228,7 @@ void run_flash_bwd(const AttentionParams& p, const BwdPlan& plan, void* workspac
   }
   if (p.batch > 0 && p.seqlen_q > 0 && !fused) {
     for_each_batch_slice(p, [&](const KernelParams& kp, unsigned batch) {
-      if constexpr (kBwdWgmmaKernel<kHeadDim>) {
+      if constexpr (kBwdWgmmaKernel<kHeadDim> || kBwdWgmmaPadded<kHeadDim>) {
         if (wgmma) {
           const dim3 grid(unsigned(convert_dq_blocks<kHeadDim, true>(p.seqlen_q)), unsigned(p.heads_q), batch);
           flash_bwd_convert_dq_kernel<Element, kHeadDim, true><<<grid, 256, 0, stream>>>(kp, ws);

@@ -80,26 +80,61 @@
 
 namespace flashgpt::attn {
 
+// load_tile_swizzled_async for the backward's tiles: with a head dim whose 16-byte chunks a row
+// are not a power of two (d96: 12), the chunks are numbered over the padded row (16) instead,
+// and a thread skips those of the pad, which it meets at every step or never (its column is fixed
+// when kThreads is a multiple of the padded chunks a row): a shift and a mask where the real
+// count took a division by 12 (with it the d96 kernel spilled 20 bytes instead of 12).
+template <int kRows, int kHeadDim, int kHeadDimPadded, int kThreads, typename Element>
+__device__ __forceinline__ void load_rows_swizzled_async(uint32_t smem, const Element* gmem, int64_t row_stride,
+                                                         int valid_rows, int tid) {
+  constexpr int kRealChunks = kHeadDim / 8;
+  if constexpr ((kRealChunks & (kRealChunks - 1)) == 0) {
+    load_tile_swizzled_async<kRows, kHeadDim, kThreads>(smem, gmem, row_stride, valid_rows, tid);
+  } else {
+    constexpr int kChunksPerRow = kHeadDimPadded / 8;
+    constexpr int kChunks = kRows * kChunksPerRow;
+    static_assert(kChunks % kThreads == 0 && kThreads % kChunksPerRow == 0, "a fixed column per thread");
+    const int col = (tid % kChunksPerRow) * 8;
+    if (col >= kHeadDim) return;
+#pragma unroll
+    for (int i = 0; i < kChunks / kThreads; ++i) {
+      const int row = (tid + i * kThreads) / kChunksPerRow;
+      const bool valid = row < valid_rows;
+      const Element* src = valid ? gmem + row * row_stride + col : gmem;
+      cp_async_16(smem + swizzled_offset<kRows>(row, col), src, valid);
+    }
+  }
+}
 
+// kHeadDim: the API's head dim; kHeadDimPadded: the one the shared-memory tiles and the dK, dV
+// and dQ GEMMs have, the next multiple of 64 (d32: d64's kernel, d96: d128's; 64 and 128 are
+// their own). Padded rows: the loads write the kHeadDim real columns, the pad columns of K, V,
+// Q and dO are zeroed once at the start and never written again, so the dK (B = Q), dV (B = dO)
+// and dQ (B = K) GEMMs, whose N covers whole swizzle rows, read zeros there; S^T and dP^T
+// reduce over the real columns only. The pad columns of dK and dV are computed and dropped in
+// the epilogue, those of dQ never reach the accumulator (partial sub-tiles below).
 template <int kHeadDim_, int kBlockM_, typename Element_>
 struct BwdWgmmaTraits {
   using Element = Element_;
   static constexpr int kHeadDim = kHeadDim_;
+  static constexpr int kHeadDimPadded = (kHeadDim + 63) / 64 * 64;
   static constexpr int kBlockM = kBlockM_;  // queries per step
   static constexpr int kWarpgroups = 2;
   static constexpr int kThreads = 128 * kWarpgroups;
-  static constexpr int kBlockN = 64 * kWarpgroups;  // keys per CTA
-  static constexpr int kNTilesS = kBlockM / 8;      // n8 tiles of S^T, dP^T per thread
-  static constexpr int kNTilesD = kHeadDim / 8;     // n8 tiles of dK, dV per thread
+  static constexpr int kBlockN = 64 * kWarpgroups;     // keys per CTA
+  static constexpr int kNTilesS = kBlockM / 8;         // n8 tiles of S^T, dP^T per thread
+  static constexpr int kNTilesD = kHeadDimPadded / 8;  // n8 tiles of dK, dV per thread, pad included
   static_assert(sizeof(Element) == 2, "the transpose bits and the 64-element swizzle rows assume 16-bit types");
-  static_assert(kHeadDim % 64 == 0 && kBlockM % 64 == 0, "tiles are made of 64-element swizzle blocks");
+  static_assert(kHeadDim % 32 == 0 && kBlockM % 64 == 0,
+                "tiles are made of 64-element swizzle blocks; a padded row is at least half real");
   static_assert(kNTilesS % 4 == 0, "dropout shares Philox calls over groups of 4 n8 tiles (32 queries)");
   // dQ = dS K is cut into 64 x 64 sub-tiles, one per warpgroup.
-  static constexpr bool kLseAsync = (kHeadDim == 64 ? FLASHGPT_BWD64_LSE_ASYNC : FLASHGPT_BWD128_LSE_ASYNC) != 0;
+  static constexpr bool kLseAsync = (kHeadDimPadded == 64 ? FLASHGPT_BWD64_LSE_ASYNC : FLASHGPT_BWD128_LSE_ASYNC) != 0;
   static constexpr int kDqQueryBlocks = kBlockM / 64;
-  static_assert(kDqQueryBlocks * (kHeadDim / 64) == kWarpgroups, "one 64 x 64 dQ sub-tile per warpgroup");
-  static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
-  static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
+  static_assert(kDqQueryBlocks * (kHeadDimPadded / 64) == kWarpgroups, "one 64 x 64 dQ sub-tile per warpgroup");
+  static constexpr int kTileKVBytes = kBlockN * kHeadDimPadded * 2;
+  static constexpr int kTileQBytes = kBlockM * kHeadDimPadded * 2;
   static constexpr int kTileDsBytes = kBlockN * kBlockM * 2;
   // Whether the kernel with or without dropout is persistent (the hooks above).
   __host__ __device__ static constexpr bool persistent(bool dropout) {
@@ -122,12 +157,15 @@ template <typename Traits, bool kDropout, bool kFusedDq>
 __global__ void __launch_bounds__(Traits::kThreads, 1)
     flash_bwd_wgmma_kernel(const KernelParams p, float scale, BwdWorkspace ws, bool deterministic) {
 #ifdef FLASHGPT_WGMMA_AVAILABLE
+  static_assert(!kFusedDq || Traits::kHeadDimPadded == Traits::kHeadDim,
+                "the fused dQ convert's strips are whole 64-column blocks: padded head dims use the convert kernel");
   using Element = typename Traits::Element;
   using Ops = ElementOps<Element>;
   using Mma = WgmmaOps<Element>;
   constexpr int kBlockM = Traits::kBlockM, kBlockN = Traits::kBlockN, kHeadDim = Traits::kHeadDim;
   constexpr int kThreads = Traits::kThreads, kNTilesS = Traits::kNTilesS, kNTilesD = Traits::kNTilesD;
-  constexpr int kKSteps = kHeadDim / 16;  // k16 steps of the S^T and dP^T GEMMs
+  constexpr int kHeadDimPadded = Traits::kHeadDimPadded;
+  constexpr int kKSteps = kHeadDim / 16;  // k16 steps of the S^T and dP^T GEMMs (the real columns)
   constexpr uint32_t kSwizzleAtom = 1024;  // 8 rows x 128 bytes: the descriptors' stride byte offset
   constexpr bool kDkAfterDq = FLASHGPT_BWD_DK_AFTER_DQ != 0;
   constexpr bool kPersistent = Traits::persistent(kDropout);
@@ -164,10 +202,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // Issues the copies of a query block (iteration `it` of a tile) into stage `buf`: Q and dO,
   // and with kLseAsync the LSE and D rows.
   auto copy_q_block = [&](const BwdQueryBlock<Element>& qb, int buf) {
-    load_tile_swizzled_async<kBlockM, kHeadDim, kThreads>(sQ + buf * Traits::kTileQBytes, qb.q, p.q_row_stride,
-                                                          qb.valid_q, tid);
-    load_tile_swizzled_async<kBlockM, kHeadDim, kThreads>(sdO + buf * Traits::kTileQBytes, qb.d_o, p.do_row_stride,
-                                                          qb.valid_q, tid);
+    load_rows_swizzled_async<kBlockM, kHeadDim, kHeadDimPadded, kThreads>(sQ + buf * Traits::kTileQBytes, qb.q,
+                                                                          p.q_row_stride, qb.valid_q, tid);
+    load_rows_swizzled_async<kBlockM, kHeadDim, kHeadDimPadded, kThreads>(sdO + buf * Traits::kTileQBytes, qb.d_o,
+                                                                          p.do_row_stride, qb.valid_q, tid);
     // With cp.async, rows past the sequence read LSE = D = 0: their Q and dO are zero-filled,
     // so S = 0, P = 1 and dP = 0, which makes their dS and their part of dV zero.
     static_assert(2 * kBlockM <= kThreads, "one statistic per thread");
@@ -198,8 +236,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if (n0 >= seq.seqlen_k) return;
     const BwdGlobal<Element> global(p, seq, tile.b, tile.head_kv, n0, kBlockM);
     if (global.iterations == 0) return;
-    load_tile_swizzled_async<kBlockN, kHeadDim, kThreads>(sK, global.k, p.k_row_stride, global.valid_k, tid);
-    load_tile_swizzled_async<kBlockN, kHeadDim, kThreads>(sV, global.v, p.v_row_stride, global.valid_k, tid);
+    load_rows_swizzled_async<kBlockN, kHeadDim, kHeadDimPadded, kThreads>(sK, global.k, p.k_row_stride, global.valid_k,
+                                                                          tid);
+    load_rows_swizzled_async<kBlockN, kHeadDim, kHeadDimPadded, kThreads>(sV, global.v, p.v_row_stride, global.valid_k,
+                                                                          tid);
     copy_q_block(global.query_block(p, seq, ws, tile.b, 0), 0);
     cp_async_commit();
   };
@@ -246,6 +286,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // when not every CTA of the grid is resident (a first tile read off blockIdx.x could wait for
   // a CTA that has no SM yet).
   __shared__ int next_tile_slot[2];
+  // Padded head dims: the pad columns of every tile, zeroed once (the loads write only the real
+  // columns, and nothing else writes these tiles). The first iteration's fence and barrier make
+  // the stores visible to the tensor cores. V's pad is never read (dP^T reduces over the real
+  // columns) but is zeroed too, so that no GEMM can ever meet unwritten shared memory.
+  if constexpr (kHeadDimPadded != kHeadDim) {
+    zero_tile_pad_columns_unrolled<kBlockN, kHeadDim, kHeadDimPadded, kThreads>(sK, tid);
+    zero_tile_pad_columns_unrolled<kBlockN, kHeadDim, kHeadDimPadded, kThreads>(sV, tid);
+#pragma unroll
+    for (int stage = 0; stage < 2; ++stage) {
+      zero_tile_pad_columns_unrolled<kBlockM, kHeadDim, kHeadDimPadded, kThreads>(sQ + stage * Traits::kTileQBytes, tid);
+      zero_tile_pad_columns_unrolled<kBlockM, kHeadDim, kHeadDimPadded, kThreads>(sdO + stage * Traits::kTileQBytes, tid);
+    }
+  }
   int tile_index = 0;
   if constexpr (kPersistent) {
     if (tid == 0) next_tile_slot[1] = atomicAdd(ws.tile_counter, 1);
@@ -442,13 +495,16 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       if (deterministic) dq_semaphore_wait(semaphore, n_block);
       // This warpgroup's dQ sub-tile in the accumulator: row block m0 / 64 + dq_qb, column
       // block dq_db; this thread's float4 of n8 tile q is at (q * 128 + tid % 128) * 4. Rows
-      // past the sequence add zeros (their dS is zero) into padding that exists.
+      // past the sequence add zeros (their dS is zero) into padding that exists. A padded head
+      // dim's last column block is a partial sub-tile of its real columns' n8 tiles (64 x 32
+      // floats at d32 and d96): the pad columns' tiles are not added.
       float* gdq = ws.dq_accum + ((int64_t(b) * p.heads_q + head) * ws.dq_rows + m0 + dq_qb * 64) * kHeadDim +
                    dq_db * 4096;
 #pragma unroll
       for (int q = 0; q < 8; ++q)
-        atomicAdd(reinterpret_cast<float4*>(gdq + (q * 128 + tid % 128) * 4),
-                  make_float4(dq[q][0] * scale, dq[q][1] * scale, dq[q][2] * scale, dq[q][3] * scale));
+        if (kHeadDimPadded == kHeadDim || dq_db * 64 + q * 8 < kHeadDim)
+          atomicAdd(reinterpret_cast<float4*>(gdq + (q * 128 + tid % 128) * 4),
+                    make_float4(dq[q][0] * scale, dq[q][1] * scale, dq[q][2] * scale, dq[q][3] * scale));
       if (deterministic) dq_semaphore_release(semaphore);
       // dK's GEMM (still reading this stage's Q) is done before the next iteration's barrier.
       wgmma_wait<0>();
@@ -482,7 +538,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       for (int r = 0; r < 2; ++r) {
         const int key_local = key_local0 + 8 * r;
 #pragma unroll
-        for (int i = 0; i < kNTilesD; ++i) {
+        for (int i = 0; i < kHeadDim / 8; ++i) {  // the real columns' n8 tiles (padded: the pad's are dropped)
           Staged::put(s_dk, key_local, i * 8 + 2 * t,
                       Ops::pack(acc_dk[i][2 * r] * scale, acc_dk[i][2 * r + 1] * scale));
           Staged::put(s_dv, key_local, i * 8 + 2 * t, Ops::pack(acc_dv[i][2 * r], acc_dv[i][2 * r + 1]));

@@ -100,6 +100,24 @@ __device__ __forceinline__ void zero_tile_pad_columns(unsigned char* smem_base, 
   }
 }
 
+// The same for a tile whose pad is a whole number of chunks per thread, unrolled, with
+// st.shared on the 32-bit address (the padded wgmma backward: the generic-pointer loop above,
+// at its start, cost that register-bound kernel 32 to 152 more bytes of spills).
+template <int kRows, int kHeadDim, int kHeadDimPad, int kThreads>
+__device__ __forceinline__ void zero_tile_pad_columns_unrolled(uint32_t tile, int tid) {
+  constexpr int kPadChunksPerRow = (kHeadDimPad - kHeadDim) / 8;
+  static_assert(kHeadDim % 8 == 0 && kPadChunksPerRow > 0, "whole 16-byte chunks");
+  constexpr int kChunks = kRows * kPadChunksPerRow;
+  static_assert(kChunks % kThreads == 0, "the same number of chunks for every thread");
+#pragma unroll
+  for (int i = 0; i < kChunks / kThreads; ++i) {
+    const int chunk = tid + i * kThreads;
+    const int row = chunk / kPadChunksPerRow, col = kHeadDim + (chunk % kPadChunksPerRow) * 8;
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(tile + swizzled_offset<kRows>(row, col)), "r"(0)
+                 : "memory");
+  }
+}
+
 // Copies rows [0, kRows) of a strided global tile into a swizzled shared tile, zero-filling rows
 // at or past valid_rows. Consecutive threads take consecutive 16-byte chunks of a row.
 template <int kRows, int kHeadDim, int kThreads, typename Element>
