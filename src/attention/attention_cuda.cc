@@ -145,6 +145,17 @@ std::atomic<BwdOverride>& bwd_override_value() {
   return value;
 }
 
+// A 0/1 switch from the environment, read at the first call: unset or empty gives `fallback`,
+// anything but "0" or "1" is an error naming what each value means, so that a typo never
+// times the wrong path.
+int env_switch01(const char* name, bool fallback, const char* off, const char* on) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback ? 1 : 0;
+  FLASHGPT_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0, "{} is '{}': expected 0 ({}) or 1 ({})", name,
+                 v, off, on);
+  return v[0] == '1' ? 1 : 0;
+}
+
 // The fused dQ convert (kernels/flash_bwd_kernel.cuh): the wgmma and TMA backwards convert dQ
 // in their main kernel instead of running the convert kernel after it. Off by default until it
 // is timed on a GPU (the same fp32 sums and conversion, so it changes speed, not results).
@@ -152,15 +163,8 @@ std::atomic<BwdOverride>& bwd_override_value() {
 // so that a typo never times the wrong path), attention_cuda_force_fused_dq_convert at any time.
 constexpr bool kFusedDqConvertDefault = false;
 std::atomic<int>& fused_dq_convert_value() {  // 0 or 1
-  static std::atomic<int> value{[] {
-    const char* v = std::getenv("FLASHGPT_ATTN_BWD_FUSED_CONVERT");
-    if (v == nullptr || *v == '\0') return int(kFusedDqConvertDefault);
-    FLASHGPT_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0,
-                   "FLASHGPT_ATTN_BWD_FUSED_CONVERT is '{}': expected 0 (the separate dQ convert kernel) or 1 (fused "
-                   "into the wgmma backward)",
-                   v);
-    return v[0] == '1' ? 1 : 0;
-  }()};
+  static std::atomic<int> value{env_switch01("FLASHGPT_ATTN_BWD_FUSED_CONVERT", kFusedDqConvertDefault,
+                                             "the separate dQ convert kernel", "fused into the wgmma backward")};
   return value;
 }
 
@@ -172,15 +176,8 @@ std::atomic<int>& fused_dq_convert_value() {  // 0 or 1
 // fused dQ convert.
 constexpr bool kBwdDqWarpDefault = false;
 std::atomic<int>& bwd_dq_warp_value() {  // 0 or 1
-  static std::atomic<int> value{[] {
-    const char* v = std::getenv("FLASHGPT_ATTN_BWD_DQ_WARP");
-    if (v == nullptr || *v == '\0') return int(kBwdDqWarpDefault);
-    FLASHGPT_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0,
-                   "FLASHGPT_ATTN_BWD_DQ_WARP is '{}': expected 0 (the consumers' dQ atomics) or 1 (the TMA "
-                   "backward's dQ warp)",
-                   v);
-    return v[0] == '1' ? 1 : 0;
-  }()};
+  static std::atomic<int> value{env_switch01("FLASHGPT_ATTN_BWD_DQ_WARP", kBwdDqWarpDefault,
+                                             "the consumers' dQ atomics", "the TMA backward's dQ warp")};
   return value;
 }
 
@@ -191,15 +188,9 @@ std::atomic<int>& bwd_dq_warp_value() {  // 0 or 1
 // attention_cuda_force_backward_padded at any time.
 constexpr bool kBwdPaddedDefault = false;
 std::atomic<int>& bwd_padded_value() {  // 0 or 1
-  static std::atomic<int> value{[] {
-    const char* v = std::getenv("FLASHGPT_ATTN_BWD_PADDED");
-    if (v == nullptr || *v == '\0') return int(kBwdPaddedDefault);
-    FLASHGPT_CHECK(std::strcmp(v, "0") == 0 || std::strcmp(v, "1") == 0,
-                   "FLASHGPT_ATTN_BWD_PADDED is '{}': expected 0 (head dims 32 and 96 keep the mma.sync backward) or "
-                   "1 (the padded wgmma backward)",
-                   v);
-    return v[0] == '1' ? 1 : 0;
-  }()};
+  static std::atomic<int> value{env_switch01("FLASHGPT_ATTN_BWD_PADDED", kBwdPaddedDefault,
+                                             "head dims 32 and 96 keep the mma.sync backward",
+                                             "the padded wgmma backward")};
   return value;
 }
 
