@@ -44,10 +44,13 @@ const char* attention_cuda_forward_kernel(const AttentionParams& params);
 // Throws flashgpt::Error for any other name.
 const char* attention_cuda_force_forward_kernel(const char* kernel);
 // The same for the backward's main kernel, for a dense batch: "wgmma" (Hopper, sm_90a builds,
-// head dims 64 and 128, and 32 and 96 where attention_cuda_force_backward_padded is on),
-// "wgmma-tma" (the warp-specialized TMA backward, head dims 64 and 128, dense batches; only
-// where forced, until it is measured) or "mma.sync". FLASHGPT_ATTN_BWD_KERNEL in
-// the environment overrides the choice: mma_sync, wgmma, or tma (where it applies).
+// head dims 64 and 128, and 32 and 96 unless attention_cuda_force_backward_padded is off),
+// "wgmma-tma" (the warp-specialized TMA backward, head dims 64 and 128, dense batches: d128's
+// default for fast-mode calls without dropout while its dQ warp is on, elsewhere only where
+// forced) or "mma.sync". The int overload reports a fast-mode call without dropout; a
+// deterministic call takes "wgmma" where this reports "wgmma-tma" by default.
+// FLASHGPT_ATTN_BWD_KERNEL in the environment overrides the choice: mma_sync, wgmma, or tma
+// (where it applies).
 const char* attention_cuda_backward_kernel(int head_dim);
 // The same for these params (varlen batches never take "wgmma-tma").
 const char* attention_cuda_backward_kernel(const AttentionParams& params);
@@ -69,9 +72,9 @@ bool attention_cuda_force_fused_dq_convert(int fused);
 // Whether a fast-mode backward with these params adds dQ through the TMA backward's dQ warp
 // (bulk reduce-adds from shared memory instead of the consumers' atomics: the same fp32
 // addends in another order): the "wgmma-tma" kernel, where it is switched on, and only without
-// the fused dQ convert (deterministic calls keep the atomics). Off by default until it is
-// timed; FLASHGPT_ATTN_BWD_DQ_WARP=0 or 1 in the environment sets it (anything else is an
-// error at the first backward).
+// the fused dQ convert (deterministic calls keep the atomics). On by default (with it the TMA
+// backward is d128's default for fast-mode calls without dropout); FLASHGPT_ATTN_BWD_DQ_WARP=0
+// or 1 in the environment sets it (anything else is an error at the first backward).
 bool attention_cuda_backward_dq_warp(const AttentionParams& params);
 // Switches the dQ warp of every later backward: 1 on, 0 off, -1 the default; returns whether
 // it was on. For tests and benchmarks comparing both in one process. Throws flashgpt::Error
@@ -79,8 +82,8 @@ bool attention_cuda_backward_dq_warp(const AttentionParams& params);
 bool attention_cuda_force_backward_dq_warp(int on);
 // The padded wgmma backward: head dims 32 and 96 run the d64 and d128 wgmma backward with the
 // head dim padded in shared memory (sm_90a builds, Hopper) instead of the mma.sync backward.
-// Off by default until it is timed on a GPU; FLASHGPT_ATTN_BWD_PADDED=0 or 1 in the environment
-// sets it (anything else is an error at the first backward). This switches it for every later
+// On by default; FLASHGPT_ATTN_BWD_PADDED=0 or 1 in the environment sets it (anything else is
+// an error at the first backward). This switches it for every later
 // backward: 1 on, 0 off, -1 the default; returns whether it was on. Throws flashgpt::Error for
 // any other value.
 bool attention_cuda_force_backward_padded(int padded);

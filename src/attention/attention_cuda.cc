@@ -170,11 +170,12 @@ std::atomic<int>& fused_dq_convert_value() {  // 0 or 1
 
 // The TMA backward's dQ warp (kernels/flash_bwd_tma_kernel.cuh): dQ added by bulk reduce-adds
 // from shared memory, which a warp of the producer warpgroup issues, instead of the consumers'
-// atomics. Off by default until it is timed on a GPU (the same fp32 addends, in another order).
-// FLASHGPT_ATTN_BWD_DQ_WARP=0 or 1 sets it at the first call (anything else is an error),
-// attention_cuda_force_backward_dq_warp at any time. Not in deterministic mode, not with the
-// fused dQ convert.
-constexpr bool kBwdDqWarpDefault = false;
+// atomics (the same fp32 addends, in another order). On by default since it ran 1.03-1.23x the
+// atomics on an H100 (2026-12-07, every d64 and d128 row); with it the TMA backward is d128's
+// default (choose_bwd_kernel). FLASHGPT_ATTN_BWD_DQ_WARP=0 or 1 sets it at the first call
+// (anything else is an error), attention_cuda_force_backward_dq_warp at any time. Not in
+// deterministic mode, not with the fused dQ convert.
+constexpr bool kBwdDqWarpDefault = true;
 std::atomic<int>& bwd_dq_warp_value() {  // 0 or 1
   static std::atomic<int> value{env_switch01("FLASHGPT_ATTN_BWD_DQ_WARP", kBwdDqWarpDefault,
                                              "the consumers' dQ atomics", "the TMA backward's dQ warp")};
@@ -182,11 +183,12 @@ std::atomic<int>& bwd_dq_warp_value() {  // 0 or 1
 }
 
 // The padded wgmma backward (attn::bwd_wgmma_padded: head dims 32 and 96 run the d64 and d128
-// wgmma kernels with the head dim padded in shared memory). Off by default until it is timed
-// on a GPU (their backward stays the mma.sync kernel). FLASHGPT_ATTN_BWD_PADDED=0 or 1 sets it
-// at the first call (anything else is an error, so that a typo never times the wrong path),
+// wgmma kernels with the head dim padded in shared memory). On by default since it ran
+// 1.19-1.82x the mma.sync backward on an H100 (2026-12-07, every d32 and d96 row);
+// FLASHGPT_ATTN_BWD_PADDED=0 keeps mma.sync for those head dims. 0 or 1 sets it at the first
+// call (anything else is an error, so that a typo never times the wrong path),
 // attention_cuda_force_backward_padded at any time.
-constexpr bool kBwdPaddedDefault = false;
+constexpr bool kBwdPaddedDefault = true;
 std::atomic<int>& bwd_padded_value() {  // 0 or 1
   static std::atomic<int> value{env_switch01("FLASHGPT_ATTN_BWD_PADDED", kBwdPaddedDefault,
                                              "head dims 32 and 96 keep the mma.sync backward",
@@ -312,12 +314,16 @@ attn::FwdKernel choose_fwd_kernel(int head_dim, const AttentionParams* p, int ti
                         (forced == FwdOverride::automatic && (tma_forward_by_default(head_dim) || tile_forced));
   return want_tma && tma_fits ? attn::FwdKernel::tma : attn::FwdKernel::wgmma;
 }
-// The backward's main kernel. `p` null: a dense call (what attention_cuda_backward_kernel(int)
-// reports). The TMA backward runs only where forced (FLASHGPT_ATTN_BWD_KERNEL=tma or
-// attention_cuda_force_backward_kernel("tma")) and only for dense batches; elsewhere the
-// cp.async wgmma kernel, as before. Head dims 32 and 96 take the (padded) wgmma kernel only
-// where FLASHGPT_ATTN_BWD_PADDED is on; d256 has none and keeps mma.sync whatever is forced.
-attn::BwdKernel choose_bwd_kernel(int head_dim, const AttentionParams* p) {
+// The backward's main kernel. `p` null: a dense call without dropout (what
+// attention_cuda_backward_kernel(int) reports); `deterministic`: the call's Determinism. The TMA
+// backward runs where forced (FLASHGPT_ATTN_BWD_KERNEL=tma or
+// attention_cuda_force_backward_kernel("tma")) and, with its dQ warp, by default at d128 for
+// fast-mode calls without dropout (1.05-1.21x the wgmma kernel in every d128 row on an H100,
+// docs/attention_gpu.md; without the dQ warp, in deterministic mode or with the fused convert,
+// it was 0.93-1.02x, and dropout was not timed), in both cases for dense batches only;
+// elsewhere the cp.async wgmma kernel. Head dims 32 and 96 take the padded wgmma kernel unless
+// FLASHGPT_ATTN_BWD_PADDED=0; d256 has none and keeps mma.sync whatever is forced.
+attn::BwdKernel choose_bwd_kernel(int head_dim, const AttentionParams* p, bool deterministic = false) {
   const BwdOverride forced = bwd_override_value().load();
   const bool padded_on = bwd_padded_value().load() != 0;  // read first: a bad value is an error on any device
   const bool has_wgmma = dispatch_instance<bool>(head_dim, DType::bf16, []<int D, typename E>() {
@@ -329,7 +335,11 @@ attn::BwdKernel choose_bwd_kernel(int head_dim, const AttentionParams* p) {
     return attn::flash_bwd_has_tma<D, E>();
   });
   const bool tma_fits = has_tma && (p == nullptr || p->cu_seqlens_q == nullptr);
-  return forced == BwdOverride::tma && tma_fits ? attn::BwdKernel::tma : attn::BwdKernel::wgmma;
+  const bool dropout = p != nullptr && dropout_enabled(dropout_threshold(p->dropout_p));
+  const bool tma_by_default = head_dim == 128 && !dropout && !deterministic && bwd_dq_warp_value().load() != 0 &&
+                              fused_dq_convert_value().load() == 0;
+  const bool want_tma = forced == BwdOverride::tma || (forced == BwdOverride::automatic && tma_by_default);
+  return want_tma && tma_fits ? attn::BwdKernel::tma : attn::BwdKernel::wgmma;
 }
 
 }  // namespace
@@ -452,7 +462,7 @@ void attention_backward_cuda(const AttentionParams& params, void* workspace, siz
   FLASHGPT_CHECK(needed == 0 || (workspace != nullptr && reinterpret_cast<uintptr_t>(workspace) % 256 == 0),
                  "attention backward (CUDA): the workspace must be a non-null, 256-byte aligned device pointer");
   attn::BwdPlan plan;
-  plan.kernel = choose_bwd_kernel(params.head_dim, &params);
+  plan.kernel = choose_bwd_kernel(params.head_dim, &params, determinism == Determinism::deterministic);
   plan.scale = attention_softmax_scale(params);
   // Both main kernels are compiled with and without dropout; the variant follows the
   // threshold the kernels use (dropout_p below 1/512 is no dropout).

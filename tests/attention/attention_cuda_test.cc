@@ -450,23 +450,36 @@ TEST(AttentionCuda, ReportsKernels) {
     const int32_t cu_seqlens[2] = {0, 1};  // only compared with null by the choice
     varlen_params.cu_seqlens_q = varlen_params.cu_seqlens_k = cu_seqlens;
     EXPECT_STRNE(attention_cuda_forward_kernel(varlen_params), "wgmma-tma") << "head_dim " << d;
-    // The backward: "wgmma-tma" only where forced (FLASHGPT_ATTN_BWD_KERNEL=tma, the ctest
-    // attention_cuda_test_tma_bwd) and never for a varlen batch; dropout takes the same kernel.
-    const char* bwd_env = std::getenv("FLASHGPT_ATTN_BWD_KERNEL");
-    const bool bwd_tma_forced = bwd_env != nullptr && std::string_view(bwd_env) == "tma";
-    // d32 and d96 take the padded wgmma backward only where FLASHGPT_ATTN_BWD_PADDED=1.
-    const char* padded_env = std::getenv("FLASHGPT_ATTN_BWD_PADDED");
-    const bool padded_dim = (d == 32 || d == 96) && padded_env != nullptr && std::string_view(padded_env) == "1";
+    // The backward: "wgmma-tma" where forced (FLASHGPT_ATTN_BWD_KERNEL=tma, the ctests
+    // attention_cuda_test_tma_bwd and _tma_atomics) and by default at d128 for calls without
+    // dropout while the dQ warp is on and the fused convert off; never for a varlen batch.
+    auto env_is = [](const char* var, std::string_view value) {
+      const char* v = std::getenv(var);
+      return v != nullptr && std::string_view(v) == value;
+    };
+    const bool bwd_tma_forced = env_is("FLASHGPT_ATTN_BWD_KERNEL", "tma");
+    const bool bwd_wgmma_forced = env_is("FLASHGPT_ATTN_BWD_KERNEL", "wgmma");
+    const bool tma_by_default = d == 128 && !bwd_wgmma_forced && !env_is("FLASHGPT_ATTN_BWD_DQ_WARP", "0") &&
+                                !env_is("FLASHGPT_ATTN_BWD_FUSED_CONVERT", "1");
+    // d32 and d96 take the padded wgmma backward unless FLASHGPT_ATTN_BWD_PADDED=0.
+    const bool padded_dim = (d == 32 || d == 96) && !env_is("FLASHGPT_ATTN_BWD_PADDED", "0");
     if (bwd_forced || !(hopper_dim || padded_dim)) {
       EXPECT_EQ(bwd, "mma.sync") << "head_dim " << d;
     } else if (padded_dim) {
       EXPECT_TRUE(bwd == "wgmma" || bwd == "mma.sync") << bwd;
-    } else if (bwd_tma_forced) {
+    } else if (bwd_tma_forced || tma_by_default) {
       EXPECT_TRUE(bwd == "wgmma-tma" || bwd == "mma.sync") << bwd;
     } else {
       EXPECT_TRUE(bwd == "wgmma" || bwd == "mma.sync") << bwd;
     }
-    EXPECT_EQ(std::string_view(attention_cuda_backward_kernel(with_dropout)), bwd) << "head_dim " << d;
+    // Dropout takes the same kernel, except that the default TMA backward (d128) leaves dropout
+    // calls to the wgmma kernel (not timed with dropout).
+    const std::string_view bwd_dropout = attention_cuda_backward_kernel(with_dropout);
+    if (tma_by_default && !bwd_tma_forced && bwd == "wgmma-tma") {
+      EXPECT_EQ(bwd_dropout, "wgmma") << "head_dim " << d;
+    } else {
+      EXPECT_EQ(bwd_dropout, bwd) << "head_dim " << d;
+    }
     EXPECT_STRNE(attention_cuda_backward_kernel(varlen_params), "wgmma-tma") << "head_dim " << d;
     // The two automatic choices agree where both passes have a wgmma kernel.
     if (!fwd_forced && !bwd_forced && hopper_dim) {
