@@ -193,6 +193,11 @@ class CudaEngine final : public InferenceEngine {
   // the wait (FusedGemvParams::wide), on the fused and attnproj paths; off by default until
   // measured.
   bool gemv_wide_ = false;
+  // The layer products that go through gemv_fused at 2 .. 8 rows (not the head) on the
+  // tensor-core kernel (FusedGemvParams::mma); not the same bits (another order of sums). On by
+  // default since batch 8 ran 1.39x the scalar kernel on an H100 (0.722 -> 0.521 ms a step,
+  // batch 2 1.06x, batch 1 untouched; docs/generate.md); FLASHGPT_GEMV_MMA=0 turns it off.
+  bool gemv_mma_ = true;
   // FLASHGPT_HEAD_L2_PREFETCH=MB: the fc kernel of the layer before the last prefetches the
   // head's first MB megabytes of weights toward L2 with the evict-last priority, so that
   // the head starts on rows in L2 (off by default until measured).
@@ -364,6 +369,13 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
   }
   if (const char* pdl = std::getenv("FLASHGPT_CUDA_PDL")) pdl_ = std::string(pdl) != "0";
   if (const char* wide = std::getenv("FLASHGPT_GEMV_WIDE")) gemv_wide_ = std::string(wide) == "1";
+  if (const char* mma = std::getenv("FLASHGPT_GEMV_MMA"); mma != nullptr && *mma != '\0') {
+    FLASHGPT_CHECK(std::strcmp(mma, "0") == 0 || std::strcmp(mma, "1") == 0,
+                   "inference (cuda): FLASHGPT_GEMV_MMA is '{}', expected 0 (the scalar products) or 1 (tensor cores "
+                   "at 2 .. 8 rows)",
+                   mma);
+    gemv_mma_ = mma[0] == '1';
+  }
   if (const char* mb = std::getenv("FLASHGPT_HEAD_L2_PREFETCH")) {
     const int64_t n = std::atoll(mb);
     FLASHGPT_CHECK(n >= 0 && n <= 4096, "inference (cuda): FLASHGPT_HEAD_L2_PREFETCH is '{}', expected 0 .. 4096 (MB)", mb);
@@ -561,6 +573,7 @@ void CudaEngine::enqueue_layers_fused(std::span<const SlotChunk> chunks, int64_t
   auto run = [&](FusedGemvParams g, GemvEpilogue e) {
     g.programmatic = pdl_;
     g.wide = gemv_wide_;
+    g.mma = gemv_mma_;  // never the head (gemv_mma_taken)
     FLASHGPT_CHECK(gemv_fused(g, e, stream_), "inference (cuda): the fused product ({} rows, {} -> {}) was refused",
                    g.rows, g.in, g.out);
   };

@@ -8,6 +8,7 @@
 #include <flashgpt/philox.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cfloat>
 #include <cstdint>
 #include <cstdlib>
@@ -515,6 +516,120 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
   }
 }
 
+// ---- the tensor-core GEMV (FLASHGPT_GEMV_MMA=1, 2 .. 8 input rows) ----------------------
+//
+// At 8 input rows gemv_fused_kernel is issue-bound: per 16-byte chunk of W a lane converts
+// 8 x 8 input values and does 64 scalar FMAs. Here mma.sync m16n8k16 (bf16 in, fp32
+// accumulate) does them: A = 16 rows of W x 16 k, B = 16 k x 8 columns, the input rows
+// (columns R .. 7 zero), 2048 FMAs an instruction. A block owns a tile of 16 output rows
+// (grid-stride over the tiles) and its 8 warps split the tile's k range (a warp's quads of
+// 32 k in a row), so that a tile's loads are spread over 8 warps (a warp alone on a tile
+// would hold as many loads in flight as the scalar kernel's one warp on one row, for 16
+// rows); each warp's 16 x 8 partial tile goes through shared memory and is summed over the
+// warps, then stored through fused_store.
+//
+// The k order is permuted so that a lane's 16-byte loads of W are its A fragment as they
+// come: the PTX fragments of m16n8k16 give lane (g = lane / 4, t = lane % 4) the A pairs
+// (row g, k 2t, 2t + 1), (row g + 8, the same), (row g, k 2t + 8, 2t + 9), (row g + 8, the
+// same) and the B pairs (k 2t, 2t + 1) and (k 2t + 8, 2t + 9) of column g. The sum over k
+// is order-free, so the instruction's k can be any permutation of the real k as long as A
+// and B use the same one: for quad q (chunks 4q .. 4q + 3 of a row) lane (g, t) loads
+// chunk i = 4q + t of rows g and g + 8 (words 0..3 each, k 8i .. 8i + 7) and chunk i of
+// input row g from shared memory; the first mma takes words 0 and 1 (its "k 2t.." is real
+// k 8i + 0, 1 and its "k 2t + 8.." real k 8i + 2, 3), the second words 2 and 3 (k 8i + 4..7).
+// Chunks past the row and input rows g >= R are zero, so in % 8 == 0 is all it needs.
+constexpr int kMmaUnroll = 8;  // 16-byte loads of W in flight per lane: 4 quads of 2 rows
+
+__device__ __forceinline__ void mma_bf16_16816(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// The partial tiles: (warps, 32 lanes, 4) floats after gemv_fused_shared's bytes.
+constexpr size_t kMmaPartialBytes = sizeof(float) * 4 * 32 * kFusedWarps;
+
+template <int R, GemvEpilogue E>
+__global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_mma_kernel(FusedGemvParams p) {
+  static_assert(R >= 1 && R <= 8, "the input rows are the mma's 8 columns");
+  constexpr int QU = kMmaUnroll / 2;  // quads a round
+  extern __shared__ uint4 xs[];  // (R, in / 8) bf16 input rows, (2, warps, R) floats with kFusedBlockLn, partials
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int chunks = p.in / 8;
+  float* scratch = reinterpret_cast<float*>(xs + R * chunks);
+  const bool block_ln = kFusedBlockLn<R> && p.ln_w != nullptr;
+  float* partials = scratch + (block_ln ? 2 * kFusedWarps * R : 0);  // (warps, 32, 4)
+  const int tiles = (p.out + 15) / 16, quads = (chunks + 3) / 4;
+  const int per_warp = (quads + kFusedWarps - 1) / kFusedWarps;
+  const int q_begin = warp * per_warp, q_end = min(q_begin + per_warp, quads);
+  // Slot 2s + h holds chunk 4 (q0 + s) + t of row tile * 16 + g + 8 h.
+  uint4 wv[kMmaUnroll];
+  auto load = [&](int tile, int q0) {
+#pragma unroll
+    for (int u = 0; u < kMmaUnroll; ++u) {
+      const int row = tile * 16 + g + 8 * (u % 2), q = q0 + u / 2, i = 4 * q + t;
+      wv[u] = row < p.out && q < q_end && i < chunks
+                  ? load_stream(reinterpret_cast<const uint4*>(p.w + static_cast<int64_t>(row) * p.in) + i)
+                  : make_uint4(0, 0, 0, 0);
+    }
+  };
+  int tile = blockIdx.x;
+  if (tile < tiles) load(tile, q_begin);
+  // Thread k < 128 sums output (row m, input row n) of the tile: lane k / 4's float k % 4.
+  const int m = (threadIdx.x / 4) / 4 + 8 * ((threadIdx.x % 4) / 2), n = 2 * ((threadIdx.x / 4) % 4) + threadIdx.x % 2;
+  const bool storer = threadIdx.x < 128 && n < R;
+  float4 g0, h0;
+  fused_ln_params_early<R>(p, g0, h0);
+  const int row0 = tile * 16 + m;
+  const float bias0 = storer && p.bias && row0 < p.out ? p.bias[row0] : 0.0f;
+  TokenPlace place0{};
+  if constexpr (E == GemvEpilogue::qkv_cache) {
+    if (storer) place0 = p.places[n];
+  }
+  prefetch_l2_range(p.l2_prefetch.ptr, p.l2_prefetch.bytes, static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x,
+                    static_cast<int64_t>(gridDim.x) * blockDim.x);
+  pdl_wait();
+  pdl_launch_dependents();
+  float res0 = 0.0f;
+  if constexpr (E == GemvEpilogue::residual) {
+    if (storer && row0 < p.out) res0 = p.residual[static_cast<int64_t>(n) * p.out + row0];
+  }
+  fused_inputs_to_shared<R>(p, xs, scratch, g0, h0);
+  bool first = true;
+  for (; tile < tiles; tile += gridDim.x, first = false) {
+    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int q0 = q_begin;;) {
+#pragma unroll
+      for (int s = 0; s < QU; ++s) {
+        const int i = 4 * (q0 + s) + t;
+        if (q0 + s < q_end) {  // the same for the whole warp
+          const uint4 x = g < R && i < chunks ? xs[g * chunks + i] : make_uint4(0, 0, 0, 0);
+          const uint4 lo = wv[2 * s], hi = wv[2 * s + 1];
+          mma_bf16_16816(c, lo.x, hi.x, lo.y, hi.y, x.x, x.y);
+          mma_bf16_16816(c, lo.z, hi.z, lo.w, hi.w, x.z, x.w);
+        }
+      }
+      q0 += QU;
+      if (q0 >= q_end) break;
+      load(tile, q0);
+    }
+    if (tile + static_cast<int>(gridDim.x) < tiles) load(tile + gridDim.x, q_begin);  // overlaps the reduction
+    reinterpret_cast<float4*>(partials)[warp * 32 + lane] = make_float4(c[0], c[1], c[2], c[3]);
+    __syncthreads();
+    const int row = tile * 16 + m;
+    if (storer && row < p.out) {
+      float v = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kFusedWarps; ++w) v += partials[w * 128 + threadIdx.x];
+      fused_store<E>(p, n, row, v, first, bias0, res0, place0);
+    }
+    __syncthreads();  // the partials are read before the next tile writes them
+  }
+}
+
 // ---- sampling --------------------------------------------------------------------------
 
 constexpr int kSampleThreads = 1024;
@@ -785,11 +900,20 @@ size_t gemv_fused_shared(int rows, int in, bool ln) {
   return static_cast<size_t>(rows) * in * 2 + (ln && rows <= 2 ? sizeof(float) * 2 * kFusedWarps * rows : 0);
 }
 
+// The current device's multiprocessors (read once per process).
+static int multiprocessors() {
+  static const int sms = [] {
+    int device = 0, n = 0;
+    FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
+    FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  }();
+  return sms;
+}
+
 int gemv_fused_blocks(int out) {
   static const int cap = [] {
-    int device = 0, sms = 0;
-    FLASHGPT_CUDA_CHECK(cudaGetDevice(&device));
-    FLASHGPT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int sms = multiprocessors();
     // FLASHGPT_GEMV_BLOCKS_PER_SM=1 or 2 (A/B timing, read once per process): a smaller grid
     // leaves each multiprocessor room for the next kernel's blocks to become resident (and
     // issue their weight loads) while this kernel runs; 3 fill its registers.
@@ -819,6 +943,45 @@ void launch_gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t st
   }
 }
 
+// The tensor-core kernel's shared memory: gemv_fused_kernel's, then the partial tiles.
+static size_t gemv_mma_shared(const FusedGemvParams& p) {
+  return gemv_fused_shared(p.rows, p.in, p.ln_w != nullptr) + kMmaPartialBytes;
+}
+constexpr size_t kMmaSharedMax = 48 * 1024 + kMmaPartialBytes;  // gemv_fused's largest input rows, then the partials
+
+bool gemv_mma_taken(const FusedGemvParams& p, GemvEpilogue e) {
+  return p.mma && e != GemvEpilogue::logits_argmax && p.rows >= 2 && p.rows <= kGemvMaxRows && p.in > 0 &&
+         p.in % 8 == 0 && p.out > 0 && gemv_mma_shared(p) <= kMmaSharedMax;
+}
+
+static std::atomic<int64_t> mma_launches{0};
+int64_t gemv_mma_launch_count() { return mma_launches.load(); }
+
+template <int R, GemvEpilogue E>
+void launch_gemv_mma(const FusedGemvParams& p, cudaStream_t stream) {
+  static const bool configured = [] {  // the partial tiles take fc_proj at 8 rows past the default 48 KB
+    FLASHGPT_CUDA_CHECK(cudaFuncSetAttribute(gemv_mma_kernel<R, E>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(kMmaSharedMax)));
+    return true;
+  }();
+  (void)configured;
+  const int tiles = (p.out + 15) / 16;
+  const int grid = std::min(tiles, kFusedBlocksPerSm * multiprocessors());  // one wave
+  launch(gemv_mma_kernel<R, E>, dim3(grid), dim3(32 * kFusedWarps), gemv_mma_shared(p), stream, p.programmatic,
+         "gemv_mma_kernel", p);
+  ++mma_launches;
+}
+
+template <GemvEpilogue E>
+void launch_gemv_mma_rows(const FusedGemvParams& p, cudaStream_t stream) {
+  switch (p.rows) {
+#define FLASHGPT_MMA_ROWS(R) case R: launch_gemv_mma<R, E>(p, stream); break;
+    FLASHGPT_MMA_ROWS(2) FLASHGPT_MMA_ROWS(3) FLASHGPT_MMA_ROWS(4) FLASHGPT_MMA_ROWS(5) FLASHGPT_MMA_ROWS(6)
+    FLASHGPT_MMA_ROWS(7) FLASHGPT_MMA_ROWS(8)
+#undef FLASHGPT_MMA_ROWS
+  }
+}
+
 bool gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
   if (p.rows < 1 || p.rows > kGemvMaxRows || p.in % 8 != 0 || p.in <= 0 || p.out <= 0 ||
       gemv_fused_shared(p.rows, p.in, p.ln_w != nullptr) +
@@ -827,6 +990,16 @@ bool gemv_fused(const FusedGemvParams& p, GemvEpilogue e, cudaStream_t stream) {
     return false;
   }
   if (!p.w || (p.ln_w ? !p.x_f32 || !p.ln_b : !p.x_bf16)) throw std::invalid_argument("gemv_fused: null input");
+  if (gemv_mma_taken(p, e)) {
+    switch (e) {
+      case GemvEpilogue::store_bf16: launch_gemv_mma_rows<GemvEpilogue::store_bf16>(p, stream); break;
+      case GemvEpilogue::bias_gelu: launch_gemv_mma_rows<GemvEpilogue::bias_gelu>(p, stream); break;
+      case GemvEpilogue::residual: launch_gemv_mma_rows<GemvEpilogue::residual>(p, stream); break;
+      case GemvEpilogue::qkv_cache: launch_gemv_mma_rows<GemvEpilogue::qkv_cache>(p, stream); break;
+      case GemvEpilogue::logits_argmax: break;  // not taken (gemv_mma_taken)
+    }
+    return true;
+  }
   // Two rows of W per warp at a time when a row takes at most half the load slots, every
   // warp has two rows or more (the head) and there are at most 4 input rows (above, the
   // accumulators spill). FLASHGPT_GEMV_TWO_ROWS=0 turns it off (A/B timing).

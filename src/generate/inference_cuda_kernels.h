@@ -115,6 +115,10 @@ struct FusedGemvParams {
   // flight instead of 8, so a row's loads all go out before the wait (FLASHGPT_GEMV_WIDE=1).
   bool wide = false;
   L2Range l2_prefetch;  // optional: the next layer's matrix of this role, or the head's first rows
+  // At 2 .. 8 input rows and every epilogue but the head's (the engine sets it unless FLASHGPT_GEMV_MMA=0), the
+  // tensor-core kernel (mma.sync m16n8k16, the input rows as the 8 columns; gemv_mma_taken).
+  // Not the same bits: another order of sums.
+  bool mma = false;
 };
 
 // Blocks the fused kernel launches for `out` output rows (the head's argmax partials are
@@ -125,6 +129,12 @@ int gemv_fused_blocks(int out);
 // LayerNorm at 1 or 2 rows, 64 for the head's argmax) above 48 KB of shared memory. The
 // pointers must be 16-byte aligned (cudaMalloc'd buffers at offsets of whole rows).
 bool gemv_fused(const FusedGemvParams& p, GemvEpilogue epilogue, cudaStream_t stream);
+
+// Whether gemv_fused takes p (p.mma set) on the tensor-core kernel: 2 .. kGemvMaxRows rows,
+// not the head (logits_argmax), a shape gemv_fused takes. Decided from the shape alone.
+bool gemv_mma_taken(const FusedGemvParams& p, GemvEpilogue epilogue);
+// The tensor-core kernel's launches so far in this process (a test's proof that a switch took it).
+int64_t gemv_mma_launch_count();
 
 // x (N, C) fp32 = wte[token] + wpe[pos], launched as part of the fused path. With stats
 // (the layer3 path; C % 32 == 0): also each row's LayerNorm statistics as C / 32 (mean, M2)
