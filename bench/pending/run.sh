@@ -16,6 +16,8 @@
 #               4"): their pipeline-shape tests, `flashgpt bench attention` d128 forward rows under
 #               FLASHGPT_ATTN_TMA128_TILE=k for each (validated first), cuDNN's forward on the same
 #               rows, and the joined table tiles128.md (docs/attention_gpu.md)
+#   tiles64     (about 30 s a tile) the same for the d64 tiles (kTma64Tiles; TILES64, default "3 5
+#               6 7 8": the default, and the overlap tiles), tiles64.md
 #   dqwarp      (about 245 s) the TMA backward's dQ warp (FLASHGPT_ATTN_BWD_DQ_WARP=1): its tests and
 #               the backward tests under it, memcheck of small shapes through it, `flashgpt bench
 #               attention` up to s 4096 (wgmma and TMA without it, TMA with it), cuDNN's backward on
@@ -43,14 +45,18 @@
 #               batch-64 decode's LayerNorm and attention latency chains, both on by default):
 #               their kernel tests, the engine tests, batch 64 and 1 against both off (and
 #               each alone, and 16 keys), twice, torch.compile beside the defaults
+#   gemvmma     (about 120 s) FLASHGPT_GEMV_MMA=1 (the layer products at 2 .. 8 rows on tensor cores,
+#               docs/generate.md): the GEMV kernel tests and the engine tests it touches with it on,
+#               then the seed decode at batch 1 (a control: not taken), 2 and 8 with it off and on,
+#               interleaved, twice (ms/step)
 #   bwdpad      (at most 250 s) the padded wgmma backward of head dims 96 and 32 (FLASHGPT_ATTN_BWD_PADDED=1):
 #               its tests (against the fp64 reference and mma.sync, guard columns), memcheck and
 #               initcheck of its small shapes, `flashgpt bench attention --head-dim 96` and 32 up to
 #               s 4096 with the mma.sync and the padded wgmma backward on the same rows, FA2's
 #               backward (torch SDPA) beside them, and the table bwdpad.md (docs/attention_gpu.md)
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
-# (decode.txt, bwd_table.md, dq_fused.md, profile.txt, tiles128.md, dqwarp.md, bwdpad.md) and
-# pending_logs.tgz.
+# (decode.txt, bwd_table.md, dq_fused.md, profile.txt, tiles128.md, tiles64.md, dqwarp.md,
+# bwdpad.md) and pending_logs.tgz.
 set -uo pipefail
 R=$(cd "$(dirname "$0")/../.." && pwd)
 PKG=$R/.gpu/pending
@@ -108,25 +114,25 @@ for part in ${PARTS:-decode attn_tests}; do
       sed -n '/^|/p' "$L/cudnn_bwd.log" | tee "$OUT/bwd_table.md"
       python3 "$R/bench/attention_gpu/bwd_fused_table.py" --separate "$L/attn_fused0/attention_cuda.csv" \
         --fused fused="$L/attn_fused1/attention_cuda.csv" 2>&1 | tee "$OUT/dq_fused.md" ;;
-    tiles128)  # the tests first, then one bench per tile, cuDNN, the table
-      step tiles128_tests 100 env FLASHGPT_ATTN_FWD_KERNEL=tma "$B/attention_cuda_test" \
-        --gtest_filter='*EveryTma128Tile*:*ForwardPipelineShapes*:*ReportsKernels*:-*EveryTma64Tile*'
-      tiles=${TILES128:-0 1 2 3 4}
+    tiles128|tiles64)  # the tests first, then one bench per tile, cuDNN, the table
+      if [ "$part" = tiles64 ]; then td=64 tvar=FLASHGPT_ATTN_TMA_TILE tiles=${TILES64:-3 5 6 7 8}; tfilt='*EveryTma64Tile*:*ForwardPipelineShapes*:*ReportsKernels*:-*EveryTma128Tile*'
+      else td=128 tvar=FLASHGPT_ATTN_TMA128_TILE tiles=${TILES128:-0 1 2 3 4}; tfilt='*EveryTma128Tile*:*ForwardPipelineShapes*:*ReportsKernels*:-*EveryTma64Tile*'; fi
+      step "tiles${td}_tests" 100 env FLASHGPT_ATTN_FWD_KERNEL=tma "$B/attention_cuda_test" --gtest_filter="$tfilt"
       for k in $tiles; do
-        step "t128_$k" 45 env FLASHGPT_ATTN_TMA128_TILE=$k "$B/flashgpt" bench attention --device cuda --no-backward \
-          --head-dim 128 --min-time 0.05 --out "$L/t128_$k"
+        step "t${td}_$k" 45 env $tvar=$k "$B/flashgpt" bench attention --device cuda --no-backward \
+          --head-dim $td --min-time 0.05 --out "$L/t${td}_$k"
       done
-      step cudnn128 60 python3 "$R/bench/attention_gpu/cudnn_fwd.py" --out "$L/cudnn128" --head-dim 128 --min-time-s 0.05
-      python3 - "$L" $tiles <<'PY' 2>&1 | tee "$OUT/tiles128.md" | tee -a "$S"
+      step "cudnn$td" 60 python3 "$R/bench/attention_gpu/cudnn_fwd.py" --out "$L/cudnn$td" --head-dim $td --min-time-s 0.05
+      python3 - "$L" $td $tiles <<'PY' 2>&1 | tee "$OUT/tiles$td.md" | tee -a "$S"
 import csv, os, sys
-L, tiles = sys.argv[1], sys.argv[2:]
+L, td, tiles = sys.argv[1], sys.argv[2], sys.argv[3:]
 def load(path, key, value):
     return {key(r): float(r[value]) for r in csv.DictReader(open(path))} if os.path.exists(path) else {}
 key = lambda r: (int(r["seqlen"]), int(r["batch"]), int(r["heads"]), int(r["causal"]))
-ours = {k: load(f"{L}/t128_{k}/attention_cuda.csv", key, "fwd_tflops") for k in tiles}
-cudnn = load(f"{L}/cudnn128/cudnn_fwd.csv", key, "fwd_tflops")
+ours = {k: load(f"{L}/t{td}_{k}/attention_cuda.csv", key, "fwd_tflops") for k in tiles}
+cudnn = load(f"{L}/cudnn{td}/cudnn_fwd.csv", key, "fwd_tflops")
 rows = sorted({r for t in ours.values() for r in t}, key=lambda r: (r[3], r[0]))
-print("d128 TMA forward tiles (FLASHGPT_ATTN_TMA128_TILE=k): TFLOP/s and tile / cuDNN per row\n")
+print(f"d{td} TMA forward tiles ({'FLASHGPT_ATTN_TMA128_TILE' if td == '128' else 'FLASHGPT_ATTN_TMA_TILE'}=k): TFLOP/s and tile / cuDNN per row\n")
 print("| s | b x h | causal | cuDNN | " + " | ".join(f"t{k} | t{k} / cuDNN" for k in tiles) + " | best |")
 print("| --- " * (4 + 2 * len(tiles) + 1) + "|")
 for r in rows:
@@ -256,6 +262,20 @@ PY
       step decodefix_torch 150 python3 "$R/bench/generate/torch_static_kv.py" --flashgpt "$B/flashgpt" --batches 1,64 \
         --out "$OUT/torch_decode_fix.json"
       grep -E '^(\||batch|prefill|torch)' "$L/decodefix_torch.log" | tee -a "$S" ;;
+    gemvmma)  # its tests first (a call cut short keeps them), then the A/B
+      step gemvmma_tests 75 env FLASHGPT_GEMV_MMA=1 "$B/generate_inference_cuda_test" \
+        --gtest_filter='GemvFusedCuda.*:InferenceCuda.GemvMma*:InferenceCuda.FusedPathMatchesSeparateKernels'
+      for r in 1 2; do
+        for b in 1 2 8; do
+          for v in 0 1; do
+            step "gemvmma${v}_b${b}_r$r" 20 env FLASHGPT_GEMV_MMA=$v "$B/flashgpt" bench generate --device cuda \
+              --preset seed --batch $b --prompt-tokens 128 --new-tokens 256
+            { echo -n "mma=$v batch $b round $r: "
+              grep -ohE '[0-9.]+ tokens/s \([0-9.]+ ms/step|measured [0-9.]+%' "$L/gemvmma${v}_b${b}_r$r.log" |
+                tr '\n' ' '; echo; } | tee -a "$S"
+          done
+        done
+      done ;;
     bwdpad)  # the tests and sanitizers first, then mma.sync and the padded wgmma backward per head dim, FA2
       step bwdpad_tests 75 env FLASHGPT_ATTN_BWD_PADDED=1 "$B/attention_cuda_test" \
         --gtest_filter='*PaddedWgmmaBackward*:*PaddedBackwardForSanitizer*:*ReportsKernels*:*SmallShapes*'
@@ -293,8 +313,8 @@ for k in sorted({k for k, _ in ours}, key=lambda k: (-k[0], k[1], k[2])):
           f"{p / m:.3f} | {p / f:.3f} | {m / f:.3f} |")
 PY
       ;;
-    *) echo "unknown part '$part' (decode, attnall, attn_tests, attn_bench, tiles128, dqwarp, bwdpad, switches, fixes," \
-         "engine, attnproj, overlap, gentests, torchdecode, decodefix)"; status=1 ;;
+    *) echo "unknown part '$part' (decode, attnall, attn_tests, attn_bench, tiles128, tiles64, dqwarp, bwdpad," \
+         "switches, fixes, engine, attnproj, overlap, gentests, torchdecode, decodefix, gemvmma)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done
