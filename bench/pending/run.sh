@@ -18,8 +18,8 @@
 #               rows, and the joined table tiles128.md (docs/attention_gpu.md)
 #   tiles64     (about 30 s a tile) the same for the d64 tiles (kTma64Tiles; TILES64, default "3 5
 #               6 7 8": the default, and the overlap tiles), tiles64.md
-#   dqwarp      (about 245 s) the TMA backward's dQ warp (FLASHGPT_ATTN_BWD_DQ_WARP=1): its tests and
-#               the backward tests under it, memcheck of small shapes through it, `flashgpt bench
+#   dqwarp      (about 150 s, at most 320 s) the TMA backward's dQ warp (FLASHGPT_ATTN_BWD_DQ_WARP=1):
+#               its tests and the backward tests under it, memcheck of small shapes through it, `flashgpt bench
 #               attention` up to s 4096 (wgmma and TMA without it, TMA with it), cuDNN's backward on
 #               the same rows, and the joined table dqwarp.md (docs/attention_gpu.md)
 #   switches    (about 400 s) bench/model/ab_switches.sh: the training step's opt-in paths named
@@ -147,7 +147,7 @@ for r in rows:
 PY
       ;;
     dqwarp)  # the tests first, then the bench without and with the dQ warp, cuDNN, the table
-      step dqwarp_tests 45 env FLASHGPT_ATTN_BWD_KERNEL=tma FLASHGPT_ATTN_BWD_DQ_WARP=1 "$B/attention_cuda_test" \
+      step dqwarp_tests 120 env FLASHGPT_ATTN_BWD_KERNEL=tma FLASHGPT_ATTN_BWD_DQ_WARP=1 "$B/attention_cuda_test" \
         --gtest_filter='*DqWarp*:*BackwardPipelineShapes*:*TmaBackwardMatchesWgmma*:*ReportsKernels*'
       step dqwarp_memcheck 30 env FLASHGPT_ATTN_BWD_KERNEL=tma FLASHGPT_ATTN_BWD_DQ_WARP=1 \
         compute-sanitizer --tool memcheck --error-exitcode 9 "$B/attention_cuda_test" \
