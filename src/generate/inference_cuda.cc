@@ -21,6 +21,7 @@
 #include <flashgpt/attention_cuda.h>
 #include <flashgpt/bfloat16.h>
 #include <flashgpt/cuda_check.h>
+#include <flashgpt/env_switch.h>
 #include <flashgpt/error.h>
 #include <flashgpt/generate.h>
 #include <flashgpt/generate_cuda.h>
@@ -369,13 +370,7 @@ CudaEngine::CudaEngine(const ModelConfig& config, std::span<const float> params,
   }
   if (const char* pdl = std::getenv("FLASHGPT_CUDA_PDL")) pdl_ = std::string(pdl) != "0";
   if (const char* wide = std::getenv("FLASHGPT_GEMV_WIDE")) gemv_wide_ = std::string(wide) == "1";
-  if (const char* mma = std::getenv("FLASHGPT_GEMV_MMA"); mma != nullptr && *mma != '\0') {
-    FLASHGPT_CHECK(std::strcmp(mma, "0") == 0 || std::strcmp(mma, "1") == 0,
-                   "inference (cuda): FLASHGPT_GEMV_MMA is '{}', expected 0 (the scalar products) or 1 (tensor cores "
-                   "at 2 .. 8 rows)",
-                   mma);
-    gemv_mma_ = mma[0] == '1';
-  }
+  gemv_mma_ = env_switch("FLASHGPT_GEMV_MMA", gemv_mma_, "the scalar products", "tensor cores at 2 .. 8 rows");
   if (const char* mb = std::getenv("FLASHGPT_HEAD_L2_PREFETCH")) {
     const int64_t n = std::atoll(mb);
     FLASHGPT_CHECK(n >= 0 && n <= 4096, "inference (cuda): FLASHGPT_HEAD_L2_PREFETCH is '{}', expected 0 .. 4096 (MB)", mb);

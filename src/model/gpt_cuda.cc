@@ -23,12 +23,12 @@
 // column-sum kernel (or, FLASHGPT_LN_BIAS_GRAD, the LayerNorm backward) rather than cuBLASLt's
 // epilogues; every other kernel here reduces in a fixed order, so two runs give the same bits.
 #include <flashgpt/attention_cuda.h>
+#include <flashgpt/env_switch.h>
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>
 #include <flashgpt/philox.h>
 
 #include <flashgpt/cuda_check.h>
-#include "env_switch.h"
 #include "gpt_cuda_ops.h"
 #include "matmul_cublaslt.h"
 
@@ -48,7 +48,6 @@ namespace flashgpt {
 namespace {
 
 using model_cuda::bf16;
-using model_cuda::env_switch;
 using model_cuda::DropoutSite;
 using model_cuda::Epilogue;
 
@@ -114,13 +113,13 @@ constexpr int kOverlapSoftmaxSmsDefault = 32;
 constexpr bool kOverlapBwdHighDefault = false;
 
 int env_overlap() {
-  return model_cuda::env_int("FLASHGPT_OVERLAP", 0, 2, kOverlapDefault,
+  return env_int("FLASHGPT_OVERLAP", 0, 2, kOverlapDefault,
                              "0 (one stream), 1 (classifier) or 2 (classifier and backward)");
 }
 
 // FLASHGPT_OVERLAP_SOFTMAX_SMS: the multiprocessors of the overlapped softmax's grid.
 int env_overlap_softmax_sms() {
-  return model_cuda::env_int("FLASHGPT_OVERLAP_SOFTMAX_SMS", 1, 1024, kOverlapSoftmaxSmsDefault,
+  return env_int("FLASHGPT_OVERLAP_SOFTMAX_SMS", 1, 1024, kOverlapSoftmaxSmsDefault,
                              "a number of multiprocessors");
 }
 
@@ -128,7 +127,7 @@ int env_overlap_softmax_sms() {
 // come from plans made for that many multiprocessors (cuBLASLt's SM_COUNT_TARGET), for
 // algorithms that would otherwise hold every multiprocessor while the softmax waits.
 int env_overlap_gemm_sms() {
-  return model_cuda::env_int("FLASHGPT_OVERLAP_GEMM_SMS", 0, 1024, 0, "a number of multiprocessors");
+  return env_int("FLASHGPT_OVERLAP_GEMM_SMS", 0, 1024, 0, "a number of multiprocessors");
 }
 
 bool env_overlap_bwd_high() {

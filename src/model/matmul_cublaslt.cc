@@ -3,8 +3,7 @@
 // column-major D (out, rows) = op_T(W: in x out) op_N(X: in x rows), and so on below.
 #include "matmul_cublaslt.h"
 
-#include "env_switch.h"
-
+#include <flashgpt/env_switch.h>
 #include <flashgpt/error.h>
 
 #include <flashgpt/cuda_check.h>
@@ -85,7 +84,7 @@ const char* epilogue_name(Epilogue e) {
   return "?";
 }
 
-// FLASHGPT_MATMUL_AUTOTUNE / FLASHGPT_MATMUL_AUTOTUNE_LOG (env_switch.h), read once.
+// FLASHGPT_MATMUL_AUTOTUNE / FLASHGPT_MATMUL_AUTOTUNE_LOG (flashgpt/env_switch.h), read once.
 // On by default since the H100 A/B of 2026-12-07 (docs/model_gpu.md, v8): the logits product
 // alone ran 1.80 -> 1.59 ms a chunk; FLASHGPT_MATMUL_AUTOTUNE=0 keeps heuristic #0.
 bool autotune_env() {
