@@ -24,11 +24,12 @@ inline constexpr int kMaxGridYZ = 65535;
 // batches with or without dropout; wgmma: the cp.async one (flash_fwd_wgmma_kernel.cuh).
 enum class FwdKernel { mma_sync, wgmma, tma };
 // Backward main kernels: tma, the warp-specialized one fed by the copy engine
-// (flash_bwd_tma_kernel.cuh, dense batches, opt-in); wgmma, the cp.async one.
+// (flash_bwd_tma_kernel.cuh, dense batches; d128's default for fast-mode calls without dropout);
+// wgmma, the cp.async one.
 enum class BwdKernel { mma_sync, wgmma, tma };
 // Head dims whose wgmma backward is the next multiple of 64's kernel with the head dim padded
 // in shared memory (flash_bwd_wgmma_kernel.cuh, kHeadDimPadded): d32 runs d64's tiling, d96
-// d128's. Opt-in (FLASHGPT_ATTN_BWD_PADDED) until it is timed on a GPU.
+// d128's. The default for those head dims (FLASHGPT_ATTN_BWD_PADDED=0: mma.sync).
 constexpr bool bwd_wgmma_padded(int head_dim) { return head_dim == 32 || head_dim == 96; }
 
 inline const char* kernel_name(FwdKernel k) {
@@ -54,7 +55,8 @@ struct BwdPlan {
   // The wgmma and TMA main kernels convert dQ themselves (no convert kernel); ignored by mma.sync.
   bool fused_dq_convert = false;
   // The TMA backward adds dQ through its dQ warp's bulk reduce-adds (flash_bwd_tma_kernel.cuh);
-  // ignored by the other kernels, in deterministic mode and with the fused dQ convert.
+  // set only where it applies (neither deterministic nor with the fused dQ convert); ignored by
+  // the other kernels.
   bool dq_warp = false;
 };
 

@@ -516,7 +516,7 @@ __global__ void __launch_bounds__(32 * kFusedWarps, kFusedBlocksPerSm) gemv_fuse
   }
 }
 
-// ---- the tensor-core GEMV (FLASHGPT_GEMV_MMA=1, 2 .. 8 input rows) ----------------------
+// ---- the tensor-core GEMV (2 .. 8 input rows; FLASHGPT_GEMV_MMA=0 turns it off) ------------
 //
 // At 8 input rows gemv_fused_kernel is issue-bound: per 16-byte chunk of W a lane converts
 // 8 x 8 input values and does 64 scalar FMAs. Here mma.sync m16n8k16 (bf16 in, fp32

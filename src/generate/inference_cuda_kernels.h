@@ -115,9 +115,9 @@ struct FusedGemvParams {
   // flight instead of 8, so a row's loads all go out before the wait (FLASHGPT_GEMV_WIDE=1).
   bool wide = false;
   L2Range l2_prefetch;  // optional: the next layer's matrix of this role, or the head's first rows
-  // At 2 .. 8 input rows and every epilogue but the head's (the engine sets it unless FLASHGPT_GEMV_MMA=0), the
-  // tensor-core kernel (mma.sync m16n8k16, the input rows as the 8 columns; gemv_mma_taken).
-  // Not the same bits: another order of sums.
+  // At 2 .. 8 input rows and every epilogue but the head's, the tensor-core kernel (mma.sync
+  // m16n8k16, the input rows as the 8 columns; gemv_mma_taken). Not the same bits: another order
+  // of sums. The engine sets it unless FLASHGPT_GEMV_MMA=0.
   bool mma = false;
 };
 

@@ -29,8 +29,8 @@ using BwdWgmmaTraitsFor =
     BwdWgmmaTraits<kHeadDim, WgmmaTileConfig<(kHeadDim + 63) / 64 * 64>::kBwdBlockM, Element>;
 
 // Head dims with a wgmma backward kernel of their own (its code exists only in sm_90a builds),
-// and those that run it padded (attention_cuda_launch.h; the entry point picks it only where
-// FLASHGPT_ATTN_BWD_PADDED says so). The padded ones convert dQ with the convert kernel (no
+// and those that run it padded (attention_cuda_launch.h; the entry point picks it unless
+// FLASHGPT_ATTN_BWD_PADDED=0). The padded ones convert dQ with the convert kernel (no
 // fused convert) and have no TMA backward.
 template <int kHeadDim>
 inline constexpr bool kBwdWgmmaKernel = kHeadDim == 64 || kHeadDim == 128;
@@ -90,10 +90,9 @@ void run_flash_bwd_tma(const AttentionParams& p, const BwdPlan& plan, const BwdW
   const CUtensorMap tm_v = make_tensor_map_16bit(p.v, kBf16, p.head_dim, p.seqlen_k, p.heads_kv, p.batch,
                                                  p.v_row_stride, p.v_head_stride, p.v_batch_stride, Traits::kBlockN);
   const bool fused = ws.dq_arrivals != nullptr;  // the fused dQ convert (run_flash_bwd)
-  // The dQ warp: neither with the fused convert (its arrivals follow the consumers' atomics) nor
-  // in deterministic mode (the semaphores order the consumers' atomics), which keep the atomics.
-  const bool dq_warp = plan.dq_warp && !fused && !plan.deterministic;
-  auto kernel = dq_warp ? (plan.dropout ? flash_bwd_tma_kernel<Traits, true, false, true>
+  // The dQ warp (the plan sets it only where it applies: neither with the fused convert nor in
+  // deterministic mode, which keep the consumers' atomics).
+  auto kernel = plan.dq_warp ? (plan.dropout ? flash_bwd_tma_kernel<Traits, true, false, true>
                                         : flash_bwd_tma_kernel<Traits, false, false, true>)
                 : plan.dropout
                     ? (fused ? flash_bwd_tma_kernel<Traits, true, true> : flash_bwd_tma_kernel<Traits, true, false>)
