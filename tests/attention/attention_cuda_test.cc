@@ -1051,18 +1051,22 @@ TEST(AttentionCuda, TmaBackwardMatchesWgmma) {
   if (!ran) GTEST_SKIP() << "no TMA backward in this build or on this device";
 }
 
-// Switches the fused dQ convert for a scope (attention_cuda_force_fused_dq_convert), then restores
-// the setting before.
-class ForcedFusedDqConvert {
+// Switches a 0/1 setting of the backward for a scope through its force function (1 on, 0 off;
+// it returns whether the setting was on), then restores the setting before.
+template <bool (*kForce)(int)>
+class ForcedSwitch {
  public:
-  explicit ForcedFusedDqConvert(bool on) : before_(attention_cuda_force_fused_dq_convert(on ? 1 : 0)) {}
-  ~ForcedFusedDqConvert() { attention_cuda_force_fused_dq_convert(before_ ? 1 : 0); }
-  ForcedFusedDqConvert(const ForcedFusedDqConvert&) = delete;
-  ForcedFusedDqConvert& operator=(const ForcedFusedDqConvert&) = delete;
+  explicit ForcedSwitch(bool on) : before_(kForce(on ? 1 : 0)) {}
+  ~ForcedSwitch() { kForce(before_ ? 1 : 0); }
+  ForcedSwitch(const ForcedSwitch&) = delete;
+  ForcedSwitch& operator=(const ForcedSwitch&) = delete;
 
  private:
   bool before_;
 };
+using ForcedFusedDqConvert = ForcedSwitch<attention_cuda_force_fused_dq_convert>;
+using ForcedBackwardPadded = ForcedSwitch<attention_cuda_force_backward_padded>;  // d32, d96
+using ForcedDqWarp = ForcedSwitch<attention_cuda_force_backward_dq_warp>;  // the TMA backward's dQ warp
 
 // Params that say which backward a dense (or, with cu_seqlens set, varlen) call of head_dim takes.
 AttentionParams probe_params(int head_dim, bool varlen) {
@@ -1100,19 +1104,6 @@ void expect_fused_matches_separate(const AttentionCase& c, Determinism det, bool
     expect_same_gradients(fused, separate, c.dtype, c.name + " fused vs separate convert");
   }
 }
-
-// Switches the padded wgmma backward (d32, d96) for a scope
-// (attention_cuda_force_backward_padded), then restores the setting before.
-class ForcedBackwardPadded {
- public:
-  explicit ForcedBackwardPadded(bool on) : before_(attention_cuda_force_backward_padded(on ? 1 : 0)) {}
-  ~ForcedBackwardPadded() { attention_cuda_force_backward_padded(before_ ? 1 : 0); }
-  ForcedBackwardPadded(const ForcedBackwardPadded&) = delete;
-  ForcedBackwardPadded& operator=(const ForcedBackwardPadded&) = delete;
-
- private:
-  bool before_;
-};
 
 // The head dims among 32 and 96 whose padded wgmma backward this build and device run.
 std::vector<int> padded_backward_dims() {
@@ -1304,19 +1295,6 @@ TEST(AttentionCuda, FusedDqConvertMatchesSeparate) {
   }
   if (!ran) GTEST_SKIP() << "no wgmma backward in this build or on this device";
 }
-
-// Switches the TMA backward's dQ warp for a scope (attention_cuda_force_backward_dq_warp), then
-// restores the setting before.
-class ForcedDqWarp {
- public:
-  explicit ForcedDqWarp(bool on) : before_(attention_cuda_force_backward_dq_warp(on ? 1 : 0)) {}
-  ~ForcedDqWarp() { attention_cuda_force_backward_dq_warp(before_ ? 1 : 0); }
-  ForcedDqWarp(const ForcedDqWarp&) = delete;
-  ForcedDqWarp& operator=(const ForcedDqWarp&) = delete;
-
- private:
-  bool before_;
-};
 
 // Runs a case's TMA backward (forced by the caller) with the dQ warp on (against the fp64
 // reference, unless compare is false) and off, same inputs and seed: dK and dV bit-identical (the
