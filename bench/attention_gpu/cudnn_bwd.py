@@ -33,6 +33,43 @@ def rows(seqlens):
     return out
 
 
+def backward_row(backend, name, batch, heads, s, d, causal, dropout, min_time_s):
+    """One row's backward under an SDPA backend: torch.autograd.grad of the forward's output (the
+    graph kept), bf16, (batch, s, heads, d) inputs. Returns (ms, TFLOP/s, err); err is the
+    largest relative error of dQ, dK, dV against SDPA's math backend at one head (rows without
+    dropout; 0 with dropout). Exits where they disagree; a row the backend refuses raises its
+    RuntimeError. FLOPs as the CLI counts them: 2.5x the forward's 4 b h s^2 d (halved when
+    causal). fa2_bwd.py times its rows with it too."""
+    dev = torch.device("cuda")
+    q, k, v = (torch.randn(batch, s, heads, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    g = torch.randn(batch, s, heads, d, device=dev, dtype=torch.bfloat16).transpose(1, 2)
+    flops = 2.5 * 4.0 * batch * heads * s * s * d / (2 if causal else 1)
+    with sdpa_kernel(backend):
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=causal, dropout_p=dropout)
+
+    def fn():
+        return torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+
+    grads = fn()
+    err = 0.0
+    if dropout == 0.0:
+        q1, k1, v1 = (t[:1, :, :1].detach().float().requires_grad_() for t in (q, k, v))
+        with sdpa_kernel(SDPBackend.MATH):
+            o1 = F.scaled_dot_product_attention(q1.transpose(1, 2), k1.transpose(1, 2), v1.transpose(1, 2),
+                                                is_causal=causal)
+        want = torch.autograd.grad(o1, (q1, k1, v1), g[:1, :1].float())
+        for got_t, want_t in zip(grads, want):
+            got1 = got_t[:1, :, :1].float()
+            err = max(err, ((got1 - want_t).norm() / want_t.norm()).item())
+        if not err < 3e-2:
+            sys.exit(f"{name} backward disagrees with the math backend at b{batch} h{heads} s{s} d{d} "
+                     f"causal {causal}: {err}")
+    ms = time_ms(fn, min_time_s)
+    return ms, flops / (ms * 1e-3) / 1e12, err
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=".")
@@ -51,43 +88,16 @@ def main():
     print(f"bf16 matmul 8192^3: {peak:.1f} TFLOP/s")
     results = []
     for batch, heads, s, d, causal, dropout in rows([int(x) for x in args.seqlens.split(",")]):
-        q, k, v = (torch.randn(batch, s, heads, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        g = torch.randn(batch, s, heads, d, device=dev, dtype=torch.bfloat16).transpose(1, 2)
-        flops = 2.5 * 4.0 * batch * heads * s * s * d / (2 if causal else 1)
         try:
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     is_causal=causal, dropout_p=dropout)
-
-            def fn():
-                return torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
-
-            grads = fn()
-            err = 0.0
-            if dropout == 0.0:
-                q1, k1, v1 = (t[:1, :, :1].detach().float().requires_grad_() for t in (q, k, v))
-                with sdpa_kernel(SDPBackend.MATH):
-                    o1 = F.scaled_dot_product_attention(q1.transpose(1, 2), k1.transpose(1, 2), v1.transpose(1, 2),
-                                                        is_causal=causal)
-                want = torch.autograd.grad(o1, (q1, k1, v1), g[:1, :1].float())
-                for got_t, want_t in zip(grads, want):
-                    got1 = got_t[:1, :, :1].float()
-                    err = max(err, ((got1 - want_t).norm() / want_t.norm()).item())
-                if not err < 3e-2:
-                    sys.exit(f"cuDNN backward disagrees with the math backend at b{batch} h{heads} s{s} d{d} "
-                             f"causal {causal}: {err}")
-            ms = time_ms(fn, args.min_time_s)
-            tf = flops / (ms * 1e-3) / 1e12
+            ms, tf, err = backward_row(SDPBackend.CUDNN_ATTENTION, "cuDNN", batch, heads, s, d, causal, dropout,
+                                       args.min_time_s)
             results.append((batch, heads, s, d, int(causal), dropout, f"{ms:.4f}", f"{tf:.1f}"))
             print(f"{batch:>5} {heads:>5} {s:>6} {d:>4} {'yes' if causal else 'no':>6} {dropout:>4.1f} {ms:9.3f} ms "
                   f"{tf:8.1f} TF/s  err {err:.1e}", flush=True)
-            del out, grads
         except RuntimeError as e:
             print(f"{batch:>5} {heads:>5} {s:>6} {d:>4} {'yes' if causal else 'no':>6} {dropout:>4.1f} refused: "
                   f"{str(e).splitlines()[0][:120]}", flush=True)
             results.append((batch, heads, s, d, int(causal), dropout, "", ""))
-        del q, k, v, g
         torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "cudnn_bwd.csv")

@@ -4,20 +4,18 @@ SDPA's FLASH_ATTENTION backend (FA2), the backward alone (torch.autograd.grad of
 output, the graph kept), on the CLI's rows for the head dims given (bf16, hidden 2048 so heads =
 2048 // d, 16k tokens, the seqlens given, causal and not). FLOPs as the CLI counts them: 2.5x the
 forward's 4 b h s^2 d (halved when causal). Each row is checked against SDPA's math backend at
-one head (dQ, dK, dV) before it is timed; times are medians of CUDA-event runs (cudnn_fwd.time_ms).
+one head (dQ, dK, dV) before it is timed; times are medians of CUDA-event runs (cudnn_bwd.backward_row).
 A row the backend refuses is reported and written with no time. The analogue of cudnn_bwd.py.
 
     python3 bench/attention_gpu/fa2_bwd.py --out DIR --head-dims 96,32 [--seqlens 512,1024]"""
 import argparse
 import csv
 import os
-import sys
 
 import torch
-import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention import SDPBackend
 
-from cudnn_fwd import time_ms  # the same CUDA-event median as the other peers (this folder)
+from cudnn_bwd import backward_row  # the cuDNN peer's row: the same inputs, check and timing (this folder)
 
 
 def main():
@@ -28,46 +26,22 @@ def main():
     ap.add_argument("--min-time-s", type=float, default=0.1)
     args = ap.parse_args()
     torch.manual_seed(0)
-    dev = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}")
     results = []
     for d in (int(x) for x in args.head_dims.split(",")):
         for causal in (False, True):
             for s in (int(x) for x in args.seqlens.split(",")):
                 batch, heads = 16384 // s, 2048 // d
-                q, k, v = (torch.randn(batch, s, heads, d, device=dev, dtype=torch.bfloat16, requires_grad=True)
-                           for _ in range(3))
-                g = torch.randn(batch, s, heads, d, device=dev, dtype=torch.bfloat16).transpose(1, 2)
-                flops = 2.5 * 4.0 * batch * heads * s * s * d / (2 if causal else 1)
                 try:
-                    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                             v.transpose(1, 2), is_causal=causal)
-
-                    def fn():
-                        return torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
-
-                    grads = fn()
-                    q1, k1, v1 = (t[:1, :, :1].detach().float().requires_grad_() for t in (q, k, v))
-                    with sdpa_kernel(SDPBackend.MATH):
-                        o1 = F.scaled_dot_product_attention(q1.transpose(1, 2), k1.transpose(1, 2),
-                                                            v1.transpose(1, 2), is_causal=causal)
-                    want = torch.autograd.grad(o1, (q1, k1, v1), g[:1, :1].float())
-                    err = max(((got[:1, :, :1].float() - w).norm() / w.norm()).item() for got, w in zip(grads, want))
-                    if not err < 3e-2:
-                        sys.exit(f"FA2 backward disagrees with the math backend at b{batch} h{heads} s{s} d{d} "
-                                 f"causal {causal}: {err}")
-                    ms = time_ms(fn, args.min_time_s)
-                    tf = flops / (ms * 1e-3) / 1e12
+                    ms, tf, err = backward_row(SDPBackend.FLASH_ATTENTION, "FA2", batch, heads, s, d, causal, 0.0,
+                                               args.min_time_s)
                     results.append((batch, heads, s, d, int(causal), 0.0, f"{ms:.4f}", f"{tf:.1f}"))
                     print(f"{batch:>5} {heads:>5} {s:>6} {d:>4} {'yes' if causal else 'no':>6} {ms:9.3f} ms "
                           f"{tf:8.1f} TF/s  err {err:.1e}", flush=True)
-                    del out, grads
                 except RuntimeError as e:
                     print(f"{batch:>5} {heads:>5} {s:>6} {d:>4} {'yes' if causal else 'no':>6} refused: "
                           f"{str(e).splitlines()[0][:120]}", flush=True)
                     results.append((batch, heads, s, d, int(causal), 0.0, "", ""))
-                del q, k, v, g
                 torch.cuda.empty_cache()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "fa2_bwd.csv")
