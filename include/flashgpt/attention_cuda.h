@@ -80,6 +80,16 @@ bool attention_cuda_backward_dq_warp(const AttentionParams& params);
 // it was on. For tests and benchmarks comparing both in one process. Throws flashgpt::Error
 // for any other value.
 bool attention_cuda_force_backward_dq_warp(int on);
+// Whether a fast-mode backward with these params runs the d64 variant of the TMA backward (query
+// blocks of 64 rows, four stages, two dQ buffers of its own; always with the dQ warp): head dim
+// 64, the "wgmma-tma" kernel, the dQ warp on and the variant switched on. Then d64 dense
+// fast-mode calls take the TMA backward unless another kernel is forced, with or without
+// dropout. Off by default; FLASHGPT_ATTN_BWD_TMA64_VARIANT=0 or 1 in the environment sets it
+// (anything else is an error at the first backward).
+bool attention_cuda_backward_tma64_variant(const AttentionParams& params);
+// Switches the d64 TMA variant of every later backward: 1 on, 0 off, -1 the default; returns
+// whether it was on. Throws flashgpt::Error for any other value.
+bool attention_cuda_force_backward_tma64_variant(int on);
 // The padded wgmma backward: head dims 32 and 96 run the d64 and d128 wgmma backward with the
 // head dim padded in shared memory (sm_90a builds, Hopper) instead of the mma.sync backward.
 // On by default; FLASHGPT_ATTN_BWD_PADDED=0 or 1 in the environment sets it (anything else is

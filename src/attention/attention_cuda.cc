@@ -178,6 +178,24 @@ bool dq_warp_applies(bool deterministic) {
   return !deterministic && bwd_dq_warp_value().load() != 0 && fused_dq_convert_value().load() == 0;
 }
 
+// The d64 variant of the TMA backward (kernels/flash_bwd_launch.cuh, BwdTma64VariantTraits):
+// 64-query blocks, four stages, two dQ buffers of its own, always with the dQ warp. Off by
+// default until it is measured on a GPU; on, it replaces the d64 TMA backward wherever the dQ
+// warp applies, and d64 dense fast-mode calls take it by default, with or without dropout
+// (choose_bwd_kernel). FLASHGPT_ATTN_BWD_TMA64_VARIANT=0 or 1 sets it at the first call
+// (anything else is an error), attention_cuda_force_backward_tma64_variant at any time.
+constexpr bool kBwdTma64VariantDefault = false;
+std::atomic<int>& bwd_tma64_variant_value() {  // 0 or 1
+  static std::atomic<int> value{env_switch("FLASHGPT_ATTN_BWD_TMA64_VARIANT", kBwdTma64VariantDefault,
+                                           "the d64 TMA backward of 128-query blocks",
+                                           "its variant of 64-query blocks and four stages")};
+  return value;
+}
+// Whether a d64 TMA backward in this mode runs the variant: switched on, with the dQ warp.
+bool tma64_variant_applies(int head_dim, bool deterministic) {
+  return head_dim == 64 && bwd_tma64_variant_value().load() != 0 && dq_warp_applies(deterministic);
+}
+
 // The padded wgmma backward (attn::bwd_wgmma_padded: head dims 32 and 96 run the d64 and d128
 // wgmma kernels with the head dim padded in shared memory). On by default since it ran
 // 1.19-1.82x the mma.sync backward on an H100 (2026-12-07, every d32 and d96 row);
@@ -318,7 +336,9 @@ attn::FwdKernel choose_fwd_kernel(int head_dim, const AttentionParams* p, int ti
 // docs/attention_gpu.md; without the dQ warp, in deterministic mode or with the fused convert,
 // it was 0.93-1.02x, and dropout was not timed), in both cases for dense batches only;
 // elsewhere the cp.async wgmma kernel. Head dims 32 and 96 take the padded wgmma kernel unless
-// FLASHGPT_ATTN_BWD_PADDED=0; d256 has none and keeps mma.sync whatever is forced.
+// FLASHGPT_ATTN_BWD_PADDED=0; d256 has none and keeps mma.sync whatever is forced. With
+// FLASHGPT_ATTN_BWD_TMA64_VARIANT=1, d64 fast-mode calls with the dQ warp take the TMA backward
+// (its variant) unless another kernel is forced, with or without dropout.
 attn::BwdKernel choose_bwd_kernel(int head_dim, const AttentionParams* p, bool deterministic = false) {
   const BwdOverride forced = bwd_override_value().load();
   const bool padded_on = bwd_padded_value().load() != 0;  // read first: a bad value is an error on any device
@@ -332,7 +352,8 @@ attn::BwdKernel choose_bwd_kernel(int head_dim, const AttentionParams* p, bool d
   });
   const bool tma_fits = has_tma && (p == nullptr || p->cu_seqlens_q == nullptr);
   const bool dropout = p != nullptr && dropout_enabled(dropout_threshold(p->dropout_p));
-  const bool tma_by_default = head_dim == 128 && !dropout && dq_warp_applies(deterministic);
+  const bool tma_by_default =
+      (head_dim == 128 && !dropout && dq_warp_applies(deterministic)) || tma64_variant_applies(head_dim, deterministic);
   const bool want_tma = forced == BwdOverride::tma || (forced == BwdOverride::automatic && tma_by_default);
   return want_tma && tma_fits ? attn::BwdKernel::tma : attn::BwdKernel::wgmma;
 }
@@ -376,6 +397,17 @@ bool attention_cuda_force_fused_dq_convert(int fused) {
 
 bool attention_cuda_backward_dq_warp(const AttentionParams& params) {
   return dq_warp_applies(false) && choose_bwd_kernel(params.head_dim, &params) == attn::BwdKernel::tma;
+}
+
+bool attention_cuda_backward_tma64_variant(const AttentionParams& params) {
+  return tma64_variant_applies(params.head_dim, false) &&
+         choose_bwd_kernel(params.head_dim, &params) == attn::BwdKernel::tma;
+}
+
+bool attention_cuda_force_backward_tma64_variant(int on) {
+  FLASHGPT_CHECK(on >= -1 && on <= 1,
+                 "attention_cuda_force_backward_tma64_variant({}): expected 0 (off), 1 (on) or -1 (the default)", on);
+  return bwd_tma64_variant_value().exchange(on < 0 ? int(kBwdTma64VariantDefault) : on) != 0;
 }
 
 bool attention_cuda_force_backward_dq_warp(int on) {
@@ -465,6 +497,8 @@ void attention_backward_cuda(const AttentionParams& params, void* workspace, siz
   plan.sm_count = device_attribute<cudaDevAttrMultiProcessorCount>(current_device());
   plan.fused_dq_convert = fused_dq_convert_value().load() != 0;
   plan.dq_warp = dq_warp_applies(plan.deterministic);
+  plan.tma64_variant =
+      plan.kernel == attn::BwdKernel::tma && tma64_variant_applies(params.head_dim, plan.deterministic);
   dispatch_instance<void>(params.head_dim, params.dtype, [&]<int D, typename Element>() {
     attn::run_flash_bwd<D, Element>(params, plan, workspace, stream);
   });

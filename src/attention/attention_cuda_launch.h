@@ -58,6 +58,9 @@ struct BwdPlan {
   // set only where it applies (neither deterministic nor with the fused dQ convert); ignored by
   // the other kernels.
   bool dq_warp = false;
+  // (Head dim 64, the TMA backward with dq_warp) its variant of 64-query blocks and a deeper
+  // ring (BwdTma64VariantTraits, FLASHGPT_ATTN_BWD_TMA64_VARIANT=1); ignored elsewhere.
+  bool tma64_variant = false;
 };
 
 // What each instance defines (explicitly instantiated in its translation unit). Element is

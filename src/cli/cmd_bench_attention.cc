@@ -239,11 +239,13 @@ std::string fwd_kernel_label(const AttentionParams& params) {
 // The backward's main kernel for these params, "+dqfuse" when it converts dQ itself
 // (attention_cuda_backward_fused_dq_convert, FLASHGPT_ATTN_BWD_FUSED_CONVERT), "+dqwarp" when
 // its dQ warp adds dQ (attention_cuda_backward_dq_warp, FLASHGPT_ATTN_BWD_DQ_WARP; the benchmark's
-// backward is the fast mode).
+// backward is the fast mode), "+tma64v" when that is the d64 variant
+// (attention_cuda_backward_tma64_variant, FLASHGPT_ATTN_BWD_TMA64_VARIANT).
 std::string bwd_kernel_label(const AttentionParams& params) {
   return std::string(attention_cuda_backward_kernel(params)) +
          (attention_cuda_backward_fused_dq_convert(params) ? "+dqfuse" : "") +
-         (attention_cuda_backward_dq_warp(params) ? "+dqwarp" : "");
+         (attention_cuda_backward_dq_warp(params) ? "+dqwarp" : "") +
+         (attention_cuda_backward_tma64_variant(params) ? "+tma64v" : "");
 }
 
 double gpu_flops_forward(const GpuRow& r) {

@@ -72,24 +72,38 @@ struct BwdTmaTraits {
   static_assert(kHeadDim % 64 == 0 && kBlockM % 64 == 0, "tiles are made of 64-element swizzle blocks");
   static_assert(kBlockM <= 256, "a TMA box has at most 256 rows");
   static_assert(kNTilesS % 4 == 0, "dropout shares Philox calls over groups of 4 n8 tiles (32 queries)");
-  static_assert(kDqQueryBlocks * (kHeadDim / 64) == kConsumers, "one 64 x 64 dQ sub-tile per consumer warpgroup");
+  // kDqSplitKeys (d64 with 64-query blocks): a query block's dQ is one 64 x 64 sub-tile, which the
+  // warpgroups split by keys (each multiplies its own 64 keys' dS by their K: no warpgroup reads
+  // the other's dS^T), and the two partial sums meet in the dQ warp's staging. Otherwise one
+  // 64 x 64 sub-tile of the block per warpgroup, over all 128 keys.
+  static constexpr bool kDqSplitKeys = kDqQueryBlocks * kColBlocks == 1;
+  static_assert(kDqSplitKeys || kDqQueryBlocks * kColBlocks == kConsumers,
+                "one 64 x 64 dQ sub-tile per consumer warpgroup, or one split between them");
   static_assert(kDsBuffers == 1 || kDsBuffers == 2, "dS^T is single- or double-buffered");
   static constexpr int kTileKVBytes = kBlockN * kHeadDim * 2;
   static constexpr int kTileQBytes = kBlockM * kHeadDim * 2;
   static constexpr int kTileDsBytes = kBlockN * kBlockM * 2;
   using Staged = StagedTile<kBlockN, kHeadDim, Element>;  // dK and dV on their way out
   static constexpr size_t kStagedBytes = (Staged::kBytes + 127) / 128 * 128;
-  // The dQ warp's staging (kDqWarp): a query block's fp32 dQ, as many buffers (at most two) as
-  // the staging of dK and dV holds.
+  // The dQ warp's staging (kDqWarp): a query block's fp32 dQ. Without kDqSplitKeys, as many
+  // buffers (at most two) as the staging of dK and dV holds, over it; with it, two buffers of
+  // their own after it (the epilogue then never waits for the dQ warp), the first summed by
+  // warpgroup 0, the second by warpgroup 1.
   static constexpr int kDqStageBytes = kBlockM * kHeadDim * 4;
-  static constexpr int kDqBuffers = 2 * kStagedBytes / kDqStageBytes >= 2 ? 2 : 1;
-  static_assert(2 * kStagedBytes >= size_t{kDqBuffers} * kDqStageBytes, "the dQ staging fits in dK's and dV's");
+  static constexpr int kDqBuffers = kDqSplitKeys ? 2 : 2 * kStagedBytes / kDqStageBytes >= 2 ? 2 : 1;
+  static constexpr bool kDqOwnStage = kDqSplitKeys;
+  static_assert(kDqOwnStage || 2 * kStagedBytes >= size_t{kDqBuffers} * kDqStageBytes,
+                "the dQ staging fits in dK's and dV's");
+  static_assert(!kDqSplitKeys || kDqBuffers == kConsumers, "each warpgroup sums the partials of one buffer");
   // Barriers: K/V full, K/V empty, per stage "full" and "empty", per dQ buffer "full" and
-  // "empty"; then the tile slot (16 bytes) and the dQ buffers' slots (4 bytes each).
-  static constexpr int kBarriers = 2 + 2 * kStages + 2 * kDqBuffers;
+  // "empty" (kDqSplitKeys: and "partial", the other warpgroup's partial sum stored); then the
+  // tile slot (16 bytes) and the dQ buffers' slots (4 bytes each).
+  static constexpr int kDqBarriers = kDqSplitKeys ? 3 : 2;
+  static constexpr int kBarriers = 2 + 2 * kStages + kDqBarriers * kDqBuffers;
   static constexpr size_t kSmemBytes = 1024 + 2 * size_t{kTileKVBytes} + 2 * size_t{kStages} * kTileQBytes +
                                        size_t{kDsBuffers} * kTileDsBytes + 2 * size_t{kStages} * kBlockM * 4 +
-                                       2 * kStagedBytes + 8 * kBarriers + 16 + 4 * kDqBuffers;
+                                       2 * kStagedBytes + (kDqOwnStage ? size_t{kDqBuffers} * kDqStageBytes : 0) +
+                                       8 * kBarriers + 16 + 4 * kDqBuffers;
   static_assert(kSmemBytes <= 227 * 1024, "more shared memory than an H100 block can have");
   // Registers after reallocation: __launch_bounds__(384, 1) caps the entry at 168 a thread
   // (65536 / 384 rounded down to 8); the producer keeps 24, the consumers take the rest.
@@ -125,6 +139,8 @@ inline constexpr int kBwdTmaBarDsReady = 1;  // every warpgroup's dS^T of this q
 inline constexpr int kBwdTmaBarDsFree = 2;   // (single dS^T buffer) the previous block's dQ GEMMs completed
 inline constexpr int kBwdTmaBarEpilogue = 3;  // staging of dK and dV
 inline constexpr int kBwdTmaBarSemaphore = 4;  // deterministic mode
+// (kDqSplitKeys) warpgroup wg's own dS^T of this query block is stored: 5 + wg, its 128 threads.
+inline constexpr int kBwdTmaBarDsReadyWg = 5;
 
 // kFusedDq: the fused dQ convert (flash_bwd_kernel.cuh; ws.dq_arrivals set). kDqWarp: dQ
 // added by the dQ warp's bulk reduce-adds (not with kFusedDq, nor in the deterministic mode:
@@ -158,18 +174,23 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const uint32_t sStaged = sStats + 2 * kStages * kBlockM * 4;
   Element* const s_dk = reinterpret_cast<Element*>(smem_raw + (sStaged - raw));
   Element* const s_dv = reinterpret_cast<Element*>(smem_raw + (sStaged + Traits::kStagedBytes - raw));
-  const uint32_t bars = sStaged + 2 * uint32_t(Traits::kStagedBytes);
+  // kDqOwnStage: the dQ buffers after the staging of dK and dV; otherwise over it.
+  const uint32_t sDqStage = sStaged + (Traits::kDqOwnStage ? 2 * uint32_t(Traits::kStagedBytes) : 0u);
+  const uint32_t bars = sStaged + 2 * uint32_t(Traits::kStagedBytes) +
+                        (Traits::kDqOwnStage ? uint32_t(Traits::kDqBuffers * Traits::kDqStageBytes) : 0u);
   const uint32_t bar_kv_full = bars, bar_kv_empty = bars + 8;
   auto bar_full = [&](int s) { return bars + 16u + 8u * uint32_t(s); };
   auto bar_empty = [&](int s) { return bars + 16u + 8u * uint32_t(kStages + s); };
   volatile int* const tile_slot = reinterpret_cast<volatile int*>(smem_raw + (bars + 8 * Traits::kBarriers - raw));
   static_assert(!(kDqWarp && kFusedDq), "the dQ warp does not make the fused convert's arrivals");
+  constexpr bool kSplit = Traits::kDqSplitKeys;
+  static_assert(!kSplit || kDqWarp, "split dQ partial sums meet only in the dQ warp's staging");
   constexpr int kDqBuffers = Traits::kDqBuffers;
   auto bar_dq_full = [&](int i) { return bars + 16u + 8u * uint32_t(2 * kStages + i); };
   auto bar_dq_empty = [&](int i) { return bars + 16u + 8u * uint32_t(2 * kStages + kDqBuffers + i); };
+  auto bar_dq_partial = [&](int i) { return bars + 16u + 8u * uint32_t(2 * kStages + 2 * kDqBuffers + i); };
   // [kDqBuffers]: the query block of the accumulator (kBlockM x kHeadDim floats), -1 to stop.
   volatile int* const dq_slot = reinterpret_cast<volatile int*>(smem_raw + (bars + 8 * Traits::kBarriers + 16 - raw));
-  const uint32_t sDqStage = sStaged;  // [kDqBuffers] x kDqStageBytes, over the dK and dV staging
 
   const int tid = threadIdx.x;
   const bool causal = p.mask == Mask::causal;
@@ -194,8 +215,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     }
     if constexpr (kDqWarp) {
       for (int i = 0; i < kDqBuffers; ++i) {
-        mbarrier_init(bar_dq_full(i), Traits::kConsumerThreads / 32);  // one arrival per consumer warp
-        mbarrier_init(bar_dq_empty(i), 1);                              // the dQ warp's lane 0
+        // One arrival per consumer warp (kSplit: per warp of the summing warpgroup).
+        mbarrier_init(bar_dq_full(i), Traits::kConsumerThreads / 32 / (kSplit ? 2 : 1));
+        mbarrier_init(bar_dq_empty(i), 1);  // the dQ warp's lane 0
+        if (kSplit) mbarrier_init(bar_dq_partial(i), 4);  // one arrival per warp of the other warpgroup
       }
     }
     mbarrier_init_fence();
@@ -306,7 +329,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   }
   const int warp_key0 = wg * 64 + warp_in_wg * 16;  // this warp's m16 key tile
   const int key_local0 = warp_key0 + g;             // this thread's keys: key_local0 and + 8
-  const int dq_qb = wg % Traits::kDqQueryBlocks, dq_db = wg / Traits::kDqQueryBlocks;
+  // The dQ sub-tile of this warpgroup: its query block and column block (kSplit: the only one,
+  // over this warpgroup's keys, dq_key_bytes into dS^T's and K's rows).
+  const int dq_qb = kSplit ? 0 : wg % Traits::kDqQueryBlocks, dq_db = kSplit ? 0 : wg / Traits::kDqQueryBlocks;
+  const uint32_t dq_key_bytes = kSplit ? uint32_t(wg) * 64 * 128 : 0u;
   // Descriptors built once and advanced by constant offsets (the cp.async kernel's
   // FLASHGPT_BWD_DESC_PRECOMPUTE=1): K-major K and V rows of this warpgroup, stage 0 of Q and dO;
   // MN-major Q and dO (B of dK and dV), dS^T and K (A and B of dQ). (One base descriptor plus
@@ -318,8 +344,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   const uint64_t desc_do_kmajor = wgmma_desc_sw128(sdO, 16, kSwizzleAtom);
   const uint64_t desc_q_mnmajor = wgmma_desc_sw128(sQ, kBlockM * 128, kSwizzleAtom);
   const uint64_t desc_do_mnmajor = wgmma_desc_sw128(sdO, kBlockM * 128, kSwizzleAtom);
-  const uint64_t desc_ds = wgmma_desc_sw128(sdS + dq_qb * kBlockN * 128, kBlockN * 128, kSwizzleAtom);
-  const uint64_t desc_k_cols = wgmma_desc_sw128(sK + dq_db * kBlockN * 128, kBlockN * 128, kSwizzleAtom);
+  const uint64_t desc_ds =
+      wgmma_desc_sw128(sdS + dq_qb * kBlockN * 128 + dq_key_bytes, kBlockN * 128, kSwizzleAtom);
+  const uint64_t desc_k_cols =
+      wgmma_desc_sw128(sK + dq_db * kBlockN * 128 + dq_key_bytes, kBlockN * 128, kSwizzleAtom);
   unsigned char* const sdS_ptr = smem_raw + (sdS - raw);
   auto release = [&](uint32_t bar) {
     __syncwarp();
@@ -339,10 +367,14 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     const int tile_index = *tile_slot;
     if (tile_index >= num_tiles) {
       if constexpr (kDqWarp) {
-        // The dQ warp's stop: -1 in the next buffer's slot.
-        mbarrier_wait(bar_dq_empty(dq_buf(dq_fills)), dq_free_parity(dq_fills));
-        if (ctid == 0) dq_slot[dq_buf(dq_fills)] = -1;
-        release(bar_dq_full(dq_buf(dq_fills)));
+        // The dQ warp's stop: -1 in the next buffer's slot (kSplit: by the buffer's summing
+        // warpgroup, the only one whose warps arrive on its "full").
+        const int buf = dq_buf(dq_fills);
+        if (!kSplit || buf == wg) {
+          mbarrier_wait(bar_dq_empty(buf), dq_free_parity(dq_fills));
+          if ((ctid & 127) == 0) dq_slot[buf] = -1;
+          release(bar_dq_full(buf));
+        }
       }
       break;
     }
@@ -481,14 +513,19 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
       wgmma_commit();
 
       // dQ sub-tile = dS K: needs both warpgroups' dS^T (generic-proxy stores fenced for the
-      // tensor cores, then the consumers' barrier).
+      // tensor cores, then the consumers' barrier); kSplit: this warpgroup's own keys only, so
+      // its own dS^T and a barrier of its 128 threads.
       fence_proxy_async_smem();
-      named_barrier_sync(kBwdTmaBarDsReady, kCThreads);
+      if constexpr (kSplit)
+        named_barrier_sync(kBwdTmaBarDsReadyWg + wg, 128);
+      else
+        named_barrier_sync(kBwdTmaBarDsReady, kCThreads);
       float dq[8][4];
       const uint32_t ds_off = ds_buf * Traits::kTileDsBytes;
+      constexpr int kDqKSteps = (kSplit ? 64 : kBlockN) / 16;
       wgmma_fence();
 #pragma unroll
-      for (int kt = 0; kt < kBlockN / 16; ++kt)
+      for (int kt = 0; kt < kDqKSteps; ++kt)
         Mma::ss_trans_ab(dq, wgmma_desc_advance(desc_ds, ds_off + kt * 16 * 128),
                          wgmma_desc_advance(desc_k_cols, kt * 16 * 128), /*accumulate=*/kt > 0);
       wgmma_commit();
@@ -510,7 +547,35 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         // atomics completed instead of waiting for them.
         if (it > 0) dq_strip_arrive(strips.counter(p, ws, it - 1), lane);
       }
-      if constexpr (kDqWarp) {
+      if constexpr (kSplit) {
+        // The two partial sums of the block's one sub-tile, in the accumulator's order
+        // (consecutive threads, consecutive float4: no bank conflicts), in buffer buf: the other
+        // warpgroup stores its own once the dQ warp has read the buffer and arrives on
+        // "partial"; warpgroup buf adds its own to it (each thread reads and writes the same
+        // float4s), then hands the buffer to the dQ warp as below.
+        const int buf = dq_buf(dq_fills);
+        float4* const sdq = reinterpret_cast<float4*>(smem_raw + (sDqStage - raw) + buf * Traits::kDqStageBytes);
+        if (buf == wg) {
+          mbarrier_wait(bar_dq_partial(buf), dq_free_parity(dq_fills) ^ 1u);
+#pragma unroll
+          for (int q = 0; q < 8; ++q) {
+            const float4 o = sdq[q * 128 + ctid % 128];
+            sdq[q * 128 + ctid % 128] = make_float4(o.x + dq[q][0] * scale, o.y + dq[q][1] * scale,
+                                                    o.z + dq[q][2] * scale, o.w + dq[q][3] * scale);
+          }
+          if ((ctid & 127) == 0) dq_slot[buf] = (b * p.heads_q + head) * (ws.dq_rows / kBlockM) + m_block;
+          fence_proxy_async_smem();  // this thread's stores, for the copy engine
+          release(bar_dq_full(buf));
+        } else {
+          mbarrier_wait(bar_dq_empty(buf), dq_free_parity(dq_fills));
+#pragma unroll
+          for (int q = 0; q < 8; ++q)
+            sdq[q * 128 + ctid % 128] =
+                make_float4(dq[q][0] * scale, dq[q][1] * scale, dq[q][2] * scale, dq[q][3] * scale);
+          release(bar_dq_partial(buf));
+        }
+        ++dq_fills;
+      } else if constexpr (kDqWarp) {
         // The sub-tile into this warpgroup's half of the buffer, in the accumulator's order
         // (consecutive threads, consecutive float4: no bank conflicts), for the dQ warp.
         const int buf = dq_buf(dq_fills);
@@ -572,7 +637,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     // them before the first barrier), written by rows. kDqWarp: after the dQ warp has read
     // every dQ buffer (they share the space): the barrier of each buffer's next fill, as that
     // fill would wait on it.
-    if constexpr (kDqWarp) {
+    if constexpr (kDqWarp && !Traits::kDqOwnStage) {
 #pragma unroll
       for (uint32_t i = 0; i < kDqBuffers; ++i)
         mbarrier_wait(bar_dq_empty(dq_buf(dq_fills + i)), dq_free_parity(dq_fills + i));
