@@ -22,14 +22,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from cudnn_fwd import time_ms  # the same CUDA-event median as the forward peer (this folder)
 
 
-def rows(seqlens):
+def rows(seqlens, head_dims=(64, 128)):
     out = []
-    for d in (64, 128):
+    for d in head_dims:
         for causal in (False, True):
             for s in seqlens:
                 out.append((16384 // s, 2048 // d, s, d, causal, 0.0))
-    out.append((64, 12, 512, 64, True, 0.1))
-    out.append((64, 12, 512, 64, True, 0.0))
+    if 64 in head_dims:
+        out.append((64, 12, 512, 64, True, 0.1))
+        out.append((64, 12, 512, 64, True, 0.0))
     return out
 
 
@@ -75,6 +76,7 @@ def main():
     ap.add_argument("--out", default=".")
     ap.add_argument("--min-time-s", type=float, default=0.3)
     ap.add_argument("--seqlens", default="512,1024,2048,4096,8192,16384")
+    ap.add_argument("--head-dims", default="64,128", help="the head dims of the table's rows (the model rows with 64)")
     ap.add_argument("--ours", help="the CLI's attention_cuda.csv: print the joined table too")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -87,7 +89,8 @@ def main():
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; cuDNN {torch.backends.cudnn.version()}")
     print(f"bf16 matmul 8192^3: {peak:.1f} TFLOP/s")
     results = []
-    for batch, heads, s, d, causal, dropout in rows([int(x) for x in args.seqlens.split(",")]):
+    for batch, heads, s, d, causal, dropout in rows([int(x) for x in args.seqlens.split(",")],
+                                                      tuple(int(x) for x in args.head_dims.split(","))):
         try:
             ms, tf, err = backward_row(SDPBackend.CUDNN_ATTENTION, "cuDNN", batch, heads, s, d, causal, dropout,
                                        args.min_time_s)

@@ -54,9 +54,16 @@
 #               initcheck of its small shapes, `flashgpt bench attention --head-dim 96` and 32 up to
 #               s 4096 with the mma.sync and the padded wgmma backward on the same rows, FA2's
 #               backward (torch SDPA) beside them, and the table bwdpad.md (docs/attention_gpu.md)
+#   tma64       (about 200 s, at most 275 s) the d64 variant of the TMA backward
+#               (FLASHGPT_ATTN_BWD_TMA64_VARIANT=1: 64-query blocks, four stages, two dQ buffers):
+#               its tests and BackwardPipelineShapes, TmaBackwardMatchesWgmma under it, memcheck of
+#               small shapes through it, `flashgpt bench attention --head-dim 64` s 512 .. 4096
+#               causal and not plus the model shape (64 x 12, s 512, causal, dropout 0.1 and 0) with
+#               wgmma and TMA with the switch off and TMA with it on, cuDNN's backward on the same
+#               rows, and the joined table tma64.md (docs/attention_gpu.md)
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
 # (decode.txt, bwd_table.md, dq_fused.md, profile.txt, tiles128.md, tiles64.md, dqwarp.md,
-# bwdpad.md) and pending_logs.tgz.
+# bwdpad.md, tma64.md) and pending_logs.tgz.
 set -uo pipefail
 R=$(cd "$(dirname "$0")/../.." && pwd)
 PKG=$R/.gpu/pending
@@ -191,6 +198,53 @@ for k in order:
           f"{q(dw, t)} | {q(dw, cu)} |")
 PY
       ;;
+    tma64)  # the tests first, then the bench with the switch off and on, cuDNN, the table
+      step tma64_tests 120 env FLASHGPT_ATTN_BWD_TMA64_VARIANT=1 "$B/attention_cuda_test" \
+        --gtest_filter='*64Variant*:*BackwardPipelineShapes*:*TmaBackwardMatchesWgmma*:*ReportsKernels*'
+      step tma64_memcheck 30 env FLASHGPT_ATTN_BWD_TMA64_VARIANT=1 \
+        compute-sanitizer --tool memcheck --error-exitcode 9 "$B/attention_cuda_test" \
+        --gtest_filter='*64VariantForSanitizer*'
+      # Off: wgmma and the TMA backward with its dQ warp; on: TMA, which is then the variant (its
+      # wgmma rows would be the same kernel).
+      step bench_tma64v0 45 env FLASHGPT_ATTN_BWD_TMA64_VARIANT=0 "$B/flashgpt" bench attention --device cuda \
+        --head-dim 64 --min-seqlen 512 --max-seqlen 4096 --min-time 0.05 --bwd-kernels wgmma,tma --out "$L/attn_tma64v0"
+      step bench_tma64v1 35 env FLASHGPT_ATTN_BWD_TMA64_VARIANT=1 "$B/flashgpt" bench attention --device cuda \
+        --head-dim 64 --min-seqlen 512 --max-seqlen 4096 --min-time 0.05 --bwd-kernels tma --out "$L/attn_tma64v1"
+      step cudnn_bwd_tma64 45 python3 "$R/bench/attention_gpu/cudnn_bwd.py" --out "$L/cudnn_tma64" \
+        --seqlens 512,1024,2048,4096 --head-dims 64 --min-time-s 0.05
+      python3 - "$L" <<'PY' 2>&1 | tee "$OUT/tma64.md" | tee -a "$S"
+import csv, os, sys
+L = sys.argv[1]
+def key(r):
+    return (int(r["batch"]), int(r["heads"]), int(r["seqlen"]), int(r["head_dim"]), int(r["causal"]),
+            round(float(r["dropout"]), 3))
+def load(path):
+    return list(csv.DictReader(open(path))) if os.path.exists(path) else []
+ours, order = {}, []
+for name in ("attn_tma64v0", "attn_tma64v1"):
+    for r in load(f"{L}/{name}/attention_cuda.csv"):
+        k = key(r)
+        if k not in ours:
+            ours[k] = {}
+            order.append(k)
+        ours[k][r["bwd_kernel"]] = float(r["bwd_tflops"])
+cudnn = {key(r): float(r["bwd_tflops"]) for r in load(f"{L}/cudnn_tma64/cudnn_bwd.csv") if r["bwd_tflops"]}
+f = lambda x: "-" if x is None else f"{x:.1f}"
+q = lambda x, y: "-" if x is None or not y else f"{x / y:.3f}"
+print("d64 backward TFLOP/s: the TMA backward's d64 variant (FLASHGPT_ATTN_BWD_TMA64_VARIANT=1), the TMA")
+print("backward with its dQ warp, the wgmma backward and cuDNN (torch SDPA); the variant's ratios\n")
+print("| batch x heads | seqlen | causal | dropout | variant | TMA | wgmma | cuDNN | variant / wgmma | "
+      "variant / TMA | variant / cuDNN | wgmma / cuDNN |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+for k in order:
+    b, h, s, d, c, p = k
+    row = ours[k]
+    w, t, v = row.get("wgmma"), row.get("wgmma-tma+dqwarp"), row.get("wgmma-tma+dqwarp+tma64v")
+    cu = cudnn.get(k)
+    print(f"| {b} x {h} | {s} | {'yes' if c else 'no'} | {p:g} | {f(v)} | {f(t)} | {f(w)} | {f(cu)} | "
+          f"{q(v, w)} | {q(v, t)} | {q(v, cu)} | {q(w, cu)} |")
+PY
+      ;;
     switches)
       OUT=$OUT BINS_DIR=$B DEADLINE=${SWITCHES_DEADLINE:-400} bash "$R/bench/model/ab_switches.sh" >"$L/switches.log" 2>&1 || status=1
       cat "$OUT/ab/summary.txt" >>"$S" 2>/dev/null
@@ -314,7 +368,7 @@ for k in sorted({k for k, _ in ours}, key=lambda k: (-k[0], k[1], k[2])):
 PY
       ;;
     *) echo "unknown part '$part' (decode, attnall, attn_tests, attn_bench, tiles128, tiles64, dqwarp, bwdpad," \
-         "switches, fixes, engine, attnproj, overlap, gentests, torchdecode, decodefix, gemvmma)"; status=1 ;;
+         "switches, fixes, engine, attnproj, overlap, gentests, torchdecode, decodefix, gemvmma, tma64)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done

@@ -459,8 +459,12 @@ TEST(AttentionCuda, ReportsKernels) {
     };
     const bool bwd_tma_forced = env_is("FLASHGPT_ATTN_BWD_KERNEL", "tma");
     const bool bwd_wgmma_forced = env_is("FLASHGPT_ATTN_BWD_KERNEL", "wgmma");
-    const bool tma_by_default = d == 128 && !bwd_wgmma_forced && !env_is("FLASHGPT_ATTN_BWD_DQ_WARP", "0") &&
-                                !env_is("FLASHGPT_ATTN_BWD_FUSED_CONVERT", "1");
+    // With FLASHGPT_ATTN_BWD_TMA64_VARIANT=1, also d64 (its variant), with dropout too.
+    const bool dq_warp_on =
+        !env_is("FLASHGPT_ATTN_BWD_DQ_WARP", "0") && !env_is("FLASHGPT_ATTN_BWD_FUSED_CONVERT", "1");
+    const bool tma64_variant =
+        d == 64 && !bwd_wgmma_forced && dq_warp_on && env_is("FLASHGPT_ATTN_BWD_TMA64_VARIANT", "1");
+    const bool tma_by_default = (d == 128 && !bwd_wgmma_forced && dq_warp_on) || tma64_variant;
     // d32 and d96 take the padded wgmma backward unless FLASHGPT_ATTN_BWD_PADDED=0.
     const bool padded_dim = (d == 32 || d == 96) && !env_is("FLASHGPT_ATTN_BWD_PADDED", "0");
     if (bwd_forced || !(hopper_dim || padded_dim)) {
@@ -473,9 +477,9 @@ TEST(AttentionCuda, ReportsKernels) {
       EXPECT_TRUE(bwd == "wgmma" || bwd == "mma.sync") << bwd;
     }
     // Dropout takes the same kernel, except that the default TMA backward (d128) leaves dropout
-    // calls to the wgmma kernel (not timed with dropout).
+    // calls to the wgmma kernel (not timed with dropout); the d64 variant takes them.
     const std::string_view bwd_dropout = attention_cuda_backward_kernel(with_dropout);
-    if (tma_by_default && !bwd_tma_forced && bwd == "wgmma-tma") {
+    if (tma_by_default && !tma64_variant && !bwd_tma_forced && bwd == "wgmma-tma") {
       EXPECT_EQ(bwd_dropout, "wgmma") << "head_dim " << d;
     } else {
       EXPECT_EQ(bwd_dropout, bwd) << "head_dim " << d;
@@ -1067,6 +1071,7 @@ class ForcedSwitch {
 using ForcedFusedDqConvert = ForcedSwitch<attention_cuda_force_fused_dq_convert>;
 using ForcedBackwardPadded = ForcedSwitch<attention_cuda_force_backward_padded>;  // d32, d96
 using ForcedDqWarp = ForcedSwitch<attention_cuda_force_backward_dq_warp>;  // the TMA backward's dQ warp
+using ForcedTma64Variant = ForcedSwitch<attention_cuda_force_backward_tma64_variant>;  // its d64 variant
 
 // Params that say which backward a dense (or, with cu_seqlens set, varlen) call of head_dim takes.
 AttentionParams probe_params(int head_dim, bool varlen) {
@@ -1406,6 +1411,138 @@ TEST(AttentionCuda, TmaBackwardDqWarpForSanitizer) {
              Determinism::fast, 5, /*compare=*/false);
   }
   if (!ran) GTEST_SKIP() << "no TMA backward in this build or on this device";
+}
+
+// Params of a dense d64 call with this dropout, for the kernel-choice queries.
+AttentionParams probe_params_dropout(float dropout) {
+  AttentionParams p = probe_params(64, false);
+  p.dropout_p = dropout;
+  return p;
+}
+
+// Runs a case through the d64 TMA variant (the caller has switched it on; against the fp64
+// reference unless compare is false) and through the wgmma kernel, forced in turn, same inputs
+// and seed: gradients within 4 units in the last place (dQ's fp32 sums add in another order).
+void expect_tma64_variant_matches_wgmma(const AttentionCase& c, bool compare = true) {
+  SCOPED_TRACE(c.name);
+  Outputs variant, wgmma;
+  {
+    const ForcedBackwardKernel forced("tma");
+    ASSERT_TRUE(attention_cuda_backward_tma64_variant(probe_params_dropout(c.shape.dropout_p)));
+    variant = run_case(c, /*backward=*/true, Determinism::fast, 31, compare);
+  }
+  {
+    const ForcedBackwardKernel forced("wgmma");
+    ASSERT_FALSE(attention_cuda_backward_tma64_variant(probe_params_dropout(c.shape.dropout_p)));
+    wgmma = run_case(c, /*backward=*/true, Determinism::fast, 31, /*compare=*/false);
+  }
+  EXPECT_TRUE(all_finite(variant.dq) && all_finite(variant.dk) && all_finite(variant.dv))
+      << "non-finite or unwritten gradients";
+  expect_same_gradients(variant, wgmma, c.dtype, c.name + " tma64 variant vs wgmma");
+}
+
+// The d64 variant of the TMA backward (FLASHGPT_ATTN_BWD_TMA64_VARIANT: 64-query blocks, a ring
+// of four stages, two dQ buffers whose partial sums the warpgroups meet in): when it applies
+// (the switch, the dQ warp, no fused convert, dense, fast mode; by default for d64 calls with
+// and without dropout, never where another kernel is forced), then against the fp64 reference
+// and the wgmma kernel: query-block counts 1 to 6 and past (lengths 1, 17, 64, 127, 128, 129,
+// 255, 257, 320, 385, 1000), causal with seqlen_q != seqlen_k both ways, causal and not, GQA,
+// dropout, both dtypes; then 12 x 2 kv heads x 8 key blocks = 192 tiles (every CTA takes several
+// and its dQ buffers turn over across tiles), with and without dropout; deterministic mode keeps
+// the plain kernel, bit for bit.
+TEST(AttentionCuda, TmaBackward64VariantMatchesWgmma) {
+  if (mma_sync_pass()) GTEST_SKIP() << "forces the Hopper backwards; runs in the other passes";
+  if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP() << "d64 not compiled";
+  EXPECT_THROW(attention_cuda_force_backward_tma64_variant(2), flashgpt::Error);
+  EXPECT_THROW(attention_cuda_force_backward_tma64_variant(-2), flashgpt::Error);
+  const ForcedFusedDqConvert separate(false);
+  const ForcedDqWarp warp(true);
+  {
+    const ForcedBackwardKernel forced("tma");
+    if (std::string_view(attention_cuda_backward_kernel(64)) != "wgmma-tma")
+      GTEST_SKIP() << "no TMA backward in this build or on this device";
+  }
+  {
+    const ForcedTma64Variant off(false);
+    const ForcedBackwardKernel forced("tma");
+    EXPECT_FALSE(attention_cuda_backward_tma64_variant(probe_params(64, false))) << "switched off";
+  }
+  const ForcedTma64Variant on(true);
+  {
+    const ForcedBackwardKernel automatic("");
+    EXPECT_STREQ(attention_cuda_backward_kernel(probe_params_dropout(0.1f)), "wgmma-tma") << "d64 dropout";
+    EXPECT_TRUE(attention_cuda_backward_tma64_variant(probe_params_dropout(0.1f)));
+    EXPECT_TRUE(attention_cuda_backward_tma64_variant(probe_params(64, false)));
+    EXPECT_FALSE(attention_cuda_backward_tma64_variant(probe_params(64, /*varlen=*/true))) << "varlen: wgmma";
+    if (attention_cuda_head_dim_compiled(128)) {
+      EXPECT_FALSE(attention_cuda_backward_tma64_variant(probe_params(128, false)));
+      AttentionParams d128_dropout = probe_params(128, false);
+      d128_dropout.dropout_p = 0.1f;
+      EXPECT_STREQ(attention_cuda_backward_kernel(d128_dropout), "wgmma") << "d128 dropout keeps its default";
+    }
+    {
+      const ForcedFusedDqConvert fused(true);
+      EXPECT_FALSE(attention_cuda_backward_tma64_variant(probe_params(64, false))) << "the fused convert";
+      EXPECT_STREQ(attention_cuda_backward_kernel(probe_params_dropout(0.1f)), "wgmma");
+    }
+    {
+      const ForcedDqWarp off(false);
+      EXPECT_FALSE(attention_cuda_backward_tma64_variant(probe_params(64, false))) << "the dQ warp off";
+    }
+  }
+  struct Lengths {
+    int sq, sk;
+  };
+  const std::vector<Lengths> lengths = {{1, 1},     {17, 17},   {64, 64},   {127, 127}, {128, 128},
+                                        {129, 129}, {255, 255}, {257, 257}, {320, 320}, {385, 385},
+                                        {200, 385}, {64, 385},  {300, 17},  {1000, 1000}};
+  int i = 0;
+  for (Mask mask : {Mask::none, Mask::causal})
+    for (const Lengths& l : lengths) {
+      const DType dtype = i % 3 == 2 ? DType::f16 : DType::bf16;
+      const float dropout = i % 4 == 1 ? 0.15f : 0.0f;
+      ++i;
+      expect_tma64_variant_matches_wgmma(lengths_case("tma64 variant", l.sq, l.sk, 64, mask, dtype, dropout));
+    }
+  // fp16 with dropout, causal, both ways of seqlen_q != seqlen_k.
+  for (const Lengths& l : std::vector<Lengths>{{200, 385}, {385, 200}, {257, 257}})
+    expect_tma64_variant_matches_wgmma(
+        lengths_case("tma64 variant dropout", l.sq, l.sk, 64, Mask::causal, DType::f16, 0.1f));
+  // 192 tiles, with and without dropout; one against the reference.
+  expect_tma64_variant_matches_wgmma(
+      {"tma64 variant many tiles dropout", dense(12, 1000, 1000, 4, 2, 64, Mask::causal, 0.1f), {}, DType::bf16},
+      /*compare=*/false);
+  expect_tma64_variant_matches_wgmma(
+      {"tma64 variant many tiles", dense(12, 1000, 1000, 4, 2, 64, Mask::none, 0.0f), {}, DType::f16});
+  // Deterministic mode: the plain TMA backward's semaphores and atomics, bit for bit.
+  const ForcedBackwardKernel forced("tma");
+  const AttentionCase det{"tma64 variant det", dense(12, 1000, 1000, 4, 2, 64, Mask::causal, 0.1f), {}, DType::bf16};
+  Outputs on_run, off_run;
+  on_run = run_case(det, true, Determinism::deterministic, 37, /*compare=*/false);
+  {
+    const ForcedTma64Variant off(false);
+    off_run = run_case(det, true, Determinism::deterministic, 37, /*compare=*/false);
+  }
+  EXPECT_TRUE(on_run.dq_bits == off_run.dq_bits) << "deterministic dQ differs with the d64 variant switched on";
+  EXPECT_TRUE(on_run.dk_bits == off_run.dk_bits && on_run.dv_bits == off_run.dv_bits);
+}
+
+// A few small shapes through the d64 TMA variant, for compute-sanitizer memcheck
+// (bench/pending/run.sh, part tma64):
+//   compute-sanitizer --tool memcheck attention_cuda_test --gtest_filter=*Tma64VariantForSanitizer*
+TEST(AttentionCuda, TmaBackward64VariantForSanitizer) {
+  if (mma_sync_pass()) GTEST_SKIP() << "forces the TMA backward; runs in the other passes";
+  if (!attention_cuda_head_dim_compiled(64)) GTEST_SKIP() << "d64 not compiled";
+  const ForcedFusedDqConvert separate(false);
+  const ForcedDqWarp warp(true);
+  const ForcedTma64Variant on(true);
+  const ForcedBackwardKernel forced("tma");
+  if (!attention_cuda_backward_tma64_variant(probe_params(64, false)))
+    GTEST_SKIP() << "no TMA backward in this build or on this device";
+  run_case({"tma64 small causal gqa dropout", dense(2, 70, 90, 4, 2, 64, Mask::causal, 0.2f), {}, DType::bf16}, true,
+           Determinism::fast, 5, /*compare=*/false);
+  run_case({"tma64 small", dense(3, 129, 300, 2, 1, 64, Mask::none, 0.0f), {}, DType::f16}, true, Determinism::fast,
+           5, /*compare=*/false);
 }
 
 TEST(AttentionCuda, LongSequence4097ForwardBackward) {
