@@ -60,7 +60,7 @@ using BwdTmaTraitsFor =
 // The d64 variant (plan.tma64_variant, FLASHGPT_ATTN_BWD_TMA64_VARIANT=1; always with the dQ
 // warp): query blocks of 64 rows, a ring of four stages, dS^T double-buffered, and two dQ
 // buffers of their own beside the staging of dK and dV (the warpgroups split each block's dQ
-// by keys and sum in them: BwdTmaTraits::kDqSplitKeys). About 195 KB of shared memory.
+// by keys and sum in them: BwdTmaTraits::kDqSplitKeys). 199 KiB of shared memory.
 template <typename Element>
 using BwdTma64VariantTraits = BwdTmaTraits<64, 64, 4, 2, Element>;
 

@@ -44,6 +44,14 @@
 //     it. The buffers live in the staging of dK and dV (kDqBuffers of them: one at d64, two at
 //     d128), so the consumers wait for every buffer's release before the epilogue; the next
 //     tile's first dQ store comes after a consumers' barrier, so after the copy-out's reads.
+//   - kDqSplitKeys (d64 with 64-query blocks, the d64 variant; always with kDqWarp): a query
+//     block's dQ is one 64 x 64 sub-tile, so each warpgroup multiplies only its own 64 keys'
+//     dS (its own dS^T rows: a barrier of its 128 threads, none between the warpgroups in the
+//     loop) by their K. Two dQ buffers of their own (not over the staging of dK and dV);
+//     buffer i is summed by warpgroup i: the other warpgroup stores its partial once the dQ
+//     warp has released the buffer and arrives on the buffer's "partial" mbarrier, warpgroup i
+//     waits on it, adds its own partial in place (each thread the float4s it stored into) and
+//     arrives on "dQ full" (its four warps), with the slot, as above.
 #pragma once
 
 #include "flash_bwd_kernel.cuh"
