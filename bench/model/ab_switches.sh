@@ -5,7 +5,7 @@
 #   SWITCHES="FLASHGPT_A=1 FLASHGPT_B=1" BINS_DIR=/tmp/pending_bins bash bench/model/ab_switches.sh
 # Steps in order of priority, each capped, the rest skipped when DEADLINE (seconds) is near:
 # model_cuda_ops_test (OPS_FILTER); model_cuda_test with the defaults and with every switch on
-# (MODEL_TESTS: "default all", the default, or fewer); the seed step (V = 100277, batch 64 x 512)
+# (MODEL_TESTS: "default all", the default, one of them, or none); the seed step (V = 100277, batch 64 x 512)
 # with the defaults, each switch alone (where SWITCHES names more than one), all on and each
 # setting of EXTRA alone;
 # torch.compile beside all on (TORCH_BESIDE, TORCH_VOCABS below; TORCH_VOCABS=none skips it); the per-op profile of all
