@@ -61,8 +61,14 @@
 #               causal and not plus the model shape (64 x 12, s 512, causal, dropout 0.1 and 0) with
 #               wgmma and TMA with the switch off and TMA with it on, cuDNN's backward on the same
 #               rows, and the joined table tma64.md (docs/attention_gpu.md)
+#   biasones    (about 280 s, at most 300 s) FLASHGPT_BIAS_ONES=1 (qkv_b's and fc_b's gradients out of
+#               the dW products over ln1 / ln2 stored with a ones column, docs/model_gpu.md): its
+#               kernel and product tests, the whole model_cuda_test with it on, then
+#               bench/model/ab_switches.sh (until 250 s): the seed step off / on interleaved, twice
+#               each, profiled once each (profile_biasones.txt), memcheck of its ops tests, V = 50257
+#               off / on where time is left; then model_cuda_test with the defaults
 # Everything goes to $OUT: summary.txt (every step's status and figures), the tables
-# (decode.txt, bwd_table.md, dq_fused.md, profile.txt, tiles128.md, tiles64.md, dqwarp.md,
+# (decode.txt, bwd_table.md, dq_fused.md, profile.txt, profile_biasones.txt, tiles128.md, tiles64.md, dqwarp.md,
 # bwdpad.md, tma64.md) and pending_logs.tgz.
 set -uo pipefail
 R=$(cd "$(dirname "$0")/../.." && pwd)
@@ -249,6 +255,19 @@ PY
       OUT=$OUT BINS_DIR=$B DEADLINE=${SWITCHES_DEADLINE:-400} bash "$R/bench/model/ab_switches.sh" >"$L/switches.log" 2>&1 || status=1
       cat "$OUT/ab/summary.txt" >>"$S" 2>/dev/null
       grep -E "^(all|default): profile:" "$OUT/ab/summary.txt" >"$OUT/profile.txt" 2>/dev/null ;;
+    biasones)  # the tests first (a call cut short keeps them), then the A/B through ab_switches.sh
+      t0=$SECONDS
+      ops_filter='*BiasOnes*:SplitWeightBiasGrad*:*StridedOutput*:*EntryPointsRejectBadArguments*'
+      step biasones_ops_tests 60 "$B/model_cuda_ops_test" --gtest_filter="$ops_filter"
+      step biasones_model_tests 120 env FLASHGPT_BIAS_ONES=1 "$B/model_cuda_test"
+      OUT=$OUT/biasones BINS_DIR=$B SWITCHES=FLASHGPT_BIAS_ONES=1 OPS_FILTER='-*' MODEL_TESTS=none TORCH_VOCABS=none \
+        MEMCHECK_FILTER='SplitWeightBiasGrad*:*StridedOutput*:*BiasOnesProducts*/0:*BiasOnesProducts*/1' \
+        DEADLINE=$((250 - (SECONDS - t0))) bash "$R/bench/model/ab_switches.sh" >"$L/biasones.log" 2>&1 || status=1
+      cat "$OUT/biasones/ab/summary.txt" >>"$S" 2>/dev/null
+      grep -E "^(all|default): profile:" "$OUT/biasones/ab/summary.txt" >"$OUT/profile_biasones.txt" 2>/dev/null
+      left=$((300 - (SECONDS - t0))); [ $left -gt 60 ] && left=60
+      # The defaults' suite last (the LayerNorm forwards and products it runs took new arguments).
+      if [ $left -ge 10 ]; then step biasones_default_tests $left "$B/model_cuda_test"; fi ;;
     fixes)
       step decode_path_tests 60 "$B/generate_inference_cuda_test" \
         --gtest_filter='*AttnProjPathMatchesFused*:*Layer3PathMatchesFused*:*FirstCallRightAfterConstruction*'
@@ -368,10 +387,10 @@ for k in sorted({k for k, _ in ours}, key=lambda k: (-k[0], k[1], k[2])):
 PY
       ;;
     *) echo "unknown part '$part' (decode, attnall, attn_tests, attn_bench, tiles128, tiles64, dqwarp, bwdpad," \
-         "switches, fixes, engine, attnproj, overlap, gentests, torchdecode, decodefix, gemvmma, tma64)"; status=1 ;;
+         "switches, biasones, fixes, engine, attnproj, overlap, gentests, torchdecode, decodefix, gemvmma, tma64)"; status=1 ;;
   esac
   echo "== part $part done at $((SECONDS - start)) s" | tee -a "$S"
 done
-tar -czf "$OUT/pending_logs.tgz" -C "$OUT" logs $(cd "$OUT" && ls -d decode ab attnproj 2>/dev/null) &&
-  rm -rf "$L" "$OUT/decode" "$OUT/ab" "$OUT/attnproj"
+tar -czf "$OUT/pending_logs.tgz" -C "$OUT" logs $(cd "$OUT" && ls -d decode ab attnproj biasones 2>/dev/null) &&
+  rm -rf "$L" "$OUT/decode" "$OUT/ab" "$OUT/attnproj" "$OUT/biasones"
 exit $status

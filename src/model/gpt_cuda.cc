@@ -96,6 +96,15 @@ constexpr bool kLnBiasGradDefault = true;
 // since the H100 call of 2026-12-07 that timed it: qkv's dW 3.25 -> 2.28 ms a step, its column
 // sums +0.79, the step 74.53 -> 74.14 ms. FLASHGPT_BGRADB=1 takes the epilogue again.
 constexpr bool kBgradbDefault = false;
+// FLASHGPT_BIAS_ONES=1 (fast mode; deterministic mode keeps column_sum): qkv_b's and fc_b's
+// gradients come out of their dW products instead of column_sum passes over dqkv and dpre.
+// ln1(l) and ln2(l) are stored with rows C + 8 apart, column C holding 1 and the next seven
+// 0 (written once, at allocation; the LayerNorm kernels write columns below C only), so the
+// product dY^T [x | 1 | 0 ...] (out, C + 8) into dw_ext_ carries the bias gradient in its
+// column C; split_weight_bias_grad adds its parts into the gradients, whose layout stays.
+// The forward products read x with k = C and that row stride. Takes precedence over
+// FLASHGPT_BGRADB=1 for qkv_b. Off until timed on an H100 (bench/pending/run.sh biasones).
+constexpr bool kBiasOnesDefault = false;
 constexpr int kClassifierGridDefault = 1;
 // FLASHGPT_OVERLAP: work off the step's critical path on a second stream (docs/model_gpu.md,
 // "v9"). 0: one stream. 1: the classifier's softmax of chunk c (memory-bound) runs on the
@@ -205,13 +214,14 @@ class GptCuda final : public GptModel {
 
   // Activations of layer l (rows of N_max tokens per layer).
   float* resid(int64_t i) const { return resid_ + i * n_max_ * C_; }  // i in 0..2L
-  bf16* ln1(int64_t l) const { return ln1_ + l * n_max_ * C_; }
+  // ln1 and ln2 rows are ln_ld_ apart (C, or C + 8 with bias_ones_).
+  bf16* ln1(int64_t l) const { return ln1_ + l * n_max_ * ln_ld_; }
   float* ln1_mean(int64_t l) const { return ln1_stats_ + (2 * l) * n_max_; }
   float* ln1_rstd(int64_t l) const { return ln1_stats_ + (2 * l + 1) * n_max_; }
   bf16* qkv(int64_t l) const { return qkv_ + l * n_max_ * 3 * C_; }
   bf16* atty(int64_t l) const { return atty_ + l * n_max_ * C_; }
   float* lse(int64_t l) const { return lse_ + l * n_max_ * NH_; }
-  bf16* ln2(int64_t l) const { return ln2_ + l * n_max_ * C_; }
+  bf16* ln2(int64_t l) const { return ln2_ + l * n_max_ * ln_ld_; }
   float* ln2_mean(int64_t l) const { return ln2_stats_ + (2 * l) * n_max_; }
   float* ln2_rstd(int64_t l) const { return ln2_stats_ + (2 * l + 1) * n_max_; }
   bf16* pre(int64_t l) const { return pre_ + l * n_max_ * F_; }
@@ -258,6 +268,10 @@ class GptCuda final : public GptModel {
   };
   void weight_and_bias_grad(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N, int64_t in,
                             int64_t out, Lane lane);
+  // The same for x a LayerNorm output with its ones column (bias_ones_): dy^T [x | 1 | 0 ...]
+  // into dw_ext_, then split into the two gradients, on `lane`.
+  void weight_and_bias_grad_ones(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N,
+                                 int64_t out, Lane lane);
   // The projection's weight gradient, and its bias gradient unless the LayerNorm backward
   // that wrote dy summed it (ln_bias_grad_).
   void projection_grad(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N, int64_t in,
@@ -354,12 +368,12 @@ class GptCuda final : public GptModel {
   float *params_ = nullptr, *grads_ = nullptr;
   bf16* params_bf16_ = nullptr;
   float* resid_ = nullptr;                 // (2L + 1, N, C) the residual stream, fp32
-  bf16* ln1_ = nullptr;                    // (L, N, C)
+  bf16* ln1_ = nullptr;                    // (L, N, ln_ld_)
   float* ln1_stats_ = nullptr;             // (L, 2, N) mean, rstd
   bf16* qkv_ = nullptr;                    // (L, N, 3C)
   bf16* atty_ = nullptr;                   // (L, N, C) attention output
   float* lse_ = nullptr;                   // (L, B, NH, T)
-  bf16* ln2_ = nullptr;                    // (L, N, C)
+  bf16* ln2_ = nullptr;                    // (L, N, ln_ld_)
   float* ln2_stats_ = nullptr;             // (L, 2, N)
   bf16* pre_ = nullptr;                    // (L, N, F) fc pre-activation
   bf16* gelu_ = nullptr;                   // (L, N, F) gelu(pre)
@@ -379,6 +393,7 @@ class GptCuda final : public GptModel {
   float* ln_partial_ = nullptr;            // LayerNorm backward partial sums
   float* col_partial_ = nullptr;           // column-sum partial sums
   float* dbias_ = nullptr;                 // (L (5C + F)) bias gradients from cuBLASLt's epilogues
+  float* dw_ext_ = nullptr;                // (max(3C, F), C + 8) bias_ones_' weight products, else unused
   double* norm_partial_ = nullptr;
   double* d_result_ = nullptr;             // [0] loss sum, [1] sum of squared gradients
   void* attn_ws_ = nullptr;
@@ -406,6 +421,9 @@ class GptCuda final : public GptModel {
   bool ln_bias_grad_ = false;
   // Bias gradients may come from cuBLASLt's BGRADB epilogue (fast mode); else column_sum.
   bool bgradb_ = true;
+  // qkv_b's and fc_b's gradients from the ones column of ln1 / ln2 (kBiasOnesDefault).
+  bool bias_ones_ = false;
+  int64_t ln_ld_ = 0;
   std::vector<StepGraph> graphs_;
   uint64_t* d_step_ = nullptr;
   uint64_t* h_step_ = nullptr;
@@ -439,12 +457,12 @@ void GptCuda::carve_device(Carver& c, size_t col_partial) {
   c.take(grads_, P);
   c.take(params_bf16_, P);
   c.take(resid_, size_t(2 * L + 1) * N * C);
-  c.take(ln1_, size_t(L) * N * C);
+  c.take(ln1_, size_t(L) * N * ln_ld_);
   c.take(ln1_stats_, size_t(L) * 2 * N);
   c.take(qkv_, size_t(L) * N * 3 * C);
   c.take(atty_, size_t(L) * N * C);
   c.take(lse_, size_t(L) * N * NH);
-  c.take(ln2_, size_t(L) * N * C);
+  c.take(ln2_, size_t(L) * N * ln_ld_);
   c.take(ln2_stats_, size_t(L) * 2 * N);
   c.take(pre_, size_t(L) * N * F);
   c.take(gelu_, size_t(L) * N * F);
@@ -468,6 +486,7 @@ void GptCuda::carve_device(Carver& c, size_t col_partial) {
   c.take(ln_partial_, ln_partial_floats_);
   c.take(col_partial_, col_partial);
   c.take(dbias_, size_t(L) * (5 * C + F));
+  c.take(dw_ext_, bias_ones_ ? size_t(std::max(3 * C, F)) * ln_ld_ : 0);
   c.take(norm_partial_, model_cuda::sum_squares_partial_doubles());
   c.take(d_result_, 4);
   char* ws = nullptr;
@@ -551,6 +570,9 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
   overlap_softmax_sms_ = env_overlap_softmax_sms();
   const int overlap_gemm_sms = overlap_ >= 1 ? env_overlap_gemm_sms() : 0;
 
+  bias_ones_ = env_switch("FLASHGPT_BIAS_ONES", kBiasOnesDefault) && !options_.deterministic;
+  ln_ld_ = bias_ones_ ? C_ + 8 : C_;
+
   // Sizes of the workspaces.
   const int64_t rows_total = n_max_;
   const int64_t row_bytes = Vp_ * 2;
@@ -614,6 +636,10 @@ GptCuda::GptCuda(const ModelConfig& config, const ModelOptions& options) : confi
   }
   matmul_ = std::make_unique<model_cuda::Matmul>(kCublasWorkspaceBytes, options_.deterministic);
   FLASHGPT_CUDA_CHECK(cudaMemsetAsync(device_block_, 0, device_bytes_, stream_));
+  if (bias_ones_) {  // every row of every layer, once: nothing else writes those columns
+    model_cuda::write_ones_column(ln1_, L_ * n_max_, static_cast<int>(C_), ln_ld_, stream_);
+    model_cuda::write_ones_column(ln2_, L_ * n_max_, static_cast<int>(C_), ln_ld_, stream_);
+  }
   FLASHGPT_CUDA_CHECK(cudaStreamSynchronize(stream_));
   adam_state_shard(adam_begin_, adam_end_);  // allocates the moments (none yet)
   if (profile_) {
@@ -861,20 +887,21 @@ void GptCuda::forward(int64_t B, int64_t T, bool train, StepRng rng) {
                               static_cast<int>(T), C, site(rng, 0, train), stream_);
   mark("encoder fwd");
   model_cuda::layernorm_forward(ln1(0), ln1_mean(0), ln1_rstd(0), resid(0), param(ParamKind::ln1_w, 0),
-                                param(ParamKind::ln1_b, 0), N, C, stream_);
+                                param(ParamKind::ln1_b, 0), N, C, stream_, ln_ld_);
   mark("layernorm fwd");
-  // out = in + dropout(y_) at residual site `s`, then the LayerNorm that reads it: fused, or
-  // the two ops in turn (fuse_residual_ln_).
-  const auto residual_then_norm = [&](float* out, const float* in, int64_t s, bf16* ln, float* mean, float* rstd,
-                                      const float* w, const float* b) {
+  // out = in + dropout(y_) at residual site `s`, then the LayerNorm that reads it, its rows
+  // ld apart: fused, or the two ops in turn (fuse_residual_ln_).
+  const auto residual_then_norm = [&](float* out, const float* in, int64_t s, bf16* ln, int64_t ld, float* mean,
+                                      float* rstd, const float* w, const float* b) {
     if (fuse_residual_ln_) {
-      model_cuda::residual_layernorm_forward(out, ln, mean, rstd, in, y_, w, b, N, C, site(rng, s, train), stream_);
+      model_cuda::residual_layernorm_forward(out, ln, mean, rstd, in, y_, w, b, N, C, site(rng, s, train), stream_,
+                                             ld);
       mark("residual+layernorm fwd");
       return;
     }
     model_cuda::residual_forward(out, in, y_, N, C, site(rng, s, train), stream_);
     mark("residual fwd");
-    model_cuda::layernorm_forward(ln, mean, rstd, out, w, b, N, C, stream_);
+    model_cuda::layernorm_forward(ln, mean, rstd, out, w, b, N, C, stream_, ld);
     mark("layernorm fwd");
   };
   for (int64_t l = 0; l < L_; ++l) {
@@ -882,28 +909,28 @@ void GptCuda::forward(int64_t B, int64_t T, bool train, StepRng rng) {
     float* x_mid = resid(2 * l + 1);
     float* x_out = resid(2 * l + 2);
     matmul_->forward(qkv(l), ln1(l), weight(ParamKind::qkv_w, l), N, C_, 3 * C_, Epilogue::bias,
-                     weight(ParamKind::qkv_b, l), nullptr, stream_);
+                     weight(ParamKind::qkv_b, l), nullptr, stream_, ln_ld_);
     mark("mm qkv");
     attention_forward_cuda(attention_params(l, B, T, train, rng), stream_);
     mark("attention fwd");
     matmul_->forward(y_, atty(l), weight(ParamKind::attn_proj_w, l), N, C_, C_, Epilogue::bias,
                      weight(ParamKind::attn_proj_b, l), nullptr, stream_);
     mark("mm attn proj");
-    residual_then_norm(x_mid, x_in, 1 + 2 * l, ln2(l), ln2_mean(l), ln2_rstd(l), param(ParamKind::ln2_w, l),
-                       param(ParamKind::ln2_b, l));
+    residual_then_norm(x_mid, x_in, 1 + 2 * l, ln2(l), ln_ld_, ln2_mean(l), ln2_rstd(l),
+                       param(ParamKind::ln2_w, l), param(ParamKind::ln2_b, l));
     matmul_->forward(gelu(l), ln2(l), weight(ParamKind::fc_w, l), N, C_, F_, Epilogue::gelu_aux_bias,
-                     weight(ParamKind::fc_b, l), pre(l), stream_);
+                     weight(ParamKind::fc_b, l), pre(l), stream_, ln_ld_);
     mark("mm fc+gelu");
     matmul_->forward(y_, gelu(l), weight(ParamKind::fc_proj_w, l), N, F_, C_, Epilogue::bias,
                      weight(ParamKind::fc_proj_b, l), nullptr, stream_);
     mark("mm fc proj");
     // The next LayerNorm: the next layer's first, or the final one.
     if (l + 1 < L_) {
-      residual_then_norm(x_out, x_mid, 2 + 2 * l, ln1(l + 1), ln1_mean(l + 1), ln1_rstd(l + 1),
+      residual_then_norm(x_out, x_mid, 2 + 2 * l, ln1(l + 1), ln_ld_, ln1_mean(l + 1), ln1_rstd(l + 1),
                          param(ParamKind::ln1_w, l + 1), param(ParamKind::ln1_b, l + 1));
     } else {
-      residual_then_norm(x_out, x_mid, 2 + 2 * l, lnf_, lnf_stats_, lnf_stats_ + n_max_, param(ParamKind::lnf_w),
-                         param(ParamKind::lnf_b));
+      residual_then_norm(x_out, x_mid, 2 + 2 * l, lnf_, C_, lnf_stats_, lnf_stats_ + n_max_,
+                         param(ParamKind::lnf_w), param(ParamKind::lnf_b));
     }
   }
 }
@@ -1036,10 +1063,14 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
     matmul_->backward_input(dpre_, dy_, weight(ParamKind::fc_proj_w, l), N, F_, C_, Epilogue::dgelu, pre(l), stream_);
     mark("mm dX fc proj+dgelu");
     to_off();
-    off.matmul->backward_weight(grad(ParamKind::fc_w, l), dpre_, ln2(l), N, C_, F_, off.stream);
-    mark("mm dW fc");
-    model_cuda::column_sum(grad(ParamKind::fc_b, l), col_partial_, dpre_, N, static_cast<int>(F_), off.stream);
-    mark("bias grad");
+    if (bias_ones_) {
+      weight_and_bias_grad_ones(ParamKind::fc_w, ParamKind::fc_b, l, dpre_, ln2(l), N, F_, off);
+    } else {
+      off.matmul->backward_weight(grad(ParamKind::fc_w, l), dpre_, ln2(l), N, C_, F_, off.stream);
+      mark("mm dW fc");
+      model_cuda::column_sum(grad(ParamKind::fc_b, l), col_partial_, dpre_, N, static_cast<int>(F_), off.stream);
+      mark("bias grad");
+    }
     off_done(kDpreFree);
     matmul_->backward_input(dln_, dpre_, weight(ParamKind::fc_w, l), N, C_, F_, Epilogue::none, nullptr, stream_);
     mark("mm dX fc");
@@ -1063,7 +1094,11 @@ void GptCuda::backward(int64_t B, int64_t T, StepRng rng) {
                             stream_);
     mark("attention bwd");
     to_off();
-    weight_and_bias_grad(ParamKind::qkv_w, ParamKind::qkv_b, l, dqkv_, ln1(l), N, C_, 3 * C_, off);
+    if (bias_ones_) {
+      weight_and_bias_grad_ones(ParamKind::qkv_w, ParamKind::qkv_b, l, dqkv_, ln1(l), N, 3 * C_, off);
+    } else {
+      weight_and_bias_grad(ParamKind::qkv_w, ParamKind::qkv_b, l, dqkv_, ln1(l), N, C_, 3 * C_, off);
+    }
     off_done(kDqkvFree);
     matmul_->backward_input(dln_, dqkv_, weight(ParamKind::qkv_w, l), N, C_, 3 * C_, Epilogue::none, nullptr, stream_);
     mark("mm dX qkv");
@@ -1128,6 +1163,16 @@ void GptCuda::weight_and_bias_grad(ParamKind w, ParamKind b, int64_t l, const bf
   mark("mm dW");
   model_cuda::column_sum(grad(b, l), col_partial_, dy, N, static_cast<int>(out), lane.stream);
   mark("bias grad");
+}
+
+void GptCuda::weight_and_bias_grad_ones(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N,
+                                        int64_t out, Lane lane) {
+  // dw_ext_ (out, C + 8) = dy^T [x | 1 | 0 ...], written (the gradients accumulate below).
+  lane.matmul->backward_weight(dw_ext_, dy, x, N, ln_ld_, out, lane.stream, /*accumulate=*/false);
+  mark(w == ParamKind::fc_w ? "mm dW fc" : "mm dW");
+  model_cuda::split_weight_bias_grad(grad(w, l), grad(b, l), dw_ext_, out, static_cast<int>(C_), ln_ld_,
+                                     /*accumulate=*/true, lane.stream);
+  mark("dW+db split");
 }
 
 void GptCuda::projection_grad(ParamKind w, ParamKind b, int64_t l, const bf16* dy, const bf16* x, int64_t N,

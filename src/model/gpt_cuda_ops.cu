@@ -43,6 +43,14 @@ void require_rows(int64_t N, int C, const char* op) {
                                           ", C " + num(C));
 }
 
+// A bf16 output's row stride: at least C, and where C % 8 == 0 (the vector paths' 16-byte
+// rows) a multiple of 8.
+void require_row_stride(int64_t ld, int C, const char* op) {
+  MODEL_CUDA_REQUIRE(ld >= C && (C % 8 != 0 || ld % 8 == 0),
+                     std::string(op) + ": the output's row stride " + num(ld) + " must be at least C " + num(C) +
+                         (C % 8 == 0 ? " and a multiple of 8" : ""));
+}
+
 void require_site(const DropoutSite& d, const char* op) {
   MODEL_CUDA_REQUIRE(d.threshold <= 256, std::string(op) + ": dropout threshold must be in [0, 256], got " +
                                              num(d.threshold));
@@ -175,9 +183,11 @@ void dropout_backward(float* dy, const float* dout, int64_t N, int C, const Drop
 }
 
 void layernorm_forward(bf16* out, float* mean, float* rstd, const float* x, const float* w, const float* b, int64_t N,
-                       int C, cudaStream_t stream) {
+                       int C, cudaStream_t stream, int64_t ld_out) {
   const char* op = "layernorm forward (CUDA)";
   require_rows(N, C, op);
+  if (ld_out == 0) ld_out = C;
+  require_row_stride(ld_out, C, op);
   require_pointer(out, op, "out");
   require_pointer(mean, op, "mean");
   require_pointer(rstd, op, "rstd");
@@ -190,15 +200,17 @@ void layernorm_forward(bf16* out, float* mean, float* rstd, const float* x, cons
       require_aligned16(p, op, "every tensor");
   }
   if (N == 0) return;
-  layernorm_forward_launch(out, mean, rstd, x, w, b, N, C, stream);
+  layernorm_forward_launch(out, mean, rstd, x, w, b, N, C, ld_out, stream);
   FLASHGPT_CUDA_CHECK_LAUNCH("layernorm_forward_kernel");
 }
 
 void residual_layernorm_forward(float* out, bf16* ln, float* mean, float* rstd, const float* in, const bf16* y,
                                 const float* w, const float* b, int64_t N, int C, const DropoutSite& drop,
-                                cudaStream_t stream) {
+                                cudaStream_t stream, int64_t ld_ln) {
   const char* op = "residual + layernorm forward (CUDA)";
   require_rows(N, C, op);
+  if (ld_ln == 0) ld_ln = C;
+  require_row_stride(ld_ln, C, op);
   require_pointer(out, op, "out");
   require_pointer(ln, op, "ln");
   require_pointer(mean, op, "mean");
@@ -214,11 +226,11 @@ void residual_layernorm_forward(float* out, bf16* ln, float* mean, float* rstd, 
     aligned = aligned && reinterpret_cast<uintptr_t>(p) % 16 == 0;
   if (!residual_layernorm_fusable(C) || !aligned) {
     residual_forward(out, in, y, N, C, drop, stream);
-    layernorm_forward(ln, mean, rstd, out, w, b, N, C, stream);
+    layernorm_forward(ln, mean, rstd, out, w, b, N, C, stream, ld_ln);
     return;
   }
   if (N == 0) return;
-  residual_layernorm_forward_launch(out, ln, mean, rstd, in, y, w, b, N, C, drop, stream);
+  residual_layernorm_forward_launch(out, ln, mean, rstd, in, y, w, b, N, C, ld_ln, drop, stream);
   FLASHGPT_CUDA_CHECK_LAUNCH("residual_layernorm_forward_kernel");
 }
 
@@ -380,6 +392,29 @@ void add_rows(float* out, const float* in, int64_t rows, int64_t width, int64_t 
 
 void add_rows(float* out, const bf16* in, int64_t rows, int64_t width, int64_t in_stride, cudaStream_t stream) {
   add_rows_checked(out, in, rows, width, in_stride, stream);
+}
+
+void split_weight_bias_grad(float* dw, float* db, const float* ext, int64_t out, int in, int64_t ld, bool accumulate,
+                            cudaStream_t stream) {
+  const char* op = "split weight and bias gradient (CUDA)";
+  require_pointer(dw, op, "dw");
+  require_pointer(db, op, "db");
+  require_pointer(ext, op, "ext");
+  MODEL_CUDA_REQUIRE(out >= 0 && in > 0 && ld > in, std::string(op) + ": needs out >= 0, in > 0 and ld > in, got out " +
+                                                        num(out) + ", in " + num(in) + ", ld " + num(ld));
+  if (out == 0) return;
+  split_weight_bias_grad_launch(dw, db, ext, out, in, ld, accumulate, device_sm_count(), stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("split_weight_bias_grad_kernel");
+}
+
+void write_ones_column(bf16* x, int64_t rows, int C, int64_t ld, cudaStream_t stream) {
+  const char* op = "write ones column (CUDA)";
+  require_pointer(x, op, "x");
+  MODEL_CUDA_REQUIRE(rows >= 0 && C >= 0 && ld > C, std::string(op) + ": needs rows >= 0, C >= 0 and ld > C, got rows " +
+                                                         num(rows) + ", C " + num(C) + ", ld " + num(ld));
+  if (rows == 0) return;
+  write_ones_column_launch(x, rows, C, ld, stream);
+  FLASHGPT_CUDA_CHECK_LAUNCH("write_ones_column_kernel");
 }
 
 void float_to_bf16(bf16* out, const float* in, int64_t n, cudaStream_t stream) {

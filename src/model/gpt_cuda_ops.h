@@ -65,15 +65,18 @@ void dropout_backward(bf16* dy, const float* dout, int64_t N, int C, const Dropo
 void dropout_backward(float* dy, const float* dout, int64_t N, int C, const DropoutSite& drop, cudaStream_t stream);
 
 // out (N, C) bf16, mean, rstd (N) fp32 of x (N, C) fp32 with weight w, bias b (C) fp32.
+// ld_out: out's row stride, C (or 0) or more, a multiple of 8 where C % 8 == 0 (16-byte rows
+// for the vector paths); columns C .. ld_out - 1 are not touched (write_ones_column).
 void layernorm_forward(bf16* out, float* mean, float* rstd, const float* x, const float* w, const float* b, int64_t N,
-                       int C, cudaStream_t stream);
+                       int C, cudaStream_t stream, int64_t ld_out = 0);
 // residual_forward(out, in, y, drop), then layernorm_forward(ln, mean, rstd, out, w, b), in
 // one pass where C % 16 == 0 and C <= 2048 (every pointer 16-byte aligned), else the two ops
 // in turn: out (N, C) fp32 (may equal in), ln (N, C) bf16, mean, rstd (N) fp32. The
 // residual is the same bits either way, the LayerNorm output equal within rounding.
+// ld_ln: ln's row stride, as layernorm_forward's ld_out.
 void residual_layernorm_forward(float* out, bf16* ln, float* mean, float* rstd, const float* in, const bf16* y,
                                 const float* w, const float* b, int64_t N, int C, const DropoutSite& drop,
-                                cudaStream_t stream);
+                                cudaStream_t stream, int64_t ld_ln = 0);
 // Floats of the `partial` workspace layernorm_backward needs for N rows of C channels.
 size_t layernorm_backward_partial_floats(int64_t N, int C);
 // dx (N, C) fp32 (+= when accumulate, else =), dw, db (C) fp32 +=, from dy (N, C) bf16 and the
@@ -133,6 +136,15 @@ void column_sum(float* out, float* partial, const bf16* x, int64_t N, int M, cud
 // the bias gradients cuBLASLt's epilogues wrote, into the gradients.
 void add_rows(float* out, const float* in, int64_t rows, int64_t width, int64_t in_stride, cudaStream_t stream);
 void add_rows(float* out, const bf16* in, int64_t rows, int64_t width, int64_t in_stride, cudaStream_t stream);
+// The bias-ones weight gradient (FLASHGPT_BIAS_ONES, gpt_cuda.cc): ext (out, ld) fp32 =
+// dY^T [x | 1 | 0 ...], the weight product over a LayerNorm output whose column `in` is 1.
+// dw (out, in) fp32 and db (out) fp32 get ext's first `in` columns and its column `in`:
+// added when accumulate (as the gradients are), else written. ld > in.
+void split_weight_bias_grad(float* dw, float* db, const float* ext, int64_t out, int in, int64_t ld, bool accumulate,
+                            cudaStream_t stream);
+// x (rows, ld) bf16: column C = 1 and columns C + 1 .. ld - 1 = 0 in every row (the constant
+// columns of a LayerNorm output stored ld apart for split_weight_bias_grad's product).
+void write_ones_column(bf16* x, int64_t rows, int C, int64_t ld, cudaStream_t stream);
 // out (n) bf16 = in (n) fp32, round to nearest even.
 void float_to_bf16(bf16* out, const float* in, int64_t n, cudaStream_t stream);
 

@@ -416,14 +416,16 @@ bool Matmul::tune_pending(cudaStream_t stream) {
 
 void Matmul::forward(__nv_bfloat16* y, const __nv_bfloat16* x, const __nv_bfloat16* w, int64_t rows, int64_t in,
                      int64_t out, Epilogue epilogue, const __nv_bfloat16* bias, __nv_bfloat16* aux,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, int64_t ld_x) {
   FLASHGPT_CHECK(epilogue == Epilogue::none || epilogue == Epilogue::bias || epilogue == Epilogue::gelu_aux_bias,
                  "matmul forward: epilogue {} is a backward one", epilogue_name(epilogue));
   FLASHGPT_CHECK(epilogue == Epilogue::none || bias != nullptr, "matmul forward: epilogue {} needs a bias",
                  epilogue_name(epilogue));
   FLASHGPT_CHECK(epilogue != Epilogue::gelu_aux_bias || aux != nullptr, "matmul forward: gelu_aux_bias needs aux");
-  run(/*trans_a=*/true, /*trans_b=*/false, out, rows, in, w, in, x, in, y, out, /*d_fp32=*/false, 0.0f, epilogue, bias,
-      aux, out, stream);
+  if (ld_x == 0) ld_x = in;
+  FLASHGPT_CHECK(ld_x >= in, "matmul forward: X's row stride {} is below its {} columns", ld_x, in);
+  run(/*trans_a=*/true, /*trans_b=*/false, out, rows, in, w, in, x, ld_x, y, out, /*d_fp32=*/false, 0.0f, epilogue,
+      bias, aux, out, stream);
 }
 
 void Matmul::forward_f32(float* y, const __nv_bfloat16* x, const __nv_bfloat16* w, int64_t rows, int64_t in,
@@ -442,10 +444,13 @@ void Matmul::backward_input(__nv_bfloat16* dx, const __nv_bfloat16* dy, const __
 }
 
 void Matmul::backward_weight(float* dw, const __nv_bfloat16* dy, const __nv_bfloat16* x, int64_t rows, int64_t in,
-                             int64_t out, cudaStream_t stream) {
-  if (rows == 0) return;
-  run(/*trans_a=*/false, /*trans_b=*/true, in, out, rows, x, in, dy, out, dw, in, /*d_fp32=*/true, 1.0f,
-      Epilogue::none, nullptr, nullptr, 0, stream);
+                             int64_t out, cudaStream_t stream, bool accumulate) {
+  if (rows == 0) {
+    if (!accumulate) FLASHGPT_CUDA_CHECK(cudaMemsetAsync(dw, 0, size_t(out) * size_t(in) * sizeof(float), stream));
+    return;
+  }
+  run(/*trans_a=*/false, /*trans_b=*/true, in, out, rows, x, in, dy, out, dw, in, /*d_fp32=*/true,
+      accumulate ? 1.0f : 0.0f, Epilogue::none, nullptr, nullptr, 0, stream);
 }
 
 Matmul::BiasGrad Matmul::backward_weight_bgrad(float* dw, void* dbias, const __nv_bfloat16* dy,

@@ -45,17 +45,20 @@ class Matmul {
 
   // Y (rows, out) bf16 = X (rows, in) bf16 W (out, in)^T [+ bias (out) bf16] with the
   // epilogue: none, bias, or gelu_aux_bias (aux (rows, out) bf16 gets the pre-activation).
+  // ld_x: X's row stride, in (or 0) or more (a LayerNorm output with constant columns after
+  // its `in` channels, FLASHGPT_BIAS_ONES).
   void forward(__nv_bfloat16* y, const __nv_bfloat16* x, const __nv_bfloat16* w, int64_t rows, int64_t in,
-               int64_t out, Epilogue epilogue, const __nv_bfloat16* bias, __nv_bfloat16* aux, cudaStream_t stream);
+               int64_t out, Epilogue epilogue, const __nv_bfloat16* bias, __nv_bfloat16* aux, cudaStream_t stream,
+               int64_t ld_x = 0);
   // Y (rows, out) fp32 = X W^T (no epilogue): logits for forward_logits.
   void forward_f32(float* y, const __nv_bfloat16* x, const __nv_bfloat16* w, int64_t rows, int64_t in, int64_t out,
                    cudaStream_t stream);
   // dX (rows, in) bf16 = dY (rows, out) W (out, in); with dgelu, times gelu'(aux (rows, in)).
   void backward_input(__nv_bfloat16* dx, const __nv_bfloat16* dy, const __nv_bfloat16* w, int64_t rows, int64_t in,
                       int64_t out, Epilogue epilogue, const __nv_bfloat16* aux, cudaStream_t stream);
-  // dW (out, in) fp32 += dY (rows, out)^T X (rows, in).
+  // dW (out, in) fp32 += dY (rows, out)^T X (rows, in); without accumulate, = (dW not read).
   void backward_weight(float* dw, const __nv_bfloat16* dy, const __nv_bfloat16* x, int64_t rows, int64_t in,
-                       int64_t out, cudaStream_t stream);
+                       int64_t out, cudaStream_t stream, bool accumulate = true);
   // backward_weight with the bias gradient folded in by cuBLASLt's BGRADB epilogue: dbias
   // (out) = column sums of dY, written, not accumulated, as fp32 where cuBLASLt takes an fp32
   // bias for the shape, else as bf16 (the return value says which; dbias must hold the fp32

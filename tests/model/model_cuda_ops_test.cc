@@ -23,6 +23,8 @@
 #include <cstring>
 #include <map>
 #include <random>
+#include <string>
+#include <tuple>
 #include <vector>
 
 namespace flashgpt {
@@ -441,6 +443,47 @@ INSTANTIATE_TEST_SUITE_P(Shapes, ResidualLayerNormTest,
                                            DropoutCase{257, 384, 0.1f}, DropoutCase{33, 40, 0.1f},
                                            DropoutCase{2, 2064, 0.1f}, DropoutCase{9, 16, 0.0f}));
 
+// Both LayerNorm forwards with rows C + 8 apart (FLASHGPT_BIAS_ONES' ln1 / ln2): every row
+// the same bits as with packed rows, and the columns from C on as write_ones_column left them
+// (1, then seven 0), never touched. The shapes above, all with C % 8 == 0.
+TEST_P(ResidualLayerNormTest, StridedOutputEqualsPackedAndKeepsTheOnesColumn) {
+  const auto [N, C, p] = GetParam();
+  const int64_t ld = C + 8;
+  std::mt19937 rng(static_cast<uint32_t>(N * 17 + C));
+  const auto in = random_floats(size_t(N) * C, rng, 2.0f, 0.5f);
+  const auto y = rounded(random_floats(size_t(N) * C, rng));
+  const auto w = random_floats(C, rng, 0.5f, 1.0f);
+  const auto b = random_floats(C, rng, 0.3f);
+  const auto site = model_cuda::dropout_site(0xABCDEF12345ull, 7, 3, p);
+  Dev<float> d_in(in), d_out(size_t(N) * C), d_out2(size_t(N) * C), d_w(w), d_b(b), d_mean(N), d_rstd(N);
+  Dev<bf16> d_y(to_bf16(y)), d_packed(size_t(N) * C), d_strided(size_t(N) * ld), d_plain_packed(size_t(N) * C),
+      d_plain_strided(size_t(N) * ld);
+  for (auto* d : {&d_strided, &d_plain_strided}) {
+    d->poison();
+    model_cuda::write_ones_column(d->ptr, N, C, ld, nullptr);
+  }
+  model_cuda::residual_layernorm_forward(d_out.ptr, d_packed.ptr, d_mean.ptr, d_rstd.ptr, d_in.ptr, d_y.ptr, d_w.ptr,
+                                         d_b.ptr, N, C, site, nullptr);
+  model_cuda::residual_layernorm_forward(d_out2.ptr, d_strided.ptr, d_mean.ptr, d_rstd.ptr, d_in.ptr, d_y.ptr,
+                                         d_w.ptr, d_b.ptr, N, C, site, nullptr, ld);
+  model_cuda::layernorm_forward(d_plain_packed.ptr, d_mean.ptr, d_rstd.ptr, d_in.ptr, d_w.ptr, d_b.ptr, N, C, nullptr);
+  model_cuda::layernorm_forward(d_plain_strided.ptr, d_mean.ptr, d_rstd.ptr, d_in.ptr, d_w.ptr, d_b.ptr, N, C, nullptr,
+                                ld);
+  for (const auto& [packed_dev, strided_dev, what] :
+       {std::tuple{&d_packed, &d_strided, "residual + layernorm"},
+        std::tuple{&d_plain_packed, &d_plain_strided, "layernorm"}}) {
+    SCOPED_TRACE(what);
+    const auto packed = to_float(packed_dev->get()), strided = to_float(strided_dev->get());
+    for (int64_t n = 0; n < N; ++n) {
+      ASSERT_EQ(0, std::memcmp(&packed[size_t(n) * C], &strided[size_t(n) * ld], size_t(C) * sizeof(float)))
+          << "row " << n;
+      for (int64_t c = C; c < ld; ++c) {
+        ASSERT_EQ(strided[size_t(n * ld + c)], c == C ? 1.0f : 0.0f) << "row " << n << ", column " << c;
+      }
+    }
+  }
+}
+
 TEST(EncoderTest, ForwardAndBackwardMatchReference) {
   const int B = 3, T = 7, C = 40, Vrows = 50;
   const int64_t N = B * T;
@@ -757,6 +800,41 @@ TEST(FloatToBf16Test, RoundsToNearestEven) {
   for (size_t i = 0; i < x.size(); ++i) ASSERT_EQ(y[i], bf16_round(x[i]));
 }
 
+// split_weight_bias_grad against a plain loop, bit for bit (one fp32 addition or a copy per
+// element): added and written, the float4 path (in % 4 == 0, ld % 4 == 0, aligned) and the
+// scalar one (odd in, an ext shifted by one float), out not a multiple of anything.
+TEST(SplitWeightBiasGradTest, MatchesPlainLoop) {
+  struct Case {
+    int64_t out;
+    int in;
+    int64_t ld, shift;
+  };
+  for (const Case& k : {Case{17, 40, 48, 0}, Case{3072, 768, 776, 0}, Case{1, 8, 16, 0}, Case{5, 6, 9, 0},
+                        Case{33, 64, 72, 1}, Case{2304, 128, 129, 0}}) {
+    for (const bool accumulate : {true, false}) {
+      SCOPED_TRACE(std::to_string(k.out) + " x " + std::to_string(k.in) + ", ld " + std::to_string(k.ld) +
+                   (accumulate ? ", added" : ", written"));
+      std::mt19937 rng(static_cast<uint32_t>(k.out * 3 + k.in));
+      const auto ext = random_floats(size_t(k.out * k.ld + k.shift), rng);
+      const auto dw0 = random_floats(size_t(k.out) * k.in, rng), db0 = random_floats(size_t(k.out), rng);
+      Dev<float> d_ext(ext), d_dw(dw0), d_db(db0);
+      model_cuda::split_weight_bias_grad(d_dw.ptr, d_db.ptr, d_ext.ptr + k.shift, k.out, k.in, k.ld, accumulate,
+                                         nullptr);
+      std::vector<float> dw(dw0), db(db0);
+      const float* e = ext.data() + k.shift;
+      for (int64_t o = 0; o < k.out; ++o) {
+        for (int i = 0; i < k.in; ++i) {
+          float& d = dw[size_t(o * k.in + i)];
+          d = accumulate ? d + e[o * k.ld + i] : e[o * k.ld + i];
+        }
+        db[size_t(o)] = accumulate ? db[size_t(o)] + e[o * k.ld + k.in] : e[o * k.ld + k.in];
+      }
+      EXPECT_EQ(d_dw.get(), dw);
+      EXPECT_EQ(d_db.get(), db);
+    }
+  }
+}
+
 // ---- cuBLASLt products ----
 
 struct MatmulCase {
@@ -894,6 +972,69 @@ TEST_P(MatmulTest, BiasGradientEpilogueMatchesDoubleReference) {
 }
 TEST_P(MatmulTest, AutotunedBiasGradientEpilogueMatchesDoubleReference) {
   expect_bias_gradient_epilogue_matches(GetParam(), /*autotune=*/true);
+}
+
+// The bias-ones products (FLASHGPT_BIAS_ONES): X (rows, in) stored ld = in + 8 apart with
+// write_ones_column's constant columns; the forward with ld_x against double; the weight
+// product dY^T [X | 1 | 0 ...] written (accumulate false) into a poisoned (out, ld) scratch
+// and split_weight_bias_grad into dW += dY^T X and db += column sums of dY, against double.
+void expect_bias_ones_products_match(const MatmulCase& c, bool autotune) {
+  const auto [rows, in, out] = c;
+  const int64_t ld = in + 8;
+  std::mt19937 rng(static_cast<uint32_t>(rows * 13 + in * 7 + out));
+  const auto x = rounded(random_floats(size_t(rows) * in, rng));
+  const auto w = rounded(random_floats(size_t(out) * in, rng, 0.2f));
+  const auto bias = rounded(random_floats(out, rng, 0.5f));
+  const auto dy = rounded(random_floats(size_t(rows) * out, rng));
+  model_cuda::Matmul mm(size_t{32} << 20, /*deterministic=*/false);
+  mm.set_autotune(autotune);
+  Dev<bf16> d_x(size_t(rows) * ld), d_w(to_bf16(w)), d_bias(to_bf16(bias)), d_dy(to_bf16(dy)),
+      d_y(size_t(rows) * out);
+  d_x.poison();
+  const auto x_bf16 = to_bf16(x);
+  CUDA_OK(cudaMemcpy2D(d_x.ptr, size_t(ld) * sizeof(bf16), x_bf16.data(), size_t(in) * sizeof(bf16),
+                       size_t(in) * sizeof(bf16), size_t(rows), cudaMemcpyHostToDevice));
+  model_cuda::write_ones_column(d_x.ptr, rows, static_cast<int>(in), ld, nullptr);
+  const std::vector<float> dw0(size_t(out) * in, 0.5f), db0(size_t(out), -0.25f);
+  Dev<float> d_ext(size_t(out) * ld), d_dw(dw0), d_db(db0);
+  d_ext.poison();
+  mm.forward(d_y.ptr, d_x.ptr, d_w.ptr, rows, in, out, model_cuda::Epilogue::bias, d_bias.ptr, nullptr, nullptr, ld);
+  mm.backward_weight(d_ext.ptr, d_dy.ptr, d_x.ptr, rows, ld, out, nullptr, /*accumulate=*/false);
+  model_cuda::split_weight_bias_grad(d_dw.ptr, d_db.ptr, d_ext.ptr, out, static_cast<int>(in), ld,
+                                     /*accumulate=*/true, nullptr);
+  std::vector<double> ref_y(size_t(rows) * out), ref_dw(dw0.begin(), dw0.end()), ref_db(db0.begin(), db0.end());
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t o = 0; o < out; ++o) {
+      double s = bias[o];
+      for (int64_t i = 0; i < in; ++i) s += double(x[r * in + i]) * w[o * in + i];
+      ref_y[r * out + o] = s;
+    }
+  for (int64_t o = 0; o < out; ++o) {
+    for (int64_t r = 0; r < rows; ++r) ref_db[o] += dy[r * out + o];
+    for (int64_t i = 0; i < in; ++i) {
+      double s = 0;
+      for (int64_t r = 0; r < rows; ++r) s += double(dy[r * out + o]) * x[r * in + i];
+      ref_dw[o * in + i] += s;
+    }
+  }
+  EXPECT_LT(rel_error(to_float(d_y.get()), ref_y), 1e-2);
+  EXPECT_LT(rel_error(d_dw.get(), ref_dw), 1e-5);
+  EXPECT_LT(rel_error(d_db.get(), ref_db), 1e-5);
+  // A second step over the same scratch: the product overwrites it, the gradients add again.
+  mm.backward_weight(d_ext.ptr, d_dy.ptr, d_x.ptr, rows, ld, out, nullptr, /*accumulate=*/false);
+  model_cuda::split_weight_bias_grad(d_dw.ptr, d_db.ptr, d_ext.ptr, out, static_cast<int>(in), ld,
+                                     /*accumulate=*/true, nullptr);
+  for (size_t i = 0; i < ref_dw.size(); ++i) ref_dw[i] += ref_dw[i] - dw0[i];
+  for (size_t i = 0; i < ref_db.size(); ++i) ref_db[i] += ref_db[i] - db0[i];
+  EXPECT_LT(rel_error(d_dw.get(), ref_dw), 1e-5);
+  EXPECT_LT(rel_error(d_db.get(), ref_db), 1e-5);
+}
+
+TEST_P(MatmulTest, BiasOnesProductsMatchDoubleReference) {
+  expect_bias_ones_products_match(GetParam(), /*autotune=*/false);
+}
+TEST_P(MatmulTest, AutotunedBiasOnesProductsMatchDoubleReference) {
+  expect_bias_ones_products_match(GetParam(), /*autotune=*/true);
 }
 
 INSTANTIATE_TEST_SUITE_P(Shapes, MatmulTest,
@@ -1069,6 +1210,15 @@ TEST(ModelCudaOpsTest, EntryPointsRejectBadArguments) {
   EXPECT_THROW(model_cuda::residual_layernorm_forward(x.ptr, ln.ptr, losses.ptr, losses.ptr, x.ptr, y.ptr, x.ptr,
                                                       x.ptr, 4, 0, model_cuda::DropoutSite{}, nullptr),
                std::exception);
+  // A LayerNorm output's row stride below C, or not a multiple of 8 where C is.
+  EXPECT_THROW(model_cuda::layernorm_forward(ln.ptr, losses.ptr, losses.ptr, x.ptr, x.ptr, x.ptr, 2, 16, nullptr, 8),
+               std::exception);
+  EXPECT_THROW(model_cuda::residual_layernorm_forward(x.ptr, ln.ptr, losses.ptr, losses.ptr, x.ptr, y.ptr, x.ptr,
+                                                      x.ptr, 2, 16, model_cuda::DropoutSite{}, nullptr, 20),
+               std::exception);
+  // The split needs the bias column after the weight's: ld > in.
+  EXPECT_THROW(model_cuda::split_weight_bias_grad(x.ptr, x.ptr, x.ptr, 2, 8, 8, true, nullptr), std::exception);
+  EXPECT_THROW(model_cuda::write_ones_column(y.ptr, 2, 8, 8, nullptr), std::exception);
   // next_db sums next_dy: without it there is nothing to sum.
   Dev<float> partial(model_cuda::layernorm_backward_partial_floats(4, 16));
   EXPECT_THROW(model_cuda::layernorm_backward_dropout(x.ptr, true, x.ptr, x.ptr, partial.ptr, y.ptr, x.ptr, x.ptr,

@@ -484,6 +484,92 @@ TEST(ModelCudaTest, OverlapGivesTheSameBits) {
   }
 }
 
+// FLASHGPT_BIAS_ONES=1 (fast mode: qkv_b's and fc_b's gradients out of the dW products over
+// ln1 / ln2 stored with a ones column, split into the gradients by split_weight_bias_grad):
+// two dropout micro-batches accumulated at an awkward N (3 x 37 = 111 rows, not a multiple of
+// 128). Every gradient against the CPU backend's within check_gradients' bf16 tolerance, and
+// against the switch off within 1e-4 (the same bf16 values, summed in another order, and the
+// attention's dQ atomics), with the fused and the unfused residual + LayerNorm forward and with
+// FLASHGPT_OVERLAP=2 (the split on the backward's second stream); the losses within 1e-5 (the
+// forward products read the same values through the wider rows, perhaps by another algorithm).
+// Deterministic mode ignores the switch: the same bits as off.
+TEST(ModelCudaTest, BiasOnesGradientsMatchCpuAndColumnSums) {
+  for (const auto& [name, config] : test_models(0.1f)) {
+    const int64_t B = 3, T = std::min<int64_t>(37, config.context), V = config.vocab_size;
+    const int64_t P = model_param_count(config);
+    ASSERT_NE(B * T % 128, 0) << "N should not be a multiple of 128";
+    std::vector<float> params(static_cast<size_t>(P));
+    model_init_params(config, 1234, params);
+    const auto run = [&](const char* ones, const char* fused_ln, const char* overlap, bool deterministic,
+                         std::vector<double>& losses) {
+      EnvGuard sw("FLASHGPT_BIAS_ONES", ones), fused("FLASHGPT_FUSED_RESIDUAL_LN", fused_ln),
+          ov("FLASHGPT_OVERLAP", overlap);
+      ModelOptions options;
+      options.max_batch = 4;  // more rows allocated than the step uses
+      options.deterministic = deterministic;
+      auto gpu = gpt_create_cuda(config, options);
+      gpu->params_set(params);
+      gpu->grads_zero();
+      for (uint64_t micro = 1; micro <= 2; ++micro) {
+        losses.push_back(
+            gpu->forward_backward(random_windows(B, T, V, uint32_t(micro)), B, T, StepRng{7, micro}, 0.5f));
+      }
+      std::vector<float> grads(static_cast<size_t>(P));
+      gpu->grads_get(grads);
+      return grads;
+    };
+    // The CPU reference, the same two micro-batches.
+    ModelOptions cpu_options;
+    cpu_options.max_batch = B;
+    auto cpu = gpt_create_cpu(config, cpu_options);
+    cpu->params_set(params);
+    cpu->grads_zero();
+    std::vector<double> cpu_losses;
+    for (uint64_t micro = 1; micro <= 2; ++micro) {
+      cpu_losses.push_back(
+          cpu->forward_backward(random_windows(B, T, V, uint32_t(micro)), B, T, StepRng{7, micro}, 0.5f));
+    }
+    std::vector<float> cpu_grads(static_cast<size_t>(P));
+    cpu->grads_get(cpu_grads);
+
+    std::vector<double> off_losses;
+    const auto off = run("0", "1", "0", false, off_losses);
+    struct Variant {
+      const char* label;
+      const char* fused_ln;
+      const char* overlap;
+    };
+    for (const Variant& v : {Variant{"fused LayerNorm", "1", "0"}, Variant{"unfused LayerNorm", "0", "0"},
+                             Variant{"overlap 2", "1", "2"}}) {
+      SCOPED_TRACE(name + ", bias ones, " + v.label);
+      std::vector<double> losses;
+      const auto on = run("1", v.fused_ln, v.overlap, false, losses);
+      for (size_t i = 0; i < losses.size(); ++i) {
+        EXPECT_NEAR(losses[i], off_losses[i], 1e-5 * off_losses[i]) << "micro-batch " << i;
+        EXPECT_NEAR(losses[i], cpu_losses[i], 5e-3 * cpu_losses[i]) << "micro-batch " << i;
+      }
+      for (const ParamSpec& s : model_param_specs(config)) {
+        int64_t end = s.offset + s.numel;
+        if (s.kind == ParamKind::wte) end = s.offset + V * config.d_model;  // the padding rows: zero on both
+        const double to_off = rel_error(on, off, s.offset, end), to_cpu = rel_error(on, cpu_grads, s.offset, end);
+        if (s.kind == ParamKind::qkv_b || s.kind == ParamKind::fc_b || s.kind == ParamKind::qkv_w ||
+            s.kind == ParamKind::fc_w) {
+          std::printf("%s, %s: %-12s relative error %.2e to the switch off, %.2e to the CPU\n", name.c_str(), v.label,
+                      s.name.c_str(), to_off, to_cpu);
+        }
+        EXPECT_LT(to_off, 1e-4) << "gradient of " << s.name << " against the switch off";
+        EXPECT_LT(to_cpu, 5e-2) << "gradient of " << s.name << " against the CPU";
+      }
+    }
+    SCOPED_TRACE(name + ", deterministic");
+    std::vector<double> det_off_losses, det_on_losses;
+    const auto det_off = run("0", "1", "0", true, det_off_losses);
+    const auto det_on = run("1", "1", "0", true, det_on_losses);
+    EXPECT_EQ(std::memcmp(det_off.data(), det_on.data(), size_t(P) * sizeof(float)), 0);
+    EXPECT_EQ(det_off_losses, det_on_losses);
+  }
+}
+
 TEST(ModelCudaTest, StepsAllocateNoDeviceMemory) {
   const ModelConfig config = test_models(0.1f)[1].config;
   const int64_t B = 4, T = config.context, V = config.vocab_size;

@@ -2,6 +2,7 @@
 // matmuls, mean and 1/std kept for the backward. One warp per row.
 //
 //   forward:  out[n, c] = (x[n, c] - mean[n]) * rstd[n] * w[c] + b[c]      x (N, C) fp32, out bf16
+//             with rows ld >= C apart (the columns from C on are not touched)
 //   backward: dx[n, :] (+)= rstd (dy w - mean(dy w) - xhat mean(dy w xhat))  dy (N, C) bf16, dx fp32
 //             dw[c] += sum_n dy xhat, db[c] += sum_n dy, in two deterministic stages: each
 //             block sums its rows into a partial row, then one kernel adds the partials in
@@ -30,7 +31,8 @@ constexpr int kLnWarps = 4;  // warps (rows in flight) per block
 
 __global__ void layernorm_forward_kernel(bf16* __restrict__ out, float* __restrict__ mean_out,
                                          float* __restrict__ rstd_out, const float* __restrict__ x,
-                                         const float* __restrict__ w, const float* __restrict__ b, int64_t N, int C) {
+                                         const float* __restrict__ w, const float* __restrict__ b, int64_t N, int C,
+                                         int64_t ld) {
   const int lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x * int64_t{blockDim.x / 32} + threadIdx.x / 32;
   if (row >= N) return;
@@ -44,7 +46,7 @@ __global__ void layernorm_forward_kernel(bf16* __restrict__ out, float* __restri
     var += d * d;
   }
   const float rstd = rsqrtf(warp_sum(var) / C + kLayerNormEps);
-  bf16* o = out + row * C;
+  bf16* o = out + row * ld;
   for (int c = lane; c < C; c += 32) o[c] = __float2bfloat16_rn((xr[c] - mean) * rstd * w[c] + b[c]);
   if (lane == 0) {
     mean_out[row] = mean;
@@ -123,7 +125,7 @@ __device__ __forceinline__ void add_bf16x4(float* acc, const bf16* r) {
 __global__ void layernorm_forward_vec_kernel(bf16* __restrict__ out, float* __restrict__ mean_out,
                                              float* __restrict__ rstd_out, const float* __restrict__ x,
                                              const float* __restrict__ w, const float* __restrict__ b, int64_t N,
-                                             int C) {
+                                             int C, int64_t ld) {
   const int lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x * int64_t{blockDim.x / 32} + threadIdx.x / 32;
   if (row >= N) return;
@@ -141,7 +143,7 @@ __global__ void layernorm_forward_vec_kernel(bf16* __restrict__ out, float* __re
            (v.w - mean) * (v.w - mean);
   }
   const float rstd = rsqrtf(warp_sum(var) / C + kLayerNormEps);
-  bf16* o = out + row * C;
+  bf16* o = out + row * ld;
   for (int c = 4 * lane; c < C; c += 128) {
     const float4 v = *reinterpret_cast<const float4*>(xr + c);
     const float4 wv = *reinterpret_cast<const float4*>(w + c);
@@ -171,7 +173,7 @@ __global__ void __launch_bounds__(256)
     residual_layernorm_forward_kernel(float* out, bf16* __restrict__ ln, float* __restrict__ mean_out,
                                       float* __restrict__ rstd_out, const float* in, const bf16* __restrict__ y,
                                       const float* __restrict__ w, const float* __restrict__ b, int64_t N, int C,
-                                      DropoutSite d) {
+                                      int64_t ld, DropoutSite d) {
   const int lane = threadIdx.x % 32;
   const int64_t row = blockIdx.x * int64_t{blockDim.x / 32} + threadIdx.x / 32;
   if (row >= N) return;
@@ -231,7 +233,7 @@ __global__ void __launch_bounds__(256)
       o[4 * i + 2] = (v[j][4 * i + 2] - mean) * rstd * wv.z + bv.z;
       o[4 * i + 3] = (v[j][4 * i + 3] - mean) * rstd * wv.w + bv.w;
     }
-    store16(ln + row * C + g * 16, o);
+    store16(ln + row * ld + g * 16, o);
   }
   if (lane == 0) {
     mean_out[row] = mean;
@@ -447,12 +449,12 @@ __global__ void layernorm_backward_reduce_kernel(float* __restrict__ dw, float* 
 // ---- launchers ----
 
 inline void layernorm_forward_launch(bf16* out, float* mean, float* rstd, const float* x, const float* w,
-                                     const float* b, int64_t N, int C, cudaStream_t stream) {
+                                     const float* b, int64_t N, int C, int64_t ld, cudaStream_t stream) {
   constexpr int kWarps = 8;
   if (C % 128 == 0) {
-    layernorm_forward_vec_kernel<<<ceil_div(N, kWarps), kWarps * 32, 0, stream>>>(out, mean, rstd, x, w, b, N, C);
+    layernorm_forward_vec_kernel<<<ceil_div(N, kWarps), kWarps * 32, 0, stream>>>(out, mean, rstd, x, w, b, N, C, ld);
   } else {
-    layernorm_forward_kernel<<<ceil_div(N, kWarps), kWarps * 32, 0, stream>>>(out, mean, rstd, x, w, b, N, C);
+    layernorm_forward_kernel<<<ceil_div(N, kWarps), kWarps * 32, 0, stream>>>(out, mean, rstd, x, w, b, N, C, ld);
   }
 }
 
@@ -462,16 +464,19 @@ inline bool residual_layernorm_fusable(int C) { return C % 16 == 0 && C <= 16 * 
 
 inline void residual_layernorm_forward_launch(float* out, bf16* ln, float* mean, float* rstd, const float* in,
                                               const bf16* y, const float* w, const float* b, int64_t N, int C,
-                                              const DropoutSite& d, cudaStream_t stream) {
+                                              int64_t ld, const DropoutSite& d, cudaStream_t stream) {
   constexpr int kWarps = 8;
   const int lane_groups = (C / 16 + 31) / 32;
   const unsigned grid = ceil_div(N, kWarps);
   if (lane_groups <= 1) {
-    residual_layernorm_forward_kernel<1><<<grid, kWarps * 32, 0, stream>>>(out, ln, mean, rstd, in, y, w, b, N, C, d);
+    residual_layernorm_forward_kernel<1>
+        <<<grid, kWarps * 32, 0, stream>>>(out, ln, mean, rstd, in, y, w, b, N, C, ld, d);
   } else if (lane_groups <= 2) {
-    residual_layernorm_forward_kernel<2><<<grid, kWarps * 32, 0, stream>>>(out, ln, mean, rstd, in, y, w, b, N, C, d);
+    residual_layernorm_forward_kernel<2>
+        <<<grid, kWarps * 32, 0, stream>>>(out, ln, mean, rstd, in, y, w, b, N, C, ld, d);
   } else {
-    residual_layernorm_forward_kernel<4><<<grid, kWarps * 32, 0, stream>>>(out, ln, mean, rstd, in, y, w, b, N, C, d);
+    residual_layernorm_forward_kernel<4>
+        <<<grid, kWarps * 32, 0, stream>>>(out, ln, mean, rstd, in, y, w, b, N, C, ld, d);
   }
 }
 

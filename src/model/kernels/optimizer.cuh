@@ -194,6 +194,48 @@ __global__ void float_to_bf16_kernel(bf16* __restrict__ out, const float* __rest
     out[i] = __float2bfloat16_rn(in[i]);
 }
 
+// The bias-ones weight gradient (gpt_cuda.cc, FLASHGPT_BIAS_ONES): ext (out, ld) fp32 holds
+// dY^T [x | 1 | 0 ...], so row o has dW's row o in its first `in` columns and the bias
+// gradient of o in column `in`. dw (out, in) and db (out) get them, added (kAccumulate) or
+// written. Thread i of the grid takes element i of dw; the one at column 0 of a row also
+// takes db. kVec4: four neighbouring elements per thread (in % 4 == 0, ld % 4 == 0, 16-byte
+// aligned dw and ext).
+template <bool kAccumulate, bool kVec4>
+__global__ void split_weight_bias_grad_kernel(float* __restrict__ dw, float* __restrict__ db,
+                                              const float* __restrict__ ext, int64_t out, int in, int64_t ld) {
+  constexpr int kWidth = kVec4 ? 4 : 1;
+  const int row_items = in / kWidth;
+  const int64_t n = out * row_items;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t o = i / row_items;
+    const int c = static_cast<int>(i % row_items) * kWidth;
+    const float* e = ext + o * ld;
+    float* d = dw + o * in + c;
+    if constexpr (kVec4) {
+      float4 v = *reinterpret_cast<const float4*>(e + c);
+      if constexpr (kAccumulate) {
+        const float4 old = *reinterpret_cast<const float4*>(d);
+        v.x += old.x, v.y += old.y, v.z += old.z, v.w += old.w;
+      }
+      *reinterpret_cast<float4*>(d) = v;
+    } else {
+      *d = kAccumulate ? *d + e[c] : e[c];
+    }
+    if (c == 0) db[o] = kAccumulate ? db[o] + e[in] : e[in];
+  }
+}
+
+// x[r, c] (rows, ld) bf16 = 1 for c == C, 0 for C < c < ld: the constant columns after the
+// C channels of a LayerNorm output (FLASHGPT_BIAS_ONES).
+__global__ void write_ones_column_kernel(bf16* __restrict__ x, int64_t rows, int C, int64_t ld) {
+  const int64_t width = ld - C;
+  const int64_t n = rows * width;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t c = i % width;
+    x[(i / width) * ld + C + c] = __float2bfloat16_rn(c == 0 ? 1.0f : 0.0f);
+  }
+}
+
 // out[r, j] (rows, width) fp32 += in[r * in_stride + j].
 template <typename In>
 __global__ void add_rows_kernel(float* __restrict__ out, const In* __restrict__ in, int64_t rows, int64_t width,
@@ -256,6 +298,30 @@ inline void add_rows_launch(float* out, const In* in, int64_t rows, int64_t widt
   const int64_t blocks = std::min<int64_t>(ceil_div(rows * width, 256), 4096);
   add_rows_kernel<<<static_cast<unsigned>(std::max<int64_t>(blocks, 1)), 256, 0, stream>>>(out, in, rows, width,
                                                                                           in_stride);
+}
+
+inline void split_weight_bias_grad_launch(float* dw, float* db, const float* ext, int64_t out, int in, int64_t ld,
+                                         bool accumulate, int sm_count, cudaStream_t stream) {
+  const bool vec4 = in % 4 == 0 && ld % 4 == 0 && reinterpret_cast<uintptr_t>(dw) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(ext) % 16 == 0;
+  const int64_t items = out * (vec4 ? in / 4 : in);
+  const auto blocks = static_cast<unsigned>(std::clamp<int64_t>(ceil_div(items, 256), 1, int64_t{sm_count} * 8));
+  if (vec4) {
+    if (accumulate) {
+      split_weight_bias_grad_kernel<true, true><<<blocks, 256, 0, stream>>>(dw, db, ext, out, in, ld);
+    } else {
+      split_weight_bias_grad_kernel<false, true><<<blocks, 256, 0, stream>>>(dw, db, ext, out, in, ld);
+    }
+  } else if (accumulate) {
+    split_weight_bias_grad_kernel<true, false><<<blocks, 256, 0, stream>>>(dw, db, ext, out, in, ld);
+  } else {
+    split_weight_bias_grad_kernel<false, false><<<blocks, 256, 0, stream>>>(dw, db, ext, out, in, ld);
+  }
+}
+
+inline void write_ones_column_launch(bf16* x, int64_t rows, int C, int64_t ld, cudaStream_t stream) {
+  const int64_t blocks = std::min<int64_t>(ceil_div(rows * (ld - C), 256), 4096);
+  write_ones_column_kernel<<<static_cast<unsigned>(std::max<int64_t>(blocks, 1)), 256, 0, stream>>>(x, rows, C, ld);
 }
 
 inline void float_to_bf16_launch(bf16* out, const float* in, int64_t n, cudaStream_t stream) {
