@@ -2,6 +2,9 @@
 # The GPU measurements still pending, in parts that each fit one device call, from the package
 # bench/pending/stage.sh leaves in .gpu/pending/ (carry it). From the repository root:
 #   PARTS="decode attn_tests" bash bench/pending/run.sh
+# Waiting for a GPU since 2026-12-08 (the opt-in paths written that day, and the defaults of
+# 2026-12-07 that no whole-suite run has covered), in this order, each line one call:
+#   PARTS="tma64 attnall"      PARTS="biasones gentests"
 # Parts (each step capped by `timeout`; seconds are the caps, the usual run is shorter):
 #   decode      (about 240 s) bench/generate/run_gpu_layer3.sh over the fused, attnproj and layer3
 #               paths, each also with FLASHGPT_DECODE_L2_AHEAD=1 (docs/generate.md)
