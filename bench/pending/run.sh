@@ -175,37 +175,12 @@ PY
         --max-seqlen 4096 --min-time 0.05 --bwd-kernels tma --out "$L/attn_dqwarp1"
       step cudnn_bwd_dqwarp 60 python3 "$R/bench/attention_gpu/cudnn_bwd.py" --out "$L/cudnn_dqwarp" \
         --seqlens 512,1024,2048,4096 --min-time-s 0.05
-      python3 - "$L" <<'PY' 2>&1 | tee "$OUT/dqwarp.md" | tee -a "$S"
-import csv, os, sys
-L = sys.argv[1]
-def key(r):
-    return (int(r["batch"]), int(r["heads"]), int(r["seqlen"]), int(r["head_dim"]), int(r["causal"]),
-            round(float(r["dropout"]), 3))
-def load(path):
-    return list(csv.DictReader(open(path))) if os.path.exists(path) else []
-ours, order = {}, []
-for name in ("attn_dqwarp0", "attn_dqwarp1"):
-    for r in load(f"{L}/{name}/attention_cuda.csv"):
-        k = key(r)
-        if k not in ours:
-            ours[k] = {}
-            order.append(k)
-        ours[k][r["bwd_kernel"]] = float(r["bwd_tflops"])
-cudnn = {key(r): float(r["bwd_tflops"]) for r in load(f"{L}/cudnn_dqwarp/cudnn_bwd.csv") if r["bwd_tflops"]}
-f = lambda x: "-" if x is None else f"{x:.1f}"
-q = lambda x, y: "-" if x is None or not y else f"{x / y:.3f}"
-print("backward TFLOP/s: the TMA backward with its dQ warp (FLASHGPT_ATTN_BWD_DQ_WARP=1), without, the wgmma")
-print("backward and cuDNN (torch SDPA); the dQ warp's ratios to the TMA backward and to cuDNN\n")
-print("| batch x heads | seqlen | d | causal | dropout | dq-warp TMA | TMA | wgmma | cuDNN | dq-warp / TMA | dq-warp / cuDNN |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
-for k in order:
-    b, h, s, d, c, p = k
-    row = ours[k]
-    w, t, dw = row.get("wgmma"), row.get("wgmma-tma"), row.get("wgmma-tma+dqwarp")
-    cu = cudnn.get(k)
-    print(f"| {b} x {h} | {s} | {d} | {'yes' if c else 'no'} | {p:g} | {f(dw)} | {f(t)} | {f(w)} | {f(cu)} | "
-          f"{q(dw, t)} | {q(dw, cu)} |")
-PY
+      python3 "$R/bench/attention_gpu/bwd_ab_table.py" --ours "$L/attn_dqwarp0" "$L/attn_dqwarp1" \
+        --cudnn "$L/cudnn_dqwarp" --column "dq-warp TMA=wgmma-tma+dqwarp" --column TMA=wgmma-tma --column wgmma=wgmma \
+        --ratio "dq-warp TMA/TMA" --ratio "dq-warp TMA/cuDNN" \
+        --title "backward TFLOP/s: the TMA backward with its dQ warp (FLASHGPT_ATTN_BWD_DQ_WARP=1), without, the wgmma
+backward and cuDNN (torch SDPA); the dQ warp's ratios to the TMA backward and to cuDNN" 2>&1 |
+        tee "$OUT/dqwarp.md" | tee -a "$S"
       ;;
     tma64)  # the tests first, then the bench with the switch off and on, cuDNN, the table
       step tma64_tests 120 env FLASHGPT_ATTN_BWD_TMA64_VARIANT=1 "$B/attention_cuda_test" \
@@ -221,38 +196,12 @@ PY
         --head-dim 64 --min-seqlen 512 --max-seqlen 4096 --min-time 0.05 --bwd-kernels tma --out "$L/attn_tma64v1"
       step cudnn_bwd_tma64 45 python3 "$R/bench/attention_gpu/cudnn_bwd.py" --out "$L/cudnn_tma64" \
         --seqlens 512,1024,2048,4096 --head-dims 64 --min-time-s 0.05
-      python3 - "$L" <<'PY' 2>&1 | tee "$OUT/tma64.md" | tee -a "$S"
-import csv, os, sys
-L = sys.argv[1]
-def key(r):
-    return (int(r["batch"]), int(r["heads"]), int(r["seqlen"]), int(r["head_dim"]), int(r["causal"]),
-            round(float(r["dropout"]), 3))
-def load(path):
-    return list(csv.DictReader(open(path))) if os.path.exists(path) else []
-ours, order = {}, []
-for name in ("attn_tma64v0", "attn_tma64v1"):
-    for r in load(f"{L}/{name}/attention_cuda.csv"):
-        k = key(r)
-        if k not in ours:
-            ours[k] = {}
-            order.append(k)
-        ours[k][r["bwd_kernel"]] = float(r["bwd_tflops"])
-cudnn = {key(r): float(r["bwd_tflops"]) for r in load(f"{L}/cudnn_tma64/cudnn_bwd.csv") if r["bwd_tflops"]}
-f = lambda x: "-" if x is None else f"{x:.1f}"
-q = lambda x, y: "-" if x is None or not y else f"{x / y:.3f}"
-print("d64 backward TFLOP/s: the TMA backward's d64 variant (FLASHGPT_ATTN_BWD_TMA64_VARIANT=1), the TMA")
-print("backward with its dQ warp, the wgmma backward and cuDNN (torch SDPA); the variant's ratios\n")
-print("| batch x heads | seqlen | causal | dropout | variant | TMA | wgmma | cuDNN | variant / wgmma | "
-      "variant / TMA | variant / cuDNN | wgmma / cuDNN |")
-print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-for k in order:
-    b, h, s, d, c, p = k
-    row = ours[k]
-    w, t, v = row.get("wgmma"), row.get("wgmma-tma+dqwarp"), row.get("wgmma-tma+dqwarp+tma64v")
-    cu = cudnn.get(k)
-    print(f"| {b} x {h} | {s} | {'yes' if c else 'no'} | {p:g} | {f(v)} | {f(t)} | {f(w)} | {f(cu)} | "
-          f"{q(v, w)} | {q(v, t)} | {q(v, cu)} | {q(w, cu)} |")
-PY
+      python3 "$R/bench/attention_gpu/bwd_ab_table.py" --ours "$L/attn_tma64v0" "$L/attn_tma64v1" \
+        --cudnn "$L/cudnn_tma64" --column "variant=wgmma-tma+dqwarp+tma64v" --column "TMA=wgmma-tma+dqwarp" \
+        --column wgmma=wgmma --ratio variant/wgmma --ratio variant/TMA --ratio variant/cuDNN --ratio wgmma/cuDNN \
+        --title "d64 backward TFLOP/s: the TMA backward's d64 variant (FLASHGPT_ATTN_BWD_TMA64_VARIANT=1), the TMA
+backward with its dQ warp, the wgmma backward and cuDNN (torch SDPA); the variant's ratios" 2>&1 |
+        tee "$OUT/tma64.md" | tee -a "$S"
       ;;
     switches)
       OUT=$OUT BINS_DIR=$B DEADLINE=${SWITCHES_DEADLINE:-400} bash "$R/bench/model/ab_switches.sh" >"$L/switches.log" 2>&1 || status=1
