@@ -57,6 +57,7 @@
 #include "flash_bwd_kernel.cuh"
 #include "flash_common.cuh"
 #include "hopper_common.cuh"
+#include "pipeline_parity.h"
 #include "wgmma_common.cuh"
 
 namespace flashgpt::attn {
@@ -224,9 +225,10 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
     if constexpr (kDqWarp) {
       for (int i = 0; i < kDqBuffers; ++i) {
         // One arrival per consumer warp (kSplit: per warp of the summing warpgroup).
-        mbarrier_init(bar_dq_full(i), Traits::kConsumerThreads / 32 / (kSplit ? 2 : 1));
-        mbarrier_init(bar_dq_empty(i), 1);  // the dQ warp's lane 0
-        if (kSplit) mbarrier_init(bar_dq_partial(i), 4);  // one arrival per warp of the other warpgroup
+        mbarrier_init(bar_dq_full(i), dq_handoff_full_arrivals(Traits::kConsumerThreads, kSplit));
+        mbarrier_init(bar_dq_empty(i), kDqHandoffEmptyArrivals);  // the dQ warp's lane 0
+        // one arrival per warp of the other warpgroup
+        if (kSplit) mbarrier_init(bar_dq_partial(i), kDqHandoffPartialArrivals);
       }
     }
     mbarrier_init_fence();
@@ -366,8 +368,8 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
   // kDqWarp: the dQ buffers filled so far (one counter: fewer live registers than an index and a
   // parity); the next fill's buffer, and its "empty" barrier's parity to wait for.
   [[maybe_unused]] uint32_t dq_fills = 0;
-  auto dq_buf = [&](uint32_t fills) { return int(fills % kDqBuffers); };
-  auto dq_free_parity = [&](uint32_t fills) { return ((fills / kDqBuffers) & 1u) ^ 1u; };
+  auto dq_buf = [&](uint32_t fills) { return dq_handoff_buffer<kDqBuffers>(fills); };
+  auto dq_free_parity = [&](uint32_t fills) { return dq_handoff_free_parity<kDqBuffers>(fills); };
   uint32_t kv_phase = 0;
   for (;;) {
     mbarrier_wait(bar_kv_full, kv_phase);
@@ -564,7 +566,7 @@ __global__ void __launch_bounds__(Traits::kThreads, 1)
         const int buf = dq_buf(dq_fills);
         float4* const sdq = reinterpret_cast<float4*>(smem_raw + (sDqStage - raw) + buf * Traits::kDqStageBytes);
         if (buf == wg) {
-          mbarrier_wait(bar_dq_partial(buf), dq_free_parity(dq_fills) ^ 1u);
+          mbarrier_wait(bar_dq_partial(buf), dq_handoff_partial_parity<kDqBuffers>(dq_fills));
 #pragma unroll
           for (int q = 0; q < 8; ++q) {
             const float4 o = sdq[q * 128 + ctid % 128];

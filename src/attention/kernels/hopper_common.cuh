@@ -1,6 +1,6 @@
 // Hopper (sm_90) building blocks of the warp-specialized kernels: TMA tensor maps (host side:
 // encoded through the driver entry point, so nothing links against libcuda), bulk tensor
-// copies that complete on an mbarrier, an mbarrier pipeline state (stage index + phase),
+// copies that complete on an mbarrier, an mbarrier pipeline state (pipeline_parity.h),
 // named barriers and register reallocation (setmaxnreg, sm_90a).
 //
 // The tensor maps describe a [batch][rows][heads][head_dim] tensor with arbitrary (16-byte
@@ -13,6 +13,7 @@
 #pragma once
 
 #include "flash_common.cuh"
+#include "pipeline_parity.h"  // PipelineState
 
 #include <cuda.h>  // CUtensorMap and its enums (types only: the function comes from the runtime)
 #include <cuda_runtime.h>
@@ -120,20 +121,6 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
   while (!mbarrier_try_wait(bar, parity)) {
   }
 }
-
-// Where a ring of kStages buffers stands: the stage in use and the parity of its barrier's
-// current phase, which flips each time the index wraps.
-template <int kStages>
-struct PipelineState {
-  int index = 0;
-  uint32_t phase = 0;
-  __device__ __forceinline__ void advance() {
-    if (++index == kStages) {
-      index = 0;
-      phase ^= 1u;
-    }
-  }
-};
 
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
