@@ -3,6 +3,7 @@
 
 #include "gemm_cpu.h"
 #include "parallel.h"
+#include "rows_cpu.h"
 
 #include <flashgpt/attention_cpu.h>
 #include <flashgpt/error.h>
@@ -23,9 +24,6 @@ namespace {
 constexpr int64_t kChannelBlock = 16;
 
 int64_t channel_blocks(int64_t C) { return (C + kChannelBlock - 1) / kChannelBlock; }
-
-constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
-constexpr float kGeluCubic = 0.044715f;
 
 }  // namespace
 
@@ -158,24 +156,9 @@ void matmul_backward(float* dinp, float* dw, float* db, const float* dout, const
   }
 }
 
-void gelu_forward(float* out, const float* inp, int64_t n) {
-#pragma omp parallel for simd schedule(static) if(parallel : parallel_worth(n))
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = inp[i];
-    out[i] = 0.5f * x * (1.0f + std::tanh(kGeluScale * (x + kGeluCubic * x * x * x)));
-  }
-}
+void gelu_forward(float* out, const float* inp, int64_t n) { gelu_forward_cpu(out, inp, n); }
 
-void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n) {
-#pragma omp parallel for simd schedule(static) if(parallel : parallel_worth(n))
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = inp[i];
-    const float th = std::tanh(kGeluScale * (x + kGeluCubic * x * x * x));
-    const float sech2 = 1.0f - th * th;
-    const float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
-    dinp[i] = grad * dout[i];
-  }
-}
+void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n) { gelu_backward_cpu(dinp, inp, dout, n); }
 
 namespace {
 
@@ -287,22 +270,7 @@ double classifier_forward_backward(float* dinp, float* dwte, float* losses, floa
     const int64_t rows = std::min(chunk_rows, N - r0);
     // logits (rows, V) = inp[r0:] (rows, C) wte[0:V]^T (C, V).
     gemm_cpu(Trans::no, Trans::yes, rows, V, C, 1.0f, inp + r0 * C, C, wte, C, 0.0f, logits, V);
-#pragma omp parallel for schedule(static) if(parallel : parallel_worth(rows * V))
-    for (int64_t r = 0; r < rows; ++r) {
-      float* row = logits + r * V;  // (V)
-      float max = -std::numeric_limits<float>::infinity();
-      for (int64_t v = 0; v < V; ++v) max = std::max(max, row[v]);
-      double sum = 0.0;  // fp32 exponentials (each within 1 ulp), summed in double over up to ~100k terms
-      for (int64_t v = 0; v < V; ++v) sum += std::exp(row[v] - max);
-      const double lse = static_cast<double>(max) + std::log(sum);
-      const int32_t target = targets[r0 + r];
-      losses[r0 + r] = static_cast<float>(lse - static_cast<double>(row[target]));
-      if (!backward) continue;
-      const float lse_f = static_cast<float>(lse);
-#pragma omp simd
-      for (int64_t v = 0; v < V; ++v) row[v] = std::exp(row[v] - lse_f) * dloss;
-      row[target] -= dloss;
-    }
+    classifier_rows_cpu(logits, losses + r0, targets + r0, rows, V, dloss, backward);
     if (!backward) continue;
     // dinp[r0:] (rows, C) = dlogits (rows, V) wte[0:V] (V, C).
     gemm_cpu(Trans::no, Trans::no, rows, C, V, 1.0f, logits, V, wte, C, 0.0f, dinp + r0 * C, C);
