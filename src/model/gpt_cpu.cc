@@ -202,7 +202,7 @@ class GptCpu final : public GptModel {
   float* lnf_mean_;                                       // (N)
   float* lnf_rstd_;                                       // (N)
   float* losses_;                                         // (N)
-  float* logits_;                                         // (chunk_rows, V)
+  float* logits_;                                         // classifier_scratch_floats(chunk_rows, C, V)
   float* scratch_c_;                                      // (N, C): projections; their gradients
   float* dres_;                                           // (N, C): gradient of the residual stream
   float* dln_;                                            // (N, C): gradient of a LayerNorm output
@@ -219,6 +219,7 @@ GptCpu::GptCpu(const ModelConfig& config, const ModelOptions& options)
                  config.context);
   FLASHGPT_CHECK(options.threads >= 0, "gpt_create_cpu: threads must be >= 0, got {}", options.threads);
   threads_ = options.threads > 0 ? options.threads : omp_get_max_threads();
+  model::gemm_cpu_prepare();
   max_batch_ = options.max_batch;
   max_context_ = options.max_context > 0 ? options.max_context : config.context;
   const int64_t C = config.d_model, L = config.n_layer, F = config.d_ff, NH = config.n_head;
@@ -234,7 +235,8 @@ GptCpu::GptCpu(const ModelConfig& config, const ModelOptions& options)
   targets_.assign(static_cast<size_t>(N), 0);
 
   const int64_t per_layer = N * (8 * C + 2 * F + 4 + NH);  // the LayerActs fields, in floats
-  const int64_t total = N * C + L * per_layer + N * (C + 3) + chunk_rows_ * V + N * (4 * C + 3 * C + F);
+  const int64_t total = N * C + L * per_layer + N * (C + 3) + model::classifier_scratch_floats(chunk_rows_, C, V) +
+                        N * (4 * C + 3 * C + F);
   try {
     arena_.assign(static_cast<size_t>(total), 0.0f);
   } catch (const std::bad_alloc&) {
@@ -269,7 +271,7 @@ GptCpu::GptCpu(const ModelConfig& config, const ModelOptions& options)
   lnf_mean_ = take(N);
   lnf_rstd_ = take(N);
   losses_ = take(N);
-  logits_ = take(chunk_rows_ * V);
+  logits_ = take(model::classifier_scratch_floats(chunk_rows_, C, V));
   scratch_c_ = take(N * C);
   dres_ = take(N * C);
   dln_ = take(N * C);

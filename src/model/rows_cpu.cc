@@ -82,6 +82,27 @@ constexpr int64_t kSumBlock = 2048;
   return static_cast<float>(lse - static_cast<double>(target_logit));
 }
 
+// x = exp(x - max) over n values; returns the sum (fp32 lanes: n is one vocabulary slab).
+[[gnu::always_inline]] inline float exp_slab_body(float* x, int64_t n, float* max_out) {
+  float max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : max)
+  for (int64_t i = 0; i < n; ++i) max = x[i] > max ? x[i] : max;
+  float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) {
+    const float e = exp_neg_body(x[i] - max);
+    x[i] = e;
+    sum += e;
+  }
+  *max_out = max;
+  return sum;
+}
+
+[[gnu::always_inline]] inline void scale_body(float* x, int64_t n, float s) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) x[i] *= s;
+}
+
 [[gnu::always_inline]] inline void gelu_forward_body(float* out, const float* inp, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
@@ -120,6 +141,8 @@ constexpr int64_t kSumBlock = 2048;
 struct RowKernels {
   float (*exp_neg)(float x);
   float (*classifier_row)(float* row, int64_t V, int32_t target, float dloss, bool backward);
+  float (*exp_slab)(float* x, int64_t n, float* max_out);
+  void (*scale)(float* x, int64_t n, float s);
   void (*gelu_forward)(float* out, const float* inp, int64_t n);
   void (*gelu_backward)(float* dinp, const float* inp, const float* dout, int64_t n);
   void (*adamw)(float* p, const float* g, float* m, float* v, int64_t n, const AdamWRow& a);
@@ -130,6 +153,8 @@ struct RowKernels {
   ATTR float classifier_row_##isa(float* row, int64_t V, int32_t target, float dloss, bool backward) {         \
     return classifier_row(row, V, target, dloss, backward);                                                    \
   }                                                                                                            \
+  ATTR float exp_slab_##isa(float* x, int64_t n, float* max_out) { return exp_slab_body(x, n, max_out); }      \
+  ATTR void scale_##isa(float* x, int64_t n, float s) { scale_body(x, n, s); }                                 \
   ATTR void gelu_forward_##isa(float* out, const float* inp, int64_t n) { gelu_forward_body(out, inp, n); }    \
   ATTR void gelu_backward_##isa(float* dinp, const float* inp, const float* dout, int64_t n) {                 \
     gelu_backward_body(dinp, inp, dout, n);                                                                    \
@@ -137,7 +162,8 @@ struct RowKernels {
   ATTR void adamw_##isa(float* p, const float* g, float* m, float* v, int64_t n, const AdamWRow& a) {          \
     adamw_body(p, g, m, v, n, a);                                                                              \
   }                                                                                                            \
-  constexpr RowKernels kRowKernels_##isa = {exp_neg_##isa, classifier_row_##isa, gelu_forward_##isa,           \
+  constexpr RowKernels kRowKernels_##isa = {exp_neg_##isa,      classifier_row_##isa, exp_slab_##isa,         \
+                                            scale_##isa,        gelu_forward_##isa,                            \
                                             gelu_backward_##isa, adamw_##isa};
 
 FLASHGPT_ROW_KERNELS(, baseline)
@@ -170,6 +196,11 @@ void classifier_rows_cpu(float* logits, float* losses, const int32_t* targets, i
   const auto row = row_kernels().classifier_row;
 #pragma omp parallel for schedule(static) if(parallel : parallel_worth(rows * V))
   for (int64_t r = 0; r < rows; ++r) losses[r] = row(logits + r * V, V, targets[r], dloss, backward);
+}
+
+SlabKernels slab_kernels() {
+  const RowKernels& k = row_kernels();
+  return SlabKernels{k.exp_slab, k.scale};
 }
 
 void gelu_forward_cpu(float* out, const float* inp, int64_t n) {

@@ -23,6 +23,15 @@ void classifier_rows_cpu(float* logits,          // (rows, V), in place
                          const int32_t* targets, // (rows), each in [0, V)
                          int64_t rows, int64_t V, float dloss, bool backward);
 
+// The classifier's vocabulary slabs (layers_cpu.cc), picked once per call for the ISA:
+// exp_slab sets x = exp(x - max) over n values and returns their fp32 sum with the max in
+// *max_out; scale multiplies n values by s.
+struct SlabKernels {
+  float (*exp_slab)(float* x, int64_t n, float* max_out);
+  void (*scale)(float* x, int64_t n, float s);
+};
+SlabKernels slab_kernels();
+
 // GELU (tanh approximation) forward and backward over n elements (layers_cpu.h), tanh
 // through exp_neg: tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2 |u|). OpenMP over n.
 void gelu_forward_cpu(float* out, const float* inp, int64_t n);

@@ -361,7 +361,8 @@ TEST(ModelLayersFp32, ClassifierChunks) {
   const auto x_f = cast_vector<float>(x), wte_f = cast_vector<float>(wte);
   for (const int64_t chunk : {int64_t{1}, int64_t{5}, N, int64_t{100}}) {
     SCOPED_TRACE(::testing::Message() << "chunk_rows " << chunk);
-    std::vector<float> dx(N * C, NAN), dwte(Vp * C, 0.0f), losses(N), logits(std::min(chunk, N) * V);
+    std::vector<float> dx(N * C, NAN), dwte(Vp * C, 0.0f), losses(N),
+        logits(static_cast<size_t>(classifier_scratch_floats(std::min(chunk, N), C, V)));
     const double loss = classifier_forward_backward(dx.data(), dwte.data(), losses.data(), logits.data(), x_f.data(),
                                                     wte_f.data(), targets.data(), N, C, V, static_cast<float>(dloss),
                                                     chunk);
