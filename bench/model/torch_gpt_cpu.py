@@ -11,7 +11,8 @@ For each preset it
   3. times PyTorch's training step (zero_grad, forward, backward, clip to norm 1,
      torch.optim.AdamW lr 1e-4, betas 0.9/0.95, eps 1e-8, no weight decay) eager and,
      with --compile, under torch.compile (inductor's C++ backend, g++), on random batches;
-and prints one table with ours / eager. Both sides use --threads threads (OMP_NUM_THREADS
+and prints one table with ours / eager: PyTorch's step time over ours, so above 1 is ours
+faster. Both sides use --threads threads (OMP_NUM_THREADS
 for ours, torch.set_num_threads for PyTorch's); the other side is idle while one runs.
 --repeat N alternates the two N times (A B A B) and reports medians, since two cores
 shared with other work give noisy single timings.
@@ -148,13 +149,14 @@ def main():
           f"medians of {args.repeat}; load average after {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     head = f"{'preset':<7} {'B x T':>8} {'ours ms':>9} {'eager ms':>9} {'ours/eager':>10}"
     if args.compile:
-        head += f" {'compile ms':>10} {'ours/compile':>12}"
+        head += f" {'compile ms':>10} {'ours/compile':>12} {'compile warm-up s':>17}"
     print(head)
     for r in rows:
         line = (f"{r['preset']:<7} {r['batch']:>3} x {r['T']:<4} {r['ours_ms']:>9.1f} {r['eager_ms']:>9.1f} "
                 f"{r['eager_ms'] / r['ours_ms']:>9.2f}x")
         if args.compile:
-            line += f" {r['compiled_ms']:>10.1f} {r['compiled_ms'] / r['ours_ms']:>11.2f}x"
+            line += (f" {r['compiled_ms']:>10.1f} {r['compiled_ms'] / r['ours_ms']:>11.2f}x"
+                     f" {r['compile_warmup_s']:>17.0f}")
         print(line)
     if args.out:
         tmp_out = args.out + ".tmp"
