@@ -94,7 +94,8 @@ void gemm_rows_generic(int64_t i0, int64_t rows, int64_t N, int64_t K, float alp
 // than tall, kBlasSlabCols columns) of C that OpenMP spreads over its threads: every
 // element of C comes from a call of the same shape whatever the thread count (OpenBLAS's
 // own threading gives other bits for other thread counts), and OpenMP's thread count is
-// the only one to set.
+// the only one to set. The slabs are handed out dynamically (any thread may compute any
+// slab): on shared cores a static share would leave one thread waiting for the other.
 constexpr int64_t kBlasSlabRows = 64;
 constexpr int64_t kBlasSlabCols = 256;
 
@@ -198,7 +199,7 @@ void gemm_cpu(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, flo
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
     if (M >= N) {
       const int64_t slabs = (M + kBlasSlabRows - 1) / kBlasSlabRows;
-#pragma omp parallel for schedule(static) if(parallel : slabs > 1 && parallel_worth(M * N * K))
+#pragma omp parallel for schedule(dynamic) if(parallel : slabs > 1 && parallel_worth(M * N * K))
       for (int64_t slab = 0; slab < slabs; ++slab) {
         const int64_t i0 = slab * kBlasSlabRows;
         const int m = static_cast<int>(std::min(kBlasSlabRows, M - i0));
@@ -210,7 +211,7 @@ void gemm_cpu(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, flo
       // Wide C (the classifier's rows x V logits): slabs of columns.
       const int64_t slabs = (N + kBlasSlabCols - 1) / kBlasSlabCols;
       const int m_all = static_cast<int>(M);
-#pragma omp parallel for schedule(static) if(parallel : slabs > 1 && parallel_worth(M * N * K))
+#pragma omp parallel for schedule(dynamic) if(parallel : slabs > 1 && parallel_worth(M * N * K))
       for (int64_t slab = 0; slab < slabs; ++slab) {
         const int64_t j0 = slab * kBlasSlabCols;
         const int n = static_cast<int>(std::min(kBlasSlabCols, N - j0));

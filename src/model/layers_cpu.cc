@@ -300,8 +300,11 @@ double classifier_forward_backward(float* dinp, float* dwte, float* losses, floa
     const float* x = inp + r0 * C;  // (rows, C)
     const int32_t* tg = targets + r0;
     // Per slab: logits[:, v0:v1] (rows, vn) = x (rows, C) wte[v0:v1]^T (C, vn), then each
-    // row's max and sum of exponentials over the slab while the slab is in cache.
-#pragma omp parallel for schedule(static) if(parallel : slabs_parallel)
+    // row's max and sum of exponentials over the slab while the slab is in cache. Slabs
+    // and groups are handed out dynamically: on shared cores a thread that loses its core
+    // would hold the other at the barrier with a static share, and no result depends on
+    // which thread computes a slab.
+#pragma omp parallel for schedule(dynamic) if(parallel : slabs_parallel)
     for (int64_t s = 0; s < S; ++s) {
       const int64_t v0 = s * kVocabSlab, vn = std::min(kVocabSlab, V - v0);
       gemm_cpu_serial(Trans::no, Trans::yes, rows, vn, C, 1.0f, x, C, wte + v0 * C, C, 0.0f, logits + v0, V);
@@ -328,7 +331,7 @@ double classifier_forward_backward(float* dinp, float* dwte, float* losses, floa
     // dwte[v0:v1] (vn, C) += dlogits^T (vn, rows) x (rows, C) and the slab's group partial
     // of dinp (rows, C) += dlogits (rows, vn) wte[v0:v1] (vn, C).
     const int64_t groups = std::min(kDinpGroups, S);
-#pragma omp parallel for schedule(static) if(parallel : slabs_parallel)
+#pragma omp parallel for schedule(dynamic) if(parallel : slabs_parallel)
     for (int64_t g = 0; g < groups; ++g) {
       float* part = dinp_part + g * R * C;
       for (int64_t s = g * S / groups; s < (g + 1) * S / groups; ++s) {

@@ -17,9 +17,6 @@ namespace {
 
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluCubic = 0.044715f;
-// The softmax sums exponentials per lane in fp32 over blocks of this many, then the
-// blocks in double: at most kSumBlock / lanes terms of at most 1 in one fp32 partial.
-constexpr int64_t kSumBlock = 2048;
 
 [[gnu::always_inline]] inline float exp_neg_body(float x) {
   constexpr float kLog2e = 1.4426950408889634f;
@@ -52,34 +49,6 @@ constexpr int64_t kSumBlock = 2048;
   const float e = exp_neg_body(-2.0f * a);
   const float t = (1.0f - e) / (1.0f + e);
   return u < 0.0f ? -t : t;
-}
-
-[[gnu::always_inline]] inline float classifier_row(float* row, int64_t V, int32_t target, float dloss,
-                                                   bool backward) {
-  float max = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : max)
-  for (int64_t v = 0; v < V; ++v) max = row[v] > max ? row[v] : max;
-  const float target_logit = row[target];
-  double sum = 0.0;
-  for (int64_t v0 = 0; v0 < V; v0 += kSumBlock) {
-    const int64_t v1 = v0 + kSumBlock < V ? v0 + kSumBlock : V;
-    float part = 0.0f;
-#pragma omp simd reduction(+ : part)
-    for (int64_t v = v0; v < v1; ++v) {
-      const float e = exp_neg_body(row[v] - max);
-      row[v] = e;
-      part += e;
-    }
-    sum += part;
-  }
-  const double lse = static_cast<double>(max) + std::log(sum);
-  if (backward) {
-    const float scale = static_cast<float>(static_cast<double>(dloss) / sum);
-#pragma omp simd
-    for (int64_t v = 0; v < V; ++v) row[v] *= scale;
-    row[target] -= dloss;
-  }
-  return static_cast<float>(lse - static_cast<double>(target_logit));
 }
 
 // x = exp(x - max) over n values; returns the sum (fp32 lanes: n is one vocabulary slab).
@@ -140,7 +109,6 @@ constexpr int64_t kSumBlock = 2048;
 // compiled for the baseline ISA whatever function it is inlined into.
 struct RowKernels {
   float (*exp_neg)(float x);
-  float (*classifier_row)(float* row, int64_t V, int32_t target, float dloss, bool backward);
   float (*exp_slab)(float* x, int64_t n, float* max_out);
   void (*scale)(float* x, int64_t n, float s);
   void (*gelu_forward)(float* out, const float* inp, int64_t n);
@@ -150,9 +118,6 @@ struct RowKernels {
 
 #define FLASHGPT_ROW_KERNELS(ATTR, isa)                                                                          \
   ATTR float exp_neg_##isa(float x) { return exp_neg_body(x); }                                                \
-  ATTR float classifier_row_##isa(float* row, int64_t V, int32_t target, float dloss, bool backward) {         \
-    return classifier_row(row, V, target, dloss, backward);                                                    \
-  }                                                                                                            \
   ATTR float exp_slab_##isa(float* x, int64_t n, float* max_out) { return exp_slab_body(x, n, max_out); }      \
   ATTR void scale_##isa(float* x, int64_t n, float s) { scale_body(x, n, s); }                                 \
   ATTR void gelu_forward_##isa(float* out, const float* inp, int64_t n) { gelu_forward_body(out, inp, n); }    \
@@ -162,9 +127,8 @@ struct RowKernels {
   ATTR void adamw_##isa(float* p, const float* g, float* m, float* v, int64_t n, const AdamWRow& a) {          \
     adamw_body(p, g, m, v, n, a);                                                                              \
   }                                                                                                            \
-  constexpr RowKernels kRowKernels_##isa = {exp_neg_##isa,      classifier_row_##isa, exp_slab_##isa,         \
-                                            scale_##isa,        gelu_forward_##isa,                            \
-                                            gelu_backward_##isa, adamw_##isa};
+  constexpr RowKernels kRowKernels_##isa = {exp_neg_##isa,      exp_slab_##isa,      scale_##isa,             \
+                                            gelu_forward_##isa, gelu_backward_##isa, adamw_##isa};
 
 FLASHGPT_ROW_KERNELS(, baseline)
 #if FLASHGPT_CPU_DISPATCH
@@ -190,13 +154,6 @@ constexpr int64_t kElementBlock = 4096;
 }  // namespace
 
 float exp_neg_cpu(float x) { return row_kernels().exp_neg(x); }
-
-void classifier_rows_cpu(float* logits, float* losses, const int32_t* targets, int64_t rows, int64_t V, float dloss,
-                         bool backward) {
-  const auto row = row_kernels().classifier_row;
-#pragma omp parallel for schedule(static) if(parallel : parallel_worth(rows * V))
-  for (int64_t r = 0; r < rows; ++r) losses[r] = row(logits + r * V, V, targets[r], dloss, backward);
-}
 
 SlabKernels slab_kernels() {
   const RowKernels& k = row_kernels();

@@ -1,6 +1,6 @@
 // Row and elementwise loops of the CPU layers that run once per ISA (cpu_isa.h): each
-// entry point reads cpu_isa() and calls its AVX-512, AVX2 or baseline (SSE2) copy of
-// one loop body. Results differ across ISAs in the last bits (FMA contracts, lane count
+// entry point reads cpu_isa() once per call and runs its AVX-512, AVX2 or baseline (SSE2)
+// copy of one loop body. Results differ across ISAs in the last bits (FMA contracts, lane count
 // of a reduction) but never across thread counts: each output is one thread's work.
 #pragma once
 
@@ -9,19 +9,10 @@
 namespace flashgpt::model {
 
 // exp(x) in fp32 for x <= 0 (the softmax's shifted logits): Cody-Waite reduction
-// x = n ln2 + r, |r| <= ln2 / 2, and a degree-6 polynomial for e^r; within 2 ulp of
+// x = n ln2 + r, |r| <= ln2 / 2, and a degree-7 polynomial for e^r; within 2 ulp of
 // std::exp on [-87, 0], and flushed to 0 below -87 (e^-87 is 1.6e-38, beneath fp32's
 // normal range).
 float exp_neg_cpu(float x);
-
-// The classifier's rows (V logits each, in place, OpenMP over rows): losses[r] =
-// logsumexp(row) - row[targets[r]]; with `backward` each row becomes its gradient
-// (softmax(row) - onehot(target)) dloss. Per row: its max, then exp(row - max) stored and
-// summed in fp32 lanes over blocks of 2048 (the blocks added in double), then one scale.
-void classifier_rows_cpu(float* logits,          // (rows, V), in place
-                         float* losses,          // = (rows)
-                         const int32_t* targets, // (rows), each in [0, V)
-                         int64_t rows, int64_t V, float dloss, bool backward);
 
 // The classifier's vocabulary slabs (layers_cpu.cc), picked once per call for the ISA:
 // exp_slab sets x = exp(x - max) over n values and returns their fp32 sum with the max in
