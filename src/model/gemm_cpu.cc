@@ -2,10 +2,13 @@
 #include "gemm_cpu.h"
 #include "parallel.h"
 
+#include <flashgpt/cpu_isa.h>
 #include <flashgpt/error.h>
 
 #include <algorithm>
 #include <cstddef>
+#include <cstdlib>
+#include <cstring>
 
 #ifndef FLASHGPT_HAVE_BLAS
 #define FLASHGPT_HAVE_BLAS 0
@@ -18,8 +21,12 @@
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc, size_t transa_len, size_t transb_len);
-// OpenBLAS's thread control, weak: other BLAS libraries lack it.
+// OpenBLAS's thread control and, in its DYNAMIC_ARCH builds, its choice of kernels; weak:
+// other BLAS libraries lack them.
 extern "C" void openblas_set_num_threads(int threads) __attribute__((weak));
+extern "C" char* openblas_get_corename() __attribute__((weak));
+extern "C" void gotoblas_dynamic_init() __attribute__((weak));
+extern "C" void gotoblas_dynamic_quit() __attribute__((weak));
 #endif
 
 namespace flashgpt::model {
@@ -87,12 +94,33 @@ void gemm_rows_generic(int64_t i0, int64_t rows, int64_t N, int64_t K, float alp
 // than tall, kBlasSlabCols columns) of C that OpenMP spreads over its threads: every
 // element of C comes from a call of the same shape whatever the thread count (OpenBLAS's
 // own threading gives other bits for other thread counts), and OpenMP's thread count is
-// the only one to set.
+// the only one to set. The slabs are handed out dynamically (any thread may compute any
+// slab): on shared cores a static share would leave one thread waiting for the other.
 constexpr int64_t kBlasSlabRows = 64;
 constexpr int64_t kBlasSlabCols = 256;
 
+// OpenBLAS picks its kernels by CPU model when it loads; a model it does not know (0.3.21
+// on Sapphire Rapids, say) gets its SSE3 "Prescott" kernels, 4x slower than its AVX-512
+// ones here (1024^3 sgemm on one core: 28 against 110 GFLOP/s). Then the kernels cpu_isa()
+// allows are chosen by name through OpenBLAS's own OPENBLAS_CORETYPE, set only for the
+// re-initialisation. A user's OPENBLAS_CORETYPE is left alone.
+void blas_choose_kernels() {
+  if (openblas_get_corename == nullptr || gotoblas_dynamic_init == nullptr || gotoblas_dynamic_quit == nullptr) return;
+  if (std::getenv("OPENBLAS_CORETYPE") != nullptr) return;
+  const char* name = openblas_get_corename();
+  if (name == nullptr || std::strcmp(name, "Prescott") != 0) return;
+  const CpuIsa isa = cpu_isa();
+  const char* core = isa == CpuIsa::avx512 ? "SkylakeX" : isa == CpuIsa::avx2 ? "Haswell" : nullptr;
+  if (core == nullptr) return;
+  setenv("OPENBLAS_CORETYPE", core, 1);
+  gotoblas_dynamic_quit();
+  gotoblas_dynamic_init();
+  unsetenv("OPENBLAS_CORETYPE");
+}
+
 void blas_single_threaded() {
   static const bool once = [] {
+    blas_choose_kernels();
     if (openblas_set_num_threads != nullptr) openblas_set_num_threads(1);
     return true;
   }();
@@ -124,6 +152,37 @@ void gemm_cpu_loops(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t 
   }
 }
 
+void gemm_cpu_serial(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                     int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  check_shape(M, N, K);
+  if (M == 0 || N == 0) return;
+#if FLASHGPT_HAVE_BLAS
+  constexpr int64_t kIntMax = 2147483647;
+  if (K > 0 && M <= kIntMax && N <= kIntMax && K <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax) {
+    blas_single_threaded();
+    const char ca = trans_b == Trans::yes ? 'T' : 'N', cb = trans_a == Trans::yes ? 'T' : 'N';
+    const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
+    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+    sgemm_(&ca, &cb, &n, &m, &k, &alpha, B, &la, A, &lb, &beta, C, &lc, 1, 1);
+    return;
+  }
+#endif
+  const bool ta = trans_a == Trans::yes, tb = trans_b == Trans::yes;
+  if (!tb) {
+    gemm_rows_axpy(ta, 0, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  } else if (!ta) {
+    gemm_rows_dot(0, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  } else {
+    gemm_rows_generic(0, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+}
+
+void gemm_cpu_prepare() {
+#if FLASHGPT_HAVE_BLAS
+  blas_single_threaded();
+#endif
+}
+
 bool gemm_cpu_has_blas() { return FLASHGPT_HAVE_BLAS != 0; }
 
 void gemm_cpu(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
@@ -140,7 +199,7 @@ void gemm_cpu(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, flo
     const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
     if (M >= N) {
       const int64_t slabs = (M + kBlasSlabRows - 1) / kBlasSlabRows;
-#pragma omp parallel for schedule(static) if(parallel : slabs > 1 && parallel_worth(M * N * K))
+#pragma omp parallel for schedule(dynamic) if(parallel : slabs > 1 && parallel_worth(M * N * K))
       for (int64_t slab = 0; slab < slabs; ++slab) {
         const int64_t i0 = slab * kBlasSlabRows;
         const int m = static_cast<int>(std::min(kBlasSlabRows, M - i0));
@@ -152,7 +211,7 @@ void gemm_cpu(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, flo
       // Wide C (the classifier's rows x V logits): slabs of columns.
       const int64_t slabs = (N + kBlasSlabCols - 1) / kBlasSlabCols;
       const int m_all = static_cast<int>(M);
-#pragma omp parallel for schedule(static) if(parallel : slabs > 1 && parallel_worth(M * N * K))
+#pragma omp parallel for schedule(dynamic) if(parallel : slabs > 1 && parallel_worth(M * N * K))
       for (int64_t slab = 0; slab < slabs; ++slab) {
         const int64_t j0 = slab * kBlasSlabCols;
         const int n = static_cast<int>(std::min(kBlasSlabCols, N - j0));

@@ -21,6 +21,16 @@ void gemm_cpu(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, flo
 void gemm_cpu_loops(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                     int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
 
+// The same product on the calling thread only: for callers that spread their own tasks
+// over OpenMP's threads (one BLAS call, or the loops without a parallel region).
+void gemm_cpu_serial(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                     int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc);
+
+// Sets BLAS up (done by the first gemm_cpu call otherwise): OpenBLAS on one thread per call,
+// and its AVX-512 or AVX2 kernels where it did not recognise the CPU (gemm_cpu.cc). Call it
+// outside parallel regions: it may set an environment variable for a moment.
+void gemm_cpu_prepare();
+
 // Whether gemm_cpu goes through BLAS in this build.
 bool gemm_cpu_has_blas();
 

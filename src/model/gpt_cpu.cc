@@ -9,13 +9,17 @@
 #include "layers_cpu.h"
 #include "param_layout.h"
 #include "parallel.h"
+#include "rows_cpu.h"
 
+#include <flashgpt/env_switch.h>
 #include <flashgpt/error.h>
 #include <flashgpt/model.h>
 
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
 #include <cmath>
 #include <cstring>
 
@@ -29,7 +33,10 @@ using model::parallel_worth;
 
 // Rows of the classifier's logits held at once: chunk_rows x V floats within this budget,
 // so a 100k vocabulary never needs the (B, T, Vp) logits of the batch (1.6 GB at 8 x 512).
-constexpr int64_t kClassifierChunkFloats = int64_t{16} << 20;  // 64 MiB
+// Each chunk packs all of wte for each of its three products, so fewer, larger chunks
+// pack less: 256 MiB is 512 rows of 2048 (small preset, 8 x 256) in 4 chunks where 64 MiB
+// took 13 (one thread, small preset: 4.7 -> 3.9 s a step).
+constexpr int64_t kClassifierChunkFloats = int64_t{64} << 20;  // 256 MiB
 // Partial sums of the gradient norm: one per block of this many floats, added in order.
 constexpr int64_t kNormBlock = int64_t{1} << 16;
 
@@ -43,6 +50,58 @@ class OmpThreads {
 
  private:
   int saved_;
+};
+
+// FLASHGPT_MODEL_PROFILE=1: wall time between the ops of forward_backward, summed per
+// label over the layers and the calls after the first, printed to stderr when the model
+// is destroyed. Off: mark() reads no clock.
+class CpuProfile {
+ public:
+  CpuProfile() : on_(env_switch("FLASHGPT_MODEL_PROFILE", false)) {}
+  ~CpuProfile() {
+    if (!on_ || calls_ == 0) return;
+    double total = 0.0;
+    for (const auto& e : entries_) total += e.second;
+    std::fprintf(stderr, "profile: CPU wall time per forward_backward by op (%lld calls after the first)\n",
+                 static_cast<long long>(calls_));
+    for (const auto& e : entries_) {
+      std::fprintf(stderr, "  %-22s %9.2f ms %5.1f%%\n", e.first, e.second / static_cast<double>(calls_),
+                   100.0 * e.second / total);
+    }
+    std::fprintf(stderr, "  %-22s %9.2f ms\n", "total", total / static_cast<double>(calls_));
+  }
+  CpuProfile(const CpuProfile&) = delete;
+  CpuProfile& operator=(const CpuProfile&) = delete;
+  void begin() {
+    if (on_) last_ = Clock::now();
+  }
+  // The time since the last mark (or begin) goes to `label`.
+  void mark(const char* label) {
+    if (!on_) return;
+    const Clock::time_point now = Clock::now();
+    const double ms = std::chrono::duration<double, std::milli>(now - last_).count();
+    last_ = now;
+    if (!recording_) return;
+    auto it = std::find_if(entries_.begin(), entries_.end(), [&](const auto& e) { return std::strcmp(e.first, label) == 0; });
+    if (it == entries_.end()) {
+      entries_.emplace_back(label, ms);
+    } else {
+      it->second += ms;
+    }
+  }
+  void end() {
+    if (!on_) return;
+    if (recording_) ++calls_;
+    recording_ = true;  // the first call pays for page faults of the fresh buffers
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  bool on_;
+  bool recording_ = false;
+  int64_t calls_ = 0;
+  Clock::time_point last_;
+  std::vector<std::pair<const char*, double>> entries_;
 };
 
 class GptCpu final : public GptModel {
@@ -130,6 +189,7 @@ class GptCpu final : public GptModel {
 
   ModelConfig config_;
   ParamLayout layout_;
+  CpuProfile profile_;
   GradReadyHook grad_ready_;
   int threads_;
   int64_t max_batch_, max_context_, chunk_rows_;
@@ -145,7 +205,7 @@ class GptCpu final : public GptModel {
   float* lnf_mean_;                                       // (N)
   float* lnf_rstd_;                                       // (N)
   float* losses_;                                         // (N)
-  float* logits_;                                         // (chunk_rows, V)
+  float* logits_;                                         // classifier_scratch_floats(chunk_rows, C, V)
   float* scratch_c_;                                      // (N, C): projections; their gradients
   float* dres_;                                           // (N, C): gradient of the residual stream
   float* dln_;                                            // (N, C): gradient of a LayerNorm output
@@ -162,11 +222,15 @@ GptCpu::GptCpu(const ModelConfig& config, const ModelOptions& options)
                  config.context);
   FLASHGPT_CHECK(options.threads >= 0, "gpt_create_cpu: threads must be >= 0, got {}", options.threads);
   threads_ = options.threads > 0 ? options.threads : omp_get_max_threads();
+  model::gemm_cpu_prepare();
   max_batch_ = options.max_batch;
   max_context_ = options.max_context > 0 ? options.max_context : config.context;
   const int64_t C = config.d_model, L = config.n_layer, F = config.d_ff, NH = config.n_head;
   const int64_t V = config.vocab_size, N = max_batch_ * max_context_;
-  chunk_rows_ = std::clamp<int64_t>(kClassifierChunkFloats / V, 1, N);
+  // Equal chunks: as few as the budget allows, their rows spread evenly.
+  const int64_t chunk_max = std::clamp<int64_t>(kClassifierChunkFloats / V, 1, N);
+  const int64_t chunks = (N + chunk_max - 1) / chunk_max;
+  chunk_rows_ = (N + chunks - 1) / chunks;
 
   const int64_t count = layout_.total();
   params_.assign(static_cast<size_t>(count), 0.0f);
@@ -177,7 +241,8 @@ GptCpu::GptCpu(const ModelConfig& config, const ModelOptions& options)
   targets_.assign(static_cast<size_t>(N), 0);
 
   const int64_t per_layer = N * (8 * C + 2 * F + 4 + NH);  // the LayerActs fields, in floats
-  const int64_t total = N * C + L * per_layer + N * (C + 3) + chunk_rows_ * V + N * (4 * C + 3 * C + F);
+  const int64_t total = N * C + L * per_layer + N * (C + 3) + model::classifier_scratch_floats(chunk_rows_, C, V) +
+                        N * (4 * C + 3 * C + F);
   try {
     arena_.assign(static_cast<size_t>(total), 0.0f);
   } catch (const std::bad_alloc&) {
@@ -212,7 +277,7 @@ GptCpu::GptCpu(const ModelConfig& config, const ModelOptions& options)
   lnf_mean_ = take(N);
   lnf_rstd_ = take(N);
   losses_ = take(N);
-  logits_ = take(chunk_rows_ * V);
+  logits_ = take(model::classifier_scratch_floats(chunk_rows_, C, V));
   scratch_c_ = take(N * C);
   dres_ = take(N * C);
   dln_ = take(N * C);
@@ -310,27 +375,39 @@ void GptCpu::forward_to_lnf(int64_t B, int64_t T, const StepRng* rng) {
   const float attn_dropout = rng != nullptr ? config_.dropout : 0.0f;
   model::encoder_forward(res0_, inputs_.data(), param(ParamKind::wte), param(ParamKind::wpe), B, T, C);
   model::dropout_forward(res0_, N, C, site(rng, 0));
+  profile_.mark("embedding");
   const float* res = res0_;  // (N, C): the residual stream entering layer l
   for (int64_t l = 0; l < config_.n_layer; ++l) {
     LayerActs& a = layers_[static_cast<size_t>(l)];
     model::layernorm_forward(a.ln1, a.ln1_mean, a.ln1_rstd, res, param(ParamKind::ln1_w, l),
                              param(ParamKind::ln1_b, l), N, C);
+    profile_.mark("layernorm fwd");
     model::matmul_forward(a.qkv, a.ln1, param(ParamKind::qkv_w, l), param(ParamKind::qkv_b, l), N, C, 3 * C);
+    profile_.mark("qkv fwd");
     model::attention_forward(a.att, a.lse, a.qkv, B, T, C, NH, attn_dropout,
                              rng != nullptr ? attention_rng(*rng, l) : DropoutRng{});
+    profile_.mark("attention fwd");
     model::matmul_forward(scratch_c_, a.att, param(ParamKind::attn_proj_w, l), param(ParamKind::attn_proj_b, l), N,
                           C, C);
+    profile_.mark("attn proj fwd");
     model::residual_dropout_forward(a.res2, res, scratch_c_, N, C, site(rng, 1 + 2 * l));
+    profile_.mark("residual dropout fwd");
     model::layernorm_forward(a.ln2, a.ln2_mean, a.ln2_rstd, a.res2, param(ParamKind::ln2_w, l),
                              param(ParamKind::ln2_b, l), N, C);
+    profile_.mark("layernorm fwd");
     model::matmul_forward(a.fch, a.ln2, param(ParamKind::fc_w, l), param(ParamKind::fc_b, l), N, C, F);
+    profile_.mark("fc fwd");
     model::gelu_forward(a.fcg, a.fch, N * F);
+    profile_.mark("gelu fwd");
     model::matmul_forward(scratch_c_, a.fcg, param(ParamKind::fc_proj_w, l), param(ParamKind::fc_proj_b, l), N, F,
                           C);
+    profile_.mark("fc proj fwd");
     model::residual_dropout_forward(a.res_out, a.res2, scratch_c_, N, C, site(rng, 2 + 2 * l));
+    profile_.mark("residual dropout fwd");
     res = a.res_out;
   }
   model::layernorm_forward(lnf_, lnf_mean_, lnf_rstd_, res, param(ParamKind::lnf_w), param(ParamKind::lnf_b), N, C);
+  profile_.mark("layernorm fwd");
 }
 
 void GptCpu::backward(int64_t B, int64_t T, StepRng rng, bool dropout) {
@@ -342,6 +419,7 @@ void GptCpu::backward(int64_t B, int64_t T, StepRng rng, bool dropout) {
   std::fill(dres_, dres_ + N * C, 0.0f);
   model::layernorm_backward(dres_, grad(ParamKind::lnf_w), grad(ParamKind::lnf_b), dln_, res_last,
                             param(ParamKind::lnf_w), lnf_mean_, lnf_rstd_, N, C);
+  profile_.mark("layernorm bwd");
   grad_ready(ParamKind::lnf_w);
   grad_ready(ParamKind::lnf_b);
   for (int64_t l = L - 1; l >= 0; --l) {
@@ -349,23 +427,33 @@ void GptCpu::backward(int64_t B, int64_t T, StepRng rng, bool dropout) {
     const float* res_in = l > 0 ? layers_[static_cast<size_t>(l - 1)].res_out : res0_;
     // res_out = res2 + dropout(fcg Wfp^T + bfp): dres flows on to res2 unchanged.
     model::dropout_backward(scratch_c_, dres_, N, C, site(r, 2 + 2 * l));
+    profile_.mark("dropout bwd");
     model::matmul_backward(dff_, grad(ParamKind::fc_proj_w, l), grad(ParamKind::fc_proj_b, l), scratch_c_, a.fcg,
                            param(ParamKind::fc_proj_w, l), N, F, C);
+    profile_.mark("fc proj bwd");
     model::gelu_backward(dff_, a.fch, dff_, N * F);
+    profile_.mark("gelu bwd");
     model::matmul_backward(dln_, grad(ParamKind::fc_w, l), grad(ParamKind::fc_b, l), dff_, a.ln2,
                            param(ParamKind::fc_w, l), N, C, F);
+    profile_.mark("fc bwd");
     model::layernorm_backward(dres_, grad(ParamKind::ln2_w, l), grad(ParamKind::ln2_b, l), dln_, a.res2,
                               param(ParamKind::ln2_w, l), a.ln2_mean, a.ln2_rstd, N, C);
+    profile_.mark("layernorm bwd");
     // res2 = res_in + dropout(att Wproj^T + bproj).
     model::dropout_backward(scratch_c_, dres_, N, C, site(r, 1 + 2 * l));
+    profile_.mark("dropout bwd");
     model::matmul_backward(datt_, grad(ParamKind::attn_proj_w, l), grad(ParamKind::attn_proj_b, l), scratch_c_,
                            a.att, param(ParamKind::attn_proj_w, l), N, C, C);
+    profile_.mark("attn proj bwd");
     model::attention_backward(dqkv_, datt_, a.qkv, a.att, a.lse, B, T, C, NH, attn_dropout,
                               dropout ? attention_rng(rng, l) : DropoutRng{});
+    profile_.mark("attention bwd");
     model::matmul_backward(dln_, grad(ParamKind::qkv_w, l), grad(ParamKind::qkv_b, l), dqkv_, a.ln1,
                            param(ParamKind::qkv_w, l), N, C, 3 * C);
+    profile_.mark("qkv bwd");
     model::layernorm_backward(dres_, grad(ParamKind::ln1_w, l), grad(ParamKind::ln1_b, l), dln_, res_in,
                               param(ParamKind::ln1_w, l), a.ln1_mean, a.ln1_rstd, N, C);
+    profile_.mark("layernorm bwd");
     // Layer l's twelve tensors are final, in the order their gradients were written.
     for (const ParamKind kind : {ParamKind::fc_proj_w, ParamKind::fc_proj_b, ParamKind::fc_w, ParamKind::fc_b,
                                  ParamKind::ln2_w, ParamKind::ln2_b, ParamKind::attn_proj_w, ParamKind::attn_proj_b,
@@ -375,6 +463,7 @@ void GptCpu::backward(int64_t B, int64_t T, StepRng rng, bool dropout) {
   }
   model::dropout_backward(dres_, dres_, N, C, site(r, 0));
   model::encoder_backward(grad(ParamKind::wte), grad(ParamKind::wpe), dres_, inputs_.data(), B, T, C);
+  profile_.mark("embedding bwd");
   // wte last: the classifier wrote its gradient first, the embedding lookup adds to it.
   grad_ready(ParamKind::wpe);
   grad_ready(ParamKind::wte);
@@ -383,14 +472,18 @@ void GptCpu::backward(int64_t B, int64_t T, StepRng rng, bool dropout) {
 double GptCpu::forward_backward(std::span<const TokenId> windows, int64_t B, int64_t T, StepRng rng,
                                 float loss_scale) {
   OmpThreads threads(threads_);
+  profile_.begin();
   load_windows(windows, B, T, "forward_backward");
+  profile_.mark("load batch");
   const bool dropout = dropout_enabled(dropout_threshold(config_.dropout));
   forward_to_lnf(B, T, dropout ? &rng : nullptr);
   const int64_t N = B * T;
   const double total = model::classifier_forward_backward(
       dln_, grad(ParamKind::wte), losses_, logits_, lnf_, param(ParamKind::wte), targets_.data(), N, config_.d_model,
       config_.vocab_size, loss_scale / static_cast<float>(N), chunk_rows_);
+  profile_.mark("classifier");
   backward(B, T, rng, dropout);
+  profile_.end();
   return total / static_cast<double>(N);
 }
 
@@ -467,13 +560,7 @@ void GptCpu::adamw_step_range(const AdamWConfig& adam, int64_t t, float grad_sca
     float* m = adam_m_.data() + (lo - adam_begin_);
     float* v = adam_v_.data() + (lo - adam_begin_);
     const int64_t n = hi - lo;
-#pragma omp parallel for simd schedule(static) if(parallel : parallel_worth(n))
-    for (int64_t i = 0; i < n; ++i) {
-      const float gi = g[i] * grad_scale;
-      m[i] = b1 * m[i] + (1.0f - b1) * gi;
-      v[i] = b2 * v[i] + (1.0f - b2) * gi * gi;
-      p[i] = p[i] * decay - step_size * m[i] / (std::sqrt(v[i]) * inv_sqrt_bc2 + eps);
-    }
+    model::adamw_cpu(p, g, m, v, n, model::AdamWRow{b1, b2, step_size, inv_sqrt_bc2, eps, decay, grad_scale});
   }
 }
 

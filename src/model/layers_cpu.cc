@@ -3,6 +3,7 @@
 
 #include "gemm_cpu.h"
 #include "parallel.h"
+#include "rows_cpu.h"
 
 #include <flashgpt/attention_cpu.h>
 #include <flashgpt/error.h>
@@ -23,9 +24,6 @@ namespace {
 constexpr int64_t kChannelBlock = 16;
 
 int64_t channel_blocks(int64_t C) { return (C + kChannelBlock - 1) / kChannelBlock; }
-
-constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
-constexpr float kGeluCubic = 0.044715f;
 
 }  // namespace
 
@@ -158,24 +156,9 @@ void matmul_backward(float* dinp, float* dw, float* db, const float* dout, const
   }
 }
 
-void gelu_forward(float* out, const float* inp, int64_t n) {
-#pragma omp parallel for simd schedule(static) if(parallel : parallel_worth(n))
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = inp[i];
-    out[i] = 0.5f * x * (1.0f + std::tanh(kGeluScale * (x + kGeluCubic * x * x * x)));
-  }
-}
+void gelu_forward(float* out, const float* inp, int64_t n) { gelu_forward_cpu(out, inp, n); }
 
-void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n) {
-#pragma omp parallel for simd schedule(static) if(parallel : parallel_worth(n))
-  for (int64_t i = 0; i < n; ++i) {
-    const float x = inp[i];
-    const float th = std::tanh(kGeluScale * (x + kGeluCubic * x * x * x));
-    const float sech2 = 1.0f - th * th;
-    const float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
-    dinp[i] = grad * dout[i];
-  }
-}
+void gelu_backward(float* dinp, const float* inp, const float* dout, int64_t n) { gelu_backward_cpu(dinp, inp, dout, n); }
 
 namespace {
 
@@ -278,36 +261,103 @@ void attention_backward(float* dqkv, const float* dout, const float* qkv, const 
   attention_backward_cpu(p);
 }
 
-double classifier_forward_backward(float* dinp, float* dwte, float* losses, float* logits, const float* inp,
+namespace {
+
+// The classifier runs over slabs of kVocabSlab vocabulary columns, so that each slab's
+// logits (rows x kVocabSlab) are still in L2 when its softmax statistics, its gradient and
+// its two backward products read them. The gradient w.r.t. the classifier's input sums
+// over the slabs: kDinpGroups groups of consecutive slabs each sum into their own partial,
+// and the partials are added in group order, so no split depends on the thread count.
+constexpr int64_t kVocabSlab = 256;
+constexpr int64_t kDinpGroups = 16;
+
+int64_t vocab_slabs(int64_t V) { return (V + kVocabSlab - 1) / kVocabSlab; }
+
+}  // namespace
+
+int64_t classifier_scratch_floats(int64_t chunk_rows, int64_t C, int64_t V) {
+  // logits, the per-(row, slab) max and sum, lse and target logit per row, dinp partials.
+  return chunk_rows * V + 2 * chunk_rows * vocab_slabs(V) + 2 * chunk_rows + kDinpGroups * chunk_rows * C;
+}
+
+double classifier_forward_backward(float* dinp, float* dwte, float* losses, float* scratch, const float* inp,
                                    const float* wte, const int32_t* targets, int64_t N, int64_t C, int64_t V,
                                    float dloss, int64_t chunk_rows) {
   FLASHGPT_CHECK(chunk_rows > 0, "classifier: chunk_rows must be positive, got {}", chunk_rows);
   const bool backward = dinp != nullptr;
+  const int64_t R = std::min(chunk_rows, N), S = vocab_slabs(V);
+  float* logits = scratch;                    // (rows, V): logits, then exp(logit - slab max), then dlogits
+  float* slab_max = logits + R * V;           // (rows, S)
+  float* slab_sum = slab_max + R * S;         // (rows, S): sum of exp(logit - slab max)
+  float* lse = slab_sum + R * S;              // (rows)
+  float* target_logit = lse + R;              // (rows)
+  float* dinp_part = target_logit + R;        // (kDinpGroups, rows, C)
+  const SlabKernels k = slab_kernels();
+  gemm_cpu_prepare();  // before gemm_cpu_serial's calls inside the parallel regions
+  const bool slabs_parallel = parallel_worth(R * V);
   for (int64_t r0 = 0; r0 < N; r0 += chunk_rows) {
     const int64_t rows = std::min(chunk_rows, N - r0);
-    // logits (rows, V) = inp[r0:] (rows, C) wte[0:V]^T (C, V).
-    gemm_cpu(Trans::no, Trans::yes, rows, V, C, 1.0f, inp + r0 * C, C, wte, C, 0.0f, logits, V);
-#pragma omp parallel for schedule(static) if(parallel : parallel_worth(rows * V))
+    const float* x = inp + r0 * C;  // (rows, C)
+    const int32_t* tg = targets + r0;
+    // Per slab: logits[:, v0:v1] (rows, vn) = x (rows, C) wte[v0:v1]^T (C, vn), then each
+    // row's max and sum of exponentials over the slab while the slab is in cache. Slabs
+    // and groups are handed out dynamically: on shared cores a thread that loses its core
+    // would hold the other at the barrier with a static share, and no result depends on
+    // which thread computes a slab.
+#pragma omp parallel for schedule(dynamic) if(parallel : slabs_parallel)
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t v0 = s * kVocabSlab, vn = std::min(kVocabSlab, V - v0);
+      gemm_cpu_serial(Trans::no, Trans::yes, rows, vn, C, 1.0f, x, C, wte + v0 * C, C, 0.0f, logits + v0, V);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = logits + r * V + v0;
+        if (tg[r] >= v0 && tg[r] < v0 + vn) target_logit[r] = row[tg[r] - v0];
+        slab_sum[r * S + s] = k.exp_slab(row, vn, &slab_max[r * S + s]);
+      }
+    }
+    // Per row: lse over the slabs in order, in double.
     for (int64_t r = 0; r < rows; ++r) {
-      float* row = logits + r * V;  // (V)
+      const float* m = slab_max + r * S;
+      const float* e = slab_sum + r * S;
       float max = -std::numeric_limits<float>::infinity();
-      for (int64_t v = 0; v < V; ++v) max = std::max(max, row[v]);
-      double sum = 0.0;  // fp32 exponentials (each within 1 ulp), summed in double over up to ~100k terms
-      for (int64_t v = 0; v < V; ++v) sum += std::exp(row[v] - max);
-      const double lse = static_cast<double>(max) + std::log(sum);
-      const int32_t target = targets[r0 + r];
-      losses[r0 + r] = static_cast<float>(lse - static_cast<double>(row[target]));
-      if (!backward) continue;
-      const float lse_f = static_cast<float>(lse);
-#pragma omp simd
-      for (int64_t v = 0; v < V; ++v) row[v] = std::exp(row[v] - lse_f) * dloss;
-      row[target] -= dloss;
+      for (int64_t s = 0; s < S; ++s) max = std::max(max, m[s]);
+      double sum = 0.0;
+      for (int64_t s = 0; s < S; ++s) sum += static_cast<double>(e[s]) * std::exp(static_cast<double>(m[s] - max));
+      const double l = static_cast<double>(max) + std::log(sum);
+      lse[r] = static_cast<float>(l);
+      losses[r0 + r] = static_cast<float>(l - static_cast<double>(target_logit[r]));
     }
     if (!backward) continue;
-    // dinp[r0:] (rows, C) = dlogits (rows, V) wte[0:V] (V, C).
-    gemm_cpu(Trans::no, Trans::no, rows, C, V, 1.0f, logits, V, wte, C, 0.0f, dinp + r0 * C, C);
-    // dwte[0:V] (V, C) += dlogits^T (V, rows) inp[r0:] (rows, C).
-    gemm_cpu(Trans::yes, Trans::no, V, C, rows, 1.0f, logits, V, inp + r0 * C, C, 1.0f, dwte, C);
+    // Per slab: dlogits = (exp(logit - max) exp(max - lse) - onehot) dloss, then
+    // dwte[v0:v1] (vn, C) += dlogits^T (vn, rows) x (rows, C) and the slab's group partial
+    // of dinp (rows, C) += dlogits (rows, vn) wte[v0:v1] (vn, C).
+    const int64_t groups = std::min(kDinpGroups, S);
+#pragma omp parallel for schedule(dynamic) if(parallel : slabs_parallel)
+    for (int64_t g = 0; g < groups; ++g) {
+      float* part = dinp_part + g * R * C;
+      for (int64_t s = g * S / groups; s < (g + 1) * S / groups; ++s) {
+        const int64_t v0 = s * kVocabSlab, vn = std::min(kVocabSlab, V - v0);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* row = logits + r * V + v0;
+          k.scale(row, vn, std::exp(slab_max[r * S + s] - lse[r]) * dloss);
+          if (tg[r] >= v0 && tg[r] < v0 + vn) row[tg[r] - v0] -= dloss;
+        }
+        gemm_cpu_serial(Trans::yes, Trans::no, vn, C, rows, 1.0f, logits + v0, V, x, C, 1.0f, dwte + v0 * C, C);
+        gemm_cpu_serial(Trans::no, Trans::no, rows, C, vn, 1.0f, logits + v0, V, wte + v0 * C, C,
+                        s == g * S / groups ? 0.0f : 1.0f, part, C);
+      }
+    }
+    // dinp[r0:] = the group partials added in group order.
+    float* d = dinp + r0 * C;
+#pragma omp parallel for schedule(static) if(parallel : parallel_worth(groups * rows * C))
+    for (int64_t r = 0; r < rows; ++r) {
+      float* out = d + r * C;
+      std::memcpy(out, dinp_part + r * C, static_cast<size_t>(C) * sizeof(float));
+      for (int64_t g = 1; g < groups; ++g) {
+        const float* p = dinp_part + g * R * C + r * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) out[c] += p[c];
+      }
+    }
   }
   double total = 0.0;
   for (int64_t n = 0; n < N; ++n) total += losses[n];

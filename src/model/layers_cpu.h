@@ -110,15 +110,18 @@ void attention_backward(float* dqkv,       // = (B, T, 3C)
 // whole batch are never held: logits = inp wte[0:V]^T (the padding rows V..Vp never take
 // part), loss_n = logsumexp(logits_n) - logits_n[targets_n]. With dinp non-null it also
 // runs the backward of sum_n dloss * loss_n: dinp = dlogits wte[0:V], dwte[0:V] +=
-// dlogits^T inp, dlogits = (softmax - onehot) dloss. Returns sum_n loss_n, summed in row
-// order in double.
+// dlogits^T inp, dlogits = (softmax - onehot) dloss. Within a chunk it works on slabs of
+// vocabulary columns (the logits of one slab stay in cache from their product to their
+// gradient's two products). Returns sum_n loss_n, summed in row order in double.
 double classifier_forward_backward(float* dinp,            // = (N, C), or null: forward only
                                    float* dwte,            // += (Vp, C), or null with dinp
                                    float* losses,          // = (N)
-                                   float* logits,          // scratch (chunk_rows, V)
+                                   float* scratch,         // classifier_scratch_floats(min(chunk_rows, N), C, V)
                                    const float* inp,       // (N, C)
                                    const float* wte,       // (Vp, C)
                                    const int32_t* targets, // (N), each in [0, V)
                                    int64_t N, int64_t C, int64_t V, float dloss, int64_t chunk_rows);
+// The scratch classifier_forward_backward needs for chunks of chunk_rows rows, in floats.
+int64_t classifier_scratch_floats(int64_t chunk_rows, int64_t C, int64_t V);
 
 }  // namespace flashgpt::model

@@ -5,6 +5,7 @@
 #include "model/layers_cpu.h"
 #include "model/layers_reference.h"
 #include "model/model_test_support.h"
+#include "model/rows_cpu.h"
 
 #include <flashgpt/model.h>
 #include <flashgpt/philox.h>
@@ -12,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -301,8 +303,22 @@ TEST(ModelLayersFp32, GemmBothPaths) {
   }
 }
 
+// The softmax's exponential (rows_cpu.h) within 2 ulp of std::exp over its range, 0 below it.
+TEST(ModelLayersFp32, ExpNeg) {
+  EXPECT_EQ(exp_neg_cpu(0.0f), 1.0f);
+  EXPECT_EQ(exp_neg_cpu(-88.0f), 0.0f);
+  EXPECT_EQ(exp_neg_cpu(-std::numeric_limits<float>::infinity()), 0.0f);
+  for (int i = 0; i <= 200000; ++i) {
+    const float x = -87.0f * static_cast<float>(i) / 200000.0f;
+    const double want = std::exp(static_cast<double>(x));
+    const double ulp = std::nextafter(static_cast<float>(want), 2.0f) - static_cast<float>(want);
+    ASSERT_LE(std::fabs(exp_neg_cpu(x) - want), 2.0 * ulp) << "x = " << x;
+  }
+}
+
 TEST(ModelLayersFp32, Gelu) {
-  const int64_t n = 1001;
+  for (const int64_t n : {int64_t{1}, int64_t{17}, int64_t{1001}, int64_t{4097}, int64_t{40000}}) {
+  SCOPED_TRACE(::testing::Message() << "n " << n);
   const auto x = random_vector(n, 35, 3.0), g = random_vector(n, 36);
   std::vector<double> out_ref(n), dx_ref(n, 0.0);
   ref::gelu_forward<double>(out_ref.data(), x.data(), n);
@@ -316,6 +332,7 @@ TEST(ModelLayersFp32, Gelu) {
   std::vector<float> in_place = g_f;  // dinp may alias dout
   gelu_backward(in_place.data(), x_f.data(), in_place.data(), n);
   EXPECT_EQ(in_place, dx);
+  }
 }
 
 struct AttentionLayerCase {
@@ -350,8 +367,12 @@ void attention_fp32(const AttentionLayerCase& c) {
      {"attention_2x40x128_nh4_dropout", 2, 40, 128, 4, 0.3f}},
     attention_fp32);
 
+// Vocabularies of one slab, several with a short last one, and more slabs than dinp groups
+// (layers_cpu.cc: 256 columns a slab, 16 groups).
 TEST(ModelLayersFp32, ClassifierChunks) {
-  const int64_t N = 17, C = 33, V = 101, Vp = model_padded_vocab(V);
+  for (const auto& [N, C, V] : {std::tuple<int64_t, int64_t, int64_t>{17, 33, 101}, {9, 20, 1000}, {5, 7, 4353}}) {
+  SCOPED_TRACE(::testing::Message() << "N " << N << " C " << C << " V " << V);
+  const int64_t Vp = model_padded_vocab(V);
   const auto x = random_vector(N * C, 39), wte = random_vector(Vp * C, 40, 0.3);
   const auto targets = random_tokens(N, V, 41);
   const double dloss = 1.0 / N;
@@ -361,7 +382,8 @@ TEST(ModelLayersFp32, ClassifierChunks) {
   const auto x_f = cast_vector<float>(x), wte_f = cast_vector<float>(wte);
   for (const int64_t chunk : {int64_t{1}, int64_t{5}, N, int64_t{100}}) {
     SCOPED_TRACE(::testing::Message() << "chunk_rows " << chunk);
-    std::vector<float> dx(N * C, NAN), dwte(Vp * C, 0.0f), losses(N), logits(std::min(chunk, N) * V);
+    std::vector<float> dx(N * C, NAN), dwte(Vp * C, 0.0f), losses(N),
+        logits(static_cast<size_t>(classifier_scratch_floats(std::min(chunk, N), C, V)));
     const double loss = classifier_forward_backward(dx.data(), dwte.data(), losses.data(), logits.data(), x_f.data(),
                                                     wte_f.data(), targets.data(), N, C, V, static_cast<float>(dloss),
                                                     chunk);
@@ -374,6 +396,7 @@ TEST(ModelLayersFp32, ClassifierChunks) {
                                                         wte_f.data(), targets.data(), N, C, V, 0.0f, chunk);
     EXPECT_EQ(loss_fwd, loss);
     EXPECT_EQ(losses_fwd, losses);
+  }
   }
 }
 
