@@ -44,14 +44,6 @@ using attention_cpu::AttentionTensors;
 using attention_cpu::CpuDropout;
 using attention_cpu::CpuSequence;
 using attention_cpu::StridedTensor;
-using attention_cpu::simd_exp;
-using attention_cpu::simd_lanes_below;
-using attention_cpu::simd_load;
-using attention_cpu::simd_max;
-using attention_cpu::simd_splat;
-using attention_cpu::simd_store;
-using attention_cpu::simd_sum;
-using attention_cpu::tile_product;
 using attention_cpu::TileProduct;
 
 // The max_rows rule keeps Bc short: the inner loops run over head_dim, so a long Bc buys
@@ -73,6 +65,8 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The row length of the score-shaped tiles (S, P, dS, K^T, V^T): Bc padded to whole registers.
 int64_t score_ld(CpuTileShape t) { return round_up(t.block_cols, attention_cpu::kSimdMaxWidth); }
+// The row length of the query-shaped transposed tiles (Q^T, S^T): Br padded likewise.
+int64_t query_ld(CpuTileShape t) { return round_up(t.block_rows, attention_cpu::kSimdMaxWidth); }
 
 float dot(const float* __restrict a, const float* __restrict b, int n) {
   float acc = 0.0f;
@@ -96,26 +90,18 @@ void tile_load(const StridedTensor<const float>& src, const CpuSequence& seq, in
     std::memcpy(tile + int64_t{r} * d, src.at(seq.batch, first + r, head), sizeof(float) * d);
 }
 
-// Keys [row0, row0 + rows) of one head of `src` (K or V) into a (D, ld) tile, transposed;
-// columns [rows, round_up(rows, kSimdMaxWidth)) become 0, so that scores over whole registers
-// stay finite.
+// Rows [row0, row0 + rows) of one head of `src` into a (D, ld) tile, transposed; columns
+// [rows, round_up(rows, kSimdMaxWidth)) become 0, so that products over whole registers stay
+// finite.
 void tile_load_transposed(const StridedTensor<const float>& src, const CpuSequence& seq, int64_t row0, int head,
-                          int rows, int d, int64_t ld, float* tile) {
+                          int rows, int d, int64_t ld, float* tile, TileRows side) {
+  const int64_t first = tile_first_row(seq, side, row0);
   for (int r = 0; r < rows; ++r) {
-    const float* in = src.at(seq.batch, seq.k_row0 + row0 + r, head);
+    const float* in = src.at(seq.batch, first + r, head);
     for (int x = 0; x < d; ++x) tile[int64_t{x} * ld + r] = in[x];
   }
   const int64_t padded = round_up(rows, attention_cpu::kSimdMaxWidth);
   for (int x = 0; x < d; ++x) std::fill(tile + int64_t{x} * ld + rows, tile + int64_t{x} * ld + padded, 0.0f);
-}
-
-// A (D, ld) tile, transposed from a (rows, D) tile already loaded, padded as above.
-void tile_transpose(const float* tile, int rows, int d, int64_t ld, float* out) {
-  for (int r = 0; r < rows; ++r) {
-    for (int x = 0; x < d; ++x) out[int64_t{x} * ld + r] = tile[int64_t{r} * d + x];
-  }
-  const int64_t padded = round_up(rows, attention_cpu::kSimdMaxWidth);
-  for (int x = 0; x < d; ++x) std::fill(out + int64_t{x} * ld + rows, out + int64_t{x} * ld + padded, 0.0f);
 }
 
 // scale * a contiguous (rows, D) tile into rows [row0, row0 + rows) of one head of `dst`.
@@ -143,50 +129,61 @@ struct TileCarver {
   }
 };
 
-// One thread's on-chip buffers for the forward pass; ld = score_ld(t).
+// One thread's on-chip buffers for the forward pass; ldq = query_ld(t). The scores are held
+// transposed, keys by queries, so that the softmax runs down the keys with one query per lane.
 struct ForwardTiles {
-  float* q;        // (Br, D)
+  float* q_t;      // (D, ldq): Q_i transposed
   float* o;        // (Br, D): O_i before the division by l
-  float* k_t;      // (D, ld): K_j transposed, so that a row of S is a run of registers over keys
+  float* k;        // (Bc, D)
   float* v;        // (Bc, D)
-  float* s;        // (Br, ld): S, then dropout(exp(S - m'))
-  float* mult;     // (ld): one row's dropout multipliers
-  float* row_max;  // (Br): m
-  float* row_sum;  // (Br): l
+  float* s_t;      // (Bc, ldq): S^T = K_j Q_i^T, then dropout(exp(S - m'))^T
+  float* mult;     // (Bc): one row's dropout multipliers
+  float* row_max;  // (ldq): m
+  float* row_sum;  // (ldq): l
+  float* rescale;  // (ldq): exp(m - m') of the current block
   int64_t floats_used;
   ForwardTiles(float* base, CpuTileShape t, int d) {
-    const int64_t rd = int64_t{t.block_rows} * d, cd = int64_t{t.block_cols} * d, ld = score_ld(t);
+    const int64_t cd = int64_t{t.block_cols} * d, ldq = query_ld(t);
     TileCarver c{base};
-    q = c.take(rd), o = c.take(rd), k_t = c.take(d * ld), v = c.take(cd), s = c.take(t.block_rows * ld);
-    mult = c.take(ld), row_max = c.take(t.block_rows), row_sum = c.take(t.block_rows);
+    q_t = c.take(d * ldq), o = c.take(int64_t{t.block_rows} * d), k = c.take(cd), v = c.take(cd);
+    s_t = c.take(t.block_cols * ldq), mult = c.take(t.block_cols);
+    row_max = c.take(ldq), row_sum = c.take(ldq), rescale = c.take(ldq);
     floats_used = c.used;
   }
   static int64_t floats(CpuTileShape t, int d) { return ForwardTiles(nullptr, t, d).floats_used; }
 };
 
-// One thread's on-chip buffers for the backward passes: pass A uses all but dq and k,
-// pass B all but dk and dv.
+// One thread's on-chip buffers for the backward passes. Pass A holds S and dP as (Br, ld) tiles
+// against K_j^T and V_j^T loaded once per key block; pass B holds them transposed, (Bc, ldq),
+// against Q_i^T and dO_i^T loaded once per row block, as the forward does.
 struct BackwardTiles {
   float* q;     // (Br, D)
   float* d_o;   // (Br, D)
   float* dq;    // (Br, D)
-  float* k;     // (Bc, D): for dQ_i += dS K_j
-  float* k_t;   // (D, ld): K_j transposed, for S = Q K^T
-  float* v_t;   // (D, ld): V_j transposed, for dP = dO V^T
+  float* q_t;   // (D, ldq): pass B's Q_i transposed, for S^T = K_j Q_i^T
+  float* do_t;  // (D, ldq): pass B's dO_i transposed, for dP^T = V_j dO_i^T
+  float* k;     // (Bc, D)
+  float* v;     // (Bc, D)
+  float* k_t;   // (D, ld): pass A's K_j transposed, for S = Q K^T
+  float* v_t;   // (D, ld): pass A's V_j transposed, for dP = dO V^T
   float* dk;    // (Bc, D)
   float* dv;    // (Bc, D)
-  float* lse;   // (Br)
-  float* dsum;  // (Br): D_i
+  float* lse;   // (ldq)
+  float* dsum;  // (ldq): D_i
   float* mult;  // (ld): one row's dropout multipliers
-  float* p;     // (Br, ld): S, then dropout(P)
-  float* ds;    // (Br, ld): dP, then dS
+  float* p;     // (Br, ld): pass A's S, then dropout(P)
+  float* ds;    // (Br, ld): pass A's dP, then dS
+  float* s_t;   // (Bc, ldq): pass B's S^T
+  float* ds_t;  // (Bc, ldq): pass B's dP^T, then dS^T
   int64_t floats_used;
   BackwardTiles(float* base, CpuTileShape t, int d) {
-    const int64_t rd = int64_t{t.block_rows} * d, cd = int64_t{t.block_cols} * d, ld = score_ld(t);
+    const int64_t rd = int64_t{t.block_rows} * d, cd = int64_t{t.block_cols} * d, ld = score_ld(t), ldq = query_ld(t);
     TileCarver c{base};
-    q = c.take(rd), d_o = c.take(rd), dq = c.take(rd), k = c.take(cd), k_t = c.take(d * ld), v_t = c.take(d * ld);
-    dk = c.take(cd), dv = c.take(cd), lse = c.take(t.block_rows), dsum = c.take(t.block_rows), mult = c.take(ld);
+    q = c.take(rd), d_o = c.take(rd), dq = c.take(rd), q_t = c.take(d * ldq), do_t = c.take(d * ldq);
+    k = c.take(cd), v = c.take(cd), k_t = c.take(d * ld), v_t = c.take(d * ld), dk = c.take(cd), dv = c.take(cd);
+    lse = c.take(ldq), dsum = c.take(ldq), mult = c.take(ld);
     p = c.take(t.block_rows * ld), ds = c.take(t.block_rows * ld);
+    s_t = c.take(t.block_cols * ldq), ds_t = c.take(t.block_cols * ldq);
     floats_used = c.used;
   }
   static int64_t floats(CpuTileShape t, int d) { return BackwardTiles(nullptr, t, d).floats_used; }
@@ -198,7 +195,8 @@ struct FlashProblem {
   AttentionTensors<float> t;
   CpuDropout drop;
   CpuTileShape tile;
-  int64_t ld;  // score_ld(tile)
+  int64_t ld;   // score_ld(tile)
+  int64_t ldq;  // query_ld(tile)
   float scale;
   int d;
   int group;                   // query heads per kv head
@@ -213,6 +211,7 @@ FlashProblem flash_problem(const AttentionParams& p, const CpuTiling& tiling) {
           attention_cpu::cpu_dropout(p),
           tile,
           score_ld(tile),
+          query_ld(tile),
           attention_softmax_scale(p),
           p.head_dim,
           p.heads_q / p.heads_kv,
@@ -231,218 +230,23 @@ TileProduct scores_product(const float* a, const float* b_t, int64_t ld, int row
   return {a, d, 1, b_t, ld, out, ld, rows, cols, d, /*accumulate=*/false};
 }
 
-// ---- forward -------------------------------------------------------------------------
-
-// One online-softmax step of query row r over keys [0, end) of the loaded block: turns the
-// unscaled scores s into dropout(exp(scale s - m')), updates m and l, and rescales O_r by
-// exp(m - m'). s[end, width) becomes 0, so that the block's product P V adds nothing there.
-template <class S>
-FLASHGPT_SIMD_INLINE void online_softmax_row(const FlashProblem& f, ForwardTiles& tl, int r, int end, int width,
-                                             int64_t batch_head, int64_t row, int j0, float* s) {
-  using V = typename S::Vec;
-  if (end == 0) {
-    std::fill(s, s + width, 0.0f);
-    return;
-  }
-  // Whole registers below `full`, one masked register at the tail, zeros after it.
-  const int full = end / S::kWidth * S::kWidth, tail = static_cast<int>(round_up(end, S::kWidth));
-  V running_max = simd_splat<S>(-std::numeric_limits<float>::infinity());
-  for (int c = 0; c < full; c += S::kWidth) {
-    const V x = simd_load<S>(s + c);
-    running_max = x > running_max ? x : running_max;
-  }
-  if (full < tail) {
-    const V x = simd_load<S>(s + full);
-    running_max = (simd_lanes_below<S>(full, end) & (x > running_max)) ? x : running_max;
-  }
-  // scale > 0 and rounding is monotone, so max(scale s) = scale max(s) exactly.
-  const float block_max = f.scale * simd_max<S>(running_max);
-  const float new_max = std::max(tl.row_max[r], block_max);
-  const float rescale = std::exp(tl.row_max[r] - new_max);  // 0 on the first block: m = -inf
-  if (f.drop.enabled) {
-    attention_cpu::dropout_row_multipliers(f.drop, batch_head, row, j0, j0 + end, tl.mult);
-    std::fill(tl.mult + end, tl.mult + tail, 0.0f);
-  }
-  const V scale = simd_splat<S>(f.scale), shift = simd_splat<S>(new_max);
-  V sum{};
-  for (int c = 0; c < tail; c += S::kWidth) {
-    V e = simd_exp<S>(simd_load<S>(s + c) * scale - shift);
-    if (c == full) e = simd_lanes_below<S>(c, end) ? e : V{};
-    sum += e;
-    if (f.drop.enabled) e *= simd_load<S>(tl.mult + c);
-    simd_store<S>(s + c, e);
-  }
-  std::fill(s + tail, s + width, 0.0f);
-  tl.row_sum[r] = tl.row_sum[r] * rescale + simd_sum<S>(sum);
-  tl.row_max[r] = new_max;
-  float* o_row = tl.o + int64_t{r} * f.d;
-  const V o_scale = simd_splat<S>(rescale);
-  for (int x = 0; x < f.d; x += S::kWidth) simd_store<S>(o_row + x, simd_load<S>(o_row + x) * o_scale);
-}
-
-// Algorithm 1 for one row block: rows [i0, i0 + Br) of query head h of sequence seq. Per key
-// block: S = Q_i K_j^T as one tile product, the online softmax row by row, O_i += P V_j as
-// another.
-template <class S>
-FLASHGPT_SIMD_INLINE void flash_forward_row_block(const FlashProblem& f, const CpuSequence& seq, int h, int i0,
-                                                  ForwardTiles& tl, IoTally& io) {
-  const int d = f.d, head_kv = h / f.group;
-  const int rows = std::min(f.tile.block_rows, seq.len_q - i0);
-  const int64_t batch_head = int64_t{seq.index} * f.p.heads_q + h;
-  tile_load(f.t.q, seq, i0, h, rows, d, tl.q, TileRows::queries);
-  io.read += uint64_t(rows) * d;
-  std::fill(tl.o, tl.o + int64_t{rows} * d, 0.0f);
-  std::fill(tl.row_max, tl.row_max + rows, -std::numeric_limits<float>::infinity());
-  std::fill(tl.row_sum, tl.row_sum + rows, 0.0f);
-
-  const int col_end = seq.key_end(i0 + rows - 1);  // the last row sees the most keys
-  for (int j0 = 0; j0 < col_end; j0 += f.tile.block_cols) {
-    const int cols = std::min(f.tile.block_cols, col_end - j0);
-    tile_load_transposed(f.t.k, seq, j0, head_kv, cols, d, f.ld, tl.k_t);
-    tile_load(f.t.v, seq, j0, head_kv, cols, d, tl.v, TileRows::keys);
-    io.read += 2 * uint64_t(cols) * d;
-    const int width = static_cast<int>(round_up(cols, S::kWidth));
-    tile_product<S>(scores_product(tl.q, tl.k_t, f.ld, rows, width, d, tl.s));
-    for (int r = 0; r < rows; ++r) {
-      const int end = std::clamp(seq.key_end(i0 + r) - j0, 0, cols);
-      online_softmax_row<S>(f, tl, r, end, width, batch_head, i0 + r, j0, tl.s + r * f.ld);
-    }
-    tile_product<S>({tl.s, f.ld, 1, tl.v, d, tl.o, d, rows, d, cols, /*accumulate=*/true});
-  }
-
-  float* lse = f.p.lse + seq.lse_offset + h * f.p.lse_head_stride + i0;
-  for (int r = 0; r < rows; ++r) {
-    float* o_row = tl.o + int64_t{r} * d;
-    if (tl.row_sum[r] == 0.0f) {  // no key: O = 0 (already), LSE = +inf
-      lse[r] = std::numeric_limits<float>::infinity();
-      continue;
-    }
-    const float inv_sum = 1.0f / tl.row_sum[r];
-    for (int x = 0; x < d; ++x) o_row[x] *= inv_sum;
-    lse[r] = tl.row_max[r] + std::log(tl.row_sum[r]);
-  }
-  tile_store(tl.o, 1.0f, f.t.o, seq, i0, h, rows, d, TileRows::queries);
-  io.written += uint64_t(rows) * d + rows;
-}
-
-// ---- backward ------------------------------------------------------------------------
-
-// One row of the backward for keys [0, end) of the loaded column block: from the unscaled
-// scores in p_row and dP = dO V^T in ds_row, recomputes P = exp(scale S - LSE) and leaves
-// dropout(P) in p_row and dS = P (dP~ - D_i) in ds_row, both 0 in [end, width).
-template <class S>
-FLASHGPT_SIMD_INLINE void flash_backward_row(const FlashProblem& f, BackwardTiles& tl, int r, int end, int width,
-                                             int64_t batch_head, int64_t row, int j0, float* __restrict p_row,
-                                             float* __restrict ds_row) {
-  using V = typename S::Vec;
-  if (end == 0) {
-    std::fill(p_row, p_row + width, 0.0f);
-    std::fill(ds_row, ds_row + width, 0.0f);
-    return;
-  }
-  const int full = end / S::kWidth * S::kWidth, tail = static_cast<int>(round_up(end, S::kWidth));
-  if (f.drop.enabled) {
-    attention_cpu::dropout_row_multipliers(f.drop, batch_head, row, j0, j0 + end, tl.mult);
-    std::fill(tl.mult + end, tl.mult + tail, 0.0f);
-  }
-  const V scale = simd_splat<S>(f.scale), lse = simd_splat<S>(tl.lse[r]), dsum = simd_splat<S>(tl.dsum[r]);
-  for (int c = 0; c < tail; c += S::kWidth) {
-    V prob = simd_exp<S>(simd_load<S>(p_row + c) * scale - lse);
-    if (c == full) prob = simd_lanes_below<S>(c, end) ? prob : V{};
-    V dp = simd_load<S>(ds_row + c);
-    if (f.drop.enabled) {
-      const V mult = simd_load<S>(tl.mult + c);
-      dp *= mult;
-      simd_store<S>(p_row + c, prob * mult);
-    } else {
-      simd_store<S>(p_row + c, prob);
-    }
-    simd_store<S>(ds_row + c, prob * (dp - dsum));
-  }
-  std::fill(p_row + tail, p_row + width, 0.0f);
-  std::fill(ds_row + tail, ds_row + width, 0.0f);
-}
-
-// Loads the row-side tiles of rows [i0, i0 + rows) of query head h: Q, dO, LSE and D.
+// Loads the row-side tiles of rows [i0, i0 + rows) of query head h: Q and dO (as (rows, D)
+// tiles, or transposed), LSE and D.
 void flash_backward_load_rows(const FlashProblem& f, const CpuSequence& seq, int h, int i0, int rows, const float* dsum,
-                              BackwardTiles& tl, IoTally& io) {
-  tile_load(f.t.q, seq, i0, h, rows, f.d, tl.q, TileRows::queries);
-  tile_load(f.t.d_o, seq, i0, h, rows, f.d, tl.d_o, TileRows::queries);
+                              BackwardTiles& tl, IoTally& io, bool transposed) {
+  if (transposed) {
+    tile_load_transposed(f.t.q, seq, i0, h, rows, f.d, f.ldq, tl.q_t, TileRows::queries);
+    tile_load_transposed(f.t.d_o, seq, i0, h, rows, f.d, f.ldq, tl.do_t, TileRows::queries);
+  } else {
+    tile_load(f.t.q, seq, i0, h, rows, f.d, tl.q, TileRows::queries);
+    tile_load(f.t.d_o, seq, i0, h, rows, f.d, tl.d_o, TileRows::queries);
+  }
   const float* lse = f.p.lse + seq.lse_offset + h * f.p.lse_head_stride + i0;
   std::copy(lse, lse + rows, tl.lse);
   const float* dsum_rows = dsum + h * f.total_q + seq.token0 + i0;
   std::copy(dsum_rows, dsum_rows + rows, tl.dsum);
   io.read += 2 * uint64_t(rows) * f.d + 2 * uint64_t(rows);
 }
-
-// The (Br, width) tiles of dropout(P) and dS of rows [i0, i0 + rows) against the loaded key
-// block [j0, j0 + cols): two tile products, then the rows.
-template <class S>
-FLASHGPT_SIMD_INLINE void flash_backward_scores(const FlashProblem& f, const CpuSequence& seq, int64_t batch_head,
-                                                int i0, int rows, int j0, int cols, int width, BackwardTiles& tl) {
-  tile_product<S>(scores_product(tl.q, tl.k_t, f.ld, rows, width, f.d, tl.p));    // S
-  tile_product<S>(scores_product(tl.d_o, tl.v_t, f.ld, rows, width, f.d, tl.ds));  // dP = dO V^T
-  for (int r = 0; r < rows; ++r) {
-    const int end = std::clamp(seq.key_end(i0 + r) - j0, 0, cols);
-    flash_backward_row<S>(f, tl, r, end, width, batch_head, i0 + r, j0, tl.p + r * f.ld, tl.ds + r * f.ld);
-  }
-}
-
-// Pass A: dK_j and dV_j of key block [j0, j0 + Bc) of kv head head_kv, over every query
-// head of its group and every row block that sees the keys.
-template <class S>
-FLASHGPT_SIMD_INLINE void flash_backward_col_block(const FlashProblem& f, const CpuSequence& seq, int head_kv, int j0,
-                                                   const float* dsum, BackwardTiles& tl, IoTally& io) {
-  const int d = f.d;
-  const int cols = std::min(f.tile.block_cols, seq.len_k - j0);
-  const int width = static_cast<int>(round_up(cols, S::kWidth));
-  tile_load_transposed(f.t.k, seq, j0, head_kv, cols, d, f.ld, tl.k_t);
-  tile_load_transposed(f.t.v, seq, j0, head_kv, cols, d, f.ld, tl.v_t);
-  io.read += 2 * uint64_t(cols) * d;
-  std::fill(tl.dk, tl.dk + int64_t{cols} * d, 0.0f);
-  std::fill(tl.dv, tl.dv + int64_t{cols} * d, 0.0f);
-  const int first_row = seq.first_row_seeing(j0);
-  for (int h = head_kv * f.group; h < (head_kv + 1) * f.group; ++h) {
-    const int64_t batch_head = int64_t{seq.index} * f.p.heads_q + h;
-    for (int i0 = first_row - first_row % f.tile.block_rows; i0 < seq.len_q; i0 += f.tile.block_rows) {
-      const int rows = std::min(f.tile.block_rows, seq.len_q - i0);
-      flash_backward_load_rows(f, seq, h, i0, rows, dsum, tl, io);
-      flash_backward_scores<S>(f, seq, batch_head, i0, rows, j0, cols, width, tl);
-      // dV_j += dropout(P)^T dO_i and dK_j += dS^T Q_i: P and dS read transposed.
-      tile_product<S>({tl.p, 1, f.ld, tl.d_o, d, tl.dv, d, cols, d, rows, /*accumulate=*/true});
-      tile_product<S>({tl.ds, 1, f.ld, tl.q, d, tl.dk, d, cols, d, rows, /*accumulate=*/true});
-    }
-  }
-  tile_store(tl.dk, f.scale, f.t.dk, seq, j0, head_kv, cols, d, TileRows::keys);
-  tile_store(tl.dv, 1.0f, f.t.dv, seq, j0, head_kv, cols, d, TileRows::keys);
-  io.written += 2 * uint64_t(cols) * d;
-}
-
-// Pass B: dQ_i of rows [i0, i0 + Br) of query head h, over every key block they see.
-template <class S>
-FLASHGPT_SIMD_INLINE void flash_backward_row_block(const FlashProblem& f, const CpuSequence& seq, int h, int i0,
-                                                   const float* dsum, BackwardTiles& tl, IoTally& io) {
-  const int d = f.d, head_kv = h / f.group;
-  const int rows = std::min(f.tile.block_rows, seq.len_q - i0);
-  const int64_t batch_head = int64_t{seq.index} * f.p.heads_q + h;
-  flash_backward_load_rows(f, seq, h, i0, rows, dsum, tl, io);
-  std::fill(tl.dq, tl.dq + int64_t{rows} * d, 0.0f);
-  const int col_end = seq.key_end(i0 + rows - 1);
-  for (int j0 = 0; j0 < col_end; j0 += f.tile.block_cols) {
-    const int cols = std::min(f.tile.block_cols, col_end - j0);
-    const int width = static_cast<int>(round_up(cols, S::kWidth));
-    tile_load(f.t.k, seq, j0, head_kv, cols, d, tl.k, TileRows::keys);  // K_j once from slow memory,
-    tile_transpose(tl.k, cols, d, f.ld, tl.k_t);                        // transposed from the tile
-    tile_load_transposed(f.t.v, seq, j0, head_kv, cols, d, f.ld, tl.v_t);
-    io.read += 2 * uint64_t(cols) * d;
-    flash_backward_scores<S>(f, seq, batch_head, i0, rows, j0, cols, width, tl);
-    tile_product<S>({tl.ds, f.ld, 1, tl.k, d, tl.dq, d, rows, d, cols, /*accumulate=*/true});  // dQ_i += dS K_j
-  }
-  tile_store(tl.dq, f.scale, f.t.dq, seq, i0, h, rows, d, TileRows::queries);
-  io.written += uint64_t(rows) * d;
-}
-
-// ---- one copy of each work item per ISA ------------------------------------------------
 
 using ForwardItem = void (*)(const FlashProblem&, const CpuSequence&, int, int, ForwardTiles&, IoTally&);
 using BackwardItem = void (*)(const FlashProblem&, const CpuSequence&, int, int, const float*, BackwardTiles&,
@@ -455,52 +259,37 @@ struct FlashKernels {
   ExpItem exp;
 };
 
-template <class S>
-FLASHGPT_SIMD_INLINE void exp_body(const float* x, float* y, int64_t n) {
-  float in[S::kWidth], out[S::kWidth];
-  for (int64_t i = 0; i < n; i += S::kWidth) {
-    const int64_t lanes = std::min<int64_t>(S::kWidth, n - i);
-    std::fill(in, in + S::kWidth, 0.0f);
-    std::copy(x + i, x + i + lanes, in);
-    simd_store<S>(out, simd_exp<S>(simd_load<S>(in)));
-    std::copy(out, out + lanes, y + i);
-  }
-}
-
-#define FLASHGPT_FLASH_KERNELS(Simd, kTarget)                                                                   \
-  kTarget void forward_row_block_##Simd(const FlashProblem& f, const CpuSequence& seq, int h, int i0,          \
-                                        ForwardTiles& tl, IoTally& io) {                                       \
-    flash_forward_row_block<Simd>(f, seq, h, i0, tl, io);                                                      \
-  }                                                                                                            \
-  kTarget void backward_col_block_##Simd(const FlashProblem& f, const CpuSequence& seq, int head_kv, int j0,   \
-                                         const float* dsum, BackwardTiles& tl, IoTally& io) {                  \
-    flash_backward_col_block<Simd>(f, seq, head_kv, j0, dsum, tl, io);                                         \
-  }                                                                                                            \
-  kTarget void backward_row_block_##Simd(const FlashProblem& f, const CpuSequence& seq, int h, int i0,         \
-                                         const float* dsum, BackwardTiles& tl, IoTally& io) {                  \
-    flash_backward_row_block<Simd>(f, seq, h, i0, dsum, tl, io);                                               \
-  }                                                                                                            \
-  kTarget void exp_##Simd(const float* x, float* y, int64_t n) { exp_body<Simd>(x, y, n); }                   \
-  constexpr FlashKernels kKernels##Simd = {forward_row_block_##Simd, backward_col_block_##Simd,                 \
-                                           backward_row_block_##Simd, exp_##Simd};
-
-using attention_cpu::SimdAvx2;
-using attention_cpu::SimdAvx512;
-using attention_cpu::SimdBaseline;
-FLASHGPT_FLASH_KERNELS(SimdBaseline, )
+// The kernels, compiled once per ISA: attention_cpu_flash_isa.inc inside a namespace per ISA,
+// under that ISA's target pragma, so that every template it instantiates (the vector helpers
+// of attention_cpu_simd.inc included) is compiled for the ISA. (An always_inline template
+// defined without the target and inlined into a target function is not enough: GCC 12 then
+// lowers vector compares and selects lane by lane.)
+namespace isa_baseline {
+using Simd = attention_cpu::SimdBaseline;
+#include "attention_cpu_flash_isa.inc"
+}  // namespace isa_baseline
 #if FLASHGPT_CPU_DISPATCH
-FLASHGPT_FLASH_KERNELS(SimdAvx2, FLASHGPT_TARGET_AVX2)
-FLASHGPT_FLASH_KERNELS(SimdAvx512, FLASHGPT_TARGET_AVX512)
+FLASHGPT_CPU_TARGET_BEGIN_AVX2
+namespace isa_avx2 {
+using Simd = attention_cpu::SimdAvx2;
+#include "attention_cpu_flash_isa.inc"
+}  // namespace isa_avx2
+FLASHGPT_CPU_TARGET_END
+FLASHGPT_CPU_TARGET_BEGIN_AVX512
+namespace isa_avx512 {
+using Simd = attention_cpu::SimdAvx512;
+#include "attention_cpu_flash_isa.inc"
+}  // namespace isa_avx512
+FLASHGPT_CPU_TARGET_END
 #endif
-#undef FLASHGPT_FLASH_KERNELS
 
 const FlashKernels& flash_kernels(CpuIsa isa) {
 #if FLASHGPT_CPU_DISPATCH
-  if (isa == CpuIsa::avx512) return kKernelsSimdAvx512;
-  if (isa == CpuIsa::avx2) return kKernelsSimdAvx2;
+  if (isa == CpuIsa::avx512) return isa_avx512::kKernels;
+  if (isa == CpuIsa::avx2) return isa_avx2::kKernels;
 #endif
   (void)isa;
-  return kKernelsSimdBaseline;
+  return isa_baseline::kKernels;
 }
 
 // The first cache line of a workspace sized with kTileAlign - 1 floats of slack.
