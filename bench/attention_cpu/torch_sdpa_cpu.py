@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Our tiled CPU attention (fp32) against PyTorch's CPU scaled_dot_product_attention.
 
-Runs `flashgpt bench attention --device cpu` as a child process (argument vector) for each
-(head_dim, causal) pair; that command validates the tiled kernel against our reference
-before it times it and writes attention_cpu_timing.csv (the fastest of repeated runs). Then
-times torch's SDPA on the same shapes in the same process run: the forward, and the backward
-alone (torch.autograd.grad with retain_graph on one saved forward), the fastest of repeated
-runs too. Nothing of torch's output is checked here: our bench already checked ours against
-our reference, and torch is the yardstick, not the subject.
+For each shape, `--repeats` times in turn (ours, torch, ours, torch, ...: on a shared machine
+the load then falls on both alike), runs `flashgpt bench attention --device cpu` for that one
+N as a child process (argument vector), which validates the tiled kernel against our reference
+before it times it and writes attention_cpu_timing.csv (the fastest of repeated runs), then
+times torch's SDPA on the same shape in this process: the forward, and the backward alone
+(torch.autograd.grad with retain_graph on one saved forward), the fastest of repeated runs too.
+Reports the median over the repeats of each. Nothing of torch's output is checked here: our
+bench already checked ours against our reference, and torch is the yardstick, not the subject.
 
 Prints one table: shape, ours fwd/bwd ms, torch fwd/bwd ms, torch/ours (> 1: ours is faster).
 
@@ -16,6 +17,7 @@ Prints one table: shape, ours fwd/bwd ms, torch fwd/bwd ms, torch/ours (> 1: our
 import argparse
 import csv
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,16 +35,17 @@ def parse_args():
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=4, help="batch x heads work items share the cores")
     p.add_argument("--min-time", type=float, default=0.3, help="seconds per measurement, both sides")
+    p.add_argument("--repeats", type=int, default=3, help="alternating runs of each side per shape (median)")
     p.add_argument("--csv", help="also write the table here")
     return p.parse_args()
 
 
-def run_ours(a, head_dim, causal, out_dir):
-    # No naive reference above N=1 and the IO sweep at the smallest N only (its plot needs one row).
+def run_ours(a, head_dim, causal, n, out_dir):
+    # One N; no naive reference (N=1 is below it); the IO sweep stays (the plot needs its rows).
     cmd = [a.flashgpt, "bench", "attention", "--device", "cpu", "--out", out_dir,
            "--head-dim", str(head_dim), "--batch", str(a.batch), "--heads", str(a.heads),
-           "--min-seqlen", str(a.min_seqlen), "--max-seqlen", str(a.max_seqlen),
-           "--naive-max-seqlen", "1", "--io-max-seqlen", str(a.min_seqlen), "--min-time", str(a.min_time),
+           "--min-seqlen", str(n), "--max-seqlen", str(n),
+           "--naive-max-seqlen", "1", "--io-max-seqlen", str(n), "--min-time", str(a.min_time),
            "--threads", str(a.threads)]
     if causal:
         cmd.append("--causal")
@@ -50,10 +53,12 @@ def run_ours(a, head_dim, causal, out_dir):
     if run.returncode != 0:
         sys.exit(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stdout[-3000:]}{run.stderr[-3000:]}")
     with open(os.path.join(out_dir, "attention_cpu_timing.csv")) as f:
-        return {int(r["n"]): (float(r["tiled_fwd_s"]), float(r["tiled_bwd_s"])) for r in csv.DictReader(f)}
+        row = next(csv.DictReader(f))
+        return float(row["tiled_fwd_s"]), float(row["tiled_bwd_s"])
 
 
 def time_best(fn, min_time):
+    fn()  # warm-up: torch's first call of a shape (and autograd's first backward) is far slower
     best, total, reps = float("inf"), 0.0, 0
     while reps < 20 and (reps < 1 or total < min_time):
         start = time.perf_counter()
@@ -85,16 +90,25 @@ def main():
     header = f"{'d':>4} {'causal':>6} {'N':>6} | {'ours fwd':>9} {'torch fwd':>9} {'t/o':>5} | " \
              f"{'ours bwd':>9} {'torch bwd':>9} {'t/o':>5}"
     print(f"torch {torch.__version__}, {a.threads} threads, batch {a.batch} x heads {a.heads}, fp32, ms "
-          "(fastest of repeated runs); t/o = torch / ours, > 1: ours is faster")
+          f"(median of {a.repeats} alternating runs, each the fastest of its repeats); t/o = torch / ours, "
+          "> 1: ours is faster")
     print(header)
     print("-" * len(header))
+    sizes = []
+    n = a.min_seqlen
+    while n <= a.max_seqlen:
+        sizes.append(n)
+        n *= 2
     for head_dim in a.head_dims:
         for causal in causals:
-            with tempfile.TemporaryDirectory() as out_dir:
-                ours = run_ours(a, head_dim, causal, out_dir)
-            for n in sorted(ours):
-                of, ob = ours[n]
-                tf, tb = run_torch(a, torch, head_dim, causal, n)
+            for n in sizes:
+                ours, theirs = [], []
+                for _ in range(a.repeats):
+                    with tempfile.TemporaryDirectory() as out_dir:
+                        ours.append(run_ours(a, head_dim, causal, n, out_dir))
+                    theirs.append(run_torch(a, torch, head_dim, causal, n))
+                of, ob = (statistics.median(x[i] for x in ours) for i in (0, 1))
+                tf, tb = (statistics.median(x[i] for x in theirs) for i in (0, 1))
                 rows.append((head_dim, int(causal), n, of, ob, tf, tb))
                 print(f"{head_dim:>4} {('yes' if causal else 'no'):>6} {n:>6} | {of * 1e3:>9.2f} {tf * 1e3:>9.2f} "
                       f"{tf / of:>5.2f} | {ob * 1e3:>9.2f} {tb * 1e3:>9.2f} {tb / ob:>5.2f}", flush=True)
