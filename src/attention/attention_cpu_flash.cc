@@ -20,8 +20,12 @@
 // 40% more arithmetic), but there are no atomics and no per-thread copies of dQ, and the
 // result is bit-identical for any thread count.
 //
-// S and dP~ are consumed one row at a time (every row's online softmax is independent),
-// so a tile holds one row of scores rather than Br x Bc of them.
+// Every product of two tiles is one register-blocked tile product (attention_cpu_simd.h). The
+// forward and pass B hold the scores transposed, (Bc, Br): S^T = K_j Q_i^T from Q_i^T loaded
+// once per row block, so that K_j and V_j serve as loaded and the softmax runs down the keys
+// with one query row per vector lane. Pass A holds them as (Br, Bc) against K_j^T and V_j^T
+// loaded once per column block. The work items are compiled once per vector ISA
+// (attention_cpu_flash_isa.inc) and cpu_isa() picks one per call.
 #include "attention_cpu_common.h"
 #include "attention_cpu_simd.h"
 
