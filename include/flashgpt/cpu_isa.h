@@ -32,18 +32,35 @@ CpuIsa cpu_isa();
 
 }  // namespace flashgpt
 
+// The same targets as pragmas, for a whole region of code (templates included, which take the
+// target of the region that defines them):
+//   FLASHGPT_CPU_TARGET_BEGIN_AVX512  namespace avx512 { ... }  FLASHGPT_CPU_TARGET_END
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FLASHGPT_CPU_DISPATCH 1
+#define FLASHGPT_CPU_TARGET_BEGIN_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
+#define FLASHGPT_CPU_TARGET_BEGIN_AVX512 \
+  _Pragma("GCC push_options")            \
+      _Pragma("GCC target(\"avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,prefer-vector-width=512\")")
+#define FLASHGPT_CPU_TARGET_END _Pragma("GCC pop_options")
 #define FLASHGPT_TARGET_AVX2 __attribute__((target("avx2,fma")))
 // GCC splits 512-bit loops in two 256-bit halves unless told to prefer the full width.
 #define FLASHGPT_TARGET_AVX512 \
   __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,prefer-vector-width=512")))
 #elif defined(__x86_64__) && defined(__clang__)
 #define FLASHGPT_CPU_DISPATCH 1
+#define FLASHGPT_CPU_TARGET_BEGIN_AVX2 \
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma\"))), apply_to = function)")
+#define FLASHGPT_CPU_TARGET_BEGIN_AVX512 \
+  _Pragma(                               \
+      "clang attribute push(__attribute__((target(\"avx512f,avx512bw,avx512dq,avx512vl,avx2,fma\"))), apply_to = function)")
+#define FLASHGPT_CPU_TARGET_END _Pragma("clang attribute pop")
 #define FLASHGPT_TARGET_AVX2 __attribute__((target("avx2,fma")))
 #define FLASHGPT_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")))
 #else
 #define FLASHGPT_CPU_DISPATCH 0
+#define FLASHGPT_CPU_TARGET_BEGIN_AVX2
+#define FLASHGPT_CPU_TARGET_BEGIN_AVX512
+#define FLASHGPT_CPU_TARGET_END
 #define FLASHGPT_TARGET_AVX2
 #define FLASHGPT_TARGET_AVX512
 #endif

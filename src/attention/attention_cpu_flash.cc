@@ -20,11 +20,17 @@
 // 40% more arithmetic), but there are no atomics and no per-thread copies of dQ, and the
 // result is bit-identical for any thread count.
 //
-// S and dP~ are consumed one row at a time (every row's online softmax is independent),
-// so a tile holds one row of scores rather than Br x Bc of them.
+// Every product of two tiles is one register-blocked tile product (attention_cpu_simd.h). The
+// forward and pass B hold the scores transposed, (Bc, Br): S^T = K_j Q_i^T from Q_i^T loaded
+// once per row block, so that K_j and V_j serve as loaded and the softmax runs down the keys
+// with one query row per vector lane. Pass A holds them as (Br, Bc) against K_j^T and V_j^T
+// loaded once per column block. The work items are compiled once per vector ISA
+// (attention_cpu_flash_isa.inc) and cpu_isa() picks one per call.
 #include "attention_cpu_common.h"
+#include "attention_cpu_simd.h"
 
 #include <flashgpt/attention_cpu.h>
+#include <flashgpt/cpu_isa.h>
 #include <flashgpt/error.h>
 
 #include <omp.h>
@@ -42,6 +48,7 @@ using attention_cpu::AttentionTensors;
 using attention_cpu::CpuDropout;
 using attention_cpu::CpuSequence;
 using attention_cpu::StridedTensor;
+using attention_cpu::TileProduct;
 
 // The max_rows rule keeps Bc short: the inner loops run over head_dim, so a long Bc buys
 // nothing on the CPU, and every float it takes from the budget is a query row fewer. K_j
@@ -50,23 +57,26 @@ constexpr int64_t kMaxRowsBlockCols = 32;
 constexpr int64_t kMaxRowsKvShare = 16;  // Bc = ceil(M / 16 d): 2 Bc d <= M / 8
 // Tiles larger than this only waste memory: no CPU cache is that big.
 constexpr int64_t kMaxBlock = 1 << 16;
-// score_row steps over head_dim four columns at a time, with no remainder loop.
-constexpr int kHeadDimStep = 4;
+// The tile products step over head_dim in whole registers of the widest ISA.
 static_assert(std::all_of(kAttentionHeadDims.begin(), kAttentionHeadDims.end(),
-                          [](int d) { return d % kHeadDimStep == 0; }),
-              "every head_dim attention_validate admits must be a multiple of kHeadDimStep");
+                          [](int d) { return d % attention_cpu::kSimdMaxWidth == 0; }),
+              "every head_dim attention_validate admits must be a multiple of kSimdMaxWidth");
+// Every tile starts on a cache line (64 bytes).
+constexpr int64_t kTileAlign = 16;  // floats
+
+int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The row length of the score-shaped tiles (S, P, dS, K^T, V^T): Bc padded to whole registers.
+int64_t score_ld(CpuTileShape t) { return round_up(t.block_cols, attention_cpu::kSimdMaxWidth); }
+// The row length of the query-shaped transposed tiles (Q^T, S^T): Br padded likewise.
+int64_t query_ld(CpuTileShape t) { return round_up(t.block_rows, attention_cpu::kSimdMaxWidth); }
 
 float dot(const float* __restrict a, const float* __restrict b, int n) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
   for (int x = 0; x < n; ++x) acc += a[x] * b[x];
   return acc;
-}
-
-// y += alpha * x
-void axpy(float alpha, const float* __restrict x, float* __restrict y, int n) {
-#pragma omp simd
-  for (int c = 0; c < n; ++c) y[c] += alpha * x[c];
 }
 
 // Which token axis a tile's rows index: query rows (Q, O, dO, dQ) or keys (K, V, dK, dV).
@@ -84,111 +94,18 @@ void tile_load(const StridedTensor<const float>& src, const CpuSequence& seq, in
     std::memcpy(tile + int64_t{r} * d, src.at(seq.batch, first + r, head), sizeof(float) * d);
 }
 
-// Keys [row0, row0 + rows) of one head of `src` (K or V) into a (D, ld) tile, transposed.
+// Rows [row0, row0 + rows) of one head of `src` into a (D, ld) tile, transposed; columns
+// [rows, round_up(rows, kSimdMaxWidth)) become 0, so that products over whole registers stay
+// finite.
 void tile_load_transposed(const StridedTensor<const float>& src, const CpuSequence& seq, int64_t row0, int head,
-                          int rows, int d, int ld, float* tile) {
+                          int rows, int d, int64_t ld, float* tile, TileRows side) {
+  const int64_t first = tile_first_row(seq, side, row0);
   for (int r = 0; r < rows; ++r) {
-    const float* in = src.at(seq.batch, seq.k_row0 + row0 + r, head);
+    const float* in = src.at(seq.batch, first + r, head);
     for (int x = 0; x < d; ++x) tile[int64_t{x} * ld + r] = in[x];
   }
-}
-
-// s[c] = scale * q . K_j[c] for c in [0, end), from the transposed tile: vectorizes over c
-// with no horizontal sum per score.
-void score_row(const float* __restrict q_row, const float* __restrict k_t, int ld, int end, int d, float scale,
-               float* __restrict s) {
-  std::fill(s, s + end, 0.0f);
-  // Four head_dim columns per pass: one load and store of s per four multiply-adds.
-  for (int x = 0; x < d; x += kHeadDimStep) {
-    const float q0 = scale * q_row[x], q1 = scale * q_row[x + 1], q2 = scale * q_row[x + 2], q3 = scale * q_row[x + 3];
-    const float* __restrict k0 = k_t + int64_t{x} * ld;
-    const float* __restrict k1 = k0 + ld;
-    const float* __restrict k2 = k1 + ld;
-    const float* __restrict k3 = k2 + ld;
-#pragma omp simd
-    for (int c = 0; c < end; ++c) s[c] += q0 * k0[c] + q1 * k1[c] + q2 * k2[c] + q3 * k3[c];
-  }
-}
-
-// o += sum_c p[c] V_j[c] for c in [0, end), four keys per pass over o.
-void accumulate_pv(const float* __restrict p, const float* __restrict v, int end, int d, float* __restrict o) {
-  int c = 0;
-  for (; c + 4 <= end; c += 4) {
-    const float* __restrict v0 = v + int64_t{c} * d;
-    const float* __restrict v1 = v0 + d;
-    const float* __restrict v2 = v1 + d;
-    const float* __restrict v3 = v2 + d;
-    const float p0 = p[c], p1 = p[c + 1], p2 = p[c + 2], p3 = p[c + 3];
-#pragma omp simd
-    for (int x = 0; x < d; ++x) o[x] += p0 * v0[x] + p1 * v1[x] + p2 * v2[x] + p3 * v3[x];
-  }
-  for (; c < end; ++c) axpy(p[c], v + int64_t{c} * d, o, d);
-}
-
-// score_row for two query rows at once: each load of K^T serves both. Each row's sums run
-// in the same order as score_row's, so the scores are bit-identical to it (over the wider
-// of the two rows' key ranges; the caller ignores the extra scores).
-void score_rows2(const float* __restrict q0_row, const float* __restrict q1_row, const float* __restrict k_t, int ld,
-                 int end, int d, float scale, float* __restrict s0, float* __restrict s1) {
-  std::fill(s0, s0 + end, 0.0f);
-  std::fill(s1, s1 + end, 0.0f);
-  for (int x = 0; x < d; x += kHeadDimStep) {
-    const float a0 = scale * q0_row[x], a1 = scale * q0_row[x + 1], a2 = scale * q0_row[x + 2],
-                a3 = scale * q0_row[x + 3];
-    const float b0 = scale * q1_row[x], b1 = scale * q1_row[x + 1], b2 = scale * q1_row[x + 2],
-                b3 = scale * q1_row[x + 3];
-    const float* __restrict k0 = k_t + int64_t{x} * ld;
-    const float* __restrict k1 = k0 + ld;
-    const float* __restrict k2 = k1 + ld;
-    const float* __restrict k3 = k2 + ld;
-#pragma omp simd
-    for (int c = 0; c < end; ++c) {
-      s0[c] += a0 * k0[c] + a1 * k1[c] + a2 * k2[c] + a3 * k3[c];
-      s1[c] += b0 * k0[c] + b1 * k1[c] + b2 * k2[c] + b3 * k3[c];
-    }
-  }
-}
-
-// accumulate_pv for two query rows sharing each load of V. A row whose keys end before
-// `end` has zeros there, so it gets the same sum up to the grouping of its last keys.
-void accumulate_pv2(const float* __restrict p0, const float* __restrict p1, const float* __restrict v, int end, int d,
-                    float* __restrict o0, float* __restrict o1) {
-  int c = 0;
-  for (; c + 4 <= end; c += 4) {
-    const float* __restrict v0 = v + int64_t{c} * d;
-    const float* __restrict v1 = v0 + d;
-    const float* __restrict v2 = v1 + d;
-    const float* __restrict v3 = v2 + d;
-    const float a0 = p0[c], a1 = p0[c + 1], a2 = p0[c + 2], a3 = p0[c + 3];
-    const float b0 = p1[c], b1 = p1[c + 1], b2 = p1[c + 2], b3 = p1[c + 3];
-#pragma omp simd
-    for (int x = 0; x < d; ++x) {
-      o0[x] += a0 * v0[x] + a1 * v1[x] + a2 * v2[x] + a3 * v3[x];
-      o1[x] += b0 * v0[x] + b1 * v1[x] + b2 * v2[x] + b3 * v3[x];
-    }
-  }
-  for (; c < end; ++c) {
-    axpy(p0[c], v + int64_t{c} * d, o0, d);
-    axpy(p1[c], v + int64_t{c} * d, o1, d);
-  }
-}
-
-// out += sum_r coef[r * coef_stride] rows[r] over `count` rows of length d: a column of a
-// (count, Bc) tile times a (count, D) tile, four rows per pass over out.
-void accumulate_rows(const float* coef, int64_t coef_stride, const float* __restrict rows, int count, int d,
-                     float* __restrict out) {
-  int r = 0;
-  for (; r + 4 <= count; r += 4) {
-    const float c0 = coef[r * coef_stride], c1 = coef[(r + 1) * coef_stride], c2 = coef[(r + 2) * coef_stride],
-                c3 = coef[(r + 3) * coef_stride];
-    const float* __restrict r0 = rows + int64_t{r} * d;
-    const float* __restrict r1 = r0 + d;
-    const float* __restrict r2 = r1 + d;
-    const float* __restrict r3 = r2 + d;
-#pragma omp simd
-    for (int x = 0; x < d; ++x) out[x] += c0 * r0[x] + c1 * r1[x] + c2 * r2[x] + c3 * r3[x];
-  }
-  for (; r < count; ++r) axpy(coef[r * coef_stride], rows + int64_t{r} * d, out, d);
+  const int64_t padded = round_up(rows, attention_cpu::kSimdMaxWidth);
+  for (int x = 0; x < d; ++x) std::fill(tile + int64_t{x} * ld + rows, tile + int64_t{x} * ld + padded, 0.0f);
 }
 
 // scale * a contiguous (rows, D) tile into rows [row0, row0 + rows) of one head of `dst`.
@@ -203,55 +120,77 @@ void tile_store(const float* tile, float scale, const StridedTensor<float>& dst,
 
 int resolve_threads(const CpuTiling& tiling) { return tiling.threads > 0 ? tiling.threads : omp_get_max_threads(); }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// One thread's on-chip buffers for the forward pass.
-struct ForwardTiles {
-  float* q;        // (Br, D)
-  float* o;        // (Br, D): O_i before the division by l
-  float* k_t;      // (D, Bc): K_j transposed, so that a row of S is d vectorizable passes over Bc
-  float* v;        // (Bc, D)
-  float* s;        // (2, Bc): rows of S of a pair of query rows, then of exp(S - m')
-  float* mult;     // (Bc): one row's dropout multipliers
-  float* row_max;  // (Br): m
-  float* row_sum;  // (Br): l
-  static int64_t floats(CpuTileShape t, int d) {
-    return 2 * int64_t{t.block_rows} * d + 2 * int64_t{t.block_cols} * d + 3 * int64_t{t.block_cols} +
-           2 * int64_t{t.block_rows};
-  }
-  ForwardTiles(float* base, CpuTileShape t, int d) {
-    const int64_t rd = int64_t{t.block_rows} * d, cd = int64_t{t.block_cols} * d;
-    q = base, o = q + rd, k_t = o + rd, v = k_t + cd, s = v + cd, mult = s + 2 * t.block_cols;
-    row_max = mult + t.block_cols, row_sum = row_max + t.block_rows;
+// Carves consecutive tiles, each on a cache line, out of one thread's workspace.
+struct TileCarver {
+  float* next;
+  int64_t used = 0;
+  float* take(int64_t floats) {
+    float* tile = next;
+    const int64_t size = round_up(floats, kTileAlign);
+    next += size;
+    used += size;
+    return tile;
   }
 };
 
-// One thread's on-chip buffers for the backward passes: pass A uses all but dq and k,
-// pass B all but dk and dv.
+// One thread's on-chip buffers for the forward pass; ldq = query_ld(t). The scores are held
+// transposed, keys by queries, so that the softmax runs down the keys with one query per lane.
+struct ForwardTiles {
+  float* q_t;      // (D, ldq): Q_i transposed
+  float* o;        // (Br, D): O_i before the division by l
+  float* k;        // (Bc, D)
+  float* v;        // (Bc, D)
+  float* s_t;      // (Bc, ldq): S^T = K_j Q_i^T, then dropout(exp(S - m'))^T
+  float* mult;     // (Bc): one row's dropout multipliers
+  float* row_max;  // (ldq): m
+  float* row_sum;  // (ldq): l
+  float* rescale;  // (ldq): exp(m - m') of the current block
+  int64_t floats_used;
+  ForwardTiles(float* base, CpuTileShape t, int d) {
+    const int64_t cd = int64_t{t.block_cols} * d, ldq = query_ld(t);
+    TileCarver c{base};
+    q_t = c.take(d * ldq), o = c.take(int64_t{t.block_rows} * d), k = c.take(cd), v = c.take(cd);
+    s_t = c.take(t.block_cols * ldq), mult = c.take(t.block_cols);
+    row_max = c.take(ldq), row_sum = c.take(ldq), rescale = c.take(ldq);
+    floats_used = c.used;
+  }
+  static int64_t floats(CpuTileShape t, int d) { return ForwardTiles(nullptr, t, d).floats_used; }
+};
+
+// One thread's on-chip buffers for the backward passes. Pass A holds S and dP as (Br, ld) tiles
+// against K_j^T and V_j^T loaded once per key block; pass B holds them transposed, (Bc, ldq),
+// against Q_i^T and dO_i^T loaded once per row block, as the forward does.
 struct BackwardTiles {
   float* q;     // (Br, D)
   float* d_o;   // (Br, D)
   float* dq;    // (Br, D)
-  float* k;     // (Bc, D): for dQ_i += dS K_j
-  float* k_t;   // (D, Bc): K_j transposed, for rows of S
-  float* v_t;   // (D, Bc): V_j transposed, for rows of dP = dO V^T
+  float* q_t;   // (D, ldq): pass B's Q_i transposed, for S^T = K_j Q_i^T
+  float* do_t;  // (D, ldq): pass B's dO_i transposed, for dP^T = V_j dO_i^T
+  float* k;     // (Bc, D)
+  float* v;     // (Bc, D)
+  float* k_t;   // (D, ld): pass A's K_j transposed, for S = Q K^T
+  float* v_t;   // (D, ld): pass A's V_j transposed, for dP = dO V^T
   float* dk;    // (Bc, D)
   float* dv;    // (Bc, D)
-  float* lse;   // (Br)
-  float* dsum;  // (Br): D_i
-  float* mult;  // (Bc): one row's dropout multipliers
-  float* p;     // (Br, Bc): dropout(P); pass B uses only its first row
-  float* ds;    // (Br, Bc): dS; pass B uses only its first row
-  static int64_t floats(CpuTileShape t, int d) {
-    return 3 * int64_t{t.block_rows} * d + 5 * int64_t{t.block_cols} * d + 2 * int64_t{t.block_rows} +
-           int64_t{t.block_cols} + 2 * int64_t{t.block_rows} * t.block_cols;
-  }
+  float* lse;   // (ldq)
+  float* dsum;  // (ldq): D_i
+  float* mult;  // (ld): one row's dropout multipliers
+  float* p;     // (Br, ld): pass A's S, then dropout(P)
+  float* ds;    // (Br, ld): pass A's dP, then dS
+  float* s_t;   // (Bc, ldq): pass B's S^T
+  float* ds_t;  // (Bc, ldq): pass B's dP^T, then dS^T
+  int64_t floats_used;
   BackwardTiles(float* base, CpuTileShape t, int d) {
-    const int64_t rd = int64_t{t.block_rows} * d, cd = int64_t{t.block_cols} * d;
-    q = base, d_o = q + rd, dq = d_o + rd, k = dq + rd, k_t = k + cd, v_t = k_t + cd, dk = v_t + cd, dv = dk + cd;
-    lse = dv + cd, dsum = lse + t.block_rows, mult = dsum + t.block_rows, p = mult + t.block_cols;
-    ds = p + int64_t{t.block_rows} * t.block_cols;
+    const int64_t rd = int64_t{t.block_rows} * d, cd = int64_t{t.block_cols} * d, ld = score_ld(t), ldq = query_ld(t);
+    TileCarver c{base};
+    q = c.take(rd), d_o = c.take(rd), dq = c.take(rd), q_t = c.take(d * ldq), do_t = c.take(d * ldq);
+    k = c.take(cd), v = c.take(cd), k_t = c.take(d * ld), v_t = c.take(d * ld), dk = c.take(cd), dv = c.take(cd);
+    lse = c.take(ldq), dsum = c.take(ldq), mult = c.take(ld);
+    p = c.take(t.block_rows * ld), ds = c.take(t.block_rows * ld);
+    s_t = c.take(t.block_cols * ldq), ds_t = c.take(t.block_cols * ldq);
+    floats_used = c.used;
   }
+  static int64_t floats(CpuTileShape t, int d) { return BackwardTiles(nullptr, t, d).floats_used; }
 };
 
 // What every work item of one call needs.
@@ -260,6 +199,8 @@ struct FlashProblem {
   AttentionTensors<float> t;
   CpuDropout drop;
   CpuTileShape tile;
+  int64_t ld;   // score_ld(tile)
+  int64_t ldq;  // query_ld(tile)
   float scale;
   int d;
   int group;                   // query heads per kv head
@@ -273,6 +214,8 @@ FlashProblem flash_problem(const AttentionParams& p, const CpuTiling& tiling) {
           attention_cpu::attention_tensors<float>(p),
           attention_cpu::cpu_dropout(p),
           tile,
+          score_ld(tile),
+          query_ld(tile),
           attention_softmax_scale(p),
           p.head_dim,
           p.heads_q / p.heads_kv,
@@ -285,123 +228,23 @@ struct IoTally {
   uint64_t read = 0, written = 0;  // floats
 };
 
-// ---- forward -------------------------------------------------------------------------
-
-// One online-softmax step of query row r over keys [0, end) of the loaded block: turns
-// s into dropout(exp(S - m')), updates m and l, and rescales O_r by exp(m - m'). s[end ..
-// width) becomes 0, so that a pass over `width` keys shared with the next row adds nothing.
-void online_softmax_row(const FlashProblem& f, ForwardTiles& tl, int r, int end, int width, int64_t batch_head,
-                        int64_t row, int j0, float* s) {
-  std::fill(s + end, s + width, 0.0f);
-  if (end == 0) return;
-  float block_max = -std::numeric_limits<float>::infinity();
-  for (int c = 0; c < end; ++c) block_max = std::max(block_max, s[c]);
-  const float new_max = std::max(tl.row_max[r], block_max);
-  const float rescale = std::exp(tl.row_max[r] - new_max);  // 0 on the first block: m = -inf
-  float block_sum = 0.0f;
-  for (int c = 0; c < end; ++c) {
-    s[c] = std::exp(s[c] - new_max);
-    block_sum += s[c];
-  }
-  tl.row_sum[r] = tl.row_sum[r] * rescale + block_sum;
-  tl.row_max[r] = new_max;
-  if (f.drop.enabled) {
-    attention_cpu::dropout_row_multipliers(f.drop, batch_head, row, j0, j0 + end, tl.mult);
-    for (int c = 0; c < end; ++c) s[c] *= tl.mult[c];
-  }
-  float* o_row = tl.o + int64_t{r} * f.d;
-  for (int x = 0; x < f.d; ++x) o_row[x] *= rescale;
+// The score-shaped product out = A B^T of a (rows, D) tile and a transposed (D, ld) tile, over
+// `cols` keys (a multiple of the ISA's width): S = Q K^T, dP = dO V^T.
+TileProduct scores_product(const float* a, const float* b_t, int64_t ld, int rows, int cols, int d, float* out) {
+  return {a, d, 1, b_t, ld, out, ld, rows, cols, d, /*accumulate=*/false};
 }
 
-// Algorithm 1 for one row block: rows [i0, i0 + Br) of query head h of sequence seq.
-void flash_forward_row_block(const FlashProblem& f, const CpuSequence& seq, int h, int i0, ForwardTiles& tl,
-                             IoTally& io) {
-  const int d = f.d, head_kv = h / f.group;
-  const int rows = std::min(f.tile.block_rows, seq.len_q - i0);
-  const int64_t batch_head = int64_t{seq.index} * f.p.heads_q + h;
-  tile_load(f.t.q, seq, i0, h, rows, d, tl.q, TileRows::queries);
-  io.read += uint64_t(rows) * d;
-  std::fill(tl.o, tl.o + int64_t{rows} * d, 0.0f);
-  std::fill(tl.row_max, tl.row_max + rows, -std::numeric_limits<float>::infinity());
-  std::fill(tl.row_sum, tl.row_sum + rows, 0.0f);
-
-  const int col_end = seq.key_end(i0 + rows - 1);  // the last row sees the most keys
-  for (int j0 = 0; j0 < col_end; j0 += f.tile.block_cols) {
-    const int cols = std::min(f.tile.block_cols, col_end - j0);
-    tile_load_transposed(f.t.k, seq, j0, head_kv, cols, d, f.tile.block_cols, tl.k_t);
-    tile_load(f.t.v, seq, j0, head_kv, cols, d, tl.v, TileRows::keys);
-    io.read += 2 * uint64_t(cols) * d;
-    // Two query rows per pass, so that each load of K^T and V serves both. Causal ends
-    // only grow with the row, so the second row's end bounds the pair.
-    for (int r = 0; r < rows; r += 2) {
-      const bool pair = r + 1 < rows;
-      const int end0 = std::clamp(seq.key_end(i0 + r) - j0, 0, cols);
-      const int end1 = pair ? std::clamp(seq.key_end(i0 + r + 1) - j0, 0, cols) : 0;
-      const int width = std::max(end0, end1);
-      if (width == 0) continue;
-      float* s0 = tl.s;
-      float* s1 = tl.s + f.tile.block_cols;
-      float* o0 = tl.o + int64_t{r} * d;
-      if (pair) {
-        score_rows2(tl.q + int64_t{r} * d, tl.q + int64_t{r + 1} * d, tl.k_t, f.tile.block_cols, width, d, f.scale, s0,
-                    s1);
-        online_softmax_row(f, tl, r, end0, width, batch_head, i0 + r, j0, s0);
-        online_softmax_row(f, tl, r + 1, end1, width, batch_head, i0 + r + 1, j0, s1);
-        accumulate_pv2(s0, s1, tl.v, width, d, o0, o0 + d);
-      } else {
-        score_row(tl.q + int64_t{r} * d, tl.k_t, f.tile.block_cols, width, d, f.scale, s0);
-        online_softmax_row(f, tl, r, end0, width, batch_head, i0 + r, j0, s0);
-        accumulate_pv(s0, tl.v, width, d, o0);
-      }
-    }
-  }
-
-  float* lse = f.p.lse + seq.lse_offset + h * f.p.lse_head_stride + i0;
-  for (int r = 0; r < rows; ++r) {
-    float* o_row = tl.o + int64_t{r} * d;
-    if (tl.row_sum[r] == 0.0f) {  // no key: O = 0 (already), LSE = +inf
-      lse[r] = std::numeric_limits<float>::infinity();
-      continue;
-    }
-    const float inv_sum = 1.0f / tl.row_sum[r];
-    for (int x = 0; x < d; ++x) o_row[x] *= inv_sum;
-    lse[r] = tl.row_max[r] + std::log(tl.row_sum[r]);
-  }
-  tile_store(tl.o, 1.0f, f.t.o, seq, i0, h, rows, d, TileRows::queries);
-  io.written += uint64_t(rows) * d + rows;
-}
-
-// ---- backward ------------------------------------------------------------------------
-
-// One row of the backward for keys [0, end) of the loaded column block: recomputes
-// P = exp(S - LSE) and fills p_out with dropout(P) and ds_out with dS = P (dP~ - D_i).
-void flash_backward_row(const FlashProblem& f, BackwardTiles& tl, int r, int end, int64_t batch_head, int64_t row,
-                        int j0, float* __restrict p_out, float* __restrict ds_out) {
-  const int d = f.d, ld = f.tile.block_cols;
-  score_row(tl.q + int64_t{r} * d, tl.k_t, ld, end, d, f.scale, p_out);  // S
-  score_row(tl.d_o + int64_t{r} * d, tl.v_t, ld, end, d, 1.0f, ds_out);  // dP = dO V^T
-  const float lse = tl.lse[r], dsum = tl.dsum[r];
-  if (f.drop.enabled) {
-    attention_cpu::dropout_row_multipliers(f.drop, batch_head, row, j0, j0 + end, tl.mult);
-    for (int c = 0; c < end; ++c) {
-      const float prob = std::exp(p_out[c] - lse);
-      ds_out[c] = prob * (tl.mult[c] * ds_out[c] - dsum);
-      p_out[c] = prob * tl.mult[c];
-    }
-  } else {
-    for (int c = 0; c < end; ++c) {
-      const float prob = std::exp(p_out[c] - lse);
-      ds_out[c] = prob * (ds_out[c] - dsum);
-      p_out[c] = prob;
-    }
-  }
-}
-
-// Loads the row-side tiles of rows [i0, i0 + rows) of query head h: Q, dO, LSE and D.
+// Loads the row-side tiles of rows [i0, i0 + rows) of query head h: Q and dO (as (rows, D)
+// tiles, or transposed), LSE and D.
 void flash_backward_load_rows(const FlashProblem& f, const CpuSequence& seq, int h, int i0, int rows, const float* dsum,
-                              BackwardTiles& tl, IoTally& io) {
-  tile_load(f.t.q, seq, i0, h, rows, f.d, tl.q, TileRows::queries);
-  tile_load(f.t.d_o, seq, i0, h, rows, f.d, tl.d_o, TileRows::queries);
+                              BackwardTiles& tl, IoTally& io, bool transposed) {
+  if (transposed) {
+    tile_load_transposed(f.t.q, seq, i0, h, rows, f.d, f.ldq, tl.q_t, TileRows::queries);
+    tile_load_transposed(f.t.d_o, seq, i0, h, rows, f.d, f.ldq, tl.do_t, TileRows::queries);
+  } else {
+    tile_load(f.t.q, seq, i0, h, rows, f.d, tl.q, TileRows::queries);
+    tile_load(f.t.d_o, seq, i0, h, rows, f.d, tl.d_o, TileRows::queries);
+  }
   const float* lse = f.p.lse + seq.lse_offset + h * f.p.lse_head_stride + i0;
   std::copy(lse, lse + rows, tl.lse);
   const float* dsum_rows = dsum + h * f.total_q + seq.token0 + i0;
@@ -409,71 +252,55 @@ void flash_backward_load_rows(const FlashProblem& f, const CpuSequence& seq, int
   io.read += 2 * uint64_t(rows) * f.d + 2 * uint64_t(rows);
 }
 
-// Pass A: dK_j and dV_j of key block [j0, j0 + Bc) of kv head head_kv, over every query
-// head of its group and every row block that sees the keys.
-void flash_backward_col_block(const FlashProblem& f, const CpuSequence& seq, int head_kv, int j0, const float* dsum,
-                              BackwardTiles& tl, IoTally& io) {
-  const int d = f.d;
-  const int cols = std::min(f.tile.block_cols, seq.len_k - j0);
-  tile_load_transposed(f.t.k, seq, j0, head_kv, cols, d, f.tile.block_cols, tl.k_t);
-  tile_load_transposed(f.t.v, seq, j0, head_kv, cols, d, f.tile.block_cols, tl.v_t);
-  io.read += 2 * uint64_t(cols) * d;
-  std::fill(tl.dk, tl.dk + int64_t{cols} * d, 0.0f);
-  std::fill(tl.dv, tl.dv + int64_t{cols} * d, 0.0f);
-  const int first_row = seq.first_row_seeing(j0);
-  for (int h = head_kv * f.group; h < (head_kv + 1) * f.group; ++h) {
-    const int64_t batch_head = int64_t{seq.index} * f.p.heads_q + h;
-    for (int i0 = first_row - first_row % f.tile.block_rows; i0 < seq.len_q; i0 += f.tile.block_rows) {
-      const int rows = std::min(f.tile.block_rows, seq.len_q - i0);
-      flash_backward_load_rows(f, seq, h, i0, rows, dsum, tl, io);
-      // The (Br, Bc) tiles of dropout(P) and dS, zero where masked, then
-      // dV_j += dropout(P)^T dO_i and dK_j += dS^T Q_i, key by key.
-      const int64_t ld = f.tile.block_cols;
-      for (int r = 0; r < rows; ++r) {
-        const int end = std::clamp(seq.key_end(i0 + r) - j0, 0, cols);
-        float* p_row = tl.p + r * ld;
-        float* ds_row = tl.ds + r * ld;
-        if (end > 0) flash_backward_row(f, tl, r, end, batch_head, i0 + r, j0, p_row, ds_row);
-        std::fill(p_row + end, p_row + cols, 0.0f);
-        std::fill(ds_row + end, ds_row + cols, 0.0f);
-      }
-      for (int c = 0; c < cols; ++c) {
-        accumulate_rows(tl.p + c, ld, tl.d_o, rows, d, tl.dv + int64_t{c} * d);
-        accumulate_rows(tl.ds + c, ld, tl.q, rows, d, tl.dk + int64_t{c} * d);
-      }
-    }
-  }
-  tile_store(tl.dk, f.scale, f.t.dk, seq, j0, head_kv, cols, d, TileRows::keys);
-  tile_store(tl.dv, 1.0f, f.t.dv, seq, j0, head_kv, cols, d, TileRows::keys);
-  io.written += 2 * uint64_t(cols) * d;
+using ForwardItem = void (*)(const FlashProblem&, const CpuSequence&, int, int, ForwardTiles&, IoTally&);
+using BackwardItem = void (*)(const FlashProblem&, const CpuSequence&, int, int, const float*, BackwardTiles&,
+                              IoTally&);
+using ExpItem = void (*)(const float*, float*, int64_t);
+
+struct FlashKernels {
+  ForwardItem forward_row_block;
+  BackwardItem backward_col_block, backward_row_block;
+  ExpItem exp;
+};
+
+// The kernels, compiled once per ISA: attention_cpu_flash_isa.inc inside a namespace per ISA,
+// under that ISA's target pragma, so that every template it instantiates (the vector helpers
+// of attention_cpu_simd.inc included) is compiled for the ISA. (An always_inline template
+// defined without the target and inlined into a target function is not enough: GCC 12 then
+// lowers vector compares and selects lane by lane.)
+namespace isa_baseline {
+using Simd = attention_cpu::SimdBaseline;
+#include "attention_cpu_flash_isa.inc"
+}  // namespace isa_baseline
+#if FLASHGPT_CPU_DISPATCH
+FLASHGPT_CPU_TARGET_BEGIN_AVX2
+namespace isa_avx2 {
+using Simd = attention_cpu::SimdAvx2;
+#include "attention_cpu_flash_isa.inc"
+}  // namespace isa_avx2
+FLASHGPT_CPU_TARGET_END
+FLASHGPT_CPU_TARGET_BEGIN_AVX512
+namespace isa_avx512 {
+using Simd = attention_cpu::SimdAvx512;
+#include "attention_cpu_flash_isa.inc"
+}  // namespace isa_avx512
+FLASHGPT_CPU_TARGET_END
+#endif
+
+const FlashKernels& flash_kernels(CpuIsa isa) {
+#if FLASHGPT_CPU_DISPATCH
+  if (isa == CpuIsa::avx512) return isa_avx512::kKernels;
+  if (isa == CpuIsa::avx2) return isa_avx2::kKernels;
+#endif
+  (void)isa;
+  return isa_baseline::kKernels;
 }
 
-// Pass B: dQ_i of rows [i0, i0 + Br) of query head h, over every key block they see.
-void flash_backward_row_block(const FlashProblem& f, const CpuSequence& seq, int h, int i0, const float* dsum,
-                              BackwardTiles& tl, IoTally& io) {
-  const int d = f.d, head_kv = h / f.group;
-  const int rows = std::min(f.tile.block_rows, seq.len_q - i0);
-  const int64_t batch_head = int64_t{seq.index} * f.p.heads_q + h;
-  flash_backward_load_rows(f, seq, h, i0, rows, dsum, tl, io);
-  std::fill(tl.dq, tl.dq + int64_t{rows} * d, 0.0f);
-  const int col_end = seq.key_end(i0 + rows - 1);
-  for (int j0 = 0; j0 < col_end; j0 += f.tile.block_cols) {
-    const int cols = std::min(f.tile.block_cols, col_end - j0);
-    tile_load(f.t.k, seq, j0, head_kv, cols, d, tl.k, TileRows::keys);  // K_j once from slow memory,
-    for (int r = 0; r < cols; ++r) {                                    // transposed from the tile
-      for (int x = 0; x < d; ++x) tl.k_t[int64_t{x} * f.tile.block_cols + r] = tl.k[int64_t{r} * d + x];
-    }
-    tile_load_transposed(f.t.v, seq, j0, head_kv, cols, d, f.tile.block_cols, tl.v_t);
-    io.read += 2 * uint64_t(cols) * d;
-    for (int r = 0; r < rows; ++r) {
-      const int end = std::clamp(seq.key_end(i0 + r) - j0, 0, cols);
-      if (end == 0) continue;
-      flash_backward_row(f, tl, r, end, batch_head, i0 + r, j0, tl.p, tl.ds);
-      accumulate_pv(tl.ds, tl.k, end, d, tl.dq + int64_t{r} * d);
-    }
-  }
-  tile_store(tl.dq, f.scale, f.t.dq, seq, i0, h, rows, d, TileRows::queries);
-  io.written += uint64_t(rows) * d;
+// The first cache line of a workspace sized with kTileAlign - 1 floats of slack.
+float* workspace_aligned(std::vector<float>& workspace) {
+  const auto address = reinterpret_cast<uintptr_t>(workspace.data());
+  const uintptr_t line = kTileAlign * sizeof(float);
+  return reinterpret_cast<float*>((address + line - 1) / line * line);
 }
 
 void io_add(IoCounter* io, const IoTally& tally) {
@@ -483,6 +310,10 @@ void io_add(IoCounter* io, const IoTally& tally) {
 }
 
 }  // namespace
+
+void attention_cpu::attention_cpu_exp(CpuIsa isa, const float* x, float* y, int64_t n) {
+  flash_kernels(isa).exp(x, y, n);
+}
 
 CpuTileShape attention_cpu_tile_shape(const CpuTiling& tiling, int head_dim) {
   FLASHGPT_CHECK(head_dim > 0, "attention_cpu_tile_shape: head_dim must be positive, got {}", head_dim);
@@ -516,9 +347,11 @@ CpuTileShape attention_cpu_tile_shape(const CpuTiling& tiling, int head_dim) {
 int64_t attention_cpu_workspace_bytes(const AttentionParams& p, AttentionPass pass, const CpuTiling& tiling) {
   const CpuTileShape tile = attention_cpu_tile_shape(tiling, p.head_dim);
   const int64_t threads = resolve_threads(tiling);
-  if (pass == AttentionPass::forward) return threads * ForwardTiles::floats(tile, p.head_dim) * int64_t{sizeof(float)};
+  // kTileAlign - 1 floats of slack put the first tile on a cache line.
+  if (pass == AttentionPass::forward)
+    return (threads * ForwardTiles::floats(tile, p.head_dim) + kTileAlign - 1) * int64_t{sizeof(float)};
   const int64_t dsum = int64_t{p.heads_q} * attention_cpu::attention_total_q(p);
-  return (threads * BackwardTiles::floats(tile, p.head_dim) + dsum) * int64_t{sizeof(float)};
+  return (threads * BackwardTiles::floats(tile, p.head_dim) + dsum + kTileAlign - 1) * int64_t{sizeof(float)};
 }
 
 void attention_forward_cpu(const AttentionParams& params, const CpuTiling& tiling, IoCounter* io) {
@@ -528,7 +361,9 @@ void attention_forward_cpu(const AttentionParams& params, const CpuTiling& tilin
   const int threads = resolve_threads(tiling);
   std::vector<float> workspace(
       static_cast<size_t>(attention_cpu_workspace_bytes(params, AttentionPass::forward, tiling) / sizeof(float)));
+  float* base = workspace_aligned(workspace);
   const int64_t per_thread = ForwardTiles::floats(f.tile, f.d);
+  const ForwardItem forward_row_block = flash_kernels(cpu_isa()).forward_row_block;
   const int64_t items = int64_t{params.batch} * params.heads_q * f.row_blocks;
   uint64_t read = 0, written = 0;
   // Causal row blocks differ in cost by up to N / Bc column blocks: schedule dynamically.
@@ -539,9 +374,9 @@ void attention_forward_cpu(const AttentionParams& params, const CpuTiling& tilin
     const int i0 = static_cast<int>(item % f.row_blocks) * f.tile.block_rows;
     const CpuSequence seq = attention_cpu::cpu_sequence(params, b);
     if (i0 >= seq.len_q) continue;
-    ForwardTiles tiles(workspace.data() + omp_get_thread_num() * per_thread, f.tile, f.d);
+    ForwardTiles tiles(base + omp_get_thread_num() * per_thread, f.tile, f.d);
     IoTally tally;
-    flash_forward_row_block(f, seq, h, i0, tiles, tally);
+    forward_row_block(f, seq, h, i0, tiles, tally);
     read += tally.read;
     written += tally.written;
   }
@@ -556,7 +391,9 @@ void attention_backward_cpu(const AttentionParams& params, const CpuTiling& tili
   std::vector<float> workspace(
       static_cast<size_t>(attention_cpu_workspace_bytes(params, AttentionPass::backward, tiling) / sizeof(float)));
   const int64_t per_thread = BackwardTiles::floats(f.tile, f.d);
-  float* dsum = workspace.data() + threads * per_thread;  // (heads_q, total_q): D = rowsum(dO * O)
+  float* base = workspace_aligned(workspace);
+  float* dsum = base + threads * per_thread;  // (heads_q, total_q): D = rowsum(dO * O)
+  const FlashKernels& kernels = flash_kernels(cpu_isa());
   uint64_t read = 0, written = 0;
 
   // Preprocess: D_i, one row per iteration.
@@ -584,9 +421,9 @@ void attention_backward_cpu(const AttentionParams& params, const CpuTiling& tili
     const int j0 = static_cast<int>(item % f.col_blocks) * f.tile.block_cols;
     const CpuSequence seq = attention_cpu::cpu_sequence(params, b);
     if (j0 >= seq.len_k) continue;
-    BackwardTiles tiles(workspace.data() + omp_get_thread_num() * per_thread, f.tile, f.d);
+    BackwardTiles tiles(base + omp_get_thread_num() * per_thread, f.tile, f.d);
     IoTally tally;
-    flash_backward_col_block(f, seq, head_kv, j0, dsum, tiles, tally);
+    kernels.backward_col_block(f, seq, head_kv, j0, dsum, tiles, tally);
     read += tally.read;
     written += tally.written;
   }
@@ -600,9 +437,9 @@ void attention_backward_cpu(const AttentionParams& params, const CpuTiling& tili
     const int i0 = static_cast<int>(item % f.row_blocks) * f.tile.block_rows;
     const CpuSequence seq = attention_cpu::cpu_sequence(params, b);
     if (i0 >= seq.len_q) continue;
-    BackwardTiles tiles(workspace.data() + omp_get_thread_num() * per_thread, f.tile, f.d);
+    BackwardTiles tiles(base + omp_get_thread_num() * per_thread, f.tile, f.d);
     IoTally tally;
-    flash_backward_row_block(f, seq, h, i0, dsum, tiles, tally);
+    kernels.backward_row_block(f, seq, h, i0, dsum, tiles, tally);
     read += tally.read;
     written += tally.written;
   }

@@ -2,18 +2,24 @@
 // against finite differences, and the properties the header promises: masked rows,
 // huge logits, the dropout mask and rate, determinism, strides, errors, memory and IO.
 #include "attention/attention_cpu_reference.h"
+#include "attention/attention_cpu_simd.h"
 #include "attention/attention_cpu_test_support.h"
 #include "attention/attention_op_cases.h"
 #include "common/op_test.h"
 #include "common/test_support.h"
 
 #include <flashgpt/attention_cpu.h>
+#include <flashgpt/cpu_isa.h>
 #include <flashgpt/error.h>
 
 #include <gtest/gtest.h>
 #include <omp.h>
 
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -34,10 +40,70 @@ using testing::op_close;
 using testing::tiles;
 using testing::varlen;
 
+// The ctest entries that force a vector ISA (FLASHGPT_CPU_ISA=baseline, avx2) run this whole
+// suite with it; where the CPU lacks it they skip (77) instead of failing.
+[[maybe_unused]] const bool kIsaAvailable = [] {
+  const char* forced = std::getenv("FLASHGPT_CPU_ISA");
+  if (forced == nullptr || *forced == '\0') return true;
+  for (CpuIsa isa : {CpuIsa::baseline, CpuIsa::avx2, CpuIsa::avx512}) {
+    if (std::strcmp(forced, cpu_isa_name(isa)) == 0 && !cpu_isa_supported(isa)) {
+      std::printf("FLASHGPT_CPU_ISA=%s: this CPU cannot run it, skipping\n", forced);
+      std::exit(77);
+    }
+  }
+  return true;
+}();
+
 // The op table (attention_op_cases.h) on the CPU backend: AttentionOp/cpu.<case>.
 [[maybe_unused]] const int kCpuCases = testing::register_op_cases<testing::AttentionCase>(
     "AttentionOp", "cpu", testing::cases_for(testing::kCpuBackend, testing::attention_op_cases()),
     testing::expect_cpu_matches_reference);
+
+// The edges of the vector kernels: tiles whose sides are not multiples of any register width
+// (the padded lanes and keys), a row block wider than one register group with a ragged last
+// group, causal blocks cut inside a register, GQA, varlen and dropout together.
+[[maybe_unused]] const int kCpuVectorEdgeCases = testing::register_op_cases<testing::AttentionCase>(
+    "AttentionVectorEdges", "cpu",
+    {
+        {"q33_k45_d96_causal_dropout_gqa", dense(2, 33, 45, 4, 2, 96, kCausal, 0.2f), tiles(19, 21)},
+        {"q45_k33_d32_causal", dense(1, 45, 33, 2, 2, 32, kCausal, 0.0f), tiles(17, 9)},
+        {"len70_d256_full", dense(1, 70, 70, 2, 1, 256, kFull, 0.1f), tiles(23, 17)},
+        {"len31_d128_one_tile", dense(2, 31, 31, 2, 2, 128, kCausal, 0.0f), tiles(31, 31)},
+        {"len200_d64_tall_rows", dense(1, 200, 200, 2, 2, 64, kCausal, 0.1f), tiles(37, 5)},
+        {"varlen_d64_odd_tiles", varlen({9, 0, 50, 1}, {20, 3, 50, 0}, 2, 1, 64, kCausal, 0.15f), tiles(11, 13)},
+    },
+    testing::expect_cpu_matches_reference);
+
+// simd_exp, the softmax's exp, against double exp for every ISA this CPU runs: within 2 ulp
+// over its normal range (every 97th float of it, both signs), 0 below, the same at the ends.
+TEST(AttentionVectorExp, WithinTwoUlpOfDoubleExpForEveryIsa) {
+  std::vector<float> x;
+  for (float v = -87.33f; v <= 88.37f;) {
+    x.push_back(v);
+    float next = v;
+    for (int step = 0; step < 97; ++step) next = std::nextafter(next, 100.0f);
+    v = next;
+  }
+  x.push_back(0.0f), x.push_back(-0.0f);
+  const std::vector<float> below = {-87.5f, -100.0f, -1e30f, -std::numeric_limits<float>::infinity()};
+  std::vector<float> y(x.size()), y_below(below.size());
+  for (CpuIsa isa : {CpuIsa::baseline, CpuIsa::avx2, CpuIsa::avx512}) {
+    if (!cpu_isa_supported(isa)) continue;
+    attention_cpu::attention_cpu_exp(isa, x.data(), y.data(), static_cast<int64_t>(x.size()));
+    double worst_ulp = 0.0;
+    float worst_x = 0.0f;
+    for (size_t i = 0; i < x.size(); ++i) {
+      const double want = std::exp(double(x[i]));
+      const float want_f = static_cast<float>(want);
+      const double ulp = double(std::nextafter(want_f, INFINITY)) - double(want_f);
+      const double err = std::abs(double(y[i]) - want) / ulp;
+      if (!(err <= worst_ulp)) worst_ulp = err, worst_x = x[i];
+    }
+    EXPECT_LE(worst_ulp, 2.0) << cpu_isa_name(isa) << ": worst at x = " << worst_x;
+    attention_cpu::attention_cpu_exp(isa, below.data(), y_below.data(), static_cast<int64_t>(below.size()));
+    for (size_t i = 0; i < below.size(); ++i) EXPECT_EQ(y_below[i], 0.0f) << cpu_isa_name(isa) << " x = " << below[i];
+  }
+}
 
 // ---- the reference itself -----------------------------------------------------------------
 
