@@ -126,6 +126,22 @@ void blas_single_threaded() {
   }();
   (void)once;
 }
+
+// Whether the sizes fit BLAS's int arguments (K = 0 goes to the loops, which scale C by beta).
+bool blas_fits(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc) {
+  constexpr int64_t kIntMax = 2147483647;
+  return K > 0 && M <= kIntMax && N <= kIntMax && K <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax;
+}
+
+// Row-major C = alpha op(A) op(B) + beta C as one sgemm: it is column-major
+// C^T = op(B)^T op(A)^T, so the operands swap.
+void blas_sgemm(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  const char ca = trans_b == Trans::yes ? 'T' : 'N', cb = trans_a == Trans::yes ? 'T' : 'N';
+  const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  sgemm_(&ca, &cb, &n, &m, &k, &alpha, B, &la, A, &lb, &beta, C, &lc, 1, 1);
+}
 #endif
 
 void check_shape(int64_t M, int64_t N, int64_t K) {
@@ -157,13 +173,9 @@ void gemm_cpu_serial(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t
   check_shape(M, N, K);
   if (M == 0 || N == 0) return;
 #if FLASHGPT_HAVE_BLAS
-  constexpr int64_t kIntMax = 2147483647;
-  if (K > 0 && M <= kIntMax && N <= kIntMax && K <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax) {
+  if (blas_fits(M, N, K, lda, ldb, ldc)) {
     blas_single_threaded();
-    const char ca = trans_b == Trans::yes ? 'T' : 'N', cb = trans_a == Trans::yes ? 'T' : 'N';
-    const int m = static_cast<int>(M), n = static_cast<int>(N), k = static_cast<int>(K);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    sgemm_(&ca, &cb, &n, &m, &k, &alpha, B, &la, A, &lb, &beta, C, &lc, 1, 1);
+    blas_sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
 #endif
@@ -190,34 +202,27 @@ void gemm_cpu(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, flo
   check_shape(M, N, K);
   if (M == 0 || N == 0) return;
 #if FLASHGPT_HAVE_BLAS
-  constexpr int64_t kIntMax = 2147483647;
-  if (K > 0 && M <= kIntMax && N <= kIntMax && K <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax) {
+  if (blas_fits(M, N, K, lda, ldb, ldc)) {
     blas_single_threaded();
-    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands.
-    const char ca = trans_b == Trans::yes ? 'T' : 'N', cb = trans_a == Trans::yes ? 'T' : 'N';
-    const int n_all = static_cast<int>(N), k = static_cast<int>(K);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
     if (M >= N) {
       const int64_t slabs = (M + kBlasSlabRows - 1) / kBlasSlabRows;
 #pragma omp parallel for schedule(dynamic) if(parallel : slabs > 1 && parallel_worth(M * N * K))
       for (int64_t slab = 0; slab < slabs; ++slab) {
         const int64_t i0 = slab * kBlasSlabRows;
-        const int m = static_cast<int>(std::min(kBlasSlabRows, M - i0));
         // Rows i0.. of op(A): row i0 of A, or column i0 of A^T.
         const float* a = trans_a == Trans::yes ? A + i0 : A + i0 * lda;
-        sgemm_(&ca, &cb, &n_all, &m, &k, &alpha, B, &la, a, &lb, &beta, C + i0 * ldc, &lc, 1, 1);
+        blas_sgemm(trans_a, trans_b, std::min(kBlasSlabRows, M - i0), N, K, alpha, a, lda, B, ldb, beta, C + i0 * ldc,
+                   ldc);
       }
     } else {
       // Wide C (the classifier's rows x V logits): slabs of columns.
       const int64_t slabs = (N + kBlasSlabCols - 1) / kBlasSlabCols;
-      const int m_all = static_cast<int>(M);
 #pragma omp parallel for schedule(dynamic) if(parallel : slabs > 1 && parallel_worth(M * N * K))
       for (int64_t slab = 0; slab < slabs; ++slab) {
         const int64_t j0 = slab * kBlasSlabCols;
-        const int n = static_cast<int>(std::min(kBlasSlabCols, N - j0));
         // Columns j0.. of op(B): column j0 of B, or row j0 of B^T.
         const float* b = trans_b == Trans::yes ? B + j0 * ldb : B + j0;
-        sgemm_(&ca, &cb, &n, &m_all, &k, &alpha, b, &la, A, &lb, &beta, C + j0, &lc, 1, 1);
+        blas_sgemm(trans_a, trans_b, M, std::min(kBlasSlabCols, N - j0), K, alpha, A, lda, b, ldb, beta, C + j0, ldc);
       }
     }
     return;
