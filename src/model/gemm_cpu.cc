@@ -89,6 +89,19 @@ void gemm_rows_generic(int64_t i0, int64_t rows, int64_t N, int64_t K, float alp
   }
 }
 
+// Rows [i0, i0 + rows) of C by the loop that reads op(B) along its rows.
+void gemm_rows(Trans trans_a, Trans trans_b, int64_t i0, int64_t rows, int64_t N, int64_t K, float alpha,
+               const float* A, int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  const bool ta = trans_a == Trans::yes, tb = trans_b == Trans::yes;
+  if (!tb) {
+    gemm_rows_axpy(ta, i0, rows, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  } else if (!ta) {
+    gemm_rows_dot(i0, rows, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  } else {
+    gemm_rows_generic(i0, rows, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+  }
+}
+
 #if FLASHGPT_HAVE_BLAS
 // BLAS runs on one thread per call, on slabs of kBlasSlabRows rows (or, for a C wider
 // than tall, kBlasSlabCols columns) of C that OpenMP spreads over its threads: every
@@ -127,10 +140,13 @@ void blas_single_threaded() {
   (void)once;
 }
 
-// Whether the sizes fit BLAS's int arguments (K = 0 goes to the loops, which scale C by beta).
-bool blas_fits(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc) {
+// Whether BLAS takes this product: sizes that fit its int arguments (K = 0 goes to the loops,
+// which scale C by beta); then BLAS is set up (once per process).
+bool blas_usable(int64_t M, int64_t N, int64_t K, int64_t lda, int64_t ldb, int64_t ldc) {
   constexpr int64_t kIntMax = 2147483647;
-  return K > 0 && M <= kIntMax && N <= kIntMax && K <= kIntMax && lda <= kIntMax && ldb <= kIntMax && ldc <= kIntMax;
+  if (K <= 0 || M > kIntMax || N > kIntMax || K > kIntMax || lda > kIntMax || ldb > kIntMax || ldc > kIntMax) return false;
+  blas_single_threaded();
+  return true;
 }
 
 // Row-major C = alpha op(A) op(B) + beta C as one sgemm: it is column-major
@@ -153,18 +169,11 @@ void check_shape(int64_t M, int64_t N, int64_t K) {
 void gemm_cpu_loops(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
                     int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   check_shape(M, N, K);
-  const bool ta = trans_a == Trans::yes, tb = trans_b == Trans::yes;
   const int64_t blocks = (M + kRowBlock - 1) / kRowBlock;
 #pragma omp parallel for schedule(static) if(parallel : parallel_worth(M * N * K))
   for (int64_t blk = 0; blk < blocks; ++blk) {
-    const int64_t i0 = blk * kRowBlock, rows = std::min(kRowBlock, M - i0);
-    if (!tb) {
-      gemm_rows_axpy(ta, i0, rows, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-    } else if (!ta) {
-      gemm_rows_dot(i0, rows, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-    } else {
-      gemm_rows_generic(i0, rows, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-    }
+    const int64_t i0 = blk * kRowBlock;
+    gemm_rows(trans_a, trans_b, i0, std::min(kRowBlock, M - i0), N, K, alpha, A, lda, B, ldb, beta, C, ldc);
   }
 }
 
@@ -173,20 +182,12 @@ void gemm_cpu_serial(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t
   check_shape(M, N, K);
   if (M == 0 || N == 0) return;
 #if FLASHGPT_HAVE_BLAS
-  if (blas_fits(M, N, K, lda, ldb, ldc)) {
-    blas_single_threaded();
+  if (blas_usable(M, N, K, lda, ldb, ldc)) {
     blas_sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
     return;
   }
 #endif
-  const bool ta = trans_a == Trans::yes, tb = trans_b == Trans::yes;
-  if (!tb) {
-    gemm_rows_axpy(ta, 0, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  } else if (!ta) {
-    gemm_rows_dot(0, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  } else {
-    gemm_rows_generic(0, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
-  }
+  gemm_rows(trans_a, trans_b, 0, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }
 
 void gemm_cpu_prepare() {
@@ -202,8 +203,7 @@ void gemm_cpu(Trans trans_a, Trans trans_b, int64_t M, int64_t N, int64_t K, flo
   check_shape(M, N, K);
   if (M == 0 || N == 0) return;
 #if FLASHGPT_HAVE_BLAS
-  if (blas_fits(M, N, K, lda, ldb, ldc)) {
-    blas_single_threaded();
+  if (blas_usable(M, N, K, lda, ldb, ldc)) {
     if (M >= N) {
       const int64_t slabs = (M + kBlasSlabRows - 1) / kBlasSlabRows;
 #pragma omp parallel for schedule(dynamic) if(parallel : slabs > 1 && parallel_worth(M * N * K))

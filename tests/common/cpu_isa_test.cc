@@ -33,11 +33,16 @@ TEST(CpuIsa, Names) {
 TEST(CpuIsa, DefaultIsTheWidestSupported) {
   ScopedIsa unset("");
   EXPECT_TRUE(cpu_isa_supported(CpuIsa::baseline));
-  if (cpu_isa_supported(CpuIsa::avx512)) EXPECT_TRUE(cpu_isa_supported(CpuIsa::avx2));
+  if (cpu_isa_supported(CpuIsa::avx512)) {
+    EXPECT_TRUE(cpu_isa_supported(CpuIsa::avx2));
+  }
   const CpuIsa isa = cpu_isa();
   EXPECT_TRUE(cpu_isa_supported(isa));
-  for (CpuIsa wider : {CpuIsa::avx2, CpuIsa::avx512})
-    if (static_cast<int>(wider) > static_cast<int>(isa)) EXPECT_FALSE(cpu_isa_supported(wider)) << cpu_isa_name(wider);
+  for (CpuIsa wider : {CpuIsa::avx2, CpuIsa::avx512}) {
+    if (static_cast<int>(wider) > static_cast<int>(isa)) {
+      EXPECT_FALSE(cpu_isa_supported(wider)) << cpu_isa_name(wider);
+    }
+  }
 }
 
 TEST(CpuIsa, EnvironmentChoosesOrIsRefused) {
@@ -83,8 +88,12 @@ TEST(CpuIsa, EachSupportedVariantRunsAndAgrees) {
     for (int i = 0; i < n; ++i) a[i] = u(rng), b[i] = u(rng), exact += double(a[i]) * b[i];
     const double tolerance = 1e-5 * n;
     EXPECT_NEAR(dot_baseline(a.data(), b.data(), n), exact, tolerance) << n;
-    if (cpu_isa_supported(CpuIsa::avx2)) EXPECT_NEAR(dot_avx2(a.data(), b.data(), n), exact, tolerance) << n;
-    if (cpu_isa_supported(CpuIsa::avx512)) EXPECT_NEAR(dot_avx512(a.data(), b.data(), n), exact, tolerance) << n;
+    if (cpu_isa_supported(CpuIsa::avx2)) {
+      EXPECT_NEAR(dot_avx2(a.data(), b.data(), n), exact, tolerance) << n;
+    }
+    if (cpu_isa_supported(CpuIsa::avx512)) {
+      EXPECT_NEAR(dot_avx512(a.data(), b.data(), n), exact, tolerance) << n;
+    }
   }
 }
 
